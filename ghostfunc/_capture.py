@@ -1,0 +1,300 @@
+"""Capture: every recognised op's input ``A`` and output gradient ``B`` in one backward.
+
+``model_fn`` runs once per batch under ``vmap`` (so every op sees one sample and
+the per-sample structure is exact, whatever the layout: flattened, broadcast,
+sequence-first) inside a :class:`torch.overrides.TorchFunctionMode` that knows the
+trainable parameters by identity. A recognised call records its saved inputs and
+adds a zero *tap* to its output; ``torch.func.vjp`` with respect to the taps gives
+every ``B``. Parameters used any other way are handed to the model as per-sample
+copies (``p.expand(n, ...)``), so the same backward pass gives their exact
+per-sample gradients (the ``vmap(grad)`` fallback, fused into the one pass). No
+graph is built for the parameters themselves.
+
+Tap shapes come from a *trace*: the same run on one sample under ``no_grad``,
+cached by input signature; a real run that meets a different sequence of calls
+raises :class:`_Stale` and is traced again, so a stale cache cannot give a wrong
+number.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
+
+from ._ops import TABLE, Direct, Factored, Rule, SamplesInteractError
+
+ModelFn = Callable[[dict[str, Tensor], Any], Tensor]
+
+
+class Site(NamedTuple):
+    """One recognised call that touches trainable parameters (per-sample view)."""
+
+    rule: Rule
+    roles: tuple[tuple[str, str], ...]  # (role, parameter name)
+    out_shape: torch.Size
+    out_dtype: torch.dtype
+
+
+class Trace(NamedTuple):
+    sites: tuple[Site, ...]
+    other_uses: dict[str, str]  # parameter name -> the unrecognised call that used it
+
+
+class _Stale(Exception):
+    """The run met a different sequence of calls than the trace: trace again."""
+
+
+class Batch(NamedTuple):
+    """A batch pytree split into its tensor leaves (sample axis first) and the rest."""
+
+    tensors: list[Tensor]
+    rebuild: Callable[[list[Tensor]], Any]
+    size: int
+    signature: tuple
+
+
+def split_batch(batch: Any) -> Batch:
+    leaves, spec = pytree.tree_flatten(batch)
+    where = [i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor)]
+
+    def rebuild(tensors: list[Tensor]) -> Any:
+        out = list(leaves)
+        for i, t in zip(where, tensors, strict=True):
+            out[i] = t
+        return pytree.tree_unflatten(out, spec)
+
+    tensors = [leaves[i] for i in where]
+    sig = tuple(
+        (tuple(leaf.shape[1:]), leaf.dtype, leaf.device) if isinstance(leaf, Tensor) else _hashable(leaf)
+        for leaf in leaves
+    )
+    return Batch(tensors, rebuild, tensors[0].shape[0] if tensors else 0, (str(spec), sig))
+
+
+def _hashable(x: Any) -> Any:
+    try:
+        hash(x)
+    except TypeError:
+        return ("id", id(x))
+    return (type(x), x)
+
+
+class _Interceptor(TorchFunctionMode):
+    """Recognises calls on trainable parameters; traces them, or taps them.
+
+    With ``taps is None`` it traces: records every recognised call as a
+    :class:`Site` and every other use of a parameter. Otherwise it expects the
+    sites ``expect`` in order, adds ``taps[k]`` to the ``k``-th output and keeps
+    the rule's saved tensors.
+    """
+
+    def __init__(self, names: dict[int, str], taps: tuple[Tensor, ...] | None = None,
+                 expect: tuple[Site, ...] = ()) -> None:
+        super().__init__()
+        self.names = names
+        self.taps = taps
+        self.expect = expect
+        self.sites: list[Site] = []
+        self.other_uses: dict[str, str] = {}
+        self.saved: list[Tensor] = []
+        self.statics: list[Any] = []
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        found = [leaf for leaf in pytree.tree_leaves((args, kwargs)) if isinstance(leaf, Tensor) and id(leaf) in self.names]
+        if not found:
+            return func(*args, **kwargs)
+        rule = TABLE.get(func)
+        match = rule.match(args, kwargs) if rule is not None else None
+        roles: dict[str, str] = {}
+        if match is not None:
+            for role, t in match.roles.items():
+                if id(t) in self.names:
+                    roles[role] = self.names[id(t)]
+                    hit = next((i for i, f in enumerate(found) if f is t), None)
+                    if hit is not None:
+                        del found[hit]
+        out = func(*args, **kwargs)
+        if found and _makes_tensor(out, found):
+            if self.taps is not None:
+                raise _Stale(f"{_name(func)} used {self.names[id(found[0])]}")
+            for t in found:
+                self.other_uses.setdefault(self.names[id(t)], _name(func))
+        if not roles or match is None or rule is None:
+            return out
+        site = Site(rule, tuple(sorted(roles.items())), out.shape, out.dtype)
+        if self.taps is None:
+            self.sites.append(site)
+            return out
+        k = len(self.statics)
+        if k >= len(self.expect) or self.expect[k] != site:
+            raise _Stale(f"call {k} is {rule.kind} on {roles}, the trace expected {self.expect[k:k + 1]}")
+        self.saved.extend(match.saved)
+        self.statics.append((match.static, len(match.saved)))
+        return out + self.taps[k]
+
+
+def _makes_tensor(out: Any, found: list[Tensor]) -> bool:
+    return any(isinstance(o, Tensor) and not any(o is f for f in found) for o in pytree.tree_leaves(out))
+
+
+def _name(func: Any) -> str:
+    qual = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
+    mod = getattr(func, "__module__", None) or ""
+    return f"{mod}.{qual}" if mod and not qual.startswith(mod) else qual
+
+
+def _one_loss(losses: Any, where: str) -> Tensor:
+    if not isinstance(losses, Tensor) or losses.shape != (1,):
+        got = f"shape {tuple(losses.shape)}" if isinstance(losses, Tensor) else type(losses).__name__
+        raise ValueError(
+            f"{where}: model_fn(params, batch) must return one loss per sample, a tensor of shape [B]; "
+            f"for a batch of 1 sample it returned {got}"
+        )
+    if not losses.is_floating_point():
+        raise ValueError(f"{where}: model_fn must return floating-point losses, got {losses.dtype}")
+    return losses[0]
+
+
+def _unsqueeze_all(tensors: list[Tensor]) -> list[Tensor]:
+    return [t.unsqueeze(0) for t in tensors]
+
+
+_TRACES: weakref.WeakKeyDictionary[Any, dict[tuple, Trace]] = weakref.WeakKeyDictionary()
+
+
+def trace(model_fn: ModelFn, params: Mapping[str, Tensor], batch: Batch, where: str, *, fresh: bool = False) -> Trace:
+    """Run ``model_fn`` on the first sample of ``batch`` and record its parametrised calls."""
+    key = (tuple((k, tuple(v.shape), v.dtype, v.device) for k, v in params.items()), batch.signature)
+    try:
+        cache = _TRACES.setdefault(model_fn, {})
+    except TypeError:  # not weak-referenceable: trace every call
+        cache = {}
+    if not fresh and key in cache:
+        return cache[key]
+    names = {id(v): k for k, v in params.items()}
+    mode = _Interceptor(names)
+
+    def one(tensors: list[Tensor]) -> Tensor:
+        with mode:
+            losses = model_fn(dict(params), batch.rebuild(_unsqueeze_all(tensors)))
+        return _one_loss(losses, where)
+
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad(), _rephrase(where):
+        torch.func.vmap(one, randomness="different")([t[:1] for t in batch.tensors])
+    result = Trace(tuple(mode.sites), mode.other_uses)
+    if len(cache) > 16:
+        cache.clear()
+    cache[key] = result
+    return result
+
+
+class _rephrase:
+    """Turn errors from inside the model into ones that name the public function."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, err: Any, tb: Any) -> bool:
+        if isinstance(err, SamplesInteractError) and not str(err).startswith(self.where):
+            raise SamplesInteractError(f"{self.where}: {err}") from None
+        if isinstance(err, RuntimeError) and "vmap" in str(err) and ("inplace" in str(err) or "in-place" in str(err)):
+            raise SamplesInteractError(
+                f"{self.where}: the model writes batch-dependent values into a tensor shared by all "
+                f"samples (for example BatchNorm running statistics), so samples interact; "
+                f"put such layers in eval mode. The underlying error was: {err}"
+            ) from err
+        return False
+
+
+class Captured(NamedTuple):
+    """Everything one backward pass gives, split by train and val rows.
+
+    ``grads[name] = (train_uses, val_uses)``: lists of :class:`Factored` or
+    :class:`Direct` per-sample gradients, one per use of the parameter.
+    """
+
+    train_loss: Tensor
+    val_loss: Tensor
+    grads: dict[str, tuple[list[Factored | Direct], list[Factored | Direct]]]
+
+
+def capture(model_fn: ModelFn, params: Mapping[str, Tensor], train: Batch, val: Batch,
+            traces: tuple[Trace, Trace], kernel: set[str], where: str) -> Captured:
+    """One forward over train and val (each under ``vmap``) and one tap backward."""
+    names = {id(params[k]): k for k in kernel}
+    fallback = [k for k in params if k not in kernel]
+    expect = tuple(_keep(traces[0].sites, kernel)), tuple(_keep(traces[1].sites, kernel))
+    statics: list[list[Any]] = [[], []]
+
+    def per_sample(which: int) -> Callable:
+        def f(taps: tuple[Tensor, ...], fb: tuple[Tensor, ...], tensors: list[Tensor]) -> tuple[Tensor, tuple]:
+            mode = _Interceptor(names, taps, expect[which])
+            with mode:
+                losses = model_fn({**params, **dict(zip(fallback, fb, strict=True))},
+                                  (train, val)[which].rebuild(_unsqueeze_all(tensors)))
+            if len(mode.statics) != len(expect[which]):
+                raise _Stale(f"{len(mode.statics)} recognised calls, the trace had {len(expect[which])}")
+            statics[which] = mode.statics
+            return _one_loss(losses, where), tuple(mode.saved)
+
+        return f
+
+    def run(taps_t: tuple, taps_v: tuple, fb_t: tuple, fb_v: tuple) -> tuple:
+        lt, st = torch.func.vmap(per_sample(0), randomness="different")(taps_t, fb_t, train.tensors)
+        lv, sv = torch.func.vmap(per_sample(1), randomness="different")(taps_v, fb_v, val.tensors)
+        return (lt, lv), (st, sv)
+
+    def zeros(sites: tuple[Site, ...], n: int) -> tuple[Tensor, ...]:
+        device = next(iter(params.values())).device
+        return tuple(torch.zeros((), dtype=s.out_dtype, device=device).expand(n, *s.out_shape) for s in sites)
+
+    def copies(n: int) -> tuple[Tensor, ...]:
+        return tuple(params[k].expand(n, *params[k].shape) for k in fallback)
+
+    primals = (zeros(expect[0], train.size), zeros(expect[1], val.size), copies(train.size), copies(val.size))
+    with _rephrase(where):
+        (lt, lv), pullback, (st, sv) = torch.func.vjp(run, *primals, has_aux=True)
+    _check_finite(lt, "train", where)
+    _check_finite(lv, "val", where)
+    b_t, b_v, fb_t, fb_v = pullback((torch.ones_like(lt), torch.ones_like(lv)))
+    grads: dict[str, tuple[list, list]] = {k: ([], []) for k in params}
+    for which, (sites, saved, outs, fbs) in enumerate(((expect[0], st, b_t, fb_t), (expect[1], sv, b_v, fb_v))):
+        at = 0
+        for site, (static, count), out in zip(sites, statics[which], outs, strict=True):
+            mine, at = saved[at:at + count], at + count
+            for role, name in site.roles:
+                shape = params[name].shape
+                grads[name][which].append(site.rule.grad(static, mine, out, role, shape))
+        for k, g in zip(fallback, fbs, strict=True):
+            grads[k][which].append(Direct(g))
+    return Captured(lt.detach(), lv.detach(), grads)
+
+
+def _keep(sites: tuple[Site, ...], kernel: set[str]) -> list[Site]:
+    kept = []
+    for s in sites:
+        roles = tuple((r, n) for r, n in s.roles if n in kernel)
+        if roles:
+            kept.append(s._replace(roles=roles))
+    return kept
+
+
+def _check_finite(losses: Tensor, which: str, where: str) -> None:
+    bad = ~torch.isfinite(losses)
+    if bool(bad.any()):
+        idx = bad.nonzero().flatten().tolist()
+        raise FloatingPointError(
+            f"{where}: model_fn returned non-finite losses for {which} samples {idx} "
+            f"(values {losses[bad].tolist()}); per-sample gradients of those samples are undefined"
+        )

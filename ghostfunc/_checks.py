@@ -1,0 +1,91 @@
+"""Argument checks at the public boundary: every message names the function."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils import _pytree as pytree
+
+from ._capture import Batch, split_batch
+from ._plan import POLICIES
+
+VAL_REDUCE = ("mean", "sum", None)
+
+
+def check_params(params: Any, where: str) -> dict[str, Tensor]:
+    """A non-empty dict of floating-point tensors, detached (the caller's stay untouched)."""
+    if not isinstance(params, Mapping):
+        raise TypeError(f"{where}: params must be a dict of tensors (name -> tensor); got {type(params).__name__}")
+    if not params:
+        raise ValueError(f"{where}: params is empty; pass the trainable tensors as a dict")
+    out = {}
+    for k, v in params.items():
+        if not isinstance(k, str):
+            raise TypeError(f"{where}: params keys must be strings; got {k!r}")
+        if not isinstance(v, Tensor):
+            raise TypeError(f"{where}: params[{k!r}] must be a tensor; got {type(v).__name__}")
+        if not v.is_floating_point() or v.is_complex():
+            raise TypeError(
+                f"{where}: params[{k!r}] must be a real floating-point tensor to have gradients; got dtype {v.dtype}"
+            )
+        out[k] = v.detach()
+    return out
+
+
+def check_batch(batch: Any, name: str, where: str) -> Batch:
+    """A pytree whose tensor leaves share a non-empty leading sample axis."""
+    with_paths, _ = pytree.tree_flatten_with_path(batch)
+    tensors = [(pytree.keystr(p), leaf) for p, leaf in with_paths if isinstance(leaf, Tensor)]
+    if not tensors:
+        raise TypeError(f"{where}: {name} must be a tensor or a pytree with tensor leaves; got {type(batch).__name__}")
+    sizes = {}
+    for path, t in tensors:
+        if t.dim() == 0:
+            raise ValueError(f"{where}: {name}{path} is a scalar; every tensor leaf needs a leading sample axis")
+        sizes[path] = t.shape[0]
+    if len(set(sizes.values())) > 1:
+        listed = ", ".join(f"{name}{p}: {s}" for p, s in sizes.items())
+        raise ValueError(f"{where}: the tensor leaves of {name} must share the sample axis (dim 0); got {listed}")
+    if next(iter(sizes.values())) == 0:
+        raise ValueError(f"{where}: {name} is empty (0 samples); it needs at least one sample")
+    return split_batch(batch)
+
+
+def check_pair(train: Any, val: Any, where: str) -> tuple[Batch, Batch]:
+    tb, vb = check_batch(train, "train", where), check_batch(val, "val", where)
+    ts, vs = pytree.tree_structure(train), pytree.tree_structure(val)
+    if ts != vs:
+        raise ValueError(
+            f"{where}: train and val must have the same structure (same container types and keys); "
+            f"train is {_describe(train)}, val is {_describe(val)}"
+        )
+    return tb, vb
+
+
+def _describe(batch: Any) -> str:
+    with_paths, _ = pytree.tree_flatten_with_path(batch)
+    keys = [pytree.keystr(p) or "<root>" for p, _ in with_paths]
+    return f"{type(batch).__name__} with leaves {keys}"
+
+
+def check_options(where: str, val_reduce: Any = "mean", policy: Any = "auto", compute_dtype: Any = None) -> None:
+    if val_reduce not in VAL_REDUCE:
+        raise ValueError(f"{where}: val_reduce must be one of {VAL_REDUCE}; got {val_reduce!r}")
+    if policy not in POLICIES:
+        raise ValueError(f"{where}: policy must be one of {POLICIES}; got {policy!r}")
+    if policy == "contract" and val_reduce is None:
+        raise ValueError(
+            f"{where}: policy='contract' contracts against one reduced validation gradient, "
+            "so it needs val_reduce='mean' or 'sum'; got val_reduce=None"
+        )
+    if compute_dtype is not None and not (isinstance(compute_dtype, torch.dtype) and compute_dtype.is_floating_point):
+        raise TypeError(f"{where}: compute_dtype must be None or a floating torch.dtype; got {compute_dtype!r}")
+
+
+def check_model_fn(model_fn: Any, where: str) -> None:
+    if not callable(model_fn):
+        raise TypeError(f"{where}: model_fn must be callable as model_fn(params, batch) -> losses [B]; "
+                        f"got {type(model_fn).__name__}")

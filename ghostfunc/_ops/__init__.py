@@ -1,0 +1,18 @@
+"""The dispatch table: every torch call ghostfunc recognises, and its rule.
+
+One file per kernel family; this is the only place they are gathered. A call not
+in this table that touches a trainable parameter sends that parameter to the
+exact per-sample fallback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from . import conv, embedding, linear, norm
+from ._base import Direct, Factored, Grad, Match, Rule, sum_to
+from .norm import SamplesInteractError
+
+TABLE: dict[Callable, Rule] = {**linear.TABLE, **embedding.TABLE, **norm.TABLE, **conv.TABLE}
+
+__all__ = ["TABLE", "Direct", "Factored", "Grad", "Match", "Rule", "SamplesInteractError", "sum_to"]

@@ -1,0 +1,149 @@
+"""Normalisation and elementwise affine calls: every gradient here is direct.
+
+- ``F.layer_norm`` / ``F.rms_norm``: ``y = x̂ ⊙ w + b`` with ``x̂`` the normalised
+  input, so ``g_w = Σ_t B[t] ⊙ x̂[t]`` and ``g_b = Σ_t B[t]``.
+- ``F.group_norm``: the same per channel (axis 1 of the model's batch layout).
+- ``x * w`` and ``x + w`` with a parameter ``w`` (HF ``LlamaRMSNorm``,
+  ``T5LayerNorm``, learnable scales and shifts): ``g_w = sum_to(B ⊙ x)`` and
+  ``g_w = sum_to(B)`` under broadcasting.
+- ``F.batch_norm`` in training mode mixes the samples of a batch: refused.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._base import Direct, Grad, Match, Rule, align, sum_to
+
+
+class SamplesInteractError(ValueError):
+    """The model mixes the samples of a batch, so per-sample gradients do not exist."""
+
+
+def _match_layer_norm(args: tuple, kwargs: dict[str, Any]) -> Match | None:
+    def bind(input: Tensor, normalized_shape: Any, weight: Tensor | None = None,
+             bias: Tensor | None = None, eps: float = 1e-5) -> Match | None:
+        roles = {k: v for k, v in (("weight", weight), ("bias", bias)) if v is not None}
+        return Match(roles, (input,), (tuple(normalized_shape), eps))
+
+    return bind(*args, **kwargs)
+
+
+def _grad_layer_norm(static: Any, saved: tuple[Tensor, ...], grad_out: Tensor, role: str, shape: torch.Size) -> Grad:
+    if role == "bias":
+        return Direct(sum_to(grad_out, shape))
+    normalized_shape, eps = static
+    (x,) = saved
+    x_hat = F.layer_norm(x, normalized_shape, None, None, eps)
+    return Direct(sum_to(grad_out * x_hat, shape))
+
+
+def _match_rms_norm(args: tuple, kwargs: dict[str, Any]) -> Match | None:
+    def bind(input: Tensor, normalized_shape: Any, weight: Tensor | None = None,
+             eps: float | None = None) -> Match | None:
+        if weight is None:
+            return None
+        return Match({"weight": weight}, (input,), (tuple(normalized_shape), eps))
+
+    return bind(*args, **kwargs)
+
+
+def _grad_rms_norm(static: Any, saved: tuple[Tensor, ...], grad_out: Tensor, role: str, shape: torch.Size) -> Grad:
+    del role
+    normalized_shape, eps = static
+    (x,) = saved
+    return Direct(sum_to(grad_out * F.rms_norm(x, normalized_shape, None, eps), shape))
+
+
+def _match_group_norm(args: tuple, kwargs: dict[str, Any]) -> Match | None:
+    def bind(input: Tensor, num_groups: int, weight: Tensor | None = None,
+             bias: Tensor | None = None, eps: float = 1e-5) -> Match | None:
+        if input.dim() < 2:
+            return None
+        roles = {k: v for k, v in (("weight", weight), ("bias", bias)) if v is not None}
+        return Match(roles, (input,), (num_groups, eps))
+
+    return bind(*args, **kwargs)
+
+
+def _grad_group_norm(static: Any, saved: tuple[Tensor, ...], grad_out: Tensor, role: str, shape: torch.Size) -> Grad:
+    num_groups, eps = static
+    (x,) = saved  # [n, b, c, *spatial]: the model's own batch axis b is 1 per sample
+    y = grad_out if role == "bias" else grad_out * F.group_norm(x.flatten(0, 1), num_groups, None, None, eps).view_as(x)
+    dims = [1] + list(range(3, y.dim()))
+    return Direct(y.sum(dim=dims))  # [n, c]
+
+
+def _match_batch_norm(args: tuple, kwargs: dict[str, Any]) -> Match | None:
+    def bind(input: Tensor, running_mean: Any, running_var: Any, weight: Any = None, bias: Any = None,
+             training: bool = False, momentum: float = 0.1, eps: float = 1e-5) -> Match | None:
+        del input, running_mean, running_var, weight, bias, momentum, eps
+        if training:
+            raise SamplesInteractError(
+                "the model calls batch_norm in training mode, which normalises each sample "
+                "with statistics of the whole batch, so samples interact and per-sample "
+                "gradients do not exist; put BatchNorm layers in eval mode (model.eval()) "
+                "or use GroupNorm/LayerNorm"
+            )
+        return None  # eval mode: an affine map per channel; its params take the fallback
+
+    return bind(*args, **kwargs)
+
+
+def _operands(args: tuple, kwargs: dict[str, Any]) -> tuple[Any, Any] | None:
+    if kwargs or len(args) != 2:
+        return None
+    return args[0], args[1]
+
+
+def _match_mul(args: tuple, kwargs: dict[str, Any]) -> Match | None:
+    pair = _operands(args, kwargs)
+    if pair is None or not all(isinstance(a, Tensor) for a in pair):
+        return None
+    # Either side may be the parameter; the rule learns which from the roles.
+    return Match({"left": pair[0], "right": pair[1]}, pair, None)
+
+
+def _grad_mul(static: Any, saved: tuple[Tensor, ...], grad_out: Tensor, role: str, shape: torch.Size) -> Grad:
+    del static
+    other = saved[1] if role == "left" else saved[0]
+    return Direct(sum_to(grad_out * align(other, grad_out.dim()), shape))
+
+
+def _grad_add(static: Any, saved: tuple[Tensor, ...], grad_out: Tensor, role: str, shape: torch.Size) -> Grad:
+    del static, saved, role
+    return Direct(sum_to(grad_out, shape))
+
+
+def _match_add(args: tuple, kwargs: dict[str, Any]) -> Match | None:
+    pair = _operands(args, kwargs)
+    if pair is None or not all(isinstance(a, Tensor) for a in pair):
+        return None
+    return Match({"left": pair[0], "right": pair[1]}, (), None)
+
+
+LAYER_NORM = Rule("layer_norm", _match_layer_norm, _grad_layer_norm)
+RMS_NORM = Rule("rms_norm", _match_rms_norm, _grad_rms_norm)
+GROUP_NORM = Rule("group_norm", _match_group_norm, _grad_group_norm)
+BATCH_NORM = Rule("batch_norm", _match_batch_norm, _grad_add)
+SCALE = Rule("scale", _match_mul, _grad_mul)
+SHIFT = Rule("shift", _match_add, _grad_add)
+
+TABLE = {
+    F.layer_norm: LAYER_NORM,
+    F.rms_norm: RMS_NORM,
+    F.group_norm: GROUP_NORM,
+    F.batch_norm: BATCH_NORM,
+    torch.mul: SCALE,
+    torch.Tensor.mul: SCALE,
+    torch.Tensor.__mul__: SCALE,
+    torch.Tensor.__rmul__: SCALE,
+    torch.add: SHIFT,
+    torch.Tensor.add: SHIFT,
+    torch.Tensor.__add__: SHIFT,
+    torch.Tensor.__radd__: SHIFT,
+}

@@ -1,0 +1,179 @@
+"""Which path every trainable parameter takes, and why.
+
+A parameter is *factored* when every call that uses it is a recognised matrix op
+(linear, Conv1D, embedding, conv), *direct* when every use is a recognised
+elementwise op (biases, norm weights, scales), and *fallback* otherwise (an
+unrecognised call used it, no recognised call did, or it was used both ways).
+
+Factored parameters then take a kernel by policy, decided per call from the
+shapes of that call:
+
+- ``"2t2"``: ghost iff ``2·T² ≤ p·d`` (mixed ghost clipping's rule; it minimises
+  memory, not time), else materialise;
+- ``"ghost"``, ``"materialize"``, ``"contract"``: that kernel everywhere
+  (``"contract"`` needs a reduced validation gradient);
+- ``"auto"``: the cheapest by the multiply-add counts of :func:`costs`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from ._capture import Trace
+
+POLICIES = ("auto", "2t2", "ghost", "materialize", "contract")
+
+
+class Route(NamedTuple):
+    """One trainable parameter's path.
+
+    ``tokens`` and ``val_tokens`` (``T``, ``S``) count the positions per sample
+    that share the parameter, summed over its uses; ``p``, ``d`` are its
+    matrix shape (factored parameters only).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    path: str  # "ghost" | "materialize" | "contract" | "direct" | "fallback"
+    reason: str
+    uses: tuple[str, ...]
+    tokens: int = 0
+    val_tokens: int = 0
+    p: int = 0
+    d: int = 0
+
+    @property
+    def factored(self) -> bool:
+        return self.path in ("ghost", "materialize", "contract")
+
+
+class Plan(NamedTuple):
+    """The path of every trainable parameter for one call; prints as a table."""
+
+    routes: dict[str, Route]
+    policy: str
+    n_train: int
+    n_val: int
+    val_reduce: str | None
+
+    def count(self) -> dict[str, int]:
+        """How many parameters take each path."""
+        out: dict[str, int] = {}
+        for r in self.routes.values():
+            out[r.path] = out.get(r.path, 0) + 1
+        return out
+
+    def __str__(self) -> str:
+        head = ("parameter", "shape", "path", "T", "S", "p", "d", "uses", "why")
+        rows = [head] + [
+            (r.name, "x".join(map(str, r.shape)) or "()", r.path,
+             *(str(v) if r.factored else "-" for v in (r.tokens, r.val_tokens, r.p, r.d)),
+             ",".join(dict.fromkeys(r.uses)) or "-", r.reason)
+            for r in self.routes.values()
+        ]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(head) - 1)]
+        lines = [
+            f"plan: policy={self.policy!r}, n_train={self.n_train}, n_val={self.n_val}, "
+            f"val_reduce={self.val_reduce!r}; " + ", ".join(f"{k}: {v}" for k, v in self.count().items())
+        ]
+        for row in rows:
+            lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[-1])
+        return "\n".join(lines)
+
+    def _repr_pretty_(self, p: object, cycle: bool) -> None:  # IPython
+        del cycle
+        p.text(str(self))  # type: ignore[attr-defined]
+
+
+class Usage(NamedTuple):
+    """What the traces say about one parameter."""
+
+    form: str | None  # "factored" | "direct" | None (fallback)
+    reason: str
+    uses: tuple[str, ...]
+    tokens: int
+    val_tokens: int
+
+
+def usages(params: Mapping[str, Tensor], traces: tuple[Trace, Trace]) -> dict[str, Usage]:
+    """Classify every parameter from the train and val traces."""
+    forms: dict[str, set[str]] = {k: set() for k in params}
+    kinds: dict[str, list[str]] = {k: [] for k in params}
+    toks = [{k: 0 for k in params}, {k: 0 for k in params}]
+    for which, tr in enumerate(traces):
+        for site in tr.sites:
+            for role, name in site.roles:
+                factored = role in site.rule.factored_roles
+                forms[name].add("factored" if factored else "direct")
+                kinds[name].append(site.rule.kind)
+                if factored:
+                    width = params[name].shape[site.rule.out_axis]
+                    toks[which][name] += int(torch.Size(site.out_shape).numel()) // width
+    other = {**traces[1].other_uses, **traces[0].other_uses}
+    out = {}
+    for k in params:
+        uses = tuple(kinds[k])
+        if k in other:
+            out[k] = Usage(None, f"used by {other[k]}", uses, 0, 0)
+        elif not forms[k]:
+            out[k] = Usage(None, "no recognised call uses it", uses, 0, 0)
+        elif len(forms[k]) > 1:
+            out[k] = Usage(None, "used both as a matrix and elementwise", uses, 0, 0)
+        else:
+            form = forms[k].pop()
+            out[k] = Usage(form, "", uses, toks[0][k], toks[1][k])
+    return out
+
+
+def costs(n: int, m: int, t: int, s: int, p: int, d: int, ids: bool, reduced: bool) -> dict[str, float]:
+    """Multiply-adds of each kernel for one factored parameter, ``train_grad`` included.
+
+    ``n``/``m`` train/val rows with ``t``/``s`` tokens each; ``ids`` for an
+    embedding (one-hot left factor, so a row of ``p·d`` work costs ``d``).
+    """
+    row = d if ids else p * d  # one token's outer product
+    train_sum = n * t * row  # Σ_n g_n, what an optimizer step needs
+    val_sum = m * s * row
+    out = {"ghost": n * m * t * s * ((1 if ids else p) + d) + train_sum}
+    if reduced:
+        out["materialize"] = val_sum + n * t * row + 2 * n * p * d  # Σ_n g_n comes free
+        out["contract"] = val_sum + n * t * row + train_sum
+    else:
+        out["materialize"] = val_sum + n * t * row + n * m * p * d + n * p * d
+    return {k: float(v) for k, v in out.items()}
+
+
+def choose(policy: str, n: int, m: int, t: int, s: int, p: int, d: int, ids: bool, reduced: bool) -> tuple[str, str]:
+    """The kernel for one factored parameter under ``policy``, and why."""
+    if policy in ("ghost", "materialize", "contract"):
+        return policy, f"policy {policy!r}"
+    if policy == "2t2":
+        big_t = max(t, s)
+        if 2 * big_t * big_t <= p * d:
+            return "ghost", f"2T²={2 * big_t * big_t} <= pd={p * d}"
+        return "materialize", f"2T²={2 * big_t * big_t} > pd={p * d}"
+    c = costs(n, m, t, s, p, d, ids, reduced)
+    best = min(c, key=c.__getitem__)
+    return best, "cost " + " ".join(f"{k}={v:.2g}" for k, v in sorted(c.items(), key=lambda kv: kv[1]))
+
+
+def make_plan(params: Mapping[str, Tensor], use: Mapping[str, Usage], policy: str, n: int, m: int,
+              val_reduce: str | None) -> Plan:
+    routes = {}
+    for k, u in use.items():
+        shape = tuple(params[k].shape)
+        if u.form is None:
+            routes[k] = Route(k, shape, "fallback", u.reason, u.uses)
+        elif u.form == "direct":
+            routes[k] = Route(k, shape, "direct", "elementwise: per-sample gradient kept whole", u.uses)
+        else:
+            p = shape[0]
+            d = params[k].numel() // max(p, 1)
+            ids = all(kind == "embedding" for kind in u.uses)
+            path, why = choose(policy, n, m, u.tokens, u.val_tokens, p, d, ids, val_reduce is not None)
+            routes[k] = Route(k, shape, path, why, u.uses, u.tokens, u.val_tokens, p, d)
+    return Plan(routes, policy, n, m, val_reduce)

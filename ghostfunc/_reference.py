@@ -1,0 +1,57 @@
+"""The obviously correct slow thing: a loop of single-sample backward passes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils import _pytree as pytree
+
+
+def _sample(batch: Any, i: int) -> Any:
+    return pytree.tree_map(lambda x: x[i:i + 1] if isinstance(x, Tensor) else x, batch)
+
+
+def per_sample_grads(model_fn: Callable, params: Mapping[str, Tensor], batch: Any) -> tuple[dict[str, Tensor], Tensor]:
+    """``{name: [B, *shape]}`` and losses ``[B]``, one ordinary backward pass per sample."""
+    leaves = [x for x in pytree.tree_leaves(batch) if isinstance(x, Tensor)]
+    grads: dict[str, list[Tensor]] = {k: [] for k in params}
+    losses = []
+    for i in range(leaves[0].shape[0]):
+        p = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+        loss = model_fn(p, _sample(batch, i)).reshape(())
+        gs = torch.autograd.grad(loss, list(p.values()), allow_unused=True)
+        for (k, v), g in zip(p.items(), gs, strict=True):
+            grads[k].append(torch.zeros_like(v) if g is None else g)
+        losses.append(loss.detach())
+    return {k: torch.stack(v) for k, v in grads.items()}, torch.stack(losses)
+
+
+def reference_graddot(
+    model_fn: Callable[[dict[str, Tensor], Any], Tensor],
+    params: Mapping[str, Tensor],
+    train: Any,
+    val: Any,
+    *,
+    val_reduce: str | None = "mean",
+) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
+    """Reference for :func:`ghostfunc.graddot`: ``(scores, per_param, train_grad)``.
+
+    Uses one ``torch.autograd.grad`` call per sample; cost ``(n + m)`` backward
+    passes and ``(n + m)`` model-sized vectors. For tests and benchmarks.
+    """
+    gt, _ = per_sample_grads(model_fn, params, train)
+    gv, _ = per_sample_grads(model_fn, params, val)
+    per_param = {}
+    for k in params:
+        a, b = gt[k].flatten(1), gv[k].flatten(1)
+        if val_reduce == "mean":
+            per_param[k] = a @ b.mean(0)
+        elif val_reduce == "sum":
+            per_param[k] = a @ b.sum(0)
+        else:
+            per_param[k] = a @ b.T
+    scores = torch.stack(list(per_param.values())).sum(0)
+    return scores, per_param, {k: v.mean(0) for k, v in gt.items()}
