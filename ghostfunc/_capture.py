@@ -18,6 +18,7 @@ number.
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -197,15 +198,23 @@ def trace(model_fn: ModelFn, params: Mapping[str, Tensor], batch: Batch, where: 
 
 
 class _rephrase:
-    """Turn errors from inside the model into ones that name the public function."""
+    """Turn errors from inside the model into ones that name the public function.
+
+    Also silences functorch's notice that an op has no batching rule (it then
+    loops over samples: slower, still exact), e.g. CPU flash attention.
+    """
 
     def __init__(self, where: str) -> None:
         self.where = where
+        self._warnings = warnings.catch_warnings()
 
     def __enter__(self) -> None:
+        self._warnings.__enter__()
+        warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented")
         return None
 
     def __exit__(self, kind: Any, err: Any, tb: Any) -> bool:
+        self._warnings.__exit__(None, None, None)
         if isinstance(err, SamplesInteractError) and not str(err).startswith(self.where):
             raise SamplesInteractError(f"{self.where}: {err}") from None
         if isinstance(err, RuntimeError) and "vmap" in str(err) and ("inplace" in str(err) or "in-place" in str(err)):
