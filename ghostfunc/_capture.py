@@ -108,6 +108,8 @@ class _Interceptor(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
+        if func in _TO_PYTHON and args and _batch_level_count(args[0]) == 1:
+            return _agreed_value(func, args, kwargs)
         found = [leaf for leaf in pytree.tree_leaves((args, kwargs)) if isinstance(leaf, Tensor) and id(leaf) in self.names]
         if not found:
             return func(*args, **kwargs)
@@ -139,6 +141,52 @@ class _Interceptor(TorchFunctionMode):
         self.saved.extend(match.saved)
         self.statics.append((match.static, len(match.saved)))
         return out + self.taps[k]
+
+
+#: Calls that turn a tensor into a Python value, i.e. data-dependent control flow.
+_TO_PYTHON = {
+    Tensor.__bool__, Tensor.item, Tensor.__int__, Tensor.__float__, Tensor.__index__,
+    Tensor.__contains__, Tensor.tolist,
+}
+
+
+def _batch_level_count(x: Any) -> int:
+    count = 0
+    while isinstance(x, Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(x):
+        count += int(torch._C._functorch.is_batchedtensor(x))
+        x = torch._C._functorch.get_unwrapped(x)
+    return count
+
+
+def _per_sample(x: Tensor) -> Tensor:
+    """The plain tensor under the (single) vmap level, sample axis first."""
+    ft = torch._C._functorch
+    while ft.is_functorch_wrapped_tensor(x):
+        x = ft.get_unwrapped(x).movedim(ft.maybe_get_bdim(x), 0) if ft.is_batchedtensor(x) else ft.get_unwrapped(x)
+    return x
+
+
+class DivergentBranchError(ValueError):
+    """``model_fn`` branches on tensor values and the samples of a batch disagree."""
+
+
+def _agreed_value(func: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
+    """Data-dependent control flow under vmap: the answer if every sample gives the same one.
+
+    Each sample alone (the single-sample reference) would take the branch its own
+    value picks; when all agree, that branch is exact for the whole batch.
+    """
+    if any(_batch_level_count(a) for a in pytree.tree_leaves((args[1:], kwargs))):
+        return func(*args, **kwargs)  # let functorch raise its own error
+    values = [func(row, *args[1:], **kwargs) for row in _per_sample(args[0])]
+    if any(v != values[0] for v in values[1:]):
+        raise DivergentBranchError(
+            f"model_fn turns a tensor into a Python value ({_name(func)}) and the samples of the batch "
+            f"disagree (values {values[:8]}{'...' if len(values) > 8 else ''}); ghostfunc runs every sample "
+            f"through the same sequence of calls, so it cannot follow per-sample branches. Compute the "
+            f"branch with tensor ops (torch.where) or pass inputs that avoid it"
+        )
+    return values[0]
 
 
 def _makes_tensor(out: Any, found: list[Tensor]) -> bool:
@@ -215,8 +263,9 @@ class _rephrase:
 
     def __exit__(self, kind: Any, err: Any, tb: Any) -> bool:
         self._warnings.__exit__(None, None, None)
-        if isinstance(err, SamplesInteractError) and not str(err).startswith(self.where):
-            raise SamplesInteractError(f"{self.where}: {err}") from None
+        for kind in (SamplesInteractError, DivergentBranchError):
+            if isinstance(err, kind) and not str(err).startswith(self.where):
+                raise kind(f"{self.where}: {err}") from None
         if isinstance(err, RuntimeError) and "vmap" in str(err) and ("inplace" in str(err) or "in-place" in str(err)):
             raise SamplesInteractError(
                 f"{self.where}: the model writes batch-dependent values into a tensor shared by all "
