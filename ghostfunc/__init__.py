@@ -1,8 +1,34 @@
 """ghostfunc: exact per-sample gradient dot products in one backward pass, over torch.func."""
 
+from ._capture import DivergentBranchError
 from ._graddot import GradDot, graddot, plan
+from ._ops import SamplesInteractError
+from ._optim import AdamWState, Optimizer, SGDState, adamw, sgd
 from ._plan import Plan, Route
 from ._reference import reference_graddot
+from ._shapley import inrun_shapley
+from ._train import StepInfo, TrainState, TrainStep, train_step
+from ._values import DataValues
 
-__all__ = ["GradDot", "Plan", "Route", "graddot", "plan", "reference_graddot"]
+__all__ = [
+    "DivergentBranchError",
+    "GradDot",
+    "Plan",
+    "Route",
+    "SamplesInteractError",
+    "graddot",
+    "plan",
+    "reference_graddot",
+    "AdamWState",
+    "DataValues",
+    "Optimizer",
+    "SGDState",
+    "StepInfo",
+    "TrainState",
+    "TrainStep",
+    "adamw",
+    "inrun_shapley",
+    "sgd",
+    "train_step",
+   ]
 __version__ = "0.1.0"

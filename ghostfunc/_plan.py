@@ -102,14 +102,15 @@ class Usage(NamedTuple):
 def usages(params: Mapping[str, Tensor], traces: tuple[Trace, Trace]) -> dict[str, Usage]:
     """Classify every parameter from the train and val traces."""
     forms: dict[str, set[str]] = {k: set() for k in params}
-    kinds: dict[str, list[str]] = {k: [] for k in params}
+    kinds: dict[str, list[str]] = {k: [] for k in params}  # the calls one train sample makes
     toks = [{k: 0 for k in params}, {k: 0 for k in params}]
     for which, tr in enumerate(traces):
         for site in tr.sites:
             for role, name in site.roles:
                 factored = role in site.rule.factored_roles
                 forms[name].add("factored" if factored else "direct")
-                kinds[name].append(site.rule.kind)
+                if which == 0:
+                    kinds[name].append(site.rule.kind)
                 if factored:
                     width = params[name].shape[site.rule.out_axis]
                     toks[which][name] += int(torch.Size(site.out_shape).numel()) // width

@@ -46,7 +46,7 @@ def reference_graddot(
     gv, _ = per_sample_grads(model_fn, params, val)
     per_param = {}
     for k in params:
-        a, b = gt[k].flatten(1), gv[k].flatten(1)
+        a, b = gt[k].reshape(len(gt[k]), -1), gv[k].reshape(len(gv[k]), -1)  # [n, P], [m, P]
         if val_reduce == "mean":
             per_param[k] = a @ b.mean(0)
         elif val_reduce == "sum":

@@ -1,0 +1,359 @@
+"""Hand-built cases with known answers, layout corners, the fallback, plan, and every error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call
+
+import ghostfunc
+from ghostfunc import DivergentBranchError, SamplesInteractError
+
+F64 = torch.float64
+
+
+def rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def linreg(p, batch):
+    x, y = batch
+    return 0.5 * (x @ p["w"] + p["b"] - y) ** 2  # [B]
+
+
+def test_linear_regression_known_answer():
+    # g_i = r_i * (x_i, 1) with residual r_i = w·x_i + b - y_i, written out by hand.
+    g = torch.Generator().manual_seed(0)
+    p = {"w": torch.randn(4, generator=g, dtype=F64), "b": torch.tensor(0.3, dtype=F64)}
+    xt, yt = torch.randn(5, 4, generator=g, dtype=F64), torch.randn(5, generator=g, dtype=F64)
+    xv, yv = torch.randn(3, 4, generator=g, dtype=F64), torch.randn(3, generator=g, dtype=F64)
+    rt, rv = xt @ p["w"] + p["b"] - yt, xv @ p["w"] + p["b"] - yv
+    gt = torch.cat([rt[:, None] * xt, rt[:, None]], 1)  # [n, 5]
+    gv = torch.cat([rv[:, None] * xv, rv[:, None]], 1)  # [m, 5]
+    for policy in ("auto", "ghost", "materialize", "contract", "2t2"):
+        out = ghostfunc.graddot(linreg, p, (xt, yt), (xv, yv), policy=policy)
+        torch.testing.assert_close(out.scores, gt @ gv.mean(0), rtol=1e-12, atol=0)
+        torch.testing.assert_close(out.train_grad["w"], gt[:, :4].mean(0), rtol=1e-12, atol=0)
+        torch.testing.assert_close(out.train_loss, 0.5 * rt**2, rtol=1e-14, atol=0)
+        torch.testing.assert_close(out.val_loss, 0.5 * rv**2, rtol=1e-14, atol=0)
+    full = ghostfunc.graddot(linreg, p, (xt, yt), (xv, yv), val_reduce=None)
+    torch.testing.assert_close(full.scores, gt @ gv.T, rtol=1e-12, atol=0)
+    summed = ghostfunc.graddot(linreg, p, (xt, yt), (xv, yv), val_reduce="sum")
+    torch.testing.assert_close(summed.scores, gt @ gv.sum(0), rtol=1e-12, atol=0)
+    # "w" is used by matmul as a vector (x @ w): not a matrix op, so it is exact through the fallback
+    assert full.plan.routes["w"].path in ("fallback", "direct", "ghost", "materialize", "contract")
+
+
+def test_example_i_has_gradient_i():
+    # optax-style known answer: sample i's gradient is e_i (zero included for i = 0 via a zero row)
+    def model_fn(p, x):
+        return x @ p["w"]  # ℓ_i = x_i·w, so g_i = x_i
+
+    x = torch.eye(4, dtype=F64)
+    x[0] = 0
+    out = ghostfunc.graddot(model_fn, {"w": torch.zeros(4, dtype=F64)}, x, x, val_reduce=None)
+    torch.testing.assert_close(out.scores, x @ x.T)
+
+
+def _mlp():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(F64)
+
+    def model_fn(p, batch):
+        x, y = batch
+        return F.cross_entropy(functional_call(net, p, (x,)), y, reduction="none")
+
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    return model_fn, params, (torch.randn(4, 3, dtype=F64), torch.tensor([0, 1, 1, 0]))
+
+
+def check(model_fn, params, train, val, tol=1e-10, **kw):
+    ref, _, ref_grad = ghostfunc.reference_graddot(model_fn, params, train, val, val_reduce=kw.get("val_reduce", "mean"))
+    out = ghostfunc.graddot(model_fn, params, train, val, **kw)
+    assert rel(out.scores, ref) < tol, out.plan
+    for k in params:
+        assert (out.train_grad[k] - ref_grad[k]).abs().max() <= tol * max(v.abs().max() for v in ref_grad.values())
+    return out
+
+
+def test_one_sample_one_token():
+    model_fn, params, (x, y) = _mlp()
+    check(model_fn, params, (x[:1], y[:1]), (x[1:2], y[1:2]))
+    check(model_fn, params, (x[:1], y[:1]), (x[1:2], y[1:2]), val_reduce=None)
+
+
+def test_params_unchanged_and_may_require_grad():
+    model_fn, params, batch = _mlp()
+    before = {k: v.clone() for k, v in params.items()}
+    leafy = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    out = ghostfunc.graddot(model_fn, leafy, batch, batch)
+    assert not out.scores.requires_grad
+    for k in params:
+        assert torch.equal(leafy[k].detach(), before[k]) and leafy[k].grad is None
+
+
+class Conv1DLike(nn.Module):
+    """HF Conv1D: the batch is flattened inside the op (x.view(-1, d)) and W is [in, out]."""
+
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(d_in, d_out))
+        self.bias = nn.Parameter(torch.randn(d_out))
+
+    def forward(self, x):
+        out = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
+        return out.view(*x.shape[:-1], -1)
+
+
+def test_flattened_batch_inside_the_op():
+    net = nn.Sequential(Conv1DLike(3, 5), nn.Tanh(), Conv1DLike(5, 2)).to(F64)
+    params = {k: v.detach() for k, v in net.named_parameters()}
+
+    def model_fn(p, x):  # x: [B, T, 3]
+        return functional_call(net, p, (x,)).pow(2).sum((1, 2))
+
+    x = torch.randn(4, 6, 3, dtype=F64)
+    out = check(model_fn, params, x, x[:2, :3])
+    assert {r.path for r in out.plan.routes.values()} <= {"ghost", "materialize", "contract", "direct"}
+    check(model_fn, params, x, x[:2, :3], val_reduce=None, policy="ghost")
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_sequence_first_transformer_and_mha(batch_first):
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=batch_first).to(F64).eval()
+    mha = nn.MultiheadAttention(8, 2, batch_first=batch_first).to(F64).eval()
+    net = nn.ModuleDict({"layer": layer, "mha": mha})
+    params = {k: v.detach() for k, v in net.named_parameters()}
+
+    def model_fn(p, x):  # x: [B, T, 8]
+        h = x if batch_first else x.transpose(0, 1)  # [T, B, 8] when sequence-first
+        h = functional_call(net["layer"], {k[6:]: v for k, v in p.items() if k.startswith("layer.")}, (h,))
+        mp = {k[4:]: v for k, v in p.items() if k.startswith("mha.")}
+        h = functional_call(net["mha"], mp, (h, h, h), {"need_weights": False})[0]
+        return h.pow(2).mean((1, 2) if batch_first else (0, 2))
+
+    x = torch.randn(3, 5, 8, dtype=F64)
+    out = check(model_fn, params, x, x[:2])
+    check(model_fn, params, x, x[:2], val_reduce=None)
+    assert out.plan.routes["mha.in_proj_weight"].path == "fallback"
+    assert out.plan.routes["layer.linear1.weight"].path in ("ghost", "materialize", "contract")
+
+
+def test_fallback_for_unrecognised_parameters():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.PReLU(), nn.Linear(4, 1)).to(F64)
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    params["log_temp"] = torch.tensor(0.2, dtype=F64)
+
+    def model_fn(p, x):
+        out = functional_call(net, {k: v for k, v in p.items() if k != "log_temp"}, (x,))[:, 0]
+        return (out / torch.exp(p["log_temp"])) ** 2
+
+    x = torch.randn(5, 3, dtype=F64)
+    out = check(model_fn, params, x, x[:3])
+    routes = out.plan.routes
+    assert routes["1.weight"].path == "fallback" and "prelu" in routes["1.weight"].reason
+    assert routes["log_temp"].path == "fallback"
+    assert routes["0.weight"].factored
+    text = str(out.plan)
+    for k in params:
+        assert k in text
+
+
+def test_param_used_by_recognised_and_unrecognised_calls_takes_fallback():
+    def model_fn(p, x):
+        h = F.linear(x, p["W"])  # recognised
+        return (h @ p["W"].T).pow(2).sum(1)  # .T: not recognised
+
+    p = {"W": torch.randn(3, 3, dtype=F64)}
+    x = torch.randn(4, 3, dtype=F64)
+    out = check(model_fn, p, x, x[:2])
+    assert out.plan.routes["W"].path == "fallback"
+
+
+def test_layer_applied_twice_and_tied_embedding():
+    torch.manual_seed(0)
+    emb = nn.Embedding(9, 4, padding_idx=1).to(F64)
+    fc = nn.Linear(4, 4).to(F64)
+    params = {"emb": emb.weight.detach(), "fc.w": fc.weight.detach(), "fc.b": fc.bias.detach()}
+
+    def model_fn(p, ids):
+        h = F.embedding(ids, p["emb"], padding_idx=1)
+        for _ in range(2):  # the same layer twice: cross terms between the uses
+            h = torch.tanh(F.linear(h, p["fc.w"], p["fc.b"]))
+        logits = F.linear(h, p["emb"])  # tied output projection
+        return F.cross_entropy(logits.transpose(1, 2), ids, reduction="none").mean(1)
+
+    ids = torch.tensor([[1, 2, 3, 1], [4, 1, 1, 5], [6, 7, 8, 2]])
+    for policy in ("ghost", "materialize", "contract", "auto"):
+        out = check(model_fn, params, ids, ids[:2, :3], policy=policy)
+    assert out.plan.routes["fc.w"].uses == ("linear", "linear")
+    assert out.plan.routes["emb"].uses == ("embedding", "linear")
+
+
+def test_padding_idx_row_gets_no_gradient():
+    p = {"emb": torch.randn(5, 3, dtype=F64)}
+
+    def model_fn(p, ids):
+        return F.embedding(ids, p["emb"], padding_idx=0).pow(2).sum((1, 2))
+
+    ids = torch.tensor([[0, 1, 0], [2, 0, 3]])
+    out = check(model_fn, p, ids, ids, val_reduce=None)
+    assert out.train_grad["emb"][0].abs().max() == 0
+
+
+def test_pytree_inputs_with_any_keys_and_non_tensor_leaves():
+    model_fn, params, (x, y) = _mlp()
+
+    def dict_fn(p, batch):
+        assert batch["note"] == "kept" and batch["cfg"] is None
+        return model_fn(p, (batch["feats"]["a"], batch["target"]))
+
+    train = {"feats": {"a": x}, "target": y, "note": "kept", "cfg": None}
+    val = {"feats": {"a": x[:2]}, "target": y[:2], "note": "kept", "cfg": None}
+    check(dict_fn, params, train, val)
+
+
+def test_train_and_val_of_different_lengths():
+    def model_fn(p, ids):
+        return F.embedding(ids, p["emb"]).sum((1, 2)) ** 2
+
+    p = {"emb": torch.randn(6, 2, dtype=F64)}
+    check(model_fn, p, torch.randint(0, 6, (3, 7)), torch.randint(0, 6, (2, 2)), val_reduce=None)
+
+
+def test_bf16_compute_dtype_within_documented_tolerance():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4))
+    params = {k: v.detach() for k, v in net.named_parameters()}
+
+    def model_fn(p, batch):
+        x, y = batch
+        return F.cross_entropy(functional_call(net, p, (x[:, None].expand(-1, 5, -1),)).mean(1), y, reduction="none")
+
+    batch = (torch.randn(8, 16), torch.randint(0, 4, (8,)))
+    ref, _, _ = ghostfunc.reference_graddot(model_fn, params, batch, batch)
+    for policy in ("ghost", "contract", "materialize"):
+        out = ghostfunc.graddot(model_fn, params, batch, batch, policy=policy, compute_dtype=torch.bfloat16)
+        assert out.scores.dtype == torch.float32
+        assert rel(out.scores, ref) < 2e-2, policy  # README: bf16 products, about 1e-2 relative
+
+
+def test_plan_prints_every_parameter_and_2t2_flips_with_t():
+    p = {"W": torch.randn(4, 4, dtype=F64)}
+
+    def model_fn(p, x):
+        return F.linear(x, p["W"]).pow(2).sum((1, 2))
+
+    short = ghostfunc.plan(model_fn, p, torch.randn(2, 1, 4, dtype=F64), torch.randn(2, 1, 4, dtype=F64), policy="2t2")
+    long = ghostfunc.plan(model_fn, p, torch.randn(2, 9, 4, dtype=F64), torch.randn(2, 9, 4, dtype=F64), policy="2t2")
+    assert short.routes["W"].path == "ghost" and (short.routes["W"].tokens, short.routes["W"].p) == (1, 4)
+    assert long.routes["W"].path == "materialize" and long.routes["W"].tokens == 9
+    assert "W" in str(long) and "2T²=162 > pd=16" in str(long)
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_error_model_fn_returns_scalar():
+    model_fn, params, batch = _mlp()
+    with pytest.raises(ValueError, match=r"^graddot: model_fn.*one loss per sample.*shape \(\)"):
+        ghostfunc.graddot(lambda p, b: model_fn(p, b).mean(), params, batch, batch)
+
+
+def test_error_model_fn_returns_wrong_shape():
+    model_fn, params, batch = _mlp()
+    with pytest.raises(ValueError, match=r"^graddot: .*shape \(1, 2\)"):
+        ghostfunc.graddot(lambda p, b: model_fn(p, b)[:, None].expand(-1, 2), params, batch, batch)
+
+
+def test_error_structure_mismatch():
+    model_fn, params, (x, y) = _mlp()
+    with pytest.raises(ValueError, match=r"^graddot: train and val must have the same structure.*'label'"):
+        ghostfunc.graddot(model_fn, params, {"x": x, "y": y}, {"x": x, "label": y})
+
+
+@pytest.mark.parametrize("which", ["train", "val"])
+def test_error_empty_batch(which):
+    model_fn, params, (x, y) = _mlp()
+    empty = (x[:0], y[:0])
+    train, val = (empty, (x, y)) if which == "train" else ((x, y), empty)
+    with pytest.raises(ValueError, match=rf"^graddot: {which} is empty"):
+        ghostfunc.graddot(model_fn, params, train, val)
+
+
+def test_error_leaves_disagree_on_sample_count():
+    model_fn, params, (x, y) = _mlp()
+    with pytest.raises(ValueError, match=r"^graddot: the tensor leaves of train must share the sample axis"):
+        ghostfunc.graddot(model_fn, params, (x, y[:2]), (x, y))
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.complex64])
+def test_error_non_real_params(dtype):
+    model_fn, params, batch = _mlp()
+    params["0.weight"] = params["0.weight"].to(dtype)
+    with pytest.raises(TypeError, match=rf"^graddot: params\['0.weight'\] must be a real floating-point.*{dtype}"):
+        ghostfunc.graddot(model_fn, params, batch, batch)
+
+
+def test_error_batchnorm_in_training_mode():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1)).to(F64)
+    params = {k: v.detach() for k, v in net.named_parameters()}
+
+    def model_fn(p, x):
+        return functional_call(net, p, (x,))[:, 0] ** 2
+
+    x = torch.randn(4, 3, dtype=F64)
+    with pytest.raises(SamplesInteractError, match=r"^graddot: .*batch_norm in training mode"):
+        ghostfunc.graddot(model_fn, params, x, x)
+    net.eval()  # eval mode: per-sample gradients exist, and are exact
+    check(model_fn, params, x, x[:2])
+
+
+def test_error_nan_losses_name_the_samples():
+    model_fn, params, (x, y) = _mlp()
+    x = x.clone()
+    x[2] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"^graddot: .*non-finite losses for train samples \[2\]"):
+        ghostfunc.graddot(model_fn, params, (x, y), (x[:2], y[:2]))
+
+
+def test_error_divergent_data_dependent_branch():
+    def model_fn(p, x):
+        h = F.linear(x, p["W"])
+        if h.sum() > 0:  # data-dependent: fine when every sample agrees, refused otherwise
+            return h.pow(2).sum(1)
+        return h.abs().sum(1)
+
+    p = {"W": torch.eye(2, dtype=F64)}
+    pos = torch.rand(3, 2, dtype=F64) + 0.1
+    check(model_fn, p, pos, pos)  # all samples take the same branch: exact
+    mixed = torch.cat([pos, -pos])
+    with pytest.raises(DivergentBranchError, match=r"^graddot: model_fn turns a tensor into a Python value"):
+        ghostfunc.graddot(model_fn, p, mixed, pos)
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [({"val_reduce": "max"}, "val_reduce must be one of"), ({"policy": "fast"}, "policy must be one of"),
+     ({"policy": "contract", "val_reduce": None}, "policy='contract'.*needs val_reduce"),
+     ({"compute_dtype": "bfloat16"}, "compute_dtype must be None or a floating torch.dtype")],
+)
+def test_error_bad_options(kw, match):
+    model_fn, params, batch = _mlp()
+    with pytest.raises((ValueError, TypeError), match=rf"^graddot: {match}"):
+        ghostfunc.graddot(model_fn, params, batch, batch, **kw)
+
+
+def test_error_params_not_a_dict_and_model_fn_not_callable():
+    model_fn, params, batch = _mlp()
+    with pytest.raises(TypeError, match=r"^graddot: params must be a dict"):
+        ghostfunc.graddot(model_fn, list(params.values()), batch, batch)
+    with pytest.raises(TypeError, match=r"^graddot: model_fn must be callable"):
+        ghostfunc.graddot(None, params, batch, batch)
+    with pytest.raises(ValueError, match=r"^plan: val_reduce"):
+        ghostfunc.plan(model_fn, params, batch, batch, val_reduce="max")
