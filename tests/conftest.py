@@ -8,3 +8,11 @@ settings.register_profile("thorough", max_examples=200, deadline=None, suppress_
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+def pytest_terminal_summary(terminalreporter):
+    from tests import test_properties
+
+    if test_properties.WORST:
+        worst = ", ".join(f"{k} {v:.2e}" for k, v in sorted(test_properties.WORST.items()))
+        terminalreporter.write_line(f"graddot vs single-sample loop, worst relative score error: {worst}")

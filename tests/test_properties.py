@@ -21,6 +21,10 @@ REDUCE = ["mean", "sum", None]
 F64 = torch.float64
 
 
+#: Worst relative score error seen per dtype; printed in pytest's terminal summary (conftest.py).
+WORST: dict[str, float] = {}
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
 
@@ -49,6 +53,8 @@ def assert_exact(built, n: int, m: int, t: int, s: int, seed: int, tol: float = 
             total = torch.stack(list(out.per_param.values())).sum(0)
             assert rel(total, out.scores) < 1e-12
             worst = max(worst, err)
+    key = str(ref.dtype).removeprefix("torch.")
+    WORST[key] = max(WORST.get(key, 0.0), worst)
     return worst
 
 

@@ -1,0 +1,271 @@
+"""inrun_shapley: formula agreement with brute force (float64), exact Shapley by enumeration, errors."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import ghostfunc
+from ghostfunc._reference import per_sample_grads
+
+DT = torch.float64
+
+
+def rel(a: Tensor, b: Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def flat_grads(model_fn, params, batch) -> Tensor:
+    g, _ = per_sample_grads(model_fn, params, batch)
+    return torch.cat([g[k].flatten(1) for k in params], 1)  # [B, P]
+
+
+def unflatten(params: dict[str, Tensor], theta: Tensor) -> dict[str, Tensor]:
+    sizes = [v.numel() for v in params.values()]
+    return {k: t.reshape(v.shape) for (k, v), t in zip(params.items(), theta.split(sizes), strict=True)}
+
+
+def theta_of(params: dict[str, Tensor]) -> Tensor:
+    return torch.cat([v.flatten() for v in params.values()])
+
+
+# ---------------------------------------------------------------- models
+
+
+def mlp_fn(p, batch):
+    h = torch.tanh(F.linear(batch["x"], p["w1"], p["b1"]))
+    return F.cross_entropy(F.linear(h, p["w2"], p["b2"]), batch["y"], reduction="none")
+
+
+def mlp(seed=0, n=6, m=4, d=3, hidden=5, classes=3):
+    g = torch.Generator().manual_seed(seed)
+    params = {"w1": torch.randn(hidden, d, generator=g, dtype=DT), "b1": torch.randn(hidden, generator=g, dtype=DT),
+              "w2": torch.randn(classes, hidden, generator=g, dtype=DT), "b2": torch.randn(classes, generator=g, dtype=DT)}
+
+    def batch(k, off):
+        return {"x": torch.randn(k, d, generator=g, dtype=DT), "y": torch.randint(0, classes, (k,), generator=g),
+                "index": torch.arange(off, off + k)}  # a leaf the model ignores rides along
+
+    return params, batch(n, 0), batch(m, 100)
+
+
+def linreg_fn(p, batch):
+    return 0.5 * (F.linear(batch["x"], p["w"], p["b"]) - batch["y"]).pow(2).sum(-1)
+
+
+def attention_fn(p, ids):
+    """A tiny causal transformer block: tied embedding, layer norm, SDPA, MLP."""
+    x = F.embedding(ids, p["wte"]) + p["wpe"][: ids.shape[1]]  # [B, T, d]
+    h = F.layer_norm(x, (x.shape[-1],), p["ln_w"], p["ln_b"])
+    q, k, v = F.linear(h, p["qkv"]).chunk(3, -1)  # [B, T, d] each
+    heads = 2
+    split = lambda t: t.unflatten(-1, (heads, -1)).transpose(1, 2)  # noqa: E731  # [B, nh, T, hs]
+    att = F.scaled_dot_product_attention(split(q), split(k), split(v), is_causal=True)
+    x = x + F.linear(att.transpose(1, 2).flatten(2), p["proj"])  # [B, T, d]
+    x = x + F.linear(F.gelu(F.linear(x, p["fc"], p["fc_b"])), p["fc2"])
+    logits = F.linear(x, p["wte"])[:, :-1]  # tied head: [B, T-1, V]
+    return F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").mean(1)
+
+
+def attention_model(seed=0, n=4, m=3, t=6, vocab=11, d=8):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: 0.3 * torch.randn(*s, generator=g, dtype=DT)  # noqa: E731
+    params = {"wte": r(vocab, d), "wpe": r(t, d), "ln_w": 1 + r(d), "ln_b": r(d), "qkv": r(3 * d, d),
+              "proj": r(d, d), "fc": r(2 * d, d), "fc_b": r(2 * d), "fc2": r(d, 2 * d)}
+    return params, torch.randint(0, vocab, (n, t), generator=g), torch.randint(0, vocab, (m, t), generator=g)
+
+
+def mha_fn(mha):
+    """``nn.MultiheadAttention`` in its default sequence-first layout, then a linear head."""
+    def fn(p, batch):
+        x = batch["x"].transpose(0, 1)  # [T, B, d]
+        sub = {k[4:]: v for k, v in p.items() if k.startswith("mha.")}
+        out = torch.func.functional_call(mha, sub, (x, x, x), {"need_weights": False})[0]  # [T, B, d]
+        pred = F.linear(out.mean(0), p["head"])  # [B, 1]
+        return 0.5 * (pred[:, 0] - batch["y"]).pow(2)
+
+    return fn
+
+
+# ---------------------------------------------------------------- brute-force references
+
+
+def reference_order1(model_fn, params, train, val, lr):
+    gt, gv = flat_grads(model_fn, params, train), flat_grads(model_fn, params, val)
+    return -(lr / len(gt)) * gt @ gv.mean(0)
+
+
+def reference_order2(model_fn, params, train, val, lr, hvp):
+    """Order 2 with ``H_val G`` from ``hvp`` (a separate brute-force Hessian product)."""
+    gt = flat_grads(model_fn, params, train)
+    a = lr / len(gt)
+    return reference_order1(model_fn, params, train, val, lr) + (a * a / 2) * gt @ hvp(gt.sum(0))
+
+
+def full_hessian_hvp(model_fn, params, val):
+    """``v -> H v`` with ``H`` the explicit Hessian of the mean val loss (torch.autograd.functional)."""
+    h = torch.autograd.functional.hessian(lambda th: model_fn(unflatten(params, th), val).mean(), theta_of(params))
+    return lambda v: h @ v
+
+
+def double_backward_hvp(model_fn, params, val):
+    """``v -> H v`` by reverse-over-reverse ``torch.autograd`` (math attention backend)."""
+    def hvp(v):
+        th = theta_of(params).clone().requires_grad_(True)
+        with sdpa_kernel([SDPBackend.MATH]):
+            loss = model_fn(unflatten(params, th), val).mean()
+            (g,) = torch.autograd.grad(loss, th, create_graph=True)
+            (hv,) = torch.autograd.grad(g @ v, th)
+        return hv
+
+    return hvp
+
+
+def utility(model_fn, params, train, val, lr, subset) -> float:
+    """``U(S) = L_val(θ − (lr/n)·Σ_{i∈S} g_i) − L_val(θ)``, by moving the parameters."""
+    gt = flat_grads(model_fn, params, train)
+    th = theta_of(params)
+    step = gt[list(subset)].sum(0) if subset else torch.zeros_like(th)
+    moved = unflatten(params, th - (lr / len(gt)) * step)
+    with torch.no_grad():
+        return (model_fn(moved, val).mean() - model_fn(params, val).mean()).item()
+
+
+def exact_shapley(model_fn, params, train, val, lr) -> Tensor:
+    """Shapley values of ``U`` by enumerating every subset (``n ≤ 6``)."""
+    n = len(flat_grads(model_fn, params, train))
+    u = {s: utility(model_fn, params, train, val, lr, s) for k in range(n + 1)
+         for s in itertools.combinations(range(n), k)}
+    phi = torch.zeros(n, dtype=DT)
+    for i in range(n):
+        for s, us in u.items():
+            if i not in s:
+                w = math.factorial(len(s)) * math.factorial(n - len(s) - 1) / math.factorial(n)
+                phi[i] += w * (u[tuple(sorted((*s, i)))] - us)
+    return phi
+
+
+# ---------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("lr", [0.05, 1.0])
+def test_order1_matches_per_sample_loop(lr):
+    params, train, val = mlp()
+    got = ghostfunc.inrun_shapley(mlp_fn, params, train, val, lr=lr)
+    assert got.shape == (6,) and got.dtype == DT
+    assert rel(got, reference_order1(mlp_fn, params, train, val, lr)) < 1e-10
+
+
+def test_order2_matches_explicit_hessian():
+    params, train, val = mlp(seed=1)
+    lr = 0.7
+    got = ghostfunc.inrun_shapley(mlp_fn, params, train, val, lr=lr, order=2)
+    ref = reference_order2(mlp_fn, params, train, val, lr, full_hessian_hvp(mlp_fn, params, val))
+    assert rel(got, ref) < 1e-10
+    # the second-order term is really there (and not negligible at this lr)
+    first = ghostfunc.inrun_shapley(mlp_fn, params, train, val, lr=lr)
+    assert (got - first).abs().max() > 1e-4 * first.abs().max()
+
+
+def test_order2_attention_tied_embedding():
+    """Attention, layer norm, tied embedding/head: the HVP is exact beyond linear layers."""
+    params, train, val = attention_model()
+    lr = 2.0
+    got = ghostfunc.inrun_shapley(attention_fn, params, train, val, lr=lr, order=2)
+    ref = reference_order2(attention_fn, params, train, val, lr, double_backward_hvp(attention_fn, params, val))
+    assert rel(got, ref) < 1e-10
+    assert rel(ghostfunc.inrun_shapley(attention_fn, params, train, val, lr=lr),
+               reference_order1(attention_fn, params, train, val, lr)) < 1e-10
+
+
+def test_order2_multihead_attention_sequence_first():
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(6, 2, dtype=DT)
+    params = {f"mha.{k}": v.detach() for k, v in mha.named_parameters()}
+    params["head"] = torch.randn(1, 6, dtype=DT)
+    g = torch.Generator().manual_seed(3)
+    train = {"x": torch.randn(4, 5, 6, generator=g, dtype=DT), "y": torch.randn(4, generator=g, dtype=DT)}
+    val = {"x": torch.randn(3, 5, 6, generator=g, dtype=DT), "y": torch.randn(3, generator=g, dtype=DT)}
+    fn = mha_fn(mha)
+    got = ghostfunc.inrun_shapley(fn, params, train, val, lr=0.5, order=2)
+    ref = reference_order2(fn, params, train, val, 0.5, double_backward_hvp(fn, params, val))
+    assert rel(got, ref) < 1e-10
+
+
+def test_order2_is_exact_shapley_for_quadratic_loss():
+    """Linear regression: U is exactly quadratic, so order 2 *is* the Shapley value (subset enumeration)."""
+    g = torch.Generator().manual_seed(0)
+    params = {"w": torch.randn(2, 3, generator=g, dtype=DT), "b": torch.randn(2, generator=g, dtype=DT)}
+    train = {"x": torch.randn(5, 3, generator=g, dtype=DT), "y": torch.randn(5, 2, generator=g, dtype=DT)}
+    val = {"x": torch.randn(4, 3, generator=g, dtype=DT), "y": torch.randn(4, 2, generator=g, dtype=DT)}
+    lr = 0.8
+    exact = exact_shapley(linreg_fn, params, train, val, lr)
+    got = ghostfunc.inrun_shapley(linreg_fn, params, train, val, lr=lr, order=2)
+    assert rel(got, exact) < 1e-10
+    # efficiency: the values add up to the utility of the whole batch
+    assert abs(got.sum().item() - utility(linreg_fn, params, train, val, lr, tuple(range(5)))) < 1e-12
+    # and order 1 is off by the curvature term
+    assert rel(ghostfunc.inrun_shapley(linreg_fn, params, train, val, lr=lr), exact) > 1e-3
+
+
+def test_error_vs_exact_shapley_shrinks_with_order():
+    """Nonlinear model: |φ_order − φ_exact| is O(lr²) at order 1 and O(lr³) at order 2."""
+    params, train, val = mlp(seed=2, n=5, m=3)
+    errs = {}
+    for lr in (0.4, 0.04):
+        exact = exact_shapley(mlp_fn, params, train, val, lr)
+        for order in (1, 2):
+            got = ghostfunc.inrun_shapley(mlp_fn, params, train, val, lr=lr, order=order)
+            errs[order, lr] = (got - exact).abs().max().item()
+    assert errs[2, 0.4] < errs[1, 0.4] and errs[2, 0.04] < errs[1, 0.04]
+    assert 10**1.7 < errs[1, 0.4] / errs[1, 0.04] < 10**2.3  # ~100x for 10x smaller lr
+    assert 10**2.6 < errs[2, 0.4] / errs[2, 0.04] < 10**3.4  # ~1000x
+
+
+def test_sign_helpful_sample_is_negative():
+    """A training copy of the validation set lowers the validation loss: negative value."""
+    params, train, val = mlp(seed=4, n=4, m=4)
+    both = {k: torch.cat([val[k], train[k]]) for k in train}
+    phi = ghostfunc.inrun_shapley(mlp_fn, params, both, val, lr=0.1)
+    assert phi[:4].sum() < 0 and phi[:4].mean() < phi[4:].mean()
+
+
+def test_inputs_not_modified_and_float32():
+    params, train, val = mlp()
+    p32 = {k: v.float() for k, v in params.items()}
+    t32 = {k: v.float() if v.is_floating_point() else v for k, v in train.items()}
+    v32 = {k: v.float() if v.is_floating_point() else v for k, v in val.items()}
+    before = [t.clone() for t in (*p32.values(), *t32.values(), *v32.values())]
+    versions = [t._version for t in (*p32.values(), *t32.values(), *v32.values())]
+    got = ghostfunc.inrun_shapley(mlp_fn, p32, t32, v32, lr=0.5, order=2)
+    after = [*p32.values(), *t32.values(), *v32.values()]
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    assert versions == [t._version for t in after]
+    assert got.dtype == torch.float32
+    ref = ghostfunc.inrun_shapley(mlp_fn, params, train, val, lr=0.5, order=2)
+    assert rel(got.double(), ref) < 1e-5
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"lr": -1.0}, r"^inrun_shapley: lr must be a float >= 0"),
+    ({"lr": "0.1"}, r"^inrun_shapley: lr must be"),
+    ({"lr": 0.1, "order": 3}, r"^inrun_shapley: order must be 1 or 2; got 3"),
+])
+def test_argument_errors(kwargs, match):
+    params, train, val = mlp()
+    with pytest.raises(ValueError, match=match):
+        ghostfunc.inrun_shapley(mlp_fn, params, train, val, **kwargs)
+
+
+def test_boundary_errors_name_the_function():
+    params, train, val = mlp()
+    with pytest.raises(TypeError, match=r"^inrun_shapley: params must be a dict"):
+        ghostfunc.inrun_shapley(mlp_fn, [params["w1"]], train, val, lr=0.1)
+    with pytest.raises(ValueError, match=r"^inrun_shapley: model_fn\(params, batch\) must return one loss per sample"):
+        ghostfunc.inrun_shapley(lambda p, b: mlp_fn(p, b).sum(), params, train, val, lr=0.1)
