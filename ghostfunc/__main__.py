@@ -30,7 +30,7 @@ def check(seed: int = 0, n_train: int = 8, n_val: int = 4, seq_len: int = 32) ->
     torch.manual_seed(seed)
     cfg = GPT2Config(vocab_size=256, n_positions=seq_len, n_embd=64, n_layer=2, n_head=4,
                      bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    model = GPT2LMHeadModel(cfg).to(torch.float64).eval()
+    model = GPT2LMHeadModel(cfg).to(torch.float64).eval()  # type: ignore[arg-type]
     params = {k: v.detach() for k, v in model.named_parameters()}
 
     def model_fn(p: dict, ids: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,9 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
@@ -110,6 +112,8 @@ class _Interceptor(TorchFunctionMode):
         kwargs = kwargs or {}
         if func in _TO_PYTHON and args and _batch_level_count(args[0]) == 1:
             return _agreed_value(func, args, kwargs)
+        if func is F.scaled_dot_product_attention and _mask_needs_grad(args, kwargs):
+            func = _sdpa_math
         found = [leaf for leaf in pytree.tree_leaves((args, kwargs)) if isinstance(leaf, Tensor) and id(leaf) in self.names]
         if not found:
             return func(*args, **kwargs)
@@ -146,8 +150,35 @@ class _Interceptor(TorchFunctionMode):
 #: Calls that turn a tensor into a Python value, i.e. data-dependent control flow.
 _TO_PYTHON = {
     Tensor.__bool__, Tensor.item, Tensor.__int__, Tensor.__float__, Tensor.__index__,
-    Tensor.__contains__, Tensor.tolist,
+    Tensor.__contains__, Tensor.tolist, Tensor.__format__,  # f"{tensor}" in an error message
 }
+
+
+def _mask_needs_grad(args: tuple, kwargs: dict[str, Any]) -> bool:
+    """A floating ``attn_mask`` that carries gradient (a learned bias, e.g. T5's position bias).
+
+    Inside ``vmap`` under ``vjp`` the batched mask reports ``requires_grad=False``
+    (the gradient lives one level down), so sdpa may pick a fused CPU kernel that
+    has no derivative for the mask and the backward fails; :func:`_sdpa_math` then
+    runs the composite math kernel instead.
+    """
+    mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
+    if not isinstance(mask, Tensor) or not mask.is_floating_point():
+        return False
+    ft = torch._C._functorch
+    while ft.is_functorch_wrapped_tensor(mask):
+        if mask.requires_grad:
+            return True
+        mask = ft.get_unwrapped(mask)
+    return mask.requires_grad
+
+
+def _sdpa_math(*args: Any, **kwargs: Any) -> Tensor:
+    with sdpa_kernel(SDPBackend.MATH):
+        return F.scaled_dot_product_attention(*args, **kwargs)
+
+
+_sdpa_math.__name__ = _sdpa_math.__qualname__ = "scaled_dot_product_attention"
 
 
 def _batch_level_count(x: Any) -> int:
@@ -261,7 +292,7 @@ class _rephrase:
         warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented")
         return None
 
-    def __exit__(self, kind: Any, err: Any, tb: Any) -> bool:
+    def __exit__(self, kind: Any, err: Any, tb: Any) -> None:
         self._warnings.__exit__(None, None, None)
         for kind in (SamplesInteractError, DivergentBranchError):
             if isinstance(err, kind) and not str(err).startswith(self.where):
@@ -272,7 +303,7 @@ class _rephrase:
                 f"samples (for example BatchNorm running statistics), so samples interact; "
                 f"put such layers in eval mode. The underlying error was: {err}"
             ) from err
-        return False
+        return None
 
 
 class Captured(NamedTuple):
@@ -322,7 +353,7 @@ def capture(model_fn: ModelFn, params: Mapping[str, Tensor], train: Batch, val: 
 
     primals = (zeros(expect[0], train.size), zeros(expect[1], val.size), copies(train.size), copies(val.size))
     with _rephrase(where):
-        (lt, lv), pullback, (st, sv) = torch.func.vjp(run, *primals, has_aux=True)
+        (lt, lv), pullback, (st, sv) = torch.func.vjp(run, *primals, has_aux=True)  # type: ignore[misc]
     _check_finite(lt, "train", where)
     _check_finite(lv, "val", where)
     b_t, b_v, fb_t, fb_v = pullback((torch.ones_like(lt), torch.ones_like(lv)))

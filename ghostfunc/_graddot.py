@@ -90,7 +90,7 @@ def score_param(route_path: str, tr: list, va: list, weights: Tensor | None, n: 
     if route_path == "materialize":
         if weights is None:
             other = _total([K.materialise(u, slice(None)) for u in va], param.new_zeros(m, p, d)).reshape(m, -1).T
-        else:
+        else:  # a reduced validation gradient: one column
             other = _val_direction(va, weights, p, d, param).reshape(-1, 1)
         other_c = other if dtype is None else other.to(dtype)
         scores = param.new_zeros(n, other.shape[1])
@@ -106,6 +106,7 @@ def score_param(route_path: str, tr: list, va: list, weights: Tensor | None, n: 
     if route_path == "ghost":
         mat = _total([K.gram(a, b, dtype) for a in tr for b in va], param.new_zeros(n, m))
         return (mat if weights is None else mat @ weights), train_mean
+    assert weights is not None, "contract needs a reduced validation gradient"
     u_val = _val_direction(va, weights, p, d, param)  # contract
     return _total([K.contract(a, u_val, dtype) for a in tr], param.new_zeros(n)), train_mean
 
@@ -147,7 +148,8 @@ def val_weights(val_reduce: str | None, m: int, like: Tensor) -> Tensor | None:
     return torch.full((m,), 1.0 / m if val_reduce == "mean" else 1.0, dtype=like.dtype, device=like.device)
 
 
-def _prepare(where: str, model_fn: Any, params: Any, train: Any, val: Any, **options: Any) -> tuple:
+def _prepare(where: str, model_fn: Any, params: Any, train: Any, val: Any,
+             **options: Any) -> tuple[dict[str, Tensor], Batch, Batch]:
     check_model_fn(model_fn, where)
     check_options(where, **options)
     params = check_params(params, where)
@@ -199,10 +201,11 @@ def graddot(
         tensor([0.3333, 0.3333, 0.3333], dtype=torch.float64)
     """
     where = "graddot"
-    params, tb, vb = _prepare(where, model_fn, params, train, val,
-                              val_reduce=val_reduce, policy=policy, compute_dtype=compute_dtype)
-    cap, use = run(model_fn, params, tb, vb, where)
-    the_plan = make_plan(params, use, policy, tb.size, vb.size, val_reduce)
+    checked, tb, vb = _prepare(where, model_fn, params, train, val,
+                               val_reduce=val_reduce, policy=policy, compute_dtype=compute_dtype)
+    params = checked
+    cap, use = run(model_fn, checked, tb, vb, where)
+    the_plan = make_plan(checked, use, policy, tb.size, vb.size, val_reduce)
     weights = val_weights(val_reduce, vb.size, next(iter(params.values())))
     per_param, train_grad = {}, {}
     for k, route in the_plan.routes.items():

@@ -60,7 +60,7 @@ class Plan(NamedTuple):
     n_val: int
     val_reduce: str | None
 
-    def count(self) -> dict[str, int]:
+    def counts(self) -> dict[str, int]:
         """How many parameters take each path."""
         out: dict[str, int] = {}
         for r in self.routes.values():
@@ -78,7 +78,7 @@ class Plan(NamedTuple):
         widths = [max(len(row[i]) for row in rows) for i in range(len(head) - 1)]
         lines = [
             f"plan: policy={self.policy!r}, n_train={self.n_train}, n_val={self.n_val}, "
-            f"val_reduce={self.val_reduce!r}; " + ", ".join(f"{k}: {v}" for k, v in self.count().items())
+            f"val_reduce={self.val_reduce!r}; " + ", ".join(f"{k}: {v}" for k, v in self.counts().items())
         ]
         for row in rows:
             lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[-1])

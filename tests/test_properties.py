@@ -106,7 +106,7 @@ def test_tiny_gpt2(tied):
     assert_exact((model_fn, params, make), 3, 2, 6, 4, seed=1)
     plan = ghostfunc.plan(model_fn, params, make(3, 6, torch.Generator()), make(2, 4, torch.Generator()))
     assert plan.routes["transformer.wte.weight"].uses == (("embedding", "linear") if tied else ("embedding",))
-    assert "fallback" not in plan.count()
+    assert "fallback" not in plan.counts()
 
 
 @given(widths=st.lists(st.integers(2, 6), min_size=1, max_size=2), n=sizes, m=st.integers(1, 3),

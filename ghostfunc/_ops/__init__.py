@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from . import conv, embedding, linear, norm
+from . import broadcast, conv, embedding, linear, norm
 from ._base import Direct, Factored, Grad, Match, Rule, sum_to
 from .norm import SamplesInteractError
 
-TABLE: dict[Callable, Rule] = {**linear.TABLE, **embedding.TABLE, **norm.TABLE, **conv.TABLE}
+TABLE: dict[Callable, Rule] = {**linear.TABLE, **embedding.TABLE, **norm.TABLE, **conv.TABLE, **broadcast.TABLE}
 
 __all__ = ["TABLE", "Direct", "Factored", "Grad", "Match", "Rule", "SamplesInteractError", "sum_to"]

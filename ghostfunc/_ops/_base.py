@@ -7,7 +7,7 @@ parameter's first (row) axis, ``d`` its second (column) axis.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -64,7 +64,7 @@ class Rule(NamedTuple):
     """
 
     kind: str
-    match: Callable[[tuple, Mapping[str, Any]], Match | None]
+    match: Callable[[tuple, dict[str, Any]], Match | None]
     grad: Callable[[Any, tuple[Tensor, ...], Tensor, str, torch.Size], Grad]
     factored_roles: frozenset[str] = frozenset()
     out_axis: int = 0  # the parameter axis that indexes output features (tokens = out.numel() / that size)

@@ -8,6 +8,7 @@ positions, so ``g_W = Σ_t B[t] ⊗ patch[t]`` (factored, ``[c_out, c_in·k]``) 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -60,4 +61,4 @@ def _grad(static: Any, saved: tuple[Tensor, ...], grad_out: Tensor, role: str, s
 CONV1D = Rule("conv1d", _matcher(1), _grad, frozenset({"weight"}))
 CONV2D = Rule("conv2d", _matcher(2), _grad, frozenset({"weight"}))
 
-TABLE = {F.conv1d: CONV1D, F.conv2d: CONV2D}
+TABLE: dict[Callable[..., Any], Rule] = {F.conv1d: CONV1D, F.conv2d: CONV2D}

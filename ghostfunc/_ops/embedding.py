@@ -9,6 +9,7 @@ to every sample, so nothing needs guessing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -51,4 +52,4 @@ def _grad(padding_idx: Any, saved: tuple[Tensor, ...], grad_out: Tensor, role: s
 
 EMBEDDING = Rule("embedding", _match, _grad, frozenset({"weight"}), out_axis=1)
 
-TABLE = {F.embedding: EMBEDDING}
+TABLE: dict[Callable[..., Any], Rule] = {F.embedding: EMBEDDING}

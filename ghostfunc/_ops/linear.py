@@ -7,6 +7,7 @@ For ``y = x Wᵀ + b`` with ``x [n, t, d]``, ``y [n, t, p]`` and output gradient
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -73,7 +74,7 @@ LINEAR = Rule("linear", _match_linear, _grad_linear, frozenset({"weight"}))
 ADDMM = Rule("addmm", _match_addmm, _grad_addmm, frozenset({"weight"}), out_axis=1)
 MATMUL = Rule("matmul", _match_matmul, _grad_matmul, frozenset({"weight"}), out_axis=1)
 
-TABLE = {
+TABLE: dict[Callable[..., Any], Rule] = {
     F.linear: LINEAR,
     torch.addmm: ADDMM,
     torch.matmul: MATMUL,

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -133,7 +134,7 @@ BATCH_NORM = Rule("batch_norm", _match_batch_norm, _grad_add)
 SCALE = Rule("scale", _match_mul, _grad_mul)
 SHIFT = Rule("shift", _match_add, _grad_add)
 
-TABLE = {
+TABLE: dict[Callable[..., Any], Rule] = {
     F.layer_norm: LAYER_NORM,
     F.rms_norm: RMS_NORM,
     F.group_norm: GROUP_NORM,
