@@ -2,6 +2,7 @@
 
 from ._capture import DivergentBranchError
 from ._graddot import GradDot, graddot, plan
+from ._hf import causal_lm_loss, classification_loss, from_module, seq2seq_loss
 from ._ops import SamplesInteractError
 from ._optim import AdamWState, Optimizer, SGDState, adamw, sgd
 from ._plan import Plan, Route
@@ -30,5 +31,9 @@ __all__ = [
     "inrun_shapley",
     "sgd",
     "train_step",
+    "from_module",
+    "causal_lm_loss",
+    "classification_loss",
+    "seq2seq_loss",
    ]
 __version__ = "0.1.0"

@@ -269,3 +269,37 @@ def test_boundary_errors_name_the_function():
         ghostfunc.inrun_shapley(mlp_fn, [params["w1"]], train, val, lr=0.1)
     with pytest.raises(ValueError, match=r"^inrun_shapley: model_fn\(params, batch\) must return one loss per sample"):
         ghostfunc.inrun_shapley(lambda p, b: mlp_fn(p, b).sum(), params, train, val, lr=0.1)
+
+
+def test_order2_hf_gpt2():
+    """A Hugging Face GPT-2 (attention with a mask, tied embeddings, Conv1D): order 2 against double backward."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    t = 8
+    cfg = transformers.GPT2Config(vocab_size=32, n_positions=t, n_embd=16, n_layer=1, n_head=2,
+                                  bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    model = transformers.GPT2LMHeadModel(cfg).to(DT).eval()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def fn(p, ids):
+        kwargs = {"attention_mask": torch.ones_like(ids), "use_cache": False}
+        logits = torch.func.functional_call(model, p, (ids,), kwargs).logits[:, :-1]  # [B, T-1, V]
+        return F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").mean(1)
+
+    g = torch.Generator().manual_seed(1)
+    train, val = torch.randint(1, 32, (3, t), generator=g), torch.randint(1, 32, (2, t), generator=g)
+    got = ghostfunc.inrun_shapley(fn, params, train, val, lr=1.0, order=2)
+    assert rel(got, reference_order2(fn, params, train, val, 1.0, double_backward_hvp(fn, params, val))) < 1e-10
+
+
+def test_hvp_falls_back_to_reverse_over_reverse(monkeypatch):
+    """An op without a forward-mode rule: the Hessian product comes from ``vjp`` of ``grad`` instead."""
+    params, train, val = mlp(seed=1)
+    want = ghostfunc.inrun_shapley(mlp_fn, params, train, val, lr=0.7, order=2)
+
+    def no_forward_ad(*args, **kwargs):
+        raise NotImplementedError("Trying to use forward AD with some_op that does not support it")
+
+    monkeypatch.setattr(torch.func, "jvp", no_forward_ad)
+    got = ghostfunc.inrun_shapley(mlp_fn, params, train, val, lr=0.7, order=2)
+    assert rel(got, want) < 1e-12

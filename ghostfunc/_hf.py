@@ -1,0 +1,311 @@
+"""Hugging Face ``transformers`` models as ``(model_fn, params)``, with per-sample losses.
+
+:func:`from_module` takes any ``torch.nn.Module`` whose forward takes keyword
+inputs and returns logits (``transformers`` models, ``peft`` wrappers, your own
+modules) and a loss ``loss(output, batch) -> [B]``; it returns
+``model_fn(params, batch) -> [B]`` for :func:`ghostfunc.graddot` and the
+trainable parameters (``requires_grad=True``), detached. Frozen parameters stay
+inside the module as constants: no tap, no fallback, no cost.
+
+What the model sees (``B`` samples; under :func:`graddot` ``B = 1`` per call):
+
+- every batch key the model's ``forward`` names, except ``labels`` (kept for the
+  loss); other keys (sample ids, weights) reach the loss only;
+- ``use_cache=False`` when the forward takes ``use_cache``;
+- for ``transformers`` models, ``attention_mask = ones_like(input_ids)`` when the
+  batch has none (no padding; ``transformers`` would otherwise look for pad ids
+  in the inputs, a data-dependent check);
+- for ``transformers`` models with ``eager`` or ``sdpa`` attention, a 2-D
+  ``attention_mask`` ``[B, T]`` (1 = token, 0 = padding) becomes the 4-D mask
+  ``[B, 1, T, T]`` (causal models; with the sliding window where the config has
+  one) or ``[B, 1, 1, T]`` (bidirectional encoders) that ``transformers`` would
+  build itself: boolean for ``sdpa``, additive for ``eager``. ``transformers``
+  uses a 4-D mask as it is (``masking_utils.create_causal_mask`` returns it
+  unchanged), so the model never reaches the data-dependent ``is_causal``
+  shortcut, whose answer differs between padded and unpadded samples and which
+  ``vmap`` cannot take per sample. ``decoder_attention_mask`` likewise (causal);
+- with such a mask and no ``position_ids`` in the batch,
+  ``position_ids[b, t]`` = the number of real tokens before ``t`` (when the
+  forward takes ``position_ids``), so padding on either side leaves every real
+  token's position, hence its loss, unchanged;
+- encoder-decoder models (``config.is_encoder_decoder``) given ``labels`` and no
+  ``decoder_input_ids`` get ``model.prepare_decoder_input_ids_from_labels(labels)``.
+
+The ready losses (each ``[B]``, one value per sample, computed in
+``promote_types(logits.dtype, float32)``: float16/bfloat16 logits are taken to
+float32 for the softmax, as ``transformers``' own losses do):
+
+- :func:`causal_lm_loss`: mean next-token cross-entropy over the sample's kept
+  targets;
+- :func:`seq2seq_loss`: mean cross-entropy of the decoder logits against
+  ``labels`` over the kept targets;
+- :func:`classification_loss`: cross-entropy for integer ``labels`` (sequence or
+  image classification), mean squared error for floating ``labels`` (regression).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+Loss = Callable[[Any, Mapping[str, Any]], Tensor]
+
+#: Label values that take no part in a loss (the ``transformers`` convention).
+IGNORE_INDEX = -100
+
+
+def from_module(
+    model: nn.Module,
+    loss: Loss,
+    *,
+    autocast: torch.dtype | None = None,
+) -> tuple[Callable[[dict[str, Tensor], Mapping[str, Any]], Tensor], dict[str, Tensor]]:
+    """``(model_fn, params)`` for :func:`ghostfunc.graddot` from a module and a per-sample loss.
+
+    Args:
+        model: a module whose forward takes the batch's keys as keyword arguments
+            (a ``transformers`` model, a ``peft`` model, your own). Its mode is
+            kept: ``model.train()`` runs dropout (see the README), ``model.eval()``
+            does not. Not modified.
+        loss: ``loss(output, batch) -> [B]``, one loss per sample, with ``output``
+            what ``model(**inputs)`` returns and ``batch`` the whole batch dict;
+            e.g. :func:`causal_lm_loss`, :func:`seq2seq_loss`,
+            :func:`classification_loss`.
+        autocast: ``None`` (the model runs in its own dtype) or a torch dtype
+            (``torch.bfloat16``, ``torch.float16``): the forward runs under
+            ``torch.autocast`` with that dtype on the parameters' device type; the
+            loss runs outside it.
+
+    Returns:
+        ``model_fn(params, batch) -> [B]`` and ``params``: name -> trainable
+        parameter (``requires_grad=True``), detached; tied parameters appear once.
+
+    Example (``model`` a causal LM, ``train``/``val`` dicts with ``input_ids`` and
+    ``attention_mask``; the README has a runnable version)::
+
+        model_fn, params = ghostfunc.from_module(model, ghostfunc.causal_lm_loss)
+        out = ghostfunc.graddot(model_fn, params, train, val)
+    """
+    where = "from_module"
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{where}: model must be a torch.nn.Module; got {type(model).__name__}")
+    if not callable(loss):
+        raise TypeError(f"{where}: loss must be callable as loss(output, batch) -> losses [B]; got {type(loss).__name__}")
+    if autocast is not None and not (isinstance(autocast, torch.dtype) and autocast.is_floating_point):
+        raise TypeError(f"{where}: autocast must be None or a floating torch.dtype (e.g. torch.bfloat16); "
+                        f"got {autocast!r}")
+    params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
+    if not params:
+        raise ValueError(f"{where}: the model has no trainable parameters (requires_grad=True); "
+                         f"unfreeze the ones to score")
+    device_type = next(iter(params.values())).device.type
+    spec = _ModelSpec.of(model)
+
+    def model_fn(p: dict[str, Tensor], batch: Mapping[str, Any]) -> Tensor:
+        """Per-sample losses ``[B]`` of ``model`` with parameters ``p`` on ``batch`` (a dict)."""
+        inputs = spec.inputs(batch, where)
+        ctx = torch.autocast(device_type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
+        with ctx:
+            output = functional_call(model, p, (), inputs, strict=False, tie_weights=True)
+        return loss(output, batch)
+
+    return model_fn, params
+
+
+class _ModelSpec:
+    """What :func:`from_module` needs to know about a model to build its keyword inputs."""
+
+    def __init__(self, accepts: frozenset[str], causal: bool, encoder_decoder: bool, attn: str | None,
+                 window: int | None, layer_types: frozenset[str], mask_dtype: torch.dtype,
+                 decoder_ids: Callable[[Tensor], Tensor] | None) -> None:
+        self.accepts = accepts
+        self.causal = causal
+        self.window = window
+        self.layer_types = layer_types
+        self.encoder_decoder = encoder_decoder
+        self.attn = attn
+        self.mask_dtype = mask_dtype
+        self.decoder_ids = decoder_ids
+
+    @classmethod
+    def of(cls, model: nn.Module) -> _ModelSpec:
+        get_base = getattr(model, "get_base_model", None)  # peft wrappers name the inputs of the model inside
+        base: Any = get_base() if callable(get_base) else model
+        sig = inspect.signature(base.forward).parameters
+        accepts = frozenset(k for k, v in sig.items() if v.kind not in (v.VAR_KEYWORD, v.VAR_POSITIONAL))
+        config: Any = getattr(base, "config", None)
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        attn = getattr(text, "_attn_implementation", None)  # None: not a transformers model
+        encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+        causal = any(getattr(m, "is_causal", False) is True for m in base.modules())  # HF attention modules say
+        emb = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
+        weight = getattr(emb, "weight", None)
+        mask_dtype = weight.dtype if isinstance(weight, Tensor) and weight.is_floating_point() else torch.float32
+        decoder_ids = getattr(base, "prepare_decoder_input_ids_from_labels", None) if encoder_decoder else None
+        window = getattr(text, "sliding_window", None)
+        layer_types = frozenset(getattr(text, "layer_types", None) or ())
+        return cls(accepts, causal, encoder_decoder, attn, window, layer_types, mask_dtype, decoder_ids)
+
+    def inputs(self, batch: Mapping[str, Any], where: str) -> dict[str, Any]:
+        if not isinstance(batch, Mapping):
+            raise TypeError(f"{where}: model_fn expects the batch as a dict of model inputs "
+                            f"(e.g. {{'input_ids': ..., 'attention_mask': ...}}); got {type(batch).__name__}")
+        out = {k: v for k, v in batch.items() if k in self.accepts and k != "labels"}
+        if "use_cache" in self.accepts and "use_cache" not in out:
+            out["use_cache"] = False
+        ids = out.get("input_ids")
+        if self.attn is not None and "attention_mask" in self.accepts and "attention_mask" not in out \
+                and isinstance(ids, Tensor) and ids.dim() == 2:
+            out["attention_mask"] = torch.ones_like(ids)  # no padding; skips HF's data-dependent padding check
+        mask = out.get("attention_mask")
+        if self.attn in ("eager", "sdpa") and isinstance(mask, Tensor) and mask.dim() == 2:
+            if "position_ids" in self.accepts and "position_ids" not in out and not self.encoder_decoder:
+                out["position_ids"] = real_positions(mask)
+            out["attention_mask"] = self.mask(mask, causal=self.causal and not self.encoder_decoder)
+        dmask = out.get("decoder_attention_mask")
+        if self.attn in ("eager", "sdpa") and isinstance(dmask, Tensor) and dmask.dim() == 2:
+            out["decoder_attention_mask"] = self.mask(dmask, causal=True)
+        labels = batch.get("labels")
+        if self.decoder_ids is not None and "decoder_input_ids" not in out and isinstance(labels, Tensor):
+            out["decoder_input_ids"] = self.decoder_ids(labels)
+        return out
+
+    def mask(self, mask: Tensor, causal: bool) -> Tensor | dict[str, Tensor]:
+        """``[B, T]`` padding mask -> the 4-D mask the model's attention implementation takes.
+
+        A sliding window (``config.sliding_window``) that is shorter than the
+        sequence is applied to every layer, or, when ``config.layer_types`` mixes
+        full and sliding layers, given per layer type as a dict (as Qwen2-style
+        models take it).
+        """
+        dtype = None if self.attn == "sdpa" else self.mask_dtype
+        full = attention_mask_4d(mask, causal=causal, dtype=dtype)
+        sliding = not self.layer_types or "sliding_attention" in self.layer_types
+        if not causal or self.window is None or not sliding or mask.shape[-1] <= self.window:
+            return full  # no window, or it never binds
+        local = attention_mask_4d(mask, causal=True, dtype=dtype, window=self.window)
+        if self.layer_types <= {"sliding_attention"}:
+            return local  # every layer slides (Mistral)
+        return {"full_attention": full, "sliding_attention": local}
+
+
+def real_positions(attention_mask: Tensor) -> Tensor:
+    """``[B, T] -> [B, T]``: each position's index among the sample's real tokens (0 on leading padding)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def attention_mask_4d(attention_mask: Tensor, *, causal: bool, dtype: torch.dtype | None,
+                      window: int | None = None) -> Tensor:
+    """A 2-D padding mask as the 4-D mask ``transformers`` attention takes.
+
+    Args:
+        attention_mask: ``[B, T]``, nonzero for tokens, zero for padding.
+        causal: ``[B, 1, T, T]`` with ``key <= query`` as well, else ``[B, 1, 1, T]``
+            (broadcast over queries; also right for cross-attention to these keys).
+        dtype: ``None`` for a boolean mask (``True`` = attend; ``sdpa``), or a
+            floating dtype for an additive mask (``0`` where attended, a large
+            negative value elsewhere; ``eager``).
+        window: with ``causal``, keep only keys with ``query - key < window``
+            (``transformers``' sliding window).
+
+    Returns:
+        the 4-D mask.
+    """
+    keep = attention_mask.bool()[:, None, None, :]  # [B, 1, 1, T]
+    if causal:
+        t = attention_mask.shape[-1]
+        q = torch.arange(t, device=attention_mask.device)[:, None]  # [T, 1]
+        k = torch.arange(t, device=attention_mask.device)[None, :]  # [1, T]
+        band = k <= q if window is None else (k <= q) & (k > q - window)  # [T, T]
+        keep = keep & band  # [B, 1, T, T]
+    if dtype is None:
+        return keep
+    zero = torch.zeros((), dtype=dtype, device=attention_mask.device)
+    return torch.where(keep, zero, _mask_min(dtype))
+
+
+def _mask_min(dtype: torch.dtype) -> float:
+    """The additive mask value: ``finfo(dtype).min``, but float32's for float64.
+
+    Many models take the softmax in float32; float64's minimum becomes ``-inf`` there
+    and a fully masked row (a query on left padding) turns into NaN. float32's
+    minimum still gives those keys exactly zero weight.
+    """
+    return torch.finfo(torch.float32 if dtype == torch.float64 else dtype).min
+
+
+def _get(batch: Mapping[str, Any], key: str, where: str, what: str) -> Tensor:
+    value = batch.get(key) if isinstance(batch, Mapping) else None
+    if not isinstance(value, Tensor):
+        keys = list(batch) if isinstance(batch, Mapping) else type(batch).__name__
+        raise ValueError(f"{where}: the batch needs {key!r} ({what}); it has {keys}")
+    return value
+
+
+def _token_loss(logits: Tensor, labels: Tensor, keep: Tensor) -> Tensor:
+    """``[B, T, V]``, ``[B, T]``, ``[B, T]`` bool -> ``[B]``: mean cross-entropy over kept tokens."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    target = labels.masked_fill(~keep, IGNORE_INDEX)
+    nll = F.cross_entropy(logits.transpose(1, 2), target, reduction="none", ignore_index=IGNORE_INDEX)  # [B, T]
+    return nll.sum(-1) / keep.sum(-1).clamp(min=1)
+
+
+def causal_lm_loss(output: Any, batch: Mapping[str, Any]) -> Tensor:
+    """Next-token cross-entropy, averaged over each sample's kept targets: ``[B]``.
+
+    ``ℓ_b = mean_{t ∈ K_b} -log softmax(logits[b, t - 1])[y[b, t]]`` with ``y`` the
+    batch's ``labels`` (``[B, T]``) or, without them, its ``input_ids``, and
+    ``K_b = {t ≥ 1 : y[b, t] != -100 and attention_mask[b, t - 1] != 0 and
+    attention_mask[b, t] != 0}`` (no ``attention_mask``: every ``t ≥ 1``). With
+    :func:`from_module`'s masks and positions, padding on either side leaves
+    ``ℓ_b`` unchanged. A sample with no kept target has loss 0. ``output.logits``
+    is ``[B, T, V]``.
+    """
+    logits = output.logits  # [B, T, V]
+    labels = _get(batch, "labels" if "labels" in batch else "input_ids", "causal_lm_loss", "[B, T] token ids")
+    keep = labels[:, 1:] != IGNORE_INDEX  # [B, T-1]: targets 1..T-1
+    mask = batch.get("attention_mask")
+    if isinstance(mask, Tensor) and mask.dim() == 2:
+        real = mask.bool()
+        keep = keep & real[:, 1:] & real[:, :-1]  # a real target predicted from a real position
+    return _token_loss(logits[:, :-1], labels[:, 1:], keep)
+
+
+def seq2seq_loss(output: Any, batch: Mapping[str, Any]) -> Tensor:
+    """Decoder cross-entropy, averaged over each sample's kept targets: ``[B]``.
+
+    ``ℓ_b = mean_{t ∈ K_b} -log softmax(logits[b, t])[labels[b, t]]`` with
+    ``K_b = {t : labels[b, t] != -100 and decoder_attention_mask[b, t] != 0}``;
+    ``output.logits`` is ``[B, T_dec, V]`` and the decoder inputs are the labels
+    shifted right (:func:`from_module` derives them).
+    """
+    labels = _get(batch, "labels", "seq2seq_loss", "[B, T_dec] target ids, -100 where none")
+    keep = labels != IGNORE_INDEX
+    mask = batch.get("decoder_attention_mask")
+    if isinstance(mask, Tensor) and mask.dim() == 2:
+        keep = keep & mask.bool()
+    return _token_loss(output.logits, labels, keep)
+
+
+def classification_loss(output: Any, batch: Mapping[str, Any]) -> Tensor:
+    """One label per sample: ``[B]``.
+
+    Integer ``labels`` ``[B]``: ``ℓ_b = -log softmax(logits[b])[labels[b]]``
+    (sequence or image classification, ``output.logits`` ``[B, C]``). Floating
+    ``labels`` ``[B]`` or ``[B, C]``: ``ℓ_b = mean_c (logits[b, c] - labels[b, c])²``
+    (regression).
+    """
+    logits = output.logits  # [B, C]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    labels = _get(batch, "labels", "classification_loss", "[B] class ids, or float regression targets")
+    if not labels.is_floating_point():
+        return F.cross_entropy(logits, labels, reduction="none")
+    diff = logits.reshape(labels.shape[0], -1) - labels.reshape(labels.shape[0], -1).to(logits.dtype)
+    return diff.square().mean(-1)

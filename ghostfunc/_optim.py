@@ -1,0 +1,187 @@
+"""Optimizers as pure ``(init, update)`` pairs, with torch.optim's exact formulas.
+
+optax is the model (every optimizer a ``NamedTuple`` of pure functions, every
+state its own small ``NamedTuple``), but optax is JAX-only and torchopt, its
+PyTorch port, is no longer maintained; so ghostfunc writes the two optimizers it
+needs. Each one reproduces the single-tensor code path of ``torch.optim.SGD`` /
+``torch.optim.AdamW`` operation for operation (same order, same rounding), so a
+training loop over :func:`ghostfunc.train_step` follows the same parameter
+trajectory as an ordinary ``torch.optim`` loop.
+
+Two departures from optax, both for exactness: ``update`` returns the *new
+parameters* (not an increment to add, which would round once more), and an
+optimizer knows its learning rate (``lr(state)``), which In-Run Data Shapley
+needs. ``precondition`` is the diagonal preconditioner the next update applies
+(identity for SGD, ``1 / (√v̂ + ε)`` for AdamW), for optimizer-aware values.
+
+Parameters are a dict ``name -> Tensor``; nothing passed in is modified.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from torch import Tensor
+
+Params = dict[str, Tensor]
+Schedule = float | Callable[[int], float]
+
+
+class Optimizer(NamedTuple):
+    """A pure optimizer: four functions, no hidden state.
+
+    Attributes:
+        init: ``init(params) -> state``.
+        update: ``update(grads, state, params) -> (new_params, new_state)``; ``grads``
+            is the mean loss gradient over the batch, shaped like ``params``.
+        lr: ``lr(state) -> float``, the learning rate the next ``update`` uses.
+        precondition: ``precondition(direction, grads, state) -> direction'``, the
+            diagonal preconditioner of the next ``update`` (the one that ``grads``
+            would get) applied to ``direction``.
+        name: for messages and reprs.
+    """
+
+    init: Callable[[Params], Any]
+    update: Callable[[Params, Any, Params], tuple[Params, Any]]
+    lr: Callable[[Any], float]
+    precondition: Callable[[Params, Params, Any], Params]
+    name: str
+
+
+class SGDState(NamedTuple):
+    """``step`` updates done so far; ``momentum`` buffers (``None`` before the first update or without momentum)."""
+
+    step: int
+    momentum: Params | None
+
+
+class AdamWState(NamedTuple):
+    """``step`` updates done so far; ``mu`` and ``nu`` the first and second moment estimates."""
+
+    step: int
+    mu: Params
+    nu: Params
+
+
+def _schedule(lr: Schedule, where: str) -> Callable[[int], float]:
+    if callable(lr):
+        return lambda count: float(lr(count))
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr < 0:
+        raise ValueError(f"{where}: lr must be a float >= 0 or a callable count -> lr; got {lr!r}")
+    value = float(lr)
+    return lambda count: value
+
+
+def _check_grads(grads: Params, params: Params, where: str) -> None:
+    if set(grads) != set(params):
+        raise ValueError(f"{where}: grads and params must have the same keys; "
+                         f"got grads {sorted(grads)} and params {sorted(params)}")
+    for k, g in grads.items():
+        if g.shape != params[k].shape:
+            raise ValueError(f"{where}: grads[{k!r}] has shape {tuple(g.shape)}, params[{k!r}] {tuple(params[k].shape)}")
+
+
+def sgd(lr: Schedule, momentum: float = 0.0, *, dampening: float = 0.0, weight_decay: float = 0.0,
+        nesterov: bool = False) -> Optimizer:
+    """Stochastic gradient descent, exactly as ``torch.optim.SGD`` (same arguments, same defaults).
+
+    With ``d = g + weight_decay·θ``: the buffer is ``b = d`` on the first update and
+    ``b = momentum·b + (1 − dampening)·d`` after it; the step is ``θ − lr·b``
+    (``θ − lr·(d + momentum·b)`` with ``nesterov``). The preconditioner is the identity.
+
+    Args:
+        lr: learning rate, or a schedule ``count -> lr`` (``count`` = updates done so far).
+        momentum: momentum factor.
+        dampening: dampening of the momentum.
+        weight_decay: L2 penalty added to the gradient (coupled, as in torch).
+        nesterov: Nesterov momentum.
+    """
+    where = "sgd"
+    rate = _schedule(lr, where)
+    if momentum < 0 or weight_decay < 0:
+        raise ValueError(f"{where}: momentum and weight_decay must be >= 0; got {momentum}, {weight_decay}")
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError(f"{where}: nesterov needs momentum > 0 and dampening = 0; got {momentum}, {dampening}")
+
+    def init(params: Params) -> SGDState:
+        del params
+        return SGDState(0, None)
+
+    def update(grads: Params, state: SGDState, params: Params) -> tuple[Params, SGDState]:
+        _check_grads(grads, params, where)
+        step_lr = rate(state.step)
+        new_params, bufs = {}, {}
+        for k, p in params.items():
+            d = grads[k]
+            if weight_decay != 0:
+                d = d.add(p, alpha=weight_decay)
+            if momentum != 0:
+                if state.momentum is None:
+                    buf = d.detach().clone()
+                else:
+                    buf = state.momentum[k].mul(momentum).add_(d, alpha=1 - dampening)
+                bufs[k] = buf
+                d = d.add(buf, alpha=momentum) if nesterov else buf
+            new_params[k] = p.add(d, alpha=-step_lr)
+        return new_params, SGDState(state.step + 1, bufs if momentum != 0 else None)
+
+    def precondition(direction: Params, grads: Params, state: SGDState) -> Params:
+        del grads, state
+        return dict(direction)
+
+    return Optimizer(init, update, lambda state: rate(state.step), precondition, "sgd")
+
+
+def adamw(lr: Schedule = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+          weight_decay: float = 1e-2) -> Optimizer:
+    """AdamW, exactly as ``torch.optim.AdamW`` (same arguments, same defaults; no amsgrad).
+
+    Update ``t`` (from 1): ``θ ← θ·(1 − lr·wd)``; ``m ← lerp(m, g, 1 − β1)``;
+    ``v ← β2·v + (1 − β2)·g²``; ``θ ← θ − lr/(1 − β1ᵗ) · m / (√v / √(1 − β2ᵗ) + ε)``.
+    The preconditioner is ``1 / (√v̂ₜ + ε)`` with ``v̂ₜ = vₜ / (1 − β2ᵗ)``, the
+    second moment *after* this update's gradient: the denominator that update divides by.
+
+    Args:
+        lr: learning rate, or a schedule ``count -> lr`` (``count`` = updates done so far).
+        betas: ``(β1, β2)``.
+        eps: added to the denominator.
+        weight_decay: decoupled weight decay.
+    """
+    where = "adamw"
+    rate = _schedule(lr, where)
+    beta1, beta2 = betas
+    if not (0 <= beta1 < 1 and 0 <= beta2 < 1) or eps < 0 or weight_decay < 0:
+        raise ValueError(f"{where}: need 0 <= betas < 1, eps >= 0, weight_decay >= 0; "
+                         f"got betas={betas}, eps={eps}, weight_decay={weight_decay}")
+
+    def init(params: Params) -> AdamWState:
+        zeros = {k: p.detach().new_zeros(p.shape) for k, p in params.items()}
+        return AdamWState(0, zeros, {k: z.clone() for k, z in zeros.items()})
+
+    def _nu(g: Tensor, nu: Tensor) -> Tensor:
+        return nu.mul(beta2).addcmul_(g, g, value=1 - beta2)
+
+    def update(grads: Params, state: AdamWState, params: Params) -> tuple[Params, AdamWState]:
+        _check_grads(grads, params, where)
+        step_lr = rate(state.step)
+        t = state.step + 1
+        bias1 = 1 - beta1**t
+        bias2_sqrt = (1 - beta2**t) ** 0.5
+        step_size = step_lr / bias1
+        new_params, mu, nu = {}, {}, {}
+        for k, p in params.items():
+            g = grads[k]
+            if weight_decay != 0:
+                p = p.mul(1 - step_lr * weight_decay)
+            mu[k] = state.mu[k].lerp(g, 1 - beta1)
+            nu[k] = _nu(g, state.nu[k])
+            denom = (nu[k].sqrt() / bias2_sqrt).add_(eps)
+            new_params[k] = p.addcdiv(mu[k], denom, value=-step_size)
+        return new_params, AdamWState(t, mu, nu)
+
+    def precondition(direction: Params, grads: Params, state: AdamWState) -> Params:
+        bias2_sqrt = (1 - beta2 ** (state.step + 1)) ** 0.5
+        return {k: u / (_nu(grads[k], state.nu[k]).sqrt() / bias2_sqrt).add_(eps) for k, u in direction.items()}
+
+    return Optimizer(init, update, lambda state: rate(state.step), precondition, "adamw")

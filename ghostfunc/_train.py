@@ -1,0 +1,140 @@
+"""A stateless training step that also returns In-Run Data Shapley values.
+
+``step = train_step(model_fn, optimizer, order=1)``; ``state = step.init(params)``;
+``state, info = step(state, train, val)``. One capture over ``[train; val]`` gives
+the per-sample values and the mean *training* gradient; the optimizer update uses
+that gradient only, so the parameters follow an ordinary ``torch.optim`` loop over
+the training batches (the validation rows never move the model).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from torch import Tensor
+
+from ._optim import Optimizer
+from ._shapley import ORDERS, compute_values
+
+Params = dict[str, Tensor]
+
+
+class TrainState(NamedTuple):
+    """Everything a step needs: ``params`` (name -> tensor), ``opt_state``, and ``step`` (updates done)."""
+
+    params: Params
+    opt_state: Any
+    step: int
+
+
+class StepInfo(NamedTuple):
+    """What one step reports.
+
+    Attributes:
+        values: ``[n_train]`` In-Run Data Shapley values ``φ`` of this step at the
+            configured order (negative = the sample lowered the validation loss).
+        first_order: ``[n_train]`` the order-1 values (``values`` itself when ``order=1``).
+        train_loss: ``[n_train]`` per-sample losses before the update.
+        val_loss: ``[n_val]`` per-sample losses before the update.
+        lr: the learning rate ``η`` of this step.
+    """
+
+    values: Tensor
+    first_order: Tensor
+    train_loss: Tensor
+    val_loss: Tensor
+    lr: float
+
+
+@dataclass(frozen=True)
+class TrainStep:
+    """A pure training step; build it with :func:`train_step`.
+
+    ``init(params) -> TrainState``; ``step(state, train, val) -> (TrainState, StepInfo)``.
+    """
+
+    model_fn: Callable[[Params, Any], Tensor]
+    optimizer: Optimizer
+    order: int = 1
+    precondition: bool = False
+
+    def init(self, params: Mapping[str, Tensor]) -> TrainState:
+        """The state before the first step: detached copies of ``params`` and a fresh optimizer state."""
+        if not isinstance(params, Mapping) or not params:
+            raise TypeError(f"train_step.init: params must be a non-empty dict name -> tensor; got {type(params).__name__}")
+        own = {k: v.detach().clone() for k, v in params.items()}
+        return TrainState(own, self.optimizer.init(own), 0)
+
+    def __call__(self, state: TrainState, train: Any, val: Any) -> tuple[TrainState, StepInfo]:
+        """One update on the training rows, with the values of every training row.
+
+        Args:
+            state: from :meth:`init` or the previous step; not modified.
+            train: batch pytree, sample axis first (``n`` rows). Leaves the model
+                ignores (a dataset ``index``, say) ride along untouched.
+            val: batch pytree with the same structure (``m`` rows); it is scored
+                against, never trained on.
+
+        Returns:
+            ``(new_state, info)``; see :class:`StepInfo`.
+        """
+        if not isinstance(state, TrainState):
+            raise TypeError(f"train_step: state must be the TrainState from step.init(params); got {type(state).__name__}")
+        opt = self.optimizer
+        lr = opt.lr(state.opt_state)
+        pre = None
+        if self.precondition:
+            def pre(direction: Params, grads: Params) -> Params:
+                return opt.precondition(direction, grads, state.opt_state)
+        out = compute_values("train_step", self.model_fn, state.params, train, val, lr=lr, order=self.order,
+                             precondition=pre)
+        params, opt_state = opt.update(out.train_grad, state.opt_state, state.params)
+        assert out.first_order is not None
+        info = StepInfo(out.values, out.first_order, out.train_loss, out.val_loss, lr)
+        return TrainState(params, opt_state, state.step + 1), info
+
+
+def train_step(model_fn: Callable[[Params, Any], Tensor], optimizer: Optimizer, *, order: int = 1,
+               precondition: bool = False) -> TrainStep:
+    """Build a stateless training step that returns In-Run Data Shapley values.
+
+    ``step = train_step(model_fn, optimizer, order=1)``, ``state = step.init(params)``,
+    ``state, info = step(state, train, val)``. Per step: one forward over
+    ``[train; val]``, one tap backward, one contraction (``order=2`` adds one
+    Hessian-vector product on the validation batch and one more contraction for
+    ``info.first_order``), then ``optimizer.update`` with the mean gradient of the
+    **training rows only**, so the trajectory equals a ``torch.optim`` loop on
+    the training batches.
+
+    Values (``info.values``, ``[n_train]``) are ``φ`` of :func:`ghostfunc.inrun_shapley`
+    with ``lr`` the optimizer's learning rate for this step: the share of the
+    validation-loss change of an SGD step with the mean update (negative = helpful).
+    They use the loss gradient only (no weight decay, no momentum).
+
+    With ``precondition=True`` (first order only) they are **optimizer-aware**:
+    ``φ_i = −(η/n)·<g_i, P ḡ_val>`` with ``P`` the diagonal preconditioner that
+    this step's update applies (``1 / (√v̂ₜ + ε)`` for AdamW, with ``v̂ₜ`` including
+    this step's gradient; the identity for SGD), i.e. the first-order effect on the
+    validation loss of a preconditioned step along ``g_i`` alone. Momentum and
+    Adam's ``1/(1 − β1ᵗ)`` factor are not modelled. It costs nothing extra.
+
+    Args:
+        model_fn: ``model_fn(params, batch) -> losses`` ``[B]``.
+        optimizer: an :class:`ghostfunc.Optimizer` (:func:`ghostfunc.sgd`, :func:`ghostfunc.adamw`).
+        order: 1 or 2.
+        precondition: optimizer-aware first-order values.
+    """
+    where = "train_step"
+    if not callable(model_fn):
+        raise TypeError(f"{where}: model_fn must be callable as model_fn(params, batch) -> losses [B]; "
+                        f"got {type(model_fn).__name__}")
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(f"{where}: optimizer must be a ghostfunc.Optimizer (ghostfunc.sgd(...), ghostfunc.adamw(...)); "
+                        f"got {type(optimizer).__name__}")
+    if order not in ORDERS:
+        raise ValueError(f"{where}: order must be 1 or 2; got {order!r}")
+    if precondition and order != 1:
+        raise ValueError(f"{where}: precondition=True gives first-order values only; got order={order}")
+    return TrainStep(model_fn, optimizer, order, bool(precondition))

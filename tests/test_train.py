@@ -1,0 +1,217 @@
+"""train_step and the pure optimizers: the trajectory equals torch.optim's, values equal inrun_shapley."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import ghostfunc
+from ghostfunc._reference import per_sample_grads
+
+DT = torch.float64
+
+
+def mlp_fn(p, batch):
+    h = torch.tanh(F.linear(batch["x"], p["w1"], p["b1"]))
+    return F.cross_entropy(F.linear(h, p["w2"], p["b2"]), batch["y"], reduction="none")
+
+
+def problem(seed=0, n_data=48, d=4, hidden=6, classes=3, dtype=DT):
+    g = torch.Generator().manual_seed(seed)
+    params = {"w1": 0.5 * torch.randn(hidden, d, generator=g, dtype=dtype), "b1": torch.zeros(hidden, dtype=dtype),
+              "w2": 0.5 * torch.randn(classes, hidden, generator=g, dtype=dtype), "b2": torch.zeros(classes, dtype=dtype)}
+    data = {"x": torch.randn(n_data, d, generator=g, dtype=dtype), "y": torch.randint(0, classes, (n_data,), generator=g),
+            "index": torch.arange(n_data)}
+    val = {"x": torch.randn(5, d, generator=g, dtype=dtype), "y": torch.randint(0, classes, (5,), generator=g),
+           "index": torch.arange(5)}
+    return params, data, val
+
+
+def batches(data, steps, size=8, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    n = len(data["index"])
+    for _ in range(steps):
+        idx = torch.randperm(n, generator=g)[:size]
+        yield {k: v[idx] for k, v in data.items()}
+
+
+def torch_trajectory(params, data, make_opt, steps, lr_lambda=None):
+    p = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    opt = make_opt(list(p.values()))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda) if lr_lambda else None
+    out = []
+    for batch in batches(data, steps):
+        opt.zero_grad()
+        mlp_fn(p, batch).mean().backward()
+        opt.step()
+        if sched:
+            sched.step()
+        out.append({k: v.detach().clone() for k, v in p.items()})
+    return out
+
+
+def ghost_trajectory(params, data, val, optimizer, steps, **kw):
+    step = ghostfunc.train_step(mlp_fn, optimizer, **kw)
+    state = step.init(params)
+    out, infos = [], []
+    for batch in batches(data, steps):
+        state, info = step(state, batch, val)
+        out.append(state.params)
+        infos.append(info)
+    return out, infos, state
+
+
+def max_diff(a: list[dict[str, Tensor]], b: list[dict[str, Tensor]]) -> float:
+    return max((x[k] - y[k]).abs().max().item() for x, y in zip(a, b, strict=True) for k in x)
+
+
+CASES = {
+    "sgd-momentum": (lambda: ghostfunc.sgd(0.1, momentum=0.9, weight_decay=1e-3),
+                     lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=1e-3)),
+    "sgd-nesterov-dampening": (lambda: ghostfunc.sgd(0.05, momentum=0.8, nesterov=True),
+                               lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.8, nesterov=True)),
+    "sgd-dampening": (lambda: ghostfunc.sgd(0.05, momentum=0.8, dampening=0.3),
+                      lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.8, dampening=0.3)),
+    "adamw": (lambda: ghostfunc.adamw(0.01, betas=(0.8, 0.99), weight_decay=0.05),
+              lambda ps: torch.optim.AdamW(ps, lr=0.01, betas=(0.8, 0.99), weight_decay=0.05)),
+    "adamw-defaults": (lambda: ghostfunc.adamw(), lambda ps: torch.optim.AdamW(ps)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_trajectory_equals_torch_optim_50_steps(case):
+    mine, theirs = CASES[case]
+    params, data, val = problem()
+    want = torch_trajectory(params, data, theirs, 50)
+    got, infos, state = ghost_trajectory(params, data, val, mine(), 50)
+    assert max_diff(got, want) < 1e-6  # the contract; in float64 it is ~1e-15
+    assert max_diff(got, want) < 1e-12
+    assert state.step == 50 and state.opt_state.step == 50
+    assert all(i.values.shape == (8,) and i.train_loss.shape == (8,) and i.val_loss.shape == (5,) for i in infos)
+    moved = max((got[-1][k] - params[k]).abs().max().item() for k in params)
+    assert moved > 1e-2  # the test would be vacuous if nothing moved
+
+
+@pytest.mark.parametrize("case", ["sgd-momentum", "adamw"])
+def test_trajectory_float32(case):
+    mine, theirs = CASES[case]
+    params, data, val = problem(dtype=torch.float32)
+    got, _, _ = ghost_trajectory(params, data, val, mine(), 50)
+    assert max_diff(got, torch_trajectory(params, data, theirs, 50)) < 1e-6
+
+
+def test_lr_schedule_matches_lambda_lr():
+    sched = lambda count: 1.0 / (1 + count)  # noqa: E731
+    params, data, val = problem(seed=3)
+    want = torch_trajectory(params, data, lambda ps: torch.optim.SGD(ps, lr=0.2, momentum=0.5), 12, lr_lambda=sched)
+    got, infos, _ = ghost_trajectory(params, data, val, ghostfunc.sgd(lambda c: 0.2 * sched(c), momentum=0.5), 12)
+    assert max_diff(got, want) < 1e-12
+    assert [i.lr for i in infos[:3]] == [0.2, 0.1, 0.2 / 3]
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_values_equal_inrun_shapley_at_each_step(order):
+    params, data, val = problem(seed=5)
+    opt = ghostfunc.adamw(0.05)
+    step = ghostfunc.train_step(mlp_fn, opt, order=order)
+    state = step.init(params)
+    for batch in batches(data, 3):
+        want = ghostfunc.inrun_shapley(mlp_fn, state.params, batch, val, lr=0.05, order=order)
+        want1 = ghostfunc.inrun_shapley(mlp_fn, state.params, batch, val, lr=0.05)
+        losses = mlp_fn(state.params, batch)
+        state, info = step(state, batch, val)
+        torch.testing.assert_close(info.values, want, rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(info.first_order, want1, rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(info.train_loss, losses, rtol=1e-12, atol=0)
+        assert info.lr == 0.05
+
+
+def test_adamw_preconditioned_values_against_torch_state():
+    """φ_i = −(lr/n)·<g_i, ḡ_val / (√v̂ + ε)> with v̂ read from torch.optim.AdamW's own state after the step."""
+    params, data, val = problem(seed=6)
+    lr, eps, beta2 = 0.02, 1e-3, 0.99  # a large eps makes a wrong ε placement visible
+    step = ghostfunc.train_step(mlp_fn, ghostfunc.adamw(lr, betas=(0.9, beta2), eps=eps), precondition=True)
+    state = step.init(params)
+    p = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    opt = torch.optim.AdamW(p.values(), lr=lr, betas=(0.9, beta2), eps=eps)
+    for t, batch in enumerate(batches(data, 4), start=1):
+        gt, _ = per_sample_grads(mlp_fn, state.params, batch)
+        gv, _ = per_sample_grads(mlp_fn, state.params, val)
+        state, info = step(state, batch, val)
+        opt.zero_grad()
+        mlp_fn(p, batch).mean().backward()
+        opt.step()
+        ref = torch.zeros(8, dtype=DT)
+        for k, q in p.items():
+            v_hat = opt.state[q]["exp_avg_sq"] / (1 - beta2**t)
+            direction = gv[k].mean(0) / (v_hat.sqrt() + eps)
+            ref += gt[k].flatten(1) @ direction.flatten()
+        ref *= -lr / 8
+        torch.testing.assert_close(info.values, ref, rtol=1e-10, atol=0)
+    plain = ghostfunc.inrun_shapley(mlp_fn, state.params, batch, val, lr=lr)
+    assert (plain - info.values).abs().max() > 1e-3 * plain.abs().max()
+
+
+def test_sgd_preconditioned_values_are_plain_values():
+    params, data, val = problem()
+    batch = next(batches(data, 1))
+    step = ghostfunc.train_step(mlp_fn, ghostfunc.sgd(0.1, momentum=0.9), precondition=True)
+    _, info = step(step.init(params), batch, val)
+    torch.testing.assert_close(info.values, ghostfunc.inrun_shapley(mlp_fn, params, batch, val, lr=0.1), rtol=1e-13, atol=0)
+
+
+def test_inputs_never_mutated_and_not_retained():
+    params, data, val = problem()
+    step = ghostfunc.train_step(mlp_fn, ghostfunc.adamw(0.1), order=2)
+    state = step.init(params)
+    state, _ = step(state, next(batches(data, 1)), val)  # non-trivial optimizer state
+    batch = next(batches(data, 1, seed=9))
+    watched = [*state.params.values(), *state.opt_state.mu.values(), *state.opt_state.nu.values(),
+               *batch.values(), *val.values()]
+    copies = [t.clone() for t in watched]
+    versions = [t._version for t in watched]
+    new, info = step(state, batch, val)
+    assert all(torch.equal(a, b) for a, b in zip(watched, copies, strict=True))
+    assert versions == [t._version for t in watched]
+    assert all(new.params[k].data_ptr() != state.params[k].data_ptr() for k in params)
+    # neither the new state nor the info keeps the training inputs alive
+    ref = weakref.ref(batch["x"])
+    del batch, watched, copies
+    gc.collect()
+    assert ref() is None
+
+
+def test_init_copies_params():
+    params, _, _ = problem()
+    state = ghostfunc.train_step(mlp_fn, ghostfunc.sgd(0.1)).init(params)
+    assert state.step == 0 and all(state.params[k].data_ptr() != params[k].data_ptr() for k in params)
+
+
+def test_errors_name_the_function():
+    with pytest.raises(TypeError, match=r"^train_step: optimizer must be a ghostfunc.Optimizer"):
+        ghostfunc.train_step(mlp_fn, torch.optim.SGD)
+    with pytest.raises(ValueError, match=r"^train_step: order must be 1 or 2; got 0"):
+        ghostfunc.train_step(mlp_fn, ghostfunc.sgd(0.1), order=0)
+    with pytest.raises(ValueError, match=r"^train_step: precondition=True gives first-order values only"):
+        ghostfunc.train_step(mlp_fn, ghostfunc.adamw(), order=2, precondition=True)
+    with pytest.raises(TypeError, match=r"^train_step: state must be the TrainState"):
+        ghostfunc.train_step(mlp_fn, ghostfunc.sgd(0.1))({}, None, None)
+    with pytest.raises(ValueError, match=r"^sgd: lr must be a float >= 0"):
+        ghostfunc.sgd(-0.1)
+    with pytest.raises(ValueError, match=r"^sgd: nesterov needs momentum > 0"):
+        ghostfunc.sgd(0.1, nesterov=True)
+    with pytest.raises(ValueError, match=r"^adamw: need 0 <= betas < 1"):
+        ghostfunc.adamw(betas=(0.9, 1.0))
+    params, data, val = problem()
+    opt = ghostfunc.sgd(0.1)
+    with pytest.raises(ValueError, match=r"^sgd: grads and params must have the same keys"):
+        opt.update({"w1": params["w1"]}, opt.init(params), params)
+    step = ghostfunc.train_step(mlp_fn, opt)
+    bad_val = {k: v for k, v in val.items() if k != "index"}
+    with pytest.raises(ValueError, match=r"^train_step: train and val must have the same structure"):
+        step(step.init(params), next(batches(data, 1)), bad_val)

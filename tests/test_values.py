@@ -1,0 +1,218 @@
+"""DataValues: accumulation by dataset index, indices that match the samples, atomic save, crash and resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import ghostfunc
+
+DT = torch.float64
+
+
+def test_add_accumulates_by_index():
+    dv = ghostfunc.DataValues.zeros(5)
+    dv2 = dv.add(torch.tensor([3, 0, 3]), torch.tensor([1.0, 2.0, 4.0]))
+    assert dv.steps == 0 and dv.total.abs().sum() == 0  # immutable
+    assert dv2.total.tolist() == [2.0, 0, 0, 5.0, 0] and dv2.count.tolist() == [1, 0, 0, 2, 0] and dv2.steps == 1
+    dv3 = dv2.add(torch.tensor([1]), torch.tensor([-1.5], dtype=torch.float32))
+    assert dv3.total.dtype == DT and dv3.total.tolist() == [2.0, -1.5, 0, 5.0, 0]
+    mean = dv3.mean
+    assert mean[3] == 2.5 and mean[1] == -1.5 and torch.isnan(mean[2])
+    assert len(dv3) == 5
+
+
+def test_vector_values():
+    dv = ghostfunc.DataValues.zeros(3, shape=(2,)).add(torch.tensor([2, 2]), torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+    assert dv.total.tolist() == [[0, 0], [0, 0], [4.0, 6.0]] and dv.mean[2].tolist() == [2.0, 3.0]
+
+
+def test_add_errors():
+    dv = ghostfunc.DataValues.zeros(4)
+    with pytest.raises(TypeError, match=r"^DataValues.add: indices must be a 1-D integer tensor"):
+        dv.add(torch.tensor([0.0]), torch.tensor([1.0]))
+    with pytest.raises(ValueError, match=r"^DataValues.add: values must have shape \(2,\) \(one value per index\); got \(3,\)"):
+        dv.add(torch.tensor([0, 1]), torch.zeros(3))
+    with pytest.raises(IndexError, match=r"^DataValues.add: indices must lie in \[0, 4\); got min 0, max 4"):
+        dv.add(torch.tensor([0, 4]), torch.zeros(2))
+    with pytest.raises(FloatingPointError, match=r"^DataValues.add: values contain non-finite entries at rows \[1\]"):
+        dv.add(torch.tensor([0, 1]), torch.tensor([0.0, float("nan")]))
+    with pytest.raises(ValueError, match=r"^DataValues.zeros: n must be a positive int"):
+        ghostfunc.DataValues.zeros(0)
+
+
+def linear_fn(p, batch):
+    """Loss linear in the parameters: g_i = x_i at every θ, so each value is known in closed form."""
+    return batch["x"] @ p["w"]
+
+
+def test_indices_match_samples_through_a_shuffling_loader():
+    """Values land on the index of the sample that earned them (GhostSuite's indices did not match).
+
+    With ``ℓ(θ; z) = <x, θ>`` and SGD, ``φ_i = −(lr/n)·<x_i, x̄_val>`` at every step, so
+    after training sample ``i`` holds ``count_i`` times its own closed-form value.
+    """
+    g = torch.Generator().manual_seed(0)
+    n_data, d, bs, lr = 37, 5, 4, 0.1
+    x = torch.randn(n_data, d, generator=g, dtype=DT)
+    val = {"x": torch.randn(6, d, generator=g, dtype=DT), "index": torch.arange(6)}
+    dataset = torch.utils.data.TensorDataset(x, torch.arange(n_data))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=bs, shuffle=True, drop_last=True,
+                                         generator=torch.Generator().manual_seed(1))
+    step = ghostfunc.train_step(linear_fn, ghostfunc.sgd(lr))
+    state = step.init({"w": torch.zeros(d, dtype=DT)})
+    values = ghostfunc.DataValues.zeros(n_data)
+    for _ in range(3):
+        for xb, idx in loader:
+            state, info = step(state, {"x": xb, "index": idx}, val)
+            values = values.add(idx, info.values)
+    expected = -(lr / bs) * (x @ val["x"].mean(0)) * values.count.to(DT)
+    torch.testing.assert_close(values.total, expected, rtol=1e-12, atol=1e-15)
+    assert values.count.sum() == 3 * (n_data // bs) * bs and values.steps == 3 * (n_data // bs)
+    assert len(set(values.count.tolist())) > 1  # drop_last makes counts differ: a permutation would be caught
+
+
+def test_save_load_roundtrip_with_state(tmp_path):
+    params = {"w": torch.randn(3, 2, dtype=DT), "b": torch.zeros(2, dtype=DT)}
+    opt = ghostfunc.adamw(0.1)
+    state = ghostfunc.TrainState(params, opt.init(params), 7)
+    dv = ghostfunc.DataValues.zeros(4).add(torch.tensor([1, 2]), torch.tensor([0.5, -0.25]))
+    path = tmp_path / "sub" / "values.pt"
+    dv.save(path, state=state)
+    back = ghostfunc.DataValues.load(path)
+    assert torch.equal(back.total, dv.total) and torch.equal(back.count, dv.count) and back.steps == 1
+    back2, st = ghostfunc.DataValues.load(path, with_state=True)
+    assert isinstance(st, ghostfunc.TrainState) and isinstance(st.opt_state, ghostfunc.AdamWState)
+    assert st.step == 7 and all(torch.equal(st.params[k], params[k]) for k in params)
+    assert sorted(os.listdir(path.parent)) == ["values.pt"]  # no temporary files left
+
+
+def test_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "values.pt"
+    ghostfunc.DataValues.zeros(3).add(torch.tensor([0]), torch.tensor([1.0])).save(path)
+    before = path.read_bytes()
+
+    def torn(obj, fh, *args, **kwargs):
+        fh.write(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", torn)
+    with pytest.raises(OSError, match="disk full"):
+        ghostfunc.DataValues.zeros(3).save(path)
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["values.pt"]
+
+
+def test_load_rejects_other_files(tmp_path):
+    torch.save({"total": torch.zeros(2)}, tmp_path / "x.pt")
+    with pytest.raises(ValueError, match=r"^DataValues.load: .* is not a file written by DataValues.save"):
+        ghostfunc.DataValues.load(tmp_path / "x.pt")
+
+
+def test_add_keeps_no_inputs():
+    """Only the [N] sums are kept: nothing of a batch survives an add."""
+    dv = ghostfunc.DataValues.zeros(10)
+    for _ in range(20):
+        dv = dv.add(torch.randint(0, 10, (4,)), torch.randn(4))
+    assert set(vars(dv)) == {"total", "count", "steps"}
+    assert dv.total.shape == (10,) and dv.count.shape == (10,)
+
+
+# ---------------------------------------------------------------- crash and resume
+
+SCRIPT = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    import torch
+    import torch.nn.functional as F
+    import ghostfunc
+
+    torch.set_num_threads(1)
+    ckpt, out, steps, every, pause = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
+
+    def model_fn(p, batch):
+        h = torch.tanh(F.linear(batch["x"], p["w1"], p["b1"]))
+        return F.cross_entropy(F.linear(h, p["w2"]), batch["y"], reduction="none")
+
+    g = torch.Generator().manual_seed(0)
+    n, bs = 40, 8
+    data = {"x": torch.randn(n, 4, generator=g, dtype=torch.float64), "y": torch.randint(0, 3, (n,), generator=g),
+            "index": torch.arange(n)}
+    val = {"x": torch.randn(6, 4, generator=g, dtype=torch.float64), "y": torch.randint(0, 3, (6,), generator=g),
+           "index": torch.arange(6)}
+    params = {"w1": torch.randn(5, 4, generator=g, dtype=torch.float64), "b1": torch.zeros(5, dtype=torch.float64),
+              "w2": torch.randn(3, 5, generator=g, dtype=torch.float64)}
+    step = ghostfunc.train_step(model_fn, ghostfunc.adamw(0.05), order=2)
+
+    if ckpt.exists():
+        values, state = ghostfunc.DataValues.load(ckpt, with_state=True)
+        print(f"resumed {state.step}", flush=True)
+    else:
+        values, state = ghostfunc.DataValues.zeros(n), step.init(params)
+
+    def batch_indices(t):  # a pure function of the step: the batch order survives a restart
+        per_epoch = n // bs
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(1000 + t // per_epoch))
+        return order[(t % per_epoch) * bs:(t % per_epoch + 1) * bs]
+
+    while state.step < steps:
+        batch = {k: v[batch_indices(state.step)] for k, v in data.items()}
+        state, info = step(state, batch, val)
+        values = values.add(batch["index"], info.values)
+        if state.step % every == 0:
+            values.save(ckpt, state=state)
+            print(f"saved {state.step}", flush=True)
+        time.sleep(pause)
+    values.save(out, state=state)
+    print("done", flush=True)
+""")
+
+
+def run_to_completion(script: Path, ckpt: Path, out: Path, steps: int) -> list[str]:
+    res = subprocess.run([sys.executable, str(script), str(ckpt), str(out), str(steps), "4", "0"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    return res.stdout.split("\n")
+
+
+def test_kill_mid_run_then_resume_equals_uninterrupted(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT)
+    steps = 22
+
+    # an uninterrupted run
+    run_to_completion(script, tmp_path / "a.ckpt", tmp_path / "a.out", steps)
+
+    # a run killed (SIGKILL: no clean-up) between two saves, after the second one
+    ckpt, out = tmp_path / "b.ckpt", tmp_path / "b.out"
+    seen = []
+    with subprocess.Popen([sys.executable, str(script), str(ckpt), str(out), str(steps), "4", "0.05"],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        for line in proc.stdout:
+            seen.append(line.strip())
+            if line.startswith("saved 8"):
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+        err = proc.stderr.read()
+    assert proc.returncode == -signal.SIGKILL, (seen, err)
+    assert not out.exists() and ckpt.exists()
+    killed_at, state_8 = ghostfunc.DataValues.load(ckpt, with_state=True)
+    assert killed_at.steps == 8 and state_8.step == 8 and state_8.opt_state.step == 8
+
+    lines = run_to_completion(script, ckpt, out, steps)
+    assert lines[0] == "resumed 8" and "done" in lines
+
+    a, state_a = ghostfunc.DataValues.load(tmp_path / "a.out", with_state=True)
+    b, state_b = ghostfunc.DataValues.load(out, with_state=True)
+    assert a.steps == b.steps == steps
+    assert torch.equal(a.total, b.total) and torch.equal(a.count, b.count)
+    assert all(torch.equal(state_a.params[k], state_b.params[k]) for k in state_a.params)
+    assert a.total.abs().min() > 0  # every sample got a value
+    assert max((state_b.params[k] - state_8.params[k]).abs().max() for k in state_8.params) > 1e-3  # it trained
+
