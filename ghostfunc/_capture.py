@@ -112,8 +112,8 @@ class _Interceptor(TorchFunctionMode):
         kwargs = kwargs or {}
         if func in _TO_PYTHON and args and _batch_level_count(args[0]) == 1:
             return _agreed_value(func, args, kwargs)
-        if func is F.scaled_dot_product_attention and _mask_needs_grad(args, kwargs):
-            func = _sdpa_math
+        if func is F.scaled_dot_product_attention:
+            func = _sdpa
         found = [leaf for leaf in pytree.tree_leaves((args, kwargs)) if isinstance(leaf, Tensor) and id(leaf) in self.names]
         if not found:
             return func(*args, **kwargs)
@@ -154,31 +154,44 @@ _TO_PYTHON = {
 }
 
 
-def _mask_needs_grad(args: tuple, kwargs: dict[str, Any]) -> bool:
-    """A floating ``attn_mask`` that carries gradient (a learned bias, e.g. T5's position bias).
+def _sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None,
+          *args: Any, **kwargs: Any) -> Tensor:
+    """``F.scaled_dot_product_attention`` as it runs outside ``vmap``; two gaps under ``vjp(vmap)``.
 
-    Inside ``vmap`` under ``vjp`` the batched mask reports ``requires_grad=False``
-    (the gradient lives one level down), so sdpa may pick a fused CPU kernel that
-    has no derivative for the mask and the backward fails; :func:`_sdpa_math` then
-    runs the composite math kernel instead.
+    - Autocast: outside ``vmap`` it casts the floating inputs to the autocast dtype;
+      under ``vmap`` it does not (mixed dtypes then fail), so the cast is done here.
+    - A floating ``attn_mask`` carrying gradient (a learned bias, e.g. T5's position
+      bias): the batched mask reports ``requires_grad=False`` (the gradient lives one
+      functorch level down), so sdpa may pick a fused CPU kernel without a derivative
+      for the mask; the composite math kernel runs instead.
     """
-    mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
-    if not isinstance(mask, Tensor) or not mask.is_floating_point():
+    device = query.device.type
+    if torch.is_autocast_enabled(device):
+        low = torch.get_autocast_dtype(device)
+
+        def cast(x: Any) -> Any:
+            return x.to(low) if isinstance(x, Tensor) and x.is_floating_point() else x
+
+        query, key, value, attn_mask = cast(query), cast(key), cast(value), cast(attn_mask)
+    if _needs_grad(attn_mask):
+        with sdpa_kernel(SDPBackend.MATH):
+            return F.scaled_dot_product_attention(query, key, value, attn_mask, *args, **kwargs)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask, *args, **kwargs)
+
+
+_sdpa.__name__ = _sdpa.__qualname__ = "scaled_dot_product_attention"
+
+
+def _needs_grad(x: Any) -> bool:
+    """A floating tensor that requires grad at some functorch level."""
+    if not isinstance(x, Tensor) or not x.is_floating_point():
         return False
     ft = torch._C._functorch
-    while ft.is_functorch_wrapped_tensor(mask):
-        if mask.requires_grad:
+    while ft.is_functorch_wrapped_tensor(x):
+        if x.requires_grad:
             return True
-        mask = ft.get_unwrapped(mask)
-    return mask.requires_grad
-
-
-def _sdpa_math(*args: Any, **kwargs: Any) -> Tensor:
-    with sdpa_kernel(SDPBackend.MATH):
-        return F.scaled_dot_product_attention(*args, **kwargs)
-
-
-_sdpa_math.__name__ = _sdpa_math.__qualname__ = "scaled_dot_product_attention"
+        x = ft.get_unwrapped(x)
+    return x.requires_grad
 
 
 def _batch_level_count(x: Any) -> int:
@@ -356,7 +369,11 @@ def capture(model_fn: ModelFn, params: Mapping[str, Tensor], train: Batch, val: 
         (lt, lv), pullback, (st, sv) = torch.func.vjp(run, *primals, has_aux=True)  # type: ignore[misc]
     _check_finite(lt, "train", where)
     _check_finite(lv, "val", where)
-    b_t, b_v, fb_t, fb_v = pullback((torch.ones_like(lt), torch.ones_like(lv)))
+    # One backward: free each saved activation once used (as an ordinary backward does) and record no
+    # graph of the backward itself; otherwise every activation lives until the end (~1.3x peak memory).
+    b_t, b_v, fb_t, fb_v = pullback((torch.ones_like(lt), torch.ones_like(lv)), retain_graph=False,
+                                    create_graph=False)
+    del pullback
     grads: dict[str, tuple[list, list]] = {k: ([], []) for k in params}
     for which, (sites, saved, outs, fbs) in enumerate(((expect[0], st, b_t, fb_t), (expect[1], sv, b_v, fb_v))):
         at = 0
@@ -364,10 +381,27 @@ def capture(model_fn: ModelFn, params: Mapping[str, Tensor], train: Batch, val: 
             mine, at = saved[at:at + count], at + count
             for role, name in site.roles:
                 shape = params[name].shape
-                grads[name][which].append(site.rule.grad(static, mine, out, role, shape))
+                g = site.rule.grad(static, mine, out, role, shape)
+                grads[name][which].append(_in_dtype(g, params[name].dtype))
         for k, g in zip(fallback, fbs, strict=True):
             grads[k][which].append(Direct(g))
     return Captured(lt.detach(), lv.detach(), grads)
+
+
+def _in_dtype(g: Factored | Direct, dtype: torch.dtype) -> Factored | Direct:
+    """A per-sample gradient in its parameter's dtype.
+
+    Under autocast an op's saved input and output gradient can differ (a float32
+    input, a bfloat16 output gradient); autograd returns a float32 parameter's
+    gradient in float32, and so do the kernels.
+    """
+
+    def cast(x: Tensor) -> Tensor:
+        return x.to(dtype) if x.is_floating_point() and x.dtype != dtype else x
+
+    if isinstance(g, Direct):
+        return Direct(cast(g.grad))
+    return g._replace(left=cast(g.left), right=cast(g.right))
 
 
 def _keep(sites: tuple[Site, ...], kernel: set[str]) -> list[Site]:
