@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -9,7 +10,7 @@ import torch
 from torch import Tensor
 
 from . import _kernels as K
-from ._capture import Batch, Captured, ModelFn, _Stale, capture, trace
+from ._capture import Batch, Captured, Half, ModelFn, _Stale, capture, capture_batches, trace
 from ._checks import check_model_fn, check_options, check_pair, check_params
 from ._ops import Direct, Factored
 from ._plan import Plan, Usage, make_plan, usages
@@ -63,8 +64,127 @@ def run(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batch, 
     raise AssertionError("unreachable")
 
 
+class Streamed(NamedTuple):
+    """A capture taken one batch at a time, validation first, each reduced before the next.
+
+    ``val_dir[name]``: ``Σ_v w_v g_v`` shaped like the parameter, for every parameter
+    not routed to ghost; ``val_uses[name]``: the validation rows' per-sample gradients
+    (one per use), kept only for ghost-routed parameters; ``train[name]``: the
+    training rows' per-sample gradients (one per use).
+    """
+
+    plan: Plan
+    val_dir: dict[str, Tensor]
+    val_uses: dict[str, list[Factored | Direct]]
+    train: dict[str, list[Factored | Direct]]
+    train_loss: Tensor
+    val_loss: Tensor
+
+
+def run_streamed(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batch, where: str,
+                 policy: str, val_reduce: str) -> Streamed:
+    """Capture one batch at a time, reducing the validation batch to ``Σ_v w_v g_v`` as soon as it is done.
+
+    The same numbers as :func:`run`, with the peak memory of one batch instead of
+    both (the FLOPs are unchanged). The validation batch goes first, so its
+    activations and output gradients are freed before the training rows' forward
+    (about half the peak at ``n_train = n_val``). A model that draws random numbers
+    (dropout in training mode) must see the training rows first, as in
+    ``model_fn(params, train)`` and :func:`run`: then the RNG state is restored and
+    the training batch goes first (and does so on later calls of this ``model_fn``).
+    ``val_reduce`` is ``"mean"`` or ``"sum"``.
+    """
+    for attempt in range(2):
+        try:
+            return _streamed_once(model_fn, params, train, val, where, policy, val_reduce, fresh=attempt > 0)
+        except _Stale as err:
+            if attempt > 0:
+                raise RuntimeError(
+                    f"{where}: model_fn made different parametrised calls on two runs with the same input "
+                    f"shapes ({err}); ghostfunc needs the calls to depend on shapes only"
+                ) from None
+    raise AssertionError("unreachable")
+
+
+def _streamed_once(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batch, where: str,
+                   policy: str, val_reduce: str, fresh: bool) -> Streamed:
+    traces = (trace(model_fn, params, train, where, fresh=fresh), trace(model_fn, params, val, where, fresh=fresh))
+    use = usages(params, traces)
+    kernel = {k for k, u in use.items() if u.form is not None}
+    the_plan = make_plan(params, use, policy, train.size, val.size, val_reduce)
+    weights = val_weights(val_reduce, val.size, next(iter(params.values())))
+    assert weights is not None
+
+    def capture_val() -> tuple[dict[str, Tensor], dict[str, list[Factored | Direct]], Tensor]:
+        (v,) = capture_batches(model_fn, params, (val,), (traces[1],), kernel, where, ("val",))
+        val_dir, val_uses = {}, {}
+        for k, route in the_plan.routes.items():
+            if route.path == "ghost":
+                val_uses[k] = v.grads[k]
+            else:
+                val_dir[k] = val_grad(route.path, v.grads[k], weights.to(params[k].dtype), params[k])
+        return val_dir, val_uses, v.loss
+
+    def capture_train() -> Half:
+        return capture_batches(model_fn, params, (train,), (traces[0],), kernel, where, ("train",))[0]
+
+    device = next(iter(params.values())).device
+    before = _rng_state(device)
+    if not _draws_random(model_fn):
+        val_dir, val_uses, val_loss = capture_val()
+        if _same(before, _rng_state(device)):
+            t = capture_train()
+            return Streamed(the_plan, val_dir, val_uses, t.grads, t.loss, val_loss)
+        _set_rng_state(device, before)  # it drew random numbers: the training rows go first
+        _mark_random(model_fn)
+        del val_dir, val_uses, val_loss
+    t = capture_train()
+    val_dir, val_uses, val_loss = capture_val()
+    return Streamed(the_plan, val_dir, val_uses, t.grads, t.loss, val_loss)
+
+
+#: ``model_fn``s seen drawing random numbers (their training batch is captured first).
+_RANDOM: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+
+
+def _draws_random(model_fn: ModelFn) -> bool:
+    try:
+        return _RANDOM.get(model_fn, False)
+    except TypeError:  # not weak-referenceable: assume it may
+        return True
+
+
+def _mark_random(model_fn: ModelFn) -> None:
+    try:
+        _RANDOM[model_fn] = True
+    except TypeError:
+        pass
+
+
+def _rng_state(device: torch.device) -> tuple[Tensor, ...]:
+    """The global generator states a model's random draws advance (CPU, and the device's)."""
+    if device.type == "cuda":
+        return torch.get_rng_state(), torch.cuda.get_rng_state(device)
+    return (torch.get_rng_state(),)
+
+
+def _set_rng_state(device: torch.device, state: tuple[Tensor, ...]) -> None:
+    torch.set_rng_state(state[0])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def _same(a: tuple[Tensor, ...], b: tuple[Tensor, ...]) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
 def _total(parts: list[Tensor], like: Tensor) -> Tensor:
-    return torch.stack(parts).sum(0) if parts else torch.zeros_like(like)
+    if not parts:
+        return torch.zeros_like(like)
+    out = parts[0]
+    for x in parts[1:]:  # no stacked copy: a single part comes back as it is
+        out = out + x
+    return out
 
 
 def _direct(uses: list[Factored | Direct], n: int, shape: torch.Size, ref: Tensor) -> Tensor:
@@ -86,23 +206,11 @@ def score_param(route_path: str, tr: list, va: list, weights: Tensor | None, n: 
         return gt @ other, gt.mean(0).reshape(shape)
     p = shape[0]
     d = param.numel() // p
-    zero_pd = param.new_zeros(p, d)
-    if route_path == "materialize":
-        if weights is None:
-            other = _total([K.materialise(u, slice(None)) for u in va], param.new_zeros(m, p, d)).reshape(m, -1).T
-        else:  # a reduced validation gradient: one column
-            other = _val_direction(va, weights, p, d, param).reshape(-1, 1)
-        other_c = other if dtype is None else other.to(dtype)
-        scores = param.new_zeros(n, other.shape[1])
-        total = zero_pd.clone()
-        for rows in K.chunk_rows(n, p, d):
-            g = _total([K.materialise(u, rows) for u in tr], param.new_zeros(rows.stop - rows.start, p, d))
-            gc = g.reshape(g.shape[0], -1)
-            scores[rows] = (gc if dtype is None else gc.to(dtype)) @ other_c
-            total += g.sum(0)
-        scores = scores if weights is None else scores[:, 0]
+    if route_path == "materialize":  # fused: per-row gradients in cache-sized blocks, dotted and summed
+        h = va if weights is None else _val_direction(va, weights, p, d, param)  # val rows, or ḡ_val [p, d]
+        scores, total = K.materialise_dots(tr, h, n, dtype)
         return scores, (total / n).reshape(shape)
-    train_mean = (_total([K.weight_sum(u) for u in tr], zero_pd) / n).reshape(shape)
+    train_mean = (_total([K.weight_sum(u) for u in tr], param.new_zeros(p, d)) / n).reshape(shape)
     if route_path == "ghost":
         mat = _total([K.gram(a, b, dtype) for a in tr for b in va], param.new_zeros(n, m))
         return (mat if weights is None else mat @ weights), train_mean
@@ -124,11 +232,7 @@ def score_direction(route_path: str, tr: list, u: Tensor, n: int, param: Tensor,
     p = param.shape[0]
     u2 = u.reshape(p, -1)
     if route_path == "materialize":
-        scores, total = param.new_zeros(n), torch.zeros_like(u2)
-        for rows in K.chunk_rows(n, p, u2.shape[1]):
-            g = _total([K.materialise(f, rows) for f in tr], param.new_zeros(rows.stop - rows.start, *u2.shape))
-            scores[rows] = g.reshape(g.shape[0], -1) @ u2.reshape(-1)
-            total += g.sum(0)
+        scores, total = K.materialise_dots(tr, u2, n, dtype)
         return scores, (total / n).reshape(param.shape)
     train_mean = (_total([K.weight_sum(f) for f in tr], torch.zeros_like(u2)) / n).reshape(param.shape)
     return _total([K.contract(f, u2, dtype) for f in tr], param.new_zeros(n)), train_mean
@@ -204,18 +308,30 @@ def graddot(
     checked, tb, vb = _prepare(where, model_fn, params, train, val,
                                val_reduce=val_reduce, policy=policy, compute_dtype=compute_dtype)
     params = checked
-    cap, use = run(model_fn, checked, tb, vb, where)
-    the_plan = make_plan(checked, use, policy, tb.size, vb.size, val_reduce)
     weights = val_weights(val_reduce, vb.size, next(iter(params.values())))
     per_param, train_grad = {}, {}
-    for k, route in the_plan.routes.items():
-        tr, va = cap.grads[k]
-        w = None if weights is None else weights.to(params[k].dtype)
-        s, g = score_param(route.path, tr, va, w, tb.size, vb.size, params[k], compute_dtype)
-        per_param[k], train_grad[k] = s, g
+    if val_reduce is not None:  # validation first, reduced to ḡ_val: the memory of one batch at a time
+        st = run_streamed(model_fn, checked, tb, vb, where, policy, val_reduce)
+        the_plan, train_loss, val_loss = st.plan, st.train_loss, st.val_loss
+        for k, route in the_plan.routes.items():
+            if route.path == "ghost":
+                w = None if weights is None else weights.to(params[k].dtype)
+                s, g = score_param("ghost", st.train[k], st.val_uses[k], w, tb.size, vb.size, params[k],
+                                   compute_dtype)
+            else:
+                s, g = score_direction(route.path, st.train[k], st.val_dir[k], tb.size, params[k], compute_dtype)
+            per_param[k], train_grad[k] = s, g
+    else:  # the full [n_train, n_val] matrix needs every validation row's factors
+        cap, use = run(model_fn, checked, tb, vb, where)
+        the_plan = make_plan(checked, use, policy, tb.size, vb.size, val_reduce)
+        train_loss, val_loss = cap.train_loss, cap.val_loss
+        for k, route in the_plan.routes.items():
+            tr, va = cap.grads[k]
+            s, g = score_param(route.path, tr, va, None, tb.size, vb.size, params[k], compute_dtype)
+            per_param[k], train_grad[k] = s, g
     acc = torch.promote_types(next(iter(params.values())).dtype, torch.float32)
     scores = torch.stack([v.to(acc) for v in per_param.values()]).sum(0)
-    return GradDot(scores, per_param, train_grad, cap.train_loss, cap.val_loss, the_plan)
+    return GradDot(scores, per_param, train_grad, train_loss, val_loss, the_plan)
 
 
 def plan(

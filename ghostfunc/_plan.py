@@ -130,21 +130,34 @@ def usages(params: Mapping[str, Tensor], traces: tuple[Trace, Trace]) -> dict[st
     return out
 
 
+#: Multiply-add equivalents per element of a materialised per-row gradient block: it is written by a
+#: ``bmm``, then read to dot it and to sum it. Memory traffic, not arithmetic: measured 50-180 on a
+#: 2-core CPU (``benchmarks/mlp2d.py``); it makes ``materialize`` lose to ``contract`` below ``T ≈ κ``.
+MATERIALISE_PER_ELEMENT = 96
+#: The same per (train token, val token) pair of the Gram kernel: two ``[c, t, m, s]`` blocks are
+#: written, multiplied in place and summed; measured 25-65.
+GRAM_PER_PAIR = 32
+
+
 def costs(n: int, m: int, t: int, s: int, p: int, d: int, ids: bool, reduced: bool) -> dict[str, float]:
     """Multiply-adds of each kernel for one factored parameter, ``train_grad`` included.
 
     ``n``/``m`` train/val rows with ``t``/``s`` tokens each; ``ids`` for an
-    embedding (one-hot left factor, so a row of ``p·d`` work costs ``d``).
+    embedding (one-hot left factor, so a row of ``p·d`` work costs ``d``). Memory
+    passes are counted in multiply-add equivalents (:data:`MATERIALISE_PER_ELEMENT`,
+    :data:`GRAM_PER_PAIR`), since at short sequences they, not the GEMMs, set the time.
     """
     row = d if ids else p * d  # one token's outer product
     train_sum = n * t * row  # Σ_n g_n, what an optimizer step needs
     val_sum = m * s * row
-    out = {"ghost": n * m * t * s * ((1 if ids else p) + d) + train_sum}
+    blocks = MATERIALISE_PER_ELEMENT * p * d  # one row's materialised [p, d] block, written and read
+    out = {"ghost": n * m * t * s * ((1 if ids else p) + d + GRAM_PER_PAIR) + train_sum}
     if reduced:
-        out["materialize"] = val_sum + n * t * row + 2 * n * p * d  # Σ_n g_n comes free
+        # Σ_n g_n comes free; id uses gather rows of U and scatter into the sum (no block)
+        out["materialize"] = val_sum + n * t * row + (train_sum if ids else n * blocks)
         out["contract"] = val_sum + n * t * row + train_sum
-    else:
-        out["materialize"] = val_sum + n * t * row + n * m * p * d + n * p * d
+    else:  # both sides materialised block by block, then one [n, m] product per block
+        out["materialize"] = val_sum + n * t * row + (n + m) * blocks + n * m * p * d
     return {k: float(v) for k, v in out.items()}
 
 

@@ -1,0 +1,628 @@
+"""Shared machinery for the benchmarks: models from configs, contenders, timing, peak memory, output.
+
+Method (the same in every script):
+
+- **Time.** One process; every contender is warmed up, then ``rounds`` rounds run
+  every contender once each, in an order rotated from round to round, so slow
+  drifts of machine load spread over all of them. Medians are reported with the
+  min and max; on CUDA every run is bracketed by ``torch.cuda.synchronize()``.
+- **Ratios.** Each contender against its baseline: ``plain`` (forward + backward
+  over the concatenated ``[train; val]`` batch, ordinary autograd) or, for
+  contenders that include an optimizer update, ``plain+optim`` (the same plus a
+  ``torch.optim`` step). The ratio is the median over rounds of the per-round
+  ratio (both ran in the same round, so slow drifts of load cancel); the JSON also
+  keeps the ratio of medians.
+- **Peak memory.** Each contender in a separate process (``python -m benchmarks._common
+  peak SPEC``): build the model and batch, record the baseline, run the contender
+  twice, report the peak: the RSS high-water mark (``VmHWM``, reset before the
+  runs where Linux allows) on CPU,
+  ``torch.cuda.max_memory_allocated`` on CUDA. ``step`` memory is peak minus
+  baseline (the model, batch and interpreter excluded); ratios use it.
+
+Models are built from configs only (no downloads): GPT-2-shaped
+(``GPT2LMHeadModel``), Llama-shaped (``LlamaForCausalLM``) and a token-wise MLP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from torch.func import functional_call
+from torch.utils import _pytree as pytree
+
+import ghostfunc
+
+RESULTS = Path(__file__).resolve().parent / "results"
+POLICIES = ("2t2", "ghost", "materialize", "contract", "auto")
+PEERS = ("naive loop", "vmap(grad)", "opacus")
+TRAIN = ("train_step/1", "train_step/2")
+BASELINES = ("plain", "plain+optim")
+
+Step = Callable[[], Any]
+
+
+# ----------------------------------------------------------------------------- shapes and models
+
+
+@dataclass(frozen=True)
+class Config:
+    """One benchmark shape; JSON-serialisable (the peak-memory subprocess rebuilds it from this).
+
+    ``model`` is ``"gpt2"``, ``"llama"`` or ``"mlp"`` (a token-wise MLP: ``d_in ->
+    width -> width -> 1`` on ``[B, T, d_in]`` inputs, squared error per token).
+    """
+
+    model: str = "gpt2"
+    T: int = 256
+    width: int = 512
+    layers: int = 4
+    heads: int = 8
+    vocab: int = 8192
+    n_train: int = 8
+    n_val: int = 8
+    d_in: int = 32
+    device: str = "cpu"
+    dtype: str = "float32"
+    seed: int = 0
+
+    def label(self) -> str:
+        """A short description for tables."""
+        if self.model == "mlp":
+            return f"mlp d_in={self.d_in} width={self.width} T={self.T} n={self.n_train} m={self.n_val}"
+        return (f"{self.model} L={self.layers} d={self.width} h={self.heads} V={self.vocab} "
+                f"T={self.T} n={self.n_train} m={self.n_val}")
+
+
+@dataclass
+class Setup:
+    """A built :class:`Config`: the module, ``params`` (name -> detached tensor), ``model_fn`` and batches.
+
+    ``forward(call, batch) -> [B]`` gives per-sample losses given ``call``, something
+    that runs the module (the module itself, a ``GradSampleModule``, or
+    ``functional_call`` with explicit params); ``model_fn(params, batch)`` is
+    ``forward`` over ``functional_call``, the function every ghostfunc contender gets.
+    """
+
+    config: Config
+    model: nn.Module
+    params: dict[str, Tensor]
+    forward: Callable[[Callable[..., Any], Any], Tensor]
+    model_fn: Callable[[dict[str, Tensor], Any], Tensor]
+    train: Any
+    val: Any
+    both: Any  # [train; val] along the sample axis
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.config.device)
+
+
+def resolve_device(name: str) -> str:
+    """``"auto"`` -> ``"cuda"`` when available, else ``"cpu"``."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def _lm_forward(call: Callable[..., Any], ids: Tensor) -> Tensor:
+    """Causal-LM loss per sample: mean next-token cross-entropy ``[B]`` (explicit position ids)."""
+    b, t = ids.shape
+    position_ids = torch.arange(t, device=ids.device).expand(b, t)  # [B, T]: per-sample, as Opacus needs
+    logits = call(ids, position_ids=position_ids, use_cache=False).logits[:, :-1]  # [B, T-1, V]
+    return F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").mean(1)  # [B]
+
+
+def _mlp_forward(call: Callable[..., Any], batch: tuple[Tensor, Tensor]) -> Tensor:
+    """Squared error per sample, averaged over its ``T`` tokens: ``[B]``."""
+    x, y = batch  # [B, T, d_in], [B, T]
+    return (call(x)[..., 0] - y).pow(2).mean(1)
+
+
+def build(config: Config) -> Setup:
+    """Build the model (from a config: nothing is downloaded), params and ``[train; val]`` batches."""
+    torch.manual_seed(config.seed)
+    dtype = getattr(torch, config.dtype)
+    device = torch.device(config.device)
+    n, m, t = config.n_train, config.n_val, config.T
+    if config.model in ("gpt2", "llama"):
+        model = _causal_lm(config)
+        forward: Callable[[Callable[..., Any], Any], Tensor] = _lm_forward
+        ids = torch.randint(0, config.vocab, (n + m, t), device=device)
+        both: Any = ids
+    elif config.model == "mlp":
+        model = nn.Sequential(nn.Linear(config.d_in, config.width), nn.GELU(), nn.Linear(config.width, config.width),
+                              nn.GELU(), nn.Linear(config.width, 1))
+        forward = _mlp_forward
+        both = (torch.randn(n + m, t, config.d_in, device=device, dtype=dtype),
+                torch.randn(n + m, t, device=device, dtype=dtype))
+    else:
+        raise ValueError(f"unknown model {config.model!r}; expected gpt2, llama or mlp")
+    model = model.to(device=device, dtype=dtype).eval()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def model_fn(p: dict[str, Tensor], batch: Any) -> Tensor:
+        return forward(lambda *a, **k: functional_call(model, p, a, k), batch)
+
+    train = pytree.tree_map(lambda x: x[:n], both)
+    val = pytree.tree_map(lambda x: x[n:], both)
+    return Setup(config, model, params, forward, model_fn, train, val, both)
+
+
+def _causal_lm(config: Config) -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    if config.model == "gpt2":
+        gpt2 = GPT2Config(vocab_size=config.vocab, n_positions=config.T, n_embd=config.width, n_layer=config.layers,
+                          n_head=config.heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                          bos_token_id=0, eos_token_id=0, pad_token_id=None)  # no pad id: no data-dependent check
+        return GPT2LMHeadModel(gpt2)
+    hidden = 64 * ((8 * config.width // 3 + 63) // 64)  # SwiGLU width, Llama's 8/3 rule rounded to 64
+    llama = LlamaConfig(vocab_size=config.vocab, hidden_size=config.width, intermediate_size=hidden,
+                        num_hidden_layers=config.layers, num_attention_heads=config.heads,
+                        num_key_value_heads=max(1, config.heads // 2), max_position_embeddings=config.T,
+                        attention_dropout=0.0, tie_word_embeddings=False,
+                        bos_token_id=0, eos_token_id=0, pad_token_id=None)
+    return LlamaForCausalLM(llama)
+
+
+# ----------------------------------------------------------------------------- contenders
+
+
+@dataclass(frozen=True)
+class Options:
+    """How contenders run: ``compute_dtype`` for graddot's kernels, the optimizer of the training steps."""
+
+    compute_dtype: str | None = None
+    optimizer: str = "sgd"
+    lr: float = 1e-3
+
+
+def baseline_of(name: str) -> str:
+    """The baseline a contender's ratio is taken against."""
+    return "plain+optim" if name.startswith("train_step") or name == "plain+optim" else "plain"
+
+
+def available(names: Iterable[str]) -> list[str]:
+    """``names`` minus the contenders this installation cannot run (no ``train_step`` yet, no Opacus)."""
+    out = []
+    for name in names:
+        if name.startswith("train_step") and not hasattr(ghostfunc, "train_step"):
+            continue
+        if name == "opacus":
+            try:
+                import opacus  # noqa: F401
+            except ImportError:
+                continue
+        out.append(name)
+    return out
+
+
+def make(name: str, s: Setup, opts: Options) -> Step:
+    """A zero-argument callable that runs contender ``name`` once on ``s`` (all set-up done here)."""
+    n = s.config.n_train
+    if name == "plain":
+        params = {k: v.detach().requires_grad_(True) for k, v in s.params.items()}
+        leaves = list(params.values())
+
+        def plain() -> Any:
+            return torch.autograd.grad(s.model_fn(params, s.both).sum(), leaves)
+
+        return plain
+    if name == "plain+optim":
+        params = {k: v.detach().clone().requires_grad_(True) for k, v in s.params.items()}
+        leaves = list(params.values())
+        opt = (torch.optim.SGD(leaves, lr=opts.lr) if opts.optimizer == "sgd"
+               else torch.optim.AdamW(leaves, lr=opts.lr))
+
+        def plain_optim() -> None:
+            opt.zero_grad(set_to_none=True)
+            s.model_fn(params, s.both).mean().backward()
+            opt.step()
+
+        return plain_optim
+    if name.startswith("graddot/"):
+        policy = name.split("/", 1)[1]
+        dtype = getattr(torch, opts.compute_dtype) if opts.compute_dtype else None
+
+        def graddot() -> Any:
+            return ghostfunc.graddot(s.model_fn, s.params, s.train, s.val, policy=policy, compute_dtype=dtype)
+
+        return graddot
+    if name.startswith("train_step/"):
+        optimizer = ghostfunc.sgd(opts.lr) if opts.optimizer == "sgd" else ghostfunc.adamw(opts.lr)
+        step = ghostfunc.train_step(s.model_fn, optimizer, order=int(name.split("/", 1)[1]))
+        state = step.init(s.params)  # pure: the same state every call, the same work every call
+
+        def train_step() -> Any:
+            return step(state, s.train, s.val)
+
+        return train_step
+    if name == "naive loop":
+        def naive() -> Any:
+            return ghostfunc.reference_graddot(s.model_fn, s.params, s.train, s.val)
+
+        return naive
+    if name == "vmap(grad)":
+        def one(p: dict[str, Tensor], sample: Any) -> Tensor:
+            return s.model_fn(p, pytree.tree_map(lambda x: x.unsqueeze(0), sample))[0]
+
+        per_sample = torch.func.vmap(torch.func.grad(one), in_dims=(None, 0))
+
+        def vmap_grad() -> Tensor:
+            with warnings.catch_warnings():  # CPU flash attention has no batching rule: functorch loops
+                warnings.filterwarnings("ignore", message="There is a performance drop")
+                return dots(per_sample(s.params, s.both), n)
+
+        return vmap_grad
+    if name == "opacus":
+        from opacus import GradSampleModule
+
+        module = copy.deepcopy(s.model).train()  # Opacus records activations in training mode (dropout is 0)
+        for p in module.parameters():
+            p.requires_grad_(True)
+        gsm = GradSampleModule(module, loss_reduction="sum", batch_first=True)
+        named = list(module.named_parameters())
+
+        def opacus_() -> Tensor:
+            for _, p in named:
+                p.grad = None
+                p.grad_sample = None  # type: ignore[attr-defined]
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                s.forward(gsm, s.both).sum().backward()
+            return dots({k: getattr(p, "grad_sample") for k, p in named}, n)  # noqa: B009
+
+        return opacus_
+    raise ValueError(f"unknown contender {name!r}")
+
+
+def dots(per_sample: Mapping[str, Tensor], n: int) -> Tensor:
+    """``<g_i, mean_v g_v>`` from per-sample gradients ``{name: [n + m, *shape]}``: ``[n]``."""
+    out = None
+    for g in per_sample.values():
+        flat = g.flatten(1)  # [n + m, P]
+        part = flat[:n] @ flat[n:].mean(0)
+        out = part if out is None else out + part
+    assert out is not None
+    return out
+
+
+def per_sample_bytes(s: Setup) -> int:
+    """Memory that per-sample gradients of every row would take (vmap(grad), Opacus)."""
+    rows = s.config.n_train + s.config.n_val
+    return rows * sum(v.numel() * v.element_size() for v in s.params.values())
+
+
+def fits(name: str, s: Setup, budget: float) -> bool:
+    """Whether a per-sample-gradient peer's gradients fit in ``budget`` bytes (others always fit)."""
+    return name not in ("vmap(grad)", "opacus") or 2 * per_sample_bytes(s) < budget
+
+
+def memory_budget(device: torch.device) -> float:
+    """Bytes a contender may use: free device memory (CUDA) or available RAM (CPU)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return float(free)
+    import psutil
+
+    return float(psutil.virtual_memory().available)
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Step, device: torch.device) -> float:
+    """Seconds one call takes (synchronised on CUDA; no garbage collection inside)."""
+    gc.collect()
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def measure(fns: Mapping[str, Step], device: torch.device, *, warmup: int = 1, rounds: int = 5,
+            max_seconds: float = 60.0) -> dict[str, list[float]]:
+    """Warm every contender up, then run ``rounds`` rounds in rotated order; seconds per run.
+
+    A contender whose warm-up call took longer than ``max_seconds`` runs once more only.
+    """
+    names = list(fns)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    once = set()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for k in names:
+            for _ in range(warmup):
+                if timed(fns[k], device) > max_seconds:
+                    once.add(k)
+                    break
+        for r in range(rounds):
+            order = names[r % len(names):] + names[:r % len(names)]
+            for k in order:
+                if k in once and times[k]:
+                    continue
+                times[k].append(timed(fns[k], device))
+    finally:
+        if enabled:
+            gc.enable()
+    return times
+
+
+def paired_ratio(times: Sequence[float], base: Sequence[float]) -> float:
+    """Median over rounds of ``times[r] / base[r]``: each pair ran in the same round, close in time,
+    so a drift of machine load cancels (the ratio of medians when a contender ran once)."""
+    if len(times) != len(base):
+        return statistics.median(times) / statistics.median(base)
+    return statistics.median(t / b for t, b in zip(times, base, strict=True))
+
+
+def paired_range(times: Sequence[float], base: Sequence[float]) -> tuple[float, float]:
+    """Min and max over rounds of ``times[r] / base[r]`` (the spread behind :func:`paired_ratio`)."""
+    if len(times) != len(base):
+        r = statistics.median(times) / statistics.median(base)
+        return r, r
+    ratios = [t / b for t, b in zip(times, base, strict=True)]
+    return min(ratios), max(ratios)
+
+
+def summary(times: Sequence[float]) -> dict[str, Any]:
+    """Median, min, max and count of a list of seconds."""
+    return {"median": statistics.median(times), "min": min(times), "max": max(times), "runs": len(times),
+            "times": list(times)}
+
+
+# ----------------------------------------------------------------------------- peak memory
+
+
+def peak_here(fn: Step, device: torch.device) -> dict[str, float]:
+    """Peak memory (MiB) of two calls of ``fn`` in this process, and the baseline before them."""
+    gc.collect()
+    if device.type == "cuda":
+        sync(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        fn()
+        sync(device)
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        import psutil
+
+        base = psutil.Process().memory_info().rss
+        _reset_peak_rss()
+        fn()
+        fn()
+        peak = _peak_rss()
+    mib = 1 << 20
+    return {"base_mib": base / mib, "peak_mib": peak / mib, "step_mib": (peak - base) / mib}
+
+
+def _reset_peak_rss() -> None:
+    """Reset this process's RSS high-water mark (Linux >= 4.0: ``5 > /proc/self/clear_refs``), if allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _peak_rss() -> int:
+    """This process's RSS high-water mark in bytes.
+
+    ``VmHWM`` from ``/proc/self/status`` belongs to this process's own address space;
+    ``ru_maxrss`` (the fallback off Linux) also counts the parent's RSS at ``fork``.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def peak_memory(name: str, config: Config, opts: Options, *, threads: int | None = None,
+                timeout: float = 1800.0) -> dict[str, Any]:
+    """Peak memory of contender ``name`` measured in a fresh process (see :func:`peak_here`)."""
+    spec = json.dumps({"config": dataclasses.asdict(config), "options": dataclasses.asdict(opts),
+                       "contender": name, "threads": threads})
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    try:
+        done = subprocess.run([sys.executable, "-m", "benchmarks._common", "peak", spec], cwd=root, env=env,
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+        return {"error": f"exit {done.returncode}: {tail[0][:300]}"}
+    return json.loads(lines[-1])
+
+
+def _peak_main(spec_json: str) -> None:
+    spec = json.loads(spec_json)
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    s = build(Config(**spec["config"]))
+    fn = make(spec["contender"], s, Options(**spec["options"]))
+    print(json.dumps(peak_here(fn, s.device)))
+
+
+# ----------------------------------------------------------------------------- command line and output
+
+
+def add_common_args(parser: argparse.ArgumentParser, defaults: Config, memory: str = "all") -> None:
+    """Arguments every script takes; defaults from ``defaults`` (the script's headline shape)."""
+    g = parser.add_argument_group("shape")
+    g.add_argument("--model", default=defaults.model, choices=("gpt2", "llama", "mlp"))
+    g.add_argument("--T", type=int, default=defaults.T, help="tokens per sample")
+    g.add_argument("--width", type=int, default=defaults.width)
+    g.add_argument("--layers", type=int, default=defaults.layers)
+    g.add_argument("--heads", type=int, default=defaults.heads)
+    g.add_argument("--vocab", type=int, default=defaults.vocab)
+    g.add_argument("--n-train", type=int, default=defaults.n_train)
+    g.add_argument("--n-val", type=int, default=defaults.n_val)
+    g.add_argument("--seed", type=int, default=defaults.seed)
+    r = parser.add_argument_group("run")
+    r.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when present)")
+    r.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float64"),
+                   help="dtype of the model and data (bfloat16 is meant for CUDA)")
+    r.add_argument("--compute-dtype", default=None, choices=("bfloat16", "float16"),
+                   help="graddot's opt-in lower-precision kernel products (default: exact, the params' dtype)")
+    r.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    r.add_argument("--warmup", type=int, default=1)
+    r.add_argument("--rounds", type=int, default=5)
+    r.add_argument("--max-seconds", type=float, default=60.0,
+                   help="a contender slower than this per call runs once after its warm-up")
+    r.add_argument("--memory", default=memory, choices=("all", "key", "none"),
+                   help="peak memory (one subprocess per contender) of all contenders, of the key ones "
+                        "(plain and graddot/auto) or of none")
+    r.add_argument("--out", type=Path, default=RESULTS, help="directory for the JSON, markdown and PNG")
+    r.add_argument("--tiny", action="store_true", help="a tiny shape, one round: the smoke test")
+
+
+def config_from_args(args: argparse.Namespace, **override: Any) -> Config:
+    """The :class:`Config` the arguments describe (``override`` wins)."""
+    fields = dict(model=args.model, T=args.T, width=args.width, layers=args.layers, heads=args.heads,
+                  vocab=args.vocab, n_train=args.n_train, n_val=args.n_val, seed=args.seed,
+                  device=resolve_device(args.device), dtype=args.dtype)
+    fields.update(override)
+    return Config(**fields)
+
+
+def tiny(args: argparse.Namespace) -> None:
+    """Shrink the run for ``--tiny``: a small shape, one warm-up call, one round, key memory only."""
+    args.T, args.width, args.layers, args.heads, args.vocab = min(args.T, 16), 32, 1, 2, 64
+    args.n_train, args.n_val = min(args.n_train, 3), min(args.n_val, 2)
+    args.warmup, args.rounds = 1, 1
+    if args.memory == "all":
+        args.memory = "key"
+
+
+def memory_of(names: Sequence[str], which: str) -> list[str]:
+    """The contenders whose peak memory ``--memory which`` asks for."""
+    if which == "none":
+        return []
+    return list(names) if which == "all" else [k for k in names if k in ("plain", "graddot/auto")]
+
+
+def setup_threads(args: argparse.Namespace) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+
+def machine() -> dict[str, Any]:
+    """Where the numbers came from, with the load at the time (a busy machine makes them provisional)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info: dict[str, Any] = {
+        "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
+        "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None, "cpu_seconds": _cpu_seconds(),
+    }
+    if torch.cuda.is_available():
+        info["cuda_device"] = torch.cuda.get_device_name()
+    return info
+
+
+def _cpu_seconds() -> dict[str, float]:
+    """CPU seconds used so far by the whole machine and by this process (with its finished children)."""
+    import psutil
+
+    t = psutil.cpu_times()
+    idle = t.idle + getattr(t, "iowait", 0.0)
+    own = psutil.Process().cpu_times()
+    return {"machine": sum(t) - idle, "own": own.user + own.system + own.children_user + own.children_system,
+            "wall": time.time()}
+
+
+def other_load(before: dict[str, Any], after: dict[str, Any]) -> float | None:
+    """Cores that other processes kept busy on average between two :func:`machine` snapshots."""
+    a, b = before.get("cpu_seconds"), after.get("cpu_seconds")
+    if not a or not b or b["wall"] <= a["wall"]:
+        return None
+    return max(0.0, ((b["machine"] - a["machine"]) - (b["own"] - a["own"])) / (b["wall"] - a["wall"]))
+
+
+def busy(before: dict[str, Any], after: dict[str, Any]) -> bool:
+    """Whether other processes competed for the CPU: on average more than a quarter of a core
+    between the two snapshots (this process and its peak-memory subprocesses excluded)."""
+    load = other_load(before, after)
+    return load is not None and load > 0.25
+
+
+def describe_machine(info: dict[str, Any], provisional: bool) -> str:
+    """One line for a table caption."""
+    dev = info.get("cuda_device") or f"{info['cpu']}, {info['cores']} cores, {info['torch_threads']} torch threads"
+    note = (" — PROVISIONAL: other processes kept the CPU busy during the run "
+            f"({info.get('other_cores') or 0:.2f} cores on average)") if provisional else ""
+    return f"{dev}; torch {info['torch']}{note}"
+
+
+def markdown(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    """A markdown table of ``rows`` (dicts) with ``columns`` in order; floats get 3 significant digits
+    (whole numbers from 100 up)."""
+    def cell(v: Any) -> str:
+        if v is None:
+            return "–"
+        if isinstance(v, float):
+            return f"{v:.0f}" if abs(v) >= 100 else f"{v:.3g}"
+        return str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write(stem: str, out: Path, payload: dict[str, Any], table: str) -> list[Path]:
+    """Write ``<stem>.json`` and ``<stem>.md`` under ``out``; returns the paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{stem}.json", out / f"{stem}.md"]
+    paths[0].write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    paths[1].write_text(table + "\n")
+    return paths
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+if __name__ == "__main__":  # python -m benchmarks._common peak SPEC: the peak-memory subprocess
+    if len(sys.argv) == 3 and sys.argv[1] == "peak":
+        _peak_main(sys.argv[2])
+    else:
+        sys.exit("usage: python -m benchmarks._common peak '<json spec>'")

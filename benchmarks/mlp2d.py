@@ -1,0 +1,151 @@
+"""A token-wise MLP over a grid of sequence length ``T`` x width: where the 2T² rule flips, and what is fastest.
+
+The MLP is ``d_in -> width -> width -> 1`` applied to every token of ``[B, T, d_in]``
+inputs (``T = 1`` is an ordinary MLP), with a squared-error loss per token. Its
+``width x width`` layer takes ghost under the 2T² rule iff ``2T² <= width²``, i.e.
+``T <= width/√2``; the time-optimal choice (DESIGN.md §4) is ghost iff
+``n·T·(p+d) < p·d`` against the fused materialise, a much smaller region.
+
+Command (defaults: T in 1..256, width in 64..1024, n_train = n_val = 32; about
+10 minutes on 2 CPU cores)::
+
+    python -m benchmarks.mlp2d                      # writes benchmarks/results/mlp2d.{json,md,png}
+    python -m benchmarks.mlp2d --tiny --out /tmp/b  # the smoke test's run
+
+The figure shows, per cell, the fastest exact kernel (colour) and its time ratio
+to the plain step, the ratio of ``auto`` (the cost model) and the 2T² boundary.
+Method: :mod:`benchmarks._common`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+from pathlib import Path
+from typing import Any
+
+from . import _common as C
+
+DEFAULT = C.Config(model="mlp", T=1, width=256, d_in=32, n_train=32, n_val=32)
+KERNELS = ("graddot/ghost", "graddot/materialize", "graddot/contract")
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.mlp2d", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    C.add_common_args(parser, DEFAULT, memory="none")
+    parser.add_argument("--Ts", default="1,4,16,64,256", help="sequence lengths (rows of the grid)")
+    parser.add_argument("--widths", default="64,128,256,512,1024", help="widths (columns of the grid)")
+    parser.add_argument("--d-in", type=int, default=DEFAULT.d_in)
+    parser.set_defaults(rounds=5, model="mlp")
+    args = parser.parse_args(argv)
+    if args.tiny:
+        C.tiny(args)
+        args.Ts, args.widths = "1,8", "16,32"
+    args.Ts = [int(v) for v in args.Ts.split(",")]
+    args.widths = [int(v) for v in args.widths.split(",")]
+    return args
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    C.setup_threads(args)
+    before = C.machine()
+    opts = C.Options(args.compute_dtype)
+    names = ["plain", *KERNELS, "graddot/2t2", "graddot/auto"]
+    cells = []
+    for t in args.Ts:
+        for w in args.widths:
+            config = C.config_from_args(args, model="mlp", T=t, width=w, d_in=args.d_in)
+            s = C.build(config)
+            fns = {k: C.make(k, s, opts) for k in names}
+            times = C.measure(fns, s.device, warmup=args.warmup, rounds=args.rounds, max_seconds=args.max_seconds)
+            del fns, s
+            gc.collect()
+            plain = C.summary(times["plain"])["median"]
+            ratios = {k: C.paired_ratio(v, times["plain"]) for k, v in times.items()}
+            best = min(KERNELS, key=ratios.__getitem__)
+            rule = "ghost" if 2 * t * t <= w * w else "materialize"
+            cells.append({"T": t, "width": w, "plain_s": plain, "ratios": ratios, "fastest": best.split("/")[1],
+                          "rule_2t2": rule, "times": {k: C.summary(v) for k, v in times.items()}})
+            print(f"T={t} width={w}: fastest {best} {ratios[best]:.2f}x, auto {ratios['graddot/auto']:.2f}x, "
+                  f"2t2 ({rule}) {ratios['graddot/2t2']:.2f}x", flush=True)
+    after = C.machine()
+    before["other_cores"] = C.other_load(before, after)
+    return {"script": "mlp2d", "config": C.config_from_args(args, model="mlp", d_in=args.d_in).__dict__,
+            "Ts": args.Ts, "widths": args.widths, "machine": before, "machine_after": after,
+            "provisional": C.busy(before, after), "cells": cells}
+
+
+def table(payload: dict[str, Any]) -> str:
+    rows = []
+    for c in payload["cells"]:
+        r = c["ratios"]
+        rows.append({"T": c["T"], "width": c["width"], "plain s": c["plain_s"], "ghost": r["graddot/ghost"],
+                     "materialize": r["graddot/materialize"], "contract": r["graddot/contract"],
+                     "fastest": c["fastest"], "2t2 picks": c["rule_2t2"], "2t2": r["graddot/2t2"],
+                     "auto": r["graddot/auto"]})
+    cfg = payload["config"]
+    head = (f"**token-wise MLP** d_in={cfg['d_in']}, n_train={cfg['n_train']}, n_val={cfg['n_val']}; time / plain "
+            f"step; {C.describe_machine(payload['machine'], payload['provisional'])}\n\n")
+    agree = sum(c["rule_2t2"] == c["fastest"] for c in payload["cells"])
+    auto_ok = sum(c["ratios"]["graddot/auto"] <= 1.1 * min(c["ratios"][k] for k in KERNELS) for c in payload["cells"])
+    n = len(payload["cells"])
+    return (head + C.markdown(rows, list(rows[0])) +
+            f"\n\nThe 2T² rule picks the fastest kernel in {agree}/{n} cells; "
+            f"auto is within 10% of the fastest in {auto_ok}/{n}.")
+
+
+def figure(payload: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    ts, ws = payload["Ts"], payload["widths"]
+    colour = {"ghost": "#9ecae1", "materialize": "#fdae6b", "contract": "#a1d99b"}
+    fig, ax = plt.subplots(figsize=(1.5 * len(ws) + 1.5, 0.9 * len(ts) + 1.6))
+    for c in payload["cells"]:
+        i, j = ts.index(c["T"]), ws.index(c["width"])
+        ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, color=colour[c["fastest"]]))
+        best = c["ratios"]["graddot/" + c["fastest"]]
+        ax.text(j, i, f"{best:.2f}x\nauto {c['ratios']['graddot/auto']:.2f}x", ha="center", va="center", fontsize=7)
+    # 2T² = width²: T = width/√2, drawn between grid cells in index coordinates (log-spaced axes)
+    line = []
+    for j, w in enumerate(ws):
+        b = w / math.sqrt(2)
+        below = [i for i, t in enumerate(ts) if t <= b]
+        line.append((j, (max(below) + 0.5) if below else -0.5))
+    xs = [x for j, y in line for x in (j - 0.5, j + 0.5)]
+    ys = [y for j, y in line for _ in (0, 1)]
+    ax.plot(xs, ys, color="k", lw=2, ls="--", label="2T² = width² (ghost below)")
+    ax.set_xticks(range(len(ws)), [str(w) for w in ws])
+    ax.set_yticks(range(len(ts)), [str(t) for t in ts])
+    ax.set_xlim(-0.5, len(ws) - 0.5)
+    ax.set_ylim(-0.5, len(ts) - 0.5)
+    ax.set_xlabel("width")
+    ax.set_ylabel("T (tokens per sample)")
+    cfg = payload["config"]
+    ax.set_title(f"fastest exact kernel, time / plain step (n={cfg['n_train']}, m={cfg['n_val']})", fontsize=9)
+    handles: list[Any] = [Patch(color=v, label=k) for k, v in colour.items()]
+    handles.append(plt.Line2D([], [], color="k", ls="--", label="2T² rule: ghost below the line"))
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse(argv)
+    payload = run(args)
+    text = table(payload)
+    print(text)
+    paths = C.write("mlp2d", args.out, payload, text)
+    figure(payload, args.out / "mlp2d.png")
+    print("\nwrote", ", ".join(str(p) for p in [*paths, args.out / "mlp2d.png"]))
+    return payload
+
+
+if __name__ == "__main__":
+    main()
