@@ -114,7 +114,7 @@ class _Interceptor(TorchFunctionMode):
             return _agreed_value(func, args, kwargs)
         if func is F.scaled_dot_product_attention:
             func = _sdpa
-        found = _params_in((args, kwargs), self.names)
+        found = _params_in((args, kwargs), self.names) if self.names else []
         if not found:
             return func(*args, **kwargs)
         rule = TABLE.get(func)
@@ -488,6 +488,42 @@ def capture_batches(model_fn: ModelFn, params: Mapping[str, Tensor], batches: Se
             grads[k].append(Direct(g))
         halves.append(Half(losses[which].detach(), grads))
     return halves
+
+
+def per_sample_losses(model_fn: ModelFn, batch: Batch, where: str) -> Callable[[Mapping[str, Tensor]], Tensor]:
+    """``params -> losses [B]`` with every sample run alone (under ``vmap``), as the capture runs it.
+
+    Differentiable in ``params`` by any ``torch.func`` transform; with ``params``
+    unbatched, a reverse pass gives ``Σ_v c_v g_v`` for a cotangent ``c`` at the
+    cost of one ordinary backward pass (no taps, no per-sample factors). Calls are
+    intercepted only for attention batching and data-dependent control flow.
+    """
+
+    def one(params: Mapping[str, Tensor], tensors: list[Tensor]) -> Tensor:
+        with _Interceptor({}):
+            losses = model_fn(dict(params), batch.rebuild(_unsqueeze_all(tensors)))
+        return _one_loss(losses, where)
+
+    def losses(params: Mapping[str, Tensor]) -> Tensor:
+        return torch.func.vmap(one, in_dims=(None, 0), randomness="different")(params, batch.tensors)
+
+    return losses
+
+
+def weighted_grad(model_fn: ModelFn, params: Mapping[str, Tensor], batch: Batch, weights: Tensor, where: str,
+                  label: str) -> tuple[dict[str, Tensor], Tensor]:
+    """``Σ_v w_v g_v`` for every parameter, by one ordinary backward pass, and the losses ``[B]``.
+
+    What a reduced validation gradient needs when no parameter takes the ghost
+    path: the same numbers as reducing the captured per-sample factors, with the
+    cost and memory of ``loss.backward()`` on the batch. ``label`` names the batch in errors.
+    """
+    with _rephrase(where):
+        losses, pullback = torch.func.vjp(per_sample_losses(model_fn, batch, where), dict(params))
+    _check_finite(losses, label, where)
+    (grads,) = pullback(weights.to(losses.dtype), retain_graph=False, create_graph=False)
+    del pullback
+    return grads, losses.detach()
 
 
 def _in_dtype(g: Factored | Direct, dtype: torch.dtype) -> Factored | Direct:

@@ -10,10 +10,10 @@ import torch
 from torch import Tensor
 
 from . import _kernels as K
-from ._capture import Batch, Captured, Half, ModelFn, _Stale, capture, capture_batches, trace
+from ._capture import Batch, Captured, Half, ModelFn, Trace, _Stale, capture, capture_batches, trace, weighted_grad
 from ._checks import check_model_fn, check_options, check_pair, check_params
 from ._ops import Direct, Factored
-from ._plan import Plan, Usage, make_plan, usages
+from ._plan import Plan, make_plan, usages
 
 
 class GradDot(NamedTuple):
@@ -39,22 +39,11 @@ class GradDot(NamedTuple):
     plan: Plan
 
 
-class Run(NamedTuple):
-    """One capture, with the usage that routed it (shared by graddot and the training step)."""
-
-    captured: Captured
-    usage: dict[str, Usage]
-
-
-def run(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batch, where: str) -> Run:
-    """Trace (cached) and capture; a stale trace is refreshed once."""
-    for attempt in range(2):
-        fresh = attempt > 0
-        traces = (trace(model_fn, params, train, where, fresh=fresh), trace(model_fn, params, val, where, fresh=fresh))
-        use = usages(params, traces)
-        kernel = {k for k, u in use.items() if u.form is not None}
+def retry_stale(where: str, attempt: Callable[[bool], Any]) -> Any:
+    """``attempt(fresh)``; a stale cached trace (:class:`_Stale`) is refreshed once, then it is an error."""
+    for fresh in (False, True):
         try:
-            return Run(capture(model_fn, params, train, val, traces, kernel, where), use)
+            return attempt(fresh)
         except _Stale as err:
             if fresh:
                 raise RuntimeError(
@@ -62,6 +51,41 @@ def run(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batch, 
                     f"shapes ({err}); ghostfunc needs the calls to depend on shapes only"
                 ) from None
     raise AssertionError("unreachable")
+
+
+class Routing(NamedTuple):
+    """The traces of both batches, the parameters the kernels handle, and the plan."""
+
+    traces: tuple[Trace, Trace]
+    kernel: set[str]
+    plan: Plan
+
+
+def routing(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batch, where: str, policy: str,
+            val_reduce: str | None, fresh: bool) -> Routing:
+    """Trace (cached) both batches and route every parameter."""
+    traces = (trace(model_fn, params, train, where, fresh=fresh), trace(model_fn, params, val, where, fresh=fresh))
+    use = usages(params, traces)
+    kernel = {k for k, u in use.items() if u.form is not None}
+    return Routing(traces, kernel, make_plan(params, use, policy, train.size, val.size, val_reduce))
+
+
+def capture_one(model_fn: ModelFn, params: dict[str, Tensor], batch: Batch, r: Routing, which: int,
+                where: str) -> Half:
+    """Capture one batch (``which``: 0 train, 1 val) on its own: a forward and a tap backward."""
+    label = ("train", "val")[which]
+    return capture_batches(model_fn, params, (batch,), (r.traces[which],), r.kernel, where, (label,))[0]
+
+
+def run(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batch, where: str, policy: str,
+        val_reduce: str | None) -> tuple[Captured, Plan]:
+    """Trace (cached), route, and capture both batches in one backward."""
+
+    def attempt(fresh: bool) -> tuple[Captured, Plan]:
+        r = routing(model_fn, params, train, val, where, policy, val_reduce, fresh)
+        return capture(model_fn, params, train, val, r.traces, r.kernel, where), r.plan
+
+    return retry_stale(where, attempt)
 
 
 class Streamed(NamedTuple):
@@ -83,64 +107,65 @@ class Streamed(NamedTuple):
 
 def run_streamed(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batch, where: str,
                  policy: str, val_reduce: str) -> Streamed:
-    """Capture one batch at a time, reducing the validation batch to ``Σ_v w_v g_v`` as soon as it is done.
+    """One batch at a time, the validation batch reduced to ``Σ_v w_v g_v`` before the training rows run.
 
     The same numbers as :func:`run`, with the peak memory of one batch instead of
-    both (the FLOPs are unchanged). The validation batch goes first, so its
-    activations and output gradients are freed before the training rows' forward
-    (about half the peak at ``n_train = n_val``). A model that draws random numbers
-    (dropout in training mode) must see the training rows first, as in
-    ``model_fn(params, train)`` and :func:`run`: then the RNG state is restored and
-    the training batch goes first (and does so on later calls of this ``model_fn``).
-    ``val_reduce`` is ``"mean"`` or ``"sum"``.
+    both. When no parameter takes the ghost path, the validation side needs only
+    ``Σ_v w_v g_v``: one ordinary backward pass (:func:`weighted_grad`), no taps and
+    no per-sample factors; otherwise it is captured like the training rows. The
+    validation batch goes first, so its activations are freed before the training
+    rows' forward. A model that draws random numbers (dropout in training mode) must
+    see the training rows first, as in ``model_fn(params, train)`` and :func:`run`:
+    then the RNG state is restored and the training batch goes first (and does so on
+    later calls of this ``model_fn``). ``val_reduce`` is ``"mean"`` or ``"sum"``.
     """
-    for attempt in range(2):
-        try:
-            return _streamed_once(model_fn, params, train, val, where, policy, val_reduce, fresh=attempt > 0)
-        except _Stale as err:
-            if attempt > 0:
-                raise RuntimeError(
-                    f"{where}: model_fn made different parametrised calls on two runs with the same input "
-                    f"shapes ({err}); ghostfunc needs the calls to depend on shapes only"
-                ) from None
-    raise AssertionError("unreachable")
+    return retry_stale(where, lambda fresh: _streamed_once(model_fn, params, train, val, where, policy,
+                                                           val_reduce, fresh))
 
 
 def _streamed_once(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batch, where: str,
                    policy: str, val_reduce: str, fresh: bool) -> Streamed:
-    traces = (trace(model_fn, params, train, where, fresh=fresh), trace(model_fn, params, val, where, fresh=fresh))
-    use = usages(params, traces)
-    kernel = {k for k, u in use.items() if u.form is not None}
-    the_plan = make_plan(params, use, policy, train.size, val.size, val_reduce)
+    r = routing(model_fn, params, train, val, where, policy, val_reduce, fresh)
     weights = val_weights(val_reduce, val.size, next(iter(params.values())))
     assert weights is not None
+    ghost = [k for k, route in r.plan.routes.items() if route.path == "ghost"]
 
     def capture_val() -> tuple[dict[str, Tensor], dict[str, list[Factored | Direct]], Tensor]:
-        (v,) = capture_batches(model_fn, params, (val,), (traces[1],), kernel, where, ("val",))
-        val_dir, val_uses = {}, {}
-        for k, route in the_plan.routes.items():
-            if route.path == "ghost":
-                val_uses[k] = v.grads[k]
-            else:
-                val_dir[k] = val_grad(route.path, v.grads[k], weights.to(params[k].dtype), params[k])
-        return val_dir, val_uses, v.loss
-
-    def capture_train() -> Half:
-        return capture_batches(model_fn, params, (train,), (traces[0],), kernel, where, ("train",))[0]
+        if not ghost:
+            val_dir, loss = weighted_grad(model_fn, params, val, weights, where, "val")
+            return val_dir, {}, loss
+        v = capture_one(model_fn, params, val, r, 1, where)
+        val_dir = {k: val_grad(route.path, v.grads[k], weights.to(params[k].dtype), params[k])
+                   for k, route in r.plan.routes.items() if k not in ghost}
+        return val_dir, {k: v.grads[k] for k in ghost}, v.loss
 
     device = next(iter(params.values())).device
     before = _rng_state(device)
     if not _draws_random(model_fn):
         val_dir, val_uses, val_loss = capture_val()
         if _same(before, _rng_state(device)):
-            t = capture_train()
-            return Streamed(the_plan, val_dir, val_uses, t.grads, t.loss, val_loss)
+            t = capture_one(model_fn, params, train, r, 0, where)
+            return Streamed(r.plan, val_dir, val_uses, t.grads, t.loss, val_loss)
         _set_rng_state(device, before)  # it drew random numbers: the training rows go first
         _mark_random(model_fn)
         del val_dir, val_uses, val_loss
-    t = capture_train()
+    t = capture_one(model_fn, params, train, r, 0, where)
     val_dir, val_uses, val_loss = capture_val()
-    return Streamed(the_plan, val_dir, val_uses, t.grads, t.loss, val_loss)
+    return Streamed(r.plan, val_dir, val_uses, t.grads, t.loss, val_loss)
+
+
+def score_streamed(st: Streamed, params: dict[str, Tensor], weights: Tensor, n: int, m: int,
+                   dtype: torch.dtype | None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Every parameter's ``<g_i, Σ_v w_v g_v>`` ``[n]`` and mean train gradient, from a streamed capture."""
+    per_param, train_grad = {}, {}
+    for k, route in st.plan.routes.items():
+        if route.path == "ghost":
+            s, g = score_param("ghost", st.train[k], st.val_uses[k], weights.to(params[k].dtype), n, m, params[k],
+                               dtype)
+        else:
+            s, g = score_direction(route.path, st.train[k], st.val_dir[k], n, params[k], dtype)
+        per_param[k], train_grad[k] = s, g
+    return per_param, train_grad
 
 
 #: ``model_fn``s seen drawing random numbers (their training batch is captured first).
@@ -188,12 +213,44 @@ def _total(parts: list[Tensor], like: Tensor) -> Tensor:
 
 
 def _direct(uses: list[Factored | Direct], n: int, shape: torch.Size, ref: Tensor) -> Tensor:
+    """Per-sample gradients ``[n, P]`` of a direct or fallback parameter (the plan never mixes forms)."""
     grads = [u.grad for u in uses if isinstance(u, Direct)]
+    if len(grads) != len(uses):
+        raise AssertionError("a direct/fallback parameter has a factored use")
     return _total(grads, ref.new_zeros(n, *shape)).reshape(n, -1)  # [n, P]
 
 
+def _factored(uses: list[Factored | Direct]) -> list[Factored]:
+    out = [u for u in uses if isinstance(u, Factored)]
+    if len(out) != len(uses):
+        raise AssertionError("a factored parameter has a direct use")
+    return out
+
+
 def _val_direction(uses: list, weights: Tensor, p: int, d: int, ref: Tensor) -> Tensor:
-    return _total([K.weight_sum(u, weights) for u in uses], ref.new_zeros(p, d))
+    return _total([K.weight_sum(u, weights) for u in _factored(uses)], ref.new_zeros(p, d))
+
+
+def train_mean(route_path: str, tr: list[Factored | Direct], n: int, param: Tensor) -> Tensor:
+    """``mean_i g_i`` over the training rows, shaped like ``param``."""
+    if route_path in ("direct", "fallback"):
+        return _direct(tr, n, param.shape, param).mean(0).reshape(param.shape)
+    p = param.shape[0]
+    return (_total([K.weight_sum(f) for f in _factored(tr)], param.new_zeros(p, param.numel() // p)) / n
+            ).reshape(param.shape)
+
+
+def contract_direction(route_path: str, tr: list[Factored | Direct], u: Tensor, n: int, param: Tensor,
+                       dtype: torch.dtype | None = None) -> Tensor:
+    """``<g_i, U>`` for every training row and a fixed ``u`` shaped like ``param``: ``[n]``.
+
+    Factored parameters: ``Σ_t L[i,t]ᵀ U R[i,t]`` (:func:`ghostfunc._kernels.contract`);
+    direct and fallback ones: a dot product of their per-sample gradients.
+    """
+    if route_path in ("direct", "fallback"):
+        return _direct(tr, n, param.shape, param) @ u.reshape(-1).to(param.dtype)  # [n, P] @ [P]
+    u2 = u.reshape(param.shape[0], -1)
+    return _total([K.contract(f, u2, dtype) for f in _factored(tr)], param.new_zeros(n))
 
 
 def score_param(route_path: str, tr: list, va: list, weights: Tensor | None, n: int, m: int,
@@ -207,35 +264,27 @@ def score_param(route_path: str, tr: list, va: list, weights: Tensor | None, n: 
     p = shape[0]
     d = param.numel() // p
     if route_path == "materialize":  # fused: per-row gradients in cache-sized blocks, dotted and summed
-        h = va if weights is None else _val_direction(va, weights, p, d, param)  # val rows, or ḡ_val [p, d]
-        scores, total = K.materialise_dots(tr, h, n, dtype)
+        h = _factored(va) if weights is None else _val_direction(va, weights, p, d, param)  # val rows, or ḡ_val
+        scores, total = K.materialise_dots(_factored(tr), h, n, dtype)
         return scores, (total / n).reshape(shape)
-    train_mean = (_total([K.weight_sum(u) for u in tr], param.new_zeros(p, d)) / n).reshape(shape)
     if route_path == "ghost":
-        mat = _total([K.gram(a, b, dtype) for a in tr for b in va], param.new_zeros(n, m))
-        return (mat if weights is None else mat @ weights), train_mean
+        mat = _total([K.gram(a, b, dtype) for a in _factored(tr) for b in _factored(va)], param.new_zeros(n, m))
+        return (mat if weights is None else mat @ weights), train_mean(route_path, tr, n, param)
     assert weights is not None, "contract needs a reduced validation gradient"
-    u_val = _val_direction(va, weights, p, d, param)  # contract
-    return _total([K.contract(a, u_val, dtype) for a in tr], param.new_zeros(n)), train_mean
+    return score_direction("contract", tr, _val_direction(va, weights, p, d, param), n, param, dtype)
 
 
 def score_direction(route_path: str, tr: list, u: Tensor, n: int, param: Tensor,
                     dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
     """``<g_i, U>`` for a fixed direction ``u`` (shaped like ``param``): ``[n]``, and the mean train gradient.
 
-    Factored parameters use ``contract`` (``"materialize"`` keeps its fused form,
-    which also yields the train gradient); direct and fallback ones a dot product.
+    ``"materialize"`` keeps its fused form, which yields the train gradient as it
+    goes; every other path is :func:`contract_direction` and :func:`train_mean`.
     """
-    if route_path in ("direct", "fallback"):
-        gt = _direct(tr, n, param.shape, param)
-        return gt @ u.reshape(-1), gt.mean(0).reshape(param.shape)
-    p = param.shape[0]
-    u2 = u.reshape(p, -1)
     if route_path == "materialize":
-        scores, total = K.materialise_dots(tr, u2, n, dtype)
+        scores, total = K.materialise_dots(_factored(tr), u.reshape(param.shape[0], -1), n, dtype)
         return scores, (total / n).reshape(param.shape)
-    train_mean = (_total([K.weight_sum(f) for f in tr], torch.zeros_like(u2)) / n).reshape(param.shape)
-    return _total([K.contract(f, u2, dtype) for f in tr], param.new_zeros(n)), train_mean
+    return contract_direction(route_path, tr, u, n, param, dtype), train_mean(route_path, tr, n, param)
 
 
 def val_grad(route_path: str, va: list, weights: Tensor, param: Tensor) -> Tensor:
@@ -244,6 +293,12 @@ def val_grad(route_path: str, va: list, weights: Tensor, param: Tensor) -> Tenso
         return (weights @ _direct(va, len(weights), param.shape, param)).reshape(param.shape)
     p = param.shape[0]
     return _val_direction(va, weights, p, param.numel() // p, param).reshape(param.shape)
+
+
+def sum_scores(per_param: Mapping[str, Tensor], params: Mapping[str, Tensor]) -> Tensor:
+    """``Σ_k per_param[k]``, accumulated in the parameters' dtype (at least float32)."""
+    acc = torch.promote_types(next(iter(params.values())).dtype, torch.float32)
+    return torch.stack([v.to(acc) for v in per_param.values()]).sum(0)
 
 
 def val_weights(val_reduce: str | None, m: int, like: Tensor) -> Tensor | None:
@@ -309,29 +364,20 @@ def graddot(
                                val_reduce=val_reduce, policy=policy, compute_dtype=compute_dtype)
     params = checked
     weights = val_weights(val_reduce, vb.size, next(iter(params.values())))
-    per_param, train_grad = {}, {}
     if val_reduce is not None:  # validation first, reduced to ḡ_val: the memory of one batch at a time
         st = run_streamed(model_fn, checked, tb, vb, where, policy, val_reduce)
         the_plan, train_loss, val_loss = st.plan, st.train_loss, st.val_loss
-        for k, route in the_plan.routes.items():
-            if route.path == "ghost":
-                w = None if weights is None else weights.to(params[k].dtype)
-                s, g = score_param("ghost", st.train[k], st.val_uses[k], w, tb.size, vb.size, params[k],
-                                   compute_dtype)
-            else:
-                s, g = score_direction(route.path, st.train[k], st.val_dir[k], tb.size, params[k], compute_dtype)
-            per_param[k], train_grad[k] = s, g
+        assert weights is not None
+        per_param, train_grad = score_streamed(st, params, weights, tb.size, vb.size, compute_dtype)
     else:  # the full [n_train, n_val] matrix needs every validation row's factors
-        cap, use = run(model_fn, checked, tb, vb, where)
-        the_plan = make_plan(checked, use, policy, tb.size, vb.size, val_reduce)
+        cap, the_plan = run(model_fn, checked, tb, vb, where, policy, val_reduce)
         train_loss, val_loss = cap.train_loss, cap.val_loss
+        per_param, train_grad = {}, {}
         for k, route in the_plan.routes.items():
             tr, va = cap.grads[k]
             s, g = score_param(route.path, tr, va, None, tb.size, vb.size, params[k], compute_dtype)
             per_param[k], train_grad[k] = s, g
-    acc = torch.promote_types(next(iter(params.values())).dtype, torch.float32)
-    scores = torch.stack([v.to(acc) for v in per_param.values()]).sum(0)
-    return GradDot(scores, per_param, train_grad, train_loss, val_loss, the_plan)
+    return GradDot(sum_scores(per_param, params), per_param, train_grad, train_loss, val_loss, the_plan)
 
 
 def plan(

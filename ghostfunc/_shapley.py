@@ -41,10 +41,21 @@ import torch
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from . import _kernels as K
-from ._graddot import _prepare, run, val_grad, val_weights
-from ._ops import Direct, Factored
-from ._plan import Plan, make_plan
+from ._capture import Batch, Half, _check_finite, _rephrase, per_sample_losses, weighted_grad
+from ._graddot import (
+    Routing,
+    _prepare,
+    capture_one,
+    contract_direction,
+    retry_stale,
+    routing,
+    run_streamed,
+    score_streamed,
+    sum_scores,
+    train_mean,
+    val_weights,
+)
+from ._plan import Plan
 
 Params = dict[str, Tensor]
 ORDERS = (1, 2)
@@ -66,44 +77,6 @@ class Values(NamedTuple):
     plan: Plan
 
 
-def _direct(uses: list[Factored | Direct], n: int, param: Tensor) -> Tensor:
-    """Per-sample gradients of a direct/fallback parameter: ``[n, P]``."""
-    grads = [u.grad for u in uses if isinstance(u, Direct)]
-    if len(grads) != len(uses):  # the plan routes mixed use to the fallback
-        raise AssertionError("a direct/fallback parameter has a factored use")
-    total = torch.stack(grads).sum(0) if grads else param.new_zeros(n, *param.shape)
-    return total.reshape(n, -1)
-
-
-def _factored(uses: list[Factored | Direct]) -> list[Factored]:
-    out = [u for u in uses if isinstance(u, Factored)]
-    if len(out) != len(uses):  # the plan routes mixed use to the fallback
-        raise AssertionError("a factored parameter has a direct use")
-    return out
-
-
-def _train_mean(path: str, uses: list[Factored | Direct], n: int, param: Tensor) -> Tensor:
-    """``mean_i g_i`` over the training rows, shaped like ``param``."""
-    if path in ("direct", "fallback"):
-        return _direct(uses, n, param).mean(0).reshape(param.shape)
-    p = param.shape[0]
-    total = param.new_zeros(p, param.numel() // p)
-    for f in _factored(uses):
-        total = total + K.weight_sum(f)  # [p, d]
-    return (total / n).reshape(param.shape)
-
-
-def _contract(path: str, uses: list[Factored | Direct], u: Tensor, n: int, param: Tensor) -> Tensor:
-    """``<g_i, u>`` for every training row ``i``: ``[n]`` (``u`` shaped like ``param``)."""
-    if path in ("direct", "fallback"):
-        return _direct(uses, n, param) @ u.reshape(-1)  # [n, P] @ [P]
-    u2 = u.reshape(param.shape[0], -1)  # [p, d]
-    out = param.new_zeros(n)
-    for f in _factored(uses):
-        out = out + K.contract(f, u2)  # Σ_t L[i,t]ᵀ U R[i,t]
-    return out
-
-
 def _import_jvp_decompositions() -> None:
     """``torch.func.jvp`` imports its decompositions on first use, which calls ``torch.jit.script``
     and so warns that TorchScript is deprecated (torch's own code, nothing the caller can fix):
@@ -115,28 +88,36 @@ def _import_jvp_decompositions() -> None:
         importlib.import_module("torch._decomp.decompositions_for_jvp")
 
 
-def val_hvp(model_fn: Callable[[Params, Any], Tensor], params: Params, val: Any, vector: Params) -> Params:
-    """``H_val · v``: the exact Hessian of the mean validation loss times ``vector``.
+def val_grad_hvp(model_fn: Callable[[Params, Any], Tensor], params: Params, val: Batch, weights: Tensor,
+                 vector: Params, where: str) -> tuple[Params, Params, Tensor]:
+    """``ḡ = Σ_v w_v g_v``, ``H·vector`` (``H`` the exact Hessian of ``Σ_v w_v L_v``) and the losses ``[m]``.
 
-    Forward-over-reverse (``torch.func.jvp`` of ``torch.func.grad``), about the cost
-    of two backward passes on the validation batch. Fused attention kernels have
-    no forward-mode derivative on every backend, so ``scaled_dot_product_attention``
-    runs on its math backend here (the same function); an op with no forward-mode
-    rule at all falls back to reverse-over-reverse (``vjp`` of ``grad``, exact as well).
+    One forward-over-reverse pass (``torch.func.jvp`` of ``torch.func.grad``): its
+    primal output is the gradient, so the validation batch runs once for both,
+    at about the cost of three ordinary backward passes. Samples run alone under
+    ``vmap``, as in the capture. Fused attention kernels have no forward-mode
+    derivative on every backend, so ``scaled_dot_product_attention`` runs on its
+    math backend here (the same function); an op with no forward-mode rule at all
+    falls back to reverse-over-reverse (``vjp`` of ``grad``, exact as well).
     """
+    losses_of = per_sample_losses(model_fn, val, where)
 
-    def loss(p: Params) -> Tensor:
-        return model_fn(p, val).mean()
+    def total(p: Params) -> tuple[Tensor, Tensor]:
+        losses = losses_of(p)
+        return (losses * weights.to(losses.dtype)).sum(), losses
 
+    grad = torch.func.grad(total, has_aux=True)
     _import_jvp_decompositions()
-    with sdpa_kernel([SDPBackend.MATH]):
+    with sdpa_kernel([SDPBackend.MATH]), _rephrase(where):
         try:
-            return torch.func.jvp(torch.func.grad(loss), (params,), (vector,))[1]
+            g, hv, losses = torch.func.jvp(grad, (params,), (vector,), has_aux=True)
         except NotImplementedError as err:
             if "forward AD" not in str(err):
                 raise
-        pullback = torch.func.vjp(torch.func.grad(loss), params)[1]
-        return pullback(vector)[0]  # H symmetric: vᵀH = (Hv)ᵀ
+            (g, losses), pullback = torch.func.vjp(grad, params)
+            hv = pullback((vector, torch.zeros_like(losses)))[0]  # H symmetric: vᵀH = (Hv)ᵀ
+    _check_finite(losses, "val", where)
+    return g, hv, losses.detach()
 
 
 def compute_values(
@@ -151,44 +132,56 @@ def compute_values(
     precondition: Callable[[Params, Params], Params] | None = None,
     first_order: bool = True,
 ) -> Values:
-    """One capture, then the values against ``u = −a·P(ḡ_val) + (a²/2)·H_val G`` (``a = lr/n``).
+    """The values against ``u = −a·P(ḡ_val) + (a²/2)·H_val G`` (``a = lr/n``), and the mean train gradient.
 
     ``precondition(direction, train_grad) -> direction`` (``P``, order 1 only) is
     the optimizer's diagonal preconditioner; ``None`` is the identity. At order 2,
     ``first_order=False`` skips the extra contraction that reports the order-1 part
     (``Values.first_order`` is then ``None``).
+
+    Plain order 1 is ``−a`` times :func:`ghostfunc.graddot`'s scores (the same
+    streamed capture, the default policy). Otherwise the training rows go first
+    (``G`` and the train gradient come from their factors), then the validation
+    batch once: an ordinary backward for ``ḡ_val`` (order 1), or one
+    forward-over-reverse pass for ``ḡ_val`` and ``H_val G`` together (order 2);
+    then one contraction against ``u`` (two at order 2 for the order-1 part).
     """
     check_lr_order(where, lr, order)
     if precondition is not None and order != 1:
         raise ValueError(f"{where}: optimizer-aware (preconditioned) values are first order only; got order={order}")
-    params, tb, vb = _prepare(where, model_fn, params, train, val, val_reduce="mean", policy="contract")
+    params, tb, vb = _prepare(where, model_fn, params, train, val, val_reduce="mean", policy="auto")
     n, m = tb.size, vb.size
-    cap, use = run(model_fn, params, tb, vb, where)
-    plan = make_plan(params, use, "contract", n, m, "mean")
-    g_val, g_train = {}, {}
-    for k, route in plan.routes.items():
-        tr, va = cap.grads[k]
-        weights = val_weights("mean", m, params[k])
-        assert weights is not None
-        g_val[k] = val_grad(route.path, va, weights, params[k])  # ḡ_val
-        g_train[k] = _train_mean(route.path, tr, n, params[k])
     a = lr / n
-    if precondition is not None:
-        g_val = precondition(g_val, g_train)
-    u1 = {k: g.mul(-a) for k, g in g_val.items()}
+    weights = val_weights("mean", m, next(iter(params.values())))
+    assert weights is not None
+    if order == 1 and precondition is None:
+        st = run_streamed(model_fn, params, tb, vb, where, "auto", "mean")
+        per_param, g_train = score_streamed(st, params, weights, n, m, None)
+        values = sum_scores(per_param, params).mul(-a)
+        return Values(values, values, g_train, st.train_loss, st.val_loss, st.plan)
+
+    def train_first(fresh: bool) -> tuple[Routing, Half]:
+        r = routing(model_fn, params, tb, vb, where, "contract", "mean", fresh)
+        return r, capture_one(model_fn, params, tb, r, 0, where)
+
+    r, t = retry_stale(where, train_first)
+    g_train = {k: train_mean(route.path, t.grads[k], n, params[k]) for k, route in r.plan.routes.items()}
 
     def contract_all(u: Params) -> Tensor:
-        acc = torch.promote_types(next(iter(params.values())).dtype, torch.float32)
-        parts = [_contract(r.path, cap.grads[k][0], u[k], n, params[k]).to(acc) for k, r in plan.routes.items()]
-        return torch.stack(parts).sum(0)
+        return sum_scores({k: contract_direction(route.path, t.grads[k], u[k], n, params[k])
+                     for k, route in r.plan.routes.items()}, params)
 
     if order == 1:
-        values = contract_all(u1)
-        return Values(values, values, g_train, cap.train_loss, cap.val_loss, plan)
-    hg = val_hvp(model_fn, params, val, {k: g.mul(n) for k, g in g_train.items()})  # H_val G, G = Σ_j g_j
+        assert precondition is not None
+        g_val, val_loss = weighted_grad(model_fn, params, vb, weights, where, "val")
+        values = contract_all({k: g.mul(-a) for k, g in precondition(g_val, g_train).items()})
+        return Values(values, values, g_train, t.loss, val_loss, r.plan)
+    g_val, hg, val_loss = val_grad_hvp(model_fn, params, vb, weights, {k: g.mul(n) for k, g in g_train.items()},
+                                       where)  # H_val G, G = Σ_j g_j
+    u1 = {k: g.mul(-a) for k, g in g_val.items()}
     u = {k: u1[k] + hg[k].to(u1[k].dtype).mul(a * a / 2) for k in u1}
     first = contract_all(u1) if first_order else None
-    return Values(contract_all(u), first, g_train, cap.train_loss, cap.val_loss, plan)
+    return Values(contract_all(u), first, g_train, t.loss, val_loss, r.plan)
 
 
 def check_lr_order(where: str, lr: Any, order: Any) -> None:

@@ -322,6 +322,52 @@ def test_error_nan_losses_name_the_samples():
         ghostfunc.graddot(model_fn, params, (x, y), (x[:2], y[:2]))
 
 
+@pytest.mark.parametrize("policy", ["ghost", "materialize", "contract"])
+def test_error_nan_validation_loss(policy):
+    """Both validation paths (captured for ghost, one ordinary backward otherwise) refuse non-finite losses."""
+    model_fn, params, (x, y) = _mlp()
+    xv = x.clone()
+    xv[1] = float("inf")
+    with pytest.raises(FloatingPointError, match=r"^graddot: .*non-finite losses for val samples \[1\]"):
+        ghostfunc.graddot(model_fn, params, (x, y), (xv, y), policy=policy)
+
+
+def _vmap_grads(model_fn, params, batch):
+    def one(p, sample):
+        return model_fn(p, tuple(t.unsqueeze(0) for t in sample))[0]
+
+    return torch.func.vmap(torch.func.grad(one), in_dims=(None, 0), randomness="different")(params, batch)
+
+
+@pytest.mark.parametrize(("policy", "val_reduce"), [(p, r) for p in ("ghost", "materialize", "contract")
+                                                   for r in (None, "mean", "sum") if (p, r) != ("contract", None)])
+def test_dropout_rows_see_the_masks_of_train_then_val(policy, val_reduce):
+    """A model that draws random numbers sees them in the order ``model_fn(params, train)``,
+    ``model_fn(params, val)`` would, on every path (the streamed one included), on every call."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Dropout(0.5), nn.Linear(8, 2)).to(F64).train()
+
+    def model_fn(p, batch):
+        x, y = batch
+        return F.cross_entropy(functional_call(net, p, (x,)), y, reduction="none")
+
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    train = (torch.randn(5, 3, dtype=F64), torch.tensor([0, 1, 1, 0, 1]))
+    val = (torch.randn(3, 3, dtype=F64), torch.tensor([1, 0, 1]))
+    for _ in range(2):  # the second call knows the model is random and goes train-first at once
+        torch.manual_seed(3)
+        out = ghostfunc.graddot(model_fn, params, train, val, val_reduce=val_reduce, policy=policy)
+        torch.manual_seed(3)
+        lt, lv = model_fn(params, train), model_fn(params, val)
+        torch.manual_seed(3)
+        gt, gv = _vmap_grads(model_fn, params, train), _vmap_grads(model_fn, params, val)
+        torch.testing.assert_close(out.train_loss, lt, rtol=0, atol=1e-13)
+        torch.testing.assert_close(out.val_loss, lv, rtol=0, atol=1e-13)
+        mat = sum(gt[k].flatten(1) @ gv[k].flatten(1).T for k in params)
+        ref = {None: mat, "mean": mat.mean(1), "sum": mat.sum(1)}[val_reduce]
+        assert rel(out.scores, ref) < 1e-10
+
+
 def test_error_divergent_data_dependent_branch():
     def model_fn(p, x):
         h = F.linear(x, p["W"])
