@@ -519,7 +519,7 @@ def weighted_grad(model_fn: ModelFn, params: Mapping[str, Tensor], batch: Batch,
     cost and memory of ``loss.backward()`` on the batch. ``label`` names the batch in errors.
     """
     with _rephrase(where):
-        losses, pullback = torch.func.vjp(per_sample_losses(model_fn, batch, where), dict(params))
+        losses, pullback = torch.func.vjp(per_sample_losses(model_fn, batch, where), dict(params))  # type: ignore[misc]
     _check_finite(losses, label, where)
     (grads,) = pullback(weights.to(losses.dtype), retain_graph=False, create_graph=False)
     del pullback

@@ -110,11 +110,11 @@ def val_grad_hvp(model_fn: Callable[[Params, Any], Tensor], params: Params, val:
     _import_jvp_decompositions()
     with sdpa_kernel([SDPBackend.MATH]), _rephrase(where):
         try:
-            g, hv, losses = torch.func.jvp(grad, (params,), (vector,), has_aux=True)
+            g, hv, losses = torch.func.jvp(grad, (params,), (vector,), has_aux=True)  # type: ignore[misc]
         except NotImplementedError as err:
             if "forward AD" not in str(err):
                 raise
-            (g, losses), pullback = torch.func.vjp(grad, params)
+            (g, losses), pullback = torch.func.vjp(grad, params)  # type: ignore[misc]
             hv = pullback((vector, torch.zeros_like(losses)))[0]  # H symmetric: vᵀH = (Hv)ᵀ
     _check_finite(losses, "val", where)
     return g, hv, losses.detach()
