@@ -18,9 +18,10 @@ contraction ``φ_i = <g_i, u>`` against the fixed direction
 
     u = −a·ḡ_val + (a²/2)·H_val G,
 
-where ``ḡ_val`` comes from the same tap backward as the ``g_i`` and ``H_val G``
-is one exact Hessian-vector product on the validation batch (``torch.func.jvp``
-of ``torch.func.grad``). By Shapley efficiency, ``Σ_i φ_i`` equals the Taylor
+where the ``g_i`` come from a tap capture of the training rows, ``ḡ_val`` from one
+ordinary backward over the validation batch (order 1), and at order 2 ``ḡ_val``
+and ``H_val G`` together from one exact forward-over-reverse pass over it
+(``torch.func.jvp`` of ``torch.func.grad``, whose primal output is ``ḡ_val``). By Shapley efficiency, ``Σ_i φ_i`` equals the Taylor
 expansion of ``U`` (all rows) to the chosen order.
 
 **Sign convention** (everywhere in ghostfunc): values are ``φ``, the Shapley

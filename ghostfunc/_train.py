@@ -1,8 +1,8 @@
 """A stateless training step that also returns In-Run Data Shapley values.
 
 ``step = train_step(model_fn, optimizer, order=1)``; ``state = step.init(params)``;
-``state, info = step(state, train, val)``. One capture over ``[train; val]`` gives
-the per-sample values and the mean *training* gradient; the optimizer update uses
+``state, info = step(state, train, val)``. One pass over each batch gives the
+per-sample values and the mean *training* gradient; the optimizer update uses
 that gradient only, so the parameters follow an ordinary ``torch.optim`` loop over
 the training batches (the validation rows never move the model).
 """
@@ -101,11 +101,13 @@ def train_step(model_fn: Callable[[Params, Any], Tensor], optimizer: Optimizer, 
     """Build a stateless training step that returns In-Run Data Shapley values.
 
     ``step = train_step(model_fn, optimizer, order=1)``, ``state = step.init(params)``,
-    ``state, info = step(state, train, val)``. Per step: one forward over
-    ``[train; val]``, one tap backward, one contraction (``order=2`` adds one
-    Hessian-vector product on the validation batch and one more contraction for
-    ``info.first_order``), then ``optimizer.update`` with the mean gradient of the
-    **training rows only**, so the trajectory equals a ``torch.optim`` loop on
+    ``state, info = step(state, train, val)``. Per step: ``order=1`` makes the
+    passes of :func:`ghostfunc.graddot` (one ordinary backward over the validation
+    batch, one tap capture over the training rows, one contraction); ``order=2``
+    captures the training rows, then runs one forward-over-reverse pass over the
+    validation batch (``ḡ_val`` and the Hessian-vector product together) and two
+    contractions (one for ``info.first_order``). Then ``optimizer.update`` with the
+    mean gradient of the **training rows only**, so the trajectory equals a ``torch.optim`` loop on
     the training batches.
 
     Values (``info.values``, ``[n_train]``) are ``φ`` of :func:`ghostfunc.inrun_shapley`
