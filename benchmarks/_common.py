@@ -617,6 +617,27 @@ def write(stem: str, out: Path, payload: dict[str, Any], table: str) -> list[Pat
     return paths
 
 
+def save_figure(fig: Any, path: Path) -> None:
+    """Lay out, save (PNG, 120 dpi) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(stem: str, out: Path, payload: dict[str, Any], text: str,
+           figure: Callable[[dict[str, Any], Path], None] | None = None) -> None:
+    """Print the table, write ``<stem>.json`` and ``<stem>.md`` (and ``<stem>.png`` with ``figure``)
+    under ``out``, and say where."""
+    print(text)
+    paths = write(stem, out, payload, text)
+    if figure is not None:
+        paths.append(out / f"{stem}.png")
+        figure(payload, paths[-1])
+    print("\nwrote", ", ".join(str(p) for p in paths))
+
+
 def ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b == 0 else a / b
 

@@ -144,20 +144,14 @@ def figure(payload: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("time / baseline (plain fwd+bwd on [train; val], or plain + optimizer); "
                   "bars: median, whiskers: min-max over rounds", fontsize=8)
     ax.set_title(C.Config(**payload["config"]).label(), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    C.save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse(argv)
     payload = run(args)
-    text = table(payload)
-    print(text)
     stem = "headline" if args.model == DEFAULT.model else f"headline_{args.model}"
-    paths = C.write(stem, args.out, payload, text)
-    figure(payload, args.out / f"{stem}.png")
-    print("\nwrote", ", ".join(str(p) for p in [*paths, args.out / f"{stem}.png"]))
+    C.report(stem, args.out, payload, table(payload), figure)
     return payload
 
 

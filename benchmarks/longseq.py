@@ -85,11 +85,8 @@ def table(payload: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse(argv)
     payload = run(args)
-    text = table(payload)
-    print(text)
     stem = "longseq" if args.model == DEFAULT.model else f"longseq_{args.model}"
-    paths = C.write(stem, args.out, payload, text)
-    print("\nwrote", ", ".join(str(p) for p in paths))
+    C.report(stem, args.out, payload, table(payload))
     return payload
 
 

@@ -131,19 +131,14 @@ def figure(payload: dict[str, Any], path: Path) -> None:
     handles: list[Any] = [Patch(color=v, label=k) for k, v in colour.items()]
     handles.append(plt.Line2D([], [], color="k", ls="--", label="2T² rule: ghost below the line"))
     ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    C.save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse(argv)
     payload = run(args)
-    text = table(payload)
-    print(text)
-    paths = C.write("mlp2d", args.out, payload, text)
-    figure(payload, args.out / "mlp2d.png")
-    print("\nwrote", ", ".join(str(p) for p in [*paths, args.out / "mlp2d.png"]))
+    stem = "mlp2d"
+    C.report(stem, args.out, payload, table(payload), figure)
     return payload
 
 

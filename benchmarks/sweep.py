@@ -147,20 +147,14 @@ def figure(payload: dict[str, Any], path: Path) -> None:
     first = C.Config(**payload["points"][0]["config"])
     ax.set_title(f"{payload['model']}: time ratio vs {payload['vary']} ({first.label()})", fontsize=8)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    C.save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse(argv)
     payload = run(args)
-    text = table(payload)
-    print(text)
     stem = f"sweep_{args.model}_{args.vary}"
-    paths = C.write(stem, args.out, payload, text)
-    figure(payload, args.out / f"{stem}.png")
-    print("\nwrote", ", ".join(str(p) for p in [*paths, args.out / f"{stem}.png"]))
+    C.report(stem, args.out, payload, table(payload), figure)
     return payload
 
 

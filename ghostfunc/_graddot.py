@@ -255,23 +255,22 @@ def contract_direction(route_path: str, tr: list[Factored | Direct], u: Tensor, 
 
 def score_param(route_path: str, tr: list, va: list, weights: Tensor | None, n: int, m: int,
                 param: Tensor, dtype: torch.dtype | None) -> tuple[Tensor, Tensor]:
-    """One parameter's score contribution (``[n]`` or ``[n, m]``) and mean train gradient."""
+    """One parameter's ``<g_i, g_v>`` against every validation row, ``[n, m]`` (times ``weights``
+    ``[m]`` when given: ``[n]``), and its mean train gradient. Against one reduced validation
+    gradient, :func:`score_direction` is the cheaper call (the only one for ``contract``)."""
     shape = param.shape
     if route_path in ("direct", "fallback"):
         gt, gv = _direct(tr, n, shape, param), _direct(va, m, shape, param)  # [n, P], [m, P]
-        other = gv.T if weights is None else (weights @ gv)
-        return gt @ other, gt.mean(0).reshape(shape)
-    p = shape[0]
-    d = param.numel() // p
-    if route_path == "materialize":  # fused: per-row gradients in cache-sized blocks, dotted and summed
-        h = _factored(va) if weights is None else _val_direction(va, weights, p, d, param)  # val rows, or ḡ_val
-        scores, total = K.materialise_dots(_factored(tr), h, n, dtype)
-        return scores, (total / n).reshape(shape)
-    if route_path == "ghost":
+        mat, train = gt @ gv.T, gt.mean(0).reshape(shape)
+    elif route_path == "materialize":  # fused: per-row gradients in cache-sized blocks, dotted and summed
+        mat, total = K.materialise_dots(_factored(tr), _factored(va), n, dtype)
+        train = (total / n).reshape(shape)
+    elif route_path == "ghost":
         mat = _total([K.gram(a, b, dtype) for a in _factored(tr) for b in _factored(va)], param.new_zeros(n, m))
-        return (mat if weights is None else mat @ weights), train_mean(route_path, tr, n, param)
-    assert weights is not None, "contract needs a reduced validation gradient"
-    return score_direction("contract", tr, _val_direction(va, weights, p, d, param), n, param, dtype)
+        train = train_mean(route_path, tr, n, param)
+    else:
+        raise AssertionError(f"score_param: {route_path!r} contracts against one direction: use score_direction")
+    return (mat if weights is None else mat @ weights), train
 
 
 def score_direction(route_path: str, tr: list, u: Tensor, n: int, param: Tensor,

@@ -30,8 +30,6 @@ from ._ops import Factored
 
 #: Elements a Gram block may hold; larger problems are cut into row and token chunks.
 GRAM_BLOCK = 1 << 24
-#: Elements a chunk of materialised per-sample gradients may hold.
-MATERIALISE_BLOCK = 1 << 25
 
 
 def _cast(x: Tensor, dtype: torch.dtype | None) -> Tensor:
@@ -87,17 +85,6 @@ def weight_sum(f: Factored, weights: Tensor | None = None) -> Tensor:
         out = torch.zeros(f.p, d, dtype=right.dtype, device=right.device)
         return out.index_add_(0, f.left.reshape(-1), right.reshape(-1, d))
     return einsum(f.left, right, "n t p, n t d -> p d")
-
-
-def materialise(f: Factored, rows: slice) -> Tensor:
-    """The per-sample gradients ``g_n`` of ``rows``: ``[c, p, d]``."""
-    left, right = f.left[rows], f.right[rows]
-    c, d = right.shape[0], right.shape[-1]
-    if f.ids:
-        index = left + torch.arange(c, device=left.device)[:, None] * f.p  # [c, t] rows of a [c·p, d] buffer
-        out = torch.zeros(c * f.p, d, dtype=right.dtype, device=right.device)
-        return out.index_add_(0, index.reshape(-1), right.reshape(-1, d)).view(c, f.p, d)
-    return torch.bmm(left.transpose(1, 2), right)  # [c, p, t] @ [c, t, d]
 
 
 #: Elements one block of materialised gradients may hold in :func:`materialise_dots` on CPU
@@ -186,13 +173,6 @@ def materialise_dots(tr: list[Factored], other: list[Factored] | Tensor, n: int,
             scores[rows] += (_cast(g, dtype).reshape(g.shape[0], -1) @ h.T).to(acc)
             total[ps] += g.sum(0)
     return (scores[:, 0] if fixed else scores).to(ref.dtype), total
-
-
-def chunk_rows(n: int, p: int, d: int) -> Iterator[slice]:
-    """Row slices whose materialised gradients stay under :data:`MATERIALISE_BLOCK` elements."""
-    step = max(1, MATERIALISE_BLOCK // max(p * d, 1))
-    for i in range(0, n, step):
-        yield slice(i, min(i + step, n))
 
 
 def contract(f: Factored, u: Tensor, dtype: torch.dtype | None = None) -> Tensor:
