@@ -12,8 +12,23 @@ torch.set_num_threads(1)
 
 
 def pytest_terminal_summary(terminalreporter):
-    from tests import test_properties
+    import sys
 
-    if test_properties.WORST:
+    # only the modules this run collected (test_hf needs transformers)
+    test_properties, test_hf = (sys.modules.get(f"tests.{m}") for m in ("test_properties", "test_hf"))
+    if test_properties is not None and test_properties.WORST:
         worst = ", ".join(f"{k} {v:.2e}" for k, v in sorted(test_properties.WORST.items()))
         terminalreporter.write_line(f"graddot vs single-sample loop, worst relative score error: {worst}")
+    # per Hugging Face family: the worst over its attention kernels, per dtype
+    if test_hf is not None and any(case.endswith("float64") for _, case in test_hf.WORST):
+        per: dict[str, dict[str, float]] = {}
+        for (family, case), err in test_hf.WORST.items():
+            dtype = case.split()[-1]
+            if dtype not in ("float32", "float64"):  # LoRA, low precision, ...: their own tests and tolerances
+                continue
+            per.setdefault(family, {})[dtype] = max(per.get(family, {}).get(dtype, 0.0), err)
+        terminalreporter.write_line("Hugging Face families vs single-sample loop, worst relative score error:")
+        for family, errs in per.items():
+            line = ", ".join(f"{d} {e:.1e}" for d, e in sorted(errs.items()))
+            fallback = ", ".join(sorted(test_hf.FALLBACK[family])) or "none"
+            terminalreporter.write_line(f"  {family}: {line}; parameters on the fallback: {fallback}")
