@@ -30,7 +30,7 @@ def _matcher(dims: int):
             if groups != 1 or isinstance(padding, str):
                 return None
             roles = {"weight": weight} if bias is None else {"weight": weight, "bias": bias}
-            static = (_pair(stride, dims), _pair(padding, dims), _pair(dilation, dims))
+            static = (_pair(stride, dims), _pair(padding, dims), _pair(dilation, dims), dims)
             return Match(roles, (input,), static)
 
         return bind(*args, **kwargs)
@@ -40,13 +40,12 @@ def _matcher(dims: int):
 
 def _grad(static: Any, saved: tuple[Tensor, ...], grad_out: Tensor, role: str, shape: torch.Size) -> Grad:
     (x,) = saved
-    spatial = len(shape) - 2
-    if x.dim() == spatial + 2:  # the model called the conv on one unbatched sample
+    stride, padding, dilation, spatial = static  # spatial rank: the conv's, whatever the role's shape
+    if x.dim() == spatial + 2:  # the model called the conv on one unbatched sample: x [n, c_in, *in_spatial]
         x, grad_out = x[:, None], grad_out[:, None]
     # x: [n, b, c_in, *in_spatial], grad_out: [n, b, c_out, *out_spatial]; b is the model's batch axis
     if role == "bias":
         return Direct(grad_out.flatten(3).sum(dim=(1, 3)))  # [n, c_out]
-    stride, padding, dilation = static
     kernel = tuple(shape[2:])
     if spatial == 1:  # conv1d: a height-1 conv2d
         x, grad_out = x[..., None, :], grad_out[..., None, :]
