@@ -108,6 +108,16 @@ class _Interceptor(TorchFunctionMode):
         self.saved: list[Tensor] = []
         self.statics: list[Any] = []
 
+    def __enter__(self) -> _Interceptor:
+        # torch.compile'd code runs eagerly in here: dynamo would inline this mode into its graph, and the
+        # graph's calls (the "eager" backend replays them as torch calls) would come through it again.
+        self._stance = torch.compiler.set_stance("force_eager")
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        super().__exit__(*exc)
+        self._stance.__exit__(*exc)
+
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         if func in _TO_PYTHON and args and _batch_level_count(args[0]) == 1:
