@@ -30,7 +30,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
-from ._ops import TABLE, Direct, Factored, Rule, SamplesInteractError
+from ._ops import EXACT, TABLE, Direct, Factored, Rule, SamplesInteractError
 
 ModelFn = Callable[[dict[str, Tensor], Any], Tensor]
 
@@ -124,6 +124,7 @@ class _Interceptor(TorchFunctionMode):
             return _agreed_value(func, args, kwargs)
         if func is F.scaled_dot_product_attention:
             func = _sdpa
+        func = EXACT.get(func, func)  # e.g. F.embedding with per-sample scale_grad_by_freq under vmap
         found = _params_in((args, kwargs), self.names) if self.names else []
         if not found:
             return func(*args, **kwargs)

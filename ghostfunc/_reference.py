@@ -24,7 +24,7 @@ def per_sample_grads(model_fn: Callable, params: Mapping[str, Tensor], batch: An
         loss = model_fn(p, _sample(batch, i)).reshape(())
         gs = torch.autograd.grad(loss, list(p.values()), allow_unused=True)
         for (k, v), g in zip(p.items(), gs, strict=True):
-            grads[k].append(torch.zeros_like(v) if g is None else g)
+            grads[k].append(torch.zeros_like(v) if g is None else g.to_dense() if g.is_sparse else g)
         losses.append(loss.detach())
     return {k: torch.stack(v) for k, v in grads.items()}, torch.stack(losses)
 

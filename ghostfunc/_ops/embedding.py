@@ -1,10 +1,14 @@
-"""Embedding lookups: ``F.embedding(ids, W, padding_idx=...)``.
+"""Embedding lookups: ``F.embedding(ids, W, padding_idx=..., scale_grad_by_freq=..., sparse=...)``.
 
 ``y[t] = W[ids[t]]``, so ``g_W = Σ_t onehot(ids[t]) ⊗ B[t]``: factored with an
 integer left factor (``[n, t]`` ids, never a one-hot tensor) and ``B`` on the right.
 The ``padding_idx`` row gets no gradient: its tokens' ``B`` rows are zeroed.
-Broadcast ids (position ids of shape ``(1, T)``) come back from ``vmap`` expanded
-to every sample, so nothing needs guessing.
+``scale_grad_by_freq`` divides each token's ``B[t]`` by how often its id occurs in
+the call; run alone, a sample's call holds only its own ids, so the count is taken
+within each sample (``B[t] / count_i(ids[t])``). ``sparse`` changes only the layout
+of the gradient autograd would return, not its values. Broadcast ids (position ids
+of shape ``(1, T)``) come back from ``vmap`` expanded to every sample, so nothing
+needs guessing.
 """
 
 from __future__ import annotations
@@ -30,26 +34,83 @@ def _match(args: tuple, kwargs: dict[str, Any]) -> Match | None:
         sparse: bool = False,
     ) -> Match | None:
         del norm_type, sparse
-        if max_norm is not None or scale_grad_by_freq:  # renormalises W in place / couples tokens
+        if max_norm is not None:  # renormalises W in place
             return None
         if padding_idx is not None and padding_idx < 0:
             padding_idx += weight.shape[0]
-        return Match({"weight": weight}, (input,), padding_idx)
+        return Match({"weight": weight}, (input,), (padding_idx, bool(scale_grad_by_freq)))
 
     return bind(*args, **kwargs)
 
 
-def _grad(padding_idx: Any, saved: tuple[Tensor, ...], grad_out: Tensor, role: str, shape: torch.Size) -> Grad:
+def _grad(static: Any, saved: tuple[Tensor, ...], grad_out: Tensor, role: str, shape: torch.Size) -> Grad:
     del role
+    padding_idx, by_freq = static
     (ids,) = saved
     vocab, width = shape
     ids = ids.reshape(ids.shape[0], -1)  # [n, t]
     right = grad_out.reshape(ids.shape[0], -1, width)  # [n, t, d]
+    if by_freq:
+        right = right / counts_within_sample(ids, vocab).to(right.dtype)[..., None]
     if padding_idx is not None:
         right = right.masked_fill((ids == padding_idx)[..., None], 0)
     return Factored(ids, right, vocab)
 
 
+def counts_within_sample(ids: Tensor, vocab: int) -> Tensor:
+    """``[n, t]`` ids -> ``[n, t]``: how often each token's id occurs in its own sample (``n·(vocab + t)``)."""
+    n = ids.shape[0]
+    per_id = torch.zeros(n, vocab, dtype=torch.int64, device=ids.device)
+    per_id.scatter_add_(1, ids, torch.ones_like(ids, dtype=torch.int64))  # [n, vocab]
+    return per_id.gather(1, ids)  # [n, t]
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; the backward multiplies the incoming gradient by ``scale``."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor, scale: Tensor) -> Tensor:
+        return x.clone()
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        ctx.save_for_backward(inputs[1])
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        (scale,) = ctx.saved_tensors
+        return grad * scale, None
+
+
+def embedding(input: Tensor, weight: Tensor, padding_idx: int | None = None, max_norm: float | None = None,
+              norm_type: float = 2.0, scale_grad_by_freq: bool = False, sparse: bool = False) -> Tensor:
+    """``F.embedding`` whose gradient is exact per sample under ``vmap`` (run in its place by the capture).
+
+    Under ``vmap`` with an unbatched ``weight`` (one ordinary backward over every
+    sample, as the reduced validation gradient is computed) functorch runs one
+    embedding backward over all samples' ids: ``scale_grad_by_freq`` then counts ids
+    across samples. Here the count is taken on each sample's own ids (``vmap`` keeps
+    it per sample) and applied to the output's gradient, the lookup itself being
+    plain; ``sparse`` is dropped (a dense gradient, the same values).
+    """
+    del sparse
+    out = F.embedding(input, weight, padding_idx, max_norm, norm_type, False, False)
+    if not scale_grad_by_freq:
+        return out
+    flat = input.reshape(-1)  # [t] (per sample under vmap)
+    per_id = torch.zeros(weight.shape[0], dtype=torch.int64, device=flat.device).scatter_add(
+        0, flat, torch.ones_like(flat, dtype=torch.int64))  # [vocab], occurrences in the call
+    count = per_id.gather(0, flat).reshape(input.shape)  # [*ids]
+    return _ScaleGrad.apply(out, (1.0 / count.to(out.dtype))[..., None])
+
+
+embedding.__name__ = embedding.__qualname__ = "embedding"
+
 EMBEDDING = Rule("embedding", _match, _grad, frozenset({"weight"}), out_axis=1)
 
-TABLE: dict[Callable[..., Any], Rule] = {F.embedding: EMBEDDING}
+TABLE: dict[Callable[..., Any], Rule] = {F.embedding: EMBEDDING, embedding: EMBEDDING}
+
+#: Calls the capture runs in place of torch's own (same values, exact per-sample gradients under ``vmap``).
+EXACT: dict[Callable[..., Any], Callable[..., Any]] = {F.embedding: embedding}
