@@ -30,6 +30,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
+from ._interact import FACTORIES, InPlaceWriteError, run_writing
 from ._ops import EXACT, TABLE, Direct, Factored, Rule, SamplesInteractError
 
 ModelFn = Callable[[dict[str, Tensor], Any], Tensor]
@@ -107,6 +108,7 @@ class _Interceptor(TorchFunctionMode):
         self.other_uses: dict[str, str] = {}
         self.saved: list[Tensor] = []
         self.statics: list[Any] = []
+        self.fresh: set[int] = set()  # ids of the tensors made by FACTORIES in this run
 
     def __enter__(self) -> _Interceptor:
         # torch.compile'd code runs eagerly in here: dynamo would inline this mode into its graph, and the
@@ -127,7 +129,10 @@ class _Interceptor(TorchFunctionMode):
         func = EXACT.get(func, func)  # e.g. F.embedding with per-sample scale_grad_by_freq under vmap
         found = _params_in((args, kwargs), self.names) if self.names else []
         if not found:
-            return func(*args, **kwargs)
+            out = run_writing(func, args, kwargs, self.fresh)  # a per-sample write into a fresh tensor: exact
+            if func in FACTORIES:
+                self.fresh.add(id(out))
+            return out
         rule = TABLE.get(func)
         match = rule.match(args, kwargs) if rule is not None else None
         roles: dict[str, str] = {}
@@ -397,7 +402,7 @@ class _rephrase:
 
     def __exit__(self, kind: Any, err: Any, tb: Any) -> None:
         self._warnings.__exit__(None, None, None)
-        for kind in (SamplesInteractError, DivergentBranchError):
+        for kind in (SamplesInteractError, DivergentBranchError, InPlaceWriteError):
             if isinstance(err, kind) and not str(err).startswith(self.where):
                 raise kind(f"{self.where}: {err}") from None
         if isinstance(err, RuntimeError) and "vmap" in str(err) and ("inplace" in str(err) or "in-place" in str(err)):

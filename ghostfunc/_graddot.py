@@ -12,6 +12,7 @@ from torch import Tensor
 from . import _kernels as K
 from ._capture import Batch, Captured, Half, ModelFn, Trace, _Stale, capture, capture_batches, trace, weighted_grad
 from ._checks import check_model_fn, check_options, check_pair, check_params
+from ._interact import check_model
 from ._ops import Direct, Factored
 from ._plan import Plan, make_plan, usages
 
@@ -312,6 +313,7 @@ def _prepare(where: str, model_fn: Any, params: Any, train: Any, val: Any,
     check_options(where, **options)
     params = check_params(params, where)
     tb, vb = check_pair(train, val, where)
+    check_model(model_fn, params, (tb, vb), where)  # parameters used, samples independent (cached)
     return params, tb, vb
 
 

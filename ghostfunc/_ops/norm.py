@@ -6,7 +6,7 @@
 - ``x * w`` and ``x + w`` with a parameter ``w`` (HF ``LlamaRMSNorm``,
   ``T5LayerNorm``, learnable scales and shifts): ``g_w = sum_to(B ⊙ x)`` and
   ``g_w = sum_to(B)`` under broadcasting.
-- ``F.batch_norm`` in training mode mixes the samples of a batch: refused.
+- ``F.batch_norm`` in training mode mixes the samples of a batch: refused (see :func:`batch_norm`).
 """
 
 from __future__ import annotations
@@ -79,20 +79,46 @@ def _grad_group_norm(static: Any, saved: tuple[Tensor, ...], grad_out: Tensor, r
     return Direct(y.sum(dim=dims))  # [n, c]
 
 
+_BATCH_STATS = (
+    "the model calls batch_norm in training mode (a BatchNorm layer in train mode, or one with "
+    "track_running_stats=False, which always uses batch statistics), which normalises each sample "
+    "with statistics of the whole batch, so samples interact and per-sample gradients do not exist; "
+    "put BatchNorm layers in eval mode (model.eval()) with running statistics, or use GroupNorm/LayerNorm"
+)
+
+
 def _match_batch_norm(args: tuple, kwargs: dict[str, Any]) -> Match | None:
     def bind(input: Tensor, running_mean: Any, running_var: Any, weight: Any = None, bias: Any = None,
              training: bool = False, momentum: float = 0.1, eps: float = 1e-5) -> Match | None:
         del input, running_mean, running_var, weight, bias, momentum, eps
         if training:
-            raise SamplesInteractError(
-                "the model calls batch_norm in training mode, which normalises each sample "
-                "with statistics of the whole batch, so samples interact and per-sample "
-                "gradients do not exist; put BatchNorm layers in eval mode (model.eval()) "
-                "or use GroupNorm/LayerNorm"
-            )
+            raise SamplesInteractError(_BATCH_STATS)
         return None  # eval mode: an affine map per channel; its params take the fallback
 
     return bind(*args, **kwargs)
+
+
+def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None = None,
+               bias: Tensor | None = None, training: bool = False, momentum: float = 0.1,
+               eps: float = 1e-5) -> Tensor:
+    """``F.batch_norm``, refused in training mode whether or not it touches a trainable parameter.
+
+    Run in its place by the capture and the boundary checks, so frozen or absent
+    affine weights, ``track_running_stats=False`` and a trace cached in eval mode
+    reused in train mode all raise :class:`SamplesInteractError` before any running
+    statistic is updated.
+    """
+    if training:
+        raise SamplesInteractError(_BATCH_STATS)
+    return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+
+
+def _batch_norm_aten(input: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
+                     running_var: Tensor | None, training: bool, *args: Any, **kwargs: Any) -> Tensor:
+    """``torch.batch_norm`` (the ATen signature), refused in training mode like :func:`batch_norm`."""
+    if training:
+        raise SamplesInteractError(_BATCH_STATS)
+    return torch.batch_norm(input, weight, bias, running_mean, running_var, training, *args, **kwargs)
 
 
 def _operands(args: tuple, kwargs: dict[str, Any]) -> tuple[Any, Any] | None:
@@ -136,6 +162,7 @@ SHIFT = Rule("shift", _match_add, _grad_add)
 
 TABLE: dict[Callable[..., Any], Rule] = {
     F.layer_norm: LAYER_NORM,
+    batch_norm: BATCH_NORM,
     F.rms_norm: RMS_NORM,
     F.group_norm: GROUP_NORM,
     F.batch_norm: BATCH_NORM,
@@ -148,3 +175,9 @@ TABLE: dict[Callable[..., Any], Rule] = {
     torch.Tensor.__add__: SHIFT,
     torch.Tensor.__radd__: SHIFT,
 }
+
+batch_norm.__name__ = batch_norm.__qualname__ = "batch_norm"
+_batch_norm_aten.__name__ = _batch_norm_aten.__qualname__ = "batch_norm"
+
+#: Calls the capture runs in place of torch's own (the refusal comes before any running statistic moves).
+EXACT: dict[Callable[..., Any], Callable[..., Any]] = {F.batch_norm: batch_norm, torch.batch_norm: _batch_norm_aten}

@@ -1,0 +1,244 @@
+"""Two checks at the boundary: parameters reach the losses, and samples do not interact.
+
+ghostfunc runs every sample alone (under ``vmap``), which is what the reference loop
+of single-sample backward passes does. A ``model_fn`` whose per-sample loss depends on
+the other samples of its batch (an in-batch contrastive loss, a batch-mean baseline,
+batch statistics) has no per-sample gradient in that sense: each sample alone would
+give numbers that are not the gradients of the user's batched loss. And a ``model_fn``
+that never touches ``params`` (it calls ``net(x)`` instead of
+``functional_call(net, params, (x,))``) has zero gradients everywhere.
+
+:func:`check_model` catches both, once per ``model_fn``, parameter shapes and input
+signature (cached like the trace), for the cost of two small forward passes under
+``no_grad``: ``model_fn`` on the first ``k ≤ 3`` samples together, then on each alone.
+Losses that differ beyond rounding mean the samples interact. A model that draws
+random numbers (dropout in training mode) cannot be compared this way (the draws of a
+batch and of its samples alone differ), so for it only the parameter check runs.
+The global RNG state is left as it was.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
+
+from ._ops import EXACT, SamplesInteractError
+
+#: How many samples the interaction check runs together (and alone).
+ROWS = 3
+
+class ParamsUnusedError(ValueError):
+    """No tensor of ``params`` reaches ``model_fn``'s computation."""
+
+
+_CHECKED: weakref.WeakKeyDictionary[Any, set[tuple]] = weakref.WeakKeyDictionary()
+
+
+class _Uses(TorchFunctionMode):
+    """Records whether any torch call receives one of the parameters (by identity)."""
+
+    def __init__(self, ids: set[int]) -> None:
+        super().__init__()
+        self.ids = ids
+        self.used = False
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        func = EXACT.get(func, func)  # as in the capture: BatchNorm in training mode refused before it runs
+        if not self.used:
+            self.used = any(isinstance(t, Tensor) and id(t) in self.ids for t in pytree.tree_leaves((args, kwargs)))
+        return func(*args, **kwargs)
+
+
+def check_model(model_fn: Callable, params: Mapping[str, Tensor], batches: tuple[Any, ...], where: str,
+                labels: tuple[str, ...] = ("train", "val")) -> None:
+    """Raise if no parameter reaches ``model_fn``'s losses, or if its samples interact.
+
+    ``batches`` are :class:`ghostfunc._capture.Batch` values (``tensors``, ``rebuild``,
+    ``size``, ``signature``); each signature is checked once per ``model_fn`` and
+    parameter shapes. Cost on a first call: ``model_fn`` on ``min(size, 3)`` samples
+    together and on each of them alone, without gradients.
+    """
+    shapes = (tuple((k, tuple(v.shape), v.dtype, v.device) for k, v in params.items()), _training_flags(model_fn))
+    try:
+        seen = _CHECKED.setdefault(model_fn, set())
+    except TypeError:  # not weak-referenceable: check every call
+        seen = set()
+    for batch, label in zip(batches, labels, strict=True):
+        key = (shapes, batch.signature)
+        if key in seen:
+            continue
+        try:
+            _check_batch(model_fn, params, batch, label)
+        except (SamplesInteractError, ParamsUnusedError) as err:
+            if str(err).startswith(where):
+                raise
+            raise type(err)(f"{where}: {err}") from None
+        if len(seen) > 64:
+            seen.clear()
+        seen.add(key)
+
+
+def _training_flags(model_fn: Callable) -> tuple[bool, ...]:
+    """``training`` of every submodule of the modules ``model_fn`` names (closure cells and the globals it
+    reads): switching one between train and eval mode makes the next call check again."""
+    code, cells = getattr(model_fn, "__code__", None), getattr(model_fn, "__closure__", None) or ()
+    found = [c.cell_contents for c in cells if _filled(c)]
+    if code is not None:
+        scope = getattr(model_fn, "__globals__", {})
+        found += [scope[name] for name in code.co_names if name in scope]
+    return tuple(m.training for obj in found if isinstance(obj, torch.nn.Module) for m in obj.modules())
+
+
+def _filled(cell: Any) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:  # an empty cell
+        return False
+    return True
+
+
+def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, label: str) -> None:
+    k = min(batch.size, ROWS)
+    device = next(iter(params.values())).device
+    devices = [device.index or 0] if device.type == "cuda" else []
+    mode = _Uses({id(v) for v in params.values()})
+    with torch.random.fork_rng(devices=devices), torch.no_grad(), torch.compiler.set_stance("force_eager"):
+        before = _rng_states(devices)
+        with mode:
+            together = model_fn(dict(params), batch.rebuild([t[:k] for t in batch.tensors]))
+        if not mode.used:
+            raise ParamsUnusedError(
+                f"no parameter reached the computation: model_fn(params, batch) ran without using "
+                f"any tensor of params (names {list(params)[:6]}{'...' if len(params) > 6 else ''}), so every "
+                f"gradient would be 0. model_fn must compute with the tensors it is given, e.g. "
+                f"torch.func.functional_call(net, params, (x,)) instead of net(x), or p['w'] instead of a "
+                f"captured copy of the weight"
+            )
+        random = not all(torch.equal(a, b) for a, b in zip(before, _rng_states(devices), strict=True))
+        if random or k < 2 or not _per_sample_shape(together, k):
+            return  # dropout-like draws differ batched and alone; one sample cannot interact; bad shapes: later
+        alone = torch.cat([model_fn(dict(params), batch.rebuild([t[i:i + 1] for t in batch.tensors])).reshape(-1)
+                           for i in range(k)])
+    _compare(together.detach(), alone.detach(), label)
+
+
+def _rng_states(devices: list[int]) -> list[Tensor]:
+    return [torch.get_rng_state()] + [torch.cuda.get_rng_state(d) for d in devices]
+
+
+def _per_sample_shape(losses: Any, k: int) -> bool:
+    return isinstance(losses, Tensor) and losses.shape == (k,) and losses.is_floating_point()
+
+
+def _compare(together: Tensor, alone: Tensor, label: str) -> None:
+    """``together[i]`` (sample ``i`` run with the others) against ``alone[i]``, up to rounding."""
+    if alone.shape != together.shape:
+        return  # model_fn's shape errors are reported by the capture, with their own message
+    finite = torch.isfinite(together) & torch.isfinite(alone)
+    a, b = together[finite].double(), alone[finite].double()
+    if a.numel() == 0:
+        return
+    scale = torch.maximum(a.abs().max(), b.abs().max()).item()
+    tol = torch.finfo(together.dtype).eps ** 0.5 * scale + torch.finfo(together.dtype).tiny
+    diff = (a - b).abs()
+    if diff.max().item() <= tol:
+        return
+    rows = finite.nonzero().flatten()[diff > tol].tolist()
+    seen = ", ".join(f"sample {i}: {together[i].item():.6g} with the others, {alone[i].item():.6g} alone"
+                     for i in rows)
+    raise SamplesInteractError(
+        f"samples interact in model_fn: run on the first {len(together)} {label} samples together, the losses "
+        f"of {len(rows)} of them differ from the same samples run one at a time ({seen}; largest difference "
+        f"{diff.max().item():.3g}, rounding allows {tol:.3g}). Per-sample gradients (and so ghostfunc's scores) are "
+        f"those of each sample alone, which are not the gradients of this batched loss. Make each sample's loss "
+        f"depend on that sample only: no in-batch negatives, batch means or batch softmax in the loss; BatchNorm "
+        f"in eval mode (model.eval()) or GroupNorm/LayerNorm instead"
+    )
+
+
+#: Calls that create a tensor from nothing but constants: inside ``model_fn`` under ``vmap`` it is the same
+#: for every sample (unbatched), and an in-place write of per-sample values into it needs one copy per sample.
+FACTORIES = frozenset({
+    torch.zeros, torch.ones, torch.empty, torch.full, torch.zeros_like, torch.ones_like, torch.empty_like,
+    torch.full_like, torch.tensor, torch.arange, torch.eye, torch.linspace,
+    Tensor.new_zeros, Tensor.new_ones, Tensor.new_empty, Tensor.new_full, Tensor.new_tensor, Tensor.clone,
+})
+
+
+class InPlaceWriteError(ValueError):
+    """``model_fn`` writes per-sample values in place where ghostfunc cannot keep one copy per sample."""
+
+
+def run_writing(func: Callable, args: tuple, kwargs: dict[str, Any], fresh: set[int]) -> Any:
+    """``func(*args, **kwargs)``; an in-place write of per-sample values into a fresh tensor is made exact.
+
+    Under ``vmap`` a tensor the model creates (``h = torch.zeros(T, d)``) is one tensor
+    shared by all samples, so ``h[:k] = x`` or ``h.index_add_(0, i, x)`` with a
+    per-sample ``x`` fails. Run alone, every sample would fill its own ``h``: so ``h``
+    (``id`` in ``fresh``: made by one of :data:`FACTORIES` during this run) becomes a
+    per-sample tensor in place (``torch.utils.swap_tensors``) and the call runs again.
+    A write into a view of such a tensor, or into a tensor that outlives the call (a
+    buffer), is refused with what to do instead.
+    """
+    try:
+        return func(*args, **kwargs)
+    except RuntimeError as err:
+        if "mutate a captured Tensor" in str(err):  # functorch: in place into a tensor from outside the transform
+            raise SamplesInteractError(
+                f"model_fn updates in place ({_func_name(func)}) a tensor that outlives the call, such as a module "
+                f"buffer (BatchNorm's num_batches_tracked and running statistics in training mode); run alone, "
+                f"each sample would update it in turn, so samples interact through it. Put such layers in eval "
+                f"mode (model.eval()), or use GroupNorm/LayerNorm instead of BatchNorm"
+            ) from None
+        target = args[0] if args else None
+        if not (isinstance(target, Tensor) and "vmap" in str(err) and _writes_batched(target, args[1:], kwargs)):
+            raise
+        base = target._base
+        if id(target) not in fresh:
+            if base is not None and id(base) in fresh:
+                raise InPlaceWriteError(
+                    f"model_fn writes per-sample values in place ({_func_name(func)}) into a "
+                    f"view of a tensor it created; ghostfunc runs each sample alone under vmap and can give the "
+                    f"created tensor one copy per sample, but not a view of it taken before the write. Write "
+                    f"through the tensor itself (h[:, :k] = v, h.index_add_(...)) or build it out of place "
+                    f"(torch.cat, torch.where, index_add)"
+                ) from None
+            raise
+        _per_sample_in_place(target, args[1:], kwargs)
+        return func(*args, **kwargs)
+
+
+def _writes_batched(target: Tensor, rest: tuple, kwargs: dict[str, Any]) -> bool:
+    """``target`` is not batched at the current ``vmap`` level and some other argument is."""
+    ft = torch._C._functorch
+    level = ft.maybe_current_level()
+    if level is None or _level_of(target) == level:
+        return False
+    return any(_level_of(t) == level for t in pytree.tree_leaves((rest, kwargs)) if isinstance(t, Tensor))
+
+
+def _level_of(t: Tensor) -> int | None:
+    ft = torch._C._functorch
+    return ft.maybe_get_level(t) if ft.is_batchedtensor(t) else None
+
+
+def _per_sample_in_place(target: Tensor, rest: tuple, kwargs: dict[str, Any]) -> None:
+    """Turn ``target`` into a tensor batched at the current level (one copy per sample), in place."""
+    ft = torch._C._functorch
+    level = ft.maybe_current_level()
+    other = next(t for t in pytree.tree_leaves((rest, kwargs)) if isinstance(t, Tensor) and _level_of(t) == level)
+    inner, bdim = ft._unwrap_batched(other, level)
+    n = inner.shape[bdim]
+    copies = ft._add_batch_dim(target.expand(n, *target.shape).clone(), 0, level)  # [n, *target] per sample
+    torch.utils.swap_tensors(target, copies)
+
+
+def _func_name(func: Any) -> str:
+    return getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
