@@ -89,19 +89,18 @@ def _training_flags(model_fn: Callable) -> tuple[bool, ...]:
     """``training`` of every submodule of the modules ``model_fn`` names (closure cells and the globals it
     reads): switching one between train and eval mode makes the next call check again."""
     code, cells = getattr(model_fn, "__code__", None), getattr(model_fn, "__closure__", None) or ()
-    found = [c.cell_contents for c in cells if _filled(c)]
+    found = [_contents(c) for c in cells]
     if code is not None:
         scope = getattr(model_fn, "__globals__", {})
         found += [scope[name] for name in code.co_names if name in scope]
     return tuple(m.training for obj in found if isinstance(obj, torch.nn.Module) for m in obj.modules())
 
 
-def _filled(cell: Any) -> bool:
+def _contents(cell: Any) -> Any:
     try:
-        cell.cell_contents
+        return cell.cell_contents
     except ValueError:  # an empty cell
-        return False
-    return True
+        return None
 
 
 def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, label: str) -> None:
@@ -233,8 +232,10 @@ def _per_sample_in_place(target: Tensor, rest: tuple, kwargs: dict[str, Any]) ->
     """Turn ``target`` into a tensor batched at the current level (one copy per sample), in place."""
     ft = torch._C._functorch
     level = ft.maybe_current_level()
+    assert level is not None  # _writes_batched saw a vmap level
     other = next(t for t in pytree.tree_leaves((rest, kwargs)) if isinstance(t, Tensor) and _level_of(t) == level)
     inner, bdim = ft._unwrap_batched(other, level)
+    assert bdim is not None
     n = inner.shape[bdim]
     copies = ft._add_batch_dim(target.expand(n, *target.shape).clone(), 0, level)  # [n, *target] per sample
     torch.utils.swap_tensors(target, copies)
