@@ -104,28 +104,37 @@ def _contents(cell: Any) -> Any:
 
 
 def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, label: str) -> None:
+    """The two checks on one batch (see :func:`check_model`); ``label`` names the batch in messages."""
     k = min(batch.size, ROWS)
     device = next(iter(params.values())).device
     devices = [device.index or 0] if device.type == "cuda" else []
     mode = _Uses({id(v) for v in params.values()})
+
+    def rows(lo: int, hi: int) -> Any:
+        return batch.rebuild([t[lo:hi].contiguous() for t in batch.tensors])
+
     with torch.random.fork_rng(devices=devices), torch.no_grad(), torch.compiler.set_stance("force_eager"):
         before = _rng_states(devices)
-        with mode:
-            together = model_fn(dict(params), batch.rebuild([t[:k] for t in batch.tensors]))
-        if not mode.used:
-            raise ParamsUnusedError(
-                f"no parameter reached the computation: model_fn(params, batch) ran without using "
-                f"any tensor of params (names {list(params)[:6]}{'...' if len(params) > 6 else ''}), so every "
-                f"gradient would be 0. model_fn must compute with the tensors it is given, e.g. "
-                f"torch.func.functional_call(net, params, (x,)) instead of net(x), or p['w'] instead of a "
-                f"captured copy of the weight"
-            )
-        random = not all(torch.equal(a, b) for a, b in zip(before, _rng_states(devices), strict=True))
-        if random or k < 2 or not _per_sample_shape(together, k):
-            return  # dropout-like draws differ batched and alone; one sample cannot interact; bad shapes: later
-        alone = torch.cat([model_fn(dict(params), batch.rebuild([t[i:i + 1] for t in batch.tensors])).reshape(-1)
-                           for i in range(k)])
-    _compare(together.detach(), alone.detach(), label)
+        try:
+            with mode:
+                together = model_fn(dict(params), rows(0, k))
+            random = not all(torch.equal(a, b) for a, b in zip(before, _rng_states(devices), strict=True))
+            alone = None
+            if not random and k > 1 and _per_sample_shape(together, k):
+                alone = torch.cat([model_fn(dict(params), rows(i, i + 1)).reshape(-1) for i in range(k)])
+        except (SamplesInteractError, InPlaceWriteError):
+            raise
+        except Exception:  # noqa: BLE001 - a model that runs only under vmap: the capture reports its own errors
+            return
+    if not mode.used:
+        raise ParamsUnusedError(
+            f"no parameter reached the computation: model_fn(params, batch) ran without using any tensor of "
+            f"params (names {list(params)[:6]}{'...' if len(params) > 6 else ''}), so every gradient would be 0. "
+            f"model_fn must compute with the tensors it is given, e.g. torch.func.functional_call(net, params, "
+            f"(x,)) instead of net(x), or p['w'] instead of a captured copy of the weight"
+        )
+    if alone is not None:  # dropout-like draws differ batched and alone; one sample cannot interact
+        _compare(together.detach(), alone.detach(), label)
 
 
 def _rng_states(devices: list[int]) -> list[Tensor]:
