@@ -64,6 +64,10 @@ class Batch(NamedTuple):
 
 
 def split_batch(batch: Any) -> Batch:
+    if is_foreign_mapping(batch):  # e.g. transformers.BatchEncoding: split as a dict, rebuilt as its own type
+        inner = split_batch(dict(batch))
+        return inner._replace(rebuild=lambda tensors: _as_type(type(batch), inner.rebuild(tensors)),
+                              signature=(type(batch).__qualname__, inner.signature))
     leaves, spec = pytree.tree_flatten(batch)
     where = [i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor)]
 
@@ -79,6 +83,18 @@ def split_batch(batch: Any) -> Batch:
         for leaf in leaves
     )
     return Batch(tensors, rebuild, tensors[0].shape[0] if tensors else 0, (str(spec), sig))
+
+
+def is_foreign_mapping(x: Any) -> bool:
+    """A ``Mapping`` that torch's pytree does not know (it would be one opaque leaf)."""
+    return isinstance(x, Mapping) and type(x) not in pytree.SUPPORTED_NODES
+
+
+def _as_type(kind: type, d: dict) -> Any:
+    try:
+        return kind(d)
+    except TypeError:  # a Mapping type not constructible from a dict: the model gets a dict
+        return d
 
 
 def _hashable(x: Any) -> Any:

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
-from ._capture import Batch, split_batch
+from ._capture import Batch, is_foreign_mapping, split_batch
 from ._plan import POLICIES
 
 VAL_REDUCE = ("mean", "sum", None)
@@ -36,8 +36,9 @@ def check_params(params: Any, where: str) -> dict[str, Tensor]:
 
 
 def check_batch(batch: Any, name: str, where: str) -> Batch:
-    """A pytree whose tensor leaves share a non-empty leading sample axis."""
-    with_paths, _ = pytree.tree_flatten_with_path(batch)
+    """A pytree whose tensor leaves share a non-empty leading sample axis (a ``Mapping`` such as
+    ``transformers.BatchEncoding`` counts as a dict)."""
+    with_paths, _ = pytree.tree_flatten_with_path(_plain(batch))
     tensors = [(pytree.keystr(p), leaf) for p, leaf in with_paths if isinstance(leaf, Tensor)]
     if not tensors:
         raise TypeError(f"{where}: {name} must be a tensor or a pytree with tensor leaves; got {type(batch).__name__}")
@@ -56,8 +57,8 @@ def check_batch(batch: Any, name: str, where: str) -> Batch:
 
 def check_pair(train: Any, val: Any, where: str) -> tuple[Batch, Batch]:
     tb, vb = check_batch(train, "train", where), check_batch(val, "val", where)
-    ts, vs = pytree.tree_structure(train), pytree.tree_structure(val)
-    if ts != vs:
+    ts, vs = pytree.tree_structure(_plain(train)), pytree.tree_structure(_plain(val))
+    if ts != vs or (is_foreign_mapping(train) or is_foreign_mapping(val)) and type(train) is not type(val):
         raise ValueError(
             f"{where}: train and val must have the same structure (same container types and keys); "
             f"train is {_describe(train)}, val is {_describe(val)}"
@@ -65,8 +66,13 @@ def check_pair(train: Any, val: Any, where: str) -> tuple[Batch, Batch]:
     return tb, vb
 
 
+def _plain(batch: Any) -> Any:
+    """``batch``, a foreign ``Mapping`` (``transformers.BatchEncoding``) at its top seen as a dict."""
+    return dict(batch) if is_foreign_mapping(batch) else batch
+
+
 def _describe(batch: Any) -> str:
-    with_paths, _ = pytree.tree_flatten_with_path(batch)
+    with_paths, _ = pytree.tree_flatten_with_path(_plain(batch))
     keys = [pytree.keystr(p) or "<root>" for p, _ in with_paths]
     return f"{type(batch).__name__} with leaves {keys}"
 

@@ -7,21 +7,18 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils import _pytree as pytree
 
-
-def _sample(batch: Any, i: int) -> Any:
-    return pytree.tree_map(lambda x: x[i:i + 1] if isinstance(x, Tensor) else x, batch)
+from ._capture import split_batch
 
 
 def per_sample_grads(model_fn: Callable, params: Mapping[str, Tensor], batch: Any) -> tuple[dict[str, Tensor], Tensor]:
     """``{name: [B, *shape]}`` and losses ``[B]``, one ordinary backward pass per sample."""
-    leaves = [x for x in pytree.tree_leaves(batch) if isinstance(x, Tensor)]
+    split = split_batch(batch)  # tensor leaves, sample axis first (a transformers.BatchEncoding too)
     grads: dict[str, list[Tensor]] = {k: [] for k in params}
     losses = []
-    for i in range(leaves[0].shape[0]):
+    for i in range(split.size):
         p = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
-        loss = model_fn(p, _sample(batch, i)).reshape(())
+        loss = model_fn(p, split.rebuild([t[i:i + 1] for t in split.tensors])).reshape(())
         gs = torch.autograd.grad(loss, list(p.values()), allow_unused=True)
         for (k, v), g in zip(p.items(), gs, strict=True):
             grads[k].append(torch.zeros_like(v) if g is None else g.to_dense() if g.is_sparse else g)
