@@ -19,6 +19,7 @@ The global RNG state is left as it was.
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -75,14 +76,15 @@ def check_model(model_fn: Callable, params: Mapping[str, Tensor], batches: tuple
         if key in seen:
             continue
         try:
-            _check_batch(model_fn, params, batch, label)
+            compared = _check_batch(model_fn, params, batch, label)
         except (SamplesInteractError, ParamsUnusedError) as err:
             if str(err).startswith(where):
                 raise
             raise type(err)(f"{where}: {err}") from None
-        if len(seen) > 64:
-            seen.clear()
-        seen.add(key)
+        if compared:  # a batch of one sample says nothing about the next, bigger batch of this signature
+            if len(seen) > 64:
+                seen.clear()
+            seen.add(key)
 
 
 def _training_flags(model_fn: Callable) -> tuple[bool, ...]:
@@ -103,8 +105,12 @@ def _contents(cell: Any) -> Any:
         return None
 
 
-def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, label: str) -> None:
-    """The two checks on one batch (see :func:`check_model`); ``label`` names the batch in messages."""
+def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, label: str) -> bool:
+    """The two checks on one batch (see :func:`check_model`); ``label`` names the batch in messages.
+
+    Returns whether the result holds for every batch of this signature: ``False``
+    after a batch of one sample (nothing to compare), ``True`` otherwise.
+    """
     k = min(batch.size, ROWS)
     device = next(iter(params.values())).device
     devices = [device.index or 0] if device.type == "cuda" else []
@@ -113,7 +119,9 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
     def rows(lo: int, hi: int) -> Any:
         return batch.rebuild([t[lo:hi].contiguous() for t in batch.tensors])
 
-    with torch.random.fork_rng(devices=devices), torch.no_grad(), torch.compiler.set_stance("force_eager"):
+    with torch.random.fork_rng(devices=devices), torch.no_grad(), torch.compiler.set_stance("force_eager"), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. a batch statistic of one sample: the capture warns if it must
         before = _rng_states(devices)
         try:
             with mode:
@@ -125,7 +133,7 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
         except (SamplesInteractError, InPlaceWriteError):
             raise
         except Exception:  # noqa: BLE001 - a model that runs only under vmap: the capture reports its own errors
-            return
+            return False
     if not mode.used:
         raise ParamsUnusedError(
             f"no parameter reached the computation: model_fn(params, batch) ran without using any tensor of "
@@ -135,6 +143,7 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
         )
     if alone is not None:  # dropout-like draws differ batched and alone; one sample cannot interact
         _compare(together.detach(), alone.detach(), label)
+    return k > 1
 
 
 def _rng_states(devices: list[int]) -> list[Tensor]:
@@ -146,28 +155,32 @@ def _per_sample_shape(losses: Any, k: int) -> bool:
 
 
 def _compare(together: Tensor, alone: Tensor, label: str) -> None:
-    """``together[i]`` (sample ``i`` run with the others) against ``alone[i]``, up to rounding."""
+    """``together[i]`` (sample ``i`` run with the others) against ``alone[i]``, up to rounding.
+
+    Rounding: ``sqrt(eps)`` of the dtype times the largest finite loss (batched and
+    single-sample kernels may sum in different orders). A loss finite one way and not
+    the other (a batch statistic of one sample) is a difference; NaN both ways is not.
+    """
     if alone.shape != together.shape:
         return  # model_fn's shape errors are reported by the capture, with their own message
-    finite = torch.isfinite(together) & torch.isfinite(alone)
-    a, b = together[finite].double(), alone[finite].double()
-    if a.numel() == 0:
-        return
-    scale = torch.maximum(a.abs().max(), b.abs().max()).item()
+    a, b = together.double(), alone.double()
+    finite = torch.isfinite(a) & torch.isfinite(b)
+    scale = torch.cat([a[finite].abs(), b[finite].abs(), a.new_zeros(1)]).max().item()
     tol = torch.finfo(together.dtype).eps ** 0.5 * scale + torch.finfo(together.dtype).tiny
-    diff = (a - b).abs()
-    if diff.max().item() <= tol:
+    diff = torch.where(finite, (a - b).abs(), a.new_zeros(()))
+    differ = (finite & (diff > tol)) | (~finite & ~((a == b) | (a.isnan() & b.isnan())))
+    if not bool(differ.any()):
         return
-    rows = finite.nonzero().flatten()[diff > tol].tolist()
+    rows = differ.nonzero().flatten().tolist()
     seen = ", ".join(f"sample {i}: {together[i].item():.6g} with the others, {alone[i].item():.6g} alone"
                      for i in rows)
     raise SamplesInteractError(
         f"samples interact in model_fn: run on the first {len(together)} {label} samples together, the losses "
-        f"of {len(rows)} of them differ from the same samples run one at a time ({seen}; largest difference "
-        f"{diff.max().item():.3g}, rounding allows {tol:.3g}). Per-sample gradients (and so ghostfunc's scores) are "
-        f"those of each sample alone, which are not the gradients of this batched loss. Make each sample's loss "
-        f"depend on that sample only: no in-batch negatives, batch means or batch softmax in the loss; BatchNorm "
-        f"in eval mode (model.eval()) or GroupNorm/LayerNorm instead"
+        f"of {len(rows)} of them differ from the same samples run one at a time ({seen}; largest finite "
+        f"difference {diff.max().item():.3g}, rounding allows {tol:.3g}). Per-sample gradients (and so "
+        f"ghostfunc's scores) are those of each sample alone, which are not the gradients of this batched loss. "
+        f"Make each sample's loss depend on that sample only: no in-batch negatives, batch means or batch softmax "
+        f"in the loss; BatchNorm in eval mode (model.eval()) or GroupNorm/LayerNorm instead"
     )
 
 

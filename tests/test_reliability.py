@@ -1,0 +1,476 @@
+"""Models people write that once gave silent wrong numbers, and the refusals that replace the rest.
+
+Each class has several variants of its own; every exact case is compared in float64
+with :func:`ghostfunc.reference_graddot` (a loop of single-sample backward passes) for
+every policy and ``val_reduce`` (scores, per-parameter parts, training gradient and
+losses); every refusal is checked by its message.
+
+- convolutions called on one unbatched sample at a time (``F.conv1d/2d`` on ``[C, *S]``);
+- ``torch.compile``d modules and ``model_fn``s (each backend that runs on this CPU);
+- ``F.embedding`` with ``scale_grad_by_freq`` (counted within each sample) and ``sparse``;
+- losses in which samples interact: ``SamplesInteractError``, at every entry point;
+- a ``model_fn`` that never uses ``params``; a partly unused ``params`` is fine;
+- ``transformers.BatchEncoding`` batches; fresh tensors filled in place; BatchNorm in
+  training mode in every variant.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call
+
+import ghostfunc
+from ghostfunc import SamplesInteractError
+
+F64 = torch.float64
+COMBOS = [(policy, reduce) for reduce in ("mean", "sum", None)
+          for policy in ("auto", "2t2", "ghost", "materialize", "contract")
+          if not (policy == "contract" and reduce is None)]
+
+#: Worst relative error per class (``pytest -s`` prints it at the end of the module).
+WORST: dict[str, float] = {}
+
+
+def teardown_module() -> None:
+    print("\ntest_reliability worst float64 relative error:", {k: f"{v:.1e}" for k, v in sorted(WORST.items())})
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
+
+
+def assert_exact(model_fn, params, train, val, cls: str, combos=COMBOS, tol: float = 1e-10, ref_fn=None) -> None:
+    """graddot equals the single-sample loop for every (policy, val_reduce) in ``combos``.
+
+    ``ref_fn``: the model the loop runs (default ``model_fn``; a compiled model's
+    loop may run its eager twin).
+    """
+    refs = {}
+    for policy, reduce in combos:
+        if reduce not in refs:
+            refs[reduce] = ghostfunc.reference_graddot(ref_fn or model_fn, params, train, val, val_reduce=reduce)
+        scores, per_param, grad = refs[reduce]
+        out = ghostfunc.graddot(model_fn, params, train, val, val_reduce=reduce, policy=policy)
+        errs = [rel(out.scores, scores)]
+        errs += [rel(out.per_param[k], per_param[k]) for k in params if per_param[k].abs().max() > 0]
+        errs += [rel(out.train_grad[k], grad[k]) for k in params if grad[k].abs().max() > 0]
+        worst = max(errs)
+        WORST[cls] = max(WORST.get(cls, 0.0), worst)
+        assert worst < tol, f"{cls}: policy={policy} val_reduce={reduce}: relative error {worst:.2e}"
+        for k in params:
+            if grad[k].abs().max() == 0:
+                assert out.train_grad[k].abs().max() == 0 and out.per_param[k].abs().max() == 0, k
+        assert out.train_loss.shape == (len(out.scores),)
+
+
+def _g(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# --- 1. convolutions on one unbatched sample ---------------------------------------------------------------
+
+CONVS = {  # name: (conv, C_in, C_out, kernel, input spatial, bias, stride, padding, dilation)
+    "2d H_out==C_out": (F.conv2d, 3, 5, (3, 3), (7, 6), True, 1, 0, 1),  # out [5, 5, 4]
+    "2d stride2 pad1": (F.conv2d, 2, 3, (3, 2), (6, 5), True, 2, 1, 1),
+    "2d no bias dilation2": (F.conv2d, 2, 4, (2, 2), (6, 6), False, 1, 1, 2),
+    "1d L_out==C_out": (F.conv1d, 3, 4, (3,), (6,), True, 1, 0, 1),  # out [4, 4]
+    "1d stride2 pad1 dil2": (F.conv1d, 2, 3, (3,), (9,), True, 2, 1, 2),
+    "1d no bias": (F.conv1d, 3, 2, (2,), (5,), False, 1, 0, 1),
+}
+
+
+@pytest.mark.parametrize("name", list(CONVS))
+def test_conv_on_one_unbatched_sample(name):
+    conv, c_in, c_out, kernel, spatial, bias, stride, padding, dilation = CONVS[name]
+    g = _g(1)
+    p = {"W": torch.randn(c_out, c_in, *kernel, generator=g, dtype=F64) / 3}
+    if bias:
+        p["b"] = torch.randn(c_out, generator=g, dtype=F64) / 3
+
+    def model_fn(p, x):  # a Python loop over the batch, each conv on [C, *S]
+        h = torch.stack([conv(xi, p["W"], p.get("b"), stride, padding, dilation) for xi in x.unbind(0)])
+        return torch.tanh(h).pow(2).flatten(1).sum(1) + h.flatten(1)[:, 0]
+
+    train, val = torch.randn(4, c_in, *spatial, generator=g, dtype=F64), torch.randn(3, c_in, *spatial, generator=g,
+                                                                                      dtype=F64)
+    assert_exact(model_fn, p, train, val, "conv unbatched")
+
+
+def test_conv_module_on_unbatched_input_next_to_a_batched_one():
+    torch.manual_seed(0)
+    net = nn.ModuleDict({"a": nn.Conv2d(2, 3, 3, padding=1), "b": nn.Conv1d(3, 3, 2)}).to(F64)
+    p = {k: v.detach() for k, v in net.named_parameters()}
+
+    def model_fn(p, x):  # x [B, 2, 4, 4]: conv2d per sample (unbatched), then conv1d on the batch
+        h = torch.stack([functional_call(net["a"], {k[2:]: v for k, v in p.items() if k.startswith("a.")}, (xi,))
+                         for xi in x])  # [B, 3, 4, 4]
+        h = functional_call(net["b"], {k[2:]: v for k, v in p.items() if k.startswith("b.")}, (h.flatten(2),))
+        return torch.tanh(h).sum((1, 2))
+
+    g = _g(2)
+    assert_exact(model_fn, p, torch.randn(3, 2, 4, 4, generator=g, dtype=F64),
+                 torch.randn(2, 2, 4, 4, generator=g, dtype=F64), "conv unbatched")
+
+
+# --- 2. torch.compile ----------------------------------------------------------------------------------------
+
+BACKENDS = ["eager", "aot_eager"] + (["inductor"] if shutil.which("cc") or shutil.which("gcc") else [])
+
+
+def _mlp(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(F64)
+
+
+def _xy(n: int, seed: int):
+    g = _g(seed)
+    return torch.randn(n, 4, generator=g, dtype=F64), torch.randint(0, 3, (n,), generator=g)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # inductor's import
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiled_module(backend):
+    net = _mlp(0)
+    compiled = torch.compile(net, backend=backend)
+    p = {k: v.detach() for k, v in net.named_parameters()}
+
+    def model_fn(p, batch):
+        x, y = batch
+        return F.cross_entropy(functional_call(compiled, p, (x,)), y, reduction="none")
+
+    def eager_fn(p, batch):
+        x, y = batch
+        return F.cross_entropy(functional_call(net, p, (x,)), y, reduction="none")
+
+    train, val = _xy(5, 1), _xy(3, 2)
+    compiled(train[0])  # compiled (and its graphs cached) before ghostfunc sees it
+    combos = COMBOS if backend != "inductor" else [("auto", "mean"), ("ghost", None), ("contract", "sum")]
+    assert_exact(model_fn, p, train, val, "torch.compile", combos, ref_fn=eager_fn if backend == "inductor" else None)
+    assert str(ghostfunc.plan(model_fn, p, train, val)).count("ghost") + 1  # plan runs on the compiled model too
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_compiled_model_fn(backend):
+    net = _mlp(3)
+    p = {k: v.detach() for k, v in net.named_parameters()}
+
+    @torch.compile(backend=backend)
+    def model_fn(p, batch):
+        x, y = batch
+        return F.cross_entropy(functional_call(net, p, (x,)), y, reduction="none")
+
+    train, val = _xy(4, 4), _xy(3, 5)
+    model_fn(p, train)
+    assert_exact(model_fn, p, train, val, "torch.compile", [c for c in COMBOS if c[0] in ("auto", "ghost", "contract")])
+
+
+# --- 3. embeddings: scale_grad_by_freq and sparse -------------------------------------------------------------
+
+
+def _ids(n: int, t: int, vocab: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (n, t), generator=_g(seed))  # vocab < t: every sample repeats ids
+
+
+def _emb_params(vocab: int, seed: int) -> dict[str, torch.Tensor]:
+    g = _g(seed)
+    return {"E": torch.randn(vocab, 3, generator=g, dtype=F64), "w": torch.randn(3, generator=g, dtype=F64)}
+
+
+@pytest.mark.parametrize("by_freq, sparse, padding_idx", [(True, False, None), (True, False, 2), (False, True, None),
+                                                         (False, True, -1)])
+def test_embedding_by_freq_and_sparse(by_freq, sparse, padding_idx):
+    # (torch itself refuses scale_grad_by_freq together with sparse gradients)
+    def model_fn(p, ids):
+        h = F.embedding(ids, p["E"], padding_idx, scale_grad_by_freq=by_freq, sparse=sparse)  # [B, T, 3]
+        return torch.tanh(h @ p["w"]).pow(2).sum(1)
+
+    p = _emb_params(5, 0)
+    assert_exact(model_fn, p, _ids(4, 7, 5, 1), _ids(3, 6, 5, 2), "embedding")
+
+
+def test_embedding_module_by_freq_with_padding_idx_tied_head():
+    torch.manual_seed(0)
+    emb = nn.Embedding(6, 4, padding_idx=0, scale_grad_by_freq=True).to(F64)
+    p = {"emb.weight": emb.weight.detach().clone()}
+
+    def model_fn(p, ids):  # the embedding is tied to the output layer: two uses, cross terms included
+        h = functional_call(emb, {"weight": p["emb.weight"]}, (ids,))  # [B, T, 4]
+        logits = F.linear(torch.tanh(h), p["emb.weight"])  # [B, T, 6]
+        return F.cross_entropy(logits.flatten(0, 1), ids.roll(1, 1).flatten(), reduction="none").view(len(ids), -1).sum(1)
+
+    assert_exact(model_fn, p, _ids(4, 6, 6, 3), _ids(2, 5, 6, 4), "embedding")
+
+
+def test_embedding_by_freq_on_the_fallback():
+    # E also used by an op no rule knows (a row-norm penalty): E takes the per-sample fallback
+    def model_fn(p, ids):
+        h = F.embedding(ids, p["E"], scale_grad_by_freq=True)
+        return torch.tanh(h @ p["w"]).sum(1) + 0.1 * torch.linalg.vector_norm(p["E"][ids], dim=-1).sum(1)
+
+    p = _emb_params(4, 5)
+    assert_exact(model_fn, p, _ids(3, 6, 4, 6), _ids(3, 6, 4, 7), "embedding")
+    assert ghostfunc.plan(model_fn, p, _ids(3, 6, 4, 6), _ids(3, 6, 4, 7)).routes["E"].path == "fallback"
+
+
+# --- 4. samples that interact: refused at every entry point ---------------------------------------------------
+
+
+def _lin(seed: int = 0) -> dict[str, torch.Tensor]:
+    return {"W": torch.randn(4, 3, generator=_g(seed), dtype=F64)}
+
+
+def infonce(p, x):  # in-batch negatives
+    z = F.normalize(x @ p["W"].T, dim=-1)
+    return F.cross_entropy(z @ z.T / 0.5, torch.arange(len(x)), reduction="none")
+
+
+def baseline(p, x):  # a batch-mean baseline
+    loss = (x @ p["W"].T).pow(2).sum(1)
+    return loss - loss.mean()
+
+
+def reweight(p, x):  # softmax weights across the batch
+    loss = torch.tanh(x @ p["W"].T).pow(2).sum(1)
+    return len(x) * torch.softmax(loss.detach(), 0) * loss
+
+
+def batch_center(p, x):  # normalisation with batch statistics written out by hand
+    h = x @ p["W"].T
+    return ((h - h.mean(0)) / (h.std(0) + 1)).pow(2).sum(1)
+
+
+INTERACT = {"infonce": infonce, "baseline": baseline, "reweight": reweight, "batch_center": batch_center}
+
+
+@pytest.mark.parametrize("name", list(INTERACT))
+def test_samples_interact_refused(name):
+    x, xv = torch.randn(5, 3, generator=_g(1), dtype=F64), torch.randn(4, 3, generator=_g(2), dtype=F64)
+    with pytest.raises(SamplesInteractError, match=r"^graddot: samples interact in model_fn: run on the first 3 "
+                                                   r"train samples together, the losses of \d of them differ"):
+        ghostfunc.graddot(INTERACT[name], _lin(), x, xv)
+
+
+def test_samples_interact_seen_in_val_when_train_has_one_sample():
+    x, xv = torch.randn(1, 3, generator=_g(1), dtype=F64), torch.randn(2, 3, generator=_g(2), dtype=F64)
+    with pytest.raises(SamplesInteractError, match=r"^plan: samples interact .* first 2 val samples together"):
+        ghostfunc.plan(baseline, _lin(), x, xv)
+    ghostfunc.graddot(baseline, _lin(), x, x)  # one sample alone cannot interact: nothing to refuse
+
+
+def test_samples_interact_at_every_entry_point():
+    x, xv = torch.randn(4, 3, generator=_g(1), dtype=F64), torch.randn(3, 3, generator=_g(2), dtype=F64)
+    p = _lin()
+    calls = {
+        "graddot": lambda f: ghostfunc.graddot(f, p, x, xv),
+        "plan": lambda f: ghostfunc.plan(f, p, x, xv),
+        "inrun_shapley": lambda f: ghostfunc.inrun_shapley(f, p, x, xv, lr=0.1),
+        "train_step": lambda f: (lambda s: s(s.init(p), x, xv))(ghostfunc.train_step(f, ghostfunc.sgd(0.1))),
+    }
+    for where, call in calls.items():
+        def fresh_infonce(p, x):  # a new function each time: nothing cached
+            return infonce(p, x)
+
+        with pytest.raises(SamplesInteractError, match=rf"^{where}: samples interact"):
+            call(fresh_infonce)
+
+
+def test_independent_models_are_not_flagged():
+    # float32 with batched-vs-single rounding, dropout (random draws: not compared), per-sample normalisation
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 32), nn.LayerNorm(32), nn.GELU(), nn.Dropout(0.3), nn.Linear(32, 32), nn.Tanh(),
+                        nn.Linear(32, 1))
+    p = {k: v.detach() for k, v in net.named_parameters()}
+
+    def model_fn(p, x):
+        h = functional_call(net, p, (x,))
+        return (h - h.mean(1, keepdim=True)).pow(2).sum(1) + F.group_norm(x.unsqueeze(-1), 2).pow(3).sum((1, 2))
+
+    x, xv = torch.randn(6, 6, generator=_g(1)) * 100, torch.randn(3, 6, generator=_g(2))
+    for mode in (net.train, net.eval):
+        mode()
+        ghostfunc.graddot(model_fn, p, x, xv)
+
+
+def test_interaction_check_is_cached_and_leaves_the_rng_alone():
+    calls = []
+
+    def model_fn(p, x):
+        calls.append(len(x))
+        return (x @ p["W"].T).pow(2).sum(1)
+
+    x, xv = torch.randn(5, 3, dtype=F64), torch.randn(4, 3, dtype=F64)
+    state = torch.get_rng_state()
+    ghostfunc.graddot(model_fn, _lin(), x, xv)
+    assert torch.equal(state, torch.get_rng_state())
+    first = len(calls)
+    assert calls.count(3) == 1  # three train samples together, once (val has the same signature)
+    ghostfunc.graddot(model_fn, _lin(), x[:4], xv)
+    assert len(calls) - first < first  # the second call is not checked again
+
+
+# --- 5. params that never reach the computation ---------------------------------------------------------------
+
+
+def test_model_fn_that_never_uses_params():
+    torch.manual_seed(0)
+    net = nn.Linear(3, 2).to(F64)
+    p = {k: v.detach() for k, v in net.named_parameters()}
+
+    def model_fn(params, x):
+        return net(x).pow(2).sum(1)  # the module's own weights, not params
+
+    x = torch.randn(4, 3, dtype=F64)
+    for where, call in {"graddot": ghostfunc.graddot, "plan": ghostfunc.plan}.items():
+        with pytest.raises(ValueError, match=rf"^{where}: no parameter reached the computation: .*"
+                                             r"functional_call\(net, params, \(x,\)\) instead of net\(x\)"):
+            call(model_fn, p, x, x)
+
+
+def test_some_params_unused_get_zero_gradient():
+    torch.manual_seed(0)
+    net = nn.ModuleDict({"body": nn.Linear(3, 4), "head": nn.Linear(4, 2), "unused_head": nn.Linear(4, 5)}).to(F64)
+    p = {k: v.detach() for k, v in net.named_parameters()}
+
+    def model_fn(p, x):
+        h = torch.tanh(functional_call(net["body"], {"weight": p["body.weight"], "bias": p["body.bias"]}, (x,)))
+        return functional_call(net["head"], {"weight": p["head.weight"], "bias": p["head.bias"]}, (h,)).pow(2).sum(1)
+
+    assert_exact(model_fn, p, torch.randn(4, 3, generator=_g(1), dtype=F64),
+                 torch.randn(3, 3, generator=_g(2), dtype=F64), "partly unused params")
+
+
+# --- messages: BatchEncoding, fresh tensors filled in place, BatchNorm in training mode -----------------------
+
+
+def test_batch_encoding_batches():
+    transformers = pytest.importorskip("transformers")
+    p = _emb_params(7, 0)
+
+    def model_fn(p, batch):
+        assert isinstance(batch, transformers.BatchEncoding)
+        h = F.embedding(batch.input_ids, p["E"])  # attribute access, as with a tokenizer's output
+        return (torch.tanh(h @ p["w"]) * batch["attention_mask"]).sum(1)
+
+    def enc(n, t, seed):
+        mask = torch.ones(n, t)
+        mask[0, -2:] = 0
+        return transformers.BatchEncoding({"input_ids": _ids(n, t, 7, seed), "attention_mask": mask.to(F64)})
+
+    train, val = enc(4, 5, 1), enc(3, 6, 2)
+    assert_exact(model_fn, p, train, val, "BatchEncoding", [("auto", "mean"), ("ghost", None), ("contract", "sum")])
+    with pytest.raises(ValueError, match=r"^graddot: train and val must have the same structure .* train is "
+                                         r"BatchEncoding with leaves .* val is dict"):
+        ghostfunc.graddot(model_fn, p, train, dict(val))
+
+
+def fill_slices(p, x):  # h = zeros(...); h[:, :k] = ...
+    h = torch.zeros(x.shape[0], 6, dtype=x.dtype)
+    h[:, :4] = F.linear(x, p["W"])
+    h[:, 4:] = x[:, :2]
+    return torch.tanh(h @ p["v"])
+
+
+def fill_index_add(p, x):  # index_add_ into a new buffer
+    h = x.new_zeros(x.shape[0], 3, 4)
+    h.index_add_(1, torch.tensor([0, 2]), F.linear(x, p["W"]).unsqueeze(1).expand(-1, 2, -1))
+    return torch.tanh(h.sum(1) @ p["v"][:4])
+
+
+def fill_scatter(p, x):  # scatter_ and a masked fill into tensors made by torch.full / zeros_like
+    h = torch.full((x.shape[0], 4), 0.5, dtype=x.dtype)
+    h.scatter_(1, torch.tensor([[1, 3]]).expand(x.shape[0], 2), F.linear(x, p["W"])[:, :2])
+    m = torch.zeros_like(h)
+    m.masked_scatter_(torch.tensor([True, False, True, False]).expand_as(m), h[:, :2] * p["v"][:2])
+    return (h + m).pow(2) @ p["v"][2:6]
+
+
+@pytest.mark.parametrize("model_fn", [fill_slices, fill_index_add, fill_scatter], ids=lambda f: f.__name__)
+def test_fresh_tensor_filled_in_place_is_exact(model_fn):
+    p = {"W": torch.randn(4, 3, generator=_g(0), dtype=F64), "v": torch.randn(6, generator=_g(1), dtype=F64)}
+    assert_exact(model_fn, p, torch.randn(4, 3, generator=_g(2), dtype=F64),
+                 torch.randn(3, 3, generator=_g(3), dtype=F64), "fresh tensor in place")
+
+
+def test_write_into_a_view_of_a_fresh_tensor_is_refused_precisely():
+    def model_fn(p, x):
+        h = torch.zeros(x.shape[0], 6, dtype=x.dtype)
+        h[:, :4].copy_(F.linear(x, p["W"]))  # the view h[:, :4] is taken first, then written
+        return h.pow(2).sum(1)
+
+    x = torch.randn(3, 3, dtype=F64)
+    with pytest.raises(ValueError, match=r"^graddot: model_fn writes per-sample values in place \(.*copy_\) into a "
+                                         r"view of a tensor it created"):
+        ghostfunc.graddot(model_fn, _lin(), x, x, policy="materialize")
+
+
+BN_FIX = r"put BatchNorm layers in eval mode \(model.eval\(\)\) with running statistics, or use GroupNorm/LayerNorm"
+
+
+def _bn_net(**kw) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 3, 2), nn.BatchNorm2d(3, **kw), nn.Flatten(), nn.Linear(12, 2)).to(F64)
+
+
+@pytest.mark.parametrize("variant", ["affine", "frozen affine", "no running stats", "no affine no running stats",
+                                     "no running stats in eval mode", "functional"])
+def test_batch_norm_in_training_mode_refused(variant):
+    net = _bn_net(**{"no running stats": {"track_running_stats": False},
+                     "no affine no running stats": {"affine": False, "track_running_stats": False},
+                     "no running stats in eval mode": {"track_running_stats": False}}.get(variant, {}))
+    if variant == "no running stats in eval mode":
+        net.eval()  # without running statistics BatchNorm uses the batch's even in eval mode
+    p = {k: v.detach() for k, v in net.named_parameters() if not (variant == "frozen affine" and k.startswith("1."))}
+    before = {k: v.clone() for k, v in net.state_dict().items() if "running" in k}
+
+    def model_fn(p, x):
+        if variant == "functional":
+            h = F.conv2d(x, p["0.weight"], p["0.bias"])
+            return torch.batch_norm(h, None, None, None, None, True, 0.1, 1e-5, False).pow(2).sum((1, 2, 3))
+        return functional_call(net, p, (x,), strict=False).pow(2).sum(1)
+
+    x = torch.randn(4, 2, 3, 3, generator=_g(1), dtype=F64)
+    for where, call in {"graddot": ghostfunc.graddot, "plan": ghostfunc.plan}.items():
+        with pytest.raises(SamplesInteractError, match=rf"^{where}: the model calls batch_norm in training mode.*{BN_FIX}"):
+            call(model_fn, p, x, x)
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())  # running statistics did not move
+
+
+def test_batch_norm_switched_to_train_after_a_cached_eval_trace():
+    net = _bn_net()
+    p = {k: v.detach() for k, v in net.named_parameters()}
+
+    def model_fn(p, x):
+        return functional_call(net, p, (x,)).pow(2).sum(1)
+
+    x = torch.randn(4, 2, 3, 3, generator=_g(1), dtype=F64)
+    net.eval()
+    assert_exact(model_fn, p, x, x[:2], "BatchNorm eval", [("auto", "mean"), ("ghost", None)])
+    net.train()
+    for where, call in {"graddot": ghostfunc.graddot, "plan": ghostfunc.plan}.items():
+        with pytest.raises(SamplesInteractError, match=rf"^{where}: the model calls batch_norm in training mode"):
+            call(model_fn, p, x, x[:2])
+
+
+def test_batch_norm_held_where_the_check_cannot_see_it():
+    # the module lives in an object's attribute: the boundary check's cache cannot see the mode switch,
+    # the capture still refuses (the in-place update of num_batches_tracked names the fix)
+    class Model:
+        def __init__(self) -> None:
+            self.net = _bn_net()
+
+        def __call__(self, p, x):
+            return functional_call(self.net, p, (x,)).pow(2).sum(1)
+
+    model = Model()
+    p = {k: v.detach() for k, v in model.net.named_parameters()}
+    x = torch.randn(4, 2, 3, 3, generator=_g(1), dtype=F64)
+    model.net.eval()
+    ghostfunc.graddot(model, p, x, x)
+    model.net.train()
+    with pytest.raises(SamplesInteractError, match=r"^graddot: .*(batch_norm in training mode|model.eval\(\))"):
+        ghostfunc.graddot(model, p, x, x)
