@@ -570,6 +570,13 @@ def per_sample_losses(model_fn: ModelFn, batch: Batch, where: str) -> Callable[[
 
 def weighted_grad(model_fn: ModelFn, params: Mapping[str, Tensor], batch: Batch, weights: Tensor, where: str,
                   label: str) -> tuple[dict[str, Tensor], Tensor]:
+    """:func:`weighted_grad_split` without the note on how the batch ran."""
+    grads, losses, _ = weighted_grad_split(model_fn, params, batch, weights, where, label)
+    return grads, losses
+
+
+def weighted_grad_split(model_fn: ModelFn, params: Mapping[str, Tensor], batch: Batch, weights: Tensor, where: str,
+                        label: str) -> tuple[dict[str, Tensor], Tensor, str | None]:
     """``Σ_v w_v g_v`` for every parameter, by one ordinary backward pass, and the losses ``[B]``.
 
     What a reduced validation gradient needs when no parameter takes the ghost
@@ -578,9 +585,10 @@ def weighted_grad(model_fn: ModelFn, params: Mapping[str, Tensor], batch: Batch,
     Samples that diverge at a data-dependent branch run in groups that agree
     (:func:`ghostfunc._groups.split_sum`); a model the batched run cannot transform
     runs sample by sample with ordinary autograd (:func:`ghostfunc._eager.weighted_grad_eager`).
+    Returns the gradient, the losses ``[B]`` and a note for the plan (``None``: one batched pass).
     """
-    from ._eager import unbatchable, weighted_grad_eager  # both build on this module
-    from ._groups import Part, split_sum
+    from ._eager import summary, unbatchable, weighted_grad_eager  # both build on this module
+    from ._groups import Part, describe, split_sum
 
     def one(part_batch: Batch, part: Part) -> tuple[dict[str, Tensor], Tensor]:
         w = weights if part.rows is None else weights[part.rows.to(weights.device)]
@@ -592,12 +600,13 @@ def weighted_grad(model_fn: ModelFn, params: Mapping[str, Tensor], batch: Batch,
         return grads, losses.detach()
 
     try:
-        grads, losses, _ = split_sum(one, batch)
+        grads, losses, parts = split_sum(one, batch)
     except RuntimeError as err:
         if not unbatchable(err):
             raise
-        return weighted_grad_eager(model_fn, params, batch, weights, where, label)
-    return grads, losses
+        grads, losses = weighted_grad_eager(model_fn, params, batch, weights, where, label)
+        return grads, losses, f"{label}: per-sample autograd (the batched pass cannot run the model: {summary(err)})"
+    return grads, losses, describe(parts, label, "one forward and backward per group")
 
 
 def _in_dtype(g: Factored | Direct, dtype: torch.dtype) -> Factored | Direct:

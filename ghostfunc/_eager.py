@@ -18,14 +18,14 @@ with ordinary autograd:
   parameters inside a backward graph, where no tap can see them: every parameter
   is then a leaf (the trace says so and the plan routes all of them to the fallback).
 
-The interceptor stays active during the backward pass, so a checkpointed segment
-recomputed there is tapped again; its taps created without gradient (re-entrant
-checkpoint's first forward runs under ``no_grad``) receive none and add zero.
+Checkpointing (``torch.utils.checkpoint``, either kind) is refused with the fix:
+its segments are recomputed inside the backward pass, where no interceptor runs.
 Cost: one forward and one backward per sample (the loop's), exact.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -41,6 +41,7 @@ from ._capture import (
     _check_finite,
     _in_dtype,
     _Interceptor,
+    _name,
     _one_loss,
     _rephrase,
     _Stale,
@@ -78,11 +79,15 @@ class _EagerInterceptor(_Interceptor):
         super().__init__(names, None if tracing else ())
         self.made: list[Tensor] = []
         self.no_grad_calls = 0
+        self.checkpointed = False  # a call ran inside a non-re-entrant checkpoint
         self.autograd_calls: list[str] = []
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         if func in _AUTOGRAD:
-            self.autograd_calls.append(getattr(func, "__qualname__", str(func)))
+            self.autograd_calls.append(_name(func))
+        if not self.checkpointed:
+            hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+            self.checkpointed = hooks is not None and "checkpoint" in getattr(hooks[0], "__qualname__", "")
         self.no_grad_calls += int(not torch.is_grad_enabled())
         return super().__torch_function__(func, types, args, kwargs)
 
@@ -109,7 +114,10 @@ def trace_eager(model_fn: ModelFn, params: Mapping[str, Tensor], batch: Batch, w
     def compute() -> Trace:
         mode = _EagerInterceptor({id(v): k for k, v in params.items()}, tracing=True)
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-        with torch.random.fork_rng(devices=devices), torch.enable_grad(), _rephrase(where), mode:
+        with torch.random.fork_rng(devices=devices), torch.enable_grad(), _rephrase(where), mode, \
+                warnings.catch_warnings():
+            # re-entrant checkpoint warns that no input requires grad: in the trace none does, by design
+            warnings.filterwarnings("ignore", message="None of the inputs have requires_grad=True")
             _one_loss(model_fn(dict(params), batch.rebuild([t[:1] for t in batch.tensors])), where)
         other = dict(mode.other_uses)
         if mode.autograd_calls:
@@ -141,6 +149,7 @@ def _capture_sample(model_fn: ModelFn, params: Mapping[str, Tensor], batch: Batc
             raise _Stale(f"{mode.autograd_calls[0]} inside model_fn")
         if not torch.isfinite(loss):  # named by the caller
             return Half(loss.detach().reshape(1), {k: [] for k in params})
+        _refuse_checkpoint(mode, loss, where)
         grads, taps = _backward(loss, mode, list(leaves.values()))
     tap_grads, leaf_grads = grads[:len(taps)], grads[len(taps):]
     out: dict[str, list[Factored | Direct]] = {k: [] for k in params}
@@ -154,6 +163,39 @@ def _capture_sample(model_fn: ModelFn, params: Mapping[str, Tensor], batch: Batc
     for (k, leaf), g in zip(leaves.items(), leaf_grads, strict=True):
         out[k].append(Direct((torch.zeros_like(leaf) if g is None else g).unsqueeze(0)))
     return Half(loss.detach().reshape(1), out)
+
+
+def _refuse_checkpoint(mode: _EagerInterceptor, loss: Tensor, where: str) -> None:
+    """Refuse a model that checkpoints (before any backward pass, so nothing is written anywhere).
+
+    A checkpointed segment is recomputed inside the backward pass, where no
+    interceptor runs: its recognised calls would get no taps, and under
+    ``functional_call`` (as in ``from_module``) it would run on the module's own
+    weights, not the params given, which autograd cannot tell apart.
+    """
+    if not (mode.checkpointed or (mode.no_grad_calls and _checkpointed(loss))):
+        return
+    raise RuntimeError(
+        f"{where}: model_fn uses torch.utils.checkpoint (or gradient checkpointing), which recomputes its segments "
+        f"inside the backward pass, where ghostfunc cannot follow them (and under functional_call, as in "
+        f"ghostfunc.from_module, the recompute would run on the module's own weights, not the params given). Turn "
+        f"checkpointing off for scoring (model.gradient_checkpointing_disable(), or call the segment directly): the "
+        f"numbers are the same, only the activation memory of training differs"
+    )
+
+
+def _checkpointed(loss: Tensor) -> bool:
+    """Whether the autograd graph of ``loss`` holds a re-entrant checkpoint node."""
+    seen, stack = set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if "CheckpointFunction" in type(node).__name__:
+            return True
+        stack.extend(fn for fn, _ in node.next_functions)
+    return False
 
 
 def _backward(loss: Tensor, mode: _EagerInterceptor, leaves: list[Tensor]) -> tuple[list, list[Tensor]]:
@@ -184,6 +226,7 @@ def weighted_grad_eager(model_fn: ModelFn, params: Mapping[str, Tensor], batch: 
         with torch.enable_grad(), _rephrase(where), mode:
             loss = _one_loss(model_fn(dict(leaves), batch.rebuild([t[i:i + 1] for t in batch.tensors])), where)
             losses.append(loss.detach())
+            _refuse_checkpoint(mode, loss, where)
             if torch.isfinite(loss):
                 grads, _ = _backward(loss * weights[i].to(loss.dtype), mode, list(leaves.values()))
                 for k, g in zip(leaves, grads, strict=True):

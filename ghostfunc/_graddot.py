@@ -10,7 +10,18 @@ import torch
 from torch import Tensor
 
 from . import _kernels as K
-from ._capture import Batch, Captured, Half, ModelFn, Trace, _Diverged, _Stale, capture_batches, trace, weighted_grad
+from ._capture import (
+    Batch,
+    Captured,
+    Half,
+    ModelFn,
+    Trace,
+    _Diverged,
+    _Stale,
+    capture_batches,
+    trace,
+    weighted_grad_split,
+)
 from ._checks import check_model_fn, check_options, check_pair, check_params
 from ._eager import capture_eager, summary, trace_eager, unbatchable
 from ._groups import WHOLE, Part, describe, merge_halves, refine, subset
@@ -276,7 +287,8 @@ def _streamed_once(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, v
 
     def capture_val() -> tuple[dict[str, Tensor], dict[str, list[Factored | Direct]], Tensor]:
         if not ghost and r.eager is None:
-            val_dir, loss = weighted_grad(model_fn, params, val, weights, where, "val")
+            val_dir, loss, note = weighted_grad_split(model_fn, params, val, weights, where, "val")
+            notes.extend([note] if note else [])
             return val_dir, {}, loss
         v = capture_one(model_fn, params, val, r, 1, where)
         val_dir = {k: val_grad(route.path, v.grads[k], weights.to(params[k].dtype), params[k])
@@ -285,17 +297,23 @@ def _streamed_once(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, v
 
     device = next(iter(params.values())).device
     before = _rng_state(device)
+    notes: list[str] = []  # how the validation batch ran when weighted_grad_split split it
     if not _draws_random(model_fn):
         val_dir, val_uses, val_loss = capture_val()
         if _same(before, _rng_state(device)):
             t = capture_one(model_fn, params, train, r, 0, where)
-            return Streamed(r.plan, val_dir, val_uses, t.grads, t.loss, val_loss)
+            return Streamed(_noted(r.plan, notes), val_dir, val_uses, t.grads, t.loss, val_loss)
         _set_rng_state(device, before)  # it drew random numbers: the training rows go first
         _mark_random(model_fn)
         del val_dir, val_uses, val_loss
+        notes.clear()
     t = capture_one(model_fn, params, train, r, 0, where)
     val_dir, val_uses, val_loss = capture_val()
-    return Streamed(r.plan, val_dir, val_uses, t.grads, t.loss, val_loss)
+    return Streamed(_noted(r.plan, notes), val_dir, val_uses, t.grads, t.loss, val_loss)
+
+
+def _noted(plan: Plan, notes: list[str]) -> Plan:
+    return plan._replace(notes=(*plan.notes, *notes)) if notes else plan
 
 
 def score_streamed(st: Streamed, params: dict[str, Tensor], weights: Tensor, n: int, m: int,

@@ -69,14 +69,13 @@ def refine(parts: Sequence[Part], err: _Diverged, at: Part) -> tuple[Part, ...]:
     return tuple(out)
 
 
-def describe(parts: Sequence[Part], label: str) -> str | None:
-    """One line for the plan: how a batch was split, or ``None`` when it was not."""
+def describe(parts: Sequence[Part], label: str, passes: str = "one forward per group, one backward") -> str | None:
+    """One line for the plan: how a batch was split and what it cost, or ``None`` when it was not split."""
     if len(parts) <= 1:
         return None
     sizes = ", ".join(f"{_branches(p.key)}: {len(p.rows) if p.rows is not None else '?'}" for p in parts[:6])
     more = f", ... ({len(parts)} in all)" if len(parts) > 6 else ""
-    return (f"{label} split into {len(parts)} groups at data-dependent branches ({sizes}{more}); "
-            f"one forward per group, one backward")
+    return f"{label} split into {len(parts)} groups at data-dependent branches ({sizes}{more}); {passes}"
 
 
 def _branches(key: tuple) -> str:
