@@ -125,6 +125,10 @@ class _Interceptor(TorchFunctionMode):
         self.saved: list[Tensor] = []
         self.statics: list[Any] = []
         self.fresh: set[int] = set()  # ids of the tensors made by FACTORIES in this run
+        self.branch_points = 0  # data-dependent branch points met so far (their ordinal names them)
+
+    #: Answer data-dependent branches under ``vmap`` (:func:`_agreed_value`).
+    follow_branches = True
 
     def __enter__(self) -> _Interceptor:
         # torch.compile'd code runs eagerly in here: dynamo would inline this mode into its graph, and the
@@ -138,8 +142,9 @@ class _Interceptor(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        if func in _TO_PYTHON and args and _batch_level_count(args[0]) == 1:
-            return _agreed_value(func, args, kwargs)
+        if func in _TO_PYTHON and self.follow_branches and args and _batch_level_count(args[0]) == 1:
+            self.branch_points += 1
+            return _agreed_value(func, args, kwargs, self.branch_points)
         if func is F.scaled_dot_product_attention:
             func = _sdpa
         func = EXACT.get(func, func)  # e.g. F.embedding with per-sample scale_grad_by_freq under vmap
@@ -149,7 +154,7 @@ class _Interceptor(TorchFunctionMode):
             if func in FACTORIES:
                 self.fresh.add(id(out))
             return out
-        rule = TABLE.get(func)
+        rule = self._rule(func)
         match = rule.match(args, kwargs) if rule is not None else None
         roles: dict[str, str] = {}
         if match is not None:
@@ -171,14 +176,26 @@ class _Interceptor(TorchFunctionMode):
         if self.taps is None:
             self.sites.append(site)
             return out
-        k = len(self.statics)
-        if k >= len(self.expect) or self.expect[k] != site:
-            raise _Stale(f"call {k} is {rule.kind} on {roles}, the trace expected {self.expect[k:k + 1]}")
+        tap = self._tap(site, out)
         self.saved.extend(match.saved)
         self.statics.append((match.static, len(match.saved)))
         if rule.kind in _FRESH and torch._C._functorch.is_batchedtensor(out):
-            return out.add_(self.taps[k])  # a fresh, per-sample result: tap it in place, no copy
-        return out + self.taps[k]
+            return out.add_(tap)  # a fresh, per-sample result: tap it in place, no copy
+        return out + tap
+
+    def _rule(self, func: Any) -> Rule | None:
+        """The rule that recognises ``func``, if any."""
+        return TABLE.get(func)
+
+    def _tap(self, site: Site, out: Tensor) -> Tensor:
+        """The tap for the next recognised call: the one the trace expected there."""
+        del out
+        k = len(self.statics)
+        if k >= len(self.expect) or self.expect[k] != site:
+            raise _Stale(f"call {k} is {site.rule.kind} on {dict(site.roles)}, the trace expected "
+                         f"{self.expect[k:k + 1]}")
+        assert self.taps is not None
+        return self.taps[k]
 
 
 #: Rule kinds whose call returns a fresh tensor that the call itself does not save for its backward,
@@ -293,26 +310,41 @@ def _per_sample(x: Tensor) -> Tensor:
 
 
 class DivergentBranchError(ValueError):
-    """``model_fn`` branches on tensor values and the samples of a batch disagree."""
+    """``model_fn`` branches on tensor values, the samples of a batch disagree, and the batch cannot be split."""
 
 
-def _agreed_value(func: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
+class _Diverged(Exception):
+    """The samples of a batch gave different Python values at a data-dependent branch point.
+
+    ``values``: one per sample (in batch order); ``ordinal``: which branch point of
+    the run (1 for the first); ``call``: the call that asked (``Tensor.__bool__``...).
+    The caller splits the batch by these values (:mod:`ghostfunc._groups`).
+    """
+
+    def __init__(self, values: list, ordinal: int, call: str) -> None:
+        super().__init__(f"{call} at branch point {ordinal} gave per-sample values {values[:8]}")
+        self.values, self.ordinal, self.call = values, ordinal, call
+        self.batch = 0  # set by capture_batches: the position of the diverging batch among its batches
+
+
+def _agreed_value(func: Any, args: tuple, kwargs: dict[str, Any], ordinal: int = 0) -> Any:
     """Data-dependent control flow under vmap: the answer if every sample gives the same one.
 
     Each sample alone (the single-sample reference) would take the branch its own
-    value picks; when all agree, that branch is exact for the whole batch.
+    value picks; when all agree, that branch is exact for the whole batch. When
+    they disagree it raises :class:`_Diverged` with every sample's value, and the
+    caller runs the samples in groups that agree.
     """
     if any(_batch_level_count(a) for a in pytree.tree_leaves((args[1:], kwargs))):
         return func(*args, **kwargs)  # let functorch raise its own error
     values = [func(row, *args[1:], **kwargs) for row in _per_sample(args[0])]
     if any(v != values[0] for v in values[1:]):
-        raise DivergentBranchError(
-            f"model_fn turns a tensor into a Python value ({_name(func)}) and the samples of the batch "
-            f"disagree (values {values[:8]}{'...' if len(values) > 8 else ''}); ghostfunc runs every sample "
-            f"through the same sequence of calls, so it cannot follow per-sample branches. Compute the "
-            f"branch with tensor ops (torch.where) or pass inputs that avoid it"
-        )
+        raise _Diverged(values, ordinal, _short_name(func))
     return values[0]
+
+
+def _short_name(func: Any) -> str:
+    return getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
 
 
 #: Argument types that hold no tensor (skipped without a pytree walk).
@@ -375,25 +407,35 @@ _TRACES: weakref.WeakKeyDictionary[Any, dict[tuple, Trace]] = weakref.WeakKeyDic
 
 def trace(model_fn: ModelFn, params: Mapping[str, Tensor], batch: Batch, where: str, *, fresh: bool = False) -> Trace:
     """Run ``model_fn`` on the first sample of ``batch`` and record its parametrised calls."""
-    key = (tuple((k, tuple(v.shape), v.dtype, v.device) for k, v in params.items()), batch.signature)
+
+    def compute() -> Trace:
+        names = {id(v): k for k, v in params.items()}
+        mode = _Interceptor(names)
+
+        def one(tensors: list[Tensor]) -> Tensor:
+            with mode:
+                losses = model_fn(dict(params), batch.rebuild(_unsqueeze_all(tensors)))
+            return _one_loss(losses, where)
+
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), _rephrase(where):
+            torch.func.vmap(one, randomness="different")([t[:1] for t in batch.tensors])
+        return Trace(tuple(mode.sites), mode.other_uses)
+
+    return cached_trace(model_fn, params, batch, "vmap", fresh, compute)
+
+
+def cached_trace(model_fn: ModelFn, params: Mapping[str, Tensor], batch: Batch, how: str, fresh: bool,
+                 compute: Callable[[], Trace]) -> Trace:
+    """``compute()``, cached per ``model_fn`` by parameter and batch signature and ``how`` it was traced."""
+    key = (tuple((k, tuple(v.shape), v.dtype, v.device) for k, v in params.items()), batch.signature, how)
     try:
         cache = _TRACES.setdefault(model_fn, {})
     except TypeError:  # not weak-referenceable: trace every call
         cache = {}
     if not fresh and key in cache:
         return cache[key]
-    names = {id(v): k for k, v in params.items()}
-    mode = _Interceptor(names)
-
-    def one(tensors: list[Tensor]) -> Tensor:
-        with mode:
-            losses = model_fn(dict(params), batch.rebuild(_unsqueeze_all(tensors)))
-        return _one_loss(losses, where)
-
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices), torch.no_grad(), _rephrase(where):
-        torch.func.vmap(one, randomness="different")([t[:1] for t in batch.tensors])
-    result = Trace(tuple(mode.sites), mode.other_uses)
+    result = compute()
     if len(cache) > 16:
         cache.clear()
     cache[key] = result
@@ -407,8 +449,9 @@ class _rephrase:
     loops over samples: slower, still exact), e.g. CPU flash attention.
     """
 
-    def __init__(self, where: str) -> None:
+    def __init__(self, where: str, splits: bool = False) -> None:
         self.where = where
+        self.splits = splits  # the caller splits diverging batches (else divergence is refused here)
         self._warnings = warnings.catch_warnings()
 
     def __enter__(self) -> None:
@@ -418,6 +461,14 @@ class _rephrase:
 
     def __exit__(self, kind: Any, err: Any, tb: Any) -> None:
         self._warnings.__exit__(None, None, None)
+        if isinstance(err, _Diverged) and not self.splits:
+            shown = f"{err.values[:8]}{'...' if len(err.values) > 8 else ''}"
+            raise DivergentBranchError(
+                f"{self.where}: model_fn turns a tensor into a Python value ({err.call}) and the samples of the "
+                f"batch disagree (values {shown}); this step runs the whole batch as one forward-over-reverse "
+                f"pass and cannot split it into groups that agree. Compute the branch with tensor ops "
+                f"(torch.where) or pass batches whose samples take the same branch"
+            ) from None
         for kind in (SamplesInteractError, DivergentBranchError, InPlaceWriteError):
             if isinstance(err, kind) and not str(err).startswith(self.where):
                 raise kind(f"{self.where}: {err}") from None
@@ -459,10 +510,13 @@ def capture(model_fn: ModelFn, params: Mapping[str, Tensor], train: Batch, val: 
 
 def capture_batches(model_fn: ModelFn, params: Mapping[str, Tensor], batches: Sequence[Batch],
                     traces: Sequence[Trace], kernel: set[str], where: str,
-                    labels: Sequence[str] = ("train", "val")) -> list[Half]:
+                    labels: Sequence[str] = ("train", "val"), rows: Sequence[Tensor | None] = ()) -> list[Half]:
     """One forward over each batch (each under ``vmap``) and one tap backward over all of them.
 
-    ``traces[b]`` is the trace of ``batches[b]``; ``labels`` name the batches in errors.
+    ``traces[b]`` is the trace of ``batches[b]``; ``labels`` name the batches in errors,
+    ``rows[b]`` (optional) the positions of ``batches[b]``'s samples in the batch the user passed.
+    A data-dependent branch on which a batch's samples disagree raises :class:`_Diverged`
+    with ``batch`` set to that batch's position in ``batches``.
     Calling it once per batch instead of once for all gives the same numbers with
     the memory of one batch at a time (a caller that reduces each batch before the next).
     """
@@ -474,9 +528,13 @@ def capture_batches(model_fn: ModelFn, params: Mapping[str, Tensor], batches: Se
     def per_sample(which: int) -> Callable:
         def f(taps: tuple[Tensor, ...], fb: tuple[Tensor, ...], tensors: list[Tensor]) -> tuple[Tensor, tuple]:
             mode = _Interceptor(names, taps, expect[which])
-            with mode:
-                losses = model_fn({**params, **dict(zip(fallback, fb, strict=True))},
-                                  batches[which].rebuild(_unsqueeze_all(tensors)))
+            try:
+                with mode:
+                    losses = model_fn({**params, **dict(zip(fallback, fb, strict=True))},
+                                      batches[which].rebuild(_unsqueeze_all(tensors)))
+            except _Diverged as err:
+                err.batch = which  # which batch to split
+                raise
             if len(mode.statics) != len(expect[which]):
                 raise _Stale(f"{len(mode.statics)} recognised calls, the trace had {len(expect[which])}")
             statics[which] = mode.statics
@@ -498,10 +556,10 @@ def capture_batches(model_fn: ModelFn, params: Mapping[str, Tensor], batches: Se
 
     taps = tuple(zeros(e, b.size) for e, b in zip(expect, batches, strict=True))
     fbs = tuple(copies(b.size) for b in batches)
-    with _rephrase(where):
+    with _rephrase(where, splits=True):
         losses, pullback, saved = torch.func.vjp(run, taps, fbs, has_aux=True)  # type: ignore[misc]
-    for loss, label in zip(losses, labels, strict=True):
-        _check_finite(loss, label, where)
+    for b, (loss, label) in enumerate(zip(losses, labels, strict=True)):
+        _check_finite(loss, label, where, rows[b] if rows else None)
     # One backward: free each saved activation once used (as an ordinary backward does) and record no
     # graph of the backward itself; otherwise every activation lives until the end (~1.3x peak memory).
     b_outs, b_fbs = pullback(tuple(torch.ones_like(x) for x in losses), retain_graph=False, create_graph=False)
@@ -544,18 +602,43 @@ def per_sample_losses(model_fn: ModelFn, batch: Batch, where: str) -> Callable[[
 
 def weighted_grad(model_fn: ModelFn, params: Mapping[str, Tensor], batch: Batch, weights: Tensor, where: str,
                   label: str) -> tuple[dict[str, Tensor], Tensor]:
+    """:func:`weighted_grad_split` without the note on how the batch ran."""
+    grads, losses, _ = weighted_grad_split(model_fn, params, batch, weights, where, label)
+    return grads, losses
+
+
+def weighted_grad_split(model_fn: ModelFn, params: Mapping[str, Tensor], batch: Batch, weights: Tensor, where: str,
+                        label: str) -> tuple[dict[str, Tensor], Tensor, str | None]:
     """``Σ_v w_v g_v`` for every parameter, by one ordinary backward pass, and the losses ``[B]``.
 
     What a reduced validation gradient needs when no parameter takes the ghost
     path: the same numbers as reducing the captured per-sample factors, with the
     cost and memory of ``loss.backward()`` on the batch. ``label`` names the batch in errors.
+    Samples that diverge at a data-dependent branch run in groups that agree
+    (:func:`ghostfunc._groups.split_sum`); a model the batched run cannot transform
+    runs sample by sample with ordinary autograd (:func:`ghostfunc._eager.weighted_grad_eager`).
+    Returns the gradient, the losses ``[B]`` and a note for the plan (``None``: one batched pass).
     """
-    with _rephrase(where):
-        losses, pullback = torch.func.vjp(per_sample_losses(model_fn, batch, where), dict(params))  # type: ignore[misc]
-    _check_finite(losses, label, where)
-    (grads,) = pullback(weights.to(losses.dtype), retain_graph=False, create_graph=False)
-    del pullback
-    return grads, losses.detach()
+    from ._eager import summary, unbatchable, weighted_grad_eager  # both build on this module
+    from ._groups import Part, describe, split_sum
+
+    def one(part_batch: Batch, part: Part) -> tuple[dict[str, Tensor], Tensor]:
+        w = weights if part.rows is None else weights[part.rows.to(weights.device)]
+        with _rephrase(where, splits=True):
+            losses, pullback = torch.func.vjp(per_sample_losses(model_fn, part_batch, where),  # type: ignore[misc]
+                                              dict(params))
+        _check_finite(losses, label, where, part.rows)
+        (grads,) = pullback(w.to(losses.dtype), retain_graph=False, create_graph=False)
+        return grads, losses.detach()
+
+    try:
+        grads, losses, parts = split_sum(one, batch)
+    except RuntimeError as err:
+        if not unbatchable(err):
+            raise
+        grads, losses = weighted_grad_eager(model_fn, params, batch, weights, where, label)
+        return grads, losses, f"{label}: per-sample autograd (the batched pass cannot run the model: {summary(err)})"
+    return grads, losses, describe(parts, label, "one forward and backward per group")
 
 
 def _in_dtype(g: Factored | Direct, dtype: torch.dtype) -> Factored | Direct:
@@ -583,10 +666,12 @@ def _keep(sites: tuple[Site, ...], kernel: set[str]) -> list[Site]:
     return kept
 
 
-def _check_finite(losses: Tensor, which: str, where: str) -> None:
+def _check_finite(losses: Tensor, which: str, where: str, rows: Tensor | None = None) -> None:
+    """Refuse non-finite losses, naming the samples (``rows``: their positions in the user's batch)."""
     bad = ~torch.isfinite(losses)
     if bool(bad.any()):
-        idx = bad.nonzero().flatten().tolist()
+        where_bad = bad.nonzero().flatten()
+        idx = (where_bad if rows is None else rows.to(where_bad.device)[where_bad]).tolist()
         raise FloatingPointError(
             f"{where}: model_fn returned non-finite losses for {which} samples {idx} "
             f"(values {losses[bad].tolist()}); per-sample gradients of those samples are undefined"

@@ -10,11 +10,24 @@ import torch
 from torch import Tensor
 
 from . import _kernels as K
-from ._capture import Batch, Captured, Half, ModelFn, Trace, _Stale, capture, capture_batches, trace, weighted_grad
+from ._capture import (
+    Batch,
+    Captured,
+    Half,
+    ModelFn,
+    Trace,
+    _Diverged,
+    _Stale,
+    capture_batches,
+    trace,
+    weighted_grad_split,
+)
 from ._checks import check_model_fn, check_options, check_pair, check_params
+from ._eager import capture_eager, summary, trace_eager, unbatchable
+from ._groups import WHOLE, Part, describe, merge_halves, refine, subset
 from ._interact import check_model
 from ._ops import Direct, Factored
-from ._plan import Plan, make_plan, usages
+from ._plan import Plan, Usage, make_plan, usages
 
 
 class GradDot(NamedTuple):
@@ -40,51 +53,193 @@ class GradDot(NamedTuple):
     plan: Plan
 
 
-def retry_stale(where: str, attempt: Callable[[bool], Any]) -> Any:
-    """``attempt(fresh)``; a stale cached trace (:class:`_Stale`) is refreshed once, then it is an error."""
-    for fresh in (False, True):
+class Attempt:
+    """What the retry loop of :func:`retry_stale` has learnt so far about one call.
+
+    ``fresh``: trace again instead of using cached traces; ``parts``: how each
+    batch (train, val) is split at data-dependent branches (:mod:`ghostfunc._groups`);
+    ``eager``: why the batched capture cannot run the model (then every sample
+    runs alone with ordinary autograd, :mod:`ghostfunc._eager`), else ``None``.
+    It is handed to ``attempt`` in place of a ``fresh`` flag and is truthy iff ``fresh``.
+    """
+
+    def __init__(self, fresh: bool = False, parts: tuple[tuple[Part, ...], tuple[Part, ...]] = (WHOLE, WHOLE),
+                 eager: str | None = None) -> None:
+        self.fresh, self.parts, self.eager = fresh, parts, eager
+
+    def __bool__(self) -> bool:
+        return self.fresh
+
+    def but(self, **changes: Any) -> Attempt:
+        return Attempt(**{"fresh": self.fresh, "parts": self.parts, "eager": self.eager, **changes})
+
+
+class _Resplit(Exception):
+    """A part of batch ``which`` diverged at a branch: split it and run again."""
+
+    def __init__(self, which: int, part: Part, err: _Diverged) -> None:
+        super().__init__(str(err))
+        self.which, self.part, self.err = which, part, err
+
+
+class _Unbatchable(Exception):
+    """The batched capture cannot run the model: run it sample by sample (``error`` says why)."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def retry_stale(where: str, attempt: Callable[[Any], Any]) -> Any:
+    """``attempt(state)`` until it runs, ``state`` an :class:`Attempt` (truthy iff traces must be fresh).
+
+    A stale cached trace (:class:`_Stale`) is refreshed once, then it is an error;
+    a batch whose samples diverge at a branch is split and run again (each split
+    is finer, so this ends); a model the batched capture cannot run switches to
+    the per-sample path once.
+    """
+    state = Attempt()
+    while True:
         try:
-            return attempt(fresh)
+            return attempt(state)
         except _Stale as err:
-            if fresh:
+            if state.fresh:
                 raise RuntimeError(
                     f"{where}: model_fn made different parametrised calls on two runs with the same input "
                     f"shapes ({err}); ghostfunc needs the calls to depend on shapes only"
                 ) from None
-    raise AssertionError("unreachable")
+            state = state.but(fresh=True)
+        except _Resplit as split:
+            parts = list(state.parts)
+            parts[split.which] = refine(parts[split.which], split.err, split.part)
+            state = state.but(parts=tuple(parts))
+        except _Unbatchable as err:
+            if state.eager is not None:
+                raise err.error from None
+            state = state.but(eager=summary(err.error))
 
 
 class Routing(NamedTuple):
-    """The traces of both batches, the parameters the kernels handle, and the plan."""
+    """The traces of both batches, the parameters the kernels handle, and the plan.
+
+    ``traces``: the first part's trace of each batch; ``part_traces[w][j]``: the
+    trace of part ``parts[w][j]`` of batch ``w``; ``eager``: why the batches run
+    sample by sample (``None``: batched).
+    """
 
     traces: tuple[Trace, Trace]
     kernel: set[str]
     plan: Plan
+    parts: tuple[tuple[Part, ...], tuple[Part, ...]] = (WHOLE, WHOLE)
+    part_traces: tuple[tuple[Trace, ...], tuple[Trace, ...]] = ((), ())
+    eager: str | None = None
 
 
 def routing(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batch, where: str, policy: str,
-            val_reduce: str | None, fresh: bool) -> Routing:
-    """Trace (cached) both batches and route every parameter."""
-    traces = (trace(model_fn, params, train, where, fresh=fresh), trace(model_fn, params, val, where, fresh=fresh))
-    use = usages(params, traces)
+            val_reduce: str | None, fresh: bool | Attempt) -> Routing:
+    """Trace (cached) every part of both batches and route every parameter.
+
+    ``fresh`` is a flag or the :class:`Attempt` of :func:`retry_stale`. When the
+    batched trace cannot run the model, the per-sample trace runs instead.
+    """
+    state = fresh if isinstance(fresh, Attempt) else Attempt(bool(fresh))
+    batches = (train, val)
+    eager = state.eager
+    part_traces: tuple[tuple[Trace, ...], ...] = ((), ())
+    if eager is None:
+        try:
+            part_traces = tuple(tuple(trace(model_fn, params, subset(b, p), where, fresh=state.fresh)
+                                      for p in state.parts[w]) for w, b in enumerate(batches))
+        except RuntimeError as err:
+            if not unbatchable(err):
+                raise
+            eager = summary(err)
+    parts = state.parts
+    if eager is not None:
+        parts = (WHOLE, WHOLE)
+        part_traces = tuple((trace_eager(model_fn, params, b, where, state.fresh),) for b in batches)
+    use = _merged_usages(params, part_traces[0], part_traces[1])
     kernel = {k for k, u in use.items() if u.form is not None}
-    return Routing(traces, kernel, make_plan(params, use, policy, train.size, val.size, val_reduce))
+    notes = [note for w, label in enumerate(("train", "val")) if (note := describe(parts[w], label))]
+    if eager is not None:
+        notes.append(f"per-sample capture: each sample runs alone with ordinary autograd (one forward and backward "
+                     f"each; kernels kept for recognised calls) because the batched capture cannot run the model: "
+                     f"{eager}")
+    the_plan = make_plan(params, use, policy, train.size, val.size, val_reduce)._replace(notes=tuple(notes))
+    traces = (part_traces[0][0], part_traces[1][0])
+    return Routing(traces, kernel, the_plan, parts, (part_traces[0], part_traces[1]), eager)
+
+
+def _merged_usages(params: dict[str, Tensor], train: tuple[Trace, ...], val: tuple[Trace, ...]) -> dict[str, Usage]:
+    """Every parameter's usage over all parts: one form if all parts agree, the fallback otherwise.
+
+    Tokens are the largest any part saw (the policy's cost model sees the longest part).
+    """
+    if len(train) == 1 and len(val) == 1:
+        return usages(params, (train[0], val[0]))
+    each = [usages(params, (t, v)) for t in train for v in val]
+    out = {}
+    for k in params:
+        us = [u[k] for u in each]
+        if (none := next((u for u in us if u.form is None), None)) is not None:
+            out[k] = none
+        elif len({u.form for u in us}) > 1:
+            out[k] = Usage(None, "used both as a matrix and elementwise", us[0].uses, 0, 0)
+        else:
+            out[k] = us[0]._replace(tokens=max(u.tokens for u in us), val_tokens=max(u.val_tokens for u in us))
+    return out
 
 
 def capture_one(model_fn: ModelFn, params: dict[str, Tensor], batch: Batch, r: Routing, which: int,
                 where: str) -> Half:
     """Capture one batch (``which``: 0 train, 1 val) on its own: a forward and a tap backward."""
-    label = ("train", "val")[which]
-    return capture_batches(model_fn, params, (batch,), (r.traces[which],), r.kernel, where, (label,))[0]
+    return capture_all(model_fn, params, (batch,), r, (which,), where)[0]
+
+
+def capture_all(model_fn: ModelFn, params: dict[str, Tensor], batches: tuple[Batch, ...], r: Routing,
+                which: tuple[int, ...], where: str) -> list[Half]:
+    """Capture ``batches`` (``which[b]``: 0 train, 1 val) in one tap backward, part by part, merged in order.
+
+    A batch whose samples diverge at a branch raises :class:`_Resplit`; a model
+    the batched capture cannot run raises :class:`_Unbatchable` (both for :func:`retry_stale`).
+    """
+    labels = [("train", "val")[w] for w in which]
+    if r.eager is not None:
+        return [capture_eager(model_fn, params, b, r.kernel, where, label)
+                for b, label in zip(batches, labels, strict=True)]
+    subs, traces, tags, rows = [], [], [], []
+    for b, w in zip(batches, which, strict=True):
+        for part, tr in zip(r.parts[w], r.part_traces[w], strict=True):
+            subs.append(subset(b, part))
+            traces.append(tr)
+            tags.append((w, part))
+            rows.append(part.rows)
+    try:
+        halves = capture_batches(model_fn, params, subs, traces, r.kernel, where,
+                                 [("train", "val")[w] for w, _ in tags], rows)
+    except _Diverged as err:
+        w, part = tags[err.batch]
+        raise _Resplit(w, part, err) from None
+    except RuntimeError as err:
+        if not unbatchable(err):
+            raise
+        raise _Unbatchable(err) from err
+    out, at = [], 0
+    for b, w in zip(batches, which, strict=True):
+        k = len(r.parts[w])
+        out.append(merge_halves(halves[at:at + k], r.parts[w], b.size))
+        at += k
+    return out
 
 
 def run(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batch, where: str, policy: str,
         val_reduce: str | None) -> tuple[Captured, Plan]:
     """Trace (cached), route, and capture both batches in one backward."""
 
-    def attempt(fresh: bool) -> tuple[Captured, Plan]:
+    def attempt(fresh: Attempt) -> tuple[Captured, Plan]:
         r = routing(model_fn, params, train, val, where, policy, val_reduce, fresh)
-        return capture(model_fn, params, train, val, r.traces, r.kernel, where), r.plan
+        t, v = capture_all(model_fn, params, (train, val), r, (0, 1), where)
+        return Captured(t.loss, v.loss, {k: (t.grads[k], v.grads[k]) for k in params}), r.plan
 
     return retry_stale(where, attempt)
 
@@ -132,8 +287,9 @@ def _streamed_once(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, v
     ghost = [k for k, route in r.plan.routes.items() if route.path == "ghost"]
 
     def capture_val() -> tuple[dict[str, Tensor], dict[str, list[Factored | Direct]], Tensor]:
-        if not ghost:
-            val_dir, loss = weighted_grad(model_fn, params, val, weights, where, "val")
+        if not ghost and r.eager is None:
+            val_dir, loss, note = weighted_grad_split(model_fn, params, val, weights, where, "val")
+            notes.extend([note] if note else [])
             return val_dir, {}, loss
         v = capture_one(model_fn, params, val, r, 1, where)
         val_dir = {k: val_grad(route.path, v.grads[k], weights.to(params[k].dtype), params[k])
@@ -142,17 +298,23 @@ def _streamed_once(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, v
 
     device = next(iter(params.values())).device
     before = _rng_state(device)
+    notes: list[str] = []  # how the validation batch ran when weighted_grad_split split it
     if not _draws_random(model_fn):
         val_dir, val_uses, val_loss = capture_val()
         if _same(before, _rng_state(device)):
             t = capture_one(model_fn, params, train, r, 0, where)
-            return Streamed(r.plan, val_dir, val_uses, t.grads, t.loss, val_loss)
+            return Streamed(_noted(r.plan, notes), val_dir, val_uses, t.grads, t.loss, val_loss)
         _set_rng_state(device, before)  # it drew random numbers: the training rows go first
         _mark_random(model_fn)
         del val_dir, val_uses, val_loss
+        notes.clear()
     t = capture_one(model_fn, params, train, r, 0, where)
     val_dir, val_uses, val_loss = capture_val()
-    return Streamed(r.plan, val_dir, val_uses, t.grads, t.loss, val_loss)
+    return Streamed(_noted(r.plan, notes), val_dir, val_uses, t.grads, t.loss, val_loss)
+
+
+def _noted(plan: Plan, notes: list[str]) -> Plan:
+    return plan._replace(notes=(*plan.notes, *notes)) if notes else plan
 
 
 def score_streamed(st: Streamed, params: dict[str, Tensor], weights: Tensor, n: int, m: int,
@@ -398,5 +560,4 @@ def plan(
     """
     where = "plan"
     params, tb, vb = _prepare(where, model_fn, params, train, val, val_reduce=val_reduce, policy=policy)
-    traces = (trace(model_fn, params, tb, where), trace(model_fn, params, vb, where))
-    return make_plan(params, usages(params, traces), policy, tb.size, vb.size, val_reduce)
+    return retry_stale(where, lambda fresh: routing(model_fn, params, tb, vb, where, policy, val_reduce, fresh).plan)

@@ -52,13 +52,18 @@ class Route(NamedTuple):
 
 
 class Plan(NamedTuple):
-    """The path of every trainable parameter for one call; prints as a table."""
+    """The path of every trainable parameter for one call; prints as a table.
+
+    ``notes``: how the batches ran when not as one batched capture each (split
+    into groups at data-dependent branches, or one sample at a time and why).
+    """
 
     routes: dict[str, Route]
     policy: str
     n_train: int
     n_val: int
     val_reduce: str | None
+    notes: tuple[str, ...] = ()
 
     def counts(self) -> dict[str, int]:
         """How many parameters take each path."""
@@ -80,6 +85,7 @@ class Plan(NamedTuple):
             f"plan: policy={self.policy!r}, n_train={self.n_train}, n_val={self.n_val}, "
             f"val_reduce={self.val_reduce!r}; " + ", ".join(f"{k}: {v}" for k, v in self.counts().items())
         ]
+        lines.extend(f"note: {note}" for note in self.notes)
         for row in rows:
             lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[-1])
         return "\n".join(lines)

@@ -368,10 +368,10 @@ def test_dropout_rows_see_the_masks_of_train_then_val(policy, val_reduce):
         assert rel(out.scores, ref) < 1e-10
 
 
-def test_error_divergent_data_dependent_branch():
+def test_divergent_data_dependent_branch_splits_the_batch():
     def model_fn(p, x):
         h = F.linear(x, p["W"])
-        if h.sum() > 0:  # data-dependent: fine when every sample agrees, refused otherwise
+        if h.sum() > 0:  # data-dependent: one batch when every sample agrees, split into groups otherwise
             return h.pow(2).sum(1)
         return h.abs().sum(1)
 
@@ -379,8 +379,11 @@ def test_error_divergent_data_dependent_branch():
     pos = torch.rand(3, 2, dtype=F64) + 0.1
     check(model_fn, p, pos, pos)  # all samples take the same branch: exact
     mixed = torch.cat([pos, -pos])
-    with pytest.raises(DivergentBranchError, match=r"^graddot: model_fn turns a tensor into a Python value"):
-        ghostfunc.graddot(model_fn, p, mixed, pos)
+    check(model_fn, p, mixed, pos)  # each sample takes its own branch, as in the single-sample loop
+    assert "train split into 2 groups" in str(ghostfunc.graddot(model_fn, p, mixed, pos).plan)
+    # where the batch cannot be split (in-run Shapley's order 2: one forward-over-reverse pass), it is refused
+    with pytest.raises(DivergentBranchError, match=r"^inrun_shapley: model_fn turns a tensor into a Python value"):
+        ghostfunc.inrun_shapley(model_fn, p, pos, mixed, lr=0.1, order=2)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,237 @@
+"""The way out for models the batched capture cannot transform: one sample at a time, ordinary autograd.
+
+The batched capture runs ``model_fn`` under ``vmap`` inside ``vjp``. Some models
+cannot run there: ops without a batching rule (``nn.LSTM``), data-dependent shapes
+(``nonzero`` in mixture-of-experts routing), ``autograd.Function`` without
+``setup_context`` (re-entrant ``torch.utils.checkpoint``), saved-tensor hooks
+(non-re-entrant checkpoint), ``requires_grad_`` / ``torch.autograd.grad`` inside
+the model, a ``vmap`` inside the model. Every one of them runs in plain PyTorch,
+and the single-sample loop defines the answer, so here each sample runs alone
+with ordinary autograd:
+
+- recognised calls on kernel parameters still get a tap (a zero leaf added to
+  their output, created as the call happens) and keep their saved inputs, so
+  those parameters keep their factored or direct per-sample gradients and every
+  kernel still applies;
+- every other parameter is a leaf that requires grad: its gradient is exact;
+- a model that calls ``torch.autograd.grad`` (or ``backward``) itself also uses its
+  parameters inside a backward graph, where no tap can see them: every parameter
+  is then a leaf (the trace says so and the plan routes all of them to the fallback).
+
+Checkpointing (``torch.utils.checkpoint``, either kind) is refused with the fix:
+its segments are recomputed inside the backward pass, where no interceptor runs.
+Cost: one forward and one backward per sample (the loop's), exact.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._capture import (
+    Batch,
+    Half,
+    ModelFn,
+    Site,
+    Trace,
+    _check_finite,
+    _in_dtype,
+    _Interceptor,
+    _name,
+    _one_loss,
+    _rephrase,
+    _Stale,
+    cached_trace,
+)
+from ._groups import Part, merge_halves
+from ._ops import Direct, Factored, Rule
+
+#: Calls by which a model runs a backward pass of its own.
+_AUTOGRAD = (torch.autograd.grad, torch.autograd.backward, Tensor.backward)
+
+
+def unbatchable(err: BaseException) -> bool:
+    """Whether an error from the batched capture may be a limit of ``vmap``/``vjp`` (then the
+    per-sample path runs; a genuine mistake in the model fails there too and is raised from there)."""
+    return isinstance(err, RuntimeError) and not isinstance(err, torch.OutOfMemoryError)
+
+
+def summary(err: BaseException) -> str:
+    """The first line of an error, short enough for a plan."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return text if len(text) <= 140 else text[:137] + "..."
+
+
+class _EagerInterceptor(_Interceptor):
+    """The interceptor outside ``vmap``: taps are created as recognised calls happen.
+
+    ``made`` holds the taps in order; ``no_grad_calls`` counts calls made while
+    gradients were off; ``autograd_calls`` names the model's own backward calls.
+    """
+
+    follow_branches = False  # no vmap: each sample takes its own branch
+
+    def __init__(self, names: dict[int, str], tracing: bool) -> None:
+        super().__init__(names, None if tracing else ())
+        self.made: list[Tensor] = []
+        self.no_grad_calls = 0
+        self.checkpointed = False  # a call ran inside a non-re-entrant checkpoint
+        self.autograd_calls: list[str] = []
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
+        if func in _AUTOGRAD:
+            self.autograd_calls.append(_name(func))
+        if not self.checkpointed:
+            hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+            self.checkpointed = hooks is not None and "checkpoint" in getattr(hooks[0], "__qualname__", "")
+        self.no_grad_calls += int(not torch.is_grad_enabled())
+        return super().__torch_function__(func, types, args, kwargs)
+
+    def _rule(self, func: Any) -> Rule | None:
+        """No rule inside a transform the model runs itself (its saved inputs would not outlive it)."""
+        if torch._C._functorch.maybe_current_level() is not None:
+            return None
+        return super()._rule(func)
+
+    def _tap(self, site: Site, out: Tensor) -> Tensor:
+        tap = torch.zeros(out.shape, dtype=out.dtype, device=out.device, requires_grad=True)
+        self.made.append(tap)
+        self.sites.append(site)
+        return tap
+
+
+def trace_eager(model_fn: ModelFn, params: Mapping[str, Tensor], batch: Batch, where: str, fresh: bool) -> Trace:
+    """The trace of the first sample run alone, without ``vmap`` (gradients on, as the model may need them).
+
+    A model that runs a backward pass of its own has every parameter marked as
+    used by that call (so all take the exact leaf path).
+    """
+
+    def compute() -> Trace:
+        mode = _EagerInterceptor({id(v): k for k, v in params.items()}, tracing=True)
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices), torch.enable_grad(), _rephrase(where), mode, \
+                warnings.catch_warnings():
+            # re-entrant checkpoint warns that no input requires grad: in the trace none does, by design
+            warnings.filterwarnings("ignore", message="None of the inputs have requires_grad=True")
+            _one_loss(model_fn(dict(params), batch.rebuild([t[:1] for t in batch.tensors])), where)
+        other = dict(mode.other_uses)
+        if mode.autograd_calls:
+            call = f"{mode.autograd_calls[0]} inside model_fn (taps cannot see a backward graph)"
+            other = dict.fromkeys(params, call)
+        return Trace(tuple(mode.sites), other)
+
+    return cached_trace(model_fn, params, batch, "eager", fresh, compute)
+
+
+def capture_eager(model_fn: ModelFn, params: Mapping[str, Tensor], batch: Batch, kernel: set[str], where: str,
+                  label: str) -> Half:
+    """Every sample of ``batch`` alone: a forward and an ordinary backward each, merged in order."""
+    halves = [_capture_sample(model_fn, params, batch, i, kernel, where) for i in range(batch.size)]
+    parts = [Part(torch.tensor([i]), (i,)) for i in range(batch.size)]
+    merged = merge_halves(halves, parts, batch.size)
+    _check_finite(merged.loss, label, where)
+    return merged
+
+
+def _capture_sample(model_fn: ModelFn, params: Mapping[str, Tensor], batch: Batch, i: int, kernel: set[str],
+                    where: str) -> Half:
+    names = {id(params[k]): k for k in kernel}
+    leaves = {k: params[k].detach().requires_grad_() for k in params if k not in kernel}
+    mode = _EagerInterceptor(names, tracing=False)
+    with torch.enable_grad(), _rephrase(where), mode:
+        loss = _one_loss(model_fn({**params, **leaves}, batch.rebuild([t[i:i + 1] for t in batch.tensors])), where)
+        if mode.autograd_calls and kernel:
+            raise _Stale(f"{mode.autograd_calls[0]} inside model_fn")
+        if not torch.isfinite(loss):  # named by the caller
+            return Half(loss.detach().reshape(1), {k: [] for k in params})
+        _refuse_checkpoint(mode, loss, where)
+        grads, taps = _backward(loss, mode, list(leaves.values()))
+    tap_grads, leaf_grads = grads[:len(taps)], grads[len(taps):]
+    out: dict[str, list[Factored | Direct]] = {k: [] for k in params}
+    at = 0
+    for site, (static, count), tap, g in zip(mode.sites, mode.statics, taps, tap_grads, strict=False):
+        saved = tuple(s.detach().unsqueeze(0) for s in mode.saved[at:at + count])  # [1, ...] per sample
+        at += count
+        b = (torch.zeros_like(tap) if g is None else g).unsqueeze(0)
+        for role, name in site.roles:
+            out[name].append(_in_dtype(site.rule.grad(static, saved, b, role, params[name].shape), params[name].dtype))
+    for (k, leaf), g in zip(leaves.items(), leaf_grads, strict=True):
+        out[k].append(Direct((torch.zeros_like(leaf) if g is None else g).unsqueeze(0)))
+    return Half(loss.detach().reshape(1), out)
+
+
+def _refuse_checkpoint(mode: _EagerInterceptor, loss: Tensor, where: str) -> None:
+    """Refuse a model that checkpoints (before any backward pass, so nothing is written anywhere).
+
+    A checkpointed segment is recomputed inside the backward pass, where no
+    interceptor runs: its recognised calls would get no taps, and under
+    ``functional_call`` (as in ``from_module``) it would run on the module's own
+    weights, not the params given, which autograd cannot tell apart.
+    """
+    if not (mode.checkpointed or (mode.no_grad_calls and _checkpointed(loss))):
+        return
+    raise RuntimeError(
+        f"{where}: model_fn uses torch.utils.checkpoint (or gradient checkpointing), which recomputes its segments "
+        f"inside the backward pass, where ghostfunc cannot follow them (and under functional_call, as in "
+        f"ghostfunc.from_module, the recompute would run on the module's own weights, not the params given). Turn "
+        f"checkpointing off for scoring (model.gradient_checkpointing_disable(), or call the segment directly): the "
+        f"numbers are the same, only the activation memory of training differs"
+    )
+
+
+def _checkpointed(loss: Tensor) -> bool:
+    """Whether the autograd graph of ``loss`` holds a re-entrant checkpoint node."""
+    seen, stack = set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if "CheckpointFunction" in type(node).__name__:
+            return True
+        stack.extend(fn for fn, _ in node.next_functions)
+    return False
+
+
+def _backward(loss: Tensor, mode: _EagerInterceptor, leaves: list[Tensor]) -> tuple[list, list[Tensor]]:
+    """Gradients of ``loss`` for the taps made so far and ``leaves`` (``None`` where none flowed).
+
+    A model that ran calls without gradient may be re-entrant checkpointing, which
+    refuses ``torch.autograd.grad``; then ``loss.backward()`` runs and the gradients
+    are read from ``.grad``, including those of taps made while it recomputes.
+    Returns ``(grads, taps)``: the gradients of ``taps`` then of ``leaves``.
+    """
+    if mode.no_grad_calls:
+        loss.backward()
+        return [x.grad for x in [*mode.made, *leaves]], list(mode.made)
+    taps = list(mode.made)  # taps made by a recompute during the backward get no gradient
+    if not taps and not leaves:
+        return [], []
+    return list(torch.autograd.grad(loss, [*taps, *leaves], allow_unused=True)), taps
+
+
+def weighted_grad_eager(model_fn: ModelFn, params: Mapping[str, Tensor], batch: Batch, weights: Tensor,
+                        where: str, label: str) -> tuple[dict[str, Tensor], Tensor]:
+    """``Σ_v w_v g_v`` and the losses ``[B]``, one sample at a time with ordinary autograd."""
+    total = {k: torch.zeros_like(v) for k, v in params.items()}
+    losses = []
+    for i in range(batch.size):
+        leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
+        mode = _EagerInterceptor({}, tracing=True)
+        with torch.enable_grad(), _rephrase(where), mode:
+            loss = _one_loss(model_fn(dict(leaves), batch.rebuild([t[i:i + 1] for t in batch.tensors])), where)
+            losses.append(loss.detach())
+            _refuse_checkpoint(mode, loss, where)
+            if torch.isfinite(loss):
+                grads, _ = _backward(loss * weights[i].to(loss.dtype), mode, list(leaves.values()))
+                for k, g in zip(leaves, grads, strict=True):
+                    if g is not None:
+                        total[k] += g
+    out = torch.stack(losses)
+    _check_finite(out, label, where)
+    return total, out

@@ -1,0 +1,448 @@
+"""Models the plain batched capture cannot run as one batch: exact against the single-sample loop.
+
+Two mechanisms, each checked in float64 against :func:`ghostfunc.reference_graddot`
+for every policy and ``val_reduce`` (scores, ``per_param``, ``train_grad``, losses):
+
+- *split batches*: samples that take different data-dependent branches
+  (``if h.sum() > 0``, ``.item()``, a Hugging Face causal LM with a 2-D mask where
+  some rows are padded) run in groups that agree;
+- *per-sample capture*: models ``vmap`` inside ``vjp`` cannot transform (``nn.LSTM``,
+  ``nonzero`` routing, ``autograd.Function`` without ``setup_context``, checkpointing,
+  ``torch.autograd.grad`` inside the model, a ``vmap`` inside the model) run one
+  sample at a time with ordinary autograd, taps kept.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint as cp
+from torch import Tensor
+from torch.func import functional_call
+
+import ghostfunc
+from ghostfunc import DivergentBranchError
+from ghostfunc._reference import per_sample_grads
+
+F64 = torch.float64
+POLICIES = ("auto", "2t2", "ghost", "materialize", "contract")
+WORST: dict[str, float] = {}  # worst relative error per test family, for the report
+
+
+def rel(a: Tensor, b: Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
+
+
+def check_all(name, model_fn, params, train, val, reference_fn=None, tol=1e-10, policies=POLICIES,
+              reduces=("mean", "sum", None)):
+    """Every policy and val_reduce against the loop; returns the plan of the last call.
+
+    ``reference_fn``: the model the loop runs (default ``model_fn``), e.g. the same
+    model without checkpointing where the loop itself cannot call ``torch.autograd.grad``.
+    """
+    ref_fn = reference_fn or model_fn
+    gt, lt = per_sample_grads(ref_fn, params, train)
+    gv, lv = per_sample_grads(ref_fn, params, val)
+    plan = None
+    for val_reduce in reduces:
+        for policy in policies:
+            if policy == "contract" and val_reduce is None:
+                continue
+            out = ghostfunc.graddot(model_fn, params, train, val, policy=policy, val_reduce=val_reduce)
+            worst = 0.0
+            total = 0
+            for k in params:
+                a, b = gt[k].flatten(1), gv[k].flatten(1)  # [n, P], [m, P]
+                want = {"mean": a @ b.mean(0), "sum": a @ b.sum(0), None: a @ b.T}[val_reduce]
+                total = total + want
+                assert (out.per_param[k] - want).abs().max() <= tol * (1 + want.abs().max()), (k, out.plan)
+                g = gt[k].mean(0)
+                worst = max(worst, ((out.train_grad[k] - g).abs().max() / (1 + g.abs().max())).item())
+            err = rel(out.scores, total)
+            worst = max(worst, err)
+            assert err < tol, (policy, val_reduce, err, out.plan)
+            assert worst < tol, (policy, val_reduce, worst, out.plan)
+            torch.testing.assert_close(out.train_loss, lt, rtol=1e-12, atol=1e-14)
+            torch.testing.assert_close(out.val_loss, lv, rtol=1e-12, atol=1e-14)
+            WORST[name] = max(WORST.get(name, 0.0), worst)
+            plan = out.plan
+    return plan
+
+
+def notes(plan) -> str:
+    return "\n".join(plan.notes)
+
+
+# --------------------------------------------------------------------------- split batches
+
+
+def _mlp(seed=0, d=3, h=4):
+    g = torch.Generator().manual_seed(seed)
+    return {"W1": torch.randn(h, d, generator=g, dtype=F64) / 2, "b1": torch.randn(h, generator=g, dtype=F64) / 4,
+            "W2": torch.randn(2, h, generator=g, dtype=F64) / 2}
+
+
+def sign_branch(p, x):
+    h = F.linear(x, p["W1"], p["b1"])
+    if h.sum() > 0:
+        return F.linear(torch.tanh(h), p["W2"]).pow(2).sum(1)
+    return F.linear(h, p["W2"]).abs().sum(1) + p["b1"].pow(2).sum()
+
+
+def nested_branches(p, x):
+    h = torch.tanh(F.linear(x, p["W1"], p["b1"]))
+    if x[:, 0].sum() > 0:
+        if h[:, 1].sum() > 0:  # a branch point met only on the first path
+            h = F.linear(h, p["W2"].T @ p["W2"]) + h  # W2 through an unrecognised matmul: fallback
+        else:
+            h = h * 2
+    elif bool((x[:, 1] > 0).all()):
+        h = F.linear(F.linear(h, p["W2"]), p["W2"].T)  # W2 used twice as a matrix
+    return F.linear(h, p["W2"]).pow(2).sum(1)
+
+
+def item_scale(p, x):
+    h = F.linear(x, p["W1"], p["b1"])
+    scale = x.abs().max().item()  # a different Python float per sample: every sample its own group
+    return (torch.sin(h) * scale).sum(1) + F.linear(h, p["W2"]).pow(2).sum(1)
+
+
+def varying_length(p, batch):
+    ids, x = batch
+    h = F.embedding(ids, p["E"]) + x[..., None]  # [B, T, h]
+    if x[:, 0].sum() > 0:
+        h = h[:, :2]  # this path sees 2 tokens, the other all 5: factors of different T are merged
+    return F.linear(torch.tanh(h), p["W2"]).pow(2).sum((1, 2))
+
+
+def _split_data(seed, n=6, m=4, d=3):
+    g = torch.Generator().manual_seed(seed)
+    x, xv = torch.randn(n, d, generator=g, dtype=F64), torch.randn(m, d, generator=g, dtype=F64)
+    return x, xv
+
+
+@pytest.mark.parametrize("model_fn", [sign_branch, nested_branches, item_scale], ids=lambda f: f.__name__)
+def test_divergent_branches_split_the_batch(model_fn):
+    p = _mlp()
+    x, xv = _split_data(1)
+    plan = check_all("split " + model_fn.__name__, model_fn, p, x, xv)
+    assert "train split into" in notes(plan)
+    if model_fn is nested_branches:
+        assert plan.routes["W2"].path == "fallback"  # one group uses it through matmul: fallback for all
+
+
+def test_groups_with_different_token_counts_and_embedding_ids():
+    g = torch.Generator().manual_seed(2)
+    p = {"E": torch.randn(7, 4, generator=g, dtype=F64), "W2": torch.randn(2, 4, generator=g, dtype=F64)}
+    train = (torch.randint(0, 7, (5, 5), generator=g), torch.randn(5, 5, generator=g, dtype=F64))
+    val = (torch.randint(0, 7, (3, 5), generator=g), torch.randn(3, 5, generator=g, dtype=F64))
+    plan = check_all("split varying T", varying_length, p, train, val)
+    assert plan.routes["E"].path in ("ghost", "materialize", "contract")
+
+
+def test_branch_that_depends_on_the_traced_sample():
+    # the cached trace of the first call has sample 0 on one path; the second call, same shapes, has it on the other
+    p = _mlp(3)
+    x, xv = _split_data(4)
+    first = torch.cat([x.abs() + 2, -x.abs() - 2])
+    second = first.flip(0)
+    for train in (first, second, first):
+        check_all("split traced sample", sign_branch, p, train, xv, policies=("auto", "ghost"), reduces=("mean", None))
+
+
+def test_all_samples_agree_is_one_batch():
+    p = _mlp()
+    x = torch.rand(4, 3, dtype=F64) + 1
+    out = ghostfunc.graddot(lambda p, x: sign_branch(p, x), p, x, x)
+    assert out.plan.notes == ()
+
+
+def test_split_batch_plan_prints_and_names_the_groups():
+    p = _mlp()
+    x, xv = _split_data(1)
+    out = ghostfunc.graddot(sign_branch, p, x, xv, val_reduce=None)
+    text = str(out.plan)
+    assert "note: train split into 2 groups at data-dependent branches" in text
+    assert "note: val split into" in text and "one forward per group, one backward" in text
+    out = ghostfunc.graddot(sign_branch, p, x, xv, policy="contract")
+    assert "val split into" in notes(out.plan) and "one forward and backward per group" in notes(out.plan)
+
+
+def test_nan_loss_in_a_group_names_the_sample():
+    def model_fn(p, x):
+        h = F.linear(x, p["W1"], p["b1"])
+        if x[:, 1].sum() > 0:
+            return h.pow(2).sum(1)
+        return h.sum(1) * torch.log(x[:, 0])  # NaN for negative x[:, 0]
+
+    p = _mlp()
+    x = torch.tensor([[1.0, 1, 1], [-1, -1, 1], [2, 1, 1]], dtype=F64)  # sample 1 alone in its group
+    for val_reduce in ("mean", None):
+        with pytest.raises(FloatingPointError, match=r"^graddot: .*non-finite losses for train samples \[1\]"):
+            ghostfunc.graddot(model_fn, p, x, x[:1], val_reduce=val_reduce)
+        with pytest.raises(FloatingPointError, match=r"^graddot: .*non-finite losses for val samples \[1\]"):
+            ghostfunc.graddot(model_fn, p, x[:1], x, val_reduce=val_reduce)
+
+
+def test_inrun_shapley_and_train_step_on_a_split_batch():
+    p = _mlp(5)
+    x, xv = _split_data(6)
+    gt, _ = per_sample_grads(sign_branch, p, x)
+    gv, _ = per_sample_grads(sign_branch, p, xv)
+    scores = sum(gt[k].flatten(1) @ gv[k].flatten(1).mean(0) for k in p)
+    lr, n = 0.1, len(x)
+    values = ghostfunc.inrun_shapley(sign_branch, p, x, xv, lr=lr)
+    assert rel(values, -lr / n * scores) < 1e-10
+    step = ghostfunc.train_step(sign_branch, ghostfunc.sgd(lr))
+    state, info = step(step.init(p), x, xv)
+    assert rel(info.values, -lr / n * scores) < 1e-10
+    for k in p:
+        torch.testing.assert_close(state.params[k], p[k] - lr * gt[k].mean(0), rtol=1e-12, atol=1e-14)
+    v = 10 * p["W1"].sum(0, keepdim=True)  # h.sum() is large and positive for v, negative for -v
+    with pytest.raises(DivergentBranchError, match=r"^inrun_shapley: .*cannot split it into groups"):
+        ghostfunc.inrun_shapley(sign_branch, p, x, torch.cat([v, -v]), lr=lr, order=2)
+
+
+# --------------------------------------------------------------------------- Hugging Face, padded rows
+
+
+@pytest.fixture(scope="module")
+def hf():
+    return pytest.importorskip("transformers")
+
+
+def _hf_causal(hf, family):
+    if family == "gpt2":
+        cfg = hf.GPT2Config(vocab_size=32, n_embd=8, n_layer=1, n_head=2, n_positions=16, bos_token_id=1,
+                            eos_token_id=2, attn_implementation="sdpa")
+    else:
+        cfg = hf.LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                             num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
+                             pad_token_id=0, bos_token_id=1, eos_token_id=2, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = hf.AutoModelForCausalLM.from_config(cfg).to(F64).eval()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def model_fn(p, b):
+        out = functional_call(model, p, (), {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]})
+        return ghostfunc.causal_lm_loss(out, b)
+
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 32, (6, 6), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, 4:] = 0  # sample 0 padded, 1 and 2 not, 3 padded
+    mask[3, 3:] = 0
+    mask[5, 5:] = 0
+    train = {"input_ids": ids[:4], "attention_mask": mask[:4]}
+    val = {"input_ids": ids[4:], "attention_mask": mask[4:]}
+    return model_fn, params, train, val
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_hf_causal_lm_with_a_2d_mask_and_mixed_padding(hf, family):
+    model_fn, params, train, val = _hf_causal(hf, family)
+    plan = check_all(f"split hf {family}", model_fn, params, train, val, policies=("auto", "ghost", "contract"),
+                     reduces=("mean", None))
+    assert "train split into 2 groups" in notes(plan) and "val split into 2 groups" in notes(plan)
+
+
+# --------------------------------------------------------------------------- per-sample capture
+
+
+def _module_fn(module, head="sum"):
+    params = {k: v.detach() for k, v in module.named_parameters()}
+
+    def model_fn(p, x):
+        out = functional_call(module, p, (x,))
+        out = out[0] if isinstance(out, tuple) else out
+        return out.pow(2).flatten(1).sum(1) if head == "sum" else out.flatten(1).sin().sum(1)
+
+    return model_fn, params
+
+
+def _seq(seed, n=4, m=3, t=5, d=3):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, t, d, generator=g, dtype=F64), torch.randn(m, t, d, generator=g, dtype=F64)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "lstm2-bi", "gru", "rnn-relu", "lstm-proj"])
+def test_recurrent_layers_are_exact(kind):
+    torch.manual_seed(0)
+    module = {
+        "lstm": lambda: nn.LSTM(3, 4, batch_first=True),
+        "lstm2-bi": lambda: nn.LSTM(3, 4, num_layers=2, bidirectional=True, batch_first=True),
+        "gru": lambda: nn.GRU(3, 4, batch_first=True),
+        "rnn-relu": lambda: nn.RNN(3, 4, nonlinearity="relu", batch_first=True),
+        "lstm-proj": lambda: nn.LSTM(3, 4, proj_size=2, batch_first=True),
+    }[kind]().double()
+    model_fn, params = _module_fn(module, "sin")
+    x, xv = _seq(1)
+    plan = check_all(f"rnn {kind}", model_fn, params, x, xv)
+    assert plan.notes or all(r.path != "fallback" for r in plan.routes.values())
+
+
+def test_lstm_cell_loop():
+    torch.manual_seed(0)
+    cell, head = nn.LSTMCell(3, 4).double(), nn.Linear(4, 2).double()
+    params = {**{f"cell.{k}": v.detach() for k, v in cell.named_parameters()},
+              **{f"head.{k}": v.detach() for k, v in head.named_parameters()}}
+
+    def model_fn(p, x):
+        cp_ = {k[5:]: v for k, v in p.items() if k.startswith("cell.")}
+        h = c = x.new_zeros(x.shape[0], 4)
+        for t in range(x.shape[1]):
+            h, c = functional_call(cell, cp_, (x[:, t], (h, c)))
+        return F.linear(h, p["head.weight"], p["head.bias"]).pow(2).sum(1)
+
+    x, xv = _seq(2)
+    plan = check_all("rnn lstmcell", model_fn, params, x, xv)
+    assert plan.routes["head.weight"].path != "fallback"  # the linear head keeps its kernel
+
+
+class _Double(torch.autograd.Function):  # old style: no setup_context
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * 2 + x.pow(3)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * (2 + 3 * x.pow(2))
+
+
+def old_function(p, x):
+    return F.linear(_Double.apply(F.linear(x, p["W1"], p["b1"])), p["W2"]).pow(2).sum(1)
+
+
+def input_grad_penalty(p, x):
+    x = x.clone().requires_grad_()
+    y = F.linear(torch.tanh(F.linear(x, p["W1"], p["b1"])), p["W2"]).sum(1)
+    (gx,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+    return y.pow(2) + gx.pow(2).sum(1)
+
+
+def inner_vmap(p, x):
+    h = torch.vmap(lambda r: torch.tanh(F.linear(r, p["W1"], p["b1"])))(x)
+    return F.linear(h, p["W2"]).pow(2).sum(1)
+
+
+def moe_nonzero(p, x):
+    """Top-1 routing with data-dependent shapes: each expert runs on the rows routed to it."""
+    h = F.linear(x, p["W1"], p["b1"])  # [B, 4]
+    choice = h[:, :2].argmax(1)  # router
+    out = torch.zeros(x.shape[0], 2, dtype=x.dtype)
+    for e in range(2):
+        rows = (choice == e).nonzero().flatten()
+        out = out.index_add(0, rows, F.linear(torch.tanh(h[rows]), p["W2"] * (e + 1)))
+    return out.pow(2).sum(1)
+
+
+def moe_where(p, x):
+    h = F.linear(x, p["W1"], p["b1"])
+    rows, cols = torch.where(h > 0)  # data-dependent shapes
+    picked = h[rows, cols]
+    score = torch.zeros(x.shape[0], dtype=x.dtype).index_add(0, rows, picked.pow(2))
+    return score + F.linear(h, p["W2"]).pow(2).sum(1)
+
+
+@pytest.mark.parametrize("model_fn", [old_function, input_grad_penalty, inner_vmap, moe_nonzero, moe_where],
+                         ids=lambda f: f.__name__)
+def test_untransformable_models_run_sample_by_sample(model_fn):
+    p = _mlp(7)
+    x, xv = _split_data(8, n=5, m=3)
+    plan = check_all("per-sample " + model_fn.__name__, model_fn, p, x, xv)
+    assert "per-sample capture" in notes(plan)
+    if model_fn is input_grad_penalty:  # the parameters also enter the model's own backward: all leaves
+        assert all(r.path == "fallback" and "autograd.grad" in r.reason for r in plan.routes.values())
+    elif model_fn is not inner_vmap:
+        assert plan.routes["W1"].path in ("ghost", "materialize", "contract")  # taps kept
+
+
+def _two_layer(p, x, reentrant=None):
+    h = torch.tanh(F.linear(x, p["W1"], p["b1"]))  # the checkpointed segment's input requires grad
+
+    def segment(z):
+        return torch.tanh(F.linear(z, p["W2"].T @ p["W2"] + torch.eye(4, dtype=z.dtype), p["b1"]))
+
+    h = segment(h) if reentrant is None else cp.checkpoint(segment, h, use_reentrant=reentrant)
+    return F.linear(h, p["W2"]).pow(2).sum(1)
+
+
+CHECKPOINT = r"^graddot: model_fn uses torch.utils.checkpoint \(or gradient checkpointing\), which recomputes"
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpoint_is_refused_with_the_fix(reentrant):
+    p = _mlp(9)
+    x, xv = _split_data(10, n=4, m=3)
+    with pytest.raises(RuntimeError, match=CHECKPOINT):
+        ghostfunc.graddot(lambda p, x: _two_layer(p, x, reentrant), p, x, xv)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpointed_module_under_functional_call_is_refused(reentrant):
+    # the recompute would run after functional_call has put the module's own weights back: refused, never wrong
+    torch.manual_seed(0)
+    layer = nn.Linear(3, 3).double()
+    params = {k: v.detach() * 2 for k, v in layer.named_parameters()}  # not the module's own values
+
+    def model_fn(p, x):
+        h = F.linear(x, p["weight"])  # the segment's input requires grad
+        return cp.checkpoint(lambda z: functional_call(layer, p, (z,)), h, use_reentrant=reentrant).pow(2).sum(1)
+
+    x = torch.randn(3, 3, dtype=F64)
+    with pytest.raises(RuntimeError, match=CHECKPOINT):
+        ghostfunc.graddot(model_fn, params, x, x)
+    assert all(q.grad is None for q in layer.parameters())  # refused before any backward: nothing written
+
+
+def test_hf_gradient_checkpointing_in_train_mode_is_refused_with_the_fix(hf):
+    cfg = hf.GPT2Config(vocab_size=32, n_embd=8, n_layer=2, n_head=2, n_positions=16, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = hf.GPT2LMHeadModel(cfg).to(F64)
+    model_fn, params = ghostfunc.from_module(model, ghostfunc.causal_lm_loss)
+    model.gradient_checkpointing_enable()
+    model.train()
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 32, (5, 6), generator=g)
+    train, val = {"input_ids": ids[:3]}, {"input_ids": ids[3:]}
+    with pytest.raises(RuntimeError, match=CHECKPOINT + r".*\(model.gradient_checkpointing_disable\(\)"):
+        ghostfunc.graddot(model_fn, params, train, val)
+    model.gradient_checkpointing_disable()  # the fix: the same numbers as the loop, in train mode
+    check_all("checkpoint hf gpt2 disabled", model_fn, params, train, val, policies=("auto",), reduces=("mean",))
+
+
+# --------------------------------------------------------------------------- what is not swallowed
+
+
+def test_a_real_mistake_in_the_model_is_raised_not_hidden():
+    def bad(p, x):
+        return F.linear(x, p["W1"].T).sum(1)  # [B, 3] @ [4, 3]^T^T: wrong shapes in any mode
+
+    p = _mlp()
+    x = torch.randn(3, 3, dtype=F64)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        ghostfunc.graddot(bad, p, x, x)
+
+
+def test_per_sample_path_nan_names_the_sample():
+    def model_fn(p, x):
+        h = F.linear(x, p["W1"], p["b1"])
+        rows = (h[:, 0] > 0).nonzero().flatten()  # forces the per-sample path
+        return h.sum(1) * torch.log(x[:, 0]) + rows.numel()
+
+    p = _mlp()
+    x = torch.tensor([[1.0, 1, 1], [-1, 1, 1], [2, 1, 1]], dtype=F64)
+    with pytest.raises(FloatingPointError, match=r"^graddot: .*non-finite losses for train samples \[1\]"):
+        ghostfunc.graddot(model_fn, p, x, x[:1])
+
+
+def test_public_plan_says_which_path():
+    p = _mlp(7)
+    x, xv = _split_data(8)
+    text = str(ghostfunc.plan(moe_nonzero, p, x, xv))
+    assert "note: per-sample capture" in text and "nonzero" in text
