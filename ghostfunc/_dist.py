@@ -94,6 +94,23 @@ def param_signature(params: Mapping[str, Tensor]) -> tuple[tuple[str, tuple[int,
     return tuple((k, tuple(v.shape), str(v.dtype)) for k, v in params.items())
 
 
+def param_checksum(params: Mapping[str, Tensor]) -> tuple[float, ...]:
+    """Every parameter's sum (one device sync): ranks holding different values differ here."""
+    return tuple(torch.stack([v.detach().sum().double() for v in params.values()]).tolist())
+
+
+def broadcast_params(params: Mapping[str, Tensor], group: Any) -> dict[str, Tensor]:
+    """Rank 0's ``params`` on every rank (as DDP does when it wraps a module): one flat broadcast per dtype."""
+    out: dict[str, Tensor] = {}
+    src = dist.get_global_rank(group, 0)
+    for keys in _buckets(params):
+        flat = torch.cat([params[k].detach().reshape(-1) for k in keys])
+        dist.broadcast(flat, src=src, group=group)
+        for k, part in zip(keys, flat.split([params[k].numel() for k in keys]), strict=True):
+            out[k] = part.view(params[k].shape).clone()
+    return {k: out[k] for k in params}
+
+
 def agree(where: str, group: Any, prepare: Callable[[], T], signature: Callable[[T], dict[str, Any]],
           rows: Callable[[T], tuple[int, int]]) -> tuple[T, World]:
     """Run this rank's argument checks (``prepare``), then check every rank agrees, in one collective.

@@ -391,13 +391,16 @@ def graddot(
 
 
 def prepare_group(where: str, group: Any, model_fn: Any, params: Any, train: Any, val: Any,
+                  same: Mapping[str, Any] | None = None,
                   **options: Any) -> tuple[tuple[dict[str, Tensor], Batch, Batch], _dist.World]:
-    """:func:`_prepare` on every rank of ``group``, then :func:`ghostfunc._dist.agree` on what must match."""
+    """:func:`_prepare` on every rank of ``group``, then :func:`ghostfunc._dist.agree` on what must match
+    (parameters, batch structures, ``options`` and ``same``)."""
     return _dist.agree(
         where, group, lambda: _prepare(where, model_fn, params, train, val, **options),
         lambda p: {"parameter names, shapes and dtypes": _dist.param_signature(p[0]),
+                   "parameter values (sums)": _dist.param_checksum(p[0]),
                    "train batch structure": _dist.batch_signature(train),
-                   "val batch structure": _dist.batch_signature(val), **options},
+                   "val batch structure": _dist.batch_signature(val), **options, **(same or {})},
         lambda p: (p[1].size, p[2].size))
 
 

@@ -164,8 +164,8 @@ def compute_values(
         n, m = tb.size, vb.size
     else:
         (params, tb, vb), world = prepare_group(where, group, model_fn, params, train, val, val_reduce="mean",
-                                                policy="auto", lr=lr, order=order,
-                                                precondition=precondition is not None)
+                                                policy="auto", same={"lr": lr, "order": order,
+                                                                     "precondition": precondition is not None})
         n, m = world.n, world.m
     a = lr / n
     weights = val_weights("mean", m, next(iter(params.values())))

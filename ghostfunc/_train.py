@@ -63,10 +63,15 @@ class TrainStep:
     group: Any = None
 
     def init(self, params: Mapping[str, Tensor]) -> TrainState:
-        """The state before the first step: detached copies of ``params`` and a fresh optimizer state."""
+        """The state before the first step: detached copies of ``params`` and a fresh optimizer state.
+
+        With ``group``: a collective; every rank gets rank 0's ``params`` (as DDP does).
+        """
         if not isinstance(params, Mapping) or not params:
             raise TypeError(f"train_step.init: params must be a non-empty dict name -> tensor; got {type(params).__name__}")
         own = {k: v.detach().clone() for k, v in params.items()}
+        if self.group is not None:  # every rank starts from rank 0's parameters, as under DDP
+            own = _dist.broadcast_params(own, self.group)
         return TrainState(own, self.optimizer.init(own), 0)
 
     def __call__(self, state: TrainState, train: Any, val: Any) -> tuple[TrainState, StepInfo]:
