@@ -48,7 +48,7 @@ def _worker(rank: int, world: int, folder: str, job: str) -> None:
     _init(rank, world, folder)
     out: dict[str, Any] = {}
     try:
-        {"compare": _compare, "errors": _errors, "run": _run}[job.split(":")[0]](rank, world, out, job, folder)
+        {"compare": _compare, "run": _run}[job.split(":")[0]](rank, world, out, job, folder)
     except BaseException:
         out["crash"] = traceback.format_exc()
     finally:
@@ -112,6 +112,8 @@ def _compare(rank: int, world: int, out: dict[str, Any], job: str, folder: str) 
         if name == "mlp":
             _train_steps(rank, world, model_fn, params, make, note)
     out["worst"] = worst
+    if world == 2:
+        _errors(rank, world, out)
 
 
 def _train_steps(rank: int, world: int, model_fn: Callable, params: dict, make: Callable,
@@ -124,6 +126,8 @@ def _train_steps(rank: int, world: int, model_fn: Callable, params: dict, make: 
              ("adamw, order 1", ghostfunc.adamw(0.05), 1, False),
              ("adamw, order 2", ghostfunc.adamw(0.05), 2, False),
              ("adamw, precondition", ghostfunc.adamw(0.05), 1, True)]
+    if world == 3:  # the row bookkeeping is the same for every optimizer; spawned ranks are slow on 2 cores
+        cases = cases[1:2] + cases[4:]
     for label, opt, order, pre in cases:
         one = ghostfunc.train_step(model_fn, opt, order=order, precondition=pre)
         many = ghostfunc.train_step(model_fn, opt, order=order, precondition=pre, group=group)
@@ -157,8 +161,7 @@ class _Net(torch.nn.Module):
         return self.b(torch.tanh(self.a(x)))
 
 
-def _errors(rank: int, world: int, out: dict[str, Any], job: str, folder: str) -> None:
-    del job, folder
+def _errors(rank: int, world: int, out: dict[str, Any]) -> None:
     group = dist.group.WORLD
     torch.manual_seed(0)
     model_fn, params, make = _models.mlp([4, 5], bias=True, dtype=torch.float64)
@@ -268,19 +271,26 @@ def _samplers(n: int, world: int, epoch: int) -> list[torch.utils.data.Distribut
 # ----------------------------------------------------------------------------- the tests
 
 
+@pytest.fixture(scope="module")
+def world2(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """One spawned world of 2 runs the comparisons and the bad-input cases."""
+    return _spawn(tmp_path_factory.mktemp("world2"), 2, "compare")
+
+
 @pytest.mark.parametrize("world", [2, 3])
-def test_every_rank_equals_one_process(tmp_path: Path, world: int) -> None:
-    """graddot (5 policies x 3 val_reduce), inrun_shapley orders 1-2, 5 x 20 train steps: <= 1e-10 of one process."""
-    results = _spawn(tmp_path, world, "compare")
+def test_every_rank_equals_one_process(tmp_path: Path, world: int, request: pytest.FixtureRequest) -> None:
+    """graddot (5 policies x 3 val_reduce), inrun_shapley orders 1-2, 20 train steps (5 optimizer/order cases
+    on 2 ranks, 2 on 3): every rank's rows within 1e-10 (relative) of one process on the concatenated batches."""
+    results = request.getfixturevalue("world2") if world == 2 else _spawn(tmp_path, world, "compare")
     worst = {k: max(r["worst"][k] for r in results) for k in results[0]["worst"]}
     print(f"world {world}, worst relative difference from one process: "
           + ", ".join(f"{k} {v:.1e}" for k, v in worst.items()))
-    assert len(worst) == 3 + 2 + 5
+    assert len(worst) == 3 + 2 + (5 if world == 2 else 2)
     assert max(worst.values()) < 1e-10, worst
 
 
-def test_bad_input_raises_on_every_rank(tmp_path: Path) -> None:
-    results = _spawn(tmp_path, 2, "errors")
+def test_bad_input_raises_on_every_rank(world2: list[dict[str, Any]]) -> None:
+    results = world2
     expected = {"param shapes": "parameter names, shapes", "param names": "parameter names, shapes",
                 "batch structure": "batch structure", "val_reduce": "val_reduce", "order": "order",
                 "lr": "lr", "param values": "parameter values", "zero rows": "train is empty"}
