@@ -319,3 +319,21 @@ def test_kill_and_resume_equals_uninterrupted_and_padding_counts_once(tmp_path: 
         assert torch.equal(a["state"].params[k], b["state"].params[k])
     assert first[0]["sampler"] < 1e-10, first[0]
     assert first[0]["counts"] == [8] * 7 and first[0]["steps"] == 8
+
+
+def test_benchmark_tiny(tmp_path: Path) -> None:
+    """Smoke test of ``benchmarks/distributed.py`` (no timed assertions)."""
+    pytest.importorskip("transformers")
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root))
+    if not str(getattr(sys.modules.get("benchmarks"), "__file__", root)).startswith(str(root)):
+        del sys.modules["benchmarks"]  # Opacus ships an unrelated top-level ``benchmarks``
+    from benchmarks import distributed
+
+    got = distributed.main(["--tiny", "--out", str(tmp_path)])
+    assert [r["contender"] for r in got["results"]] == list(distributed.CONTENDERS)
+    assert got["bytes"]["train_step/1"] > got["bytes"]["ddp"] > 0
+    assert json.loads((tmp_path / "distributed.json").read_text())["goal"]["measured"] > 0
+    assert (tmp_path / "distributed.md").stat().st_size > 0
