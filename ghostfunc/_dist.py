@@ -94,9 +94,9 @@ def param_signature(params: Mapping[str, Tensor]) -> tuple[tuple[str, tuple[int,
     return tuple((k, tuple(v.shape), str(v.dtype)) for k, v in params.items())
 
 
-def param_checksum(params: Mapping[str, Tensor]) -> tuple[float, ...]:
-    """Every parameter's sum (one device sync): ranks holding different values differ here."""
-    return tuple(torch.stack([v.detach().sum().double() for v in params.values()]).tolist())
+def param_checksum(params: Mapping[str, Tensor]) -> tuple[str, ...]:
+    """Every parameter's sum, exactly (``float.hex``; one device sync): ranks holding different values differ here."""
+    return tuple(float.hex(x) for x in torch.stack([v.detach().sum().double() for v in params.values()]).tolist())
 
 
 def broadcast_params(params: Mapping[str, Tensor], group: Any) -> dict[str, Tensor]:
