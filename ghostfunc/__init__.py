@@ -1,6 +1,7 @@
 """ghostfunc: exact per-sample gradient dot products in one backward pass, over torch.func."""
 
 from ._capture import DivergentBranchError
+from ._dist import sampler_mask
 from ._graddot import GradDot, graddot, plan
 from ._hf import causal_lm_loss, classification_loss, from_module, seq2seq_loss
 from ._ops import SamplesInteractError
@@ -35,5 +36,6 @@ __all__ = [
     "causal_lm_loss",
     "classification_loss",
     "seq2seq_loss",
+    "sampler_mask",
    ]
 __version__ = "0.1.0"

@@ -19,12 +19,20 @@ AUROC ~0.7 for order-1 values, ~0.9 for order 2, ~0.998 for the training loss.
 Training loss is the stronger detector of flipped labels here: a flipped label
 is hard to fit, while its harm to a validation set the model already fits shows
 up mostly through curvature, which only the second-order term sees.
+
+Data-parallel: ``torchrun --nproc-per-node 2 -m ghostfunc demo`` runs the same
+training on 2 processes (gloo): every global batch and the validation set are
+split across the ranks (rank order), each rank values its own rows
+(``train_step(..., group=...)``), the values are summed across ranks at the end,
+and rank 0 reports, writes the files, then trains once more in one process and
+prints the largest difference between the two runs' values (float32 rounding).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -36,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import ghostfunc
+from ghostfunc import _dist
 
 Params = dict[str, Tensor]
 
@@ -113,38 +122,46 @@ def ascii_digit(x: Tensor) -> list[str]:
     return ["".join(shades[min(7, int(v * 8))] for v in row) for row in x.reshape(8, 8).tolist()]
 
 
-def train(data: Data, args: argparse.Namespace
+def train(data: Data, args: argparse.Namespace, group: Any = None
           ) -> tuple[Params, ghostfunc.DataValues, ghostfunc.DataValues, float, float]:
     """Train with the stateless step; accumulate values ``[N, 2]`` (orders 1, 2) and losses ``[N]``.
 
     Returns the final parameters, the values, the losses, the seconds spent and the
-    validation loss before the first step.
+    validation loss before the first step. With ``group`` each rank takes its share
+    of every batch and of the validation set (rank order), and the values and
+    losses returned are the sums over the ranks.
     """
     from tqdm.auto import tqdm
 
-    step = ghostfunc.train_step(model_fn, ghostfunc.sgd(args.lr), order=2)
+    rank, size = _dist.rank_and_size(group)
+    step = ghostfunc.train_step(model_fn, ghostfunc.sgd(args.lr), order=2, group=group)
     state = step.init(init_params(args.seed, args.hidden))
+    val = {k: v.tensor_split(size)[rank] for k, v in data.val.items()}
     values = ghostfunc.DataValues.zeros(data.n, shape=(2,))
     losses = ghostfunc.DataValues.zeros(data.n)
     g = torch.Generator().manual_seed(args.seed + 1)
     per_epoch = data.n // args.batch_size
     t0 = time.perf_counter()
     val_loss_start = float("nan")
+    if group is not None:  # info.val_loss holds this rank's rows only
+        val_loss_start = model_fn(state.params, data.val).mean().item()
     with tqdm(total=args.epochs * per_epoch, desc="training", unit="step", file=sys.stderr,
-              disable=args.quiet) as bar:
+              disable=args.quiet or rank != 0) as bar:
         for epoch in range(args.epochs):
             order = torch.randperm(data.n, generator=g)
             for b in range(per_epoch):
-                rows = order[b * args.batch_size:(b + 1) * args.batch_size]
+                rows = order[b * args.batch_size:(b + 1) * args.batch_size].tensor_split(size)[rank]
                 batch = {k: v[rows] for k, v in data.train.items()}
-                state, info = step(state, batch, data.val)
-                if state.step == 1:
+                state, info = step(state, batch, val)
+                if state.step == 1 and group is None:
                     val_loss_start = info.val_loss.mean().item()
                 values = values.add(batch["index"], torch.stack([info.first_order, info.values], 1))
                 losses = losses.add(batch["index"], info.train_loss)
                 bar.update()
             acc = (predict(state.params, data.test[0]) == data.test[1]).float().mean().item()
             bar.set_postfix(epoch=epoch + 1, val_loss=f"{info.val_loss.mean().item():.3f}", test_acc=f"{acc:.3f}")
+    if group is not None:
+        values, losses = values.across(group), losses.across(group)
     return state.params, values, losses, time.perf_counter() - t0, val_loss_start
 
 
@@ -276,15 +293,47 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"demo: --flip must be in (0, 1); got {args.flip}")
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)  # tiny matrices: extra threads only wait on each other
+    group = _torchrun_group()
     try:
         data = Data(args.seed, n_val=300, n_test=300, flip=args.flip)
-        params, values, losses, seconds, val_loss_start = train(data, args)
+        params, values, losses, seconds, val_loss_start = train(data, args, group)
+        if group is not None:
+            import torch.distributed as dist
+
+            size = dist.get_world_size(group)
+            if dist.get_rank(group) != 0:
+                return {"rank": dist.get_rank(group)}
+            print(f"data-parallel: {size} processes (gloo), each global batch of {args.batch_size} split by rank")
         out = report(data, params, values, losses, seconds, val_loss_start, args)
         written = write_outputs(data, out, values, args.out, plot=not args.no_plot)
+        if group is not None:
+            quiet = argparse.Namespace(**{**vars(args), "quiet": True})
+            _, alone, _, _, _ = train(data, quiet)
+            diff = (values.total - alone.total).abs().max().item()
+            scale = alone.total.abs().max().item()
+            print(f"\n{size} processes against one: largest difference of the values {diff:.2e} "
+                  f"(largest value {scale:.2e}; float32 training, so rounding differs); "
+                  f"counts equal: {torch.equal(values.count, alone.count)}")
+            out["max_difference_from_one_process"] = diff
     finally:
         torch.set_num_threads(threads)
+        if group is not None:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
     print("\nwrote " + ", ".join(str(p) for p in written))
     return out | {"written": written, "flipped": data.flipped}
+
+
+def _torchrun_group() -> Any:
+    """The world group when started by ``torchrun`` with more than one process (gloo); else ``None``."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return dist.group.WORLD
 
 
 def main(argv: Sequence[str] | None = None) -> int:

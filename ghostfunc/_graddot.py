@@ -9,6 +9,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from . import _dist
 from . import _kernels as K
 from ._capture import (
     Batch,
@@ -488,6 +489,7 @@ def graddot(
     val_reduce: str | None = "mean",
     policy: str = "auto",
     compute_dtype: torch.dtype | None = None,
+    group: Any = None,
 ) -> GradDot:
     """Per-sample gradient dot products with the validation gradient, in one backward pass.
 
@@ -506,6 +508,13 @@ def graddot(
             ``"materialize"`` or ``"contract"``; all give the same numbers.
         compute_dtype: opt-in lower precision (e.g. ``torch.bfloat16``) for the
             Gram/contract/materialise products, accumulated in float32.
+        group: ``None`` (one process) or a ``torch.distributed`` process group:
+            ``train`` and ``val`` are then this rank's rows of the global batches
+            (every rank's rows in rank order), ``scores``, ``per_param`` and the
+            losses are this rank's rows against the global validation gradient
+            (``val_reduce=None``: against every rank's validation rows, columns in
+            rank order), ``train_grad`` the global mean on every rank. See
+            ``ghostfunc._dist``.
 
     Returns:
         :class:`GradDot` with ``scores`` ``[n_train]`` (or ``[n_train, n_val]``),
@@ -523,6 +532,8 @@ def graddot(
         tensor([0.3333, 0.3333, 0.3333], dtype=torch.float64)
     """
     where = "graddot"
+    if group is not None:
+        return graddot_group(model_fn, params, train, val, val_reduce, policy, compute_dtype, group)
     checked, tb, vb = _prepare(where, model_fn, params, train, val,
                                val_reduce=val_reduce, policy=policy, compute_dtype=compute_dtype)
     params = checked
@@ -541,6 +552,67 @@ def graddot(
             s, g = score_param(route.path, tr, va, None, tb.size, vb.size, params[k], compute_dtype)
             per_param[k], train_grad[k] = s, g
     return GradDot(sum_scores(per_param, params), per_param, train_grad, train_loss, val_loss, the_plan)
+
+
+def prepare_group(where: str, group: Any, model_fn: Any, params: Any, train: Any, val: Any,
+                  same: Mapping[str, Any] | None = None,
+                  **options: Any) -> tuple[tuple[dict[str, Tensor], Batch, Batch], _dist.World]:
+    """:func:`_prepare` on every rank of ``group``, then :func:`ghostfunc._dist.agree` on what must match
+    (parameters, batch structures, ``options`` and ``same``)."""
+    return _dist.agree(
+        where, group, lambda: _prepare(where, model_fn, params, train, val, **options),
+        lambda p: {"parameter names, shapes and dtypes": _dist.param_signature(p[0]),
+                   "parameter values (sums)": _dist.param_checksum(p[0]),
+                   "train batch structure": _dist.batch_signature(train),
+                   "val batch structure": _dist.batch_signature(val), **options, **(same or {})},
+        lambda p: (p[1].size, p[2].size))
+
+
+def score_group(st: Streamed, params: dict[str, Tensor], val_reduce: str, world: _dist.World, group: Any,
+                dtype: torch.dtype | None) -> tuple[dict[str, Tensor], dict[str, Tensor], Plan]:
+    """:func:`score_streamed` across ranks, from a capture of this rank's rows with ``val_reduce="sum"``.
+
+    The local ``Σ_v g_v`` (ghost-routed parameters reduce their validation
+    factors too) is all-reduced in one go, divided by the global ``m`` for
+    ``"mean"``; every parameter is scored against it (ghost becomes contract, and
+    the plan says so); the training gradient is all-reduced to the global mean.
+    """
+    ones = next(iter(params.values())).new_ones(len(st.val_loss))
+    local = dict(st.val_dir)
+    for k, uses in st.val_uses.items():
+        local[k] = val_grad("ghost", uses, ones.to(params[k].dtype), params[k])
+    direction = _dist.allreduce_sum(local, group)
+    if val_reduce == "mean":
+        direction = {k: v / world.m for k, v in direction.items()}
+    the_plan = _dist.no_ghost(st.plan, world)._replace(val_reduce=val_reduce)
+    n = world.n_train[world.rank]
+    per_param, local_grad = {}, {}
+    for k, route in the_plan.routes.items():
+        per_param[k], local_grad[k] = score_direction(route.path, st.train[k], direction[k], n, params[k], dtype)
+    return per_param, _dist.global_mean(local_grad, world, group), the_plan
+
+
+def graddot_group(model_fn: ModelFn, params: Mapping[str, Tensor], train: Any, val: Any, val_reduce: str | None,
+                  policy: str, compute_dtype: torch.dtype | None, group: Any) -> GradDot:
+    """:func:`graddot` with ``group`` given: this rank's rows against the global batches."""
+    where = "graddot"
+    (checked, tb, vb), world = prepare_group(where, group, model_fn, params, train, val, val_reduce=val_reduce,
+                                             policy=policy, compute_dtype=compute_dtype)
+    if val_reduce is not None:
+        st = run_streamed(model_fn, checked, tb, vb, where, policy, "sum")
+        per_param, train_grad, the_plan = score_group(st, checked, val_reduce, world, group, compute_dtype)
+        return GradDot(sum_scores(per_param, checked), per_param, train_grad, st.train_loss, st.val_loss, the_plan)
+    # every validation row on every rank: gather the rows, score the full matrix locally
+    every_val = _dist.gather_batch(vb, world, group)
+    cap, the_plan = run(model_fn, checked, tb, every_val, where, policy, None)
+    per_param, local_grad = {}, {}
+    for k, route in the_plan.routes.items():
+        tr, va = cap.grads[k]
+        per_param[k], local_grad[k] = score_param(route.path, tr, va, None, tb.size, world.m, checked[k],
+                                                  compute_dtype)
+    val_loss = cap.val_loss[world.val_offset: world.val_offset + vb.size]
+    return GradDot(sum_scores(per_param, checked), per_param, _dist.global_mean(local_grad, world, group),
+                   cap.train_loss, val_loss, the_plan._replace(n_train=world.n))
 
 
 def plan(

@@ -55,6 +55,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from . import _dist
+
 Loss = Callable[[Any, Mapping[str, Any]], Tensor]
 
 #: Label values that take no part in a loss (the ``transformers`` convention).
@@ -73,7 +75,9 @@ def from_module(
         model: a module whose forward takes the batch's keys as keyword arguments
             (a ``transformers`` model, a ``peft`` model, your own). Its mode is
             kept: ``model.train()`` runs dropout (see the README), ``model.eval()``
-            does not. Not modified.
+            does not. Not modified. A ``DistributedDataParallel`` wrapper is
+            unwrapped (its ``.module``; use ``group=`` for the data parallelism);
+            FSDP-sharded models are refused with what to pass instead.
         loss: ``loss(output, batch) -> [B]``, one loss per sample, with ``output``
             what ``model(**inputs)`` returns and ``batch`` the whole batch dict;
             e.g. :func:`causal_lm_loss`, :func:`seq2seq_loss`,
@@ -96,6 +100,7 @@ def from_module(
     where = "from_module"
     if not isinstance(model, nn.Module):
         raise TypeError(f"{where}: model must be a torch.nn.Module; got {type(model).__name__}")
+    model = _dist.unwrap(model, where)  # DDP: its .module; FSDP: refused (see ghostfunc._dist.unwrap)
     if not callable(loss):
         raise TypeError(f"{where}: loss must be callable as loss(output, batch) -> losses [B]; got {type(loss).__name__}")
     if autocast is not None and not (isinstance(autocast, torch.dtype) and autocast.is_floating_point):

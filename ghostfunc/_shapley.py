@@ -42,15 +42,18 @@ import torch
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from . import _dist
 from ._capture import Batch, Half, _check_finite, _rephrase, per_sample_losses, weighted_grad
 from ._graddot import (
     Routing,
     _prepare,
     capture_one,
     contract_direction,
+    prepare_group,
     retry_stale,
     routing,
     run_streamed,
+    score_group,
     score_streamed,
     sum_scores,
     train_mean,
@@ -132,6 +135,7 @@ def compute_values(
     order: int,
     precondition: Callable[[Params, Params], Params] | None = None,
     first_order: bool = True,
+    group: Any = None,
 ) -> Values:
     """The values against ``u = −a·P(ḡ_val) + (a²/2)·H_val G`` (``a = lr/n``), and the mean train gradient.
 
@@ -146,15 +150,32 @@ def compute_values(
     batch once: an ordinary backward for ``ḡ_val`` (order 1), or one
     forward-over-reverse pass for ``ḡ_val`` and ``H_val G`` together (order 2);
     then one contraction against ``u`` (two at order 2 for the order-1 part).
+
+    With ``group`` (see ``ghostfunc._dist``): ``n`` and ``m`` are the global row
+    counts, ``ḡ_val`` (with ``H_val G`` at order 2) and the train gradient are
+    all-reduced, and the values are this rank's rows'.
     """
     check_lr_order(where, lr, order)
     if precondition is not None and order != 1:
         raise ValueError(f"{where}: optimizer-aware (preconditioned) values are first order only; got order={order}")
-    params, tb, vb = _prepare(where, model_fn, params, train, val, val_reduce="mean", policy="auto")
-    n, m = tb.size, vb.size
+    world = None
+    if group is None:
+        params, tb, vb = _prepare(where, model_fn, params, train, val, val_reduce="mean", policy="auto")
+        n, m = tb.size, vb.size
+    else:
+        (params, tb, vb), world = prepare_group(where, group, model_fn, params, train, val, val_reduce="mean",
+                                                policy="auto", same={"lr": lr, "order": order,
+                                                                     "precondition": precondition is not None})
+        n, m = world.n, world.m
     a = lr / n
     weights = val_weights("mean", m, next(iter(params.values())))
     assert weights is not None
+    weights = weights[: vb.size]  # with a group: 1/m (global m) for this rank's validation rows
+    if order == 1 and precondition is None and world is not None:
+        st = run_streamed(model_fn, params, tb, vb, where, "auto", "sum")
+        per_param, g_train, the_plan = score_group(st, params, "mean", world, group, None)
+        values = sum_scores(per_param, params).mul(-a)
+        return Values(values, values, g_train, st.train_loss, st.val_loss, the_plan)
     if order == 1 and precondition is None:
         st = run_streamed(model_fn, params, tb, vb, where, "auto", "mean")
         per_param, g_train = score_streamed(st, params, weights, n, m, None)
@@ -166,19 +187,28 @@ def compute_values(
         return r, capture_one(model_fn, params, tb, r, 0, where)
 
     r, t = retry_stale(where, train_first)
-    g_train = {k: train_mean(route.path, t.grads[k], n, params[k]) for k, route in r.plan.routes.items()}
+    g_train = {k: train_mean(route.path, t.grads[k], tb.size, params[k]) for k, route in r.plan.routes.items()}
+    if world is not None:
+        g_train = _dist.global_mean(g_train, world, group)
+        r = r._replace(plan=r.plan._replace(n_train=n, n_val=m))
 
     def contract_all(u: Params) -> Tensor:
-        return sum_scores({k: contract_direction(route.path, t.grads[k], u[k], n, params[k])
+        return sum_scores({k: contract_direction(route.path, t.grads[k], u[k], tb.size, params[k])
                      for k, route in r.plan.routes.items()}, params)
 
     if order == 1:
         assert precondition is not None
         g_val, val_loss = weighted_grad(model_fn, params, vb, weights, where, "val")
+        if world is not None:
+            g_val = _dist.allreduce_sum(g_val, group)
         values = contract_all({k: g.mul(-a) for k, g in precondition(g_val, g_train).items()})
         return Values(values, values, g_train, t.loss, val_loss, r.plan)
     g_val, hg, val_loss = val_grad_hvp(model_fn, params, vb, weights, {k: g.mul(n) for k, g in g_train.items()},
                                        where)  # H_val G, G = Σ_j g_j
+    if world is not None:  # ḡ_val and H_val G: one all-reduce
+        both = _dist.allreduce_sum({**{"g:" + k: v for k, v in g_val.items()},
+                                    **{"h:" + k: v for k, v in hg.items()}}, group)
+        g_val, hg = {k: both["g:" + k] for k in g_val}, {k: both["h:" + k] for k in hg}
     u1 = {k: g.mul(-a) for k, g in g_val.items()}
     u = {k: u1[k] + hg[k].to(u1[k].dtype).mul(a * a / 2) for k in u1}
     first = contract_all(u1) if first_order else None
@@ -200,6 +230,7 @@ def inrun_shapley(
     *,
     lr: float,
     order: int = 1,
+    group: Any = None,
 ) -> Tensor:
     """In-Run Data Shapley values of one SGD step (mean update) over the training batch.
 
@@ -228,8 +259,13 @@ def inrun_shapley(
         val: batch pytree with the same structure (``m`` rows).
         lr: the step's learning rate ``η`` (the per-sample weight of the mean update is ``η / n``).
         order: 1 or 2.
+        group: ``None`` (one process) or a ``torch.distributed`` process group:
+            ``train`` and ``val`` are this rank's rows of the global batches, ``n``
+            is the global batch size, ``G`` the global sum, ``H_val`` the Hessian of
+            the global validation mean; returns this rank's rows' values.
 
     Returns:
         ``φ``: ``[n]``, in the parameters' dtype (at least float32).
     """
-    return compute_values("inrun_shapley", model_fn, params, train, val, lr=lr, order=order, first_order=False).values
+    return compute_values("inrun_shapley", model_fn, params, train, val, lr=lr, order=order, first_order=False,
+                          group=group).values

@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 
 from torch import Tensor
 
+from . import _dist
 from ._optim import Optimizer
 from ._shapley import ORDERS, compute_values
 
@@ -59,12 +60,18 @@ class TrainStep:
     optimizer: Optimizer
     order: int = 1
     precondition: bool = False
+    group: Any = None
 
     def init(self, params: Mapping[str, Tensor]) -> TrainState:
-        """The state before the first step: detached copies of ``params`` and a fresh optimizer state."""
+        """The state before the first step: detached copies of ``params`` and a fresh optimizer state.
+
+        With ``group``: a collective; every rank gets rank 0's ``params`` (as DDP does).
+        """
         if not isinstance(params, Mapping) or not params:
             raise TypeError(f"train_step.init: params must be a non-empty dict name -> tensor; got {type(params).__name__}")
         own = {k: v.detach().clone() for k, v in params.items()}
+        if self.group is not None:  # every rank starts from rank 0's parameters, as under DDP
+            own = _dist.broadcast_params(own, self.group)
         return TrainState(own, self.optimizer.init(own), 0)
 
     def __call__(self, state: TrainState, train: Any, val: Any) -> tuple[TrainState, StepInfo]:
@@ -89,7 +96,7 @@ class TrainStep:
             def pre(direction: Params, grads: Params) -> Params:
                 return opt.precondition(direction, grads, state.opt_state)
         out = compute_values("train_step", self.model_fn, state.params, train, val, lr=lr, order=self.order,
-                             precondition=pre)
+                             precondition=pre, group=self.group)
         params, opt_state = opt.update(out.train_grad, state.opt_state, state.params)
         assert out.first_order is not None
         info = StepInfo(out.values, out.first_order, out.train_loss, out.val_loss, lr)
@@ -97,7 +104,7 @@ class TrainStep:
 
 
 def train_step(model_fn: Callable[[Params, Any], Tensor], optimizer: Optimizer, *, order: int = 1,
-               precondition: bool = False) -> TrainStep:
+               precondition: bool = False, group: Any = None) -> TrainStep:
     """Build a stateless training step that returns In-Run Data Shapley values.
 
     ``step = train_step(model_fn, optimizer, order=1)``, ``state = step.init(params)``,
@@ -127,6 +134,12 @@ def train_step(model_fn: Callable[[Params, Any], Tensor], optimizer: Optimizer, 
         optimizer: an :class:`ghostfunc.Optimizer` (:func:`ghostfunc.sgd`, :func:`ghostfunc.adamw`).
         order: 1 or 2.
         precondition: optimizer-aware first-order values.
+        group: ``None`` (one process) or a ``torch.distributed`` process group:
+            each rank calls the step with its own rows (the global batch is every
+            rank's rows in rank order); the update uses the all-reduced mean
+            gradient, so parameters and optimizer state stay identical on every
+            rank (``precondition=True`` uses the global second moment), and
+            ``info`` holds this rank's rows.
     """
     where = "train_step"
     if not callable(model_fn):
@@ -139,4 +152,5 @@ def train_step(model_fn: Callable[[Params, Any], Tensor], optimizer: Optimizer, 
         raise ValueError(f"{where}: order must be 1 or 2; got {order!r}")
     if precondition and order != 1:
         raise ValueError(f"{where}: precondition=True gives first-order values only; got order={order}")
-    return TrainStep(model_fn, optimizer, order, bool(precondition))
+    _dist.check_group(group, where)
+    return TrainStep(model_fn, optimizer, order, bool(precondition), group)

@@ -6,6 +6,23 @@ held it. Batches carry their dataset indices as an ordinary leaf (for example
 shuffles or splits the batch moves the indices with the samples; the step
 hands back values in the batch's row order and :meth:`DataValues.add` scatters
 them by those indices. Only ``[N]`` running sums are kept, never inputs.
+
+**Many processes** (``group=``): each rank adds its own rows' values. Saving is
+collective: the file gets the sum over ranks and rank 0 writes it. To make any
+sequence of saves, loads and adds count every value once, a :class:`DataValues`
+remembers the part of it that is already global (``synced``: the values as of
+its last collective save or load, identical on every rank); a save sums
+``synced + Σ_ranks (self − synced)`` and returns those global values (with
+``synced`` set to them), and a load with ``group`` gives every rank the file's
+values with ``synced`` set. A rank's own values that were never saved have
+``synced=None`` and count whole. Keep the value that :meth:`DataValues.save`
+returns: a run resumed from the file then continues bit for bit as the run
+that saved it.
+
+A ``DistributedSampler`` (``drop_last=False``) pads the last round with repeated
+samples so every rank gets the same count: pass ``keep`` =
+:func:`ghostfunc.sampler_mask` (its slice for the batch) to :meth:`DataValues.add`
+and those repeats are neither valued nor counted.
 """
 
 from __future__ import annotations
@@ -19,6 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import _dist
 from ._optim import AdamWState, SGDState
 from ._train import TrainState
 
@@ -35,11 +53,14 @@ class DataValues:
         total: ``[N, *shape]`` float64, the sum of the values each sample got.
         count: ``[N]`` int64, how many times each sample was in a batch.
         steps: how many batches were added.
+        synced: the part that is already the sum over every rank (after a save
+            or load with ``group``; ``None`` otherwise; see the module docstring).
     """
 
     total: Tensor
     count: Tensor
     steps: int = 0
+    synced: DataValues | None = None
 
     @classmethod
     def zeros(cls, n: int, shape: tuple[int, ...] = ()) -> DataValues:
@@ -56,12 +77,14 @@ class DataValues:
     def __len__(self) -> int:
         return self.total.shape[0]
 
-    def add(self, indices: Tensor, values: Tensor) -> DataValues:
+    def add(self, indices: Tensor, values: Tensor, *, keep: Tensor | None = None) -> DataValues:
         """Add one step's values: ``total[indices[b]] += values[b]``, ``count[indices[b]] += 1``.
 
         Args:
             indices: ``[B]`` integer dataset indices of the batch's rows, in row order.
             values: ``[B, *shape]`` the step's values (e.g. ``info.values``), same row order.
+            keep: ``[B]`` bool, or ``None`` (all): only rows with ``keep[b]`` are added
+                (e.g. :func:`ghostfunc.sampler_mask`, to skip a sampler's padding repeats).
 
         Returns:
             A new :class:`DataValues`; ``self`` is unchanged. A repeated index adds twice.
@@ -74,6 +97,12 @@ class DataValues:
             shape = tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__
             raise ValueError(f"{where}: values must have shape {(indices.shape[0], *self.total.shape[1:])} "
                              f"(one value per index); got {shape}")
+        if keep is not None:
+            if not isinstance(keep, Tensor) or keep.dtype != torch.bool or keep.shape != indices.shape:
+                got = f"{keep.dtype} tensor of shape {tuple(keep.shape)}" if isinstance(keep, Tensor) else type(keep).__name__
+                raise TypeError(f"{where}: keep must be None or a bool tensor shaped like indices "
+                                f"{tuple(indices.shape)}; got {got}")
+            indices, values = indices[keep.to(indices.device)], values[keep.to(values.device)]
         idx = indices.to(device="cpu", dtype=torch.int64)
         if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= len(self)):
             raise IndexError(f"{where}: indices must lie in [0, {len(self)}); got min {int(idx.min())}, max {int(idx.max())}")
@@ -83,7 +112,7 @@ class DataValues:
                                      f"{(~torch.isfinite(vals)).reshape(len(idx), -1).any(1).nonzero().flatten().tolist()}")
         total = self.total.index_add(0, idx, vals)
         count = self.count.index_add(0, idx, torch.ones_like(idx))
-        return DataValues(total, count, self.steps + 1)
+        return DataValues(total, count, self.steps + 1, self.synced)
 
     @property
     def mean(self) -> Tensor:
@@ -91,8 +120,8 @@ class DataValues:
         count = self.count.reshape(-1, *([1] * (self.total.dim() - 1))).to(self.total.dtype)
         return self.total / count
 
-    def save(self, path: str | os.PathLike, *, state: Any = None) -> None:
-        """Write the values (and optionally a training ``state``) to ``path`` atomically.
+    def save(self, path: str | os.PathLike, *, state: Any = None, group: Any = None) -> DataValues:
+        """Write the values (and optionally a training ``state``) to ``path`` atomically; return what was written.
 
         The file is written to a temporary file in the same folder, flushed to disk,
         then renamed over ``path`` (``os.replace``): a crash at any moment leaves
@@ -102,7 +131,24 @@ class DataValues:
         Args:
             path: the file to write.
             state: anything ``torch.save`` can write, e.g. a :class:`ghostfunc.TrainState`.
+            group: ``None`` (one process), or a ``torch.distributed`` process group:
+                then every rank must call ``save`` (a collective); the file holds the
+                sum over ranks (each value counted once, see the module docstring),
+                rank 0's ``state`` (identical on every rank under ``train_step``), and
+                is written by rank 0; every rank returns once it is on disk.
+
+        Returns:
+            The values written: ``self`` for one process; with ``group`` the global
+            values (with ``synced`` set), the same on every rank. Keep them.
         """
+        if group is not None:
+            everything = self.across(group, "DataValues.save")
+            if _dist.rank_and_size(group)[0] == 0:
+                everything.save(path, state=state)
+            import torch.distributed as dist
+
+            dist.barrier(group=group)
+            return everything
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         payload = {"format": FORMAT, "total": self.total, "count": self.count, "steps": self.steps, "state": state}
@@ -117,9 +163,43 @@ class DataValues:
             Path(tmp).unlink(missing_ok=True)
             raise
         _fsync_dir(target.parent)
+        return self
+
+    def across(self, group: Any, where: str = "DataValues.across") -> DataValues:
+        """The sum over the ranks of ``group`` (collective): ``synced + Σ_ranks (self − synced)``.
+
+        ``steps`` is ``synced.steps`` plus the most any rank added since (each rank
+        adds its share of the same global batches). Returns values with ``synced``
+        set to themselves, identical on every rank.
+        """
+        _dist.check_group(group, where)
+        import torch.distributed as dist
+
+        base = self.synced
+        if base is not None and (base.total.shape != self.total.shape):
+            raise AssertionError(f"{where}: synced part has another shape")
+        rank, size = _dist.rank_and_size(group)
+        mine = (tuple(self.total.shape), None if base is None else base.steps, self.steps)
+        every: list[Any] = [None] * size
+        dist.all_gather_object(every, mine, group=group)
+        for r, other in enumerate(every):
+            if other[:2] != mine[:2]:
+                raise ValueError(f"{where}: every rank must hold values of the same shape and the same synced "
+                                 f"part (the same earlier save or load); rank {r} has shape {other[0]} synced at "
+                                 f"step {other[1]}, rank {rank} has shape {mine[0]} synced at step {mine[1]}")
+        base_steps = 0 if base is None else base.steps
+        delta = {"total": self.total if base is None else self.total - base.total,
+                 "count": self.count if base is None else self.count - base.count}
+        summed = _dist.allreduce_sum(delta, group)
+        total = summed["total"] if base is None else base.total + summed["total"]
+        count = summed["count"] if base is None else base.count + summed["count"]
+        steps = base_steps + max(other[2] - base_steps for other in every)
+        out = DataValues(total, count, steps)
+        return DataValues(total, count, steps, out)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, with_state: bool = False) -> DataValues | tuple[DataValues, Any]:
+    def load(cls, path: str | os.PathLike, *, with_state: bool = False,
+             group: Any = None) -> DataValues | tuple[DataValues, Any]:
         """Read a file written by :meth:`save`.
 
         Loads with ``weights_only=True`` (ghostfunc's state types are allowed); a
@@ -128,7 +208,26 @@ class DataValues:
         Args:
             path: the file.
             with_state: return ``(values, state)`` instead of ``values``.
+            group: ``None`` (one process), or a ``torch.distributed`` process group:
+                collective; rank 0 reads the file and every rank gets the same
+                values (marked as synced, see the module docstring) and state.
         """
+        if group is not None:
+            _dist.check_group(group, "DataValues.load")
+            import torch.distributed as dist
+
+            box: list[Any] = [None]
+            if _dist.rank_and_size(group)[0] == 0:
+                try:
+                    box[0] = cls.load(path, with_state=True)
+                except Exception as err:  # every rank raises, none waits
+                    box[0] = err
+            dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
+            if isinstance(box[0], Exception):
+                raise ValueError(f"DataValues.load: rank 0 could not read {os.fspath(path)!r}: {box[0]}")
+            values, state = box[0]
+            values = DataValues(values.total, values.count, values.steps, values)
+            return (values, state) if with_state else values
         with torch.serialization.safe_globals(SAFE_TYPES):
             payload = torch.load(path, weights_only=True)
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:

@@ -1,0 +1,298 @@
+"""Many processes: the ``group=`` contract and the few ``torch.distributed`` collectives it uses.
+
+The contract (for :func:`ghostfunc.graddot`, :func:`ghostfunc.inrun_shapley` and
+:func:`ghostfunc.train_step`): on every rank of ``group`` the batches are *that
+rank's rows*; the global batch is the concatenation of every rank's rows in rank
+order (ranks may hold different numbers of rows), and every rank gets exactly what
+one process would give on the global batches, for its own rows. ``group=None`` is
+one process and touches nothing here.
+
+What travels, per call (no communication layer of ghostfunc's own: ``torch.distributed``
+collectives only):
+
+1. :func:`agree`: one ``all_gather_object`` of a small signature (parameter names,
+   shapes and dtypes, the batch structure, row counts, options, or the error the
+   rank's own argument checks raised). Ranks that disagree, or a rank whose checks
+   failed (zero training rows, say), raise the same error on *every* rank, naming
+   the rank and what differed, before any tensor collective: no hang.
+2. :func:`allreduce_sum` of the validation direction (``Σ_v w_v g_v``; at order 2
+   together with ``H_val G``): one flat buffer per dtype, in buckets of
+   :data:`BUCKET_BYTES`, not one call per parameter.
+3. :func:`allreduce_sum` of the training gradient (the sum of every rank's rows), the
+   same way.
+
+Ghost-routed parameters would need every rank's validation factors; with
+``group`` they are contracted against the all-reduced direction instead
+(:func:`no_ghost`), and the plan says so. ``val_reduce=None`` (the full matrix
+against every validation row) gathers the validation rows themselves
+(:func:`gather_rows`) and scores them on every rank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ._capture import Batch, split_batch
+from ._plan import Plan
+
+#: Largest flat buffer one all-reduce call sends (DDP's default bucket is 25 MiB).
+BUCKET_BYTES = 64 * 2**20
+
+T = TypeVar("T")
+
+
+class World(NamedTuple):
+    """What :func:`agree` learnt: this rank, the ranks, and every rank's row counts (rank order)."""
+
+    rank: int
+    size: int
+    n_train: tuple[int, ...]
+    n_val: tuple[int, ...]
+
+    @property
+    def n(self) -> int:
+        """Training rows of the global batch."""
+        return sum(self.n_train)
+
+    @property
+    def m(self) -> int:
+        """Validation rows of the global batch."""
+        return sum(self.n_val)
+
+    @property
+    def val_offset(self) -> int:
+        """Where this rank's validation rows start in the global validation batch."""
+        return sum(self.n_val[: self.rank])
+
+
+def check_group(group: Any, where: str) -> None:
+    """``group`` must be ``None`` or a process group of an initialised ``torch.distributed``."""
+    if group is None:
+        return
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(f"{where}: group= needs torch.distributed initialised "
+                           f"(torch.distributed.init_process_group, e.g. under torchrun); it is not")
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"{where}: group must be None (one process) or a torch.distributed ProcessGroup "
+                        f"(e.g. torch.distributed.group.WORLD); got {type(group).__name__}")
+
+
+def batch_signature(batch: Any) -> tuple[str, tuple[Any, ...]]:
+    """A batch pytree's structure and every leaf's per-sample shape and dtype (no device: ranks differ there)."""
+    from torch.utils import _pytree as pytree
+
+    leaves, spec = pytree.tree_flatten(batch)
+    return str(spec), tuple((tuple(x.shape[1:]), str(x.dtype)) if isinstance(x, Tensor) else repr(x) for x in leaves)
+
+
+def param_signature(params: Mapping[str, Tensor]) -> tuple[tuple[str, tuple[int, ...], str], ...]:
+    return tuple((k, tuple(v.shape), str(v.dtype)) for k, v in params.items())
+
+
+def param_checksum(params: Mapping[str, Tensor]) -> tuple[str, ...]:
+    """Every parameter's sum, exactly (``float.hex``; one device sync): ranks holding different values differ here."""
+    return tuple(float.hex(x) for x in torch.stack([v.detach().sum().double() for v in params.values()]).tolist())
+
+
+def broadcast_params(params: Mapping[str, Tensor], group: Any) -> dict[str, Tensor]:
+    """Rank 0's ``params`` on every rank (as DDP does when it wraps a module): one flat broadcast per dtype."""
+    out: dict[str, Tensor] = {}
+    src = dist.get_global_rank(group, 0)
+    for keys in _buckets(params):
+        flat = torch.cat([params[k].detach().reshape(-1) for k in keys])
+        dist.broadcast(flat, src=src, group=group)
+        for k, part in zip(keys, flat.split([params[k].numel() for k in keys]), strict=True):
+            out[k] = part.view(params[k].shape).clone()
+    return {k: out[k] for k in params}
+
+
+def agree(where: str, group: Any, prepare: Callable[[], T], signature: Callable[[T], dict[str, Any]],
+          rows: Callable[[T], tuple[int, int]]) -> tuple[T, World]:
+    """Run this rank's argument checks (``prepare``), then check every rank agrees, in one collective.
+
+    ``signature(prepared)`` is a dict of what must be equal on all ranks
+    (``{"param names and shapes": ..., "val_reduce": ...}``); ``rows(prepared)``
+    this rank's ``(n_train, n_val)``. An error raised by ``prepare`` is not raised
+    at once: it is gathered with the others, and then every rank raises
+    ``ValueError`` naming each failed rank and its message, so no rank is left
+    waiting in a later collective. Returns ``prepare()`` and the :class:`World`.
+    """
+    check_group(group, where)
+    prepared: T | None = None
+    failure: Exception | None = None
+    try:
+        prepared = prepare()
+        mine: dict[str, Any] = {"signature": signature(prepared), "rows": rows(prepared), "error": None}
+    except Exception as err:  # reported on every rank below
+        failure = err
+        mine = {"signature": None, "rows": (0, 0), "error": f"{type(err).__name__}: {err}"}
+    rank, size = dist.get_rank(group), dist.get_world_size(group)
+    every: list[Any] = [None] * size
+    dist.all_gather_object(every, mine, group=group)
+    errors = [f"rank {r}: {e['error']}" for r, e in enumerate(every) if e["error"] is not None]
+    if errors:
+        raise ValueError(f"{where}: the arguments failed their checks on {len(errors)} of {size} ranks; "
+                         + "; ".join(errors)) from failure
+    ref = every[0]["signature"]
+    for r, e in enumerate(every[1:], start=1):
+        for key, value in e["signature"].items():
+            if value != ref[key]:
+                raise ValueError(f"{where}: every rank must pass the same {key}; rank {r} has {_short(value)}, "
+                                 f"rank 0 has {_short(ref[key])}")
+    empty = [r for r, e in enumerate(every) if e["rows"][0] == 0]
+    if empty:
+        raise ValueError(f"{where}: every rank needs at least one training row; rank(s) {empty} have none")
+    assert prepared is not None
+    return prepared, World(rank, size, tuple(e["rows"][0] for e in every), tuple(e["rows"][1] for e in every))
+
+
+def _short(value: Any, limit: int = 300) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def allreduce_sum(tensors: Mapping[str, Tensor], group: Any) -> dict[str, Tensor]:
+    """``Σ_ranks tensors[k]`` for every ``k``, identical on every rank; inputs untouched.
+
+    The tensors are packed into flat buffers (one per dtype and device, each at
+    most :data:`BUCKET_BYTES`) and every buffer is summed by one
+    ``torch.distributed.all_reduce``: DDP's bucketing, without its overlap.
+    """
+    out: dict[str, Tensor] = {}
+    for keys in _buckets(tensors):
+        flat = torch.cat([tensors[k].reshape(-1) for k in keys])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        for k, part in zip(keys, flat.split([tensors[k].numel() for k in keys]), strict=True):
+            out[k] = part.view(tensors[k].shape)
+    return {k: out[k] for k in tensors}
+
+
+def allreduce_bytes(tensors: Mapping[str, Tensor]) -> int:
+    """What :func:`allreduce_sum` hands to ``all_reduce`` for ``tensors`` (the buffers' bytes)."""
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _buckets(tensors: Mapping[str, Tensor]) -> list[list[str]]:
+    groups: dict[tuple[torch.dtype, torch.device], list[list[str]]] = {}
+    sizes: dict[tuple[torch.dtype, torch.device], int] = {}
+    for k, t in tensors.items():
+        key = (t.dtype, t.device)
+        nbytes = t.numel() * t.element_size()
+        if key not in groups or sizes[key] + nbytes > BUCKET_BYTES:
+            groups.setdefault(key, []).append([])
+            sizes[key] = 0
+        groups[key][-1].append(k)
+        sizes[key] += nbytes
+    return [keys for per in groups.values() for keys in per if keys]
+
+
+def global_mean(local_mean: Mapping[str, Tensor], world: World, group: Any) -> dict[str, Tensor]:
+    """The mean over every rank's rows from each rank's mean over its own (one all-reduce)."""
+    n_local = world.n_train[world.rank]
+    total = allreduce_sum({k: g * n_local for k, g in local_mean.items()}, group)
+    return {k: g / world.n for k, g in total.items()}
+
+
+def gather_batch(batch: Batch, world: World, group: Any) -> Batch:
+    """The global validation batch: every rank's rows of ``batch``, in rank order (:func:`gather_rows`)."""
+    return split_batch(batch.rebuild(gather_rows(batch.tensors, world, group)))
+
+
+def gather_rows(tensors: Sequence[Tensor], world: World, group: Any) -> list[Tensor]:
+    """Every rank's rows of each tensor, concatenated in rank order (``[Σ_r m_r, ...]``).
+
+    Row counts may differ between ranks (``world.n_val``): each tensor is padded to
+    the largest count, gathered with ``all_gather``, and trimmed.
+    """
+    counts, top = world.n_val, max(world.n_val)
+    out = []
+    for t in tensors:
+        padded = t.new_zeros((top, *t.shape[1:]))
+        padded[: t.shape[0]] = t
+        parts = [torch.empty_like(padded) for _ in range(world.size)]
+        dist.all_gather(parts, padded.contiguous(), group=group)
+        out.append(torch.cat([p[:c] for p, c in zip(parts, counts, strict=True)]))
+    return out
+
+
+def no_ghost(plan: Plan, world: World) -> Plan:
+    """The plan with every ghost route contracted against the all-reduced validation direction instead.
+
+    Ghost needs every validation row's factors on every rank; one ``[p, d]`` direction per
+    parameter, summed across ranks, gives the same numbers with far less traffic.
+    """
+    why = f"group of {world.size}: ghost needs every rank's validation factors; contracted against the all-reduced ḡ_val"
+    routes = {k: (r._replace(path="contract", reason=why) if r.path == "ghost" else r) for k, r in plan.routes.items()}
+    return plan._replace(routes=routes, n_train=world.n, n_val=world.m)
+
+
+def rank_and_size(group: Any) -> tuple[int, int]:
+    """``(rank, world size)`` in ``group``; ``(0, 1)`` for ``None`` (one process)."""
+    if group is None:
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def sampler_mask(sampler: Any) -> Tensor:
+    """``[len(sampler)]`` bool, in the order ``sampler`` yields its indices: False for the padding repeats.
+
+    ``torch.utils.data.DistributedSampler`` with ``drop_last=False`` pads the
+    dataset's (shuffled) index list with its own first entries up to a multiple of
+    the number of ranks, then gives rank ``r`` the entries ``r, r + W, r + 2W, ...``;
+    entry ``i`` of rank ``r`` is padding iff ``r + i·W ≥ len(dataset)``. Pass the
+    batch's slice as ``keep`` to :meth:`ghostfunc.DataValues.add` so those repeats
+    are valued and counted once (their first time), as in one process over the
+    dataset. (The training step still sees them, as DDP does.)
+    """
+    where = "sampler_mask"
+    needed = ("num_replicas", "rank", "num_samples", "drop_last", "dataset")
+    if not all(hasattr(sampler, a) for a in needed):
+        raise TypeError(f"{where}: sampler must be a torch.utils.data.DistributedSampler (or have its attributes "
+                        f"{needed}); got {type(sampler).__name__}")
+    i = torch.arange(sampler.num_samples)
+    if sampler.drop_last:
+        return torch.ones(sampler.num_samples, dtype=torch.bool)
+    return sampler.rank + i * sampler.num_replicas < len(sampler.dataset)
+
+
+def unwrap(model: torch.nn.Module, where: str) -> torch.nn.Module:
+    """``model.module`` for a ``DistributedDataParallel`` wrapper; an error for FSDP-sharded models.
+
+    DDP keeps a full replica of the parameters on every rank, so its ``.module`` is
+    exact. FSDP (``FullyShardedDataParallel``) and FSDP2 (``fully_shard``, DTensor
+    parameters) keep a shard: ``torch.func`` through such a module sees the
+    all-gathered copies FSDP's hooks install, not the parameters it was given, and
+    returns zero gradients without an error. So they are refused with what to pass.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel):
+        model = model.module
+    sharded: list[str] = []
+    try:
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+        sharded = [name or "<root>" for name, m in model.named_modules()
+                   if isinstance(m, (FSDPModule, FullyShardedDataParallel))]
+    except ImportError:  # pragma: no cover - torch built without distributed
+        pass
+    try:
+        from torch.distributed.tensor import DTensor
+
+        sharded += [name for name, p in model.named_parameters() if isinstance(p, DTensor)]
+    except ImportError:  # pragma: no cover
+        pass
+    if sharded:
+        raise TypeError(
+            f"{where}: the model is sharded by FSDP ({', '.join(sharded[:4])}{', ...' if len(sharded) > 4 else ''}); "
+            "ghostfunc needs every parameter whole on every rank (torch.func through an FSDP module would see "
+            "FSDP's gathered copies and give zero gradients). Pass an unsharded replica instead: the model before "
+            "fully_shard / FullyShardedDataParallel, or a copy loaded with torch.distributed.checkpoint.state_dict."
+            "get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)); then use group= for "
+            "data parallelism (DDP-style)")
+    return model

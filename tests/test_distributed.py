@@ -1,0 +1,339 @@
+"""Many processes (gloo, CPU): every rank's answer equals one process's on the concatenated batches.
+
+Spawning is slow, so each world size is one spawned job that runs every
+comparison and writes its worst differences to a JSON file per rank; the tests
+read them. Every rank computes the one-process reference itself (tiny float64
+models) and compares its own rows. Row counts differ between ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import ghostfunc
+from tests import _models
+
+TRAIN_ROWS = {2: (3, 5), 3: (2, 4, 1)}
+VAL_ROWS = {2: (2, 3), 3: (3, 1, 2)}
+STEPS = 20
+POLICIES = ("auto", "2t2", "ghost", "materialize", "contract")
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
+
+
+def _split(x: Any, rows: tuple[int, ...], rank: int) -> Any:
+    start = sum(rows[:rank])
+    return torch.utils._pytree.tree_map(
+        lambda t: t[start:start + rows[rank]] if isinstance(t, torch.Tensor) else t, x)
+
+
+def _init(rank: int, world: int, folder: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world)
+
+
+def _worker(rank: int, world: int, folder: str, job: str) -> None:
+    _init(rank, world, folder)
+    out: dict[str, Any] = {}
+    try:
+        {"compare": _compare, "run": _run}[job.split(":")[0]](rank, world, out, job, folder)
+    except BaseException:
+        out["crash"] = traceback.format_exc()
+    finally:
+        dist.destroy_process_group()
+    Path(folder, f"{job.replace(':', '_')}.{rank}.json").write_text(json.dumps(out))
+
+
+def _spawn(tmp_path: Path, world: int, job: str) -> list[dict[str, Any]]:
+    mp.start_processes(_worker, args=(world, str(tmp_path), job), nprocs=world, start_method="spawn")
+    results = [json.loads(Path(tmp_path, f"{job.replace(':', '_')}.{r}.json").read_text()) for r in range(world)]
+    for r, res in enumerate(results):
+        assert "crash" not in res, f"rank {r}:\n{res['crash']}"
+    return results
+
+
+# ----------------------------------------------------------------------------- comparisons (in the spawned ranks)
+
+
+def _models_under_test() -> list[tuple[str, Callable, dict, Callable]]:
+    torch.manual_seed(0)
+    seq = _models.seq(vocab=11, d=6, norm="layer", bias=True, padding_idx=None, tied=True, shared=True,
+                      dtype=torch.float64)
+    mlp = _models.mlp([4, 5], bias=True, dtype=torch.float64)
+    return [("seq", *seq), ("mlp", *mlp)]
+
+
+def _compare(rank: int, world: int, out: dict[str, Any], job: str, folder: str) -> None:
+    del job, folder
+    group = dist.group.WORLD
+    nt, nv = TRAIN_ROWS[world], VAL_ROWS[world]
+    worst: dict[str, float] = {}
+
+    def note(key: str, err: float) -> None:
+        worst[key] = max(worst.get(key, 0.0), err)
+
+    for name, model_fn, params, make in _models_under_test():
+        g = torch.Generator().manual_seed(1)
+        train, val = make(sum(nt), 4, g), make(sum(nv), 3, g)
+        mine_t, mine_v = _split(train, nt, rank), _split(val, nv, rank)
+        start, stop = sum(nt[:rank]), sum(nt[:rank + 1])
+        vstart, vstop = sum(nv[:rank]), sum(nv[:rank + 1])
+        for policy in POLICIES:
+            for reduce in ("mean", "sum", None):
+                if policy == "contract" and reduce is None:
+                    continue
+                ref = ghostfunc.graddot(model_fn, params, train, val, val_reduce=reduce, policy=policy)
+                got = ghostfunc.graddot(model_fn, params, mine_t, mine_v, val_reduce=reduce, policy=policy,
+                                        group=group)
+                key = f"graddot {reduce}"
+                note(key, _rel(got.scores, ref.scores[start:stop]))
+                for k in params:
+                    note(key, _rel(got.per_param[k], ref.per_param[k][start:stop]))
+                    note(key, _rel(got.train_grad[k], ref.train_grad[k]))
+                note(key, _rel(got.train_loss, ref.train_loss[start:stop]))
+                note(key, _rel(got.val_loss, ref.val_loss[vstart:vstop]))
+                assert "ghost" not in got.plan.counts() or reduce is None, got.plan
+        for order in (1, 2):
+            ref = ghostfunc.inrun_shapley(model_fn, params, train, val, lr=0.3, order=order)
+            got = ghostfunc.inrun_shapley(model_fn, params, mine_t, mine_v, lr=0.3, order=order, group=group)
+            note(f"inrun_shapley order {order}", _rel(got, ref[start:stop]))
+        if name == "mlp":
+            _train_steps(rank, world, model_fn, params, make, note)
+    out["worst"] = worst
+    if world == 2:
+        _errors(rank, world, out)
+
+
+def _train_steps(rank: int, world: int, model_fn: Callable, params: dict, make: Callable,
+                 note: Callable[[str, float], None]) -> None:
+    group = dist.group.WORLD
+    nt, nv = TRAIN_ROWS[world], VAL_ROWS[world]
+    start, stop = sum(nt[:rank]), sum(nt[:rank + 1])
+    cases = [("sgd momentum, order 1", ghostfunc.sgd(0.2, momentum=0.9), 1, False),
+             ("sgd momentum, order 2", ghostfunc.sgd(0.2, momentum=0.9), 2, False),
+             ("adamw, order 1", ghostfunc.adamw(0.05), 1, False),
+             ("adamw, order 2", ghostfunc.adamw(0.05), 2, False),
+             ("adamw, precondition", ghostfunc.adamw(0.05), 1, True)]
+    if world == 3:  # the row bookkeeping is the same for every optimizer; spawned ranks are slow on 2 cores
+        cases = cases[1:2] + cases[4:]
+    for label, opt, order, pre in cases:
+        one = ghostfunc.train_step(model_fn, opt, order=order, precondition=pre)
+        many = ghostfunc.train_step(model_fn, opt, order=order, precondition=pre, group=group)
+        s1, s2 = one.init(params), many.init(params)
+        g = torch.Generator().manual_seed(2)
+        for _ in range(STEPS):
+            train, val = make(sum(nt), 1, g), make(sum(nv), 1, g)
+            s1, i1 = one(s1, train, val)
+            s2, i2 = many(s2, _split(train, nt, rank), _split(val, nv, rank))
+            note(f"train_step {label}", _rel(i2.values, i1.values[start:stop]))
+            note(f"train_step {label}", _rel(i2.first_order, i1.first_order[start:stop]))
+        for k in params:
+            note(f"train_step {label}", _rel(s2.params[k], s1.params[k]))
+        # parameters and optimizer state bit-identical on every rank
+        flat = torch.cat([t.reshape(-1) for t in torch.utils._pytree.tree_leaves((s2.params, s2.opt_state))
+                          if isinstance(t, torch.Tensor)])
+        every = [torch.empty_like(flat) for _ in range(world)]
+        dist.all_gather(every, flat)
+        assert all(torch.equal(every[0], e) for e in every), f"{label}: state differs between ranks"
+
+
+# ----------------------------------------------------------------------------- bad input (world size 2)
+
+
+class _Net(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.tanh(self.a(x)))
+
+
+def _errors(rank: int, world: int, out: dict[str, Any]) -> None:
+    group = dist.group.WORLD
+    torch.manual_seed(0)
+    model_fn, params, make = _models.mlp([4, 5], bias=True, dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    train, val = make(3, 1, g), make(2, 1, g)
+    other = dict(params)
+    cases: dict[str, Callable[[], Any]] = {
+        "param shapes": lambda: ghostfunc.graddot(
+            model_fn, other if rank == 1 else params, train, val, group=group),
+        "param names": lambda: ghostfunc.graddot(
+            model_fn, {("x" + k if rank == 1 else k): v for k, v in params.items()}, train, val, group=group),
+        "batch structure": lambda: ghostfunc.graddot(
+            model_fn, params, list(train) if rank == 1 else train, list(val) if rank == 1 else val, group=group),
+        "val_reduce": lambda: ghostfunc.graddot(model_fn, params, train, val, group=group,
+                                                val_reduce="sum" if rank == 1 else "mean"),
+        "order": lambda: ghostfunc.inrun_shapley(model_fn, params, train, val, lr=0.1, order=1 + rank, group=group),
+        "lr": lambda: ghostfunc.inrun_shapley(model_fn, params, train, val, lr=0.1 * (1 + rank), group=group),
+        "param values": lambda: ghostfunc.graddot(
+            model_fn, {k: v + rank for k, v in params.items()}, train, val, group=group),
+        "zero rows": lambda: ghostfunc.graddot(
+            model_fn, params, tuple(t[:0] for t in train) if rank == 1 else train, val, group=group),
+    }
+    key = next(iter(params))
+    other[key] = torch.zeros(params[key].shape[0] + 1, *params[key].shape[1:], dtype=torch.float64)
+    for name, call in cases.items():
+        try:
+            call()
+            out[name] = None
+        except ValueError as err:
+            out[name] = str(err)
+    # wrapped modules: DDP unwrapped (the same scores), FSDP2 refused
+    net = _Net().double()
+    loss = lambda o, b: ((o - b["y"]) ** 2).sum(-1)  # noqa: E731
+    ddp = torch.nn.parallel.DistributedDataParallel(net)
+    batch = {"x": torch.randn(3, 4, dtype=torch.float64, generator=g), "y": torch.zeros(3, 3, dtype=torch.float64)}
+    a = ghostfunc.graddot(*ghostfunc.from_module(ddp, loss), batch, batch).scores
+    b = ghostfunc.graddot(*ghostfunc.from_module(net, loss), batch, batch).scores
+    out["ddp"] = _rel(a, b)
+    try:
+        from torch.distributed.fsdp import fully_shard
+
+        sharded = _Net()
+        fully_shard(sharded)
+        ghostfunc.from_module(sharded, loss)
+        out["fsdp"] = None
+    except TypeError as err:
+        out["fsdp"] = str(err)
+
+
+# ----------------------------------------------------------------------------- saving, resuming, sampler padding
+
+
+def _run(rank: int, world: int, out: dict[str, Any], job: str, folder: str) -> None:
+    """``run:MODE``: 8 train steps on world 2, saving values at steps 3 and 6 (``uninterrupted``), or killed
+    (``os._exit``) on every rank right after the save at step 3 (``killed``), or resumed from that save
+    (``resumed``); plus the sampler-padding check."""
+    mode = job.split(":")[1]
+    group = dist.group.WORLD
+    torch.manual_seed(0)
+    model_fn, params, make = _models.mlp([4, 5], bias=True, dtype=torch.float64)
+    n_data = 7
+    g = torch.Generator().manual_seed(3)
+    data_x, data_y = make(n_data, 1, g)
+    val = make(4, 1, g)
+    step = ghostfunc.train_step(model_fn, ghostfunc.adamw(0.05), group=group)
+    sampler = torch.utils.data.DistributedSampler(list(range(n_data)), num_replicas=world, rank=rank, seed=5)
+    mask = ghostfunc.sampler_mask(sampler)
+    ckpt, final = Path(folder, "ckpt.pt"), Path(folder, f"final_{mode}.pt")
+    if mode == "resumed":
+        values, state = ghostfunc.DataValues.load(ckpt, with_state=True, group=group)
+    else:
+        values, state = ghostfunc.DataValues.zeros(n_data), step.init(params)
+    while state.step < 8:
+        sampler.set_epoch(state.step)
+        idx = torch.tensor(list(sampler))  # this rank's 4 rows; one of rank 1's is a padding repeat
+        state, info = step(state, (data_x[idx], data_y[idx]), _split(val, (2, 2), rank))
+        values = values.add(idx, info.values, keep=mask)
+        if state.step in (3, 6):
+            values = values.save(ckpt if state.step == 3 else Path(folder, "ckpt6.pt"), state=state, group=group)
+            if mode == "killed" and state.step == 3:
+                os._exit(17)  # no cleanup, no JSON: as if killed
+    values.save(final, state=state, group=group)
+    if mode == "uninterrupted":  # the sampler check: one process over the concatenated batches, padding kept once
+        one = ghostfunc.train_step(model_fn, ghostfunc.adamw(0.05))
+        s1, ref = one.init(params), ghostfunc.DataValues.zeros(n_data)
+        masks = [ghostfunc.sampler_mask(torch.utils.data.DistributedSampler(list(range(n_data)), world, r, seed=5))
+                 for r in range(world)]
+        while s1.step < 8:
+            idx = torch.cat([torch.tensor(list(s)) for s in _samplers(n_data, world, s1.step)])
+            s1, info = one(s1, (data_x[idx], data_y[idx]), val)
+            ref = ref.add(idx, info.values, keep=torch.cat(masks))
+        got = ghostfunc.DataValues.load(final)
+        out["sampler"] = _rel(got.total, ref.total)
+        out["counts"] = got.count.tolist()
+        out["steps"] = got.steps
+
+
+def _samplers(n: int, world: int, epoch: int) -> list[torch.utils.data.DistributedSampler]:
+    out = []
+    for r in range(world):
+        s = torch.utils.data.DistributedSampler(list(range(n)), num_replicas=world, rank=r, seed=5)
+        s.set_epoch(epoch)
+        out.append(s)
+    return out
+
+
+# ----------------------------------------------------------------------------- the tests
+
+
+@pytest.fixture(scope="module")
+def world2(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """One spawned world of 2 runs the comparisons and the bad-input cases."""
+    return _spawn(tmp_path_factory.mktemp("world2"), 2, "compare")
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_every_rank_equals_one_process(tmp_path: Path, world: int, request: pytest.FixtureRequest) -> None:
+    """graddot (5 policies x 3 val_reduce), inrun_shapley orders 1-2, 20 train steps (5 optimizer/order cases
+    on 2 ranks, 2 on 3): every rank's rows within 1e-10 (relative) of one process on the concatenated batches."""
+    results = request.getfixturevalue("world2") if world == 2 else _spawn(tmp_path, world, "compare")
+    worst = {k: max(r["worst"][k] for r in results) for k in results[0]["worst"]}
+    print(f"world {world}, worst relative difference from one process: "
+          + ", ".join(f"{k} {v:.1e}" for k, v in worst.items()))
+    assert len(worst) == 3 + 2 + (5 if world == 2 else 2)
+    assert max(worst.values()) < 1e-10, worst
+
+
+def test_bad_input_raises_on_every_rank(world2: list[dict[str, Any]]) -> None:
+    results = world2
+    expected = {"param shapes": "parameter names, shapes", "param names": "parameter names, shapes",
+                "batch structure": "batch structure", "val_reduce": "val_reduce", "order": "order",
+                "lr": "lr", "param values": "parameter values", "zero rows": "train is empty"}
+    for r, res in enumerate(results):
+        for case, words in expected.items():
+            msg = res[case]
+            assert msg is not None, f"rank {r}: {case} raised nothing"
+            assert "rank 1" in msg and words in msg, f"rank {r}, {case}: {msg}"
+            assert msg.split(":")[0] in ("graddot", "inrun_shapley"), msg
+        assert res["ddp"] < 1e-12
+        assert res["fsdp"] is not None and "from_module: the model is sharded by FSDP" in res["fsdp"]
+
+
+def test_kill_and_resume_equals_uninterrupted_and_padding_counts_once(tmp_path: Path) -> None:
+    """Killed on every rank after the save at step 3, resumed from it: the same file bit for bit;
+    the sampler's padding repeats are counted once, as one process over the dataset counts them."""
+    first = _spawn(tmp_path, 2, "run:uninterrupted")
+    with pytest.raises(mp.ProcessExitedException):
+        mp.start_processes(_worker, args=(2, str(tmp_path), "run:killed"), nprocs=2, start_method="spawn")
+    assert (tmp_path / "ckpt.pt").exists() and not (tmp_path / "final_killed.pt").exists()
+    _spawn(tmp_path, 2, "run:resumed")
+    a = torch.load(tmp_path / "final_uninterrupted.pt", weights_only=False)
+    b = torch.load(tmp_path / "final_resumed.pt", weights_only=False)
+    assert torch.equal(a["total"], b["total"]) and torch.equal(a["count"], b["count"]) and a["steps"] == b["steps"]
+    for k in a["state"].params:
+        assert torch.equal(a["state"].params[k], b["state"].params[k])
+    assert first[0]["sampler"] < 1e-10, first[0]
+    assert first[0]["counts"] == [8] * 7 and first[0]["steps"] == 8
+
+
+def test_benchmark_tiny(tmp_path: Path) -> None:
+    """Smoke test of ``benchmarks/distributed.py`` (no timed assertions)."""
+    pytest.importorskip("transformers")
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root))
+    if not str(getattr(sys.modules.get("benchmarks"), "__file__", root)).startswith(str(root)):
+        del sys.modules["benchmarks"]  # Opacus ships an unrelated top-level ``benchmarks``
+    from benchmarks import distributed
+
+    got = distributed.main(["--tiny", "--out", str(tmp_path)])
+    assert [r["contender"] for r in got["results"]] == list(distributed.CONTENDERS)
+    assert got["bytes"]["train_step/1"] > got["bytes"]["ddp"] > 0
+    assert json.loads((tmp_path / "distributed.json").read_text())["goal"]["measured"] > 0
+    assert (tmp_path / "distributed.md").stat().st_size > 0
