@@ -57,6 +57,7 @@ from ._graddot import (
     val_weights,
 )
 from ._plan import Plan
+from ._secant import ValGrad, check_curvature, secant_values
 
 Params = dict[str, Tensor]
 ORDERS = (1, 2)
@@ -76,6 +77,7 @@ class Values(NamedTuple):
     train_loss: Tensor
     val_loss: Tensor
     plan: Plan
+    val_grad: ValGrad | None = None  # curvature="secant": ḡ_val at θ' = θ − a·G, for the next step
 
 
 def _import_jvp_decompositions() -> None:
@@ -132,6 +134,8 @@ def compute_values(
     order: int,
     precondition: Callable[[Params, Params], Params] | None = None,
     first_order: bool = True,
+    curvature: str = "exact",
+    val_grad: ValGrad | None = None,
 ) -> Values:
     """The values against ``u = −a·P(ḡ_val) + (a²/2)·H_val G`` (``a = lr/n``), and the mean train gradient.
 
@@ -146,8 +150,11 @@ def compute_values(
     batch once: an ordinary backward for ``ḡ_val`` (order 1), or one
     forward-over-reverse pass for ``ḡ_val`` and ``H_val G`` together (order 2);
     then one contraction against ``u`` (two at order 2 for the order-1 part).
+    ``curvature="secant"`` (order 2) takes the secant path of :mod:`ghostfunc._secant`
+    instead, reusing ``val_grad`` (a previous step's ``Values.val_grad``) when it matches.
     """
     check_lr_order(where, lr, order)
+    check_curvature(where, curvature, order)
     if precondition is not None and order != 1:
         raise ValueError(f"{where}: optimizer-aware (preconditioned) values are first order only; got order={order}")
     params, tb, vb = _prepare(where, model_fn, params, train, val, val_reduce="mean", policy="auto")
@@ -155,6 +162,9 @@ def compute_values(
     a = lr / n
     weights = val_weights("mean", m, next(iter(params.values())))
     assert weights is not None
+    if curvature == "secant":
+        sec = secant_values(where, model_fn, params, tb, vb, lr=lr, weights=weights, before=val_grad)
+        return Values(sec.values, sec.first_order, sec.train_grad, sec.train_loss, sec.val_loss, sec.plan, sec.after)
     if order == 1 and precondition is None:
         st = run_streamed(model_fn, params, tb, vb, where, "auto", "mean")
         per_param, g_train = score_streamed(st, params, weights, n, m, None)
@@ -200,6 +210,7 @@ def inrun_shapley(
     *,
     lr: float,
     order: int = 1,
+    curvature: str = "exact",
 ) -> Tensor:
     """In-Run Data Shapley values of one SGD step (mean update) over the training batch.
 
@@ -228,8 +239,15 @@ def inrun_shapley(
         val: batch pytree with the same structure (``m`` rows).
         lr: the step's learning rate ``η`` (the per-sample weight of the mean update is ``η / n``).
         order: 1 or 2.
+        curvature: how ``order=2`` gets its curvature term. ``"exact"``: the
+            Hessian-vector product above (one forward-over-reverse pass over the
+            validation batch). ``"secant"``: the trapezoid
+            ``φ_i = −(a/2)·<g_i, ḡ_val(θ) + ḡ_val(θ − a·G)>``, two ordinary validation
+            backward passes; equal to ``"exact"`` for a quadratic loss, otherwise
+            within ``O(a³)`` (``O(a²)`` relative). Needs a deterministic ``model_fn``.
 
     Returns:
         ``φ``: ``[n]``, in the parameters' dtype (at least float32).
     """
-    return compute_values("inrun_shapley", model_fn, params, train, val, lr=lr, order=order, first_order=False).values
+    return compute_values("inrun_shapley", model_fn, params, train, val, lr=lr, order=order, first_order=False,
+                          curvature=curvature).values
