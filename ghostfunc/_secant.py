@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from . import _kernels as K
 from ._capture import Batch, weighted_grad
 from ._graddot import (
     Routing,
@@ -39,7 +40,8 @@ from ._graddot import (
     sum_scores,
     train_mean,
 )
-from ._plan import Plan
+from ._ops import Direct, Factored
+from ._plan import Plan, Route, direction_kernel
 
 Params = dict[str, Tensor]
 CURVATURES = ("exact", "secant")
@@ -134,11 +136,9 @@ def secant_values(where: str, model_fn: Callable[[Params, Any], Tensor], params:
     if not _same(rng, _rng_state(device)):
         raise ValueError(_RANDOM_MESSAGE.format(where=where))
 
-    def contract_all(u: Params) -> Tensor:
-        return sum_scores({k: contract_direction(route.path, t.grads[k], u[k], n, params[k])
-                           for k, route in r.plan.routes.items()}, params)
-
-    now, nxt = contract_all(g_now), contract_all(g_next)  # <g_i, ḡ_val(θ)>, <g_i, ḡ_val(θ')>  [n] each
+    both = sum_scores({k: _two_dots(route, t.grads[k], g_now[k], g_next[k], n, params[k])
+                       for k, route in r.plan.routes.items()}, params)  # [n, 2]
+    now, nxt = both.unbind(1)  # <g_i, ḡ_val(θ)>, <g_i, ḡ_val(θ')>  [n] each
     values = (now + nxt).mul(-a / 2)
     if before is not None and g_now is before.grad:
         copies = before.val  # the batch equals these copies
@@ -146,6 +146,20 @@ def secant_values(where: str, model_fn: Callable[[Params, Any], Tensor], params:
         copies = tuple(x.detach().clone() for x in vb.tensors)
     after = ValGrad(copies, vb.signature, moved, g_next, loss_next)
     return Secant(values, now.mul(-a), g_train, t.loss, loss_now, r.plan, after)
+
+
+def _two_dots(route: Route, uses: list[Factored | Direct], u: Tensor, v: Tensor, n: int, param: Tensor) -> Tensor:
+    """``[<g_i, u>, <g_i, v>]`` for every training row: ``[n, 2]``. Factored parameters take the
+    cheaper of two contractions and one materialisation dotted with both (:func:`direction_kernel`)."""
+    if route.factored and direction_kernel(n, route.tokens, route.p, route.d, _ids(uses), 2) == "materialize":
+        uv = torch.stack([u, v]).reshape(2, route.p, route.d).to(param.dtype)  # [2, p, d]
+        return K.materialise_dots([f for f in uses if isinstance(f, Factored)], uv, n)[0]
+    return torch.stack([contract_direction(route.path, uses, u, n, param),
+                        contract_direction(route.path, uses, v, n, param)], 1)
+
+
+def _ids(uses: list[Factored | Direct]) -> bool:
+    return all(isinstance(f, Factored) and f.ids for f in uses)
 
 
 _RANDOM_MESSAGE = (

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import ghostfunc
 from ghostfunc import _secant
 
-from .test_shapley import linreg_fn, mlp, mlp_fn, rel, theta_of, unflatten
+from .test_shapley import attention_fn, attention_model, flat_grads, linreg_fn, mlp, mlp_fn, rel, theta_of, unflatten
 from .test_train import problem
 
 DT = torch.float64
@@ -40,6 +40,40 @@ def test_equals_exact_order2_for_quadratic_loss():
     for lr in (0.05, 0.7):
         torch.testing.assert_close(secant(params, train, val, lr, linreg_fn), exact(params, train, val, lr, linreg_fn),
                                    rtol=1e-10, atol=1e-14)
+
+
+def tokens_fn(p, batch):
+    """A token-wise tanh MLP over ``[B, T, 3]``: long enough (T=128) that the secant materialises."""
+    h = torch.tanh(F.linear(batch["x"], p["w1"], p["b1"]))  # [B, T, 4]
+    return 0.5 * (F.linear(h, p["w2"])[..., 0] - batch["y"]).pow(2).mean(1)
+
+
+def tokens_model(seed=0, n=3, m=2, t=128):
+    g = torch.Generator().manual_seed(seed)
+    params = {"w1": torch.randn(4, 3, generator=g, dtype=DT), "b1": torch.randn(4, generator=g, dtype=DT),
+              "w2": torch.randn(1, 4, generator=g, dtype=DT)}
+
+    def batch(rows):
+        return {"x": torch.randn(rows, t, 3, generator=g, dtype=DT), "y": torch.randn(rows, t, generator=g, dtype=DT)}
+
+    return params, batch(n), batch(m)
+
+
+MODELS = {"mlp": (mlp_fn, mlp), "tokens-materialise": (tokens_fn, tokens_model),
+          "attention-tied-embedding": (attention_fn, attention_model)}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_matches_brute_force_trapezoid(name):
+    """``−(a/2)·<g_i, ḡ_val(θ) + ḡ_val(θ − a·G)>`` from a loop of single-sample gradients."""
+    fn, build = MODELS[name]
+    params, train, val = build()
+    lr = 0.3
+    gt = flat_grads(fn, params, train)  # [n, P]
+    moved = unflatten(params, theta_of(params) - (lr / len(gt)) * gt.sum(0))
+    gv = flat_grads(fn, params, val).mean(0) + flat_grads(fn, moved, val).mean(0)
+    want = -(lr / len(gt) / 2) * gt @ gv
+    torch.testing.assert_close(secant(params, train, val, lr, fn), want, rtol=1e-10, atol=1e-14)
 
 
 def test_difference_from_exact_is_third_order():
