@@ -55,7 +55,9 @@ import ghostfunc
 RESULTS = Path(__file__).resolve().parent / "results"
 POLICIES = ("2t2", "ghost", "materialize", "contract", "auto")
 PEERS = ("naive loop", "vmap(grad)", "opacus")
-TRAIN = ("train_step/1", "train_step/2")
+#: ``train_step/2-secant``: the secant curvature, the state carried from call to call with one fixed
+#: validation batch (its validation gradient is reused); ``-newval``: a different validation batch every call.
+TRAIN = ("train_step/1", "train_step/2", "train_step/2-secant", "train_step/2-secant-newval")
 BASELINES = ("plain", "plain+optim")
 
 Step = Callable[[], Any]
@@ -250,7 +252,10 @@ def make(name: str, s: Setup, opts: Options) -> Step:
         return graddot
     if name.startswith("train_step/"):
         optimizer = ghostfunc.sgd(opts.lr) if opts.optimizer == "sgd" else ghostfunc.adamw(opts.lr)
-        step = ghostfunc.train_step(s.model_fn, optimizer, order=int(name.split("/", 1)[1]))
+        spec = name.split("/", 1)[1]  # "1", "2", "2-secant", "2-secant-newval"
+        if "secant" in spec:
+            return _secant_step(s, optimizer, new_val=spec.endswith("newval"))
+        step = ghostfunc.train_step(s.model_fn, optimizer, order=int(spec))
         state = step.init(s.params)  # pure: the same state every call, the same work every call
 
         def train_step() -> Any:
@@ -294,6 +299,23 @@ def make(name: str, s: Setup, opts: Options) -> Step:
 
         return opacus_
     raise ValueError(f"unknown contender {name!r}")
+
+
+def _secant_step(s: Setup, optimizer: Any, new_val: bool) -> Step:
+    """``train_step(order=2, curvature="secant")`` as a training loop runs it: each call continues from
+    the previous call's state, on the fixed validation batch or (``new_val``) alternating between two."""
+    step = ghostfunc.train_step(s.model_fn, optimizer, order=2, curvature="secant")
+    other = pytree.tree_map(lambda x: x.roll(1, 0) if x.shape[0] > 1 else x.flip(-1), s.val)  # other rows
+    vals = [s.val, other] if new_val else [s.val]
+    carried = [step.init(s.params), 0]
+
+    def secant_step() -> Any:
+        state, calls = carried
+        carried[0], info = step(state, s.train, vals[calls % len(vals)])
+        carried[1] = calls + 1
+        return info
+
+    return secant_step
 
 
 def dots(per_sample: Mapping[str, Tensor], n: int) -> Tensor:

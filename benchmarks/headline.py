@@ -31,7 +31,10 @@ DEFAULT = C.Config(model="gpt2", T=256, width=512, layers=4, heads=8, vocab=8192
 GOALS = (
     ("graddot (exact, default policy) time", "graddot/auto", "time", 1.0),
     ("first-order training step time", "train_step/1", "time", 1.05),
-    ("second-order training step time", "train_step/2", "time", 1.5),
+    ("second-order training step time (exact curvature)", "train_step/2", "time", 2.5),
+    ("second-order step, secant curvature, fixed validation batch", "train_step/2-secant", "time", 1.1),
+    ("second-order step, secant curvature, new validation batch every step", "train_step/2-secant-newval",
+     "time", 1.6),
     ("graddot peak memory", "graddot/auto", "memory", 1.1),
 )
 

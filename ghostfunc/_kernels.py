@@ -135,8 +135,9 @@ def materialise_dots(tr: list[Factored], other: list[Factored] | Tensor, n: int,
     """Fused materialise: every ``<g_n, h>`` and ``Σ_n g_n``, holding one cache-sized block at a time.
 
     ``g_n = Σ_uses Σ_t L[n,t] ⊗ R[n,t]`` over the train uses ``tr``; ``h`` is either a
-    fixed ``U`` (``other`` a ``[p, d]`` tensor: returns ``[n]``) or every val row's
-    gradient (``other`` the val uses: returns ``[n, m]``). Blocks of ``c`` rows
+    fixed ``U`` (``other`` a ``[p, d]`` tensor: returns ``[n]``), ``k`` fixed directions
+    (a ``[k, p, d]`` tensor: returns ``[n, k]``, one materialisation for all of them) or
+    every val row's gradient (``other`` the val uses: returns ``[n, m]``). Blocks of ``c`` rows
     times ``pb`` rows of ``p`` are materialised with ``bmm`` (``[c, pb, t] @ [c, t, d]``),
     dotted with the same block of ``h`` and summed while in cache, so memory stays
     at :data:`DOT_BLOCK` elements and cost at ``(n + m)·T·p·d`` multiply-adds (``n·T·p·d``
@@ -149,22 +150,26 @@ def materialise_dots(tr: list[Factored], other: list[Factored] | Tensor, n: int,
     ref = tr[0].right
     p, d = tr[0].p, ref.shape[-1]
     fixed = isinstance(other, Tensor)
-    m = 1 if isinstance(other, Tensor) else other[0].right.shape[0]
+    one = isinstance(other, Tensor) and other.dim() == 2  # a single [p, d] direction: scores [n]
+    if isinstance(other, Tensor):
+        other = other.reshape(-1, p, d)  # [k, p, d]
+    m = other.shape[0] if isinstance(other, Tensor) else other[0].right.shape[0]
     acc = torch.promote_types(ref.dtype, torch.float32) if dtype else ref.dtype
     scores = torch.zeros(n, m, dtype=acc, device=ref.device)
     total = torch.zeros(p, d, dtype=ref.dtype, device=ref.device)
     if isinstance(other, Tensor):
         for f in (f for f in tr if f.ids):
-            scores[:, 0] += contract(f, other, dtype).to(acc)
+            for k in range(m):
+                scores[:, k] += contract(f, other[k], dtype).to(acc)
             total.index_add_(0, f.left.reshape(-1), f.right.reshape(-1, d).to(total.dtype))
         tr = [f for f in tr if not f.ids]
         if not tr:
-            return scores[:, 0].to(ref.dtype), total
+            return (scores[:, 0] if one else scores).to(ref.dtype), total
     c, pb = _dot_blocks(n, 0 if fixed else m, p, d, ref.device)
     for j in range(0, p, pb):
         ps = slice(j, min(j + pb, p))
         if isinstance(other, Tensor):
-            h = _cast(other[ps], dtype).reshape(1, -1)  # [1, pb·d]
+            h = _cast(other[:, ps], dtype).reshape(m, -1)  # [k, pb·d]
         else:
             h = _cast(_block(other, slice(None), ps), dtype).reshape(m, -1)  # [m, pb·d]
         for i in range(0, n, c):
@@ -172,7 +177,7 @@ def materialise_dots(tr: list[Factored], other: list[Factored] | Tensor, n: int,
             g = _block(tr, rows, ps)  # [c, pb, d]
             scores[rows] += (_cast(g, dtype).reshape(g.shape[0], -1) @ h.T).to(acc)
             total[ps] += g.sum(0)
-    return (scores[:, 0] if fixed else scores).to(ref.dtype), total
+    return (scores[:, 0] if one else scores).to(ref.dtype), total
 
 
 def contract(f: Factored, u: Tensor, dtype: torch.dtype | None = None) -> Tensor:

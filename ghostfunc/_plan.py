@@ -167,6 +167,19 @@ def costs(n: int, m: int, t: int, s: int, p: int, d: int, ids: bool, reduced: bo
     return {k: float(v) for k, v in out.items()}
 
 
+def direction_kernel(n: int, t: int, p: int, d: int, ids: bool, k: int) -> str:
+    """``"materialize"`` or ``"contract"``: the cheaper way to dot every training row's gradient with
+    ``k`` fixed directions once ``Σ_n g_n`` is known (what the secant curvature needs, ``k = 2``).
+
+    Contracting costs ``k·n·T·row``; materialising costs ``n·T·row`` once, then ``k·p·d``
+    per row plus the block traffic (:data:`MATERIALISE_PER_ELEMENT`). Id uses always contract.
+    """
+    row = d if ids else p * d
+    contract_cost = k * n * t * row
+    materialise_cost = n * t * row + n * (k + MATERIALISE_PER_ELEMENT) * p * d
+    return "contract" if ids or contract_cost <= materialise_cost else "materialize"
+
+
 def choose(policy: str, n: int, m: int, t: int, s: int, p: int, d: int, ids: bool, reduced: bool) -> tuple[str, str]:
     """The kernel for one factored parameter under ``policy``, and why."""
     if policy in ("ghost", "materialize", "contract"):

@@ -60,6 +60,7 @@ from ._graddot import (
     val_weights,
 )
 from ._plan import Plan
+from ._secant import ValGrad, check_curvature, secant_values
 
 Params = dict[str, Tensor]
 ORDERS = (1, 2)
@@ -79,6 +80,7 @@ class Values(NamedTuple):
     train_loss: Tensor
     val_loss: Tensor
     plan: Plan
+    val_grad: ValGrad | None = None  # curvature="secant": ḡ_val at θ' = θ − a·G, for the next step
 
 
 def _import_jvp_decompositions() -> None:
@@ -136,6 +138,8 @@ def compute_values(
     precondition: Callable[[Params, Params], Params] | None = None,
     first_order: bool = True,
     group: Any = None,
+    curvature: str = "exact",
+    val_grad: ValGrad | None = None,
 ) -> Values:
     """The values against ``u = −a·P(ḡ_val) + (a²/2)·H_val G`` (``a = lr/n``), and the mean train gradient.
 
@@ -154,8 +158,11 @@ def compute_values(
     With ``group`` (see ``ghostfunc._dist``): ``n`` and ``m`` are the global row
     counts, ``ḡ_val`` (with ``H_val G`` at order 2) and the train gradient are
     all-reduced, and the values are this rank's rows'.
+    ``curvature="secant"`` (order 2) takes the secant path of :mod:`ghostfunc._secant`
+    instead, reusing ``val_grad`` (a previous step's ``Values.val_grad``) when it matches.
     """
     check_lr_order(where, lr, order)
+    check_curvature(where, curvature, order)
     if precondition is not None and order != 1:
         raise ValueError(f"{where}: optimizer-aware (preconditioned) values are first order only; got order={order}")
     world = None
@@ -176,6 +183,12 @@ def compute_values(
         per_param, g_train, the_plan = score_group(st, params, "mean", world, group, None)
         values = sum_scores(per_param, params).mul(-a)
         return Values(values, values, g_train, st.train_loss, st.val_loss, the_plan)
+    if curvature == "secant":
+        if world is not None:
+            raise ValueError(f"{where}: curvature='secant' is one process only for now; use curvature='exact' "
+                             f"with group=, or run without a process group")
+        sec = secant_values(where, model_fn, params, tb, vb, lr=lr, weights=weights, before=val_grad)
+        return Values(sec.values, sec.first_order, sec.train_grad, sec.train_loss, sec.val_loss, sec.plan, sec.after)
     if order == 1 and precondition is None:
         st = run_streamed(model_fn, params, tb, vb, where, "auto", "mean")
         per_param, g_train = score_streamed(st, params, weights, n, m, None)
@@ -231,6 +244,7 @@ def inrun_shapley(
     lr: float,
     order: int = 1,
     group: Any = None,
+    curvature: str = "exact",
 ) -> Tensor:
     """In-Run Data Shapley values of one SGD step (mean update) over the training batch.
 
@@ -263,9 +277,15 @@ def inrun_shapley(
             ``train`` and ``val`` are this rank's rows of the global batches, ``n``
             is the global batch size, ``G`` the global sum, ``H_val`` the Hessian of
             the global validation mean; returns this rank's rows' values.
+        curvature: how ``order=2`` gets its curvature term. ``"exact"``: the
+            Hessian-vector product above (one forward-over-reverse pass over the
+            validation batch). ``"secant"``: the trapezoid
+            ``φ_i = −(a/2)·<g_i, ḡ_val(θ) + ḡ_val(θ − a·G)>``, two ordinary validation
+            backward passes; equal to ``"exact"`` for a quadratic loss, otherwise
+            within ``O(a³)`` (``O(a²)`` relative). Needs a deterministic ``model_fn``.
 
     Returns:
         ``φ``: ``[n]``, in the parameters' dtype (at least float32).
     """
     return compute_values("inrun_shapley", model_fn, params, train, val, lr=lr, order=order, first_order=False,
-                          group=group).values
+                          group=group, curvature=curvature).values

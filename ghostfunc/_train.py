@@ -13,21 +13,29 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import torch
 from torch import Tensor
 
 from . import _dist
 from ._optim import Optimizer
+from ._secant import ValGrad, check_curvature
 from ._shapley import ORDERS, compute_values
 
 Params = dict[str, Tensor]
 
 
 class TrainState(NamedTuple):
-    """Everything a step needs: ``params`` (name -> tensor), ``opt_state``, and ``step`` (updates done)."""
+    """Everything a step needs: ``params`` (name -> tensor), ``opt_state``, and ``step`` (updates done).
+
+    ``val_grad`` (``curvature="secant"`` only): the mean validation gradient at
+    ``params`` that the previous step computed for its validation batch; the next
+    step reuses it when its validation batch is equal, else it is recomputed.
+    """
 
     params: Params
     opt_state: Any
     step: int
+    val_grad: ValGrad | None = None
 
 
 class StepInfo(NamedTuple):
@@ -61,6 +69,7 @@ class TrainStep:
     order: int = 1
     precondition: bool = False
     group: Any = None
+    curvature: str = "exact"
 
     def init(self, params: Mapping[str, Tensor]) -> TrainState:
         """The state before the first step: detached copies of ``params`` and a fresh optimizer state.
@@ -96,15 +105,25 @@ class TrainStep:
             def pre(direction: Params, grads: Params) -> Params:
                 return opt.precondition(direction, grads, state.opt_state)
         out = compute_values("train_step", self.model_fn, state.params, train, val, lr=lr, order=self.order,
-                             precondition=pre, group=self.group)
+                             precondition=pre, group=self.group, curvature=self.curvature,
+                             val_grad=state.val_grad)
         params, opt_state = opt.update(out.train_grad, state.opt_state, state.params)
         assert out.first_order is not None
         info = StepInfo(out.values, out.first_order, out.train_loss, out.val_loss, lr)
-        return TrainState(params, opt_state, state.step + 1), info
+        return TrainState(params, opt_state, state.step + 1, _carried(out.val_grad, params)), info
+
+
+def _carried(after: ValGrad | None, params: Params) -> ValGrad | None:
+    """The secant's ``ḡ_val(θ')`` when the update landed exactly on ``θ' = θ − lr·ḡ_train`` (plain SGD,
+    and the first update of momentum SGD); ``None`` otherwise (momentum, weight decay, AdamW), so the
+    next step computes ``ḡ_val`` at its own parameters."""
+    if after is None or not all(torch.equal(params[k], after.params[k]) for k in params):
+        return None
+    return after._replace(params=params)  # the next state's own tensors: matched by identity
 
 
 def train_step(model_fn: Callable[[Params, Any], Tensor], optimizer: Optimizer, *, order: int = 1,
-               precondition: bool = False, group: Any = None) -> TrainStep:
+               precondition: bool = False, group: Any = None, curvature: str = "exact") -> TrainStep:
     """Build a stateless training step that returns In-Run Data Shapley values.
 
     ``step = train_step(model_fn, optimizer, order=1)``, ``state = step.init(params)``,
@@ -140,6 +159,14 @@ def train_step(model_fn: Callable[[Params, Any], Tensor], optimizer: Optimizer, 
             gradient, so parameters and optimizer state stay identical on every
             rank (``precondition=True`` uses the global second moment), and
             ``info`` holds this rank's rows.
+        curvature: ``order=2`` only. ``"exact"`` (default): the Hessian-vector product
+            above. ``"secant"``: ``φ_i = −(a/2)·<g_i, ḡ_val(θ) + ḡ_val(θ − a·G)>``
+            (:func:`ghostfunc.inrun_shapley`), one capture of the training rows and
+            ordinary validation backward passes: at ``θ − a·G`` every step, and at ``θ``
+            only when the state's ``val_grad`` does not match (a new validation batch,
+            or an optimizer whose update is not ``θ − lr·ḡ_train``: momentum after
+            the first update, weight decay, AdamW). With plain SGD and a fixed
+            validation batch a step costs about an order-1 step.
     """
     where = "train_step"
     if not callable(model_fn):
@@ -153,4 +180,7 @@ def train_step(model_fn: Callable[[Params, Any], Tensor], optimizer: Optimizer, 
     if precondition and order != 1:
         raise ValueError(f"{where}: precondition=True gives first-order values only; got order={order}")
     _dist.check_group(group, where)
-    return TrainStep(model_fn, optimizer, order, bool(precondition), group)
+    check_curvature(where, curvature, order)
+    if group is not None and curvature == "secant":
+        raise ValueError(f"{where}: curvature='secant' is one process only for now; use curvature='exact' with group=")
+    return TrainStep(model_fn, optimizer, order, bool(precondition), group, curvature)

@@ -1,0 +1,223 @@
+"""curvature="secant": the trapezoid order-2 values, against the exact ones, the real loss change, and the step cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import ghostfunc
+from ghostfunc import _secant
+
+from .test_shapley import attention_fn, attention_model, flat_grads, linreg_fn, mlp, mlp_fn, rel, theta_of, unflatten
+from .test_train import problem
+
+DT = torch.float64
+
+
+def linreg(seed=0, n=6, m=5, d=4, k=2):
+    g = torch.Generator().manual_seed(seed)
+    params = {"w": torch.randn(k, d, generator=g, dtype=DT), "b": torch.randn(k, generator=g, dtype=DT)}
+
+    def batch(rows):
+        return {"x": torch.randn(rows, d, generator=g, dtype=DT), "y": torch.randn(rows, k, generator=g, dtype=DT)}
+
+    return params, batch(n), batch(m)
+
+
+def secant(params, train, val, lr, fn=mlp_fn):
+    return ghostfunc.inrun_shapley(fn, params, train, val, lr=lr, order=2, curvature="secant")
+
+
+def exact(params, train, val, lr, fn=mlp_fn, order=2):
+    return ghostfunc.inrun_shapley(fn, params, train, val, lr=lr, order=order)
+
+
+def test_equals_exact_order2_for_quadratic_loss():
+    """``H_val`` is constant for a quadratic loss: the trapezoid is the exact order-2 value."""
+    params, train, val = linreg()
+    for lr in (0.05, 0.7):
+        torch.testing.assert_close(secant(params, train, val, lr, linreg_fn), exact(params, train, val, lr, linreg_fn),
+                                   rtol=1e-10, atol=1e-14)
+
+
+def tokens_fn(p, batch):
+    """A token-wise tanh MLP over ``[B, T, 3]``: long enough (T=128) that the secant materialises."""
+    h = torch.tanh(F.linear(batch["x"], p["w1"], p["b1"]))  # [B, T, 4]
+    return 0.5 * (F.linear(h, p["w2"])[..., 0] - batch["y"]).pow(2).mean(1)
+
+
+def tokens_model(seed=0, n=3, m=2, t=128):
+    g = torch.Generator().manual_seed(seed)
+    params = {"w1": torch.randn(4, 3, generator=g, dtype=DT), "b1": torch.randn(4, generator=g, dtype=DT),
+              "w2": torch.randn(1, 4, generator=g, dtype=DT)}
+
+    def batch(rows):
+        return {"x": torch.randn(rows, t, 3, generator=g, dtype=DT), "y": torch.randn(rows, t, generator=g, dtype=DT)}
+
+    return params, batch(n), batch(m)
+
+
+MODELS = {"mlp": (mlp_fn, mlp), "tokens-materialise": (tokens_fn, tokens_model),
+          "attention-tied-embedding": (attention_fn, attention_model)}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_matches_brute_force_trapezoid(name):
+    """``−(a/2)·<g_i, ḡ_val(θ) + ḡ_val(θ − a·G)>`` from a loop of single-sample gradients."""
+    fn, build = MODELS[name]
+    params, train, val = build()
+    lr = 0.3
+    gt = flat_grads(fn, params, train)  # [n, P]
+    moved = unflatten(params, theta_of(params) - (lr / len(gt)) * gt.sum(0))
+    gv = flat_grads(fn, params, val).mean(0) + flat_grads(fn, moved, val).mean(0)
+    want = -(lr / len(gt) / 2) * gt @ gv
+    torch.testing.assert_close(secant(params, train, val, lr, fn), want, rtol=1e-10, atol=1e-14)
+
+
+def test_difference_from_exact_is_third_order():
+    """Non-quadratic model: halving lr divides |secant − exact| by ~8 (absolute ``O(a³)``, relative ``O(a²)``)."""
+    params, train, val = mlp(seed=3)
+    diffs, rels = [], []
+    for lr in (0.4, 0.2, 0.1, 0.05):
+        s, e = secant(params, train, val, lr), exact(params, train, val, lr)
+        diffs.append((s - e).abs().max().item())
+        rels.append(rel(s, e))
+    assert rels[0] < 0.05
+    for big, small in zip(diffs, diffs[1:], strict=False):
+        assert 6.0 < big / small < 10.0, diffs
+    for big, small in zip(rels, rels[1:], strict=False):
+        assert 3.0 < big / small < 5.0, rels
+
+
+def test_efficiency_against_the_real_validation_loss_change():
+    """Σ φ is the step's validation-loss change to third order; order 1 misses it by the curvature term.
+
+    Validation rows that overlap the training rows, so the step clearly lowers their loss.
+    """
+    params, data, _ = problem()
+    train, val = {k: v[:8] for k, v in data.items()}, {k: v[4:10] for k, v in data.items()}
+    lr = 0.4
+    g = ghostfunc.graddot(mlp_fn, params, train, val).train_grad  # mean train gradient
+    moved = unflatten(params, theta_of(params) - lr * theta_of(g))
+    with torch.no_grad():
+        change = (mlp_fn(moved, val).mean() - mlp_fn(params, val).mean()).item()
+    assert change < -0.1
+    miss = {name: abs(phi.sum().item() - change) / abs(change) for name, phi in
+            (("secant", secant(params, train, val, lr)), ("exact", exact(params, train, val, lr)),
+             ("order 1", exact(params, train, val, lr, order=1)))}
+    assert miss["secant"] < 2e-3 and miss["exact"] < 1e-2 and miss["order 1"] > 0.1, miss
+
+
+def spy(monkeypatch):
+    """Counts the ordinary validation backward passes the secant path makes (the real function runs)."""
+    calls = []
+    real = _secant.weighted_grad
+
+    def counted(*args, **kwargs):
+        calls.append(args[2])  # the params it ran at
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_secant, "weighted_grad", counted)
+    return calls
+
+
+def batches(seed, steps, n=6):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        yield {"x": torch.randn(n, 3, generator=g, dtype=DT), "y": torch.randint(0, 3, (n,), generator=g),
+               "index": torch.arange(n)}
+
+
+def test_train_step_reuses_the_validation_gradient_under_sgd(monkeypatch):
+    """Fixed validation batch, plain SGD: one validation backward per step after the first, same values."""
+    params, _, val = mlp(seed=2)
+    calls = spy(monkeypatch)
+    step = ghostfunc.train_step(mlp_fn, ghostfunc.sgd(0.3), order=2, curvature="secant")
+    state = step.init(params)
+    for i, batch in enumerate(batches(5, 4)):
+        before = len(calls)
+        want = secant(state.params, batch, val, 0.3)
+        want_first = exact(state.params, batch, val, 0.3, order=1)
+        want_loss = mlp_fn(state.params, val)
+        calls_for_want = len(calls) - before
+        state, info = step(state, batch, {k: v.clone() for k, v in val.items()})  # equal contents, new tensors
+        assert len(calls) - before - calls_for_want == (2 if i == 0 else 1)
+        torch.testing.assert_close(info.values, want, rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(info.first_order, want_first, rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(info.val_loss, want_loss, rtol=1e-12, atol=1e-15)
+        assert state.val_grad is not None and all(state.val_grad.params[k] is state.params[k] for k in params)
+
+
+def test_train_step_recomputes_for_a_new_or_changed_validation_batch(monkeypatch):
+    params, _, val = mlp(seed=2)
+    calls = spy(monkeypatch)
+    step = ghostfunc.train_step(mlp_fn, ghostfunc.sgd(0.3), order=2, curvature="secant")
+    state = step.init(params)
+    train = list(batches(6, 3))
+    state, _ = step(state, train[0], val)
+    val2 = {k: v.clone() for k, v in val.items()}
+    val2["x"][0, 0] += 1.0  # one number differs: a different batch
+    before = len(calls)
+    want = secant(state.params, train[1], val2, 0.3)
+    state, info = step(state, train[1], val2)
+    assert len(calls) - before == 4  # two for `want`, two for the step
+    torch.testing.assert_close(info.values, want, rtol=1e-12, atol=1e-15)
+    val2["x"][1, 1] += 1.0  # changed in place after the step: the cached copy no longer matches
+    before = len(calls)
+    state, _ = step(state, train[2], val2)
+    assert len(calls) - before == 2
+
+
+@pytest.mark.parametrize("optimizer", [ghostfunc.sgd(0.2, momentum=0.9), ghostfunc.sgd(0.2, weight_decay=0.1),
+                                       ghostfunc.adamw(0.05)], ids=["momentum", "weight-decay", "adamw"])
+def test_train_step_other_optimizers_values_at_each_steps_params(optimizer):
+    """The values are those of an SGD step from the state's params; the cache keeps only an exact landing."""
+    params, _, val = mlp(seed=4)
+    step = ghostfunc.train_step(mlp_fn, optimizer, order=2, curvature="secant")
+    state = step.init(params)
+    for i, batch in enumerate(batches(7, 3)):
+        lr = optimizer.lr(state.opt_state)
+        want = secant(state.params, batch, val, lr)
+        state, info = step(state, batch, val)
+        torch.testing.assert_close(info.values, want, rtol=1e-12, atol=1e-15)
+        first_lands_on_sgd = i == 0 and optimizer.name == "sgd" and state.opt_state.momentum is not None
+        assert (state.val_grad is not None) == first_lands_on_sgd
+
+
+def test_dropout_is_refused():
+    net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Dropout(0.5), nn.Linear(8, 3)).to(DT).train()
+    params = {k: v.detach() for k, v in net.named_parameters()}
+
+    def fn(p, batch):
+        return F.cross_entropy(torch.func.functional_call(net, p, (batch["x"],)), batch["y"], reduction="none")
+
+    _, train, val = mlp()
+    with pytest.raises(ValueError, match=r"^inrun_shapley: curvature='secant' needs a deterministic model_fn"):
+        ghostfunc.inrun_shapley(fn, params, train, val, lr=0.1, order=2, curvature="secant")
+    step = ghostfunc.train_step(fn, ghostfunc.sgd(0.1), order=2, curvature="secant")
+    with pytest.raises(ValueError, match=r"^train_step: curvature='secant' needs a deterministic model_fn"):
+        step(step.init(params), train, val)
+
+
+def test_argument_errors():
+    params, train, val = mlp()
+    with pytest.raises(ValueError, match=r"^inrun_shapley: curvature must be 'exact' or 'secant'; got 'newton'"):
+        ghostfunc.inrun_shapley(mlp_fn, params, train, val, lr=0.1, order=2, curvature="newton")
+    with pytest.raises(ValueError, match=r"^inrun_shapley: curvature='secant' is the order-2 term; it needs order=2"):
+        ghostfunc.inrun_shapley(mlp_fn, params, train, val, lr=0.1, curvature="secant")
+    with pytest.raises(ValueError, match=r"^train_step: curvature='secant' is the order-2 term"):
+        ghostfunc.train_step(mlp_fn, ghostfunc.sgd(0.1), curvature="secant")
+    with pytest.raises(ValueError, match=r"^train_step: precondition=True gives first-order values only"):
+        ghostfunc.train_step(mlp_fn, ghostfunc.adamw(0.1), order=2, curvature="secant", precondition=True)
+
+
+def test_float32_close_to_float64():
+    params, train, val = mlp(seed=5)
+    lr = 0.2
+    want = secant(params, train, val, lr)
+    f32 = lambda t: {k: v.float() if v.is_floating_point() else v for k, v in t.items()}  # noqa: E731
+    got = secant(f32(params), f32(train), f32(val), lr)
+    assert got.dtype == torch.float32
+    assert rel(got.double(), want) < 1e-5
