@@ -1,6 +1,7 @@
 """ghostfunc: exact per-sample gradient dot products in one backward pass, over torch.func."""
 
 from ._capture import DivergentBranchError
+from ._direction import DirectionScores, graddot_direction
 from ._graddot import GradDot, graddot, plan
 from ._hf import causal_lm_loss, classification_loss, from_module, seq2seq_loss
 from ._ops import SamplesInteractError
@@ -9,6 +10,7 @@ from ._plan import Plan, Route
 from ._reference import reference_graddot
 from ._shapley import inrun_shapley
 from ._train import StepInfo, TrainState, TrainStep, train_step
+from ._unroll import unroll
 from ._values import DataValues
 
 __all__ = [
@@ -35,5 +37,8 @@ __all__ = [
     "causal_lm_loss",
     "classification_loss",
     "seq2seq_loss",
+    "DirectionScores",
+    "graddot_direction",
+    "unroll",
    ]
 __version__ = "0.1.0"
