@@ -10,7 +10,7 @@ from ._plan import Plan, Route
 from ._reference import reference_graddot
 from ._shapley import inrun_shapley
 from ._train import StepInfo, TrainState, TrainStep, train_step
-from ._unroll import unroll
+from ._unroll import Trajectory, unroll
 from ._values import DataValues
 
 __all__ = [
@@ -40,5 +40,6 @@ __all__ = [
     "DirectionScores",
     "graddot_direction",
     "unroll",
+    "Trajectory",
    ]
 __version__ = "0.1.0"

@@ -31,7 +31,10 @@ checkpoint, so a run of ``T`` steps holds ``O(T/k + k)`` copies, not ``T``.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -44,7 +47,8 @@ from ._checks import check_batch, check_model_fn, check_params
 from ._direction import graddot_direction
 from ._optim import Optimizer
 from ._shapley import _import_jvp_decompositions, val_grad_hvp
-from ._values import DataValues
+from ._train import TrainState
+from ._values import SAFE_TYPES, DataValues
 
 Params = dict[str, Tensor]
 VIAS = ("jvp", "kernels")
@@ -312,7 +316,7 @@ def check_common(where: str, model_fn: Any, optimizer: Any, every: Any, val_redu
 def unroll(
     model_fn: Callable[[dict[str, Tensor], Any], Tensor],
     optimizer: Optimizer,
-    params: Mapping[str, Tensor],
+    params: Mapping[str, Tensor] | Trajectory,
     batches: Sequence[Mapping[str, Any]],
     val: Mapping[str, Any],
     *,
@@ -341,7 +345,9 @@ def unroll(
             independent; it ignores the ``index`` leaf.
         optimizer: :func:`ghostfunc.sgd` or :func:`ghostfunc.adamw` (or any
             :class:`ghostfunc.Optimizer` whose ``update`` is differentiable).
-        params: the initial parameters ``θ_0``; not modified.
+        params: the initial parameters ``θ_0`` (not modified), or a recorded
+            :class:`ghostfunc.Trajectory` of this run (its checkpoints are used:
+            no forward pass over the run first).
         batches: one batch dict per step (``T`` of them), each holding the rows'
             dataset indices ``[B]`` under ``index``; a sample may recur.
         val: the validation batch dict (the same keys; ``index`` optional).
@@ -373,12 +379,16 @@ def unroll(
     """
     where = "unroll"
     check_common(where, model_fn, optimizer, checkpoint_every, val_reduce, via, per_step)
-    theta0 = check_params(params, where)
     splits, indices = check_batches(batches, index, where)
     vb = check_val(val, batches, index, where)
     n_data = _size(size, indices, where)
-    T = len(splits)
-    every = checkpoint_every or default_every(T)
+    if isinstance(params, Trajectory):
+        if checkpoint_every is not None and checkpoint_every != params.every:
+            raise ValueError(f"{where}: checkpoint_every comes from the trajectory ({params.every}); got {checkpoint_every}")
+        replay = trajectory_replay(model_fn, optimizer, params, splits, indices, where)
+        return replay_values(replay, vb, n_data, per_step, val_reduce, via, where)
+    theta0 = check_params(params, where)
+    every = checkpoint_every or default_every(len(splits))
     state0 = optimizer.init(theta0)
 
     def check_early(t: int, step: Step) -> None:  # the first update (no momentum buffer yet) and a later one
@@ -410,3 +420,132 @@ def _size(size: int | None, indices: list[Tensor], where: str) -> int:
     if isinstance(size, bool) or not isinstance(size, int) or size <= largest:
         raise ValueError(f"{where}: size must be an int larger than every dataset index ({largest}); got {size!r}")
     return size
+
+
+# ---------------------------------------------------------------- a recorded run
+
+
+@dataclass
+class Trajectory:
+    """A training run recorded for a later :func:`unroll`: checkpoints every ``every`` steps and every step's indices.
+
+    Record while training with :func:`ghostfunc.train_step` (or any loop whose
+    update is ``optimizer.update`` on the mean gradient of each batch)::
+
+        traj = ghostfunc.Trajectory.start(state, every=10)   # state = step.init(params)
+        for batch in batches:
+            state, info = step(state, batch, val)
+            traj.record(batch["index"], state)                # appends (mutates traj)
+        values = ghostfunc.unroll(model_fn, optimizer, traj, batches, val)
+
+    The replay then starts from the recorded checkpoints: no forward pass over the
+    whole run first. Memory: ``T/every`` parameter-and-state copies plus ``T``
+    index tensors (no inputs).
+
+    Saved with :meth:`save` as ``DIR/trajectory.pt`` (``torch.save`` of a dict:
+    ``format`` = ``"ghostfunc.Trajectory/1"``, ``every``, ``indices`` (a list of
+    ``[B]`` int64 tensors, one per step), ``checkpoints`` (step ``t`` -> ``(params,
+    opt_state)`` for ``t = 0, every, 2·every, … < T``), ``final`` (``θ_T``)) and,
+    optionally, ``DIR/spec.json`` telling ``python -m ghostfunc attribute`` how to
+    rebuild the task: ``{"factory": "package.module:function", "kwargs": {...},
+    "optimizer": {"name": "sgd" | "adamw", ...keyword arguments}, "index": "index"}``,
+    where ``function(**kwargs)`` returns ``{"model_fn": ..., "dataset": {key: [N, ...]
+    tensor}, "val": batch dict}`` and step ``t``'s batch is ``{key: dataset[key][indices[t]]}``
+    plus the indices under ``index``.
+
+    Attributes:
+        every: steps between checkpoints.
+        checkpoints: step -> ``(params, opt_state)`` before that step.
+        indices: per step, the batch's dataset indices ``[B]``.
+        final: the parameters after the last recorded step.
+    """
+
+    every: int
+    checkpoints: dict[int, tuple[Params, Any]]
+    indices: list[Tensor]
+    final: Params
+
+    @classmethod
+    def start(cls, state: Any, every: int) -> Trajectory:
+        """An empty recording from ``state`` (a :class:`ghostfunc.TrainState`, or ``(params, opt_state)``)."""
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"Trajectory.start: every must be a positive int; got {every!r}")
+        params, opt_state = _params_state(state, "Trajectory.start")
+        return cls(every, {0: (params, opt_state)}, [], params)
+
+    @property
+    def steps(self) -> int:
+        """``T``, the steps recorded."""
+        return len(self.indices)
+
+    def record(self, indices: Tensor, state: Any) -> None:
+        """Append one step: the batch's dataset ``indices`` ``[B]`` and the ``state`` *after* the update."""
+        where = "Trajectory.record"
+        if not isinstance(indices, Tensor) or indices.dim() != 1 or indices.is_floating_point():
+            raise TypeError(f"{where}: indices must be the batch's 1-D integer tensor of dataset indices; "
+                            f"got {getattr(indices, 'shape', type(indices).__name__)}")
+        params, opt_state = _params_state(state, where)
+        self.indices.append(indices.detach().to(device="cpu", dtype=torch.int64).clone())
+        self.final = params
+        if self.steps % self.every == 0:
+            self.checkpoints[self.steps] = (params, opt_state)
+
+    def batches(self, dataset: Mapping[str, Tensor], index: str = "index") -> list[dict[str, Tensor]]:
+        """Every step's batch dict, ``{key: dataset[key][indices[t]]}`` plus the indices under ``index``."""
+        return [{**{k: v[idx.to(v.device)] for k, v in dataset.items()}, index: idx} for idx in self.indices]
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        """Write ``folder/trajectory.pt``; returns its path."""
+        target = Path(folder) / "trajectory.pt"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"format": TRAJECTORY_FORMAT, "every": self.every, "indices": self.indices,
+                   "checkpoints": {t: tuple(v) for t, v in self.checkpoints.items() if t < self.steps},
+                   "final": self.final}
+        tmp = target.with_suffix(".pt.tmp")
+        torch.save(payload, tmp)
+        os.replace(tmp, target)
+        return target
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> Trajectory:
+        """Read ``folder/trajectory.pt`` written by :meth:`save`."""
+        path = Path(folder) / "trajectory.pt"
+        with torch.serialization.safe_globals(SAFE_TYPES):
+            payload = torch.load(path, weights_only=True)
+        if not isinstance(payload, dict) or payload.get("format") != TRAJECTORY_FORMAT:
+            raise ValueError(f"Trajectory.load: {os.fspath(path)!r} is not a file written by Trajectory.save")
+        return cls(int(payload["every"]), {int(t): tuple(v) for t, v in payload["checkpoints"].items()},  # type: ignore[misc]
+                   list(payload["indices"]), payload["final"])
+
+
+TRAJECTORY_FORMAT = "ghostfunc.Trajectory/1"
+
+
+def _params_state(state: Any, where: str) -> tuple[Params, Any]:
+    if isinstance(state, TrainState):
+        params, opt_state = state.params, state.opt_state
+    elif isinstance(state, tuple) and len(state) == 2 and isinstance(state[0], Mapping):
+        params, opt_state = state
+    else:
+        raise TypeError(f"{where}: state must be a ghostfunc.TrainState or (params, opt_state); "
+                        f"got {type(state).__name__}")
+    return {k: v.detach() for k, v in params.items()}, opt_state
+
+
+def trajectory_replay(model_fn: Callable, optimizer: Optimizer, traj: Trajectory, splits: list[Batch],
+                      indices: list[Tensor], where: str) -> Replay:
+    """A :class:`Replay` from a recording, after checking that ``batches`` are the recorded ones."""
+    if len(splits) != traj.steps:
+        raise ValueError(f"{where}: batches must be the {traj.steps} batches the trajectory recorded; got {len(splits)}")
+    for t, (a, b) in enumerate(zip(indices, traj.indices, strict=True)):
+        if not torch.equal(a, b):
+            raise ValueError(f"{where}: batches[{t}] holds other dataset indices than the trajectory recorded "
+                             f"for step {t}")
+    missing = [t for t in range(0, traj.steps, traj.every) if t not in traj.checkpoints]
+    if missing:
+        raise ValueError(f"{where}: the trajectory lacks the checkpoints of steps {missing}")
+    for t in sorted(traj.checkpoints)[:2]:  # the initial update (no momentum buffer yet) and a later one
+        if t < traj.steps:
+            params, state = traj.checkpoints[t]
+            check_differentiable(optimizer, Step(params, state, mean_grad(model_fn, params, splits[t], where)), where)
+    return Replay(model_fn, optimizer, splits, indices, traj.checkpoints, traj.every, traj.final)

@@ -217,3 +217,29 @@ def test_unroll_refuses_an_update_it_cannot_differentiate():
 def test_docstring_examples(module):
     result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
+
+
+# ---------------------------------------------------------------- a recorded run
+
+
+def test_trajectory_recorded_with_train_step_replays_to_the_same_values(tmp_path):
+    params, batches, val = run(seed=8, steps=7)
+    opt = ghostfunc.sgd(0.2, 0.9, weight_decay=0.05)
+    step = ghostfunc.train_step(mlp_fn, opt)
+    state = step.init(params)
+    traj = ghostfunc.Trajectory.start(state, every=3)
+    val_indexed = {**val, "index": torch.arange(4)}  # train_step wants val shaped like train
+    for b in batches:
+        state, _ = step(state, b, val_indexed)
+        traj.record(b["index"], state)
+    assert sorted(traj.checkpoints) == [0, 3, 6] and traj.steps == 7
+    traj.save(tmp_path)
+    loaded = ghostfunc.Trajectory.load(tmp_path)
+    ref = autograd_unrolled(mlp_fn, opt, params, batches, val, 7)
+    for t in (traj, loaded):
+        out = ghostfunc.unroll(mlp_fn, opt, t, batches, val)
+        assert rel(out.total, ref) < 1e-10
+    with pytest.raises(ValueError, match="unroll: batches must be the 7 batches the trajectory recorded"):
+        ghostfunc.unroll(mlp_fn, opt, traj, batches[:6], val)
+    with pytest.raises(ValueError, match=r"unroll: batches\[1\] holds other dataset indices"):
+        ghostfunc.unroll(mlp_fn, opt, traj, [batches[0], batches[2], *batches[2:]], val)
