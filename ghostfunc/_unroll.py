@@ -30,6 +30,7 @@ checkpoint, so a run of ``T`` steps holds ``O(T/k + k)`` copies, not ``T``.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -494,10 +495,12 @@ class Trajectory:
         """Every step's batch dict, ``{key: dataset[key][indices[t]]}`` plus the indices under ``index``."""
         return [{**{k: v[idx.to(v.device)] for k, v in dataset.items()}, index: idx} for idx in self.indices]
 
-    def save(self, folder: str | os.PathLike) -> Path:
-        """Write ``folder/trajectory.pt``; returns its path."""
+    def save(self, folder: str | os.PathLike, spec: Mapping[str, Any] | None = None) -> Path:
+        """Write ``folder/trajectory.pt`` (and ``folder/spec.json`` when ``spec`` is given); returns the ``.pt`` path."""
         target = Path(folder) / "trajectory.pt"
         target.parent.mkdir(parents=True, exist_ok=True)
+        if spec is not None:
+            (target.parent / "spec.json").write_text(json.dumps(dict(spec), indent=1))
         payload = {"format": TRAJECTORY_FORMAT, "every": self.every, "indices": self.indices,
                    "checkpoints": {t: tuple(v) for t, v in self.checkpoints.items() if t < self.steps},
                    "final": self.final}
