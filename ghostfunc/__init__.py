@@ -2,6 +2,7 @@
 
 from ._capture import DivergentBranchError
 from ._dist import sampler_mask
+from ._direction import DirectionScores, graddot_direction
 from ._graddot import GradDot, graddot, plan
 from ._hf import causal_lm_loss, classification_loss, from_module, seq2seq_loss
 from ._ops import SamplesInteractError
@@ -10,6 +11,7 @@ from ._plan import Plan, Route
 from ._reference import reference_graddot
 from ._shapley import inrun_shapley
 from ._train import StepInfo, TrainState, TrainStep, train_step
+from ._unroll import Trajectory, unroll
 from ._values import DataValues
 
 __all__ = [
@@ -37,5 +39,9 @@ __all__ = [
     "classification_loss",
     "seq2seq_loss",
     "sampler_mask",
+    "DirectionScores",
+    "graddot_direction",
+    "unroll",
+    "Trajectory",
    ]
 __version__ = "0.1.0"

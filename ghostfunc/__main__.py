@@ -4,6 +4,9 @@
   prints the scores, the plan, and their agreement with a loop of single-sample
   backward passes.
 - ``demo``: trains with data values on embedded data (see ``ghostfunc._demo``).
+- ``evaluate``: LDS, noisy-label AUROC and removal curves of every attribution
+  method on scikit-learn's digits (see ``ghostfunc._evaluate``; ``evaluate --help``).
+- ``attribute --run DIR``: unrolled values of a recorded run (see ``ghostfunc._attribute``).
 """
 
 from __future__ import annotations
@@ -58,7 +61,16 @@ def check(seed: int = 0, n_train: int = 8, n_val: int = 4, seq_len: int = 32) ->
     return err
 
 
+#: Subcommands with parsers of their own: ``python -m ghostfunc NAME --help``.
+SUBCOMMANDS = {"evaluate": "._evaluate", "attribute": "._attribute"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    given = list(sys.argv[1:] if argv is None else argv)
+    if given and given[0] in SUBCOMMANDS:
+        import importlib
+
+        return importlib.import_module(SUBCOMMANDS[given[0]], __package__).main(given[1:])
     parser = argparse.ArgumentParser(prog="python -m ghostfunc", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", nargs="?", default="check", choices=("check", "demo"))

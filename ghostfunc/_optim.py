@@ -118,7 +118,7 @@ def sgd(lr: Schedule, momentum: float = 0.0, *, dampening: float = 0.0, weight_d
                 d = d.add(p, alpha=weight_decay)
             if momentum != 0:
                 if state.momentum is None:
-                    buf = d.detach().clone()
+                    buf = d.clone()  # not detached: the replay (ghostfunc.unroll) differentiates through it
                 else:
                     buf = state.momentum[k].mul(momentum).add_(d, alpha=1 - dampening)
                 bufs[k] = buf

@@ -1,0 +1,76 @@
+"""``python -m ghostfunc attribute --run DIR``: unrolled values of a recorded run, over the public API.
+
+``DIR/trajectory/`` (or ``DIR`` itself) holds ``trajectory.pt`` and ``spec.json``
+as :class:`ghostfunc.Trajectory` documents: the spec names a factory that rebuilds
+``model_fn``, the dataset and the validation batch, and the optimizer's arguments.
+The values (:class:`ghostfunc.DataValues`) go to ``DIR/trajectory/unrolled.pt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import ghostfunc
+
+OPTIMIZERS: dict[str, Callable[..., ghostfunc.Optimizer]] = {"sgd": ghostfunc.sgd, "adamw": ghostfunc.adamw}
+
+
+def load_spec(folder: Path) -> dict[str, Any]:
+    """``spec.json`` of a recorded run, checked."""
+    path = folder / "spec.json"
+    if not path.exists():
+        raise FileNotFoundError(f"attribute: {path} is missing; record the run with Trajectory.save(folder, spec=...)")
+    spec = json.loads(path.read_text())
+    for key in ("factory", "optimizer"):
+        if key not in spec:
+            raise ValueError(f"attribute: {path} needs a {key!r} entry (see ghostfunc.Trajectory); got {sorted(spec)}")
+    opt = dict(spec["optimizer"])
+    if opt.get("name") not in OPTIMIZERS:
+        raise ValueError(f"attribute: {path}: optimizer name must be one of {sorted(OPTIMIZERS)}; got {opt.get('name')!r}")
+    return spec
+
+
+def attribute(run: str | Path, *, per_step: bool = False, out: str | Path | None = None) -> tuple[ghostfunc.DataValues, Path, float]:
+    """Replay the run recorded under ``run`` backward; returns the values, where they were saved, and the seconds."""
+    folder = Path(run)
+    if (folder / "trajectory").is_dir():
+        folder = folder / "trajectory"
+    spec = load_spec(folder)
+    traj = ghostfunc.Trajectory.load(folder)
+    module, _, name = spec["factory"].partition(":")
+    task = getattr(importlib.import_module(module), name)(**spec.get("kwargs", {}))
+    opt_args = dict(spec["optimizer"])
+    optimizer = OPTIMIZERS[opt_args.pop("name")](**opt_args)
+    index = spec.get("index", "index")
+    batches = traj.batches(task["dataset"], index)
+    t0 = time.perf_counter()
+    values = ghostfunc.unroll(task["model_fn"], optimizer, traj, batches, task["val"], index=index, per_step=per_step,
+                              size=len(next(iter(task["dataset"].values()))))
+    seconds = time.perf_counter() - t0
+    target = Path(out) if out is not None else folder / "unrolled.pt"
+    values.save(target)
+    return values, target, seconds
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ghostfunc attribute", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, help="the run folder (holding trajectory/)")
+    parser.add_argument("--per-step", action="store_true", help="keep every step's share ([N, T])")
+    parser.add_argument("--out", default=None, help="where to save the values (default RUN/trajectory/unrolled.pt)")
+    parser.add_argument("--top", type=int, default=10, help="print this many most helpful and most harmful rows")
+    args = parser.parse_args(argv)
+    values, target, seconds = attribute(args.run, per_step=args.per_step, out=args.out)
+    total = values.total.sum(1) if args.per_step else values.total
+    k = min(args.top, len(total))
+    print(f"unrolled values of {len(total)} samples over {values.steps} steps in {seconds:.1f} s -> {target}")
+    print("sign as φ: negative = up-weighting the sample lowers the final validation loss")
+    print("most helpful:", ", ".join(f"{i}: {total[i]:.3e}" for i in total.argsort()[:k].tolist()))
+    print("most harmful:", ", ".join(f"{i}: {total[i]:.3e}" for i in total.argsort(descending=True)[:k].tolist()))
+    return 0

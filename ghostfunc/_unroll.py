@@ -1,0 +1,554 @@
+"""``unroll``: the exact derivative of the final validation loss with respect to every training sample's weight.
+
+A run ``θ_{t+1}, s_{t+1} = update(g_t, s_t, θ_t)`` with the step-``t`` batch loss
+``(1/n)·Σ_i w_i·ℓ(θ_t; z_i)`` (so ``g_t = (1/n)·Σ_i w_i·g_i(θ_t)``, all ``w_i = 1``)
+ends at ``θ_T``; the value of sample ``i`` is ``∂L_val(θ_T)/∂w_i``, summed over the
+steps whose batch held it. Reverse-mode through the run, one step at a time: with
+the adjoint ``λ_θ_T = ∇L_val(θ_T)``, ``λ_s_T = 0`` and, going back,
+
+    (ḡ, s̄, θ̄) = vjp of update at (g_t, s_t, θ_t) applied to (λ_θ_{t+1}, λ_s_{t+1})
+    value_i  += (1/n)·<g_i(θ_t), ḡ>                       (a row's share of the step)
+    λ_θ_t     = θ̄ + H_t·ḡ,   λ_s_t = s̄                    (H_t: Hessian of step t's batch loss)
+
+This is exact for any optimizer whose ``update`` torch.func can differentiate:
+SGD (momentum, dampening, Nesterov, weight decay) and AdamW, including the
+preconditioner's dependence on the gradient. For plain SGD ``ḡ = −η·λ_θ_{t+1}`` and
+the recursion is DESIGN §7's ``v_t = v_{t+1} − η·H_t v_{t+1}``.
+
+Per step, ``H_t·ḡ`` and every row's ``<g_i, ḡ>`` come from **one forward-over-reverse
+pass**: ``torch.func.jvp`` along ``ḡ`` of ``θ -> (∇ mean_i ℓ_i(θ), ℓ(θ))`` gives the
+Hessian-vector product as the first tangent and the per-sample directional
+derivatives ``<g_i, ḡ>`` as the second (``via="jvp"``, the default). ``via="kernels"``
+takes the scores from :func:`ghostfunc.graddot_direction` (tap capture and the
+contract/materialise kernels) and the Hessian-vector product from a separate
+pass: the same numbers, one more pass per step.
+
+Memory: parameters and optimizer state are kept every ``k`` steps (checkpointing
+over training); going backward, each segment of ``k`` steps is recomputed from its
+checkpoint, so a run of ``T`` steps holds ``O(T/k + k)`` copies, not ``T``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils import _pytree as pytree
+
+from ._capture import Batch, _check_finite, _rephrase, per_sample_losses
+from ._checks import check_batch, check_model_fn, check_params
+from ._direction import graddot_direction
+from ._optim import Optimizer
+from ._shapley import _import_jvp_decompositions, val_grad_hvp
+from ._train import TrainState
+from ._values import SAFE_TYPES, DataValues
+
+Params = dict[str, Tensor]
+VIAS = ("jvp", "kernels")
+
+
+class Step(NamedTuple):
+    """The primal of one step, recomputed in the backward sweep: ``θ_t``, ``s_t`` and the mean gradient ``g_t``."""
+
+    params: Params
+    state: Any
+    grad: Params
+
+
+# ---------------------------------------------------------------- one step, forward and backward
+
+
+def mean_and_losses(losses_of: Callable[[Params], Tensor]) -> Callable[[Params], tuple[Tensor, Tensor]]:
+    """``θ -> (mean_i ℓ_i(θ), ℓ(θ))``: the batch loss, with the per-sample losses as auxiliary output."""
+
+    def mean_loss(p: Params) -> tuple[Tensor, Tensor]:
+        losses = losses_of(p)
+        return losses.mean(), losses
+
+    return mean_loss
+
+
+def mean_grad(model_fn: Callable, params: Params, batch: Batch, where: str) -> Params:
+    """``∇ mean_i ℓ_i(θ)`` over the batch (samples run alone under ``vmap``, as in the capture)."""
+    mean_loss = mean_and_losses(per_sample_losses(model_fn, batch, where))
+    with _rephrase(where):
+        g, losses = torch.func.grad(mean_loss, has_aux=True)(params)
+    _check_finite(losses.detach(), "train", where)
+    return g
+
+
+def hvp_and_dots(model_fn: Callable, params: Params, batch: Batch, vector: Params, where: str) -> tuple[Params, Tensor]:
+    """``H·vector`` (``H`` the Hessian of the batch's mean loss) and every row's ``<g_i, vector>`` ``[n]``.
+
+    One ``torch.func.jvp`` along ``vector`` of ``θ -> (∇ mean_i ℓ_i(θ), ℓ(θ))``: the
+    first tangent is the Hessian-vector product, the second the directional
+    derivatives of the per-sample losses, which are ``<g_i, vector>``.
+    """
+    mean_loss = mean_and_losses(per_sample_losses(model_fn, batch, where))
+    grad = torch.func.grad(mean_loss, has_aux=True)
+    with sdpa_kernel([SDPBackend.MATH]), _rephrase(where):
+        _, (hv, dots) = torch.func.jvp(grad, (params,), (vector,))  # type: ignore[misc]
+    return hv, dots
+
+
+def _state_tensors(state: Any) -> tuple[list[Tensor], Callable[[list[Tensor]], Any]]:
+    """The tensor leaves of an optimizer state and a function that puts new ones back."""
+    leaves, spec = pytree.tree_flatten(state)
+    where = [i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor)]
+
+    def rebuild(tensors: list[Tensor]) -> Any:
+        out = list(leaves)
+        for i, t in zip(where, tensors, strict=True):
+            out[i] = t
+        return pytree.tree_unflatten(out, spec)
+
+    return [leaves[i] for i in where], rebuild
+
+
+def update_vjp(optimizer: Optimizer, step: Step) -> tuple[Params, list[Tensor], Callable]:
+    """``θ_{t+1}``, the tensors of ``s_{t+1}``, and the pullback ``(λ_θ, λ_s) -> (ḡ, s̄, θ̄)`` of the update."""
+    tensors, rebuild = _state_tensors(step.state)
+
+    def update(g: Params, s: list[Tensor], p: Params) -> tuple[Params, list[Tensor]]:
+        new_params, new_state = optimizer.update(g, rebuild(s), p)
+        return new_params, _state_tensors(new_state)[0]
+
+    (new_params, new_state), pullback = torch.func.vjp(update, step.grad, tensors, step.params)  # type: ignore[misc]
+    return new_params, new_state, pullback
+
+
+def check_differentiable(optimizer: Optimizer, step: Step, where: str) -> None:
+    """Every floating tensor ``update`` returns must depend on its inputs (no ``detach``, no ``no_grad``)."""
+    tensors, rebuild = _state_tensors(step.state)
+    leaf = lambda t: t.detach().requires_grad_() if t.is_floating_point() else t  # noqa: E731
+    grads = {k: leaf(v) for k, v in step.grad.items()}
+    with torch.enable_grad():
+        new_params, new_state = optimizer.update(grads, rebuild([leaf(t) for t in tensors]),
+                                                 {k: leaf(v) for k, v in step.params.items()})
+        outs = [(f"new params[{k!r}]", v, grads[k]) for k, v in new_params.items()]
+        outs += [(f"new state leaf {i}", t, None) for i, t in enumerate(_state_tensors(new_state)[0])]
+        for what, t, g in outs:
+            if not t.is_floating_point():
+                continue
+            if t.requires_grad and g is not None:
+                connected = torch.autograd.grad(t.sum(), g, allow_unused=True, retain_graph=True)[0] is not None
+            else:
+                connected = t.requires_grad
+            if not connected:
+                raise TypeError(f"{where}: optimizer {optimizer.name!r} cannot be differentiated through: its update "
+                                f"returns {what} detached from its inputs (a .detach() or torch.no_grad() inside "
+                                "update); the replay needs an update differentiable in grads, state and params")
+
+
+def _add(a: Params, b: Params) -> Params:
+    return {k: a[k] + b[k] for k in a}
+
+
+def _finite(lam: Params, t: int, where: str) -> None:
+    bad = [k for k, v in lam.items() if not bool(torch.isfinite(v).all())]
+    if bad:
+        raise FloatingPointError(
+            f"{where}: the adjoint became non-finite at step {t} in {bad}; the update is not differentiable there "
+            "(AdamW: an entry whose second moment is exactly 0, e.g. a weight that never gets a gradient, has "
+            "no derivative through √v)")
+
+
+# ---------------------------------------------------------------- the replay
+
+
+class Replay(NamedTuple):
+    """What the backward sweep needs about the run."""
+
+    model_fn: Callable
+    optimizer: Optimizer
+    batches: list[Batch]
+    indices: list[Tensor]
+    checkpoints: dict[int, tuple[Params, Any]]  # step -> (θ, s), at 0, k, 2k, ...
+    every: int
+    final: Params  # θ_T
+
+
+def forward(model_fn: Callable, optimizer: Optimizer, params: Params, state: Any, batches: Sequence[Batch],
+            where: str, keep: Callable[[int], bool] = lambda t: False,
+            on_step: Callable[[int, Step], None] | None = None) -> tuple[Params, Any, dict[int, tuple[Params, Any]]]:
+    """Train over ``batches`` from ``(params, state)``; keep ``(θ_t, s_t)`` where ``keep(t)``; ``on_step(t, step)``."""
+    kept = {}
+    for t, batch in enumerate(batches):
+        if keep(t):
+            kept[t] = (params, state)
+        g = mean_grad(model_fn, params, batch, where)
+        if on_step is not None:
+            on_step(t, Step(params, state, g))
+        params, state = optimizer.update(g, state, params)
+        params = {k: v.detach() for k, v in params.items()}
+    return params, state, kept
+
+
+def backward(r: Replay, lam: Params, n_data: int, per_step: bool, via: str, batched: bool, where: str) -> Tensor:
+    """The values ``[N]`` (``[N, T]`` with ``per_step``; a trailing ``[m]`` when ``batched``) from ``λ_θ_T``."""
+    T = len(r.batches)
+    extra = (next(iter(lam.values())).shape[0],) if batched else ()
+    dtype = next(iter(lam.values())).dtype
+    total = torch.zeros(n_data, *((T,) if per_step else ()), *extra, dtype=torch.float64)
+    lam_state: list[Tensor] | None = None  # zero at T
+    for start in reversed(range(0, T, r.every)):
+        params, state = r.checkpoints[start]
+        steps: list[Step] = []
+        forward(r.model_fn, r.optimizer, params, state, r.batches[start:min(start + r.every, T)], where,
+                on_step=lambda t, s: steps.append(s))  # noqa: B023 (called before the loop moves on)
+        for t in reversed(range(start, start + len(steps))):
+            step = steps.pop()
+            _, new_state, pullback = update_vjp(r.optimizer, step)
+            if lam_state is None:
+                lam_state = [torch.zeros(*extra, *s.shape, dtype=s.dtype, device=s.device) for s in new_state]
+            batch = r.batches[t]
+
+            def back(lam_p: Params, lam_s: list[Tensor], step: Step = step, pullback: Callable = pullback,
+                     batch: Batch = batch) -> tuple[Tensor, Params, list[Tensor]]:
+                g_bar, s_bar, p_bar = pullback((lam_p, lam_s))
+                if via == "jvp":
+                    hv, dots = hvp_and_dots(r.model_fn, step.params, batch, g_bar, where)
+                else:
+                    dots = graddot_direction(r.model_fn, step.params, batch.rebuild(batch.tensors), g_bar).scores
+                    weights = torch.full((batch.size,), 1.0 / batch.size, dtype=dtype)
+                    _, hv, _ = val_grad_hvp(r.model_fn, step.params, batch, weights, g_bar, where)
+                return dots / batch.size, _add(p_bar, hv), list(s_bar)
+
+            if batched:
+                dots, lam, lam_state = torch.func.vmap(back)(lam, lam_state)
+                dots = dots.T  # [m, n] -> [n, m]
+            else:
+                dots, lam, lam_state = back(lam, lam_state)
+            _finite(lam, t, where)
+            rows = r.indices[t]
+            if per_step:
+                total.index_put_((rows, torch.full_like(rows, t)), dots.detach().to(torch.float64), accumulate=True)
+            else:
+                total.index_add_(0, rows, dots.detach().to(torch.float64))
+    return total
+
+
+# ---------------------------------------------------------------- checks and the public function
+
+
+def check_batches(batches: Any, index: str, where: str) -> tuple[list[Batch], list[Tensor]]:
+    """Every batch a dict holding a ``[B]`` integer ``index`` leaf; split, with the indices."""
+    if isinstance(batches, (Tensor, Mapping)) or not isinstance(batches, Sequence) or not batches:
+        raise TypeError(f"{where}: batches must be a non-empty list of batch dicts (one per step); "
+                        f"got {type(batches).__name__}")
+    splits, indices = [], []
+    for t, b in enumerate(batches):
+        if not isinstance(b, Mapping) or index not in b:
+            got = f"keys {sorted(b)}" if isinstance(b, Mapping) else type(b).__name__
+            raise ValueError(f"{where}: batches[{t}] must be a dict holding the rows' dataset indices under "
+                             f"index={index!r}; got {got}")
+        split = check_batch(b, f"batches[{t}]", where)
+        idx = b[index]
+        if not isinstance(idx, Tensor) or idx.dim() != 1 or idx.is_floating_point() or idx.shape[0] != split.size:
+            got = f"{idx.dtype} tensor of shape {tuple(idx.shape)}" if isinstance(idx, Tensor) else type(idx).__name__
+            raise ValueError(f"{where}: batches[{t}][{index!r}] must be a 1-D integer tensor of the {split.size} "
+                             f"rows' dataset indices; got {got}")
+        if int(idx.min()) < 0:
+            raise ValueError(f"{where}: batches[{t}][{index!r}] holds a negative dataset index {int(idx.min())}")
+        splits.append(split)
+        indices.append(idx.to(device="cpu", dtype=torch.int64))
+    return splits, indices
+
+
+def check_val(val: Any, batches: Sequence[Any], index: str, where: str) -> Batch:
+    """``val`` with the structure of the training batches (the ``index`` leaf may be left out)."""
+    like = batches[0]
+    keys = set(like) - {index}
+    if not isinstance(val, Mapping) or set(val) - {index} != keys:
+        got = f"keys {sorted(val)}" if isinstance(val, Mapping) else type(val).__name__
+        raise ValueError(f"{where}: val must be a batch dict with the keys of the training batches "
+                         f"{sorted(keys)} (the {index!r} leaf optional); got {got}")
+    if pytree.tree_structure({k: like[k] for k in keys}) != pytree.tree_structure({k: val[k] for k in keys}):
+        raise ValueError(f"{where}: val must have the structure of the training batches under every key")
+    return check_batch(val, "val", where)
+
+
+def val_adjoint(model_fn: Callable, params: Params, val: Batch, val_reduce: str | None,
+                where: str) -> tuple[Params, Tensor]:
+    """``∇ mean_v L_v(θ_T)`` (or every ``∇L_v`` stacked ``[m, ...]`` when ``val_reduce`` is None) and the losses."""
+    losses_of = per_sample_losses(model_fn, val, where)
+    with _rephrase(where):
+        if val_reduce is None:
+            lam = torch.func.jacrev(losses_of)(params)
+            losses = losses_of(params)
+        else:
+            lam, losses = torch.func.grad(mean_and_losses(losses_of), has_aux=True)(params)
+    _check_finite(losses.detach(), "val", where)
+    return {k: v.detach() for k, v in lam.items()}, losses.detach()
+
+
+def default_every(steps: int) -> int:
+    """``⌈√T⌉``: about ``2√T`` parameter copies held at once."""
+    return max(1, math.ceil(math.sqrt(steps)))
+
+
+def check_common(where: str, model_fn: Any, optimizer: Any, every: Any, val_reduce: Any, via: Any,
+                 per_step: Any) -> None:
+    check_model_fn(model_fn, where)
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(f"{where}: optimizer must be a ghostfunc.Optimizer (ghostfunc.sgd(...), ghostfunc.adamw(...), "
+                        f"or your own pure (init, update) pair); got {type(optimizer).__name__}")
+    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+        raise ValueError(f"{where}: checkpoint_every must be a positive int or None (⌈√T⌉); got {every!r}")
+    if val_reduce not in ("mean", None):
+        raise ValueError(f"{where}: val_reduce must be 'mean' (L_val the mean validation loss) or None "
+                         f"(one value per validation row); got {val_reduce!r}")
+    if via not in VIAS:
+        raise ValueError(f"{where}: via must be one of {VIAS}; got {via!r}")
+    if via == "kernels" and val_reduce is None:
+        raise ValueError(f"{where}: via='kernels' scores against one direction; val_reduce=None needs via='jvp'")
+    if not isinstance(per_step, bool):
+        raise TypeError(f"{where}: per_step must be a bool; got {type(per_step).__name__}")
+
+
+def unroll(
+    model_fn: Callable[[dict[str, Tensor], Any], Tensor],
+    optimizer: Optimizer,
+    params: Mapping[str, Tensor] | Trajectory,
+    batches: Sequence[Mapping[str, Any]],
+    val: Mapping[str, Any],
+    *,
+    index: str = "index",
+    checkpoint_every: int | None = None,
+    per_step: bool = False,
+    val_reduce: str | None = "mean",
+    size: int | None = None,
+    via: str = "jvp",
+) -> DataValues:
+    """Exact unrolled data values: ``∂L_val(θ_T)/∂w_i`` through the whole training run.
+
+    Replays the run ``θ_{t+1} = optimizer.update(∇L_t(θ_t), s_t, θ_t)`` over
+    ``batches`` from ``params`` (the mean loss of each batch, as
+    :func:`ghostfunc.train_step` trains), then sweeps it backward (see the module
+    docstring for the recursion). Per step: one mean-gradient recomputation, one
+    vjp of ``optimizer.update``, one forward-over-reverse pass over the batch.
+
+    **Sign** as ``φ`` everywhere in ghostfunc: ``total[i] < 0`` means up-weighting
+    sample ``i`` lowers the final validation loss (it helps). To first order,
+    training on a subset ``S`` (weights ``w``) changes ``L_val(θ_T)`` by
+    ``Σ_i (w_i − 1)·total[i]``.
+
+    Args:
+        model_fn: ``model_fn(params, batch) -> losses`` ``[B]``, samples
+            independent; it ignores the ``index`` leaf.
+        optimizer: :func:`ghostfunc.sgd` or :func:`ghostfunc.adamw` (or any
+            :class:`ghostfunc.Optimizer` whose ``update`` is differentiable).
+        params: the initial parameters ``θ_0`` (not modified), or a recorded
+            :class:`ghostfunc.Trajectory` of this run (its checkpoints are used:
+            no forward pass over the run first).
+        batches: one batch dict per step (``T`` of them), each holding the rows'
+            dataset indices ``[B]`` under ``index``; a sample may recur.
+        val: the validation batch dict (the same keys; ``index`` optional).
+        index: the key of the dataset indices.
+        checkpoint_every: keep ``(θ, s)`` every ``k`` steps and recompute within
+            segments: ``O(T/k + k)`` copies; ``None`` is ``⌈√T⌉``.
+        per_step: also keep which step contributed what: ``total`` is ``[N, T]``
+            (column ``t``: step ``t``'s share; ``total.sum(1)`` the value).
+        val_reduce: ``"mean"`` (``L_val`` the mean validation loss) or ``None``
+            (a value per validation row: a trailing ``[m]`` axis; the adjoints of all
+            rows are carried together under ``vmap``).
+        size: ``N``, the dataset size; ``None`` is the largest index + 1.
+        via: ``"jvp"`` (scores and Hessian-vector product in one forward-over-reverse
+            pass) or ``"kernels"`` (scores by :func:`ghostfunc.graddot_direction`).
+
+    Returns:
+        :class:`ghostfunc.DataValues` with ``total`` ``[N]`` (``[N, T]``, ``[N, m]``
+        or ``[N, T, m]``), float64, and ``count[i]`` the number of rows sample ``i`` had.
+
+    Example:
+        >>> import torch, ghostfunc
+        >>> def model_fn(p, batch):
+        ...     return 0.5 * (batch["x"] @ p["w"] - batch["y"]) ** 2
+        >>> x, y = torch.eye(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64)
+        >>> batch = {"x": x, "y": y, "index": torch.arange(2)}
+        >>> p = {"w": torch.zeros(2, dtype=torch.float64)}
+        >>> ghostfunc.unroll(model_fn, ghostfunc.sgd(0.5), p, [batch], {"x": x, "y": y}).total
+        tensor([-0.0938, -0.0938], dtype=torch.float64)
+    """
+    where = "unroll"
+    check_common(where, model_fn, optimizer, checkpoint_every, val_reduce, via, per_step)
+    splits, indices = check_batches(batches, index, where)
+    vb = check_val(val, batches, index, where)
+    n_data = _size(size, indices, where)
+    if isinstance(params, Trajectory):
+        if checkpoint_every is not None and checkpoint_every != params.every:
+            raise ValueError(f"{where}: checkpoint_every comes from the trajectory ({params.every}); got {checkpoint_every}")
+        replay = trajectory_replay(model_fn, optimizer, params, splits, indices, where)
+        return replay_values(replay, vb, n_data, per_step, val_reduce, via, where)
+    theta0 = check_params(params, where)
+    every = checkpoint_every or default_every(len(splits))
+    state0 = optimizer.init(theta0)
+
+    def check_early(t: int, step: Step) -> None:  # the first update (no momentum buffer yet) and a later one
+        if t < 2:
+            check_differentiable(optimizer, step, where)
+
+    final, _, checkpoints = forward(model_fn, optimizer, theta0, state0, splits, where,
+                                    keep=lambda t: t % every == 0, on_step=check_early)
+    replay = Replay(model_fn, optimizer, splits, indices, checkpoints, every, final)
+    return replay_values(replay, vb, n_data, per_step, val_reduce, via, where)
+
+
+def replay_values(r: Replay, val: Batch, n_data: int, per_step: bool, val_reduce: str | None, via: str,
+                  where: str) -> DataValues:
+    """Sweep a replay backward from ``∇L_val(θ_T)`` and package the values."""
+    _import_jvp_decompositions()
+    lam, _ = val_adjoint(r.model_fn, r.final, val, val_reduce, where)
+    total = backward(r, lam, n_data, per_step, via, val_reduce is None, where)
+    count = torch.zeros(n_data, dtype=torch.int64)
+    for rows in r.indices:
+        count.index_add_(0, rows, torch.ones_like(rows))
+    return DataValues(total, count, len(r.batches))
+
+
+def _size(size: int | None, indices: list[Tensor], where: str) -> int:
+    largest = max(int(i.max()) for i in indices)
+    if size is None:
+        return largest + 1
+    if isinstance(size, bool) or not isinstance(size, int) or size <= largest:
+        raise ValueError(f"{where}: size must be an int larger than every dataset index ({largest}); got {size!r}")
+    return size
+
+
+# ---------------------------------------------------------------- a recorded run
+
+
+@dataclass
+class Trajectory:
+    """A training run recorded for a later :func:`unroll`: checkpoints every ``every`` steps and every step's indices.
+
+    Record while training with :func:`ghostfunc.train_step` (or any loop whose
+    update is ``optimizer.update`` on the mean gradient of each batch)::
+
+        traj = ghostfunc.Trajectory.start(state, every=10)   # state = step.init(params)
+        for batch in batches:
+            state, info = step(state, batch, val)
+            traj.record(batch["index"], state)                # appends (mutates traj)
+        values = ghostfunc.unroll(model_fn, optimizer, traj, batches, val)
+
+    The replay then starts from the recorded checkpoints: no forward pass over the
+    whole run first. Memory: ``T/every`` parameter-and-state copies plus ``T``
+    index tensors (no inputs).
+
+    Saved with :meth:`save` as ``DIR/trajectory.pt`` (``torch.save`` of a dict:
+    ``format`` = ``"ghostfunc.Trajectory/1"``, ``every``, ``indices`` (a list of
+    ``[B]`` int64 tensors, one per step), ``checkpoints`` (step ``t`` -> ``(params,
+    opt_state)`` for ``t = 0, every, 2·every, … < T``), ``final`` (``θ_T``)) and,
+    optionally, ``DIR/spec.json`` telling ``python -m ghostfunc attribute`` how to
+    rebuild the task: ``{"factory": "package.module:function", "kwargs": {...},
+    "optimizer": {"name": "sgd" | "adamw", ...keyword arguments}, "index": "index"}``,
+    where ``function(**kwargs)`` returns ``{"model_fn": ..., "dataset": {key: [N, ...]
+    tensor}, "val": batch dict}`` and step ``t``'s batch is ``{key: dataset[key][indices[t]]}``
+    plus the indices under ``index``.
+
+    Attributes:
+        every: steps between checkpoints.
+        checkpoints: step -> ``(params, opt_state)`` before that step.
+        indices: per step, the batch's dataset indices ``[B]``.
+        final: the parameters after the last recorded step.
+    """
+
+    every: int
+    checkpoints: dict[int, tuple[Params, Any]]
+    indices: list[Tensor]
+    final: Params
+
+    @classmethod
+    def start(cls, state: Any, every: int) -> Trajectory:
+        """An empty recording from ``state`` (a :class:`ghostfunc.TrainState`, or ``(params, opt_state)``)."""
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"Trajectory.start: every must be a positive int; got {every!r}")
+        params, opt_state = _params_state(state, "Trajectory.start")
+        return cls(every, {0: (params, opt_state)}, [], params)
+
+    @property
+    def steps(self) -> int:
+        """``T``, the steps recorded."""
+        return len(self.indices)
+
+    def record(self, indices: Tensor, state: Any) -> None:
+        """Append one step: the batch's dataset ``indices`` ``[B]`` and the ``state`` *after* the update."""
+        where = "Trajectory.record"
+        if not isinstance(indices, Tensor) or indices.dim() != 1 or indices.is_floating_point():
+            raise TypeError(f"{where}: indices must be the batch's 1-D integer tensor of dataset indices; "
+                            f"got {getattr(indices, 'shape', type(indices).__name__)}")
+        params, opt_state = _params_state(state, where)
+        self.indices.append(indices.detach().to(device="cpu", dtype=torch.int64).clone())
+        self.final = params
+        if self.steps % self.every == 0:
+            self.checkpoints[self.steps] = (params, opt_state)
+
+    def batches(self, dataset: Mapping[str, Tensor], index: str = "index") -> list[dict[str, Tensor]]:
+        """Every step's batch dict, ``{key: dataset[key][indices[t]]}`` plus the indices under ``index``."""
+        return [{**{k: v[idx.to(v.device)] for k, v in dataset.items()}, index: idx} for idx in self.indices]
+
+    def save(self, folder: str | os.PathLike, spec: Mapping[str, Any] | None = None) -> Path:
+        """Write ``folder/trajectory.pt`` (and ``folder/spec.json`` when ``spec`` is given); returns the ``.pt`` path."""
+        target = Path(folder) / "trajectory.pt"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if spec is not None:
+            (target.parent / "spec.json").write_text(json.dumps(dict(spec), indent=1))
+        payload = {"format": TRAJECTORY_FORMAT, "every": self.every, "indices": self.indices,
+                   "checkpoints": {t: tuple(v) for t, v in self.checkpoints.items() if t < self.steps},
+                   "final": self.final}
+        tmp = target.with_suffix(".pt.tmp")
+        torch.save(payload, tmp)
+        os.replace(tmp, target)
+        return target
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> Trajectory:
+        """Read ``folder/trajectory.pt`` written by :meth:`save`."""
+        path = Path(folder) / "trajectory.pt"
+        with torch.serialization.safe_globals(SAFE_TYPES):
+            payload = torch.load(path, weights_only=True)
+        if not isinstance(payload, dict) or payload.get("format") != TRAJECTORY_FORMAT:
+            raise ValueError(f"Trajectory.load: {os.fspath(path)!r} is not a file written by Trajectory.save")
+        return cls(int(payload["every"]), {int(t): tuple(v) for t, v in payload["checkpoints"].items()},  # type: ignore[misc]
+                   list(payload["indices"]), payload["final"])
+
+
+TRAJECTORY_FORMAT = "ghostfunc.Trajectory/1"
+
+
+def _params_state(state: Any, where: str) -> tuple[Params, Any]:
+    if isinstance(state, TrainState):
+        params, opt_state = state.params, state.opt_state
+    elif isinstance(state, tuple) and len(state) == 2 and isinstance(state[0], Mapping):
+        params, opt_state = state
+    else:
+        raise TypeError(f"{where}: state must be a ghostfunc.TrainState or (params, opt_state); "
+                        f"got {type(state).__name__}")
+    return {k: v.detach() for k, v in params.items()}, opt_state
+
+
+def trajectory_replay(model_fn: Callable, optimizer: Optimizer, traj: Trajectory, splits: list[Batch],
+                      indices: list[Tensor], where: str) -> Replay:
+    """A :class:`Replay` from a recording, after checking that ``batches`` are the recorded ones."""
+    if len(splits) != traj.steps:
+        raise ValueError(f"{where}: batches must be the {traj.steps} batches the trajectory recorded; got {len(splits)}")
+    for t, (a, b) in enumerate(zip(indices, traj.indices, strict=True)):
+        if not torch.equal(a, b):
+            raise ValueError(f"{where}: batches[{t}] holds other dataset indices than the trajectory recorded "
+                             f"for step {t}")
+    missing = [t for t in range(0, traj.steps, traj.every) if t not in traj.checkpoints]
+    if missing:
+        raise ValueError(f"{where}: the trajectory lacks the checkpoints of steps {missing}")
+    for t in sorted(traj.checkpoints)[:2]:  # the initial update (no momentum buffer yet) and a later one
+        if t < traj.steps:
+            params, state = traj.checkpoints[t]
+            check_differentiable(optimizer, Step(params, state, mean_grad(model_fn, params, splits[t], where)), where)
+    return Replay(model_fn, optimizer, splits, indices, traj.checkpoints, traj.every, traj.final)

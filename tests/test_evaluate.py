@@ -1,0 +1,86 @@
+"""evaluate (tiny setting: it runs, the parts are consistent) and the attribute CLI on a recorded run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import ghostfunc
+from ghostfunc import _evaluate as E
+from ghostfunc.__main__ import main
+
+
+def test_evaluate_runs_tiny(tmp_path):
+    result = E.evaluate(models=("mlp", "logreg"), retrains=4, n_train=60, n_val=30, steps=4, per_val=3,
+                        random_draws=1, removal=(0.1, 0.2), out=tmp_path, log=None)
+    for model in ("mlp", "logreg"):
+        assert set(result.rows[model]) == set(E.METHODS)
+        for method, row in result.rows[model].items():
+            assert -1 <= row["lds"] <= 1 and 0 <= row["auroc"] <= 1
+            assert (method == "inrun2") == (row["lds_per_val"] != row["lds_per_val"])  # NaN only for order 2
+        assert set(result.removal[model]["noisy"]) == {*E.METHODS, "random"}
+        assert result.timing[model]["replay"] > 0
+    saved = json.loads((tmp_path / "evaluation.json").read_text())
+    assert saved["config"]["retrains"] == 4
+    assert (tmp_path / "evaluation.png").stat().st_size > 0
+    assert "group LDS" in result.table() and "replay" in result.table()
+
+
+def test_retrain_with_unit_weights_is_the_training_run():
+    data = E.digits(0, n_train=40, n_val=10)
+    params = E.init_params("mlp", 0)
+    opt = ghostfunc.sgd(0.5)
+    p, s = params, opt.init(params)
+    for _ in range(3):
+        g = torch.func.grad(lambda q: E.model_fn(q, data.train).mean())(p)
+        p, s = opt.update(g, s, p)
+    stacked = E.retrain(params, data.train, torch.ones(2, 40, dtype=E.DT), 3, 0.5)
+    assert all(torch.allclose(stacked[k][1], p[k], rtol=0, atol=1e-13) for k in p)
+
+
+def test_metrics_match_scipy_and_sklearn():
+    from scipy.stats import spearmanr
+    from sklearn.metrics import roc_auc_score
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(30, generator=g, dtype=E.DT), torch.randn(30, generator=g, dtype=E.DT)
+    assert E.spearman(a, b) == pytest.approx(spearmanr(a, b).statistic, abs=1e-12)
+    pos = torch.rand(30, generator=g) < 0.3
+    assert E.auroc(a, pos) == pytest.approx(roc_auc_score(pos.numpy(), a.numpy()), abs=1e-12)
+    w = E.subset_weights(10, 3, g)
+    assert torch.equal((w > 0).sum(1), torch.full((3,), 5)) and torch.allclose(w.sum(1), torch.full((3,), 10.0, dtype=E.DT))
+
+
+def test_evaluate_bad_input():
+    with pytest.raises(ValueError, match="evaluate: models must be a non-empty subset"):
+        E.evaluate(models=("cnn",), log=None)
+    with pytest.raises(ValueError, match="evaluate: retrains must be >= 3"):
+        E.evaluate(retrains=2, log=None)
+
+
+def test_attribute_cli_on_a_recorded_run(tmp_path, capsys):
+    """Record a minibatch run of the digits MLP with train_step, save it, attribute it from the command line."""
+    kwargs = {"model": "mlp", "seed": 1, "n_train": 30, "n_val": 10}
+    task = E.digits_task(**kwargs)
+    params, opt = E.init_params("mlp", 1), ghostfunc.sgd(0.3, 0.9)
+    step = ghostfunc.train_step(task["model_fn"], opt)
+    state = step.init(params)
+    traj = ghostfunc.Trajectory.start(state, every=2)
+    g = torch.Generator().manual_seed(2)
+    idx = [torch.randint(0, 30, (8,), generator=g) for _ in range(5)]  # rows recur across steps
+    val = {**task["val"], "index": torch.arange(10)}
+    for i in idx:
+        batch = {**{k: v[i] for k, v in task["dataset"].items()}, "index": i}
+        state, _ = step(state, batch, val)
+        traj.record(i, state)
+    spec = {"factory": "ghostfunc._evaluate:digits_task", "kwargs": kwargs,
+            "optimizer": {"name": "sgd", "lr": 0.3, "momentum": 0.9}}
+    traj.save(tmp_path / "run" / "trajectory", spec=spec)
+    assert main(["attribute", "--run", str(tmp_path / "run")]) == 0
+    assert "most harmful" in capsys.readouterr().out
+    saved = ghostfunc.DataValues.load(tmp_path / "run" / "trajectory" / "unrolled.pt")
+    direct = ghostfunc.unroll(task["model_fn"], opt, params, traj.batches(task["dataset"]), task["val"], size=30)
+    assert torch.allclose(saved.total, direct.total, rtol=1e-10, atol=1e-15)
+    assert torch.equal(saved.count, direct.count)

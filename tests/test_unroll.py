@@ -1,0 +1,245 @@
+"""unroll and graddot_direction: against torch.autograd through the whole unrolled loop, and a loop (float64)."""
+
+from __future__ import annotations
+
+import doctest
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import ghostfunc
+import ghostfunc._direction
+import ghostfunc._unroll
+
+DT = torch.float64
+
+
+def mlp_fn(p, batch):
+    h = torch.tanh(F.linear(batch["x"], p["w1"], p["b1"]))
+    return F.cross_entropy(F.linear(h, p["w2"], p["b2"]), batch["y"], reduction="none")
+
+
+def run(seed=0, n_data=7, steps=6, batch=4, d=3, hidden=5, classes=3, m=4):
+    """A tiny MLP, ``steps`` minibatches of ``batch`` rows drawn with replacement (samples recur), a val batch."""
+    g = torch.Generator().manual_seed(seed)
+    params = {"w1": torch.randn(hidden, d, generator=g, dtype=DT), "b1": 0.1 * torch.randn(hidden, generator=g, dtype=DT),
+              "w2": torch.randn(classes, hidden, generator=g, dtype=DT), "b2": torch.zeros(classes, dtype=DT)}
+    x, y = torch.randn(n_data, d, generator=g, dtype=DT), torch.randint(0, classes, (n_data,), generator=g)
+    batches = []
+    for _ in range(steps):
+        idx = torch.randint(0, n_data, (batch,), generator=g)
+        batches.append({"x": x[idx], "y": y[idx], "index": idx})
+    val = {"x": torch.randn(m, d, generator=g, dtype=DT), "y": torch.randint(0, classes, (m,), generator=g)}
+    return params, batches, val
+
+
+def autograd_unrolled(model_fn, optimizer, params, batches, val, n_data, per_step=False, per_val=False) -> Tensor:
+    """d L_val(θ_T) / d w by differentiating the whole training loop with torch.autograd (create_graph)."""
+    steps = len(batches)
+    w = torch.ones(steps if per_step else 1, n_data, dtype=DT, requires_grad=True)
+    theta = {k: v.clone().requires_grad_() for k, v in params.items()}
+    state = optimizer.init(theta)
+    for t, b in enumerate(batches):
+        weights = w[t if per_step else 0, b["index"]]
+        loss = (weights * model_fn(theta, b)).mean()
+        grads = torch.autograd.grad(loss, list(theta.values()), create_graph=True)
+        theta, state = optimizer.update(dict(zip(theta, grads, strict=True)), state, theta)
+    losses = model_fn(theta, val)
+    if per_val:
+        return torch.stack([torch.autograd.grad(v, w, retain_graph=True)[0][0] for v in losses], -1)  # [N, m]
+    (dw,) = torch.autograd.grad(losses.mean(), w)
+    return dw.T if per_step else dw[0]  # [N, T] or [N]
+
+
+def rel(a: Tensor, b: Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+OPTIMIZERS = {
+    "sgd": lambda: ghostfunc.sgd(0.3),
+    "sgd-momentum-wd": lambda: ghostfunc.sgd(0.2, 0.9, weight_decay=0.05),
+    "sgd-nesterov-dampening-schedule": lambda: ghostfunc.sgd(lambda c: 0.2 / (1 + c), 0.8, weight_decay=0.01,
+                                                             nesterov=True),
+    "sgd-dampening": lambda: ghostfunc.sgd(0.2, 0.7, dampening=0.3),
+    "adamw": lambda: ghostfunc.adamw(0.05, weight_decay=0.1),
+}
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_unroll_equals_autograd_through_the_loop(name):
+    params, batches, val = run()
+    opt = OPTIMIZERS[name]()
+    ref = autograd_unrolled(mlp_fn, opt, params, batches, val, 7)
+    out = ghostfunc.unroll(mlp_fn, opt, params, batches, val, checkpoint_every=1)
+    assert out.total.shape == (7,) and out.steps == len(batches)
+    assert rel(out.total, ref) < 1e-10
+    counts = torch.bincount(torch.cat([b["index"] for b in batches]), minlength=7)
+    assert torch.equal(out.count, counts)
+
+
+@pytest.mark.parametrize("every", [2, 4, 6, 10])
+def test_checkpointed_replay_equals_unsegmented(every):
+    params, batches, val = run(seed=1, steps=7)
+    opt = ghostfunc.sgd(0.2, 0.9, weight_decay=0.05)
+    whole = ghostfunc.unroll(mlp_fn, opt, params, batches, val, checkpoint_every=1)
+    seg = ghostfunc.unroll(mlp_fn, opt, params, batches, val, checkpoint_every=every)
+    assert rel(seg.total, whole.total) < 1e-12
+
+
+def test_per_step_values_sum_to_the_total_and_match_autograd():
+    params, batches, val = run(seed=2)
+    opt = ghostfunc.adamw(0.05)
+    out = ghostfunc.unroll(mlp_fn, opt, params, batches, val, per_step=True, checkpoint_every=3)
+    ref = autograd_unrolled(mlp_fn, opt, params, batches, val, 7, per_step=True)
+    assert out.total.shape == (7, len(batches))
+    assert rel(out.total, ref) < 1e-10
+    total = ghostfunc.unroll(mlp_fn, opt, params, batches, val).total
+    assert rel(out.total.sum(1), total) < 1e-12
+
+
+def test_per_validation_row_values_match_autograd():
+    params, batches, val = run(seed=3, steps=4)
+    opt = ghostfunc.sgd(0.2, 0.9)
+    out = ghostfunc.unroll(mlp_fn, opt, params, batches, val, val_reduce=None)
+    ref = autograd_unrolled(mlp_fn, opt, params, batches, val, 7, per_val=True)
+    assert out.total.shape == (7, 4)
+    assert rel(out.total, ref) < 1e-10
+    mean = ghostfunc.unroll(mlp_fn, opt, params, batches, val).total
+    assert rel(out.total.mean(1), mean) < 1e-12
+
+
+def test_kernel_scores_equal_jvp_scores():
+    params, batches, val = run(seed=4, steps=4)
+    opt = ghostfunc.adamw(0.05)
+    a = ghostfunc.unroll(mlp_fn, opt, params, batches, val, via="jvp")
+    b = ghostfunc.unroll(mlp_fn, opt, params, batches, val, via="kernels")
+    assert rel(a.total, b.total) < 1e-10
+
+
+def test_plain_sgd_is_the_design_recursion():
+    """Full-batch SGD on least squares: the values are −(η/n)·Σ_t <g_i(θ_t), v_{t+1}>, v_t = (I − ηH) v_{t+1}."""
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(6, 3, generator=g, dtype=DT), torch.randn(6, generator=g, dtype=DT)
+    fn = lambda p, b: 0.5 * (b["x"] @ p["w"] - b["y"]) ** 2  # noqa: E731
+    lr, steps = 0.1, 5
+    batch = {"x": x, "y": y, "index": torch.arange(6)}
+    theta = [torch.zeros(3, dtype=DT)]
+    for _ in range(steps):
+        theta.append(theta[-1] - lr * x.T @ (x @ theta[-1] - y) / 6)
+    H = x.T @ x / 6
+    v = x[:2].T @ (x[:2] @ theta[-1] - y[:2]) / 2  # val = the first two rows
+    expect = torch.zeros(6, dtype=DT)
+    for t in reversed(range(steps)):
+        expect += -(lr / 6) * ((x @ theta[t] - y)[:, None] * x) @ v
+        v = v - lr * H @ v
+    out = ghostfunc.unroll(fn, ghostfunc.sgd(lr), {"w": theta[0]}, [batch] * steps, {"x": x[:2], "y": y[:2]})
+    assert rel(out.total, expect) < 1e-12
+
+
+# ---------------------------------------------------------------- scores against a direction
+
+
+@pytest.mark.parametrize("policy", ["auto", "contract", "materialize"])
+def test_graddot_direction_equals_the_loop(policy):
+    params, batches, _ = run(seed=6)
+    b = batches[0]
+    g = torch.Generator().manual_seed(7)
+    u = {k: torch.randn(v.shape, generator=g, dtype=DT) for k, v in params.items()}
+    out = ghostfunc.graddot_direction(mlp_fn, params, b, u, policy=policy)
+    ref = []
+    for i in range(len(b["index"])):
+        gi = torch.func.grad(lambda p, i=i: mlp_fn(p, {k: v[i:i + 1] for k, v in b.items()}).sum())(params)
+        ref.append(sum((gi[k] * u[k]).sum() for k in params))
+    assert rel(out.scores, torch.stack(ref)) < 1e-10
+    assert rel(sum(out.per_param.values()), out.scores) < 1e-12
+    mean = torch.func.grad(lambda p: mlp_fn(p, b).mean())(params)
+    assert all(rel(out.train_grad[k], mean[k]) < 1e-12 for k in params)
+    assert out.plan.n_val == 0 and "ghost" not in out.plan.counts()
+
+
+def test_graddot_direction_bad_direction():
+    params, batches, _ = run()
+    b = batches[0]
+    u = {k: torch.zeros_like(v) for k, v in params.items()}
+    with pytest.raises(ValueError, match=r"graddot_direction: direction must have the keys of params; missing \['b2'\]"):
+        ghostfunc.graddot_direction(mlp_fn, params, b, {k: v for k, v in u.items() if k != "b2"})
+    with pytest.raises(ValueError, match=r"graddot_direction: direction\['w1'\] must have the shape"):
+        ghostfunc.graddot_direction(mlp_fn, params, b, {**u, "w1": torch.zeros(2, dtype=DT)})
+    with pytest.raises(TypeError, match=r"graddot_direction: direction\['w1'\] must have the dtype"):
+        ghostfunc.graddot_direction(mlp_fn, params, b, {**u, "w1": u["w1"].float()})
+    with pytest.raises(TypeError, match="graddot_direction: direction must be a dict"):
+        ghostfunc.graddot_direction(mlp_fn, params, b, [u["w1"]])
+    with pytest.raises(ValueError, match="graddot_direction: policy must be one of"):
+        ghostfunc.graddot_direction(mlp_fn, params, b, u, policy="ghost")
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_unroll_bad_input():
+    params, batches, val = run(steps=2)
+    opt = ghostfunc.sgd(0.1)
+    no_index = [{k: v for k, v in b.items() if k != "index"} for b in batches]
+    with pytest.raises(ValueError, match=r"unroll: batches\[0\] must be a dict holding the rows' dataset indices"):
+        ghostfunc.unroll(mlp_fn, opt, params, no_index, val)
+    with pytest.raises(ValueError, match=r"unroll: batches\[1\]\['index'\] must be a 1-D integer tensor"):
+        ghostfunc.unroll(mlp_fn, opt, params, [batches[0], {**batches[1], "index": batches[1]["x"]}], val)
+    with pytest.raises(TypeError, match="unroll: batches must be a non-empty list"):
+        ghostfunc.unroll(mlp_fn, opt, params, batches[0], val)
+    with pytest.raises(ValueError, match="unroll: val must be a batch dict with the keys of the training batches"):
+        ghostfunc.unroll(mlp_fn, opt, params, batches, (val["x"], val["y"]))
+    with pytest.raises(ValueError, match="unroll: val must be a batch dict"):
+        ghostfunc.unroll(mlp_fn, opt, params, batches, {"x": val["x"]})
+    with pytest.raises(TypeError, match="unroll: optimizer must be a ghostfunc.Optimizer"):
+        ghostfunc.unroll(mlp_fn, torch.optim.SGD, params, batches, val)
+    with pytest.raises(ValueError, match="unroll: checkpoint_every must be a positive int"):
+        ghostfunc.unroll(mlp_fn, opt, params, batches, val, checkpoint_every=0)
+    with pytest.raises(ValueError, match="unroll: size must be an int larger than every dataset index"):
+        ghostfunc.unroll(mlp_fn, opt, params, batches, val, size=3)
+
+
+def test_unroll_refuses_an_update_it_cannot_differentiate():
+    params, batches, val = run(steps=2)
+    sgd = ghostfunc.sgd(0.1)
+
+    def update(grads, state, p):
+        new, state = sgd.update({k: v.detach() for k, v in grads.items()}, state, p)
+        return new, state
+
+    detached = sgd._replace(update=update, name="detached-sgd")
+    with pytest.raises(TypeError, match="unroll: optimizer 'detached-sgd' cannot be differentiated through"):
+        ghostfunc.unroll(mlp_fn, detached, params, batches, val)
+
+
+@pytest.mark.parametrize("module", [ghostfunc._direction, ghostfunc._unroll])
+def test_docstring_examples(module):
+    result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0
+
+
+# ---------------------------------------------------------------- a recorded run
+
+
+def test_trajectory_recorded_with_train_step_replays_to_the_same_values(tmp_path):
+    params, batches, val = run(seed=8, steps=7)
+    opt = ghostfunc.sgd(0.2, 0.9, weight_decay=0.05)
+    step = ghostfunc.train_step(mlp_fn, opt)
+    state = step.init(params)
+    traj = ghostfunc.Trajectory.start(state, every=3)
+    val_indexed = {**val, "index": torch.arange(4)}  # train_step wants val shaped like train
+    for b in batches:
+        state, _ = step(state, b, val_indexed)
+        traj.record(b["index"], state)
+    assert sorted(traj.checkpoints) == [0, 3, 6] and traj.steps == 7
+    traj.save(tmp_path)
+    loaded = ghostfunc.Trajectory.load(tmp_path)
+    ref = autograd_unrolled(mlp_fn, opt, params, batches, val, 7)
+    for t in (traj, loaded):
+        out = ghostfunc.unroll(mlp_fn, opt, t, batches, val)
+        assert rel(out.total, ref) < 1e-10
+    with pytest.raises(ValueError, match="unroll: batches must be the 7 batches the trajectory recorded"):
+        ghostfunc.unroll(mlp_fn, opt, traj, batches[:6], val)
+    with pytest.raises(ValueError, match=r"unroll: batches\[1\] holds other dataset indices"):
+        ghostfunc.unroll(mlp_fn, opt, traj, [batches[0], batches[2], *batches[2:]], val)
