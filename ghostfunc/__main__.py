@@ -1,9 +1,12 @@
-"""``python -m ghostfunc [check|demo]``.
+"""``python -m ghostfunc [check|demo|train|select]``.
 
 - ``check`` (the default): scores a tiny GPT-2 built from a config (no download),
   prints the scores, the plan, and their agreement with a loop of single-sample
   backward passes.
 - ``demo``: trains with data values on embedded data (see ``ghostfunc._demo``).
+- ``train``: trains a language model on a corpus and values every training chunk
+  (see ``ghostfunc._run``; ``python -m ghostfunc train --help``).
+- ``select``: retrains on halves picked by a train run's values (``ghostfunc._run.select``).
 """
 
 from __future__ import annotations
@@ -59,9 +62,14 @@ def check(seed: int = 0, n_train: int = 8, n_val: int = 4, seq_len: int = 32) ->
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ("train", "select"):  # their own options and --help (ghostfunc._run)
+        from ._run import select, train
+
+        return (train.main if argv[0] == "train" else select.main)(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m ghostfunc", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", nargs="?", default="check", choices=("check", "demo"))
+    parser.add_argument("command", nargs="?", default="check", choices=("check", "demo", "train", "select"))
     args, rest = parser.parse_known_args(argv)
     if args.command == "demo":
         from ._demo import main as demo_main
