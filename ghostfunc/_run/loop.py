@@ -173,10 +173,12 @@ def prepare(cfg: dict[str, Any]) -> Setup:
         raise UsageError(f"--token-dtype: expected one of {', '.join(data_mod.TOKEN_DTYPES)}; got {cfg['token_dtype']!r}")
     cache = Path(cfg["out"]).resolve().parent / ".ghostfunc-cache"
     seq_len = cfg["seq_len"]
+    models.check_seq_len(models.config_of(cfg["model"], cfg["size"]), seq_len)  # before reading any data
     if cfg["train"] == "stdlib":
         if cfg["val"] not in ("stdlib", ""):
             raise UsageError(f"--val: expected 'stdlib' with --train stdlib (the --target package); got {cfg['val']!r}")
-        train, val, test = data_mod.load_stdlib(cfg["target"], seq_len=seq_len, cache=cache)
+        train, val, held = data_mod.load_stdlib(cfg["target"], seq_len=seq_len, cache=cache)
+        test: Corpus | None = held
     else:
         if cfg["val"] in ("stdlib", ""):
             raise UsageError("--val: expected a token file, folder, glob or text file to score against (with your own --train)")

@@ -43,7 +43,7 @@ def dtype(name: str, option: str, table: dict[str, Any]) -> Any:
 
 
 def preset_config(family: str, size: str, vocab: int) -> Any:
-    """A ``transformers`` config for ``family`` at ``size`` with ``vocab`` tokens."""
+    """A ``transformers`` config for ``family`` at ``size`` with ``vocab`` tokens (GPT-NeoX: rotary on a quarter of each head, its default)."""
     import transformers as tf
 
     if family not in SHAPES:
@@ -51,17 +51,16 @@ def preset_config(family: str, size: str, vocab: int) -> Any:
     if size not in SHAPES[family]:
         raise UsageError(f"--size: expected one of {', '.join(SIZES)}; got {size!r}")
     d, layers, heads, kv, mlp, pos = SHAPES[family][size]
-    special = {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0}
     if family == "gpt2":
         return tf.GPT2Config(vocab_size=vocab, n_embd=d, n_layer=layers, n_head=heads, n_inner=mlp, n_positions=pos,
-                             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **special)
+                             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, pad_token_id=0)
     if family == "llama":
         return tf.LlamaConfig(vocab_size=vocab, hidden_size=d, num_hidden_layers=layers, num_attention_heads=heads,
                               num_key_value_heads=kv, intermediate_size=mlp, max_position_embeddings=pos,
-                              tie_word_embeddings=True, attention_dropout=0.0, **special)
+                              tie_word_embeddings=True, attention_dropout=0.0, bos_token_id=0, eos_token_id=0, pad_token_id=0)
     return tf.GPTNeoXConfig(vocab_size=vocab, hidden_size=d, num_hidden_layers=layers, num_attention_heads=heads,
-                            intermediate_size=mlp, max_position_embeddings=pos, rotary_pct=0.25,
-                            hidden_dropout=0.0, attention_dropout=0.0, **special)
+                            intermediate_size=mlp, max_position_embeddings=pos,
+                            hidden_dropout=0.0, attention_dropout=0.0, bos_token_id=0, eos_token_id=0, pad_token_id=0)
 
 
 def positions(config: Any) -> int | None:
@@ -101,7 +100,25 @@ def build(model: str, size: str, *, vocab: int, seq_len: int, param_dtype: torch
         config = preset_config(model, size, vocab)
         torch.manual_seed(seed)
         net = tf.AutoModelForCausalLM.from_config(config).to(param_dtype)
+    check_seq_len(config, seq_len)
+    return net.eval()
+
+
+def check_seq_len(config: Any, seq_len: int) -> None:
+    """Refuse chunks longer than the model's positions."""
     limit = positions(config)
     if limit is not None and seq_len > limit:
         raise UsageError(f"--seq-len: expected at most {limit} (the model's positions); got {seq_len}")
-    return net.eval()
+
+
+def config_of(model: str, size: str) -> Any:
+    """The model's config without building the model (a preset's, or a local folder's ``config.json``)."""
+    import transformers as tf
+
+    if not Path(model).is_dir():
+        return preset_config(model, size, 256)
+    try:
+        return tf.AutoConfig.from_pretrained(model, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--model: expected a local Hugging Face causal-LM folder (config.json and weights); "
+                         f"{model!r}: {str(exc).splitlines()[0]}") from None

@@ -93,7 +93,7 @@ def figure(path: Path, metrics: list[dict[str, Any]], sources: list[dict[str, An
     box = [s["source"] for s in sources if len(by_source[s["source"]]) >= 5][:6]
     box += [s["source"] for s in sources[::-1] if len(by_source[s["source"]]) >= 5 and s["source"] not in box][:6]
     if box:
-        ax[1, 1].boxplot([by_source[s] for s in box], vert=False, showfliers=False)
+        ax[1, 1].boxplot([by_source[s] for s in box], showfliers=False, orientation="horizontal")
         ax[1, 1].set_yticks(range(1, len(box) + 1), box, fontsize=7)
     ax[1, 1].axvline(0, color="k", lw=0.8)
     ax[1, 1].set(xlabel="value per chunk", title="value distribution per source (best and worst, >= 5 chunks seen)")
@@ -117,8 +117,8 @@ def write(out: Path, cfg: dict[str, Any], train: Corpus, table: dict[str, np.nda
     metrics = read_metrics(out)
     target = cfg["target"] if cfg["train"] == "stdlib" else cfg["val"]
     last = metrics[-1] if metrics else {}
-    first_eval = next((m for m in metrics if "val_loss" in m), {})
-    last_eval = next((m for m in reversed(metrics) if "val_loss" in m), {})
+    first_eval: dict[str, Any] = next((m for m in metrics if "val_loss" in m), {})
+    last_eval: dict[str, Any] = next((m for m in reversed(metrics) if "val_loss" in m), {})
     speed = [m["tokens_per_s"] for m in metrics if "tokens_per_s" in m]
     order = np.argsort(-table["value"])
     seen = order[table["times_seen"][order] > 0]
@@ -143,7 +143,7 @@ def write(out: Path, cfg: dict[str, Any], train: Corpus, table: dict[str, np.nda
             continue
         lines.append(f"| {k} | `{s['source']}` | {s['chunks_seen']} | {s['value']:.3g} | {s['value_per_chunk']:.3g} | "
                      f"{s['mean_loss']:.3f} |")
-    for title, picks in (("Most helpful chunks", seen[:TOP]), ("Most harmful chunks", seen[::-1][:TOP])):
+    for title, picks in (("Most helpful chunks", seen[:TOP]), ("Lowest-valued chunks (harmful where negative)", seen[::-1][:TOP])):
         lines += ["", f"## {title}", ""]
         for i in picks.tolist():
             lines += [f"**chunk {i}** `{train.sources[train.source[i]]}`: value {table['value'][i]:.3g}, "
@@ -158,6 +158,6 @@ def write(out: Path, cfg: dict[str, Any], train: Corpus, table: dict[str, np.nda
         f"ghostfunc train: {last.get('step', 0)} steps in {last.get('seconds', 0):.0f} s, "
         f"validation loss {first_eval.get('val_loss', float('nan')):.3f} -> {last_eval.get('val_loss', float('nan')):.3f} on {target}",
         f"  most helpful sources for {target}: {top}",
-        f"  most harmful sources for {target}: {bottom}",
+        f"  lowest-valued sources (harmful where negative): {bottom}",
         f"  wrote {out}/values.pt, metrics.jsonl, values.csv ({len(rows):,} chunks), sources.csv, report.md, report.png",
     ])
