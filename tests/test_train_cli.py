@@ -215,3 +215,37 @@ def test_many_processes_refused_without_group_support(corpus: dict[str, Path], t
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(_args(corpus, tmp_path / "d", "--steps", "2")) == 2
     assert "torchrun: WORLD_SIZE=2 needs ghostfunc.train_step(..., group=)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["llama", "neox"])
+def test_other_families_train(family: str, corpus: dict[str, Path], tmp_path: Path) -> None:
+    assert main(_args(corpus, tmp_path / family, "--model", family, "--steps", "2", "--seq-len", "16")) == 0
+    values = ghostfunc.DataValues.load(tmp_path / family / "values.pt")
+    assert isinstance(values, ghostfunc.DataValues) and int(values.count.sum()) == 8
+    assert bool(torch.isfinite(values.total).all())
+
+
+def test_small_presets_are_the_real_small_shapes() -> None:
+    import transformers
+
+    from ghostfunc._run import models
+
+    def count(family: str, vocab: int) -> int:
+        with torch.device("meta"):
+            net = transformers.AutoModelForCausalLM.from_config(models.preset_config(family, "small", vocab))
+        return sum(p.numel() for p in net.parameters())
+
+    assert count("gpt2", 50257) == 124_439_808  # GPT-2 small
+    assert count("neox", 50304) == 162_322_944  # Pythia-160M
+    assert count("llama", 49152) == 134_515_008  # SmolLM-135M
+
+
+def test_benchmark_tiny(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT))
+    if not str(getattr(sys.modules.get("benchmarks"), "__file__", ROOT)).startswith(str(ROOT)):
+        del sys.modules["benchmarks"]  # opacus installs an unrelated top-level ``benchmarks``
+    from benchmarks import train_run
+
+    got = train_run.main(["--tiny", "--threads", "1", "--out", str(tmp_path)])
+    assert set(got["ratios"]) == {"values none", "order 1", "order 2"} and got["ratios"]["values none"] == 1.0
+    assert (tmp_path / "train_run_tiny.json").is_file() and (tmp_path / "train_run_tiny.md").is_file()
