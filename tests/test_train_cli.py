@@ -93,7 +93,7 @@ def test_run_writes_values_metrics_and_report(corpus: dict[str, Path], tmp_path:
 
 def test_resume_equals_uninterrupted(corpus: dict[str, Path], tmp_path: Path) -> None:
     """A run stopped after step 8 and resumed to 12 ends with the values and parameters of a 12-step run."""
-    common = ("--steps", "12", "--save-every", "5", "--order", "2")
+    common = ("--steps", "12", "--save-every", "5", "--order", "2", "--record-every", "4")
     assert main(_args(corpus, tmp_path / "whole", *common)) == 0
     assert main(_args(corpus, tmp_path / "cut", *common, "--stop-at", "8")) == 0
     _, mid = ghostfunc.DataValues.load(tmp_path / "cut" / "values.pt", with_state=True)  # type: ignore[misc]
@@ -107,6 +107,16 @@ def test_resume_equals_uninterrupted(corpus: dict[str, Path], tmp_path: Path) ->
         assert torch.equal(p, sb["train"].params[k]), k
     steps = [json.loads(ln)["step"] for ln in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)) and steps[-1] == 12  # nothing logged twice
+    safe = [ghostfunc.TrainState, ghostfunc.AdamWState, ghostfunc.SGDState]
+    with torch.serialization.safe_globals(safe):  # the trajectory a replay reads: the same either way
+        ta, tb = (torch.load(tmp_path / d / "trajectory" / "batches.pt", weights_only=True) for d in ("whole", "cut"))
+        names = sorted(p.name for p in (tmp_path / "cut" / "trajectory").iterdir())
+        ckpt = torch.load(tmp_path / "cut" / "trajectory" / "step-000008.pt", weights_only=True)
+    assert names == ["batches.pt", "step-000000.pt", "step-000004.pt", "step-000008.pt", "step-000012.pt"]
+    assert ta["train"].shape == (12, 4) and all(torch.equal(ta[k], tb[k]) for k in ("train", "val", "lr"))
+    assert torch.equal(torch.bincount(ta["train"].flatten(), minlength=len(a)), a.count)
+    assert ckpt["state"].step == 8  # the state before step 8 runs, as the interrupted run saved it
+    assert all(torch.equal(p, mid["train"].params[k]) for k, p in ckpt["state"].params.items())
 
 
 def _bad_inputs(c: dict[str, Path], tmp: Path) -> list[tuple[list[str], str]]:

@@ -44,7 +44,7 @@ Params = dict[str, Tensor]
 COLUMNS = ("phi", "phi_first_order", "train_loss")
 #: Options that do not change the trajectory: a resumed run may differ in these.
 FREE_KEYS = frozenset({"out", "resume", "stop_at", "save_every", "progress", "config", "log_every", "eval_every",
-                       "record_every"})
+                       "threads"})
 
 
 @dataclass(frozen=True)
@@ -247,6 +247,54 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+#: The format tag of the files under ``out/trajectory/`` (``--record-every``).
+TRAJECTORY = "ghostfunc.trajectory/1"
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file, then rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class Trajectory:
+    """``--record-every K``: what a later replay needs to attribute the run, under ``out/trajectory/``.
+
+    - ``step-SSSSSS.pt``: ``{"format", "state"}`` with the :class:`ghostfunc.TrainState` *before*
+      step ``SSSSSS`` runs (after ``SSSSSS`` updates): at step 0, every ``K`` steps and at the end;
+    - ``batches.pt``: ``{"format", "train": [S, B] int64, "val": [S, m] int64, "lr": [S] float64}``,
+      the global batch of chunk indices, the validation batch and the learning rate of each of the
+      ``S`` steps done, rewritten with each checkpoint.
+
+    All files load with ``torch.load(..., weights_only=True)`` inside
+    ``torch.serialization.safe_globals([TrainState, AdamWState, SGDState])``.
+    """
+
+    def __init__(self, out: Path, every: int, start: int) -> None:
+        self.folder, self.every = out / "trajectory", every
+        self.train: list[Tensor] = []
+        self.val: list[Tensor] = []
+        self.lr: list[float] = []
+        old = self.folder / "batches.pt"
+        if start and old.is_file():  # resuming: keep the steps done before the last save
+            with torch.serialization.safe_globals([ghostfunc.TrainState, ghostfunc.AdamWState, ghostfunc.SGDState]):
+                got = torch.load(old, weights_only=True)
+            self.train, self.val, self.lr = list(got["train"][:start]), list(got["val"][:start]), got["lr"][:start].tolist()
+
+    def step(self, train: Tensor, val: Tensor, lr: float) -> None:
+        self.train.append(train)
+        self.val.append(val)
+        self.lr.append(lr)
+
+    def checkpoint(self, state: ghostfunc.TrainState) -> None:
+        save_atomic({"format": TRAJECTORY, "state": state}, self.folder / f"step-{state.step:06d}.pt")
+        stack = lambda xs: torch.stack(xs) if xs else torch.zeros(0, 0, dtype=torch.int64)  # noqa: E731
+        save_atomic({"format": TRAJECTORY, "train": stack(self.train), "val": stack(self.val),
+                     "lr": torch.tensor(self.lr, dtype=torch.float64)}, self.folder / "batches.pt")
+
+
 def save(values: ghostfunc.DataValues, path: Path, state: ghostfunc.TrainState, cfg: dict[str, Any], par: Dist) -> None:
     """``values.pt`` with the training state and the trajectory-fixing options (collective with many processes)."""
     payload = {"train": state, "config": fingerprint(cfg)}
@@ -309,6 +357,10 @@ def run(setup: Setup, par: Dist, *, pool: Tensor | None = None, quiet: bool = Fa
                 fh.write(json.dumps(record) + "\n")
 
     stop = min(cfg["steps"], cfg["stop_at"] or cfg["steps"])
+    record = cfg["record_every"] and par.rank == 0 and save_values
+    trajectory = Trajectory(out, cfg["record_every"], state.step) if record else None
+    if trajectory is not None and state.step == 0:
+        trajectory.checkpoint(state)
     n_pool = len(pool) if pool is not None else len(setup.train)
     tokens_per_step = cfg["batch_size"] * cfg["seq_len"]
     bar = None
@@ -328,8 +380,9 @@ def run(setup: Setup, par: Dist, *, pool: Tensor | None = None, quiet: bool = Fa
     try:
         while state.step < stop:
             s = state.step
-            rows = par.rows(batch_indices(n_pool, cfg["batch_size"], cfg["seed"], s, pool))
-            vrows = par.rows(val_indices(len(setup.val), cfg["val_batch_size"], s, cfg["val_batch"] == "rotating"))
+            every = batch_indices(n_pool, cfg["batch_size"], cfg["seed"], s, pool)
+            every_val = val_indices(len(setup.val), cfg["val_batch_size"], s, cfg["val_batch"] == "rotating")
+            rows, vrows = par.rows(every), par.rows(every_val)
             train = {"input_ids": setup.train.batch(rows).to(setup.device)}
             lr = setup.opt.lr(state.opt_state)
             if step_fn is not None:
@@ -362,6 +415,10 @@ def run(setup: Setup, par: Dist, *, pool: Tensor | None = None, quiet: bool = Fa
                 t_win, seen_loss, n_win = time.perf_counter(), 0.0, 0
             if bar is not None:
                 bar.update(1)
+            if trajectory is not None:
+                trajectory.step(every, every_val, lr)
+                if done % trajectory.every == 0 or done == stop:
+                    trajectory.checkpoint(state)
             if save_values and cfg["save_every"] and done % cfg["save_every"] == 0 and done < stop:
                 save(values, values_path, state, cfg, par)
     finally:
