@@ -357,8 +357,8 @@ def run(setup: Setup, par: Dist, *, pool: Tensor | None = None, quiet: bool = Fa
                 fh.write(json.dumps(record) + "\n")
 
     stop = min(cfg["steps"], cfg["stop_at"] or cfg["steps"])
-    record = cfg["record_every"] and par.rank == 0 and save_values
-    trajectory = Trajectory(out, cfg["record_every"], state.step) if record else None
+    recording = bool(cfg["record_every"]) and par.rank == 0 and save_values
+    trajectory = Trajectory(out, cfg["record_every"], state.step) if recording else None
     if trajectory is not None and state.step == 0:
         trajectory.checkpoint(state)
     n_pool = len(pool) if pool is not None else len(setup.train)
