@@ -1,4 +1,4 @@
-"""``python -m ghostfunc [check|demo]``.
+"""``python -m ghostfunc [check|demo|train|select]``.
 
 - ``check`` (the default): scores a tiny GPT-2 built from a config (no download),
   prints the scores, the plan, and their agreement with a loop of single-sample
@@ -7,6 +7,9 @@
 - ``evaluate``: LDS, noisy-label AUROC and removal curves of every attribution
   method on scikit-learn's digits (see ``ghostfunc._evaluate``; ``evaluate --help``).
 - ``attribute --run DIR``: unrolled values of a recorded run (see ``ghostfunc._attribute``).
+- ``train``: trains a language model on a corpus and values every training chunk
+  (see ``ghostfunc._run``; ``python -m ghostfunc train --help``).
+- ``select``: retrains on halves picked by a train run's values (``ghostfunc._run.select``).
 """
 
 from __future__ import annotations
@@ -62,18 +65,20 @@ def check(seed: int = 0, n_train: int = 8, n_val: int = 4, seq_len: int = 32) ->
 
 
 #: Subcommands with parsers of their own: ``python -m ghostfunc NAME --help``.
-SUBCOMMANDS = {"evaluate": "._evaluate", "attribute": "._attribute"}
+SUBCOMMANDS = {"evaluate": "._evaluate", "attribute": "._attribute", "train": "._run.train",
+               "select": "._run.select"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     given = list(sys.argv[1:] if argv is None else argv)
-    if given and given[0] in SUBCOMMANDS:
+    if given and given[0] in SUBCOMMANDS:  # their own options and --help
         import importlib
 
         return importlib.import_module(SUBCOMMANDS[given[0]], __package__).main(given[1:])
+    argv = given
     parser = argparse.ArgumentParser(prog="python -m ghostfunc", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", nargs="?", default="check", choices=("check", "demo"))
+    parser.add_argument("command", nargs="?", default="check", choices=("check", "demo", *SUBCOMMANDS))
     args, rest = parser.parse_known_args(argv)
     if args.command == "demo":
         from ._demo import main as demo_main

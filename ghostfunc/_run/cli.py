@@ -1,0 +1,139 @@
+"""Options of ``ghostfunc train`` / ``ghostfunc select``: one table, read from the command line and ``--config FILE`` (TOML).
+
+Precedence: command line > config file > default. A config file holds the same
+keys as the options (``batch-size`` or ``batch_size``); an unknown key or a value
+of the wrong type is an error naming the key. Every error about input is one line
+``ghostfunc <command>: error: ...`` on stderr and exit code 2, before anything is
+written to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .data import UsageError
+
+#: name -> (default, help). The type of the default is the option's type.
+TRAIN_OPTIONS: dict[str, tuple[Any, str]] = {
+    "config": ("", "TOML file with any of these options (dashes or underscores); the command line wins"),
+    "out": ("runs/train", "output folder: values.pt, metrics.jsonl, values.csv, sources.csv, report.md, report.png"),
+    "resume": (False, "continue the run in --out from its values.pt (same options required)"),
+    "train": ("stdlib", "training data: 'stdlib' (Python's standard library), a token file *.bin, a folder, a glob or a text file"),
+    "val": ("stdlib", "validation data (scored against): 'stdlib' (the --target package) or as --train"),
+    "test": ("", "held-out data for the curves and 'ghostfunc select' (stdlib: the other half of --target)"),
+    "target": ("email", "with stdlib data: the standard-library package held out as the target domain (email, asyncio, ...)"),
+    "token_dtype": ("uint16", "dtype of *.bin token files: uint16 or uint32"),
+    "vocab_size": (0, "model vocabulary; 0: from the data (256 for text, the largest id + 1 rounded up to 64 for token files)"),
+    "val_limit": (256, "at most this many validation (and test) chunks, spread evenly; 0: all"),
+    "seq_len": (128, "tokens per chunk (one chunk = one sample = one value)"),
+    "model": ("gpt2", "gpt2, llama, neox, or a local Hugging Face folder (loaded offline)"),
+    "size": ("tiny", "preset size: tiny, mini, small (small = GPT-2 small / Pythia-160M / SmolLM-135M shapes)"),
+    "dtype": ("float32", "parameter dtype: float32, bfloat16, float16"),
+    "autocast": ("none", "forward under torch.autocast: none, bfloat16, float16"),
+    "device": ("auto", "auto (cuda if available), cpu, cuda"),
+    "seed": (0, "seeds the initialisation and the batch order"),
+    "steps": (300, "training steps"),
+    "batch_size": (16, "training chunks per step (all processes together)"),
+    "val_batch_size": (16, "validation chunks per step the values are computed against"),
+    "val_batch": ("rotating", "fixed (the same first chunks every step) or rotating (through the validation set)"),
+    "eval_every": (50, "evaluate the loss on the whole validation (and test) set every this many steps"),
+    "eval_batch_size": (64, "chunks per forward when evaluating"),
+    "log_every": (10, "write a metrics.jsonl record every this many steps"),
+    "save_every": (100, "save values.pt (values + training state, atomically) every this many steps; 0: at the end only"),
+    "stop_at": (0, "stop after this step as if interrupted (resume later with --resume); 0: run all --steps"),
+    "optimizer": ("adamw", "adamw or sgd"),
+    "lr": (2e-3, "peak learning rate"),
+    "min_lr_ratio": (0.1, "the cosine schedule ends at lr * this"),
+    "warmup": (20, "linear warmup steps"),
+    "weight_decay": (0.1, "weight decay (decoupled for adamw)"),
+    "momentum": (0.0, "sgd momentum"),
+    "values": ("shapley", "shapley (In-Run Data Shapley per chunk) or none (plain training, the throughput baseline)"),
+    "order": (1, "order of the values: 1 or 2"),
+    "precondition": (False, "optimizer-aware first-order values (Adam's preconditioner)"),
+    "progress": (True, "show a progress bar"),
+    "threads": (0, "torch.set_num_threads; 0: torch's default"),
+    "record_every": (0, "save the training state every this many steps and each step's batch indices under "
+                        "OUT/trajectory/ (for a later replay); 0: off"),
+}
+CHOICES = {"token_dtype": ("uint16", "uint32"), "size": ("tiny", "mini", "small"), "dtype": ("float32", "bfloat16", "float16"),
+           "autocast": ("none", "bfloat16", "float16"), "device": ("auto", "cpu", "cuda"), "val_batch": ("fixed", "rotating"),
+           "optimizer": ("adamw", "sgd"), "values": ("shapley", "none"), "order": (1, 2)}
+
+SELECT_OPTIONS: dict[str, tuple[Any, str]] = {
+    "config": ("", "TOML file with any of these options"),
+    "run": ("runs/train", "the folder of a finished 'ghostfunc train' run"),
+    "out": ("", "where to write select.json and select.md; default: RUN/select"),
+    "seeds": (3, "retrain each half with this many seeds"),
+    "fraction": (0.5, "the share of the run's seen chunks each retraining keeps"),
+    "steps": (0, "retraining steps; 0: the run's own"),
+    "progress": (True, "show a progress bar"),
+    "threads": (0, "torch.set_num_threads; 0: torch's default"),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # one line, exit code 2 (argparse's own convention)
+        raise UsageError(message)
+
+
+def parser(prog: str, options: dict[str, tuple[Any, str]], doc: str) -> argparse.ArgumentParser:
+    """An argparse parser for ``options`` whose ``--help`` shows every default; unset options stay unset."""
+    p = _Parser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+                argument_default=argparse.SUPPRESS)
+    for name, (default, text) in options.items():
+        flag = "--" + name.replace("_", "-")
+        help_text = f"{text} (default: {default!r})"
+        if isinstance(default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            p.add_argument(flag, type=type(default), choices=CHOICES.get(name), help=help_text, metavar=name.upper())
+    return p
+
+
+def _toml(path: str) -> dict[str, Any]:
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise UsageError(f"--config: expected an existing TOML file; {path!r} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"--config: expected TOML; {path!r}: {exc}") from None
+
+
+def options(prog: str, table: dict[str, tuple[Any, str]], doc: str, argv: Sequence[str]) -> dict[str, Any]:
+    """Defaults, then ``--config`` keys, then the command line: every option of ``table`` by its underscore name."""
+    given = vars(parser(prog, table, doc).parse_args(list(argv)))
+    cfg = {k: d for k, (d, _) in table.items()}
+    path = given.get("config", "")
+    if path:
+        for key, value in _toml(path).items():
+            name = key.replace("-", "_")
+            if name not in table or name == "config":
+                raise UsageError(f"--config: {path!r} has an unknown key {key!r}; expected one of the options of --help")
+            default = table[name][0]
+            ok = isinstance(value, type(default)) and not (isinstance(value, bool) and not isinstance(default, bool))
+            ok = ok or (isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool))
+            if not ok or (name in CHOICES and value not in CHOICES[name]):
+                want = f"one of {CHOICES[name]}" if name in CHOICES else type(default).__name__
+                raise UsageError(f"--config: key {key!r} expected {want}; got {value!r}")
+            cfg[name] = float(value) if isinstance(default, float) else value
+    cfg.update(given)
+    cfg["config"] = path
+    return cfg
+
+
+def check_out(out: Path, resume: bool) -> None:
+    """A fresh run needs an empty or new ``--out``; ``--resume`` needs a run there."""
+    has_run = (out / "values.pt").is_file()
+    if resume and not has_run:
+        raise UsageError(f"--resume: expected a run in --out {str(out)!r} (its values.pt); there is none")
+    if not resume and out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"--out: expected a new or empty folder (or --resume); {str(out)!r} already holds files")

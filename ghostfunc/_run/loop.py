@@ -1,0 +1,439 @@
+"""The training loop of ``ghostfunc train``, over ghostfunc's public API only.
+
+Per step ``s`` (0-based): the global batch is ``batch_size`` chunk indices drawn
+without replacement epoch by epoch (epoch ``e``'s permutation comes from a
+generator seeded with ``(seed, e)``, so the order is a pure function of the seed
+and the step: resuming needs no random state); the validation batch is a fixed
+one (the first ``val_batch_size`` validation chunks) or rotates through the
+validation set. Rank ``r`` of ``W`` processes takes rows ``[r·B/W, (r+1)·B/W)`` of
+each. ``ghostfunc.train_step`` updates the parameters with the training rows and
+returns each row's In-Run Data Shapley value ``φ`` (negative = lowered the
+validation loss); ``ghostfunc.DataValues`` sums ``[φ, φ first order, train loss]``
+per chunk index. With ``values = "none"`` the same update runs through ordinary
+autograd (the baseline the benchmark compares against).
+
+Logs hold indices and figures only, never inputs.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+import ghostfunc
+
+from . import data as data_mod
+from . import models
+from .data import Corpus, UsageError
+
+Params = dict[str, Tensor]
+#: Columns of the per-chunk sums kept in ``values.pt`` (``DataValues.total[:, k]``).
+COLUMNS = ("phi", "phi_first_order", "train_loss")
+#: Options that do not change the trajectory: a resumed run may differ in these.
+FREE_KEYS = frozenset({"out", "resume", "stop_at", "save_every", "progress", "config", "log_every", "eval_every",
+                       "threads"})
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place among ``world`` data-parallel processes (``group`` is ``None`` for one process)."""
+
+    rank: int = 0
+    world: int = 1
+    group: Any = None
+
+    def rows(self, index: Tensor) -> Tensor:
+        """This rank's contiguous slice of a global batch's indices."""
+        n = len(index) // self.world
+        return index[self.rank * n:(self.rank + 1) * n]
+
+    def sum(self, x: Tensor) -> Tensor:
+        """``x`` summed over the processes (``x`` itself for one)."""
+        if self.group is not None:
+            x = x.clone()
+            dist.all_reduce(x, group=self.group)
+        return x
+
+
+def has_group_support() -> bool:
+    """Whether this ghostfunc's ``train_step`` and ``DataValues`` take ``group=`` (distributed support)."""
+    return ("group" in inspect.signature(ghostfunc.train_step).parameters
+            and "group" in inspect.signature(ghostfunc.DataValues.save).parameters)
+
+
+@contextmanager
+def distributed(device: torch.device) -> Iterator[Dist]:
+    """Join the process group when launched by ``torchrun`` (``WORLD_SIZE > 1``); always destroy it on the way out."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        yield Dist()
+        return
+    if not has_group_support():
+        raise UsageError(f"torchrun: WORLD_SIZE={world} needs ghostfunc.train_step(..., group=) and "
+                         f"DataValues.save(..., group=) (distributed support), which this ghostfunc {ghostfunc.__version__} lacks")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend)
+    try:
+        yield Dist(dist.get_rank(), dist.get_world_size(), dist.group.WORLD)
+    finally:
+        dist.destroy_process_group()
+
+
+def schedule(cfg: dict[str, Any]) -> Callable[[int], float]:
+    """``count -> lr``: linear warmup over ``warmup`` steps to ``lr``, then cosine down to ``lr · min_lr_ratio`` at ``steps``."""
+    lr, warmup, steps, floor = cfg["lr"], cfg["warmup"], cfg["steps"], cfg["lr"] * cfg["min_lr_ratio"]
+
+    def rate(count: int) -> float:
+        if count < warmup:
+            return lr * (count + 1) / warmup
+        frac = min(1.0, (count - warmup) / max(1, steps - warmup))
+        return floor + 0.5 * (lr - floor) * (1 + math.cos(math.pi * frac))
+
+    return rate
+
+
+def optimizer(cfg: dict[str, Any]) -> ghostfunc.Optimizer:
+    """``ghostfunc.adamw`` or ``ghostfunc.sgd`` with the schedule of :func:`schedule`."""
+    rate = schedule(cfg)
+    if cfg["optimizer"] == "adamw":
+        return ghostfunc.adamw(rate, betas=(0.9, 0.95), weight_decay=cfg["weight_decay"])
+    return ghostfunc.sgd(rate, momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
+
+
+def batch_indices(n: int, batch: int, seed: int, step: int, pool: Tensor | None = None) -> Tensor:
+    """The global training batch of step ``step``: ``[batch]`` chunk indices, epoch-wise without replacement.
+
+    Args:
+        n: chunks to draw from (``len(pool)`` when a pool is given).
+        batch: rows per step.
+        seed: the run's seed.
+        step: 0-based step.
+        pool: ``[n]`` chunk indices to draw from instead of ``0..n-1`` (``ghostfunc select``).
+    """
+    pos = step * batch + torch.arange(batch)
+    out = torch.empty(batch, dtype=torch.int64)
+    for epoch in pos.div(n, rounding_mode="floor").unique().tolist():
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        here = pos.div(n, rounding_mode="floor") == epoch
+        out[here] = perm[pos[here] % n]
+    return out if pool is None else pool[out]
+
+
+def val_indices(n: int, batch: int, step: int, rotate: bool) -> Tensor:
+    """The validation batch of step ``step``: the first ``batch`` chunks, or the next ``batch`` in rotation."""
+    start = step * batch if rotate else 0
+    return (start + torch.arange(batch)) % n
+
+
+@dataclass
+class Setup:
+    """Everything a run builds from its options before the first step."""
+
+    cfg: dict[str, Any]
+    train: Corpus
+    val: Corpus
+    test: Corpus | None
+    model: torch.nn.Module
+    model_fn: Callable[[Params, Any], Tensor]
+    params: Params
+    opt: ghostfunc.Optimizer
+    device: torch.device
+
+
+def prepare(cfg: dict[str, Any]) -> Setup:
+    """Read the corpus and build the model and optimizer, checking every option; writes nothing to ``out``.
+
+    Raises:
+        UsageError: any option that does not fit (see the CLI's ``--help``).
+    """
+    for key in ("steps", "batch_size", "val_batch_size", "seq_len", "eval_batch_size"):
+        if cfg[key] < 1:
+            raise UsageError(f"--{key.replace('_', '-')}: expected a positive integer; got {cfg[key]}")
+    if cfg["order"] not in (1, 2):
+        raise UsageError(f"--order: expected 1 or 2; got {cfg['order']}")
+    if cfg["precondition"] and cfg["order"] != 1:
+        raise UsageError(f"--precondition: expected --order 1 (optimizer-aware values are first order); got --order {cfg['order']}")
+    param_dtype = models.dtype(cfg["dtype"], "--dtype", models.DTYPES)
+    autocast = models.dtype(cfg["autocast"], "--autocast", models.AUTOCAST)
+    device = torch.device(cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if cfg["token_dtype"] not in data_mod.TOKEN_DTYPES:
+        raise UsageError(f"--token-dtype: expected one of {', '.join(data_mod.TOKEN_DTYPES)}; got {cfg['token_dtype']!r}")
+    cache = Path(cfg["out"]).resolve().parent / ".ghostfunc-cache"
+    seq_len = cfg["seq_len"]
+    models.check_seq_len(models.config_of(cfg["model"], cfg["size"]), seq_len)  # before reading any data
+    if cfg["train"] == "stdlib":
+        if cfg["val"] not in ("stdlib", ""):
+            raise UsageError(f"--val: expected 'stdlib' with --train stdlib (the --target package); got {cfg['val']!r}")
+        train, val, held = data_mod.load_stdlib(cfg["target"], seq_len=seq_len, cache=cache)
+        test: Corpus | None = held
+    else:
+        if cfg["val"] in ("stdlib", ""):
+            raise UsageError("--val: expected a token file, folder, glob or text file to score against (with your own --train)")
+        load = dict(seq_len=seq_len, cache=cache, token_dtype=cfg["token_dtype"])
+        train = data_mod.load(cfg["train"], option="--train", **load)
+        val = data_mod.load(cfg["val"], option="--val", **load)
+        test = data_mod.load(cfg["test"], option="--test", **load) if cfg["test"] else None
+    val = data_mod.evenly(val, cfg["val_limit"])
+    test = data_mod.evenly(test, cfg["val_limit"]) if test is not None else None
+    if len(train) < cfg["batch_size"]:
+        raise UsageError(f"--batch-size: expected at most the training chunks ({len(train)}); got {cfg['batch_size']}")
+    if len(val) < cfg["val_batch_size"]:
+        raise UsageError(f"--val-batch-size: expected at most the validation chunks ({len(val)}); got {cfg['val_batch_size']}")
+    need = max(c.vocab_needed() for c in (train, val, test) if c is not None)
+    vocab = cfg["vocab_size"] or (need if train.byte_level else -(-need // 64) * 64)
+    if vocab < need:
+        bad = "--vocab-size" if cfg["vocab_size"] else "--train"
+        raise UsageError(f"{bad}: expected token ids below the model's vocabulary {vocab}; the data holds id {need - 1}")
+    net = models.build(cfg["model"], cfg["size"], vocab=vocab, seq_len=seq_len, param_dtype=param_dtype, seed=cfg["seed"])
+    net = net.to(device)
+    model_fn, params = ghostfunc.from_module(net, ghostfunc.causal_lm_loss, autocast=autocast)
+    return Setup(cfg, train, val, test, net, model_fn, params, optimizer(cfg), device)
+
+
+def evaluate(setup: Setup, params: Params, corpus: Corpus, par: Dist) -> float:
+    """Mean loss over every chunk of ``corpus`` (the processes share the chunks and sum)."""
+    idx = torch.arange(len(corpus))[par.rank::par.world]
+    total = torch.zeros((), dtype=torch.float64, device=setup.device)
+    with torch.no_grad():
+        for b in idx.split(setup.cfg["eval_batch_size"]):
+            ids = corpus.batch(b).to(setup.device)
+            total += setup.model_fn(params, {"input_ids": ids}).double().sum()
+    return float(par.sum(total)) / len(corpus)
+
+
+def plain_step(setup: Setup, state: ghostfunc.TrainState, train: dict[str, Tensor], par: Dist) -> tuple[ghostfunc.TrainState, Tensor]:
+    """The same update as ``train_step``, through ordinary autograd and no values: ``(state, losses [n])``."""
+    params = {k: v.detach().requires_grad_() for k, v in state.params.items()}
+    losses = setup.model_fn(params, train)
+    grads = torch.autograd.grad(losses.mean(), list(params.values()), allow_unused=True)
+    mean = {k: (g if g is not None else torch.zeros_like(p)) for (k, p), g in zip(params.items(), grads, strict=True)}
+    if par.group is not None:
+        mean = {k: par.sum(g) / par.world for k, g in mean.items()}
+    new, opt_state = setup.opt.update(mean, state.opt_state, state.params)
+    return ghostfunc.TrainState(new, opt_state, state.step + 1), losses.detach()
+
+
+def fingerprint(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The options that fix the trajectory (what ``--resume`` must match)."""
+    return {k: v for k, v in sorted(cfg.items()) if k not in FREE_KEYS}
+
+
+def check_resume(cfg: dict[str, Any], saved: dict[str, Any]) -> None:
+    """Refuse to resume a run made with other trajectory-fixing options."""
+    mine = fingerprint(cfg)
+    for k in sorted(set(mine) | set(saved)):
+        if mine.get(k) != saved.get(k):
+            raise UsageError(f"--resume: expected the options of the run in {cfg['out']}; it has --{k.replace('_', '-')} "
+                             f"{saved.get(k)!r}, this run {mine.get(k)!r}")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename (never a torn file)."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+#: The format tag of the files under ``out/trajectory/`` (``--record-every``).
+TRAJECTORY = "ghostfunc.trajectory/1"
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file, then rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class Trajectory:
+    """``--record-every K``: what a later replay needs to attribute the run, under ``out/trajectory/``.
+
+    - ``step-SSSSSS.pt``: ``{"format", "state"}`` with the :class:`ghostfunc.TrainState` *before*
+      step ``SSSSSS`` runs (after ``SSSSSS`` updates): at step 0, every ``K`` steps and at the end;
+    - ``batches.pt``: ``{"format", "train": [S, B] int64, "val": [S, m] int64, "lr": [S] float64}``,
+      the global batch of chunk indices, the validation batch and the learning rate of each of the
+      ``S`` steps done, rewritten with each checkpoint.
+
+    All files load with ``torch.load(..., weights_only=True)`` inside
+    ``torch.serialization.safe_globals([TrainState, AdamWState, SGDState])``.
+    """
+
+    def __init__(self, out: Path, every: int, start: int) -> None:
+        self.folder, self.every = out / "trajectory", every
+        self.train: list[Tensor] = []
+        self.val: list[Tensor] = []
+        self.lr: list[float] = []
+        old = self.folder / "batches.pt"
+        if start and old.is_file():  # resuming: keep the steps done before the last save
+            with torch.serialization.safe_globals([ghostfunc.TrainState, ghostfunc.AdamWState, ghostfunc.SGDState]):
+                got = torch.load(old, weights_only=True)
+            self.train, self.val, self.lr = list(got["train"][:start]), list(got["val"][:start]), got["lr"][:start].tolist()
+
+    def step(self, train: Tensor, val: Tensor, lr: float) -> None:
+        self.train.append(train)
+        self.val.append(val)
+        self.lr.append(lr)
+
+    def checkpoint(self, state: ghostfunc.TrainState) -> None:
+        save_atomic({"format": TRAJECTORY, "state": state}, self.folder / f"step-{state.step:06d}.pt")
+        stack = lambda xs: torch.stack(xs) if xs else torch.zeros(0, 0, dtype=torch.int64)  # noqa: E731
+        save_atomic({"format": TRAJECTORY, "train": stack(self.train), "val": stack(self.val),
+                     "lr": torch.tensor(self.lr, dtype=torch.float64)}, self.folder / "batches.pt")
+
+
+def save(values: ghostfunc.DataValues, path: Path, state: ghostfunc.TrainState, cfg: dict[str, Any], par: Dist) -> None:
+    """``values.pt`` with the training state and the trajectory-fixing options (collective with many processes)."""
+    payload = {"train": state, "config": fingerprint(cfg)}
+    if par.group is not None:
+        values.save(path, state=payload, group=par.group)  # type: ignore[call-arg]
+    else:
+        values.save(path, state=payload)
+
+
+def load(path: Path, par: Dist) -> tuple[ghostfunc.DataValues, dict[str, Any]]:
+    """``(values, payload)`` from ``values.pt``; with many processes only rank 0 keeps the sums (saves add the ranks up)."""
+    if par.group is not None:
+        values, payload = ghostfunc.DataValues.load(path, with_state=True, group=par.group)  # type: ignore[call-arg,misc]
+        if par.rank != 0:
+            values = ghostfunc.DataValues(torch.zeros_like(values.total), torch.zeros_like(values.count), values.steps)
+    else:
+        values, payload = ghostfunc.DataValues.load(path, with_state=True)  # type: ignore[misc]
+    return values, payload
+
+
+def run(setup: Setup, par: Dist, *, pool: Tensor | None = None, quiet: bool = False,
+        log: Callable[[dict[str, Any]], None] | None = None, save_values: bool = True) -> tuple[ghostfunc.TrainState, ghostfunc.DataValues]:
+    """Train for ``cfg["steps"]`` steps (or until ``cfg["stop_at"]``), logging and saving into ``cfg["out"]``.
+
+    Args:
+        setup: from :func:`prepare`.
+        par: the process's place among data-parallel processes.
+        pool: draw the training batches from these chunk indices only (``ghostfunc select``); ``None``: all.
+        quiet: no progress bar.
+        log: called with each metrics record (rank 0); ``None`` appends to ``out/metrics.jsonl``.
+        save_values: write ``out/values.pt`` every ``save_every`` steps and at the end (and resume from it).
+
+    Returns:
+        the final training state and the per-chunk sums (``COLUMNS``).
+    """
+    cfg = setup.cfg
+    out = Path(cfg["out"])
+    values_path = out / "values.pt"
+    step_fn = None
+    if cfg["values"] == "shapley":
+        kwargs: dict[str, Any] = {"order": cfg["order"], "precondition": cfg["precondition"]}
+        if par.group is not None:
+            kwargs["group"] = par.group
+        step_fn = ghostfunc.train_step(setup.model_fn, setup.opt, **kwargs)
+    state = ghostfunc.TrainState({k: v.detach().clone() for k, v in setup.params.items()}, setup.opt.init(setup.params), 0)
+    values = ghostfunc.DataValues.zeros(len(setup.train), (len(COLUMNS),))
+    if save_values and cfg["resume"] and values_path.is_file():
+        values, payload = load(values_path, par)
+        check_resume(cfg, payload["config"])
+        state = payload["train"]
+    if log is None:
+        metrics = out / "metrics.jsonl"
+        if par.rank == 0:
+            kept = [ln for ln in (metrics.read_text().splitlines() if metrics.is_file() else [])
+                    if json.loads(ln)["step"] <= state.step]  # drop what was logged after the last save
+            write_atomic(metrics, "".join(f"{ln}\n" for ln in kept))
+
+        def log(record: dict[str, Any]) -> None:
+            with metrics.open("a") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+    stop = min(cfg["steps"], cfg["stop_at"] or cfg["steps"])
+    recording = bool(cfg["record_every"]) and par.rank == 0 and save_values
+    trajectory = Trajectory(out, cfg["record_every"], state.step) if recording else None
+    if trajectory is not None and state.step == 0:
+        trajectory.checkpoint(state)
+    n_pool = len(pool) if pool is not None else len(setup.train)
+    tokens_per_step = cfg["batch_size"] * cfg["seq_len"]
+    bar = None
+    if not quiet and par.rank == 0 and cfg["progress"]:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg["steps"], initial=state.step, unit="step", desc="train", dynamic_ncols=True)
+    evals = lambda: {  # noqa: E731 - a small local closure
+        "val_loss": evaluate(setup, state.params, setup.val, par),
+        **({"test_loss": evaluate(setup, state.params, setup.test, par)} if setup.test is not None else {}),
+    }
+    if state.step == 0:
+        first = evals()
+        if par.rank == 0:
+            log({"step": 0, **first, "seconds": 0.0})
+    t_run, t_win, seen_loss, n_win = time.perf_counter(), time.perf_counter(), 0.0, 0
+    try:
+        while state.step < stop:
+            s = state.step
+            every = batch_indices(n_pool, cfg["batch_size"], cfg["seed"], s, pool)
+            every_val = val_indices(len(setup.val), cfg["val_batch_size"], s, cfg["val_batch"] == "rotating")
+            rows, vrows = par.rows(every), par.rows(every_val)
+            train = {"input_ids": setup.train.batch(rows).to(setup.device)}
+            lr = setup.opt.lr(state.opt_state)
+            if step_fn is not None:
+                val = {"input_ids": setup.val.batch(vrows).to(setup.device)}
+                state, info = step_fn(state, train, val)
+                losses = info.train_loss.detach()
+                cols = torch.stack([info.values, info.first_order, losses], 1)
+            else:
+                state, losses = plain_step(setup, state, train, par)
+                cols = torch.stack([torch.zeros_like(losses), torch.zeros_like(losses), losses], 1)
+            values = values.add(rows, cols.double().cpu())
+            seen_loss += float(par.sum(losses.double().sum())) / cfg["batch_size"]
+            n_win += 1
+            done = state.step
+            eval_now = done % cfg["eval_every"] == 0 or done == cfg["steps"]
+            if done % cfg["log_every"] == 0 or eval_now or done == stop:
+                now = time.perf_counter()
+                record: dict[str, Any] = {"step": done, "train_loss": seen_loss / n_win, "lr": lr,
+                                          "tokens_per_s": tokens_per_step * n_win / (now - t_win),
+                                          "seconds": now - t_run}
+                if eval_now:
+                    record.update(evals())
+                if par.rank == 0:
+                    log(record)
+                if bar is not None:
+                    post = {"loss": f"{record['train_loss']:.3f}", "tok/s": f"{record['tokens_per_s']:,.0f}"}
+                    if "val_loss" in record:
+                        post["val"] = f"{record['val_loss']:.3f}"
+                    bar.set_postfix(post, refresh=False)
+                t_win, seen_loss, n_win = time.perf_counter(), 0.0, 0
+            if bar is not None:
+                bar.update(1)
+            if trajectory is not None:
+                trajectory.step(every, every_val, lr)
+                if done % trajectory.every == 0 or done == stop:
+                    trajectory.checkpoint(state)
+            if save_values and cfg["save_every"] and done % cfg["save_every"] == 0 and done < stop:
+                save(values, values_path, state, cfg, par)
+    finally:
+        if bar is not None:
+            bar.close()
+    if save_values:
+        save(values, values_path, state, cfg, par)
+    return state, values
+
+
+def chunk_table(setup: Setup, values: ghostfunc.DataValues) -> dict[str, np.ndarray]:
+    """Per chunk: ``value`` (``−Σφ``, positive = lowered the validation loss), ``times_seen``, ``mean_loss``, ``source``."""
+    total = values.total.numpy()
+    count = values.count.numpy()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_loss = np.where(count > 0, total[:, 2] / np.maximum(count, 1), np.nan)
+    return {"value": -total[:, 0], "value_first_order": -total[:, 1], "times_seen": count, "mean_loss": mean_loss,
+            "source": setup.train.source}

@@ -1,0 +1,126 @@
+"""``python -m ghostfunc select --run DIR``: is training on the top-valued half better? Measured, not asserted.
+
+From a finished ``ghostfunc train`` run: the pool is every training chunk the run
+saw. Four retrainings from scratch, each for the run's number of steps with its
+options (model, batch size, schedule), plain training (no values), per seed:
+
+- ``top-valued``: the ``fraction`` of the pool with the highest value (−Σφ);
+- ``random``: a random ``fraction`` of the pool (a new draw per seed);
+- ``low-loss``: the ``fraction`` with the lowest mean training loss in the run;
+- ``all seen``: the whole pool (for scale).
+
+Each seed changes the initialisation and the batch order. Reported: the loss on
+the target domain's **test** split (files held out from valuing and training)
+and on the validation split the values were computed against, mean ± std over
+seeds. ``select.json`` and ``select.md`` go to ``RUN/select`` (or ``--out``).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import ghostfunc
+
+from . import cli, loop
+from .data import UsageError
+
+ARMS = ("top-valued", "random", "low-loss", "all seen")
+
+
+def pools(table: dict[str, np.ndarray], fraction: float, seed: int) -> dict[str, torch.Tensor]:
+    """Chunk indices of each arm (``ARMS``) for ``seed``."""
+    seen = np.flatnonzero(table["times_seen"] > 0)
+    k = max(1, round(fraction * len(seen)))
+    by_value = seen[np.argsort(-table["value"][seen], kind="stable")]
+    by_loss = seen[np.argsort(table["mean_loss"][seen], kind="stable")]
+    rand = seen[np.random.default_rng(seed).permutation(len(seen))]
+    return {"top-valued": torch.from_numpy(np.sort(by_value[:k])), "random": torch.from_numpy(np.sort(rand[:k])),
+            "low-loss": torch.from_numpy(np.sort(by_loss[:k])), "all seen": torch.from_numpy(seen)}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``ghostfunc select``; return the exit code (2 for bad input)."""
+    prog = "ghostfunc select"
+    try:
+        opts = cli.options(prog, cli.SELECT_OPTIONS, __doc__ or "", sys.argv[1:] if argv is None else argv)
+        run_dir = Path(opts["run"])
+        if not (run_dir / "config.json").is_file() or not (run_dir / "values.pt").is_file():
+            raise UsageError(f"--run: expected the folder of a finished 'ghostfunc train' run (config.json, values.pt); "
+                             f"{str(run_dir)!r} has none")
+        if opts["seeds"] < 1 or not 0 < opts["fraction"] <= 1:
+            raise UsageError(f"--seeds/--fraction: expected seeds >= 1 and 0 < fraction <= 1; got {opts['seeds']}, {opts['fraction']}")
+        if opts["threads"]:
+            torch.set_num_threads(opts["threads"])
+        cfg = json.loads((run_dir / "config.json").read_text())
+        values = ghostfunc.DataValues.load(run_dir / "values.pt")
+        assert isinstance(values, ghostfunc.DataValues)
+        cfg.update(resume=False, stop_at=0, values="none", progress=False)
+        if opts["steps"]:
+            cfg["steps"] = opts["steps"]
+        setup = loop.prepare(cfg)
+        if len(values) != len(setup.train):
+            raise UsageError(f"--run: expected values for the {len(setup.train)} chunks of its corpus; values.pt has {len(values)}")
+        table = loop.chunk_table(setup, values)
+        out = Path(opts["out"] or run_dir / "select")
+        results: dict[str, list[dict[str, float]]] = {arm: [] for arm in ARMS}
+        runs = [(seed, arm) for seed in range(opts["seeds"]) for arm in ARMS]
+        for n, (seed, arm) in enumerate(runs):
+            pool = pools(table, opts["fraction"], seed)[arm]
+            sub = loop.prepare({**cfg, "seed": cfg["seed"] + 1 + seed})  # a fresh initialisation per seed
+            got: dict[str, Any] = {}
+            loop.run(sub, loop.Dist(), pool=pool, quiet=True, log=got.update, save_values=False)
+            res = {"val_loss": got["val_loss"], **({"test_loss": got["test_loss"]} if "test_loss" in got else {})}
+            results[arm].append(res)
+            if opts["progress"]:
+                print(f"{prog}: [{n + 1}/{len(runs)}] seed {seed} {arm:10s} ({len(pool)} chunks): "
+                      + ", ".join(f"{k} {v:.4f}" for k, v in res.items()), file=sys.stderr)
+        summary = summarize(results)
+        out.mkdir(parents=True, exist_ok=True)
+        payload = {"run": str(run_dir), "steps": cfg["steps"], "fraction": opts["fraction"], "seeds": opts["seeds"],
+                   "pool": int((table["times_seen"] > 0).sum()), "results": results, "summary": summary}
+        loop.write_atomic(out / "select.json", json.dumps(payload, indent=1) + "\n")
+        text = markdown(payload, cfg)
+        loop.write_atomic(out / "select.md", text)
+        print(text)
+    except UsageError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def summarize(results: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """Mean and standard deviation over seeds of each arm's losses."""
+    out = {}
+    for arm, runs in results.items():
+        row = {}
+        for key in runs[0]:
+            xs = [r[key] for r in runs]
+            row[f"{key}_mean"] = statistics.fmean(xs)
+            row[f"{key}_std"] = statistics.stdev(xs) if len(xs) > 1 else 0.0
+        out[arm] = row
+    return out
+
+
+def markdown(payload: dict[str, Any], cfg: dict[str, Any]) -> str:
+    """The table of ``select.md``."""
+    target = cfg["target"] if cfg["train"] == "stdlib" else cfg["val"]
+    keys = [k for k in ("test_loss", "val_loss") if f"{k}_mean" in payload["summary"]["all seen"]]
+    lines = [f"# ghostfunc select: retraining on halves of {payload['pool']:,} seen chunks ({target})", "",
+             f"{payload['steps']} steps from scratch per run, keeping {payload['fraction']:.0%} of the pool; "
+             f"{payload['seeds']} seeds (initialisation and batch order). Loss in nats/token, mean ± std over seeds; "
+             f"lower is better. The test split was never scored against.", "",
+             "| kept | " + " | ".join(k.replace("_", " ") for k in keys) + " | per seed (" + keys[0].replace("_", " ") + ") |",
+             "|---|" + "---:|" * len(keys) + "---|"]
+    for arm in ARMS:
+        s = payload["summary"][arm]
+        per = ", ".join(f"{r[keys[0]]:.4f}" for r in payload["results"][arm])
+        lines.append(f"| {arm} | " + " | ".join(f"{s[k + '_mean']:.4f} ± {s[k + '_std']:.4f}" for k in keys) + f" | {per} |")
+    return "\n".join(lines) + "\n"
