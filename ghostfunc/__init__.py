@@ -1,8 +1,8 @@
 """ghostfunc: exact per-sample gradient dot products in one backward pass, over torch.func."""
 
 from ._capture import DivergentBranchError
-from ._dist import sampler_mask
 from ._direction import DirectionScores, graddot_direction
+from ._dist import sampler_mask
 from ._graddot import GradDot, graddot, plan
 from ._hf import causal_lm_loss, classification_loss, from_module, seq2seq_loss
 from ._ops import SamplesInteractError
