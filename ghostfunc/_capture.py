@@ -30,7 +30,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
-from ._interact import FACTORIES, InPlaceWriteError, run_writing
+from ._interact import FACTORIES, InPlaceWriteError, retry_writing
 from ._ops import EXACT, TABLE, Direct, Factored, Rule, SamplesInteractError
 
 ModelFn = Callable[[dict[str, Tensor], Any], Tensor]
@@ -145,7 +145,10 @@ class _Interceptor(TorchFunctionMode):
         func = EXACT.get(func, func)  # e.g. F.embedding with per-sample scale_grad_by_freq under vmap
         found = _params_in((args, kwargs), self.names) if self.names else []
         if not found:
-            out = run_writing(func, args, kwargs, self.fresh)  # a per-sample write into a fresh tensor: exact
+            try:
+                out = func(*args, **kwargs)
+            except RuntimeError as err:  # e.g. a per-sample write into a fresh tensor: made exact, or explained
+                out = retry_writing(func, args, kwargs, self.fresh, err)
             if func in FACTORIES:
                 self.fresh.add(id(out))
             return out
