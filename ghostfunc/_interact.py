@@ -217,7 +217,8 @@ def retry_writing(func: Callable, args: tuple, kwargs: dict[str, Any], fresh: se
             f"mode (model.eval()), or use GroupNorm/LayerNorm instead of BatchNorm"
         ) from None
     target = args[0] if args else None
-    if not (isinstance(target, Tensor) and "vmap" in str(err) and _writes_batched(target, args[1:], kwargs)):
+    # (with one sample under vmap the failure is a plain broadcast error, so the message is not checked)
+    if not (isinstance(target, Tensor) and _writes_batched(target, args[1:], kwargs)):
         raise err
     if id(target) not in fresh:
         base = target._base
@@ -257,7 +258,13 @@ def _per_sample_in_place(target: Tensor, rest: tuple, kwargs: dict[str, Any]) ->
     assert bdim is not None
     n = inner.shape[bdim]
     copies = ft._add_batch_dim(target.expand(n, *target.shape).clone(), 0, level)  # [n, *target] per sample
-    torch.utils.swap_tensors(target, copies)
+    try:
+        torch.utils.swap_tensors(target, copies)
+    except RuntimeError as err:  # e.g. the tensor is held by a weak reference
+        raise InPlaceWriteError(
+            f"model_fn writes per-sample values in place into a tensor it created, and ghostfunc could not give "
+            f"that tensor one copy per sample ({err}); build it out of place (torch.cat, torch.where, index_add)"
+        ) from None
 
 
 def _func_name(func: Any) -> str:

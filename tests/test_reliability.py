@@ -386,10 +386,13 @@ def fill_slices(p, x):  # h = zeros(...); h[:, :k] = ...
     return torch.tanh(h @ p["v"])
 
 
-def fill_index_add(p, x):  # index_add_ into a new buffer
+def fill_index_add(p, x):  # index_add_ into a new buffer; += into another
     h = x.new_zeros(x.shape[0], 3, 4)
     h.index_add_(1, torch.tensor([0, 2]), F.linear(x, p["W"]).unsqueeze(1).expand(-1, 2, -1))
-    return torch.tanh(h.sum(1) @ p["v"][:4])
+    acc = torch.ones(x.shape[0], 4, dtype=x.dtype)
+    for k in range(3):
+        acc += h[:, k] * p["v"][k]
+    return torch.tanh(acc @ p["v"][:4])
 
 
 def fill_scatter(p, x):  # scatter_ and a masked fill into tensors made by torch.full / zeros_like
