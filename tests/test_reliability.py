@@ -374,6 +374,15 @@ def test_batch_encoding_batches():
 
     train, val = enc(4, 5, 1), enc(3, 6, 2)
     assert_exact(model_fn, p, train, val, "BatchEncoding", [("auto", "mean"), ("ghost", None), ("contract", "sum")])
+
+    def nested_fn(p, batch):  # (encoding, targets), as a data loader may yield
+        encoding, target = batch
+        return (model_fn(p, encoding) - target) ** 2
+
+    nested = [(train, torch.randn(4, generator=_g(5), dtype=F64)), (val, torch.randn(3, generator=_g(6), dtype=F64))]
+    assert_exact(nested_fn, p, *nested, "BatchEncoding", [("materialize", "mean"), ("auto", None)])
+    with pytest.raises(ValueError, match=r"^graddot: the tensor leaves of train must share the sample axis"):
+        ghostfunc.graddot(nested_fn, p, (train, torch.zeros(3, dtype=F64)), nested[1])
     with pytest.raises(ValueError, match=r"^graddot: train and val must have the same structure .* train is "
                                          r"BatchEncoding with leaves .* val is dict"):
         ghostfunc.graddot(model_fn, p, train, dict(val))
