@@ -30,7 +30,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
-from ._interact import FACTORIES, InPlaceWriteError, run_writing
+from ._interact import FACTORIES, InPlaceWriteError, retry_writing
 from ._ops import EXACT, TABLE, Direct, Factored, Rule, SamplesInteractError
 
 ModelFn = Callable[[dict[str, Tensor], Any], Tensor]
@@ -68,7 +68,9 @@ def split_batch(batch: Any) -> Batch:
         inner = split_batch(dict(batch))
         return inner._replace(rebuild=lambda tensors: _as_type(type(batch), inner.rebuild(tensors)),
                               signature=(type(batch).__qualname__, inner.signature))
-    leaves, spec = pytree.tree_flatten(batch)
+    leaves, spec = pytree.tree_flatten(batch, is_leaf=is_foreign_mapping)
+    if any(is_foreign_mapping(leaf) for leaf in leaves):  # nested in a tuple/dict: each leaf split on its own
+        return _joined([split_batch(leaf) for leaf in leaves], spec)
     where = [i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor)]
 
     def rebuild(tensors: list[Tensor]) -> Any:
@@ -83,6 +85,22 @@ def split_batch(batch: Any) -> Batch:
         for leaf in leaves
     )
     return Batch(tensors, rebuild, tensors[0].shape[0] if tensors else 0, (str(spec), sig))
+
+
+def _joined(parts: list[Batch], spec: pytree.TreeSpec) -> Batch:
+    """One :class:`Batch` of the leaves ``parts`` (each split on its own) under ``spec``."""
+    counts = [len(part.tensors) for part in parts]
+
+    def rebuild(tensors: list[Tensor]) -> Any:
+        out, at = [], 0
+        for part, count in zip(parts, counts, strict=True):
+            out.append(part.rebuild(tensors[at:at + count]))
+            at += count
+        return pytree.tree_unflatten(out, spec)
+
+    tensors = [t for part in parts for t in part.tensors]
+    return Batch(tensors, rebuild, tensors[0].shape[0] if tensors else 0,
+                 (str(spec), tuple(part.signature for part in parts)))
 
 
 def is_foreign_mapping(x: Any) -> bool:
@@ -150,7 +168,10 @@ class _Interceptor(TorchFunctionMode):
         func = EXACT.get(func, func)  # e.g. F.embedding with per-sample scale_grad_by_freq under vmap
         found = _params_in((args, kwargs), self.names) if self.names else []
         if not found:
-            out = run_writing(func, args, kwargs, self.fresh)  # a per-sample write into a fresh tensor: exact
+            try:
+                out = func(*args, **kwargs)
+            except RuntimeError as err:  # e.g. a per-sample write into a fresh tensor: made exact, or explained
+                out = retry_writing(func, args, kwargs, self.fresh, err)
             if func in FACTORIES:
                 self.fresh.add(id(out))
             return out

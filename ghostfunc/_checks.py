@@ -67,8 +67,9 @@ def check_pair(train: Any, val: Any, where: str) -> tuple[Batch, Batch]:
 
 
 def _plain(batch: Any) -> Any:
-    """``batch``, a foreign ``Mapping`` (``transformers.BatchEncoding``) at its top seen as a dict."""
-    return dict(batch) if is_foreign_mapping(batch) else batch
+    """``batch`` with every ``Mapping`` torch's pytree does not know (``transformers.BatchEncoding``) as a dict."""
+    return pytree.tree_map(lambda m: _plain(dict(m)) if is_foreign_mapping(m) else m, batch,
+                           is_leaf=is_foreign_mapping)
 
 
 def _describe(batch: Any) -> str:

@@ -626,7 +626,9 @@ def plan(
 ) -> Plan:
     """The path every trainable parameter would take in :func:`graddot`, and why.
 
-    Runs ``model_fn`` on one train and one val sample only (no backward pass).
+    Runs ``model_fn`` on one train and one val sample only (no backward pass), and
+    on a first call the boundary checks (up to 3 samples together and alone, see
+    :func:`ghostfunc._interact.check_model`).
     The result prints as a table with the ``T`` (train tokens), ``S`` (val
     tokens), ``p`` and ``d`` that the policy saw.
     """

@@ -124,12 +124,12 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
         warnings.simplefilter("ignore")  # e.g. a batch statistic of one sample: the capture warns if it must
         before = _rng_states(devices)
         try:
-            with mode:
+            with mode:  # the mode also runs the calls the capture replaces (EXACT), as the capture would
                 together = model_fn(dict(params), rows(0, k))
-            random = not all(torch.equal(a, b) for a, b in zip(before, _rng_states(devices), strict=True))
-            alone = None
-            if not random and k > 1 and _per_sample_shape(together, k):
-                alone = torch.cat([model_fn(dict(params), rows(i, i + 1)).reshape(-1) for i in range(k)])
+                random = not all(torch.equal(a, b) for a, b in zip(before, _rng_states(devices), strict=True))
+                alone = None
+                if not random and k > 1 and _per_sample_shape(together, k):
+                    alone = torch.cat([model_fn(dict(params), rows(i, i + 1)).reshape(-1) for i in range(k)])
         except (SamplesInteractError, InPlaceWriteError):
             raise
         except Exception:  # noqa: BLE001 - a model that runs only under vmap: the capture reports its own errors
@@ -197,43 +197,41 @@ class InPlaceWriteError(ValueError):
     """``model_fn`` writes per-sample values in place where ghostfunc cannot keep one copy per sample."""
 
 
-def run_writing(func: Callable, args: tuple, kwargs: dict[str, Any], fresh: set[int]) -> Any:
-    """``func(*args, **kwargs)``; an in-place write of per-sample values into a fresh tensor is made exact.
+def retry_writing(func: Callable, args: tuple, kwargs: dict[str, Any], fresh: set[int], err: RuntimeError) -> Any:
+    """After ``func(*args, **kwargs)`` raised ``err``: make a per-sample in-place write exact, or raise.
 
     Under ``vmap`` a tensor the model creates (``h = torch.zeros(T, d)``) is one tensor
     shared by all samples, so ``h[:k] = x`` or ``h.index_add_(0, i, x)`` with a
     per-sample ``x`` fails. Run alone, every sample would fill its own ``h``: so ``h``
     (``id`` in ``fresh``: made by one of :data:`FACTORIES` during this run) becomes a
     per-sample tensor in place (``torch.utils.swap_tensors``) and the call runs again.
-    A write into a view of such a tensor, or into a tensor that outlives the call (a
-    buffer), is refused with what to do instead.
+    A write into a view of such a tensor is refused with what to do instead; an
+    in-place update of a tensor from outside the call (a buffer) is a
+    :class:`SamplesInteractError`; anything else re-raises ``err``.
     """
-    try:
-        return func(*args, **kwargs)
-    except RuntimeError as err:
-        if "mutate a captured Tensor" in str(err):  # functorch: in place into a tensor from outside the transform
-            raise SamplesInteractError(
-                f"model_fn updates in place ({_func_name(func)}) a tensor that outlives the call, such as a module "
-                f"buffer (BatchNorm's num_batches_tracked and running statistics in training mode); run alone, "
-                f"each sample would update it in turn, so samples interact through it. Put such layers in eval "
-                f"mode (model.eval()), or use GroupNorm/LayerNorm instead of BatchNorm"
-            ) from None
-        target = args[0] if args else None
-        if not (isinstance(target, Tensor) and "vmap" in str(err) and _writes_batched(target, args[1:], kwargs)):
-            raise
+    if "mutate a captured Tensor" in str(err):  # functorch: in place into a tensor from outside the transform
+        raise SamplesInteractError(
+            f"model_fn updates in place ({_func_name(func)}) a tensor that outlives the call, such as a module "
+            f"buffer (BatchNorm's num_batches_tracked and running statistics in training mode); run alone, "
+            f"each sample would update it in turn, so samples interact through it. Put such layers in eval "
+            f"mode (model.eval()), or use GroupNorm/LayerNorm instead of BatchNorm"
+        ) from None
+    target = args[0] if args else None
+    # (with one sample under vmap the failure is a plain broadcast error, so the message is not checked)
+    if not (isinstance(target, Tensor) and _writes_batched(target, args[1:], kwargs)):
+        raise err
+    if id(target) not in fresh:
         base = target._base
-        if id(target) not in fresh:
-            if base is not None and id(base) in fresh:
-                raise InPlaceWriteError(
-                    f"model_fn writes per-sample values in place ({_func_name(func)}) into a "
-                    f"view of a tensor it created; ghostfunc runs each sample alone under vmap and can give the "
-                    f"created tensor one copy per sample, but not a view of it taken before the write. Write "
-                    f"through the tensor itself (h[:, :k] = v, h.index_add_(...)) or build it out of place "
-                    f"(torch.cat, torch.where, index_add)"
-                ) from None
-            raise
-        _per_sample_in_place(target, args[1:], kwargs)
-        return func(*args, **kwargs)
+        if base is not None and id(base) in fresh:
+            raise InPlaceWriteError(
+                f"model_fn writes per-sample values in place ({_func_name(func)}) into a view of a tensor it "
+                f"created; ghostfunc runs each sample alone under vmap and can give the created tensor one copy "
+                f"per sample, but not a view of it taken before the write. Write through the tensor itself "
+                f"(h[:, :k] = v, h.index_add_(...)) or build it out of place (torch.cat, torch.where, index_add)"
+            ) from None
+        raise err
+    _per_sample_in_place(target, args[1:], kwargs)
+    return func(*args, **kwargs)
 
 
 def _writes_batched(target: Tensor, rest: tuple, kwargs: dict[str, Any]) -> bool:
@@ -260,7 +258,13 @@ def _per_sample_in_place(target: Tensor, rest: tuple, kwargs: dict[str, Any]) ->
     assert bdim is not None
     n = inner.shape[bdim]
     copies = ft._add_batch_dim(target.expand(n, *target.shape).clone(), 0, level)  # [n, *target] per sample
-    torch.utils.swap_tensors(target, copies)
+    try:
+        torch.utils.swap_tensors(target, copies)
+    except RuntimeError as err:  # e.g. the tensor is held by a weak reference
+        raise InPlaceWriteError(
+            f"model_fn writes per-sample values in place into a tensor it created, and ghostfunc could not give "
+            f"that tensor one copy per sample ({err}); build it out of place (torch.cat, torch.where, index_add)"
+        ) from None
 
 
 def _func_name(func: Any) -> str:

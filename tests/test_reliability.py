@@ -7,7 +7,7 @@ losses); every refusal is checked by its message.
 
 - convolutions called on one unbatched sample at a time (``F.conv1d/2d`` on ``[C, *S]``);
 - ``torch.compile``d modules and ``model_fn``s (each backend that runs on this CPU);
-- ``F.embedding`` with ``scale_grad_by_freq`` (counted within each sample) and ``sparse``;
+- ``F.embedding`` with ``scale_grad_by_freq`` (counted within each sample), ``max_norm`` and ``sparse``;
 - losses in which samples interact: ``SamplesInteractError``, at every entry point;
 - a ``model_fn`` that never uses ``params``; a partly unused ``params`` is fine;
 - ``transformers.BatchEncoding`` batches; fresh tensors filled in place; BatchNorm in
@@ -181,16 +181,27 @@ def _emb_params(vocab: int, seed: int) -> dict[str, torch.Tensor]:
     return {"E": torch.randn(vocab, 3, generator=g, dtype=F64), "w": torch.randn(3, generator=g, dtype=F64)}
 
 
-@pytest.mark.parametrize("by_freq, sparse, padding_idx", [(True, False, None), (True, False, 2), (False, True, None),
-                                                         (False, True, -1)])
-def test_embedding_by_freq_and_sparse(by_freq, sparse, padding_idx):
+@pytest.mark.parametrize("by_freq, sparse, padding_idx, max_norm", [
+    (True, False, None, None), (True, False, 2, None), (False, True, None, None), (False, True, -1, None),
+    (False, False, None, 1.5), (True, False, 0, 1.0), (False, True, None, 2.0)])
+def test_embedding_by_freq_sparse_max_norm(by_freq, sparse, padding_idx, max_norm):
     # (torch itself refuses scale_grad_by_freq together with sparse gradients)
     def model_fn(p, ids):
-        h = F.embedding(ids, p["E"], padding_idx, scale_grad_by_freq=by_freq, sparse=sparse)  # [B, T, 3]
+        h = F.embedding(ids, p["E"], padding_idx, max_norm, scale_grad_by_freq=by_freq, sparse=sparse)  # [B, T, 3]
         return torch.tanh(h @ p["w"]).pow(2).sum(1)
 
     p = _emb_params(5, 0)
+    before = p["E"].clone()
     assert_exact(model_fn, p, _ids(4, 7, 5, 1), _ids(3, 6, 5, 2), "embedding")
+    assert torch.equal(p["E"], before)  # max_norm renormalises the looked-up rows, never the caller's weight
+
+
+def test_embedding_bag_by_freq():
+    def model_fn(p, ids):  # no rule for embedding_bag: the fallback, exact per sample
+        return torch.tanh(F.embedding_bag(ids, p["E"], mode="sum", scale_grad_by_freq=True) @ p["w"])
+
+    assert_exact(model_fn, _emb_params(5, 8), _ids(4, 6, 5, 9), _ids(2, 6, 5, 10), "embedding",
+                 [c for c in COMBOS if c[0] in ("auto", "ghost")])
 
 
 def test_embedding_module_by_freq_with_padding_idx_tied_head():
@@ -363,6 +374,15 @@ def test_batch_encoding_batches():
 
     train, val = enc(4, 5, 1), enc(3, 6, 2)
     assert_exact(model_fn, p, train, val, "BatchEncoding", [("auto", "mean"), ("ghost", None), ("contract", "sum")])
+
+    def nested_fn(p, batch):  # (encoding, targets), as a data loader may yield
+        encoding, target = batch
+        return (model_fn(p, encoding) - target) ** 2
+
+    nested = [(train, torch.randn(4, generator=_g(5), dtype=F64)), (val, torch.randn(3, generator=_g(6), dtype=F64))]
+    assert_exact(nested_fn, p, *nested, "BatchEncoding", [("materialize", "mean"), ("auto", None)])
+    with pytest.raises(ValueError, match=r"^graddot: the tensor leaves of train must share the sample axis"):
+        ghostfunc.graddot(nested_fn, p, (train, torch.zeros(3, dtype=F64)), nested[1])
     with pytest.raises(ValueError, match=r"^graddot: train and val must have the same structure .* train is "
                                          r"BatchEncoding with leaves .* val is dict"):
         ghostfunc.graddot(model_fn, p, train, dict(val))
@@ -375,10 +395,13 @@ def fill_slices(p, x):  # h = zeros(...); h[:, :k] = ...
     return torch.tanh(h @ p["v"])
 
 
-def fill_index_add(p, x):  # index_add_ into a new buffer
+def fill_index_add(p, x):  # index_add_ into a new buffer; += into another
     h = x.new_zeros(x.shape[0], 3, 4)
     h.index_add_(1, torch.tensor([0, 2]), F.linear(x, p["W"]).unsqueeze(1).expand(-1, 2, -1))
-    return torch.tanh(h.sum(1) @ p["v"][:4])
+    acc = torch.ones(x.shape[0], 4, dtype=x.dtype)
+    for k in range(3):
+        acc += h[:, k] * p["v"][k]
+    return torch.tanh(acc @ p["v"][:4])
 
 
 def fill_scatter(p, x):  # scatter_ and a masked fill into tensors made by torch.full / zeros_like

@@ -5,8 +5,9 @@ integer left factor (``[n, t]`` ids, never a one-hot tensor) and ``B`` on the ri
 The ``padding_idx`` row gets no gradient: its tokens' ``B`` rows are zeroed.
 ``scale_grad_by_freq`` divides each token's ``B[t]`` by how often its id occurs in
 the call; run alone, a sample's call holds only its own ids, so the count is taken
-within each sample (``B[t] / count_i(ids[t])``). ``sparse`` changes only the layout
-of the gradient autograd would return, not its values. Broadcast ids (position ids
+within each sample (``B[t] / count_i(ids[t])``). ``max_norm`` rescales the looked-up
+rows (see :func:`embedding`) and ``sparse`` the layout of the gradient autograd
+would return; neither changes the gradient's form. Broadcast ids (position ids
 of shape ``(1, T)``) come back from ``vmap`` expanded to every sample, so nothing
 needs guessing.
 """
@@ -33,9 +34,7 @@ def _match(args: tuple, kwargs: dict[str, Any]) -> Match | None:
         scale_grad_by_freq: bool = False,
         sparse: bool = False,
     ) -> Match | None:
-        del norm_type, sparse
-        if max_norm is not None:  # renormalises W in place
-            return None
+        del max_norm, norm_type, sparse  # max_norm changes the looked-up values, not the gradient's form
         if padding_idx is not None and padding_idx < 0:
             padding_idx += weight.shape[0]
         return Match({"weight": weight}, (input,), (padding_idx, bool(scale_grad_by_freq)))
@@ -65,45 +64,57 @@ def counts_within_sample(ids: Tensor, vocab: int) -> Tensor:
     return per_id.gather(1, ids)  # [n, t]
 
 
-class _ScaleGrad(torch.autograd.Function):
-    """Identity forward; the backward multiplies the incoming gradient by ``scale``."""
+class _Scaled(torch.autograd.Function):
+    """``x * value`` forward; the backward multiplies the incoming gradient by ``grad`` (not by ``value``)."""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x: Tensor, scale: Tensor) -> Tensor:
-        return x.clone()
+    def forward(x: Tensor, value: Tensor, grad: Tensor) -> Tensor:
+        return x * value
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
-        ctx.save_for_backward(inputs[1])
+        ctx.save_for_backward(inputs[2])
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        (scale,) = ctx.saved_tensors
-        return grad * scale, None
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None, None]:
+        (grad,) = ctx.saved_tensors
+        return grad_out * grad, None, None
 
 
 def embedding(input: Tensor, weight: Tensor, padding_idx: int | None = None, max_norm: float | None = None,
               norm_type: float = 2.0, scale_grad_by_freq: bool = False, sparse: bool = False) -> Tensor:
-    """``F.embedding`` whose gradient is exact per sample under ``vmap`` (run in its place by the capture).
+    """``F.embedding`` with the same values and gradients, exact per sample under ``vmap`` (the capture runs it).
 
-    Under ``vmap`` with an unbatched ``weight`` (one ordinary backward over every
-    sample, as the reduced validation gradient is computed) functorch runs one
-    embedding backward over all samples' ids: ``scale_grad_by_freq`` then counts ids
-    across samples. Here the count is taken on each sample's own ids (``vmap`` keeps
-    it per sample) and applied to the output's gradient, the lookup itself being
-    plain; ``sparse`` is dropped (a dense gradient, the same values).
+    - ``scale_grad_by_freq``: under ``vmap`` with an unbatched ``weight`` (one ordinary
+      backward over every sample, as the reduced validation gradient is computed)
+      functorch runs one embedding backward over all samples' ids, counting ids
+      across samples. Here each sample's own ids are counted (``vmap`` keeps the
+      count per sample) and the output's gradient is divided by it.
+    - ``max_norm``: torch renormalises the looked-up rows of ``weight`` in place (an
+      in-place write that ``vmap`` cannot batch, and a change to the caller's
+      parameters), then looks them up; the gradient is that of the plain lookup.
+      Here the rows are scaled on the way out instead (``weight`` is untouched),
+      with the gradient of the plain lookup.
+    - ``sparse`` only changes the layout of the gradient: a dense one, the same values.
     """
     del sparse
-    out = F.embedding(input, weight, padding_idx, max_norm, norm_type, False, False)
-    if not scale_grad_by_freq:
+    out = F.embedding(input, weight, padding_idx, None, norm_type, False, False)  # [*ids, d]
+    if not scale_grad_by_freq and max_norm is None:
         return out
-    flat = input.reshape(-1)  # [t] (per sample under vmap)
-    per_id = torch.zeros(weight.shape[0], dtype=torch.int64, device=flat.device).scatter_add(
-        0, flat, torch.ones_like(flat, dtype=torch.int64))  # [vocab], occurrences in the call
-    count = per_id.gather(0, flat).reshape(input.shape)  # [*ids]
-    return _ScaleGrad.apply(out, (1.0 / count.to(out.dtype))[..., None])
+    one = out.new_ones(())
+    value, grad = one, one
+    if max_norm is not None:
+        with torch.no_grad():  # torch.embedding_renorm_: rows above max_norm scaled to max_norm / (norm + 1e-7)
+            norm = torch.linalg.vector_norm(out, ord=norm_type, dim=-1, keepdim=True)
+            value = torch.where(norm > max_norm, max_norm / (norm + 1e-7), one)  # [*ids, 1]
+    if scale_grad_by_freq:
+        flat = input.reshape(-1)  # [t] (per sample under vmap)
+        per_id = torch.zeros(weight.shape[0], dtype=torch.int64, device=flat.device).scatter_add(
+            0, flat, torch.ones_like(flat, dtype=torch.int64))  # [vocab], occurrences in the call
+        grad = 1.0 / per_id.gather(0, flat).reshape(*input.shape, 1).to(out.dtype)  # [*ids, 1]
+    return _Scaled.apply(out, value, grad)
 
 
 embedding.__name__ = embedding.__qualname__ = "embedding"
