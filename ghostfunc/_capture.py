@@ -31,6 +31,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from ._ops import TABLE, Direct, Factored, Rule, SamplesInteractError
+from ._ops.rnn import RECURRENT, decompose
 
 ModelFn = Callable[[dict[str, Tensor], Any], Tensor]
 
@@ -119,6 +120,9 @@ class _Interceptor(TorchFunctionMode):
             return _agreed_value(func, args, kwargs, self.branch_points)
         if func is F.scaled_dot_product_attention:
             func = _sdpa
+        if func in RECURRENT and (decomposed := decompose(func, args, kwargs)) is not None:
+            with self:  # an RNN as gate linears, each intercepted (ghostfunc._ops.rnn)
+                return decomposed()
         found = _params_in((args, kwargs), self.names) if self.names else []
         if not found:
             return func(*args, **kwargs)

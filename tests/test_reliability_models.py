@@ -267,25 +267,35 @@ def _seq(seed, n=4, m=3, t=5, d=3):
     return torch.randn(n, t, d, generator=g, dtype=F64), torch.randn(m, t, d, generator=g, dtype=F64)
 
 
-@pytest.mark.parametrize("kind", ["lstm", "lstm2-bi", "gru", "rnn-relu", "lstm-proj"])
-def test_recurrent_layers_are_exact(kind):
+@pytest.mark.parametrize("kind", ["lstm", "lstm2-bi-dropout-eval", "lstm-seq-first", "gru2-bi", "rnn-relu",
+                                  "rnn-tanh-nobias", "lstm-proj"])
+def test_recurrent_layers_are_exact_with_kernels(kind):
     torch.manual_seed(0)
     module = {
         "lstm": lambda: nn.LSTM(3, 4, batch_first=True),
-        "lstm2-bi": lambda: nn.LSTM(3, 4, num_layers=2, bidirectional=True, batch_first=True),
-        "gru": lambda: nn.GRU(3, 4, batch_first=True),
+        "lstm2-bi-dropout-eval": lambda: nn.LSTM(3, 4, num_layers=2, bidirectional=True, dropout=0.5,
+                                                 batch_first=True).eval(),
+        "lstm-seq-first": lambda: nn.LSTM(3, 4),  # each sample is [T, 1, I]: x[:, :, None] below
+        "gru2-bi": lambda: nn.GRU(3, 4, num_layers=2, bidirectional=True, batch_first=True),
         "rnn-relu": lambda: nn.RNN(3, 4, nonlinearity="relu", batch_first=True),
+        "rnn-tanh-nobias": lambda: nn.RNN(3, 4, bias=False, batch_first=True),
         "lstm-proj": lambda: nn.LSTM(3, 4, proj_size=2, batch_first=True),
     }[kind]().double()
     model_fn, params = _module_fn(module, "sin")
     x, xv = _seq(1)
+    if kind == "lstm-seq-first":
+
+        def model_fn(p, x):  # [B, T, I] -> the module sees [T, B, I]
+            return functional_call(module, p, (x.transpose(0, 1),))[0].transpose(0, 1).sin().flatten(1).sum(1)
     plan = check_all(f"rnn {kind}", model_fn, params, x, xv)
-    assert plan.notes or all(r.path != "fallback" for r in plan.routes.values())
+    assert plan.notes == () and all(r.path != "fallback" for r in plan.routes.values()), plan  # gate linears
 
 
-def test_lstm_cell_loop():
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
+def test_recurrent_cell_loops(kind):
     torch.manual_seed(0)
-    cell, head = nn.LSTMCell(3, 4).double(), nn.Linear(4, 2).double()
+    cell = {"lstm": nn.LSTMCell, "gru": nn.GRUCell, "rnn": nn.RNNCell}[kind](3, 4).double()
+    head = nn.Linear(4, 2).double()
     params = {**{f"cell.{k}": v.detach() for k, v in cell.named_parameters()},
               **{f"head.{k}": v.detach() for k, v in head.named_parameters()}}
 
@@ -293,12 +303,32 @@ def test_lstm_cell_loop():
         cp_ = {k[5:]: v for k, v in p.items() if k.startswith("cell.")}
         h = c = x.new_zeros(x.shape[0], 4)
         for t in range(x.shape[1]):
-            h, c = functional_call(cell, cp_, (x[:, t], (h, c)))
+            if kind == "lstm":
+                h, c = functional_call(cell, cp_, (x[:, t], (h, c)))
+            else:
+                h = functional_call(cell, cp_, (x[:, t], h))
         return F.linear(h, p["head.weight"], p["head.bias"]).pow(2).sum(1)
 
     x, xv = _seq(2)
-    plan = check_all("rnn lstmcell", model_fn, params, x, xv)
-    assert plan.routes["head.weight"].path != "fallback"  # the linear head keeps its kernel
+    plan = check_all(f"rnn {kind}cell", model_fn, params, x, xv)
+    assert plan.notes == () and all(r.path != "fallback" for r in plan.routes.values()), plan
+
+
+def test_packed_sequence_lstm_runs_sample_by_sample():
+    torch.manual_seed(0)
+    lstm = nn.LSTM(3, 4, batch_first=True).double()
+    params = {k: v.detach() for k, v in lstm.named_parameters()}
+
+    def model_fn(p, batch):
+        x, lengths = batch
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        _, (h, _) = functional_call(lstm, p, (packed,))
+        return h[-1].pow(2).sum(1)
+
+    x, xv = _seq(3)
+    train, val = (x, torch.tensor([5, 3, 4, 1])), (xv, torch.tensor([2, 5, 4]))
+    plan = check_all("rnn packed", model_fn, params, train, val, policies=("auto", "ghost"))
+    assert "per-sample capture" in notes(plan)
 
 
 class _Double(torch.autograd.Function):  # old style: no setup_context
