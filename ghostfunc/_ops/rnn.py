@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-Cell = Callable[[Tensor, Any, Sequence[Tensor]], tuple[Tensor, Any]]  # (x_proj_t, state, weights) -> (out, state)
+Cell = Callable[[Tensor, Any, Sequence[Any]], tuple[Tensor, Any]]  # (x_proj_t, state, weights) -> (out, state)
 
 
-def _lstm_step(xp: Tensor, state: tuple[Tensor, Tensor], w: Sequence[Tensor]) -> tuple[Tensor, tuple]:
+def _lstm_step(xp: Tensor, state: tuple[Tensor, Tensor], w: Sequence[Any]) -> tuple[Tensor, tuple]:
     """One LSTM step from the projected input ``xp`` ``[B, 4H]``; ``w``: (w_hh, b_hh or None, w_hr or None)."""
     h, c = state
     i, f, g, o = (xp + F.linear(h, w[0], w[1])).chunk(4, -1)
@@ -40,7 +40,7 @@ def _lstm_step(xp: Tensor, state: tuple[Tensor, Tensor], w: Sequence[Tensor]) ->
     return h, (h, c)
 
 
-def _gru_step(xp: Tensor, h: Tensor, w: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+def _gru_step(xp: Tensor, h: Tensor, w: Sequence[Any]) -> tuple[Tensor, Tensor]:
     xr, xz, xn = xp.chunk(3, -1)
     hr, hz, hn = F.linear(h, w[0], w[1]).chunk(3, -1)
     r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
@@ -50,7 +50,7 @@ def _gru_step(xp: Tensor, h: Tensor, w: Sequence[Tensor]) -> tuple[Tensor, Tenso
 
 
 def _rnn_step(act: Callable[[Tensor], Tensor]) -> Cell:
-    def step(xp: Tensor, h: Tensor, w: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    def step(xp: Tensor, h: Tensor, w: Sequence[Any]) -> tuple[Tensor, Tensor]:
         h = act(xp + F.linear(h, w[0], w[1]))
         return h, h
 
@@ -63,7 +63,7 @@ def _layers(step: Cell, lstm: bool) -> Callable[..., Any]:
     def run(x: Tensor, hx: Any, params: Sequence[Tensor], has_biases: bool, num_layers: int, dropout: float,
             train: bool, bidirectional: bool, batch_first: bool) -> tuple[Tensor, ...]:
         dirs = 2 if bidirectional else 1
-        h0, c0 = (hx[0], hx[1]) if lstm else (hx, None)
+        h0, c0 = (hx[0], hx[1]) if lstm else (hx, hx)  # c0 is read for LSTMs only
         per = len(params) // (num_layers * dirs)  # w_ih, w_hh, [b_ih, b_hh], [w_hr]
         seq = x.transpose(0, 1) if batch_first else x  # [T, B, I]
         h_n, c_n = [], []
