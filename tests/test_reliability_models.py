@@ -531,3 +531,19 @@ def test_public_plan_says_which_path():
     x, xv = _split_data(8)
     text = str(ghostfunc.plan(moe_nonzero, p, x, xv))
     assert "note: per-sample capture" in text and "nonzero" in text
+
+
+@pytest.mark.parametrize("model_fn", [sign_branch, moe_nonzero], ids=lambda f: f.__name__)
+def test_weighted_validation_gradient_split_and_per_sample(model_fn):
+    # Σ_v w_v g_v as the optimizer-aware values need it: groups summed, or sample by sample
+    from ghostfunc._capture import split_batch, weighted_grad
+
+    p = _mlp(13)
+    v = 10 * p["W1"].sum(0, keepdim=True)
+    xv = torch.cat([v, -v, _split_data(14, m=3)[1]])
+    w = torch.linspace(0.5, 2, len(xv), dtype=F64)
+    gv, lv = per_sample_grads(model_fn, p, xv)
+    grads, losses = weighted_grad(model_fn, p, split_batch(xv), w, "test", "val")
+    for k in p:
+        torch.testing.assert_close(grads[k], torch.einsum("v,v...->...", w, gv[k]), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(losses, lv, rtol=1e-12, atol=1e-14)
