@@ -547,3 +547,19 @@ def test_weighted_validation_gradient_split_and_per_sample(model_fn):
     for k in p:
         torch.testing.assert_close(grads[k], torch.einsum("v,v...->...", w, gv[k]), rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(losses, lv, rtol=1e-12, atol=1e-14)
+
+
+def test_a_model_found_unbatchable_goes_straight_to_the_per_sample_path_next_time():
+    calls = []
+
+    def model_fn(p, x):
+        calls.append(x.shape[0])
+        return old_function(p, x)  # fails in the batched capture, not in its trace
+
+    p = _mlp(15)
+    x, xv = _split_data(16, n=4, m=3)
+    first = ghostfunc.graddot(model_fn, p, x, xv)
+    n_first, calls[:] = len(calls), []
+    second = ghostfunc.graddot(model_fn, p, x, xv)
+    assert len(calls) < n_first and "per-sample capture" in notes(second.plan)
+    torch.testing.assert_close(second.scores, first.scores, rtol=1e-14, atol=0)
