@@ -32,6 +32,7 @@ from torch.utils import _pytree as pytree
 
 from ._interact import FACTORIES, InPlaceWriteError, retry_writing
 from ._ops import EXACT, TABLE, Direct, Factored, Rule, SamplesInteractError
+from ._ops.rnn import RECURRENT, decompose
 
 ModelFn = Callable[[dict[str, Tensor], Any], Tensor]
 
@@ -166,6 +167,9 @@ class _Interceptor(TorchFunctionMode):
         if func is F.scaled_dot_product_attention:
             func = _sdpa
         func = EXACT.get(func, func)  # e.g. F.embedding with per-sample scale_grad_by_freq under vmap
+        if func in RECURRENT and (decomposed := decompose(func, args, kwargs)) is not None:
+            with self:  # an RNN as gate linears, each intercepted (ghostfunc._ops.rnn)
+                return decomposed()
         found = _params_in((args, kwargs), self.names) if self.names else []
         if not found:
             try:

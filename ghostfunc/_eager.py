@@ -26,7 +26,7 @@ Cost: one forward and one backward per sample (the loop's), exact.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -201,18 +201,25 @@ def _checkpointed(loss: Tensor) -> bool:
 def _backward(loss: Tensor, mode: _EagerInterceptor, leaves: list[Tensor]) -> tuple[list, list[Tensor]]:
     """Gradients of ``loss`` for the taps made so far and ``leaves`` (``None`` where none flowed).
 
-    A model that ran calls without gradient may be re-entrant checkpointing, which
-    refuses ``torch.autograd.grad``; then ``loss.backward()`` runs and the gradients
-    are read from ``.grad``, including those of taps made while it recomputes.
     Returns ``(grads, taps)``: the gradients of ``taps`` then of ``leaves``.
     """
-    if mode.no_grad_calls:
-        loss.backward()
-        return [x.grad for x in [*mode.made, *leaves]], list(mode.made)
-    taps = list(mode.made)  # taps made by a recompute during the backward get no gradient
+    taps = list(mode.made)
     if not taps and not leaves:
         return [], []
     return list(torch.autograd.grad(loss, [*taps, *leaves], allow_unused=True)), taps
+
+
+def _each_sample(model_fn: ModelFn, params: Mapping[str, Tensor], batch: Batch,
+                 where: str) -> Iterator[tuple[int, dict[str, Tensor], Tensor]]:
+    """``(i, leaves, loss)`` per sample: fresh leaf params and the sample's loss, computed with
+    gradients on (the interceptor active, checkpointing refused); the caller's backward runs inside."""
+    for i in range(batch.size):
+        leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
+        mode = _EagerInterceptor({}, tracing=True)
+        with torch.enable_grad(), _rephrase(where), mode:
+            loss = _one_loss(model_fn(dict(leaves), batch.rebuild([t[i:i + 1] for t in batch.tensors])), where)
+            _refuse_checkpoint(mode, loss, where)
+            yield i, leaves, loss
 
 
 def weighted_grad_eager(model_fn: ModelFn, params: Mapping[str, Tensor], batch: Batch, weights: Tensor,
@@ -220,18 +227,39 @@ def weighted_grad_eager(model_fn: ModelFn, params: Mapping[str, Tensor], batch: 
     """``Σ_v w_v g_v`` and the losses ``[B]``, one sample at a time with ordinary autograd."""
     total = {k: torch.zeros_like(v) for k, v in params.items()}
     losses = []
-    for i in range(batch.size):
-        leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
-        mode = _EagerInterceptor({}, tracing=True)
-        with torch.enable_grad(), _rephrase(where), mode:
-            loss = _one_loss(model_fn(dict(leaves), batch.rebuild([t[i:i + 1] for t in batch.tensors])), where)
-            losses.append(loss.detach())
-            _refuse_checkpoint(mode, loss, where)
-            if torch.isfinite(loss):
-                grads, _ = _backward(loss * weights[i].to(loss.dtype), mode, list(leaves.values()))
-                for k, g in zip(leaves, grads, strict=True):
-                    if g is not None:
-                        total[k] += g
+    for i, leaves, loss in _each_sample(model_fn, params, batch, where):
+        losses.append(loss.detach())
+        if torch.isfinite(loss):
+            grads = torch.autograd.grad(loss * weights[i].to(loss.dtype), list(leaves.values()), allow_unused=True)
+            for k, g in zip(leaves, grads, strict=True):
+                if g is not None:
+                    total[k] += g
     out = torch.stack(losses)
     _check_finite(out, label, where)
     return total, out
+
+
+def val_grad_hvp_eager(model_fn: ModelFn, params: Mapping[str, Tensor], batch: Batch, weights: Tensor,
+                       vector: Mapping[str, Tensor], where: str) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
+    """``Σ_v w_v g_v``, ``H·vector`` (``H`` the Hessian of ``Σ_v w_v ℓ_v``) and the losses ``[B]``,
+    one sample at a time: a backward with ``create_graph`` and a second backward of ``<g_v, vector>``."""
+    total = {k: torch.zeros_like(v) for k, v in params.items()}
+    hv_total = {k: torch.zeros_like(v) for k, v in params.items()}
+    losses = []
+    for i, leaves, loss in _each_sample(model_fn, params, batch, where):
+        losses.append(loss.detach())
+        if not torch.isfinite(loss):
+            continue
+        grads = torch.autograd.grad(loss * weights[i].to(loss.dtype), list(leaves.values()), create_graph=True,
+                                    allow_unused=True)
+        dot = sum(((g * vector[k].to(g.dtype)).sum() for k, g in zip(leaves, grads, strict=True) if g is not None),
+                  loss.new_zeros(()))
+        hvs = torch.autograd.grad(dot, list(leaves.values()), allow_unused=True) if dot.requires_grad else None
+        for j, (k, g) in enumerate(zip(leaves, grads, strict=True)):
+            if g is not None:
+                total[k] += g.detach()
+            if hvs is not None and hvs[j] is not None:
+                hv_total[k] += hvs[j]
+    out = torch.stack(losses)
+    _check_finite(out, "val", where)
+    return total, hv_total, out

@@ -145,7 +145,8 @@ def routing(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Bat
     """
     state = fresh if isinstance(fresh, Attempt) else Attempt(bool(fresh))
     batches = (train, val)
-    eager = state.eager
+    known = (tuple((k, tuple(v.shape), v.dtype) for k, v in params.items()), train.signature, val.signature)
+    eager = state.eager or _UNBATCHABLE_SEEN.get(model_fn, {}).get(known) if _weakrefable(model_fn) else state.eager
     part_traces: tuple[tuple[Trace, ...], ...] = ((), ())
     if eager is None:
         try:
@@ -157,6 +158,11 @@ def routing(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Bat
             eager = summary(err)
     parts = state.parts
     if eager is not None:
+        if _weakrefable(model_fn):  # later calls with these shapes go straight to the per-sample path
+            seen = _UNBATCHABLE_SEEN.setdefault(model_fn, {})
+            if len(seen) > 16:
+                seen.clear()
+            seen[known] = eager
         parts = (WHOLE, WHOLE)
         part_traces = tuple((trace_eager(model_fn, params, b, where, state.fresh),) for b in batches)
     use = _merged_usages(params, part_traces[0], part_traces[1])
@@ -169,6 +175,18 @@ def routing(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Bat
     the_plan = make_plan(params, use, policy, train.size, val.size, val_reduce)._replace(notes=tuple(notes))
     traces = (part_traces[0][0], part_traces[1][0])
     return Routing(traces, kernel, the_plan, parts, (part_traces[0], part_traces[1]), eager)
+
+
+#: ``model_fn`` -> {(param and batch signatures): why the batched capture could not run it}.
+_UNBATCHABLE_SEEN: weakref.WeakKeyDictionary[Any, dict[tuple, str]] = weakref.WeakKeyDictionary()
+
+
+def _weakrefable(x: Any) -> bool:
+    try:
+        weakref.ref(x)
+    except TypeError:
+        return False
+    return True
 
 
 def _merged_usages(params: dict[str, Tensor], train: tuple[Trace, ...], val: tuple[Trace, ...]) -> dict[str, Usage]:

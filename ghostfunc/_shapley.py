@@ -44,6 +44,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import _dist
 from ._capture import Batch, Half, _check_finite, _rephrase, per_sample_losses, weighted_grad
+from ._eager import unbatchable, val_grad_hvp_eager
 from ._graddot import (
     Routing,
     _prepare,
@@ -59,6 +60,7 @@ from ._graddot import (
     train_mean,
     val_weights,
 )
+from ._groups import Part, split_sum
 from ._plan import Plan
 from ._secant import ValGrad, check_curvature, secant_values
 
@@ -96,6 +98,25 @@ def _import_jvp_decompositions() -> None:
 
 def val_grad_hvp(model_fn: Callable[[Params, Any], Tensor], params: Params, val: Batch, weights: Tensor,
                  vector: Params, where: str) -> tuple[Params, Params, Tensor]:
+    """:func:`_val_grad_hvp_batched`, in groups of samples that agree at data-dependent branches
+    (summed); a model the batched pass cannot run goes sample by sample with ordinary autograd."""
+
+    def one(part_batch: Batch, part: Part) -> tuple[tuple[Params, Params], Tensor]:
+        w = weights if part.rows is None else weights[part.rows.to(weights.device)]
+        g, hv, losses = _val_grad_hvp_batched(model_fn, params, part_batch, w, vector, where)
+        return (g, hv), losses
+
+    try:
+        (g, hv), losses, _ = split_sum(one, val)
+    except RuntimeError as err:
+        if not unbatchable(err):
+            raise
+        return val_grad_hvp_eager(model_fn, params, val, weights, vector, where)
+    return g, hv, losses
+
+
+def _val_grad_hvp_batched(model_fn: Callable[[Params, Any], Tensor], params: Params, val: Batch, weights: Tensor,
+                          vector: Params, where: str) -> tuple[Params, Params, Tensor]:
     """``ḡ = Σ_v w_v g_v``, ``H·vector`` (``H`` the exact Hessian of ``Σ_v w_v L_v``) and the losses ``[m]``.
 
     One forward-over-reverse pass (``torch.func.jvp`` of ``torch.func.grad``): its
@@ -114,7 +135,7 @@ def val_grad_hvp(model_fn: Callable[[Params, Any], Tensor], params: Params, val:
 
     grad = torch.func.grad(total, has_aux=True)
     _import_jvp_decompositions()
-    with sdpa_kernel([SDPBackend.MATH]), _rephrase(where):
+    with sdpa_kernel([SDPBackend.MATH]), _rephrase(where, splits=True):
         try:
             g, hv, losses = torch.func.jvp(grad, (params,), (vector,), has_aux=True)  # type: ignore[misc]
         except NotImplementedError as err:

@@ -23,7 +23,6 @@ from torch import Tensor
 from torch.func import functional_call
 
 import ghostfunc
-from ghostfunc import DivergentBranchError
 from ghostfunc._reference import per_sample_grads
 
 F64 = torch.float64
@@ -201,8 +200,26 @@ def test_inrun_shapley_and_train_step_on_a_split_batch():
     for k in p:
         torch.testing.assert_close(state.params[k], p[k] - lr * gt[k].mean(0), rtol=1e-12, atol=1e-14)
     v = 10 * p["W1"].sum(0, keepdim=True)  # h.sum() is large and positive for v, negative for -v
-    with pytest.raises(DivergentBranchError, match=r"^inrun_shapley: .*cannot split it into groups"):
-        ghostfunc.inrun_shapley(sign_branch, p, x, torch.cat([v, -v]), lr=lr, order=2)
+    mixed = torch.cat([v, -v, xv])
+    assert rel(ghostfunc.inrun_shapley(sign_branch, p, x, mixed, lr=lr, order=2),
+               order2(sign_branch, p, x, mixed, lr)) < 1e-10
+
+
+def order2(model_fn, p, x, xv, lr):
+    """In-Run Shapley order 2 by brute force: ``−a<g_i, ḡ_val> + (a²/2) g_iᵀ H_val G``, one sample at a time."""
+    gt, _ = per_sample_grads(model_fn, p, x)
+    gv, _ = per_sample_grads(model_fn, p, xv)
+    a = lr / len(x)
+    big_g = {k: gt[k].sum(0) for k in p}
+    hg = {k: torch.zeros_like(v) for k, v in p.items()}
+    for row in xv.split(1):
+        def loss_j(*vals, row=row):
+            return model_fn(dict(zip(p, vals, strict=True)), row).sum() / len(xv)
+
+        _, hv = torch.autograd.functional.hvp(loss_j, tuple(p.values()), tuple(big_g[k] for k in p))
+        for k, h in zip(p, hv, strict=True):
+            hg[k] += h
+    return sum(gt[k].flatten(1) @ (-a * gv[k].mean(0) + a * a / 2 * hg[k]).flatten() for k in p)
 
 
 # --------------------------------------------------------------------------- Hugging Face, padded rows
@@ -267,25 +284,35 @@ def _seq(seed, n=4, m=3, t=5, d=3):
     return torch.randn(n, t, d, generator=g, dtype=F64), torch.randn(m, t, d, generator=g, dtype=F64)
 
 
-@pytest.mark.parametrize("kind", ["lstm", "lstm2-bi", "gru", "rnn-relu", "lstm-proj"])
-def test_recurrent_layers_are_exact(kind):
+@pytest.mark.parametrize("kind", ["lstm", "lstm2-bi-dropout-eval", "lstm-seq-first", "gru2-bi", "rnn-relu",
+                                  "rnn-tanh-nobias", "lstm-proj"])
+def test_recurrent_layers_are_exact_with_kernels(kind):
     torch.manual_seed(0)
     module = {
         "lstm": lambda: nn.LSTM(3, 4, batch_first=True),
-        "lstm2-bi": lambda: nn.LSTM(3, 4, num_layers=2, bidirectional=True, batch_first=True),
-        "gru": lambda: nn.GRU(3, 4, batch_first=True),
+        "lstm2-bi-dropout-eval": lambda: nn.LSTM(3, 4, num_layers=2, bidirectional=True, dropout=0.5,
+                                                 batch_first=True).eval(),
+        "lstm-seq-first": lambda: nn.LSTM(3, 4),  # each sample is [T, 1, I]: x[:, :, None] below
+        "gru2-bi": lambda: nn.GRU(3, 4, num_layers=2, bidirectional=True, batch_first=True),
         "rnn-relu": lambda: nn.RNN(3, 4, nonlinearity="relu", batch_first=True),
+        "rnn-tanh-nobias": lambda: nn.RNN(3, 4, bias=False, batch_first=True),
         "lstm-proj": lambda: nn.LSTM(3, 4, proj_size=2, batch_first=True),
     }[kind]().double()
     model_fn, params = _module_fn(module, "sin")
     x, xv = _seq(1)
+    if kind == "lstm-seq-first":
+
+        def model_fn(p, x):  # [B, T, I] -> the module sees [T, B, I]
+            return functional_call(module, p, (x.transpose(0, 1),))[0].transpose(0, 1).sin().flatten(1).sum(1)
     plan = check_all(f"rnn {kind}", model_fn, params, x, xv)
-    assert plan.notes or all(r.path != "fallback" for r in plan.routes.values())
+    assert plan.notes == () and all(r.path != "fallback" for r in plan.routes.values()), plan  # gate linears
 
 
-def test_lstm_cell_loop():
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
+def test_recurrent_cell_loops(kind):
     torch.manual_seed(0)
-    cell, head = nn.LSTMCell(3, 4).double(), nn.Linear(4, 2).double()
+    cell = {"lstm": nn.LSTMCell, "gru": nn.GRUCell, "rnn": nn.RNNCell}[kind](3, 4).double()
+    head = nn.Linear(4, 2).double()
     params = {**{f"cell.{k}": v.detach() for k, v in cell.named_parameters()},
               **{f"head.{k}": v.detach() for k, v in head.named_parameters()}}
 
@@ -293,12 +320,32 @@ def test_lstm_cell_loop():
         cp_ = {k[5:]: v for k, v in p.items() if k.startswith("cell.")}
         h = c = x.new_zeros(x.shape[0], 4)
         for t in range(x.shape[1]):
-            h, c = functional_call(cell, cp_, (x[:, t], (h, c)))
+            if kind == "lstm":
+                h, c = functional_call(cell, cp_, (x[:, t], (h, c)))
+            else:
+                h = functional_call(cell, cp_, (x[:, t], h))
         return F.linear(h, p["head.weight"], p["head.bias"]).pow(2).sum(1)
 
     x, xv = _seq(2)
-    plan = check_all("rnn lstmcell", model_fn, params, x, xv)
-    assert plan.routes["head.weight"].path != "fallback"  # the linear head keeps its kernel
+    plan = check_all(f"rnn {kind}cell", model_fn, params, x, xv)
+    assert plan.notes == () and all(r.path != "fallback" for r in plan.routes.values()), plan
+
+
+def test_packed_sequence_lstm_runs_sample_by_sample():
+    torch.manual_seed(0)
+    lstm = nn.LSTM(3, 4, batch_first=True).double()
+    params = {k: v.detach() for k, v in lstm.named_parameters()}
+
+    def model_fn(p, batch):
+        x, lengths = batch
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        _, (h, _) = functional_call(lstm, p, (packed,))
+        return h[-1].pow(2).sum(1)
+
+    x, xv = _seq(3)
+    train, val = (x, torch.tensor([5, 3, 4, 1])), (xv, torch.tensor([2, 5, 4]))
+    plan = check_all("rnn packed", model_fn, params, train, val, policies=("auto", "ghost"))
+    assert "per-sample capture" in notes(plan)
 
 
 class _Double(torch.autograd.Function):  # old style: no setup_context
@@ -416,6 +463,44 @@ def test_hf_gradient_checkpointing_in_train_mode_is_refused_with_the_fix(hf):
     check_all("checkpoint hf gpt2 disabled", model_fn, params, train, val, policies=("auto",), reduces=("mean",))
 
 
+@pytest.mark.parametrize(("experts", "dtype"), [("eager", F64), ("batched_mm", F64), ("grouped_mm", torch.float32)])
+def test_hf_mixtral_routing(hf, experts, dtype):
+    cfg = hf.MixtralConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2,
+                           max_position_embeddings=16, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg._experts_implementation = experts
+    torch.manual_seed(0)
+    model_fn, params = ghostfunc.from_module(hf.MixtralForCausalLM(cfg).to(dtype).eval(), ghostfunc.causal_lm_loss)
+    ids = torch.randint(3, 32, (5, 6), generator=torch.Generator().manual_seed(1))
+    train, val = {"input_ids": ids[:3]}, {"input_ids": ids[3:]}
+    if dtype == F64:
+        plan = check_all(f"moe mixtral {experts}", model_fn, params, train, val, policies=("auto",),
+                         reduces=("mean", None))
+    else:  # grouped_mm has no float64 kernel: float32 against the float32 loop
+        out = ghostfunc.graddot(model_fn, params, train, val)
+        ref, _, _ = ghostfunc.reference_graddot(model_fn, params, train, val)
+        assert rel(out.scores, ref) < 1e-5
+        plan = out.plan
+    assert ("per-sample capture" in notes(plan)) == (experts == "eager")  # nonzero routing: sample by sample
+
+
+def test_inrun_shapley_and_train_step_on_the_per_sample_path():
+    p = _mlp(11)
+    x, xv = _split_data(12, n=4, m=3)
+    gt, _ = per_sample_grads(moe_nonzero, p, x)
+    gv, _ = per_sample_grads(moe_nonzero, p, xv)
+    scores = sum(gt[k].flatten(1) @ gv[k].flatten(1).mean(0) for k in p)
+    lr, n = 0.1, len(x)
+    assert rel(ghostfunc.inrun_shapley(moe_nonzero, p, x, xv, lr=lr), -lr / n * scores) < 1e-10
+    step = ghostfunc.train_step(moe_nonzero, ghostfunc.sgd(lr))
+    state, info = step(step.init(p), x, xv)
+    assert rel(info.values, -lr / n * scores) < 1e-10
+    for k in p:
+        torch.testing.assert_close(state.params[k], p[k] - lr * gt[k].mean(0), rtol=1e-12, atol=1e-14)
+    # order 2: the validation gradient and Hessian-vector product also go sample by sample
+    assert rel(ghostfunc.inrun_shapley(moe_nonzero, p, x, xv, lr=lr, order=2), order2(moe_nonzero, p, x, xv, lr)) < 1e-10
+
+
 # --------------------------------------------------------------------------- what is not swallowed
 
 
@@ -446,3 +531,35 @@ def test_public_plan_says_which_path():
     x, xv = _split_data(8)
     text = str(ghostfunc.plan(moe_nonzero, p, x, xv))
     assert "note: per-sample capture" in text and "nonzero" in text
+
+
+@pytest.mark.parametrize("model_fn", [sign_branch, moe_nonzero], ids=lambda f: f.__name__)
+def test_weighted_validation_gradient_split_and_per_sample(model_fn):
+    # Σ_v w_v g_v as the optimizer-aware values need it: groups summed, or sample by sample
+    from ghostfunc._capture import split_batch, weighted_grad
+
+    p = _mlp(13)
+    v = 10 * p["W1"].sum(0, keepdim=True)
+    xv = torch.cat([v, -v, _split_data(14, m=3)[1]])
+    w = torch.linspace(0.5, 2, len(xv), dtype=F64)
+    gv, lv = per_sample_grads(model_fn, p, xv)
+    grads, losses = weighted_grad(model_fn, p, split_batch(xv), w, "test", "val")
+    for k in p:
+        torch.testing.assert_close(grads[k], torch.einsum("v,v...->...", w, gv[k]), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(losses, lv, rtol=1e-12, atol=1e-14)
+
+
+def test_a_model_found_unbatchable_goes_straight_to_the_per_sample_path_next_time():
+    calls = []
+
+    def model_fn(p, x):
+        calls.append(x.shape[0])
+        return old_function(p, x)  # fails in the batched capture, not in its trace
+
+    p = _mlp(15)
+    x, xv = _split_data(16, n=4, m=3)
+    first = ghostfunc.graddot(model_fn, p, x, xv)
+    n_first, calls[:] = len(calls), []
+    second = ghostfunc.graddot(model_fn, p, x, xv)
+    assert len(calls) < n_first and "per-sample capture" in notes(second.plan)
+    torch.testing.assert_close(second.scores, first.scores, rtol=1e-14, atol=0)
