@@ -76,7 +76,6 @@ def _models_under_test() -> list[tuple[str, Callable, dict, Callable]]:
 
 
 def _compare(rank: int, world: int, out: dict[str, Any], job: str, folder: str) -> None:
-    del job, folder
     group = dist.group.WORLD
     nt, nv = TRAIN_ROWS[world], VAL_ROWS[world]
     worst: dict[str, float] = {}
@@ -114,6 +113,7 @@ def _compare(rank: int, world: int, out: dict[str, Any], job: str, folder: str) 
     out["worst"] = worst
     if world == 2:
         _errors(rank, world, out)
+        _run(rank, world, out, "run:uninterrupted", folder)
 
 
 def _train_steps(rank: int, world: int, model_fn: Callable, params: dict, make: Callable,
@@ -272,9 +272,15 @@ def _samplers(n: int, world: int, epoch: int) -> list[torch.utils.data.Distribut
 
 
 @pytest.fixture(scope="module")
-def world2(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    """One spawned world of 2 runs the comparisons and the bad-input cases."""
-    return _spawn(tmp_path_factory.mktemp("world2"), 2, "compare")
+def world2_at(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
+    """One spawned world of 2 runs the comparisons, the bad-input cases and the uninterrupted saving run."""
+    folder = tmp_path_factory.mktemp("world2")
+    return folder, _spawn(folder, 2, "compare")
+
+
+@pytest.fixture
+def world2(world2_at: tuple[Path, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    return world2_at[1]
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -304,10 +310,12 @@ def test_bad_input_raises_on_every_rank(world2: list[dict[str, Any]]) -> None:
         assert res["fsdp"] is not None and "from_module: the model is sharded by FSDP" in res["fsdp"]
 
 
-def test_kill_and_resume_equals_uninterrupted_and_padding_counts_once(tmp_path: Path) -> None:
+def test_kill_and_resume_equals_uninterrupted_and_padding_counts_once(
+        world2_at: tuple[Path, list[dict[str, Any]]]) -> None:
     """Killed on every rank after the save at step 3, resumed from it: the same file bit for bit;
     the sampler's padding repeats are counted once, as one process over the dataset counts them."""
-    first = _spawn(tmp_path, 2, "run:uninterrupted")
+    tmp_path, first = world2_at
+    (tmp_path / "ckpt.pt").unlink()  # the killed run writes its own
     with pytest.raises(mp.ProcessExitedException):
         mp.start_processes(_worker, args=(2, str(tmp_path), "run:killed"), nprocs=2, start_method="spawn")
     assert (tmp_path / "ckpt.pt").exists() and not (tmp_path / "final_killed.pt").exists()
