@@ -245,6 +245,9 @@ def make(name: str, s: Setup, opts: Options) -> Step:
     if name.startswith("graddot/"):
         policy = name.split("/", 1)[1]
         dtype = getattr(torch, opts.compute_dtype) if opts.compute_dtype else None
+        if policy == "auto-default":  # auto with the fixed cost constants instead of the measured ones
+            return _with_default_costs(lambda: ghostfunc.graddot(s.model_fn, s.params, s.train, s.val,
+                                                                 compute_dtype=dtype))
 
         def graddot() -> Any:
             return ghostfunc.graddot(s.model_fn, s.params, s.train, s.val, policy=policy, compute_dtype=dtype)
@@ -299,6 +302,22 @@ def make(name: str, s: Setup, opts: Options) -> Step:
 
         return opacus_
     raise ValueError(f"unknown contender {name!r}")
+
+
+def _with_default_costs(fn: Step) -> Step:
+    """``fn`` run with ``GHOSTFUNC_COSTS=default`` (the cost model's fixed constants), the environment restored."""
+    def step() -> Any:
+        before = os.environ.get("GHOSTFUNC_COSTS")
+        os.environ["GHOSTFUNC_COSTS"] = "default"
+        try:
+            return fn()
+        finally:
+            if before is None:
+                del os.environ["GHOSTFUNC_COSTS"]
+            else:
+                os.environ["GHOSTFUNC_COSTS"] = before
+
+    return step
 
 
 def _secant_step(s: Setup, optimizer: Any, new_val: bool) -> Step:
