@@ -51,6 +51,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     C.setup_threads(args)
     before = C.machine()
+    before["clock"] = args.clock
     opts = C.Options(args.compute_dtype)
     names = ["plain", *KERNELS, "graddot/2t2", "graddot/auto", "graddot/auto-default"]
     cells = []
@@ -59,7 +60,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             config = C.config_from_args(args, model="mlp", T=t, width=w, d_in=args.d_in)
             s = C.build(config)
             fns = {k: C.make(k, s, opts) for k in names}
-            times = C.measure(fns, s.device, warmup=args.warmup, rounds=args.rounds, max_seconds=args.max_seconds)
+            times = C.measure(fns, s.device, warmup=args.warmup, rounds=args.rounds, max_seconds=args.max_seconds,
+                            clock=args.clock)
             del fns, s
             gc.collect()
             plain = C.summary(times["plain"])["median"]
