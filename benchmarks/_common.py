@@ -245,6 +245,9 @@ def make(name: str, s: Setup, opts: Options) -> Step:
     if name.startswith("graddot/"):
         policy = name.split("/", 1)[1]
         dtype = getattr(torch, opts.compute_dtype) if opts.compute_dtype else None
+        if policy == "auto-default":  # auto with the fixed cost constants instead of the measured ones
+            return _with_default_costs(lambda: ghostfunc.graddot(s.model_fn, s.params, s.train, s.val,
+                                                                 compute_dtype=dtype))
 
         def graddot() -> Any:
             return ghostfunc.graddot(s.model_fn, s.params, s.train, s.val, policy=policy, compute_dtype=dtype)
@@ -299,6 +302,22 @@ def make(name: str, s: Setup, opts: Options) -> Step:
 
         return opacus_
     raise ValueError(f"unknown contender {name!r}")
+
+
+def _with_default_costs(fn: Step) -> Step:
+    """``fn`` run with ``GHOSTFUNC_COSTS=default`` (the cost model's fixed constants), the environment restored."""
+    def step() -> Any:
+        before = os.environ.get("GHOSTFUNC_COSTS")
+        os.environ["GHOSTFUNC_COSTS"] = "default"
+        try:
+            return fn()
+        finally:
+            if before is None:
+                del os.environ["GHOSTFUNC_COSTS"]
+            else:
+                os.environ["GHOSTFUNC_COSTS"] = before
+
+    return step
 
 
 def _secant_step(s: Setup, optimizer: Any, new_val: bool) -> Step:
@@ -358,18 +377,23 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn: Step, device: torch.device) -> float:
+#: ``--clock``: wall-clock seconds, or this process's CPU seconds (``time.process_time``, with one torch
+#: thread), which other processes' load disturbs far less: the clock for kernel choices on a shared machine.
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def timed(fn: Step, device: torch.device, clock: Callable[[], float] = time.perf_counter) -> float:
     """Seconds one call takes (synchronised on CUDA; no garbage collection inside)."""
     gc.collect()
     sync(device)
-    t0 = time.perf_counter()
+    t0 = clock()
     fn()
     sync(device)
-    return time.perf_counter() - t0
+    return clock() - t0
 
 
 def measure(fns: Mapping[str, Step], device: torch.device, *, warmup: int = 1, rounds: int = 5,
-            max_seconds: float = 60.0) -> dict[str, list[float]]:
+            max_seconds: float = 60.0, clock: str = "wall") -> dict[str, list[float]]:
     """Warm every contender up, then run ``rounds`` rounds in rotated order; seconds per run.
 
     A contender whose warm-up call took longer than ``max_seconds`` runs once more only.
@@ -382,7 +406,7 @@ def measure(fns: Mapping[str, Step], device: torch.device, *, warmup: int = 1, r
     try:
         for k in names:
             for _ in range(warmup):
-                if timed(fns[k], device) > max_seconds:
+                if timed(fns[k], device, CLOCKS[clock]) > max_seconds:
                     once.add(k)
                     break
         for r in range(rounds):
@@ -390,7 +414,7 @@ def measure(fns: Mapping[str, Step], device: torch.device, *, warmup: int = 1, r
             for k in order:
                 if k in once and times[k]:
                     continue
-                times[k].append(timed(fns[k], device))
+                times[k].append(timed(fns[k], device, CLOCKS[clock]))
     finally:
         if enabled:
             gc.enable()
@@ -522,6 +546,9 @@ def add_common_args(parser: argparse.ArgumentParser, defaults: Config, memory: s
     r.add_argument("--compute-dtype", default=None, choices=("bfloat16", "float16"),
                    help="graddot's opt-in lower-precision kernel products (default: exact, the params' dtype)")
     r.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    r.add_argument("--clock", default="wall", choices=tuple(CLOCKS),
+                   help="wall: elapsed seconds; cpu: this process's CPU seconds on one torch thread (far less "
+                        "disturbed by other processes on a shared machine)")
     r.add_argument("--warmup", type=int, default=1)
     r.add_argument("--rounds", type=int, default=5)
     r.add_argument("--max-seconds", type=float, default=60.0,
@@ -559,6 +586,10 @@ def memory_of(names: Sequence[str], which: str) -> list[str]:
 
 
 def setup_threads(args: argparse.Namespace) -> None:
+    if getattr(args, "clock", "wall") == "cpu":
+        if args.device not in ("cpu", "auto") or resolve_device(args.device) != "cpu":
+            raise SystemExit("--clock cpu times CPU runs only")
+        args.threads = 1  # process time of one thread: what the call itself spent
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -610,6 +641,8 @@ def busy(before: dict[str, Any], after: dict[str, Any]) -> bool:
 def describe_machine(info: dict[str, Any], provisional: bool) -> str:
     """One line for a table caption."""
     dev = info.get("cuda_device") or f"{info['cpu']}, {info['cores']} cores, {info['torch_threads']} torch threads"
+    if info.get("clock") == "cpu":
+        dev += ", CPU-time clock (process_time)"
     note = (" — PROVISIONAL: other processes kept the CPU busy during the run "
             f"({info.get('other_cores') or 0:.2f} cores on average)") if provisional else ""
     return f"{dev}; torch {info['torch']}{note}"

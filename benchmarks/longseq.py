@@ -42,12 +42,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     C.setup_threads(args)
     before = C.machine()
+    before["clock"] = args.clock
     config = C.config_from_args(args)
     opts = C.Options(args.compute_dtype)
     names = ["plain", *(f"graddot/{p.strip()}" for p in args.policies.split(","))]
     s = C.build(config)
     fns = {k: C.make(k, s, opts) for k in names}
-    times = C.measure(fns, s.device, warmup=args.warmup, rounds=args.rounds, max_seconds=args.max_seconds)
+    times = C.measure(fns, s.device, warmup=args.warmup, rounds=args.rounds, max_seconds=args.max_seconds,
+                            clock=args.clock)
     plan = ghostfunc.plan(s.model_fn, s.params, s.train, s.val)
     del fns, s
     memory = {k: C.peak_memory(k, config, opts, threads=args.threads) for k in C.memory_of(names, args.memory)}

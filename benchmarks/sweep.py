@@ -58,6 +58,7 @@ def point(args: argparse.Namespace, value: int) -> C.Config:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     C.setup_threads(args)
     before = C.machine()
+    before["clock"] = args.clock
     opts = C.Options(args.compute_dtype)
     names = ["plain", *(f"graddot/{p.strip()}" for p in args.policies.split(","))]
     if args.peers:
@@ -69,7 +70,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         budget = C.memory_budget(s.device)
         here = [k for k in names if C.fits(k, s, budget)]
         fns = {k: C.make(k, s, opts) for k in here}
-        times = C.measure(fns, s.device, warmup=args.warmup, rounds=args.rounds, max_seconds=args.max_seconds)
+        times = C.measure(fns, s.device, warmup=args.warmup, rounds=args.rounds, max_seconds=args.max_seconds,
+                            clock=args.clock)
         plan = ghostfunc.plan(s.model_fn, s.params, s.train, s.val)
         del fns, s
         gc.collect()

@@ -23,6 +23,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from ._calibrate import Constants, constants
 from ._capture import Trace
 
 POLICIES = ("auto", "2t2", "ghost", "materialize", "contract")
@@ -145,19 +146,22 @@ MATERIALISE_PER_ELEMENT = 96
 GRAM_PER_PAIR = 32
 
 
-def costs(n: int, m: int, t: int, s: int, p: int, d: int, ids: bool, reduced: bool) -> dict[str, float]:
+def costs(n: int, m: int, t: int, s: int, p: int, d: int, ids: bool, reduced: bool,
+          constants: Constants | None = None) -> dict[str, float]:
     """Multiply-adds of each kernel for one factored parameter, ``train_grad`` included.
 
     ``n``/``m`` train/val rows with ``t``/``s`` tokens each; ``ids`` for an
     embedding (one-hot left factor, so a row of ``p·d`` work costs ``d``). Memory
     passes are counted in multiply-add equivalents (:data:`MATERIALISE_PER_ELEMENT`,
-    :data:`GRAM_PER_PAIR`), since at short sequences they, not the GEMMs, set the time.
+    :data:`GRAM_PER_PAIR`), since at short sequences they, not the GEMMs, set the time;
+    ``constants`` (:func:`ghostfunc._calibrate.constants`, measured on the device) replace them.
     """
+    per_element, per_pair = (MATERIALISE_PER_ELEMENT, GRAM_PER_PAIR) if constants is None else constants[:2]
     row = d if ids else p * d  # one token's outer product
     train_sum = n * t * row  # Σ_n g_n, what an optimizer step needs
     val_sum = m * s * row
-    blocks = MATERIALISE_PER_ELEMENT * p * d  # one row's materialised [p, d] block, written and read
-    out = {"ghost": n * m * t * s * ((1 if ids else p) + d + GRAM_PER_PAIR) + train_sum}
+    blocks = per_element * p * d  # one row's materialised [p, d] block, written and read
+    out = {"ghost": n * m * t * s * ((1 if ids else p) + d + per_pair) + train_sum}
     if reduced:
         # Σ_n g_n comes free; id uses gather rows of U and scatter into the sum (no block)
         out["materialize"] = val_sum + n * t * row + (train_sum if ids else n * blocks)
@@ -167,20 +171,22 @@ def costs(n: int, m: int, t: int, s: int, p: int, d: int, ids: bool, reduced: bo
     return {k: float(v) for k, v in out.items()}
 
 
-def direction_kernel(n: int, t: int, p: int, d: int, ids: bool, k: int) -> str:
+def direction_kernel(n: int, t: int, p: int, d: int, ids: bool, k: int, constants: Constants | None = None) -> str:
     """``"materialize"`` or ``"contract"``: the cheaper way to dot every training row's gradient with
     ``k`` fixed directions once ``Σ_n g_n`` is known (what the secant curvature needs, ``k = 2``).
 
     Contracting costs ``k·n·T·row``; materialising costs ``n·T·row`` once, then ``k·p·d``
     per row plus the block traffic (:data:`MATERIALISE_PER_ELEMENT`). Id uses always contract.
     """
+    per_element = MATERIALISE_PER_ELEMENT if constants is None else constants.materialise
     row = d if ids else p * d
     contract_cost = k * n * t * row
-    materialise_cost = n * t * row + n * (k + MATERIALISE_PER_ELEMENT) * p * d
+    materialise_cost = n * t * row + n * (k + per_element) * p * d
     return "contract" if ids or contract_cost <= materialise_cost else "materialize"
 
 
-def choose(policy: str, n: int, m: int, t: int, s: int, p: int, d: int, ids: bool, reduced: bool) -> tuple[str, str]:
+def choose(policy: str, n: int, m: int, t: int, s: int, p: int, d: int, ids: bool, reduced: bool,
+           constants: Constants | None = None) -> tuple[str, str]:
     """The kernel for one factored parameter under ``policy``, and why."""
     if policy in ("ghost", "materialize", "contract"):
         return policy, f"policy {policy!r}"
@@ -189,7 +195,7 @@ def choose(policy: str, n: int, m: int, t: int, s: int, p: int, d: int, ids: boo
         if 2 * big_t * big_t <= p * d:
             return "ghost", f"2T²={2 * big_t * big_t} <= pd={p * d}"
         return "materialize", f"2T²={2 * big_t * big_t} > pd={p * d}"
-    c = costs(n, m, t, s, p, d, ids, reduced)
+    c = costs(n, m, t, s, p, d, ids, reduced, constants)
     best = min(c, key=c.__getitem__)
     return best, "cost " + " ".join(f"{k}={v:.2g}" for k, v in sorted(c.items(), key=lambda kv: kv[1]))
 
@@ -197,6 +203,8 @@ def choose(policy: str, n: int, m: int, t: int, s: int, p: int, d: int, ids: boo
 def make_plan(params: Mapping[str, Tensor], use: Mapping[str, Usage], policy: str, n: int, m: int,
               val_reduce: str | None) -> Plan:
     routes = {}
+    first = next(iter(params.values()))
+    measured = constants(first.device, first.dtype) if policy == "auto" else None
     for k, u in use.items():
         shape = tuple(params[k].shape)
         if u.form is None:
@@ -207,6 +215,6 @@ def make_plan(params: Mapping[str, Tensor], use: Mapping[str, Usage], policy: st
             p = shape[0]
             d = params[k].numel() // max(p, 1)
             ids = all(kind == "embedding" for kind in u.uses)
-            path, why = choose(policy, n, m, u.tokens, u.val_tokens, p, d, ids, val_reduce is not None)
+            path, why = choose(policy, n, m, u.tokens, u.val_tokens, p, d, ids, val_reduce is not None, measured)
             routes[k] = Route(k, shape, path, why, u.uses, u.tokens, u.val_tokens, p, d)
     return Plan(routes, policy, n, m, val_reduce)

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from . import _kernels as K
+from ._calibrate import constants
 from ._capture import Batch, weighted_grad
 from ._graddot import (
     Routing,
@@ -136,7 +137,7 @@ def secant_values(where: str, model_fn: Callable[[Params, Any], Tensor], params:
     if not _same(rng, _rng_state(device)):
         raise ValueError(_RANDOM_MESSAGE.format(where=where))
 
-    both = sum_scores({k: _two_dots(route, t.grads[k], g_now[k], g_next[k], n, params[k])
+    both = sum_scores({k: two_dots(route, t.grads[k], g_now[k], g_next[k], n, params[k])
                        for k, route in r.plan.routes.items()}, params)  # [n, 2]
     now, nxt = both.unbind(1)  # <g_i, ḡ_val(θ)>, <g_i, ḡ_val(θ')>  [n] each
     values = (now + nxt).mul(-a / 2)
@@ -148,10 +149,11 @@ def secant_values(where: str, model_fn: Callable[[Params, Any], Tensor], params:
     return Secant(values, now.mul(-a), g_train, t.loss, loss_now, r.plan, after)
 
 
-def _two_dots(route: Route, uses: list[Factored | Direct], u: Tensor, v: Tensor, n: int, param: Tensor) -> Tensor:
+def two_dots(route: Route, uses: list[Factored | Direct], u: Tensor, v: Tensor, n: int, param: Tensor) -> Tensor:
     """``[<g_i, u>, <g_i, v>]`` for every training row: ``[n, 2]``. Factored parameters take the
     cheaper of two contractions and one materialisation dotted with both (:func:`direction_kernel`)."""
-    if route.factored and direction_kernel(n, route.tokens, route.p, route.d, _ids(uses), 2) == "materialize":
+    cheaper = direction_kernel(n, route.tokens, route.p, route.d, _ids(uses), 2, constants(param.device, param.dtype))
+    if route.factored and cheaper == "materialize":
         uv = torch.stack([u, v]).reshape(2, route.p, route.d).to(param.dtype)  # [2, p, d]
         return K.materialise_dots([f for f in uses if isinstance(f, Factored)], uv, n)[0]
     return torch.stack([contract_direction(route.path, uses, u, n, param),

@@ -62,7 +62,7 @@ from ._graddot import (
 )
 from ._groups import Part, split_sum
 from ._plan import Plan
-from ._secant import ValGrad, check_curvature, secant_values
+from ._secant import ValGrad, check_curvature, secant_values, two_dots
 
 Params = dict[str, Tensor]
 ORDERS = (1, 2)
@@ -245,8 +245,11 @@ def compute_values(
         g_val, hg = {k: both["g:" + k] for k in g_val}, {k: both["h:" + k] for k in hg}
     u1 = {k: g.mul(-a) for k, g in g_val.items()}
     u = {k: u1[k] + hg[k].to(u1[k].dtype).mul(a * a / 2) for k in u1}
-    first = contract_all(u1) if first_order else None
-    return Values(contract_all(u), first, g_train, t.loss, val_loss, r.plan)
+    if not first_order:
+        return Values(contract_all(u), None, g_train, t.loss, val_loss, r.plan)
+    both = sum_scores({k: two_dots(route, t.grads[k], u1[k], u[k], n, params[k])
+                       for k, route in r.plan.routes.items()}, params)  # [n, 2]: one pass for both
+    return Values(both[:, 1].contiguous(), both[:, 0].contiguous(), g_train, t.loss, val_loss, r.plan)
 
 
 def check_lr_order(where: str, lr: Any, order: Any) -> None:

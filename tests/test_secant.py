@@ -63,9 +63,12 @@ MODELS = {"mlp": (mlp_fn, mlp), "tokens-materialise": (tokens_fn, tokens_model),
           "attention-tied-embedding": (attention_fn, attention_model)}
 
 
+@pytest.mark.parametrize("costs", ["materialise=1", "materialise=2000"], ids=["materialise", "contract"])
 @pytest.mark.parametrize("name", list(MODELS))
-def test_matches_brute_force_trapezoid(name):
-    """``−(a/2)·<g_i, ḡ_val(θ) + ḡ_val(θ − a·G)>`` from a loop of single-sample gradients."""
+def test_matches_brute_force_trapezoid(name, costs, monkeypatch):
+    """``−(a/2)·<g_i, ḡ_val(θ) + ḡ_val(θ − a·G)>`` from a loop of single-sample gradients, with the
+    two directions dotted through one materialisation or two contractions (the cost constants decide)."""
+    monkeypatch.setenv("GHOSTFUNC_COSTS", costs)
     fn, build = MODELS[name]
     params, train, val = build()
     lr = 0.3
