@@ -234,6 +234,8 @@ def attribute_run(model: str, data: Digits, seed: int, steps: int, lr: float, pe
         inrun1 = inrun1.add(train["index"], info.first_order)
         inrun2 = inrun2.add(train["index"], info.values)
 
+    few = {k: v[:8] for k, v in train.items()}
+    ghostfunc.unroll(model_fn, opt, params0, [few, few], val)  # warm-up: first-call costs out of the timing
     t0 = time.perf_counter()
     unrolled = ghostfunc.unroll(model_fn, opt, traj, batches, val).total
     replay = time.perf_counter() - t0
@@ -276,22 +278,25 @@ class Evaluation:
 
     config: dict[str, Any]
     rows: dict[str, dict[str, dict[str, float]]]
-    removal: dict[str, dict[str, dict[str, list[float]]]]  # model -> "clean"/"noisy" -> method|"random" -> acc per k
+    #: model -> "clean/test_acc" (split/metric: test_acc, test_loss, val_loss) -> method|"random"|"none" -> per fraction
+    removal: dict[str, dict[str, dict[str, list[float]]]]
     timing: dict[str, dict[str, float]]
 
     def table(self) -> str:
-        """The results as a plain-text table."""
-        keys = ("lds", "lds_sd", "lds_per_val", "auroc", "remove10_clean", "remove10_noisy")
-        head = ("model", "method", "group LDS", "±sd", "per-val LDS", "noisy AUROC", "acc -10% clean", "acc -10% noisy")
+        """The results as a plain-text table (removal columns: after removing the 10% lowest-valued rows)."""
+        cols = [("lds", "group LDS"), ("lds_sd", "±sd"), ("lds_per_val", "per-val LDS"), ("auroc", "noisy AUROC")]
+        cols += [(f"remove10 {split}/{metric}", f"-10% {label} {split}") for split in ("clean", "noisy")
+                 for metric, label in (("test_acc", "test acc"), ("test_loss", "test loss"), ("val_loss", "val loss"))]
+        head = ("model", "method", *(label for _, label in cols))
         lines = []
+        k10 = self.config["removal"].index(0.1) if 0.1 in self.config["removal"] else None
         for model, methods in self.rows.items():
             for method, m in methods.items():
-                lines.append((model, method, *(_fmt(m.get(k)) for k in keys)))
-            r = self.removal[model]
-            k10 = self.config["removal"].index(0.1) if 0.1 in self.config["removal"] else None
+                lines.append((model, method, *(_fmt(m.get(k)) for k, _ in cols)))
             if k10 is not None:
-                lines.append((model, "random", "", "", "", "", _fmt(r["clean"]["random"][k10]),
-                              _fmt(r["noisy"]["random"][k10])))
+                for base in ("random", "none"):
+                    lines.append((model, base if base == "random" else "(nothing removed)", "", "", "", "",
+                                  *(_fmt(self.removal[model][k.split(" ", 1)[1]][base][k10]) for k, _ in cols[4:])))
         widths = [max(len(str(row[i])) for row in [head, *lines]) for i in range(len(head))]
         out = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)) for row in [head, *lines]]
         for model, tm in self.timing.items():
@@ -377,9 +382,9 @@ def evaluate(
         for meth in METHODS:
             ldss = [s[meth]["lds"] for s in per_seed]
             rows[model][meth]["lds_sd"] = float(torch.tensor(ldss).std()) if len(ldss) > 1 else float("nan")
-        curves[model] = {split: {k: [sum(c[split][k][j] for c in seed_curves) / len(seed_curves)
-                                     for j in range(len(removal))] for k in seed_curves[0][split]}
-                         for split in ("clean", "noisy")}
+        curves[model] = {key: {k: [sum(c[key][k][j] for c in seed_curves) / len(seed_curves)
+                                   for j in range(len(removal))] for k in seed_curves[0][key]}
+                         for key in seed_curves[0]}
         timing[model] = {k: sum(t[k] for t in seed_times) / len(seed_times) for k in seed_times[0]}
     result = Evaluation(config, rows, curves, timing)
     if out is not None:
@@ -400,8 +405,10 @@ def _one_seed(model: str, seed: int, retrains: int, n_train: int, n_val: int, st
     gen = torch.Generator().manual_seed(10_000 + seed)
     clean = digits(seed, n_train, n_val)
     noisy = digits(seed, n_train, n_val, noise)
+    t0 = time.perf_counter()
     run = attribute_run(model, clean, seed, steps, lr, per_val)
     run_noisy = attribute_run(model, noisy, seed, steps, lr, 0)
+    t_attribute = time.perf_counter() - t0
 
     # group and per-validation-point LDS over random half-subsets
     weights = subset_weights(n_train, retrains, gen)
@@ -420,10 +427,11 @@ def _one_seed(model: str, seed: int, retrains: int, n_train: int, n_val: int, st
         row["auroc"] = auroc(run_noisy.values[meth], noisy.noisy)
         metrics[meth] = row
 
+    t_lds = time.perf_counter() - t0 - t_attribute
     # removal curves: every method's k% highest φ against k% at random
     curves: dict[str, dict[str, list[float]]] = {}
     for split, r, data in (("clean", run, clean), ("noisy", run_noisy, noisy)):
-        ws, labels = [], []
+        ws, labels = [torch.ones(n_train, dtype=DT)], [("none", -1)]
         for j, frac in enumerate(removal):
             k = int(round(frac * n_train))
             for meth in METHODS:
@@ -432,49 +440,57 @@ def _one_seed(model: str, seed: int, retrains: int, n_train: int, n_val: int, st
             for _ in range(random_draws):
                 ws.append(removal_weights(n_train, torch.randperm(n_train, generator=gen)[:k]))
                 labels.append(("random", j))
-        acc = batched_accuracy(retrain(r.params0, data.train, torch.stack(ws), steps, lr), data.test)
-        table: dict[str, list[float]] = {m: [0.0] * len(removal) for m in (*METHODS, "random")}
-        for (meth, j), a in zip(labels, acc.tolist(), strict=True):
-            table[meth][j] += a / (random_draws if meth == "random" else 1)
-        curves[split] = table
+        stacked = retrain(r.params0, data.train, torch.stack(ws), steps, lr)
+        measured = {"test_acc": batched_accuracy(stacked, data.test),
+                    "test_loss": batched_losses(stacked, data.test).mean(1),
+                    "val_loss": batched_losses(stacked, data.val).mean(1)}
+        for name, values in measured.items():
+            table: dict[str, list[float]] = {m: [0.0] * len(removal) for m in (*METHODS, "random")}
+            for (meth, j), v in zip(labels[1:], values[1:].tolist(), strict=True):
+                table[meth][j] += v / (random_draws if meth == "random" else 1)
+            table["none"] = [float(values[0])] * len(removal)  # nothing removed
+            curves[f"{split}/{name}"] = table
     k10 = [j for j, f in enumerate(removal) if abs(f - 0.1) < 1e-9]
     for meth in METHODS:
-        for split in ("clean", "noisy"):
-            metrics[meth][f"remove10_{split}"] = curves[split][meth][k10[0]] if k10 else float("nan")
-    full = batched_accuracy(retrain(run.params0, clean.train, torch.ones(1, n_train, dtype=DT), steps, lr), clean.test)
-    for meth in METHODS:
-        metrics[meth]["acc_full_clean"] = float(full[0])
-    return metrics, curves, run.seconds
+        for key, table in curves.items():
+            metrics[meth][f"remove10 {key}"] = table[meth][k10[0]] if k10 else float("nan")
+    phases = {"phase_attribute": t_attribute, "phase_lds_retrains": t_lds,
+              "phase_removal_retrains": time.perf_counter() - t0 - t_attribute - t_lds}
+    return metrics, curves, {**run.seconds, **phases}
 
 
 def plot(result: Evaluation, path: str | Path) -> None:
-    """Group LDS bars and removal curves (test accuracy against the fraction removed), one row per model."""
+    """Group LDS bars and removal curves (test accuracy and loss against the fraction removed), a row per model."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     models = list(result.rows)
-    fig, axes = plt.subplots(len(models), 3, figsize=(15, 4 * len(models)), squeeze=False)
+    panels = [(f"{split}/{metric}", split, metric) for metric in ("test_acc", "test_loss") for split in ("clean", "noisy")]
+    fig, axes = plt.subplots(len(models), 1 + len(panels), figsize=(5 * (1 + len(panels)), 4 * len(models)),
+                             squeeze=False)
     fracs = [100 * f for f in result.config["removal"]]
     for i, model in enumerate(models):
         ax = axes[i][0]
-        lds = [result.rows[model][m]["lds"] for m in METHODS]
-        ax.bar(METHODS, lds, color=["C0", "C1", "C2", "C3", "C4", "C7"])
-        ax.set_title(f"{model}: group LDS ({result.config['retrains']} retrains, seeds {result.config['seeds']})")
+        ax.bar(METHODS, [result.rows[model][m]["lds"] for m in METHODS], color=["C0", "C1", "C2", "C3", "C4", "C7"])
+        ax.set_title(f"{model}: group LDS\n({result.config['retrains']} retrains, seeds {result.config['seeds']})")
         ax.axhline(0, color="k", lw=0.5)
         ax.tick_params(axis="x", rotation=30)
-        for j, split in enumerate(("clean", "noisy")):
+        for j, (key, split, metric) in enumerate(panels):
             ax = axes[i][1 + j]
-            for m, curve in result.removal[model][split].items():
+            for m, curve in result.removal[model][key].items():
+                if m == "none":
+                    ax.axhline(curve[0], color="grey", lw=0.8, ls=":", label="nothing removed")
+                    continue
                 ax.plot(fracs, curve, "--" if m == "random" else "-", marker="o", label=m,
                         color="k" if m == "random" else None)
             ax.set_title(f"{model}, {split} labels: remove the k% lowest-valued")
             ax.set_xlabel("% of training rows removed")
-            ax.set_ylabel("test accuracy after retraining")
-            ax.legend(fontsize=8)
+            ax.set_ylabel(metric.replace("_", " ") + " after retraining")
+            ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 

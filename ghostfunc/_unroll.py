@@ -15,17 +15,21 @@ SGD (momentum, dampening, Nesterov, weight decay) and AdamW, including the
 preconditioner's dependence on the gradient. For plain SGD ``ḡ = −η·λ_θ_{t+1}`` and
 the recursion is DESIGN §7's ``v_t = v_{t+1} − η·H_t v_{t+1}``.
 
-Per step, ``H_t·ḡ`` and every row's ``<g_i, ḡ>`` come from **one forward-over-reverse
-pass**: ``torch.func.jvp`` along ``ḡ`` of ``θ -> (∇ mean_i ℓ_i(θ), ℓ(θ))`` gives the
-Hessian-vector product as the first tangent and the per-sample directional
-derivatives ``<g_i, ḡ>`` as the second (``via="jvp"``, the default). ``via="kernels"``
-takes the scores from :func:`ghostfunc.graddot_direction` (tap capture and the
-contract/materialise kernels) and the Hessian-vector product from a separate
-pass: the same numbers, one more pass per step.
+Per step, ``H_t·ḡ`` and every row's share come from **one double backward**:
+with ``G(θ, w) = ∇_θ (1/n)·Σ_i w_i·ℓ_i(θ)`` (the step's gradient, computed with its
+graph kept when the segment is recomputed), the vjp of ``G`` along ``ḡ`` is
+``(H_t·ḡ, [(1/n)·<g_i, ḡ>]_i)``: the Hessian-vector product and all the rows'
+gradient dot products with ``ḡ``, with no per-sample gradient formed
+(``via="hvp"``, the default). ``via="kernels"`` takes the rows' ``<g_i, ḡ>`` from
+:func:`ghostfunc.graddot_direction` instead (a tap capture and the
+contract/materialise kernels): the same numbers, one more pass per step.
+(A forward-over-reverse ``jvp`` gives the same two at once, but ran slower here on
+CPU: torch's forward-mode rules for backward ops go through Python decompositions.)
 
 Memory: parameters and optimizer state are kept every ``k`` steps (checkpointing
 over training); going backward, each segment of ``k`` steps is recomputed from its
-checkpoint, so a run of ``T`` steps holds ``O(T/k + k)`` copies, not ``T``.
+checkpoint, so a run of ``T`` steps holds ``O(T/k + k)`` parameter copies, not
+``T``, plus the recomputed segment's ``k`` gradient graphs (activations).
 """
 
 from __future__ import annotations
@@ -47,12 +51,11 @@ from ._capture import Batch, _check_finite, _rephrase, per_sample_losses
 from ._checks import check_batch, check_model_fn, check_params
 from ._direction import graddot_direction
 from ._optim import Optimizer
-from ._shapley import _import_jvp_decompositions, val_grad_hvp
 from ._train import TrainState
 from ._values import SAFE_TYPES, DataValues
 
 Params = dict[str, Tensor]
-VIAS = ("jvp", "kernels")
+VIAS = ("hvp", "kernels")
 
 
 class Step(NamedTuple):
@@ -76,27 +79,59 @@ def mean_and_losses(losses_of: Callable[[Params], Tensor]) -> Callable[[Params],
     return mean_loss
 
 
+def batch_losses(model_fn: Callable, batch: Batch, where: str) -> Callable[[Params], Tensor]:
+    """``θ -> model_fn(θ, batch)``, checked to be ``[B]``: the rows' losses as the step's batch loss sees them."""
+    whole = batch.rebuild(batch.tensors)
+
+    def losses(p: Params) -> Tensor:
+        out = model_fn(p, whole)
+        if not isinstance(out, Tensor) or out.shape != (batch.size,):
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(f"{where}: model_fn must return one loss per row, shape ({batch.size},); got {got}")
+        return out
+
+    return losses
+
+
 def mean_grad(model_fn: Callable, params: Params, batch: Batch, where: str) -> Params:
-    """``∇ mean_i ℓ_i(θ)`` over the batch (samples run alone under ``vmap``, as in the capture)."""
-    mean_loss = mean_and_losses(per_sample_losses(model_fn, batch, where))
+    """``∇ mean_i ℓ_i(θ)``: the gradient step ``t``'s update uses (one ordinary backward over the batch)."""
     with _rephrase(where):
-        g, losses = torch.func.grad(mean_loss, has_aux=True)(params)
+        g, losses = torch.func.grad(mean_and_losses(batch_losses(model_fn, batch, where)), has_aux=True)(params)
     _check_finite(losses.detach(), "train", where)
     return g
 
 
-def hvp_and_dots(model_fn: Callable, params: Params, batch: Batch, vector: Params, where: str) -> tuple[Params, Tensor]:
-    """``H·vector`` (``H`` the Hessian of the batch's mean loss) and every row's ``<g_i, vector>`` ``[n]``.
+def grad_pullback(model_fn: Callable, params: Params, batch: Batch,
+                  where: str) -> tuple[Params, Callable[[Params], tuple[Params, Tensor]]]:
+    """``g = ∇_θ (1/n)·Σ_i w_i·ℓ_i(θ)`` at ``w = 1``, and its pullback ``v -> (H·v, [(1/n)·<g_i, v>]_i)``.
 
-    One ``torch.func.jvp`` along ``vector`` of ``θ -> (∇ mean_i ℓ_i(θ), ℓ(θ))``: the
-    first tangent is the Hessian-vector product, the second the directional
-    derivatives of the per-sample losses, which are ``<g_i, vector>``.
+    ``torch.func.vjp`` of the gradient with respect to ``(θ, w)``: one backward with
+    its graph kept (what the step's update needs), then, per direction ``v``, one
+    double backward that gives the Hessian-vector product (``∂<g, v>/∂θ``, ``H`` the
+    Hessian of the batch's mean loss) and every row's share of the step
+    (``∂<g, v>/∂w_i = (1/n)·<g_i, v>``, ``g_i`` row ``i``'s gradient as the batch
+    computes it: exact for the weighted batch loss even where rows interact).
     """
-    mean_loss = mean_and_losses(per_sample_losses(model_fn, batch, where))
-    grad = torch.func.grad(mean_loss, has_aux=True)
+    losses_of = batch_losses(model_fn, batch, where)
+
+    def weighted_grad(p: Params, w: Tensor) -> tuple[Params, Tensor]:
+        def loss(q: Params) -> tuple[Tensor, Tensor]:
+            losses = losses_of(q)
+            return (w * losses).mean(), losses
+
+        return torch.func.grad(loss, has_aux=True)(p)
+
+    w = torch.ones(batch.size, dtype=next(iter(params.values())).dtype, device=next(iter(params.values())).device)
     with sdpa_kernel([SDPBackend.MATH]), _rephrase(where):
-        _, (hv, dots) = torch.func.jvp(grad, (params,), (vector,))  # type: ignore[misc]
-    return hv, dots
+        (g, losses), pull = torch.func.vjp(weighted_grad, params, w)  # type: ignore[misc]
+    _check_finite(losses.detach(), "train", where)
+    zero = torch.zeros_like(losses)
+
+    def pullback(v: Params) -> tuple[Params, Tensor]:
+        hv, shares = pull((v, zero))
+        return hv, shares
+
+    return {k: x.detach() for k, x in g.items()}, pullback
 
 
 def _state_tensors(state: Any) -> tuple[list[Tensor], Callable[[list[Tensor]], Any]]:
@@ -196,31 +231,32 @@ def backward(r: Replay, lam: Params, n_data: int, per_step: bool, via: str, batc
     """The values ``[N]`` (``[N, T]`` with ``per_step``; a trailing ``[m]`` when ``batched``) from ``λ_θ_T``."""
     T = len(r.batches)
     extra = (next(iter(lam.values())).shape[0],) if batched else ()
-    dtype = next(iter(lam.values())).dtype
     total = torch.zeros(n_data, *((T,) if per_step else ()), *extra, dtype=torch.float64)
     lam_state: list[Tensor] | None = None  # zero at T
     for start in reversed(range(0, T, r.every)):
         params, state = r.checkpoints[start]
-        steps: list[Step] = []
-        forward(r.model_fn, r.optimizer, params, state, r.batches[start:min(start + r.every, T)], where,
-                on_step=lambda t, s: steps.append(s))  # noqa: B023 (called before the loop moves on)
-        for t in reversed(range(start, start + len(steps))):
-            step = steps.pop()
+        segment: list[tuple[Step, Callable]] = []  # the segment's steps, each with its gradient's pullback
+        for t in range(start, min(start + r.every, T)):
+            g, pull_grad = grad_pullback(r.model_fn, params, r.batches[t], where)
+            segment.append((Step(params, state, g), pull_grad))
+            params, state = r.optimizer.update(g, state, params)
+            params = {k: v.detach() for k, v in params.items()}
+        for t in reversed(range(start, start + len(segment))):
+            step, pull_grad = segment.pop()
             _, new_state, pullback = update_vjp(r.optimizer, step)
             if lam_state is None:
                 lam_state = [torch.zeros(*extra, *s.shape, dtype=s.dtype, device=s.device) for s in new_state]
             batch = r.batches[t]
 
             def back(lam_p: Params, lam_s: list[Tensor], step: Step = step, pullback: Callable = pullback,
-                     batch: Batch = batch) -> tuple[Tensor, Params, list[Tensor]]:
+                     pull_grad: Callable = pull_grad, batch: Batch = batch) -> tuple[Tensor, Params, list[Tensor]]:
                 g_bar, s_bar, p_bar = pullback((lam_p, lam_s))
-                if via == "jvp":
-                    hv, dots = hvp_and_dots(r.model_fn, step.params, batch, g_bar, where)
-                else:
-                    dots = graddot_direction(r.model_fn, step.params, batch.rebuild(batch.tensors), g_bar).scores
-                    weights = torch.full((batch.size,), 1.0 / batch.size, dtype=dtype)
-                    _, hv, _ = val_grad_hvp(r.model_fn, step.params, batch, weights, g_bar, where)
-                return dots / batch.size, _add(p_bar, hv), list(s_bar)
+                hv, shares = pull_grad(g_bar)
+                if via == "kernels":
+                    direction = {k: v.detach() for k, v in g_bar.items()}
+                    dots = graddot_direction(r.model_fn, step.params, batch.rebuild(batch.tensors), direction).scores
+                    shares = dots / batch.size
+                return shares, _add(p_bar, hv), list(s_bar)
 
             if batched:
                 dots, lam, lam_state = torch.func.vmap(back)(lam, lam_state)
@@ -309,7 +345,7 @@ def check_common(where: str, model_fn: Any, optimizer: Any, every: Any, val_redu
     if via not in VIAS:
         raise ValueError(f"{where}: via must be one of {VIAS}; got {via!r}")
     if via == "kernels" and val_reduce is None:
-        raise ValueError(f"{where}: via='kernels' scores against one direction; val_reduce=None needs via='jvp'")
+        raise ValueError(f"{where}: via='kernels' scores against one direction; val_reduce=None needs via='hvp'")
     if not isinstance(per_step, bool):
         raise TypeError(f"{where}: per_step must be a bool; got {type(per_step).__name__}")
 
@@ -326,7 +362,7 @@ def unroll(
     per_step: bool = False,
     val_reduce: str | None = "mean",
     size: int | None = None,
-    via: str = "jvp",
+    via: str = "hvp",
 ) -> DataValues:
     """Exact unrolled data values: ``∂L_val(θ_T)/∂w_i`` through the whole training run.
 
@@ -361,8 +397,9 @@ def unroll(
             (a value per validation row: a trailing ``[m]`` axis; the adjoints of all
             rows are carried together under ``vmap``).
         size: ``N``, the dataset size; ``None`` is the largest index + 1.
-        via: ``"jvp"`` (scores and Hessian-vector product in one forward-over-reverse
-            pass) or ``"kernels"`` (scores by :func:`ghostfunc.graddot_direction`).
+        via: ``"hvp"`` (the rows' shares from the Hessian-vector product's double
+            backward) or ``"kernels"`` (the shares by :func:`ghostfunc.graddot_direction`:
+            a tap capture and the contract/materialise kernels; one more pass per step).
 
     Returns:
         :class:`ghostfunc.DataValues` with ``total`` ``[N]`` (``[N, T]``, ``[N, m]``
@@ -405,7 +442,6 @@ def unroll(
 def replay_values(r: Replay, val: Batch, n_data: int, per_step: bool, val_reduce: str | None, via: str,
                   where: str) -> DataValues:
     """Sweep a replay backward from ``∇L_val(θ_T)`` and package the values."""
-    _import_jvp_decompositions()
     lam, _ = val_adjoint(r.model_fn, r.final, val, val_reduce, where)
     total = backward(r, lam, n_data, per_step, via, val_reduce is None, where)
     count = torch.zeros(n_data, dtype=torch.int64)

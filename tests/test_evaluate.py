@@ -20,7 +20,9 @@ def test_evaluate_runs_tiny(tmp_path):
         for method, row in result.rows[model].items():
             assert -1 <= row["lds"] <= 1 and 0 <= row["auroc"] <= 1
             assert (method == "inrun2") == (row["lds_per_val"] != row["lds_per_val"])  # NaN only for order 2
-        assert set(result.removal[model]["noisy"]) == {*E.METHODS, "random"}
+        assert set(result.removal[model]) == {f"{s}/{m}" for s in ("clean", "noisy")
+                                              for m in ("test_acc", "test_loss", "val_loss")}
+        assert set(result.removal[model]["noisy/test_acc"]) == {*E.METHODS, "random", "none"}
         assert result.timing[model]["replay"] > 0
     saved = json.loads((tmp_path / "evaluation.json").read_text())
     assert saved["config"]["retrains"] == 4

@@ -110,10 +110,10 @@ def test_per_validation_row_values_match_autograd():
     assert rel(out.total.mean(1), mean) < 1e-12
 
 
-def test_kernel_scores_equal_jvp_scores():
+def test_kernel_scores_equal_hvp_scores():
     params, batches, val = run(seed=4, steps=4)
     opt = ghostfunc.adamw(0.05)
-    a = ghostfunc.unroll(mlp_fn, opt, params, batches, val, via="jvp")
+    a = ghostfunc.unroll(mlp_fn, opt, params, batches, val, via="hvp")
     b = ghostfunc.unroll(mlp_fn, opt, params, batches, val, via="kernels")
     assert rel(a.total, b.total) < 1e-10
 
