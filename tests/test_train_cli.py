@@ -6,6 +6,7 @@ import csv
 import inspect
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -205,7 +206,10 @@ def test_torchrun_two_processes_equal_one(corpus: dict[str, Path], tmp_path: Pat
     one = subprocess.run([sys.executable, "-m", "ghostfunc", "train", "--out", str(tmp_path / "one"), *args],
                          capture_output=True, text=True, env=env, timeout=300)
     assert one.returncode == 0, one.stderr
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port,
                           "-m", "ghostfunc", "train", "--out", str(tmp_path / "two"), *args],
                          capture_output=True, text=True, env=env, timeout=300)
     assert two.returncode == 0, two.stderr
