@@ -6,6 +6,7 @@ import csv
 import inspect
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -205,7 +206,10 @@ def test_torchrun_two_processes_equal_one(corpus: dict[str, Path], tmp_path: Pat
     one = subprocess.run([sys.executable, "-m", "ghostfunc", "train", "--out", str(tmp_path / "one"), *args],
                          capture_output=True, text=True, env=env, timeout=300)
     assert one.returncode == 0, one.stderr
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port,
                           "-m", "ghostfunc", "train", "--out", str(tmp_path / "two"), *args],
                          capture_output=True, text=True, env=env, timeout=300)
     assert two.returncode == 0, two.stderr
@@ -259,3 +263,14 @@ def test_benchmark_tiny(tmp_path: Path) -> None:
     got = train_run.main(["--tiny", "--threads", "1", "--out", str(tmp_path)])
     assert set(got["ratios"]) == {"values none", "order 1", "order 2"} and got["ratios"]["values none"] == 1.0
     assert (tmp_path / "train_run_tiny.json").is_file() and (tmp_path / "train_run_tiny.md").is_file()
+
+
+def test_token_files_train(corpus: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "bin"
+    assert main(["train", "--train", str(corpus["train_bin"]), "--val", str(corpus["val_bin"]), "--out", str(out),
+                 *SMALL, "--steps", "2"]) == 0
+    values = ghostfunc.DataValues.load(out / "values.pt")
+    assert isinstance(values, ghostfunc.DataValues) and len(values) == 2000 // 32  # chunk i = tokens [32i, 32i + 32)
+    rows = list(csv.DictReader((out / "values.csv").read_text().splitlines()))
+    assert {r["source"] for r in rows} == {"train.bin"} and len(rows) == 8
+    assert "chunk" in (out / "report.md").read_text()  # token ids stand in for text

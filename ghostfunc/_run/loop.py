@@ -368,10 +368,13 @@ def run(setup: Setup, par: Dist, *, pool: Tensor | None = None, quiet: bool = Fa
         from tqdm import tqdm
 
         bar = tqdm(total=cfg["steps"], initial=state.step, unit="step", desc="train", dynamic_ncols=True)
-    evals = lambda: {  # noqa: E731 - a small local closure
-        "val_loss": evaluate(setup, state.params, setup.val, par),
-        **({"test_loss": evaluate(setup, state.params, setup.test, par)} if setup.test is not None else {}),
-    }
+
+    def evals() -> dict[str, float]:  # the losses of the current parameters on the held-out sets
+        got = {"val_loss": evaluate(setup, state.params, setup.val, par)}
+        if setup.test is not None:
+            got["test_loss"] = evaluate(setup, state.params, setup.test, par)
+        return got
+
     if state.step == 0:
         first = evals()
         if par.rank == 0:

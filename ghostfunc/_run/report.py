@@ -96,7 +96,7 @@ def figure(path: Path, metrics: list[dict[str, Any]], sources: list[dict[str, An
         ax[1, 1].boxplot([by_source[s] for s in box], showfliers=False, orientation="horizontal")
         ax[1, 1].set_yticks(range(1, len(box) + 1), box, fontsize=7)
     ax[1, 1].axvline(0, color="k", lw=0.8)
-    ax[1, 1].set(xlabel="value per chunk", title="value distribution per source (best and worst, >= 5 chunks seen)")
+    ax[1, 1].set(xlabel="value per chunk", title="value per chunk: best and worst sources (>= 5 seen)")
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=90)

@@ -65,6 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg.update(resume=False, stop_at=0, values="none", progress=False)
         if opts["steps"]:
             cfg["steps"] = opts["steps"]
+        cfg["eval_every"] = cfg["steps"]  # only the final losses matter here
         setup = loop.prepare(cfg)
         if len(values) != len(setup.train):
             raise UsageError(f"--run: expected values for the {len(setup.train)} chunks of its corpus; values.pt has {len(values)}")
