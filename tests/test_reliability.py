@@ -306,6 +306,14 @@ def test_independent_models_are_not_flagged():
         mode()
         ghostfunc.graddot(model_fn, p, x, xv)
 
+    own = torch.Generator().manual_seed(0)
+
+    def noisy(p, x):  # random draws from the model's own generator: not compared either
+        noise = torch.randn(4, len(x), generator=own, dtype=x.dtype).T  # [B, 4]: drawn feature-major
+        return (x @ p["W"].T + 0.1 * noise).pow(2).sum(1)
+
+    ghostfunc.graddot(noisy, _lin(), x[:, :3].double(), xv[:, :3].double())
+
 
 def test_interaction_check_is_cached_and_leaves_the_rng_alone():
     calls = []
