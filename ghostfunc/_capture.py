@@ -145,8 +145,8 @@ class _Interceptor(TorchFunctionMode):
         self.fresh: set[int] = set()  # ids of the tensors made by FACTORIES in this run
 
     def __enter__(self) -> _Interceptor:
-        # torch.compile'd code runs eagerly in here: dynamo would inline this mode into its graph, and the
-        # graph's calls (the "eager" backend replays them as torch calls) would come through it again.
+        # torch.compile'd code runs eagerly in here: dynamo traced this mode (taps, saved inputs) into its
+        # graph with the model, and under backend="eager" that graph gave every tap's gradient twice.
         self._stance = torch.compiler.set_stance("force_eager")
         return super().__enter__()
 
