@@ -181,6 +181,8 @@ class _Interceptor(TorchFunctionMode):
                     if hit is not None:
                         del found[hit]
         out = func(*args, **kwargs)
+        if func in FACTORIES:  # e.g. torch.zeros_like(weight): a fresh buffer too
+            self.fresh.add(id(out))
         if found and _makes_tensor(out, found):
             if self.taps is not None:
                 raise _Stale(f"{_name(func)} used {self.names[id(found[0])]}")

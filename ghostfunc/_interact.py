@@ -265,10 +265,12 @@ def _per_sample_in_place(target: Tensor, rest: tuple, kwargs: dict[str, Any]) ->
     copies = ft._add_batch_dim(target.expand(n, *target.shape).clone(), 0, level)  # [n, *target] per sample
     try:
         torch.utils.swap_tensors(target, copies)
-    except RuntimeError as err:  # e.g. the tensor is held by a weak reference
+    except RuntimeError:  # still referenced elsewhere (a view taken before the write, a weak reference)
         raise InPlaceWriteError(
-            f"model_fn writes per-sample values in place into a tensor it created, and ghostfunc could not give "
-            f"that tensor one copy per sample ({err}); build it out of place (torch.cat, torch.where, index_add)"
+            "model_fn writes per-sample values in place into a tensor it created after taking a view of it "
+            "(or while something else holds it); ghostfunc runs each sample alone under vmap and cannot give "
+            "that tensor one copy per sample without leaving the view behind. Take views after the writes, or "
+            "build the tensor out of place (torch.cat, torch.where, index_add)"
         ) from None
 
 
