@@ -150,8 +150,8 @@ class _Interceptor(TorchFunctionMode):
     follow_branches = True
 
     def __enter__(self) -> _Interceptor:
-        # torch.compile'd code runs eagerly in here: dynamo would inline this mode into its graph, and the
-        # graph's calls (the "eager" backend replays them as torch calls) would come through it again.
+        # torch.compile'd code runs eagerly in here: dynamo traced this mode (taps, saved inputs) into its
+        # graph with the model, and under backend="eager" that graph gave every tap's gradient twice.
         self._stance = torch.compiler.set_stance("force_eager")
         return super().__enter__()
 
@@ -190,6 +190,8 @@ class _Interceptor(TorchFunctionMode):
                     if hit is not None:
                         del found[hit]
         out = func(*args, **kwargs)
+        if func in FACTORIES:  # e.g. torch.zeros_like(weight): a fresh buffer too
+            self.fresh.add(id(out))
         if found and _makes_tensor(out, found):
             if self.taps is not None:
                 raise _Stale(f"{_name(func)} used {self.names[id(found[0])]}")

@@ -12,8 +12,9 @@ that never touches ``params`` (it calls ``net(x)`` instead of
 signature (cached like the trace), for the cost of two small forward passes under
 ``no_grad``: ``model_fn`` on the first ``k ≤ 3`` samples together, then on each alone.
 Losses that differ beyond rounding mean the samples interact. A model that draws
-random numbers (dropout in training mode) cannot be compared this way (the draws of a
-batch and of its samples alone differ), so for it only the parameter check runs.
+random numbers (dropout in training mode; seen by the global RNG state, or a call given
+a ``generator=``) cannot be compared this way (the draws of a batch and of
+its samples alone differ), so for it only the parameter check runs.
 The global RNG state is left as it was.
 """
 
@@ -42,18 +43,21 @@ _CHECKED: weakref.WeakKeyDictionary[Any, set[tuple]] = weakref.WeakKeyDictionary
 
 
 class _Uses(TorchFunctionMode):
-    """Records whether any torch call receives one of the parameters (by identity)."""
+    """Records whether any torch call receives one of the parameters (by identity), and random draws."""
 
     def __init__(self, ids: set[int]) -> None:
         super().__init__()
         self.ids = ids
         self.used = False
+        self.random = False
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         func = EXACT.get(func, func)  # as in the capture: BatchNorm in training mode refused before it runs
         if not self.used:
             self.used = any(isinstance(t, Tensor) and id(t) in self.ids for t in pytree.tree_leaves((args, kwargs)))
+        if kwargs.get("generator") is not None:
+            self.random = True  # a draw from the model's own generator (the global one is watched by its state)
         return func(*args, **kwargs)
 
 
@@ -126,7 +130,8 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
         try:
             with mode:  # the mode also runs the calls the capture replaces (EXACT), as the capture would
                 together = model_fn(dict(params), rows(0, k))
-                random = not all(torch.equal(a, b) for a, b in zip(before, _rng_states(devices), strict=True))
+                random = mode.random or not all(torch.equal(a, b)
+                                                for a, b in zip(before, _rng_states(devices), strict=True))
                 alone = None
                 if not random and k > 1 and _per_sample_shape(together, k):
                     alone = torch.cat([model_fn(dict(params), rows(i, i + 1)).reshape(-1) for i in range(k)])
@@ -260,10 +265,12 @@ def _per_sample_in_place(target: Tensor, rest: tuple, kwargs: dict[str, Any]) ->
     copies = ft._add_batch_dim(target.expand(n, *target.shape).clone(), 0, level)  # [n, *target] per sample
     try:
         torch.utils.swap_tensors(target, copies)
-    except RuntimeError as err:  # e.g. the tensor is held by a weak reference
+    except RuntimeError:  # still referenced elsewhere (a view taken before the write, a weak reference)
         raise InPlaceWriteError(
-            f"model_fn writes per-sample values in place into a tensor it created, and ghostfunc could not give "
-            f"that tensor one copy per sample ({err}); build it out of place (torch.cat, torch.where, index_add)"
+            "model_fn writes per-sample values in place into a tensor it created after taking a view of it "
+            "(or while something else holds it); ghostfunc runs each sample alone under vmap and cannot give "
+            "that tensor one copy per sample without leaving the view behind. Take views after the writes, or "
+            "build the tensor out of place (torch.cat, torch.where, index_add)"
         ) from None
 
 

@@ -255,7 +255,14 @@ def batch_center(p, x):  # normalisation with batch statistics written out by ha
     return ((h - h.mean(0)) / (h.std(0) + 1)).pow(2).sum(1)
 
 
-INTERACT = {"infonce": infonce, "baseline": baseline, "reweight": reweight, "batch_center": batch_center}
+def shared_buffer(p, x):  # every sample added into one weight-shaped buffer
+    h = torch.zeros_like(p["W"])  # [4, 3]
+    h.index_add_(0, torch.zeros(len(x), dtype=torch.long), x)
+    return F.linear(x, p["W"] + h).pow(2).sum(1)
+
+
+INTERACT = {"infonce": infonce, "baseline": baseline, "reweight": reweight, "batch_center": batch_center,
+            "shared_buffer": shared_buffer}
 
 
 @pytest.mark.parametrize("name", list(INTERACT))
@@ -305,6 +312,14 @@ def test_independent_models_are_not_flagged():
     for mode in (net.train, net.eval):
         mode()
         ghostfunc.graddot(model_fn, p, x, xv)
+
+    own = torch.Generator().manual_seed(0)
+
+    def noisy(p, x):  # random draws from the model's own generator: not compared either
+        noise = torch.randn(4, len(x), generator=own, dtype=x.dtype).T  # [B, 4]: drawn feature-major
+        return (x @ p["W"].T + 0.1 * noise).pow(2).sum(1)
+
+    ghostfunc.graddot(noisy, _lin(), x[:, :3].double(), xv[:, :3].double())
 
 
 def test_interaction_check_is_cached_and_leaves_the_rng_alone():
@@ -420,15 +435,24 @@ def test_fresh_tensor_filled_in_place_is_exact(model_fn):
 
 
 def test_write_into_a_view_of_a_fresh_tensor_is_refused_precisely():
-    def model_fn(p, x):
+    def into_view(p, x):
         h = torch.zeros(x.shape[0], 6, dtype=x.dtype)
         h[:, :4].copy_(F.linear(x, p["W"]))  # the view h[:, :4] is taken first, then written
         return h.pow(2).sum(1)
 
+    def view_kept(p, x):
+        h = torch.zeros(x.shape[0], 6, dtype=x.dtype)
+        head = h[:, :4]  # a view taken before the write, read after it
+        h[:, :4] = F.linear(x, p["W"])
+        return head.pow(2).sum(1)
+
     x = torch.randn(3, 3, dtype=F64)
     with pytest.raises(ValueError, match=r"^graddot: model_fn writes per-sample values in place \(.*copy_\) into a "
                                          r"view of a tensor it created"):
-        ghostfunc.graddot(model_fn, _lin(), x, x, policy="materialize")
+        ghostfunc.graddot(into_view, _lin(), x, x, policy="materialize")
+    with pytest.raises(ValueError, match=r"^graddot: model_fn writes per-sample values in place into a tensor it "
+                                         r"created after taking a view of it"):
+        ghostfunc.graddot(view_kept, _lin(), x, x)
 
 
 BN_FIX = r"put BatchNorm layers in eval mode \(model.eval\(\)\) with running statistics, or use GroupNorm/LayerNorm"
