@@ -48,6 +48,7 @@ class Site(NamedTuple):
 class Trace(NamedTuple):
     sites: tuple[Site, ...]
     other_uses: dict[str, str]  # parameter name -> the unrecognised call that used it
+    notes: tuple[str, ...] = ()  # what the plan should say about how the model ran
 
 
 class _Stale(Exception):
@@ -109,12 +110,16 @@ class _Interceptor(TorchFunctionMode):
         self.saved: list[Tensor] = []
         self.statics: list[Any] = []
         self.branch_points = 0  # data-dependent branch points met so far (their ordinal names them)
+        self.lifted_checkpoint = False  # a call ran inside a non-re-entrant checkpoint (_without_checkpoint)
 
     #: Answer data-dependent branches under ``vmap`` (:func:`_agreed_value`).
     follow_branches = True
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
+        hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        if hooks is not None and "checkpoint" in getattr(hooks[0], "__qualname__", ""):
+            return _without_checkpoint(self, hooks, func, types, args, kwargs)
         if func in _TO_PYTHON and self.follow_branches and args and _batch_level_count(args[0]) == 1:
             self.branch_points += 1
             return _agreed_value(func, args, kwargs, self.branch_points)
@@ -168,6 +173,23 @@ class _Interceptor(TorchFunctionMode):
                          f"{self.expect[k:k + 1]}")
         assert self.taps is not None
         return self.taps[k]
+
+
+def _without_checkpoint(mode: _Interceptor, hooks: tuple, func: Any, types: Any, args: tuple,
+                        kwargs: dict[str, Any]) -> Any:
+    """A call inside a non-re-entrant ``torch.utils.checkpoint`` region, run as if not checkpointed.
+
+    The region's saved-tensor hooks would drop the call's saved tensors and recompute
+    them in the backward pass, where no interceptor runs (and where ``functional_call``
+    has put a module's own weights back). With the hooks lifted for the call, its
+    tensors are saved as usual and nothing is recomputed: exact, without the memory saving.
+    """
+    mode.lifted_checkpoint = True
+    torch._C._autograd._pop_saved_tensors_default_hooks()
+    try:
+        return mode.__torch_function__(func, types, args, kwargs)
+    finally:
+        torch._C._autograd._push_saved_tensors_default_hooks(*hooks)
 
 
 #: Rule kinds whose call returns a fresh tensor that the call itself does not save for its backward,

@@ -418,20 +418,28 @@ def _two_layer(p, x, reentrant=None):
     return F.linear(h, p["W2"]).pow(2).sum(1)
 
 
-CHECKPOINT = r"^graddot: model_fn uses torch.utils.checkpoint \(or gradient checkpointing\), which recomputes"
+REENTRANT = r"^graddot: model_fn uses torch.utils.checkpoint with use_reentrant=True, which runs its segments"
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
-def test_checkpoint_is_refused_with_the_fix(reentrant):
+def test_checkpoint(reentrant):
     p = _mlp(9)
     x, xv = _split_data(10, n=4, m=3)
-    with pytest.raises(RuntimeError, match=CHECKPOINT):
-        ghostfunc.graddot(lambda p, x: _two_layer(p, x, reentrant), p, x, xv)
+
+    def model_fn(p, x):
+        return _two_layer(p, x, reentrant)
+
+    if reentrant:
+        with pytest.raises(RuntimeError, match=REENTRANT + r".*Pass use_reentrant=False"):
+            ghostfunc.graddot(model_fn, p, x, xv)
+        return
+    plan = check_all("checkpoint", model_fn, p, x, xv, reference_fn=_two_layer)
+    assert "runs as if not checkpointed: exact, without its memory saving" in notes(plan)
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
-def test_checkpointed_module_under_functional_call_is_refused(reentrant):
-    # the recompute would run after functional_call has put the module's own weights back: refused, never wrong
+def test_checkpointed_module_under_functional_call(reentrant):
+    # a recompute would run after functional_call has put the module's own weights back: none happens, or refused
     torch.manual_seed(0)
     layer = nn.Linear(3, 3).double()
     params = {k: v.detach() * 2 for k, v in layer.named_parameters()}  # not the module's own values
@@ -440,27 +448,38 @@ def test_checkpointed_module_under_functional_call_is_refused(reentrant):
         h = F.linear(x, p["weight"])  # the segment's input requires grad
         return cp.checkpoint(lambda z: functional_call(layer, p, (z,)), h, use_reentrant=reentrant).pow(2).sum(1)
 
-    x = torch.randn(3, 3, dtype=F64)
-    with pytest.raises(RuntimeError, match=CHECKPOINT):
-        ghostfunc.graddot(model_fn, params, x, x)
-    assert all(q.grad is None for q in layer.parameters())  # refused before any backward: nothing written
+    def plain(p, x):
+        return functional_call(layer, p, (F.linear(x, p["weight"]),)).pow(2).sum(1)
+
+    x, xv = torch.randn(4, 3, dtype=F64), torch.randn(3, 3, dtype=F64)
+    if reentrant:
+        with pytest.raises(RuntimeError, match=REENTRANT):
+            ghostfunc.graddot(model_fn, params, x, xv)
+        assert all(q.grad is None for q in layer.parameters())  # refused before any backward: nothing written
+    else:
+        check_all("checkpoint functional_call", model_fn, params, x, xv, reference_fn=plain)
 
 
-def test_hf_gradient_checkpointing_in_train_mode_is_refused_with_the_fix(hf):
+@pytest.mark.parametrize("reentrant", [None, False, True])
+def test_hf_gradient_checkpointing_in_train_mode(hf, reentrant):
     cfg = hf.GPT2Config(vocab_size=32, n_embd=8, n_layer=2, n_head=2, n_positions=16, resid_pdrop=0.0,
                         embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(0)
     model = hf.GPT2LMHeadModel(cfg).to(F64)
-    model_fn, params = ghostfunc.from_module(model, ghostfunc.causal_lm_loss)
-    model.gradient_checkpointing_enable()
+    plain_fn, params = ghostfunc.from_module(model, ghostfunc.causal_lm_loss)
+    model.gradient_checkpointing_enable(None if reentrant is None else {"use_reentrant": reentrant})
     model.train()
+    model_fn, _ = ghostfunc.from_module(model, ghostfunc.causal_lm_loss)
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(3, 32, (5, 6), generator=g)
     train, val = {"input_ids": ids[:3]}, {"input_ids": ids[3:]}
-    with pytest.raises(RuntimeError, match=CHECKPOINT + r".*\(model.gradient_checkpointing_disable\(\)"):
-        ghostfunc.graddot(model_fn, params, train, val)
-    model.gradient_checkpointing_disable()  # the fix: the same numbers as the loop, in train mode
-    check_all("checkpoint hf gpt2 disabled", model_fn, params, train, val, policies=("auto",), reduces=("mean",))
+    if reentrant:
+        with pytest.raises(RuntimeError, match=REENTRANT + r".*gradient_checkpointing_kwargs=\{'use_reentrant': False\}"):
+            ghostfunc.graddot(model_fn, params, train, val)
+        return
+    plan = check_all("checkpoint hf gpt2", model_fn, params, train, val, reference_fn=plain_fn, policies=("auto",),
+                     reduces=("mean", None))
+    assert "runs as if not checkpointed" in notes(plan)
 
 
 @pytest.mark.parametrize(("experts", "dtype"), [("eager", F64), ("batched_mm", F64), ("grouped_mm", torch.float32)])
