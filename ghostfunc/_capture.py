@@ -495,13 +495,6 @@ class Half(NamedTuple):
     grads: dict[str, list[Factored | Direct]]
 
 
-def capture(model_fn: ModelFn, params: Mapping[str, Tensor], train: Batch, val: Batch,
-            traces: tuple[Trace, Trace], kernel: set[str], where: str) -> Captured:
-    """One forward over train and val (each under ``vmap``) and one tap backward."""
-    t, v = capture_batches(model_fn, params, (train, val), traces, kernel, where, ("train", "val"))
-    return Captured(t.loss, v.loss, {k: (t.grads[k], v.grads[k]) for k in params})
-
-
 def capture_batches(model_fn: ModelFn, params: Mapping[str, Tensor], batches: Sequence[Batch],
                     traces: Sequence[Trace], kernel: set[str], where: str,
                     labels: Sequence[str] = ("train", "val"), rows: Sequence[Tensor | None] = ()) -> list[Half]:
