@@ -332,7 +332,7 @@ def _agreed_value(func: Any, args: tuple, kwargs: dict[str, Any], ordinal: int =
     if any(_batch_level_count(a) for a in pytree.tree_leaves((args[1:], kwargs))):
         return func(*args, **kwargs)  # let functorch raise its own error
     values = [func(row, *args[1:], **kwargs) for row in _per_sample(args[0])]
-    if any(v != values[0] for v in values[1:]):
+    if any(repr(v) != repr(values[0]) for v in values[1:]):  # by repr, as the groups are keyed (nan agrees)
         raise _Diverged(values, ordinal, _short_name(func))
     return values[0]
 

@@ -108,6 +108,14 @@ def item_scale(p, x):
     return (torch.sin(h) * scale).sum(1) + F.linear(h, p["W2"]).pow(2).sum(1)
 
 
+def nan_item(p, x):
+    h = F.linear(x, p["W1"], p["b1"])
+    s = x[:, 0].log().sum().item()  # nan for every negative x[:, 0]: those samples agree (nan != nan)
+    if s != s:
+        return F.linear(h, p["W2"]).pow(2).sum(1)
+    return torch.sin(h).sum(1) * (s > 0)
+
+
 def varying_length(p, batch):
     ids, x = batch
     h = F.embedding(ids, p["E"]) + x[..., None]  # [B, T, h]
@@ -122,10 +130,12 @@ def _split_data(seed, n=6, m=4, d=3):
     return x, xv
 
 
-@pytest.mark.parametrize("model_fn", [sign_branch, nested_branches, item_scale], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("model_fn", [sign_branch, nested_branches, item_scale, nan_item], ids=lambda f: f.__name__)
 def test_divergent_branches_split_the_batch(model_fn):
     p = _mlp()
     x, xv = _split_data(1)
+    if model_fn is nan_item:
+        x[:3, 0], xv[:2, 0] = -x[:3, 0].abs(), -xv[:2, 0].abs()
     plan = check_all("split " + model_fn.__name__, model_fn, p, x, xv)
     assert "train split into" in notes(plan)
     if model_fn is nested_branches:
