@@ -26,7 +26,6 @@ Cost: one forward and one backward per sample (the loop's), exact.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -109,13 +108,11 @@ def trace_eager(model_fn: ModelFn, params: Mapping[str, Tensor], batch: Batch, w
     """
 
     def compute() -> Trace:
-        mode = _EagerInterceptor({id(v): k for k, v in params.items()}, tracing=True)
+        leaves = {k: v.detach().requires_grad_() for k, v in params.items()}  # a model may differentiate them
+        mode = _EagerInterceptor({id(v): k for k, v in leaves.items()}, tracing=True)
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-        with torch.random.fork_rng(devices=devices), torch.enable_grad(), _rephrase(where), mode, \
-                warnings.catch_warnings():
-            # re-entrant checkpoint warns that no input requires grad: in the trace none does, by design
-            warnings.filterwarnings("ignore", message="None of the inputs have requires_grad=True")
-            _one_loss(model_fn(dict(params), batch.rebuild([t[:1] for t in batch.tensors])), where)
+        with torch.random.fork_rng(devices=devices), torch.enable_grad(), _rephrase(where), mode:
+            _one_loss(model_fn(leaves, batch.rebuild([t[:1] for t in batch.tensors])), where)
         other = dict(mode.other_uses)
         if mode.autograd_calls:
             call = f"{mode.autograd_calls[0]} inside model_fn (taps cannot see a backward graph)"

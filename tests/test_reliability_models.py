@@ -405,14 +405,25 @@ def moe_where(p, x):
     return score + F.linear(h, p["W2"]).pow(2).sum(1)
 
 
-@pytest.mark.parametrize("model_fn", [old_function, input_grad_penalty, inner_vmap, moe_nonzero, moe_where],
+def maml_inner_step(p, x):
+    """One inner gradient step on the sample's own loss, then the outer loss: second order through the params."""
+    def inner(q):
+        return F.linear(torch.tanh(F.linear(x, q["W1"], q["b1"])), q["W2"]).pow(2).sum()
+
+    grads = torch.autograd.grad(inner(p), list(p.values()), create_graph=True)
+    q = {k: v - 0.1 * g for (k, v), g in zip(p.items(), grads, strict=True)}
+    return F.linear(torch.tanh(F.linear(x.flip(1), q["W1"], q["b1"])), q["W2"]).sin().sum(1)
+
+
+@pytest.mark.parametrize("model_fn", [old_function, input_grad_penalty, inner_vmap, moe_nonzero, moe_where,
+                                      maml_inner_step],
                          ids=lambda f: f.__name__)
 def test_untransformable_models_run_sample_by_sample(model_fn):
     p = _mlp(7)
     x, xv = _split_data(8, n=5, m=3)
     plan = check_all("per-sample " + model_fn.__name__, model_fn, p, x, xv)
     assert "per-sample capture" in notes(plan)
-    if model_fn is input_grad_penalty:  # the parameters also enter the model's own backward: all leaves
+    if model_fn in (input_grad_penalty, maml_inner_step):  # params also enter the model's own backward: leaves
         assert all(r.path == "fallback" and "autograd.grad" in r.reason for r in plan.routes.values())
     elif model_fn is not inner_vmap:
         assert plan.routes["W1"].path in ("ghost", "materialize", "contract")  # taps kept
