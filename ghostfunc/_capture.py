@@ -14,6 +14,12 @@ Tap shapes come from a *trace*: the same run on one sample under ``no_grad``,
 cached by input signature; a real run that meets a different sequence of calls
 raises :class:`_Stale` and is traced again, so a stale cache cannot give a wrong
 number.
+
+Data-dependent control flow (``bool(tensor)``, ``.item()``) is answered per batch
+when every sample gives the same value; otherwise :class:`_Diverged` carries every
+sample's value and the caller runs the batch in groups that agree
+(:mod:`ghostfunc._groups`). A model ``vmap`` inside ``vjp`` cannot run at all goes
+sample by sample (:mod:`ghostfunc._eager`).
 """
 
 from __future__ import annotations
