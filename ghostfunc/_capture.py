@@ -14,6 +14,12 @@ Tap shapes come from a *trace*: the same run on one sample under ``no_grad``,
 cached by input signature; a real run that meets a different sequence of calls
 raises :class:`_Stale` and is traced again, so a stale cache cannot give a wrong
 number.
+
+Data-dependent control flow (``bool(tensor)``, ``.item()``) is answered per batch
+when every sample gives the same value; otherwise :class:`_Diverged` carries every
+sample's value and the caller runs the batch in groups that agree
+(:mod:`ghostfunc._groups`). A model ``vmap`` inside ``vjp`` cannot run at all goes
+sample by sample (:mod:`ghostfunc._eager`).
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ class Site(NamedTuple):
 class Trace(NamedTuple):
     sites: tuple[Site, ...]
     other_uses: dict[str, str]  # parameter name -> the unrecognised call that used it
+    notes: tuple[str, ...] = ()  # what the plan should say about how the model ran
 
 
 class _Stale(Exception):
@@ -145,6 +152,7 @@ class _Interceptor(TorchFunctionMode):
         self.statics: list[Any] = []
         self.fresh: set[int] = set()  # ids of the tensors made by FACTORIES in this run
         self.branch_points = 0  # data-dependent branch points met so far (their ordinal names them)
+        self.lifted_checkpoint = False  # a call ran inside a non-re-entrant checkpoint (_without_checkpoint)
 
     #: Answer data-dependent branches under ``vmap`` (:func:`_agreed_value`).
     follow_branches = True
@@ -161,6 +169,9 @@ class _Interceptor(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
+        hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        if hooks is not None and "checkpoint" in getattr(hooks[0], "__qualname__", ""):
+            return _without_checkpoint(self, hooks, func, types, args, kwargs)
         if func in _TO_PYTHON and self.follow_branches and args and _batch_level_count(args[0]) == 1:
             self.branch_points += 1
             return _agreed_value(func, args, kwargs, self.branch_points)
@@ -223,6 +234,23 @@ class _Interceptor(TorchFunctionMode):
                          f"{self.expect[k:k + 1]}")
         assert self.taps is not None
         return self.taps[k]
+
+
+def _without_checkpoint(mode: _Interceptor, hooks: tuple, func: Any, types: Any, args: tuple,
+                        kwargs: dict[str, Any]) -> Any:
+    """A call inside a non-re-entrant ``torch.utils.checkpoint`` region, run as if not checkpointed.
+
+    The region's saved-tensor hooks would drop the call's saved tensors and recompute
+    them in the backward pass, where no interceptor runs (and where ``functional_call``
+    has put a module's own weights back). With the hooks lifted for the call, its
+    tensors are saved as usual and nothing is recomputed: exact, without the memory saving.
+    """
+    mode.lifted_checkpoint = True
+    torch._C._autograd._pop_saved_tensors_default_hooks()
+    try:
+        return mode.__torch_function__(func, types, args, kwargs)
+    finally:
+        torch._C._autograd._push_saved_tensors_default_hooks(*hooks)
 
 
 #: Rule kinds whose call returns a fresh tensor that the call itself does not save for its backward,
@@ -365,7 +393,7 @@ def _agreed_value(func: Any, args: tuple, kwargs: dict[str, Any], ordinal: int =
     if any(_batch_level_count(a) for a in pytree.tree_leaves((args[1:], kwargs))):
         return func(*args, **kwargs)  # let functorch raise its own error
     values = [func(row, *args[1:], **kwargs) for row in _per_sample(args[0])]
-    if any(v != values[0] for v in values[1:]):
+    if any(repr(v) != repr(values[0]) for v in values[1:]):  # by repr, as the groups are keyed (nan agrees)
         raise _Diverged(values, ordinal, _short_name(func))
     return values[0]
 
@@ -526,13 +554,6 @@ class Half(NamedTuple):
 
     loss: Tensor
     grads: dict[str, list[Factored | Direct]]
-
-
-def capture(model_fn: ModelFn, params: Mapping[str, Tensor], train: Batch, val: Batch,
-            traces: tuple[Trace, Trace], kernel: set[str], where: str) -> Captured:
-    """One forward over train and val (each under ``vmap``) and one tap backward."""
-    t, v = capture_batches(model_fn, params, (train, val), traces, kernel, where, ("train", "val"))
-    return Captured(t.loss, v.loss, {k: (t.grads[k], v.grads[k]) for k in params})
 
 
 def capture_batches(model_fn: ModelFn, params: Mapping[str, Tensor], batches: Sequence[Batch],

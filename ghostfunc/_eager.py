@@ -18,14 +18,14 @@ with ordinary autograd:
   parameters inside a backward graph, where no tap can see them: every parameter
   is then a leaf (the trace says so and the plan routes all of them to the fallback).
 
-Checkpointing (``torch.utils.checkpoint``, either kind) is refused with the fix:
-its segments are recomputed inside the backward pass, where no interceptor runs.
+Non-re-entrant checkpointing runs as if not checkpointed (exact, no memory saving);
+re-entrant checkpointing is refused with the fix: its segments run without
+gradient and are recomputed inside the backward pass, where no interceptor runs.
 Cost: one forward and one backward per sample (the loop's), exact.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -79,15 +79,11 @@ class _EagerInterceptor(_Interceptor):
         super().__init__(names, None if tracing else ())
         self.made: list[Tensor] = []
         self.no_grad_calls = 0
-        self.checkpointed = False  # a call ran inside a non-re-entrant checkpoint
         self.autograd_calls: list[str] = []
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         if func in _AUTOGRAD:
             self.autograd_calls.append(_name(func))
-        if not self.checkpointed:
-            hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
-            self.checkpointed = hooks is not None and "checkpoint" in getattr(hooks[0], "__qualname__", "")
         self.no_grad_calls += int(not torch.is_grad_enabled())
         return super().__torch_function__(func, types, args, kwargs)
 
@@ -112,18 +108,18 @@ def trace_eager(model_fn: ModelFn, params: Mapping[str, Tensor], batch: Batch, w
     """
 
     def compute() -> Trace:
-        mode = _EagerInterceptor({id(v): k for k, v in params.items()}, tracing=True)
+        leaves = {k: v.detach().requires_grad_() for k, v in params.items()}  # a model may differentiate them
+        mode = _EagerInterceptor({id(v): k for k, v in leaves.items()}, tracing=True)
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-        with torch.random.fork_rng(devices=devices), torch.enable_grad(), _rephrase(where), mode, \
-                warnings.catch_warnings():
-            # re-entrant checkpoint warns that no input requires grad: in the trace none does, by design
-            warnings.filterwarnings("ignore", message="None of the inputs have requires_grad=True")
-            _one_loss(model_fn(dict(params), batch.rebuild([t[:1] for t in batch.tensors])), where)
+        with torch.random.fork_rng(devices=devices), torch.enable_grad(), _rephrase(where), mode:
+            _one_loss(model_fn(leaves, batch.rebuild([t[:1] for t in batch.tensors])), where)
         other = dict(mode.other_uses)
         if mode.autograd_calls:
             call = f"{mode.autograd_calls[0]} inside model_fn (taps cannot see a backward graph)"
             other = dict.fromkeys(params, call)
-        return Trace(tuple(mode.sites), other)
+        lifted = ("torch.utils.checkpoint (non-re-entrant) runs as if not checkpointed: exact, without its memory "
+                  "saving",) if mode.lifted_checkpoint else ()
+        return Trace(tuple(mode.sites), other, lifted)
 
     return cached_trace(model_fn, params, batch, "eager", fresh, compute)
 
@@ -166,21 +162,23 @@ def _capture_sample(model_fn: ModelFn, params: Mapping[str, Tensor], batch: Batc
 
 
 def _refuse_checkpoint(mode: _EagerInterceptor, loss: Tensor, where: str) -> None:
-    """Refuse a model that checkpoints (before any backward pass, so nothing is written anywhere).
+    """Refuse re-entrant checkpointing (before any backward pass, so nothing is written anywhere).
 
-    A checkpointed segment is recomputed inside the backward pass, where no
-    interceptor runs: its recognised calls would get no taps, and under
+    Its segment runs without gradient and is recomputed inside the backward pass,
+    where no interceptor runs: its recognised calls would get no taps, and under
     ``functional_call`` (as in ``from_module``) it would run on the module's own
-    weights, not the params given, which autograd cannot tell apart.
+    weights, not the params given, which autograd cannot tell apart. (The
+    non-re-entrant kind runs as if not checkpointed: see ``_capture._without_checkpoint``.)
     """
-    if not (mode.checkpointed or (mode.no_grad_calls and _checkpointed(loss))):
+    if not (mode.no_grad_calls and _checkpointed(loss)):
         return
     raise RuntimeError(
-        f"{where}: model_fn uses torch.utils.checkpoint (or gradient checkpointing), which recomputes its segments "
-        f"inside the backward pass, where ghostfunc cannot follow them (and under functional_call, as in "
-        f"ghostfunc.from_module, the recompute would run on the module's own weights, not the params given). Turn "
-        f"checkpointing off for scoring (model.gradient_checkpointing_disable(), or call the segment directly): the "
-        f"numbers are the same, only the activation memory of training differs"
+        f"{where}: model_fn uses torch.utils.checkpoint with use_reentrant=True, which runs its segments without "
+        f"gradient and recomputes them inside the backward pass, where ghostfunc cannot follow them (under "
+        f"functional_call, as in ghostfunc.from_module, the recompute would even run on the module's own weights, "
+        f"not the params given). Pass use_reentrant=False (for Hugging Face: model.gradient_checkpointing_enable("
+        f"gradient_checkpointing_kwargs={{'use_reentrant': False}})), or turn checkpointing off for scoring: the "
+        f"numbers are the same"
     )
 
 

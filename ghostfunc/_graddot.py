@@ -168,6 +168,7 @@ def routing(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Bat
     use = _merged_usages(params, part_traces[0], part_traces[1])
     kernel = {k for k, u in use.items() if u.form is not None}
     notes = [note for w, label in enumerate(("train", "val")) if (note := describe(parts[w], label))]
+    notes.extend(dict.fromkeys(note for traces in part_traces for tr in traces for note in tr.notes))
     if eager is not None:
         notes.append(f"per-sample capture: each sample runs alone with ordinary autograd (one forward and backward "
                      f"each; kernels kept for recognised calls) because the batched capture cannot run the model: "

@@ -61,6 +61,8 @@ def refine(parts: Sequence[Part], err: _Diverged, at: Part) -> tuple[Part, ...]:
     groups: dict[str, list[int]] = {}
     for i, v in enumerate(err.values):
         groups.setdefault(repr(v), []).append(i)
+    if len(groups) < 2:
+        raise AssertionError(f"a branch point that diverged gave one value: {err}")
     new = [Part(index[torch.tensor(rows)], (*at.key, (err.ordinal, err.call, value)))
            for value, rows in groups.items()]
     out: list[Part] = []

@@ -108,6 +108,14 @@ def item_scale(p, x):
     return (torch.sin(h) * scale).sum(1) + F.linear(h, p["W2"]).pow(2).sum(1)
 
 
+def nan_item(p, x):
+    h = F.linear(x, p["W1"], p["b1"])
+    s = x[:, 0].log().sum().item()  # nan for every negative x[:, 0]: those samples agree (nan != nan)
+    if s != s:
+        return F.linear(h, p["W2"]).pow(2).sum(1)
+    return torch.sin(h).sum(1) * (s > 0)
+
+
 def varying_length(p, batch):
     ids, x = batch
     h = F.embedding(ids, p["E"]) + x[..., None]  # [B, T, h]
@@ -122,10 +130,12 @@ def _split_data(seed, n=6, m=4, d=3):
     return x, xv
 
 
-@pytest.mark.parametrize("model_fn", [sign_branch, nested_branches, item_scale], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("model_fn", [sign_branch, nested_branches, item_scale, nan_item], ids=lambda f: f.__name__)
 def test_divergent_branches_split_the_batch(model_fn):
     p = _mlp()
     x, xv = _split_data(1)
+    if model_fn is nan_item:
+        x[:3, 0], xv[:2, 0] = -x[:3, 0].abs(), -xv[:2, 0].abs()
     plan = check_all("split " + model_fn.__name__, model_fn, p, x, xv)
     assert "train split into" in notes(plan)
     if model_fn is nested_branches:
@@ -395,14 +405,25 @@ def moe_where(p, x):
     return score + F.linear(h, p["W2"]).pow(2).sum(1)
 
 
-@pytest.mark.parametrize("model_fn", [old_function, input_grad_penalty, inner_vmap, moe_nonzero, moe_where],
+def maml_inner_step(p, x):
+    """One inner gradient step on the sample's own loss, then the outer loss: second order through the params."""
+    def inner(q):
+        return F.linear(torch.tanh(F.linear(x, q["W1"], q["b1"])), q["W2"]).pow(2).sum()
+
+    grads = torch.autograd.grad(inner(p), list(p.values()), create_graph=True)
+    q = {k: v - 0.1 * g for (k, v), g in zip(p.items(), grads, strict=True)}
+    return F.linear(torch.tanh(F.linear(x.flip(1), q["W1"], q["b1"])), q["W2"]).sin().sum(1)
+
+
+@pytest.mark.parametrize("model_fn", [old_function, input_grad_penalty, inner_vmap, moe_nonzero, moe_where,
+                                      maml_inner_step],
                          ids=lambda f: f.__name__)
 def test_untransformable_models_run_sample_by_sample(model_fn):
     p = _mlp(7)
     x, xv = _split_data(8, n=5, m=3)
     plan = check_all("per-sample " + model_fn.__name__, model_fn, p, x, xv)
     assert "per-sample capture" in notes(plan)
-    if model_fn is input_grad_penalty:  # the parameters also enter the model's own backward: all leaves
+    if model_fn in (input_grad_penalty, maml_inner_step):  # params also enter the model's own backward: leaves
         assert all(r.path == "fallback" and "autograd.grad" in r.reason for r in plan.routes.values())
     elif model_fn is not inner_vmap:
         assert plan.routes["W1"].path in ("ghost", "materialize", "contract")  # taps kept
@@ -418,20 +439,28 @@ def _two_layer(p, x, reentrant=None):
     return F.linear(h, p["W2"]).pow(2).sum(1)
 
 
-CHECKPOINT = r"^graddot: model_fn uses torch.utils.checkpoint \(or gradient checkpointing\), which recomputes"
+REENTRANT = r"^graddot: model_fn uses torch.utils.checkpoint with use_reentrant=True, which runs its segments"
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
-def test_checkpoint_is_refused_with_the_fix(reentrant):
+def test_checkpoint(reentrant):
     p = _mlp(9)
     x, xv = _split_data(10, n=4, m=3)
-    with pytest.raises(RuntimeError, match=CHECKPOINT):
-        ghostfunc.graddot(lambda p, x: _two_layer(p, x, reentrant), p, x, xv)
+
+    def model_fn(p, x):
+        return _two_layer(p, x, reentrant)
+
+    if reentrant:
+        with pytest.raises(RuntimeError, match=REENTRANT + r".*Pass use_reentrant=False"):
+            ghostfunc.graddot(model_fn, p, x, xv)
+        return
+    plan = check_all("checkpoint", model_fn, p, x, xv, reference_fn=_two_layer)
+    assert "runs as if not checkpointed: exact, without its memory saving" in notes(plan)
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
-def test_checkpointed_module_under_functional_call_is_refused(reentrant):
-    # the recompute would run after functional_call has put the module's own weights back: refused, never wrong
+def test_checkpointed_module_under_functional_call(reentrant):
+    # a recompute would run after functional_call has put the module's own weights back: none happens, or refused
     torch.manual_seed(0)
     layer = nn.Linear(3, 3).double()
     params = {k: v.detach() * 2 for k, v in layer.named_parameters()}  # not the module's own values
@@ -440,27 +469,38 @@ def test_checkpointed_module_under_functional_call_is_refused(reentrant):
         h = F.linear(x, p["weight"])  # the segment's input requires grad
         return cp.checkpoint(lambda z: functional_call(layer, p, (z,)), h, use_reentrant=reentrant).pow(2).sum(1)
 
-    x = torch.randn(3, 3, dtype=F64)
-    with pytest.raises(RuntimeError, match=CHECKPOINT):
-        ghostfunc.graddot(model_fn, params, x, x)
-    assert all(q.grad is None for q in layer.parameters())  # refused before any backward: nothing written
+    def plain(p, x):
+        return functional_call(layer, p, (F.linear(x, p["weight"]),)).pow(2).sum(1)
+
+    x, xv = torch.randn(4, 3, dtype=F64), torch.randn(3, 3, dtype=F64)
+    if reentrant:
+        with pytest.raises(RuntimeError, match=REENTRANT):
+            ghostfunc.graddot(model_fn, params, x, xv)
+        assert all(q.grad is None for q in layer.parameters())  # refused before any backward: nothing written
+    else:
+        check_all("checkpoint functional_call", model_fn, params, x, xv, reference_fn=plain)
 
 
-def test_hf_gradient_checkpointing_in_train_mode_is_refused_with_the_fix(hf):
+@pytest.mark.parametrize("reentrant", [None, False, True])
+def test_hf_gradient_checkpointing_in_train_mode(hf, reentrant):
     cfg = hf.GPT2Config(vocab_size=32, n_embd=8, n_layer=2, n_head=2, n_positions=16, resid_pdrop=0.0,
                         embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(0)
     model = hf.GPT2LMHeadModel(cfg).to(F64)
-    model_fn, params = ghostfunc.from_module(model, ghostfunc.causal_lm_loss)
-    model.gradient_checkpointing_enable()
+    plain_fn, params = ghostfunc.from_module(model, ghostfunc.causal_lm_loss)
+    model.gradient_checkpointing_enable(None if reentrant is None else {"use_reentrant": reentrant})
     model.train()
+    model_fn, _ = ghostfunc.from_module(model, ghostfunc.causal_lm_loss)
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(3, 32, (5, 6), generator=g)
     train, val = {"input_ids": ids[:3]}, {"input_ids": ids[3:]}
-    with pytest.raises(RuntimeError, match=CHECKPOINT + r".*\(model.gradient_checkpointing_disable\(\)"):
-        ghostfunc.graddot(model_fn, params, train, val)
-    model.gradient_checkpointing_disable()  # the fix: the same numbers as the loop, in train mode
-    check_all("checkpoint hf gpt2 disabled", model_fn, params, train, val, policies=("auto",), reduces=("mean",))
+    if reentrant:
+        with pytest.raises(RuntimeError, match=REENTRANT + r".*gradient_checkpointing_kwargs=\{'use_reentrant': False\}"):
+            ghostfunc.graddot(model_fn, params, train, val)
+        return
+    plan = check_all("checkpoint hf gpt2", model_fn, params, train, val, reference_fn=plain_fn, policies=("auto",),
+                     reduces=("mean", None))
+    assert "runs as if not checkpointed" in notes(plan)
 
 
 @pytest.mark.parametrize(("experts", "dtype"), [("eager", F64), ("batched_mm", F64), ("grouped_mm", torch.float32)])
