@@ -169,6 +169,9 @@ def prepare(cfg: dict[str, Any]) -> Setup:
     param_dtype = models.dtype(cfg["dtype"], "--dtype", models.DTYPES)
     autocast = models.dtype(cfg["autocast"], "--autocast", models.AUTOCAST)
     device = torch.device(cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per process
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
     if cfg["token_dtype"] not in data_mod.TOKEN_DTYPES:
         raise UsageError(f"--token-dtype: expected one of {', '.join(data_mod.TOKEN_DTYPES)}; got {cfg['token_dtype']!r}")
     cache = Path(cfg["out"]).resolve().parent / ".ghostfunc-cache"
