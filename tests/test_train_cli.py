@@ -201,10 +201,9 @@ HAS_GROUP = "group" in inspect.signature(ghostfunc.train_step).parameters
 @pytest.mark.skipif(not HAS_GROUP, reason="needs ghostfunc.train_step(..., group=) (the distributed-support issue), "
                                           "not merged into this branch yet")
 def test_torchrun_two_processes_equal_one(corpus: dict[str, Path], tmp_path: Path) -> None:
-    # SGD with momentum: AdamW divides by √v, so on parameters whose gradient is rounding noise (~1e-9) the
-    # two runs' different summation orders flip whole lr-sized steps; the values agree either way.
-    args = ["--train", str(corpus["train"]), "--val", str(corpus["val"]), *SMALL, "--steps", "4",
-            "--optimizer", "sgd", "--momentum", "0.9", "--lr", "0.5"]
+    # SGD: Adam divides by √v, which turns float32 rounding of near-zero gradients into lr-sized differences
+    args = ["--train", str(corpus["train"]), "--val", str(corpus["val"]), *SMALL, "--steps", "4", "--optimizer", "sgd",
+            "--lr", "0.5"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, "-m", "ghostfunc", "train", "--out", str(tmp_path / "one"), *args],
                          capture_output=True, text=True, env=env, timeout=300)

@@ -169,6 +169,9 @@ def prepare(cfg: dict[str, Any]) -> Setup:
     param_dtype = models.dtype(cfg["dtype"], "--dtype", models.DTYPES)
     autocast = models.dtype(cfg["autocast"], "--autocast", models.AUTOCAST)
     device = torch.device(cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per process
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
     if cfg["token_dtype"] not in data_mod.TOKEN_DTYPES:
         raise UsageError(f"--token-dtype: expected one of {', '.join(data_mod.TOKEN_DTYPES)}; got {cfg['token_dtype']!r}")
     cache = Path(cfg["out"]).resolve().parent / ".ghostfunc-cache"
@@ -295,24 +298,26 @@ class Trajectory:
                      "lr": torch.tensor(self.lr, dtype=torch.float64)}, self.folder / "batches.pt")
 
 
-def save(values: ghostfunc.DataValues, path: Path, state: ghostfunc.TrainState, cfg: dict[str, Any], par: Dist) -> None:
-    """``values.pt`` with the training state and the trajectory-fixing options (collective with many processes)."""
+def save(values: ghostfunc.DataValues, path: Path, state: ghostfunc.TrainState, cfg: dict[str, Any],
+         par: Dist) -> ghostfunc.DataValues:
+    """``values.pt`` with the training state and the trajectory-fixing options; returns the values to keep.
+
+    With many processes the save is collective: the file holds the sum over ranks and
+    ``DataValues.save`` returns those global values (keep them: each value then counts once).
+    """
     payload = {"train": state, "config": fingerprint(cfg)}
     if par.group is not None:
-        values.save(path, state=payload, group=par.group)  # type: ignore[call-arg]
-    else:
-        values.save(path, state=payload)
+        written = values.save(path, state=payload, group=par.group)  # type: ignore[call-arg,func-returns-value]
+        return written if isinstance(written, ghostfunc.DataValues) else values
+    values.save(path, state=payload)
+    return values
 
 
 def load(path: Path, par: Dist) -> tuple[ghostfunc.DataValues, dict[str, Any]]:
-    """``(values, payload)`` from ``values.pt``; with many processes only rank 0 keeps the sums (saves add the ranks up)."""
+    """``(values, payload)`` from ``values.pt`` (with many processes a collective: every rank gets the file's values)."""
     if par.group is not None:
-        values, payload = ghostfunc.DataValues.load(path, with_state=True, group=par.group)  # type: ignore[call-arg,misc]
-        if par.rank != 0:
-            values = ghostfunc.DataValues(torch.zeros_like(values.total), torch.zeros_like(values.count), values.steps)
-    else:
-        values, payload = ghostfunc.DataValues.load(path, with_state=True)  # type: ignore[misc]
-    return values, payload
+        return ghostfunc.DataValues.load(path, with_state=True, group=par.group)  # type: ignore[call-arg,return-value]
+    return ghostfunc.DataValues.load(path, with_state=True)  # type: ignore[return-value]
 
 
 def run(setup: Setup, par: Dist, *, pool: Tensor | None = None, quiet: bool = False,
@@ -423,12 +428,12 @@ def run(setup: Setup, par: Dist, *, pool: Tensor | None = None, quiet: bool = Fa
                 if done % trajectory.every == 0 or done == stop:
                     trajectory.checkpoint(state)
             if save_values and cfg["save_every"] and done % cfg["save_every"] == 0 and done < stop:
-                save(values, values_path, state, cfg, par)
+                values = save(values, values_path, state, cfg, par)
     finally:
         if bar is not None:
             bar.close()
     if save_values:
-        save(values, values_path, state, cfg, par)
+        values = save(values, values_path, state, cfg, par)
     return state, values
 
 

@@ -45,8 +45,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 out.mkdir(parents=True, exist_ok=True)
                 loop.write_atomic(out / "config.json", json.dumps(cfg, indent=1) + "\n")
             state, values = loop.run(setup, par)
-            if par.world > 1 and par.rank == 0:  # this rank summed only its own rows; the file holds all
-                values = ghostfunc.DataValues.load(out / "values.pt")  # type: ignore[assignment]
             if par.rank == 0:
                 print(report.write(out, cfg, setup.train, loop.chunk_table(setup, values)))
     except data.UsageError as exc:
