@@ -83,6 +83,14 @@ class _Resplit(Exception):
         self.which, self.part, self.err = which, part, err
 
 
+class _Retry(Exception):
+    """Run the attempt again from ``state`` (what was learnt part-way through it)."""
+
+    def __init__(self, state: Attempt) -> None:
+        super().__init__("retry")
+        self.state = state
+
+
 class _Unbatchable(Exception):
     """The batched capture cannot run the model: run it sample by sample (``error`` says why)."""
 
@@ -114,6 +122,8 @@ def retry_stale(where: str, attempt: Callable[[Any], Any]) -> Any:
             parts = list(state.parts)
             parts[split.which] = refine(parts[split.which], split.err, split.part)
             state = state.but(parts=tuple(parts))
+        except _Retry as again:
+            state = again.state
         except _Unbatchable as err:
             if state.eager is not None:
                 raise err.error from None
@@ -322,7 +332,7 @@ def _streamed_once(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, v
     if not _draws_random(model_fn):
         val_dir, val_uses, val_loss = capture_val()
         if _same(before, _rng_state(device)):
-            t = capture_one(model_fn, params, train, r, 0, where)
+            r, t = _train_after_val(model_fn, params, train, val, where, policy, val_reduce, fresh, r)
             return Streamed(_noted(r.plan, notes), val_dir, val_uses, t.grads, t.loss, val_loss)
         _set_rng_state(device, before)  # it drew random numbers: the training rows go first
         _mark_random(model_fn)
@@ -331,6 +341,30 @@ def _streamed_once(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, v
     t = capture_one(model_fn, params, train, r, 0, where)
     val_dir, val_uses, val_loss = capture_val()
     return Streamed(_noted(r.plan, notes), val_dir, val_uses, t.grads, t.loss, val_loss)
+
+
+def _train_after_val(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batch, where: str,
+                     policy: str, val_reduce: str, fresh: bool | Attempt, r: Routing) -> tuple[Routing, Half]:
+    """The training rows' capture once the validation side is done; a training batch that diverges is split here.
+
+    The validation side does not depend on how the training batch is split, so it
+    is kept, unless the new routing changes which parameters take the ghost path
+    (or goes per sample): then the whole attempt runs again from the new state.
+    """
+    state = fresh if isinstance(fresh, Attempt) else Attempt(bool(fresh))
+    while True:
+        try:
+            return r, capture_one(model_fn, params, train, r, 0, where)
+        except _Resplit as split:
+            state = state.but(parts=(refine(state.parts[0], split.err, split.part), state.parts[1]))
+            new = routing(model_fn, params, train, val, where, policy, val_reduce, state)
+            if new.eager is not None or _ghosts(new) != _ghosts(r):
+                raise _Retry(state) from None
+            r = new
+
+
+def _ghosts(r: Routing) -> set[str]:
+    return {k for k, route in r.plan.routes.items() if route.path == "ghost"}
 
 
 def _noted(plan: Plan, notes: list[str]) -> Plan:
