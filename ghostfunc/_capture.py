@@ -36,7 +36,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
-from ._interact import FACTORIES, InPlaceWriteError, retry_writing
+from ._interact import FACTORIES, TO_PYTHON, InPlaceWriteError, retry_writing
 from ._ops import EXACT, TABLE, Direct, Factored, Rule, SamplesInteractError
 from ._ops.rnn import RECURRENT, decompose
 
@@ -260,10 +260,7 @@ _FRESH = frozenset({"linear", "addmm", "matmul", "embedding", "layer_norm", "rms
 
 
 #: Calls that turn a tensor into a Python value, i.e. data-dependent control flow.
-_TO_PYTHON = {
-    Tensor.__bool__, Tensor.item, Tensor.__int__, Tensor.__float__, Tensor.__index__,
-    Tensor.__contains__, Tensor.tolist, Tensor.__format__,  # f"{tensor}" in an error message
-}
+_TO_PYTHON = TO_PYTHON
 
 
 def _sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None,

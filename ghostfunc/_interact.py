@@ -35,6 +35,12 @@ from ._ops import EXACT, SamplesInteractError
 #: How many samples the interaction check runs together (and alone).
 ROWS = 3
 
+#: Calls that turn a tensor into a Python value, i.e. data-dependent control flow.
+TO_PYTHON = frozenset({
+    Tensor.__bool__, Tensor.item, Tensor.__int__, Tensor.__float__, Tensor.__index__,
+    Tensor.__contains__, Tensor.tolist, Tensor.__format__,  # f"{tensor}" in an error message
+})
+
 class ParamsUnusedError(ValueError):
     """No tensor of ``params`` reaches ``model_fn``'s computation."""
 
@@ -50,12 +56,15 @@ class _Uses(TorchFunctionMode):
         self.ids = ids
         self.used = False
         self.random = False
+        self.branched = False  # a tensor's value became a Python value (data-dependent control flow)
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         func = EXACT.get(func, func)  # as in the capture: BatchNorm in training mode refused before it runs
         if not self.used:
             self.used = any(isinstance(t, Tensor) and id(t) in self.ids for t in pytree.tree_leaves((args, kwargs)))
+        if func in TO_PYTHON:
+            self.branched = True
         if kwargs.get("generator") is not None:
             self.random = True  # a draw from the model's own generator (the global one is watched by its state)
         return func(*args, **kwargs)
@@ -133,7 +142,10 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
                 random = mode.random or not all(torch.equal(a, b)
                                                 for a, b in zip(before, _rng_states(devices), strict=True))
                 alone = None
-                if not random and k > 1 and _per_sample_shape(together, k):
+                # A model that branches on tensor values may take another branch for the batch than for each
+                # sample alone; the loop of single samples defines the answer (the capture splits the batch by
+                # branch), so a difference there is not an interaction: such a model is not compared.
+                if not random and not mode.branched and k > 1 and _per_sample_shape(together, k):
                     alone = torch.cat([model_fn(dict(params), rows(i, i + 1)).reshape(-1) for i in range(k)])
         except (SamplesInteractError, InPlaceWriteError):
             raise
