@@ -39,13 +39,15 @@ def _split(x: Any, rows: tuple[int, ...], rank: int) -> Any:
         lambda t: t[start:start + rows[rank]] if isinstance(t, torch.Tensor) else t, x)
 
 
-def _init(rank: int, world: int, folder: str) -> None:
+def _init(rank: int, world: int, folder: str, job: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world)
+    # one rendezvous file per job: a killed job leaves its file behind, and reusing it hangs the next one
+    store = Path(folder, f"rendezvous_{job.replace(':', '_')}")
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
 
 
 def _worker(rank: int, world: int, folder: str, job: str) -> None:
-    _init(rank, world, folder)
+    _init(rank, world, folder, job)
     out: dict[str, Any] = {}
     try:
         {"compare": _compare, "run": _run}[job.split(":")[0]](rank, world, out, job, folder)
