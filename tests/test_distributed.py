@@ -41,10 +41,9 @@ def _split(x: Any, rows: tuple[int, ...], rank: int) -> Any:
 
 def _init(rank: int, world: int, folder: str, job: str) -> None:
     torch.set_num_threads(1)
-    # one rendezvous file per job: a job killed mid-run leaves its file behind, and a later job meeting on it
-    # would dial the dead ranks' addresses
-    where = Path(folder, f"rendezvous-{job.replace(':', '_')}")
-    dist.init_process_group("gloo", init_method=f"file://{where}", rank=rank, world_size=world)
+    # one rendezvous file per job: a killed job leaves its file behind, and reusing it hangs the next one
+    store = Path(folder, f"rendezvous_{job.replace(':', '_')}")
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
 
 
 def _worker(rank: int, world: int, folder: str, job: str) -> None:
