@@ -245,9 +245,9 @@ def make(name: str, s: Setup, opts: Options) -> Step:
     if name.startswith("graddot/"):
         policy = name.split("/", 1)[1]
         dtype = getattr(torch, opts.compute_dtype) if opts.compute_dtype else None
-        if policy == "auto-default":  # auto with the fixed cost constants instead of the measured ones
-            return _with_default_costs(lambda: ghostfunc.graddot(s.model_fn, s.params, s.train, s.val,
-                                                                 compute_dtype=dtype))
+        if policy == "auto-measured":  # auto with cost constants measured on this machine (GHOSTFUNC_COSTS=measure)
+            return _with_measured_costs(lambda: ghostfunc.graddot(s.model_fn, s.params, s.train, s.val,
+                                                                  compute_dtype=dtype))
 
         def graddot() -> Any:
             return ghostfunc.graddot(s.model_fn, s.params, s.train, s.val, policy=policy, compute_dtype=dtype)
@@ -304,11 +304,12 @@ def make(name: str, s: Setup, opts: Options) -> Step:
     raise ValueError(f"unknown contender {name!r}")
 
 
-def _with_default_costs(fn: Step) -> Step:
-    """``fn`` run with ``GHOSTFUNC_COSTS=default`` (the cost model's fixed constants), the environment restored."""
+def _with_measured_costs(fn: Step) -> Step:
+    """``fn`` run with ``GHOSTFUNC_COSTS=measure`` (cost constants measured once on this machine), the
+    environment restored."""
     def step() -> Any:
         before = os.environ.get("GHOSTFUNC_COSTS")
-        os.environ["GHOSTFUNC_COSTS"] = "default"
+        os.environ["GHOSTFUNC_COSTS"] = "measure"
         try:
             return fn()
         finally:

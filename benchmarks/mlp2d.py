@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     before = C.machine()
     before["clock"] = args.clock
     opts = C.Options(args.compute_dtype)
-    names = ["plain", *KERNELS, "graddot/2t2", "graddot/auto", "graddot/auto-default"]
+    names = ["plain", *KERNELS, "graddot/2t2", "graddot/auto", "graddot/auto-measured"]
     cells = []
     for t in args.Ts:
         for w in args.widths:
@@ -86,15 +86,15 @@ def table(payload: dict[str, Any]) -> str:
         rows.append({"T": c["T"], "width": c["width"], "plain s": c["plain_s"], "ghost": r["graddot/ghost"],
                      "materialize": r["graddot/materialize"], "contract": r["graddot/contract"],
                      "fastest": c["fastest"], "2t2 picks": c["rule_2t2"], "2t2": r["graddot/2t2"],
-                     "auto": r["graddot/auto"], "auto (fixed constants)": r.get("graddot/auto-default")})
+                     "auto": r["graddot/auto"], "auto (measured constants)": r.get("graddot/auto-measured")})
     cfg = payload["config"]
     head = (f"**token-wise MLP** d_in={cfg['d_in']}, n_train={cfg['n_train']}, n_val={cfg['n_val']}; time / plain "
             f"step; {C.describe_machine(payload['machine'], payload['provisional'])}\n\n")
     agree = sum(c["rule_2t2"] == c["fastest"] for c in payload["cells"])
     n = len(payload["cells"])
     lines = [f"The 2T² rule picks the fastest kernel in {agree}/{n} cells."]
-    for name, label in (("graddot/auto", "auto (constants measured on this machine)"),
-                        ("graddot/auto-default", "auto with the fixed constants")):
+    for name, label in (("graddot/auto", "auto (the fixed constants, the default)"),
+                        ("graddot/auto-measured", "auto with constants measured on this machine (GHOSTFUNC_COSTS=measure)")):
         if all(name in c["ratios"] for c in payload["cells"]):
             within = [sum(c["ratios"][name] <= f * min(c["ratios"][k] for k in KERNELS) for c in payload["cells"])
                       for f in (1.05, 1.1)]

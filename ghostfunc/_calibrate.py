@@ -1,4 +1,4 @@
-"""The cost model's memory-traffic constants, measured on the device in use (a few milliseconds, once).
+"""The cost model's memory-traffic constants, and a way to measure them on the device in use.
 
 :func:`ghostfunc._plan.costs` counts each kernel in multiply-add equivalents. The
 GEMMs are counted exactly; two terms are memory traffic, whose price in
@@ -8,15 +8,18 @@ multiply-adds depends on the machine (cache sizes, bandwidth against FLOPs):
   (written by a ``bmm``, read to dot it and to sum it);
 - ``gram``: per (train token, val token) pair of the Gram kernel.
 
-:func:`constants` times the real kernels (:func:`ghostfunc._kernels.materialise_dots`
-and :func:`ghostfunc._kernels.gram`) on small synthetic factors against a GEMM of
-known size, once per process and ``(device, dtype)``, and keeps the result for the
-process (nothing is written to disk). The minimum over a few repeats is used, so a
-busy machine inflates the figures little.
+The environment variable ``GHOSTFUNC_COSTS`` chooses them: unset or ``"default"``,
+the constants fitted on a 2-core CPU (:data:`DEFAULT`); ``"measure"``, measured once
+per process and ``(device, dtype)`` by :func:`measure` (a few tens of milliseconds:
+the real kernels :func:`ghostfunc._kernels.materialise_dots` and
+:func:`ghostfunc._kernels.gram` on small synthetic factors against a GEMM of known
+size, the fastest of a few repeats; kept for the process, nothing written to disk);
+``"materialise=96,gram=32"``, given values.
 
-The environment variable ``GHOSTFUNC_COSTS`` overrides the measurement (for
-reproducible plans, and in tests): ``"default"`` uses the constants fitted on a
-2-core CPU (:data:`DEFAULT`); ``"materialise=96,gram=32"`` sets both.
+Measuring is opt-in because, on the machine it was tried on, it routed worse than
+the fixed constants (``benchmarks/mlp2d.py``, both in the same run: auto within 5% of
+the fastest kernel in 14/25 cells measured, 17/25 fixed): synthetic factors in an
+otherwise idle cache understate the block traffic of a real capture.
 """
 
 from __future__ import annotations
@@ -54,10 +57,10 @@ _MEASURED: dict[tuple, Constants] = {}
 
 
 def constants(device: torch.device, dtype: torch.dtype) -> Constants:
-    """The constants for kernels on ``device`` in ``dtype``: from ``GHOSTFUNC_COSTS``, else measured once."""
-    override = os.environ.get(ENV)
-    if override is not None:
-        return parse(override)
+    """The constants for kernels on ``device`` in ``dtype`` as ``GHOSTFUNC_COSTS`` says (default: :data:`DEFAULT`)."""
+    setting = os.environ.get(ENV, "default").strip()
+    if setting != "measure":
+        return parse(setting)
     key = (device.type, device.index, dtype, torch.__version__)
     if key not in _MEASURED:
         _MEASURED[key] = measure(device, dtype)
@@ -66,13 +69,14 @@ def constants(device: torch.device, dtype: torch.dtype) -> Constants:
 
 def parse(text: str) -> Constants:
     """``"default"`` or ``"materialise=<float>,gram=<float>"`` (either may be left out)."""
-    if text.strip() == "default":
+    if text.strip() in ("default", ""):
         return DEFAULT
     values = {"materialise": DEFAULT.materialise, "gram": DEFAULT.gram}
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, _, value = part.partition("=")
         if name.strip() not in values:
-            raise ValueError(f"{ENV}: expected 'default' or 'materialise=<float>,gram=<float>'; got {text!r}")
+            raise ValueError(f"{ENV}: expected 'default', 'measure' or 'materialise=<float>,gram=<float>'; "
+                             f"got {text!r}")
         try:
             values[name.strip()] = float(value)
         except ValueError:

@@ -1,4 +1,4 @@
-"""The cost model's constants: measured once per device, overridable by GHOSTFUNC_COSTS, never changing a number."""
+"""The cost model's constants: fixed by default, measured once per device on request (GHOSTFUNC_COSTS), never changing a number."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ F64 = torch.float64
 
 
 def test_override_parses_and_skips_the_measurement(monkeypatch):
+    monkeypatch.delenv(_calibrate.ENV, raising=False)
+    assert _calibrate.constants(torch.device("cpu"), F64) == _calibrate.DEFAULT
     monkeypatch.setenv(_calibrate.ENV, "default")
     assert _calibrate.constants(torch.device("cpu"), F64) == _calibrate.DEFAULT
     monkeypatch.setenv(_calibrate.ENV, "materialise=50, gram=7.5")
@@ -23,7 +25,7 @@ def test_override_parses_and_skips_the_measurement(monkeypatch):
     assert _calibrate.constants(torch.device("cpu"), F64) == (_calibrate.DEFAULT.materialise, 3.0, "env")
 
 
-@pytest.mark.parametrize(("text", "match"), [("speed=3", r"^GHOSTFUNC_COSTS: expected 'default' or"),
+@pytest.mark.parametrize(("text", "match"), [("speed=3", r"^GHOSTFUNC_COSTS: expected 'default', 'measure' or"),
                                              ("gram=fast", r"^GHOSTFUNC_COSTS: gram must be a number; got 'fast'")])
 def test_override_errors(text, match):
     with pytest.raises(ValueError, match=match):
@@ -31,7 +33,7 @@ def test_override_errors(text, match):
 
 
 def test_measured_once_per_process_and_in_range(monkeypatch):
-    monkeypatch.delenv(_calibrate.ENV, raising=False)
+    monkeypatch.setenv(_calibrate.ENV, "measure")
     monkeypatch.setattr(_calibrate, "_MEASURED", {})
     first = _calibrate.constants(torch.device("cpu"), torch.float32)
     assert first.source == "measured"
