@@ -191,9 +191,8 @@ def _finite(lam: Params, t: int, where: str) -> None:
     bad = [k for k, v in lam.items() if not bool(torch.isfinite(v).all())]
     if bad:
         raise FloatingPointError(
-            f"{where}: the adjoint became non-finite at step {t} in {bad}; the update is not differentiable there "
-            "(AdamW: an entry whose second moment is exactly 0, e.g. a weight that never gets a gradient, has "
-            "no derivative through √v)")
+            f"{where}: the adjoint became non-finite at step {t} in {bad}: the run diverged, or the loss or the "
+            "optimizer's update is not differentiable there")
 
 
 # ---------------------------------------------------------------- the replay
