@@ -495,7 +495,7 @@ def plot(result: Evaluation, path: str | Path) -> None:
             ax.set_ylabel(metric.replace("_", " ") + " after retraining")
             ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=70)
     plt.close(fig)
 
 

