@@ -276,3 +276,19 @@ def test_token_files_train(corpus: dict[str, Path], tmp_path: Path) -> None:
     rows = list(csv.DictReader((out / "values.csv").read_text().splitlines()))
     assert {r["source"] for r in rows} == {"train.bin"} and len(rows) == 8
     assert "chunk" in (out / "report.md").read_text()  # token ids stand in for text
+
+
+def test_chunk_index_is_the_sample_and_knows_its_file(corpus: dict[str, Path], tmp_path: Path) -> None:
+    """Chunk ``i`` is the ``k``-th whole window of ``T`` bytes of its own source file, and ``batch`` returns exactly it."""
+    train = data.load(str(corpus["train"]), seq_len=32, cache=tmp_path / "cache", option="--train")
+    seen: dict[int, int] = {}
+    for i in range(len(train)):
+        src = int(train.source[i])
+        k = seen.get(src, 0)
+        seen[src] = k + 1
+        raw = (corpus["train"] / train.sources[src]).read_bytes()
+        assert train.text(i).encode() == raw[32 * k:32 * (k + 1)]
+        assert train.batch(torch.tensor([i])).tolist() == [list(raw[32 * k:32 * (k + 1)])]
+    assert seen == {k: len((corpus["train"] / s).read_bytes()) // 32 for k, s in enumerate(train.sources)}
+    again = data.load(str(corpus["train"]), seq_len=32, cache=tmp_path / "cache", option="--train")  # from the cache
+    assert np.array_equal(again.starts, train.starts) and again.sources == train.sources
