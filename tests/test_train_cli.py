@@ -292,3 +292,20 @@ def test_chunk_index_is_the_sample_and_knows_its_file(corpus: dict[str, Path], t
     assert seen == {k: len((corpus["train"] / s).read_bytes()) // 32 for k, s in enumerate(train.sources)}
     again = data.load(str(corpus["train"]), seq_len=32, cache=tmp_path / "cache", option="--train")  # from the cache
     assert np.array_equal(again.starts, train.starts) and again.sources == train.sources
+
+
+def test_local_hugging_face_folder(corpus: dict[str, Path], tmp_path: Path) -> None:
+    """``--model DIR`` loads a saved model offline and trains it; its weights are where training starts."""
+    import transformers
+
+    from ghostfunc._run import models
+
+    folder = tmp_path / "hf"
+    torch.manual_seed(3)
+    transformers.AutoModelForCausalLM.from_config(models.preset_config("gpt2", "tiny", 256)).save_pretrained(folder)
+    out = tmp_path / "run"
+    assert main(_args(corpus, out, "--model", str(folder), "--steps", "1", "--lr", "0")) == 0
+    _, state = ghostfunc.DataValues.load(out / "values.pt", with_state=True)  # type: ignore[misc]
+    saved = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
+    ref = dict(saved.named_parameters())
+    assert all(torch.equal(p, ref[k]) for k, p in state["train"].params.items())  # lr 0: the loaded weights, unchanged
