@@ -309,3 +309,10 @@ def test_local_hugging_face_folder(corpus: dict[str, Path], tmp_path: Path) -> N
     saved = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
     ref = dict(saved.named_parameters())
     assert all(torch.equal(p, ref[k]) for k, p in state["train"].params.items())  # lr 0: the loaded weights, unchanged
+
+
+def test_select_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["select", "--run", str(tmp_path / "nothing")]) == 2
+    assert "--run: expected the folder of a finished 'ghostfunc train' run" in capsys.readouterr().err
+    assert main(["select", "--seeds", "two"]) == 2
+    assert capsys.readouterr().err.startswith("ghostfunc select: error: argument --seeds")
