@@ -201,6 +201,7 @@ HAS_GROUP = "group" in inspect.signature(ghostfunc.train_step).parameters
 @pytest.mark.skipif(not HAS_GROUP, reason="needs ghostfunc.train_step(..., group=) (the distributed-support issue), "
                                           "not merged into this branch yet")
 def test_torchrun_two_processes_equal_one(corpus: dict[str, Path], tmp_path: Path) -> None:
+    """2 gloo processes, stopped after step 2 and resumed to 4, end where one uninterrupted process does."""
     # SGD: Adam divides by √v, which turns float32 rounding of near-zero gradients into lr-sized differences
     args = ["--train", str(corpus["train"]), "--val", str(corpus["val"]), *SMALL, "--steps", "4", "--optimizer", "sgd",
             "--lr", "0.5"]
@@ -208,13 +209,14 @@ def test_torchrun_two_processes_equal_one(corpus: dict[str, Path], tmp_path: Pat
     one = subprocess.run([sys.executable, "-m", "ghostfunc", "train", "--out", str(tmp_path / "one"), *args],
                          capture_output=True, text=True, env=env, timeout=300)
     assert one.returncode == 0, one.stderr
-    with socket.socket() as sock:  # a free port for the rendezvous
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port,
-                          "-m", "ghostfunc", "train", "--out", str(tmp_path / "two"), *args],
-                         capture_output=True, text=True, env=env, timeout=300)
-    assert two.returncode == 0, two.stderr
+    for extra in (["--stop-at", "2"], ["--resume"]):  # interrupted after step 2, then resumed: each value counts once
+        with socket.socket() as sock:  # a free port for the rendezvous
+            sock.bind(("127.0.0.1", 0))
+            port = str(sock.getsockname()[1])
+        two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port,
+                              "-m", "ghostfunc", "train", "--out", str(tmp_path / "two"), *args, *extra],
+                             capture_output=True, text=True, env=env, timeout=300)
+        assert two.returncode == 0, two.stderr
     a, sa = ghostfunc.DataValues.load(tmp_path / "one" / "values.pt", with_state=True)  # type: ignore[misc]
     b, sb = ghostfunc.DataValues.load(tmp_path / "two" / "values.pt", with_state=True)  # type: ignore[misc]
     assert torch.equal(a.count, b.count)
