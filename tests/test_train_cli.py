@@ -201,6 +201,7 @@ HAS_GROUP = "group" in inspect.signature(ghostfunc.train_step).parameters
 @pytest.mark.skipif(not HAS_GROUP, reason="needs ghostfunc.train_step(..., group=) (the distributed-support issue), "
                                           "not merged into this branch yet")
 def test_torchrun_two_processes_equal_one(corpus: dict[str, Path], tmp_path: Path) -> None:
+    """2 gloo processes, stopped after step 2 and resumed to 4, end where one uninterrupted process does."""
     # SGD: Adam divides by √v, which turns float32 rounding of near-zero gradients into lr-sized differences
     args = ["--train", str(corpus["train"]), "--val", str(corpus["val"]), *SMALL, "--steps", "4", "--optimizer", "sgd",
             "--lr", "0.5"]
@@ -208,13 +209,14 @@ def test_torchrun_two_processes_equal_one(corpus: dict[str, Path], tmp_path: Pat
     one = subprocess.run([sys.executable, "-m", "ghostfunc", "train", "--out", str(tmp_path / "one"), *args],
                          capture_output=True, text=True, env=env, timeout=300)
     assert one.returncode == 0, one.stderr
-    with socket.socket() as sock:  # a free port for the rendezvous
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port,
-                          "-m", "ghostfunc", "train", "--out", str(tmp_path / "two"), *args],
-                         capture_output=True, text=True, env=env, timeout=300)
-    assert two.returncode == 0, two.stderr
+    for extra in (["--stop-at", "2"], ["--resume"]):  # interrupted after step 2, then resumed: each value counts once
+        with socket.socket() as sock:  # a free port for the rendezvous
+            sock.bind(("127.0.0.1", 0))
+            port = str(sock.getsockname()[1])
+        two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port,
+                              "-m", "ghostfunc", "train", "--out", str(tmp_path / "two"), *args, *extra],
+                             capture_output=True, text=True, env=env, timeout=300)
+        assert two.returncode == 0, two.stderr
     a, sa = ghostfunc.DataValues.load(tmp_path / "one" / "values.pt", with_state=True)  # type: ignore[misc]
     b, sb = ghostfunc.DataValues.load(tmp_path / "two" / "values.pt", with_state=True)  # type: ignore[misc]
     assert torch.equal(a.count, b.count)
@@ -276,3 +278,43 @@ def test_token_files_train(corpus: dict[str, Path], tmp_path: Path) -> None:
     rows = list(csv.DictReader((out / "values.csv").read_text().splitlines()))
     assert {r["source"] for r in rows} == {"train.bin"} and len(rows) == 8
     assert "chunk" in (out / "report.md").read_text()  # token ids stand in for text
+
+
+def test_chunk_index_is_the_sample_and_knows_its_file(corpus: dict[str, Path], tmp_path: Path) -> None:
+    """Chunk ``i`` is the ``k``-th whole window of ``T`` bytes of its own source file, and ``batch`` returns exactly it."""
+    train = data.load(str(corpus["train"]), seq_len=32, cache=tmp_path / "cache", option="--train")
+    seen: dict[int, int] = {}
+    for i in range(len(train)):
+        src = int(train.source[i])
+        k = seen.get(src, 0)
+        seen[src] = k + 1
+        raw = (corpus["train"] / train.sources[src]).read_bytes()
+        assert train.text(i).encode() == raw[32 * k:32 * (k + 1)]
+        assert train.batch(torch.tensor([i])).tolist() == [list(raw[32 * k:32 * (k + 1)])]
+    assert seen == {k: len((corpus["train"] / s).read_bytes()) // 32 for k, s in enumerate(train.sources)}
+    again = data.load(str(corpus["train"]), seq_len=32, cache=tmp_path / "cache", option="--train")  # from the cache
+    assert np.array_equal(again.starts, train.starts) and again.sources == train.sources
+
+
+def test_local_hugging_face_folder(corpus: dict[str, Path], tmp_path: Path) -> None:
+    """``--model DIR`` loads a saved model offline and trains it; its weights are where training starts."""
+    import transformers
+
+    from ghostfunc._run import models
+
+    folder = tmp_path / "hf"
+    torch.manual_seed(3)
+    transformers.AutoModelForCausalLM.from_config(models.preset_config("gpt2", "tiny", 256)).save_pretrained(folder)
+    out = tmp_path / "run"
+    assert main(_args(corpus, out, "--model", str(folder), "--steps", "1", "--lr", "0")) == 0
+    _, state = ghostfunc.DataValues.load(out / "values.pt", with_state=True)  # type: ignore[misc]
+    saved = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
+    ref = dict(saved.named_parameters())
+    assert all(torch.equal(p, ref[k]) for k, p in state["train"].params.items())  # lr 0: the loaded weights, unchanged
+
+
+def test_select_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["select", "--run", str(tmp_path / "nothing")]) == 2
+    assert "--run: expected the folder of a finished 'ghostfunc train' run" in capsys.readouterr().err
+    assert main(["select", "--seeds", "two"]) == 2
+    assert capsys.readouterr().err.startswith("ghostfunc select: error: argument --seeds")

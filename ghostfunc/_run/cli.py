@@ -24,7 +24,7 @@ TRAIN_OPTIONS: dict[str, tuple[Any, str]] = {
     "resume": (False, "continue the run in --out from its values.pt (same options required)"),
     "train": ("stdlib", "training data: 'stdlib' (Python's standard library), a token file *.bin, a folder, a glob or a text file"),
     "val": ("stdlib", "validation data (scored against): 'stdlib' (the --target package) or as --train"),
-    "test": ("", "held-out data for the curves and 'ghostfunc select' (stdlib: the other half of --target)"),
+    "test": ("", "held-out data for the curves and 'ghostfunc select'; default with stdlib: the other half of --target"),
     "target": ("email", "with stdlib data: the standard-library package held out as the target domain (email, asyncio, ...)"),
     "token_dtype": ("uint16", "dtype of *.bin token files: uint16 or uint32"),
     "vocab_size": (0, "model vocabulary; 0: from the data (256 for text, the largest id + 1 rounded up to 64 for token files)"),

@@ -185,10 +185,11 @@ def prepare(cfg: dict[str, Any]) -> Setup:
     else:
         if cfg["val"] in ("stdlib", ""):
             raise UsageError("--val: expected a token file, folder, glob or text file to score against (with your own --train)")
-        load = dict(seq_len=seq_len, cache=cache, token_dtype=cfg["token_dtype"])
-        train = data_mod.load(cfg["train"], option="--train", **load)
-        val = data_mod.load(cfg["val"], option="--val", **load)
-        test = data_mod.load(cfg["test"], option="--test", **load) if cfg["test"] else None
+        train = data_mod.load(cfg["train"], option="--train", seq_len=seq_len, cache=cache, token_dtype=cfg["token_dtype"])
+        val = data_mod.load(cfg["val"], option="--val", seq_len=seq_len, cache=cache, token_dtype=cfg["token_dtype"])
+        test = None
+    if cfg["test"]:  # an explicit test set replaces the target's held-out half
+        test = data_mod.load(cfg["test"], option="--test", seq_len=seq_len, cache=cache, token_dtype=cfg["token_dtype"])
     val = data_mod.evenly(val, cfg["val_limit"])
     test = data_mod.evenly(test, cfg["val_limit"]) if test is not None else None
     if len(train) < cfg["batch_size"]:

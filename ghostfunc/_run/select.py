@@ -60,6 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if opts["threads"]:
             torch.set_num_threads(opts["threads"])
         cfg = json.loads((run_dir / "config.json").read_text())
+        if cfg["values"] != "shapley":
+            raise UsageError(f"--run: expected a run with values (--values shapley); {str(run_dir)!r} ran --values {cfg['values']}")
         values = ghostfunc.DataValues.load(run_dir / "values.pt")
         assert isinstance(values, ghostfunc.DataValues)
         cfg.update(resume=False, stop_at=0, values="none", progress=False)
