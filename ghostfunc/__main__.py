@@ -1,4 +1,4 @@
-"""``python -m ghostfunc [check|demo|train|select]``.
+"""``python -m ghostfunc [check|demo|evaluate|attribute|train|select]``.
 
 - ``check`` (the default): scores a tiny GPT-2 built from a config (no download),
   prints the scores, the plan, and their agreement with a loop of single-sample
@@ -65,7 +65,7 @@ def check(seed: int = 0, n_train: int = 8, n_val: int = 4, seq_len: int = 32) ->
 
 
 #: Subcommands with parsers of their own: ``python -m ghostfunc NAME --help``.
-SUBCOMMANDS = {"evaluate": "._evaluate", "attribute": "._attribute", "train": "._run.train",
+SUBCOMMANDS = {"demo": "._demo", "evaluate": "._evaluate", "attribute": "._attribute", "train": "._run.train",
                "select": "._run.select"}
 
 
@@ -79,11 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ghostfunc", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", nargs="?", default="check", choices=("check", "demo", *SUBCOMMANDS))
-    args, rest = parser.parse_known_args(argv)
-    if args.command == "demo":
-        from ._demo import main as demo_main
-
-        return demo_main(rest)
+    parser.parse_args(argv)
     err = check()
     return 0 if err < 1e-10 else 1
 

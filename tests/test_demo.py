@@ -68,3 +68,26 @@ def test_command_line_entry(tmp_path):
     assert res.returncode == 0, res.stderr
     assert "Finding the flipped labels (AUROC" in res.stdout and "Most harmful" in res.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["values.csv"]
+
+
+def test_torchrun_two_processes_equal_one(tmp_path):
+    """``torchrun --nproc-per-node 2 -m ghostfunc demo``: every batch split over two gloo processes, values
+    summed across them; rank 0 retrains in one process and prints the largest difference (float32 rounding)."""
+    import os
+    import re
+    import socket
+
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port,
+                          "-m", "ghostfunc", "demo", "--epochs", "1", "--no-plot", "--quiet", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr
+    found = re.search(r"2 processes against one: largest difference of the values (\S+) \(largest value (\S+);"
+                      r".*counts equal: True", res.stdout)
+    assert found, res.stdout
+    diff, scale = float(found.group(1)), float(found.group(2))
+    assert diff <= 1e-5 * scale
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["values.csv"]
