@@ -78,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = given
     parser = argparse.ArgumentParser(prog="python -m ghostfunc", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", nargs="?", default="check", choices=("check", "demo", *SUBCOMMANDS))
+    parser.add_argument("command", nargs="?", default="check", choices=("check", *SUBCOMMANDS))
     parser.parse_args(argv)
     err = check()
     return 0 if err < 1e-10 else 1
