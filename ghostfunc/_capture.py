@@ -152,7 +152,8 @@ class _Interceptor(TorchFunctionMode):
         self.statics: list[Any] = []
         self.fresh: set[int] = set()  # ids of the tensors made by FACTORIES in this run
         self.branch_points = 0  # data-dependent branch points met so far (their ordinal names them)
-        self.lifted_checkpoint = False  # a call ran inside a non-re-entrant checkpoint (_without_checkpoint)
+        self._entered: list[tuple[Any, _ReentrantAsPlain]] = []  # what each entry of the mode set up
+        self.lifted_checkpoint = False  # a checkpointed segment ran as a plain call (_without_checkpoint, _ReentrantAsPlain)
 
     #: Answer data-dependent branches under ``vmap`` (:func:`_agreed_value`).
     follow_branches = True
@@ -160,12 +161,18 @@ class _Interceptor(TorchFunctionMode):
     def __enter__(self) -> _Interceptor:
         # torch.compile'd code runs eagerly in here: dynamo traced this mode (taps, saved inputs) into its
         # graph with the model, and under backend="eager" that graph gave every tap's gradient twice.
-        self._stance = torch.compiler.set_stance("force_eager")
+        # The mode may be entered again while active (an RNN's gate linears): one pair per entry, exited in order.
+        stance, reentrant = torch.compiler.set_stance("force_eager"), _ReentrantAsPlain(self)
+        stance.__enter__()
+        reentrant.__enter__()
+        self._entered.append((stance, reentrant))
         return super().__enter__()
 
     def __exit__(self, *exc: Any) -> None:
         super().__exit__(*exc)
-        self._stance.__exit__(*exc)
+        stance, reentrant = self._entered.pop()
+        reentrant.__exit__(*exc)
+        stance.__exit__(*exc)
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -234,6 +241,49 @@ class _Interceptor(TorchFunctionMode):
                          f"{self.expect[k:k + 1]}")
         assert self.taps is not None
         return self.taps[k]
+
+
+#: The plan's note when a checkpointed segment ran as a plain call.
+CHECKPOINT_NOTE = ("torch.utils.checkpoint runs as if not checkpointed: exact, without its memory saving",)
+
+
+class _ReentrantAsPlain:
+    """While a capture runs, a re-entrant ``torch.utils.checkpoint`` segment runs as a plain call.
+
+    A re-entrant checkpoint (``use_reentrant=True``, torch's default when unspecified)
+    runs its segment under ``no_grad`` through ``CheckpointFunction`` and recomputes it
+    inside the backward pass, where no interceptor runs (and where ``functional_call``
+    has put a module's own weights back): its calls would get no taps. Here
+    ``CheckpointFunction.apply(function, preserve_rng_state, *args)`` is ``function(*args)``
+    (its forward, which sees the same inputs and the same random state), so every call
+    is intercepted once: exact, without the memory saving; the plan notes it. The patch
+    lives on the class for the duration of the capture only (nested captures restore in
+    order); a checkpoint in another thread meanwhile also runs unsaved (same numbers).
+    """
+
+    def __init__(self, mode: _Interceptor) -> None:
+        self.mode = mode
+
+    def __enter__(self) -> None:
+        from torch.utils.checkpoint import CheckpointFunction
+
+        self.before = CheckpointFunction.__dict__.get("apply")  # None: inherited from autograd.Function
+        mode = self.mode
+
+        def apply(function: Callable, preserve_rng_state: bool, *args: Any) -> Any:
+            del preserve_rng_state  # the segment runs once, now: the random state is the forward's own
+            mode.lifted_checkpoint = True
+            return function(*args)
+
+        CheckpointFunction.apply = staticmethod(apply)  # type: ignore[method-assign, assignment]
+
+    def __exit__(self, *exc: Any) -> None:
+        from torch.utils.checkpoint import CheckpointFunction
+
+        if self.before is None:
+            del CheckpointFunction.apply
+        else:
+            CheckpointFunction.apply = self.before  # type: ignore[method-assign]
 
 
 def _without_checkpoint(mode: _Interceptor, hooks: tuple, func: Any, types: Any, args: tuple,
@@ -472,7 +522,7 @@ def trace(model_fn: ModelFn, params: Mapping[str, Tensor], batch: Batch, where: 
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=devices), torch.no_grad(), _rephrase(where):
             torch.func.vmap(one, randomness="different")([t[:1] for t in batch.tensors])
-        return Trace(tuple(mode.sites), mode.other_uses)
+        return Trace(tuple(mode.sites), mode.other_uses, CHECKPOINT_NOTE if mode.lifted_checkpoint else ())
 
     return cached_trace(model_fn, params, batch, "vmap", fresh, compute)
 

@@ -18,9 +18,8 @@ with ordinary autograd:
   parameters inside a backward graph, where no tap can see them: every parameter
   is then a leaf (the trace says so and the plan routes all of them to the fallback).
 
-Non-re-entrant checkpointing runs as if not checkpointed (exact, no memory saving);
-re-entrant checkpointing is refused with the fix: its segments run without
-gradient and are recomputed inside the backward pass, where no interceptor runs.
+Checkpointed segments (re-entrant or not) run as if not checkpointed (exact, no
+memory saving): see ``_capture._without_checkpoint`` and ``_capture._ReentrantAsPlain``.
 Cost: one forward and one backward per sample (the loop's), exact.
 """
 
@@ -33,6 +32,7 @@ import torch
 from torch import Tensor
 
 from ._capture import (
+    CHECKPOINT_NOTE,
     Batch,
     Half,
     ModelFn,
@@ -69,8 +69,7 @@ def summary(err: BaseException) -> str:
 class _EagerInterceptor(_Interceptor):
     """The interceptor outside ``vmap``: taps are created as recognised calls happen.
 
-    ``made`` holds the taps in order; ``no_grad_calls`` counts calls made while
-    gradients were off; ``autograd_calls`` names the model's own backward calls.
+    ``made`` holds the taps in order; ``autograd_calls`` names the model's own backward calls.
     """
 
     follow_branches = False  # no vmap: each sample takes its own branch
@@ -78,13 +77,11 @@ class _EagerInterceptor(_Interceptor):
     def __init__(self, names: dict[int, str], tracing: bool) -> None:
         super().__init__(names, None if tracing else ())
         self.made: list[Tensor] = []
-        self.no_grad_calls = 0
         self.autograd_calls: list[str] = []
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         if func in _AUTOGRAD:
             self.autograd_calls.append(_name(func))
-        self.no_grad_calls += int(not torch.is_grad_enabled())
         return super().__torch_function__(func, types, args, kwargs)
 
     def _rule(self, func: Any) -> Rule | None:
@@ -117,9 +114,7 @@ def trace_eager(model_fn: ModelFn, params: Mapping[str, Tensor], batch: Batch, w
         if mode.autograd_calls:
             call = f"{mode.autograd_calls[0]} inside model_fn (taps cannot see a backward graph)"
             other = dict.fromkeys(params, call)
-        lifted = ("torch.utils.checkpoint (non-re-entrant) runs as if not checkpointed: exact, without its memory "
-                  "saving",) if mode.lifted_checkpoint else ()
-        return Trace(tuple(mode.sites), other, lifted)
+        return Trace(tuple(mode.sites), other, CHECKPOINT_NOTE if mode.lifted_checkpoint else ())
 
     return cached_trace(model_fn, params, batch, "eager", fresh, compute)
 
@@ -145,7 +140,6 @@ def _capture_sample(model_fn: ModelFn, params: Mapping[str, Tensor], batch: Batc
             raise _Stale(f"{mode.autograd_calls[0]} inside model_fn")
         if not torch.isfinite(loss):  # named by the caller
             return Half(loss.detach().reshape(1), {k: [] for k in params})
-        _refuse_checkpoint(mode, loss, where)
         grads, taps = _backward(loss, mode, list(leaves.values()))
     tap_grads, leaf_grads = grads[:len(taps)], grads[len(taps):]
     out: dict[str, list[Factored | Direct]] = {k: [] for k in params}
@@ -159,41 +153,6 @@ def _capture_sample(model_fn: ModelFn, params: Mapping[str, Tensor], batch: Batc
     for (k, leaf), g in zip(leaves.items(), leaf_grads, strict=True):
         out[k].append(Direct((torch.zeros_like(leaf) if g is None else g).unsqueeze(0)))
     return Half(loss.detach().reshape(1), out)
-
-
-def _refuse_checkpoint(mode: _EagerInterceptor, loss: Tensor, where: str) -> None:
-    """Refuse re-entrant checkpointing (before any backward pass, so nothing is written anywhere).
-
-    Its segment runs without gradient and is recomputed inside the backward pass,
-    where no interceptor runs: its recognised calls would get no taps, and under
-    ``functional_call`` (as in ``from_module``) it would run on the module's own
-    weights, not the params given, which autograd cannot tell apart. (The
-    non-re-entrant kind runs as if not checkpointed: see ``_capture._without_checkpoint``.)
-    """
-    if not (mode.no_grad_calls and _checkpointed(loss)):
-        return
-    raise RuntimeError(
-        f"{where}: model_fn uses torch.utils.checkpoint with use_reentrant=True, which runs its segments without "
-        f"gradient and recomputes them inside the backward pass, where ghostfunc cannot follow them (under "
-        f"functional_call, as in ghostfunc.from_module, the recompute would even run on the module's own weights, "
-        f"not the params given). Pass use_reentrant=False (for Hugging Face: model.gradient_checkpointing_enable("
-        f"gradient_checkpointing_kwargs={{'use_reentrant': False}})), or turn checkpointing off for scoring: the "
-        f"numbers are the same"
-    )
-
-
-def _checkpointed(loss: Tensor) -> bool:
-    """Whether the autograd graph of ``loss`` holds a re-entrant checkpoint node."""
-    seen, stack = set(), [loss.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if "CheckpointFunction" in type(node).__name__:
-            return True
-        stack.extend(fn for fn, _ in node.next_functions)
-    return False
 
 
 def _backward(loss: Tensor, mode: _EagerInterceptor, leaves: list[Tensor]) -> tuple[list, list[Tensor]]:
@@ -210,13 +169,12 @@ def _backward(loss: Tensor, mode: _EagerInterceptor, leaves: list[Tensor]) -> tu
 def _each_sample(model_fn: ModelFn, params: Mapping[str, Tensor], batch: Batch,
                  where: str) -> Iterator[tuple[int, dict[str, Tensor], Tensor]]:
     """``(i, leaves, loss)`` per sample: fresh leaf params and the sample's loss, computed with
-    gradients on (the interceptor active, checkpointing refused); the caller's backward runs inside."""
+    gradients on (the interceptor active); the caller's backward runs inside."""
     for i in range(batch.size):
         leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
         mode = _EagerInterceptor({}, tracing=True)
         with torch.enable_grad(), _rephrase(where), mode:
             loss = _one_loss(model_fn(dict(leaves), batch.rebuild([t[i:i + 1] for t in batch.tensors])), where)
-            _refuse_checkpoint(mode, loss, where)
             yield i, leaves, loss
 
 

@@ -247,9 +247,9 @@ def compute_values(
     u = {k: u1[k] + hg[k].to(u1[k].dtype).mul(a * a / 2) for k in u1}
     if not first_order:
         return Values(contract_all(u), None, g_train, t.loss, val_loss, r.plan)
-    both = sum_scores({k: two_dots(route, t.grads[k], u1[k], u[k], tb.size, params[k])
+    dots = sum_scores({k: two_dots(route, t.grads[k], u1[k], u[k], tb.size, params[k])
                        for k, route in r.plan.routes.items()}, params)  # [n, 2]: one pass for both
-    return Values(both[:, 1].contiguous(), both[:, 0].contiguous(), g_train, t.loss, val_loss, r.plan)
+    return Values(dots[:, 1].contiguous(), dots[:, 0].contiguous(), g_train, t.loss, val_loss, r.plan)
 
 
 def check_lr_order(where: str, lr: Any, order: Any) -> None:

@@ -439,9 +439,6 @@ def _two_layer(p, x, reentrant=None):
     return F.linear(h, p["W2"]).pow(2).sum(1)
 
 
-REENTRANT = r"^graddot: model_fn uses torch.utils.checkpoint with use_reentrant=True, which runs its segments"
-
-
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_checkpoint(reentrant):
     p = _mlp(9)
@@ -450,17 +447,16 @@ def test_checkpoint(reentrant):
     def model_fn(p, x):
         return _two_layer(p, x, reentrant)
 
-    if reentrant:
-        with pytest.raises(RuntimeError, match=REENTRANT + r".*Pass use_reentrant=False"):
-            ghostfunc.graddot(model_fn, p, x, xv)
-        return
     plan = check_all("checkpoint", model_fn, p, x, xv, reference_fn=_two_layer)
     assert "runs as if not checkpointed: exact, without its memory saving" in notes(plan)
+    from torch.utils.checkpoint import CheckpointFunction
+
+    assert "apply" not in CheckpointFunction.__dict__  # the capture's plain-call stand-in is gone again
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_checkpointed_module_under_functional_call(reentrant):
-    # a recompute would run after functional_call has put the module's own weights back: none happens, or refused
+    # a recompute would run after functional_call has put the module's own weights back: none happens
     torch.manual_seed(0)
     layer = nn.Linear(3, 3).double()
     params = {k: v.detach() * 2 for k, v in layer.named_parameters()}  # not the module's own values
@@ -473,12 +469,8 @@ def test_checkpointed_module_under_functional_call(reentrant):
         return functional_call(layer, p, (F.linear(x, p["weight"]),)).pow(2).sum(1)
 
     x, xv = torch.randn(4, 3, dtype=F64), torch.randn(3, 3, dtype=F64)
-    if reentrant:
-        with pytest.raises(RuntimeError, match=REENTRANT):
-            ghostfunc.graddot(model_fn, params, x, xv)
-        assert all(q.grad is None for q in layer.parameters())  # refused before any backward: nothing written
-    else:
-        check_all("checkpoint functional_call", model_fn, params, x, xv, reference_fn=plain)
+    check_all("checkpoint functional_call", model_fn, params, x, xv, reference_fn=plain)
+    assert all(q.grad is None for q in layer.parameters())  # nothing written on the module
 
 
 @pytest.mark.parametrize("reentrant", [None, False, True])
@@ -494,11 +486,14 @@ def test_hf_gradient_checkpointing_in_train_mode(hf, reentrant):
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(3, 32, (5, 6), generator=g)
     train, val = {"input_ids": ids[:3]}, {"input_ids": ids[3:]}
-    if reentrant:
-        with pytest.raises(RuntimeError, match=REENTRANT + r".*gradient_checkpointing_kwargs=\{'use_reentrant': False\}"):
-            ghostfunc.graddot(model_fn, params, train, val)
-        return
-    plan = check_all("checkpoint hf gpt2", model_fn, params, train, val, reference_fn=plain_fn, policies=("auto",),
+    def reference(p, batch):  # HF checkpoints in training mode only (dropout is 0): the loop runs it unchecked,
+        model.eval()  # since a re-entrant checkpoint refuses torch.autograd.grad
+        try:
+            return plain_fn(p, batch)
+        finally:
+            model.train()
+
+    plan = check_all("checkpoint hf gpt2", model_fn, params, train, val, reference_fn=reference, policies=("auto",),
                      reduces=("mean", None))
     assert "runs as if not checkpointed" in notes(plan)
 
