@@ -321,7 +321,7 @@ def _fmt(v: float | None) -> str:
 def evaluate(
     *,
     models: Sequence[str] = MODELS,
-    seeds: Sequence[int] = (0,),
+    seeds: Sequence[int] = (0, 1, 2),
     retrains: int = 40,
     n_train: int = 1000,
     n_val: int = 300,

@@ -13,7 +13,7 @@ from ghostfunc.__main__ import main
 
 
 def test_evaluate_runs_tiny(tmp_path):
-    result = E.evaluate(models=("mlp", "logreg"), retrains=4, n_train=60, n_val=30, steps=4, per_val=3,
+    result = E.evaluate(models=("mlp", "logreg"), seeds=(0, 1), retrains=4, n_train=60, n_val=30, steps=4, per_val=3,
                         random_draws=1, removal=(0.1, 0.2), out=tmp_path, log=None)
     for model in ("mlp", "logreg"):
         assert set(result.rows[model]) == set(E.METHODS)
