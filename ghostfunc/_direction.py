@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ._checks import check_batch, check_model_fn, check_options, check_params
 from ._graddot import capture_one, retry_stale, routing, score_direction, sum_scores
+from ._interact import check_model
 from ._plan import Plan, Route, costs
 
 Params = dict[str, Tensor]
@@ -132,6 +133,7 @@ def graddot_direction(
     checked = check_params(params, where)
     u = check_direction(direction, checked, where)
     tb = check_batch(train, "train", where)
+    check_model(model_fn, checked, (tb,), where, ("train",))  # parameters used, samples independent (cached)
 
     def attempt(fresh: bool) -> DirectionScores:
         r = routing(model_fn, checked, tb, tb, where, policy, "mean", fresh)

@@ -14,8 +14,11 @@ signature (cached like the trace), for the cost of two small forward passes unde
 Losses that differ beyond rounding mean the samples interact. A model that draws
 random numbers (dropout in training mode; seen by the global RNG state, or a call given
 a ``generator=``) cannot be compared this way (the draws of a batch and of
-its samples alone differ), so for it only the parameter check runs.
-The global RNG state is left as it was.
+its samples alone differ), so for it only the parameter check runs. A model that
+branches on tensor values (``bool(t)``, ``t.item()``) is compared only when the batch
+and every sample alone took the same branches (the values are recorded): a branch
+that a sample takes alone is the loop's answer, not an interaction (the capture
+splits such batches). The global RNG state is left as it was.
 """
 
 from __future__ import annotations
@@ -56,18 +59,19 @@ class _Uses(TorchFunctionMode):
         self.ids = ids
         self.used = False
         self.random = False
-        self.branched = False  # a tensor's value became a Python value (data-dependent control flow)
+        self.branches: list[str] = []  # the Python values tensors became (data-dependent control flow), in order
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         func = EXACT.get(func, func)  # as in the capture: BatchNorm in training mode refused before it runs
         if not self.used:
             self.used = any(isinstance(t, Tensor) and id(t) in self.ids for t in pytree.tree_leaves((args, kwargs)))
-        if func in TO_PYTHON:
-            self.branched = True
         if kwargs.get("generator") is not None:
             self.random = True  # a draw from the model's own generator (the global one is watched by its state)
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if func in TO_PYTHON:
+            self.branches.append(repr(out))
+        return out
 
 
 def check_model(model_fn: Callable, params: Mapping[str, Tensor], batches: tuple[Any, ...], where: str,
@@ -142,15 +146,21 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
                 random = mode.random or not all(torch.equal(a, b)
                                                 for a, b in zip(before, _rng_states(devices), strict=True))
                 alone = None
-                # A model that branches on tensor values may take another branch for the batch than for each
-                # sample alone; the loop of single samples defines the answer (the capture splits the batch by
-                # branch), so a difference there is not an interaction: such a model is not compared.
-                if not random and not mode.branched and k > 1 and _per_sample_shape(together, k):
-                    alone = torch.cat([model_fn(dict(params), rows(i, i + 1)).reshape(-1) for i in range(k)])
+                if not random and k > 1 and _per_sample_shape(together, k):
+                    alone, branches = [], mode.branches
+                    for i in range(k):
+                        mode.branches = []
+                        alone.append(model_fn(dict(params), rows(i, i + 1)).reshape(-1))
+                        # A model that branches on tensor values may take another branch for the batch than for
+                        # a sample alone; the loop of single samples defines the answer (the capture splits the
+                        # batch by branch), so only runs that took the same branches are compared.
+                        if mode.branches != branches:
+                            alone = None
+                            break
         except (SamplesInteractError, InPlaceWriteError):
             raise
         except Exception:  # noqa: BLE001 - a model that runs only under vmap: the capture reports its own errors
-            return False
+            return k > 1  # nothing to compare for this signature: not tried again
     if not mode.used:
         raise ParamsUnusedError(
             f"no parameter reached the computation: model_fn(params, batch) ran without using any tensor of "
@@ -159,7 +169,7 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
             f"(x,)) instead of net(x), or p['w'] instead of a captured copy of the weight"
         )
     if alone is not None:  # dropout-like draws differ batched and alone; one sample cannot interact
-        _compare(together.detach(), alone.detach(), label)
+        _compare(together.detach(), torch.cat(alone).detach(), label)
     return k > 1
 
 

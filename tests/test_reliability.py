@@ -521,3 +521,21 @@ def test_batch_norm_held_where_the_check_cannot_see_it():
     model.net.train()
     with pytest.raises(SamplesInteractError, match=r"^graddot: .*(batch_norm in training mode|model.eval\(\))"):
         ghostfunc.graddot(model, p, x, x)
+
+
+def test_samples_interact_seen_through_a_branch_every_sample_agrees_on():
+    """A coupled loss stays refused when the model also branches on a tensor value (HF models ask
+    ``mask.all()``): the batch and each sample alone took the same branch, so their losses are compared."""
+
+    def baseline(p, x):
+        losses = (F.linear(x, p["W"]) ** 2).sum(1)
+        if bool(torch.isfinite(losses).all()):  # every run takes this branch
+            losses = losses - losses.mean()
+        return losses
+
+    p = {"W": torch.randn(3, 4, dtype=torch.float64)}
+    x = torch.randn(5, 4, dtype=torch.float64)
+    for call in (lambda: ghostfunc.graddot(baseline, p, x, x),
+                 lambda: ghostfunc.graddot_direction(baseline, p, x, {"W": torch.ones(3, 4, dtype=torch.float64)})):
+        with pytest.raises(ghostfunc.SamplesInteractError, match="samples interact"):
+            call()
