@@ -151,6 +151,10 @@ class DataValues:
             return everything
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(state, TrainState) and state.val_grad is not None:
+            # the secant's cached validation gradient (and its copy of the validation batch) is a by-product:
+            # a resumed step recomputes it, with the same numbers
+            state = state._replace(val_grad=None)
         payload = {"format": FORMAT, "total": self.total, "count": self.count, "steps": self.steps, "state": state}
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
         try:

@@ -224,3 +224,28 @@ def test_float32_close_to_float64():
     got = secant(f32(params), f32(train), f32(val), lr)
     assert got.dtype == torch.float32
     assert rel(got.double(), want) < 1e-5
+
+
+def test_secant_state_saves_and_resumes_to_the_same_values(tmp_path):
+    """``DataValues.save(state=...)`` of a secant run loads back (the cached validation gradient is dropped,
+    the resumed step recomputes it) and the resumed run gives the uninterrupted run's values and parameters."""
+    params, _, val = mlp(seed=3)
+    step = ghostfunc.train_step(mlp_fn, ghostfunc.sgd(0.3), order=2, curvature="secant")
+    run = list(batches(7, 4))
+
+    def go(state, values, steps):
+        for batch in steps:
+            state, info = step(state, batch, val)
+            values = values.add(batch["index"], info.values)
+        return state, values
+
+    whole, whole_values = go(step.init(params), ghostfunc.DataValues.zeros(6), run)
+    half, half_values = go(step.init(params), ghostfunc.DataValues.zeros(6), run[:2])
+    assert half.val_grad is not None
+    half_values.save(tmp_path / "v.pt", state=half)
+    loaded, state = ghostfunc.DataValues.load(tmp_path / "v.pt", with_state=True)
+    assert state.val_grad is None and state.step == 2
+    resumed, resumed_values = go(state, loaded, run[2:])
+    torch.testing.assert_close(resumed_values.total, whole_values.total, rtol=1e-12, atol=1e-15)
+    for k in params:
+        torch.testing.assert_close(resumed.params[k], whole.params[k], rtol=0, atol=0)
