@@ -141,6 +141,8 @@ def _sqrt0(x: Tensor) -> Tensor:
     update's true derivative through ``√v`` vanishes there; autograd's ``inf · 0``
     would make it NaN (what :func:`ghostfunc.unroll` differentiates).
     """
+    if not (x.requires_grad and torch.is_grad_enabled()):  # an ordinary step: nothing differentiates it
+        return x.sqrt()
     positive = x > 0
     return torch.where(positive, torch.where(positive, x, torch.ones_like(x)).sqrt(), torch.zeros_like(x))
 
