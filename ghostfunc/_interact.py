@@ -145,7 +145,7 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
                 together = model_fn(dict(params), rows(0, k))
                 random = mode.random or not all(torch.equal(a, b)
                                                 for a, b in zip(before, _rng_states(devices), strict=True))
-                alone = None
+                alone: list[Tensor] | None = None
                 if not random and k > 1 and _per_sample_shape(together, k):
                     alone, branches = [], mode.branches
                     for i in range(k):

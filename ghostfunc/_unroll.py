@@ -238,6 +238,8 @@ def backward(r: Replay, lam: Params, n_data: int, per_step: bool, via: str, batc
             segment.append((Step(params, state, g), pull_grad))
             params, state = r.optimizer.update(g, state, params)
             params = {k: v.detach() for k, v in params.items()}
+        end = start + len(segment)
+        _check_lands(params, r.final if end == T else r.checkpoints.get(end, (None,))[0], end, where)
         for t in reversed(range(start, start + len(segment))):
             step, pull_grad = segment.pop()
             _, new_state, pullback = update_vjp(r.optimizer, step)
@@ -270,6 +272,30 @@ def backward(r: Replay, lam: Params, n_data: int, per_step: bool, via: str, batc
 
 
 # ---------------------------------------------------------------- checks and the public function
+
+
+def _check_lands(params: Params, recorded: Params | None, step: int, where: str) -> None:
+    """The replayed segment must end on the parameters the run had there (a recording's next checkpoint).
+
+    The replay differentiates ``model_fn`` on each whole batch; a run whose steps
+    took other numbers (a model whose samples branch differently alone, which
+    :func:`ghostfunc.train_step` runs per sample, or batches that are not the run's)
+    would otherwise be attributed as a different run without a word.
+    """
+    if recorded is None:
+        return
+    for k, v in params.items():
+        ref = recorded[k].to(v.dtype)
+        tol = torch.finfo(v.dtype).eps ** 0.5 * max(1.0, ref.abs().max().item())
+        gap = (v - ref).abs().max().item() if v.numel() else 0.0
+        if not gap <= tol:
+            raise ValueError(
+                f"{where}: replaying the run's steps does not reach the recorded parameters of step {step} "
+                f"({k!r} differs by {gap:.3g}, rounding allows {tol:.3g}): the replay differentiates model_fn "
+                f"on each whole batch, and this run's steps took other numbers (a model_fn whose samples take "
+                f"other branches when run alone, a model that draws random numbers, or other batches or "
+                f"optimizer than the run's)"
+            )
 
 
 def check_batches(batches: Any, index: str, where: str) -> tuple[list[Batch], list[Tensor]]:

@@ -254,3 +254,31 @@ def test_adamw_with_a_weight_that_never_gets_a_gradient():
     ref = autograd_unrolled(mlp_fn, opt, params, dead, val, 7)
     out = ghostfunc.unroll(mlp_fn, opt, params, dead, val)
     assert bool(torch.isfinite(out.total).all()) and rel(out.total, ref) < 1e-10
+
+
+def test_replay_that_does_not_reach_the_recording_is_refused():
+    """``train_step`` runs each sample alone (a batch whose samples branch differently is split); the replay
+    differentiates the whole batch's loss. Where the two runs differ, the replay says so instead of
+    attributing another run."""
+    torch.manual_seed(0)
+    p = {"W": torch.randn(3, 4, dtype=torch.float64), "V": torch.randn(2, 3, dtype=torch.float64)}
+
+    def model_fn(p, b):
+        h = F.linear(b["x"], p["W"])
+        if h.sum() > 0:  # the batch's branch is not each sample's
+            h = torch.tanh(h)
+        return (F.linear(h, p["V"]) ** 2).sum(1)
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 4, generator=g, dtype=torch.float64)
+    batches = [{"x": x[i:i + 4], "index": torch.arange(i, i + 4)} for i in (0, 4, 0, 4)]
+    val = {"x": torch.randn(3, 4, generator=g, dtype=torch.float64), "index": torch.arange(3)}
+    opt = ghostfunc.sgd(0.1)
+    step = ghostfunc.train_step(model_fn, opt)
+    state = step.init(p)
+    traj = ghostfunc.Trajectory.start(state, every=2)
+    for b in batches:
+        state, _ = step(state, b, val)
+        traj.record(b["index"], state)
+    with pytest.raises(ValueError, match=r"^unroll: replaying the run's steps does not reach the recorded parameters"):
+        ghostfunc.unroll(model_fn, opt, traj, batches, val)
