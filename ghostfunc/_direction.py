@@ -20,7 +20,7 @@ from torch import Tensor
 from ._checks import check_batch, check_model_fn, check_options, check_params
 from ._graddot import capture_one, retry_stale, routing, score_direction, sum_scores
 from ._interact import check_model
-from ._plan import Plan, Route, costs
+from ._plan import Plan, direction_kernel
 
 Params = dict[str, Tensor]
 #: The kernel policies against a direction (``"ghost"`` and ``"2t2"`` need a second batch's factors).
@@ -69,19 +69,16 @@ def check_direction(direction: Any, params: Mapping[str, Tensor], where: str, na
 
 
 def _no_ghost(plan: Plan) -> Plan:
-    """The plan with every ghost route moved to the cheaper of contract and materialise."""
+    """The plan with every ghost route moved to the cheaper of contract and materialise against one direction
+    (:func:`ghostfunc._plan.direction_kernel`, as the secant's directions); notes kept."""
     routes = {}
     for k, r in plan.routes.items():
         if r.path == "ghost":
             ids = all(kind == "embedding" for kind in r.uses)
-            c = costs(plan.n_train, 0, r.tokens, 0, r.p, r.d, ids, True)
-            del c["ghost"]
-            best = min(c, key=c.__getitem__)
-            r = Route(r.name, r.shape, best, "against a direction: cost " + " ".join(
-                f"{name}={v:.2g}" for name, v in sorted(c.items(), key=lambda kv: kv[1])), r.uses, r.tokens, 0,
-                r.p, r.d)
+            r = r._replace(path=direction_kernel(plan.n_train, r.tokens, r.p, r.d, ids, 1),
+                           reason="against a fixed direction: the cheaper of contract and materialise")
         routes[k] = r._replace(val_tokens=0)
-    return Plan(routes, plan.policy, plan.n_train, 0, None)
+    return plan._replace(routes=routes, n_val=0, val_reduce=None)
 
 
 def graddot_direction(
