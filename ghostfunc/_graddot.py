@@ -26,7 +26,7 @@ from ._capture import (
 from ._checks import check_model_fn, check_options, check_pair, check_params
 from ._eager import capture_eager, summary, trace_eager, unbatchable
 from ._groups import WHOLE, Part, describe, merge_halves, refine, subset
-from ._interact import check_model
+from ._interact import check_model, training_flags
 from ._ops import Direct, Factored
 from ._plan import Plan, Usage, make_plan, usages
 
@@ -155,7 +155,8 @@ def routing(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Bat
     """
     state = fresh if isinstance(fresh, Attempt) else Attempt(bool(fresh))
     batches = (train, val)
-    known = (tuple((k, tuple(v.shape), v.dtype) for k, v in params.items()), train.signature, val.signature)
+    known = (tuple((k, tuple(v.shape), v.dtype) for k, v in params.items()), train.signature, val.signature,
+             training_flags(model_fn))  # e.g. HF checkpointing runs in training mode only
     eager = state.eager or _UNBATCHABLE_SEEN.get(model_fn, {}).get(known) if _weakrefable(model_fn) else state.eager
     part_traces: tuple[tuple[Trace, ...], ...] = ((), ())
     if eager is None:

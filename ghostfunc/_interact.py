@@ -83,7 +83,7 @@ def check_model(model_fn: Callable, params: Mapping[str, Tensor], batches: tuple
     parameter shapes. Cost on a first call: ``model_fn`` on ``min(size, 3)`` samples
     together and on each of them alone, without gradients.
     """
-    shapes = (tuple((k, tuple(v.shape), v.dtype, v.device) for k, v in params.items()), _training_flags(model_fn))
+    shapes = (tuple((k, tuple(v.shape), v.dtype, v.device) for k, v in params.items()), training_flags(model_fn))
     try:
         seen = _CHECKED.setdefault(model_fn, set())
     except TypeError:  # not weak-referenceable: check every call
@@ -104,7 +104,7 @@ def check_model(model_fn: Callable, params: Mapping[str, Tensor], batches: tuple
             seen.add(key)
 
 
-def _training_flags(model_fn: Callable) -> tuple[bool, ...]:
+def training_flags(model_fn: Callable) -> tuple[bool, ...]:
     """``training`` of every submodule of the modules ``model_fn`` names (closure cells and the globals it
     reads): switching one between train and eval mode makes the next call check again."""
     code, cells = getattr(model_fn, "__code__", None), getattr(model_fn, "__closure__", None) or ()
