@@ -567,8 +567,8 @@ class _rephrase:
             shown = f"{err.values[:8]}{'...' if len(err.values) > 8 else ''}"
             raise DivergentBranchError(
                 f"{self.where}: model_fn turns a tensor into a Python value ({err.call}) and the samples of the "
-                f"batch disagree (values {shown}); this step runs the whole batch as one forward-over-reverse "
-                f"pass and cannot split it into groups that agree. Compute the branch with tensor ops "
+                f"batch disagree (values {shown}); this computation runs the whole batch in one pass "
+                f"and cannot split it into groups that agree. Compute the branch with tensor ops "
                 f"(torch.where) or pass batches whose samples take the same branch"
             ) from None
         for kind in (SamplesInteractError, DivergentBranchError, InPlaceWriteError):

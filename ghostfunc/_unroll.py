@@ -393,7 +393,7 @@ def unroll(
     ``batches`` from ``params`` (the mean loss of each batch, as
     :func:`ghostfunc.train_step` trains), then sweeps it backward (see the module
     docstring for the recursion). Per step: one mean-gradient recomputation, one
-    vjp of ``optimizer.update``, one forward-over-reverse pass over the batch.
+    vjp of ``optimizer.update``, one double backward over the batch (the rows' shares and ``H·ḡ`` together).
 
     **Sign** as ``φ`` everywhere in ghostfunc: ``total[i] < 0`` means up-weighting
     sample ``i`` lowers the final validation loss (it helps). To first order,
