@@ -19,6 +19,14 @@ def pytest_terminal_summary(terminalreporter):
     if test_properties is not None and test_properties.WORST:
         worst = ", ".join(f"{k} {v:.2e}" for k, v in sorted(test_properties.WORST.items()))
         terminalreporter.write_line(f"graddot vs single-sample loop, worst relative score error: {worst}")
+    # the model classes of the reliability issue: worst float64 error over every policy and val_reduce
+    for module, what in (("test_reliability", "silent-wrong-number classes"),
+                         ("test_reliability_models", "branching and untransformable models")):
+        found = sys.modules.get(f"tests.{module}")
+        if found is not None and found.WORST:
+            worst = max(found.WORST.items(), key=lambda kv: kv[1])
+            terminalreporter.write_line(f"{what} vs single-sample loop ({len(found.WORST)} families): worst relative "
+                                        f"error {worst[1]:.2e} ({worst[0]})")
     # per Hugging Face family: the worst over its attention kernels, per dtype
     if test_hf is not None and any(case.endswith("float64") for _, case in test_hf.WORST):
         per: dict[str, dict[str, float]] = {}
