@@ -35,6 +35,7 @@ from torch import Tensor
 from . import loop
 from .data import Corpus
 
+
 class Chunks:
     """A corpus as a lazy ``[N, T]`` int64 tensor: ``chunks[index]`` (``index`` ``[B]``) -> ``[B, T]`` token ids."""
 
