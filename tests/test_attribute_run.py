@@ -75,3 +75,16 @@ def test_unrolled_values_of_the_cli_model_equal_autograd_through_the_run(recorde
     with sdpa_kernel([SDPBackend.MATH]):
         want = autograd_unrolled(model_fn, loop.optimizer(cfg), theta0, batches, val, n)
     assert rel(got, want) < 1e-10 and bool((want != 0).any())
+
+
+def bare_task() -> dict:
+    """A factory that returns no optimizer (for the test below)."""
+    return {"model_fn": lambda p, b: (b["x"] @ p["w"]) ** 2, "dataset": {"x": torch.eye(2, dtype=torch.float64)},
+            "val": {"x": torch.eye(2, dtype=torch.float64)}}
+
+
+def test_attribute_needs_an_optimizer_from_the_spec_or_the_factory(tmp_path: Path) -> None:
+    traj = ghostfunc.Trajectory.start(({"w": torch.zeros(2, dtype=torch.float64)}, None), every=1)
+    traj.save(tmp_path, spec={"factory": "tests.test_attribute_run:bare_task"})
+    with pytest.raises(ValueError, match="attribute: .*spec.json needs an 'optimizer' entry, or its factory"):
+        main(["attribute", "--run", str(tmp_path)])
