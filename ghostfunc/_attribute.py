@@ -2,7 +2,9 @@
 
 ``DIR/trajectory/`` (or ``DIR`` itself) holds ``trajectory.pt`` and ``spec.json``
 as :class:`ghostfunc.Trajectory` documents: the spec names a factory that rebuilds
-``model_fn``, the dataset and the validation batch, and the optimizer's arguments.
+``model_fn``, the dataset and the validation batch, and the optimizer's arguments
+(or the factory returns the ``optimizer`` itself, e.g. one with a learning-rate
+schedule, which a JSON spec cannot hold: ``ghostfunc train --record-every``).
 The values (:class:`ghostfunc.DataValues`) go to ``DIR/trajectory/unrolled.pt``.
 """
 
@@ -27,11 +29,10 @@ def load_spec(folder: Path) -> dict[str, Any]:
     if not path.exists():
         raise FileNotFoundError(f"attribute: {path} is missing; record the run with Trajectory.save(folder, spec=...)")
     spec = json.loads(path.read_text())
-    for key in ("factory", "optimizer"):
-        if key not in spec:
-            raise ValueError(f"attribute: {path} needs a {key!r} entry (see ghostfunc.Trajectory); got {sorted(spec)}")
-    opt = dict(spec["optimizer"])
-    if opt.get("name") not in OPTIMIZERS:
+    if "factory" not in spec:
+        raise ValueError(f"attribute: {path} needs a 'factory' entry (see ghostfunc.Trajectory); got {sorted(spec)}")
+    opt = dict(spec.get("optimizer", {"name": None}))
+    if "optimizer" in spec and opt.get("name") not in OPTIMIZERS:
         raise ValueError(f"attribute: {path}: optimizer name must be one of {sorted(OPTIMIZERS)}; got {opt.get('name')!r}")
     return spec
 
@@ -45,8 +46,13 @@ def attribute(run: str | Path, *, per_step: bool = False, out: str | Path | None
     traj = ghostfunc.Trajectory.load(folder)
     module, _, name = spec["factory"].partition(":")
     task = getattr(importlib.import_module(module), name)(**spec.get("kwargs", {}))
-    opt_args = dict(spec["optimizer"])
-    optimizer = OPTIMIZERS[opt_args.pop("name")](**opt_args)
+    optimizer = task.get("optimizer")
+    if optimizer is None:  # the spec's arguments
+        if "optimizer" not in spec:
+            raise ValueError(f"attribute: {folder / 'spec.json'} needs an 'optimizer' entry, or its factory "
+                             f"{spec['factory']!r} must return one; got neither")
+        opt_args = dict(spec["optimizer"])
+        optimizer = OPTIMIZERS[opt_args.pop("name")](**opt_args)
     index = spec.get("index", "index")
     batches = traj.batches(task["dataset"], index)
     t0 = time.perf_counter()

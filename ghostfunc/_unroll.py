@@ -510,8 +510,9 @@ class Trajectory:
     rebuild the task: ``{"factory": "package.module:function", "kwargs": {...},
     "optimizer": {"name": "sgd" | "adamw", ...keyword arguments}, "index": "index"}``,
     where ``function(**kwargs)`` returns ``{"model_fn": ..., "dataset": {key: [N, ...]
-    tensor}, "val": batch dict}`` and step ``t``'s batch is ``{key: dataset[key][indices[t]]}``
-    plus the indices under ``index``.
+    tensor}, "val": batch dict}`` (and optionally ``"optimizer"``, used instead of the spec's
+    entry, which may then be left out: e.g. one with a learning-rate schedule) and step
+    ``t``'s batch is ``{key: dataset[key][indices[t]]}`` plus the indices under ``index``.
 
     Attributes:
         every: steps between checkpoints.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import inspect
 import json
 import os
 import socket
@@ -108,16 +107,20 @@ def test_resume_equals_uninterrupted(corpus: dict[str, Path], tmp_path: Path) ->
         assert torch.equal(p, sb["train"].params[k]), k
     steps = [json.loads(ln)["step"] for ln in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)) and steps[-1] == 12  # nothing logged twice
-    safe = [ghostfunc.TrainState, ghostfunc.AdamWState, ghostfunc.SGDState]
-    with torch.serialization.safe_globals(safe):  # the trajectory a replay reads: the same either way
-        ta, tb = (torch.load(tmp_path / d / "trajectory" / "batches.pt", weights_only=True) for d in ("whole", "cut"))
-        names = sorted(p.name for p in (tmp_path / "cut" / "trajectory").iterdir())
-        ckpt = torch.load(tmp_path / "cut" / "trajectory" / "step-000008.pt", weights_only=True)
-    assert names == ["batches.pt", "step-000000.pt", "step-000004.pt", "step-000008.pt", "step-000012.pt"]
-    assert ta["train"].shape == (12, 4) and all(torch.equal(ta[k], tb[k]) for k in ("train", "val", "lr"))
-    assert torch.equal(torch.bincount(ta["train"].flatten(), minlength=len(a)), a.count)
-    assert ckpt["state"].step == 8  # the state before step 8 runs, as the interrupted run saved it
-    assert all(torch.equal(p, mid["train"].params[k]) for k, p in ckpt["state"].params.items())
+    ta, tb = (ghostfunc.Trajectory.load(tmp_path / d / "trajectory") for d in ("whole", "cut"))  # what attribute replays
+    assert ta.steps == tb.steps == 12 and ta.every == tb.every == 4
+    assert all(torch.equal(x, y) for x, y in zip(ta.indices, tb.indices, strict=True))
+    assert torch.equal(torch.bincount(torch.cat(ta.indices), minlength=len(a)), a.count)
+    assert sorted(ta.checkpoints) == sorted(tb.checkpoints) == [0, 4, 8]
+    for t, (pa, sta) in ta.checkpoints.items():  # params and AdamW state before step t, the same either way
+        pb, stb = tb.checkpoints[t]
+        assert all(torch.equal(v, pb[k]) for k, v in pa.items()), t
+        leaves = zip(torch.utils._pytree.tree_leaves(sta), torch.utils._pytree.tree_leaves(stb), strict=True)
+        assert all(torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y for x, y in leaves), t
+    assert all(torch.equal(v, mid["train"].params[k]) for k, v in tb.checkpoints[8][0].items())  # the interrupted run's
+    assert all(torch.equal(v, sa["train"].params[k]) for k, v in tb.final.items())
+    spec = json.loads((tmp_path / "cut" / "trajectory" / "spec.json").read_text())
+    assert spec["factory"] == "ghostfunc._run.attribution:task" and spec["kwargs"] == {"run": str((tmp_path / "cut").resolve())}
 
 
 def _bad_inputs(c: dict[str, Path], tmp: Path) -> list[tuple[list[str], str]]:
@@ -195,11 +198,6 @@ def test_help_lists_every_option_with_its_default() -> None:
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("ghostfunc train: error: ")
 
 
-HAS_GROUP = "group" in inspect.signature(ghostfunc.train_step).parameters
-
-
-@pytest.mark.skipif(not HAS_GROUP, reason="needs ghostfunc.train_step(..., group=) (the distributed-support issue), "
-                                          "not merged into this branch yet")
 def test_torchrun_two_processes_equal_one(corpus: dict[str, Path], tmp_path: Path) -> None:
     """2 gloo processes, stopped after step 2 and resumed to 4, end where one uninterrupted process does."""
     # SGD: Adam divides by √v, which turns float32 rounding of near-zero gradients into lr-sized differences
@@ -224,15 +222,6 @@ def test_torchrun_two_processes_equal_one(corpus: dict[str, Path], tmp_path: Pat
     for k, p in sa["train"].params.items():
         torch.testing.assert_close(sb["train"].params[k], p, rtol=1e-4, atol=1e-6)
     assert (tmp_path / "two" / "report.md").is_file()
-
-
-def test_many_processes_refused_without_group_support(corpus: dict[str, Path], tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
-    if HAS_GROUP:
-        pytest.skip("this ghostfunc has distributed support; the torchrun test covers it")
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    assert main(_args(corpus, tmp_path / "d", "--steps", "2")) == 2
-    assert "torchrun: WORLD_SIZE=2 needs ghostfunc.train_step(..., group=)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("family", ["llama", "neox"])

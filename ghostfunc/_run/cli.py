@@ -56,8 +56,8 @@ TRAIN_OPTIONS: dict[str, tuple[Any, str]] = {
     "precondition": (False, "optimizer-aware first-order values (Adam's preconditioner)"),
     "progress": (True, "show a progress bar"),
     "threads": (0, "torch.set_num_threads; 0: torch's default"),
-    "record_every": (0, "save the training state every this many steps and each step's batch indices under "
-                        "OUT/trajectory/ (for a later replay); 0: off"),
+    "record_every": (0, "record a ghostfunc.Trajectory (the training state every this many steps, each step's batch "
+                        "indices) in OUT/trajectory/ for 'ghostfunc attribute --run OUT'; 0: off"),
 }
 CHOICES = {"token_dtype": ("uint16", "uint32"), "size": ("tiny", "mini", "small"), "dtype": ("float32", "bfloat16", "float16"),
            "autocast": ("none", "bfloat16", "float16"), "device": ("auto", "cpu", "cuda"), "val_batch": ("fixed", "rotating"),

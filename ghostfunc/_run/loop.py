@@ -17,7 +17,6 @@ Logs hold indices and figures only, never inputs.
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import os
@@ -68,12 +67,6 @@ class Dist:
         return x
 
 
-def has_group_support() -> bool:
-    """Whether this ghostfunc's ``train_step`` and ``DataValues`` take ``group=`` (distributed support)."""
-    return ("group" in inspect.signature(ghostfunc.train_step).parameters
-            and "group" in inspect.signature(ghostfunc.DataValues.save).parameters)
-
-
 @contextmanager
 def distributed(device: torch.device) -> Iterator[Dist]:
     """Join the process group when launched by ``torchrun`` (``WORLD_SIZE > 1``); always destroy it on the way out."""
@@ -81,9 +74,6 @@ def distributed(device: torch.device) -> Iterator[Dist]:
     if world <= 1:
         yield Dist()
         return
-    if not has_group_support():
-        raise UsageError(f"torchrun: WORLD_SIZE={world} needs ghostfunc.train_step(..., group=) and "
-                         f"DataValues.save(..., group=) (distributed support), which this ghostfunc {ghostfunc.__version__} lacks")
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend)
     try:
@@ -251,52 +241,44 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-#: The format tag of the files under ``out/trajectory/`` (``--record-every``).
-TRAJECTORY = "ghostfunc.trajectory/1"
+#: The task factory ``spec.json`` names (``ghostfunc attribute --run`` calls it with the run folder, absolute).
+ATTRIBUTION_TASK = "ghostfunc._run.attribution:task"
 
 
-def save_atomic(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def recording(out: Path, every: int, state: ghostfunc.TrainState) -> ghostfunc.Trajectory:
+    """``--record-every K``: the :class:`ghostfunc.Trajectory` this run appends to (from ``state``, or resumed).
 
+    Saved as ``out/trajectory/trajectory.pt`` with a ``spec.json`` naming
+    :func:`ghostfunc._run.attribution.task` (what ``ghostfunc attribute --run``
+    replays), each time ``values.pt`` is saved. Resuming at step ``s`` keeps the
+    recorded steps ``< s`` and the checkpoints up to ``s``: the recording then
+    equals an uninterrupted run's.
 
-class Trajectory:
-    """``--record-every K``: what a later replay needs to attribute the run, under ``out/trajectory/``.
-
-    - ``step-SSSSSS.pt``: ``{"format", "state"}`` with the :class:`ghostfunc.TrainState` *before*
-      step ``SSSSSS`` runs (after ``SSSSSS`` updates): at step 0, every ``K`` steps and at the end;
-    - ``batches.pt``: ``{"format", "train": [S, B] int64, "val": [S, m] int64, "lr": [S] float64}``,
-      the global batch of chunk indices, the validation batch and the learning rate of each of the
-      ``S`` steps done, rewritten with each checkpoint.
-
-    All files load with ``torch.load(..., weights_only=True)`` inside
-    ``torch.serialization.safe_globals([TrainState, AdamWState, SGDState])``.
+    Raises:
+        UsageError: resuming without the trajectory, or with another ``--record-every``.
     """
+    if state.step == 0:
+        return ghostfunc.Trajectory.start(state, every)
+    folder = out / "trajectory"
+    if not (folder / "trajectory.pt").is_file():
+        raise UsageError(f"--record-every: expected the trajectory of the run in {str(out)!r} to resume "
+                         f"({folder / 'trajectory.pt'}); there is none")
+    old = ghostfunc.Trajectory.load(folder)
+    if old.every != every or old.steps < state.step:
+        raise UsageError(f"--record-every: expected the recording of the run in {str(out)!r} (every {every}, at least "
+                         f"{state.step} steps); it has every {old.every}, {old.steps} steps")
+    params = {k: v.detach() for k, v in state.params.items()}
+    kept = {t: c for t, c in old.checkpoints.items() if t < state.step}
+    if state.step % every == 0:  # Trajectory.save leaves out the checkpoint at the last step: it is this state
+        kept[state.step] = (params, state.opt_state)
+    return ghostfunc.Trajectory(every, kept, old.indices[:state.step], params)
 
-    def __init__(self, out: Path, every: int, start: int) -> None:
-        self.folder, self.every = out / "trajectory", every
-        self.train: list[Tensor] = []
-        self.val: list[Tensor] = []
-        self.lr: list[float] = []
-        old = self.folder / "batches.pt"
-        if start and old.is_file():  # resuming: keep the steps done before the last save
-            with torch.serialization.safe_globals([ghostfunc.TrainState, ghostfunc.AdamWState, ghostfunc.SGDState]):
-                got = torch.load(old, weights_only=True)
-            self.train, self.val, self.lr = list(got["train"][:start]), list(got["val"][:start]), got["lr"][:start].tolist()
 
-    def step(self, train: Tensor, val: Tensor, lr: float) -> None:
-        self.train.append(train)
-        self.val.append(val)
-        self.lr.append(lr)
-
-    def checkpoint(self, state: ghostfunc.TrainState) -> None:
-        save_atomic({"format": TRAJECTORY, "state": state}, self.folder / f"step-{state.step:06d}.pt")
-        stack = lambda xs: torch.stack(xs) if xs else torch.zeros(0, 0, dtype=torch.int64)  # noqa: E731
-        save_atomic({"format": TRAJECTORY, "train": stack(self.train), "val": stack(self.val),
-                     "lr": torch.tensor(self.lr, dtype=torch.float64)}, self.folder / "batches.pt")
+def save_trajectory(trajectory: ghostfunc.Trajectory | None, out: Path) -> None:
+    """Write the recording and the ``spec.json`` that ``ghostfunc attribute --run out`` reads (atomically)."""
+    if trajectory is not None:
+        trajectory.save(out / "trajectory", spec={"factory": ATTRIBUTION_TASK, "kwargs": {"run": str(out.resolve())},
+                                                  "index": "index"})
 
 
 def save(values: ghostfunc.DataValues, path: Path, state: ghostfunc.TrainState, cfg: dict[str, Any],
@@ -351,6 +333,8 @@ def run(setup: Setup, par: Dist, *, pool: Tensor | None = None, quiet: bool = Fa
         values, payload = load(values_path, par)
         check_resume(cfg, payload["config"])
         state = payload["train"]
+    keep_trajectory = bool(cfg["record_every"]) and par.rank == 0 and save_values
+    trajectory = recording(out, cfg["record_every"], state) if keep_trajectory else None
     if log is None:
         metrics = out / "metrics.jsonl"
         if par.rank == 0:
@@ -363,10 +347,6 @@ def run(setup: Setup, par: Dist, *, pool: Tensor | None = None, quiet: bool = Fa
                 fh.write(json.dumps(record) + "\n")
 
     stop = min(cfg["steps"], cfg["stop_at"] or cfg["steps"])
-    recording = bool(cfg["record_every"]) and par.rank == 0 and save_values
-    trajectory = Trajectory(out, cfg["record_every"], state.step) if recording else None
-    if trajectory is not None and state.step == 0:
-        trajectory.checkpoint(state)
     n_pool = len(pool) if pool is not None else len(setup.train)
     tokens_per_step = cfg["batch_size"] * cfg["seq_len"]
     bar = None
@@ -425,15 +405,15 @@ def run(setup: Setup, par: Dist, *, pool: Tensor | None = None, quiet: bool = Fa
             if bar is not None:
                 bar.update(1)
             if trajectory is not None:
-                trajectory.step(every, every_val, lr)
-                if done % trajectory.every == 0 or done == stop:
-                    trajectory.checkpoint(state)
+                trajectory.record(every, state)
             if save_values and cfg["save_every"] and done % cfg["save_every"] == 0 and done < stop:
+                save_trajectory(trajectory, out)  # before values.pt: a resume finds at least its steps
                 values = save(values, values_path, state, cfg, par)
     finally:
         if bar is not None:
             bar.close()
     if save_values:
+        save_trajectory(trajectory, out)
         values = save(values, values_path, state, cfg, par)
     return state, values
 

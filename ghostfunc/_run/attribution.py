@@ -1,0 +1,60 @@
+"""The task factory a ``ghostfunc train --record-every K`` run names in its ``spec.json``.
+
+``python -m ghostfunc attribute --run DIR`` reads ``DIR/trajectory/trajectory.pt``
+(a :class:`ghostfunc.Trajectory`: the training state every ``K`` steps and every
+step's global batch of chunk indices) and calls :func:`task` with the run folder;
+:func:`task` rebuilds, from ``DIR/config.json``, exactly what the run trained with:
+
+- ``model_fn``: the run's model (``--model``, ``--size``, ``--dtype``,
+  ``--autocast``, ``--seq-len``) through ``ghostfunc.from_module`` and
+  ``ghostfunc.causal_lm_loss``; a batch is ``{"input_ids": [B, T]}``;
+- ``dataset``: ``{"input_ids": Chunks}``, the training chunks ``[N, T]`` indexed by
+  chunk index (the sample index of ``values.pt``), read lazily: only the rows a
+  step's batch names are materialised;
+- ``val``: the batch the final loss ``L_val(θ_T)`` is measured on: **the whole
+  validation set as the run evaluates it** (``val_loss`` in ``metrics.jsonl``:
+  at most ``--val-limit`` chunks, 256 by default, spread evenly), not the per-step
+  validation batches the In-Run values were computed against;
+- ``optimizer``: the run's own (``--optimizer`` with its warmup + cosine
+  ``lr`` schedule, a callable a JSON spec cannot hold).
+
+The unrolled value of chunk ``i`` is then ``∂L_val(θ_T)/∂w_i`` through the whole
+run (sign as ``φ``: negative = up-weighting chunk ``i`` lowers the final
+validation loss).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import loop
+from .data import Corpus
+
+
+class Chunks:
+    """A corpus as a lazy ``[N, T]`` int64 tensor: ``chunks[index]`` (``index`` ``[B]``) -> ``[B, T]`` token ids."""
+
+    def __init__(self, corpus: Corpus, device: torch.device) -> None:
+        self.corpus, self.device = corpus, device
+
+    def __len__(self) -> int:
+        return len(self.corpus)
+
+    def __getitem__(self, index: Tensor) -> Tensor:
+        return self.corpus.batch(index.cpu()).to(self.device)
+
+
+def task(run: str) -> dict[str, Any]:
+    """``{"model_fn", "dataset", "val", "optimizer"}`` of the recorded run in ``run`` (see the module docstring)."""
+    folder = Path(run)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["out"] = str(folder)  # the token cache lies beside the run, wherever it was started from
+    setup = loop.prepare(cfg)
+    val = {"input_ids": setup.val.batch(torch.arange(len(setup.val))).to(setup.device)}
+    return {"model_fn": setup.model_fn, "dataset": {"input_ids": Chunks(setup.train, setup.device)}, "val": val,
+            "optimizer": setup.opt}

@@ -1,0 +1,90 @@
+"""``ghostfunc train --record-every`` then ``ghostfunc attribute --run``: through the real CLI, against unroll and autograd."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+pytest.importorskip("transformers")
+pytest.importorskip("matplotlib")
+pytest.importorskip("tqdm")
+
+import ghostfunc  # noqa: E402
+from ghostfunc.__main__ import main  # noqa: E402
+from ghostfunc._run import loop  # noqa: E402
+from tests.test_unroll import autograd_unrolled, rel  # noqa: E402
+
+#: Six steps of the tiny preset (AdamW with its warmup + cosine schedule), checkpoints every 2 steps, samples recurring.
+ARGS = ["--seq-len", "16", "--batch-size", "4", "--val-batch-size", "2", "--eval-every", "6", "--warmup", "2",
+        "--steps", "6", "--record-every", "2", "--no-progress", "--threads", "1", "--lr", "1e-2"]
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A recorded run on a small corpus (13 training chunks: every chunk recurs within 6 steps of 4)."""
+    root = tmp_path_factory.mktemp("attribute")
+    (root / "train").mkdir()
+    (root / "train" / "mail.py").write_text("def header(msg):\n    return msg['Subject']\n" * 3)
+    (root / "train" / "prose.md").write_text("The quick brown fox jumps over the lazy dog. " * 2)
+    (root / "val").mkdir()
+    (root / "val" / "a.py").write_text("def subject(message):\n    return message['Subject']\n" * 2)
+    out = root / "run"
+    assert main(["train", "--train", str(root / "train"), "--val", str(root / "val"), "--out", str(out), *ARGS]) == 0
+    return out
+
+
+def test_attribute_of_a_recorded_run_is_unroll_on_its_trajectory(recorded: Path, capsys: pytest.CaptureFixture) -> None:
+    """``attribute --run`` = ``ghostfunc.unroll`` on the recorded trajectory, the run's own batches, optimizer and validation set."""
+    traj = ghostfunc.Trajectory.load(recorded / "trajectory")
+    values, state = ghostfunc.DataValues.load(recorded / "values.pt", with_state=True)  # type: ignore[misc]
+    assert traj.steps == 6 and sorted(traj.checkpoints) == [0, 2, 4] and traj.every == 2
+    assert all(torch.equal(p, state["train"].params[k]) for k, p in traj.final.items())  # θ_T is the run's
+    assert torch.equal(torch.bincount(torch.cat(traj.indices), minlength=len(values)), values.count)
+
+    assert main(["attribute", "--run", str(recorded)]) == 0
+    assert "unrolled values of" in capsys.readouterr().out
+    got = ghostfunc.DataValues.load(recorded / "trajectory" / "unrolled.pt")
+    assert isinstance(got, ghostfunc.DataValues)
+
+    cfg = json.loads((recorded / "config.json").read_text())  # the run rebuilt by hand, not by the spec's factory
+    setup = loop.prepare(cfg)
+    dataset = {"input_ids": setup.train.batch(torch.arange(len(setup.train)))}
+    val = {"input_ids": setup.val.batch(torch.arange(len(setup.val)))}  # the whole validation set
+    want = ghostfunc.unroll(setup.model_fn, loop.optimizer(cfg), traj, traj.batches(dataset), val, size=len(dataset["input_ids"]))
+    assert torch.equal(got.count, values.count) and got.steps == 6
+    torch.testing.assert_close(got.total, want.total, rtol=1e-6, atol=0)
+    assert bool((got.total != 0).any())
+
+
+def test_unrolled_values_of_the_cli_model_equal_autograd_through_the_run(recorded: Path) -> None:
+    """The CLI's model and optimizer (schedule included) in float64: unroll = autograd through the 6-step loop, 1e-10."""
+    cfg = json.loads((recorded / "config.json").read_text())
+    setup = loop.prepare(cfg)
+    model_fn, _ = ghostfunc.from_module(setup.model.double(), ghostfunc.causal_lm_loss)
+    traj = ghostfunc.Trajectory.load(recorded / "trajectory")
+    theta0 = {k: v.double() for k, v in traj.checkpoints[0][0].items()}
+    dataset = {"input_ids": setup.train.batch(torch.arange(len(setup.train)))}
+    batches = traj.batches(dataset)
+    val = {"input_ids": setup.val.batch(torch.arange(len(setup.val)))}
+    n = len(setup.train)
+    got = ghostfunc.unroll(model_fn, loop.optimizer(cfg), theta0, batches, val, size=n, checkpoint_every=2).total
+    with sdpa_kernel([SDPBackend.MATH]):
+        want = autograd_unrolled(model_fn, loop.optimizer(cfg), theta0, batches, val, n)
+    assert rel(got, want) < 1e-10 and bool((want != 0).any())
+
+
+def bare_task() -> dict:
+    """A factory that returns no optimizer (for the test below)."""
+    return {"model_fn": lambda p, b: (b["x"] @ p["w"]) ** 2, "dataset": {"x": torch.eye(2, dtype=torch.float64)},
+            "val": {"x": torch.eye(2, dtype=torch.float64)}}
+
+
+def test_attribute_needs_an_optimizer_from_the_spec_or_the_factory(tmp_path: Path) -> None:
+    traj = ghostfunc.Trajectory.start(({"w": torch.zeros(2, dtype=torch.float64)}, None), every=1)
+    traj.save(tmp_path, spec={"factory": "tests.test_attribute_run:bare_task"})
+    with pytest.raises(ValueError, match="attribute: .*spec.json needs an 'optimizer' entry, or its factory"):
+        main(["attribute", "--run", str(tmp_path)])
