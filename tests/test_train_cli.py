@@ -218,9 +218,9 @@ def test_torchrun_two_processes_equal_one(corpus: dict[str, Path], tmp_path: Pat
     a, sa = ghostfunc.DataValues.load(tmp_path / "one" / "values.pt", with_state=True)  # type: ignore[misc]
     b, sb = ghostfunc.DataValues.load(tmp_path / "two" / "values.pt", with_state=True)  # type: ignore[misc]
     assert torch.equal(a.count, b.count)
-    torch.testing.assert_close(b.total, a.total, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(b.total, a.total, rtol=1e-6, atol=1e-9)  # float32 rounding of the sums
     for k, p in sa["train"].params.items():
-        torch.testing.assert_close(sb["train"].params[k], p, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(sb["train"].params[k], p, rtol=1e-6, atol=1e-7)
     assert (tmp_path / "two" / "report.md").is_file()
 
 
