@@ -289,18 +289,12 @@ def save(values: ghostfunc.DataValues, path: Path, state: ghostfunc.TrainState, 
     ``DataValues.save`` returns those global values (keep them: each value then counts once).
     """
     payload = {"train": state, "config": fingerprint(cfg)}
-    if par.group is not None:
-        written = values.save(path, state=payload, group=par.group)  # type: ignore[call-arg,func-returns-value]
-        return written if isinstance(written, ghostfunc.DataValues) else values
-    values.save(path, state=payload)
-    return values
+    return values.save(path, state=payload, group=par.group)
 
 
 def load(path: Path, par: Dist) -> tuple[ghostfunc.DataValues, dict[str, Any]]:
     """``(values, payload)`` from ``values.pt`` (with many processes a collective: every rank gets the file's values)."""
-    if par.group is not None:
-        return ghostfunc.DataValues.load(path, with_state=True, group=par.group)  # type: ignore[call-arg,return-value]
-    return ghostfunc.DataValues.load(path, with_state=True)  # type: ignore[return-value]
+    return ghostfunc.DataValues.load(path, with_state=True, group=par.group)  # type: ignore[return-value]
 
 
 def run(setup: Setup, par: Dist, *, pool: Tensor | None = None, quiet: bool = False,
