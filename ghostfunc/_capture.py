@@ -79,6 +79,16 @@ def split_batch(batch: Any) -> Batch:
     leaves, spec = pytree.tree_flatten(batch, is_leaf=is_foreign_mapping)
     if any(is_foreign_mapping(leaf) for leaf in leaves):  # nested in a tuple/dict: each leaf split on its own
         return _joined([split_batch(leaf) for leaf in leaves], spec)
+    tensors, rebuild = tensor_leaves(leaves, spec)
+    sig = tuple(
+        (tuple(leaf.shape[1:]), leaf.dtype, leaf.device) if isinstance(leaf, Tensor) else _hashable(leaf)
+        for leaf in leaves
+    )
+    return Batch(tensors, rebuild, tensors[0].shape[0] if tensors else 0, (str(spec), sig))
+
+
+def tensor_leaves(leaves: list[Any], spec: pytree.TreeSpec) -> tuple[list[Tensor], Callable[[list[Tensor]], Any]]:
+    """The tensor leaves of a flattened pytree, and a function that puts new ones in their places."""
     where = [i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor)]
 
     def rebuild(tensors: list[Tensor]) -> Any:
@@ -87,12 +97,7 @@ def split_batch(batch: Any) -> Batch:
             out[i] = t
         return pytree.tree_unflatten(out, spec)
 
-    tensors = [leaves[i] for i in where]
-    sig = tuple(
-        (tuple(leaf.shape[1:]), leaf.dtype, leaf.device) if isinstance(leaf, Tensor) else _hashable(leaf)
-        for leaf in leaves
-    )
-    return Batch(tensors, rebuild, tensors[0].shape[0] if tensors else 0, (str(spec), sig))
+    return [leaves[i] for i in where], rebuild
 
 
 def _joined(parts: list[Batch], spec: pytree.TreeSpec) -> Batch:

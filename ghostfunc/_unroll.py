@@ -47,7 +47,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils import _pytree as pytree
 
-from ._capture import Batch, _check_finite, _rephrase, per_sample_losses
+from ._capture import Batch, _check_finite, _rephrase, per_sample_losses, tensor_leaves
 from ._checks import check_batch, check_model_fn, check_params
 from ._direction import graddot_direction
 from ._optim import Optimizer
@@ -134,16 +134,7 @@ def grad_pullback(model_fn: Callable, params: Params, batch: Batch,
 
 def _state_tensors(state: Any) -> tuple[list[Tensor], Callable[[list[Tensor]], Any]]:
     """The tensor leaves of an optimizer state and a function that puts new ones back."""
-    leaves, spec = pytree.tree_flatten(state)
-    where = [i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor)]
-
-    def rebuild(tensors: list[Tensor]) -> Any:
-        out = list(leaves)
-        for i, t in zip(where, tensors, strict=True):
-            out[i] = t
-        return pytree.tree_unflatten(out, spec)
-
-    return [leaves[i] for i in where], rebuild
+    return tensor_leaves(*pytree.tree_flatten(state))
 
 
 def update_vjp(optimizer: Optimizer, step: Step) -> tuple[Params, list[Tensor], Callable]:
