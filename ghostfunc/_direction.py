@@ -20,7 +20,7 @@ from torch import Tensor
 from ._checks import check_batch, check_model_fn, check_options, check_params
 from ._graddot import capture_one, retry_stale, routing, score_direction, sum_scores
 from ._interact import check_model
-from ._plan import Plan, direction_kernel
+from ._plan import DIRECTION, Plan
 
 Params = dict[str, Tensor]
 #: The kernel policies against a direction (``"ghost"`` and ``"2t2"`` need a second batch's factors).
@@ -66,19 +66,6 @@ def check_direction(direction: Any, params: Mapping[str, Tensor], where: str, na
                             f"({p.dtype}, {p.device}); got {u.dtype}, {u.device}")
         out[k] = u.detach()
     return out
-
-
-def _no_ghost(plan: Plan) -> Plan:
-    """The plan with every ghost route moved to the cheaper of contract and materialise against one direction
-    (:func:`ghostfunc._plan.direction_kernel`, as the secant's directions); notes kept."""
-    routes = {}
-    for k, r in plan.routes.items():
-        if r.path == "ghost":
-            ids = all(kind == "embedding" for kind in r.uses)
-            r = r._replace(path=direction_kernel(plan.n_train, r.tokens, r.p, r.d, ids, 1),
-                           reason="against a fixed direction: the cheaper of contract and materialise")
-        routes[k] = r._replace(val_tokens=0)
-    return plan._replace(routes=routes, n_val=0, val_reduce=None)
 
 
 def graddot_direction(
@@ -133,8 +120,8 @@ def graddot_direction(
     check_model(model_fn, checked, (tb,), where, ("train",))  # parameters used, samples independent (cached)
 
     def attempt(fresh: bool) -> DirectionScores:
-        r = routing(model_fn, checked, tb, tb, where, policy, "mean", fresh)
-        r = r._replace(plan=_no_ghost(r.plan))
+        r = routing(model_fn, checked, tb, tb, where, DIRECTION if policy == "auto" else policy, "mean", fresh)
+        r = r._replace(plan=r.plan._replace(policy=policy, n_val=0, val_reduce=None))
         half = capture_one(model_fn, checked, tb, r, 0, where)
         per_param, train_grad = {}, {}
         for k, route in r.plan.routes.items():

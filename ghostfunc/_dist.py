@@ -22,8 +22,8 @@ collectives only):
    same way.
 
 Ghost-routed parameters would need every rank's validation factors; with
-``group`` they are contracted against the all-reduced direction instead
-(:func:`no_ghost`), and the plan says so. ``val_reduce=None`` (the full matrix
+``group`` the routing picks the cheaper of contract and materialise against the
+all-reduced direction instead (``_graddot.group_policy``), and the plan says so. ``val_reduce=None`` (the full matrix
 against every validation row) gathers the validation rows themselves
 (:func:`gather_rows`) and scores them on every rank.
 """
@@ -38,7 +38,6 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ._capture import Batch, split_batch
-from ._plan import Plan
 
 #: Largest flat buffer one all-reduce call sends (DDP's default bucket is 25 MiB).
 BUCKET_BYTES = 64 * 2**20
@@ -218,17 +217,6 @@ def gather_rows(tensors: Sequence[Tensor], world: World, group: Any) -> list[Ten
         dist.all_gather(parts, padded.contiguous(), group=group)
         out.append(torch.cat([p[:c] for p, c in zip(parts, counts, strict=True)]))
     return out
-
-
-def no_ghost(plan: Plan, world: World) -> Plan:
-    """The plan with every ghost route contracted against the all-reduced validation direction instead.
-
-    Ghost needs every validation row's factors on every rank; one ``[p, d]`` direction per
-    parameter, summed across ranks, gives the same numbers with far less traffic.
-    """
-    why = f"group of {world.size}: ghost needs every rank's validation factors; contracted against the all-reduced ḡ_val"
-    routes = {k: (r._replace(path="contract", reason=why) if r.path == "ghost" else r) for k, r in plan.routes.items()}
-    return plan._replace(routes=routes, n_train=world.n, n_val=world.m)
 
 
 def rank_and_size(group: Any) -> tuple[int, int]:

@@ -28,7 +28,7 @@ from ._eager import capture_eager, summary, trace_eager, unbatchable
 from ._groups import WHOLE, Part, describe, merge_halves, refine, subset
 from ._interact import check_model, training_flags
 from ._ops import Direct, Factored
-from ._plan import Plan, Usage, make_plan, usages
+from ._plan import DIRECTION, Plan, Usage, make_plan, usages
 
 
 class GradDot(NamedTuple):
@@ -626,24 +626,29 @@ def score_group(st: Streamed, params: dict[str, Tensor], val_reduce: str, world:
                 dtype: torch.dtype | None) -> tuple[dict[str, Tensor], dict[str, Tensor], Plan]:
     """:func:`score_streamed` across ranks, from a capture of this rank's rows with ``val_reduce="sum"``.
 
-    The local ``Σ_v g_v`` (ghost-routed parameters reduce their validation
-    factors too) is all-reduced in one go, divided by the global ``m`` for
-    ``"mean"``; every parameter is scored against it (ghost becomes contract, and
-    the plan says so); the training gradient is all-reduced to the global mean.
+    The capture ran under :func:`group_policy` (no ghost route: every rank would need
+    every validation row's factors), so the local ``Σ_v g_v`` came from one ordinary
+    backward; it is all-reduced in one go, divided by the global ``m`` for ``"mean"``;
+    every parameter is scored against it; the training gradient is all-reduced to
+    the global mean.
     """
-    ones = next(iter(params.values())).new_ones(len(st.val_loss))
-    local = dict(st.val_dir)
-    for k, uses in st.val_uses.items():
-        local[k] = val_grad("ghost", uses, ones.to(params[k].dtype), params[k])
-    direction = _dist.allreduce_sum(local, group)
+    assert not st.val_uses, "a ghost route under group="
+    direction = _dist.allreduce_sum(dict(st.val_dir), group)
     if val_reduce == "mean":
         direction = {k: v / world.m for k, v in direction.items()}
-    the_plan = _dist.no_ghost(st.plan, world)._replace(val_reduce=val_reduce)
+    the_plan = st.plan._replace(n_train=world.n, n_val=world.m, val_reduce=val_reduce)
     n = world.n_train[world.rank]
     per_param, local_grad = {}, {}
     for k, route in the_plan.routes.items():
         per_param[k], local_grad[k] = score_direction(route.path, st.train[k], direction[k], n, params[k], dtype)
     return per_param, _dist.global_mean(local_grad, world, group), the_plan
+
+
+def group_policy(policy: str) -> str:
+    """The routing policy under ``group=`` with a reduced validation direction: a ghost route would need
+    every rank's validation factors, so ``"auto"``, ``"2t2"`` and ``"ghost"`` pick the cheaper of
+    contract and materialise against the all-reduced direction (:data:`ghostfunc._plan.DIRECTION`)."""
+    return DIRECTION if policy in ("auto", "2t2", "ghost") else policy
 
 
 def graddot_group(model_fn: ModelFn, params: Mapping[str, Tensor], train: Any, val: Any, val_reduce: str | None,
@@ -653,7 +658,7 @@ def graddot_group(model_fn: ModelFn, params: Mapping[str, Tensor], train: Any, v
     (checked, tb, vb), world = prepare_group(where, group, model_fn, params, train, val, val_reduce=val_reduce,
                                              policy=policy, compute_dtype=compute_dtype)
     if val_reduce is not None:
-        st = run_streamed(model_fn, checked, tb, vb, where, policy, "sum")
+        st = run_streamed(model_fn, checked, tb, vb, where, group_policy(policy), "sum")
         per_param, train_grad, the_plan = score_group(st, checked, val_reduce, world, group, compute_dtype)
         return GradDot(sum_scores(per_param, checked), per_param, train_grad, st.train_loss, st.val_loss, the_plan)
     # every validation row on every rank: gather the rows, score the full matrix locally

@@ -27,6 +27,9 @@ from ._calibrate import Constants, constants
 from ._capture import Trace
 
 POLICIES = ("auto", "2t2", "ghost", "materialize", "contract")
+#: Internal policy: ``"auto"`` without the ghost kernel, for rows scored against one reduced direction
+#: (``graddot_direction``, and the all-reduced validation direction under ``group=``).
+DIRECTION = "direction"
 
 
 class Route(NamedTuple):
@@ -190,6 +193,12 @@ def choose(policy: str, n: int, m: int, t: int, s: int, p: int, d: int, ids: boo
     """The kernel for one factored parameter under ``policy``, and why."""
     if policy in ("ghost", "materialize", "contract"):
         return policy, f"policy {policy!r}"
+    if policy == DIRECTION:  # scored against one reduced direction: no second batch's factors, so no ghost
+        c = costs(n, m, t, s, p, d, ids, True, constants)
+        del c["ghost"]
+        best = min(c, key=c.__getitem__)
+        return best, "against one direction: cost " + " ".join(
+            f"{k}={v:.2g}" for k, v in sorted(c.items(), key=lambda kv: kv[1]))
     if policy == "2t2":
         big_t = max(t, s)
         if 2 * big_t * big_t <= p * d:
@@ -204,7 +213,7 @@ def make_plan(params: Mapping[str, Tensor], use: Mapping[str, Usage], policy: st
               val_reduce: str | None) -> Plan:
     routes = {}
     first = next(iter(params.values()))
-    measured = constants(first.device, first.dtype) if policy == "auto" else None
+    measured = constants(first.device, first.dtype) if policy in ("auto", DIRECTION) else None
     for k, u in use.items():
         shape = tuple(params[k].shape)
         if u.form is None:

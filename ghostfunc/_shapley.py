@@ -50,6 +50,7 @@ from ._graddot import (
     _prepare,
     capture_one,
     contract_direction,
+    group_policy,
     prepare_group,
     retry_stale,
     routing,
@@ -200,7 +201,7 @@ def compute_values(
     assert weights is not None
     weights = weights[: vb.size]  # with a group: 1/m (global m) for this rank's validation rows
     if order == 1 and precondition is None and world is not None:
-        st = run_streamed(model_fn, params, tb, vb, where, "auto", "sum")
+        st = run_streamed(model_fn, params, tb, vb, where, group_policy("auto"), "sum")
         per_param, g_train, the_plan = score_group(st, params, "mean", world, group, None)
         values = sum_scores(per_param, params).mul(-a)
         return Values(values, values, g_train, st.train_loss, st.val_loss, the_plan)
