@@ -719,8 +719,9 @@ def weighted_grad_split(model_fn: ModelFn, params: Mapping[str, Tensor], batch: 
     runs sample by sample with ordinary autograd (:func:`ghostfunc._eager.weighted_grad_eager`).
     Returns the gradient, the losses ``[B]`` and a note for the plan (``None``: one batched pass).
     """
+    from . import _whole as whole_batch
     from ._eager import summary, unbatchable, weighted_grad_eager  # both build on this module
-    from ._groups import Part, describe, split_sum
+    from ._groups import WHOLE, Part, describe, split_sum
 
     def one(part_batch: Batch, part: Part) -> tuple[dict[str, Tensor], Tensor]:
         w = weights if part.rows is None else weights[part.rows.to(weights.device)]
@@ -731,8 +732,15 @@ def weighted_grad_split(model_fn: ModelFn, params: Mapping[str, Tensor], batch: 
         (grads,) = pullback(w.to(losses.dtype), retain_graph=False, create_graph=False)
         return grads, losses.detach()
 
+    def per_sample() -> tuple[dict[str, Tensor], Tensor, tuple[Part, ...]]:
+        return split_sum(one, batch)
+
+    def whole() -> tuple[dict[str, Tensor], Tensor, tuple[Part, ...]]:
+        return (*whole_batch.weighted_grad(model_fn, params, batch, weights, where, label), WHOLE)
+
     try:
-        grads, losses, parts = split_sum(one, batch)
+        grads, losses, parts = whole_batch.verified(model_fn, whole_batch.signature(params, (batch,), "weighted"), per_sample,
+                                               whole, lambda a, b: whole_batch.close(a[:2], b[:2]) and len(a[2]) == 1)
     except RuntimeError as err:
         if not unbatchable(err):
             raise

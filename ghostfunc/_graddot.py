@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from . import _dist
+from . import _dist, _whole
 from . import _kernels as K
 from ._capture import (
     Batch,
@@ -29,6 +29,8 @@ from ._groups import WHOLE, Part, describe, merge_halves, refine, subset
 from ._interact import check_model, training_flags
 from ._ops import Direct, Factored
 from ._plan import DIRECTION, Plan, Usage, make_plan, usages
+from ._whole import rng_state as _rng_state
+from ._whole import set_rng_state as _set_rng_state
 
 
 class GradDot(NamedTuple):
@@ -245,9 +247,17 @@ def capture_all(model_fn: ModelFn, params: dict[str, Tensor], batches: tuple[Bat
             traces.append(tr)
             tags.append((w, part))
             rows.append(part.rows)
+    def per_sample() -> list[Half]:
+        return capture_batches(model_fn, params, subs, traces, r.kernel, where, [("train", "val")[w] for w, _ in tags],
+                               rows)
+
     try:
-        halves = capture_batches(model_fn, params, subs, traces, r.kernel, where,
-                                 [("train", "val")[w] for w, _ in tags], rows)
+        if all(part.rows is None for part in (p for w in which for p in r.parts[w])):  # no split: the whole batches
+            halves = _whole.verified(
+                model_fn, _whole.capture_key(params, subs, r.kernel), per_sample,
+                lambda: _whole.capture(model_fn, params, subs, traces, r.kernel, where, labels), _whole.close)
+        else:
+            halves = per_sample()
     except _Diverged as err:
         w, part = tags[err.batch]
         raise _Resplit(w, part, err) from None
@@ -316,6 +326,12 @@ def _streamed_once(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, v
     weights = val_weights(val_reduce, val.size, next(iter(params.values())))
     assert weights is not None
     ghost = [k for k, route in r.plan.routes.items() if route.path == "ghost"]
+    if r.eager is None and r.parts == (WHOLE, WHOLE) and not _draws_random(model_fn) and _whole.together(
+            model_fn, params, (train, val), r.kernel, r.traces):  # a small model: both batches in one whole-batch run
+        t, v = capture_all(model_fn, params, (train, val), r, (0, 1), where)
+        val_dir = {k: val_grad(route.path, v.grads[k], weights.to(params[k].dtype), params[k])
+                   for k, route in r.plan.routes.items() if k not in ghost}
+        return Streamed(r.plan, val_dir, {k: v.grads[k] for k in ghost}, t.grads, t.loss, v.loss)
 
     def capture_val() -> tuple[dict[str, Tensor], dict[str, list[Factored | Direct]], Tensor]:
         if not ghost and r.eager is None:
@@ -402,19 +418,6 @@ def _mark_random(model_fn: ModelFn) -> None:
         _RANDOM[model_fn] = True
     except TypeError:
         pass
-
-
-def _rng_state(device: torch.device) -> tuple[Tensor, ...]:
-    """The global generator states a model's random draws advance (CPU, and the device's)."""
-    if device.type == "cuda":
-        return torch.get_rng_state(), torch.cuda.get_rng_state(device)
-    return (torch.get_rng_state(),)
-
-
-def _set_rng_state(device: torch.device, state: tuple[Tensor, ...]) -> None:
-    torch.set_rng_state(state[0])
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(state[1], device)
 
 
 def _same(a: tuple[Tensor, ...], b: tuple[Tensor, ...]) -> bool:

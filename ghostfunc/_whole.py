@@ -1,0 +1,361 @@
+"""Small models without ``vmap``: the capture on the whole batch, verified against the per-sample one.
+
+On a small model (an MLP on tabular rows, a small CNN) the per-sample capture of
+:mod:`ghostfunc._capture` spends most of its time on ``vmap``'s batching and the
+functional transforms, not on arithmetic. When every sample's rows stay in their
+own slice of the leading axis of every recognised call, the same numbers come from
+running ``model_fn`` once on the batch as it is, with taps on the recognised calls
+and one ``torch.autograd.grad``: each call's input and output gradient, viewed as
+``[n, rows per sample, ...]``, are the per-sample ones the rules expect.
+
+That layout is a property of the model, checked here, never assumed:
+
+- per call, the run must be one the layout cannot depend on: no data-dependent
+  branch (``bool(t)``, ``t.item()``), no random draw, no value-dependent movement
+  of rows (sorting, ``nonzero``, indexing with a tensor, ``gather``/``scatter`` and
+  the like), no checkpointing or recurrent layer, every parameter used only by
+  recognised calls, and each recognised call's output has the per-sample trace's
+  shape times ``n`` on its leading axis; otherwise :class:`NotDirect`;
+- once per ``model_fn``, parameter and batch signatures and batch sizes, the first
+  call runs both captures and compares every per-sample factor and loss (up to
+  ``sqrt(eps)`` of their scale): the whole-batch capture is used for later calls
+  of that signature only if they agree, and the first call returns the per-sample
+  capture's numbers either way.
+
+A model that fails either check keeps the per-sample capture (exact by
+construction). ``GHOSTFUNC_DIRECT=0`` in the environment turns this path off.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
+
+from ._capture import (
+    _FRESH,
+    Batch,
+    Half,
+    ModelFn,
+    Site,
+    Trace,
+    _check_finite,
+    _in_dtype,
+    _keep,
+    _makes_tensor,
+    _params_in,
+)
+from ._interact import TO_PYTHON, training_flags
+from ._ops import EXACT, TABLE, Direct, Factored
+from ._ops.rnn import RECURRENT
+
+#: Off with ``GHOSTFUNC_DIRECT=0`` (every call then takes the per-sample capture).
+ENABLED = os.environ.get("GHOSTFUNC_DIRECT", "1") != "0"
+
+
+class NotDirect(Exception):
+    """This run's layout cannot be vouched for: the per-sample capture runs instead."""
+
+
+#: Calls whose result moves values between positions according to tensor values (or makes
+#: value-dependent shapes): after one, a row of a later call may belong to any sample.
+_MOVES = frozenset({
+    torch.sort, Tensor.sort, torch.argsort, Tensor.argsort, torch.topk, Tensor.topk, torch.kthvalue, Tensor.kthvalue,
+    torch.msort, torch.nonzero, Tensor.nonzero, torch.argwhere, Tensor.argwhere, torch.masked_select,
+    Tensor.masked_select, torch.unique, Tensor.unique, torch.unique_consecutive, Tensor.unique_consecutive,
+    torch.index_select, Tensor.index_select, torch.gather, Tensor.gather, torch.take, Tensor.take,
+    torch.take_along_dim, Tensor.take_along_dim, torch.scatter, Tensor.scatter, Tensor.scatter_,
+    torch.scatter_add, Tensor.scatter_add, Tensor.scatter_add_, torch.scatter_reduce, Tensor.scatter_reduce,
+    Tensor.scatter_reduce_, torch.index_add, Tensor.index_add, Tensor.index_add_, torch.index_copy,
+    Tensor.index_copy, Tensor.index_copy_, torch.index_put, Tensor.index_put, Tensor.index_put_,
+    torch.index_fill, Tensor.index_fill, Tensor.index_fill_, Tensor.masked_scatter, Tensor.masked_scatter_,
+    torch.repeat_interleave, Tensor.repeat_interleave, torch.bincount, Tensor.bincount,
+    torch.searchsorted, torch.bucketize, torch.multinomial, Tensor.multinomial,
+})
+
+_INDEXING = frozenset({Tensor.__getitem__, Tensor.__setitem__})
+
+
+class _Taps(TorchFunctionMode):
+    """Runs ``model_fn`` on a whole batch: taps the recognised calls the trace expects, refuses what it cannot vouch for.
+
+    With ``expect`` empty it only guards (a plain gradient of the whole batch).
+    """
+
+    def __init__(self, names: dict[int, str], expect: Sequence[Site], n: int) -> None:
+        super().__init__()
+        self.names, self.expect, self.n = names, expect, n
+        self.taps: list[Tensor] = []
+        self.saved: list[tuple[Tensor, ...]] = []
+        self.statics: list[Any] = []
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func in TO_PYTHON or func in _MOVES or func in RECURRENT or (func is torch.where and len(args) == 1):
+            raise NotDirect(f"{getattr(func, '__name__', func)} in the model")
+        if func in _INDEXING and any(isinstance(t, Tensor) for t in pytree.tree_leaves(args[1:2])):
+            raise NotDirect("indexing with a tensor")
+        if kwargs.get("generator") is not None or torch._C._autograd._top_saved_tensors_default_hooks(False):
+            raise NotDirect("a random generator or saved-tensor hooks (checkpointing)")
+        if func is F.embedding and (kwargs.get("scale_grad_by_freq") or (len(args) > 5 and args[5])):
+            raise NotDirect("scale_grad_by_freq counts ids per sample")
+        func = EXACT.get(func, func)  # BatchNorm in training mode refused as in the capture
+        found = _params_in((args, kwargs), self.names) if self.names else []
+        if not found:
+            return func(*args, **kwargs)
+        rule = TABLE.get(func)
+        match = rule.match(args, kwargs) if rule is not None else None
+        roles: dict[str, str] = {}
+        if match is not None:
+            for role, t in match.roles.items():
+                if id(t) in self.names:
+                    roles[role] = self.names[id(t)]
+                    hit = next((i for i, f in enumerate(found) if f is t), None)
+                    if hit is not None:
+                        del found[hit]
+        out = func(*args, **kwargs)
+        if found and _makes_tensor(out, found):
+            raise NotDirect(f"{self.names[id(found[0])]} used by an unrecognised call")
+        if not roles or match is None or rule is None:
+            return out
+        k = len(self.taps)
+        want = self.expect[k] if k < len(self.expect) else None
+        if (want is None or want.rule != rule or want.roles != tuple(sorted(roles.items()))
+                or not _leading_times(out, want.out_shape, self.n) or out.dtype != want.out_dtype
+                or not torch.is_grad_enabled()):
+            raise NotDirect(f"call {k} is not the trace's, row for row")
+        if not all(_leading_times(s, None, self.n) for s in match.saved if s.dim() > 0):
+            raise NotDirect(f"call {k} saves a tensor without the samples' rows first")
+        tap = torch.zeros((), dtype=out.dtype, device=out.device, requires_grad=True).expand(out.shape)
+        self.taps.append(tap)
+        self.saved.append(match.saved)
+        self.statics.append(match.static)
+        return out.add_(tap) if rule.kind in _FRESH else out + tap
+
+
+def _leading_times(x: Tensor, per_sample: torch.Size | None, n: int) -> bool:
+    """``x`` has ``n`` times the per-sample rows on its leading axis (and the per-sample shape otherwise)."""
+    if x.dim() == 0 or x.shape[0] % n:
+        return False
+    return per_sample is None or (len(per_sample) == x.dim() and per_sample[0] * n == x.shape[0]
+                                  and x.shape[1:] == per_sample[1:])
+
+
+def rng_state(device: torch.device) -> tuple[Tensor, ...]:
+    """The global generator states a model's random draws advance (CPU, and the device's)."""
+    if device.type == "cuda":
+        return torch.get_rng_state(), torch.cuda.get_rng_state(device)
+    return (torch.get_rng_state(),)
+
+
+def set_rng_state(device: torch.device, state: tuple[Tensor, ...]) -> None:
+    torch.set_rng_state(state[0])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def _guarded(mode: _Taps) -> Any:
+    """The contexts a whole-batch run needs: the mode, gradients on, compiled code run eagerly."""
+    return mode, torch.enable_grad(), torch.compiler.set_stance("force_eager")
+
+
+def _run(model_fn: ModelFn, params: Mapping[str, Tensor], batch: Batch, mode: _Taps) -> Tensor:
+    """``model_fn`` on the whole batch under ``mode``; refuses a random model and losses not shaped ``[n]``."""
+    device = next(iter(params.values())).device
+    before = rng_state(device)
+    a, b, c = _guarded(mode)
+    try:
+        with a, b, c:
+            losses = model_fn(dict(params), batch.rebuild(list(batch.tensors)))
+    finally:
+        after = rng_state(device)
+        if not all(torch.equal(x, y) for x, y in zip(before, after, strict=True)):
+            set_rng_state(device, before)  # the draws are undone: the per-sample capture makes them as it should
+            raise NotDirect("the model draws random numbers")
+    if not isinstance(losses, Tensor) or losses.shape != (batch.size,) or not losses.is_floating_point():
+        raise NotDirect("losses not shaped [n]")
+    return losses
+
+
+def capture(model_fn: ModelFn, params: Mapping[str, Tensor], batches: Sequence[Batch], traces: Sequence[Trace],
+            kernel: set[str], where: str, labels: Sequence[str]) -> list[Half]:
+    """What :func:`ghostfunc._capture.capture_batches` gives, from whole-batch runs and one backward.
+
+    Batches of one signature (train and validation rows shaped alike) run as one
+    concatenated batch: one forward, as in a plain training step on both. Every
+    parameter must be in ``kernel`` (a per-sample copy needs ``vmap``). Raises
+    :class:`NotDirect` when the run's layout cannot be vouched for.
+    """
+    if set(params) != kernel:
+        raise NotDirect("a parameter takes the per-sample fallback")
+    names = {id(params[k]): k for k in kernel}
+    expect = [tuple(_keep(tr.sites, kernel)) for tr in traces]
+    if len(batches) > 1 and all(b.signature == batches[0].signature for b in batches) and len(set(expect)) == 1:
+        joined = Batch([torch.cat(ts) for ts in zip(*(b.tensors for b in batches), strict=True)],
+                       batches[0].rebuild, sum(b.size for b in batches), batches[0].signature)
+        (half,) = _capture(model_fn, params, [joined], expect[:1], names)
+        halves, at = [], 0
+        for b in batches:
+            halves.append(_rows(half, at, at + b.size))
+            at += b.size
+    else:
+        halves = _capture(model_fn, params, batches, expect, names)
+    for half, label in zip(halves, labels, strict=True):
+        _check_finite(half.loss, label, where)
+    return halves
+
+
+def _capture(model_fn: ModelFn, params: Mapping[str, Tensor], batches: Sequence[Batch],
+             expect: Sequence[tuple[Site, ...]], names: dict[int, str]) -> list[Half]:
+    modes, losses = [], []
+    for batch, sites in zip(batches, expect, strict=True):
+        mode = _Taps(names, sites, batch.size)
+        losses.append(_run(model_fn, params, batch, mode))
+        if len(mode.taps) != len(sites):
+            raise NotDirect("fewer recognised calls than the trace")
+        modes.append(mode)
+    taps = [t for m in modes for t in m.taps]
+    total = losses[0].sum() if len(losses) == 1 else torch.stack([loss.sum() for loss in losses]).sum()
+    outs = list(torch.autograd.grad(total, taps)) if taps else []
+    halves, at = [], 0
+    for mode, sites, loss, batch in zip(modes, expect, losses, batches, strict=True):
+        n = batch.size
+        grads: dict[str, list[Factored | Direct]] = {k: [] for k in params}
+        for site, saved, static, out in zip(sites, mode.saved, mode.statics, outs[at:at + len(sites)], strict=True):
+            mine = tuple(s.unflatten(0, (n, -1)) if s.dim() > 0 else s for s in saved)
+            for role, name in site.roles:
+                g = site.rule.grad(static, mine, out.unflatten(0, (n, -1)), role, params[name].shape)
+                grads[name].append(_in_dtype(g, params[name].dtype))
+        at += len(sites)
+        halves.append(Half(loss.detach(), grads))
+    return halves
+
+
+def _rows(half: Half, lo: int, hi: int) -> Half:
+    """Samples ``lo:hi`` of a capture."""
+    def cut(g: Factored | Direct) -> Factored | Direct:
+        return Direct(g.grad[lo:hi]) if isinstance(g, Direct) else g._replace(left=g.left[lo:hi], right=g.right[lo:hi])
+
+    return Half(half.loss[lo:hi], {k: [cut(g) for g in uses] for k, uses in half.grads.items()})
+
+
+def weighted_grad(model_fn: ModelFn, params: Mapping[str, Tensor], batch: Batch, weights: Tensor, where: str,
+                  label: str) -> tuple[dict[str, Tensor], Tensor]:
+    """``Σ_v w_v g_v`` and the losses ``[n]`` by one ordinary backward over the whole batch (no ``vmap``)."""
+    leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+    losses = _run(model_fn, leaves, batch, _Taps({}, (), batch.size))
+    _check_finite(losses, label, where)
+    grads = torch.autograd.grad((losses * weights.to(losses.dtype)).sum(), list(leaves.values()), allow_unused=True)
+    return {k: g if g is not None else torch.zeros_like(params[k]) for k, g in zip(leaves, grads, strict=True)}, \
+        losses.detach()
+
+
+R = TypeVar("R")
+
+#: ``model_fn`` -> {signature: whether the whole-batch run matched the per-sample one}.
+_VERIFIED: weakref.WeakKeyDictionary[Any, dict[tuple, bool]] = weakref.WeakKeyDictionary()
+
+
+def verified(model_fn: ModelFn, key: tuple, exact: Callable[[], R], direct: Callable[[], R],
+             same: Callable[[R, R], bool]) -> R:
+    """``direct()`` where this ``model_fn`` and ``key`` were seen to match ``exact()``; else ``exact()``.
+
+    An unseen key runs both (returning ``exact()``'s result) and records whether
+    ``same`` held; a :class:`NotDirect` or any error of the whole-batch run, at any
+    time, sends this and later calls with ``key`` to ``exact()``.
+    """
+    if not ENABLED:
+        return exact()
+    try:
+        seen = _VERIFIED.setdefault(model_fn, {})
+    except TypeError:  # not weak-referenceable: nowhere to remember a verdict
+        return exact()
+    key = (key, training_flags(model_fn))
+    verdict = seen.get(key)
+    if verdict is False:
+        return exact()
+    if verdict:
+        try:
+            return direct()
+        except Exception:  # noqa: BLE001 - e.g. NotDirect, or the model's own error: the exact path explains it
+            seen[key] = False
+            return exact()
+    result = exact()
+    try:
+        ok = same(result, direct())
+    except Exception:  # noqa: BLE001
+        ok = False
+    if len(seen) > 64:
+        seen.clear()
+    seen[key] = ok
+    return result
+
+
+def capture_key(params: Mapping[str, Tensor], batches: Sequence[Batch], kernel: set[str]) -> tuple:
+    """The key of :func:`capture`'s verdict."""
+    return signature(params, batches, "capture", tuple(sorted(kernel)))
+
+
+#: Activations (bytes, every recognised call's output over both batches) up to which a streamed caller
+#: captures its training and validation batches together (one forward instead of two).
+TOGETHER_BYTES = 64 * 2**20
+
+
+def together(model_fn: ModelFn, params: Mapping[str, Tensor], batches: Sequence[Batch], kernel: set[str],
+             traces: Sequence[Trace]) -> bool:
+    """Whether batches a caller would capture one at a time (to hold one batch's activations) had better run
+    together in one whole-batch capture: small activations, one signature, and no verdict against it yet."""
+    if not ENABLED or set(params) != kernel or any(b.signature != batches[0].signature for b in batches):
+        return False
+    if any(tr.sites != traces[0].sites for tr in traces):
+        return False
+    rows = sum(b.size for b in batches)
+    size = sum(math.prod(s.out_shape) * s.out_dtype.itemsize for s in traces[0].sites) * rows
+    if size > TOGETHER_BYTES:
+        return False
+    try:
+        verdicts = _VERIFIED.get(model_fn, {})
+    except TypeError:
+        return False
+    return verdicts.get((capture_key(params, batches, kernel), training_flags(model_fn))) is not False
+
+
+def signature(params: Mapping[str, Tensor], batches: Sequence[Batch], *rest: Any) -> tuple:
+    """The key :func:`verified` remembers a verdict under: parameter shapes, batch signatures and sizes."""
+    return (tuple((k, tuple(v.shape), v.dtype, v.device) for k, v in params.items()),
+            tuple((b.signature, b.size) for b in batches), rest)
+
+
+def close(a: Any, b: Any) -> bool:
+    """The same pytree of tensors up to rounding: ``sqrt(eps)`` of the dtype times the largest value."""
+    la, sa = pytree.tree_flatten(a)
+    lb, sb = pytree.tree_flatten(b)
+    if sa != sb:
+        return False
+    for x, y in zip(la, lb, strict=True):
+        if not isinstance(x, Tensor):
+            if x != y:
+                return False
+            continue
+        if not isinstance(y, Tensor) or x.shape != y.shape or x.dtype != y.dtype:
+            return False
+        if not x.is_floating_point():
+            if not torch.equal(x, y):
+                return False
+            continue
+        if x.numel() == 0:
+            continue
+        xd, yd = x.double(), y.double()
+        scale = torch.maximum(xd.abs().max(), yd.abs().max()).item()
+        tol = torch.finfo(x.dtype).eps ** 0.5 * scale
+        if not bool(((xd - yd).abs() <= tol).all()):
+            return False
+    return True

@@ -1,0 +1,197 @@
+"""The whole-batch capture (``ghostfunc._whole``): used only where it was seen to match the per-sample one.
+
+Every model runs ``graddot`` several times (the first call verifies, later calls
+take whichever path the verdict chose) and every result is compared in float64
+with :func:`ghostfunc.reference_graddot`. Models whose rows are not laid out
+sample by sample (a time-major flatten), that move rows by value (``argsort``),
+branch on values or draw random numbers must keep the per-sample capture and stay
+exact; the verdict itself is checked through ``ghostfunc._whole._VERIFIED``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.func import functional_call
+
+import ghostfunc
+from ghostfunc import _whole
+
+F64 = torch.float64
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
+
+
+def verdicts(model_fn, kind: str = "capture") -> set[bool]:
+    """The verdicts on ``model_fn``'s whole-batch captures (``"weighted"``: its whole-batch gradients)."""
+    return {ok for key, ok in _whole._VERIFIED.get(model_fn, {}).items() if key[0][2][0] == kind}
+
+
+def exact_every_call(model_fn, params, train, val, calls: int = 3, val_reduce="mean", policy="auto") -> None:
+    scores, per_param, grad = ghostfunc.reference_graddot(model_fn, params, train, val, val_reduce=val_reduce)
+    for _ in range(calls):
+        out = ghostfunc.graddot(model_fn, params, train, val, val_reduce=val_reduce, policy=policy)
+        assert rel(out.scores, scores) < 1e-10
+        scale = scores.abs().max()
+        for k in params:  # each part against the scores' scale (a part may be rounding noise, e.g. LayerNorm of 1)
+            assert (out.per_param[k] - per_param[k]).abs().max() <= 1e-10 * scale, k
+            assert (out.train_grad[k] - grad[k]).abs().max() <= 1e-10 * grad[k].abs().max().clamp_min(1e-300) \
+                or grad[k].abs().max() < 1e-14, k
+
+
+def mlp_fn(net: nn.Module):
+    def model_fn(p, batch):
+        x, y = batch
+        return ((functional_call(net, p, (x,)).squeeze(-1) - y) ** 2).reshape(len(y), -1).mean(1)
+
+    return model_fn
+
+
+def params_of(net: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach() for k, v in net.named_parameters()}
+
+
+@pytest.mark.parametrize("reduce", ["mean", "sum", None])
+@pytest.mark.parametrize("policy", ["auto", "ghost", "materialize", "contract"])
+def test_mlp_takes_the_whole_batch_path_and_stays_exact(policy: str, reduce: str | None) -> None:
+    if policy == "contract" and reduce is None:
+        pytest.skip("contract scores against one reduced direction")
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 1)).to(F64)
+    fn = mlp_fn(net)
+    x, y = torch.randn(9, 5, dtype=F64), torch.randn(9, dtype=F64)
+    exact_every_call(fn, params_of(net), (x[:6], y[:6]), (x[6:], y[6:]), val_reduce=reduce, policy=policy)
+    assert verdicts(fn) == {True}
+
+
+@settings(max_examples=8, deadline=None)
+@given(widths=st.lists(st.integers(1, 6), min_size=1, max_size=3), tokens=st.integers(1, 4),
+       n=st.integers(1, 5), m=st.integers(1, 4), bias=st.booleans(), norm=st.booleans())
+def test_drawn_token_mlps(widths: list[int], tokens: int, n: int, m: int, bias: bool, norm: bool) -> None:
+    torch.manual_seed(len(widths) * 7 + tokens)
+    layers: list[nn.Module] = []
+    d = 3
+    for w in widths:
+        layers += [nn.Linear(d, w, bias=bias), nn.GELU()]
+        if norm:
+            layers.append(nn.LayerNorm(w, dtype=F64))
+        d = w
+    layers.append(nn.Linear(d, 1))
+    net = nn.Sequential(*layers).to(F64)
+    fn = mlp_fn(net)
+    x, y = torch.randn(n + m, tokens, 3, dtype=F64), torch.randn(n + m, tokens, dtype=F64)
+    exact_every_call(fn, params_of(net), (x[:n], y[:n]), (x[n:], y[n:]))
+
+
+def test_convnet_tied_embedding_and_different_val_shapes() -> None:
+    torch.manual_seed(1)
+    conv = nn.Conv1d(4, 6, 3, padding=1).to(F64)
+    emb = nn.Embedding(11, 4).to(F64)
+    head = nn.Linear(6, 11).to(F64)
+    params = {"conv.w": conv.weight.detach(), "conv.b": conv.bias.detach(), "emb": emb.weight.detach(),
+              "head.w": head.weight.detach()}
+
+    def fn(p, ids):
+        h = F.embedding(ids, p["emb"]).transpose(1, 2)  # [B, 4, T]
+        h = torch.tanh(F.conv1d(h, p["conv.w"], p["conv.b"], padding=1)).transpose(1, 2)  # [B, T, 6]
+        logits = F.linear(h, p["head.w"]) + F.linear(h[..., :4], p["emb"])  # the embedding used again, tied
+        return F.cross_entropy(logits.flatten(0, 1), ids.flatten(), reduction="none").view(len(ids), -1).mean(1)
+
+    train, val = torch.randint(0, 11, (5, 7)), torch.randint(0, 11, (3, 4))  # another length: two runs
+    exact_every_call(fn, params, train, val)
+    assert verdicts(fn) == {True}
+
+
+def test_one_sample_and_one_token() -> None:
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1)).to(F64)
+    fn = mlp_fn(net)
+    x, y = torch.randn(2, 1, 3, dtype=F64), torch.randn(2, 1, dtype=F64)
+    exact_every_call(fn, params_of(net), (x[:1], y[:1]), (x[1:], y[1:]))
+
+
+def test_time_major_rows_are_refused_by_the_verdict() -> None:
+    """A layout that flattens time first puts sample rows out of order: the comparison refuses it."""
+    torch.manual_seed(3)
+    w1, w2 = torch.randn(4, 3, dtype=F64), torch.randn(1, 4, dtype=F64)
+
+    def fn(p, x):  # x: [B, T, 3]
+        b, t, _ = x.shape
+        rows = x.transpose(0, 1).reshape(t * b, 3)  # time-major rows
+        h = torch.tanh(F.linear(rows, p["w1"]))
+        out = F.linear(h, p["w2"]).reshape(t, b).transpose(0, 1)  # [B, T]
+        return (out ** 2).mean(1)
+
+    x = torch.randn(7, 5, 3, dtype=F64)
+    exact_every_call(fn, {"w1": w1, "w2": w2}, x[:4], x[4:])
+    assert verdicts(fn) == {False}
+    exact_every_call(fn, {"w1": w1, "w2": w2}, x[:4], x[4:], policy="contract")
+    assert verdicts(fn, "weighted") == {True}  # the batch's gradient needs no row order: one plain backward
+
+
+def test_rows_moved_by_value_keep_the_per_sample_capture() -> None:
+    """Sorting samples by a value, then sorting back: losses are per sample, rows of each call are not."""
+    torch.manual_seed(4)
+    w = torch.randn(2, 3, dtype=F64)
+
+    def fn(p, x):
+        order = x[:, 0].argsort()
+        h = F.linear(x[order], p["w"])  # rows in value order
+        back = torch.empty_like(order)
+        back[order] = torch.arange(len(order))
+        return (torch.sin(h[back]) ** 2).sum(1)
+
+    x = torch.randn(8, 3, dtype=F64)
+    exact_every_call(fn, {"w": w}, x[:5], x[5:])
+    assert True not in verdicts(fn)
+
+
+def test_branches_and_dropout_keep_the_per_sample_capture() -> None:
+    torch.manual_seed(5)
+    w = torch.randn(2, 3, dtype=F64)
+
+    def branchy(p, x):
+        h = F.linear(x, p["w"])
+        return (h ** 2).sum(1) if bool(x.abs().max() < 100) else h.sum(1)
+
+    x = torch.randn(6, 3, dtype=F64)
+    exact_every_call(branchy, {"w": w}, x[:4], x[4:])
+    assert True not in verdicts(branchy)
+
+    def dropped(p, x):
+        return (F.dropout(F.linear(x, p["w"]), 0.5, training=True) ** 2).sum(1)
+
+    torch.manual_seed(6)
+    first = ghostfunc.graddot(dropped, {"w": w}, x[:4], x[4:])
+    state = torch.get_rng_state()
+    torch.manual_seed(6)
+    again = ghostfunc.graddot(dropped, {"w": w}, x[:4], x[4:])
+    assert torch.equal(first.scores, again.scores)  # the whole-batch attempt made no extra draws
+    assert torch.equal(state, torch.get_rng_state())
+    assert True not in verdicts(dropped)
+
+
+def test_fallback_parameters_keep_the_per_sample_capture() -> None:
+    torch.manual_seed(7)
+    p = {"w": torch.randn(3, 3, dtype=F64), "v": torch.randn(3, dtype=F64)}
+
+    def fn(q, x):
+        return (torch.tanh(F.linear(x, q["w"])) * torch.cumsum(q["v"], 0)).sum(1)  # cumsum: not recognised
+
+    x = torch.randn(6, 3, dtype=F64)
+    exact_every_call(fn, p, x[:4], x[4:])
+
+
+def test_switched_off_by_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_whole, "ENABLED", False)
+    net = nn.Linear(3, 1).to(F64)
+    fn = mlp_fn(net)
+    x, y = torch.randn(5, 3, dtype=F64), torch.randn(5, dtype=F64)
+    exact_every_call(fn, params_of(net), (x[:3], y[:3]), (x[3:], y[3:]), calls=2)
+    assert verdicts(fn) == set()
