@@ -776,6 +776,8 @@ def _keep(sites: tuple[Site, ...], kernel: set[str]) -> list[Site]:
 
 def _check_finite(losses: Tensor, which: str, where: str, rows: Tensor | None = None) -> None:
     """Refuse non-finite losses, naming the samples (``rows``: their positions in the user's batch)."""
+    if bool(torch.isfinite(losses).all()):
+        return
     bad = ~torch.isfinite(losses)
     if bool(bad.any()):
         where_bad = bad.nonzero().flatten()

@@ -38,6 +38,12 @@ def check_params(params: Any, where: str) -> dict[str, Tensor]:
 def check_batch(batch: Any, name: str, where: str) -> Batch:
     """A pytree whose tensor leaves share a non-empty leading sample axis (a ``Mapping`` such as
     ``transformers.BatchEncoding`` counts as a dict)."""
+    try:
+        split = split_batch(batch)
+    except IndexError:  # a scalar leaf: the message below names it
+        split = None
+    if split is not None and split.size > 0 and all(t.dim() > 0 and t.shape[0] == split.size for t in split.tensors):
+        return split  # the common case, without the walk that names leaves in messages
     with_paths, _ = pytree.tree_flatten_with_path(_plain(batch))
     tensors = [(pytree.keystr(p), leaf) for p, leaf in with_paths if isinstance(leaf, Tensor)]
     if not tensors:
@@ -57,6 +63,8 @@ def check_batch(batch: Any, name: str, where: str) -> Batch:
 
 def check_pair(train: Any, val: Any, where: str) -> tuple[Batch, Batch]:
     tb, vb = check_batch(train, "train", where), check_batch(val, "val", where)
+    if _flat(train) and _flat(val) and type(train) is type(val) and (isinstance(train, Tensor) or len(train) == len(val)):
+        return tb, vb  # tensors, or tuples/lists of tensors of one length: the same structure
     ts, vs = pytree.tree_structure(_plain(train)), pytree.tree_structure(_plain(val))
     if ts != vs or (is_foreign_mapping(train) or is_foreign_mapping(val)) and type(train) is not type(val):
         raise ValueError(
@@ -64,6 +72,10 @@ def check_pair(train: Any, val: Any, where: str) -> tuple[Batch, Batch]:
             f"train is {_describe(train)}, val is {_describe(val)}"
         )
     return tb, vb
+
+
+def _flat(batch: Any) -> bool:
+    return isinstance(batch, Tensor) or (type(batch) in (tuple, list) and all(isinstance(t, Tensor) for t in batch))
 
 
 def _plain(batch: Any) -> Any:

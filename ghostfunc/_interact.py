@@ -112,7 +112,15 @@ def training_flags(model_fn: Callable) -> tuple[bool, ...]:
     if code is not None:
         scope = getattr(model_fn, "__globals__", {})
         found += [scope[name] for name in code.co_names if name in scope]
-    return tuple(m.training for obj in found if isinstance(obj, torch.nn.Module) for m in obj.modules())
+    flags: list[bool] = []
+    for obj in found:
+        if isinstance(obj, torch.nn.Module):
+            stack = [obj]  # every submodule, as Module.modules() yields them (without its generator's cost)
+            while stack:
+                m = stack.pop()
+                flags.append(m.training)
+                stack.extend(c for c in reversed(m._modules.values()) if c is not None)
+    return tuple(flags)
 
 
 def _contents(cell: Any) -> Any:

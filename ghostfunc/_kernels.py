@@ -84,7 +84,7 @@ def weight_sum(f: Factored, weights: Tensor | None = None) -> Tensor:
     if f.ids:
         out = torch.zeros(f.p, d, dtype=right.dtype, device=right.device)
         return out.index_add_(0, f.left.reshape(-1), right.reshape(-1, d))
-    return einsum(f.left, right, "n t p, n t d -> p d")
+    return f.left.reshape(-1, f.p).T @ right.reshape(-1, d)  # one GEMM over every (row, token): [p, d]
 
 
 #: Elements one block of materialised gradients may hold in :func:`materialise_dots` on CPU
@@ -188,4 +188,4 @@ def contract(f: Factored, u: Tensor, dtype: torch.dtype | None = None) -> Tensor
     else:
         lu = _cast(f.left, dtype) @ _cast(u, dtype)  # [n, t, p] @ [p, d] -> [n, t, d]
     acc = torch.promote_types(right.dtype, torch.float32) if dtype else right.dtype
-    return einsum(lu.to(acc), right.to(acc), "n t d, n t d -> n").to(right.dtype)
+    return (lu.to(acc) * right.to(acc)).flatten(1).sum(1).to(right.dtype)  # Σ over t and d (one pass, no permute)

@@ -99,14 +99,10 @@ class _Taps(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        if func in TO_PYTHON or func in _MOVES or func in RECURRENT or (func is torch.where and len(args) == 1):
-            raise NotDirect(f"{getattr(func, '__name__', func)} in the model")
-        if func in _INDEXING and any(isinstance(t, Tensor) for t in pytree.tree_leaves(args[1:2])):
-            raise NotDirect("indexing with a tensor")
-        if kwargs.get("generator") is not None or torch._C._autograd._top_saved_tensors_default_hooks(False):
-            raise NotDirect("a random generator or saved-tensor hooks (checkpointing)")
-        if func is F.embedding and (kwargs.get("scale_grad_by_freq") or (len(args) > 5 and args[5])):
-            raise NotDirect("scale_grad_by_freq counts ids per sample")
+        if func in _WATCHED:
+            _refuse(func, args, kwargs)
+        if kwargs and kwargs.get("generator") is not None:
+            raise NotDirect("a random generator")
         func = EXACT.get(func, func)  # BatchNorm in training mode refused as in the capture
         found = _params_in((args, kwargs), self.names) if self.names else []
         if not found:
@@ -128,6 +124,8 @@ class _Taps(TorchFunctionMode):
             return out
         k = len(self.taps)
         want = self.expect[k] if k < len(self.expect) else None
+        if torch._C._autograd._top_saved_tensors_default_hooks(False):
+            raise NotDirect("saved-tensor hooks (checkpointing)")
         if (want is None or want.rule != rule or want.roles != tuple(sorted(roles.items()))
                 or not _leading_times(out, want.out_shape, self.n) or out.dtype != want.out_dtype
                 or not torch.is_grad_enabled()):
@@ -139,6 +137,25 @@ class _Taps(TorchFunctionMode):
         self.saved.append(match.saved)
         self.statics.append(match.static)
         return out.add_(tap) if rule.kind in _FRESH else out + tap
+
+
+#: Calls :func:`_refuse` looks at before they run.
+_WATCHED = frozenset({*TO_PYTHON, *_MOVES, *RECURRENT, *_INDEXING, torch.where, F.embedding})
+
+
+def _refuse(func: Any, args: tuple, kwargs: dict[str, Any]) -> None:
+    """Raise :class:`NotDirect` if the call could move rows by value, or needs a per-sample rule."""
+    if func in _INDEXING:
+        if any(isinstance(t, Tensor) for t in pytree.tree_leaves(args[1:2])):
+            raise NotDirect("indexing with a tensor")
+    elif func is torch.where:
+        if len(args) + len(kwargs) == 1:
+            raise NotDirect("torch.where(condition) (nonzero)")
+    elif func is F.embedding:
+        if kwargs.get("scale_grad_by_freq") or (len(args) > 5 and args[5]):
+            raise NotDirect("scale_grad_by_freq counts ids per sample")
+    else:
+        raise NotDirect(f"{getattr(func, '__name__', func)} in the model")
 
 
 def _leading_times(x: Tensor, per_sample: torch.Size | None, n: int) -> bool:
