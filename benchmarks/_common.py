@@ -383,39 +383,51 @@ def sync(device: torch.device) -> None:
 CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-def timed(fn: Step, device: torch.device, clock: Callable[[], float] = time.perf_counter) -> float:
-    """Seconds one call takes (synchronised on CUDA; no garbage collection inside)."""
+def timed(fn: Step, device: torch.device, clock: Callable[[], float] = time.perf_counter, repeat: int = 1) -> float:
+    """Seconds one call takes, averaged over ``repeat`` back-to-back calls (synchronised on CUDA; no garbage
+    collection inside)."""
     gc.collect()
     sync(device)
     t0 = clock()
-    fn()
+    for _ in range(repeat):
+        fn()
     sync(device)
-    return clock() - t0
+    return (clock() - t0) / repeat
+
+
+#: A timed sample lasts at least this long: shorter steps run back to back, as in a training loop
+#: (one cold call after a garbage collection measures cache misses, not the step).
+MIN_SAMPLE_S = 0.02
 
 
 def measure(fns: Mapping[str, Step], device: torch.device, *, warmup: int = 1, rounds: int = 5,
             max_seconds: float = 60.0, clock: str = "wall") -> dict[str, list[float]]:
     """Warm every contender up, then run ``rounds`` rounds in rotated order; seconds per run.
 
+    A contender faster than :data:`MIN_SAMPLE_S` runs that long back to back in each round (per-call mean).
+
     A contender whose warm-up call took longer than ``max_seconds`` runs once more only.
     """
     names = list(fns)
     times: dict[str, list[float]] = {k: [] for k in names}
     once = set()
+    repeat = dict.fromkeys(names, 1)
     enabled = gc.isenabled()
     gc.disable()
     try:
         for k in names:
             for _ in range(warmup):
-                if timed(fns[k], device, CLOCKS[clock]) > max_seconds:
+                took = timed(fns[k], device, CLOCKS[clock])
+                if took > max_seconds:
                     once.add(k)
                     break
+                repeat[k] = max(1, min(1000, int(MIN_SAMPLE_S / max(took, 1e-7))))
         for r in range(rounds):
             order = names[r % len(names):] + names[:r % len(names)]
             for k in order:
                 if k in once and times[k]:
                     continue
-                times[k].append(timed(fns[k], device, CLOCKS[clock]))
+                times[k].append(timed(fns[k], device, CLOCKS[clock], repeat[k]))
     finally:
         if enabled:
             gc.enable()

@@ -740,7 +740,8 @@ def weighted_grad_split(model_fn: ModelFn, params: Mapping[str, Tensor], batch: 
 
     try:
         grads, losses, parts = whole_batch.verified(model_fn, whole_batch.signature(params, (batch,), "weighted"), per_sample,
-                                               whole, lambda a, b: whole_batch.close(a[:2], b[:2]) and len(a[2]) == 1)
+                                               whole, lambda a, b: whole_batch.close(a[:2], b[:2]) and len(a[2]) == 1,
+                                               lambda a: [a[1]])
     except RuntimeError as err:
         if not unbatchable(err):
             raise

@@ -195,3 +195,20 @@ def test_switched_off_by_the_environment(monkeypatch: pytest.MonkeyPatch) -> Non
     x, y = torch.randn(5, 3, dtype=F64), torch.randn(5, dtype=F64)
     exact_every_call(fn, params_of(net), (x[:3], y[:3]), (x[3:], y[3:]), calls=2)
     assert verdicts(fn) == set()
+
+
+def test_a_batch_of_identical_samples_proves_nothing() -> None:
+    """Rows of identical samples in the wrong order look right: no verdict until samples differ."""
+    torch.manual_seed(8)
+    w1, w2 = torch.randn(4, 3, dtype=F64), torch.randn(1, 4, dtype=F64)
+
+    def fn(p, x):  # the samples' rows in reverse order inside the model
+        h = torch.tanh(F.linear(x.flip(0), p["w1"]))
+        return (F.linear(h, p["w2"]).flip(0) ** 2).mean((1, 2))
+
+    same = torch.randn(1, 5, 3, dtype=F64).expand(4, 5, 3).clone()
+    ghostfunc.graddot(fn, {"w1": w1, "w2": w2}, same, same, val_reduce=None)
+    assert verdicts(fn) == set()
+    x = torch.randn(4, 5, 3, dtype=F64)
+    exact_every_call(fn, {"w1": w1, "w2": w2}, x, x, val_reduce=None)
+    assert verdicts(fn) == {False}
