@@ -247,7 +247,7 @@ def _capture(model_fn: ModelFn, params: Mapping[str, Tensor], batches: Sequence[
         n = batch.size
         grads: dict[str, list[Factored | Direct]] = {k: [] for k in params}
         for site, saved, static, out in zip(sites, mode.saved, mode.statics, outs[at:at + len(sites)], strict=True):
-            mine = tuple(s.unflatten(0, (n, -1)) if s.dim() > 0 else s for s in saved)
+            mine = tuple(s.detach().unflatten(0, (n, -1)) if s.dim() > 0 else s.detach() for s in saved)
             for role, name in site.roles:
                 g = site.rule.grad(static, mine, out.unflatten(0, (n, -1)), role, params[name].shape)
                 grads[name].append(_in_dtype(g, params[name].dtype))

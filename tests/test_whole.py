@@ -212,3 +212,15 @@ def test_a_batch_of_identical_samples_proves_nothing() -> None:
     x = torch.randn(4, 5, 3, dtype=F64)
     exact_every_call(fn, {"w1": w1, "w2": w2}, x, x, val_reduce=None)
     assert verdicts(fn) == {False}
+
+
+def test_results_hold_no_graph() -> None:
+    """The whole-batch run records a graph for its taps; nothing of it reaches the results."""
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).to(F64)
+    fn = mlp_fn(net)
+    x, y = torch.randn(6, 3, dtype=F64), torch.randn(6, dtype=F64)
+    for reduce in ("mean", None, None):
+        out = ghostfunc.graddot(fn, params_of(net), (x[:4], y[:4]), (x[4:], y[4:]), val_reduce=reduce)
+        tensors = [out.scores, out.train_loss, out.val_loss, *out.per_param.values(), *out.train_grad.values()]
+        assert not any(t.requires_grad for t in tensors)
+    assert verdicts(fn) == {True}
