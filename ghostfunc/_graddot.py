@@ -252,7 +252,7 @@ def capture_all(model_fn: ModelFn, params: dict[str, Tensor], batches: tuple[Bat
                                rows)
 
     try:
-        if all(part.rows is None for part in (p for w in which for p in r.parts[w])):  # no split: the whole batches
+        if all(part.rows is None for part in (p for w in which for p in r.parts[w])) and _whole.small(traces, subs):
             halves = _whole.verified(
                 model_fn, _whole.capture_key(params, subs, r.kernel), per_sample,
                 lambda: _whole.capture(model_fn, params, subs, traces, r.kernel, where, labels), _whole.close,

@@ -285,8 +285,8 @@ def verified(model_fn: ModelFn, key: tuple, exact: Callable[[], R], direct: Call
              same: Callable[[R, R], bool], losses: Callable[[R], list[Tensor]]) -> R:
     """``direct()`` where this ``model_fn`` and ``key`` were seen to match ``exact()``; else ``exact()``.
 
-    An unseen key runs both (returning ``exact()``'s result) and records whether
-    ``same`` held; a :class:`NotDirect` or any error of the whole-batch run, at any
+    An unseen key runs both and records whether ``same`` held (returning the result
+    of the path that later calls take); a :class:`NotDirect` or any error of the whole-batch run, at any
     time, sends this and later calls with ``key`` to ``exact()``. A match is recorded
     only when the batch could have shown a mismatch: each batch (``losses(result)``)
     has one sample or samples that differ (rows of identical samples in the wrong
@@ -310,7 +310,8 @@ def verified(model_fn: ModelFn, key: tuple, exact: Callable[[], R], direct: Call
             return exact()
     result = exact()
     try:
-        ok = same(result, direct())
+        whole = direct()
+        ok = same(result, whole)
     except Exception:  # noqa: BLE001
         ok = False
     if ok and not all(len(x) == 1 or bool((x != x[0]).any()) for x in losses(result)):
@@ -318,7 +319,9 @@ def verified(model_fn: ModelFn, key: tuple, exact: Callable[[], R], direct: Call
     if len(seen) > 64:
         seen.clear()
     seen[key] = ok
-    return result
+    # From the first call of a signature on, the numbers come from the path later calls take: a run resumed
+    # in a new process repeats the uninterrupted one bit for bit.
+    return whole if ok else result
 
 
 def capture_key(params: Mapping[str, Tensor], batches: Sequence[Batch], kernel: set[str]) -> tuple:
@@ -326,9 +329,18 @@ def capture_key(params: Mapping[str, Tensor], batches: Sequence[Batch], kernel: 
     return signature(params, batches, "capture", tuple(sorted(kernel)))
 
 
-#: Activations (bytes, every recognised call's output over both batches) up to which a streamed caller
-#: captures its training and validation batches together (one forward instead of two).
-TOGETHER_BYTES = 64 * 2**20
+#: Activations (bytes: every recognised call's output, over all batches of a capture) up to which the
+#: whole-batch capture is tried (its first call holds both captures' factors at once), and a streamed caller
+#: captures its training and validation batches together (one forward instead of two). Small models are
+#: where the per-sample capture's overhead shows; large ones keep its memory.
+SMALL_BYTES = 64 * 2**20
+
+
+def small(traces: Sequence[Trace], batches: Sequence[Batch]) -> bool:
+    """Whether a capture of ``batches`` (traced as ``traces``) stays under :data:`SMALL_BYTES` of outputs."""
+    size = sum(math.prod(s.out_shape) * s.out_dtype.itemsize * b.size
+               for tr, b in zip(traces, batches, strict=True) for s in tr.sites)
+    return size <= SMALL_BYTES
 
 
 def together(model_fn: ModelFn, params: Mapping[str, Tensor], batches: Sequence[Batch], kernel: set[str],
@@ -337,11 +349,7 @@ def together(model_fn: ModelFn, params: Mapping[str, Tensor], batches: Sequence[
     together in one whole-batch capture: small activations, one signature, and no verdict against it yet."""
     if not ENABLED or set(params) != kernel or any(b.signature != batches[0].signature for b in batches):
         return False
-    if any(tr.sites != traces[0].sites for tr in traces):
-        return False
-    rows = sum(b.size for b in batches)
-    size = sum(math.prod(s.out_shape) * s.out_dtype.itemsize for s in traces[0].sites) * rows
-    if size > TOGETHER_BYTES:
+    if any(tr.sites != traces[0].sites for tr in traces) or not small(traces, batches):
         return False
     try:
         verdicts = _VERIFIED.get(model_fn, {})
