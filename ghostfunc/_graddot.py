@@ -425,9 +425,10 @@ def _same(a: tuple[Tensor, ...], b: tuple[Tensor, ...]) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
-def _total(parts: list[Tensor], like: Tensor) -> Tensor:
+def _total(parts: list[Tensor], zeros: Callable[[], Tensor]) -> Tensor:
+    """``Σ parts`` (``zeros()`` when there are none: built only then)."""
     if not parts:
-        return torch.zeros_like(like)
+        return zeros()
     out = parts[0]
     for x in parts[1:]:  # no stacked copy: a single part comes back as it is
         out = out + x
@@ -439,7 +440,7 @@ def _direct(uses: list[Factored | Direct], n: int, shape: torch.Size, ref: Tenso
     grads = [u.grad for u in uses if isinstance(u, Direct)]
     if len(grads) != len(uses):
         raise AssertionError("a direct/fallback parameter has a factored use")
-    return _total(grads, ref.new_zeros(n, *shape)).reshape(n, -1)  # [n, P]
+    return _total(grads, lambda: ref.new_zeros(n, *shape)).reshape(n, -1)  # [n, P]
 
 
 def _factored(uses: list[Factored | Direct]) -> list[Factored]:
@@ -450,7 +451,7 @@ def _factored(uses: list[Factored | Direct]) -> list[Factored]:
 
 
 def _val_direction(uses: list, weights: Tensor, p: int, d: int, ref: Tensor) -> Tensor:
-    return _total([K.weight_sum(u, weights) for u in _factored(uses)], ref.new_zeros(p, d))
+    return _total([K.weight_sum(u, weights) for u in _factored(uses)], lambda: ref.new_zeros(p, d))
 
 
 def train_mean(route_path: str, tr: list[Factored | Direct], n: int, param: Tensor) -> Tensor:
@@ -458,7 +459,7 @@ def train_mean(route_path: str, tr: list[Factored | Direct], n: int, param: Tens
     if route_path in ("direct", "fallback"):
         return _direct(tr, n, param.shape, param).mean(0).reshape(param.shape)
     p = param.shape[0]
-    return (_total([K.weight_sum(f) for f in _factored(tr)], param.new_zeros(p, param.numel() // p)) / n
+    return (_total([K.weight_sum(f) for f in _factored(tr)], lambda: param.new_zeros(p, param.numel() // p)) / n
             ).reshape(param.shape)
 
 
@@ -472,7 +473,7 @@ def contract_direction(route_path: str, tr: list[Factored | Direct], u: Tensor, 
     if route_path in ("direct", "fallback"):
         return _direct(tr, n, param.shape, param) @ u.reshape(-1).to(param.dtype)  # [n, P] @ [P]
     u2 = u.reshape(param.shape[0], -1)
-    return _total([K.contract(f, u2, dtype) for f in _factored(tr)], param.new_zeros(n))
+    return _total([K.contract(f, u2, dtype) for f in _factored(tr)], lambda: param.new_zeros(n))
 
 
 def score_param(route_path: str, tr: list, va: list, weights: Tensor | None, n: int, m: int,
@@ -488,7 +489,7 @@ def score_param(route_path: str, tr: list, va: list, weights: Tensor | None, n: 
         mat, total = K.materialise_dots(_factored(tr), _factored(va), n, dtype)
         train = (total / n).reshape(shape)
     elif route_path == "ghost":
-        mat = _total([K.gram(a, b, dtype) for a in _factored(tr) for b in _factored(va)], param.new_zeros(n, m))
+        mat = _total([K.gram(a, b, dtype) for a in _factored(tr) for b in _factored(va)], lambda: param.new_zeros(n, m))
         train = train_mean(route_path, tr, n, param)
     else:
         raise AssertionError(f"score_param: {route_path!r} contracts against one direction: use score_direction")

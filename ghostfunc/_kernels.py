@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-from einops import einsum, rearrange
+from einops import rearrange
 from torch import Tensor
 
 from ._ops import Factored
@@ -44,7 +44,14 @@ def _left_gram(a: Tensor, b: Tensor, a_ids: bool, b_ids: bool, dtype: torch.dtyp
         return rearrange(b, "m s p -> p m s")[a]
     if b_ids:
         return rearrange(rearrange(a, "n t p -> p n t")[b], "m s n t -> n t m s")
-    return einsum(a, b, "n t p, m s p -> n t m s")
+    return _pair_dots(a, b)
+
+
+def _pair_dots(a: Tensor, b: Tensor) -> Tensor:
+    """``[n, t, k] x [m, s, k] -> [n, t, m, s]``: every row of ``a`` dotted with every row of ``b`` (one GEMM)."""
+    n, t, k = a.shape
+    m, s, _ = b.shape
+    return (a.reshape(n * t, k) @ b.reshape(m * s, k).T).view(n, t, m, s)
 
 
 def _blocks(n: int, t: int, per_token: int) -> Iterator[tuple[slice, slice]]:
@@ -66,14 +73,19 @@ def gram(a: Factored, b: Factored, dtype: torch.dtype | None = None) -> Tensor:
     n, t = a.right.shape[:2]
     m, s = b.right.shape[:2]
     bl, br = _cast(b.left, dtype), _cast(b.right, dtype)
-    out = torch.zeros(n, m, dtype=torch.promote_types(out_dtype, torch.float32) if dtype else out_dtype,
-                      device=a.right.device)
-    for rows, toks in _blocks(n, t, m * s):
+    acc = torch.promote_types(out_dtype, torch.float32) if dtype else out_dtype
+    blocks = list(_blocks(n, t, m * s))
+    out = None if len(blocks) == 1 else torch.zeros(n, m, dtype=acc, device=a.right.device)
+    for rows, toks in blocks:
         al, ar = _cast(a.left[rows, toks], dtype), _cast(a.right[rows, toks], dtype)
         left = _left_gram(al, bl, a.ids, b.ids, ar.dtype)  # [c, t, m, s]
-        right = einsum(ar, br, "n t d, m s d -> n t m s")
+        right = _pair_dots(ar, br)
         # [c, t, m, s] ⊙ [c, t, m, s] summed over t, s: in place (einsum permutes both: ~4x slower)
-        out[rows] += left.to(out.dtype).mul_(right.to(out.dtype)).sum(dim=(1, 3))
+        part = left.to(acc).mul_(right.to(acc)).sum(dim=(1, 3))
+        if out is None:  # one block: the whole answer
+            return part.to(out_dtype)
+        out[rows] += part
+    assert out is not None
     return out.to(out_dtype)
 
 
