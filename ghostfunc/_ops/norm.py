@@ -90,12 +90,26 @@ _BATCH_STATS = (
 def _match_batch_norm(args: tuple, kwargs: dict[str, Any]) -> Match | None:
     def bind(input: Tensor, running_mean: Any, running_var: Any, weight: Any = None, bias: Any = None,
              training: bool = False, momentum: float = 0.1, eps: float = 1e-5) -> Match | None:
-        del input, running_mean, running_var, weight, bias, momentum, eps
+        del momentum
         if training:
             raise SamplesInteractError(_BATCH_STATS)
-        return None  # eval mode: an affine map per channel; its params take the fallback
+        if not (isinstance(running_mean, Tensor) and isinstance(running_var, Tensor)) or input.dim() < 2:
+            return None
+        # eval mode: a scale and shift per channel (axis 1) of the normalised input
+        roles = {role: t for role, t in (("weight", weight), ("bias", bias)) if isinstance(t, Tensor)}
+        return Match(roles, (input,), (running_mean, running_var, eps))
 
     return bind(*args, **kwargs)
+
+
+def _grad_batch_norm(static: Any, saved: tuple[Tensor, ...], grad_out: Tensor, role: str, shape: torch.Size) -> Grad:
+    """Eval-mode BatchNorm: ``[n, N, C, *]`` output gradient -> per-sample ``[n, C]`` (times ``x̂`` for the weight)."""
+    g = grad_out
+    if role == "weight":
+        mean, var, eps = static
+        view = (1, 1, -1) + (1,) * (g.dim() - 3)  # the channel axis of the call (1) is axis 2 here
+        g = g * ((saved[0] - mean.reshape(view)) * torch.rsqrt(var.reshape(view) + eps)).to(g.dtype)
+    return Direct(g.sum([d for d in range(1, g.dim()) if d != 2]).reshape(g.shape[0], *shape))
 
 
 def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None = None,
@@ -156,7 +170,7 @@ def _match_add(args: tuple, kwargs: dict[str, Any]) -> Match | None:
 LAYER_NORM = Rule("layer_norm", _match_layer_norm, _grad_layer_norm)
 RMS_NORM = Rule("rms_norm", _match_rms_norm, _grad_rms_norm)
 GROUP_NORM = Rule("group_norm", _match_group_norm, _grad_group_norm)
-BATCH_NORM = Rule("batch_norm", _match_batch_norm, _grad_add)
+BATCH_NORM = Rule("batch_norm", _match_batch_norm, _grad_batch_norm)
 SCALE = Rule("scale", _match_mul, _grad_mul)
 SHIFT = Rule("shift", _match_add, _grad_add)
 
