@@ -49,7 +49,6 @@ from ._graddot import (
     Routing,
     _prepare,
     capture_one,
-    contract_direction,
     group_policy,
     prepare_group,
     retry_stale,
@@ -58,12 +57,11 @@ from ._graddot import (
     score_group,
     score_streamed,
     sum_scores,
-    train_mean,
     val_weights,
 )
 from ._groups import Part, split_sum
 from ._plan import Plan
-from ._secant import ValGrad, check_curvature, secant_values, two_dots
+from ._secant import ValGrad, check_curvature, row_dots, secant_values, train_rows
 
 Params = dict[str, Tensor]
 ORDERS = (1, 2)
@@ -222,22 +220,20 @@ def compute_values(
         return r, capture_one(model_fn, params, tb, r, 0, where)
 
     r, t = retry_stale(where, train_first)
-    g_train = {k: train_mean(route.path, t.grads[k], tb.size, params[k]) for k, route in r.plan.routes.items()}
+    rows, g_train = train_rows(r.plan, t.grads, params, tb.size, 2 if order == 2 and first_order else 1)
+    train_loss = t.loss
+    del t  # the factors of the kept parameters go now
     if world is not None:
         g_train = _dist.global_mean(g_train, world, group)
         r = r._replace(plan=r.plan._replace(n_train=n, n_val=m))
-
-    def contract_all(u: Params) -> Tensor:
-        return sum_scores({k: contract_direction(route.path, t.grads[k], u[k], tb.size, params[k])
-                     for k, route in r.plan.routes.items()}, params)
 
     if order == 1:
         assert precondition is not None
         g_val, val_loss = weighted_grad(model_fn, params, vb, weights, where, "val")
         if world is not None:
             g_val = _dist.allreduce_sum(g_val, group)
-        values = contract_all({k: g.mul(-a) for k, g in precondition(g_val, g_train).items()})
-        return Values(values, values, g_train, t.loss, val_loss, r.plan)
+        values = row_dots(rows, [{k: g.mul(-a) for k, g in precondition(g_val, g_train).items()}], params)[:, 0]
+        return Values(values, values, g_train, train_loss, val_loss, r.plan)
     g_val, hg, val_loss = val_grad_hvp(model_fn, params, vb, weights, {k: g.mul(n) for k, g in g_train.items()},
                                        where)  # H_val G, G = Σ_j g_j
     if world is not None:  # ḡ_val and H_val G: one all-reduce
@@ -247,10 +243,9 @@ def compute_values(
     u1 = {k: g.mul(-a) for k, g in g_val.items()}
     u = {k: u1[k] + hg[k].to(u1[k].dtype).mul(a * a / 2) for k in u1}
     if not first_order:
-        return Values(contract_all(u), None, g_train, t.loss, val_loss, r.plan)
-    dots = sum_scores({k: two_dots(route, t.grads[k], u1[k], u[k], tb.size, params[k])
-                       for k, route in r.plan.routes.items()}, params)  # [n, 2]: one pass for both
-    return Values(dots[:, 1].contiguous(), dots[:, 0].contiguous(), g_train, t.loss, val_loss, r.plan)
+        return Values(row_dots(rows, [u], params)[:, 0], None, g_train, train_loss, val_loss, r.plan)
+    dots = row_dots(rows, [u1, u], params)  # [n, 2]: one pass for both
+    return Values(dots[:, 1].contiguous(), dots[:, 0].contiguous(), g_train, train_loss, val_loss, r.plan)
 
 
 def check_lr_order(where: str, lr: Any, order: Any) -> None:
