@@ -61,7 +61,7 @@ from ._graddot import (
 )
 from ._groups import Part, split_sum
 from ._plan import Plan
-from ._secant import ValGrad, check_curvature, row_dots, secant_values, train_rows
+from ._secant import ValGrad, check_curvature, row_dots, row_groups, rows_of, secant_values, train_rows
 
 Params = dict[str, Tensor]
 ORDERS = (1, 2)
@@ -96,26 +96,37 @@ def _import_jvp_decompositions() -> None:
 
 
 def val_grad_hvp(model_fn: Callable[[Params, Any], Tensor], params: Params, val: Batch, weights: Tensor,
-                 vector: Params, where: str) -> tuple[Params, Params, Tensor]:
-    """:func:`_val_grad_hvp_batched`, in groups of samples that agree at data-dependent branches
-    (summed); a model the batched pass cannot run goes sample by sample with ordinary autograd."""
+                 vector: Params, where: str, groups: list[slice] | None = None) -> tuple[Params, Params, Tensor]:
+    """:func:`_val_grad_hvp_batched` over the row ranges ``groups`` (default: all rows at once), each in
+    groups of samples that agree at data-dependent branches, all summed; a model the batched pass
+    cannot run goes sample by sample with ordinary autograd."""
 
-    def one(part_batch: Batch, part: Part) -> tuple[tuple[Params, Params], Tensor]:
-        w = weights if part.rows is None else weights[part.rows.to(weights.device)]
-        g, hv, losses = _val_grad_hvp_batched(model_fn, params, part_batch, w, vector, where)
-        return (g, hv), losses
+    def rows_from(start: int) -> Callable[[Batch, Part], tuple[tuple[Params, Params], Tensor]]:
+        def one(part_batch: Batch, part: Part) -> tuple[tuple[Params, Params], Tensor]:
+            rows = torch.arange(start, start + part_batch.size) if part.rows is None else part.rows + start
+            g, hv, losses = _val_grad_hvp_batched(model_fn, params, part_batch, weights[rows.to(weights.device)],
+                                                  vector, where, rows)
+            return (g, hv), losses
 
+        return one
+
+    out = []
     try:
-        (g, hv), losses, _ = split_sum(one, val)
+        for rows in groups or [slice(0, val.size)]:
+            (g, hv), losses, _ = split_sum(rows_from(rows.start), rows_of(val, rows))
+            out.append((g, hv, losses))
     except RuntimeError as err:
         if not unbatchable(err):
             raise
         return val_grad_hvp_eager(model_fn, params, val, weights, vector, where)
-    return g, hv, losses
+    g, hv, _ = out[0]
+    for g2, hv2, _ in out[1:]:
+        g, hv = {k: g[k] + g2[k] for k in g}, {k: hv[k] + hv2[k] for k in hv}
+    return g, hv, torch.cat([losses for *_, losses in out])
 
 
 def _val_grad_hvp_batched(model_fn: Callable[[Params, Any], Tensor], params: Params, val: Batch, weights: Tensor,
-                          vector: Params, where: str) -> tuple[Params, Params, Tensor]:
+                          vector: Params, where: str, rows: Tensor) -> tuple[Params, Params, Tensor]:
     """``ḡ = Σ_v w_v g_v``, ``H·vector`` (``H`` the exact Hessian of ``Σ_v w_v L_v``) and the losses ``[m]``.
 
     One forward-over-reverse pass (``torch.func.jvp`` of ``torch.func.grad``): its
@@ -142,7 +153,7 @@ def _val_grad_hvp_batched(model_fn: Callable[[Params, Any], Tensor], params: Par
                 raise
             (g, losses), pullback = torch.func.vjp(grad, params)  # type: ignore[misc]
             hv = pullback((vector, torch.zeros_like(losses)))[0]  # H symmetric: vᵀH = (Hv)ᵀ
-    _check_finite(losses, "val", where)
+    _check_finite(losses, "val", where, rows)  # rows: the samples' positions in the whole batch
     return g, hv, losses.detach()
 
 
@@ -170,8 +181,9 @@ def compute_values(
 
     Plain order 1 is ``−a`` times :func:`ghostfunc.graddot`'s scores (the same
     streamed capture, the default policy). Otherwise the training rows go first
-    (``G`` and the train gradient come from their factors), then the validation
-    batch once: an ordinary backward for ``ḡ_val`` (order 1), or one
+    (``G`` and the train gradient from their factors, or from per-row gradients
+    materialised once and kept for the dot products: :func:`ghostfunc._secant.train_rows`),
+    then the validation batch once: an ordinary backward for ``ḡ_val`` (order 1), or one
     forward-over-reverse pass for ``ḡ_val`` and ``H_val G`` together (order 2);
     then one contraction against ``u`` (two at order 2 for the order-1 part).
 
@@ -235,7 +247,7 @@ def compute_values(
         values = row_dots(rows, [{k: g.mul(-a) for k, g in precondition(g_val, g_train).items()}], params)[:, 0]
         return Values(values, values, g_train, train_loss, val_loss, r.plan)
     g_val, hg, val_loss = val_grad_hvp(model_fn, params, vb, weights, {k: g.mul(n) for k, g in g_train.items()},
-                                       where)  # H_val G, G = Σ_j g_j
+                                       where, row_groups(vb, r.plan))  # H_val G, G = Σ_j g_j
     if world is not None:  # ḡ_val and H_val G: one all-reduce
         both = _dist.allreduce_sum({**{"g:" + k: v for k, v in g_val.items()},
                                     **{"h:" + k: v for k, v in hg.items()}}, group)

@@ -302,3 +302,27 @@ def test_train_rows_keeps_long_sequences_and_their_mean(costs, kept, monkeypatch
                                rtol=1e-12, atol=1e-14)
     monkeypatch.setattr(_secant, "KEEP_BUDGET", 0.0)
     assert not _secant.train_rows(r.plan, t.grads, params, tb.size, 2)[0].kept
+
+
+@pytest.mark.parametrize("name", ["tokens-materialise", "attention-tied-embedding"])
+def test_validation_rows_in_groups_change_nothing(name, monkeypatch):
+    """On CPU the validation passes run in row groups (:data:`_secant.GROUP_TOKENS`); one row per group
+    gives the brute-force exact and secant order-2 values, and a non-finite validation loss is reported
+    at its row in the whole batch."""
+    fn, build = MODELS[name]
+    params, train, val = build()
+    monkeypatch.setattr(_secant, "GROUP_TOKENS", 1)
+    lr = 0.3
+    want = reference_order2(fn, params, train, val, lr, double_backward_hvp(fn, params, val))
+    assert rel(exact(params, train, val, lr, fn), want) < 1e-10
+    gt = flat_grads(fn, params, train)
+    moved = unflatten(params, theta_of(params) - (lr / len(gt)) * gt.sum(0))
+    gv = flat_grads(fn, params, val).mean(0) + flat_grads(fn, moved, val).mean(0)
+    torch.testing.assert_close(secant(params, train, val, lr, fn), -(lr / len(gt) / 2) * gt @ gv,
+                               rtol=1e-10, atol=1e-14)
+    if name == "tokens-materialise":
+        bad = {k: v.clone() for k, v in val.items()}
+        bad["y"][1, 3] = float("nan")
+        for curvature in ("exact", "secant"):
+            with pytest.raises(FloatingPointError, match=r"^inrun_shapley: .* val samples \[1\]"):
+                ghostfunc.inrun_shapley(fn, params, train, bad, lr=lr, order=2, curvature=curvature)
