@@ -164,7 +164,8 @@ def secant_values(where: str, model_fn: Callable[[Params, Any], Tensor], params:
 
 def row_groups(batch: Batch, plan: Plan) -> list[slice]:
     """Consecutive row ranges for the validation passes: the whole batch on an accelerator, and on
-    CPU about :data:`GROUP_TOKENS` positions each (the plan's longest validation sequence per row)."""
+    CPU about :data:`GROUP_TOKENS` positions each (per row: the most positions any factored parameter
+    sees in a validation sample, its uses summed; 1 when no parameter is factored)."""
     if not batch.tensors or batch.tensors[0].device.type != "cpu":
         return [slice(0, batch.size)]
     tokens = max((r.val_tokens for r in plan.routes.values() if r.factored), default=1)
@@ -216,10 +217,12 @@ class Rows(NamedTuple):
 def keeps(route: Route, n: int, k: int, c: Constants) -> bool:
     """Whether to materialise ``route``'s per-row gradients once for the mean and ``k`` later dot products.
 
-    Kept: ``n·T·row`` for the ``bmm`` plus ``n·(κ + k + 1)·p·d`` for the block traffic
-    (``κ``, :data:`ghostfunc._plan.MATERIALISE_PER_ELEMENT`), the ``k`` dots and the sum.
-    Not kept: the mean from the factors (``n·T·row``), then the cheaper of ``k`` contractions
-    and one blockwise materialisation (:func:`direction_kernel`). Only id (embedding) uses: never.
+    In multiply-adds, with ``T`` the route's positions per sample: kept, ``n·T·p·d`` for the
+    ``bmm`` plus ``n·(κ + k + 1)·p·d`` for the block traffic (``κ``, the calibrated
+    ``materialise`` constant), the ``k`` dots and the sum; not kept, the mean from the factors
+    (``n·T·p·d``), then the cheaper of ``k`` contractions and one blockwise materialisation
+    (:func:`direction_kernel`). So it pays from ``T`` of about ``κ/k`` up. Only id (embedding)
+    uses: never (their contraction is a gather, ``n·T·d``).
     """
     if not route.factored or all(kind == "embedding" for kind in route.uses):
         return False
