@@ -43,7 +43,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import _dist
-from ._capture import Batch, Half, _check_finite, _rephrase, per_sample_losses, weighted_grad
+from ._capture import Batch, Half, _check_finite, _rephrase, per_sample_losses
 from ._eager import unbatchable, val_grad_hvp_eager
 from ._graddot import (
     Routing,
@@ -61,7 +61,16 @@ from ._graddot import (
 )
 from ._groups import Part, split_sum
 from ._plan import Plan
-from ._secant import ValGrad, check_curvature, row_dots, row_groups, rows_of, secant_values, train_rows
+from ._secant import (
+    ValGrad,
+    check_curvature,
+    grouped_val_grad,
+    row_dots,
+    row_groups,
+    rows_of,
+    secant_values,
+    train_rows,
+)
 
 Params = dict[str, Tensor]
 ORDERS = (1, 2)
@@ -241,7 +250,7 @@ def compute_values(
 
     if order == 1:
         assert precondition is not None
-        g_val, val_loss = weighted_grad(model_fn, params, vb, weights, where, "val")
+        g_val, val_loss = grouped_val_grad(model_fn, params, vb, weights, where, row_groups(vb, r.plan))
         if world is not None:
             g_val = _dist.allreduce_sum(g_val, group)
         values = row_dots(rows, [{k: g.mul(-a) for k, g in precondition(g_val, g_train).items()}], params)[:, 0]
