@@ -142,6 +142,12 @@ def _block(uses: list[Factored], rows: slice, ps: slice) -> Tensor:
     return out
 
 
+def materialise(uses: list[Factored], n: int) -> Tensor:
+    """Every row's whole gradient ``Σ_uses Σ_t L[n,t] ⊗ R[n,t]``: ``[n, p, d]``, held at once
+    (``n·p·d`` memory; one ``bmm`` per dense use, ``n·T·p·d`` multiply-adds)."""
+    return _block(uses, slice(0, n), slice(0, uses[0].p))
+
+
 def materialise_dots(tr: list[Factored], other: list[Factored] | Tensor, n: int,
                      dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
     """Fused materialise: every ``<g_n, h>`` and ``Σ_n g_n``, holding one cache-sized block at a time.

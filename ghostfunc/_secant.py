@@ -20,18 +20,19 @@ about what an order-1 step costs.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from . import _kernels as K
-from ._calibrate import constants
-from ._capture import Batch, weighted_grad
+from ._calibrate import Constants, constants
+from ._capture import Batch, _check_finite, per_sample_losses, weighted_grad
 from ._graddot import (
     Routing,
     _draws_random,
+    _factored,
     _rng_state,
     _same,
     capture_one,
@@ -46,6 +47,14 @@ from ._plan import Plan, Route, direction_kernel
 
 Params = dict[str, Tensor]
 CURVATURES = ("exact", "secant")
+#: :func:`train_rows` keeps materialised per-row gradients of at most this many elements per element of
+#: the training rows' captured factors; the kept parameters' factors are released once it returns.
+KEEP_BUDGET = 2.0
+#: On CPU the validation passes run the rows in groups of about this many positions (rows times the
+#: longest sequence a parameter sees): a group's activations stay nearer the cache. Measured on the
+#: headline shape (GPT-2-like, T = 256, 2-core CPU shared with other work, one thread): groups of 2 rows
+#: took 0.75x the time of all 8 at once for the Hessian-vector product, 0.9x for a validation backward.
+GROUP_TOKENS = 1024
 
 
 class ValGrad(NamedTuple):
@@ -108,9 +117,11 @@ def secant_values(where: str, model_fn: Callable[[Params, Any], Tensor], params:
                   lr: float, weights: Tensor, before: ValGrad | None = None) -> Secant:
     """Secant order-2 values ``φ_i = −(a/2)·<g_i, ḡ_val(θ) + ḡ_val(θ')>`` (``a = lr/n``, ``θ' = θ − a·G``).
 
-    Passes: a tap capture of the training rows (``g_i`` factors, ``G``); ``ḡ_val(θ)``
-    from ``before`` when it :func:`matches` (else one ordinary validation backward);
-    one ordinary validation backward at ``θ'``; two contractions ``<g_i, ḡ_val(·)>``.
+    Passes: a tap capture of the training rows (``g_i`` factors), then :func:`train_rows`
+    (``G``, and the per-row gradients kept where that is cheaper than a second pass over
+    the factors); ``ḡ_val(θ)`` from ``before`` when it :func:`matches` (else one ordinary
+    validation backward); one ordinary validation backward at ``θ'``; the dot products
+    ``<g_i, ḡ_val(·)>`` with both, in one pass (:func:`row_dots`).
     ``weights`` ``[m]`` are the validation weights (``1/m``: the mean). A model that
     draws random numbers (dropout in training mode) is refused: the two validation
     gradients would see different masks, and their difference would not be curvature.
@@ -127,18 +138,20 @@ def secant_values(where: str, model_fn: Callable[[Params, Any], Tensor], params:
         return r, capture_one(model_fn, params, tb, r, 0, where)
 
     r, t = retry_stale(where, train_first)
-    g_train = {k: train_mean(route.path, t.grads[k], n, params[k]) for k, route in r.plan.routes.items()}
+    rows, g_train = train_rows(r.plan, t.grads, params, n, 2)
+    groups = row_groups(vb, r.plan)
+    train_loss = t.loss
+    del t  # the factors of the kept parameters go now
     if before is not None and matches(before, params, vb):
         g_now, loss_now = before.grad, before.loss
     else:
-        g_now, loss_now = weighted_grad(model_fn, params, vb, weights, where, "val")
+        g_now, loss_now = grouped_val_grad(model_fn, params, vb, weights, where, groups)
     moved = sgd_point(params, g_train, lr)
-    g_next, loss_next = weighted_grad(model_fn, moved, vb, weights, where, "val")
+    g_next, loss_next = grouped_val_grad(model_fn, moved, vb, weights, where, groups)
     if not _same(rng, _rng_state(device)):
         raise ValueError(_RANDOM_MESSAGE.format(where=where))
 
-    both = sum_scores({k: two_dots(route, t.grads[k], g_now[k], g_next[k], n, params[k])
-                       for k, route in r.plan.routes.items()}, params)  # [n, 2]
+    both = row_dots(rows, (g_now, g_next), params)  # [n, 2]
     now, nxt = both.unbind(1)  # <g_i, ḡ_val(θ)>, <g_i, ḡ_val(θ')>  [n] each
     values = (now + nxt).mul(-a / 2)
     if before is not None and g_now is before.grad:
@@ -146,7 +159,117 @@ def secant_values(where: str, model_fn: Callable[[Params, Any], Tensor], params:
     else:
         copies = tuple(x.detach().clone() for x in vb.tensors)
     after = ValGrad(copies, vb.signature, moved, g_next, loss_next)
-    return Secant(values, now.mul(-a), g_train, t.loss, loss_now, r.plan, after)
+    return Secant(values, now.mul(-a), g_train, train_loss, loss_now, r.plan, after)
+
+
+def row_groups(batch: Batch, plan: Plan) -> list[slice]:
+    """Consecutive row ranges for the validation passes: the whole batch on an accelerator, and on
+    CPU about :data:`GROUP_TOKENS` positions each (per row: the most positions any factored parameter
+    sees in a validation sample, its uses summed; 1 when no parameter is factored)."""
+    if not batch.tensors or batch.tensors[0].device.type != "cpu":
+        return [slice(0, batch.size)]
+    tokens = max((r.val_tokens for r in plan.routes.values() if r.factored), default=1)
+    rows = max(1, GROUP_TOKENS // max(tokens, 1))
+    return [slice(i, min(i + rows, batch.size)) for i in range(0, batch.size, rows)]
+
+
+def rows_of(batch: Batch, rows: slice) -> Batch:
+    """Rows ``rows`` of ``batch`` as a batch of their own."""
+    return batch._replace(tensors=[t[rows] for t in batch.tensors], size=rows.stop - rows.start)
+
+
+def grouped_val_grad(model_fn: Callable[[Params, Any], Tensor], params: Params, vb: Batch, weights: Tensor,
+                     where: str, groups: list[slice]) -> tuple[Params, Tensor]:
+    """``Σ_v w_v g_v`` and the losses ``[m]`` (:func:`ghostfunc._capture.weighted_grad`), summed over ``groups``."""
+    if len(groups) == 1:
+        return weighted_grad(model_fn, params, vb, weights, where, "val")
+    total: Params = {}
+    losses = []
+    for rows in groups:
+        part = rows_of(vb, rows)
+        try:
+            g, loss = weighted_grad(model_fn, params, part, weights[rows], where, "val")
+        except FloatingPointError:  # name the rows in the whole batch
+            with torch.no_grad():
+                _check_finite(per_sample_losses(model_fn, part, where)(params), "val", where,
+                              torch.arange(rows.start, rows.stop))
+            raise
+        total = g if not total else {k: total[k] + g[k] for k in total}
+        losses.append(loss)
+    return total, torch.cat(losses)
+
+
+class Rows(NamedTuple):
+    """The training rows' per-sample gradients, held for dot products with directions known only later.
+
+    ``kept``: name -> ``[n, P]`` materialised per-row gradients, for the parameters where
+    one materialisation (giving the mean train gradient and every later dot product) costs less
+    than the mean and then each direction from the factors (:func:`keeps`); ``uses``: name ->
+    the captured per-sample gradients (factored or direct) of every other parameter.
+    """
+
+    plan: Plan
+    kept: dict[str, Tensor]
+    uses: dict[str, list[Factored | Direct]]
+    n: int
+
+
+def keeps(route: Route, n: int, k: int, c: Constants) -> bool:
+    """Whether to materialise ``route``'s per-row gradients once for the mean and ``k`` later dot products.
+
+    In multiply-adds, with ``T`` the route's positions per sample: kept, ``n·T·p·d`` for the
+    ``bmm`` plus ``n·(κ + k + 1)·p·d`` for the block traffic (``κ``, the calibrated
+    ``materialise`` constant), the ``k`` dots and the sum; not kept, the mean from the factors
+    (``n·T·p·d``), then the cheaper of ``k`` contractions and one blockwise materialisation
+    (:func:`direction_kernel`). So it pays from ``T`` of about ``κ/k`` up. Only id (embedding)
+    uses: never (their contraction is a gather, ``n·T·d``).
+    """
+    if not route.factored or all(kind == "embedding" for kind in route.uses):
+        return False
+    pd = route.p * route.d
+    later = min(k * n * route.tokens * pd, n * route.tokens * pd + n * (k + c.materialise) * pd)
+    return n * (c.materialise + k + 1) * pd < later
+
+
+def train_rows(plan: Plan, grads: Mapping[str, list[Factored | Direct]], params: Params, n: int,
+               k: int) -> tuple[Rows, Params]:
+    """The training rows ready for ``k`` later directions, and their mean gradient (name -> shaped like the param).
+
+    Parameters that :func:`keeps` picks, longest sequences first, are materialised
+    (``[n, P]``) while their total stays under :data:`KEEP_BUDGET` times the captured
+    factors; their factors are dropped once materialised (the caller drops ``grads``).
+    The others keep their factors and take their mean from them (:func:`train_mean`).
+    """
+    c = constants(next(iter(params.values())).device, next(iter(params.values())).dtype)
+    budget = KEEP_BUDGET * sum(x.numel() for us in grads.values() for f in us if isinstance(f, Factored)
+                               for x in (f.left, f.right) if x.is_floating_point())
+    uses, kept, mean = dict(grads), {}, {}
+    for name, route in sorted(plan.routes.items(), key=lambda kv: -kv[1].tokens):
+        size = n * route.p * route.d
+        if keeps(route, n, k, c) and size <= budget:
+            budget -= size
+            g = K.materialise(_factored(uses.pop(name)), n)  # [n, p, d]
+            kept[name] = g.reshape(n, -1)
+            mean[name] = (g.sum(0) / n).reshape(params[name].shape)
+        else:
+            mean[name] = train_mean(route.path, uses[name], n, params[name])
+    return Rows(plan, kept, uses, n), {name: mean[name] for name in plan.routes}
+
+
+def row_dots(rows: Rows, directions: Sequence[Params], params: Params) -> Tensor:
+    """``<g_i, u_j>`` for every training row ``i`` and direction ``u_j`` (name -> shaped like the param): ``[n, k]``."""
+    out = {}
+    for name, route in rows.plan.routes.items():
+        if name in rows.kept:
+            g = rows.kept[name]  # [n, P]
+            out[name] = g @ torch.stack([u[name].reshape(-1).to(g.dtype) for u in directions], 1)  # [n, k]
+        elif len(directions) == 2:
+            out[name] = two_dots(route, rows.uses[name], directions[0][name], directions[1][name], rows.n,
+                                 params[name])
+        else:
+            out[name] = torch.stack([contract_direction(route.path, rows.uses[name], u[name], rows.n, params[name])
+                                     for u in directions], 1)
+    return sum_scores(out, params)
 
 
 def two_dots(route: Route, uses: list[Factored | Direct], u: Tensor, v: Tensor, n: int, param: Tensor) -> Tensor:

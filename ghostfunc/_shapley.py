@@ -43,13 +43,12 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import _dist
-from ._capture import Batch, Half, _check_finite, _rephrase, per_sample_losses, weighted_grad
+from ._capture import Batch, Half, _check_finite, _rephrase, per_sample_losses
 from ._eager import unbatchable, val_grad_hvp_eager
 from ._graddot import (
     Routing,
     _prepare,
     capture_one,
-    contract_direction,
     group_policy,
     prepare_group,
     retry_stale,
@@ -58,12 +57,20 @@ from ._graddot import (
     score_group,
     score_streamed,
     sum_scores,
-    train_mean,
     val_weights,
 )
 from ._groups import Part, split_sum
 from ._plan import Plan
-from ._secant import ValGrad, check_curvature, secant_values, two_dots
+from ._secant import (
+    ValGrad,
+    check_curvature,
+    grouped_val_grad,
+    row_dots,
+    row_groups,
+    rows_of,
+    secant_values,
+    train_rows,
+)
 
 Params = dict[str, Tensor]
 ORDERS = (1, 2)
@@ -98,26 +105,37 @@ def _import_jvp_decompositions() -> None:
 
 
 def val_grad_hvp(model_fn: Callable[[Params, Any], Tensor], params: Params, val: Batch, weights: Tensor,
-                 vector: Params, where: str) -> tuple[Params, Params, Tensor]:
-    """:func:`_val_grad_hvp_batched`, in groups of samples that agree at data-dependent branches
-    (summed); a model the batched pass cannot run goes sample by sample with ordinary autograd."""
+                 vector: Params, where: str, groups: list[slice] | None = None) -> tuple[Params, Params, Tensor]:
+    """:func:`_val_grad_hvp_batched` over the row ranges ``groups`` (default: all rows at once), each in
+    groups of samples that agree at data-dependent branches, all summed; a model the batched pass
+    cannot run goes sample by sample with ordinary autograd."""
 
-    def one(part_batch: Batch, part: Part) -> tuple[tuple[Params, Params], Tensor]:
-        w = weights if part.rows is None else weights[part.rows.to(weights.device)]
-        g, hv, losses = _val_grad_hvp_batched(model_fn, params, part_batch, w, vector, where)
-        return (g, hv), losses
+    def rows_from(start: int) -> Callable[[Batch, Part], tuple[tuple[Params, Params], Tensor]]:
+        def one(part_batch: Batch, part: Part) -> tuple[tuple[Params, Params], Tensor]:
+            rows = torch.arange(start, start + part_batch.size) if part.rows is None else part.rows + start
+            g, hv, losses = _val_grad_hvp_batched(model_fn, params, part_batch, weights[rows.to(weights.device)],
+                                                  vector, where, rows)
+            return (g, hv), losses
 
+        return one
+
+    out = []
     try:
-        (g, hv), losses, _ = split_sum(one, val)
+        for rows in groups or [slice(0, val.size)]:
+            (g, hv), losses, _ = split_sum(rows_from(rows.start), rows_of(val, rows))
+            out.append((g, hv, losses))
     except RuntimeError as err:
         if not unbatchable(err):
             raise
         return val_grad_hvp_eager(model_fn, params, val, weights, vector, where)
-    return g, hv, losses
+    g, hv, _ = out[0]
+    for g2, hv2, _ in out[1:]:
+        g, hv = {k: g[k] + g2[k] for k in g}, {k: hv[k] + hv2[k] for k in hv}
+    return g, hv, torch.cat([losses for *_, losses in out])
 
 
 def _val_grad_hvp_batched(model_fn: Callable[[Params, Any], Tensor], params: Params, val: Batch, weights: Tensor,
-                          vector: Params, where: str) -> tuple[Params, Params, Tensor]:
+                          vector: Params, where: str, rows: Tensor) -> tuple[Params, Params, Tensor]:
     """``ḡ = Σ_v w_v g_v``, ``H·vector`` (``H`` the exact Hessian of ``Σ_v w_v L_v``) and the losses ``[m]``.
 
     One forward-over-reverse pass (``torch.func.jvp`` of ``torch.func.grad``): its
@@ -144,7 +162,7 @@ def _val_grad_hvp_batched(model_fn: Callable[[Params, Any], Tensor], params: Par
                 raise
             (g, losses), pullback = torch.func.vjp(grad, params)  # type: ignore[misc]
             hv = pullback((vector, torch.zeros_like(losses)))[0]  # H symmetric: vᵀH = (Hv)ᵀ
-    _check_finite(losses, "val", where)
+    _check_finite(losses, "val", where, rows)  # rows: the samples' positions in the whole batch
     return g, hv, losses.detach()
 
 
@@ -172,8 +190,9 @@ def compute_values(
 
     Plain order 1 is ``−a`` times :func:`ghostfunc.graddot`'s scores (the same
     streamed capture, the default policy). Otherwise the training rows go first
-    (``G`` and the train gradient come from their factors), then the validation
-    batch once: an ordinary backward for ``ḡ_val`` (order 1), or one
+    (``G`` and the train gradient from their factors, or from per-row gradients
+    materialised once and kept for the dot products: :func:`ghostfunc._secant.train_rows`),
+    then the validation batch once: an ordinary backward for ``ḡ_val`` (order 1), or one
     forward-over-reverse pass for ``ḡ_val`` and ``H_val G`` together (order 2);
     then one contraction against ``u`` (two at order 2 for the order-1 part).
 
@@ -222,24 +241,22 @@ def compute_values(
         return r, capture_one(model_fn, params, tb, r, 0, where)
 
     r, t = retry_stale(where, train_first)
-    g_train = {k: train_mean(route.path, t.grads[k], tb.size, params[k]) for k, route in r.plan.routes.items()}
+    rows, g_train = train_rows(r.plan, t.grads, params, tb.size, 2 if order == 2 and first_order else 1)
+    train_loss = t.loss
+    del t  # the factors of the kept parameters go now
     if world is not None:
         g_train = _dist.global_mean(g_train, world, group)
         r = r._replace(plan=r.plan._replace(n_train=n, n_val=m))
 
-    def contract_all(u: Params) -> Tensor:
-        return sum_scores({k: contract_direction(route.path, t.grads[k], u[k], tb.size, params[k])
-                     for k, route in r.plan.routes.items()}, params)
-
     if order == 1:
         assert precondition is not None
-        g_val, val_loss = weighted_grad(model_fn, params, vb, weights, where, "val")
+        g_val, val_loss = grouped_val_grad(model_fn, params, vb, weights, where, row_groups(vb, r.plan))
         if world is not None:
             g_val = _dist.allreduce_sum(g_val, group)
-        values = contract_all({k: g.mul(-a) for k, g in precondition(g_val, g_train).items()})
-        return Values(values, values, g_train, t.loss, val_loss, r.plan)
+        values = row_dots(rows, [{k: g.mul(-a) for k, g in precondition(g_val, g_train).items()}], params)[:, 0]
+        return Values(values, values, g_train, train_loss, val_loss, r.plan)
     g_val, hg, val_loss = val_grad_hvp(model_fn, params, vb, weights, {k: g.mul(n) for k, g in g_train.items()},
-                                       where)  # H_val G, G = Σ_j g_j
+                                       where, row_groups(vb, r.plan))  # H_val G, G = Σ_j g_j
     if world is not None:  # ḡ_val and H_val G: one all-reduce
         both = _dist.allreduce_sum({**{"g:" + k: v for k, v in g_val.items()},
                                     **{"h:" + k: v for k, v in hg.items()}}, group)
@@ -247,10 +264,9 @@ def compute_values(
     u1 = {k: g.mul(-a) for k, g in g_val.items()}
     u = {k: u1[k] + hg[k].to(u1[k].dtype).mul(a * a / 2) for k in u1}
     if not first_order:
-        return Values(contract_all(u), None, g_train, t.loss, val_loss, r.plan)
-    dots = sum_scores({k: two_dots(route, t.grads[k], u1[k], u[k], tb.size, params[k])
-                       for k, route in r.plan.routes.items()}, params)  # [n, 2]: one pass for both
-    return Values(dots[:, 1].contiguous(), dots[:, 0].contiguous(), g_train, t.loss, val_loss, r.plan)
+        return Values(row_dots(rows, [u], params)[:, 0], None, g_train, train_loss, val_loss, r.plan)
+    dots = row_dots(rows, [u1, u], params)  # [n, 2]: one pass for both
+    return Values(dots[:, 1].contiguous(), dots[:, 0].contiguous(), g_train, train_loss, val_loss, r.plan)
 
 
 def check_lr_order(where: str, lr: Any, order: Any) -> None:

@@ -132,7 +132,7 @@ def train_step(model_fn: Callable[[Params, Any], Tensor], optimizer: Optimizer, 
     batch, one tap capture over the training rows, one contraction); ``order=2``
     captures the training rows, then runs one forward-over-reverse pass over the
     validation batch (``ḡ_val`` and the Hessian-vector product together) and one
-    pass over the training rows' factors that dots them with both directions (the value
+    pass over the training rows' gradients that dots them with both directions (the value
     and ``info.first_order``). Then ``optimizer.update`` with the
     mean gradient of the **training rows only**, so the trajectory equals a ``torch.optim`` loop on
     the training batches.

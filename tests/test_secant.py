@@ -10,7 +10,20 @@ import torch.nn.functional as F
 import ghostfunc
 from ghostfunc import _secant
 
-from .test_shapley import attention_fn, attention_model, flat_grads, linreg_fn, mlp, mlp_fn, rel, theta_of, unflatten
+from .test_shapley import (
+    attention_fn,
+    attention_model,
+    double_backward_hvp,
+    flat_grads,
+    linreg_fn,
+    mlp,
+    mlp_fn,
+    reference_order1,
+    reference_order2,
+    rel,
+    theta_of,
+    unflatten,
+)
 from .test_train import problem
 
 DT = torch.float64
@@ -249,3 +262,67 @@ def test_secant_state_saves_and_resumes_to_the_same_values(tmp_path):
     torch.testing.assert_close(resumed_values.total, whole_values.total, rtol=1e-12, atol=1e-15)
     for k in params:
         torch.testing.assert_close(resumed.params[k], whole.params[k], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("costs", ["materialise=1", "materialise=2000"], ids=["kept", "factors"])
+@pytest.mark.parametrize("name", ["tokens-materialise", "attention-tied-embedding"])
+def test_exact_order2_with_rows_kept_or_from_factors(name, costs, monkeypatch):
+    """Exact order 2 (values and the order-1 part) equals the brute-force Hessian product whether the training
+    rows' gradients are kept materialised for the later dot products or contracted from their factors again."""
+    monkeypatch.setenv("GHOSTFUNC_COSTS", costs)
+    fn, build = MODELS[name]
+    params, train, val = build()
+    lr = 0.3
+    want = reference_order2(fn, params, train, val, lr, double_backward_hvp(fn, params, val))
+    assert rel(exact(params, train, val, lr, fn), want) < 1e-10
+    step = ghostfunc.train_step(fn, ghostfunc.sgd(lr), order=2)
+    _, info = step(step.init(params), train, val)
+    assert rel(info.values, want) < 1e-10
+    assert rel(info.first_order, reference_order1(fn, params, train, val, lr)) < 1e-10
+
+
+@pytest.mark.parametrize(("costs", "kept"), [("materialise=1", {"w1", "w2"}), ("materialise=2000", set())])
+def test_train_rows_keeps_long_sequences_and_their_mean(costs, kept, monkeypatch):
+    """Long sequences (T=128) keep their per-row gradients when materialising is cheap; the mean and the dots
+    agree with the per-sample loop either way; the budget keeps nothing when the factors are small."""
+    monkeypatch.setenv("GHOSTFUNC_COSTS", costs)
+    from ghostfunc._capture import split_batch
+    from ghostfunc._graddot import capture_one, routing
+
+    params, train, val = tokens_model()
+    tb, vb = split_batch(train), split_batch(val)
+    r = routing(tokens_fn, params, tb, vb, "t", "contract", "mean", False)
+    t = capture_one(tokens_fn, params, tb, r, 0, "t")
+    rows, mean = _secant.train_rows(r.plan, t.grads, params, tb.size, 2)
+    assert set(rows.kept) == kept
+    gt = flat_grads(tokens_fn, params, train)  # [n, P]
+    torch.testing.assert_close(theta_of(mean), gt.mean(0), rtol=1e-12, atol=1e-14)
+    u, v = unflatten(params, torch.linspace(-1, 1, gt.shape[1], dtype=DT)), unflatten(params, gt[0])
+    torch.testing.assert_close(_secant.row_dots(rows, [u, v], params), gt @ torch.stack([theta_of(u), theta_of(v)], 1),
+                               rtol=1e-12, atol=1e-14)
+    monkeypatch.setattr(_secant, "KEEP_BUDGET", 0.0)
+    assert not _secant.train_rows(r.plan, t.grads, params, tb.size, 2)[0].kept
+
+
+@pytest.mark.parametrize("name", ["tokens-materialise", "attention-tied-embedding"])
+def test_validation_rows_in_groups_change_nothing(name, monkeypatch):
+    """On CPU the validation passes run in row groups (:data:`_secant.GROUP_TOKENS`); one row per group
+    gives the brute-force exact and secant order-2 values, and a non-finite validation loss is reported
+    at its row in the whole batch."""
+    fn, build = MODELS[name]
+    params, train, val = build()
+    monkeypatch.setattr(_secant, "GROUP_TOKENS", 1)
+    lr = 0.3
+    want = reference_order2(fn, params, train, val, lr, double_backward_hvp(fn, params, val))
+    assert rel(exact(params, train, val, lr, fn), want) < 1e-10
+    gt = flat_grads(fn, params, train)
+    moved = unflatten(params, theta_of(params) - (lr / len(gt)) * gt.sum(0))
+    gv = flat_grads(fn, params, val).mean(0) + flat_grads(fn, moved, val).mean(0)
+    torch.testing.assert_close(secant(params, train, val, lr, fn), -(lr / len(gt) / 2) * gt @ gv,
+                               rtol=1e-10, atol=1e-14)
+    if name == "tokens-materialise":
+        bad = {k: v.clone() for k, v in val.items()}
+        bad["y"][1, 3] = float("nan")
+        for curvature in ("exact", "secant"):
+            with pytest.raises(FloatingPointError, match=r"^inrun_shapley: .* val samples \[1\]"):
+                ghostfunc.inrun_shapley(fn, params, train, bad, lr=lr, order=2, curvature=curvature)
