@@ -1,4 +1,4 @@
-"""The cost model's memory-traffic constants, and a way to measure them on the device in use.
+"""The cost model's memory-traffic constants, and ``auto``'s routing measured at first use.
 
 :func:`ghostfunc._plan.costs` counts each kernel in multiply-add equivalents. The
 GEMMs are counted exactly; two terms are memory traffic, whose price in
@@ -20,18 +20,39 @@ Measuring is opt-in because, on the machine it was tried on, it routed worse tha
 the fixed constants (``benchmarks/mlp2d.py``, both in the same run: auto within 5% of
 the fastest kernel in 14/25 cells measured, 17/25 fixed): synthetic factors in an
 otherwise idle cache understate the block traffic of a real capture.
+
+**Measured routing** (``GHOSTFUNC_ROUTING``, default ``"measure"``). No per-kernel
+cost model predicts the whole call well at small sizes, where dispatch and the
+capture, not the products, set the time, and where the routes are coupled: one
+ghost-routed parameter makes the validation rows take a tap capture of their own
+factors, where without ghost they take one ordinary backward. So the first
+``graddot(policy="auto")`` call for a call signature (``model_fn``, parameter names,
+shapes, dtypes and device, both batches' structures, ``val_reduce`` reduced or not,
+train/eval modes) *races* the candidate routings (:func:`race`): the cost model's, the
+cost model's without ghost, and ghost, materialise and contract everywhere (merged
+where they route alike), each a whole exact call timed with the CPU-time clock
+(one torch thread on a CPU) or the wall clock (synchronised on CUDA), best of up to
+:data:`RACE_ROUNDS` rounds within :data:`RACE_BUDGET_S`. The fastest routing is cached
+(:class:`Choice`, in memory, per ``model_fn``); that call returns its result, and later
+calls with the signature route by it (so do ``plan`` and the training steps, which
+never race themselves). Every candidate computes the same exact numbers, the random
+state after the call is the winner's, and the plan says what was timed. ``"model"``:
+never race, route by the cost model alone.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
-from collections.abc import Callable
-from typing import NamedTuple
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 
 from . import _kernels as K
+from ._interact import training_flags
 from ._ops import Factored
 
 ENV = "GHOSTFUNC_COSTS"
@@ -127,3 +148,176 @@ def measure(device: torch.device, dtype: torch.dtype) -> Constants:
         return min(max(x, LIMITS[0]), LIMITS[1])
 
     return Constants(clip(materialise), clip(gram), "measured")
+
+
+# ----------------------------------------------------------------------------- measured routing
+
+ROUTING_ENV = "GHOSTFUNC_ROUTING"
+ROUTING_MODES = ("measure", "model")
+#: At most this many rounds of the race (every candidate once per round; each candidate's best counts) ...
+RACE_ROUNDS = 3
+#: ... and another round only while the race, that round included, stays within this many seconds.
+RACE_BUDGET_S = 0.1
+#: A first candidate slower than this prunes candidates the cost model puts beyond :data:`PRUNE_FACTOR` of the
+#: cheapest (at such sizes the products, which it counts well, set the time; below it, every candidate runs).
+PRUNE_AFTER_S = 0.05
+PRUNE_FACTOR = 2.0
+
+
+def routing_mode() -> str:
+    """``"measure"`` (race at first use, the default) or ``"model"`` (the cost model alone), as ``GHOSTFUNC_ROUTING`` says."""
+    setting = os.environ.get(ROUTING_ENV, "").strip() or "measure"
+    if setting not in ROUTING_MODES:
+        raise ValueError(f"{ROUTING_ENV}: expected one of {ROUTING_MODES}; got {setting!r}")
+    return setting
+
+
+class Choice(NamedTuple):
+    """``auto``'s routing for one call signature, measured at first use.
+
+    ``paths``: factored parameter -> kernel; ``label``: the candidate(s) that route
+    so (``"materialize = cost model"`` when two routed alike); ``why``: what was timed.
+    """
+
+    paths: dict[str, str]
+    label: str
+    why: str
+
+
+class Candidate(NamedTuple):
+    """One routing the race may time: ``estimate`` is the cost model's multiply-adds for the whole call."""
+
+    label: str
+    paths: dict[str, str]
+    estimate: float
+
+
+#: ``model_fn`` -> {call signature: its measured routing}.
+_CHOICES: weakref.WeakKeyDictionary[Any, dict[tuple, Choice]] = weakref.WeakKeyDictionary()
+
+
+def route_key(model_fn: Callable, params: Mapping[str, torch.Tensor], train_signature: tuple, val_signature: tuple,
+              val_reduce: str | None) -> tuple:
+    """What a measured routing is cached by (besides ``model_fn``)."""
+    return (tuple((k, tuple(v.shape), v.dtype, v.device) for k, v in params.items()), train_signature,
+            val_signature, val_reduce is not None, training_flags(model_fn))
+
+
+def tuned(model_fn: Callable, key: tuple) -> Choice | None:
+    """The cached routing for this call signature (``None``: none yet, or ``GHOSTFUNC_ROUTING=model``)."""
+    if routing_mode() != "measure":
+        return None
+    try:
+        return _CHOICES.get(model_fn, {}).get(key)
+    except TypeError:  # not weak-referenceable
+        return None
+
+
+def untimed(model_fn: Callable, key: tuple) -> bool:
+    """Whether a call with this signature should race: measuring is on, nothing is cached, and it can be cached."""
+    if routing_mode() != "measure":
+        return False
+    try:
+        weakref.ref(model_fn)
+    except TypeError:  # nowhere to keep the result: racing every call would cost more than it saves
+        return False
+    return key not in _CHOICES.get(model_fn, {})
+
+
+R = TypeVar("R")
+
+
+def race(model_fn: Callable, key: tuple, candidates: Sequence[Candidate], call: Callable[[], R],
+         device: torch.device) -> tuple[R, Choice]:
+    """Time ``call()`` under every distinct candidate routing; cache and return the fastest with its result.
+
+    While a candidate runs, it is the cached choice for ``key``, so ``call`` (an
+    ``auto`` call) routes by it. Candidates run cheapest estimate first, in rotated
+    order over rounds; each starts from the same random state, and the state after
+    the winner's run is the one left behind. Of each candidate's runs the fastest counts.
+    """
+    merged: dict[tuple, Candidate] = {}
+    for c in sorted(candidates, key=lambda c: c.estimate):
+        same = tuple(sorted(c.paths.items()))
+        merged[same] = merged[same]._replace(label=f"{merged[same].label} = {c.label}") if same in merged else c
+    order = list(merged.values())
+    table = _CHOICES.setdefault(model_fn, {})
+    if len(table) > 16:
+        table.clear()
+    if len(order) == 1:
+        choice = Choice(order[0].paths, order[0].label, f"one candidate routing ({order[0].label}): nothing to time")
+        table[key] = choice
+        return call(), choice
+    clock, clock_name = _clock(device)
+    start = _rng_state(device)
+    best: dict[str, float] = {}
+    failed: dict[str, str] = {}
+    kept: tuple[float, Candidate, R, tuple[torch.Tensor, ...]] | None = None
+    spent, rounds = 0.0, 0
+    try:
+        while True:
+            for c in list(order):
+                table[key] = Choice(c.paths, c.label, "being measured")
+                _set_rng_state(device, start)
+                try:
+                    seconds, result = _timed(call, device, clock)
+                except Exception as err:  # noqa: BLE001 - a candidate that fails is dropped, and the plan says so
+                    if kept is None:  # the cheapest estimate (the cost model's routing) must run
+                        raise
+                    failed[c.label] = f"{type(err).__name__}: {err}"[:120]
+                    order.remove(c)
+                    continue
+                spent += seconds
+                best[c.label] = min(best.get(c.label, math.inf), seconds)
+                if kept is None or seconds < kept[0]:
+                    kept = (seconds, c, result, _rng_state(device))
+                del result
+                if rounds == 0 and len(best) == 1 and seconds > PRUNE_AFTER_S:
+                    cheapest = min(o.estimate for o in order)
+                    order = [o for o in order if o.estimate <= PRUNE_FACTOR * cheapest]
+            rounds += 1
+            if rounds >= RACE_ROUNDS or spent * (rounds + 1) / rounds > RACE_BUDGET_S or len(order) < 2:
+                break
+            order = order[1:] + order[:1]
+    except BaseException:
+        table.pop(key, None)
+        _set_rng_state(device, start)
+        raise
+    assert kept is not None
+    _set_rng_state(device, kept[3])
+    timings = ", ".join(f"{label} {s * 1e3:.3g} ms" for label, s in sorted(best.items(), key=lambda kv: kv[1]))
+    skipped = [c.label for c in merged.values() if c.label not in best and c.label not in failed]
+    why = (f"auto measured at first use ({clock_name}, best of {rounds} round{'s' * (rounds > 1)}): {timings}"
+           + (f"; not timed (cost model > {PRUNE_FACTOR:g}x the cheapest): {', '.join(skipped)}" if skipped else "")
+           + "".join(f"; {label} failed ({e})" for label, e in failed.items()))
+    choice = Choice(kept[1].paths, kept[1].label, why)
+    table[key] = choice
+    return kept[2], choice
+
+
+def _clock(device: torch.device) -> tuple[Callable[[], float], str]:
+    """This process's CPU time on a one-thread CPU (other processes' load barely moves it), else the wall clock."""
+    if device.type == "cpu" and torch.get_num_threads() == 1:
+        return time.process_time, "CPU time"
+    return time.perf_counter, "wall clock"
+
+
+def _timed(call: Callable[[], R], device: torch.device, clock: Callable[[], float]) -> tuple[float, R]:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = clock()
+    out = call()
+    sync()
+    return clock() - t0, out
+
+
+def _rng_state(device: torch.device) -> tuple[torch.Tensor, ...]:
+    if device.type == "cuda":
+        return torch.get_rng_state(), torch.cuda.get_rng_state(device)
+    return (torch.get_rng_state(),)
+
+
+def _set_rng_state(device: torch.device, state: tuple[torch.Tensor, ...]) -> None:
+    torch.set_rng_state(state[0])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state[1], device)
