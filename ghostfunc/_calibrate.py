@@ -32,7 +32,8 @@ train/eval modes) *races* the candidate routings (:func:`race`): the cost model'
 cost model's without ghost, and ghost, materialise and contract everywhere (merged
 where they route alike), each a whole exact call timed with the CPU-time clock
 (one torch thread on a CPU) or the wall clock (synchronised on CUDA), best of up to
-:data:`RACE_ROUNDS` rounds within :data:`RACE_BUDGET_S`. The fastest routing is cached
+:data:`RACE_ROUNDS` rounds within :data:`RACE_BUDGET_S` (after the first, only the
+candidates within :data:`CLOSE_FACTOR` of the fastest run again). The fastest routing is cached
 (:class:`Choice`, in memory, per ``model_fn``); that call returns its result, and later
 calls with the signature route by it (so do ``plan`` and the training steps, which
 never race themselves). Every candidate computes the same exact numbers, the random
@@ -157,11 +158,13 @@ ROUTING_MODES = ("measure", "model")
 #: At most this many rounds of the race (every candidate once per round; each candidate's best counts) ...
 RACE_ROUNDS = 3
 #: ... and another round only while the race, that round included, stays within this many seconds.
-RACE_BUDGET_S = 0.1
+RACE_BUDGET_S = 0.05
 #: A first candidate slower than this prunes candidates the cost model puts beyond :data:`PRUNE_FACTOR` of the
 #: cheapest (at such sizes the products, which it counts well, set the time; below it, every candidate runs).
 PRUNE_AFTER_S = 0.05
 PRUNE_FACTOR = 2.0
+#: After a round, only candidates within this factor of the fastest so far run again (the others are clearly out).
+CLOSE_FACTOR = 1.3
 
 
 def routing_mode() -> str:
@@ -276,9 +279,14 @@ def race(model_fn: Callable, key: tuple, candidates: Sequence[Candidate], call: 
                     cheapest = min(o.estimate for o in order)
                     order = [o for o in order if o.estimate <= PRUNE_FACTOR * cheapest]
             rounds += 1
-            if rounds >= RACE_ROUNDS or spent * (rounds + 1) / rounds > RACE_BUDGET_S or len(order) < 2:
+            fastest = min(best.values())
+            # the first run of all also paid one-time costs (allocations, first captures): it runs once more
+            close = [c for i, c in enumerate(order)
+                     if best[c.label] <= CLOSE_FACTOR * fastest or (rounds == 1 and i == 0)]
+            next_round = sum(best[c.label] for c in close)
+            if rounds >= RACE_ROUNDS or spent + next_round > RACE_BUDGET_S or len(close) < 2:
                 break
-            order = order[1:] + order[:1]
+            order = close[1:] + close[:1]
     except BaseException:
         table.pop(key, None)
         _set_rng_state(device, start)
@@ -287,7 +295,8 @@ def race(model_fn: Callable, key: tuple, candidates: Sequence[Candidate], call: 
     _set_rng_state(device, kept[3])
     timings = ", ".join(f"{label} {s * 1e3:.3g} ms" for label, s in sorted(best.items(), key=lambda kv: kv[1]))
     skipped = [c.label for c in merged.values() if c.label not in best and c.label not in failed]
-    why = (f"auto measured at first use ({clock_name}, best of {rounds} round{'s' * (rounds > 1)}): {timings}"
+    why = (f"auto measured at first use ({clock_name}, {rounds} round{'s' * (rounds > 1)}, each candidate's "
+           f"fastest run): {timings}"
            + (f"; not timed (cost model > {PRUNE_FACTOR:g}x the cheapest): {', '.join(skipped)}" if skipped else "")
            + "".join(f"; {label} failed ({e})" for label, e in failed.items()))
     choice = Choice(kept[1].paths, kept[1].label, why)
