@@ -27,7 +27,7 @@ capture, not the products, set the time, and where the routes are coupled: one
 ghost-routed parameter makes the validation rows take a tap capture of their own
 factors, where without ghost they take one ordinary backward. So the first
 ``graddot(policy="auto")`` call for a call signature (``model_fn``, parameter names,
-shapes, dtypes and device, both batches' structures, ``val_reduce`` reduced or not,
+shapes, dtypes and device, both batches' sizes and structures, ``val_reduce`` reduced or not,
 train/eval modes) *races* the candidate routings (:func:`race`): the cost model's, the
 cost model's without ghost, and ghost, materialise and contract everywhere (merged
 where they route alike), each a whole exact call timed with the CPU-time clock
@@ -165,6 +165,8 @@ PRUNE_AFTER_S = 0.05
 PRUNE_FACTOR = 2.0
 #: After a round, only candidates within this factor of the fastest so far run again (the others are clearly out).
 CLOSE_FACTOR = 1.3
+#: Measured routings kept per ``model_fn`` (a new call signature races once; every distinct padded length is one).
+MAX_SIGNATURES = 64
 
 
 def routing_mode() -> str:
@@ -199,11 +201,12 @@ class Candidate(NamedTuple):
 _CHOICES: weakref.WeakKeyDictionary[Any, dict[tuple, Choice]] = weakref.WeakKeyDictionary()
 
 
-def route_key(model_fn: Callable, params: Mapping[str, torch.Tensor], train_signature: tuple, val_signature: tuple,
+def route_key(model_fn: Callable, params: Mapping[str, torch.Tensor], train: Any, val: Any,
               val_reduce: str | None) -> tuple:
-    """What a measured routing is cached by (besides ``model_fn``)."""
-    return (tuple((k, tuple(v.shape), v.dtype, v.device) for k, v in params.items()), train_signature,
-            val_signature, val_reduce is not None, training_flags(model_fn))
+    """What a measured routing is cached by (besides ``model_fn``): parameter names, shapes, dtypes and
+    devices, each batch's size and signature (:class:`ghostfunc._capture.Batch`), reduced or not, train/eval modes."""
+    return (tuple((k, tuple(v.shape), v.dtype, v.device) for k, v in params.items()), train.size, train.signature,
+            val.size, val.signature, val_reduce is not None, training_flags(model_fn))
 
 
 def tuned(model_fn: Callable, key: tuple) -> Choice | None:
@@ -245,8 +248,8 @@ def race(model_fn: Callable, key: tuple, candidates: Sequence[Candidate], call: 
         merged[same] = merged[same]._replace(label=f"{merged[same].label} = {c.label}") if same in merged else c
     order = list(merged.values())
     table = _CHOICES.setdefault(model_fn, {})
-    if len(table) > 16:
-        table.clear()
+    while len(table) >= MAX_SIGNATURES:  # the oldest measurement goes first
+        del table[next(iter(table))]
     if len(order) == 1:
         choice = Choice(order[0].paths, order[0].label, f"one candidate routing ({order[0].label}): nothing to time")
         table[key] = choice

@@ -184,8 +184,8 @@ def routing(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Bat
         notes.append(f"per-sample capture: each sample runs alone with ordinary autograd (one forward and backward "
                      f"each; kernels kept for recognised calls) because the batched capture cannot run the model: "
                      f"{eager}")
-    tuned = _calibrate.tuned(model_fn, _calibrate.route_key(model_fn, params, train.signature, val.signature,
-                                                            val_reduce)) if policy == "auto" else None
+    tuned = (_calibrate.tuned(model_fn, _calibrate.route_key(model_fn, params, train, val, val_reduce))
+             if policy == "auto" else None)
     the_plan = make_plan(params, use, policy, train.size, val.size, val_reduce, tuned)._replace(notes=tuple(notes))
     traces = (part_traces[0][0], part_traces[1][0])
     return Routing(traces, kernel, the_plan, parts, (part_traces[0], part_traces[1]), eager)
@@ -593,8 +593,9 @@ def graddot(
     checked, tb, vb = _prepare(where, model_fn, params, train, val,
                                val_reduce=val_reduce, policy=policy, compute_dtype=compute_dtype)
     params = checked
-    if policy == "auto" and _calibrate.untimed(model_fn, key := _calibrate.route_key(
-            model_fn, params, tb.signature, vb.signature, val_reduce)):  # first use: time the candidate routings
+    if policy == "auto" and _calibrate.untimed(model_fn, key := _calibrate.route_key(model_fn, params, tb, vb,
+                                                                                      val_reduce)):
+        # the first call with this signature races the candidate routings (ghostfunc._calibrate.race)
         plans = retry_stale(where, lambda fresh: [(label, routing(model_fn, params, tb, vb, where, c, val_reduce,
                                                                   fresh).plan)
                                                   for label, c in candidate_policies(val_reduce)])

@@ -40,8 +40,7 @@ def _seq(tied: bool = True, shared: bool = True):
 
 
 def _key(model_fn, params, train, val, val_reduce):
-    return _calibrate.route_key(model_fn, params, split_batch(train).signature, split_batch(val).signature,
-                                val_reduce)
+    return _calibrate.route_key(model_fn, params, split_batch(train), split_batch(val), val_reduce)
 
 
 def _candidate_paths(model_fn, params, train, val, val_reduce) -> list[dict[str, str]]:
