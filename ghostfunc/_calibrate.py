@@ -32,8 +32,9 @@ train/eval modes) *races* the candidate routings (:func:`race`): the cost model'
 cost model's without ghost, and ghost, materialise and contract everywhere (merged
 where they route alike), each a whole exact call timed with the CPU-time clock
 (one torch thread on a CPU) or the wall clock (synchronised on CUDA), best of up to
-:data:`RACE_ROUNDS` rounds within :data:`RACE_BUDGET_S` (after the first, only the
-candidates within :data:`CLOSE_FACTOR` of the fastest run again). The fastest routing is cached
+:data:`RACE_ROUNDS` rounds within :func:`_budget` (after the first, only the candidates
+within :data:`CLOSE_FACTOR` of the fastest run again; round 1 skips those the cost model
+puts far behind when they would also overrun the budget). The fastest routing is cached
 (:class:`Choice`, in memory, per ``model_fn``); that call returns its result, and later
 calls with the signature route by it (so do ``plan`` and the training steps, which
 never race themselves). Every candidate computes the same exact numbers, the random
@@ -155,13 +156,16 @@ def measure(device: torch.device, dtype: torch.dtype) -> Constants:
 
 ROUTING_ENV = "GHOSTFUNC_ROUTING"
 ROUTING_MODES = ("measure", "model")
-#: At most this many rounds of the race (every candidate once per round; each candidate's best counts) ...
+#: At most this many rounds of the race (each candidate's fastest run counts) ...
 RACE_ROUNDS = 3
-#: ... and another round only while the race, that round included, stays within this many seconds.
+#: ... and another round only while the race, that round included, stays within this many seconds or
+#: :data:`RACE_CALLS` calls of the fastest routing, whichever is more (the first call costs at most about that much more).
 RACE_BUDGET_S = 0.05
-#: A first candidate slower than this prunes candidates the cost model puts beyond :data:`PRUNE_FACTOR` of the
-#: cheapest (at such sizes the products, which it counts well, set the time; below it, every candidate runs).
-PRUNE_AFTER_S = 0.05
+RACE_CALLS = 8
+#: A first run of the race shorter than this runs again at once (its one-time costs would count against it).
+WARM_UP_S = 0.01
+#: Round 1 skips a candidate the cost model puts beyond this factor of the cheapest when, scaled by the cheapest
+#: one's measured time, it would also run past the budget.
 PRUNE_FACTOR = 2.0
 #: After a round, only candidates within this factor of the fastest so far run again (the others are clearly out).
 CLOSE_FACTOR = 1.3
@@ -259,37 +263,46 @@ def race(model_fn: Callable, key: tuple, candidates: Sequence[Candidate], call: 
     best: dict[str, float] = {}
     failed: dict[str, str] = {}
     kept: tuple[float, Candidate, R, tuple[torch.Tensor, ...]] | None = None
-    spent, rounds = 0.0, 0
+    spent = 0.0
+
+    def run(c: Candidate) -> None:
+        nonlocal kept, spent
+        table[key] = Choice(c.paths, c.label, "being measured")
+        _set_rng_state(device, start)
+        try:
+            seconds, result = _timed(call, device, clock)
+        except Exception as err:  # noqa: BLE001 - a candidate that fails is dropped, and the plan says so
+            if kept is None:  # the cheapest estimate (the cost model's routing) must run
+                raise
+            failed[c.label] = f"{type(err).__name__}: {err}"[:120]
+            return
+        spent += seconds
+        best[c.label] = min(best.get(c.label, math.inf), seconds)
+        if kept is None or seconds < kept[0]:
+            kept = (seconds, c, result, _rng_state(device))
+
     try:
-        while True:
-            for c in list(order):
-                table[key] = Choice(c.paths, c.label, "being measured")
-                _set_rng_state(device, start)
-                try:
-                    seconds, result = _timed(call, device, clock)
-                except Exception as err:  # noqa: BLE001 - a candidate that fails is dropped, and the plan says so
-                    if kept is None:  # the cheapest estimate (the cost model's routing) must run
-                        raise
-                    failed[c.label] = f"{type(err).__name__}: {err}"[:120]
-                    order.remove(c)
-                    continue
-                spent += seconds
-                best[c.label] = min(best.get(c.label, math.inf), seconds)
-                if kept is None or seconds < kept[0]:
-                    kept = (seconds, c, result, _rng_state(device))
-                del result
-                if rounds == 0 and len(best) == 1 and seconds > PRUNE_AFTER_S:
-                    cheapest = min(o.estimate for o in order)
-                    order = [o for o in order if o.estimate <= PRUNE_FACTOR * cheapest]
-            rounds += 1
+        first = order[0]
+        run(first)
+        if spent < WARM_UP_S:  # the first run of all also paid one-time costs (first captures, allocations)
+            run(first)
+        # round 1: every other candidate, unless the cost model puts it beyond PRUNE_FACTOR of the cheapest and,
+        # scaled by the first one's time, past the budget (ghost at long sequences: seconds against milliseconds)
+        for c in order[1:]:
+            if c.estimate <= PRUNE_FACTOR * first.estimate or (
+                    best[first.label] * c.estimate / max(first.estimate, 1.0) <= _budget(best[first.label])):
+                run(c)
+        rounds, timed = 1, [c for c in order if c.label in best]
+        while rounds < RACE_ROUNDS:
             fastest = min(best.values())
-            # the first run of all also paid one-time costs (allocations, first captures): it runs once more
-            close = [c for i, c in enumerate(order)
-                     if best[c.label] <= CLOSE_FACTOR * fastest or (rounds == 1 and i == 0)]
-            next_round = sum(best[c.label] for c in close)
-            if rounds >= RACE_ROUNDS or spent + next_round > RACE_BUDGET_S or len(close) < 2:
+            close = [c for c in timed if best[c.label] <= CLOSE_FACTOR * fastest
+                     or (rounds == 1 and c is first)]  # one-time costs, when it ran once only
+            if len(close) < 2 or spent + sum(best[c.label] for c in close) > _budget(fastest):
                 break
-            order = close[1:] + close[:1]
+            timed = close[rounds % len(close):] + close[:rounds % len(close)]
+            for c in timed:
+                run(c)
+            rounds += 1
     except BaseException:
         table.pop(key, None)
         _set_rng_state(device, start)
@@ -300,11 +313,17 @@ def race(model_fn: Callable, key: tuple, candidates: Sequence[Candidate], call: 
     skipped = [c.label for c in merged.values() if c.label not in best and c.label not in failed]
     why = (f"auto measured at first use ({clock_name}, {rounds} round{'s' * (rounds > 1)}, each candidate's "
            f"fastest run): {timings}"
-           + (f"; not timed (cost model > {PRUNE_FACTOR:g}x the cheapest): {', '.join(skipped)}" if skipped else "")
+           + (f"; not timed (the cost model puts it past {PRUNE_FACTOR:g}x the cheapest and the race's budget): "
+              f"{', '.join(skipped)}" if skipped else "")
            + "".join(f"; {label} failed ({e})" for label, e in failed.items()))
     choice = Choice(kept[1].paths, kept[1].label, why)
     table[key] = choice
     return kept[2], choice
+
+
+def _budget(fastest: float) -> float:
+    """Seconds the race may spend in all: :data:`RACE_BUDGET_S`, or :data:`RACE_CALLS` calls of the fastest routing."""
+    return max(RACE_BUDGET_S, RACE_CALLS * fastest)
 
 
 def _clock(device: torch.device) -> tuple[Callable[[], float], str]:
