@@ -164,9 +164,11 @@ RACE_BUDGET_S = 0.05
 RACE_CALLS = 8
 #: A first run of the race shorter than this runs again at once (its one-time costs would count against it).
 WARM_UP_S = 0.01
-#: Round 1 skips a candidate the cost model puts beyond this factor of the cheapest when, scaled by the cheapest
-#: one's measured time, it would also run past the budget.
+#: Round 1 skips a candidate the cost model puts beyond this factor of the cheapest when the cheapest one's run
+#: took :data:`PRUNE_AFTER_S` or more (the products, which the model counts well, set the time), or when, scaled
+#: by that run, it would overrun the budget.
 PRUNE_FACTOR = 2.0
+PRUNE_AFTER_S = 0.05
 #: After a round, only candidates within this factor of the fastest so far run again (the others are clearly out).
 CLOSE_FACTOR = 1.3
 #: Measured routings kept per ``model_fn`` (a new call signature races once; every distinct padded length is one).
@@ -286,11 +288,12 @@ def race(model_fn: Callable, key: tuple, candidates: Sequence[Candidate], call: 
         run(first)
         if spent < WARM_UP_S:  # the first run of all also paid one-time costs (first captures, allocations)
             run(first)
-        # round 1: every other candidate, unless the cost model puts it beyond PRUNE_FACTOR of the cheapest and,
-        # scaled by the first one's time, past the budget (ghost at long sequences: seconds against milliseconds)
+        # round 1: every other candidate, unless the cost model puts it beyond PRUNE_FACTOR of the cheapest and
+        # either the products set the time (the first run was long) or, scaled by that run, it overruns the budget
+        t_first = best[first.label]
         for c in order[1:]:
-            if c.estimate <= PRUNE_FACTOR * first.estimate or (
-                    best[first.label] * c.estimate / max(first.estimate, 1.0) <= _budget(best[first.label])):
+            far = c.estimate > PRUNE_FACTOR * first.estimate
+            if not far or (t_first < PRUNE_AFTER_S and t_first * c.estimate / max(first.estimate, 1.0) <= _budget(t_first)):
                 run(c)
         rounds, timed = 1, [c for c in order if c.label in best]
         while rounds < RACE_ROUNDS:
