@@ -111,6 +111,12 @@ def winner(tuning: str) -> str:
     return tuning.split(": ", 1)[1].split(",")[0].rsplit(" ", 2)[0]
 
 
+def twin(cell: dict[str, Any]) -> str | None:
+    """The whole-call kernel that routes exactly as the race's winner did in ``cell``, if one does."""
+    labels = winner(cell.get("auto_routing", "")).split(" = ")
+    return next((k for k in ("ghost", "materialize", "contract") if k in labels), None)
+
+
 def table(payload: dict[str, Any]) -> str:
     rows = []
     for c in payload["cells"]:
@@ -134,6 +140,16 @@ def table(payload: dict[str, Any]) -> str:
                       for f in (1.05, 1.1)]
             lines.append(f"{label}: within 5% of the fastest kernel in {within[0]}/{n} cells, within 10% in "
                          f"{within[1]}/{n}.")
+    twins = [twin(c) for c in payload["cells"]]
+    if any(t is not None for t in twins):  # the same routing timed twice: the spread is the timing noise
+        close = sum(c["ratios"]["graddot/" + t] <= 1.05 * min(c["ratios"][k] for k in KERNELS)
+                    for c, t in zip(payload["cells"], twins, strict=True) if t is not None)
+        noise = [abs(math.log(c["ratios"]["graddot/auto"] / c["ratios"]["graddot/" + t]))
+                 for c, t in zip(payload["cells"], twins, strict=True) if t is not None]
+        lines.append(f"Where auto routes as one whole-call kernel ({len(noise)}/{n} cells), that kernel's own timing is "
+                     f"within 5% of the fastest in {close}/{len(noise)}; auto and that kernel, the same routing timed "
+                     f"apart, differ by {100 * (math.exp(sorted(noise)[len(noise) // 2]) - 1):.0f}% (median) and "
+                     f"{100 * (math.exp(max(noise)) - 1):.0f}% (worst): the timing noise of this run.")
     t1 = [c["ratios"]["graddot/auto"] for c in payload["cells"] if c["T"] == 1]
     if t1:
         lines.append(f"Worst auto cell at T=1: {max(t1):.2f}x the plain step (goal <= 1.5x).")

@@ -166,7 +166,7 @@ RACE_CALLS = 8
 WARM_UP_S = 0.01
 #: Round 1 skips a candidate the cost model puts beyond this factor of the cheapest when the cheapest one's run
 #: took :data:`PRUNE_AFTER_S` or more (the products, which the model counts well, set the time), or when, scaled
-#: by that run, it would overrun the budget.
+#: by that run, it would take over twice the budget.
 PRUNE_FACTOR = 2.0
 PRUNE_AFTER_S = 0.05
 #: After a round, only candidates within this factor of the fastest so far run again (the others are clearly out).
@@ -293,7 +293,8 @@ def race(model_fn: Callable, key: tuple, candidates: Sequence[Candidate], call: 
         t_first = best[first.label]
         for c in order[1:]:
             far = c.estimate > PRUNE_FACTOR * first.estimate
-            if not far or (t_first < PRUNE_AFTER_S and t_first * c.estimate / max(first.estimate, 1.0) <= _budget(t_first)):
+            predicted = t_first * c.estimate / max(first.estimate, 1.0)  # as if the products set every time
+            if not far or (t_first < PRUNE_AFTER_S and predicted <= 2 * _budget(t_first)):
                 run(c)
         rounds, timed = 1, [c for c in order if c.label in best]
         while rounds < RACE_ROUNDS:
