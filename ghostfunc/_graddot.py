@@ -560,8 +560,10 @@ def graddot(
             the non-sample axes are fine, e.g. a different padded length).
         val_reduce: ``"mean"`` (``ḡ_val = mean_v g_v``), ``"sum"``, or ``None``
             for the full ``[n_train, n_val]`` matrix.
-        policy: ``"auto"`` (cost model, the default), ``"2t2"``, ``"ghost"``,
-            ``"materialize"`` or ``"contract"``; all give the same numbers.
+        policy: ``"auto"`` (the default: the first call with given shapes times the
+            candidate routings and keeps the fastest, see ``ghostfunc._calibrate``;
+            ``GHOSTFUNC_ROUTING=model`` routes by the cost model alone), ``"2t2"``,
+            ``"ghost"``, ``"materialize"`` or ``"contract"``; all give the same numbers.
         compute_dtype: opt-in lower precision (e.g. ``torch.bfloat16``) for the
             Gram/contract/materialise products, accumulated in float32.
         group: ``None`` (one process) or a ``torch.distributed`` process group:
