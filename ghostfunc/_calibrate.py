@@ -159,7 +159,7 @@ ROUTING_MODES = ("measure", "model")
 #: At most this many rounds of the race (each candidate's fastest run counts) ...
 RACE_ROUNDS = 3
 #: ... and another round only while the race, that round included, stays within this many seconds or
-#: :data:`RACE_CALLS` calls of the fastest routing, whichever is more (the first call costs at most about that much more).
+#: :data:`RACE_CALLS` calls of the fastest routing, whichever is more (round 1 runs whatever pruning leaves).
 RACE_BUDGET_S = 0.05
 RACE_CALLS = 8
 #: A first run of the race shorter than this runs again at once (its one-time costs would count against it).
