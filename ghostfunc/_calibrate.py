@@ -162,8 +162,9 @@ RACE_ROUNDS = 3
 #: :data:`RACE_CALLS` calls of the fastest routing, whichever is more (round 1 runs whatever pruning leaves).
 RACE_BUDGET_S = 0.05
 RACE_CALLS = 8
-#: A first run of the race shorter than this runs again at once (its one-time costs would count against it).
-WARM_UP_S = 0.01
+#: A first run of the race shorter than this runs again at once: it paid the call's one-time costs (a few
+#: milliseconds on a CPU), which would count against the cost model's routing (always the first to run).
+WARM_UP_S = 0.25
 #: Round 1 skips a candidate the cost model puts beyond this factor of the cheapest when the cheapest one's run
 #: took :data:`PRUNE_AFTER_S` or more (the products, which the model counts well, set the time), or when, scaled
 #: by that run, it would take over twice the budget.
@@ -286,7 +287,8 @@ def race(model_fn: Callable, key: tuple, candidates: Sequence[Candidate], call: 
     try:
         first = order[0]
         run(first)
-        if spent < WARM_UP_S:  # the first run of all also paid one-time costs (first captures, allocations)
+        warmed = spent < WARM_UP_S  # the first run of all also paid one-time costs (first captures, allocations)
+        if warmed:
             run(first)
         # round 1: every other candidate, unless the cost model puts it beyond PRUNE_FACTOR of the cheapest and
         # either the products set the time (the first run was long) or, scaled by that run, it overruns the budget
@@ -300,7 +302,7 @@ def race(model_fn: Callable, key: tuple, candidates: Sequence[Candidate], call: 
         while rounds < RACE_ROUNDS:
             fastest = min(best.values())
             close = [c for c in timed if best[c.label] <= CLOSE_FACTOR * fastest
-                     or (rounds == 1 and c is first)]  # one-time costs, when it ran once only
+                     or (rounds == 1 and c is first and not warmed)]  # one-time costs, in its only run
             if len(close) < 2 or spent + sum(best[c.label] for c in close) > _budget(fastest):
                 break
             timed = close[rounds % len(close):] + close[:rounds % len(close)]
