@@ -13,7 +13,10 @@ Command (defaults: T in 1..256, width in 64..1024, n_train = n_val = 32; about
     python -m benchmarks.mlp2d --tiny --out /tmp/b  # the smoke test's run
 
 The figure shows, per cell, the fastest exact kernel (colour) and its time ratio
-to the plain step, the ratio of ``auto`` (the cost model) and the 2T² boundary.
+to the plain step, the ratio of ``auto`` and the 2T² boundary. ``auto`` races the
+candidate routings on its first (warm-up) call and routes by the fastest after
+(``ghostfunc._calibrate.race``); ``auto (cost model)`` is the cost model alone
+(``GHOSTFUNC_ROUTING=model``), what ``auto`` did before, timed in the same run.
 Method: :mod:`benchmarks._common`.
 """
 
@@ -22,8 +25,11 @@ from __future__ import annotations
 import argparse
 import gc
 import math
+import os
 from pathlib import Path
 from typing import Any
+
+import ghostfunc
 
 from . import _common as C
 
@@ -53,15 +59,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     before = C.machine()
     before["clock"] = args.clock
     opts = C.Options(args.compute_dtype)
-    names = ["plain", *KERNELS, "graddot/2t2", "graddot/auto", "graddot/auto-measured"]
+    names = ["plain", *KERNELS, "graddot/2t2", "graddot/auto", "graddot/auto-model"]
     cells = []
     for t in args.Ts:
         for w in args.widths:
             config = C.config_from_args(args, model="mlp", T=t, width=w, d_in=args.d_in)
             s = C.build(config)
-            fns = {k: C.make(k, s, opts) for k in names}
+            fns = {k: C.make(k, s, opts) if k != "graddot/auto-model" else cost_model_only(C.make("graddot/auto", s, opts))
+                   for k in names}
             times = C.measure(fns, s.device, warmup=args.warmup, rounds=args.rounds, max_seconds=args.max_seconds,
                             clock=args.clock)
+            tuning = ghostfunc.plan(s.model_fn, s.params, s.train, s.val).tuning
             del fns, s
             gc.collect()
             plain = C.summary(times["plain"])["median"]
@@ -69,7 +77,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             best = min(KERNELS, key=ratios.__getitem__)
             rule = "ghost" if 2 * t * t <= w * w else "materialize"
             cells.append({"T": t, "width": w, "plain_s": plain, "ratios": ratios, "fastest": best.split("/")[1],
-                          "rule_2t2": rule, "times": {k: C.summary(v) for k, v in times.items()}})
+                          "rule_2t2": rule, "times": {k: C.summary(v) for k, v in times.items()},
+                          "auto_routing": tuning})
             print(f"T={t} width={w}: fastest {best} {ratios[best]:.2f}x, auto {ratios['graddot/auto']:.2f}x, "
                   f"2t2 ({rule}) {ratios['graddot/2t2']:.2f}x", flush=True)
     after = C.machine()
@@ -79,6 +88,35 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "provisional": C.busy(before, after), "cells": cells}
 
 
+def cost_model_only(fn: C.Step) -> C.Step:
+    """``fn`` run with ``GHOSTFUNC_ROUTING=model`` (auto by the cost model alone, no race), the environment restored."""
+    def step() -> Any:
+        before = os.environ.get("GHOSTFUNC_ROUTING")
+        os.environ["GHOSTFUNC_ROUTING"] = "model"
+        try:
+            return fn()
+        finally:
+            if before is None:
+                del os.environ["GHOSTFUNC_ROUTING"]
+            else:
+                os.environ["GHOSTFUNC_ROUTING"] = before
+
+    return step
+
+
+def winner(tuning: str) -> str:
+    """The routing the race kept, from the plan's ``tuning`` line (``"-"`` when it did not race)."""
+    if ": " not in tuning or "measured" not in tuning:
+        return "-"
+    return tuning.split(": ", 1)[1].split(",")[0].rsplit(" ", 2)[0]
+
+
+def twin(cell: dict[str, Any]) -> str | None:
+    """The whole-call kernel that routes exactly as the race's winner did in ``cell``, if one does."""
+    labels = winner(cell.get("auto_routing", "")).split(" = ")
+    return next((k for k in ("ghost", "materialize", "contract") if k in labels), None)
+
+
 def table(payload: dict[str, Any]) -> str:
     rows = []
     for c in payload["cells"]:
@@ -86,20 +124,32 @@ def table(payload: dict[str, Any]) -> str:
         rows.append({"T": c["T"], "width": c["width"], "plain s": c["plain_s"], "ghost": r["graddot/ghost"],
                      "materialize": r["graddot/materialize"], "contract": r["graddot/contract"],
                      "fastest": c["fastest"], "2t2 picks": c["rule_2t2"], "2t2": r["graddot/2t2"],
-                     "auto": r["graddot/auto"], "auto (measured constants)": r.get("graddot/auto-measured")})
+                     "auto": r["graddot/auto"], "auto routes as": winner(c.get("auto_routing", "")),
+                     "auto (cost model)": r.get("graddot/auto-model")})
     cfg = payload["config"]
     head = (f"**token-wise MLP** d_in={cfg['d_in']}, n_train={cfg['n_train']}, n_val={cfg['n_val']}; time / plain "
             f"step; {C.describe_machine(payload['machine'], payload['provisional'])}\n\n")
     agree = sum(c["rule_2t2"] == c["fastest"] for c in payload["cells"])
     n = len(payload["cells"])
     lines = [f"The 2T² rule picks the fastest kernel in {agree}/{n} cells."]
-    for name, label in (("graddot/auto", "auto (the fixed constants, the default)"),
+    for name, label in (("graddot/auto", "auto (measured at first use, the default)"),
+                        ("graddot/auto-model", "auto by the cost model alone (GHOSTFUNC_ROUTING=model)"),
                         ("graddot/auto-measured", "auto with constants measured on this machine (GHOSTFUNC_COSTS=measure)")):
         if all(name in c["ratios"] for c in payload["cells"]):
             within = [sum(c["ratios"][name] <= f * min(c["ratios"][k] for k in KERNELS) for c in payload["cells"])
                       for f in (1.05, 1.1)]
             lines.append(f"{label}: within 5% of the fastest kernel in {within[0]}/{n} cells, within 10% in "
                          f"{within[1]}/{n}.")
+    twins = [twin(c) for c in payload["cells"]]
+    if any(t is not None for t in twins):  # the same routing timed twice: the spread is the timing noise
+        close = sum(c["ratios"]["graddot/" + t] <= 1.05 * min(c["ratios"][k] for k in KERNELS)
+                    for c, t in zip(payload["cells"], twins, strict=True) if t is not None)
+        noise = [abs(math.log(c["ratios"]["graddot/auto"] / c["ratios"]["graddot/" + t]))
+                 for c, t in zip(payload["cells"], twins, strict=True) if t is not None]
+        lines.append(f"Where auto routes as one whole-call kernel ({len(noise)}/{n} cells), that kernel's own timing is "
+                     f"within 5% of the fastest in {close}/{len(noise)}; auto and that kernel, the same routing timed "
+                     f"apart, differ by {100 * (math.exp(sorted(noise)[len(noise) // 2]) - 1):.0f}% (median) and "
+                     f"{100 * (math.exp(max(noise)) - 1):.0f}% (worst): the timing noise of this run.")
     t1 = [c["ratios"]["graddot/auto"] for c in payload["cells"] if c["T"] == 1]
     if t1:
         lines.append(f"Worst auto cell at T=1: {max(t1):.2f}x the plain step (goal <= 1.5x).")

@@ -12,7 +12,9 @@ n_train = n_val = 8, T from 64 to 1024; roughly 10-15 minutes each on 2 CPU core
 
 The figure plots, per kernel, time / plain step against the varied size, so the
 points where ghost, materialise and contract cross over can be read off; ``auto``
-(the cost model) should track the lowest of the three. Method: :mod:`benchmarks._common`.
+(raced at its first call, see ``ghostfunc._calibrate.race``) should track the lowest of
+the three; ``graddot/auto-model`` is the cost model alone (``GHOSTFUNC_ROUTING=model``,
+what ``auto`` did before), timed in the same run. Method: :mod:`benchmarks._common`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 import ghostfunc
 
 from . import _common as C
+from .mlp2d import cost_model_only, winner
 
 DEFAULT = C.Config(model="gpt2", T=256, width=512, layers=4, heads=8, vocab=8192, n_train=8, n_val=8)
 VALUES = {"T": "64,128,256,512,1024", "n": "2,4,8,16,32", "n_train": "2,4,8,16,32", "n_val": "1,2,4,8,16,32",
@@ -61,6 +64,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     before["clock"] = args.clock
     opts = C.Options(args.compute_dtype)
     names = ["plain", *(f"graddot/{p.strip()}" for p in args.policies.split(","))]
+    if "graddot/auto" in names:
+        names.append("graddot/auto-model")
     if args.peers:
         names += C.available(C.PEERS)
     points = []
@@ -69,17 +74,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         s = C.build(config)
         budget = C.memory_budget(s.device)
         here = [k for k in names if C.fits(k, s, budget)]
-        fns = {k: C.make(k, s, opts) for k in here}
+        fns = {k: C.make(k, s, opts) if k != "graddot/auto-model" else cost_model_only(C.make("graddot/auto", s, opts))
+               for k in here}
         times = C.measure(fns, s.device, warmup=args.warmup, rounds=args.rounds, max_seconds=args.max_seconds,
                             clock=args.clock)
         plan = ghostfunc.plan(s.model_fn, s.params, s.train, s.val)
         del fns, s
         gc.collect()
-        memory = {k: C.peak_memory(k, config, opts, threads=args.threads) for k in C.memory_of(here, args.memory)}
+        memory = {k: C.peak_memory(k, config, opts, threads=args.threads) for k in C.memory_of([k for k in here if k != "graddot/auto-model"], args.memory)}
         rows = {k: {"time": C.summary(v), "time_ratio": C.paired_ratio(v, times["plain"]),
                     "memory": memory.get(k, {})} for k, v in times.items()}
         points.append({"value": value, "config": config.__dict__, "results": rows,
-                       "skipped": [k for k in names if k not in here], "auto_paths": plan.counts()})
+                       "skipped": [k for k in names if k not in here], "auto_paths": plan.counts(),
+                       "auto_routing": plan.tuning})
         print(f"{args.vary}={value}: " + ", ".join(f"{k} {r['time_ratio']:.2f}x" for k, r in rows.items()), flush=True)
     after = C.machine()
     before["other_cores"] = C.other_load(before, after)
@@ -112,12 +119,13 @@ def table(payload: dict[str, Any]) -> str:
             r = pt["results"].get(k)
             row[k] = None if r is None else r["time_ratio"]
         row["auto paths"] = ", ".join(f"{k} {v}" for k, v in pt["auto_paths"].items())
+        row["auto routes as"] = winner(pt.get("auto_routing", ""))
         rows.append(row)
     first = C.Config(**payload["points"][0]["config"])
     head = (f"**{payload['model']} sweep over {payload['vary']}** (first point: {first.label()}), time / plain step; "
             f"{C.describe_machine(payload['machine'], payload['provisional'])}\n\n")
     cross = "\n".join(f"- {c}" for c in payload["crossovers"]) or "- none in this range"
-    return head + C.markdown(rows, [payload["vary"], "plain s", *names[1:], "auto paths"]) + \
+    return head + C.markdown(rows, [payload["vary"], "plain s", *names[1:], "auto paths", "auto routes as"]) + \
         "\n\nFastest kernel changes:\n\n" + cross
 
 

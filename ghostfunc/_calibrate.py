@@ -1,4 +1,4 @@
-"""The cost model's memory-traffic constants, and a way to measure them on the device in use.
+"""The cost model's memory-traffic constants, and ``auto``'s routing measured at first use.
 
 :func:`ghostfunc._plan.costs` counts each kernel in multiply-add equivalents. The
 GEMMs are counted exactly; two terms are memory traffic, whose price in
@@ -20,19 +20,44 @@ Measuring is opt-in because, on the machine it was tried on, it routed worse tha
 the fixed constants (``benchmarks/mlp2d.py``, both in the same run: auto within 5% of
 the fastest kernel in 14/25 cells measured, 17/25 fixed): synthetic factors in an
 otherwise idle cache understate the block traffic of a real capture.
+
+**Measured routing** (``GHOSTFUNC_ROUTING``, default ``"measure"``). No per-kernel
+cost model predicts the whole call well at small sizes, where dispatch and the
+capture, not the products, set the time, and where the routes are coupled: one
+ghost-routed parameter makes the validation rows take a tap capture of their own
+factors, where without ghost they take one ordinary backward. So the first
+``graddot(policy="auto")`` call for a call signature (``model_fn``, parameter names,
+shapes, dtypes and device, both batches' sizes and structures, ``val_reduce`` reduced or not,
+train/eval modes) *races* the candidate routings (:func:`race`): the cost model's, the
+cost model's without ghost, and ghost, materialise and contract everywhere (merged
+where they route alike), each a whole exact call timed with the CPU-time clock
+(one torch thread on a CPU) or the wall clock (synchronised on CUDA), best of up to
+:data:`RACE_ROUNDS` rounds within :func:`_budget` (after the first, only the candidates
+within :data:`CLOSE_FACTOR` of the fastest run again; round 1 skips those the cost model
+puts far behind when they would also overrun the budget). The fastest routing is cached
+(:class:`Choice`, in memory, per ``model_fn``); that call returns its result, and later
+calls with the signature route by it (so do ``plan`` and the training steps, which
+never race themselves). Every candidate computes the same exact numbers, the random
+state after the call is the winner's, and the plan says what was timed. ``"model"``:
+never race, route by the cost model alone.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
-from collections.abc import Callable
-from typing import NamedTuple
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 
 from . import _kernels as K
+from ._interact import training_flags
 from ._ops import Factored
+from ._whole import rng_state as _rng_state
+from ._whole import set_rng_state as _set_rng_state
 
 ENV = "GHOSTFUNC_COSTS"
 
@@ -127,3 +152,206 @@ def measure(device: torch.device, dtype: torch.dtype) -> Constants:
         return min(max(x, LIMITS[0]), LIMITS[1])
 
     return Constants(clip(materialise), clip(gram), "measured")
+
+
+# ----------------------------------------------------------------------------- measured routing
+
+ROUTING_ENV = "GHOSTFUNC_ROUTING"
+ROUTING_MODES = ("measure", "model")
+#: At most this many rounds of the race (each candidate's fastest run counts) ...
+RACE_ROUNDS = 3
+#: ... and another round only while the race, that round included, stays within this many seconds or
+#: :data:`RACE_CALLS` calls of the fastest routing, whichever is more (round 1 runs whatever pruning leaves).
+RACE_BUDGET_S = 0.05
+RACE_CALLS = 8
+#: A first run of the race shorter than this runs again at once: it paid the call's one-time costs (a few
+#: milliseconds on a CPU), which would count against the cost model's routing (always the first to run).
+WARM_UP_S = 0.25
+#: Round 1 skips a candidate the cost model puts beyond this factor of the cheapest when the cheapest one's run
+#: took :data:`PRUNE_AFTER_S` or more (the products, which the model counts well, set the time), or when, scaled
+#: by that run, it would take over twice the budget.
+PRUNE_FACTOR = 2.0
+PRUNE_AFTER_S = 0.05
+#: After a round, only candidates within this factor of the fastest so far run again (the others are clearly out).
+CLOSE_FACTOR = 1.3
+#: A call whose cost-model routing runs longer than this is not raced (the race would cost several such calls,
+#: where the products, which the cost model counts well, set the time): the cost model's routing is kept.
+RACE_LIMIT_S = 0.1
+#: Measured routings kept per ``model_fn`` (a new call signature races once; every distinct padded length is one).
+MAX_SIGNATURES = 64
+
+
+def routing_mode() -> str:
+    """``"measure"`` (race at first use, the default) or ``"model"`` (the cost model alone), as ``GHOSTFUNC_ROUTING`` says."""
+    setting = os.environ.get(ROUTING_ENV, "").strip() or "measure"
+    if setting not in ROUTING_MODES:
+        raise ValueError(f"{ROUTING_ENV}: expected one of {ROUTING_MODES}; got {setting!r}")
+    return setting
+
+
+class Choice(NamedTuple):
+    """``auto``'s routing for one call signature, measured at first use.
+
+    ``paths``: factored parameter -> kernel; ``label``: the candidate(s) that route
+    so (``"materialize = cost model"`` when two routed alike); ``why``: what was timed.
+    """
+
+    paths: dict[str, str]
+    label: str
+    why: str
+
+
+class Candidate(NamedTuple):
+    """One routing the race may time: ``estimate`` is the cost model's multiply-adds for the whole call."""
+
+    label: str
+    paths: dict[str, str]
+    estimate: float
+
+
+#: ``model_fn`` -> {call signature: its measured routing}.
+_CHOICES: weakref.WeakKeyDictionary[Any, dict[tuple, Choice]] = weakref.WeakKeyDictionary()
+
+
+def route_key(model_fn: Callable, params: Mapping[str, torch.Tensor], train: Any, val: Any,
+              val_reduce: str | None) -> tuple:
+    """What a measured routing is cached by (besides ``model_fn``): parameter names, shapes, dtypes and
+    devices, each batch's size and signature (:class:`ghostfunc._capture.Batch`), reduced or not, train/eval modes."""
+    return (tuple((k, tuple(v.shape), v.dtype, v.device) for k, v in params.items()), train.size, train.signature,
+            val.size, val.signature, val_reduce is not None, training_flags(model_fn))
+
+
+def tuned(model_fn: Callable, key: tuple) -> Choice | None:
+    """The cached routing for this call signature (``None``: none yet, or ``GHOSTFUNC_ROUTING=model``)."""
+    if routing_mode() != "measure":
+        return None
+    try:
+        return _CHOICES.get(model_fn, {}).get(key)
+    except TypeError:  # not weak-referenceable
+        return None
+
+
+def untimed(model_fn: Callable, key: tuple) -> bool:
+    """Whether a call with this signature should race: measuring is on, nothing is cached, and it can be cached."""
+    if routing_mode() != "measure":
+        return False
+    try:
+        weakref.ref(model_fn)
+    except TypeError:  # nowhere to keep the result: racing every call would cost more than it saves
+        return False
+    return key not in _CHOICES.get(model_fn, {})
+
+
+R = TypeVar("R")
+
+
+def race(model_fn: Callable, key: tuple, candidates: Sequence[Candidate], call: Callable[[], R],
+         device: torch.device) -> tuple[R, Choice]:
+    """Time ``call()`` under every distinct candidate routing; cache and return the fastest with its result.
+
+    While a candidate runs, it is the cached choice for ``key``, so ``call`` (an
+    ``auto`` call) routes by it. Candidates run cheapest estimate first, in rotated
+    order over rounds; each starts from the same random state, and the state after
+    the winner's run is the one left behind. Of each candidate's runs the fastest counts.
+    """
+    merged: dict[tuple, Candidate] = {}
+    for c in sorted(candidates, key=lambda c: c.estimate):
+        same = tuple(sorted(c.paths.items()))
+        merged[same] = merged[same]._replace(label=f"{merged[same].label} = {c.label}") if same in merged else c
+    order = list(merged.values())
+    table = _CHOICES.setdefault(model_fn, {})
+    while len(table) >= MAX_SIGNATURES:  # the oldest measurement goes first
+        del table[next(iter(table))]
+    if len(order) == 1:
+        choice = Choice(order[0].paths, order[0].label, f"one candidate routing ({order[0].label}): nothing to time")
+        table[key] = choice
+        return call(), choice
+    clock, clock_name = _clock(device)
+    start = _rng_state(device)
+    best: dict[str, float] = {}
+    failed: dict[str, str] = {}
+    kept: tuple[float, Candidate, R, tuple[torch.Tensor, ...]] | None = None
+    spent = 0.0
+
+    def run(c: Candidate) -> None:
+        nonlocal kept, spent
+        table[key] = Choice(c.paths, c.label, "being measured")
+        _set_rng_state(device, start)
+        try:
+            seconds, result = _timed(call, device, clock)
+        except Exception as err:  # noqa: BLE001 - a candidate that fails is dropped, and the plan says so
+            if kept is None:  # the cheapest estimate (the cost model's routing) must run
+                raise
+            failed[c.label] = f"{type(err).__name__}: {err}"[:120]
+            return
+        spent += seconds
+        best[c.label] = min(best.get(c.label, math.inf), seconds)
+        if kept is None or seconds < kept[0]:
+            kept = (seconds, c, result, _rng_state(device))
+
+    try:
+        first = order[0]
+        run(first)
+        warmed = spent < WARM_UP_S  # the first run of all also paid one-time costs (first captures, allocations)
+        if warmed:
+            run(first)
+        if best[first.label] > RACE_LIMIT_S:  # a long call: the race would cost several; the cost model stands
+            order = [first]
+        # round 1: every other candidate, unless the cost model puts it beyond PRUNE_FACTOR of the cheapest and
+        # either the products set the time (the first run was long) or, scaled by that run, it overruns the budget
+        t_first = best[first.label]
+        for c in order[1:]:
+            far = c.estimate > PRUNE_FACTOR * first.estimate
+            predicted = t_first * c.estimate / max(first.estimate, 1.0)  # as if the products set every time
+            if not far or (t_first < PRUNE_AFTER_S and predicted <= 2 * _budget(t_first)):
+                run(c)
+        rounds, timed = 1, [c for c in order if c.label in best]
+        while rounds < RACE_ROUNDS:
+            fastest = min(best.values())
+            close = [c for c in timed if best[c.label] <= CLOSE_FACTOR * fastest
+                     or (rounds == 1 and c is first and not warmed)]  # one-time costs, in its only run
+            if len(close) < 2 or spent + sum(best[c.label] for c in close) > _budget(fastest):
+                break
+            timed = close[rounds % len(close):] + close[:rounds % len(close)]
+            for c in timed:
+                run(c)
+            rounds += 1
+    except BaseException:
+        table.pop(key, None)
+        _set_rng_state(device, start)
+        raise
+    assert kept is not None
+    _set_rng_state(device, kept[3])
+    timings = ", ".join(f"{label} {s * 1e3:.3g} ms" for label, s in sorted(best.items(), key=lambda kv: kv[1]))
+    skipped = [c.label for c in merged.values() if c.label not in best and c.label not in failed]
+    why = (f"auto measured at first use ({clock_name}, {rounds} round{'s' * (rounds > 1)}, each candidate's "
+           f"fastest run): {timings}"
+           + (f"; not timed (the cost model's routing took over {RACE_LIMIT_S:g} s): {', '.join(skipped)}"
+              if skipped and len(order) == 1 else
+              f"; not timed (the cost model puts it past {PRUNE_FACTOR:g}x the cheapest and the race's budget): "
+              f"{', '.join(skipped)}" if skipped else "")
+           + "".join(f"; {label} failed ({e})" for label, e in failed.items()))
+    choice = Choice(kept[1].paths, kept[1].label, why)
+    table[key] = choice
+    return kept[2], choice
+
+
+def _budget(fastest: float) -> float:
+    """Seconds the race may spend in all: :data:`RACE_BUDGET_S`, or :data:`RACE_CALLS` calls of the fastest routing."""
+    return max(RACE_BUDGET_S, RACE_CALLS * fastest)
+
+
+def _clock(device: torch.device) -> tuple[Callable[[], float], str]:
+    """This process's CPU time on a one-thread CPU (other processes' load barely moves it), else the wall clock."""
+    if device.type == "cpu" and torch.get_num_threads() == 1:
+        return time.process_time, "CPU time"
+    return time.perf_counter, "wall clock"
+
+
+def _timed(call: Callable[[], R], device: torch.device, clock: Callable[[], float]) -> tuple[float, R]:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = clock()
+    out = call()
+    sync()
+    return clock() - t0, out

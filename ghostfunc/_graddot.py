@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from . import _dist, _whole
+from . import _calibrate, _dist, _whole
 from . import _kernels as K
 from ._capture import (
     Batch,
@@ -28,7 +28,7 @@ from ._eager import capture_eager, summary, trace_eager, unbatchable
 from ._groups import WHOLE, Part, describe, merge_halves, refine, subset
 from ._interact import check_model, training_flags
 from ._ops import Direct, Factored
-from ._plan import DIRECTION, Plan, Usage, make_plan, usages
+from ._plan import DIRECTION, Plan, Usage, candidate_policies, contenders, make_plan, usages
 from ._whole import rng_state as _rng_state
 from ._whole import set_rng_state as _set_rng_state
 
@@ -186,7 +186,9 @@ def routing(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Bat
         notes.append(f"per-sample capture: each sample runs alone with ordinary autograd (one forward and backward "
                      f"each; kernels kept for recognised calls) because the batched capture cannot run the model: "
                      f"{eager}")
-    the_plan = make_plan(params, use, policy, train.size, val.size, val_reduce)._replace(notes=tuple(notes))
+    tuned = (_calibrate.tuned(model_fn, _calibrate.route_key(model_fn, params, train, val, val_reduce))
+             if policy == "auto" else None)
+    the_plan = make_plan(params, use, policy, train.size, val.size, val_reduce, tuned)._replace(notes=tuple(notes))
     traces = (part_traces[0][0], part_traces[1][0])
     return Routing(traces, kernel, the_plan, parts, (part_traces[0], part_traces[1]), eager)
 
@@ -563,8 +565,10 @@ def graddot(
             the non-sample axes are fine, e.g. a different padded length).
         val_reduce: ``"mean"`` (``ḡ_val = mean_v g_v``), ``"sum"``, or ``None``
             for the full ``[n_train, n_val]`` matrix.
-        policy: ``"auto"`` (cost model, the default), ``"2t2"``, ``"ghost"``,
-            ``"materialize"`` or ``"contract"``; all give the same numbers.
+        policy: ``"auto"`` (the default: the first call with given shapes times the
+            candidate routings and keeps the fastest, see ``ghostfunc._calibrate``;
+            ``GHOSTFUNC_ROUTING=model`` routes by the cost model alone), ``"2t2"``,
+            ``"ghost"``, ``"materialize"`` or ``"contract"``; all give the same numbers.
         compute_dtype: opt-in lower precision (e.g. ``torch.bfloat16``) for the
             Gram/contract/materialise products, accumulated in float32.
         group: ``None`` (one process) or a ``torch.distributed`` process group:
@@ -596,6 +600,16 @@ def graddot(
     checked, tb, vb = _prepare(where, model_fn, params, train, val,
                                val_reduce=val_reduce, policy=policy, compute_dtype=compute_dtype)
     params = checked
+    if policy == "auto" and _calibrate.untimed(model_fn, key := _calibrate.route_key(model_fn, params, tb, vb,
+                                                                                      val_reduce)):
+        # the first call with this signature races the candidate routings (ghostfunc._calibrate.race)
+        plans = retry_stale(where, lambda fresh: [(label, routing(model_fn, params, tb, vb, where, c, val_reduce,
+                                                                  fresh).plan)
+                                                  for label, c in candidate_policies(val_reduce)])
+        like = next(iter(params.values()))
+        out, choice = _calibrate.race(model_fn, key, contenders(plans, like), lambda: graddot(
+            model_fn, params, train, val, val_reduce=val_reduce, compute_dtype=compute_dtype), like.device)
+        return out._replace(plan=out.plan._replace(tuning=choice.why))
     weights = val_weights(val_reduce, vb.size, next(iter(params.values())))
     if val_reduce is not None:  # validation first, reduced to ḡ_val: the memory of one batch at a time
         st = run_streamed(model_fn, checked, tb, vb, where, policy, val_reduce)

@@ -12,7 +12,9 @@ shapes of that call:
   memory, not time), else materialise;
 - ``"ghost"``, ``"materialize"``, ``"contract"``: that kernel everywhere
   (``"contract"`` needs a reduced validation gradient);
-- ``"auto"``: the cheapest by the multiply-add counts of :func:`costs`.
+- ``"auto"``: the fastest whole call, timed at first use per call signature
+  (:func:`ghostfunc._calibrate.race` over :data:`CANDIDATES`, cached); until then, and
+  with ``GHOSTFUNC_ROUTING=model``, the cheapest by the multiply-add counts of :func:`costs`.
 """
 
 from __future__ import annotations
@@ -23,13 +25,23 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ._calibrate import Constants, constants
+from ._calibrate import Candidate, Choice, Constants, constants, routing_mode
 from ._capture import Trace
 
 POLICIES = ("auto", "2t2", "ghost", "materialize", "contract")
 #: Internal policy: ``"auto"`` without the ghost kernel, for rows scored against one reduced direction
 #: (``graddot_direction``, and the all-reduced validation direction under ``group=``).
 DIRECTION = "direction"
+#: Internal policy: the cost model alone (what ``"auto"`` routes by before, or without, a measurement).
+MODEL = "model"
+
+
+def candidate_policies(val_reduce: str | None) -> tuple[tuple[str, str], ...]:
+    """The routings ``auto`` races at first use: (label, policy). Contracting needs a reduced validation gradient."""
+    every = (("cost model", MODEL), ("ghost", "ghost"), ("materialize", "materialize"))
+    if val_reduce is None:
+        return every
+    return (*every, ("cost model without ghost", DIRECTION), ("contract", "contract"))
 
 
 class Route(NamedTuple):
@@ -59,7 +71,8 @@ class Plan(NamedTuple):
     """The path of every trainable parameter for one call; prints as a table.
 
     ``notes``: how the batches ran when not as one batched capture each (split
-    into groups at data-dependent branches, or one sample at a time and why).
+    into groups at data-dependent branches, or one sample at a time and why);
+    ``tuning``: for ``policy="auto"``, how the routes were chosen (measured or the cost model).
     """
 
     routes: dict[str, Route]
@@ -68,6 +81,7 @@ class Plan(NamedTuple):
     n_val: int
     val_reduce: str | None
     notes: tuple[str, ...] = ()
+    tuning: str = ""
 
     def counts(self) -> dict[str, int]:
         """How many parameters take each path."""
@@ -89,6 +103,7 @@ class Plan(NamedTuple):
             f"plan: policy={self.policy!r}, n_train={self.n_train}, n_val={self.n_val}, "
             f"val_reduce={self.val_reduce!r}; " + ", ".join(f"{k}: {v}" for k, v in self.counts().items())
         ]
+        lines.extend([f"routing: {self.tuning}"] if self.tuning else [])
         lines.extend(f"note: {note}" for note in self.notes)
         for row in rows:
             lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[-1])
@@ -193,6 +208,8 @@ def choose(policy: str, n: int, m: int, t: int, s: int, p: int, d: int, ids: boo
     """The kernel for one factored parameter under ``policy``, and why."""
     if policy in ("ghost", "materialize", "contract"):
         return policy, f"policy {policy!r}"
+    if policy == MODEL:
+        policy = "auto"
     if policy == DIRECTION:  # scored against one reduced direction: no second batch's factors, so no ghost
         c = costs(n, m, t, s, p, d, ids, True, constants)
         del c["ghost"]
@@ -210,10 +227,11 @@ def choose(policy: str, n: int, m: int, t: int, s: int, p: int, d: int, ids: boo
 
 
 def make_plan(params: Mapping[str, Tensor], use: Mapping[str, Usage], policy: str, n: int, m: int,
-              val_reduce: str | None) -> Plan:
+              val_reduce: str | None, tuned: Choice | None = None) -> Plan:
+    """Route every parameter; under ``"auto"``, by ``tuned`` (the measured choice) when given, else the cost model."""
     routes = {}
     first = next(iter(params.values()))
-    measured = constants(first.device, first.dtype) if policy in ("auto", DIRECTION) else None
+    measured = constants(first.device, first.dtype) if policy in ("auto", MODEL, DIRECTION) else None
     for k, u in use.items():
         shape = tuple(params[k].shape)
         if u.form is None:
@@ -225,5 +243,34 @@ def make_plan(params: Mapping[str, Tensor], use: Mapping[str, Usage], policy: st
             d = params[k].numel() // max(p, 1)
             ids = all(kind == "embedding" for kind in u.uses)
             path, why = choose(policy, n, m, u.tokens, u.val_tokens, p, d, ids, val_reduce is not None, measured)
+            if policy == "auto" and tuned is not None and k in tuned.paths:
+                path, why = tuned.paths[k], f"measured: {tuned.label} fastest"
             routes[k] = Route(k, shape, path, why, u.uses, u.tokens, u.val_tokens, p, d)
-    return Plan(routes, policy, n, m, val_reduce)
+    tuning = ""
+    if policy == "auto":
+        tuning = tuned.why if tuned is not None else (
+            "cost model (GHOSTFUNC_ROUTING=model)" if routing_mode() == "model" else
+            "cost model; the first graddot call with these shapes times the candidate routings and keeps the fastest")
+    return Plan(routes, policy, n, m, val_reduce, tuning=tuning)
+
+
+def estimate(plan: Plan, consts: Constants | None = None) -> float:
+    """The cost model's multiply-adds for ``plan``'s factored parameters: their kernels (:func:`costs`) plus the
+    forward and input-gradient products every route shares (``(n·T + m·S)·row`` each)."""
+    total = 0.0
+    for r in plan.routes.values():
+        if not r.factored:
+            continue
+        ids = all(kind == "embedding" for kind in r.uses)
+        row = r.d if ids else r.p * r.d
+        c = costs(plan.n_train, plan.n_val, r.tokens, r.val_tokens, r.p, r.d, ids, plan.val_reduce is not None, consts)
+        total += c.get(r.path, min(c.values())) + 2 * (plan.n_train * r.tokens + plan.n_val * r.val_tokens) * row
+    return total
+
+
+def contenders(plans: list[tuple[str, Plan]], like: Tensor) -> list[Candidate]:
+    """The race's candidates from each candidate policy's plan: label, factored paths, :func:`estimate`
+    (with the constants for ``like``'s device and dtype)."""
+    consts = constants(like.device, like.dtype)
+    return [Candidate(label, {k: r.path for k, r in p.routes.items() if r.factored}, estimate(p, consts))
+            for label, p in plans]

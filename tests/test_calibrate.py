@@ -48,7 +48,8 @@ def test_costs_without_constants_use_the_fixed_ones():
 
 
 def test_constants_move_the_route_never_the_scores(monkeypatch):
-    """A cheap Gram makes auto pick ghost, a cheap materialisation picks materialise; same scores."""
+    """A cheap Gram makes auto's cost model pick ghost, a cheap materialisation picks materialise; same scores."""
+    monkeypatch.setenv(_calibrate.ROUTING_ENV, "model")  # the cost model alone, not the race at first use
     g = torch.Generator().manual_seed(0)
     params = {"W": torch.randn(16, 16, generator=g, dtype=F64)}
 

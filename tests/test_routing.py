@@ -1,0 +1,192 @@
+"""``auto``'s routing measured at first use: a race of whole exact calls, cached per call signature.
+
+Whichever routing wins, the numbers are the exact ones (every candidate, and any
+per-parameter mix of kernels, agrees with the single-sample loop in float64); the
+cache makes later calls, ``plan`` and the random state deterministic.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given
+from hypothesis import strategies as st
+from torch.func import functional_call
+
+import ghostfunc
+from ghostfunc import _calibrate
+from ghostfunc._capture import split_batch
+from ghostfunc._graddot import routing
+from ghostfunc._plan import candidate_policies
+
+from . import _models
+
+F64 = torch.float64
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
+
+
+def _seq(tied: bool = True, shared: bool = True):
+    """Embedding (tied to the output: two uses), a linear layer applied twice, a norm: every route kind."""
+    torch.manual_seed(0)
+    model_fn, params, make = _models.seq(11, 6, "layer", True, None, tied, shared, F64)
+    g = torch.Generator().manual_seed(1)
+    return model_fn, params, make(3, 5, g), make(2, 4, g)
+
+
+def _key(model_fn, params, train, val, val_reduce):
+    return _calibrate.route_key(model_fn, params, split_batch(train), split_batch(val), val_reduce)
+
+
+def _candidate_paths(model_fn, params, train, val, val_reduce) -> list[dict[str, str]]:
+    tb, vb = split_batch(train), split_batch(val)
+    return [{k: r.path for k, r in routing(model_fn, params, tb, vb, "graddot", policy, val_reduce, False)
+             .plan.routes.items() if r.factored} for _, policy in candidate_policies(val_reduce)]
+
+
+@pytest.mark.parametrize("val_reduce", ["mean", None])
+def test_first_call_races_the_candidates_and_later_calls_route_by_the_cache(monkeypatch, val_reduce):
+    monkeypatch.delenv(_calibrate.ROUTING_ENV, raising=False)
+    model_fn, params, train, val = _seq()
+    key = _key(model_fn, params, train, val, val_reduce)
+    assert _calibrate.untimed(model_fn, key)
+    before = ghostfunc.plan(model_fn, params, train, val, val_reduce=val_reduce)
+    assert before.tuning.startswith("cost model; the first graddot call")
+    first = ghostfunc.graddot(model_fn, params, train, val, val_reduce=val_reduce)
+    assert first.plan.tuning.startswith("auto measured at first use"), first.plan
+    assert "routing: auto measured at first use" in str(first.plan)
+    choice = _calibrate.tuned(model_fn, key)
+    assert choice is not None and not _calibrate.untimed(model_fn, key)
+    paths = {k: r.path for k, r in first.plan.routes.items() if r.factored}
+    assert paths == choice.paths
+    assert paths in _candidate_paths(model_fn, params, train, val, val_reduce)  # one of the candidates
+    assert all(r.reason == f"measured: {choice.label} fastest" for r in first.plan.routes.values() if r.factored)
+    for label in choice.label.split(" = "):  # every timed candidate is listed with its time
+        assert label in first.plan.tuning
+    # later calls: no race, the same routing, the same numbers bit for bit; plan() shows it too
+    second = ghostfunc.graddot(model_fn, params, train, val, val_reduce=val_reduce)
+    assert second.plan == first.plan
+    assert torch.equal(second.scores, first.scores)
+    assert ghostfunc.plan(model_fn, params, train, val, val_reduce=val_reduce).routes == first.plan.routes
+    ref, _, _ = ghostfunc.reference_graddot(model_fn, params, train, val, val_reduce=val_reduce)
+    assert rel(first.scores, ref) < 1e-10
+
+
+@given(data=st.data())
+def test_any_measured_routing_is_exact(data):
+    """Seed the cache with any per-parameter mix of kernels: auto follows it and stays exact."""
+    val_reduce = data.draw(st.sampled_from(["mean", "sum", None]))
+    tied, shared = data.draw(st.booleans()), data.draw(st.booleans())
+    model_fn, params, train, val = _seq(tied, shared)
+    factored = _candidate_paths(model_fn, params, train, val, val_reduce)[0]
+    kernels = ["ghost", "materialize"] + (["contract"] if val_reduce is not None else [])
+    paths = {k: data.draw(st.sampled_from(kernels), label=k) for k in factored}
+    key = _key(model_fn, params, train, val, val_reduce)
+    _calibrate._CHOICES.setdefault(model_fn, {})[key] = _calibrate.Choice(paths, "seeded", "seeded by the test")
+    out = ghostfunc.graddot(model_fn, params, train, val, val_reduce=val_reduce)
+    assert {k: r.path for k, r in out.plan.routes.items() if r.factored} == paths
+    assert out.plan.tuning == "seeded by the test"
+    ref, ref_pp, ref_grad = ghostfunc.reference_graddot(model_fn, params, train, val, val_reduce=val_reduce)
+    assert rel(out.scores, ref) < 1e-10, out.plan
+    scale = float(ref.abs().max())
+    for k in params:
+        torch.testing.assert_close(out.per_param[k], ref_pp[k], rtol=1e-10, atol=1e-12 * scale)
+        torch.testing.assert_close(out.train_grad[k], ref_grad[k], rtol=1e-10, atol=1e-12)
+
+
+def test_the_race_leaves_the_random_state_of_the_winner_alone():
+    """Dropout draws random numbers: the race's call returns what the winner alone would, and leaves its state."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Dropout(0.3), nn.Linear(16, 1)).to(F64).train()
+    params = {k: v.detach() for k, v in net.named_parameters()}
+
+    def model_fn(p, x):
+        return functional_call(net, p, (x,)).pow(2).sum((1, 2))
+
+    g = torch.Generator().manual_seed(2)
+    train, val = torch.randn(4, 3, 5, generator=g, dtype=F64), torch.randn(3, 3, 5, generator=g, dtype=F64)
+    torch.manual_seed(7)
+    raced = ghostfunc.graddot(model_fn, params, train, val)
+    after_race = torch.get_rng_state()
+    assert raced.plan.tuning.startswith("auto measured at first use")
+    torch.manual_seed(7)
+    cached = ghostfunc.graddot(model_fn, params, train, val)  # routes by the cache: no race
+    assert torch.equal(cached.scores, raced.scores)
+    assert torch.equal(torch.get_rng_state(), after_race)
+
+
+def _busy(seconds: float) -> None:
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass
+
+
+def test_race_times_distinct_candidates_and_keeps_the_fastest():
+    """The race itself on a stand-in call (CPU busy-work per candidate): merge, order, failures, cache."""
+
+    def model_fn():  # only the cache's key
+        return None
+
+    work = {"slow": 0.004, "fast": 0.001, "same as slow": 0.004}
+    seen: list[str] = []
+
+    def call() -> str:
+        choice = _calibrate._CHOICES[model_fn][("k",)]
+        assert choice.why == "being measured"
+        seen.append(choice.label)
+        if choice.label == "broken":
+            raise RuntimeError("no kernel for this")
+        _busy(work[choice.label.split(" = ")[0]])
+        return choice.label
+
+    candidates = [_calibrate.Candidate("slow", {"w": "ghost"}, 1.0),
+                  _calibrate.Candidate("fast", {"w": "materialize"}, 2.0),
+                  _calibrate.Candidate("same as slow", {"w": "ghost"}, 3.0),
+                  _calibrate.Candidate("broken", {"w": "contract"}, 4.0)]
+    result, choice = _calibrate.race(model_fn, ("k",), candidates, call, torch.device("cpu"))
+    assert result == "fast" and choice.label == "fast" and choice.paths == {"w": "materialize"}
+    # cheapest estimate first (a short first run runs twice: its one-time costs), alike routings merged
+    assert seen[:4] == ["slow = same as slow", "slow = same as slow", "fast", "broken"]
+    assert "broken failed (RuntimeError: no kernel for this)" in choice.why
+    assert _calibrate.tuned(model_fn, ("k",)) == choice
+    # a single distinct routing is not timed
+    one, only = _calibrate.race(model_fn, ("j",), candidates[:1], lambda: "ran", torch.device("cpu"))
+    assert one == "ran" and "nothing to time" in only.why
+
+
+def test_the_cheapest_estimate_must_run():
+    def model_fn():
+        return None
+
+    def call():
+        raise ValueError("bad input")
+
+    with pytest.raises(ValueError, match="bad input"):
+        _calibrate.race(model_fn, ("k",), [_calibrate.Candidate("a", {"w": "ghost"}, 1.0),
+                                           _calibrate.Candidate("b", {"w": "materialize"}, 2.0)],
+                        call, torch.device("cpu"))
+    assert _calibrate.untimed(model_fn, ("k",))  # nothing half-measured is left in the cache
+
+
+def test_routing_model_keeps_the_cost_model(monkeypatch):
+    monkeypatch.setenv(_calibrate.ROUTING_ENV, "model")
+    model_fn, params, train, val = _seq()
+    out = ghostfunc.graddot(model_fn, params, train, val)
+    assert out.plan.tuning == "cost model (GHOSTFUNC_ROUTING=model)"
+    assert all(r.reason.startswith("cost ") for r in out.plan.routes.values() if r.factored)
+    assert model_fn not in _calibrate._CHOICES
+    monkeypatch.setenv(_calibrate.ROUTING_ENV, "fastest")
+    with pytest.raises(ValueError, match=r"^GHOSTFUNC_ROUTING: expected one of \('measure', 'model'\); got 'fastest'"):
+        ghostfunc.graddot(model_fn, params, train, val)
+
+
+def test_forced_policies_never_race(monkeypatch):
+    monkeypatch.delenv(_calibrate.ROUTING_ENV, raising=False)
+    model_fn, params, train, val = _seq()
+    out = ghostfunc.graddot(model_fn, params, train, val, policy="materialize")
+    assert out.plan.tuning == "" and model_fn not in _calibrate._CHOICES
