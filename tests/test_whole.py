@@ -57,11 +57,10 @@ def params_of(net: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in net.named_parameters()}
 
 
-@pytest.mark.parametrize("reduce", ["mean", "sum", None])
-@pytest.mark.parametrize("policy", ["auto", "ghost", "materialize", "contract"])
+@pytest.mark.parametrize(("policy", "reduce"), [(policy, reduce) for reduce in ("mean", "sum", None)
+                                                for policy in ("auto", "ghost", "materialize", "contract")
+                                                if not (policy == "contract" and reduce is None)])
 def test_mlp_takes_the_whole_batch_path_and_stays_exact(policy: str, reduce: str | None) -> None:
-    if policy == "contract" and reduce is None:
-        pytest.skip("contract scores against one reduced direction")
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 1)).to(F64)
     fn = mlp_fn(net)
