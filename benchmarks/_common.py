@@ -417,10 +417,11 @@ def measure(fns: Mapping[str, Step], device: torch.device, *, warmup: int = 1, r
     try:
         for k in names:
             for _ in range(warmup):
-                took = timed(fns[k], device, CLOCKS[clock])
-                if took > max_seconds:
+                if timed(fns[k], device, CLOCKS[clock]) > max_seconds:
                     once.add(k)
                     break
+            else:  # a warm call sets how many calls a sample takes (the first may have paid one-time costs)
+                took = timed(fns[k], device, CLOCKS[clock])
                 repeat[k] = max(1, min(1000, int(MIN_SAMPLE_S / max(took, 1e-7))))
         for r in range(rounds):
             order = names[r % len(names):] + names[:r % len(names)]
