@@ -306,8 +306,9 @@ def verified(model_fn: ModelFn, key: tuple, exact: Callable[[], R], direct: Call
         try:
             return direct()
         except Exception:  # noqa: BLE001 - e.g. NotDirect, or the model's own error: the exact path explains it
+            result = exact()  # an error both paths raise (a NaN loss, a shape mistake) keeps the verdict
             seen[key] = False
-            return exact()
+            return result
     result = exact()
     try:
         whole = direct()

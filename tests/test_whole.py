@@ -259,3 +259,15 @@ def test_eval_batchnorm1d_is_a_recognised_scale_and_shift(affine: bool) -> None:
     plan = ghostfunc.plan(fn, params_of(net), (x[:6], y[:6]), (x[6:], y[6:]))
     assert all(route.path != "fallback" for route in plan.routes.values())
     assert verdicts(fn) == {True}
+
+
+def test_a_nan_batch_is_refused_and_keeps_the_verdict() -> None:
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).to(F64)
+    fn = mlp_fn(net)
+    x, y = torch.randn(6, 3, dtype=F64), torch.randn(6, dtype=F64)
+    exact_every_call(fn, params_of(net), (x[:4], y[:4]), (x[4:], y[4:]), calls=2)
+    bad = x.clone()
+    bad[1, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"^graddot: .*train samples \[1\]"):
+        ghostfunc.graddot(fn, params_of(net), (bad[:4], y[:4]), (x[4:], y[4:]))
+    assert verdicts(fn) == {True}
