@@ -246,8 +246,8 @@ def make(name: str, s: Setup, opts: Options) -> Step:
         policy = name.split("/", 1)[1]
         dtype = getattr(torch, opts.compute_dtype) if opts.compute_dtype else None
         if policy == "auto-measured":  # auto with cost constants measured on this machine (GHOSTFUNC_COSTS=measure)
-            return _with_measured_costs(lambda: ghostfunc.graddot(s.model_fn, s.params, s.train, s.val,
-                                                                  compute_dtype=dtype))
+            return with_env("GHOSTFUNC_COSTS", "measure",
+                            lambda: ghostfunc.graddot(s.model_fn, s.params, s.train, s.val, compute_dtype=dtype))
 
         def graddot() -> Any:
             return ghostfunc.graddot(s.model_fn, s.params, s.train, s.val, policy=policy, compute_dtype=dtype)
@@ -304,19 +304,18 @@ def make(name: str, s: Setup, opts: Options) -> Step:
     raise ValueError(f"unknown contender {name!r}")
 
 
-def _with_measured_costs(fn: Step) -> Step:
-    """``fn`` run with ``GHOSTFUNC_COSTS=measure`` (cost constants measured once on this machine), the
-    environment restored."""
+def with_env(name: str, value: str, fn: Step) -> Step:
+    """``fn`` run with the environment variable ``name`` set to ``value``, the environment restored."""
     def step() -> Any:
-        before = os.environ.get("GHOSTFUNC_COSTS")
-        os.environ["GHOSTFUNC_COSTS"] = "measure"
+        before = os.environ.get(name)
+        os.environ[name] = value
         try:
             return fn()
         finally:
             if before is None:
-                del os.environ["GHOSTFUNC_COSTS"]
+                del os.environ[name]
             else:
-                os.environ["GHOSTFUNC_COSTS"] = before
+                os.environ[name] = before
 
     return step
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import gc
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -89,19 +88,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cost_model_only(fn: C.Step) -> C.Step:
-    """``fn`` run with ``GHOSTFUNC_ROUTING=model`` (auto by the cost model alone, no race), the environment restored."""
-    def step() -> Any:
-        before = os.environ.get("GHOSTFUNC_ROUTING")
-        os.environ["GHOSTFUNC_ROUTING"] = "model"
-        try:
-            return fn()
-        finally:
-            if before is None:
-                del os.environ["GHOSTFUNC_ROUTING"]
-            else:
-                os.environ["GHOSTFUNC_ROUTING"] = before
-
-    return step
+    """``fn`` run with ``GHOSTFUNC_ROUTING=model`` (auto by the cost model alone, no race)."""
+    return C.with_env("GHOSTFUNC_ROUTING", "model", fn)
 
 
 def winner(tuning: str) -> str:

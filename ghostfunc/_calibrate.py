@@ -54,7 +54,7 @@ from typing import Any, NamedTuple, TypeVar
 import torch
 
 from . import _kernels as K
-from ._interact import training_flags
+from ._interact import param_signature, training_flags
 from ._ops import Factored
 from ._whole import rng_state as _rng_state
 from ._whole import set_rng_state as _set_rng_state
@@ -217,7 +217,7 @@ def route_key(model_fn: Callable, params: Mapping[str, torch.Tensor], train: Any
               val_reduce: str | None) -> tuple:
     """What a measured routing is cached by (besides ``model_fn``): parameter names, shapes, dtypes and
     devices, each batch's size and signature (:class:`ghostfunc._capture.Batch`), reduced or not, train/eval modes."""
-    return (tuple((k, tuple(v.shape), v.dtype, v.device) for k, v in params.items()), train.size, train.signature,
+    return (param_signature(params), train.size, train.signature,
             val.size, val.signature, val_reduce is not None, training_flags(model_fn))
 
 

@@ -36,8 +36,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
-from ._interact import FACTORIES, TO_PYTHON, InPlaceWriteError, retry_writing
-from ._ops import EXACT, TABLE, Direct, Factored, Rule, SamplesInteractError
+from ._interact import FACTORIES, TO_PYTHON, InPlaceWriteError, param_signature, retry_writing
+from ._ops import EXACT, TABLE, Direct, Factored, Match, Rule, SamplesInteractError
 from ._ops.rnn import RECURRENT, decompose
 
 ModelFn = Callable[[dict[str, Tensor], Any], Tensor]
@@ -204,14 +204,7 @@ class _Interceptor(TorchFunctionMode):
             return out
         rule = self._rule(func)
         match = rule.match(args, kwargs) if rule is not None else None
-        roles: dict[str, str] = {}
-        if match is not None:
-            for role, t in match.roles.items():
-                if id(t) in self.names:
-                    roles[role] = self.names[id(t)]
-                    hit = next((i for i, f in enumerate(found) if f is t), None)
-                    if hit is not None:
-                        del found[hit]
+        roles = matched_roles(match, self.names, found)
         out = func(*args, **kwargs)
         if func in FACTORIES:  # e.g. torch.zeros_like(weight): a fresh buffer too
             self.fresh.add(id(out))
@@ -483,6 +476,20 @@ def _params_in(tree: Any, names: dict[int, str]) -> list[Tensor]:
     return found
 
 
+def matched_roles(match: Match | None, names: dict[int, str], found: list[Tensor]) -> dict[str, str]:
+    """Role -> parameter name for the trainable parameters a rule's ``match`` recognised; each is removed
+    from ``found`` (what remains was used some other way)."""
+    roles: dict[str, str] = {}
+    if match is not None:
+        for role, t in match.roles.items():
+            if id(t) in names:
+                roles[role] = names[id(t)]
+                hit = next((i for i, f in enumerate(found) if f is t), None)
+                if hit is not None:
+                    del found[hit]
+    return roles
+
+
 def _makes_tensor(out: Any, found: list[Tensor]) -> bool:
     return any(isinstance(o, Tensor) and not any(o is f for f in found) for o in pytree.tree_leaves(out))
 
@@ -535,7 +542,7 @@ def trace(model_fn: ModelFn, params: Mapping[str, Tensor], batch: Batch, where: 
 def cached_trace(model_fn: ModelFn, params: Mapping[str, Tensor], batch: Batch, how: str, fresh: bool,
                  compute: Callable[[], Trace]) -> Trace:
     """``compute()``, cached per ``model_fn`` by parameter and batch signature and ``how`` it was traced."""
-    key = (tuple((k, tuple(v.shape), v.dtype, v.device) for k, v in params.items()), batch.signature, how)
+    key = (param_signature(params), batch.signature, how)
     try:
         cache = _TRACES.setdefault(model_fn, {})
     except TypeError:  # not weak-referenceable: trace every call

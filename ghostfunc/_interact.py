@@ -83,7 +83,7 @@ def check_model(model_fn: Callable, params: Mapping[str, Tensor], batches: tuple
     parameter shapes. Cost on a first call: ``model_fn`` on ``min(size, 3)`` samples
     together and on each of them alone, without gradients.
     """
-    shapes = (tuple((k, tuple(v.shape), v.dtype, v.device) for k, v in params.items()), training_flags(model_fn))
+    shapes = (param_signature(params), training_flags(model_fn))
     try:
         seen = _CHECKED.setdefault(model_fn, set())
     except TypeError:  # not weak-referenceable: check every call
@@ -102,6 +102,11 @@ def check_model(model_fn: Callable, params: Mapping[str, Tensor], batches: tuple
             if len(seen) > 64:
                 seen.clear()
             seen.add(key)
+
+
+def param_signature(params: Mapping[str, Tensor]) -> tuple:
+    """Every parameter's name, shape, dtype and device: what cached checks, traces and verdicts are keyed by."""
+    return tuple((k, tuple(v.shape), v.dtype, v.device) for k, v in params.items())
 
 
 def training_flags(model_fn: Callable) -> tuple[bool, ...]:

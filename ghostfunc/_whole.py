@@ -52,8 +52,9 @@ from ._capture import (
     _keep,
     _makes_tensor,
     _params_in,
+    matched_roles,
 )
-from ._interact import TO_PYTHON, training_flags
+from ._interact import TO_PYTHON, param_signature, training_flags
 from ._ops import EXACT, TABLE, Direct, Factored
 from ._ops.rnn import RECURRENT
 
@@ -109,14 +110,7 @@ class _Taps(TorchFunctionMode):
             return func(*args, **kwargs)
         rule = TABLE.get(func)
         match = rule.match(args, kwargs) if rule is not None else None
-        roles: dict[str, str] = {}
-        if match is not None:
-            for role, t in match.roles.items():
-                if id(t) in self.names:
-                    roles[role] = self.names[id(t)]
-                    hit = next((i for i, f in enumerate(found) if f is t), None)
-                    if hit is not None:
-                        del found[hit]
+        roles = matched_roles(match, self.names, found)
         out = func(*args, **kwargs)
         if found and _makes_tensor(out, found):
             raise NotDirect(f"{self.names[id(found[0])]} used by an unrecognised call")
@@ -361,7 +355,7 @@ def together(model_fn: ModelFn, params: Mapping[str, Tensor], batches: Sequence[
 
 def signature(params: Mapping[str, Tensor], batches: Sequence[Batch], *rest: Any) -> tuple:
     """The key :func:`verified` remembers a verdict under: parameter shapes, batch signatures and sizes."""
-    return (tuple((k, tuple(v.shape), v.dtype, v.device) for k, v in params.items()),
+    return (param_signature(params),
             tuple((b.signature, b.size) for b in batches), rest)
 
 
