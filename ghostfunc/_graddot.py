@@ -26,7 +26,7 @@ from ._capture import (
 from ._checks import check_model_fn, check_options, check_pair, check_params
 from ._eager import capture_eager, summary, trace_eager, unbatchable
 from ._groups import WHOLE, Part, describe, merge_halves, refine, subset
-from ._interact import check_model, training_flags
+from ._interact import check_model, param_signature, training_flags
 from ._ops import Direct, Factored
 from ._plan import DIRECTION, Plan, Usage, candidate_policies, contenders, make_plan, usages
 from ._whole import rng_state as _rng_state
@@ -156,9 +156,41 @@ def routing(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Bat
     batched trace cannot run the model, the per-sample trace runs instead.
     """
     state = fresh if isinstance(fresh, Attempt) else Attempt(bool(fresh))
-    batches = (train, val)
-    known = (tuple((k, tuple(v.shape), v.dtype) for k, v in params.items()), train.signature, val.signature,
+    known = (param_signature(params), train.signature, val.signature,
              training_flags(model_fn))  # e.g. HF checkpointing runs in training mode only
+    tuned = (_calibrate.tuned(model_fn, _calibrate.route_key(model_fn, params, train, val, val_reduce, known))
+             if policy == "auto" else None)
+    memo_key = (known, train.size, val.size, policy, val_reduce)
+    memo = _routed(model_fn)
+    if state.eager is None and state.parts == (WHOLE, WHOLE):
+        if not state.fresh and (hit := memo.get(memo_key)) is not None and hit[0] is tuned:
+            return hit[1]
+    else:
+        memo.pop(memo_key, None)
+    r = _route(model_fn, params, train, val, where, policy, val_reduce, state, known, tuned)
+    if r.eager is None and r.parts == (WHOLE, WHOLE):
+        if len(memo) > 32:
+            memo.clear()
+        memo[memo_key] = (tuned, r)
+    return r
+
+
+#: ``model_fn`` -> {(signatures, sizes, policy, val_reduce): (the measured choice it used, :class:`Routing`)}.
+#: A later call of the same signature reuses the routing (the traces are the cached ones, and a stale one is
+#: caught by the capture as before, whose retry routes afresh and replaces the entry).
+_ROUTED: weakref.WeakKeyDictionary[Any, dict[tuple, tuple[Any, Routing]]] = weakref.WeakKeyDictionary()
+
+
+def _routed(model_fn: ModelFn) -> dict[tuple, tuple[Any, Routing]]:
+    try:
+        return _ROUTED.setdefault(model_fn, {})
+    except TypeError:  # not weak-referenceable: route every call
+        return {}
+
+
+def _route(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batch, where: str, policy: str,
+           val_reduce: str | None, state: Attempt, known: tuple, tuned: Any) -> Routing:
+    batches = (train, val)
     eager = state.eager or _UNBATCHABLE_SEEN.get(model_fn, {}).get(known) if _weakrefable(model_fn) else state.eager
     part_traces: tuple[tuple[Trace, ...], ...] = ((), ())
     if eager is None:
@@ -186,8 +218,6 @@ def routing(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Bat
         notes.append(f"per-sample capture: each sample runs alone with ordinary autograd (one forward and backward "
                      f"each; kernels kept for recognised calls) because the batched capture cannot run the model: "
                      f"{eager}")
-    tuned = (_calibrate.tuned(model_fn, _calibrate.route_key(model_fn, params, train, val, val_reduce))
-             if policy == "auto" else None)
     the_plan = make_plan(params, use, policy, train.size, val.size, val_reduce, tuned)._replace(notes=tuple(notes))
     traces = (part_traces[0][0], part_traces[1][0])
     return Routing(traces, kernel, the_plan, parts, (part_traces[0], part_traces[1]), eager)

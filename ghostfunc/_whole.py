@@ -37,11 +37,11 @@ from typing import Any, TypeVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from ._capture import (
-    _FRESH,
     Batch,
     Half,
     ModelFn,
@@ -86,15 +86,20 @@ _INDEXING = frozenset({Tensor.__getitem__, Tensor.__setitem__})
 
 
 class _Taps(TorchFunctionMode):
-    """Runs ``model_fn`` on a whole batch: taps the recognised calls the trace expects, refuses what it cannot vouch for.
+    """Runs ``model_fn`` on a whole batch: notes where the recognised calls the trace expects leave the
+    autograd graph, refuses what it cannot vouch for.
 
-    With ``expect`` empty it only guards (a plain gradient of the whole batch).
+    Parameters are leaves that require gradients, so each recognised call's output
+    has a ``grad_fn``; its gradient edge (taken as the call returns, before any
+    in-place change) is where :func:`_capture`'s one backward stops: no tap tensors,
+    and no parameter gradient is computed. With ``expect`` empty it only guards (a
+    plain gradient of the whole batch).
     """
 
     def __init__(self, names: dict[int, str], expect: Sequence[Site], n: int) -> None:
         super().__init__()
         self.names, self.expect, self.n = names, expect, n
-        self.taps: list[Tensor] = []
+        self.taps: list[GradientEdge] = []
         self.saved: list[tuple[Tensor, ...]] = []
         self.statics: list[Any] = []
 
@@ -105,7 +110,7 @@ class _Taps(TorchFunctionMode):
         if kwargs and kwargs.get("generator") is not None:
             raise NotDirect("a random generator")
         func = EXACT.get(func, func)  # BatchNorm in training mode refused as in the capture
-        found = _params_in((args, kwargs), self.names) if self.names else []
+        found = _params_among(args, kwargs, self.names) if self.names else []
         if not found:
             return func(*args, **kwargs)
         rule = TABLE.get(func)
@@ -126,11 +131,33 @@ class _Taps(TorchFunctionMode):
             raise NotDirect(f"call {k} is not the trace's, row for row")
         if not all(_leading_times(s, None, self.n) for s in match.saved if s.dim() > 0):
             raise NotDirect(f"call {k} saves a tensor without the samples' rows first")
-        tap = torch.zeros((), dtype=out.dtype, device=out.device, requires_grad=True).expand(out.shape)
-        self.taps.append(tap)
+        if out.grad_fn is None:
+            raise NotDirect(f"call {k} has no gradient")
+        self.taps.append(get_gradient_edge(out))
         self.saved.append(match.saved)
         self.statics.append(match.static)
-        return out.add_(tap) if rule.kind in _FRESH else out + tap
+        return out
+
+
+#: Argument types that are tensors (looked up by id) or hold none (skipped): every other kind of argument
+#: (lists, dicts, registered containers) is walked by :func:`ghostfunc._capture._params_in`.
+_TENSORS = frozenset({Tensor, torch.nn.Parameter})
+_ATOMS = frozenset({int, float, bool, complex, str, bytes, type(None), type(Ellipsis), slice, torch.dtype,
+                    torch.device, torch.layout, torch.memory_format, torch.Size})
+
+
+def _params_among(args: tuple, kwargs: dict[str, Any], names: dict[int, str]) -> list[Tensor]:
+    """:func:`ghostfunc._capture._params_in` of ``(args, kwargs)``, without a walk when every argument is a
+    plain tensor or holds none (most calls: a few microseconds per call is most of a small model's forward)."""
+    found = []
+    for x in (*args, *kwargs.values()) if kwargs else args:
+        kind = type(x)
+        if kind in _TENSORS:
+            if id(x) in names:
+                found.append(x)
+        elif kind not in _ATOMS:
+            return _params_in((args, kwargs), names)
+    return found
 
 
 #: Calls :func:`_refuse` looks at before they run.
@@ -207,6 +234,7 @@ def capture(model_fn: ModelFn, params: Mapping[str, Tensor], batches: Sequence[B
     """
     if set(params) != kernel:
         raise NotDirect("a parameter takes the per-sample fallback")
+    params = {k: v.detach().requires_grad_(True) for k, v in params.items()}  # leaves: every call has a grad_fn
     names = {id(params[k]): k for k in kernel}
     expect = [tuple(_keep(tr.sites, kernel)) for tr in traces]
     if len(batches) > 1 and all(b.signature == batches[0].signature for b in batches) and len(set(expect)) == 1:
