@@ -769,7 +769,9 @@ def _in_dtype(g: Factored | Direct, dtype: torch.dtype) -> Factored | Direct:
         return x.to(dtype) if x.is_floating_point() and x.dtype != dtype else x
 
     if isinstance(g, Direct):
-        return Direct(cast(g.grad))
+        return g if g.grad.dtype == dtype else Direct(cast(g.grad))
+    if g.right.dtype == dtype and (g.left.dtype == dtype or not g.left.is_floating_point()):
+        return g
     return g._replace(left=cast(g.left), right=cast(g.right))
 
 

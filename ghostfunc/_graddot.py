@@ -26,7 +26,7 @@ from ._capture import (
 from ._checks import check_model_fn, check_options, check_pair, check_params
 from ._eager import capture_eager, summary, trace_eager, unbatchable
 from ._groups import WHOLE, Part, describe, merge_halves, refine, subset
-from ._interact import check_model, param_signature, training_flags
+from ._interact import check_model, one_call, param_signature, training_flags
 from ._ops import Direct, Factored
 from ._plan import DIRECTION, Plan, Usage, candidate_policies, contenders, make_plan, usages
 from ._whole import rng_state as _rng_state
@@ -160,10 +160,12 @@ def routing(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Bat
              training_flags(model_fn))  # e.g. HF checkpointing runs in training mode only
     tuned = (_calibrate.tuned(model_fn, _calibrate.route_key(model_fn, params, train, val, val_reduce, known))
              if policy == "auto" else None)
+    first = next(iter(params.values()))
+    used = (tuned, _calibrate.constants(first.device, first.dtype))  # what make_plan routes by, besides shapes
     memo_key = (known, train.size, val.size, policy, val_reduce)
     memo = _routed(model_fn)
     if state.eager is None and state.parts == (WHOLE, WHOLE):
-        if not state.fresh and (hit := memo.get(memo_key)) is not None and hit[0] is tuned:
+        if not state.fresh and (hit := memo.get(memo_key)) is not None and hit[0][0] is tuned and hit[0][1] == used[1]:
             return hit[1]
     else:
         memo.pop(memo_key, None)
@@ -171,13 +173,13 @@ def routing(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Bat
     if r.eager is None and r.parts == (WHOLE, WHOLE):
         if len(memo) > 32:
             memo.clear()
-        memo[memo_key] = (tuned, r)
+        memo[memo_key] = (used, r)
     return r
 
 
-#: ``model_fn`` -> {(signatures, sizes, policy, val_reduce): (the measured choice it used, :class:`Routing`)}.
-#: A later call of the same signature reuses the routing (the traces are the cached ones, and a stale one is
-#: caught by the capture as before, whose retry routes afresh and replaces the entry).
+#: ``model_fn`` -> {(signatures, sizes, policy, val_reduce): ((the measured choice and cost constants it used),
+#: :class:`Routing`)}. A later call of the same signature reuses the routing (the traces are the cached ones,
+#: and a stale one is caught by the capture as before, whose retry routes afresh and replaces the entry).
 _ROUTED: weakref.WeakKeyDictionary[Any, dict[tuple, tuple[Any, Routing]]] = weakref.WeakKeyDictionary()
 
 
@@ -538,6 +540,9 @@ def score_direction(route_path: str, tr: list, u: Tensor, n: int, param: Tensor,
     if route_path == "materialize":
         scores, total = K.materialise_dots(_factored(tr), u.reshape(param.shape[0], -1), n, dtype)
         return scores, (total / n).reshape(param.shape)
+    if route_path in ("direct", "fallback"):  # the per-sample gradients once, for both
+        g = _direct(tr, n, param.shape, param)  # [n, P]
+        return g @ u.reshape(-1).to(param.dtype), g.mean(0).reshape(param.shape)
     return contract_direction(route_path, tr, u, n, param, dtype), train_mean(route_path, tr, n, param)
 
 
@@ -624,6 +629,12 @@ def graddot(
         >>> ghostfunc.graddot(model_fn, p, (x, y), (x, y)).scores
         tensor([0.3333, 0.3333, 0.3333], dtype=torch.float64)
     """
+    with one_call():
+        return _graddot(model_fn, params, train, val, val_reduce, policy, compute_dtype, group)
+
+
+def _graddot(model_fn: ModelFn, params: Mapping[str, Tensor], train: Any, val: Any, val_reduce: str | None,
+             policy: str, compute_dtype: torch.dtype | None, group: Any) -> GradDot:
     where = "graddot"
     if group is not None:
         return graddot_group(model_fn, params, train, val, val_reduce, policy, compute_dtype, group)

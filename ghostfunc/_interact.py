@@ -23,9 +23,11 @@ splits such batches). The global RNG state is left as it was.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import warnings
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -104,14 +106,52 @@ def check_model(model_fn: Callable, params: Mapping[str, Tensor], batches: tuple
             seen.add(key)
 
 
+class _Scope(threading.local):
+    memo: dict[tuple, Any] | None = None
+
+
+_SCOPE = _Scope()
+
+
+@contextlib.contextmanager
+def one_call() -> Iterator[None]:
+    """Within one public call, :func:`param_signature` and :func:`training_flags` are computed once per
+    object: the cache keys of checks, traces, routings and verdicts all use them (on a small model each
+    walk costs about as much as a torch call). Nested calls share the outermost scope."""
+    if _SCOPE.memo is not None:
+        yield
+        return
+    _SCOPE.memo = {}
+    try:
+        yield
+    finally:
+        _SCOPE.memo = None
+
+
+def _scoped(kind: str, obj: Any, compute: Callable[[], Any]) -> Any:
+    memo = _SCOPE.memo
+    if memo is None:
+        return compute()
+    key = (kind, id(obj))
+    hit = memo.get(key)
+    if hit is None or hit[0] is not obj:
+        hit = memo[key] = (obj, compute())  # the object is held: its id is not reused within the call
+    return hit[1]
+
+
 def param_signature(params: Mapping[str, Tensor]) -> tuple:
     """Every parameter's name, shape, dtype and device: what cached checks, traces and verdicts are keyed by."""
-    return tuple((k, tuple(v.shape), v.dtype, v.device) for k, v in params.items())
+    return _scoped("params", params,
+                   lambda: tuple((k, tuple(v.shape), v.dtype, v.device) for k, v in params.items()))
 
 
 def training_flags(model_fn: Callable) -> tuple[bool, ...]:
     """``training`` of every submodule of the modules ``model_fn`` names (closure cells and the globals it
     reads): switching one between train and eval mode makes the next call check again."""
+    return _scoped("flags", model_fn, lambda: _training_flags(model_fn))
+
+
+def _training_flags(model_fn: Callable) -> tuple[bool, ...]:
     code, cells = getattr(model_fn, "__code__", None), getattr(model_fn, "__closure__", None) or ()
     found = [_contents(c) for c in cells]
     if code is not None:

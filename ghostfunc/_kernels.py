@@ -91,7 +91,7 @@ def gram(a: Factored, b: Factored, dtype: torch.dtype | None = None) -> Tensor:
 
 def weight_sum(f: Factored, weights: Tensor | None = None) -> Tensor:
     """``Σ_n w_n Σ_t L[n,t] ⊗ R[n,t]``: ``[p, d]`` (the rows' weighted gradient sum)."""
-    right = f.right if weights is None else f.right * weights[:, None, None].to(f.right.dtype)
+    right = f.right if weights is None else f.right * weights.to(f.right.dtype).view(-1, 1, 1)
     d = right.shape[-1]
     if f.ids:
         out = torch.zeros(f.p, d, dtype=right.dtype, device=right.device)

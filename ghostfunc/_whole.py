@@ -245,6 +245,8 @@ def capture(model_fn: ModelFn, params: Mapping[str, Tensor], batches: Sequence[B
         for b in batches:
             halves.append(_rows(half, at, at + b.size))
             at += b.size
+        if bool(torch.isfinite(half.loss).all()):  # one check of every batch's losses; else name the rows
+            return halves
     else:
         halves = _capture(model_fn, params, batches, expect, names)
     for half, label in zip(halves, labels, strict=True):
@@ -281,7 +283,7 @@ def _capture(model_fn: ModelFn, params: Mapping[str, Tensor], batches: Sequence[
 def _rows(half: Half, lo: int, hi: int) -> Half:
     """Samples ``lo:hi`` of a capture."""
     def cut(g: Factored | Direct) -> Factored | Direct:
-        return Direct(g.grad[lo:hi]) if isinstance(g, Direct) else g._replace(left=g.left[lo:hi], right=g.right[lo:hi])
+        return Direct(g.grad[lo:hi]) if isinstance(g, Direct) else Factored(g.left[lo:hi], g.right[lo:hi], g.p)
 
     return Half(half.loss[lo:hi], {k: [cut(g) for g in uses] for k, uses in half.grads.items()})
 

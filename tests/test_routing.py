@@ -190,3 +190,27 @@ def test_forced_policies_never_race(monkeypatch):
     model_fn, params, train, val = _seq()
     out = ghostfunc.graddot(model_fn, params, train, val, policy="materialize")
     assert out.plan.tuning == "" and model_fn not in _calibrate._CHOICES
+
+
+def test_a_signature_reuses_its_routing_until_a_trace_is_refreshed():
+    """Later calls of one signature reuse the routing (no re-planning); a fresh trace replaces it."""
+    from ghostfunc import _graddot
+    from ghostfunc._capture import split_batch
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)).double()
+    p = {k: v.detach() for k, v in net.named_parameters()}
+
+    def fn(q, batch):
+        return torch.func.functional_call(net, q, (batch,)).squeeze(-1) ** 2
+
+    x = torch.randn(5, 3, dtype=torch.float64)
+    tb, vb = split_batch(x[:3]), split_batch(x[3:])
+    first = _graddot.routing(fn, p, tb, vb, "graddot", "ghost", "mean", False)
+    assert _graddot.routing(fn, p, tb, vb, "graddot", "ghost", "mean", False) is first
+    assert _graddot.routing(fn, p, tb, vb, "graddot", "materialize", "mean", False) is not first  # another policy
+    fresh = _graddot.routing(fn, p, tb, vb, "graddot", "ghost", "mean", True)
+    assert fresh is not first
+    assert _graddot.routing(fn, p, tb, vb, "graddot", "ghost", "mean", False) is fresh
+    bigger = split_batch(x[:4])  # another batch size: its own routing
+    assert _graddot.routing(fn, p, bigger, vb, "graddot", "ghost", "mean", False).plan.n_train == 4

@@ -271,3 +271,23 @@ def test_a_nan_batch_is_refused_and_keeps_the_verdict() -> None:
     with pytest.raises(FloatingPointError, match=r"^graddot: .*train samples \[1\]"):
         ghostfunc.graddot(fn, params_of(net), (bad[:4], y[:4]), (x[4:], y[4:]))
     assert verdicts(fn) == {True}
+
+
+def test_outputs_changed_in_place_after_a_recognised_call() -> None:
+    """The backward stops at each call's output as the call returned it: later in-place changes
+    (``relu_``, ``mul_``, ``add_`` on the linear's own output) are differentiated through, not lost."""
+    torch.manual_seed(3)
+    w1, b1 = torch.randn(6, 4, dtype=F64), torch.randn(6, dtype=F64)
+    w2 = torch.randn(1, 6, dtype=F64)
+
+    def model_fn(p, batch):
+        x, y = batch
+        h = F.linear(x, p["w1"], p["b1"])
+        h.mul_(1.5).add_(0.25).relu_()  # in place on the recognised call's output
+        out = F.linear(h, p["w2"])
+        out.sub_(y[:, None])
+        return out.squeeze(1).pow(2)
+
+    x, y = torch.randn(11, 4, dtype=F64), torch.randn(11, dtype=F64)
+    exact_every_call(model_fn, {"w1": w1, "b1": b1, "w2": w2}, (x[:7], y[:7]), (x[7:], y[7:]))
+    assert verdicts(model_fn) == {True}

@@ -88,7 +88,7 @@ def sum_to(x: Tensor, shape: torch.Size) -> Tensor:
 
 def tokens(x: Tensor, width: int) -> Tensor:
     """``[n, ..., width] -> [n, t, width]``: every leading position is a token."""
-    return x.reshape(x.shape[0], -1, width)
+    return x if x.dim() == 3 and x.shape[2] == width else x.reshape(x.shape[0], -1, width)
 
 
 def align(x: Tensor, ndim: int) -> Tensor:
