@@ -265,6 +265,8 @@ def make(name: str, s: Setup, opts: Options) -> Step:
             return step(state, s.train, s.val)
 
         return train_step
+    if name == "hand/contract":
+        return _hand_contract(s)
     if name == "naive loop":
         def naive() -> Any:
             return ghostfunc.reference_graddot(s.model_fn, s.params, s.train, s.val)
@@ -302,6 +304,54 @@ def make(name: str, s: Setup, opts: Options) -> Step:
 
         return opacus_
     raise ValueError(f"unknown contender {name!r}")
+
+
+class _Linears(torch.overrides.TorchFunctionMode):
+    """Records every ``F.linear``'s input, parameters and the gradient edge of its output (nothing else)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[Tensor, Tensor, Tensor | None, Any]] = []
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if func is F.linear:
+            x, w, b = (*args, None)[:3] if len(args) >= 2 else (args[0], kwargs["weight"], kwargs.get("bias"))
+            self.calls.append((x, w, b, torch.autograd.graph.get_gradient_edge(out)))
+        return out
+
+
+def _hand_contract(s: Setup) -> Step:
+    """The token-wise MLP's ``graddot`` (val_reduce ``"mean"``) written by hand for this model alone: no
+    checks, routing or verification, one forward over ``[train; val]`` under a mode that only notes the
+    linear calls, one backward to their outputs, then per layer ``ḡ_val``, the train gradient and every
+    row's ``Σ_t b_tᵀ ḡ_val a_t``: the floor of the interception method on this model (the same outputs as
+    ``graddot``: scores, per-parameter scores, train gradient, losses)."""
+    if s.config.model != "mlp":
+        raise ValueError("hand/contract is written for the mlp model only")
+    n, m = s.config.n_train, s.config.n_val
+    leaves = {k: v.detach().requires_grad_(True) for k, v in s.params.items()}
+    names = {id(v): k for k, v in leaves.items()}
+
+    def hand() -> Any:
+        mode = _Linears()
+        with mode:
+            losses = s.model_fn(leaves, s.both)
+        outs = torch.autograd.grad(losses.sum(), [e for *_, e in mode.calls])
+        per_param, train_grad = {}, {}
+        for (x, w, b, _), g in zip(mode.calls, outs, strict=True):
+            a, o = x.reshape(n + m, -1, x.shape[-1]), g.reshape(n + m, -1, g.shape[-1])  # [N, T, d], [N, T, p]
+            at, av, ot, ov = a[:n], a[n:], o[:n], o[n:]
+            u = ov.flatten(0, 1).T @ av.flatten(0, 1) / m  # ḡ_val of the weight [p, d]
+            train_grad[names[id(w)]] = ot.flatten(0, 1).T @ at.flatten(0, 1) / n
+            per_param[names[id(w)]] = ((ot @ u) * at).sum((1, 2))
+            if b is not None:
+                bt = ot.sum(1)  # per-sample bias gradients [n, p]
+                train_grad[names[id(b)]] = bt.mean(0)
+                per_param[names[id(b)]] = bt @ (ov.sum(1).mean(0))
+        return torch.stack(list(per_param.values())).sum(0), per_param, train_grad, losses.detach()
+
+    return hand
 
 
 def with_env(name: str, value: str, fn: Step) -> Step:

@@ -50,7 +50,23 @@ def test_sweep_tiny(tmp_path: Path) -> None:
 def test_mlp2d_tiny(tmp_path: Path) -> None:
     got = mlp2d.main(["--tiny", "--out", str(tmp_path)])
     assert len(got["cells"]) == 4
+    assert all(mlp2d.HAND in c["ratios"] for c in got["cells"])
     _outputs(tmp_path, "mlp2d")
+
+
+def test_hand_written_floor_gives_graddots_numbers() -> None:
+    """The mlp2d floor (the same computation by hand for the token-wise MLP) is graddot, number for number."""
+    import ghostfunc
+
+    for t in (1, 3):
+        s = _common.build(_common.Config(model="mlp", T=t, width=8, d_in=5, n_train=4, n_val=3, dtype="float64"))
+        scores, per_param, train_grad, losses = _common.make(mlp2d.HAND, s, _common.Options())()
+        ref = ghostfunc.graddot(s.model_fn, s.params, s.train, s.val)
+        assert (scores - ref.scores).abs().max() <= 1e-12 * ref.scores.abs().max()
+        for k in s.params:
+            assert (per_param[k] - ref.per_param[k]).abs().max() <= 1e-12 * ref.scores.abs().max(), k
+            assert (train_grad[k] - ref.train_grad[k]).abs().max() <= 1e-12 * ref.train_grad[k].abs().max(), k
+        assert (losses[:4] - ref.train_loss).abs().max() <= 1e-12
 
 
 def test_longseq_tiny(tmp_path: Path) -> None:
