@@ -482,11 +482,13 @@ def matched_roles(match: Match | None, names: dict[int, str], found: list[Tensor
     roles: dict[str, str] = {}
     if match is not None:
         for role, t in match.roles.items():
-            if id(t) in names:
-                roles[role] = names[id(t)]
-                hit = next((i for i, f in enumerate(found) if f is t), None)
-                if hit is not None:
-                    del found[hit]
+            name = names.get(id(t))
+            if name is not None:
+                roles[role] = name
+                for i, f in enumerate(found):
+                    if f is t:
+                        del found[i]
+                        break
     return roles
 
 

@@ -125,13 +125,14 @@ class _Taps(TorchFunctionMode):
         want = self.expect[k] if k < len(self.expect) else None
         if torch._C._autograd._top_saved_tensors_default_hooks(False):
             raise NotDirect("saved-tensor hooks (checkpointing)")
-        if (want is None or want.rule != rule or want.roles != tuple(sorted(roles.items()))
-                or not _leading_times(out, want.out_shape, self.n) or out.dtype != want.out_dtype
-                or not torch.is_grad_enabled()):
+        n = self.n
+        if (want is None or (want.rule is not rule and want.rule != rule) or want.roles != tuple(sorted(roles.items()))
+                or out.dtype != want.out_dtype or not _leading_times(out, want.out_shape, n)):
             raise NotDirect(f"call {k} is not the trace's, row for row")
-        if not all(_leading_times(s, None, self.n) for s in match.saved if s.dim() > 0):
-            raise NotDirect(f"call {k} saves a tensor without the samples' rows first")
-        if out.grad_fn is None:
+        for s in match.saved:
+            if s.dim() and s.shape[0] % n:
+                raise NotDirect(f"call {k} saves a tensor without the samples' rows first")
+        if out.grad_fn is None:  # also when gradients are off
             raise NotDirect(f"call {k} has no gradient")
         self.taps.append(get_gradient_edge(out))
         self.saved.append(match.saved)
