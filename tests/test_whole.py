@@ -291,3 +291,34 @@ def test_outputs_changed_in_place_after_a_recognised_call() -> None:
     x, y = torch.randn(11, 4, dtype=F64), torch.randn(11, dtype=F64)
     exact_every_call(model_fn, {"w1": w1, "b1": b1, "w2": w2}, (x[:7], y[:7]), (x[7:], y[7:]))
     assert verdicts(model_fn) == {True}
+
+
+def test_calls_from_several_threads_stay_exact() -> None:
+    """The per-call memo of signatures and training flags is per thread: concurrent calls with different
+    shapes and models do not see each other's keys."""
+    import threading
+
+    torch.manual_seed(5)
+    nets = [nn.Sequential(nn.Linear(4, w), nn.Tanh(), nn.Linear(w, 1)).to(F64) for w in (3, 6)]
+    jobs = []
+    for i, net in enumerate(nets):
+        fn = mlp_fn(net)
+        x, y = torch.randn(7 + i, 4, dtype=F64), torch.randn(7 + i, dtype=F64)
+        jobs.append((fn, params_of(net), (x[:4 + i], y[:4 + i]), (x[4 + i:], y[4 + i:])))
+    refs = [ghostfunc.reference_graddot(*job)[0] for job in jobs]
+    errors: list[BaseException] = []
+
+    def work(k: int) -> None:
+        try:
+            for _ in range(20):
+                got = ghostfunc.graddot(*jobs[k % 2]).scores
+                assert rel(got, refs[k % 2]) < 1e-10
+        except BaseException as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
