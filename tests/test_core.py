@@ -403,3 +403,23 @@ def test_error_params_not_a_dict_and_model_fn_not_callable():
         ghostfunc.graddot(None, params, batch, batch)
     with pytest.raises(ValueError, match=r"^plan: val_reduce"):
         ghostfunc.plan(model_fn, params, batch, batch, val_reduce="max")
+
+
+def test_flat_batches_split_as_the_pytree_walk_does():
+    """A tensor, or a plain tuple/list of tensors, is split without a pytree walk: same signature and
+    container as the walk (cached traces, checks and verdicts are keyed by it)."""
+    from torch.utils import _pytree as pytree
+
+    from ghostfunc import _capture
+
+    for batch in (torch.randn(3, 2), (torch.randn(3, 2), torch.randn(3)), [torch.randn(3, 4, 2)],
+                  (torch.randn(3).to(torch.float64),)):
+        fast = _capture.split_batch(batch)
+        leaves, spec = pytree.tree_flatten(batch)
+        tensors, rebuild = _capture.tensor_leaves(leaves, spec)
+        assert fast.signature == (str(spec), tuple((tuple(t.shape[1:]), t.dtype, t.device) for t in tensors))
+        assert fast.size == 3 and all(a is b for a, b in zip(fast.tensors, tensors, strict=True))
+        again, expected = fast.rebuild(list(fast.tensors)), rebuild(tensors)
+        assert type(again) is type(expected) and pytree.tree_structure(again) == pytree.tree_structure(expected)
+    assert _capture._flat_batch((torch.randn(3), 1.5)) is None  # a non-tensor leaf: the walk
+    assert _capture._flat_batch(torch.tensor(1.0)) is None  # a scalar: the walk names it

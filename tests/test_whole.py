@@ -295,24 +295,25 @@ def test_outputs_changed_in_place_after_a_recognised_call() -> None:
 
 def test_calls_from_several_threads_stay_exact() -> None:
     """The per-call memo of signatures and training flags is per thread: concurrent calls with different
-    shapes and models do not see each other's keys."""
+    shapes and models do not see each other's keys. (Each thread has its own module: ``functional_call``
+    swaps a module's parameters in place, so two threads must not run one module at once.)"""
     import threading
 
     torch.manual_seed(5)
-    nets = [nn.Sequential(nn.Linear(4, w), nn.Tanh(), nn.Linear(w, 1)).to(F64) for w in (3, 6)]
+    nets = [nn.Sequential(nn.Linear(4, w), nn.Tanh(), nn.Linear(w, 1)).to(F64) for w in (3, 6, 3, 6)]
     jobs = []
     for i, net in enumerate(nets):
         fn = mlp_fn(net)
-        x, y = torch.randn(7 + i, 4, dtype=F64), torch.randn(7 + i, dtype=F64)
-        jobs.append((fn, params_of(net), (x[:4 + i], y[:4 + i]), (x[4 + i:], y[4 + i:])))
+        x, y = torch.randn(7 + i % 2, 4, dtype=F64), torch.randn(7 + i % 2, dtype=F64)
+        jobs.append((fn, params_of(net), (x[:4 + i % 2], y[:4 + i % 2]), (x[4 + i % 2:], y[4 + i % 2:])))
     refs = [ghostfunc.reference_graddot(*job)[0] for job in jobs]
     errors: list[BaseException] = []
 
     def work(k: int) -> None:
         try:
             for _ in range(20):
-                got = ghostfunc.graddot(*jobs[k % 2]).scores
-                assert rel(got, refs[k % 2]) < 1e-10
+                got = ghostfunc.graddot(*jobs[k]).scores
+                assert rel(got, refs[k]) < 1e-10
         except BaseException as err:  # noqa: BLE001 - reported below
             errors.append(err)
 
