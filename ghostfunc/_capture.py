@@ -24,6 +24,7 @@ sample by sample (:mod:`ghostfunc._eager`).
 
 from __future__ import annotations
 
+import threading
 import warnings
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -285,8 +286,9 @@ class _ReentrantAsPlain:
     ``CheckpointFunction.apply(function, preserve_rng_state, *args)`` is ``function(*args)``
     (its forward, which sees the same inputs and the same random state), so every call
     is intercepted once: exact, without the memory saving; the plan notes it. The patch
-    lives on the class for the duration of the capture only (nested captures restore in
-    order); a checkpoint in another thread meanwhile also runs unsaved (same numbers).
+    lives on the class while any capture runs, in any thread (installed by the first, removed by the
+    last, under a lock: captures in several threads at once leave the class as it was); a checkpoint
+    in a thread with no capture running meanwhile takes the original ``apply``.
     """
 
     def __init__(self, mode: _Interceptor) -> None:
@@ -295,23 +297,44 @@ class _ReentrantAsPlain:
     def __enter__(self) -> None:
         from torch.utils.checkpoint import CheckpointFunction
 
-        self.before = CheckpointFunction.__dict__.get("apply")  # None: inherited from autograd.Function
-        mode = self.mode
+        global _PATCHED
+        _CAPTURING.__dict__.setdefault("modes", []).append(self.mode)
+        with _PATCH_LOCK:
+            if _PATCHED is None:
+                original = CheckpointFunction.apply  # the inherited autograd.Function.apply, bound
 
-        def apply(function: Callable, preserve_rng_state: bool, *args: Any) -> Any:
-            del preserve_rng_state  # the segment runs once, now: the random state is the forward's own
-            mode.lifted_checkpoint = True
-            return function(*args)
+                def apply(function: Callable, preserve_rng_state: bool, *args: Any) -> Any:
+                    modes = _CAPTURING.__dict__.get("modes")
+                    if not modes:  # a checkpoint in a thread with no capture running
+                        return original(function, preserve_rng_state, *args)
+                    modes[-1].lifted_checkpoint = True
+                    return function(*args)  # the segment runs once, now: the random state is the forward's own
 
-        CheckpointFunction.apply = staticmethod(apply)  # type: ignore[method-assign, assignment]
+                _PATCHED = (CheckpointFunction.__dict__.get("apply"), 0)  # None: inherited from autograd.Function
+                CheckpointFunction.apply = staticmethod(apply)  # type: ignore[method-assign, assignment]
+            _PATCHED = (_PATCHED[0], _PATCHED[1] + 1)
 
     def __exit__(self, *exc: Any) -> None:
         from torch.utils.checkpoint import CheckpointFunction
 
-        if self.before is None:
-            del CheckpointFunction.apply
-        else:
-            CheckpointFunction.apply = self.before  # type: ignore[method-assign]
+        global _PATCHED
+        _CAPTURING.modes.pop()
+        with _PATCH_LOCK:
+            assert _PATCHED is not None
+            before, depth = _PATCHED
+            _PATCHED = (before, depth - 1) if depth > 1 else None
+            if depth == 1:
+                if before is None:
+                    del CheckpointFunction.apply
+                else:
+                    CheckpointFunction.apply = before  # type: ignore[method-assign]
+
+
+#: ``_ReentrantAsPlain``'s shared state: the class's own ``apply`` before the patch (``None``: inherited)
+#: and how many captures hold it (``_PATCHED is None``: not patched); each thread's running captures.
+_PATCH_LOCK = threading.Lock()
+_PATCHED: tuple[Any, int] | None = None
+_CAPTURING = threading.local()
 
 
 def _without_checkpoint(mode: _Interceptor, hooks: tuple, func: Any, types: Any, args: tuple,
