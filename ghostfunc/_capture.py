@@ -331,8 +331,9 @@ class _ReentrantAsPlain:
 
 
 #: ``_ReentrantAsPlain``'s shared state: the class's own ``apply`` before the patch (``None``: inherited)
-#: and how many captures hold it (``_PATCHED is None``: not patched); each thread's running captures.
-_PATCH_LOCK = threading.Lock()
+#: and how many captures hold it (``_PATCHED is None``: not patched); each thread's running captures. The
+#: lock also serialises the captures' math-only attention calls (``sdpa_kernel`` sets process-wide flags).
+_PATCH_LOCK = threading.RLock()
 _PATCHED: tuple[Any, int] | None = None
 _CAPTURING = threading.local()
 
@@ -384,7 +385,8 @@ def _sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = 
 
         query, key, value, attn_mask = cast(query), cast(key), cast(value), cast(attn_mask)
     if _needs_grad(attn_mask):
-        with sdpa_kernel(SDPBackend.MATH):
+        # the backend flags are process-wide: one such call at a time, so each restores what it found
+        with _PATCH_LOCK, sdpa_kernel(SDPBackend.MATH):
             return F.scaled_dot_product_attention(query, key, value, attn_mask, *args, **kwargs)
     out = _sdpa_batched(query, key, value, attn_mask, args, kwargs)
     if out is not None:
