@@ -320,7 +320,10 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if group is not None:
             import torch.distributed as dist
 
-            dist.destroy_process_group()
+            try:
+                dist.barrier()  # every rank's last collective is done before any tears gloo down
+            finally:
+                dist.destroy_process_group()
     print("\nwrote " + ", ".join(str(p) for p in written))
     return out | {"written": written, "flipped": data.flipped}
 

@@ -54,7 +54,10 @@ def _worker(rank: int, world: int, folder: str, job: str) -> None:
     except BaseException:
         out["crash"] = traceback.format_exc()
     finally:
-        dist.destroy_process_group()
+        try:
+            dist.barrier()  # every rank's last collective is done before any tears gloo down
+        finally:
+            dist.destroy_process_group()
     Path(folder, f"{job.replace(':', '_')}.{rank}.json").write_text(json.dumps(out))
 
 
