@@ -26,7 +26,7 @@ from ._capture import (
 from ._checks import check_model_fn, check_options, check_pair, check_params
 from ._eager import capture_eager, summary, trace_eager, unbatchable
 from ._groups import WHOLE, Part, describe, merge_halves, refine, subset
-from ._interact import check_model, one_call, param_signature, training_flags
+from ._interact import check_model, in_one_call, param_signature, training_flags
 from ._ops import Direct, Factored
 from ._plan import DIRECTION, Plan, Usage, candidate_policies, contenders, make_plan, usages
 from ._whole import rng_state as _rng_state
@@ -576,6 +576,7 @@ def _prepare(where: str, model_fn: Any, params: Any, train: Any, val: Any,
     return params, tb, vb
 
 
+@in_one_call
 def graddot(
     model_fn: Callable[[dict[str, Tensor], Any], Tensor],
     params: Mapping[str, Tensor],
@@ -629,12 +630,6 @@ def graddot(
         >>> ghostfunc.graddot(model_fn, p, (x, y), (x, y)).scores
         tensor([0.3333, 0.3333, 0.3333], dtype=torch.float64)
     """
-    with one_call():
-        return _graddot(model_fn, params, train, val, val_reduce, policy, compute_dtype, group)
-
-
-def _graddot(model_fn: ModelFn, params: Mapping[str, Tensor], train: Any, val: Any, val_reduce: str | None,
-             policy: str, compute_dtype: torch.dtype | None, group: Any) -> GradDot:
     where = "graddot"
     if group is not None:
         return graddot_group(model_fn, params, train, val, val_reduce, policy, compute_dtype, group)

@@ -24,11 +24,12 @@ splits such batches). The global RNG state is left as it was.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import torch
 from torch import Tensor
@@ -126,6 +127,21 @@ def one_call() -> Iterator[None]:
         yield
     finally:
         _SCOPE.memo = None
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def in_one_call(fn: Callable[P, R]) -> Callable[P, R]:
+    """``fn`` run inside :func:`one_call` (the public entry points: ``graddot``, a training step's values)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        with one_call():
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def _scoped(kind: str, obj: Any, compute: Callable[[], Any]) -> Any:

@@ -60,6 +60,7 @@ from ._graddot import (
     val_weights,
 )
 from ._groups import Part, split_sum
+from ._interact import in_one_call
 from ._plan import Plan
 from ._secant import (
     ValGrad,
@@ -166,6 +167,7 @@ def _val_grad_hvp_batched(model_fn: Callable[[Params, Any], Tensor], params: Par
     return g, hv, losses.detach()
 
 
+@in_one_call
 def compute_values(
     where: str,
     model_fn: Callable[[Params, Any], Tensor],
