@@ -214,15 +214,11 @@ _CHOICES: weakref.WeakKeyDictionary[Any, dict[tuple, Choice]] = weakref.WeakKeyD
 
 
 def route_key(model_fn: Callable, params: Mapping[str, torch.Tensor], train: Any, val: Any,
-              val_reduce: str | None, known: tuple | None = None) -> tuple:
+              val_reduce: str | None) -> tuple:
     """What a measured routing is cached by (besides ``model_fn``): parameter names, shapes, dtypes and
-    devices, each batch's size and signature (:class:`ghostfunc._capture.Batch`), reduced or not, train/eval modes.
-
-    ``known``: the caller's ``(param_signature, train signature, val signature, training_flags)``, if it has it.
-    """
-    sig, _, _, flags = known if known is not None else (param_signature(params), None, None,
-                                                          training_flags(model_fn))
-    return (sig, train.size, train.signature, val.size, val.signature, val_reduce is not None, flags)
+    devices, each batch's size and signature (:class:`ghostfunc._capture.Batch`), reduced or not, train/eval modes."""
+    return (param_signature(params), train.size, train.signature,
+            val.size, val.signature, val_reduce is not None, training_flags(model_fn))
 
 
 def tuned(model_fn: Callable, key: tuple) -> Choice | None:

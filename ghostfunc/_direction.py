@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ._checks import check_batch, check_model_fn, check_options, check_params
 from ._graddot import capture_one, retry_stale, routing, score_direction, sum_scores
-from ._interact import check_model
+from ._interact import check_model, in_one_call
 from ._plan import DIRECTION, Plan
 
 Params = dict[str, Tensor]
@@ -68,6 +68,7 @@ def check_direction(direction: Any, params: Mapping[str, Tensor], where: str, na
     return out
 
 
+@in_one_call
 def graddot_direction(
     model_fn: Callable[[dict[str, Tensor], Any], Tensor],
     params: Mapping[str, Tensor],

@@ -158,7 +158,7 @@ def routing(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Bat
     state = fresh if isinstance(fresh, Attempt) else Attempt(bool(fresh))
     known = (param_signature(params), train.signature, val.signature,
              training_flags(model_fn))  # e.g. HF checkpointing runs in training mode only
-    tuned = (_calibrate.tuned(model_fn, _calibrate.route_key(model_fn, params, train, val, val_reduce, known))
+    tuned = (_calibrate.tuned(model_fn, _calibrate.route_key(model_fn, params, train, val, val_reduce))
              if policy == "auto" else None)
     first = next(iter(params.values()))
     used = (tuned, _calibrate.constants(first.device, first.dtype))  # what make_plan routes by, besides shapes
@@ -540,9 +540,6 @@ def score_direction(route_path: str, tr: list, u: Tensor, n: int, param: Tensor,
     if route_path == "materialize":
         scores, total = K.materialise_dots(_factored(tr), u.reshape(param.shape[0], -1), n, dtype)
         return scores, (total / n).reshape(param.shape)
-    if route_path in ("direct", "fallback"):  # the per-sample gradients once, for both
-        g = _direct(tr, n, param.shape, param)  # [n, P]
-        return g @ u.reshape(-1).to(param.dtype), g.mean(0).reshape(param.shape)
     return contract_direction(route_path, tr, u, n, param, dtype), train_mean(route_path, tr, n, param)
 
 
@@ -729,6 +726,7 @@ def graddot_group(model_fn: ModelFn, params: Mapping[str, Tensor], train: Any, v
                    cap.train_loss, val_loss, the_plan._replace(n_train=world.n))
 
 
+@in_one_call
 def plan(
     model_fn: Callable[[dict[str, Tensor], Any], Tensor],
     params: Mapping[str, Tensor],

@@ -51,8 +51,8 @@ from ._capture import (
     _in_dtype,
     _keep,
     _makes_tensor,
-    _params_in,
     matched_roles,
+    params_among,
 )
 from ._interact import TO_PYTHON, param_signature, training_flags
 from ._ops import EXACT, TABLE, Direct, Factored
@@ -110,7 +110,7 @@ class _Taps(TorchFunctionMode):
         if kwargs and kwargs.get("generator") is not None:
             raise NotDirect("a random generator")
         func = EXACT.get(func, func)  # BatchNorm in training mode refused as in the capture
-        found = _params_among(args, kwargs, self.names) if self.names else []
+        found = params_among(args, kwargs, self.names) if self.names else []
         if not found:
             return func(*args, **kwargs)
         rule = TABLE.get(func)
@@ -138,27 +138,6 @@ class _Taps(TorchFunctionMode):
         self.saved.append(match.saved)
         self.statics.append(match.static)
         return out
-
-
-#: Argument types that are tensors (looked up by id) or hold none (skipped): every other kind of argument
-#: (lists, dicts, registered containers) is walked by :func:`ghostfunc._capture._params_in`.
-_TENSORS = frozenset({Tensor, torch.nn.Parameter})
-_ATOMS = frozenset({int, float, bool, complex, str, bytes, type(None), type(Ellipsis), slice, torch.dtype,
-                    torch.device, torch.layout, torch.memory_format, torch.Size})
-
-
-def _params_among(args: tuple, kwargs: dict[str, Any], names: dict[int, str]) -> list[Tensor]:
-    """:func:`ghostfunc._capture._params_in` of ``(args, kwargs)``, without a walk when every argument is a
-    plain tensor or holds none (most calls: a few microseconds per call is most of a small model's forward)."""
-    found = []
-    for x in (*args, *kwargs.values()) if kwargs else args:
-        kind = type(x)
-        if kind in _TENSORS:
-            if id(x) in names:
-                found.append(x)
-        elif kind not in _ATOMS:
-            return _params_in((args, kwargs), names)
-    return found
 
 
 #: Calls :func:`_refuse` looks at before they run.
