@@ -16,8 +16,10 @@ from ._capture import (
     Captured,
     Half,
     ModelFn,
+    Site,
     Trace,
     _Diverged,
+    _keep,
     _Stale,
     capture_batches,
     trace,
@@ -351,32 +353,112 @@ def run_streamed(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val
     then the RNG state is restored and the training batch goes first (and does so on
     later calls of this ``model_fn``). ``val_reduce`` is ``"mean"`` or ``"sum"``.
     """
+    replayed = _replay(model_fn, params, train, val, where, policy, val_reduce)
+    if replayed is not None:
+        return replayed
     return retry_stale(where, lambda fresh: _streamed_once(model_fn, params, train, val, where, policy,
                                                            val_reduce, fresh))
+
+
+class _Replay(NamedTuple):
+    """How a signature's streamed capture last ran: both batches in one whole-batch run (the verdict under
+    ``verdict`` held), routed by ``routing``, the recognised calls ``sites`` expected."""
+
+    routing: Routing
+    sites: tuple[Site, ...]
+    verdict: tuple
+
+
+#: ``model_fn`` -> {:func:`_replay_key`: :class:`_Replay`}: what a call of a known signature does again
+#: without re-deciding it (on a small model, the deciding costs about as much as the arithmetic).
+_REPLAYS: weakref.WeakKeyDictionary[Any, dict[tuple, _Replay]] = weakref.WeakKeyDictionary()
+
+
+def _replay_key(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batch, policy: str,
+                val_reduce: str) -> tuple:
+    return (param_signature(params), train.signature, val.signature, train.size, val.size,
+            training_flags(model_fn), policy, val_reduce)
+
+
+def _replay(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batch, where: str, policy: str,
+            val_reduce: str) -> Streamed | None:
+    """:func:`run_streamed` as the last call of this signature ran it (both batches in one whole-batch
+    run), or ``None`` when there is nothing to replay or it no longer applies: the routing was redone,
+    the verdict changed, or the run failed a guard or raised (then the full path decides, and explains)."""
+    try:
+        book = _REPLAYS.get(model_fn)
+    except TypeError:  # not weak-referenceable
+        return None
+    key = _replay_key(model_fn, params, train, val, policy, val_reduce) if book else None
+    rep = book.get(key) if book and key is not None else None
+    if rep is None:
+        return None
+    assert book is not None and key is not None
+    r = routing(model_fn, params, train, val, where, policy, val_reduce, False)  # the memo's, or routed again
+    if r is not rep.routing or not _whole.holds(model_fn, rep.verdict):
+        del book[key]
+        return None
+    try:
+        t, v = _whole.rerun(model_fn, params, (train, val), rep.sites)
+    except Exception:  # noqa: BLE001 - a guard (NotDirect) or the model's own error: the full path runs
+        del book[key]
+        return None
+    return _streamed_of(r, t, v, params, val_reduce, val.size)
+
+
+def _remember(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batch, policy: str,
+              val_reduce: str, r: Routing) -> None:
+    """Keep the replay of a streamed capture that just ran both batches in one verified whole-batch run."""
+    batches = (train, val)
+    sites = tuple(_keep(r.traces[0].sites, r.kernel))
+    verdict = _whole.verdict_key(model_fn, params, batches, r.kernel)
+    if not _whole.joins(batches, (sites, tuple(_keep(r.traces[1].sites, r.kernel)))) or not _whole.holds(
+            model_fn, verdict):
+        return
+    try:
+        book = _REPLAYS.setdefault(model_fn, {})
+    except TypeError:
+        return
+    if len(book) > 32:
+        book.clear()
+    book[_replay_key(model_fn, params, train, val, policy, val_reduce)] = _Replay(r, sites, verdict)
+
+
+def _streamed_of(r: Routing, t: Half, v: Half, params: dict[str, Tensor], val_reduce: str, m: int) -> Streamed:
+    """A :class:`Streamed` from both batches' captures: ghost-routed parameters keep the validation
+    rows, every other one their reduced ``Σ_v w_v g_v``."""
+    weights = val_weights(val_reduce, m, next(iter(params.values())))
+    assert weights is not None
+    return Streamed(r.plan, *_reduced(r, v, params, weights), t.grads, t.loss, v.loss)
+
+
+def _reduced(r: Routing, v: Half, params: dict[str, Tensor],
+             weights: Tensor) -> tuple[dict[str, Tensor], dict[str, list[Factored | Direct]]]:
+    """The validation side of a :class:`Streamed` from the validation rows' capture ``v``."""
+    ghost = _ghosts(r)
+    val_dir = {k: val_grad(route.path, v.grads[k], weights.to(params[k].dtype), params[k])
+               for k, route in r.plan.routes.items() if k not in ghost}
+    return val_dir, {k: v.grads[k] for k in ghost}
 
 
 def _streamed_once(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batch, where: str,
                    policy: str, val_reduce: str, fresh: bool) -> Streamed:
     r = routing(model_fn, params, train, val, where, policy, val_reduce, fresh)
-    weights = val_weights(val_reduce, val.size, next(iter(params.values())))
-    assert weights is not None
-    ghost = [k for k, route in r.plan.routes.items() if route.path == "ghost"]
     if r.eager is None and r.parts == (WHOLE, WHOLE) and not _draws_random(model_fn) and _whole.together(
             model_fn, params, (train, val), r.kernel, r.traces):  # a small model: both batches in one whole-batch run
         t, v = capture_all(model_fn, params, (train, val), r, (0, 1), where)
-        val_dir = {k: val_grad(route.path, v.grads[k], weights.to(params[k].dtype), params[k])
-                   for k, route in r.plan.routes.items() if k not in ghost}
-        return Streamed(r.plan, val_dir, {k: v.grads[k] for k in ghost}, t.grads, t.loss, v.loss)
+        _remember(model_fn, params, train, val, policy, val_reduce, r)
+        return _streamed_of(r, t, v, params, val_reduce, val.size)
+    weights = val_weights(val_reduce, val.size, next(iter(params.values())))
+    assert weights is not None
 
     def capture_val() -> tuple[dict[str, Tensor], dict[str, list[Factored | Direct]], Tensor]:
-        if not ghost and r.eager is None:
+        if not _ghosts(r) and r.eager is None:
             val_dir, loss, note = weighted_grad_split(model_fn, params, val, weights, where, "val")
             notes.extend([note] if note else [])
             return val_dir, {}, loss
         v = capture_one(model_fn, params, val, r, 1, where)
-        val_dir = {k: val_grad(route.path, v.grads[k], weights.to(params[k].dtype), params[k])
-                   for k, route in r.plan.routes.items() if k not in ghost}
-        return val_dir, {k: v.grads[k] for k in ghost}, v.loss
+        return (*_reduced(r, v, params, weights), v.loss)
 
     device = next(iter(params.values())).device
     before = _rng_state(device)
@@ -471,10 +553,17 @@ def _total(parts: list[Tensor], zeros: Callable[[], Tensor]) -> Tensor:
 
 def _direct(uses: list[Factored | Direct], n: int, shape: torch.Size, ref: Tensor) -> Tensor:
     """Per-sample gradients ``[n, P]`` of a direct or fallback parameter (the plan never mixes forms)."""
+    if len(uses) == 1 and type(uses[0]) is Direct:  # the common case, without building lists
+        return uses[0].grad.reshape(n, -1)
     grads = [u.grad for u in uses if isinstance(u, Direct)]
     if len(grads) != len(uses):
         raise AssertionError("a direct/fallback parameter has a factored use")
     return _total(grads, lambda: ref.new_zeros(n, *shape)).reshape(n, -1)  # [n, P]
+
+
+def _as(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x.to(dtype)``, without a dispatch when it is that dtype already."""
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 def _factored(uses: list[Factored | Direct]) -> list[Factored]:
@@ -505,7 +594,7 @@ def contract_direction(route_path: str, tr: list[Factored | Direct], u: Tensor, 
     direct and fallback ones: a dot product of their per-sample gradients.
     """
     if route_path in ("direct", "fallback"):
-        return _direct(tr, n, param.shape, param) @ u.reshape(-1).to(param.dtype)  # [n, P] @ [P]
+        return _direct(tr, n, param.shape, param) @ _as(u.reshape(-1), param.dtype)  # [n, P] @ [P]
     u2 = u.reshape(param.shape[0], -1)
     return _total([K.contract(f, u2, dtype) for f in _factored(tr)], lambda: param.new_zeros(n))
 
@@ -540,6 +629,9 @@ def score_direction(route_path: str, tr: list, u: Tensor, n: int, param: Tensor,
     if route_path == "materialize":
         scores, total = K.materialise_dots(_factored(tr), u.reshape(param.shape[0], -1), n, dtype)
         return scores, (total / n).reshape(param.shape)
+    if route_path in ("direct", "fallback"):  # the per-sample gradients gathered once for both
+        g = _direct(tr, n, param.shape, param)  # [n, P]
+        return g @ _as(u.reshape(-1), param.dtype), g.mean(0).reshape(param.shape)
     return contract_direction(route_path, tr, u, n, param, dtype), train_mean(route_path, tr, n, param)
 
 

@@ -33,7 +33,8 @@ GRAM_BLOCK = 1 << 24
 
 
 def _cast(x: Tensor, dtype: torch.dtype | None) -> Tensor:
-    return x if dtype is None or not x.is_floating_point() else x.to(dtype)
+    """``x`` in ``dtype`` if it is a float tensor (as it is when ``dtype`` is ``None`` or its own)."""
+    return x if dtype is None or x.dtype == dtype or not x.is_floating_point() else x.to(dtype)
 
 
 def _left_gram(a: Tensor, b: Tensor, a_ids: bool, b_ids: bool, dtype: torch.dtype) -> Tensor:
@@ -91,7 +92,7 @@ def gram(a: Factored, b: Factored, dtype: torch.dtype | None = None) -> Tensor:
 
 def weight_sum(f: Factored, weights: Tensor | None = None) -> Tensor:
     """``Σ_n w_n Σ_t L[n,t] ⊗ R[n,t]``: ``[p, d]`` (the rows' weighted gradient sum)."""
-    right = f.right if weights is None else f.right * weights.to(f.right.dtype).view(-1, 1, 1)
+    right = f.right if weights is None else f.right * _cast(weights, f.right.dtype).view(-1, 1, 1)
     d = right.shape[-1]
     if f.ids:
         out = torch.zeros(f.p, d, dtype=right.dtype, device=right.device)
@@ -205,5 +206,7 @@ def contract(f: Factored, u: Tensor, dtype: torch.dtype | None = None) -> Tensor
         lu = u[f.left]  # [n, t, d]: the rows of U that the ids pick
     else:
         lu = _cast(f.left, dtype) @ _cast(u, dtype)  # [n, t, p] @ [p, d] -> [n, t, d]
+    if dtype is None and lu.dtype == right.dtype:  # Σ over t and d (one pass, no permute)
+        return (lu * right).flatten(1).sum(1)
     acc = torch.promote_types(right.dtype, torch.float32) if dtype else right.dtype
-    return (lu.to(acc) * right.to(acc)).flatten(1).sum(1).to(right.dtype)  # Σ over t and d (one pass, no permute)
+    return (lu.to(acc) * right.to(acc)).flatten(1).sum(1).to(right.dtype)

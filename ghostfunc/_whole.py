@@ -217,14 +217,9 @@ def capture(model_fn: ModelFn, params: Mapping[str, Tensor], batches: Sequence[B
     params = {k: v.detach().requires_grad_(True) for k, v in params.items()}  # leaves: every call has a grad_fn
     names = {id(params[k]): k for k in kernel}
     expect = [tuple(_keep(tr.sites, kernel)) for tr in traces]
-    if len(batches) > 1 and all(b.signature == batches[0].signature for b in batches) and len(set(expect)) == 1:
-        joined = Batch([torch.cat(ts) for ts in zip(*(b.tensors for b in batches), strict=True)],
-                       batches[0].rebuild, sum(b.size for b in batches), batches[0].signature)
-        (half,) = _capture(model_fn, params, [joined], expect[:1], names)
-        halves, at = [], 0
-        for b in batches:
-            halves.append(_rows(half, at, at + b.size))
-            at += b.size
+    if joins(batches, expect):
+        (half,) = _capture(model_fn, params, [_join(batches)], expect[:1], names)
+        halves = _split(half, batches)
         if bool(torch.isfinite(half.loss).all()):  # one check of every batch's losses; else name the rows
             return halves
     else:
@@ -232,6 +227,50 @@ def capture(model_fn: ModelFn, params: Mapping[str, Tensor], batches: Sequence[B
     for half, label in zip(halves, labels, strict=True):
         _check_finite(half.loss, label, where)
     return halves
+
+
+def joins(batches: Sequence[Batch], expect: Sequence[tuple[Site, ...]]) -> bool:
+    """Whether :func:`capture` runs ``batches`` as one concatenated batch (one signature, one expected trace)."""
+    return len(batches) > 1 and all(b.signature == batches[0].signature for b in batches) and len(set(expect)) == 1
+
+
+def _join(batches: Sequence[Batch]) -> Batch:
+    return Batch([torch.cat(ts) for ts in zip(*(b.tensors for b in batches), strict=True)],
+                 batches[0].rebuild, sum(b.size for b in batches), batches[0].signature)
+
+
+def _split(half: Half, batches: Sequence[Batch]) -> list[Half]:
+    halves, at = [], 0
+    for b in batches:
+        halves.append(_rows(half, at, at + b.size))
+        at += b.size
+    return halves
+
+
+def rerun(model_fn: ModelFn, params: Mapping[str, Tensor], batches: Sequence[Batch],
+          sites: tuple[Site, ...]) -> list[Half]:
+    """:func:`capture` of ``batches`` run together again, where an earlier call of the same signature ran
+    them together under the kept ``sites`` and the per-sample capture agreed: without re-deciding any of
+    that. Every run-time guard of the whole-batch run stays; a non-finite loss raises :class:`NotDirect`
+    too (the per-sample path names the rows)."""
+    leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+    (half,) = _capture(model_fn, leaves, [_join(batches)], [sites], {id(v): k for k, v in leaves.items()})
+    if not bool(torch.isfinite(half.loss).all()):
+        raise NotDirect("a loss is not finite")
+    return _split(half, batches)
+
+
+def holds(model_fn: ModelFn, key: tuple) -> bool:
+    """Whether the whole-batch run is (still) the verdict for ``model_fn`` under ``key`` (:func:`verdict_key`)."""
+    try:
+        return _VERIFIED.get(model_fn, {}).get(key) is True
+    except TypeError:
+        return False
+
+
+def verdict_key(model_fn: ModelFn, params: Mapping[str, Tensor], batches: Sequence[Batch], kernel: set[str]) -> tuple:
+    """The key :func:`verified` keeps the verdict of :func:`capture` under (with the training flags)."""
+    return capture_key(params, batches, kernel), training_flags(model_fn)
 
 
 def _capture(model_fn: ModelFn, params: Mapping[str, Tensor], batches: Sequence[Batch],
@@ -360,7 +399,7 @@ def together(model_fn: ModelFn, params: Mapping[str, Tensor], batches: Sequence[
         verdicts = _VERIFIED.get(model_fn, {})
     except TypeError:
         return False
-    return verdicts.get((capture_key(params, batches, kernel), training_flags(model_fn))) is not False
+    return verdicts.get(verdict_key(model_fn, params, batches, kernel)) is not False
 
 
 def signature(params: Mapping[str, Tensor], batches: Sequence[Batch], *rest: Any) -> tuple:

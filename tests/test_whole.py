@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from torch.func import functional_call
 
 import ghostfunc
-from ghostfunc import _whole
+from ghostfunc import _graddot, _whole
 
 F64 = torch.float64
 
@@ -326,3 +326,86 @@ def test_calls_from_several_threads_stay_exact() -> None:
     from torch.utils.checkpoint import CheckpointFunction
 
     assert "apply" not in CheckpointFunction.__dict__  # the captures' checkpoint stand-in is gone again
+
+
+def replays(model_fn) -> int:
+    """How many signatures of ``model_fn`` a later call replays (``ghostfunc._graddot._REPLAYS``)."""
+    return len(_graddot._REPLAYS.get(model_fn, {}))
+
+
+def test_a_known_signature_replays_the_same_numbers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A later call of a verified signature skips the re-deciding (routing, verdict, joining): its numbers
+    are bit for bit those of the full path, for new values of the same shapes, every policy and reduction."""
+    torch.manual_seed(11)
+    net = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 6, bias=False), nn.Tanh(),
+                        nn.Linear(6, 1)).to(F64)
+    fn = mlp_fn(net)
+    for policy in ("auto", "ghost", "materialize", "contract"):
+        for reduce in ("mean", "sum"):
+            for call in range(3):
+                x, y = torch.randn(10, 4, 5, dtype=F64), torch.randn(10, 4, dtype=F64)
+                train, val = (x[:7], y[:7]), (x[7:], y[7:])
+                out = ghostfunc.graddot(fn, params_of(net), train, val, val_reduce=reduce, policy=policy)
+                assert replays(fn) >= 1
+                with monkeypatch.context() as m:
+                    m.setattr(_graddot, "_replay", lambda *a, **k: None)
+                    full = ghostfunc.graddot(fn, params_of(net), train, val, val_reduce=reduce, policy=policy)
+                assert torch.equal(out.scores, full.scores), (policy, reduce, call)
+                for k in full.per_param:
+                    assert torch.equal(out.per_param[k], full.per_param[k]), k
+                    assert torch.equal(out.train_grad[k], full.train_grad[k]), k
+                assert torch.equal(out.train_loss, full.train_loss) and torch.equal(out.val_loss, full.val_loss)
+                ref, _, _ = ghostfunc.reference_graddot(fn, params_of(net), train, val, val_reduce=reduce)
+                assert rel(out.scores, ref) < 1e-10
+
+
+@pytest.mark.parametrize("change", ["extra", "branch", "dropout", "nan", "train mode"])
+def test_a_replay_that_no_longer_applies_takes_the_full_path(change: str) -> None:
+    """Between two calls of the same shapes the model changes what it runs: another layer (the trace is
+    stale), a branch on values, a random draw, a non-finite loss, BatchNorm switched to training mode.
+    The replayed call sees it and the full path decides, exactly as without a replay."""
+    torch.manual_seed(12)
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(),
+                        nn.Linear(4, 1)).to(F64).eval()
+    net[1].running_var.uniform_(0.5, 2)
+    how = {"mode": "plain"}
+
+    def fn(p, batch):
+        x, y = batch
+        h = functional_call(net, p, (x,)).squeeze(-1)
+        if how["mode"] == "extra":  # one more recognised call: the trace no longer holds
+            h = h + F.linear(x, p["0.weight"]).sum(-1)
+        elif how["mode"] == "branch" and bool(h.abs().max() > -1):
+            h = h * 2
+        elif how["mode"] == "dropout":
+            h = F.dropout(h, 0.5, training=True)
+        return (h - y) ** 2
+
+    x, y = torch.randn(9, 3, dtype=F64), torch.randn(9, dtype=F64)
+    train, val = (x[:6], y[:6]), (x[6:], y[6:])
+    exact_every_call(fn, params_of(net), train, val, calls=2)
+    assert replays(fn) == 1
+    if change == "nan":
+        bad = x.clone()
+        bad[2, 1] = float("nan")
+        with pytest.raises(FloatingPointError, match=r"^graddot: .*train samples \[2\]"):
+            ghostfunc.graddot(fn, params_of(net), (bad[:6], y[:6]), val)
+    elif change == "train mode":
+        net.train()
+        with pytest.raises(ValueError, match="BatchNorm"):
+            ghostfunc.graddot(fn, params_of(net), train, val)
+        net.eval()
+    else:
+        how["mode"] = change
+        if change == "dropout":  # the replay's attempt draws nothing: the same draws as a full path's call
+            torch.manual_seed(13)
+            replayed = ghostfunc.graddot(fn, params_of(net), train, val)
+            after = torch.get_rng_state()
+            _graddot._REPLAYS.pop(fn, None)
+            torch.manual_seed(13)
+            full = ghostfunc.graddot(fn, params_of(net), train, val)
+            assert torch.equal(replayed.scores, full.scores) and torch.equal(after, torch.get_rng_state())
+        else:
+            exact_every_call(fn, params_of(net), train, val, calls=2)
+        how["mode"] = "plain"
+    exact_every_call(fn, params_of(net), train, val, calls=2)

@@ -76,6 +76,8 @@ def sum_to(x: Tensor, shape: torch.Size) -> Tensor:
     ``shape`` is right-aligned against ``s`` as in ``torch.broadcast_shapes``.
     """
     n, s = x.shape[0], x.shape[1:]
+    if len(s) == len(shape) + 1 and s[1:] == shape:  # [n, t, *shape]: the common case (tokens summed)
+        return x.sum(1)
     lead = len(s) - len(shape)
     if lead < 0:
         raise ValueError(f"cannot sum shape {tuple(s)} to {tuple(shape)}")
