@@ -324,9 +324,10 @@ class _Linears(torch.overrides.TorchFunctionMode):
 def _hand_contract(s: Setup) -> Step:
     """The token-wise MLP's ``graddot`` (val_reduce ``"mean"``) written by hand for this model alone: no
     checks, routing or verification, one forward over ``[train; val]`` under a mode that only notes the
-    linear calls, one backward to their outputs, then per layer ``ḡ_val``, the train gradient and every
-    row's ``Σ_t b_tᵀ ḡ_val a_t``: the floor of the interception method on this model (the same outputs as
-    ``graddot``: scores, per-parameter scores, train gradient, losses)."""
+    linear calls, one backward to their outputs, then per layer, on the rows flattened to ``[N·T, ·]``
+    (plain matrix products, no graph, no batched ``matmul``), ``ḡ_val``, the train gradient and every
+    row's ``Σ_t b_tᵀ ḡ_val a_t``: the floor of the interception method on this model (the same outputs
+    as ``graddot``: scores, per-parameter scores, train gradient, losses)."""
     if s.config.model != "mlp":
         raise ValueError("hand/contract is written for the mlp model only")
     n, m = s.config.n_train, s.config.n_val
@@ -340,15 +341,16 @@ def _hand_contract(s: Setup) -> Step:
         outs = torch.autograd.grad(losses.sum(), [e for *_, e in mode.calls])
         per_param, train_grad = {}, {}
         for (x, w, b, _), g in zip(mode.calls, outs, strict=True):
-            a, o = x.reshape(n + m, -1, x.shape[-1]), g.reshape(n + m, -1, g.shape[-1])  # [N, T, d], [N, T, p]
-            at, av, ot, ov = a[:n], a[n:], o[:n], o[n:]
-            u = ov.flatten(0, 1).T @ av.flatten(0, 1) / m  # ḡ_val of the weight [p, d]
-            train_grad[names[id(w)]] = ot.flatten(0, 1).T @ at.flatten(0, 1) / n
-            per_param[names[id(w)]] = ((ot @ u) * at).sum((1, 2))
+            a, o = x.detach().flatten(0, -2), g.flatten(0, -2)  # [N·T, d], [N·T, p]
+            k = a.shape[0] // (n + m) * n  # the training rows' tokens come first
+            at, av, ot, ov = a[:k], a[k:], o[:k], o[k:]
+            u = (ov.T @ av).div_(m)  # ḡ_val of the weight [p, d]
+            train_grad[names[id(w)]] = (ot.T @ at).div_(n)
+            per_param[names[id(w)]] = (ot @ u).mul_(at).sum(1).view(n, -1).sum(1)
             if b is not None:
-                bt = ot.sum(1)  # per-sample bias gradients [n, p]
+                bt = ot.view(n, -1, ot.shape[-1]).sum(1)  # per-sample bias gradients [n, p]
                 train_grad[names[id(b)]] = bt.mean(0)
-                per_param[names[id(b)]] = bt @ (ov.sum(1).mean(0))
+                per_param[names[id(b)]] = bt @ ov.sum(0).div_(m)
         return torch.stack(list(per_param.values())).sum(0), per_param, train_grad, losses.detach()
 
     return hand

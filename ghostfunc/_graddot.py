@@ -554,11 +554,21 @@ def _total(parts: list[Tensor], zeros: Callable[[], Tensor]) -> Tensor:
 def _direct(uses: list[Factored | Direct], n: int, shape: torch.Size, ref: Tensor) -> Tensor:
     """Per-sample gradients ``[n, P]`` of a direct or fallback parameter (the plan never mixes forms)."""
     if len(uses) == 1 and type(uses[0]) is Direct:  # the common case, without building lists
-        return uses[0].grad.reshape(n, -1)
+        return _flat(uses[0].grad, n)
     grads = [u.grad for u in uses if isinstance(u, Direct)]
     if len(grads) != len(uses):
         raise AssertionError("a direct/fallback parameter has a factored use")
-    return _total(grads, lambda: ref.new_zeros(n, *shape)).reshape(n, -1)  # [n, P]
+    return _flat(_total(grads, lambda: ref.new_zeros(n, *shape)), n)  # [n, P]
+
+
+def _like(x: Tensor, param: Tensor) -> Tensor:
+    """``x`` shaped like ``param`` (no reshape call when it is: most are, and each call is a dispatch)."""
+    return x if x.shape == param.shape else x.reshape(param.shape)
+
+
+def _flat(x: Tensor, n: int) -> Tensor:
+    """``x`` ``[n, ...]`` as ``[n, P]``."""
+    return x if x.dim() == 2 else x.reshape(n, -1)
 
 
 def _as(x: Tensor, dtype: torch.dtype) -> Tensor:
@@ -580,10 +590,10 @@ def _val_direction(uses: list, weights: Tensor, p: int, d: int, ref: Tensor) -> 
 def train_mean(route_path: str, tr: list[Factored | Direct], n: int, param: Tensor) -> Tensor:
     """``mean_i g_i`` over the training rows, shaped like ``param``."""
     if route_path in ("direct", "fallback"):
-        return _direct(tr, n, param.shape, param).mean(0).reshape(param.shape)
+        return _like(_direct(tr, n, param.shape, param).mean(0), param)
     p = param.shape[0]
-    return (_total([K.weight_sum(f) for f in _factored(tr)], lambda: param.new_zeros(p, param.numel() // p)) / n
-            ).reshape(param.shape)
+    return _like(_total([K.weight_sum(f) for f in _factored(tr)], lambda: param.new_zeros(p, param.numel() // p)) / n,
+                 param)
 
 
 def contract_direction(route_path: str, tr: list[Factored | Direct], u: Tensor, n: int, param: Tensor,
@@ -594,8 +604,8 @@ def contract_direction(route_path: str, tr: list[Factored | Direct], u: Tensor, 
     direct and fallback ones: a dot product of their per-sample gradients.
     """
     if route_path in ("direct", "fallback"):
-        return _direct(tr, n, param.shape, param) @ _as(u.reshape(-1), param.dtype)  # [n, P] @ [P]
-    u2 = u.reshape(param.shape[0], -1)
+        return _direct(tr, n, param.shape, param) @ _as(u.flatten(), param.dtype)  # [n, P] @ [P]
+    u2 = u if u.dim() == 2 else u.reshape(param.shape[0], -1)
     return _total([K.contract(f, u2, dtype) for f in _factored(tr)], lambda: param.new_zeros(n))
 
 
@@ -631,16 +641,16 @@ def score_direction(route_path: str, tr: list, u: Tensor, n: int, param: Tensor,
         return scores, (total / n).reshape(param.shape)
     if route_path in ("direct", "fallback"):  # the per-sample gradients gathered once for both
         g = _direct(tr, n, param.shape, param)  # [n, P]
-        return g @ _as(u.reshape(-1), param.dtype), g.mean(0).reshape(param.shape)
+        return g @ _as(u.flatten(), param.dtype), _like(g.mean(0), param)
     return contract_direction(route_path, tr, u, n, param, dtype), train_mean(route_path, tr, n, param)
 
 
 def val_grad(route_path: str, va: list, weights: Tensor, param: Tensor) -> Tensor:
     """``Σ_v w_v g_v`` for one parameter, shaped like it."""
     if route_path in ("direct", "fallback"):
-        return (weights @ _direct(va, len(weights), param.shape, param)).reshape(param.shape)
+        return _like(weights @ _direct(va, len(weights), param.shape, param), param)
     p = param.shape[0]
-    return _val_direction(va, weights, p, param.numel() // p, param).reshape(param.shape)
+    return _like(_val_direction(va, weights, p, param.numel() // p, param), param)
 
 
 def sum_scores(per_param: Mapping[str, Tensor], params: Mapping[str, Tensor]) -> Tensor:

@@ -99,6 +99,9 @@ class _Taps(TorchFunctionMode):
     def __init__(self, names: dict[int, str], expect: Sequence[Site], n: int) -> None:
         super().__init__()
         self.names, self.expect, self.n = names, expect, n
+        # each expected call's output shape on the whole batch: the per-sample trace's, its rows times n
+        self.shapes = [None if s.out_shape is None or not len(s.out_shape) else
+                       torch.Size((s.out_shape[0] * n, *s.out_shape[1:])) for s in expect]
         self.taps: list[GradientEdge] = []
         self.saved: list[tuple[Tensor, ...]] = []
         self.statics: list[Any] = []
@@ -127,7 +130,7 @@ class _Taps(TorchFunctionMode):
             raise NotDirect("saved-tensor hooks (checkpointing)")
         n = self.n
         if (want is None or (want.rule is not rule and want.rule != rule) or want.roles != tuple(sorted(roles.items()))
-                or out.dtype != want.out_dtype or not _leading_times(out, want.out_shape, n)):
+                or out.dtype != want.out_dtype or not _leading_times(out, want.out_shape, self.shapes[k], n)):
             raise NotDirect(f"call {k} is not the trace's, row for row")
         for s in match.saved:
             if s.dim() and s.shape[0] % n:
@@ -159,12 +162,12 @@ def _refuse(func: Any, args: tuple, kwargs: dict[str, Any]) -> None:
         raise NotDirect(f"{getattr(func, '__name__', func)} in the model")
 
 
-def _leading_times(x: Tensor, per_sample: torch.Size | None, n: int) -> bool:
-    """``x`` has ``n`` times the per-sample rows on its leading axis (and the per-sample shape otherwise)."""
-    if x.dim() == 0 or x.shape[0] % n:
-        return False
-    return per_sample is None or (len(per_sample) == x.dim() and per_sample[0] * n == x.shape[0]
-                                  and x.shape[1:] == per_sample[1:])
+def _leading_times(x: Tensor, per_sample: torch.Size | None, whole: torch.Size | None, n: int) -> bool:
+    """``x`` has ``n`` times the per-sample rows on its leading axis (and the per-sample shape otherwise):
+    its shape is ``whole``, that of ``per_sample`` on ``n`` samples (``None`` when there is no such shape)."""
+    if whole is not None:
+        return x.shape == whole
+    return per_sample is None and x.dim() > 0 and x.shape[0] % n == 0
 
 
 def rng_state(device: torch.device) -> tuple[Tensor, ...]:
