@@ -104,6 +104,16 @@ def check_options(where: str, val_reduce: Any = "mean", policy: Any = "auto", co
         raise TypeError(f"{where}: compute_dtype must be None or a floating torch.dtype; got {compute_dtype!r}")
 
 
+def check_compile(where: str, compile: Any, val_reduce: Any, group: Any) -> None:
+    if not isinstance(compile, bool):
+        raise TypeError(f"{where}: compile must be True or False; got {compile!r}")
+    if compile and val_reduce is None:
+        raise ValueError(f"{where}: compile=True scores against one reduced validation gradient, so it needs "
+                         f"val_reduce='mean' or 'sum'; got val_reduce=None")
+    if compile and group is not None:
+        raise ValueError(f"{where}: compile=True runs in one process; pass group=None or compile=False")
+
+
 def check_model_fn(model_fn: Any, where: str) -> None:
     if not callable(model_fn):
         raise TypeError(f"{where}: model_fn must be callable as model_fn(params, batch) -> losses [B]; "

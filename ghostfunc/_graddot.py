@@ -25,7 +25,7 @@ from ._capture import (
     trace,
     weighted_grad_split,
 )
-from ._checks import check_model_fn, check_options, check_pair, check_params
+from ._checks import check_compile, check_model_fn, check_options, check_pair, check_params
 from ._eager import capture_eager, summary, trace_eager, unbatchable
 from ._groups import WHOLE, Part, describe, merge_halves, refine, subset
 from ._interact import check_model, in_one_call, param_signature, training_flags
@@ -360,7 +360,7 @@ def run_streamed(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val
                                                            val_reduce, fresh))
 
 
-class _Replay(NamedTuple):
+class Replay(NamedTuple):
     """How a signature's streamed capture last ran: both batches in one whole-batch run (the verdict under
     ``verdict`` held), routed by ``routing``, the recognised calls ``sites`` expected."""
 
@@ -369,12 +369,12 @@ class _Replay(NamedTuple):
     verdict: tuple
 
 
-#: ``model_fn`` -> {:func:`_replay_key`: :class:`_Replay`}: what a call of a known signature does again
+#: ``model_fn`` -> {:func:`_replay_key`: :class:`Replay`}: what a call of a known signature does again
 #: without re-deciding it (on a small model, the deciding costs about as much as the arithmetic).
-_REPLAYS: weakref.WeakKeyDictionary[Any, dict[tuple, _Replay]] = weakref.WeakKeyDictionary()
+_REPLAYS: weakref.WeakKeyDictionary[Any, dict[tuple, Replay]] = weakref.WeakKeyDictionary()
 
 
-def _replay_key(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batch, policy: str,
+def replay_key(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batch, policy: str,
                 val_reduce: str) -> tuple:
     return (param_signature(params), train.signature, val.signature, train.size, val.size,
             training_flags(model_fn), policy, val_reduce)
@@ -385,25 +385,42 @@ def _replay(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Bat
     """:func:`run_streamed` as the last call of this signature ran it (both batches in one whole-batch
     run), or ``None`` when there is nothing to replay or it no longer applies: the routing was redone,
     the verdict changed, or the run failed a guard or raised (then the full path decides, and explains)."""
-    try:
-        book = _REPLAYS.get(model_fn)
-    except TypeError:  # not weak-referenceable
-        return None
-    key = _replay_key(model_fn, params, train, val, policy, val_reduce) if book else None
-    rep = book.get(key) if book and key is not None else None
+    rep = replay_of(model_fn, params, train, val, where, policy, val_reduce)
     if rep is None:
-        return None
-    assert book is not None and key is not None
-    r = routing(model_fn, params, train, val, where, policy, val_reduce, False)  # the memo's, or routed again
-    if r is not rep.routing or not _whole.holds(model_fn, rep.verdict):
-        del book[key]
         return None
     try:
         t, v = _whole.rerun(model_fn, params, (train, val), rep.sites)
     except Exception:  # noqa: BLE001 - a guard (NotDirect) or the model's own error: the full path runs
+        forget(model_fn, params, train, val, policy, val_reduce)
+        return None
+    return _streamed_of(rep.routing, t, v, params, val_reduce, val.size)
+
+
+def replay_of(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batch, where: str, policy: str,
+              val_reduce: str) -> Replay | None:
+    """The replay of this signature if there is one and it still applies (its routing is the one a call
+    would take now, its whole-batch verdict still holds); a stale one is dropped."""
+    try:
+        book = _REPLAYS.get(model_fn)
+    except TypeError:  # not weak-referenceable
+        return None
+    if not book:
+        return None
+    key = replay_key(model_fn, params, train, val, policy, val_reduce)
+    rep = book.get(key)
+    if rep is None:
+        return None
+    r = routing(model_fn, params, train, val, where, policy, val_reduce, False)  # the memo's, or routed again
+    if r is not rep.routing or not _whole.holds(model_fn, rep.verdict):
         del book[key]
         return None
-    return _streamed_of(r, t, v, params, val_reduce, val.size)
+    return rep
+
+
+def forget(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batch, policy: str,
+           val_reduce: str) -> None:
+    """Drop this signature's replay: the next call takes the full path (and records a new one if it can)."""
+    _REPLAYS.get(model_fn, {}).pop(replay_key(model_fn, params, train, val, policy, val_reduce), None)
 
 
 def _remember(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batch, policy: str,
@@ -421,7 +438,7 @@ def _remember(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: B
         return
     if len(book) > 32:
         book.clear()
-    book[_replay_key(model_fn, params, train, val, policy, val_reduce)] = _Replay(r, sites, verdict)
+    book[replay_key(model_fn, params, train, val, policy, val_reduce)] = Replay(r, sites, verdict)
 
 
 def _streamed_of(r: Routing, t: Half, v: Half, params: dict[str, Tensor], val_reduce: str, m: int) -> Streamed:
@@ -686,6 +703,7 @@ def graddot(
     policy: str = "auto",
     compute_dtype: torch.dtype | None = None,
     group: Any = None,
+    compile: bool = False,
 ) -> GradDot:
     """Per-sample gradient dot products with the validation gradient, in one backward pass.
 
@@ -713,6 +731,14 @@ def graddot(
             (``val_reduce=None``: against every rank's validation rows, columns in
             rank order), ``train_grad`` the global mean on every rank. See
             ``ghostfunc._dist``.
+        compile: for small models called many times with the same shapes (a
+            training run): once a signature has run eagerly and its batches were
+            confirmed to run as one whole batch, later calls run as one
+            ``torch.compile`` graph (fullgraph; the first such call compiles for
+            seconds and is checked against the eager numbers). A model that cannot
+            be compiled that way keeps the eager path, with the same numbers; the
+            plan's notes say which ran. Needs ``val_reduce`` ``"mean"`` or ``"sum"``
+            and one process (``group=None``). See ``ghostfunc._compiled``.
 
     Returns:
         :class:`GradDot` with ``scores`` ``[n_train]`` (or ``[n_train, n_val]``),
@@ -730,6 +756,7 @@ def graddot(
         tensor([0.3333, 0.3333, 0.3333], dtype=torch.float64)
     """
     where = "graddot"
+    check_compile(where, compile, val_reduce, group)
     if group is not None:
         return graddot_group(model_fn, params, train, val, val_reduce, policy, compute_dtype, group)
     checked, tb, vb = _prepare(where, model_fn, params, train, val,
@@ -745,6 +772,13 @@ def graddot(
         out, choice = _calibrate.race(model_fn, key, contenders(plans, like), lambda: graddot(
             model_fn, params, train, val, val_reduce=val_reduce, compute_dtype=compute_dtype), like.device)
         return out._replace(plan=out.plan._replace(tuning=choice.why))
+    if compile:
+        from . import _compiled  # it builds on this module
+
+        assert val_reduce is not None
+        done = _compiled.scores(model_fn, params, tb, vb, where, policy, val_reduce, compute_dtype)
+        if done is not None:
+            return GradDot(*done)
     weights = val_weights(val_reduce, vb.size, next(iter(params.values())))
     if val_reduce is not None:  # validation first, reduced to ḡ_val: the memory of one batch at a time
         st = run_streamed(model_fn, checked, tb, vb, where, policy, val_reduce)

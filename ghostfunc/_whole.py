@@ -124,10 +124,8 @@ class _Taps(TorchFunctionMode):
             raise NotDirect(f"{self.names[id(found[0])]} used by an unrecognised call")
         if not roles or match is None or rule is None:
             return out
-        k = len(self.taps)
+        k = len(self.saved)
         want = self.expect[k] if k < len(self.expect) else None
-        if torch._C._autograd._top_saved_tensors_default_hooks(False):
-            raise NotDirect("saved-tensor hooks (checkpointing)")
         n = self.n
         if (want is None or (want.rule is not rule and want.rule != rule) or want.roles != tuple(sorted(roles.items()))
                 or out.dtype != want.out_dtype or not _leading_times(out, want.out_shape, self.shapes[k], n)):
@@ -135,11 +133,18 @@ class _Taps(TorchFunctionMode):
         for s in match.saved:
             if s.dim() and s.shape[0] % n:
                 raise NotDirect(f"call {k} saves a tensor without the samples' rows first")
+        out = self._tap(out, k)
+        self.saved.append(match.saved)
+        self.statics.append(match.static)
+        return out
+
+    def _tap(self, out: Tensor, k: int) -> Tensor:
+        """Where the backward stops for the ``k``-th recognised call: its output's gradient edge."""
+        if torch._C._autograd._top_saved_tensors_default_hooks(False):
+            raise NotDirect("saved-tensor hooks (checkpointing)")
         if out.grad_fn is None:  # also when gradients are off
             raise NotDirect(f"call {k} has no gradient")
         self.taps.append(get_gradient_edge(out))
-        self.saved.append(match.saved)
-        self.statics.append(match.static)
         return out
 
 
@@ -282,7 +287,7 @@ def _capture(model_fn: ModelFn, params: Mapping[str, Tensor], batches: Sequence[
     for batch, sites in zip(batches, expect, strict=True):
         mode = _Taps(names, sites, batch.size)
         losses.append(_run(model_fn, params, batch, mode))
-        if len(mode.taps) != len(sites):
+        if len(mode.saved) != len(sites):
             raise NotDirect("fewer recognised calls than the trace")
         modes.append(mode)
     taps = [t for m in modes for t in m.taps]
@@ -290,16 +295,23 @@ def _capture(model_fn: ModelFn, params: Mapping[str, Tensor], batches: Sequence[
     outs = list(torch.autograd.grad(total, taps)) if taps else []
     halves, at = [], 0
     for mode, sites, loss, batch in zip(modes, expect, losses, batches, strict=True):
-        n = batch.size
-        grads: dict[str, list[Factored | Direct]] = {k: [] for k in params}
-        for site, saved, static, out in zip(sites, mode.saved, mode.statics, outs[at:at + len(sites)], strict=True):
-            mine = tuple(s.detach().unflatten(0, (n, -1)) if s.dim() > 0 else s.detach() for s in saved)
-            for role, name in site.roles:
-                g = site.rule.grad(static, mine, out.unflatten(0, (n, -1)), role, params[name].shape)
-                grads[name].append(_in_dtype(g, params[name].dtype))
+        grads = per_sample(params, sites, mode.saved, mode.statics, outs[at:at + len(sites)], batch.size)
         at += len(sites)
         halves.append(Half(loss.detach(), grads))
     return halves
+
+
+def per_sample(params: Mapping[str, Tensor], sites: Sequence[Site], saved: Sequence[tuple[Tensor, ...]],
+               statics: Sequence[Any], outs: Sequence[Tensor], n: int) -> dict[str, list[Factored | Direct]]:
+    """Every parameter's per-sample gradients (one per use) from the whole-batch run of ``n`` samples:
+    each recognised call's saved tensors and output gradient, viewed as ``[n, rows per sample, ...]``."""
+    grads: dict[str, list[Factored | Direct]] = {k: [] for k in params}
+    for site, kept, static, out in zip(sites, saved, statics, outs, strict=True):
+        mine = tuple(s.detach().unflatten(0, (n, -1)) if s.dim() > 0 else s.detach() for s in kept)
+        for role, name in site.roles:
+            g = site.rule.grad(static, mine, out.unflatten(0, (n, -1)), role, params[name].shape)
+            grads[name].append(_in_dtype(g, params[name].dtype))
+    return grads
 
 
 def _rows(half: Half, lo: int, hi: int) -> Half:

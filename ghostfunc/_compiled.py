@@ -1,0 +1,220 @@
+"""``graddot(..., compile=True)``: a known small model's whole call as one compiled graph.
+
+On a small model the eager call is Python more than arithmetic: the model's own
+modules, the interception of every call, the kernels' many small products (about
+3x the plain step at ``T = 1``, width 64, on 2 CPU cores, where the same numbers
+written by hand take 1.7x). Once a signature has a replay
+(:func:`ghostfunc._graddot.replay_of`: both batches ran in one whole-batch run
+that the per-sample capture confirmed), the same computation is compiled with
+``torch.compile(fullgraph=True, dynamic=False)``: the model on ``[train; val]``
+with a zero tap added to each recognised call's output, the taps' gradients by
+``torch.func.grad`` (the output gradients the rules need), the per-sample
+factors, the validation reduction and the scores, in one graph.
+
+What keeps it exact:
+
+- the whole-batch run's interception (:class:`ghostfunc._whole._Taps`, every
+  refusal) runs while dynamo traces: a compiled graph has no value-dependent
+  movement of rows, parameters only in recognised calls, the trace's calls row
+  for row; a data-dependent branch (``bool``, ``item``) cannot be traced into one
+  graph (``fullgraph``) and is refused as well;
+- dynamo's guards trace again (and check again) when anything the trace read
+  changes: shapes, module flags, values in closures;
+- the random state is compared around every call: a model that draws is refused;
+- the first compiled result of a signature is compared with the eager replay's
+  (``sqrt(eps)`` of the scale, :func:`ghostfunc._whole.close`);
+- any refusal or error marks the signature: the eager path runs from then on. A
+  non-finite loss goes to the eager path, which names the rows.
+
+The first compiled call of a signature costs the compilation (seconds); it pays
+over the many steps of a small model's training run. Every call before it (the
+first of a signature verifies, races routings and records the replay) is eager.
+"""
+
+from __future__ import annotations
+
+import types
+import warnings
+import weakref
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._capture import Batch, Half, ModelFn, Site
+from ._graddot import (
+    Replay,
+    _replay,
+    _streamed_of,
+    replay_key,
+    replay_of,
+    score_streamed,
+    sum_scores,
+    val_weights,
+)
+from ._plan import Plan
+from ._whole import NotDirect, _rows, _Taps, close, per_sample, rng_state, set_rng_state
+
+#: ``model_fn`` -> {(replay key, compute dtype): (the compiled call, the parameter tensors it is called with),
+#: verified; or ``False``: refused}.
+_STATE: weakref.WeakKeyDictionary[Any, dict[tuple, Any]] = weakref.WeakKeyDictionary()
+
+
+class Compiled(NamedTuple):
+    """What a compiled call gives :func:`ghostfunc.graddot` (the fields of ``GradDot``)."""
+
+    scores: Tensor
+    per_param: dict[str, Tensor]
+    train_grad: dict[str, Tensor]
+    train_loss: Tensor
+    val_loss: Tensor
+    plan: Plan
+
+
+class _Added(_Taps):
+    """The whole-batch interception with each recognised call's output plus a zero tap (``zeros[k]``): its
+    gradient is the output gradient, through ``torch.func.grad`` (traceable, unlike gradient edges)."""
+
+    def __init__(self, names: dict[int, str], expect: tuple[Site, ...], n: int, zeros: list[Tensor]) -> None:
+        super().__init__(names, expect, n)
+        self.zeros = zeros
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
+        if func in _DRAWS and _draws(func, args, kwargs or {}):  # seen while tracing: no draw in a graph
+            raise NotDirect(f"{getattr(func, '__name__', func)} draws random numbers")
+        return super().__torch_function__(func, types, args, kwargs)
+
+    def _tap(self, out: Tensor, k: int) -> Tensor:
+        return out + self.zeros[k]
+
+
+#: Calls that draw random numbers; the dropout family (:data:`_DROPOUTS`) only in training mode with ``p > 0``.
+_DROPOUTS = frozenset({F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
+                       torch.dropout, torch.alpha_dropout, torch.feature_dropout, torch.feature_alpha_dropout})
+_DRAWS = frozenset({
+    *_DROPOUTS, F.rrelu, torch.rrelu, F.gumbel_softmax, torch.bernoulli, Tensor.bernoulli, Tensor.bernoulli_,
+    torch.rand, torch.rand_like, torch.randn, torch.randn_like, torch.randint, torch.randint_like, torch.randperm,
+    torch.normal, Tensor.normal_, Tensor.uniform_, Tensor.exponential_, Tensor.geometric_, Tensor.log_normal_,
+    Tensor.cauchy_, Tensor.random_, torch.multinomial, Tensor.multinomial, torch.poisson,
+})
+
+
+def _draws(func: Any, args: tuple, kwargs: dict[str, Any]) -> bool:
+    """Whether this call draws: a dropout draws only when training with ``p > 0`` (``nn.Dropout`` in eval
+    mode calls ``F.dropout(x, p, False)``); ``rrelu`` only when training; the rest always."""
+    if func in _DROPOUTS:
+        if func.__module__.startswith("torch.nn"):  # F.dropout(input, p=0.5, training=True, inplace=False)
+            p, training = (*args[1:3], *(None, None))[:2]
+            p = kwargs.get("p", 0.5 if p is None else p)
+            training = kwargs.get("training", True if training is None else training)
+        else:  # torch.dropout(input, p, train)
+            p, training = args[1] if len(args) > 1 else kwargs["p"], args[2] if len(args) > 2 else kwargs["train"]
+        return bool(training) and p > 0
+    if func in (F.rrelu, torch.rrelu):
+        training = args[3] if len(args) > 3 else kwargs.get("training", False)
+        return bool(training)
+    return True
+
+
+def scores(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batch, where: str, policy: str,
+           val_reduce: str, dtype: torch.dtype | None) -> Compiled | None:
+    """The call by its compiled graph, or ``None`` where the eager path must run (no replay yet, a
+    refusal, a non-finite loss): see the module docstring."""
+    rep = replay_of(model_fn, params, train, val, where, policy, val_reduce)
+    if rep is None:
+        return None
+    try:
+        states = _STATE.setdefault(model_fn, {})
+    except TypeError:  # not weak-referenceable: nowhere to keep a compiled call
+        return None
+    key = (replay_key(model_fn, params, train, val, policy, val_reduce), dtype)
+    known = states.get(key)
+    if known is False:
+        return None
+    first = known is None
+    if first:
+        if len(states) > 16:
+            states.clear()
+        known = (_build(model_fn, rep, train, val.size, val_reduce, dtype),
+                 {k: torch.empty_like(v, requires_grad=False) for k, v in params.items()})
+    assert known is not None
+    fn, leaves = known
+    with torch.no_grad():  # the same tensors every call: the interception knows parameters by identity, and
+        for k, v in leaves.items():  # dynamo guards identities it reads (a new tensor each call would recompile)
+            v.copy_(params[k])
+    device = next(iter(params.values())).device
+    before = rng_state(device)
+    try:
+        out = fn(leaves, list(train.tensors), list(val.tensors))
+    except Exception:  # noqa: BLE001 - refused while tracing (NotDirect, a graph break) or failed: eager from now on
+        set_rng_state(device, before)
+        states[key] = False
+        return None
+    if not all(torch.equal(x, y) for x, y in zip(before, rng_state(device), strict=True)):
+        set_rng_state(device, before)  # it drew random numbers: the eager path decides
+        states[key] = False
+        return None
+    total, per_param, train_grad, train_loss, val_loss = out
+    if not bool(torch.isfinite(train_loss).all() & torch.isfinite(val_loss).all()):
+        return None  # the eager path names the rows
+    plan = rep.routing.plan
+    if first:  # the first compiled result must be the eager replay's
+        st = _replay(model_fn, params, train, val, where, policy, val_reduce)
+        if st is None:
+            states[key] = False
+            return None
+        weights = val_weights(val_reduce, val.size, next(iter(params.values())))
+        assert weights is not None
+        eager = score_streamed(st, params, weights, train.size, val.size, dtype)
+        if not close((out[1], out[2], out[3], out[4]), (eager[0], eager[1], st.train_loss, st.val_loss)):
+            states[key] = False
+            return None
+        states[key] = known
+    return Compiled(total, per_param, train_grad, train_loss, val_loss,
+                    plan._replace(notes=(*plan.notes, "compiled: the whole call as one torch.compile graph")))
+
+
+def _build(model_fn: ModelFn, rep: Replay, train: Batch, m: int, val_reduce: str,
+           dtype: torch.dtype | None) -> Callable[..., Any]:
+    """The replay of ``rep`` as one function of (parameters, train tensors, val tensors), compiled."""
+    n, sites, rebuild, r = train.size, rep.sites, train.rebuild, rep.routing
+    big = n + m
+
+    def whole(params: dict[str, Tensor], train_tensors: list[Tensor], val_tensors: list[Tensor]) -> Any:
+        like = next(iter(params.values()))
+        joined = [torch.cat((a, b)) for a, b in zip(train_tensors, val_tensors, strict=True)]
+        zeros = [torch.zeros((s.out_shape[0] * big, *s.out_shape[1:]), dtype=s.out_dtype, device=like.device)
+                 for s in sites]
+        names = {id(v): k for k, v in params.items()}
+        statics: list[Any] = []
+
+        def losses_of(taps: list[Tensor]) -> tuple[Tensor, tuple[Tensor, list[tuple[Tensor, ...]]]]:
+            mode = _Added(names, sites, big, taps)
+            with mode:
+                losses = model_fn(params, rebuild(joined))
+            if len(mode.saved) != len(sites):
+                raise NotDirect("fewer recognised calls than the trace")
+            if not isinstance(losses, Tensor) or losses.shape != (big,):
+                raise NotDirect("losses not shaped [n]")
+            statics.extend(mode.statics)
+            return losses.sum(), (losses, mode.saved)
+
+        outs, (losses, saved) = torch.func.grad(losses_of, has_aux=True)(zeros)
+        joined_half = Half(losses, per_sample(params, sites, saved, statics, outs, big))
+        t, v = _rows(joined_half, 0, n), _rows(joined_half, n, big)
+        st = _streamed_of(r, t, v, params, val_reduce, m)
+        weights = val_weights(val_reduce, m, like)
+        assert weights is not None
+        per_param, train_grad = score_streamed(st, params, weights, n, m, dtype)
+        return sum_scores(per_param, params), per_param, train_grad, t.loss, v.loss
+
+    with warnings.catch_warnings():  # inductor's import warns about torch.jit, torch's own matter: not the caller's
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import torch._inductor.compile_fx  # noqa: F401
+    # A code object of its own: dynamo keeps compiled code per code object, so signatures do not share
+    # (and exhaust) one object's recompile limit.
+    own = types.FunctionType(whole.__code__.replace(), whole.__globals__, whole.__name__, whole.__defaults__,
+                             whole.__closure__)
+    return torch.compile(own, fullgraph=True, dynamic=False)

@@ -1,0 +1,161 @@
+"""``graddot(..., compile=True)`` (``ghostfunc._compiled``): a known small model's call as one compiled graph.
+
+Every result is compared with :func:`ghostfunc.reference_graddot` (a loop of
+single-sample backward passes). What cannot be one graph (a branch on values,
+rows moved by value, random draws, a model that changes what it calls) must keep
+the eager path and stay exact; a Python value the model reads must be seen when it
+changes (dynamo's guards). Each compilation takes seconds, so the models are few
+and small.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call
+
+import ghostfunc
+
+F64 = torch.float64
+NOTE = "compiled: the whole call as one torch.compile graph"
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
+
+
+def check(model_fn, params, train, val, tol: float = 1e-10, **kw) -> ghostfunc.GradDot:
+    out = ghostfunc.graddot(model_fn, params, train, val, compile=True, **kw)
+    scores, per_param, grad = ghostfunc.reference_graddot(model_fn, params, train, val,
+                                                          val_reduce=kw.get("val_reduce", "mean"))
+    assert rel(out.scores, scores) < tol
+    scale, grad_scale = scores.abs().max(), max(g.abs().max() for g in grad.values())
+    for k in params:
+        assert (out.per_param[k] - per_param[k]).abs().max() <= tol * scale, k
+        assert (out.train_grad[k] - grad[k]).abs().max() <= tol * grad_scale, k
+    assert out.scores.grad_fn is None and all(g.grad_fn is None for g in out.train_grad.values())
+    return out
+
+
+def mlp(seed: int, dtype: torch.dtype = F64) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(5, 8), nn.GELU(), nn.Linear(8, 8, bias=False), nn.Tanh(), nn.Linear(8, 1))
+    net = net.to(dtype)
+    return net, {k: v.detach() for k, v in net.named_parameters()}
+
+
+def test_later_calls_run_compiled_and_stay_exact() -> None:
+    """The first call is eager (it verifies the whole-batch run), the next compiles and is checked against
+    the eager numbers, and later calls with new parameter and batch values stay exact; tokens per sample,
+    a layer without bias, both reductions."""
+    net, params = mlp(0)
+
+    def fn(p, batch):
+        x, y = batch
+        return ((functional_call(net, p, (x,)).squeeze(-1) - y) ** 2).mean(1)
+
+    for reduce in ("mean", "sum"):
+        notes = []
+        for call in range(4):
+            x, y = torch.randn(11, 3, 5, dtype=F64), torch.randn(11, 3, dtype=F64)
+            p = {k: v + 0.1 * call for k, v in params.items()}
+            out = check(fn, p, (x[:7], y[:7]), (x[7:], y[7:]), val_reduce=reduce)
+            notes.append(NOTE in out.plan.notes)
+        assert not notes[0] and notes[2:] == [True, True], (reduce, notes)  # the first call verifies, eagerly
+
+
+def test_a_small_cnn_in_float32() -> None:
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+                        nn.Flatten(), nn.Linear(4 * 3 * 3, 5)).eval()
+    net[1].running_var.uniform_(0.5, 2)
+    params = {k: v.detach() for k, v in net.named_parameters()}
+
+    def fn(p, batch):
+        x, y = batch
+        return F.cross_entropy(functional_call(net, p, (x,)), y, reduction="none")
+
+    x, y = torch.randn(10, 2, 6, 6), torch.randint(0, 5, (10,))
+    for _ in range(3):
+        out = check(fn, params, (x[:6], y[:6]), (x[6:], y[6:]), tol=1e-5)
+    assert NOTE in out.plan.notes
+
+
+def test_a_python_value_the_model_reads_is_seen_when_it_changes() -> None:
+    """A scale in a closure and a module switched between modes: the compiled graph is traced again, never
+    replayed stale."""
+    net, params = mlp(2)
+    knob = {"scale": 1.0}
+
+    def fn(p, batch):
+        x, y = batch
+        return ((functional_call(net, p, (x,)).squeeze(-1) * knob["scale"] - y) ** 2)
+
+    x, y = torch.randn(9, 5, dtype=F64), torch.randn(9, dtype=F64)
+    train, val = (x[:6], y[:6]), (x[6:], y[6:])
+    for scale in (1.0, 1.0, 3.0, 3.0, 0.5):
+        knob["scale"] = scale
+        out = check(fn, params, train, val)
+    assert NOTE in out.plan.notes
+
+
+@pytest.mark.parametrize("kind", ["branch", "argsort", "dropout", "new call"])
+def test_what_cannot_be_one_graph_keeps_the_eager_path(kind: str) -> None:
+    net, params = mlp(3)
+    how = {"on": False}
+
+    def fn(p, batch):
+        x, y = batch
+        h = functional_call(net, p, (x,)).squeeze(-1)
+        if how["on"]:
+            if kind == "branch" and bool(h.abs().max() > -1):  # a branch on values
+                h = h * 2
+            elif kind == "argsort":  # rows moved by value and back
+                order = h.argsort()
+                h = h[order][order.argsort()]
+            elif kind == "dropout":
+                h = F.dropout(h, 0.5, training=True)
+            elif kind == "new call":  # one more recognised call than the trace
+                h = h + F.linear(x, p["0.weight"]).sum(-1)
+        return (h - y) ** 2
+
+    x, y = torch.randn(9, 5, dtype=F64), torch.randn(9, dtype=F64)
+    train, val = (x[:6], y[:6]), (x[6:], y[6:])
+    for _ in range(3):
+        out = check(fn, params, train, val)
+    assert NOTE in out.plan.notes  # compiled before the change
+    how["on"] = True
+    if kind == "dropout":  # not comparable with a loop: the same draws as the eager path (other masks would
+        # change the scores entirely), the same numbers up to rounding
+        torch.manual_seed(4)
+        out = ghostfunc.graddot(fn, params, train, val, compile=True)
+        state = torch.get_rng_state()
+        torch.manual_seed(4)
+        eager = ghostfunc.graddot(fn, params, train, val)
+        assert rel(out.scores, eager.scores) < 1e-12 and torch.equal(state, torch.get_rng_state())
+    else:
+        for _ in range(2):
+            out = check(fn, params, train, val)
+    assert NOTE not in out.plan.notes
+
+
+def test_a_nan_loss_is_named_and_arguments_are_checked() -> None:
+    net, params = mlp(5)
+
+    def fn(p, batch):
+        x, y = batch
+        return (functional_call(net, p, (x,)).squeeze(-1) - y) ** 2
+
+    x, y = torch.randn(9, 5, dtype=F64), torch.randn(9, dtype=F64)
+    for _ in range(3):
+        check(fn, params, (x[:6], y[:6]), (x[6:], y[6:]))
+    bad = x.clone()
+    bad[4, 2] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"^graddot: .*train samples \[4\]"):
+        ghostfunc.graddot(fn, params, (bad[:6], y[:6]), (x[6:], y[6:]), compile=True)
+    with pytest.raises(TypeError, match="compile must be True or False; got 'yes'"):
+        ghostfunc.graddot(fn, params, (x[:6], y[:6]), (x[6:], y[6:]), compile="yes")
+    with pytest.raises(ValueError, match="compile=True .* needs val_reduce='mean' or 'sum'; got val_reduce=None"):
+        ghostfunc.graddot(fn, params, (x[:6], y[:6]), (x[6:], y[6:]), compile=True, val_reduce=None)
