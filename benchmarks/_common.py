@@ -242,6 +242,20 @@ def make(name: str, s: Setup, opts: Options) -> Step:
             opt.step()
 
         return plain_optim
+    if name == "plain/compiled":  # the plain step with its forward (and so its backward) compiled
+        params = {k: v.detach().requires_grad_(True) for k, v in s.params.items()}
+        leaves = list(params.values())
+        total = torch.compile(lambda p, b: s.model_fn(p, b).sum(), dynamic=False)
+
+        def plain_compiled() -> Any:
+            return torch.autograd.grad(total(params, s.both), leaves)
+
+        return _warm(plain_compiled)
+    if name == "graddot/compiled":  # compile=True; warmed up here, past the compilation (seconds)
+        def graddot_compiled() -> Any:
+            return ghostfunc.graddot(s.model_fn, s.params, s.train, s.val, compile=True)
+
+        return _warm(graddot_compiled)
     if name.startswith("graddot/"):
         policy = name.split("/", 1)[1]
         dtype = getattr(torch, opts.compute_dtype) if opts.compute_dtype else None
@@ -304,6 +318,13 @@ def make(name: str, s: Setup, opts: Options) -> Step:
 
         return opacus_
     raise ValueError(f"unknown contender {name!r}")
+
+
+def _warm(fn: Step, calls: int = 4) -> Step:
+    """``fn`` after ``calls`` calls (a compiled contender compiles on one of its first calls)."""
+    for _ in range(calls):
+        fn()
+    return fn
 
 
 class _Linears(torch.overrides.TorchFunctionMode):

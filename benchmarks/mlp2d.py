@@ -13,7 +13,10 @@ Command (defaults: T in 1..256, width in 64..1024, n_train = n_val = 32; about
     python -m benchmarks.mlp2d --tiny --out /tmp/b  # the smoke test's run
 
 ``hand/contract`` is the same computation written by hand for this model alone (no
-checks, routing or verification): the floor of the interception method, for scale.
+checks, routing or verification): the floor of the eager interception method, for
+scale. ``graddot/compiled`` is ``graddot(..., compile=True)`` past its compilation
+and ``plain/compiled`` the plain step with its forward compiled (``torch.compile``);
+both are timed against the eager plain step.
 The figure shows, per cell, the fastest exact kernel (colour) and its time ratio
 to the plain step, the ratio of ``auto`` and the 2T² boundary. ``auto`` races the
 candidate routings on its first (warm-up) call and routes by the fastest after
@@ -39,6 +42,9 @@ KERNELS = ("graddot/ghost", "graddot/materialize", "graddot/contract")
 #: The same numbers written by hand for this model alone (``benchmarks._common._hand_contract``): how close
 #: ghostfunc gets to the interception method's floor, not a kernel ``auto`` could pick.
 HAND = "hand/contract"
+#: ``graddot(..., compile=True)`` past its compilation, and the plain step compiled the same way (for scale:
+#: the ratios stay against the eager plain step).
+COMPILED = ("graddot/compiled", "plain/compiled")
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -63,7 +69,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     before = C.machine()
     before["clock"] = args.clock
     opts = C.Options(args.compute_dtype)
-    names = ["plain", *KERNELS, "graddot/2t2", "graddot/auto", "graddot/auto-model", HAND]
+    names = ["plain", *KERNELS, "graddot/2t2", "graddot/auto", "graddot/auto-model", HAND, *COMPILED]
     cells = []
     for t in args.Ts:
         for w in args.widths:
@@ -118,7 +124,8 @@ def table(payload: dict[str, Any]) -> str:
                      "materialize": r["graddot/materialize"], "contract": r["graddot/contract"],
                      "fastest": c["fastest"], "2t2 picks": c["rule_2t2"], "2t2": r["graddot/2t2"],
                      "auto": r["graddot/auto"], "auto routes as": winner(c.get("auto_routing", "")),
-                     "auto (cost model)": r.get("graddot/auto-model"), "by hand": r.get(HAND)})
+                     "auto (cost model)": r.get("graddot/auto-model"), "by hand": r.get(HAND),
+                     "compile=True": r.get(COMPILED[0]), "plain compiled": r.get(COMPILED[1])})
     cfg = payload["config"]
     head = (f"**token-wise MLP** d_in={cfg['d_in']}, n_train={cfg['n_train']}, n_val={cfg['n_val']}; time / plain "
             f"step; {C.describe_machine(payload['machine'], payload['provisional'])}\n\n")
@@ -150,6 +157,12 @@ def table(payload: dict[str, Any]) -> str:
         lines.append(f"Worst auto cell at T=1: {max(t1):.2f}x the plain step (goal <= 1.5x)"
                      + (f"; the same numbers written by hand for this model ({HAND}) take {hand:.2f}x there." if hand
                         else "."))
+        row = [c for c in payload["cells"] if c["T"] == 1 and COMPILED[0] in c["ratios"]]
+        if row:
+            worst = max(row, key=lambda c: c["ratios"][COMPILED[0]])
+            lines.append(f"With compile=True (past its compilation): worst T=1 cell {worst['ratios'][COMPILED[0]]:.2f}x "
+                         f"the plain step (width {worst['width']}); the plain step compiled the same way takes "
+                         f"{worst['ratios'][COMPILED[1]]:.2f}x there.")
     return head + C.markdown(rows, list(rows[0])) + "\n\n" + "\n".join(lines)
 
 

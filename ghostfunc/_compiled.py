@@ -46,11 +46,14 @@ from torch import Tensor
 from ._capture import Batch, Half, ModelFn, Site
 from ._graddot import (
     Replay,
+    Streamed,
     _replay,
-    _streamed_of,
+    paths,
+    reduced,
     replay_key,
     replay_of,
     score_streamed,
+    score_uses,
     sum_scores,
     val_weights,
 )
@@ -156,8 +159,8 @@ def scores(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batc
         set_rng_state(device, before)  # it drew random numbers: the eager path decides
         states[key] = False
         return None
-    total, per_param, train_grad, train_loss, val_loss = out
-    if not bool(torch.isfinite(train_loss).all() & torch.isfinite(val_loss).all()):
+    total, per_param, train_grad, train_loss, val_loss, finite = out
+    if not bool(finite):
         return None  # the eager path names the rows
     plan = rep.routing.plan
     if first:  # the first compiled result must be the eager replay's
@@ -179,7 +182,8 @@ def scores(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batc
 def _build(model_fn: ModelFn, rep: Replay, train: Batch, m: int, val_reduce: str,
            dtype: torch.dtype | None) -> Callable[..., Any]:
     """The replay of ``rep`` as one function of (parameters, train tensors, val tensors), compiled."""
-    n, sites, rebuild, r = train.size, rep.sites, train.rebuild, rep.routing
+    # plain values only (the paths, not the plan): dynamo guards every field of what the graph reads
+    n, sites, rebuild, routes = train.size, rep.sites, train.rebuild, paths(rep.routing.plan)
     big = n + m
 
     def whole(params: dict[str, Tensor], train_tensors: list[Tensor], val_tensors: list[Tensor]) -> Any:
@@ -204,11 +208,12 @@ def _build(model_fn: ModelFn, rep: Replay, train: Batch, m: int, val_reduce: str
         outs, (losses, saved) = torch.func.grad(losses_of, has_aux=True)(zeros)
         joined_half = Half(losses, per_sample(params, sites, saved, statics, outs, big))
         t, v = _rows(joined_half, 0, n), _rows(joined_half, n, big)
-        st = _streamed_of(r, t, v, params, val_reduce, m)
         weights = val_weights(val_reduce, m, like)
         assert weights is not None
-        per_param, train_grad = score_streamed(st, params, weights, n, m, dtype)
-        return sum_scores(per_param, params), per_param, train_grad, t.loss, v.loss
+        st = Streamed(None, *reduced(routes, v, params, weights), t.grads, t.loss, v.loss)  # type: ignore[arg-type]
+        per_param, train_grad = score_uses(routes, st, params, weights, n, m, dtype)
+        finite = torch.isfinite(losses).all()
+        return sum_scores(per_param, params), per_param, train_grad, t.loss, v.loss, finite
 
     with warnings.catch_warnings():  # inductor's import warns about torch.jit, torch's own matter: not the caller's
         warnings.simplefilter("ignore", DeprecationWarning)

@@ -446,16 +446,21 @@ def _streamed_of(r: Routing, t: Half, v: Half, params: dict[str, Tensor], val_re
     rows, every other one their reduced ``Σ_v w_v g_v``."""
     weights = val_weights(val_reduce, m, next(iter(params.values())))
     assert weights is not None
-    return Streamed(r.plan, *_reduced(r, v, params, weights), t.grads, t.loss, v.loss)
+    return Streamed(r.plan, *reduced(paths(r.plan), v, params, weights), t.grads, t.loss, v.loss)
 
 
-def _reduced(r: Routing, v: Half, params: dict[str, Tensor],
-             weights: Tensor) -> tuple[dict[str, Tensor], dict[str, list[Factored | Direct]]]:
-    """The validation side of a :class:`Streamed` from the validation rows' capture ``v``."""
-    ghost = _ghosts(r)
-    val_dir = {k: val_grad(route.path, v.grads[k], weights.to(params[k].dtype), params[k])
-               for k, route in r.plan.routes.items() if k not in ghost}
-    return val_dir, {k: v.grads[k] for k in ghost}
+def paths(plan: Plan) -> dict[str, str]:
+    """Every parameter's path (``"ghost"``, ``"contract"``, ...), in the plan's order."""
+    return {k: route.path for k, route in plan.routes.items()}
+
+
+def reduced(routes: Mapping[str, str], v: Half, params: dict[str, Tensor],
+            weights: Tensor) -> tuple[dict[str, Tensor], dict[str, list[Factored | Direct]]]:
+    """The validation side of a :class:`Streamed` from the validation rows' capture ``v``: ``Σ_v w_v g_v``
+    for every parameter not routed (``routes``: name -> path) to ghost, the rows themselves for the rest."""
+    val_dir = {k: val_grad(path, v.grads[k], weights.to(params[k].dtype), params[k])
+               for k, path in routes.items() if path != "ghost"}
+    return val_dir, {k: v.grads[k] for k, path in routes.items() if path == "ghost"}
 
 
 def _streamed_once(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batch, where: str,
@@ -475,7 +480,7 @@ def _streamed_once(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, v
             notes.extend([note] if note else [])
             return val_dir, {}, loss
         v = capture_one(model_fn, params, val, r, 1, where)
-        return (*_reduced(r, v, params, weights), v.loss)
+        return (*reduced(paths(r.plan), v, params, weights), v.loss)
 
     device = next(iter(params.values())).device
     before = _rng_state(device)
@@ -525,13 +530,19 @@ def _noted(plan: Plan, notes: list[str]) -> Plan:
 def score_streamed(st: Streamed, params: dict[str, Tensor], weights: Tensor, n: int, m: int,
                    dtype: torch.dtype | None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Every parameter's ``<g_i, Σ_v w_v g_v>`` ``[n]`` and mean train gradient, from a streamed capture."""
+    return score_uses(paths(st.plan), st, params, weights, n, m, dtype)
+
+
+def score_uses(routes: Mapping[str, str], st: Streamed, params: dict[str, Tensor], weights: Tensor, n: int, m: int,
+               dtype: torch.dtype | None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """:func:`score_streamed` with every parameter's path given (``routes``: name -> path; ``st.plan`` unread)."""
     per_param, train_grad = {}, {}
-    for k, route in st.plan.routes.items():
-        if route.path == "ghost":
+    for k, path in routes.items():
+        if path == "ghost":
             s, g = score_param("ghost", st.train[k], st.val_uses[k], weights.to(params[k].dtype), n, m, params[k],
                                dtype)
         else:
-            s, g = score_direction(route.path, st.train[k], st.val_dir[k], n, params[k], dtype)
+            s, g = score_direction(path, st.train[k], st.val_dir[k], n, params[k], dtype)
         per_param[k], train_grad[k] = s, g
     return per_param, train_grad
 

@@ -182,6 +182,7 @@ def compute_values(
     group: Any = None,
     curvature: str = "exact",
     val_grad: ValGrad | None = None,
+    compile: bool = False,
 ) -> Values:
     """The values against ``u = −a·P(ḡ_val) + (a²/2)·H_val G`` (``a = lr/n``), and the mean train gradient.
 
@@ -203,6 +204,8 @@ def compute_values(
     all-reduced, and the values are this rank's rows'.
     ``curvature="secant"`` (order 2) takes the secant path of :mod:`ghostfunc._secant`
     instead, reusing ``val_grad`` (a previous step's ``Values.val_grad``) when it matches.
+    ``compile`` (order 1 without ``precondition``, one process): the values from the compiled
+    graph of :mod:`ghostfunc._compiled` where it runs, else as without it.
     """
     check_lr_order(where, lr, order)
     check_curvature(where, curvature, order)
@@ -233,6 +236,13 @@ def compute_values(
         sec = secant_values(where, model_fn, params, tb, vb, lr=lr, weights=weights, before=val_grad)
         return Values(sec.values, sec.first_order, sec.train_grad, sec.train_loss, sec.val_loss, sec.plan, sec.after)
     if order == 1 and precondition is None:
+        if compile:  # one process (checked by the caller): the compiled graph where it can run
+            from . import _compiled  # it builds on _graddot
+
+            done = _compiled.scores(model_fn, params, tb, vb, where, "auto", "mean", None)
+            if done is not None:
+                values = done.scores.mul(-a)
+                return Values(values, values, done.train_grad, done.train_loss, done.val_loss, done.plan)
         st = run_streamed(model_fn, params, tb, vb, where, "auto", "mean")
         per_param, g_train = score_streamed(st, params, weights, n, m, None)
         values = sum_scores(per_param, params).mul(-a)

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from . import _dist
+from ._checks import check_compile
 from ._optim import Optimizer
 from ._secant import ValGrad, check_curvature
 from ._shapley import ORDERS, compute_values
@@ -70,6 +71,7 @@ class TrainStep:
     precondition: bool = False
     group: Any = None
     curvature: str = "exact"
+    compile: bool = False
 
     def init(self, params: Mapping[str, Tensor]) -> TrainState:
         """The state before the first step: detached copies of ``params`` and a fresh optimizer state.
@@ -106,7 +108,7 @@ class TrainStep:
                 return opt.precondition(direction, grads, state.opt_state)
         out = compute_values("train_step", self.model_fn, state.params, train, val, lr=lr, order=self.order,
                              precondition=pre, group=self.group, curvature=self.curvature,
-                             val_grad=state.val_grad)
+                             val_grad=state.val_grad, compile=self.compile)
         params, opt_state = opt.update(out.train_grad, state.opt_state, state.params)
         assert out.first_order is not None
         info = StepInfo(out.values, out.first_order, out.train_loss, out.val_loss, lr)
@@ -123,7 +125,8 @@ def _carried(after: ValGrad | None, params: Params) -> ValGrad | None:
 
 
 def train_step(model_fn: Callable[[Params, Any], Tensor], optimizer: Optimizer, *, order: int = 1,
-               precondition: bool = False, group: Any = None, curvature: str = "exact") -> TrainStep:
+               precondition: bool = False, group: Any = None, curvature: str = "exact",
+               compile: bool = False) -> TrainStep:
     """Build a stateless training step that returns In-Run Data Shapley values.
 
     ``step = train_step(model_fn, optimizer, order=1)``, ``state = step.init(params)``,
@@ -168,6 +171,12 @@ def train_step(model_fn: Callable[[Params, Any], Tensor], optimizer: Optimizer, 
             or an optimizer whose update is not ``θ − lr·ḡ_train``: momentum after
             the first update, weight decay, AdamW). With plain SGD and a fixed
             validation batch a step costs about an order-1 step.
+        compile: ``order=1`` without ``precondition``, one process: once a
+            signature's batches were confirmed to run as one whole batch, later
+            steps compute their values as one ``torch.compile`` graph, as
+            ``graddot(..., compile=True)`` does (the same numbers; a model that
+            cannot be one graph keeps the eager path). For small models over many
+            steps.
     """
     where = "train_step"
     if not callable(model_fn):
@@ -184,4 +193,8 @@ def train_step(model_fn: Callable[[Params, Any], Tensor], optimizer: Optimizer, 
     check_curvature(where, curvature, order)
     if group is not None and curvature == "secant":
         raise ValueError(f"{where}: curvature='secant' is one process only for now; use curvature='exact' with group=")
-    return TrainStep(model_fn, optimizer, order, bool(precondition), group, curvature)
+    check_compile(where, compile, "mean", group)
+    if compile and (order != 1 or precondition):
+        raise ValueError(f"{where}: compile=True computes first-order values without precondition; got "
+                         f"order={order}, precondition={precondition}")
+    return TrainStep(model_fn, optimizer, order, bool(precondition), group, curvature, compile)

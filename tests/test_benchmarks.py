@@ -50,7 +50,7 @@ def test_sweep_tiny(tmp_path: Path) -> None:
 def test_mlp2d_tiny(tmp_path: Path) -> None:
     got = mlp2d.main(["--tiny", "--out", str(tmp_path)])
     assert len(got["cells"]) == 4
-    assert all(mlp2d.HAND in c["ratios"] for c in got["cells"])
+    assert all(mlp2d.HAND in c["ratios"] and all(k in c["ratios"] for k in mlp2d.COMPILED) for c in got["cells"])
     _outputs(tmp_path, "mlp2d")
 
 

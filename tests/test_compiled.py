@@ -159,3 +159,36 @@ def test_a_nan_loss_is_named_and_arguments_are_checked() -> None:
         ghostfunc.graddot(fn, params, (x[:6], y[:6]), (x[6:], y[6:]), compile="yes")
     with pytest.raises(ValueError, match="compile=True .* needs val_reduce='mean' or 'sum'; got val_reduce=None"):
         ghostfunc.graddot(fn, params, (x[:6], y[:6]), (x[6:], y[6:]), compile=True, val_reduce=None)
+
+
+def test_a_compiled_training_run_follows_the_eager_one() -> None:
+    """``train_step(..., compile=True)``: the same values, losses and trajectory as the eager step, with the
+    later steps computed by the compiled graph; the options it cannot serve are refused."""
+    from ghostfunc import _compiled
+
+    net, params = mlp(6)
+
+    def fn(p, batch):
+        x, y = batch
+        return (functional_call(net, p, (x,)).squeeze(-1) - y) ** 2
+
+    x, y = torch.randn(14, 5, dtype=F64), torch.randn(14, dtype=F64)
+    val = (x[10:], y[10:])
+    runs = []
+    for compiled in (False, True):
+        step = ghostfunc.train_step(fn, ghostfunc.sgd(0.1), compile=compiled)
+        state, infos = step.init(params), []
+        for i in range(5):
+            rows = torch.arange(5) + i % 2 * 5
+            state, info = step(state, (x[rows], y[rows]), val)
+            infos.append(info)
+        runs.append((state, infos))
+    (eager, eager_infos), (comp, comp_infos) = runs
+    for a, b in zip(eager_infos, comp_infos, strict=True):
+        assert rel(b.values, a.values) < 1e-10 and rel(b.train_loss, a.train_loss) < 1e-12
+    for k in params:
+        assert rel(comp.params[k], eager.params[k]) < 1e-10, k
+    assert any(v is not False for v in _compiled._STATE.get(fn, {}).values())  # a graph ran
+    for kw in ({"order": 2}, {"precondition": True}):
+        with pytest.raises(ValueError, match="compile=True computes first-order values without precondition"):
+            ghostfunc.train_step(fn, ghostfunc.sgd(0.1), compile=True, **kw)
