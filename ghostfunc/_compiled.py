@@ -18,8 +18,10 @@ What keeps it exact:
   movement of rows, parameters only in recognised calls, the trace's calls row
   for row; a data-dependent branch (``bool``, ``item``) cannot be traced into one
   graph (``fullgraph``) and is refused as well;
-- dynamo's guards trace again (and check again) when anything the trace read
-  changes: shapes, module flags, values in closures;
+- dynamo's guards catch a change in anything the trace read (shapes, module
+  flags, values in closures): the graph is not reused, and that signature runs
+  eagerly from then on (one compilation per signature, never a pause to compile
+  again in the middle of a run);
 - the random state is compared around every call: a model that draws is refused;
 - the first compiled result of a signature is compared with the eager replay's
   (``sqrt(eps)`` of the scale, :func:`ghostfunc._whole.close`);
@@ -150,7 +152,11 @@ def scores(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batc
     device = next(iter(params.values())).device
     before = rng_state(device)
     try:
-        out = fn(leaves, list(train.tensors), list(val.tensors))
+        if first:
+            out = fn(leaves, list(train.tensors), list(val.tensors))
+        else:  # one compilation per signature: a guard that fails (a value the trace read changed) goes eager
+            with torch.compiler.set_stance("fail_on_recompile"):
+                out = fn(leaves, list(train.tensors), list(val.tensors))
     except Exception:  # noqa: BLE001 - refused while tracing (NotDirect, a graph break) or failed: eager from now on
         set_rng_state(device, before)
         states[key] = False
