@@ -35,6 +35,7 @@ first of a signature verifies, races routings and records the replay) is eager.
 
 from __future__ import annotations
 
+import threading
 import types
 import warnings
 import weakref
@@ -62,9 +63,11 @@ from ._graddot import (
 from ._plan import Plan
 from ._whole import NotDirect, _rows, _Taps, close, per_sample, rng_state, set_rng_state
 
-#: ``model_fn`` -> {(replay key, compute dtype): (the compiled call, the parameter tensors it is called with),
-#: verified; or ``False``: refused}.
+#: ``model_fn`` -> {(replay key, compute dtype): (the compiled call, the parameter tensors it is called with,
+#: their lock), verified; or ``False``: refused}.
 _STATE: weakref.WeakKeyDictionary[Any, dict[tuple, Any]] = weakref.WeakKeyDictionary()
+#: Held while a signature compiles and runs its first call (a first call's parameter tensors are its own).
+_COMPILING = threading.Lock()
 
 
 class Compiled(NamedTuple):
@@ -143,24 +146,28 @@ def scores(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batc
         if len(states) > 16:
             states.clear()
         known = (_build(model_fn, rep, train, val.size, val_reduce, dtype),
-                 {k: torch.empty_like(v, requires_grad=False) for k, v in params.items()})
+                 {k: torch.empty_like(v, requires_grad=False) for k, v in params.items()}, threading.Lock())
     assert known is not None
-    fn, leaves = known
-    with torch.no_grad():  # the same tensors every call: the interception knows parameters by identity, and
-        for k, v in leaves.items():  # dynamo guards identities it reads (a new tensor each call would recompile)
-            v.copy_(params[k])
+    fn, leaves, lock = known
     device = next(iter(params.values())).device
-    before = rng_state(device)
-    try:
-        if first:
-            out = fn(leaves, list(train.tensors), list(val.tensors))
-        else:  # one compilation per signature: a guard that fails (a value the trace read changed) goes eager
-            with torch.compiler.set_stance("fail_on_recompile"):
+    # The same tensors every call (the interception knows parameters by identity, and dynamo guards the
+    # identities it reads: a new tensor each call would not match), so one call at a time per signature; and
+    # one compilation at a time in the process.
+    with _COMPILING if first else lock:
+        with torch.no_grad():
+            for k, v in leaves.items():
+                v.copy_(params[k])
+        before = rng_state(device)
+        try:
+            if first:
                 out = fn(leaves, list(train.tensors), list(val.tensors))
-    except Exception:  # noqa: BLE001 - refused while tracing (NotDirect, a graph break) or failed: eager from now on
-        set_rng_state(device, before)
-        states[key] = False
-        return None
+            else:  # one compilation per signature: a guard that fails (a value the trace read changed) goes eager
+                with torch.compiler.set_stance("fail_on_recompile"):
+                    out = fn(leaves, list(train.tensors), list(val.tensors))
+        except Exception:  # noqa: BLE001 - refused while tracing (NotDirect, a graph break) or failed: eager now on
+            set_rng_state(device, before)
+            states[key] = False
+            return None
     if not all(torch.equal(x, y) for x, y in zip(before, rng_state(device), strict=True)):
         set_rng_state(device, before)  # it drew random numbers: the eager path decides
         states[key] = False

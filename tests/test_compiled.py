@@ -193,3 +193,44 @@ def test_a_compiled_training_run_follows_the_eager_one() -> None:
     for kw in ({"order": 2}, {"precondition": True}):
         with pytest.raises(ValueError, match="compile=True computes first-order values without precondition"):
             ghostfunc.train_step(fn, ghostfunc.sgd(0.1), compile=True, **kw)
+
+
+def test_threads_sharing_one_compiled_signature_stay_exact() -> None:
+    """The compiled call keeps its own parameter tensors per signature: calls from several threads take
+    turns on them, each with its own parameters and rows. (The eager path runs ``functional_call``, which
+    swaps a shared module's parameters and so is not for threads sharing one module: the references and the
+    warm-up run in the main thread, the threads run compiled calls only.)"""
+    import threading
+
+    net, params = mlp(7)
+
+    def fn(p, batch):
+        x, y = batch
+        return (functional_call(net, p, (x,)).squeeze(-1) - y) ** 2
+
+    x, y = torch.randn(9, 5, dtype=F64), torch.randn(9, dtype=F64)
+    for _ in range(3):
+        out = check(fn, params, (x[:6], y[:6]), (x[6:], y[6:]))
+    assert NOTE in out.plan.notes
+    cases = []
+    for seed in range(4):
+        g = torch.Generator().manual_seed(seed)
+        xs, ys = torch.randn(9, 5, dtype=F64, generator=g), torch.randn(9, dtype=F64, generator=g)
+        p = {k: v + 0.01 * seed for k, v in params.items()}
+        train, val = (xs[:6], ys[:6]), (xs[6:], ys[6:])
+        cases.append((p, train, val, ghostfunc.reference_graddot(fn, p, train, val)[0]))
+    errors: list[str] = []
+
+    def work(case: int) -> None:
+        p, train, val, ref = cases[case]
+        for _ in range(5):
+            out = ghostfunc.graddot(fn, p, train, val, compile=True)
+            if NOTE not in out.plan.notes or rel(out.scores, ref) > 1e-10:
+                errors.append(f"case {case}: {out.plan.notes} {rel(out.scores, ref):.2e}")
+
+    threads = [threading.Thread(target=work, args=(c,)) for c in range(len(cases))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
