@@ -33,6 +33,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+import torch
+
 import ghostfunc
 
 from . import _common as C
@@ -74,6 +76,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for t in args.Ts:
         for w in args.widths:
             config = C.config_from_args(args, model="mlp", T=t, width=w, d_in=args.d_in)
+            torch._dynamo.reset()  # each cell compiles afresh (a shared code object would hit the recompile limit)
             s = C.build(config)
             fns = {k: C.make(k, s, opts) if k != "graddot/auto-model" else cost_model_only(C.make("graddot/auto", s, opts))
                    for k in names}
