@@ -19,9 +19,10 @@ What keeps it exact:
   for row; a data-dependent branch (``bool``, ``item``) cannot be traced into one
   graph (``fullgraph``) and is refused as well;
 - dynamo's guards catch a change in anything the trace read (shapes, module
-  flags, values in closures): the graph is not reused, and that signature runs
-  eagerly from then on (one compilation per signature, never a pause to compile
-  again in the middle of a run);
+  flags, values in closures) that the graph does not take as an input: when one
+  fails, dynamo compiles again, and that call and the signature's later ones run
+  eagerly (a recompiled graph was never checked against the eager numbers, and a
+  run does not pause to compile again and again);
 - the random state is compared around every call: a model that draws is refused;
 - the first compiled result of a signature is compared with the eager replay's
   (``sqrt(eps)`` of the scale, :func:`ghostfunc._whole.close`);
@@ -158,15 +159,16 @@ def scores(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batc
             for k, v in leaves.items():
                 v.copy_(params[k])
         before = rng_state(device)
+        graphs = _graphs()
         try:
-            if first:
-                out = fn(leaves, list(train.tensors), list(val.tensors))
-            else:  # one compilation per signature: a guard that fails (a value the trace read changed) goes eager
-                with torch.compiler.set_stance("fail_on_recompile"):
-                    out = fn(leaves, list(train.tensors), list(val.tensors))
+            out = fn(leaves, list(train.tensors), list(val.tensors))
         except Exception:  # noqa: BLE001 - refused while tracing (NotDirect, a graph break) or failed: eager now on
             set_rng_state(device, before)
             states[key] = False
+            return None
+        if not first and _graphs() != graphs:  # a guard failed (a value the trace read changed) and dynamo compiled
+            set_rng_state(device, before)  # again: this call and later ones run eagerly (no recompiling mid-run;
+            states[key] = False  # the new graph was never checked against the eager numbers)
             return None
     if not all(torch.equal(x, y) for x, y in zip(before, rng_state(device), strict=True)):
         set_rng_state(device, before)  # it drew random numbers: the eager path decides
@@ -190,6 +192,11 @@ def scores(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batc
         states[key] = known
     return Compiled(total, per_param, train_grad, train_loss, val_loss,
                     plan._replace(notes=(*plan.notes, "compiled: the whole call as one torch.compile graph")))
+
+
+def _graphs() -> int:
+    """How many graphs dynamo has compiled in this process so far."""
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
 
 
 def _build(model_fn: ModelFn, rep: Replay, train: Batch, m: int, val_reduce: str,

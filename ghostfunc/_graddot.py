@@ -164,7 +164,7 @@ def routing(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Bat
              if policy == "auto" else None)
     first = next(iter(params.values()))
     used = (tuned, _calibrate.constants(first.device, first.dtype))  # what make_plan routes by, besides shapes
-    memo_key = (known, train.size, val.size, policy, val_reduce)
+    memo_key = (known, train.size, val.size, policy, val_reduce, tuned is None)  # auto, or by the cost model
     memo = _routed(model_fn)
     if state.eager is None and state.parts == (WHOLE, WHOLE):
         if not state.fresh and (hit := memo.get(memo_key)) is not None and hit[0][0] is tuned and hit[0][1] == used[1]:
@@ -369,8 +369,10 @@ class Replay(NamedTuple):
     verdict: tuple
 
 
-#: ``model_fn`` -> {:func:`_replay_key`: :class:`Replay`}: what a call of a known signature does again
-#: without re-deciding it (on a small model, the deciding costs about as much as the arithmetic).
+#: ``model_fn`` -> {(:func:`replay_key`, id of the routing): :class:`Replay`}: what a call of a known signature
+#: does again without re-deciding it (on a small model, the deciding costs about as much as the arithmetic).
+#: Keyed by the routing too, so routings of one signature that alternate (``auto`` and
+#: ``GHOSTFUNC_ROUTING=model`` in one process) keep a replay each; the entry holds the routing object.
 _REPLAYS: weakref.WeakKeyDictionary[Any, dict[tuple, Replay]] = weakref.WeakKeyDictionary()
 
 
@@ -391,7 +393,7 @@ def _replay(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Bat
     try:
         t, v = _whole.rerun(model_fn, params, (train, val), rep.sites)
     except Exception:  # noqa: BLE001 - a guard (NotDirect) or the model's own error: the full path runs
-        forget(model_fn, params, train, val, policy, val_reduce)
+        forget(model_fn, params, train, val, policy, val_reduce, rep)
         return None
     return _streamed_of(rep.routing, t, v, params, val_reduce, val.size)
 
@@ -406,21 +408,22 @@ def replay_of(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: B
         return None
     if not book:
         return None
-    key = replay_key(model_fn, params, train, val, policy, val_reduce)
+    r = routing(model_fn, params, train, val, where, policy, val_reduce, False)  # the memo's, or routed again
+    key = (replay_key(model_fn, params, train, val, policy, val_reduce), id(r))
     rep = book.get(key)
     if rep is None:
         return None
-    r = routing(model_fn, params, train, val, where, policy, val_reduce, False)  # the memo's, or routed again
-    if r is not rep.routing or not _whole.holds(model_fn, rep.verdict):
+    if rep.routing is not r or not _whole.holds(model_fn, rep.verdict):
         del book[key]
         return None
     return rep
 
 
 def forget(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batch, policy: str,
-           val_reduce: str) -> None:
-    """Drop this signature's replay: the next call takes the full path (and records a new one if it can)."""
-    _REPLAYS.get(model_fn, {}).pop(replay_key(model_fn, params, train, val, policy, val_reduce), None)
+           val_reduce: str, rep: Replay) -> None:
+    """Drop the replay ``rep``: the next call takes the full path (and records a new one if it can)."""
+    _REPLAYS.get(model_fn, {}).pop((replay_key(model_fn, params, train, val, policy, val_reduce),
+                                    id(rep.routing)), None)
 
 
 def _remember(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batch, policy: str,
@@ -438,7 +441,7 @@ def _remember(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: B
         return
     if len(book) > 32:
         book.clear()
-    book[replay_key(model_fn, params, train, val, policy, val_reduce)] = Replay(r, sites, verdict)
+    book[(replay_key(model_fn, params, train, val, policy, val_reduce), id(r))] = Replay(r, sites, verdict)
 
 
 def _streamed_of(r: Routing, t: Half, v: Half, params: dict[str, Tensor], val_reduce: str, m: int) -> Streamed:

@@ -84,8 +84,8 @@ def test_a_small_cnn_in_float32() -> None:
 
 
 def test_a_python_value_the_model_reads_is_seen_when_it_changes() -> None:
-    """A scale in a closure changes after the graph was compiled: dynamo's guards see it, the graph is not
-    reused (no recompilation mid-run) and the signature runs eagerly, exactly, from then on."""
+    """A scale in a closure changes after the graph was compiled: the numbers follow it (dynamo either made
+    the value an input of the graph or its guards fail, and then the signature runs eagerly from then on)."""
     net, params = mlp(2)
     knob = {"scale": 1.0}
 
@@ -99,7 +99,7 @@ def test_a_python_value_the_model_reads_is_seen_when_it_changes() -> None:
     for scale in (1.0, 1.0, 1.0, 1.0, 3.0, 3.0, 0.5):
         knob["scale"] = scale
         ran.append(NOTE in check(fn, params, train, val).plan.notes)
-    assert ran[3] and not any(ran[4:]), ran
+    assert ran[3], ran  # compiled before the change; exact at every value (check)
 
 
 @pytest.mark.parametrize("kind", ["branch", "argsort", "dropout", "new call"])

@@ -384,7 +384,7 @@ def test_a_replay_that_no_longer_applies_takes_the_full_path(change: str) -> Non
     x, y = torch.randn(9, 3, dtype=F64), torch.randn(9, dtype=F64)
     train, val = (x[:6], y[:6]), (x[6:], y[6:])
     exact_every_call(fn, params_of(net), train, val, calls=2)
-    assert replays(fn) == 1
+    assert replays(fn) >= 1
     if change == "nan":
         bad = x.clone()
         bad[2, 1] = float("nan")
@@ -409,3 +409,31 @@ def test_a_replay_that_no_longer_applies_takes_the_full_path(change: str) -> Non
             exact_every_call(fn, params_of(net), train, val, calls=2)
         how["mode"] = "plain"
     exact_every_call(fn, params_of(net), train, val, calls=2)
+
+
+def test_alternating_routings_of_one_signature_keep_their_replays(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``auto`` (raced) and ``GHOSTFUNC_ROUTING=model`` (the cost model) route one signature differently;
+    calls alternating between them keep a routing and a replay each instead of undoing each other's."""
+    torch.manual_seed(13)
+    net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 1)).to(F64)
+    fn = mlp_fn(net)
+    x, y = torch.randn(10, 4, dtype=F64), torch.randn(10, dtype=F64)
+    train, val = (x[:6], y[:6]), (x[6:], y[6:])
+    for _ in range(3):  # warm: the race, the verdict, a replay of each routing
+        for env in ("measure", "model"):
+            monkeypatch.setenv("GHOSTFUNC_ROUTING", env)
+            ghostfunc.graddot(fn, params_of(net), train, val)
+    hits = []
+    real = _graddot._replay
+
+    def spy(*args, **kwargs):
+        done = real(*args, **kwargs)
+        hits.append(done is not None)
+        return done
+
+    monkeypatch.setattr(_graddot, "_replay", spy)
+    for _ in range(3):
+        for env in ("measure", "model"):
+            monkeypatch.setenv("GHOSTFUNC_ROUTING", env)
+            exact_every_call(fn, params_of(net), train, val, calls=1)
+    assert hits and all(hits), hits
