@@ -51,6 +51,7 @@ from torch.func import functional_call
 from torch.utils import _pytree as pytree
 
 import ghostfunc
+from ghostfunc._compiled import load_inductor
 
 RESULTS = Path(__file__).resolve().parent / "results"
 POLICIES = ("2t2", "ghost", "materialize", "contract", "auto")
@@ -245,6 +246,7 @@ def make(name: str, s: Setup, opts: Options) -> Step:
     if name == "plain/compiled":  # the plain step with its forward (and so its backward) compiled
         params = {k: v.detach().requires_grad_(True) for k, v in s.params.items()}
         leaves = list(params.values())
+        load_inductor()
         total = torch.compile(lambda p, b: s.model_fn(p, b).sum(), dynamic=False)
 
         def plain_compiled() -> Any:

@@ -194,6 +194,14 @@ def scores(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batc
                     plan._replace(notes=(*plan.notes, "compiled: the whole call as one torch.compile graph")))
 
 
+def load_inductor() -> None:
+    """Import ``torch._inductor`` (as ``torch.compile`` does on its first compilation) without passing on the
+    ``DeprecationWarning`` its import raises about ``torch.jit``: torch's own matter, not the caller's."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import torch._inductor.compile_fx  # noqa: F401
+
+
 def _graphs() -> int:
     """How many graphs dynamo has compiled in this process so far."""
     return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
@@ -235,9 +243,7 @@ def _build(model_fn: ModelFn, rep: Replay, train: Batch, m: int, val_reduce: str
         finite = torch.isfinite(losses).all()
         return sum_scores(per_param, params), per_param, train_grad, t.loss, v.loss, finite
 
-    with warnings.catch_warnings():  # inductor's import warns about torch.jit, torch's own matter: not the caller's
-        warnings.simplefilter("ignore", DeprecationWarning)
-        import torch._inductor.compile_fx  # noqa: F401
+    load_inductor()
     # A code object of its own: dynamo keeps compiled code per code object, so signatures do not share
     # (and exhaust) one object's recompile limit.
     own = types.FunctionType(whole.__code__.replace(), whole.__globals__, whole.__name__, whole.__defaults__,
