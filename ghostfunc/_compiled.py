@@ -41,7 +41,7 @@ import types
 import warnings
 import weakref
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -49,8 +49,8 @@ from torch import Tensor
 
 from ._capture import Batch, Half, ModelFn, Site
 from ._graddot import (
+    GradDot,
     Replay,
-    Streamed,
     _replay,
     paths,
     reduced,
@@ -61,7 +61,6 @@ from ._graddot import (
     sum_scores,
     val_weights,
 )
-from ._plan import Plan
 from ._whole import NotDirect, _rows, _Taps, close, per_sample, rng_state, set_rng_state
 
 #: ``model_fn`` -> {(replay key, compute dtype): (the compiled call, the parameter tensors it is called with,
@@ -69,17 +68,6 @@ from ._whole import NotDirect, _rows, _Taps, close, per_sample, rng_state, set_r
 _STATE: weakref.WeakKeyDictionary[Any, dict[tuple, Any]] = weakref.WeakKeyDictionary()
 #: Held while a signature compiles and runs its first call (a first call's parameter tensors are its own).
 _COMPILING = threading.Lock()
-
-
-class Compiled(NamedTuple):
-    """What a compiled call gives :func:`ghostfunc.graddot` (the fields of ``GradDot``)."""
-
-    scores: Tensor
-    per_param: dict[str, Tensor]
-    train_grad: dict[str, Tensor]
-    train_loss: Tensor
-    val_loss: Tensor
-    plan: Plan
 
 
 class _Added(_Taps):
@@ -113,13 +101,10 @@ _DRAWS = frozenset({
 def _draws(func: Any, args: tuple, kwargs: dict[str, Any]) -> bool:
     """Whether this call draws: a dropout draws only when training with ``p > 0`` (``nn.Dropout`` in eval
     mode calls ``F.dropout(x, p, False)``); ``rrelu`` only when training; the rest always."""
-    if func in _DROPOUTS:
-        if func.__module__.startswith("torch.nn"):  # F.dropout(input, p=0.5, training=True, inplace=False)
-            p, training = (*args[1:3], *(None, None))[:2]
-            p = kwargs.get("p", 0.5 if p is None else p)
-            training = kwargs.get("training", True if training is None else training)
-        else:  # torch.dropout(input, p, train)
-            p, training = args[1] if len(args) > 1 else kwargs["p"], args[2] if len(args) > 2 else kwargs["train"]
+    if func in _DROPOUTS:  # F.dropout(input, p=0.5, training=True, ...); torch.dropout(input, p, train)
+        flag = "training" if func.__module__.startswith("torch.nn") else "train"
+        p = args[1] if len(args) > 1 else kwargs.get("p", 0.5)
+        training = args[2] if len(args) > 2 else kwargs.get(flag, True)
         return bool(training) and p > 0
     if func in (F.rrelu, torch.rrelu):
         training = args[3] if len(args) > 3 else kwargs.get("training", False)
@@ -128,7 +113,7 @@ def _draws(func: Any, args: tuple, kwargs: dict[str, Any]) -> bool:
 
 
 def scores(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batch, where: str, policy: str,
-           val_reduce: str, dtype: torch.dtype | None) -> Compiled | None:
+           val_reduce: str, dtype: torch.dtype | None) -> GradDot | None:
     """The call by its compiled graph, or ``None`` where the eager path must run (no replay yet, a
     refusal, a non-finite loss): see the module docstring."""
     rep = replay_of(model_fn, params, train, val, where, policy, val_reduce)
@@ -190,7 +175,7 @@ def scores(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batc
             states[key] = False
             return None
         states[key] = known
-    return Compiled(total, per_param, train_grad, train_loss, val_loss,
+    return GradDot(total, per_param, train_grad, train_loss, val_loss,
                     plan._replace(notes=(*plan.notes, "compiled: the whole call as one torch.compile graph")))
 
 
@@ -238,8 +223,8 @@ def _build(model_fn: ModelFn, rep: Replay, train: Batch, m: int, val_reduce: str
         t, v = _rows(joined_half, 0, n), _rows(joined_half, n, big)
         weights = val_weights(val_reduce, m, like)
         assert weights is not None
-        st = Streamed(None, *reduced(routes, v, params, weights), t.grads, t.loss, v.loss)  # type: ignore[arg-type]
-        per_param, train_grad = score_uses(routes, st, params, weights, n, m, dtype)
+        val_dir, val_uses = reduced(routes, v, params, weights)
+        per_param, train_grad = score_uses(routes, t.grads, val_dir, val_uses, params, weights, n, m, dtype)
         finite = torch.isfinite(losses).all()
         return sum_scores(per_param, params), per_param, train_grad, t.loss, v.loss, finite
 

@@ -533,19 +533,20 @@ def _noted(plan: Plan, notes: list[str]) -> Plan:
 def score_streamed(st: Streamed, params: dict[str, Tensor], weights: Tensor, n: int, m: int,
                    dtype: torch.dtype | None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Every parameter's ``<g_i, Σ_v w_v g_v>`` ``[n]`` and mean train gradient, from a streamed capture."""
-    return score_uses(paths(st.plan), st, params, weights, n, m, dtype)
+    return score_uses(paths(st.plan), st.train, st.val_dir, st.val_uses, params, weights, n, m, dtype)
 
 
-def score_uses(routes: Mapping[str, str], st: Streamed, params: dict[str, Tensor], weights: Tensor, n: int, m: int,
-               dtype: torch.dtype | None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """:func:`score_streamed` with every parameter's path given (``routes``: name -> path; ``st.plan`` unread)."""
+def score_uses(routes: Mapping[str, str], train: Mapping[str, list[Factored | Direct]], val_dir: Mapping[str, Tensor],
+               val_uses: Mapping[str, list[Factored | Direct]], params: dict[str, Tensor], weights: Tensor, n: int,
+               m: int, dtype: torch.dtype | None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """:func:`score_streamed` from its parts, every parameter's path given (``routes``: name -> path):
+    ghost-routed parameters against the validation rows ``val_uses``, the rest against ``val_dir``."""
     per_param, train_grad = {}, {}
     for k, path in routes.items():
         if path == "ghost":
-            s, g = score_param("ghost", st.train[k], st.val_uses[k], weights.to(params[k].dtype), n, m, params[k],
-                               dtype)
+            s, g = score_param("ghost", train[k], val_uses[k], weights.to(params[k].dtype), n, m, params[k], dtype)
         else:
-            s, g = score_direction(path, st.train[k], st.val_dir[k], n, params[k], dtype)
+            s, g = score_direction(path, train[k], val_dir[k], n, params[k], dtype)
         per_param[k], train_grad[k] = s, g
     return per_param, train_grad
 
@@ -792,7 +793,7 @@ def graddot(
         assert val_reduce is not None
         done = _compiled.scores(model_fn, params, tb, vb, where, policy, val_reduce, compute_dtype)
         if done is not None:
-            return GradDot(*done)
+            return done
     weights = val_weights(val_reduce, vb.size, next(iter(params.values())))
     if val_reduce is not None:  # validation first, reduced to ḡ_val: the memory of one batch at a time
         st = run_streamed(model_fn, checked, tb, vb, where, policy, val_reduce)

@@ -46,6 +46,22 @@ def mlp(seed: int, dtype: torch.dtype = F64) -> tuple[nn.Module, dict[str, torch
     return net, {k: v.detach() for k, v in net.named_parameters()}
 
 
+def squared_error(net: nn.Module):
+    """``model_fn`` of ``net`` with a squared error per sample (rows ``(x, y)``)."""
+    def fn(p, batch):
+        x, y = batch
+        return (functional_call(net, p, (x,)).squeeze(-1) - y) ** 2
+
+    return fn
+
+
+def warm(fn, params, train, val) -> None:
+    """Three exact calls: the first verifies eagerly, a later one compiles; the graph has run by the last."""
+    for _ in range(3):
+        out = check(fn, params, train, val)
+    assert NOTE in out.plan.notes
+
+
 def test_later_calls_run_compiled_and_stay_exact() -> None:
     """The first call is eager (it verifies the whole-batch run), the next compiles and is checked against
     the eager numbers, and later calls with new parameter and batch values stay exact; tokens per sample,
@@ -124,9 +140,7 @@ def test_what_cannot_be_one_graph_keeps_the_eager_path(kind: str) -> None:
 
     x, y = torch.randn(9, 5, dtype=F64), torch.randn(9, dtype=F64)
     train, val = (x[:6], y[:6]), (x[6:], y[6:])
-    for _ in range(3):
-        out = check(fn, params, train, val)
-    assert NOTE in out.plan.notes  # compiled before the change
+    warm(fn, params, train, val)  # compiled before the change
     how["on"] = True
     if kind == "dropout":  # not comparable with a loop: the same draws as the eager path (other masks would
         # change the scores entirely), the same numbers up to rounding
@@ -145,13 +159,10 @@ def test_what_cannot_be_one_graph_keeps_the_eager_path(kind: str) -> None:
 def test_a_nan_loss_is_named_and_arguments_are_checked() -> None:
     net, params = mlp(5)
 
-    def fn(p, batch):
-        x, y = batch
-        return (functional_call(net, p, (x,)).squeeze(-1) - y) ** 2
+    fn = squared_error(net)
 
     x, y = torch.randn(9, 5, dtype=F64), torch.randn(9, dtype=F64)
-    for _ in range(3):
-        check(fn, params, (x[:6], y[:6]), (x[6:], y[6:]))
+    warm(fn, params, (x[:6], y[:6]), (x[6:], y[6:]))
     bad = x.clone()
     bad[4, 2] = float("nan")
     with pytest.raises(FloatingPointError, match=r"^graddot: .*train samples \[4\]"):
@@ -169,9 +180,7 @@ def test_a_compiled_training_run_follows_the_eager_one() -> None:
 
     net, params = mlp(6)
 
-    def fn(p, batch):
-        x, y = batch
-        return (functional_call(net, p, (x,)).squeeze(-1) - y) ** 2
+    fn = squared_error(net)
 
     x, y = torch.randn(14, 5, dtype=F64), torch.randn(14, dtype=F64)
     val = (x[10:], y[10:])
@@ -204,14 +213,10 @@ def test_threads_sharing_one_compiled_signature_stay_exact() -> None:
 
     net, params = mlp(7)
 
-    def fn(p, batch):
-        x, y = batch
-        return (functional_call(net, p, (x,)).squeeze(-1) - y) ** 2
+    fn = squared_error(net)
 
     x, y = torch.randn(9, 5, dtype=F64), torch.randn(9, dtype=F64)
-    for _ in range(3):
-        out = check(fn, params, (x[:6], y[:6]), (x[6:], y[6:]))
-    assert NOTE in out.plan.notes
+    warm(fn, params, (x[:6], y[:6]), (x[6:], y[6:]))
     cases = []
     for seed in range(4):
         g = torch.Generator().manual_seed(seed)
