@@ -484,10 +484,10 @@ MIN_SAMPLE_S = 0.02
 
 
 def measure(fns: Mapping[str, Step], device: torch.device, *, warmup: int = 1, rounds: int = 5,
-            max_seconds: float = 60.0, clock: str = "wall") -> dict[str, list[float]]:
+            max_seconds: float = 60.0, clock: str = "wall", min_sample: float = MIN_SAMPLE_S) -> dict[str, list[float]]:
     """Warm every contender up, then run ``rounds`` rounds in rotated order; seconds per run.
 
-    A contender faster than :data:`MIN_SAMPLE_S` runs that long back to back in each round (per-call mean).
+    A contender faster than ``min_sample`` seconds runs that long back to back in each round (per-call mean).
 
     A contender whose warm-up call took longer than ``max_seconds`` runs once more only.
     """
@@ -505,7 +505,7 @@ def measure(fns: Mapping[str, Step], device: torch.device, *, warmup: int = 1, r
                     break
             else:  # a warm call sets how many calls a sample takes (the first may have paid one-time costs)
                 took = timed(fns[k], device, CLOCKS[clock])
-                repeat[k] = max(1, min(1000, int(MIN_SAMPLE_S / max(took, 1e-7))))
+                repeat[k] = max(1, min(1000, int(min_sample / max(took, 1e-7))))
         for r in range(rounds):
             order = names[r % len(names):] + names[:r % len(names)]
             for k in order:
@@ -648,6 +648,9 @@ def add_common_args(parser: argparse.ArgumentParser, defaults: Config, memory: s
                         "disturbed by other processes on a shared machine)")
     r.add_argument("--warmup", type=int, default=1)
     r.add_argument("--rounds", type=int, default=5)
+    r.add_argument("--min-sample", type=float, default=MIN_SAMPLE_S,
+                   help="a contender faster than this many seconds per call runs back to back for about this "
+                        "long in each round (one sample: the mean per call)")
     r.add_argument("--max-seconds", type=float, default=60.0,
                    help="a contender slower than this per call runs once after its warm-up")
     r.add_argument("--memory", default=memory, choices=("all", "key", "none"),
@@ -671,6 +674,7 @@ def tiny(args: argparse.Namespace) -> None:
     args.T, args.width, args.layers, args.heads, args.vocab = min(args.T, 16), 32, 1, 2, 64
     args.n_train, args.n_val = min(args.n_train, 3), min(args.n_val, 2)
     args.warmup, args.rounds = 1, 1
+    args.min_sample = min(args.min_sample, MIN_SAMPLE_S)
     if args.memory == "all":
         args.memory = "key"
 

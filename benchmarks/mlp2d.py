@@ -7,7 +7,7 @@ inputs (``T = 1`` is an ordinary MLP), with a squared-error loss per token. Its
 ``n·T·(p+d) < p·d`` against the fused materialise, a much smaller region.
 
 Command (defaults: T in 1..256, width in 64..1024, n_train = n_val = 32; about
-10 minutes on 2 CPU cores)::
+15 minutes on 2 CPU cores)::
 
     python -m benchmarks.mlp2d                      # writes benchmarks/results/mlp2d.{json,md,png}
     python -m benchmarks.mlp2d --tiny --out /tmp/b  # the smoke test's run
@@ -22,7 +22,9 @@ to the plain step, the ratio of ``auto`` and the 2T² boundary. ``auto`` races t
 candidate routings on its first (warm-up) call and routes by the fastest after
 (``ghostfunc._calibrate.race``); ``auto (cost model)`` is the cost model alone
 (``GHOSTFUNC_ROUTING=model``), what ``auto`` did before, timed in the same run.
-Method: :mod:`benchmarks._common`.
+Method: :mod:`benchmarks._common`; a sample here lasts at least 0.1 s (``--min-sample``; calls of under
+a millisecond run back to back), so that the 5% comparisons of ``auto`` against the kernels are not decided by
+a few milliseconds of another process's load.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--Ts", default="1,4,16,64,256", help="sequence lengths (rows of the grid)")
     parser.add_argument("--widths", default="64,128,256,512,1024", help="widths (columns of the grid)")
     parser.add_argument("--d-in", type=int, default=DEFAULT.d_in)
-    parser.set_defaults(rounds=5, model="mlp")
+    parser.set_defaults(rounds=5, model="mlp", min_sample=0.1)
     args = parser.parse_args(argv)
     if args.tiny:
         C.tiny(args)
@@ -81,7 +83,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             fns = {k: C.make(k, s, opts) if k != "graddot/auto-model" else cost_model_only(C.make("graddot/auto", s, opts))
                    for k in names}
             times = C.measure(fns, s.device, warmup=args.warmup, rounds=args.rounds, max_seconds=args.max_seconds,
-                            clock=args.clock)
+                            clock=args.clock, min_sample=args.min_sample)
             tuning = ghostfunc.plan(s.model_fn, s.params, s.train, s.val).tuning
             del fns, s
             gc.collect()

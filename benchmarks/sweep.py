@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         fns = {k: C.make(k, s, opts) if k != "graddot/auto-model" else cost_model_only(C.make("graddot/auto", s, opts))
                for k in here}
         times = C.measure(fns, s.device, warmup=args.warmup, rounds=args.rounds, max_seconds=args.max_seconds,
-                            clock=args.clock)
+                            clock=args.clock, min_sample=args.min_sample)
         plan = ghostfunc.plan(s.model_fn, s.params, s.train, s.val)
         del fns, s
         gc.collect()

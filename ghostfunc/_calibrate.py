@@ -158,8 +158,10 @@ def measure(device: torch.device, dtype: torch.dtype) -> Constants:
 
 ROUTING_ENV = "GHOSTFUNC_ROUTING"
 ROUTING_MODES = ("measure", "model")
-#: At most this many rounds of the race (each candidate's fastest run counts) ...
-RACE_ROUNDS = 3
+#: At most this many rounds of the race (each candidate's fastest run counts) ... Calls of a few milliseconds
+#: fit several rounds in the budget, and need them: on the token-wise MLP at T = 4, width 128 (3 ms a call), a
+#: race of 3 rounds picked ghost, 10% slower than contract, after a burst of another process's load.
+RACE_ROUNDS = 6
 #: ... and another round only while the race, that round included, stays within this many seconds or
 #: :data:`RACE_CALLS` calls of the fastest routing, whichever is more (round 1 runs whatever pruning leaves).
 RACE_BUDGET_S = 0.05
