@@ -262,7 +262,8 @@ def row_dots(rows: Rows, directions: Sequence[Params], params: Params) -> Tensor
     for name, route in rows.plan.routes.items():
         if name in rows.kept:
             g = rows.kept[name]  # [n, P]
-            out[name] = g @ torch.stack([u[name].reshape(-1).to(g.dtype) for u in directions], 1)  # [n, k]
+            # [k, P] rows, multiplied transposed (no strided copy of a [P, k] stack)
+            out[name] = g @ torch.stack([u[name].reshape(-1).to(g.dtype) for u in directions]).T  # [n, k]
         elif len(directions) == 2:
             out[name] = two_dots(route, rows.uses[name], directions[0][name], directions[1][name], rows.n,
                                  params[name])
