@@ -499,7 +499,18 @@ def _agreed_value(func: Any, args: tuple, kwargs: dict[str, Any], ordinal: int =
 
 
 def _short_name(func: Any) -> str:
-    return getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
+    attribute = _attribute(func)
+    return attribute or getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
+
+
+def _attribute(func: Any) -> str | None:
+    """``"Tensor.T"`` for the getter of a tensor attribute (what ``__torch_function__`` sees for ``w.T``,
+    ``w.mT``, ``x.shape``: a ``getset_descriptor``'s ``__get__``), else ``None``."""
+    if getattr(func, "__name__", None) == "__get__":
+        name = getattr(getattr(func, "__self__", None), "__name__", None)
+        if isinstance(name, str):
+            return f"Tensor.{name}"
+    return None
 
 
 #: Argument types that hold no tensor (skipped without a pytree walk).
@@ -571,6 +582,9 @@ def _makes_tensor(out: Any, found: list[Tensor]) -> bool:
 
 
 def _name(func: Any) -> str:
+    attribute = _attribute(func)
+    if attribute:
+        return attribute
     qual = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
     mod = getattr(func, "__module__", None) or ""
     return f"{mod}.{qual}" if mod and not qual.startswith(mod) else qual

@@ -112,21 +112,37 @@ def _draws(func: Any, args: tuple, kwargs: dict[str, Any]) -> bool:
     return True
 
 
+#: Why a ``compile=True`` call ran eagerly, for its plan's notes (:func:`ran_eagerly`).
+NO_REPLAY = ("no verified whole-batch run of this signature yet (its first calls verify it), or the model "
+             "cannot run as one whole batch (a parameter on the fallback or direct-only path, a "
+             "value-dependent branch, random draws, large activations)")
+RACING = "the first call of a signature times the candidate routings (policy='auto'), each eagerly"
+MARKED = "this signature could not be one checked graph (refused while tracing, recompiled, or it drew random numbers)"
+NOT_KEPT = "model_fn cannot be weakly referenced: nowhere to keep its graph"
+NOT_FINITE = "a loss is not finite (the eager path names the rows)"
+MISMATCH = "the first compiled result differed from the eager replay's"
+
+
+def ran_eagerly(why: str) -> str:
+    """The plan note of a ``compile=True`` call that ran eagerly."""
+    return f"compile=True: this call ran eagerly: {why}"
+
+
 def scores(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batch, where: str, policy: str,
-           val_reduce: str, dtype: torch.dtype | None) -> GradDot | None:
-    """The call by its compiled graph, or ``None`` where the eager path must run (no replay yet, a
-    refusal, a non-finite loss): see the module docstring."""
+           val_reduce: str, dtype: torch.dtype | None) -> GradDot | str:
+    """The call by its compiled graph, or why the eager path must run (no replay yet, a refusal, a
+    non-finite loss; a string for the plan's notes): see the module docstring."""
     rep = replay_of(model_fn, params, train, val, where, policy, val_reduce)
     if rep is None:
-        return None
+        return NO_REPLAY
     try:
         states = _STATE.setdefault(model_fn, {})
     except TypeError:  # not weak-referenceable: nowhere to keep a compiled call
-        return None
+        return NOT_KEPT
     key = (replay_key(model_fn, params, train, val, policy, val_reduce), dtype)
     known = states.get(key)
     if known is False:
-        return None
+        return MARKED
     first = known is None
     if first:
         if len(states) > 16:
@@ -150,30 +166,30 @@ def scores(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batc
         except Exception:  # noqa: BLE001 - refused while tracing (NotDirect, a graph break) or failed: eager now on
             set_rng_state(device, before)
             states[key] = False
-            return None
+            return MARKED
         if not first and _graphs() != graphs:  # a guard failed (a value the trace read changed) and dynamo compiled
             set_rng_state(device, before)  # again: this call and later ones run eagerly (no recompiling mid-run;
             states[key] = False  # the new graph was never checked against the eager numbers)
-            return None
+            return MARKED
     if not all(torch.equal(x, y) for x, y in zip(before, rng_state(device), strict=True)):
         set_rng_state(device, before)  # it drew random numbers: the eager path decides
         states[key] = False
-        return None
+        return MARKED
     total, per_param, train_grad, train_loss, val_loss, finite = out
     if not bool(finite):
-        return None  # the eager path names the rows
+        return NOT_FINITE
     plan = rep.routing.plan
     if first:  # the first compiled result must be the eager replay's
         st = _replay(model_fn, params, train, val, where, policy, val_reduce)
         if st is None:
             states[key] = False
-            return None
+            return NO_REPLAY
         weights = val_weights(val_reduce, val.size, next(iter(params.values())))
         assert weights is not None
         eager = score_streamed(st, params, weights, train.size, val.size, dtype)
         if not close((out[1], out[2], out[3], out[4]), (eager[0], eager[1], st.train_loss, st.val_loss)):
             states[key] = False
-            return None
+            return MISMATCH
         states[key] = known
     return GradDot(total, per_param, train_grad, train_loss, val_loss,
                     plan._replace(notes=(*plan.notes, "compiled: the whole call as one torch.compile graph")))

@@ -786,14 +786,21 @@ def graddot(
         like = next(iter(params.values()))
         out, choice = _calibrate.race(model_fn, key, contenders(plans, like), lambda: graddot(
             model_fn, params, train, val, val_reduce=val_reduce, compute_dtype=compute_dtype), like.device)
-        return out._replace(plan=out.plan._replace(tuning=choice.why))
+        racing = []
+        if compile:
+            from . import _compiled  # it builds on this module
+
+            racing.append(_compiled.ran_eagerly(_compiled.RACING))
+        return out._replace(plan=_noted(out.plan._replace(tuning=choice.why), racing))
+    eager_why: list[str] = []  # compile=True: why this call ran eagerly (a plan note)
     if compile:
         from . import _compiled  # it builds on this module
 
         assert val_reduce is not None
         done = _compiled.scores(model_fn, params, tb, vb, where, policy, val_reduce, compute_dtype)
-        if done is not None:
+        if isinstance(done, GradDot):
             return done
+        eager_why.append(_compiled.ran_eagerly(done))
     weights = val_weights(val_reduce, vb.size, next(iter(params.values())))
     if val_reduce is not None:  # validation first, reduced to ḡ_val: the memory of one batch at a time
         st = run_streamed(model_fn, checked, tb, vb, where, policy, val_reduce)
@@ -808,7 +815,8 @@ def graddot(
             tr, va = cap.grads[k]
             s, g = score_param(route.path, tr, va, None, tb.size, vb.size, params[k], compute_dtype)
             per_param[k], train_grad[k] = s, g
-    return GradDot(sum_scores(per_param, params), per_param, train_grad, train_loss, val_loss, the_plan)
+    return GradDot(sum_scores(per_param, params), per_param, train_grad, train_loss, val_loss,
+                   _noted(the_plan, eager_why))
 
 
 def prepare_group(where: str, group: Any, model_fn: Any, params: Any, train: Any, val: Any,

@@ -46,6 +46,7 @@ from . import _dist
 from ._capture import Batch, Half, _check_finite, _rephrase, per_sample_losses
 from ._eager import unbatchable, val_grad_hvp_eager
 from ._graddot import (
+    GradDot,
     Routing,
     _prepare,
     capture_one,
@@ -240,13 +241,17 @@ def compute_values(
             from . import _compiled  # it builds on _graddot
 
             done = _compiled.scores(model_fn, params, tb, vb, where, "auto", "mean", None)
-            if done is not None:
+            if isinstance(done, GradDot):
                 values = done.scores.mul(-a)
                 return Values(values, values, done.train_grad, done.train_loss, done.val_loss, done.plan)
+            notes = [_compiled.ran_eagerly(done)]
+        else:
+            notes = []
         st = run_streamed(model_fn, params, tb, vb, where, "auto", "mean")
         per_param, g_train = score_streamed(st, params, weights, n, m, None)
         values = sum_scores(per_param, params).mul(-a)
-        return Values(values, values, g_train, st.train_loss, st.val_loss, st.plan)
+        plan = st.plan._replace(notes=(*st.plan.notes, *notes))
+        return Values(values, values, g_train, st.train_loss, st.val_loss, plan)
 
     def train_first(fresh: bool) -> tuple[Routing, Half]:
         r = routing(model_fn, params, tb, vb, where, "contract", "mean", fresh)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 import ghostfunc
+from ghostfunc import _compiled
 
 F64 = torch.float64
 NOTE = "compiled: the whole call as one torch.compile graph"
@@ -79,7 +80,11 @@ def test_later_calls_run_compiled_and_stay_exact() -> None:
             p = {k: v + 0.1 * call for k, v in params.items()}
             out = check(fn, p, (x[:7], y[:7]), (x[7:], y[7:]), val_reduce=reduce)
             notes.append(NOTE in out.plan.notes)
-        assert not notes[0] and notes[2:] == [True, True], (reduce, notes)  # the first call verifies, eagerly
+            if call == 0:  # the first call races the routings (the first reduction only) and verifies, eagerly,
+                # and its plan says so
+                why = _compiled.RACING if reduce == "mean" else _compiled.NO_REPLAY
+                assert _compiled.ran_eagerly(why) in out.plan.notes, out.plan.notes
+        assert not notes[0] and notes[2:] == [True, True], (reduce, notes)
 
 
 def test_a_small_cnn_in_float32() -> None:
@@ -154,6 +159,25 @@ def test_what_cannot_be_one_graph_keeps_the_eager_path(kind: str) -> None:
         for _ in range(2):
             out = check(fn, params, train, val)
     assert NOTE not in out.plan.notes
+    assert any(n.startswith("compile=True: this call ran eagerly: ") for n in out.plan.notes), out.plan.notes
+
+
+def test_a_model_that_cannot_run_as_one_batch_stays_eager_and_says_why() -> None:
+    """A weight read through ``.T`` (a tied head written by hand) takes the exact fallback: no whole-batch
+    run, so no graph; every call is exact and its plan says it ran eagerly."""
+    torch.manual_seed(7)
+    emb, w = torch.randn(6, 4, dtype=F64), torch.randn(4, 4, dtype=F64)
+
+    def fn(p, ids):
+        h = torch.tanh(F.embedding(ids, p["E"]) @ p["W"])
+        return torch.logsumexp(h @ p["E"].T, -1).mean(1)
+
+    params = {"E": emb, "W": w}
+    for call in range(3):
+        ids = torch.randint(0, 6, (7, 3))
+        out = check(fn, params, ids[:4], ids[4:])
+        why = _compiled.RACING if call == 0 else _compiled.NO_REPLAY
+        assert NOTE not in out.plan.notes and _compiled.ran_eagerly(why) in out.plan.notes, out.plan.notes
 
 
 def test_a_nan_loss_is_named_and_arguments_are_checked() -> None:
@@ -176,8 +200,6 @@ def test_a_nan_loss_is_named_and_arguments_are_checked() -> None:
 def test_a_compiled_training_run_follows_the_eager_one() -> None:
     """``train_step(..., compile=True)``: the same values, losses and trajectory as the eager step, with the
     later steps computed by the compiled graph; the options it cannot serve are refused."""
-    from ghostfunc import _compiled
-
     net, params = mlp(6)
 
     fn = squared_error(net)

@@ -217,6 +217,19 @@ def test_embedding_module_by_freq_with_padding_idx_tied_head():
     assert_exact(model_fn, p, _ids(4, 6, 6, 3), _ids(2, 5, 6, 4), "embedding")
 
 
+def test_a_weight_read_through_an_attribute_takes_the_fallback_and_the_plan_names_it():
+    # a tied head written by hand, ``h @ E.T``: the transposed view is not a call any rule knows
+    def model_fn(p, ids):
+        h = torch.tanh(F.embedding(ids, p["E"]) @ p["W"])  # [B, T, 3]
+        return torch.logsumexp(h @ p["E"].T, -1).sum(1)
+
+    g = _g(5)
+    p = {"E": torch.randn(4, 3, generator=g, dtype=F64), "W": torch.randn(3, 3, generator=g, dtype=F64)}
+    assert_exact(model_fn, p, _ids(3, 6, 4, 6), _ids(2, 6, 4, 7), "embedding")
+    route = ghostfunc.plan(model_fn, p, _ids(3, 6, 4, 6), _ids(2, 6, 4, 7)).routes["E"]
+    assert route.path == "fallback" and route.reason == "used by Tensor.T"
+
+
 def test_embedding_by_freq_on_the_fallback():
     # E also used by an op no rule knows (a row-norm penalty): E takes the per-sample fallback
     def model_fn(p, ids):
