@@ -326,3 +326,8 @@ def test_validation_rows_in_groups_change_nothing(name, monkeypatch):
         for curvature in ("exact", "secant"):
             with pytest.raises(FloatingPointError, match=r"^inrun_shapley: .* val samples \[1\]"):
                 ghostfunc.inrun_shapley(fn, params, train, bad, lr=lr, order=2, curvature=curvature)
+        bad = {k: v.clone() for k, v in train.items()}
+        bad["x"][2, 5, 1] = float("nan")  # the training rows run whole: named as they are
+        for curvature in ("exact", "secant"):
+            with pytest.raises(FloatingPointError, match=r"^inrun_shapley: .* train samples \[2\]"):
+                ghostfunc.inrun_shapley(fn, params, bad, val, lr=lr, order=2, curvature=curvature)
