@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 import ghostfunc
@@ -127,10 +127,13 @@ def _to64(batch):
 
 def _errors(got, want) -> float:
     """Worst relative error of (scores, per_param, train_grad) against ``want``: scores and
-    parts relative to the largest score, gradients relative to the largest gradient entry."""
+    parts relative to the largest score or per-parameter part, whichever is larger (a score is the sum
+    of its parts: where they cancel, its rounding is that of the parts; float32 found a one-sample MLP
+    whose two parts, 0.0198 and -0.0185, sum to 0.0013, each correct to 1e-6 of itself), gradients
+    relative to the largest gradient entry."""
     scores, pp, grad = got
     w_scores, w_pp, w_grad = want
-    scale = w_scores.abs().max().clamp_min(1e-300)
+    scale = max([w_scores.abs().max(), *(v.abs().max() for v in w_pp.values())]).clamp_min(1e-300)
     gscale = max(v.abs().max() for v in w_grad.values()).clamp_min(1e-300)
     errs = [((scores.double() - w_scores.double()).abs().max() / scale).item()]
     errs += [((pp[k].double() - w_pp[k].double()).abs().max() / scale).item() for k in w_pp]
@@ -140,6 +143,7 @@ def _errors(got, want) -> float:
 
 @given(widths=st.lists(st.integers(2, 6), min_size=1, max_size=2), n=sizes, m=st.integers(1, 3),
        seq_len=st.integers(1, 4), seed=st.integers(0, 2**16))
+@example(widths=[3], n=1, m=2, seq_len=1, seed=1725)  # parts that cancel 15x (see _errors)
 def test_float32_within_1e5(widths, n, m, seq_len, seed):
     # A LayerNorm over 2 features maps every input to about ±1: its Jacobian is ~0, so the gradients upstream
     # of it are pure rounding noise (float64 keeps that noise ~1e-16 of the scores; float32 does not).
