@@ -190,6 +190,7 @@ class _Interceptor(TorchFunctionMode):
         self.branch_points = 0  # data-dependent branch points met so far (their ordinal names them)
         self._entered: list[tuple[Any, _ReentrantAsPlain]] = []  # what each entry of the mode set up
         self.lifted_checkpoint = False  # a checkpointed segment ran as a plain call (_without_checkpoint, _ReentrantAsPlain)
+        self.transposed = Transposed()  # parameters' transposed views (x @ w.T runs as F.linear(x, w))
 
     #: Answer data-dependent branches under ``vmap`` (:func:`_agreed_value`).
     follow_branches = True
@@ -224,6 +225,15 @@ class _Interceptor(TorchFunctionMode):
         if func in RECURRENT and (decomposed := decompose(func, args, kwargs)) is not None:
             with self:  # an RNN as gate linears, each intercepted (ghostfunc._ops.rnn)
                 return decomposed()
+        if func in TRANSPOSES and (view := self.transposed.made(func, args, kwargs, self.names)) is not None:
+            return view
+        if self.transposed.names:  # x @ w.T as F.linear(x, w); the transpose in a call no rule knows: a use of w
+            func, args, kwargs = self.transposed.linear(func, args, kwargs)
+            if viewed := self.transposed.uses(args, kwargs):
+                if self.taps is not None:
+                    raise _Stale(f"{_name(func)} used the transpose of {viewed[0]}")
+                for name in viewed:
+                    self.other_uses.setdefault(name, _name(func))
         found = params_among(args, kwargs, self.names) if self.names else []
         if not found:
             try:
@@ -521,6 +531,55 @@ _ATOMS = (int, float, bool, complex, str, bytes, type(None), type(Ellipsis), sli
 #: Argument types looked up directly by :func:`params_among`: tensors (by id) and types that hold none.
 _TENSOR_TYPES = frozenset({Tensor, torch.nn.Parameter})
 _ATOM_TYPES = frozenset({*_ATOMS, torch.Size})
+
+
+#: A 2-D tensor's transpose: ``w.T``, ``w.mT``, ``w.t()``, ``torch.t(w)``, ``w.transpose(0, 1)``.
+TRANSPOSES = frozenset({vars(torch._C.TensorBase)["T"].__get__, vars(torch._C.TensorBase)["mT"].__get__, Tensor.t,
+                        torch.t, Tensor.transpose, torch.transpose})
+_MATMULS = frozenset({torch.matmul, Tensor.matmul, Tensor.__matmul__})
+
+
+class Transposed:
+    """The transposed views of 2-D parameters one run of the model takes, and what it does with them.
+
+    ``x @ w.T`` (a tied output layer written by hand, say) is ``F.linear(x, w)``: a matmul
+    whose right operand is such a view runs as that linear call, which a rule recognises
+    (same numbers; the call that made the view is not a use of ``w`` by itself). Any other
+    call that receives the view is a use of ``w`` that no rule knows (:meth:`uses`).
+    """
+
+    def __init__(self) -> None:
+        self.names: dict[int, str] = {}  # id(view) -> the parameter's name
+        self.params: dict[int, Tensor] = {}  # id(view) -> the parameter
+        self.views: list[Tensor] = []  # kept alive for the run: their ids stay theirs
+
+    def made(self, func: Any, args: tuple, kwargs: dict[str, Any], names: dict[int, str]) -> Tensor | None:
+        """The view, when this call transposes a 2-D parameter (then the caller returns it as is)."""
+        if func not in TRANSPOSES or not args or type(args[0]) not in _TENSOR_TYPES or id(args[0]) not in names:
+            return None
+        w = args[0]
+        if w.dim() != 2:
+            return None
+        if func in (Tensor.transpose, torch.transpose):
+            dims = (*args[1:], *kwargs.values())
+            if len(dims) != 2 or not all(isinstance(d, int) for d in dims) or {d % 2 for d in dims} != {0, 1}:
+                return None
+        elif kwargs or len(args) != 1:
+            return None
+        view = func(*args, **kwargs)
+        self.names[id(view)], self.params[id(view)] = names[id(w)], w
+        self.views.append(view)
+        return view
+
+    def linear(self, func: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[Any, tuple, dict[str, Any]]:
+        """``matmul(x, w.T)`` as ``F.linear(x, w)``; any other call unchanged."""
+        if self.names and func in _MATMULS and len(args) == 2 and not kwargs and id(args[1]) in self.names:
+            return F.linear, (args[0], self.params[id(args[1])]), {}
+        return func, args, kwargs
+
+    def uses(self, args: tuple, kwargs: dict[str, Any]) -> list[str]:
+        """The parameters whose views this (other) call receives."""
+        return [self.names[id(v)] for v in params_among(args, kwargs, self.names)] if self.names else []
 
 
 def params_among(args: tuple, kwargs: dict[str, Any], names: dict[int, str]) -> list[Tensor]:

@@ -42,11 +42,13 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from ._capture import (
+    TRANSPOSES,
     Batch,
     Half,
     ModelFn,
     Site,
     Trace,
+    Transposed,
     _check_finite,
     _in_dtype,
     _keep,
@@ -105,6 +107,7 @@ class _Taps(TorchFunctionMode):
         self.taps: list[GradientEdge] = []
         self.saved: list[tuple[Tensor, ...]] = []
         self.statics: list[Any] = []
+        self.transposed = Transposed()
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -113,6 +116,12 @@ class _Taps(TorchFunctionMode):
         if kwargs and kwargs.get("generator") is not None:
             raise NotDirect("a random generator")
         func = EXACT.get(func, func)  # BatchNorm in training mode refused as in the capture
+        if func in TRANSPOSES and (view := self.transposed.made(func, args, kwargs, self.names)) is not None:
+            return view
+        if self.transposed.names:
+            func, args, kwargs = self.transposed.linear(func, args, kwargs)  # x @ w.T as F.linear(x, w)
+            if viewed := self.transposed.uses(args, kwargs):
+                raise NotDirect(f"the transpose of {viewed[0]} used by an unrecognised call")
         found = params_among(args, kwargs, self.names) if self.names else []
         if not found:
             return func(*args, **kwargs)

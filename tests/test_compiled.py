@@ -163,14 +163,14 @@ def test_what_cannot_be_one_graph_keeps_the_eager_path(kind: str) -> None:
 
 
 def test_a_model_that_cannot_run_as_one_batch_stays_eager_and_says_why() -> None:
-    """A weight read through ``.T`` (a tied head written by hand) takes the exact fallback: no whole-batch
-    run, so no graph; every call is exact and its plan says it ran eagerly."""
+    """A weight whose transpose a call no rule knows reads (a penalty on it) takes the exact fallback: no
+    whole-batch run, so no graph; every call is exact and its plan says it ran eagerly."""
     torch.manual_seed(7)
     emb, w = torch.randn(6, 4, dtype=F64), torch.randn(4, 4, dtype=F64)
 
     def fn(p, ids):
         h = torch.tanh(F.embedding(ids, p["E"]) @ p["W"])
-        return torch.logsumexp(h @ p["E"].T, -1).mean(1)
+        return torch.logsumexp(h @ p["E"].T, -1).mean(1) + 0.1 * p["E"].T.pow(2).sum()
 
     params = {"E": emb, "W": w}
     for call in range(3):
@@ -178,6 +178,28 @@ def test_a_model_that_cannot_run_as_one_batch_stays_eager_and_says_why() -> None
         out = check(fn, params, ids[:4], ids[4:])
         why = _compiled.RACING if call == 0 else _compiled.NO_REPLAY
         assert NOTE not in out.plan.notes and _compiled.ran_eagerly(why) in out.plan.notes, out.plan.notes
+
+
+@pytest.mark.parametrize("spelling", ["E.t()", "E.T"])
+def test_a_tied_head_written_by_hand(spelling: str) -> None:
+    """``h @ E.t()`` runs as ``F.linear(h, E)`` in the trace, the whole-batch run and the compiled graph.
+    Dynamo reads ``E.T`` without a torch function call, so the graph's matmul is not the trace's linear
+    call: refused while tracing, the eager path stays (exact, and the plan says so)."""
+    torch.manual_seed(8)
+    params = {"E": torch.randn(6, 4, dtype=F64), "W": torch.randn(4, 4, dtype=F64)}
+
+    def fn(p, ids):
+        h = torch.tanh(F.embedding(ids, p["E"]) @ p["W"])
+        return torch.logsumexp(h @ (p["E"].t() if spelling == "E.t()" else p["E"].T), -1).mean(1)
+
+    for _ in range(3):
+        ids = torch.randint(0, 6, (7, 3))
+        out = check(fn, params, ids[:4], ids[4:])
+    assert out.plan.routes["E"].uses == ("embedding", "linear")
+    if spelling == "E.t()":
+        assert NOTE in out.plan.notes
+    else:
+        assert _compiled.ran_eagerly(_compiled.MARKED) in out.plan.notes
 
 
 def test_a_nan_loss_is_named_and_arguments_are_checked() -> None:

@@ -217,17 +217,54 @@ def test_embedding_module_by_freq_with_padding_idx_tied_head():
     assert_exact(model_fn, p, _ids(4, 6, 6, 3), _ids(2, 5, 6, 4), "embedding")
 
 
-def test_a_weight_read_through_an_attribute_takes_the_fallback_and_the_plan_names_it():
-    # a tied head written by hand, ``h @ E.T``: the transposed view is not a call any rule knows
+TRANSPOSED_HEADS = {  # a tied output layer written by hand: the embedding's transpose as a matmul's right operand
+    "x @ E.T": lambda h, E: h @ E.T,
+    "x @ E.mT": lambda h, E: h @ E.mT,
+    "x @ E.t()": lambda h, E: h @ E.t(),
+    "torch.matmul(x, torch.t(E))": lambda h, E: torch.matmul(h, torch.t(E)),
+    "x.matmul(E.transpose(0, 1))": lambda h, E: h.matmul(E.transpose(0, 1)),
+    "x @ torch.transpose(E, -1, -2)": lambda h, E: h @ torch.transpose(E, -1, -2),
+    "x @ E.transpose(dim0=1, dim1=0)": lambda h, E: h @ E.transpose(dim0=1, dim1=0),
+}
+
+
+def _tied_by_hand(head):
     def model_fn(p, ids):
         h = torch.tanh(F.embedding(ids, p["E"]) @ p["W"])  # [B, T, 3]
-        return torch.logsumexp(h @ p["E"].T, -1).sum(1)
+        return torch.logsumexp(head(h, p["E"]), -1).sum(1)
 
     g = _g(5)
-    p = {"E": torch.randn(4, 3, generator=g, dtype=F64), "W": torch.randn(3, 3, generator=g, dtype=F64)}
-    assert_exact(model_fn, p, _ids(3, 6, 4, 6), _ids(2, 6, 4, 7), "embedding")
-    route = ghostfunc.plan(model_fn, p, _ids(3, 6, 4, 6), _ids(2, 6, 4, 7)).routes["E"]
-    assert route.path == "fallback" and route.reason == "used by Tensor.T"
+    return model_fn, {"E": torch.randn(4, 3, generator=g, dtype=F64), "W": torch.randn(3, 3, generator=g, dtype=F64)}
+
+
+@pytest.mark.parametrize("spelling", list(TRANSPOSED_HEADS))
+def test_a_matmul_by_a_transposed_weight_is_a_linear_call(spelling):
+    """``x @ E.T`` is ``F.linear(x, E)``: E's two uses (the embedding and the head) both recognised, exact."""
+    model_fn, p = _tied_by_hand(TRANSPOSED_HEADS[spelling])
+    train, val = _ids(3, 6, 4, 6), _ids(2, 6, 4, 7)
+    assert_exact(model_fn, p, train, val, "embedding")
+    route = ghostfunc.plan(model_fn, p, train, val).routes["E"]
+    assert route.factored and route.uses == ("embedding", "linear"), route
+
+
+@pytest.mark.parametrize("other", ["penalty", "linear of the transpose", "left operand", "a slice of the view"])
+def test_a_transposed_weight_used_otherwise_takes_the_fallback(other):
+    """The transpose used by a call no rule knows (or as a linear layer's weight, which would be the
+    transpose's gradient): the parameter takes the exact per-sample fallback, and the plan names the call."""
+    def head(h, E):
+        if other == "penalty":
+            return h @ E.T + 0.1 * E.T.pow(2).sum()
+        if other == "linear of the transpose":
+            return F.linear(h, E.T.T)
+        if other == "left operand":  # (E.T.T @ h^T)^T = h @ E.T
+            return (E.T.T @ h.transpose(-1, -2)).transpose(-1, -2)
+        return h @ E.T[:, :4]
+
+    model_fn, p = _tied_by_hand(head)
+    train, val = _ids(3, 6, 4, 6), _ids(2, 6, 4, 7)
+    assert_exact(model_fn, p, train, val, "embedding")
+    route = ghostfunc.plan(model_fn, p, train, val).routes["E"]
+    assert route.path == "fallback" and route.reason.startswith("used by "), route
 
 
 def test_embedding_by_freq_on_the_fallback():
