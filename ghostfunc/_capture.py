@@ -24,6 +24,7 @@ sample by sample (:mod:`ghostfunc._eager`).
 
 from __future__ import annotations
 
+import inspect
 import threading
 import warnings
 import weakref
@@ -534,8 +535,8 @@ _ATOM_TYPES = frozenset({*_ATOMS, torch.Size})
 
 
 #: A 2-D tensor's transpose: ``w.T``, ``w.mT``, ``w.t()``, ``torch.t(w)``, ``w.transpose(0, 1)``.
-TRANSPOSES = frozenset({vars(torch._C.TensorBase)["T"].__get__, vars(torch._C.TensorBase)["mT"].__get__, Tensor.t,
-                        torch.t, Tensor.transpose, torch.transpose})
+TRANSPOSES = frozenset({inspect.getattr_static(Tensor, "T").__get__, inspect.getattr_static(Tensor, "mT").__get__,
+                        Tensor.t, torch.t, Tensor.transpose, torch.transpose})
 _MATMULS = frozenset({torch.matmul, Tensor.matmul, Tensor.__matmul__})
 
 
