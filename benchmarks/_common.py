@@ -518,6 +518,12 @@ def measure(fns: Mapping[str, Step], device: torch.device, *, warmup: int = 1, r
     return times
 
 
+def timing(args: argparse.Namespace) -> dict[str, Any]:
+    """:func:`measure`'s options from :func:`add_common_args`'s arguments."""
+    return dict(warmup=args.warmup, rounds=args.rounds, max_seconds=args.max_seconds, clock=args.clock,
+                min_sample=args.min_sample)
+
+
 def paired_ratio(times: Sequence[float], base: Sequence[float]) -> float:
     """Median over rounds of ``times[r] / base[r]``: each pair ran in the same round, close in time,
     so a drift of machine load cancels (the ratio of medians when a contender ran once)."""

@@ -74,8 +74,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     skipped = {k: "per-sample gradients do not fit in memory" for k in names if not C.fits(k, s, budget)}
     names = [k for k in names if k not in skipped]
     fns = {k: C.make(k, s, opts) for k in names}
-    times = C.measure(fns, s.device, warmup=args.warmup, rounds=args.rounds, max_seconds=args.max_seconds,
-                            clock=args.clock, min_sample=args.min_sample)
+    times = C.measure(fns, s.device, **C.timing(args))
     plan = ghostfunc.plan(s.model_fn, s.params, s.train, s.val)
     del fns
     memory = {k: C.peak_memory(k, config, opts, threads=args.threads) for k in C.memory_of(names, args.memory)}

@@ -82,8 +82,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             s = C.build(config)
             fns = {k: C.make(k, s, opts) if k != "graddot/auto-model" else cost_model_only(C.make("graddot/auto", s, opts))
                    for k in names}
-            times = C.measure(fns, s.device, warmup=args.warmup, rounds=args.rounds, max_seconds=args.max_seconds,
-                            clock=args.clock, min_sample=args.min_sample)
+            times = C.measure(fns, s.device, **C.timing(args))
             tuning = ghostfunc.plan(s.model_fn, s.params, s.train, s.val).tuning
             del fns, s
             gc.collect()

@@ -76,8 +76,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         here = [k for k in names if C.fits(k, s, budget)]
         fns = {k: C.make(k, s, opts) if k != "graddot/auto-model" else cost_model_only(C.make("graddot/auto", s, opts))
                for k in here}
-        times = C.measure(fns, s.device, warmup=args.warmup, rounds=args.rounds, max_seconds=args.max_seconds,
-                            clock=args.clock, min_sample=args.min_sample)
+        times = C.measure(fns, s.device, **C.timing(args))
         plan = ghostfunc.plan(s.model_fn, s.params, s.train, s.val)
         del fns, s
         gc.collect()

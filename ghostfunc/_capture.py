@@ -226,11 +226,11 @@ class _Interceptor(TorchFunctionMode):
         if func in RECURRENT and (decomposed := decompose(func, args, kwargs)) is not None:
             with self:  # an RNN as gate linears, each intercepted (ghostfunc._ops.rnn)
                 return decomposed()
-        if func in TRANSPOSES and (view := self.transposed.made(func, args, kwargs, self.names)) is not None:
-            return view
-        if self.transposed.names:  # x @ w.T as F.linear(x, w); the transpose in a call no rule knows: a use of w
-            func, args, kwargs = self.transposed.linear(func, args, kwargs)
-            if viewed := self.transposed.uses(args, kwargs):
+        if func in TRANSPOSES or self.transposed.names:  # x @ w.T as a linear call (most calls skip this)
+            view, func, args, kwargs, viewed = self.transposed.see(func, args, kwargs, self.names)
+            if view is not None:
+                return view
+            if viewed:  # a parameter's transpose in a call no rule knows: a use of the parameter
                 if self.taps is not None:
                     raise _Stale(f"{_name(func)} used the transpose of {viewed[0]}")
                 for name in viewed:
@@ -546,20 +546,31 @@ class Transposed:
     ``x @ w.T`` (a tied output layer written by hand, say) is ``F.linear(x, w)``: a matmul
     whose right operand is such a view runs as that linear call, which a rule recognises
     (same numbers; the call that made the view is not a use of ``w`` by itself). Any other
-    call that receives the view is a use of ``w`` that no rule knows (:meth:`uses`).
+    call that receives the view is a use of ``w`` that no rule knows.
     """
 
     def __init__(self) -> None:
         self.names: dict[int, str] = {}  # id(view) -> the parameter's name
-        self.params: dict[int, Tensor] = {}  # id(view) -> the parameter
-        self.views: list[Tensor] = []  # kept alive for the run: their ids stay theirs
+        self.held: dict[int, tuple[Tensor, Tensor]] = {}  # id(view) -> (the parameter, the view, kept alive)
 
-    def made(self, func: Any, args: tuple, kwargs: dict[str, Any], names: dict[int, str]) -> Tensor | None:
-        """The view, when this call transposes a 2-D parameter (then the caller returns it as is)."""
-        if func not in TRANSPOSES or not args or type(args[0]) not in _TENSOR_TYPES or id(args[0]) not in names:
-            return None
-        w = args[0]
-        if w.dim() != 2:
+    def see(self, func: Any, args: tuple, kwargs: dict[str, Any],
+            names: dict[int, str]) -> tuple[Tensor | None, Any, tuple, dict[str, Any], list[str]]:
+        """One call, before the interceptor classifies it: ``(view, func, args, kwargs, viewed)``.
+
+        ``view``: the call transposed a 2-D parameter (the caller returns it as is); else the call to
+        classify (``matmul(x, w.T)`` as ``F.linear(x, w)``) and ``viewed``, the parameters whose
+        transposes it receives otherwise (uses no rule knows).
+        """
+        if func in TRANSPOSES and (view := self._made(func, args, kwargs, names)) is not None:
+            return view, func, args, kwargs, []
+        if not self.names:
+            return None, func, args, kwargs, []
+        if func in _MATMULS and len(args) == 2 and not kwargs and id(args[1]) in self.names:
+            func, args = F.linear, (args[0], self.held[id(args[1])][0])
+        return None, func, args, kwargs, [self.names[id(v)] for v in params_among(args, kwargs, self.names)]
+
+    def _made(self, func: Any, args: tuple, kwargs: dict[str, Any], names: dict[int, str]) -> Tensor | None:
+        if not args or type(args[0]) not in _TENSOR_TYPES or id(args[0]) not in names or args[0].dim() != 2:
             return None
         if func in (Tensor.transpose, torch.transpose):
             dims = (*args[1:], *kwargs.values())
@@ -568,19 +579,8 @@ class Transposed:
         elif kwargs or len(args) != 1:
             return None
         view = func(*args, **kwargs)
-        self.names[id(view)], self.params[id(view)] = names[id(w)], w
-        self.views.append(view)
+        self.names[id(view)], self.held[id(view)] = names[id(args[0])], (args[0], view)
         return view
-
-    def linear(self, func: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[Any, tuple, dict[str, Any]]:
-        """``matmul(x, w.T)`` as ``F.linear(x, w)``; any other call unchanged."""
-        if self.names and func in _MATMULS and len(args) == 2 and not kwargs and id(args[1]) in self.names:
-            return F.linear, (args[0], self.params[id(args[1])]), {}
-        return func, args, kwargs
-
-    def uses(self, args: tuple, kwargs: dict[str, Any]) -> list[str]:
-        """The parameters whose views this (other) call receives."""
-        return [self.names[id(v)] for v in params_among(args, kwargs, self.names)] if self.names else []
 
 
 def params_among(args: tuple, kwargs: dict[str, Any], names: dict[int, str]) -> list[Tensor]:

@@ -777,6 +777,8 @@ def graddot(
     checked, tb, vb = _prepare(where, model_fn, params, train, val,
                                val_reduce=val_reduce, policy=policy, compute_dtype=compute_dtype)
     params = checked
+    if compile:
+        from . import _compiled  # it builds on this module
     if policy == "auto" and _calibrate.untimed(model_fn, key := _calibrate.route_key(model_fn, params, tb, vb,
                                                                                       val_reduce)):
         # the first call with this signature races the candidate routings (ghostfunc._calibrate.race)
@@ -786,16 +788,10 @@ def graddot(
         like = next(iter(params.values()))
         out, choice = _calibrate.race(model_fn, key, contenders(plans, like), lambda: graddot(
             model_fn, params, train, val, val_reduce=val_reduce, compute_dtype=compute_dtype), like.device)
-        racing = []
-        if compile:
-            from . import _compiled  # it builds on this module
-
-            racing.append(_compiled.ran_eagerly(_compiled.RACING))
+        racing = [_compiled.ran_eagerly(_compiled.RACING)] if compile else []
         return out._replace(plan=_noted(out.plan._replace(tuning=choice.why), racing))
     eager_why: list[str] = []  # compile=True: why this call ran eagerly (a plan note)
     if compile:
-        from . import _compiled  # it builds on this module
-
         assert val_reduce is not None
         done = _compiled.scores(model_fn, params, tb, vb, where, policy, val_reduce, compute_dtype)
         if isinstance(done, GradDot):

@@ -237,6 +237,7 @@ def compute_values(
         sec = secant_values(where, model_fn, params, tb, vb, lr=lr, weights=weights, before=val_grad)
         return Values(sec.values, sec.first_order, sec.train_grad, sec.train_loss, sec.val_loss, sec.plan, sec.after)
     if order == 1 and precondition is None:
+        eager_why: list[str] = []  # compile=True: why these values were computed eagerly (a plan note)
         if compile:  # one process (checked by the caller): the compiled graph where it can run
             from . import _compiled  # it builds on _graddot
 
@@ -244,14 +245,12 @@ def compute_values(
             if isinstance(done, GradDot):
                 values = done.scores.mul(-a)
                 return Values(values, values, done.train_grad, done.train_loss, done.val_loss, done.plan)
-            notes = [_compiled.ran_eagerly(done)]
-        else:
-            notes = []
+            eager_why.append(_compiled.ran_eagerly(done))
         st = run_streamed(model_fn, params, tb, vb, where, "auto", "mean")
         per_param, g_train = score_streamed(st, params, weights, n, m, None)
         values = sum_scores(per_param, params).mul(-a)
-        plan = st.plan._replace(notes=(*st.plan.notes, *notes))
-        return Values(values, values, g_train, st.train_loss, st.val_loss, plan)
+        return Values(values, values, g_train, st.train_loss, st.val_loss,
+                      st.plan._replace(notes=(*st.plan.notes, *eager_why)))
 
     def train_first(fresh: bool) -> tuple[Routing, Half]:
         r = routing(model_fn, params, tb, vb, where, "contract", "mean", fresh)

@@ -116,11 +116,11 @@ class _Taps(TorchFunctionMode):
         if kwargs and kwargs.get("generator") is not None:
             raise NotDirect("a random generator")
         func = EXACT.get(func, func)  # BatchNorm in training mode refused as in the capture
-        if func in TRANSPOSES and (view := self.transposed.made(func, args, kwargs, self.names)) is not None:
-            return view
-        if self.transposed.names:
-            func, args, kwargs = self.transposed.linear(func, args, kwargs)  # x @ w.T as F.linear(x, w)
-            if viewed := self.transposed.uses(args, kwargs):
+        if func in TRANSPOSES or self.transposed.names:  # x @ w.T as a linear call (most calls skip this)
+            view, func, args, kwargs, viewed = self.transposed.see(func, args, kwargs, self.names)
+            if view is not None:
+                return view
+            if viewed:
                 raise NotDirect(f"the transpose of {viewed[0]} used by an unrecognised call")
         found = params_among(args, kwargs, self.names) if self.names else []
         if not found:
