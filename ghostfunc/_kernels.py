@@ -117,23 +117,29 @@ def _dot_blocks(rows: int, other: int, p: int, d: int, device: torch.device) -> 
     return c, pb
 
 
-def _block(uses: list[Factored], rows: slice, ps: slice) -> Tensor:
+def _block(uses: list[Factored], rows: slice, ps: slice, into: Tensor | None = None) -> Tensor:
     """Rows ``rows`` of ``Σ_uses g_n``, restricted to rows ``ps`` of ``p``: ``[c, pb, d]``.
 
     Dense uses are a ``bmm`` each (``[c, pb, t] @ [c, t, d]``), accumulated in place;
-    id uses add only the tokens whose id falls in ``ps`` (``index_add``).
+    id uses add only the tokens whose id falls in ``ps`` (``index_add``). ``into``: a
+    ``[c, pb, d]`` tensor to write the block into (its contents are overwritten).
     """
     out: Tensor | None = None
     for f in uses:
         if f.ids:
             continue
         lt = f.left[rows, :, ps].transpose(1, 2)  # [c, pb, t]
-        out = torch.bmm(lt, f.right[rows]) if out is None else out.baddbmm_(lt, f.right[rows])
+        if out is not None:
+            out.baddbmm_(lt, f.right[rows])
+        elif into is not None:
+            out = torch.bmm(lt, f.right[rows], out=into)
+        else:
+            out = torch.bmm(lt, f.right[rows])
     ids_uses = [f for f in uses if f.ids]
     if out is None:
         right = ids_uses[0].right
         c, pb = len(range(*rows.indices(right.shape[0]))), ps.stop - ps.start
-        out = right.new_zeros(c, pb, right.shape[-1])
+        out = right.new_zeros(c, pb, right.shape[-1]) if into is None else into.zero_()
     c, pb, d = out.shape
     for f in ids_uses:
         ids, right = f.left[rows], f.right[rows]  # [c, t], [c, t, d]
@@ -143,10 +149,12 @@ def _block(uses: list[Factored], rows: slice, ps: slice) -> Tensor:
     return out
 
 
-def materialise(uses: list[Factored], n: int) -> Tensor:
+def materialise(uses: list[Factored], n: int, into: Tensor | None = None) -> Tensor:
     """Every row's whole gradient ``Σ_uses Σ_t L[n,t] ⊗ R[n,t]``: ``[n, p, d]``, held at once
-    (``n·p·d`` memory; one ``bmm`` per dense use, ``n·T·p·d`` multiply-adds)."""
-    return _block(uses, slice(0, n), slice(0, uses[0].p))
+    (``n·p·d`` memory; one ``bmm`` per dense use, ``n·T·p·d`` multiply-adds). ``into``: an
+    ``[n, p, d]`` tensor of the uses' dtype and device to write it into (overwritten), reused
+    memory instead of a fresh allocation."""
+    return _block(uses, slice(0, n), slice(0, uses[0].p), into)
 
 
 def materialise_dots(tr: list[Factored], other: list[Factored] | Tensor, n: int,

@@ -64,8 +64,10 @@ from ._groups import Part, split_sum
 from ._interact import in_one_call
 from ._plan import Plan
 from ._secant import (
+    Scratch,
     ValGrad,
     check_curvature,
+    give_back,
     grouped_val_grad,
     row_dots,
     row_groups,
@@ -184,6 +186,7 @@ def compute_values(
     curvature: str = "exact",
     val_grad: ValGrad | None = None,
     compile: bool = False,
+    scratch: Scratch | None = None,
 ) -> Values:
     """The values against ``u = −a·P(ḡ_val) + (a²/2)·H_val G`` (``a = lr/n``), and the mean train gradient.
 
@@ -206,7 +209,8 @@ def compute_values(
     ``curvature="secant"`` (order 2) takes the secant path of :mod:`ghostfunc._secant`
     instead, reusing ``val_grad`` (a previous step's ``Values.val_grad``) when it matches.
     ``compile`` (order 1 without ``precondition``, one process): the values from the compiled
-    graph of :mod:`ghostfunc._compiled` where it runs, else as without it.
+    graph of :mod:`ghostfunc._compiled` where it runs, else as without it. ``scratch``: memory for
+    the training rows' materialised gradients, reused from call to call (:data:`ghostfunc._secant.Scratch`).
     """
     check_lr_order(where, lr, order)
     check_curvature(where, curvature, order)
@@ -234,7 +238,8 @@ def compute_values(
         if world is not None:
             raise ValueError(f"{where}: curvature='secant' is one process only for now; use curvature='exact' "
                              f"with group=, or run without a process group")
-        sec = secant_values(where, model_fn, params, tb, vb, lr=lr, weights=weights, before=val_grad)
+        sec = secant_values(where, model_fn, params, tb, vb, lr=lr, weights=weights, before=val_grad,
+                            scratch=scratch)
         return Values(sec.values, sec.first_order, sec.train_grad, sec.train_loss, sec.val_loss, sec.plan, sec.after)
     if order == 1 and precondition is None:
         eager_why: list[str] = []  # compile=True: why these values were computed eagerly (a plan note)
@@ -257,7 +262,7 @@ def compute_values(
         return r, capture_one(model_fn, params, tb, r, 0, where)
 
     r, t = retry_stale(where, train_first)
-    rows, g_train = train_rows(r.plan, t.grads, params, tb.size, 2 if order == 2 and first_order else 1)
+    rows, g_train = train_rows(r.plan, t.grads, params, tb.size, 2 if order == 2 and first_order else 1, scratch)
     train_loss = t.loss
     del t  # the factors of the kept parameters go now
     if world is not None:
@@ -270,6 +275,7 @@ def compute_values(
         if world is not None:
             g_val = _dist.allreduce_sum(g_val, group)
         values = row_dots(rows, [{k: g.mul(-a) for k, g in precondition(g_val, g_train).items()}], params)[:, 0]
+        give_back(scratch, rows)
         return Values(values, values, g_train, train_loss, val_loss, r.plan)
     g_val, hg, val_loss = val_grad_hvp(model_fn, params, vb, weights, {k: g.mul(n) for k, g in g_train.items()},
                                        where, row_groups(vb, r.plan))  # H_val G, G = Σ_j g_j
@@ -280,8 +286,11 @@ def compute_values(
     u1 = {k: g.mul(-a) for k, g in g_val.items()}
     u = {k: u1[k] + hg[k].to(u1[k].dtype).mul(a * a / 2) for k in u1}
     if not first_order:
-        return Values(row_dots(rows, [u], params)[:, 0], None, g_train, train_loss, val_loss, r.plan)
+        values = row_dots(rows, [u], params)[:, 0]
+        give_back(scratch, rows)
+        return Values(values, None, g_train, train_loss, val_loss, r.plan)
     dots = row_dots(rows, [u1, u], params)  # [n, 2]: one pass for both
+    give_back(scratch, rows)
     return Values(dots[:, 1].contiguous(), dots[:, 0].contiguous(), g_train, train_loss, val_loss, r.plan)
 
 

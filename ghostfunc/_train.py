@@ -10,7 +10,7 @@ the training batches (the validation rows never move the model).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
@@ -19,7 +19,7 @@ from torch import Tensor
 from . import _dist
 from ._checks import check_compile
 from ._optim import Optimizer
-from ._secant import ValGrad, check_curvature
+from ._secant import Scratch, ValGrad, check_curvature
 from ._shapley import ORDERS, compute_values
 
 Params = dict[str, Tensor]
@@ -63,6 +63,8 @@ class TrainStep:
     """A pure training step; build it with :func:`train_step`.
 
     ``init(params) -> TrainState``; ``step(state, train, val) -> (TrainState, StepInfo)``.
+    ``_scratch``: memory for the training rows' materialised gradients (order 2, and order 1 with
+    ``precondition``), reused from step to step; no result refers to it, so the step stays pure.
     """
 
     model_fn: Callable[[Params, Any], Tensor]
@@ -72,6 +74,7 @@ class TrainStep:
     group: Any = None
     curvature: str = "exact"
     compile: bool = False
+    _scratch: Scratch = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def init(self, params: Mapping[str, Tensor]) -> TrainState:
         """The state before the first step: detached copies of ``params`` and a fresh optimizer state.
@@ -108,7 +111,7 @@ class TrainStep:
                 return opt.precondition(direction, grads, state.opt_state)
         out = compute_values("train_step", self.model_fn, state.params, train, val, lr=lr, order=self.order,
                              precondition=pre, group=self.group, curvature=self.curvature,
-                             val_grad=state.val_grad, compile=self.compile)
+                             val_grad=state.val_grad, compile=self.compile, scratch=self._scratch)
         params, opt_state = opt.update(out.train_grad, state.opt_state, state.params)
         assert out.first_order is not None
         info = StepInfo(out.values, out.first_order, out.train_loss, out.val_loss, lr)

@@ -331,3 +331,37 @@ def test_validation_rows_in_groups_change_nothing(name, monkeypatch):
         for curvature in ("exact", "secant"):
             with pytest.raises(FloatingPointError, match=r"^inrun_shapley: .* train samples \[2\]"):
                 ghostfunc.inrun_shapley(fn, params, bad, val, lr=lr, order=2, curvature=curvature)
+
+
+@pytest.mark.parametrize("curvature", ["secant", "exact"])
+@pytest.mark.parametrize("name", ["tokens-materialise", "attention-tied-embedding"])
+def test_train_step_reuses_its_materialised_rows_memory(name, curvature, monkeypatch):
+    """A step's materialised training rows go into memory the step keeps (``_scratch``) and reuses on the next
+    call (one allocation per shape, not one per step); the values equal the functional API's at every step,
+    nothing returned aliases that memory, and a batch of another size allocates anew."""
+    monkeypatch.setenv("GHOSTFUNC_COSTS", "materialise=1")
+    fn, build = MODELS[name]
+    params, train, val = build()
+    lr = 0.3
+    step = ghostfunc.train_step(fn, ghostfunc.sgd(lr), order=2, curvature=curvature)
+    state = step.init(params)
+    held = None
+    for i in range(3):
+        want = ghostfunc.inrun_shapley(fn, state.params, train, val, lr=lr, order=2, curvature=curvature)
+        state, info = step(state, train, val)
+        torch.testing.assert_close(info.values, want, rtol=1e-12, atol=1e-15)
+        assert step._scratch, "the kept rows went back to the step"
+        ptrs = {k: t.data_ptr() for k, t in step._scratch.items()}
+        if held is not None:
+            assert ptrs == held, f"step {i}: the rows were materialised into new memory"
+        held = ptrs
+        mine = {t.untyped_storage().data_ptr() for t in step._scratch.values()}
+        out = [info.values, info.first_order, info.train_loss, info.val_loss, *state.params.values()]
+        if state.val_grad is not None:
+            out += list(state.val_grad.grad.values())
+        assert not mine & {t.untyped_storage().data_ptr() for t in out}
+    fewer = torch.utils._pytree.tree_map(lambda x: x[:2], train)
+    want = ghostfunc.inrun_shapley(fn, state.params, fewer, val, lr=lr, order=2, curvature=curvature)
+    _, info = step(state, fewer, val)
+    torch.testing.assert_close(info.values, want, rtol=1e-12, atol=1e-15)
+    assert all(t.shape[0] == 2 for t in step._scratch.values())
