@@ -8,8 +8,11 @@ models) and compares its own rows. Row counts differ between ranks.
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
+import sys
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -47,23 +50,46 @@ def _init(rank: int, world: int, folder: str, job: str) -> None:
 
 
 def _worker(rank: int, world: int, folder: str, job: str) -> None:
+    """One rank of ``job``: its results go to ``JOB.RANK.json`` before any teardown.
+
+    Then the gloo group is torn down in order (a barrier, so every rank's last collective is done, then
+    ``destroy_process_group``) and, once every rank has torn its own down (``JOB.RANK.done``), the process
+    leaves with ``os._exit(0)``: no rank closes its sockets under a live group of another's, and the
+    interpreter's own teardown, which destroys C++ objects in no set order, is skipped (a CI run now and then
+    had a rank of a finished job abort with "terminate called without an active exception").
+    """
+    faulthandler.enable(all_threads=True)  # a rank killed by a signal (an abort in C++) prints where it was
     _init(rank, world, folder, job)
     out: dict[str, Any] = {}
     try:
         {"compare": _compare, "run": _run}[job.split(":")[0]](rank, world, out, job, folder)
     except BaseException:
         out["crash"] = traceback.format_exc()
+    tag = job.replace(":", "_")
+    Path(folder, f"{tag}.{rank}.json").write_text(json.dumps(out))
+    try:
+        dist.barrier()
     finally:
-        try:
-            dist.barrier()  # every rank's last collective is done before any tears gloo down
-        finally:
-            dist.destroy_process_group()
-    Path(folder, f"{job.replace(':', '_')}.{rank}.json").write_text(json.dumps(out))
+        dist.destroy_process_group()
+    Path(folder, f"{tag}.{rank}.done").touch()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not all(Path(folder, f"{tag}.{r}.done").exists() for r in range(world)):
+        time.sleep(0.01)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _spawn(tmp_path: Path, world: int, job: str) -> list[dict[str, Any]]:
-    mp.start_processes(_worker, args=(world, str(tmp_path), job), nprocs=world, start_method="spawn")
-    results = [json.loads(Path(tmp_path, f"{job.replace(':', '_')}.{r}.json").read_text()) for r in range(world)]
+    tag = job.replace(":", "_")
+    try:
+        mp.start_processes(_worker, args=(world, str(tmp_path), job), nprocs=world, start_method="spawn")
+    except mp.ProcessExitedException as err:
+        wrote = [r for r in range(world) if Path(tmp_path, f"{tag}.{r}.json").exists()]
+        done = [r for r in range(world) if Path(tmp_path, f"{tag}.{r}.done").exists()]
+        raise AssertionError(f"{job}: {err}; ranks with results written: {wrote}, with the group torn down: "
+                             f"{done} (the rank's stderr above holds faulthandler's traceback)") from err
+    results = [json.loads(Path(tmp_path, f"{tag}.{r}.json").read_text()) for r in range(world)]
     for r, res in enumerate(results):
         assert "crash" not in res, f"rank {r}:\n{res['crash']}"
     return results
