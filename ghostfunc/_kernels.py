@@ -129,12 +129,7 @@ def _block(uses: list[Factored], rows: slice, ps: slice, into: Tensor | None = N
         if f.ids:
             continue
         lt = f.left[rows, :, ps].transpose(1, 2)  # [c, pb, t]
-        if out is not None:
-            out.baddbmm_(lt, f.right[rows])
-        elif into is not None:
-            out = torch.bmm(lt, f.right[rows], out=into)
-        else:
-            out = torch.bmm(lt, f.right[rows])
+        out = torch.bmm(lt, f.right[rows], out=into) if out is None else out.baddbmm_(lt, f.right[rows])
     ids_uses = [f for f in uses if f.ids]
     if out is None:
         right = ids_uses[0].right

@@ -53,7 +53,7 @@ KEEP_BUDGET = 2.0
 #: Memory the materialised rows of one parameter can reuse from step to step: name -> tensor
 #: (:class:`ghostfunc.TrainStep` holds one). On CPU a fresh ``[n, P]`` block of tens of MiB is a fresh
 #: ``mmap`` whose pages the kernel faults in and zeroes on first touch, every step; measured on the
-#: headline shape (2-core CPU), reusing them took :func:`train_rows` from 0.81 s to 0.43 s a step.
+#: headline shape (2-core CPU), reusing them took :func:`train_rows` from 0.81 s to 0.44 s a step.
 Scratch = dict[str, Tensor]
 #: On CPU the validation passes run the rows in groups of about this many positions (rows times the
 #: longest sequence a parameter sees): a group's activations stay nearer the cache. Measured on the

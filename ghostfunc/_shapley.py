@@ -285,13 +285,10 @@ def compute_values(
         g_val, hg = {k: both["g:" + k] for k in g_val}, {k: both["h:" + k] for k in hg}
     u1 = {k: g.mul(-a) for k, g in g_val.items()}
     u = {k: u1[k] + hg[k].to(u1[k].dtype).mul(a * a / 2) for k in u1}
-    if not first_order:
-        values = row_dots(rows, [u], params)[:, 0]
-        give_back(scratch, rows)
-        return Values(values, None, g_train, train_loss, val_loss, r.plan)
-    dots = row_dots(rows, [u1, u], params)  # [n, 2]: one pass for both
+    dots = row_dots(rows, [u1, u] if first_order else [u], params)  # [n, 2] (one pass for both) or [n, 1]
     give_back(scratch, rows)
-    return Values(dots[:, 1].contiguous(), dots[:, 0].contiguous(), g_train, train_loss, val_loss, r.plan)
+    return Values(dots[:, -1].contiguous(), dots[:, 0].contiguous() if first_order else None, g_train, train_loss,
+                  val_loss, r.plan)
 
 
 def check_lr_order(where: str, lr: Any, order: Any) -> None:
