@@ -638,7 +638,22 @@ def matched_roles(match: Match | None, names: dict[int, str], found: list[Tensor
 
 
 def _makes_tensor(out: Any, found: list[Tensor]) -> bool:
+    if type(out) in _TENSOR_TYPES:  # most calls return one tensor: no pytree walk
+        return not any(out is f for f in found)
     return any(isinstance(o, Tensor) and not any(o is f for f in found) for o in pytree.tree_leaves(out))
+
+
+def holds_tensor(tree: Any) -> bool:
+    """Whether ``tree`` (an index, say) has a tensor among its leaves (``pytree.tree_leaves``): plain
+    tuples, lists and atoms are walked directly (a generic pytree walk costs microseconds per call)."""
+    kind = type(tree)
+    if kind in _TENSOR_TYPES:
+        return True
+    if kind in _ATOM_TYPES:
+        return False
+    if kind is tuple or kind is list:
+        return any(holds_tensor(x) for x in tree)
+    return any(isinstance(t, Tensor) for t in pytree.tree_leaves(tree))
 
 
 def _name(func: Any) -> str:

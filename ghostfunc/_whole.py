@@ -53,6 +53,7 @@ from ._capture import (
     _in_dtype,
     _keep,
     _makes_tensor,
+    holds_tensor,
     matched_roles,
     params_among,
 )
@@ -164,7 +165,7 @@ _WATCHED = frozenset({*TO_PYTHON, *_MOVES, *RECURRENT, *_INDEXING, torch.where, 
 def _refuse(func: Any, args: tuple, kwargs: dict[str, Any]) -> None:
     """Raise :class:`NotDirect` if the call could move rows by value, or needs a per-sample rule."""
     if func in _INDEXING:
-        if any(isinstance(t, Tensor) for t in pytree.tree_leaves(args[1:2])):
+        if holds_tensor(args[1:2]):
             raise NotDirect("indexing with a tensor")
     elif func is torch.where:
         if len(args) + len(kwargs) == 1:

@@ -151,6 +151,47 @@ def test_rows_moved_by_value_keep_the_per_sample_capture() -> None:
     assert True not in verdicts(fn)
 
 
+@pytest.mark.parametrize("index", ["tensor", "tuple", "ellipsis", "with a list"])
+def test_rows_indexed_by_a_tensor_keep_the_per_sample_capture(index: str) -> None:
+    """Rows reversed twice by a tensor index (alone, inside a tuple, beside ``...``, beside a list): every
+    row ends where it began, but an index holding a tensor may move rows by value, so the whole-batch
+    capture is refused (never tried); an index of integers, slices and lists is vouched for."""
+    torch.manual_seed(14)
+    w = torch.randn(2, 3, dtype=F64)
+
+    def take(h: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        if index == "tensor":
+            return h[idx]
+        if index == "tuple":
+            return h[(idx, slice(None))]
+        return h[idx, ...] if index == "ellipsis" else h[(idx[:, None], [0, 1])]
+
+    def fn(p, x):
+        idx = torch.arange(len(x) - 1, -1, -1)
+        return (torch.sin(take(take(F.linear(x, p["w"]), idx), idx)) ** 2).sum(1)
+
+    x = torch.randn(8, 3, dtype=F64)
+    exact_every_call(fn, {"w": w}, x[:5], x[5:])
+    assert True not in verdicts(fn)
+
+    def plain_index(p, x):
+        return (torch.sin(F.linear(x, p["w"])[:, [0, 1]][..., ::1]) ** 2).sum(1)
+
+    exact_every_call(plain_index, {"w": w}, x[:5], x[5:])
+    assert verdicts(plain_index) == {True}
+
+
+def test_holds_tensor_walks_indices_like_pytree() -> None:
+    from torch.utils import _pytree as pytree
+
+    from ghostfunc._capture import holds_tensor
+
+    t = torch.zeros(2, dtype=torch.long)
+    for tree in [1, slice(None), ..., None, (1, slice(0, 2)), [0, 1], t, (t,), (0, [t]), {"a": t},
+                 torch.nn.Parameter(torch.zeros(1)), torch.Size([2]), ((), [[]]), (..., None, 3)]:
+        assert holds_tensor(tree) == any(isinstance(x, torch.Tensor) for x in pytree.tree_leaves(tree)), tree
+
+
 def test_branches_and_dropout_keep_the_per_sample_capture() -> None:
     torch.manual_seed(5)
     w = torch.randn(2, 3, dtype=F64)
