@@ -891,6 +891,10 @@ def weighted_grad_split(model_fn: ModelFn, params: Mapping[str, Tensor], batch: 
     runs sample by sample with ordinary autograd (:func:`ghostfunc._eager.weighted_grad_eager`).
     Returns the gradient, the losses ``[B]`` and a note for the plan (``None``: one batched pass).
     """
+    scale = common_weight(weights)
+    if scale is not None and scale != 1.0:  # a mean: the unit-weight sum, scaled after its backward
+        grads, losses, note = weighted_grad_split(model_fn, params, batch, torch.ones_like(weights), where, label)
+        return {k: g * scale for k, g in grads.items()}, losses, note
     from . import _whole as whole_batch
     from ._eager import summary, unbatchable, weighted_grad_eager  # both build on this module
     from ._groups import WHOLE, Part, describe, split_sum
@@ -920,6 +924,20 @@ def weighted_grad_split(model_fn: ModelFn, params: Mapping[str, Tensor], batch: 
         grads, losses = weighted_grad_eager(model_fn, params, batch, weights, where, label)
         return grads, losses, f"{label}: per-sample autograd (the batched pass cannot run the model: {summary(err)})"
     return grads, losses, describe(parts, label, "one forward and backward per group")
+
+
+def common_weight(weights: Tensor) -> float | None:
+    """The one value of ``weights`` when they are all equal (``1/m``: a mean), else ``None``.
+
+    A weighted gradient ``Σ_v w_v g_v`` with equal weights is taken as ``w·Σ_v g_v``:
+    the backward then runs at the samples' own scale, as each sample's backward in
+    the single-sample loop does, so a lower-precision step inside a model (a float32
+    norm in a float64 model) rounds every sample's gradient as the loop does, instead
+    of rounding ``w·g_v`` (about 1e-8 apart in float64 with a float32 island).
+    """
+    if weights.numel() == 0 or not bool((weights == weights[0]).all()):
+        return None
+    return float(weights[0])
 
 
 def _in_dtype(g: Factored | Direct, dtype: torch.dtype) -> Factored | Direct:

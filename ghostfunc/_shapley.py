@@ -43,7 +43,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import _dist
-from ._capture import Batch, Half, _check_finite, _rephrase, per_sample_losses
+from ._capture import Batch, Half, _check_finite, _rephrase, common_weight, per_sample_losses
 from ._eager import unbatchable, val_grad_hvp_eager
 from ._graddot import (
     GradDot,
@@ -112,7 +112,12 @@ def val_grad_hvp(model_fn: Callable[[Params, Any], Tensor], params: Params, val:
                  vector: Params, where: str, groups: list[slice] | None = None) -> tuple[Params, Params, Tensor]:
     """:func:`_val_grad_hvp_batched` over the row ranges ``groups`` (default: all rows at once), each in
     groups of samples that agree at data-dependent branches, all summed; a model the batched pass
-    cannot run goes sample by sample with ordinary autograd."""
+    cannot run goes sample by sample with ordinary autograd. Equal weights (a mean) run at unit
+    weight, scaled after (:func:`ghostfunc._capture.common_weight`)."""
+    scale = common_weight(weights)
+    if scale is not None and scale != 1.0:
+        g, hv, losses = val_grad_hvp(model_fn, params, val, torch.ones_like(weights), vector, where, groups)
+        return {k: x * scale for k, x in g.items()}, {k: x * scale for k, x in hv.items()}, losses
 
     def rows_from(start: int) -> Callable[[Batch, Part], tuple[tuple[Params, Params], Tensor]]:
         def one(part_batch: Batch, part: Part) -> tuple[tuple[Params, Params], Tensor]:

@@ -225,6 +225,23 @@ def test_train_and_val_of_different_lengths():
     check(model_fn, p, torch.randint(0, 6, (3, 7)), torch.randint(0, 6, (2, 2)), val_reduce=None)
 
 
+@pytest.mark.parametrize("policy", ["auto", "ghost", "materialize", "contract"])
+def test_mean_over_val_rows_rounds_as_the_loop_through_a_float32_step(policy):
+    """A float64 model with a float32 step inside (as Hugging Face norms upcast): the mean validation
+    gradient is the loop's ``mean_v g_v`` to float64 rounding, not ``Σ_v (g_v/m)`` rounded in float32
+    (1e-8 apart with m = 3, whatever path the validation gradient takes)."""
+    torch.manual_seed(21)
+    p = {"w1": torch.randn(8, 4, dtype=F64), "w2": torch.randn(3, 8, dtype=F64)}
+
+    def model_fn(p, x):
+        h = torch.tanh(F.linear(x, p["w1"]).float()).to(F64)  # the float32 island
+        return F.linear(h, p["w2"]).pow(2).sum((-2, -1))
+
+    train, val = torch.randn(4, 5, 4, dtype=F64), torch.randn(3, 2, 4, dtype=F64)  # val: another length
+    for _ in range(2):  # the first call of a signature and a later one
+        check(model_fn, p, train, val, tol=1e-13, policy=policy)
+
+
 def test_bf16_compute_dtype_within_documented_tolerance():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4))
