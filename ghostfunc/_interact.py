@@ -197,13 +197,15 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
     Returns whether the result holds for every batch of this signature: ``False``
     after a batch of one sample (nothing to compare), ``True`` otherwise.
     """
-    k = min(batch.size, ROWS)
+    chosen = distinct_rows(batch.tensors, batch.size, ROWS)
+    k = len(chosen)
     device = next(iter(params.values())).device
     devices = [device.index or 0] if device.type == "cuda" else []
     mode = _Uses({id(v) for v in params.values()})
 
     def rows(lo: int, hi: int) -> Any:
-        return batch.rebuild([t[lo:hi].contiguous() for t in batch.tensors])
+        at = torch.tensor(chosen[lo:hi])
+        return batch.rebuild([t[at.to(t.device)].contiguous() for t in batch.tensors])
 
     with torch.random.fork_rng(devices=devices), torch.no_grad(), torch.compiler.set_stance("force_eager"), \
             warnings.catch_warnings():
@@ -238,8 +240,29 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
             f"(x,)) instead of net(x), or p['w'] instead of a captured copy of the weight"
         )
     if alone is not None:  # dropout-like draws differ batched and alone; one sample cannot interact
-        _compare(together.detach(), torch.cat(alone).detach(), label)
+        _compare(together.detach(), torch.cat(alone).detach(), label, chosen)
     return k > 1
+
+
+#: Rows :func:`distinct_rows` looks through for samples that differ.
+SCAN = 64
+
+
+def distinct_rows(tensors: list[Tensor], size: int, k: int) -> list[int]:
+    """Up to ``k`` rows (positions along the sample axis) whose samples differ pairwise, the first first.
+
+    Identical samples hide an interaction (``x - x.mean(0)`` is 0 on identical rows,
+    together or alone), so the boundary check compares samples that differ; among the
+    first :data:`SCAN` rows only, and a batch with one distinct sample there gives one row
+    (nothing compared: the signature is checked again on a later call).
+    """
+    chosen = [0] if size else []
+    for i in range(1, min(size, SCAN)):
+        if len(chosen) == k:
+            break
+        if all(any(not torch.equal(t[i], t[j]) for t in tensors) for j in chosen):
+            chosen.append(i)
+    return chosen
 
 
 def _rng_states(devices: list[int]) -> list[Tensor]:
@@ -250,8 +273,8 @@ def _per_sample_shape(losses: Any, k: int) -> bool:
     return isinstance(losses, Tensor) and losses.shape == (k,) and losses.is_floating_point()
 
 
-def _compare(together: Tensor, alone: Tensor, label: str) -> None:
-    """``together[i]`` (sample ``i`` run with the others) against ``alone[i]``, up to rounding.
+def _compare(together: Tensor, alone: Tensor, label: str, chosen: list[int]) -> None:
+    """``together[i]`` (sample ``chosen[i]`` run with the others) against ``alone[i]``, up to rounding.
 
     Rounding: ``sqrt(eps)`` of the dtype times the largest finite loss (batched and
     single-sample kernels may sum in different orders). A loss finite one way and not
@@ -268,10 +291,12 @@ def _compare(together: Tensor, alone: Tensor, label: str) -> None:
     if not bool(differ.any()):
         return
     rows = differ.nonzero().flatten().tolist()
-    seen = ", ".join(f"sample {i}: {together[i].item():.6g} with the others, {alone[i].item():.6g} alone"
+    seen = ", ".join(f"sample {chosen[i]}: {together[i].item():.6g} with the others, {alone[i].item():.6g} alone"
                      for i in rows)
+    which = (f"the first {len(chosen)} {label} samples" if chosen == list(range(len(chosen)))
+             else f"{len(chosen)} distinct {label} samples (rows {', '.join(map(str, chosen))})")
     raise SamplesInteractError(
-        f"samples interact in model_fn: run on the first {len(together)} {label} samples together, the losses "
+        f"samples interact in model_fn: run on {which} together, the losses "
         f"of {len(rows)} of them differ from the same samples run one at a time ({seen}; largest finite "
         f"difference {diff.max().item():.3g}, rounding allows {tol:.3g}). Per-sample gradients (and so "
         f"ghostfunc's scores) are those of each sample alone, which are not the gradients of this batched loss. "

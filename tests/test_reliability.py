@@ -323,6 +323,21 @@ def test_samples_interact_refused(name):
         ghostfunc.graddot(INTERACT[name], _lin(), x, xv)
 
 
+@pytest.mark.parametrize("name", list(INTERACT))
+def test_samples_interact_seen_past_identical_leading_samples(name):
+    """The first samples are copies of one (a coupling through the batch is invisible among them): the
+    check compares samples that differ, and names their rows; a batch of copies only is not vouched for."""
+    x, xv = torch.randn(7, 3, generator=_g(1), dtype=F64), torch.randn(4, 3, generator=_g(2), dtype=F64)
+    x[1:4] = x[0]
+    with pytest.raises(SamplesInteractError, match=r"^graddot: samples interact in model_fn: run on 3 distinct "
+                                                   r"train samples \(rows 0, 4, 5\) together"):
+        ghostfunc.graddot(INTERACT[name], _lin(), x, xv)
+    same = x[:1].repeat(6, 1)  # nothing to compare on copies: not cached, so the next batch is checked
+    assert (ghostfunc.graddot(baseline, _lin(), same, same).scores == 0).all()  # each alone: loss - loss
+    with pytest.raises(SamplesInteractError):
+        ghostfunc.graddot(baseline, _lin(), x[3:], xv)
+
+
 def test_samples_interact_seen_in_val_when_train_has_one_sample():
     x, xv = torch.randn(1, 3, generator=_g(1), dtype=F64), torch.randn(2, 3, generator=_g(2), dtype=F64)
     with pytest.raises(SamplesInteractError, match=r"^plan: samples interact .* first 2 val samples together"):
