@@ -650,6 +650,8 @@ def score_param(route_path: str, tr: list, va: list, weights: Tensor | None, n: 
     if route_path in ("direct", "fallback"):
         gt, gv = _direct(tr, n, shape, param), _direct(va, m, shape, param)  # [n, P], [m, P]
         mat, train = gt @ gv.T, gt.mean(0).reshape(shape)
+    elif route_path == "materialize" and (not tr or not va):  # unused by one batch's rows (a branch): 0
+        mat, train = param.new_zeros(n, m), train_mean(route_path, tr, n, param)
     elif route_path == "materialize":  # fused: per-row gradients in cache-sized blocks, dotted and summed
         mat, total = K.materialise_dots(_factored(tr), _factored(va), n, dtype)
         train = (total / n).reshape(shape)
@@ -668,7 +670,7 @@ def score_direction(route_path: str, tr: list, u: Tensor, n: int, param: Tensor,
     ``"materialize"`` keeps its fused form, which yields the train gradient as it
     goes; every other path is :func:`contract_direction` and :func:`train_mean`.
     """
-    if route_path == "materialize":
+    if route_path == "materialize" and tr:  # (no uses: the parameter is unused by these rows, contracted as 0)
         scores, total = K.materialise_dots(_factored(tr), u.reshape(param.shape[0], -1), n, dtype)
         return scores, (total / n).reshape(param.shape)
     if route_path in ("direct", "fallback"):  # the per-sample gradients gathered once for both

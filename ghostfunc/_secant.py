@@ -256,7 +256,7 @@ def train_rows(plan: Plan, grads: Mapping[str, list[Factored | Direct]], params:
     uses, kept, mean = dict(grads), {}, {}
     for name, route in sorted(plan.routes.items(), key=lambda kv: -kv[1].tokens):
         size = n * route.p * route.d
-        if keeps(route, n, k, c) and size <= budget:
+        if keeps(route, n, k, c) and size <= budget and uses[name]:  # (no uses: unused by these rows)
             budget -= size
             fs = _factored(uses.pop(name))
             g = K.materialise(fs, n, take(scratch, name, (n, route.p, route.d), fs[0].right))  # [n, p, d]
@@ -307,7 +307,7 @@ def two_dots(route: Route, uses: list[Factored | Direct], u: Tensor, v: Tensor, 
     """``[<g_i, u>, <g_i, v>]`` for every training row: ``[n, 2]``. Factored parameters take the
     cheaper of two contractions and one materialisation dotted with both (:func:`direction_kernel`)."""
     cheaper = direction_kernel(n, route.tokens, route.p, route.d, _ids(uses), 2, constants(param.device, param.dtype))
-    if route.factored and cheaper == "materialize":
+    if route.factored and cheaper == "materialize" and uses:
         uv = torch.stack([u, v]).reshape(2, route.p, route.d).to(param.dtype)  # [2, p, d]
         return K.materialise_dots([f for f in uses if isinstance(f, Factored)], uv, n)[0]
     return torch.stack([contract_direction(route.path, uses, u, n, param),

@@ -400,6 +400,34 @@ def test_divergent_data_dependent_branch_splits_the_batch():
     assert "train split into 2 groups" in str(ghostfunc.graddot(model_fn, p, mixed, pos).plan)
 
 
+def test_a_parameter_one_batch_never_reaches_scores_zero_on_every_path():
+    """Each sample takes the W or the V branch; the training rows of later calls take W only and the
+    validation rows V only, after calls where both did: V has no training uses (and W no validation
+    ones), which every kernel and the training step's kept rows must take as zero gradients."""
+    g = torch.Generator().manual_seed(0)
+    p = {"W": torch.randn(5, 4, generator=g, dtype=F64), "V": torch.randn(5, 4, generator=g, dtype=F64),
+         "U": torch.randn(2, 5, generator=g, dtype=F64)}
+
+    def model_fn(p, x):
+        h = F.linear(x, p["W"]) if x[:, 0].sum() > 0 else F.linear(x, p["V"])
+        return F.linear(torch.tanh(h), p["U"]).pow(2).sum(1)
+
+    w_rows = torch.randn(3, 4, generator=g, dtype=F64).abs() + 0.1  # W branch
+    v_rows = -torch.randn(2, 4, generator=g, dtype=F64).abs() - 0.1  # V branch
+    mixed = torch.cat([w_rows, v_rows])
+    for reduce in ("sum", "mean", None):
+        for policy in ("materialize", "ghost", "auto", "2t2") + (("contract",) if reduce else ()):
+            for train, val in ((mixed, mixed), (w_rows, v_rows), (w_rows[:1], v_rows), (v_rows, w_rows)):
+                check(model_fn, p, train, val, val_reduce=reduce, policy=policy)
+    for order, curvature in ((1, "exact"), (2, "exact"), (2, "secant")):
+        step = ghostfunc.train_step(model_fn, ghostfunc.sgd(0.1), order=order, curvature=curvature)
+        state = step.init(p)
+        for train, val in ((mixed, mixed), (w_rows, v_rows), (w_rows, v_rows)):
+            ref = ghostfunc.inrun_shapley(model_fn, state.params, train, val, lr=0.1, order=order, curvature=curvature)
+            state, info = step(state, train, val)
+            assert rel(info.values, ref) < 1e-10
+
+
 @pytest.mark.parametrize(
     ("kw", "match"),
     [({"val_reduce": "max"}, "val_reduce must be one of"), ({"policy": "fast"}, "policy must be one of"),
