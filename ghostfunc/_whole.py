@@ -286,6 +286,14 @@ def holds(model_fn: ModelFn, key: tuple) -> bool:
         return False
 
 
+def refused(model_fn: ModelFn, key: tuple) -> bool:
+    """Whether the whole-batch run was refused for ``model_fn`` under ``key`` (:func:`verdict_key`)."""
+    try:
+        return _VERIFIED.get(model_fn, {}).get(key) is False
+    except TypeError:
+        return False
+
+
 def verdict_key(model_fn: ModelFn, params: Mapping[str, Tensor], batches: Sequence[Batch], kernel: set[str]) -> tuple:
     """The key :func:`verified` keeps the verdict of :func:`capture` under (with the training flags)."""
     return capture_key(params, batches, kernel), training_flags(model_fn)

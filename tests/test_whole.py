@@ -181,6 +181,35 @@ def test_rows_indexed_by_a_tensor_keep_the_per_sample_capture(index: str) -> Non
     assert verdicts(plain_index) == {True}
 
 
+def test_the_first_call_of_a_refused_signature_returns_the_later_calls_numbers_bit_for_bit() -> None:
+    """Where the whole-batch run is refused on a first call, later calls capture the batches one at a time;
+    the first call does too, so a run resumed in a new process repeats the uninterrupted one bit for bit."""
+    torch.manual_seed(1)
+    v, d = 7, 4
+    p = {"E": torch.randn(v, d, dtype=F64) / 2, "W": torch.randn(d, d, dtype=F64) / 2,
+         "g": 1 + 0.1 * torch.randn(d, dtype=F64)}
+
+    def tied(p, batch):  # tied output layer; an index with a tensor refuses the whole-batch run
+        h = torch.tanh(F.linear(F.embedding(batch["x"], p["E"]), p["W"])) * p["g"]
+        logits = (h @ p["E"].T)[torch.arange(len(h))]
+        return F.cross_entropy(logits.transpose(1, 2), batch["y"], reduction="none").mean(-1)
+
+    def data(n):
+        return {"x": torch.randint(0, v, (n, 3)), "y": torch.randint(0, v, (n, 3))}
+
+    train, val = data(8), data(6)
+    for policy in ("contract", "materialize"):
+        _whole._VERIFIED.pop(tied, None)
+        first, second = (ghostfunc.graddot(tied, p, train, val, policy=policy) for _ in range(2))
+        assert torch.equal(first.scores, second.scores) and False in verdicts(tied)
+    _whole._VERIFIED.pop(tied, None)
+    step = ghostfunc.train_step(tied, ghostfunc.sgd(0.2), order=1)
+    state = step.init(p)
+    values = [step(state, train, val)[1].values for _ in range(3)]
+    assert torch.equal(values[0], values[1]) and torch.equal(values[1], values[2])
+    exact_every_call(tied, p, train, val, calls=2, policy="contract")
+
+
 def test_holds_tensor_walks_indices_like_pytree() -> None:
     from torch.utils import _pytree as pytree
 
