@@ -112,16 +112,92 @@ def from_module(
                          f"unfreeze the ones to score")
     device_type = next(iter(params.values())).device.type
     spec = _ModelSpec.of(model)
+    native: dict[tuple, bool] = {}  # batch layout -> whether the model takes the batch as it is (see _agrees)
 
-    def model_fn(p: dict[str, Tensor], batch: Mapping[str, Any]) -> Tensor:
-        """Per-sample losses ``[B]`` of ``model`` with parameters ``p`` on ``batch`` (a dict)."""
-        inputs = spec.inputs(batch, where)
+    def run(p: dict[str, Tensor], batch: Mapping[str, Any], plain: bool) -> Tensor:
+        inputs = spec.plain(batch, where) if plain else spec.inputs(batch, where)
         ctx = torch.autocast(device_type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
         with ctx:
             output = functional_call(model, p, (), inputs, strict=False, tie_weights=True)
         return loss(output, batch)
 
+    def model_fn(p: dict[str, Tensor], batch: Mapping[str, Any]) -> Tensor:
+        """Per-sample losses ``[B]`` of ``model`` with parameters ``p`` on ``batch`` (a dict)."""
+        if not spec.rewrites(batch):
+            return run(p, batch, plain=True)
+        key = layout(batch)
+        if key not in native and _plain_call(batch):
+            probe = unpadded(batch)  # padding is where the built inputs differ from the model's on purpose
+            native[key] = not _agrees(lambda plain: run(p, probe, plain))
+        return run(p, batch, plain=native.get(key, False))
+
     return model_fn, params
+
+
+def layout(batch: Mapping[str, Any]) -> tuple:
+    """A batch's keys, and its tensors' dtypes and shapes past the sample axis."""
+    return tuple((k, (v.dtype, tuple(v.shape[1:])) if isinstance(v, Tensor) else type(v)) for k, v in batch.items())
+
+
+def unpadded(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """``batch`` with its 2-D attention masks all ones: the same tokens, none of them padding."""
+    return {k: torch.ones_like(v) if k in _MASKS and isinstance(v, Tensor) and v.dim() == 2 else v
+            for k, v in batch.items()}
+
+
+_MASKS = ("attention_mask", "decoder_attention_mask")
+
+
+def _plain_call(batch: Mapping[str, Any]) -> bool:
+    """Whether this call of ``model_fn`` runs on plain tensors outside any transform, where the model's own
+    forward can run beside it (a first call inside ``vmap`` waits for one that is not)."""
+    return torch._C._functorch.maybe_current_level() is None and all(
+        type(v) is Tensor for v in batch.values() if isinstance(v, Tensor))
+
+
+@contextlib.contextmanager
+def _no_modes() -> Any:
+    """No torch-function mode active (ghostfunc's interceptors see only the calls they run themselves)."""
+    modes = [torch._C._pop_torch_function_stack() for _ in range(torch._C._len_torch_function_stack())]
+    try:
+        yield
+    finally:
+        for mode in reversed(modes):
+            torch._C._push_on_torch_function_stack(mode)
+
+
+def _agrees(losses: Callable[[bool], Tensor]) -> bool:
+    """Whether the inputs :func:`from_module` builds give the losses of the model's own forward on a batch
+    without padding (with padding they differ on purpose: see :func:`from_module`).
+
+    Both run without gradients, from the same random state, outside any ghostfunc
+    interceptor; they agree up to ``sqrt(eps)`` of the loss dtype times the largest
+    loss. Where the model's own forward fails, the built inputs are kept (they are
+    what the model needs); where only the built inputs fail, or the two disagree
+    (RoBERTa-style position ids that start after the padding id, DeBERTa's 0/1 4-D
+    masks, a causal model no attention module marks ``is_causal``, local attention
+    the config does not describe), the batch is passed as it is.
+    """
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with _no_modes(), torch.no_grad(), torch.random.fork_rng(devices=devices):
+        state = torch.get_rng_state()
+        try:
+            own = losses(True)
+        except Exception:  # noqa: BLE001 - the model needs the built inputs
+            return True
+        torch.set_rng_state(state)
+        try:
+            built = losses(False)
+        except Exception:  # noqa: BLE001 - the model takes no such inputs: pass the batch as it is
+            return False
+    if not isinstance(own, Tensor) or not isinstance(built, Tensor) or own.shape != built.shape:
+        return own is built
+    a, b = own.double(), built.double()
+    finite = torch.isfinite(a) & torch.isfinite(b)
+    if not bool((finite == (torch.isfinite(a) | torch.isfinite(b))).all()):
+        return False
+    scale = torch.cat([a[finite].abs(), b[finite].abs(), a.new_ones(1)]).max()
+    return bool(((a - b).abs()[finite] <= torch.finfo(own.dtype).eps ** 0.5 * scale).all())
 
 
 class _ModelSpec:
@@ -150,7 +226,10 @@ class _ModelSpec:
         attn = getattr(text, "_attn_implementation", None)  # None: not a transformers model
         encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
         causal = any(getattr(m, "is_causal", False) is True for m in base.modules())  # HF attention modules say
-        emb = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
+        try:
+            emb = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
+        except NotImplementedError:  # models without input embeddings (image classifiers)
+            emb = None
         weight = getattr(emb, "weight", None)
         mask_dtype = weight.dtype if isinstance(weight, Tensor) and weight.is_floating_point() else torch.float32
         decoder_ids = getattr(base, "prepare_decoder_input_ids_from_labels", None) if encoder_decoder else None
@@ -158,13 +237,26 @@ class _ModelSpec:
         layer_types = frozenset(getattr(text, "layer_types", None) or ())
         return cls(accepts, causal, encoder_decoder, attn, window, layer_types, mask_dtype, decoder_ids)
 
-    def inputs(self, batch: Mapping[str, Any], where: str) -> dict[str, Any]:
+    def plain(self, batch: Mapping[str, Any], where: str) -> dict[str, Any]:
+        """The batch's keys the model's forward names (not ``labels``), ``use_cache=False``, and decoder
+        inputs from the labels for encoder-decoder models: what the model would be called with."""
         if not isinstance(batch, Mapping):
             raise TypeError(f"{where}: model_fn expects the batch as a dict of model inputs "
                             f"(e.g. {{'input_ids': ..., 'attention_mask': ...}}); got {type(batch).__name__}")
         out = {k: v for k, v in batch.items() if k in self.accepts and k != "labels"}
         if "use_cache" in self.accepts and "use_cache" not in out:
             out["use_cache"] = False
+        labels = batch.get("labels")
+        if self.decoder_ids is not None and "decoder_input_ids" not in out and isinstance(labels, Tensor):
+            out["decoder_input_ids"] = self.decoder_ids(labels)
+        return out
+
+    def rewrites(self, batch: Any) -> bool:
+        """Whether :meth:`inputs` may give the model more than :meth:`plain` (a mask, position ids)."""
+        return self.attn is not None and isinstance(batch, Mapping)
+
+    def inputs(self, batch: Mapping[str, Any], where: str) -> dict[str, Any]:
+        out = self.plain(batch, where)
         ids = out.get("input_ids")
         if self.attn is not None and "attention_mask" in self.accepts and "attention_mask" not in out \
                 and isinstance(ids, Tensor) and ids.dim() == 2:
@@ -177,9 +269,6 @@ class _ModelSpec:
         dmask = out.get("decoder_attention_mask")
         if self.attn in ("eager", "sdpa") and isinstance(dmask, Tensor) and dmask.dim() == 2:
             out["decoder_attention_mask"] = self.mask(dmask, causal=True)
-        labels = batch.get("labels")
-        if self.decoder_ids is not None and "decoder_input_ids" not in out and isinstance(labels, Tensor):
-            out["decoder_input_ids"] = self.decoder_ids(labels)
         return out
 
     def mask(self, mask: Tensor, causal: bool) -> Tensor | dict[str, Tensor]:

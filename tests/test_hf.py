@@ -532,3 +532,64 @@ def test_from_module_errors() -> None:
     del train["labels"], val["labels"]
     with pytest.raises(ValueError, match="^classification_loss: the batch needs 'labels'"):
         ghostfunc.graddot(cls_fn, cls_params, train, val)
+
+
+def _other_conventions() -> dict[str, tuple[Callable[[], nn.Module], Any]]:
+    tf = transformers
+    cls, lm = ghostfunc.classification_loss, ghostfunc.causal_lm_loss
+    return {
+        # position ids that start after the padding id
+        "roberta": (lambda: tf.RobertaForSequenceClassification(tf.RobertaConfig(
+            vocab_size=V, hidden_size=D, num_hidden_layers=2, num_attention_heads=2, intermediate_size=HID,
+            max_position_embeddings=40, num_labels=3, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+            attn_implementation="eager")), cls),
+        # a 4-D mask read as 0/1 "keep"
+        "deberta-v2": (lambda: tf.DebertaV2ForSequenceClassification(tf.DebertaV2Config(
+            vocab_size=V, hidden_size=D, num_hidden_layers=2, num_attention_heads=2, intermediate_size=HID,
+            max_position_embeddings=32, num_labels=3, **TOKENS)), cls),
+        # causal, though no attention module says is_causal
+        "mpt": (lambda: tf.MptForCausalLM(tf.MptConfig(vocab_size=V, d_model=D, n_layers=2, n_heads=2,
+                                                       max_seq_len=32, **TOKENS)), lm),
+        # local attention the config does not describe as a sliding window
+        "modernbert": (lambda: tf.ModernBertForSequenceClassification(tf.ModernBertConfig(
+            vocab_size=V, hidden_size=D, num_hidden_layers=2, num_attention_heads=2, intermediate_size=HID,
+            max_position_embeddings=32, num_labels=3, local_attention=4, global_attn_every_n_layers=2,
+            cls_token_id=1, sep_token_id=2, **TOKENS)), cls),
+        # a 4-D mask it cannot take at all
+        "bloom": (lambda: tf.BloomForCausalLM(tf.BloomConfig(vocab_size=V, hidden_size=D, n_layer=2, n_head=2,
+                                                             **TOKENS)), lm),
+    }
+
+
+@pytest.mark.parametrize("name", ["roberta", "deberta-v2", "mpt", "modernbert", "bloom"])
+def test_models_that_read_the_built_inputs_otherwise_take_the_batch_as_it_is(name: str) -> None:
+    """from_module compares its built inputs (4-D mask, position ids) with the model's own call on a first
+    batch: where they give other losses, or fail, the model gets the batch as it is, and model_fn is the
+    model (padded or not), scored exactly."""
+    build, loss = _other_conventions()[name]
+    torch.manual_seed(0)
+    model = build().to(F64).eval()
+    model_fn, params = ghostfunc.from_module(model, loss)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, V - 1, (3, 7), generator=g)
+    padded = torch.ones_like(ids)
+    padded[0, 5:] = 0
+    for mask in (torch.ones_like(ids), padded):
+        batch = {"input_ids": ids, "attention_mask": mask}
+        if loss is ghostfunc.classification_loss:
+            batch["labels"] = torch.tensor([0, 1, 2])
+        with torch.no_grad():
+            own = loss(model(input_ids=ids, attention_mask=mask), batch)
+        torch.testing.assert_close(model_fn(params, batch), own, rtol=1e-12, atol=1e-12)
+        val = {k: v[1:] for k, v in batch.items()}  # M rows
+        check_against_loop(model_fn, params, batch, val, 1e-10, (name, "own inputs"))
+
+
+def test_an_image_classifier_without_input_embeddings() -> None:
+    tf = transformers
+    model = tf.ResNetForImageClassification(tf.ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16],
+                                                            depths=[1, 1], num_labels=3)).to(F64).eval()
+    model_fn, params = ghostfunc.from_module(model, ghostfunc.classification_loss)
+    g = torch.Generator().manual_seed(1)
+    batch = {"pixel_values": torch.randn(3, 3, 16, 16, generator=g, dtype=F64), "labels": torch.tensor([0, 2, 1])}
+    check_against_loop(model_fn, params, batch, {k: v[:M] for k, v in batch.items()}, 1e-10, ("resnet", "image"))
