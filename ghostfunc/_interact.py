@@ -184,6 +184,49 @@ def _training_flags(model_fn: Callable) -> tuple[bool, ...]:
     return tuple(flags)
 
 
+def state_of(model_fn: Callable) -> tuple:
+    """A fingerprint of what ``model_fn`` reads besides its arguments, as far as it can be seen cheaply.
+
+    From its closure cells and the globals it names (and, one level down, the items of
+    dicts, lists and tuples among them): every tensor's identity and version counter
+    (an in-place change or a new tensor shows), numbers and strings by value, and every
+    module's tensors (parameters and buffers, by identity and version) and ``training``
+    flags. Equal fingerprints do not prove that nothing changed (state behind other
+    objects is not walked); a changed one proves that something did.
+    """
+    code, cells = getattr(model_fn, "__code__", None), getattr(model_fn, "__closure__", None) or ()
+    found = [_contents(c) for c in cells]
+    if code is not None:
+        scope = getattr(model_fn, "__globals__", {})
+        found += [scope[name] for name in code.co_names if name in scope]
+    out: list[Any] = []
+
+    def see(obj: Any, depth: int) -> None:
+        if isinstance(obj, Tensor):
+            out.append((id(obj), obj._version))
+        elif isinstance(obj, (bool, int, float, complex, str)):
+            out.append(obj)
+        elif isinstance(obj, torch.nn.Module):
+            for m in obj.modules():
+                out.append(m.training)
+                out.extend((id(t), t._version) for t in (*m._parameters.values(), *m._buffers.values())
+                           if t is not None)
+        elif depth and isinstance(obj, dict):
+            for k, v in obj.items():
+                out.append(k if isinstance(k, (int, str)) else id(k))
+                see(v, depth - 1)
+        elif depth and isinstance(obj, (list, tuple)):
+            for v in obj:
+                see(v, depth - 1)
+        else:
+            out.append(id(obj))
+
+    for obj in found:
+        if not callable(obj) or isinstance(obj, torch.nn.Module):  # functions and classes it calls: by name
+            see(obj, 1)
+    return tuple(out)
+
+
 def _contents(cell: Any) -> Any:
     try:
         return cell.cell_contents

@@ -42,6 +42,7 @@ from ._graddot import (
     sum_scores,
     train_mean,
 )
+from ._interact import state_of
 from ._ops import Direct, Factored
 from ._plan import Plan, Route, direction_kernel
 
@@ -67,7 +68,9 @@ class ValGrad(NamedTuple):
 
     ``val``: copies of the batch's tensor leaves and ``signature`` the rest of it
     (what :func:`matches` compares); ``params``: the ``θ`` the gradient was taken
-    at; ``grad``: ``ḡ_val(θ)`` (name -> shaped like the parameter); ``loss``: ``[m]``.
+    at; ``grad``: ``ḡ_val(θ)`` (name -> shaped like the parameter); ``loss``: ``[m]``;
+    ``model_fn`` the function it is the gradient of and ``state`` what that function read
+    besides its arguments (:func:`ghostfunc._interact.state_of`).
     """
 
     val: tuple[Tensor, ...]
@@ -75,6 +78,8 @@ class ValGrad(NamedTuple):
     params: Params
     grad: Params
     loss: Tensor
+    model_fn: Any = None
+    state: tuple = ()
 
 
 class Secant(NamedTuple):
@@ -97,13 +102,19 @@ def check_curvature(where: str, curvature: Any, order: Any) -> None:
         raise ValueError(f"{where}: curvature='secant' is the order-2 term; it needs order=2, got order={order!r}")
 
 
-def matches(cached: ValGrad | None, params: Mapping[str, Tensor], val: Batch) -> bool:
-    """Whether ``cached`` is ``ḡ_val`` at exactly these parameters for exactly this validation batch.
+def matches(cached: ValGrad | None, params: Mapping[str, Tensor], val: Batch, model_fn: Any) -> bool:
+    """Whether ``cached`` is ``ḡ_val`` of this ``model_fn`` at exactly these parameters for exactly this
+    validation batch.
 
     Compares values, not identities (the same tensors compare in ``O(1)`` per parameter):
-    a batch rebuilt with equal contents hits, one changed in place misses.
+    a batch rebuilt with equal contents hits, one changed in place misses. What the
+    model reads besides its arguments must look unchanged too (:func:`ghostfunc._interact.state_of`:
+    a frozen weight or buffer changed or replaced, a number in its closure or globals, a
+    module switched between train and eval mode): then the gradient is taken again.
     """
     if cached is None or cached.signature != val.signature or len(cached.val) != len(val.tensors):
+        return False
+    if cached.model_fn is not model_fn or cached.state != state_of(model_fn):
         return False
     if cached.params.keys() != params.keys():
         return False
@@ -149,7 +160,7 @@ def secant_values(where: str, model_fn: Callable[[Params, Any], Tensor], params:
     groups = row_groups(vb, r.plan)
     train_loss = t.loss
     del t  # the factors of the kept parameters go now
-    if before is not None and matches(before, params, vb):
+    if before is not None and matches(before, params, vb, model_fn):
         g_now, loss_now = before.grad, before.loss
     else:
         g_now, loss_now = grouped_val_grad(model_fn, params, vb, weights, where, groups)
@@ -167,7 +178,7 @@ def secant_values(where: str, model_fn: Callable[[Params, Any], Tensor], params:
         copies = before.val  # the batch equals these copies
     else:
         copies = tuple(x.detach().clone() for x in vb.tensors)
-    after = ValGrad(copies, vb.signature, moved, g_next, loss_next)
+    after = ValGrad(copies, vb.signature, moved, g_next, loss_next, model_fn, state_of(model_fn))
     return Secant(values, now.mul(-a), g_train, train_loss, loss_now, r.plan, after)
 
 

@@ -186,6 +186,43 @@ def test_train_step_recomputes_for_a_new_or_changed_validation_batch(monkeypatch
     assert len(calls) - before == 2
 
 
+FROZEN = {"scale": torch.ones(5, dtype=DT), "temperature": 1.0}
+
+
+def frozen_fn(p, batch):  # reads a frozen tensor and a number besides its arguments
+    h = torch.tanh(F.linear(batch["x"], p["w1"], p["b1"])) * FROZEN["scale"]
+    return F.cross_entropy(F.linear(h, p["w2"], p["b2"]) / FROZEN["temperature"], batch["y"], reduction="none")
+
+
+@pytest.mark.parametrize("change", ["replaced", "in place", "number", "another model_fn", "nothing"])
+def test_train_step_recomputes_when_what_the_model_reads_changes(change, monkeypatch):
+    """The carried gradient is the model's as it was: a frozen tensor replaced or changed in place, a number
+    the model reads, or a state handed to a step of another model_fn make the next step take it again."""
+    params, _, val = mlp(seed=3)
+    calls = spy(monkeypatch)
+    FROZEN.update(scale=torch.ones(5, dtype=DT), temperature=1.0)
+    step = ghostfunc.train_step(frozen_fn, ghostfunc.sgd(0.3), order=2, curvature="secant")
+    state = step.init(params)
+    train = list(batches(7, 2))
+    state, _ = step(state, train[0], val)
+    fn = frozen_fn
+    if change == "replaced":
+        FROZEN["scale"] = torch.full((5,), 3.0, dtype=DT)
+    elif change == "in place":
+        FROZEN["scale"].mul_(3.0)
+    elif change == "number":
+        FROZEN["temperature"] = 0.5
+    elif change == "another model_fn":
+        fn = mlp_fn
+        step = ghostfunc.train_step(fn, ghostfunc.sgd(0.3), order=2, curvature="secant")
+    want = ghostfunc.inrun_shapley(fn, state.params, train[1], val, lr=0.3, order=2, curvature="secant")
+    before = len(calls)
+    state, info = step(state, train[1], val)
+    assert len(calls) - before == (1 if change == "nothing" else 2)
+    torch.testing.assert_close(info.values, want, rtol=1e-12, atol=1e-15)
+    FROZEN.update(scale=torch.ones(5, dtype=DT), temperature=1.0)
+
+
 @pytest.mark.parametrize("optimizer", [ghostfunc.sgd(0.2, momentum=0.9), ghostfunc.sgd(0.2, weight_decay=0.1),
                                        ghostfunc.adamw(0.05)], ids=["momentum", "weight-decay", "adamw"])
 def test_train_step_other_optimizers_values_at_each_steps_params(optimizer):
