@@ -19,7 +19,9 @@ Parameters are a dict ``name -> Tensor``; nothing passed in is modified.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+import numbers
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -65,12 +67,47 @@ class AdamWState(NamedTuple):
     nu: Params
 
 
+def _real(where: str, name: str, value: Any, low: float = -math.inf, high: float = math.inf) -> float:
+    """``value`` as a float: a real number (not a bool), finite, ``low <= value < high``.
+
+    Raises:
+        TypeError: not a real number (a string, a bool, ``None``, ...), naming ``name``.
+        ValueError: NaN, infinite or out of range, naming ``name`` and the value.
+    """
+    want = "a finite float" + (f" in [{low:g}, {high:g})" if high < math.inf else f" >= {low:g}" if low > -math.inf else "")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{where}: {name} must be {want}; got {value!r} (a {type(value).__name__})")
+    out = float(value)
+    if not (math.isfinite(out) and low <= out < high):
+        raise ValueError(f"{where}: {name} must be {want}; got {value!r}")
+    return out
+
+
 def _schedule(lr: Schedule, where: str) -> Callable[[int], float]:
+    """``count -> lr``; a schedule's every value is checked when it is used (a finite float >= 0)."""
     if callable(lr):
-        return lambda count: float(lr(count))
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr < 0:
-        raise ValueError(f"{where}: lr must be a float >= 0 or a callable count -> lr; got {lr!r}")
+        name = getattr(lr, "__qualname__", None) or repr(lr)
+
+        def rate(count: int) -> float:
+            value = lr(count)
+            said = f"{where}: the lr schedule {name} returned {value!r} at count {count}; expected a finite float >= 0"
+            try:  # a number, or a one-element tensor / numpy scalar
+                if isinstance(value, (str, bytes, bool)):
+                    raise TypeError(said)
+                out = float(value)
+            except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of several elements
+                raise TypeError(said) from None
+            if not (math.isfinite(out) and out >= 0):
+                raise ValueError(said)
+            return out
+
+        return rate
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
+        raise TypeError(f"{where}: lr must be a float >= 0 (finite) or a callable count -> lr; got {lr!r} "
+                        f"(a {type(lr).__name__})")
     value = float(lr)
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{where}: lr must be a float >= 0 (finite) or a callable count -> lr; got {lr!r}")
     return lambda count: value
 
 
@@ -100,8 +137,9 @@ def sgd(lr: Schedule, momentum: float = 0.0, *, dampening: float = 0.0, weight_d
     """
     where = "sgd"
     rate = _schedule(lr, where)
-    if momentum < 0 or weight_decay < 0:
-        raise ValueError(f"{where}: momentum and weight_decay must be >= 0; got {momentum}, {weight_decay}")
+    momentum = _real(where, "momentum", momentum, low=0)
+    dampening = _real(where, "dampening", dampening)  # any finite value, as torch.optim.SGD
+    weight_decay = _real(where, "weight_decay", weight_decay, low=0)
     if nesterov and (momentum <= 0 or dampening != 0):
         raise ValueError(f"{where}: nesterov needs momentum > 0 and dampening = 0; got {momentum}, {dampening}")
 
@@ -164,10 +202,15 @@ def adamw(lr: Schedule = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: f
     """
     where = "adamw"
     rate = _schedule(lr, where)
-    beta1, beta2 = betas
-    if not (0 <= beta1 < 1 and 0 <= beta2 < 1) or eps < 0 or weight_decay < 0:
-        raise ValueError(f"{where}: need 0 <= betas < 1, eps >= 0, weight_decay >= 0; "
-                         f"got betas={betas}, eps={eps}, weight_decay={weight_decay}")
+    if isinstance(betas, (str, bytes)) or not isinstance(betas, Sequence):
+        raise TypeError(f"{where}: betas must be a pair (beta1, beta2) of floats in [0, 1); got {betas!r}")
+    if len(betas) != 2:
+        raise ValueError(f"{where}: betas must be a pair (beta1, beta2) of floats in [0, 1); got {betas!r}")
+    beta1, beta2 = (_real(where, f"betas[{i}]", b) for i, b in enumerate(betas))
+    if not (0 <= beta1 < 1 and 0 <= beta2 < 1):
+        raise ValueError(f"{where}: need 0 <= betas < 1; got betas={tuple(betas)!r}")
+    eps = _real(where, "eps", eps, low=0)
+    weight_decay = _real(where, "weight_decay", weight_decay, low=0)
 
     def init(params: Params) -> AdamWState:
         zeros = {k: p.detach().new_zeros(p.shape) for k, p in params.items()}

@@ -157,6 +157,93 @@ def test_bad_input_one_line_exit_2_nothing_written(corpus: dict[str, Path], tmp_
         assert not out.exists(), extra
 
 
+#: Out-of-range numeric options (train): (extra arguments, the one-line message after ``ghostfunc train: error: ``).
+BAD_NUMBERS = [
+    (["--lr", "-1"], "--lr: expected a finite number >= 0; got -1.0"),  # the value given, not the warm-up-scaled one
+    (["--lr", "nan"], "--lr: expected a finite number >= 0; got nan"),
+    (["--lr", "inf"], "--lr: expected a finite number >= 0; got inf"),
+    (["--lr", "1e400"], "--lr: expected a finite number >= 0; got inf"),
+    (["--optimizer", "sgd", "--momentum", "-1"], "--momentum: expected a finite number >= 0; got -1.0"),
+    (["--momentum", "nan"], "--momentum: expected a finite number >= 0; got nan"),
+    (["--weight-decay", "-0.1"], "--weight-decay: expected a finite number >= 0; got -0.1"),
+    (["--weight-decay", "inf"], "--weight-decay: expected a finite number >= 0; got inf"),
+    (["--min-lr-ratio", "2"], "--min-lr-ratio: expected a finite number in [0, 1]; got 2.0"),
+    (["--min-lr-ratio", "-0.5"], "--min-lr-ratio: expected a finite number in [0, 1]; got -0.5"),
+    (["--min-lr-ratio", "nan"], "--min-lr-ratio: expected a finite number in [0, 1]; got nan"),
+    (["--warmup", "-3"], "--warmup: expected an integer >= 0; got -3"),
+    (["--val-limit", "-1"], "--val-limit: expected an integer >= 0; got -1"),
+    (["--save-every", "-1"], "--save-every: expected an integer >= 0; got -1"),
+    (["--steps", "0"], "--steps: expected an integer >= 1; got 0"),
+    (["--batch-size", "0"], "--batch-size: expected an integer >= 1; got 0"),
+    (["--val-batch-size", "-4"], "--val-batch-size: expected an integer >= 1; got -4"),
+    (["--eval-every", "0"], "--eval-every: expected an integer >= 1; got 0"),
+    (["--eval-batch-size", "0"], "--eval-batch-size: expected an integer >= 1; got 0"),
+    (["--log-every", "0"], "--log-every: expected an integer >= 1; got 0"),
+    (["--seq-len", "0"], "--seq-len: expected an integer >= 1; got 0"),
+    (["--vocab-size", "-1"], "--vocab-size: expected an integer >= 0; got -1"),
+    (["--stop-at", "-2"], "--stop-at: expected an integer >= 0; got -2"),
+    (["--record-every", "-1"], "--record-every: expected an integer >= 0; got -1"),
+    (["--threads", "-1"], "--threads: expected an integer >= 0; got -1"),
+    (["--seed", "-1"], "--seed: expected an integer in [0, 4294967295]; got -1"),
+    (["--seed", str(2**64)], f"--seed: expected an integer in [0, 4294967295]; got {2**64}"),
+]
+
+
+@pytest.mark.parametrize("extra, message", BAD_NUMBERS, ids=[" ".join(e) for e, _ in BAD_NUMBERS])
+def test_bad_numbers_one_line_exit_2_nothing_written(extra: list[str], message: str, corpus: dict[str, Path],
+                                                    tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "out"
+    assert main(_args(corpus, out, *extra)) == 2
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [f"ghostfunc train: error: {message}"] and captured.out == ""
+    assert not out.exists()
+    out.mkdir()  # an empty --out stays empty
+    assert main(_args(corpus, out, *extra)) == 2
+    assert capsys.readouterr().err.splitlines() == [f"ghostfunc train: error: {message}"]
+    assert list(out.iterdir()) == []
+
+
+def test_bad_numbers_from_a_config_file_and_every_numeric_option_has_a_range(corpus: dict[str, Path], tmp_path: Path,
+                                                                             capsys: pytest.CaptureFixture) -> None:
+    config = tmp_path / "run.toml"
+    for text, message in [("lr = nan\n", "--lr: expected a finite number >= 0; got nan"),
+                          ("min_lr_ratio = 1.5\n", "--min-lr-ratio: expected a finite number in [0, 1]; got 1.5"),
+                          ("weight-decay = -inf\n", "--weight-decay: expected a finite number >= 0; got -inf"),
+                          ("val-limit = -1\n", "--val-limit: expected an integer >= 0; got -1")]:  # not in SMALL
+        config.write_text(text)
+        assert main(_args(corpus, tmp_path / "out", "--config", str(config))) == 2, text
+        assert capsys.readouterr().err.splitlines() == [f"ghostfunc train: error: {message}"]
+        assert not (tmp_path / "out").exists()
+    for table, ranges in ((cli.TRAIN_OPTIONS, cli.TRAIN_RANGES), (cli.SELECT_OPTIONS, cli.SELECT_RANGES)):
+        numeric = {k for k, (d, _) in table.items() if isinstance(d, int | float) and not isinstance(d, bool)}
+        assert numeric - set(cli.CHOICES) == set(ranges), numeric ^ set(ranges)
+        for name, rng in ranges.items():  # every default is in its own range
+            assert rng.holds(table[name][0]), name
+    from ghostfunc._run import loop
+
+    cfg = {k: d for k, (d, _) in cli.TRAIN_OPTIONS.items()}  # a dict that did not come through the CLI
+    with pytest.raises(data.UsageError, match=r"^--warmup: expected an integer >= 0; got -1$"):
+        loop.prepare({**cfg, "warmup": -1, "out": str(tmp_path / "p")})
+    with pytest.raises(data.UsageError, match=r"^--lr: expected a finite number >= 0; got 'fast'$"):
+        loop.prepare({**cfg, "lr": "fast", "out": str(tmp_path / "p")})
+    assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--seeds", "0"], "--seeds: expected an integer >= 1; got 0"),
+    (["--fraction", "0"], "--fraction: expected a finite number in (0, 1]; got 0.0"),
+    (["--fraction", "1.5"], "--fraction: expected a finite number in (0, 1]; got 1.5"),
+    (["--fraction", "nan"], "--fraction: expected a finite number in (0, 1]; got nan"),
+    (["--steps", "-1"], "--steps: expected an integer >= 0; got -1"),
+    (["--threads", "-2"], "--threads: expected an integer >= 0; got -2"),
+])
+def test_select_bad_numbers(extra: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "sel"
+    assert main(["select", "--run", str(tmp_path / "nothing"), "--out", str(out), *extra]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"ghostfunc select: error: {message}"]
+    assert not out.exists()
+
+
 def test_config_and_resume_mismatch(corpus: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("batch_sise = 4\n")

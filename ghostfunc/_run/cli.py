@@ -2,7 +2,8 @@
 
 Precedence: command line > config file > default. A config file holds the same
 keys as the options (``batch-size`` or ``batch_size``); an unknown key or a value
-of the wrong type is an error naming the key. Every error about input is one line
+of the wrong type is an error naming the key; a number outside its range (``TRAIN_RANGES``,
+``SELECT_RANGES``: NaN and inf never pass) is an error naming the option. Every error about input is one line
 ``ghostfunc <command>: error: ...`` on stderr and exit code 2, before anything is
 written to ``--out``.
 """
@@ -10,10 +11,11 @@ written to ``--out``.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .data import UsageError
 
@@ -75,6 +77,55 @@ SELECT_OPTIONS: dict[str, tuple[Any, str]] = {
 }
 
 
+
+class Range(NamedTuple):
+    """The values a numeric option accepts: finite, ``low <= v <= high`` (``low < v`` with ``open_low``)."""
+
+    low: float
+    high: float = math.inf
+    open_low: bool = False
+
+    def holds(self, value: float) -> bool:
+        """``value`` is finite and within the range."""
+        above = value > self.low if self.open_low else value >= self.low
+        return math.isfinite(value) and above and value <= self.high
+
+    def expected(self, integer: bool) -> str:
+        """``"an integer >= 1"``, ``"a finite number in [0, 1]"``, ...: what the messages say is expected."""
+        what = "an integer" if integer else "a finite number"
+        if self.high == math.inf:
+            return f"{what} {'>' if self.open_low else '>='} {self.low}"
+        return f"{what} in {'(' if self.open_low else '['}{self.low}, {self.high}]"
+
+
+#: The range of every numeric option of ``TRAIN_OPTIONS`` (checked before anything is written; NaN/inf never pass).
+TRAIN_RANGES: dict[str, Range] = {
+    "vocab_size": Range(0), "val_limit": Range(0), "seq_len": Range(1), "seed": Range(0, 2**32 - 1), "steps": Range(1),
+    "batch_size": Range(1), "val_batch_size": Range(1), "eval_every": Range(1), "eval_batch_size": Range(1),
+    "log_every": Range(1), "save_every": Range(0), "stop_at": Range(0), "lr": Range(0), "min_lr_ratio": Range(0, 1),
+    "warmup": Range(0), "weight_decay": Range(0), "momentum": Range(0), "threads": Range(0),
+    "record_every": Range(0),
+}
+#: The same for ``SELECT_OPTIONS``.
+SELECT_RANGES: dict[str, Range] = {"seeds": Range(1), "fraction": Range(0, 1, open_low=True), "steps": Range(0),
+                                   "threads": Range(0)}
+
+
+def check_ranges(cfg: Mapping[str, Any], table: dict[str, tuple[Any, str]], ranges: Mapping[str, Range]) -> None:
+    """Refuse a numeric option of ``cfg`` outside its range (or of the wrong type): a :class:`UsageError` naming it.
+
+    ``table`` (``TRAIN_OPTIONS`` or ``SELECT_OPTIONS``) gives each option's type;
+    options missing from ``cfg`` are skipped.
+    """
+    for name, rng in ranges.items():
+        if name not in cfg:
+            continue
+        value, integer = cfg[name], isinstance(table[name][0], int)
+        number = isinstance(value, int | float) and not isinstance(value, bool) and (isinstance(value, int) or not integer)
+        if not (number and rng.holds(value)):
+            raise UsageError(f"--{name.replace('_', '-')}: expected {rng.expected(integer)}; got {value!r}")
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> Any:  # one line, exit code 2 (argparse's own convention)
         raise UsageError(message)
@@ -108,8 +159,12 @@ def _toml(path: str) -> dict[str, Any]:
         raise UsageError(f"--config: expected TOML; {path!r}: {exc}") from None
 
 
-def options(prog: str, table: dict[str, tuple[Any, str]], doc: str, argv: Sequence[str]) -> dict[str, Any]:
-    """Defaults, then ``--config`` keys, then the command line: every option of ``table`` by its underscore name."""
+def options(prog: str, table: dict[str, tuple[Any, str]], doc: str, argv: Sequence[str],
+            ranges: Mapping[str, Range]) -> dict[str, Any]:
+    """Defaults, then ``--config`` keys, then the command line: every option of ``table`` by its underscore name.
+
+    Numeric options are checked against ``ranges`` (:func:`check_ranges`) before anything else happens.
+    """
     given = vars(parser(prog, table, doc).parse_args(list(argv)))
     cfg = {k: d for k, (d, _) in table.items()}
     path = given.get("config", "")
@@ -127,6 +182,7 @@ def options(prog: str, table: dict[str, tuple[Any, str]], doc: str, argv: Sequen
             cfg[name] = float(value) if isinstance(default, float) else value
     cfg.update(given)
     cfg["config"] = path
+    check_ranges(cfg, table, ranges)
     return cfg
 
 

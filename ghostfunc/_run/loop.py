@@ -34,8 +34,8 @@ from torch import Tensor
 
 import ghostfunc
 
+from . import cli, models
 from . import data as data_mod
-from . import models
 from .data import Corpus, UsageError
 
 Params = dict[str, Tensor]
@@ -149,9 +149,7 @@ def prepare(cfg: dict[str, Any]) -> Setup:
     Raises:
         UsageError: any option that does not fit (see the CLI's ``--help``).
     """
-    for key in ("steps", "batch_size", "val_batch_size", "seq_len", "eval_batch_size"):
-        if cfg[key] < 1:
-            raise UsageError(f"--{key.replace('_', '-')}: expected a positive integer; got {cfg[key]}")
+    cli.check_ranges(cfg, cli.TRAIN_OPTIONS, cli.TRAIN_RANGES)  # a config.json or a dict not read by cli.options
     if cfg["order"] not in (1, 2):
         raise UsageError(f"--order: expected 1 or 2; got {cfg['order']}")
     if cfg["precondition"] and cfg["order"] != 1:

@@ -50,13 +50,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``ghostfunc select``; return the exit code (2 for bad input)."""
     prog = "ghostfunc select"
     try:
-        opts = cli.options(prog, cli.SELECT_OPTIONS, __doc__ or "", sys.argv[1:] if argv is None else argv)
+        opts = cli.options(prog, cli.SELECT_OPTIONS, __doc__ or "", sys.argv[1:] if argv is None else argv,
+                           cli.SELECT_RANGES)
         run_dir = Path(opts["run"])
         if not (run_dir / "config.json").is_file() or not (run_dir / "values.pt").is_file():
             raise UsageError(f"--run: expected the folder of a finished 'ghostfunc train' run (config.json, values.pt); "
                              f"{str(run_dir)!r} has none")
-        if opts["seeds"] < 1 or not 0 < opts["fraction"] <= 1:
-            raise UsageError(f"--seeds/--fraction: expected seeds >= 1 and 0 < fraction <= 1; got {opts['seeds']}, {opts['fraction']}")
         if opts["threads"]:
             torch.set_num_threads(opts["threads"])
         cfg = json.loads((run_dir / "config.json").read_text())

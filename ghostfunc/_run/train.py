@@ -25,7 +25,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``ghostfunc train``; return the exit code (2 for bad input)."""
     prog = "ghostfunc train"
     try:
-        cfg = cli.options(prog, cli.TRAIN_OPTIONS, __doc__ or "", sys.argv[1:] if argv is None else argv)
+        cfg = cli.options(prog, cli.TRAIN_OPTIONS, __doc__ or "", sys.argv[1:] if argv is None else argv,
+                          cli.TRAIN_RANGES)
         out = Path(cfg["out"])
         cli.check_out(out, cfg["resume"])
         if cfg["threads"]:

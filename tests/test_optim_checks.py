@@ -1,0 +1,139 @@
+"""``ghostfunc.sgd`` / ``ghostfunc.adamw`` refuse bad hyper-parameters at once, naming the argument and the value.
+
+torch.optim's ranges are kept (lr, momentum, eps, weight_decay >= 0; 0 <= betas < 1;
+dampening any); NaN, inf, bools and non-numbers are refused as well (torch.optim.AdamW
+refuses NaN eps / weight_decay; a NaN hyper-parameter otherwise turns the parameters
+into NaN on the first update, silently). A learning-rate schedule's values are checked
+when they are used.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ghostfunc
+
+NAN, INF = float("nan"), float("inf")
+
+BAD = [  # (factory, exception, message regex)
+    (lambda: ghostfunc.sgd(NAN), ValueError, r"^sgd: lr must be a float >= 0 .*got nan$"),
+    (lambda: ghostfunc.sgd(INF), ValueError, r"^sgd: lr must be a float >= 0 .*got inf$"),
+    (lambda: ghostfunc.sgd(-1.0), ValueError, r"^sgd: lr must be a float >= 0 .*got -1.0$"),
+    (lambda: ghostfunc.sgd(True), TypeError, r"^sgd: lr must be a float >= 0 .*got True \(a bool\)$"),
+    (lambda: ghostfunc.sgd("0.1"), TypeError, r"^sgd: lr must be a float .*got '0.1' \(a str\)$"),
+    (lambda: ghostfunc.sgd(0.1, momentum=NAN), ValueError, r"^sgd: momentum must be a finite float >= 0; got nan$"),
+    (lambda: ghostfunc.sgd(0.1, momentum=INF), ValueError, r"^sgd: momentum must be a finite float >= 0; got inf$"),
+    (lambda: ghostfunc.sgd(0.1, momentum=-0.5), ValueError, r"^sgd: momentum must be a finite float >= 0; got -0.5$"),
+    (lambda: ghostfunc.sgd(0.1, momentum="0.9"), TypeError, r"^sgd: momentum must be a finite float >= 0; got '0.9' \(a str\)$"),
+    (lambda: ghostfunc.sgd(0.1, momentum=True), TypeError, r"^sgd: momentum must be .*got True \(a bool\)$"),
+    (lambda: ghostfunc.sgd(0.1, momentum=None), TypeError, r"^sgd: momentum must be .*got None \(a NoneType\)$"),
+    (lambda: ghostfunc.sgd(0.1, momentum=0.9, dampening=NAN), ValueError, r"^sgd: dampening must be a finite float; got nan$"),
+    (lambda: ghostfunc.sgd(0.1, momentum=0.9, dampening=-INF), ValueError, r"^sgd: dampening must be a finite float; got -inf$"),
+    (lambda: ghostfunc.sgd(0.1, momentum=0.9, dampening="0"), TypeError, r"^sgd: dampening must be .*got '0' \(a str\)$"),
+    (lambda: ghostfunc.sgd(0.1, weight_decay=NAN), ValueError, r"^sgd: weight_decay must be a finite float >= 0; got nan$"),
+    (lambda: ghostfunc.sgd(0.1, weight_decay=INF), ValueError, r"^sgd: weight_decay must be a finite float >= 0; got inf$"),
+    (lambda: ghostfunc.sgd(0.1, weight_decay=-0.1), ValueError, r"^sgd: weight_decay must be a finite float >= 0; got -0.1$"),
+    (lambda: ghostfunc.sgd(0.1, weight_decay=False), TypeError, r"^sgd: weight_decay must be .*got False \(a bool\)$"),
+    (lambda: ghostfunc.adamw(NAN), ValueError, r"^adamw: lr must be a float >= 0 .*got nan$"),
+    (lambda: ghostfunc.adamw(INF), ValueError, r"^adamw: lr must be a float >= 0 .*got inf$"),
+    (lambda: ghostfunc.adamw(eps=NAN), ValueError, r"^adamw: eps must be a finite float >= 0; got nan$"),
+    (lambda: ghostfunc.adamw(eps=INF), ValueError, r"^adamw: eps must be a finite float >= 0; got inf$"),
+    (lambda: ghostfunc.adamw(eps=-1e-8), ValueError, r"^adamw: eps must be a finite float >= 0; got -1e-08$"),
+    (lambda: ghostfunc.adamw(eps="1e-8"), TypeError, r"^adamw: eps must be .*got '1e-8' \(a str\)$"),
+    (lambda: ghostfunc.adamw(weight_decay=NAN), ValueError, r"^adamw: weight_decay must be a finite float >= 0; got nan$"),
+    (lambda: ghostfunc.adamw(weight_decay=-INF), ValueError, r"^adamw: weight_decay must be a finite float >= 0; got -inf$"),
+    (lambda: ghostfunc.adamw(weight_decay=True), TypeError, r"^adamw: weight_decay must be .*got True \(a bool\)$"),
+    (lambda: ghostfunc.adamw(betas=(0.9,)), ValueError, r"^adamw: betas must be a pair \(beta1, beta2\).*got \(0.9,\)$"),
+    (lambda: ghostfunc.adamw(betas=(0.9, 0.99, 0.999)), ValueError, r"^adamw: betas must be a pair"),
+    (lambda: ghostfunc.adamw(betas=0.9), TypeError, r"^adamw: betas must be a pair .*got 0.9$"),
+    (lambda: ghostfunc.adamw(betas="ab"), TypeError, r"^adamw: betas must be a pair .*got 'ab'$"),
+    (lambda: ghostfunc.adamw(betas=(NAN, 0.999)), ValueError, r"^adamw: betas\[0\] must be a finite float; got nan$"),
+    (lambda: ghostfunc.adamw(betas=(0.9, INF)), ValueError, r"^adamw: betas\[1\] must be a finite float; got inf$"),
+    (lambda: ghostfunc.adamw(betas=(0.9, "0.999")), TypeError, r"^adamw: betas\[1\] must be .*got '0.999' \(a str\)$"),
+    (lambda: ghostfunc.adamw(betas=(True, 0.999)), TypeError, r"^adamw: betas\[0\] must be .*got True \(a bool\)$"),
+    (lambda: ghostfunc.adamw(betas=(0.9, 1.0)), ValueError, r"^adamw: need 0 <= betas < 1; got betas=\(0.9, 1.0\)$"),
+    (lambda: ghostfunc.adamw(betas=(-0.1, 0.9)), ValueError, r"^adamw: need 0 <= betas < 1; got betas=\(-0.1, 0.9\)$"),
+]
+
+
+@pytest.mark.parametrize("make, error, message", BAD, ids=[str(i) for i in range(len(BAD))])
+def test_bad_hyperparameters_are_refused_naming_argument_and_value(make, error, message) -> None:
+    with pytest.raises(error, match=message):
+        make()
+
+
+def _state(opt: ghostfunc.Optimizer, count: int):
+    params = {"w": torch.zeros(2, dtype=torch.float64)}
+    return opt.init(params)._replace(step=count), params
+
+
+@pytest.mark.parametrize("factory", [ghostfunc.sgd, ghostfunc.adamw])
+@pytest.mark.parametrize("returned, error, shown", [
+    ("x", TypeError, "'x'"), (NAN, ValueError, "nan"), (INF, ValueError, "inf"), (-0.5, ValueError, "-0.5"),
+    (None, TypeError, "None"), (True, TypeError, "True"), (torch.tensor([0.1, 0.2]), TypeError, "tensor"),
+    (torch.tensor(NAN), ValueError, "tensor\\(nan\\)"),
+])
+def test_schedule_values_are_checked_naming_schedule_count_and_value(factory, returned, error, shown) -> None:
+    def warm(count: int):
+        return 0.1 if count < 3 else returned
+
+    opt = factory(warm)
+    state, params = _state(opt, 3)
+    assert opt.lr(_state(opt, 2)[0]) == 0.1
+    where = factory.__name__
+    message = rf"^{where}: the lr schedule .*warm returned {shown}.* at count 3; expected a finite float >= 0$"
+    with pytest.raises(error, match=message):
+        opt.lr(state)
+    with pytest.raises(error, match=message):
+        opt.update({"w": torch.ones(2, dtype=torch.float64)}, state, params)
+
+
+def test_schedule_values_that_are_numbers_pass() -> None:
+    for value in (0, 0.25, np.float32(0.5), np.int64(1), torch.tensor(0.75)):
+        opt = ghostfunc.sgd(lambda count, v=value: v)
+        got = opt.lr(opt.init({}))
+        assert isinstance(got, float) and got == float(value)
+
+
+def test_train_step_never_sees_a_nan_hyperparameter() -> None:
+    """The fuzz repro: these used to be accepted and turn the parameters into NaN on the first update."""
+    for make in (lambda: ghostfunc.adamw(0.1, eps=NAN), lambda: ghostfunc.adamw(0.1, weight_decay=NAN),
+                 lambda: ghostfunc.sgd(0.1, momentum=NAN), lambda: ghostfunc.sgd(0.1, weight_decay=NAN)):
+        with pytest.raises(ValueError, match="must be a finite float >= 0; got nan"):
+            make()
+    for kw in (dict(eps=NAN), dict(weight_decay=NAN)):  # torch.optim.AdamW agrees
+        with pytest.raises(ValueError):
+            torch.optim.AdamW([torch.zeros(1, requires_grad=True)], **kw)
+
+
+def test_edge_values_torch_accepts_still_pass_and_match_torch() -> None:
+    """lr 0, momentum 0, eps 0, beta 0, negative dampening, numpy scalars and a JSON list for betas are accepted."""
+    ghostfunc.sgd(0)
+    ghostfunc.sgd(np.float64(0.1), momentum=np.float32(0.5), weight_decay=0)
+    ghostfunc.adamw(0.0, betas=[0.0, 0.0], eps=0, weight_decay=0)  # a spec.json's arguments: betas a list
+    torch.manual_seed(0)
+    w0 = torch.randn(3, 4, dtype=torch.float64)
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    cases = [(lambda: ghostfunc.sgd(0.1, momentum=0.9, dampening=-0.5, weight_decay=1),
+              lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, dampening=-0.5, weight_decay=1)),
+             (lambda: ghostfunc.adamw(0.05, betas=[0.8, 0.9], eps=1e-6, weight_decay=0),
+              lambda ps: torch.optim.AdamW(ps, lr=0.05, betas=(0.8, 0.9), eps=1e-6, weight_decay=0))]
+    for mine, theirs in cases:
+        opt = mine()
+        params, state = {"w": w0.clone()}, opt.init({"w": w0})
+        w = w0.clone().requires_grad_(True)
+        topt = theirs([w])
+        for _ in range(3):
+            p = params["w"].clone().requires_grad_(True)
+            (g,) = torch.autograd.grad(F.cross_entropy(x @ p.T, y), [p])
+            params, state = opt.update({"w": g}, state, params)
+            topt.zero_grad()
+            F.cross_entropy(x @ w.T, y).backward()
+            topt.step()
+        assert torch.equal(params["w"], w.detach()), opt.name
+        assert math.isfinite(float(params["w"].sum()))
