@@ -471,13 +471,15 @@ def _streamed_once(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, v
     r = routing(model_fn, params, train, val, where, policy, val_reduce, fresh)
     if r.eager is None and r.parts == (WHOLE, WHOLE) and not _draws_random(model_fn) and _whole.together(
             model_fn, params, (train, val), r.kernel, r.traces):  # a small model: both batches in one whole-batch run
+        start = _rng_state(next(iter(params.values())).device)
         t, v = capture_all(model_fn, params, (train, val), r, (0, 1), where)
         if not _whole.refused(model_fn, _whole.verdict_key(model_fn, params, (train, val), r.kernel)):
             _remember(model_fn, params, train, val, policy, val_reduce, r)
             return _streamed_of(r, t, v, params, val_reduce, val.size)
         # The whole-batch run was refused just now: later calls of this signature take the batches one at a
         # time (below), and so does this call, so that its numbers are theirs bit for bit (a run resumed in
-        # a new process repeats the uninterrupted one).
+        # a new process repeats the uninterrupted one), drawing what a model that draws random numbers draws.
+        _set_rng_state(next(iter(params.values())).device, start)
         del t, v
     weights = val_weights(val_reduce, val.size, next(iter(params.values())))
     assert weights is not None

@@ -91,9 +91,11 @@ def check_model(model_fn: Callable, params: Mapping[str, Tensor], batches: tuple
         seen = _CHECKED.setdefault(model_fn, set())
     except TypeError:  # not weak-referenceable: check every call
         seen = set()
+    ran: list[str] = []  # the batches model_fn ran on (now or on an earlier call)
     for batch, label in zip(batches, labels, strict=True):
         key = (shapes, batch.signature)
         if key in seen:
+            ran.append(label)
             continue
         try:
             compared = _check_batch(model_fn, params, batch, label)
@@ -101,6 +103,15 @@ def check_model(model_fn: Callable, params: Mapping[str, Tensor], batches: tuple
             if str(err).startswith(where):
                 raise
             raise type(err)(f"{where}: {err}") from None
+        except _RaisedOn as failed:
+            if not ran:  # maybe a model that runs only under vmap: the capture reports its own errors
+                continue
+            err = failed.error
+            err.add_note(f"{where}: model_fn raised this on the {label} batch (its first rows, without gradients), "
+                         f"and ran on the {ran[0]} batch: check the {label} batch's structure and shapes "
+                         f"against the {ran[0]} batch's")
+            raise err from None
+        ran.append(label)
         if compared:  # a batch of one sample says nothing about the next, bigger batch of this signature
             if len(seen) > 64:
                 seen.clear()
@@ -273,8 +284,8 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
                             break
         except (SamplesInteractError, InPlaceWriteError):
             raise
-        except Exception:  # noqa: BLE001 - a model that runs only under vmap: the capture reports its own errors
-            return k > 1  # nothing to compare for this signature: not tried again
+        except Exception as err:  # noqa: BLE001 - the caller decides (a model that runs only under vmap?)
+            raise _RaisedOn(err) from None
     if not mode.used:
         raise ParamsUnusedError(
             f"no parameter reached the computation: model_fn(params, batch) ran without using any tensor of "
@@ -306,6 +317,14 @@ def distinct_rows(tensors: list[Tensor], size: int, k: int) -> list[int]:
         if all(any(not torch.equal(t[i], t[j]) for t in tensors) for j in chosen):
             chosen.append(i)
     return chosen
+
+
+class _RaisedOn(Exception):
+    """``model_fn`` raised ``error`` on a batch in the boundary check."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 def _rng_states(devices: list[int]) -> list[Tensor]:

@@ -307,6 +307,17 @@ def test_error_leaves_disagree_on_sample_count():
     with pytest.raises(ValueError, match=r"^graddot: the tensor leaves of train must share the sample axis"):
         ghostfunc.graddot(model_fn, params, (x, y[:2]), (x, y))
 
+def test_error_val_shaped_unlike_train_names_the_val_batch():
+    def model_fn(p, x):
+        return F.linear(x, p["W"]).pow(2).sum(1)
+
+    p = {"W": torch.randn(2, 3, dtype=F64)}
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied") as info:
+        ghostfunc.graddot(model_fn, p, torch.randn(5, 3, dtype=F64), torch.randn(4, 7, dtype=F64))
+    assert any("model_fn raised this on the val batch" in n and "ran on the train batch" in n
+               for n in info.value.__notes__)
+
+
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.complex64])
 def test_error_non_real_params(dtype):
