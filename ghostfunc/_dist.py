@@ -11,14 +11,23 @@ What travels, per call (no communication layer of ghostfunc's own: ``torch.distr
 collectives only):
 
 1. :func:`agree`: one ``all_gather_object`` of a small signature (parameter names,
-   shapes and dtypes, the batch structure, row counts, options, or the error the
-   rank's own argument checks raised). Ranks that disagree, or a rank whose checks
-   failed (zero training rows, say), raise the same error on *every* rank, naming
-   the rank and what differed, before any tensor collective: no hang.
-2. :func:`allreduce_sum` of the validation direction (``Σ_v w_v g_v``; at order 2
+   shapes and dtypes, a fingerprint of the parameter values (:func:`param_checksum`),
+   the batch structure, row counts, options, or the error the rank's own argument
+   checks raised). Ranks that disagree, or a rank whose checks failed (zero training
+   rows, say), raise the same error on *every* rank, naming the rank and what
+   differed, before any tensor collective: no hang.
+2. :func:`collectively`: after each stretch of local work that precedes a tensor
+   collective (the capture of this rank's rows; at order 2 or with a preconditioner
+   also the validation pass, which needs the global train gradient), one
+   ``all_reduce`` of a single int32: an error raised on one rank only (a non-finite
+   loss in its rows, the model failing on them, running out of memory) raises on
+   *every* rank (the failed rank its own error, the others a ``RuntimeError`` naming
+   it and its message) instead of leaving them in the next all-reduce until the
+   process group's timeout.
+3. :func:`allreduce_sum` of the validation direction (``Σ_v w_v g_v``; at order 2
    together with ``H_val G``): one flat buffer per dtype, in buckets of
    :data:`BUCKET_BYTES`, not one call per parameter.
-3. :func:`allreduce_sum` of the training gradient (the sum of every rank's rows), the
+4. :func:`allreduce_sum` of the training gradient (the sum of every rank's rows), the
    same way.
 
 Ghost-routed parameters would need every rank's validation factors; with
@@ -30,7 +39,8 @@ against every validation row) gathers the validation rows themselves
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple, TypeVar
 
 import torch
@@ -93,9 +103,50 @@ def param_signature(params: Mapping[str, Tensor]) -> tuple[tuple[str, tuple[int,
     return tuple((k, tuple(v.shape), str(v.dtype)) for k, v in params.items())
 
 
-def param_checksum(params: Mapping[str, Tensor]) -> tuple[str, ...]:
-    """Every parameter's sum, exactly (``float.hex``; one device sync): ranks holding different values differ here."""
-    return tuple(float.hex(x) for x in torch.stack([v.detach().sum().double() for v in params.values()]).tolist())
+#: Period of the position weights of :func:`param_checksum`: a prime (so a transpose or a swap of rows moves
+#: entries to other weights unless a dimension is 1 more than a multiple of it), below the 32768 elements
+#: under which torch reduces a CPU tensor on one thread (its float64 sums below are then the same bits for
+#: any thread count).
+CHECK_PERIOD = 24571
+_CHECK_WEIGHTS: dict[torch.device, Tensor] = {}
+
+
+def _check_weights(device: torch.device) -> Tensor:
+    """``[2, L]`` float64 (``L`` = :data:`CHECK_PERIOD`): ones, and the position weights ``1 + frac(j·φ)``, all
+    distinct and not linear in ``j`` (no run of neighbouring changes cancels); made once per device."""
+    w = _CHECK_WEIGHTS.get(device)
+    if w is None:
+        phi = (5**0.5 - 1) / 2
+        w = torch.tensor([[1.0] * CHECK_PERIOD, [1.0 + (j * phi) % 1.0 for j in range(CHECK_PERIOD)]],
+                         dtype=torch.float64).to(device)
+        _CHECK_WEIGHTS[device] = w
+    return w
+
+
+def param_checksum(params: Mapping[str, Tensor]) -> dict[str, tuple[str, str]]:
+    """A fingerprint of every parameter's values, name -> two hex floats (``float.hex``; one device sync):
+    ranks holding different values differ here; ranks holding bitwise equal ones agree (on one device type).
+
+    Per tensor (flattened: ``x``, ``N = R·L + r`` entries, ``L`` = :data:`CHECK_PERIOD`): its sum and
+    ``Σ_i w_(i mod L) x_i`` (:func:`_check_weights`), so a permutation, a transpose or swapped values with
+    equal sums are caught too (not a swap of two entries a multiple of ``L`` apart). One pass over the
+    tensor's memory, in its dtype and without a temporary of its size: the column sums of
+    ``x[:R·L].view(R, L)`` (torch's own reduction over rows: the same bits for any thread count or alignment,
+    where a BLAS product's need not be), the ``r`` last entries added to the first ``r`` of those in
+    float64, then two sums over ``L`` numbers. A tensor that is not contiguous is copied first.
+    """
+    out = []
+    for v in params.values():
+        flat = v.detach().reshape(-1)
+        whole = flat.numel() - flat.numel() % CHECK_PERIOD
+        if whole:
+            cols = flat[:whole].view(-1, CHECK_PERIOD).sum(0).double()  # a new tensor (even from float64)
+            cols[: flat.numel() - whole] += flat[whole:]
+        else:
+            cols = flat.double()
+        out.append((cols * _check_weights(flat.device)[:, : cols.numel()]).sum(1))
+    hexes = [float.hex(x) for x in torch.cat(out).tolist()] if out else []
+    return {k: (hexes[2 * i], hexes[2 * i + 1]) for i, k in enumerate(params)}
 
 
 def broadcast_params(params: Mapping[str, Tensor], group: Any) -> dict[str, Tensor]:
@@ -141,13 +192,76 @@ def agree(where: str, group: Any, prepare: Callable[[], T], signature: Callable[
     for r, e in enumerate(every[1:], start=1):
         for key, value in e["signature"].items():
             if value != ref[key]:
-                raise ValueError(f"{where}: every rank must pass the same {key}; rank {r} has {_short(value)}, "
-                                 f"rank 0 has {_short(ref[key])}")
+                theirs, ours = value, ref[key]
+                if isinstance(value, dict) and isinstance(ours, dict) and value.keys() == ours.keys():
+                    differ = [k for k in value if value[k] != ours[k]]  # only the entries that differ
+                    theirs, ours = {k: value[k] for k in differ}, {k: ours[k] for k in differ}
+                raise ValueError(f"{where}: every rank must pass the same {key}; rank {r} has {_short(theirs)}, "
+                                 f"rank 0 has {_short(ours)}")
     empty = [r for r, e in enumerate(every) if e["rows"][0] == 0]
     if empty:
         raise ValueError(f"{where}: every rank needs at least one training row; rank(s) {empty} have none")
     assert prepared is not None
     return prepared, World(rank, size, tuple(e["rows"][0] for e in every), tuple(e["rows"][1] for e in every))
+
+
+@contextlib.contextmanager
+def collectively(where: str, group: Any) -> Iterator[None]:
+    """This rank's local work before a collective, in a ``with`` block: an error raised in it on any rank of
+    ``group`` raises on every rank, so none is left waiting in the next collective until the timeout.
+
+    After the block, one status exchange: an ``all_reduce`` (MAX) of a single int32, this rank failed or not.
+    That is the whole cost when nothing fails: one 4-byte all-reduce per block, i.e. its latency (measured
+    0.1-0.3 ms on gloo, 2 ranks on a 2-core CPU, ``tests/test_distributed.py`` prints it; on NCCL also one
+    device sync for the flag). Only if some rank failed, an ``all_gather_object`` of the messages; then a
+    failed rank raises its own error and every other rank a ``RuntimeError`` naming the failed ranks and
+    their messages. Every rank must enter the same blocks in the same order (as it does the collectives
+    between them); the group can be used again after such an error. ``group=None`` (one process): nothing
+    is added. Only :class:`Exception` is exchanged (an interrupt leaves at once).
+
+    The blocks hold the work that runs the model or materialises per-row gradients (where errors depend on a
+    rank's rows or memory); the contractions against the reduced direction between the two all-reduces of
+    ``_graddot.score_group`` are not in one (no model code; a second exchange per call would double the cost).
+    """
+    if group is None:
+        yield
+        return
+    try:
+        yield
+    except Exception as err:
+        _exchange_status(where, group, err)
+        raise
+    _exchange_status(where, group, None)
+
+
+def _exchange_status(where: str, group: Any, failure: Exception | None) -> None:
+    """See :func:`collectively`: returns when no rank failed, or when this one did (it raises its own error)."""
+    flag = torch.tensor([0 if failure is None else 1], dtype=torch.int32, device=_status_device(group))
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    if not int(flag.item()):
+        return
+    rank, size = dist.get_rank(group), dist.get_world_size(group)
+    every: list[Any] = [None] * size
+    mine = None if failure is None else f"{type(failure).__name__}: {failure}"[:2000]
+    dist.all_gather_object(every, mine, group=group)
+    if failure is not None:
+        return
+    failed = {r: msg for r, msg in enumerate(every) if msg is not None}
+    which = f"rank {next(iter(failed))}" if len(failed) == 1 else f"ranks {', '.join(map(str, failed))}"
+    what = (next(iter(failed.values())) if len(failed) == 1
+            else "; ".join(f"rank {r}: {m}" for r, m in failed.items()))
+    raise RuntimeError(f"{where}: {which} of {size} failed, so every rank raises (this is rank {rank}): {what}")
+
+
+def _status_device(group: Any) -> torch.device:
+    """Where the status flag lives: the CPU where the backend takes CPU tensors (gloo, also
+    ``"cpu:gloo,cuda:nccl"``), else the backend's device (NCCL: the current CUDA device)."""
+    devices = dist.Backend.backend_capability.get(str(dist.get_backend(group)).lower(), ["cpu"])
+    if "cpu" in devices:
+        return torch.device("cpu")
+    if devices[0] == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(devices[0])
 
 
 def _short(value: Any, limit: int = 300) -> str:

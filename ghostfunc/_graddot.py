@@ -832,7 +832,7 @@ def prepare_group(where: str, group: Any, model_fn: Any, params: Any, train: Any
     return _dist.agree(
         where, group, lambda: _prepare(where, model_fn, params, train, val, **options),
         lambda p: {"parameter names, shapes and dtypes": _dist.param_signature(p[0]),
-                   "parameter values (sums)": _dist.param_checksum(p[0]),
+                   "parameter values (fingerprints)": _dist.param_checksum(p[0]),
                    "train batch structure": _dist.batch_signature(train),
                    "val batch structure": _dist.batch_signature(val), **options, **(same or {})},
         lambda p: (p[1].size, p[2].size))
@@ -874,17 +874,19 @@ def graddot_group(model_fn: ModelFn, params: Mapping[str, Tensor], train: Any, v
     (checked, tb, vb), world = prepare_group(where, group, model_fn, params, train, val, val_reduce=val_reduce,
                                              policy=policy, compute_dtype=compute_dtype)
     if val_reduce is not None:
-        st = run_streamed(model_fn, checked, tb, vb, where, group_policy(policy), "sum")
+        with _dist.collectively(where, group):  # an error on one rank raises on every rank (one tiny all-reduce)
+            st = run_streamed(model_fn, checked, tb, vb, where, group_policy(policy), "sum")
         per_param, train_grad, the_plan = score_group(st, checked, val_reduce, world, group, compute_dtype)
         return GradDot(sum_scores(per_param, checked), per_param, train_grad, st.train_loss, st.val_loss, the_plan)
     # every validation row on every rank: gather the rows, score the full matrix locally
     every_val = _dist.gather_batch(vb, world, group)
-    cap, the_plan = run(model_fn, checked, tb, every_val, where, policy, None)
-    per_param, local_grad = {}, {}
-    for k, route in the_plan.routes.items():
-        tr, va = cap.grads[k]
-        per_param[k], local_grad[k] = score_param(route.path, tr, va, None, tb.size, world.m, checked[k],
-                                                  compute_dtype)
+    with _dist.collectively(where, group):
+        cap, the_plan = run(model_fn, checked, tb, every_val, where, policy, None)
+        per_param, local_grad = {}, {}
+        for k, route in the_plan.routes.items():
+            tr, va = cap.grads[k]
+            per_param[k], local_grad[k] = score_param(route.path, tr, va, None, tb.size, world.m, checked[k],
+                                                      compute_dtype)
     val_loss = cap.val_loss[world.val_offset: world.val_offset + vb.size]
     return GradDot(sum_scores(per_param, checked), per_param, _dist.global_mean(local_grad, world, group),
                    cap.train_loss, val_loss, the_plan._replace(n_train=world.n))

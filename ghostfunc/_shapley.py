@@ -235,7 +235,8 @@ def compute_values(
     assert weights is not None
     weights = weights[: vb.size]  # with a group: 1/m (global m) for this rank's validation rows
     if order == 1 and precondition is None and world is not None:
-        st = run_streamed(model_fn, params, tb, vb, where, group_policy("auto"), "sum")
+        with _dist.collectively(where, group):  # an error on one rank raises on every rank (one tiny all-reduce)
+            st = run_streamed(model_fn, params, tb, vb, where, group_policy("auto"), "sum")
         per_param, g_train, the_plan = score_group(st, params, "mean", world, group, None)
         values = sum_scores(per_param, params).mul(-a)
         return Values(values, values, g_train, st.train_loss, st.val_loss, the_plan)
@@ -266,8 +267,9 @@ def compute_values(
         r = routing(model_fn, params, tb, vb, where, "contract", "mean", fresh)
         return r, capture_one(model_fn, params, tb, r, 0, where)
 
-    r, t = retry_stale(where, train_first)
-    rows, g_train = train_rows(r.plan, t.grads, params, tb.size, 2 if order == 2 and first_order else 1, scratch)
+    with _dist.collectively(where, group):  # group=None: nothing; else every rank raises if one fails here
+        r, t = retry_stale(where, train_first)
+        rows, g_train = train_rows(r.plan, t.grads, params, tb.size, 2 if order == 2 and first_order else 1, scratch)
     train_loss = t.loss
     del t  # the factors of the kept parameters go now
     if world is not None:
@@ -276,14 +278,16 @@ def compute_values(
 
     if order == 1:
         assert precondition is not None
-        g_val, val_loss = grouped_val_grad(model_fn, params, vb, weights, where, row_groups(vb, r.plan))
+        with _dist.collectively(where, group):
+            g_val, val_loss = grouped_val_grad(model_fn, params, vb, weights, where, row_groups(vb, r.plan))
         if world is not None:
             g_val = _dist.allreduce_sum(g_val, group)
         values = row_dots(rows, [{k: g.mul(-a) for k, g in precondition(g_val, g_train).items()}], params)[:, 0]
         give_back(scratch, rows)
         return Values(values, values, g_train, train_loss, val_loss, r.plan)
-    g_val, hg, val_loss = val_grad_hvp(model_fn, params, vb, weights, {k: g.mul(n) for k, g in g_train.items()},
-                                       where, row_groups(vb, r.plan))  # H_val G, G = Σ_j g_j
+    with _dist.collectively(where, group):
+        g_val, hg, val_loss = val_grad_hvp(model_fn, params, vb, weights, {k: g.mul(n) for k, g in g_train.items()},
+                                           where, row_groups(vb, r.plan))  # H_val G, G = Σ_j g_j
     if world is not None:  # ḡ_val and H_val G: one all-reduce
         both = _dist.allreduce_sum({**{"g:" + k: v for k, v in g_val.items()},
                                     **{"h:" + k: v for k, v in hg.items()}}, group)

@@ -135,7 +135,8 @@ class DataValues:
                 then every rank must call ``save`` (a collective); the file holds the
                 sum over ranks (each value counted once, see the module docstring),
                 rank 0's ``state`` (identical on every rank under ``train_step``), and
-                is written by rank 0; every rank returns once it is on disk.
+                is written by rank 0; every rank returns once it is on disk. If rank 0 cannot write it,
+                every rank raises (rank 0 its own error, the others a ``RuntimeError`` that quotes it).
 
         Returns:
             The values written: ``self`` for one process; with ``group`` the global
@@ -143,11 +144,11 @@ class DataValues:
         """
         if group is not None:
             everything = self.across(group, "DataValues.save")
-            if _dist.rank_and_size(group)[0] == 0:
-                everything.save(path, state=state)
-            import torch.distributed as dist
-
-            dist.barrier(group=group)
+            # the status exchange is the barrier: every rank returns once the file is on disk, or raises if rank 0
+            # could not write it (rank 0 its own error, the others a RuntimeError with its message), none waits
+            with _dist.collectively("DataValues.save", group):
+                if _dist.rank_and_size(group)[0] == 0:
+                    everything.save(path, state=state)
             return everything
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)

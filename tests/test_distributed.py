@@ -15,6 +15,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ TRAIN_ROWS = {2: (3, 5), 3: (2, 4, 1)}
 VAL_ROWS = {2: (2, 3), 3: (3, 1, 2)}
 STEPS = 20
 POLICIES = ("auto", "2t2", "ghost", "materialize", "contract")
+FAULT_TIMEOUT_S = 20
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -46,7 +48,9 @@ def _init(rank: int, world: int, folder: str, job: str) -> None:
     torch.set_num_threads(1)
     # one rendezvous file per job: a killed job leaves its file behind, and reusing it hangs the next one
     store = Path(folder, f"rendezvous_{job.replace(':', '_')}")
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    # the faults job: a collective that waits for a rank that raised fails in seconds, not the default 30 min
+    timeout = {"timeout": timedelta(seconds=FAULT_TIMEOUT_S)} if job == "faults" else {}
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world, **timeout)
 
 
 def _worker(rank: int, world: int, folder: str, job: str) -> None:
@@ -62,7 +66,7 @@ def _worker(rank: int, world: int, folder: str, job: str) -> None:
     _init(rank, world, folder, job)
     out: dict[str, Any] = {}
     try:
-        {"compare": _compare, "run": _run}[job.split(":")[0]](rank, world, out, job, folder)
+        {"compare": _compare, "run": _run, "faults": _faults}[job.split(":")[0]](rank, world, out, job, folder)
     except BaseException:
         out["crash"] = traceback.format_exc()
     tag = job.replace(":", "_")
@@ -297,6 +301,151 @@ def _samplers(n: int, world: int, epoch: int) -> list[torch.utils.data.Distribut
         s.set_epoch(epoch)
         out.append(s)
     return out
+
+
+# ----------------------------------------------------------------------------- one rank fails (world size 2)
+
+
+def _faults(rank: int, world: int, out: dict[str, Any], job: str, folder: str) -> None:
+    """Errors raised on one rank only, during the local work (a non-finite loss, a save rank 0 cannot write), and
+    parameters that differ with equal sums. Each case records ``[error type, message, seconds]`` (or
+    ``[None, None, seconds]``); ``"after"`` is a normal call after the errors (the group still works)."""
+    group = dist.group.WORLD
+    torch.manual_seed(0)
+    model_fn, params, make = _models.mlp([4, 5], bias=True, dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    train, val = make(3, 1, g), make(2, 1, g)
+    nan_train, nan_val = (train[0].clone(), train[1]), (val[0].clone(), val[1])
+    if rank == 1:  # this rank's last training row, and its last validation row, give NaN losses
+        nan_train[0][-1, 0] = float("nan")
+        nan_val[0][-1, 0] = float("nan")
+    key = next(k for k, v in params.items() if v.dim() == 2)
+    rolled = {k: v.roll(1, 0) if k == key and rank == 1 else v for k, v in params.items()}  # rows moved: same sums
+    noncontiguous = {k: v.t().contiguous().t() if rank == 1 else v for k, v in params.items()}  # the same bits
+    step = ghostfunc.train_step(model_fn, ghostfunc.adamw(0.05), precondition=True, group=group)
+    blocker = Path(folder, "a_file")
+    blocker.write_text("a regular file where save needs a folder")
+    cases: dict[str, Callable[[], Any]] = {
+        "graddot nan train": lambda: ghostfunc.graddot(model_fn, params, nan_train, val, group=group),
+        "graddot full matrix nan train": lambda: ghostfunc.graddot(model_fn, params, nan_train, val, val_reduce=None,
+                                                                   group=group),
+        "inrun_shapley nan train": lambda: ghostfunc.inrun_shapley(model_fn, params, nan_train, val, lr=0.1,
+                                                                   group=group),
+        "inrun_shapley order 2 nan val": lambda: ghostfunc.inrun_shapley(model_fn, params, train, nan_val, lr=0.1,
+                                                                         order=2, group=group),
+        "train_step precondition nan val": lambda: step(step.init(params), train, nan_val),
+        "save unwritable": lambda: ghostfunc.DataValues.zeros(4).add(torch.tensor([rank]), torch.tensor([1.0])).save(
+            blocker / "values.pt", group=group),
+        "permuted params": lambda: ghostfunc.graddot(model_fn, rolled, train, val, group=group),
+        "same params, another layout": lambda: ghostfunc.graddot(model_fn, noncontiguous, train, val, group=group),
+    }
+    for name, call in cases.items():
+        start = time.monotonic()
+        try:
+            call()
+            out[name] = [None, None, time.monotonic() - start]
+        except Exception as err:
+            out[name] = [type(err).__name__, str(err), time.monotonic() - start]
+    good = ghostfunc.graddot(model_fn, params, train, val, group=group)
+    saved = ghostfunc.DataValues.zeros(4).add(torch.tensor([rank]), torch.tensor([1.0])).save(
+        Path(folder, "values.pt"), group=group)
+    out["after"] = [good.train_grad[key].sum().item(), saved.total.tolist()]
+    # the cost of the status exchange when nothing fails: one all-reduce of one int32
+    from ghostfunc import _dist
+
+    for _ in range(20):
+        with _dist.collectively("timing", group):
+            pass
+    dist.barrier()
+    start, calls = time.perf_counter(), 300
+    for _ in range(calls):
+        with _dist.collectively("timing", group):
+            pass
+    out["exchange_us"] = (time.perf_counter() - start) / calls * 1e6
+    flag = torch.zeros(1, dtype=torch.int32)
+    start = time.perf_counter()
+    for _ in range(calls):
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    out["allreduce_us"] = (time.perf_counter() - start) / calls * 1e6
+
+
+@pytest.fixture(scope="module")
+def faults(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    return _spawn(tmp_path_factory.mktemp("faults"), 2, "faults")
+
+
+FAILS_ON_RANK_1 = {"graddot nan train": "graddot", "graddot full matrix nan train": "graddot",
+                   "inrun_shapley nan train": "inrun_shapley", "inrun_shapley order 2 nan val": "inrun_shapley",
+                   "train_step precondition nan val": "train_step"}
+
+
+@pytest.mark.parametrize("case", list(FAILS_ON_RANK_1))
+def test_error_on_one_rank_raises_on_every_rank(faults: list[dict[str, Any]], case: str) -> None:
+    """A NaN loss in rank 1's rows (found during the local capture, after the ranks agreed on the arguments):
+    rank 1 raises its own FloatingPointError, rank 0 a RuntimeError naming rank 1 and quoting it, at once
+    (not after the process group's timeout); the group works afterwards."""
+    own, other = faults[1][case], faults[0][case]
+    assert own[0] == "FloatingPointError" and "non-finite" in own[1], own
+    assert other[0] == "RuntimeError", other
+    assert other[1].startswith(f"{FAILS_ON_RANK_1[case]}: rank 1 of 2 failed") and own[1] in other[1], other
+    assert max(own[2], other[2]) < FAULT_TIMEOUT_S / 2, (own, other)
+    assert faults[0]["after"] == faults[1]["after"] and faults[0]["after"][1] == [1.0, 1.0, 0.0, 0.0]
+    if case == next(iter(FAILS_ON_RANK_1)):
+        print(f"status exchange when nothing fails: {max(r['exchange_us'] for r in faults):.0f} us per call, a "
+              f"bare all_reduce of one int32 {max(r['allreduce_us'] for r in faults):.0f} us (gloo, 2 ranks)")
+
+
+def test_save_rank_0_cannot_write_raises_on_every_rank(faults: list[dict[str, Any]]) -> None:
+    own, other = faults[0]["save unwritable"], faults[1]["save unwritable"]
+    assert own[0] in ("FileExistsError", "NotADirectoryError"), own
+    assert other[0] == "RuntimeError" and other[1].startswith("DataValues.save: rank 0 of 2 failed"), other
+    assert own[1] in other[1] and max(own[2], other[2]) < FAULT_TIMEOUT_S / 2, (own, other)
+
+
+def test_permuted_params_raise_on_every_rank(faults: list[dict[str, Any]]) -> None:
+    """Rank 1's first weight matrix has its rows rolled (every per-tensor sum is the same): refused on every
+    rank, naming that parameter only; bitwise equal parameters in another memory layout pass."""
+    for res in faults:
+        kind, msg, _ = res["permuted params"]
+        assert kind == "ValueError" and "rank 1" in msg and "parameter values" in msg, msg
+        assert msg.count("0x") == 4 and msg.count("weight") == 2, msg  # that parameter's two numbers, per rank
+        assert res["same params, another layout"][0] is None, res["same params, another layout"]
+
+
+def test_param_checksum_catches_permutations_not_layouts() -> None:
+    """Bitwise equal tensors give equal fingerprints whatever their layout, alignment or the thread count;
+    a permutation, a transpose, swapped neighbours or rows, a swap across the period's remainder do not."""
+    from ghostfunc import _dist
+
+    period = _dist.CHECK_PERIOD
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        for shape in ((3, 3), (40, 40), (period + 3,), (2 * period + 1, 2)):
+            a = torch.randn(*shape, generator=g).to(dtype)
+            fp = _dist.param_checksum({"a": a})
+            stored = torch.empty(a.numel() + 1, dtype=dtype)
+            stored[1:] = a.reshape(-1)  # not 64-byte aligned
+            assert _dist.param_checksum({"a": stored[1:].view(shape)}) == fp
+            if a.dim() == 2:
+                assert _dist.param_checksum({"a": a.t().contiguous().t()}) == fp
+            flat = a.reshape(-1)
+            changed = [flat[torch.randperm(flat.numel(), generator=g)], flat.roll(1), flat.flip(0),
+                       torch.cat([flat[1:2], flat[:1], flat[2:]]), torch.cat([flat[-1:], flat[1:-1], flat[:1]])]
+            if a.dim() == 2:
+                changed += [a.t().reshape(-1), a.roll(1, 0).reshape(-1)]
+            for c in changed:
+                if not torch.equal(c, flat):
+                    assert _dist.param_checksum({"a": c.view(shape)}) != fp, (dtype, shape)
+    big = torch.randn(3 * period + 5, 7, generator=g)
+    threads = torch.get_num_threads()
+    try:
+        every = []
+        for n in (1, 2, 4):
+            torch.set_num_threads(n)
+            every.append(_dist.param_checksum({"big": big}))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(e == every[0] for e in every)
 
 
 # ----------------------------------------------------------------------------- the tests
