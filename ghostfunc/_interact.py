@@ -106,11 +106,11 @@ def check_model(model_fn: Callable, params: Mapping[str, Tensor], batches: tuple
         except _RaisedOn as failed:
             if not ran:  # maybe a model that runs only under vmap: the capture reports its own errors
                 continue
-            err = failed.error
-            err.add_note(f"{where}: model_fn raised this on the {label} batch (its first rows, without gradients), "
-                         f"and ran on the {ran[0]} batch: check the {label} batch's structure and shapes "
-                         f"against the {ran[0]} batch's")
-            raise err from None
+            error = failed.error
+            error.add_note(f"{where}: model_fn raised this on the {label} batch (its first rows, without "
+                           f"gradients), and ran on the {ran[0]} batch: check the {label} batch's structure and "
+                           f"shapes against the {ran[0]} batch's")
+            raise error from None
         ran.append(label)
         if compared:  # a batch of one sample says nothing about the next, bigger batch of this signature
             if len(seen) > 64:
