@@ -155,7 +155,7 @@ def _signature_bytes(s: C.Setup, train: Any, val: Any, lr: float) -> int:
     from ghostfunc import _dist
 
     sig = {"signature": {"parameter names, shapes and dtypes": _dist.param_signature(s.params),
-                         "parameter values (sums)": _dist.param_checksum(s.params),
+                         "parameter values (fingerprints)": _dist.param_checksum(s.params),
                          "train batch structure": _dist.batch_signature(train),
                          "val batch structure": _dist.batch_signature(val), "val_reduce": "mean", "policy": "auto",
                          "lr": lr, "order": 1, "precondition": False}, "rows": (1, 1), "error": None}
