@@ -21,13 +21,16 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 Params = dict[str, Tensor]
+#: Gradients for ``update``: ``None`` for a parameter no gradient reached (torch.optim's ``.grad is None``):
+#: the update leaves it, and its optimizer state, as they are.
+Grads = Mapping[str, Tensor | None]
 Schedule = float | Callable[[int], float]
 
 
@@ -37,7 +40,8 @@ class Optimizer(NamedTuple):
     Attributes:
         init: ``init(params) -> state``.
         update: ``update(grads, state, params) -> (new_params, new_state)``; ``grads``
-            is the mean loss gradient over the batch, shaped like ``params``.
+            is the mean loss gradient over the batch, shaped like ``params`` (``None`` for a
+            parameter no gradient reached: left as it is, as torch.optim leaves a ``.grad`` of ``None``).
         lr: ``lr(state) -> float``, the learning rate the next ``update`` uses.
         precondition: ``precondition(direction, grads, state) -> direction'``, the
             diagonal preconditioner of the next ``update`` (the one that ``grads``
@@ -46,25 +50,29 @@ class Optimizer(NamedTuple):
     """
 
     init: Callable[[Params], Any]
-    update: Callable[[Params, Any, Params], tuple[Params, Any]]
+    update: Callable[[Grads, Any, Params], tuple[Params, Any]]
     lr: Callable[[Any], float]
-    precondition: Callable[[Params, Params, Any], Params]
+    precondition: Callable[[Params, Grads, Any], Params]
     name: str
 
 
 class SGDState(NamedTuple):
-    """``step`` updates done so far; ``momentum`` buffers (``None`` before the first update or without momentum)."""
+    """``step`` updates done so far; ``momentum`` buffers (``None`` before the first update or without momentum;
+    a parameter no gradient has reached yet has none)."""
 
     step: int
     momentum: Params | None
 
 
 class AdamWState(NamedTuple):
-    """``step`` updates done so far; ``mu`` and ``nu`` the first and second moment estimates."""
+    """``step`` updates done so far; ``mu`` and ``nu`` the first and second moment estimates; ``counts``
+    the updates each parameter took part in (``None``: all of them, ``step``), which its bias
+    corrections use (as torch.optim.AdamW's per-parameter ``step``)."""
 
     step: int
     mu: Params
     nu: Params
+    counts: dict[str, int] | None = None
 
 
 def _real(where: str, name: str, value: Any, low: float = -math.inf, high: float = math.inf) -> float:
@@ -111,12 +119,12 @@ def _schedule(lr: Schedule, where: str) -> Callable[[int], float]:
     return lambda count: value
 
 
-def _check_grads(grads: Params, params: Params, where: str) -> None:
+def _check_grads(grads: Grads, params: Params, where: str) -> None:
     if set(grads) != set(params):
         raise ValueError(f"{where}: grads and params must have the same keys; "
                          f"got grads {sorted(grads)} and params {sorted(params)}")
     for k, g in grads.items():
-        if g.shape != params[k].shape:
+        if g is not None and g.shape != params[k].shape:
             raise ValueError(f"{where}: grads[{k!r}] has shape {tuple(g.shape)}, params[{k!r}] {tuple(params[k].shape)}")
 
 
@@ -147,16 +155,21 @@ def sgd(lr: Schedule, momentum: float = 0.0, *, dampening: float = 0.0, weight_d
         del params
         return SGDState(0, None)
 
-    def update(grads: Params, state: SGDState, params: Params) -> tuple[Params, SGDState]:
+    def update(grads: Grads, state: SGDState, params: Params) -> tuple[Params, SGDState]:
         _check_grads(grads, params, where)
         step_lr = rate(state.step)
         new_params, bufs = {}, {}
         for k, p in params.items():
             d = grads[k]
+            if d is None:  # no gradient reached it: untouched, its buffer kept (torch.optim skips it)
+                new_params[k] = p
+                if state.momentum is not None and k in state.momentum:
+                    bufs[k] = state.momentum[k]
+                continue
             if weight_decay != 0:
                 d = d.add(p, alpha=weight_decay)
             if momentum != 0:
-                if state.momentum is None:
+                if state.momentum is None or k not in state.momentum:
                     buf = d.clone()  # not detached: the replay (ghostfunc.unroll) differentiates through it
                 else:
                     buf = state.momentum[k].mul(momentum).add_(d, alpha=1 - dampening)
@@ -165,7 +178,7 @@ def sgd(lr: Schedule, momentum: float = 0.0, *, dampening: float = 0.0, weight_d
             new_params[k] = p.add(d, alpha=-step_lr)
         return new_params, SGDState(state.step + 1, bufs if momentum != 0 else None)
 
-    def precondition(direction: Params, grads: Params, state: SGDState) -> Params:
+    def precondition(direction: Params, grads: Grads, state: SGDState) -> Params:
         del grads, state
         return dict(direction)
 
@@ -219,26 +232,44 @@ def adamw(lr: Schedule = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: f
     def _nu(g: Tensor, nu: Tensor) -> Tensor:
         return nu.mul(beta2).addcmul_(g, g, value=1 - beta2)
 
-    def update(grads: Params, state: AdamWState, params: Params) -> tuple[Params, AdamWState]:
+    def counts_of(state: AdamWState, grads: Grads) -> dict[str, int] | None:
+        """Per-parameter update counts, kept only once a parameter has missed an update."""
+        if state.counts is None and all(g is not None for g in grads.values()):
+            return None
+        return dict(state.counts) if state.counts is not None else dict.fromkeys(grads, state.step)
+
+    def update(grads: Grads, state: AdamWState, params: Params) -> tuple[Params, AdamWState]:
         _check_grads(grads, params, where)
         step_lr = rate(state.step)
-        t = state.step + 1
-        bias1 = 1 - beta1**t
-        bias2_sqrt = (1 - beta2**t) ** 0.5
-        step_size = step_lr / bias1
+        counts = counts_of(state, grads)
         new_params, mu, nu = {}, {}, {}
         for k, p in params.items():
             g = grads[k]
+            if g is None:  # no gradient reached it: untouched, moments and count kept (torch.optim skips it)
+                new_params[k], mu[k], nu[k] = p, state.mu[k], state.nu[k]
+                continue
+            t = (state.step if counts is None else counts[k]) + 1
+            if counts is not None:
+                counts[k] = t
+            bias2_sqrt = (1 - beta2**t) ** 0.5
+            step_size = step_lr / (1 - beta1**t)
             if weight_decay != 0:
                 p = p.mul(1 - step_lr * weight_decay)
             mu[k] = state.mu[k].lerp(g, 1 - beta1)
             nu[k] = _nu(g, state.nu[k])
             denom = (_sqrt0(nu[k]) / bias2_sqrt).add_(eps)
             new_params[k] = p.addcdiv(mu[k], denom, value=-step_size)
-        return new_params, AdamWState(t, mu, nu)
+        return new_params, AdamWState(state.step + 1, mu, nu, counts)
 
-    def precondition(direction: Params, grads: Params, state: AdamWState) -> Params:
-        bias2_sqrt = (1 - beta2 ** (state.step + 1)) ** 0.5
-        return {k: u / (_nu(grads[k], state.nu[k]).sqrt() / bias2_sqrt).add_(eps) for k, u in direction.items()}
+    def precondition(direction: Params, grads: Grads, state: AdamWState) -> Params:
+        out = {}
+        for k, u in direction.items():
+            g = grads[k]
+            if g is None:  # no update divides it (and its per-sample gradients are 0)
+                out[k] = u
+                continue
+            t = (state.step if state.counts is None else state.counts[k]) + 1
+            out[k] = u / (_nu(g, state.nu[k]).sqrt() / (1 - beta2**t) ** 0.5).add_(eps)
+        return out
 
     return Optimizer(init, update, lambda state: rate(state.step), precondition, "adamw")

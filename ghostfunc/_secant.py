@@ -41,6 +41,7 @@ from ._graddot import (
     routing,
     sum_scores,
     train_mean,
+    train_used,
 )
 from ._interact import state_of
 from ._ops import Direct, Factored
@@ -93,6 +94,7 @@ class Secant(NamedTuple):
     val_loss: Tensor
     plan: Plan
     after: ValGrad
+    used: frozenset[str] | None = None  # the parameters the training batch's traces use
 
 
 def check_curvature(where: str, curvature: Any, order: Any) -> None:
@@ -179,7 +181,7 @@ def secant_values(where: str, model_fn: Callable[[Params, Any], Tensor], params:
     else:
         copies = tuple(x.detach().clone() for x in vb.tensors)
     after = ValGrad(copies, vb.signature, moved, g_next, loss_next, model_fn, state_of(model_fn))
-    return Secant(values, now.mul(-a), g_train, train_loss, loss_now, r.plan, after)
+    return Secant(values, now.mul(-a), g_train, train_loss, loss_now, r.plan, after, train_used(r))
 
 
 def row_groups(batch: Batch, plan: Plan) -> list[slice]:

@@ -58,6 +58,8 @@ from ._graddot import (
     score_group,
     score_streamed,
     sum_scores,
+    train_used,
+    unused,
     val_weights,
 )
 from ._groups import Part, split_sum
@@ -95,6 +97,7 @@ class Values(NamedTuple):
     val_loss: Tensor
     plan: Plan
     val_grad: ValGrad | None = None  # curvature="secant": ḡ_val at θ' = θ − a·G, for the next step
+    unused: frozenset[str] = frozenset()  # parameters no training sample reaches (one process; _graddot.unused)
 
 
 def _import_jvp_decompositions() -> None:
@@ -246,7 +249,8 @@ def compute_values(
                              f"with group=, or run without a process group")
         sec = secant_values(where, model_fn, params, tb, vb, lr=lr, weights=weights, before=val_grad,
                             scratch=scratch)
-        return Values(sec.values, sec.first_order, sec.train_grad, sec.train_loss, sec.val_loss, sec.plan, sec.after)
+        return Values(sec.values, sec.first_order, sec.train_grad, sec.train_loss, sec.val_loss, sec.plan, sec.after,
+                      unused(sec.used, sec.train_grad))
     if order == 1 and precondition is None:
         eager_why: list[str] = []  # compile=True: why these values were computed eagerly (a plan note)
         if compile:  # one process (checked by the caller): the compiled graph where it can run
@@ -261,7 +265,7 @@ def compute_values(
         per_param, g_train = score_streamed(st, params, weights, n, m, None)
         values = sum_scores(per_param, params).mul(-a)
         return Values(values, values, g_train, st.train_loss, st.val_loss,
-                      st.plan._replace(notes=(*st.plan.notes, *eager_why)))
+                      st.plan._replace(notes=(*st.plan.notes, *eager_why)), None, unused(st.used, g_train))
 
     def train_first(fresh: bool) -> tuple[Routing, Half]:
         r = routing(model_fn, params, tb, vb, where, "contract", "mean", fresh)
@@ -272,6 +276,8 @@ def compute_values(
         rows, g_train = train_rows(r.plan, t.grads, params, tb.size, 2 if order == 2 and first_order else 1, scratch)
     train_loss = t.loss
     del t  # the factors of the kept parameters go now
+    # one process only: across ranks a parameter unused here may be used on another (the global mean decides)
+    local_unused = unused(train_used(r), g_train) if world is None else frozenset()
     if world is not None:
         g_train = _dist.global_mean(g_train, world, group)
         r = r._replace(plan=r.plan._replace(n_train=n, n_val=m))
@@ -284,7 +290,7 @@ def compute_values(
             g_val = _dist.allreduce_sum(g_val, group)
         values = row_dots(rows, [{k: g.mul(-a) for k, g in precondition(g_val, g_train).items()}], params)[:, 0]
         give_back(scratch, rows)
-        return Values(values, values, g_train, train_loss, val_loss, r.plan)
+        return Values(values, values, g_train, train_loss, val_loss, r.plan, None, local_unused)
     with _dist.collectively(where, group):
         g_val, hg, val_loss = val_grad_hvp(model_fn, params, vb, weights, {k: g.mul(n) for k, g in g_train.items()},
                                            where, row_groups(vb, r.plan))  # H_val G, G = Σ_j g_j
@@ -297,7 +303,7 @@ def compute_values(
     dots = row_dots(rows, [u1, u] if first_order else [u], params)  # [n, 2] (one pass for both) or [n, 1]
     give_back(scratch, rows)
     return Values(dots[:, -1].contiguous(), dots[:, 0].contiguous() if first_order else None, g_train, train_loss,
-                  val_loss, r.plan)
+                  val_loss, r.plan, None, local_unused)
 
 
 def check_lr_order(where: str, lr: Any, order: Any) -> None:

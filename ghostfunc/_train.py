@@ -112,7 +112,9 @@ class TrainStep:
         out = compute_values("train_step", self.model_fn, state.params, train, val, lr=lr, order=self.order,
                              precondition=pre, group=self.group, curvature=self.curvature,
                              val_grad=state.val_grad, compile=self.compile, scratch=self._scratch)
-        params, opt_state = opt.update(out.train_grad, state.opt_state, state.params)
+        # a parameter no training sample reaches is left as torch.optim leaves one whose .grad is None
+        grads = {k: None if k in out.unused else g for k, g in out.train_grad.items()}
+        params, opt_state = opt.update(grads, state.opt_state, state.params)
         assert out.first_order is not None
         info = StepInfo(out.values, out.first_order, out.train_loss, out.val_loss, lr)
         return TrainState(params, opt_state, state.step + 1, _carried(out.val_grad, params)), info

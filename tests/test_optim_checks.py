@@ -137,3 +137,34 @@ def test_edge_values_torch_accepts_still_pass_and_match_torch() -> None:
             topt.step()
         assert torch.equal(params["w"], w.detach()), opt.name
         assert math.isfinite(float(params["w"].sum()))
+
+
+@pytest.mark.parametrize("name", ["sgd", "sgd-momentum", "sgd-nesterov", "adamw"])
+def test_a_parameter_without_gradient_is_left_as_torch_optim_leaves_it(name):
+    """``None`` for a parameter's gradient (no gradient reached it): the update leaves the parameter and its
+    state (momentum buffer; AdamW's moments and per-parameter count, which its bias correction uses) as
+    torch.optim does for ``.grad is None``, over steps where the parameters miss different updates."""
+    g = torch.Generator().manual_seed(0)
+    start = {k: torch.randn(3, 2, generator=g, dtype=torch.float64) for k in "abc"}
+    missing = [{"b"}, {"b", "c"}, set(), {"c"}, {"b"}, set()]  # b first gets a gradient at step 2
+    make = {"sgd": (lambda: ghostfunc.sgd(0.1, weight_decay=0.1), lambda ps: torch.optim.SGD(ps, lr=0.1,
+                                                                                               weight_decay=0.1)),
+            "sgd-momentum": (lambda: ghostfunc.sgd(0.1, momentum=0.9, dampening=0.1, weight_decay=0.1),
+                             lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, dampening=0.1, weight_decay=0.1)),
+            "sgd-nesterov": (lambda: ghostfunc.sgd(0.1, momentum=0.9, nesterov=True),
+                             lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True)),
+            "adamw": (lambda: ghostfunc.adamw(0.05, weight_decay=0.1),
+                      lambda ps: torch.optim.AdamW(ps, lr=0.05, weight_decay=0.1, foreach=False))}[name]
+    opt = make[0]()
+    params = {k: v.clone() for k, v in start.items()}
+    state = opt.init(params)
+    leaves = [torch.nn.Parameter(v.clone()) for v in start.values()]
+    ref = make[1](leaves)
+    for skip in missing:
+        grads = {k: None if k in skip else torch.randn(3, 2, generator=g, dtype=torch.float64) for k in "abc"}
+        params, state = opt.update(grads, state, params)
+        for leaf, k in zip(leaves, "abc", strict=True):
+            leaf.grad = None if grads[k] is None else grads[k].clone()
+        ref.step()
+        for leaf, k in zip(leaves, "abc", strict=True):
+            assert torch.equal(params[k], leaf.detach()), (k, skip)
