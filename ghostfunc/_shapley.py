@@ -33,6 +33,7 @@ sample, say) a positive one. ``−φ`` is the usual "higher is better" data valu
 from __future__ import annotations
 
 import importlib
+import math
 import sys
 import warnings
 from collections.abc import Callable, Mapping
@@ -307,9 +308,9 @@ def compute_values(
 
 
 def check_lr_order(where: str, lr: Any, order: Any) -> None:
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr >= 0:
-        raise ValueError(f"{where}: lr must be a float >= 0 (the step's learning rate); got {lr!r}")
-    if order not in ORDERS:
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 <= lr < math.inf:
+        raise ValueError(f"{where}: lr must be a finite float >= 0 (the step's learning rate); got {lr!r}")
+    if type(order) is not int or order not in ORDERS:  # not 2.0 or True (== 1)
         raise ValueError(f"{where}: order must be 1 or 2; got {order!r}")
 
 

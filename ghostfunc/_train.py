@@ -190,8 +190,10 @@ def train_step(model_fn: Callable[[Params, Any], Tensor], optimizer: Optimizer, 
     if not isinstance(optimizer, Optimizer):
         raise TypeError(f"{where}: optimizer must be a ghostfunc.Optimizer (ghostfunc.sgd(...), ghostfunc.adamw(...)); "
                         f"got {type(optimizer).__name__}")
-    if order not in ORDERS:
+    if type(order) is not int or order not in ORDERS:  # not 2.0 or True (== 1)
         raise ValueError(f"{where}: order must be 1 or 2; got {order!r}")
+    if not isinstance(precondition, bool):
+        raise TypeError(f"{where}: precondition must be True or False; got {precondition!r}")
     if precondition and order != 1:
         raise ValueError(f"{where}: precondition=True gives first-order values only; got order={order}")
     _dist.check_group(group, where)

@@ -253,9 +253,13 @@ def test_inputs_not_modified_and_float32():
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [
-    ({"lr": -1.0}, r"^inrun_shapley: lr must be a float >= 0"),
+    ({"lr": -1.0}, r"^inrun_shapley: lr must be a finite float >= 0"),
+    ({"lr": float("inf")}, r"^inrun_shapley: lr must be a finite float >= 0.*got inf"),
+    ({"lr": float("nan")}, r"^inrun_shapley: lr must be a finite float >= 0.*got nan"),
     ({"lr": "0.1"}, r"^inrun_shapley: lr must be"),
     ({"lr": 0.1, "order": 3}, r"^inrun_shapley: order must be 1 or 2; got 3"),
+    ({"lr": 0.1, "order": 2.0}, r"^inrun_shapley: order must be 1 or 2; got 2.0"),
+    ({"lr": 0.1, "order": True}, r"^inrun_shapley: order must be 1 or 2; got True"),
 ])
 def test_argument_errors(kwargs, match):
     params, train, val = mlp()

@@ -197,6 +197,10 @@ def test_errors_name_the_function():
         ghostfunc.train_step(mlp_fn, torch.optim.SGD)
     with pytest.raises(ValueError, match=r"^train_step: order must be 1 or 2; got 0"):
         ghostfunc.train_step(mlp_fn, ghostfunc.sgd(0.1), order=0)
+    with pytest.raises(ValueError, match=r"^train_step: order must be 1 or 2; got 2.0"):
+        ghostfunc.train_step(mlp_fn, ghostfunc.sgd(0.1), order=2.0)
+    with pytest.raises(TypeError, match=r"^train_step: precondition must be True or False; got 'yes'"):
+        ghostfunc.train_step(mlp_fn, ghostfunc.sgd(0.1), precondition="yes")
     with pytest.raises(ValueError, match=r"^train_step: precondition=True gives first-order values only"):
         ghostfunc.train_step(mlp_fn, ghostfunc.adamw(), order=2, precondition=True)
     with pytest.raises(TypeError, match=r"^train_step: state must be the TrainState"):
