@@ -205,11 +205,21 @@ def state_of(model_fn: Callable) -> tuple:
     flags. Equal fingerprints do not prove that nothing changed (state behind other
     objects is not walked); a changed one proves that something did.
     """
+    if isinstance(model_fn, functools.partial):  # its bound arguments, then its function's own state
+        return (*_state_of_values([*model_fn.args, *model_fn.keywords.values()]), *state_of(model_fn.func))
     code, cells = getattr(model_fn, "__code__", None), getattr(model_fn, "__closure__", None) or ()
     found = [_contents(c) for c in cells]
     if code is not None:
         scope = getattr(model_fn, "__globals__", {})
         found += [scope[name] for name in code.co_names if name in scope]
+    owner = getattr(model_fn, "__self__", None)  # a bound method: its object (a module: tensors, modes,
+    if owner is not None:  # attributes; another object: its attributes)
+        found.append(owner if isinstance(owner, torch.nn.Module) or not hasattr(owner, "__dict__") else vars(owner))
+    return _state_of_values(found)
+
+
+def _state_of_values(found: list[Any]) -> tuple:
+    """:func:`state_of` of the objects ``found`` (closure contents, named globals, bound arguments)."""
     out: list[Any] = []
 
     def see(obj: Any, depth: int) -> None:
@@ -218,10 +228,11 @@ def state_of(model_fn: Callable) -> tuple:
         elif isinstance(obj, (bool, int, float, complex, str)):
             out.append(obj)
         elif isinstance(obj, torch.nn.Module):
-            for m in obj.modules():
-                out.append(m.training)
+            for m in obj.modules():  # every module's mode, tensors, and plain attributes (a temperature)
                 out.extend((id(t), t._version) for t in (*m._parameters.values(), *m._buffers.values())
                            if t is not None)
+                out.extend((k, (id(v), v._version) if isinstance(v, Tensor) else v) for k, v in vars(m).items()
+                           if not k.startswith("_") and isinstance(v, (bool, int, float, complex, str, Tensor)))
         elif depth and isinstance(obj, dict):
             for k, v in obj.items():
                 out.append(k if isinstance(k, (int, str)) else id(k))

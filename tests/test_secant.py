@@ -223,6 +223,43 @@ def test_train_step_recomputes_when_what_the_model_reads_changes(change, monkeyp
     FROZEN.update(scale=torch.ones(5, dtype=DT), temperature=1.0)
 
 
+class Scaled(nn.Module):
+    """A model whose loss is a bound method reading a buffer and a number of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.ones(5, dtype=DT))
+        self.temperature = 1.0
+
+    def loss(self, p, batch):
+        h = torch.tanh(F.linear(batch["x"], p["w1"], p["b1"])) * self.scale
+        return F.cross_entropy(F.linear(h, p["w2"], p["b2"]) / self.temperature, batch["y"], reduction="none")
+
+
+@pytest.mark.parametrize("change", ["buffer in place", "number", "nothing"])
+@pytest.mark.parametrize("form", ["bound method", "partial"])
+def test_secant_state_of_a_bound_method_or_partial(change, form, monkeypatch):
+    import functools
+
+    params, _, val = mlp(seed=4)
+    calls = spy(monkeypatch)
+    owner = Scaled()
+    fn = owner.loss if form == "bound method" else functools.partial(lambda m, p, b: m.loss(p, b), owner)
+    step = ghostfunc.train_step(fn, ghostfunc.sgd(0.3), order=2, curvature="secant")
+    state = step.init(params)
+    train = list(batches(8, 2))
+    state, _ = step(state, train[0], val)
+    if change == "buffer in place":
+        owner.scale.mul_(2.0)
+    elif change == "number":
+        owner.temperature = 0.5
+    want = ghostfunc.inrun_shapley(fn, state.params, train[1], val, lr=0.3, order=2, curvature="secant")
+    before = len(calls)
+    state, info = step(state, train[1], val)
+    assert len(calls) - before == (1 if change == "nothing" else 2)
+    torch.testing.assert_close(info.values, want, rtol=1e-12, atol=1e-15)
+
+
 @pytest.mark.parametrize("optimizer", [ghostfunc.sgd(0.2, momentum=0.9), ghostfunc.sgd(0.2, weight_decay=0.1),
                                        ghostfunc.adamw(0.05)], ids=["momentum", "weight-decay", "adamw"])
 def test_train_step_other_optimizers_values_at_each_steps_params(optimizer):
