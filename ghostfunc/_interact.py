@@ -174,16 +174,21 @@ def param_signature(params: Mapping[str, Tensor]) -> tuple:
 
 def training_flags(model_fn: Callable) -> tuple[bool, ...]:
     """``training`` of every submodule of the modules ``model_fn`` names (closure cells and the globals it
-    reads): switching one between train and eval mode makes the next call check again."""
+    reads, a bound method's object, a ``functools.partial``'s arguments): switching one between train and
+    eval mode makes the next call check again."""
     return _scoped("flags", model_fn, lambda: _training_flags(model_fn))
 
 
 def _training_flags(model_fn: Callable) -> tuple[bool, ...]:
+    if isinstance(model_fn, functools.partial):
+        return (*(a.training for a in (*model_fn.args, *model_fn.keywords.values())
+                  if isinstance(a, torch.nn.Module) for a in a.modules()), *_training_flags(model_fn.func))
     code, cells = getattr(model_fn, "__code__", None), getattr(model_fn, "__closure__", None) or ()
     found = [_contents(c) for c in cells]
     if code is not None:
         scope = getattr(model_fn, "__globals__", {})
         found += [scope[name] for name in code.co_names if name in scope]
+    found.append(getattr(model_fn, "__self__", None))  # a bound method of a module
     flags: list[bool] = []
     for obj in found:
         if isinstance(obj, torch.nn.Module):

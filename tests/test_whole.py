@@ -507,3 +507,30 @@ def test_alternating_routings_of_one_signature_keep_their_replays(monkeypatch: p
             monkeypatch.setenv("GHOSTFUNC_ROUTING", env)
             exact_every_call(fn, params_of(net), train, val, calls=1)
     assert hits and all(hits), hits
+
+
+def test_training_flags_see_bound_methods_and_partials() -> None:
+    """The modes that key every cache include a bound method's module and a partial's module arguments."""
+    import functools
+
+    from ghostfunc._interact import training_flags
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5))
+
+        def loss(self, p, x):
+            return functional_call(self, p, (x,)).sum(1)
+
+        def forward(self, x):
+            return self.body(x)
+
+    net = Net()
+    partial = functools.partial(lambda m, p, x: functional_call(m, p, (x,)).sum(1), net)
+    trained = (training_flags(net.loss), training_flags(partial))
+    net.eval()
+    assert training_flags(net.loss) != trained[0] and training_flags(partial) != trained[1]
+    x = torch.randn(4, 2, dtype=F64)
+    p = {k: v.detach().to(F64) for k, v in net.named_parameters()}
+    exact_every_call(net.loss, p, x, x[:2])  # eval mode: no dropout, whole-batch path as usual
