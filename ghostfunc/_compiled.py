@@ -98,11 +98,16 @@ _DRAWS = frozenset({
 })
 
 
+#: The keyword of each dropout's training flag (``F.dropout(..., training=)``, ``torch.dropout(..., train=)``),
+#: looked up at import: inside a traced graph a string method of ``func.__module__`` breaks the graph.
+_TRAIN_FLAG = {f: "training" if f.__module__.startswith("torch.nn") else "train" for f in _DROPOUTS}
+
+
 def _draws(func: Any, args: tuple, kwargs: dict[str, Any]) -> bool:
     """Whether this call draws: a dropout draws only when training with ``p > 0`` (``nn.Dropout`` in eval
     mode calls ``F.dropout(x, p, False)``); ``rrelu`` only when training; the rest always."""
     if func in _DROPOUTS:  # F.dropout(input, p=0.5, training=True, ...); torch.dropout(input, p, train)
-        flag = "training" if func.__module__.startswith("torch.nn") else "train"
+        flag = _TRAIN_FLAG[func]
         p = args[1] if len(args) > 1 else kwargs.get("p", 0.5)
         training = args[2] if len(args) > 2 else kwargs.get(flag, True)
         return bool(training) and p > 0

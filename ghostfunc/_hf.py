@@ -128,7 +128,7 @@ def from_module(
         key = layout(batch)
         if key not in native and _plain_call(batch):
             probe = unpadded(batch)  # padding is where the built inputs differ from the model's on purpose
-            native[key] = not _agrees(lambda plain: run(p, probe, plain))
+            native[key] = not _agrees(lambda plain: run(p, probe, plain), [*p.values()])
         return run(p, batch, plain=native.get(key, False))
 
     return model_fn, params
@@ -166,13 +166,13 @@ def _no_modes() -> Any:
             torch._C._push_on_torch_function_stack(mode)
 
 
-def _agrees(losses: Callable[[bool], Tensor]) -> bool:
+def _agrees(losses: Callable[[bool], Tensor], params: list[Tensor]) -> bool:
     """Whether the inputs :func:`from_module` builds give the losses of the model's own forward on a batch
     without padding (with padding they differ on purpose: see :func:`from_module`).
 
     Both run without gradients, from the same random state, outside any ghostfunc
-    interceptor; they agree up to ``sqrt(eps)`` of the loss dtype times the largest
-    loss. Where the model's own forward fails, the built inputs are kept (they are
+    interceptor; they agree up to ``sqrt(eps)`` of the coarser of the parameters' and
+    the losses' dtypes times the largest loss. Where the model's own forward fails, the built inputs are kept (they are
     what the model needs); where only the built inputs fail, or the two disagree
     (RoBERTa-style position ids that start after the padding id, DeBERTa's 0/1 4-D
     masks, a causal model no attention module marks ``is_causal``, local attention
@@ -197,7 +197,8 @@ def _agrees(losses: Callable[[bool], Tensor]) -> bool:
     if not bool((finite == (torch.isfinite(a) | torch.isfinite(b))).all()):
         return False
     scale = torch.cat([a[finite].abs(), b[finite].abs(), a.new_ones(1)]).max()
-    return bool(((a - b).abs()[finite] <= torch.finfo(own.dtype).eps ** 0.5 * scale).all())
+    coarsest = max((t.dtype for t in (*params, own) if t.is_floating_point()), key=lambda d: torch.finfo(d).eps)
+    return bool(((a - b).abs()[finite] <= torch.finfo(coarsest).eps ** 0.5 * scale).all())
 
 
 class _ModelSpec:

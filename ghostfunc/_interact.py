@@ -310,7 +310,9 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
             f"(x,)) instead of net(x), or p['w'] instead of a captured copy of the weight"
         )
     if alone is not None:  # dropout-like draws differ batched and alone; one sample cannot interact
-        _compare(together.detach(), torch.cat(alone).detach(), label, chosen)
+        coarsest = max((t.dtype for t in (*params.values(), *batch.tensors, together) if t.is_floating_point()),
+                       key=lambda d: torch.finfo(d).eps)  # a float32 model may return float64 losses
+        _compare(together.detach(), torch.cat(alone).detach(), label, chosen, coarsest)
     return k > 1
 
 
@@ -351,10 +353,11 @@ def _per_sample_shape(losses: Any, k: int) -> bool:
     return isinstance(losses, Tensor) and losses.shape == (k,) and losses.is_floating_point()
 
 
-def _compare(together: Tensor, alone: Tensor, label: str, chosen: list[int]) -> None:
+def _compare(together: Tensor, alone: Tensor, label: str, chosen: list[int], dtype: torch.dtype) -> None:
     """``together[i]`` (sample ``chosen[i]`` run with the others) against ``alone[i]``, up to rounding.
 
-    Rounding: ``sqrt(eps)`` of the dtype times the largest finite loss (batched and
+    Rounding: ``sqrt(eps)`` of ``dtype`` (the coarsest of the parameters', the inputs' and
+    the losses' floating dtypes) times the largest finite loss (batched and
     single-sample kernels may sum in different orders). A loss finite one way and not
     the other (a batch statistic of one sample) is a difference; NaN both ways is not.
     """
@@ -363,7 +366,7 @@ def _compare(together: Tensor, alone: Tensor, label: str, chosen: list[int]) -> 
     a, b = together.double(), alone.double()
     finite = torch.isfinite(a) & torch.isfinite(b)
     scale = torch.cat([a[finite].abs(), b[finite].abs(), a.new_zeros(1)]).max().item()
-    tol = torch.finfo(together.dtype).eps ** 0.5 * scale + torch.finfo(together.dtype).tiny
+    tol = torch.finfo(dtype).eps ** 0.5 * scale + torch.finfo(dtype).tiny
     diff = torch.where(finite, (a - b).abs(), a.new_zeros(()))
     differ = (finite & (diff > tol)) | (~finite & ~((a == b) | (a.isnan() & b.isnan())))
     if not bool(differ.any()):

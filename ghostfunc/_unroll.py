@@ -50,7 +50,7 @@ from torch.utils import _pytree as pytree
 from ._capture import Batch, _check_finite, _rephrase, per_sample_losses, tensor_leaves
 from ._checks import check_batch, check_model_fn, check_params
 from ._direction import graddot_direction
-from ._optim import Optimizer
+from ._optim import Grads, Optimizer
 from ._train import TrainState
 from ._values import SAFE_TYPES, DataValues
 
@@ -59,11 +59,12 @@ VIAS = ("hvp", "kernels")
 
 
 class Step(NamedTuple):
-    """The primal of one step, recomputed in the backward sweep: ``θ_t``, ``s_t`` and the mean gradient ``g_t``."""
+    """The primal of one step, recomputed in the backward sweep: ``θ_t``, ``s_t`` and the mean gradient ``g_t``
+    (``None`` for a parameter the batch's loss does not reach: the update leaves it, as in the run)."""
 
     params: Params
     state: Any
-    grad: Params
+    grad: Grads
 
 
 # ---------------------------------------------------------------- one step, forward and backward
@@ -93,16 +94,20 @@ def batch_losses(model_fn: Callable, batch: Batch, where: str) -> Callable[[Para
     return losses
 
 
-def mean_grad(model_fn: Callable, params: Params, batch: Batch, where: str) -> Params:
-    """``∇ mean_i ℓ_i(θ)``: the gradient step ``t``'s update uses (one ordinary backward over the batch)."""
-    with _rephrase(where):
-        g, losses = torch.func.grad(mean_and_losses(batch_losses(model_fn, batch, where)), has_aux=True)(params)
-    _check_finite(losses.detach(), "train", where)
-    return g
+def mean_grad(model_fn: Callable, params: Params, batch: Batch, where: str) -> Grads:
+    """``∇ mean_i ℓ_i(θ)``: the gradient step ``t``'s update uses (one ordinary backward over the batch);
+    ``None`` for a parameter the loss does not reach (torch.optim's ``.grad is None``: the update, as
+    :func:`ghostfunc.train_step`'s, leaves it)."""
+    leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
+    with torch.enable_grad(), _rephrase(where):
+        losses = batch_losses(model_fn, batch, where)(leaves)
+        _check_finite(losses.detach(), "train", where)
+        grads = torch.autograd.grad(losses.mean(), list(leaves.values()), allow_unused=True)
+    return dict(zip(leaves, grads, strict=True))
 
 
 def grad_pullback(model_fn: Callable, params: Params, batch: Batch,
-                  where: str) -> tuple[Params, Callable[[Params], tuple[Params, Tensor]]]:
+                  where: str) -> tuple[Grads, Callable[[Params], tuple[Params, Tensor]]]:
     """``g = ∇_θ (1/n)·Σ_i w_i·ℓ_i(θ)`` at ``w = 1``, and its pullback ``v -> (H·v, [(1/n)·<g_i, v>]_i)``.
 
     The gradient by one backward with its graph kept (what the step's update needs;
@@ -120,16 +125,17 @@ def grad_pullback(model_fn: Callable, params: Params, batch: Batch,
         losses = losses_of(leaves)
         _check_finite(losses.detach(), "train", where)
         grads = torch.autograd.grad((w * losses).mean(), list(leaves.values()), create_graph=True,
-                                    materialize_grads=True)
+                                    allow_unused=True)  # None: the loss does not reach it (left by the update)
     g = dict(zip(leaves, grads, strict=True))
-    live = [k for k in leaves if g[k].requires_grad]  # a gradient that does not depend on θ or w adds nothing
+    # a gradient that does not depend on θ or w adds nothing
+    live = [k for k in leaves if (x := g[k]) is not None and x.requires_grad]
 
     def pullback(v: Params) -> tuple[Params, Tensor]:
         out = torch.autograd.grad([g[k] for k in live], [*leaves.values(), w], grad_outputs=[v[k] for k in live],
                                   retain_graph=True, materialize_grads=True)
         return dict(zip(leaves, out[:-1], strict=True)), out[-1]
 
-    return {k: x.detach() for k, x in g.items()}, pullback
+    return {k: None if x is None else x.detach() for k, x in g.items()}, pullback
 
 
 def _state_tensors(state: Any) -> tuple[list[Tensor], Callable[[list[Tensor]], Any]]:
@@ -138,14 +144,23 @@ def _state_tensors(state: Any) -> tuple[list[Tensor], Callable[[list[Tensor]], A
 
 
 def update_vjp(optimizer: Optimizer, step: Step) -> tuple[Params, list[Tensor], Callable]:
-    """``θ_{t+1}``, the tensors of ``s_{t+1}``, and the pullback ``(λ_θ, λ_s) -> (ḡ, s̄, θ̄)`` of the update."""
+    """``θ_{t+1}``, the tensors of ``s_{t+1}``, and the pullback ``(λ_θ, λ_s) -> (ḡ, s̄, θ̄)`` of the update
+    (``ḡ`` is 0 for a parameter the batch's loss does not reach: the update did not read a gradient there)."""
     tensors, rebuild = _state_tensors(step.state)
+    present = {k: g for k, g in step.grad.items() if g is not None}
 
     def update(g: Params, s: list[Tensor], p: Params) -> tuple[Params, list[Tensor]]:
-        new_params, new_state = optimizer.update(g, rebuild(s), p)
+        new_params, new_state = optimizer.update({k: g.get(k) for k in step.grad}, rebuild(s), p)
         return new_params, _state_tensors(new_state)[0]
 
-    (new_params, new_state), pullback = torch.func.vjp(update, step.grad, tensors, step.params)  # type: ignore[misc]
+    (new_params, new_state), pull = torch.func.vjp(update, present, tensors, step.params)  # type: ignore[misc]
+    if len(present) == len(step.grad):
+        return new_params, new_state, pull
+
+    def pullback(cotangents: Any) -> tuple[Params, Any, Params]:
+        g_bar, s_bar, p_bar = pull(cotangents)
+        return {k: g_bar[k] if k in g_bar else torch.zeros_like(p_bar[k]) for k in step.grad}, s_bar, p_bar
+
     return new_params, new_state, pullback
 
 
@@ -153,7 +168,7 @@ def check_differentiable(optimizer: Optimizer, step: Step, where: str) -> None:
     """Every floating tensor ``update`` returns must depend on its inputs (no ``detach``, no ``no_grad``)."""
     tensors, rebuild = _state_tensors(step.state)
     leaf = lambda t: t.detach().requires_grad_() if t.is_floating_point() else t  # noqa: E731
-    grads = {k: leaf(v) for k, v in step.grad.items()}
+    grads = {k: None if v is None else leaf(v) for k, v in step.grad.items()}
     with torch.enable_grad():
         new_params, new_state = optimizer.update(grads, rebuild([leaf(t) for t in tensors]),
                                                  {k: leaf(v) for k, v in step.params.items()})

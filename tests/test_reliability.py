@@ -338,6 +338,25 @@ def test_samples_interact_seen_past_identical_leading_samples(name):
         ghostfunc.graddot(baseline, _lin(), x[3:], xv)
 
 
+def test_float64_losses_of_a_float32_model_are_compared_at_float32_rounding():
+    """Batched and single-sample float32 kernels round differently; the losses taken to float64 at the end
+    must not make that look like an interaction."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 32), nn.Tanh(), nn.Linear(32, 3))
+    params = {k: v.detach() for k, v in net.named_parameters()}
+
+    def model_fn(p, batch):
+        x, y = batch
+        return F.cross_entropy(torch.func.functional_call(net, p, (x,)).double(), y, reduction="none")
+
+    g = torch.Generator().manual_seed(1)
+    train = (100 * torch.randn(9, 6, generator=g), torch.randint(0, 3, (9,), generator=g))
+    val = (100 * torch.randn(4, 6, generator=g), torch.randint(0, 3, (4,), generator=g))
+    out = ghostfunc.graddot(model_fn, params, train, val)
+    ref, _, _ = ghostfunc.reference_graddot(model_fn, params, train, val)
+    assert ((out.scores - ref).abs().max() / ref.abs().max()).item() < 1e-4
+
+
 def test_samples_interact_seen_in_val_when_train_has_one_sample():
     x, xv = torch.randn(1, 3, generator=_g(1), dtype=F64), torch.randn(2, 3, generator=_g(2), dtype=F64)
     with pytest.raises(SamplesInteractError, match=r"^plan: samples interact .* first 2 val samples together"):

@@ -44,7 +44,7 @@ def autograd_unrolled(model_fn, optimizer, params, batches, val, n_data, per_ste
     for t, b in enumerate(batches):
         weights = w[t if per_step else 0, b["index"]]
         loss = (weights * model_fn(theta, b)).mean()
-        grads = torch.autograd.grad(loss, list(theta.values()), create_graph=True)
+        grads = torch.autograd.grad(loss, list(theta.values()), create_graph=True, allow_unused=True)  # None: skip
         theta, state = optimizer.update(dict(zip(theta, grads, strict=True)), state, theta)
     losses = model_fn(theta, val)
     if per_val:
@@ -254,6 +254,28 @@ def test_adamw_with_a_weight_that_never_gets_a_gradient():
     ref = autograd_unrolled(mlp_fn, opt, params, dead, val, 7)
     out = ghostfunc.unroll(mlp_fn, opt, params, dead, val)
     assert bool(torch.isfinite(out.total).all()) and rel(out.total, ref) < 1e-10
+
+
+@pytest.mark.parametrize("opt", [ghostfunc.sgd(0.3, momentum=0.9, weight_decay=0.1), ghostfunc.adamw(0.05)],
+                         ids=["sgd-momentum-decay", "adamw"])
+def test_a_parameter_no_sample_reaches_is_left_by_the_run_and_its_replay(opt, tmp_path):
+    """``z`` never reaches the loss: the step leaves it (torch.optim's ``.grad is None``), and so does the
+    replay, directly or from a run recorded with ``train_step``; both equal autograd through the loop."""
+    params, batches, val = run(seed=11, steps=5)
+    params = {**params, "z": torch.randn(4, dtype=DT)}
+    ref = autograd_unrolled(mlp_fn, opt, params, batches, val, 7)
+    direct = ghostfunc.unroll(mlp_fn, opt, params, batches, val).total
+    assert rel(direct, ref) < 1e-10
+    step = ghostfunc.train_step(mlp_fn, opt)
+    state = step.init(params)
+    traj = ghostfunc.Trajectory.start(state, every=2)
+    for b in batches:
+        state, _ = step(state, b, {**val, "index": torch.arange(4)})  # val shaped like train
+        traj.record(b["index"], state)
+    assert torch.equal(state.params["z"], params["z"])
+    traj.save(tmp_path)
+    recorded = ghostfunc.unroll(mlp_fn, opt, ghostfunc.Trajectory.load(tmp_path), batches, val).total
+    assert rel(recorded, ref) < 1e-10
 
 
 def test_replay_that_does_not_reach_the_recording_is_refused():
