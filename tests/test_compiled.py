@@ -104,6 +104,15 @@ def test_a_small_cnn_in_float32() -> None:
     assert NOTE in out.plan.notes
 
 
+def test_dropout_in_eval_mode_compiles() -> None:
+    """Dropout draws only in training mode: in eval mode the model is one graph like any other."""
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Dropout(0.3), nn.Linear(8, 1)).to(F64).eval()
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    x, y = torch.randn(9, 5, dtype=F64), torch.randn(9, dtype=F64)
+    warm(squared_error(net), params, (x[:6], y[:6]), (x[6:], y[6:]))
+
+
 def test_a_python_value_the_model_reads_is_seen_when_it_changes() -> None:
     """A scale in a closure changes after the graph was compiled: the numbers follow it (dynamo either made
     the value an input of the graph or its guards fail, and then the signature runs eagerly from then on)."""
