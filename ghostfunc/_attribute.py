@@ -72,6 +72,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="where to save the values (default RUN/trajectory/unrolled.pt)")
     parser.add_argument("--top", type=int, default=10, help="print this many most helpful and most harmful rows")
     args = parser.parse_args(argv)
+    if not (Path(args.run) / "spec.json").is_file() and not (Path(args.run) / "trajectory" / "spec.json").is_file():
+        parser.error(f"--run: expected a run folder with a recorded trajectory (spec.json, trajectory.pt: the "
+                     f"training CLI's --record-every, or Trajectory.save(folder, spec=...)); got {args.run!r}")
     values, target, seconds = attribute(args.run, per_step=args.per_step, out=args.out)
     total = values.total.sum(1) if args.per_step else values.total
     k = min(args.top, len(total))

@@ -27,6 +27,7 @@ and those repeats are neither valued nor counted.
 
 from __future__ import annotations
 
+import numbers
 import os
 import tempfile
 from dataclasses import dataclass
@@ -65,14 +66,20 @@ class DataValues:
     @classmethod
     def zeros(cls, n: int, shape: tuple[int, ...] = ()) -> DataValues:
         """No values yet for a dataset of ``n`` samples; each value is ``shape``-shaped (a scalar by default)."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
             raise ValueError(f"DataValues.zeros: n must be a positive int (the dataset size); got {n!r}")
-        return cls(torch.zeros(n, *shape, dtype=torch.float64), torch.zeros(n, dtype=torch.int64), 0)
+        return cls(torch.zeros(int(n), *shape, dtype=torch.float64), torch.zeros(int(n), dtype=torch.int64), 0)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.total, Tensor) or not isinstance(self.count, Tensor):
+            raise TypeError(f"DataValues: total and count must be tensors; got {type(self.total).__name__} and "
+                            f"{type(self.count).__name__}")
         if self.total.dim() < 1 or self.count.shape != self.total.shape[:1]:
             raise ValueError(f"DataValues: total must be [N, ...] and count [N]; "
                              f"got {tuple(self.total.shape)} and {tuple(self.count.shape)}")
+        if self.total.dtype != torch.float64 or self.count.dtype != torch.int64:
+            raise TypeError(f"DataValues: total must be float64 and count int64 (what add sums into); got "
+                            f"{self.total.dtype} and {self.count.dtype}")
 
     def __len__(self) -> int:
         return self.total.shape[0]
@@ -90,7 +97,8 @@ class DataValues:
             A new :class:`DataValues`; ``self`` is unchanged. A repeated index adds twice.
         """
         where = "DataValues.add"
-        if not isinstance(indices, Tensor) or indices.dim() != 1 or indices.is_floating_point() or indices.is_complex():
+        if (not isinstance(indices, Tensor) or indices.dim() != 1 or indices.is_floating_point() or indices.is_complex()
+                or indices.dtype == torch.bool):  # a mask is not indices (pass it as keep=)
             got = f"{indices.dtype} tensor of shape {tuple(indices.shape)}" if isinstance(indices, Tensor) else type(indices).__name__
             raise TypeError(f"{where}: indices must be a 1-D integer tensor [B] of dataset indices; got {got}")
         if not isinstance(values, Tensor) or values.shape != (indices.shape[0], *self.total.shape[1:]):
@@ -159,6 +167,7 @@ class DataValues:
         payload = {"format": FORMAT, "total": self.total, "count": self.count, "steps": self.steps, "state": state}
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
         try:
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; a saved file gets the usual mode
             with os.fdopen(fd, "wb") as fh:
                 torch.save(payload, fh)
                 fh.flush()
@@ -233,12 +242,38 @@ class DataValues:
             values, state = box[0]
             values = DataValues(values.total, values.count, values.steps, values)
             return (values, state) if with_state else values
-        with torch.serialization.safe_globals(SAFE_TYPES):
-            payload = torch.load(path, weights_only=True)
+        where, name = "DataValues.load", repr(os.fspath(path))
+        try:
+            with torch.serialization.safe_globals(SAFE_TYPES):
+                payload = torch.load(path, weights_only=True)
+        except (FileNotFoundError, IsADirectoryError, PermissionError):
+            raise
+        except Exception as err:  # noqa: BLE001 - a truncated or foreign file: say which, and what torch said
+            raise ValueError(f"{where}: {name} is not a file written by DataValues.save (torch.load: "
+                             f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''})"
+                             ) from err
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-            raise ValueError(f"DataValues.load: {os.fspath(path)!r} is not a file written by DataValues.save")
-        values = cls(payload["total"], payload["count"], int(payload["steps"]))
+            raise ValueError(f"{where}: {name} is not a file written by DataValues.save")
+        missing = [k for k in ("total", "count", "steps", "state") if k not in payload]
+        if missing:
+            raise ValueError(f"{where}: {name} lacks {missing} (written by another version of DataValues.save?)")
+        total, count, steps = payload["total"], payload["count"], payload["steps"]
+        if not isinstance(total, Tensor) or not isinstance(count, Tensor) or total.dtype != torch.float64 \
+                or count.dtype != torch.int64:
+            raise ValueError(f"{where}: {name} holds total and count that are not float64 and int64 tensors")
+        if not bool(torch.isfinite(total).all()) or bool((count < 0).any()) or isinstance(steps, bool) \
+                or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"{where}: {name} holds non-finite totals, negative counts or a step count that is "
+                             f"not an int >= 0: not what DataValues.save writes")
+        values = cls(total, count, steps)
         return (values, payload["state"]) if with_state else values
+
+
+def _umask() -> int:
+    """The process's file-creation mask (read by setting and restoring it)."""
+    mask = os.umask(0o22)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(folder: Path) -> None:

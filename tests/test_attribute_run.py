@@ -88,3 +88,13 @@ def test_attribute_needs_an_optimizer_from_the_spec_or_the_factory(tmp_path: Pat
     traj.save(tmp_path, spec={"factory": "tests.test_attribute_run:bare_task"})
     with pytest.raises(ValueError, match="attribute: .*spec.json needs an 'optimizer' entry, or its factory"):
         main(["attribute", "--run", str(tmp_path)])
+
+
+def test_a_folder_without_a_recorded_run_is_a_usage_error(tmp_path, capsys):
+    from ghostfunc._attribute import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["--run", str(tmp_path)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("python -m ghostfunc attribute: error: --run: expected a run folder")

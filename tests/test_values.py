@@ -216,3 +216,42 @@ def test_kill_mid_run_then_resume_equals_uninterrupted(tmp_path):
     assert a.total.abs().min() > 0  # every sample got a value
     assert max((state_b.params[k] - state_8.params[k]).abs().max() for k in state_8.params) > 1e-3  # it trained
 
+
+
+def test_load_refuses_files_add_could_not_use_and_names_the_file(tmp_path):
+    """A file must hold what save writes: float64 totals, int64 counts >= 0, finite values, an int step
+    count; anything else (another version, a hand-made or truncated file) is refused naming the file."""
+    import numpy as np
+
+    from ghostfunc._values import FORMAT
+
+    good = {"format": FORMAT, "total": torch.zeros(3, dtype=torch.float64), "count": torch.zeros(3, dtype=torch.int64),
+            "steps": 0, "state": None}
+    bad = {"float32 total": {**good, "total": torch.zeros(3)}, "float count": {**good, "count": torch.zeros(3)},
+           "nan total": {**good, "total": torch.tensor([0.0, float("nan"), 0.0], dtype=torch.float64)},
+           "negative count": {**good, "count": torch.tensor([0, -1, 0])},
+           "no steps": {k: v for k, v in good.items() if k != "steps"}}
+    for name, payload in bad.items():
+        path = tmp_path / f"{name}.pt"
+        torch.save(payload, path)
+        with pytest.raises(ValueError, match=r"^DataValues.load: '.*\.pt' (holds|lacks)"):
+            ghostfunc.DataValues.load(path)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=r"^DataValues.load: '.*garbage.pt' is not a file written by DataValues.save"):
+        ghostfunc.DataValues.load(garbage)
+    with pytest.raises(TypeError, match="total must be float64 and count int64"):
+        ghostfunc.DataValues(torch.zeros(3), torch.zeros(3, dtype=torch.int64))
+    assert len(ghostfunc.DataValues.zeros(np.int64(3))) == 3
+
+
+def test_add_refuses_a_mask_as_indices_and_save_gives_the_usual_file_mode(tmp_path):
+    values = ghostfunc.DataValues.zeros(3)
+    with pytest.raises(TypeError, match="indices must be a 1-D integer tensor.*torch.bool"):
+        values.add(torch.tensor([True, False]), torch.tensor([1.0, 2.0]))
+    mask = os.umask(0o22)
+    try:
+        values.save(tmp_path / "v.pt")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "v.pt").stat().st_mode & 0o777 == 0o644
