@@ -172,20 +172,23 @@ def _agrees(losses: Callable[[bool], Tensor], params: list[Tensor]) -> bool:
 
     Both run without gradients, from the same random state, outside any ghostfunc
     interceptor; they agree up to ``sqrt(eps)`` of the coarser of the parameters' and
-    the losses' dtypes times the largest loss. Where the model's own forward fails, the built inputs are kept (they are
-    what the model needs); where only the built inputs fail, or the two disagree
+    the losses' dtypes times the largest loss. Where the model's own forward fails, the
+    built inputs are kept (they are what the model needs); where only the built inputs
+    fail, or the two disagree
     (RoBERTa-style position ids that start after the padding id, DeBERTa's 0/1 4-D
     masks, a causal model no attention module marks ``is_causal``, local attention
     the config does not describe), the batch is passed as it is.
     """
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with _no_modes(), torch.no_grad(), torch.random.fork_rng(devices=devices):
-        state = torch.get_rng_state()
+        states = [torch.get_rng_state(), *(torch.cuda.get_rng_state(d) for d in devices)]
         try:
             own = losses(True)
         except Exception:  # noqa: BLE001 - the model needs the built inputs
             return True
-        torch.set_rng_state(state)
+        torch.set_rng_state(states[0])
+        for d, state in zip(devices, states[1:], strict=True):
+            torch.cuda.set_rng_state(state, d)
         try:
             built = losses(False)
         except Exception:  # noqa: BLE001 - the model takes no such inputs: pass the batch as it is
