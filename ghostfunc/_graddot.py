@@ -213,7 +213,8 @@ def _route(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batc
                 seen.clear()
             seen[known] = eager
         parts = (WHOLE, WHOLE)
-        part_traces = tuple((trace_eager(model_fn, params, b, where, state.fresh),) for b in batches)
+        part_traces = tuple((_traced_alone(model_fn, params, b, where, state.fresh, label),)
+                            for b, label in zip(batches, ("train", "val"), strict=True))
     use = _merged_usages(params, part_traces[0], part_traces[1])
     kernel = {k for k, u in use.items() if u.form is not None}
     notes = [note for w, label in enumerate(("train", "val")) if (note := describe(parts[w], label))]
@@ -225,6 +226,19 @@ def _route(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batc
     the_plan = make_plan(params, use, policy, train.size, val.size, val_reduce, tuned)._replace(notes=tuple(notes))
     traces = (part_traces[0][0], part_traces[1][0])
     return Routing(traces, kernel, the_plan, parts, (part_traces[0], part_traces[1]), eager)
+
+
+def _traced_alone(model_fn: ModelFn, params: dict[str, Tensor], batch: Batch, where: str, fresh: bool,
+                  label: str) -> Trace:
+    """:func:`trace_eager` of ``batch``; an error on the validation batch (the training batch's trace ran
+    first) says which batch raised it."""
+    try:
+        return trace_eager(model_fn, params, batch, where, fresh)
+    except Exception as err:
+        if label == "val" and hasattr(err, "add_note"):  # Python 3.11+
+            err.add_note(f"{where}: model_fn raised this on the val batch's first sample, run alone, after it ran "
+                         f"on the train batch's: check the val batch's structure and shapes against train's")
+        raise
 
 
 #: ``model_fn`` -> {(param and batch signatures): why the batched capture could not run it}.

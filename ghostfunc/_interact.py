@@ -91,11 +91,9 @@ def check_model(model_fn: Callable, params: Mapping[str, Tensor], batches: tuple
         seen = _CHECKED.setdefault(model_fn, set())
     except TypeError:  # not weak-referenceable: check every call
         seen = set()
-    ran: list[str] = []  # the batches model_fn ran on (now or on an earlier call)
     for batch, label in zip(batches, labels, strict=True):
         key = (shapes, batch.signature)
         if key in seen:
-            ran.append(label)
             continue
         try:
             compared = _check_batch(model_fn, params, batch, label)
@@ -103,15 +101,6 @@ def check_model(model_fn: Callable, params: Mapping[str, Tensor], batches: tuple
             if str(err).startswith(where):
                 raise
             raise type(err)(f"{where}: {err}") from None
-        except _RaisedOn as failed:
-            if not ran:  # maybe a model that runs only under vmap: the capture reports its own errors
-                continue
-            error = failed.error
-            error.add_note(f"{where}: model_fn raised this on the {label} batch (its first rows, without "
-                           f"gradients), and ran on the {ran[0]} batch: check the {label} batch's structure and "
-                           f"shapes against the {ran[0]} batch's")
-            raise error from None
-        ran.append(label)
         if compared:  # a batch of one sample says nothing about the next, bigger batch of this signature
             if len(seen) > 64:
                 seen.clear()
@@ -300,8 +289,8 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
                             break
         except (SamplesInteractError, InPlaceWriteError):
             raise
-        except Exception as err:  # noqa: BLE001 - the caller decides (a model that runs only under vmap?)
-            raise _RaisedOn(err) from None
+        except Exception:  # noqa: BLE001 - a model that runs only under vmap: the capture reports its own errors
+            return k > 1  # nothing to compare for this signature: not tried again
     if not mode.used:
         raise ParamsUnusedError(
             f"no parameter reached the computation: model_fn(params, batch) ran without using any tensor of "
@@ -335,14 +324,6 @@ def distinct_rows(tensors: list[Tensor], size: int, k: int) -> list[int]:
         if all(any(not torch.equal(t[i], t[j]) for t in tensors) for j in chosen):
             chosen.append(i)
     return chosen
-
-
-class _RaisedOn(Exception):
-    """``model_fn`` raised ``error`` on a batch in the boundary check."""
-
-    def __init__(self, error: Exception) -> None:
-        super().__init__(str(error))
-        self.error = error
 
 
 def _rng_states(devices: list[int]) -> list[Tensor]:

@@ -314,8 +314,9 @@ def test_error_val_shaped_unlike_train_names_the_val_batch():
     p = {"W": torch.randn(2, 3, dtype=F64)}
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied") as info:
         ghostfunc.graddot(model_fn, p, torch.randn(5, 3, dtype=F64), torch.randn(4, 7, dtype=F64))
-    assert any("model_fn raised this on the val batch" in n and "ran on the train batch" in n
-               for n in info.value.__notes__)
+    if hasattr(BaseException, "add_note"):  # Python 3.11+: the note names the batch
+        assert any("model_fn raised this on the val batch" in n and "ran on the train batch" in n
+                   for n in getattr(info.value, "__notes__", [])), info.value
 
 
 
