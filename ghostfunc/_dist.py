@@ -181,7 +181,7 @@ def agree(where: str, group: Any, prepare: Callable[[], T], signature: Callable[
     except Exception as err:  # reported on every rank below
         failure = err
         mine = {"signature": None, "rows": (0, 0), "error": f"{type(err).__name__}: {err}"}
-    rank, size = dist.get_rank(group), dist.get_world_size(group)
+    rank, size = rank_and_size(group)
     every: list[Any] = [None] * size
     dist.all_gather_object(every, mine, group=group)
     errors = [f"rank {r}: {e['error']}" for r, e in enumerate(every) if e["error"] is not None]

@@ -351,7 +351,7 @@ class Streamed(NamedTuple):
     train: dict[str, list[Factored | Direct]]
     train_loss: Tensor
     val_loss: Tensor
-    used: frozenset[str] | None = None  # the parameters the training batch's traces use (None: not known)
+    train_traces: tuple[Trace, ...] | None = None  # the training batch's traces (None: not known)
 
 
 def run_streamed(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batch, where: str,
@@ -464,7 +464,7 @@ def _streamed_of(r: Routing, t: Half, v: Half, params: dict[str, Tensor], val_re
     rows, every other one their reduced ``Σ_v w_v g_v``."""
     weights = val_weights(val_reduce, m, next(iter(params.values())))
     assert weights is not None
-    return Streamed(r.plan, *reduced(paths(r.plan), v, params, weights), t.grads, t.loss, v.loss, train_used(r))
+    return Streamed(r.plan, *reduced(paths(r.plan), v, params, weights), t.grads, t.loss, v.loss, train_traces(r))
 
 
 def paths(plan: Plan) -> dict[str, str]:
@@ -514,14 +514,14 @@ def _streamed_once(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, v
         val_dir, val_uses, val_loss = capture_val()
         if _same(before, _rng_state(device)):
             r, t = _train_after_val(model_fn, params, train, val, where, policy, val_reduce, fresh, r)
-            return Streamed(_noted(r.plan, notes), val_dir, val_uses, t.grads, t.loss, val_loss, train_used(r))
+            return Streamed(_noted(r.plan, notes), val_dir, val_uses, t.grads, t.loss, val_loss, train_traces(r))
         _set_rng_state(device, before)  # it drew random numbers: the training rows go first
         _mark_random(model_fn)
         del val_dir, val_uses, val_loss
         notes.clear()
     t = capture_one(model_fn, params, train, r, 0, where)
     val_dir, val_uses, val_loss = capture_val()
-    return Streamed(_noted(r.plan, notes), val_dir, val_uses, t.grads, t.loss, val_loss, train_used(r))
+    return Streamed(_noted(r.plan, notes), val_dir, val_uses, t.grads, t.loss, val_loss, train_traces(r))
 
 
 def _train_after_val(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batch, where: str,
@@ -544,20 +544,19 @@ def _train_after_val(model_fn: ModelFn, params: dict[str, Tensor], train: Batch,
             r = new
 
 
-def train_used(r: Routing) -> frozenset[str]:
-    """The parameters a call of the model on a training sample uses, over the traces of every part of the
-    training batch (recognised calls and any other call)."""
-    traces = r.part_traces[0] or (r.traces[0],)
-    return frozenset({name for tr in traces for site in tr.sites for _, name in site.roles}
-                     | {name for tr in traces for name in tr.other_uses})
+def train_traces(r: Routing) -> tuple[Trace, ...]:
+    """The traces of every part of the training batch."""
+    return r.part_traces[0] or (r.traces[0],)
 
 
-def unused(used: frozenset[str] | None, train_grad: Mapping[str, Tensor]) -> frozenset[str]:
-    """The parameters no training sample reaches: no trace of the training batch uses them (``used``;
-    ``None``: not known, so none) and their training gradient is exactly 0. A training step leaves them,
+def unused(traces: tuple[Trace, ...] | None, train_grad: Mapping[str, Tensor]) -> frozenset[str]:
+    """The parameters no training sample reaches: no call in the training batch's ``traces`` uses them
+    (``None``: not known, so none) and their training gradient is exactly 0. A training step leaves them,
     and their optimizer state, as torch.optim leaves a parameter whose ``.grad`` is ``None``."""
-    if used is None:
+    if traces is None:
         return frozenset()
+    used = {name for tr in traces for site in tr.sites for _, name in site.roles} | {
+        name for tr in traces for name in tr.other_uses}
     return frozenset(k for k, g in train_grad.items() if k not in used and not bool(g.any()))
 
 

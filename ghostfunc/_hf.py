@@ -56,6 +56,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from . import _dist
+from ._interact import beyond_rounding, coarsest
 
 Loss = Callable[[Any, Mapping[str, Any]], Tensor]
 
@@ -171,8 +172,8 @@ def _agrees(losses: Callable[[bool], Tensor], params: list[Tensor]) -> bool:
     without padding (with padding they differ on purpose: see :func:`from_module`).
 
     Both run without gradients, from the same random state, outside any ghostfunc
-    interceptor; they agree up to ``sqrt(eps)`` of the coarser of the parameters' and
-    the losses' dtypes times the largest loss. Where the model's own forward fails, the
+    interceptor; they agree up to rounding in the coarser of the parameters' and the
+    losses' dtypes (:func:`ghostfunc._interact.beyond_rounding`). Where the model's own forward fails, the
     built inputs are kept (they are what the model needs); where only the built inputs
     fail, or the two disagree
     (RoBERTa-style position ids that start after the padding id, DeBERTa's 0/1 4-D
@@ -195,13 +196,7 @@ def _agrees(losses: Callable[[bool], Tensor], params: list[Tensor]) -> bool:
             return False
     if not isinstance(own, Tensor) or not isinstance(built, Tensor) or own.shape != built.shape:
         return own is built
-    a, b = own.double(), built.double()
-    finite = torch.isfinite(a) & torch.isfinite(b)
-    if not bool((finite == (torch.isfinite(a) | torch.isfinite(b))).all()):
-        return False
-    scale = torch.cat([a[finite].abs(), b[finite].abs(), a.new_ones(1)]).max()
-    coarsest = max((t.dtype for t in (*params, own) if t.is_floating_point()), key=lambda d: torch.finfo(d).eps)
-    return bool(((a - b).abs()[finite] <= torch.finfo(coarsest).eps ** 0.5 * scale).all())
+    return not bool(beyond_rounding(own, built, coarsest([*params, own]))[0].any())
 
 
 class _ModelSpec:

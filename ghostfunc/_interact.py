@@ -28,7 +28,7 @@ import functools
 import threading
 import warnings
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, ParamSpec, TypeVar
 
 import torch
@@ -168,18 +168,23 @@ def training_flags(model_fn: Callable) -> tuple[bool, ...]:
     return _scoped("flags", model_fn, lambda: _training_flags(model_fn))
 
 
-def _training_flags(model_fn: Callable) -> tuple[bool, ...]:
+def reads(model_fn: Callable) -> list[Any]:
+    """What ``model_fn`` reads besides its arguments, as far as it can be seen cheaply: its closure cells, the
+    globals it names, a bound method's object, and a ``functools.partial``'s arguments (then its function's)."""
     if isinstance(model_fn, functools.partial):
-        return (*(a.training for a in (*model_fn.args, *model_fn.keywords.values())
-                  if isinstance(a, torch.nn.Module) for a in a.modules()), *_training_flags(model_fn.func))
+        return [*model_fn.args, *model_fn.keywords.values(), *reads(model_fn.func)]
     code, cells = getattr(model_fn, "__code__", None), getattr(model_fn, "__closure__", None) or ()
     found = [_contents(c) for c in cells]
     if code is not None:
         scope = getattr(model_fn, "__globals__", {})
         found += [scope[name] for name in code.co_names if name in scope]
-    found.append(getattr(model_fn, "__self__", None))  # a bound method of a module
+    owner = getattr(model_fn, "__self__", None)  # a bound method
+    return found if owner is None else [*found, owner]
+
+
+def _training_flags(model_fn: Callable) -> tuple[bool, ...]:
     flags: list[bool] = []
-    for obj in found:
+    for obj in reads(model_fn):
         if isinstance(obj, torch.nn.Module):
             stack = [obj]  # every submodule, as Module.modules() yields them (without its generator's cost)
             while stack:
@@ -190,26 +195,17 @@ def _training_flags(model_fn: Callable) -> tuple[bool, ...]:
 
 
 def state_of(model_fn: Callable) -> tuple:
-    """A fingerprint of what ``model_fn`` reads besides its arguments, as far as it can be seen cheaply.
+    """A fingerprint of what ``model_fn`` reads besides its arguments (:func:`reads`), as far as it can be
+    seen cheaply.
 
-    From its closure cells and the globals it names (and, one level down, the items of
-    dicts, lists and tuples among them): every tensor's identity and version counter
-    (an in-place change or a new tensor shows), numbers and strings by value, and every
-    module's tensors (parameters and buffers, by identity and version) and ``training``
-    flags. Equal fingerprints do not prove that nothing changed (state behind other
-    objects is not walked); a changed one proves that something did.
+    Every tensor's identity and version counter (an in-place change or a new tensor
+    shows), numbers and strings by value, every module's tensors (parameters and
+    buffers, by identity and version), plain attributes and ``training`` flags, and,
+    one level down, the items of dicts, lists and tuples and the attributes of other
+    objects among them. Equal fingerprints do not prove that nothing changed (state
+    behind deeper objects is not walked); a changed one proves that something did.
     """
-    if isinstance(model_fn, functools.partial):  # its bound arguments, then its function's own state
-        return (*_state_of_values([*model_fn.args, *model_fn.keywords.values()]), *state_of(model_fn.func))
-    code, cells = getattr(model_fn, "__code__", None), getattr(model_fn, "__closure__", None) or ()
-    found = [_contents(c) for c in cells]
-    if code is not None:
-        scope = getattr(model_fn, "__globals__", {})
-        found += [scope[name] for name in code.co_names if name in scope]
-    owner = getattr(model_fn, "__self__", None)  # a bound method: its object (a module: tensors, modes,
-    if owner is not None:  # attributes; another object: its attributes)
-        found.append(owner if isinstance(owner, torch.nn.Module) or not hasattr(owner, "__dict__") else vars(owner))
-    return _state_of_values(found)
+    return _state_of_values(reads(model_fn))
 
 
 def _state_of_values(found: list[Any]) -> tuple:
@@ -234,6 +230,9 @@ def _state_of_values(found: list[Any]) -> tuple:
         elif depth and isinstance(obj, (list, tuple)):
             for v in obj:
                 see(v, depth - 1)
+        elif depth and hasattr(obj, "__dict__"):  # an object's attributes (a bound method's object, say)
+            out.append(id(obj))
+            see(vars(obj), depth)
         else:
             out.append(id(obj))
 
@@ -299,9 +298,8 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
             f"(x,)) instead of net(x), or p['w'] instead of a captured copy of the weight"
         )
     if alone is not None:  # dropout-like draws differ batched and alone; one sample cannot interact
-        coarsest = max((t.dtype for t in (*params.values(), *batch.tensors, together) if t.is_floating_point()),
-                       key=lambda d: torch.finfo(d).eps)  # a float32 model may return float64 losses
-        _compare(together.detach(), torch.cat(alone).detach(), label, chosen, coarsest)
+        rounding = coarsest([*params.values(), *batch.tensors, together])  # float64 losses of a float32 model
+        _compare(together.detach(), torch.cat(alone).detach(), label, chosen, rounding)
     return k > 1
 
 
@@ -334,6 +332,28 @@ def _per_sample_shape(losses: Any, k: int) -> bool:
     return isinstance(losses, Tensor) and losses.shape == (k,) and losses.is_floating_point()
 
 
+def coarsest(tensors: Iterable[Tensor]) -> torch.dtype:
+    """The floating dtype of largest ``eps`` among ``tensors`` (float64 when none is floating)."""
+    return max((t.dtype for t in tensors if t.is_floating_point()), key=lambda d: torch.finfo(d).eps,
+               default=torch.float64)
+
+
+def beyond_rounding(a: Tensor, b: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, float]:
+    """Where two loss vectors differ by more than rounding in ``dtype``: ``(mask, |a - b|, tolerance)``.
+
+    Tolerance: ``sqrt(eps)`` of ``dtype`` times the largest finite entry. An entry finite
+    one way and not the other differs; the same non-finite value both ways (NaN and
+    NaN, inf and inf) does not.
+    """
+    a, b = a.double(), b.double()
+    finite = torch.isfinite(a) & torch.isfinite(b)
+    scale = torch.cat([a[finite].abs(), b[finite].abs(), a.new_zeros(1)]).max().item()
+    tol = torch.finfo(dtype).eps ** 0.5 * scale + torch.finfo(dtype).tiny
+    diff = torch.where(finite, (a - b).abs(), a.new_zeros(()))
+    differ = (finite & (diff > tol)) | (~finite & ~((a == b) | (a.isnan() & b.isnan())))
+    return differ, diff, tol
+
+
 def _compare(together: Tensor, alone: Tensor, label: str, chosen: list[int], dtype: torch.dtype) -> None:
     """``together[i]`` (sample ``chosen[i]`` run with the others) against ``alone[i]``, up to rounding.
 
@@ -344,12 +364,7 @@ def _compare(together: Tensor, alone: Tensor, label: str, chosen: list[int], dty
     """
     if alone.shape != together.shape:
         return  # model_fn's shape errors are reported by the capture, with their own message
-    a, b = together.double(), alone.double()
-    finite = torch.isfinite(a) & torch.isfinite(b)
-    scale = torch.cat([a[finite].abs(), b[finite].abs(), a.new_zeros(1)]).max().item()
-    tol = torch.finfo(dtype).eps ** 0.5 * scale + torch.finfo(dtype).tiny
-    diff = torch.where(finite, (a - b).abs(), a.new_zeros(()))
-    differ = (finite & (diff > tol)) | (~finite & ~((a == b) | (a.isnan() & b.isnan())))
+    differ, diff, tol = beyond_rounding(together, alone, dtype)
     if not bool(differ.any()):
         return
     rows = differ.nonzero().flatten().tolist()

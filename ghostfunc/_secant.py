@@ -28,7 +28,7 @@ from torch import Tensor
 
 from . import _kernels as K
 from ._calibrate import Constants, constants
-from ._capture import Batch, _check_finite, per_sample_losses, weighted_grad
+from ._capture import Batch, Trace, _check_finite, per_sample_losses, weighted_grad
 from ._graddot import (
     Routing,
     _draws_random,
@@ -41,7 +41,7 @@ from ._graddot import (
     routing,
     sum_scores,
     train_mean,
-    train_used,
+    train_traces,
 )
 from ._interact import state_of
 from ._ops import Direct, Factored
@@ -94,7 +94,7 @@ class Secant(NamedTuple):
     val_loss: Tensor
     plan: Plan
     after: ValGrad
-    used: frozenset[str] | None = None  # the parameters the training batch's traces use
+    train_traces: tuple[Trace, ...] | None = None  # the training batch's traces (which parameters it uses)
 
 
 def check_curvature(where: str, curvature: Any, order: Any) -> None:
@@ -181,7 +181,7 @@ def secant_values(where: str, model_fn: Callable[[Params, Any], Tensor], params:
     else:
         copies = tuple(x.detach().clone() for x in vb.tensors)
     after = ValGrad(copies, vb.signature, moved, g_next, loss_next, model_fn, state_of(model_fn))
-    return Secant(values, now.mul(-a), g_train, train_loss, loss_now, r.plan, after, train_used(r))
+    return Secant(values, now.mul(-a), g_train, train_loss, loss_now, r.plan, after, train_traces(r))
 
 
 def row_groups(batch: Batch, plan: Plan) -> list[slice]:

@@ -59,7 +59,7 @@ from ._graddot import (
     score_group,
     score_streamed,
     sum_scores,
-    train_used,
+    train_traces,
     unused,
     val_weights,
 )
@@ -251,7 +251,7 @@ def compute_values(
         sec = secant_values(where, model_fn, params, tb, vb, lr=lr, weights=weights, before=val_grad,
                             scratch=scratch)
         return Values(sec.values, sec.first_order, sec.train_grad, sec.train_loss, sec.val_loss, sec.plan, sec.after,
-                      unused(sec.used, sec.train_grad))
+                      unused(sec.train_traces, sec.train_grad))
     if order == 1 and precondition is None:
         eager_why: list[str] = []  # compile=True: why these values were computed eagerly (a plan note)
         if compile:  # one process (checked by the caller): the compiled graph where it can run
@@ -266,7 +266,7 @@ def compute_values(
         per_param, g_train = score_streamed(st, params, weights, n, m, None)
         values = sum_scores(per_param, params).mul(-a)
         return Values(values, values, g_train, st.train_loss, st.val_loss,
-                      st.plan._replace(notes=(*st.plan.notes, *eager_why)), None, unused(st.used, g_train))
+                      st.plan._replace(notes=(*st.plan.notes, *eager_why)), None, unused(st.train_traces, g_train))
 
     def train_first(fresh: bool) -> tuple[Routing, Half]:
         r = routing(model_fn, params, tb, vb, where, "contract", "mean", fresh)
@@ -278,7 +278,7 @@ def compute_values(
     train_loss = t.loss
     del t  # the factors of the kept parameters go now
     # one process only: across ranks a parameter unused here may be used on another (the global mean decides)
-    local_unused = unused(train_used(r), g_train) if world is None else frozenset()
+    local_unused = unused(train_traces(r), g_train) if world is None else frozenset()
     if world is not None:
         g_train = _dist.global_mean(g_train, world, group)
         r = r._replace(plan=r.plan._replace(n_train=n, n_val=m))
