@@ -38,7 +38,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
-from ._interact import FACTORIES, TO_PYTHON, InPlaceWriteError, param_signature, retry_writing
+from ._interact import EAGER, FACTORIES, TO_PYTHON, InPlaceWriteError, param_signature, retry_writing
 from ._ops import EXACT, TABLE, Direct, Factored, Match, Rule, SamplesInteractError
 from ._ops.rnn import RECURRENT, decompose
 
@@ -189,7 +189,7 @@ class _Interceptor(TorchFunctionMode):
         self.statics: list[Any] = []
         self.fresh: set[int] = set()  # ids of the tensors made by FACTORIES in this run
         self.branch_points = 0  # data-dependent branch points met so far (their ordinal names them)
-        self._entered: list[tuple[Any, _ReentrantAsPlain]] = []  # what each entry of the mode set up
+        self._entered: list[_ReentrantAsPlain] = []  # what each entry of the mode set up
         self.lifted_checkpoint = False  # a checkpointed segment ran as a plain call (_without_checkpoint, _ReentrantAsPlain)
         self.transposed = Transposed()  # parameters' transposed views (x @ w.T runs as F.linear(x, w))
 
@@ -200,17 +200,23 @@ class _Interceptor(TorchFunctionMode):
         # torch.compile'd code runs eagerly in here: dynamo traced this mode (taps, saved inputs) into its
         # graph with the model, and under backend="eager" that graph gave every tap's gradient twice.
         # The mode may be entered again while active (an RNN's gate linears): one pair per entry, exited in order.
-        stance, reentrant = torch.compiler.set_stance("force_eager"), _ReentrantAsPlain(self)
-        stance.__enter__()
-        reentrant.__enter__()
-        self._entered.append((stance, reentrant))
+        EAGER.enter()
+        reentrant = _ReentrantAsPlain(self)
+        try:
+            reentrant.__enter__()
+        except BaseException:
+            EAGER.exit()
+            raise
+        self._entered.append(reentrant)
         return super().__enter__()
 
     def __exit__(self, *exc: Any) -> None:
         super().__exit__(*exc)
-        stance, reentrant = self._entered.pop()
-        reentrant.__exit__(*exc)
-        stance.__exit__(*exc)
+        reentrant = self._entered.pop()
+        try:
+            reentrant.__exit__(*exc)
+        finally:
+            EAGER.exit()
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}

@@ -26,8 +26,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
+import types
 import warnings
 import weakref
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, ParamSpec, TypeVar
 
@@ -168,18 +170,117 @@ def training_flags(model_fn: Callable) -> tuple[bool, ...]:
     return _scoped("flags", model_fn, lambda: _training_flags(model_fn))
 
 
+class _EagerStance:
+    """``torch.compiler.set_stance("force_eager")`` while any thread is inside an interception, and the stance
+    from before once the last one leaves.
+
+    Dynamo's stance is one setting for the process, not per thread: two threads each
+    setting it and restoring what they saw would, exiting out of order, leave
+    ``force_eager`` behind (every ``torch.compile`` of the process eager from then on).
+    Counted under a lock, the first entry sets it and the last exit restores it.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._inside = 0
+        self._setting: Any = None  # the set_stance object: its __exit__ restores the stance before the first entry
+
+    def enter(self) -> None:
+        with self._lock:
+            if self._inside == 0:
+                self._setting = torch.compiler.set_stance("force_eager")  # sets it now
+            self._inside += 1
+
+    def exit(self) -> None:
+        with self._lock:
+            self._inside -= 1
+            if self._inside == 0:
+                setting, self._setting = self._setting, None
+                setting.__exit__(None, None, None)
+
+
+EAGER = _EagerStance()
+
+
+@contextlib.contextmanager
+def eager_stance() -> Iterator[None]:
+    """``torch.compile``'d code runs eagerly inside (:data:`EAGER`, counted across threads)."""
+    EAGER.enter()
+    try:
+        yield
+    finally:
+        EAGER.exit()
+
+
+#: How many functions deep :func:`reads` follows what a function reads (``from_module``'s ``model_fn`` holds
+#: its module two closures down; a user's loss may call a helper that reads a global).
+READ_DEPTH = 4
+#: Packages whose functions' globals are library code: :func:`reads` follows their closures and default
+#: arguments (where a ``from_module`` keeps its module), not the names they read from their own modules.
+LIBRARIES = frozenset({"torch", "ghostfunc", "transformers", "numpy", "functools", "typing", "builtins",
+                       "collections", "contextlib", "math", "operator", "einops", "accelerate", "peft"})
+
+
 def reads(model_fn: Callable) -> list[Any]:
-    """What ``model_fn`` reads besides its arguments, as far as it can be seen cheaply: its closure cells, the
-    globals it names, a bound method's object, and a ``functools.partial``'s arguments (then its function's)."""
-    if isinstance(model_fn, functools.partial):
-        return [*model_fn.args, *model_fn.keywords.values(), *reads(model_fn.func)]
-    code, cells = getattr(model_fn, "__code__", None), getattr(model_fn, "__closure__", None) or ()
-    found = [_contents(c) for c in cells]
-    if code is not None:
-        scope = getattr(model_fn, "__globals__", {})
-        found += [scope[name] for name in code.co_names if name in scope]
-    owner = getattr(model_fn, "__self__", None)  # a bound method
-    return found if owner is None else [*found, owner]
+    """What ``model_fn`` reads besides its arguments, as far as it can be seen cheaply.
+
+    Its closure cells, default arguments and the globals it names (in nested functions and
+    comprehensions too), a bound method's object, a ``functools.partial``'s arguments, a
+    callable object itself; and, up to :data:`READ_DEPTH` calls deep, the same of the Python
+    functions found among them (a helper it calls; ``from_module``'s inner functions, whose
+    closures hold the module). Library functions (:data:`LIBRARIES`) are followed into
+    their closures and defaults only. Python modules and classes are not walked.
+    """
+    found: list[Any] = []
+    seen: set[int] = set()
+
+    def keep(obj: Any, depth: int) -> None:
+        if id(obj) in seen:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, (type, types.ModuleType, types.BuiltinFunctionType, types.BuiltinMethodType)):
+            return  # a class, a Python module, a builtin: code, not state
+        if isinstance(obj, functools.partial):
+            for v in (*obj.args, *obj.keywords.values()):
+                keep(v, depth)
+            keep(obj.func, depth)
+        elif isinstance(obj, types.MethodType):
+            keep(obj.__self__, depth)
+            keep(obj.__func__, depth)
+        elif isinstance(obj, types.FunctionType):
+            if depth < 0:
+                return
+            for v in _function_reads(obj):
+                keep(v, depth - 1)
+        else:  # data: a tensor, a number, a module, a container, a callable object (its attributes)
+            found.append(obj)
+            call = getattr(type(obj), "forward" if isinstance(obj, torch.nn.Module) else "__call__", None)
+            if isinstance(call, types.FunctionType) and depth >= 0:  # a module's forward, an object's __call__
+                for v in _function_reads(call):
+                    keep(v, depth - 1)
+
+    keep(model_fn, READ_DEPTH)
+    return found
+
+
+def _function_reads(fn: types.FunctionType) -> list[Any]:
+    """One function's closure contents, default arguments and (outside :data:`LIBRARIES`) named globals."""
+    out = [_contents(c) for c in fn.__closure__ or ()]
+    out += [*(fn.__defaults__ or ()), *(fn.__kwdefaults__ or {}).values()]
+    if (getattr(fn, "__module__", None) or "").partition(".")[0] not in LIBRARIES:
+        scope = fn.__globals__
+        out += [scope[name] for name in _names(fn.__code__) if name in scope]
+    return out
+
+
+@functools.lru_cache(maxsize=4096)
+def _names(code: types.CodeType) -> tuple[str, ...]:
+    """The global names a code object reads, with those of the functions and comprehensions inside it."""
+    names = list(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names += _names(const)
+    return tuple(dict.fromkeys(names))
 
 
 def _training_flags(model_fn: Callable) -> tuple[bool, ...]:
@@ -199,47 +300,74 @@ def state_of(model_fn: Callable) -> tuple:
     seen cheaply.
 
     Every tensor's identity and version counter (an in-place change or a new tensor
-    shows), numbers and strings by value, every module's tensors (parameters and
-    buffers, by identity and version), plain attributes and ``training`` flags, and,
-    one level down, the items of dicts, lists and tuples and the attributes of other
-    objects among them. Equal fingerprints do not prove that nothing changed (state
-    behind deeper objects is not walked); a changed one proves that something did.
+    shows), numbers and strings by value, a NumPy array's identity and a checksum of its
+    bytes, every module's tensors (parameters and buffers, by identity and version), plain
+    attributes (with the items of containers among them) and ``training`` flags, and, one
+    level down, the items of dicts, lists and tuples (the first :data:`ITEMS`) and the
+    attributes of other objects among them. Equal fingerprints do not prove that nothing
+    changed (state behind deeper objects is not walked); a changed one proves that something did.
     """
     return _state_of_values(reads(model_fn))
 
 
+#: How many items of one container :func:`state_of` looks at (a long list adds its length only beyond).
+ITEMS = 256
+#: NumPy arrays up to this many bytes are fingerprinted by a checksum of their contents (larger: identity,
+#: address and shape only).
+ARRAY_BYTES = 1 << 24
+_SCALARS = (bool, int, float, complex, str, bytes, type(None))
+
+
 def _state_of_values(found: list[Any]) -> tuple:
-    """:func:`state_of` of the objects ``found`` (closure contents, named globals, bound arguments)."""
+    """:func:`state_of` of the objects ``found`` (:func:`reads`: closure contents, defaults, named globals,
+    bound arguments)."""
     out: list[Any] = []
 
     def see(obj: Any, depth: int) -> None:
         if isinstance(obj, Tensor):
             out.append((id(obj), obj._version))
-        elif isinstance(obj, (bool, int, float, complex, str)):
+        elif isinstance(obj, _SCALARS):
             out.append(obj)
+        elif _is_array(obj):
+            out.append(_array_print(obj))
         elif isinstance(obj, torch.nn.Module):
             for m in obj.modules():  # every module's mode, tensors, and plain attributes (a temperature)
                 out.extend((id(t), t._version) for t in (*m._parameters.values(), *m._buffers.values())
                            if t is not None)
-                out.extend((k, (id(v), v._version) if isinstance(v, Tensor) else v) for k, v in vars(m).items()
-                           if not k.startswith("_") and isinstance(v, (bool, int, float, complex, str, Tensor)))
+                for k, v in vars(m).items():
+                    if not k.startswith("_") and not isinstance(v, torch.nn.Module):
+                        out.append(k)
+                        see(v, 1)
         elif depth and isinstance(obj, dict):
-            for k, v in obj.items():
+            out.append(len(obj))
+            for k, v in list(obj.items())[:ITEMS]:
                 out.append(k if isinstance(k, (int, str)) else id(k))
                 see(v, depth - 1)
         elif depth and isinstance(obj, (list, tuple)):
-            for v in obj:
+            out.append(len(obj))
+            for v in obj[:ITEMS]:
                 see(v, depth - 1)
-        elif depth and hasattr(obj, "__dict__"):  # an object's attributes (a bound method's object, say)
-            out.append(id(obj))
+        elif depth and hasattr(obj, "__dict__") and not callable(obj.__dict__):
+            out.append(id(obj))  # an object's attributes (a bound method's object, a callable object)
             see(vars(obj), depth)
         else:
             out.append(id(obj))
 
     for obj in found:
-        if not callable(obj) or isinstance(obj, torch.nn.Module):  # functions and classes it calls: by name
-            see(obj, 1)
+        see(obj, 1)
     return tuple(out)
+
+
+def _is_array(obj: Any) -> bool:
+    return type(obj).__module__ == "numpy" and hasattr(obj, "__array_interface__") and hasattr(obj, "nbytes")
+
+
+def _array_print(arr: Any) -> tuple:
+    """A NumPy array's identity, address and shape, and a checksum of its bytes when it is small enough."""
+    head = (id(arr), arr.__array_interface__["data"][0], arr.shape, str(arr.dtype))
+    if arr.nbytes > ARRAY_BYTES or arr.dtype.hasobject:
+        return head
+    return (*head, zlib.crc32(memoryview(arr.tobytes())))
 
 
 def _contents(cell: Any) -> Any:
@@ -265,7 +393,7 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
         at = torch.tensor(chosen[lo:hi])
         return batch.rebuild([t[at.to(t.device)].contiguous() for t in batch.tensors])
 
-    with torch.random.fork_rng(devices=devices), torch.no_grad(), torch.compiler.set_stance("force_eager"), \
+    with torch.random.fork_rng(devices=devices), torch.no_grad(), eager_stance(), \
             warnings.catch_warnings():
         warnings.simplefilter("ignore")  # e.g. a batch statistic of one sample: the capture warns if it must
         before = _rng_states(devices)

@@ -57,7 +57,7 @@ from ._capture import (
     matched_roles,
     params_among,
 )
-from ._interact import TO_PYTHON, param_signature, training_flags
+from ._interact import TO_PYTHON, eager_stance, param_signature, training_flags
 from ._ops import EXACT, TABLE, Direct, Factored
 from ._ops.rnn import RECURRENT
 
@@ -200,7 +200,7 @@ def set_rng_state(device: torch.device, state: tuple[Tensor, ...]) -> None:
 
 def _guarded(mode: _Taps) -> Any:
     """The contexts a whole-batch run needs: the mode, gradients on, compiled code run eagerly."""
-    return mode, torch.enable_grad(), torch.compiler.set_stance("force_eager")
+    return mode, torch.enable_grad(), eager_stance()
 
 
 def _run(model_fn: ModelFn, params: Mapping[str, Tensor], batch: Batch, mode: _Taps) -> Tensor:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import types
+
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.func import functional_call
 
 import ghostfunc
-from ghostfunc import _secant
+from ghostfunc import _interact, _secant
 
 from .test_shapley import (
     attention_fn,
@@ -439,3 +443,103 @@ def test_train_step_reuses_its_materialised_rows_memory(name, curvature, monkeyp
     _, info = step(state, fewer, val)
     torch.testing.assert_close(info.values, want, rtol=1e-12, atol=1e-15)
     assert all(t.shape[0] == 2 for t in step._scratch.values())
+
+
+class Reader(nn.Module):
+    """A model whose state a step can change in many places: its mode, a plain attribute, a frozen weight, a
+    tensor in a dict attribute, and an object deeper than the fingerprint walks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 5), nn.Linear(5, 3)
+        self.frozen = nn.Parameter(torch.ones(5), requires_grad=False)
+        self.temp = 1.0
+        self.extra = {"shift": torch.zeros(3)}
+        self.deep = types.SimpleNamespace(inner=types.SimpleNamespace(scale=1.0))
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x + self.extra["shift"])) * self.frozen * self.temp * self.deep.inner.scale
+        return self.b(h * 2 if self.training else h)
+
+
+class LossOf:
+    """A callable object as model_fn."""
+
+    def __init__(self, net):
+        self.net = net
+
+    def __call__(self, p, batch):
+        return F.cross_entropy(functional_call(self.net, p, (batch["x"],)), batch["y"], reduction="none")
+
+
+HELPER_SHIFT = torch.zeros(3, dtype=DT)
+NUMPY_SHIFT = np.zeros(3)
+DEFAULT_SHIFT = torch.zeros(3, dtype=DT)
+
+
+def _shift():  # a helper whose global the model reads
+    return HELPER_SHIFT
+
+
+def _reader_fn(net, shift=lambda: 0.0):
+    def fn(p, batch):
+        return F.cross_entropy(functional_call(net, p, (batch["x"] + shift(),)), batch["y"], reduction="none")
+    return fn
+
+
+def _no_grad(fn, *args):
+    with torch.no_grad():
+        return fn(*args)
+
+
+#: Changes no fingerprint can see (.data has a version counter of its own), which the row's loss shows.
+UNSEEN = ("deeper than the fingerprint", "from_module, frozen weight through .data")
+READER_CHANGES = {
+    "from_module, eval()": ("from_module", lambda net: net.eval()),
+    "from_module, attribute": ("from_module", lambda net: setattr(net, "temp", 1.5)),
+    "from_module, frozen weight in place": ("from_module", lambda net: _no_grad(net.frozen.mul_, 2.0)),
+    "from_module, frozen weight through .data": ("from_module", lambda net: net.frozen.data.mul_(2.0)),
+    "from_module, tensor in a dict attribute": ("from_module", lambda net: net.extra["shift"].add_(0.5)),
+    "callable object, eval()": ("object", lambda net: net.eval()),
+    "callable object, frozen weight in place": ("object", lambda net: _no_grad(net.frozen.mul_, 2.0)),
+    "a helper's global": ("helper", lambda net: HELPER_SHIFT.add_(0.5)),
+    "a default argument": ("default", lambda net: DEFAULT_SHIFT.add_(0.5)),
+    "a NumPy global": ("numpy", lambda net: NUMPY_SHIFT.__iadd__(0.5)),
+    "deeper than the fingerprint": ("from_module", lambda net: setattr(net.deep.inner, "scale", 1.5)),
+    "nothing": ("from_module", lambda net: None),
+}
+
+
+@pytest.mark.parametrize("case", list(READER_CHANGES))
+def test_secant_carried_gradient_sees_what_the_model_reads(case, monkeypatch):
+    """Every way a step can change what the model computes besides its parameters makes the next step take
+    the validation gradient again (the fingerprint sees the model through from_module's closures, a callable
+    object, a helper's globals, default arguments and NumPy arrays; one row's loss is compared for what it
+    cannot see); nothing changed: it is reused."""
+    form, change = READER_CHANGES[case]
+    HELPER_SHIFT.zero_(), DEFAULT_SHIFT.zero_()
+    NUMPY_SHIFT[:] = 0
+    torch.manual_seed(0)
+    net = Reader().double().train()
+    ce = lambda out, batch: F.cross_entropy(out, batch["y"], reduction="none")  # noqa: E731
+    if form == "from_module":
+        fn, params = ghostfunc.from_module(net, ce)
+    else:
+        params = {k: v.detach().clone() for k, v in net.named_parameters() if v.requires_grad}
+        fn = {"object": LossOf(net), "helper": _reader_fn(net, _shift),
+              "default": lambda p, b, shift=DEFAULT_SHIFT: _reader_fn(net, lambda: shift)(p, b),
+              "numpy": _reader_fn(net, lambda: torch.from_numpy(NUMPY_SHIFT))}[form]
+    calls = spy(monkeypatch)
+    step = ghostfunc.train_step(fn, ghostfunc.sgd(0.5), order=2, curvature="secant")
+    state = step.init(params)
+    train = list(batches(9, 2))
+    _, _, val = mlp(seed=5)
+    state, _ = step(state, train[0], val)
+    fingerprint = _interact.state_of(fn)
+    change(net)
+    assert (_interact.state_of(fn) == fingerprint) == (case in (*UNSEEN, "nothing"))
+    want = ghostfunc.inrun_shapley(fn, state.params, train[1], val, lr=0.5, order=2, curvature="secant")
+    before = len(calls)
+    state, info = step(state, train[1], val)
+    assert len(calls) - before == (1 if case == "nothing" else 2)
+    torch.testing.assert_close(info.values, want, rtol=1e-12, atol=1e-15)

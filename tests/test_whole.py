@@ -396,6 +396,28 @@ def test_calls_from_several_threads_stay_exact() -> None:
     from torch.utils.checkpoint import CheckpointFunction
 
     assert "apply" not in CheckpointFunction.__dict__  # the captures' checkpoint stand-in is gone again
+    assert torch._dynamo.eval_frame._stance.stance == "default"  # torch.compile compiles again in the process
+
+
+def test_the_eager_stance_is_restored_when_threads_leave_out_of_order() -> None:
+    """Dynamo's stance is one per process: the first of several overlapping interceptions sets force_eager and
+    the last restores what was there, whichever order they leave in (two threads each restoring what they saw
+    would leave force_eager behind, and every later torch.compile of the process would run eagerly)."""
+    from torch._dynamo import eval_frame
+
+    from ghostfunc._interact import eager_stance
+
+    a, b = eager_stance(), eager_stance()
+    a.__enter__()
+    b.__enter__()
+    a.__exit__(None, None, None)  # the first to enter leaves first
+    assert eval_frame._stance.stance == "force_eager"
+    b.__exit__(None, None, None)
+    assert eval_frame._stance.stance == "default"
+    with torch.compiler.set_stance("eager_on_recompile"):  # a user's own stance is what comes back
+        with eager_stance():
+            assert eval_frame._stance.stance == "force_eager"
+        assert eval_frame._stance.stance == "eager_on_recompile"
 
 
 def replays(model_fn) -> int:
