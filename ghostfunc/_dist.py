@@ -304,11 +304,22 @@ def _buckets(tensors: Mapping[str, Tensor]) -> list[list[str]]:
     return [keys for per in groups.values() for keys in per if keys]
 
 
-def global_mean(local_mean: Mapping[str, Tensor], world: World, group: Any) -> dict[str, Tensor]:
-    """The mean over every rank's rows from each rank's mean over its own (one all-reduce)."""
+#: The key of the used-parameter flags in :func:`global_mean`'s all-reduce (no parameter name has a NUL).
+_USED = "\0used"
+
+
+def global_mean(local_mean: Mapping[str, Tensor], world: World, group: Any,
+                unused: frozenset[str] = frozenset()) -> tuple[dict[str, Tensor], frozenset[str]]:
+    """The mean over every rank's rows from each rank's mean over its own, and the parameters that are
+    ``unused`` (:func:`ghostfunc._graddot.unused`: no training row reaches them) on every rank: one all-reduce,
+    the flags (one number per parameter) riding in it. A step leaves those as one process would."""
     n_local = world.n_train[world.rank]
-    total = allreduce_sum({k: g * n_local for k, g in local_mean.items()}, group)
-    return {k: g / world.n for k, g in total.items()}
+    first = next(iter(local_mean.values()))
+    used = torch.tensor([0.0 if k in unused else 1.0 for k in local_mean], dtype=first.dtype, device=first.device)
+    total = allreduce_sum({**{k: g * n_local for k, g in local_mean.items()}, _USED: used}, group)
+    flags = total.pop(_USED).tolist()
+    return ({k: g / world.n for k, g in total.items()},
+            frozenset(k for k, f in zip(local_mean, flags, strict=True) if f == 0))
 
 
 def gather_batch(batch: Batch, world: World, group: Any) -> Batch:

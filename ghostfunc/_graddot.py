@@ -870,14 +870,14 @@ def prepare_group(where: str, group: Any, model_fn: Any, params: Any, train: Any
 
 
 def score_group(st: Streamed, params: dict[str, Tensor], val_reduce: str, world: _dist.World, group: Any,
-                dtype: torch.dtype | None) -> tuple[dict[str, Tensor], dict[str, Tensor], Plan]:
+                dtype: torch.dtype | None) -> tuple[dict[str, Tensor], dict[str, Tensor], Plan, frozenset[str]]:
     """:func:`score_streamed` across ranks, from a capture of this rank's rows with ``val_reduce="sum"``.
 
     The capture ran under :func:`group_policy` (no ghost route: every rank would need
     every validation row's factors), so the local ``Σ_v g_v`` came from one ordinary
     backward; it is all-reduced in one go, divided by the global ``m`` for ``"mean"``;
     every parameter is scored against it; the training gradient is all-reduced to
-    the global mean.
+    the global mean, with the parameters no rank's training rows reach (:func:`unused`).
     """
     assert not st.val_uses, "a ghost route under group="
     direction = _dist.allreduce_sum(dict(st.val_dir), group)
@@ -888,7 +888,8 @@ def score_group(st: Streamed, params: dict[str, Tensor], val_reduce: str, world:
     per_param, local_grad = {}, {}
     for k, route in the_plan.routes.items():
         per_param[k], local_grad[k] = score_direction(route.path, st.train[k], direction[k], n, params[k], dtype)
-    return per_param, _dist.global_mean(local_grad, world, group), the_plan
+    train_grad, nowhere = _dist.global_mean(local_grad, world, group, unused(st.train_traces, local_grad))
+    return per_param, train_grad, the_plan, nowhere
 
 
 def group_policy(policy: str) -> str:
@@ -907,7 +908,7 @@ def graddot_group(model_fn: ModelFn, params: Mapping[str, Tensor], train: Any, v
     if val_reduce is not None:
         with _dist.collectively(where, group):  # an error on one rank raises on every rank (one tiny all-reduce)
             st = run_streamed(model_fn, checked, tb, vb, where, group_policy(policy), "sum")
-        per_param, train_grad, the_plan = score_group(st, checked, val_reduce, world, group, compute_dtype)
+        per_param, train_grad, the_plan, _ = score_group(st, checked, val_reduce, world, group, compute_dtype)
         return GradDot(sum_scores(per_param, checked), per_param, train_grad, st.train_loss, st.val_loss, the_plan)
     # every validation row on every rank: gather the rows, score the full matrix locally
     every_val = _dist.gather_batch(vb, world, group)
@@ -919,7 +920,7 @@ def graddot_group(model_fn: ModelFn, params: Mapping[str, Tensor], train: Any, v
             per_param[k], local_grad[k] = score_param(route.path, tr, va, None, tb.size, world.m, checked[k],
                                                       compute_dtype)
     val_loss = cap.val_loss[world.val_offset: world.val_offset + vb.size]
-    return GradDot(sum_scores(per_param, checked), per_param, _dist.global_mean(local_grad, world, group),
+    return GradDot(sum_scores(per_param, checked), per_param, _dist.global_mean(local_grad, world, group)[0],
                    cap.train_loss, val_loss, the_plan._replace(n_train=world.n))
 
 

@@ -98,7 +98,7 @@ class Values(NamedTuple):
     val_loss: Tensor
     plan: Plan
     val_grad: ValGrad | None = None  # curvature="secant": ḡ_val at θ' = θ − a·G, for the next step
-    unused: frozenset[str] = frozenset()  # parameters no training sample reaches (one process; _graddot.unused)
+    unused: frozenset[str] = frozenset()  # parameters no training sample reaches (on any rank; _graddot.unused)
 
 
 def _import_jvp_decompositions() -> None:
@@ -241,9 +241,9 @@ def compute_values(
     if order == 1 and precondition is None and world is not None:
         with _dist.collectively(where, group):  # an error on one rank raises on every rank (one tiny all-reduce)
             st = run_streamed(model_fn, params, tb, vb, where, group_policy("auto"), "sum")
-        per_param, g_train, the_plan = score_group(st, params, "mean", world, group, None)
+        per_param, g_train, the_plan, nowhere = score_group(st, params, "mean", world, group, None)
         values = sum_scores(per_param, params).mul(-a)
-        return Values(values, values, g_train, st.train_loss, st.val_loss, the_plan)
+        return Values(values, values, g_train, st.train_loss, st.val_loss, the_plan, None, nowhere)
     if curvature == "secant":
         if world is not None:
             raise ValueError(f"{where}: curvature='secant' is one process only for now; use curvature='exact' "
@@ -277,10 +277,9 @@ def compute_values(
         rows, g_train = train_rows(r.plan, t.grads, params, tb.size, 2 if order == 2 and first_order else 1, scratch)
     train_loss = t.loss
     del t  # the factors of the kept parameters go now
-    # one process only: across ranks a parameter unused here may be used on another (the global mean decides)
-    local_unused = unused(train_traces(r), g_train) if world is None else frozenset()
+    local_unused = unused(train_traces(r), g_train)  # with a group: unused on every rank (the all-reduce's flags)
     if world is not None:
-        g_train = _dist.global_mean(g_train, world, group)
+        g_train, local_unused = _dist.global_mean(g_train, world, group, local_unused)
         r = r._replace(plan=r.plan._replace(n_train=n, n_val=m))
 
     if order == 1:
