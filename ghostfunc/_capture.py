@@ -254,6 +254,8 @@ class _Interceptor(TorchFunctionMode):
         match = rule.match(args, kwargs) if rule is not None else None
         roles = matched_roles(match, self.names, found)
         out = func(*args, **kwargs)
+        if func in CONVERSIONS and args and args[0] is found[0] and unchanged(out, found[0]):
+            return found[0]  # w.to(w.dtype), w.float(), +w: the parameter itself, as eagerly (w is returned)
         if func in FACTORIES:  # e.g. torch.zeros_like(weight): a fresh buffer too
             self.fresh.add(id(out))
         if found and _makes_tensor(out, found):
@@ -641,6 +643,21 @@ def matched_roles(match: Match | None, names: dict[int, str], found: list[Tensor
                         del found[i]
                         break
     return roles
+
+
+#: Conversions that return their tensor itself when there is nothing to convert (``w.to(w.dtype)``,
+#: ``w.float()`` on a float32 ``w``, ``w.cpu()`` on the CPU, ``+w``). Eagerly that is the parameter object; under
+#: ``vmap`` and ``grad`` it is a new wrapper of it. Both count as the parameter itself (see :func:`unchanged`).
+CONVERSIONS = frozenset({Tensor.to, Tensor.type, Tensor.type_as, Tensor.float, Tensor.double, Tensor.half,
+                         Tensor.bfloat16, Tensor.cpu, Tensor.cuda, Tensor.contiguous, Tensor.__pos__, torch.positive,
+                         Tensor.positive})
+
+
+def unchanged(out: Any, param: Tensor) -> bool:
+    """Whether ``out`` (a :data:`CONVERSIONS` call's result on ``param``) is ``param`` as it was: the same object,
+    or a tensor of its dtype, device, shape and strides (a wrapper of the same values)."""
+    return out is param or (type(out) in _TENSOR_TYPES and out.dtype == param.dtype and out.device == param.device
+                            and out.shape == param.shape and out.stride() == param.stride())
 
 
 def _makes_tensor(out: Any, found: list[Tensor]) -> bool:

@@ -42,6 +42,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from ._capture import (
+    CONVERSIONS,
     TRANSPOSES,
     Batch,
     Half,
@@ -56,6 +57,7 @@ from ._capture import (
     holds_tensor,
     matched_roles,
     params_among,
+    unchanged,
 )
 from ._interact import TO_PYTHON, eager_stance, param_signature, training_flags
 from ._ops import EXACT, TABLE, Direct, Factored
@@ -130,6 +132,8 @@ class _Taps(TorchFunctionMode):
         match = rule.match(args, kwargs) if rule is not None else None
         roles = matched_roles(match, self.names, found)
         out = func(*args, **kwargs)
+        if func in CONVERSIONS and args and args[0] is found[0] and unchanged(out, found[0]):
+            return found[0]  # the parameter itself, as in the trace (ghostfunc._capture.CONVERSIONS)
         if found and _makes_tensor(out, found):
             raise NotDirect(f"{self.names[id(found[0])]} used by an unrecognised call")
         if not roles or match is None or rule is None:

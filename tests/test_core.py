@@ -480,3 +480,54 @@ def test_flat_batches_split_as_the_pytree_walk_does():
         assert type(again) is type(expected) and pytree.tree_structure(again) == pytree.tree_structure(expected)
     assert _capture._flat_batch((torch.randn(3), 1.5)) is None  # a non-tensor leaf: the walk
     assert _capture._flat_batch(torch.tensor(1.0)) is None  # a scalar: the walk names it
+
+
+NO_OP_CONVERSIONS = {
+    "to(dtype)": lambda w, x: w.to(x.dtype),
+    "to(device)": lambda w, x: w.to(x.device),
+    "float()/double()": lambda w, x: w.double() if w.dtype == F64 else w.float(),
+    "type_as": lambda w, x: w.type_as(x),
+    "cpu()": lambda w, x: w.cpu(),
+    "contiguous()": lambda w, x: w.contiguous(),
+    "+w": lambda w, x: +w,
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=["float32", "float64"])
+@pytest.mark.parametrize("policy", ["auto", "ghost", "materialize", "contract"])
+@pytest.mark.parametrize("spelling", list(NO_OP_CONVERSIONS))
+def test_a_conversion_to_what_a_parameter_already_is_is_the_parameter(spelling, policy, dtype):
+    """``F.linear(x, w.to(x.dtype))`` and the like (custom layers write them) with nothing to convert: eagerly
+    ``w`` itself, under vmap/grad a new wrapper; both are the parameter, which keeps its linear route."""
+    convert = NO_OP_CONVERSIONS[spelling]
+    torch.manual_seed(3)
+    params = {"w": torch.randn(5, 4, dtype=dtype), "b": torch.randn(5, dtype=dtype), "v": torch.randn(3, 5, dtype=dtype)}
+
+    def fn(p, batch):
+        x, y = batch
+        h = torch.tanh(F.linear(x, convert(p["w"], x), convert(p["b"], x)))
+        return F.cross_entropy(h @ convert(p["v"], x).t(), y, reduction="none")
+
+    x, y = torch.randn(9, 4, dtype=dtype), torch.randint(0, 3, (9,))
+    train, val = (x[:6], y[:6]), (x[6:], y[6:])
+    out = ghostfunc.graddot(fn, params, train, val, policy=policy)
+    ref, _, _ = ghostfunc.reference_graddot(fn, params, train, val)
+    assert rel(out.scores, ref) < (1e-10 if dtype == F64 else 1e-5)
+    assert out.plan.routes["w"].path != "fallback", out.plan
+    again = ghostfunc.graddot(fn, params, train, val, policy=policy)  # the later calls' path (a replay)
+    assert rel(again.scores, ref) < (1e-10 if dtype == F64 else 1e-5)
+
+
+def test_a_real_conversion_of_a_parameter_stays_exact():
+    """``w.float()`` on a float64 parameter converts: an unrecognised use, the exact fallback."""
+    torch.manual_seed(4)
+    params = {"w": torch.randn(3, 4, dtype=F64)}
+
+    def fn(p, batch):
+        x, y = batch
+        return F.cross_entropy(x.float() @ p["w"].float().t(), y, reduction="none").double()
+
+    x, y = torch.randn(7, 4, dtype=F64), torch.randint(0, 3, (7,))
+    out = ghostfunc.graddot(fn, params, (x[:4], y[:4]), (x[4:], y[4:]))
+    ref, _, _ = ghostfunc.reference_graddot(fn, params, (x[:4], y[:4]), (x[4:], y[4:]))
+    assert rel(out.scores, ref) < 1e-5
