@@ -5,6 +5,7 @@ from ._direction import DirectionScores, graddot_direction
 from ._dist import sampler_mask
 from ._graddot import GradDot, graddot, plan
 from ._hf import causal_lm_loss, classification_loss, from_module, seq2seq_loss
+from ._interact import StateWrittenError
 from ._ops import SamplesInteractError
 from ._optim import AdamWState, Optimizer, SGDState, adamw, sgd
 from ._plan import Plan, Route
@@ -20,6 +21,7 @@ __all__ = [
     "Plan",
     "Route",
     "SamplesInteractError",
+    "StateWrittenError",
     "graddot",
     "plan",
     "reference_graddot",

@@ -53,6 +53,11 @@ class ParamsUnusedError(ValueError):
     """No tensor of ``params`` reaches ``model_fn``'s computation."""
 
 
+class StateWrittenError(ValueError):
+    """``model_fn`` writes in place into a module's buffer or frozen tensor on every call (running statistics in
+    training mode, spectral_norm's power iteration): the calls of one ``graddot`` would see different models."""
+
+
 _CHECKED: weakref.WeakKeyDictionary[Any, set[tuple]] = weakref.WeakKeyDictionary()
 
 
@@ -393,6 +398,8 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
         at = torch.tensor(chosen[lo:hi])
         return batch.rebuild([t[at.to(t.device)].contiguous() for t in batch.tensors])
 
+    state = module_tensors(model_fn)
+    kept = _buffer_copies(model_fn, state)
     with torch.random.fork_rng(devices=devices), torch.no_grad(), eager_stance(), \
             warnings.catch_warnings():
         warnings.simplefilter("ignore")  # e.g. a batch statistic of one sample: the capture warns if it must
@@ -418,6 +425,7 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
             raise
         except Exception:  # noqa: BLE001 - a model that runs only under vmap: the capture reports its own errors
             return k > 1  # nothing to compare for this signature: not tried again
+    _refuse_writes(state, module_tensors(model_fn), kept)
     if not mode.used:
         raise ParamsUnusedError(
             f"no parameter reached the computation: model_fn(params, batch) ran without using any tensor of "
@@ -429,6 +437,55 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
         rounding = coarsest([*params.values(), *batch.tensors, together])  # float64 losses of a float32 model
         _compare(together.detach(), torch.cat(alone).detach(), label, chosen, rounding)
     return k > 1
+
+
+def module_tensors(model_fn: Callable) -> dict[str, tuple[Tensor, int]]:
+    """Every parameter and buffer of the modules ``model_fn`` reaches (:func:`reads`), by name: the tensor and
+    its version counter (an in-place write bumps it)."""
+    out: dict[str, tuple[Tensor, int]] = {}
+    for obj in reads(model_fn):
+        if isinstance(obj, torch.nn.Module):
+            for m_name, m in obj.named_modules(remove_duplicate=True):
+                for kind in (m._parameters, m._buffers):
+                    for name, t in kind.items():
+                        if t is not None:
+                            out.setdefault(f"{m_name}.{name}" if m_name else name, (t, t._version))
+    return out
+
+
+#: :func:`_buffer_copies` keeps copies of buffers up to this many bytes in all (larger: none are kept).
+BUFFER_BYTES = 1 << 26
+
+
+def _buffer_copies(model_fn: Callable, tensors: dict[str, tuple[Tensor, int]]) -> dict[str, Tensor]:
+    """Copies of the buffers of the modules ``model_fn`` reaches (names as in ``tensors``), to put back what the
+    check's runs wrote before it refuses (empty when they are larger than :data:`BUFFER_BYTES`)."""
+    buffers = {id(b) for obj in reads(model_fn) if isinstance(obj, torch.nn.Module) for b in obj.buffers()}
+    chosen = {k: t for k, (t, _) in tensors.items() if id(t) in buffers}
+    if sum(t.numel() * t.element_size() for t in chosen.values()) > BUFFER_BYTES:
+        return {}
+    return {k: t.detach().clone() for k, t in chosen.items()}
+
+
+def _refuse_writes(before: dict[str, tuple[Tensor, int]], after: dict[str, tuple[Tensor, int]],
+                   kept: dict[str, Tensor]) -> None:
+    """Raise :class:`StateWrittenError` naming the tensors written in place between the two snapshots, after
+    putting back the values of those ``kept`` holds (the module is left as it was before the check)."""
+    written = [k for k, (t, version) in before.items()
+               if k in after and after[k][0] is t and after[k][1] != version]
+    if written:
+        with torch.no_grad():
+            for k in written:
+                if k in kept:
+                    before[k][0].copy_(kept[k])
+        shown = ", ".join(written[:4]) + (f" and {len(written) - 4} more" if len(written) > 4 else "")
+        raise StateWrittenError(
+            f"model_fn writes into {shown} in place while it runs (on every call): a layer that updates its own "
+            f"state from the batch, such as the running statistics of InstanceNorm(track_running_stats=True) in "
+            f"training mode, spectral_norm's power iteration in training mode, or a counter or moving average. "
+            f"graddot runs model_fn several times per call (a one-sample trace, these checks, the capture), so that "
+            f"state would move several times and the runs would see different models. Put such layers in eval "
+            f"mode (model.eval() or the layer's .eval()), or keep the state outside model_fn")
 
 
 #: Rows :func:`distinct_rows` looks through for samples that differ.

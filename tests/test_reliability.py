@@ -626,3 +626,58 @@ def test_samples_interact_seen_through_a_branch_every_sample_agrees_on():
                  lambda: ghostfunc.graddot_direction(baseline, p, x, {"W": torch.ones(3, 4, dtype=torch.float64)})):
         with pytest.raises(ghostfunc.SamplesInteractError, match="samples interact"):
             call()
+
+
+class _Counted(nn.Module):
+    """A model that counts its calls in a buffer (in place, every call)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        self.calls += 1
+        return self.lin(x)
+
+
+def _state_writers() -> dict[str, nn.Module]:
+    torch.manual_seed(6)
+    conv_in = nn.Sequential(nn.Conv2d(3, 4, 3), nn.InstanceNorm2d(4, affine=True, track_running_stats=True),
+                            nn.Flatten(), nn.Linear(16, 3))
+    spectral = nn.Sequential(torch.nn.utils.parametrizations.spectral_norm(nn.Linear(4, 5)), nn.Tanh(),
+                             nn.Linear(5, 3))
+    return {"instance norm running stats": conv_in, "spectral_norm": spectral, "a call counter": _Counted()}
+
+
+@pytest.mark.parametrize("name", ["instance norm running stats", "spectral_norm", "a call counter"])
+def test_a_model_that_writes_its_own_state_is_refused_and_left_as_it_was(name):
+    """Running statistics in training mode, spectral_norm's power iteration, a counter: model_fn writes a buffer
+    in place on every call, and graddot runs it several times, so the runs would see different models (and the
+    buffer would move several times a call). Refused, naming the buffer, with the module as it was before; in
+    eval mode (the first two) it is exact."""
+    net = _state_writers()[name].double().train()
+    params = {k: v.detach() for k, v in net.named_parameters() if v.requires_grad}
+
+    def fn(p, batch):
+        x, y = batch
+        return F.cross_entropy(functional_call(net, p, (x,)), y, reduction="none")
+
+    g = _g(3)
+    shape = (7, 3, 4, 4) if name.startswith("instance") else (7, 4)
+    x, y = torch.randn(*shape, generator=g, dtype=F64), torch.randint(0, 3, (7,), generator=g)
+    train, val = (x[:4], y[:4]), (x[4:], y[4:])
+    before = {k: b.clone() for k, b in net.named_buffers()}
+    for call in (lambda: ghostfunc.graddot(fn, params, train, val),
+                 lambda: ghostfunc.train_step(fn, ghostfunc.sgd(0.1))(ghostfunc.train_step(fn, ghostfunc.sgd(0.1))
+                                                                       .init(params), train, val)):
+        with pytest.raises(ghostfunc.StateWrittenError, match="in place while it runs") as err:
+            call()
+        written = [k for k in before if k.rsplit(".", 1)[-1] in ("running_mean", "_u", "calls")]
+        assert written and any(k in str(err.value) for k in written), str(err.value)
+        assert all(torch.equal(before[k], b) for k, b in net.named_buffers()), "the check left a buffer moved"
+    if name != "a call counter":
+        net.eval()
+        out = ghostfunc.graddot(fn, params, train, val)
+        ref, _, _ = ghostfunc.reference_graddot(fn, params, train, val)
+        assert rel(out.scores, ref) < 1e-10
