@@ -15,7 +15,8 @@ BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
 
 
 @pytest.mark.parametrize("code", BLOCKS, ids=[f"block{i}" for i in range(len(BLOCKS))])
-def test_readme_python_blocks_run(code):
+def test_readme_python_blocks_run(code, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # what the examples save (runs/values.pt) goes to a scratch folder, not the checkout
     exec(compile(code, str(README), "exec"), {"__name__": "readme"})
 
 
