@@ -254,7 +254,7 @@ class _Interceptor(TorchFunctionMode):
         match = rule.match(args, kwargs) if rule is not None else None
         roles = matched_roles(match, self.names, found)
         out = func(*args, **kwargs)
-        if func in CONVERSIONS and args and args[0] is found[0] and unchanged(out, found[0]):
+        if func in CONVERSIONS and args and args[0] is found[0] and unchanged(out, found[0], args, kwargs):
             return found[0]  # w.to(w.dtype), w.float(), +w: the parameter itself, as eagerly (w is returned)
         if func in FACTORIES:  # e.g. torch.zeros_like(weight): a fresh buffer too
             self.fresh.add(id(out))
@@ -653,11 +653,16 @@ CONVERSIONS = frozenset({Tensor.to, Tensor.type, Tensor.type_as, Tensor.float, T
                          Tensor.positive})
 
 
-def unchanged(out: Any, param: Tensor) -> bool:
+def unchanged(out: Any, param: Tensor, args: tuple, kwargs: dict[str, Any]) -> bool:
     """Whether ``out`` (a :data:`CONVERSIONS` call's result on ``param``) is ``param`` as it was: the same object,
-    or a tensor of its dtype, device, shape and strides (a wrapper of the same values)."""
-    return out is param or (type(out) in _TENSOR_TYPES and out.dtype == param.dtype and out.device == param.device
-                            and out.shape == param.shape and out.stride() == param.stride())
+    or a tensor of its dtype, device, shape and strides (a wrapper of the same values). Not ``w.to(..., copy=True)``:
+    a copy the model may write into."""
+    if out is param:
+        return True
+    if kwargs.get("copy") or any(a is True for a in args[2:]):  # to(dtype, non_blocking, copy): a copy asked for
+        return False
+    return (type(out) in _TENSOR_TYPES and out.dtype == param.dtype and out.device == param.device
+            and out.shape == param.shape and out.stride() == param.stride())
 
 
 def _makes_tensor(out: Any, found: list[Tensor]) -> bool:

@@ -398,8 +398,8 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
         at = torch.tensor(chosen[lo:hi])
         return batch.rebuild([t[at.to(t.device)].contiguous() for t in batch.tensors])
 
-    state = module_tensors(model_fn)
-    kept = _buffer_copies(model_fn, state)
+    state = module_buffers(model_fn)
+    kept = _buffer_copies(state)
     with torch.random.fork_rng(devices=devices), torch.no_grad(), eager_stance(), \
             warnings.catch_warnings():
         warnings.simplefilter("ignore")  # e.g. a batch statistic of one sample: the capture warns if it must
@@ -425,7 +425,7 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
             raise
         except Exception:  # noqa: BLE001 - a model that runs only under vmap: the capture reports its own errors
             return k > 1  # nothing to compare for this signature: not tried again
-    _refuse_writes(state, module_tensors(model_fn), kept)
+    _refuse_writes(state, module_buffers(model_fn), kept)
     if not mode.used:
         raise ParamsUnusedError(
             f"no parameter reached the computation: model_fn(params, batch) ran without using any tensor of "
@@ -439,17 +439,17 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
     return k > 1
 
 
-def module_tensors(model_fn: Callable) -> dict[str, tuple[Tensor, int]]:
-    """Every parameter and buffer of the modules ``model_fn`` reaches (:func:`reads`), by name: the tensor and
-    its version counter (an in-place write bumps it)."""
+def module_buffers(model_fn: Callable) -> dict[str, tuple[Tensor, int]]:
+    """Every buffer of the modules ``model_fn`` reaches (:func:`reads`), by name: the tensor and its version
+    counter (an in-place write bumps it). Parameters are not watched: a frozen embedding with ``max_norm`` is
+    renormalised in place by torch on every call, as the model's own semantics."""
     out: dict[str, tuple[Tensor, int]] = {}
     for obj in reads(model_fn):
         if isinstance(obj, torch.nn.Module):
             for m_name, m in obj.named_modules(remove_duplicate=True):
-                for kind in (m._parameters, m._buffers):
-                    for name, t in kind.items():
-                        if t is not None:
-                            out.setdefault(f"{m_name}.{name}" if m_name else name, (t, t._version))
+                for name, t in m._buffers.items():
+                    if t is not None:
+                        out.setdefault(f"{m_name}.{name}" if m_name else name, (t, t._version))
     return out
 
 
@@ -457,14 +457,12 @@ def module_tensors(model_fn: Callable) -> dict[str, tuple[Tensor, int]]:
 BUFFER_BYTES = 1 << 26
 
 
-def _buffer_copies(model_fn: Callable, tensors: dict[str, tuple[Tensor, int]]) -> dict[str, Tensor]:
-    """Copies of the buffers of the modules ``model_fn`` reaches (names as in ``tensors``), to put back what the
-    check's runs wrote before it refuses (empty when they are larger than :data:`BUFFER_BYTES`)."""
-    buffers = {id(b) for obj in reads(model_fn) if isinstance(obj, torch.nn.Module) for b in obj.buffers()}
-    chosen = {k: t for k, (t, _) in tensors.items() if id(t) in buffers}
-    if sum(t.numel() * t.element_size() for t in chosen.values()) > BUFFER_BYTES:
+def _buffer_copies(buffers: dict[str, tuple[Tensor, int]]) -> dict[str, Tensor]:
+    """Copies of ``buffers`` (:func:`module_buffers`), to put back what the check's runs wrote before it refuses
+    (empty when they are larger than :data:`BUFFER_BYTES` in all)."""
+    if sum(t.numel() * t.element_size() for t, _ in buffers.values()) > BUFFER_BYTES:
         return {}
-    return {k: t.detach().clone() for k, t in chosen.items()}
+    return {k: t.detach().clone() for k, (t, _) in buffers.items()}
 
 
 def _refuse_writes(before: dict[str, tuple[Tensor, int]], after: dict[str, tuple[Tensor, int]],
@@ -480,7 +478,7 @@ def _refuse_writes(before: dict[str, tuple[Tensor, int]], after: dict[str, tuple
                     before[k][0].copy_(kept[k])
         shown = ", ".join(written[:4]) + (f" and {len(written) - 4} more" if len(written) > 4 else "")
         raise StateWrittenError(
-            f"model_fn writes into {shown} in place while it runs (on every call): a layer that updates its own "
+            f"model_fn writes into the buffer(s) {shown} in place while it runs (on every call): a layer that updates its own "
             f"state from the batch, such as the running statistics of InstanceNorm(track_running_stats=True) in "
             f"training mode, spectral_norm's power iteration in training mode, or a counter or moving average. "
             f"graddot runs model_fn several times per call (a one-sample trace, these checks, the capture), so that "

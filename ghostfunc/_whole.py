@@ -132,7 +132,7 @@ class _Taps(TorchFunctionMode):
         match = rule.match(args, kwargs) if rule is not None else None
         roles = matched_roles(match, self.names, found)
         out = func(*args, **kwargs)
-        if func in CONVERSIONS and args and args[0] is found[0] and unchanged(out, found[0]):
+        if func in CONVERSIONS and args and args[0] is found[0] and unchanged(out, found[0], args, kwargs):
             return found[0]  # the parameter itself, as in the trace (ghostfunc._capture.CONVERSIONS)
         if found and _makes_tensor(out, found):
             raise NotDirect(f"{self.names[id(found[0])]} used by an unrecognised call")

@@ -681,3 +681,41 @@ def test_a_model_that_writes_its_own_state_is_refused_and_left_as_it_was(name):
         out = ghostfunc.graddot(fn, params, train, val)
         ref, _, _ = ghostfunc.reference_graddot(fn, params, train, val)
         assert rel(out.scores, ref) < 1e-10
+
+
+def test_a_frozen_embedding_with_max_norm_is_not_state_written():
+    """torch renormalises a max_norm embedding's weight in place on every call: that is the model's own
+    semantics for a (frozen) parameter, not a buffer a layer keeps; graddot runs it and equals the loop."""
+    torch.manual_seed(7)
+    emb = nn.Embedding(9, 4, max_norm=1.0).double().requires_grad_(False)
+    params = {"w": torch.randn(3, 4, dtype=F64)}
+
+    def fn(p, batch):
+        ids, y = batch
+        return F.cross_entropy(emb(ids).mean(1) @ p["w"].t(), y, reduction="none")
+
+    g = _g(4)
+    ids, y = torch.randint(0, 9, (7, 5), generator=g), torch.randint(0, 3, (7,), generator=g)
+    ref, _, _ = ghostfunc.reference_graddot(fn, params, (ids[:4], y[:4]), (ids[4:], y[4:]))
+    out = ghostfunc.graddot(fn, params, (ids[:4], y[:4]), (ids[4:], y[4:]))
+    assert rel(out.scores, ref) < 1e-10
+
+
+def test_a_copy_of_a_parameter_written_into_leaves_the_parameter():
+    """``w.to(w.dtype, copy=True)`` is a copy the model may write into, not the parameter itself."""
+    torch.manual_seed(8)
+    params = {"w": torch.randn(3, 4, dtype=F64)}
+    kept = params["w"].clone()
+
+    def fn(p, batch):
+        x, y = batch
+        w = p["w"].to(F64, copy=True)
+        w.mul_(2.0)
+        return F.cross_entropy(x @ w.t(), y, reduction="none")
+
+    g = _g(5)
+    x, y = torch.randn(7, 4, generator=g, dtype=F64), torch.randint(0, 3, (7,), generator=g)
+    out = ghostfunc.graddot(fn, params, (x[:4], y[:4]), (x[4:], y[4:]))
+    ref, _, _ = ghostfunc.reference_graddot(fn, params, (x[:4], y[:4]), (x[4:], y[4:]))
+    assert rel(out.scores, ref) < 1e-10
+    assert torch.equal(params["w"], kept)
