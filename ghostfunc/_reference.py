@@ -37,7 +37,10 @@ def reference_graddot(
     """Reference for :func:`ghostfunc.graddot`: ``(scores, per_param, train_grad)``.
 
     Uses one ``torch.autograd.grad`` call per sample; cost ``(n + m)`` backward
-    passes and ``(n + m)`` model-sized vectors. For tests and benchmarks.
+    passes and ``(n + m)`` model-sized vectors. For tests and benchmarks. In bfloat16
+    or float16 each sample's backward rounds in that dtype (a loop in bfloat16 can be
+    further from the float64 answer than ``graddot`` is): for a ground truth, run both on
+    a float64 copy of the model.
     """
     gt, _ = per_sample_grads(model_fn, params, train)
     gv, _ = per_sample_grads(model_fn, params, val)
