@@ -75,7 +75,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not (Path(args.run) / "spec.json").is_file() and not (Path(args.run) / "trajectory" / "spec.json").is_file():
         parser.error(f"--run: expected a run folder with a recorded trajectory (spec.json, trajectory.pt: the "
                      f"training CLI's --record-every, or Trajectory.save(folder, spec=...)); got {args.run!r}")
-    values, target, seconds = attribute(args.run, per_step=args.per_step, out=args.out)
+    if args.top < 0:
+        parser.error(f"--top: expected an integer >= 0; got {args.top}")
+    from ._run.cli import check_writable
+    from ._run.data import UsageError
+
+    try:
+        if args.out is not None:  # before the replay, which can take long
+            if Path(args.out).is_dir():
+                raise UsageError(f"--out: expected a file path for the values; {args.out!r} is a folder")
+            check_writable(Path(args.out).parent, "--out")
+        values, target, seconds = attribute(args.run, per_step=args.per_step, out=args.out)
+    except UsageError as exc:  # the run's factory refused its data or options (one line, exit code 2)
+        parser.error(str(exc))
     total = values.total.sum(1) if args.per_step else values.total
     k = min(args.top, len(total))
     print(f"unrolled values of {len(total)} samples over {values.steps} steps in {seconds:.1f} s -> {target}")

@@ -98,3 +98,65 @@ def test_a_folder_without_a_recorded_run_is_a_usage_error(tmp_path, capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("python -m ghostfunc attribute: error: --run: expected a run folder")
+
+
+def test_attribute_and_select_read_the_runs_own_data_from_any_folder(recorded: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    """A run made with relative paths records them absolute; an older run's are taken relative to where it started."""
+    import shutil
+
+    from ghostfunc._attribute import attribute
+
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    shutil.copytree(recorded.parent / "train", work / "train")
+    shutil.copytree(recorded.parent / "val", work / "val")
+    (elsewhere / "train").mkdir(parents=True)  # same relative names, other data
+    (elsewhere / "train" / "other.txt").write_text("something else entirely " * 20)
+    monkeypatch.chdir(work)
+    assert main(["train", "--train", "train", "--val", "val", "--out", "runs/rel", *ARGS]) == 0
+    run = work / "runs" / "rel"
+    assert json.loads((run / "config.json").read_text())["train"] == str(work / "train")
+    want, _, _ = attribute(recorded, out=tmp_path / "want.pt")  # the same data and options, absolute paths
+    monkeypatch.chdir(elsewhere)
+    assert main(["attribute", "--run", str(run), "--out", str(tmp_path / "u.pt")]) == 0
+    got = ghostfunc.DataValues.load(tmp_path / "u.pt")
+    assert isinstance(got, ghostfunc.DataValues) and torch.equal(got.total, want.total)
+    assert main(["select", "--run", str(run), "--seeds", "1", "--steps", "1", "--no-progress", "--threads", "1"]) == 0
+    assert (run / "select" / "select.json").is_file() and sorted(p.name for p in elsewhere.iterdir()) == ["train"]
+    assert (work / "runs" / ".ghostfunc-cache").is_dir()  # the cache stays beside the run
+
+    cfg = json.loads((run / "config.json").read_text())  # a run from before: relative paths and --out
+    (run / "config.json").write_text(json.dumps({**cfg, "train": "train", "val": "val", "out": "runs/rel"}))
+    assert main(["attribute", "--run", str(run), "--out", str(tmp_path / "u2.pt")]) == 0
+    assert torch.equal(ghostfunc.DataValues.load(tmp_path / "u2.pt").total, want.total)  # type: ignore[union-attr]
+    (run / "config.json").write_text(json.dumps({**cfg, "train": "train", "val": "val", "out": "/somewhere/else"}))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main(["attribute", "--run", str(run), "--out", str(tmp_path / "u3.pt")])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"python -m ghostfunc attribute: error: --run: its --train 'train' is relative to the folder the run was started "
+        f"in, which its --out '/somewhere/else' does not tell; write the absolute path into {str(run / 'config.json')!r}")
+    (run / "config.json").write_text(json.dumps(cfg))
+    (work / "train" / "prose.md").write_text("The quick brown fox jumps over the lazy cat. " * 2)  # same size, other text
+    with pytest.raises(SystemExit) as info:
+        main(["attribute", "--run", str(run), "--out", str(tmp_path / "u4.pt")])
+    assert info.value.code == 2 and "error: --train: expected the data the run in" in capsys.readouterr().err
+    assert main(["select", "--run", str(run), "--out", str(tmp_path / "sel"), "--seeds", "1", "--steps", "1"]) == 2
+    assert "ghostfunc select: error: --train: expected the data the run in" in capsys.readouterr().err
+    assert not (tmp_path / "u3.pt").exists() and not (tmp_path / "u4.pt").exists() and not (tmp_path / "sel").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--top", "-3"], "--top: expected an integer >= 0; got -3"),
+    (["--out", "{tmp}/afile/u.pt"], "--out: expected a folder it can write; '{tmp}/afile' is a file"),
+    (["--out", "{tmp}"], "--out: expected a file path for the values; '{tmp}' is a folder"),
+])
+def test_attribute_bad_options_are_one_line(extra: list[str], message: str, recorded: Path, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SystemExit) as info:
+        main(["attribute", "--run", str(recorded), *[e.format(tmp=tmp_path) for e in extra]])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"python -m ghostfunc attribute: error: {message.format(tmp=tmp_path)}"

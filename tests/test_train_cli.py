@@ -56,8 +56,10 @@ def test_run_writes_values_metrics_and_report(corpus: dict[str, Path], tmp_path:
     config.write_text('steps = 6\nlr = 3e-3\n"save-every" = 3\n')  # the same keys as the options, either spelling
     out = tmp_path / "run"
     assert main(_args(corpus, out, "--config", str(config))) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "most helpful sources" in printed
+    assert "(1 file skipped: 1 binary)" in captured.err  # blob.dat is not dropped silently
     saved = json.loads((out / "config.json").read_text())
     assert saved["steps"] == 6 and saved["lr"] == 3e-3 and saved["save_every"] == 3
     values, state = ghostfunc.DataValues.load(out / "values.pt", with_state=True)  # type: ignore[misc]
@@ -79,7 +81,7 @@ def test_run_writes_values_metrics_and_report(corpus: dict[str, Path], tmp_path:
     assert "val_loss" in metrics[-1] and "test_loss" in metrics[-1] and metrics[-1]["val_loss"] < metrics[0]["val_loss"]
     assert all(isinstance(v, float | int) for m in metrics for v in m.values())  # figures only, never inputs
     report = (out / "report.md").read_text()
-    assert "## Most helpful chunks" in report and "report.png" in report
+    assert "## Most helpful chunks" in report and "report.png" in report and "(1 file skipped: 1 binary)" in report
     assert (out / "report.png").stat().st_size > 10_000
 
     sel = tmp_path / "sel"
@@ -127,6 +129,12 @@ def _bad_inputs(c: dict[str, Path], tmp: Path) -> list[tuple[list[str], str]]:
     (tmp / "empty.bin").write_bytes(b"")
     (tmp / "odd.bin").write_bytes(b"\1\2\3")
     (tmp / "emptydir").mkdir()
+    (tmp / "latin1.toml").write_bytes("steps = 2 # d\xe9j\xe0\n".encode("latin-1"))
+    (tmp / "twice.toml").write_text('batch-size = 4\nbatch_size = 8\n')
+    huge = np.arange(400, dtype=np.uint32)
+    huge[7] = 4_000_000_000
+    huge.tofile(tmp / "huge32.bin")
+    (tmp / "afile").write_text("a file, not a folder")
     t, v = ["--train", str(c["train"])], ["--val", str(c["val"])]
     return [
         (["--train", str(tmp / "missing.bin"), *v], "--train: expected an existing token file"),
@@ -143,6 +151,24 @@ def _bad_inputs(c: dict[str, Path], tmp: Path) -> list[tuple[list[str], str]]:
         ([*t, *v, "--precondition", "--order", "2"], "--precondition: expected --order 1"),
         ([*t, *v, "--config", str(tmp / "nope.toml")], "--config: expected an existing TOML file"),
         (["--target", "no_such_package"], "--target: expected a package or module of the standard library"),
+        (["--target", "/etc"], "--target: expected the name of a package or module of the standard library"),
+        (["--target", ""], "--target: expected the name of a package or module of the standard library"),
+        ([*t, *v, "--seq-len", "1"], "--seq-len: expected an integer >= 2; got 1"),
+        ([*t, *v, "--dtype", "float16"], "--dtype: float16 parameters need --optimizer sgd"),  # AdamW: NaN at step 2
+        ([*t, *v, "--config", str(tmp)], f"--config: expected a TOML file; {str(tmp)!r} is a folder"),
+        ([*t, *v, "--config", str(tmp / "latin1.toml")], "--config: expected a UTF-8 TOML file"),
+        ([*t, *v, "--config", str(tmp / "twice.toml")], "sets 'batch-size' and 'batch_size', the same option; keep one"),
+        (["--train", str(tmp / "huge32.bin"), "--val", str(c["val_bin"]), "--token-dtype", "uint32"],
+         "--train: expected token ids below 1,048,576 (the largest vocabulary taken from the data; --vocab-size sets a "
+         "larger one); it holds id 4,000,000,000: is --token-dtype uint32 the dtype the file was written with?"),
+        (["--train", str(c["train_bin"]), "--val", str(c["val_bin"]), "--token-dtype", "uint32"],  # uint16 read as uint32
+         "--train: expected token ids below 1,048,576"),
+        ([*t, *v, "--out", str(tmp / "afile" / "run")], f"--out: expected a folder it can write; {str(tmp / 'afile')!r} is a file"),
+        ([*t, *v, "--out", str(c["train"] / "run")], "--out: expected a folder outside --train"),  # its files become data
+        ([*t, "--val", str(c["root"] / "val"), "--out", str(c["root"] / "val" / "sub" / "run")], "--out: expected a folder outside --val"),
+        (["--train", str(c["train"] / "**" / "*.json"), *v, "--out", str(c["train"] / "sub" / "run")],
+         "--out: expected a folder outside --train"),  # a glob that would take config.json
+        *([] if torch.cuda.is_available() else [([*t, *v, "--device", "cuda"], "--device: expected a machine with CUDA")]),
     ]
 
 
@@ -154,7 +180,7 @@ def test_bad_input_one_line_exit_2_nothing_written(corpus: dict[str, Path], tmp_
         assert main(argv) == 2, extra
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith("ghostfunc train: error: ") and message in err[-1], (extra, err)
-        assert not out.exists(), extra
+        assert not out.exists() and not (corpus["train"] / "run").exists(), extra
 
 
 #: Out-of-range numeric options (train): (extra arguments, the one-line message after ``ghostfunc train: error: ``).
@@ -163,8 +189,9 @@ BAD_NUMBERS = [
     (["--lr", "nan"], "--lr: expected a finite number >= 0; got nan"),
     (["--lr", "inf"], "--lr: expected a finite number >= 0; got inf"),
     (["--lr", "1e400"], "--lr: expected a finite number >= 0; got inf"),
-    (["--optimizer", "sgd", "--momentum", "-1"], "--momentum: expected a finite number >= 0; got -1.0"),
-    (["--momentum", "nan"], "--momentum: expected a finite number >= 0; got nan"),
+    (["--optimizer", "sgd", "--momentum", "-1"], "--momentum: expected a finite number in [0, 1]; got -1.0"),
+    (["--optimizer", "sgd", "--momentum", "1.5"], "--momentum: expected a finite number in [0, 1]; got 1.5"),  # diverges
+    (["--momentum", "nan"], "--momentum: expected a finite number in [0, 1]; got nan"),
     (["--weight-decay", "-0.1"], "--weight-decay: expected a finite number >= 0; got -0.1"),
     (["--weight-decay", "inf"], "--weight-decay: expected a finite number >= 0; got inf"),
     (["--min-lr-ratio", "2"], "--min-lr-ratio: expected a finite number in [0, 1]; got 2.0"),
@@ -179,7 +206,8 @@ BAD_NUMBERS = [
     (["--eval-every", "0"], "--eval-every: expected an integer >= 1; got 0"),
     (["--eval-batch-size", "0"], "--eval-batch-size: expected an integer >= 1; got 0"),
     (["--log-every", "0"], "--log-every: expected an integer >= 1; got 0"),
-    (["--seq-len", "0"], "--seq-len: expected an integer >= 1; got 0"),
+    (["--seq-len", "0"], "--seq-len: expected an integer >= 2; got 0"),
+    (["--seq-len", "1"], "--seq-len: expected an integer >= 2; got 1"),  # no next token to predict: every loss 0
     (["--vocab-size", "-1"], "--vocab-size: expected an integer >= 0; got -1"),
     (["--stop-at", "-2"], "--stop-at: expected an integer >= 0; got -2"),
     (["--record-every", "-1"], "--record-every: expected an integer >= 0; got -1"),
@@ -394,3 +422,101 @@ def test_select_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture) -> None
     assert "--run: expected the folder of a finished 'ghostfunc train' run" in capsys.readouterr().err
     assert main(["select", "--seeds", "two"]) == 2
     assert capsys.readouterr().err.startswith("ghostfunc select: error: argument --seeds")
+
+
+def test_resume_refuses_other_data(corpus: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The prepared chunks are fingerprinted (count + hash of their tokens): a resume on changed data is one line."""
+    import shutil
+
+    train, val = tmp_path / "train", tmp_path / "val"
+    shutil.copytree(corpus["train"], train)
+    shutil.copytree(corpus["val"], val)
+    out = tmp_path / "run"
+    args = ["train", "--train", str(train), "--val", str(val), "--out", str(out), *SMALL, "--steps", "4",
+            "--record-every", "2"]
+    assert main([*args, "--stop-at", "2"]) == 0
+    _, payload = ghostfunc.DataValues.load(out / "values.pt", with_state=True)  # type: ignore[misc]
+    assert payload["data"]["train"]["chunks"] == 61 and len(payload["data"]["train"]["sha256"]) == 64
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    capsys.readouterr()
+    prose = (train / "prose.md").read_text()
+    (train / "prose.md").write_text(prose.replace("quick", "QUICK"))  # same size, same chunk count, other tokens
+    assert main([*args, "--resume"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"ghostfunc train: error: --train: expected the data the run in {str(out)!r} "
+                                                f"was made with (61 chunks, sha256 ")
+    (train / "prose.md").write_text(prose)
+    (train / "more.txt").write_text("an added file " * 10)  # more chunks: was an IndexError
+    assert main([*args, "--resume"]) == 2
+    assert "now gives 65 chunks" in capsys.readouterr().err
+    (train / "more.txt").unlink()
+    (val / "a.py").write_text((val / "a.py").read_text().upper())
+    assert main([*args, "--resume"]) == 2
+    assert "error: --val: expected the data the run in" in capsys.readouterr().err
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # nothing touched
+    (out / "trajectory" / "trajectory.pt").unlink()  # checked on every process, before the corpus is read
+    assert main([*args, "--resume"]) == 2
+    assert "error: --record-every: expected the trajectory of the run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("values", ["shapley", "none"])
+def test_a_diverging_run_ends_with_one_line_naming_the_step(values: str, corpus: dict[str, Path], tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "run"
+    assert main(_args(corpus, out, "--lr", "1e6", "--steps", "6", "--save-every", "1", "--values", values)) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith("ghostfunc train: error: --lr: expected finite losses; the run diverged at step "), err
+    step = int(err[-1].split("diverged at step ")[1].split()[0])
+    assert 1 < step <= 6 and f"try a lower --lr ({out / 'values.pt'} holds step {step - 1})" in err[-1]
+    values_pt, state = ghostfunc.DataValues.load(out / "values.pt", with_state=True)  # type: ignore[misc]
+    assert state["train"].step == step - 1 and bool(torch.isfinite(values_pt.total).all())  # the last good save
+    assert not (out / "report.md").exists()
+
+
+def test_text_files_skipped_are_counted_with_the_reason(tmp_path: Path) -> None:
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "ok.txt").write_text("plain text " * 10)
+    (tmp_path / "t" / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 20)
+    (tmp_path / "t" / "empty.txt").write_text("")
+    (tmp_path / "t" / "blob.bin.dat").write_bytes(b"\0" * 64)
+    for _ in range(2):  # tokenized, then from the cache
+        got = data.load(str(tmp_path / "t"), seq_len=8, cache=tmp_path / "cache", option="--train")
+        assert got.sources == ("ok.txt",)
+        assert sorted(got.skipped) == [("blob.bin.dat", "binary"), ("empty.txt", "empty"), ("latin1.txt", "not UTF-8")]
+        assert data.describe(got).endswith("(3 files skipped: 1 binary, 1 empty, 1 not UTF-8)")
+
+
+def test_local_hugging_face_vocabulary_that_exactly_fits(corpus: dict[str, Path], tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    """Token ids 0..199 need 200 tokens: a model with 200 trains (the rounding to 64 is for presets only); 150 does not."""
+    import transformers
+
+    from ghostfunc._run import models
+
+    for vocab in (200, 150):
+        transformers.AutoModelForCausalLM.from_config(models.preset_config("gpt2", "tiny", vocab)).save_pretrained(tmp_path / f"hf{vocab}")
+    args = ["train", "--train", str(corpus["train_bin"]), "--val", str(corpus["val_bin"]), *SMALL, "--steps", "1"]
+    assert main([*args, "--out", str(tmp_path / "fits"), "--model", str(tmp_path / "hf200")]) == 0
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "small"), "--model", str(tmp_path / "hf150")]) == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(
+        f"--model: expected a vocabulary of at least 200 tokens (the data's largest id + 1); {str(tmp_path / 'hf150')!r} has 150")
+    assert main([*args, "--out", str(tmp_path / "other"), "--model", str(tmp_path / "hf200"), "--vocab-size", "256"]) == 2
+    assert "--vocab-size: expected 0 or the vocabulary of --model" in capsys.readouterr().err
+
+
+def test_select_out_that_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    (run / "values.pt").write_bytes(b"")
+    (tmp_path / "afile").write_text("x")
+    assert main(["select", "--run", str(run), "--out", str(tmp_path / "afile")]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"ghostfunc select: error: --out: expected a folder for select.json and select.md; {str(tmp_path / 'afile')!r} is a file"]
+    assert main(["select", "--run", str(run), "--out", str(tmp_path / "afile" / "sel")]) == 2
+    assert "--out: expected a folder it can write" in capsys.readouterr().err
+    bad = tmp_path / "cfg"
+    bad.mkdir()
+    assert main(["select", "--run", str(run), "--config", str(bad)]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"ghostfunc select: error: --config: expected a TOML file; {str(bad)!r} is a folder"]

@@ -18,6 +18,10 @@ step's global batch of chunk indices) and calls :func:`task` with the run folder
 - ``optimizer``: the run's own (``--optimizer`` with its warmup + cosine
   ``lr`` schedule, a callable a JSON spec cannot hold).
 
+Relative paths of a run made before ``config.json`` recorded them absolute are
+resolved against the folder the run was started in (:func:`loop.resolve_run`);
+data that no longer matches the run's fingerprint is refused (``UsageError``).
+
 The unrolled value of chunk ``i`` is then ``∂L_val(θ_T)/∂w_i`` through the whole
 run (sign as ``φ``: negative = up-weighting chunk ``i`` lowers the final
 validation loss).
@@ -31,6 +35,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+import ghostfunc
 
 from . import loop
 from .data import Corpus
@@ -52,9 +58,12 @@ class Chunks:
 def task(run: str) -> dict[str, Any]:
     """``{"model_fn", "dataset", "val", "optimizer"}`` of the recorded run in ``run`` (see the module docstring)."""
     folder = Path(run)
-    cfg = json.loads((folder / "config.json").read_text())
+    cfg = loop.resolve_run(json.loads((folder / "config.json").read_text()), folder)  # its own data, from any folder
     cfg["out"] = str(folder)  # the token cache lies beside the run, wherever it was started from
     setup = loop.prepare(cfg)
+    if (folder / "values.pt").is_file():  # the chunks the run trained on, not whatever the paths hold now
+        values, saved = ghostfunc.DataValues.load(folder / "values.pt", with_state=True)  # type: ignore[misc]
+        setup.check_data(saved.get("data"), len(values), str(folder))
     val = {"input_ids": setup.val.batch(torch.arange(len(setup.val))).to(setup.device)}
     return {"model_fn": setup.model_fn, "dataset": {"input_ids": Chunks(setup.train, setup.device)}, "val": val,
             "optimizer": setup.opt}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -29,12 +30,13 @@ TRAIN_OPTIONS: dict[str, tuple[Any, str]] = {
     "test": ("", "held-out data for the curves and 'ghostfunc select'; default with stdlib: the other half of --target"),
     "target": ("email", "with stdlib data: the standard-library package held out as the target domain (email, asyncio, ...)"),
     "token_dtype": ("uint16", "dtype of *.bin token files: uint16 or uint32"),
-    "vocab_size": (0, "model vocabulary; 0: from the data (256 for text, the largest id + 1 rounded up to 64 for token files)"),
+    "vocab_size": (0, "model vocabulary; 0: from the data (256 for text, the largest id + 1 rounded up to 64 for token files, "
+                      "at most 2**20 unless given here)"),
     "val_limit": (256, "at most this many validation (and test) chunks, spread evenly; 0: all"),
-    "seq_len": (128, "tokens per chunk (one chunk = one sample = one value)"),
+    "seq_len": (128, "tokens per chunk (one chunk = one sample = one value; at least 2: a token and the next to predict)"),
     "model": ("gpt2", "gpt2, llama, neox, or a local Hugging Face folder (loaded offline)"),
     "size": ("tiny", "preset size: tiny, mini, small (small = GPT-2 small / Pythia-160M / SmolLM-135M shapes)"),
-    "dtype": ("float32", "parameter dtype: float32, bfloat16, float16"),
+    "dtype": ("float32", "parameter dtype: float32, bfloat16, float16 (float16 only with --optimizer sgd)"),
     "autocast": ("none", "forward under torch.autocast: none, bfloat16, float16"),
     "device": ("auto", "auto (cuda if available), cpu, cuda"),
     "seed": (0, "seeds the initialisation and the batch order"),
@@ -52,7 +54,7 @@ TRAIN_OPTIONS: dict[str, tuple[Any, str]] = {
     "min_lr_ratio": (0.1, "the cosine schedule ends at lr * this"),
     "warmup": (20, "linear warmup steps"),
     "weight_decay": (0.1, "weight decay (decoupled for adamw)"),
-    "momentum": (0.0, "sgd momentum"),
+    "momentum": (0.0, "sgd momentum, in [0, 1] (above 1 the velocity grows without bound)"),
     "values": ("shapley", "shapley (In-Run Data Shapley per chunk) or none (plain training, the throughput baseline)"),
     "order": (1, "order of the values: 1 or 2"),
     "precondition": (False, "optimizer-aware first-order values (Adam's preconditioner)"),
@@ -100,10 +102,10 @@ class Range(NamedTuple):
 
 #: The range of every numeric option of ``TRAIN_OPTIONS`` (checked before anything is written; NaN/inf never pass).
 TRAIN_RANGES: dict[str, Range] = {
-    "vocab_size": Range(0), "val_limit": Range(0), "seq_len": Range(1), "seed": Range(0, 2**32 - 1), "steps": Range(1),
+    "vocab_size": Range(0), "val_limit": Range(0), "seq_len": Range(2), "seed": Range(0, 2**32 - 1), "steps": Range(1),
     "batch_size": Range(1), "val_batch_size": Range(1), "eval_every": Range(1), "eval_batch_size": Range(1),
     "log_every": Range(1), "save_every": Range(0), "stop_at": Range(0), "lr": Range(0), "min_lr_ratio": Range(0, 1),
-    "warmup": Range(0), "weight_decay": Range(0), "momentum": Range(0), "threads": Range(0),
+    "warmup": Range(0), "weight_decay": Range(0), "momentum": Range(0, 1), "threads": Range(0),
     "record_every": Range(0),
 }
 #: The same for ``SELECT_OPTIONS``.
@@ -155,8 +157,14 @@ def _toml(path: str) -> dict[str, Any]:
             return tomllib.load(fh)
     except FileNotFoundError:
         raise UsageError(f"--config: expected an existing TOML file; {path!r} does not exist") from None
+    except IsADirectoryError:
+        raise UsageError(f"--config: expected a TOML file; {path!r} is a folder") from None
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"--config: expected a UTF-8 TOML file; {path!r}: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"--config: expected TOML; {path!r}: {exc}") from None
+    except OSError as exc:
+        raise UsageError(f"--config: expected a readable TOML file; {path!r}: {exc.strerror or exc}") from None
 
 
 def options(prog: str, table: dict[str, tuple[Any, str]], doc: str, argv: Sequence[str],
@@ -169,10 +177,14 @@ def options(prog: str, table: dict[str, tuple[Any, str]], doc: str, argv: Sequen
     cfg = {k: d for k, (d, _) in table.items()}
     path = given.get("config", "")
     if path:
+        spelled: dict[str, str] = {}
         for key, value in _toml(path).items():
             name = key.replace("-", "_")
             if name not in table or name == "config":
                 raise UsageError(f"--config: {path!r} has an unknown key {key!r}; expected one of the options of --help")
+            if name in spelled:
+                raise UsageError(f"--config: {path!r} sets {spelled[name]!r} and {key!r}, the same option; keep one")
+            spelled[name] = key
             default = table[name][0]
             ok = isinstance(value, type(default)) and not (isinstance(value, bool) and not isinstance(default, bool))
             ok = ok or (isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool))
@@ -187,9 +199,31 @@ def options(prog: str, table: dict[str, tuple[Any, str]], doc: str, argv: Sequen
 
 
 def check_out(out: Path, resume: bool) -> None:
-    """A fresh run needs an empty or new ``--out``; ``--resume`` needs a run there."""
+    """A fresh run needs an empty or new ``--out`` it can write; ``--resume`` needs a run there."""
     has_run = (out / "values.pt").is_file()
     if resume and not has_run:
         raise UsageError(f"--resume: expected a run in --out {str(out)!r} (its values.pt); there is none")
     if not resume and out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"--out: expected a new or empty folder (or --resume); {str(out)!r} already holds files")
+    check_writable(out, "--out")
+
+
+def check_writable(folder: Path, option: str) -> None:
+    """Refuse a ``folder`` that cannot be made or written: probe with a temporary folder, removed at once.
+
+    The probe goes into ``folder`` when it exists, else into its nearest existing
+    parent (which must be a folder); nothing stays behind.
+    """
+    import tempfile
+
+    here = Path(os.path.abspath(folder))
+    while not here.exists() and here != here.parent:
+        here = here.parent
+    if not here.is_dir():
+        raise UsageError(f"{option}: expected a folder it can write; {str(here)!r} is a file"
+                         + (f" (a parent of {str(folder)!r})" if here != Path(os.path.abspath(folder)) else ""))
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".ghostfunc-probe-", dir=here))
+    except OSError as exc:
+        raise UsageError(f"{option}: expected a folder it can write; cannot write in {str(here)!r}: "
+                         f"{exc.strerror or exc}") from None

@@ -6,8 +6,8 @@ A corpus is a flat token array (a ``numpy`` memmap) cut into chunks of
 - a **token file** (``*.bin``): a flat array of ``uint16``/``uint32`` token ids,
   the layout nanoGPT-style pipelines write; chunk ``i`` is tokens
   ``[i·T, (i+1)·T)`` and its source is the file;
-- a **folder, glob or text file**: every text file (UTF-8, no NUL bytes) is
-  tokenized with the byte-level tokenizer (token = byte, vocabulary 256, nothing to
+- a **folder, glob or text file**: every text file (UTF-8, no NUL bytes; the
+  others are skipped and counted in :func:`describe`) is tokenized with the byte-level tokenizer (token = byte, vocabulary 256, nothing to
   download) into a cache beside the output (``<out>/../.ghostfunc-cache/``),
   once; a file's chunks never run into the next file (its last ``len % T``
   tokens are dropped), so every chunk has exactly one source;
@@ -30,6 +30,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -57,6 +58,7 @@ class Corpus:
         sources: the source names (file paths relative to the corpus root).
         seq_len: tokens per chunk ``T``.
         byte_level: the tokens are bytes (they decode back to text).
+        skipped: ``(file, reason)`` of the files left out (empty, binary, not UTF-8).
     """
 
     tokens: np.ndarray
@@ -65,6 +67,7 @@ class Corpus:
     sources: tuple[str, ...]
     seq_len: int
     byte_level: bool
+    skipped: tuple[tuple[str, str], ...] = ()
 
     def __len__(self) -> int:
         return len(self.starts)
@@ -83,7 +86,8 @@ class Corpus:
 
     def subset(self, keep: np.ndarray) -> Corpus:
         """The chunks at positions ``keep`` (renumbered from 0), same tokens and sources."""
-        return Corpus(self.tokens, self.starts[keep], self.source[keep], self.sources, self.seq_len, self.byte_level)
+        return Corpus(self.tokens, self.starts[keep], self.source[keep], self.sources, self.seq_len, self.byte_level,
+                      self.skipped)
 
     def vocab_needed(self) -> int:
         """One more than the largest token id any chunk holds (256 for bytes)."""
@@ -104,6 +108,10 @@ def stdlib_files(target: str) -> tuple[list[Path], list[Path], list[Path]]:
         UsageError: ``target`` is not a package or module of the standard library.
     """
     root = stdlib_root()
+    parts = Path(target).parts
+    if not target.strip() or Path(target).is_absolute() or any(p in ("..", ".") for p in parts) or "\0" in target:
+        raise UsageError(f"--target: expected the name of a package or module of the standard library (email, asyncio, "
+                         f"...); got {target!r}")
     pkg, mod = root / target, root / f"{target}.py"
     if pkg.is_dir():
         target_files = sorted(p for p in pkg.rglob("*.py") if not STDLIB_SKIP & set(p.relative_to(root).parts[:-1]))
@@ -139,58 +147,79 @@ def text_files(spec: str, option: str) -> tuple[Path, list[Path]]:
     return root, files
 
 
-def _read_text(path: Path) -> bytes | None:
+def _read_text(path: Path) -> tuple[bytes, str]:
+    """``(bytes, "")`` of a text file, or ``(b"", why it is skipped)``."""
     data = path.read_bytes()
+    if not data:
+        return b"", "empty"
     if b"\0" in data[:8192]:
-        return None  # binary
+        return b"", "binary"
     try:
         data.decode("utf-8")
     except UnicodeDecodeError:
-        return None
-    return data
+        return b"", "not UTF-8"
+    return data, ""
 
 
-def tokenize(files: list[Path], root: Path, cache: Path, option: str) -> tuple[np.ndarray, list[tuple[str, int, int]]]:
-    """Byte-tokenize ``files`` into ``cache`` once: ``(tokens, [(name, offset, length)])``.
+#: Bumped when the cache's layout changes (an old cache is then tokenized again).
+CACHE_VERSION = 2
+Index = list[tuple[str, int, int]]
+
+
+def tokenize(files: list[Path], root: Path, cache: Path, option: str) -> tuple[np.ndarray, Index, list[tuple[str, str]]]:
+    """Byte-tokenize ``files`` into ``cache`` once: ``(tokens, [(name, offset, length)], [(name, why skipped)])``.
 
     The cache file's name hashes the files' paths, sizes and modification times, so
     a changed corpus is tokenized again; it is written to a temporary name and
     renamed, so an interrupted run never leaves a torn cache.
     """
     stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    key = hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([CACHE_VERSION, stats]).encode()).hexdigest()[:16]
     bin_path, idx_path = cache / f"bytes-{key}.bin", cache / f"bytes-{key}.json"
     if bin_path.is_file() and idx_path.is_file():
-        index = [tuple(x) for x in json.loads(idx_path.read_text())]
-        return np.memmap(bin_path, dtype=np.uint8, mode="r"), index  # type: ignore[return-value]
-    chunks, index, offset = [], [], 0
+        saved = json.loads(idx_path.read_text())
+        return (np.memmap(bin_path, dtype=np.uint8, mode="r"), [tuple(x) for x in saved["index"]],  # type: ignore[misc]
+                [tuple(x) for x in saved["skipped"]])
+    chunks, index, skipped, offset = [], [], [], 0
     for p in files:
-        data = _read_text(p)
-        if not data:
+        name = str(p.relative_to(root)) if p.is_relative_to(root) else str(p)
+        data, why = _read_text(p)
+        if why:
+            skipped.append((name, why))
             continue
         chunks.append(np.frombuffer(data, dtype=np.uint8))
-        index.append((str(p.relative_to(root)) if p.is_relative_to(root) else str(p), offset, len(data)))
+        index.append((name, offset, len(data)))
         offset += len(data)
     if not index:
-        raise UsageError(f"{option}: expected UTF-8 text files; none of the {len(files)} files holds any")
+        raise UsageError(f"{option}: expected UTF-8 text files; none of the {len(files)} files holds any "
+                         f"({_reasons(skipped)})")
     cache.mkdir(parents=True, exist_ok=True)
     tmp = bin_path.with_suffix(f".tmp{os.getpid()}")
     np.concatenate(chunks).tofile(tmp)
     os.replace(tmp, bin_path)
     tmp_idx = idx_path.with_suffix(f".tmp{os.getpid()}")
-    tmp_idx.write_text(json.dumps(index))
+    tmp_idx.write_text(json.dumps({"index": index, "skipped": skipped}))
     os.replace(tmp_idx, idx_path)
-    return np.memmap(bin_path, dtype=np.uint8, mode="r"), index
+    return np.memmap(bin_path, dtype=np.uint8, mode="r"), index, skipped
 
 
-def chunk_files(tokens: np.ndarray, index: list[tuple[str, int, int]], seq_len: int) -> Corpus:
+def _reasons(skipped: list[tuple[str, str]] | tuple[tuple[str, str], ...]) -> str:
+    """``"2 empty, 1 not UTF-8"``."""
+    counts: dict[str, int] = {}
+    for _, why in skipped:
+        counts[why] = counts.get(why, 0) + 1
+    return ", ".join(f"{n} {why}" for why, n in sorted(counts.items()))
+
+
+def chunk_files(tokens: np.ndarray, index: Index, skipped: list[tuple[str, str]], seq_len: int) -> Corpus:
     """Cut each file's tokens into whole chunks of ``seq_len`` (the tail shorter than that is dropped)."""
     starts, source = [], []
     for k, (_, offset, length) in enumerate(index):
         n = length // seq_len
         starts.append(offset + seq_len * np.arange(n, dtype=np.int64))
         source.append(np.full(n, k, dtype=np.int64))
-    return Corpus(tokens, np.concatenate(starts), np.concatenate(source), tuple(n for n, _, _ in index), seq_len, True)
+    return Corpus(tokens, np.concatenate(starts), np.concatenate(source), tuple(n for n, _, _ in index), seq_len, True,
+                  tuple(skipped))
 
 
 def token_file(spec: str, dtype: str, seq_len: int, option: str) -> Corpus:
@@ -216,7 +245,7 @@ def load(spec: str, *, seq_len: int, cache: Path, option: str, token_dtype: str 
         corpus = token_file(spec, token_dtype, seq_len, option)
     else:
         root, files = text_files(spec, option)
-        corpus = chunk_files(*tokenize(files, root, cache, option), seq_len)
+        corpus = chunk_files(*tokenize(files, root, cache, option), seq_len=seq_len)
     if len(corpus) == 0:
         raise UsageError(f"{option}: expected at least one chunk of --seq-len {seq_len} tokens; {spec!r} holds fewer")
     return corpus
@@ -227,7 +256,7 @@ def load_stdlib(target: str, *, seq_len: int, cache: Path) -> tuple[Corpus, Corp
     root = stdlib_root()
     splits = []
     for name, files in zip(("--train", "--val", "--test"), stdlib_files(target), strict=True):
-        splits.append(chunk_files(*tokenize(files, root, cache, name), seq_len))
+        splits.append(chunk_files(*tokenize(files, root, cache, name), seq_len=seq_len))
         if len(splits[-1]) == 0:
             raise UsageError(f"--seq-len: expected at most the length of the target's files; {seq_len} leaves {name} empty")
     return splits[0], splits[1], splits[2]
@@ -241,8 +270,62 @@ def evenly(corpus: Corpus, limit: int) -> Corpus:
 
 
 def describe(corpus: Corpus) -> str:
-    """``"N chunks of T tokens from S sources"``."""
-    return f"{len(corpus):,} chunks of {corpus.seq_len} tokens from {len(corpus.sources):,} source{'s' * (len(corpus.sources) != 1)}"
+    """``"N chunks of T tokens from S sources"``, and ``" (K files skipped: 2 empty, 1 not UTF-8)"`` when some were."""
+    text = f"{len(corpus):,} chunks of {corpus.seq_len} tokens from {len(corpus.sources):,} source{'s' * (len(corpus.sources) != 1)}"
+    if corpus.skipped:
+        n = len(corpus.skipped)
+        text += f" ({n:,} file{'s' * (n != 1)} skipped: {_reasons(corpus.skipped)})"
+    return text
+
+
+def fingerprint(corpus: Corpus) -> dict[str, Any]:
+    """What identifies the chunks a run sees: their count and a hash of their tokens, sources and source names.
+
+    Reads every token of every chunk once (blocks of about 4M tokens): a changed,
+    added or removed file, or a token file rewritten in place, changes it.
+    """
+    h = hashlib.sha256()
+    h.update(json.dumps([corpus.seq_len, str(corpus.tokens.dtype), list(corpus.sources)]).encode())
+    h.update(np.ascontiguousarray(corpus.source, dtype=np.int64).tobytes())
+    step = max(1, (1 << 22) // corpus.seq_len)
+    offsets = np.arange(corpus.seq_len, dtype=np.int64)
+    for i in range(0, len(corpus), step):
+        h.update(np.ascontiguousarray(corpus.tokens[corpus.starts[i:i + step, None] + offsets]).tobytes())
+    return {"chunks": len(corpus), "sha256": h.hexdigest()}
+
+
+#: The files a run writes under ``--out`` (and ``ghostfunc select``/``attribute`` under it), for :func:`would_read`.
+RUN_FILES = ("config.json", "metrics.jsonl", "values.pt", "values.csv", "sources.csv", "report.md", "report.png",
+             "trajectory/trajectory.pt", "trajectory/spec.json", "trajectory/unrolled.pt", "select/select.json",
+             "select/select.md")
+
+
+def _matches(parts: tuple[str, ...], pattern: tuple[str, ...]) -> bool:
+    """``glob.glob(pattern, recursive=True)`` would list the path ``parts`` (hidden names need a literal dot)."""
+    import fnmatch
+
+    if not pattern:
+        return not parts
+    head, rest = pattern[0], pattern[1:]
+    if head == "**":
+        return _matches(parts, rest) or (bool(parts) and not parts[0].startswith(".") and _matches(parts[1:], pattern))
+    if not parts or (parts[0].startswith(".") and not head.startswith(".") and glob.has_magic(head)):
+        return False
+    return fnmatch.fnmatchcase(parts[0], head) and _matches(parts[1:], rest)
+
+
+def would_read(spec: str, out: Path) -> bool:
+    """A later read of the corpus ``spec`` (folder or glob) would take files the run writes into ``out``."""
+    if spec in ("stdlib", "") or spec.endswith(".bin") or Path(spec).is_file():
+        return False
+    out_abs = Path(os.path.abspath(out))
+    if Path(spec).is_dir():
+        root = Path(os.path.abspath(spec))
+        if not out_abs.is_relative_to(root):
+            return False
+        return not any(s.startswith(".") for s in out_abs.relative_to(root).parts)
+    pattern = Path(os.path.abspath(spec)).parts
+    return any(_matches((out_abs / name).parts, pattern) for name in RUN_FILES)
 
 
 if __name__ == "__main__":  # pragma: no cover - a quick look at the embedded corpus

@@ -17,6 +17,7 @@ Logs hold indices and figures only, never inputs.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -44,6 +45,53 @@ COLUMNS = ("phi", "phi_first_order", "train_loss")
 #: Options that do not change the trajectory: a resumed run may differ in these.
 FREE_KEYS = frozenset({"out", "resume", "stop_at", "save_every", "progress", "config", "log_every", "eval_every",
                        "threads"})
+#: Options that may name a path (recorded absolute in ``config.json``: ``attribute``/``select`` work from any folder).
+PATH_KEYS = ("train", "val", "test", "model")
+#: The largest vocabulary taken from the data without ``--vocab-size`` (a larger id is most likely a wrong ``--token-dtype``).
+VOCAB_CAP = 1 << 20
+
+
+class Diverged(UsageError):
+    """A non-finite loss or value during training (the CLI's one-line error names the step)."""
+
+
+def is_path(key: str, value: str, base: Path) -> bool:
+    """Option ``key``'s ``value`` names a file, folder or glob (not ``stdlib``, empty, or a preset model)."""
+    if key == "model":
+        return bool(value) and (Path(value).is_absolute() or (base / value).is_dir())
+    return value not in ("stdlib", "")
+
+
+def absolute(cfg: dict[str, Any], base: Path) -> dict[str, Any]:
+    """``cfg`` with the paths of ``PATH_KEYS`` made absolute against ``base`` (the folder the run starts in)."""
+    return {**cfg, **{k: os.path.abspath(base / cfg[k]) for k in PATH_KEYS
+                      if k in cfg and is_path(k, cfg[k], base) and not os.path.isabs(cfg[k])}}
+
+
+def resolve_run(cfg: dict[str, Any], run: Path) -> dict[str, Any]:
+    """A run's ``config.json`` options with absolute paths, whatever the current folder (``attribute``, ``select``).
+
+    Runs record absolute paths; one from before that may hold relative ones, relative to
+    the folder it was started in: that folder is ``run`` less the run's relative ``--out``.
+
+    Raises:
+        UsageError: a relative path whose starting folder cannot be told (``--out`` absolute or with ``..``).
+    """
+    run_abs = Path(os.path.abspath(run))
+    out = Path(os.path.normpath(cfg.get("out", "")))
+    base = None
+    if out.parts and not out.is_absolute() and ".." not in out.parts and run_abs.parts[-len(out.parts):] == out.parts:
+        base = Path(*run_abs.parts[:-len(out.parts)])
+    for k in PATH_KEYS:
+        value = cfg.get(k, "")
+        relative = value not in ("stdlib", "") and not os.path.isabs(value)
+        if k == "model":  # a preset's name, unless the starting folder held a folder of that name
+            relative = relative and (value not in models.FAMILIES or (base is not None and (base / value).is_dir()))
+        if relative and base is None:
+            raise UsageError(f"--run: its --{k} {value!r} is relative to the folder the run was started in, which its "
+                             f"--out {cfg.get('out')!r} does not tell; write the absolute path into "
+                             f"{str(run_abs / 'config.json')!r}")
+    return absolute(cfg, base) if base is not None else cfg
 
 
 @dataclass(frozen=True)
@@ -142,6 +190,30 @@ class Setup:
     opt: ghostfunc.Optimizer
     device: torch.device
 
+    @functools.cached_property
+    def data(self) -> dict[str, Any]:
+        """``{"train", "val", "test"}``: :func:`ghostfunc._run.data.fingerprint` of each split (computed once)."""
+        return {"train": data_mod.fingerprint(self.train), "val": data_mod.fingerprint(self.val),
+                "test": data_mod.fingerprint(self.test) if self.test is not None else None}
+
+    def check_data(self, saved: dict[str, Any] | None, chunks: int, where: str) -> None:
+        """Refuse data other than the run's: ``saved`` is its :attr:`data` (``None`` for an older run: the chunk count only).
+
+        Args:
+            saved: the fingerprints recorded with the run's ``values.pt``.
+            chunks: the run's number of training chunks (``len`` of its values).
+            where: the run folder, for the message.
+        """
+        mine = self.data if saved is not None else {"train": {"chunks": len(self.train)}}
+        recorded = saved if saved is not None else {"train": {"chunks": chunks}}
+        for split in ("train", "val", "test"):
+            if recorded.get(split) != mine.get(split):
+                old, new = recorded.get(split) or {}, mine.get(split) or {}
+                option = f"--{split}" if self.cfg[split] not in ("stdlib", "") else "--train/--target (stdlib)"
+                raise UsageError(f"{option}: expected the data the run in {where!r} was made with ({old.get('chunks')} "
+                                 f"chunks, sha256 {str(old.get('sha256'))[:12]}); {self.cfg[split] or 'it'!r} now gives "
+                                 f"{new.get('chunks')} chunks, sha256 {str(new.get('sha256'))[:12]}")
+
 
 def prepare(cfg: dict[str, Any]) -> Setup:
     """Read the corpus and build the model and optimizer, checking every option; writes nothing to ``out``.
@@ -156,6 +228,13 @@ def prepare(cfg: dict[str, Any]) -> Setup:
         raise UsageError(f"--precondition: expected --order 1 (optimizer-aware values are first order); got --order {cfg['order']}")
     param_dtype = models.dtype(cfg["dtype"], "--dtype", models.DTYPES)
     autocast = models.dtype(cfg["autocast"], "--autocast", models.AUTOCAST)
+    if param_dtype == torch.float16 and cfg["optimizer"] == "adamw":
+        raise UsageError("--dtype: float16 parameters need --optimizer sgd (AdamW's eps 1e-8 is 0 in float16 and its "
+                         "squared gradients underflow: the second step divides by zero); for AdamW use --dtype bfloat16, "
+                         "or --autocast float16 with float32 parameters")
+    if cfg["device"] == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device: expected a machine with CUDA (torch.cuda.is_available() is False here); "
+                         "use --device cpu or auto")
     device = torch.device(cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per process
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
@@ -184,12 +263,19 @@ def prepare(cfg: dict[str, Any]) -> Setup:
         raise UsageError(f"--batch-size: expected at most the training chunks ({len(train)}); got {cfg['batch_size']}")
     if len(val) < cfg["val_batch_size"]:
         raise UsageError(f"--val-batch-size: expected at most the validation chunks ({len(val)}); got {cfg['val_batch_size']}")
-    need = max(c.vocab_needed() for c in (train, val, test) if c is not None)
+    needs = {name: c.vocab_needed() for name, c in (("--train", train), ("--val", val), ("--test", test)) if c is not None}
+    need = max(needs.values())
+    worst = max(needs, key=lambda k: needs[k])
+    if not cfg["vocab_size"] and need > VOCAB_CAP:
+        raise UsageError(f"{worst}: expected token ids below {VOCAB_CAP:,} (the largest vocabulary taken from the data; "
+                         f"--vocab-size sets a larger one); it holds id {need - 1:,}: is --token-dtype "
+                         f"{cfg['token_dtype']} the dtype the file was written with?")
     vocab = cfg["vocab_size"] or (need if train.byte_level else -(-need // 64) * 64)
     if vocab < need:
-        bad = "--vocab-size" if cfg["vocab_size"] else "--train"
+        bad = "--vocab-size" if cfg["vocab_size"] else worst
         raise UsageError(f"{bad}: expected token ids below the model's vocabulary {vocab}; the data holds id {need - 1}")
-    net = models.build(cfg["model"], cfg["size"], vocab=vocab, seq_len=seq_len, param_dtype=param_dtype, seed=cfg["seed"])
+    net = models.build(cfg["model"], cfg["size"], vocab=vocab, seq_len=seq_len, param_dtype=param_dtype, seed=cfg["seed"],
+                       need=need, vocab_option=bool(cfg["vocab_size"]))
     net = net.to(device)
     model_fn, params = ghostfunc.from_module(net, ghostfunc.causal_lm_loss, autocast=autocast)
     return Setup(cfg, train, val, test, net, model_fn, params, optimizer(cfg), device)
@@ -224,8 +310,13 @@ def fingerprint(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_resume(cfg: dict[str, Any], saved: dict[str, Any]) -> None:
-    """Refuse to resume a run made with other trajectory-fixing options."""
+    """Refuse to resume a run made with other trajectory-fixing options.
+
+    A run from before paths were recorded absolute holds relative ones: they are
+    taken relative to the current folder, as that run took them.
+    """
     mine = fingerprint(cfg)
+    saved = absolute(saved, Path.cwd())
     for k in sorted(set(mine) | set(saved)):
         if mine.get(k) != saved.get(k):
             raise UsageError(f"--resume: expected the options of the run in {cfg['out']}; it has --{k.replace('_', '-')} "
@@ -280,13 +371,13 @@ def save_trajectory(trajectory: ghostfunc.Trajectory | None, out: Path) -> None:
 
 
 def save(values: ghostfunc.DataValues, path: Path, state: ghostfunc.TrainState, cfg: dict[str, Any],
-         par: Dist) -> ghostfunc.DataValues:
-    """``values.pt`` with the training state and the trajectory-fixing options; returns the values to keep.
+         par: Dist, data: dict[str, Any] | None = None) -> ghostfunc.DataValues:
+    """``values.pt`` with the training state, the trajectory-fixing options and the data's fingerprints; returns the values to keep.
 
     With many processes the save is collective: the file holds the sum over ranks and
     ``DataValues.save`` returns those global values (keep them: each value then counts once).
     """
-    payload = {"train": state, "config": fingerprint(cfg)}
+    payload = {"train": state, "config": fingerprint(cfg), "data": data}
     return values.save(path, state=payload, group=par.group)
 
 
@@ -321,10 +412,13 @@ def run(setup: Setup, par: Dist, *, pool: Tensor | None = None, quiet: bool = Fa
         step_fn = ghostfunc.train_step(setup.model_fn, setup.opt, **kwargs)
     state = ghostfunc.TrainState({k: v.detach().clone() for k, v in setup.params.items()}, setup.opt.init(setup.params), 0)
     values = ghostfunc.DataValues.zeros(len(setup.train), (len(COLUMNS),))
+    saved_at = None
     if save_values and cfg["resume"] and values_path.is_file():
         values, payload = load(values_path, par)
         check_resume(cfg, payload["config"])
+        setup.check_data(payload.get("data"), len(values), str(out))
         state = payload["train"]
+        saved_at = state.step
     keep_trajectory = bool(cfg["record_every"]) and par.rank == 0 and save_values
     trajectory = recording(out, cfg["record_every"], state) if keep_trajectory else None
     if log is None:
@@ -366,15 +460,25 @@ def run(setup: Setup, par: Dist, *, pool: Tensor | None = None, quiet: bool = Fa
             rows, vrows = par.rows(every), par.rows(every_val)
             train = {"input_ids": setup.train.batch(rows).to(setup.device)}
             lr = setup.opt.lr(state.opt_state)
-            if step_fn is not None:
-                val = {"input_ids": setup.val.batch(vrows).to(setup.device)}
-                state, info = step_fn(state, train, val)
-                losses = info.train_loss.detach()
-                cols = torch.stack([info.values, info.first_order, losses], 1)
-            else:
-                state, losses = plain_step(setup, state, train, par)
-                cols = torch.stack([torch.zeros_like(losses), torch.zeros_like(losses), losses], 1)
-            values = values.add(rows, cols.double().cpu())
+            try:
+                if step_fn is not None:
+                    val = {"input_ids": setup.val.batch(vrows).to(setup.device)}
+                    state, info = step_fn(state, train, val)
+                    losses = info.train_loss.detach()
+                    cols = torch.stack([info.values, info.first_order, losses], 1)
+                else:
+                    state, losses = plain_step(setup, state, train, par)
+                    cols = torch.stack([torch.zeros_like(losses), torch.zeros_like(losses), losses], 1)
+                cols = cols.double().cpu()
+                finite = bool(torch.isfinite(cols).all())
+            except FloatingPointError:  # train_step refuses non-finite losses
+                finite = False
+            if not finite:
+                last = (f"{values_path} holds step {saved_at}" if saved_at is not None and save_values
+                        else "no values.pt saved yet")
+                raise Diverged(f"--lr: expected finite losses; the run diverged at step {s + 1} (non-finite training "
+                               f"loss or values at lr {lr:.3g}); try a lower --lr ({last})")
+            values = values.add(rows, cols)
             seen_loss += float(par.sum(losses.double().sum())) / cfg["batch_size"]
             n_win += 1
             done = state.step
@@ -400,13 +504,14 @@ def run(setup: Setup, par: Dist, *, pool: Tensor | None = None, quiet: bool = Fa
                 trajectory.record(every, state)
             if save_values and cfg["save_every"] and done % cfg["save_every"] == 0 and done < stop:
                 save_trajectory(trajectory, out)  # before values.pt: a resume finds at least its steps
-                values = save(values, values_path, state, cfg, par)
+                values = save(values, values_path, state, cfg, par, setup.data)
+                saved_at = done
     finally:
         if bar is not None:
             bar.close()
     if save_values:
         save_trajectory(trajectory, out)
-        values = save(values, values_path, state, cfg, par)
+        values = save(values, values_path, state, cfg, par, setup.data)
     return state, values
 
 

@@ -72,16 +72,19 @@ def positions(config: Any) -> int | None:
     return None
 
 
-def build(model: str, size: str, *, vocab: int, seq_len: int, param_dtype: torch.dtype, seed: int) -> nn.Module:
+def build(model: str, size: str, *, vocab: int, seq_len: int, param_dtype: torch.dtype, seed: int,
+          need: int = 0, vocab_option: bool = False) -> nn.Module:
     """The model, in ``param_dtype``, in eval mode (dropout off), checked against ``vocab`` and ``seq_len``.
 
     Args:
         model: a family in ``FAMILIES`` or a local Hugging Face folder.
         size: a size in ``SIZES`` (ignored for a folder).
-        vocab: the tokens the data needs (every id is below it).
+        vocab: a preset's vocabulary (at least ``need``).
         seq_len: tokens per chunk.
         param_dtype: the parameters' dtype.
         seed: seeds the random initialisation of a preset.
+        need: the data's largest token id + 1 (a local folder's vocabulary must cover it).
+        vocab_option: ``vocab`` was given as ``--vocab-size`` (a local folder's vocabulary must then equal it).
     """
     import transformers as tf
 
@@ -93,9 +96,12 @@ def build(model: str, size: str, *, vocab: int, seq_len: int, param_dtype: torch
             raise UsageError(f"--model: expected a local Hugging Face causal-LM folder (config.json and weights); "
                              f"{model!r}: {str(exc).splitlines()[0]}") from None
         config = net.config
-        if config.vocab_size < vocab:
-            raise UsageError(f"--model: expected a vocabulary of at least {vocab} tokens (the data's largest id + 1); "
+        if config.vocab_size < need:
+            raise UsageError(f"--model: expected a vocabulary of at least {need} tokens (the data's largest id + 1); "
                              f"{model!r} has {config.vocab_size}")
+        if vocab_option and config.vocab_size != vocab:
+            raise UsageError(f"--vocab-size: expected 0 or the vocabulary of --model {model!r} ({config.vocab_size}); "
+                             f"got {vocab}")
     else:
         config = preset_config(model, size, vocab)
         torch.manual_seed(seed)

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .data import Corpus
+from .data import Corpus, describe
 from .loop import write_atomic
 
 TOP = 5
@@ -126,7 +126,7 @@ def write(out: Path, cfg: dict[str, Any], train: Corpus, table: dict[str, np.nda
              f"Model `{cfg['model']}` ({cfg['size']}), {last.get('step', 0)} steps of {cfg['batch_size']} chunks of "
              f"{cfg['seq_len']} tokens; values `{cfg['values']}` (order {cfg['order']}"
              f"{', preconditioned' if cfg['precondition'] else ''}) against the validation set `{target}`.",
-             f"{len(train):,} training chunks from {len(train.sources):,} sources; {len(seen):,} seen at least once.",
+             f"Training: {describe(train)}; {len(seen):,} seen at least once.",
              "",
              f"Validation loss {first_eval.get('val_loss', float('nan')):.3f} -> {last_eval.get('val_loss', float('nan')):.3f}"
              + (f"; test loss {first_eval['test_loss']:.3f} -> {last_eval['test_loss']:.3f}" if "test_loss" in last_eval else "")

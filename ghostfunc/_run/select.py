@@ -56,22 +56,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not (run_dir / "config.json").is_file() or not (run_dir / "values.pt").is_file():
             raise UsageError(f"--run: expected the folder of a finished 'ghostfunc train' run (config.json, values.pt); "
                              f"{str(run_dir)!r} has none")
+        out = Path(opts["out"] or run_dir / "select")
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"--out: expected a folder for select.json and select.md; {str(out)!r} is a file")
+        cli.check_writable(out, "--out")
         if opts["threads"]:
             torch.set_num_threads(opts["threads"])
         cfg = json.loads((run_dir / "config.json").read_text())
         if cfg["values"] != "shapley":
             raise UsageError(f"--run: expected a run with values (--values shapley); {str(run_dir)!r} ran --values {cfg['values']}")
-        values = ghostfunc.DataValues.load(run_dir / "values.pt")
+        values, saved = ghostfunc.DataValues.load(run_dir / "values.pt", with_state=True)  # type: ignore[misc]
         assert isinstance(values, ghostfunc.DataValues)
-        cfg.update(resume=False, stop_at=0, values="none", progress=False)
+        cfg = loop.resolve_run(cfg, run_dir)  # the run's own data, whatever the current folder
+        # the token cache beside the run, as the run made it (never in the current folder)
+        cfg.update(resume=False, stop_at=0, values="none", progress=False, out=str(run_dir.resolve()))
         if opts["steps"]:
             cfg["steps"] = opts["steps"]
         cfg["eval_every"] = cfg["steps"]  # only the final losses matter here
         setup = loop.prepare(cfg)
-        if len(values) != len(setup.train):
-            raise UsageError(f"--run: expected values for the {len(setup.train)} chunks of its corpus; values.pt has {len(values)}")
+        setup.check_data(saved.get("data"), len(values), str(run_dir))
         table = loop.chunk_table(setup, values)
-        out = Path(opts["out"] or run_dir / "select")
         results: dict[str, list[dict[str, float]]] = {arm: [] for arm in ARMS}
         runs = [(seed, arm) for seed in range(opts["seeds"]) for arm in ARMS]
         for n, (seed, arm) in enumerate(runs):

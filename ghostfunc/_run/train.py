@@ -27,14 +27,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = cli.options(prog, cli.TRAIN_OPTIONS, __doc__ or "", sys.argv[1:] if argv is None else argv,
                           cli.TRAIN_RANGES)
+        cfg = loop.absolute(cfg, Path.cwd())  # config.json records absolute paths: attribute/select work from anywhere
         out = Path(cfg["out"])
         cli.check_out(out, cfg["resume"])
+        for key in ("train", "val", "test"):
+            if data.would_read(cfg[key], out):
+                raise data.UsageError(f"--out: expected a folder outside --{key} {cfg[key]!r}; the run's own files "
+                                      f"({', '.join(data.RUN_FILES[:3])}, ...) would become its data")
+        if cfg["resume"] and cfg["record_every"] and not (out / "trajectory" / "trajectory.pt").is_file():
+            raise data.UsageError(f"--record-every: expected the trajectory of the run in {str(out)!r} to resume "
+                                  f"({out / 'trajectory' / 'trajectory.pt'}); there is none")  # on every process
         if cfg["threads"]:
             torch.set_num_threads(cfg["threads"])
         setup = loop.prepare(cfg)
-        if cfg["resume"]:  # refuse a different configuration before anything runs
-            _, payload = ghostfunc.DataValues.load(out / "values.pt", with_state=True)  # type: ignore[misc]
+        if cfg["resume"]:  # refuse a different configuration or other data before anything runs
+            values, payload = ghostfunc.DataValues.load(out / "values.pt", with_state=True)  # type: ignore[misc]
             loop.check_resume(cfg, payload["config"])
+            setup.check_data(payload.get("data"), len(values), str(out))
         with loop.distributed(setup.device) as par:
             for key in ("batch_size", "val_batch_size"):
                 if cfg[key] % par.world:
