@@ -207,13 +207,14 @@ class _EagerStance:
 EAGER = _EagerStance()
 
 
-@contextlib.contextmanager
-def eager_stance() -> Iterator[None]:
-    """``torch.compile``'d code runs eagerly inside (:data:`EAGER`, counted across threads)."""
-    EAGER.enter()
-    try:
-        yield
-    finally:
+class eager_stance:  # noqa: N801 - used as a context manager, like torch's own
+    """``torch.compile``'d code runs eagerly inside (:data:`EAGER`, counted across threads). A class, not a
+    generator: it is entered a few times per call."""
+
+    def __enter__(self) -> None:
+        EAGER.enter()
+
+    def __exit__(self, *exc: Any) -> None:
         EAGER.exit()
 
 
