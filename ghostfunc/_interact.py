@@ -291,14 +291,33 @@ def _names(code: types.CodeType) -> tuple[str, ...]:
 
 def _training_flags(model_fn: Callable) -> tuple[bool, ...]:
     flags: list[bool] = []
-    for obj in reads(model_fn):
-        if isinstance(obj, torch.nn.Module):
-            stack = [obj]  # every submodule, as Module.modules() yields them (without its generator's cost)
-            while stack:
-                m = stack.pop()
-                flags.append(m.training)
-                stack.extend(c for c in reversed(m._modules.values()) if c is not None)
+    for obj in _modules_in(reads(model_fn)):
+        stack = [obj]  # every submodule, as Module.modules() yields them (without its generator's cost)
+        while stack:
+            m = stack.pop()
+            flags.append(m.training)
+            stack.extend(c for c in reversed(m._modules.values()) if c is not None)
     return tuple(flags)
+
+
+def _modules_in(found: list[Any]) -> list[torch.nn.Module]:
+    """The modules among ``found`` and, one level down (as :func:`state_of` looks), among the items of its dicts,
+    lists and tuples and the attributes of its other objects (a trainer object holding the model)."""
+    out: list[torch.nn.Module] = []
+    for obj in found:
+        if isinstance(obj, torch.nn.Module):
+            out.append(obj)
+            continue
+        if isinstance(obj, dict):
+            items: Iterable[Any] = list(obj.values())[:ITEMS]
+        elif isinstance(obj, (list, tuple)):
+            items = obj[:ITEMS]
+        elif hasattr(obj, "__dict__") and isinstance(getattr(obj, "__dict__", None), dict):
+            items = list(vars(obj).values())[:ITEMS]
+        else:
+            continue
+        out.extend(v for v in items if isinstance(v, torch.nn.Module))
+    return out
 
 
 def state_of(model_fn: Callable) -> tuple:

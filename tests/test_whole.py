@@ -548,11 +548,22 @@ def test_training_flags_see_bound_methods_and_partials() -> None:
         def forward(self, x):
             return self.body(x)
 
+    class Trainer:  # an object holding the model: its bound method's module is one attribute down
+        def __init__(self, model: nn.Module) -> None:
+            self.model = model
+
+        def loss(self, p, x):
+            return functional_call(self.model, p, (x,)).sum(1)
+
     net = Net()
     partial = functools.partial(lambda m, p, x: functional_call(m, p, (x,)).sum(1), net)
-    trained = (training_flags(net.loss), training_flags(partial))
+    trainer = Trainer(net)
+    fm, _ = ghostfunc.from_module(net, lambda out, x: out.sum(1))
+    fns = (net.loss, partial, trainer.loss, fm)
+    trained = [training_flags(fn) for fn in fns]
+    assert all(trained)
     net.eval()
-    assert training_flags(net.loss) != trained[0] and training_flags(partial) != trained[1]
+    assert all(training_flags(fn) != flags for fn, flags in zip(fns, trained, strict=True))
     x = torch.randn(4, 2, dtype=F64)
     p = {k: v.detach().to(F64) for k, v in net.named_parameters()}
     exact_every_call(net.loss, p, x, x[:2])  # eval mode: no dropout, whole-batch path as usual
