@@ -659,7 +659,8 @@ def unchanged(out: Any, param: Tensor, args: tuple, kwargs: dict[str, Any]) -> b
     a copy the model may write into."""
     if out is param:
         return True
-    if kwargs.get("copy") or any(a is True for a in args[2:]):  # to(dtype, non_blocking, copy): a copy asked for
+    flags = [a for a in args[1:] if isinstance(a, bool)]  # to(dtype | device[, dtype] | other, non_blocking, copy)
+    if kwargs.get("copy") or (len(flags) >= 2 and flags[1]):  # a copy asked for
         return False
     return (type(out) in _TENSOR_TYPES and out.dtype == param.dtype and out.device == param.device
             and out.shape == param.shape and out.stride() == param.stride())

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import threading
 import types
 import warnings
@@ -104,7 +105,7 @@ def check_model(model_fn: Callable, params: Mapping[str, Tensor], batches: tuple
             continue
         try:
             compared = _check_batch(model_fn, params, batch, label)
-        except (SamplesInteractError, ParamsUnusedError) as err:
+        except (SamplesInteractError, ParamsUnusedError, StateWrittenError) as err:
             if str(err).startswith(where):
                 raise
             raise type(err)(f"{where}: {err}") from None
@@ -244,23 +245,26 @@ def reads(model_fn: Callable) -> list[Any]:
         if id(obj) in seen:
             return
         seen.add(id(obj))
-        if isinstance(obj, (type, types.ModuleType, types.BuiltinFunctionType, types.BuiltinMethodType)):
+        if issubclass(type(obj), (type, types.ModuleType, types.BuiltinFunctionType, types.BuiltinMethodType)):
             return  # a class, a Python module, a builtin: code, not state
-        if isinstance(obj, functools.partial):
+        if issubclass(type(obj), functools.partial):
             for v in (*obj.args, *obj.keywords.values()):
                 keep(v, depth)
             keep(obj.func, depth)
-        elif isinstance(obj, types.MethodType):
+        elif issubclass(type(obj), types.MethodType):
             keep(obj.__self__, depth)
             keep(obj.__func__, depth)
-        elif isinstance(obj, types.FunctionType):
+        elif issubclass(type(obj), types.FunctionType):
             if depth < 0:
                 return
             for v in _function_reads(obj):
                 keep(v, depth - 1)
         else:  # data: a tensor, a number, a module, a container, a callable object (its attributes)
             found.append(obj)
-            call = getattr(type(obj), "forward" if isinstance(obj, torch.nn.Module) else "__call__", None)
+            try:
+                call = getattr(type(obj), "forward" if issubclass(type(obj), torch.nn.Module) else "__call__", None)
+            except Exception:  # noqa: BLE001 - an odd metaclass: nothing to follow
+                call = None
             if isinstance(call, types.FunctionType) and depth >= 0:  # a module's forward, an object's __call__
                 for v in _function_reads(call):
                     keep(v, depth - 1)
@@ -305,18 +309,18 @@ def _modules_in(found: list[Any]) -> list[torch.nn.Module]:
     lists and tuples and the attributes of its other objects (a trainer object holding the model)."""
     out: list[torch.nn.Module] = []
     for obj in found:
-        if isinstance(obj, torch.nn.Module):
+        if issubclass(type(obj), torch.nn.Module):
             out.append(obj)
             continue
-        if isinstance(obj, dict):
-            items: Iterable[Any] = list(obj.values())[:ITEMS]
-        elif isinstance(obj, (list, tuple)):
-            items = obj[:ITEMS]
-        elif hasattr(obj, "__dict__") and isinstance(getattr(obj, "__dict__", None), dict):
-            items = list(vars(obj).values())[:ITEMS]
+        if issubclass(type(obj), dict):
+            items: Iterable[Any] = obj.values()
+        elif issubclass(type(obj), (list, tuple)):
+            items = obj
+        elif (attrs := _attributes(obj)) is not None:
+            items = attrs.values()
         else:
             continue
-        out.extend(v for v in items if isinstance(v, torch.nn.Module))
+        out.extend(v for v in itertools.islice(items, ITEMS) if issubclass(type(v), torch.nn.Module))
     return out
 
 
@@ -349,38 +353,48 @@ def _state_of_values(found: list[Any]) -> tuple:
     out: list[Any] = []
 
     def see(obj: Any, depth: int) -> None:
-        if isinstance(obj, Tensor):
+        if issubclass(type(obj), Tensor):
             out.append((id(obj), obj._version))
-        elif isinstance(obj, _SCALARS):
+        elif issubclass(type(obj), _SCALARS):
             out.append(obj)
         elif _is_array(obj):
             out.append(_array_print(obj))
-        elif isinstance(obj, torch.nn.Module):
+        elif issubclass(type(obj), torch.nn.Module):
             for m in obj.modules():  # every module's mode, tensors, and plain attributes (a temperature)
                 out.extend((id(t), t._version) for t in (*m._parameters.values(), *m._buffers.values())
                            if t is not None)
                 for k, v in vars(m).items():
-                    if not k.startswith("_") and not isinstance(v, torch.nn.Module):
+                    if not k.startswith("_") and not issubclass(type(v), torch.nn.Module):
                         out.append(k)
                         see(v, 1)
-        elif depth and isinstance(obj, dict):
+        elif depth and issubclass(type(obj), dict):
             out.append(len(obj))
-            for k, v in list(obj.items())[:ITEMS]:
+            for k, v in itertools.islice(obj.items(), ITEMS):
                 out.append(k if isinstance(k, (int, str)) else id(k))
                 see(v, depth - 1)
-        elif depth and isinstance(obj, (list, tuple)):
+        elif depth and issubclass(type(obj), (list, tuple)):
             out.append(len(obj))
-            for v in obj[:ITEMS]:
+            for v in itertools.islice(obj, ITEMS):
                 see(v, depth - 1)
-        elif depth and hasattr(obj, "__dict__") and not callable(obj.__dict__):
+        elif depth and (attrs := _attributes(obj)) is not None:
             out.append(id(obj))  # an object's attributes (a bound method's object, a callable object)
-            see(vars(obj), depth)
+            see(attrs, depth)
         else:
             out.append(id(obj))
 
     for obj in found:
         see(obj, 1)
     return tuple(out)
+
+
+def _attributes(obj: Any) -> dict[str, Any] | None:
+    """``obj.__dict__``, or ``None`` when it has none or reading it raises (a ``__getattr__`` that raises something
+    other than ``AttributeError``, a ``__getattribute__`` with side effects): looked at, never relied on."""
+    try:
+        attrs = object.__getattribute__(obj, "__dict__")
+    except Exception:  # noqa: BLE001 - whatever an odd object raises, it has no attributes to walk here
+        return None
+    return attrs if type(attrs) is dict else None
 
 
 def _is_array(obj: Any) -> bool:
@@ -418,8 +432,7 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
         at = torch.tensor(chosen[lo:hi])
         return batch.rebuild([t[at.to(t.device)].contiguous() for t in batch.tensors])
 
-    state = module_buffers(model_fn)
-    kept = _buffer_copies(state)
+    watch = _Writes(model_fn)
     with torch.random.fork_rng(devices=devices), torch.no_grad(), eager_stance(), \
             warnings.catch_warnings():
         warnings.simplefilter("ignore")  # e.g. a batch statistic of one sample: the capture warns if it must
@@ -427,6 +440,7 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
         try:
             with mode:  # the mode also runs the calls the capture replaces (EXACT), as the capture would
                 together = model_fn(dict(params), rows(0, k))
+                watch.after_first()
                 random = mode.random or not all(torch.equal(a, b)
                                                 for a, b in zip(before, _rng_states(devices), strict=True))
                 alone: list[Tensor] | None = None
@@ -441,11 +455,13 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
                         if mode.branches != branches:
                             alone = None
                             break
+                if alone is None and watch.first_wrote():  # one run only: a second tells an update from a fill
+                    model_fn(dict(params), rows(0, k))
         except (SamplesInteractError, InPlaceWriteError):
             raise
         except Exception:  # noqa: BLE001 - a model that runs only under vmap: the capture reports its own errors
             return k > 1  # nothing to compare for this signature: not tried again
-    _refuse_writes(state, module_buffers(model_fn), kept)
+    watch.refuse_moved()
     if not mode.used:
         raise ParamsUnusedError(
             f"no parameter reached the computation: model_fn(params, batch) ran without using any tensor of "
@@ -459,50 +475,71 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
     return k > 1
 
 
-def module_buffers(model_fn: Callable) -> dict[str, tuple[Tensor, int]]:
-    """Every buffer of the modules ``model_fn`` reaches (:func:`reads`), by name: the tensor and its version
-    counter (an in-place write bumps it). Parameters are not watched: a frozen embedding with ``max_norm`` is
-    renormalised in place by torch on every call, as the model's own semantics."""
-    out: dict[str, tuple[Tensor, int]] = {}
-    for obj in reads(model_fn):
-        if isinstance(obj, torch.nn.Module):
-            for m_name, m in obj.named_modules(remove_duplicate=True):
-                for name, t in m._buffers.items():
-                    if t is not None:
-                        out.setdefault(f"{m_name}.{name}" if m_name else name, (t, t._version))
+def module_buffers(model_fn: Callable) -> dict[str, Tensor]:
+    """Every buffer of the modules ``model_fn`` reaches (:func:`reads`, and one level down as
+    :func:`training_flags` looks), by name. Parameters are not watched: a frozen embedding with ``max_norm``
+    is renormalised in place by torch on every call, as the model's own semantics."""
+    out: dict[str, Tensor] = {}
+    for obj in _modules_in(reads(model_fn)):
+        for m_name, m in obj.named_modules(remove_duplicate=True):
+            for name, t in m._buffers.items():
+                if t is not None:
+                    out.setdefault(f"{m_name}.{name}" if m_name else name, t)
     return out
 
 
-#: :func:`_buffer_copies` keeps copies of buffers up to this many bytes in all (larger: none are kept).
+#: :class:`_Writes` keeps copies of buffers up to this many bytes in all (larger: it compares and restores none).
 BUFFER_BYTES = 1 << 26
 
 
-def _buffer_copies(buffers: dict[str, tuple[Tensor, int]]) -> dict[str, Tensor]:
-    """Copies of ``buffers`` (:func:`module_buffers`), to put back what the check's runs wrote before it refuses
-    (empty when they are larger than :data:`BUFFER_BYTES` in all)."""
-    if sum(t.numel() * t.element_size() for t, _ in buffers.values()) > BUFFER_BYTES:
-        return {}
-    return {k: t.detach().clone() for k, (t, _) in buffers.items()}
+class _Writes:
+    """Whether ``model_fn``'s runs keep moving a module buffer: a value written in place by one run and written
+    with another value by the next (running statistics, spectral_norm's power iteration, a counter).
 
+    A buffer filled on the first run and left as it is by later runs (a cache made lazily)
+    is the model's own and stays. Refused: :class:`StateWrittenError`, with every buffer the
+    runs wrote put back as it was before the first (when the copies fit :data:`BUFFER_BYTES`).
+    """
 
-def _refuse_writes(before: dict[str, tuple[Tensor, int]], after: dict[str, tuple[Tensor, int]],
-                   kept: dict[str, Tensor]) -> None:
-    """Raise :class:`StateWrittenError` naming the tensors written in place between the two snapshots, after
-    putting back the values of those ``kept`` holds (the module is left as it was before the check)."""
-    written = [k for k, (t, version) in before.items()
-               if k in after and after[k][0] is t and after[k][1] != version]
-    if written:
+    def __init__(self, model_fn: Callable) -> None:
+        self.buffers = module_buffers(model_fn)
+        self.fits = sum(t.numel() * t.element_size() for t in self.buffers.values()) <= BUFFER_BYTES
+        self.versions = {k: t._version for k, t in self.buffers.items()}
+        self.before = {k: t.detach().clone() for k, t in self.buffers.items()} if self.fits else {}
+        self.first: dict[str, Tensor] = {}
+        self.first_versions: dict[str, int] | None = None
+
+    def after_first(self) -> None:
+        """Note the buffers' values after the first run."""
+        self.first_versions = {k: t._version for k, t in self.buffers.items()}
+        self.first = {k: t.detach().clone() for k, t in self.buffers.items() if t._version != self.versions[k]}
+
+    def first_wrote(self) -> bool:
+        return self.first_versions is not None and self.first_versions != self.versions
+
+    def refuse_moved(self) -> None:
+        """Raise :class:`StateWrittenError` if a later run wrote another value than the first left."""
+        if self.first_versions is None:
+            return
+        moved = [k for k, t in self.buffers.items() if t._version != self.first_versions[k]
+                 and (k not in self.first and k not in self.before
+                      or not torch.equal(t, self.first[k] if k in self.first else self.before[k]))]
+        if not moved:
+            return
         with torch.no_grad():
-            for k in written:
-                if k in kept:
-                    before[k][0].copy_(kept[k])
-        shown = ", ".join(written[:4]) + (f" and {len(written) - 4} more" if len(written) > 4 else "")
+            for k, t in self.buffers.items():
+                if t._version != self.versions[k] and k in self.before:
+                    t.copy_(self.before[k])
+        back = ("the buffers are put back as they were before this call" if self.fits else
+                f"the buffers, over {BUFFER_BYTES >> 20} MiB in all, are left as the check's runs wrote them")
+        shown = ", ".join(moved[:4]) + (f" and {len(moved) - 4} more" if len(moved) > 4 else "")
         raise StateWrittenError(
-            f"model_fn writes into the buffer(s) {shown} in place while it runs (on every call): a layer that updates its own "
-            f"state from the batch, such as the running statistics of InstanceNorm(track_running_stats=True) in "
-            f"training mode, spectral_norm's power iteration in training mode, or a counter or moving average. "
-            f"graddot runs model_fn several times per call (a one-sample trace, these checks, the capture), so that "
-            f"state would move several times and the runs would see different models. Put such layers in eval "
+            f"model_fn writes into the buffer(s) {shown} in place on every call, another value each time: a layer "
+            f"that updates its own state from the batch, such as the running statistics of "
+            f"InstanceNorm(track_running_stats=True) in training mode, spectral_norm's power iteration in training "
+            f"mode, or a counter or moving average. graddot runs model_fn several times per call (a one-sample "
+            f"trace, these checks, the capture), so that state would move several times and the runs would see "
+            f"different models ({back}). Put such layers in eval "
             f"mode (model.eval() or the layer's .eval()), or keep the state outside model_fn")
 
 

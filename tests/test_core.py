@@ -490,6 +490,8 @@ NO_OP_CONVERSIONS = {
     "cpu()": lambda w, x: w.cpu(),
     "contiguous()": lambda w, x: w.contiguous(),
     "+w": lambda w, x: +w,
+    "to(dtype, non_blocking)": lambda w, x: w.to(x.dtype, True),
+    "to(device, dtype, non_blocking, copy=False)": lambda w, x: w.to(x.device, x.dtype, True, False),
 }
 
 

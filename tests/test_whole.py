@@ -567,3 +567,40 @@ def test_training_flags_see_bound_methods_and_partials() -> None:
     x = torch.randn(4, 2, dtype=F64)
     p = {k: v.detach().to(F64) for k, v in net.named_parameters()}
     exact_every_call(net.loss, p, x, x[:2])  # eval mode: no dropout, whole-batch path as usual
+
+
+def test_what_model_fn_reads_is_walked_without_copying_or_tripping_on_odd_objects() -> None:
+    """The walk behind the caches' keys and the secant's fingerprint looks at a few hundred items of a container
+    (a closure holding a dataset of millions of entries costs nothing per call) and survives objects whose
+    attribute lookup raises something other than AttributeError."""
+    import time
+
+    from ghostfunc._interact import state_of, training_flags
+
+    class Odd:
+        __slots__ = ("table",)
+
+        def __init__(self) -> None:
+            self.table = {}
+
+        def __getattr__(self, name):
+            return self.table[name]  # KeyError, not AttributeError
+
+    class Loud:
+        def __getattribute__(self, name):
+            raise RuntimeError("no attributes here")
+
+    big = dict.fromkeys(range(2_000_000), 0.0)
+    odd, loud = Odd(), Loud()
+    net = nn.Linear(3, 1).to(F64)
+
+    def fn(p, x):
+        assert big is not None and odd is not None and loud is not None
+        return functional_call(net, p, (x,)).sum(1)
+
+    start = time.process_time()
+    for _ in range(20):
+        state_of(fn), training_flags(fn)
+    assert time.process_time() - start < 2.0  # a copy of the 2M-entry dict per walk would take seconds
+    x = torch.randn(5, 3, dtype=F64)
+    exact_every_call(fn, {k: v.detach() for k, v in net.named_parameters()}, x, x[:2])
