@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import sys
 import threading
 import types
 import warnings
@@ -245,8 +246,12 @@ def reads(model_fn: Callable) -> list[Any]:
         if id(obj) in seen:
             return
         seen.add(id(obj))
-        if issubclass(type(obj), (type, types.ModuleType, types.BuiltinFunctionType, types.BuiltinMethodType)):
-            return  # a class, a Python module, a builtin: code, not state
+        if issubclass(type(obj), types.ModuleType):
+            if _own_module(obj):  # a module of the user's: its attributes are state (a config module's numbers)
+                found.append(obj)
+            return
+        if issubclass(type(obj), (type, types.BuiltinFunctionType, types.BuiltinMethodType)):
+            return  # a class, a builtin: code, not state
         if issubclass(type(obj), functools.partial):
             for v in (*obj.args, *obj.keywords.values()):
                 keep(v, depth)
@@ -271,6 +276,15 @@ def reads(model_fn: Callable) -> list[Any]:
 
     keep(model_fn, READ_DEPTH)
     return found
+
+
+def _own_module(module: types.ModuleType) -> bool:
+    """Whether ``module`` is neither a library's (:data:`LIBRARIES`, installed packages) nor the standard library's."""
+    top = (getattr(module, "__name__", "") or "").partition(".")[0]
+    if top in LIBRARIES or top in sys.stdlib_module_names or top == "__main__":
+        return False  # __main__'s globals are read by name already
+    origin = getattr(module, "__file__", None) or ""
+    return "site-packages" not in origin and "dist-packages" not in origin
 
 
 def _function_reads(fn: types.FunctionType) -> list[Any]:
@@ -347,12 +361,24 @@ ARRAY_BYTES = 1 << 24
 _SCALARS = (bool, int, float, complex, str, bytes, type(None))
 
 
+#: How deep :func:`state_of` walks containers and objects' attributes (a class weight in ``cfg["loss"]["w"]``).
+WALK_DEPTH = 3
+#: The most entries one :func:`state_of` looks at in all (past it, the walk stops: a marker says so).
+WALK_BUDGET = 8192
+
+
 def _state_of_values(found: list[Any]) -> tuple:
     """:func:`state_of` of the objects ``found`` (:func:`reads`: closure contents, defaults, named globals,
     bound arguments)."""
     out: list[Any] = []
+    budget = [WALK_BUDGET, CHECKSUM_ELEMENTS]
 
     def see(obj: Any, depth: int) -> None:
+        budget[0] -= 1
+        if budget[0] < 0:
+            if budget[0] == -1:
+                out.append("(walk budget spent)")
+            return
         if issubclass(type(obj), Tensor):
             out.append((id(obj), obj._version))
         elif issubclass(type(obj), _SCALARS):
@@ -363,6 +389,10 @@ def _state_of_values(found: list[Any]) -> tuple:
             for m in obj.modules():  # every module's mode, tensors, and plain attributes (a temperature)
                 out.extend((id(t), t._version) for t in (*m._parameters.values(), *m._buffers.values())
                            if t is not None)
+                # frozen tensors (the model's own values, not the params passed in) also by a checksum: an
+                # edit through .data has a version counter of its own
+                out.extend(_checksum(t, budget) for t in (*m._parameters.values(), *m._buffers.values())
+                           if t is not None and not t.requires_grad)
                 for k, v in vars(m).items():
                     if not k.startswith("_") and not issubclass(type(v), torch.nn.Module):
                         out.append(k)
@@ -377,14 +407,47 @@ def _state_of_values(found: list[Any]) -> tuple:
             for v in itertools.islice(obj, ITEMS):
                 see(v, depth - 1)
         elif depth and (attrs := _attributes(obj)) is not None:
-            out.append(id(obj))  # an object's attributes (a bound method's object, a callable object)
+            out.append(id(obj))  # an object's attributes (a bound method's object, a callable object, a module)
             see(attrs, depth)
+            if not issubclass(type(obj), types.ModuleType):
+                see(_class_data(type(obj)), depth)  # and its class's (a weight set on the class)
         else:
             out.append(id(obj))
 
     for obj in found:
-        see(obj, 1)
+        see(obj, WALK_DEPTH)
     return tuple(out)
+
+
+#: The most elements of frozen module tensors one :func:`state_of` checksums (a frozen base model beyond it is
+#: seen by identity and version only).
+CHECKSUM_ELEMENTS = 1 << 26
+
+
+def _checksum(t: Tensor, budget: list[int]) -> Any:
+    """A frozen tensor's sum and position-weighted sum (:func:`ghostfunc._dist.param_checksum`'s two numbers),
+    while :data:`CHECKSUM_ELEMENTS` lasts (``budget[1]`` counts it down)."""
+    budget[1] -= t.numel()
+    if budget[1] < 0 or not t.is_floating_point():
+        return None
+    total = torch.zeros(2, dtype=torch.float64, device=t.device)
+    with torch.no_grad():
+        flat = t.detach().reshape(-1)
+        for i in range(0, flat.numel(), 1 << 20):  # in blocks: no full float64 copy of a large tensor
+            part = flat[i:i + (1 << 20)].double()
+            weights = torch.arange(i + 1, i + part.numel() + 1, dtype=torch.float64, device=t.device)
+            total += torch.stack([part.sum(), part @ weights])
+    return tuple(total.tolist())
+
+
+def _class_data(cls: type) -> dict[str, Any]:
+    """A class's own data attributes (tensors, numbers, strings, containers, arrays; not its methods)."""
+    try:
+        items = list(itertools.islice(vars(cls).items(), ITEMS))
+    except Exception:  # noqa: BLE001 - an odd metaclass
+        return {}
+    return {k: v for k, v in items if not k.startswith("__")
+            and (issubclass(type(v), (Tensor, dict, list, tuple, *_SCALARS)) or _is_array(v))}
 
 
 def _attributes(obj: Any) -> dict[str, Any] | None:
@@ -393,8 +456,22 @@ def _attributes(obj: Any) -> dict[str, Any] | None:
     try:
         attrs = object.__getattribute__(obj, "__dict__")
     except Exception:  # noqa: BLE001 - whatever an odd object raises, it has no attributes to walk here
-        return None
-    return attrs if type(attrs) is dict else None
+        attrs = None
+    slots = [n for c in type(obj).__mro__ for n in _slot_names(c)]
+    if not slots:
+        return attrs if type(attrs) is dict else None
+    held = dict(attrs) if type(attrs) is dict else {}
+    for name in slots[:ITEMS]:  # __slots__ objects keep their state outside __dict__
+        try:
+            held[name] = object.__getattribute__(obj, name)
+        except Exception:  # noqa: BLE001 - an unset slot
+            continue
+    return held
+
+
+def _slot_names(cls: type) -> list[str]:
+    names = cls.__dict__.get("__slots__", ())
+    return [names] if isinstance(names, str) else [n for n in names if isinstance(n, str)]
 
 
 def _is_array(obj: Any) -> bool:

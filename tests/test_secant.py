@@ -477,6 +477,16 @@ NUMPY_SHIFT = np.zeros(3)
 DEFAULT_SHIFT = torch.zeros(3, dtype=DT)
 
 
+CONFIG = {"loss": {"w": torch.ones(3, dtype=DT)}}
+
+
+class Weights:
+    scale = 1.0
+
+
+WEIGHTS = Weights()
+
+
 def _shift():  # a helper whose global the model reads
     return HELPER_SHIFT
 
@@ -492,8 +502,9 @@ def _no_grad(fn, *args):
         return fn(*args)
 
 
-#: Changes no fingerprint can see (.data has a version counter of its own), which the row's loss shows.
-UNSEEN = ("deeper than the fingerprint", "from_module, frozen weight through .data")
+#: A change the fingerprint does not reach (an object deeper than it walks), which the row's loss shows. (A frozen
+#: weight changed through .data, whose version counter is its own, is seen by the frozen tensors' checksums.)
+UNSEEN = ("deeper than the fingerprint",)
 READER_CHANGES = {
     "from_module, eval()": ("from_module", lambda net: net.eval()),
     "from_module, attribute": ("from_module", lambda net: setattr(net, "temp", 1.5)),
@@ -505,6 +516,8 @@ READER_CHANGES = {
     "a helper's global": ("helper", lambda net: HELPER_SHIFT.add_(0.5)),
     "a default argument": ("default", lambda net: DEFAULT_SHIFT.add_(0.5)),
     "a NumPy global": ("numpy", lambda net: NUMPY_SHIFT.__iadd__(0.5)),
+    "a class weight in a nested config": ("config", lambda net: CONFIG["loss"]["w"].__setitem__(1, 3.0)),
+    "a class attribute": ("config", lambda net: setattr(Weights, "scale", 2.0)),
     "deeper than the fingerprint": ("from_module", lambda net: setattr(net.deep.inner, "scale", 1.5)),
     "nothing": ("from_module", lambda net: None),
 }
@@ -519,6 +532,8 @@ def test_secant_carried_gradient_sees_what_the_model_reads(case, monkeypatch):
     form, change = READER_CHANGES[case]
     HELPER_SHIFT.zero_(), DEFAULT_SHIFT.zero_()
     NUMPY_SHIFT[:] = 0
+    CONFIG["loss"]["w"].fill_(1.0)
+    Weights.scale = 1.0
     torch.manual_seed(0)
     net = Reader().double().train()
     ce = lambda out, batch: F.cross_entropy(out, batch["y"], reduction="none")  # noqa: E731
@@ -528,7 +543,9 @@ def test_secant_carried_gradient_sees_what_the_model_reads(case, monkeypatch):
         params = {k: v.detach().clone() for k, v in net.named_parameters() if v.requires_grad}
         fn = {"object": LossOf(net), "helper": _reader_fn(net, _shift),
               "default": lambda p, b, shift=DEFAULT_SHIFT: _reader_fn(net, lambda: shift)(p, b),
-              "numpy": _reader_fn(net, lambda: torch.from_numpy(NUMPY_SHIFT))}[form]
+              "numpy": _reader_fn(net, lambda: torch.from_numpy(NUMPY_SHIFT)),
+              "config": lambda p, b: F.cross_entropy(functional_call(net, p, (b["x"],)), b["y"], reduction="none")
+              * CONFIG["loss"]["w"][b["y"]] * WEIGHTS.scale}[form]
     calls = spy(monkeypatch)
     step = ghostfunc.train_step(fn, ghostfunc.sgd(0.5), order=2, curvature="secant")
     state = step.init(params)
