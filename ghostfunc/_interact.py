@@ -565,6 +565,29 @@ def module_buffers(model_fn: Callable) -> dict[str, Tensor]:
     return out
 
 
+def check_state_writes(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, where: str) -> None:
+    """Raise :class:`StateWrittenError` (naming ``where``) if ``model_fn`` moves a module buffer on every call: two
+    runs on the first rows of ``batch`` (a :class:`ghostfunc._capture.Batch`) without gradients, the random state
+    kept. For callers that run the model many times without :func:`check_model` (``unroll``)."""
+    device = next(iter(params.values())).device
+    devices = [device.index or 0] if device.type == "cuda" else []
+    at = torch.arange(min(batch.size, ROWS))
+    rows = batch.rebuild([t[at.to(t.device)] for t in batch.tensors])
+    watch = _Writes(model_fn)
+    if not watch.buffers:
+        return
+    with torch.random.fork_rng(devices=devices), torch.no_grad(), eager_stance(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model_fn(dict(params), rows)
+        watch.after_first()
+        if watch.first_wrote():
+            model_fn(dict(params), rows)
+    try:
+        watch.refuse_moved()
+    except StateWrittenError as err:
+        raise StateWrittenError(f"{where}: {err}") from None
+
+
 #: :class:`_Writes` keeps copies of buffers up to this many bytes in all (larger: it compares and restores none).
 BUFFER_BYTES = 1 << 26
 

@@ -50,6 +50,7 @@ from torch.utils import _pytree as pytree
 from ._capture import Batch, _check_finite, _rephrase, per_sample_losses, tensor_leaves
 from ._checks import check_batch, check_model_fn, check_params
 from ._direction import graddot_direction
+from ._interact import check_state_writes
 from ._optim import Grads, Optimizer
 from ._train import TrainState
 from ._values import SAFE_TYPES, DataValues
@@ -452,9 +453,11 @@ def unroll(
     if isinstance(params, Trajectory):
         if checkpoint_every is not None and checkpoint_every != params.every:
             raise ValueError(f"{where}: checkpoint_every comes from the trajectory ({params.every}); got {checkpoint_every}")
+        check_state_writes(model_fn, params.final, splits[0], where)
         replay = trajectory_replay(model_fn, optimizer, params, splits, indices, where)
         return replay_values(replay, vb, n_data, per_step, val_reduce, via, where)
     theta0 = check_params(params, where)
+    check_state_writes(model_fn, theta0, splits[0], where)  # the replay runs the model many times
     every = checkpoint_every or default_every(len(splits))
     state0 = optimizer.init(theta0)
 

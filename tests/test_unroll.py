@@ -304,3 +304,31 @@ def test_replay_that_does_not_reach_the_recording_is_refused():
         traj.record(b["index"], state)
     with pytest.raises(ValueError, match=r"^unroll: replaying the run's steps does not reach the recorded parameters"):
         ghostfunc.unroll(model_fn, opt, traj, batches, val)
+
+
+def test_a_model_that_moves_its_buffers_on_every_call_is_refused_by_unroll():
+    """The replay runs the model many times: a buffer moved by every call (a counter) would make each run another
+    model. Refused before the replay, naming the buffer, which is put back."""
+    class Counted(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 3)
+            self.register_buffer("calls", torch.zeros(()))
+
+        def forward(self, x):
+            self.calls += 1
+            return self.lin(x)
+
+    torch.manual_seed(0)
+    net = Counted().double()
+    params = {k: v.detach() for k, v in net.named_parameters()}
+
+    def fn(p, b):
+        return torch.nn.functional.cross_entropy(torch.func.functional_call(net, p, (b["x"],)), b["y"],
+                                                 reduction="none")
+
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    batches = [{"x": x[:4], "y": y[:4], "index": torch.arange(4)}, {"x": x[4:], "y": y[4:], "index": torch.arange(4, 8)}]
+    with pytest.raises(ghostfunc.StateWrittenError, match="unroll: model_fn writes into the buffer"):
+        ghostfunc.unroll(fn, ghostfunc.sgd(0.1), params, batches, {"x": x[:3], "y": y[:3]})
+    assert float(net.calls) == 0.0
