@@ -46,6 +46,7 @@ float32 for the softmax, as ``transformers``' own losses do):
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -232,6 +233,9 @@ class _ModelSpec:
         weight = getattr(emb, "weight", None)
         mask_dtype = weight.dtype if isinstance(weight, Tensor) and weight.is_floating_point() else torch.float32
         decoder_ids = getattr(base, "prepare_decoder_input_ids_from_labels", None) if encoder_decoder else None
+        start = getattr(config, "decoder_start_token_id", None)
+        if encoder_decoder and decoder_ids is None and isinstance(start, int):  # Whisper: its forward shifts labels
+            decoder_ids = functools.partial(shift_right, start=start, pad=getattr(config, "pad_token_id", None))
         window = getattr(text, "sliding_window", None)
         layer_types = frozenset(getattr(text, "layer_types", None) or ())
         return cls(accepts, causal, encoder_decoder, attn, window, layer_types, mask_dtype, decoder_ids)
@@ -287,6 +291,14 @@ class _ModelSpec:
         if self.layer_types <= {"sliding_attention"}:
             return local  # every layer slides (Mistral)
         return {"full_attention": full, "sliding_attention": local}
+
+
+def shift_right(labels: Tensor, *, start: int, pad: int | None) -> Tensor:
+    """Decoder inputs from ``labels`` ``[B, T]``: ``start`` then the labels but the last, ``-100`` as ``pad`` (what
+    an encoder-decoder model's forward does with ``labels`` when it has no ``prepare_decoder_input_ids_from_labels``)."""
+    out = labels.new_full(labels.shape, start)
+    out[:, 1:] = labels[:, :-1]
+    return out.masked_fill(out == -100, pad if pad is not None else 0)
 
 
 def real_positions(attention_mask: Tensor) -> Tensor:

@@ -593,3 +593,29 @@ def test_an_image_classifier_without_input_embeddings() -> None:
     g = torch.Generator().manual_seed(1)
     batch = {"pixel_values": torch.randn(3, 3, 16, 16, generator=g, dtype=F64), "labels": torch.tensor([0, 2, 1])}
     check_against_loop(model_fn, params, batch, {k: v[:M] for k, v in batch.items()}, 1e-10, ("resnet", "image"))
+
+
+def test_an_encoder_decoder_that_shifts_its_labels_in_forward() -> None:
+    """Whisper has no ``prepare_decoder_input_ids_from_labels``: its forward shifts ``labels`` itself. from_module
+    builds the decoder inputs the same way (``decoder_start_token_id``, then the labels but the last), so a batch
+    of ``input_features`` and ``labels`` gives the model's own loss, and graddot equals the loop."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.WhisperConfig(vocab_size=60, num_mel_bins=8, encoder_layers=1, decoder_layers=1,
+                                     encoder_attention_heads=2, decoder_attention_heads=2, d_model=16,
+                                     encoder_ffn_dim=32, decoder_ffn_dim=32, max_source_positions=8,
+                                     max_target_positions=16, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                     decoder_start_token_id=1)
+    model = transformers.WhisperForConditionalGeneration(cfg).double().eval()
+    model_fn, params = ghostfunc.from_module(model, ghostfunc.seq2seq_loss)
+    g = torch.Generator().manual_seed(1)
+
+    def batch(n: int) -> dict[str, Tensor]:
+        return {"input_features": torch.randn(n, 8, 16, generator=g, dtype=torch.float64),
+                "labels": torch.randint(3, 60, (n, 5), generator=g)}
+
+    train, val = batch(4), batch(3)
+    torch.testing.assert_close(model_fn(params, train).mean(), model(**train).loss, rtol=1e-12, atol=0)
+    ref, _, _ = ghostfunc.reference_graddot(model_fn, params, train, val)
+    assert rel(ghostfunc.graddot(model_fn, params, train, val).scores, ref) < 1e-9
