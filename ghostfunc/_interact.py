@@ -56,8 +56,8 @@ class ParamsUnusedError(ValueError):
 
 
 class StateWrittenError(ValueError):
-    """``model_fn`` writes in place into a module's buffer or frozen tensor on every call (running statistics in
-    training mode, spectral_norm's power iteration): the calls of one ``graddot`` would see different models."""
+    """``model_fn`` writes another value into a module's buffer on every call, in place (running statistics in
+    training mode, spectral_norm's power iteration, a counter): the runs of one call would see different models."""
 
 
 _CHECKED: weakref.WeakKeyDictionary[Any, set[tuple]] = weakref.WeakKeyDictionary()
