@@ -240,7 +240,7 @@ def _exchange_status(where: str, group: Any, failure: Exception | None) -> None:
     dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
     if not int(flag.item()):
         return
-    rank, size = dist.get_rank(group), dist.get_world_size(group)
+    rank, size = rank_and_size(group)
     every: list[Any] = [None] * size
     mine = None if failure is None else f"{type(failure).__name__}: {failure}"[:2000]
     dist.all_gather_object(every, mine, group=group)

@@ -372,6 +372,7 @@ def _state_of_values(found: list[Any]) -> tuple:
     bound arguments)."""
     out: list[Any] = []
     budget = [WALK_BUDGET, CHECKSUM_ELEMENTS]
+    frozen: dict[str, Tensor] = {}
 
     def see(obj: Any, depth: int) -> None:
         budget[0] -= 1
@@ -389,10 +390,12 @@ def _state_of_values(found: list[Any]) -> tuple:
             for m in obj.modules():  # every module's mode, tensors, and plain attributes (a temperature)
                 out.extend((id(t), t._version) for t in (*m._parameters.values(), *m._buffers.values())
                            if t is not None)
-                # frozen tensors (the model's own values, not the params passed in) also by a checksum: an
-                # edit through .data has a version counter of its own
-                out.extend(_checksum(t, budget) for t in (*m._parameters.values(), *m._buffers.values())
-                           if t is not None and not t.requires_grad)
+                # frozen tensors (the model's own values, not the params passed in) also by a checksum, taken
+                # at the end: an edit through .data has a version counter of its own
+                for t in (*m._parameters.values(), *m._buffers.values()):
+                    if t is not None and not t.requires_grad and budget[1] >= t.numel():
+                        budget[1] -= t.numel()
+                        frozen[str(len(frozen))] = t
                 for k, v in vars(m).items():
                     if not k.startswith("_") and not issubclass(type(v), torch.nn.Module):
                         out.append(k)
@@ -416,28 +419,16 @@ def _state_of_values(found: list[Any]) -> tuple:
 
     for obj in found:
         see(obj, WALK_DEPTH)
+    if frozen:
+        from ._dist import param_checksum  # (imports this module through _capture)
+
+        out.append(tuple(param_checksum(frozen).values()))
     return tuple(out)
 
 
-#: The most elements of frozen module tensors one :func:`state_of` checksums (a frozen base model beyond it is
-#: seen by identity and version only).
+#: The most elements of frozen module tensors one :func:`state_of` checksums (:func:`ghostfunc._dist.param_checksum`;
+#: a frozen base model beyond it is seen by identity and version only).
 CHECKSUM_ELEMENTS = 1 << 26
-
-
-def _checksum(t: Tensor, budget: list[int]) -> Any:
-    """A frozen tensor's sum and position-weighted sum (:func:`ghostfunc._dist.param_checksum`'s two numbers),
-    while :data:`CHECKSUM_ELEMENTS` lasts (``budget[1]`` counts it down)."""
-    budget[1] -= t.numel()
-    if budget[1] < 0 or not t.is_floating_point():
-        return None
-    total = torch.zeros(2, dtype=torch.float64, device=t.device)
-    with torch.no_grad():
-        flat = t.detach().reshape(-1)
-        for i in range(0, flat.numel(), 1 << 20):  # in blocks: no full float64 copy of a large tensor
-            part = flat[i:i + (1 << 20)].double()
-            weights = torch.arange(i + 1, i + part.numel() + 1, dtype=torch.float64, device=t.device)
-            total += torch.stack([part.sum(), part @ weights])
-    return tuple(total.tolist())
 
 
 def _class_data(cls: type) -> dict[str, Any]:
@@ -621,9 +612,9 @@ class _Writes:
         """Raise :class:`StateWrittenError` if a later run wrote another value than the first left."""
         if self.first_versions is None:
             return
-        moved = [k for k, t in self.buffers.items() if t._version != self.first_versions[k]
-                 and (k not in self.first and k not in self.before
-                      or not torch.equal(t, self.first[k] if k in self.first else self.before[k]))]
+        left = {**self.before, **self.first}  # each buffer as the first run left it (where a copy was kept)
+        moved = [k for k, t in self.buffers.items()
+                 if t._version != self.first_versions[k] and (k not in left or not torch.equal(t, left[k]))]
         if not moved:
             return
         with torch.no_grad():
