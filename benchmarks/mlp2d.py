@@ -19,8 +19,9 @@ and ``plain/compiled`` the plain step with its forward compiled (``torch.compile
 both are timed against the eager plain step.
 The figure shows, per cell, the fastest exact kernel (colour) and its time ratio
 to the plain step, the ratio of ``auto`` and the 2T² boundary. ``auto`` races the
-candidate routings on its first (warm-up) call and routes by the fastest after
-(``ghostfunc._calibrate.race``); ``auto (cost model)`` is the cost model alone
+candidate routings on its first (warm-up) call (``ghostfunc._calibrate.race``), the close
+ones take turns on the calls after it (``ghostfunc._calibrate.Turns``; still in the warm-up:
+the warm-up calls on until they are done) and the rounds time the routing kept; ``auto (cost model)`` is the cost model alone
 (``GHOSTFUNC_ROUTING=model``), what ``auto`` did before, timed in the same run.
 Method: :mod:`benchmarks._common`; a sample here lasts at least 0.1 s (``--min-sample``; calls of under
 a millisecond run back to back), so that the 5% comparisons of ``auto`` against the kernels are not decided by
@@ -32,6 +33,7 @@ from __future__ import annotations
 import argparse
 import gc
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -108,10 +110,13 @@ def cost_model_only(fn: C.Step) -> C.Step:
 
 
 def winner(tuning: str) -> str:
-    """The routing the race kept, from the plan's ``tuning`` line (``"-"`` when it did not race)."""
+    """The routing auto kept, from the plan's ``tuning`` line: the race's winner, or the one kept after the close
+    routings took turns (``"-"`` when it did not race)."""
     if ": " not in tuning or "measured" not in tuning:
         return "-"
-    return tuning.split(": ", 1)[1].split(",")[0].rsplit(" ", 2)[0]
+    if "; kept " in tuning:
+        return tuning.rsplit("; kept ", 1)[1]
+    return re.split("[,;]", tuning.split(": ", 1)[1])[0].rsplit(" ", 2)[0]  # the fastest, less its time
 
 
 def twin(cell: dict[str, Any]) -> str | None:

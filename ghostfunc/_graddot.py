@@ -830,6 +830,12 @@ def graddot(
             model_fn, params, train, val, val_reduce=val_reduce, compute_dtype=compute_dtype), like.device)
         racing = [_compiled.ran_eagerly(_compiled.RACING)] if compile else []
         return out._replace(plan=_noted(out.plan._replace(tuning=choice.why), racing))
+    if policy == "auto" and not compile and (turns := _calibrate.turns(model_fn, key)) is not None:
+        # the routings close to the race's winner take turns on the calls after it (ghostfunc._calibrate.Turns)
+        taken = turns.take(model_fn, key, lambda: graddot(model_fn, params, train, val, val_reduce=val_reduce,
+                                                          compute_dtype=compute_dtype), next(iter(params.values())).device)
+        if taken is not None:
+            return taken[0]
     eager_why: list[str] = []  # compile=True: why this call ran eagerly (a plan note)
     if compile:
         assert val_reduce is not None

@@ -244,7 +244,7 @@ def make_plan(params: Mapping[str, Tensor], use: Mapping[str, Usage], policy: st
             ids = all(kind == "embedding" for kind in u.uses)
             path, why = choose(policy, n, m, u.tokens, u.val_tokens, p, d, ids, val_reduce is not None, measured)
             if policy == "auto" and tuned is not None and k in tuned.paths:
-                path, why = tuned.paths[k], f"measured: {tuned.label} fastest"
+                path, why = tuned.paths[k], f"measured: {tuned.label} {tuned.state}"
             routes[k] = Route(k, shape, path, why, u.uses, u.tokens, u.val_tokens, p, d)
     tuning = ""
     if policy == "auto":

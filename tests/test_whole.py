@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from torch.func import functional_call
 
 import ghostfunc
-from ghostfunc import _graddot, _whole
+from ghostfunc import _calibrate, _graddot, _whole
 
 F64 = torch.float64
 
@@ -438,6 +438,8 @@ def test_a_known_signature_replays_the_same_numbers(monkeypatch: pytest.MonkeyPa
                 x, y = torch.randn(10, 4, 5, dtype=F64), torch.randn(10, 4, dtype=F64)
                 train, val = (x[:7], y[:7]), (x[7:], y[7:])
                 out = ghostfunc.graddot(fn, params_of(net), train, val, val_reduce=reduce, policy=policy)
+                while _calibrate.TAKING_TURNS in out.plan.tuning:  # auto's close routings take turns after the race
+                    out = ghostfunc.graddot(fn, params_of(net), train, val, val_reduce=reduce, policy=policy)
                 assert replays(fn) >= 1
                 with monkeypatch.context() as m:
                     m.setattr(_graddot, "_replay", lambda *a, **k: None)
