@@ -256,10 +256,19 @@ def route_key(model_fn: Callable, params: Mapping[str, torch.Tensor], train: Any
 
 def tuned(model_fn: Callable, key: tuple) -> Choice | None:
     """The cached routing for this call signature (``None``: none yet, or ``GHOSTFUNC_ROUTING=model``)."""
+    return _measured(_CHOICES, model_fn, key)
+
+
+V = TypeVar("V")
+
+
+def _measured(table: weakref.WeakKeyDictionary[Any, dict[tuple, V]], model_fn: Callable, key: tuple) -> V | None:
+    """``table[model_fn][key]`` while measuring is on (``None``: nothing there, ``GHOSTFUNC_ROUTING=model``, or a
+    ``model_fn`` that cannot be weakly referenced)."""
     if routing_mode() != "measure":
         return None
     try:
-        return _CHOICES.get(model_fn, {}).get(key)
+        return table.get(model_fn, {}).get(key)
     except TypeError:  # not weak-referenceable
         return None
 
@@ -371,12 +380,14 @@ def race(model_fn: Callable, key: tuple, candidates: Sequence[Candidate], call: 
               f"{', '.join(skipped)}" if skipped else "")
            + "".join(f"; {label} failed ({e})" for label, e in failed.items()))
     choice = Choice(kept[1].paths, kept[1].label, why)
-    table[key] = choice
-    near = sorted((c for c in merged.values() if best.get(c.label, math.inf) <= TURNS_FACTOR * kept[0]),
-                  key=lambda c: best[c.label])[:TURNS_MAX]
-    if len(near) > 1:
+    near = [kept[1], *sorted((c for c in merged.values() if c is not kept[1]
+                              and best.get(c.label, math.inf) <= TURNS_FACTOR * kept[0]),
+                             key=lambda c: best[c.label])][:TURNS_MAX]
+    if len(near) > 1:  # the winner is cached as taking its turn, the first of the turns
         block = min(TURNS_BLOCK_MAX, max(TURNS_BLOCK_MIN, math.ceil(TURNS_BLOCK_S / max(kept[0], 1e-9))))
-        _TURNS.setdefault(model_fn, {})[key] = Turns(choice, near, block, clock_name)
+        _TURNS.setdefault(model_fn, {})[key] = turns = Turns(choice, near, block, clock_name)
+        choice = turns.choices[0]
+    table[key] = choice
     return kept[2], choice
 
 
@@ -447,9 +458,9 @@ class Turns:
         overall = [statistics.median(t for cycle in self.times for t in cycle[i]) for i in range(len(self.choices))]
         timings = ", ".join(f"{c.label} {t * 1e3:.3g} ms ({r:.2f})"
                             for c, t, r in zip(self.choices, overall, score, strict=True))
-        why = (f"{self.winner.why}; then {self.calls} calls taking turns ({self.clock_name}, {TURNS_CYCLES} cycles; "
-               f"median call, and median over cycles of it against the cycle's mean): {timings}; "
-               f"kept {self.choices[best].label}")
+        why = (f"{self.winner.why}; then the routings within {TURNS_FACTOR:g}x of the fastest took turns on "
+               f"{self.calls} later calls ({self.clock_name}, {TURNS_CYCLES} cycles; median call, and median over "
+               f"cycles of it against the cycle's mean): {timings}; kept {self.choices[best].label}")
         return Choice(self.choices[best].paths, self.choices[best].label, why)
 
     def _finish(self, model_fn: Callable, key: tuple, choice: Choice) -> None:
@@ -459,12 +470,7 @@ class Turns:
 
 def turns(model_fn: Callable, key: tuple) -> Turns | None:
     """The routings taking turns for this call signature after its race (``None``: none, or settled)."""
-    if routing_mode() != "measure":
-        return None
-    try:
-        return _TURNS.get(model_fn, {}).get(key)
-    except TypeError:  # not weak-referenceable
-        return None
+    return _measured(_TURNS, model_fn, key)
 
 
 def _budget(fastest: float) -> float:

@@ -65,6 +65,10 @@ def test_first_call_races_the_candidates_and_later_calls_route_by_the_cache(monk
     paths = {k: r.path for k, r in first.plan.routes.items() if r.factored}
     assert paths == choice.paths
     assert paths in _candidate_paths(model_fn, params, train, val, val_reduce)  # one of the candidates
+    # the winner: the routing kept, or the first to take its turn when routings close to it take turns
+    assert choice.state in ("fastest", "taking its turn")
+    assert (choice.state == "taking its turn") == (_calibrate.turns(model_fn, key) is not None)
+    assert first.plan.tuning == choice.why and (_calibrate.TAKING_TURNS in choice.why) == (choice.state != "fastest")
     assert all(r.reason == f"measured: {choice.label} fastest" for r in first.plan.routes.values() if r.factored)
     for label in choice.label.split(" = "):  # every timed candidate is listed with its time
         assert label in first.plan.tuning
@@ -218,13 +222,14 @@ def test_close_routings_take_turns_on_later_calls_and_the_faster_in_use_is_kept(
     candidates = [_calibrate.Candidate("slow", {"w": "ghost"}, 1.0),
                   _calibrate.Candidate("fast", {"w": "materialize"}, 2.0)]
     _, choice = _calibrate.race(model_fn, ("k",), candidates, call, cpu)
-    assert choice.label == "slow", choice.why
+    assert choice.label == "slow" and choice.state == "taking its turn", choice.why
+    assert _calibrate.TAKING_TURNS in choice.why and _calibrate.tuned(model_fn, ("k",)) is choice
     turns = _calibrate.turns(model_fn, ("k",))
     assert turns is not None and _calibrate.TURNS_BLOCK_MIN <= turns.block <= _calibrate.TURNS_BLOCK_MAX
     racing[0], ran[:] = False, []
     while (now := _calibrate.turns(model_fn, ("k",))) is not None:
         assert now is turns
-        assert _calibrate.tuned(model_fn, ("k",)).state == ("fastest" if not ran else "taking its turn")
+        assert _calibrate.tuned(model_fn, ("k",)).state == "taking its turn"
         assert turns.take(model_fn, ("k",), call, cpu) == (ran[-1],)
         assert len(ran) <= 2 * _calibrate.TURNS_CYCLES * turns.block
     b = turns.block  # cycles A B, B A, A B, B A: a call right after the other routing ran is not counted
@@ -233,7 +238,8 @@ def test_close_routings_take_turns_on_later_calls_and_the_faster_in_use_is_kept(
     assert [[len(t) for t in cycle] for cycle in turns.times] == [[b - 1, b - 1], [b - 1, b], [b, b - 1], [b - 1, b]]
     kept = _calibrate.tuned(model_fn, ("k",))
     assert kept.label == "fast" and kept.paths == {"w": "materialize"} and kept.state == "fastest"
-    assert kept.why.startswith(choice.why) and kept.why.endswith("kept fast")
+    assert kept.why.startswith(turns.winner.why) and kept.why.endswith("kept fast")
+    assert _calibrate.TAKING_TURNS not in kept.why
 
 
 def test_taking_turns_yields_to_an_overlapping_call_and_keeps_the_winner_when_a_call_fails():
@@ -255,7 +261,7 @@ def test_taking_turns_yields_to_an_overlapping_call_and_keeps_the_winner_when_a_
     with pytest.raises(ValueError, match="bad batch"):
         turns.take(model_fn, ("k",), fails, cpu)
     assert _calibrate.turns(model_fn, ("k",)) is None
-    assert _calibrate.tuned(model_fn, ("k",)) == choice
+    assert _calibrate.tuned(model_fn, ("k",)) == turns.winner == choice._replace(why=turns.winner.why, state="fastest")
 
 
 def test_the_cheapest_estimate_must_run():
