@@ -463,6 +463,12 @@ class Turns:
                f"cycles of it against the cycle's mean): {timings}; kept {self.choices[best].label}")
         return Choice(self.choices[best].paths, self.choices[best].label, why)
 
+    def stop(self, model_fn: Callable, key: tuple) -> Choice:
+        """End the turns now, keeping the race's winner (a compiled call would compile one graph per routing)."""
+        with self.lock:
+            self._finish(model_fn, key, self.winner)
+        return self.winner
+
     def _finish(self, model_fn: Callable, key: tuple, choice: Choice) -> None:
         _CHOICES.setdefault(model_fn, {})[key] = choice
         _TURNS.get(model_fn, {}).pop(key, None)

@@ -829,6 +829,8 @@ def graddot(
         out, choice = _calibrate.race(model_fn, key, contenders(plans, like), lambda: graddot(
             model_fn, params, train, val, val_reduce=val_reduce, compute_dtype=compute_dtype), like.device)
         racing = [_compiled.ran_eagerly(_compiled.RACING)] if compile else []
+        if compile and (turns := _calibrate.turns(model_fn, key)) is not None:
+            choice = turns.stop(model_fn, key)  # compiled calls keep the race's winner: no turns
         return out._replace(plan=_noted(out.plan._replace(tuning=choice.why), racing))
     if policy == "auto" and not compile and (turns := _calibrate.turns(model_fn, key)) is not None:
         # the routings close to the race's winner take turns on the calls after it (ghostfunc._calibrate.Turns)

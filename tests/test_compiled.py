@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 import ghostfunc
-from ghostfunc import _compiled
+from ghostfunc import _calibrate, _compiled
 
 F64 = torch.float64
 NOTE = "compiled: the whole call as one torch.compile graph"
@@ -84,6 +84,10 @@ def test_later_calls_run_compiled_and_stay_exact() -> None:
                 # and its plan says so
                 why = _compiled.RACING if reduce == "mean" else _compiled.NO_REPLAY
                 assert _compiled.ran_eagerly(why) in out.plan.notes, out.plan.notes
+                # compiled calls keep the race's winner: the close routings do not take turns after it
+                assert _calibrate.TAKING_TURNS not in out.plan.tuning
+                assert _calibrate.TAKING_TURNS not in ghostfunc.plan(fn, p, (x[:7], y[:7]), (x[7:], y[7:]),
+                                                                     val_reduce=reduce).tuning
         assert not notes[0] and notes[2:] == [True, True], (reduce, notes)
 
 
