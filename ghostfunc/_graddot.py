@@ -774,9 +774,11 @@ def graddot(
         val_reduce: ``"mean"`` (``ḡ_val = mean_v g_v``), ``"sum"``, or ``None``
             for the full ``[n_train, n_val]`` matrix.
         policy: ``"auto"`` (the default: the first call with given shapes times the
-            candidate routings and keeps the fastest, see ``ghostfunc._calibrate``;
+            candidate routings, the close ones then take turns on the next few dozen
+            calls, and the fastest in use is kept, see ``ghostfunc._calibrate``;
             ``GHOSTFUNC_ROUTING=model`` routes by the cost model alone), ``"2t2"``,
-            ``"ghost"``, ``"materialize"`` or ``"contract"``; all give the same numbers.
+            ``"ghost"``, ``"materialize"`` or ``"contract"``; all give the same numbers
+            (to rounding: the kernels sum in other orders).
         compute_dtype: opt-in lower precision (e.g. ``torch.bfloat16``) for the
             Gram/contract/materialise products, accumulated in float32.
         group: ``None`` (one process) or a ``torch.distributed`` process group:

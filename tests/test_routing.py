@@ -137,6 +137,19 @@ def test_the_race_leaves_the_random_state_of_the_winner_alone():
     cached = ghostfunc.graddot(model_fn, params, train, val)  # routes by the cache: no race
     assert torch.equal(cached.scores, raced.scores)
     assert torch.equal(torch.get_rng_state(), after_race)
+    # the calls on which close routings take turns draw as any one routing would: the same masks, call after call
+    key = _key(model_fn, params, train, val, "mean")
+    torch.manual_seed(8)
+    auto = [ghostfunc.graddot(model_fn, params, train, val).scores]
+    while _calibrate.turns(model_fn, key) is not None:
+        auto.append(ghostfunc.graddot(model_fn, params, train, val).scores)
+    auto.append(ghostfunc.graddot(model_fn, params, train, val).scores)
+    after_auto = torch.get_rng_state()
+    torch.manual_seed(8)
+    fixed = [ghostfunc.graddot(model_fn, params, train, val, policy="contract").scores for _ in auto]
+    assert torch.equal(torch.get_rng_state(), after_auto)
+    for a, f in zip(auto, fixed, strict=True):
+        assert rel(a, f) < 1e-10
 
 
 def _busy(seconds: float) -> None:
