@@ -408,7 +408,8 @@ class Turns:
 
     def __init__(self, winner: Choice, near: Sequence[Candidate], block: int, clock_name: str) -> None:
         self.winner, self.block, self.clock_name = winner, block, clock_name
-        head = f"{winner.why}; then the routings within {TURNS_FACTOR:g}x of the fastest {TAKING_TURNS}"
+        self.close = f"{winner.why}; then the routings within {TURNS_FACTOR:g}x of the fastest"
+        head = f"{self.close} {TAKING_TURNS}"
         self.choices = [winner._replace(why=head, state="taking its turn") if c.label == winner.label else
                         Choice(c.paths, c.label, head, "taking its turn") for c in near]
         m = len(near)
@@ -458,9 +459,9 @@ class Turns:
         overall = [statistics.median(t for cycle in self.times for t in cycle[i]) for i in range(len(self.choices))]
         timings = ", ".join(f"{c.label} {t * 1e3:.3g} ms ({r:.2f})"
                             for c, t, r in zip(self.choices, overall, score, strict=True))
-        why = (f"{self.winner.why}; then the routings within {TURNS_FACTOR:g}x of the fastest took turns on "
-               f"{self.calls} later calls ({self.clock_name}, {TURNS_CYCLES} cycles; median call, and median over "
-               f"cycles of it against the cycle's mean): {timings}; kept {self.choices[best].label}")
+        why = (f"{self.close} took turns on {self.calls} later calls ({self.clock_name}, {TURNS_CYCLES} cycles; "
+               f"median call, and median over cycles of it against the cycle's mean): {timings}; "
+               f"kept {self.choices[best].label}")
         return Choice(self.choices[best].paths, self.choices[best].label, why)
 
     def stop(self, model_fn: Callable, key: tuple) -> Choice:
