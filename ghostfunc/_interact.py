@@ -57,18 +57,76 @@ class ParamsUnusedError(ValueError):
 
 class StateWrittenError(ValueError):
     """``model_fn`` writes another value into a module's buffer on every call, in place (running statistics in
-    training mode, spectral_norm's power iteration, a counter): the runs of one call would see different models."""
+    training mode, spectral_norm's power iteration, a counter), or writes into one of ``params``: the runs of one
+    call would see different models."""
+
+
+def param_written(name: str, func: Any) -> str:
+    """Why a ``model_fn`` that writes into ``params[name]`` in place is refused (before the write)."""
+    return (f"model_fn writes into params[{name!r}] in place ({_func_name(func)}); ghostfunc differentiates "
+            f"model_fn at the params it is given, runs it several times per call and never modifies them, so "
+            f"each run would see another parameter. The write was refused before it happened (params are as "
+            f"they were). Compute a new tensor instead (w = p[{name!r}] * 0.9, not p[{name!r}].mul_(0.9)), or "
+            f"keep state that changes between calls outside params")
 
 
 _CHECKED: weakref.WeakKeyDictionary[Any, set[tuple]] = weakref.WeakKeyDictionary()
 
 
-class _Uses(TorchFunctionMode):
-    """Records whether any torch call receives one of the parameters (by identity), and random draws."""
+#: In-place operators (their ``__name__``); other in-place calls end in ``_`` (``mul_``, ``copy_``, ``normal_``).
+_INPLACE_DUNDERS = frozenset({"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__",
+                              "__imod__", "__ipow__", "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__",
+                              "__imatmul__"})
+#: ``tensor.data`` reaches a mode as this descriptor's ``__get__`` (a new method-wrapper object each time).
+_DATA = torch._C.TensorBase.__dict__["data"]
+#: Calls named like in-place ones that leave the values alone.
+_NOT_WRITES = frozenset({"requires_grad_", "share_memory_", "detach_", "retain_grad"})
 
-    def __init__(self, ids: set[int]) -> None:
+
+def _written(func: Any, args: tuple, kwargs: dict[str, Any]) -> list[Tensor]:
+    """The tensors a call writes into in place: its first argument for ``x.mul_(...)``, ``x[i] = v``, ``x += v``,
+    ``torch.relu_(x)``, ``nn.init.normal_(x)``, ``F.relu(x, inplace=True)``, and its ``out=`` tensors."""
+    name = getattr(func, "__name__", "") or ""
+    out = kwargs.get("out")
+    found = [t for t in (out if isinstance(out, (tuple, list)) else (out,)) if isinstance(t, Tensor)]
+    inplace = (name in _INPLACE_DUNDERS or (name.endswith("_") and not name.startswith("__")
+                                            and name not in _NOT_WRITES) or kwargs.get("inplace") is True)
+    target = args[0] if args else kwargs.get("tensor", kwargs.get("input"))  # nn.init passes tensor= by name
+    if inplace and isinstance(target, Tensor):
+        found.append(target)
+    return found
+
+
+class _ParamWrites(TorchFunctionMode):
+    """Refuses (:class:`StateWrittenError`) a call that writes into a parameter, a view of one or its ``.data``,
+    before it runs: ``params`` (the caller's tensors, detached) stay as they were."""
+
+    def __init__(self, params: Mapping[str, Tensor]) -> None:
         super().__init__()
-        self.ids = ids
+        self.ids = {id(v): k for k, v in params.items()}  # (a view of a parameter has it as its _base)
+        self.held: list[Tensor] = []
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
+        return self.guarded(func, args, kwargs or {})
+
+    def guarded(self, func: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
+        for t in _written(func, args, kwargs):
+            name = self.ids.get(id(t)) or (self.ids.get(id(t._base)) if t._base is not None else None)
+            if name is not None:
+                raise StateWrittenError(param_written(name, func))
+        out = func(*args, **kwargs)
+        if getattr(func, "__self__", None) is _DATA and args and id(args[0]) in self.ids:
+            self.ids[id(out)] = self.ids[id(args[0])]  # p.data: the parameter's values as another object
+            self.held.append(out)  # (its id stays its own while the mode runs)
+        return out
+
+
+class _Uses(_ParamWrites):
+    """Records whether any torch call receives one of the parameters (by identity), and random draws; refuses
+    a write into a parameter before it happens (:class:`_ParamWrites`)."""
+
+    def __init__(self, params: Mapping[str, Tensor]) -> None:
+        super().__init__(params)
         self.used = False
         self.random = False
         self.branches: list[str] = []  # the Python values tensors became (data-dependent control flow), in order
@@ -80,7 +138,7 @@ class _Uses(TorchFunctionMode):
             self.used = any(isinstance(t, Tensor) and id(t) in self.ids for t in pytree.tree_leaves((args, kwargs)))
         if kwargs.get("generator") is not None:
             self.random = True  # a draw from the model's own generator (the global one is watched by its state)
-        out = func(*args, **kwargs)
+        out = self.guarded(func, args, kwargs)
         if func in TO_PYTHON:
             self.branches.append(repr(out))
         return out
@@ -494,13 +552,14 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
     k = len(chosen)
     device = next(iter(params.values())).device
     devices = [device.index or 0] if device.type == "cuda" else []
-    mode = _Uses({id(v) for v in params.values()})
+    mode = _Uses(params)
 
     def rows(lo: int, hi: int) -> Any:
         at = torch.tensor(chosen[lo:hi])
         return batch.rebuild([t[at.to(t.device)].contiguous() for t in batch.tensors])
 
     watch = _Writes(model_fn)
+    versions = {k: v._version for k, v in params.items()}  # shared with the caller's tensors (detach keeps it)
     with torch.random.fork_rng(devices=devices), torch.no_grad(), eager_stance(), \
             warnings.catch_warnings():
         warnings.simplefilter("ignore")  # e.g. a batch statistic of one sample: the capture warns if it must
@@ -525,10 +584,12 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
                             break
                 if alone is None and watch.first_wrote():  # one run only: a second tells an update from a fill
                     model_fn(dict(params), rows(0, k))
-        except (SamplesInteractError, InPlaceWriteError):
+        except (SamplesInteractError, InPlaceWriteError, StateWrittenError):
             raise
         except Exception:  # noqa: BLE001 - a model that runs only under vmap: the capture reports its own errors
+            _refuse_param_writes(params, versions)
             return k > 1  # nothing to compare for this signature: not tried again
+    _refuse_param_writes(params, versions)
     watch.refuse_moved()
     if not mode.used:
         raise ParamsUnusedError(
@@ -541,6 +602,19 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
         rounding = coarsest([*params.values(), *batch.tensors, together])  # float64 losses of a float32 model
         _compare(together.detach(), torch.cat(alone).detach(), label, chosen, rounding)
     return k > 1
+
+
+def _refuse_param_writes(params: Mapping[str, Tensor], versions: dict[str, int]) -> None:
+    """Raise :class:`StateWrittenError` if a parameter was written in place by a path :class:`_Uses` does not see
+    (inside an operator of the model's own, through ``.data``): then it was, and stays, changed."""
+    written = [k for k, v in params.items() if v._version != versions[k]]
+    if written:
+        raise StateWrittenError(
+            f"model_fn wrote into params[{written[0]!r}] in place"
+            + (f" (and {len(written) - 1} more)" if len(written) > 1 else "")
+            + ", by a call ghostfunc does not see before it runs, so its values have changed; ghostfunc "
+              "differentiates model_fn at the params it is given and runs it several times per call. Compute new "
+              "tensors from params instead of writing into them")
 
 
 def module_buffers(model_fn: Callable) -> dict[str, Tensor]:
@@ -557,23 +631,25 @@ def module_buffers(model_fn: Callable) -> dict[str, Tensor]:
 
 
 def check_state_writes(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, where: str) -> None:
-    """Raise :class:`StateWrittenError` (naming ``where``) if ``model_fn`` moves a module buffer on every call: two
-    runs on the first rows of ``batch`` (a :class:`ghostfunc._capture.Batch`) without gradients, the random state
-    kept. For callers that run the model many times without :func:`check_model` (``unroll``)."""
+    """Raise :class:`StateWrittenError` (naming ``where``) if ``model_fn`` moves a module buffer on every call, or
+    writes into ``params`` (refused before the write): one or two runs on the first rows of ``batch`` (a
+    :class:`ghostfunc._capture.Batch`) without gradients, the random state kept. For callers that run the model
+    many times without :func:`check_model` (``unroll``)."""
     device = next(iter(params.values())).device
     devices = [device.index or 0] if device.type == "cuda" else []
     at = torch.arange(min(batch.size, ROWS))
     rows = batch.rebuild([t[at.to(t.device)] for t in batch.tensors])
     watch = _Writes(model_fn)
-    if not watch.buffers:
-        return
-    with torch.random.fork_rng(devices=devices), torch.no_grad(), eager_stance(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model_fn(dict(params), rows)
-        watch.after_first()
-        if watch.first_wrote():
-            model_fn(dict(params), rows)
+    versions = {k: v._version for k, v in params.items()}
     try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), eager_stance(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with _ParamWrites(params):
+                model_fn(dict(params), rows)
+            watch.after_first()
+            if watch.first_wrote():
+                model_fn(dict(params), rows)
+        _refuse_param_writes(params, versions)
         watch.refuse_moved()
     except StateWrittenError as err:
         raise StateWrittenError(f"{where}: {err}") from None

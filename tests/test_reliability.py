@@ -721,6 +721,80 @@ def test_a_copy_of_a_parameter_written_into_leaves_the_parameter():
     assert torch.equal(params["w"], kept)
 
 
+_PARAM_WRITES = {
+    "mul_": lambda w: w.mul_(0.9),
+    "a row set": lambda w: w.__setitem__(0, 0.0),
+    "a view's add_": lambda w: w[:, 1:].add_(1.0),
+    "+=": lambda w: w.__iadd__(1.0),
+    "out=": lambda w: torch.mul(w, 2.0, out=w),
+    "nn.init": lambda w: nn.init.normal_(w),
+    ".data": lambda w: w.data.mul_(2.0),
+}
+
+
+@pytest.mark.parametrize("how", list(_PARAM_WRITES))
+def test_a_model_that_writes_into_its_params_is_refused_before_the_write(how):
+    """A model_fn that writes into a tensor of params (in place, under no_grad, through a view or ``.data``)
+    would change the caller's parameters once per internal run and make those runs see different models:
+    refused, naming the parameter and the call, before the write happens (graddot and train_step; unroll below),
+    whether the write is in model_fn or in a module's forward reached through functional_call."""
+    write = _PARAM_WRITES[how]
+
+    class Writes(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x):
+            with torch.no_grad():
+                write(self.lin.weight)
+            return self.lin(x)
+
+    torch.manual_seed(10)
+    net = Writes().double()
+    g = _g(7)
+    x, y = torch.randn(8, 4, generator=g, dtype=F64), torch.randint(0, 3, (8,), generator=g)
+    train, val = (x[:4], y[:4]), (x[4:], y[4:])
+
+    def in_fn(p, b):
+        with torch.no_grad():
+            write(p["lin.weight"])
+        return F.cross_entropy(F.linear(b[0], p["lin.weight"], p["lin.bias"]), b[1], reduction="none")
+
+    def in_module(p, b):
+        return F.cross_entropy(functional_call(net, p, (b[0],)), b[1], reduction="none")
+
+    for fn in (in_fn, in_module):
+        params = {k: v.detach().clone() for k, v in net.named_parameters()}
+        kept = {k: v.clone() for k, v in params.items()}
+        step = ghostfunc.train_step(fn, ghostfunc.sgd(0.1))
+        for where, call in (("graddot", lambda: ghostfunc.graddot(fn, params, train, val)),
+                            ("train_step", lambda: step(step.init(params), train, val))):
+            with pytest.raises(ghostfunc.StateWrittenError, match=f"{where}: model_fn writes into "
+                                                                  r"params\['lin.weight'\] in place"):
+                call()
+            assert all(torch.equal(kept[k], v) for k, v in params.items()), f"{where} changed params ({how})"
+
+
+def test_unroll_refuses_a_model_that_writes_into_its_params():
+    """unroll replays a run many times: a model_fn that writes into params is refused before the write."""
+    torch.manual_seed(11)
+    params = {"w": torch.randn(3, 4, dtype=F64)}
+    kept = params["w"].clone()
+
+    def fn(p, b):
+        with torch.no_grad():
+            p["w"].mul_(0.9)
+        return F.cross_entropy(b["x"] @ p["w"].t(), b["y"], reduction="none")
+
+    g = _g(8)
+    x, y = torch.randn(8, 4, generator=g, dtype=F64), torch.randint(0, 3, (8,), generator=g)
+    batches = [{"x": x[:4], "y": y[:4], "index": torch.arange(4)}, {"x": x[4:], "y": y[4:], "index": torch.arange(4, 8)}]
+    with pytest.raises(ghostfunc.StateWrittenError, match=r"unroll: model_fn writes into params\['w'\] in place"):
+        ghostfunc.unroll(fn, ghostfunc.sgd(0.1), params, batches, {"x": x[:3], "y": y[:3]})
+    assert torch.equal(params["w"], kept)
+
+
 class _Lazy(nn.Module):
     """Fills a buffer on its first call (a cache made lazily)."""
 
