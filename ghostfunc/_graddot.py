@@ -28,7 +28,7 @@ from ._capture import (
 from ._checks import check_compile, check_model_fn, check_options, check_pair, check_params
 from ._eager import capture_eager, summary, trace_eager, unbatchable
 from ._groups import WHOLE, Part, describe, merge_halves, refine, subset
-from ._interact import check_model, in_one_call, param_signature, training_flags
+from ._interact import check_model, eager_stance, in_one_call, param_signature, training_flags
 from ._ops import Direct, Factored
 from ._plan import DIRECTION, Plan, Usage, candidate_policies, contenders, make_plan, usages
 from ._whole import rng_state as _rng_state
@@ -333,7 +333,50 @@ def run(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batch, 
         t, v = capture_all(model_fn, params, (train, val), r, (0, 1), where)
         return Captured(t.loss, v.loss, {k: (t.grads[k], v.grads[k]) for k in params}), r.plan
 
-    return retry_stale(where, attempt)
+    start = _rng_state(next(iter(params.values())).device)
+    cap, the_plan = retry_stale(where, attempt)
+    return cap, _noted(the_plan, masks_note(model_fn, params, train, start, cap.train_loss))
+
+
+#: ``model_fn`` -> {signature: the plan note when the training rows' random draws differ from a plain call's}.
+_MASKS: weakref.WeakKeyDictionary[Any, dict[tuple, list[str]]] = weakref.WeakKeyDictionary()
+
+MASKS_DIFFER = (
+    "random draws: the training rows' dropout masks differ from those model_fn(params, train) draws from the same "
+    "RNG state (their losses differ), so the numbers are exact for the masks drawn here, not for a plain step's: "
+    "a tensor is dropped with its samples off its first axis (sequence-first inside the model, as in "
+    "nn.MultiheadAttention/TransformerEncoderLayer), or the batch was split or ran sample by sample; "
+    "model.eval() for deterministic numbers")
+
+
+def masks_note(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, start: tuple[Tensor, ...],
+               train_loss: Tensor) -> list[str]:
+    """``[MASKS_DIFFER]`` when the call that began at RNG state ``start`` drew random numbers and its training
+    losses are not those of ``model_fn(params, train)`` run plainly from ``start`` (checked once per signature:
+    one forward without gradients), else ``[]``.
+
+    The capture draws under ``vmap(randomness="different")``: each sample's draws are the rows of one draw shaped
+    ``[n, ...]``, which is the plain call's draw only when the dropped tensor has the samples on its first axis.
+    """
+    device = next(iter(params.values())).device
+    if _same(start, _rng_state(device)):
+        return []  # no random draw
+    key = (param_signature(params), train.signature, train.size, training_flags(model_fn))
+    try:
+        book = _MASKS.setdefault(model_fn, {})
+    except TypeError:  # not weak-referenceable: check every call
+        book = {}
+    if key not in book:
+        devices = [device.index or 0] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), eager_stance():
+            _set_rng_state(device, start)
+            plain = model_fn(dict(params), train.rebuild(list(train.tensors)))
+        same = isinstance(plain, Tensor) and plain.shape == train_loss.shape and _whole.close(
+            plain.detach().to(train_loss.dtype), train_loss.detach())
+        if len(book) > 64:
+            book.clear()
+        book[key] = [] if same else [MASKS_DIFFER]
+    return book[key]
 
 
 class Streamed(NamedTuple):
@@ -368,11 +411,14 @@ def run_streamed(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val
     then the RNG state is restored and the training batch goes first (and does so on
     later calls of this ``model_fn``). ``val_reduce`` is ``"mean"`` or ``"sum"``.
     """
+    start = _rng_state(next(iter(params.values())).device)
     replayed = _replay(model_fn, params, train, val, where, policy, val_reduce)
     if replayed is not None:
-        return replayed
-    return retry_stale(where, lambda fresh: _streamed_once(model_fn, params, train, val, where, policy,
-                                                           val_reduce, fresh))
+        return replayed  # (a whole-batch run: no random draw)
+    st = retry_stale(where, lambda fresh: _streamed_once(model_fn, params, train, val, where, policy,
+                                                         val_reduce, fresh))
+    note = masks_note(model_fn, params, train, start, st.train_loss)
+    return st._replace(plan=_noted(st.plan, note)) if note else st
 
 
 class Replay(NamedTuple):

@@ -397,6 +397,44 @@ def test_dropout_rows_see_the_masks_of_train_then_val(policy, val_reduce):
         assert rel(out.scores, ref) < 1e-10
 
 
+@pytest.mark.parametrize("layout", ["batch-first", "sequence-first"])
+def test_the_plan_says_when_dropout_masks_are_not_a_plain_calls(layout):
+    """Dropout on a tensor with the samples on its first axis draws the plain call's masks (no note); dropped
+    sequence-first (samples on axis 1, as inside nn.MultiheadAttention), each sample's masks are rows of a draw
+    shaped [n, ...], not the plain call's: the numbers stay exact for the masks drawn (vmap(grad) with the same
+    seed) and the plan says they are not a plain step's (both val_reduce paths). In eval mode there is nothing
+    to say."""
+    torch.manual_seed(1)
+    p = {"w": torch.randn(4, 4, dtype=F64), "v": torch.randn(2, 4, dtype=F64)}
+    training = [True]
+
+    def model_fn(p, batch):
+        x, y = batch  # [B, T, 4]
+        h = torch.tanh(F.linear(x if layout == "batch-first" else x.transpose(0, 1), p["w"]))
+        h = F.dropout(h, 0.5, training=training[0])
+        h = h if layout == "batch-first" else h.transpose(0, 1)
+        return F.cross_entropy(F.linear(h.mean(1), p["v"]), y, reduction="none")
+
+    g = torch.Generator().manual_seed(2)
+    train = (torch.randn(5, 3, 4, generator=g, dtype=F64), torch.randint(0, 2, (5,), generator=g))
+    val = (torch.randn(3, 3, 4, generator=g, dtype=F64), torch.randint(0, 2, (3,), generator=g))
+    for val_reduce in ("mean", None):
+        torch.manual_seed(3)
+        out = ghostfunc.graddot(model_fn, p, train, val, val_reduce=val_reduce, policy="materialize")
+        torch.manual_seed(3)
+        plain = model_fn(p, train)
+        torch.manual_seed(3)
+        gt, gv = _vmap_grads(model_fn, p, train), _vmap_grads(model_fn, p, val)
+        mat = sum(gt[k].flatten(1) @ gv[k].flatten(1).T for k in p)
+        assert rel(out.scores, mat.mean(1) if val_reduce else mat) < 1e-10  # exact for the masks drawn
+        differ = ghostfunc._graddot.MASKS_DIFFER in out.plan.notes
+        assert differ == (layout == "sequence-first"), str(out.plan)
+        assert differ != bool(torch.allclose(out.train_loss, plain, rtol=1e-12, atol=0))
+    training[0] = False
+    out = ghostfunc.graddot(model_fn, p, train, val)
+    assert ghostfunc._graddot.MASKS_DIFFER not in out.plan.notes
+
+
 def test_divergent_data_dependent_branch_splits_the_batch():
     def model_fn(p, x):
         h = F.linear(x, p["W"])
