@@ -42,7 +42,8 @@ def check_batch(batch: Any, name: str, where: str) -> Batch:
         split = split_batch(batch)
     except IndexError:  # a scalar leaf: the message below names it
         split = None
-    if split is not None and split.size > 0 and all(t.dim() > 0 and t.shape[0] == split.size for t in split.tensors):
+    if split is not None and split.size > 0 and all(t.dim() > 0 and t.shape[0] == split.size
+                                                    and t.layout == torch.strided for t in split.tensors):
         return split  # the common case, without the walk that names leaves in messages
     with_paths, _ = pytree.tree_flatten_with_path(_plain(batch))
     tensors = [(pytree.keystr(p), leaf) for p, leaf in with_paths if isinstance(leaf, Tensor)]
@@ -50,6 +51,10 @@ def check_batch(batch: Any, name: str, where: str) -> Batch:
         raise TypeError(f"{where}: {name} must be a tensor or a pytree with tensor leaves; got {type(batch).__name__}")
     sizes = {}
     for path, t in tensors:
+        if t.layout != torch.strided:
+            raise TypeError(f"{where}: {name}{path} is a {t.layout} tensor; ghostfunc slices samples out of dense "
+                            f"tensors: pass it dense ({name}{path}.to_dense()), or pass the indices and values "
+                            f"as dense leaves and build the sparse tensor inside model_fn")
         if t.dim() == 0:
             raise ValueError(f"{where}: {name}{path} is a scalar; every tensor leaf needs a leading sample axis")
         sizes[path] = t.shape[0]

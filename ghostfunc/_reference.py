@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from ._capture import split_batch
+from ._checks import check_model_fn, check_options, check_pair, check_params
 
 
 def per_sample_grads(model_fn: Callable, params: Mapping[str, Tensor], batch: Any) -> tuple[dict[str, Tensor], Tensor]:
@@ -42,6 +43,11 @@ def reference_graddot(
     further from the float64 answer than ``graddot`` is): for a ground truth, run both on
     a float64 copy of the model.
     """
+    where = "reference_graddot"
+    check_model_fn(model_fn, where)
+    check_options(where, val_reduce=val_reduce)
+    params = check_params(params, where)
+    check_pair(train, val, where)  # the messages graddot gives, naming the argument
     gt, _ = per_sample_grads(model_fn, params, train)
     gv, _ = per_sample_grads(model_fn, params, val)
     per_param = {}

@@ -343,6 +343,24 @@ def test_error_batchnorm_in_training_mode():
     check(model_fn, params, x, x[:2])
 
 
+def test_error_a_sparse_batch_leaf_is_named():
+    model_fn, params, (x, y) = _mlp()
+    with pytest.raises(TypeError, match=r"^graddot: train\[0\] is a torch.sparse_coo tensor; .*to_dense"):
+        ghostfunc.graddot(model_fn, params, (x.to_sparse(), y), (x, y))
+
+
+def test_reference_graddot_checks_its_arguments_as_graddot_does():
+    model_fn, params, (x, y) = _mlp()
+    with pytest.raises(ValueError, match=r"^reference_graddot: train\[1\] is a scalar"):
+        ghostfunc.reference_graddot(model_fn, params, (x, y[0]), (x, y))
+    with pytest.raises(ValueError, match=r"^reference_graddot: val is empty"):
+        ghostfunc.reference_graddot(model_fn, params, (x, y), (x[:0], y[:0]))
+    with pytest.raises(ValueError, match=r"^reference_graddot: val_reduce must be one of"):
+        ghostfunc.reference_graddot(model_fn, params, (x, y), (x, y), val_reduce="avg")
+    with pytest.raises(ValueError, match=r"^reference_graddot: train and val must have the same structure"):
+        ghostfunc.reference_graddot(model_fn, params, (x, y), {"x": x, "y": y})
+
+
 def test_error_nan_losses_name_the_samples():
     model_fn, params, (x, y) = _mlp()
     x = x.clone()
