@@ -344,16 +344,16 @@ _MASKS: weakref.WeakKeyDictionary[Any, dict[tuple, list[str]]] = weakref.WeakKey
 MASKS_DIFFER = (
     "random draws: the training rows' dropout masks differ from those model_fn(params, train) draws from the same "
     "RNG state (their losses differ), so the numbers are exact for the masks drawn here, not for a plain step's: "
-    "a tensor is dropped with its samples off its first axis (sequence-first inside the model, as in "
-    "nn.MultiheadAttention/TransformerEncoderLayer), or the batch was split or ran sample by sample; "
-    "model.eval() for deterministic numbers")
+    "the draws were made in another order (a tensor dropped with its samples off its first axis, a random kernel "
+    "run once per sample as attention dropout is inside nn.MultiheadAttention, a batch split by a branch or run "
+    "sample by sample); model.eval() for deterministic numbers")
 
 
 def masks_note(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, start: tuple[Tensor, ...],
                train_loss: Tensor) -> list[str]:
     """``[MASKS_DIFFER]`` when the call that began at RNG state ``start`` drew random numbers and its training
     losses are not those of ``model_fn(params, train)`` run plainly from ``start`` (checked once per signature:
-    one forward without gradients), else ``[]``.
+    one forward without gradients; a model that cannot run so is not told), else ``[]``.
 
     The capture draws under ``vmap(randomness="different")``: each sample's draws are the rows of one draw shaped
     ``[n, ...]``, which is the plain call's draw only when the dropped tensor has the samples on its first axis.
@@ -368,10 +368,13 @@ def masks_note(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, start
         book = {}
     if key not in book:
         devices = [device.index or 0] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), torch.no_grad(), eager_stance():
-            _set_rng_state(device, start)
-            plain = model_fn(dict(params), train.rebuild(list(train.tensors)))
-        same = isinstance(plain, Tensor) and plain.shape == train_loss.shape and _whole.close(
+        try:
+            with torch.random.fork_rng(devices=devices), torch.no_grad(), eager_stance():
+                _set_rng_state(device, start)
+                plain = model_fn(dict(params), train.rebuild(list(train.tensors)))
+        except Exception:  # noqa: BLE001 - a model that runs only with gradients on, or only under vmap: not told
+            plain = None
+        same = not isinstance(plain, Tensor) or plain.shape != train_loss.shape or _whole.close(
             plain.detach().to(train_loss.dtype), train_loss.detach())
         if len(book) > 64:
             book.clear()

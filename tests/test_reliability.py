@@ -768,11 +768,13 @@ def test_a_model_that_writes_into_its_params_is_refused_before_the_write(how):
         params = {k: v.detach().clone() for k, v in net.named_parameters()}
         kept = {k: v.clone() for k, v in params.items()}
         step = ghostfunc.train_step(fn, ghostfunc.sgd(0.1))
-        for where, call in (("graddot", lambda: ghostfunc.graddot(fn, params, train, val)),
-                            ("train_step", lambda: step(step.init(params), train, val))):
+        for where in ("graddot", "train_step"):
             with pytest.raises(ghostfunc.StateWrittenError, match=f"{where}: model_fn writes into "
                                                                   r"params\['lin.weight'\] in place"):
-                call()
+                if where == "graddot":
+                    ghostfunc.graddot(fn, params, train, val)
+                else:
+                    step(step.init(params), train, val)
             assert all(torch.equal(kept[k], v) for k, v in params.items()), f"{where} changed params ({how})"
 
 
