@@ -344,9 +344,9 @@ _MASKS: weakref.WeakKeyDictionary[Any, dict[tuple, list[str]]] = weakref.WeakKey
 MASKS_DIFFER = (
     "random draws: the training rows' dropout masks differ from those model_fn(params, train) draws from the same "
     "RNG state (their losses differ), so the numbers are exact for the masks drawn here, not for a plain step's: "
-    "the draws were made in another order (a tensor dropped with its samples off its first axis, a random kernel "
-    "run once per sample as attention dropout is inside nn.MultiheadAttention, a batch split by a branch or run "
-    "sample by sample); model.eval() for deterministic numbers")
+    "the draws were made in another order (a tensor dropped whose memory does not hold the samples one after "
+    "another: sequence-first inside the model, or a transposed view such as nn.MultiheadAttention's output with "
+    "batch_first=True; a batch split by a branch or run sample by sample); model.eval() for deterministic numbers")
 
 
 def masks_note(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, start: tuple[Tensor, ...],

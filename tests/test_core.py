@@ -415,13 +415,14 @@ def test_dropout_rows_see_the_masks_of_train_then_val(policy, val_reduce):
         assert rel(out.scores, ref) < 1e-10
 
 
-@pytest.mark.parametrize("layout", ["batch-first", "sequence-first"])
+@pytest.mark.parametrize("layout", ["batch-first", "sequence-first", "transposed view"])
 def test_the_plan_says_when_dropout_masks_are_not_a_plain_calls(layout):
-    """Dropout on a tensor with the samples on its first axis draws the plain call's masks (no note); dropped
-    sequence-first (samples on axis 1, as inside nn.MultiheadAttention), each sample's masks are rows of a draw
-    shaped [n, ...], not the plain call's: the numbers stay exact for the masks drawn (vmap(grad) with the same
-    seed) and the plan says they are not a plain step's (both val_reduce paths). In eval mode there is nothing
-    to say."""
+    """Dropout on a tensor whose memory holds the samples one after another draws the plain call's masks (no
+    note); dropped sequence-first (samples on axis 1), or as a batch-first view of sequence-first memory (as
+    nn.MultiheadAttention's output with batch_first=True), each sample's masks are rows of a draw shaped
+    [n, ...], not the plain call's (a plain call draws in memory order): the numbers stay exact for the masks
+    drawn (vmap(grad) with the same seed) and the plan says they are not a plain step's (both val_reduce
+    paths). In eval mode there is nothing to say."""
     torch.manual_seed(1)
     p = {"w": torch.randn(4, 4, dtype=F64), "v": torch.randn(2, 4, dtype=F64)}
     training = [True]
@@ -429,8 +430,9 @@ def test_the_plan_says_when_dropout_masks_are_not_a_plain_calls(layout):
     def model_fn(p, batch):
         x, y = batch  # [B, T, 4]
         h = torch.tanh(F.linear(x if layout == "batch-first" else x.transpose(0, 1), p["w"]))
+        h = h.transpose(0, 1) if layout == "transposed view" else h  # [B, T, 4] over [T, B, 4] memory
         h = F.dropout(h, 0.5, training=training[0])
-        h = h if layout == "batch-first" else h.transpose(0, 1)
+        h = h.transpose(0, 1) if layout == "sequence-first" else h
         return F.cross_entropy(F.linear(h.mean(1), p["v"]), y, reduction="none")
 
     g = torch.Generator().manual_seed(2)
@@ -446,7 +448,7 @@ def test_the_plan_says_when_dropout_masks_are_not_a_plain_calls(layout):
         mat = sum(gt[k].flatten(1) @ gv[k].flatten(1).T for k in p)
         assert rel(out.scores, mat.mean(1) if val_reduce else mat) < 1e-10  # exact for the masks drawn
         differ = ghostfunc._graddot.MASKS_DIFFER in out.plan.notes
-        assert differ == (layout == "sequence-first"), str(out.plan)
+        assert differ == (layout != "batch-first"), str(out.plan)
         assert differ != bool(torch.allclose(out.train_loss, plain, rtol=1e-12, atol=0))
     training[0] = False
     out = ghostfunc.graddot(model_fn, p, train, val)
