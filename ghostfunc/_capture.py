@@ -38,7 +38,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
-from ._interact import EAGER, FACTORIES, TO_PYTHON, InPlaceWriteError, param_signature, retry_writing
+from ._draws import DROPOUTS, NoReplay, Recorded, Replay, record, set_rng_state
+from ._interact import EAGER, FACTORIES, TO_PYTHON, InPlaceWriteError, eager_stance, param_signature, retry_writing
 from ._ops import EXACT, TABLE, Direct, Factored, Match, Rule, SamplesInteractError
 from ._ops.rnn import RECURRENT, decompose
 
@@ -192,6 +193,7 @@ class _Interceptor(TorchFunctionMode):
         self._entered: list[_ReentrantAsPlain] = []  # what each entry of the mode set up
         self.lifted_checkpoint = False  # a checkpointed segment ran as a plain call (_without_checkpoint, _ReentrantAsPlain)
         self.transposed = Transposed()  # parameters' transposed views (x @ w.T runs as F.linear(x, w))
+        self.replay: Replay | None = None  # dropout calls take a plain run's masks (ghostfunc._draws)
 
     #: Answer data-dependent branches under ``vmap`` (:func:`_agreed_value`).
     follow_branches = True
@@ -223,6 +225,8 @@ class _Interceptor(TorchFunctionMode):
         hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
         if hooks is not None and "checkpoint" in getattr(hooks[0], "__qualname__", ""):
             return _without_checkpoint(self, hooks, func, types, args, kwargs)
+        if self.replay is not None and func in DROPOUTS:
+            return self.replay(func, args, kwargs)
         if func in _TO_PYTHON and self.follow_branches and args and _batch_level_count(args[0]) == 1:
             self.branch_points += 1
             return _agreed_value(func, args, kwargs, self.branch_points)
@@ -811,7 +815,8 @@ class Half(NamedTuple):
 
 def capture_batches(model_fn: ModelFn, params: Mapping[str, Tensor], batches: Sequence[Batch],
                     traces: Sequence[Trace], kernel: set[str], where: str,
-                    labels: Sequence[str] = ("train", "val"), rows: Sequence[Tensor | None] = ()) -> list[Half]:
+                    labels: Sequence[str] = ("train", "val"), rows: Sequence[Tensor | None] = (),
+                    plain_draws: bool = False) -> list[Half]:
     """One forward over each batch (each under ``vmap``) and one tap backward over all of them.
 
     ``traces[b]`` is the trace of ``batches[b]``; ``labels`` name the batches in errors,
@@ -820,7 +825,39 @@ def capture_batches(model_fn: ModelFn, params: Mapping[str, Tensor], batches: Se
     with ``batch`` set to that batch's position in ``batches``.
     Calling it once per batch instead of once for all gives the same numbers with
     the memory of one batch at a time (a caller that reduces each batch before the next).
+    ``plain_draws`` (a model that draws random numbers): each batch first runs plainly without gradients, in
+    order, and its dropout calls take that run's masks (:mod:`ghostfunc._draws`).
     """
+    device = next(iter(params.values())).device
+    recorded = _recorded(model_fn, params, batches, device) if plain_draws else None
+    if recorded is None:
+        return _capture_batches(model_fn, params, batches, traces, kernel, where, labels, rows, None)
+    try:
+        return _capture_batches(model_fn, params, batches, traces, kernel, where, labels, rows, recorded)
+    except NoReplay:
+        set_rng_state(device, recorded[0].start)  # as vmap draws, from where the batches began
+        return _capture_batches(model_fn, params, batches, traces, kernel, where, labels, rows, None)
+
+
+def _recorded(model_fn: ModelFn, params: Mapping[str, Tensor], batches: Sequence[Batch],
+              device: torch.device) -> list[Recorded] | None:
+    """Every batch run plainly, in order (:func:`ghostfunc._draws.record`), the generator back where the first
+    began; ``None`` when a run raised or no dropout call drew."""
+    out: list[Recorded] = []
+    for batch in batches:
+        rec = record(model_fn, params, batch, device, eager_stance)
+        if rec is None:
+            break
+        out.append(rec)
+    if out:
+        set_rng_state(device, out[0].start)
+    return out if len(out) == len(batches) and any(r.masks for r in out) else None
+
+
+def _capture_batches(model_fn: ModelFn, params: Mapping[str, Tensor], batches: Sequence[Batch],
+                     traces: Sequence[Trace], kernel: set[str], where: str, labels: Sequence[str],
+                     rows: Sequence[Tensor | None], recorded: list[Recorded] | None) -> list[Half]:
+    device = next(iter(params.values())).device
     names = {id(params[k]): k for k in kernel}
     fallback = [k for k in params if k not in kernel]
     expect = [tuple(_keep(tr.sites, kernel)) for tr in traces]
@@ -829,6 +866,8 @@ def capture_batches(model_fn: ModelFn, params: Mapping[str, Tensor], batches: Se
     def per_sample(which: int) -> Callable:
         def f(taps: tuple[Tensor, ...], fb: tuple[Tensor, ...], tensors: list[Tensor]) -> tuple[Tensor, tuple]:
             mode = _Interceptor(names, taps, expect[which])
+            if recorded is not None and recorded[which].masks:
+                mode.replay = Replay(recorded[which], batches[which].size)
             try:
                 with mode:
                     losses = model_fn({**params, **dict(zip(fallback, fb, strict=True))},
@@ -844,8 +883,13 @@ def capture_batches(model_fn: ModelFn, params: Mapping[str, Tensor], batches: Se
         return f
 
     def run(taps: tuple, fbs: tuple) -> tuple:
-        outs = [torch.func.vmap(per_sample(b), randomness="different")(t, fb, batch.tensors)
-                for b, (t, fb, batch) in enumerate(zip(taps, fbs, batches, strict=True))]
+        outs = []
+        for b, (t, fb, batch) in enumerate(zip(taps, fbs, batches, strict=True)):
+            if recorded is not None:
+                set_rng_state(device, recorded[b].start)  # each batch's draws begin where its plain run's did
+            outs.append(torch.func.vmap(per_sample(b), randomness="different")(t, fb, batch.tensors))
+            if recorded is not None:
+                set_rng_state(device, recorded[b].end)
         return tuple(o[0] for o in outs), tuple(o[1] for o in outs)
 
     def zeros(sites: tuple[Site, ...], n: int) -> tuple[Tensor, ...]:
@@ -881,22 +925,32 @@ def capture_batches(model_fn: ModelFn, params: Mapping[str, Tensor], batches: Se
     return halves
 
 
-def per_sample_losses(model_fn: ModelFn, batch: Batch, where: str) -> Callable[[Mapping[str, Tensor]], Tensor]:
+def per_sample_losses(model_fn: ModelFn, batch: Batch, where: str,
+                      recorded: Recorded | None = None) -> Callable[[Mapping[str, Tensor]], Tensor]:
     """``params -> losses [B]`` with every sample run alone (under ``vmap``), as the capture runs it.
 
     Differentiable in ``params`` by any ``torch.func`` transform; with ``params``
     unbatched, a reverse pass gives ``Σ_v c_v g_v`` for a cotangent ``c`` at the
     cost of one ordinary backward pass (no taps, no per-sample factors). Calls are
-    intercepted only for attention batching and data-dependent control flow.
+    intercepted only for attention batching and data-dependent control flow, and, with
+    ``recorded`` (a plain run of ``batch``), dropout calls take its masks (:mod:`ghostfunc._draws`).
     """
 
     def one(params: Mapping[str, Tensor], tensors: list[Tensor]) -> Tensor:
-        with _Interceptor({}):
+        mode = _Interceptor({})
+        if recorded is not None and recorded.masks:
+            mode.replay = Replay(recorded, batch.size)
+        with mode:
             losses = model_fn(dict(params), batch.rebuild(_unsqueeze_all(tensors)))
         return _one_loss(losses, where)
 
     def losses(params: Mapping[str, Tensor]) -> Tensor:
-        return torch.func.vmap(one, in_dims=(None, 0), randomness="different")(params, batch.tensors)
+        if recorded is not None:
+            set_rng_state(recorded.device, recorded.start)
+        out = torch.func.vmap(one, in_dims=(None, 0), randomness="different")(params, batch.tensors)
+        if recorded is not None:
+            set_rng_state(recorded.device, recorded.end)
+        return out
 
     return losses
 
@@ -909,7 +963,7 @@ def weighted_grad(model_fn: ModelFn, params: Mapping[str, Tensor], batch: Batch,
 
 
 def weighted_grad_split(model_fn: ModelFn, params: Mapping[str, Tensor], batch: Batch, weights: Tensor, where: str,
-                        label: str) -> tuple[dict[str, Tensor], Tensor, str | None]:
+                        label: str, plain_draws: bool = False) -> tuple[dict[str, Tensor], Tensor, str | None]:
     """``Σ_v w_v g_v`` for every parameter, by one ordinary backward pass, and the losses ``[B]``.
 
     What a reduced validation gradient needs when no parameter takes the ghost
@@ -919,10 +973,12 @@ def weighted_grad_split(model_fn: ModelFn, params: Mapping[str, Tensor], batch: 
     (:func:`ghostfunc._groups.split_sum`); a model the batched run cannot transform
     runs sample by sample with ordinary autograd (:func:`ghostfunc._eager.weighted_grad_eager`).
     Returns the gradient, the losses ``[B]`` and a note for the plan (``None``: one batched pass).
+    ``plain_draws``: as in :func:`capture_batches` (an unsplit batch takes a plain run's dropout masks).
     """
     scale = common_weight(weights)
     if scale is not None and scale != 1.0:  # a mean: the unit-weight sum, scaled after its backward
-        grads, losses, note = weighted_grad_split(model_fn, params, batch, torch.ones_like(weights), where, label)
+        grads, losses, note = weighted_grad_split(model_fn, params, batch, torch.ones_like(weights), where, label,
+                                                  plain_draws)
         return {k: g * scale for k, g in grads.items()}, losses, note
     from . import _whole as whole_batch
     from ._eager import summary, unbatchable, weighted_grad_eager  # both build on this module
@@ -930,9 +986,18 @@ def weighted_grad_split(model_fn: ModelFn, params: Mapping[str, Tensor], batch: 
 
     def one(part_batch: Batch, part: Part) -> tuple[dict[str, Tensor], Tensor]:
         w = weights if part.rows is None else weights[part.rows.to(weights.device)]
-        with _rephrase(where, splits=True):
-            losses, pullback = torch.func.vjp(per_sample_losses(model_fn, part_batch, where),  # type: ignore[misc]
-                                              dict(params))
+        device = next(iter(params.values())).device
+        recorded = _recorded(model_fn, params, [part_batch], device) if plain_draws and part.rows is None else None
+        try:
+            with _rephrase(where, splits=True):
+                losses, pullback = torch.func.vjp(per_sample_losses(  # type: ignore[misc]
+                    model_fn, part_batch, where, recorded[0] if recorded else None), dict(params))
+        except NoReplay:
+            assert recorded is not None
+            set_rng_state(device, recorded[0].start)  # as vmap draws
+            with _rephrase(where, splits=True):
+                losses, pullback = torch.func.vjp(per_sample_losses(model_fn, part_batch, where),  # type: ignore[misc]
+                                                  dict(params))
         _check_finite(losses, label, where, part.rows)
         (grads,) = pullback(w.to(losses.dtype), retain_graph=False, create_graph=False)
         return grads, losses.detach()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import weakref
-from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 from torch import Tensor
@@ -33,6 +35,8 @@ from ._ops import Direct, Factored
 from ._plan import DIRECTION, Plan, Usage, candidate_policies, contenders, make_plan, usages
 from ._whole import rng_state as _rng_state
 from ._whole import set_rng_state as _set_rng_state
+
+R = TypeVar("R")
 
 
 class GradDot(NamedTuple):
@@ -297,12 +301,15 @@ def capture_all(model_fn: ModelFn, params: dict[str, Tensor], batches: tuple[Bat
             traces.append(tr)
             tags.append((w, part))
             rows.append(part.rows)
+    whole = all(part.rows is None for part in (p for w in which for p in r.parts[w]))
+
     def per_sample() -> list[Half]:
+        # a model that draws random numbers takes a plain run's dropout masks (unsplit batches: ghostfunc._draws)
         return capture_batches(model_fn, params, subs, traces, r.kernel, where, [("train", "val")[w] for w, _ in tags],
-                               rows)
+                               rows, plain_draws=whole and _PLAIN.on and _draws_random(model_fn))
 
     try:
-        if all(part.rows is None for part in (p for w in which for p in r.parts[w])) and _whole.small(traces, subs):
+        if whole and _whole.small(traces, subs):
             halves = _whole.verified(
                 model_fn, _whole.capture_key(params, subs, r.kernel), per_sample,
                 lambda: _whole.capture(model_fn, params, subs, traces, r.kernel, where, labels), _whole.close,
@@ -333,53 +340,101 @@ def run(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batch, 
         t, v = capture_all(model_fn, params, (train, val), r, (0, 1), where)
         return Captured(t.loss, v.loss, {k: (t.grads[k], v.grads[k]) for k in params}), r.plan
 
-    start = _rng_state(next(iter(params.values())).device)
-    cap, the_plan = retry_stale(where, attempt)
-    return cap, _noted(the_plan, masks_note(model_fn, params, train, start, cap.train_loss))
+    (cap, the_plan), notes = as_plain_draws(model_fn, params, train, lambda: retry_stale(where, attempt),
+                                            lambda out: out[0].train_loss)
+    return cap, _noted(the_plan, notes)
 
 
-#: ``model_fn`` -> {signature: the plan note when the training rows' random draws differ from a plain call's}.
-_MASKS: weakref.WeakKeyDictionary[Any, dict[tuple, list[str]]] = weakref.WeakKeyDictionary()
+#: ``model_fn`` -> {signature: (whether the batches take a plain run's dropout masks, the plan's notes)}.
+_DRAWS: weakref.WeakKeyDictionary[Any, dict[tuple, tuple[bool, list[str]]]] = weakref.WeakKeyDictionary()
 
 MASKS_DIFFER = (
     "random draws: the training rows' dropout masks differ from those model_fn(params, train) draws from the same "
     "RNG state (their losses differ), so the numbers are exact for the masks drawn here, not for a plain step's: "
-    "the draws were made in another order (a tensor dropped whose memory does not hold the samples one after "
-    "another: sequence-first inside the model, or a transposed view such as nn.MultiheadAttention's output with "
-    "batch_first=True; a batch split by a branch or run sample by sample); model.eval() for deterministic numbers")
+    "a dropout call whose samples could not be sliced out of a plain run's mask (the samples flattened into "
+    "another axis), a random op other than dropout drawing in another order, or a batch split by a branch or "
+    "run sample by sample; model.eval() for deterministic numbers")
 
 
-def masks_note(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, start: tuple[Tensor, ...],
-               train_loss: Tensor) -> list[str]:
-    """``[MASKS_DIFFER]`` when the call that began at RNG state ``start`` drew random numbers and its training
-    losses are not those of ``model_fn(params, train)`` run plainly from ``start`` (checked once per signature:
-    one forward without gradients; a model that cannot run so is not told), else ``[]``.
+class _Plain(threading.local):
+    on = False
 
-    The capture draws under ``vmap(randomness="different")``: each sample's draws are the rows of one draw shaped
-    ``[n, ...]``, which is the plain call's draw only when the dropped tensor has the samples on its first axis.
+
+_PLAIN = _Plain()
+
+
+@contextlib.contextmanager
+def _plain_draws(on: bool) -> Iterator[None]:
+    """Within: unsplit batches of a model that draws random numbers take a plain run's dropout masks
+    (``capture_batches(plain_draws=True)``, :mod:`ghostfunc._draws`)."""
+    before, _PLAIN.on = _PLAIN.on, on
+    try:
+        yield
+    finally:
+        _PLAIN.on = before
+
+
+def _draws_key(model_fn: ModelFn, params: dict[str, Tensor], train: Batch) -> tuple:
+    return param_signature(params), train.signature, train.size, training_flags(model_fn)
+
+
+def as_plain_draws(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, compute: Callable[[], R],
+                   train_loss: Callable[[R], Tensor]) -> tuple[R, list[str]]:
+    """``compute()`` with the training rows' random draws those of ``model_fn(params, train)`` from the same
+    RNG state, then the validation rows' (a model that draws none: ``compute()`` as it is).
+
+    ``vmap`` gives each sample its row of one draw shaped ``[n, ...]``; a plain call draws in the dropped
+    tensor's memory order: the same masks when that memory holds the samples one after another. The first
+    call of a signature that draws random numbers compares ``compute()``'s training losses with a plain run's
+    (one forward without gradients); when they differ it computes again with the plain run's masks
+    (:mod:`ghostfunc._draws`: one more forward without gradients per batch, on this call and later ones of the
+    signature), and if the losses still differ the plan says so (:data:`MASKS_DIFFER`). Returns the result and
+    the plan's notes on its draws.
     """
     device = next(iter(params.values())).device
-    if _same(start, _rng_state(device)):
-        return []  # no random draw
-    key = (param_signature(params), train.signature, train.size, training_flags(model_fn))
     try:
-        book = _MASKS.setdefault(model_fn, {})
-    except TypeError:  # not weak-referenceable: check every call
+        book = _DRAWS.setdefault(model_fn, {})
+    except TypeError:  # not weak-referenceable: decide on every call
         book = {}
-    if key not in book:
-        devices = [device.index or 0] if device.type == "cuda" else []
-        try:
-            with torch.random.fork_rng(devices=devices), torch.no_grad(), eager_stance():
-                _set_rng_state(device, start)
-                plain = model_fn(dict(params), train.rebuild(list(train.tensors)))
-        except Exception:  # noqa: BLE001 - a model that runs only with gradients on, or only under vmap: not told
-            plain = None
-        same = not isinstance(plain, Tensor) or plain.shape != train_loss.shape or _whole.close(
-            plain.detach().to(train_loss.dtype), train_loss.detach())
-        if len(book) > 64:
-            book.clear()
-        book[key] = [] if same else [MASKS_DIFFER]
-    return book[key]
+    key = _draws_key(model_fn, params, train) if book or _draws_random(model_fn) else None
+    known = book.get(key) if key is not None else None
+    start = _rng_state(device)
+    with _plain_draws(known is not None and known[0]):
+        out = compute()
+    if _same(start, _rng_state(device)):
+        return out, []  # no random draw (a model in eval mode)
+    if known is not None:
+        return out, known[1]
+    key = _draws_key(model_fn, params, train)
+    plain = _plain_losses(model_fn, params, train, start, device)
+    if len(book) > 64:
+        book.clear()
+    if plain is None or _close_losses(plain, train_loss(out)):
+        book[key] = (False, [])  # vmap's draws are the plain call's (or cannot be told apart)
+        return out, []
+    _set_rng_state(device, start)
+    with _plain_draws(True):
+        out = compute()
+    book[key] = (True, [] if _close_losses(plain, train_loss(out)) else [MASKS_DIFFER])
+    return out, book[key][1]
+
+
+def _plain_losses(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, start: tuple[Tensor, ...],
+                  device: torch.device) -> Tensor | None:
+    """``model_fn(params, train)`` without gradients from RNG state ``start`` (the state after is kept as it was);
+    ``None`` for a model that cannot run so (one that needs gradients on, or ``vmap``)."""
+    devices = [device.index or 0] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), eager_stance():
+            _set_rng_state(device, start)
+            out = model_fn(dict(params), train.rebuild(list(train.tensors)))
+    except Exception:  # noqa: BLE001 - not told
+        return None
+    return out.detach() if isinstance(out, Tensor) else None
+
+
+def _close_losses(plain: Tensor, captured: Tensor) -> bool:
+    return plain.shape == captured.shape and _whole.close(plain.to(captured.dtype), captured.detach())
 
 
 class Streamed(NamedTuple):
@@ -414,14 +469,12 @@ def run_streamed(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val
     then the RNG state is restored and the training batch goes first (and does so on
     later calls of this ``model_fn``). ``val_reduce`` is ``"mean"`` or ``"sum"``.
     """
-    start = _rng_state(next(iter(params.values())).device)
     replayed = _replay(model_fn, params, train, val, where, policy, val_reduce)
     if replayed is not None:
         return replayed  # (a whole-batch run: no random draw)
-    st = retry_stale(where, lambda fresh: _streamed_once(model_fn, params, train, val, where, policy,
-                                                         val_reduce, fresh))
-    note = masks_note(model_fn, params, train, start, st.train_loss)
-    return st._replace(plan=_noted(st.plan, note)) if note else st
+    st, notes = as_plain_draws(model_fn, params, train, lambda: retry_stale(where, lambda fresh: _streamed_once(
+        model_fn, params, train, val, where, policy, val_reduce, fresh)), lambda out: out.train_loss)
+    return st._replace(plan=_noted(st.plan, notes)) if notes else st
 
 
 class Replay(NamedTuple):
@@ -550,7 +603,8 @@ def _streamed_once(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, v
 
     def capture_val() -> tuple[dict[str, Tensor], dict[str, list[Factored | Direct]], Tensor]:
         if not _ghosts(r) and r.eager is None:
-            val_dir, loss, note = weighted_grad_split(model_fn, params, val, weights, where, "val")
+            val_dir, loss, note = weighted_grad_split(model_fn, params, val, weights, where, "val",
+                                                      _PLAIN.on and _draws_random(model_fn))
             notes.extend([note] if note else [])
             return val_dir, {}, loss
         v = capture_one(model_fn, params, val, r, 1, where)

@@ -59,6 +59,7 @@ from ._capture import (
     params_among,
     unchanged,
 )
+from ._draws import rng_state, set_rng_state
 from ._interact import TO_PYTHON, eager_stance, param_signature, training_flags
 from ._ops import EXACT, TABLE, Direct, Factored
 from ._ops.rnn import RECURRENT
@@ -187,19 +188,6 @@ def _leading_times(x: Tensor, per_sample: torch.Size | None, whole: torch.Size |
     if whole is not None:
         return x.shape == whole
     return per_sample is None and x.dim() > 0 and x.shape[0] % n == 0
-
-
-def rng_state(device: torch.device) -> tuple[Tensor, ...]:
-    """The global generator states a model's random draws advance (CPU, and the device's)."""
-    if device.type == "cuda":
-        return torch.get_rng_state(), torch.cuda.get_rng_state(device)
-    return (torch.get_rng_state(),)
-
-
-def set_rng_state(device: torch.device, state: tuple[Tensor, ...]) -> None:
-    torch.set_rng_state(state[0])
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(state[1], device)
 
 
 def _guarded(mode: _Taps) -> Any:

@@ -415,44 +415,107 @@ def test_dropout_rows_see_the_masks_of_train_then_val(policy, val_reduce):
         assert rel(out.scores, ref) < 1e-10
 
 
-@pytest.mark.parametrize("layout", ["batch-first", "sequence-first", "transposed view"])
-def test_the_plan_says_when_dropout_masks_are_not_a_plain_calls(layout):
-    """Dropout on a tensor whose memory holds the samples one after another draws the plain call's masks (no
-    note); dropped sequence-first (samples on axis 1), or as a batch-first view of sequence-first memory (as
-    nn.MultiheadAttention's output with batch_first=True), each sample's masks are rows of a draw shaped
-    [n, ...], not the plain call's (a plain call draws in memory order): the numbers stay exact for the masks
-    drawn (vmap(grad) with the same seed) and the plan says they are not a plain step's (both val_reduce
-    paths). In eval mode there is nothing to say."""
+def _plain_step_grads(model_fn, params, batch):
+    """Per-sample gradients of one plain call ``model_fn(params, batch)`` with ordinary autograd (one forward, so
+    one draw of its dropout masks from the generator as it stands; not jacrev, whose wrapped tensors draw in
+    another order than the plain call's when a dropped tensor is a transposed view)."""
+    leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
+    losses = model_fn(leaves, batch)
+    rows = [torch.autograd.grad(loss, list(leaves.values()), retain_graph=True) for loss in losses]
+    return {k: torch.stack([r[j] for r in rows]) for j, k in enumerate(leaves)}
+
+
+@pytest.mark.parametrize("layout", ["batch-first", "sequence-first", "transposed view", "tokens flattened"])
+def test_dropout_takes_the_plain_calls_masks_whatever_the_layout(layout):
+    """Dropout draws in the dropped tensor's memory order in a plain call, while vmap gives each sample its row
+    of an [n, ...] draw: the same masks only when the samples lie one after another. Dropped sequence-first, or
+    as a batch-first view of sequence-first memory (nn.MultiheadAttention's output with batch_first=True), the
+    capture takes a plain run's masks along the sample axis: scores, losses and the training gradient are those
+    of the plain calls model_fn(params, train) then model_fn(params, val) from the same seed (their Jacobians),
+    on both validation paths and every policy. With the samples flattened into the token axis (no single sample
+    axis to slice along) the masks are vmap's own: exact for them (vmap(grad) with the same seed), and the plan
+    says they are not a plain step's. In eval mode there is nothing to say."""
     torch.manual_seed(1)
     p = {"w": torch.randn(4, 4, dtype=F64), "v": torch.randn(2, 4, dtype=F64)}
     training = [True]
 
     def model_fn(p, batch):
         x, y = batch  # [B, T, 4]
-        h = torch.tanh(F.linear(x if layout == "batch-first" else x.transpose(0, 1), p["w"]))
-        h = h.transpose(0, 1) if layout == "transposed view" else h  # [B, T, 4] over [T, B, 4] memory
+        b, t = x.shape[:2]
+        h = torch.tanh(F.linear(x if layout == "batch-first" else x.transpose(0, 1), p["w"]))  # [T, B, 4] or not
+        if layout == "transposed view":
+            h = h.transpose(0, 1)  # [B, T, 4] over [T, B, 4] memory
+        elif layout == "tokens flattened":
+            h = h.reshape(t * b, 4)  # sequence-major rows
         h = F.dropout(h, 0.5, training=training[0])
-        h = h.transpose(0, 1) if layout == "sequence-first" else h
+        if layout == "sequence-first":
+            h = h.transpose(0, 1)
+        elif layout == "tokens flattened":
+            h = h.reshape(t, b, 4).transpose(0, 1)
         return F.cross_entropy(F.linear(h.mean(1), p["v"]), y, reduction="none")
 
     g = torch.Generator().manual_seed(2)
     train = (torch.randn(5, 3, 4, generator=g, dtype=F64), torch.randint(0, 2, (5,), generator=g))
     val = (torch.randn(3, 3, 4, generator=g, dtype=F64), torch.randint(0, 2, (3,), generator=g))
-    for val_reduce in ("mean", None):
+    plain_masks = layout != "tokens flattened"
+    for val_reduce, policy in (("mean", "materialize"), ("mean", "ghost"), (None, "ghost"), ("sum", "contract")):
         torch.manual_seed(3)
-        out = ghostfunc.graddot(model_fn, p, train, val, val_reduce=val_reduce, policy="materialize")
+        out = ghostfunc.graddot(model_fn, p, train, val, val_reduce=val_reduce, policy=policy)
+        after = torch.get_rng_state()
         torch.manual_seed(3)
-        plain = model_fn(p, train)
+        plain_t, plain_v = model_fn(p, train), model_fn(p, val)
+        assert torch.equal(after, torch.get_rng_state())  # the generator left where the two plain calls leave it
         torch.manual_seed(3)
-        gt, gv = _vmap_grads(model_fn, p, train), _vmap_grads(model_fn, p, val)
+        if plain_masks:
+            gt, gv = _plain_step_grads(model_fn, p, train), _plain_step_grads(model_fn, p, val)
+        else:
+            gt, gv = _vmap_grads(model_fn, p, train), _vmap_grads(model_fn, p, val)
         mat = sum(gt[k].flatten(1) @ gv[k].flatten(1).T for k in p)
-        assert rel(out.scores, mat.mean(1) if val_reduce else mat) < 1e-10  # exact for the masks drawn
-        differ = ghostfunc._graddot.MASKS_DIFFER in out.plan.notes
-        assert differ == (layout != "batch-first"), str(out.plan)
-        assert differ != bool(torch.allclose(out.train_loss, plain, rtol=1e-12, atol=0))
+        ref = {None: mat, "mean": mat.mean(1), "sum": mat.sum(1)}[val_reduce]
+        assert rel(out.scores, ref) < 1e-10, (val_reduce, policy)
+        assert all(rel(out.train_grad[k], gt[k].mean(0)) < 1e-10 for k in p)
+        assert torch.allclose(out.train_loss, plain_t, rtol=1e-13, atol=0) == plain_masks
+        if plain_masks:
+            torch.testing.assert_close(out.val_loss, plain_v, rtol=1e-13, atol=0)
+        assert (ghostfunc._graddot.MASKS_DIFFER in out.plan.notes) != plain_masks, str(out.plan)
     training[0] = False
     out = ghostfunc.graddot(model_fn, p, train, val)
     assert ghostfunc._graddot.MASKS_DIFFER not in out.plan.notes
+
+
+def test_a_transformer_encoder_layer_in_training_mode_is_the_plain_step():
+    """nn.TransformerEncoderLayer(batch_first=True) in training mode drops nn.MultiheadAttention's output, a
+    batch-first view of sequence-first memory: graddot's scores and losses are the plain call's (ordinary
+    autograd, same seed), on the first call (which finds vmap's masks are not the plain call's and computes again
+    with a plain run's) and on later ones; train_step's step is torch.optim.SGD's from the same seed."""
+    torch.manual_seed(4)
+    enc = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.3, batch_first=True).to(F64).train()
+    head = torch.randn(3, 8, dtype=F64)
+
+    def model_fn(p, batch):
+        x, y = batch
+        return F.cross_entropy(F.linear(functional_call(enc, p, (x,)).mean(1), head), y, reduction="none")
+
+    params = {k: v.detach() for k, v in enc.named_parameters()}
+    g = torch.Generator().manual_seed(5)
+    train = (torch.randn(4, 5, 8, generator=g, dtype=F64), torch.randint(0, 3, (4,), generator=g))
+    val = (torch.randn(3, 5, 8, generator=g, dtype=F64), torch.randint(0, 3, (3,), generator=g))
+    for seed in (6, 7):
+        torch.manual_seed(seed)
+        out = ghostfunc.graddot(model_fn, params, train, val, policy="materialize")
+        torch.manual_seed(seed)
+        gt, gv = _plain_step_grads(model_fn, params, train), _plain_step_grads(model_fn, params, val)
+        ref = sum(gt[k].flatten(1) @ gv[k].flatten(1).mean(0) for k in params)
+        assert rel(out.scores, ref) < 1e-10 and not out.plan.notes
+    step = ghostfunc.train_step(model_fn, ghostfunc.sgd(0.1))
+    torch.manual_seed(8)
+    state, _ = step(step.init(params), train, val)
+    leaves = {k: nn.Parameter(v.clone()) for k, v in params.items()}
+    opt = torch.optim.SGD(leaves.values(), lr=0.1)
+    torch.manual_seed(8)
+    model_fn(leaves, train).mean().backward()
+    opt.step()
+    assert all(rel(state.params[k], leaves[k].detach()) < 1e-12 for k in params)
 
 
 def test_divergent_data_dependent_branch_splits_the_batch():

@@ -1,0 +1,168 @@
+"""Dropout under ``vmap`` with the masks of a plain call.
+
+The capture runs ``model_fn`` under ``vmap(randomness="different")``, where a random
+op draws one tensor shaped ``[n, *per-sample shape]`` and gives each sample its row. A
+plain call ``model_fn(params, batch)`` draws in the memory order of the tensor it drops:
+the same masks only when that memory holds the samples one after another. Dropped
+sequence-first inside the model, or as a transposed view (``nn.MultiheadAttention``'s
+output with ``batch_first=True``), the masks are other draws.
+
+So where a signature's ``vmap`` masks are found not to be the plain call's
+(:func:`ghostfunc._graddot.as_plain_draws` compares the losses on its first call), each
+batch first runs plainly, without gradients, under :class:`_Record`: every dropout call (:data:`DROPOUTS`) draws its mask as
+the plain call does (the op itself on a tensor of ones shaped, strided and typed like its
+input), keeps it (one byte per element) and the generator state after it. The capture then
+runs under ``vmap`` with :class:`Replay`: the ``k``-th dropout call multiplies by the
+``k``-th recorded mask, each sample's slice of it taken along the axis where the plain
+tensor has the ``n`` samples and the per-sample one has its own (a mask of a tensor without
+a sample axis, such as a dropped parameter, is one mask for all samples, as in the plain
+call), and the generator is set to the state the plain call left there, so that random
+draws other than dropout (attention's ``dropout_p``) start where the plain call's did.
+``F.dropout(x)`` is ``x`` times ``bernoulli(1 - p) / (1 - p)``, so the products are the
+plain call's bit for bit. A dropout call the replay cannot map (the samples flattened into
+another axis, an axis it cannot tell) raises :class:`NoReplay`, and the capture runs again
+as ``vmap`` draws (the plan then says the masks differ: ``ghostfunc._graddot.MASKS_DIFFER``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+
+#: Dropout calls whose output is their input times a mask scaled by ``1 / (1 - p)`` (elementwise, or by channel).
+DROPOUTS = frozenset({F.dropout, F.dropout1d, F.dropout2d, F.dropout3d})
+
+
+class NoReplay(Exception):
+    """A dropout call of the capture cannot take the plain call's mask: draw as ``vmap`` does instead."""
+
+
+def rng_state(device: torch.device) -> tuple[Tensor, ...]:
+    """The global generator states a model's random draws advance (CPU, and the device's)."""
+    if device.type == "cuda":
+        return torch.get_rng_state(), torch.cuda.get_rng_state(device)
+    return (torch.get_rng_state(),)
+
+
+def set_rng_state(device: torch.device, state: tuple[Tensor, ...]) -> None:
+    torch.set_rng_state(state[0])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def _bind(input: Any, p: float = 0.5, training: bool = True, inplace: bool = False) -> tuple[Any, float, bool, bool]:
+    return input, p, training, inplace
+
+
+def _drawn(args: tuple, kwargs: dict[str, Any]) -> tuple[Tensor, float, bool] | None:
+    """``(input, p, inplace)`` of a dropout call that draws (training, ``0 < p < 1``, not empty), else ``None``."""
+    x, p, training, inplace = _bind(*args, **kwargs)
+    if not training or not isinstance(x, Tensor) or not 0.0 < float(p) < 1.0 or x.numel() == 0:
+        return None
+    return x, float(p), bool(inplace)
+
+
+def _scaled(mask: Tensor, p: float, dtype: torch.dtype) -> Tensor:
+    """The dropout noise ``bernoulli(1 - p) / (1 - p)`` from its kept-or-not mask, as torch computes it."""
+    return mask.to(dtype).div_(1.0 - p)
+
+
+class Mask(NamedTuple):
+    """One dropout call of a plain run: which elements it kept (the input's shape), ``p``, the state after."""
+
+    kept: Tensor
+    p: float
+    after: tuple[Tensor, ...]
+
+
+class Recorded(NamedTuple):
+    """A plain run of one batch: the generator states (of ``device``'s generators) before and after it, and its
+    dropout masks in order."""
+
+    start: tuple[Tensor, ...]
+    masks: tuple[Mask, ...]
+    end: tuple[Tensor, ...]
+    device: torch.device
+
+
+class _Record(TorchFunctionMode):
+    """Runs dropout calls as the plain call does, keeping their masks (:class:`Mask`)."""
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__()
+        self.device = device
+        self.masks: list[Mask] = []
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        drawn = _drawn(args, kwargs) if func in DROPOUTS else None
+        if drawn is None:
+            return func(*args, **kwargs)
+        x, p, inplace = drawn
+        kept = func(torch.ones_like(x), p, True, False) != 0  # the draws of func(x): same shape, strides, dtype
+        self.masks.append(Mask(kept, p, rng_state(self.device)))
+        noise = _scaled(kept, p, x.dtype)
+        return x.mul_(noise) if inplace else x * noise
+
+
+def record(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, device: torch.device,
+           guard: Callable[[], Any]) -> Recorded | None:
+    """``model_fn(params, batch)`` run plainly without gradients (under ``guard()``, a context manager),
+    recording its dropout masks; the generator is left where the run left it. ``None`` (and the generator as
+    it was) when the run raises: the capture draws as ``vmap`` does, and explains its own errors."""
+    start = rng_state(device)
+    mode = _Record(device)
+    try:
+        with torch.no_grad(), guard(), mode:
+            model_fn(dict(params), batch.rebuild(list(batch.tensors)))
+    except Exception:  # noqa: BLE001 - a model that runs only under vmap, or a mistake the capture names
+        set_rng_state(device, start)
+        return None
+    return Recorded(start, tuple(mode.masks), rng_state(device), device)
+
+
+class Replay:
+    """The recorded masks of one batch of ``n`` samples, taken in order by the capture's dropout calls."""
+
+    def __init__(self, recorded: Recorded, n: int) -> None:
+        self.recorded, self.n, self.device = recorded, n, recorded.device
+        self.k = 0
+
+    def __call__(self, func: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
+        drawn = _drawn(args, kwargs)
+        if drawn is None:
+            return func(*args, **kwargs)
+        x, p, inplace = drawn
+        if self.k >= len(self.recorded.masks) or self.recorded.masks[self.k].p != p:
+            raise NoReplay(f"dropout call {self.k} is not the plain run's")
+        mask = self.recorded.masks[self.k]
+        self.k += 1
+        noise = self._per_sample(_scaled(mask.kept, p, x.dtype), tuple(x.shape))
+        set_rng_state(self.device, mask.after)
+        return x.mul_(noise) if inplace else x * noise
+
+    def _per_sample(self, noise: Tensor, shape: tuple[int, ...]) -> Tensor:
+        """``noise`` (the plain tensor's shape) as the per-sample tensor shaped ``shape`` sees it: the same for
+        every sample when the shapes agree, else each sample's slice along the plain tensor's sample axis."""
+        plain = tuple(noise.shape)
+        if plain == shape:
+            return noise  # no sample axis: one mask for all samples, as in the plain call
+        n = self.n
+        slot = [i for i in range(len(plain)) if len(shape) == len(plain) and plain[i] == n and shape[i] == 1
+                and plain[:i] + plain[i + 1:] == shape[:i] + shape[i + 1:]]
+        gone = [i for i in range(len(plain)) if len(shape) + 1 == len(plain) and plain[i] == n
+                and plain[:i] + plain[i + 1:] == shape]
+        if len(slot) + len(gone) != 1:
+            raise NoReplay(f"no single sample axis between the plain shape {list(plain)} and {list(shape)}")
+        ft = torch._C._functorch
+        level = ft.maybe_current_level()
+        if level is None:
+            raise NoReplay("not under vmap")
+        i = (slot or gone)[0]
+        batched = ft._add_batch_dim(noise, i, level)  # per sample: the plain tensor less its sample axis
+        return batched.unsqueeze(i) if slot else batched
