@@ -388,8 +388,8 @@ def as_plain_draws(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, c
     call of a signature that draws random numbers compares ``compute()``'s training losses with a plain run's
     (one forward without gradients); when they differ it computes again with the plain run's masks
     (:mod:`ghostfunc._draws`: one more forward without gradients per batch, on this call and later ones of the
-    signature), and if the losses still differ the plan says so (:data:`MASKS_DIFFER`). Returns the result and
-    the plan's notes on its draws.
+    signature), and if the losses still differ the plan says so (:data:`MASKS_DIFFER`; later calls then draw as
+    ``vmap`` does, without the plain runs). Returns the result and the plan's notes on its draws.
     """
     device = next(iter(params.values())).device
     try:
@@ -412,11 +412,19 @@ def as_plain_draws(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, c
     if plain is None or _close_losses(plain, train_loss(out)):
         book[key] = (False, [])  # vmap's draws are the plain call's (or cannot be told apart)
         return out, []
+    first, after_first = out, _rng_state(device)
     _set_rng_state(device, start)
     with _plain_draws(True):
         out = compute()
-    book[key] = (True, [] if _close_losses(plain, train_loss(out)) else [MASKS_DIFFER])
-    return out, book[key][1]
+    if _close_losses(plain, train_loss(out)):
+        book[key] = (True, [])
+        return out, []
+    # The plain run's masks did not make the losses agree either (another random op): later calls draw as vmap
+    # does, without the plain runs, and so does this one (its result and generator state are the first
+    # computation's), so that a run resumed in a new process repeats the uninterrupted one.
+    _set_rng_state(device, after_first)
+    book[key] = (False, [MASKS_DIFFER])
+    return first, book[key][1]
 
 
 def _plain_losses(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, start: tuple[Tensor, ...],

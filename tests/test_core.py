@@ -483,6 +483,35 @@ def test_dropout_takes_the_plain_calls_masks_whatever_the_layout(layout):
     assert ghostfunc._graddot.MASKS_DIFFER not in out.plan.notes
 
 
+def test_noise_drawn_in_another_order_is_told_and_later_calls_repeat_the_first():
+    """Noise added with randn_like to a sequence-first tensor: vmap draws it in another order than the plain call,
+    and no plain run's mask can stand in for it: exact for the noise drawn (vmap(grad) with the same seed), the
+    plan says the draws are not a plain step's, and the first call's numbers and generator state are those of
+    later calls from the same seed (a run resumed in a new process repeats the uninterrupted one)."""
+    torch.manual_seed(1)
+    p = {"w": torch.randn(4, 4, dtype=F64), "v": torch.randn(2, 4, dtype=F64)}
+
+    def model_fn(p, batch):
+        x, y = batch
+        h = torch.tanh(F.linear(x.transpose(0, 1), p["w"]))  # [T, B, 4]
+        h = (h + 0.1 * torch.randn_like(h)).transpose(0, 1)
+        return F.cross_entropy(F.linear(h.mean(1), p["v"]), y, reduction="none")
+
+    g = torch.Generator().manual_seed(2)
+    train = (torch.randn(5, 3, 4, generator=g, dtype=F64), torch.randint(0, 2, (5,), generator=g))
+    val = (torch.randn(3, 3, 4, generator=g, dtype=F64), torch.randint(0, 2, (3,), generator=g))
+    outs, states = [], []
+    for _ in range(2):
+        torch.manual_seed(3)
+        outs.append(ghostfunc.graddot(model_fn, p, train, val, policy="materialize"))
+        states.append(torch.get_rng_state())
+    assert torch.equal(outs[0].scores, outs[1].scores) and torch.equal(states[0], states[1])
+    assert all(ghostfunc._graddot.MASKS_DIFFER in o.plan.notes for o in outs)
+    torch.manual_seed(3)
+    gt, gv = _vmap_grads(model_fn, p, train), _vmap_grads(model_fn, p, val)
+    assert rel(outs[0].scores, sum(gt[k].flatten(1) @ gv[k].flatten(1).mean(0) for k in p)) < 1e-10
+
+
 def test_a_transformer_encoder_layer_in_training_mode_is_the_plain_step():
     """nn.TransformerEncoderLayer(batch_first=True) in training mode drops nn.MultiheadAttention's output, a
     batch-first view of sequence-first memory: graddot's scores and losses are the plain call's (ordinary
