@@ -605,8 +605,8 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
 
 
 def _refuse_param_writes(params: Mapping[str, Tensor], versions: dict[str, int]) -> None:
-    """Raise :class:`StateWrittenError` if a parameter was written in place by a path :class:`_Uses` does not see
-    (inside an operator of the model's own, through ``.data``): then it was, and stays, changed."""
+    """Raise :class:`StateWrittenError` if a parameter was written in place by a path :class:`_ParamWrites` does not
+    see (inside an operator of the model's own): then it was, and stays, changed."""
     written = [k for k, v in params.items() if v._version != versions[k]]
     if written:
         raise StateWrittenError(
