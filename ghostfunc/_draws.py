@@ -130,7 +130,7 @@ class Replay:
     """The recorded masks of one batch of ``n`` samples, taken in order by the capture's dropout calls."""
 
     def __init__(self, recorded: Recorded, n: int) -> None:
-        self.recorded, self.n, self.device = recorded, n, recorded.device
+        self.recorded, self.n = recorded, n
         self.k = 0
 
     def __call__(self, func: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
@@ -143,7 +143,7 @@ class Replay:
         mask = self.recorded.masks[self.k]
         self.k += 1
         noise = self._per_sample(_scaled(mask.kept, p, x.dtype), tuple(x.shape))
-        set_rng_state(self.device, mask.after)
+        set_rng_state(self.recorded.device, mask.after)
         return x.mul_(noise) if inplace else x * noise
 
     def _per_sample(self, noise: Tensor, shape: tuple[int, ...]) -> Tensor:

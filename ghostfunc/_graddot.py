@@ -304,9 +304,9 @@ def capture_all(model_fn: ModelFn, params: dict[str, Tensor], batches: tuple[Bat
     whole = all(part.rows is None for part in (p for w in which for p in r.parts[w]))
 
     def per_sample() -> list[Half]:
-        # a model that draws random numbers takes a plain run's dropout masks (unsplit batches: ghostfunc._draws)
+        # a signature whose vmap masks are not a plain call's takes a plain run's (unsplit batches: as_plain_draws)
         return capture_batches(model_fn, params, subs, traces, r.kernel, where, [("train", "val")[w] for w, _ in tags],
-                               rows, plain_draws=whole and _PLAIN.on and _draws_random(model_fn))
+                               rows, plain_draws=whole and _PLAIN.on)
 
     try:
         if whole and _whole.small(traces, subs):
@@ -396,7 +396,7 @@ def as_plain_draws(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, c
         book = _DRAWS.setdefault(model_fn, {})
     except TypeError:  # not weak-referenceable: decide on every call
         book = {}
-    key = _draws_key(model_fn, params, train) if book or _draws_random(model_fn) else None
+    key = _draws_key(model_fn, params, train) if book else None  # (no verdict yet for this model_fn: none to find)
     known = book.get(key) if key is not None else None
     start = _rng_state(device)
     with _plain_draws(known is not None and known[0]):
@@ -612,7 +612,7 @@ def _streamed_once(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, v
     def capture_val() -> tuple[dict[str, Tensor], dict[str, list[Factored | Direct]], Tensor]:
         if not _ghosts(r) and r.eager is None:
             val_dir, loss, note = weighted_grad_split(model_fn, params, val, weights, where, "val",
-                                                      _PLAIN.on and _draws_random(model_fn))
+                                                      _PLAIN.on)
             notes.extend([note] if note else [])
             return val_dir, {}, loss
         v = capture_one(model_fn, params, val, r, 1, where)

@@ -439,6 +439,9 @@ def test_dropout_takes_the_plain_calls_masks_whatever_the_layout(layout):
     p = {"w": torch.randn(4, 4, dtype=F64), "v": torch.randn(2, 4, dtype=F64)}
     training = [True]
 
+    def make():  # a fresh model_fn per path: each path's first call must find the masks on its own
+        return lambda p, batch: model_fn(p, batch)
+
     def model_fn(p, batch):
         x, y = batch  # [B, T, 4]
         b, t = x.shape[:2]
@@ -460,7 +463,7 @@ def test_dropout_takes_the_plain_calls_masks_whatever_the_layout(layout):
     plain_masks = layout != "tokens flattened"
     for val_reduce, policy in (("mean", "materialize"), ("mean", "ghost"), (None, "ghost"), ("sum", "contract")):
         torch.manual_seed(3)
-        out = ghostfunc.graddot(model_fn, p, train, val, val_reduce=val_reduce, policy=policy)
+        out = ghostfunc.graddot(make(), p, train, val, val_reduce=val_reduce, policy=policy)
         after = torch.get_rng_state()
         torch.manual_seed(3)
         plain_t, plain_v = model_fn(p, train), model_fn(p, val)
