@@ -339,6 +339,47 @@ def test_torchrun_two_processes_equal_one(corpus: dict[str, Path], tmp_path: Pat
     assert (tmp_path / "two" / "report.md").is_file()
 
 
+def _torchrun(nproc: int, args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+                           "--master-port", port, "-m", "ghostfunc", "train", *args],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.mark.parametrize("values", ["shapley", "none"])
+def test_torchrun_uneven_slices_equal_one(values: str, corpus: dict[str, Path], tmp_path: Path) -> None:
+    """3 processes on batches that do not divide by 3 (5 training chunks: 1, 2, 2 per rank; 4 validation
+    chunks: 1, 1, 2) end where one process does: the global mean gradient and every chunk's value."""
+    args = ["--train", str(corpus["train"]), "--val", str(corpus["val"]), *SMALL, "--steps", "3", "--optimizer", "sgd",
+            "--lr", "0.5", "--batch-size", "5", "--val-batch-size", "4", "--values", values]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "ghostfunc", "train", "--out", str(tmp_path / "one"), *args],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert one.returncode == 0, one.stderr
+    three = _torchrun(3, ["--out", str(tmp_path / "three"), *args], env)
+    assert three.returncode == 0, three.stderr
+    a, sa = ghostfunc.DataValues.load(tmp_path / "one" / "values.pt", with_state=True)  # type: ignore[misc]
+    b, sb = ghostfunc.DataValues.load(tmp_path / "three" / "values.pt", with_state=True)  # type: ignore[misc]
+    assert torch.equal(a.count, b.count) and int(a.count.sum()) == 15
+    torch.testing.assert_close(b.total, a.total, rtol=1e-6, atol=1e-9)
+    if values == "shapley":
+        assert bool(a.total[:, 0].ne(0).any())
+    for k, p in sa["train"].params.items():
+        torch.testing.assert_close(sb["train"].params[k], p, rtol=1e-6, atol=1e-7)
+
+
+def test_a_batch_smaller_than_the_processes_is_refused(corpus: dict[str, Path], tmp_path: Path) -> None:
+    args = ["--train", str(corpus["train"]), "--val", str(corpus["val"]), *SMALL, "--steps", "1",
+            "--batch-size", "1", "--out", str(tmp_path / "two")]
+    two = _torchrun(2, args, {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert two.returncode != 0
+    assert "ghostfunc train: error: --batch-size: expected at least one chunk for each of the 2 processes; got 1" \
+        in two.stderr
+    assert not (tmp_path / "two").exists()
+
+
 @pytest.mark.parametrize("family", ["llama", "neox"])
 def test_other_families_train(family: str, corpus: dict[str, Path], tmp_path: Path) -> None:
     assert main(_args(corpus, tmp_path / family, "--model", family, "--steps", "2", "--seq-len", "16")) == 0

@@ -103,9 +103,10 @@ class Dist:
     group: Any = None
 
     def rows(self, index: Tensor) -> Tensor:
-        """This rank's contiguous slice of a global batch's indices."""
-        n = len(index) // self.world
-        return index[self.rank * n:(self.rank + 1) * n]
+        """This rank's contiguous slice of a global batch's indices, in rank order (sizes differ by at most one
+        when the batch does not divide: ``graddot``/``train_step`` with ``group=`` take uneven rows)."""
+        n = len(index)
+        return index[self.rank * n // self.world:(self.rank + 1) * n // self.world]
 
     def sum(self, x: Tensor) -> Tensor:
         """``x`` summed over the processes (``x`` itself for one)."""
@@ -296,10 +297,12 @@ def plain_step(setup: Setup, state: ghostfunc.TrainState, train: dict[str, Tenso
     """The same update as ``train_step``, through ordinary autograd and no values: ``(state, losses [n])``."""
     params = {k: v.detach().requires_grad_() for k, v in state.params.items()}
     losses = setup.model_fn(params, train)
-    grads = torch.autograd.grad(losses.mean(), list(params.values()), allow_unused=True)
+    # this rank's share of the global mean (its rows may be one more or fewer than another rank's), summed
+    share = losses.mean() if par.group is None else losses.sum() / setup.cfg["batch_size"]
+    grads = torch.autograd.grad(share, list(params.values()), allow_unused=True)
     mean = {k: (g if g is not None else torch.zeros_like(p)) for (k, p), g in zip(params.items(), grads, strict=True)}
     if par.group is not None:
-        mean = {k: par.sum(g) / par.world for k, g in mean.items()}
+        mean = {k: par.sum(g) for k, g in mean.items()}
     new, opt_state = setup.opt.update(mean, state.opt_state, state.params)
     return ghostfunc.TrainState(new, opt_state, state.step + 1), losses.detach()
 

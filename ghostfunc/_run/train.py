@@ -46,9 +46,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             setup.check_data(payload.get("data"), len(values), str(out))
         with loop.distributed(setup.device) as par:
             for key in ("batch_size", "val_batch_size"):
-                if cfg[key] % par.world:
-                    raise data.UsageError(f"--{key.replace('_', '-')}: expected a multiple of the {par.world} processes "
-                                          f"(each takes an equal slice); got {cfg[key]}")
+                if cfg[key] < par.world:
+                    raise data.UsageError(f"--{key.replace('_', '-')}: expected at least one chunk for each of the "
+                                          f"{par.world} processes; got {cfg[key]}")
             if par.rank == 0:
                 print(f"{prog}: train {data.describe(setup.train)}; validation {data.describe(setup.val)}"
                       + (f"; test {data.describe(setup.test)}" if setup.test is not None else ""), file=sys.stderr)
