@@ -29,7 +29,9 @@ What the model sees (``B`` samples; under :func:`graddot` ``B = 1`` per call):
   forward takes ``position_ids``), so padding on either side leaves every real
   token's position, hence its loss, unchanged;
 - encoder-decoder models (``config.is_encoder_decoder``) given ``labels`` and no
-  ``decoder_input_ids`` get ``model.prepare_decoder_input_ids_from_labels(labels)``.
+  ``decoder_input_ids`` get ``model.prepare_decoder_input_ids_from_labels(labels)`` (a
+  generating model without it, as Whisper, the labels shifted right; a classification
+  head's labels are classes: its forward takes the decoder's inputs as it does itself).
 
 The ready losses (each ``[B]``, one value per sample, computed in
 ``promote_types(logits.dtype, float32)``: float16/bfloat16 logits are taken to
@@ -234,7 +236,11 @@ class _ModelSpec:
         mask_dtype = weight.dtype if isinstance(weight, Tensor) and weight.is_floating_point() else torch.float32
         decoder_ids = getattr(base, "prepare_decoder_input_ids_from_labels", None) if encoder_decoder else None
         start = getattr(config, "decoder_start_token_id", None)
-        if encoder_decoder and decoder_ids is None and isinstance(start, int):  # Whisper: its forward shifts labels
+        generates = getattr(base, "can_generate", None)
+        if encoder_decoder and decoder_ids is None and isinstance(start, int) and callable(generates) and generates():
+            # Whisper: its forward shifts labels. Not a classification or question-answering head
+            # (BartForSequenceClassification): its labels are classes, its forward takes the decoder's
+            # inputs from input_ids itself.
             decoder_ids = functools.partial(shift_right, start=start, pad=getattr(config, "pad_token_id", None))
         window = getattr(text, "sliding_window", None)
         layer_types = frozenset(getattr(text, "layer_types", None) or ())

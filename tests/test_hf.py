@@ -619,3 +619,24 @@ def test_an_encoder_decoder_that_shifts_its_labels_in_forward() -> None:
     torch.testing.assert_close(model_fn(params, train).mean(), model(**train).loss, rtol=1e-12, atol=0)
     ref, _, _ = ghostfunc.reference_graddot(model_fn, params, train, val)
     assert rel(ghostfunc.graddot(model_fn, params, train, val).scores, ref) < 1e-9
+
+
+def test_an_encoder_decoder_classification_head_takes_its_decoder_inputs_from_input_ids() -> None:
+    """BartForSequenceClassification is an encoder-decoder whose ``labels`` are classes ``[B]``: its forward takes
+    the decoder's inputs from ``input_ids`` itself, so from_module must not build them from the labels (as for
+    Whisper, which generates): model_fn gives the model's own loss, and graddot equals the loop."""
+    tf = transformers
+    torch.manual_seed(0)
+    model = tf.BartForSequenceClassification(tf.BartConfig(
+        vocab_size=V, d_model=D, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=HID, decoder_ffn_dim=HID, num_labels=3, max_position_embeddings=32,
+        **TOKENS)).to(F64).eval()
+    model_fn, params = ghostfunc.from_module(model, ghostfunc.classification_loss)
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(3, V, (N, 7), generator=g)
+    ids[:, -1] = TOKENS["eos_token_id"]  # the head pools each sample's last <eos>
+    train = {"input_ids": ids, "labels": torch.randint(0, 3, (N,), generator=g)}
+    with torch.no_grad():
+        own = F.cross_entropy(model(input_ids=ids).logits, train["labels"], reduction="none")
+    torch.testing.assert_close(model_fn(params, train), own, rtol=1e-12, atol=1e-12)
+    check_against_loop(model_fn, params, train, {k: v[:M] for k, v in train.items()}, 1e-10, ("bart", "classes"))
