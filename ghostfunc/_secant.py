@@ -20,6 +20,7 @@ about what an order-1 step costs.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -81,6 +82,12 @@ class ValGrad(NamedTuple):
     loss: Tensor
     model_fn: Any = None
     state: tuple = ()
+    versions: tuple[int, ...] = ()  # each parameter's version counter when cached (in ``params``' order)
+
+
+def versions(params: Params) -> tuple[int, ...]:
+    """Every parameter's version counter (``Tensor._version``: every in-place write bumps it, under ``no_grad`` too)."""
+    return tuple(p._version for p in params.values())
 
 
 class Secant(NamedTuple):
@@ -122,8 +129,23 @@ def matches(cached: ValGrad | None, params: Mapping[str, Tensor], val: Batch, mo
         return False
     same = all(a.shape == b.shape and a.device == b.device and torch.equal(a, b)
                for a, b in zip(cached.val, val.tensors, strict=True))
-    return same and all(p is q or (p.shape == q.shape and p.dtype == q.dtype and p.device == q.device
-                                   and torch.equal(p, q)) for p, q in ((params[k], cached.params[k]) for k in params))
+    if not same:
+        return False
+    for (k, q), version in itertools.zip_longest(cached.params.items(), cached.versions):
+        p = params[k]
+        if _aliases(p, q):  # the memory the gradient was taken at (the tensor, or a detached alias sharing
+            # its version counter): unchanged unless written in place since (equal values prove nothing here)
+            if version is None or p._version != version:
+                return False
+        elif not (p.shape == q.shape and p.dtype == q.dtype and p.device == q.device and torch.equal(p, q)):
+            return False
+    return True
+
+
+def _aliases(p: Tensor, q: Tensor) -> bool:
+    """``p`` is ``q`` or views the same memory the same way (``q.detach()``)."""
+    return p is q or (p.device == q.device and p.dtype == q.dtype and p.shape == q.shape and p.stride() == q.stride()
+                      and p.data_ptr() == q.data_ptr())
 
 
 def still_holds(cached: ValGrad, model_fn: Callable[[Params, Any], Tensor], params: Params, vb: Batch,
@@ -200,7 +222,7 @@ def secant_values(where: str, model_fn: Callable[[Params, Any], Tensor], params:
         copies = before.val  # the batch equals these copies
     else:
         copies = tuple(x.detach().clone() for x in vb.tensors)
-    after = ValGrad(copies, vb.signature, moved, g_next, loss_next, model_fn, state_of(model_fn))
+    after = ValGrad(copies, vb.signature, moved, g_next, loss_next, model_fn, state_of(model_fn), versions(moved))
     return Secant(values, now.mul(-a), g_train, train_loss, loss_now, r.plan, after, train_traces(r))
 
 

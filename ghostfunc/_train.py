@@ -19,7 +19,7 @@ from torch import Tensor
 from . import _dist
 from ._checks import check_compile
 from ._optim import Optimizer
-from ._secant import Scratch, ValGrad, check_curvature
+from ._secant import Scratch, ValGrad, check_curvature, versions
 from ._shapley import ORDERS, compute_values
 
 Params = dict[str, Tensor]
@@ -126,7 +126,8 @@ def _carried(after: ValGrad | None, params: Params) -> ValGrad | None:
     next step computes ``ḡ_val`` at its own parameters."""
     if after is None or not all(torch.equal(params[k], after.params[k]) for k in params):
         return None
-    return after._replace(params=params)  # the next state's own tensors: matched by identity
+    # the next state's own tensors: matched by identity and version counter (a write in place since misses)
+    return after._replace(params=params, versions=versions(params))
 
 
 def train_step(model_fn: Callable[[Params, Any], Tensor], optimizer: Optimizer, *, order: int = 1,

@@ -190,6 +190,44 @@ def test_train_step_recomputes_for_a_new_or_changed_validation_batch(monkeypatch
     assert len(calls) - before == 2
 
 
+def bag_fn(p, batch):  # token embeddings, averaged, then a linear head: a row sees only its tokens' rows
+    h = p["emb"][batch["t"]].mean(1)
+    return F.cross_entropy(F.linear(torch.tanh(h), p["w"]), batch["y"], reduction="none")
+
+
+@pytest.mark.parametrize("edit", ["no_grad view", "renorm_", "detached alias", "replaced, equal values", "none"])
+def test_train_step_recomputes_when_the_states_parameters_are_written_in_place(edit, monkeypatch):
+    """The carried ḡ_val(θ') was taken at the state's own parameter tensors: a write into them between steps (a
+    max-norm projection of some rows, a clamp) makes the next step take it again, and its values equal a fresh
+    secant step at the edited parameters. The edits touch embedding rows the first validation row does not
+    read, so its loss (the backup check) cannot see them: the values once reused the stale gradient (7e-2 off).
+    New tensors of equal values still reuse it."""
+    g = torch.Generator().manual_seed(5)
+    params = {"emb": torch.randn(11, 4, generator=g, dtype=DT), "w": torch.randn(3, 4, generator=g, dtype=DT)}
+    val = {"t": torch.tensor([[0, 1, 2], [7, 8, 9]]), "y": torch.tensor([0, 1])}
+    train = [{"t": torch.randint(0, 11, (4, 3), generator=g), "y": torch.randint(0, 3, (4,), generator=g)}
+             for _ in range(2)]
+    calls = spy(monkeypatch)
+    step = ghostfunc.train_step(bag_fn, ghostfunc.sgd(0.5), order=2, curvature="secant")
+    state, _ = step(step.init(params), train[0], val)
+    assert state.val_grad is not None
+    with torch.no_grad():
+        if edit == "no_grad view":
+            state.params["emb"][7:10] *= 3.0
+        elif edit == "renorm_":
+            state.params["emb"][7:10].renorm_(2, 0, 0.1)
+        elif edit == "detached alias":
+            state.params["emb"].detach()[8].add_(0.5)
+        elif edit == "replaced, equal values":
+            state = state._replace(params={k: v.clone() for k, v in state.params.items()})
+    want = ghostfunc.inrun_shapley(bag_fn, {k: v.clone() for k, v in state.params.items()}, train[1], val, lr=0.5,
+                                   order=2, curvature="secant")
+    before = len(calls)
+    state, info = step(state, train[1], val)
+    assert len(calls) - before == (1 if edit in ("none", "replaced, equal values") else 2)
+    torch.testing.assert_close(info.values, want, rtol=1e-12, atol=1e-15)
+
+
 FROZEN = {"scale": torch.ones(5, dtype=DT), "temperature": 1.0}
 
 
