@@ -660,15 +660,50 @@ def train_traces(r: Routing) -> tuple[Trace, ...]:
     return r.part_traces[0] or (r.traces[0],)
 
 
-def unused(traces: tuple[Trace, ...] | None, train_grad: Mapping[str, Tensor]) -> frozenset[str]:
-    """The parameters no training sample reaches: no call in the training batch's ``traces`` uses them
-    (``None``: not known, so none) and their training gradient is exactly 0. A training step leaves them,
-    and their optimizer state, as torch.optim leaves a parameter whose ``.grad`` is ``None``."""
+def unused(traces: tuple[Trace, ...] | None, train_grad: Mapping[str, Tensor],
+           reach: Callable[[list[str]], frozenset[str]] | None = None) -> frozenset[str]:
+    """The parameters no training sample reaches, whose training gradient is exactly 0: no call in the training
+    batch's ``traces`` uses them (``None``: not known, so none), or, among those used, ``reach`` (:func:`no_path`
+    on the training batch) finds no autograd path from the losses to them (used only through ``.detach()``,
+    ``no_grad`` or an integer result such as ``argmax``). A training step leaves them, and their optimizer
+    state, as torch.optim leaves a parameter whose ``.grad`` is ``None``."""
     if traces is None:
         return frozenset()
     used = {name for tr in traces for site in tr.sites for _, name in site.roles} | {
         name for tr in traces for name in tr.other_uses}
-    return frozenset(k for k, g in train_grad.items() if k not in used and not bool(g.any()))
+    zero = [k for k, g in train_grad.items() if not bool(g.any())]
+    cut = reach([k for k in zero if k in used]) if reach is not None and any(k in used for k in zero) else frozenset()
+    return frozenset(k for k in zero if k not in used or k in cut)
+
+
+#: ``model_fn`` -> {(parameter and batch signature, name): whether the losses have an autograd path to it}.
+_PATHS: weakref.WeakKeyDictionary[Any, dict[tuple, bool]] = weakref.WeakKeyDictionary()
+
+
+def no_path(model_fn: ModelFn, params: Mapping[str, Tensor], batch: Batch, names: list[str]) -> frozenset[str]:
+    """Among ``names`` (parameters the model uses whose training gradient is exactly 0), those the losses of a plain
+    run on ``batch`` have no autograd path to: what ``torch.autograd.grad(..., allow_unused=True)`` gives ``None``
+    for, and ``loss.backward()`` leaves ``.grad`` ``None``. One forward (random draws undone) and a backward to
+    those parameters only, once per ``model_fn``, signature and parameter (a zero gradient is rare; a parameter
+    used only through ``.detach()`` stays so)."""
+    key = (param_signature(params), batch.signature)
+    try:
+        known = _PATHS.setdefault(model_fn, {})
+    except TypeError:  # not weak-referenceable: nowhere to remember
+        known = {}
+    ask = [k for k in names if (key, k) not in known]
+    if ask:
+        leaves = {k: v.detach().requires_grad_(k in ask) for k, v in params.items()}
+        device = next(iter(params.values())).device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.enable_grad():
+            losses = model_fn(leaves, batch.rebuild(list(batch.tensors)))
+        grads: tuple[Tensor | None, ...] = tuple(None for _ in ask)
+        if isinstance(losses, Tensor) and losses.requires_grad:
+            grads = torch.autograd.grad(losses.sum(), [leaves[k] for k in ask], allow_unused=True)
+        if len(known) > 256:
+            known.clear()
+        known.update({(key, k): g is not None for k, g in zip(ask, grads, strict=True)})
+    return frozenset(k for k in names if not known[(key, k)])
 
 
 def _ghosts(r: Routing) -> set[str]:
@@ -991,7 +1026,8 @@ def prepare_group(where: str, group: Any, model_fn: Any, params: Any, train: Any
 
 
 def score_group(st: Streamed, params: dict[str, Tensor], val_reduce: str, world: _dist.World, group: Any,
-                dtype: torch.dtype | None) -> tuple[dict[str, Tensor], dict[str, Tensor], Plan, frozenset[str]]:
+                dtype: torch.dtype | None, reach: Callable[[list[str]], frozenset[str]] | None = None,
+                ) -> tuple[dict[str, Tensor], dict[str, Tensor], Plan, frozenset[str]]:
     """:func:`score_streamed` across ranks, from a capture of this rank's rows with ``val_reduce="sum"``.
 
     The capture ran under :func:`group_policy` (no ghost route: every rank would need
@@ -1009,7 +1045,7 @@ def score_group(st: Streamed, params: dict[str, Tensor], val_reduce: str, world:
     per_param, local_grad = {}, {}
     for k, route in the_plan.routes.items():
         per_param[k], local_grad[k] = score_direction(route.path, st.train[k], direction[k], n, params[k], dtype)
-    train_grad, nowhere = _dist.global_mean(local_grad, world, group, unused(st.train_traces, local_grad))
+    train_grad, nowhere = _dist.global_mean(local_grad, world, group, unused(st.train_traces, local_grad, reach))
     return per_param, train_grad, the_plan, nowhere
 
 

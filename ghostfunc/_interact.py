@@ -601,7 +601,31 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
     if alone is not None:  # dropout-like draws differ batched and alone; one sample cannot interact
         rounding = coarsest([*params.values(), *batch.tensors, together])  # float64 losses of a float32 model
         _compare(together.detach(), torch.cat(alone).detach(), label, chosen, rounding)
+    _refuse_detached(model_fn, params, lambda: rows(0, k), devices)
     return k > 1
+
+
+def _refuse_detached(model_fn: Callable, params: Mapping[str, Tensor], batch: Callable[[], Any],
+                     devices: list[int]) -> None:
+    """Raise :class:`ParamsUnusedError` if the losses of a run with gradients on have no autograd path to any
+    parameter (computed under ``no_grad``, ``.detach()``-ed, taken through ``.item()``): where plain PyTorch's
+    ``loss.backward()`` raises, every score would silently be 0. One run of the checked rows, random draws undone;
+    a model that cannot run outside ``vmap`` is left to the capture."""
+    leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
+    try:
+        with torch.random.fork_rng(devices=devices), torch.enable_grad(), eager_stance(), \
+                warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            losses = model_fn(leaves, batch())
+    except Exception:  # noqa: BLE001 - the capture reports the model's own errors
+        return
+    if isinstance(losses, Tensor) and losses.is_floating_point() and not losses.requires_grad:
+        raise ParamsUnusedError(
+            "model_fn's losses do not depend on params: run with gradients on and params that require them, "
+            "they came back without an autograd path to any parameter (computed under torch.no_grad(), "
+            ".detach()-ed, or rebuilt from .item()), so loss.backward() would fail and every score would be 0. "
+            "Return the losses as computed from params"
+        )
 
 
 def _refuse_param_writes(params: Mapping[str, Tensor], versions: dict[str, int]) -> None:

@@ -52,6 +52,7 @@ from ._graddot import (
     _prepare,
     capture_one,
     group_policy,
+    no_path,
     prepare_group,
     retry_stale,
     routing,
@@ -238,10 +239,15 @@ def compute_values(
     weights = val_weights("mean", m, next(iter(params.values())))
     assert weights is not None
     weights = weights[: vb.size]  # with a group: 1/m (global m) for this rank's validation rows
+    checked = params
+
+    def reach(names: list[str]) -> frozenset[str]:  # used, zero gradient: is there an autograd path to them?
+        return no_path(model_fn, checked, tb, names)
+
     if order == 1 and precondition is None and world is not None:
         with _dist.collectively(where, group):  # an error on one rank raises on every rank (one tiny all-reduce)
             st = run_streamed(model_fn, params, tb, vb, where, group_policy("auto"), "sum")
-        per_param, g_train, the_plan, nowhere = score_group(st, params, "mean", world, group, None)
+        per_param, g_train, the_plan, nowhere = score_group(st, params, "mean", world, group, None, reach)
         values = sum_scores(per_param, params).mul(-a)
         return Values(values, values, g_train, st.train_loss, st.val_loss, the_plan, None, nowhere)
     if curvature == "secant":
@@ -251,7 +257,7 @@ def compute_values(
         sec = secant_values(where, model_fn, params, tb, vb, lr=lr, weights=weights, before=val_grad,
                             scratch=scratch)
         return Values(sec.values, sec.first_order, sec.train_grad, sec.train_loss, sec.val_loss, sec.plan, sec.after,
-                      unused(sec.train_traces, sec.train_grad))
+                      unused(sec.train_traces, sec.train_grad, reach))
     if order == 1 and precondition is None:
         eager_why: list[str] = []  # compile=True: why these values were computed eagerly (a plan note)
         if compile:  # one process (checked by the caller): the compiled graph where it can run
@@ -266,7 +272,7 @@ def compute_values(
         per_param, g_train = score_streamed(st, params, weights, n, m, None)
         values = sum_scores(per_param, params).mul(-a)
         return Values(values, values, g_train, st.train_loss, st.val_loss,
-                      st.plan._replace(notes=(*st.plan.notes, *eager_why)), None, unused(st.train_traces, g_train))
+                      st.plan._replace(notes=(*st.plan.notes, *eager_why)), None, unused(st.train_traces, g_train, reach))
 
     def train_first(fresh: bool) -> tuple[Routing, Half]:
         r = routing(model_fn, params, tb, vb, where, "contract", "mean", fresh)
@@ -277,7 +283,7 @@ def compute_values(
         rows, g_train = train_rows(r.plan, t.grads, params, tb.size, 2 if order == 2 and first_order else 1, scratch)
     train_loss = t.loss
     del t  # the factors of the kept parameters go now
-    local_unused = unused(train_traces(r), g_train)  # with a group: unused on every rank (the all-reduce's flags)
+    local_unused = unused(train_traces(r), g_train, reach)  # with a group: unused on every rank (the all-reduce's flags)
     if world is not None:
         g_train, local_unused = _dist.global_mean(g_train, world, group, local_unused)
         r = r._replace(plan=r.plan._replace(n_train=n, n_val=m))

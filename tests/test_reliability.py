@@ -444,6 +444,33 @@ def test_model_fn_that_never_uses_params():
             call(model_fn, p, x, x)
 
 
+@pytest.mark.parametrize("how", ["detach", "no_grad", "item"])
+def test_losses_without_a_gradient_path_are_refused(how):
+    """Losses computed from params but handed back without an autograd path (``.detach()``, ``no_grad``, rebuilt
+    from ``.item()``): plain PyTorch's backward raises; graddot and train_step said every score was 0 (and AdamW
+    still decayed the parameters)."""
+    g = torch.Generator().manual_seed(0)
+    p = {"w": torch.randn(3, 4, generator=g, dtype=F64)}
+
+    def model_fn(params, batch):
+        x, y = batch
+        if how == "no_grad":
+            with torch.no_grad():
+                return F.cross_entropy(F.linear(x, params["w"]), y, reduction="none")
+        losses = F.cross_entropy(F.linear(x, params["w"]), y, reduction="none")
+        if how == "item":
+            return torch.tensor([v.item() for v in losses], dtype=F64)
+        return losses.detach()
+
+    batch = (torch.randn(5, 4, generator=g, dtype=F64), torch.randint(0, 3, (5,), generator=g))
+    step = ghostfunc.train_step(model_fn, ghostfunc.adamw(0.1, weight_decay=0.5))
+    for where, call in {"graddot": lambda: ghostfunc.graddot(model_fn, p, batch, batch),
+                        "train_step": lambda: step(step.init(p), batch, batch)}.items():
+        with pytest.raises(ValueError, match=rf"^{where}: model_fn's losses do not depend on params: .*"
+                                             r"\.detach\(\)-ed"):
+            call()
+
+
 def test_some_params_unused_get_zero_gradient():
     torch.manual_seed(0)
     net = nn.ModuleDict({"body": nn.Linear(3, 4), "head": nn.Linear(4, 2), "unused_head": nn.Linear(4, 5)}).to(F64)

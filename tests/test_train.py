@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import gc
 import weakref
 
@@ -258,3 +260,49 @@ def test_parameters_no_sample_reaches_are_left_as_torch_optim_leaves_them(case, 
             torch.testing.assert_close(state.params[k], leaves[k].detach(), rtol=1e-12, atol=1e-14, msg=(k, i))
     assert torch.equal(state.params["head"], params["head"])
     assert not torch.equal(state.params["v"], params["v"])
+
+
+def stopped_fn(p, batch, how):
+    """``s`` reaches the losses only through a use autograd does not follow (``how``): torch.optim gives it
+    ``.grad`` ``None``; ``w1`` and ``w2`` are ordinary."""
+    h = torch.tanh(F.linear(batch["x"], p["w1"], p["b1"]))
+    logits = F.linear(h, p["w2"], p["b2"])
+    if how == "detach":
+        logits = logits * p["s"].detach()
+    elif how == "no_grad":
+        with torch.no_grad():
+            scale = p["s"].exp()
+        logits = logits * scale
+    elif how == "argmax":
+        logits = logits + torch.nn.functional.one_hot(p["s"].argmax(), 3).to(logits.dtype)
+    elif how == "discarded":
+        _ = (h[:, :3] * p["s"]).sum(1)  # computed, never part of the loss
+    return F.cross_entropy(logits, batch["y"], reduction="none")
+
+
+@pytest.mark.parametrize("how", ["detach", "no_grad", "argmax", "discarded"])
+@pytest.mark.parametrize(("case", "kw"), [("sgd-momentum", {}), ("adamw", {}), ("adamw", {"order": 2}),
+                                          ("sgd-momentum", {"order": 2, "curvature": "secant"})])
+def test_a_parameter_used_without_a_gradient_path_is_left_as_torch_optim_leaves_it(how, case, kw):
+    """A parameter the model uses, but only where autograd does not follow (``.detach()``, ``no_grad``, an
+    integer result, an output thrown away: stop-gradient code, a frozen teacher's scale) gets ``.grad`` ``None``
+    in torch, so torch.optim skips it: no weight decay, no momentum. The step leaves it the same way (it was
+    decayed as a zero gradient: 3e-2 off after 3 steps), and the other parameters follow torch.optim."""
+    mine, theirs = CASES[case]
+    params, data, val = problem()
+    params = {**params, "s": torch.tensor([0.5, 2.0, 1.0], dtype=DT)}
+    fn = functools.partial(stopped_fn, how=how)
+    leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    opt = theirs(list(leaves.values()))
+    step = ghostfunc.train_step(fn, mine(), **kw)
+    state = step.init(params)
+    for i in range(3):
+        batch = {k: v[i * 6:(i + 1) * 6] for k, v in data.items()}
+        opt.zero_grad(set_to_none=True)
+        fn(leaves, batch).mean().backward()
+        assert leaves["s"].grad is None
+        opt.step()
+        state, _ = step(state, batch, val)
+        for k in params:
+            torch.testing.assert_close(state.params[k], leaves[k].detach(), rtol=1e-12, atol=1e-14, msg=(k, i))
+    assert torch.equal(state.params["s"], params["s"])
