@@ -31,7 +31,16 @@ def check_params(params: Any, where: str) -> dict[str, Tensor]:
             raise TypeError(
                 f"{where}: params[{k!r}] must be a real floating-point tensor to have gradients; got dtype {v.dtype}"
             )
+        if v.device.type == "meta":
+            raise ValueError(f"{where}: params[{k!r}] is on the meta device: it holds no values (load or "
+                             f"materialise the weights first, e.g. model.to_empty(device=...) and then load them)")
         out[k] = v.detach()
+    devices = {v.device for v in out.values()}
+    if len(devices) > 1:
+        first = next(iter(out))
+        other = next(k for k, v in out.items() if v.device != out[first].device)
+        raise ValueError(f"{where}: params must all be on one device; params[{first!r}] is on "
+                         f"{out[first].device}, params[{other!r}] on {out[other].device}")
     return out
 
 

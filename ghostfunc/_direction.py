@@ -64,6 +64,9 @@ def check_direction(direction: Any, params: Mapping[str, Tensor], where: str, na
         if u.dtype != p.dtype or u.device != p.device:
             raise TypeError(f"{where}: {name}[{k!r}] must have the dtype and device of params[{k!r}] "
                             f"({p.dtype}, {p.device}); got {u.dtype}, {u.device}")
+        if not bool(torch.isfinite(u).all()):
+            raise FloatingPointError(f"{where}: {name}[{k!r}] holds non-finite entries "
+                                     f"({int((~torch.isfinite(u)).sum())} of {u.numel()}); every score would be too")
         out[k] = u.detach()
     return out
 

@@ -47,6 +47,8 @@ class Optimizer(NamedTuple):
             diagonal preconditioner of the next ``update`` (the one that ``grads``
             would get) applied to ``direction``.
         name: for messages and reprs.
+        settings: the hyperparameters besides the learning rate, ``(name, value)`` pairs (what the
+            processes of a ``group=`` step must agree on).
     """
 
     init: Callable[[Params], Any]
@@ -54,6 +56,7 @@ class Optimizer(NamedTuple):
     lr: Callable[[Any], float]
     precondition: Callable[[Params, Grads, Any], Params]
     name: str
+    settings: tuple[tuple[str, Any], ...] = ()
 
 
 class SGDState(NamedTuple):
@@ -128,6 +131,13 @@ def _check_grads(grads: Grads, params: Params, where: str) -> None:
             raise ValueError(f"{where}: grads[{k!r}] has shape {tuple(g.shape)}, params[{k!r}] {tuple(params[k].shape)}")
 
 
+def _check_state(state: Any, kind: type, where: str) -> None:
+    """Refuse another optimizer's state (a state saved by, or a trajectory recorded with, another optimizer)."""
+    if not isinstance(state, kind):
+        raise TypeError(f"{where}: the optimizer state must be the {kind.__name__} that {where}(...).init made; got "
+                        f"{type(state).__name__} (from another optimizer?)")
+
+
 def sgd(lr: Schedule, momentum: float = 0.0, *, dampening: float = 0.0, weight_decay: float = 0.0,
         nesterov: bool = False) -> Optimizer:
     """Stochastic gradient descent, exactly as ``torch.optim.SGD`` (same arguments, same defaults).
@@ -148,6 +158,9 @@ def sgd(lr: Schedule, momentum: float = 0.0, *, dampening: float = 0.0, weight_d
     momentum = _real(where, "momentum", momentum, low=0)
     dampening = _real(where, "dampening", dampening)  # any finite value, as torch.optim.SGD
     weight_decay = _real(where, "weight_decay", weight_decay, low=0)
+    if nesterov not in (True, False):  # numpy's bools and 0/1 too; not a string
+        raise TypeError(f"{where}: nesterov must be True or False; got {nesterov!r}")
+    nesterov = bool(nesterov)
     if nesterov and (momentum <= 0 or dampening != 0):
         raise ValueError(f"{where}: nesterov needs momentum > 0 and dampening = 0; got {momentum}, {dampening}")
 
@@ -156,6 +169,7 @@ def sgd(lr: Schedule, momentum: float = 0.0, *, dampening: float = 0.0, weight_d
         return SGDState(0, None)
 
     def update(grads: Grads, state: SGDState, params: Params) -> tuple[Params, SGDState]:
+        _check_state(state, SGDState, where)
         _check_grads(grads, params, where)
         step_lr = rate(state.step)
         new_params, bufs = {}, {}
@@ -182,7 +196,9 @@ def sgd(lr: Schedule, momentum: float = 0.0, *, dampening: float = 0.0, weight_d
         del grads, state
         return dict(direction)
 
-    return Optimizer(init, update, lambda state: rate(state.step), precondition, "sgd")
+    return Optimizer(init, update, lambda state: rate(state.step), precondition, "sgd",
+                     (("momentum", momentum), ("dampening", dampening), ("weight_decay", weight_decay),
+                      ("nesterov", bool(nesterov))))
 
 
 def _sqrt0(x: Tensor) -> Tensor:
@@ -239,6 +255,7 @@ def adamw(lr: Schedule = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: f
         return dict(state.counts) if state.counts is not None else dict.fromkeys(grads, state.step)
 
     def update(grads: Grads, state: AdamWState, params: Params) -> tuple[Params, AdamWState]:
+        _check_state(state, AdamWState, where)
         _check_grads(grads, params, where)
         step_lr = rate(state.step)
         counts = counts_of(state, grads)
@@ -262,6 +279,7 @@ def adamw(lr: Schedule = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: f
         return new_params, AdamWState(state.step + 1, mu, nu, counts)
 
     def precondition(direction: Params, grads: Grads, state: AdamWState) -> Params:
+        _check_state(state, AdamWState, where)
         out = {}
         for k, u in direction.items():
             g = grads[k]
@@ -272,4 +290,5 @@ def adamw(lr: Schedule = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: f
             out[k] = u / (_nu(g, state.nu[k]).sqrt() / (1 - beta2**t) ** 0.5).add_(eps)
         return out
 
-    return Optimizer(init, update, lambda state: rate(state.step), precondition, "adamw")
+    return Optimizer(init, update, lambda state: rate(state.step), precondition, "adamw",
+                     (("betas", tuple(betas)), ("eps", eps), ("weight_decay", weight_decay)))

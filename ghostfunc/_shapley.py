@@ -197,6 +197,7 @@ def compute_values(
     val_grad: ValGrad | None = None,
     compile: bool = False,
     scratch: Scratch | None = None,
+    optimizer: tuple = (),
 ) -> Values:
     """The values against ``u = −a·P(ḡ_val) + (a²/2)·H_val G`` (``a = lr/n``), and the mean train gradient.
 
@@ -233,7 +234,8 @@ def compute_values(
     else:
         (params, tb, vb), world = prepare_group(where, group, model_fn, params, train, val, val_reduce="mean",
                                                 policy="auto", same={"lr": lr, "order": order,
-                                                                     "precondition": precondition is not None})
+                                                                     "precondition": precondition is not None,
+                                                                     **({"optimizer": optimizer} if optimizer else {})})
         n, m = world.n, world.m
     a = lr / n
     weights = val_weights("mean", m, next(iter(params.values())))

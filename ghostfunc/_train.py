@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from . import _dist
-from ._checks import check_compile
+from ._checks import check_compile, check_params
 from ._optim import Optimizer
 from ._secant import Scratch, ValGrad, check_curvature, versions
 from ._shapley import ORDERS, compute_values
@@ -83,7 +83,7 @@ class TrainStep:
         """
         if not isinstance(params, Mapping) or not params:
             raise TypeError(f"train_step.init: params must be a non-empty dict name -> tensor; got {type(params).__name__}")
-        own = {k: v.detach().clone() for k, v in params.items()}
+        own = {k: v.clone() for k, v in check_params(params, "train_step.init").items()}
         if self.group is not None:  # every rank starts from rank 0's parameters, as under DDP
             own = _dist.broadcast_params(own, self.group)
         return TrainState(own, self.optimizer.init(own), 0)
@@ -111,7 +111,8 @@ class TrainStep:
                 return opt.precondition(direction, grads, state.opt_state)
         out = compute_values("train_step", self.model_fn, state.params, train, val, lr=lr, order=self.order,
                              precondition=pre, group=self.group, curvature=self.curvature,
-                             val_grad=state.val_grad, compile=self.compile, scratch=self._scratch)
+                             val_grad=state.val_grad, compile=self.compile, scratch=self._scratch,
+                             optimizer=(opt.name, *opt.settings))
         # a parameter no training sample reaches is left as torch.optim leaves one whose .grad is None
         grads = {k: None if k in out.unused else g for k, g in out.train_grad.items()}
         params, opt_state = opt.update(grads, state.opt_state, state.params)

@@ -56,18 +56,25 @@ class DataValues:
         steps: how many batches were added.
         synced: the part that is already the sum over every rank (after a save
             or load with ``group``; ``None`` otherwise; see the module docstring).
+        loaded: read by :meth:`load` without ``group`` (a file's totals, perhaps already
+            summed over ranks): a collective save refuses them (each rank would add them again).
     """
 
     total: Tensor
     count: Tensor
     steps: int = 0
     synced: DataValues | None = None
+    loaded: bool = False
 
     @classmethod
     def zeros(cls, n: int, shape: tuple[int, ...] = ()) -> DataValues:
         """No values yet for a dataset of ``n`` samples; each value is ``shape``-shaped (a scalar by default)."""
         if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
             raise ValueError(f"DataValues.zeros: n must be a positive int (the dataset size); got {n!r}")
+        if not isinstance(shape, (tuple, list, torch.Size)) or not all(
+                isinstance(d, numbers.Integral) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise TypeError(f"DataValues.zeros: shape must be a tuple of ints >= 0 (one value's shape, () for a "
+                            f"number); got {shape!r}")
         return cls(torch.zeros(int(n), *shape, dtype=torch.float64), torch.zeros(int(n), dtype=torch.int64), 0)
 
     def __post_init__(self) -> None:
@@ -101,6 +108,8 @@ class DataValues:
                 or indices.dtype == torch.bool):  # a mask is not indices (pass it as keep=)
             got = f"{indices.dtype} tensor of shape {tuple(indices.shape)}" if isinstance(indices, Tensor) else type(indices).__name__
             raise TypeError(f"{where}: indices must be a 1-D integer tensor [B] of dataset indices; got {got}")
+        if isinstance(values, Tensor) and (values.is_complex() or values.dtype == torch.bool):
+            raise TypeError(f"{where}: values must be real numbers (a float or integer tensor); got {values.dtype}")
         if not isinstance(values, Tensor) or values.shape != (indices.shape[0], *self.total.shape[1:]):
             shape = tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__
             raise ValueError(f"{where}: values must have shape {(indices.shape[0], *self.total.shape[1:])} "
@@ -120,7 +129,7 @@ class DataValues:
                                      f"{(~torch.isfinite(vals)).reshape(len(idx), -1).any(1).nonzero().flatten().tolist()}")
         total = self.total.index_add(0, idx, vals)
         count = self.count.index_add(0, idx, torch.ones_like(idx))
-        return DataValues(total, count, self.steps + 1, self.synced)
+        return DataValues(total, count, self.steps + 1, self.synced, self.loaded)
 
     @property
     def mean(self) -> Tensor:
@@ -160,10 +169,9 @@ class DataValues:
             return everything
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(state, TrainState) and state.val_grad is not None:
-            # the secant's cached validation gradient (and its copy of the validation batch) is a by-product:
-            # a resumed step recomputes it, with the same numbers
-            state = state._replace(val_grad=None)
+        # the secant's cached validation gradient (and its copy of the validation batch) is a by-product: a
+        # resumed step recomputes it, with the same numbers; dropped wherever a TrainState sits in the state
+        state = _without_val_grad(state)
         payload = {"format": FORMAT, "total": self.total, "count": self.count, "steps": self.steps, "state": state}
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
         try:
@@ -193,9 +201,15 @@ class DataValues:
         if base is not None and (base.total.shape != self.total.shape):
             raise AssertionError(f"{where}: synced part has another shape")
         rank, size = _dist.rank_and_size(group)
-        mine = (tuple(self.total.shape), None if base is None else base.steps, self.steps)
+        mine = (tuple(self.total.shape), None if base is None else base.steps, self.steps,
+                self.loaded and base is None)
         every: list[Any] = [None] * size
         dist.all_gather_object(every, mine, group=group)
+        plain = [r for r, other in enumerate(every) if other[3]]
+        if plain and size > 1:  # every rank sees the same list: every rank raises
+            raise ValueError(f"{where}: rank(s) {plain} hold values read by DataValues.load without group=: a "
+                             f"file's totals, which every rank would add to the sum again ({size} times over); "
+                             f"read them with DataValues.load(path, group=group), which marks them as global")
         for r, other in enumerate(every):
             if other[:2] != mine[:2]:
                 raise ValueError(f"{where}: every rank must hold values of the same shape and the same synced "
@@ -240,7 +254,8 @@ class DataValues:
             if isinstance(box[0], Exception):
                 raise ValueError(f"DataValues.load: rank 0 could not read {os.fspath(path)!r}: {box[0]}")
             values, state = box[0]
-            values = DataValues(values.total, values.count, values.steps, values)
+            values = DataValues(values.total, values.count, values.steps, DataValues(values.total, values.count,
+                                                                                     values.steps))
             return (values, state) if with_state else values
         where, name = "DataValues.load", repr(os.fspath(path))
         try:
@@ -265,8 +280,20 @@ class DataValues:
                 or not isinstance(steps, int) or steps < 0:
             raise ValueError(f"{where}: {name} holds non-finite totals, negative counts or a step count that is "
                              f"not an int >= 0: not what DataValues.save writes")
-        values = cls(total, count, steps)
+        values = cls(total, count, steps, loaded=True)
         return (values, payload["state"]) if with_state else values
+
+
+def _without_val_grad(state: Any) -> Any:
+    """``state`` with every :class:`TrainState`'s ``val_grad`` dropped: the state itself, or inside dicts, lists
+    and tuples (``{"train": state, ...}``); anything else as it is."""
+    if isinstance(state, TrainState):
+        return state._replace(val_grad=None) if state.val_grad is not None else state
+    if type(state) is dict:
+        return {k: _without_val_grad(v) for k, v in state.items()}
+    if type(state) in (list, tuple):
+        return type(state)(_without_val_grad(v) for v in state)
+    return state
 
 
 def _umask() -> int:

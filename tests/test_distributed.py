@@ -340,6 +340,9 @@ def _faults(rank: int, world: int, out: dict[str, Any], job: str, folder: str) -
     step = ghostfunc.train_step(model_fn, ghostfunc.adamw(0.05), precondition=True, group=group)
     blocker = Path(folder, "a_file")
     blocker.write_text("a regular file where save needs a folder")
+    if rank == 0:  # values of an earlier run, read back below without group= on every rank
+        ghostfunc.DataValues.zeros(4).add(torch.tensor([0]), torch.tensor([1.5])).save(Path(folder, "plain.pt"))
+    dist.barrier()
     cases: dict[str, Callable[[], Any]] = {
         "graddot nan train": lambda: ghostfunc.graddot(model_fn, params, nan_train, val, group=group),
         "graddot full matrix nan train": lambda: ghostfunc.graddot(model_fn, params, nan_train, val, val_reduce=None,
@@ -353,6 +356,10 @@ def _faults(rank: int, world: int, out: dict[str, Any], job: str, folder: str) -
             blocker / "values.pt", group=group),
         "permuted params": lambda: ghostfunc.graddot(model_fn, rolled, train, val, group=group),
         "same params, another layout": lambda: ghostfunc.graddot(model_fn, noncontiguous, train, val, group=group),
+        "save values loaded without group": lambda: ghostfunc.DataValues.load(Path(folder, "plain.pt")).add(
+            torch.tensor([1]), torch.tensor([1.0])).save(Path(folder, "twice.pt"), group=group),
+        "another momentum": lambda: (lambda s: s(s.init(params), train, val))(ghostfunc.train_step(
+            model_fn, ghostfunc.sgd(0.1, momentum=0.9 * rank), group=group)),
     }
     for name, call in cases.items():
         start = time.monotonic()
@@ -415,6 +422,27 @@ def test_save_rank_0_cannot_write_raises_on_every_rank(faults: list[dict[str, An
     assert own[0] in ("FileExistsError", "NotADirectoryError"), own
     assert other[0] == "RuntimeError" and other[1].startswith("DataValues.save: rank 0 of 2 failed"), other
     assert own[1] in other[1] and max(own[2], other[2]) < FAULT_TIMEOUT_S / 2, (own, other)
+
+
+def test_values_loaded_without_group_are_not_summed_over_ranks_again(faults: list[dict[str, Any]]) -> None:
+    """Every rank read the same file with DataValues.load(path) (no group=): each holds the file's totals, so a
+    collective save would count them once per rank (they came back doubled): refused on every rank, naming the
+    call that reads them as global."""
+    for r in range(2):
+        kind, message, _ = faults[r]["save values loaded without group"]
+        assert kind == "ValueError" and message.startswith("DataValues.save: rank(s) [0, 1] hold values read by "
+                                                           "DataValues.load without group="), (r, kind, message)
+        assert "DataValues.load(path, group=group)" in message
+
+
+def test_another_optimizer_setting_raises_on_every_rank(faults: list[dict[str, Any]]) -> None:
+    """Ranks whose optimizers differ past the learning rate (momentum here) would diverge from the first step
+    on, where the next call's parameter fingerprints would only see it after: refused before anything runs."""
+    for r in range(2):
+        kind, message, _ = faults[r]["another momentum"]
+        assert kind == "ValueError" and message.startswith("train_step: every rank must pass the same optimizer; "), \
+            (r, kind, message)
+        assert "('momentum', 0.9)" in message and "('momentum', 0.0)" in message, message
 
 
 def test_permuted_params_raise_on_every_rank(faults: list[dict[str, Any]]) -> None:

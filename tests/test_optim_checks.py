@@ -58,7 +58,32 @@ BAD = [  # (factory, exception, message regex)
     (lambda: ghostfunc.adamw(betas=(True, 0.999)), TypeError, r"^adamw: betas\[0\] must be .*got True \(a bool\)$"),
     (lambda: ghostfunc.adamw(betas=(0.9, 1.0)), ValueError, r"^adamw: need 0 <= betas < 1; got betas=\(0.9, 1.0\)$"),
     (lambda: ghostfunc.adamw(betas=(-0.1, 0.9)), ValueError, r"^adamw: need 0 <= betas < 1; got betas=\(-0.1, 0.9\)$"),
+    (lambda: ghostfunc.sgd(0.1, momentum=0.9, nesterov="no"), TypeError, r"^sgd: nesterov must be True or False; got 'no'$"),
 ]
+
+
+@pytest.mark.parametrize(("make", "other"), [(ghostfunc.sgd, ghostfunc.adamw), (ghostfunc.adamw, ghostfunc.sgd)])
+def test_another_optimizers_state_is_refused_naming_both(make, other) -> None:
+    """A state made by another optimizer (a resumed file, an unroll of a trajectory recorded with another one)
+    is refused by update and precondition, naming the state each expects, not an AttributeError deep inside."""
+    params = {"w": torch.zeros(2, dtype=torch.float64)}
+    opt, wrong = make(0.1), other(0.1).init(params)
+    name = opt.name
+    want = {"sgd": "SGDState", "adamw": "AdamWState"}[name]
+    with pytest.raises(TypeError, match=rf"^{name}: the optimizer state must be the {want} that {name}\(\.\.\.\)\.init "
+                                        rf"made; got {type(wrong).__name__}"):
+        opt.update({"w": torch.ones(2, dtype=torch.float64)}, wrong, params)
+    if name == "adamw":
+        with pytest.raises(TypeError, match=r"^adamw: the optimizer state must be the AdamWState"):
+            opt.precondition(params, params, wrong)
+
+
+def test_train_step_init_checks_params_as_graddot_does() -> None:
+    step = ghostfunc.train_step(lambda p, b: (b @ p["w"]) ** 2, ghostfunc.sgd(0.1))
+    with pytest.raises(TypeError, match=r"^train_step.init: params\['b'\] must be a tensor; got float$"):
+        step.init({"w": torch.zeros(2), "b": 0.5})
+    with pytest.raises(ValueError, match=r"^train_step.init: params\['w'\] is on the meta device: it holds no values"):
+        step.init({"w": torch.zeros(2, device="meta")})
 
 
 @pytest.mark.parametrize("make, error, message", BAD, ids=[str(i) for i in range(len(BAD))])

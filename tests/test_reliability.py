@@ -444,6 +444,16 @@ def test_model_fn_that_never_uses_params():
             call(model_fn, p, x, x)
 
 
+def test_a_non_finite_direction_is_refused_naming_it():
+    g = torch.Generator().manual_seed(0)
+    p = {"w": torch.randn(3, 4, generator=g, dtype=F64)}
+    x = torch.randn(5, 4, generator=g, dtype=F64)
+    u = {"w": torch.full((3, 4), float("nan"), dtype=F64)}
+    with pytest.raises(FloatingPointError, match=r"^graddot_direction: direction\['w'\] holds non-finite entries "
+                                                 r"\(12 of 12\)"):
+        ghostfunc.graddot_direction(lambda q, b: (b @ q["w"].T).pow(2).sum(1), p, x, u)
+
+
 @pytest.mark.parametrize("how", ["detach", "no_grad", "item"])
 def test_losses_without_a_gradient_path_are_refused(how):
     """Losses computed from params but handed back without an autograd path (``.detach()``, ``no_grad``, rebuilt

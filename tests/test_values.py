@@ -46,6 +46,25 @@ def test_add_errors():
         dv.add(torch.tensor([0, 1]), torch.tensor([0.0, float("nan")]))
     with pytest.raises(ValueError, match=r"^DataValues.zeros: n must be a positive int"):
         ghostfunc.DataValues.zeros(0)
+    with pytest.raises(TypeError, match=r"^DataValues.zeros: shape must be a tuple of ints >= 0 .*; got 3$"):
+        ghostfunc.DataValues.zeros(5, shape=3)  # type: ignore[arg-type]
+    for bad in (torch.tensor([1 + 2j, 3j]), torch.tensor([True, False])):  # the imaginary part was dropped
+        with pytest.raises(TypeError, match=rf"^DataValues.add: values must be real numbers .*; got {bad.dtype}$"):
+            dv.add(torch.tensor([0, 1]), bad)
+
+
+def test_save_drops_the_secant_cache_wherever_the_train_state_sits(tmp_path):
+    """A state holding a secant TrainState inside a dict (``{"train": state, ...}``) saves as the TrainState itself
+    does: its cached validation gradient (which holds the model_fn, not picklable) is left out."""
+    step = ghostfunc.train_step(linear_fn, ghostfunc.sgd(0.1), order=2, curvature="secant")
+    batch = {"x": torch.randn(3, 2, dtype=torch.float64)}
+    state, _ = step(step.init({"w": torch.zeros(2, dtype=torch.float64)}), batch, batch)
+    assert state.val_grad is not None
+    dv = ghostfunc.DataValues.zeros(3)
+    dv.save(tmp_path / "v.pt", state={"train": state, "epoch": [state, 2]})
+    _, back = ghostfunc.DataValues.load(tmp_path / "v.pt", with_state=True)
+    assert back["train"].val_grad is None and back["epoch"][0].val_grad is None and back["epoch"][1] == 2
+    torch.testing.assert_close(back["train"].params["w"], state.params["w"], rtol=0, atol=0)
 
 
 def linear_fn(p, batch):
