@@ -30,7 +30,7 @@ from ._capture import (
 from ._checks import check_compile, check_model_fn, check_options, check_pair, check_params
 from ._eager import capture_eager, summary, trace_eager, unbatchable
 from ._groups import WHOLE, Part, describe, merge_halves, refine, subset
-from ._interact import check_model, eager_stance, in_one_call, param_signature, training_flags
+from ._interact import check_model, eager_stance, guarded_run, in_one_call, param_signature, training_flags
 from ._ops import Direct, Factored
 from ._plan import DIRECTION, Plan, Usage, candidate_policies, contenders, make_plan, usages
 from ._whole import rng_state as _rng_state
@@ -695,7 +695,10 @@ def no_path(model_fn: ModelFn, params: Mapping[str, Tensor], batch: Batch, names
     if ask:
         leaves = {k: v.detach().requires_grad_(k in ask) for k, v in params.items()}
         device = next(iter(params.values())).device
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.enable_grad():
+        # as the first call's checks run it: the calls the capture replaces as it runs them (an embedding's
+        # max_norm renormalises a copy, never the parameter), a write into a parameter refused
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.enable_grad(), \
+                guarded_run(leaves):
             losses = model_fn(leaves, batch.rebuild(list(batch.tensors)))
         grads: tuple[Tensor | None, ...] = tuple(None for _ in ask)
         if isinstance(losses, Tensor) and losses.requires_grad:

@@ -144,6 +144,12 @@ class _Uses(_ParamWrites):
         return out
 
 
+def guarded_run(params: Mapping[str, Tensor]) -> Any:
+    """The mode a plain run of ``model_fn`` on ``params`` takes outside the capture: the calls the capture replaces
+    run as it runs them (:data:`ghostfunc._ops.EXACT`), a write into a parameter is refused before it happens."""
+    return _Uses(params)
+
+
 def check_model(model_fn: Callable, params: Mapping[str, Tensor], batches: tuple[Any, ...], where: str,
                 labels: tuple[str, ...] = ("train", "val")) -> None:
     """Raise if no parameter reaches ``model_fn``'s losses, or if its samples interact.
@@ -612,9 +618,9 @@ def _refuse_detached(model_fn: Callable, params: Mapping[str, Tensor], batch: Ca
     ``loss.backward()`` raises, every score would silently be 0. One run of the checked rows, random draws undone;
     a model that cannot run outside ``vmap`` is left to the capture."""
     leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
-    try:
+    try:  # under the check's mode: the calls the capture replaces run as it runs them (max_norm writes nothing)
         with torch.random.fork_rng(devices=devices), torch.enable_grad(), eager_stance(), \
-                warnings.catch_warnings():
+                warnings.catch_warnings(), _Uses(leaves):
             warnings.simplefilter("ignore")
             losses = model_fn(leaves, batch())
     except Exception:  # noqa: BLE001 - the capture reports the model's own errors

@@ -305,3 +305,25 @@ def test_a_parameter_used_without_a_gradient_path_is_left_as_torch_optim_leaves_
         for k in params:
             torch.testing.assert_close(state.params[k], leaves[k].detach(), rtol=1e-12, atol=1e-14, msg=(k, i))
     assert torch.equal(state.params["s"], params["s"])
+
+
+def test_the_gradient_path_check_writes_nothing():
+    """The plain run that looks for a gradient path (a parameter used only through ``.detach()`` here) runs the
+    calls the capture replaces as the capture does: an embedding's ``max_norm`` renormalises a copy, never the
+    state's parameters (which a plain ``F.embedding`` call would rewrite in place)."""
+    g = torch.Generator().manual_seed(0)
+    params = {"E": 3 * torch.randn(7, 4, generator=g, dtype=DT), "w": torch.randn(3, 4, generator=g, dtype=DT),
+              "s": torch.tensor(2.0, dtype=DT)}
+
+    def fn(p, batch):
+        h = F.embedding(batch["t"], p["E"], max_norm=1.0).mean(1)
+        return F.cross_entropy(F.linear(h, p["w"]) * p["s"].detach(), batch["y"], reduction="none")
+
+    batch = {"t": torch.randint(0, 7, (5, 3), generator=g), "y": torch.randint(0, 3, (5,), generator=g)}
+    step = ghostfunc.train_step(fn, ghostfunc.adamw(0.1))
+    state = step.init(params)
+    before = {k: v.clone() for k, v in state.params.items()}
+    new, _ = step(state, batch, batch)
+    for k in params:
+        assert torch.equal(state.params[k], before[k]), k
+    assert torch.equal(new.params["s"], params["s"])
