@@ -139,7 +139,8 @@ def test_add_keeps_no_inputs():
     dv = ghostfunc.DataValues.zeros(10)
     for _ in range(20):
         dv = dv.add(torch.randint(0, 10, (4,)), torch.randn(4))
-    assert set(vars(dv)) == {"total", "count", "steps", "synced"} and dv.synced is None  # synced: [N] sums too
+    assert set(vars(dv)) == {"total", "count", "steps", "synced", "loaded"} and dv.synced is None  # synced: [N] sums too
+    assert dv.loaded is False  # a flag: whether load() read it without group=
     assert dv.total.shape == (10,) and dv.count.shape == (10,)
 
 
