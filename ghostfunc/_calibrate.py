@@ -42,7 +42,10 @@ right after another one ran, on a machine whose speed may change within the race
 so the routings within :data:`TURNS_FACTOR` of the winner then take turns on the
 real ``graddot`` calls that follow (:class:`Turns`: a few dozen calls, each exact,
 timed in cycles so that the machine's speed cancels) and the fastest in use is
-cached for good. Every candidate computes the same exact numbers, the random
+cached for good. A call that runs longer than :data:`RACE_LIMIT_S` is not raced (the
+race would cost several of it): it takes the cost model's routing, and the routings
+the cost model puts within :data:`TURNS_FACTOR` of that one take turns on the calls
+that follow (a dozen calls for three routings). Every candidate computes the same exact numbers, the random
 state after the call is the winner's, and the plan says what was timed. ``"model"``:
 never race, route by the cost model alone.
 """
@@ -187,8 +190,17 @@ PRUNE_AFTER_S = 0.05
 CLOSE_FACTOR = 1.3
 COLD_FACTOR = 1.6
 #: A call whose cost-model routing runs longer than this is not raced (the race would cost several such calls,
-#: where the products, which the cost model counts well, set the time): the cost model's routing is kept.
+#: where the products, which the cost model counts well, set the time): the cost model's routing is kept for it,
+#: and the routings the model puts close to it take turns on the calls that follow (:data:`LONG_TURNS_CYCLES`).
 RACE_LIMIT_S = 0.1
+#: A long call (see :data:`RACE_LIMIT_S`) is not raced, but the routings the cost model puts within
+#: :data:`TURNS_FACTOR` of its own (at most :data:`TURNS_MAX`) take turns on the calls that follow, in
+#: :data:`LONG_TURNS_CYCLES` cycles of :data:`LONG_TURNS_BLOCK` calls (a long call's time varies little from call
+#: to call; a dozen calls in all for three routings). The cost model counts the products well but prices the
+#: kernels' memory traffic with constants fitted once: on the GPT-2-shaped sweep at T = 64 (1 s calls) its mixed
+#: routing ran 1.16x the plain step where ghost everywhere ran 0.94x.
+LONG_TURNS_CYCLES = 2
+LONG_TURNS_BLOCK = 2
 #: Measured routings kept per ``model_fn`` (a new call signature races once; every distinct padded length is one).
 MAX_SIGNATURES = 64
 #: After the race, the routings whose fastest run came within this factor of the winner's (at most
@@ -318,6 +330,7 @@ def race(model_fn: Callable, key: tuple, candidates: Sequence[Candidate], call: 
     failed: dict[str, str] = {}
     kept: tuple[float, Candidate, R, tuple[torch.Tensor, ...]] | None = None
     spent = 0.0
+    long_call = False
 
     def run(c: Candidate) -> None:
         nonlocal kept, spent
@@ -343,7 +356,8 @@ def race(model_fn: Callable, key: tuple, candidates: Sequence[Candidate], call: 
         spent = 0.0  # those costs are the call's own, not the race's: the budget counts from here
         if warmed:
             run(first)
-        if best[first.label] > RACE_LIMIT_S:  # a long call: the race would cost several; the cost model stands
+        long_call = best[first.label] > RACE_LIMIT_S
+        if long_call:  # the race would cost several such calls: the cost model's routing stands (turns below)
             order = [first]
         # round 1: every other candidate, unless the cost model puts it beyond PRUNE_FACTOR of the cheapest and
         # either the products set the time (the first run was long) or, scaled by that run, it overruns the budget
@@ -382,12 +396,21 @@ def race(model_fn: Callable, key: tuple, candidates: Sequence[Candidate], call: 
               f"{', '.join(skipped)}" if skipped else "")
            + "".join(f"; {label} failed ({e})" for label, e in failed.items()))
     choice = Choice(kept[1].paths, kept[1].label, why)
-    near = [kept[1], *sorted((c for c in merged.values() if c is not kept[1]
-                              and best.get(c.label, math.inf) <= TURNS_FACTOR * kept[0]),
-                             key=lambda c: best[c.label])][:TURNS_MAX]
-    if len(near) > 1:  # the winner is cached as taking its turn, the first of the turns
+    if long_call:  # not raced: the routings the cost model puts close to its own take turns
+        near = [kept[1], *(c for c in merged.values()  # (in the cost model's order)
+                           if c is not kept[1] and c.label not in failed
+                           and c.estimate <= TURNS_FACTOR * kept[1].estimate)][:TURNS_MAX]
+        which = f"then the routings the cost model puts within {TURNS_FACTOR:g}x of its own"
+        cycles, block = LONG_TURNS_CYCLES, LONG_TURNS_BLOCK
+    else:
+        near = [kept[1], *sorted((c for c in merged.values() if c is not kept[1]
+                                  and best.get(c.label, math.inf) <= TURNS_FACTOR * kept[0]),
+                                 key=lambda c: best[c.label])][:TURNS_MAX]
+        which = f"then the routings within {TURNS_FACTOR:g}x of the fastest"
+        cycles = TURNS_CYCLES
         block = min(TURNS_BLOCK_MAX, max(TURNS_BLOCK_MIN, math.ceil(TURNS_BLOCK_S / max(kept[0], 1e-9))))
-        _TURNS.setdefault(model_fn, {})[key] = turns = Turns(choice, near, block, clock_name)
+    if len(near) > 1:  # the winner is cached as taking its turn, the first of the turns
+        _TURNS.setdefault(model_fn, {})[key] = turns = Turns(choice, near, block, clock_name, which, cycles)
         choice = turns.choices[0]
     table[key] = choice
     return kept[2], choice
@@ -408,16 +431,17 @@ class Turns:
     as it stands, untimed.
     """
 
-    def __init__(self, winner: Choice, near: Sequence[Candidate], block: int, clock_name: str) -> None:
-        self.winner, self.block, self.clock_name = winner, block, clock_name
-        self.close = f"{winner.why}; then the routings within {TURNS_FACTOR:g}x of the fastest"
+    def __init__(self, winner: Choice, near: Sequence[Candidate], block: int, clock_name: str,
+                 close: str | None = None, cycles: int = TURNS_CYCLES) -> None:
+        self.winner, self.block, self.clock_name, self.cycles = winner, block, clock_name, cycles
+        self.close = f"{winner.why}; {close or f'then the routings within {TURNS_FACTOR:g}x of the fastest'}"
         head = f"{self.close} {TAKING_TURNS}"
         self.choices = [winner._replace(why=head, state="taking its turn") if c.label == winner.label else
                         Choice(c.paths, c.label, head, "taking its turn") for c in near]
         m = len(near)
         #: (cycle, routing) of each call, in order
-        self.schedule = [(r, (r + j) % m) for r in range(TURNS_CYCLES) for j in range(m) for _ in range(block)]
-        self.times: list[list[list[float]]] = [[[] for _ in near] for _ in range(TURNS_CYCLES)]
+        self.schedule = [(r, (r + j) % m) for r in range(cycles) for j in range(m) for _ in range(block)]
+        self.times: list[list[list[float]]] = [[[] for _ in near] for _ in range(cycles)]
         self.calls = 0
         self.lock = threading.Lock()
 
@@ -461,7 +485,7 @@ class Turns:
         overall = [statistics.median(t for cycle in self.times for t in cycle[i]) for i in range(len(self.choices))]
         timings = ", ".join(f"{c.label} {t * 1e3:.3g} ms ({r:.2f})"
                             for c, t, r in zip(self.choices, overall, score, strict=True))
-        why = (f"{self.close} took turns on {self.calls} later calls ({self.clock_name}, {TURNS_CYCLES} cycles; "
+        why = (f"{self.close} took turns on {self.calls} later calls ({self.clock_name}, {self.cycles} cycles; "
                f"median call, and median over cycles of it against the cycle's mean): {timings}; "
                f"kept {self.choices[best].label}")
         return Choice(self.choices[best].paths, self.choices[best].label, why)

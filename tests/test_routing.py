@@ -255,6 +255,46 @@ def test_close_routings_take_turns_on_later_calls_and_the_faster_in_use_is_kept(
     assert _calibrate.TAKING_TURNS not in kept.why
 
 
+def test_a_long_call_is_not_raced_but_the_routings_the_cost_model_puts_close_take_turns(monkeypatch):
+    """A call whose cost-model routing runs past RACE_LIMIT_S is not raced (only that routing runs, once or twice
+    for its warm-up): its result is returned at once. The routings the cost model puts within TURNS_FACTOR of it
+    take turns on the calls that follow, LONG_TURNS_CYCLES cycles of LONG_TURNS_BLOCK calls, and the faster in use
+    is kept; one the cost model puts far behind never runs (on the GPT-2-shaped sweep at T = 64 the cost model's
+    mixed routing ran 1.16x the plain step, ghost everywhere 0.94x)."""
+    monkeypatch.setattr(_calibrate, "RACE_LIMIT_S", 0.001)  # the calls below last 2-3 ms: "long"
+
+    def model_fn():
+        return None
+
+    work = {"model": 0.003, "close": 0.002, "far": 0.001}
+    ran = []
+
+    def call() -> str:
+        label = _calibrate._CHOICES[model_fn][("k",)].label
+        ran.append(label)
+        _busy(work[label])
+        return label
+
+    cpu = torch.device("cpu")
+    candidates = [_calibrate.Candidate("model", {"w": "ghost"}, 1.0),
+                  _calibrate.Candidate("close", {"w": "materialize"}, 1.2),
+                  _calibrate.Candidate("far", {"w": "contract"}, 3.0)]
+    result, choice = _calibrate.race(model_fn, ("k",), candidates, call, cpu)
+    assert result == "model" and set(ran) == {"model"} and len(ran) <= 2, ran
+    assert "not timed (the cost model's routing took over" in choice.why
+    assert "then the routings the cost model puts within 1.5x of its own take turns" in choice.why
+    turns = _calibrate.turns(model_fn, ("k",))
+    assert turns is not None and [c.label for c in turns.choices] == ["model", "close"]
+    ran.clear()
+    while _calibrate.turns(model_fn, ("k",)) is not None:
+        turns.take(model_fn, ("k",), call, cpu)
+    b = _calibrate.LONG_TURNS_BLOCK
+    assert ran == (["model"] * b + ["close"] * b) + (["close"] * b + ["model"] * b)
+    kept = _calibrate.tuned(model_fn, ("k",))
+    assert kept.label == "close" and kept.state == "fastest" and kept.why.endswith("kept close"), kept.why
+    assert "took turns on 8 later calls" in kept.why and "2 cycles" in kept.why
+
+
 def test_taking_turns_yields_to_an_overlapping_call_and_keeps_the_winner_when_a_call_fails():
     def model_fn():
         return None
