@@ -514,6 +514,81 @@ def test_a_diverging_run_ends_with_one_line_naming_the_step(values: str, corpus:
     assert not (out / "report.md").exists()
 
 
+def test_a_run_stopped_before_its_first_save_can_be_started_again(corpus: dict[str, Path], tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    """A run that diverges (or is interrupted, or killed) before its first save leaves config.json and
+    metrics.jsonl only: neither a new run nor --resume took that folder, so it had to be deleted by hand. Now
+    --resume says why it cannot, and the same command starts the run afresh there (those two files replaced)."""
+    out = tmp_path / "run"
+    assert main(_args(corpus, out, "--lr", "1e30", "--warmup", "0", "--optimizer", "sgd", "--steps", "5")) == 2
+    assert "(no values.pt saved yet)" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "metrics.jsonl"]
+    assert main(_args(corpus, out, "--steps", "2", "--resume")) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "there is none (the run there stopped before its first save: start it again without --resume)")
+    assert main(_args(corpus, out, "--steps", "2")) == 0
+    err = capsys.readouterr().err
+    assert f"--out {str(out)!r} held a run that stopped before its first save (config.json, metrics.jsonl, no " \
+           f"values.pt): starting it afresh" in err
+    assert json.loads((out / "config.json").read_text())["steps"] == 2
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[0] == 0  # the stale records are gone
+    (out / "values.pt").unlink()
+    (out / "notes.txt").write_text("a file the run did not write")
+    assert main(_args(corpus, out, "--steps", "2")) == 2  # anything else in the folder: refused, nothing removed
+    assert "already holds files" in capsys.readouterr().err and (out / "config.json").exists()
+
+
+def test_an_interrupted_run_ends_with_one_line(corpus: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture) -> None:
+    """Ctrl-C during the run: one line saying what is on disk and how to go on (exit code 130), not a traceback."""
+    from ghostfunc._run import loop
+
+    out = tmp_path / "run"
+    assert main(_args(corpus, out, "--steps", "4", "--stop-at", "2")) == 0
+    capsys.readouterr()
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "run", interrupted)
+    assert main(_args(corpus, out, "--steps", "4", "--resume")) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"ghostfunc train: interrupted; {out / 'values.pt'} holds the run's last save, step 2: continue with --resume")
+    fresh = tmp_path / "fresh"
+    assert main(_args(corpus, fresh, "--steps", "4")) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"ghostfunc train: interrupted; no values.pt saved yet: the same command starts the run afresh in {str(fresh)!r}")
+
+
+def test_out_reached_through_a_symbolic_link_into_the_corpus_is_refused(corpus: dict[str, Path], tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture) -> None:
+    import shutil
+
+    train = tmp_path / "train"
+    shutil.copytree(corpus["train"], train)
+    (train / "runs").mkdir()
+    (tmp_path / "link").symlink_to(train / "runs")  # --out looks outside the corpus, but lands inside it
+    args = ["train", "--train", str(train), "--val", str(corpus["val"]), *SMALL, "--steps", "1"]
+    assert main([*args, "--out", str(tmp_path / "link")]) == 2
+    assert "ghostfunc train: error: --out: expected a folder outside --train" in capsys.readouterr().err
+    (tmp_path / "train_link").symlink_to(train)  # the corpus through a link, --out inside it
+    assert main([*args[:2], str(tmp_path / "train_link"), *args[3:], "--out", str(train / "runs" / "r")]) == 2
+    assert "ghostfunc train: error: --out: expected a folder outside --train" in capsys.readouterr().err
+    assert not any((train / "runs").iterdir())
+
+
+def test_select_refuses_a_run_that_stopped_early(corpus: dict[str, Path], tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "run"
+    assert main(_args(corpus, out, "--steps", "4", "--stop-at", "2")) == 0
+    capsys.readouterr()
+    assert main(["select", "--run", str(out), "--steps", "2", "--seeds", "1"]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        f"--run: expected a finished run; {str(out)!r} saved step 2 of 4 (finish it with 'ghostfunc train --resume "
+        f"--out {out}')")
+
+
 def test_text_files_skipped_are_counted_with_the_reason(tmp_path: Path) -> None:
     (tmp_path / "t").mkdir()
     (tmp_path / "t" / "ok.txt").write_text("plain text " * 10)

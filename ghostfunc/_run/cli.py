@@ -198,14 +198,28 @@ def options(prog: str, table: dict[str, tuple[Any, str]], doc: str, argv: Sequen
     return cfg
 
 
-def check_out(out: Path, resume: bool) -> None:
-    """A fresh run needs an empty or new ``--out`` it can write; ``--resume`` needs a run there."""
+#: What a run writes before its first ``values.pt``: a folder holding only these is a run that stopped (diverged,
+#: interrupted, killed) before it saved anything, which a new run may start over.
+UNFINISHED = frozenset({"config.json", "metrics.jsonl"})
+
+
+def check_out(out: Path, resume: bool) -> list[Path]:
+    """A fresh run needs an empty or new ``--out`` it can write; ``--resume`` needs a run there.
+
+    Returns the files of a run that stopped before its first save (:data:`UNFINISHED`), which a fresh run
+    removes before it starts (nothing else is ever removed).
+    """
     has_run = (out / "values.pt").is_file()
+    held = sorted(out.iterdir()) if out.is_dir() else []
+    unfinished = bool(held) and not has_run and all(p.name in UNFINISHED and p.is_file() for p in held)
     if resume and not has_run:
-        raise UsageError(f"--resume: expected a run in --out {str(out)!r} (its values.pt); there is none")
-    if not resume and out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"--resume: expected a run in --out {str(out)!r} (its values.pt); there is none"
+                         + (" (the run there stopped before its first save: start it again without --resume)"
+                            if unfinished else ""))
+    if not resume and out.exists() and (not out.is_dir() or (held and not unfinished)):
         raise UsageError(f"--out: expected a new or empty folder (or --resume); {str(out)!r} already holds files")
     check_writable(out, "--out")
+    return held if unfinished and not resume else []
 
 
 def check_writable(folder: Path, option: str) -> None:

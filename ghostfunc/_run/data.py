@@ -318,14 +318,18 @@ def would_read(spec: str, out: Path) -> bool:
     """A later read of the corpus ``spec`` (folder or glob) would take files the run writes into ``out``."""
     if spec in ("stdlib", "") or spec.endswith(".bin") or Path(spec).is_file():
         return False
-    out_abs = Path(os.path.abspath(out))
+    # as written and with symbolic links followed (an --out that is a link into the corpus, a corpus reached by one)
+    outs = {Path(os.path.abspath(out)), Path(out).resolve()}
     if Path(spec).is_dir():
-        root = Path(os.path.abspath(spec))
-        if not out_abs.is_relative_to(root):
-            return False
-        return not any(s.startswith(".") for s in out_abs.relative_to(root).parts)
-    pattern = Path(os.path.abspath(spec)).parts
-    return any(_matches((out_abs / name).parts, pattern) for name in RUN_FILES)
+        for root in {Path(os.path.abspath(spec)), Path(spec).resolve()}:
+            for out_abs in outs:
+                if out_abs.is_relative_to(root) and not any(s.startswith(".")
+                                                            for s in out_abs.relative_to(root).parts):
+                    return True
+        return False
+    patterns = {Path(os.path.abspath(spec)).parts, Path(spec).resolve().parts}
+    return any(_matches((out_abs / name).parts, pattern) for name in RUN_FILES for out_abs in outs
+               for pattern in patterns)
 
 
 if __name__ == "__main__":  # pragma: no cover - a quick look at the embedded corpus

@@ -67,6 +67,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError(f"--run: expected a run with values (--values shapley); {str(run_dir)!r} ran --values {cfg['values']}")
         values, saved = ghostfunc.DataValues.load(run_dir / "values.pt", with_state=True)  # type: ignore[misc]
         assert isinstance(values, ghostfunc.DataValues)
+        if values.steps < cfg["steps"]:  # stopped (--stop-at, interrupted): its values cover part of the run
+            raise UsageError(f"--run: expected a finished run; {str(run_dir)!r} saved step {values.steps} of "
+                             f"{cfg['steps']} (finish it with 'ghostfunc train --resume --out {run_dir}')")
         cfg = loop.resolve_run(cfg, run_dir)  # the run's own data, whatever the current folder
         # the token cache beside the run, as the run made it (never in the current folder)
         cfg.update(resume=False, stop_at=0, values="none", progress=False, out=str(run_dir.resolve()))

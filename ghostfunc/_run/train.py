@@ -29,7 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                           cli.TRAIN_RANGES)
         cfg = loop.absolute(cfg, Path.cwd())  # config.json records absolute paths: attribute/select work from anywhere
         out = Path(cfg["out"])
-        cli.check_out(out, cfg["resume"])
+        stale = cli.check_out(out, cfg["resume"])
         for key in ("train", "val", "test"):
             if data.would_read(cfg[key], out):
                 raise data.UsageError(f"--out: expected a folder outside --{key} {cfg[key]!r}; the run's own files "
@@ -50,14 +50,33 @@ def main(argv: Sequence[str] | None = None) -> int:
                     raise data.UsageError(f"--{key.replace('_', '-')}: expected at least one chunk for each of the "
                                           f"{par.world} processes; got {cfg[key]}")
             if par.rank == 0:
+                if stale:
+                    print(f"{prog}: --out {str(out)!r} held a run that stopped before its first save "
+                          f"({', '.join(p.name for p in stale)}, no values.pt): starting it afresh", file=sys.stderr)
+                    for p in stale:
+                        p.unlink()
                 print(f"{prog}: train {data.describe(setup.train)}; validation {data.describe(setup.val)}"
                       + (f"; test {data.describe(setup.test)}" if setup.test is not None else ""), file=sys.stderr)
                 out.mkdir(parents=True, exist_ok=True)
                 loop.write_atomic(out / "config.json", json.dumps(cfg, indent=1) + "\n")
-            state, values = loop.run(setup, par)
+            try:
+                state, values = loop.run(setup, par)
+            except KeyboardInterrupt:
+                if par.rank == 0:
+                    print(f"{prog}: interrupted; {_saved(out)}", file=sys.stderr)
+                return 130
             if par.rank == 0:
                 print(report.write(out, cfg, setup.train, loop.chunk_table(setup, values)))
     except data.UsageError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _saved(out: Path) -> str:
+    """What an interrupted run leaves in ``out``: its last save, to ``--resume`` from, or none."""
+    try:
+        saved = ghostfunc.DataValues.load(out / "values.pt")
+    except (OSError, ValueError):
+        return f"no values.pt saved yet: the same command starts the run afresh in {str(out)!r}"
+    return f"{out / 'values.pt'} holds the run's last save, step {saved.steps}: continue with --resume"  # type: ignore[union-attr]
