@@ -89,9 +89,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:  # the run's factory refused its data or options (one line, exit code 2)
         parser.error(str(exc))
     total = values.total.sum(1) if args.per_step else values.total
-    k = min(args.top, len(total))
-    print(f"unrolled values of {len(total)} samples over {values.steps} steps in {seconds:.1f} s -> {target}")
+    seen = values.count.nonzero().flatten()  # samples the run drew (the others have no value, not a value of 0)
+    k = min(args.top, len(seen))
+    print(f"unrolled values of {len(total)} samples ({len(seen)} drawn by the run) over {values.steps} steps in "
+          f"{seconds:.1f} s -> {target}")
     print("sign as φ: negative = up-weighting the sample lowers the final validation loss")
-    print("most helpful:", ", ".join(f"{i}: {total[i]:.3e}" for i in total.argsort()[:k].tolist()))
-    print("most harmful:", ", ".join(f"{i}: {total[i]:.3e}" for i in total.argsort(descending=True)[:k].tolist()))
+    order = seen[total[seen].argsort()].tolist()
+    print("most helpful:", ", ".join(f"{i}: {total[i]:.3e}" for i in order[:k]))
+    print("most harmful:", ", ".join(f"{i}: {total[i]:.3e}" for i in order[::-1][:k]))
     return 0

@@ -578,6 +578,13 @@ def test_out_reached_through_a_symbolic_link_into_the_corpus_is_refused(corpus: 
     assert not any((train / "runs").iterdir())
 
 
+def test_a_run_without_values_ranks_nothing(corpus: dict[str, Path], tmp_path: Path,
+                                            capsys: pytest.CaptureFixture) -> None:
+    assert main(_args(corpus, tmp_path / "run", "--steps", "1", "--values", "none")) == 0
+    printed = capsys.readouterr().out
+    assert "no values (--values none)" in printed and "most helpful sources" not in printed
+
+
 def test_select_refuses_a_run_that_stopped_early(corpus: dict[str, Path], tmp_path: Path,
                                                  capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "run"

@@ -154,10 +154,13 @@ def write(out: Path, cfg: dict[str, Any], train: Corpus, table: dict[str, np.nda
         figure(out / "report.png", metrics, sources, rows, target)
     top = ", ".join(f"{s['source']} ({s['value']:+.3g})" for s in sources[:5])
     bottom = ", ".join(f"{s['source']} ({s['value']:+.3g})" for s in sources[::-1][:5])
+    ranked_lines = [f"  most helpful sources for {target}: {top}",
+                    f"  lowest-valued sources (harmful where negative): {bottom}"]
+    if cfg["values"] != "shapley":  # trained without valuing: every value is 0, nothing to rank
+        ranked_lines = ["  no values (--values none): the files hold the losses, every value is 0"]
     return "\n".join([
         f"ghostfunc train: {last.get('step', 0)} steps in {last.get('seconds', 0):.0f} s, "
         f"validation loss {first_eval.get('val_loss', float('nan')):.3f} -> {last_eval.get('val_loss', float('nan')):.3f} on {target}",
-        f"  most helpful sources for {target}: {top}",
-        f"  lowest-valued sources (harmful where negative): {bottom}",
+        *ranked_lines,
         f"  wrote {out}/values.pt, metrics.jsonl, values.csv ({len(rows):,} chunks), sources.csv, report.md, report.png",
     ])
