@@ -30,7 +30,7 @@ from ._capture import (
 from ._checks import check_compile, check_model_fn, check_options, check_pair, check_params
 from ._eager import capture_eager, summary, trace_eager, unbatchable
 from ._groups import WHOLE, Part, describe, merge_halves, refine, subset
-from ._interact import check_model, eager_stance, guarded_run, in_one_call, param_signature, training_flags
+from ._interact import check_model, eager_stance, in_one_call, param_signature, run_with_grads, training_flags
 from ._ops import Direct, Factored
 from ._plan import DIRECTION, Plan, Usage, candidate_policies, contenders, make_plan, usages
 from ._whole import rng_state as _rng_state
@@ -671,9 +671,13 @@ def unused(traces: tuple[Trace, ...] | None, train_grad: Mapping[str, Tensor],
         return frozenset()
     used = {name for tr in traces for site in tr.sites for _, name in site.roles} | {
         name for tr in traces for name in tr.other_uses}
-    zero = [k for k, g in train_grad.items() if not bool(g.any())]
-    cut = reach([k for k in zero if k in used]) if reach is not None and any(k in used for k in zero) else frozenset()
-    return frozenset(k for k in zero if k not in used or k in cut)
+    unreached = {k for k, g in train_grad.items() if k not in used and not bool(g.any())}
+    if reach is not None and (seen := [k for k in train_grad if k in used]):
+        # one fused pass and one host sync for the used parameters (not one per parameter, every step)
+        norms = torch.stack([n.float() for n in torch._foreach_norm([train_grad[k] for k in seen])]).tolist()
+        zero = [k for k, n in zip(seen, norms, strict=True) if n == 0]
+        unreached |= reach(zero) if zero else frozenset()
+    return frozenset(k for k in train_grad if k in unreached)
 
 
 #: ``model_fn`` -> {(parameter and batch signature, name): whether the losses have an autograd path to it}.
@@ -693,13 +697,7 @@ def no_path(model_fn: ModelFn, params: Mapping[str, Tensor], batch: Batch, names
         known = {}
     ask = [k for k in names if (key, k) not in known]
     if ask:
-        leaves = {k: v.detach().requires_grad_(k in ask) for k, v in params.items()}
-        device = next(iter(params.values())).device
-        # as the first call's checks run it: the calls the capture replaces as it runs them (an embedding's
-        # max_norm renormalises a copy, never the parameter), a write into a parameter refused
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.enable_grad(), \
-                guarded_run(leaves):
-            losses = model_fn(leaves, batch.rebuild(list(batch.tensors)))
+        leaves, losses = run_with_grads(model_fn, params, batch.rebuild(list(batch.tensors)), ask)
         grads: tuple[Tensor | None, ...] = tuple(None for _ in ask)
         if isinstance(losses, Tensor) and losses.requires_grad:
             grads = torch.autograd.grad(losses.sum(), [leaves[k] for k in ask], allow_unused=True)

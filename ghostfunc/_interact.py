@@ -144,10 +144,19 @@ class _Uses(_ParamWrites):
         return out
 
 
-def guarded_run(params: Mapping[str, Tensor]) -> Any:
-    """The mode a plain run of ``model_fn`` on ``params`` takes outside the capture: the calls the capture replaces
-    run as it runs them (:data:`ghostfunc._ops.EXACT`), a write into a parameter is refused before it happens."""
-    return _Uses(params)
+def run_with_grads(model_fn: Callable, params: Mapping[str, Tensor], batch: Any,
+                   requires: Iterable[str]) -> tuple[dict[str, Tensor], Any]:
+    """``(leaves, model_fn(leaves, batch))``: a plain run with gradients on, ``leaves`` detached aliases of ``params``
+    (those named in ``requires`` requiring gradients), random draws undone, and as the first call's checks run it:
+    the calls the capture replaces run as it runs them (:data:`ghostfunc._ops.EXACT`: an embedding's ``max_norm``
+    renormalises a copy, never the parameter), a write into a parameter refused before it happens."""
+    need = set(requires)
+    leaves = {k: v.detach().requires_grad_(k in need) for k, v in params.items()}
+    device = next(iter(params.values())).device
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []), torch.enable_grad(), \
+            eager_stance(), warnings.catch_warnings(), _Uses(leaves):
+        warnings.simplefilter("ignore")
+        return leaves, model_fn(leaves, batch)
 
 
 def check_model(model_fn: Callable, params: Mapping[str, Tensor], batches: tuple[Any, ...], where: str,
@@ -607,22 +616,17 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
     if alone is not None:  # dropout-like draws differ batched and alone; one sample cannot interact
         rounding = coarsest([*params.values(), *batch.tensors, together])  # float64 losses of a float32 model
         _compare(together.detach(), torch.cat(alone).detach(), label, chosen, rounding)
-    _refuse_detached(model_fn, params, lambda: rows(0, k), devices)
+    _refuse_detached(model_fn, params, lambda: rows(0, k))
     return k > 1
 
 
-def _refuse_detached(model_fn: Callable, params: Mapping[str, Tensor], batch: Callable[[], Any],
-                     devices: list[int]) -> None:
+def _refuse_detached(model_fn: Callable, params: Mapping[str, Tensor], batch: Callable[[], Any]) -> None:
     """Raise :class:`ParamsUnusedError` if the losses of a run with gradients on have no autograd path to any
     parameter (computed under ``no_grad``, ``.detach()``-ed, taken through ``.item()``): where plain PyTorch's
     ``loss.backward()`` raises, every score would silently be 0. One run of the checked rows, random draws undone;
     a model that cannot run outside ``vmap`` is left to the capture."""
-    leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
-    try:  # under the check's mode: the calls the capture replaces run as it runs them (max_norm writes nothing)
-        with torch.random.fork_rng(devices=devices), torch.enable_grad(), eager_stance(), \
-                warnings.catch_warnings(), _Uses(leaves):
-            warnings.simplefilter("ignore")
-            losses = model_fn(leaves, batch())
+    try:
+        _, losses = run_with_grads(model_fn, params, batch(), params)
     except Exception:  # noqa: BLE001 - the capture reports the model's own errors
         return
     if isinstance(losses, Tensor) and losses.is_floating_point() and not losses.requires_grad:

@@ -50,10 +50,11 @@ def test_attribute_of_a_recorded_run_is_unroll_on_its_trajectory(recorded: Path,
     assert "unrolled values of" in printed and f"({int((values.count > 0).sum())} drawn by the run)" in printed
     got = ghostfunc.DataValues.load(recorded / "trajectory" / "unrolled.pt")
     assert isinstance(got, ghostfunc.DataValues)
-    for line in printed.splitlines():  # only samples the run drew are ranked (unseen ones have no value)
-        if line.startswith(("most helpful:", "most harmful:")):
-            ids = [int(item.split(":")[0]) for item in line.split(": ", 1)[1].split(", ")]
-            assert ids and all(int(got.count[i]) > 0 for i in ids), line
+    ranked = [line for line in printed.splitlines() if line.startswith(("most helpful:", "most harmful:"))]
+    assert len(ranked) == 2, printed
+    for line in ranked:  # only samples the run drew are ranked (unseen ones have no value)
+        ids = [int(item.split(":")[0]) for item in line.split(": ", 1)[1].split(", ")]
+        assert ids and all(int(got.count[i]) > 0 for i in ids), line
 
     cfg = json.loads((recorded / "config.json").read_text())  # the run rebuilt by hand, not by the spec's factory
     setup = loop.prepare(cfg)
