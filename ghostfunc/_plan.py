@@ -237,7 +237,8 @@ def make_plan(params: Mapping[str, Tensor], use: Mapping[str, Usage], policy: st
         if u.form is None:
             routes[k] = Route(k, shape, "fallback", u.reason, u.uses)
         elif u.form == "direct":
-            routes[k] = Route(k, shape, "direct", "elementwise: per-sample gradient kept whole", u.uses)
+            what = "grouped conv" if any(kind.endswith("(grouped)") for kind in u.uses) else "elementwise"
+            routes[k] = Route(k, shape, "direct", f"{what}: per-sample gradient kept whole", u.uses)
         else:
             p = shape[0]
             d = params[k].numel() // max(p, 1)

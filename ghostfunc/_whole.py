@@ -131,6 +131,8 @@ class _Taps(TorchFunctionMode):
             return func(*args, **kwargs)
         rule = TABLE.get(func)
         match = rule.match(args, kwargs) if rule is not None else None
+        if match is not None and match.rule is not None:
+            rule = match.rule
         roles = matched_roles(match, self.names, found)
         out = func(*args, **kwargs)
         if func in CONVERSIONS and args and args[0] is found[0] and unchanged(out, found[0], args, kwargs):

@@ -6,7 +6,10 @@ the model has a sequence axis).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import warnings
+
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -81,18 +84,29 @@ def seq(vocab: int, d: int, norm: str, bias: bool, padding_idx: int | None, tied
     return model_fn, _params(net), make
 
 
-def conv(dims: int, c: int, k: int, stride: int, padding: int, dilation: int, bias: bool, dtype: torch.dtype,
-         size: int = 7) -> Built:
+@contextlib.contextmanager
+def _padded_copy_noted() -> Iterator[None]:
+    """Without torch's note that ``padding="same"`` with an even kernel pads a copy of the input."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Using padding='same'")
+        yield
+
+
+def conv(dims: int, c: int, k: int, stride: int, padding: int | str, dilation: int, bias: bool, dtype: torch.dtype,
+         size: int = 7, groups: int = 1) -> Built:
+    """A conv (``2·groups`` input and ``c·groups`` output channels), tanh and a linear head."""
     conv_cls = nn.Conv1d if dims == 1 else nn.Conv2d
-    body = conv_cls(2, c, k, stride=stride, padding=padding, dilation=dilation, bias=bias)
-    shape = (2,) + (size,) * dims
-    with torch.no_grad():
+    body = conv_cls(2 * groups, c * groups, k, stride=stride, padding=padding, dilation=dilation, bias=bias,
+                    groups=groups)
+    shape = (2 * groups,) + (size,) * dims
+    with torch.no_grad(), _padded_copy_noted():
         out_numel = body(torch.zeros(1, *shape)).numel()
     net = nn.Sequential(body, nn.Tanh(), nn.Flatten(), nn.Linear(out_numel, 3, bias=bias)).to(dtype)
 
     def model_fn(p: dict, batch: tuple) -> torch.Tensor:
         x, y = batch
-        return F.cross_entropy(functional_call(net, p, (x,)), y, reduction="none")
+        with _padded_copy_noted():
+            return F.cross_entropy(functional_call(net, p, (x,)), y, reduction="none")
 
     def make(n: int, t: int, g: torch.Generator) -> tuple:
         del t

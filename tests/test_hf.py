@@ -595,6 +595,22 @@ def test_an_image_classifier_without_input_embeddings() -> None:
     check_against_loop(model_fn, params, batch, {k: v[:M] for k, v in batch.items()}, 1e-10, ("resnet", "image"))
 
 
+def test_a_convnext_whose_depthwise_convs_are_recognised() -> None:
+    """ConvNeXt's 7x7 depthwise convs (``groups = channels``) keep their weights' per-sample gradients whole:
+    recognised (no fallback), so the whole batch runs in one pass, and exact."""
+    tf = transformers
+    model = tf.ConvNextForImageClassification(tf.ConvNextConfig(
+        num_channels=3, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, num_labels=3, patch_size=2)).to(F64).eval()
+    model_fn, params = ghostfunc.from_module(model, ghostfunc.classification_loss)
+    g = torch.Generator().manual_seed(1)
+    batch = {"pixel_values": torch.randn(3, 3, 16, 16, generator=g, dtype=F64), "labels": torch.tensor([0, 2, 1])}
+    val = {k: v[:M] for k, v in batch.items()}
+    routes = ghostfunc.plan(model_fn, params, batch, val).routes
+    assert {r.path for k, r in routes.items() if "dwconv" in k} == {"direct"}
+    assert not [k for k, r in routes.items() if r.path == "fallback"]
+    check_against_loop(model_fn, params, batch, val, 1e-10, ("convnext", "image"))
+
+
 def test_an_encoder_decoder_that_shifts_its_labels_in_forward() -> None:
     """Whisper has no ``prepare_decoder_input_ids_from_labels``: its forward shifts ``labels`` itself. from_module
     builds the decoder inputs the same way (``decoder_start_token_id``, then the labels but the last), so a batch

@@ -88,11 +88,19 @@ def test_sequence_models(d, norm, bias, padding, tied, shared, n, m, t, s, seed)
 
 
 @given(dims=st.sampled_from([1, 2]), c=st.integers(1, 3), k=st.integers(1, 3), stride=st.integers(1, 2),
-       padding=st.integers(0, 1), dilation=st.integers(1, 2), bias=st.booleans(),
-       n=sizes, m=st.integers(1, 3), seed=st.integers(0, 2**16))
-def test_convnets(dims, c, k, stride, padding, dilation, bias, n, m, seed):
+       padding=st.sampled_from([0, 1, "valid", "same"]), dilation=st.integers(1, 2), bias=st.booleans(),
+       groups=st.sampled_from([1, 2]), n=sizes, m=st.integers(1, 3), seed=st.integers(0, 2**16))
+@example(dims=2, c=1, k=2, stride=1, padding="same", dilation=1, bias=True, groups=2, n=2, m=2, seed=0)
+def test_convnets(dims, c, k, stride, padding, dilation, bias, groups, n, m, seed):
+    """Convs with strides, dilations, padding (numbers, "valid", "same": an even kernel pads one side more)
+    and groups (a grouped conv's weight gradient is kept whole per sample)."""
     torch.manual_seed(seed)
-    assert_exact(_models.conv(dims, c, k, stride, padding, dilation, bias, F64), n, m, 1, 1, seed)
+    stride = 1 if padding == "same" else stride  # torch allows "same" with stride 1 only
+    built = _models.conv(dims, c, k, stride, padding, dilation, bias, F64, groups=groups)
+    assert_exact(built, n, m, 1, 1, seed)
+    if groups > 1:  # recognised, not the fallback
+        one = built[2](1, 1, torch.Generator())
+        assert ghostfunc.plan(built[0], built[1], one, one).routes["0.weight"].path == "direct"
 
 
 @pytest.mark.parametrize("tied", [True, False])

@@ -44,12 +44,15 @@ class Match(NamedTuple):
 
     ``roles`` maps a role (``"weight"``, ``"bias"``) to the tensor in that role;
     ``saved`` are the tensors the rule needs after the backward pass (per sample);
-    ``static`` is whatever non-tensor configuration it needs (eps, stride...).
+    ``static`` is whatever non-tensor configuration it needs (eps, stride...);
+    ``rule``, when set, is the rule that handles this call instead of the table's
+    (a grouped conv keeps its weight's per-sample gradient whole: another form).
     """
 
     roles: dict[str, Tensor]
     saved: tuple[Tensor, ...]
     static: Any
+    rule: Any = None
 
 
 class Rule(NamedTuple):
