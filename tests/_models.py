@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-
 from collections.abc import Callable, Iterator
 from typing import Any
 
