@@ -169,6 +169,27 @@ def _hashable(x: Any) -> Any:
     return (type(x), x)
 
 
+class AutogradStateRead(RuntimeError):
+    """``model_fn`` read a tensor's ``requires_grad`` or put a gradient hook on one under ``vmap``.
+
+    There neither is what a plain run shows (batched tensors report ``requires_grad=False``,
+    a hook cannot be registered, a module's backward hooks are skipped), so the
+    batched capture refuses and the per-sample path, with ordinary autograd, runs
+    (:func:`ghostfunc._eager.unbatchable`): the branch, the hook or the module hook then
+    act as they do in a plain backward.
+    """
+
+
+#: ``Tensor.requires_grad``'s descriptor: its reads reach ``__torch_function__`` as its ``__get__``.
+_REQUIRES_GRAD = torch._C.TensorBase.__dict__["requires_grad"]
+
+
+def reads_autograd_state(func: Any) -> bool:
+    """Whether ``func`` reads a tensor's ``requires_grad`` (a module's backward hooks do, to set up) or registers
+    a gradient hook on it."""
+    return func is Tensor.register_hook or getattr(func, "__self__", None) is _REQUIRES_GRAD
+
+
 class _Interceptor(TorchFunctionMode):
     """Recognises calls on trainable parameters; traces them, or taps them.
 
@@ -197,6 +218,8 @@ class _Interceptor(TorchFunctionMode):
 
     #: Answer data-dependent branches under ``vmap`` (:func:`_agreed_value`).
     follow_branches = True
+    #: The model runs under ``vmap``: a read of autograd state raises :class:`AutogradStateRead`.
+    batched = True
 
     def __enter__(self) -> _Interceptor:
         # torch.compile'd code runs eagerly in here: dynamo traced this mode (taps, saved inputs) into its
@@ -222,6 +245,9 @@ class _Interceptor(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
+        if self.batched and reads_autograd_state(func):
+            raise AutogradStateRead(f"model_fn reads requires_grad or registers a gradient hook ({_name(func)}), "
+                                    f"which tensors under vmap do not show as a plain run does")
         hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
         if hooks is not None and "checkpoint" in getattr(hooks[0], "__qualname__", ""):
             return _without_checkpoint(self, hooks, func, types, args, kwargs)

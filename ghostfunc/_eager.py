@@ -46,6 +46,7 @@ from ._capture import (
     _rephrase,
     _Stale,
     cached_trace,
+    reads_autograd_state,
 )
 from ._groups import Part, merge_halves
 from ._ops import Direct, Factored, Rule
@@ -73,6 +74,7 @@ class _EagerInterceptor(_Interceptor):
     """
 
     follow_branches = False  # no vmap: each sample takes its own branch
+    batched = False  # reads of requires_grad and gradient hooks act as in a plain run (below)
 
     def __init__(self, names: dict[int, str], tracing: bool) -> None:
         super().__init__(names, None if tracing else ())
@@ -82,6 +84,11 @@ class _EagerInterceptor(_Interceptor):
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         if func in _AUTOGRAD:
             self.autograd_calls.append(_name(func))
+        elif reads_autograd_state(func) and args and id(args[0]) in self.names:
+            if self.taps is None:  # tracing: the parameter (a leaf here) takes the leaf path in the capture too,
+                self.other_uses.setdefault(self.names[id(args[0])], _name(func))  # hooks and all
+            elif func is not Tensor.register_hook:  # a recognised parameter is no leaf in the capture: it reads
+                return True  # as the trace's leaf did
         return super().__torch_function__(func, types, args, kwargs)
 
     def _rule(self, func: Any) -> Rule | None:

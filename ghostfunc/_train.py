@@ -127,8 +127,9 @@ def _carried(after: ValGrad | None, params: Params) -> ValGrad | None:
     next step computes ``ḡ_val`` at its own parameters."""
     if after is None or not all(torch.equal(params[k], after.params[k]) for k in params):
         return None
-    # the next state's own tensors: matched by identity and version counter (a write in place since misses)
-    return after._replace(params=params, versions=versions(params))
+    # the next state's own tensors: matched by identity and version counter (a write in place since misses), held
+    # in a dict of its own (the state's dict is the user's: a tensor put in it later must not change the record)
+    return after._replace(params=dict(params), versions=versions(params))
 
 
 def train_step(model_fn: Callable[[Params, Any], Tensor], optimizer: Optimizer, *, order: int = 1,

@@ -415,16 +415,54 @@ def maml_inner_step(p, x):
     return F.linear(torch.tanh(F.linear(x.flip(1), q["W1"], q["b1"])), q["W2"]).sin().sum(1)
 
 
+def tensor_hook(p, x):
+    """A gradient-scaling hook on an activation, put where it requires grad (the usual guard)."""
+    h = F.linear(x, p["W1"], p["b1"]) * 1
+    if h.requires_grad:
+        h.register_hook(lambda g: g * 2)
+    return F.linear(torch.tanh(h), p["W2"]).pow(2).sum(1)
+
+
+_SCALED = nn.Tanh()  # a module whose full backward hook triples the gradient it passes back
+_SCALED.register_full_backward_hook(lambda module, grad_in, grad_out: (grad_in[0] * 3,))
+
+
+def module_backward_hook(p, x):
+    return F.linear(_SCALED(F.linear(x, p["W1"], p["b1"])), p["W2"]).pow(2).sum(1)
+
+
+def frozen_unless_trainable(p, x):
+    """A branch on a parameter's requires_grad: in a plain run the parameter is a leaf that requires grad."""
+    w1 = p["W1"] if p["W1"].requires_grad else p["W1"].detach()
+    return F.linear(torch.tanh(F.linear(x, w1, p["b1"])), p["W2"]).pow(2).sum(1)
+
+
+def parameter_hook(p, x):
+    """A hook on a parameter itself: it changes that parameter's gradient."""
+    if p["W2"].requires_grad:
+        p["W2"].register_hook(lambda g: g * 0.5)
+    return F.linear(torch.tanh(F.linear(x, p["W1"], p["b1"])), p["W2"]).pow(2).sum(1)
+
+
+AUTOGRAD_STATE = [tensor_hook, module_backward_hook, frozen_unless_trainable, parameter_hook]
+
+
 @pytest.mark.parametrize("model_fn", [old_function, input_grad_penalty, inner_vmap, moe_nonzero, moe_where,
-                                      maml_inner_step],
+                                      maml_inner_step, *AUTOGRAD_STATE],
                          ids=lambda f: f.__name__)
 def test_untransformable_models_run_sample_by_sample(model_fn):
+    """Models vmap cannot run, and models that read autograd state (requires_grad, gradient hooks, a module's
+    backward hooks), which tensors under vmap do not show as a plain run does: one sample at a time."""
     p = _mlp(7)
     x, xv = _split_data(8, n=5, m=3)
     plan = check_all("per-sample " + model_fn.__name__, model_fn, p, x, xv)
     assert "per-sample capture" in notes(plan)
     if model_fn in (input_grad_penalty, maml_inner_step):  # params also enter the model's own backward: leaves
         assert all(r.path == "fallback" and "autograd.grad" in r.reason for r in plan.routes.values())
+    elif model_fn in (frozen_unless_trainable, parameter_hook):  # the parameter read or hooked: a leaf, as plainly
+        read = "W1" if model_fn is frozen_unless_trainable else "W2"
+        assert plan.routes[read].path == "fallback" and "requires_grad" in plan.routes[read].reason
+        assert plan.routes["b1"].path == "direct"
     elif model_fn is not inner_vmap:
         assert plan.routes["W1"].path in ("ghost", "materialize", "contract")  # taps kept
 
@@ -519,21 +557,22 @@ def test_hf_mixtral_routing(hf, experts, dtype):
     assert ("per-sample capture" in notes(plan)) == (experts == "eager")  # nonzero routing: sample by sample
 
 
-def test_inrun_shapley_and_train_step_on_the_per_sample_path():
+@pytest.mark.parametrize("model_fn", [moe_nonzero, tensor_hook, module_backward_hook], ids=lambda f: f.__name__)
+def test_inrun_shapley_and_train_step_on_the_per_sample_path(model_fn):
     p = _mlp(11)
     x, xv = _split_data(12, n=4, m=3)
-    gt, _ = per_sample_grads(moe_nonzero, p, x)
-    gv, _ = per_sample_grads(moe_nonzero, p, xv)
+    gt, _ = per_sample_grads(model_fn, p, x)
+    gv, _ = per_sample_grads(model_fn, p, xv)
     scores = sum(gt[k].flatten(1) @ gv[k].flatten(1).mean(0) for k in p)
     lr, n = 0.1, len(x)
-    assert rel(ghostfunc.inrun_shapley(moe_nonzero, p, x, xv, lr=lr), -lr / n * scores) < 1e-10
-    step = ghostfunc.train_step(moe_nonzero, ghostfunc.sgd(lr))
+    assert rel(ghostfunc.inrun_shapley(model_fn, p, x, xv, lr=lr), -lr / n * scores) < 1e-10
+    step = ghostfunc.train_step(model_fn, ghostfunc.sgd(lr))
     state, info = step(step.init(p), x, xv)
     assert rel(info.values, -lr / n * scores) < 1e-10
     for k in p:
         torch.testing.assert_close(state.params[k], p[k] - lr * gt[k].mean(0), rtol=1e-12, atol=1e-14)
     # order 2: the validation gradient and Hessian-vector product also go sample by sample
-    assert rel(ghostfunc.inrun_shapley(moe_nonzero, p, x, xv, lr=lr, order=2), order2(moe_nonzero, p, x, xv, lr)) < 1e-10
+    assert rel(ghostfunc.inrun_shapley(model_fn, p, x, xv, lr=lr, order=2), order2(model_fn, p, x, xv, lr)) < 1e-10
 
 
 # --------------------------------------------------------------------------- what is not swallowed

@@ -195,13 +195,15 @@ def bag_fn(p, batch):  # token embeddings, averaged, then a linear head: a row s
     return F.cross_entropy(F.linear(torch.tanh(h), p["w"]), batch["y"], reduction="none")
 
 
-@pytest.mark.parametrize("edit", ["no_grad view", "renorm_", "detached alias", "replaced, equal values", "none"])
+@pytest.mark.parametrize("edit", ["no_grad view", "renorm_", "detached alias", "a new tensor in the state's dict",
+                                  "replaced, equal values", "none"])
 def test_train_step_recomputes_when_the_states_parameters_are_written_in_place(edit, monkeypatch):
     """The carried ḡ_val(θ') was taken at the state's own parameter tensors: a write into them between steps (a
     max-norm projection of some rows, a clamp) makes the next step take it again, and its values equal a fresh
     secant step at the edited parameters. The edits touch embedding rows the first validation row does not
-    read, so its loss (the backup check) cannot see them: the values once reused the stale gradient (7e-2 off).
-    New tensors of equal values still reuse it."""
+    read, so its loss (the backup check) cannot see them: the values once reused the stale gradient (7e-2 off; a
+    new tensor put in the state's own dict 26% off: the record held that dict). New tensors of equal values
+    still reuse it."""
     g = torch.Generator().manual_seed(5)
     params = {"emb": torch.randn(11, 4, generator=g, dtype=DT), "w": torch.randn(3, 4, generator=g, dtype=DT)}
     val = {"t": torch.tensor([[0, 1, 2], [7, 8, 9]]), "y": torch.tensor([0, 1])}
@@ -218,6 +220,9 @@ def test_train_step_recomputes_when_the_states_parameters_are_written_in_place(e
             state.params["emb"][7:10].renorm_(2, 0, 0.1)
         elif edit == "detached alias":
             state.params["emb"].detach()[8].add_(0.5)
+        elif edit == "a new tensor in the state's dict":  # out of place, put in the dict the state holds
+            emb = state.params["emb"]
+            state.params["emb"] = torch.cat([emb[:7], 3.0 * emb[7:10], emb[10:]])
         elif edit == "replaced, equal values":
             state = state._replace(params={k: v.clone() for k, v in state.params.items()})
     want = ghostfunc.inrun_shapley(bag_fn, {k: v.clone() for k, v in state.params.items()}, train[1], val, lr=0.5,
