@@ -91,6 +91,21 @@ def test_later_calls_run_compiled_and_stay_exact() -> None:
         assert not notes[0] and notes[2:] == [True, True], (reduce, notes)
 
 
+@pytest.mark.parametrize("policy", ["ghost", "materialize", "contract"])
+def test_each_kernel_compiles(policy: str) -> None:
+    """Every whole-call kernel, tokens per sample (the Gram kernel centres each row's tokens), compiled."""
+    net, params = mlp(3)
+
+    def fn(p, batch):
+        x, y = batch
+        return ((functional_call(net, p, (x,)).squeeze(-1) - y) ** 2).mean(1)
+
+    x, y = torch.randn(9, 4, 5, dtype=F64), torch.randn(9, 4, dtype=F64)
+    for _ in range(3):
+        out = check(fn, params, (x[:5], y[:5]), (x[5:], y[5:]), policy=policy)
+    assert NOTE in out.plan.notes and {r.path for r in out.plan.routes.values()} == {policy, "direct"}
+
+
 def test_a_small_cnn_in_float32() -> None:
     torch.manual_seed(1)
     net = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
