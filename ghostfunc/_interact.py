@@ -55,6 +55,10 @@ class ParamsUnusedError(ValueError):
     """No tensor of ``params`` reaches ``model_fn``'s computation."""
 
 
+class LossShapeError(ValueError):
+    """``model_fn`` returned something other than one loss per sample for a batch of several samples."""
+
+
 class StateWrittenError(ValueError):
     """``model_fn`` writes another value into a module's buffer on every call, in place (running statistics in
     training mode, spectral_norm's power iteration, a counter), or writes into one of ``params``: the runs of one
@@ -179,7 +183,7 @@ def check_model(model_fn: Callable, params: Mapping[str, Tensor], batches: tuple
             continue
         try:
             compared = _check_batch(model_fn, params, batch, label)
-        except (SamplesInteractError, ParamsUnusedError, StateWrittenError) as err:
+        except (SamplesInteractError, ParamsUnusedError, StateWrittenError, LossShapeError) as err:
             if str(err).startswith(where):
                 raise
             raise type(err)(f"{where}: {err}") from None
@@ -582,6 +586,11 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
         try:
             with mode:  # the mode also runs the calls the capture replaces (EXACT), as the capture would
                 together = model_fn(dict(params), rows(0, k))
+                if isinstance(together, Tensor) and together.shape != (k,):  # e.g. a batch mean kept as [1]:
+                    hint = " (a loss reduced over the batch? use reduction='none')" if together.numel() == 1 else ""
+                    raise LossShapeError(  # one sample alone cannot show it
+                        f"model_fn(params, batch) must return one loss per sample, a tensor of shape [B]; for "
+                        f"{k} {label} samples it returned shape {tuple(together.shape)}{hint}")
                 watch.after_first()
                 random = mode.random or not all(torch.equal(a, b)
                                                 for a, b in zip(before, _rng_states(devices), strict=True))
@@ -599,7 +608,7 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
                             break
                 if alone is None and watch.first_wrote():  # one run only: a second tells an update from a fill
                     model_fn(dict(params), rows(0, k))
-        except (SamplesInteractError, InPlaceWriteError, StateWrittenError):
+        except (SamplesInteractError, InPlaceWriteError, StateWrittenError, LossShapeError):
             raise
         except Exception:  # noqa: BLE001 - a model that runs only under vmap: the capture reports its own errors
             _refuse_param_writes(params, versions)

@@ -283,8 +283,26 @@ def test_error_model_fn_returns_scalar():
 
 def test_error_model_fn_returns_wrong_shape():
     model_fn, params, batch = _mlp()
-    with pytest.raises(ValueError, match=r"^graddot: .*shape \(1, 2\)"):
+    with pytest.raises(ValueError, match=r"^graddot: .*for 3 train samples it returned shape \(3, 2\)$"):
         ghostfunc.graddot(lambda p, b: model_fn(p, b)[:, None].expand(-1, 2), params, batch, batch)
+
+
+@pytest.mark.parametrize("entry", ["graddot", "train_step", "inrun_shapley"])
+@pytest.mark.parametrize("losses", ["batch mean kept as [1]", "one row short"])
+def test_error_model_fn_returns_losses_not_one_per_sample(entry, losses):
+    """Shapes that are right for one sample alone (where the capture runs each) but not for the batch: a
+    batch mean kept as ``[1]`` was once accepted, each sample's "mean" taken alone."""
+    model_fn, params, batch = _mlp()
+    shaped = {"batch mean kept as [1]": lambda p, b: model_fn(p, b).mean().unsqueeze(0),
+              "one row short": lambda p, b: model_fn(p, b)[: max(len(b[0]) - 1, 1)]}[losses]
+    want = r"\(1,\) \(a loss reduced over the batch" if losses.startswith("batch") else r"\(2,\)$"
+    run = {"graddot": lambda: ghostfunc.graddot(shaped, params, batch, batch),
+           "train_step": lambda: (step := ghostfunc.train_step(shaped, ghostfunc.sgd(0.1)))(step.init(params),
+                                                                                             batch, batch),
+           "inrun_shapley": lambda: ghostfunc.inrun_shapley(shaped, params, batch, batch, lr=0.1)}[entry]
+    with pytest.raises(ValueError, match=rf"^{entry}: model_fn\(params, batch\) must return one loss per sample.*"
+                                         rf"for 3 train samples it returned shape {want}"):
+        run()
 
 
 def test_error_structure_mismatch():
