@@ -187,7 +187,8 @@ _REQUIRES_GRAD = torch._C.TensorBase.__dict__["requires_grad"]
 def reads_autograd_state(func: Any) -> bool:
     """Whether ``func`` reads a tensor's ``requires_grad`` (a module's backward hooks do, to set up) or registers
     a gradient hook on it."""
-    return func is Tensor.register_hook or getattr(func, "__self__", None) is _REQUIRES_GRAD
+    return func is Tensor.register_hook or (getattr(func, "__self__", None) is _REQUIRES_GRAD
+                                            and getattr(func, "__name__", "") == "__get__")
 
 
 class _Interceptor(TorchFunctionMode):
