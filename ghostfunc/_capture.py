@@ -170,25 +170,30 @@ def _hashable(x: Any) -> Any:
 
 
 class AutogradStateRead(RuntimeError):
-    """``model_fn`` read a tensor's ``requires_grad`` or put a gradient hook on one under ``vmap``.
+    """``model_fn`` read a tensor's ``requires_grad``, ``grad_fn`` or ``is_leaf`` or put a gradient hook on one
+    under ``vmap``.
 
-    There neither is what a plain run shows (batched tensors report ``requires_grad=False``,
-    a hook cannot be registered, a module's backward hooks are skipped), so the
+    There none is what a plain run shows (batched tensors report ``requires_grad=False``
+    and no ``grad_fn``, a hook cannot be registered, a module's backward hooks are skipped), so the
     batched capture refuses and the per-sample path, with ordinary autograd, runs
     (:func:`ghostfunc._eager.unbatchable`): the branch, the hook or the module hook then
     act as they do in a plain backward.
     """
 
 
-#: ``Tensor.requires_grad``'s descriptor: its reads reach ``__torch_function__`` as its ``__get__``.
-_REQUIRES_GRAD = torch._C.TensorBase.__dict__["requires_grad"]
+#: The descriptors of ``Tensor.requires_grad``, ``grad_fn`` and ``is_leaf``: their reads reach
+#: ``__torch_function__`` as their ``__get__``.
+REQUIRES_GRAD, _GRAD_FN, _IS_LEAF = (torch._C.TensorBase.__dict__[k] for k in ("requires_grad", "grad_fn", "is_leaf"))
 
 
 def reads_autograd_state(func: Any) -> bool:
-    """Whether ``func`` reads a tensor's ``requires_grad`` (a module's backward hooks do, to set up) or registers
-    a gradient hook on it."""
-    return func is Tensor.register_hook or (getattr(func, "__self__", None) is _REQUIRES_GRAD
-                                            and getattr(func, "__name__", "") == "__get__")
+    """Whether ``func`` reads a tensor's ``requires_grad``, ``grad_fn`` or ``is_leaf`` (a module's backward hooks
+    do, to set up: a full hook the first, the older ``register_backward_hook`` the second) or registers a
+    gradient hook on it."""
+    if func is Tensor.register_hook:
+        return True
+    owner = getattr(func, "__self__", None)
+    return (owner is REQUIRES_GRAD or owner is _GRAD_FN or owner is _IS_LEAF) and getattr(func, "__name__", "") == "__get__"
 
 
 class _Interceptor(TorchFunctionMode):
@@ -247,7 +252,7 @@ class _Interceptor(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         if self.batched and reads_autograd_state(func):
-            raise AutogradStateRead(f"model_fn reads requires_grad or registers a gradient hook ({_name(func)}), "
+            raise AutogradStateRead(f"model_fn reads autograd state or registers a gradient hook ({_name(func)}), "
                                     f"which tensors under vmap do not show as a plain run does")
         hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
         if hooks is not None and "checkpoint" in getattr(hooks[0], "__qualname__", ""):

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from ._capture import (
     CHECKPOINT_NOTE,
+    REQUIRES_GRAD,
     Batch,
     Half,
     ModelFn,
@@ -85,10 +86,13 @@ class _EagerInterceptor(_Interceptor):
         if func in _AUTOGRAD:
             self.autograd_calls.append(_name(func))
         elif reads_autograd_state(func) and args and id(args[0]) in self.names:
+            name = self.names[id(args[0])]
             if self.taps is None:  # tracing: the parameter (a leaf here) takes the leaf path in the capture too,
-                self.other_uses.setdefault(self.names[id(args[0])], _name(func))  # hooks and all
-            elif func is not Tensor.register_hook:  # a recognised parameter is no leaf in the capture: it reads
-                return True  # as the trace's leaf did
+                self.other_uses.setdefault(name, _name(func))  # hooks and all
+            elif func is Tensor.register_hook:  # a sample the trace did not show hooks a recognised parameter
+                raise _Stale(f"a gradient hook on {name} for a sample other than the first (traced) one")
+            elif getattr(func, "__self__", None) is REQUIRES_GRAD:  # a recognised parameter is no leaf in the
+                return True  # capture: it reads as the trace's leaf did (grad_fn and is_leaf read as a leaf's)
         return super().__torch_function__(func, types, args, kwargs)
 
     def _rule(self, func: Any) -> Rule | None:

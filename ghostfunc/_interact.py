@@ -587,7 +587,8 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
             with mode:  # the mode also runs the calls the capture replaces (EXACT), as the capture would
                 together = model_fn(dict(params), rows(0, k))
                 if isinstance(together, Tensor) and together.shape != (k,):  # e.g. a batch mean kept as [1]:
-                    hint = " (a loss reduced over the batch? use reduction='none')" if together.numel() == 1 else ""
+                    reduced = k > 1 and together.dim() <= 1 and together.numel() == 1
+                    hint = " (a loss reduced over the batch? use reduction='none')" if reduced else ""
                     raise LossShapeError(  # one sample alone cannot show it
                         f"model_fn(params, batch) must return one loss per sample, a tensor of shape [B]; for "
                         f"{k} {label} samples it returned shape {tuple(together.shape)}{hint}")

@@ -444,7 +444,40 @@ def parameter_hook(p, x):
     return F.linear(torch.tanh(F.linear(x, p["W1"], p["b1"])), p["W2"]).pow(2).sum(1)
 
 
-AUTOGRAD_STATE = [tensor_hook, module_backward_hook, frozen_unless_trainable, parameter_hook]
+def grad_fn_branch(p, x):
+    """A branch on an activation's grad_fn (under vmap it has none)."""
+    h = torch.tanh(F.linear(x, p["W1"], p["b1"]))
+    if h.grad_fn is not None and not h.is_leaf:
+        h = h * 2
+    return F.linear(h, p["W2"]).pow(2).sum(1)
+
+
+def node_hook(p, x):
+    """A hook on an activation's autograd node (what the older ``Module.register_backward_hook`` puts there)."""
+    h = torch.tanh(F.linear(x, p["W1"], p["b1"]))
+    if h.grad_fn is not None:
+        h.grad_fn.register_prehook(lambda grad_out: (grad_out[0] * 2,))
+    return F.linear(h, p["W2"]).pow(2).sum(1)
+
+
+AUTOGRAD_STATE = [tensor_hook, module_backward_hook, frozen_unless_trainable, parameter_hook, grad_fn_branch,
+                  node_hook]
+
+
+def test_a_hook_put_on_a_parameter_for_some_samples_only_is_named():
+    """The per-sample path traces the first sample: a hook on a parameter that only a later sample puts there
+    cannot act on it (no leaf there), and the error says so instead of torch's "doesn't require gradient"."""
+    p = _mlp(3)
+    x, xv = _split_data(4, n=5, m=3)
+    x[0, 0], x[1, 0] = -1.0, 1.0
+
+    def some_samples(q, x):
+        if bool(x[0, 0] > 0):
+            q["W2"].register_hook(lambda g: g * 0.5)
+        return tensor_hook(q, x)
+
+    with pytest.raises(RuntimeError, match=r"^graddot: .*a gradient hook on W2 for a sample other than the first"):
+        ghostfunc.graddot(some_samples, p, x, xv)
 
 
 @pytest.mark.parametrize("model_fn", [old_function, input_grad_penalty, inner_vmap, moe_nonzero, moe_where,
