@@ -739,11 +739,13 @@ def test_the_gram_kernel_keeps_the_loops_float32_digits_when_a_common_part_cance
         assert rel(ghost.per_param["score"].double(), truth) < 4 * max(rel(loop.double(), truth), 1e-6), val_reduce
 
 
+@pytest.mark.parametrize("offset", [0.0, 5.0], ids=["as drawn", "a common part"])
 @pytest.mark.parametrize("block", [1 << 24, 7, 1], ids=["one block", "row and token blocks", "a pair per block"])
 @pytest.mark.parametrize(("t", "s", "ids"), [(1, 1, False), (5, 3, False), (4, 1, False), (6, 2, True)])
-def test_the_gram_kernel_equals_the_materialised_dot_products(block, t, s, ids, monkeypatch):
-    """``gram`` (centred tokens and their mean, cut in blocks of at most GRAM_BLOCK elements, the mean tokens
-    after the others) against the per-row gradients materialised: ``<Σ_t L_t ⊗ R_t, Σ_s L'_s ⊗ R'_s>``."""
+def test_the_gram_kernel_equals_the_materialised_dot_products(block, t, s, ids, offset, monkeypatch):
+    """``gram`` (with a common part, centred tokens and their mean; cut in blocks of at most GRAM_BLOCK elements,
+    the mean tokens after the others) against the per-row gradients materialised:
+    ``<Σ_t L_t ⊗ R_t, Σ_s L'_s ⊗ R'_s>``."""
     from ghostfunc import _kernels as K
     from ghostfunc._ops import Factored
 
@@ -751,8 +753,10 @@ def test_the_gram_kernel_equals_the_materialised_dot_products(block, t, s, ids, 
     g = torch.Generator().manual_seed(t * 10 + s)
     n, m, p, d = 3, 2, 5, 4
     a = Factored(torch.randint(0, p, (n, t), generator=g) if ids else torch.randn(n, t, p, generator=g, dtype=F64),
-                 5.0 + torch.randn(n, t, d, generator=g, dtype=F64), p)
-    b = Factored(torch.randn(m, s, p, generator=g, dtype=F64), 5.0 + torch.randn(m, s, d, generator=g, dtype=F64), p)
+                 offset + torch.randn(n, t, d, generator=g, dtype=F64), p)
+    b = Factored(torch.randn(m, s, p, generator=g, dtype=F64), offset + torch.randn(m, s, d, generator=g, dtype=F64),
+                 p)
+    assert (K._centring(b) is not None) == (s > 1) or not offset  # centred where a common part dominates
 
     def rows(f):
         left = F.one_hot(f.left, p).to(F64) if f.ids else f.left
