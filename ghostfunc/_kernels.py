@@ -133,9 +133,10 @@ def _centring(f: Factored) -> tuple[Tensor, Tensor] | None:
         return None
     if torch.compiler.is_compiling():  # a compiled graph cannot branch on values: it always centres (fused)
         return f.left.mean(1, keepdim=True), f.right.mean(1, keepdim=True)
-    shares = torch.stack([t * x.mean(1).square().sum() / x.square().sum()
-                          for x in (f.left[:CENTRE_ROWS], f.right[:CENTRE_ROWS])])
-    if not bool((shares > CENTRE_SHARE).any()):  # (0/0 for a zero factor: nan, not over)
+    # ‖Σ_t x_t‖² / (T·Σ_t ‖x_t‖²) = T·‖x̄‖² / Σ_t ‖x_t‖², for L and R at once: four norms, one sync
+    norms = torch.stack([torch.linalg.vector_norm(y) for x in (f.left[:CENTRE_ROWS], f.right[:CENTRE_ROWS])
+                         for y in (x.sum(1), x)]).tolist()
+    if not any(s * s > CENTRE_SHARE * t * v * v for s, v in zip(norms[::2], norms[1::2], strict=True)):
         return None
     return f.left.mean(1, keepdim=True), f.right.mean(1, keepdim=True)
 
