@@ -40,7 +40,7 @@ from torch.utils import _pytree as pytree
 
 from ._draws import DROPOUTS, NoReplay, Recorded, Replay, record, set_rng_state
 from ._interact import EAGER, FACTORIES, TO_PYTHON, InPlaceWriteError, eager_stance, param_signature, retry_writing
-from ._ops import EXACT, TABLE, Direct, Factored, Match, Rule, SamplesInteractError
+from ._ops import EXACT, TABLE, Direct, Factored, Match, Rule, SamplesInteractError, recognise
 from ._ops.rnn import RECURRENT, decompose
 
 ModelFn = Callable[[dict[str, Tensor], Any], Tensor]
@@ -286,10 +286,7 @@ class _Interceptor(TorchFunctionMode):
             if func in FACTORIES:
                 self.fresh.add(id(out))
             return out
-        rule = self._rule(func)
-        match = rule.match(args, kwargs) if rule is not None else None
-        if match is not None and match.rule is not None:
-            rule = match.rule
+        rule, match = recognise(self._rule(func), args, kwargs)
         roles = matched_roles(match, self.names, found)
         out = func(*args, **kwargs)
         if func in CONVERSIONS and args and args[0] is found[0] and unchanged(out, found[0], args, kwargs):

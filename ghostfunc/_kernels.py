@@ -71,8 +71,8 @@ def _blocks(n: int, t: int, per_token: int) -> Iterator[tuple[slice, slice]]:
 def gram(a: Factored, b: Factored, dtype: torch.dtype | None = None) -> Tensor:
     """``<g_n, g_m>`` for every train row ``n`` of ``a`` and val row ``m`` of ``b``: ``[n, m]``.
 
-    ``Σ_{t,s} (L_a[n,t]·L_b[m,s]) (R_a[n,t]·R_b[m,s])`` over each row's tokens centred
-    (:func:`centred`: one more token, the rows' mean), in blocks so memory stays
+    ``Σ_{t,s} (L_a[n,t]·L_b[m,s]) (R_a[n,t]·R_b[m,s])`` (over each row's tokens centred and
+    their mean where a common part dominates: :func:`centred`), in blocks so memory stays
     under :data:`GRAM_BLOCK` elements even at long sequences.
     """
     out_dtype = a.right.dtype
@@ -116,11 +116,14 @@ def centred(f: Factored) -> Factored:
     token, weighted by the sum it cancels to. Dense factors of ``T > 1`` tokens only
     (an id factor is one-hot; one token has nothing to centre).
     """
-    means = _centring(f)
+    return _centred_by(f, _centring(f))
+
+
+def _centred_by(f: Factored, means: tuple[Tensor, Tensor] | None) -> Factored:
+    """:func:`centred` with :func:`_centring`'s answer ``means`` given."""
     if means is None:
         return f
-    t = f.right.shape[1]
-    return Factored(_and_mean(f.left, means[0], t), _and_mean(f.right, means[1], 1), f.p)
+    return Factored(_and_mean(f.left, means[0], f.right.shape[1]), _and_mean(f.right, means[1], 1), f.p)
 
 
 def _centring(f: Factored) -> tuple[Tensor, Tensor] | None:
@@ -168,10 +171,11 @@ def _centred_blocks(a: Factored, blocks: list[tuple[slice, slice]], per_token: i
         for rows, toks in blocks:
             yield rows, a.left[rows, toks], a.right[rows, toks]
         return
-    lm, rm = means
     if len(blocks) == 1:
-        yield slice(0, n), _and_mean(a.left, lm, t), _and_mean(a.right, rm, 1)
+        c = _centred_by(a, means)
+        yield slice(0, n), c.left, c.right
         return
+    lm, rm = means
     for rows, toks in blocks:
         yield rows, a.left[rows, toks] - lm[rows], a.right[rows, toks] - rm[rows]
     for rows, _ in _blocks(n, 1, per_token):  # every row's mean token

@@ -61,7 +61,7 @@ from ._capture import (
 )
 from ._draws import rng_state, set_rng_state
 from ._interact import TO_PYTHON, eager_stance, param_signature, training_flags
-from ._ops import EXACT, TABLE, Direct, Factored
+from ._ops import EXACT, TABLE, Direct, Factored, recognise
 from ._ops.rnn import RECURRENT
 
 #: Off with ``GHOSTFUNC_DIRECT=0`` (every call then takes the per-sample capture).
@@ -129,10 +129,7 @@ class _Taps(TorchFunctionMode):
         found = params_among(args, kwargs, self.names) if self.names else []
         if not found:
             return func(*args, **kwargs)
-        rule = TABLE.get(func)
-        match = rule.match(args, kwargs) if rule is not None else None
-        if match is not None and match.rule is not None:
-            rule = match.rule
+        rule, match = recognise(TABLE.get(func), args, kwargs)
         roles = matched_roles(match, self.names, found)
         out = func(*args, **kwargs)
         if func in CONVERSIONS and args and args[0] is found[0] and unchanged(out, found[0], args, kwargs):

@@ -10,10 +10,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from . import broadcast, conv, embedding, linear, norm
-from ._base import Direct, Factored, Grad, Match, Rule, sum_to
+from ._base import Direct, Factored, Grad, Match, Rule, recognise, sum_to
 from .norm import SamplesInteractError
 
 EXACT: dict[Callable, Callable] = {**embedding.EXACT, **norm.EXACT}
 TABLE: dict[Callable, Rule] = {**linear.TABLE, **embedding.TABLE, **norm.TABLE, **conv.TABLE, **broadcast.TABLE}
 
-__all__ = ["EXACT", "TABLE", "Direct", "Factored", "Grad", "Match", "Rule", "SamplesInteractError", "sum_to"]
+__all__ = ["EXACT", "TABLE", "Direct", "Factored", "Grad", "Match", "Rule", "SamplesInteractError", "recognise",
+           "sum_to"]

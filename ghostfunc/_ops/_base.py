@@ -73,6 +73,13 @@ class Rule(NamedTuple):
     out_axis: int = 0  # the parameter axis that indexes output features (tokens = out.numel() / that size)
 
 
+def recognise(rule: Rule | None, args: tuple, kwargs: dict[str, Any]) -> tuple[Rule | None, Match | None]:
+    """The table's ``rule`` for a call (``None``: none) applied to its arguments: the rule that handles the
+    call (a match may name another, :attr:`Match.rule`) and the match (``None``: a use the rule does not know)."""
+    match = rule.match(args, kwargs) if rule is not None else None
+    return (match.rule if match is not None and match.rule is not None else rule), match
+
+
 def sum_to(x: Tensor, shape: torch.Size) -> Tensor:
     """Sum ``x`` of shape ``[n, *s]`` down to ``[n, *shape]`` by broadcasting rules.
 
