@@ -335,8 +335,15 @@ def test_torchrun_two_processes_equal_one(corpus: dict[str, Path], tmp_path: Pat
     assert torch.equal(a.count, b.count)
     torch.testing.assert_close(b.total, a.total, rtol=1e-6, atol=1e-9)  # float32 rounding of the sums
     for k, p in sa["train"].params.items():
-        torch.testing.assert_close(sb["train"].params[k], p, rtol=1e-6, atol=1e-7)
+        _close_float32(sb["train"].params[k], p)
     assert (tmp_path / "two" / "report.md").is_file()
+
+
+def _close_float32(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Parameters after a few float32 steps, many processes against one: the gradient sums run in another
+    order, so the rounding is float32's relative to the tensor's scale (1e-5, the project's float32 bound),
+    not to each entry (an entry near zero keeps the absolute rounding of its larger neighbours)."""
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5 * float(want.abs().max()))
 
 
 def _torchrun(nproc: int, args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -367,7 +374,7 @@ def test_torchrun_uneven_slices_equal_one(values: str, corpus: dict[str, Path], 
     if values == "shapley":
         assert bool(a.total[:, 0].ne(0).any())
     for k, p in sa["train"].params.items():
-        torch.testing.assert_close(sb["train"].params[k], p, rtol=1e-6, atol=1e-7)
+        _close_float32(sb["train"].params[k], p)
 
 
 def test_a_batch_smaller_than_the_processes_is_refused(corpus: dict[str, Path], tmp_path: Path) -> None:
