@@ -30,7 +30,15 @@ from ._capture import (
 from ._checks import check_compile, check_model_fn, check_options, check_pair, check_params
 from ._eager import capture_eager, summary, trace_eager, unbatchable
 from ._groups import WHOLE, Part, describe, merge_halves, refine, subset
-from ._interact import check_model, eager_stance, in_one_call, param_signature, run_with_grads, training_flags
+from ._interact import (
+    check_model,
+    counted_over_batch,
+    eager_stance,
+    in_one_call,
+    param_signature,
+    run_with_grads,
+    training_flags,
+)
 from ._ops import Direct, Factored
 from ._plan import DIRECTION, Plan, Usage, candidate_policies, contenders, make_plan, usages
 from ._whole import rng_state as _rng_state
@@ -711,6 +719,16 @@ def _ghosts(r: Routing) -> set[str]:
     return {k for k, route in r.plan.routes.items() if route.path == "ghost"}
 
 
+def by_freq_notes(model_fn: ModelFn) -> list[str]:
+    """The plan note of a model with lookups whose gradient counts ids (:func:`ghostfunc._interact.counted_over_batch`)."""
+    names = sorted(counted_over_batch(model_fn))
+    if not names:
+        return []
+    return [f"scale_grad_by_freq on {', '.join(names)}: each sample's gradient counts its own ids (as the loop "
+            f"of single samples does), a backward over the whole batch counts them over the batch; train_grad "
+            f"there is the mean of the samples' gradients, not torch's batch gradient"]
+
+
 def _noted(plan: Plan, notes: list[str]) -> Plan:
     return plan._replace(notes=(*plan.notes, *notes)) if notes else plan
 
@@ -1009,7 +1027,7 @@ def graddot(
             s, g = score_param(route.path, tr, va, None, tb.size, vb.size, params[k], compute_dtype)
             per_param[k], train_grad[k] = s, g
     return GradDot(sum_scores(per_param, params), per_param, train_grad, train_loss, val_loss,
-                   _noted(the_plan, eager_why))
+                   _noted(the_plan, [*eager_why, *by_freq_notes(model_fn)]))
 
 
 def prepare_group(where: str, group: Any, model_fn: Any, params: Any, train: Any, val: Any,
@@ -1067,7 +1085,8 @@ def graddot_group(model_fn: ModelFn, params: Mapping[str, Tensor], train: Any, v
         with _dist.collectively(where, group):  # an error on one rank raises on every rank (one tiny all-reduce)
             st = run_streamed(model_fn, checked, tb, vb, where, group_policy(policy), "sum")
         per_param, train_grad, the_plan, _ = score_group(st, checked, val_reduce, world, group, compute_dtype)
-        return GradDot(sum_scores(per_param, checked), per_param, train_grad, st.train_loss, st.val_loss, the_plan)
+        return GradDot(sum_scores(per_param, checked), per_param, train_grad, st.train_loss, st.val_loss,
+                       _noted(the_plan, by_freq_notes(model_fn)))
     # every validation row on every rank: gather the rows, score the full matrix locally
     every_val = _dist.gather_batch(vb, world, group)
     with _dist.collectively(where, group):
@@ -1079,7 +1098,7 @@ def graddot_group(model_fn: ModelFn, params: Mapping[str, Tensor], train: Any, v
                                                       compute_dtype)
     val_loss = cap.val_loss[world.val_offset: world.val_offset + vb.size]
     return GradDot(sum_scores(per_param, checked), per_param, _dist.global_mean(local_grad, world, group)[0],
-                   cap.train_loss, val_loss, the_plan._replace(n_train=world.n))
+                   cap.train_loss, val_loss, _noted(the_plan._replace(n_train=world.n), by_freq_notes(model_fn)))
 
 
 @in_one_call

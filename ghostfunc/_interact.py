@@ -41,6 +41,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from ._ops import EXACT, SamplesInteractError
+from ._ops.embedding import counted_over_call
 
 #: How many samples the interaction check runs together (and alone).
 ROWS = 3
@@ -75,6 +76,34 @@ def param_written(name: str, func: Any) -> str:
 
 
 _CHECKED: weakref.WeakKeyDictionary[Any, set[tuple]] = weakref.WeakKeyDictionary()
+#: ``model_fn`` -> the parameters its first checked calls looked up with ``scale_grad_by_freq``.
+_BY_FREQ: weakref.WeakKeyDictionary[Any, frozenset[str]] = weakref.WeakKeyDictionary()
+
+
+def counted_over_batch(model_fn: Callable) -> frozenset[str]:
+    """The parameters ``model_fn`` looks up with ``scale_grad_by_freq=True`` (seen by :func:`check_model`).
+
+    Each sample's gradient (the loop's, ghostfunc's) divides by how often an id occurs in
+    that sample; a backward over the whole batch divides by how often it occurs in the
+    batch. For these parameters the mean of the samples' gradients (``train_grad``) is not
+    the batch gradient ``torch.optim`` would step with: ``train_step`` refuses such a model,
+    ``graddot`` says so in its plan.
+    """
+    try:
+        return _BY_FREQ.get(model_fn, frozenset())
+    except TypeError:  # not weak-referenceable: checked on every call, remembered for the call
+        hit = _SCOPE.memo.get(("by_freq", id(model_fn))) if _SCOPE.memo is not None else None
+        return hit[1] if hit is not None and hit[0] is model_fn else frozenset()
+
+
+def _remember_by_freq(model_fn: Callable, names: set[str]) -> None:
+    if not names:
+        return
+    try:
+        _BY_FREQ[model_fn] = _BY_FREQ.get(model_fn, frozenset()) | names
+    except TypeError:
+        if _SCOPE.memo is not None:
+            _SCOPE.memo[("by_freq", id(model_fn))] = (model_fn, frozenset(names))
 
 
 #: In-place operators (their ``__name__``); other in-place calls end in ``_`` (``mul_``, ``copy_``, ``normal_``).
@@ -113,9 +142,13 @@ class _ParamWrites(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         return self.guarded(func, args, kwargs or {})
 
+    def name_of(self, t: Tensor) -> str | None:
+        """The parameter ``t`` is, or is a view of (``None``: neither)."""
+        return self.ids.get(id(t)) or (self.ids.get(id(t._base)) if t._base is not None else None)
+
     def guarded(self, func: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
         for t in _written(func, args, kwargs):
-            name = self.ids.get(id(t)) or (self.ids.get(id(t._base)) if t._base is not None else None)
+            name = self.name_of(t)
             if name is not None:
                 raise StateWrittenError(param_written(name, func))
         out = func(*args, **kwargs)
@@ -134,9 +167,12 @@ class _Uses(_ParamWrites):
         self.used = False
         self.random = False
         self.branches: list[str] = []  # the Python values tensors became (data-dependent control flow), in order
+        self.by_freq: set[str] = set()  # parameters looked up with scale_grad_by_freq (counted_over_batch)
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
+        if (table := counted_over_call(func, args, kwargs)) is not None and (name := self.name_of(table)):
+            self.by_freq.add(name)
         func = EXACT.get(func, func)  # as in the capture: BatchNorm in training mode refused before it runs
         if not self.used:
             self.used = any(isinstance(t, Tensor) and id(t) in self.ids for t in pytree.tree_leaves((args, kwargs)))
@@ -586,6 +622,7 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
         try:
             with mode:  # the mode also runs the calls the capture replaces (EXACT), as the capture would
                 together = model_fn(dict(params), rows(0, k))
+                _remember_by_freq(model_fn, mode.by_freq)
                 if isinstance(together, Tensor) and together.shape != (k,):  # e.g. a batch mean kept as [1]:
                     reduced = k > 1 and together.dim() <= 1 and together.numel() == 1
                     hint = " (a loss reduced over the batch? use reduction='none')" if reduced else ""

@@ -65,7 +65,8 @@ from ._graddot import (
     val_weights,
 )
 from ._groups import Part, split_sum
-from ._interact import in_one_call
+from ._interact import counted_over_batch, in_one_call
+from ._ops import SamplesInteractError
 from ._plan import Plan
 from ._secant import (
     Scratch,
@@ -237,6 +238,14 @@ def compute_values(
                                                                      "precondition": precondition is not None,
                                                                      **({"optimizer": optimizer} if optimizer else {})})
         n, m = world.n, world.m
+    if optimizer and (by_freq := sorted(counted_over_batch(model_fn))):
+        raise SamplesInteractError(
+            f"{where}: {', '.join(by_freq)} {'is' if len(by_freq) == 1 else 'are'} looked up with "
+            f"scale_grad_by_freq=True: a backward over the batch divides each id's gradient by its count in the "
+            f"whole batch, so the batch gradient a torch.optim step uses is not the mean of the samples' own "
+            f"gradients (each counts its own ids), and this step would leave torch.optim's trajectory. Build the "
+            f"embedding with scale_grad_by_freq=False to train with values; graddot and inrun_shapley give the "
+            f"per-sample values (ids counted per sample) as they are")
     a = lr / n
     weights = val_weights("mean", m, next(iter(params.values())))
     assert weights is not None

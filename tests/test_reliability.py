@@ -278,6 +278,69 @@ def test_embedding_by_freq_on_the_fallback():
     assert ghostfunc.plan(model_fn, p, _ids(3, 6, 4, 6), _ids(3, 6, 4, 7)).routes["E"].path == "fallback"
 
 
+BY_FREQ_LOOKUPS = {  # each way to look up a table with scale_grad_by_freq: (h [B, ·, 3] from ids, the table's name)
+    "F.embedding": lambda p, ids: F.embedding(ids, p["E"], scale_grad_by_freq=True),
+    "torch.embedding": lambda p, ids: torch.embedding(p["E"], ids, -1, True),
+    "F.embedding_bag": lambda p, ids: F.embedding_bag(ids, p["E"], mode="mean", scale_grad_by_freq=True)[:, None],
+    "a view of the table": lambda p, ids: F.embedding(ids, p["E"].view(-1, 3), scale_grad_by_freq=True),
+}
+
+
+class _NoWeakref:
+    """A callable ``model_fn`` that cannot be weakly referenced (checked on every call, nothing kept)."""
+    __slots__ = ("fn",)
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, p, ids):
+        return self.fn(p, ids)
+
+
+@pytest.mark.parametrize("lookup", list(BY_FREQ_LOOKUPS))
+@pytest.mark.parametrize("weakref_able", [True, False])
+def test_train_step_refuses_a_trained_table_counted_by_frequency(lookup, weakref_able):
+    """A batch's backward counts each id over the whole batch, a sample's over its own ids: the mean of the
+    samples' gradients is not the batch gradient torch.optim steps with (the trajectory would differ, by 10% of
+    the gradient here). train_step refuses it by name; graddot keeps the per-sample values and notes it."""
+    def model_fn(p, ids):
+        return torch.tanh(BY_FREQ_LOOKUPS[lookup](p, ids) @ p["w"]).pow(2).sum(1)
+
+    fn = model_fn if weakref_able else _NoWeakref(model_fn)
+    p, train, val = _emb_params(5, 11), _ids(4, 7, 5, 12), _ids(2, 7, 5, 13)
+    leaves = {k: v.clone().requires_grad_(True) for k, v in p.items()}
+    model_fn(leaves, train).mean().backward()  # what torch.optim would step with
+    out = ghostfunc.graddot(fn, p, train, val)
+    assert not torch.allclose(out.train_grad["E"], leaves["E"].grad)  # the interaction is real
+    train_grad = ghostfunc.reference_graddot(model_fn, p, train, val)[2]
+    torch.testing.assert_close(out.train_grad["E"], train_grad["E"])  # the samples' own gradients, as the loop
+    assert any("scale_grad_by_freq on E:" in note and "not torch's batch gradient" in note for note in out.plan.notes)
+    step = ghostfunc.train_step(fn, ghostfunc.sgd(0.1))
+    with pytest.raises(SamplesInteractError, match=r"^train_step: E is looked up with scale_grad_by_freq=True.*"
+                                                   r"torch\.optim step uses is not the mean"):
+        step(step.init(p), train, val)
+    ghostfunc.inrun_shapley(fn, p, train, val, lr=0.1)  # values per sample: defined by the samples' own gradients
+
+
+def test_a_frozen_table_counted_by_frequency_trains_as_torch_optim():
+    """The count only scales the table's own gradient: a table outside params changes no trained gradient, so
+    train_step runs and follows torch.optim."""
+    table = torch.randn(5, 3, generator=_g(14), dtype=F64)
+
+    def model_fn(p, ids):
+        return torch.tanh(F.embedding(ids, table, scale_grad_by_freq=True) @ p["w"]).pow(2).sum(1)
+
+    p, train, val = {"w": torch.randn(3, generator=_g(15), dtype=F64)}, _ids(4, 7, 5, 16), _ids(2, 7, 5, 17)
+    step = ghostfunc.train_step(model_fn, ghostfunc.sgd(0.1))
+    state, _ = step(step.init(p), train, val)
+    w = p["w"].clone().requires_grad_(True)
+    opt = torch.optim.SGD([w], lr=0.1)
+    model_fn({"w": w}, train).mean().backward()
+    opt.step()
+    torch.testing.assert_close(state.params["w"], w.detach())
+    assert not any("scale_grad_by_freq" in note for note in ghostfunc.graddot(model_fn, p, train, val).plan.notes)
+
+
 # --- 4. samples that interact: refused at every entry point ---------------------------------------------------
 
 

@@ -119,6 +119,28 @@ def embedding(input: Tensor, weight: Tensor, padding_idx: int | None = None, max
 
 embedding.__name__ = embedding.__qualname__ = "embedding"
 
+
+#: Per lookup call: (position of ``weight``, its keyword; position of ``scale_grad_by_freq``, its keyword).
+_BY_FREQ_ARGS: dict[Callable[..., Any], tuple[int, str, int, str]] = {
+    F.embedding: (1, "weight", 5, "scale_grad_by_freq"),  # (input, weight, padding_idx, max_norm, norm_type, ...)
+    F.embedding_bag: (1, "weight", 5, "scale_grad_by_freq"),  # (input, weight, offsets, max_norm, norm_type, ...)
+    torch.embedding: (0, "weight", 3, "scale_grad_by_freq"),  # (weight, indices, padding_idx, scale_grad_by_freq)
+    torch.embedding_bag: (0, "weight", 3, "scale_grad_by_freq"),  # (weight, indices, offsets, scale_grad_by_freq)
+}
+
+
+def counted_over_call(func: Any, args: tuple, kwargs: dict[str, Any]) -> Tensor | None:
+    """The table of a lookup whose gradient divides by each id's count in the call (``scale_grad_by_freq``),
+    else ``None``. Run on a batch, that count is over every sample's ids: the batch's gradient is then not the
+    sum of the samples' own gradients (each counts its own ids, as the loop of single samples does)."""
+    where = _BY_FREQ_ARGS.get(func)
+    if where is None:
+        return None
+    w_at, w_key, flag_at, flag_key = where
+    flag = args[flag_at] if len(args) > flag_at else kwargs.get(flag_key, False)
+    weight = args[w_at] if len(args) > w_at else kwargs.get(w_key)
+    return weight if flag and isinstance(weight, Tensor) else None
+
 EMBEDDING = Rule("embedding", _match, _grad, frozenset({"weight"}), out_axis=1)
 
 TABLE: dict[Callable[..., Any], Rule] = {F.embedding: EMBEDDING, embedding: EMBEDDING}
