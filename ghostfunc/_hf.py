@@ -132,6 +132,9 @@ def from_module(
         key = layout(batch)
         if key not in native and _plain_call(batch):
             probe = unpadded(batch)  # padding is where the built inputs differ from the model's on purpose
+            if all(v.shape[0] == 1 for v in probe.values() if isinstance(v, Tensor) and v.dim() > 0):
+                probe = {k: torch.cat((v, v)) if isinstance(v, Tensor) and v.dim() > 0 else v  # one row says
+                         for k, v in probe.items()}  # little about a layout's batches: judge on two
             native[key] = not _agrees(lambda plain: run(p, probe, plain), [*p.values()])
         return run(p, batch, plain=native.get(key, False))
 
@@ -271,7 +274,7 @@ class _ModelSpec:
                 and isinstance(ids, Tensor) and ids.dim() == 2:
             out["attention_mask"] = torch.ones_like(ids)  # no padding; skips HF's data-dependent padding check
         mask = out.get("attention_mask")
-        if self.attn in ("eager", "sdpa") and isinstance(mask, Tensor) and mask.dim() == 2:
+        if self.attn in ("eager", "sdpa") and isinstance(mask, Tensor) and mask.dim() == 2 and _over_tokens(mask, out):
             if "position_ids" in self.accepts and "position_ids" not in out and not self.encoder_decoder:
                 out["position_ids"] = real_positions(mask)
             out["attention_mask"] = self.mask(mask, causal=self.causal and not self.encoder_decoder)
@@ -297,6 +300,17 @@ class _ModelSpec:
         if self.layer_types <= {"sliding_attention"}:
             return local  # every layer slides (Mistral)
         return {"full_attention": full, "sliding_attention": local}
+
+
+def _over_tokens(mask: Tensor, inputs: Mapping[str, Any]) -> bool:
+    """Whether a ``[B, T]`` mask is over the tokens the attention sees: the length of ``input_ids`` or
+    ``inputs_embeds``. An audio model's mask is over raw samples (``input_values``), which its feature encoder
+    shortens before any attention: the model builds its own mask from it, and a 4-D one of the raw length is
+    wrong (it ran, with another loss for a padded row, on one row, and failed on more)."""
+    tokens = inputs.get("input_ids")
+    if not isinstance(tokens, Tensor):
+        tokens = inputs.get("inputs_embeds")
+    return isinstance(tokens, Tensor) and tokens.dim() >= 2 and tokens.shape[:2] == mask.shape
 
 
 def shift_right(labels: Tensor, *, start: int, pad: int | None) -> Tensor:

@@ -250,6 +250,38 @@ def test_model_fn_matches_the_models_own_batched_call(name: str) -> None:
         torch.testing.assert_close(model_fn(params, train), own, rtol=1e-12, atol=1e-12)
 
 
+def _audio(kind: str) -> nn.Module:
+    common = dict(vocab_size=V, hidden_size=D, num_hidden_layers=2, num_attention_heads=2, intermediate_size=HID,
+                  conv_dim=(8, 8), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=4,
+                  num_conv_pos_embedding_groups=2, num_labels=3, apply_spec_augment=False)
+    if kind == "wav2vec2":
+        config = transformers.Wav2Vec2Config(**common, feat_extract_norm="layer", do_stable_layer_norm=True)
+        return transformers.Wav2Vec2ForSequenceClassification(config)
+    return transformers.Data2VecAudioForSequenceClassification(transformers.Data2VecAudioConfig(**common))
+
+
+@pytest.mark.parametrize("kind", ["wav2vec2", "data2vec-audio"])
+@pytest.mark.parametrize("first_rows", [1, 3])
+def test_an_audio_mask_over_raw_samples_is_the_models_own(kind: str, first_rows: int) -> None:
+    """An audio model's attention_mask covers raw samples, which its feature encoder shortens before any
+    attention: model_fn passes it as it is, whatever batch comes first (one row first used to give a padded
+    row a 4-D mask of the raw length: another loss, then an IndexError on every batch of more rows)."""
+    torch.manual_seed(0)
+    model = _audio(kind).to(F64).eval()
+    model_fn, params = ghostfunc.from_module(model, ghostfunc.classification_loss)
+    g = torch.Generator().manual_seed(1)
+    x, mask = torch.randn(N + M, 120, generator=g, dtype=F64), torch.ones(N + M, 120, dtype=torch.long)
+    x[0, 90:], mask[0, 90:] = 0, 0  # the first row padded
+    both = {"input_values": x, "attention_mask": mask, "labels": torch.tensor([0, 1, 2, 0, 1])}
+    train, val = ({k: v[a:b] for k, v in both.items()} for a, b in ((0, N), (N, N + M)))
+    with torch.no_grad():
+        own = ghostfunc.classification_loss(model(input_values=x[:N], attention_mask=mask[:N]), train)
+        assert torch.allclose(model_fn(params, {k: v[:first_rows] for k, v in train.items()}), own[:first_rows],
+                              rtol=1e-12, atol=1e-12)
+    full, _ = check_against_loop(model_fn, params, train, val, 1e-10, (kind, "eager"))
+    torch.testing.assert_close(full.train_loss, own, rtol=1e-12, atol=1e-12)
+
+
 def _unpad(batch: dict[str, Tensor], keys: tuple[str, ...], keep: int) -> dict[str, Tensor]:
     out = dict(batch)
     for k in keys:
