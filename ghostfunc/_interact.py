@@ -667,6 +667,101 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
     return k > 1
 
 
+_GRAD_CHECKED: weakref.WeakKeyDictionary[Any, set[tuple]] = weakref.WeakKeyDictionary()
+
+
+def check_batch_gradient(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, where: str) -> None:
+    """Raise :class:`SamplesInteractError` if the gradient of a batch's summed losses is not the sum of its
+    samples' own gradients: samples that interact in the backward only (the losses, which :func:`check_model`
+    compares, agree), through a gradient hook that reduces over the batch, a custom ``autograd.Function``
+    whose backward mixes rows, an embedding's ``scale_grad_by_freq``.
+
+    ``train_step`` steps with the mean of the samples' gradients (the values are theirs); ``torch.optim`` with
+    the batch's. Checked once per ``model_fn``, parameter shapes, training flags and batch signature, on up to
+    :data:`ROWS` distinct rows of ``batch`` (a :class:`ghostfunc._capture.Batch`): their summed losses' gradient
+    against the sum of each row's own, in a run with gradients on and random draws undone. Rounding:
+    ``sqrt(eps)`` of the coarsest dtype times the largest entry of the whole gradient. A model that draws
+    (dropout: other masks together and alone), branches otherwise on one row than on several, or runs only
+    under ``vmap`` is not compared.
+    """
+    key = (param_signature(params), training_flags(model_fn), batch.signature)
+    try:
+        seen = _GRAD_CHECKED.setdefault(model_fn, set())
+    except TypeError:  # not weak-referenceable: check every call
+        seen = set()
+    if key in seen:
+        return
+    chosen = distinct_rows(batch.tensors, batch.size, ROWS)
+    k = len(chosen)
+    if k < 2:
+        return  # nothing to compare: a later call of this signature tries again
+
+    def rows(lo: int, hi: int) -> Any:
+        at = torch.tensor(chosen[lo:hi])
+        return batch.rebuild([t[at.to(t.device)].contiguous() for t in batch.tensors])
+
+    device = next(iter(params.values())).device
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.enable_grad(), eager_stance(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            before = _rng_states(devices)
+            together, branches, random = _summed_grads(model_fn, params, rows(0, k))
+            if random or not all(torch.equal(a, b) for a, b in zip(before, _rng_states(devices), strict=True)):
+                together = None
+            summed: dict[str, Tensor] = {}  # the samples' own gradients, summed as they come (two copies held)
+            for i in range(k if together is not None else 0):
+                own, own_branches, _ = _summed_grads(model_fn, params, rows(i, i + 1))
+                if own is None or own_branches != branches:
+                    together = None
+                    break
+                for name, g in own.items():
+                    summed[name] = summed[name].add_(g) if name in summed else g
+        except (SamplesInteractError, StateWrittenError):
+            raise
+        except Exception:  # noqa: BLE001 - a model that runs only under vmap: the capture reports its own errors
+            together = None
+    if len(seen) > 64:
+        seen.clear()
+    seen.add(key)
+    if together is None:
+        return
+    rounding = coarsest([*params.values(), *batch.tensors])
+    scale = max((max(g.abs().max().item(), summed[n].abs().max().item()) for n, g in together.items()
+                 if g.numel()), default=0.0)
+    tol = torch.finfo(rounding).eps ** 0.5 * scale + torch.finfo(rounding).tiny
+    diffs = {n: (g - summed[n]).abs().max().item() for n, g in together.items() if g.numel()}
+    worst = max(diffs, key=lambda n: diffs[n], default=None)
+    if worst is None or not diffs[worst] > tol:
+        return
+    which = (f"the first {k} training samples" if chosen == list(range(k))
+             else f"{k} distinct training samples (rows {', '.join(map(str, chosen))})")
+    raise SamplesInteractError(
+        f"{where}: samples interact in model_fn's backward: on {which}, the gradient of their summed losses differs "
+        f"from the sum of each sample's own gradient (params[{worst!r}]: largest difference {diffs[worst]:.3g}, "
+        f"rounding allows {tol:.3g}; their losses agree together and alone). torch.optim would step with the "
+        f"batch's gradient, this step with the mean of the samples' own gradients (the ones the values are of), "
+        f"so the trajectory would leave torch.optim's. Usual causes: a gradient hook that normalises or clips over "
+        f"the batch (register_hook), a custom autograd.Function whose backward mixes rows, an embedding with "
+        f"scale_grad_by_freq=True. graddot and inrun_shapley give the per-sample numbers as they are"
+    )
+
+
+def _summed_grads(model_fn: Callable, params: Mapping[str, Tensor],
+                  batch: Any) -> tuple[dict[str, Tensor] | None, list[str], bool]:
+    """The gradient of ``model_fn``'s summed losses on ``batch`` (``None``: no per-sample losses with an autograd
+    path), the values its tensors became (branches) and whether it drew random numbers."""
+    leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+    mode = _Uses(leaves)
+    with mode:
+        losses = model_fn(leaves, batch)
+    if not isinstance(losses, Tensor) or not losses.is_floating_point() or not losses.requires_grad:
+        return None, mode.branches, mode.random
+    grads = torch.autograd.grad(losses.sum(), list(leaves.values()), allow_unused=True)
+    out = {k: torch.zeros_like(v) if g is None else g.detach() for (k, v), g in zip(leaves.items(), grads, strict=True)}
+    return out, mode.branches, mode.random
+
+
 def _refuse_detached(model_fn: Callable, params: Mapping[str, Tensor], batch: Callable[[], Any]) -> None:
     """Raise :class:`ParamsUnusedError` if the losses of a run with gradients on have no autograd path to any
     parameter (computed under ``no_grad``, ``.detach()``-ed, taken through ``.item()``): where plain PyTorch's

@@ -65,7 +65,7 @@ from ._graddot import (
     val_weights,
 )
 from ._groups import Part, split_sum
-from ._interact import counted_over_batch, in_one_call
+from ._interact import check_batch_gradient, counted_over_batch, in_one_call
 from ._ops import SamplesInteractError
 from ._plan import Plan
 from ._secant import (
@@ -246,6 +246,9 @@ def compute_values(
             f"gradients (each counts its own ids), and this step would leave torch.optim's trajectory. Build the "
             f"embedding with scale_grad_by_freq=False to train with values; graddot and inrun_shapley give the "
             f"per-sample values (ids counted per sample) as they are")
+    if optimizer:  # the trajectory's claim: the batch gradient is the sum of the samples' own (cached)
+        with _dist.collectively(where, group):
+            check_batch_gradient(model_fn, params, tb, where)
     a = lr / n
     weights = val_weights("mean", m, next(iter(params.values())))
     assert weights is not None

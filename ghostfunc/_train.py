@@ -146,7 +146,9 @@ def train_step(model_fn: Callable[[Params, Any], Tensor], optimizer: Optimizer, 
     pass over the training rows' gradients that dots them with both directions (the value
     and ``info.first_order``). Then ``optimizer.update`` with the
     mean gradient of the **training rows only**, so the trajectory equals a ``torch.optim`` loop on
-    the training batches.
+    the training batches. That mean is the batch gradient unless samples interact in the backward
+    (a hook normalising over the batch, ``scale_grad_by_freq``): such a model is refused on the
+    first step of each batch signature (:func:`ghostfunc._interact.check_batch_gradient`).
 
     Values (``info.values``, ``[n_train]``) are ``φ`` of :func:`ghostfunc.inrun_shapley`
     with ``lr`` the optimizer's learning rate for this step: the share of the

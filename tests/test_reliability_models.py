@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.func import functional_call
 
 import ghostfunc
+from ghostfunc import SamplesInteractError
 from ghostfunc._reference import per_sample_grads
 
 F64 = torch.float64
@@ -606,6 +607,58 @@ def test_inrun_shapley_and_train_step_on_the_per_sample_path(model_fn):
         torch.testing.assert_close(state.params[k], p[k] - lr * gt[k].mean(0), rtol=1e-12, atol=1e-14)
     # order 2: the validation gradient and Hessian-vector product also go sample by sample
     assert rel(ghostfunc.inrun_shapley(model_fn, p, x, xv, lr=lr, order=2), order2(model_fn, p, x, xv, lr)) < 1e-10
+
+
+def normalising_hook(p, x):
+    """A hook that normalises the gradient over the whole tensor it sees: the batch's, or one sample's."""
+    h = F.linear(x, p["W1"], p["b1"])
+    if h.requires_grad:
+        h.register_hook(lambda g: g / g.norm())
+    return F.linear(torch.tanh(h), p["W2"]).pow(2).sum(1)
+
+
+class _RowMixing(torch.autograd.Function):
+    """The identity forward; a backward that takes out half of the rows' mean gradient."""
+
+    @staticmethod
+    def forward(ctx, h):
+        return h.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g - 0.5 * g.mean(0, keepdim=True)
+
+
+def row_mixing_function(p, x):
+    return F.linear(torch.tanh(_RowMixing.apply(F.linear(x, p["W1"], p["b1"]))), p["W2"]).pow(2).sum(1)
+
+
+def clipping_parameter_hook(p, x):
+    """A hook on a parameter that clips its gradient's norm (nonlinear: the clip of a sum is not the sum of clips)."""
+    if p["W2"].requires_grad:
+        p["W2"].register_hook(lambda g: g * torch.clamp(0.1 / g.norm(), max=1.0))
+    return F.linear(torch.tanh(F.linear(x, p["W1"], p["b1"])), p["W2"]).pow(2).sum(1)
+
+
+@pytest.mark.parametrize("model_fn", [normalising_hook, row_mixing_function, clipping_parameter_hook],
+                         ids=lambda f: f.__name__)
+def test_samples_that_interact_in_the_backward_only_are_refused_by_train_step(model_fn):
+    """The losses agree together and alone, the gradients do not: graddot and inrun_shapley give the loop's
+    per-sample numbers; train_step, which claims torch.optim's trajectory (the batch gradient), refuses by name."""
+    p = _mlp(13)
+    x, xv = _split_data(14, n=4, m=3)
+    gt, _ = per_sample_grads(model_fn, p, x)
+    gv, _ = per_sample_grads(model_fn, p, xv)
+    scores = sum(gt[k].flatten(1) @ gv[k].flatten(1).mean(0) for k in p)
+    assert rel(ghostfunc.graddot(model_fn, p, x, xv).scores, scores) < 1e-10
+    assert rel(ghostfunc.inrun_shapley(model_fn, p, x, xv, lr=0.1), -0.1 / len(x) * scores) < 1e-10
+    leaves = {k: v.clone().requires_grad_(True) for k, v in p.items()}
+    model_fn(leaves, x).sum().backward()
+    assert any(not torch.allclose(leaves[k].grad, gt[k].sum(0)) for k in p)  # the interaction is real
+    step = ghostfunc.train_step(model_fn, ghostfunc.sgd(0.1))
+    with pytest.raises(SamplesInteractError, match=r"^train_step: samples interact in model_fn's backward: on the "
+                                                   r"first 3 training samples.*params\['(W1|b1|W2)'\]"):
+        step(step.init(p), x, xv)
 
 
 # --------------------------------------------------------------------------- what is not swallowed
