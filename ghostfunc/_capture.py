@@ -1102,5 +1102,8 @@ def _check_finite(losses: Tensor, which: str, where: str, rows: Tensor | None = 
         idx = (where_bad if rows is None else rows.to(where_bad.device)[where_bad]).tolist()
         raise FloatingPointError(
             f"{where}: model_fn returned non-finite losses for {which} samples {idx} "
-            f"(values {losses[bad].tolist()}); per-sample gradients of those samples are undefined"
+            f"(values {losses[bad].tolist()}); per-sample gradients of those samples are undefined. Run "
+            f"model_fn(params, batch) on those rows to see where it comes from (a transformers model in float64 "
+            f"with left padding: Bloom, Falcon with ALiBi and MPT give a padded row NaN themselves; use float32 "
+            f"or right padding)"
         )

@@ -383,7 +383,8 @@ def test_error_nan_losses_name_the_samples():
     model_fn, params, (x, y) = _mlp()
     x = x.clone()
     x[2] = float("nan")
-    with pytest.raises(FloatingPointError, match=r"^graddot: .*non-finite losses for train samples \[2\]"):
+    with pytest.raises(FloatingPointError, match=r"^graddot: .*non-finite losses for train samples \[2\].*"
+                                                 r"Run model_fn\(params, batch\) on those rows"):
         ghostfunc.graddot(model_fn, params, (x, y), (x[:2], y[:2]))
 
 
