@@ -250,6 +250,68 @@ def test_model_fn_matches_the_models_own_batched_call(name: str) -> None:
         torch.testing.assert_close(model_fn(params, train), own, rtol=1e-12, atol=1e-12)
 
 
+def _enc(cls: Any, config: Any, **kw: Any) -> Callable[[], nn.Module]:
+    return lambda: cls(config(vocab_size=V, hidden_size=D, num_hidden_layers=2, num_attention_heads=2,
+                              intermediate_size=HID, max_position_embeddings=32, num_labels=3, **TOKENS, **kw))
+
+
+def _bart() -> nn.Module:
+    return tf.BartForConditionalGeneration(tf.BartConfig(
+        vocab_size=V, d_model=D, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=HID, decoder_ffn_dim=HID, max_position_embeddings=32,
+        decoder_start_token_id=2, **TOKENS))
+
+
+def _image_batch_16(g: torch.Generator, n: int, t: int) -> dict[str, Tensor]:
+    return {**image_batch(g, n, t), "pixel_values": torch.randn(n, 3, 16, 16, generator=g)}
+
+
+#: More families, float64 with the default attention, scored once against the loop (the table above covers each
+#: kernel and both attention implementations on the main ones): (model, loss, batch, parameters on the fallback).
+MORE: dict[str, tuple[Callable[[], nn.Module], Callable, Callable, set[str]]] = {
+    "albert (one layer shared by both)": (_enc(tf.AlbertForSequenceClassification, tf.AlbertConfig,
+                                              embedding_size=8), ghostfunc.classification_loss, cls_batch, set()),
+    "distilbert": (lambda: tf.DistilBertForSequenceClassification(tf.DistilBertConfig(
+        vocab_size=V, dim=D, n_layers=2, n_heads=2, hidden_dim=HID, max_position_embeddings=32, num_labels=3,
+        pad_token_id=0)), ghostfunc.classification_loss, cls_batch, set()),
+    "bloom (alibi)": (lambda: tf.BloomForCausalLM(tf.BloomConfig(vocab_size=V, hidden_size=D, n_layer=2, n_head=2,
+                                                                 **TOKENS)), ghostfunc.causal_lm_loss, lm_batch, set()),
+    "phi (partial rotary)": (lambda: tf.PhiForCausalLM(tf.PhiConfig(
+        vocab_size=V, hidden_size=D, intermediate_size=HID, num_hidden_layers=2, num_attention_heads=2,
+        partial_rotary_factor=0.5, max_position_embeddings=32, **TOKENS)), ghostfunc.causal_lm_loss, lm_batch, set()),
+    # Gemma's RMSNorm scales by (1 + weight.float()): a use of the weight no rule knows
+    "gemma": (lambda: tf.GemmaForCausalLM(tf.GemmaConfig(**_llama_like(None), head_dim=8, **TOKENS)),
+              ghostfunc.causal_lm_loss, lm_batch, {"norm"}),
+    "bart": (_bart, ghostfunc.seq2seq_loss, s2s_batch, set()),
+    # Swin's relative position bias table is indexed by a fixed table of positions
+    "swin": (lambda: tf.SwinForImageClassification(tf.SwinConfig(image_size=16, patch_size=2, embed_dim=8,
+                                                                  depths=[1, 1], num_heads=[2, 2], window_size=4,
+                                                                  num_labels=3)),
+             ghostfunc.classification_loss, _image_batch_16, {"relative_position_bias_table"}),
+}
+
+
+@pytest.mark.parametrize("name", list(MORE))
+def test_more_families_against_the_loop(name: str) -> None:
+    """Shared layers (ALBERT), ALiBi (BLOOM), partial rotary (Phi), an encoder-decoder (BART), windowed vision
+    attention (Swin), Gemma's offset norm: float64, full matrix and mean-reduced; the fallback only where named."""
+    build, loss, batch, fallback = MORE[name]
+    torch.manual_seed(0)
+    model = build().to(F64).eval()
+    model_fn, params = ghostfunc.from_module(model, loss)
+    g = torch.Generator().manual_seed(1)
+    train, val = batch(g, N, T), batch(g, M, S)
+    for b in (train, val):
+        for k, v in b.items():
+            if v.is_floating_point():
+                b[k] = v.to(F64)
+    tol = 1e-6 if name == "gemma" else 1e-10  # Gemma's norms compute in float32 in a float64 model (the loop too)
+    full, _ = check_against_loop(model_fn, params, train, val, tol, (name, "default"))
+    on_fallback = {k for k, r in full.plan.routes.items() if r.path == "fallback"}
+    assert all(any(part in k for part in fallback) for k in on_fallback), on_fallback
+    assert bool(on_fallback) == bool(fallback), on_fallback
+
+
 def _audio(kind: str) -> nn.Module:
     common = dict(vocab_size=V, hidden_size=D, num_hidden_layers=2, num_attention_heads=2, intermediate_size=HID,
                   conv_dim=(8, 8), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=4,
