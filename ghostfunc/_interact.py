@@ -680,7 +680,8 @@ def check_batch_gradient(model_fn: Callable, params: Mapping[str, Tensor], batch
     the batch's. Checked once per ``model_fn``, parameter shapes, training flags and batch signature, on up to
     :data:`ROWS` distinct rows of ``batch`` (a :class:`ghostfunc._capture.Batch`): their summed losses' gradient
     against the sum of each row's own, in a run with gradients on and random draws undone. Rounding:
-    ``sqrt(eps)`` of the coarsest dtype times the largest entry of the whole gradient. A model that draws
+    ``sqrt(eps)`` of the coarsest dtype (of the parameters, the inputs and what any call computed in: autocast)
+    times the largest entry of any gradient compared (a row's own, the batch's, the sum). A model that draws
     (dropout: other masks together and alone), branches otherwise on one row than on several, or runs only
     under ``vmap`` is not compared.
     """
@@ -706,17 +707,20 @@ def check_batch_gradient(model_fn: Callable, params: Mapping[str, Tensor], batch
         warnings.simplefilter("ignore")
         try:
             before = _rng_states(devices)
-            together, branches, random = _summed_grads(model_fn, params, rows(0, k))
+            together, branches, random, computed = _summed_grads(model_fn, params, rows(0, k))
+            scale = 0.0  # the largest entry of any gradient compared: a row's own, the batch's or their sum
             if random or not all(torch.equal(a, b) for a, b in zip(before, _rng_states(devices), strict=True)):
                 together = None
             summed: dict[str, Tensor] = {}  # the samples' own gradients, summed as they come (two copies held)
             for i in range(k if together is not None else 0):
-                own, own_branches, _ = _summed_grads(model_fn, params, rows(i, i + 1))
+                own, own_branches, _, own_dtype = _summed_grads(model_fn, params, rows(i, i + 1))
                 if own is None or own_branches != branches:
                     together = None
                     break
-                for name, g in own.items():
-                    summed[name] = summed[name].add_(g) if name in summed else g
+                for name, g in own.items():  # a row's gradients may share storage: the first is copied
+                    summed[name] = summed[name].add_(g) if name in summed else g.clone()
+                    scale = max(scale, g.abs().max().item() if g.numel() else 0.0)
+                computed = max(computed, own_dtype, key=lambda d: torch.finfo(d).eps)
         except (SamplesInteractError, StateWrittenError):
             raise
         except Exception:  # noqa: BLE001 - a model that runs only under vmap: the capture reports its own errors
@@ -726,9 +730,9 @@ def check_batch_gradient(model_fn: Callable, params: Mapping[str, Tensor], batch
     seen.add(key)
     if together is None:
         return
-    rounding = coarsest([*params.values(), *batch.tensors])
-    scale = max((max(g.abs().max().item(), summed[n].abs().max().item()) for n, g in together.items()
-                 if g.numel()), default=0.0)
+    rounding = max(coarsest([*params.values(), *batch.tensors]), computed, key=lambda d: torch.finfo(d).eps)
+    scale = max([scale, *(max(g.abs().max().item(), summed[n].abs().max().item()) for n, g in together.items()
+                          if g.numel())])
     tol = torch.finfo(rounding).eps ** 0.5 * scale + torch.finfo(rounding).tiny
     diffs = {n: (g - summed[n]).abs().max().item() for n, g in together.items() if g.numel()}
     worst = max(diffs, key=lambda n: diffs[n], default=None)
@@ -747,19 +751,36 @@ def check_batch_gradient(model_fn: Callable, params: Mapping[str, Tensor], batch
     )
 
 
+class _UsesAndDtypes(_Uses):
+    """:class:`_Uses`, also noting the coarsest floating dtype any call computed in (autocast, a cast inside the
+    model: the backward rounds in it too)."""
+
+    def __init__(self, params: Mapping[str, Tensor]) -> None:
+        super().__init__(params)
+        self.computed = torch.float64
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
+        out = super().__torch_function__(func, types, args, kwargs)
+        if isinstance(out, Tensor) and out.is_floating_point() and \
+                torch.finfo(out.dtype).eps > torch.finfo(self.computed).eps:
+            self.computed = out.dtype
+        return out
+
+
 def _summed_grads(model_fn: Callable, params: Mapping[str, Tensor],
-                  batch: Any) -> tuple[dict[str, Tensor] | None, list[str], bool]:
+                  batch: Any) -> tuple[dict[str, Tensor] | None, list[str], bool, torch.dtype]:
     """The gradient of ``model_fn``'s summed losses on ``batch`` (``None``: no per-sample losses with an autograd
-    path), the values its tensors became (branches) and whether it drew random numbers."""
+    path), the values its tensors became (branches), whether it drew random numbers, and the coarsest floating
+    dtype it computed in."""
     leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-    mode = _Uses(leaves)
+    mode = _UsesAndDtypes(leaves)
     with mode:
         losses = model_fn(leaves, batch)
     if not isinstance(losses, Tensor) or not losses.is_floating_point() or not losses.requires_grad:
-        return None, mode.branches, mode.random
+        return None, mode.branches, mode.random, mode.computed
     grads = torch.autograd.grad(losses.sum(), list(leaves.values()), allow_unused=True)
     out = {k: torch.zeros_like(v) if g is None else g.detach() for (k, v), g in zip(leaves.items(), grads, strict=True)}
-    return out, mode.branches, mode.random
+    return out, mode.branches, mode.random, mode.computed
 
 
 def _refuse_detached(model_fn: Callable, params: Mapping[str, Tensor], batch: Callable[[], Any]) -> None:
