@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -84,5 +85,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0 if err < 1e-10 else 1
 
 
+def _leave(code: int) -> None:
+    """Exit with ``code``. Under ``torchrun`` (``WORLD_SIZE > 1``) the subcommand has torn its process group down
+    already; the interpreter's own teardown, which destroys gloo's C++ objects in no set order, is skipped
+    (``os._exit`` after flushing): now and then it aborted a finished rank ("terminate called without an active
+    exception"), and torchrun then reports the whole run as failed."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    raise SystemExit(code)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    _leave(main())
