@@ -609,9 +609,7 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
     devices = [device.index or 0] if device.type == "cuda" else []
     mode = _Uses(params)
 
-    def rows(lo: int, hi: int) -> Any:
-        at = torch.tensor(chosen[lo:hi])
-        return batch.rebuild([t[at.to(t.device)].contiguous() for t in batch.tensors])
+    rows = _rows_of(batch, chosen)
 
     watch = _Writes(model_fn)
     versions = {k: v._version for k, v in params.items()}  # shared with the caller's tensors (detach keeps it)
@@ -667,6 +665,15 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
     return k > 1
 
 
+def _rows_of(batch: Any, chosen: list[int]) -> Callable[[int, int], Any]:
+    """``rows(lo, hi)``: the batch of the samples ``chosen[lo:hi]`` (a :class:`ghostfunc._capture.Batch`'s rows)."""
+    def rows(lo: int, hi: int) -> Any:
+        at = torch.tensor(chosen[lo:hi])
+        return batch.rebuild([t[at.to(t.device)].contiguous() for t in batch.tensors])
+
+    return rows
+
+
 _GRAD_CHECKED: weakref.WeakKeyDictionary[Any, set[tuple]] = weakref.WeakKeyDictionary()
 
 
@@ -697,9 +704,7 @@ def check_batch_gradient(model_fn: Callable, params: Mapping[str, Tensor], batch
     if k < 2:
         return  # nothing to compare: a later call of this signature tries again
 
-    def rows(lo: int, hi: int) -> Any:
-        at = torch.tensor(chosen[lo:hi])
-        return batch.rebuild([t[at.to(t.device)].contiguous() for t in batch.tensors])
+    rows = _rows_of(batch, chosen)
 
     device = next(iter(params.values())).device
     devices = [device.index or 0] if device.type == "cuda" else []
