@@ -70,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--run", required=True, help="the run folder (holding trajectory/)")
     parser.add_argument("--per-step", action="store_true", help="keep every step's share ([N, T])")
     parser.add_argument("--out", default=None, help="where to save the values (default RUN/trajectory/unrolled.pt)")
-    parser.add_argument("--top", type=int, default=10, help="print this many most helpful and most harmful rows")
+    parser.add_argument("--top", type=int, default=10, help="print this many lowest- and highest-valued rows")
     args = parser.parse_args(argv)
     if not (Path(args.run) / "spec.json").is_file() and not (Path(args.run) / "trajectory" / "spec.json").is_file():
         parser.error(f"--run: expected a run folder with a recorded trajectory (spec.json, trajectory.pt: the "
@@ -95,6 +95,6 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{seconds:.1f} s -> {target}")
     print("sign as φ: negative = up-weighting the sample lowers the final validation loss")
     order = seen[total[seen].argsort()].tolist()
-    print("most helpful:", ", ".join(f"{i}: {total[i]:.3e}" for i in order[:k]))
-    print("most harmful:", ", ".join(f"{i}: {total[i]:.3e}" for i in order[::-1][:k]))
+    print("lowest-valued (helpful where negative):", ", ".join(f"{i}: {total[i]:.3e}" for i in order[:k]))
+    print("highest-valued (harmful where positive):", ", ".join(f"{i}: {total[i]:.3e}" for i in order[::-1][:k]))
     return 0

@@ -50,7 +50,7 @@ def test_attribute_of_a_recorded_run_is_unroll_on_its_trajectory(recorded: Path,
     assert "unrolled values of" in printed and f"({int((values.count > 0).sum())} drawn by the run)" in printed
     got = ghostfunc.DataValues.load(recorded / "trajectory" / "unrolled.pt")
     assert isinstance(got, ghostfunc.DataValues)
-    ranked = [line for line in printed.splitlines() if line.startswith(("most helpful:", "most harmful:"))]
+    ranked = [line for line in printed.splitlines() if line.startswith(("lowest-valued (helpful where negative):", "highest-valued (harmful where positive):"))]
     assert len(ranked) == 2, printed
     for line in ranked:  # only samples the run drew are ranked (unseen ones have no value)
         ids = [int(item.split(":")[0]) for item in line.split(": ", 1)[1].split(", ")]

@@ -81,7 +81,7 @@ def test_attribute_cli_on_a_recorded_run(tmp_path, capsys):
             "optimizer": {"name": "sgd", "lr": 0.3, "momentum": 0.9}}
     traj.save(tmp_path / "run" / "trajectory", spec=spec)
     assert main(["attribute", "--run", str(tmp_path / "run")]) == 0
-    assert "most harmful" in capsys.readouterr().out
+    assert "highest-valued (harmful where positive):" in capsys.readouterr().out
     saved = ghostfunc.DataValues.load(tmp_path / "run" / "trajectory" / "unrolled.pt")
     direct = ghostfunc.unroll(task["model_fn"], opt, params, traj.batches(task["dataset"]), task["val"], size=30)
     assert torch.allclose(saved.total, direct.total, rtol=1e-10, atol=1e-15)
