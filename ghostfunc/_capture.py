@@ -41,6 +41,7 @@ from torch.utils import _pytree as pytree
 from ._draws import DROPOUTS, NoReplay, Recorded, Replay, record, set_rng_state
 from ._interact import EAGER, FACTORIES, TO_PYTHON, InPlaceWriteError, eager_stance, param_signature, retry_writing
 from ._ops import EXACT, TABLE, Direct, Factored, Match, Rule, SamplesInteractError, recognise
+from ._ops.embedding import renormed_by_call
 from ._ops.rnn import RECURRENT, decompose
 
 ModelFn = Callable[[dict[str, Tensor], Any], Tensor]
@@ -221,6 +222,9 @@ class _Interceptor(TorchFunctionMode):
         self.lifted_checkpoint = False  # a checkpointed segment ran as a plain call (_without_checkpoint, _ReentrantAsPlain)
         self.transposed = Transposed()  # parameters' transposed views (x @ w.T runs as F.linear(x, w))
         self.replay: Replay | None = None  # dropout calls take a plain run's masks (ghostfunc._draws)
+        # tracing: id of each table looked up with max_norm (and of its base) -> (table, (max_norm, norm_type), call)
+        self.renormed: dict[int, tuple[Tensor, tuple[float, float], str]] = {}
+        self._checking_renormed = False
 
     #: Answer data-dependent branches under ``vmap`` (:func:`_agreed_value`).
     follow_branches = True
@@ -257,6 +261,9 @@ class _Interceptor(TorchFunctionMode):
         hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
         if hooks is not None and "checkpoint" in getattr(hooks[0], "__qualname__", ""):
             return _without_checkpoint(self, hooks, func, types, args, kwargs)
+        if self.taps is None and (self.renormed or func is F.embedding or func is F.embedding_bag):
+            if (refused := self._renormed_use(func, types, args, kwargs)) is not None:
+                return refused[0]
         if self.replay is not None and func in DROPOUTS:
             return self.replay(func, args, kwargs)
         if func in _TO_PYTHON and self.follow_branches and args and _batch_level_count(args[0]) == 1:
@@ -310,6 +317,44 @@ class _Interceptor(TorchFunctionMode):
         if rule.kind in _FRESH and torch._C._functorch.is_batchedtensor(out):
             return out.add_(tap)  # a fresh, per-sample result: tap it in place, no copy
         return out + tap
+
+    def _renormed_use(self, func: Any, types: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[Any] | None:
+        """While tracing: note the tables of ``max_norm`` lookups; run a later call that takes one of them (or a
+        view of one) and raise :class:`SamplesInteractError` if it computes a tensor from it (``(result,)`` if it
+        only reads its shape or dtype; ``None``: the call is not such a use, and runs as usual). torch
+        renormalises the looked-up rows in place, so that use reads rows every sample's lookups renormalised
+        (and for a parameter, torch writes into ``params``); the capture scales the rows on the way out
+        (:func:`ghostfunc._ops.embedding.embedding`), which equals torch for the lookups only."""
+        if self._checking_renormed:
+            return None
+        lookup = renormed_by_call(func, args, kwargs)
+        leaves = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, Tensor)] if self.renormed else []
+        hit = next(((t, self.renormed[key]) for t in leaves for key in (id(t), id(t._base))
+                    if key in self.renormed), None)
+        if lookup is not None:
+            table, norm = lookup
+            for key in {id(table), id(table._base)} - {id(None)}:
+                self.renormed.setdefault(key, (table, norm, _name(func)))
+            if hit is None or hit[1][1] == norm:  # a lookup with the same max_norm renormalises the same way
+                return None
+        if hit is None:
+            return None
+        self._checking_renormed = True
+        try:
+            out = self.__torch_function__(func, types, args, kwargs)
+        finally:
+            self._checking_renormed = False
+        if not _makes_tensor(out, [hit[0]]):
+            return (out,)
+        table, (max_norm, _), lookup_name = hit[1]
+        what = f"params[{self.names[id(table)]!r}]" if id(table) in self.names else "a table model_fn computes"
+        raise SamplesInteractError(
+            f"{lookup_name} with max_norm={max_norm:g} renormalises the rows it looks up in {what} in place, and "
+            f"model_fn then uses that table again ({_name(func)}): in a batch, that use reads rows renormalised by "
+            f"every sample's lookups, so the samples interact (and torch writes into the table"
+            f"{', one of params' if id(table) in self.names else ''}). Rescale the looked-up vectors yourself "
+            f"(h = F.embedding(ids, w); h = h * (max_norm / h.norm(dim=-1, keepdim=True)).clamp(max=1)) or do not "
+            f"use the table after a max_norm lookup")
 
     def _rule(self, func: Any) -> Rule | None:
         """The rule that recognises ``func``, if any."""

@@ -96,8 +96,11 @@ class _EagerInterceptor(_Interceptor):
         return super().__torch_function__(func, types, args, kwargs)
 
     def _rule(self, func: Any) -> Rule | None:
-        """No rule inside a transform the model runs itself (its saved inputs would not outlive it)."""
-        if torch._C._functorch.maybe_current_level() is not None:
+        """No rule inside a transform the model runs itself (its saved inputs would not outlive it), nor with
+        gradients off (the capture turns them on): inside an ``autograd.Function``'s ``forward``, whose own
+        ``backward`` gives the parameter its gradient and never reaches a tap, or a ``no_grad`` block. The
+        parameter is then used by an unrecognised call: the exact leaf path."""
+        if torch._C._functorch.maybe_current_level() is not None or not torch.is_grad_enabled():
             return None
         return super()._rule(func)
 

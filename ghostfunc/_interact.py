@@ -56,6 +56,15 @@ class ParamsUnusedError(ValueError):
     """No tensor of ``params`` reaches ``model_fn``'s computation."""
 
 
+class CheckpointWithoutGradError(ValueError):
+    """A re-entrant ``torch.utils.checkpoint`` segment has no input that requires grad: torch gives the parameters
+    used inside it no gradient (and warns), the capture (which runs the segment as a plain call) would."""
+
+
+#: torch's warning when a re-entrant checkpoint's inputs do not require grad (torch.utils.checkpoint).
+_CHECKPOINT_NO_GRAD = "None of the inputs have requires_grad=True"
+
+
 class LossShapeError(ValueError):
     """``model_fn`` returned something other than one loss per sample for a batch of several samples."""
 
@@ -184,8 +193,8 @@ class _Uses(_ParamWrites):
         return out
 
 
-def run_with_grads(model_fn: Callable, params: Mapping[str, Tensor], batch: Any,
-                   requires: Iterable[str]) -> tuple[dict[str, Tensor], Any]:
+def run_with_grads(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, requires: Iterable[str],
+                   warned: list[str] | None = None) -> tuple[dict[str, Tensor], Any]:
     """``(leaves, model_fn(leaves, batch))``: a plain run with gradients on, ``leaves`` detached aliases of ``params``
     (those named in ``requires`` requiring gradients), random draws undone, and as the first call's checks run it:
     the calls the capture replaces run as it runs them (:data:`ghostfunc._ops.EXACT`: an embedding's ``max_norm``
@@ -194,9 +203,12 @@ def run_with_grads(model_fn: Callable, params: Mapping[str, Tensor], batch: Any,
     leaves = {k: v.detach().requires_grad_(k in need) for k, v in params.items()}
     device = next(iter(params.values())).device
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []), torch.enable_grad(), \
-            eager_stance(), warnings.catch_warnings(), _Uses(leaves):
-        warnings.simplefilter("ignore")
-        return leaves, model_fn(leaves, batch)
+            eager_stance(), warnings.catch_warnings(record=True) as caught, _Uses(leaves):
+        warnings.simplefilter("always")  # recorded, not shown: ``warned`` gets their messages
+        out = leaves, model_fn(leaves, batch)
+    if warned is not None:
+        warned.extend(str(w.message) for w in caught)
+    return out
 
 
 def check_model(model_fn: Callable, params: Mapping[str, Tensor], batches: tuple[Any, ...], where: str,
@@ -219,7 +231,8 @@ def check_model(model_fn: Callable, params: Mapping[str, Tensor], batches: tuple
             continue
         try:
             compared = _check_batch(model_fn, params, batch, label)
-        except (SamplesInteractError, ParamsUnusedError, StateWrittenError, LossShapeError) as err:
+        except (SamplesInteractError, ParamsUnusedError, StateWrittenError, LossShapeError,
+                CheckpointWithoutGradError) as err:
             if str(err).startswith(where):
                 raise
             raise type(err)(f"{where}: {err}") from None
@@ -607,7 +620,7 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
     k = len(chosen)
     device = next(iter(params.values())).device
     devices = [device.index or 0] if device.type == "cuda" else []
-    mode = _Uses(params)
+    mode = _UsesAndDtypes(params)  # the coarsest dtype any call computed in bounds the rounding (a float32 layer)
 
     rows = _rows_of(batch, chosen)
 
@@ -659,7 +672,8 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
             f"(x,)) instead of net(x), or p['w'] instead of a captured copy of the weight"
         )
     if alone is not None:  # dropout-like draws differ batched and alone; one sample cannot interact
-        rounding = coarsest([*params.values(), *batch.tensors, together])  # float64 losses of a float32 model
+        rounding = max(coarsest([*params.values(), *batch.tensors, together]), mode.computed,
+                       key=lambda d: torch.finfo(d).eps)  # float64 losses of a float32 model, a float32 layer
         _compare(together.detach(), torch.cat(alone).detach(), label, chosen, rounding)
     _refuse_detached(model_fn, params, lambda: rows(0, k))
     return k > 1
@@ -792,11 +806,21 @@ def _refuse_detached(model_fn: Callable, params: Mapping[str, Tensor], batch: Ca
     """Raise :class:`ParamsUnusedError` if the losses of a run with gradients on have no autograd path to any
     parameter (computed under ``no_grad``, ``.detach()``-ed, taken through ``.item()``): where plain PyTorch's
     ``loss.backward()`` raises, every score would silently be 0. One run of the checked rows, random draws undone;
-    a model that cannot run outside ``vmap`` is left to the capture."""
+    a model that cannot run outside ``vmap`` is left to the capture. Raise :class:`CheckpointWithoutGradError` if
+    torch warned in that run that a re-entrant checkpoint's inputs do not require grad."""
+    warned: list[str] = []
     try:
-        _, losses = run_with_grads(model_fn, params, batch(), params)
+        _, losses = run_with_grads(model_fn, params, batch(), params, warned)
     except Exception:  # noqa: BLE001 - the capture reports the model's own errors
         return
+    if any(_CHECKPOINT_NO_GRAD in w for w in warned):
+        raise CheckpointWithoutGradError(
+            "model_fn runs a torch.utils.checkpoint segment with use_reentrant=True (torch's default) whose inputs "
+            "do not require grad (all of them come from the batch, not from params): torch then gives the "
+            "parameters used inside it no gradient (its warning: 'None of the inputs have requires_grad=True. "
+            "Gradients will be None'); ghostfunc runs checkpointed segments as plain calls and cannot reproduce that. "
+            "Pass use_reentrant=False (the gradients of the model without checkpointing), or checkpoint a segment "
+            "whose input depends on params")
     if isinstance(losses, Tensor) and losses.is_floating_point() and not losses.requires_grad:
         raise ParamsUnusedError(
             "model_fn's losses do not depend on params: run with gradients on and params that require them, "

@@ -196,6 +196,64 @@ def test_embedding_by_freq_sparse_max_norm(by_freq, sparse, padding_idx, max_nor
     assert torch.equal(p["E"], before)  # max_norm renormalises the looked-up rows, never the caller's weight
 
 
+MAX_NORM_REUSES = {  # a max_norm lookup, then another use of the table: torch reads the rows renormalised in place
+    "tied head on the parameter": lambda p, ids: F.linear(F.embedding(ids, p["E"], max_norm=0.5).mean(1), p["E"]),
+    "tied head on a copy": lambda p, ids: (lambda E: F.linear(F.embedding(ids, E, max_norm=0.5).mean(1), E))(
+        p["E"] * 1.0),
+    "bag, then the transpose": lambda p, ids: F.embedding_bag(ids, p["E"], max_norm=0.5) @ p["E"].T,
+    "a view looked up, the whole table used": lambda p, ids: (
+        F.embedding(ids, p["E"][:5], max_norm=0.5).sum(1) + p["E"].sum(0)),
+    "a lookup without max_norm after": lambda p, ids: (
+        F.embedding(ids, p["E"], max_norm=0.5) + F.embedding(ids.flip(1), p["E"])).sum(1),
+}
+
+
+@pytest.mark.parametrize("name", MAX_NORM_REUSES)
+def test_a_table_used_again_after_a_max_norm_lookup_is_refused(name):
+    """The rows torch renormalised in place for one sample's lookup are what another sample's use of the table
+    reads: refused by name (the capture renormalises only what it looks up, and never writes the table)."""
+    use = MAX_NORM_REUSES[name]
+
+    def model_fn(p, ids):
+        return torch.tanh(use(p, ids)).pow(2).flatten(1).sum(1)
+
+    p = {**_emb_params(5, 21), "E": 2 * torch.randn(5, 3, generator=_g(22), dtype=F64)}
+    with pytest.raises(SamplesInteractError, match=r"^graddot: .*with max_norm=0.5 renormalises the rows it looks up "
+                                                   r"in .* in place, and model_fn then uses that table again"):
+        ghostfunc.graddot(model_fn, p, _ids(4, 6, 5, 23), _ids(3, 6, 5, 24))
+
+
+def test_max_norm_lookups_that_agree_and_shape_reads_are_exact():
+    """Two lookups with the same max_norm renormalise the same rows the same way, and reading the table's shape
+    reads no rows: exact, the table never written."""
+    def model_fn(p, ids):
+        a = F.embedding(ids, p["E"], max_norm=0.5)
+        b = F.embedding(ids.flip(1), p["E"], None, 0.5)
+        scale = 1.0 / p["E"].shape[0] + p["E"].size(1)
+        return torch.tanh((a * b) @ p["w"] * scale).pow(2).sum(1)
+
+    p = {**_emb_params(5, 25), "E": 2 * torch.randn(5, 3, generator=_g(26), dtype=F64)}
+    before = p["E"].clone()
+    assert_exact(model_fn, p, _ids(4, 6, 5, 27), _ids(3, 6, 5, 28), "embedding")
+    assert torch.equal(p["E"], before)
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+def test_embedding_bag_with_max_norm_is_exact_and_leaves_the_table(mode):
+    """torch renormalises the looked-up rows in place; the capture reads them renormalised without writing (the
+    rows ``max`` picks are those of the renormalised table, as in torch)."""
+    def model_fn(p, ids):
+        weights = torch.linspace(0.5, 1.5, ids.shape[-1], dtype=F64).expand(ids.shape) if mode == "sum" else None
+        h = F.embedding_bag(ids, p["E"], max_norm=1.0, mode=mode, per_sample_weights=weights)  # [B, 3]
+        return torch.tanh(h @ p["w"]).pow(2)
+
+    p = {**_emb_params(5, 29), "E": 2 * torch.randn(5, 3, generator=_g(30), dtype=F64)}
+    before = p["E"].clone()
+    assert_exact(model_fn, p, _ids(4, 6, 5, 31), _ids(3, 6, 5, 32), "embedding",
+                 [c for c in COMBOS if c[0] in ("auto", "ghost")])
+    assert torch.equal(p["E"], before)
+
+
 def test_embedding_bag_by_freq():
     def model_fn(p, ids):  # no rule for embedding_bag: the fallback, exact per sample
         return torch.tanh(F.embedding_bag(ids, p["E"], mode="sum", scale_grad_by_freq=True) @ p["w"])
@@ -418,6 +476,26 @@ def test_float64_losses_of_a_float32_model_are_compared_at_float32_rounding():
     out = ghostfunc.graddot(model_fn, params, train, val)
     ref, _, _ = ghostfunc.reference_graddot(model_fn, params, train, val)
     assert ((out.scores - ref).abs().max() / ref.abs().max()).item() < 1e-4
+
+
+def test_a_float32_layer_inside_a_float64_model_is_compared_at_float32_rounding():
+    """Hand-rolled mixed precision (one layer cast to float32 and back): the check's rounding is that of the
+    coarsest dtype any call computed in, not of the float64 parameters, inputs and losses (these draws were
+    refused: 9.3e-8 apart batched and alone, float64 rounding allowed 4.0e-8)."""
+    torch.manual_seed(0)
+    train = (torch.randn(7, 5, dtype=F64), torch.randint(0, 3, (7,)))
+    val = (torch.randn(4, 5, dtype=F64), torch.randint(0, 3, (4,)))
+    p = {"W": torch.randn(6, 5, dtype=F64) * .5, "b": torch.randn(6, dtype=F64) * .5,
+         "V": torch.randn(3, 6, dtype=F64) * .5}
+
+    def model_fn(p, batch):
+        x, y = batch
+        h = torch.tanh(F.linear(x.float(), p["W"].float(), p["b"].float()).double())
+        return F.cross_entropy(F.linear(h, p["V"]), y, reduction="none")
+
+    out = ghostfunc.graddot(model_fn, p, train, val)
+    ref, _, _ = ghostfunc.reference_graddot(model_fn, p, train, val)
+    assert rel(out.scores, ref) < 1e-5
 
 
 def test_samples_interact_seen_in_val_when_train_has_one_sample():

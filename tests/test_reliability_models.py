@@ -501,6 +501,100 @@ def test_untransformable_models_run_sample_by_sample(model_fn):
         assert plan.routes["W1"].path in ("ghost", "materialize", "contract")  # taps kept
 
 
+class _OwnLinear(torch.autograd.Function):  # old style: a hand-written linear with its own backward
+    @staticmethod
+    def forward(ctx, x, w, b):
+        ctx.save_for_backward(x, w)
+        return F.linear(x, w, b)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        return g @ w, g.T @ x, g.sum(0)
+
+
+class _OwnScale(torch.autograd.Function):  # new style with a vmap rule: x * w, its own backward
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, w):
+        return x * w
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        return g * w, (g * x).sum(0)
+
+
+def own_linear_function(p, x):
+    """A parameter's recognised call inside an autograd.Function's forward: its own backward gives the gradient."""
+    return F.linear(torch.tanh(_OwnLinear.apply(x, p["W1"], p["b1"])), p["W2"]).pow(2).sum(1)
+
+
+def own_scale_function_per_sample(p, x):
+    """The same with a vmap rule, run sample by sample (a hook elsewhere needs the per-sample path)."""
+    h = torch.tanh(F.linear(x, p["W1"]))
+    if h.requires_grad:
+        h.register_hook(lambda g: g * 2)
+    return F.linear(_OwnScale.apply(h, p["b1"]), p["W2"]).pow(2).sum(1)
+
+
+def no_grad_use_per_sample(p, x):
+    """A parameter also used under no_grad (a target computed without gradients), sample by sample."""
+    with torch.no_grad():
+        target = F.linear(x, p["W1"], p["b1"]).tanh()
+    h = torch.tanh(F.linear(x, p["W1"], p["b1"]))
+    if h.requires_grad:
+        h.register_hook(lambda g: g * 0.5)
+    return (F.linear(h, p["W2"]).pow(2).sum(1) + (h - target).pow(2).sum(1))
+
+
+@pytest.mark.parametrize("model_fn", [own_linear_function, own_scale_function_per_sample, no_grad_use_per_sample],
+                         ids=lambda f: f.__name__)
+def test_a_parameter_used_with_gradients_off_takes_the_leaf_path(model_fn):
+    """On the per-sample path a call with gradients off (inside an autograd.Function's forward, a no_grad block)
+    is no tap: the Function's own backward never reaches one (the parameter got 0), and a no_grad use adds
+    nothing. Such a parameter takes the exact leaf path."""
+    p = _mlp(11)
+    x, xv = _split_data(12, n=5, m=3)
+    plan = check_all("gradients off " + model_fn.__name__, model_fn, p, x, xv)
+    assert "per-sample capture" in notes(plan)
+    inside = {"own_linear_function": ("W1", "b1"), "own_scale_function_per_sample": ("b1",),
+              "no_grad_use_per_sample": ("W1", "b1")}[model_fn.__name__]
+    assert all(plan.routes[k].path == "fallback" for k in inside), plan
+    assert plan.routes["W2"].path != "fallback"
+
+
+@pytest.mark.parametrize("segment_input", ["the batch", "a cast of the batch"])
+def test_a_reentrant_checkpoint_whose_inputs_need_no_gradient_is_refused(segment_input):
+    """torch gives the parameters inside such a segment no gradient (and warns); the capture runs segments as
+    plain calls and would give them theirs: refused by name, at every entry point."""
+    p = _mlp(13)
+    x, xv = _split_data(14, n=5, m=3)
+
+    def model_fn(p, x):
+        z = x if segment_input == "the batch" else x.float().double()
+        h = cp.checkpoint(lambda z: torch.tanh(F.linear(z, p["W1"], p["b1"])), z, use_reentrant=True)
+        return F.linear(h, p["W2"]).pow(2).sum(1)
+
+    from ghostfunc._interact import CheckpointWithoutGradError
+
+    with pytest.raises(CheckpointWithoutGradError, match=r"^graddot: .*use_reentrant=True .* inputs do not require "
+                                                         r"grad.*use_reentrant=False"):
+        ghostfunc.graddot(model_fn, p, x, xv)
+    with pytest.raises(CheckpointWithoutGradError, match=r"^inrun_shapley: "):
+        ghostfunc.inrun_shapley(model_fn, p, x, xv, lr=0.1)
+    step = ghostfunc.train_step(model_fn, ghostfunc.sgd(0.1))
+    with pytest.raises(CheckpointWithoutGradError):
+        step(step.init(p), x, xv)
+    with pytest.raises(CheckpointWithoutGradError, match=r"^graddot_direction: "):
+        ghostfunc.graddot_direction(model_fn, p, x, {k: torch.ones_like(v) for k, v in p.items()})
+
+
 def _two_layer(p, x, reentrant=None):
     h = torch.tanh(F.linear(x, p["W1"], p["b1"]))  # the checkpointed segment's input requires grad
 

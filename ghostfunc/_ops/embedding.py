@@ -120,6 +120,27 @@ def embedding(input: Tensor, weight: Tensor, padding_idx: int | None = None, max
 embedding.__name__ = embedding.__qualname__ = "embedding"
 
 
+def embedding_bag(input: Tensor, weight: Tensor, offsets: Tensor | None = None, max_norm: float | None = None,
+                  norm_type: float = 2, *args: Any, **kwargs: Any) -> Tensor:
+    """``F.embedding_bag`` with the same values and gradients, without writing into ``weight``.
+
+    ``max_norm``: torch renormalises the looked-up rows of ``weight`` in place (under
+    ``no_grad``), then reduces the bags; the gradient is that of the plain call on the
+    renormalised table. Here the table the bags read is ``weight`` plus the renormalisation
+    as a constant (every row above ``max_norm``: a row no bag looks up changes nothing), so
+    the values, the rows ``mode="max"`` picks and the gradient are torch's; ``weight`` is untouched.
+    """
+    if max_norm is not None:
+        with torch.no_grad():  # torch.embedding_renorm_: rows above max_norm scaled to max_norm / (norm + 1e-7)
+            norm = torch.linalg.vector_norm(weight, ord=norm_type, dim=-1, keepdim=True)  # [V, 1]
+            shift = weight * (torch.where(norm > max_norm, max_norm / (norm + 1e-7), norm.new_ones(())) - 1)
+        weight = weight + shift
+    return F.embedding_bag(input, weight, offsets, None, norm_type, *args, **kwargs)
+
+
+embedding_bag.__name__ = embedding_bag.__qualname__ = "embedding_bag"
+
+
 #: Per lookup call: (position of ``weight``, its keyword; position of ``scale_grad_by_freq``, its keyword).
 _BY_FREQ_ARGS: dict[Callable[..., Any], tuple[int, str, int, str]] = {
     F.embedding: (1, "weight", 5, "scale_grad_by_freq"),  # (input, weight, padding_idx, max_norm, norm_type, ...)
@@ -141,9 +162,24 @@ def counted_over_call(func: Any, args: tuple, kwargs: dict[str, Any]) -> Tensor 
     weight = args[w_at] if len(args) > w_at else kwargs.get(w_key)
     return weight if flag and isinstance(weight, Tensor) else None
 
+
+def renormed_by_call(func: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[Tensor, tuple[float, float]] | None:
+    """``(table, (max_norm, norm_type))`` of a lookup with ``max_norm`` (``F.embedding``, ``F.embedding_bag``),
+    else ``None``. torch renormalises the looked-up rows of the table in place; :func:`embedding` scales them on
+    the way out instead, which equals torch for the lookup itself, not for a later use of the table (that reads
+    rows renormalised by every sample's lookups: the samples of a batch interact)."""
+    if func is not F.embedding and func is not F.embedding_bag:
+        return None
+    max_norm = args[3] if len(args) > 3 else kwargs.get("max_norm")
+    weight = args[1] if len(args) > 1 else kwargs.get("weight")
+    if max_norm is None or not isinstance(weight, Tensor):
+        return None
+    return weight, (float(max_norm), float(args[4] if len(args) > 4 else kwargs.get("norm_type", 2.0)))
+
+
 EMBEDDING = Rule("embedding", _match, _grad, frozenset({"weight"}), out_axis=1)
 
 TABLE: dict[Callable[..., Any], Rule] = {F.embedding: EMBEDDING, embedding: EMBEDDING}
 
 #: Calls the capture runs in place of torch's own (same values, exact per-sample gradients under ``vmap``).
-EXACT: dict[Callable[..., Any], Callable[..., Any]] = {F.embedding: embedding}
+EXACT: dict[Callable[..., Any], Callable[..., Any]] = {F.embedding: embedding, F.embedding_bag: embedding_bag}
