@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ._checks import check_batch, check_model_fn, check_options, check_params
-from ._graddot import capture_one, retry_stale, routing, score_direction, sum_scores
+from ._graddot import capture_one, refuse_non_finite, retry_stale, routing, score_direction, sum_scores
 from ._interact import check_model, in_one_call
 from ._plan import DIRECTION, Plan
 
@@ -131,6 +131,8 @@ def graddot_direction(
         for k, route in r.plan.routes.items():
             per_param[k], train_grad[k] = score_direction(route.path, half.grads[k], u[k], tb.size, checked[k],
                                                           compute_dtype)
-        return DirectionScores(sum_scores(per_param, checked), per_param, train_grad, half.loss, r.plan)
+        scores = sum_scores(per_param, checked)
+        refuse_non_finite(where, scores, per_param, train_grad)
+        return DirectionScores(scores, per_param, train_grad, half.loss, r.plan)
 
     return retry_stale(where, attempt)

@@ -896,6 +896,34 @@ def sum_scores(per_param: Mapping[str, Tensor], params: Mapping[str, Tensor]) ->
     return torch.stack([v.to(acc) for v in per_param.values()]).sum(0)
 
 
+def refuse_non_finite(where: str, scores: Tensor, per_param: Mapping[str, Tensor] | None,
+                      train_grad: Mapping[str, Tensor], group: Any = None, what: str = "scores") -> None:
+    """Raise ``FloatingPointError`` if ``scores`` (or, under ``group``, the global ``train_grad``) are not finite:
+    the losses were (they are checked first), so a gradient is not (a backward through ``sqrt`` or a norm at 0,
+    ``torch.where`` with a non-finite branch). Names the training rows and the parameters. Under ``group`` the
+    verdict is the same on every rank: a rank's scores are finite unless its rows' gradients (then the
+    all-reduced ``train_grad`` too) or the all-reduced validation direction (every rank's scores) are not."""
+    finite = bool(torch.isfinite(scores).all())
+    if finite and group is not None:
+        finite = bool(torch.stack([torch.isfinite(g).all() for g in train_grad.values()]).all())
+    if finite:
+        return
+    rows = (~torch.isfinite(scores)).reshape(len(scores), -1).any(1).nonzero().flatten().tolist()
+    parts = per_param or {}
+    named = [k for k, v in parts.items() if not bool(torch.isfinite(v).all())]
+    train_side = [k for k, g in train_grad.items() if not bool(torch.isfinite(g).all())]
+    names = sorted(set(train_side) | set(named)) or list(train_grad)
+    shown = f"{names[:6]}{'...' if len(names) > 6 else ''}"
+    side = (f"their gradients of params {shown} hold NaN or inf" if train_side or not named else
+            f"the validation gradient of params {shown} holds NaN or inf (and every row's {what} with it)")
+    raise FloatingPointError(
+        f"{where}: the {what} of train samples {rows[:10]}{'...' if len(rows) > 10 else ''} are not finite though "
+        f"the losses are: {side}. A "
+        f"backward through sqrt or a norm at 0, a division by 0, or torch.where with a non-finite branch (its "
+        f"gradient is NaN even where the branch is not taken) does this; torch.autograd.set_detect_anomaly(True) "
+        f"and a plain backward of model_fn(params, batch).sum() find the call")
+
+
 def val_weights(val_reduce: str | None, m: int, like: Tensor) -> Tensor | None:
     if val_reduce is None:
         return None
@@ -1010,6 +1038,7 @@ def graddot(
         assert val_reduce is not None
         done = _compiled.scores(model_fn, params, tb, vb, where, policy, val_reduce, compute_dtype)
         if isinstance(done, GradDot):
+            refuse_non_finite(where, done.scores, done.per_param, done.train_grad)
             return done
         eager_why.append(_compiled.ran_eagerly(done))
     weights = val_weights(val_reduce, vb.size, next(iter(params.values())))
@@ -1026,7 +1055,9 @@ def graddot(
             tr, va = cap.grads[k]
             s, g = score_param(route.path, tr, va, None, tb.size, vb.size, params[k], compute_dtype)
             per_param[k], train_grad[k] = s, g
-    return GradDot(sum_scores(per_param, params), per_param, train_grad, train_loss, val_loss,
+    scores = sum_scores(per_param, params)
+    refuse_non_finite(where, scores, per_param, train_grad)
+    return GradDot(scores, per_param, train_grad, train_loss, val_loss,
                    _noted(the_plan, [*eager_why, *by_freq_notes(model_fn)]))
 
 
@@ -1085,7 +1116,9 @@ def graddot_group(model_fn: ModelFn, params: Mapping[str, Tensor], train: Any, v
         with _dist.collectively(where, group):  # an error on one rank raises on every rank (one tiny all-reduce)
             st = run_streamed(model_fn, checked, tb, vb, where, group_policy(policy), "sum")
         per_param, train_grad, the_plan, _ = score_group(st, checked, val_reduce, world, group, compute_dtype)
-        return GradDot(sum_scores(per_param, checked), per_param, train_grad, st.train_loss, st.val_loss,
+        scores = sum_scores(per_param, checked)
+        refuse_non_finite(where, scores, per_param, train_grad, group)
+        return GradDot(scores, per_param, train_grad, st.train_loss, st.val_loss,
                        _noted(the_plan, by_freq_notes(model_fn)))
     # every validation row on every rank: gather the rows, score the full matrix locally
     every_val = _dist.gather_batch(vb, world, group)
@@ -1096,8 +1129,10 @@ def graddot_group(model_fn: ModelFn, params: Mapping[str, Tensor], train: Any, v
             tr, va = cap.grads[k]
             per_param[k], local_grad[k] = score_param(route.path, tr, va, None, tb.size, world.m, checked[k],
                                                       compute_dtype)
+        scores = sum_scores(per_param, checked)
+        refuse_non_finite(where, scores, per_param, local_grad)  # every validation row is on every rank
     val_loss = cap.val_loss[world.val_offset: world.val_offset + vb.size]
-    return GradDot(sum_scores(per_param, checked), per_param, _dist.global_mean(local_grad, world, group)[0],
+    return GradDot(scores, per_param, _dist.global_mean(local_grad, world, group)[0],
                    cap.train_loss, val_loss, _noted(the_plan._replace(n_train=world.n), by_freq_notes(model_fn)))
 
 

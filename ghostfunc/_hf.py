@@ -374,6 +374,37 @@ def _get(batch: Mapping[str, Any], key: str, where: str, what: str) -> Tensor:
     return value
 
 
+def _token_logits(output: Any, labels: Tensor, where: str, label_key: str) -> Tensor:
+    """``output.logits`` ``[B, T, V]``, checked against the integer ``labels`` ``[B, T]`` (errors name what came)."""
+    logits = getattr(output, "logits", None)
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"{where}: expected the model's output to have .logits (a tensor [B, T, V]); got "
+                        f"{type(output).__name__}. For a module that returns a tensor, pass your own loss: "
+                        f"loss(output, batch) -> [B]")
+    if labels.is_floating_point() or labels.dim() != 2:
+        raise ValueError(f"{where}: {label_key!r} must be integer token ids [B, T]; got {labels.dtype} of shape "
+                         f"{tuple(labels.shape)}")
+    if logits.dim() != 3 or logits.shape[:2] != labels.shape:
+        raise ValueError(f"{where}: expected logits [B, T, V] with [B, T] = {list(labels.shape)} (those of "
+                         f"{label_key!r}); got logits of shape {tuple(logits.shape)}")
+    return logits
+
+
+def _padding_mask(batch: Mapping[str, Any], key: str, like: Tensor, where: str) -> Tensor | None:
+    """The batch's 2-D padding mask ``[B, T]`` as bool (``None``: none given); a mask of another shape is refused
+    unless the batch has ``labels`` (then ``-100`` marks what the loss leaves out)."""
+    mask = batch.get(key)
+    if not isinstance(mask, Tensor):
+        return None
+    if mask.shape == like.shape:
+        return mask.bool()
+    if "labels" in batch and mask.dim() != 2:
+        return None
+    raise ValueError(f"{where}: {key!r} must be the padding mask [B, T] = {list(like.shape)} the loss leaves padded "
+                     f"targets out by; got shape {tuple(mask.shape)}. With another mask (a 4-D attention mask), "
+                     f"pass 'labels' with -100 at the targets to leave out")
+
+
 def _token_loss(logits: Tensor, labels: Tensor, keep: Tensor) -> Tensor:
     """``[B, T, V]``, ``[B, T]``, ``[B, T]`` bool -> ``[B]``: mean cross-entropy over kept tokens."""
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
@@ -393,12 +424,12 @@ def causal_lm_loss(output: Any, batch: Mapping[str, Any]) -> Tensor:
     ``ℓ_b`` unchanged. A sample with no kept target has loss 0. ``output.logits``
     is ``[B, T, V]``.
     """
-    logits = output.logits  # [B, T, V]
-    labels = _get(batch, "labels" if "labels" in batch else "input_ids", "causal_lm_loss", "[B, T] token ids")
+    where, key = "causal_lm_loss", "labels" if "labels" in batch else "input_ids"
+    labels = _get(batch, key, where, "[B, T] token ids")
+    logits = _token_logits(output, labels, where, key)  # [B, T, V]
     keep = labels[:, 1:] != IGNORE_INDEX  # [B, T-1]: targets 1..T-1
-    mask = batch.get("attention_mask")
-    if isinstance(mask, Tensor) and mask.dim() == 2:
-        real = mask.bool()
+    real = _padding_mask(batch, "attention_mask", labels, where)
+    if real is not None:
         keep = keep & real[:, 1:] & real[:, :-1]  # a real target predicted from a real position
     return _token_loss(logits[:, :-1], labels[:, 1:], keep)
 
@@ -411,12 +442,14 @@ def seq2seq_loss(output: Any, batch: Mapping[str, Any]) -> Tensor:
     ``output.logits`` is ``[B, T_dec, V]`` and the decoder inputs are the labels
     shifted right (:func:`from_module` derives them).
     """
-    labels = _get(batch, "labels", "seq2seq_loss", "[B, T_dec] target ids, -100 where none")
+    where = "seq2seq_loss"
+    labels = _get(batch, "labels", where, "[B, T_dec] target ids, -100 where none")
+    logits = _token_logits(output, labels, where, "labels")
     keep = labels != IGNORE_INDEX
-    mask = batch.get("decoder_attention_mask")
-    if isinstance(mask, Tensor) and mask.dim() == 2:
-        keep = keep & mask.bool()
-    return _token_loss(output.logits, labels, keep)
+    real = _padding_mask(batch, "decoder_attention_mask", labels, where)
+    if real is not None:
+        keep = keep & real
+    return _token_loss(logits, labels, keep)
 
 
 def classification_loss(output: Any, batch: Mapping[str, Any]) -> Tensor:
@@ -424,13 +457,31 @@ def classification_loss(output: Any, batch: Mapping[str, Any]) -> Tensor:
 
     Integer ``labels`` ``[B]``: ``ℓ_b = -log softmax(logits[b])[labels[b]]``
     (sequence or image classification, ``output.logits`` ``[B, C]``). Floating
-    ``labels`` ``[B]`` or ``[B, C]``: ``ℓ_b = mean_c (logits[b, c] - labels[b, c])²``
-    (regression).
+    ``labels`` shaped like the logits (``[B]`` or ``[B, 1]`` for one output,
+    ``[B, C]``): ``ℓ_b = mean_c (logits[b, c] - labels[b, c])²`` (regression, HF's
+    ``problem_type="regression"``; for multi-label targets write the loss with
+    ``F.binary_cross_entropy_with_logits(..., reduction="none").mean(-1)``). Floating
+    labels ``[B]`` for ``C > 1`` outputs (class ids read from a float column) are refused.
     """
-    logits = output.logits  # [B, C]
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    labels = _get(batch, "labels", "classification_loss", "[B] class ids, or float regression targets")
+    where = "classification_loss"
+    logits = getattr(output, "logits", None)
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"{where}: expected the model's output to have .logits (a tensor [B, C]); got "
+                        f"{type(output).__name__}. For a module that returns a tensor, pass your own loss: "
+                        f"loss(output, batch) -> [B]")
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # [B, C]
+    labels = _get(batch, "labels", where, "[B] class ids, or float regression targets")
+    if logits.dim() != 2:
+        raise ValueError(f"{where}: expected logits [B, C] (one prediction per sample); got shape "
+                         f"{tuple(logits.shape)} (token classification: write a loss that averages over tokens)")
     if not labels.is_floating_point():
+        if labels.shape != logits.shape[:1]:
+            raise ValueError(f"{where}: integer labels must be class ids of shape [B] = {list(logits.shape[:1])}; "
+                             f"got shape {tuple(labels.shape)}")
         return F.cross_entropy(logits, labels, reduction="none")
+    if labels.reshape(labels.shape[0], -1).shape != logits.shape:
+        hint = " (class ids in a float tensor? pass labels.long())" if labels.shape == logits.shape[:1] else ""
+        raise ValueError(f"{where}: floating labels are regression targets shaped like the logits "
+                         f"{tuple(logits.shape)}; got shape {tuple(labels.shape)}{hint}")
     diff = logits.reshape(labels.shape[0], -1) - labels.reshape(labels.shape[0], -1).to(logits.dtype)
     return diff.square().mean(-1)

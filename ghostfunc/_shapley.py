@@ -54,6 +54,7 @@ from ._graddot import (
     group_policy,
     no_path,
     prepare_group,
+    refuse_non_finite,
     retry_stale,
     routing,
     run_streamed,
@@ -182,7 +183,17 @@ def _val_grad_hvp_batched(model_fn: Callable[[Params, Any], Tensor], params: Par
 
 
 @in_one_call
-def compute_values(
+def compute_values(where: str, model_fn: Callable[[Params, Any], Tensor], params: Mapping[str, Tensor], train: Any,
+                   val: Any, **options: Any) -> Values:
+    """:func:`values_of`, refused (``FloatingPointError``, naming rows and parameters) where the values are not
+    finite though the losses are (:func:`ghostfunc._graddot.refuse_non_finite`): a step would write NaN into the
+    parameters."""
+    out = values_of(where, model_fn, params, train, val, **options)
+    refuse_non_finite(where, out.values, None, out.train_grad, options.get("group"), "values")
+    return out
+
+
+def values_of(
     where: str,
     model_fn: Callable[[Params, Any], Tensor],
     params: Mapping[str, Tensor],

@@ -223,7 +223,19 @@ def forward(model_fn: Callable, optimizer: Optimizer, params: Params, state: Any
     for t, batch in enumerate(batches):
         if keep(t):
             kept[t] = (params, state)
-        g = mean_grad(model_fn, params, batch, where)
+        try:
+            g = mean_grad(model_fn, params, batch, where)
+        except FloatingPointError as err:  # name the step (a step before it may have made the parameters NaN)
+            raise FloatingPointError(f"{err} [batches[{t}], step {t} of the replay]") from None
+        given = [(k, v) for k, v in g.items() if v is not None]
+        if given and not bool(torch.stack([torch.isfinite(v).all() for _, v in given]).all()):
+            bad = [k for k, v in given if not bool(torch.isfinite(v).all())]
+            raise FloatingPointError(
+                f"{where}: the gradient of batches[{t}] (step {t} of the replay) is not finite though its losses "
+                f"are: params {bad[:6]}{'...' if len(bad) > 6 else ''} hold NaN or inf, and the step would write "
+                f"them into the parameters. A backward through sqrt or a norm at 0, a division by 0, or "
+                f"torch.where with a non-finite branch does this; torch.autograd.set_detect_anomaly(True) and a "
+                f"plain backward of model_fn(params, batch).sum() find the call")
         if on_step is not None:
             on_step(t, Step(params, state, g))
         params, state = optimizer.update(g, state, params)

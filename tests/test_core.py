@@ -388,6 +388,49 @@ def test_error_nan_losses_name_the_samples():
         ghostfunc.graddot(model_fn, params, (x, y), (x[:2], y[:2]))
 
 
+def _nan_gradient_where_flagged(model_fn):
+    """``model_fn`` plus ``sqrt(z)`` with ``z = (ℓ - ℓ.detach())² + c``: the loss is unchanged where ``c = 0`` (a row
+    whose first feature is 7) but its gradient is ``inf * 0 = NaN`` there (the square root at 0)."""
+    def fn(p, batch):
+        losses = model_fn(p, batch)
+        c = (batch[0][:, 0] != 7).to(losses.dtype)
+        return losses + torch.sqrt((losses - losses.detach()) ** 2 + c) - c
+    return fn
+
+
+@pytest.mark.parametrize("side", ["train", "val"])
+def test_finite_losses_with_non_finite_gradients_are_refused_everywhere(side):
+    """Finite losses, a NaN gradient (a square root at 0): every entry point raises, naming the rows and the
+    parameters, instead of NaN scores or a step that writes NaN into the parameters."""
+    model_fn, params, (x, y) = _mlp()
+    fn = _nan_gradient_where_flagged(model_fn)
+    xv = x.flip(0).clone()
+    x = x.clone()
+    (x if side == "train" else xv)[2, 0] = 7.0
+    train, val = (x, y), (xv, y)
+    assert bool(torch.isfinite(fn(params, train)).all() and torch.isfinite(fn(params, val)).all())
+    rows = r"\[2\]" if side == "train" else r"\[0, 1, 2, 3\]"
+    which = "their gradients of params" if side == "train" else "the validation gradient of params"
+    for policy in ("auto", "ghost", "materialize", "contract"):
+        with pytest.raises(FloatingPointError, match=rf"^graddot: the scores of train samples {rows} are not finite "
+                                                     rf"though the losses are: {which}"):
+            ghostfunc.graddot(fn, params, train, val, policy=policy)
+    with pytest.raises(FloatingPointError, match=r"^graddot: the scores"):
+        ghostfunc.graddot(fn, params, train, val, val_reduce=None)
+    for kw in ({}, {"order": 2}, {"order": 2, "curvature": "secant"}):
+        with pytest.raises(FloatingPointError, match=r"^inrun_shapley: "):
+            ghostfunc.inrun_shapley(fn, params, train, val, lr=0.1, **kw)
+    step = ghostfunc.train_step(fn, ghostfunc.sgd(0.1))
+    state = step.init(params)
+    before = {k: v.clone() for k, v in state.params.items()}
+    with pytest.raises(FloatingPointError, match=r"^train_step: the values of train samples"):
+        step(state, train, val)
+    assert all(torch.equal(state.params[k], before[k]) for k in params)
+    if side == "train":
+        with pytest.raises(FloatingPointError, match=r"^graddot_direction: the scores of train samples \[2\]"):
+            ghostfunc.graddot_direction(fn, params, train, {k: torch.ones_like(v) for k, v in params.items()})
+
+
 @pytest.mark.parametrize("policy", ["ghost", "materialize", "contract"])
 def test_error_nan_validation_loss(policy):
     """Both validation paths (captured for ghost, one ordinary backward otherwise) refuse non-finite losses."""

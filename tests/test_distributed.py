@@ -334,6 +334,15 @@ def _faults(rank: int, world: int, out: dict[str, Any], job: str, folder: str) -
     if rank == 1:  # this rank's last training row, and its last validation row, give NaN losses
         nan_train[0][-1, 0] = float("nan")
         nan_val[0][-1, 0] = float("nan")
+    grad_nan = (train[0].clone(), train[1])
+    if rank == 1:  # this rank's first row: a finite loss with a NaN gradient (a square root at 0)
+        grad_nan[0][0, 0] = 7.0
+
+    def sqrt_at_zero(p: dict, batch: tuple) -> torch.Tensor:
+        losses = model_fn(p, batch)
+        c = (batch[0][:, 0] != 7).to(losses.dtype)
+        return losses + torch.sqrt((losses - losses.detach()) ** 2 + c) - c
+
     key = next(k for k, v in params.items() if v.dim() == 2)
     rolled = {k: v.roll(1, 0) if k == key and rank == 1 else v for k, v in params.items()}  # rows moved: same sums
     noncontiguous = {k: v.t().contiguous().t() if rank == 1 else v for k, v in params.items()}  # the same bits
@@ -352,6 +361,13 @@ def _faults(rank: int, world: int, out: dict[str, Any], job: str, folder: str) -
         "inrun_shapley order 2 nan val": lambda: ghostfunc.inrun_shapley(model_fn, params, train, nan_val, lr=0.1,
                                                                          order=2, group=group),
         "train_step precondition nan val": lambda: step(step.init(params), train, nan_val),
+        "graddot nan gradient": lambda: ghostfunc.graddot(sqrt_at_zero, params, grad_nan, val, group=group),
+        "graddot full matrix nan gradient": lambda: ghostfunc.graddot(sqrt_at_zero, params, grad_nan, val,
+                                                                      val_reduce=None, group=group),
+        "inrun_shapley order 2 nan gradient": lambda: ghostfunc.inrun_shapley(sqrt_at_zero, params, grad_nan, val,
+                                                                              lr=0.1, order=2, group=group),
+        "train_step nan gradient": lambda: (lambda s: s(s.init(params), grad_nan, val))(ghostfunc.train_step(
+            sqrt_at_zero, ghostfunc.sgd(0.1), group=group)),
         "save unwritable": lambda: ghostfunc.DataValues.zeros(4).add(torch.tensor([rank]), torch.tensor([1.0])).save(
             blocker / "values.pt", group=group),
         "permuted params": lambda: ghostfunc.graddot(model_fn, rolled, train, val, group=group),
@@ -415,6 +431,20 @@ def test_error_on_one_rank_raises_on_every_rank(faults: list[dict[str, Any]], ca
     if case == next(iter(FAILS_ON_RANK_1)):
         print(f"status exchange when nothing fails: {max(r['exchange_us'] for r in faults):.0f} us per call, a "
               f"bare all_reduce of one int32 {max(r['allreduce_us'] for r in faults):.0f} us (gloo, 2 ranks)")
+
+
+@pytest.mark.parametrize("case", ["graddot nan gradient", "graddot full matrix nan gradient",
+                                  "inrun_shapley order 2 nan gradient", "train_step nan gradient"])
+def test_a_non_finite_gradient_on_one_rank_raises_on_every_rank(faults: list[dict[str, Any]], case: str) -> None:
+    """A finite loss with a NaN gradient in rank 1's rows only: the verdict comes from what every rank shares (the
+    all-reduced training gradient and validation direction, or the full matrix inside the status exchange), so
+    every rank raises, none waits for the timeout."""
+    for rank, (kind, message, seconds) in enumerate(r[case] for r in faults):
+        assert kind in ("FloatingPointError", "RuntimeError"), (rank, kind, message)
+        assert "are not finite though the losses are" in message, (rank, message)
+        assert seconds < FAULT_TIMEOUT_S / 2, (rank, seconds)
+    # (order 2: H_val G with G holding rank 1's NaN makes every row's value NaN)
+    assert faults[1][case][0] == "FloatingPointError" and "train samples [0" in faults[1][case][1], faults[1][case]
 
 
 def test_save_rank_0_cannot_write_raises_on_every_rank(faults: list[dict[str, Any]]) -> None:

@@ -628,6 +628,48 @@ def test_from_module_errors() -> None:
         ghostfunc.graddot(cls_fn, cls_params, train, val)
 
 
+def test_loss_helpers_refuse_what_they_cannot_read() -> None:
+    """Float class ids (a float column of labels) on a multi-class head were read as regression targets and
+    broadcast against every logit: refused. So are outputs without logits, logits and labels of other shapes,
+    and a padding mask the causal loss cannot read, each naming what it expected and what came."""
+    from transformers.modeling_outputs import CausalLMOutput, SequenceClassifierOutput
+
+    g = torch.Generator().manual_seed(0)
+    cls_out = SequenceClassifierOutput(logits=torch.randn(4, 3, generator=g))
+    ids = torch.tensor([0, 2, 1, 2])
+    assert torch.equal(ghostfunc.classification_loss(cls_out, {"labels": ids}),
+                       F.cross_entropy(cls_out.logits, ids, reduction="none"))
+    with pytest.raises(ValueError, match=r"^classification_loss: floating labels are regression targets shaped like "
+                                         r"the logits \(4, 3\); got shape \(4,\) \(class ids in a float tensor\? "
+                                         r"pass labels.long\(\)\)"):
+        ghostfunc.classification_loss(cls_out, {"labels": ids.float()})
+    with pytest.raises(ValueError, match=r"^classification_loss: integer labels must be class ids of shape \[B\]"):
+        ghostfunc.classification_loss(cls_out, {"labels": ids[:, None]})
+    with pytest.raises(TypeError, match=r"^classification_loss: expected the model's output to have .logits"):
+        ghostfunc.classification_loss(cls_out.logits, {"labels": ids})
+    one = SequenceClassifierOutput(logits=torch.randn(4, 1, generator=g))  # regression: [B] or [B, 1] targets
+    y = torch.randn(4, generator=g)
+    assert torch.allclose(ghostfunc.classification_loss(one, {"labels": y}), (one.logits[:, 0] - y) ** 2)
+    assert torch.allclose(ghostfunc.classification_loss(one, {"labels": y[:, None]}), (one.logits[:, 0] - y) ** 2)
+    lm_out = CausalLMOutput(logits=torch.randn(2, 5, 7, generator=g))
+    tokens = torch.randint(0, 7, (2, 5), generator=g)
+    with pytest.raises(ValueError, match=r"^causal_lm_loss: 'input_ids' must be integer token ids \[B, T\]; got "
+                                         r"torch.int64 of shape \(5,\)"):
+        ghostfunc.causal_lm_loss(lm_out, {"input_ids": tokens[0]})
+    with pytest.raises(ValueError, match=r"^causal_lm_loss: expected logits \[B, T, V\] with \[B, T\] = \[2, 4\]"):
+        ghostfunc.causal_lm_loss(lm_out, {"input_ids": tokens[:, :4]})
+    with pytest.raises(ValueError, match=r"^causal_lm_loss: 'attention_mask' must be the padding mask \[B, T\] = "
+                                         r"\[2, 5\] .* got shape \(2, 1, 5, 5\)"):
+        ghostfunc.causal_lm_loss(lm_out, {"input_ids": tokens, "attention_mask": torch.ones(2, 1, 5, 5)})
+    with_labels = {"input_ids": tokens, "labels": tokens.masked_fill(tokens == 0, -100),
+                   "attention_mask": torch.ones(2, 1, 5, 5)}  # labels say what to leave out: the 4-D mask is not read
+    assert torch.equal(ghostfunc.causal_lm_loss(lm_out, with_labels),
+                       ghostfunc.causal_lm_loss(lm_out, {"input_ids": tokens, "labels": with_labels["labels"]}))
+    with pytest.raises(ValueError, match=r"^seq2seq_loss: 'labels' must be integer token ids \[B, T\]; got "
+                                         r"torch.float32"):
+        ghostfunc.seq2seq_loss(lm_out, {"labels": tokens.float()})
+
+
 def _other_conventions() -> dict[str, tuple[Callable[[], nn.Module], Any]]:
     tf = transformers
     cls, lm = ghostfunc.classification_loss, ghostfunc.causal_lm_loss

@@ -200,6 +200,28 @@ def test_unroll_bad_input():
         ghostfunc.unroll(mlp_fn, opt, params, batches, val, size=3)
 
 
+def test_unroll_names_the_step_of_a_non_finite_gradient_or_loss():
+    """A finite loss with a NaN gradient (a square root at 0) in step 1's batch: refused at that step, before the
+    update writes NaN into the parameters (which the next step's losses would otherwise be blamed for)."""
+    params, batches, val = run(steps=3)
+
+    def fn(p, batch):
+        losses = mlp_fn(p, batch)
+        c = (batch["x"][:, 0] != 7).to(losses.dtype)
+        return losses + torch.sqrt((losses - losses.detach()) ** 2 + c) - c
+
+    batches = [dict(b) for b in batches]
+    batches[1]["x"] = batches[1]["x"].clone()
+    batches[1]["x"][0, 0] = 7.0
+    with pytest.raises(FloatingPointError, match=r"^unroll: the gradient of batches\[1\] \(step 1 of the replay\) "
+                                                 r"is not finite though its losses are: params \['w1', 'b1', 'w2', "):
+        ghostfunc.unroll(fn, ghostfunc.sgd(0.1), params, batches, val)
+    batches[1]["x"][0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"^unroll: model_fn returned non-finite losses for train samples "
+                                                 r"\[0\].*\[batches\[1\], step 1 of the replay\]$"):
+        ghostfunc.unroll(mlp_fn, ghostfunc.sgd(0.1), params, batches, val)
+
+
 def test_unroll_refuses_an_update_it_cannot_differentiate():
     params, batches, val = run(steps=2)
     sgd = ghostfunc.sgd(0.1)
