@@ -288,9 +288,13 @@ def parser() -> argparse.ArgumentParser:
 
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the demo and return its figures (AUROCs, Spearman, test accuracy, seconds) and per-sample arrays."""
-    args = parser().parse_args(argv)
-    if not 0 < args.flip < 1:
-        raise SystemExit(f"demo: --flip must be in (0, 1); got {args.flip}")
+    from ._run.cli import Range, check_args
+
+    p = parser()
+    args = p.parse_args(argv)
+    check_args(p, args, {"epochs": Range(1), "batch_size": Range(1), "lr": Range(0, open_low=True),
+                         "hidden": Range(1), "flip": Range(0, 1, open_low=True, open_high=True),
+                         "seed": Range(0, 2**32 - 1), "threads": Range(1)})
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)  # tiny matrices: extra threads only wait on each other
     group = _torchrun_group()

@@ -517,11 +517,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--random-draws", type=int, default=5)
     parser.add_argument("--out", default="evaluation", help="folder for evaluation.json and evaluation.png")
     args = parser.parse_args(argv)
+    from ._run.cli import Range, check_args
+
+    check_args(parser, args, {"seeds": Range(1), "retrains": Range(3), "n_train": Range(2), "n_val": Range(1),
+                              "steps": Range(1), "lr": Range(0, open_low=True),
+                              "noise": Range(0, 1, open_low=True, open_high=True), "per_val": Range(0),
+                              "random_draws": Range(1)})
     torch.set_num_threads(1)  # tiny models: one thread is faster, and CPU-time ratios are not inflated by spinning
     t0 = time.perf_counter()
-    result = evaluate(models=args.models, seeds=tuple(range(args.seeds)), retrains=args.retrains,
-                      n_train=args.n_train, n_val=args.n_val, steps=args.steps, lr=args.lr, noise=args.noise,
-                      per_val=args.per_val, random_draws=args.random_draws, out=args.out)
+    try:
+        result = evaluate(models=args.models, seeds=tuple(range(args.seeds)), retrains=args.retrains,
+                          n_train=args.n_train, n_val=args.n_val, steps=args.steps, lr=args.lr, noise=args.noise,
+                          per_val=args.per_val, random_draws=args.random_draws, out=args.out)
+    except ValueError as err:
+        if not str(err).startswith("evaluate: n_train + n_val"):  # the one check that needs the data set's size
+            raise
+        parser.error(f"--n-train/--n-val: {str(err).removeprefix('evaluate: ')}")
     print(result.table())
     print(f"written {args.out}/evaluation.json and {args.out}/evaluation.png ({time.perf_counter() - t0:.0f} s)")
     return 0

@@ -138,12 +138,14 @@ def usages(params: Mapping[str, Tensor], traces: tuple[Trace, Trace]) -> dict[st
                     kinds[name].append(site.rule.kind)
                 if factored:
                     width = params[name].shape[site.rule.out_axis]
-                    toks[which][name] += int(torch.Size(site.out_shape).numel()) // width
+                    toks[which][name] += int(torch.Size(site.out_shape).numel()) // width if width else 0
     other = {**traces[1].other_uses, **traces[0].other_uses}
     out = {}
     for k in params:
         uses = tuple(kinds[k])
-        if k in other:
+        if params[k].numel() == 0:  # nothing to factor (its per-sample gradients are empty): the leaf path
+            out[k] = Usage(None, "zero-size", uses, 0, 0)
+        elif k in other:
             out[k] = Usage(None, f"used by {other[k]}", uses, 0, 0)
         elif not forms[k]:
             out[k] = Usage(None, "no recognised call uses it", uses, 0, 0)

@@ -10,16 +10,42 @@ from torch import Tensor
 
 from ._capture import split_batch
 from ._checks import check_model_fn, check_options, check_pair, check_params
+from ._interact import LossShapeError, ParamsUnusedError
 
 
-def per_sample_grads(model_fn: Callable, params: Mapping[str, Tensor], batch: Any) -> tuple[dict[str, Tensor], Tensor]:
-    """``{name: [B, *shape]}`` and losses ``[B]``, one ordinary backward pass per sample."""
+def _check_losses(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, label: str, where: str) -> None:
+    """Raise as :func:`ghostfunc.graddot` does if ``model_fn`` on the whole ``batch`` does not return one
+    floating loss per sample (a loss reduced over the batch looks like one sample's when run on one)."""
+    split = split_batch(batch)
+    device = next(iter(params.values())).device
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):  # draws undone
+        losses = model_fn(dict(params), batch)
+    if not isinstance(losses, Tensor) or losses.shape != (split.size,) or not losses.is_floating_point():
+        got = (f"a {losses.dtype} tensor of shape {tuple(losses.shape)}" if isinstance(losses, Tensor)
+               else type(losses).__name__)
+        hint = " (a loss reduced over the batch? use reduction='none')" if isinstance(losses, Tensor) and \
+            losses.numel() == 1 and split.size > 1 else ""
+        raise LossShapeError(f"{where}: model_fn(params, batch) must return one floating-point loss per sample, a "
+                             f"tensor of shape [B]; for {split.size} {label} samples it returned {got}{hint}")
+
+
+def per_sample_grads(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, label: str = "train",
+                     where: str = "reference_graddot") -> tuple[dict[str, Tensor], Tensor]:
+    """``{name: [B, *shape]}`` and losses ``[B]``, one ordinary backward pass per sample. A non-finite loss, or
+    one without an autograd path to ``params``, is refused naming the sample."""
     split = split_batch(batch)  # tensor leaves, sample axis first (a transformers.BatchEncoding too)
     grads: dict[str, list[Tensor]] = {k: [] for k in params}
     losses = []
     for i in range(split.size):
         p = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
         loss = model_fn(p, split.rebuild([t[i:i + 1] for t in split.tensors])).reshape(())
+        if not bool(torch.isfinite(loss.detach())):
+            raise FloatingPointError(f"{where}: model_fn returned a non-finite loss for {label} sample {i} "
+                                     f"({loss.item()}); its gradient is undefined")
+        if not loss.requires_grad:
+            raise ParamsUnusedError(f"{where}: the loss of {label} sample {i} has no autograd path to params "
+                                    f"(computed under torch.no_grad(), .detach()-ed, or an integer); return the "
+                                    f"losses as computed from params")
         gs = torch.autograd.grad(loss, list(p.values()), allow_unused=True)
         for (k, v), g in zip(p.items(), gs, strict=True):
             grads[k].append(torch.zeros_like(v) if g is None else g.to_dense() if g.is_sparse else g)
@@ -48,8 +74,10 @@ def reference_graddot(
     check_options(where, val_reduce=val_reduce)
     params = check_params(params, where)
     check_pair(train, val, where)  # the messages graddot gives, naming the argument
-    gt, _ = per_sample_grads(model_fn, params, train)
-    gv, _ = per_sample_grads(model_fn, params, val)
+    _check_losses(model_fn, params, train, "train", where)
+    _check_losses(model_fn, params, val, "val", where)
+    gt, _ = per_sample_grads(model_fn, params, train, "train", where)
+    gv, _ = per_sample_grads(model_fn, params, val, "val", where)
     per_param = {}
     for k in params:
         a, b = gt[k].reshape(len(gt[k]), -1), gv[k].reshape(len(gv[k]), -1)  # [n, P], [m, P]

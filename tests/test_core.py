@@ -367,6 +367,36 @@ def test_error_a_sparse_batch_leaf_is_named():
         ghostfunc.graddot(model_fn, params, (x.to_sparse(), y), (x, y))
 
 
+def test_a_zero_size_parameter_scores_zero_everywhere():
+    """A used parameter with no entries (a [0, d] weight: a layer of width 0) has empty gradients: it scores 0 on
+    every path and entry point (it once divided by its width of 0 while planning)."""
+    g = torch.Generator().manual_seed(3)
+    p = {"w": torch.randn(3, 5, generator=g, dtype=F64), "z": torch.zeros(0, 5, dtype=F64),
+         "z_b": torch.zeros(0, dtype=F64)}
+
+    def fn(p, batch):
+        x, y = batch
+        h = torch.cat([F.linear(x, p["w"]), F.linear(x, p["z"], p["z_b"])], -1)
+        return F.cross_entropy(h, y, reduction="none")
+
+    train = (torch.randn(6, 5, generator=g, dtype=F64), torch.randint(0, 3, (6,), generator=g))
+    val = (torch.randn(4, 5, generator=g, dtype=F64), torch.randint(0, 3, (4,), generator=g))
+    for val_reduce in ("mean", "sum", None):
+        ref = ghostfunc.reference_graddot(fn, p, train, val, val_reduce=val_reduce)[0]
+        for policy in ("auto", "ghost", "materialize", "contract"):
+            if policy == "contract" and val_reduce is None:
+                continue
+            out = ghostfunc.graddot(fn, p, train, val, policy=policy, val_reduce=val_reduce)
+            assert rel(out.scores, ref) < 1e-12 and not out.per_param["z"].any()
+            assert out.train_grad["z"].shape == (0, 5) and out.plan.routes["z"].reason == "zero-size"
+    for kw in ({}, {"order": 2}, {"order": 2, "curvature": "secant"}):
+        assert torch.isfinite(ghostfunc.inrun_shapley(fn, p, train, val, lr=0.1, **kw)).all()
+    for opt in (ghostfunc.sgd(0.1, momentum=0.9), ghostfunc.adamw(0.01)):
+        step = ghostfunc.train_step(fn, opt)
+        state, info = step(step.init(p), train, val)
+        assert state.params["z"].shape == (0, 5) and torch.isfinite(info.values).all()
+
+
 def test_reference_graddot_checks_its_arguments_as_graddot_does():
     model_fn, params, (x, y) = _mlp()
     with pytest.raises(ValueError, match=r"^reference_graddot: train\[1\] is a scalar"):
@@ -377,6 +407,22 @@ def test_reference_graddot_checks_its_arguments_as_graddot_does():
         ghostfunc.reference_graddot(model_fn, params, (x, y), (x, y), val_reduce="avg")
     with pytest.raises(ValueError, match=r"^reference_graddot: train and val must have the same structure"):
         ghostfunc.reference_graddot(model_fn, params, (x, y), {"x": x, "y": y})
+    # what graddot refuses about the losses, the loop refuses too (it would otherwise return a number)
+    with pytest.raises(ValueError, match=r"^reference_graddot: model_fn\(params, batch\) must return one "
+                                         r"floating-point loss per sample.*4 train samples it returned a "
+                                         r"torch.float64 tensor of shape \(\) \(a loss reduced over the batch"):
+        ghostfunc.reference_graddot(lambda p, b: model_fn(p, b).mean(), params, (x, y), (x, y))
+    with pytest.raises(ValueError, match=r"^reference_graddot: .*for 4 val samples it returned a torch.float64 "
+                                         r"tensor of shape \(4, 1\)"):
+        ghostfunc.reference_graddot(lambda p, b: model_fn(p, b)[:, None] if len(b[0]) == 4 and b[0] is not x
+                                    else model_fn(p, b), params, (x, y), (x.clone(), y))
+    xn = x.clone()
+    xn[3] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"^reference_graddot: model_fn returned a non-finite loss for val "
+                                                 r"sample 3"):
+        ghostfunc.reference_graddot(model_fn, params, (x, y), (xn, y))
+    with pytest.raises(ValueError, match=r"^reference_graddot: the loss of train sample 0 has no autograd path"):
+        ghostfunc.reference_graddot(lambda p, b: model_fn(p, b).detach(), params, (x, y), (x, y))
 
 
 def test_error_nan_losses_name_the_samples():

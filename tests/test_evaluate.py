@@ -86,3 +86,26 @@ def test_attribute_cli_on_a_recorded_run(tmp_path, capsys):
     direct = ghostfunc.unroll(task["model_fn"], opt, params, traj.batches(task["dataset"]), task["val"], size=30)
     assert torch.allclose(saved.total, direct.total, rtol=1e-10, atol=1e-15)
     assert torch.equal(saved.count, direct.count)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["evaluate", "--seeds", "0"], "--seeds: expected an integer >= 1; got 0"),
+    (["evaluate", "--n-train", "0"], "--n-train: expected an integer >= 2; got 0"),
+    (["evaluate", "--retrains", "2"], "--retrains: expected an integer >= 3; got 2"),
+    (["evaluate", "--noise", "1"], "--noise: expected a finite number in (0, 1); got 1.0"),
+    (["evaluate", "--lr", "nan"], "--lr: expected a finite number > 0; got nan"),
+    (["evaluate", "--n-train", "1700"], "--n-train/--n-val: n_train + n_val must leave test rows out"),
+    (["demo", "--batch-size", "0"], "--batch-size: expected an integer >= 1; got 0"),
+    (["demo", "--lr", "-1"], "--lr: expected a finite number > 0; got -1.0"),
+    (["demo", "--hidden", "0"], "--hidden: expected an integer >= 1; got 0"),
+    (["demo", "--epochs", "0"], "--epochs: expected an integer >= 1; got 0"),
+    (["demo", "--flip", "1"], "--flip: expected a finite number in (0, 1); got 1.0"),
+])
+def test_cli_numbers_out_of_range_are_one_line_errors(args, message, capsys, tmp_path):
+    """A flag outside its range is argparse's one-line error naming it (exit code 2), not a traceback from deep
+    inside (an IndexError for --seeds 0, a ZeroDivisionError for --batch-size 0), and nothing is written."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -86,18 +86,20 @@ class Range(NamedTuple):
     low: float
     high: float = math.inf
     open_low: bool = False
+    open_high: bool = False
 
     def holds(self, value: float) -> bool:
         """``value`` is finite and within the range."""
         above = value > self.low if self.open_low else value >= self.low
-        return math.isfinite(value) and above and value <= self.high
+        below = value < self.high if self.open_high else value <= self.high
+        return math.isfinite(value) and above and below
 
     def expected(self, integer: bool) -> str:
         """``"an integer >= 1"``, ``"a finite number in [0, 1]"``, ...: what the messages say is expected."""
         what = "an integer" if integer else "a finite number"
         if self.high == math.inf:
             return f"{what} {'>' if self.open_low else '>='} {self.low}"
-        return f"{what} in {'(' if self.open_low else '['}{self.low}, {self.high}]"
+        return f"{what} in {'(' if self.open_low else '['}{self.low}, {self.high}{')' if self.open_high else ']'}"
 
 
 #: The range of every numeric option of ``TRAIN_OPTIONS`` (checked before anything is written; NaN/inf never pass).
@@ -126,6 +128,15 @@ def check_ranges(cfg: Mapping[str, Any], table: dict[str, tuple[Any, str]], rang
         number = isinstance(value, int | float) and not isinstance(value, bool) and (isinstance(value, int) or not integer)
         if not (number and rng.holds(value)):
             raise UsageError(f"--{name.replace('_', '-')}: expected {rng.expected(integer)}; got {value!r}")
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace, ranges: Mapping[str, Range]) -> None:
+    """``parser.error`` (one line, exit code 2) for a parsed numeric flag outside its range; ``None`` passes."""
+    for name, rng in ranges.items():
+        value = getattr(args, name)
+        if value is not None and not rng.holds(value):
+            parser.error(f"--{name.replace('_', '-')}: expected {rng.expected(isinstance(value, int))}; "
+                         f"got {value!r}")
 
 
 class _Parser(argparse.ArgumentParser):
