@@ -147,7 +147,9 @@ class DataValues:
 
         Args:
             path: the file to write.
-            state: anything ``torch.save`` can write, e.g. a :class:`ghostfunc.TrainState`.
+            state: what :meth:`load` can read back (``weights_only=True``): tensors, numbers,
+                strings, lists, dicts, a :class:`ghostfunc.TrainState`; anything else is refused
+                (``TypeError``) before the file is written.
             group: ``None`` (one process), or a ``torch.distributed`` process group:
                 then every rank must call ``save`` (a collective); the file holds the
                 sum over ranks (each value counted once, see the module docstring),
@@ -168,10 +170,14 @@ class DataValues:
                     everything.save(path, state=state)
             return everything
         target = Path(path)
+        if target.is_dir():
+            raise IsADirectoryError(f"DataValues.save: path {os.fspath(path)!r} is a folder; expected the file to "
+                                    f"write, e.g. {os.fspath(target / 'values.pt')!r}")
         target.parent.mkdir(parents=True, exist_ok=True)
         # the secant's cached validation gradient (and its copy of the validation batch) is a by-product: a
         # resumed step recomputes it, with the same numbers; dropped wherever a TrainState sits in the state
         state = _without_val_grad(state)
+        _check_loadable(state)
         payload = {"format": FORMAT, "total": self.total, "count": self.count, "steps": self.steps, "state": state}
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
         try:
@@ -282,6 +288,47 @@ class DataValues:
                              f"not an int >= 0: not what DataValues.save writes")
         values = cls(total, count, steps, loaded=True)
         return (values, payload["state"]) if with_state else values
+
+
+_PLAIN_ATOMS = (int, float, bool, str, complex, type(None), torch.dtype, torch.device, torch.Size)
+
+
+def _plain(state: Any) -> bool:
+    """Whether ``state`` is built only of what ``torch.load(weights_only=True)`` always reads: tensors, numbers,
+    strings, ``None``, dicts, lists, tuples and ghostfunc's state types (a fast walk; anything else is tried)."""
+    kind = type(state)
+    if isinstance(state, Tensor) or kind in _PLAIN_ATOMS:
+        return True
+    if kind is dict:
+        return all(_plain(k) and _plain(v) for k, v in state.items())
+    if kind in (list, tuple) or kind in SAFE_TYPES:
+        return all(_plain(v) for v in state)
+    return False
+
+
+def _check_loadable(state: Any) -> None:
+    """Refuse (``TypeError``, before anything is written) a ``state`` that :meth:`DataValues.load` could not read
+    back: it loads with ``weights_only=True``, which refuses e.g. numpy arrays, ``pathlib`` paths and other
+    classes not in ``torch.serialization``'s safe globals. A state of plain parts is not tried."""
+    if _plain(state):
+        return
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    try:
+        with torch.serialization.safe_globals(SAFE_TYPES):
+            torch.load(buffer, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch's reason, first line
+        reason = str(err).strip().splitlines()
+        why = next((line.strip() for line in reason if "GLOBAL" in line or "Unsupported" in line),
+                   reason[0] if reason else type(err).__name__).split(" Please use")[0].rstrip(". ")
+        raise TypeError(
+            f"DataValues.save: state holds what DataValues.load cannot read back (it loads with "
+            f"weights_only=True): {why}. Store tensors, numbers, strings, lists and dicts instead (numpy arrays: "
+            f"torch.from_numpy(a); paths: str(p); a generator: gen.get_state()), or allow the class with "
+            f"torch.serialization.add_safe_globals([...]) before saving and loading") from None
 
 
 def _without_val_grad(state: Any) -> Any:

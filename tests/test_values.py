@@ -113,6 +113,31 @@ def test_save_load_roundtrip_with_state(tmp_path):
     assert sorted(os.listdir(path.parent)) == ["values.pt"]  # no temporary files left
 
 
+def test_save_refuses_a_state_load_could_not_read_back(tmp_path):
+    """load reads with weights_only=True: a state holding a numpy array, a Path or a class of its own was written
+    and then refused as "not a file written by DataValues.save". save refuses it first, writing nothing, and
+    says what to store instead; a state the user allowed by add_safe_globals round-trips."""
+    import argparse
+    import collections
+
+    import numpy as np
+
+    dv = ghostfunc.DataValues.zeros(4).add(torch.tensor([1]), torch.tensor([0.5]))
+    path = tmp_path / "values.pt"
+    for bad in ({"perm": np.arange(4)}, {"where": Path("runs")}, [argparse.Namespace(epoch=3)]):
+        with pytest.raises(TypeError, match=r"^DataValues.save: state holds what DataValues.load cannot read back "
+                                            r"\(it loads with weights_only=True\): .*GLOBAL .*torch.from_numpy"):
+            dv.save(path, state=bad)
+        assert not path.exists() and not os.listdir(tmp_path)
+    fine = {"epoch": 3, "order": torch.randperm(4), "rng": torch.get_rng_state(), "names": ["a", None],
+            "nested": ({"lr": 0.1},), "dtype": torch.float32, "ordered": collections.OrderedDict(a=1)}
+    dv.save(path, state=fine)
+    _, state = ghostfunc.DataValues.load(path, with_state=True)
+    assert state["epoch"] == 3 and torch.equal(state["order"], fine["order"]) and state["ordered"] == {"a": 1}
+    with pytest.raises(IsADirectoryError, match=r"^DataValues.save: path .* is a folder; expected the file"):
+        dv.save(tmp_path)
+
+
 def test_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
     path = tmp_path / "values.pt"
     ghostfunc.DataValues.zeros(3).add(torch.tensor([0]), torch.tensor([1.0])).save(path)
