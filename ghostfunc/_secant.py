@@ -209,7 +209,13 @@ def secant_values(where: str, model_fn: Callable[[Params, Any], Tensor], params:
     else:
         g_now, loss_now = grouped_val_grad(model_fn, params, vb, weights, where, groups)
     moved = sgd_point(params, g_train, lr)
-    g_next, loss_next = grouped_val_grad(model_fn, moved, vb, weights, where, groups)
+    try:
+        g_next, loss_next = grouped_val_grad(model_fn, moved, vb, weights, where, groups)
+    except FloatingPointError as err:  # finite at θ (checked above): the step's end point is not
+        raise FloatingPointError(
+            f"{str(err).split(';')[0]} at θ' = θ - lr·ḡ_train, the end of the plain SGD step the secant "
+            f"evaluates the validation gradient at (the losses at params are finite): lr={lr:g} steps too far "
+            f"for this model. Use a smaller lr, or curvature='exact' (no evaluation at θ')") from None
     if not _same(rng, _rng_state(device)):
         raise ValueError(_RANDOM_MESSAGE.format(where=where))
 

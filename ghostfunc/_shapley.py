@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import numbers
 import sys
 import warnings
 from collections.abc import Callable, Mapping
@@ -236,6 +237,7 @@ def values_of(
     the training rows' materialised gradients, reused from call to call (:data:`ghostfunc._secant.Scratch`).
     """
     check_lr_order(where, lr, order)
+    lr = float(lr)
     check_curvature(where, curvature, order)
     if precondition is not None and order != 1:
         raise ValueError(f"{where}: optimizer-aware (preconditioned) values are first order only; got order={order}")
@@ -338,7 +340,7 @@ def values_of(
 
 
 def check_lr_order(where: str, lr: Any, order: Any) -> None:
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 <= lr < math.inf:
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not 0 <= float(lr) < math.inf:  # numpy too
         raise ValueError(f"{where}: lr must be a finite float >= 0 (the step's learning rate); got {lr!r}")
     if type(order) is not int or order not in ORDERS:  # not 2.0 or True (== 1)
         raise ValueError(f"{where}: order must be 1 or 2; got {order!r}")

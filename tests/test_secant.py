@@ -454,6 +454,23 @@ def test_validation_rows_in_groups_change_nothing(name, monkeypatch):
                 ghostfunc.inrun_shapley(fn, params, bad, val, lr=lr, order=2, curvature=curvature)
 
 
+def test_a_step_too_long_for_the_secant_is_named_as_such():
+    """Validation losses finite at θ but not at the secant's θ' = θ - lr·ḡ_train: the error says so and what to do,
+    instead of sending the user to check model_fn(params, val), which is finite."""
+    g = torch.Generator().manual_seed(0)
+    params = {"w": torch.randn(3, 5, generator=g, dtype=torch.float64) / 3}
+
+    def fn(p, batch):
+        return torch.exp(torch.nn.functional.linear(batch[0], p["w"])).sum(-1)
+
+    train, val = (3 * torch.randn(6, 5, generator=g, dtype=torch.float64),), \
+        (3 * torch.randn(4, 5, generator=g, dtype=torch.float64),)
+    assert bool(torch.isfinite(fn(params, val)).all())
+    with pytest.raises(FloatingPointError, match=r"^inrun_shapley: model_fn returned non-finite losses for val "
+                                                 r"samples .* at θ' = θ - lr·ḡ_train, .*lr=100000 steps too far"):
+        ghostfunc.inrun_shapley(fn, params, train, val, lr=1e5, order=2, curvature="secant")
+
+
 @pytest.mark.parametrize("curvature", ["secant", "exact"])
 @pytest.mark.parametrize("name", ["tokens-materialise", "attention-tied-embedding"])
 def test_train_step_reuses_its_materialised_rows_memory(name, curvature, monkeypatch):

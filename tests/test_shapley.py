@@ -267,6 +267,17 @@ def test_argument_errors(kwargs, match):
         ghostfunc.inrun_shapley(mlp_fn, params, train, val, **kwargs)
 
 
+def test_a_numpy_learning_rate_is_a_number():
+    """lr read from a numpy array or config (np.float32, np.float64): what sgd takes, inrun_shapley takes too."""
+    import numpy as np
+
+    params, train, val = mlp()
+    want = ghostfunc.inrun_shapley(mlp_fn, params, train, val, lr=float(np.float32(0.1)))
+    assert torch.equal(ghostfunc.inrun_shapley(mlp_fn, params, train, val, lr=np.float32(0.1)), want)
+    assert torch.equal(ghostfunc.inrun_shapley(mlp_fn, params, train, val, lr=np.float64(0.5), order=2),
+                       ghostfunc.inrun_shapley(mlp_fn, params, train, val, lr=0.5, order=2))
+
+
 def test_boundary_errors_name_the_function():
     params, train, val = mlp()
     with pytest.raises(TypeError, match=r"^inrun_shapley: params must be a dict"):
