@@ -210,8 +210,9 @@ class _ModelSpec:
 
     def __init__(self, accepts: frozenset[str], causal: bool, encoder_decoder: bool, attn: str | None,
                  window: int | None, layer_types: frozenset[str], mask_dtype: torch.dtype,
-                 decoder_ids: Callable[[Tensor], Tensor] | None) -> None:
+                 decoder_ids: Callable[[Tensor], Tensor] | None, required: frozenset[str] = frozenset()) -> None:
         self.accepts = accepts
+        self.required = required  # arguments of forward without a default
         self.causal = causal
         self.window = window
         self.layer_types = layer_types
@@ -226,6 +227,7 @@ class _ModelSpec:
         base: Any = get_base() if callable(get_base) else model
         sig = inspect.signature(base.forward).parameters
         accepts = frozenset(k for k, v in sig.items() if v.kind not in (v.VAR_KEYWORD, v.VAR_POSITIONAL))
+        required = frozenset(k for k, v in sig.items() if k in accepts and v.default is inspect.Parameter.empty)
         config: Any = getattr(base, "config", None)
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         attn = getattr(text, "_attn_implementation", None)  # None: not a transformers model
@@ -247,7 +249,7 @@ class _ModelSpec:
             decoder_ids = functools.partial(shift_right, start=start, pad=getattr(config, "pad_token_id", None))
         window = getattr(text, "sliding_window", None)
         layer_types = frozenset(getattr(text, "layer_types", None) or ())
-        return cls(accepts, causal, encoder_decoder, attn, window, layer_types, mask_dtype, decoder_ids)
+        return cls(accepts, causal, encoder_decoder, attn, window, layer_types, mask_dtype, decoder_ids, required)
 
     def plain(self, batch: Mapping[str, Any], where: str) -> dict[str, Any]:
         """The batch's keys the model's forward names (not ``labels``), ``use_cache=False``, and decoder
@@ -261,6 +263,11 @@ class _ModelSpec:
         labels = batch.get("labels")
         if self.decoder_ids is not None and "decoder_input_ids" not in out and isinstance(labels, Tensor):
             out["decoder_input_ids"] = self.decoder_ids(labels)
+        missing = sorted(self.required - out.keys())
+        if missing:
+            raise TypeError(f"{where}: the model's forward needs {missing}, which the batch does not have (its keys: "
+                            f"{list(batch)}); the batch's keys are passed as the forward's keyword arguments "
+                            f"({sorted(self.accepts)})")
         return out
 
     def rewrites(self, batch: Any) -> bool:

@@ -122,13 +122,16 @@ def _schedule(lr: Schedule, where: str) -> Callable[[int], float]:
     return lambda count: value
 
 
-def _check_grads(grads: Grads, params: Params, where: str) -> None:
+def _check_grads(grads: Grads, params: Params, where: str) -> Grads:
+    """``grads`` checked against ``params`` (keys, shapes), in the parameters' dtypes: a float64 gradient of a
+    float32 parameter would otherwise promote the updated parameter to float64."""
     if set(grads) != set(params):
         raise ValueError(f"{where}: grads and params must have the same keys; "
                          f"got grads {sorted(grads)} and params {sorted(params)}")
     for k, g in grads.items():
         if g is not None and g.shape != params[k].shape:
             raise ValueError(f"{where}: grads[{k!r}] has shape {tuple(g.shape)}, params[{k!r}] {tuple(params[k].shape)}")
+    return {k: g if g is None or g.dtype == params[k].dtype else g.to(params[k].dtype) for k, g in grads.items()}
 
 
 def _check_state(state: Any, kind: type, where: str) -> None:
@@ -170,7 +173,7 @@ def sgd(lr: Schedule, momentum: float = 0.0, *, dampening: float = 0.0, weight_d
 
     def update(grads: Grads, state: SGDState, params: Params) -> tuple[Params, SGDState]:
         _check_state(state, SGDState, where)
-        _check_grads(grads, params, where)
+        grads = _check_grads(grads, params, where)
         step_lr = rate(state.step)
         new_params, bufs = {}, {}
         for k, p in params.items():
@@ -256,7 +259,7 @@ def adamw(lr: Schedule = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: f
 
     def update(grads: Grads, state: AdamWState, params: Params) -> tuple[Params, AdamWState]:
         _check_state(state, AdamWState, where)
-        _check_grads(grads, params, where)
+        grads = _check_grads(grads, params, where)
         step_lr = rate(state.step)
         counts = counts_of(state, grads)
         new_params, mu, nu = {}, {}, {}

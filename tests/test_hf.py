@@ -622,6 +622,23 @@ def test_from_module_errors() -> None:
     model_fn, params = ghostfunc.from_module(model, ghostfunc.causal_lm_loss)
     with pytest.raises(TypeError, match="^from_module: model_fn expects the batch as a dict"):
         ghostfunc.graddot(model_fn, params, torch.ones(2, 4).long(), torch.ones(2, 4).long())
+    class Regressor(nn.Module):  # a module of one's own: forward(x) returns a tensor
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x)
+
+    own_fn, own_params = ghostfunc.from_module(Regressor(), lambda out, b: (out - b["y"]).pow(2).sum(-1))
+    named = {"input": torch.randn(5, 4), "y": torch.randn(5, 3)}
+    with pytest.raises(TypeError, match=r"^from_module: the model's forward needs \['x'\], which the batch does not "
+                                        r"have \(its keys: \['input', 'y'\]\)"):
+        ghostfunc.graddot(own_fn, own_params, named, named)
+    cls_on_tensor, own_params = ghostfunc.from_module(Regressor(), ghostfunc.classification_loss)
+    with pytest.raises(TypeError, match=r"^classification_loss: expected the model's output to have .logits"):
+        batch = {"x": torch.randn(5, 4), "labels": torch.randint(0, 3, (5,))}
+        ghostfunc.graddot(cls_on_tensor, own_params, batch, batch)
     _, cls_fn, cls_params, train, val = setup("bert", "eager", F32)
     del train["labels"], val["labels"]
     with pytest.raises(ValueError, match="^classification_loss: the batch needs 'labels'"):

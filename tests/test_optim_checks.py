@@ -193,3 +193,19 @@ def test_a_parameter_without_gradient_is_left_as_torch_optim_leaves_it(name):
         ref.step()
         for leaf, k in zip(leaves, "abc", strict=True):
             assert torch.equal(params[k], leaf.detach()), (k, skip)
+
+
+def test_updated_parameters_keep_their_dtype():
+    """A float64 gradient (computed in another precision) for float32 parameters: the update is in the parameters'
+    dtype, as torch.optim's step on a float32 parameter is, instead of promoting them to float64."""
+    params = {"w": torch.randn(3, 2), "b": torch.zeros(2, dtype=torch.bfloat16)}
+    grads = {"w": torch.randn(3, 2, dtype=torch.float64), "b": torch.ones(2)}
+    for opt in (ghostfunc.sgd(0.1, momentum=0.9, weight_decay=0.01), ghostfunc.adamw(0.01)):
+        state = opt.init(params)
+        for _ in range(2):
+            new, state = opt.update(grads, state, params)
+            assert {k: v.dtype for k, v in new.items()} == {k: v.dtype for k, v in params.items()}
+        want = new["w"]
+        same, _ = opt.update({"w": grads["w"].float(), "b": grads["b"].bfloat16()}, opt.init(params), params)
+        first, _ = opt.update(grads, opt.init(params), params)
+        assert torch.equal(first["w"], same["w"]) and want.dtype == torch.float32
