@@ -692,15 +692,17 @@ _GRAD_CHECKED: weakref.WeakKeyDictionary[Any, set[tuple]] = weakref.WeakKeyDicti
 
 
 def check_batch_gradient(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, where: str) -> None:
-    """Raise :class:`SamplesInteractError` if the gradient of a batch's summed losses is not the sum of its
+    """Raise :class:`SamplesInteractError` if the gradient of a batch's mean loss is not the mean of its
     samples' own gradients: samples that interact in the backward only (the losses, which :func:`check_model`
     compares, agree), through a gradient hook that reduces over the batch, a custom ``autograd.Function``
-    whose backward mixes rows, an embedding's ``scale_grad_by_freq``.
+    whose backward mixes rows or is not linear in its incoming gradient (a clamp), an embedding's
+    ``scale_grad_by_freq``.
 
     ``train_step`` steps with the mean of the samples' gradients (the values are theirs); ``torch.optim`` with
     the batch's. Checked once per ``model_fn``, parameter shapes, training flags and batch signature, on up to
-    :data:`ROWS` distinct rows of ``batch`` (a :class:`ghostfunc._capture.Batch`): their summed losses' gradient
-    against the sum of each row's own, in a run with gradients on and random draws undone. Rounding:
+    :data:`ROWS` distinct rows of ``batch`` (a :class:`ghostfunc._capture.Batch`): their mean loss's gradient
+    (times their number) against the sum of each row's own, in a run with gradients on and random draws undone.
+    Rounding:
     ``sqrt(eps)`` of the coarsest dtype (of the parameters, the inputs and what any call computed in: autocast)
     times the largest entry of any gradient compared (a row's own, the batch's, the sum). A model that draws
     (dropout: other masks together and alone), branches otherwise on one row than on several, or runs only
@@ -726,13 +728,13 @@ def check_batch_gradient(model_fn: Callable, params: Mapping[str, Tensor], batch
         warnings.simplefilter("ignore")
         try:
             before = _rng_states(devices)
-            together, branches, random, computed = _summed_grads(model_fn, params, rows(0, k))
+            together, branches, random, computed = _mean_grads(model_fn, params, rows(0, k))
             scale = 0.0  # the largest entry of any gradient compared: a row's own, the batch's or their sum
             if random or not all(torch.equal(a, b) for a, b in zip(before, _rng_states(devices), strict=True)):
                 together = None
             summed: dict[str, Tensor] = {}  # the samples' own gradients, summed as they come (two copies held)
             for i in range(k if together is not None else 0):
-                own, own_branches, _, own_dtype = _summed_grads(model_fn, params, rows(i, i + 1))
+                own, own_branches, _, own_dtype = _mean_grads(model_fn, params, rows(i, i + 1))
                 if own is None or own_branches != branches:
                     together = None
                     break
@@ -749,6 +751,7 @@ def check_batch_gradient(model_fn: Callable, params: Mapping[str, Tensor], batch
     seen.add(key)
     if together is None:
         return
+    together = {n: g * k for n, g in together.items()}  # the mean's gradient, on the scale of the rows' sum
     rounding = max(coarsest([*params.values(), *batch.tensors]), computed, key=lambda d: torch.finfo(d).eps)
     scale = max([scale, *(max(g.abs().max().item(), summed[n].abs().max().item()) for n, g in together.items()
                           if g.numel())])
@@ -760,13 +763,15 @@ def check_batch_gradient(model_fn: Callable, params: Mapping[str, Tensor], batch
     which = (f"the first {k} training samples" if chosen == list(range(k))
              else f"{k} distinct training samples (rows {', '.join(map(str, chosen))})")
     raise SamplesInteractError(
-        f"{where}: samples interact in model_fn's backward: on {which}, the gradient of their summed losses differs "
-        f"from the sum of each sample's own gradient (params[{worst!r}]: largest difference {diffs[worst]:.3g}, "
+        f"{where}: samples interact in model_fn's backward: on {which}, the gradient of their mean loss differs "
+        f"from the mean of each sample's own gradient (params[{worst!r}]: largest difference {diffs[worst]:.3g} "
+        f"on the scale of their sum, "
         f"rounding allows {tol:.3g}; their losses agree together and alone). torch.optim would step with the "
         f"batch's gradient, this step with the mean of the samples' own gradients (the ones the values are of), "
         f"so the trajectory would leave torch.optim's. Usual causes: a gradient hook that normalises or clips over "
-        f"the batch (register_hook), a custom autograd.Function whose backward mixes rows, an embedding with "
-        f"scale_grad_by_freq=True. graddot and inrun_shapley give the per-sample numbers as they are"
+        f"the batch (register_hook), a custom autograd.Function whose backward mixes rows or is not linear in the "
+        f"gradient it gets (a clamp: the batch mean's 1/B reaches it, a sample's own gradient does not), an "
+        f"embedding with scale_grad_by_freq=True. graddot and inrun_shapley give the per-sample numbers as they are"
     )
 
 
@@ -786,18 +791,18 @@ class _UsesAndDtypes(_Uses):
         return out
 
 
-def _summed_grads(model_fn: Callable, params: Mapping[str, Tensor],
-                  batch: Any) -> tuple[dict[str, Tensor] | None, list[str], bool, torch.dtype]:
-    """The gradient of ``model_fn``'s summed losses on ``batch`` (``None``: no per-sample losses with an autograd
-    path), the values its tensors became (branches), whether it drew random numbers, and the coarsest floating
-    dtype it computed in."""
+def _mean_grads(model_fn: Callable, params: Mapping[str, Tensor],
+                batch: Any) -> tuple[dict[str, Tensor] | None, list[str], bool, torch.dtype]:
+    """The gradient of the mean of ``model_fn``'s losses on ``batch``, what ``torch.optim`` steps on (``None``: no
+    per-sample losses with an autograd path), the values its tensors became (branches), whether it drew random
+    numbers, and the coarsest floating dtype it computed in."""
     leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
     mode = _UsesAndDtypes(leaves)
     with mode:
         losses = model_fn(leaves, batch)
     if not isinstance(losses, Tensor) or not losses.is_floating_point() or not losses.requires_grad:
         return None, mode.branches, mode.random, mode.computed
-    grads = torch.autograd.grad(losses.sum(), list(leaves.values()), allow_unused=True)
+    grads = torch.autograd.grad(losses.mean(), list(leaves.values()), allow_unused=True)
     out = {k: torch.zeros_like(v) if g is None else g.detach() for (k, v), g in zip(leaves.items(), grads, strict=True)}
     return out, mode.branches, mode.random, mode.computed
 

@@ -129,23 +129,21 @@ def _centred_by(f: Factored, means: tuple[Tensor, Tensor] | None) -> Factored:
 def _centring(f: Factored) -> tuple[Tensor, Tensor] | None:
     """Each row's mean token of ``L`` and ``R`` (``[n, 1, p]``, ``[n, 1, d]``) when :func:`centred` centres
     ``f``: a dense factor of ``T > 1`` tokens whose common part holds over :data:`CENTRE_SHARE` of the energy of
-    ``L`` or of ``R``, judged on its first :data:`CENTRE_ROWS` rows (one host sync; rounding only: either form
-    is the same gradient), and always in a compiled graph."""
+    ``L`` or of ``R``, judged on every row (one host sync, a pass over the factor next to the Gram's ``T·S``
+    products per row pair; judged on the first 8 rows, a batch whose later rows carry the common part kept
+    float32 at 10-76x the loop's error; rounding only: either form is the same gradient), and always in a
+    compiled graph."""
     t = f.right.shape[1]
     if f.ids or t < 2:
         return None
     if torch.compiler.is_compiling():  # a compiled graph cannot branch on values: it always centres (fused)
         return f.left.mean(1, keepdim=True), f.right.mean(1, keepdim=True)
     # ‖Σ_t x_t‖² / (T·Σ_t ‖x_t‖²) = T·‖x̄‖² / Σ_t ‖x_t‖², for L and R at once: four norms, one sync
-    norms = torch.stack([torch.linalg.vector_norm(y) for x in (f.left[:CENTRE_ROWS], f.right[:CENTRE_ROWS])
-                         for y in (x.sum(1), x)]).tolist()
+    norms = torch.stack([torch.linalg.vector_norm(y) for x in (f.left, f.right) for y in (x.sum(1), x)]).tolist()
     if not any(s * s > CENTRE_SHARE * t * v * v for s, v in zip(norms[::2], norms[1::2], strict=True)):
         return None
     return f.left.mean(1, keepdim=True), f.right.mean(1, keepdim=True)
 
-
-#: Rows :func:`_centring` judges a factor by.
-CENTRE_ROWS = 8
 
 
 def _and_mean(x: Tensor, mean: Tensor, scale: int) -> Tensor:

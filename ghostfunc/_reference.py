@@ -15,11 +15,15 @@ from ._interact import LossShapeError, ParamsUnusedError
 
 def _check_losses(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, label: str, where: str) -> None:
     """Raise as :func:`ghostfunc.graddot` does if ``model_fn`` on the whole ``batch`` does not return one
-    floating loss per sample (a loss reduced over the batch looks like one sample's when run on one)."""
+    floating loss per sample (a loss reduced over the batch looks like one sample's when run on one). A model that
+    cannot run the whole batch (a ``view`` of a non-contiguous batch) is left to the loop."""
     split = split_batch(batch)
     device = next(iter(params.values())).device
-    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):  # draws undone
-        losses = model_fn(dict(params), batch)
+    try:
+        with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):  # draws undone
+            losses = model_fn({k: v.detach().clone() for k, v in params.items()}, batch)  # as the loop: copies
+    except Exception:  # noqa: BLE001 - a model that runs one sample at a time only: the loop below is the judge
+        return
     if not isinstance(losses, Tensor) or losses.shape != (split.size,) or not losses.is_floating_point():
         got = (f"a {losses.dtype} tensor of shape {tuple(losses.shape)}" if isinstance(losses, Tensor)
                else type(losses).__name__)

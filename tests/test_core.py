@@ -829,6 +829,65 @@ def test_the_gram_kernel_keeps_the_loops_float32_digits_when_a_common_part_cance
         assert rel(ghost.per_param["score"].double(), truth) < 4 * max(rel(loop.double(), truth), 1e-6), val_reduce
 
 
+def test_centring_is_judged_on_every_row():
+    """The common part only in rows after the first 8 (a batch mixing normalised and raw rows): judged on the
+    first 8 rows, centring was skipped and ghost kept float32 at 10x the loop's error."""
+    g = torch.Generator().manual_seed(1)
+    d = 256
+
+    def make(n):
+        x = torch.randn(n, 4, d, generator=g, dtype=F64)
+        x[8:] += 30.0
+        return x, torch.randint(0, 3, (n,), generator=g)
+
+    train, val = make(16), make(16)
+    p64 = {"score": torch.randn(1, d, generator=g, dtype=F64) / d / 30, "head": torch.randn(3, d, generator=g,
+                                                                                          dtype=F64) / d / 30}
+    p32 = {k: v.float() for k, v in p64.items()}
+    t32, v32 = (train[0].float(), train[1]), (val[0].float(), val[1])
+    for val_reduce in ("mean", None):
+        truth = ghostfunc.reference_graddot(_pooled, p64, train, val, val_reduce=val_reduce)[1]["score"]
+        loop = ghostfunc.reference_graddot(_pooled, p32, t32, v32, val_reduce=val_reduce)[1]["score"]
+        ghost = ghostfunc.graddot(_pooled, p32, t32, v32, val_reduce=val_reduce, policy="ghost")
+        assert ghost.plan.routes["score"].path == "ghost"
+        assert rel(ghost.per_param["score"].double(), truth) < 3 * max(rel(loop.double(), truth), 1e-6), val_reduce
+
+
+@pytest.mark.parametrize("offset", [10.0, 100.0])
+def test_ghost_keeps_the_float32_digits_when_the_validation_rows_cancel(offset):
+    """A zero-initialised linear head on class-balanced validation rows with un-centred features: the residuals
+    cancel over the validation rows, so the mean validation gradient is tiny next to each row's own. The Gram
+    kernel rounded every <g_i, g_v> at its own scale before the sum (2.4e-4 off at offset 100 where the loop is
+    1.8e-6 off; compute_dtype bfloat16: 3.2); it recomputes such a parameter's reduced scores by contraction."""
+    g = torch.Generator().manual_seed(2)
+    classes, d = 10, 64
+
+    def fn(p, batch):
+        x, y = batch
+        return F.cross_entropy(F.linear(x, p["W"]), y, reduction="none")
+
+    def make(n):
+        return offset + torch.randn(n, d, generator=g, dtype=F64), torch.arange(n) % classes
+
+    train, val = make(32), make(200)
+    p64 = {"W": torch.zeros(classes, d, dtype=F64)}
+    p32 = {"W": p64["W"].float()}
+    t32, v32 = (train[0].float(), train[1]), (val[0].float(), val[1])
+    for val_reduce in ("mean", "sum"):
+        truth = ghostfunc.reference_graddot(fn, p64, train, val, val_reduce=val_reduce)[0]
+        loop = ghostfunc.reference_graddot(fn, p32, t32, v32, val_reduce=val_reduce)[0]
+        bound = max(rel(loop.double(), truth), 1e-6)
+        for policy in ("ghost", "2t2"):
+            out = ghostfunc.graddot(fn, p32, t32, v32, val_reduce=val_reduce, policy=policy)
+            assert out.plan.routes["W"].path == "ghost"
+            assert rel(out.scores.double(), truth) < 5 * bound, (val_reduce, policy)
+        low = ghostfunc.graddot(fn, p32, t32, v32, val_reduce=val_reduce, policy="ghost", compute_dtype=torch.bfloat16)
+        assert rel(low.scores.double(), truth) < 2e-2, val_reduce
+    full = ghostfunc.graddot(fn, p32, t32, v32, val_reduce=None, policy="ghost")  # nothing reduced: as it was
+    truth = ghostfunc.reference_graddot(fn, p64, train, val, val_reduce=None)[0]
+    assert rel(full.scores.double(), truth) < 1e-5
+
+
 @pytest.mark.parametrize("offset", [0.0, 5.0], ids=["as drawn", "a common part"])
 @pytest.mark.parametrize("block", [1 << 24, 7, 1], ids=["one block", "row and token blocks", "a pair per block"])
 @pytest.mark.parametrize(("t", "s", "ids"), [(1, 1, False), (5, 3, False), (4, 1, False), (6, 2, True)])
