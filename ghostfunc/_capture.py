@@ -184,7 +184,7 @@ class AutogradStateRead(RuntimeError):
 
 #: The descriptors of ``Tensor.requires_grad``, ``grad_fn`` and ``is_leaf``: their reads reach
 #: ``__torch_function__`` as their ``__get__``.
-REQUIRES_GRAD, _GRAD_FN, _IS_LEAF = (torch._C.TensorBase.__dict__[k] for k in ("requires_grad", "grad_fn", "is_leaf"))
+REQUIRES_GRAD, GRAD_FN, _IS_LEAF = (torch._C.TensorBase.__dict__[k] for k in ("requires_grad", "grad_fn", "is_leaf"))
 
 
 def reads_autograd_state(func: Any) -> bool:
@@ -194,7 +194,7 @@ def reads_autograd_state(func: Any) -> bool:
     if func is Tensor.register_hook:
         return True
     owner = getattr(func, "__self__", None)
-    return (owner is REQUIRES_GRAD or owner is _GRAD_FN or owner is _IS_LEAF) and getattr(func, "__name__", "") == "__get__"
+    return (owner is REQUIRES_GRAD or owner is GRAD_FN or owner is _IS_LEAF) and getattr(func, "__name__", "") == "__get__"
 
 
 class _Interceptor(TorchFunctionMode):

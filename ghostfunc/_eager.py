@@ -33,6 +33,7 @@ from torch import Tensor
 
 from ._capture import (
     CHECKPOINT_NOTE,
+    GRAD_FN,
     REQUIRES_GRAD,
     Batch,
     Half,
@@ -85,6 +86,10 @@ class _EagerInterceptor(_Interceptor):
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         if func in _AUTOGRAD:
             self.autograd_calls.append(_name(func))
+        elif getattr(func, "__self__", None) is GRAD_FN and args and id(args[0]) not in self.names:
+            # an activation's autograd node (a hook on it, a branch on its kind): a tapped call's output would
+            # show the tap's addition instead, so no call is tapped (every parameter a leaf, as plainly)
+            self.autograd_calls.append("Tensor.grad_fn")
         elif reads_autograd_state(func) and args and id(args[0]) in self.names:
             name = self.names[id(args[0])]
             if self.taps is None:  # tracing: the parameter (a leaf here) takes the leaf path in the capture too,
@@ -98,9 +103,12 @@ class _EagerInterceptor(_Interceptor):
     def _rule(self, func: Any) -> Rule | None:
         """No rule inside a transform the model runs itself (its saved inputs would not outlive it), nor with
         gradients off (the capture turns them on): inside an ``autograd.Function``'s ``forward``, whose own
-        ``backward`` gives the parameter its gradient and never reaches a tap, or a ``no_grad`` block. The
-        parameter is then used by an unrecognised call: the exact leaf path."""
-        if torch._C._functorch.maybe_current_level() is not None or not torch.is_grad_enabled():
+        ``backward`` gives the parameter its gradient and never reaches a tap, or a ``no_grad`` block; nor
+        under saved-tensor hooks of the model's or the caller's (``saved_tensors_hooks`` that compress or change
+        what the backward reads, ``allow_mutation_on_saved_tensors``: a kernel would read the forward's
+        tensors instead). The parameter is then used by an unrecognised call: the exact leaf path."""
+        if torch._C._functorch.maybe_current_level() is not None or not torch.is_grad_enabled() \
+                or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
             return None
         return super()._rule(func)
 

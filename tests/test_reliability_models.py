@@ -493,6 +493,9 @@ def test_untransformable_models_run_sample_by_sample(model_fn):
     assert "per-sample capture" in notes(plan)
     if model_fn in (input_grad_penalty, maml_inner_step):  # params also enter the model's own backward: leaves
         assert all(r.path == "fallback" and "autograd.grad" in r.reason for r in plan.routes.values())
+    elif model_fn in (grad_fn_branch, node_hook, module_backward_hook):  # an activation's node read (a full
+        # backward hook reads its output's): a tap would be the node it reads
+        assert all(r.path == "fallback" and "Tensor.grad_fn" in r.reason for r in plan.routes.values())
     elif model_fn in (frozen_unless_trainable, parameter_hook):  # the parameter read or hooked: a leaf, as plainly
         read = "W1" if model_fn is frozen_unless_trainable else "W2"
         assert plan.routes[read].path == "fallback" and "requires_grad" in plan.routes[read].reason
@@ -593,6 +596,64 @@ def test_a_reentrant_checkpoint_whose_inputs_need_no_gradient_is_refused(segment
         step(step.init(p), x, xv)
     with pytest.raises(CheckpointWithoutGradError, match=r"^graddot_direction: "):
         ghostfunc.graddot_direction(model_fn, p, x, {k: torch.ones_like(v) for k, v in p.items()})
+
+
+def _halved_on_grad_fn(p, x):
+    """A hook on a linear's own node that halves the gradient to its first input (the bias)."""
+    h = F.linear(x, p["W1"], p["b1"])
+    if h.grad_fn is not None:
+        h.grad_fn.register_hook(lambda gi, go: tuple(None if g is None else g * 0.5 if k == 0 else g
+                                                     for k, g in enumerate(gi)))
+    return F.linear(torch.tanh(h), p["W2"]).pow(2).sum(1)
+
+
+def _branch_on_node_name(p, x):
+    h = F.linear(x, p["W1"], p["b1"])
+    scale = 2.0 if h.grad_fn is not None and "Addmm" in h.grad_fn.name() else 1.0
+    return F.linear(torch.tanh(h) * scale, p["W2"]).pow(2).sum(1)
+
+
+def _bf16_saved(p, x):
+    """Saved tensors kept in bfloat16 (activation compression): the backward reads rounded activations."""
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t.to(torch.bfloat16), lambda t: t.to(F64)):
+        return F.linear(torch.tanh(F.linear(x, p["W1"], p["b1"])), p["W2"]).pow(2).sum(1)
+
+
+def _doubled_saved(p, x):
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t * 2):
+        return F.linear(torch.tanh(F.linear(x, p["W1"], p["b1"])), p["W2"]).pow(2).sum(1)
+
+
+def _mutated_after_saving(p, x):
+    """Under allow_mutation_on_saved_tensors (the caller's): the backward reads h as the linear saw it."""
+    h = torch.tanh(F.linear(x, p["W1"], p["b1"]))
+    out = F.linear(h, p["W2"])
+    h.mul_(2)
+    return out.pow(2).sum(1) + h.sum(1)
+
+
+@pytest.mark.parametrize("model_fn", [_halved_on_grad_fn, _branch_on_node_name, _bf16_saved, _doubled_saved],
+                         ids=lambda f: f.__name__.strip("_"))
+def test_what_the_backward_reads_is_what_a_plain_run_reads(model_fn):
+    """On the per-sample path a tap is an addition after the recognised call, and a kernel reads the forward's
+    activations: a model that reads an activation's autograd node, or runs under saved-tensor hooks that change
+    what the backward reads (compression, allow_mutation_on_saved_tensors), saw another graph than a plain run
+    (0.13 to 3.5 off). Such a model takes the leaf path: the loop's numbers."""
+    p = _mlp(15)
+    x, xv = _split_data(16, n=4, m=3)
+    plan = check_all("backward reads " + model_fn.__name__, model_fn, p, x, xv, policies=("auto", "ghost"))
+    assert all(r.path == "fallback" for r in plan.routes.values()), plan
+
+
+def test_saved_tensor_hooks_set_by_the_caller_reach_the_per_sample_path():
+    p = _mlp(17)
+    x, xv = _split_data(18, n=4, m=3)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t * 2):
+        plan = check_all("caller's saved-tensor hooks", _two_layer, p, x, xv, policies=("auto",))
+    assert all(r.path == "fallback" for r in plan.routes.values()), plan
+    with torch.autograd.graph.allow_mutation_on_saved_tensors():  # an activation written after a call saved it
+        plan = check_all("allow_mutation_on_saved_tensors", _mutated_after_saving, p, x, xv, policies=("auto",))
+    assert all(r.path == "fallback" for r in plan.routes.values()), plan
 
 
 def _two_layer(p, x, reentrant=None):
