@@ -222,6 +222,7 @@ class _Interceptor(TorchFunctionMode):
         self.lifted_checkpoint = False  # a checkpointed segment ran as a plain call (_without_checkpoint, _ReentrantAsPlain)
         self.transposed = Transposed()  # parameters' transposed views (x @ w.T runs as F.linear(x, w))
         self.replay: Replay | None = None  # dropout calls take a plain run's masks (ghostfunc._draws)
+        self.level: int | None = None  # the functorch level at the first entry (see _rule)
         # tracing: id of each table looked up with max_norm (and of its base) -> (table, (max_norm, norm_type), call)
         self.renormed: dict[int, tuple[Tensor, tuple[float, float], str]] = {}
         self._checking_renormed = False
@@ -243,6 +244,8 @@ class _Interceptor(TorchFunctionMode):
             EAGER.exit()
             raise
         self._entered.append(reentrant)
+        if len(self._entered) == 1:  # the transform level the capture runs the model at (None: no transform)
+            self.level = torch._C._functorch.maybe_current_level()
         return super().__enter__()
 
     def __exit__(self, *exc: Any) -> None:
@@ -357,7 +360,11 @@ class _Interceptor(TorchFunctionMode):
             f"use the table after a max_norm lookup")
 
     def _rule(self, func: Any) -> Rule | None:
-        """The rule that recognises ``func``, if any."""
+        """The rule that recognises ``func``, if any; none inside a transform the model runs itself
+        (``torch.func.jvp`` of a layer): the saved inputs would be that transform's, dead once it returns."""
+        if self.level is not None and (now := torch._C._functorch.maybe_current_level()) is not None \
+                and now > self.level:
+            return None
         return TABLE.get(func)
 
     def _tap(self, site: Site, out: Tensor) -> Tensor:

@@ -8,7 +8,7 @@ for every policy and ``val_reduce`` (scores, ``per_param``, ``train_grad``, loss
   some rows are padded) run in groups that agree;
 - *per-sample capture*: models ``vmap`` inside ``vjp`` cannot transform (``nn.LSTM``,
   ``nonzero`` routing, ``autograd.Function`` without ``setup_context``, checkpointing,
-  ``torch.autograd.grad`` inside the model, a ``vmap`` inside the model) run one
+  ``torch.autograd.grad`` inside the model) run one
   sample at a time with ordinary autograd, taps kept.
 """
 
@@ -406,6 +406,12 @@ def moe_where(p, x):
     return score + F.linear(h, p["W2"]).pow(2).sum(1)
 
 
+def jvp_penalty(p, x):
+    """A Jacobian-vector penalty by torch.func.jvp of a layer: its calls run inside the model's own transform."""
+    out, tangent = torch.func.jvp(lambda z: torch.tanh(F.linear(z, p["W1"], p["b1"])), (x,), (torch.ones_like(x),))
+    return F.linear(out, p["W2"]).pow(2).sum(1) + 0.1 * tangent.pow(2).sum(1)
+
+
 def maml_inner_step(p, x):
     """One inner gradient step on the sample's own loss, then the outer loss: second order through the params."""
     def inner(q):
@@ -481,7 +487,7 @@ def test_a_hook_put_on_a_parameter_for_some_samples_only_is_named():
         ghostfunc.graddot(some_samples, p, x, xv)
 
 
-@pytest.mark.parametrize("model_fn", [old_function, input_grad_penalty, inner_vmap, moe_nonzero, moe_where,
+@pytest.mark.parametrize("model_fn", [old_function, input_grad_penalty, moe_nonzero, moe_where,
                                       maml_inner_step, *AUTOGRAD_STATE],
                          ids=lambda f: f.__name__)
 def test_untransformable_models_run_sample_by_sample(model_fn):
@@ -500,7 +506,7 @@ def test_untransformable_models_run_sample_by_sample(model_fn):
         read = "W1" if model_fn is frozen_unless_trainable else "W2"
         assert plan.routes[read].path == "fallback" and "requires_grad" in plan.routes[read].reason
         assert plan.routes["b1"].path == "direct"
-    elif model_fn is not inner_vmap:
+    else:
         assert plan.routes["W1"].path in ("ghost", "materialize", "contract")  # taps kept
 
 
@@ -654,6 +660,20 @@ def test_saved_tensor_hooks_set_by_the_caller_reach_the_per_sample_path():
     with torch.autograd.graph.allow_mutation_on_saved_tensors():  # an activation written after a call saved it
         plan = check_all("allow_mutation_on_saved_tensors", _mutated_after_saving, p, x, xv, policies=("auto",))
     assert all(r.path == "fallback" for r in plan.routes.values()), plan
+
+
+@pytest.mark.parametrize("model_fn", [jvp_penalty, inner_vmap], ids=lambda f: f.__name__)
+def test_calls_inside_a_transform_the_model_runs_are_not_tapped(model_fn):
+    """torch.func.jvp (or vmap) of a layer inside model_fn: its linear's saved input was that transform's own
+    wrapper, dead once it returned (jvp: every policy raised functorch's "tensor may have escaped"; vmap: the
+    per-sample path). The parameters used in there take the leaf path, in the batched capture; the rest keep
+    their kernels."""
+    p = _mlp(19)
+    x, xv = _split_data(20, n=5, m=3)
+    plan = check_all("inside a transform " + model_fn.__name__, model_fn, p, x, xv)
+    assert "per-sample capture" not in notes(plan)
+    assert plan.routes["W1"].path == "fallback" and plan.routes["b1"].path == "fallback", plan
+    assert plan.routes["W2"].path != "fallback", plan
 
 
 def _two_layer(p, x, reentrant=None):
