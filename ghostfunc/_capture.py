@@ -197,6 +197,35 @@ def reads_autograd_state(func: Any) -> bool:
     return (owner is REQUIRES_GRAD or owner is GRAD_FN or owner is _IS_LEAF) and getattr(func, "__name__", "") == "__get__"
 
 
+def _base(t: Tensor) -> Tensor:
+    """The tensor under ``t``'s functorch wrappers (``vmap``, ``grad``): the one an in-place write bumps."""
+    while torch._C._functorch.is_functorch_wrapped_tensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return t
+
+
+def note_versions(versions: list[tuple[Tensor, int, str]], saved: tuple[Tensor, ...], call: str) -> None:
+    """Append each saved input's version counter (under its wrappers) as the recognised call ``call`` saw it."""
+    if torch.compiler.is_compiling():  # a compiled graph holds no version counters (its inputs are its own)
+        return
+    for t in saved:
+        if isinstance(t, Tensor):
+            base = _base(t)
+            versions.append((base, base._version, call))
+
+
+def refuse_rewritten(versions: list[tuple[Tensor, int, str]], where: str) -> None:
+    """Raise ``RuntimeError`` (as plain PyTorch's backward does) if a recognised call's saved input was written
+    in place after the call: the kernels would read the new values (the call's gradient is of the old ones)."""
+    for base, version, call in versions:
+        if base._version != version:
+            raise RuntimeError(
+                f"{where}: one of the variables needed for gradient computation has been modified by an inplace "
+                f"operation: the input of {call} was written in place after the call (version {version}, now "
+                f"{base._version}); plain PyTorch's backward refuses this model too. Write into a copy "
+                f"(x = x.clone()) or before the call")
+
+
 class _Interceptor(TorchFunctionMode):
     """Recognises calls on trainable parameters; traces them, or taps them.
 
@@ -223,6 +252,7 @@ class _Interceptor(TorchFunctionMode):
         self.transposed = Transposed()  # parameters' transposed views (x @ w.T runs as F.linear(x, w))
         self.replay: Replay | None = None  # dropout calls take a plain run's masks (ghostfunc._draws)
         self.level: int | None = None  # the functorch level at the first entry (see _rule)
+        self.versions: list[tuple[Tensor, int, str]] = []  # the saved inputs' version counters (note_versions)
         # tracing: id of each table looked up with max_norm (and of its base) -> (table, (max_norm, norm_type), call)
         self.renormed: dict[int, tuple[Tensor, tuple[float, float], str]] = {}
         self._checking_renormed = False
@@ -318,8 +348,11 @@ class _Interceptor(TorchFunctionMode):
         self.saved.extend(match.saved)
         self.statics.append((match.static, len(match.saved)))
         if rule.kind in _FRESH and torch._C._functorch.is_batchedtensor(out):
-            return out.add_(tap)  # a fresh, per-sample result: tap it in place, no copy
-        return out + tap
+            tapped = out.add_(tap)  # a fresh, per-sample result: tap it in place, no copy
+        else:
+            tapped = out + tap
+        note_versions(self.versions, match.saved, _name(func))
+        return tapped
 
     def _renormed_use(self, func: Any, types: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[Any] | None:
         """While tracing: note the tables of ``max_norm`` lookups; run a later call that takes one of them (or a
@@ -960,6 +993,7 @@ def _capture_batches(model_fn: ModelFn, params: Mapping[str, Tensor], batches: S
                 raise
             if len(mode.statics) != len(expect[which]):
                 raise _Stale(f"{len(mode.statics)} recognised calls, the trace had {len(expect[which])}")
+            refuse_rewritten(mode.versions, where)
             statics[which] = mode.statics
             return _one_loss(losses, where), tuple(mode.saved)
 

@@ -49,6 +49,7 @@ from ._capture import (
     _Stale,
     cached_trace,
     reads_autograd_state,
+    refuse_rewritten,
 )
 from ._groups import Part, merge_halves
 from ._ops import Direct, Factored, Rule
@@ -158,6 +159,7 @@ def _capture_sample(model_fn: ModelFn, params: Mapping[str, Tensor], batch: Batc
     mode = _EagerInterceptor(names, tracing=False)
     with torch.enable_grad(), _rephrase(where), mode:
         loss = _one_loss(model_fn({**params, **leaves}, batch.rebuild([t[i:i + 1] for t in batch.tensors])), where)
+        refuse_rewritten(mode.versions, where)
         if mode.autograd_calls and kernel:
             raise _Stale(f"{mode.autograd_calls[0]} inside model_fn")
         if not torch.isfinite(loss):  # named by the caller

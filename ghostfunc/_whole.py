@@ -56,6 +56,7 @@ from ._capture import (
     _makes_tensor,
     holds_tensor,
     matched_roles,
+    note_versions,
     params_among,
     unchanged,
 )
@@ -111,6 +112,7 @@ class _Taps(TorchFunctionMode):
         self.taps: list[GradientEdge] = []
         self.saved: list[tuple[Tensor, ...]] = []
         self.statics: list[Any] = []
+        self.versions: list[tuple[Tensor, int, str]] = []  # the saved inputs' version counters (note_versions)
         self.transposed = Transposed()
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
@@ -150,6 +152,7 @@ class _Taps(TorchFunctionMode):
         out = self._tap(out, k)
         self.saved.append(match.saved)
         self.statics.append(match.static)
+        note_versions(self.versions, match.saved, getattr(func, "__name__", str(func)))
         return out
 
     def _tap(self, out: Tensor, k: int) -> Tensor:
@@ -298,6 +301,8 @@ def _capture(model_fn: ModelFn, params: Mapping[str, Tensor], batches: Sequence[
         losses.append(_run(model_fn, params, batch, mode))
         if len(mode.saved) != len(sites):
             raise NotDirect("fewer recognised calls than the trace")
+        if any(base._version != version for base, version, _ in mode.versions):  # the batched capture says which
+            raise NotDirect("a recognised call's input written in place after the call")
         modes.append(mode)
     taps = [t for m in modes for t in m.taps]
     total = losses[0].sum() if len(losses) == 1 else torch.stack([loss.sum() for loss in losses]).sum()

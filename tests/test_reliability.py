@@ -701,6 +701,41 @@ def test_fresh_tensor_filled_in_place_is_exact(model_fn):
                  torch.randn(3, 3, generator=_g(3), dtype=F64), "fresh tensor in place")
 
 
+INPUT_WRITTEN_AFTER = {  # a recognised call's input written in place after the call (plain backward refuses)
+    "a copy of the batch scaled": lambda p, x: (lambda z: (lambda h: (z.mul_(3), h)[1])(F.linear(z, p["w1"])))(
+        x.clone()),
+    "an embedding's ids shifted": lambda p, x: (lambda ids: (lambda h: (ids.add_(1), h)[1])(
+        F.embedding(ids, p["e"]).sum(1)))((x[:, :2].abs() * 2).long().clamp(max=3)),
+    "a scale's input zeroed through a view": lambda p, x: (lambda z: (lambda h: (z[:, :1].zero_(), h)[1])(
+        z * p["s"]))(x.clone()),
+}
+
+
+@pytest.mark.parametrize("name", INPUT_WRITTEN_AFTER)
+def test_an_input_written_in_place_after_its_call_is_refused_as_plain_backward_refuses(name):
+    """Plain PyTorch's backward raises "modified by an inplace operation" (the input is saved for the weight's
+    gradient); the capture saved it too, but no autograd node of its own checked it: the kernels read the new
+    values and returned the gradient of another model. Every path now raises as torch does."""
+    use = INPUT_WRITTEN_AFTER[name]
+    g = _g(50)
+    p = {"w1": torch.randn(3, 4, generator=g, dtype=F64), "e": torch.randn(4, 3, generator=g, dtype=F64),
+         "s": torch.randn(4, generator=g, dtype=F64)}
+
+    def model_fn(q, x):
+        return torch.tanh(use(q, x)).pow(2).sum(1)
+
+    x, xv = torch.randn(5, 4, generator=g, dtype=F64), torch.randn(3, 4, generator=g, dtype=F64)
+    with pytest.raises(RuntimeError, match=r"modified by an inplace operation"):
+        ghostfunc.reference_graddot(model_fn, p, x, xv)
+    for policy in ("auto", "ghost", "materialize", "contract"):
+        with pytest.raises(RuntimeError, match=r"one of the variables needed for gradient computation has been "
+                                               r"modified by an inplace operation"):  # ours, or torch's own
+            ghostfunc.graddot(model_fn, p, x, xv, policy=policy)
+    step = ghostfunc.train_step(model_fn, ghostfunc.sgd(0.1))
+    with pytest.raises(RuntimeError, match=r"modified by an inplace operation"):
+        step(step.init(p), x, xv)
+
+
 def test_write_into_a_view_of_a_fresh_tensor_is_refused_precisely():
     def into_view(p, x):
         h = torch.zeros(x.shape[0], 6, dtype=x.dtype)
