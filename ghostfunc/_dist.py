@@ -196,8 +196,12 @@ def agree(where: str, group: Any, prepare: Callable[[], T], signature: Callable[
                 if isinstance(value, dict) and isinstance(ours, dict) and value.keys() == ours.keys():
                     differ = [k for k in value if value[k] != ours[k]]  # only the entries that differ
                     theirs, ours = {k: value[k] for k in differ}, {k: ours[k] for k in differ}
+                order = ""
+                if isinstance(value, (list, tuple, dict)) and isinstance(ref[key], (list, tuple, dict)) and \
+                        sorted(map(repr, value)) == sorted(map(repr, ref[key])):
+                    order = " (the same entries in another order: build the dict in the same order on every rank)"
                 raise ValueError(f"{where}: every rank must pass the same {key}; rank {r} has {_short(theirs)}, "
-                                 f"rank 0 has {_short(ours)}")
+                                 f"rank 0 has {_short(ours)}{order}")
     empty = [r for r, e in enumerate(every) if e["rows"][0] == 0]
     if empty:
         raise ValueError(f"{where}: every rank needs at least one training row; rank(s) {empty} have none")

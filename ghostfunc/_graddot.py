@@ -928,31 +928,31 @@ def sum_scores(per_param: Mapping[str, Tensor], params: Mapping[str, Tensor]) ->
 
 
 def refuse_non_finite(where: str, scores: Tensor, per_param: Mapping[str, Tensor] | None,
-                      train_grad: Mapping[str, Tensor], group: Any = None, what: str = "scores") -> None:
-    """Raise ``FloatingPointError`` if ``scores`` (or, under ``group``, the global ``train_grad``) are not finite:
-    the losses were (they are checked first), so a gradient is not (a backward through ``sqrt`` or a norm at 0,
-    ``torch.where`` with a non-finite branch). Names the training rows and the parameters. Under ``group`` the
-    verdict is the same on every rank: a rank's scores are finite unless its rows' gradients (then the
-    all-reduced ``train_grad`` too) or the all-reduced validation direction (every rank's scores) are not."""
-    finite = bool(torch.isfinite(scores).all())
-    if finite and group is not None:
-        finite = bool(torch.stack([torch.isfinite(g).all() for g in train_grad.values()]).all())
-    if finite:
+                      train_grad: Mapping[str, Tensor], local: bool = False, what: str = "scores") -> None:
+    """Raise ``FloatingPointError`` if ``scores`` are not finite: the losses were (they are checked first), so a
+    gradient is not (a backward through ``sqrt`` or a norm at 0, ``torch.where`` with a non-finite branch) or a
+    product overflowed. Names the training rows (``local``: this rank's, under ``group=``) and the parameters.
+    Under ``group=`` callers run it inside :func:`ghostfunc._dist.collectively`, so every rank raises."""
+    if bool(torch.isfinite(scores).all()):
         return
     rows = (~torch.isfinite(scores)).reshape(len(scores), -1).any(1).nonzero().flatten().tolist()
-    parts = per_param or {}
-    named = [k for k, v in parts.items() if not bool(torch.isfinite(v).all())]
+    named = [k for k, v in (per_param or {}).items() if not bool(torch.isfinite(v).all())]
     train_side = [k for k, g in train_grad.items() if not bool(torch.isfinite(g).all())]
-    names = sorted(set(train_side) | set(named)) or list(train_grad)
-    shown = f"{names[:6]}{'...' if len(names) > 6 else ''}"
-    side = (f"their gradients of params {shown} hold NaN or inf" if train_side or not named else
-            f"the validation gradient of params {shown} holds NaN or inf (and every row's {what} with it)")
+    if train_side:
+        side = f"their gradients of params {_listed(train_side)} hold NaN or inf"
+    else:
+        side = (f"the training gradients are finite, so the validation gradient holds NaN or inf, or the "
+                f"products overflowed{f' (params {_listed(named)})' if named else ''}")
     raise FloatingPointError(
-        f"{where}: the {what} of train samples {rows[:10]}{'...' if len(rows) > 10 else ''} are not finite though "
-        f"the losses are: {side}. A "
+        f"{where}: the {what} of {'this rank' + chr(39) + 's ' if local else ''}train samples "
+        f"{rows[:10]}{'...' if len(rows) > 10 else ''} are not finite though the losses are: {side}. A "
         f"backward through sqrt or a norm at 0, a division by 0, or torch.where with a non-finite branch (its "
         f"gradient is NaN even where the branch is not taken) does this; torch.autograd.set_detect_anomaly(True) "
         f"and a plain backward of model_fn(params, batch).sum() find the call")
+
+
+def _listed(names: list[str]) -> str:
+    return f"{names[:6]}{'...' if len(names) > 6 else ''}"
 
 
 def val_weights(val_reduce: str | None, m: int, like: Tensor) -> Tensor | None:
@@ -1148,7 +1148,8 @@ def graddot_group(model_fn: ModelFn, params: Mapping[str, Tensor], train: Any, v
             st = run_streamed(model_fn, checked, tb, vb, where, group_policy(policy), "sum")
         per_param, train_grad, the_plan, _ = score_group(st, checked, val_reduce, world, group, compute_dtype)
         scores = sum_scores(per_param, checked)
-        refuse_non_finite(where, scores, per_param, train_grad, group)
+        with _dist.collectively(where, group):  # a rank's scores alone may overflow: every rank raises
+            refuse_non_finite(where, scores, per_param, train_grad, local=True)
         return GradDot(scores, per_param, train_grad, st.train_loss, st.val_loss,
                        _noted(the_plan, by_freq_notes(model_fn)))
     # every validation row on every rank: gather the rows, score the full matrix locally
@@ -1161,7 +1162,7 @@ def graddot_group(model_fn: ModelFn, params: Mapping[str, Tensor], train: Any, v
             per_param[k], local_grad[k] = score_param(route.path, tr, va, None, tb.size, world.m, checked[k],
                                                       compute_dtype)
         scores = sum_scores(per_param, checked)
-        refuse_non_finite(where, scores, per_param, local_grad)  # every validation row is on every rank
+        refuse_non_finite(where, scores, per_param, local_grad, local=True)
     val_loss = cap.val_loss[world.val_offset: world.val_offset + vb.size]
     return GradDot(scores, per_param, _dist.global_mean(local_grad, world, group)[0],
                    cap.train_loss, val_loss, _noted(the_plan._replace(n_train=world.n), by_freq_notes(model_fn)))

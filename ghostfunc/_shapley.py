@@ -161,7 +161,8 @@ def _val_grad_hvp_batched(model_fn: Callable[[Params, Any], Tensor], params: Par
     ``vmap``, as in the capture. Fused attention kernels have no forward-mode
     derivative on every backend, so ``scaled_dot_product_attention`` runs on its
     math backend here (the same function); an op with no forward-mode rule at all
-    falls back to reverse-over-reverse (``vjp`` of ``grad``, exact as well).
+    (or an ``autograd.Function`` without ``jvp``) falls back to reverse-over-reverse (``vjp`` of ``grad``, exact
+    as well).
     """
     losses_of = per_sample_losses(model_fn, val, where)
 
@@ -174,9 +175,9 @@ def _val_grad_hvp_batched(model_fn: Callable[[Params, Any], Tensor], params: Par
     with sdpa_kernel([SDPBackend.MATH]), _rephrase(where, splits=True):
         try:
             g, hv, losses = torch.func.jvp(grad, (params,), (vector,), has_aux=True)  # type: ignore[misc]
-        except NotImplementedError as err:
-            if "forward AD" not in str(err):
-                raise
+        except (NotImplementedError, AssertionError, RuntimeError):
+            # no forward-mode rule (an op without one; an autograd.Function without jvp: functorch asserts):
+            # reverse-over-reverse, exact as well; a genuine mistake in the model fails there too, and says so
             (g, losses), pullback = torch.func.vjp(grad, params)  # type: ignore[misc]
             hv = pullback((vector, torch.zeros_like(losses)))[0]  # H symmetric: vᵀH = (Hv)ᵀ
     _check_finite(losses, "val", where, rows)  # rows: the samples' positions in the whole batch
@@ -190,7 +191,9 @@ def compute_values(where: str, model_fn: Callable[[Params, Any], Tensor], params
     finite though the losses are (:func:`ghostfunc._graddot.refuse_non_finite`): a step would write NaN into the
     parameters."""
     out = values_of(where, model_fn, params, train, val, **options)
-    refuse_non_finite(where, out.values, None, out.train_grad, options.get("group"), "values")
+    group = options.get("group")
+    with _dist.collectively(where, group):  # a rank's values alone may overflow: every rank raises
+        refuse_non_finite(where, out.values, None, out.train_grad, group is not None, "values")
     return out
 
 
@@ -248,6 +251,7 @@ def values_of(
     else:
         (params, tb, vb), world = prepare_group(where, group, model_fn, params, train, val, val_reduce="mean",
                                                 policy="auto", same={"lr": lr, "order": order,
+                                                                     "curvature": curvature,
                                                                      "precondition": precondition is not None,
                                                                      **({"optimizer": optimizer} if optimizer else {})})
         n, m = world.n, world.m

@@ -85,6 +85,9 @@ class TrainStep:
             raise TypeError(f"train_step.init: params must be a non-empty dict name -> tensor; got {type(params).__name__}")
         own = {k: v.clone() for k, v in check_params(params, "train_step.init").items()}
         if self.group is not None:  # every rank starts from rank 0's parameters, as under DDP
+            own, _ = _dist.agree("train_step.init", self.group, lambda: own,  # before the broadcast reads them
+                                 lambda p: {"parameter names, shapes and dtypes": _dist.param_signature(p)},
+                                 lambda p: (1, 1))
             own = _dist.broadcast_params(own, self.group)
         return TrainState(own, self.optimizer.init(own), 0)
 

@@ -456,7 +456,7 @@ def test_finite_losses_with_non_finite_gradients_are_refused_everywhere(side):
     train, val = (x, y), (xv, y)
     assert bool(torch.isfinite(fn(params, train)).all() and torch.isfinite(fn(params, val)).all())
     rows = r"\[2\]" if side == "train" else r"\[0, 1, 2, 3\]"
-    which = "their gradients of params" if side == "train" else "the validation gradient of params"
+    which = "their gradients of params" if side == "train" else "the training gradients are finite, so the validation"
     for policy in ("auto", "ghost", "materialize", "contract"):
         with pytest.raises(FloatingPointError, match=rf"^graddot: the scores of train samples {rows} are not finite "
                                                      rf"though the losses are: {which}"):

@@ -343,6 +343,17 @@ def _faults(rank: int, world: int, out: dict[str, Any], job: str, folder: str) -
         c = (batch[0][:, 0] != 7).to(losses.dtype)
         return losses + torch.sqrt((losses - losses.detach()) ** 2 + c) - c
 
+    def linear(p: dict, batch: tuple) -> torch.Tensor:  # losses x @ w: a huge row overflows only in the products
+        return batch[0] @ p["w"]
+
+    lin_params = {"w": torch.ones(4, dtype=torch.float64)}
+    huge_train, huge_val = torch.ones(3, 4, dtype=torch.float64), torch.ones(2, 4, dtype=torch.float64)
+    if rank == 1:
+        huge_train[0] = 1e160  # its score, against a validation gradient of about 1e160, is about 1e320: inf
+    else:
+        huge_val[0] = 1e160
+    reordered = dict(reversed(list(params.items()))) if rank == 1 else params
+    other_dtype = {k: v.float() if rank == 1 and k == next(iter(params)) else v for k, v in params.items()}
     key = next(k for k, v in params.items() if v.dim() == 2)
     rolled = {k: v.roll(1, 0) if k == key and rank == 1 else v for k, v in params.items()}  # rows moved: same sums
     noncontiguous = {k: v.t().contiguous().t() if rank == 1 else v for k, v in params.items()}  # the same bits
@@ -368,6 +379,14 @@ def _faults(rank: int, world: int, out: dict[str, Any], job: str, folder: str) -
                                                                               lr=0.1, order=2, group=group),
         "train_step nan gradient": lambda: (lambda s: s(s.init(params), grad_nan, val))(ghostfunc.train_step(
             sqrt_at_zero, ghostfunc.sgd(0.1), group=group)),
+        "graddot overflow": lambda: ghostfunc.graddot(linear, lin_params, (huge_train,), (huge_val,), group=group),
+        "inrun_shapley overflow": lambda: ghostfunc.inrun_shapley(linear, lin_params, (huge_train,), (huge_val,),
+                                                                  lr=0.1, group=group),
+        "curvature differs": lambda: ghostfunc.inrun_shapley(model_fn, params, train, val, lr=0.1, order=2,
+                                                             curvature="secant" if rank == 1 else "exact",
+                                                             group=group),
+        "init reordered": lambda: ghostfunc.train_step(model_fn, ghostfunc.sgd(0.1), group=group).init(reordered),
+        "init other dtype": lambda: ghostfunc.train_step(model_fn, ghostfunc.sgd(0.1), group=group).init(other_dtype),
         "save unwritable": lambda: ghostfunc.DataValues.zeros(4).add(torch.tensor([rank]), torch.tensor([1.0])).save(
             blocker / "values.pt", group=group),
         "permuted params": lambda: ghostfunc.graddot(model_fn, rolled, train, val, group=group),
@@ -445,6 +464,33 @@ def test_a_non_finite_gradient_on_one_rank_raises_on_every_rank(faults: list[dic
         assert seconds < FAULT_TIMEOUT_S / 2, (rank, seconds)
     # (order 2: H_val G with G holding rank 1's NaN makes every row's value NaN)
     assert faults[1][case][0] == "FloatingPointError" and "train samples [0" in faults[1][case][1], faults[1][case]
+
+
+@pytest.mark.parametrize("case", ["graddot overflow", "inrun_shapley overflow"])
+def test_scores_that_overflow_on_one_rank_only_raise_on_every_rank(faults: list[dict[str, Any]], case: str) -> None:
+    """Finite losses and gradients, one rank's product beyond float64's range: that rank raised and the others
+    returned numbers (the group then out of step). The verdict is exchanged: rank 1 raises its own error, rank 0
+    a RuntimeError quoting it."""
+    own, other = faults[1][case], faults[0][case]
+    assert own[0] == "FloatingPointError" and "this rank's train samples [0]" in own[1], own
+    assert "the training gradients are finite" in own[1] and "overflowed" in own[1], own
+    assert other[0] == "RuntimeError" and "rank 1 of 2 failed" in other[1] and own[1] in other[1], other
+    assert max(own[2], other[2]) < FAULT_TIMEOUT_S / 2, (own, other)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("curvature differs", "every rank must pass the same curvature"),
+    ("init reordered", "the same entries in another order"),
+    ("init other dtype", "every rank must pass the same parameter names, shapes and dtypes"),
+])
+def test_arguments_that_differ_across_ranks_are_refused_on_every_rank(faults: list[dict[str, Any]], case: str,
+                                                                       message: str) -> None:
+    """A curvature one rank alone asks for (rank 1 raised, the others waited in the next collective until the
+    timeout), and train_step.init's broadcast of parameters another rank holds in another order (scrambled
+    silently) or dtype (the process aborted in gloo): refused on every rank before any collective reads them."""
+    for rank, (kind, text, seconds) in enumerate(r[case] for r in faults):
+        assert kind == "ValueError" and message in text, (rank, kind, text)
+        assert seconds < FAULT_TIMEOUT_S / 2, (rank, seconds)
 
 
 def test_save_rank_0_cannot_write_raises_on_every_rank(faults: list[dict[str, Any]]) -> None:

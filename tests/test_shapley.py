@@ -267,6 +267,40 @@ def test_argument_errors(kwargs, match):
         ghostfunc.inrun_shapley(mlp_fn, params, train, val, **kwargs)
 
 
+class _CubeWithOwnBackward(torch.autograd.Function):  # x³ with a hand-written backward and a vmap rule, no jvp
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x ** 3
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 3 * x ** 2 * g
+
+
+def _cubed_fn(p, batch):
+    h = _CubeWithOwnBackward.apply(torch.tanh(F.linear(batch["x"], p["w1"], p["b1"])))
+    return F.cross_entropy(F.linear(h, p["w2"], p["b2"]), batch["y"], reduction="none")
+
+
+def test_order_2_through_an_autograd_function_without_jvp():
+    """functorch's forward mode asserts ('flat_bdims must not be None') on an autograd.Function without jvp; the
+    Hessian-vector product falls back to reverse-over-reverse, exact, for inrun_shapley and train_step."""
+    params, train, val = mlp(5)
+    lr = 0.3
+    want = reference_order2(_cubed_fn, params, train, val, lr, double_backward_hvp(_cubed_fn, params, val))
+    assert rel(ghostfunc.inrun_shapley(_cubed_fn, params, train, val, lr=lr, order=2), want) < 1e-10
+    step = ghostfunc.train_step(_cubed_fn, ghostfunc.sgd(lr), order=2)
+    _, info = step(step.init(params), train, val)
+    assert rel(info.values, want) < 1e-10
+
+
 def test_a_numpy_learning_rate_is_a_number():
     """lr read from a numpy array or config (np.float32, np.float64): what sgd takes, inrun_shapley takes too."""
     import numpy as np
