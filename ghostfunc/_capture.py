@@ -197,6 +197,10 @@ def reads_autograd_state(func: Any) -> bool:
     return (owner is REQUIRES_GRAD or owner is GRAD_FN or owner is _IS_LEAF) and getattr(func, "__name__", "") == "__get__"
 
 
+#: Backward calls (the per-sample path runs the caller's inside the mode): they read no table rows.
+_BACKWARDS = frozenset({torch.autograd.grad, torch.autograd.backward, Tensor.backward})
+
+
 def _base(t: Tensor) -> Tensor:
     """The tensor under ``t``'s functorch wrappers (``vmap``, ``grad``): the one an in-place write bumps."""
     while torch._C._functorch.is_functorch_wrapped_tensor(t):
@@ -361,7 +365,7 @@ class _Interceptor(TorchFunctionMode):
         renormalises the looked-up rows in place, so that use reads rows every sample's lookups renormalised
         (and for a parameter, torch writes into ``params``); the capture scales the rows on the way out
         (:func:`ghostfunc._ops.embedding.embedding`), which equals torch for the lookups only."""
-        if self._checking_renormed:
+        if self._checking_renormed or func in _BACKWARDS:  # a backward the caller runs inside: no use of the rows
             return None
         lookup = renormed_by_call(func, args, kwargs)
         leaves = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, Tensor)] if self.renormed else []

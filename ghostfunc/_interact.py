@@ -818,7 +818,7 @@ def _refuse_detached(model_fn: Callable, params: Mapping[str, Tensor], batch: Ca
         _, losses = run_with_grads(model_fn, params, batch(), params, warned)
     except Exception:  # noqa: BLE001 - the capture reports the model's own errors
         return
-    if any(_CHECKPOINT_NO_GRAD in w for w in warned):
+    if any(_CHECKPOINT_NO_GRAD in w for w in warned) and _checkpoint_changes_gradients(model_fn, params, batch()):
         raise CheckpointWithoutGradError(
             "model_fn runs a torch.utils.checkpoint segment with use_reentrant=True (torch's default) whose inputs "
             "do not require grad (all of them come from the batch, not from params): torch then gives the "
@@ -833,6 +833,33 @@ def _refuse_detached(model_fn: Callable, params: Mapping[str, Tensor], batch: Ca
             ".detach()-ed, or rebuilt from .item()), so loss.backward() would fail and every score would be 0. "
             "Return the losses as computed from params"
         )
+
+
+def _checkpoint_changes_gradients(model_fn: Callable, params: Mapping[str, Tensor], batch: Any) -> bool:
+    """Whether the parameters' gradients of ``batch``'s summed losses differ with torch's re-entrant checkpoints
+    and with their segments run as plain calls (as the capture runs them): they do when a segment whose inputs
+    need no gradient uses a parameter (torch gives it none there); a segment of no parameter changes nothing.
+    Two runs with gradients on, random draws undone; ``backward`` (a re-entrant checkpoint refuses ``.grad()``)."""
+    from ._capture import _ReentrantAsPlain  # it builds on this module
+
+    grads = []
+    device = next(iter(params.values())).device
+    for lifted in (False, True):
+        leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+        noted: Any = types.SimpleNamespace(lifted_checkpoint=False)  # what the stand-in marks (an interceptor's)
+        plain = _ReentrantAsPlain(noted) if lifted else contextlib.nullcontext()
+        with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []), \
+                torch.enable_grad(), eager_stance(), warnings.catch_warnings(), plain:
+            warnings.simplefilter("ignore")
+            losses = model_fn(leaves, batch)
+            if not isinstance(losses, Tensor) or not losses.requires_grad:
+                return True  # no gradient at all one way: they differ (or the losses have no path: refused later)
+            losses.sum().backward()
+        grads.append([torch.zeros_like(v) if v.grad is None else v.grad for v in leaves.values()])
+    dtype = coarsest(params.values())
+    scale = max([g.abs().max().item() for g in (*grads[0], *grads[1]) if g.numel()] + [0.0])
+    tol = torch.finfo(dtype).eps ** 0.5 * scale + torch.finfo(dtype).tiny
+    return any(bool(((a - b).abs() > tol).any()) for a, b in zip(*grads, strict=True))
 
 
 def _refuse_param_writes(params: Mapping[str, Tensor], versions: dict[str, int]) -> None:

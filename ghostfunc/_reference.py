@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import torch
 from torch import Tensor
 
-from ._capture import split_batch
+from ._capture import _ReentrantAsPlain, split_batch
 from ._checks import check_model_fn, check_options, check_pair, check_params
 from ._interact import LossShapeError, ParamsUnusedError
 
@@ -36,13 +37,17 @@ def _check_losses(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, 
 def per_sample_grads(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, label: str = "train",
                      where: str = "reference_graddot") -> tuple[dict[str, Tensor], Tensor]:
     """``{name: [B, *shape]}`` and losses ``[B]``, one ordinary backward pass per sample. A non-finite loss, or
-    one without an autograd path to ``params``, is refused naming the sample."""
+    one without an autograd path to ``params``, is refused naming the sample. A re-entrant
+    ``torch.utils.checkpoint`` segment runs as a plain call (the re-entrant form refuses ``torch.autograd.grad``,
+    and recomputes inside the backward with a module's own weights, not ``params``: zero scores); the values and
+    gradients are those of the model without checkpointing."""
     split = split_batch(batch)  # tensor leaves, sample axis first (a transformers.BatchEncoding too)
     grads: dict[str, list[Tensor]] = {k: [] for k in params}
     losses = []
     for i in range(split.size):
         p = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
-        loss = model_fn(p, split.rebuild([t[i:i + 1] for t in split.tensors])).reshape(())
+        with _ReentrantAsPlain(cast(Any, SimpleNamespace(lifted_checkpoint=False))):
+            loss = model_fn(p, split.rebuild([t[i:i + 1] for t in split.tensors])).reshape(())
         if not bool(torch.isfinite(loss.detach())):
             raise FloatingPointError(f"{where}: model_fn returned a non-finite loss for {label} sample {i} "
                                      f"({loss.item()}); its gradient is undefined")

@@ -329,8 +329,16 @@ def values_of(
         give_back(scratch, rows)
         return Values(values, values, g_train, train_loss, val_loss, r.plan, None, local_unused)
     with _dist.collectively(where, group):
-        g_val, hg, val_loss = val_grad_hvp(model_fn, params, vb, weights, {k: g.mul(n) for k, g in g_train.items()},
-                                           where, row_groups(vb, r.plan))  # H_val G, G = Σ_j g_j
+        try:
+            g_val, hg, val_loss = val_grad_hvp(model_fn, params, vb, weights, {k: g.mul(n) for k, g in g_train.items()},
+                                               where, row_groups(vb, r.plan))  # H_val G, G = Σ_j g_j
+        except NotImplementedError as err:  # no second derivative at all (embedding_bag's backward)
+            if "derivative for" not in str(err):
+                raise
+            raise NotImplementedError(
+                f"{where}: order 2 with curvature='exact' differentiates model_fn twice, and torch has no second "
+                f"derivative for one of its calls ({str(err).strip().splitlines()[0]}); curvature='secant' needs "
+                f"first derivatives only, or use order=1") from err
     if world is not None:  # ḡ_val and H_val G: one all-reduce
         both = _dist.allreduce_sum({**{"g:" + k: v for k, v in g_val.items()},
                                     **{"h:" + k: v for k, v in hg.items()}}, group)

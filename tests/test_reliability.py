@@ -254,6 +254,21 @@ def test_embedding_bag_with_max_norm_is_exact_and_leaves_the_table(mode):
     assert torch.equal(p["E"], before)
 
 
+def test_order_2_through_a_max_norm_bag_names_the_missing_second_derivative():
+    """torch has no second derivative of embedding_bag's backward: order 2 (exact) says so and what works instead
+    (it was reported as samples interacting: the check took the caller's own backward for a use of the table);
+    the secant, of first derivatives only, runs."""
+    def model_fn(p, ids):
+        return torch.tanh(F.embedding_bag(ids, p["E"], max_norm=1.0, mode="mean") @ p["w"]).pow(2)
+
+    p = {**_emb_params(5, 33), "E": 2 * torch.randn(5, 3, generator=_g(34), dtype=F64)}
+    train, val = _ids(4, 6, 5, 35), _ids(3, 6, 5, 36)
+    with pytest.raises(NotImplementedError, match=r"^inrun_shapley: order 2 with curvature='exact' differentiates "
+                                                  r"model_fn twice.*_embedding_bag_backward.*curvature='secant'"):
+        ghostfunc.inrun_shapley(model_fn, p, train, val, lr=0.1, order=2)
+    assert torch.isfinite(ghostfunc.inrun_shapley(model_fn, p, train, val, lr=0.1, order=2, curvature="secant")).all()
+
+
 def test_embedding_bag_by_freq():
     def model_fn(p, ids):  # no rule for embedding_bag: the fallback, exact per sample
         return torch.tanh(F.embedding_bag(ids, p["E"], mode="sum", scale_grad_by_freq=True) @ p["w"])

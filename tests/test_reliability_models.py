@@ -604,6 +604,29 @@ def test_a_reentrant_checkpoint_whose_inputs_need_no_gradient_is_refused(segment
         ghostfunc.graddot_direction(model_fn, p, x, {k: torch.ones_like(v) for k, v in p.items()})
 
 
+@pytest.mark.parametrize("segment", ["no parameter", "a frozen layer outside params"])
+def test_a_reentrant_checkpoint_of_no_trained_parameter_on_the_batch_is_not_refused(segment):
+    """torch warns that the segment's inputs need no gradient, but no parameter of params is used inside: every
+    gradient is as without checkpointing (torch's and the capture's), so nothing is refused."""
+    p = _mlp(21)
+    x, xv = _split_data(22, n=5, m=3)
+    frozen = torch.randn(3, 3, generator=torch.Generator().manual_seed(23), dtype=F64)
+
+    def inside(z):
+        return torch.tanh(z) * 2 if segment == "no parameter" else torch.tanh(F.linear(z, frozen))
+
+    def model_fn(p, x):
+        z = cp.checkpoint(inside, x, use_reentrant=True)
+        return F.linear(torch.tanh(F.linear(z, p["W1"], p["b1"])), p["W2"]).pow(2).sum(1)
+
+    def plain(p, x):
+        return F.linear(torch.tanh(F.linear(inside(x), p["W1"], p["b1"])), p["W2"]).pow(2).sum(1)
+
+    check_all("reentrant checkpoint of no parameter", model_fn, p, x, xv, reference_fn=plain, policies=("auto",))
+    step = ghostfunc.train_step(model_fn, ghostfunc.sgd(0.1))
+    step(step.init(p), x, xv)
+
+
 def _halved_on_grad_fn(p, x):
     """A hook on a linear's own node that halves the gradient to its first input (the bias)."""
     h = F.linear(x, p["W1"], p["b1"])
@@ -718,6 +741,10 @@ def test_checkpointed_module_under_functional_call(reentrant):
     x, xv = torch.randn(4, 3, dtype=F64), torch.randn(3, 3, dtype=F64)
     check_all("checkpoint functional_call", model_fn, params, x, xv, reference_fn=plain)
     assert all(q.grad is None for q in layer.parameters())  # nothing written on the module
+    if reentrant:  # the loop itself runs the segment as a plain call: torch's re-entrant form refuses .grad()
+        got, want = (ghostfunc.reference_graddot(fn, params, x, xv)[0] for fn in (model_fn, plain))
+        assert rel(got, want) < 1e-12
+        assert all(q.grad is None for q in layer.parameters())
 
 
 @pytest.mark.parametrize("reentrant", [None, False, True])
