@@ -49,6 +49,9 @@ class StepInfo(NamedTuple):
         train_loss: ``[n_train]`` per-sample losses before the update.
         val_loss: ``[n_val]`` per-sample losses before the update.
         lr: the learning rate ``η`` of this step.
+        notes: the notes of the step's plan (as ``graddot(...).plan.notes``): e.g. that the
+            training rows' dropout masks are not the ones a plain ``model_fn(params, train)``
+            draws, so this step is exact for its own masks and not ``torch.optim``'s step.
     """
 
     values: Tensor
@@ -56,6 +59,7 @@ class StepInfo(NamedTuple):
     train_loss: Tensor
     val_loss: Tensor
     lr: float
+    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -120,7 +124,7 @@ class TrainStep:
         grads = {k: None if k in out.unused else g for k, g in out.train_grad.items()}
         params, opt_state = opt.update(grads, state.opt_state, state.params)
         assert out.first_order is not None
-        info = StepInfo(out.values, out.first_order, out.train_loss, out.val_loss, lr)
+        info = StepInfo(out.values, out.first_order, out.train_loss, out.val_loss, lr, tuple(out.plan.notes))
         return TrainState(params, opt_state, state.step + 1, _carried(out.val_grad, params)), info
 
 

@@ -618,6 +618,8 @@ def test_noise_drawn_in_another_order_is_told_and_later_calls_repeat_the_first()
         states.append(torch.get_rng_state())
     assert torch.equal(outs[0].scores, outs[1].scores) and torch.equal(states[0], states[1])
     assert all(ghostfunc._graddot.MASKS_DIFFER in o.plan.notes for o in outs)
+    step = ghostfunc.train_step(model_fn, ghostfunc.sgd(0.1))  # a training loop is told too
+    assert ghostfunc._graddot.MASKS_DIFFER in step(step.init(p), train, val)[1].notes
     torch.manual_seed(3)
     gt, gv = _vmap_grads(model_fn, p, train), _vmap_grads(model_fn, p, val)
     assert rel(outs[0].scores, sum(gt[k].flatten(1) @ gv[k].flatten(1).mean(0) for k in p)) < 1e-10
