@@ -218,16 +218,21 @@ def note_versions(versions: list[tuple[Tensor, int, str]], saved: tuple[Tensor, 
             versions.append((base, base._version, call))
 
 
+def rewritten(versions: list[tuple[Tensor, int, str]]) -> tuple[Tensor, int, str] | None:
+    """The first saved input (:func:`note_versions`) written in place after its call, if any."""
+    return next((v for v in versions if v[0]._version != v[1]), None)
+
+
 def refuse_rewritten(versions: list[tuple[Tensor, int, str]], where: str) -> None:
     """Raise ``RuntimeError`` (as plain PyTorch's backward does) if a recognised call's saved input was written
     in place after the call: the kernels would read the new values (the call's gradient is of the old ones)."""
-    for base, version, call in versions:
-        if base._version != version:
-            raise RuntimeError(
-                f"{where}: one of the variables needed for gradient computation has been modified by an inplace "
-                f"operation: the input of {call} was written in place after the call (version {version}, now "
-                f"{base._version}); plain PyTorch's backward refuses this model too. Write into a copy "
-                f"(x = x.clone()) or before the call")
+    if (changed := rewritten(versions)) is not None:
+        base, version, call = changed
+        raise RuntimeError(
+            f"{where}: one of the variables needed for gradient computation has been modified by an inplace "
+            f"operation: the input of {call} was written in place after the call (version {version}, now "
+            f"{base._version}); plain PyTorch's backward refuses this model too. Write into a copy "
+            f"(x = x.clone()) or before the call")
 
 
 class _Interceptor(TorchFunctionMode):

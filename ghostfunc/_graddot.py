@@ -943,8 +943,9 @@ def refuse_non_finite(where: str, scores: Tensor, per_param: Mapping[str, Tensor
     else:
         side = (f"the training gradients are finite, so the validation gradient holds NaN or inf, or the "
                 f"products overflowed{f' (params {_listed(named)})' if named else ''}")
+    whose = "this rank's " if local else ""
     raise FloatingPointError(
-        f"{where}: the {what} of {'this rank' + chr(39) + 's ' if local else ''}train samples "
+        f"{where}: the {what} of {whose}train samples "
         f"{rows[:10]}{'...' if len(rows) > 10 else ''} are not finite though the losses are: {side}. A "
         f"backward through sqrt or a norm at 0, a division by 0, or torch.where with a non-finite branch (its "
         f"gradient is NaN even where the branch is not taken) does this; torch.autograd.set_detect_anomaly(True) "

@@ -839,22 +839,17 @@ def _checkpoint_changes_gradients(model_fn: Callable, params: Mapping[str, Tenso
     """Whether the parameters' gradients of ``batch``'s summed losses differ with torch's re-entrant checkpoints
     and with their segments run as plain calls (as the capture runs them): they do when a segment whose inputs
     need no gradient uses a parameter (torch gives it none there); a segment of no parameter changes nothing.
-    Two runs with gradients on, random draws undone; ``backward`` (a re-entrant checkpoint refuses ``.grad()``)."""
+    Two :func:`run_with_grads` runs; ``backward`` (a re-entrant checkpoint refuses ``.grad()``)."""
     from ._capture import _ReentrantAsPlain  # it builds on this module
 
     grads = []
-    device = next(iter(params.values())).device
     for lifted in (False, True):
-        leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
         noted: Any = types.SimpleNamespace(lifted_checkpoint=False)  # what the stand-in marks (an interceptor's)
-        plain = _ReentrantAsPlain(noted) if lifted else contextlib.nullcontext()
-        with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []), \
-                torch.enable_grad(), eager_stance(), warnings.catch_warnings(), plain:
-            warnings.simplefilter("ignore")
-            losses = model_fn(leaves, batch)
-            if not isinstance(losses, Tensor) or not losses.requires_grad:
-                return True  # no gradient at all one way: they differ (or the losses have no path: refused later)
-            losses.sum().backward()
+        with _ReentrantAsPlain(noted) if lifted else contextlib.nullcontext():
+            leaves, losses = run_with_grads(model_fn, params, batch, params)
+        if not isinstance(losses, Tensor) or not losses.requires_grad:
+            return True  # no gradient at all one way: they differ (or the losses have no path: refused later)
+        losses.sum().backward()
         grads.append([torch.zeros_like(v) if v.grad is None else v.grad for v in leaves.values()])
     dtype = coarsest(params.values())
     scale = max([g.abs().max().item() for g in (*grads[0], *grads[1]) if g.numel()] + [0.0])

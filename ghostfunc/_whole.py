@@ -58,6 +58,7 @@ from ._capture import (
     matched_roles,
     note_versions,
     params_among,
+    rewritten,
     unchanged,
 )
 from ._draws import rng_state, set_rng_state
@@ -301,7 +302,7 @@ def _capture(model_fn: ModelFn, params: Mapping[str, Tensor], batches: Sequence[
         losses.append(_run(model_fn, params, batch, mode))
         if len(mode.saved) != len(sites):
             raise NotDirect("fewer recognised calls than the trace")
-        if any(base._version != version for base, version, _ in mode.versions):  # the batched capture says which
+        if rewritten(mode.versions) is not None:  # the batched capture raises, naming the call
             raise NotDirect("a recognised call's input written in place after the call")
         modes.append(mode)
     taps = [t for m in modes for t in m.taps]
