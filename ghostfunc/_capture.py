@@ -24,11 +24,12 @@ sample by sample (:mod:`ghostfunc._eager`).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import threading
 import warnings
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -879,6 +880,27 @@ def cached_trace(model_fn: ModelFn, params: Mapping[str, Tensor], batch: Batch, 
     return result
 
 
+@contextlib.contextmanager
+def on_batch(where: str, what: str) -> Iterator[None]:
+    """An error of the model's own (or torch's) raised inside says where it came from: a note (PEP 678,
+    shown under the traceback; the message is unchanged) ``"{where}: model_fn raised this on {what}"``, e.g.
+    ``"the val batch (4 samples, run together)"`` or ``"train sample 3"``. ghostfunc's own errors name
+    their batch in the message; the innermost note wins (a per-sample run inside a batch's)."""
+    try:
+        yield
+    except Exception as err:
+        note_batch(err, where, what)
+        raise
+
+
+def note_batch(err: BaseException, where: str, what: str) -> None:
+    """Add :func:`on_batch`'s note to ``err`` unless it is ghostfunc's own or already has one."""
+    if type(err).__module__.partition(".")[0] == "ghostfunc" or not hasattr(err, "add_note"):
+        return
+    if not any(note.startswith(f"{where}: model_fn raised this on ") for note in getattr(err, "__notes__", ())):
+        err.add_note(f"{where}: model_fn raised this on {what}")
+
+
 class _rephrase:
     """Turn errors from inside the model into ones that name the public function.
 
@@ -1013,7 +1035,10 @@ def _capture_batches(model_fn: ModelFn, params: Mapping[str, Tensor], batches: S
         for b, (t, fb, batch) in enumerate(zip(taps, fbs, batches, strict=True)):
             if recorded is not None:
                 set_rng_state(device, recorded[b].start)  # each batch's draws begin where its plain run's did
-            outs.append(torch.func.vmap(per_sample(b), randomness="different")(t, fb, batch.tensors))
+            whole = not rows or rows[b] is None
+            with on_batch(where, f"the {labels[b]} batch ({batch.size} samples, run together)" if whole
+                          else f"{batch.size} samples of the {labels[b]} batch, run together"):
+                outs.append(torch.func.vmap(per_sample(b), randomness="different")(t, fb, batch.tensors))
             if recorded is not None:
                 set_rng_state(device, recorded[b].end)
         return tuple(o[0] for o in outs), tuple(o[1] for o in outs)
@@ -1051,8 +1076,8 @@ def _capture_batches(model_fn: ModelFn, params: Mapping[str, Tensor], batches: S
     return halves
 
 
-def per_sample_losses(model_fn: ModelFn, batch: Batch, where: str,
-                      recorded: Recorded | None = None) -> Callable[[Mapping[str, Tensor]], Tensor]:
+def per_sample_losses(model_fn: ModelFn, batch: Batch, where: str, recorded: Recorded | None = None,
+                      label: str = "val") -> Callable[[Mapping[str, Tensor]], Tensor]:
     """``params -> losses [B]`` with every sample run alone (under ``vmap``), as the capture runs it.
 
     Differentiable in ``params`` by any ``torch.func`` transform; with ``params``
@@ -1060,6 +1085,7 @@ def per_sample_losses(model_fn: ModelFn, batch: Batch, where: str,
     cost of one ordinary backward pass (no taps, no per-sample factors). Calls are
     intercepted only for attention batching and data-dependent control flow, and, with
     ``recorded`` (a plain run of ``batch``), dropout calls take its masks (:mod:`ghostfunc._draws`).
+    ``label`` names the batch in a note on the model's own errors (:func:`on_batch`).
     """
 
     def one(params: Mapping[str, Tensor], tensors: list[Tensor]) -> Tensor:
@@ -1073,7 +1099,8 @@ def per_sample_losses(model_fn: ModelFn, batch: Batch, where: str,
     def losses(params: Mapping[str, Tensor]) -> Tensor:
         if recorded is not None:
             set_rng_state(recorded.device, recorded.start)
-        out = torch.func.vmap(one, in_dims=(None, 0), randomness="different")(params, batch.tensors)
+        with on_batch(where, f"the {label} batch ({batch.size} samples, run together)"):
+            out = torch.func.vmap(one, in_dims=(None, 0), randomness="different")(params, batch.tensors)
         if recorded is not None:
             set_rng_state(recorded.device, recorded.end)
         return out
@@ -1117,13 +1144,13 @@ def weighted_grad_split(model_fn: ModelFn, params: Mapping[str, Tensor], batch: 
         try:
             with _rephrase(where, splits=True):
                 losses, pullback = torch.func.vjp(per_sample_losses(  # type: ignore[misc]
-                    model_fn, part_batch, where, recorded[0] if recorded else None), dict(params))
+                    model_fn, part_batch, where, recorded[0] if recorded else None, label), dict(params))
         except NoReplay:
             assert recorded is not None
             set_rng_state(device, recorded[0].start)  # as vmap draws
             with _rephrase(where, splits=True):
-                losses, pullback = torch.func.vjp(per_sample_losses(model_fn, part_batch, where),  # type: ignore[misc]
-                                                  dict(params))
+                losses, pullback = torch.func.vjp(per_sample_losses(  # type: ignore[misc]
+                    model_fn, part_batch, where, None, label), dict(params))
         _check_finite(losses, label, where, part.rows)
         (grads,) = pullback(w.to(losses.dtype), retain_graph=False, create_graph=False)
         return grads, losses.detach()

@@ -48,6 +48,7 @@ from ._capture import (
     _rephrase,
     _Stale,
     cached_trace,
+    on_batch,
     reads_autograd_state,
     refuse_rewritten,
 )
@@ -145,7 +146,10 @@ def trace_eager(model_fn: ModelFn, params: Mapping[str, Tensor], batch: Batch, w
 def capture_eager(model_fn: ModelFn, params: Mapping[str, Tensor], batch: Batch, kernel: set[str], where: str,
                   label: str) -> Half:
     """Every sample of ``batch`` alone: a forward and an ordinary backward each, merged in order."""
-    halves = [_capture_sample(model_fn, params, batch, i, kernel, where) for i in range(batch.size)]
+    halves = []
+    for i in range(batch.size):
+        with on_batch(where, f"{label} sample {i} (run alone)"):
+            halves.append(_capture_sample(model_fn, params, batch, i, kernel, where))
     parts = [Part(torch.tensor([i]), (i,)) for i in range(batch.size)]
     merged = merge_halves(halves, parts, batch.size)
     _check_finite(merged.loss, label, where)
@@ -190,15 +194,16 @@ def _backward(loss: Tensor, mode: _EagerInterceptor, leaves: list[Tensor]) -> tu
     return list(torch.autograd.grad(loss, [*taps, *leaves], allow_unused=True)), taps
 
 
-def _each_sample(model_fn: ModelFn, params: Mapping[str, Tensor], batch: Batch,
-                 where: str) -> Iterator[tuple[int, dict[str, Tensor], Tensor]]:
+def _each_sample(model_fn: ModelFn, params: Mapping[str, Tensor], batch: Batch, where: str,
+                 label: str) -> Iterator[tuple[int, dict[str, Tensor], Tensor]]:
     """``(i, leaves, loss)`` per sample: fresh leaf params and the sample's loss, computed with
     gradients on (the interceptor active); the caller's backward runs inside."""
     for i in range(batch.size):
         leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
         mode = _EagerInterceptor({}, tracing=True)
         with torch.enable_grad(), _rephrase(where), mode:
-            loss = _one_loss(model_fn(dict(leaves), batch.rebuild([t[i:i + 1] for t in batch.tensors])), where)
+            with on_batch(where, f"{label} sample {i} (run alone)"):
+                loss = _one_loss(model_fn(dict(leaves), batch.rebuild([t[i:i + 1] for t in batch.tensors])), where)
             yield i, leaves, loss
 
 
@@ -207,7 +212,7 @@ def weighted_grad_eager(model_fn: ModelFn, params: Mapping[str, Tensor], batch: 
     """``Σ_v w_v g_v`` and the losses ``[B]``, one sample at a time with ordinary autograd."""
     total = {k: torch.zeros_like(v) for k, v in params.items()}
     losses = []
-    for i, leaves, loss in _each_sample(model_fn, params, batch, where):
+    for i, leaves, loss in _each_sample(model_fn, params, batch, where, label):
         losses.append(loss.detach())
         if torch.isfinite(loss):
             grads = torch.autograd.grad(loss * weights[i].to(loss.dtype), list(leaves.values()), allow_unused=True)
@@ -226,7 +231,7 @@ def val_grad_hvp_eager(model_fn: ModelFn, params: Mapping[str, Tensor], batch: B
     total = {k: torch.zeros_like(v) for k, v in params.items()}
     hv_total = {k: torch.zeros_like(v) for k, v in params.items()}
     losses = []
-    for i, leaves, loss in _each_sample(model_fn, params, batch, where):
+    for i, leaves, loss in _each_sample(model_fn, params, batch, where, "val"):
         losses.append(loss.detach())
         if not torch.isfinite(loss):
             continue

@@ -24,6 +24,7 @@ from ._capture import (
     _keep,
     _Stale,
     capture_batches,
+    on_batch,
     trace,
     weighted_grad_split,
 )
@@ -211,7 +212,8 @@ def _route(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batc
     part_traces: tuple[tuple[Trace, ...], ...] = ((), ())
     if eager is None:
         try:
-            part_traces = tuple(tuple(trace(model_fn, params, subset(b, p), where, fresh=state.fresh)
+            part_traces = tuple(tuple(_traced(model_fn, params, subset(b, p), where, state.fresh,
+                                              ("train", "val")[w] if p.rows is None else None)
                                       for p in state.parts[w]) for w, b in enumerate(batches))
         except RuntimeError as err:
             if not unbatchable(err):
@@ -240,17 +242,30 @@ def _route(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batc
     return Routing(traces, kernel, the_plan, parts, (part_traces[0], part_traces[1]), eager)
 
 
+def _traced(model_fn: ModelFn, params: dict[str, Tensor], batch: Batch, where: str, fresh: bool,
+            label: str | None) -> Trace:
+    """:func:`ghostfunc._capture.trace` of ``batch``; a model's error says which batch raised it (``label``; ``None``:
+    a part of a batch split by branch, its own errors told by the whole batch's run before)."""
+    if label is None:
+        return trace(model_fn, params, batch, where, fresh=fresh)
+    with on_batch(where, _first_sample(label)):
+        return trace(model_fn, params, batch, where, fresh=fresh)
+
+
 def _traced_alone(model_fn: ModelFn, params: dict[str, Tensor], batch: Batch, where: str, fresh: bool,
                   label: str) -> Trace:
-    """:func:`trace_eager` of ``batch``; an error on the validation batch (the training batch's trace ran
-    first) says which batch raised it."""
-    try:
+    """:func:`trace_eager` of ``batch``; a model's error says which batch raised it."""
+    with on_batch(where, _first_sample(label)):
         return trace_eager(model_fn, params, batch, where, fresh)
-    except Exception as err:
-        if label == "val" and hasattr(err, "add_note"):  # Python 3.11+
-            err.add_note(f"{where}: model_fn raised this on the val batch's first sample, run alone, after it ran "
-                         f"on the train batch's: check the val batch's structure and shapes against train's")
-        raise
+
+
+def _first_sample(label: str) -> str:
+    """Which run a trace's error came from (:func:`ghostfunc._capture.on_batch`): the training batch's trace runs
+    first, so an error on the validation batch's alone points at how the two differ."""
+    if label == "val":
+        return ("the val batch's first sample, run alone, after it ran on the train batch's: check the val batch's "
+                "structure and shapes against train's")
+    return f"the {label} batch's first sample, run alone (tracing the calls)"
 
 
 #: ``model_fn`` -> {(param and batch signatures): why the batched capture could not run it}.

@@ -9,7 +9,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
-from ._capture import _ReentrantAsPlain, split_batch
+from ._capture import _ReentrantAsPlain, on_batch, split_batch
 from ._checks import check_model_fn, check_options, check_pair, check_params
 from ._interact import LossShapeError, ParamsUnusedError
 
@@ -46,8 +46,10 @@ def per_sample_grads(model_fn: Callable, params: Mapping[str, Tensor], batch: An
     losses = []
     for i in range(split.size):
         p = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
-        with _ReentrantAsPlain(cast(Any, SimpleNamespace(lifted_checkpoint=False))):
-            loss = model_fn(p, split.rebuild([t[i:i + 1] for t in split.tensors])).reshape(())
+        with on_batch(where, f"{label} sample {i} (run alone)"), \
+                _ReentrantAsPlain(cast(Any, SimpleNamespace(lifted_checkpoint=False))):
+            loss = model_fn(p, split.rebuild([t[i:i + 1] for t in split.tensors]))
+        loss = loss.reshape(())
         if not bool(torch.isfinite(loss.detach())):
             raise FloatingPointError(f"{where}: model_fn returned a non-finite loss for {label} sample {i} "
                                      f"({loss.item()}); its gradient is undefined")

@@ -337,6 +337,66 @@ def test_error_val_shaped_unlike_train_names_the_val_batch():
                    for n in getattr(info.value, "__notes__", [])), info.value
 
 
+def _notes(err):
+    return getattr(err, "__notes__", [])
+
+
+@pytest.mark.skipif(not hasattr(BaseException, "add_note"), reason="notes (PEP 678) are Python 3.11+")
+@pytest.mark.parametrize("which", ["train", "val"])
+@pytest.mark.parametrize("entry", ["graddot", "graddot/ghost", "graddot/matrix", "reference", "train_step/1",
+                                   "train_step/2", "inrun_shapley/2"])
+def test_a_models_error_on_one_row_says_which_batch(entry, which):
+    """An id out of the table's range in row 2 of one batch: the model's own IndexError, its message unchanged,
+    with a note naming the batch (or, where samples run alone, the row)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Embedding(6, 3), nn.Flatten(), nn.Linear(6, 2)).to(F64)
+
+    def model_fn(p, batch):
+        ids, y = batch
+        return F.cross_entropy(functional_call(net, p, (ids,)), y, reduction="none")
+
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    good = (torch.randint(0, 6, (5, 2)), torch.randint(0, 2, (5,)))
+    bad = (good[0].clone(), good[1])
+    bad[0][2, 1] = 9
+    train, val = (bad, good) if which == "train" else (good, bad)
+    run = {
+        "graddot": lambda: ghostfunc.graddot(model_fn, params, train, val),
+        "graddot/ghost": lambda: ghostfunc.graddot(model_fn, params, train, val, policy="ghost"),
+        "graddot/matrix": lambda: ghostfunc.graddot(model_fn, params, train, val, val_reduce=None),
+        "reference": lambda: ghostfunc.reference_graddot(model_fn, params, train, val),
+        "train_step/1": lambda: ghostfunc.train_step(model_fn, ghostfunc.sgd(0.1))(
+            ghostfunc.train_step(model_fn, ghostfunc.sgd(0.1)).init(params), train, val),
+        "train_step/2": lambda: ghostfunc.train_step(model_fn, ghostfunc.sgd(0.1), order=2)(
+            ghostfunc.train_step(model_fn, ghostfunc.sgd(0.1), order=2).init(params), train, val),
+        "inrun_shapley/2": lambda: ghostfunc.inrun_shapley(model_fn, params, train, val, lr=0.1, order=2),
+    }[entry]
+    with pytest.raises(IndexError, match="index out of range") as info:
+        run()
+    where = entry.split("/")[0].replace("reference", "reference_graddot")
+    said = [n for n in _notes(info.value) if "model_fn raised this on" in n]
+    assert len(said) == 1, _notes(info.value)
+    expected = f"{which} sample 2" if entry == "reference" else f"the {which} batch"
+    assert said[0].startswith(f"{where}: model_fn raised this on {expected}"), said
+
+
+@pytest.mark.skipif(not hasattr(BaseException, "add_note"), reason="notes (PEP 678) are Python 3.11+")
+def test_an_error_of_the_per_sample_path_names_the_row():
+    """A model the batched capture cannot run takes the per-sample path; an error there names the row."""
+    def model_fn(p, x):
+        a = x[:, :, None] * x[:, None, :] + torch.eye(3, dtype=F64)  # SPD, except where a row is scaled by -1
+        return torch.linalg.cholesky(a * x[:, :1, None].sign()).sum((1, 2)) * p["w"].sum()
+
+    p = {"w": torch.ones(2, dtype=F64)}
+    x = torch.rand(4, 3, dtype=F64) + 0.1
+    bad = x.clone()
+    bad[3, 0] = -1.0
+    with pytest.raises(RuntimeError) as info:
+        ghostfunc.graddot(model_fn, p, x, bad)
+    said = [n for n in _notes(info.value) if "model_fn raised this on" in n]
+    assert said == ["graddot: model_fn raised this on val sample 3 (run alone)"], (info.value, _notes(info.value))
+
+
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.complex64])
 def test_error_non_real_params(dtype):
