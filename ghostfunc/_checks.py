@@ -81,11 +81,36 @@ def check_pair(train: Any, val: Any, where: str) -> tuple[Batch, Batch]:
         return tb, vb  # tensors, or tuples/lists of tensors of one length: the same structure
     ts, vs = pytree.tree_structure(_plain(train)), pytree.tree_structure(_plain(val))
     if ts != vs or (is_foreign_mapping(train) or is_foreign_mapping(val)) and type(train) is not type(val):
+        lists = [*_sample_lists(train, "train", tb.size), *_sample_lists(val, "val", vb.size)]
+        hint = (f"; {lists[0]} is a list of one non-tensor value per sample (DataLoader's default collate of a "
+                f"text column, say): a list is structure here, not a sample axis, so its length must match too. "
+                f"Leave it out of the batch (model_fn gets only what it computes with), or pass it as a tensor "
+                f"(ids, codes)") if lists else ""
         raise ValueError(
             f"{where}: train and val must have the same structure (same container types and keys); "
-            f"train is {_describe(train)}, val is {_describe(val)}"
+            f"train is {_describe(train)}, val is {_describe(val)}{hint}"
         )
     return tb, vb
+
+
+def _sample_lists(batch: Any, name: str, size: int) -> list[str]:
+    """Paths (as ``name['text']``) of the lists or tuples in ``batch`` holding ``size`` values and no tensor or
+    container: per-sample values that torch's pytree reads as structure."""
+    found: list[str] = []
+
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, (list, tuple)) and len(node) == size and size > 1 and \
+                not any(isinstance(v, (Tensor, list, tuple, dict, Mapping)) for v in node):
+            found.append(f"{name}{path}")
+        elif isinstance(node, Mapping):
+            for k, v in node.items():
+                walk(v, f"{path}[{k!r}]")
+        elif isinstance(node, (list, tuple)):
+            for i, v in enumerate(node):
+                walk(v, f"{path}[{i}]")
+
+    walk(batch, "")
+    return found
 
 
 def _flat(batch: Any) -> bool:

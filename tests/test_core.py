@@ -320,6 +320,23 @@ def test_error_empty_batch(which):
         ghostfunc.graddot(model_fn, params, train, val)
 
 
+def test_error_a_list_of_strings_per_sample_says_it_is_structure():
+    """DataLoader's default collate gives a text column as a list of strings, one per sample: torch's pytree reads
+    it as structure, so train and val of different sizes differ; the message says what the list is."""
+    mlp, params, (x, y) = _mlp()
+
+    def model_fn(p, b):  # the text column reaches the model, which does not read it
+        return mlp(p, (b["x"], b["y"]))
+
+    def batch(n):
+        return {"x": x[:n], "y": y[:n], "text": [f"doc{i}" for i in range(n)]}
+
+    with pytest.raises(ValueError, match=r"train\['text'\] is a list of one non-tensor value per sample"):
+        ghostfunc.graddot(model_fn, params, batch(4), batch(3))
+    out = ghostfunc.graddot(model_fn, params, batch(3), batch(3))  # the same length: the same structure, it runs
+    assert out.scores.shape == (3,)
+
+
 def test_error_leaves_disagree_on_sample_count():
     model_fn, params, (x, y) = _mlp()
     with pytest.raises(ValueError, match=r"^graddot: the tensor leaves of train must share the sample axis"):
