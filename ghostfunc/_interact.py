@@ -296,10 +296,12 @@ def param_signature(params: Mapping[str, Tensor]) -> tuple:
                    lambda: tuple((k, tuple(v.shape), v.dtype, v.device) for k, v in params.items()))
 
 
-def training_flags(model_fn: Callable) -> tuple[bool, ...]:
+def training_flags(model_fn: Callable) -> tuple[Any, ...]:
     """``training`` of every submodule of the modules ``model_fn`` names (closure cells and the globals it
-    reads, a bound method's object, a ``functools.partial``'s arguments): switching one between train and
-    eval mode makes the next call check again."""
+    reads, a bound method's object, a ``functools.partial``'s arguments), and the forward and backward hooks
+    on them and on every module (their handles' ids): switching one between train and eval mode, or adding
+    or removing a hook (a pruning mask, a steering hook, one that mixes rows), makes the next call check
+    again, and a compiled graph traced without that hook is not reused."""
     return _scoped("flags", model_fn, lambda: _training_flags(model_fn))
 
 
@@ -433,14 +435,27 @@ def _names(code: types.CodeType) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-def _training_flags(model_fn: Callable) -> tuple[bool, ...]:
-    flags: list[bool] = []
+#: A module's hooks that run in its forward or backward (each dict maps a handle's id to the hook; the
+#: ``*_with_kwargs``/``*_always_called`` dicts hold ids of these).
+_HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+
+
+def _training_flags(model_fn: Callable) -> tuple[Any, ...]:
+    flags: list[Any] = []
     for obj in _modules_in(reads(model_fn)):
         stack = [obj]  # every submodule, as Module.modules() yields them (without its generator's cost)
         while stack:
             m = stack.pop()
             flags.append(m.training)
+            state = m.__dict__
+            for name in _HOOKS:
+                if hooks := state.get(name):
+                    flags.append((name, tuple(hooks)))
             stack.extend(c for c in reversed(m._modules.values()) if c is not None)
+    module = torch.nn.modules.module  # hooks on every module (register_module_forward_hook and the like)
+    for name in _HOOKS:
+        if hooks := getattr(module, f"_global{name}", None):
+            flags.append(("global", name, tuple(hooks)))
     return tuple(flags)
 
 

@@ -151,6 +151,26 @@ def test_a_python_value_the_model_reads_is_seen_when_it_changes() -> None:
     assert ran[3], ran  # compiled before the change; exact at every value (check)
 
 
+@pytest.mark.parametrize("kind", ["forward", "pre"])
+def test_a_hook_added_after_compiling_is_not_compiled_away(kind: str) -> None:
+    """dynamo does not guard module hooks (``skip_nnmodule_hook_guards``): a hook put on after the graph was
+    compiled ran nowhere (0.79 off). Hooks key the signature's state, so the call takes the full path with
+    the hook, and a later graph is traced with it."""
+    net, params = mlp(5)
+    fn = squared_error(net)
+    x, y = torch.randn(9, 5, dtype=F64), torch.randn(9, dtype=F64)
+    train, val = (x[:6], y[:6]), (x[6:], y[6:])
+    warm(fn, params, train, val)
+    handle = (net[1].register_forward_hook(lambda m, i, o: o * 3.0) if kind == "forward" else
+              net[1].register_forward_pre_hook(lambda m, i: (i[0] * 3.0,)))
+    try:
+        for _ in range(3):
+            check(fn, params, train, val)
+    finally:
+        handle.remove()
+    check(fn, params, train, val)
+
+
 @pytest.mark.parametrize("kind", ["branch", "argsort", "dropout", "new call"])
 def test_what_cannot_be_one_graph_keeps_the_eager_path(kind: str) -> None:
     net, params = mlp(3)

@@ -820,6 +820,42 @@ def test_batch_norm_switched_to_train_after_a_cached_eval_trace():
             call(model_fn, p, x, x[:2])
 
 
+@pytest.mark.parametrize("where", ["module", "global"])
+def test_a_hook_added_after_the_first_calls_is_seen(where):
+    """A forward hook put on after a signature's first calls (whose checks, verdict and replay are cached):
+    one that scales an activation gives the loop's numbers with the hook, one that mixes the batch's rows is
+    refused as any interacting model is (it was scored with the rows mixed: 0.35 off)."""
+    net = _mlp(3)
+    p = {k: v.detach() for k, v in net.named_parameters()}
+
+    def model_fn(p, batch):
+        x, y = batch
+        return F.cross_entropy(functional_call(net, p, (x,)), y, reduction="none")
+
+    train, val = _xy(7, 4), _xy(3, 5)
+    for _ in range(3):  # checked, verified, replayed
+        ghostfunc.graddot(model_fn, p, train, val)
+
+    def put(hook):
+        if where == "module":
+            return net[1].register_forward_hook(lambda m, i, o: hook(o))
+        return torch.nn.modules.module.register_module_forward_hook(
+            lambda m, i, o: hook(o) if m is net[1] else None)
+
+    handle = put(lambda o: o * 3.0)
+    try:
+        assert_exact(model_fn, p, train, val, "scaling hook", [("auto", "mean"), ("auto", "mean"), ("ghost", None)])
+    finally:
+        handle.remove()
+    assert_exact(model_fn, p, train, val, "hook removed", [("auto", "mean")])
+    handle = put(lambda o: o - o.mean(0, keepdim=True))
+    try:
+        with pytest.raises(SamplesInteractError, match=r"^graddot: samples interact"):
+            ghostfunc.graddot(model_fn, p, train, val)
+    finally:
+        handle.remove()
+
+
 def test_batch_norm_held_where_the_check_cannot_see_it():
     # the module lives in an object's attribute: the boundary check's cache cannot see the mode switch,
     # the capture still refuses (the in-place update of num_batches_tracked names the fix)
