@@ -253,13 +253,19 @@ _SCOPE = _Scope()
 def one_call() -> Iterator[None]:
     """Within one public call, :func:`param_signature` and :func:`training_flags` are computed once per
     object: the cache keys of checks, traces, routings and verdicts all use them (on a small model each
-    walk costs about as much as a torch call). Nested calls share the outermost scope."""
+    walk costs about as much as a torch call). Nested calls share the outermost scope.
+
+    The call computes gradients whatever the caller's autograd mode: under ``torch.no_grad()`` or
+    ``torch.inference_mode()`` (an evaluation loop) it runs with gradients on, so it takes the same paths
+    and gives the same numbers (a whole-batch run there once found no graph to differentiate and gave up
+    that signature's fast path for good; ``reference_graddot`` raised)."""
     if _SCOPE.memo is not None:
         yield
         return
     _SCOPE.memo = {}
     try:
-        yield
+        with torch.inference_mode(False), torch.enable_grad():
+            yield
     finally:
         _SCOPE.memo = None
 
@@ -274,6 +280,18 @@ def in_one_call(fn: Callable[P, R]) -> Callable[P, R]:
     @functools.wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         with one_call():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def grads_on(fn: Callable[P, R]) -> Callable[P, R]:
+    """``fn`` run with gradients on whatever the caller's autograd mode (as :func:`one_call`), without its
+    per-call memo (``unroll``: one call over a whole run, whose calls inside scope themselves)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        with torch.inference_mode(False), torch.enable_grad():
             return fn(*args, **kwargs)
 
     return wrapper

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ._capture import _ReentrantAsPlain, on_batch, split_batch
 from ._checks import check_model_fn, check_options, check_pair, check_params
-from ._interact import LossShapeError, ParamsUnusedError
+from ._interact import LossShapeError, ParamsUnusedError, in_one_call
 
 
 def _check_losses(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, label: str, where: str) -> None:
@@ -64,6 +64,7 @@ def per_sample_grads(model_fn: Callable, params: Mapping[str, Tensor], batch: An
     return {k: torch.stack(v) for k, v in grads.items()}, torch.stack(losses)
 
 
+@in_one_call
 def reference_graddot(
     model_fn: Callable[[dict[str, Tensor], Any], Tensor],
     params: Mapping[str, Tensor],

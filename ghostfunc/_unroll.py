@@ -50,7 +50,7 @@ from torch.utils import _pytree as pytree
 from ._capture import Batch, _check_finite, _rephrase, per_sample_losses, tensor_leaves
 from ._checks import check_batch, check_model_fn, check_params
 from ._direction import graddot_direction
-from ._interact import check_state_writes
+from ._interact import check_state_writes, grads_on
 from ._optim import Grads, Optimizer
 from ._train import TrainState
 from ._values import SAFE_TYPES, DataValues
@@ -392,6 +392,7 @@ def check_common(where: str, model_fn: Any, optimizer: Any, every: Any, val_redu
         raise TypeError(f"{where}: per_step must be a bool; got {type(per_step).__name__}")
 
 
+@grads_on
 def unroll(
     model_fn: Callable[[dict[str, Tensor], Any], Tensor],
     optimizer: Optimizer,

@@ -171,6 +171,19 @@ def test_a_hook_added_after_compiling_is_not_compiled_away(kind: str) -> None:
     check(fn, params, train, val)
 
 
+def test_a_call_under_no_grad_stays_compiled() -> None:
+    """One call in an evaluation loop (``torch.no_grad()``) failed the graph's grad-mode guard, which turned
+    compilation off for the signature for good; calls run with gradients on whatever the caller's mode."""
+    net, params = mlp(6)
+    fn = squared_error(net)
+    x, y = torch.randn(9, 5, dtype=F64), torch.randn(9, dtype=F64)
+    train, val = (x[:6], y[:6]), (x[6:], y[6:])
+    warm(fn, params, train, val)
+    with torch.no_grad():
+        assert NOTE in check(fn, params, train, val).plan.notes
+    assert NOTE in check(fn, params, train, val).plan.notes
+
+
 @pytest.mark.parametrize("kind", ["branch", "argsort", "dropout", "new call"])
 def test_what_cannot_be_one_graph_keeps_the_eager_path(kind: str) -> None:
     net, params = mlp(3)

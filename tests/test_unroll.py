@@ -79,6 +79,17 @@ def test_unroll_equals_autograd_through_the_loop(name):
     assert torch.equal(out.count, counts)
 
 
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_unroll_in_an_evaluation_loop(mode):
+    """Under torch.inference_mode() unroll raised torch's 'does not require grad'; it runs with gradients on."""
+    params, batches, val = run(seed=4, steps=3)
+    opt = ghostfunc.sgd(0.3)
+    ref = ghostfunc.unroll(mlp_fn, opt, params, batches, val)
+    with getattr(torch, mode)():
+        out = ghostfunc.unroll(mlp_fn, opt, params, batches, val)
+    assert torch.equal(out.total, ref.total)
+
+
 @pytest.mark.parametrize("every", [2, 4, 6, 10])
 def test_checkpointed_replay_equals_unsegmented(every):
     params, batches, val = run(seed=1, steps=7)

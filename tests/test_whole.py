@@ -505,6 +505,26 @@ def test_a_replay_that_no_longer_applies_takes_the_full_path(change: str) -> Non
     exact_every_call(fn, params_of(net), train, val, calls=2)
 
 
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_a_call_under_no_grad_keeps_the_fast_path(mode: str) -> None:
+    """graddot in an evaluation loop (``torch.no_grad()``, ``torch.inference_mode()``): the same numbers and
+    paths as with gradients on; one such call once refused the signature's whole-batch run for good (its sum
+    of losses had no graph), so every later call took the per-sample capture."""
+    torch.manual_seed(17)
+    net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 1)).to(F64)
+    fn = mlp_fn(net)
+    x, y = torch.randn(10, 4, dtype=F64), torch.randn(10, dtype=F64)
+    train, val = (x[:6], y[:6]), (x[6:], y[6:])
+    exact_every_call(fn, params_of(net), train, val)
+    assert verdicts(fn) == {True} and replays(fn) >= 1
+    with getattr(torch, mode)():
+        exact_every_call(fn, params_of(net), train, val, calls=2)
+        scores, _, _ = ghostfunc.reference_graddot(fn, params_of(net), train, val)
+    assert verdicts(fn) == {True} and replays(fn) >= 1
+    exact_every_call(fn, params_of(net), train, val, calls=1)
+    assert scores.grad_fn is None
+
+
 def test_alternating_routings_of_one_signature_keep_their_replays(monkeypatch: pytest.MonkeyPatch) -> None:
     """``auto`` (raced) and ``GHOSTFUNC_ROUTING=model`` (the cost model) route one signature differently;
     calls alternating between them keep a routing and a replay each instead of undoing each other's."""
