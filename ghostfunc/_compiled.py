@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._capture import Batch, Half, ModelFn, Site
+from ._eager import summary
 from ._graddot import (
     GradDot,
     Replay,
@@ -64,7 +65,7 @@ from ._graddot import (
 from ._whole import NotDirect, _rows, _Taps, close, per_sample, rng_state, set_rng_state
 
 #: ``model_fn`` -> {(replay key, compute dtype): (the compiled call, the parameter tensors it is called with,
-#: their lock), verified; or ``False``: refused}.
+#: their lock), verified; or why it was refused (the calls' note)}.
 _STATE: weakref.WeakKeyDictionary[Any, dict[tuple, Any]] = weakref.WeakKeyDictionary()
 #: Held while a signature compiles and runs its first call (a first call's parameter tensors are its own).
 _COMPILING = threading.Lock()
@@ -122,7 +123,12 @@ NO_REPLAY = ("no verified whole-batch run of this signature yet (its first calls
              "cannot run as one whole batch (a parameter on the fallback or direct-only path, a "
              "value-dependent branch, random draws, large activations)")
 RACING = "the first call of a signature times the candidate routings (policy='auto'), each eagerly"
-MARKED = "this signature could not be one checked graph (refused while tracing, recompiled, or it drew random numbers)"
+MARKED = "this signature could not be one checked graph"
+#: Why (after :data:`MARKED`): kept per signature, so each later call's note says it too.
+REFUSED = "refused or failed while compiling"
+RECOMPILED = "a value the graph was traced with changed (dynamo compiled again; the new graph was never checked)"
+DREW = "the model drew random numbers"
+STANCE = "torch.compiler's stance is {!r} (torch.compiler.set_stance): the graph would not run as compiled"
 NOT_KEPT = "model_fn cannot be weakly referenced: nowhere to keep its graph"
 NOT_FINITE = "a loss is not finite (the eager path names the rows)"
 MISMATCH = "the first compiled result differed from the eager replay's"
@@ -146,8 +152,11 @@ def scores(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batc
         return NOT_KEPT
     key = (replay_key(model_fn, params, train, val, policy, val_reduce), dtype)
     known = states.get(key)
-    if known is False:
-        return MARKED
+    if isinstance(known, str):  # refused before, for this reason
+        return known
+    stance = getattr(getattr(torch._dynamo.eval_frame, "_stance", None), "stance", "default")
+    if stance != "default":  # the caller's (or another thread's eager interception): run eagerly, mark nothing
+        return STANCE.format(stance)
     first = known is None
     if first:
         if len(states) > 16:
@@ -168,18 +177,15 @@ def scores(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batc
         graphs = _graphs()
         try:
             out = fn(leaves, list(train.tensors), list(val.tensors))
-        except Exception:  # noqa: BLE001 - refused while tracing (NotDirect, a graph break) or failed: eager now on
-            set_rng_state(device, before)
-            states[key] = False
-            return MARKED
+        except Exception as err:  # noqa: BLE001 - refused while tracing (NotDirect, a graph break) or failed:
+            set_rng_state(device, before)  # eager from now on
+            return _mark(states, key, f"{REFUSED}: {summary(err)}")
         if not first and _graphs() != graphs:  # a guard failed (a value the trace read changed) and dynamo compiled
             set_rng_state(device, before)  # again: this call and later ones run eagerly (no recompiling mid-run;
-            states[key] = False  # the new graph was never checked against the eager numbers)
-            return MARKED
+            return _mark(states, key, RECOMPILED)  # the new graph was never checked against the eager numbers)
     if not all(torch.equal(x, y) for x, y in zip(before, rng_state(device), strict=True)):
         set_rng_state(device, before)  # it drew random numbers: the eager path decides
-        states[key] = False
-        return MARKED
+        return _mark(states, key, DREW)
     total, per_param, train_grad, train_loss, val_loss, finite = out
     if not bool(finite):
         return NOT_FINITE
@@ -187,17 +193,21 @@ def scores(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batc
     if first:  # the first compiled result must be the eager replay's
         st = _replay(model_fn, params, train, val, where, policy, val_reduce)
         if st is None:
-            states[key] = False
-            return NO_REPLAY
+            return _mark(states, key, "the eager replay to check its first result against did not run")
         weights = val_weights(val_reduce, val.size, next(iter(params.values())))
         assert weights is not None
         eager = score_streamed(st, params, weights, train.size, val.size, dtype)
         if not close((out[1], out[2], out[3], out[4]), (eager[0], eager[1], st.train_loss, st.val_loss)):
-            states[key] = False
-            return MISMATCH
+            return _mark(states, key, MISMATCH)
         states[key] = known
     return GradDot(total, per_param, train_grad, train_loss, val_loss,
                     plan._replace(notes=(*plan.notes, "compiled: the whole call as one torch.compile graph")))
+
+
+def _mark(states: dict[tuple, Any], key: tuple, why: str) -> str:
+    """Keep the signature eager from now on; its calls' notes say why (:data:`MARKED`, then ``why``)."""
+    states[key] = note = f"{MARKED}: {why}"
+    return note
 
 
 def load_inductor() -> None:
