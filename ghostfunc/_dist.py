@@ -49,6 +49,14 @@ from torch import Tensor
 
 from ._capture import Batch, split_batch
 
+if dist.is_available():
+    # Imported now, before the caller's init_process_group: its functions take ``group=group.WORLD`` as a
+    # default, bound when the module is first imported. Imported later (as torch._dynamo's import does, on
+    # ghostfunc's first interception), those defaults keep the default process group alive past
+    # destroy_process_group until the interpreter's teardown, where gloo's worker threads then abort the
+    # process now and then ("terminate called without an active exception", rc -6 under torchrun).
+    import torch.distributed.nn  # noqa: F401
+
 #: Largest flat buffer one all-reduce call sends (DDP's default bucket is 25 MiB).
 BUCKET_BYTES = 64 * 2**20
 

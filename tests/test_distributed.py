@@ -531,6 +531,37 @@ def test_permuted_params_raise_on_every_rank(faults: list[dict[str, Any]]) -> No
         assert res["same params, another layout"][0] is None, res["same params, another layout"]
 
 
+_HOLDS_WORLD = """
+import sys, gc, tempfile, os
+import torch, torch.distributed as dist
+import ghostfunc  # imported first, as scripts do
+dist.init_process_group("gloo", init_method="file://" + os.path.join(tempfile.mkdtemp(), "rdv"), rank=0, world_size=1)
+world = dist.group.WORLD
+before = sys.getrefcount(world)
+p = {"w": torch.ones(3, dtype=torch.float64)}
+b = (torch.randn(4, 3, dtype=torch.float64), torch.randn(4, dtype=torch.float64))
+ghostfunc.graddot(lambda p, b: (b[0] @ p["w"] - b[1]) ** 2, p, b, b, group=world)
+gc.collect()
+print(before, sys.getrefcount(world))
+dist.destroy_process_group()
+"""
+
+
+def test_nothing_holds_the_default_group_past_its_destruction() -> None:
+    """ghostfunc's first interception imports torch._dynamo, which imports torch.distributed.nn, whose functions
+    bind ``group.WORLD`` as a default when first imported: after init_process_group, that kept the default
+    group alive past destroy_process_group until the interpreter's teardown, where gloo aborted the process
+    now and then (5 of 40 two-rank torchrun jobs; 0 of 40 with the module imported with ghostfunc). A fresh
+    interpreter: the group's reference count is the same before and after a ``group=`` call."""
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", _HOLDS_WORLD], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    before, after = map(int, done.stdout.split()[-2:])
+    assert after == before, (before, after)
+
+
 def test_param_checksum_catches_permutations_not_layouts() -> None:
     """Bitwise equal tensors give equal fingerprints whatever their layout, alignment or the thread count;
     a permutation, a transpose, swapped neighbours or rows, a swap across the period's remainder do not."""
