@@ -856,6 +856,32 @@ def test_a_hook_added_after_the_first_calls_is_seen(where):
         handle.remove()
 
 
+@pytest.mark.parametrize("change", ["swapped submodule", "instance forward"])
+def test_a_submodule_replaced_after_the_first_calls_is_checked_again(change):
+    """A submodule swapped for one that centres over the batch (or given such a forward on the instance) after
+    the signature's checks were cached: refused as interacting (it was scored with the rows mixed: 0.50 off)."""
+    class Centre(nn.Module):
+        def forward(self, h):
+            return h - h.mean(0, keepdim=True)
+
+    net = _mlp(6)
+    p = {k: v.detach() for k, v in net.named_parameters()}
+
+    def model_fn(p, batch):
+        x, y = batch
+        return F.cross_entropy(functional_call(net, p, (x,)), y, reduction="none")
+
+    train, val = _xy(7, 8), _xy(3, 9)
+    for _ in range(3):
+        ghostfunc.graddot(model_fn, p, train, val)
+    if change == "swapped submodule":
+        net[1] = Centre()
+    else:
+        net[1].forward = lambda h: h - h.mean(0, keepdim=True)
+    with pytest.raises(SamplesInteractError, match=r"^graddot: samples interact"):
+        ghostfunc.graddot(model_fn, p, train, val)
+
+
 def test_batch_norm_held_where_the_check_cannot_see_it():
     # the module lives in an object's attribute: the boundary check's cache cannot see the mode switch,
     # the capture still refuses (the in-place update of num_batches_tracked names the fix)
