@@ -15,6 +15,10 @@ from ._plan import POLICIES
 VAL_REDUCE = ("mean", "sum", None)
 
 
+_INFERENCE = ("was made under torch.inference_mode(): autograd cannot differentiate through it (torch refuses "
+              "to save such a tensor for backward)")
+
+
 def check_params(params: Any, where: str) -> dict[str, Tensor]:
     """A non-empty dict of floating-point tensors, detached (the caller's stay untouched)."""
     if not isinstance(params, Mapping):
@@ -34,6 +38,8 @@ def check_params(params: Any, where: str) -> dict[str, Tensor]:
         if v.device.type == "meta":
             raise ValueError(f"{where}: params[{k!r}] is on the meta device: it holds no values (load or "
                              f"materialise the weights first, e.g. model.to_empty(device=...) and then load them)")
+        if v.is_inference():
+            raise ValueError(f"{where}: params[{k!r}] {_INFERENCE}: pass params[{k!r}].clone(), made outside it")
         out[k] = v.detach()
     devices = {v.device for v in out.values()}
     if len(devices) > 1:
@@ -52,7 +58,8 @@ def check_batch(batch: Any, name: str, where: str) -> Batch:
     except IndexError:  # a scalar leaf: the message below names it
         split = None
     if split is not None and split.size > 0 and all(t.dim() > 0 and t.shape[0] == split.size
-                                                    and t.layout == torch.strided for t in split.tensors):
+                                                    and t.layout == torch.strided and not t.is_inference()
+                                                    for t in split.tensors):
         return split  # the common case, without the walk that names leaves in messages
     with_paths, _ = pytree.tree_flatten_with_path(_plain(batch))
     tensors = [(pytree.keystr(p), leaf) for p, leaf in with_paths if isinstance(leaf, Tensor)]
@@ -66,6 +73,9 @@ def check_batch(batch: Any, name: str, where: str) -> Batch:
                             f"as dense leaves and build the sparse tensor inside model_fn")
         if t.dim() == 0:
             raise ValueError(f"{where}: {name}{path} is a scalar; every tensor leaf needs a leading sample axis")
+        if t.is_inference():
+            raise ValueError(f"{where}: {name}{path} {_INFERENCE}: pass {name}{path}.clone(), made outside it (or "
+                             f"clone the batch's tensors where your data pipeline makes them)")
         sizes[path] = t.shape[0]
     if len(set(sizes.values())) > 1:
         listed = ", ".join(f"{name}{p}: {s}" for p, s in sizes.items())

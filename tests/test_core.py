@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn as nn
@@ -335,6 +337,20 @@ def test_error_a_list_of_strings_per_sample_says_it_is_structure():
         ghostfunc.graddot(model_fn, params, batch(4), batch(3))
     out = ghostfunc.graddot(model_fn, params, batch(3), batch(3))  # the same length: the same structure, it runs
     assert out.scores.shape == (3,)
+
+
+@pytest.mark.parametrize("what", ["train", "val", "params"])
+def test_error_inference_tensors_are_named(what):
+    """Tensors made under torch.inference_mode() cannot enter autograd: torch's error named no argument."""
+    model_fn, params, (x, y) = _mlp()
+    with torch.inference_mode():
+        made = {"train": (x + 0, y + 0), "val": (x + 0, y + 0), "params": {k: v + 0 for k, v in params.items()}}
+    train, val = made["train"] if what == "train" else (x, y), made["val"] if what == "val" else (x, y)
+    p = made["params"] if what == "params" else params
+    name = "params['0.weight']" if what == "params" else f"{what}[0]"
+    for call in (ghostfunc.graddot, ghostfunc.reference_graddot):
+        with pytest.raises(ValueError, match=rf"{re.escape(name)} was made under torch.inference_mode\(\)"):
+            call(model_fn, p, train, val)
 
 
 def test_error_leaves_disagree_on_sample_count():
