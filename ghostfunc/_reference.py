@@ -8,6 +8,7 @@ from typing import Any, cast
 
 import torch
 from torch import Tensor
+from torch.overrides import TorchFunctionMode
 
 from ._capture import _ReentrantAsPlain, on_batch, split_batch
 from ._checks import check_model_fn, check_options, check_pair, check_params
@@ -34,19 +35,38 @@ def _check_losses(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, 
                              f"tensor of shape [B]; for {split.size} {label} samples it returned {got}{hint}")
 
 
+class _CheckpointsAsPlain(TorchFunctionMode):
+    """A non-re-entrant ``torch.utils.checkpoint`` region (``use_reentrant=False``, HF's
+    ``gradient_checkpointing_enable``) run as if not checkpointed, as the capture runs it: each call with the
+    region's saved-tensor hooks lifted saves its tensors as usual, so the backward recomputes nothing (a
+    recomputation runs outside ``functional_call``, with the module's own weights instead of ``params``:
+    0.9 off on a Llama whose params had moved from its weights)."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        if hooks is None or "checkpoint" not in getattr(hooks[0], "__qualname__", ""):
+            return func(*args, **kwargs)
+        torch._C._autograd._pop_saved_tensors_default_hooks()
+        try:
+            return func(*args, **kwargs)
+        finally:
+            torch._C._autograd._push_saved_tensors_default_hooks(*hooks)
+
+
 def per_sample_grads(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, label: str = "train",
                      where: str = "reference_graddot") -> tuple[dict[str, Tensor], Tensor]:
     """``{name: [B, *shape]}`` and losses ``[B]``, one ordinary backward pass per sample. A non-finite loss, or
-    one without an autograd path to ``params``, is refused naming the sample. A re-entrant
-    ``torch.utils.checkpoint`` segment runs as a plain call (the re-entrant form refuses ``torch.autograd.grad``,
-    and recomputes inside the backward with a module's own weights, not ``params``: zero scores); the values and
-    gradients are those of the model without checkpointing."""
+    one without an autograd path to ``params``, is refused naming the sample. A ``torch.utils.checkpoint``
+    segment, re-entrant or not, runs as a plain call (the re-entrant form refuses ``torch.autograd.grad``; both
+    recompute inside the backward with a module's own weights, not ``params``: zero or wrong scores); the
+    values and gradients are those of the model without checkpointing."""
     split = split_batch(batch)  # tensor leaves, sample axis first (a transformers.BatchEncoding too)
     grads: dict[str, list[Tensor]] = {k: [] for k in params}
     losses = []
     for i in range(split.size):
         p = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
-        with on_batch(where, f"{label} sample {i} (run alone)"), \
+        with on_batch(where, f"{label} sample {i} (run alone)"), _CheckpointsAsPlain(), \
                 _ReentrantAsPlain(cast(Any, SimpleNamespace(lifted_checkpoint=False))):
             loss = model_fn(p, split.rebuild([t[i:i + 1] for t in split.tensors]))
         loss = loss.reshape(())
