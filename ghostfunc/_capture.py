@@ -40,7 +40,16 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from ._draws import DROPOUTS, NoReplay, Recorded, Replay, record, set_rng_state
-from ._interact import EAGER, FACTORIES, TO_PYTHON, InPlaceWriteError, eager_stance, param_signature, retry_writing
+from ._interact import (
+    EAGER,
+    FACTORIES,
+    TO_PYTHON,
+    InPlaceWriteError,
+    eager_stance,
+    param_signature,
+    retry_writing,
+    training_flags,
+)
 from ._ops import EXACT, TABLE, Direct, Factored, Match, Rule, SamplesInteractError, recognise
 from ._ops.embedding import renormed_by_call
 from ._ops.rnn import RECURRENT, decompose
@@ -865,8 +874,10 @@ def trace(model_fn: ModelFn, params: Mapping[str, Tensor], batch: Batch, where: 
 
 def cached_trace(model_fn: ModelFn, params: Mapping[str, Tensor], batch: Batch, how: str, fresh: bool,
                  compute: Callable[[], Trace]) -> Trace:
-    """``compute()``, cached per ``model_fn`` by parameter and batch signature and ``how`` it was traced."""
-    key = (param_signature(params), batch.signature, how)
+    """``compute()``, cached per ``model_fn`` by parameter and batch signature, the modules' flags, classes and
+    hooks (:func:`ghostfunc._interact.training_flags`: a hook taken off leaves no stale use behind) and ``how``
+    it was traced."""
+    key = (param_signature(params), batch.signature, training_flags(model_fn), how)
     try:
         cache = _TRACES.setdefault(model_fn, {})
     except TypeError:  # not weak-referenceable: trace every call

@@ -316,11 +316,11 @@ def param_signature(params: Mapping[str, Tensor]) -> tuple:
 
 def training_flags(model_fn: Callable) -> tuple[Any, ...]:
     """``training`` of every submodule of the modules ``model_fn`` names (closure cells and the globals it
-    reads, a bound method's object, a ``functools.partial``'s arguments), their classes (and a ``forward`` set
-    on an instance), and the forward and backward hooks on them and on every module (their handles' ids):
-    switching one between train and eval mode, swapping a submodule for another, or adding or removing a hook
-    (a pruning mask, a steering hook, one that mixes rows) makes the next call check again, and a compiled
-    graph traced without that hook is not reused."""
+    reads, a bound method's object, a ``functools.partial``'s arguments), their classes and ``forward`` (the
+    class's, or one set on an instance), and the forward and backward hooks on them and on every module
+    (their handles' ids): switching one between train and eval mode, swapping a submodule for another,
+    patching a forward, or adding or removing a hook (a pruning mask, a steering hook, one that mixes rows)
+    makes the next call check and trace again, and a compiled graph traced without that hook is not reused."""
     return _scoped("flags", model_fn, lambda: _training_flags(model_fn))
 
 
@@ -466,7 +466,8 @@ def _training_flags(model_fn: Callable) -> tuple[Any, ...]:
         while stack:
             m = stack.pop()
             state = m.__dict__
-            flags += (m.training, type(m))  # the class too: a submodule swapped for another (one that mixes rows)
+            kind = type(m)  # the class and its forward too: a submodule swapped for another, a class patched
+            flags += (m.training, kind, kind.forward)  # (one that mixes rows)
             if "forward" in state:  # a forward put on the instance
                 flags.append(("forward", id(state["forward"])))
             for name in _HOOKS:

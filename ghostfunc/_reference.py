@@ -68,7 +68,9 @@ def per_sample_grads(model_fn: Callable, params: Mapping[str, Tensor], batch: An
         p = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
         with on_batch(where, f"{label} sample {i} (run alone)"), _CheckpointsAsPlain(), \
                 _ReentrantAsPlain(cast(Any, SimpleNamespace(lifted_checkpoint=False))):
-            loss = model_fn(p, split.rebuild([t[i:i + 1] for t in split.tensors]))
+            # a copy of the dict: a model_fn that rebinds an entry (functional_call writes back a module tensor
+            # its forward reassigned, e.g. a pruning pre-hook's) must not change which leaves are differentiated
+            loss = model_fn(dict(p), split.rebuild([t[i:i + 1] for t in split.tensors]))
         loss = loss.reshape(())
         if not bool(torch.isfinite(loss.detach())):
             raise FloatingPointError(f"{where}: model_fn returned a non-finite loss for {label} sample {i} "

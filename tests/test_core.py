@@ -353,6 +353,24 @@ def test_error_inference_tensors_are_named(what):
             call(model_fn, p, train, val)
 
 
+def test_reference_differentiates_its_own_leaves_when_model_fn_rebinds_params():
+    """functional_call writes a module tensor its forward reassigned back into the dict it was given (a pruning
+    pre-hook's ``weight``); the loop took the gradient of whatever the dict held after the call (0.5 off)."""
+    def model_fn(p, batch):
+        x, y = batch
+        p["w"] = 2 * p["w"]  # the dict is rebound, the leaf is what the caller passed
+        return (x @ p["w"] - y) ** 2
+
+    g = torch.Generator().manual_seed(2)
+    p = {"w": torch.randn(3, dtype=F64, generator=g)}
+    x, y = torch.randn(5, 3, dtype=F64, generator=g), torch.randn(5, dtype=F64, generator=g)
+    ref, _, ref_grad = ghostfunc.reference_graddot(model_fn, p, (x, y), (x[:2], y[:2]))
+    out = ghostfunc.graddot(model_fn, p, (x, y), (x[:2], y[:2]))
+    truth = torch.func.grad(lambda w: model_fn({"w": w}, (x, y)).mean())(p["w"])
+    assert rel(ref_grad["w"], truth) < 1e-12 and rel(out.train_grad["w"], truth) < 1e-12
+    assert rel(out.scores, ref) < 1e-10
+
+
 def test_error_leaves_disagree_on_sample_count():
     model_fn, params, (x, y) = _mlp()
     with pytest.raises(ValueError, match=r"^graddot: the tensor leaves of train must share the sample axis"):

@@ -856,7 +856,7 @@ def test_a_hook_added_after_the_first_calls_is_seen(where):
         handle.remove()
 
 
-@pytest.mark.parametrize("change", ["swapped submodule", "instance forward"])
+@pytest.mark.parametrize("change", ["swapped submodule", "instance forward", "class forward"])
 def test_a_submodule_replaced_after_the_first_calls_is_checked_again(change):
     """A submodule swapped for one that centres over the batch (or given such a forward on the instance) after
     the signature's checks were cached: refused as interacting (it was scored with the rows mixed: 0.50 off)."""
@@ -864,7 +864,12 @@ def test_a_submodule_replaced_after_the_first_calls_is_checked_again(change):
         def forward(self, h):
             return h - h.mean(0, keepdim=True)
 
+    class Identity(nn.Module):
+        def forward(self, h):
+            return h
+
     net = _mlp(6)
+    net[1] = Identity()
     p = {k: v.detach() for k, v in net.named_parameters()}
 
     def model_fn(p, batch):
@@ -876,10 +881,35 @@ def test_a_submodule_replaced_after_the_first_calls_is_checked_again(change):
         ghostfunc.graddot(model_fn, p, train, val)
     if change == "swapped submodule":
         net[1] = Centre()
-    else:
+    elif change == "instance forward":
         net[1].forward = lambda h: h - h.mean(0, keepdim=True)
+    else:
+        Identity.forward = Centre.forward
     with pytest.raises(SamplesInteractError, match=r"^graddot: samples interact"):
         ghostfunc.graddot(model_fn, p, train, val)
+
+
+def test_a_hook_taken_off_leaves_no_stale_trace():
+    """A hook that used a bias outside a recognised call sent it to the fallback; once the hook is off, the
+    trace (cached by signatures only) still said so: a new policy or ``plan`` routed the bias to the fallback
+    (exact, 2-3x slower, and compile=True never engaged)."""
+    net = _mlp(7)
+    p = {k: v.detach() for k, v in net.named_parameters()}
+
+    def model_fn(p, batch):
+        x, y = batch
+        return F.cross_entropy(functional_call(net, p, (x,)), y, reduction="none")
+
+    train, val = _xy(7, 10), _xy(3, 11)
+    ghostfunc.graddot(model_fn, p, train, val)
+    handle = net[2].register_forward_hook(lambda m, i, o: o * torch.exp(m.bias))
+    assert ghostfunc.graddot(model_fn, p, train, val).plan.routes["2.bias"].path == "fallback"
+    handle.remove()
+    for policy in ("2t2", "materialize"):
+        assert ghostfunc.plan(model_fn, p, train, val, policy=policy).routes["2.bias"].path != "fallback"
+        out = ghostfunc.graddot(model_fn, p, train, val, policy=policy)
+        assert out.plan.routes["2.bias"].path != "fallback", out.plan
+    assert_exact(model_fn, p, train, val, "hook off", [("contract", "mean")])
 
 
 def test_batch_norm_held_where_the_check_cannot_see_it():
