@@ -241,7 +241,7 @@ def _build(model_fn: ModelFn, rep: Replay, train: Batch, m: int, val_reduce: str
         def losses_of(taps: list[Tensor]) -> tuple[Tensor, tuple[Tensor, list[tuple[Tensor, ...]]]]:
             mode = _Added(names, sites, big, taps)
             with mode:
-                losses = model_fn(params, rebuild(joined))
+                losses = model_fn(dict(params), rebuild(joined))
             if len(mode.saved) != len(sites):
                 raise NotDirect("fewer recognised calls than the trace")
             if not isinstance(losses, Tensor) or losses.shape != (big,):

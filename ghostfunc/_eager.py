@@ -133,7 +133,7 @@ def trace_eager(model_fn: ModelFn, params: Mapping[str, Tensor], batch: Batch, w
         mode = _EagerInterceptor({id(v): k for k, v in leaves.items()}, tracing=True)
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=devices), torch.enable_grad(), _rephrase(where), mode:
-            _one_loss(model_fn(leaves, batch.rebuild([t[:1] for t in batch.tensors])), where)
+            _one_loss(model_fn(dict(leaves), batch.rebuild([t[:1] for t in batch.tensors])), where)
         other = dict(mode.other_uses)
         if mode.autograd_calls:
             call = f"{mode.autograd_calls[0]} inside model_fn (taps cannot see a backward graph)"

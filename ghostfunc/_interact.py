@@ -205,7 +205,7 @@ def run_with_grads(model_fn: Callable, params: Mapping[str, Tensor], batch: Any,
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []), torch.enable_grad(), \
             eager_stance(), warnings.catch_warnings(record=True) as caught, _Uses(leaves):
         warnings.simplefilter("always")  # recorded, not shown: ``warned`` gets their messages
-        out = leaves, model_fn(leaves, batch)
+        out = leaves, model_fn(dict(leaves), batch)  # a copy: a model_fn that rebinds an entry keeps our leaves
     if warned is not None:
         warned.extend(str(w.message) for w in caught)
     return out
@@ -836,7 +836,7 @@ def _mean_grads(model_fn: Callable, params: Mapping[str, Tensor],
     leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
     mode = _UsesAndDtypes(leaves)
     with mode:
-        losses = model_fn(leaves, batch)
+        losses = model_fn(dict(leaves), batch)  # a copy: our leaves stay the ones differentiated
     if not isinstance(losses, Tensor) or not losses.is_floating_point() or not losses.requires_grad:
         return None, mode.branches, mode.random, mode.computed
     grads = torch.autograd.grad(losses.mean(), list(leaves.values()), allow_unused=True)

@@ -86,7 +86,7 @@ def batch_losses(model_fn: Callable, batch: Batch, where: str) -> Callable[[Para
     whole = batch.rebuild(batch.tensors)
 
     def losses(p: Params) -> Tensor:
-        out = model_fn(p, whole)
+        out = model_fn(dict(p), whole)
         if not isinstance(out, Tensor) or out.shape != (batch.size,):
             got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise ValueError(f"{where}: model_fn must return one loss per row, shape ({batch.size},); got {got}")

@@ -296,7 +296,7 @@ def evaluate(setup: Setup, params: Params, corpus: Corpus, par: Dist) -> float:
 def plain_step(setup: Setup, state: ghostfunc.TrainState, train: dict[str, Tensor], par: Dist) -> tuple[ghostfunc.TrainState, Tensor]:
     """The same update as ``train_step``, through ordinary autograd and no values: ``(state, losses [n])``."""
     params = {k: v.detach().requires_grad_() for k, v in state.params.items()}
-    losses = setup.model_fn(params, train)
+    losses = setup.model_fn(dict(params), train)  # a copy: the leaves differentiated stay ours
     # this rank's share of the global mean (its rows may be one more or fewer than another rank's), summed
     share = losses.mean() if par.group is None else losses.sum() / setup.cfg["batch_size"]
     grads = torch.autograd.grad(share, list(params.values()), allow_unused=True)
