@@ -12,7 +12,7 @@ from torch.overrides import TorchFunctionMode
 
 from ._capture import _ReentrantAsPlain, on_batch, split_batch
 from ._checks import check_model_fn, check_options, check_pair, check_params
-from ._interact import LossShapeError, ParamsUnusedError, in_one_call
+from ._interact import LossShapeError, ParamsUnusedError, eager_stance, in_one_call
 
 
 def _check_losses(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, label: str, where: str) -> None:
@@ -66,7 +66,8 @@ def per_sample_grads(model_fn: Callable, params: Mapping[str, Tensor], batch: An
     losses = []
     for i in range(split.size):
         p = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
-        with on_batch(where, f"{label} sample {i} (run alone)"), _CheckpointsAsPlain(), \
+        # compiled code runs eagerly here (dynamo cannot trace the mode's look at the saved-tensor hooks)
+        with on_batch(where, f"{label} sample {i} (run alone)"), eager_stance(), _CheckpointsAsPlain(), \
                 _ReentrantAsPlain(cast(Any, SimpleNamespace(lifted_checkpoint=False))):
             # a copy of the dict: a model_fn that rebinds an entry (functional_call writes back a module tensor
             # its forward reassigned, e.g. a pruning pre-hook's) must not change which leaves are differentiated
