@@ -510,10 +510,11 @@ def state_of(model_fn: Callable) -> tuple:
     bytes, every module's tensors (parameters and buffers, by identity and version), plain
     attributes (with the items of containers among them) and ``training`` flags, and, one
     level down, the items of dicts, lists and tuples (the first :data:`ITEMS`) and the
-    attributes of other objects among them. Equal fingerprints do not prove that nothing
+    attributes of other objects among them; and :func:`training_flags` (the modules' classes, forwards
+    and hooks: a backward hook that clips changes no loss). Equal fingerprints do not prove that nothing
     changed (state behind deeper objects is not walked); a changed one proves that something did.
     """
-    return _state_of_values(reads(model_fn))
+    return _state_of_values(reads(model_fn)), _training_flags(model_fn)
 
 
 #: How many items of one container :func:`state_of` looks at (a long list adds its length only beyond).

@@ -307,6 +307,35 @@ def test_secant_state_of_a_bound_method_or_partial(change, form, monkeypatch):
     torch.testing.assert_close(info.values, want, rtol=1e-12, atol=1e-15)
 
 
+@pytest.mark.parametrize("change", ["backward hook", "forward hook", "class swapped", "nothing"])
+def test_secant_sees_hooks_and_swapped_modules(change, monkeypatch):
+    """A hook put on or a module swapped between steps: the next step takes the validation gradient again (the
+    carried one's fingerprint includes the modules' hooks and classes, besides the one-row loss check)."""
+    torch.manual_seed(5)
+    net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 3)).to(DT)
+
+    def fn(p, batch):
+        return F.cross_entropy(functional_call(net, p, (batch["x"],)), batch["y"], reduction="none")
+
+    calls = spy(monkeypatch)
+    step = ghostfunc.train_step(fn, ghostfunc.sgd(0.3), order=2, curvature="secant")
+    state = step.init({k: v.detach() for k, v in net.named_parameters()})
+    train = list(batches(9, 3))
+    val = train.pop()
+    state, _ = step(state, train[0], val)
+    if change == "backward hook":
+        net[1].register_full_backward_hook(lambda m, gi, go: (gi[0] * 0.5,))
+    elif change == "forward hook":
+        net[1].register_forward_hook(lambda m, i, o: o * 2.0)
+    elif change == "class swapped":
+        net[1] = nn.Sigmoid()
+    want = ghostfunc.inrun_shapley(fn, state.params, train[1], val, lr=0.3, order=2, curvature="secant")
+    before = len(calls)
+    state, info = step(state, train[1], val)
+    assert len(calls) - before == (1 if change == "nothing" else 2)
+    torch.testing.assert_close(info.values, want, rtol=1e-12, atol=1e-15)
+
+
 @pytest.mark.parametrize("optimizer", [ghostfunc.sgd(0.2, momentum=0.9), ghostfunc.sgd(0.2, weight_decay=0.1),
                                        ghostfunc.adamw(0.05)], ids=["momentum", "weight-decay", "adamw"])
 def test_train_step_other_optimizers_values_at_each_steps_params(optimizer):
