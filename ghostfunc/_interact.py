@@ -482,23 +482,46 @@ def _training_flags(model_fn: Callable) -> tuple[Any, ...]:
 
 
 def _modules_in(found: list[Any]) -> list[torch.nn.Module]:
-    """The modules among ``found`` and, one level down (as :func:`state_of` looks), among the items of its dicts,
-    lists and tuples and the attributes of its other objects (a trainer object holding the model)."""
+    """The modules among ``found`` and, down to :data:`WALK_DEPTH` levels (as :func:`state_of` looks), among the
+    items of its dicts, lists and tuples and the attributes of its other objects (a trainer object holding the
+    model in a list, a config dict of dicts): the first :data:`ITEMS` of each, :data:`MODULE_BUDGET` looks in
+    all. A module is not walked here (its submodules are :func:`_training_flags`' own walk)."""
     out: list[torch.nn.Module] = []
-    for obj in found:
-        if issubclass(type(obj), torch.nn.Module):
+    seen: set[int] = set()
+    budget = [MODULE_BUDGET]
+
+    def look(obj: Any, depth: int) -> None:
+        kind = type(obj)
+        if issubclass(kind, (Tensor, *_SCALARS)) or budget[0] <= 0 or id(obj) in seen:
+            return
+        budget[0] -= 1
+        seen.add(id(obj))
+        if issubclass(kind, torch.nn.Module):
             out.append(obj)
-            continue
-        if issubclass(type(obj), dict):
+            return
+        if not depth:
+            return
+        if issubclass(kind, dict):
             items: Iterable[Any] = obj.values()
-        elif issubclass(type(obj), (list, tuple)):
+        elif issubclass(kind, (list, tuple)):
             items = obj
         elif (attrs := _attributes(obj)) is not None:
             items = attrs.values()
+            if issubclass(kind, types.ModuleType):  # a user's own module (reads): its attributes, no deeper
+                depth = 1
         else:
-            continue
-        out.extend(v for v in itertools.islice(items, ITEMS) if issubclass(type(v), torch.nn.Module))
+            return
+        for v in itertools.islice(items, ITEMS):
+            look(v, depth - 1)
+
+    for obj in found:
+        look(obj, WALK_DEPTH)
     return out
+
+
+#: The most objects :func:`_modules_in` looks at per call (each call of graddot walks them: a trainer object
+#: holding a dataset costs at most this many looks).
+MODULE_BUDGET = 1024
 
 
 def state_of(model_fn: Callable) -> tuple:

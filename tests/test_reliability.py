@@ -889,6 +889,45 @@ def test_a_submodule_replaced_after_the_first_calls_is_checked_again(change):
         ghostfunc.graddot(model_fn, p, train, val)
 
 
+@pytest.mark.parametrize("layout", ["a trainer's list", "a dict of dicts"])
+@pytest.mark.parametrize("change", ["hook", "swapped"])
+def test_modules_held_deeper_are_seen(layout, change):
+    """A module two containers from model_fn (``self.models[0]``, ``cfg["model"]["net"]``): its hooks and swaps
+    were looked for one level down only, so a change after the first calls went unchecked (0.15-0.42 off)."""
+    class Centre(nn.Module):
+        def forward(self, h):
+            return h - h.mean(0, keepdim=True)
+
+    net = _mlp(8)
+    if layout == "a trainer's list":
+        class Trainer:
+            def __init__(self) -> None:
+                self.models = [net]
+
+            def loss(self, p, batch):
+                x, y = batch
+                return F.cross_entropy(functional_call(self.models[0], p, (x,)), y, reduction="none")
+
+        model_fn = Trainer().loss
+    else:
+        cfg = {"model": {"net": net}}
+
+        def model_fn(p, batch):
+            x, y = batch
+            return F.cross_entropy(functional_call(cfg["model"]["net"], p, (x,)), y, reduction="none")
+
+    p = {k: v.detach() for k, v in net.named_parameters()}
+    train, val = _xy(7, 12), _xy(3, 13)
+    for _ in range(3):
+        ghostfunc.graddot(model_fn, p, train, val)
+    if change == "hook":
+        net[1].register_forward_hook(lambda m, i, o: o - o.mean(0, keepdim=True))
+    else:
+        net[1] = Centre()
+    with pytest.raises(SamplesInteractError, match=r"^graddot: samples interact"):
+        ghostfunc.graddot(model_fn, p, train, val)
+
+
 def test_a_hook_taken_off_leaves_no_stale_trace():
     """A hook that used a bias outside a recognised call sent it to the fallback; once the hook is off, the
     trace (cached by signatures only) still said so: a new policy or ``plan`` routed the bias to the fallback

@@ -307,15 +307,17 @@ def test_secant_state_of_a_bound_method_or_partial(change, form, monkeypatch):
     torch.testing.assert_close(info.values, want, rtol=1e-12, atol=1e-15)
 
 
-@pytest.mark.parametrize("change", ["backward hook", "forward hook", "class swapped", "nothing"])
+@pytest.mark.parametrize("change", ["backward hook", "forward hook", "class swapped", "row-dependent hook", "nothing"])
 def test_secant_sees_hooks_and_swapped_modules(change, monkeypatch):
     """A hook put on or a module swapped between steps: the next step takes the validation gradient again (the
     carried one's fingerprint includes the modules' hooks and classes, besides the one-row loss check)."""
     torch.manual_seed(5)
     net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 3)).to(DT)
 
+    held = {"model": {"net": net}}  # two containers down, as a config dict holds it
+
     def fn(p, batch):
-        return F.cross_entropy(functional_call(net, p, (batch["x"],)), batch["y"], reduction="none")
+        return F.cross_entropy(functional_call(held["model"]["net"], p, (batch["x"],)), batch["y"], reduction="none")
 
     calls = spy(monkeypatch)
     step = ghostfunc.train_step(fn, ghostfunc.sgd(0.3), order=2, curvature="secant")
@@ -329,6 +331,10 @@ def test_secant_sees_hooks_and_swapped_modules(change, monkeypatch):
         net[1].register_forward_hook(lambda m, i, o: o * 2.0)
     elif change == "class swapped":
         net[1] = nn.Sigmoid()
+    elif change == "row-dependent hook":  # doubles the larger rows only: the first validation row's loss stays
+        val["x"][0].mul_(0.01 / val["x"][0].norm())
+        state, _ = step(state, train[0], val)  # the small row's batch is carried; the one change is the hook
+        net[0].register_forward_hook(lambda m, i, o: o * torch.where(i[0].norm(dim=-1, keepdim=True) > 1.0, 2.0, 1.0))
     want = ghostfunc.inrun_shapley(fn, state.params, train[1], val, lr=0.3, order=2, curvature="secant")
     before = len(calls)
     state, info = step(state, train[1], val)
