@@ -310,8 +310,7 @@ class _Interceptor(TorchFunctionMode):
         if self.batched and reads_autograd_state(func):
             raise AutogradStateRead(f"model_fn reads autograd state or registers a gradient hook ({_name(func)}), "
                                     f"which tensors under vmap do not show as a plain run does")
-        hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
-        if hooks is not None and "checkpoint" in getattr(hooks[0], "__qualname__", ""):
+        if (hooks := checkpoint_hooks()) is not None:
             return _without_checkpoint(self, hooks, func, types, args, kwargs)
         if self.taps is None and (self.renormed or func is F.embedding or func is F.embedding_bag):
             if (refused := self._renormed_use(func, types, args, kwargs)) is not None:
@@ -506,9 +505,21 @@ def _without_checkpoint(mode: _Interceptor, hooks: tuple, func: Any, types: Any,
     tensors are saved as usual and nothing is recomputed: exact, without the memory saving.
     """
     mode.lifted_checkpoint = True
+    return lifted(hooks, lambda: mode.__torch_function__(func, types, args, kwargs))
+
+
+def checkpoint_hooks() -> tuple | None:
+    """The innermost saved-tensor hooks if a non-re-entrant ``torch.utils.checkpoint`` region set them, else ``None``."""
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    return hooks if hooks is not None and "checkpoint" in getattr(hooks[0], "__qualname__", "") else None
+
+
+def lifted(hooks: tuple, call: Callable[[], Any]) -> Any:
+    """``call()`` with the innermost saved-tensor ``hooks`` (:func:`checkpoint_hooks`) lifted: its tensors are saved
+    as usual, so the backward recomputes nothing."""
     torch._C._autograd._pop_saved_tensors_default_hooks()
     try:
-        return mode.__torch_function__(func, types, args, kwargs)
+        return call()
     finally:
         torch._C._autograd._push_saved_tensors_default_hooks(*hooks)
 

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from ._capture import _ReentrantAsPlain, on_batch, split_batch
+from ._capture import _ReentrantAsPlain, checkpoint_hooks, lifted, on_batch, split_batch
 from ._checks import check_model_fn, check_options, check_pair, check_params
 from ._interact import LossShapeError, ParamsUnusedError, eager_stance, in_one_call
 
@@ -44,14 +44,9 @@ class _CheckpointsAsPlain(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
-        if hooks is None or "checkpoint" not in getattr(hooks[0], "__qualname__", ""):
+        if (hooks := checkpoint_hooks()) is None:
             return func(*args, **kwargs)
-        torch._C._autograd._pop_saved_tensors_default_hooks()
-        try:
-            return func(*args, **kwargs)
-        finally:
-            torch._C._autograd._push_saved_tensors_default_hooks(*hooks)
+        return lifted(hooks, lambda: func(*args, **kwargs))
 
 
 def per_sample_grads(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, label: str = "train",

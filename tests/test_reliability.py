@@ -820,6 +820,15 @@ def test_batch_norm_switched_to_train_after_a_cached_eval_trace():
             call(model_fn, p, x, x[:2])
 
 
+def _cross_entropy_of(net: nn.Module):
+    """``model_fn`` of ``net`` on ``(x, y)`` rows: cross-entropy per sample, through ``functional_call``."""
+    def model_fn(p, batch):
+        x, y = batch
+        return F.cross_entropy(functional_call(net, p, (x,)), y, reduction="none")
+
+    return model_fn
+
+
 @pytest.mark.parametrize("where", ["module", "global"])
 def test_a_hook_added_after_the_first_calls_is_seen(where):
     """A forward hook put on after a signature's first calls (whose checks, verdict and replay are cached):
@@ -828,9 +837,7 @@ def test_a_hook_added_after_the_first_calls_is_seen(where):
     net = _mlp(3)
     p = {k: v.detach() for k, v in net.named_parameters()}
 
-    def model_fn(p, batch):
-        x, y = batch
-        return F.cross_entropy(functional_call(net, p, (x,)), y, reduction="none")
+    model_fn = _cross_entropy_of(net)
 
     train, val = _xy(7, 4), _xy(3, 5)
     for _ in range(3):  # checked, verified, replayed
@@ -872,9 +879,7 @@ def test_a_submodule_replaced_after_the_first_calls_is_checked_again(change):
     net[1] = Identity()
     p = {k: v.detach() for k, v in net.named_parameters()}
 
-    def model_fn(p, batch):
-        x, y = batch
-        return F.cross_entropy(functional_call(net, p, (x,)), y, reduction="none")
+    model_fn = _cross_entropy_of(net)
 
     train, val = _xy(7, 8), _xy(3, 9)
     for _ in range(3):
@@ -935,9 +940,7 @@ def test_a_hook_taken_off_leaves_no_stale_trace():
     net = _mlp(7)
     p = {k: v.detach() for k, v in net.named_parameters()}
 
-    def model_fn(p, batch):
-        x, y = batch
-        return F.cross_entropy(functional_call(net, p, (x,)), y, reduction="none")
+    model_fn = _cross_entropy_of(net)
 
     train, val = _xy(7, 10), _xy(3, 11)
     ghostfunc.graddot(model_fn, p, train, val)
