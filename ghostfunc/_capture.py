@@ -46,6 +46,7 @@ from ._interact import (
     TO_PYTHON,
     InPlaceWriteError,
     eager_stance,
+    fingerprint,
     param_signature,
     retry_writing,
     training_flags,
@@ -173,11 +174,19 @@ def _as_type(kind: type, d: dict) -> Any:
 
 
 def _hashable(x: Any) -> Any:
+    """A non-tensor leaf's part of a batch's signature (what checks, verdicts, routings and replays are kept
+    under). By value where the leaf has a value equality of its own (numbers, strings, frozen dataclasses);
+    else its identity while it lives and a fingerprint of what it holds (:func:`ghostfunc._interact.fingerprint`:
+    a config object's attributes, a NumPy array's bytes), so a config changed in place between calls, or a new
+    one allocated where an old one was freed (whose bare ``id`` matched), is a new signature: checked again."""
     try:
         hash(x)
     except TypeError:
-        return ("id", id(x))
-    return (type(x), x)
+        pass
+    else:
+        if type(x).__eq__ is not object.__eq__:
+            return (type(x), x)
+    return (type(x), fingerprint(x))
 
 
 class AutogradStateRead(RuntimeError):
@@ -1184,9 +1193,9 @@ def weighted_grad_split(model_fn: ModelFn, params: Mapping[str, Tensor], batch: 
         return (*whole_batch.weighted_grad(model_fn, params, batch, weights, where, label), WHOLE)
 
     try:
-        grads, losses, parts = whole_batch.verified(model_fn, whole_batch.signature(params, (batch,), "weighted"), per_sample,
-                                               whole, lambda a, b: whole_batch.close(a[:2], b[:2]) and len(a[2]) == 1,
-                                               lambda a: [a[1]])
+        grads, losses, parts = whole_batch.verified(
+            model_fn, params, whole_batch.signature(params, (batch,), "weighted"), per_sample, whole,
+            lambda a, b: whole_batch.same_run(a[:2], b[:2]) and len(a[2]) == 1, lambda a: [a[1]])
     except RuntimeError as err:
         if not unbatchable(err):
             raise

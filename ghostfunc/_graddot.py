@@ -334,9 +334,9 @@ def capture_all(model_fn: ModelFn, params: dict[str, Tensor], batches: tuple[Bat
     try:
         if whole and _whole.small(traces, subs):
             halves = _whole.verified(
-                model_fn, _whole.capture_key(params, subs, r.kernel), per_sample,
-                lambda: _whole.capture(model_fn, params, subs, traces, r.kernel, where, labels), _whole.close,
-                lambda hs: [h.loss for h in hs])
+                model_fn, params, _whole.capture_key(params, subs, r.kernel), per_sample,
+                lambda: _whole.capture(model_fn, params, subs, traces, r.kernel, where, labels), _whole.same_run,
+                lambda hs: _whole.run_losses(hs, subs, traces, r.kernel))
         else:
             halves = per_sample()
     except _Diverged as err:
@@ -561,7 +561,7 @@ def replay_of(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: B
     rep = book.get(key)
     if rep is None:
         return None
-    if rep.routing is not r or not _whole.holds(model_fn, rep.verdict):
+    if rep.routing is not r or not _whole.holds(model_fn, rep.verdict, params):
         del book[key]
         return None
     return rep
@@ -581,7 +581,7 @@ def _remember(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: B
     sites = tuple(_keep(r.traces[0].sites, r.kernel))
     verdict = _whole.verdict_key(model_fn, params, batches, r.kernel)
     if not _whole.joins(batches, (sites, tuple(_keep(r.traces[1].sites, r.kernel)))) or not _whole.holds(
-            model_fn, verdict):
+            model_fn, verdict, params):
         return
     try:
         book = _REPLAYS.setdefault(model_fn, {})

@@ -50,7 +50,43 @@ ROWS = 3
 TO_PYTHON = frozenset({
     Tensor.__bool__, Tensor.item, Tensor.__int__, Tensor.__float__, Tensor.__index__,
     Tensor.__contains__, Tensor.tolist, Tensor.__format__,  # f"{tensor}" in an error message
+    Tensor.__repr__,  # str(t), repr(t): "nan" in repr(h); under vmap it prints every sample's rows
 })
+
+
+class Identity:
+    """An object's identity as part of a cache key: equal to the identity of the same object only while it lives.
+
+    A bare ``id()`` is reused by the next object allocated at a freed address (a new config object per call, a
+    ``forward`` patched in by a context manager and deleted on exit), so a key holding the old object's id
+    matched the new one and a check made for the old object was taken for the new. The object is held weakly
+    where it can be (else strongly, for as long as the key lives)."""
+
+    __slots__ = ("_id", "_ref")
+
+    def __init__(self, obj: Any) -> None:
+        self._id = id(obj)
+        try:
+            self._ref: Callable[[], Any] = weakref.ref(obj)
+        except TypeError:  # not weak-referenceable (a list, a plain object()): held for as long as the key
+            self._ref = functools.partial(_same, obj)
+
+    def __hash__(self) -> int:
+        return self._id
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Identity) or other._id != self._id:
+            return False
+        mine = self._ref()
+        return mine is not None and mine is other._ref()
+
+    def __repr__(self) -> str:
+        return f"Identity({self._id:#x})"
+
+
+def _same(obj: Any) -> Any:
+    return obj
+
 
 class ParamsUnusedError(ValueError):
     """No tensor of ``params`` reaches ``model_fn``'s computation."""
@@ -84,7 +120,9 @@ def param_written(name: str, func: Any) -> str:
             f"keep state that changes between calls outside params")
 
 
-_CHECKED: weakref.WeakKeyDictionary[Any, set[tuple]] = weakref.WeakKeyDictionary()
+#: ``model_fn`` -> {(parameter shapes, training flags, batch signature): the parameters that were zero when it
+#: was checked (:func:`zero_params`)}.
+_CHECKED: weakref.WeakKeyDictionary[Any, dict[tuple, frozenset[str]]] = weakref.WeakKeyDictionary()
 #: ``model_fn`` -> the parameters its first checked calls looked up with ``scale_grad_by_freq``.
 _BY_FREQ: weakref.WeakKeyDictionary[Any, frozenset[str]] = weakref.WeakKeyDictionary()
 
@@ -222,12 +260,12 @@ def check_model(model_fn: Callable, params: Mapping[str, Tensor], batches: tuple
     """
     shapes = (param_signature(params), training_flags(model_fn))
     try:
-        seen = _CHECKED.setdefault(model_fn, set())
+        seen = _CHECKED.setdefault(model_fn, {})
     except TypeError:  # not weak-referenceable: check every call
-        seen = set()
+        seen = {}
     for batch, label in zip(batches, labels, strict=True):
         key = (shapes, batch.signature)
-        if key in seen:
+        if key in seen and still_zero(params, seen[key]):
             continue
         try:
             compared = _check_batch(model_fn, params, batch, label)
@@ -239,7 +277,7 @@ def check_model(model_fn: Callable, params: Mapping[str, Tensor], batches: tuple
         if compared:  # a batch of one sample says nothing about the next, bigger batch of this signature
             if len(seen) > 64:
                 seen.clear()
-            seen.add(key)
+            seen[key] = zero_params(params)
 
 
 class _Scope(threading.local):
@@ -297,7 +335,7 @@ def grads_on(fn: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
-def _scoped(kind: str, obj: Any, compute: Callable[[], Any]) -> Any:
+def _scoped(kind: Any, obj: Any, compute: Callable[[], Any]) -> Any:
     memo = _SCOPE.memo
     if memo is None:
         return compute()
@@ -306,6 +344,33 @@ def _scoped(kind: str, obj: Any, compute: Callable[[], Any]) -> Any:
     if hit is None or hit[0] is not obj:
         hit = memo[key] = (obj, compute())  # the object is held: its id is not reused within the call
     return hit[1]
+
+
+def zero_params(params: Mapping[str, Tensor]) -> frozenset[str]:
+    """The parameters that are zero everywhere. A check passed while one is zero says nothing about what it
+    multiplies: a coupling of rows behind a zero-initialised gate (ReZero, adaLN-zero, LoRA's ``B``) gives the
+    same losses and factors together and alone. A verdict reached then holds while they stay zero
+    (:func:`still_zero`); once training moves one, the next call checks again. One pass over the parameters
+    (one device sync), on the calls that check."""
+    floats = [(k, v) for k, v in params.items() if v.is_floating_point() and v.numel()]
+    if not floats:
+        return frozenset()
+    nonzero = torch.stack([v.detach().any() for _, v in floats]).tolist()
+    return frozenset(k for (k, _), nz in zip(floats, nonzero, strict=True) if not nz)
+
+
+def still_zero(params: Mapping[str, Tensor], names: frozenset[str]) -> bool:
+    """Whether the parameters ``names`` (:func:`zero_params` of a checked call) are all still zero: free when
+    none were (the common case), one device sync otherwise, once per public call."""
+    if not names:
+        return True
+
+    def compute() -> bool:
+        if not names <= params.keys():
+            return False
+        return not bool(torch.stack([params[k].detach().any() for k in sorted(names)]).any())
+
+    return _scoped(("zeros", names), params, compute)
 
 
 def param_signature(params: Mapping[str, Tensor]) -> tuple:
@@ -469,7 +534,7 @@ def _training_flags(model_fn: Callable) -> tuple[Any, ...]:
             kind = type(m)  # the class and its forward too: a submodule swapped for another, a class patched
             flags += (m.training, kind, kind.forward)  # (one that mixes rows)
             if "forward" in state:  # a forward put on the instance
-                flags.append(("forward", id(state["forward"])))
+                flags.append(("forward", Identity(state["forward"])))
             for name in _HOOKS:
                 if hooks := state.get(name):
                     flags.append((name, tuple(hooks)))
@@ -540,6 +605,13 @@ def state_of(model_fn: Callable) -> tuple:
     return _state_of_values(reads(model_fn)), _training_flags(model_fn)
 
 
+def fingerprint(obj: Any) -> tuple:
+    """:func:`state_of`'s fingerprint of one object (a batch's non-tensor leaf): its identity while it lives,
+    numbers and strings by value, tensors by identity and version, and its attributes and items a few levels
+    down."""
+    return _state_of_values([obj])
+
+
 #: How many items of one container :func:`state_of` looks at (a long list adds its length only beyond).
 ITEMS = 256
 #: NumPy arrays up to this many bytes are fingerprinted by a checksum of their contents (larger: identity,
@@ -568,14 +640,14 @@ def _state_of_values(found: list[Any]) -> tuple:
                 out.append("(walk budget spent)")
             return
         if issubclass(type(obj), Tensor):
-            out.append((id(obj), obj._version))
+            out.append((Identity(obj), obj._version))
         elif issubclass(type(obj), _SCALARS):
             out.append(obj)
         elif _is_array(obj):
             out.append(_array_print(obj))
         elif issubclass(type(obj), torch.nn.Module):
             for m in obj.modules():  # every module's mode, tensors, and plain attributes (a temperature)
-                out.extend((id(t), t._version) for t in (*m._parameters.values(), *m._buffers.values())
+                out.extend((Identity(t), t._version) for t in (*m._parameters.values(), *m._buffers.values())
                            if t is not None)
                 # frozen tensors (the model's own values, not the params passed in) also by a checksum, taken
                 # at the end: an edit through .data has a version counter of its own
@@ -590,19 +662,19 @@ def _state_of_values(found: list[Any]) -> tuple:
         elif depth and issubclass(type(obj), dict):
             out.append(len(obj))
             for k, v in itertools.islice(obj.items(), ITEMS):
-                out.append(k if isinstance(k, (int, str)) else id(k))
+                out.append(k if isinstance(k, (int, str)) else Identity(k))
                 see(v, depth - 1)
         elif depth and issubclass(type(obj), (list, tuple)):
             out.append(len(obj))
             for v in itertools.islice(obj, ITEMS):
                 see(v, depth - 1)
         elif depth and (attrs := _attributes(obj)) is not None:
-            out.append(id(obj))  # an object's attributes (a bound method's object, a callable object, a module)
+            out.append(Identity(obj))  # an object's attributes (a bound method's object, a callable object, a module)
             see(attrs, depth)
             if not issubclass(type(obj), types.ModuleType):
                 see(_class_data(type(obj)), depth)  # and its class's (a weight set on the class)
         else:
-            out.append(id(obj))
+            out.append(Identity(obj))
 
     for obj in found:
         see(obj, WALK_DEPTH)
@@ -658,7 +730,7 @@ def _is_array(obj: Any) -> bool:
 
 def _array_print(arr: Any) -> tuple:
     """A NumPy array's identity, address and shape, and a checksum of its bytes when it is small enough."""
-    head = (id(arr), arr.__array_interface__["data"][0], arr.shape, str(arr.dtype))
+    head = (Identity(arr), arr.__array_interface__["data"][0], arr.shape, str(arr.dtype))
     if arr.nbytes > ARRAY_BYTES or arr.dtype.hasobject:
         return head
     return (*head, zlib.crc32(memoryview(arr.tobytes())))
@@ -749,7 +821,8 @@ def _rows_of(batch: Any, chosen: list[int]) -> Callable[[int, int], Any]:
     return rows
 
 
-_GRAD_CHECKED: weakref.WeakKeyDictionary[Any, set[tuple]] = weakref.WeakKeyDictionary()
+#: As :data:`_CHECKED`, for :func:`check_batch_gradient`.
+_GRAD_CHECKED: weakref.WeakKeyDictionary[Any, dict[tuple, frozenset[str]]] = weakref.WeakKeyDictionary()
 
 
 def check_batch_gradient(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, where: str) -> None:
@@ -771,10 +844,10 @@ def check_batch_gradient(model_fn: Callable, params: Mapping[str, Tensor], batch
     """
     key = (param_signature(params), training_flags(model_fn), batch.signature)
     try:
-        seen = _GRAD_CHECKED.setdefault(model_fn, set())
+        seen = _GRAD_CHECKED.setdefault(model_fn, {})
     except TypeError:  # not weak-referenceable: check every call
-        seen = set()
-    if key in seen:
+        seen = {}
+    if key in seen and still_zero(params, seen[key]):
         return
     chosen = distinct_rows(batch.tensors, batch.size, ROWS)
     k = len(chosen)
@@ -809,7 +882,7 @@ def check_batch_gradient(model_fn: Callable, params: Mapping[str, Tensor], batch
             together = None
     if len(seen) > 64:
         seen.clear()
-    seen.add(key)
+    seen[key] = zero_params(params)
     if together is None:
         return
     together = {n: g * k for n, g in together.items()}  # the mean's gradient, on the scale of the rows' sum

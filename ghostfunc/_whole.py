@@ -62,7 +62,7 @@ from ._capture import (
     unchanged,
 )
 from ._draws import rng_state, set_rng_state
-from ._interact import TO_PYTHON, eager_stance, param_signature, training_flags
+from ._interact import TO_PYTHON, eager_stance, param_signature, still_zero, training_flags, zero_params
 from ._ops import EXACT, TABLE, Direct, Factored, recognise
 from ._ops.rnn import RECURRENT
 
@@ -260,6 +260,28 @@ def _split(half: Half, batches: Sequence[Batch]) -> list[Half]:
     return halves
 
 
+#: How close the whole-batch run's factors and losses must come to the per-sample capture's for a match:
+#: ``eps ** (2/3)`` of the scale (2.4e-5 in float32, 3.7e-11 in float64), the accuracy the numbers promise.
+#: At ``sqrt(eps)`` a weak coupling of rows (``h + 1e-4 * (h - h.mean(0))`` in float32) passed and the
+#: whole-batch numbers were 2e-4 off the loop; a mismatch only costs the per-sample capture's time.
+VERDICT_POWER = 2 / 3
+
+
+def same_run(a: Any, b: Any) -> bool:
+    """:func:`close` at the verdict's tolerance (:data:`VERDICT_POWER`)."""
+    return close(a, b, VERDICT_POWER)
+
+
+def run_losses(halves: Sequence[Half], batches: Sequence[Batch], traces: Sequence[Trace],
+               kernel: set[str]) -> list[Tensor]:
+    """The losses of each whole-batch run :func:`capture` makes of ``batches``: one run of every batch's rows
+    where they join (a training and a validation row of the same sample prove nothing together), else one
+    per batch."""
+    if joins(batches, [tuple(_keep(tr.sites, kernel)) for tr in traces]):
+        return [torch.cat([h.loss for h in halves])]
+    return [h.loss for h in halves]
+
+
 def rerun(model_fn: ModelFn, params: Mapping[str, Tensor], batches: Sequence[Batch],
           sites: tuple[Site, ...]) -> list[Half]:
     """:func:`capture` of ``batches`` run together again, where an earlier call of the same signature ran
@@ -273,12 +295,14 @@ def rerun(model_fn: ModelFn, params: Mapping[str, Tensor], batches: Sequence[Bat
     return _split(half, batches)
 
 
-def holds(model_fn: ModelFn, key: tuple) -> bool:
-    """Whether the whole-batch run is (still) the verdict for ``model_fn`` under ``key`` (:func:`verdict_key`)."""
+def holds(model_fn: ModelFn, key: tuple, params: Mapping[str, Tensor]) -> bool:
+    """Whether the whole-batch run is (still) the verdict for ``model_fn`` under ``key`` (:func:`verdict_key`) at
+    ``params``: the parameters that were zero when it was reached still are (:func:`ghostfunc._interact.still_zero`)."""
     try:
-        return _VERIFIED.get(model_fn, {}).get(key) is True
+        verdict = _VERIFIED.get(model_fn, {}).get(key)
     except TypeError:
         return False
+    return isinstance(verdict, frozenset) and still_zero(params, verdict)
 
 
 def refused(model_fn: ModelFn, key: tuple) -> bool:
@@ -350,20 +374,23 @@ def weighted_grad(model_fn: ModelFn, params: Mapping[str, Tensor], batch: Batch,
 
 R = TypeVar("R")
 
-#: ``model_fn`` -> {signature: whether the whole-batch run matched the per-sample one}.
-_VERIFIED: weakref.WeakKeyDictionary[Any, dict[tuple, bool]] = weakref.WeakKeyDictionary()
+#: ``model_fn`` -> {verdict key: ``False`` (refused) or the parameters that were zero when the whole-batch run
+#: matched (:func:`ghostfunc._interact.zero_params`; it holds while they stay zero)}.
+_VERIFIED: weakref.WeakKeyDictionary[Any, dict[tuple, frozenset[str] | bool]] = weakref.WeakKeyDictionary()
 
 
-def verified(model_fn: ModelFn, key: tuple, exact: Callable[[], R], direct: Callable[[], R],
-             same: Callable[[R, R], bool], losses: Callable[[R], list[Tensor]]) -> R:
+def verified(model_fn: ModelFn, params: Mapping[str, Tensor], key: tuple, exact: Callable[[], R],
+             direct: Callable[[], R], same: Callable[[R, R], bool], losses: Callable[[R], list[Tensor]]) -> R:
     """``direct()`` where this ``model_fn`` and ``key`` were seen to match ``exact()``; else ``exact()``.
 
     An unseen key runs both and records whether ``same`` held (returning the result
     of the path that later calls take); a :class:`NotDirect` or any error of the whole-batch run, at any
     time, sends this and later calls with ``key`` to ``exact()``. A match is recorded
-    only when the batch could have shown a mismatch: each batch (``losses(result)``)
-    has one sample or samples that differ (rows of identical samples in the wrong
-    order look the same).
+    only when the runs could have shown a mismatch: the rows of each whole-batch run (``losses(result)``;
+    train and validation rows together where they ran as one batch) are one sample or samples that
+    differ (rows of identical samples in the wrong order look the same). It holds while the
+    parameters that were zero when it was recorded stay zero (a coupling of rows behind a zero gate
+    looks the same as none); after that the next call compares again.
     """
     if not ENABLED:
         return exact()
@@ -375,7 +402,7 @@ def verified(model_fn: ModelFn, key: tuple, exact: Callable[[], R], direct: Call
     verdict = seen.get(key)
     if verdict is False:
         return exact()
-    if verdict:
+    if isinstance(verdict, frozenset) and still_zero(params, verdict):
         try:
             return direct()
         except Exception:  # noqa: BLE001 - e.g. NotDirect, or the model's own error: the exact path explains it
@@ -392,7 +419,7 @@ def verified(model_fn: ModelFn, key: tuple, exact: Callable[[], R], direct: Call
         return result  # nothing learnt: ask again on the next call
     if len(seen) > 64:
         seen.clear()
-    seen[key] = ok
+    seen[key] = zero_params(params) if ok else False
     # From the first call of a signature on, the numbers come from the path later calls take: a run resumed
     # in a new process repeats the uninterrupted one bit for bit.
     return whole if ok else result
@@ -438,8 +465,9 @@ def signature(params: Mapping[str, Tensor], batches: Sequence[Batch], *rest: Any
             tuple((b.signature, b.size) for b in batches), rest)
 
 
-def close(a: Any, b: Any) -> bool:
-    """The same pytree of tensors up to rounding: ``sqrt(eps)`` of the dtype times the largest value."""
+def close(a: Any, b: Any, power: float = 0.5) -> bool:
+    """The same pytree of tensors up to rounding: ``eps ** power`` of the dtype (``sqrt(eps)`` unless told)
+    times the largest value."""
     la, sa = pytree.tree_flatten(a)
     lb, sb = pytree.tree_flatten(b)
     if sa != sb:
@@ -459,7 +487,7 @@ def close(a: Any, b: Any) -> bool:
             continue
         xd, yd = x.double(), y.double()
         scale = torch.maximum(xd.abs().max(), yd.abs().max()).item()
-        tol = torch.finfo(x.dtype).eps ** 0.5 * scale
+        tol = torch.finfo(x.dtype).eps ** power * scale
         if not bool(((xd - yd).abs() <= tol).all()):
             return False
     return True

@@ -16,6 +16,8 @@ losses); every refusal is checked by its message.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import shutil
 
 import pytest
@@ -1216,3 +1218,127 @@ def test_state_writes_are_told_from_fills_wherever_the_model_is_held(holder):
     with pytest.raises(ghostfunc.StateWrittenError, match="graddot: model_fn writes into the buffer"):
         ghostfunc.graddot(fn, params, train, val)
     assert all(torch.equal(before[k], b) for k, b in spectral.named_buffers())
+
+
+class _Config:  # a plain object: hashed and compared by identity
+    def __init__(self, centre: bool) -> None:
+        self.centre = centre
+
+
+@dataclasses.dataclass
+class _DataConfig:  # eq=True: unhashable
+    centre: bool = False
+
+
+@pytest.mark.parametrize("how", ["plain object changed in place", "dataclass changed in place",
+                                 "new dataclass per call"])
+def test_a_config_leaf_of_the_batch_that_changes_is_a_new_signature(how):
+    """A non-tensor leaf of the batch that ``model_fn`` branches on (``if cfg.centre: x - x.mean(0)``) changed
+    between calls: in place, or a new object per call (which CPython puts where the freed one was, so a bare
+    ``id`` matched). The first calls' checks and whole-batch replay were kept for the changed leaf (0.46-0.65
+    off); now it is a new signature, checked again, and refused as interacting."""
+    net = _mlp(13)
+    p = {k: v.detach() for k, v in net.named_parameters()}
+
+    def model_fn(params, batch):
+        x = batch["x"] - batch["x"].mean(0, keepdim=True) if batch["cfg"].centre else batch["x"]
+        return F.cross_entropy(functional_call(net, params, (x,)), batch["y"], reduction="none")
+
+    (tx, ty), (vx, vy) = _xy(9, 14), _xy(4, 15)
+    kind = _Config if how.startswith("plain") else _DataConfig
+    cfg = kind(False)
+    for _ in range(3):
+        if how == "new dataclass per call":
+            del cfg
+            cfg = kind(False)
+        train, val = {"x": tx, "y": ty, "cfg": cfg}, {"x": vx, "y": vy, "cfg": cfg}
+        ref = ghostfunc.reference_graddot(model_fn, p, train, val)[0]
+        assert rel(ghostfunc.graddot(model_fn, p, train, val).scores, ref) < 1e-10
+    if how == "new dataclass per call":
+        del cfg, train, val
+        cfg = kind(True)
+    else:
+        cfg.centre = True
+    with pytest.raises(SamplesInteractError, match=r"^graddot: samples interact"):
+        ghostfunc.graddot(model_fn, p, {"x": tx, "y": ty, "cfg": cfg}, {"x": vx, "y": vy, "cfg": cfg})
+
+
+def test_a_forward_patched_in_again_where_the_last_one_was_freed_is_checked_again():
+    """A context manager that sets ``module.forward`` and deletes it on exit: the next patch's object lands where
+    the last one was, so a bare ``id`` in the training flags matched and a patch that centres over the batch
+    kept the harmless one's checks (0.53 off)."""
+    net = _mlp(16)
+    p = {k: v.detach() for k, v in net.named_parameters()}
+    model_fn = _cross_entropy_of(net)
+    train, val = _xy(8, 17), _xy(4, 18)
+    first = net[1]
+
+    def centred(h, k):
+        return torch.tanh(h - k * h.mean(0, keepdim=True))
+
+    for k in (0.0, 0.0, 0.5):
+        first.forward = functools.partial(centred, k=k)
+        try:
+            if k == 0.0:
+                ref = ghostfunc.reference_graddot(model_fn, p, train, val)[0]
+                assert rel(ghostfunc.graddot(model_fn, p, train, val).scores, ref) < 1e-10
+            else:
+                with pytest.raises(SamplesInteractError, match=r"^graddot: samples interact"):
+                    ghostfunc.graddot(model_fn, p, train, val)
+        finally:
+            del first.forward
+
+
+def test_a_branch_on_a_tensors_repr_is_taken_per_sample():
+    """``if "True" in str(mask)``: under ``vmap`` a tensor's repr prints every sample's rows, so every sample took
+    the branch only one of them takes alone (0.31 off); now a data-dependent branch like ``.item()``."""
+    net = _mlp(19)
+    p = {k: v.detach() for k, v in net.named_parameters()}
+
+    def model_fn(params, batch):
+        x, y = batch
+        if "True" in str((x.abs() > 2.5).any(-1)):
+            x = x * 0.5
+        return F.cross_entropy(functional_call(net, params, (x,)), y, reduction="none")
+
+    (tx, ty), val = _xy(8, 20), _xy(4, 21)
+    tx = tx.clamp(-2, 2)
+    tx[5, 0] = 3.0  # one sample over the threshold
+    ref = ghostfunc.reference_graddot(model_fn, p, (tx, ty), val)[0]
+    for _ in range(2):
+        assert rel(ghostfunc.graddot(model_fn, p, (tx, ty), val).scores, ref) < 1e-10
+
+
+def test_the_secant_takes_the_validation_gradient_again_when_a_config_leaf_changes():
+    """``train_step(order=2, curvature="secant")`` carries ``ḡ_val`` to the next step when the validation batch is
+    the same by value; a config leaf of it (per-class loss weights) changed in place, or made anew where the
+    old one was freed, is another batch (the carried gradient was reused: values 0.41 off)."""
+    torch.manual_seed(22)
+    params = {"w1": torch.randn(6, 4, dtype=F64) / 2, "b1": torch.zeros(6, dtype=F64),
+              "w2": torch.randn(3, 6, dtype=F64) / 2}
+
+    def model_fn(p, batch):
+        h = torch.tanh(F.linear(batch["x"], p["w1"], p["b1"]))
+        w = torch.tensor(batch["cfg"].weights, dtype=h.dtype)
+        return F.cross_entropy(F.linear(h, p["w2"]), batch["y"], reduction="none") * w[batch["y"]]
+
+    @dataclasses.dataclass
+    class Weights:
+        weights: tuple = (1.0, 1.0, 1.0)
+
+    (tx, ty), (vx, vy) = _xy(10, 23), _xy(6, 24)
+    vy[0] = 0
+    step = ghostfunc.train_step(model_fn, ghostfunc.sgd(0.1), order=2, curvature="secant")
+    for how in ("in place", "new object"):
+        cfg = Weights()
+        state, _ = step(step.init(params), {"x": tx, "y": ty, "cfg": Weights()}, {"x": vx, "y": vy, "cfg": cfg})
+        if how == "in place":
+            cfg.weights = (1.0, 1.0, 5.0)
+        else:
+            del cfg
+            cfg = Weights((1.0, 1.0, 5.0))
+        val = {"x": vx, "y": vy, "cfg": cfg}
+        _, carried = step(state, {"x": tx, "y": ty, "cfg": Weights()}, val)
+        _, fresh = step(state._replace(val_grad=None), {"x": tx, "y": ty, "cfg": Weights()}, val)
+        assert rel(carried.values, fresh.values) < 1e-10, how
+        assert torch.equal(carried.val_loss, fresh.val_loss), how
