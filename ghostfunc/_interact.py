@@ -759,7 +759,7 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
 
     watch = _Writes(model_fn)
     versions = {k: v._version for k, v in params.items()}  # shared with the caller's tensors (detach keeps it)
-    with torch.random.fork_rng(devices=devices), torch.no_grad(), eager_stance(), \
+    with torch.random.fork_rng(devices=devices), torch.enable_grad(), eager_stance(), \
             warnings.catch_warnings():
         warnings.simplefilter("ignore")  # e.g. a batch statistic of one sample: the capture warns if it must
         before = _rng_states(devices)
@@ -797,6 +797,8 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
             return k > 1  # nothing to compare for this signature: not tried again
     _refuse_param_writes(params, versions)
     watch.refuse_moved()
+    if k > 1:
+        watch.refuse_batch_fill(lambda: model_fn(dict(params), rows(k - 1, k)), label, devices)
     if not mode.used:
         raise ParamsUnusedError(
             f"no parameter reached the computation: model_fn(params, batch) ran without using any tensor of "
@@ -1086,7 +1088,7 @@ class _Writes:
                     t.copy_(self.before[k])
         back = ("the buffers are put back as they were before this call" if self.fits else
                 f"the buffers, over {BUFFER_BYTES >> 20} MiB in all, are left as the check's runs wrote them")
-        shown = ", ".join(moved[:4]) + (f" and {len(moved) - 4} more" if len(moved) > 4 else "")
+        shown = _first_few(moved)
         raise StateWrittenError(
             f"model_fn writes into the buffer(s) {shown} in place on every call, another value each time: a layer "
             f"that updates its own state from the batch, such as the running statistics of "
@@ -1095,6 +1097,48 @@ class _Writes:
             f"trace, these checks, the capture), so that state would move several times and the runs would see "
             f"different models ({back}). Put such layers in eval "
             f"mode (model.eval() or the layer's .eval()), or keep the state outside model_fn")
+
+
+    def refuse_batch_fill(self, run: Callable[[], Any], label: str, devices: list[int]) -> None:
+        """Raise :class:`SamplesInteractError` if a buffer the first run filled (and later runs left) is filled
+        with another value from one other sample: a data-dependent initialisation (ActNorm's mean of the first
+        batch it sees). The value would come from whichever run came first, here the check's few rows, where
+        each sample alone fills it from itself; a plain training loop fills it from its first batch. Judged by
+        putting the filled buffers back as they were and running ``run`` (the last checked row alone) once;
+        a fill guarded by a Python flag rather than a buffer does not run again and is not judged."""
+        filled = [k for k in self.first if k in self.before]
+        if not filled:
+            return
+        left = {k: self.buffers[k].detach().clone() for k in filled}
+        with torch.no_grad():
+            for k in filled:
+                self.buffers[k].copy_(self.before[k])
+        refill: list[str] = []
+        versions = {k: self.buffers[k]._version for k in filled}
+        try:
+            with torch.random.fork_rng(devices=devices), torch.no_grad(), eager_stance(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                run()
+            refill = [k for k in filled  # written again, with another value
+                      if self.buffers[k]._version != versions[k] and not torch.equal(self.buffers[k], left[k])]
+        except Exception:  # noqa: BLE001 - a model that runs only under vmap: nothing judged
+            pass
+        with torch.no_grad():
+            for k in filled:
+                self.buffers[k].copy_(self.before[k] if refill else left[k])
+        if not refill:
+            return
+        shown = _first_few(refill)
+        raise SamplesInteractError(
+            f"model_fn fills the buffer(s) {shown} from the batch on its first call (a data-dependent "
+            f"initialisation, such as ActNorm's mean of the first batch): the value would come from whichever run "
+            f"comes first (here {label} samples of graddot's own checks), while each sample alone would fill it "
+            f"from itself. Run the model once on the batch it should be initialised from (a plain forward, as a "
+            f"training loop's first step does) before calling; the buffers are put back as they were")
+
+
+def _first_few(names: list[str]) -> str:
+    return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
 
 
 #: Rows :func:`distinct_rows` looks through for samples that differ.

@@ -19,7 +19,8 @@ that part is not squared before it cancels.
 Tied parameters have several uses; their gradient is the sum over uses, so every
 kernel is applied to every pair (gram) or every use (the others): cross terms are
 exact. ``dtype`` (``compute_dtype``) casts the factors for the products; sums
-over tokens and rows are taken in the output dtype.
+over tokens and rows are taken in the output dtype. Float16 factors are multiplied and summed in float32
+(:func:`_working`) and the result given back in float16.
 """
 
 from __future__ import annotations
@@ -39,6 +40,16 @@ GRAM_BLOCK = 1 << 24
 def _cast(x: Tensor, dtype: torch.dtype | None) -> Tensor:
     """``x`` in ``dtype`` if it is a float tensor (as it is when ``dtype`` is ``None`` or its own)."""
     return x if dtype is None or x.dtype == dtype or not x.is_floating_point() else x.to(dtype)
+
+
+def _working(dtype: torch.dtype | None, factor: torch.dtype) -> torch.dtype | None:
+    """The dtype products are taken in: ``dtype`` (``compute_dtype``) when given; float32 for float16 factors,
+    whose range ends near 6e-8 (the products of two small per-token gradients underflowed to zero: a loss
+    scaled by 1e-2 gave 0.92 off, by 1e-3 all zeros, where the float16 loop keeps its digits); else the factors'
+    own. Results come back in the factors' dtype as before."""
+    if dtype is None and factor == torch.float16:
+        return torch.float32
+    return dtype
 
 
 def _left_gram(a: Tensor, b: Tensor, a_ids: bool, b_ids: bool, dtype: torch.dtype) -> Tensor:
@@ -76,6 +87,7 @@ def gram(a: Factored, b: Factored, dtype: torch.dtype | None = None) -> Tensor:
     under :data:`GRAM_BLOCK` elements even at long sequences.
     """
     out_dtype = a.right.dtype
+    dtype = _working(dtype, out_dtype)
     b = centred(b)
     n, t = a.right.shape[:2]
     m, s = b.right.shape[:2]
@@ -260,6 +272,7 @@ def materialise_dots(tr: list[Factored], other: list[Factored] | Tensor, n: int,
     (:func:`contract`, ``n·T·d``) and scatter-add into the sum.
     """
     ref = tr[0].right
+    dtype = _working(dtype, ref.dtype)
     p, d = tr[0].p, ref.shape[-1]
     fixed = isinstance(other, Tensor)
     one = isinstance(other, Tensor) and other.dim() == 2  # a single [p, d] direction: scores [n]
@@ -295,6 +308,7 @@ def materialise_dots(tr: list[Factored], other: list[Factored] | Tensor, n: int,
 def contract(f: Factored, u: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     """``<g_n, U> = Σ_t L[n,t]ᵀ U R[n,t]`` for a fixed ``U`` ``[p, d]``: ``[n]``."""
     right = f.right
+    dtype = _working(dtype, right.dtype)
     if f.ids:
         lu = u[f.left]  # [n, t, d]: the rows of U that the ids pick
     else:

@@ -67,6 +67,10 @@ def per_sample_grads(model_fn: Callable, params: Mapping[str, Tensor], batch: An
             # a copy of the dict: a model_fn that rebinds an entry (functional_call writes back a module tensor
             # its forward reassigned, e.g. a pruning pre-hook's) must not change which leaves are differentiated
             loss = model_fn(dict(p), split.rebuild([t[i:i + 1] for t in split.tensors]))
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            got = f"shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else type(loss).__name__
+            raise LossShapeError(f"{where}: model_fn(params, batch) must return one loss per sample, a tensor of "
+                                 f"shape [B]; for {label} sample {i} alone (a batch of 1) it returned {got}")
         loss = loss.reshape(())
         if not bool(torch.isfinite(loss.detach())):
             raise FloatingPointError(f"{where}: model_fn returned a non-finite loss for {label} sample {i} "

@@ -261,6 +261,30 @@ def test_bf16_compute_dtype_within_documented_tolerance():
         assert rel(out.scores, ref) < 2e-2, policy  # README: bf16 products, about 1e-2 relative
 
 
+def test_float16_parameters_multiply_small_gradients_in_float32():
+    """Float16 parameters with small per-token gradients (a mean over 64 tokens, the loss scaled by 1e-2): the
+    products of two factors fall below float16's range (6e-8), so the Gram and contract kernels, multiplying in
+    float16, gave 0.92 and 0.12 off where the float16 loop keeps its digits. They multiply and sum in float32
+    now and agree with the loop to float16's rounding of the scores themselves (about 1e-5 here)."""
+    torch.manual_seed(1)
+    d, h, c, t = 16, 32, 5, 64
+    params = {"w1": (torch.randn(h, d) / d**0.5).half(), "b1": torch.zeros(h).half(),
+              "w2": (torch.randn(c, h) / h**0.5).half()}
+
+    def model_fn(p, batch):
+        x, y = batch
+        z = F.linear(torch.tanh(F.linear(x, p["w1"], p["b1"])), p["w2"])
+        return 1e-2 * F.cross_entropy(z.reshape(-1, c).float(), y.reshape(-1), reduction="none").reshape(y.shape).mean(-1)
+
+    train = (torch.randn(8, t, d).half(), torch.randint(0, c, (8, t)))
+    val = (torch.randn(4, t, d).half(), torch.randint(0, c, (4, t)))
+    ref, _, _ = ghostfunc.reference_graddot(model_fn, params, train, val)
+    for policy in ("ghost", "contract", "materialize"):
+        out = ghostfunc.graddot(model_fn, params, train, val, policy=policy)
+        assert out.scores.dtype == torch.float32  # (as every float16 model's: summed in float32)
+        assert rel(out.scores.double(), ref.double()) < 1e-2, policy
+
+
 def test_plan_prints_every_parameter_and_2t2_flips_with_t():
     p = {"W": torch.randn(4, 4, dtype=F64)}
 
@@ -527,6 +551,12 @@ def test_reference_graddot_checks_its_arguments_as_graddot_does():
                                          r"tensor of shape \(4, 1\)"):
         ghostfunc.reference_graddot(lambda p, b: model_fn(p, b)[:, None] if len(b[0]) == 4 and b[0] is not x
                                     else model_fn(p, b), params, (x, y), (x.clone(), y))
+    # one that cannot run the whole batch (so no batch-level check) and returns several losses for one sample
+    tokens = torch.randn(4, 7, x.shape[1], dtype=x.dtype)
+    with pytest.raises(ValueError, match=r"^reference_graddot: model_fn\(params, batch\) must return one loss per "
+                                         r"sample.*for train sample 0 alone \(a batch of 1\) it returned shape \(7,\)"):
+        ghostfunc.reference_graddot(lambda p, b: ((b[0].reshape(-1, 3) @ p["0.weight"].T).sum(1) - b[1]) ** 2,
+                                    params, (tokens, y.to(x.dtype)), (tokens, y.to(x.dtype)))
     xn = x.clone()
     xn[3] = float("nan")
     with pytest.raises(FloatingPointError, match=r"^reference_graddot: model_fn returned a non-finite loss for val "

@@ -1342,3 +1342,59 @@ def test_the_secant_takes_the_validation_gradient_again_when_a_config_leaf_chang
         _, fresh = step(state._replace(val_grad=None), {"x": tx, "y": ty, "cfg": Weights()}, val)
         assert rel(carried.values, fresh.values) < 1e-10, how
         assert torch.equal(carried.val_loss, fresh.val_loss), how
+
+
+class _ActNorm(nn.Module):
+    """Centres by the mean of the first batch it sees (a data-dependent initialisation), flagged by a buffer."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.register_buffer("mu", torch.zeros(width, dtype=F64))
+        self.register_buffer("done", torch.tensor(False))
+
+    def forward(self, h):
+        if not self.done:
+            with torch.no_grad():
+                self.mu.copy_(h.mean(0))
+                self.done.fill_(True)
+        return h - self.mu
+
+
+def test_a_buffer_filled_from_the_first_batch_is_refused_until_the_model_has_seen_one():
+    """ActNorm's initialisation: a buffer filled once, from whichever batch comes first. graddot's checks ran
+    first on three training rows, so the model was initialised from them (0.27 off a loop after a plain
+    forward). Refused, with the buffers put back; after a plain forward on the batch it runs and equals the loop."""
+    torch.manual_seed(25)
+    net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), _ActNorm(5), nn.Linear(5, 3)).double()
+    p = {k: v.detach() for k, v in net.named_parameters()}
+    model_fn = _cross_entropy_of(net)
+    train, val = _xy(9, 26), _xy(4, 27)
+    with pytest.raises(SamplesInteractError, match=r"^graddot: model_fn fills the buffer\(s\) 2.mu from the batch"):
+        ghostfunc.graddot(model_fn, p, train, val)
+    assert not bool(net[2].done) and not net[2].mu.any()
+    model_fn(p, train)  # the training loop's first forward
+    ref = ghostfunc.reference_graddot(model_fn, p, train, val)[0]
+    assert rel(ghostfunc.graddot(model_fn, p, train, val).scores, ref) < 1e-10
+
+
+@pytest.mark.parametrize("couples", ["with gradients on", "without gradients"])
+def test_the_interaction_check_runs_the_model_as_the_capture_does(couples):
+    """The check ran the model without gradients: one that standardises over the batch only without them (an
+    evaluation mode keyed on ``torch.is_grad_enabled()``) was refused though the capture never runs it so, and
+    one that couples rows only with gradients on passed. It runs with gradients on now, as the capture does."""
+    net = _mlp(28)
+    p = {k: v.detach() for k, v in net.named_parameters()}
+
+    def model_fn(params, batch):
+        x, y = batch
+        if torch.is_grad_enabled() == (couples == "with gradients on"):
+            x = x - 0.5 * x.mean(0)
+        return F.cross_entropy(functional_call(net, params, (x,)), y, reduction="none")
+
+    train, val = _xy(9, 29), _xy(4, 30)
+    if couples == "with gradients on":
+        with pytest.raises(SamplesInteractError, match=r"^graddot: samples interact"):
+            ghostfunc.graddot(model_fn, p, train, val)
+    else:
+        ref = ghostfunc.reference_graddot(model_fn, p, train, val)[0]
+        assert rel(ghostfunc.graddot(model_fn, p, train, val).scores, ref) < 1e-10
