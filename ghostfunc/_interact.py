@@ -255,7 +255,7 @@ def check_model(model_fn: Callable, params: Mapping[str, Tensor], batches: tuple
 
     ``batches`` are :class:`ghostfunc._capture.Batch` values (``tensors``, ``rebuild``,
     ``size``, ``signature``); each signature is checked once per ``model_fn`` and
-    parameter shapes. Cost on a first call: ``model_fn`` on ``min(size, 3)`` samples
+    parameter shapes, and again once a parameter that was zero everywhere then has moved (:func:`zero_params`). Cost on a first call: ``model_fn`` on ``min(size, 3)`` samples
     together and on each of them alone, without gradients.
     """
     shapes = (param_signature(params), training_flags(model_fn))
@@ -835,7 +835,8 @@ def check_batch_gradient(model_fn: Callable, params: Mapping[str, Tensor], batch
     ``scale_grad_by_freq``.
 
     ``train_step`` steps with the mean of the samples' gradients (the values are theirs); ``torch.optim`` with
-    the batch's. Checked once per ``model_fn``, parameter shapes, training flags and batch signature, on up to
+    the batch's. Checked once per ``model_fn``, parameter shapes, training flags and batch signature (and again once
+    a parameter that was zero everywhere then has moved), on up to
     :data:`ROWS` distinct rows of ``batch`` (a :class:`ghostfunc._capture.Batch`): their mean loss's gradient
     (times their number) against the sum of each row's own, in a run with gradients on and random draws undone.
     Rounding:
@@ -1097,7 +1098,6 @@ class _Writes:
             f"trace, these checks, the capture), so that state would move several times and the runs would see "
             f"different models ({back}). Put such layers in eval "
             f"mode (model.eval() or the layer's .eval()), or keep the state outside model_fn")
-
 
     def refuse_batch_fill(self, run: Callable[[], Any], label: str, devices: list[int]) -> None:
         """Raise :class:`SamplesInteractError` if a buffer the first run filled (and later runs left) is filled
