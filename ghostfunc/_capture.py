@@ -25,6 +25,7 @@ sample by sample (:mod:`ghostfunc._eager`).
 from __future__ import annotations
 
 import contextlib
+import enum
 import inspect
 import threading
 import warnings
@@ -184,7 +185,7 @@ def _hashable(x: Any) -> Any:
     except TypeError:
         pass
     else:
-        if type(x).__eq__ is not object.__eq__:
+        if type(x).__eq__ is not object.__eq__ or isinstance(x, (enum.Enum, type)):  # (members, classes: for good)
             return (type(x), x)
     return (type(x), fingerprint(x))
 

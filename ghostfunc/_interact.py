@@ -605,11 +605,55 @@ def state_of(model_fn: Callable) -> tuple:
     return _state_of_values(reads(model_fn)), _training_flags(model_fn)
 
 
+#: Entries a batch leaf's :func:`fingerprint` looks at, and how deep into its attributes and items.
+LEAF_BUDGET, LEAF_DEPTH = 256, 2
+#: NumPy arrays in a batch leaf up to this many bytes are fingerprinted by a checksum of their contents.
+LEAF_ARRAY_BYTES = 1 << 16
+
+
 def fingerprint(obj: Any) -> tuple:
-    """:func:`state_of`'s fingerprint of one object (a batch's non-tensor leaf): its identity while it lives,
-    numbers and strings by value, tensors by identity and version, and its attributes and items a few levels
-    down."""
-    return _state_of_values([obj])
+    """A batch's non-tensor leaf as a cache key: its identity while it lives, numbers and strings by value,
+    tensors by identity and version, small NumPy arrays by a checksum, modules by identity only (their state
+    is the model's, seen by :func:`training_flags` and :func:`state_of`), and its attributes and items
+    :data:`LEAF_DEPTH` levels down (at most :data:`LEAF_BUDGET` entries): a config changed in place is
+    another key. Once per public call per leaf."""
+    return _scoped("leaf", obj, lambda: _leaf_print(obj))
+
+
+def _leaf_print(obj: Any) -> tuple:
+    out: list[Any] = []
+    budget = [LEAF_BUDGET]
+
+    def see(x: Any, depth: int) -> None:
+        budget[0] -= 1
+        if budget[0] < 0:
+            return
+        kind = type(x)
+        if issubclass(kind, _SCALARS):
+            out.append(x)
+        elif issubclass(kind, Tensor):
+            out.append((Identity(x), x._version))
+        elif _is_array(x):
+            out.append(_array_print(x, LEAF_ARRAY_BYTES))
+        elif issubclass(kind, torch.nn.Module) or not depth:
+            out.append(Identity(x))
+        elif issubclass(kind, dict):
+            out.append(len(x))
+            for k, v in itertools.islice(x.items(), ITEMS):
+                out.append(k if isinstance(k, (int, str)) else Identity(k))
+                see(v, depth - 1)
+        elif issubclass(kind, (list, tuple)):
+            out.append(len(x))
+            for v in itertools.islice(x, ITEMS):
+                see(v, depth - 1)
+        elif (attrs := _attributes(x)) is not None:
+            out.append(Identity(x))
+            see(attrs, depth)
+        else:
+            out.append(Identity(x))
+
+    see(obj, LEAF_DEPTH)
+    return tuple(out)
 
 
 #: How many items of one container :func:`state_of` looks at (a long list adds its length only beyond).
@@ -728,10 +772,10 @@ def _is_array(obj: Any) -> bool:
     return type(obj).__module__ == "numpy" and hasattr(obj, "__array_interface__") and hasattr(obj, "nbytes")
 
 
-def _array_print(arr: Any) -> tuple:
-    """A NumPy array's identity, address and shape, and a checksum of its bytes when it is small enough."""
+def _array_print(arr: Any, limit: int = ARRAY_BYTES) -> tuple:
+    """A NumPy array's identity, address and shape, and a checksum of its bytes when it holds at most ``limit``."""
     head = (Identity(arr), arr.__array_interface__["data"][0], arr.shape, str(arr.dtype))
-    if arr.nbytes > ARRAY_BYTES or arr.dtype.hasobject:
+    if arr.nbytes > limit or arr.dtype.hasobject:
         return head
     return (*head, zlib.crc32(memoryview(arr.tobytes())))
 
@@ -797,7 +841,7 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
             return k > 1  # nothing to compare for this signature: not tried again
     _refuse_param_writes(params, versions)
     watch.refuse_moved()
-    if k > 1:
+    if k > 1 and not random:  # (a model that draws: one row draws other numbers than k rows, whatever it fills)
         watch.refuse_batch_fill(lambda: model_fn(dict(params), rows(k - 1, k)), label, devices)
     if not mode.used:
         raise ParamsUnusedError(

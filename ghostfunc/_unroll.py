@@ -166,26 +166,68 @@ def update_vjp(optimizer: Optimizer, step: Step) -> tuple[Params, list[Tensor], 
 
 
 def check_differentiable(optimizer: Optimizer, step: Step, where: str) -> None:
-    """Every floating tensor ``update`` returns must depend on its inputs (no ``detach``, no ``no_grad``)."""
+    """Every floating tensor ``update`` returns must depend on its inputs (no ``detach``, no ``no_grad``).
+
+    Each new parameter must reach its gradient, each new state tensor something. And an output whose value
+    moves with the parameters, or with the old state tensors that carry gradients (a momentum buffer: its new
+    value reaches the gradients; not a step counter), must have an autograd path to them: a ``detach`` of one
+    input only (``m.detach() * mu + g``, ``x.detach() - lr * b``) kept the values moving and cut their
+    adjoint (0.83-0.89 off). Judged by inputs taken together (the parameters; those state tensors), each
+    moved once: a detach of some of them next to a path to others is not seen."""
     tensors, rebuild = _state_tensors(step.state)
     leaf = lambda t: t.detach().requires_grad_() if t.is_floating_point() else t  # noqa: E731
     grads = {k: None if v is None else leaf(v) for k, v in step.grad.items()}
+    state_in = [leaf(t) for t in tensors]
+    params_in = {k: leaf(v) for k, v in step.params.items()}
+
+    def refuse(what: str, inputs: str) -> None:
+        raise TypeError(f"{where}: optimizer {optimizer.name!r} cannot be differentiated through: its update "
+                        f"returns {what} detached from {inputs} (a .detach() or torch.no_grad() inside "
+                        "update); the replay needs an update differentiable in grads, state and params")
+
     with torch.enable_grad():
-        new_params, new_state = optimizer.update(grads, rebuild([leaf(t) for t in tensors]),
-                                                 {k: leaf(v) for k, v in step.params.items()})
-        outs = [(f"new params[{k!r}]", v, grads[k]) for k, v in new_params.items()]
-        outs += [(f"new state leaf {i}", t, None) for i, t in enumerate(_state_tensors(new_state)[0])]
-        for what, t, g in outs:
-            if not t.is_floating_point():
+        new_params, new_state = optimizer.update(grads, rebuild(state_in), params_in)
+        new_tensors = _state_tensors(new_state)[0]
+        outs = [(f"new params[{k!r}]", v) for k, v in new_params.items()]
+        outs += [(f"new state leaf {i}", t) for i, t in enumerate(new_tensors)]
+        for k, t in new_params.items():
+            g = grads.get(k)
+            if t.is_floating_point() and g is not None and not _reaches(t, [g]):
+                refuse(f"new params[{k!r}]", "its inputs")
+        for i, t in enumerate(new_tensors):
+            if t.is_floating_point() and not t.requires_grad:
+                refuse(f"new state leaf {i}", "its inputs")
+        given = [g for g in grads.values() if g is not None and g.is_floating_point()]
+        carry = [i for i, (a, b) in enumerate(zip(tensors, new_tensors, strict=False))
+                 if a.is_floating_point() and a.shape == b.shape and _reaches(b, given)]
+        groups = [("the parameters", [k for k, v in params_in.items() if v.is_floating_point()], []),
+                  ("the old optimizer state", [], carry)]
+        for inputs, names, slots in groups:
+            if not names and not slots:
                 continue
-            if t.requires_grad and g is not None:
-                connected = torch.autograd.grad(t.sum(), g, allow_unused=True, retain_graph=True)[0] is not None
-            else:
-                connected = t.requires_grad
-            if not connected:
-                raise TypeError(f"{where}: optimizer {optimizer.name!r} cannot be differentiated through: its update "
-                                f"returns {what} detached from its inputs (a .detach() or torch.no_grad() inside "
-                                "update); the replay needs an update differentiable in grads, state and params")
+            moved_p = {k: _nudged(v) if k in names else v.detach() for k, v in params_in.items()}
+            moved_s = [_nudged(t) if i in slots else t.detach() for i, t in enumerate(state_in)]
+            with torch.no_grad():
+                p2, s2 = optimizer.update({k: None if g is None else g.detach() for k, g in grads.items()},
+                                          rebuild(moved_s), moved_p)
+            after = [*p2.values(), *_state_tensors(s2)[0]]
+            sources = [params_in[k] for k in names] + [state_in[i] for i in slots]
+            for (what, t), a in zip(outs, after, strict=False):
+                if (t.is_floating_point() and a.shape == t.shape and bool(torch.isfinite(a).all())
+                        and not torch.equal(a, t.detach()) and not _reaches(t, sources)):
+                    refuse(what, inputs)
+
+
+def _reaches(t: Tensor, inputs: list[Tensor]) -> bool:
+    """Whether ``t`` has an autograd path to any of ``inputs``."""
+    if not t.requires_grad or not inputs:
+        return False
+    return any(g is not None for g in torch.autograd.grad(t.sum(), inputs, allow_unused=True, retain_graph=True))
+
+
+def _nudged(t: Tensor) -> Tensor:
+    """``t`` moved by a quarter of itself and a little more (a non-negative state stays non-negative)."""
+    return t.detach() * 1.25 + 1e-3 if t.is_floating_point() else t
 
 
 def _add(a: Params, b: Params) -> Params:
