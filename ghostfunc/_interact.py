@@ -1290,6 +1290,8 @@ def retry_writing(func: Callable, args: tuple, kwargs: dict[str, Any], fresh: se
     :class:`SamplesInteractError`; anything else re-raises ``err``.
     """
     if "mutate a captured Tensor" in str(err):  # functorch: in place into a tensor from outside the transform
+        if (agreed := _agreed_write(func, args, kwargs)) is not None:
+            return agreed[0]
         raise SamplesInteractError(
             f"model_fn updates in place ({_func_name(func)}) a tensor that outlives the call, such as a module "
             f"buffer (BatchNorm's num_batches_tracked and running statistics in training mode); run alone, "
@@ -1309,9 +1311,43 @@ def retry_writing(func: Callable, args: tuple, kwargs: dict[str, Any], fresh: se
                 f"per sample, but not a view of it taken before the write. Write through the tensor itself "
                 f"(h[:, :k] = v, h.index_add_(...)) or build it out of place (torch.cat, torch.where, index_add)"
             ) from None
+        if (agreed := _agreed_write(func, args, kwargs)) is not None:
+            return agreed[0]
         raise err
     _per_sample_in_place(target, args[1:], kwargs)
     return func(*args, **kwargs)
+
+
+#: In-place writes whose result does not depend on how many times they run with one value.
+_IDEMPOTENT = frozenset({Tensor.copy_, torch._C.TensorBase.copy_})
+
+
+def _agreed_write(func: Callable, args: tuple, kwargs: dict[str, Any]) -> tuple[Any] | None:
+    """A ``copy_`` into a tensor from outside the call (a module buffer) of a per-sample value every sample
+    agrees on and no parameter reaches, made once with that value outside the transforms: each sample alone
+    would write the same. Hugging Face's longrope refreshes ``inv_freq`` so on every call, from the batch's
+    longest position (refused as samples that interact before). ``None`` (the caller refuses) where the
+    samples disagree, the value carries a gradient, or the write is another."""
+    if func not in _IDEMPOTENT or len(args) != 2 or kwargs or not isinstance(args[1], Tensor):
+        return None
+    ft = torch._C._functorch
+    level = ft.maybe_current_level()
+    target, value = args
+    if level is None or _level_of(value) != level or ft.is_functorch_wrapped_tensor(target):
+        return None
+    inner, bdim = ft._unwrap_batched(value, level)
+    if bdim is None or inner.shape[bdim] == 0:
+        return None
+    plain = inner
+    while ft.is_functorch_wrapped_tensor(plain):  # lower levels: none may batch it or carry a gradient
+        if ft.is_batchedtensor(plain) or (ft.is_gradtrackingtensor(plain) and plain.requires_grad):
+            return None
+        plain = ft.get_unwrapped(plain)
+    with torch._C._DisableFuncTorch():
+        first = plain.select(bdim, 0)
+        if not bool((plain == first.unsqueeze(bdim)).all()):
+            return None
+        return (target.copy_(first),)
 
 
 def _writes_batched(target: Tensor, rest: tuple, kwargs: dict[str, Any]) -> bool:

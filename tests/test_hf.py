@@ -809,3 +809,23 @@ def test_an_encoder_decoder_classification_head_takes_its_decoder_inputs_from_in
         own = F.cross_entropy(model(input_ids=ids).logits, train["labels"], reduction="none")
     torch.testing.assert_close(model_fn(params, train), own, rtol=1e-12, atol=1e-12)
     check_against_loop(model_fn, params, train, {k: v[:M] for k, v in train.items()}, 1e-10, ("bart", "classes"))
+
+
+def test_longrope_refreshing_its_frequencies_in_place_is_exact() -> None:
+    """Phi-3's longrope copies the long or short frequencies into its ``inv_freq`` buffer on every call, picked by
+    the batch's longest position: under ``vmap`` a per-sample value written into a buffer, refused as samples that
+    interact. Every sample agrees (one length per batch), so the write is made once with their value: exact,
+    train rows past the original length (long factors) and validation rows short of it (short factors)."""
+    def build() -> nn.Module:
+        rope = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 4, "long_factor": [3.0] * 4,
+                "original_max_position_embeddings": 8}
+        return tf.Phi3ForCausalLM(tf.Phi3Config(
+            vocab_size=V, hidden_size=D, intermediate_size=HID, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=1, max_position_embeddings=32, original_max_position_embeddings=8,
+            rope_parameters=rope, **TOKENS))
+
+    torch.manual_seed(0)
+    model = build().to(F64).eval()
+    model_fn, params = ghostfunc.from_module(model, ghostfunc.causal_lm_loss)
+    g = torch.Generator().manual_seed(1)
+    check_against_loop(model_fn, params, lm_batch(g, N, 12), lm_batch(g, M, 6), 1e-10, ("phi3", "default"))

@@ -1457,3 +1457,38 @@ def test_a_random_fill_after_dropout_is_not_taken_for_one_from_the_batch():
     p = {k: v.detach() for k, v in net.named_parameters()}
     out = ghostfunc.graddot(_cross_entropy_of(net), p, _xy(8, 35), _xy(4, 36))
     assert torch.isfinite(out.scores).all() and bool(net[2].ready)
+
+
+class _Refresh(nn.Module):
+    """Copies a value from the batch into a buffer on every call, then scales by the buffer (longrope's way)."""
+
+    def __init__(self, agreed: bool) -> None:
+        super().__init__()
+        self.agreed = agreed
+        self.register_buffer("scale", torch.ones((), dtype=F64))
+
+    def forward(self, h):
+        if self.agreed:  # the same for every sample: 1.5 where every row is finite
+            value = torch.isfinite(h.detach()).all().to(h.dtype) * 1.5
+        else:  # the batch's largest entry
+            value = h.detach().abs().amax()
+        self.scale.copy_(value)
+        return h * self.scale
+
+
+@pytest.mark.parametrize("agreed", [True, False])
+def test_a_buffer_refreshed_from_the_batch_on_every_call(agreed):
+    """A value written into a buffer on every call: where every sample alone would write the same, the write is
+    made once and the numbers are the loop's; where they differ, the rows interact through the buffer."""
+    torch.manual_seed(37)
+    net = nn.Sequential(nn.Linear(4, 5), _Refresh(agreed), nn.Tanh(), nn.Linear(5, 3)).double()
+    p = {k: v.detach() for k, v in net.named_parameters()}
+    model_fn = _cross_entropy_of(net)
+    train, val = _xy(8, 38), _xy(4, 39)
+    if agreed:
+        ref = ghostfunc.reference_graddot(model_fn, p, train, val)[0]
+        for policy in ("auto", "ghost"):
+            assert rel(ghostfunc.graddot(model_fn, p, train, val, policy=policy).scores, ref) < 1e-10
+    else:
+        with pytest.raises(SamplesInteractError):
+            ghostfunc.graddot(model_fn, p, train, val)
