@@ -100,11 +100,59 @@ def check_group(group: Any, where: str) -> None:
 
 
 def batch_signature(batch: Any) -> tuple[str, tuple[Any, ...]]:
-    """A batch pytree's structure and every leaf's per-sample shape and dtype (no device: ranks differ there)."""
+    """A batch pytree's structure, every tensor leaf's per-sample shape and dtype (no device: ranks differ
+    there) and every other leaf's value (:func:`described`)."""
     from torch.utils import _pytree as pytree
 
     leaves, spec = pytree.tree_flatten(batch)
-    return str(spec), tuple((tuple(x.shape[1:]), str(x.dtype)) if isinstance(x, Tensor) else repr(x) for x in leaves)
+    return str(spec), tuple((tuple(x.shape[1:]), str(x.dtype)) if isinstance(x, Tensor) else described(x)
+                            for x in leaves)
+
+
+#: How deep :func:`described` looks into a leaf's attributes and items, and how many entries in all.
+DESCRIBE_DEPTH, DESCRIBE_ITEMS = 3, 1024
+
+
+def described(leaf: Any) -> Any:
+    """A non-tensor batch leaf as every process sees it alike, for comparing ranks: numbers and strings by value,
+    containers and objects' attributes (their class by name) item by item, tensors and NumPy arrays by shape,
+    dtype and a checksum of their contents. ``repr`` was used before: a plain object's names its address (other
+    in each process: equal configs refused), and NumPy elides a long array's middle (a difference there passed:
+    0.12 off one process)."""
+    import zlib
+
+    from ._interact import _attributes, _is_array
+
+    budget = [DESCRIBE_ITEMS]
+
+    def see(x: Any, depth: int) -> Any:
+        budget[0] -= 1
+        if budget[0] < 0:
+            return "..."
+        kind = type(x)
+        if x is None or issubclass(kind, (bool, int, float, complex, str, bytes)):
+            return (kind.__name__, repr(x))
+        if issubclass(kind, Tensor):
+            data = x.detach().cpu().contiguous().reshape(-1)
+            return ("tensor", tuple(x.shape), str(x.dtype), zlib.crc32(data.view(torch.uint8).numpy().tobytes()))
+        if _is_array(x):
+            return ("array", x.shape, str(x.dtype), repr(x) if x.dtype.hasobject else zlib.crc32(x.tobytes()))
+        name = f"{kind.__module__}.{kind.__qualname__}"
+        if depth and issubclass(kind, Mapping):
+            return (name, tuple((see(k, 0), see(v, depth - 1)) for k, v in x.items()))
+        if depth and issubclass(kind, (list, tuple, set, frozenset)):
+            items = sorted(x, key=repr) if issubclass(kind, (set, frozenset)) else x
+            return (name, tuple(see(v, depth - 1) for v in items))
+        if issubclass(kind, torch.nn.Module):
+            floats = {k: v for k, v in x.state_dict().items() if v.is_floating_point()}
+            return (name, tuple(param_checksum(floats).items()) if depth and floats else ())
+        attrs = _attributes(x) if depth else None
+        if attrs:
+            return (name, tuple((k, see(v, depth - 1)) for k, v in attrs.items()))
+        text = repr(x)
+        return (name, "" if " at 0x" in text else text)  # a default repr names the address only
+
+    return see(leaf, DESCRIBE_DEPTH)
 
 
 def param_signature(params: Mapping[str, Tensor]) -> tuple[tuple[str, tuple[int, ...], str], ...]:

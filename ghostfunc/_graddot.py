@@ -1053,9 +1053,9 @@ def graddot(
         tensor([0.3333, 0.3333, 0.3333], dtype=torch.float64)
     """
     where = "graddot"
+    if group is not None:  # (its refusal of compile=True on every rank, however the ranks were called)
+        return graddot_group(model_fn, params, train, val, val_reduce, policy, compute_dtype, group, compile)
     check_compile(where, compile, val_reduce, group)
-    if group is not None:
-        return graddot_group(model_fn, params, train, val, val_reduce, policy, compute_dtype, group)
     checked, tb, vb = _prepare(where, model_fn, params, train, val,
                                val_reduce=val_reduce, policy=policy, compute_dtype=compute_dtype)
     params = checked
@@ -1109,12 +1109,18 @@ def graddot(
 
 
 def prepare_group(where: str, group: Any, model_fn: Any, params: Any, train: Any, val: Any,
-                  same: Mapping[str, Any] | None = None,
+                  same: Mapping[str, Any] | None = None, precheck: Callable[[], None] | None = None,
                   **options: Any) -> tuple[tuple[dict[str, Tensor], Batch, Batch], _dist.World]:
-    """:func:`_prepare` on every rank of ``group``, then :func:`ghostfunc._dist.agree` on what must match
-    (parameters, batch structures, ``options`` and ``same``)."""
+    """:func:`_prepare` on every rank of ``group`` (after ``precheck``), then :func:`ghostfunc._dist.agree` on
+    what must match (parameters, batch structures, ``options`` and ``same``): an error on one rank is raised on
+    every rank."""
+    def prepare() -> tuple[dict[str, Tensor], Batch, Batch]:
+        if precheck is not None:
+            precheck()
+        return _prepare(where, model_fn, params, train, val, **options)
+
     return _dist.agree(
-        where, group, lambda: _prepare(where, model_fn, params, train, val, **options),
+        where, group, prepare,
         lambda p: {"parameter names, shapes and dtypes": _dist.param_signature(p[0]),
                    "parameter values (fingerprints)": _dist.param_checksum(p[0]),
                    "train batch structure": _dist.batch_signature(train),
@@ -1154,11 +1160,12 @@ def group_policy(policy: str) -> str:
 
 
 def graddot_group(model_fn: ModelFn, params: Mapping[str, Tensor], train: Any, val: Any, val_reduce: str | None,
-                  policy: str, compute_dtype: torch.dtype | None, group: Any) -> GradDot:
+                  policy: str, compute_dtype: torch.dtype | None, group: Any, compile: Any = False) -> GradDot:
     """:func:`graddot` with ``group`` given: this rank's rows against the global batches."""
     where = "graddot"
     (checked, tb, vb), world = prepare_group(where, group, model_fn, params, train, val, val_reduce=val_reduce,
-                                             policy=policy, compute_dtype=compute_dtype)
+                                             policy=policy, compute_dtype=compute_dtype,
+                                             precheck=lambda: check_compile(where, compile, val_reduce, group))
     if val_reduce is not None:
         with _dist.collectively(where, group):  # an error on one rank raises on every rank (one tiny all-reduce)
             st = run_streamed(model_fn, checked, tb, vb, where, group_policy(policy), "sum")

@@ -20,6 +20,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -211,6 +212,11 @@ class _Net(torch.nn.Module):
         return self.b(torch.tanh(self.a(x)))
 
 
+class _Config:  # a plain object: its default repr names its address, other in each process
+    def __init__(self, temperature: float) -> None:
+        self.temperature = temperature
+
+
 def _errors(rank: int, world: int, out: dict[str, Any]) -> None:
     group = dist.group.WORLD
     torch.manual_seed(0)
@@ -233,7 +239,21 @@ def _errors(rank: int, world: int, out: dict[str, Any]) -> None:
             model_fn, {k: v + rank for k, v in params.items()}, train, val, group=group),
         "zero rows": lambda: ghostfunc.graddot(
             model_fn, params, tuple(t[:0] for t in train) if rank == 1 else train, val, group=group),
+        # a leaf each process makes alike (a plain object's default repr names its address): the same batch
+        "equal config objects": lambda: ghostfunc.graddot(
+            with_leaf, params, (*train, _Config(2.0)), (*val, _Config(2.0)), group=group),
+        # an array that differs in the middle only (NumPy's repr elides it)
+        "array leaf": lambda: ghostfunc.graddot(
+            with_leaf, params, (*train, long_array + (rank == 1) * (np.arange(5000) == 2500)), (*val, long_array),
+            group=group),
+        "compile on one rank": lambda: ghostfunc.graddot(model_fn, params, train, val, group=group,
+                                                         compile=rank == 1),
     }
+    long_array = np.arange(5000)
+
+    def with_leaf(p: dict, batch: tuple) -> torch.Tensor:
+        return model_fn(p, batch[:2])
+
     key = next(iter(params))
     other[key] = torch.zeros(params[key].shape[0] + 1, *params[key].shape[1:], dtype=torch.float64)
     for name, call in cases.items():
@@ -627,16 +647,22 @@ def test_every_rank_equals_one_process(tmp_path: Path, world: int, request: pyte
 
 
 def test_bad_input_raises_on_every_rank(world2: list[dict[str, Any]]) -> None:
+    """Also: a non-tensor leaf compared by value across processes (a plain config object's repr named its
+    address, so equal configs were refused; a NumPy array's repr elides its middle, so a difference there
+    passed, 0.12 off one process), and ``compile=True`` on one rank only (refused there alone, the other ranks
+    waited in the next collective)."""
     results = world2
     expected = {"param shapes": "parameter names, shapes", "param names": "parameter names, shapes",
                 "batch structure": "batch structure", "val_reduce": "val_reduce", "order": "order",
-                "lr": "lr", "param values": "parameter values", "zero rows": "train is empty"}
+                "lr": "lr", "param values": "parameter values", "zero rows": "train is empty",
+                "array leaf": "train batch structure", "compile on one rank": "compile=True runs in one process"}
     for r, res in enumerate(results):
         for case, words in expected.items():
             msg = res[case]
             assert msg is not None, f"rank {r}: {case} raised nothing"
             assert "rank 1" in msg and words in msg, f"rank {r}, {case}: {msg}"
             assert msg.split(":")[0] in ("graddot", "inrun_shapley"), msg
+        assert res["equal config objects"] is None, res["equal config objects"]
         assert res["ddp"] < 1e-12
         assert res["fsdp"] is not None and "from_module: the model is sharded by FSDP" in res["fsdp"]
 
