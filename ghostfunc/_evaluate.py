@@ -523,6 +523,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                               "steps": Range(1), "lr": Range(0, open_low=True),
                               "noise": Range(0, 1, open_low=True, open_high=True), "per_val": Range(0),
                               "random_draws": Range(1)})
+    from ._run.cli import check_writable
+    from ._run.data import UsageError
+
+    try:  # before the computation, not after it (an --out naming a file lost the results)
+        check_writable(Path(args.out), "--out")
+    except UsageError as err:
+        parser.error(str(err))
     torch.set_num_threads(1)  # tiny models: one thread is faster, and CPU-time ratios are not inflated by spinning
     t0 = time.perf_counter()
     try:

@@ -109,3 +109,17 @@ def test_cli_numbers_out_of_range_are_one_line_errors(args, message, capsys, tmp
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_out_that_is_a_file_is_refused_before_the_computation(tmp_path, capsys) -> None:
+    """``--out`` naming a file failed with a traceback after the whole computation, and its results were lost."""
+    import pytest
+
+    from ghostfunc._evaluate import main
+
+    taken = tmp_path / "taken"
+    taken.write_text("")
+    with pytest.raises(SystemExit) as stop:
+        main(["--models", "mlp", "--seeds", "1", "--retrains", "3", "--out", str(taken)])
+    assert stop.value.code == 2
+    assert f"--out: expected a folder it can write; {str(taken)!r} is a file" in capsys.readouterr().err

@@ -650,3 +650,76 @@ def test_select_out_that_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture
     bad.mkdir()
     assert main(["select", "--run", str(run), "--config", str(bad)]) == 2
     assert capsys.readouterr().err.splitlines() == [f"ghostfunc select: error: --config: expected a TOML file; {str(bad)!r} is a folder"]
+
+
+def test_a_divergence_on_the_last_step_is_caught(corpus: dict[str, Path], tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    """The last update made the parameters NaN: no later step's losses show it, so the run ended with exit 0 and
+    'validation loss ... -> nan'. The held-out losses of the final evaluation (and the parameters) are checked."""
+    out = tmp_path / "run"
+    assert main(_args(corpus, out, "--optimizer", "sgd", "--lr", "1e20", "--steps", "1", "--warmup", "0")) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith("ghostfunc train: error: --lr: expected finite losses; the run diverged at step 1 "), err
+    assert not (out / "report.md").exists()
+
+
+def test_ctrl_c_before_the_run_starts_ends_with_one_line(corpus: dict[str, Path], tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    """Ctrl-C while the data are read or the model is built: one line (exit 130), not a 64-line traceback."""
+    from ghostfunc._run import loop
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "prepare", interrupted)
+    out = tmp_path / "run"
+    assert main(_args(corpus, out, "--steps", "2")) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"ghostfunc train: interrupted; no values.pt saved yet: the same command starts the run afresh in {str(out)!r}")
+
+
+def test_an_edited_file_with_its_old_size_and_time_is_read_again(tmp_path: Path) -> None:
+    """The token cache was keyed by path, size and modification time: a same-size edit with the old time set back
+    (cp -p, rsync -t, an unpacked tar) trained on the old text. Its change time and inode are in the key too."""
+    import os
+
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    f = folder / "a.txt"
+    f.write_text("loss train quick brown fox " * 20)
+    before = f.stat()
+    first, _, _ = data.tokenize([f], folder, tmp_path / "cache", "--train")
+    f.write_text("LOSS TRAIN QUICK BROWN FOX " * 20)
+    os.utime(f, ns=(before.st_atime_ns, before.st_mtime_ns))
+    second, _, _ = data.tokenize([f], folder, tmp_path / "cache", "--train")
+    assert bytes(second[:4]) == b"LOSS" and bytes(first[:4]) == b"loss"
+
+
+def test_token_file_and_text_are_not_mixed(corpus: dict[str, Path], tmp_path: Path,
+                                           capsys: pytest.CaptureFixture) -> None:
+    """A .bin of token ids for training and text (bytes) for validation: unrelated vocabularies, refused."""
+    out = tmp_path / "mixed"
+    assert main(["train", "--train", str(corpus["train_bin"]), "--val", str(corpus["val"]), "--out", str(out),
+                 *SMALL, "--steps", "2"]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "--val: expected a token file, as --train is; got text (byte-level tokens): the ids of a token file and the "
+        "bytes of text are unrelated vocabularies")
+    assert not out.exists()
+
+
+def test_select_out_inside_the_runs_corpus_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``select --out`` in the run's training folder: select.json and select.md became the run's data, and every
+    later select or --resume of the run was refused. Refused up front, as train refuses such an --out."""
+    root = tmp_path / "corpus"
+    (root / "train").mkdir(parents=True)
+    (root / "train" / "a.py").write_text("def header(msg):\n    return msg['Subject'].lower()\n" * 30)
+    (root / "val").mkdir()
+    (root / "val" / "b.py").write_text("def subject(message):\n    return message['Subject']\n" * 6)
+    run = tmp_path / "run"
+    assert main(["train", "--train", str(root / "train"), "--val", str(root / "val"), "--out", str(run), *SMALL,
+                 "--steps", "2"]) == 0
+    capsys.readouterr()
+    assert main(["select", "--run", str(run), "--steps", "2", "--seeds", "1", "--out", str(root / "train" / "sel")]) == 2
+    assert "--out: expected a folder outside the run's --train" in capsys.readouterr().err
+    assert not (root / "train" / "sel").exists()

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -260,6 +260,12 @@ def prepare(cfg: dict[str, Any]) -> Setup:
         test = data_mod.load(cfg["test"], option="--test", seq_len=seq_len, cache=cache, token_dtype=cfg["token_dtype"])
     val = data_mod.evenly(val, cfg["val_limit"])
     test = data_mod.evenly(test, cfg["val_limit"]) if test is not None else None
+    for name, c in (("--val", val), ("--test", test)):  # token ids of one vocabulary, or bytes, everywhere
+        if c is not None and c.byte_level != train.byte_level:
+            kinds = ("text (byte-level tokens)", "a token file")
+            raise UsageError(f"{name}: expected {kinds[0] if train.byte_level else kinds[1]}, as --train is; got "
+                             f"{kinds[0] if c.byte_level else kinds[1]}: the ids of a token file and the bytes of text "
+                             f"are unrelated vocabularies")
     if len(train) < cfg["batch_size"]:
         raise UsageError(f"--batch-size: expected at most the training chunks ({len(train)}); got {cfg['batch_size']}")
     if len(val) < cfg["val_batch_size"]:
@@ -450,6 +456,12 @@ def run(setup: Setup, par: Dist, *, pool: Tensor | None = None, quiet: bool = Fa
             got["test_loss"] = evaluate(setup, state.params, setup.test, par)
         return got
 
+    def diverged(step: int, what: str) -> NoReturn:
+        last = (f"{values_path} holds step {saved_at}" if saved_at is not None and save_values
+                else "no values.pt saved yet")
+        raise Diverged(f"--lr: expected finite losses; the run diverged at step {step} ({what}); try a lower --lr "
+                       f"({last})")
+
     if state.step == 0:
         first = evals()
         if par.rank == 0:
@@ -477,10 +489,7 @@ def run(setup: Setup, par: Dist, *, pool: Tensor | None = None, quiet: bool = Fa
             except FloatingPointError:  # train_step refuses non-finite losses
                 finite = False
             if not finite:
-                last = (f"{values_path} holds step {saved_at}" if saved_at is not None and save_values
-                        else "no values.pt saved yet")
-                raise Diverged(f"--lr: expected finite losses; the run diverged at step {s + 1} (non-finite training "
-                               f"loss or values at lr {lr:.3g}); try a lower --lr ({last})")
+                diverged(s + 1, f"non-finite training loss or values at lr {lr:.3g}")
             values = values.add(rows, cols)
             seen_loss += float(par.sum(losses.double().sum())) / cfg["batch_size"]
             n_win += 1
@@ -493,6 +502,8 @@ def run(setup: Setup, par: Dist, *, pool: Tensor | None = None, quiet: bool = Fa
                                           "seconds": now - t_run}
                 if eval_now:
                     record.update(evals())
+                    if not all(math.isfinite(v) for k, v in record.items() if k.endswith("_loss")):
+                        diverged(done, f"non-finite held-out loss after the update at lr {lr:.3g}")
                 if par.rank == 0:
                     log(record)
                 if bar is not None:
@@ -512,6 +523,8 @@ def run(setup: Setup, par: Dist, *, pool: Tensor | None = None, quiet: bool = Fa
     finally:
         if bar is not None:
             bar.close()
+    if not bool(torch.stack([torch.isfinite(p).all() for p in state.params.values()]).all()):
+        diverged(state.step, "the last update made the parameters non-finite")  # (no later step's losses show it)
     if save_values:
         save_trajectory(trajectory, out)
         values = save(values, values_path, state, cfg, par, setup.data)

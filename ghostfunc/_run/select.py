@@ -30,7 +30,7 @@ import torch
 import ghostfunc
 
 from . import cli, loop
-from .data import UsageError
+from .data import UsageError, would_read
 
 ARMS = ("top-valued", "random", "low-loss", "all seen")
 
@@ -71,6 +71,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError(f"--run: expected a finished run; {str(run_dir)!r} saved step {values.steps} of "
                              f"{cfg['steps']} (finish it with 'ghostfunc train --resume --out {run_dir}')")
         cfg = loop.resolve_run(cfg, run_dir)  # the run's own data, whatever the current folder
+        for key in ("train", "val", "test"):  # as train refuses it: select.* would become the run's data
+            if cfg.get(key) and would_read(cfg[key], out):
+                raise UsageError(f"--out: expected a folder outside the run's --{key} {cfg[key]!r}; select.json and "
+                                 f"select.md there would change the data every later select and --resume reads")
         # the token cache beside the run, as the run made it (never in the current folder)
         cfg.update(resume=False, stop_at=0, values="none", progress=False, out=str(run_dir.resolve()))
         if opts["steps"]:

@@ -24,6 +24,7 @@ from . import cli, data, loop, report
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``ghostfunc train``; return the exit code (2 for bad input)."""
     prog = "ghostfunc train"
+    out: Path | None = None
     try:
         cfg = cli.options(prog, cli.TRAIN_OPTIONS, __doc__ or "", sys.argv[1:] if argv is None else argv,
                           cli.TRAIN_RANGES)
@@ -70,6 +71,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except data.UsageError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # while reading the data, building the model or writing the report
+        print(f"{prog}: interrupted; " + (_saved(out) if out is not None else "nothing written"), file=sys.stderr)
+        return 130
     return 0
 
 
