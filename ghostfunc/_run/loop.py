@@ -537,5 +537,6 @@ def chunk_table(setup: Setup, values: ghostfunc.DataValues) -> dict[str, np.ndar
     count = values.count.numpy()
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_loss = np.where(count > 0, total[:, 2] / np.maximum(count, 1), np.nan)
-    return {"value": -total[:, 0], "value_first_order": -total[:, 1], "times_seen": count, "mean_loss": mean_loss,
+    return {"value": 0.0 - total[:, 0], "value_first_order": 0.0 - total[:, 1], "times_seen": count,  # (no -0.0)
+            "mean_loss": mean_loss,
             "source": setup.train.source}
