@@ -116,43 +116,37 @@ DESCRIBE_DEPTH, DESCRIBE_ITEMS = 3, 1024
 def described(leaf: Any) -> Any:
     """A non-tensor batch leaf as every process sees it alike, for comparing ranks: numbers and strings by value,
     containers and objects' attributes (their class by name) item by item, tensors and NumPy arrays by shape,
-    dtype and a checksum of their contents. ``repr`` was used before: a plain object's names its address (other
-    in each process: equal configs refused), and NumPy elides a long array's middle (a difference there passed:
-    0.12 off one process)."""
+    dtype and a checksum of their contents, modules by their tensors' :func:`param_checksum`. ``repr`` was used
+    before: a plain object's names its address (other in each process: equal configs refused), and NumPy elides
+    a long array's middle (a difference there passed: 0.12 off one process)."""
+    from ._interact import leaf_walk
+
+    return leaf_walk(leaf, DESCRIBE_DEPTH, DESCRIBE_ITEMS, _atom_alike, _class_and_repr)
+
+
+def _atom_alike(x: Any) -> Any:
     import zlib
 
-    from ._interact import _attributes, _is_array
+    from ._interact import _is_array
 
-    budget = [DESCRIBE_ITEMS]
+    kind = type(x)
+    if x is None or issubclass(kind, (bool, int, float, complex, str, bytes)):
+        return (kind.__name__, repr(x))
+    if issubclass(kind, Tensor):
+        data = x.detach().cpu().contiguous().reshape(-1)
+        return ("tensor", tuple(x.shape), str(x.dtype), zlib.crc32(data.view(torch.uint8).numpy().tobytes()))
+    if _is_array(x):
+        return ("array", x.shape, str(x.dtype), repr(x) if x.dtype.hasobject else zlib.crc32(x.tobytes()))
+    if issubclass(kind, torch.nn.Module):
+        floats = {k: v for k, v in x.state_dict().items() if v.is_floating_point()}
+        return (_class_and_repr(x)[0], tuple(param_checksum(floats).items()) if floats else ())
+    return None
 
-    def see(x: Any, depth: int) -> Any:
-        budget[0] -= 1
-        if budget[0] < 0:
-            return "..."
-        kind = type(x)
-        if x is None or issubclass(kind, (bool, int, float, complex, str, bytes)):
-            return (kind.__name__, repr(x))
-        if issubclass(kind, Tensor):
-            data = x.detach().cpu().contiguous().reshape(-1)
-            return ("tensor", tuple(x.shape), str(x.dtype), zlib.crc32(data.view(torch.uint8).numpy().tobytes()))
-        if _is_array(x):
-            return ("array", x.shape, str(x.dtype), repr(x) if x.dtype.hasobject else zlib.crc32(x.tobytes()))
-        name = f"{kind.__module__}.{kind.__qualname__}"
-        if depth and issubclass(kind, Mapping):
-            return (name, tuple((see(k, 0), see(v, depth - 1)) for k, v in x.items()))
-        if depth and issubclass(kind, (list, tuple, set, frozenset)):
-            items = sorted(x, key=repr) if issubclass(kind, (set, frozenset)) else x
-            return (name, tuple(see(v, depth - 1) for v in items))
-        if issubclass(kind, torch.nn.Module):
-            floats = {k: v for k, v in x.state_dict().items() if v.is_floating_point()}
-            return (name, tuple(param_checksum(floats).items()) if depth and floats else ())
-        attrs = _attributes(x) if depth else None
-        if attrs:
-            return (name, tuple((k, see(v, depth - 1)) for k, v in attrs.items()))
-        text = repr(x)
-        return (name, "" if " at 0x" in text else text)  # a default repr names the address only
 
-    return see(leaf, DESCRIBE_DEPTH)
+def _class_and_repr(x: Any) -> tuple[str, str]:
+    """An object's class by name and its repr, unless that names the address only (a default repr)."""
+    text = repr(x)
+    return f"{type(x).__module__}.{type(x).__qualname__}", "" if " at 0x" in text else text
 
 
 def param_signature(params: Mapping[str, Tensor]) -> tuple[tuple[str, tuple[int, ...], str], ...]:

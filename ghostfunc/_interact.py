@@ -606,54 +606,57 @@ def state_of(model_fn: Callable) -> tuple:
 
 
 #: Entries a batch leaf's :func:`fingerprint` looks at, and how deep into its attributes and items.
-LEAF_BUDGET, LEAF_DEPTH = 256, 2
+LEAF_BUDGET, LEAF_DEPTH = 256, 3
 #: NumPy arrays in a batch leaf up to this many bytes are fingerprinted by a checksum of their contents.
 LEAF_ARRAY_BYTES = 1 << 16
 
 
-def fingerprint(obj: Any) -> tuple:
+def fingerprint(obj: Any) -> Any:
     """A batch's non-tensor leaf as a cache key: its identity while it lives, numbers and strings by value,
     tensors by identity and version, small NumPy arrays by a checksum, modules by identity only (their state
     is the model's, seen by :func:`training_flags` and :func:`state_of`), and its attributes and items
     :data:`LEAF_DEPTH` levels down (at most :data:`LEAF_BUDGET` entries): a config changed in place is
     another key. Once per public call per leaf."""
-    return _scoped("leaf", obj, lambda: _leaf_print(obj))
+    return _scoped("leaf", obj, lambda: leaf_walk(obj, LEAF_DEPTH, LEAF_BUDGET, _local_atom, Identity))
 
 
-def _leaf_print(obj: Any) -> tuple:
-    out: list[Any] = []
-    budget = [LEAF_BUDGET]
+def _local_atom(x: Any) -> Any:
+    if issubclass(type(x), _SCALARS):
+        return (x,)
+    if issubclass(type(x), Tensor):
+        return (Identity(x), x._version)
+    if _is_array(x):
+        return _array_print(x, LEAF_ARRAY_BYTES)
+    if issubclass(type(x), torch.nn.Module):
+        return Identity(x)
+    return None
 
-    def see(x: Any, depth: int) -> None:
-        budget[0] -= 1
-        if budget[0] < 0:
-            return
+
+def leaf_walk(obj: Any, depth: int, budget: int, atom: Callable[[Any], Any], tag: Callable[[Any], Any]) -> Any:
+    """A non-tensor batch leaf as a nested tuple: ``atom(x)`` where it gives one (not ``None``: numbers, tensors,
+    arrays, modules), else the items of dicts, lists, tuples and sets and ``tag(x)`` with the attributes of
+    other objects, ``depth`` levels down and ``budget`` entries in all (``tag(x)`` alone beyond). The batch
+    signature's :func:`fingerprint` and :func:`ghostfunc._dist.described` differ only in ``atom`` and ``tag``."""
+    left = [budget]
+
+    def see(x: Any, d: int) -> Any:
+        left[0] -= 1
+        if left[0] < 0:
+            return "..."
+        if (seen := atom(x)) is not None:
+            return seen
         kind = type(x)
-        if issubclass(kind, _SCALARS):
-            out.append(x)
-        elif issubclass(kind, Tensor):
-            out.append((Identity(x), x._version))
-        elif _is_array(x):
-            out.append(_array_print(x, LEAF_ARRAY_BYTES))
-        elif issubclass(kind, torch.nn.Module) or not depth:
-            out.append(Identity(x))
-        elif issubclass(kind, dict):
-            out.append(len(x))
-            for k, v in itertools.islice(x.items(), ITEMS):
-                out.append(k if isinstance(k, (int, str)) else Identity(k))
-                see(v, depth - 1)
-        elif issubclass(kind, (list, tuple)):
-            out.append(len(x))
-            for v in itertools.islice(x, ITEMS):
-                see(v, depth - 1)
-        elif (attrs := _attributes(x)) is not None:
-            out.append(Identity(x))
-            see(attrs, depth)
-        else:
-            out.append(Identity(x))
+        if d and issubclass(kind, Mapping):
+            return ("mapping", tuple((see(k, 0), see(v, d - 1)) for k, v in itertools.islice(x.items(), ITEMS)))
+        if d and issubclass(kind, (list, tuple, set, frozenset)):
+            items = sorted(x, key=repr) if issubclass(kind, (set, frozenset)) else x
+            return (kind.__name__, tuple(see(v, d - 1) for v in itertools.islice(items, ITEMS)))
+        attrs = _attributes(x) if d else None
+        if attrs:
+            return (tag(x), tuple((k, see(v, d - 1)) for k, v in itertools.islice(attrs.items(), ITEMS)))
+        return tag(x)
 
-    see(obj, LEAF_DEPTH)
-    return tuple(out)
+    return see(obj, depth)
 
 
 #: How many items of one container :func:`state_of` looks at (a long list adds its length only beyond).
