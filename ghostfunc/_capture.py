@@ -180,14 +180,20 @@ def _hashable(x: Any) -> Any:
     else its identity while it lives and a fingerprint of what it holds (:func:`ghostfunc._interact.fingerprint`:
     a config object's attributes, a NumPy array's bytes), so a config changed in place between calls, or a new
     one allocated where an old one was freed (whose bare ``id`` matched), is a new signature: checked again."""
+    if isinstance(x, (enum.Enum, type)) or (type(x).__eq__ is not object.__eq__ and _equals_itself(x)):
+        return (type(x), x)  # (members, classes: for good)
+    return (type(x), fingerprint(x))
+
+
+def _equals_itself(x: Any) -> bool:
+    """Whether ``x`` is hashable and its own equality says ``x == x`` with a plain ``True``: one that raises
+    (a leaf whose ``__eq__`` refuses), or answers with something else (an array, a tensor: ambiguous as a
+    truth value), is kept by identity and fingerprint, not compared inside the caches' lookups."""
     try:
         hash(x)
-    except TypeError:
-        pass
-    else:
-        if type(x).__eq__ is not object.__eq__ or isinstance(x, (enum.Enum, type)):  # (members, classes: for good)
-            return (type(x), x)
-    return (type(x), fingerprint(x))
+        return type(x).__eq__(x, x) is True
+    except Exception:  # noqa: BLE001 - the leaf's own hash or equality failed: not a value to key by
+        return False
 
 
 class AutogradStateRead(RuntimeError):

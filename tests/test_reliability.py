@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import shutil
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -1261,6 +1262,41 @@ def test_a_config_leaf_of_the_batch_that_changes_is_a_new_signature(how):
         cfg.centre = True
     with pytest.raises(SamplesInteractError, match=r"^graddot: samples interact"):
         ghostfunc.graddot(model_fn, p, {"x": tx, "y": ty, "cfg": cfg}, {"x": vx, "y": vy, "cfg": cfg})
+
+
+class _Refusing:
+    """A hashable leaf whose equality refuses (``__eq__`` raises), or answers with an array."""
+
+    def __init__(self, scale, answer):
+        self.scale, self.answer = scale, answer
+
+    def __hash__(self):
+        return 7  # every one collides: the caches' lookups would compare them
+
+    def __eq__(self, other):
+        if self.answer == "raise":
+            raise TypeError("not comparable")
+        return np.array([True, False])
+
+
+@pytest.mark.parametrize("answer", ["raise", "array"])
+def test_a_batch_leaf_whose_equality_refuses_is_kept_by_identity(answer):
+    """A hashable leaf whose ``__eq__`` raises or answers with an array was keyed by value, and the second call's
+    cache lookup raised the leaf's own error (or NumPy's ambiguous truth value) out of ``graddot``; such a leaf
+    is kept by identity and fingerprint, and each call gets its own leaf's numbers."""
+    net = _mlp(22)
+    p = {k: v.detach() for k, v in net.named_parameters()}
+
+    def model_fn(params, batch):
+        x, y, leaf = batch
+        return F.cross_entropy(functional_call(net, params, (x * leaf.scale,)), y, reduction="none")
+
+    (tx, ty), (vx, vy) = _xy(6, 23), _xy(3, 24)
+    for scale in (1.0, 2.0, 1.0):
+        leaf = _Refusing(scale, answer)
+        train, val = (tx, ty, leaf), (vx, vy, leaf)
+        ref = ghostfunc.reference_graddot(model_fn, p, train, val)[0]
+        assert rel(ghostfunc.graddot(model_fn, p, train, val).scores, ref) < 1e-10
 
 
 def test_a_forward_patched_in_again_where_the_last_one_was_freed_is_checked_again():
