@@ -191,7 +191,7 @@ def _equals_itself(x: Any) -> bool:
     truth value), is kept by identity and fingerprint, not compared inside the caches' lookups."""
     try:
         hash(x)
-        return type(x).__eq__(x, x) is True
+        return type(x).__eq__(x, x) is True  # type: ignore[call-arg]
     except Exception:  # noqa: BLE001 - the leaf's own hash or equality failed: not a value to key by
         return False
 

@@ -46,6 +46,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import _dist
 from ._capture import Batch, Half, _check_finite, _rephrase, common_weight, per_sample_losses
+from ._checks import check_compile
 from ._eager import unbatchable, val_grad_hvp_eager
 from ._graddot import (
     GradDot,
@@ -250,10 +251,11 @@ def values_of(
         n, m = tb.size, vb.size
     else:
         (params, tb, vb), world = prepare_group(where, group, model_fn, params, train, val, val_reduce="mean",
-                                                policy="auto", same={"lr": lr, "order": order,
-                                                                     "curvature": curvature,
-                                                                     "precondition": precondition is not None,
-                                                                     **({"optimizer": optimizer} if optimizer else {})})
+                                                policy="auto",
+                                                precheck=lambda: check_compile(where, compile, "mean", group),
+                                                same={"lr": lr, "order": order, "curvature": curvature,
+                                                      "precondition": precondition is not None,
+                                                      **({"optimizer": optimizer} if optimizer else {})})
         n, m = world.n, world.m
     if optimizer and (by_freq := sorted(counted_over_batch(model_fn))):
         raise SamplesInteractError(

@@ -85,11 +85,17 @@ class TrainStep:
 
         With ``group``: a collective; every rank gets rank 0's ``params`` (as DDP does).
         """
-        if not isinstance(params, Mapping) or not params:
-            raise TypeError(f"train_step.init: params must be a non-empty dict name -> tensor; got {type(params).__name__}")
-        own = {k: v.clone() for k, v in check_params(params, "train_step.init").items()}
-        if self.group is not None:  # every rank starts from rank 0's parameters, as under DDP
-            own, _ = _dist.agree("train_step.init", self.group, lambda: own,  # before the broadcast reads them
+        def checked() -> Params:
+            if not isinstance(params, Mapping) or not params:
+                raise TypeError(f"train_step.init: params must be a non-empty dict name -> tensor; "
+                                f"got {type(params).__name__}")
+            one_process_only("train_step", self.group, self.curvature, self.compile)
+            return {k: v.clone() for k, v in check_params(params, "train_step.init").items()}
+
+        if self.group is None:
+            own = checked()
+        else:  # every rank starts from rank 0's parameters, as under DDP; a rank's failed check raises on every rank
+            own, _ = _dist.agree("train_step.init", self.group, checked,  # before the broadcast reads them
                                  lambda p: {"parameter names, shapes and dtypes": _dist.param_signature(p)},
                                  lambda p: (1, 1))
             own = _dist.broadcast_params(own, self.group)
@@ -126,6 +132,15 @@ class TrainStep:
         assert out.first_order is not None
         info = StepInfo(out.values, out.first_order, out.train_loss, out.val_loss, lr, tuple(out.plan.notes))
         return TrainState(params, opt_state, state.step + 1, _carried(out.val_grad, params)), info
+
+
+def one_process_only(where: str, group: Any, curvature: str, compile: bool) -> None:
+    """Refuse what runs in one process only, under ``group``. Checked inside the ranks' agreement (``init``, every
+    step), not where the step is built: a rank that alone asked for it would raise there, and the others would
+    wait for it in their first collective."""
+    if group is not None and curvature == "secant":
+        raise ValueError(f"{where}: curvature='secant' is one process only for now; use curvature='exact' with group=")
+    check_compile(where, compile, "mean", group)
 
 
 def _carried(after: ValGrad | None, params: Params) -> ValGrad | None:
@@ -210,9 +225,7 @@ def train_step(model_fn: Callable[[Params, Any], Tensor], optimizer: Optimizer, 
         raise ValueError(f"{where}: precondition=True gives first-order values only; got order={order}")
     _dist.check_group(group, where)
     check_curvature(where, curvature, order)
-    if group is not None and curvature == "secant":
-        raise ValueError(f"{where}: curvature='secant' is one process only for now; use curvature='exact' with group=")
-    check_compile(where, compile, "mean", group)
+    check_compile(where, compile, "mean", None)  # with a group: refused in init and in every step, on every rank
     if compile and (order != 1 or precondition):
         raise ValueError(f"{where}: compile=True computes first-order values without precondition; got "
                          f"order={order}, precondition={precondition}")

@@ -248,6 +248,17 @@ def _errors(rank: int, world: int, out: dict[str, Any]) -> None:
             group=group),
         "compile on one rank": lambda: ghostfunc.graddot(model_fn, params, train, val, group=group,
                                                          compile=rank == 1),
+        # a training step built for one process on one rank only: refused where the ranks meet, on every rank
+        "train_step compile on one rank": lambda: ghostfunc.train_step(
+            model_fn, ghostfunc.sgd(0.1), group=group, compile=rank == 1).init(params),
+        "train_step secant on one rank": lambda: ghostfunc.train_step(
+            model_fn, ghostfunc.sgd(0.1), order=2, curvature="secant" if rank == 1 else "exact",
+            group=group).init(params),
+        "train_step compile on one rank, resumed": lambda: ghostfunc.train_step(
+            model_fn, ghostfunc.sgd(0.1), group=group, compile=rank == 1)(
+            ghostfunc.TrainState(dict(params), ghostfunc.sgd(0.1).init(params), 0), train, val),
+        "train_step.init without params on one rank": lambda: ghostfunc.train_step(
+            model_fn, ghostfunc.sgd(0.1), group=group).init({} if rank == 1 else params),
     }
     long_array = np.arange(5000)
 
@@ -650,18 +661,24 @@ def test_bad_input_raises_on_every_rank(world2: list[dict[str, Any]]) -> None:
     """Also: a non-tensor leaf compared by value across processes (a plain config object's repr named its
     address, so equal configs were refused; a NumPy array's repr elides its middle, so a difference there
     passed, 0.12 off one process), and ``compile=True`` on one rank only (refused there alone, the other ranks
-    waited in the next collective)."""
+    waited in the next collective); so is a training step built with ``compile=True`` or ``curvature="secant"``
+    on one rank only (it raised where it was built, on that rank alone), and ``init`` of a bad ``params`` on one
+    rank."""
     results = world2
     expected = {"param shapes": "parameter names, shapes", "param names": "parameter names, shapes",
                 "batch structure": "batch structure", "val_reduce": "val_reduce", "order": "order",
                 "lr": "lr", "param values": "parameter values", "zero rows": "train is empty",
-                "array leaf": "train batch structure", "compile on one rank": "compile=True runs in one process"}
+                "array leaf": "train batch structure", "compile on one rank": "compile=True runs in one process",
+                "train_step compile on one rank": "compile=True runs in one process",
+                "train_step secant on one rank": "curvature='secant' is one process only",
+                "train_step compile on one rank, resumed": "compile=True runs in one process",
+                "train_step.init without params on one rank": "params must be a non-empty dict"}
     for r, res in enumerate(results):
         for case, words in expected.items():
             msg = res[case]
             assert msg is not None, f"rank {r}: {case} raised nothing"
             assert "rank 1" in msg and words in msg, f"rank {r}, {case}: {msg}"
-            assert msg.split(":")[0] in ("graddot", "inrun_shapley"), msg
+            assert msg.split(":")[0] in ("graddot", "inrun_shapley", "train_step", "train_step.init"), msg
         assert res["equal config objects"] is None, res["equal config objects"]
         assert res["ddp"] < 1e-12
         assert res["fsdp"] is not None and "from_module: the model is sharded by FSDP" in res["fsdp"]
