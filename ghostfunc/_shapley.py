@@ -145,7 +145,8 @@ def val_grad_hvp(model_fn: Callable[[Params, Any], Tensor], params: Params, val:
     except RuntimeError as err:
         if not unbatchable(err):
             raise
-        return val_grad_hvp_eager(model_fn, params, val, weights, vector, where)
+        with sdpa_kernel([SDPBackend.MATH]):  # (a fused attention kernel has no double backward)
+            return val_grad_hvp_eager(model_fn, params, val, weights, vector, where)
     g, hv, _ = out[0]
     for g2, hv2, _ in out[1:]:
         g, hv = {k: g[k] + g2[k] for k in g}, {k: hv[k] + hv2[k] for k in hv}

@@ -93,6 +93,32 @@ def mha_fn(mha):
     return fn
 
 
+def _sdpa_unbatchable_fn(p, batch):
+    """Attention through ``F.scaled_dot_product_attention`` behind a call ``vmap`` cannot batch
+    (``unique_consecutive``, as Hugging Face's BART classification head checks its end tokens): the validation
+    Hessian-vector product then runs one sample at a time."""
+    x = batch["x"]  # [B, T, d]
+    torch.unique_consecutive(x[..., 0].sign())  # (its value is not used)
+    q, k, v = (x @ p[name] for name in ("wq", "wk", "wv"))
+    out = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1))[:, 0]  # [B, T, d]
+    return 0.5 * (out.mean(1) @ p["head"] - batch["y"]).pow(2)
+
+
+def test_order2_fused_attention_one_sample_at_a_time():
+    """The one-sample-at-a-time Hessian-vector product ran attention on the default (fused) backend, which has no
+    double backward: ``RuntimeError: derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward
+    is not implemented`` (``BartForSequenceClassification``); it runs on the math backend, as the batched one."""
+    g = torch.Generator().manual_seed(4)
+    params = {name: torch.randn(5, 5, generator=g, dtype=DT) / 2 for name in ("wq", "wk", "wv")}
+    params["head"] = torch.randn(5, generator=g, dtype=DT)
+    train = {"x": torch.randn(4, 3, 5, generator=g, dtype=DT), "y": torch.randn(4, generator=g, dtype=DT)}
+    val = {"x": torch.randn(3, 3, 5, generator=g, dtype=DT), "y": torch.randn(3, generator=g, dtype=DT)}
+    got = ghostfunc.inrun_shapley(_sdpa_unbatchable_fn, params, train, val, lr=0.5, order=2)
+    ref = reference_order2(_sdpa_unbatchable_fn, params, train, val, 0.5,
+                           double_backward_hvp(_sdpa_unbatchable_fn, params, val))
+    assert rel(got, ref) < 1e-10
+
+
 # ---------------------------------------------------------------- brute-force references
 
 
