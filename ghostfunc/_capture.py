@@ -176,19 +176,23 @@ def _as_type(kind: type, d: dict) -> Any:
 
 def _hashable(x: Any) -> Any:
     """A non-tensor leaf's part of a batch's signature (what checks, verdicts, routings and replays are kept
-    under). By value where the leaf has a value equality of its own (numbers, strings, frozen dataclasses);
-    else its identity while it lives and a fingerprint of what it holds (:func:`ghostfunc._interact.fingerprint`:
-    a config object's attributes, a NumPy array's bytes), so a config changed in place between calls, or a new
-    one allocated where an old one was freed (whose bare ``id`` matched), is a new signature: checked again."""
-    if isinstance(x, (enum.Enum, type)) or (type(x).__eq__ is not object.__eq__ and _equals_itself(x)):
-        return (type(x), x)  # (members, classes: for good)
+    under). Numbers, strings, enum members, classes and torch's dtypes and devices by value; anything else by
+    :func:`ghostfunc._interact.fingerprint`, what it holds: a config changed in place between calls is a new
+    signature (checked again), an equal one made anew is not. An object's own equality is not used: a frozen
+    dataclass compares a config it holds by identity (one changed in place kept the old checks), and an
+    ``__eq__`` that raises, or answers with an array, raised out of the caches' lookups."""
+    if isinstance(x, _VALUES) and _equals_itself(x):
+        return (type(x), x)
     return (type(x), fingerprint(x))
 
 
+_VALUES = (bool, int, float, complex, str, bytes, type(None), enum.Enum, type, torch.dtype, torch.device,
+           torch.layout, torch.memory_format)
+
+
 def _equals_itself(x: Any) -> bool:
-    """Whether ``x`` is hashable and its own equality says ``x == x`` with a plain ``True``: one that raises
-    (a leaf whose ``__eq__`` refuses), or answers with something else (an array, a tensor: ambiguous as a
-    truth value), is kept by identity and fingerprint, not compared inside the caches' lookups."""
+    """Whether ``x`` is hashable and equal to itself with a plain ``True`` (not a NaN, not a subclass whose
+    ``__eq__`` raises)."""
     try:
         hash(x)
         return type(x).__eq__(x, x) is True  # type: ignore[call-arg]

@@ -121,7 +121,7 @@ def described(leaf: Any) -> Any:
     a long array's middle (a difference there passed: 0.12 off one process)."""
     from ._interact import leaf_walk
 
-    return leaf_walk(leaf, DESCRIBE_DEPTH, DESCRIBE_ITEMS, _atom_alike, _class_and_repr)
+    return leaf_walk(leaf, DESCRIBE_DEPTH, DESCRIBE_ITEMS, _atom_alike, _class_and_repr)[0]
 
 
 def _atom_alike(x: Any) -> Any:
@@ -135,18 +135,23 @@ def _atom_alike(x: Any) -> Any:
     if issubclass(kind, Tensor):
         data = x.detach().cpu().contiguous().reshape(-1)
         return ("tensor", tuple(x.shape), str(x.dtype), zlib.crc32(data.view(torch.uint8).numpy().tobytes()))
-    if _is_array(x):
-        return ("array", x.shape, str(x.dtype), repr(x) if x.dtype.hasobject else zlib.crc32(x.tobytes()))
+    if _is_array(x) and not x.dtype.hasobject:  # (an array of objects: walked item by item)
+        return ("array", x.shape, str(x.dtype), zlib.crc32(x.tobytes()))
     if issubclass(kind, torch.nn.Module):
         floats = {k: v for k, v in x.state_dict().items() if v.is_floating_point()}
         return (_class_and_repr(x)[0], tuple(param_checksum(floats).items()) if floats else ())
     return None
 
 
-def _class_and_repr(x: Any) -> tuple[str, str]:
-    """An object's class by name and its repr, unless that names the address only (a default repr)."""
-    text = repr(x)
-    return f"{type(x).__module__}.{type(x).__qualname__}", "" if " at 0x" in text else text
+def _class_and_repr(x: Any, whole: bool = False) -> tuple[str, str]:
+    """An object's class by name and its repr, unless that names the address only (a default repr) or raises.
+    (``whole``, whether its attributes were walked, changes nothing here: the class is named either way.)"""
+    name = f"{type(x).__module__}.{type(x).__qualname__}"
+    try:
+        text = repr(x)
+    except Exception:  # noqa: BLE001 - the object's own repr failed: its class alone
+        return name, ""
+    return name, "" if " at 0x" in text else text
 
 
 def param_signature(params: Mapping[str, Tensor]) -> tuple[tuple[str, tuple[int, ...], str], ...]:
@@ -227,31 +232,35 @@ def agree(where: str, group: Any, prepare: Callable[[], T], signature: Callable[
     failure: Exception | None = None
     try:
         prepared = prepare()
-        mine: dict[str, Any] = {"signature": signature(prepared), "rows": rows(prepared), "error": None}
+        mine: dict[str, Any] = {"signature": signature(prepared), "rows": rows(prepared), "error": None,
+                                "where": where}
     except Exception as err:  # reported on every rank below
         failure = err
-        mine = {"signature": None, "rows": (0, 0), "error": f"{type(err).__name__}: {err}"}
+        mine = {"signature": None, "rows": (0, 0), "error": f"{type(err).__name__}: {err}", "where": where}
     rank, size = rank_and_size(group)
     every: list[Any] = [None] * size
     dist.all_gather_object(every, mine, group=group)
+    calls = [e.get("where") if isinstance(e, dict) else None for e in every]
+    if any(c != where for c in calls):
+        raise ValueError(f"{where}: every rank must make the same call at this point; the ranks called "
+                         + ", ".join(f"rank {r}: {c or 'another collective'}" for r, c in enumerate(calls))
+                         + " (ranks meet in the same collectives, in the same order)")
     errors = [f"rank {r}: {e['error']}" for r, e in enumerate(every) if e["error"] is not None]
     if errors:
+        few = any("val is empty" in e for e in errors) and len(errors) < size
         raise ValueError(f"{where}: the arguments failed their checks on {len(errors)} of {size} ranks; "
-                         + "; ".join(errors)) from failure
+                         + "; ".join(errors) + (" (a validation set smaller than the number of processes: pass all "
+                                                "of it on every rank with val_reduce='mean')" if few else "")
+                         ) from failure
     ref = every[0]["signature"]
     for r, e in enumerate(every[1:], start=1):
-        for key, value in e["signature"].items():
-            if value != ref[key]:
-                theirs, ours = value, ref[key]
-                if isinstance(value, dict) and isinstance(ours, dict) and value.keys() == ours.keys():
-                    differ = [k for k in value if value[k] != ours[k]]  # only the entries that differ
-                    theirs, ours = {k: value[k] for k in differ}, {k: ours[k] for k in differ}
-                order = ""
-                if isinstance(value, (list, tuple, dict)) and isinstance(ref[key], (list, tuple, dict)) and \
-                        sorted(map(repr, value)) == sorted(map(repr, ref[key])):
-                    order = " (the same entries in another order: build the dict in the same order on every rank)"
-                raise ValueError(f"{where}: every rank must pass the same {key}; rank {r} has {_short(theirs)}, "
-                                 f"rank 0 has {_short(ours)}{order}")
+        if e["signature"].keys() != ref.keys():
+            raise ValueError(f"{where}: every rank must pass the same options; rank {r} has "
+                             f"{sorted(e['signature'])}, rank 0 has {sorted(ref)}")
+        for key in ref:
+            if e["signature"][key] != ref[key]:
+                raise ValueError(f"{where}: every rank must pass the same {key}; "
+                                 + _difference(e["signature"][key], ref[key], r) + _hint(key, e, every[0]))
     empty = [r for r, e in enumerate(every) if e["rows"][0] == 0]
     if empty:
         raise ValueError(f"{where}: every rank needs at least one training row; rank(s) {empty} have none")
@@ -316,6 +325,39 @@ def _status_device(group: Any) -> torch.device:
     if devices[0] == "cuda":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device(devices[0])
+
+
+def _difference(theirs: Any, ours: Any, r: int) -> str:
+    """What rank ``r`` has (``theirs``) against rank 0 (``ours``), narrowed to the entries that differ: a dict's
+    keys whose values differ, or a sequence's entries that the other lacks; and whether only the order differs."""
+    if isinstance(theirs, dict) and isinstance(ours, dict):
+        if sorted(map(repr, theirs.items())) == sorted(map(repr, ours.items())):
+            return (f"rank {r} has {_short(list(theirs))}, rank 0 has {_short(list(ours))} (the same entries in "
+                    f"another order: build the dict in the same order on every rank)")
+        if theirs.keys() == ours.keys():
+            differ = [k for k in theirs if theirs[k] != ours[k]]
+            theirs, ours = {k: theirs[k] for k in differ}, {k: ours[k] for k in differ}
+    elif isinstance(theirs, (list, tuple)) and isinstance(ours, (list, tuple)) and len(theirs) > 1:
+        if sorted(map(repr, theirs)) == sorted(map(repr, ours)):
+            return f"rank {r} has them in another order than rank 0: {_short(theirs)}"
+        only_theirs, only_ours = [x for x in theirs if x not in ours], [x for x in ours if x not in theirs]
+        if only_theirs or only_ours:
+            return f"rank {r} has {_short(only_theirs)} where rank 0 has {_short(only_ours)}"
+    return f"rank {r} has {_short(theirs)}, rank 0 has {_short(ours)}"
+
+
+def _hint(key: str, theirs: dict[str, Any], ours: dict[str, Any]) -> str:
+    """How to mend a batch structure that differs across ranks only in its tensors' shapes (padding)."""
+    if not key.endswith("batch structure"):
+        return ""
+    a, b = theirs["signature"][key], ours["signature"][key]
+    if a[0] == b[0] and len(a[1]) == len(b[1]) and any(
+            isinstance(x, tuple) and isinstance(y, tuple) and len(x) == len(y) == 2 and x[1] == y[1] and x[0] != y[0]
+            for x, y in zip(a[1], b[1], strict=True)):
+        return (" (the tensors' shapes past the sample axis differ: the ranks' batches, concatenated, are the global "
+                "batch, so pad every rank's to one length, e.g. padding='max_length' or a collator's "
+                "pad_to_multiple_of)")
+    return ""
 
 
 def _short(value: Any, limit: int = 300) -> str:

@@ -612,51 +612,93 @@ LEAF_ARRAY_BYTES = 1 << 16
 
 
 def fingerprint(obj: Any) -> Any:
-    """A batch's non-tensor leaf as a cache key: its identity while it lives, numbers and strings by value,
-    tensors by identity and version, small NumPy arrays by a checksum, modules by identity only (their state
-    is the model's, seen by :func:`training_flags` and :func:`state_of`), and its attributes and items
-    :data:`LEAF_DEPTH` levels down (at most :data:`LEAF_BUDGET` entries): a config changed in place is
-    another key. Once per public call per leaf."""
-    return _scoped("leaf", obj, lambda: leaf_walk(obj, LEAF_DEPTH, LEAF_BUDGET, _local_atom, Identity))
+    """A batch's non-tensor leaf as a cache key, by what it holds: numbers and strings by value, small tensors
+    and NumPy arrays by a checksum (larger ones by identity and version), modules by identity only (their state
+    is the model's, seen by :func:`training_flags` and :func:`state_of`), the items of containers and the
+    attributes of objects of Python classes :data:`LEAF_DEPTH` levels down (at most :data:`LEAF_BUDGET`
+    entries), by identity what keeps its state out of sight (a function, a ``functools.partial``, an object
+    deeper than that). A config changed in place is another key; an equal one made anew for a call is the same
+    key (its checks are not run again: that cost 50 ms a call). Where the walk stopped short (a long list, the
+    budget spent), the leaf's identity is part of the key too. Once per public call per leaf."""
+    def walk() -> Any:
+        seen, whole = leaf_walk(obj, LEAF_DEPTH, LEAF_BUDGET, _local_atom, _local_tag)
+        return seen if whole else (Identity(obj), seen)
+
+    return _scoped("leaf", obj, walk)
 
 
 def _local_atom(x: Any) -> Any:
     if issubclass(type(x), _SCALARS):
         return (x,)
     if issubclass(type(x), Tensor):
+        if x.layout is torch.strided and x.device.type != "meta" and x.numel() * x.element_size() <= LEAF_ARRAY_BYTES:
+            data = x.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+            return ("tensor", tuple(x.shape), x.dtype, x.device, zlib.crc32(memoryview(data.tobytes())))
         return (Identity(x), x._version)
-    if _is_array(x):
-        return _array_print(x, LEAF_ARRAY_BYTES)
+    if _is_array(x) and not x.dtype.hasobject:  # (an array of objects: walked as a list)
+        if x.nbytes <= LEAF_ARRAY_BYTES:
+            return ("array", x.shape, str(x.dtype), zlib.crc32(memoryview(x.tobytes())))
+        return _array_print(x, 0)
     if issubclass(type(x), torch.nn.Module):
         return Identity(x)
     return None
 
 
-def leaf_walk(obj: Any, depth: int, budget: int, atom: Callable[[Any], Any], tag: Callable[[Any], Any]) -> Any:
-    """A non-tensor batch leaf as a nested tuple: ``atom(x)`` where it gives one (not ``None``: numbers, tensors,
-    arrays, modules), else the items of dicts, lists, tuples and sets and ``tag(x)`` with the attributes of
-    other objects, ``depth`` levels down and ``budget`` entries in all (``tag(x)`` alone beyond). The batch
-    signature's :func:`fingerprint` and :func:`ghostfunc._dist.described` differ only in ``atom`` and ``tag``."""
-    left = [budget]
+def _local_tag(x: Any, whole: bool) -> Any:
+    """An object in a batch leaf: by its class where its attributes were walked and are its whole state (a class
+    written in Python), else by identity."""
+    return type(x) if whole and _python_class(type(x)) else Identity(x)
+
+
+def _python_class(kind: type) -> bool:
+    """Whether every class of ``kind``'s MRO but ``object`` is written in Python (a heap type), or ``kind`` is
+    ``types.SimpleNamespace``: its instances keep their state in their attributes (a function, a
+    ``functools.partial`` or a bound method do not)."""
+    return kind is types.SimpleNamespace or all(c is object or c.__flags__ & _HEAP_TYPE for c in kind.__mro__)
+
+
+_HEAP_TYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE
+
+
+def leaf_walk(obj: Any, depth: int, budget: int, atom: Callable[[Any], Any],
+              tag: Callable[[Any, bool], Any]) -> tuple[Any, bool]:
+    """A non-tensor batch leaf as a nested tuple, and whether that is all of it: ``atom(x)`` where it gives one
+    (not ``None``: numbers, tensors, arrays, modules), else the items of dicts, lists, tuples, sets and arrays
+    of objects and ``tag(x, whole)`` with the attributes of other objects, ``depth`` levels down and ``budget``
+    entries in all (``tag(x, False)`` alone beyond; ``whole``: its attributes were walked). A set's items are
+    ordered by what the walk made of them (a default ``repr`` names an address: each process orders its own
+    way). The batch signature's :func:`fingerprint` and :func:`ghostfunc._dist.described` differ only in
+    ``atom`` and ``tag``."""
+    left, whole = [budget], [True]
+
+    def items_of(xs: Iterable[Any], size: int, d: int) -> tuple:
+        if size > ITEMS:  # the first ITEMS only
+            whole[0] = False
+        return tuple(see(v, d - 1) for v in itertools.islice(xs, ITEMS))
 
     def see(x: Any, d: int) -> Any:
         left[0] -= 1
         if left[0] < 0:
+            whole[0] = False
             return "..."
         if (seen := atom(x)) is not None:
             return seen
         kind = type(x)
         if d and issubclass(kind, Mapping):
-            return ("mapping", tuple((see(k, 0), see(v, d - 1)) for k, v in itertools.islice(x.items(), ITEMS)))
-        if d and issubclass(kind, (list, tuple, set, frozenset)):
-            items = sorted(x, key=repr) if issubclass(kind, (set, frozenset)) else x
-            return (kind.__name__, tuple(see(v, d - 1) for v in itertools.islice(items, ITEMS)))
+            return ("mapping", tuple(zip(items_of(x.keys(), len(x), 1), items_of(x.values(), len(x), d),
+                                         strict=True)))
+        if d and issubclass(kind, (list, tuple)):
+            return (kind.__name__, items_of(x, len(x), d))
+        if d and issubclass(kind, (set, frozenset)):
+            return (kind.__name__, tuple(sorted(items_of(x, len(x), d), key=repr)))
+        if d and _is_array(x):  # an array of objects
+            return ("array", x.shape, items_of(x.flat, x.size, d))
         attrs = _attributes(x) if d else None
-        if attrs:
-            return (tag(x), tuple((k, see(v, d - 1)) for k, v in itertools.islice(attrs.items(), ITEMS)))
-        return tag(x)
+        if attrs is None:
+            return tag(x, False)
+        return (tag(x, True), tuple(zip(attrs, items_of(attrs.values(), len(attrs), d), strict=False)))
 
-    return see(obj, depth)
+    return see(obj, depth), whole[0]
 
 
 #: How many items of one container :func:`state_of` looks at (a long list adds its length only beyond).

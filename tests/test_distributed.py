@@ -242,12 +242,26 @@ def _errors(rank: int, world: int, out: dict[str, Any]) -> None:
         # a leaf each process makes alike (a plain object's default repr names its address): the same batch
         "equal config objects": lambda: ghostfunc.graddot(
             with_leaf, params, (*train, _Config(2.0)), (*val, _Config(2.0)), group=group),
+        # sets and object arrays of such objects: ordered by what the walk makes of them, not by their repr
+        "equal config sets": lambda: ghostfunc.graddot(
+            with_leaf, params, (*train, {_Config(2.0), _Config(3.0)}), (*val, frozenset({_Config(2.0)})),
+            group=group),
+        "equal config arrays": lambda: ghostfunc.graddot(
+            with_leaf, params, (*train, np.array([_Config(2.0), _Config(3.0)], dtype=object)),
+            (*val, np.array([_Config(2.0), _Config(3.0)], dtype=object)), group=group),
         # an array that differs in the middle only (NumPy's repr elides it)
         "array leaf": lambda: ghostfunc.graddot(
             with_leaf, params, (*train, long_array + (rank == 1) * (np.arange(5000) == 2500)), (*val, long_array),
             group=group),
         "compile on one rank": lambda: ghostfunc.graddot(model_fn, params, train, val, group=group,
                                                          compile=rank == 1),
+        "different calls": lambda: ghostfunc.graddot(model_fn, params, train, val, group=group) if rank == 0 else
+        ghostfunc.inrun_shapley(model_fn, params, train, val, lr=0.1, group=group),
+        "padded lengths": lambda: ghostfunc.graddot(  # (compared before the model runs)
+            model_fn, params, (torch.cat([train[0], train[0][:, :1]], 1), train[1]) if rank == 1 else train, val,
+            group=group),
+        "val on rank 0 only": lambda: ghostfunc.graddot(
+            model_fn, params, train, tuple(t[:0] for t in val) if rank == 1 else val, group=group),
         # a training step built for one process on one rank only: refused where the ranks meet, on every rank
         "train_step compile on one rank": lambda: ghostfunc.train_step(
             model_fn, ghostfunc.sgd(0.1), group=group, compile=rank == 1).init(params),
@@ -672,14 +686,20 @@ def test_bad_input_raises_on_every_rank(world2: list[dict[str, Any]]) -> None:
                 "train_step compile on one rank": "compile=True runs in one process",
                 "train_step secant on one rank": "curvature='secant' is one process only",
                 "train_step compile on one rank, resumed": "compile=True runs in one process",
-                "train_step.init without params on one rank": "params must be a non-empty dict"}
+                "train_step.init without params on one rank": "params must be a non-empty dict",
+                "different calls": "every rank must make the same call at this point; the ranks called rank 0: "
+                                   "graddot, rank 1: inrun_shapley",
+                "padded lengths": "pad every rank's to one length",
+                "val on rank 0 only": "pass all of it on every rank with val_reduce='mean'"}
     for r, res in enumerate(results):
         for case, words in expected.items():
             msg = res[case]
             assert msg is not None, f"rank {r}: {case} raised nothing"
             assert "rank 1" in msg and words in msg, f"rank {r}, {case}: {msg}"
             assert msg.split(":")[0] in ("graddot", "inrun_shapley", "train_step", "train_step.init"), msg
-        assert res["equal config objects"] is None, res["equal config objects"]
+        assert "another order" not in res["param values"], res["param values"]  # (the values differ, not the order)
+        for case in ("equal config objects", "equal config sets", "equal config arrays"):
+            assert res[case] is None, (case, res[case])
         assert res["ddp"] < 1e-12
         assert res["fsdp"] is not None and "from_module: the model is sharded by FSDP" in res["fsdp"]
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import shutil
+import types
 
 import numpy as np
 import pytest
@@ -1440,8 +1441,6 @@ def test_a_batch_leaf_holding_the_model_is_not_checked_again_after_each_step(mon
     """A batch whose config leaf holds the trained module (``SimpleNamespace(model=net, temperature=...)``) in a
     ``torch.optim`` loop: the module is keyed by identity, not by its tensors' versions (which every step
     moves), so the checks run once, not on every call (36 ms a call against 1.3 ms)."""
-    import types
-
     from ghostfunc import _interact
 
     net = _mlp(31)
@@ -1468,6 +1467,91 @@ def test_a_batch_leaf_holding_the_model_is_not_checked_again_after_each_step(mon
     ctx.temperature = 0.5  # what it holds by value: checked again
     ghostfunc.graddot(model_fn, {k: v.detach() for k, v in net.named_parameters()}, train, val)
     assert len(checks) == 2
+
+
+@dataclasses.dataclass(frozen=True)
+class _Options:  # a frozen dataclass: hashable, compares its fields, and so the config it holds by identity
+    cfg: _Config
+
+
+class _Task:  # equal and hashed by name, with a mutable config beside it
+    def __init__(self, name, cfg):
+        self.name, self.cfg = name, cfg
+
+    def __eq__(self, other):
+        return isinstance(other, _Task) and other.name == self.name
+
+    def __hash__(self):
+        return hash(self.name)
+
+
+@pytest.mark.parametrize("wrap", [_Options, functools.partial(_Task, "task")], ids=["frozen dataclass", "eq by name"])
+def test_a_leaf_that_compares_by_value_holding_a_config_changed_in_place_is_checked_again(wrap):
+    """A batch leaf with an equality of its own (a frozen dataclass, a class equal by name) holding a mutable
+    config: it was keyed by itself, whose ``__eq__`` compares the config by identity (or not at all), so turning
+    on a coupling of rows in place kept the first calls' checks (3.28 off the loop). Keyed by what it holds."""
+    net = _mlp(34)
+    p = {k: v.detach() for k, v in net.named_parameters()}
+
+    def model_fn(params, batch):
+        x = batch["x"] - batch["x"].mean(0, keepdim=True) if batch["meta"].cfg.centre else batch["x"]
+        return F.cross_entropy(functional_call(net, params, (x,)), batch["y"], reduction="none")
+
+    (tx, ty), (vx, vy) = _xy(8, 35), _xy(4, 36)
+    cfg = _Config(False)
+    train, val = {"x": tx, "y": ty, "meta": wrap(cfg)}, {"x": vx, "y": vy, "meta": wrap(cfg)}
+    for _ in range(2):
+        assert rel(ghostfunc.graddot(model_fn, p, train, val).scores,
+                   ghostfunc.reference_graddot(model_fn, p, train, val)[0]) < 1e-10
+    cfg.centre = True
+    with pytest.raises(SamplesInteractError, match=r"^graddot: samples interact"):
+        ghostfunc.graddot(model_fn, p, train, val)
+
+
+@pytest.mark.parametrize("make", [lambda: _DataConfig(False), lambda: np.arange(6.0), lambda: {"scale": [1.0, 2.0]},
+                                  lambda: types.SimpleNamespace(weights=torch.arange(3.0))],
+                         ids=["dataclass", "array", "dict of lists", "namespace holding a tensor"])
+def test_an_equal_leaf_made_anew_for_every_call_is_not_checked_again(monkeypatch, make):
+    """A non-tensor leaf made anew for each call with the same contents (a config dataclass, a small array or
+    tensor, a dict): its key is what it holds, not its identity, so the first call's checks hold (they ran on
+    every call: 50 ms a call against 1 ms); one with other contents is checked again."""
+    from ghostfunc import _interact
+
+    net = _mlp(37)
+    p = {k: v.detach() for k, v in net.named_parameters()}
+    checks = []
+    real = _interact._check_batch
+    monkeypatch.setattr(_interact, "_check_batch", lambda *a, **k: checks.append(1) or real(*a, **k))
+
+    def model_fn(params, batch):
+        return F.cross_entropy(functional_call(net, params, (batch["x"],)), batch["y"], reduction="none")
+
+    (tx, ty), (vx, vy) = _xy(8, 38), _xy(4, 39)
+    for _ in range(4):
+        leaf = make()
+        ghostfunc.graddot(model_fn, p, {"x": tx, "y": ty, "leaf": leaf}, {"x": vx, "y": vy, "leaf": leaf})
+    assert len(checks) == 1
+    ghostfunc.graddot(model_fn, p, {"x": tx, "y": ty, "leaf": [leaf]}, {"x": vx, "y": vy, "leaf": [leaf]})
+    assert len(checks) == 2
+
+
+def test_a_set_leaf_is_keyed_without_its_items_repr():
+    """A set leaf was ordered by its items' ``repr``: one that raises raised out of ``graddot``, and a set of a
+    million ints was sorted on every call (144 ms a call)."""
+    class Loud:
+        def __repr__(self):
+            raise RuntimeError("no repr")
+
+    net = _mlp(40)
+    p = {k: v.detach() for k, v in net.named_parameters()}
+
+    def model_fn(params, batch):
+        return F.cross_entropy(functional_call(net, params, (batch[0],)), batch[1], reduction="none")
+
+    (tx, ty), (vx, vy) = _xy(8, 41), _xy(4, 42)
+    for leaf in ({Loud(), Loud()}, set(range(10**6))):
+        ref = ghostfunc.reference_graddot(model_fn, p, (tx, ty, leaf), (vx, vy, leaf))[0]
+        assert rel(ghostfunc.graddot(model_fn, p, (tx, ty, leaf), (vx, vy, leaf)).scores, ref) < 1e-10
 
 
 class _RandomFeatures(nn.Module):
