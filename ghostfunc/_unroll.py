@@ -372,15 +372,21 @@ def check_batches(batches: Any, index: str, where: str) -> tuple[list[Batch], li
                              f"index={index!r}; got {got}")
         split = check_batch(b, f"batches[{t}]", where)
         idx = b[index]
-        if not isinstance(idx, Tensor) or idx.dim() != 1 or idx.is_floating_point() or idx.shape[0] != split.size:
+        if not _is_indices(idx) or idx.shape[0] != split.size:
             got = f"{idx.dtype} tensor of shape {tuple(idx.shape)}" if isinstance(idx, Tensor) else type(idx).__name__
             raise ValueError(f"{where}: batches[{t}][{index!r}] must be a 1-D integer tensor of the {split.size} "
-                             f"rows' dataset indices; got {got}")
+                             f"rows' dataset indices (a bool mask is not indices); got {got}")
         if int(idx.min()) < 0:
             raise ValueError(f"{where}: batches[{t}][{index!r}] holds a negative dataset index {int(idx.min())}")
         splits.append(split)
         indices.append(idx.to(device="cpu", dtype=torch.int64))
     return splits, indices
+
+
+def _is_indices(idx: Any) -> bool:
+    """Whether ``idx`` is a 1-D integer tensor: a bool mask is not indices (its True/False would read as 1/0)."""
+    return (isinstance(idx, Tensor) and idx.dim() == 1 and not idx.is_floating_point() and not idx.is_complex()
+            and idx.dtype != torch.bool)
 
 
 def check_val(val: Any, batches: Sequence[Any], index: str, where: str) -> Batch:
@@ -606,9 +612,10 @@ class Trajectory:
     def record(self, indices: Tensor, state: Any) -> None:
         """Append one step: the batch's dataset ``indices`` ``[B]`` and the ``state`` *after* the update."""
         where = "Trajectory.record"
-        if not isinstance(indices, Tensor) or indices.dim() != 1 or indices.is_floating_point():
-            raise TypeError(f"{where}: indices must be the batch's 1-D integer tensor of dataset indices; "
-                            f"got {getattr(indices, 'shape', type(indices).__name__)}")
+        if not _is_indices(indices):
+            got = f"{indices.dtype} tensor of shape {tuple(indices.shape)}" if isinstance(indices, Tensor) else type(indices).__name__
+            raise TypeError(f"{where}: indices must be the batch's 1-D integer tensor of dataset indices (a bool "
+                            f"mask is not indices); got {got}")
         params, opt_state = _params_state(state, where)
         self.indices.append(indices.detach().to(device="cpu", dtype=torch.int64).clone())
         self.final = params

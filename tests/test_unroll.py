@@ -392,3 +392,18 @@ def test_a_model_that_moves_its_buffers_on_every_call_is_refused_by_unroll():
     with pytest.raises(ghostfunc.StateWrittenError, match="unroll: model_fn writes into the buffer"):
         ghostfunc.unroll(fn, ghostfunc.sgd(0.1), params, batches, {"x": x[:3], "y": y[:3]})
     assert float(net.calls) == 0.0
+
+
+def test_a_bool_mask_is_not_dataset_indices():
+    """A bool ``index`` leaf (a mask) would read as dataset indices 0 and 1: every row's value on sample 0 or 1.
+    Refused by ``unroll`` and ``Trajectory.record``, as ``DataValues.add`` refuses it."""
+    params, batches, val = run(steps=1)
+    mask = {**batches[0], "index": torch.tensor([True, True, False, True])}
+    with pytest.raises(ValueError, match=r"^unroll: batches\[0\]\['index'\] must be a 1-D integer tensor of the 4 "
+                                         r"rows' dataset indices \(a bool mask is not indices\); got torch.bool"):
+        ghostfunc.unroll(mlp_fn, ghostfunc.sgd(0.1), params, [mask], val)
+    traj = ghostfunc.Trajectory.start((params, None), every=1)
+    with pytest.raises(TypeError, match=r"^Trajectory.record: indices must be the batch's 1-D integer tensor of "
+                                        r"dataset indices \(a bool mask is not indices\); got torch.bool"):
+        traj.record(torch.tensor([True, False]), (params, None))
+    assert traj.steps == 0
