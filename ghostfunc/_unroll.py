@@ -624,6 +624,13 @@ class Trajectory:
 
     def batches(self, dataset: Mapping[str, Tensor], index: str = "index") -> list[dict[str, Tensor]]:
         """Every step's batch dict, ``{key: dataset[key][indices[t]]}`` plus the indices under ``index``."""
+        rows = {k: len(v) for k, v in dataset.items()}
+        for t, idx in enumerate(self.indices):
+            short = [k for k, n in rows.items() if len(idx) and int(idx.max()) >= n]
+            if short:
+                raise IndexError(f"Trajectory.batches: step {t} recorded dataset index {int(idx.max())}, but "
+                                 f"dataset[{short[0]!r}] holds {rows[short[0]]} rows; expected the dataset the run "
+                                 f"drew its batches from")
         return [{**{k: v[idx.to(v.device)] for k, v in dataset.items()}, index: idx} for idx in self.indices]
 
     def save(self, folder: str | os.PathLike, spec: Mapping[str, Any] | None = None) -> Path:
@@ -643,13 +650,33 @@ class Trajectory:
     @classmethod
     def load(cls, folder: str | os.PathLike) -> Trajectory:
         """Read ``folder/trajectory.pt`` written by :meth:`save`."""
+        where = "Trajectory.load"
         path = Path(folder) / "trajectory.pt"
-        with torch.serialization.safe_globals(SAFE_TYPES):
-            payload = torch.load(path, weights_only=True)
+        name = repr(os.fspath(path))
+        try:
+            with torch.serialization.safe_globals(SAFE_TYPES):
+                payload = torch.load(path, weights_only=True)
+        except (FileNotFoundError, IsADirectoryError, PermissionError):
+            raise
+        except Exception as err:  # noqa: BLE001 - a truncated or foreign file: say which, and what torch said
+            said = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise ValueError(f"{where}: {name} is not a file written by Trajectory.save (torch.load: "
+                             f"{type(err).__name__}: {said})") from err
         if not isinstance(payload, dict) or payload.get("format") != TRAJECTORY_FORMAT:
-            raise ValueError(f"Trajectory.load: {os.fspath(path)!r} is not a file written by Trajectory.save")
-        return cls(int(payload["every"]), {int(t): tuple(v) for t, v in payload["checkpoints"].items()},  # type: ignore[misc]
-                   list(payload["indices"]), payload["final"])
+            raise ValueError(f"{where}: {name} is not a file written by Trajectory.save")
+        missing = [k for k in ("every", "indices", "checkpoints", "final") if k not in payload]
+        if missing:
+            raise ValueError(f"{where}: {name} lacks {missing} (expected every, indices, checkpoints and final, "
+                             f"as Trajectory.save writes)")
+        every, indices, checkpoints, final = (payload[k] for k in ("every", "indices", "checkpoints", "final"))
+        if (isinstance(every, bool) or not isinstance(every, int) or every < 1 or not isinstance(indices, list)
+                or not all(_is_indices(i) for i in indices) or not isinstance(checkpoints, dict)
+                or not all(isinstance(v, tuple) and len(v) == 2 for v in checkpoints.values())
+                or not isinstance(final, dict)):
+            raise ValueError(f"{where}: {name} holds entries of other kinds than Trajectory.save writes (expected "
+                             f"every a positive int, indices a list of 1-D integer tensors, checkpoints a dict of "
+                             f"(params, opt_state), final a dict of tensors)")
+        return cls(every, {int(t): tuple(v) for t, v in checkpoints.items()}, list(indices), final)  # type: ignore[misc]
 
 
 TRAJECTORY_FORMAT = "ghostfunc.Trajectory/1"

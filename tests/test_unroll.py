@@ -407,3 +407,30 @@ def test_a_bool_mask_is_not_dataset_indices():
                                         r"dataset indices \(a bool mask is not indices\); got torch.bool"):
         traj.record(torch.tensor([True, False]), (params, None))
     assert traj.steps == 0
+
+
+def test_trajectory_load_and_batches_name_what_they_expected(tmp_path):
+    """A junk or partial ``trajectory.pt`` and a dataset shorter than the recorded indices: errors that name the
+    file or the index and what was expected (they were torch's ``struct.error``, ``KeyError`` and ``IndexError``)."""
+    params, batches, val = run(steps=2)
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "trajectory.pt").write_text("junk")
+    with pytest.raises(ValueError, match=r"^Trajectory.load: '.*junk/trajectory.pt' is not a file written by "
+                                         r"Trajectory.save \(torch.load: "):
+        ghostfunc.Trajectory.load(tmp_path / "junk")
+    (tmp_path / "partial").mkdir()
+    torch.save({"format": "ghostfunc.Trajectory/1", "every": 1}, tmp_path / "partial" / "trajectory.pt")
+    with pytest.raises(ValueError, match=r"^Trajectory.load: '.*partial/trajectory.pt' lacks \['indices', "
+                                         r"'checkpoints', 'final'\]"):
+        ghostfunc.Trajectory.load(tmp_path / "partial")
+    traj = ghostfunc.Trajectory.start((params, None), every=1)
+    for b in batches:
+        traj.record(b["index"], (params, None))
+    traj.save(tmp_path / "whole")
+    assert ghostfunc.Trajectory.load(tmp_path / "whole").steps == 2
+    short = {"x": torch.randn(2, 3, dtype=DT)}
+    largest = int(batches[0]["index"].max())
+    assert largest >= 2
+    with pytest.raises(IndexError, match=rf"^Trajectory.batches: step 0 recorded dataset index {largest}, but "
+                                         r"dataset\['x'\] holds 2 rows"):
+        traj.batches(short)
