@@ -50,7 +50,7 @@ from torch.utils import _pytree as pytree
 from ._capture import Batch, _check_finite, _rephrase, per_sample_losses, tensor_leaves
 from ._checks import check_batch, check_model_fn, check_params
 from ._direction import graddot_direction
-from ._interact import check_state_writes, grads_on
+from ._interact import check_model, check_state_writes, grads_on
 from ._optim import Grads, Optimizer
 from ._train import TrainState
 from ._values import SAFE_TYPES, DataValues
@@ -265,6 +265,7 @@ def forward(model_fn: Callable, optimizer: Optimizer, params: Params, state: Any
     for t, batch in enumerate(batches):
         if keep(t):
             kept[t] = (params, state)
+        check_model(model_fn, params, (batch,), where, ("train",))  # cached: again once a zero parameter moved
         try:
             g = mean_grad(model_fn, params, batch, where)
         except FloatingPointError as err:  # name the step (a step before it may have made the parameters NaN)
@@ -515,10 +516,12 @@ def unroll(
         if checkpoint_every is not None and checkpoint_every != params.every:
             raise ValueError(f"{where}: checkpoint_every comes from the trajectory ({params.every}); got {checkpoint_every}")
         check_state_writes(model_fn, params.final, splits[0], where)
+        check_samples(model_fn, params.final, splits, vb, where)
         replay = trajectory_replay(model_fn, optimizer, params, splits, indices, where)
         return replay_values(replay, vb, n_data, per_step, val_reduce, via, where)
     theta0 = check_params(params, where)
     check_state_writes(model_fn, theta0, splits[0], where)  # the replay runs the model many times
+    check_samples(model_fn, theta0, splits, vb, where)
     every = checkpoint_every or default_every(len(splits))
     state0 = optimizer.init(theta0)
 
@@ -535,12 +538,25 @@ def unroll(
 def replay_values(r: Replay, val: Batch, n_data: int, per_step: bool, val_reduce: str | None, via: str,
                   where: str) -> DataValues:
     """Sweep a replay backward from ``∇L_val(θ_T)`` and package the values."""
+    check_model(r.model_fn, r.final, (val,), where, ("val",))  # val_adjoint runs each validation row alone
     lam, _ = val_adjoint(r.model_fn, r.final, val, val_reduce, where)
     total = backward(r, lam, n_data, per_step, via, val_reduce is None, where)
     count = torch.zeros(n_data, dtype=torch.int64)
     for rows in r.indices:
         count.index_add_(0, rows, torch.ones_like(rows))
     return DataValues(total, count, len(r.batches))
+
+
+def check_samples(model_fn: Callable, params: Params, splits: list[Batch], val: Batch, where: str) -> None:
+    """Refuse, before the run is replayed, a ``model_fn`` whose samples interact or whose losses do not reach
+    ``params`` (:func:`ghostfunc._interact.check_model`, cached per batch signature, as ``graddot`` runs it).
+
+    The replay differentiates each whole batch, but the validation adjoint runs each row alone (under
+    ``vmap``): a batch statistic there (``h - h.mean(0)``) gave every value as 0 without a word. A parameter
+    zero at the start (a zero-initialised gate) may hide a coupling until training moves it: checked again at
+    every step of :func:`forward` and on ``θ_T`` for ``val`` (a recording is checked at its ``θ_T``).
+    """
+    check_model(model_fn, params, (*splits, val), where, ("train",) * len(splits) + ("val",))
 
 
 def _size(size: int | None, indices: list[Tensor], where: str) -> int:

@@ -434,3 +434,50 @@ def test_trajectory_load_and_batches_name_what_they_expected(tmp_path):
     with pytest.raises(IndexError, match=rf"^Trajectory.batches: step 0 recorded dataset index {largest}, but "
                                          r"dataset\['x'\] holds 2 rows"):
         traj.batches(short)
+
+
+# ---------------------------------------------------------------- models the replay cannot attribute
+
+
+def centred_fn(p, batch):
+    """Hidden units centred over the batch: every row's loss depends on the other rows."""
+    h = torch.tanh(F.linear(batch["x"], p["w1"], p["b1"]))
+    return F.cross_entropy(F.linear(h - h.mean(0), p["w2"], p["b2"]), batch["y"], reduction="none")
+
+
+def in_batch_softmax_fn(p, batch):
+    """Each row's score against the batch's others (in-batch negatives)."""
+    s = F.linear(torch.tanh(F.linear(batch["x"], p["w1"], p["b1"])), p["w2"], p["b2"])
+    return -F.log_softmax(s[:, 0], 0)
+
+
+@pytest.mark.parametrize("fn", [centred_fn, in_batch_softmax_fn], ids=["centred", "in-batch-softmax"])
+def test_unroll_refuses_a_model_whose_samples_interact(fn):
+    """The replay differentiates each whole batch, the validation adjoint runs each row alone: a centring model
+    got every value 0 without a word. Refused as graddot refuses it, directly and from a recording."""
+    params, batches, val = run(steps=3)
+    opt = ghostfunc.sgd(0.1)
+    with pytest.raises(ghostfunc.SamplesInteractError, match=r"^unroll: samples interact in model_fn"):
+        ghostfunc.unroll(fn, opt, params, batches, val)
+    traj = ghostfunc.Trajectory.start((params, opt.init(params)), every=2)
+    for b in batches:
+        traj.record(b["index"], (params, opt.init(params)))
+    with pytest.raises(ghostfunc.SamplesInteractError, match=r"^unroll: samples interact in model_fn"):
+        ghostfunc.unroll(fn, opt, traj, batches, val)
+
+
+def test_unroll_refuses_a_coupling_behind_a_zero_gate_once_training_opens_it():
+    """``h + gate·(h − mean h)`` with ``gate = 0`` at the start: the rows are independent there, and dependent
+    once the first step moves the gate. Checked again at every step, as train_step checks (a validation row
+    alone shows nothing: the training batches must)."""
+    params, batches, val = run(steps=3, m=1)
+    params = {**params, "gate": torch.zeros((), dtype=DT)}
+
+    def gated_fn(p, batch):
+        h = torch.tanh(F.linear(batch["x"], p["w1"], p["b1"]))
+        h = h + p["gate"] * (h - h.mean(0))
+        return F.cross_entropy(F.linear(h, p["w2"], p["b2"]), batch["y"], reduction="none")
+
+    with pytest.raises(ghostfunc.SamplesInteractError, match=r"^unroll: samples interact in model_fn"):
+        ghostfunc.unroll(gated_fn, ghostfunc.sgd(0.5), params, batches, val)
+
