@@ -90,6 +90,8 @@ def batch_losses(model_fn: Callable, batch: Batch, where: str) -> Callable[[Para
         if not isinstance(out, Tensor) or out.shape != (batch.size,):
             got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise ValueError(f"{where}: model_fn must return one loss per row, shape ({batch.size},); got {got}")
+        if not out.is_floating_point():  # (as graddot: a mean or a gradient of integers has no meaning)
+            raise ValueError(f"{where}: model_fn must return floating-point losses, got {out.dtype}")
         return out
 
     return losses

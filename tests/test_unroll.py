@@ -481,3 +481,19 @@ def test_unroll_refuses_a_coupling_behind_a_zero_gate_once_training_opens_it():
     with pytest.raises(ghostfunc.SamplesInteractError, match=r"^unroll: samples interact in model_fn"):
         ghostfunc.unroll(gated_fn, ghostfunc.sgd(0.5), params, batches, val)
 
+
+def test_unroll_names_model_fn_mistakes_as_graddot_does():
+    """Integer losses, losses detached from params, and params the model does not use (a captured copy):
+    graddot's errors, not torch's ``mean(): could not infer output dtype`` or ``element 0 of tensors does not
+    require grad``."""
+    from ghostfunc._interact import ParamsUnusedError
+
+    params, batches, val = run(steps=2)
+    opt = ghostfunc.sgd(0.1)
+    with pytest.raises(ValueError, match=r"^unroll: model_fn must return floating-point losses, got torch.int64"):
+        ghostfunc.unroll(lambda p, b: mlp_fn(p, b).long(), opt, params, batches, val)
+    with pytest.raises(ParamsUnusedError, match=r"^unroll: model_fn's losses do not depend on params"):
+        ghostfunc.unroll(lambda p, b: mlp_fn(p, b).detach(), opt, params, batches, val)
+    with pytest.raises(ParamsUnusedError, match=r"^unroll: no parameter reached the computation: .*\(names \['w1', "
+                                                r"'b1', 'w2', 'b2'\]\)"):
+        ghostfunc.unroll(lambda p, b: mlp_fn(params, b), opt, params, batches, val)
