@@ -469,11 +469,14 @@ def unroll(
     **Sign** as ``φ`` everywhere in ghostfunc: ``total[i] < 0`` means up-weighting
     sample ``i`` lowers the final validation loss (it helps). To first order,
     training on a subset ``S`` (weights ``w``) changes ``L_val(θ_T)`` by
-    ``Σ_i (w_i − 1)·total[i]``.
+    ``Σ_i (w_i − 1)·total[i]``. So removing sample ``i`` is predicted as ``w_i = 0`` in
+    each batch that held it with the batch's ``1/n`` kept (a change of ``−total[i]``), not
+    as dropping the row and averaging the batch over the ``n − 1`` others.
 
     Args:
         model_fn: ``model_fn(params, batch) -> losses`` ``[B]``, samples
-            independent; it ignores the ``index`` leaf.
+            independent (refused otherwise: :class:`ghostfunc.SamplesInteractError`,
+            as :func:`ghostfunc.graddot`); it ignores the ``index`` leaf.
         optimizer: :func:`ghostfunc.sgd` or :func:`ghostfunc.adamw` (or any
             :class:`ghostfunc.Optimizer` whose ``update`` is differentiable).
         params: the initial parameters ``θ_0`` (not modified), or a recorded
