@@ -298,6 +298,27 @@ def test_a_tied_head_written_by_hand(spelling: str) -> None:
         assert any(n.startswith(_compiled.ran_eagerly(_compiled.MARKED)) for n in out.plan.notes), out.plan.notes
 
 
+@pytest.mark.parametrize("norm", ["rms_norm", "layer_norm", "group_norm"])
+def test_a_norm_layer_compiles(norm: str) -> None:
+    """``F.rms_norm`` (Llama's norm) never compiled: dynamo runs the function's body, so the graph met
+    ``torch.rms_norm``, not the call the trace recognised ("refused or failed while compiling: Observed
+    exception" on every call); it now compiles, as layer and group norm do."""
+    torch.manual_seed(9)
+    params = {"E": torch.randn(9, 4, dtype=F64), "w": torch.rand(4, dtype=F64) + 0.5, "b": torch.randn(4, dtype=F64)}
+    calls = {"rms_norm": lambda h, p: F.rms_norm(h, (4,), p["w"]) + p["b"],
+             "layer_norm": lambda h, p: F.layer_norm(h, (4,), p["w"], p["b"]),
+             "group_norm": lambda h, p: F.group_norm(h.transpose(1, 2), 2, p["w"], p["b"]).transpose(1, 2)}
+
+    def fn(p, batch):
+        ids, y = batch
+        return (torch.tanh(calls[norm](F.embedding(ids, p["E"]), p)).sum((1, 2)) - y) ** 2
+
+    g = torch.Generator().manual_seed(10)
+    train = (torch.randint(0, 9, (5, 3), generator=g), torch.randn(5, generator=g, dtype=F64))
+    val = (torch.randint(0, 9, (2, 3), generator=g), torch.randn(2, generator=g, dtype=F64))
+    warm(fn, params, train, val)
+
+
 def test_a_nan_loss_is_named_and_arguments_are_checked() -> None:
     net, params = mlp(5)
 

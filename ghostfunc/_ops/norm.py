@@ -178,6 +178,7 @@ TABLE: dict[Callable[..., Any], Rule] = {
     F.layer_norm: LAYER_NORM,
     batch_norm: BATCH_NORM,
     F.rms_norm: RMS_NORM,
+    torch.rms_norm: RMS_NORM,  # (what a compiled trace meets: dynamo runs F.rms_norm's body, not its dispatch)
     F.group_norm: GROUP_NORM,
     F.batch_norm: BATCH_NORM,
     torch.mul: SCALE,
