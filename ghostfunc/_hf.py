@@ -48,6 +48,7 @@ float32 for the softmax, as ``transformers``' own losses do):
 from __future__ import annotations
 
 import contextlib
+import difflib
 import functools
 import inspect
 from collections.abc import Callable, Mapping
@@ -118,7 +119,17 @@ def from_module(
     spec = _ModelSpec.of(model)
     native: dict[tuple, bool] = {}  # batch layout -> whether the model takes the batch as it is (see _agrees)
 
+    known = {k for k, _ in (*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False))}
+    checked: set[frozenset[str]] = set()  # the key sets seen to name the model's own tensors
+
     def run(p: dict[str, Tensor], batch: Mapping[str, Any], plain: bool) -> Tensor:
+        if (keys := frozenset(p)) not in checked:
+            if unknown := sorted(keys - known):
+                close = {k: difflib.get_close_matches(k, known, 1) for k in unknown}
+                raise KeyError(f"{where}: params names {unknown}, which the model has no parameter or buffer of "
+                               f"(a misspelt name leaves the real one a constant, scored 0 silently)"
+                               + "".join(f"; did you mean {c[0]!r} for {k!r}?" for k, c in close.items() if c))
+            checked.add(keys)
         inputs = spec.plain(batch, where) if plain else spec.inputs(batch, where)
         ctx = torch.autocast(device_type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
         with ctx:

@@ -635,6 +635,12 @@ def test_from_module_errors() -> None:
     with pytest.raises(TypeError, match=r"^from_module: the model's forward needs \['x'\], which the batch does not "
                                         r"have \(its keys: \['input', 'y'\]\)"):
         ghostfunc.graddot(own_fn, own_params, named, named)
+    # a misspelt key: the real bias was a constant and the misspelt one scored 0, silently
+    batch = {"x": torch.randn(5, 4), "y": torch.randn(5, 3)}
+    misspelt = {"lin.weight": own_params["lin.weight"], "lin.bais": own_params["lin.bias"]}
+    with pytest.raises(KeyError, match=r"from_module: params names \['lin.bais'\], which the model has no parameter "
+                                       r"or buffer of .*did you mean 'lin.bias' for 'lin.bais'\?"):
+        ghostfunc.graddot(own_fn, misspelt, batch, batch)
     cls_on_tensor, own_params = ghostfunc.from_module(Regressor(), ghostfunc.classification_loss)
     with pytest.raises(TypeError, match=r"^classification_loss: expected the model's output to have .logits"):
         batch = {"x": torch.randn(5, 4), "labels": torch.randint(0, 3, (5,))}
