@@ -1363,22 +1363,27 @@ def retry_writing(func: Callable, args: tuple, kwargs: dict[str, Any], fresh: se
     return func(*args, **kwargs)
 
 
-#: In-place writes whose result does not depend on how many times they run with one value.
-_IDEMPOTENT = frozenset({Tensor.copy_, torch._C.TensorBase.copy_})
+#: In-place writes whose result does not depend on how many times they run with one value: ``buf.copy_(v)``,
+#: ``buf.fill_(v)`` and ``buf[index] = v``.
+_IDEMPOTENT = frozenset({Tensor.copy_, torch._C.TensorBase.copy_, Tensor.fill_, torch._C.TensorBase.fill_,
+                         Tensor.__setitem__, torch._C.TensorBase.__setitem__})
 
 
 def _agreed_write(func: Callable, args: tuple, kwargs: dict[str, Any]) -> tuple[Any] | None:
-    """A ``copy_`` into a tensor from outside the call (a module buffer) of a per-sample value every sample
-    agrees on and no parameter reaches, made once with that value outside the transforms: each sample alone
-    would write the same. Hugging Face's longrope refreshes ``inv_freq`` so on every call, from the batch's
+    """A ``copy_``, ``fill_`` or ``[index] =`` into a tensor from outside the call (a module buffer) of a
+    per-sample value every sample agrees on and no parameter reaches, made once with that value outside the
+    transforms: each sample alone would write the same. Hugging Face's longrope refreshes ``inv_freq`` so on every call, from the batch's
     longest position (refused as samples that interact before). ``None`` (the caller refuses) where the
     samples disagree, the value carries a gradient, or the write is another."""
-    if func not in _IDEMPOTENT or len(args) != 2 or kwargs or not isinstance(args[1], Tensor):
+    setitem = func is Tensor.__setitem__ or func is torch._C.TensorBase.__setitem__
+    if func not in _IDEMPOTENT or len(args) != 2 + setitem or kwargs or not isinstance(args[-1], Tensor):
         return None
     ft = torch._C._functorch
     level = ft.maybe_current_level()
-    target, value = args
-    if level is None or _level_of(value) != level or ft.is_functorch_wrapped_tensor(target):
+    target, value = args[0], args[-1]
+    if level is None or _level_of(value) != level or ft.is_functorch_wrapped_tensor(target) or (
+            setitem and any(isinstance(t, Tensor) and ft.is_functorch_wrapped_tensor(t)
+                            for t in pytree.tree_leaves(args[1]))):  # (an index per sample: another write)
         return None
     inner, bdim = ft._unwrap_batched(value, level)
     if bdim is None or inner.shape[bdim] == 0:
@@ -1392,7 +1397,10 @@ def _agreed_write(func: Callable, args: tuple, kwargs: dict[str, Any]) -> tuple[
         first = plain.select(bdim, 0)
         if not bool((plain == first.unsqueeze(bdim)).all()):
             return None
-        return (target.copy_(first),)
+        if setitem:
+            target[args[1]] = first
+            return (None,)
+        return (func(target, first),)
 
 
 def _writes_batched(target: Tensor, rest: tuple, kwargs: dict[str, Any]) -> bool:

@@ -1582,9 +1582,9 @@ def test_a_random_fill_after_dropout_is_not_taken_for_one_from_the_batch():
 class _Refresh(nn.Module):
     """Copies a value from the batch into a buffer on every call, then scales by the buffer (longrope's way)."""
 
-    def __init__(self, agreed: bool) -> None:
+    def __init__(self, agreed: bool, how: str) -> None:
         super().__init__()
-        self.agreed = agreed
+        self.agreed, self.how = agreed, how
         self.register_buffer("scale", torch.ones((), dtype=F64))
 
     def forward(self, h):
@@ -1592,16 +1592,23 @@ class _Refresh(nn.Module):
             value = torch.isfinite(h.detach()).all().to(h.dtype) * 1.5
         else:  # the batch's largest entry
             value = h.detach().abs().amax()
-        self.scale.copy_(value)
+        if self.how == "copy_":
+            self.scale.copy_(value)
+        elif self.how == "fill_":
+            self.scale.fill_(value)
+        else:
+            self.scale[...] = value
         return h * self.scale
 
 
+@pytest.mark.parametrize("how", ["copy_", "fill_", "[...] ="])
 @pytest.mark.parametrize("agreed", [True, False])
-def test_a_buffer_refreshed_from_the_batch_on_every_call(agreed):
+def test_a_buffer_refreshed_from_the_batch_on_every_call(agreed, how):
     """A value written into a buffer on every call: where every sample alone would write the same, the write is
-    made once and the numbers are the loop's; where they differ, the rows interact through the buffer."""
+    made once and the numbers are the loop's; where they differ, the rows interact through the buffer. Written
+    with ``fill_`` or ``buf[...] = v`` the agreed write was refused as samples that interact."""
     torch.manual_seed(37)
-    net = nn.Sequential(nn.Linear(4, 5), _Refresh(agreed), nn.Tanh(), nn.Linear(5, 3)).double()
+    net = nn.Sequential(nn.Linear(4, 5), _Refresh(agreed, how), nn.Tanh(), nn.Linear(5, 3)).double()
     p = {k: v.detach() for k, v in net.named_parameters()}
     model_fn = _cross_entropy_of(net)
     train, val = _xy(8, 38), _xy(4, 39)
