@@ -204,6 +204,54 @@ def param_checksum(params: Mapping[str, Tensor]) -> dict[str, tuple[str, str]]:
     return {k: (hexes[2 * i], hexes[2 * i + 1]) for i, k in enumerate(params)}
 
 
+def model_state(model_fn: Any, params: Mapping[str, Tensor]) -> dict[str, Any]:
+    """What the modules ``model_fn`` reads hold besides the parameters passed in, as every process sees it alike:
+    every submodule's class, ``training`` flag and plain settings (numbers, strings: a norm's ``eps``, a head
+    count), and a fingerprint (:func:`param_checksum`) of its frozen tensors (buffers, parameters that need no
+    gradient: a frozen base under a trained head). Ranks built from other configs, one in train mode, or a base
+    initialised from other seeds scored their rows with another model (0.06-0.49 off one process) and passed.
+    A module tensor named as one of ``params`` (``functional_call`` puts the passed one in its place) is not
+    looked at. A tensor's fingerprint is kept while its version counter stands (a frozen base is summed once)."""
+    from ._interact import _modules_in, reads
+
+    described_modules, frozen = [], {}
+    for i, root in enumerate(_modules_in(reads(model_fn))):
+        for name, m in root.named_modules():
+            if type(m).__name__ in _WRAPPERS:  # (a wrapper's settings are per rank: its device ids)
+                continue
+            settings = tuple((k, v) for k, v in vars(m).items() if not k.startswith("_") and type(v) in _SETTINGS)
+            described_modules.append((i, name, f"{type(m).__module__}.{type(m).__qualname__}", settings))
+            for k, t in (*m._parameters.items(), *m._buffers.items()):
+                path = f"{name}.{k}" if name else k
+                if t is not None and not t.requires_grad and t.dtype is not torch.bool and not t.is_complex() and \
+                        path not in params:
+                    frozen[f"{i}:{path}"] = t
+    return {"model (modules, modes and settings)": tuple(described_modules),
+            "model's frozen tensors (fingerprints)": _kept_checksums(frozen)}
+
+
+_WRAPPERS = frozenset({"DistributedDataParallel", "FullyShardedDataParallel", "DataParallel"})
+_SETTINGS = (bool, int, float, str, type(None))
+#: a tensor's identity -> (its version counter, its :func:`param_checksum` entry) (:func:`model_state`; emptied
+#: past :data:`KEPT_CHECKSUMS` entries).
+_CHECKSUMS: dict[Any, tuple[int, tuple[str, str]]] = {}
+KEPT_CHECKSUMS = 1 << 14
+
+
+def _kept_checksums(tensors: Mapping[str, Tensor]) -> dict[str, tuple[str, str]]:
+    """:func:`param_checksum` of ``tensors``, each summed again only when its version counter moved."""
+    from ._interact import Identity
+
+    keys = {k: Identity(t) for k, t in tensors.items()}
+    fresh = {k: t for k, t in tensors.items() if (kept := _CHECKSUMS.get(keys[k])) is None or kept[0] != t._version}
+    if len(_CHECKSUMS) + len(fresh) > KEPT_CHECKSUMS:
+        _CHECKSUMS.clear()
+        fresh = dict(tensors)
+    for k, value in param_checksum(fresh).items():
+        _CHECKSUMS[keys[k]] = (fresh[k]._version, value)
+    return {k: _CHECKSUMS[keys[k]][1] for k in tensors}
+
+
 def broadcast_params(params: Mapping[str, Tensor], group: Any) -> dict[str, Tensor]:
     """Rank 0's ``params`` on every rank (as DDP does when it wraps a module): one flat broadcast per dtype."""
     out: dict[str, Tensor] = {}
@@ -330,16 +378,19 @@ def _status_device(group: Any) -> torch.device:
 def _difference(theirs: Any, ours: Any, r: int) -> str:
     """What rank ``r`` has (``theirs``) against rank 0 (``ours``), narrowed to the entries that differ: a dict's
     keys whose values differ, or a sequence's entries that the other lacks; and whether only the order differs."""
+    def reordered() -> str:
+        return (f"rank {r} has {_short(list(theirs))}, rank 0 has {_short(list(ours))} (the same entries in "
+                f"another order: build the dict in the same order on every rank)")
+
     if isinstance(theirs, dict) and isinstance(ours, dict):
         if sorted(map(repr, theirs.items())) == sorted(map(repr, ours.items())):
-            return (f"rank {r} has {_short(list(theirs))}, rank 0 has {_short(list(ours))} (the same entries in "
-                    f"another order: build the dict in the same order on every rank)")
+            return reordered()
         if theirs.keys() == ours.keys():
             differ = [k for k in theirs if theirs[k] != ours[k]]
             theirs, ours = {k: theirs[k] for k in differ}, {k: ours[k] for k in differ}
     elif isinstance(theirs, (list, tuple)) and isinstance(ours, (list, tuple)) and len(theirs) > 1:
         if sorted(map(repr, theirs)) == sorted(map(repr, ours)):
-            return f"rank {r} has them in another order than rank 0: {_short(theirs)}"
+            return reordered()
         only_theirs, only_ours = [x for x in theirs if x not in ours], [x for x in ours if x not in theirs]
         if only_theirs or only_ours:
             return f"rank {r} has {_short(only_theirs)} where rank 0 has {_short(only_ours)}"

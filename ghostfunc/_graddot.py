@@ -1124,7 +1124,8 @@ def prepare_group(where: str, group: Any, model_fn: Any, params: Any, train: Any
         lambda p: {"parameter names, shapes and dtypes": _dist.param_signature(p[0]),
                    "parameter values (fingerprints)": _dist.param_checksum(p[0]),
                    "train batch structure": _dist.batch_signature(train),
-                   "val batch structure": _dist.batch_signature(val), **options, **(same or {})},
+                   "val batch structure": _dist.batch_signature(val), **_dist.model_state(model_fn, p[0]), **options,
+                   **(same or {})},
         lambda p: (p[1].size, p[2].size))
 
 

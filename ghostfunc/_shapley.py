@@ -216,6 +216,7 @@ def values_of(
     compile: bool = False,
     scratch: Scratch | None = None,
     optimizer: tuple = (),
+    optimizer_state: tuple = (),
 ) -> Values:
     """The values against ``u = −a·P(ḡ_val) + (a²/2)·H_val G`` (``a = lr/n``), and the mean train gradient.
 
@@ -256,7 +257,9 @@ def values_of(
                                                 precheck=lambda: check_compile(where, compile, "mean", group),
                                                 same={"lr": lr, "order": order, "curvature": curvature,
                                                       "precondition": precondition is not None,
-                                                      **({"optimizer": optimizer} if optimizer else {})})
+                                                      **({"optimizer": optimizer} if optimizer else {}),
+                                                      **({"optimizer state (step count, fingerprints)":
+                                                          optimizer_state} if optimizer_state else {})})
         n, m = world.n, world.m
     if optimizer and (by_freq := sorted(counted_over_batch(model_fn))):
         raise SamplesInteractError(

@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
+from torch.utils import _pytree as pytree
 
 from . import _dist
 from ._checks import check_compile, check_params
@@ -125,13 +126,24 @@ class TrainStep:
         out = compute_values("train_step", self.model_fn, state.params, train, val, lr=lr, order=self.order,
                              precondition=pre, group=self.group, curvature=self.curvature,
                              val_grad=state.val_grad, compile=self.compile, scratch=self._scratch,
-                             optimizer=(opt.name, *opt.settings))
+                             optimizer=(opt.name, *opt.settings),
+                             optimizer_state=_optimizer_state_print(state) if self.group is not None else ())
         # a parameter no training sample reaches is left as torch.optim leaves one whose .grad is None
         grads = {k: None if k in out.unused else g for k, g in out.train_grad.items()}
         params, opt_state = opt.update(grads, state.opt_state, state.params)
         assert out.first_order is not None
         info = StepInfo(out.values, out.first_order, out.train_loss, out.val_loss, lr, tuple(out.plan.notes))
         return TrainState(params, opt_state, state.step + 1, _carried(out.val_grad, params)), info
+
+
+def _optimizer_state_print(state: TrainState) -> tuple:
+    """The step count and a fingerprint of the optimizer's state (moments, momentum buffers, counts), for ranks
+    to compare: AdamW second moments changed on one rank gave that rank's preconditioned values and split the
+    parameters for a step before anything said so."""
+    leaves, spec = pytree.tree_flatten(state.opt_state)
+    tensors = {str(i): x for i, x in enumerate(leaves) if isinstance(x, Tensor)}
+    return (state.step, str(spec), tuple(x for x in leaves if not isinstance(x, Tensor)),
+            tuple(_dist.param_checksum(tensors).items()))
 
 
 def one_process_only(where: str, group: Any, curvature: str, compile: bool) -> None:

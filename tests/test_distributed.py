@@ -255,6 +255,11 @@ def _errors(rank: int, world: int, out: dict[str, Any]) -> None:
             group=group),
         "compile on one rank": lambda: ghostfunc.graddot(model_fn, params, train, val, group=group,
                                                          compile=rank == 1),
+        # the model held besides the parameters: a frozen base from another seed, another setting, another mode
+        "frozen base": lambda: ghostfunc.graddot(on_frozen, params, train, val, group=group),
+        "norm eps": lambda: ghostfunc.graddot(on_normed, params, train, val, group=group),
+        "train mode": lambda: ghostfunc.graddot(on_mode, params, train, val, group=group),
+        "optimizer state": lambda: adamw_step(adamw_step.init(params)._replace(opt_state=moved), train, val),
         "different calls": lambda: ghostfunc.graddot(model_fn, params, train, val, group=group) if rank == 0 else
         ghostfunc.inrun_shapley(model_fn, params, train, val, lr=0.1, group=group),
         "padded lengths": lambda: ghostfunc.graddot(  # (compared before the model runs)
@@ -275,6 +280,23 @@ def _errors(rank: int, world: int, out: dict[str, Any]) -> None:
             model_fn, ghostfunc.sgd(0.1), group=group).init({} if rank == 1 else params),
     }
     long_array = np.arange(5000)
+    frozen = torch.nn.Linear(4, 4, dtype=torch.float64).requires_grad_(False)
+    torch.nn.init.constant_(frozen.weight, 0.1 * (1 + rank))
+    norm = torch.nn.LayerNorm(4, eps=1e-5 if rank == 0 else 0.1, elementwise_affine=False, dtype=torch.float64)
+    mode = torch.nn.Dropout(0.0).train(rank == 1)
+
+    def on_frozen(p: dict, batch: tuple) -> torch.Tensor:
+        return model_fn(p, (frozen(batch[0]), batch[1]))
+
+    def on_normed(p: dict, batch: tuple) -> torch.Tensor:
+        return model_fn(p, (norm(batch[0]), batch[1]))
+
+    def on_mode(p: dict, batch: tuple) -> torch.Tensor:
+        return model_fn(p, (mode(batch[0]), batch[1]))
+
+    adamw_step = ghostfunc.train_step(model_fn, ghostfunc.adamw(0.05), precondition=True, group=group)
+    start = ghostfunc.adamw(0.05).init(params)
+    moved = start._replace(nu={k: v + rank for k, v in start.nu.items()})  # second moments changed on rank 1
 
     def with_leaf(p: dict, batch: tuple) -> torch.Tensor:
         return model_fn(p, batch[:2])
@@ -690,7 +712,10 @@ def test_bad_input_raises_on_every_rank(world2: list[dict[str, Any]]) -> None:
                 "different calls": "every rank must make the same call at this point; the ranks called rank 0: "
                                    "graddot, rank 1: inrun_shapley",
                 "padded lengths": "pad every rank's to one length",
-                "val on rank 0 only": "pass all of it on every rank with val_reduce='mean'"}
+                "val on rank 0 only": "pass all of it on every rank with val_reduce='mean'",
+                "frozen base": "model's frozen tensors", "norm eps": "model (modules, modes and settings)",
+                "train mode": "model (modules, modes and settings)",
+                "optimizer state": "optimizer state (step count, fingerprints)"}
     for r, res in enumerate(results):
         for case, words in expected.items():
             msg = res[case]
