@@ -118,19 +118,25 @@ class TrainStep:
         if not isinstance(state, TrainState):
             raise TypeError(f"train_step: state must be the TrainState from step.init(params); got {type(state).__name__}")
         opt = self.optimizer
+        # a state built by hand may hold tensors that require grad (nn.Parameters): the step reads them detached,
+        # else its new state would carry a graph back through every earlier step (memory growing over a run)
+        own = {k: v.detach() for k, v in state.params.items()}
         lr = opt.lr(state.opt_state)
         pre = None
         if self.precondition:
             def pre(direction: Params, grads: Params) -> Params:
                 return opt.precondition(direction, grads, state.opt_state)
-        out = compute_values("train_step", self.model_fn, state.params, train, val, lr=lr, order=self.order,
+        out = compute_values("train_step", self.model_fn, own, train, val, lr=lr, order=self.order,
                              precondition=pre, group=self.group, curvature=self.curvature,
                              val_grad=state.val_grad, compile=self.compile, scratch=self._scratch,
                              optimizer=(opt.name, *opt.settings),
                              optimizer_state=_optimizer_state_print(state) if self.group is not None else ())
         # a parameter no training sample reaches is left as torch.optim leaves one whose .grad is None
         grads = {k: None if k in out.unused else g for k, g in out.train_grad.items()}
-        params, opt_state = opt.update(grads, state.opt_state, state.params)
+        with torch.no_grad():  # nothing differentiates a step's update (ghostfunc.unroll replays it on its own)
+            params, opt_state = opt.update(grads, state.opt_state, own)
+        # what the update passed through as it came (a parameter no gradient reached, its buffers) is detached too
+        opt_state = pytree.tree_map_only(Tensor, lambda t: t.detach() if t.requires_grad else t, opt_state)
         assert out.first_order is not None
         info = StepInfo(out.values, out.first_order, out.train_loss, out.val_loss, lr, tuple(out.plan.notes))
         return TrainState(params, opt_state, state.step + 1, _carried(out.val_grad, params)), info

@@ -327,3 +327,22 @@ def test_the_gradient_path_check_writes_nothing():
     for k in params:
         assert torch.equal(state.params[k], before[k]), k
     assert torch.equal(new.params["s"], params["s"])
+
+
+@pytest.mark.parametrize("case", ["sgd-momentum", "adamw"])
+def test_a_state_of_parameters_that_require_grad_gives_detached_states_no_graph_across_steps(case):
+    """A state built by hand from ``nn.Parameter``s (not by ``step.init``, which copies them detached): each
+    step's new parameters and optimizer state are plain tensors, so no autograd graph chains step to step
+    (it did, and memory grew over the run)."""
+    params, data, val = problem()
+    opt = CASES[case][0]()
+    state = ghostfunc.TrainState({k: torch.nn.Parameter(v.clone()) for k, v in params.items()}, opt.init(params), 0)
+    step = ghostfunc.train_step(mlp_fn, opt)
+    reference = step.init(params)
+    for batch in batches(data, 3):
+        state, _ = step(state, batch, val)
+        reference, _ = step(reference, batch, val)
+        tensors = [*state.params.values(), *[t for t in torch.utils._pytree.tree_leaves(state.opt_state)
+                                              if isinstance(t, Tensor)]]
+        assert all(t.grad_fn is None and not t.requires_grad for t in tensors)
+    assert all(torch.equal(state.params[k], reference.params[k]) for k in params)
