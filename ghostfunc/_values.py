@@ -27,6 +27,7 @@ and those repeats are neither valued nor counted.
 
 from __future__ import annotations
 
+import math
 import numbers
 import os
 import tempfile
@@ -87,6 +88,33 @@ class DataValues:
         if self.total.dtype != torch.float64 or self.count.dtype != torch.int64:
             raise TypeError(f"DataValues: total must be float64 and count int64 (what add sums into); got "
                             f"{self.total.dtype} and {self.count.dtype}")
+        # what load refuses is refused here, where it is made: else save writes a file that cannot be read back
+        for name, t in (("total", self.total), ("count", self.count)):
+            if t.device.type == "meta":
+                raise ValueError(f"DataValues: {name} must be a tensor that holds values (on the CPU or an "
+                                 f"accelerator); got one on the meta device")
+        # screened by a sum and a min (NaN and inf survive a sum; a few ms at 10^7 samples, where a full isfinite
+        # would double the cost of every add), located row by row only when the screen fails
+        if not math.isfinite(float(self.total.sum())) and not bool(torch.isfinite(self.total).all()):
+            rows = (~torch.isfinite(self.total)).reshape(len(self.total), -1).any(1).nonzero().flatten()
+            raise ValueError(f"DataValues: total must be finite (sums of finite values); got NaN or inf at rows "
+                             f"{rows[:10].tolist()}{' ...' if len(rows) > 10 else ''}")
+        if self.count.numel() and int(self.count.min()) < 0:
+            rows = (self.count < 0).nonzero().flatten()
+            raise ValueError(f"DataValues: count must be >= 0 (how many times each sample was in a batch); got "
+                             f"negative counts at rows {rows[:10].tolist()}{' ...' if len(rows) > 10 else ''}")
+        said = f"DataValues: steps must be an int >= 0 (how many batches were added); got {self.steps!r}"
+        if isinstance(self.steps, bool) or not isinstance(self.steps, numbers.Integral):
+            raise TypeError(f"{said} (a {type(self.steps).__name__})")
+        if self.steps < 0:
+            raise ValueError(said)
+        object.__setattr__(self, "steps", int(self.steps))  # a numpy integer is saved as the int load reads
+        if self.synced is not None and (not isinstance(self.synced, DataValues)
+                                        or self.synced.total.shape != self.total.shape):
+            got = (f"values of shape {tuple(self.synced.total.shape)}" if isinstance(self.synced, DataValues)
+                   else f"a {type(self.synced).__name__}")
+            raise TypeError(f"DataValues: synced must be None or DataValues shaped like total "
+                            f"{tuple(self.total.shape)} (the part already summed over ranks); got {got}")
 
     def __len__(self) -> int:
         return self.total.shape[0]
@@ -114,6 +142,10 @@ class DataValues:
             shape = tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__
             raise ValueError(f"{where}: values must have shape {(indices.shape[0], *self.total.shape[1:])} "
                              f"(one value per index); got {shape}")
+        for name, t in (("indices", indices), ("values", values), ("keep", keep)):
+            if isinstance(t, Tensor) and t.device.type == "meta":
+                raise ValueError(f"{where}: {name} must be a tensor that holds values (on the CPU or an accelerator); "
+                                 f"got one on the meta device")
         if keep is not None:
             if not isinstance(keep, Tensor) or keep.dtype != torch.bool or keep.shape != indices.shape:
                 got = f"{keep.dtype} tensor of shape {tuple(keep.shape)}" if isinstance(keep, Tensor) else type(keep).__name__
@@ -315,7 +347,13 @@ def _check_loadable(state: Any) -> None:
     import io
 
     buffer = io.BytesIO()
-    torch.save(state, buffer)
+    try:
+        torch.save(state, buffer)
+    except Exception as err:  # noqa: BLE001 - pickle's own error (a lambda, a lock): AttributeError, TypeError, ...
+        raise TypeError(
+            f"DataValues.save: state holds what cannot be saved at all (torch.save: {type(err).__name__}: "
+            f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}). Store tensors, numbers, strings, "
+            f"lists and dicts instead (a function or a lock is not data: leave it out)") from None
     buffer.seek(0)
     try:
         with torch.serialization.safe_globals(SAFE_TYPES):

@@ -300,3 +300,54 @@ def test_add_refuses_a_mask_as_indices_and_save_gives_the_usual_file_mode(tmp_pa
     finally:
         os.umask(mask)
     assert (tmp_path / "v.pt").stat().st_mode & 0o777 == 0o644
+
+
+def test_constructor_refuses_what_load_would_refuse_naming_the_field(tmp_path):
+    """Totals, counts and a step count that load refuses are refused where the values are made (save wrote them
+    and the file could not be read back at resume time); the message names the field, what it must be and what
+    came."""
+    total, count = torch.zeros(2, dtype=DT), torch.zeros(2, dtype=torch.int64)
+    bad = [({"total": torch.tensor([1.0, float("nan")], dtype=DT)}, ValueError,
+            r"^DataValues: total must be finite .*; got NaN or inf at rows \[1\]$"),
+           ({"total": torch.tensor([float("inf"), 0.0], dtype=DT)}, ValueError, r"^DataValues: total must be finite"),
+           ({"count": torch.tensor([0, -1])}, ValueError, r"^DataValues: count must be >= 0 .*at rows \[1\]$"),
+           ({"steps": -1}, ValueError, r"^DataValues: steps must be an int >= 0 .*; got -1$"),
+           ({"steps": "a"}, TypeError, r"^DataValues: steps must be an int >= 0 .*; got 'a' \(a str\)$"),
+           ({"steps": 2.0}, TypeError, r"^DataValues: steps must be an int >= 0 .*; got 2.0 \(a float\)$"),
+           ({"steps": True}, TypeError, r"^DataValues: steps must be an int >= 0 .*; got True \(a bool\)$"),
+           ({"synced": 5}, TypeError, r"^DataValues: synced must be None or DataValues shaped like total \(2,\).*"
+                                      r"got a int$"),
+           ({"total": torch.zeros(2, dtype=DT, device="meta")}, ValueError,
+            r"^DataValues: total must be a tensor that holds values .*; got one on the meta device$")]
+    for change, error, message in bad:
+        fields = {"total": total, "count": count, "steps": 0, **change}
+        with pytest.raises(error, match=message):
+            ghostfunc.DataValues(**fields)
+    import numpy as np
+
+    made = ghostfunc.DataValues(total, count, np.int64(3))
+    assert type(made.steps) is int and made.steps == 3
+    made.save(tmp_path / "v.pt")
+    assert ghostfunc.DataValues.load(tmp_path / "v.pt").steps == 3
+
+
+def test_save_refuses_a_state_that_cannot_be_pickled_with_a_type_error_and_writes_nothing(tmp_path):
+    """A lambda or a lock in the state: pickle's own AttributeError / TypeError came out of save; the README
+    promises a TypeError naming the problem, before anything is written."""
+    import threading
+
+    for state in ({"schedule": lambda count: 0.1}, {"lock": threading.Lock()}):
+        with pytest.raises(TypeError, match=r"^DataValues.save: state holds what cannot be saved at all "
+                                            r"\(torch.save: \w+: .*(pickle|lock)"):
+            ghostfunc.DataValues.zeros(2).save(tmp_path / "v.pt", state=state)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_add_refuses_meta_tensors_naming_the_argument():
+    values = ghostfunc.DataValues.zeros(3)
+    with pytest.raises(ValueError, match=r"^DataValues.add: indices must be a tensor that holds values .*; got one on the meta device"):
+        values.add(torch.tensor([0, 1], device="meta"), torch.ones(2))
+    with pytest.raises(ValueError, match=r"^DataValues.add: values must be a tensor that holds values .*; got one on the meta device"):
+        values.add(torch.tensor([0, 1]), torch.ones(2, device="meta"))
+    with pytest.raises(ValueError, match=r"^DataValues.add: keep must be a tensor that holds values .*; got one on the meta device"):
+        values.add(torch.tensor([0, 1]), torch.ones(2), keep=torch.ones(2, dtype=torch.bool, device="meta"))
