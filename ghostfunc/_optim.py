@@ -19,6 +19,7 @@ Parameters are a dict ``name -> Tensor``; nothing passed in is modified.
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
@@ -49,6 +50,10 @@ class Optimizer(NamedTuple):
         name: for messages and reprs.
         settings: the hyperparameters besides the learning rate, ``(name, value)`` pairs (what the
             processes of a ``group=`` step must agree on).
+        check_state: ``check_state(state, params, where)`` raises, the message starting with ``where``, where
+            ``state`` is not this optimizer's state for ``params`` (its type, its step count, its per-parameter
+            tensors' keys, shapes and dtypes); ``update`` runs it, and :func:`ghostfunc.train_step` before the
+            step's passes. ``None``: not checked (an optimizer written by hand).
     """
 
     init: Callable[[Params], Any]
@@ -57,6 +62,7 @@ class Optimizer(NamedTuple):
     precondition: Callable[[Params, Grads, Any], Params]
     name: str
     settings: tuple[tuple[str, Any], ...] = ()
+    check_state: Callable[[Any, Params, str], None] | None = None
 
 
 class SGDState(NamedTuple):
@@ -98,6 +104,17 @@ def _schedule(lr: Schedule, where: str) -> Callable[[int], float]:
     """``count -> lr``; a schedule's every value is checked when it is used (a finite float >= 0)."""
     if callable(lr):
         name = getattr(lr, "__qualname__", None) or repr(lr)
+        try:
+            signature = inspect.signature(lr)
+        except (TypeError, ValueError):  # a builtin without one: its calls say
+            signature = None
+        if signature is not None:
+            try:
+                signature.bind(0)
+            except TypeError:  # refused where it is given, not at the first update
+                raise TypeError(f"{where}: lr must be a float >= 0 or a callable count -> lr (count: the updates "
+                                f"done so far); got {name}{signature}, which cannot be called with one count"
+                                ) from None
 
         def rate(count: int) -> float:
             value = lr(count)
@@ -122,23 +139,70 @@ def _schedule(lr: Schedule, where: str) -> Callable[[int], float]:
     return lambda count: value
 
 
+def _check_params(params: Any, where: str) -> None:
+    """A dict name -> floating-point tensor (what ``init`` and ``update`` read; the names key the state)."""
+    if not isinstance(params, Mapping):
+        raise TypeError(f"{where}: params must be a dict name -> floating-point tensor; got {type(params).__name__}")
+    for k, p in params.items():
+        if not isinstance(p, Tensor) or not p.is_floating_point():
+            got = f"a {p.dtype} tensor" if isinstance(p, Tensor) else f"{p!r} (a {type(p).__name__})"
+            raise TypeError(f"{where}: params[{k!r}] must be a floating-point tensor; got {got}")
+
+
 def _check_grads(grads: Grads, params: Params, where: str) -> Grads:
     """``grads`` checked against ``params`` (keys, shapes), in the parameters' dtypes: a float64 gradient of a
     float32 parameter would otherwise promote the updated parameter to float64."""
+    if not isinstance(grads, Mapping):
+        raise TypeError(f"{where}: grads must be a dict name -> tensor (or None), like params; got "
+                        f"{type(grads).__name__}")
     if set(grads) != set(params):
         raise ValueError(f"{where}: grads and params must have the same keys; "
                          f"got grads {sorted(grads)} and params {sorted(params)}")
     for k, g in grads.items():
+        if g is not None and not isinstance(g, Tensor):
+            raise TypeError(f"{where}: grads[{k!r}] must be a tensor shaped like params[{k!r}] (or None: no "
+                            f"gradient reached it); got {g!r} (a {type(g).__name__})")
         if g is not None and g.shape != params[k].shape:
             raise ValueError(f"{where}: grads[{k!r}] has shape {tuple(g.shape)}, params[{k!r}] {tuple(params[k].shape)}")
     return {k: g if g is None or g.dtype == params[k].dtype else g.to(params[k].dtype) for k, g in grads.items()}
 
 
-def _check_state(state: Any, kind: type, where: str) -> None:
-    """Refuse another optimizer's state (a state saved by, or a trajectory recorded with, another optimizer)."""
+def _check_state(state: Any, kind: type, where: str, name: str | None = None) -> None:
+    """Refuse another optimizer's state (a state saved by, or a trajectory recorded with, another optimizer), and a
+    step count that is not an int >= 0. ``name``: the optimizer's (``where`` by default)."""
     if not isinstance(state, kind):
-        raise TypeError(f"{where}: the optimizer state must be the {kind.__name__} that {where}(...).init made; got "
-                        f"{type(state).__name__} (from another optimizer?)")
+        raise TypeError(f"{where}: the optimizer state must be the {kind.__name__} that {name or where}(...).init "
+                        f"made; got {type(state).__name__} (from another optimizer?)")
+    step = getattr(state, "step", None)
+    said = f"{where}: the optimizer state's step must be an int >= 0 (the updates done); got {step!r}"
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral):
+        raise TypeError(f"{said} (a {type(step).__name__})")
+    if step < 0:
+        raise ValueError(said)
+
+
+def _check_fits(tensors: Any, params: Params, what: str, where: str, every: bool) -> None:
+    """The per-parameter tensors ``tensors`` (``what``: e.g. ``"momentum"``) of a state against ``params``: a dict
+    whose keys are ``params``' (``every``) or some of them, each tensor of its parameter's shape and dtype. A state
+    made for other parameters (another model, a state edited by hand) is refused naming the keys, not by a
+    ``KeyError`` or a broadcasting error inside the update."""
+    if not isinstance(tensors, Mapping):
+        raise TypeError(f"{where}: the optimizer state's {what} must be a dict name -> tensor, one per parameter; "
+                        f"got {type(tensors).__name__}")
+    extra = sorted(set(tensors) - set(params))
+    missing = sorted(set(params) - set(tensors)) if every else []
+    if extra or missing:
+        raise ValueError(f"{where}: the optimizer state's {what} must have {'the' if every else 'some of the'} keys "
+                         f"of params {sorted(params)} (a state made for these parameters); got {sorted(tensors)}"
+                         + (f": {extra} not in params" if extra else "")
+                         + (f"{' and' if extra else ':'} {missing} missing" if missing else ""))
+    for k, t in tensors.items():
+        p = params[k]
+        if not isinstance(t, Tensor) or t.shape != p.shape or t.dtype != p.dtype or t.device != p.device:
+            got = (f"{t.dtype}, shape {tuple(t.shape)}, on {t.device}" if isinstance(t, Tensor)
+                   else f"a {type(t).__name__}")
+            raise ValueError(f"{where}: the optimizer state's {what}[{k!r}] must match params[{k!r}] ({p.dtype}, "
+                             f"shape {tuple(p.shape)}, on {p.device}); got {got} (a state made for other parameters?)")
 
 
 def sgd(lr: Schedule, momentum: float = 0.0, *, dampening: float = 0.0, weight_decay: float = 0.0,
@@ -168,11 +232,21 @@ def sgd(lr: Schedule, momentum: float = 0.0, *, dampening: float = 0.0, weight_d
         raise ValueError(f"{where}: nesterov needs momentum > 0 and dampening = 0; got {momentum}, {dampening}")
 
     def init(params: Params) -> SGDState:
-        del params
+        _check_params(params, f"{where}.init")
         return SGDState(0, None)
 
-    def update(grads: Grads, state: SGDState, params: Params) -> tuple[Params, SGDState]:
+    def check_state(state: SGDState, params: Params, at: str) -> None:
+        _check_state(state, SGDState, at, where)
+        if state.momentum is not None:  # a parameter no gradient has reached yet has no buffer
+            _check_fits(state.momentum, params, "momentum", at, every=False)
+
+    def lr_of(state: SGDState) -> float:
         _check_state(state, SGDState, where)
+        return rate(state.step)
+
+    def update(grads: Grads, state: SGDState, params: Params) -> tuple[Params, SGDState]:
+        _check_params(params, where)
+        check_state(state, params, where)
         grads = _check_grads(grads, params, where)
         step_lr = rate(state.step)
         new_params, bufs = {}, {}
@@ -199,9 +273,9 @@ def sgd(lr: Schedule, momentum: float = 0.0, *, dampening: float = 0.0, weight_d
         del grads, state
         return dict(direction)
 
-    return Optimizer(init, update, lambda state: rate(state.step), precondition, "sgd",
+    return Optimizer(init, update, lr_of, precondition, "sgd",
                      (("momentum", momentum), ("dampening", dampening), ("weight_decay", weight_decay),
-                      ("nesterov", bool(nesterov))))
+                      ("nesterov", bool(nesterov))), check_state)
 
 
 def _sqrt0(x: Tensor) -> Tensor:
@@ -245,6 +319,7 @@ def adamw(lr: Schedule = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: f
     weight_decay = _real(where, "weight_decay", weight_decay, low=0)
 
     def init(params: Params) -> AdamWState:
+        _check_params(params, f"{where}.init")
         zeros = {k: p.detach().new_zeros(p.shape) for k, p in params.items()}
         return AdamWState(0, zeros, {k: z.clone() for k, z in zeros.items()})
 
@@ -257,8 +332,24 @@ def adamw(lr: Schedule = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: f
             return None
         return dict(state.counts) if state.counts is not None else dict.fromkeys(grads, state.step)
 
-    def update(grads: Grads, state: AdamWState, params: Params) -> tuple[Params, AdamWState]:
+    def check_state(state: AdamWState, params: Params, at: str) -> None:
+        _check_state(state, AdamWState, at, where)
+        _check_fits(state.mu, params, "mu", at, every=True)
+        _check_fits(state.nu, params, "nu", at, every=True)
+        counts = state.counts
+        if counts is not None and (not isinstance(counts, Mapping) or set(counts) != set(params) or not all(
+                isinstance(c, numbers.Integral) and not isinstance(c, bool) and c >= 0 for c in counts.values())):
+            raise ValueError(f"{at}: the optimizer state's counts must be None or a dict with the keys of params "
+                             f"{sorted(params)}, each an int >= 0 (the updates that parameter took part in); got "
+                             f"{state.counts!r}")
+
+    def lr_of(state: AdamWState) -> float:
         _check_state(state, AdamWState, where)
+        return rate(state.step)
+
+    def update(grads: Grads, state: AdamWState, params: Params) -> tuple[Params, AdamWState]:
+        _check_params(params, where)
+        check_state(state, params, where)
         grads = _check_grads(grads, params, where)
         step_lr = rate(state.step)
         counts = counts_of(state, grads)
@@ -293,5 +384,5 @@ def adamw(lr: Schedule = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: f
             out[k] = u / (_nu(g, state.nu[k]).sqrt() / (1 - beta2**t) ** 0.5).add_(eps)
         return out
 
-    return Optimizer(init, update, lambda state: rate(state.step), precondition, "adamw",
-                     (("betas", tuple(betas)), ("eps", eps), ("weight_decay", weight_decay)))
+    return Optimizer(init, update, lr_of, precondition, "adamw",
+                     (("betas", tuple(betas)), ("eps", eps), ("weight_decay", weight_decay)), check_state)

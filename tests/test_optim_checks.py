@@ -209,3 +209,58 @@ def test_updated_parameters_keep_their_dtype():
         same, _ = opt.update({"w": grads["w"].float(), "b": grads["b"].bfloat16()}, opt.init(params), params)
         first, _ = opt.update(grads, opt.init(params), params)
         assert torch.equal(first["w"], same["w"]) and want.dtype == torch.float32
+
+
+def test_a_schedule_that_takes_no_count_is_refused_where_it_is_given() -> None:
+    """``sgd(lambda: 0.1)`` raised a raw TypeError at the first step; a schedule is called with the count."""
+    for factory in (ghostfunc.sgd, ghostfunc.adamw):
+        with pytest.raises(TypeError, match=rf"^{factory.__name__}: lr must be a float >= 0 or a callable count -> lr"
+                                            r".*got .*<lambda>\(\), which cannot be called with one count$"):
+            factory(lambda: 0.1)
+        with pytest.raises(TypeError, match=r"which cannot be called with one count$"):
+            factory(lambda count, step: 0.1)
+    assert ghostfunc.sgd(lambda count, *rest: 0.1).lr(ghostfunc.sgd(0.1).init({})) == 0.1
+
+
+@pytest.mark.parametrize("make", [ghostfunc.sgd, ghostfunc.adamw])
+def test_init_and_update_refuse_params_and_grads_that_are_not_dicts_of_tensors(make) -> None:
+    opt, name = make(0.1), make.__name__
+    params = {"w": torch.zeros(2, dtype=torch.float64)}
+    for bad, got in (([params["w"]], "got list"), (3, "got int"), ({"w": 1.0}, r"params\['w'\] .*got 1.0 \(a float\)"),
+                     ({"w": torch.zeros(2, dtype=torch.long)}, r"params\['w'\] .*got a torch.int64 tensor")):
+        with pytest.raises(TypeError, match=rf"^{name}.init: .*{got}$"):
+            opt.init(bad)
+    with pytest.raises(TypeError, match=rf"^{name}: grads\['w'\] must be a tensor shaped like params\['w'\] \(or None"
+                                        r".*\); got 1.0 \(a float\)$"):
+        opt.update({"w": 1.0}, opt.init(params), params)
+    with pytest.raises(TypeError, match=rf"^{name}: grads must be a dict name -> tensor .*; got list$"):
+        opt.update([torch.ones(2)], opt.init(params), params)
+
+
+def test_a_state_made_for_other_parameters_is_refused_naming_the_keys() -> None:
+    """AdamW's state of other parameters raised ``KeyError: 'a'``; a momentum buffer of another shape a raw
+    broadcasting error; another dtype promoted the updated parameter silently. Each names the keys now."""
+    w = {"w": torch.zeros(2, dtype=torch.float64), "b": torch.zeros(3, dtype=torch.float64)}
+    a = {"a": torch.ones(2, dtype=torch.float64)}
+    adamw = ghostfunc.adamw()
+    with pytest.raises(ValueError, match=r"^adamw: the optimizer state's mu must have the keys of params \['a'\] .*"
+                                         r"got \['b', 'w'\]: \['b', 'w'\] not in params and \['a'\] missing$"):
+        adamw.update(a, adamw.init(w), a)
+    sgd = ghostfunc.sgd(0.1, momentum=0.9)
+    grads = {k: torch.ones_like(v) for k, v in w.items()}
+    _, state = sgd.update(grads, sgd.init(w), w)
+    with pytest.raises(ValueError, match=r"^sgd: the optimizer state's momentum must have some of the keys of params "
+                                         r"\['a'\] .*got \['b', 'w'\]: \['b', 'w'\] not in params$"):
+        sgd.update(a, state, a)
+    for bad, got in ((torch.zeros(2, dtype=torch.float64), r"torch.float64, shape \(2,\), on cpu"),
+                     (torch.zeros(3), r"torch.float32, shape \(3,\), on cpu")):
+        broken = state._replace(momentum={**state.momentum, "b": bad})
+        with pytest.raises(ValueError, match=r"^sgd: the optimizer state's momentum\['b'\] must match params\['b'\] "
+                                             rf"\(torch.float64, shape \(3,\), on cpu\); got {got}"):
+            sgd.update(grads, broken, w)
+    with pytest.raises(TypeError, match=r"^sgd: the optimizer state's step must be an int >= 0 .*got 'a' \(a str\)$"):
+        sgd.update(grads, state._replace(step="a"), w)
+    with pytest.raises(ValueError, match=r"^adamw: the optimizer state's counts must be None or a dict"):
+        adamw.update(grads, adamw.init(w)._replace(counts={"w": 1}), w)
+    with pytest.raises(TypeError, match=r"^sgd: the optimizer state must be the SGDState .*; got NoneType"):
+        sgd.lr(None)
