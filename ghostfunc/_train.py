@@ -9,6 +9,7 @@ the training batches (the validation rows never move the model).
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -81,6 +82,28 @@ class TrainStep:
     compile: bool = False
     _scratch: Scratch = field(default_factory=dict, init=False, repr=False, compare=False)
 
+    def __post_init__(self) -> None:
+        """The checks of :func:`train_step`, here so that a step built as ``TrainStep(...)`` gets them too."""
+        where, order, precondition, compile = "train_step", self.order, self.precondition, self.compile
+        if not callable(self.model_fn):
+            raise TypeError(f"{where}: model_fn must be callable as model_fn(params, batch) -> losses [B]; "
+                            f"got {type(self.model_fn).__name__}")
+        if not isinstance(self.optimizer, Optimizer):
+            raise TypeError(f"{where}: optimizer must be a ghostfunc.Optimizer (ghostfunc.sgd(...), "
+                            f"ghostfunc.adamw(...)); got {type(self.optimizer).__name__}")
+        if type(order) is not int or order not in ORDERS:  # not 2.0 or True (== 1)
+            raise ValueError(f"{where}: order must be 1 or 2; got {order!r}")
+        if not isinstance(precondition, bool):
+            raise TypeError(f"{where}: precondition must be True or False; got {precondition!r}")
+        if precondition and order != 1:
+            raise ValueError(f"{where}: precondition=True gives first-order values only; got order={order}")
+        _dist.check_group(self.group, where)
+        check_curvature(where, self.curvature, order)
+        check_compile(where, compile, "mean", None)  # with a group: refused in init and in every step, on every rank
+        if compile and (order != 1 or precondition):
+            raise ValueError(f"{where}: compile=True computes first-order values without precondition; got "
+                             f"order={order}, precondition={precondition}")
+
     def init(self, params: Mapping[str, Tensor]) -> TrainState:
         """The state before the first step: detached copies of ``params`` and a fresh optimizer state.
 
@@ -115,22 +138,45 @@ class TrainStep:
         Returns:
             ``(new_state, info)``; see :class:`StepInfo`.
         """
+        where, opt = "train_step", self.optimizer
         if not isinstance(state, TrainState):
-            raise TypeError(f"train_step: state must be the TrainState from step.init(params); got {type(state).__name__}")
-        opt = self.optimizer
+            raise TypeError(f"{where}: state must be the TrainState from step.init(params); got {type(state).__name__}")
+        said = f"{where}: state.step must be an int >= 0 (the updates done); got {state.step!r}"
+        if isinstance(state.step, bool) or not isinstance(state.step, numbers.Integral):
+            raise TypeError(f"{said} (a {type(state.step).__name__})")
+        if state.step < 0:
+            raise ValueError(said)
         # a state built by hand may hold tensors that require grad (nn.Parameters): the step reads them detached,
         # else its new state would carry a graph back through every earlier step (memory growing over a run)
-        own = {k: v.detach() for k, v in state.params.items()}
+        if self.group is None:
+            if not isinstance(state.params, Mapping) or not state.params:
+                raise TypeError(f"{where}: state.params must be a non-empty dict name -> tensor (as step.init makes "
+                                f"it); got {type(state.params).__name__}")
+            own = check_params(state.params, where)
+            if opt.check_state is not None:  # before the passes, not by the update after them
+                opt.check_state(state.opt_state, own, where)
+        else:  # the ranks' agreement checks the params (a rank that alone raised here would leave the others waiting)
+            own = ({k: v.detach() if isinstance(v, Tensor) else v for k, v in state.params.items()}
+                   if isinstance(state.params, Mapping) else state.params)
         lr = opt.lr(state.opt_state)
         pre = None
         if self.precondition:
             def pre(direction: Params, grads: Params) -> Params:
                 return opt.precondition(direction, grads, state.opt_state)
-        out = compute_values("train_step", self.model_fn, own, train, val, lr=lr, order=self.order,
-                             precondition=pre, group=self.group, curvature=self.curvature,
-                             val_grad=state.val_grad, compile=self.compile, scratch=self._scratch,
-                             optimizer=(opt.name, *opt.settings),
-                             optimizer_state=_optimizer_state_print(state) if self.group is not None else ())
+        try:
+            out = compute_values(where, self.model_fn, own, train, val, lr=lr, order=self.order,
+                                 precondition=pre, group=self.group, curvature=self.curvature,
+                                 val_grad=state.val_grad, compile=self.compile, scratch=self._scratch,
+                                 optimizer=(opt.name, *opt.settings),
+                                 optimizer_state=_optimizer_state_print(state) if self.group is not None else ())
+        except KeyError as err:  # nothing else records which parameters the state should hold (a fresh SGD state)
+            key = err.args[0] if err.args else None
+            if isinstance(key, str) and isinstance(own, Mapping) and key not in own:
+                err.add_note(f"{where}: state.params has no {key!r} (it holds {sorted(own)}): if model_fn looked it "
+                             f"up there, the state is not one that step.init made for this model's parameters")
+            raise
+        if self.group is not None and opt.check_state is not None:  # the params passed the ranks' agreement
+            opt.check_state(state.opt_state, own, where)
         # a parameter no training sample reaches is left as torch.optim leaves one whose .grad is None
         grads = {k: None if k in out.unused else g for k, g in out.train_grad.items()}
         with torch.no_grad():  # nothing differentiates a step's update (ghostfunc.unroll replays it on its own)
@@ -228,23 +274,4 @@ def train_step(model_fn: Callable[[Params, Any], Tensor], optimizer: Optimizer, 
             cannot be one graph keeps the eager path). For small models over many
             steps.
     """
-    where = "train_step"
-    if not callable(model_fn):
-        raise TypeError(f"{where}: model_fn must be callable as model_fn(params, batch) -> losses [B]; "
-                        f"got {type(model_fn).__name__}")
-    if not isinstance(optimizer, Optimizer):
-        raise TypeError(f"{where}: optimizer must be a ghostfunc.Optimizer (ghostfunc.sgd(...), ghostfunc.adamw(...)); "
-                        f"got {type(optimizer).__name__}")
-    if type(order) is not int or order not in ORDERS:  # not 2.0 or True (== 1)
-        raise ValueError(f"{where}: order must be 1 or 2; got {order!r}")
-    if not isinstance(precondition, bool):
-        raise TypeError(f"{where}: precondition must be True or False; got {precondition!r}")
-    if precondition and order != 1:
-        raise ValueError(f"{where}: precondition=True gives first-order values only; got order={order}")
-    _dist.check_group(group, where)
-    check_curvature(where, curvature, order)
-    check_compile(where, compile, "mean", None)  # with a group: refused in init and in every step, on every rank
-    if compile and (order != 1 or precondition):
-        raise ValueError(f"{where}: compile=True computes first-order values without precondition; got "
-                         f"order={order}, precondition={precondition}")
-    return TrainStep(model_fn, optimizer, order, bool(precondition), group, curvature, compile)
+    return TrainStep(model_fn, optimizer, order, precondition, group, curvature, compile)  # checked there

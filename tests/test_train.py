@@ -346,3 +346,55 @@ def test_a_state_of_parameters_that_require_grad_gives_detached_states_no_graph_
                                               if isinstance(t, Tensor)]]
         assert all(t.grad_fn is None and not t.requires_grad for t in tensors)
     assert all(torch.equal(state.params[k], reference.params[k]) for k in params)
+
+
+def test_a_malformed_state_is_refused_before_the_step_naming_what_disagrees():
+    """A state whose parts disagree (edited by hand, or made for other parameters) is refused by train_step, before
+    its passes, saying what was expected and what came: it raised raw AttributeErrors, TypeErrors and broadcasting
+    errors (some after the values were computed)."""
+    params, data, val = problem()
+    batch = next(batches(data, 1))
+    step = ghostfunc.train_step(mlp_fn, ghostfunc.sgd(0.1, momentum=0.9))
+    state = step.init(params)
+    later, _ = step(state, batch, val)
+    bufs = later.opt_state.momentum
+    bad = [(later._replace(opt_state=later.opt_state._replace(momentum={**bufs, "b1": torch.zeros(5, dtype=DT)})),
+            ValueError, r"^train_step: the optimizer state's momentum\['b1'\] must match params\['b1'\] "
+                        r"\(torch.float64, shape \(6,\), on cpu\); got torch.float64, shape \(5,\)"),
+           (later._replace(params={k: v for k, v in later.params.items() if k != "b1"}), ValueError,
+            r"^train_step: the optimizer state's momentum must have some of the keys of params .*\['b1'\] not in params"),
+           (state._replace(opt_state=None), TypeError,
+            r"^train_step: the optimizer state must be the SGDState that sgd\(\.\.\.\)\.init made; got NoneType"),
+           (state._replace(opt_state=ghostfunc.adamw().init(params)), TypeError,
+            r"^train_step: the optimizer state must be the SGDState .*; got AdamWState"),
+           (state._replace(step="a"), TypeError, r"^train_step: state.step must be an int >= 0 .*; got 'a' \(a str\)$"),
+           (state._replace(step=-1), ValueError, r"^train_step: state.step must be an int >= 0 .*; got -1$"),
+           (state._replace(params=[params["w1"]]), TypeError, r"^train_step: state.params must be a non-empty dict"),
+           (state._replace(params={**params, "b1": 0.5}), TypeError, r"^train_step: params\['b1'\] must be a tensor")]
+    for broken, error, message in bad:
+        with pytest.raises(error, match=message):
+            step(broken, batch, val)
+    adamw = ghostfunc.train_step(mlp_fn, ghostfunc.adamw())
+    with pytest.raises(ValueError, match=r"^train_step: the optimizer state's mu must have the keys of params .*"
+                                         r"\['b1'\] not in params$"):
+        adamw(adamw.init(params)._replace(params={k: v for k, v in params.items() if k != "b1"}), batch, val)
+    # a fresh SGD state records no parameters: model_fn's own KeyError, with a note that names the state's keys
+    with pytest.raises(KeyError, match="b1") as caught:
+        step(state._replace(params={k: v for k, v in state.params.items() if k != "b1"}), batch, val)
+    assert any(note.startswith("train_step: state.params has no 'b1' (it holds ['b2', 'w1', 'w2'])")
+               for note in caught.value.__notes__)
+
+
+def test_a_step_built_directly_checks_its_arguments_as_train_step_does():
+    """``TrainStep(...)`` accepted ``optimizer=None`` and ``compile='x'`` and failed at the first step."""
+    sgd = ghostfunc.sgd(0.1)
+    for kw, error, message in [({"optimizer": None}, TypeError, r"^train_step: optimizer must be a ghostfunc.Optimizer"),
+                               ({"compile": "x"}, TypeError, r"^train_step: compile must be True or False; got 'x'$"),
+                               ({"order": 5}, ValueError, r"^train_step: order must be 1 or 2; got 5$"),
+                               ({"precondition": 1}, TypeError, r"^train_step: precondition must be True or False"),
+                               ({"model_fn": None}, TypeError, r"^train_step: model_fn must be callable"),
+                               ({"order": 1, "curvature": "secant"}, ValueError, r"^train_step: curvature='secant'")]:
+        args = {"model_fn": mlp_fn, "optimizer": sgd, **kw}
+        with pytest.raises(error, match=message):
+            ghostfunc.TrainStep(**args)
+    assert ghostfunc.TrainStep(mlp_fn, sgd) == ghostfunc.train_step(mlp_fn, sgd)
