@@ -52,7 +52,7 @@ class Optimizer(NamedTuple):
             processes of a ``group=`` step must agree on).
         check_state: ``check_state(state, params, where)`` raises, the message starting with ``where``, where
             ``state`` is not this optimizer's state for ``params`` (its type, its step count, its per-parameter
-            tensors' keys, shapes and dtypes); ``update`` runs it, and :func:`ghostfunc.train_step` before the
+            tensors' keys, shapes, dtypes and devices); ``update`` runs it, and :func:`ghostfunc.train_step` before the
             step's passes. ``None``: not checked (an optimizer written by hand).
     """
 
