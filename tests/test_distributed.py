@@ -13,6 +13,7 @@ import functools
 import json
 import os
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -262,6 +263,9 @@ def _errors(rank: int, world: int, out: dict[str, Any]) -> None:
         "optimizer state": lambda: adamw_step(adamw_step.init(params)._replace(opt_state=moved), train, val),
         "different calls": lambda: ghostfunc.graddot(model_fn, params, train, val, group=group) if rank == 0 else
         ghostfunc.inrun_shapley(model_fn, params, train, val, lr=0.1, group=group),
+        "init against save": lambda: ghostfunc.train_step(model_fn, ghostfunc.sgd(0.1), group=group).init(params)
+        if rank == 0 else ghostfunc.DataValues.zeros(4).save(Path(tempfile.gettempdir(), "never_written.pt"),
+                                                              group=group),
         "padded lengths": lambda: ghostfunc.graddot(  # (compared before the model runs)
             model_fn, params, (torch.cat([train[0], train[0][:, :1]], 1), train[1]) if rank == 1 else train, val,
             group=group),
@@ -712,6 +716,7 @@ def test_bad_input_raises_on_every_rank(world2: list[dict[str, Any]]) -> None:
                 "different calls": "every rank must make the same call at this point; the ranks called rank 0: "
                                    "graddot, rank 1: inrun_shapley",
                 "padded lengths": "pad every rank's to one length",
+                "init against save": "every rank must make the same call at this point",
                 "val on rank 0 only": "pass all of it on every rank with val_reduce='mean'",
                 "frozen base": "model's frozen tensors", "norm eps": "model (modules, modes and settings)",
                 "train mode": "model (modules, modes and settings)",
@@ -721,7 +726,8 @@ def test_bad_input_raises_on_every_rank(world2: list[dict[str, Any]]) -> None:
             msg = res[case]
             assert msg is not None, f"rank {r}: {case} raised nothing"
             assert "rank 1" in msg and words in msg, f"rank {r}, {case}: {msg}"
-            assert msg.split(":")[0] in ("graddot", "inrun_shapley", "train_step", "train_step.init"), msg
+            assert msg.split(":")[0] in ("graddot", "inrun_shapley", "train_step", "train_step.init",
+                                         "DataValues.save"), msg
         assert "another order" not in res["param values"], res["param values"]  # (the values differ, not the order)
         for case in ("equal config objects", "equal config sets", "equal config arrays"):
             assert res[case] is None, (case, res[case])
