@@ -336,7 +336,8 @@ def capture_all(model_fn: ModelFn, params: dict[str, Tensor], batches: tuple[Bat
             halves = _whole.verified(
                 model_fn, params, _whole.capture_key(params, subs, r.kernel), per_sample,
                 lambda: _whole.capture(model_fn, params, subs, traces, r.kernel, where, labels), _whole.same_run,
-                lambda hs: _whole.run_losses(hs, subs, traces, r.kernel))
+                lambda hs: _whole.run_losses(hs, subs, traces, r.kernel),
+                lambda hs: _whole.same_reordered(model_fn, params, subs, traces, r.kernel, where, labels, hs))
         else:
             halves = per_sample()
     except _Diverged as err:

@@ -382,7 +382,8 @@ _VERIFIED: weakref.WeakKeyDictionary[Any, dict[tuple, frozenset[str] | bool]] = 
 
 
 def verified(model_fn: ModelFn, params: Mapping[str, Tensor], key: tuple, exact: Callable[[], R],
-             direct: Callable[[], R], same: Callable[[R, R], bool], losses: Callable[[R], list[Tensor]]) -> R:
+             direct: Callable[[], R], same: Callable[[R, R], bool], losses: Callable[[R], list[Tensor]],
+             reordered: Callable[[R], bool] | None = None) -> R:
     """``direct()`` where this ``model_fn`` and ``key`` were seen to match ``exact()``; else ``exact()``.
 
     An unseen key runs both and records whether ``same`` held (returning the result
@@ -392,7 +393,8 @@ def verified(model_fn: ModelFn, params: Mapping[str, Tensor], key: tuple, exact:
     train and validation rows together where they ran as one batch) are one sample or samples that
     differ (rows of identical samples in the wrong order look the same). It holds while the
     parameters that were zero when it was recorded stay zero (a coupling of rows behind a zero gate
-    looks the same as none); after that the next call compares again.
+    looks the same as none); after that the next call compares again. ``reordered(exact result)``, where
+    given, is a second comparison the match needs (:func:`same_reordered`: the rows in another order).
     """
     if not ENABLED:
         return exact()
@@ -416,7 +418,7 @@ def verified(model_fn: ModelFn, params: Mapping[str, Tensor], key: tuple, exact:
         return result  # nothing to learn (a match would prove nothing): ask again on the next call
     try:
         whole = direct()
-        ok = same(result, whole)
+        ok = same(result, whole) and (reordered is None or reordered(result))
     except Exception:  # noqa: BLE001
         ok = False
     if len(seen) > 64:
@@ -425,6 +427,30 @@ def verified(model_fn: ModelFn, params: Mapping[str, Tensor], key: tuple, exact:
     # From the first call of a signature on, the numbers come from the path later calls take: a run resumed
     # in a new process repeats the uninterrupted one bit for bit.
     return whole if ok else result
+
+
+def same_reordered(model_fn: ModelFn, params: Mapping[str, Tensor], batches: Sequence[Batch],
+                   traces: Sequence[Trace], kernel: set[str], where: str, labels: Sequence[str],
+                   exact: Sequence[Half]) -> bool:
+    """Whether :func:`capture` of ``batches`` with each batch's rows rotated by one agrees with ``exact`` (the
+    per-sample capture of the batches as given) rotated alike: the second run of a verdict (:func:`verified`).
+
+    One batch's match can be a coincidence of its order. A model that orders its rows by value with
+    comparisons and a product over the rows (no sort or gather: ``P = (rank[:, None] == arange(B))``,
+    ``P @ f(P.T @ x)``) is exact per sample, and its whole-batch run reads each recognised call's rows in the
+    permuted order: on a batch already in that order the permutation is the identity and the runs matched,
+    then later calls with rows in another order were 1.06-1.85 off. Rotated, no row keeps its place (one more
+    whole-batch run, on the first call of a signature only)."""
+    if all(b.size == 1 for b in batches):
+        return True
+    turned = [Batch([t.roll(1, 0) for t in b.tensors], b.rebuild, b.size, b.signature) for b in batches]
+
+    def rolled(g: Factored | Direct) -> Factored | Direct:
+        return Direct(g.grad.roll(1, 0)) if isinstance(g, Direct) else Factored(g.left.roll(1, 0),
+                                                                                 g.right.roll(1, 0), g.p)
+
+    want = [Half(h.loss.roll(1, 0), {k: [rolled(g) for g in uses] for k, uses in h.grads.items()}) for h in exact]
+    return same_run(want, capture(model_fn, params, turned, traces, kernel, where, labels))
 
 
 def capture_key(params: Mapping[str, Tensor], batches: Sequence[Batch], kernel: set[str]) -> tuple:
