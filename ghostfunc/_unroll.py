@@ -53,7 +53,7 @@ from ._direction import graddot_direction
 from ._interact import check_model, check_state_writes, grads_on
 from ._optim import Grads, Optimizer
 from ._train import TrainState
-from ._values import SAFE_TYPES, DataValues
+from ._values import DataValues, read_saved
 
 Params = dict[str, Tensor]
 VIAS = ("hvp", "kernels")
@@ -674,15 +674,7 @@ class Trajectory:
         where = "Trajectory.load"
         path = Path(folder) / "trajectory.pt"
         name = repr(os.fspath(path))
-        try:
-            with torch.serialization.safe_globals(SAFE_TYPES):
-                payload = torch.load(path, weights_only=True)
-        except (FileNotFoundError, IsADirectoryError, PermissionError):
-            raise
-        except Exception as err:  # noqa: BLE001 - a truncated or foreign file: say which, and what torch said
-            said = str(err).strip().splitlines()[0] if str(err).strip() else ""
-            raise ValueError(f"{where}: {name} is not a file written by Trajectory.save (torch.load: "
-                             f"{type(err).__name__}: {said})") from err
+        payload = read_saved(path, where, "Trajectory.save")
         if not isinstance(payload, dict) or payload.get("format") != TRAJECTORY_FORMAT:
             raise ValueError(f"{where}: {name} is not a file written by Trajectory.save")
         missing = [k for k in ("every", "indices", "checkpoints", "final") if k not in payload]

@@ -47,6 +47,21 @@ FORMAT = "ghostfunc.DataValues/1"
 SAFE_TYPES: list[Any] = [TrainState, SGDState, AdamWState]
 
 
+def read_saved(path: str | os.PathLike, where: str, writer: str) -> Any:
+    """``torch.load(path, weights_only=True)`` with ghostfunc's state types allowed; a file that is not there or
+    cannot be opened raises as it is, a truncated or foreign one a ``ValueError`` naming it, ``writer`` (what
+    should have written it) and torch's reason."""
+    try:
+        with torch.serialization.safe_globals(SAFE_TYPES):
+            return torch.load(path, weights_only=True)
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    except Exception as err:  # noqa: BLE001 - a truncated or foreign file: say which, and what torch said
+        said = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ValueError(f"{where}: {os.fspath(path)!r} is not a file written by {writer} (torch.load: "
+                         f"{type(err).__name__}: {said})") from err
+
+
 @dataclass(frozen=True)
 class DataValues:
     """Per-dataset-index sums of step values (an immutable value: ``add`` returns a new one).
@@ -301,15 +316,7 @@ class DataValues:
                                                                                      values.steps))
             return (values, state) if with_state else values
         where, name = "DataValues.load", repr(os.fspath(path))
-        try:
-            with torch.serialization.safe_globals(SAFE_TYPES):
-                payload = torch.load(path, weights_only=True)
-        except (FileNotFoundError, IsADirectoryError, PermissionError):
-            raise
-        except Exception as err:  # noqa: BLE001 - a truncated or foreign file: say which, and what torch said
-            raise ValueError(f"{where}: {name} is not a file written by DataValues.save (torch.load: "
-                             f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''})"
-                             ) from err
+        payload = read_saved(path, where, "DataValues.save")
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:
             raise ValueError(f"{where}: {name} is not a file written by DataValues.save")
         missing = [k for k in ("total", "count", "steps", "state") if k not in payload]
