@@ -25,7 +25,6 @@ sample by sample (:mod:`ghostfunc._eager`).
 from __future__ import annotations
 
 import contextlib
-import enum
 import inspect
 import threading
 import warnings
@@ -48,6 +47,7 @@ from ._interact import (
     InPlaceWriteError,
     eager_stance,
     fingerprint,
+    is_value,
     param_signature,
     retry_writing,
     training_flags,
@@ -176,28 +176,14 @@ def _as_type(kind: type, d: dict) -> Any:
 
 def _hashable(x: Any) -> Any:
     """A non-tensor leaf's part of a batch's signature (what checks, verdicts, routings and replays are kept
-    under). Numbers, strings, enum members, classes and torch's dtypes and devices by value; anything else by
-    :func:`ghostfunc._interact.fingerprint`, what it holds: a config changed in place between calls is a new
-    signature (checked again), an equal one made anew is not. An object's own equality is not used: a frozen
-    dataclass compares a config it holds by identity (one changed in place kept the old checks), and an
-    ``__eq__`` that raises, or answers with an array, raised out of the caches' lookups."""
-    if isinstance(x, _VALUES) and _equals_itself(x):
+    under). Numbers, strings and other immutable values by value (:func:`ghostfunc._interact.is_value`);
+    anything else by :func:`ghostfunc._interact.fingerprint`, what it holds: a config changed in place between
+    calls is a new signature (checked again), an equal one made anew is not. An object's own equality is not
+    used: a frozen dataclass compares a config it holds by identity (one changed in place kept the old checks),
+    and an ``__eq__`` that raises, or answers with an array, raised out of the caches' lookups."""
+    if is_value(x):
         return (type(x), x)
     return (type(x), fingerprint(x))
-
-
-_VALUES = (bool, int, float, complex, str, bytes, type(None), enum.Enum, type, torch.dtype, torch.device,
-           torch.layout, torch.memory_format)
-
-
-def _equals_itself(x: Any) -> bool:
-    """Whether ``x`` is hashable and equal to itself with a plain ``True`` (not a NaN, not a subclass whose
-    ``__eq__`` raises)."""
-    try:
-        hash(x)
-        return type(x).__eq__(x, x) is True  # type: ignore[call-arg]
-    except Exception:  # noqa: BLE001 - the leaf's own hash or equality failed: not a value to key by
-        return False
 
 
 class AutogradStateRead(RuntimeError):

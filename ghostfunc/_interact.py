@@ -24,11 +24,17 @@ splits such batches). The global RNG state is left as it was.
 from __future__ import annotations
 
 import contextlib
+import datetime
+import decimal
+import enum
+import fractions
 import functools
 import itertools
+import pathlib
 import sys
 import threading
 import types
+import uuid
 import warnings
 import weakref
 import zlib
@@ -612,49 +618,126 @@ LEAF_ARRAY_BYTES = 1 << 16
 
 
 def fingerprint(obj: Any) -> Any:
-    """A batch's non-tensor leaf as a cache key, by what it holds: numbers and strings by value, small tensors
-    and NumPy arrays by a checksum (larger ones by identity and version), modules by identity only (their state
-    is the model's, seen by :func:`training_flags` and :func:`state_of`), the items of containers and the
-    attributes of objects of Python classes :data:`LEAF_DEPTH` levels down (at most :data:`LEAF_BUDGET`
-    entries), by identity what keeps its state out of sight (a function, a ``functools.partial``, an object
-    deeper than that). A config changed in place is another key; an equal one made anew for a call is the same
-    key (its checks are not run again: that cost 50 ms a call). Where the walk stopped short (a long list, the
-    budget spent), the leaf's identity is part of the key too. Once per public call per leaf."""
+    """A batch's non-tensor leaf as a cache key, by what it holds: numbers, strings and other immutable values
+    (:func:`is_value`) by value, small tensors and NumPy arrays by a checksum (larger ones, past
+    :data:`LEAF_ARRAY_BYTES` in all, by identity and version), modules by identity only (their state is the
+    model's, seen by :func:`training_flags` and :func:`state_of`), and the items of containers and the
+    attributes of objects of plain Python classes (:func:`plain_class`, with the class's own settings)
+    :data:`LEAF_DEPTH` levels down, at most :data:`LEAF_BUDGET` entries. A config changed in place is another
+    key; an equal one made anew for a call is the same key (its checks are not run again: that cost 50 ms a
+    call). Where the walk could not see all the leaf holds (a function, a ``functools.partial``, a random
+    generator, a property, a subclass of a container, a long list, the budget spent), the leaf's identity is
+    part of the key too: a new one is checked again. Once per public call per leaf."""
     def walk() -> Any:
-        seen, whole = leaf_walk(obj, LEAF_DEPTH, LEAF_BUDGET, _local_atom, _local_tag)
+        checksummed = [LEAF_ARRAY_BYTES]
+
+        def atom(x: Any) -> Any:
+            return _local_atom(x, checksummed)
+
+        seen, whole = leaf_walk(obj, LEAF_DEPTH, LEAF_BUDGET, atom, _local_tag)
         return seen if whole else (Identity(obj), seen)
 
     return _scoped("leaf", obj, walk)
 
 
-def _local_atom(x: Any) -> Any:
-    if issubclass(type(x), _SCALARS):
+#: Immutable types whose instances are keyed by value (with :func:`_equals_itself`).
+VALUE_TYPES: tuple[type, ...] = (bool, int, float, complex, str, bytes, type(None), enum.Enum, type, torch.dtype,
+                                 torch.device, torch.layout, torch.memory_format, torch.Size, range,
+                                 datetime.date, datetime.time, datetime.timedelta, decimal.Decimal,
+                                 fractions.Fraction, uuid.UUID, pathlib.PurePath)
+
+
+def is_value(x: Any) -> bool:
+    """Whether ``x`` is an immutable value keyed by itself: one of :data:`VALUE_TYPES`, a NumPy scalar or dtype,
+    equal to itself with a plain ``True`` (not a NaN, not a subclass whose ``__eq__`` raises)."""
+    numpy = sys.modules.get("numpy")
+    if not (issubclass(type(x), VALUE_TYPES) or (numpy is not None and isinstance(x, (numpy.generic, numpy.dtype)))):
+        return False
+    return _equals_itself(x)
+
+
+def _equals_itself(x: Any) -> bool:
+    try:
+        hash(x)
+        return type(x).__eq__(x, x) is True  # type: ignore[call-arg]
+    except Exception:  # noqa: BLE001 - the value's own hash or equality failed: not a value to key by
+        return False
+
+
+def _local_atom(x: Any, checksummed: list[int]) -> Any:
+    """A batch leaf's part that needs no walk (``None`` where it does); ``checksummed``: the bytes of tensors
+    and arrays left to sum in this walk."""
+    kind = type(x)
+    if issubclass(kind, _SCALARS):
         return (x,)
-    if issubclass(type(x), Tensor):
-        if x.layout is torch.strided and x.device.type != "meta" and x.numel() * x.element_size() <= LEAF_ARRAY_BYTES:
+    if issubclass(kind, Tensor):
+        size = x.numel() * x.element_size()
+        if x.layout is torch.strided and x.device.type != "meta" and size <= checksummed[0]:
+            checksummed[0] -= size
             data = x.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
             return ("tensor", tuple(x.shape), x.dtype, x.device, zlib.crc32(memoryview(data.tobytes())))
-        return (Identity(x), x._version)
+        return (Identity(x), x._version)  # (a change in place moves the version)
+    if is_value(x):
+        return ("value", kind, x)
     if _is_array(x) and not x.dtype.hasobject:  # (an array of objects: walked as a list)
-        if x.nbytes <= LEAF_ARRAY_BYTES:
+        if x.nbytes <= checksummed[0]:
+            checksummed[0] -= x.nbytes
             return ("array", x.shape, str(x.dtype), zlib.crc32(memoryview(x.tobytes())))
-        return _array_print(x, 0)
-    if issubclass(type(x), torch.nn.Module):
+        return None  # (identity, as an object whose state is out of sight)
+    if issubclass(kind, torch.nn.Module):
         return Identity(x)
+    if issubclass(kind, types.MethodType):  # a bound method, made anew on each access: its object and function
+        return ("method", Identity(x.__self__), Identity(x.__func__))
     return None
 
 
 def _local_tag(x: Any, whole: bool) -> Any:
-    """An object in a batch leaf: by its class where its attributes were walked and are its whole state (a class
-    written in Python), else by identity."""
-    return type(x) if whole and _python_class(type(x)) else Identity(x)
+    """An object in a batch leaf: by its class and the class's own settings where its attributes were walked
+    and are all of its state (:func:`plain_class`), else by identity."""
+    kind = type(x)
+    if whole and plain_class(kind):
+        return (kind, _class_settings(kind))
+    return Identity(x)
 
 
-def _python_class(kind: type) -> bool:
-    """Whether every class of ``kind``'s MRO but ``object`` is written in Python (a heap type), or ``kind`` is
-    ``types.SimpleNamespace``: its instances keep their state in their attributes (a function, a
-    ``functools.partial`` or a bound method do not)."""
-    return kind is types.SimpleNamespace or all(c is object or c.__flags__ & _HEAP_TYPE for c in kind.__mro__)
+def _class_settings(kind: type) -> tuple:
+    """A class's own plain settings (numbers, strings: a default an instance does not shadow), down its MRO."""
+    return tuple((k, v) for c in kind.__mro__[:-1] for k, v in vars(c).items()
+                 if not k.startswith("__") and issubclass(type(v), _SCALARS))
+
+
+def plain_class(kind: type) -> bool:
+    """Whether an instance of ``kind`` keeps all its state in its attributes (its ``__dict__`` and slots), where a
+    walk sees it: ``types.SimpleNamespace``, or a class written in Python, with no C base but ``object`` (a
+    ``functools.partial``, a ``random.Random`` keep theirs out of sight), no property or other computed
+    attribute (one may read a global) and no ``__getattr__``/``__getattribute__`` of its own."""
+    known = _PLAIN.get(kind)
+    if known is None:
+        if len(_PLAIN) > 1024:
+            _PLAIN.clear()
+        known = _PLAIN[kind] = _plain_class(kind)
+    return known
+
+
+_PLAIN: dict[type, bool] = {}
+
+
+def _plain_class(kind: type) -> bool:
+    if kind is types.SimpleNamespace:
+        return True
+    for c in kind.__mro__[:-1]:
+        if not c.__flags__ & _HEAP_TYPE:
+            return False
+        for name, v in vars(c).items():
+            if name in ("__getattr__", "__getattribute__"):
+                return False
+            if name in ("__dict__", "__weakref__") or isinstance(v, (types.FunctionType, staticmethod, classmethod,
+                                                                         types.MemberDescriptorType)):
+                continue
+            if isinstance(v, (types.WrapperDescriptorType, types.MethodDescriptorType, types.BuiltinFunctionType,
+                              types.GetSetDescriptorType, property)) or hasattr(type(v), "__get__"):
+                return False  # implemented in C, or computed on access
+    return True
 
 
 _HEAP_TYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE
@@ -684,16 +767,23 @@ def leaf_walk(obj: Any, depth: int, budget: int, atom: Callable[[Any], Any],
         if (seen := atom(x)) is not None:
             return seen
         kind = type(x)
+        if d and issubclass(kind, (Mapping, list, tuple, set, frozenset)) and kind not in _CONTAINERS:
+            whole[0] = False  # a subclass: what it holds besides its items (attributes, a hook) is not walked
         if d and issubclass(kind, Mapping):
             return ("mapping", tuple(zip(items_of(x.keys(), len(x), 1), items_of(x.values(), len(x), d),
                                          strict=True)))
         if d and issubclass(kind, (list, tuple)):
             return (kind.__name__, items_of(x, len(x), d))
         if d and issubclass(kind, (set, frozenset)):
+            if len(x) > ITEMS:  # which items come first is each process's own hash order: the count only
+                whole[0] = False
+                return (kind.__name__, len(x))
             return (kind.__name__, tuple(sorted(items_of(x, len(x), d), key=repr)))
-        if d and _is_array(x):  # an array of objects
+        if d and _is_array(x) and x.dtype.hasobject:  # an array of objects
             return ("array", x.shape, items_of(x.flat, x.size, d))
-        attrs = _attributes(x) if d else None
+        if not plain_class(kind):  # its state is (partly) out of sight: its identity stands for it, and the leaf's
+            whole[0] = False
+        attrs = _attributes(x) if d else None  # (beyond the depth: its identity stands for it)
         if attrs is None:
             return tag(x, False)
         return (tag(x, True), tuple(zip(attrs, items_of(attrs.values(), len(attrs), d), strict=False)))
@@ -701,6 +791,7 @@ def leaf_walk(obj: Any, depth: int, budget: int, atom: Callable[[Any], Any],
     return see(obj, depth), whole[0]
 
 
+_CONTAINERS = frozenset({dict, list, tuple, set, frozenset})
 #: How many items of one container :func:`state_of` looks at (a long list adds its length only beyond).
 ITEMS = 256
 #: NumPy arrays up to this many bytes are fingerprinted by a checksum of their contents (larger: identity,

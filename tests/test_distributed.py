@@ -247,6 +247,9 @@ def _errors(rank: int, world: int, out: dict[str, Any]) -> None:
         "equal config sets": lambda: ghostfunc.graddot(
             with_leaf, params, (*train, {_Config(2.0), _Config(3.0)}), (*val, frozenset({_Config(2.0)})),
             group=group),
+        "equal large sets": lambda: ghostfunc.graddot(  # (each process iterates a set of strings its own way)
+            with_leaf, params, (*train, {str(i) for i in range(300)}), (*val, {str(i) for i in range(300)}),
+            group=group),
         "equal config arrays": lambda: ghostfunc.graddot(
             with_leaf, params, (*train, np.array([_Config(2.0), _Config(3.0)], dtype=object)),
             (*val, np.array([_Config(2.0), _Config(3.0)], dtype=object)), group=group),
@@ -729,7 +732,7 @@ def test_bad_input_raises_on_every_rank(world2: list[dict[str, Any]]) -> None:
             assert msg.split(":")[0] in ("graddot", "inrun_shapley", "train_step", "train_step.init",
                                          "DataValues.save"), msg
         assert "another order" not in res["param values"], res["param values"]  # (the values differ, not the order)
-        for case in ("equal config objects", "equal config sets", "equal config arrays"):
+        for case in ("equal config objects", "equal config sets", "equal large sets", "equal config arrays"):
             assert res[case] is None, (case, res[case])
         assert res["ddp"] < 1e-12
         assert res["fsdp"] is not None and "from_module: the model is sharded by FSDP" in res["fsdp"]
