@@ -206,9 +206,10 @@ def param_checksum(params: Mapping[str, Tensor]) -> dict[str, tuple[str, str]]:
 
 def model_state(model_fn: Any, params: Mapping[str, Tensor]) -> dict[str, Any]:
     """What the modules ``model_fn`` reads hold besides the parameters passed in, as every process sees it alike:
-    every submodule's class, ``training`` flag and plain settings (numbers, strings: a norm's ``eps``, a head
-    count), and a fingerprint (:func:`param_checksum`) of its frozen tensors (buffers, parameters that need no
-    gradient: a frozen base under a trained head). Ranks built from other configs, one in train mode, or a base
+    every submodule's class and ``training`` flag, the plain numeric settings of torch's and Hugging Face's
+    modules (a norm's ``eps``, a head count; a module of one's own may hold its rank or device), and a
+    fingerprint (:func:`param_checksum`) of the frozen tensors (parameters that need no gradient: a frozen base
+    under a trained head; buffers in the state dict, not scratch space). Ranks built from other configs, one in train mode, or a base
     initialised from other seeds scored their rows with another model (0.06-0.49 off one process) and passed.
     A module tensor named as one of ``params`` (``functional_call`` puts the passed one in its place) is not
     looked at. A tensor's fingerprint is kept while its version counter stands (a frozen base is summed once)."""
@@ -219,9 +220,13 @@ def model_state(model_fn: Any, params: Mapping[str, Tensor]) -> dict[str, Any]:
         for name, m in root.named_modules():
             if type(m).__name__ in _WRAPPERS:  # (a wrapper's settings are per rank: its device ids)
                 continue
-            settings = tuple((k, v) for k, v in vars(m).items() if not k.startswith("_") and type(v) in _SETTINGS)
-            described_modules.append((i, name, f"{type(m).__module__}.{type(m).__qualname__}", settings))
-            for k, t in (*m._parameters.items(), *m._buffers.items()):
+            origin = type(m).__module__
+            known = origin.startswith(_KNOWN_MODULES)  # (a module of one's own may hold its rank or device)
+            settings = tuple((k, float.hex(float(v)) if type(v) is float else v) for k, v in vars(m).items()
+                             if known and not k.startswith("_") and type(v) in _SETTINGS)
+            described_modules.append((i, name, f"{origin}.{type(m).__qualname__}", m.training, settings))
+            scratch = m._non_persistent_buffers_set  # (a buffer left out of the state dict may be scratch space)
+            for k, t in (*m._parameters.items(), *((k, b) for k, b in m._buffers.items() if k not in scratch)):
                 path = f"{name}.{k}" if name else k
                 if t is not None and not t.requires_grad and t.dtype is not torch.bool and not t.is_complex() and \
                         path not in params:
@@ -231,7 +236,9 @@ def model_state(model_fn: Any, params: Mapping[str, Tensor]) -> dict[str, Any]:
 
 
 _WRAPPERS = frozenset({"DistributedDataParallel", "FullyShardedDataParallel", "DataParallel"})
-_SETTINGS = (bool, int, float, str, type(None))
+_SETTINGS = (bool, int, float)
+#: Modules whose plain settings are compared (their meaning is known: a norm's eps, a head count).
+_KNOWN_MODULES = ("torch.", "transformers.")
 #: a tensor's identity -> (its version counter, its :func:`param_checksum` entry) (:func:`model_state`; emptied
 #: past :data:`KEPT_CHECKSUMS` entries).
 _CHECKSUMS: dict[Any, tuple[int, tuple[str, str]]] = {}

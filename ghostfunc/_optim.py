@@ -22,6 +22,7 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
+import types
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -104,17 +105,9 @@ def _schedule(lr: Schedule, where: str) -> Callable[[int], float]:
     """``count -> lr``; a schedule's every value is checked when it is used (a finite float >= 0)."""
     if callable(lr):
         name = getattr(lr, "__qualname__", None) or repr(lr)
-        try:
-            signature = inspect.signature(lr)
-        except (TypeError, ValueError):  # a builtin without one: its calls say
-            signature = None
-        if signature is not None:
-            try:
-                signature.bind(0)
-            except TypeError:  # refused where it is given, not at the first update
-                raise TypeError(f"{where}: lr must be a float >= 0 or a callable count -> lr (count: the updates "
-                                f"done so far); got {name}{signature}, which cannot be called with one count"
-                                ) from None
+        if (signature := _takes_no_count(lr)) is not None:  # refused where it is given, not at the first update
+            raise TypeError(f"{where}: lr must be a float >= 0 or a callable count -> lr (count: the updates "
+                            f"done so far); got {name}{signature}, which cannot be called with one count")
 
         def rate(count: int) -> float:
             value = lr(count)
@@ -137,6 +130,24 @@ def _schedule(lr: Schedule, where: str) -> Callable[[int], float]:
     if not (math.isfinite(value) and value >= 0):
         raise ValueError(f"{where}: lr must be a float >= 0 (finite) or a callable count -> lr; got {lr!r}")
     return lambda count: value
+
+
+def _takes_no_count(lr: Callable) -> inspect.Signature | None:
+    """``lr``'s signature where it plainly cannot take one positional count, else ``None``. Read as called (a
+    decorator's ``__wrapped__`` is not followed: ``functools.wraps`` over a function of ``(step, total)`` that
+    binds ``total`` takes one count) and only where it is a plain function or method: inspect misreads some
+    callables (a class whose ``__call__`` is a ``staticmethod``), and those are judged by their first call."""
+    if not isinstance(lr, (types.FunctionType, types.MethodType)):
+        return None
+    try:
+        signature = inspect.signature(lr, follow_wrapped=False)
+    except (TypeError, ValueError):  # no signature to read
+        return None
+    try:
+        signature.bind(0)
+    except TypeError:
+        return signature
+    return None
 
 
 def _check_params(params: Any, where: str) -> None:

@@ -247,6 +247,7 @@ def _errors(rank: int, world: int, out: dict[str, Any]) -> None:
         "equal config sets": lambda: ghostfunc.graddot(
             with_leaf, params, (*train, {_Config(2.0), _Config(3.0)}), (*val, frozenset({_Config(2.0)})),
             group=group),
+        "own module with rank settings": lambda: ghostfunc.graddot(on_own, params, train, val, group=group),
         "equal large sets": lambda: ghostfunc.graddot(  # (each process iterates a set of strings its own way)
             with_leaf, params, (*train, {str(i) for i in range(300)}), (*val, {str(i) for i in range(300)}),
             group=group),
@@ -300,6 +301,20 @@ def _errors(rank: int, world: int, out: dict[str, Any]) -> None:
 
     def on_mode(p: dict, batch: tuple) -> torch.Tensor:
         return model_fn(p, (mode(batch[0]), batch[1]))
+
+    class Own(torch.nn.Module):  # holds its rank and device, and a scratch buffer it never reads
+        def __init__(self) -> None:
+            super().__init__()
+            self.rank, self.device_name, self.clip = rank, f"cuda:{rank}", float("nan")
+            self.register_buffer("scratch", torch.full((3,), float(rank)), persistent=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+    own = Own()
+
+    def on_own(p: dict, batch: tuple) -> torch.Tensor:
+        return model_fn(p, (own(batch[0]), batch[1]))
 
     adamw_step = ghostfunc.train_step(model_fn, ghostfunc.adamw(0.05), precondition=True, group=group)
     start = ghostfunc.adamw(0.05).init(params)
@@ -732,7 +747,8 @@ def test_bad_input_raises_on_every_rank(world2: list[dict[str, Any]]) -> None:
             assert msg.split(":")[0] in ("graddot", "inrun_shapley", "train_step", "train_step.init",
                                          "DataValues.save"), msg
         assert "another order" not in res["param values"], res["param values"]  # (the values differ, not the order)
-        for case in ("equal config objects", "equal config sets", "equal large sets", "equal config arrays"):
+        for case in ("equal config objects", "equal config sets", "equal large sets", "equal config arrays",
+                     "own module with rank settings"):
             assert res[case] is None, (case, res[case])
         assert res["ddp"] < 1e-12
         assert res["fsdp"] is not None and "from_module: the model is sharded by FSDP" in res["fsdp"]

@@ -9,6 +9,7 @@ when they are used.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -220,6 +221,29 @@ def test_a_schedule_that_takes_no_count_is_refused_where_it_is_given() -> None:
         with pytest.raises(TypeError, match=r"which cannot be called with one count$"):
             factory(lambda count, step: 0.1)
     assert ghostfunc.sgd(lambda count, *rest: 0.1).lr(ghostfunc.sgd(0.1).init({})) == 0.1
+
+    # schedules that do take one count, which a reading of their signature refused: a decorator binding an
+    # argument (inspect followed __wrapped__ to (step, total)), a class whose __call__ is a staticmethod
+    def warmup(total):
+        def deco(fn):
+            @functools.wraps(fn)
+            def rate(step):
+                return fn(step, total)
+            return rate
+        return deco
+
+    @warmup(10)
+    def scheduled(step, total):
+        return 0.1 * min(1.0, (step + 1) / total)
+
+    class Constant:
+        @staticmethod
+        def __call__(step):
+            return 0.1
+
+    for schedule in (scheduled, Constant()):
+        opt = ghostfunc.sgd(schedule)
+        assert 0 < opt.lr(opt.init({})) <= 0.1
 
 
 @pytest.mark.parametrize("make", [ghostfunc.sgd, ghostfunc.adamw])
