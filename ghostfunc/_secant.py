@@ -382,5 +382,5 @@ def _ids(uses: list[Factored | Direct]) -> bool:
 _RANDOM_MESSAGE = (
     "{where}: curvature='secant' needs a deterministic model_fn, and this one draws random numbers (dropout in "
     "training mode?): it compares validation gradients at two parameter values, and different dropout masks "
-    "would make their difference noise, not curvature. Put dropout in eval mode, or use curvature='exact'"
+    "would make their difference noise, not curvature. Put dropout in eval mode, or use order=1"
 )

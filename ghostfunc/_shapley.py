@@ -51,7 +51,11 @@ from ._eager import unbatchable, val_grad_hvp_eager
 from ._graddot import (
     GradDot,
     Routing,
+    _draws_random,
     _prepare,
+    _rng_state,
+    _same,
+    _set_rng_state,
     capture_one,
     group_policy,
     no_path,
@@ -315,7 +319,11 @@ def values_of(
         r = routing(model_fn, params, tb, vb, where, "contract", "mean", fresh)
         return r, capture_one(model_fn, params, tb, r, 0, where)
 
+    device = next(iter(params.values())).device
+    start = _rng_state(device)
     with _dist.collectively(where, group):  # group=None: nothing; else every rank raises if one fails here
+        if order == 2 and _draws_random(model_fn):
+            raise ValueError(ORDER2_RANDOM.format(where=where))
         r, t = retry_stale(where, train_first)
         rows, g_train = train_rows(r.plan, t.grads, params, tb.size, 2 if order == 2 and first_order else 1, scratch)
     train_loss = t.loss
@@ -338,13 +346,16 @@ def values_of(
         try:
             g_val, hg, val_loss = val_grad_hvp(model_fn, params, vb, weights, {k: g.mul(n) for k, g in g_train.items()},
                                                where, row_groups(vb, r.plan))  # H_val G, G = Σ_j g_j
-        except NotImplementedError as err:  # no second derivative at all (embedding_bag's backward)
-            if "derivative for" not in str(err):
+        except (NotImplementedError, RuntimeError) as err:  # no second derivative (embedding_bag's backward)
+            if "derivative for" not in str(err) or "not implemented" not in str(err):
                 raise
             raise NotImplementedError(
                 f"{where}: order 2 with curvature='exact' differentiates model_fn twice, and torch has no second "
                 f"derivative for one of its calls ({str(err).strip().splitlines()[0]}); curvature='secant' needs "
                 f"first derivatives only, or use order=1") from err
+        if not _same(start, _rng_state(device)):  # dropout: other masks than a plain step's (and the secant's)
+            _set_rng_state(device, start)
+            raise ValueError(ORDER2_RANDOM.format(where=where))
     if world is not None:  # ḡ_val and H_val G: one all-reduce
         both = _dist.allreduce_sum({**{"g:" + k: v for k, v in g_val.items()},
                                     **{"h:" + k: v for k, v in hg.items()}}, group)
@@ -355,6 +366,14 @@ def values_of(
     give_back(scratch, rows)
     return Values(dots[:, -1].contiguous(), dots[:, 0].contiguous() if first_order else None, g_train, train_loss,
                   val_loss, r.plan, None, local_unused)
+
+
+ORDER2_RANDOM = (
+    "{where}: order=2 needs a deterministic model_fn, and this one draws random numbers (dropout in training "
+    "mode?): the training rows' gradients and the validation rows' Hessian-vector product would each see masks "
+    "of their own, not a plain step's. Put dropout in eval mode, or use order=1 (whose training rows take the "
+    "plain step's masks)"
+)
 
 
 def check_lr_order(where: str, lr: Any, order: Any) -> None:
