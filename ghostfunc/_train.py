@@ -234,7 +234,7 @@ def _carried(after: ValGrad | None, params: Params) -> ValGrad | None:
         return None
     # the next state's own tensors: matched by identity and version counter (a write in place since misses), held
     # in a dict of its own (the state's dict is the user's: a tensor put in it later must not change the record)
-    return after._replace(params=dict(params), versions=versions(params))
+    return after._replace(params=dict(params), versions=versions(params), checksum=_dist.param_checksum(params))
 
 
 def train_step(model_fn: Callable[[Params, Any], Tensor], optimizer: Optimizer, *, order: int = 1,

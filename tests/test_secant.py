@@ -685,3 +685,26 @@ def test_secant_carried_gradient_sees_what_the_model_reads(case, monkeypatch):
     state, info = step(state, train[1], val)
     assert len(calls) - before == (1 if case == "nothing" else 2)
     torch.testing.assert_close(info.values, want, rtol=1e-12, atol=1e-15)
+
+
+def test_a_parameter_written_through_data_after_a_step_is_not_carried():
+    """A write through ``.data`` moves no version counter: a renormalised embedding row only the second validation
+    row reads (the one-row check looks at the first) kept the carried ``ḡ_val`` (0.40 off a fresh call); the
+    carried gradient also keeps a checksum of the parameters' values."""
+    g = torch.Generator().manual_seed(11)
+
+    def fn(p, b):
+        h = torch.tanh(F.linear(F.embedding(b["ids"], p["emb"]).mean(1), p["w1"]))
+        return F.cross_entropy(F.linear(h, p["w2"]), b["y"], reduction="none")
+
+    params = {"emb": torch.randn(10, 6, generator=g, dtype=DT), "w1": torch.randn(8, 6, generator=g, dtype=DT) / 2,
+              "w2": torch.randn(3, 8, generator=g, dtype=DT) / 3}
+    train = {"ids": torch.randint(0, 9, (16, 3), generator=g), "y": torch.randint(0, 3, (16,), generator=g)}
+    val = {"ids": torch.tensor([[0, 1, 2], [9, 9, 9], [3, 4, 5]]), "y": torch.tensor([0, 1, 2])}
+    step = ghostfunc.train_step(fn, ghostfunc.sgd(0.5), order=2, curvature="secant")
+    state, _ = step(step.init(params), {k: v[:8] for k, v in train.items()}, val)
+    assert state.val_grad is not None
+    state.params["emb"].data[9] += 1.0
+    rest = {k: v[8:] for k, v in train.items()}
+    fresh = ghostfunc.inrun_shapley(fn, state.params, rest, val, lr=0.5, order=2, curvature="secant")
+    assert rel(step(state, rest, val)[1].values, fresh) < 1e-12
