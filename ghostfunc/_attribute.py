@@ -21,6 +21,10 @@ from typing import Any
 import ghostfunc
 
 OPTIMIZERS: dict[str, Callable[..., ghostfunc.Optimizer]] = {"sgd": ghostfunc.sgd, "adamw": ghostfunc.adamw}
+#: The factory a ``ghostfunc train --record-every`` run names (``ghostfunc._run.loop.ATTRIBUTION_TASK``): its ``run``
+#: argument is the folder ``--run`` names, not the one the spec recorded (a run moved or renamed since read another
+#: run's data and validation set at the old path, silently).
+CLI_TASK = "ghostfunc._run.attribution:task"
 
 
 def load_spec(folder: Path) -> dict[str, Any]:
@@ -45,7 +49,10 @@ def attribute(run: str | Path, *, per_step: bool = False, out: str | Path | None
     spec = load_spec(folder)
     traj = ghostfunc.Trajectory.load(folder)
     module, _, name = spec["factory"].partition(":")
-    task = getattr(importlib.import_module(module), name)(**spec.get("kwargs", {}))
+    kwargs = dict(spec.get("kwargs", {}))
+    if spec["factory"] == CLI_TASK:  # the training CLI's run: the folder given, wherever it has moved since
+        kwargs["run"] = str(folder.parent.resolve() if folder.name == "trajectory" else folder.resolve())
+    task = getattr(importlib.import_module(module), name)(**kwargs)
     optimizer = task.get("optimizer")
     if optimizer is None:  # the spec's arguments
         if "optimizer" not in spec:
@@ -78,12 +85,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.top < 0:
         parser.error(f"--top: expected an integer >= 0; got {args.top}")
     from ._run.cli import check_writable
-    from ._run.data import UsageError
+    from ._run.data import RUN_FILES, UsageError
 
     try:
         if args.out is not None:  # before the replay, which can take long
             if Path(args.out).is_dir():
                 raise UsageError(f"--out: expected a file path for the values; {args.out!r} is a folder")
+            run_dir = Path(args.run).parent if Path(args.run).name == "trajectory" else Path(args.run)
+            if any(Path(args.out).resolve() == (run_dir / name).resolve() for name in RUN_FILES
+                   if name != "trajectory/unrolled.pt"):
+                raise UsageError(f"--out: expected a path outside the run's own files; {args.out!r} is one of them "
+                                 f"(it would be overwritten: its state, values or recording)")
             check_writable(Path(args.out).parent, "--out")
         values, target, seconds = attribute(args.run, per_step=args.per_step, out=args.out)
     except UsageError as exc:  # the run's factory refused its data or options (one line, exit code 2)

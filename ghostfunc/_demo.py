@@ -295,12 +295,28 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     check_args(p, args, {"epochs": Range(1), "batch_size": Range(1), "lr": Range(0, open_low=True),
                          "hidden": Range(1), "flip": Range(0, 1, open_low=True, open_high=True),
                          "seed": Range(0, 2**32 - 1), "threads": Range(1)})
+    from ._run.cli import check_writable
+    from ._run.data import UsageError
+
+    if args.out.exists() and not args.out.is_dir():  # (before the run, not after it)
+        p.error(f"--out: expected a folder for values.csv and values.png; {str(args.out)!r} is a file")
+    try:
+        check_writable(args.out, "--out")
+    except UsageError as exc:
+        p.error(str(exc))
+    data = Data(args.seed, n_val=300, n_test=300, flip=args.flip)
+    if args.batch_size > data.n:
+        p.error(f"--batch-size: expected at most the {data.n} training rows; got {args.batch_size}")
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)  # tiny matrices: extra threads only wait on each other
     group = _torchrun_group()
     try:
-        data = Data(args.seed, n_val=300, n_test=300, flip=args.flip)
-        params, values, losses, seconds, val_loss_start = train(data, args, group)
+        try:
+            params, values, losses, seconds, val_loss_start = train(data, args, group)
+        except FloatingPointError as exc:  # (a learning rate too large: one line, as ghostfunc train says it)
+            first = str(exc).splitlines()[0]
+            p.exit(2, f"{p.prog}: error: --lr: expected finite losses; the run diverged at --lr {args.lr:g} "
+                      f"({first[:160]}); try a lower --lr\n")
         if group is not None:
             import torch.distributed as dist
 

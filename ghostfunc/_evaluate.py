@@ -347,7 +347,7 @@ def evaluate(
         noise: fraction of training labels replaced for the noisy-label run.
         removal: fractions removed for the removal curves.
         random_draws: random removals averaged per fraction.
-        per_val: validation rows for the per-validation-point LDS (0: skip it).
+        per_val: validation rows for the per-validation-point LDS (0: skip it; at most ``n_val``).
         out: a folder for ``evaluation.json`` and ``evaluation.png``; ``None`` writes nothing.
         log: progress lines go here (``None``: silent).
 
@@ -363,6 +363,7 @@ def evaluate(
     if not 0 < noise < 1 or any(not 0 < k < 1 for k in removal):
         raise ValueError(f"{where}: noise and removal fractions must lie in (0, 1); got {noise}, {list(removal)}")
     say = log or (lambda s: None)
+    per_val = min(per_val, n_val)  # (every validation row, where there are fewer: --n-val 10 raised a shape error)
     config = {"models": list(models), "seeds": list(seeds), "retrains": retrains, "n_train": n_train, "n_val": n_val,
               "steps": steps, "lr": lr, "noise": noise, "removal": list(removal), "random_draws": random_draws,
               "per_val": per_val}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -158,11 +159,39 @@ def test_attribute_and_select_read_the_runs_own_data_from_any_folder(recorded: P
     (["--top", "-3"], "--top: expected an integer >= 0; got -3"),
     (["--out", "{tmp}/afile/u.pt"], "--out: expected a folder it can write; '{tmp}/afile' is a file"),
     (["--out", "{tmp}"], "--out: expected a file path for the values; '{tmp}' is a folder"),
+    # the run's own files: its values.pt was overwritten (select, --resume and attribute then failed on it)
+    (["--out", "{run}/values.pt"], "--out: expected a path outside the run's own files; '{run}/values.pt' is one of "
+                                   "them (it would be overwritten: its state, values or recording)"),
+    (["--out", "{run}/trajectory/trajectory.pt"], "--out: expected a path outside the run's own files; "
+                                                  "'{run}/trajectory/trajectory.pt' is one of them (it would be "
+                                                  "overwritten: its state, values or recording)"),
 ])
 def test_attribute_bad_options_are_one_line(extra: list[str], message: str, recorded: Path, tmp_path: Path,
                                             capsys: pytest.CaptureFixture) -> None:
     (tmp_path / "afile").write_text("x")
+    before = (recorded / "values.pt").read_bytes()
     with pytest.raises(SystemExit) as info:
-        main(["attribute", "--run", str(recorded), *[e.format(tmp=tmp_path) for e in extra]])
+        main(["attribute", "--run", str(recorded), *[e.format(tmp=tmp_path, run=recorded) for e in extra]])
     assert info.value.code == 2
-    assert capsys.readouterr().err.splitlines()[-1] == f"python -m ghostfunc attribute: error: {message.format(tmp=tmp_path)}"
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"python -m ghostfunc attribute: error: {message.format(tmp=tmp_path, run=recorded)}")
+    assert (recorded / "values.pt").read_bytes() == before
+
+
+def test_attribute_of_a_moved_run_reads_its_own_folder(recorded: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    """A run moved or renamed after training: its spec.json names the old folder, where another run may now be
+    (the same options, another validation set): attribute read that run's data and validation set, exit 0, values
+    0.28 off; with nothing there, a raw FileNotFoundError. It reads the folder --run names."""
+    from ghostfunc._attribute import attribute
+
+    want, _, _ = attribute(recorded, out=tmp_path / "want.pt")
+    moved = tmp_path / "moved"
+    shutil.copytree(recorded, moved)
+    spec_path = moved / "trajectory" / "spec.json"
+    spec = json.loads(spec_path.read_text())
+    assert spec["kwargs"]["run"] == str(recorded.resolve())
+    spec["kwargs"]["run"] = str(tmp_path / "gone")  # where it was trained: nothing there now
+    spec_path.write_text(json.dumps(spec))
+    got, _, _ = attribute(moved, out=tmp_path / "got.pt")
+    assert torch.equal(got.total, want.total)

@@ -91,3 +91,21 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     diff, scale = float(found.group(1)), float(found.group(2))
     assert diff <= 1e-5 * scale
     assert sorted(p.name for p in tmp_path.iterdir()) == ["values.csv"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--out", "{tmp}/afile"], "--out: expected a folder for values.csv and values.png; '{tmp}/afile' is a file"),
+    (["--batch-size", "2000"], "--batch-size: expected at most the 1197 training rows; got 2000"),
+    (["--lr", "1e30"], "--lr: expected finite losses; the run diverged at --lr 1e+30"),
+])
+def test_bad_options_are_one_line_before_or_during_the_run(extra, message, tmp_path, capsys):
+    """An --out naming a file failed after the whole run (FileExistsError), a batch larger than the training rows
+    raised UnboundLocalError, a learning rate that diverges a FloatingPointError traceback."""
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SystemExit) as info:
+        _demo.run(["--epochs", "1", "--no-plot", "--quiet", "--out", str(tmp_path / "out"),
+                   *[e.format(tmp=tmp_path) for e in extra]])
+    assert info.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("python -m ghostfunc demo: error: " + message.format(tmp=tmp_path)), last
+    assert (tmp_path / "afile").read_text() == "x"

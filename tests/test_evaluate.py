@@ -12,6 +12,14 @@ from ghostfunc import _evaluate as E
 from ghostfunc.__main__ import main
 
 
+def test_per_val_beyond_the_validation_rows_takes_them_all(tmp_path):
+    """``--n-val 10`` with the default ``--per-val 50`` raised a shape error after training: every row is taken."""
+    result = E.evaluate(models=("logreg",), seeds=(0,), retrains=3, n_train=40, n_val=6, steps=2, per_val=50,
+                        random_draws=1, removal=(0.2,), out=tmp_path, log=None)
+    assert result.config["per_val"] == 6
+    assert all(-1 <= row["lds_per_val"] <= 1 for m, row in result.rows["logreg"].items() if m != "inrun2")
+
+
 def test_evaluate_runs_tiny(tmp_path):
     result = E.evaluate(models=("mlp", "logreg"), seeds=(0, 1), retrains=4, n_train=60, n_val=30, steps=4, per_val=3,
                         random_draws=1, removal=(0.1, 0.2), out=tmp_path, log=None)

@@ -165,6 +165,8 @@ def _bad_inputs(c: dict[str, Path], tmp: Path) -> list[tuple[list[str], str]]:
          "--train: expected token ids below 1,048,576"),
         ([*t, *v, "--out", str(tmp / "afile" / "run")], f"--out: expected a folder it can write; {str(tmp / 'afile')!r} is a file"),
         ([*t, *v, "--out", str(c["train"] / "run")], "--out: expected a folder outside --train"),  # its files become data
+        (["--train", "", *v], "--train: expected 'stdlib', a token file *.bin, a folder, a glob or a text file; got an "
+                              "empty string"),  # (an unset shell variable: the current folder was read)
         ([*t, "--val", str(c["root"] / "val"), "--out", str(c["root"] / "val" / "sub" / "run")], "--out: expected a folder outside --val"),
         (["--train", str(c["train"] / "**" / "*.json"), *v, "--out", str(c["train"] / "sub" / "run")],
          "--out: expected a folder outside --train"),  # a glob that would take config.json
@@ -529,7 +531,7 @@ def test_a_run_stopped_before_its_first_save_can_be_started_again(corpus: dict[s
     out = tmp_path / "run"
     assert main(_args(corpus, out, "--lr", "1e30", "--warmup", "0", "--optimizer", "sgd", "--steps", "5")) == 2
     assert "(no values.pt saved yet)" in capsys.readouterr().err
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "metrics.jsonl"]
+    assert sorted(p.name for p in out.iterdir() if p.name != cli.LOCK) == ["config.json", "metrics.jsonl"]
     assert main(_args(corpus, out, "--steps", "2", "--resume")) == 2
     assert capsys.readouterr().err.strip().endswith(
         "there is none (the run there stopped before its first save: start it again without --resume)")
@@ -723,3 +725,53 @@ def test_select_out_inside_the_runs_corpus_is_refused(tmp_path: Path, capsys: py
     assert main(["select", "--run", str(run), "--steps", "2", "--seeds", "1", "--out", str(root / "train" / "sel")]) == 2
     assert "--out: expected a folder outside the run's --train" in capsys.readouterr().err
     assert not (root / "train" / "sel").exists()
+
+
+def test_a_second_run_into_the_same_out_is_refused_while_the_first_runs(corpus: dict[str, Path], tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture) -> None:
+    """Two runs started into one new --out were both accepted: one interleaved metrics.jsonl, one run's config beside
+    the other's values. The first holds a lock on the folder while it runs (here: held by this process)."""
+    out = tmp_path / "run"
+    first = cli.hold_out(out)
+    try:
+        assert main(_args(corpus, out, "--steps", "2")) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            f"ghostfunc train: error: --out: another run is writing into {str(out)!r} now; wait for it to end, or pick "
+            f"another folder")
+        assert [p.name for p in out.iterdir()] == [cli.LOCK]
+    finally:
+        first.close()
+    assert main(_args(corpus, out, "--steps", "2")) == 0  # (the lock file left behind is no run's file)
+
+
+def test_a_torn_values_file_is_one_line(corpus: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A truncated values.pt raised a ValueError traceback from --resume, select and attribute."""
+    out = tmp_path / "run"
+    assert main(_args(corpus, out, "--steps", "2")) == 0
+    (out / "values.pt").write_bytes((out / "values.pt").read_bytes()[:100])
+    capsys.readouterr()
+    for argv in (_args(corpus, out, "--steps", "2", "--resume"), ["select", "--run", str(out), "--seeds", "1"]):
+        assert main(argv) == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert "is not a file written by DataValues.save" in last and "resume, select and attribute need them whole" \
+            in last, last
+
+
+def test_the_token_cache_names_files_from_the_root_given(tmp_path: Path) -> None:
+    """The same files read as --train base/c and as --train base/c/sub are named sub/x.py and x.py: the cache gave the
+    second run the first one's names (into values.csv and the data's fingerprint)."""
+    (tmp_path / "c" / "sub").mkdir(parents=True)
+    (tmp_path / "c" / "sub" / "x.py").write_text("print('hello')\n" * 20)
+    cache = tmp_path / "cache"
+    files = [tmp_path / "c" / "sub" / "x.py"]
+    names = [data.tokenize(files, root, cache, "--train")[1][0][0] for root in (tmp_path / "c", tmp_path / "c" / "sub")]
+    assert names == [str(Path("sub") / "x.py"), "x.py"]
+
+
+def test_select_on_a_run_with_the_largest_seed(corpus: dict[str, Path], tmp_path: Path,
+                                               capsys: pytest.CaptureFixture) -> None:
+    """A run trained with --seed 4294967295 (accepted) could not be selected from: the retrainings' seed + 1 + k was
+    refused as an out-of-range --seed, an option select does not have. They count on from 0."""
+    out = tmp_path / "run"
+    assert main(_args(corpus, out, "--steps", "2", "--seed", str(2**32 - 1))) == 0
+    assert main(["select", "--run", str(out), "--seeds", "1", "--steps", "1", "--no-progress", "--threads", "1"]) == 0

@@ -36,8 +36,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-import ghostfunc
-
 from . import loop
 from .data import Corpus
 
@@ -62,7 +60,7 @@ def task(run: str) -> dict[str, Any]:
     cfg["out"] = str(folder)  # the token cache lies beside the run, wherever it was started from
     setup = loop.prepare(cfg)
     if (folder / "values.pt").is_file():  # the chunks the run trained on, not whatever the paths hold now
-        values, saved = ghostfunc.DataValues.load(folder / "values.pt", with_state=True)  # type: ignore[misc]
+        values, saved = loop.saved_run(folder / "values.pt")
         setup.check_data(saved.get("data"), len(values), str(folder))
     val = {"input_ids": setup.val.batch(torch.arange(len(setup.val))).to(setup.device)}
     return {"model_fn": setup.model_fn, "dataset": {"input_ids": Chunks(setup.train, setup.device)}, "val": val,

@@ -221,7 +221,7 @@ def check_out(out: Path, resume: bool) -> list[Path]:
     removes before it starts (nothing else is ever removed).
     """
     has_run = (out / "values.pt").is_file()
-    held = sorted(out.iterdir()) if out.is_dir() else []
+    held = sorted(p for p in out.iterdir() if p.name != LOCK) if out.is_dir() else []
     unfinished = bool(held) and not has_run and all(p.name in UNFINISHED and p.is_file() for p in held)
     if resume and not has_run:
         raise UsageError(f"--resume: expected a run in --out {str(out)!r} (its values.pt); there is none"
@@ -231,6 +231,30 @@ def check_out(out: Path, resume: bool) -> list[Path]:
         raise UsageError(f"--out: expected a new or empty folder (or --resume); {str(out)!r} already holds files")
     check_writable(out, "--out")
     return held if unfinished and not resume else []
+
+
+#: The file a run holds a lock on in its ``--out`` while it runs (:func:`hold_out`).
+LOCK = ".ghostfunc-run.lock"
+
+
+def hold_out(out: Path) -> Any:
+    """Hold ``out`` for this run (made here, once the data are read and the model built): an advisory lock on
+    ``out/.ghostfunc-run.lock``, let go by the system when the process ends, however it ends. A second run started into the same ``--out`` meanwhile is refused (both were
+    accepted, and wrote one interleaved ``metrics.jsonl`` and one run's config beside the other's values). Returns
+    the open file, to keep for the run; ``None`` where the system has no such locks."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on POSIX
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    handle = open(out / LOCK, "a")  # noqa: SIM115 - held open for the run's lifetime
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise UsageError(f"--out: another run is writing into {str(out)!r} now; wait for it to end, or pick another "
+                         f"folder") from None
+    return handle
 
 
 def check_writable(folder: Path, option: str) -> None:

@@ -169,15 +169,17 @@ Index = list[tuple[str, int, int]]
 def tokenize(files: list[Path], root: Path, cache: Path, option: str) -> tuple[np.ndarray, Index, list[tuple[str, str]]]:
     """Byte-tokenize ``files`` into ``cache`` once: ``(tokens, [(name, offset, length)], [(name, why skipped)])``.
 
-    The cache file's name hashes the files' paths, sizes, modification and change times and inodes, so
-    a changed corpus is tokenized again; it is written to a temporary name and
+    The cache file's name hashes the files' paths, sizes, modification and change times and inodes and the
+    ``root`` they are named from, so a changed corpus is tokenized again; it is written to a temporary name and
     renamed, so an interrupted run never leaves a torn cache.
     """
     # the change time and inode too: an edit that keeps the size and sets the old modification time back (cp -p,
     # rsync -t, an unpacked tar) read the old text from the cache
     stats = [(str(p.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
              for p in files for st in (p.stat(),)]
-    key = hashlib.sha256(json.dumps([CACHE_VERSION, stats]).encode()).hexdigest()[:16]
+    # and the root the names are taken relative to: the same files read as --train base/c and as base/c/sub are
+    # named sub/x.py and x.py (the cache gave the second run the first one's names, into the data's fingerprint)
+    key = hashlib.sha256(json.dumps([CACHE_VERSION, str(root.resolve()), stats]).encode()).hexdigest()[:16]
     bin_path, idx_path = cache / f"bytes-{key}.bin", cache / f"bytes-{key}.json"
     if bin_path.is_file() and idx_path.is_file():
         saved = json.loads(idx_path.read_text())

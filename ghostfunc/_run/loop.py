@@ -34,6 +34,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 import ghostfunc
+from ghostfunc._attribute import CLI_TASK
 
 from . import cli, models
 from . import data as data_mod
@@ -339,8 +340,8 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-#: The task factory ``spec.json`` names (``ghostfunc attribute --run`` calls it with the run folder, absolute).
-ATTRIBUTION_TASK = "ghostfunc._run.attribution:task"
+#: The task factory ``spec.json`` names (``ghostfunc attribute --run`` calls it with the folder ``--run`` names).
+ATTRIBUTION_TASK = CLI_TASK
 
 
 def recording(out: Path, every: int, state: ghostfunc.TrainState) -> ghostfunc.Trajectory:
@@ -392,7 +393,16 @@ def save(values: ghostfunc.DataValues, path: Path, state: ghostfunc.TrainState, 
 
 def load(path: Path, par: Dist) -> tuple[ghostfunc.DataValues, dict[str, Any]]:
     """``(values, payload)`` from ``values.pt`` (with many processes a collective: every rank gets the file's values)."""
-    return ghostfunc.DataValues.load(path, with_state=True, group=par.group)  # type: ignore[return-value]
+    return saved_run(path, par.group)
+
+
+def saved_run(path: Path, group: Any = None) -> tuple[ghostfunc.DataValues, dict[str, Any]]:
+    """A run's ``values.pt`` and its saved state; a file that is not one (truncated, foreign) is the run's
+    :class:`UsageError` (one line, exit code 2), not a traceback."""
+    try:
+        return ghostfunc.DataValues.load(path, with_state=True, group=group)  # type: ignore[return-value]
+    except ValueError as exc:
+        raise UsageError(f"{exc} (the run's saved values: resume, select and attribute need them whole)") from None
 
 
 def run(setup: Setup, par: Dist, *, pool: Tensor | None = None, quiet: bool = False,

@@ -65,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = json.loads((run_dir / "config.json").read_text())
         if cfg["values"] != "shapley":
             raise UsageError(f"--run: expected a run with values (--values shapley); {str(run_dir)!r} ran --values {cfg['values']}")
-        values, saved = ghostfunc.DataValues.load(run_dir / "values.pt", with_state=True)  # type: ignore[misc]
+        values, saved = loop.saved_run(run_dir / "values.pt")
         assert isinstance(values, ghostfunc.DataValues)
         if values.steps < cfg["steps"]:  # stopped (--stop-at, interrupted): its values cover part of the run
             raise UsageError(f"--run: expected a finished run; {str(run_dir)!r} saved step {values.steps} of "
@@ -87,7 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs = [(seed, arm) for seed in range(opts["seeds"]) for arm in ARMS]
         for n, (seed, arm) in enumerate(runs):
             pool = pools(table, opts["fraction"], seed)[arm]
-            sub = loop.prepare({**cfg, "seed": cfg["seed"] + 1 + seed})  # a fresh initialisation per seed
+            # a fresh initialisation per seed (past the largest seed, counting on from 0)
+            sub = loop.prepare({**cfg, "seed": (cfg["seed"] + 1 + seed) % 2**32})
             got: dict[str, Any] = {}
             loop.run(sub, loop.Dist(), pool=pool, quiet=True, log=got.update, save_values=False)
             res = {"val_loss": got["val_loss"], **({"test_loss": got["test_loss"]} if "test_loss" in got else {})}

@@ -13,6 +13,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -25,9 +26,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``ghostfunc train``; return the exit code (2 for bad input)."""
     prog = "ghostfunc train"
     out: Path | None = None
+    held: Any = None  # the lock on --out (cli.hold_out), let go when the run ends
     try:
         cfg = cli.options(prog, cli.TRAIN_OPTIONS, __doc__ or "", sys.argv[1:] if argv is None else argv,
                           cli.TRAIN_RANGES)
+        for key in ("train", "val"):  # (an unset shell variable: the current folder, the run's own files, read)
+            if not cfg[key].strip():
+                raise data.UsageError(f"--{key}: expected 'stdlib', a token file *.bin, a folder, a glob or a text "
+                                      f"file; got an empty string")
         cfg = loop.absolute(cfg, Path.cwd())  # config.json records absolute paths: attribute/select work from anywhere
         out = Path(cfg["out"])
         stale = cli.check_out(out, cfg["resume"])
@@ -42,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             torch.set_num_threads(cfg["threads"])
         setup = loop.prepare(cfg)
         if cfg["resume"]:  # refuse a different configuration or other data before anything runs
-            values, payload = ghostfunc.DataValues.load(out / "values.pt", with_state=True)  # type: ignore[misc]
+            values, payload = loop.saved_run(out / "values.pt")
             loop.check_resume(cfg, payload["config"])
             setup.check_data(payload.get("data"), len(values), str(out))
         with loop.distributed(setup.device) as par:
@@ -51,6 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     raise data.UsageError(f"--{key.replace('_', '-')}: expected at least one chunk for each of the "
                                           f"{par.world} processes; got {cfg[key]}")
             if par.rank == 0:
+                held = cli.hold_out(out)  # before anything is written into it
+                stale = cli.check_out(out, cfg["resume"])  # again, holding it: another run may have written meanwhile
                 if stale:
                     print(f"{prog}: --out {str(out)!r} held a run that stopped before its first save "
                           f"({', '.join(p.name for p in stale)}, no values.pt): starting it afresh", file=sys.stderr)
@@ -74,6 +82,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # while reading the data, building the model or writing the report
         print(f"{prog}: interrupted; " + (_saved(out) if out is not None else "nothing written"), file=sys.stderr)
         return 130
+    finally:
+        if held is not None:
+            held.close()
     return 0
 
 
