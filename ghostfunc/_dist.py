@@ -209,8 +209,9 @@ def model_state(model_fn: Any, params: Mapping[str, Tensor]) -> dict[str, Any]:
     every submodule's class and ``training`` flag, the plain numeric settings of torch's and Hugging Face's
     modules (a norm's ``eps``, a head count; a module of one's own may hold its rank or device), and a
     fingerprint (:func:`param_checksum`) of the frozen tensors (parameters that need no gradient: a frozen base
-    under a trained head; buffers in the state dict, not scratch space). Ranks built from other configs, one in train mode, or a base
-    initialised from other seeds scored their rows with another model (0.06-0.49 off one process) and passed.
+    under a trained head; buffers in the state dict, not scratch space). Ranks built from other configs, one in
+    train mode, or a base initialised from other seeds scored their rows with another model (0.06-0.49 off one
+    process) and passed.
     A module tensor named as one of ``params`` (``functional_call`` puts the passed one in its place) is not
     looked at. A tensor's fingerprint is kept while its version counter stands (a frozen base is summed once)."""
     from ._interact import _modules_in, reads
@@ -295,11 +296,7 @@ def agree(where: str, group: Any, prepare: Callable[[], T], signature: Callable[
     rank, size = rank_and_size(group)
     every: list[Any] = [None] * size
     dist.all_gather_object(every, mine, group=group)
-    calls = [e.get("where") if isinstance(e, dict) else None for e in every]
-    if any(c != where for c in calls):
-        raise ValueError(f"{where}: every rank must make the same call at this point; the ranks called "
-                         + ", ".join(f"rank {r}: {c or 'another collective'}" for r, c in enumerate(calls))
-                         + " (ranks meet in the same collectives, in the same order)")
+    refuse_other_calls(where, [e.get("where") if isinstance(e, dict) else None for e in every])
     errors = [f"rank {r}: {e['error']}" for r, e in enumerate(every) if e["error"] is not None]
     if errors:
         few = any("val is empty" in e for e in errors) and len(errors) < size
@@ -380,6 +377,16 @@ def _status_device(group: Any) -> torch.device:
     if devices[0] == "cuda":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device(devices[0])
+
+
+def refuse_other_calls(where: str, calls: Sequence[str | None]) -> None:
+    """Raise where the ranks' gathered ``calls`` (each one's ``where``; ``None``: another collective's payload) are
+    not all ``where``: ranks that make different calls at one point (a KeyError or a TypeError on another
+    collective's payload before)."""
+    if any(c != where for c in calls):
+        raise ValueError(f"{where}: every rank must make the same call at this point; the ranks called "
+                         + ", ".join(f"rank {r}: {c or 'another collective'}" for r, c in enumerate(calls))
+                         + " (ranks meet in the same collectives, in the same order)")
 
 
 def _difference(theirs: Any, ours: Any, r: int) -> str:

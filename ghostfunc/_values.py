@@ -258,11 +258,8 @@ class DataValues:
                 self.loaded and base is None, where)
         every: list[Any] = [None] * size
         dist.all_gather_object(every, mine, group=group)
-        calls = [other[4] if isinstance(other, tuple) and len(other) == 5 else None for other in every]
-        if any(c != where for c in calls):  # (another rank is in another collective: every rank raises)
-            raise ValueError(f"{where}: every rank must make the same call at this point; the ranks called "
-                             + ", ".join(f"rank {r}: {c or 'another collective'}" for r, c in enumerate(calls))
-                             + " (ranks meet in the same collectives, in the same order)")
+        _dist.refuse_other_calls(where, [other[4] if isinstance(other, tuple) and len(other) == 5 else None
+                                         for other in every])  # (a rank in another collective: every rank raises)
         plain = [r for r, other in enumerate(every) if other[3]]
         if plain and size > 1:  # every rank sees the same list: every rank raises
             raise ValueError(f"{where}: rank(s) {plain} hold values read by DataValues.load without group=: a "
