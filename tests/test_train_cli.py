@@ -129,6 +129,7 @@ def _bad_inputs(c: dict[str, Path], tmp: Path) -> list[tuple[list[str], str]]:
     (tmp / "empty.bin").write_bytes(b"")
     (tmp / "odd.bin").write_bytes(b"\1\2\3")
     (tmp / "emptydir").mkdir()
+    (tmp / "emptydir.bin").mkdir()
     (tmp / "latin1.toml").write_bytes("steps = 2 # d\xe9j\xe0\n".encode("latin-1"))
     (tmp / "twice.toml").write_text('batch-size = 4\nbatch_size = 8\n')
     huge = np.arange(400, dtype=np.uint32)
@@ -164,9 +165,13 @@ def _bad_inputs(c: dict[str, Path], tmp: Path) -> list[tuple[list[str], str]]:
         (["--train", str(c["train_bin"]), "--val", str(c["val_bin"]), "--token-dtype", "uint32"],  # uint16 read as uint32
          "--train: expected token ids below 1,048,576"),
         ([*t, *v, "--out", str(tmp / "afile" / "run")], f"--out: expected a folder it can write; {str(tmp / 'afile')!r} is a file"),
+        ([*t, *v, "--out", str(tmp / "afile")], f"--out: expected a new or empty folder (or --resume); "
+                                                f"{str(tmp / 'afile')!r} is a file"),  # ("already holds files" before)
         ([*t, *v, "--out", str(c["train"] / "run")], "--out: expected a folder outside --train"),  # its files become data
         (["--train", "", *v], "--train: expected 'stdlib', a token file *.bin, a folder, a glob or a text file; got an "
                               "empty string"),  # (an unset shell variable: the current folder was read)
+        (["--train", str(tmp / "emptydir.bin"), *v], f"--train: expected an existing token file; "
+                                                     f"{str(tmp / 'emptydir.bin')!r} is a folder"),
         ([*t, "--val", str(c["root"] / "val"), "--out", str(c["root"] / "val" / "sub" / "run")], "--out: expected a folder outside --val"),
         (["--train", str(c["train"] / "**" / "*.json"), *v, "--out", str(c["train"] / "sub" / "run")],
          "--out: expected a folder outside --train"),  # a glob that would take config.json

@@ -227,7 +227,9 @@ def check_out(out: Path, resume: bool) -> list[Path]:
         raise UsageError(f"--resume: expected a run in --out {str(out)!r} (its values.pt); there is none"
                          + (" (the run there stopped before its first save: start it again without --resume)"
                             if unfinished else ""))
-    if not resume and out.exists() and (not out.is_dir() or (held and not unfinished)):
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out: expected a new or empty folder (or --resume); {str(out)!r} is a file")
+    if not resume and out.exists() and held and not unfinished:
         raise UsageError(f"--out: expected a new or empty folder (or --resume); {str(out)!r} already holds files")
     check_writable(out, "--out")
     return held if unfinished and not resume else []

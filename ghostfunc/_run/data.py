@@ -246,7 +246,8 @@ def load(spec: str, *, seq_len: int, cache: Path, option: str, token_dtype: str 
     """A corpus from ``spec`` (token file ``*.bin``, folder, glob or text file); see the module docstring."""
     if spec.endswith(".bin"):
         if not Path(spec).is_file():
-            raise UsageError(f"{option}: expected an existing token file; {spec!r} does not exist")
+            raise UsageError(f"{option}: expected an existing token file; {spec!r} "
+                             + ("is a folder" if Path(spec).is_dir() else "does not exist"))
         corpus = token_file(spec, token_dtype, seq_len, option)
     else:
         root, files = text_files(spec, option)
