@@ -214,10 +214,10 @@ def model_state(model_fn: Any, params: Mapping[str, Tensor]) -> dict[str, Any]:
     process) and passed.
     A module tensor named as one of ``params`` (``functional_call`` puts the passed one in its place) is not
     looked at. A tensor's fingerprint is kept while its version counter stands (a frozen base is summed once)."""
-    from ._interact import _modules_in, reads
+    from ._interact import modules_of
 
     described_modules, frozen = [], {}
-    for i, root in enumerate(_modules_in(reads(model_fn))):
+    for i, root in enumerate(modules_of(model_fn)):
         for name, m in root.named_modules():
             if type(m).__name__ in _WRAPPERS:  # (a wrapper's settings are per rank: its device ids)
                 continue

@@ -530,9 +530,14 @@ def _names(code: types.CodeType) -> tuple[str, ...]:
 _HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
 
 
+def modules_of(model_fn: Callable) -> list[torch.nn.Module]:
+    """The modules ``model_fn`` reads (:func:`reads`, then :func:`_modules_in`), walked once per public call."""
+    return _scoped("modules", model_fn, lambda: _modules_in(reads(model_fn)))
+
+
 def _training_flags(model_fn: Callable) -> tuple[Any, ...]:
     flags: list[Any] = []
-    for obj in _modules_in(reads(model_fn)):
+    for obj in modules_of(model_fn):
         stack = [obj]  # every submodule, as Module.modules() yields them (without its generator's cost)
         while stack:
             m = stack.pop()
@@ -908,10 +913,10 @@ def _is_array(obj: Any) -> bool:
     return type(obj).__module__ == "numpy" and hasattr(obj, "__array_interface__") and hasattr(obj, "nbytes")
 
 
-def _array_print(arr: Any, limit: int = ARRAY_BYTES) -> tuple:
-    """A NumPy array's identity, address and shape, and a checksum of its bytes when it holds at most ``limit``."""
+def _array_print(arr: Any) -> tuple:
+    """A NumPy array's identity, address and shape, and a checksum of its bytes when it is small enough."""
     head = (Identity(arr), arr.__array_interface__["data"][0], arr.shape, str(arr.dtype))
-    if arr.nbytes > limit or arr.dtype.hasobject:
+    if arr.nbytes > ARRAY_BYTES or arr.dtype.hasobject:
         return head
     return (*head, zlib.crc32(memoryview(arr.tobytes())))
 
@@ -1192,7 +1197,7 @@ def module_buffers(model_fn: Callable) -> dict[str, Tensor]:
     :func:`training_flags` looks), by name. Parameters are not watched: a frozen embedding with ``max_norm``
     is renormalised in place by torch on every call, as the model's own semantics."""
     out: dict[str, Tensor] = {}
-    for obj in _modules_in(reads(model_fn)):
+    for obj in modules_of(model_fn):
         for m_name, m in obj.named_modules(remove_duplicate=True):
             for name, t in m._buffers.items():
                 if t is not None:

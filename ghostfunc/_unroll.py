@@ -53,7 +53,7 @@ from ._direction import graddot_direction
 from ._interact import check_model, check_state_writes, grads_on
 from ._optim import Grads, Optimizer
 from ._train import TrainState
-from ._values import DataValues, read_saved
+from ._values import DataValues, is_indices, read_saved, tensor_kind
 
 Params = dict[str, Tensor]
 VIAS = ("hvp", "kernels")
@@ -375,21 +375,14 @@ def check_batches(batches: Any, index: str, where: str) -> tuple[list[Batch], li
                              f"index={index!r}; got {got}")
         split = check_batch(b, f"batches[{t}]", where)
         idx = b[index]
-        if not _is_indices(idx) or idx.shape[0] != split.size:
-            got = f"{idx.dtype} tensor of shape {tuple(idx.shape)}" if isinstance(idx, Tensor) else type(idx).__name__
+        if not is_indices(idx) or idx.shape[0] != split.size:
             raise ValueError(f"{where}: batches[{t}][{index!r}] must be a 1-D integer tensor of the {split.size} "
-                             f"rows' dataset indices (a bool mask is not indices); got {got}")
+                             f"rows' dataset indices (a bool mask is not indices); got {tensor_kind(idx)}")
         if int(idx.min()) < 0:
             raise ValueError(f"{where}: batches[{t}][{index!r}] holds a negative dataset index {int(idx.min())}")
         splits.append(split)
         indices.append(idx.to(device="cpu", dtype=torch.int64))
     return splits, indices
-
-
-def _is_indices(idx: Any) -> bool:
-    """Whether ``idx`` is a 1-D integer tensor: a bool mask is not indices (its True/False would read as 1/0)."""
-    return (isinstance(idx, Tensor) and idx.dim() == 1 and not idx.is_floating_point() and not idx.is_complex()
-            and idx.dtype != torch.bool)
 
 
 def check_val(val: Any, batches: Sequence[Any], index: str, where: str) -> Batch:
@@ -633,10 +626,9 @@ class Trajectory:
     def record(self, indices: Tensor, state: Any) -> None:
         """Append one step: the batch's dataset ``indices`` ``[B]`` and the ``state`` *after* the update."""
         where = "Trajectory.record"
-        if not _is_indices(indices):
-            got = f"{indices.dtype} tensor of shape {tuple(indices.shape)}" if isinstance(indices, Tensor) else type(indices).__name__
+        if not is_indices(indices):
             raise TypeError(f"{where}: indices must be the batch's 1-D integer tensor of dataset indices (a bool "
-                            f"mask is not indices); got {got}")
+                            f"mask is not indices); got {tensor_kind(indices)}")
         params, opt_state = _params_state(state, where)
         self.indices.append(indices.detach().to(device="cpu", dtype=torch.int64).clone())
         self.final = params
@@ -683,7 +675,7 @@ class Trajectory:
                              f"as Trajectory.save writes)")
         every, indices, checkpoints, final = (payload[k] for k in ("every", "indices", "checkpoints", "final"))
         if (isinstance(every, bool) or not isinstance(every, int) or every < 1 or not isinstance(indices, list)
-                or not all(_is_indices(i) for i in indices) or not isinstance(checkpoints, dict)
+                or not all(is_indices(i) for i in indices) or not isinstance(checkpoints, dict)
                 or not all(isinstance(v, tuple) and len(v) == 2 for v in checkpoints.values())
                 or not isinstance(final, dict)):
             raise ValueError(f"{where}: {name} holds entries of other kinds than Trajectory.save writes (expected "

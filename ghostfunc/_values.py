@@ -47,6 +47,18 @@ FORMAT = "ghostfunc.DataValues/1"
 SAFE_TYPES: list[Any] = [TrainState, SGDState, AdamWState]
 
 
+def is_indices(idx: Any) -> bool:
+    """Whether ``idx`` is a 1-D integer tensor of dataset indices: a bool mask is not (its True/False would read as
+    indices 1/0)."""
+    return (isinstance(idx, Tensor) and idx.dim() == 1 and not idx.is_floating_point() and not idx.is_complex()
+            and idx.dtype != torch.bool)
+
+
+def tensor_kind(x: Any) -> str:
+    """``x`` for a message: a tensor's dtype and shape, or the type of anything else."""
+    return f"{x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+
+
 def read_saved(path: str | os.PathLike, where: str, writer: str) -> Any:
     """``torch.load(path, weights_only=True)`` with ghostfunc's state types allowed; a file that is not there or
     cannot be opened raises as it is, a truncated or foreign one a ``ValueError`` naming it, ``writer`` (what
@@ -147,10 +159,9 @@ class DataValues:
             A new :class:`DataValues`; ``self`` is unchanged. A repeated index adds twice.
         """
         where = "DataValues.add"
-        if (not isinstance(indices, Tensor) or indices.dim() != 1 or indices.is_floating_point() or indices.is_complex()
-                or indices.dtype == torch.bool):  # a mask is not indices (pass it as keep=)
-            got = f"{indices.dtype} tensor of shape {tuple(indices.shape)}" if isinstance(indices, Tensor) else type(indices).__name__
-            raise TypeError(f"{where}: indices must be a 1-D integer tensor [B] of dataset indices; got {got}")
+        if not is_indices(indices):  # (a mask is not indices: pass it as keep=)
+            raise TypeError(f"{where}: indices must be a 1-D integer tensor [B] of dataset indices; got "
+                            f"{tensor_kind(indices)}")
         if isinstance(values, Tensor) and (values.is_complex() or values.dtype == torch.bool):
             raise TypeError(f"{where}: values must be real numbers (a float or integer tensor); got {values.dtype}")
         if not isinstance(values, Tensor) or values.shape != (indices.shape[0], *self.total.shape[1:]):
