@@ -929,6 +929,19 @@ def note_batch(err: BaseException, where: str, what: str) -> None:
         err.add_note(f"{where}: model_fn raised this on {what}")
 
 
+@contextlib.contextmanager
+def second_derivative(where: str, why: str, way_out: str) -> Iterator[None]:
+    """Differentiating ``model_fn`` twice (``why``): torch's error for a call without a second derivative
+    (``F.embedding_bag``'s backward) as ``NotImplementedError`` naming ``where`` and ``way_out``."""
+    try:
+        yield
+    except (NotImplementedError, RuntimeError) as err:
+        if "derivative for" not in str(err) or "not implemented" not in str(err):
+            raise
+        raise NotImplementedError(f"{where}: {why}, and torch has no second derivative for one of its calls "
+                                  f"({str(err).strip().splitlines()[0]}); {way_out}") from err
+
+
 class _rephrase:
     """Turn errors from inside the model into ones that name the public function.
 
@@ -1099,7 +1112,7 @@ def _capture_batches(model_fn: ModelFn, params: Mapping[str, Tensor], batches: S
                 g = site.rule.grad(static, mine, out, role, shape)
                 grads[name].append(_in_dtype(g, params[name].dtype))
         for k, g in zip(fallback, fb_grads, strict=True):
-            grads[k].append(Direct(g))
+            grads[k].append(Direct(dense(g)))
         halves.append(Half(losses[which].detach(), grads))
     return halves
 
@@ -1197,8 +1210,9 @@ def weighted_grad_split(model_fn: ModelFn, params: Mapping[str, Tensor], batch: 
         if not unbatchable(err):
             raise
         grads, losses = weighted_grad_eager(model_fn, params, batch, weights, where, label)
-        return grads, losses, f"{label}: per-sample autograd (the batched pass cannot run the model: {summary(err)})"
-    return grads, losses, describe(parts, label, "one forward and backward per group")
+        return ({k: dense(g) for k, g in grads.items()}, losses,
+                f"{label}: per-sample autograd (the batched pass cannot run the model: {summary(err)})")
+    return {k: dense(g) for k, g in grads.items()}, losses, describe(parts, label, "one forward and backward per group")
 
 
 def common_weight(weights: Tensor) -> float | None:
@@ -1213,6 +1227,12 @@ def common_weight(weights: Tensor) -> float | None:
     if weights.numel() == 0 or not bool((weights == weights[0]).all()):
         return None
     return float(weights[0])
+
+
+def dense(g: Tensor) -> Tensor:
+    """A gradient as a plain (strided) tensor: a sparse one (``F.embedding_bag(..., sparse=True)``) could not be
+    summed into a batch's rows (``Cannot assign to a sparse tensor``)."""
+    return g if g.layout is torch.strided else g.to_dense()
 
 
 def _in_dtype(g: Factored | Direct, dtype: torch.dtype) -> Factored | Direct:

@@ -194,7 +194,7 @@ def scores(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batc
         st = _replay(model_fn, params, train, val, where, policy, val_reduce)
         if st is None:
             return _mark(states, key, "the eager replay to check its first result against did not run")
-        weights = val_weights(val_reduce, val.size, next(iter(params.values())))
+        weights = val_weights(val_reduce, val.size, params)
         assert weights is not None
         eager = score_streamed(st, params, weights, train.size, val.size, dtype)
         if not close((out[1], out[2], out[3], out[4]), (eager[0], eager[1], st.train_loss, st.val_loss)):
@@ -252,7 +252,7 @@ def _build(model_fn: ModelFn, rep: Replay, train: Batch, m: int, val_reduce: str
         outs, (losses, saved) = torch.func.grad(losses_of, has_aux=True)(zeros)
         joined_half = Half(losses, per_sample(params, sites, saved, statics, outs, big))
         t, v = _rows(joined_half, 0, n), _rows(joined_half, n, big)
-        weights = val_weights(val_reduce, m, like)
+        weights = val_weights(val_reduce, m, params)
         assert weights is not None
         val_dir, val_uses = reduced(routes, v, params, weights)
         per_param, train_grad = score_uses(routes, t.grads, val_dir, val_uses, params, weights, n, m, dtype)

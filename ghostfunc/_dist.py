@@ -132,6 +132,8 @@ def _atom_alike(x: Any) -> Any:
     kind = type(x)
     if x is None or issubclass(kind, (bool, int, float, complex, str, bytes)):
         return (kind.__name__, repr(x))
+    if issubclass(kind, torch.device):  # its type only: each rank holds its own GPU ("cuda:0", "cuda:1")
+        return ("device", x.type)
     if issubclass(kind, Tensor):
         data = x.detach().cpu().contiguous().reshape(-1)
         return ("tensor", tuple(x.shape), str(x.dtype), zlib.crc32(data.view(torch.uint8).numpy().tobytes()))
@@ -144,9 +146,14 @@ def _atom_alike(x: Any) -> Any:
 
 
 def _class_and_repr(x: Any, whole: bool = False) -> tuple[str, str]:
-    """An object's class by name and its repr, unless that names the address only (a default repr) or raises.
-    (``whole``, whether its attributes were walked, changes nothing here: the class is named either way.)"""
+    """An object's class by name and its repr, unless that names the address only (a default repr) or raises,
+    or its attributes were walked (``whole``) and are all of its state (a plain class: its repr shows them
+    again, with the devices each rank names its own way)."""
+    from ._interact import plain_class
+
     name = f"{type(x).__module__}.{type(x).__qualname__}"
+    if whole and plain_class(type(x)):
+        return name, ""
     try:
         text = repr(x)
     except Exception:  # noqa: BLE001 - the object's own repr failed: its class alone
@@ -272,6 +279,16 @@ def broadcast_params(params: Mapping[str, Tensor], group: Any) -> dict[str, Tens
     return {k: out[k] for k in params}
 
 
+class Deferred(NamedTuple):
+    """A signature entry for :func:`agree` that is cheap to compare where every rank has it (``cheap``, a
+    token such as "this rank's state is the one the last step returned") and costly otherwise: where ranks'
+    entries differ and one is deferred, every rank sends ``full()`` (a deferred one) or its entry again and
+    they are compared on that."""
+
+    cheap: Any
+    full: Callable[[], Any]
+
+
 def agree(where: str, group: Any, prepare: Callable[[], T], signature: Callable[[T], dict[str, Any]],
           rows: Callable[[T], tuple[int, int]]) -> tuple[T, World]:
     """Run this rank's argument checks (``prepare``), then check every rank agrees, in one collective.
@@ -286,13 +303,18 @@ def agree(where: str, group: Any, prepare: Callable[[], T], signature: Callable[
     check_group(group, where)
     prepared: T | None = None
     failure: Exception | None = None
+    deferred: dict[str, Any] = {}
     try:
         prepared = prepare()
-        mine: dict[str, Any] = {"signature": signature(prepared), "rows": rows(prepared), "error": None,
-                                "where": where}
+        deferred = signature(prepared)
+        mine: dict[str, Any] = {"signature": {k: v.cheap if isinstance(v, Deferred) else v
+                                              for k, v in deferred.items()},
+                                "rows": rows(prepared), "error": None, "where": where, "deferred": sorted(
+                                    k for k, v in deferred.items() if isinstance(v, Deferred))}
     except Exception as err:  # reported on every rank below
         failure = err
-        mine = {"signature": None, "rows": (0, 0), "error": f"{type(err).__name__}: {err}", "where": where}
+        mine = {"signature": None, "rows": (0, 0), "error": f"{type(err).__name__}: {err}", "where": where,
+                "deferred": []}
     rank, size = rank_and_size(group)
     every: list[Any] = [None] * size
     dist.all_gather_object(every, mine, group=group)
@@ -309,6 +331,15 @@ def agree(where: str, group: Any, prepare: Callable[[], T], signature: Callable[
         if e["signature"].keys() != ref.keys():
             raise ValueError(f"{where}: every rank must pass the same options; rank {r} has "
                              f"{sorted(e['signature'])}, rank 0 has {sorted(ref)}")
+    again = sorted({k for e in every for k in e["deferred"]} & {k for k in ref if any(
+        e["signature"][k] != ref[k] for e in every[1:])})
+    if again:  # (every rank sees the same gathered entries: all of them take this second round, or none)
+        full = {k: v.full() if isinstance(v := deferred[k], Deferred) else v for k in again}
+        fulls: list[Any] = [None] * size
+        dist.all_gather_object(fulls, full, group=group)
+        for e, f in zip(every, fulls, strict=True):
+            e["signature"].update(f)
+    for r, e in enumerate(every[1:], start=1):
         for key in ref:
             if e["signature"][key] != ref[key]:
                 raise ValueError(f"{where}: every rank must pass the same {key}; "

@@ -48,6 +48,7 @@ from ._capture import (
     _rephrase,
     _Stale,
     cached_trace,
+    dense,
     on_batch,
     reads_autograd_state,
     refuse_rewritten,
@@ -179,7 +180,7 @@ def _capture_sample(model_fn: ModelFn, params: Mapping[str, Tensor], batch: Batc
         for role, name in site.roles:
             out[name].append(_in_dtype(site.rule.grad(static, saved, b, role, params[name].shape), params[name].dtype))
     for (k, leaf), g in zip(leaves.items(), leaf_grads, strict=True):
-        out[k].append(Direct((torch.zeros_like(leaf) if g is None else g).unsqueeze(0)))
+        out[k].append(Direct((torch.zeros_like(leaf) if g is None else dense(g)).unsqueeze(0)))
     return Half(loss.detach().reshape(1), out)
 
 

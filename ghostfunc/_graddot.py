@@ -596,7 +596,7 @@ def _remember(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: B
 def _streamed_of(r: Routing, t: Half, v: Half, params: dict[str, Tensor], val_reduce: str, m: int) -> Streamed:
     """A :class:`Streamed` from both batches' captures: ghost-routed parameters keep the validation
     rows, every other one their reduced ``Σ_v w_v g_v``."""
-    weights = val_weights(val_reduce, m, next(iter(params.values())))
+    weights = val_weights(val_reduce, m, params)
     assert weights is not None
     return Streamed(r.plan, *reduced(paths(r.plan), v, params, weights), t.grads, t.loss, v.loss, train_traces(r))
 
@@ -630,7 +630,7 @@ def _streamed_once(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, v
         # a new process repeats the uninterrupted one), drawing what a model that draws random numbers draws.
         _set_rng_state(next(iter(params.values())).device, start)
         del t, v
-    weights = val_weights(val_reduce, val.size, next(iter(params.values())))
+    weights = val_weights(val_reduce, val.size, params)
     assert weights is not None
 
     def capture_val() -> tuple[dict[str, Tensor], dict[str, list[Factored | Direct]], Tensor]:
@@ -937,9 +937,19 @@ def val_grad(route_path: str, va: list, weights: Tensor, param: Tensor) -> Tenso
     return _like(_val_direction(va, weights, p, param.numel() // p, param), param)
 
 
+def score_dtype(params: Mapping[str, Tensor]) -> torch.dtype:
+    """The widest of the parameters' dtypes, at least float32: what the scores sum in and the validation
+    weights are made in. Not the first parameter's: a bfloat16 body listed before a float64 head rounded the
+    head's ``1/m`` to bfloat16 (its values 2e-3 off) and the output dtype followed the dict's order."""
+    acc = torch.float32
+    for v in params.values():
+        acc = torch.promote_types(acc, v.dtype)
+    return acc
+
+
 def sum_scores(per_param: Mapping[str, Tensor], params: Mapping[str, Tensor]) -> Tensor:
-    """``Σ_k per_param[k]``, accumulated in the parameters' dtype (at least float32)."""
-    acc = torch.promote_types(next(iter(params.values())).dtype, torch.float32)
+    """``Σ_k per_param[k]``, accumulated in :func:`score_dtype`."""
+    acc = score_dtype(params)
     return torch.stack([v.to(acc) for v in per_param.values()]).sum(0)
 
 
@@ -972,10 +982,13 @@ def _listed(names: list[str]) -> str:
     return f"{names[:6]}{'...' if len(names) > 6 else ''}"
 
 
-def val_weights(val_reduce: str | None, m: int, like: Tensor) -> Tensor | None:
+def val_weights(val_reduce: str | None, m: int, params: Mapping[str, Tensor]) -> Tensor | None:
+    """The weights ``w_v`` of ``Σ_v w_v g_v`` (``[m]``, :func:`score_dtype`; each parameter takes them in its own
+    dtype from there), ``None`` for the full matrix."""
     if val_reduce is None:
         return None
-    return torch.full((m,), 1.0 / m if val_reduce == "mean" else 1.0, dtype=like.dtype, device=like.device)
+    device = next(iter(params.values())).device
+    return torch.full((m,), 1.0 / m if val_reduce == "mean" else 1.0, dtype=score_dtype(params), device=device)
 
 
 def _prepare(where: str, model_fn: Any, params: Any, train: Any, val: Any,
@@ -1089,7 +1102,7 @@ def graddot(
             refuse_non_finite(where, done.scores, done.per_param, done.train_grad)
             return done
         eager_why.append(_compiled.ran_eagerly(done))
-    weights = val_weights(val_reduce, vb.size, next(iter(params.values())))
+    weights = val_weights(val_reduce, vb.size, params)
     if val_reduce is not None:  # validation first, reduced to ḡ_val: the memory of one batch at a time
         st = run_streamed(model_fn, checked, tb, vb, where, policy, val_reduce)
         the_plan, train_loss, val_loss = st.plan, st.train_loss, st.val_loss

@@ -273,7 +273,8 @@ class _ModelSpec:
             out["use_cache"] = False
         labels = batch.get("labels")
         if self.decoder_ids is not None and "decoder_input_ids" not in out and isinstance(labels, Tensor):
-            out["decoder_input_ids"] = self.decoder_ids(labels)
+            # a copy: FSMT's shift writes the pad id over the -100s in place (the caller's labels, then the loss's)
+            out["decoder_input_ids"] = self.decoder_ids(labels.clone())
         missing = sorted(self.required - out.keys())
         if missing:
             raise TypeError(f"{where}: the model's forward needs {missing}, which the batch does not have (its keys: "

@@ -677,11 +677,17 @@ def _local_atom(x: Any, checksummed: list[int]) -> Any:
         return (x,)
     if issubclass(kind, Tensor):
         size = x.numel() * x.element_size()
-        if x.layout is torch.strided and x.device.type != "meta" and size <= checksummed[0]:
+        if (kind in (Tensor, torch.nn.Parameter) and x.layout is torch.strided and not x.is_nested
+                and x.device.type != "meta" and size <= checksummed[0]):
             checksummed[0] -= size
-            data = x.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-            return ("tensor", tuple(x.shape), x.dtype, x.device, zlib.crc32(memoryview(data.tobytes())))
-        return (Identity(x), x._version)  # (a change in place moves the version)
+            try:
+                data = x.detach().resolve_conj().resolve_neg().cpu().contiguous().reshape(-1).view(torch.uint8)
+                return ("tensor", tuple(x.shape), x.dtype, x.device, zlib.crc32(memoryview(data.numpy().tobytes())))
+            except (RuntimeError, TypeError):  # a kind of tensor torch cannot read as bytes: as a large one
+                pass
+        return (Identity(x), _version(x))  # (a change in place moves the version)
+    if issubclass(kind, type):  # a class: its settings with it, where they are all its state (else its identity)
+        return ("class", x, _class_settings(x)) if plain_class(x) else None
     if is_value(x):
         return ("value", kind, x)
     if _is_array(x) and not x.dtype.hasobject:  # (an array of objects: walked as a list)
@@ -696,6 +702,15 @@ def _local_atom(x: Any, checksummed: list[int]) -> Any:
     return None
 
 
+def _version(x: Tensor) -> int | None:
+    """``x``'s version counter; ``None`` for a tensor made under ``torch.inference_mode()`` (it keeps none, and
+    only code under that mode, which cannot run a backward, can change it in place)."""
+    try:
+        return x._version
+    except RuntimeError:
+        return None
+
+
 def _local_tag(x: Any, whole: bool) -> Any:
     """An object in a batch leaf: by its class and the class's own settings where its attributes were walked
     and are all of its state (:func:`plain_class`), else by identity."""
@@ -706,16 +721,23 @@ def _local_tag(x: Any, whole: bool) -> Any:
 
 
 def _class_settings(kind: type) -> tuple:
-    """A class's own plain settings (numbers, strings: a default an instance does not shadow), down its MRO."""
+    """A class's own settings (numbers, strings, enum members and other values: a default an instance does not
+    shadow), down its MRO. (A class holding other data is not a :func:`plain_class`.)"""
     return tuple((k, v) for c in kind.__mro__[:-1] for k, v in vars(c).items()
-                 if not k.startswith("__") and issubclass(type(v), _SCALARS))
+                 if not k.startswith("__") and _class_value(k, v))
+
+
+def _class_value(name: str, v: Any) -> bool:
+    return issubclass(type(v), _SCALARS) or (name != "_abc_impl" and not isinstance(v, type) and is_value(v))
 
 
 def plain_class(kind: type) -> bool:
     """Whether an instance of ``kind`` keeps all its state in its attributes (its ``__dict__`` and slots), where a
     walk sees it: ``types.SimpleNamespace``, or a class written in Python, with no C base but ``object`` (a
     ``functools.partial``, a ``random.Random`` keep theirs out of sight), no property or other computed
-    attribute (one may read a global) and no ``__getattr__``/``__getattribute__`` of its own."""
+    attribute (one may read a global), no method of its own but those a dataclass writes (:data:`_DATA_METHODS`:
+    a method may read a global or a class's dict), no data on the class but values (:func:`_class_settings`: a
+    dict or list there may change in place) and no ``__getattr__``/``__getattribute__``."""
     known = _PLAIN.get(kind)
     if known is None:
         if len(_PLAIN) > 1024:
@@ -734,15 +756,27 @@ def _plain_class(kind: type) -> bool:
         if not c.__flags__ & _HEAP_TYPE:
             return False
         for name, v in vars(c).items():
-            if name in ("__getattr__", "__getattribute__"):
-                return False
-            if name in ("__dict__", "__weakref__") or isinstance(v, (types.FunctionType, staticmethod, classmethod,
-                                                                         types.MemberDescriptorType)):
-                continue
+            if name in ("__dict__", "__weakref__") or isinstance(v, types.MemberDescriptorType):
+                continue  # (the instance's own state: walked)
+            if isinstance(v, (types.FunctionType, staticmethod, classmethod)):
+                if name in _DATA_METHODS:
+                    continue
+                return False  # a method of its own: what it computes is out of sight
+            if name.startswith("__") and name.endswith("__") and not hasattr(type(v), "__get__"):
+                continue  # the class's own bookkeeping (__module__, __doc__, __dataclass_fields__, ...)
             if isinstance(v, (types.WrapperDescriptorType, types.MethodDescriptorType, types.BuiltinFunctionType,
                               types.GetSetDescriptorType, property)) or hasattr(type(v), "__get__"):
                 return False  # implemented in C, or computed on access
+            if v is not None and not _class_value(name, v) and name != "_abc_impl":
+                return False  # data on the class that may change in place (a dict, a list, a class)
     return True
+
+
+#: The methods a class may have and still be a :func:`plain_class`: those ``dataclasses`` writes (from the
+#: fields: construction, printing, comparison, hashing, a frozen instance's guards, pickling a slotted one).
+_DATA_METHODS = frozenset({"__init__", "__post_init__", "__repr__", "__eq__", "__ne__", "__hash__", "__lt__",
+                           "__le__", "__gt__", "__ge__", "__setattr__", "__delattr__", "__getstate__",
+                           "__setstate__", "__replace__", "__init_subclass__"})
 
 
 _HEAP_TYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE
@@ -762,7 +796,14 @@ def leaf_walk(obj: Any, depth: int, budget: int, atom: Callable[[Any], Any],
     def items_of(xs: Iterable[Any], size: int, d: int) -> tuple:
         if size > ITEMS:  # the first ITEMS only
             whole[0] = False
-        return tuple(see(v, d - 1) for v in itertools.islice(xs, ITEMS))
+        items = list(itertools.islice(xs, ITEMS))
+        out: list[Any] = [None] * len(items)
+        # numbers and strings first: a flag listed after a long list is seen before that list spends the budget
+        for first in (True, False):
+            for i, v in enumerate(items):
+                if issubclass(type(v), _SCALARS) is first:
+                    out[i] = see(v, d - 1)
+        return tuple(out)
 
     def see(x: Any, d: int) -> Any:
         left[0] -= 1
@@ -825,14 +866,14 @@ def _state_of_values(found: list[Any]) -> tuple:
                 out.append("(walk budget spent)")
             return
         if issubclass(type(obj), Tensor):
-            out.append((Identity(obj), obj._version))
+            out.append((Identity(obj), _version(obj)))
         elif issubclass(type(obj), _SCALARS):
             out.append(obj)
         elif _is_array(obj):
             out.append(_array_print(obj))
         elif issubclass(type(obj), torch.nn.Module):
             for m in obj.modules():  # every module's mode, tensors, and plain attributes (a temperature)
-                out.extend((Identity(t), t._version) for t in (*m._parameters.values(), *m._buffers.values())
+                out.extend((Identity(t), _version(t)) for t in (*m._parameters.values(), *m._buffers.values())
                            if t is not None)
                 # frozen tensors (the model's own values, not the params passed in) also by a checksum, taken
                 # at the end: an edit through .data has a version counter of its own

@@ -123,10 +123,13 @@ def _schedule(lr: Schedule, where: str) -> Callable[[int], float]:
             return out
 
         return rate
-    if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
-        raise TypeError(f"{where}: lr must be a float >= 0 (finite) or a callable count -> lr; got {lr!r} "
-                        f"(a {type(lr).__name__})")
-    value = float(lr)
+    given: Any = lr
+    if isinstance(lr, Tensor) and lr.numel() == 1 and not lr.is_complex() and lr.dtype != torch.bool:
+        given = lr.item()  # a one-element tensor, as torch.optim takes it (its value now: a number from here on)
+    if isinstance(given, bool) or not isinstance(given, numbers.Real):
+        raise TypeError(f"{where}: lr must be a float >= 0 (finite) or a callable count -> lr; got {given!r} "
+                        f"(a {type(given).__name__})")
+    value = float(given)
     if not (math.isfinite(value) and value >= 0):
         raise ValueError(f"{where}: lr must be a float >= 0 (finite) or a callable count -> lr; got {lr!r}")
     return lambda count: value

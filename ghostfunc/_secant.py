@@ -39,6 +39,7 @@ from ._graddot import (
     _same,
     capture_one,
     contract_direction,
+    refuse_non_finite,
     retry_stale,
     routing,
     sum_scores,
@@ -203,6 +204,7 @@ def secant_values(where: str, model_fn: Callable[[Params, Any], Tensor], params:
 
     r, t = retry_stale(where, train_first)
     rows, g_train = train_rows(r.plan, t.grads, params, n, 2, scratch)
+    refuse_non_finite_rows(where, rows, g_train, params)
     groups = row_groups(vb, r.plan)
     train_loss = t.loss
     del t  # the factors of the kept parameters go now
@@ -348,6 +350,17 @@ def give_back(scratch: Scratch | None, rows: Rows) -> None:
         for name, g in rows.kept.items():
             route = rows.plan.routes[name]
             scratch[name] = g.view(rows.n, route.p, route.d)
+
+
+def refuse_non_finite_rows(where: str, rows: Rows, g_train: Params, params: Params, local: bool = False) -> None:
+    """Raise ``FloatingPointError`` naming the training rows whose gradients are not finite (the losses are),
+    where their mean ``g_train`` is not: the secant's step end and exact order 2's ``H·G`` spread it to every
+    row's value (every row was named, or the validation losses at ``θ'`` blamed on the learning rate).
+    ``local``: under ``group=``, this rank's rows (the caller raises it on every rank)."""
+    if all(bool(torch.isfinite(g).all()) for g in g_train.values()):
+        return
+    ones = {k: torch.ones_like(v) for k, v in params.items()}
+    refuse_non_finite(where, row_dots(rows, [ones], params)[:, 0], None, g_train, local, what="gradients")
 
 
 def row_dots(rows: Rows, directions: Sequence[Params], params: Params) -> Tensor:

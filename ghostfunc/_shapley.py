@@ -45,7 +45,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import _dist
-from ._capture import Batch, Half, _check_finite, _rephrase, common_weight, per_sample_losses
+from ._capture import Batch, Half, _check_finite, _rephrase, common_weight, per_sample_losses, second_derivative
 from ._checks import check_compile
 from ._eager import unbatchable, val_grad_hvp_eager
 from ._graddot import (
@@ -81,6 +81,7 @@ from ._secant import (
     check_curvature,
     give_back,
     grouped_val_grad,
+    refuse_non_finite_rows,
     row_dots,
     row_groups,
     rows_of,
@@ -126,7 +127,10 @@ def val_grad_hvp(model_fn: Callable[[Params, Any], Tensor], params: Params, val:
     """:func:`_val_grad_hvp_batched` over the row ranges ``groups`` (default: all rows at once), each in
     groups of samples that agree at data-dependent branches, all summed; a model the batched pass
     cannot run goes sample by sample with ordinary autograd. Equal weights (a mean) run at unit
-    weight, scaled after (:func:`ghostfunc._capture.common_weight`)."""
+    weight, scaled after (:func:`ghostfunc._capture.common_weight`). The batch's tensors are taken detached: a
+    validation feature computed with gradients on (an upstream encoder's output) gave values attached to its graph,
+    which each step's info then kept alive."""
+    val = val._replace(tensors=[t.detach() for t in val.tensors])
     scale = common_weight(weights)
     if scale is not None and scale != 1.0:
         g, hv, losses = val_grad_hvp(model_fn, params, val, torch.ones_like(weights), vector, where, groups)
@@ -220,7 +224,7 @@ def values_of(
     compile: bool = False,
     scratch: Scratch | None = None,
     optimizer: tuple = (),
-    optimizer_state: tuple = (),
+    optimizer_state: Any = (),
 ) -> Values:
     """The values against ``u = −a·P(ḡ_val) + (a²/2)·H_val G`` (``a = lr/n``), and the mean train gradient.
 
@@ -277,7 +281,7 @@ def values_of(
         with _dist.collectively(where, group):
             check_batch_gradient(model_fn, params, tb, where)
     a = lr / n
-    weights = val_weights("mean", m, next(iter(params.values())))
+    weights = val_weights("mean", m, params)
     assert weights is not None
     weights = weights[: vb.size]  # with a group: 1/m (global m) for this rank's validation rows
     checked = params
@@ -326,6 +330,7 @@ def values_of(
             raise ValueError(ORDER2_RANDOM.format(where=where))
         r, t = retry_stale(where, train_first)
         rows, g_train = train_rows(r.plan, t.grads, params, tb.size, 2 if order == 2 and first_order else 1, scratch)
+        refuse_non_finite_rows(where, rows, g_train, params, local=world is not None)  # (this rank's rows)
     train_loss = t.loss
     del t  # the factors of the kept parameters go now
     local_unused = unused(train_traces(r), g_train, reach)  # with a group: unused on every rank (the all-reduce's flags)
@@ -343,16 +348,10 @@ def values_of(
         give_back(scratch, rows)
         return Values(values, values, g_train, train_loss, val_loss, r.plan, None, local_unused)
     with _dist.collectively(where, group):
-        try:
+        with second_derivative(where, "order 2 with curvature='exact' differentiates model_fn twice",
+                               "curvature='secant' needs first derivatives only, or use order=1"):
             g_val, hg, val_loss = val_grad_hvp(model_fn, params, vb, weights, {k: g.mul(n) for k, g in g_train.items()},
                                                where, row_groups(vb, r.plan))  # H_val G, G = Σ_j g_j
-        except (NotImplementedError, RuntimeError) as err:  # no second derivative (embedding_bag's backward)
-            if "derivative for" not in str(err) or "not implemented" not in str(err):
-                raise
-            raise NotImplementedError(
-                f"{where}: order 2 with curvature='exact' differentiates model_fn twice, and torch has no second "
-                f"derivative for one of its calls ({str(err).strip().splitlines()[0]}); curvature='secant' needs "
-                f"first derivatives only, or use order=1") from err
         if not _same(start, _rng_state(device)):  # dropout: other masks than a plain step's (and the secant's)
             _set_rng_state(device, start)
             raise ValueError(ORDER2_RANDOM.format(where=where))

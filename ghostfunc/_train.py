@@ -47,7 +47,8 @@ class StepInfo(NamedTuple):
     Attributes:
         values: ``[n_train]`` In-Run Data Shapley values ``φ`` of this step at the
             configured order (negative = the sample lowered the validation loss).
-        first_order: ``[n_train]`` the order-1 values (``values`` itself when ``order=1``).
+        first_order: ``[n_train]`` the order-1 values (``values`` itself when ``order=1``, preconditioned with
+            ``precondition=True``).
         train_loss: ``[n_train]`` per-sample losses before the update.
         val_loss: ``[n_val]`` per-sample losses before the update.
         lr: the learning rate ``η`` of this step.
@@ -194,14 +195,16 @@ class TrainStep:
         return new, info
 
 
-def _optimizer_state_print(state: TrainState, continued: bool) -> tuple:
+def _optimizer_state_print(state: TrainState, continued: bool) -> Any:
     """The step count and a fingerprint of the optimizer's state (moments, momentum buffers, counts), for ranks
     to compare: AdamW second moments changed on one rank gave that rank's preconditioned values and split the
     parameters for a step before anything said so. A state this step returned last, untouched since
     (``continued``), is the same on every rank as the one before it was: its step count alone (the fingerprint
-    is two passes over the moments' memory, 10% of a small GPT-2's step)."""
-    if continued:
-        return (state.step, "continued")
+    is two passes over the moments' memory, 10% of a small GPT-2's step), fingerprinted after all where
+    another rank's state is not the one it was handed (:class:`ghostfunc._dist.Deferred`: a state one rank
+    alone copied or reloaded was refused)."""
+    if continued:  # (compared as such where every rank continues; fingerprinted where one does not)
+        return _dist.Deferred((state.step, "continued"), lambda: _optimizer_state_print(state, False))
     leaves, spec = pytree.tree_flatten(state.opt_state)
     tensors = {str(i): x for i, x in enumerate(leaves) if isinstance(x, Tensor)}
     return (state.step, str(spec), tuple(x for x in leaves if not isinstance(x, Tensor)),

@@ -47,9 +47,10 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils import _pytree as pytree
 
-from ._capture import Batch, _check_finite, _rephrase, per_sample_losses, tensor_leaves
+from ._capture import Batch, _check_finite, _rephrase, dense, per_sample_losses, second_derivative, tensor_leaves
 from ._checks import check_batch, check_model_fn, check_params
 from ._direction import graddot_direction
+from ._graddot import score_dtype
 from ._interact import check_model, check_state_writes, grads_on
 from ._optim import Grads, Optimizer
 from ._train import TrainState
@@ -106,7 +107,7 @@ def mean_grad(model_fn: Callable, params: Params, batch: Batch, where: str) -> G
         losses = batch_losses(model_fn, batch, where)(leaves)
         _check_finite(losses.detach(), "train", where)
         grads = torch.autograd.grad(losses.mean(), list(leaves.values()), allow_unused=True)
-    return dict(zip(leaves, grads, strict=True))
+    return {k: None if g is None else dense(g) for k, g in zip(leaves, grads, strict=True)}
 
 
 def grad_pullback(model_fn: Callable, params: Params, batch: Batch,
@@ -122,8 +123,8 @@ def grad_pullback(model_fn: Callable, params: Params, batch: Batch,
     """
     losses_of = batch_losses(model_fn, batch, where)
     leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
-    ref = next(iter(params.values()))
-    w = torch.ones(batch.size, dtype=ref.dtype, device=ref.device, requires_grad=True)
+    ref = next(iter(params.values()))  # (the rows' shares in the widest dtype: the first one's rounded them)
+    w = torch.ones(batch.size, dtype=score_dtype(params), device=ref.device, requires_grad=True)
     with torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]), _rephrase(where):
         losses = losses_of(leaves)
         _check_finite(losses.detach(), "train", where)
@@ -134,8 +135,11 @@ def grad_pullback(model_fn: Callable, params: Params, batch: Batch,
     live = [k for k in leaves if (x := g[k]) is not None and x.requires_grad]
 
     def pullback(v: Params) -> tuple[Params, Tensor]:
-        out = torch.autograd.grad([g[k] for k in live], [*leaves.values(), w], grad_outputs=[v[k] for k in live],
-                                  retain_graph=True, materialize_grads=True)
+        with second_derivative(where, "the replay differentiates each step's gradient (a Hessian-vector product per "
+                                      "step)", "build the model without that call (F.embedding_bag: "
+                                               "F.embedding and a sum or mean over the bag)"):
+            out = torch.autograd.grad([g[k] for k in live], [*leaves.values(), w],
+                                      grad_outputs=[v[k] for k in live], retain_graph=True, materialize_grads=True)
         return dict(zip(leaves, out[:-1], strict=True)), out[-1]
 
     return {k: None if x is None else x.detach() for k, x in g.items()}, pullback

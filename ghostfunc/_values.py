@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,17 @@ def is_indices(idx: Any) -> bool:
     indices 1/0)."""
     return (isinstance(idx, Tensor) and idx.dim() == 1 and not idx.is_floating_point() and not idx.is_complex()
             and idx.dtype != torch.bool)
+
+
+def as_tensor(x: Any) -> Any:
+    """A NumPy array or a list of numbers as a tensor (a batch's NumPy index leaf rides through a training step as
+    it came); anything else as it is."""
+    if isinstance(x, list) and x and all(isinstance(v, (int, float)) for v in x):
+        return torch.tensor(x)
+    numpy = sys.modules.get("numpy")
+    if numpy is not None and isinstance(x, numpy.ndarray) and x.dtype.kind in "biuf":
+        return torch.from_numpy(numpy.ascontiguousarray(x))
+    return x
 
 
 def tensor_kind(x: Any) -> str:
@@ -150,7 +162,8 @@ class DataValues:
         """Add one step's values: ``total[indices[b]] += values[b]``, ``count[indices[b]] += 1``.
 
         Args:
-            indices: ``[B]`` integer dataset indices of the batch's rows, in row order.
+            indices: ``[B]`` integer dataset indices of the batch's rows, in row order (a tensor, or a
+                NumPy array or list of ints, taken as one).
             values: ``[B, *shape]`` the step's values (e.g. ``info.values``), same row order.
             keep: ``[B]`` bool, or ``None`` (all): only rows with ``keep[b]`` are added
                 (e.g. :func:`ghostfunc.sampler_mask`, to skip a sampler's padding repeats).
@@ -159,13 +172,16 @@ class DataValues:
             A new :class:`DataValues`; ``self`` is unchanged. A repeated index adds twice.
         """
         where = "DataValues.add"
+        indices, values, keep = (as_tensor(x) for x in (indices, values, keep))
         if not is_indices(indices):  # (a mask is not indices: pass it as keep=)
             raise TypeError(f"{where}: indices must be a 1-D integer tensor [B] of dataset indices; got "
                             f"{tensor_kind(indices)}")
         if isinstance(values, Tensor) and (values.is_complex() or values.dtype == torch.bool):
             raise TypeError(f"{where}: values must be real numbers (a float or integer tensor); got {values.dtype}")
-        if not isinstance(values, Tensor) or values.shape != (indices.shape[0], *self.total.shape[1:]):
-            shape = tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__
+        if not isinstance(values, Tensor):
+            raise TypeError(f"{where}: values must be a tensor [B, ...] (e.g. info.values); got {type(values).__name__}")
+        if values.shape != (indices.shape[0], *self.total.shape[1:]):
+            shape = tuple(values.shape)
             raise ValueError(f"{where}: values must have shape {(indices.shape[0], *self.total.shape[1:])} "
                              f"(one value per index); got {shape}")
         for name, t in (("indices", indices), ("values", values), ("keep", keep)):

@@ -261,6 +261,41 @@ def test_bf16_compute_dtype_within_documented_tolerance():
         assert rel(out.scores, ref) < 2e-2, policy  # README: bf16 products, about 1e-2 relative
 
 
+@pytest.mark.parametrize("call", ["graddot", "inrun_shapley order 1", "inrun_shapley order 2", "unroll"])
+def test_mixed_parameter_dtypes_do_not_depend_on_the_params_order(call):
+    """A bfloat16 body listed before a float64 head: the validation weights ``1/m`` were made in the first
+    parameter's dtype (bfloat16: 1/3 -> 0.33398), so the head's float64 numbers were 2e-3 off the loop and the
+    values changed with the dict's order alone (``unroll``: the rows' shares, the same way). Now the widest dtype,
+    at least float32, for the weights and the scores' sum, whatever the order."""
+    g = torch.Generator().manual_seed(5)
+    body, head = torch.randn(8, 6, generator=g) / 2, torch.randn(3, 8, generator=g, dtype=F64) / 2
+
+    def model_fn(p, b):
+        h = torch.tanh(F.linear(b["x"].to(p["w1"].dtype), p["w1"]))
+        return F.cross_entropy(F.linear(h.to(p["head"].dtype), p["head"]), b["y"], reduction="none")
+
+    def data(n):
+        return {"x": torch.randn(n, 6, generator=g), "y": torch.randint(0, 3, (n,), generator=g)}
+
+    train, val = data(8), data(3)  # 3 validation rows: 1/3 is not exact in bfloat16
+    batches = [{**data(6), "index": torch.arange(6) + 6 * t} for t in range(2)]
+    outs = []
+    for order in (("w1", "head"), ("head", "w1")):
+        both = {"w1": body.bfloat16(), "head": head}
+        p = {k: both[k] for k in order}
+        if call == "graddot":
+            out = ghostfunc.graddot(model_fn, p, train, val)
+            assert out.scores.dtype == F64
+            assert rel(out.per_param["head"], ghostfunc.reference_graddot(model_fn, p, train, val)[1]["head"]) < 1e-12
+            outs.append(out.per_param["head"])
+        elif call == "unroll":
+            outs.append(ghostfunc.unroll(model_fn, ghostfunc.sgd(0.3), p, batches, val).total)
+        else:
+            outs.append(ghostfunc.inrun_shapley(model_fn, p, train, val, lr=0.1, order=int(call[-1])))
+    assert outs[0].dtype == outs[1].dtype == F64
+    assert rel(outs[0], outs[1]) < 1e-12
+
+
 def test_float16_parameters_multiply_small_gradients_in_float32():
     """Float16 parameters with small per-token gradients (a mean over 64 tokens, the loss scaled by 1e-2): the
     products of two factors fall below float16's range (6e-8), so the Gram and contract kernels, multiplying in

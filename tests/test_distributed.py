@@ -8,6 +8,7 @@ models) and compares its own rows. Row counts differ between ranks.
 
 from __future__ import annotations
 
+import copy
 import faulthandler
 import functools
 import json
@@ -16,6 +17,7 @@ import sys
 import tempfile
 import time
 import traceback
+import types
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -265,6 +267,14 @@ def _errors(rank: int, world: int, out: dict[str, Any]) -> None:
         "norm eps": lambda: ghostfunc.graddot(on_normed, params, train, val, group=group),
         "train mode": lambda: ghostfunc.graddot(on_mode, params, train, val, group=group),
         "optimizer state": lambda: adamw_step(adamw_step.init(params)._replace(opt_state=moved), train, val),
+        # the state a step returned, continued on rank 1 and copied (or reloaded) on rank 0: compared by value
+        "optimizer state copied on rank 0": lambda: continued(copy.deepcopy),
+        "optimizer state copied and changed on rank 0": lambda: continued(
+            lambda s: s._replace(opt_state=s.opt_state._replace(nu={k: v + 1 for k, v in s.opt_state.nu.items()}))),
+        # a config holding its rank's own device (cuda:0, cuda:1 under NCCL), as tensors' devices differ
+        "rank's device in a config": lambda: ghostfunc.graddot(
+            with_leaf, params, (*train, types.SimpleNamespace(device=torch.device("cuda", rank), smoothing=0.0)),
+            (*val, types.SimpleNamespace(device=torch.device("cuda", rank), smoothing=0.0)), group=group),
         "different calls": lambda: ghostfunc.graddot(model_fn, params, train, val, group=group) if rank == 0 else
         ghostfunc.inrun_shapley(model_fn, params, train, val, lr=0.1, group=group),
         "init against save": lambda: ghostfunc.train_step(model_fn, ghostfunc.sgd(0.1), group=group).init(params)
@@ -322,6 +332,10 @@ def _errors(rank: int, world: int, out: dict[str, Any]) -> None:
 
     def with_leaf(p: dict, batch: tuple) -> torch.Tensor:
         return model_fn(p, batch[:2])
+
+    def continued(change: Callable[[Any], Any]) -> None:
+        state, _ = adamw_step(adamw_step.init(params), train, val)
+        adamw_step(change(state) if rank == 0 else state, train, val)
 
     key = next(iter(params))
     other[key] = torch.zeros(params[key].shape[0] + 1, *params[key].shape[1:], dtype=torch.float64)
@@ -721,7 +735,8 @@ def test_bad_input_raises_on_every_rank(world2: list[dict[str, Any]]) -> None:
     passed, 0.12 off one process), and ``compile=True`` on one rank only (refused there alone, the other ranks
     waited in the next collective); so is a training step built with ``compile=True`` or ``curvature="secant"``
     on one rank only (it raised where it was built, on that rank alone), and ``init`` of a bad ``params`` on one
-    rank."""
+    rank. Not refused: a step's state continued on one rank and copied on another (the one sent "continued",
+    the other its fingerprints), a config holding each rank's own device."""
     results = world2
     expected = {"param shapes": "parameter names, shapes", "param names": "parameter names, shapes",
                 "batch structure": "batch structure", "val_reduce": "val_reduce", "order": "order",
@@ -738,7 +753,8 @@ def test_bad_input_raises_on_every_rank(world2: list[dict[str, Any]]) -> None:
                 "val on rank 0 only": "pass all of it on every rank with val_reduce='mean'",
                 "frozen base": "model's frozen tensors", "norm eps": "model (modules, modes and settings)",
                 "train mode": "model (modules, modes and settings)",
-                "optimizer state": "optimizer state (step count, fingerprints)"}
+                "optimizer state": "optimizer state (step count, fingerprints)",
+                "optimizer state copied and changed on rank 0": "optimizer state (step count, fingerprints)"}
     for r, res in enumerate(results):
         for case, words in expected.items():
             msg = res[case]
@@ -748,7 +764,7 @@ def test_bad_input_raises_on_every_rank(world2: list[dict[str, Any]]) -> None:
                                          "DataValues.save"), msg
         assert "another order" not in res["param values"], res["param values"]  # (the values differ, not the order)
         for case in ("equal config objects", "equal config sets", "equal large sets", "equal config arrays",
-                     "own module with rank settings"):
+                     "own module with rank settings", "optimizer state copied on rank 0", "rank's device in a config"):
             assert res[case] is None, (case, res[case])
         assert res["ddp"] < 1e-12
         assert res["fsdp"] is not None and "from_module: the model is sharded by FSDP" in res["fsdp"]

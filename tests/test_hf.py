@@ -401,6 +401,29 @@ def test_seq2seq_padded_targets_are_ignored() -> None:
     torch.testing.assert_close(model_fn(params, padded), model_fn(params, sample), rtol=1e-12, atol=1e-12)
 
 
+def test_labels_a_model_shifts_in_place_are_left_to_the_caller() -> None:
+    """FSMT makes its decoder inputs from the labels by writing the pad id over the ``-100`` positions in place:
+    ``from_module`` handed it the batch's own labels, so the caller's batch was rewritten (the loss then counted
+    the padding as targets) and ``graddot`` refused the model as writing a tensor that outlives the call."""
+    v = 40
+    model = tf.FSMTForConditionalGeneration(tf.FSMTConfig(
+        src_vocab_size=v, tgt_vocab_size=v, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32,
+        decoder_start_token_id=2, langs=["en", "de"], pad_token_id=0, bos_token_id=1, eos_token_id=2)).eval()
+    model_fn, params = ghostfunc.from_module(model, ghostfunc.seq2seq_loss)
+    g = torch.Generator().manual_seed(3)
+
+    def batch(k: int) -> dict[str, torch.Tensor]:
+        labels = torch.randint(3, v, (k, 6), generator=g)
+        labels[0, -2:] = -100
+        return {"input_ids": torch.randint(3, v, (k, 8), generator=g), "labels": labels}
+
+    train, val = batch(N), batch(M)
+    kept = train["labels"].clone()
+    check_against_loop(model_fn, params, train, val, 1e-5, ("fsmt", "labels shifted in place"))
+    assert torch.equal(train["labels"], kept)
+
+
 # --------------------------------------------------------------------------- frozen parameters
 
 

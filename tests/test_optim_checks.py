@@ -119,6 +119,20 @@ def test_schedule_values_are_checked_naming_schedule_count_and_value(factory, re
         opt.update({"w": torch.ones(2, dtype=torch.float64)}, state, params)
 
 
+@pytest.mark.parametrize("factory", [ghostfunc.sgd, ghostfunc.adamw])
+def test_a_one_element_tensor_lr_is_a_number(factory) -> None:
+    """torch.optim takes ``lr=torch.tensor(0.1)``; so does a schedule here, and now the lr itself (it was refused).
+    A tensor of several elements, a NaN one and a bool one are refused as before."""
+    for value in (torch.tensor(0.25), torch.tensor([0.25], dtype=torch.float64)):
+        assert factory(value).lr(factory(value).init({})) == 0.25
+    with pytest.raises(TypeError, match=rf"^{factory.__name__}: lr must be a float >= 0"):
+        factory(torch.tensor([0.1, 0.2]))
+    with pytest.raises(ValueError, match=rf"^{factory.__name__}: lr must be a float >= 0 \(finite\)"):
+        factory(torch.tensor(NAN))
+    with pytest.raises(TypeError, match=rf"^{factory.__name__}: lr must be a float >= 0"):
+        factory(torch.tensor(True))
+
+
 def test_schedule_values_that_are_numbers_pass() -> None:
     for value in (0, 0.25, np.float32(0.5), np.int64(1), torch.tensor(0.75)):
         opt = ghostfunc.sgd(lambda count, v=value: v)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import decimal
+import enum
 import functools
 import shutil
 import types
@@ -273,6 +274,38 @@ def test_order_2_through_a_max_norm_bag_names_the_missing_second_derivative():
                                                   r"model_fn twice.*_embedding_bag_backward.*curvature='secant'"):
         ghostfunc.inrun_shapley(model_fn, p, train, val, lr=0.1, order=2)
     assert torch.isfinite(ghostfunc.inrun_shapley(model_fn, p, train, val, lr=0.1, order=2, curvature="secant")).all()
+
+
+@pytest.mark.parametrize("call", ["graddot", "train_step", "secant"])
+def test_a_sparse_embedding_bag_is_exact(call):
+    """``F.embedding_bag(..., sparse=True)``: its gradients come sparse, and summing them into the batch's rows
+    raised ``TypeError: Cannot assign to a sparse tensor`` (the secant: ``reshape is not implemented for sparse
+    tensors``); they are made dense, as the loop's are. ``unroll`` names the second derivative torch lacks."""
+    def model_fn(p, ids):
+        return torch.tanh(F.embedding_bag(ids, p["E"], mode="mean", sparse=True) @ p["w"]).pow(2)
+
+    p = _emb_params(5, 49)
+    train, val = _ids(4, 6, 5, 50), _ids(3, 6, 5, 51)
+    if call == "graddot":
+        out = ghostfunc.graddot(model_fn, p, train, val)
+        assert rel(out.scores, ghostfunc.reference_graddot(model_fn, p, train, val)[0]) < 1e-12
+        assert all(g.layout is torch.strided for g in out.train_grad.values())
+    elif call == "train_step":
+        step = ghostfunc.train_step(model_fn, ghostfunc.adamw(0.1))
+        state, info = step(step.init(p), train, val)
+        assert rel(info.values, ghostfunc.inrun_shapley(model_fn, p, train, val, lr=0.1)) < 1e-12
+        assert all(v.layout is torch.strided for v in state.params.values())
+    else:
+        values = ghostfunc.inrun_shapley(model_fn, p, train, val, lr=0.1, order=2, curvature="secant")
+        dense = ghostfunc.inrun_shapley(lambda q, ids: torch.tanh(F.embedding_bag(ids, q["E"], mode="mean")
+                                                                  @ q["w"]).pow(2), p, train, val, lr=0.1, order=2,
+                                        curvature="secant")
+        assert rel(values, dense) < 1e-12
+        batches = [(ids, torch.arange(4) + 4 * t) for t, ids in enumerate((train, _ids(4, 6, 5, 52)))]
+        with pytest.raises(NotImplementedError, match=r"^unroll: the replay differentiates each step's gradient.*"
+                                                      r"no second derivative.*F\.embedding and a sum or mean"):
+            ghostfunc.unroll(lambda q, b: model_fn(q, b["x"]), ghostfunc.sgd(0.1), p,
+                             [{"x": ids, "index": i} for ids, i in batches], {"x": val})
 
 
 def test_embedding_bag_by_freq():
@@ -1234,6 +1267,16 @@ class _DataConfig:  # eq=True: unhashable
     centre: bool = False
 
 
+def _centring(net, centre_of):
+    """``net``'s cross-entropy per sample on ``batch["x"]``, centred over the batch (the rows then interact) where
+    ``centre_of(batch)``."""
+    def model_fn(params, batch):
+        x = batch["x"] - batch["x"].mean(0, keepdim=True) if centre_of(batch) else batch["x"]
+        return F.cross_entropy(functional_call(net, params, (x,)), batch["y"], reduction="none")
+
+    return model_fn
+
+
 @pytest.mark.parametrize("how", ["plain object changed in place", "dataclass changed in place",
                                  "new dataclass per call"])
 def test_a_config_leaf_of_the_batch_that_changes_is_a_new_signature(how):
@@ -1244,9 +1287,7 @@ def test_a_config_leaf_of_the_batch_that_changes_is_a_new_signature(how):
     net = _mlp(13)
     p = {k: v.detach() for k, v in net.named_parameters()}
 
-    def model_fn(params, batch):
-        x = batch["x"] - batch["x"].mean(0, keepdim=True) if batch["cfg"].centre else batch["x"]
-        return F.cross_entropy(functional_call(net, params, (x,)), batch["y"], reduction="none")
+    model_fn = _centring(net, lambda batch: batch["cfg"].centre)
 
     (tx, ty), (vx, vy) = _xy(9, 14), _xy(4, 15)
     kind = _Config if how.startswith("plain") else _DataConfig
@@ -1471,6 +1512,31 @@ def test_a_batch_leaf_holding_the_model_is_not_checked_again_after_each_step(mon
     assert len(checks) == 2
 
 
+def _exact_until_coupled(model_fn, p, train, val, couple):
+    """Two calls equal to the loop, then ``couple()`` turns on a coupling of rows in place: refused."""
+    for _ in range(2):
+        assert rel(ghostfunc.graddot(model_fn, p, train, val).scores,
+                   ghostfunc.reference_graddot(model_fn, p, train, val)[0]) < 1e-10
+    couple()
+    with pytest.raises(SamplesInteractError, match=r"^graddot: samples interact"):
+        ghostfunc.graddot(model_fn, p, train, val)
+
+
+def test_a_flag_listed_after_a_long_list_is_keyed():
+    """A config holding a 300-item list before its flag: the walk spent its 256 entries on the list, so the flag
+    was out of the key and turning it on in place kept the first calls' checks (0.57 off the loop). Numbers and
+    strings are walked before the containers beside them."""
+    net = _mlp(53)
+    p = {k: v.detach() for k, v in net.named_parameters()}
+
+    model_fn = _centring(net, lambda batch: batch["meta"].centre)
+
+    (tx, ty), (vx, vy) = _xy(8, 54), _xy(4, 55)
+    meta = types.SimpleNamespace(vocab=list(range(300)), centre=False)
+    train, val = {"x": tx, "y": ty, "meta": meta}, {"x": vx, "y": vy, "meta": meta}
+    _exact_until_coupled(model_fn, p, train, val, lambda: setattr(meta, "centre", True))
+
+
 @dataclasses.dataclass(frozen=True)
 class _Options:  # a frozen dataclass: hashable, compares its fields, and so the config it holds by identity
     cfg: _Config
@@ -1495,19 +1561,12 @@ def test_a_leaf_that_compares_by_value_holding_a_config_changed_in_place_is_chec
     net = _mlp(34)
     p = {k: v.detach() for k, v in net.named_parameters()}
 
-    def model_fn(params, batch):
-        x = batch["x"] - batch["x"].mean(0, keepdim=True) if batch["meta"].cfg.centre else batch["x"]
-        return F.cross_entropy(functional_call(net, params, (x,)), batch["y"], reduction="none")
+    model_fn = _centring(net, lambda batch: batch["meta"].cfg.centre)
 
     (tx, ty), (vx, vy) = _xy(8, 35), _xy(4, 36)
     cfg = _Config(False)
     train, val = {"x": tx, "y": ty, "meta": wrap(cfg)}, {"x": vx, "y": vy, "meta": wrap(cfg)}
-    for _ in range(2):
-        assert rel(ghostfunc.graddot(model_fn, p, train, val).scores,
-                   ghostfunc.reference_graddot(model_fn, p, train, val)[0]) < 1e-10
-    cfg.centre = True
-    with pytest.raises(SamplesInteractError, match=r"^graddot: samples interact"):
-        ghostfunc.graddot(model_fn, p, train, val)
+    _exact_until_coupled(model_fn, p, train, val, lambda: setattr(cfg, "centre", True))
 
 
 _BOUND = _Config(True)
@@ -1576,30 +1635,56 @@ def _held():
     return _FLAG[0]
 
 
-@pytest.mark.parametrize("case", ["partial", "class attribute", "property", "dict subclass", "held function"])
+class _Mode(enum.Enum):
+    PLAIN = 0
+    CENTRE = 1
+
+
+class _ClassEnum:  # an enum default on the class
+    mode = _Mode.PLAIN
+
+
+class _ClassDict:  # a dict on the class, changed in place
+    opts = {"centre": False}
+
+
+class _Method:  # a method reading module state
+    def centre(self):
+        return _SETTINGS["centre"]
+
+
+_OUT_OF_SIGHT = {"partial": lambda leaf: leaf(), "class attribute": lambda leaf: leaf.centre,
+                 "property": lambda leaf: leaf.centre, "dict subclass": lambda leaf: leaf.opts.centre,
+                 "held function": lambda leaf: leaf.f(), "class enum": lambda leaf: leaf.mode is _Mode.CENTRE,
+                 "class dict": lambda leaf: leaf.opts["centre"], "method": lambda leaf: leaf.centre(),
+                 "held class": lambda leaf: leaf.kind.centre}
+
+
+@pytest.mark.parametrize("case", list(_OUT_OF_SIGHT))
 def test_a_new_leaf_whose_state_is_out_of_the_walks_sight_is_checked_again(case):
     """A leaf made anew for a call whose walked contents equal the last one's, but whose state is partly out of
     sight (a ``functools.partial``'s arguments, a class attribute, a property, a dict subclass's attribute, the
-    closure of a function it holds): keyed by contents alone, the first call's checks were kept when the state
-    turned on a coupling of rows (up to 369 against 0). Such a leaf is keyed by its identity too."""
+    closure of a function it holds, an enum or a dict on its class, a method of its own reading module state,
+    a class it holds): keyed by contents alone, the first call's checks were kept when the state turned on a
+    coupling of rows (up to 369 against 0; the last four 0.57, in ``train_step`` and ``inrun_shapley`` too).
+    Such a leaf is keyed by its identity too, or its class by the values it holds."""
     net = _mlp(43)
     p = {k: v.detach() for k, v in net.named_parameters()}
-    centre_of = {"partial": lambda leaf: leaf(), "class attribute": lambda leaf: leaf.centre,
-                 "property": lambda leaf: leaf.centre, "dict subclass": lambda leaf: leaf.opts.centre,
-                 "held function": lambda leaf: leaf.f()}[case]
+    centre_of = _OUT_OF_SIGHT[case]
 
-    def model_fn(params, batch):
-        x = batch["x"] - batch["x"].mean(0, keepdim=True) if centre_of(batch["leaf"]) else batch["x"]
-        return F.cross_entropy(functional_call(net, params, (x,)), batch["y"], reduction="none")
+    model_fn = _centring(net, lambda batch: centre_of(batch["leaf"]))
 
     def make(centre):
         if case == "partial":
             return functools.partial(bool, centre)
         if case == "dict subclass":
             return _optioned(centre)
-        _SETTINGS["centre"] = _FLAG[0] = _ClassDefault.centre = centre
+        _SETTINGS["centre"] = _FLAG[0] = _ClassDefault.centre = _ClassDict.opts["centre"] = centre
+        _ClassEnum.mode = _Mode.CENTRE if centre else _Mode.PLAIN
         return {"class attribute": _ClassDefault, "property": _Computed,
-                "held function": lambda: types.SimpleNamespace(f=_held)}[case]()
+                "held function": lambda: types.SimpleNamespace(f=_held), "class enum": _ClassEnum,
+                "class dict": _ClassDict, "method": _Method,
+                "held class": lambda: types.SimpleNamespace(kind=_ClassDefault)}[case]()
 
     (tx, ty), (vx, vy) = _xy(8, 44), _xy(4, 45)
     try:
@@ -1613,7 +1698,8 @@ def test_a_new_leaf_whose_state_is_out_of_the_walks_sight_is_checked_again(case)
                 with pytest.raises(SamplesInteractError, match=r"^graddot: samples interact"):
                     ghostfunc.graddot(model_fn, p, train, val)
     finally:
-        _SETTINGS["centre"] = _FLAG[0] = _ClassDefault.centre = False
+        _SETTINGS["centre"] = _FLAG[0] = _ClassDefault.centre = _ClassDict.opts["centre"] = False
+        _ClassEnum.mode = _Mode.PLAIN
 
 
 def test_a_set_leaf_is_keyed_without_its_items_repr():
@@ -1633,6 +1719,35 @@ def test_a_set_leaf_is_keyed_without_its_items_repr():
     for leaf in ({Loud(), Loud()}, set(range(10**6))):
         ref = ghostfunc.reference_graddot(model_fn, p, (tx, ty, leaf), (vx, vy, leaf))[0]
         assert rel(ghostfunc.graddot(model_fn, p, (tx, ty, leaf), (vx, vy, leaf)).scores, ref) < 1e-10
+
+
+@pytest.mark.parametrize("make", [lambda: torch.fft.rfft(torch.randn(8)).conj(), lambda: torch._neg_view(torch.randn(4)),
+                                  lambda: torch.nested.nested_tensor([torch.zeros(2), torch.zeros(3)]),
+                                  lambda: _inference(torch.randn(20_000)), lambda: _inference(torch.randn(4))],
+                         ids=["conjugate view", "negative view", "nested", "large inference tensor",
+                              "small inference tensor"])
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+def test_a_batch_leaf_holding_a_tensor_torch_cannot_read_as_bytes_runs(make):
+    """A config holding a tensor whose bytes torch will not view (a conjugate or negative view, a nested tensor) or
+    one made under ``torch.inference_mode()`` (no version counter): the leaf's key raised torch's error out of
+    ``graddot``; such a tensor is keyed by identity (and version where it has one)."""
+    net = _mlp(46)
+    p = {k: v.detach() for k, v in net.named_parameters()}
+
+    def model_fn(params, batch):
+        return F.cross_entropy(functional_call(net, params, (batch["x"],)), batch["y"], reduction="none")
+
+    (tx, ty), (vx, vy) = _xy(8, 47), _xy(4, 48)
+    meta = types.SimpleNamespace(filter=make())
+    train, val = {"x": tx, "y": ty, "meta": meta}, {"x": vx, "y": vy, "meta": meta}
+    ref = ghostfunc.reference_graddot(model_fn, p, train, val)[0]
+    for _ in range(2):
+        assert rel(ghostfunc.graddot(model_fn, p, train, val).scores, ref) < 1e-10
+
+
+def _inference(x):
+    with torch.inference_mode():
+        return x.clone()
 
 
 class _RandomFeatures(nn.Module):

@@ -270,6 +270,29 @@ def test_train_step_recomputes_when_what_the_model_reads_changes(change, monkeyp
     FROZEN.update(scale=torch.ones(5, dtype=DT), temperature=1.0)
 
 
+def test_a_frozen_module_made_under_inference_mode_is_read_by_the_secant(monkeypatch):
+    """A frozen module (and tensor) the model reads that was made under ``torch.inference_mode()`` keeps no version
+    counter: the carried gradient's fingerprint of what the model reads raised torch's error on every step."""
+    params, _, val = mlp(seed=4)
+    with torch.inference_mode():
+        frozen = nn.Linear(3, 3, dtype=DT)
+        shift = torch.randn(3, dtype=DT)
+
+    def fn(p, batch):
+        return mlp_fn(p, {**batch, "x": frozen(batch["x"]) + shift})
+
+    calls = spy(monkeypatch)
+    step = ghostfunc.train_step(fn, ghostfunc.sgd(0.3), order=2, curvature="secant")
+    state = step.init(params)
+    train = list(batches(7, 2))
+    state, _ = step(state, train[0], val)
+    want = ghostfunc.inrun_shapley(fn, state.params, train[1], val, lr=0.3, order=2, curvature="secant")
+    before = len(calls)
+    state, info = step(state, train[1], val)
+    assert len(calls) - before == 1  # (the carried gradient taken)
+    torch.testing.assert_close(info.values, want, rtol=1e-12, atol=1e-15)
+
+
 class Scaled(nn.Module):
     """A model whose loss is a bound method reading a buffer and a number of its own."""
 
@@ -517,6 +540,26 @@ def test_validation_rows_in_groups_change_nothing(name, monkeypatch):
         for curvature in ("exact", "secant"):
             with pytest.raises(FloatingPointError, match=r"^inrun_shapley: .* train samples \[2\]"):
                 ghostfunc.inrun_shapley(fn, params, bad, val, lr=lr, order=2, curvature=curvature)
+
+
+@pytest.mark.parametrize("curvature", ["exact", "secant"])
+def test_a_training_row_with_a_non_finite_gradient_is_named_at_order_2(curvature):
+    """Finite losses, one training row's gradient NaN (``sqrt`` at 0): order 2 named every row (``H·G`` carries
+    the NaN into every value) and the secant blamed the learning rate (the step's end point held the NaN);
+    both name that row and the parameter, as order 1 does."""
+    params, train, val = mlp(seed=5)
+
+    def fn(p, batch):
+        z = p["b1"][0] - p["b1"][0].detach()  # 0, with gradient 1
+        return mlp_fn(p, batch) + torch.sqrt(z.abs() + (batch["index"] != 2))  # row 2: sqrt'(0)
+
+    for call in (lambda: ghostfunc.inrun_shapley(fn, params, train, val, lr=0.1, order=2, curvature=curvature),
+                 lambda: (lambda s: s(s.init(params), train, val))(ghostfunc.train_step(
+                     fn, ghostfunc.sgd(0.1), order=2, curvature=curvature))):
+        with pytest.raises(FloatingPointError, match=r"^(inrun_shapley|train_step): the gradients of train samples "
+                                                     r"\[2\] are not finite though the losses are: their gradients "
+                                                     r"of params \['b1'\]"):
+            call()
 
 
 def test_a_step_too_long_for_the_secant_is_named_as_such():

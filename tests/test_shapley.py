@@ -378,3 +378,21 @@ def test_hvp_falls_back_to_reverse_over_reverse(monkeypatch):
     monkeypatch.setattr(torch.func, "jvp", no_forward_ad)
     got = ghostfunc.inrun_shapley(mlp_fn, params, train, val, lr=0.7, order=2)
     assert rel(got, want) < 1e-12
+
+
+def test_order_2_values_are_detached_from_a_validation_batch_that_requires_grad():
+    """Validation features computed with gradients on (an upstream encoder's output): order 2 (exact) gave
+    values attached to the encoder's graph (a training step's info kept it alive); they come detached, as at
+    order 1 and with the secant, and equal to those on the detached features."""
+    params, train, val = mlp(seed=7)
+    enc = torch.nn.Linear(3, 3, dtype=DT)
+    attached = {**val, "x": enc(val["x"])}
+    assert attached["x"].requires_grad
+    detached = {**attached, "x": attached["x"].detach()}
+    values = ghostfunc.inrun_shapley(mlp_fn, params, train, attached, lr=0.1, order=2)
+    assert not values.requires_grad
+    torch.testing.assert_close(values, ghostfunc.inrun_shapley(mlp_fn, params, train, detached, lr=0.1, order=2),
+                               rtol=0, atol=0)
+    step = ghostfunc.train_step(mlp_fn, ghostfunc.sgd(0.1), order=2)
+    _, info = step(step.init(params), train, attached)
+    assert not (info.values.requires_grad or info.first_order.requires_grad or info.val_loss.requires_grad)

@@ -34,6 +34,23 @@ def test_vector_values():
     assert dv.total.tolist() == [[0, 0], [0, 0], [4.0, 6.0]] and dv.mean[2].tolist() == [2.0, 3.0]
 
 
+def test_add_takes_numpy_and_list_indices_and_values():
+    """A batch's NumPy index leaf rides through a training step as it came: ``add(batch["index"], info.values)``
+    takes it (and NumPy values, a list of ints) as the tensor it stands for; a bool mask is still refused."""
+    import numpy as np
+
+    want = ghostfunc.DataValues.zeros(5).add(torch.tensor([0, 3, 3]), torch.tensor([0.5, 0.25, 1.0], dtype=DT))
+    for indices, values in ((np.array([0, 3, 3]), np.array([0.5, 0.25, 1.0])), ([0, 3, 3], [0.5, 0.25, 1.0]),
+                            (np.array([0, 3, 3], dtype=np.int32), torch.tensor([0.5, 0.25, 1.0]))):
+        got = ghostfunc.DataValues.zeros(5).add(indices, values)
+        assert torch.equal(got.total, want.total) and torch.equal(got.count, want.count)
+    with pytest.raises(TypeError, match=r"^DataValues.add: indices must be a 1-D integer tensor.*torch.bool"):
+        ghostfunc.DataValues.zeros(5).add(np.array([True, False, True]), torch.zeros(3))
+    with pytest.raises(TypeError, match=r"^DataValues.add: values must be a tensor \[B, \.\.\.\] \(e.g. info.values\); "
+                                        r"got str"):
+        ghostfunc.DataValues.zeros(5).add([0], "0.5")
+
+
 def test_add_errors():
     dv = ghostfunc.DataValues.zeros(4)
     with pytest.raises(TypeError, match=r"^DataValues.add: indices must be a 1-D integer tensor"):
