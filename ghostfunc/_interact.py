@@ -727,7 +727,11 @@ def _class_settings(kind: type) -> tuple:
                  if not k.startswith("__") and _class_value(k, v))
 
 
-def _class_value(name: str, v: Any) -> bool:
+def _class_value(name: str, v: Any, depth: int = 2) -> bool:
+    """A class attribute that is a setting: a number, a string, another immutable value (not a class), or a tuple or
+    frozenset of those (a dataclass field's default such as ``betas: tuple = (0.9, 0.999)``)."""
+    if type(v) in (tuple, frozenset):
+        return depth > 0 and len(v) <= ITEMS and all(_class_value(name, x, depth - 1) for x in v)
     return issubclass(type(v), _SCALARS) or (name != "_abc_impl" and not isinstance(v, type) and is_value(v))
 
 

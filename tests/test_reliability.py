@@ -1267,6 +1267,13 @@ class _DataConfig:  # eq=True: unhashable
     centre: bool = False
 
 
+@dataclasses.dataclass(frozen=True)
+class _TupleDefaults:  # defaults the class holds: a tuple and a frozenset of numbers, a dtype
+    betas: tuple = (0.9, 0.999)
+    sizes: frozenset = frozenset({1, 2})
+    dtype: torch.dtype = torch.float64
+
+
 def _centring(net, centre_of):
     """``net``'s cross-entropy per sample on ``batch["x"]``, centred over the batch (the rows then interact) where
     ``centre_of(batch)``."""
@@ -1575,9 +1582,9 @@ _BOUND = _Config(True)
 @pytest.mark.parametrize("make", [lambda: _DataConfig(False), lambda: np.arange(6.0), lambda: {"scale": [1.0, 2.0]},
                                   lambda: types.SimpleNamespace(weights=torch.arange(3.0)),
                                   lambda: datetime.date(2026, 1, 2), lambda: decimal.Decimal("1.5"), lambda: range(3),
-                                  lambda: np.dtype([("a", "f4")]), lambda: _BOUND.__init__],
+                                  lambda: np.dtype([("a", "f4")]), lambda: _BOUND.__init__, _TupleDefaults],
                          ids=["dataclass", "array", "dict of lists", "namespace holding a tensor", "date", "Decimal",
-                              "range", "structured dtype", "bound method"])
+                              "range", "structured dtype", "bound method", "dataclass with tuple defaults"])
 def test_an_equal_leaf_made_anew_for_every_call_is_not_checked_again(monkeypatch, make):
     """A non-tensor leaf made anew for each call with the same contents (a config dataclass, a small array or
     tensor, a dict): its key is what it holds, not its identity, so the first call's checks hold (they ran on
