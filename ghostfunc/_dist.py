@@ -249,21 +249,21 @@ _SETTINGS = (bool, int, float)
 _KNOWN_MODULES = ("torch.", "transformers.")
 #: a tensor's identity -> (its version counter, its :func:`param_checksum` entry) (:func:`model_state`; emptied
 #: past :data:`KEPT_CHECKSUMS` entries).
-_CHECKSUMS: dict[Any, tuple[int, tuple[str, str]]] = {}
+_CHECKSUMS: dict[Any, tuple[int | None, tuple[str, str]]] = {}
 KEPT_CHECKSUMS = 1 << 14
 
 
 def _kept_checksums(tensors: Mapping[str, Tensor]) -> dict[str, tuple[str, str]]:
     """:func:`param_checksum` of ``tensors``, each summed again only when its version counter moved."""
-    from ._interact import Identity
+    from ._interact import Identity, version
 
     keys = {k: Identity(t) for k, t in tensors.items()}
-    fresh = {k: t for k, t in tensors.items() if (kept := _CHECKSUMS.get(keys[k])) is None or kept[0] != t._version}
+    fresh = {k: t for k, t in tensors.items() if (kept := _CHECKSUMS.get(keys[k])) is None or kept[0] != version(t)}
     if len(_CHECKSUMS) + len(fresh) > KEPT_CHECKSUMS:
         _CHECKSUMS.clear()
         fresh = dict(tensors)
     for k, value in param_checksum(fresh).items():
-        _CHECKSUMS[keys[k]] = (fresh[k]._version, value)
+        _CHECKSUMS[keys[k]] = (version(fresh[k]), value)
     return {k: _CHECKSUMS[keys[k]][1] for k in tensors}
 
 

@@ -685,9 +685,9 @@ def _local_atom(x: Any, checksummed: list[int]) -> Any:
                 return ("tensor", tuple(x.shape), x.dtype, x.device, zlib.crc32(memoryview(data.numpy().tobytes())))
             except (RuntimeError, TypeError):  # a kind of tensor torch cannot read as bytes: as a large one
                 pass
-        return (Identity(x), _version(x))  # (a change in place moves the version)
-    if issubclass(kind, type):  # a class: its settings with it, where they are all its state (else its identity)
-        return ("class", x, _class_settings(x)) if plain_class(x) else None
+        return (Identity(x), version(x))  # (a change in place moves the version)
+    if issubclass(kind, type):  # a class (an activation, a dtype class): with its settings where it is plain
+        return _class_key(x)
     if is_value(x):
         return ("value", kind, x)
     if _is_array(x) and not x.dtype.hasobject:  # (an array of objects: walked as a list)
@@ -702,7 +702,7 @@ def _local_atom(x: Any, checksummed: list[int]) -> Any:
     return None
 
 
-def _version(x: Tensor) -> int | None:
+def version(x: Tensor) -> int | None:
     """``x``'s version counter; ``None`` for a tensor made under ``torch.inference_mode()`` (it keeps none, and
     only code under that mode, which cannot run a backward, can change it in place)."""
     try:
@@ -716,44 +716,63 @@ def _local_tag(x: Any, whole: bool) -> Any:
     and are all of its state (:func:`plain_class`), else by identity."""
     kind = type(x)
     if whole and plain_class(kind):
-        return (kind, _class_settings(kind))
+        return (kind, _class_settings(kind), _methods_read(kind))
     return Identity(x)
 
 
-def _class_settings(kind: type) -> tuple:
-    """A class's own settings (numbers, strings, enum members and other values: a default an instance does not
-    shadow), down its MRO. (A class holding other data is not a :func:`plain_class`.)"""
-    return tuple((k, v) for c in kind.__mro__[:-1] for k, v in vars(c).items()
-                 if not k.startswith("__") and _class_value(k, v))
+def _methods_read(kind: type) -> tuple:
+    """What the methods of a :func:`plain_class` read besides ``self`` (:func:`state_of` of :func:`reads`: the
+    globals they name, their closures and defaults): a method answering from a module's dict changed with it
+    (a config made anew per call kept the first checks, 0.57 off), without counting the method itself as state out of
+    sight (a dataclass with a helper method, an ``argparse.Namespace`` made per call were checked again: 40-50 ms)."""
+    methods = _OWN_METHODS.get(kind, ())
+    return tuple(_state_of_values(reads(m)) for m in methods) if methods else ()
+
+
+def _class_settings(kind: type, depth: int = 1) -> tuple:
+    """A class's own settings (numbers, strings, enum members and other values, classes: a default an instance does
+    not shadow), down its MRO. (A class holding other data is not a :func:`plain_class`.)"""
+    return tuple((k, _class_key(v, depth - 1) if isinstance(v, type) else v) for c in kind.__mro__[:-1]
+                 for k, v in vars(c).items() if not k.startswith("__") and _class_value(k, v))
+
+
+def _class_key(kind: type, depth: int = 1) -> tuple:
+    """A class as a key: itself, and its settings where it is a :func:`plain_class` (``depth`` classes down)."""
+    return ("class", kind, _class_settings(kind, depth) if depth >= 0 and plain_class(kind) else ())
 
 
 def _class_value(name: str, v: Any, depth: int = 2) -> bool:
-    """A class attribute that is a setting: a number, a string, another immutable value (not a class), or a tuple or
-    frozenset of those (a dataclass field's default such as ``betas: tuple = (0.9, 0.999)``)."""
+    """A class attribute that is a setting: a number, a string, another immutable value, a class (an activation
+    chosen by a dataclass field's default, ``act: type = nn.Tanh``), or a tuple or frozenset of those (``betas:
+    tuple = (0.9, 0.999)``)."""
     if type(v) in (tuple, frozenset):
         return depth > 0 and len(v) <= ITEMS and all(_class_value(name, x, depth - 1) for x in v)
-    return issubclass(type(v), _SCALARS) or (name != "_abc_impl" and not isinstance(v, type) and is_value(v))
+    return issubclass(type(v), _SCALARS) or isinstance(v, type) or (name != "_abc_impl" and is_value(v))
 
 
 def plain_class(kind: type) -> bool:
-    """Whether an instance of ``kind`` keeps all its state in its attributes (its ``__dict__`` and slots), where a
-    walk sees it: ``types.SimpleNamespace``, or a class written in Python, with no C base but ``object`` (a
-    ``functools.partial``, a ``random.Random`` keep theirs out of sight), no property or other computed
-    attribute (one may read a global), no method of its own but those a dataclass writes (:data:`_DATA_METHODS`:
-    a method may read a global or a class's dict), no data on the class but values (:func:`_class_settings`: a
-    dict or list there may change in place) and no ``__getattr__``/``__getattribute__``."""
+    """Whether an instance of ``kind`` keeps all its state in its attributes (its ``__dict__`` and slots) and what
+    its methods read (:func:`_methods_read`), where a walk sees it: ``types.SimpleNamespace``, or a class written in
+    Python, with no C base but ``object`` (a ``functools.partial``, a ``random.Random`` keep theirs out of sight),
+    no computed attribute but a Python property's getter (a method too), no data on the class but values
+    (:func:`_class_settings`: a dict or list there may change in place) and no ``__getattr__``/``__getattribute__``."""
     known = _PLAIN.get(kind)
     if known is None:
         if len(_PLAIN) > 1024:
             _PLAIN.clear()
-        known = _PLAIN[kind] = _plain_class(kind)
+            _OWN_METHODS.clear()
+        methods: list[Callable] = []
+        known = _PLAIN[kind] = _plain_class(kind, methods)
+        _OWN_METHODS[kind] = tuple(methods)
     return known
 
 
 _PLAIN: dict[type, bool] = {}
+#: A :func:`plain_class`'s methods besides those a dataclass writes (:data:`_DATA_METHODS`), down its MRO.
+_OWN_METHODS: dict[type, tuple[Callable, ...]] = {}
 
 
-def _plain_class(kind: type) -> bool:
+def _plain_class(kind: type, methods: list[Callable]) -> bool:
     if kind is types.SimpleNamespace:
         return True
     for c in kind.__mro__[:-1]:
@@ -762,10 +781,16 @@ def _plain_class(kind: type) -> bool:
         for name, v in vars(c).items():
             if name in ("__dict__", "__weakref__") or isinstance(v, types.MemberDescriptorType):
                 continue  # (the instance's own state: walked)
+            if name in ("__getattr__", "__getattribute__"):
+                return False  # attributes computed on access
             if isinstance(v, (types.FunctionType, staticmethod, classmethod)):
-                if name in _DATA_METHODS:
-                    continue
-                return False  # a method of its own: what it computes is out of sight
+                if name not in _DATA_METHODS:  # what it reads is keyed (_methods_read)
+                    methods.append(v.__func__ if isinstance(v, (staticmethod, classmethod)) else v)
+                continue
+            if type(v) in (property, functools.cached_property) and isinstance(getter := getattr(
+                    v, "fget", getattr(v, "func", None)), types.FunctionType):
+                methods.append(getter)  # a Python getter: a method read as an attribute
+                continue
             if name.startswith("__") and name.endswith("__") and not hasattr(type(v), "__get__"):
                 continue  # the class's own bookkeeping (__module__, __doc__, __dataclass_fields__, ...)
             if isinstance(v, (types.WrapperDescriptorType, types.MethodDescriptorType, types.BuiltinFunctionType,
@@ -776,11 +801,12 @@ def _plain_class(kind: type) -> bool:
     return True
 
 
-#: The methods a class may have and still be a :func:`plain_class`: those ``dataclasses`` writes (from the
-#: fields: construction, printing, comparison, hashing, a frozen instance's guards, pickling a slotted one).
+#: Methods whose reads are not keyed: those ``dataclasses`` writes (from the fields: construction, printing,
+#: comparison, hashing, a frozen instance's guards, pickling a slotted one) and the class's typing hooks.
 _DATA_METHODS = frozenset({"__init__", "__post_init__", "__repr__", "__eq__", "__ne__", "__hash__", "__lt__",
                            "__le__", "__gt__", "__ge__", "__setattr__", "__delattr__", "__getstate__",
-                           "__setstate__", "__replace__", "__init_subclass__"})
+                           "__setstate__", "__replace__", "__init_subclass__", "__class_getitem__", "__annotate__",
+                           "__annotate_func__"})
 
 
 _HEAP_TYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE
@@ -870,14 +896,14 @@ def _state_of_values(found: list[Any]) -> tuple:
                 out.append("(walk budget spent)")
             return
         if issubclass(type(obj), Tensor):
-            out.append((Identity(obj), _version(obj)))
+            out.append((Identity(obj), version(obj)))
         elif issubclass(type(obj), _SCALARS):
             out.append(obj)
         elif _is_array(obj):
             out.append(_array_print(obj))
         elif issubclass(type(obj), torch.nn.Module):
             for m in obj.modules():  # every module's mode, tensors, and plain attributes (a temperature)
-                out.extend((Identity(t), _version(t)) for t in (*m._parameters.values(), *m._buffers.values())
+                out.extend((Identity(t), version(t)) for t in (*m._parameters.values(), *m._buffers.values())
                            if t is not None)
                 # frozen tensors (the model's own values, not the params passed in) also by a checksum, taken
                 # at the end: an edit through .data has a version counter of its own
@@ -1291,15 +1317,15 @@ class _Writes:
     def __init__(self, model_fn: Callable) -> None:
         self.buffers = module_buffers(model_fn)
         self.fits = sum(t.numel() * t.element_size() for t in self.buffers.values()) <= BUFFER_BYTES
-        self.versions = {k: t._version for k, t in self.buffers.items()}
+        self.versions = {k: version(t) for k, t in self.buffers.items()}
         self.before = {k: t.detach().clone() for k, t in self.buffers.items()} if self.fits else {}
         self.first: dict[str, Tensor] = {}
-        self.first_versions: dict[str, int] | None = None
+        self.first_versions: dict[str, int | None] | None = None
 
     def after_first(self) -> None:
         """Note the buffers' values after the first run."""
-        self.first_versions = {k: t._version for k, t in self.buffers.items()}
-        self.first = {k: t.detach().clone() for k, t in self.buffers.items() if t._version != self.versions[k]}
+        self.first_versions = {k: version(t) for k, t in self.buffers.items()}
+        self.first = {k: t.detach().clone() for k, t in self.buffers.items() if version(t) != self.versions[k]}
 
     def first_wrote(self) -> bool:
         return self.first_versions is not None and self.first_versions != self.versions
@@ -1310,12 +1336,12 @@ class _Writes:
             return
         left = {**self.before, **self.first}  # each buffer as the first run left it (where a copy was kept)
         moved = [k for k, t in self.buffers.items()
-                 if t._version != self.first_versions[k] and (k not in left or not torch.equal(t, left[k]))]
+                 if version(t) != self.first_versions[k] and (k not in left or not torch.equal(t, left[k]))]
         if not moved:
             return
         with torch.no_grad():
             for k, t in self.buffers.items():
-                if t._version != self.versions[k] and k in self.before:
+                if version(t) != self.versions[k] and k in self.before:
                     t.copy_(self.before[k])
         back = ("the buffers are put back as they were before this call" if self.fits else
                 f"the buffers, over {BUFFER_BYTES >> 20} MiB in all, are left as the check's runs wrote them")
@@ -1344,13 +1370,13 @@ class _Writes:
             for k in filled:
                 self.buffers[k].copy_(self.before[k])
         refill: list[str] = []
-        versions = {k: self.buffers[k]._version for k in filled}
+        versions = {k: version(self.buffers[k]) for k in filled}
         try:
             with torch.random.fork_rng(devices=devices), torch.no_grad(), eager_stance(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 run()
             refill = [k for k in filled  # written again, with another value
-                      if self.buffers[k]._version != versions[k] and not torch.equal(self.buffers[k], left[k])]
+                      if version(self.buffers[k]) != versions[k] and not torch.equal(self.buffers[k], left[k])]
         except Exception:  # noqa: BLE001 - a model that runs only under vmap: nothing judged
             pass
         with torch.no_grad():

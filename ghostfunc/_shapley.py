@@ -129,8 +129,9 @@ def val_grad_hvp(model_fn: Callable[[Params, Any], Tensor], params: Params, val:
     cannot run goes sample by sample with ordinary autograd. Equal weights (a mean) run at unit
     weight, scaled after (:func:`ghostfunc._capture.common_weight`). The batch's tensors are taken detached: a
     validation feature computed with gradients on (an upstream encoder's output) gave values attached to its graph,
-    which each step's info then kept alive."""
-    val = val._replace(tensors=[t.detach() for t in val.tensors])
+    which each step's info then kept alive. One that requires grad still does (a leaf of its own: a model may
+    differentiate with respect to its inputs, a gradient penalty)."""
+    val = val._replace(tensors=[t.detach().requires_grad_(t.requires_grad) for t in val.tensors])
     scale = common_weight(weights)
     if scale is not None and scale != 1.0:
         g, hv, losses = val_grad_hvp(model_fn, params, val, torch.ones_like(weights), vector, where, groups)
@@ -352,6 +353,7 @@ def values_of(
                                "curvature='secant' needs first derivatives only, or use order=1"):
             g_val, hg, val_loss = val_grad_hvp(model_fn, params, vb, weights, {k: g.mul(n) for k, g in g_train.items()},
                                                where, row_groups(vb, r.plan))  # H_val G, G = Σ_j g_j
+            g_val, hg = ({k: v.detach() for k, v in d.items()} for d in (g_val, hg))  # (an input leaf's graph)
         if not _same(start, _rng_state(device)):  # dropout: other masks than a plain step's (and the secant's)
             _set_rng_state(device, start)
             raise ValueError(ORDER2_RANDOM.format(where=where))

@@ -214,10 +214,10 @@ def _optimizer_state_print(state: TrainState, continued: bool) -> Any:
 def _handed_out(state: TrainState) -> tuple:
     """A state's step count and its optimizer state's leaves, tensors by identity and version counter: equal for
     the state a step returned as long as nothing was put in or written into it."""
-    from ._interact import Identity
+    from ._interact import Identity, version
 
     leaves = pytree.tree_leaves(state.opt_state)
-    return (state.step, tuple((Identity(t), t._version) if isinstance(t, Tensor) else t for t in leaves))
+    return (state.step, tuple((Identity(t), version(t)) if isinstance(t, Tensor) else t for t in leaves))
 
 
 def one_process_only(where: str, group: Any, curvature: str, compile: bool) -> None:

@@ -58,11 +58,11 @@ def is_indices(idx: Any) -> bool:
 def as_tensor(x: Any) -> Any:
     """A NumPy array or a list of numbers as a tensor (a batch's NumPy index leaf rides through a training step as
     it came); anything else as it is."""
-    if isinstance(x, list) and x and all(isinstance(v, (int, float)) for v in x):
-        return torch.tensor(x)
     numpy = sys.modules.get("numpy")
+    if isinstance(x, list) and x and all(isinstance(v, numbers.Real) for v in x):  # (NumPy scalars too)
+        x = numpy.asarray(x) if numpy is not None else torch.tensor(x)
     if numpy is not None and isinstance(x, numpy.ndarray) and x.dtype.kind in "biuf":
-        return torch.from_numpy(numpy.ascontiguousarray(x))
+        return torch.from_numpy(numpy.ascontiguousarray(x, dtype=x.dtype.newbyteorder("=")))
     return x
 
 

@@ -16,6 +16,7 @@ losses); every refusal is checked by its message.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime
 import decimal
@@ -201,6 +202,32 @@ def test_embedding_by_freq_sparse_max_norm(by_freq, sparse, padding_idx, max_nor
     before = p["E"].clone()
     assert_exact(model_fn, p, _ids(4, 7, 5, 1), _ids(3, 6, 5, 2), "embedding")
     assert torch.equal(p["E"], before)  # max_norm renormalises the looked-up rows, never the caller's weight
+
+
+@pytest.mark.parametrize("padding_idx", [0, 2, -1])
+@pytest.mark.parametrize("other_use", ["penalty", "sliced tied head"])
+def test_a_padded_lookup_of_a_table_on_the_fallback_is_exact(padding_idx, other_use):
+    """A table looked up with ``padding_idx`` and used by a call with no rule (so on the per-sample fallback, its
+    weight batched under ``vmap``): torch's backward there masked the padding row of the first sample only, and the
+    other samples' padding lookups reached it (2.6e-3 off the loop, ``graddot_direction`` 0.39 off)."""
+    def model_fn(p, ids):
+        h = F.embedding(ids, p["E"], padding_idx=padding_idx).mean(1)  # [B, 3]
+        extra = p["E"].pow(2).sum() * 1e-2 if other_use == "penalty" else (h @ p["E"][:2].T).sum(1)
+        return torch.tanh(h @ p["w"]).pow(2) + extra
+
+    p = _emb_params(5, 56)
+    train, val = _ids(4, 7, 5, 57), _ids(3, 6, 5, 58)
+    train[:, 0] = val[:, 0] = padding_idx % 5  # every sample looks the padding row up
+    assert_exact(model_fn, p, train, val, "embedding", [c for c in COMBOS if c[0] in ("auto", "ghost")])
+    direction = {k: torch.randn(v.shape, generator=_g(59), dtype=F64) for k, v in p.items()}
+
+    def dot(i: int) -> torch.Tensor:  # <g_i, direction> by one backward of sample i alone
+        q = {k: v.clone().requires_grad_() for k, v in p.items()}
+        grads = torch.autograd.grad(model_fn(q, train[i:i + 1]).sum(), list(q.values()))
+        return sum((g * direction[k]).sum() for k, g in zip(q, grads, strict=True))
+
+    loop = torch.stack([dot(i) for i in range(len(train))])
+    assert rel(ghostfunc.graddot_direction(model_fn, p, train, direction).scores, loop) < 1e-12
 
 
 MAX_NORM_REUSES = {  # a max_norm lookup, then another use of the table: torch reads the rows renormalised in place
@@ -1268,10 +1295,23 @@ class _DataConfig:  # eq=True: unhashable
 
 
 @dataclasses.dataclass(frozen=True)
-class _TupleDefaults:  # defaults the class holds: a tuple and a frozenset of numbers, a dtype
+class _TupleDefaults:  # defaults the class holds: a tuple and a frozenset of numbers, a dtype, a class
     betas: tuple = (0.9, 0.999)
     sizes: frozenset = frozenset({1, 2})
     dtype: torch.dtype = torch.float64
+    act: type = nn.Tanh
+
+
+@dataclasses.dataclass
+class _WithMethods:  # a helper method and a property reading only the instance
+    scale: float = 1.0
+
+    def doubled(self):
+        return 2 * self.scale
+
+    @property
+    def halved(self):
+        return self.scale / 2
 
 
 def _centring(net, centre_of):
@@ -1582,16 +1622,19 @@ _BOUND = _Config(True)
 @pytest.mark.parametrize("make", [lambda: _DataConfig(False), lambda: np.arange(6.0), lambda: {"scale": [1.0, 2.0]},
                                   lambda: types.SimpleNamespace(weights=torch.arange(3.0)),
                                   lambda: datetime.date(2026, 1, 2), lambda: decimal.Decimal("1.5"), lambda: range(3),
-                                  lambda: np.dtype([("a", "f4")]), lambda: _BOUND.__init__, _TupleDefaults],
+                                  lambda: np.dtype([("a", "f4")]), lambda: _BOUND.__init__, _TupleDefaults,
+                                  _WithMethods, lambda: argparse.Namespace(lr=0.1, name="run")],
                          ids=["dataclass", "array", "dict of lists", "namespace holding a tensor", "date", "Decimal",
-                              "range", "structured dtype", "bound method", "dataclass with tuple defaults"])
+                              "range", "structured dtype", "bound method", "dataclass with tuple and class defaults",
+                              "dataclass with a method and a property", "argparse Namespace"])
 def test_an_equal_leaf_made_anew_for_every_call_is_not_checked_again(monkeypatch, make):
     """A non-tensor leaf made anew for each call with the same contents (a config dataclass, a small array or
     tensor, a dict): its key is what it holds, not its identity, so the first call's checks hold (they ran on
     every call: 50 ms a call against 1 ms); one with other contents is checked again. So are immutable values
     beyond numbers and strings (a date, a ``Decimal``, a ``range``, a NumPy dtype) and a bound method (made anew
     on each access: keyed by its object and function), which were checked again on every call (20 ms against
-    0.7) once their own equality was no longer used."""
+    0.7) once their own equality was no longer used. A class with methods or Python properties of its own (an
+    ``argparse.Namespace``) is keyed with what they read, not by identity (checked again per call: 40-50 ms)."""
     from ghostfunc import _interact
 
     net = _mlp(37)
@@ -1755,6 +1798,32 @@ def test_a_batch_leaf_holding_a_tensor_torch_cannot_read_as_bytes_runs(make):
 def _inference(x):
     with torch.inference_mode():
         return x.clone()
+
+
+def test_a_module_made_under_inference_mode_is_read_without_its_version_counter():
+    """A frozen module built under ``torch.inference_mode()`` (its buffer added to the output) runs in plain
+    PyTorch; the check of which buffers the model writes read its version counter and raised torch's
+    "Inference tensors do not track version counter"."""
+    class Shift(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("shift", torch.randn(3, generator=_g(60), dtype=F64))
+
+        def forward(self, x):
+            return x + self.shift
+
+    with torch.inference_mode():
+        shift = Shift()
+    net = _mlp(61)
+    p = {k: v.detach() for k, v in net.named_parameters()}
+
+    def model_fn(params, batch):
+        return F.cross_entropy(shift(functional_call(net, params, (batch["x"],))), batch["y"], reduction="none")
+
+    (tx, ty), (vx, vy) = _xy(8, 62), _xy(4, 63)
+    train, val = {"x": tx, "y": ty}, {"x": vx, "y": vy}
+    assert rel(ghostfunc.graddot(model_fn, p, train, val).scores,
+               ghostfunc.reference_graddot(model_fn, p, train, val)[0]) < 1e-10
 
 
 class _RandomFeatures(nn.Module):

@@ -396,3 +396,39 @@ def test_order_2_values_are_detached_from_a_validation_batch_that_requires_grad(
     step = ghostfunc.train_step(mlp_fn, ghostfunc.sgd(0.1), order=2)
     _, info = step(step.init(params), train, attached)
     assert not (info.values.requires_grad or info.first_order.requires_grad or info.val_loss.requires_grad)
+
+
+def test_order_2_of_a_model_that_differentiates_with_respect_to_its_inputs():
+    """A loss with an input-gradient penalty (``autograd.grad(out.sum(), x, create_graph=True)``) on batches whose
+    ``x`` requires grad: the validation batch's tensors are detached for the Hessian-vector product but keep
+    requiring grad (detached plainly, the penalty raised torch's "does not require grad"); the values equal
+    ``-a·<g_i, ḡ_val> + (a²/2)·g_iᵀ H_val G`` by hand, and come detached."""
+    g = torch.Generator().manual_seed(8)
+    params = {"w": torch.randn(4, 3, generator=g, dtype=DT), "v": torch.randn(3, generator=g, dtype=DT)}
+
+    def fn(p, batch):
+        x, y = batch
+        out = torch.tanh(x @ p["w"]) @ p["v"]
+        (gx,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+        return (out - y) ** 2 + 0.1 * (gx ** 2).sum(1)
+
+    def rows(n):
+        return torch.randn(n, 4, generator=g, dtype=DT).requires_grad_(), torch.randn(n, generator=g, dtype=DT)
+
+    train, val = rows(6), rows(3)
+    names = list(params)
+
+    def grad_of(x, y, create=False):
+        q = {k: v.clone().requires_grad_() for k, v in params.items()}
+        grads = torch.autograd.grad(fn(q, (x.detach().requires_grad_(), y)).mean(), [q[k] for k in names],
+                                    create_graph=create)
+        return torch.cat([t.reshape(-1) for t in grads]), q
+
+    gt = torch.stack([grad_of(train[0][i:i + 1], train[1][i:i + 1])[0] for i in range(6)])
+    gv, q = grad_of(*val, create=True)
+    hv = torch.cat([t.reshape(-1) for t in torch.autograd.grad(gv @ gt.sum(0), [q[k] for k in names])])
+    a = 0.1 / 6
+    want = -a * (gt @ gv.detach()) + a * a / 2 * (gt @ hv)
+    got = ghostfunc.inrun_shapley(fn, params, train, val, lr=0.1, order=2)
+    assert not got.requires_grad
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)

@@ -57,7 +57,11 @@ def preset_config(family: str, size: str, vocab: int) -> Any:
     if family == "llama":
         return tf.LlamaConfig(vocab_size=vocab, hidden_size=d, num_hidden_layers=layers, num_attention_heads=heads,
                               num_key_value_heads=kv, intermediate_size=mlp, max_position_embeddings=pos,
-                              tie_word_embeddings=True, attention_dropout=0.0, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+                              tie_word_embeddings=True, attention_dropout=0.0, bos_token_id=0, eos_token_id=0,
+                              # no padding row (Llama makes pad_token_id its embedding's padding_idx): sequences are
+                              # never padded here, id 0 is text, and a padding row that the tied head trains moves
+                              # while torch's backward holds its lookups constant (unroll's values 17% off)
+                              pad_token_id=None)
     return tf.GPTNeoXConfig(vocab_size=vocab, hidden_size=d, num_hidden_layers=layers, num_attention_heads=heads,
                             intermediate_size=mlp, max_position_embeddings=pos,
                             hidden_dropout=0.0, attention_dropout=0.0, bos_token_id=0, eos_token_id=0, pad_token_id=0)
