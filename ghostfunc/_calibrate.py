@@ -64,7 +64,7 @@ from typing import Any, NamedTuple, TypeVar
 import torch
 
 from . import _kernels as K
-from ._interact import param_signature, training_flags
+from ._interact import SIGNATURES, param_signature, training_flags
 from ._ops import Factored
 from ._whole import rng_state as _rng_state
 from ._whole import set_rng_state as _set_rng_state
@@ -202,7 +202,7 @@ RACE_LIMIT_S = 0.1
 LONG_TURNS_CYCLES = 2
 LONG_TURNS_BLOCK = 2
 #: Measured routings kept per ``model_fn`` (a new call signature races once; every distinct padded length is one).
-MAX_SIGNATURES = 64
+MAX_SIGNATURES = SIGNATURES
 #: After the race, the routings whose fastest run came within this factor of the winner's (at most
 #: :data:`TURNS_MAX`, the winner included) take turns on the real calls that follow (:class:`Turns`), and the
 #: fastest in use is kept. The race times each routing a few times, right after another one ran, at first use; on
@@ -263,9 +263,16 @@ _TURNS: weakref.WeakKeyDictionary[Any, dict[tuple, Turns]] = weakref.WeakKeyDict
 def route_key(model_fn: Callable, params: Mapping[str, torch.Tensor], train: Any, val: Any,
               val_reduce: str | None) -> tuple:
     """What a measured routing is cached by (besides ``model_fn``): parameter names, shapes, dtypes and
-    devices, each batch's size and signature (:class:`ghostfunc._capture.Batch`), reduced or not, train/eval modes."""
-    return (param_signature(params), train.size, train.signature,
-            val.size, val.signature, val_reduce is not None, training_flags(model_fn))
+    devices, each batch's size and tensors' shapes, dtypes and devices, reduced or not, train/eval modes. Not the
+    batch's other leaves (what the checks and traces are keyed by): a text column or a list of ids that is new on
+    every call raced the routings again on every call (36x a call on a small MLP), for times that depend on the
+    shapes alone."""
+    return (param_signature(params), train.size, _shapes(train), val.size, _shapes(val), val_reduce is not None,
+            training_flags(model_fn))
+
+
+def _shapes(batch: Any) -> tuple:
+    return tuple((tuple(t.shape), t.dtype, t.device) for t in batch.tensors)
 
 
 def tuned(model_fn: Callable, key: tuple) -> Choice | None:

@@ -49,6 +49,7 @@ from ._interact import (
     fingerprint,
     is_value,
     param_signature,
+    remember,
     retry_writing,
     training_flags,
 )
@@ -902,9 +903,7 @@ def cached_trace(model_fn: ModelFn, params: Mapping[str, Tensor], batch: Batch, 
     if not fresh and key in cache:
         return cache[key]
     result = compute()
-    if len(cache) > 16:
-        cache.clear()
-    cache[key] = result
+    remember(cache, key, result)
     return result
 
 

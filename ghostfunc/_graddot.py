@@ -37,6 +37,7 @@ from ._interact import (
     eager_stance,
     in_one_call,
     param_signature,
+    remember,
     run_with_grads,
     training_flags,
 )
@@ -186,9 +187,7 @@ def routing(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Bat
         memo.pop(memo_key, None)
     r = _route(model_fn, params, train, val, where, policy, val_reduce, state, known, tuned)
     if r.eager is None and r.parts == (WHOLE, WHOLE):
-        if len(memo) > 32:
-            memo.clear()
-        memo[memo_key] = (used, r)
+        remember(memo, memo_key, (used, r))
     return r
 
 
@@ -222,10 +221,7 @@ def _route(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batc
     parts = state.parts
     if eager is not None:
         if _weakrefable(model_fn):  # later calls with these shapes go straight to the per-sample path
-            seen = _UNBATCHABLE_SEEN.setdefault(model_fn, {})
-            if len(seen) > 16:
-                seen.clear()
-            seen[known] = eager
+            remember(_UNBATCHABLE_SEEN.setdefault(model_fn, {}), known, eager)
         parts = (WHOLE, WHOLE)
         part_traces = tuple((_traced_alone(model_fn, params, b, where, state.fresh, label),)
                             for b, label in zip(batches, ("train", "val"), strict=True))
@@ -431,23 +427,21 @@ def as_plain_draws(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, c
         return out, known[1]
     key = _draws_key(model_fn, params, train)
     plain = _plain_losses(model_fn, params, train, start, device)
-    if len(book) > 64:
-        book.clear()
     if plain is None or _close_losses(plain, train_loss(out)):
-        book[key] = (False, [])  # vmap's draws are the plain call's (or cannot be told apart)
+        remember(book, key, (False, []))  # vmap's draws are the plain call's (or cannot be told apart)
         return out, []
     first, after_first = out, _rng_state(device)
     _set_rng_state(device, start)
     with _plain_draws(True):
         out = compute()
     if _close_losses(plain, train_loss(out)):
-        book[key] = (True, [])
+        remember(book, key, (True, []))
         return out, []
     # The plain run's masks did not make the losses agree either (another random op): later calls draw as vmap
     # does, without the plain runs, and so does this one (its result and generator state are the first
     # computation's), so that a run resumed in a new process repeats the uninterrupted one.
     _set_rng_state(device, after_first)
-    book[key] = (False, [MASKS_DIFFER])
+    remember(book, key, (False, [MASKS_DIFFER]))
     return first, book[key][1]
 
 
@@ -588,9 +582,7 @@ def _remember(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: B
         book = _REPLAYS.setdefault(model_fn, {})
     except TypeError:
         return
-    if len(book) > 32:
-        book.clear()
-    book[(replay_key(model_fn, params, train, val, policy, val_reduce), id(r))] = Replay(r, sites, verdict)
+    remember(book, (replay_key(model_fn, params, train, val, policy, val_reduce), id(r)), Replay(r, sites, verdict))
 
 
 def _streamed_of(r: Routing, t: Half, v: Half, params: dict[str, Tensor], val_reduce: str, m: int) -> Streamed:

@@ -273,6 +273,9 @@ def check_model(model_fn: Callable, params: Mapping[str, Tensor], batches: tuple
         key = (shapes, batch.signature)
         if key in seen and still_zero(params, seen[key]):
             continue
+        alone = (key, "one sample")  # a batch of one sample says nothing about the next, bigger batch of this
+        if batch.size == 1 and alone in seen and still_zero(params, seen[alone]):  # signature: kept apart, for
+            continue  # batches of one (online scoring: each call checked again, 2x a call)
         try:
             compared = _check_batch(model_fn, params, batch, label)
         except (SamplesInteractError, ParamsUnusedError, StateWrittenError, LossShapeError,
@@ -280,10 +283,21 @@ def check_model(model_fn: Callable, params: Mapping[str, Tensor], batches: tuple
             if str(err).startswith(where):
                 raise
             raise type(err)(f"{where}: {err}") from None
-        if compared:  # a batch of one sample says nothing about the next, bigger batch of this signature
-            if len(seen) > 64:
-                seen.clear()
-            seen[key] = zero_params(params)
+        remember(seen, key if compared else alone, zero_params(params))
+
+
+#: How many call signatures each cache keeps per ``model_fn`` (traces, routings, replays, checks, verdicts): past
+#: it the oldest goes. (Emptied whole at 16-64 before: dynamic padding over 17 or 65 lengths traced, checked or
+#: raced again on most calls, 5-10x a call on a small GPT-2.)
+SIGNATURES = 128
+
+
+def remember(cache: dict, key: Any, value: Any, limit: int = SIGNATURES) -> None:
+    """``cache[key] = value``, the oldest entries dropped past ``limit``."""
+    cache.pop(key, None)
+    while len(cache) >= limit:
+        del cache[next(iter(cache))]
+    cache[key] = value
 
 
 class _Scope(threading.local):
@@ -859,8 +873,10 @@ def leaf_walk(obj: Any, depth: int, budget: int, atom: Callable[[Any], Any],
             return ("array", x.shape, items_of(x.flat, x.size, d))
         if not plain_class(kind):  # its state is (partly) out of sight: its identity stands for it, and the leaf's
             whole[0] = False
-        attrs = _attributes(x) if d else None  # (beyond the depth: its identity stands for it)
+        attrs = _attributes(x) if d else None
         if attrs is None:
+            if not d:  # beyond the depth its identity stands for it, and for the leaf's (a new leaf holding it
+                whole[0] = False  # changed in place kept the first checks)
             return tag(x, False)
         return (tag(x, True), tuple(zip(attrs, items_of(attrs.values(), len(attrs), d), strict=False)))
 
@@ -1139,9 +1155,7 @@ def check_batch_gradient(model_fn: Callable, params: Mapping[str, Tensor], batch
             raise
         except Exception:  # noqa: BLE001 - a model that runs only under vmap: the capture reports its own errors
             together = None
-    if len(seen) > 64:
-        seen.clear()
-    seen[key] = zero_params(params)
+    remember(seen, key, zero_params(params))
     if together is None:
         return
     together = {n: g * k for n, g in together.items()}  # the mean's gradient, on the scale of the rows' sum

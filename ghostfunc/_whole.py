@@ -62,7 +62,7 @@ from ._capture import (
     unchanged,
 )
 from ._draws import rng_state, set_rng_state
-from ._interact import TO_PYTHON, eager_stance, param_signature, still_zero, training_flags, zero_params
+from ._interact import TO_PYTHON, eager_stance, param_signature, remember, still_zero, training_flags, zero_params
 from ._ops import EXACT, TABLE, Direct, Factored, recognise
 from ._ops.rnn import RECURRENT
 
@@ -421,9 +421,7 @@ def verified(model_fn: ModelFn, params: Mapping[str, Tensor], key: tuple, exact:
         ok = same(result, whole) and (reordered is None or reordered(result))
     except Exception:  # noqa: BLE001
         ok = False
-    if len(seen) > 64:
-        seen.clear()
-    seen[key] = zero_params(params) if ok else False
+    remember(seen, key, zero_params(params) if ok else False)
     # From the first call of a signature on, the numbers come from the path later calls take: a run resumed
     # in a new process repeats the uninterrupted one bit for bit.
     return whole if ok else result

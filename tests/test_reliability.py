@@ -1569,6 +1569,52 @@ def _exact_until_coupled(model_fn, p, train, val, couple):
         ghostfunc.graddot(model_fn, p, train, val)
 
 
+def test_a_new_leaf_holding_an_object_beyond_the_walks_depth_is_checked_again():
+    """A leaf made anew per call holding, four levels down, a shared object changed in place: beyond the walk's
+    depth that object was keyed by its identity alone, and the new leaf's key matched the last one's (0.32 off the
+    loop once the change coupled the rows). The leaf's identity is in its key then."""
+    net = _mlp(64)
+    p = {k: v.detach() for k, v in net.named_parameters()}
+    model_fn = _centring(net, lambda batch: batch["meta"].a.b.c.centre)
+    (tx, ty), (vx, vy) = _xy(8, 65), _xy(4, 66)
+    shared = types.SimpleNamespace(centre=False)
+
+    def batches():
+        meta = types.SimpleNamespace(a=types.SimpleNamespace(b=types.SimpleNamespace(c=shared)))
+        return {"x": tx, "y": ty, "meta": meta}, {"x": vx, "y": vy, "meta": meta}
+
+    for _ in range(2):
+        train, val = batches()
+        assert rel(ghostfunc.graddot(model_fn, p, train, val).scores,
+                   ghostfunc.reference_graddot(model_fn, p, train, val)[0]) < 1e-10
+    shared.centre = True
+    with pytest.raises(SamplesInteractError, match=r"^graddot: samples interact"):
+        ghostfunc.graddot(model_fn, p, *batches())
+
+
+def test_batches_of_one_sample_are_checked_once_and_a_bigger_batch_again(monkeypatch):
+    """Online scoring, one row against one query: a batch of one sample says nothing about a bigger batch of its
+    signature, so its check was not kept and ran on every call (2x a call). It is kept for batches of one; the
+    first bigger batch is still checked, and a model whose rows interact is refused there."""
+    from ghostfunc import _interact
+
+    checks = []
+    real = _interact._check_batch
+    monkeypatch.setattr(_interact, "_check_batch", lambda *a, **k: checks.append(1) or real(*a, **k))
+    net = _mlp(67)
+    p = {k: v.detach() for k, v in net.named_parameters()}
+    model_fn = _centring(net, lambda batch: len(batch["x"]) > 1)  # rows interact whenever there are several
+    for seed in range(4):
+        (tx, ty), (vx, vy) = _xy(1, 70 + seed), _xy(1, 80 + seed)
+        train, val = {"x": tx, "y": ty}, {"x": vx, "y": vy}
+        assert rel(ghostfunc.graddot(model_fn, p, train, val).scores,
+                   ghostfunc.reference_graddot(model_fn, p, train, val)[0]) < 1e-10
+    assert len(checks) == 1  # (train and validation rows share a signature)
+    (tx, ty), (vx, vy) = _xy(4, 90), _xy(1, 91)
+    with pytest.raises(SamplesInteractError, match=r"^graddot: samples interact"):
+        ghostfunc.graddot(model_fn, p, {"x": tx, "y": ty}, {"x": vx, "y": vy})
+
+
 def test_a_flag_listed_after_a_long_list_is_keyed():
     """A config holding a 300-item list before its flag: the walk spent its 256 entries on the list, so the flag
     was out of the key and turning it on in place kept the first calls' checks (0.57 off the loop). Numbers and

@@ -372,3 +372,40 @@ def test_a_signature_reuses_its_routing_until_a_trace_is_refreshed():
     assert _graddot.routing(fn, p, tb, vb, "graddot", "ghost", "mean", False) is fresh
     bigger = split_batch(x[:4])  # another batch size: its own routing
     assert _graddot.routing(fn, p, bigger, vb, "graddot", "ghost", "mean", False).plan.n_train == 4
+
+
+def test_a_per_row_text_column_and_many_padded_lengths_race_and_trace_once_each(monkeypatch):
+    """A batch carrying a per-row text column that is new on every call raced the routings again on every call (the
+    race was keyed by the leaves' contents: 36x a call on a small MLP); it is keyed by the tensors' shapes. Cycling
+    over 20 padded lengths traced (and raced) again on most calls once a cache of 16 was emptied whole; each cache
+    keeps 128 signatures, the oldest dropped first."""
+    from ghostfunc import _capture
+
+    races, traces = [], []
+    real_race, real_trace = _calibrate.race, _capture.cached_trace
+    monkeypatch.setattr(_calibrate, "race", lambda *a, **k: races.append(1) or real_race(*a, **k))
+
+    def counted(model_fn, params, batch, how, fresh, compute):
+        return real_trace(model_fn, params, batch, how, fresh, lambda: traces.append(1) or compute())
+
+    monkeypatch.setattr(_capture, "cached_trace", counted)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    params = {k: v.detach() for k, v in net.named_parameters()}
+
+    def model_fn(p, batch):
+        return functional_call(net, p, (batch["x"],)).pow(2).mean((1, 2))
+
+    def batch(n, t, words):
+        return {"x": torch.randn(n, t, 4, dtype=torch.float64), "text": [f"{words} {i}" for i in range(n)]}
+
+    for call in range(4):
+        ghostfunc.graddot(model_fn, params, batch(3, 2, f"call {call}"), batch(3, 2, f"val {call}"))
+    assert len(races) == 1
+    for cycle in range(2):
+        for t in range(3, 23):
+            if cycle == 1:
+                races.clear(), traces.clear()
+            ghostfunc.graddot(model_fn, params, batch(3, t, "same"), batch(3, t, "same"))
+            if cycle == 1:
+                assert not races and not traces, t
