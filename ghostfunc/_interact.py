@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import decimal
+import dis
 import enum
 import fractions
 import functools
@@ -729,18 +730,38 @@ def _local_tag(x: Any, whole: bool) -> Any:
     """An object in a batch leaf: by its class and the class's own settings where its attributes were walked
     and are all of its state (:func:`plain_class`), else by identity."""
     kind = type(x)
-    if whole and plain_class(kind):
-        return (kind, _class_settings(kind), _methods_read(kind))
+    if whole and plain_class(kind) and (read := _methods_read(kind)) is not None:
+        return (kind, _class_settings(kind), read)
     return Identity(x)
 
 
-def _methods_read(kind: type) -> tuple:
-    """What the methods of a :func:`plain_class` read besides ``self`` (:func:`state_of` of :func:`reads`: the
-    globals they name, their closures and defaults): a method answering from a module's dict changed with it
-    (a config made anew per call kept the first checks, 0.57 off), without counting the method itself as state out of
-    sight (a dataclass with a helper method, an ``argparse.Namespace`` made per call were checked again: 40-50 ms)."""
+def _methods_read(kind: type) -> tuple | None:
+    """What the methods of a :func:`plain_class` read besides ``self`` (:func:`reads`: the data globals they name,
+    their closures and defaults), walked as a batch leaf is; ``None`` where that walk does not see all of it (then
+    the object's identity stands for it). A method answering from a module's dict changed with it (a config made anew
+    per call kept the first checks, 0.57 off), without counting the method itself as state out of sight (a dataclass
+    with a helper method, an ``argparse.Namespace`` made per call were checked again: 40-50 ms)."""
     methods = _OWN_METHODS.get(kind, ())
-    return tuple(_state_of_values(reads(m)) for m in methods) if methods else ()
+    if not methods:
+        return ()
+    depth = getattr(_READING, "depth", 0)
+    if depth >= 2:  # (a method reading an object whose methods read another: far enough)
+        return None
+    _READING.depth = depth + 1
+    try:
+        budget, out = [LEAF_ARRAY_BYTES], []
+        for m in methods:
+            for obj in reads(m):
+                seen, whole = leaf_walk(obj, LEAF_DEPTH, LEAF_BUDGET, lambda x: _local_atom(x, budget), _local_tag)
+                if not whole:
+                    return None
+                out.append(seen)
+        return tuple(out)
+    finally:
+        _READING.depth = depth
+
+
+_READING = threading.local()
 
 
 def _class_settings(kind: type, depth: int = 1) -> tuple:
@@ -799,11 +820,16 @@ def _plain_class(kind: type, methods: list[Callable]) -> bool:
                 return False  # attributes computed on access
             if isinstance(v, (types.FunctionType, staticmethod, classmethod)):
                 if name not in _DATA_METHODS:  # what it reads is keyed (_methods_read)
-                    methods.append(v.__func__ if isinstance(v, (staticmethod, classmethod)) else v)
+                    fn = v.__func__ if isinstance(v, (staticmethod, classmethod)) else v
+                    if not isinstance(fn, types.FunctionType) or not _reads_data_only(fn):
+                        return False
+                    methods.append(fn)
                 continue
             if type(v) in (property, functools.cached_property) and isinstance(getter := getattr(
                     v, "fget", getattr(v, "func", None)), types.FunctionType):
-                methods.append(getter)  # a Python getter: a method read as an attribute
+                if not _reads_data_only(getter):  # a Python getter: a method read as an attribute
+                    return False
+                methods.append(getter)
                 continue
             if name.startswith("__") and name.endswith("__") and not hasattr(type(v), "__get__"):
                 continue  # the class's own bookkeeping (__module__, __doc__, __dataclass_fields__, ...)
@@ -813,6 +839,37 @@ def _plain_class(kind: type, methods: list[Callable]) -> bool:
             if v is not None and not _class_value(name, v) and name != "_abc_impl":
                 return False  # data on the class that may change in place (a dict, a list, a class)
     return True
+
+
+def _reads_data_only(fn: types.FunctionType) -> bool:
+    """Whether what ``fn`` reads besides its arguments is data a key can hold by value (:func:`_methods_read`): the
+    globals it names (nested functions' too) and its closure cells are no class, function or module (a class used
+    as a namespace of constants, a helper function the user rebinds, ``os.environ``: their state is out of sight),
+    and the builtins it names are among :data:`_PLAIN_BUILTINS` (``globals()``, ``open`` are not)."""
+    names: set[str] = set()
+    codes = [fn.__code__]
+    while codes:
+        code = codes.pop()
+        names.update(i.argval for i in dis.get_instructions(code) if i.opname in ("LOAD_GLOBAL", "LOAD_NAME"))
+        codes.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+    for name in names:
+        if name in fn.__globals__:
+            if callable(fn.__globals__[name]) or isinstance(fn.__globals__[name], types.ModuleType):
+                return False
+        elif name not in _PLAIN_BUILTINS:
+            return False
+    cells = zip(fn.__code__.co_freevars, fn.__closure__ or (), strict=False)
+    return not any(name != "__class__" and (callable(v := _contents(cell)) or isinstance(v, types.ModuleType))
+                   for name, cell in cells)
+
+
+#: Builtins a method may name and still be keyed by what it reads (they compute from their arguments alone).
+_PLAIN_BUILTINS = frozenset({
+    "abs", "all", "any", "bool", "dict", "divmod", "enumerate", "float", "format", "frozenset", "getattr", "hasattr",
+    "hash", "int", "isinstance", "issubclass", "iter", "len", "list", "map", "filter", "max", "min", "next", "pow",
+    "range", "repr", "reversed", "round", "set", "slice", "sorted", "str", "sum", "super", "tuple", "type", "zip",
+    "NotImplemented", "Ellipsis", "ValueError", "TypeError", "KeyError", "IndexError", "AttributeError",
+    "RuntimeError", "NotImplementedError", "Exception"})
 
 
 #: Methods whose reads are not keyed: those ``dataclasses`` writes (from the fields: construction, printing,

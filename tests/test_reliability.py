@@ -1749,11 +1749,46 @@ class _Method:  # a method reading module state
         return _SETTINGS["centre"]
 
 
+class _Flags:  # a class used as a namespace of constants
+    centre = False
+
+
+def _never():
+    return False
+
+
+def _always():
+    return True
+
+
+_HELPER = _never
+
+
+class _ReadsAClass:  # a method reading a global class's attribute
+    def centre(self):
+        return _Flags.centre
+
+
+class _CallsAHelper:  # a method calling a global function the user rebinds
+    def centre(self):
+        return _HELPER()
+
+
+class _DeepGlobal:  # a method reading a global four levels down
+    def centre(self):
+        return _DEEP.a.b.c.centre
+
+
+_DEEP = types.SimpleNamespace(a=types.SimpleNamespace(b=types.SimpleNamespace(c=types.SimpleNamespace(centre=False))))
+
+
 _OUT_OF_SIGHT = {"partial": lambda leaf: leaf(), "class attribute": lambda leaf: leaf.centre,
                  "property": lambda leaf: leaf.centre, "dict subclass": lambda leaf: leaf.opts.centre,
                  "held function": lambda leaf: leaf.f(), "class enum": lambda leaf: leaf.mode is _Mode.CENTRE,
                  "class dict": lambda leaf: leaf.opts["centre"], "method": lambda leaf: leaf.centre(),
-                 "held class": lambda leaf: leaf.kind.centre}
+                 "held class": lambda leaf: leaf.kind.centre, "method reading a class": lambda leaf: leaf.centre(),
+                 "method calling a rebound helper": lambda leaf: leaf.centre(),
+                 "method reading deep": lambda leaf: leaf.centre()}
 
 
 @pytest.mark.parametrize("case", list(_OUT_OF_SIGHT))
@@ -1776,11 +1811,14 @@ def test_a_new_leaf_whose_state_is_out_of_the_walks_sight_is_checked_again(case)
         if case == "dict subclass":
             return _optioned(centre)
         _SETTINGS["centre"] = _FLAG[0] = _ClassDefault.centre = _ClassDict.opts["centre"] = centre
+        _Flags.centre = _DEEP.a.b.c.centre = centre
         _ClassEnum.mode = _Mode.CENTRE if centre else _Mode.PLAIN
+        globals()["_HELPER"] = _always if centre else _never
         return {"class attribute": _ClassDefault, "property": _Computed,
                 "held function": lambda: types.SimpleNamespace(f=_held), "class enum": _ClassEnum,
                 "class dict": _ClassDict, "method": _Method,
-                "held class": lambda: types.SimpleNamespace(kind=_ClassDefault)}[case]()
+                "held class": lambda: types.SimpleNamespace(kind=_ClassDefault), "method reading a class": _ReadsAClass,
+                "method calling a rebound helper": _CallsAHelper, "method reading deep": _DeepGlobal}[case]()
 
     (tx, ty), (vx, vy) = _xy(8, 44), _xy(4, 45)
     try:
@@ -1795,7 +1833,9 @@ def test_a_new_leaf_whose_state_is_out_of_the_walks_sight_is_checked_again(case)
                     ghostfunc.graddot(model_fn, p, train, val)
     finally:
         _SETTINGS["centre"] = _FLAG[0] = _ClassDefault.centre = _ClassDict.opts["centre"] = False
+        _Flags.centre = _DEEP.a.b.c.centre = False
         _ClassEnum.mode = _Mode.PLAIN
+        globals()["_HELPER"] = _never
 
 
 def test_a_set_leaf_is_keyed_without_its_items_repr():
