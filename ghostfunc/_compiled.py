@@ -62,6 +62,7 @@ from ._graddot import (
     sum_scores,
     val_weights,
 )
+from ._interact import Identity
 from ._whole import NotDirect, _rows, _Taps, close, per_sample, rng_state, set_rng_state
 
 #: ``model_fn`` -> {(replay key, compute dtype): (the compiled call, the parameter tensors it is called with,
@@ -131,7 +132,24 @@ DREW = "the model drew random numbers"
 STANCE = "torch.compiler's stance is {!r} (torch.compiler.set_stance): the graph would not run as compiled"
 NOT_KEPT = "model_fn cannot be weakly referenced: nowhere to keep its graph"
 NOT_FINITE = "a loss is not finite (the eager path names the rows)"
+#: Compiled graphs kept per ``model_fn`` (one per signature: each batch size is one).
+COMPILED_SIGNATURES = 32
+HELD_DATA = ("a non-tensor batch leaf holds a tensor or an array: the graph would read the one of the call it was "
+             "built from (an equal object of a later call is the same signature)")
 MISMATCH = "the first compiled result differed from the eager replay's"
+
+
+def _holds_data(signature: Any, depth: int = 12) -> bool:
+    """Whether a batch signature's non-tensor leaves hold a tensor or an array (by checksum, or by identity where
+    larger): the compiled graph rebuilds the batch with the leaves of the call it was built from, and reads such
+    a tensor at run time without a guard on its values (one changed in place since: 24x off, with no note)."""
+    if isinstance(signature, Identity):
+        return isinstance(signature.get(), Tensor) or type(signature.get()).__name__ == "ndarray"
+    if not isinstance(signature, tuple) or depth <= 0:
+        return False
+    if signature and signature[0] in ("tensor", "array"):
+        return True
+    return any(_holds_data(x, depth - 1) for x in signature)
 
 
 def ran_eagerly(why: str) -> str:
@@ -146,6 +164,8 @@ def scores(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batc
     rep = replay_of(model_fn, params, train, val, where, policy, val_reduce)
     if rep is None:
         return NO_REPLAY
+    if _holds_data(train.signature) or _holds_data(val.signature):
+        return HELD_DATA
     try:
         states = _STATE.setdefault(model_fn, {})
     except TypeError:  # not weak-referenceable: nowhere to keep a compiled call
@@ -159,8 +179,8 @@ def scores(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batc
         return STANCE.format(stance)
     first = known is None
     if first:
-        if len(states) > 16:
-            states.clear()
+        while len(states) >= COMPILED_SIGNATURES:  # the oldest graph goes (emptied whole, 18 sizes in turn recompiled)
+            del states[next(iter(states))]
         known = (_build(model_fn, rep, train, val.size, val_reduce, dtype),
                  {k: torch.empty_like(v, requires_grad=False) for k, v in params.items()}, threading.Lock())
     assert known is not None

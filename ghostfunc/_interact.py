@@ -87,6 +87,10 @@ class Identity:
         mine = self._ref()
         return mine is not None and mine is other._ref()
 
+    def get(self) -> Any:
+        """The object, or ``None`` once it is gone."""
+        return self._ref()
+
     def __repr__(self) -> str:
         return f"Identity({self._id:#x})"
 

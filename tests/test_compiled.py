@@ -151,6 +151,30 @@ def test_a_python_value_the_model_reads_is_seen_when_it_changes() -> None:
     assert ran[3], ran  # compiled before the change; exact at every value (check)
 
 
+def test_a_batch_leaf_holding_a_tensor_keeps_the_eager_path() -> None:
+    """A per-batch metadata object holding a small tensor (its weight scales the loss): the graph rebuilt the batch
+    with the leaves of the call it was built from, so an equal new object of a later call shared the graph while
+    the first one, changed in place since, was read (24x off, no note). Such a batch runs eagerly, and says why."""
+    net, params = mlp(4)
+
+    class Meta:
+        def __init__(self) -> None:
+            self.weight = torch.ones(3, dtype=F64)
+
+    def fn(p, batch):
+        x, y, meta = batch
+        return meta.weight.sum() * (functional_call(net, p, (x,)).squeeze(-1) - y) ** 2
+
+    x, y = torch.randn(9, 5, dtype=F64), torch.randn(9, dtype=F64)
+    first = Meta()
+    for _ in range(4):
+        out = check(fn, params, (x[:6], y[:6], first), (x[6:], y[6:], first))
+    assert _compiled.ran_eagerly(_compiled.HELD_DATA) in out.plan.notes
+    first.weight.mul_(5.0)
+    later = Meta()
+    check(fn, params, (x[:6], y[:6], later), (x[6:], y[6:], later))
+
+
 @pytest.mark.parametrize("kind", ["forward", "pre"])
 def test_a_hook_added_after_compiling_is_not_compiled_away(kind: str) -> None:
     """dynamo does not guard module hooks (``skip_nnmodule_hook_guards``): a hook put on after the graph was
