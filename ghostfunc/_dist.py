@@ -289,6 +289,15 @@ class Deferred(NamedTuple):
     full: Callable[[], Any]
 
 
+def _full(entry: Deferred) -> Any:
+    """``entry.full()``, or what it raised as the entry (then the ranks differ there and every rank raises: one
+    that raised here alone would leave the others in the gather)."""
+    try:
+        return entry.full()
+    except Exception as err:  # noqa: BLE001 - compared, not raised here
+        return ("could not be fingerprinted", f"{type(err).__name__}: {err}")
+
+
 def agree(where: str, group: Any, prepare: Callable[[], T], signature: Callable[[T], dict[str, Any]],
           rows: Callable[[T], tuple[int, int]]) -> tuple[T, World]:
     """Run this rank's argument checks (``prepare``), then check every rank agrees, in one collective.
@@ -334,7 +343,7 @@ def agree(where: str, group: Any, prepare: Callable[[], T], signature: Callable[
     again = sorted({k for e in every for k in e["deferred"]} & {k for k in ref if any(
         e["signature"][k] != ref[k] for e in every[1:])})
     if again:  # (every rank sees the same gathered entries: all of them take this second round, or none)
-        full = {k: v.full() if isinstance(v := deferred[k], Deferred) else v for k in again}
+        full = {k: _full(v) if isinstance(v := deferred[k], Deferred) else v for k in again}
         fulls: list[Any] = [None] * size
         dist.all_gather_object(fulls, full, group=group)
         for e, f in zip(every, fulls, strict=True):
