@@ -13,7 +13,8 @@ collectives only):
 1. :func:`agree`: one ``all_gather_object`` of a small signature (parameter names,
    shapes and dtypes, a fingerprint of the parameter values (:func:`param_checksum`),
    the batch structure, row counts, options, or the error the rank's own argument
-   checks raised). Ranks that disagree, or a rank whose checks failed (zero training
+   checks raised; a second one only where a :class:`Deferred` entry differs: a training
+   step's optimizer state continued on one rank and not on another). Ranks that disagree, or a rank whose checks failed (zero training
    rows, say), raise the same error on *every* rank, naming the rank and what
    differed, before any tensor collective: no hang.
 2. :func:`collectively`: after each stretch of local work that precedes a tensor
@@ -135,8 +136,11 @@ def _atom_alike(x: Any) -> Any:
     if issubclass(kind, torch.device):  # its type only: each rank holds its own GPU ("cuda:0", "cuda:1")
         return ("device", x.type)
     if issubclass(kind, Tensor):
-        data = x.detach().cpu().contiguous().reshape(-1)
-        return ("tensor", tuple(x.shape), str(x.dtype), zlib.crc32(data.view(torch.uint8).numpy().tobytes()))
+        try:
+            data = x.detach().resolve_conj().resolve_neg().cpu().contiguous().reshape(-1)
+            return ("tensor", tuple(x.shape), str(x.dtype), zlib.crc32(data.view(torch.uint8).numpy().tobytes()))
+        except (RuntimeError, TypeError):  # one torch cannot read as bytes (nested, a subclass): its kind alone
+            return ("tensor", kind.__qualname__, str(x.dtype))
     if _is_array(x) and not x.dtype.hasobject:  # (an array of objects: walked item by item)
         return ("array", x.shape, str(x.dtype), zlib.crc32(x.tobytes()))
     if issubclass(kind, torch.nn.Module):

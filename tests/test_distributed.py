@@ -271,6 +271,10 @@ def _errors(rank: int, world: int, out: dict[str, Any]) -> None:
         "optimizer state copied on rank 0": lambda: continued(copy.deepcopy),
         "optimizer state copied and changed on rank 0": lambda: continued(
             lambda s: s._replace(opt_state=s.opt_state._replace(nu={k: v + 1 for k, v in s.opt_state.nu.items()}))),
+        # a config holding tensors torch will not view as bytes (a conjugate view, a nested tensor): compared anyway
+        "unreadable tensors in a config": lambda: ghostfunc.graddot(
+            with_leaf, params, (*train, types.SimpleNamespace(f=torch.fft.rfft(torch.ones(6)).conj())),
+            (*val, types.SimpleNamespace(f=torch.fft.rfft(torch.ones(6)).conj())), group=group),
         # a config holding its rank's own device (cuda:0, cuda:1 under NCCL), as tensors' devices differ
         "rank's device in a config": lambda: ghostfunc.graddot(
             with_leaf, params, (*train, types.SimpleNamespace(device=torch.device("cuda", rank), smoothing=0.0)),
@@ -764,7 +768,8 @@ def test_bad_input_raises_on_every_rank(world2: list[dict[str, Any]]) -> None:
                                          "DataValues.save"), msg
         assert "another order" not in res["param values"], res["param values"]  # (the values differ, not the order)
         for case in ("equal config objects", "equal config sets", "equal large sets", "equal config arrays",
-                     "own module with rank settings", "optimizer state copied on rank 0", "rank's device in a config"):
+                     "own module with rank settings", "optimizer state copied on rank 0", "rank's device in a config",
+                     "unreadable tensors in a config"):
             assert res[case] is None, (case, res[case])
         assert res["ddp"] < 1e-12
         assert res["fsdp"] is not None and "from_module: the model is sharded by FSDP" in res["fsdp"]
