@@ -147,8 +147,8 @@ class _Taps(TorchFunctionMode):
         if (want is None or (want.rule is not rule and want.rule != rule) or want.roles != tuple(sorted(roles.items()))
                 or out.dtype != want.out_dtype or not _leading_times(out, want.out_shape, self.shapes[k], n)):
             raise NotDirect(f"call {k} is not the trace's, row for row")
-        for s in match.saved:
-            if s.dim() and s.shape[0] % n:
+        for s in match.saved:  # (a parameter saved as an operand, a scale's weight, has no rows: none needed)
+            if s.dim() and s.shape[0] % n and id(s) not in self.names:
                 raise NotDirect(f"call {k} saves a tensor without the samples' rows first")
         out = self._tap(out, k)
         self.saved.append(match.saved)
@@ -347,8 +347,10 @@ def per_sample(params: Mapping[str, Tensor], sites: Sequence[Site], saved: Seque
     """Every parameter's per-sample gradients (one per use) from the whole-batch run of ``n`` samples:
     each recognised call's saved tensors and output gradient, viewed as ``[n, rows per sample, ...]``."""
     grads: dict[str, list[Factored | Direct]] = {k: [] for k in params}
+    ids = {id(v) for v in params.values()}  # a parameter saved as an operand keeps its shape (no rows to split)
     for site, kept, static, out in zip(sites, saved, statics, outs, strict=True):
-        mine = tuple(s.detach().unflatten(0, (n, -1)) if s.dim() > 0 else s.detach() for s in kept)
+        mine = tuple(s.detach().unflatten(0, (n, -1)) if s.dim() > 0 and id(s) not in ids else s.detach()
+                     for s in kept)
         for role, name in site.roles:
             g = site.rule.grad(static, mine, out.unflatten(0, (n, -1)), role, params[name].shape)
             grads[name].append(_in_dtype(g, params[name].dtype))

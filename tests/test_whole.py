@@ -70,6 +70,25 @@ def test_mlp_takes_the_whole_batch_path_and_stays_exact(policy: str, reduce: str
     assert verdicts(fn) == {True}
 
 
+@pytest.mark.parametrize("rows", [(4, 2), (5, 2), (4, 4)])
+def test_a_scale_parameter_of_any_width_takes_the_whole_batch_path(rows: tuple[int, int]) -> None:
+    """``x * g`` (RMSNorm's and LayerScale's weight): the scale rule saves both operands, and the whole-batch run
+    refused a saved tensor whose leading size was not a multiple of the rows, the parameter included (its width 8
+    against 4 + 2 rows): such models kept the per-sample capture. A saved parameter has no rows to split."""
+    torch.manual_seed(1)
+    params = {"W": torch.randn(8, 8, dtype=F64) / 3, "g": torch.randn(8, dtype=F64), "h": torch.randn(1, 8, dtype=F64)}
+
+    def fn(p, batch):
+        x, y = batch
+        z = F.linear(x, p["W"]) * p["g"]
+        return (F.linear(torch.tanh(z), p["h"]).squeeze(-1) - y) ** 2
+
+    n, m = rows
+    x, y = torch.randn(n + m, 8, dtype=F64), torch.randn(n + m, dtype=F64)
+    exact_every_call(fn, params, (x[:n], y[:n]), (x[n:], y[n:]))
+    assert verdicts(fn) == {True}
+
+
 @settings(max_examples=8, deadline=None)
 @given(widths=st.lists(st.integers(1, 6), min_size=1, max_size=3), tokens=st.integers(1, 4),
        n=st.integers(1, 5), m=st.integers(1, 4), bias=st.booleans(), norm=st.booleans())
