@@ -1205,13 +1205,13 @@ def weighted_grad_split(model_fn: ModelFn, params: Mapping[str, Tensor], batch: 
         grads, losses, parts = whole_batch.verified(
             model_fn, params, whole_batch.signature(params, (batch,), "weighted"), per_sample, whole,
             lambda a, b: whole_batch.same_run(a[:2], b[:2]) and len(a[2]) == 1, lambda a: [a[1]])
+        note = describe(parts, label, "one forward and backward per group")
     except RuntimeError as err:
         if not unbatchable(err):
             raise
         grads, losses = weighted_grad_eager(model_fn, params, batch, weights, where, label)
-        return ({k: dense(g) for k, g in grads.items()}, losses,
-                f"{label}: per-sample autograd (the batched pass cannot run the model: {summary(err)})")
-    return {k: dense(g) for k, g in grads.items()}, losses, describe(parts, label, "one forward and backward per group")
+        note = f"{label}: per-sample autograd (the batched pass cannot run the model: {summary(err)})"
+    return {k: dense(g) for k, g in grads.items()}, losses, note
 
 
 def common_weight(weights: Tensor) -> float | None:

@@ -62,7 +62,7 @@ from ._graddot import (
     sum_scores,
     val_weights,
 )
-from ._interact import Identity
+from ._interact import Identity, _is_array
 from ._whole import NotDirect, _rows, _Taps, close, per_sample, rng_state, set_rng_state
 
 #: ``model_fn`` -> {(replay key, compute dtype): (the compiled call, the parameter tensors it is called with,
@@ -144,7 +144,7 @@ def _holds_data(signature: Any, depth: int = 12) -> bool:
     larger): the compiled graph rebuilds the batch with the leaves of the call it was built from, and reads such
     a tensor at run time without a guard on its values (one changed in place since: 24x off, with no note)."""
     if isinstance(signature, Identity):
-        return isinstance(signature.get(), Tensor) or type(signature.get()).__name__ == "ndarray"
+        return isinstance(held := signature.get(), Tensor) or _is_array(held)
     if not isinstance(signature, tuple) or depth <= 0:
         return False
     if signature and signature[0] in ("tensor", "array"):

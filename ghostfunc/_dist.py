@@ -128,7 +128,7 @@ def described(leaf: Any) -> Any:
 def _atom_alike(x: Any) -> Any:
     import zlib
 
-    from ._interact import _is_array
+    from ._interact import _is_array, tensor_checksum
 
     kind = type(x)
     if x is None or issubclass(kind, (bool, int, float, complex, str, bytes)):
@@ -136,11 +136,10 @@ def _atom_alike(x: Any) -> Any:
     if issubclass(kind, torch.device):  # its type only: each rank holds its own GPU ("cuda:0", "cuda:1")
         return ("device", x.type)
     if issubclass(kind, Tensor):
-        try:
-            data = x.detach().resolve_conj().resolve_neg().cpu().contiguous().reshape(-1)
-            return ("tensor", tuple(x.shape), str(x.dtype), zlib.crc32(data.view(torch.uint8).numpy().tobytes()))
-        except (RuntimeError, TypeError):  # one torch cannot read as bytes (nested, a subclass): its kind alone
+        crc = tensor_checksum(x)
+        if crc is None:  # one torch cannot read as bytes (a nested tensor, a subclass): its kind alone
             return ("tensor", kind.__qualname__, str(x.dtype))
+        return ("tensor", tuple(x.shape), str(x.dtype), crc)
     if _is_array(x) and not x.dtype.hasobject:  # (an array of objects: walked item by item)
         return ("array", x.shape, str(x.dtype), zlib.crc32(x.tobytes()))
     if issubclass(kind, torch.nn.Module):

@@ -699,12 +699,9 @@ def _local_atom(x: Any, checksummed: list[int]) -> Any:
         if (kind in (Tensor, torch.nn.Parameter) and x.layout is torch.strided and not x.is_nested
                 and x.device.type != "meta" and size <= checksummed[0]):
             checksummed[0] -= size
-            try:
-                data = x.detach().resolve_conj().resolve_neg().cpu().contiguous().reshape(-1).view(torch.uint8)
-                return ("tensor", tuple(x.shape), x.dtype, x.device, zlib.crc32(memoryview(data.numpy().tobytes())))
-            except (RuntimeError, TypeError):  # a kind of tensor torch cannot read as bytes: as a large one
-                pass
-        return (Identity(x), version(x))  # (a change in place moves the version)
+            if (crc := tensor_checksum(x)) is not None:
+                return ("tensor", tuple(x.shape), x.dtype, x.device, crc)
+        return (Identity(x), version(x))  # (a change in place moves the version; also one torch cannot read)
     if issubclass(kind, type):  # a class (an activation, a dtype class): with its settings where it is plain
         return _class_key(x)
     if is_value(x):
@@ -719,6 +716,15 @@ def _local_atom(x: Any, checksummed: list[int]) -> Any:
     if issubclass(kind, types.MethodType):  # a bound method, made anew on each access: its object and function
         return ("method", Identity(x.__self__), Identity(x.__func__))
     return None
+
+
+def tensor_checksum(x: Tensor) -> int | None:
+    """A CRC-32 of a tensor's bytes; ``None`` for one torch cannot read as bytes (a nested tensor, a subclass)."""
+    try:
+        data = x.detach().resolve_conj().resolve_neg().cpu().contiguous().reshape(-1).view(torch.uint8)
+        return zlib.crc32(memoryview(data.numpy().tobytes()))
+    except (RuntimeError, TypeError):
+        return None
 
 
 def version(x: Tensor) -> int | None:
@@ -772,7 +778,7 @@ def _class_settings(kind: type, depth: int = 1) -> tuple:
     """A class's own settings (numbers, strings, enum members and other values, classes: a default an instance does
     not shadow), down its MRO. (A class holding other data is not a :func:`plain_class`.)"""
     return tuple((k, _class_key(v, depth - 1) if isinstance(v, type) else v) for c in kind.__mro__[:-1]
-                 for k, v in vars(c).items() if not k.startswith("__") and _class_value(k, v))
+                 for k, v in vars(c).items() if not k.startswith("__") and _class_value(v))
 
 
 def _class_key(kind: type, depth: int = 1) -> tuple:
@@ -780,13 +786,13 @@ def _class_key(kind: type, depth: int = 1) -> tuple:
     return ("class", kind, _class_settings(kind, depth) if depth >= 0 and plain_class(kind) else ())
 
 
-def _class_value(name: str, v: Any, depth: int = 2) -> bool:
+def _class_value(v: Any, depth: int = 2) -> bool:
     """A class attribute that is a setting: a number, a string, another immutable value, a class (an activation
     chosen by a dataclass field's default, ``act: type = nn.Tanh``), or a tuple or frozenset of those (``betas:
     tuple = (0.9, 0.999)``)."""
     if type(v) in (tuple, frozenset):
-        return depth > 0 and len(v) <= ITEMS and all(_class_value(name, x, depth - 1) for x in v)
-    return issubclass(type(v), _SCALARS) or isinstance(v, type) or (name != "_abc_impl" and is_value(v))
+        return depth > 0 and len(v) <= ITEMS and all(_class_value(x, depth - 1) for x in v)
+    return issubclass(type(v), _SCALARS) or isinstance(v, type) or is_value(v)
 
 
 def plain_class(kind: type) -> bool:
@@ -840,7 +846,7 @@ def _plain_class(kind: type, methods: list[Callable]) -> bool:
             if isinstance(v, (types.WrapperDescriptorType, types.MethodDescriptorType, types.BuiltinFunctionType,
                               types.GetSetDescriptorType, property)) or hasattr(type(v), "__get__"):
                 return False  # implemented in C, or computed on access
-            if v is not None and not _class_value(name, v) and name != "_abc_impl":
+            if v is not None and not _class_value(v) and name != "_abc_impl":  # (abc's bookkeeping)
                 return False  # data on the class that may change in place (a dict, a list, a class)
     return True
 

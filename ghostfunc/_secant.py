@@ -357,7 +357,7 @@ def refuse_non_finite_rows(where: str, rows: Rows, g_train: Params, params: Para
     where their mean ``g_train`` is not: the secant's step end and exact order 2's ``H·G`` spread it to every
     row's value (every row was named, or the validation losses at ``θ'`` blamed on the learning rate).
     ``local``: under ``group=``, this rank's rows (the caller raises it on every rank)."""
-    if all(bool(torch.isfinite(g).all()) for g in g_train.values()):
+    if bool(torch.stack([torch.isfinite(g).all() for g in g_train.values()]).all()):  # (one device sync a step)
         return
     ones = {k: torch.ones_like(v) for k, v in params.items()}
     refuse_non_finite(where, row_dots(rows, [ones], params)[:, 0], None, g_train, local, what="gradients")
