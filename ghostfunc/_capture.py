@@ -39,7 +39,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
-from ._draws import DROPOUTS, NoReplay, Recorded, Replay, record, set_rng_state
+from ._draws import DROPOUTS, NoReplay, Recorded, Replay, draw_once, draws_once, record, set_rng_state
 from ._interact import (
     EAGER,
     FACTORIES,
@@ -324,6 +324,7 @@ class _Interceptor(TorchFunctionMode):
                 return refused[0]
         if self.replay is not None and func in DROPOUTS:
             return self.replay(func, args, kwargs)
+        once = draws_once(func, args, kwargs)  # torch.randn(d, d), a seeded generator's draw: once, as plainly
         if func in _TO_PYTHON and self.follow_branches and args and _batch_level_count(args[0]) == 1:
             self.branch_points += 1
             return _agreed_value(func, args, kwargs, self.branch_points)
@@ -345,7 +346,7 @@ class _Interceptor(TorchFunctionMode):
         found = params_among(args, kwargs, self.names) if self.names else []
         if not found:
             try:
-                out = func(*args, **kwargs)
+                out = draw_once(func, args, kwargs) if once else func(*args, **kwargs)
             except RuntimeError as err:  # e.g. a per-sample write into a fresh tensor: made exact, or explained
                 out = retry_writing(func, args, kwargs, self.fresh, err)
             if func in FACTORIES:
@@ -353,7 +354,7 @@ class _Interceptor(TorchFunctionMode):
             return out
         rule, match = recognise(self._rule(func), args, kwargs)
         roles = matched_roles(match, self.names, found)
-        out = func(*args, **kwargs)
+        out = draw_once(func, args, kwargs) if once else func(*args, **kwargs)
         if func in CONVERSIONS and args and args[0] is found[0] and unchanged(out, found[0], args, kwargs):
             return found[0]  # w.to(w.dtype), w.float(), +w: the parameter itself, as eagerly (w is returned)
         if func in FACTORIES:  # e.g. torch.zeros_like(weight): a fresh buffer too

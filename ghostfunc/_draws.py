@@ -33,9 +33,50 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
 
 #: Dropout calls whose output is their input times a mask scaled by ``1 / (1 - p)`` (elementwise, or by channel).
 DROPOUTS = frozenset({F.dropout, F.dropout1d, F.dropout2d, F.dropout3d})
+
+
+#: Calls that draw random numbers (besides :data:`DROPOUTS`), as functions and as tensor methods.
+RANDOM = frozenset({
+    torch.rand, torch.randn, torch.randint, torch.randperm, torch.normal, torch.bernoulli, torch.multinomial,
+    torch.poisson, torch.rand_like, torch.randn_like, torch.randint_like, F.rrelu,
+    Tensor.uniform_, Tensor.normal_, Tensor.bernoulli_, Tensor.bernoulli, Tensor.exponential_, Tensor.geometric_,
+    Tensor.log_normal_, Tensor.cauchy_, Tensor.random_, Tensor.multinomial,
+    *(getattr(torch.nn.init, name) for name in (
+        "uniform_", "normal_", "trunc_normal_", "xavier_uniform_", "xavier_normal_", "kaiming_uniform_",
+        "kaiming_normal_", "orthogonal_", "sparse_")),
+})
+
+_VMAP_MODE = torch._C.DispatchKeySet(torch._C.DispatchKey.FuncTorchVmapMode)
+
+
+def draws_once(func: Any, args: tuple, kwargs: dict[str, Any]) -> bool:
+    """Whether a call under the capture's ``vmap`` draws random numbers from inputs no sample owns: a random op
+    or a call given a ``torch.Generator``, none of whose tensors is batched (``torch.randn(d, d)``, a fill of a
+    fresh unbatched tensor, dropout of a parameter). A plain call draws those once for the whole batch;
+    ``vmap(randomness="different")`` would give every sample its own draw."""
+    if func not in RANDOM and func not in DROPOUTS and not any(
+            isinstance(a, torch.Generator) for a in (*args, *kwargs.values())):
+        return False
+    ft = torch._C._functorch
+    if ft.maybe_current_level() is None:
+        return False
+    for t in pytree.tree_leaves((args, kwargs)):
+        while isinstance(t, Tensor) and ft.is_functorch_wrapped_tensor(t):
+            if ft.is_batchedtensor(t):
+                return False
+            t = ft.get_unwrapped(t)
+    return True
+
+
+def draw_once(func: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
+    """``func(*args, **kwargs)`` drawing as a plain call does (:func:`draws_once`): one draw, not one per sample
+    (``vmap``'s random-op handling left out for this call; its generator advances as in the plain call)."""
+    with torch._C._ExcludeDispatchKeyGuard(_VMAP_MODE):
+        return func(*args, **kwargs)
 
 
 class NoReplay(Exception):

@@ -801,6 +801,70 @@ def test_noise_drawn_in_another_order_is_told_and_later_calls_repeat_the_first()
     assert rel(outs[0].scores, sum(gt[k].flatten(1) @ gv[k].flatten(1).mean(0) for k in p)) < 1e-10
 
 
+@pytest.mark.parametrize("draw", ["seeded randn", "seeded fill", "global randn", "reseeded randn", "global fill",
+                                  "seeded randperm", "global rand of a parameter's shape"])
+def test_a_draw_no_sample_owns_is_made_once_as_in_a_plain_call(draw):
+    """A tensor drawn inside model_fn from inputs no sample owns (torch.randn(d, d), a fill of a fresh tensor, from
+    a torch.Generator seeded in the call or from the global one) is one draw that every sample of a plain call
+    shares; vmap(randomness="different") would give each sample its own (1.4 relative off, with no note). The
+    scores are the per-sample loop's with the plain calls' draws (train first, then val, from the same seed),
+    the losses the plain call's, the generator left where the two plain calls leave it; train_step too."""
+    torch.manual_seed(0)
+    d, c = 5, 4
+    p = {"w": torch.randn(c, d, dtype=F64) / 2, "b": torch.randn(c, dtype=F64)}
+    fixed: list[Tensor] = []  # the truth: the plain calls' draws, fixed
+
+    def noise(dtype):
+        if fixed:
+            return fixed.pop(0)
+        g = torch.Generator().manual_seed(7)
+        if draw == "seeded randn":
+            return torch.randn(d, d, generator=g, dtype=dtype)
+        if draw == "seeded fill":
+            return torch.diag(torch.empty(d, dtype=dtype).uniform_(0.5, 1.5, generator=g))
+        if draw == "global randn":
+            return torch.randn(d, d, dtype=dtype)
+        if draw == "reseeded randn":
+            torch.manual_seed(11)
+            return torch.randn(d, d, dtype=dtype)
+        if draw == "global fill":
+            return torch.diag(torch.empty(d, dtype=dtype).normal_(1.0, 0.3))
+        if draw == "seeded randperm":
+            return torch.eye(d, dtype=dtype)[torch.randperm(d, generator=g)]
+        return torch.eye(d, dtype=dtype) + torch.rand(d, d, dtype=dtype)
+
+    def model_fn(q, batch):
+        x, y = batch
+        return F.cross_entropy(F.linear(torch.tanh(x @ noise(x.dtype)), q["w"], q["b"]), y, reduction="none")
+
+    g = torch.Generator().manual_seed(2)
+    train = (torch.randn(4, d, generator=g, dtype=F64), torch.randint(0, c, (4,), generator=g))
+    val = (torch.randn(3, d, generator=g, dtype=F64), torch.randint(0, c, (3,), generator=g))
+    for call in range(2):
+        torch.manual_seed(3)
+        out = ghostfunc.graddot(model_fn, p, train, val)
+        after = torch.get_rng_state()
+        torch.manual_seed(3)
+        drawn = [noise(F64), noise(F64)]  # what model_fn(p, train), then model_fn(p, val), draw
+        torch.manual_seed(3)
+        lt, lv = model_fn(p, train), model_fn(p, val)
+        assert torch.equal(after, torch.get_rng_state()), call
+        torch.testing.assert_close(out.train_loss, lt, rtol=1e-13, atol=0)
+        torch.testing.assert_close(out.val_loss, lv, rtol=1e-13, atol=0)
+        fixed[:] = [drawn[0]] * train[0].shape[0]
+        gt = _plain_step_grads(model_fn, p, train)
+        fixed[:] = [drawn[1]] * val[0].shape[0]
+        gv = _plain_step_grads(model_fn, p, val)
+        fixed.clear()
+        ref = sum(gt[k].flatten(1) @ gv[k].flatten(1).mean(0) for k in p)
+        assert rel(out.scores, ref) < 1e-10, (call, rel(out.scores, ref))
+        assert ghostfunc._graddot.MASKS_DIFFER not in out.plan.notes
+    step = ghostfunc.train_step(model_fn, ghostfunc.sgd(0.1))
+    torch.manual_seed(3)
+    _, info = step(step.init(p), train, val)
+    assert rel(info.values, -0.1 / 4 * ref) < 1e-10
+
+
 def test_a_transformer_encoder_layer_in_training_mode_is_the_plain_step():
     """nn.TransformerEncoderLayer(batch_first=True) in training mode drops nn.MultiheadAttention's output, a
     batch-first view of sequence-first memory: graddot's scores and losses are the plain call's (ordinary
