@@ -60,7 +60,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from . import _dist
-from ._interact import beyond_rounding, coarsest
+from ._interact import StateWrittenError, _ParamWrites, beyond_rounding, coarsest
 
 Loss = Callable[[Any, Mapping[str, Any]], Tensor]
 
@@ -116,8 +116,16 @@ def from_module(
         raise ValueError(f"{where}: the model has no trainable parameters (requires_grad=True); "
                          f"unfreeze the ones to score")
     device_type = next(iter(params.values())).device.type
-    spec = _ModelSpec.of(model)
-    native: dict[tuple, bool] = {}  # batch layout -> whether the model takes the batch as it is (see _agrees)
+    specs: dict[tuple, _ModelSpec] = {}  # the config's attention settings -> the spec built under them
+    native: dict[tuple, bool] = {}  # (settings, batch layout) -> whether the model takes the batch as it is (_agrees)
+
+    def spec_now() -> tuple[tuple, _ModelSpec]:
+        """The spec for the config as it is now: a sliding window or attention implementation set after
+        ``from_module`` builds the masks it describes (a spec read once kept the old window: 1.08 off)."""
+        settings = _ModelSpec.settings(model)
+        if (spec := specs.get(settings)) is None:
+            spec = specs[settings] = _ModelSpec.of(model)
+        return settings, spec
 
     known = {k for k, _ in (*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False))}
     checked: set[frozenset[str]] = set()  # the key sets seen to name the model's own tensors
@@ -130,6 +138,7 @@ def from_module(
                                f"(a misspelt name leaves the real one a constant, scored 0 silently)"
                                + "".join(f"; did you mean {c[0]!r} for {k!r}?" for k, c in close.items() if c))
             checked.add(keys)
+        spec = spec_now()[1]
         inputs = spec.plain(batch, where) if plain else spec.inputs(batch, where)
         ctx = torch.autocast(device_type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
         with ctx:
@@ -138,15 +147,16 @@ def from_module(
 
     def model_fn(p: dict[str, Tensor], batch: Mapping[str, Any]) -> Tensor:
         """Per-sample losses ``[B]`` of ``model`` with parameters ``p`` on ``batch`` (a dict)."""
+        settings, spec = spec_now()
         if not spec.rewrites(batch):
             return run(p, batch, plain=True)
-        key = layout(batch)
+        key = settings, layout(batch)
         if key not in native and _plain_call(batch):
             probe = unpadded(batch)  # padding is where the built inputs differ from the model's on purpose
             if all(v.shape[0] == 1 for v in probe.values() if isinstance(v, Tensor) and v.dim() > 0):
                 probe = {k: torch.cat((v, v)) if isinstance(v, Tensor) and v.dim() > 0 else v  # one row says
                          for k, v in probe.items()}  # little about a layout's batches: judge on two
-            native[key] = not _agrees(lambda plain: run(p, probe, plain), [*p.values()])
+            native[key] = not _agrees(lambda plain: run(p, probe, plain), p)
         return run(p, batch, plain=native.get(key, False))
 
     return model_fn, params
@@ -184,12 +194,14 @@ def _no_modes() -> Any:
             torch._C._push_on_torch_function_stack(mode)
 
 
-def _agrees(losses: Callable[[bool], Tensor], params: list[Tensor]) -> bool:
+def _agrees(losses: Callable[[bool], Tensor], params: Mapping[str, Tensor]) -> bool:
     """Whether the inputs :func:`from_module` builds give the losses of the model's own forward on a batch
     without padding (with padding they differ on purpose: see :func:`from_module`).
 
     Both run without gradients, from the same random state, outside any ghostfunc
-    interceptor; they agree up to rounding in the coarser of the parameters' and the
+    interceptor but under a guard that refuses a write into ``params`` before it happens
+    (RWKV rescales its weights in place on its first forward in eval mode: refused, with the parameters
+    as they were, as any ``model_fn`` that writes into them); they agree up to rounding in the coarser of the parameters' and the
     losses' dtypes (:func:`ghostfunc._interact.beyond_rounding`). Where the model's own forward fails, the
     built inputs are kept (they are what the model needs); where only the built inputs
     fail, or the two disagree
@@ -198,10 +210,12 @@ def _agrees(losses: Callable[[bool], Tensor], params: list[Tensor]) -> bool:
     the config does not describe), the batch is passed as it is.
     """
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    with _no_modes(), torch.no_grad(), torch.random.fork_rng(devices=devices):
+    with _no_modes(), _ParamWrites(params), torch.no_grad(), torch.random.fork_rng(devices=devices):
         states = [torch.get_rng_state(), *(torch.cuda.get_rng_state(d) for d in devices)]
         try:
             own = losses(True)
+        except StateWrittenError:
+            raise
         except Exception:  # noqa: BLE001 - the model needs the built inputs
             return True
         torch.set_rng_state(states[0])
@@ -209,11 +223,13 @@ def _agrees(losses: Callable[[bool], Tensor], params: list[Tensor]) -> bool:
             torch.cuda.set_rng_state(state, d)
         try:
             built = losses(False)
+        except StateWrittenError:
+            raise
         except Exception:  # noqa: BLE001 - the model takes no such inputs: pass the batch as it is
             return False
     if not isinstance(own, Tensor) or not isinstance(built, Tensor) or own.shape != built.shape:
         return own is built
-    return not bool(beyond_rounding(own, built, coarsest([*params, own]))[0].any())
+    return not bool(beyond_rounding(own, built, coarsest([*params.values(), own]))[0].any())
 
 
 class _ModelSpec:
@@ -232,10 +248,24 @@ class _ModelSpec:
         self.mask_dtype = mask_dtype
         self.decoder_ids = decoder_ids
 
+    @staticmethod
+    def _base(model: nn.Module) -> Any:
+        get_base = getattr(model, "get_base_model", None)  # peft wrappers name the inputs of the model inside
+        return get_base() if callable(get_base) else model
+
+    @classmethod
+    def settings(cls, model: nn.Module) -> tuple:
+        """What of the config the built masks follow, read on every call: the attention implementation, the
+        sliding window and the layer types."""
+        config: Any = getattr(cls._base(model), "config", None)
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        layer_types = getattr(text, "layer_types", None)
+        return (getattr(text, "_attn_implementation", None), getattr(text, "sliding_window", None),
+                tuple(layer_types) if isinstance(layer_types, (list, tuple)) else layer_types)
+
     @classmethod
     def of(cls, model: nn.Module) -> _ModelSpec:
-        get_base = getattr(model, "get_base_model", None)  # peft wrappers name the inputs of the model inside
-        base: Any = get_base() if callable(get_base) else model
+        base: Any = cls._base(model)
         sig = inspect.signature(base.forward).parameters
         accepts = frozenset(k for k, v in sig.items() if v.kind not in (v.VAR_KEYWORD, v.VAR_POSITIONAL))
         required = frozenset(k for k, v in sig.items() if k in accepts and v.default is inspect.Parameter.empty)

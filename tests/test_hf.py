@@ -858,3 +858,40 @@ def test_longrope_refreshing_its_frequencies_in_place_is_exact() -> None:
     model_fn, params = ghostfunc.from_module(model, ghostfunc.causal_lm_loss)
     g = torch.Generator().manual_seed(1)
     check_against_loop(model_fn, params, lm_batch(g, N, 12), lm_batch(g, M, 6), 1e-10, ("phi3", "default"))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_sliding_window_set_after_from_module_is_followed(impl: str) -> None:
+    """The masks from_module builds follow the config as it is at each call: a window narrowed or removed after
+    a first call (model.config.sliding_window = 2) gives the numbers of a model_fn built after the change (a
+    spec read once kept window 4: 1.08 relative off, the losses 8e-4)."""
+    model, model_fn, params, train, val = setup("mistral", impl, F64)
+    ghostfunc.graddot(model_fn, params, train, val)
+    seen = []
+    for window in (2, None, 4):
+        model.config.sliding_window = window
+        out = ghostfunc.graddot(model_fn, params, train, val)
+        fresh_fn, _ = ghostfunc.from_module(model, FAMILIES["mistral"].loss)
+        ref = reference(fresh_fn, params, train, val)
+        assert rel(out.scores, ref["mean"]) < 1e-10, window
+        assert rel(out.train_loss, ref["train_loss"]) < 1e-12 and rel(out.val_loss, ref["val_loss"]) < 1e-12
+        seen.append(ref["mean"])
+    assert rel(seen[0], seen[1]) > 1e-3 and rel(seen[1], seen[2]) > 1e-3  # the windows do change the numbers
+
+
+def test_a_model_that_rescales_its_weights_on_its_first_forward_is_refused_before_the_write() -> None:
+    """RWKV in eval mode divides some weights in place on its first forward: through from_module (whose first
+    call of a layout runs the model's own forward beside the built inputs) the write is refused before it
+    happens, as for any model_fn, and neither params nor the model's weights change (they were halved)."""
+    torch.manual_seed(0)
+    config = transformers.RwkvConfig(vocab_size=V, hidden_size=D, num_hidden_layers=2, attention_hidden_size=D,
+                                     intermediate_size=HID, context_length=32, rescale_every=1, **TOKENS)
+    model = transformers.RwkvForCausalLM(config).to(F64).eval()
+    model_fn, params = ghostfunc.from_module(model, ghostfunc.causal_lm_loss)
+    before = {k: v.clone() for k, v in params.items()}
+    g = torch.Generator().manual_seed(1)
+    train, val = lm_batch(g, N, T), lm_batch(g, M, S)
+    with pytest.raises(ghostfunc.StateWrittenError, match="before"):
+        ghostfunc.graddot(model_fn, params, train, val)
+    assert all(torch.equal(before[k], v) for k, v in params.items())
+    assert all(torch.equal(before[k], v.detach()) for k, v in model.named_parameters())
