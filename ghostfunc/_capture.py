@@ -25,6 +25,7 @@ sample by sample (:mod:`ghostfunc._eager`).
 from __future__ import annotations
 
 import contextlib
+import enum
 import inspect
 import threading
 import warnings
@@ -165,7 +166,7 @@ def _joined(parts: list[Batch], spec: pytree.TreeSpec) -> Batch:
 
 def is_foreign_mapping(x: Any) -> bool:
     """A ``Mapping`` that torch's pytree does not know (it would be one opaque leaf)."""
-    return isinstance(x, Mapping) and type(x) not in pytree.SUPPORTED_NODES
+    return issubclass(type(x), Mapping) and type(x) not in pytree.SUPPORTED_NODES  # (not x.__class__: a proxy's)
 
 
 def _as_type(kind: type, d: dict) -> Any:
@@ -182,7 +183,7 @@ def _hashable(x: Any) -> Any:
     calls is a new signature (checked again), an equal one made anew is not. An object's own equality is not
     used: a frozen dataclass compares a config it holds by identity (one changed in place kept the old checks),
     and an ``__eq__`` that raises, or answers with an array, raised out of the caches' lookups."""
-    if is_value(x):
+    if is_value(x) and not isinstance(x, (type, enum.Enum)):  # (a class's settings, an enum's methods: walked)
         return (type(x), x)
     return (type(x), fingerprint(x))
 

@@ -147,7 +147,7 @@ def _holds_data(signature: Any, depth: int = 12) -> bool:
         return isinstance(held := signature.get(), Tensor) or _is_array(held)
     if not isinstance(signature, tuple) or depth <= 0:
         return False
-    if signature and signature[0] in ("tensor", "array"):
+    if len(signature) > 1 and signature[0] in ("tensor", "array"):  # (a string in a leaf is ("tensor",))
         return True
     return any(_holds_data(x, depth - 1) for x in signature)
 

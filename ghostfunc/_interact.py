@@ -705,6 +705,8 @@ def _local_atom(x: Any, checksummed: list[int]) -> Any:
     if issubclass(kind, type):  # a class (an activation, a dtype class): with its settings where it is plain
         return _class_key(x)
     if is_value(x):
+        if issubclass(kind, enum.Enum):  # a member's methods and properties may read a module's dict
+            return ("value", kind, x, _enum_methods_read(kind))
         return ("value", kind, x)
     if _is_array(x) and not x.dtype.hasobject:  # (an array of objects: walked as a list)
         if x.nbytes <= checksummed[0]:
@@ -713,9 +715,30 @@ def _local_atom(x: Any, checksummed: list[int]) -> Any:
         return None  # (identity, as an object whose state is out of sight)
     if issubclass(kind, torch.nn.Module):
         return Identity(x)
-    if issubclass(kind, types.MethodType):  # a bound method, made anew on each access: its object and function
-        return ("method", Identity(x.__self__), Identity(x.__func__))
+    if issubclass(kind, types.MethodType):  # a bound method, made anew on each access: its function, and its
+        return ("method", Identity(x.__func__), _held(x.__self__, checksummed))  # object as a leaf is walked
+    if kind is functools.partial:  # its function, and its arguments walked (a dict it holds changed in place)
+        read = _reads_of((x.func,)) if isinstance(x.func, types.FunctionType) and _reads_data_only(x.func) else None
+        return ("partial", Identity(x.func), _held((x.args, x.keywords), checksummed),
+                read if read is not None else Identity(x))
     return None
+
+
+def _held(obj: Any, checksummed: list[int]) -> Any:
+    """What a bound method's object or a partial's arguments hold, walked as a leaf is (with its identity where the
+    walk does not see all of it; two levels of such nesting at most)."""
+    depth = getattr(_HELD, "depth", 0)
+    if depth >= 2:
+        return Identity(obj)
+    _HELD.depth = depth + 1
+    try:
+        seen, whole = leaf_walk(obj, LEAF_DEPTH - 1, LEAF_BUDGET, lambda y: _local_atom(y, checksummed), _local_tag)
+    finally:
+        _HELD.depth = depth
+    return seen if whole else (Identity(obj), seen)
+
+
+_HELD = threading.local()
 
 
 def tensor_checksum(x: Tensor) -> int | None:
@@ -741,17 +764,45 @@ def _local_tag(x: Any, whole: bool) -> Any:
     and are all of its state (:func:`plain_class`), else by identity."""
     kind = type(x)
     if whole and plain_class(kind) and (read := _methods_read(kind)) is not None:
-        return (kind, _class_settings(kind), read)
+        return (kind, _class_settings(kind), _stamp(kind), read)
     return Identity(x)
 
 
 def _methods_read(kind: type) -> tuple | None:
+    """:func:`_reads_of` the methods of a :func:`plain_class`, once per public call per class (a leaf of 64 configs
+    walked them 64 times)."""
+    return _scoped("methods read", kind, lambda: _reads_of(_OWN_METHODS.get(kind, ())))
+
+
+def _enum_methods_read(kind: type) -> tuple | None:
+    """What the functions and property getters an ``Enum`` subclass defines itself read (:func:`_reads_of`), with
+    their identities (a method patched in); ``None`` where one reads what a key cannot hold by value (then a
+    member is its value alone, as :func:`is_value` keys it)."""
+    def compute() -> tuple | None:
+        methods: list[Callable] = []
+        for c in kind.__mro__:
+            if c.__module__ == "enum" or c is object or not c.__flags__ & _HEAP_TYPE:
+                continue
+            for name, v in vars(c).items():
+                fn = v.__func__ if isinstance(v, (staticmethod, classmethod)) else (
+                    getattr(v, "fget", None) if isinstance(v, (property, types.DynamicClassAttribute)) else v)
+                if isinstance(fn, types.FunctionType) and fn.__module__ != "enum" and not (
+                        name.startswith("__") and name.endswith("__")):  # (not Enum's own, copied in)
+                    if not _reads_data_only(fn):
+                        return None
+                    methods.append(fn)
+        read = _reads_of(tuple(methods))
+        return None if read is None else (tuple(Identity(m) for m in methods), read)
+
+    return _scoped("enum methods read", kind, compute)
+
+
+def _reads_of(methods: tuple[Callable, ...]) -> tuple | None:
     """What the methods of a :func:`plain_class` read besides ``self`` (:func:`reads`: the data globals they name,
     their closures and defaults), walked as a batch leaf is; ``None`` where that walk does not see all of it (then
     the object's identity stands for it). A method answering from a module's dict changed with it (a config made anew
     per call kept the first checks, 0.57 off), without counting the method itself as state out of sight (a dataclass
     with a helper method, an ``argparse.Namespace`` made per call were checked again: 40-50 ms)."""
-    methods = _OWN_METHODS.get(kind, ())
     if not methods:
         return ()
     depth = getattr(_READING, "depth", 0)
@@ -782,8 +833,11 @@ def _class_settings(kind: type, depth: int = 1) -> tuple:
 
 
 def _class_key(kind: type, depth: int = 1) -> tuple:
-    """A class as a key: itself, and its settings where it is a :func:`plain_class` (``depth`` classes down)."""
-    return ("class", kind, _class_settings(kind, depth) if depth >= 0 and plain_class(kind) else ())
+    """A class as a key: itself, and its settings, methods and what they read where it is a :func:`plain_class`
+    (``depth`` classes down)."""
+    if depth >= 0 and plain_class(kind):
+        return ("class", kind, _class_settings(kind, depth), _stamp(kind), _methods_read(kind))
+    return ("class", kind, ())
 
 
 def _class_value(v: Any, depth: int = 2) -> bool:
@@ -801,18 +855,36 @@ def plain_class(kind: type) -> bool:
     Python, with no C base but ``object`` (a ``functools.partial``, a ``random.Random`` keep theirs out of sight),
     no computed attribute but a Python property's getter (a method too), no data on the class but values
     (:func:`_class_settings`: a dict or list there may change in place) and no ``__getattr__``/``__getattribute__``."""
+    stamp = _stamp(kind)
     known = _PLAIN.get(kind)
-    if known is None:
+    if known is None or known[0] != stamp:  # (a method patched onto the class since: decided again)
         if len(_PLAIN) > 1024:
             _PLAIN.clear()
             _OWN_METHODS.clear()
         methods: list[Callable] = []
-        known = _PLAIN[kind] = _plain_class(kind, methods)
+        known = _PLAIN[kind] = (stamp, _plain_class(kind, methods))
         _OWN_METHODS[kind] = tuple(methods)
-    return known
+    return known[1]
 
 
-_PLAIN: dict[type, bool] = {}
+def _stamp(kind: type) -> tuple:
+    """:func:`_class_stamp`, once per public call per class."""
+    return _scoped("class stamp", kind, lambda: _class_stamp(kind))
+
+
+def _class_stamp(kind: type) -> tuple:
+    """The functions, properties and other descriptors on a class down its MRO, by identity: a method replaced
+    or added after a first call (``Cfg.mix = lambda self: 0.5``) is another key (it kept the first checks: 0.76
+    off)."""
+    try:
+        return tuple((k, Identity(v)) for c in kind.__mro__[:-1] for k, v in vars(c).items()
+                     if hasattr(type(v), "__get__") or isinstance(v, (staticmethod, classmethod)))
+    except Exception:  # noqa: BLE001 - a class whose dict cannot be read: one stamp, as before
+        return ()
+
+
+#: A class -> (its :func:`_class_stamp` when decided, whether it is a :func:`plain_class`).
+_PLAIN: dict[type, tuple[tuple, bool]] = {}
 #: A :func:`plain_class`'s methods besides those a dataclass writes (:data:`_DATA_METHODS`), down its MRO.
 _OWN_METHODS: dict[type, tuple[Callable, ...]] = {}
 
@@ -1587,9 +1659,10 @@ def retry_writing(func: Callable, args: tuple, kwargs: dict[str, Any], fresh: se
             return agreed[0]
         raise SamplesInteractError(
             f"model_fn updates in place ({_func_name(func)}) a tensor that outlives the call, such as a module "
-            f"buffer (BatchNorm's num_batches_tracked and running statistics in training mode); run alone, "
-            f"each sample would update it in turn, so samples interact through it. Put such layers in eval "
-            f"mode (model.eval()), or use GroupNorm/LayerNorm instead of BatchNorm"
+            f"buffer (BatchNorm's num_batches_tracked and running statistics in training mode) or a tensor of the "
+            f"batch it is given; run alone, each sample would update it in turn, so samples interact through it. "
+            f"Put such layers in eval mode (model.eval()), or use GroupNorm/LayerNorm instead of BatchNorm; compute "
+            f"a new tensor from an input instead of writing into it (x = x - 0.5, not x.sub_(0.5))"
         ) from None
     target = args[0] if args else None
     # (with one sample under vmap the failure is a plain broadcast error, so the message is not checked)

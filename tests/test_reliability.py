@@ -1838,6 +1838,119 @@ def test_a_new_leaf_whose_state_is_out_of_the_walks_sight_is_checked_again(case)
         globals()["_HELPER"] = _never
 
 
+class _ClassLeaf:  # a class passed as a leaf itself, its setting on the class
+    centre = False
+
+
+class _Patched:  # a method replaced on the class after the first calls
+    def centre(self):
+        return False
+
+
+_STRENGTH = {"centre": False}
+
+
+class _EnumMode(enum.Enum):  # a member whose property reads a module's dict
+    CENTRE = "centre"
+
+    @property
+    def on(self):
+        return _STRENGTH[self.value]
+
+
+class _Holder:
+    def __init__(self):
+        self.centre = False
+
+    def get(self):
+        return self.centre
+
+
+def _opts_get(opts):
+    return opts["centre"]
+
+
+_CHANGED_LATER = {"class as the leaf": lambda leaf: leaf.centre, "class in a dict": lambda leaf: leaf["c"].centre,
+                  "method patched on the class": lambda leaf: leaf.centre(), "enum property": lambda leaf: leaf.on,
+                  "bound method": lambda leaf: leaf(), "partial over a dict": lambda leaf: leaf()}
+
+
+@pytest.mark.parametrize("case", list(_CHANGED_LATER))
+def test_a_leaf_changed_where_its_key_did_not_look_is_checked_again(case):
+    """A class passed as a leaf (its setting changed on the class), a method replaced on a config's class, an enum
+    member whose property reads a module's dict, a bound method whose object changes in place, a partial over a
+    dict changed in place: each kept the first calls' checks when the change turned on a coupling of rows (0.76
+    off). Classes are keyed with their settings and methods, enum members with what their methods read, bound
+    methods and partials with what their object and arguments hold."""
+    net = _mlp(47)
+    p = {k: v.detach() for k, v in net.named_parameters()}
+    model_fn = _centring(net, lambda batch: _CHANGED_LATER[case](batch["leaf"]))
+    holder, opts = _Holder(), {"centre": False}
+    leaf = {"class as the leaf": _ClassLeaf, "class in a dict": {"c": _ClassLeaf},
+            "method patched on the class": _Patched(), "enum property": _EnumMode.CENTRE,
+            "bound method": holder.get, "partial over a dict": functools.partial(_opts_get, opts)}[case]
+    (tx, ty), (vx, vy) = _xy(8, 48), _xy(4, 49)
+    train, val = {"x": tx, "y": ty, "leaf": leaf}, {"x": vx, "y": vy, "leaf": leaf}
+    try:
+        for _ in range(2):
+            assert rel(ghostfunc.graddot(model_fn, p, train, val).scores,
+                       ghostfunc.reference_graddot(model_fn, p, train, val)[0]) < 1e-10
+        _ClassLeaf.centre = _STRENGTH["centre"] = holder.centre = opts["centre"] = True
+        _Patched.centre = lambda self: True
+        with pytest.raises(SamplesInteractError, match=r"^graddot: samples interact"):
+            ghostfunc.graddot(model_fn, p, train, val)
+    finally:
+        _ClassLeaf.centre = _STRENGTH["centre"] = False
+        _Patched.centre = lambda self: False
+
+
+def test_odd_leaves_a_proxy_and_a_string_naming_a_tensor():
+    """A transparent proxy around a dict (its __class__ answers dict) is a leaf, not a mapping to rebuild (it
+    raised "not subscriptable"); a config holding the string "tensor" does not send compile=True's calls to run
+    eagerly as if it held a tensor."""
+    from ghostfunc._compiled import _holds_data
+    from ghostfunc._capture import _hashable
+
+    class Proxy:
+        def __init__(self, target):
+            object.__setattr__(self, "_t", target)
+
+        def __getattribute__(self, name):
+            if name == "_t":
+                return object.__getattribute__(self, name)
+            return getattr(object.__getattribute__(self, "_t"), name)
+
+    net = _mlp(51)
+    p = {k: v.detach() for k, v in net.named_parameters()}
+
+    def model_fn(params, batch):
+        return F.cross_entropy(functional_call(net, params, (batch["x"],)), batch["y"], reduction="none")
+
+    (tx, ty), (vx, vy) = _xy(8, 52), _xy(4, 53)
+    leaf = Proxy({"a": 1})
+    train, val = {"x": tx, "y": ty, "m": leaf}, {"x": vx, "y": vy, "m": leaf}
+    assert rel(ghostfunc.graddot(model_fn, p, train, val).scores,
+               ghostfunc.reference_graddot(model_fn, p, train, val)[0]) < 1e-10
+    assert not _holds_data(_hashable(types.SimpleNamespace(kind="tensor", names=["array"])))
+    assert _holds_data(_hashable(types.SimpleNamespace(kind=torch.ones(2))))
+
+
+def test_a_write_into_the_batch_names_the_batch_and_the_fix():
+    """model_fn writing into its input (x.sub_(0.5)) was told it updates "a module buffer (BatchNorm ...)"; the
+    message names the batch too, and the out-of-place form."""
+    net = _mlp(55)
+    p = {k: v.detach() for k, v in net.named_parameters()}
+
+    def model_fn(params, batch):
+        x = batch["x"]
+        x.sub_(0.5)
+        return F.cross_entropy(functional_call(net, params, (x,)), batch["y"], reduction="none")
+
+    (tx, ty), (vx, vy) = _xy(8, 56), _xy(4, 57)
+    with pytest.raises(SamplesInteractError, match=r"a tensor of the batch.*x = x - 0\.5"):
+        ghostfunc.graddot(model_fn, p, {"x": tx, "y": ty}, {"x": vx, "y": vy})
+
+
 def test_a_set_leaf_is_keyed_without_its_items_repr():
     """A set leaf was ordered by its items' ``repr``: one that raises raised out of ``graddot``, and a set of a
     million ints was sorted on every call (144 ms a call)."""
