@@ -812,7 +812,7 @@ def test_a_draw_no_sample_owns_is_made_once_as_in_a_plain_call(draw):
     torch.manual_seed(0)
     d, c = 5, 4
     p = {"w": torch.randn(c, d, dtype=F64) / 2, "b": torch.randn(c, dtype=F64)}
-    fixed: list[Tensor] = []  # the truth: the plain calls' draws, fixed
+    fixed: list[torch.Tensor] = []  # the truth: the plain calls' draws, fixed
 
     def noise(dtype):
         if fixed:

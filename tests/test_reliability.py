@@ -1908,8 +1908,8 @@ def test_odd_leaves_a_proxy_and_a_string_naming_a_tensor():
     """A transparent proxy around a dict (its __class__ answers dict) is a leaf, not a mapping to rebuild (it
     raised "not subscriptable"); a config holding the string "tensor" does not send compile=True's calls to run
     eagerly as if it held a tensor."""
-    from ghostfunc._compiled import _holds_data
     from ghostfunc._capture import _hashable
+    from ghostfunc._compiled import _holds_data
 
     class Proxy:
         def __init__(self, target):
