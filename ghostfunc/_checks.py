@@ -57,6 +57,9 @@ def check_batch(batch: Any, name: str, where: str) -> Batch:
         split = split_batch(batch)
     except IndexError:  # a scalar leaf: the message below names it
         split = None
+    except RecursionError:
+        raise TypeError(f"{where}: {name} holds itself (a list or dict that contains itself, found while flattening "
+                        f"it as a pytree); pass a batch of tensors and values without cycles") from None
     if split is not None and split.size > 0 and all(t.dim() > 0 and t.shape[0] == split.size
                                                     and t.layout == torch.strided and not t.is_inference()
                                                     for t in split.tensors):

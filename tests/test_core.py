@@ -537,6 +537,15 @@ def test_error_a_sparse_batch_leaf_is_named():
         ghostfunc.graddot(model_fn, params, (x.to_sparse(), y), (x, y))
 
 
+def test_error_a_batch_that_holds_itself_is_named():
+    """A list that contains itself made torch's pytree recurse until Python's limit (a bare RecursionError)."""
+    model_fn, params, (x, y) = _mlp()
+    train: list = [x, y]
+    train.append(train)
+    with pytest.raises(TypeError, match=r"^graddot: train holds itself"):
+        ghostfunc.graddot(model_fn, params, train, (x, y))
+
+
 def test_a_zero_size_parameter_scores_zero_everywhere():
     """A used parameter with no entries (a [0, d] weight: a layer of width 0) has empty gradients: it scores 0 on
     every path and entry point (it once divided by its width of 0 while planning)."""
