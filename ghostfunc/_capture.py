@@ -40,7 +40,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
-from ._draws import DROPOUTS, NoReplay, Recorded, Replay, draw_once, draws_once, record, set_rng_state
+from ._draws import DROPOUTS, ONCE, NoReplay, Recorded, Replay, draw_once, draws_once, record, set_rng_state
 from ._interact import (
     EAGER,
     FACTORIES,
@@ -325,7 +325,10 @@ class _Interceptor(TorchFunctionMode):
                 return refused[0]
         if self.replay is not None and func in DROPOUTS:
             return self.replay(func, args, kwargs)
-        once = draws_once(func, args, kwargs)  # torch.randn(d, d), a seeded generator's draw: once, as plainly
+        once = draws_once(func, args, kwargs)  # torch.randn(d, d), a seeded generator's draw: once where that
+        if once:  # is what a plain call does (ghostfunc._graddot.as_plain_draws compares); a fill in place
+            ONCE.seen += 1  # (torch.empty(d).normal_()) always: vmap cannot give an unbatched tensor a draw per sample
+            once = ONCE.on or getattr(func, "__name__", "").endswith("_")
         if func in _TO_PYTHON and self.follow_branches and args and _batch_level_count(args[0]) == 1:
             self.branch_points += 1
             return _agreed_value(func, args, kwargs, self.branch_points)

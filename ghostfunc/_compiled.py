@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._capture import Batch, Half, ModelFn, Site
+from ._draws import RANDOM
 from ._eager import summary
 from ._graddot import (
     GradDot,
@@ -92,12 +93,7 @@ class _Added(_Taps):
 #: Calls that draw random numbers; the dropout family (:data:`_DROPOUTS`) only in training mode with ``p > 0``.
 _DROPOUTS = frozenset({F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
                        torch.dropout, torch.alpha_dropout, torch.feature_dropout, torch.feature_alpha_dropout})
-_DRAWS = frozenset({
-    *_DROPOUTS, F.rrelu, torch.rrelu, F.gumbel_softmax, torch.bernoulli, Tensor.bernoulli, Tensor.bernoulli_,
-    torch.rand, torch.rand_like, torch.randn, torch.randn_like, torch.randint, torch.randint_like, torch.randperm,
-    torch.normal, Tensor.normal_, Tensor.uniform_, Tensor.exponential_, Tensor.geometric_, Tensor.log_normal_,
-    Tensor.cauchy_, Tensor.random_, torch.multinomial, Tensor.multinomial, torch.poisson,
-})
+_DRAWS = frozenset({*_DROPOUTS, *RANDOM})
 
 
 #: The keyword of each dropout's training flag (``F.dropout(..., training=)``, ``torch.dropout(..., train=)``),

@@ -26,6 +26,7 @@ as ``vmap`` draws (the plan then says the masks differ: ``ghostfunc._graddot.MAS
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -39,16 +40,28 @@ from torch.utils import _pytree as pytree
 DROPOUTS = frozenset({F.dropout, F.dropout1d, F.dropout2d, F.dropout3d})
 
 
-#: Calls that draw random numbers (besides :data:`DROPOUTS`), as functions and as tensor methods.
+#: Calls that draw random numbers besides the dropout family, as functions and as tensor methods.
 RANDOM = frozenset({
-    torch.rand, torch.randn, torch.randint, torch.randperm, torch.normal, torch.bernoulli, torch.multinomial,
-    torch.poisson, torch.rand_like, torch.randn_like, torch.randint_like, F.rrelu,
-    Tensor.uniform_, Tensor.normal_, Tensor.bernoulli_, Tensor.bernoulli, Tensor.exponential_, Tensor.geometric_,
-    Tensor.log_normal_, Tensor.cauchy_, Tensor.random_, Tensor.multinomial,
+    F.rrelu, torch.rrelu, F.gumbel_softmax, torch.bernoulli, Tensor.bernoulli, Tensor.bernoulli_, torch.rand,
+    torch.rand_like, torch.randn, torch.randn_like, torch.randint, torch.randint_like, torch.randperm, torch.normal,
+    Tensor.normal_, Tensor.uniform_, Tensor.exponential_, Tensor.geometric_, Tensor.log_normal_, Tensor.cauchy_,
+    Tensor.random_, torch.multinomial, Tensor.multinomial, torch.poisson,
     *(getattr(torch.nn.init, name) for name in (
         "uniform_", "normal_", "trunc_normal_", "xavier_uniform_", "xavier_normal_", "kaiming_uniform_",
         "kaiming_normal_", "orthogonal_", "sparse_")),
 })
+
+
+class _Once(threading.local):
+    """Whether calls :func:`draws_once` finds draw once (``on``, set by :func:`ghostfunc._graddot.as_plain_draws`
+    for a signature where that gives a plain call's losses), and how many such calls the capture met (``seen``)."""
+
+    on = False
+    seen = 0
+
+
+ONCE = _Once()
+
 
 _VMAP_MODE = torch._C.DispatchKeySet(torch._C.DispatchKey.FuncTorchVmapMode)
 
@@ -56,10 +69,17 @@ _VMAP_MODE = torch._C.DispatchKeySet(torch._C.DispatchKey.FuncTorchVmapMode)
 def draws_once(func: Any, args: tuple, kwargs: dict[str, Any]) -> bool:
     """Whether a call under the capture's ``vmap`` draws random numbers from inputs no sample owns: a random op
     or a call given a ``torch.Generator``, none of whose tensors is batched (``torch.randn(d, d)``, a fill of a
-    fresh unbatched tensor, dropout of a parameter). A plain call draws those once for the whole batch;
-    ``vmap(randomness="different")`` would give every sample its own draw."""
+    fresh unbatched tensor, dropout of a parameter). ``vmap(randomness="different")`` gives every sample its own
+    draw, which is a plain call's where the per-sample shape stands for the batch's (``torch.rand(x.shape[0], 1)``,
+    stochastic depth: each sample its row) and not where the draw is one for the whole batch (``torch.randn(d,
+    d)``, a projection from a seeded generator): which one a model means, the comparison with a plain run tells
+    (:func:`ghostfunc._graddot.as_plain_draws`)."""
     if func not in RANDOM and func not in DROPOUTS and not any(
             isinstance(a, torch.Generator) for a in (*args, *kwargs.values())):
+        return False
+    if func in DROPOUTS and _drawn(args, kwargs) is None:
+        return False  # (eval mode, p = 0: no draw)
+    if func in (F.rrelu, torch.rrelu) and not (args[3] if len(args) > 3 else kwargs.get("training", False)):
         return False
     ft = torch._C._functorch
     if ft.maybe_current_level() is None:

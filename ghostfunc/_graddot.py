@@ -29,6 +29,7 @@ from ._capture import (
     weighted_grad_split,
 )
 from ._checks import check_compile, check_model_fn, check_options, check_pair, check_params
+from ._draws import ONCE
 from ._eager import capture_eager, summary, trace_eager, unbatchable
 from ._groups import WHOLE, Part, describe, merge_halves, refine, subset
 from ._interact import (
@@ -365,8 +366,9 @@ def run(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batch, 
     return cap, _noted(the_plan, notes)
 
 
-#: ``model_fn`` -> {signature: (whether the batches take a plain run's dropout masks, the plan's notes)}.
-_DRAWS: weakref.WeakKeyDictionary[Any, dict[tuple, tuple[bool, list[str]]]] = weakref.WeakKeyDictionary()
+#: ``model_fn`` -> {signature: (whether the batches take a plain run's dropout masks, whether draws no sample owns
+#: are made once (:func:`ghostfunc._draws.draws_once`), the plan's notes)}.
+_DRAWS: weakref.WeakKeyDictionary[Any, dict[tuple, tuple[bool, bool, list[str]]]] = weakref.WeakKeyDictionary()
 
 MASKS_DIFFER = (
     "random draws: the training rows' dropout masks differ from those model_fn(params, train) draws from the same "
@@ -384,14 +386,16 @@ _PLAIN = _Plain()
 
 
 @contextlib.contextmanager
-def _plain_draws(on: bool) -> Iterator[None]:
+def _plain_draws(on: bool, once: bool = False) -> Iterator[None]:
     """Within: unsplit batches of a model that draws random numbers take a plain run's dropout masks
-    (``capture_batches(plain_draws=True)``, :mod:`ghostfunc._draws`)."""
+    (``capture_batches(plain_draws=True)``, :mod:`ghostfunc._draws`), and with ``once`` the draws no sample owns
+    are made once for the batch (:func:`ghostfunc._draws.draws_once`)."""
     before, _PLAIN.on = _PLAIN.on, on
+    before_once, ONCE.on = ONCE.on, once
     try:
         yield
     finally:
-        _PLAIN.on = before
+        _PLAIN.on, ONCE.on = before, before_once
 
 
 def _draws_key(model_fn: ModelFn, params: dict[str, Tensor], train: Batch) -> tuple:
@@ -418,31 +422,37 @@ def as_plain_draws(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, c
         book = {}
     key = _draws_key(model_fn, params, train) if book else None  # (no verdict yet for this model_fn: none to find)
     known = book.get(key) if key is not None else None
-    start = _rng_state(device)
-    with _plain_draws(known is not None and known[0]):
+    start, seen = _rng_state(device), ONCE.seen
+    with _plain_draws(known is not None and known[0], known is not None and known[1]):
         out = compute()
-    if _same(start, _rng_state(device)):
+    unowned = ONCE.seen != seen  # a draw no sample owns (a seeded generator's leaves the global state alone)
+    if _same(start, _rng_state(device)) and not unowned:
         return out, []  # no random draw (a model in eval mode)
     if known is not None:
-        return out, known[1]
+        return out, known[2]
     key = _draws_key(model_fn, params, train)
     plain = _plain_losses(model_fn, params, train, start, device)
     if plain is None or _close_losses(plain, train_loss(out)):
-        remember(book, key, (False, []))  # vmap's draws are the plain call's (or cannot be told apart)
+        remember(book, key, (False, False, []))  # vmap's draws are the plain call's (or cannot be told apart)
         return out, []
     first, after_first = out, _rng_state(device)
-    _set_rng_state(device, start)
-    with _plain_draws(True):
-        out = compute()
-    if _close_losses(plain, train_loss(out)):
-        remember(book, key, (True, []))
-        return out, []
-    # The plain run's masks did not make the losses agree either (another random op): later calls draw as vmap
-    # does, without the plain runs, and so does this one (its result and generator state are the first
-    # computation's), so that a run resumed in a new process repeats the uninterrupted one.
+    # Another way of drawing may give the plain call's losses: a plain run's dropout masks, and draws no sample
+    # owns made once (torch.randn(d, d), a seeded generator's projection) where there were such draws.
+    for masks, once in ((False, True), (True, False), (True, True)):
+        if once and not unowned:
+            continue
+        _set_rng_state(device, start)
+        with _plain_draws(masks, once):
+            out = compute()
+        if _close_losses(plain, train_loss(out)):
+            remember(book, key, (masks, once, []))
+            return out, []
+    # No way made the losses agree (another random op): later calls draw as vmap does, without the plain runs,
+    # and so does this one (its result and generator state are the first computation's), so that a run resumed
+    # in a new process repeats the uninterrupted one.
     _set_rng_state(device, after_first)
-    remember(book, key, (False, [MASKS_DIFFER]))
-    return first, book[key][1]
+    remember(book, key, (False, False, [MASKS_DIFFER]))
+    return first, book[key][2]
 
 
 def _plain_losses(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, start: tuple[Tensor, ...],

@@ -874,6 +874,37 @@ def test_a_draw_no_sample_owns_is_made_once_as_in_a_plain_call(draw):
     assert rel(info.values, -0.1 / 4 * ref) < 1e-10
 
 
+@pytest.mark.parametrize("how", ["torch.rand", "new_empty().bernoulli_"])
+def test_stochastic_depth_keeps_a_draw_per_sample(how):
+    """Stochastic depth draws one number per sample from a shape that names the batch (torch.rand((x.shape[0], 1))
+    as Hugging Face's drop_path, x.new_empty(...).bernoulli_ as timm's): each sample its own draw, as in the plain
+    call, not one draw for the batch (which the comparison with a plain run rules out for such a model)."""
+    torch.manual_seed(0)
+    p = {"w": torch.randn(6, 5, dtype=F64), "v": torch.randn(3, 6, dtype=F64)}
+
+    def model_fn(q, batch):
+        x, y = batch
+        h = torch.tanh(F.linear(x, q["w"]))
+        if how == "torch.rand":
+            keep = (0.6 + torch.rand((x.shape[0], 1), dtype=x.dtype)).floor()
+        else:
+            keep = x.new_empty((x.shape[0], 1)).bernoulli_(0.6)
+        h = h + torch.tanh(h @ (q["v"].T @ q["v"])) * keep / 0.6
+        return F.cross_entropy(F.linear(h, q["v"]), y, reduction="none")
+
+    g = torch.Generator().manual_seed(2)
+    train = (torch.randn(6, 5, generator=g, dtype=F64), torch.randint(0, 3, (6,), generator=g))
+    val = (torch.randn(4, 5, generator=g, dtype=F64), torch.randint(0, 3, (4,), generator=g))
+    for _ in range(2):
+        torch.manual_seed(3)
+        out = ghostfunc.graddot(model_fn, p, train, val)
+        torch.manual_seed(3)
+        gt, gv = _plain_step_grads(model_fn, p, train), _plain_step_grads(model_fn, p, val)
+        ref = sum(gt[k].flatten(1) @ gv[k].flatten(1).mean(0) for k in p)
+        assert rel(out.scores, ref) < 1e-10
+        assert ghostfunc._graddot.MASKS_DIFFER not in out.plan.notes
+
+
 def test_a_transformer_encoder_layer_in_training_mode_is_the_plain_step():
     """nn.TransformerEncoderLayer(batch_first=True) in training mode drops nn.MultiheadAttention's output, a
     batch-first view of sequence-first memory: graddot's scores and losses are the plain call's (ordinary
