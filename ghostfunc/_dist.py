@@ -224,7 +224,7 @@ def model_state(model_fn: Any, params: Mapping[str, Tensor]) -> dict[str, Any]:
     process) and passed.
     A module tensor named as one of ``params`` (``functional_call`` puts the passed one in its place) is not
     looked at. A tensor's fingerprint is kept while its version counter stands (a frozen base is summed once)."""
-    from ._interact import modules_of
+    from ._interact import modules_of, reads
 
     described_modules, frozen = [], {}
     for i, root in enumerate(modules_of(model_fn)):
@@ -232,9 +232,10 @@ def model_state(model_fn: Any, params: Mapping[str, Tensor]) -> dict[str, Any]:
             if type(m).__name__ in _WRAPPERS:  # (a wrapper's settings are per rank: its device ids)
                 continue
             origin = type(m).__module__
-            known = origin.startswith(_KNOWN_MODULES)  # (a module of one's own may hold its rank or device)
-            settings = tuple((k, float.hex(float(v)) if type(v) is float else v) for k, v in vars(m).items()
-                             if known and not k.startswith("_") and type(v) in _SETTINGS)
+            known = origin.startswith(_KNOWN_MODULES)  # (a module of one's own may hold its rank or device: its
+            settings = tuple((k, float.hex(float(v)) if type(v) is float else v)  # floats only, a temperature)
+                             for k, v in vars(m).items()
+                             if not k.startswith("_") and (type(v) in _SETTINGS if known else type(v) is float))
             described_modules.append((i, name, f"{origin}.{type(m).__qualname__}", m.training, settings))
             scratch = m._non_persistent_buffers_set  # (a buffer left out of the state dict may be scratch space)
             for k, t in (*m._parameters.items(), *((k, b) for k, b in m._buffers.items() if k not in scratch)):
@@ -242,8 +243,18 @@ def model_state(model_fn: Any, params: Mapping[str, Tensor]) -> dict[str, Any]:
                 if t is not None and not t.requires_grad and t.dtype is not torch.bool and not t.is_complex() and \
                         path not in params:
                     frozen[f"{i}:{path}"] = t
+    data, numbers = {}, []  # what model_fn reads besides modules: a class-weight tensor, a temperature
+    for i, obj in enumerate(reads(model_fn)):
+        for j, v in enumerate(obj.values() if type(obj) is dict else obj if type(obj) in (list, tuple) else (obj,)):
+            if isinstance(v, Tensor) and v.is_floating_point() and v.layout is torch.strided:
+                data[f"{i}.{j}"] = v
+            elif type(v) is float:
+                numbers.append((i, j, float.hex(v)))
+            if j >= 64:
+                break
     return {"model (modules, modes and settings)": tuple(described_modules),
-            "model's frozen tensors (fingerprints)": _kept_checksums(frozen)}
+            "model's frozen tensors (fingerprints)": _kept_checksums(frozen),
+            "tensors and numbers model_fn reads (fingerprints)": (tuple(numbers), _kept_checksums(data))}
 
 
 _WRAPPERS = frozenset({"DistributedDataParallel", "FullyShardedDataParallel", "DataParallel"})
@@ -334,10 +345,13 @@ def agree(where: str, group: Any, prepare: Callable[[], T], signature: Callable[
     errors = [f"rank {r}: {e['error']}" for r, e in enumerate(every) if e["error"] is not None]
     if errors:
         few = any("val is empty" in e for e in errors) and len(errors) < size
-        raise ValueError(f"{where}: the arguments failed their checks on {len(errors)} of {size} ranks; "
-                         + "; ".join(errors) + (" (a validation set smaller than the number of processes: pass all "
-                                                "of it on every rank with val_reduce='mean')" if few else "")
-                         ) from failure
+        try:
+            raise ValueError(f"{where}: the arguments failed their checks on {len(errors)} of {size} ranks; "
+                             + "; ".join(errors) + (" (a validation set smaller than the number of processes: pass "
+                                                    "all of it on every rank with val_reduce='mean')" if few else "")
+                             ) from failure
+        finally:  # this frame, which its traceback holds, must not hold it: a cycle kept the process group alive
+            del failure  # into interpreter teardown, where gloo aborted ("terminate called ...")
     ref = every[0]["signature"]
     for r, e in enumerate(every[1:], start=1):
         if e["signature"].keys() != ref.keys():
