@@ -763,6 +763,23 @@ def test_a_second_run_into_the_same_out_is_refused_while_the_first_runs(corpus: 
     assert main(_args(corpus, out, "--steps", "2")) == 0  # (the lock file left behind is no run's file)
 
 
+def test_a_held_out_folder_is_refused_on_every_process(corpus: dict[str, Path], tmp_path: Path) -> None:
+    """Under torchrun, --out held by another run was refused on rank 0 only; rank 1 went on into the run's first
+    collective and died with gloo's "connection reset" traceback. Every process gives the one line."""
+    out = tmp_path / "run"
+    first = cli.hold_out(out)
+    try:
+        args = ["--train", str(corpus["train"]), "--val", str(corpus["val"]), *SMALL, "--steps", "1",
+                "--batch-size", "2", "--val-batch-size", "2", "--out", str(out)]
+        two = _torchrun(2, args, {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    finally:
+        first.close()
+    line = f"ghostfunc train: error: --out: another run is writing into {str(out)!r} now"
+    assert two.returncode != 0
+    assert two.stderr.count(line) == 2, two.stderr[-2000:]
+    assert "[rank1]:" not in two.stderr and "Connection reset" not in two.stderr, two.stderr[-2000:]
+
+
 def test_a_torn_values_file_is_one_line(corpus: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """A truncated values.pt raised a ValueError traceback from --resume, select and attribute."""
     out = tmp_path / "run"

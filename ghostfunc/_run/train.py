@@ -56,14 +56,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if cfg[key] < par.world:
                     raise data.UsageError(f"--{key.replace('_', '-')}: expected at least one chunk for each of the "
                                           f"{par.world} processes; got {cfg[key]}")
+            refused: data.UsageError | None = None
             if par.rank == 0:
-                held = cli.hold_out(out)  # before anything is written into it
-                stale = cli.check_out(out, cfg["resume"])  # again, holding it: another run may have written meanwhile
-                if stale:
+                try:
+                    held = cli.hold_out(out)  # before anything is written into it
+                    stale = cli.check_out(out, cfg["resume"])  # again, holding it: another run may have written
+                except data.UsageError as exc:  # (told to every process below, so none waits in the run)
+                    refused = exc
+                if stale and refused is None:
                     print(f"{prog}: --out {str(out)!r} held a run that stopped before its first save "
                           f"({', '.join(p.name for p in stale)}, no values.pt): starting it afresh", file=sys.stderr)
                     for p in stale:
                         p.unlink()
+            _told(par, refused)
+            if par.rank == 0:
                 print(f"{prog}: train {data.describe(setup.train)}; validation {data.describe(setup.val)}"
                       + (f"; test {data.describe(setup.test)}" if setup.test is not None else ""), file=sys.stderr)
                 out.mkdir(parents=True, exist_ok=True)
@@ -86,6 +92,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         if held is not None:
             held.close()
     return 0
+
+
+def _told(par: loop.Dist, refused: data.UsageError | None) -> None:
+    """Raise rank 0's refusal of ``--out`` (another run holds it) on every process: the others went on into the
+    run's first collective and died there with gloo's "connection reset"."""
+    if par.group is not None:
+        said = [None if refused is None else str(refused)]
+        torch.distributed.broadcast_object_list(said, src=0, group=par.group)
+        if said[0] is not None:
+            raise data.UsageError(said[0])
+    if refused is not None:
+        raise refused
 
 
 def _saved(out: Path) -> str:
