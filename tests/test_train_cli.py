@@ -297,6 +297,18 @@ def test_config_and_resume_mismatch(corpus: dict[str, Path], tmp_path: Path, cap
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # nothing touched
 
 
+def test_resume_takes_the_same_run_spelt_another_way(corpus: dict[str, Path], tmp_path: Path) -> None:
+    """--resume refused the run it continues when a path was spelt another way (a trailing slash, /./), --device
+    auto against the cpu it picked, or another --eval-batch-size (which moves no step)."""
+    out = tmp_path / "run"
+    assert main(_args(corpus, out, "--steps", "4", "--stop-at", "1", "--device", "auto")) == 0
+    train = str(corpus["train"])
+    for stop, extra in ((2, ["--train", train + "/"]), (3, ["--train", str(Path(train).parent / "." / "train")]),
+                        (4, ["--device", "cuda" if torch.cuda.is_available() else "cpu", "--eval-batch-size", "3"])):
+        args = _args(corpus, out, "--steps", "4", "--stop-at", str(stop), "--device", "auto", "--resume")
+        assert main(args + extra) == 0, extra
+
+
 def test_stdlib_corpus_holds_the_target_out() -> None:
     train, val, test = data.stdlib_files("email")
     target = data.stdlib_root() / "email"

@@ -45,7 +45,7 @@ Params = dict[str, Tensor]
 COLUMNS = ("phi", "phi_first_order", "train_loss")
 #: Options that do not change the trajectory: a resumed run may differ in these.
 FREE_KEYS = frozenset({"out", "resume", "stop_at", "save_every", "progress", "config", "log_every", "eval_every",
-                       "threads"})
+                       "eval_batch_size", "threads"})
 #: Options that may name a path (recorded absolute in ``config.json``: ``attribute``/``select`` work from any folder).
 PATH_KEYS = ("train", "val", "test", "model")
 #: The largest vocabulary taken from the data without ``--vocab-size`` (a larger id is most likely a wrong ``--token-dtype``).
@@ -64,9 +64,9 @@ def is_path(key: str, value: str, base: Path) -> bool:
 
 
 def absolute(cfg: dict[str, Any], base: Path) -> dict[str, Any]:
-    """``cfg`` with the paths of ``PATH_KEYS`` made absolute against ``base`` (the folder the run starts in)."""
-    return {**cfg, **{k: os.path.abspath(base / cfg[k]) for k in PATH_KEYS
-                      if k in cfg and is_path(k, cfg[k], base) and not os.path.isabs(cfg[k])}}
+    """``cfg`` with the paths of ``PATH_KEYS`` made absolute against ``base`` (the folder the run starts in), and
+    normal (``/x/tr/`` and ``/x/./tr`` are ``/x/tr``: ``--resume`` refused the same folder spelt another way)."""
+    return {**cfg, **{k: os.path.abspath(base / cfg[k]) for k in PATH_KEYS if k in cfg and is_path(k, cfg[k], base)}}
 
 
 def resolve_run(cfg: dict[str, Any], run: Path) -> dict[str, Any]:
@@ -325,12 +325,19 @@ def check_resume(cfg: dict[str, Any], saved: dict[str, Any]) -> None:
     A run from before paths were recorded absolute holds relative ones: they are
     taken relative to the current folder, as that run took them.
     """
-    mine = fingerprint(cfg)
-    saved = absolute(saved, Path.cwd())
+    mine = _resolved(fingerprint(cfg))
+    saved = _resolved(absolute(saved, Path.cwd()))
     for k in sorted(set(mine) | set(saved)):
         if mine.get(k) != saved.get(k):
             raise UsageError(f"--resume: expected the options of the run in {cfg['out']}; it has --{k.replace('_', '-')} "
                              f"{saved.get(k)!r}, this run {mine.get(k)!r}")
+
+
+def _resolved(cfg: dict[str, Any]) -> dict[str, Any]:
+    """``--device auto`` as the device it picks here (``auto`` against ``cpu`` on a machine without CUDA is one run)."""
+    if cfg.get("device") == "auto":
+        return {**cfg, "device": "cuda" if torch.cuda.is_available() else "cpu"}
+    return cfg
 
 
 def write_atomic(path: Path, text: str) -> None:
