@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+
 from collections.abc import Mapping
 from typing import Any
 
@@ -93,7 +95,12 @@ def check_pair(train: Any, val: Any, where: str) -> tuple[Batch, Batch]:
     if _flat(train) and _flat(val) and type(train) is type(val) and (isinstance(train, Tensor) or len(train) == len(val)):
         return tb, vb  # tensors, or tuples/lists of tensors of one length: the same structure
     ts, vs = pytree.tree_structure(_plain(train)), pytree.tree_structure(_plain(val))
-    if ts != vs or (is_foreign_mapping(train) or is_foreign_mapping(val)) and type(train) is not type(val):
+    if ts != vs and pytree.tree_structure(_sorted(train)) == pytree.tree_structure(_sorted(val)):
+        # The same keys in another order, or a BatchEncoding beside a dict: the same batch. Val's dicts take
+        # train's key order (its rows then line up with train's where the two run as one batch).
+        # (An OrderedDict beside a dict, a BatchEncoding beside a dict: each batch runs on its own.)
+        return tb, check_batch(_ordered_like(val, train), "val", where)
+    if ts != vs:
         lists = [*_sample_lists(train, "train", tb.size), *_sample_lists(val, "val", vb.size)]
         hint = (f"; {lists[0]} is a list of one non-tensor value per sample (DataLoader's default collate of a "
                 f"text column, say): a list is structure here, not a sample axis, so its length must match too. "
@@ -134,6 +141,34 @@ def _plain(batch: Any) -> Any:
     """``batch`` with every ``Mapping`` torch's pytree does not know (``transformers.BatchEncoding``) as a dict."""
     return pytree.tree_map(lambda m: _plain(dict(m)) if is_foreign_mapping(m) else m, batch,
                            is_leaf=is_foreign_mapping)
+
+
+def _sorted(batch: Any) -> Any:
+    """``batch`` with every mapping a dict with its keys in sorted order (as a string where keys of several types
+    cannot be compared): what :func:`check_pair` compares besides key order and mapping type."""
+    def visit(node: Any) -> Any:
+        if isinstance(node, Mapping):
+            keys = list(node)
+            try:
+                keys.sort()
+            except TypeError:
+                keys.sort(key=repr)
+            return {k: visit(node[k]) for k in keys}
+        if type(node) in (list, tuple):
+            return type(node)(visit(v) for v in node)
+        return node
+
+    return visit(batch)
+
+
+def _ordered_like(val: Any, train: Any) -> Any:
+    """``val`` with the keys of each of its plain dicts (``dict``, ``OrderedDict``) in the order of ``train``'s dict at
+    the same place; a mapping of another type (``BatchEncoding``) is kept as it is (its batch runs on its own)."""
+    if type(val) in (dict, collections.OrderedDict) and isinstance(train, Mapping) and val.keys() == train.keys():
+        return type(val)((k, _ordered_like(val[k], train[k])) for k in train)
+    if type(val) in (list, tuple) and type(train) is type(val) and len(val) == len(train):
+        return type(val)(_ordered_like(v, t) for v, t in zip(val, train, strict=True))
+    return val
 
 
 def _describe(batch: Any) -> str:

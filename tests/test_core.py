@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import re
 
 import pytest
@@ -544,6 +545,40 @@ def test_error_a_batch_that_holds_itself_is_named():
     train.append(train)
     with pytest.raises(TypeError, match=r"^graddot: train holds itself"):
         ghostfunc.graddot(model_fn, params, train, (x, y))
+
+
+@pytest.mark.parametrize("how", ["keys in another order", "OrderedDict beside a dict"])
+def test_val_with_trains_keys_in_another_order_or_mapping_is_the_same_batch(how):
+    """A validation dict with the training dict's keys in another order, or an OrderedDict (a BatchEncoding) beside a
+    plain dict, was refused as another structure (while unroll took it): the numbers are those of val as train
+    orders it, on every policy, val_reduce=None, the training step (orders 1 and 2, the secant) and inrun_shapley."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(F64)
+    p = {k: v.detach() for k, v in net.named_parameters()}
+
+    def model_fn(q, batch):
+        return F.cross_entropy(functional_call(net, q, (batch["x"],)), batch["y"], reduction="none")
+
+    g = torch.Generator().manual_seed(1)
+    train = {"x": torch.randn(5, 3, generator=g, dtype=F64), "y": torch.randint(0, 2, (5,), generator=g)}
+    val = {"x": torch.randn(3, 3, generator=g, dtype=F64), "y": torch.randint(0, 2, (3,), generator=g)}
+    other = ({"y": val["y"], "x": val["x"]} if how == "keys in another order"
+             else collections.OrderedDict(val))
+    for policy in ("auto", "ghost", "materialize", "contract", "2t2"):
+        for val_reduce in ("mean", None) if policy != "contract" else ("mean",):
+            a = ghostfunc.graddot(model_fn, p, train, val, policy=policy, val_reduce=val_reduce).scores
+            b = ghostfunc.graddot(model_fn, p, train, other, policy=policy, val_reduce=val_reduce).scores
+            assert rel(b, a) < 1e-12, (policy, val_reduce)
+    for order, curvature in ((1, "exact"), (2, "exact"), (2, "secant")):
+        step = ghostfunc.train_step(model_fn, ghostfunc.sgd(0.1), order=order, curvature=curvature)
+        a = step(step.init(p), train, val)[1].values
+        b = step(step.init(p), train, other)[1].values
+        assert rel(b, a) < 1e-12, (order, curvature)
+    a = ghostfunc.inrun_shapley(model_fn, p, train, val, lr=0.1, order=2)
+    b = ghostfunc.inrun_shapley(model_fn, p, train, other, lr=0.1, order=2)
+    assert rel(b, a) < 1e-12
+    with pytest.raises(ValueError, match="same structure"):
+        ghostfunc.graddot(model_fn, p, train, {"x": val["x"], "z": val["y"]})
 
 
 def test_a_zero_size_parameter_scores_zero_everywhere():
