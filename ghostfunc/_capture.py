@@ -325,10 +325,10 @@ class _Interceptor(TorchFunctionMode):
                 return refused[0]
         if self.replay is not None and func in DROPOUTS:
             return self.replay(func, args, kwargs)
-        once = draws_once(func, args, kwargs)  # torch.randn(d, d), a seeded generator's draw: once where that
-        if once:  # is what a plain call does (ghostfunc._graddot.as_plain_draws compares); a fill in place
-            ONCE.seen += 1  # (torch.empty(d).normal_()) always: vmap cannot give an unbatched tensor a draw per sample
-            once = ONCE.on or getattr(func, "__name__", "").endswith("_")
+        unowned = draws_once(func, args, kwargs)  # torch.randn(d, d), a seeded generator's draw: once where
+        if unowned:  # that is what a plain call does (ghostfunc._graddot.as_plain_draws compares)
+            ONCE.seen += 1
+        once: bool | None = unowned and (ONCE.on or None)  # (None: as vmap draws, where vmap can)
         if func in _TO_PYTHON and self.follow_branches and args and _batch_level_count(args[0]) == 1:
             self.branch_points += 1
             return _agreed_value(func, args, kwargs, self.branch_points)
@@ -350,7 +350,7 @@ class _Interceptor(TorchFunctionMode):
         found = params_among(args, kwargs, self.names) if self.names else []
         if not found:
             try:
-                out = draw_once(func, args, kwargs) if once else func(*args, **kwargs)
+                out = _drawn(func, args, kwargs, once)
             except RuntimeError as err:  # e.g. a per-sample write into a fresh tensor: made exact, or explained
                 out = retry_writing(func, args, kwargs, self.fresh, err)
             if func in FACTORIES:
@@ -358,7 +358,7 @@ class _Interceptor(TorchFunctionMode):
             return out
         rule, match = recognise(self._rule(func), args, kwargs)
         roles = matched_roles(match, self.names, found)
-        out = draw_once(func, args, kwargs) if once else func(*args, **kwargs)
+        out = _drawn(func, args, kwargs, once)
         if func in CONVERSIONS and args and args[0] is found[0] and unchanged(out, found[0], args, kwargs):
             return found[0]  # w.to(w.dtype), w.float(), +w: the parameter itself, as eagerly (w is returned)
         if func in FACTORIES:  # e.g. torch.zeros_like(weight): a fresh buffer too
@@ -643,6 +643,21 @@ def _per_sample(x: Tensor) -> Tensor:
     while ft.is_functorch_wrapped_tensor(x):
         x = ft.get_unwrapped(x).movedim(ft.maybe_get_bdim(x), 0) if ft.is_batchedtensor(x) else ft.get_unwrapped(x)
     return x
+
+
+def _drawn(func: Any, args: tuple, kwargs: dict[str, Any], once: bool | None) -> Any:
+    """``func(*args, **kwargs)``, drawn once for the batch where ``once`` (:func:`ghostfunc._draws.draw_once`); where
+    ``once`` is ``None`` (a draw no sample owns, not yet drawn once) also where ``vmap`` cannot give each sample
+    its own (an in-place fill of an unbatched tensor, inside ``F.gumbel_softmax`` too: it raised, and was taken for
+    samples that interact)."""
+    if once:
+        return draw_once(func, args, kwargs)
+    try:
+        return func(*args, **kwargs)
+    except RuntimeError as err:
+        if once is None and "randomness on an unbatched tensor" in str(err):
+            return draw_once(func, args, kwargs)
+        raise
 
 
 class DivergentBranchError(ValueError):

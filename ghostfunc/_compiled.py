@@ -44,11 +44,11 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ._capture import Batch, Half, ModelFn, Site
-from ._draws import RANDOM
+from ._draws import ALL_DROPOUTS, RANDOM
+from ._draws import draws as _draws
 from ._eager import summary
 from ._graddot import (
     GradDot,
@@ -90,29 +90,8 @@ class _Added(_Taps):
         return out + self.zeros[k]
 
 
-#: Calls that draw random numbers; the dropout family (:data:`_DROPOUTS`) only in training mode with ``p > 0``.
-_DROPOUTS = frozenset({F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
-                       torch.dropout, torch.alpha_dropout, torch.feature_dropout, torch.feature_alpha_dropout})
-_DRAWS = frozenset({*_DROPOUTS, *RANDOM})
-
-
-#: The keyword of each dropout's training flag (``F.dropout(..., training=)``, ``torch.dropout(..., train=)``),
-#: looked up at import: inside a traced graph a string method of ``func.__module__`` breaks the graph.
-_TRAIN_FLAG = {f: "training" if f.__module__.startswith("torch.nn") else "train" for f in _DROPOUTS}
-
-
-def _draws(func: Any, args: tuple, kwargs: dict[str, Any]) -> bool:
-    """Whether this call draws: a dropout draws only when training with ``p > 0`` (``nn.Dropout`` in eval
-    mode calls ``F.dropout(x, p, False)``); ``rrelu`` only when training; the rest always."""
-    if func in _DROPOUTS:  # F.dropout(input, p=0.5, training=True, ...); torch.dropout(input, p, train)
-        flag = _TRAIN_FLAG[func]
-        p = args[1] if len(args) > 1 else kwargs.get("p", 0.5)
-        training = args[2] if len(args) > 2 else kwargs.get(flag, True)
-        return bool(training) and p > 0
-    if func in (F.rrelu, torch.rrelu):
-        training = args[3] if len(args) > 3 else kwargs.get("training", False)
-        return bool(training)
-    return True
+#: Calls that draw random numbers (:func:`ghostfunc._draws.draws`).
+_DRAWS = frozenset({*ALL_DROPOUTS, *RANDOM})
 
 
 #: Why a ``compile=True`` call ran eagerly, for its plan's notes (:func:`ran_eagerly`).

@@ -18,7 +18,16 @@ import torch
 from torch import Tensor
 
 from ._checks import check_batch, check_model_fn, check_options, check_params
-from ._graddot import capture_one, refuse_non_finite, retry_stale, routing, score_direction, sum_scores
+from ._graddot import (
+    as_plain_draws,
+    capture_one,
+    noted,
+    refuse_non_finite,
+    retry_stale,
+    routing,
+    score_direction,
+    sum_scores,
+)
 from ._interact import check_model, in_one_call
 from ._plan import DIRECTION, Plan
 
@@ -135,4 +144,7 @@ def graddot_direction(
         refuse_non_finite(where, scores, per_param, train_grad)
         return DirectionScores(scores, per_param, train_grad, half.loss, r.plan)
 
-    return retry_stale(where, attempt)
+    # a model that draws random numbers: the rows see what model_fn(params, train) draws (as in graddot)
+    out, notes = as_plain_draws(model_fn, checked, (tb,), lambda: retry_stale(where, attempt),
+                                lambda o: (o.train_loss,))
+    return out._replace(plan=noted(out.plan, notes)) if notes else out

@@ -52,6 +52,30 @@ RANDOM = frozenset({
 })
 
 
+#: The dropout family: each draws only in training mode with ``p > 0`` (:func:`draws`).
+ALL_DROPOUTS = frozenset({F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
+                          torch.dropout, torch.alpha_dropout, torch.feature_dropout, torch.feature_alpha_dropout,
+                          torch.native_dropout})
+
+#: The keyword of each dropout's training flag (``F.dropout(..., training=)``, ``torch.dropout(..., train=)``),
+#: looked up at import: inside a traced graph a string method of ``func.__module__`` breaks the graph.
+_TRAIN_FLAG = {f: "training" if f.__module__.startswith("torch.nn") else "train" for f in ALL_DROPOUTS}
+
+
+def draws(func: Any, args: tuple, kwargs: dict[str, Any]) -> bool:
+    """Whether a call of :data:`ALL_DROPOUTS` or :data:`RANDOM` draws: a dropout only when training with ``p > 0``
+    (``nn.Dropout`` in eval mode calls ``F.dropout(x, p, False)``); ``rrelu`` only when training; the rest always."""
+    if func in ALL_DROPOUTS:  # F.dropout(input, p=0.5, training=True, ...); torch.dropout(input, p, train)
+        flag = _TRAIN_FLAG[func]
+        p = args[1] if len(args) > 1 else kwargs.get("p", 0.5)
+        training = args[2] if len(args) > 2 else kwargs.get(flag, True)
+        return bool(training) and p > 0
+    if func in (F.rrelu, torch.rrelu):
+        training = args[3] if len(args) > 3 else kwargs.get("training", False)
+        return bool(training)
+    return True
+
+
 class _Once(threading.local):
     """Whether calls :func:`draws_once` finds draw once (``on``, set by :func:`ghostfunc._graddot.as_plain_draws`
     for a signature where that gives a plain call's losses), and how many such calls the capture met (``seen``)."""
@@ -74,12 +98,10 @@ def draws_once(func: Any, args: tuple, kwargs: dict[str, Any]) -> bool:
     stochastic depth: each sample its row) and not where the draw is one for the whole batch (``torch.randn(d,
     d)``, a projection from a seeded generator): which one a model means, the comparison with a plain run tells
     (:func:`ghostfunc._graddot.as_plain_draws`)."""
-    if func not in RANDOM and func not in DROPOUTS and not any(
-            isinstance(a, torch.Generator) for a in (*args, *kwargs.values())):
-        return False
-    if func in DROPOUTS and _drawn(args, kwargs) is None:
-        return False  # (eval mode, p = 0: no draw)
-    if func in (F.rrelu, torch.rrelu) and not (args[3] if len(args) > 3 else kwargs.get("training", False)):
+    if func in RANDOM or func in ALL_DROPOUTS:
+        if not draws(func, args, kwargs):
+            return False  # (eval mode, p = 0: no draw)
+    elif not any(isinstance(a, torch.Generator) for a in (*args, *kwargs.values())):
         return False
     ft = torch._C._functorch
     if ft.maybe_current_level() is None:

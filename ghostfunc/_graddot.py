@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple, TypeVar
 
 import torch
@@ -361,9 +361,9 @@ def run(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batch, 
         t, v = capture_all(model_fn, params, (train, val), r, (0, 1), where)
         return Captured(t.loss, v.loss, {k: (t.grads[k], v.grads[k]) for k in params}), r.plan
 
-    (cap, the_plan), notes = as_plain_draws(model_fn, params, train, lambda: retry_stale(where, attempt),
-                                            lambda out: out[0].train_loss)
-    return cap, _noted(the_plan, notes)
+    (cap, the_plan), notes = as_plain_draws(model_fn, params, (train, val), lambda: retry_stale(where, attempt),
+                                            lambda out: (out[0].train_loss, out[0].val_loss))
+    return cap, noted(the_plan, notes)
 
 
 #: ``model_fn`` -> {signature: (whether the batches take a plain run's dropout masks, whether draws no sample owns
@@ -398,14 +398,15 @@ def _plain_draws(on: bool, once: bool = False) -> Iterator[None]:
         _PLAIN.on, ONCE.on = before, before_once
 
 
-def _draws_key(model_fn: ModelFn, params: dict[str, Tensor], train: Batch) -> tuple:
-    return param_signature(params), train.signature, train.size, training_flags(model_fn)
+def _draws_key(model_fn: ModelFn, params: dict[str, Tensor], batches: Sequence[Batch]) -> tuple:
+    return param_signature(params), tuple((b.signature, b.size) for b in batches), training_flags(model_fn)
 
 
-def as_plain_draws(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, compute: Callable[[], R],
-                   train_loss: Callable[[R], Tensor]) -> tuple[R, list[str]]:
+def as_plain_draws(model_fn: ModelFn, params: dict[str, Tensor], batches: Sequence[Batch], compute: Callable[[], R],
+                   losses: Callable[[R], Sequence[Tensor]]) -> tuple[R, list[str]]:
     """``compute()`` with the training rows' random draws those of ``model_fn(params, train)`` from the same
-    RNG state, then the validation rows' (a model that draws none: ``compute()`` as it is).
+    RNG state, then the validation rows' those of ``model_fn(params, val)`` (``batches``: ``(train, val)`` or
+    ``(train,)``; ``losses(result)``: their losses; a model that draws none: ``compute()`` as it is).
 
     ``vmap`` gives each sample its row of one draw shaped ``[n, ...]``; a plain call draws in the dropped
     tensor's memory order: the same masks when that memory holds the samples one after another. The first
@@ -420,7 +421,7 @@ def as_plain_draws(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, c
         book = _DRAWS.setdefault(model_fn, {})
     except TypeError:  # not weak-referenceable: decide on every call
         book = {}
-    key = _draws_key(model_fn, params, train) if book else None  # (no verdict yet for this model_fn: none to find)
+    key = _draws_key(model_fn, params, batches) if book else None  # (no verdict yet for this model_fn: none to find)
     known = book.get(key) if key is not None else None
     start, seen = _rng_state(device), ONCE.seen
     with _plain_draws(known is not None and known[0], known is not None and known[1]):
@@ -430,9 +431,9 @@ def as_plain_draws(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, c
         return out, []  # no random draw (a model in eval mode)
     if known is not None:
         return out, known[2]
-    key = _draws_key(model_fn, params, train)
-    plain = _plain_losses(model_fn, params, train, start, device)
-    if plain is None or _close_losses(plain, train_loss(out)):
+    key = _draws_key(model_fn, params, batches)
+    plain = _plain_losses(model_fn, params, batches, start, device)  # (the validation rows' too: one training
+    if plain is None or _close_losses(plain, losses(out)):  # row cannot tell a draw shared by the batch from its own)
         remember(book, key, (False, False, []))  # vmap's draws are the plain call's (or cannot be told apart)
         return out, []
     first, after_first = out, _rng_state(device)
@@ -444,7 +445,7 @@ def as_plain_draws(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, c
         _set_rng_state(device, start)
         with _plain_draws(masks, once):
             out = compute()
-        if _close_losses(plain, train_loss(out)):
+        if _close_losses(plain, losses(out)):
             remember(book, key, (masks, once, []))
             return out, []
     # No way made the losses agree (another random op): later calls draw as vmap does, without the plain runs,
@@ -455,22 +456,25 @@ def as_plain_draws(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, c
     return first, book[key][2]
 
 
-def _plain_losses(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, start: tuple[Tensor, ...],
-                  device: torch.device) -> Tensor | None:
-    """``model_fn(params, train)`` without gradients from RNG state ``start`` (the state after is kept as it was);
-    ``None`` for a model that cannot run so (one that needs gradients on, or ``vmap``)."""
+def _plain_losses(model_fn: ModelFn, params: dict[str, Tensor], batches: Sequence[Batch], start: tuple[Tensor, ...],
+                  device: torch.device) -> list[Tensor] | None:
+    """``model_fn(params, batch)`` for each batch in turn, without gradients, from RNG state ``start`` (the state
+    after is kept as it was); ``None`` for a model that cannot run so (one that needs gradients on, or ``vmap``)."""
     devices = [device.index or 0] if device.type == "cuda" else []
+    out = []
     try:
         with torch.random.fork_rng(devices=devices), torch.no_grad(), eager_stance():
             _set_rng_state(device, start)
-            out = model_fn(dict(params), train.rebuild(list(train.tensors)))
+            for b in batches:
+                out.append(model_fn(dict(params), b.rebuild(list(b.tensors))))
     except Exception:  # noqa: BLE001 - not told
         return None
-    return out.detach() if isinstance(out, Tensor) else None
+    return [o.detach() for o in out] if all(isinstance(o, Tensor) for o in out) else None
 
 
-def _close_losses(plain: Tensor, captured: Tensor) -> bool:
-    return plain.shape == captured.shape and _whole.close(plain.to(captured.dtype), captured.detach())
+def _close_losses(plain: Sequence[Tensor], captured: Sequence[Tensor]) -> bool:
+    return len(plain) == len(captured) and all(
+        a.shape == b.shape and _whole.close(a.to(b.dtype), b.detach()) for a, b in zip(plain, captured, strict=True))
 
 
 class Streamed(NamedTuple):
@@ -508,9 +512,9 @@ def run_streamed(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val
     replayed = _replay(model_fn, params, train, val, where, policy, val_reduce)
     if replayed is not None:
         return replayed  # (a whole-batch run: no random draw)
-    st, notes = as_plain_draws(model_fn, params, train, lambda: retry_stale(where, lambda fresh: _streamed_once(
-        model_fn, params, train, val, where, policy, val_reduce, fresh)), lambda out: out.train_loss)
-    return st._replace(plan=_noted(st.plan, notes)) if notes else st
+    st, notes = as_plain_draws(model_fn, params, (train, val), lambda: retry_stale(where, lambda fresh: _streamed_once(
+        model_fn, params, train, val, where, policy, val_reduce, fresh)), lambda out: (out.train_loss, out.val_loss))
+    return st._replace(plan=noted(st.plan, notes)) if notes else st
 
 
 class Replay(NamedTuple):
@@ -651,14 +655,14 @@ def _streamed_once(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, v
         val_dir, val_uses, val_loss = capture_val()
         if _same(before, _rng_state(device)):
             r, t = _train_after_val(model_fn, params, train, val, where, policy, val_reduce, fresh, r)
-            return Streamed(_noted(r.plan, notes), val_dir, val_uses, t.grads, t.loss, val_loss, train_traces(r))
+            return Streamed(noted(r.plan, notes), val_dir, val_uses, t.grads, t.loss, val_loss, train_traces(r))
         _set_rng_state(device, before)  # it drew random numbers: the training rows go first
         _mark_random(model_fn)
         del val_dir, val_uses, val_loss
         notes.clear()
     t = capture_one(model_fn, params, train, r, 0, where)
     val_dir, val_uses, val_loss = capture_val()
-    return Streamed(_noted(r.plan, notes), val_dir, val_uses, t.grads, t.loss, val_loss, train_traces(r))
+    return Streamed(noted(r.plan, notes), val_dir, val_uses, t.grads, t.loss, val_loss, train_traces(r))
 
 
 def _train_after_val(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batch, where: str,
@@ -747,7 +751,8 @@ def by_freq_notes(model_fn: ModelFn) -> list[str]:
             f"there is the mean of the samples' gradients, not torch's batch gradient"]
 
 
-def _noted(plan: Plan, notes: list[str]) -> Plan:
+def noted(plan: Plan, notes: list[str]) -> Plan:
+    """``plan`` with ``notes`` added."""
     return plan._replace(notes=(*plan.notes, *notes)) if notes else plan
 
 
@@ -1089,7 +1094,7 @@ def graddot(
         racing = [_compiled.ran_eagerly(_compiled.RACING)] if compile else []
         if compile and (turns := _calibrate.turns(model_fn, key)) is not None:
             choice = turns.stop(model_fn, key)  # compiled calls keep the race's winner: no turns
-        return out._replace(plan=_noted(out.plan._replace(tuning=choice.why), racing))
+        return out._replace(plan=noted(out.plan._replace(tuning=choice.why), racing))
     if policy == "auto" and not compile and (turns := _calibrate.turns(model_fn, key)) is not None:
         # the routings close to the race's winner take turns on the calls after it (ghostfunc._calibrate.Turns)
         taken = turns.take(model_fn, key, lambda: graddot(model_fn, params, train, val, val_reduce=val_reduce,
@@ -1121,7 +1126,7 @@ def graddot(
     scores = sum_scores(per_param, params)
     refuse_non_finite(where, scores, per_param, train_grad)
     return GradDot(scores, per_param, train_grad, train_loss, val_loss,
-                   _noted(the_plan, [*eager_why, *by_freq_notes(model_fn)]))
+                   noted(the_plan, [*eager_why, *by_freq_notes(model_fn)]))
 
 
 def prepare_group(where: str, group: Any, model_fn: Any, params: Any, train: Any, val: Any,
@@ -1191,7 +1196,7 @@ def graddot_group(model_fn: ModelFn, params: Mapping[str, Tensor], train: Any, v
         with _dist.collectively(where, group):  # a rank's scores alone may overflow: every rank raises
             refuse_non_finite(where, scores, per_param, train_grad, local=True)
         return GradDot(scores, per_param, train_grad, st.train_loss, st.val_loss,
-                       _noted(the_plan, by_freq_notes(model_fn)))
+                       noted(the_plan, by_freq_notes(model_fn)))
     # every validation row on every rank: gather the rows, score the full matrix locally
     every_val = _dist.gather_batch(vb, world, group)
     with _dist.collectively(where, group):
@@ -1205,7 +1210,7 @@ def graddot_group(model_fn: ModelFn, params: Mapping[str, Tensor], train: Any, v
         refuse_non_finite(where, scores, per_param, local_grad, local=True)
     val_loss = cap.val_loss[world.val_offset: world.val_offset + vb.size]
     return GradDot(scores, per_param, _dist.global_mean(local_grad, world, group)[0],
-                   cap.train_loss, val_loss, _noted(the_plan._replace(n_train=world.n), by_freq_notes(model_fn)))
+                   cap.train_loss, val_loss, noted(the_plan._replace(n_train=world.n), by_freq_notes(model_fn)))
 
 
 @in_one_call

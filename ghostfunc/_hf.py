@@ -259,9 +259,7 @@ class _ModelSpec:
         sliding window and the layer types."""
         config: Any = getattr(cls._base(model), "config", None)
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        layer_types = getattr(text, "layer_types", None)
-        return (getattr(text, "_attn_implementation", None), getattr(text, "sliding_window", None),
-                tuple(layer_types) if isinstance(layer_types, (list, tuple)) else layer_types)
+        return tuple(_as_key(getattr(text, k, None)) for k in ("_attn_implementation", "sliding_window", "layer_types"))
 
     @classmethod
     def of(cls, model: nn.Module) -> _ModelSpec:
@@ -349,6 +347,16 @@ class _ModelSpec:
         if self.layer_types <= {"sliding_attention"}:
             return local  # every layer slides (Mistral)
         return {"full_attention": full, "sliding_attention": local}
+
+
+def _as_key(value: Any) -> Any:
+    """A config value as part of a dict key: itself where it hashes, else its type and repr (a list of per-layer
+    windows, a dict of layer types: a change in place is another key)."""
+    try:
+        hash(value)
+    except TypeError:
+        return type(value), repr(value)
+    return value
 
 
 def _over_tokens(mask: Tensor, inputs: Mapping[str, Any]) -> bool:

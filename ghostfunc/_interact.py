@@ -692,6 +692,8 @@ def _local_atom(x: Any, checksummed: list[int]) -> Any:
     """A batch leaf's part that needs no walk (``None`` where it does); ``checksummed``: the bytes of tensors
     and arrays left to sum in this walk."""
     kind = type(x)
+    if issubclass(kind, enum.Enum) and is_value(x):  # (an IntEnum, a StrEnum too: a method may read a module's dict)
+        return ("value", kind, x, _enum_methods_read(kind))
     if issubclass(kind, _SCALARS):
         return (x,)
     if issubclass(kind, Tensor):
@@ -705,8 +707,6 @@ def _local_atom(x: Any, checksummed: list[int]) -> Any:
     if issubclass(kind, type):  # a class (an activation, a dtype class): with its settings where it is plain
         return _class_key(x)
     if is_value(x):
-        if issubclass(kind, enum.Enum):  # a member's methods and properties may read a module's dict
-            return ("value", kind, x, _enum_methods_read(kind))
         return ("value", kind, x)
     if _is_array(x) and not x.dtype.hasobject:  # (an array of objects: walked as a list)
         if x.nbytes <= checksummed[0]:
@@ -716,26 +716,31 @@ def _local_atom(x: Any, checksummed: list[int]) -> Any:
     if issubclass(kind, torch.nn.Module):
         return Identity(x)
     if issubclass(kind, types.MethodType):  # a bound method, made anew on each access: its function, and its
-        return ("method", Identity(x.__func__), _held(x.__self__, checksummed))  # object as a leaf is walked
+        return ("method", Identity(x.__func__), _held((x.__self__,), checksummed, x.__self__))  # object walked
     if kind is functools.partial:  # its function, and its arguments walked (a dict it holds changed in place)
-        read = _reads_of((x.func,)) if isinstance(x.func, types.FunctionType) and _reads_data_only(x.func) else None
-        return ("partial", Identity(x.func), _held((x.args, x.keywords), checksummed),
-                read if read is not None else Identity(x))
+        f, held = x.func, (*x.args, *x.keywords.items())
+        if isinstance(f, types.FunctionType):
+            read = _reads_of((f,)) if _reads_data_only(f) else None
+            return ("partial", Identity(f), _held(held, checksummed, x), read if read is not None else Identity(x))
+        return ("partial", _held((f, *held), checksummed, x))  # (a bound method's object, a partial inside)
     return None
 
 
-def _held(obj: Any, checksummed: list[int]) -> Any:
-    """What a bound method's object or a partial's arguments hold, walked as a leaf is (with its identity where the
-    walk does not see all of it; two levels of such nesting at most)."""
+def _held(objs: tuple, checksummed: list[int], owner: Any) -> Any:
+    """What a bound method's object or a partial's arguments hold, each walked as a leaf is, with ``owner``'s
+    identity where the walk does not see all of it (the object, the partial: not a tuple made for the walk, a new
+    key on every call); two levels of such nesting at most."""
     depth = getattr(_HELD, "depth", 0)
     if depth >= 2:
-        return Identity(obj)
+        return Identity(owner)
     _HELD.depth = depth + 1
     try:
-        seen, whole = leaf_walk(obj, LEAF_DEPTH - 1, LEAF_BUDGET, lambda y: _local_atom(y, checksummed), _local_tag)
+        walks = [leaf_walk(obj, LEAF_DEPTH, LEAF_BUDGET, lambda y: _local_atom(y, checksummed), _local_tag)
+                 for obj in objs]
     finally:
         _HELD.depth = depth
-    return seen if whole else (Identity(obj), seen)
+    seen = tuple(w[0] for w in walks)
+    return seen if all(w[1] for w in walks) else (Identity(owner), seen)
 
 
 _HELD = threading.local()

@@ -845,9 +845,11 @@ def test_noise_drawn_in_another_order_is_told_and_later_calls_repeat_the_first()
     assert rel(outs[0].scores, sum(gt[k].flatten(1) @ gv[k].flatten(1).mean(0) for k in p)) < 1e-10
 
 
+@pytest.mark.parametrize("rows", [4, 1])
 @pytest.mark.parametrize("draw", ["seeded randn", "seeded fill", "global randn", "reseeded randn", "global fill",
-                                  "seeded randperm", "global rand of a parameter's shape"])
-def test_a_draw_no_sample_owns_is_made_once_as_in_a_plain_call(draw):
+                                  "seeded randperm", "global rand of a parameter's shape", "gumbel softmax",
+                                  "alpha dropout", "torch.dropout"])
+def test_a_draw_no_sample_owns_is_made_once_as_in_a_plain_call(draw, rows):
     """A tensor drawn inside model_fn from inputs no sample owns (torch.randn(d, d), a fill of a fresh tensor, from
     a torch.Generator seeded in the call or from the global one) is one draw that every sample of a plain call
     shares; vmap(randomness="different") would give each sample its own (1.4 relative off, with no note). The
@@ -875,6 +877,12 @@ def test_a_draw_no_sample_owns_is_made_once_as_in_a_plain_call(draw):
             return torch.diag(torch.empty(d, dtype=dtype).normal_(1.0, 0.3))
         if draw == "seeded randperm":
             return torch.eye(d, dtype=dtype)[torch.randperm(d, generator=g)]
+        if draw == "gumbel softmax":  # (draws in place inside: vmap raised, taken for samples that interact)
+            return torch.diag(1 + F.gumbel_softmax(torch.zeros(d, dtype=dtype), tau=1.0))
+        if draw == "alpha dropout":
+            return torch.diag(F.alpha_dropout(torch.ones(d, dtype=dtype), 0.3, True))
+        if draw == "torch.dropout":
+            return torch.diag(torch.dropout(torch.ones(d, dtype=dtype), 0.3, True))
         return torch.eye(d, dtype=dtype) + torch.rand(d, d, dtype=dtype)
 
     def model_fn(q, batch):
@@ -882,7 +890,7 @@ def test_a_draw_no_sample_owns_is_made_once_as_in_a_plain_call(draw):
         return F.cross_entropy(F.linear(torch.tanh(x @ noise(x.dtype)), q["w"], q["b"]), y, reduction="none")
 
     g = torch.Generator().manual_seed(2)
-    train = (torch.randn(4, d, generator=g, dtype=F64), torch.randint(0, c, (4,), generator=g))
+    train = (torch.randn(rows, d, generator=g, dtype=F64), torch.randint(0, c, (rows,), generator=g))
     val = (torch.randn(3, d, generator=g, dtype=F64), torch.randint(0, c, (3,), generator=g))
     for call in range(2):
         torch.manual_seed(3)
@@ -906,7 +914,12 @@ def test_a_draw_no_sample_owns_is_made_once_as_in_a_plain_call(draw):
     step = ghostfunc.train_step(model_fn, ghostfunc.sgd(0.1))
     torch.manual_seed(3)
     _, info = step(step.init(p), train, val)
-    assert rel(info.values, -0.1 / 4 * ref) < 1e-10
+    assert rel(info.values, -0.1 / rows * ref) < 1e-10
+    # against a fixed direction too (graddot_direction drew per sample: 1.4 off)
+    u = {k: torch.randn(v.shape, generator=g, dtype=F64) for k, v in p.items()}
+    torch.manual_seed(3)
+    got = ghostfunc.graddot_direction(model_fn, p, train, u)
+    assert rel(got.scores, sum(gt[k].flatten(1) @ u[k].flatten() for k in p)) < 1e-10
 
 
 @pytest.mark.parametrize("how", ["torch.rand", "new_empty().bernoulli_"])

@@ -895,3 +895,25 @@ def test_a_model_that_rescales_its_weights_on_its_first_forward_is_refused_befor
         ghostfunc.graddot(model_fn, params, train, val)
     assert all(torch.equal(before[k], v) for k, v in params.items())
     assert all(torch.equal(before[k], v.detach()) for k, v in model.named_parameters())
+
+
+def test_a_config_with_list_and_dict_values_is_read_every_call() -> None:
+    """A model of one's own whose config holds a list (per-layer windows) or a dict (layer types): the settings
+    read on every call raised "unhashable type" (from no argument) where they became a key."""
+
+    class Own(nn.Module):
+        def __init__(self, config: Any) -> None:
+            super().__init__()
+            self.config, self.e, self.head = config, nn.Embedding(V, D), nn.Linear(D, V)
+
+        def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Any:
+            return transformers.modeling_outputs.CausalLMOutput(logits=self.head(torch.tanh(self.e(input_ids))))
+
+    g = torch.Generator().manual_seed(1)
+    train, val = lm_batch(g, N, T), lm_batch(g, M, S)
+    for config in (transformers.PretrainedConfig(sliding_window=[4, 8]),
+                   transformers.PretrainedConfig(layer_types={0: "full_attention", 1: "sliding_attention"})):
+        torch.manual_seed(0)
+        model_fn, params = ghostfunc.from_module(Own(config).to(F64), ghostfunc.causal_lm_loss)
+        out = ghostfunc.graddot(model_fn, params, train, val)
+        assert rel(out.scores, reference(model_fn, params, train, val)["mean"]) < 1e-10

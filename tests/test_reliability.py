@@ -1858,6 +1858,14 @@ class _EnumMode(enum.Enum):  # a member whose property reads a module's dict
         return _STRENGTH[self.value]
 
 
+class _IntMode(enum.IntEnum):  # an IntEnum (an int too) whose property reads a module's dict
+    CENTRE = 1
+
+    @property
+    def on(self):
+        return _STRENGTH["centre"]
+
+
 class _Holder:
     def __init__(self):
         self.centre = False
@@ -1872,7 +1880,8 @@ def _opts_get(opts):
 
 _CHANGED_LATER = {"class as the leaf": lambda leaf: leaf.centre, "class in a dict": lambda leaf: leaf["c"].centre,
                   "method patched on the class": lambda leaf: leaf.centre(), "enum property": lambda leaf: leaf.on,
-                  "bound method": lambda leaf: leaf(), "partial over a dict": lambda leaf: leaf()}
+                  "bound method": lambda leaf: leaf(), "partial over a dict": lambda leaf: leaf(),
+                  "IntEnum property": lambda leaf: leaf.on, "partial of a bound method": lambda leaf: leaf()}
 
 
 @pytest.mark.parametrize("case", list(_CHANGED_LATER))
@@ -1888,7 +1897,8 @@ def test_a_leaf_changed_where_its_key_did_not_look_is_checked_again(case):
     holder, opts = _Holder(), {"centre": False}
     leaf = {"class as the leaf": _ClassLeaf, "class in a dict": {"c": _ClassLeaf},
             "method patched on the class": _Patched(), "enum property": _EnumMode.CENTRE,
-            "bound method": holder.get, "partial over a dict": functools.partial(_opts_get, opts)}[case]
+            "bound method": holder.get, "partial over a dict": functools.partial(_opts_get, opts),
+            "IntEnum property": _IntMode.CENTRE, "partial of a bound method": functools.partial(holder.get)}[case]
     (tx, ty), (vx, vy) = _xy(8, 48), _xy(4, 49)
     train, val = {"x": tx, "y": ty, "leaf": leaf}, {"x": vx, "y": vy, "leaf": leaf}
     try:
@@ -1933,6 +1943,24 @@ def test_odd_leaves_a_proxy_and_a_string_naming_a_tensor():
                ghostfunc.reference_graddot(model_fn, p, train, val)[0]) < 1e-10
     assert not _holds_data(_hashable(types.SimpleNamespace(kind="tensor", names=["array"])))
     assert _holds_data(_hashable(types.SimpleNamespace(kind=torch.ones(2))))
+
+
+def test_a_partial_leaf_the_walk_cannot_see_whole_keeps_one_key():
+    """A partial whose arguments the walk cannot see whole (a dict of tensors past the checksum's bytes) was keyed by
+    the identity of a tuple made for each walk: a new key, and every check again, on every call (7x a call)."""
+    from ghostfunc._capture import _hashable
+    from ghostfunc._interact import _SCOPE
+
+    big = {"w": torch.zeros(40_000)}  # past LEAF_ARRAY_BYTES: by identity and version
+    leaf = functools.partial(_opts_get, big)
+    keys = []
+    for _ in range(2):
+        _SCOPE.memo = {}
+        try:
+            keys.append(_hashable(leaf))
+        finally:
+            _SCOPE.memo = None
+    assert keys[0] == keys[1]
 
 
 def test_a_write_into_the_batch_names_the_batch_and_the_fix():
