@@ -1,5 +1,7 @@
 """ghostfunc: exact per-sample gradient dot products in one backward pass, over torch.func."""
 
+import torch
+
 from ._capture import DivergentBranchError
 from ._direction import DirectionScores, graddot_direction
 from ._dist import sampler_mask
@@ -47,3 +49,15 @@ __all__ = [
     "Trajectory",
    ]
 __version__ = "0.1.0"
+
+
+def _allow_loading() -> None:
+    """``torch.load`` (``weights_only=True``, torch's default) reads back what ghostfunc returns and a training
+    loop checkpoints: its result and state types are plain containers of tensors and numbers."""
+    from ._plan import Route
+
+    torch.serialization.add_safe_globals([GradDot, Plan, Route, DirectionScores, TrainState, StepInfo, SGDState,
+                                          AdamWState, DataValues, Trajectory])
+
+
+_allow_loading()

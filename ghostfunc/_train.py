@@ -9,6 +9,7 @@ the training batches (the validation rows never move the model).
 
 from __future__ import annotations
 
+import copy
 import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -39,6 +40,19 @@ class TrainState(NamedTuple):
     opt_state: Any
     step: int
     val_grad: ValGrad | None = None
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        """Pickled (``torch.save``) without ``val_grad``: a cache of the function it is the gradient of (a local
+        function or the weak references of its fingerprint did not pickle); a step after loading takes it again."""
+        return TrainState, (self.params, self.opt_state, self.step)
+
+    def __copy__(self) -> TrainState:
+        return TrainState(*self)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> TrainState:
+        """A copy with its cache (``copy.deepcopy`` keeps ``val_grad``; only pickling leaves it out)."""
+        return TrainState(copy.deepcopy(self.params, memo), copy.deepcopy(self.opt_state, memo), self.step,
+                          copy.deepcopy(self.val_grad, memo))
 
 
 class StepInfo(NamedTuple):
