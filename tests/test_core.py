@@ -611,6 +611,20 @@ def test_a_zero_size_parameter_scores_zero_everywhere():
         assert state.params["z"].shape == (0, 5) and torch.isfinite(info.values).all()
 
 
+def test_reference_graddot_refuses_a_non_finite_gradient_as_graddot_does():
+    """A row with a finite loss and a NaN gradient (sqrt at 0): graddot names the row and the parameter; the
+    reference returned a NaN score silently."""
+    model_fn, params, (x, y) = _mlp()
+
+    def sqrt_at_zero(p, batch):
+        return model_fn(p, batch) + torch.sqrt((batch[0][:, 0] - x[2, 0]).abs() * p["2.bias"][0] ** 2)
+
+    for f, words in ((ghostfunc.graddot, r"train samples \[2\] .*not finite.*\['2.bias'\]"),
+                     (ghostfunc.reference_graddot, r"train sample 2's loss .* not finite in params\['2.bias'\]")):
+        with pytest.raises(FloatingPointError, match=words):
+            f(sqrt_at_zero, params, (x, y), (x[:2], y[:2]))
+
+
 def test_reference_graddot_checks_its_arguments_as_graddot_does():
     model_fn, params, (x, y) = _mlp()
     with pytest.raises(ValueError, match=r"^reference_graddot: train\[1\] is a scalar"):
