@@ -163,6 +163,11 @@ class TrainStep:
             raise TypeError(f"{said} (a {type(state.step).__name__})")
         if state.step < 0:
             raise ValueError(said)
+        inner = getattr(state.opt_state, "step", None)  # (the schedule and bias corrections count the optimizer's)
+        if isinstance(inner, numbers.Integral) and not isinstance(inner, bool) and inner != state.step:
+            raise ValueError(f"{where}: state.step ({state.step}) and state.opt_state.step ({inner}) must agree (both "
+                             f"count the updates done; a state edited by hand, _replace(step=...), or parts of two "
+                             f"states joined); the learning-rate schedule follows opt_state.step")
         # a state built by hand may hold tensors that require grad (nn.Parameters): the step reads them detached,
         # else its new state would carry a graph back through every earlier step (memory growing over a run)
         if self.group is None:

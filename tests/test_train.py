@@ -431,3 +431,21 @@ def test_results_and_states_round_trip_through_torch_save_and_load(tmp_path):
     a, b = step(state, train, val), step(back, train, val)
     assert torch.equal(a[1].values, b[1].values)
     assert all(torch.equal(a[0].params[k], b[0].params[k]) for k in w)
+
+
+def test_a_state_whose_two_step_counts_disagree_is_refused():
+    """state._replace(step=7) beside an optimizer state at step 0 ran on: the schedule follows opt_state.step,
+    the new state said 8 and 1."""
+    torch.manual_seed(0)
+    w = {"w": torch.randn(2, 3, dtype=torch.float64)}
+
+    def model_fn(q, batch):
+        return (batch @ q["w"].T).pow(2).sum(1)
+
+    x = torch.randn(4, 3, dtype=torch.float64)
+    step = ghostfunc.train_step(model_fn, ghostfunc.adamw(0.1))
+    state = step.init(w)
+    with pytest.raises(ValueError, match=r"state.step \(7\) and state.opt_state.step \(0\) must agree"):
+        step(state._replace(step=7), x, x)
+    state, _ = step(state, x, x)
+    assert state.step == state.opt_state.step == 1
