@@ -80,6 +80,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ghostfunc", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", nargs="?", default="check", choices=("check", *SUBCOMMANDS))
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"ghostfunc {__version__}")
     parser.parse_args(argv)
     err = check()
     return 0 if err < 1e-10 else 1

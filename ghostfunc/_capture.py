@@ -876,7 +876,7 @@ def _one_loss(losses: Any, where: str) -> Tensor:
         got = f"shape {tuple(losses.shape)}" if isinstance(losses, Tensor) else type(losses).__name__
         raise ValueError(
             f"{where}: model_fn(params, batch) must return one loss per sample, a tensor of shape [B]; "
-            f"for a batch of 1 sample it returned {got}"
+            f"for one sample alone (ghostfunc runs each sample as a batch of 1) it returned {got}"
         )
     if not losses.is_floating_point():
         raise ValueError(f"{where}: model_fn must return floating-point losses, got {losses.dtype}")

@@ -63,7 +63,7 @@ def check_batch(batch: Any, name: str, where: str) -> Batch:
                         f"it as a pytree); pass a batch of tensors and values without cycles") from None
     if split is not None and split.size > 0 and all(t.dim() > 0 and t.shape[0] == split.size
                                                     and t.layout == torch.strided and not t.is_inference()
-                                                    for t in split.tensors):
+                                                    and not t.is_meta for t in split.tensors):
         return split  # the common case, without the walk that names leaves in messages
     with_paths, _ = pytree.tree_flatten_with_path(_plain(batch))
     tensors = [(pytree.keystr(p), leaf) for p, leaf in with_paths if isinstance(leaf, Tensor)]
@@ -77,6 +77,9 @@ def check_batch(batch: Any, name: str, where: str) -> Batch:
                             f"as dense leaves and build the sparse tensor inside model_fn")
         if t.dim() == 0:
             raise ValueError(f"{where}: {name}{path} is a scalar; every tensor leaf needs a leading sample axis")
+        if t.is_meta:
+            raise ValueError(f"{where}: {name}{path} is on the meta device (shapes without values); pass the "
+                             f"batch's real tensors")
         if t.is_inference():
             raise ValueError(f"{where}: {name}{path} {_INFERENCE}: pass {name}{path}.clone(), made outside it (or "
                              f"clone the batch's tensors where your data pipeline makes them)")

@@ -251,6 +251,8 @@ def values_of(
     graph of :mod:`ghostfunc._compiled` where it runs, else as without it. ``scratch``: memory for
     the training rows' materialised gradients, reused from call to call (:data:`ghostfunc._secant.Scratch`).
     """
+    if isinstance(lr, Tensor) and lr.numel() == 1 and not lr.is_complex() and lr.dtype != torch.bool:
+        lr = lr.item()  # a one-element tensor, as sgd/adamw (and torch.optim) take it
     check_lr_order(where, lr, order)
     lr = float(lr)
     check_curvature(where, curvature, order)

@@ -54,7 +54,7 @@ from ._graddot import score_dtype
 from ._interact import check_model, check_state_writes, grads_on
 from ._optim import Grads, Optimizer
 from ._train import TrainState
-from ._values import DataValues, is_indices, read_saved, tensor_kind
+from ._values import DataValues, as_tensor, is_indices, read_saved, tensor_kind
 
 Params = dict[str, Tensor]
 VIAS = ("hvp", "kernels")
@@ -370,8 +370,8 @@ def _check_lands(params: Params, recorded: Params | None, step: int, where: str)
 def check_batches(batches: Any, index: str, where: str) -> tuple[list[Batch], list[Tensor]]:
     """Every batch a dict holding a ``[B]`` integer ``index`` leaf; split, with the indices."""
     if isinstance(batches, (Tensor, Mapping)) or not isinstance(batches, Sequence) or not batches:
-        raise TypeError(f"{where}: batches must be a non-empty list of batch dicts (one per step); "
-                        f"got {type(batches).__name__}")
+        got = "an empty list" if isinstance(batches, Sequence) and not batches else type(batches).__name__
+        raise TypeError(f"{where}: batches must be a non-empty list of batch dicts (one per step); got {got}")
     splits, indices = [], []
     for t, b in enumerate(batches):
         if not isinstance(b, Mapping) or index not in b:
@@ -379,7 +379,7 @@ def check_batches(batches: Any, index: str, where: str) -> tuple[list[Batch], li
             raise ValueError(f"{where}: batches[{t}] must be a dict holding the rows' dataset indices under "
                              f"index={index!r}; got {got}")
         split = check_batch(b, f"batches[{t}]", where)
-        idx = b[index]
+        idx = as_tensor(b[index])  # (a NumPy array or a list of ints, as DataValues.add takes them)
         if not is_indices(idx) or idx.shape[0] != split.size:
             raise ValueError(f"{where}: batches[{t}][{index!r}] must be a 1-D integer tensor of the {split.size} "
                              f"rows' dataset indices (a bool mask is not indices); got {tensor_kind(idx)}")

@@ -86,7 +86,7 @@ def read_saved(path: str | os.PathLike, where: str, writer: str) -> Any:
                          f"{type(err).__name__}: {said})") from err
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # (compared by identity: the dataclass's == compared tensors, and raised)
 class DataValues:
     """Per-dataset-index sums of step values (an immutable value: ``add`` returns a new one).
 

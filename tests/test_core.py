@@ -1256,3 +1256,34 @@ def test_the_gram_kernel_equals_the_materialised_dot_products(block, t, s, ids, 
         return torch.einsum("ntp,ntd->npd", left, f.right).flatten(1)
 
     torch.testing.assert_close(K.gram(a, b), rows(a) @ rows(b).T, rtol=1e-12, atol=1e-12)
+
+
+def test_small_ergonomics():
+    """A DataValues compared with == (the dataclass compared its tensors and raised), the package's type hints
+    visible to a type checker (py.typed), a version on the command line, inrun_shapley's lr as a one-element
+    tensor (as sgd/adamw and torch.optim take it)."""
+    import subprocess
+    import sys
+    from importlib import resources
+
+    a = ghostfunc.DataValues.zeros(3)
+    assert a == a and a != ghostfunc.DataValues.zeros(3)
+    assert resources.files("ghostfunc").joinpath("py.typed").is_file()
+    run = subprocess.run([sys.executable, "-m", "ghostfunc", "--version"], capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.strip() == f"ghostfunc {ghostfunc.__version__}"
+    model_fn, params, (x, y) = _mlp()
+    got = ghostfunc.inrun_shapley(model_fn, params, (x, y), (x, y), lr=torch.tensor(0.1, dtype=F64))
+    assert torch.equal(got, ghostfunc.inrun_shapley(model_fn, params, (x, y), (x, y), lr=0.1))
+    with pytest.raises(TypeError, match="got an empty list"):
+        ghostfunc.unroll(model_fn, ghostfunc.sgd(0.1), params, [], (x, y))
+    with pytest.raises(ValueError, match=r"^graddot: train\[0\] is on the meta device"):  # (not aten::equal's error)
+        ghostfunc.graddot(model_fn, params, (x.to("meta"), y), (x, y))
+
+    def fn(p, batch):
+        return model_fn(p, (batch["x"], batch["y"]))
+
+    batches = [{"x": x, "y": y, "index": torch.arange(4)}, {"x": x.flip(0), "y": y.flip(0), "index": torch.arange(4, 8)}]
+    as_numpy = [{**b, "index": b["index"].numpy()} for b in batches]  # (DataValues.add takes them: unroll too)
+    val = {"x": x, "y": y}
+    want = ghostfunc.unroll(fn, ghostfunc.sgd(0.1), params, batches, val).total
+    assert torch.equal(ghostfunc.unroll(fn, ghostfunc.sgd(0.1), params, as_numpy, val).total, want)
