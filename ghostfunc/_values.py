@@ -236,7 +236,7 @@ class DataValues:
             values (with ``synced`` set), the same on every rank. Keep them.
         """
         if group is not None:
-            everything = self.across(group, "DataValues.save")
+            everything = self.across(group, "DataValues.save", path=os.fspath(path))
             # the status exchange is the barrier: every rank returns once the file is on disk, or raises if rank 0
             # could not write it (rank 0 its own error, the others a RuntimeError with its message), none waits
             with _dist.collectively("DataValues.save", group):
@@ -267,8 +267,9 @@ class DataValues:
         _fsync_dir(target.parent)
         return self
 
-    def across(self, group: Any, where: str = "DataValues.across") -> DataValues:
-        """The sum over the ranks of ``group`` (collective): ``synced + Σ_ranks (self − synced)``.
+    def across(self, group: Any, where: str = "DataValues.across", *, path: str | None = None) -> DataValues:
+        """The sum over the ranks of ``group`` (collective): ``synced + Σ_ranks (self − synced)``; ``path`` (for
+        :meth:`save`) must be the same on every rank (rank 0 writes it for all: another rank's was never written).
 
         ``steps`` is ``synced.steps`` plus the most any rank added since (each rank
         adds its share of the same global batches). Returns values with ``synced``
@@ -282,11 +283,14 @@ class DataValues:
             raise AssertionError(f"{where}: synced part has another shape")
         rank, size = _dist.rank_and_size(group)
         mine = (tuple(self.total.shape), None if base is None else base.steps, self.steps,
-                self.loaded and base is None, where)
+                self.loaded and base is None, where, path)
         every: list[Any] = [None] * size
         dist.all_gather_object(every, mine, group=group)
-        _dist.refuse_other_calls(where, [other[4] if isinstance(other, tuple) and len(other) == 5 else None
+        _dist.refuse_other_calls(where, [other[4] if isinstance(other, tuple) and len(other) == 6 else None
                                          for other in every])  # (a rank in another collective: every rank raises)
+        if len({other[5] for other in every}) > 1:
+            raise ValueError(f"{where}: every rank must pass the same path (rank 0 writes the file for all); "
+                             + ", ".join(f"rank {r}: {other[5]!r}" for r, other in enumerate(every)))
         plain = [r for r, other in enumerate(every) if other[3]]
         if plain and size > 1:  # every rank sees the same list: every rank raises
             raise ValueError(f"{where}: rank(s) {plain} hold values read by DataValues.load without group=: a "
@@ -326,8 +330,16 @@ class DataValues:
             _dist.check_group(group, "DataValues.load")
             import torch.distributed as dist
 
+            rank, size = _dist.rank_and_size(group)
+            every: list[Any] = [None] * size
+            dist.all_gather_object(every, ("DataValues.load", os.fspath(path)), group=group)
+            _dist.refuse_other_calls("DataValues.load", [e[0] if isinstance(e, tuple) and len(e) == 2 else None
+                                                         for e in every])
+            if len({e[1] for e in every}) > 1:  # (every rank sees the list: every rank raises)
+                raise ValueError(f"DataValues.load: every rank must pass the same path (rank 0 reads the file for "
+                                 f"all); " + ", ".join(f"rank {r}: {e[1]!r}" for r, e in enumerate(every)))
             box: list[Any] = [None]
-            if _dist.rank_and_size(group)[0] == 0:
+            if rank == 0:
                 try:
                     box[0] = cls.load(path, with_state=True)
                 except Exception as err:  # every rank raises, none waits

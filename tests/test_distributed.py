@@ -305,6 +305,11 @@ def _errors(rank: int, world: int, out: dict[str, Any]) -> None:
             ghostfunc.TrainState(dict(params), ghostfunc.sgd(0.1).init(params), 0), train, val),
         "train_step.init without params on one rank": lambda: ghostfunc.train_step(
             model_fn, ghostfunc.sgd(0.1), group=group).init({} if rank == 1 else params),
+        # a path per rank: rank 0 wrote its own alone (the others' were never written); read: rank 0's alone
+        "save to a path per rank": lambda: ghostfunc.DataValues.zeros(4).save(
+            Path(tempfile.gettempdir(), f"never_written_{rank}.pt"), group=group),
+        "load from a path per rank": lambda: ghostfunc.DataValues.load(
+            Path(tempfile.gettempdir(), f"never_read_{rank}.pt"), group=group),
     }
     long_array = np.arange(5000)
     frozen = torch.nn.Linear(4, 4, dtype=torch.float64).requires_grad_(False)
@@ -797,6 +802,8 @@ def test_bad_input_raises_on_every_rank(world2: list[dict[str, Any]]) -> None:
                 "val on rank 0 only": "pass all of it on every rank with val_reduce='mean'",
                 "frozen base": "model's frozen tensors", "norm eps": "model (modules, modes and settings)",
                 "closure class weights": "tensors and numbers model_fn reads",
+                "save to a path per rank": "every rank must pass the same path",
+                "load from a path per rank": "every rank must pass the same path",
                 "own module temperature": "model (modules, modes and settings)",
                 "train mode": "model (modules, modes and settings)",
                 "optimizer state": "optimizer state (step count, fingerprints)",
@@ -807,7 +814,7 @@ def test_bad_input_raises_on_every_rank(world2: list[dict[str, Any]]) -> None:
             assert msg is not None, f"rank {r}: {case} raised nothing"
             assert "rank 1" in msg and words in msg, f"rank {r}, {case}: {msg}"
             assert msg.split(":")[0] in ("graddot", "inrun_shapley", "train_step", "train_step.init",
-                                         "DataValues.save"), msg
+                                         "DataValues.save", "DataValues.load"), msg
         assert "another order" not in res["param values"], res["param values"]  # (the values differ, not the order)
         for case in ("equal config objects", "equal config sets", "equal large sets", "equal config arrays",
                      "own module with rank settings", "optimizer state copied on rank 0", "rank's device in a config",
