@@ -647,6 +647,10 @@ def test_text_files_skipped_are_counted_with_the_reason(tmp_path: Path) -> None:
         assert got.sources == ("ok.txt",)
         assert sorted(got.skipped) == [("blob.bin.dat", "binary"), ("empty.txt", "empty"), ("latin1.txt", "not UTF-8")]
         assert data.describe(got).endswith("(3 files skipped: 1 binary, 1 empty, 1 not UTF-8)")
+    (tmp_path / "t" / "short.txt").write_text("tiny")  # a source that gives no chunk of 8 tokens is told
+    got = data.load(str(tmp_path / "t"), seq_len=8, cache=tmp_path / "cache", option="--train")
+    assert data.describe(got).startswith(f"{len(got)} chunks of 8 tokens from 1 source (1 file shorter than 8 tokens "
+                                         f"gave no chunk) (3 files skipped")
 
 
 def test_local_hugging_face_vocabulary_that_exactly_fits(corpus: dict[str, Path], tmp_path: Path,
