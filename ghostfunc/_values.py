@@ -336,8 +336,8 @@ class DataValues:
             _dist.refuse_other_calls("DataValues.load", [e[0] if isinstance(e, tuple) and len(e) == 2 else None
                                                          for e in every])
             if len({e[1] for e in every}) > 1:  # (every rank sees the list: every rank raises)
-                raise ValueError(f"DataValues.load: every rank must pass the same path (rank 0 reads the file for "
-                                 f"all); " + ", ".join(f"rank {r}: {e[1]!r}" for r, e in enumerate(every)))
+                raise ValueError("DataValues.load: every rank must pass the same path (rank 0 reads the file for "
+                                 "all); " + ", ".join(f"rank {r}: {e[1]!r}" for r, e in enumerate(every)))
             box: list[Any] = [None]
             if rank == 0:
                 try:
