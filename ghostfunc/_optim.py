@@ -65,6 +65,15 @@ class Optimizer(NamedTuple):
     settings: tuple[tuple[str, Any], ...] = ()
     check_state: Callable[[Any, Params, str], None] | None = None
 
+    def __repr__(self) -> str:
+        """``sgd(lr=0.1 at step 0, momentum=0.9, ...)``: the settings, not the functions."""
+        try:
+            start = self.init({})
+            lr = f"lr={self.lr(start):g} at step 0"
+        except Exception:  # noqa: BLE001 - a hand-written optimizer whose init needs parameters
+            lr = "lr=?"
+        return f"{self.name}({', '.join([lr, *(f'{k}={v!r}' for k, v in self.settings)])})"
+
 
 class SGDState(NamedTuple):
     """``step`` updates done so far; ``momentum`` buffers (``None`` before the first update or without momentum;

@@ -1268,6 +1268,7 @@ def test_small_ergonomics():
 
     a = ghostfunc.DataValues.zeros(3)
     assert a == a and a != ghostfunc.DataValues.zeros(3)
+    assert repr(ghostfunc.sgd(0.1, momentum=0.9)).startswith("sgd(lr=0.1 at step 0, momentum=0.9,")  # (not closures)
     assert resources.files("ghostfunc").joinpath("py.typed").is_file()
     run = subprocess.run([sys.executable, "-m", "ghostfunc", "--version"], capture_output=True, text=True)
     assert run.returncode == 0 and run.stdout.strip() == f"ghostfunc {ghostfunc.__version__}"
