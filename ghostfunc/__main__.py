@@ -77,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return importlib.import_module(SUBCOMMANDS[given[0]], __package__).main(given[1:])
     argv = given
-    parser = argparse.ArgumentParser(prog="python -m ghostfunc", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m ghostfunc", description=(__doc__ or "").replace("``", ""),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", nargs="?", default="check", choices=("check", *SUBCOMMANDS))
     from . import __version__

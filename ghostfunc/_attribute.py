@@ -72,7 +72,7 @@ def attribute(run: str | Path, *, per_step: bool = False, out: str | Path | None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ghostfunc attribute", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m ghostfunc attribute", description=(__doc__ or "").replace("``", ""),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="the run folder (holding trajectory/)")
     parser.add_argument("--per-step", action="store_true", help="keep every step's share ([N, T])")

@@ -271,7 +271,7 @@ def plot_values(flipped: Tensor, out: dict[str, Any], path: Path) -> Path:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ghostfunc demo", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m ghostfunc demo", description=(__doc__ or "").replace("``", ""),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for values.csv and values.png")
     p.add_argument("--epochs", type=int, default=10)

@@ -504,7 +504,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m ghostfunc evaluate``: the table on stdout, JSON and PNG in ``--out``."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m ghostfunc evaluate", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m ghostfunc evaluate", description=(__doc__ or "").replace("``", ""),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--seeds", type=int, default=3, help="number of seeds (0, 1, ...)")

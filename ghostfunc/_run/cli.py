@@ -146,7 +146,7 @@ class _Parser(argparse.ArgumentParser):
 
 def parser(prog: str, options: dict[str, tuple[Any, str]], doc: str) -> argparse.ArgumentParser:
     """An argparse parser for ``options`` whose ``--help`` shows every default; unset options stay unset."""
-    p = _Parser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = _Parser(prog=prog, description=doc.replace("``", ""), formatter_class=argparse.RawDescriptionHelpFormatter,
                 argument_default=argparse.SUPPRESS)
     for name, (default, text) in options.items():
         flag = "--" + name.replace("_", "-")
