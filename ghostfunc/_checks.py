@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -207,3 +208,13 @@ def check_model_fn(model_fn: Any, where: str) -> None:
     if not callable(model_fn):
         raise TypeError(f"{where}: model_fn must be callable as model_fn(params, batch) -> losses [B]; "
                         f"got {type(model_fn).__name__}")
+    try:
+        signature = inspect.signature(model_fn)
+    except (TypeError, ValueError):  # a builtin or an extension type: told by its own call
+        return
+    try:
+        signature.bind(None, None)
+    except TypeError:  # (a bare "missing 1 required positional argument" from inside the trace before)
+        raise TypeError(f"{where}: model_fn must be callable as model_fn(params, batch) -> losses [B], two "
+                        f"positional arguments (a batch of several tensors is one pytree: unpack it inside); its "
+                        f"signature is {getattr(model_fn, '__name__', type(model_fn).__name__)}{signature}") from None

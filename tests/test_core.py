@@ -1266,6 +1266,9 @@ def test_small_ergonomics():
     import sys
     from importlib import resources
 
+    def three(p, x, y):
+        return model_fn(p, (x, y))
+
     a = ghostfunc.DataValues.zeros(3)
     assert a == a and a != ghostfunc.DataValues.zeros(3)
     assert repr(ghostfunc.sgd(0.1, momentum=0.9)).startswith("sgd(lr=0.1 at step 0, momentum=0.9,")  # (not closures)
@@ -1277,6 +1280,9 @@ def test_small_ergonomics():
     assert torch.equal(got, ghostfunc.inrun_shapley(model_fn, params, (x, y), (x, y), lr=0.1))
     with pytest.raises(TypeError, match="got an empty list"):
         ghostfunc.unroll(model_fn, ghostfunc.sgd(0.1), params, [], (x, y))
+    with pytest.raises(TypeError, match=r"^graddot: model_fn must be callable as model_fn\(params, batch\).*its "
+                                        r"signature is three\(p, x, y\)"):  # (a bare "missing 1 required ...")
+        ghostfunc.graddot(three, params, (x, y), (x, y))
     with pytest.raises(ValueError, match=r"^graddot: train\[0\] is on the meta device"):  # (not aten::equal's error)
         ghostfunc.graddot(model_fn, params, (x.to("meta"), y), (x, y))
 
