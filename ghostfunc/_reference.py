@@ -79,14 +79,15 @@ def per_sample_grads(model_fn: Callable, params: Mapping[str, Tensor], batch: An
             raise ParamsUnusedError(f"{where}: the loss of {label} sample {i} has no autograd path to params "
                                     f"(computed under torch.no_grad(), .detach()-ed, or an integer); return the "
                                     f"losses as computed from params")
-        gs = torch.autograd.grad(loss, list(p.values()), allow_unused=True)
+        gs = [g.to_dense() if g is not None and g.is_sparse else g
+              for g in torch.autograd.grad(loss, list(p.values()), allow_unused=True)]
         bad = [k for k, g in zip(p, gs, strict=True) if g is not None and not bool(torch.isfinite(g).all())]
         if bad:  # (as graddot refuses it: a NaN score was returned silently)
             raise FloatingPointError(f"{where}: the gradient of {label} sample {i}'s loss ({loss.item():.6g}) is not "
                                      f"finite in params[{bad[0]!r}]" + (f" and {len(bad) - 1} more" if len(bad) > 1
                                                                         else "") + "; its scores would be NaN")
         for (k, v), g in zip(p.items(), gs, strict=True):
-            grads[k].append(torch.zeros_like(v) if g is None else g.to_dense() if g.is_sparse else g)
+            grads[k].append(torch.zeros_like(v) if g is None else g)
         losses.append(loss.detach())
     return {k: torch.stack(v) for k, v in grads.items()}, torch.stack(losses)
 

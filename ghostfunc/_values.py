@@ -76,8 +76,8 @@ def read_saved(path: str | os.PathLike, where: str, writer: str) -> Any:
     cannot be opened raises as it is, a truncated or foreign one a ``ValueError`` naming it, ``writer`` (what
     should have written it) and torch's reason."""
     try:
-        with torch.serialization.safe_globals(SAFE_TYPES):
-            return torch.load(path, weights_only=True)
+        torch.serialization.add_safe_globals(SAFE_TYPES)  # (a context manager's exit would remove them: they
+        return torch.load(path, weights_only=True)  # stay allowed, as ghostfunc's import allows them)
     except (FileNotFoundError, IsADirectoryError, PermissionError):
         raise
     except Exception as err:  # noqa: BLE001 - a truncated or foreign file: say which, and what torch said
@@ -404,8 +404,8 @@ def _check_loadable(state: Any) -> None:
             f"lists and dicts instead (a function or a lock is not data: leave it out)") from None
     buffer.seek(0)
     try:
-        with torch.serialization.safe_globals(SAFE_TYPES):
-            torch.load(buffer, weights_only=True)
+        torch.serialization.add_safe_globals(SAFE_TYPES)
+        torch.load(buffer, weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch's reason, first line
         reason = str(err).strip().splitlines()
         why = next((line.strip() for line in reason if "GLOBAL" in line or "Unsupported" in line),
