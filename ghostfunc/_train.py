@@ -31,6 +31,10 @@ Params = dict[str, Tensor]
 class TrainState(NamedTuple):
     """Everything a step needs: ``params`` (name -> tensor), ``opt_state``, and ``step`` (updates done).
 
+    ``step`` counts this run's updates; the optimizer's own ``opt_state.step`` is what its learning-rate schedule
+    and bias corrections follow: an optimizer state made afresh mid-run (``state._replace(opt_state=opt.init(
+    params))``, as a new ``torch.optim`` optimizer) starts its schedule again while ``step`` counts on.
+
     ``val_grad`` (``curvature="secant"`` only): the mean validation gradient at
     ``params`` that the previous step computed for its validation batch; the next
     step reuses it when its validation batch is equal, else it is recomputed.
@@ -163,11 +167,6 @@ class TrainStep:
             raise TypeError(f"{said} (a {type(state.step).__name__})")
         if state.step < 0:
             raise ValueError(said)
-        inner = getattr(state.opt_state, "step", None)  # (the schedule and bias corrections count the optimizer's)
-        if isinstance(inner, numbers.Integral) and not isinstance(inner, bool) and inner != state.step:
-            raise ValueError(f"{where}: state.step ({state.step}) and state.opt_state.step ({inner}) must agree (both "
-                             f"count the updates done; a state edited by hand, _replace(step=...), or parts of two "
-                             f"states joined); the learning-rate schedule follows opt_state.step")
         # a state built by hand may hold tensors that require grad (nn.Parameters): the step reads them detached,
         # else its new state would carry a graph back through every earlier step (memory growing over a run)
         if self.group is None:

@@ -433,9 +433,10 @@ def test_results_and_states_round_trip_through_torch_save_and_load(tmp_path):
     assert all(torch.equal(a[0].params[k], b[0].params[k]) for k in w)
 
 
-def test_a_state_whose_two_step_counts_disagree_is_refused():
-    """state._replace(step=7) beside an optimizer state at step 0 ran on: the schedule follows opt_state.step,
-    the new state said 8 and 1."""
+def test_an_optimizer_state_made_afresh_mid_run_starts_its_schedule_again():
+    """TrainState.step counts the run's updates, opt_state.step drives the schedule: a reset optimizer state (a new
+    torch.optim optimizer mid-run) is taken, its learning rate from its own count (refusing the two counts that
+    differ would refuse every step after such a reset)."""
     torch.manual_seed(0)
     w = {"w": torch.randn(2, 3, dtype=torch.float64)}
 
@@ -443,9 +444,12 @@ def test_a_state_whose_two_step_counts_disagree_is_refused():
         return (batch @ q["w"].T).pow(2).sum(1)
 
     x = torch.randn(4, 3, dtype=torch.float64)
-    step = ghostfunc.train_step(model_fn, ghostfunc.adamw(0.1))
+    opt = ghostfunc.sgd(lambda count: 0.1 / (1 + count))
+    step = ghostfunc.train_step(model_fn, opt)
     state = step.init(w)
-    with pytest.raises(ValueError, match=r"state.step \(7\) and state.opt_state.step \(0\) must agree"):
-        step(state._replace(step=7), x, x)
-    state, _ = step(state, x, x)
-    assert state.step == state.opt_state.step == 1
+    for _ in range(3):
+        state, _ = step(state, x, x)
+    state = state._replace(opt_state=opt.init(state.params))
+    for _ in range(2):
+        state, info = step(state, x, x)
+    assert state.step == 5 and state.opt_state.step == 2 and info.lr == 0.1 / 2
