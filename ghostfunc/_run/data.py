@@ -277,10 +277,10 @@ def evenly(corpus: Corpus, limit: int) -> Corpus:
 
 def describe(corpus: Corpus) -> str:
     """``"N chunks of T tokens from S sources"``, and ``" (K files skipped: 2 empty, 1 not UTF-8)"`` when some were."""
-    used = len(np.unique(np.asarray(corpus.source))) if len(corpus) else 0
-    text = f"{len(corpus):,} chunks of {corpus.seq_len} tokens from {used:,} source{'s' * (used != 1)}"
-    if (short := len(corpus.sources) - used) > 0:  # (a file shorter than a chunk gives none)
-        text += f" ({short:,} file{'s' * (short != 1)} shorter than {corpus.seq_len} tokens gave no chunk)"
+    used, every = (len(np.unique(np.asarray(corpus.source))) if len(corpus) else 0), len(corpus.sources)
+    some = f"{used:,} of {every:,}" if used < every else f"{every:,}"  # (a file shorter than a chunk gives none;
+    text = (f"{len(corpus):,} chunk{'s' * (len(corpus) != 1)} of {corpus.seq_len} tokens from {some} "  # a limit
+            f"source{'s' * (every != 1)}")  # on the chunks keeps some files' none)
     if corpus.skipped:
         n = len(corpus.skipped)
         text += f" ({n:,} file{'s' * (n != 1)} skipped: {_reasons(corpus.skipped)})"

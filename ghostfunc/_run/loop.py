@@ -334,10 +334,13 @@ def check_resume(cfg: dict[str, Any], saved: dict[str, Any]) -> None:
 
 
 def _resolved(cfg: dict[str, Any]) -> dict[str, Any]:
-    """``--device auto`` as the device it picks here (``auto`` against ``cpu`` on a machine without CUDA is one run)."""
-    if cfg.get("device") == "auto":
-        return {**cfg, "device": "cuda" if torch.cuda.is_available() else "cpu"}
-    return cfg
+    """``--device auto`` as the device it picks here (``auto`` against ``cpu`` on a machine without CUDA is one run),
+    and the paths with their links resolved (the same folder reached through a symbolic link is the same data)."""
+    out = {**cfg, **{k: os.path.realpath(cfg[k]) for k in PATH_KEYS
+                     if k in cfg and is_path(k, cfg[k], Path.cwd()) and os.path.isabs(cfg[k])}}
+    if out.get("device") == "auto":
+        out["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    return out
 
 
 def write_atomic(path: Path, text: str) -> None:
