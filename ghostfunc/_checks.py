@@ -98,7 +98,7 @@ def check_pair(train: Any, val: Any, where: str) -> tuple[Batch, Batch]:
     if _flat(train) and _flat(val) and type(train) is type(val) and (isinstance(train, Tensor) or len(train) == len(val)):
         return tb, vb  # tensors, or tuples/lists of tensors of one length: the same structure
     ts, vs = pytree.tree_structure(_plain(train)), pytree.tree_structure(_plain(val))
-    if ts != vs and pytree.tree_structure(_sorted(train)) == pytree.tree_structure(_sorted(val)):
+    if ts != vs and pytree.tree_structure(keys_sorted(train)) == pytree.tree_structure(keys_sorted(val)):
         # The same keys in another order, or a BatchEncoding beside a dict: the same batch. Val's dicts take
         # train's key order (its rows then line up with train's where the two run as one batch).
         # (An OrderedDict beside a dict, a BatchEncoding beside a dict: each batch runs on its own.)
@@ -111,7 +111,7 @@ def check_pair(train: Any, val: Any, where: str) -> tuple[Batch, Batch]:
                 f"(ids, codes)") if lists else ""
         raise ValueError(
             f"{where}: train and val must have the same structure (same container types and keys); "
-            f"train is {_describe(train)}, val is {_describe(val)}{hint}"
+            f"train is {describe_batch(train)}, val is {describe_batch(val)}{hint}"
         )
     return tb, vb
 
@@ -146,7 +146,7 @@ def _plain(batch: Any) -> Any:
                            is_leaf=is_foreign_mapping)
 
 
-def _sorted(batch: Any) -> Any:
+def keys_sorted(batch: Any) -> Any:
     """``batch`` with every mapping a dict with its keys in sorted order (as a string where keys of several types
     cannot be compared): what :func:`check_pair` compares besides key order and mapping type."""
     def visit(node: Any) -> Any:
@@ -159,6 +159,8 @@ def _sorted(batch: Any) -> Any:
             return {k: visit(node[k]) for k in keys}
         if type(node) in (list, tuple):
             return type(node)(visit(v) for v in node)
+        if isinstance(node, tuple) and hasattr(type(node), "_fields"):  # a namedtuple
+            return type(node)(*(visit(v) for v in node))
         return node
 
     return visit(batch)
@@ -171,10 +173,12 @@ def _ordered_like(val: Any, train: Any) -> Any:
         return type(val)((k, _ordered_like(val[k], train[k])) for k in train)
     if type(val) in (list, tuple) and type(train) is type(val) and len(val) == len(train):
         return type(val)(_ordered_like(v, t) for v, t in zip(val, train, strict=True))
+    if isinstance(val, tuple) and hasattr(type(val), "_fields") and type(train) is type(val):  # a namedtuple
+        return type(val)(*(_ordered_like(v, t) for v, t in zip(val, train, strict=True)))
     return val
 
 
-def _describe(batch: Any) -> str:
+def describe_batch(batch: Any) -> str:
     with_paths, _ = pytree.tree_flatten_with_path(_plain(batch))
     keys = [pytree.keystr(p) or "<root>" for p, _ in with_paths]
     return f"{type(batch).__name__} with leaves {keys}"

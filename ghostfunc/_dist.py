@@ -101,11 +101,15 @@ def check_group(group: Any, where: str) -> None:
 
 
 def batch_signature(batch: Any) -> tuple[str, tuple[Any, ...]]:
-    """A batch pytree's structure, every tensor leaf's per-sample shape and dtype (no device: ranks differ
-    there) and every other leaf's value (:func:`described`)."""
+    """A batch pytree's structure (its mappings' keys in sorted order), every tensor leaf's per-sample shape and
+    dtype (no device: ranks differ there) and every other leaf's value (:func:`described`)."""
     from torch.utils import _pytree as pytree
 
-    leaves, spec = pytree.tree_flatten(batch)
+    from ._checks import keys_sorted
+
+    # (mappings as dicts in key order: a tokenizer's BatchEncoding, keys built in another order on one rank, are
+    # the same batch, as graddot takes them beside a dict; the rows are each rank's own either way)
+    leaves, spec = pytree.tree_flatten(keys_sorted(batch))
     return str(spec), tuple((tuple(x.shape[1:]), str(x.dtype)) if isinstance(x, Tensor) else described(x)
                             for x in leaves)
 

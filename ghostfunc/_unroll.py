@@ -48,7 +48,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils import _pytree as pytree
 
 from ._capture import Batch, _check_finite, _rephrase, dense, per_sample_losses, second_derivative, tensor_leaves
-from ._checks import check_batch, check_model_fn, check_params
+from ._checks import check_batch, check_model_fn, check_params, describe_batch, keys_sorted
 from ._direction import graddot_direction
 from ._graddot import score_dtype
 from ._interact import check_model, check_state_writes, grads_on
@@ -398,8 +398,10 @@ def check_val(val: Any, batches: Sequence[Any], index: str, where: str) -> Batch
         got = f"keys {sorted(val)}" if isinstance(val, Mapping) else type(val).__name__
         raise ValueError(f"{where}: val must be a batch dict with the keys of the training batches "
                          f"{sorted(keys)} (the {index!r} leaf optional); got {got}")
-    if pytree.tree_structure({k: like[k] for k in keys}) != pytree.tree_structure({k: val[k] for k in keys}):
-        raise ValueError(f"{where}: val must have the structure of the training batches under every key")
+    for k in sorted(keys, key=repr):  # (dicts' keys in another order, a BatchEncoding beside a dict: the same)
+        if pytree.tree_structure(keys_sorted(like[k])) != pytree.tree_structure(keys_sorted(val[k])):
+            raise ValueError(f"{where}: val must have the structure of the training batches under every key; under "
+                             f"{k!r} the training batch holds {describe_batch(like[k])}, val {describe_batch(val[k])}")
     return check_batch(val, "val", where)
 
 

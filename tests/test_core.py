@@ -579,6 +579,22 @@ def test_val_with_trains_keys_in_another_order_or_mapping_is_the_same_batch(how)
     assert rel(b, a) < 1e-12
     with pytest.raises(ValueError, match="same structure"):
         ghostfunc.graddot(model_fn, p, train, {"x": val["x"], "z": val["y"]})
+    # nested: a namedtuple holding the dict, and unroll's validation batch under a key
+    pair = collections.namedtuple("pair", "batch w")
+
+    def paired(q, batch):
+        return model_fn(q, batch.batch) * batch.w
+
+    a = ghostfunc.graddot(paired, p, pair(train, torch.ones(5, dtype=F64)), pair(val, torch.ones(3, dtype=F64)))
+    b = ghostfunc.graddot(paired, p, pair(train, torch.ones(5, dtype=F64)), pair(other, torch.ones(3, dtype=F64)))
+    assert rel(b.scores, a.scores) < 1e-12
+
+    def keyed(q, batch):
+        return model_fn(q, batch["inputs"])
+
+    steps = [{"inputs": train, "index": torch.arange(5)}]
+    want = ghostfunc.unroll(keyed, ghostfunc.sgd(0.1), p, steps, {"inputs": val}).total
+    assert rel(ghostfunc.unroll(keyed, ghostfunc.sgd(0.1), p, steps, {"inputs": other}).total, want) < 1e-12
 
 
 def test_a_zero_size_parameter_scores_zero_everywhere():

@@ -305,6 +305,11 @@ def _errors(rank: int, world: int, out: dict[str, Any]) -> None:
             ghostfunc.TrainState(dict(params), ghostfunc.sgd(0.1).init(params), 0), train, val),
         "train_step.init without params on one rank": lambda: ghostfunc.train_step(
             model_fn, ghostfunc.sgd(0.1), group=group).init({} if rank == 1 else params),
+        # a tokenizer's BatchEncoding on every rank (refused as "another structure" on every rank), val's keys in
+        # another order on one rank: the same batch
+        "equal batch encodings": lambda: ghostfunc.graddot(
+            by_key, params, encoded(train), encoded(val) if rank == 0 else dict(reversed(list(encoded(val).items()))),
+            group=group),
         # a path per rank: rank 0 wrote its own alone (the others' were never written); read: rank 0's alone
         "save to a path per rank": lambda: ghostfunc.DataValues.zeros(4).save(
             Path(tempfile.gettempdir(), f"never_written_{rank}.pt"), group=group),
@@ -364,6 +369,14 @@ def _errors(rank: int, world: int, out: dict[str, Any]) -> None:
 
     def with_leaf(p: dict, batch: tuple) -> torch.Tensor:
         return model_fn(p, batch[:2])
+
+    def encoded(batch: tuple) -> Any:
+        import transformers
+
+        return transformers.BatchEncoding({"x": batch[0], "y": batch[1]})
+
+    def by_key(p: dict, batch: Any) -> torch.Tensor:
+        return model_fn(p, (batch["x"], batch["y"]))
 
     def continued(change: Callable[[Any], Any]) -> None:
         state, _ = adamw_step(adamw_step.init(params), train, val)
@@ -817,6 +830,7 @@ def test_bad_input_raises_on_every_rank(world2: list[dict[str, Any]]) -> None:
                                          "DataValues.save", "DataValues.load"), msg
         assert "another order" not in res["param values"], res["param values"]  # (the values differ, not the order)
         for case in ("equal config objects", "equal config sets", "equal large sets", "equal config arrays",
+                     "equal batch encodings",
                      "own module with rank settings", "optimizer state copied on rank 0", "rank's device in a config",
                      "unreadable tensors in a config"):
             assert res[case] is None, (case, res[case])
