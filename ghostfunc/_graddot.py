@@ -37,6 +37,7 @@ from ._interact import (
     counted_over_batch,
     eager_stance,
     in_one_call,
+    module_settings,
     param_signature,
     remember,
     run_with_grads,
@@ -399,7 +400,8 @@ def _plain_draws(on: bool, once: bool = False) -> Iterator[None]:
 
 
 def _draws_key(model_fn: ModelFn, params: dict[str, Tensor], batches: Sequence[Batch]) -> tuple:
-    return param_signature(params), tuple((b.signature, b.size) for b in batches), training_flags(model_fn)
+    return (param_signature(params), tuple((b.signature, b.size) for b in batches), training_flags(model_fn),
+            module_settings(model_fn))
 
 
 def as_plain_draws(model_fn: ModelFn, params: dict[str, Tensor], batches: Sequence[Batch], compute: Callable[[], R],

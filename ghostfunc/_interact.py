@@ -554,6 +554,25 @@ def modules_of(model_fn: Callable) -> list[torch.nn.Module]:
     return _scoped("modules", model_fn, lambda: _modules_in(reads(model_fn)))
 
 
+def module_settings(model_fn: Callable) -> tuple[Any, ...]:
+    """The plain settings (numbers, strings, ``None``) every submodule of the modules ``model_fn`` reads holds,
+    once per public call: what a verdict that depends on how the model runs is kept under besides
+    :func:`training_flags` (a module switched to drop its activations sequence-first kept the first call's
+    verdict on its random draws: 0.27 off)."""
+    def compute() -> tuple[Any, ...]:
+        out: list[Any] = []
+        for root in modules_of(model_fn):
+            for m in root.modules():
+                out.append(tuple((k, v) for k, v in vars(m).items()
+                                 if not k.startswith("_") and type(v) in _SETTING_TYPES))
+        return tuple(out)
+
+    return _scoped("settings", model_fn, compute)
+
+
+_SETTING_TYPES = (bool, int, float, str, type(None))
+
+
 def _training_flags(model_fn: Callable) -> tuple[Any, ...]:
     flags: list[Any] = []
     for obj in modules_of(model_fn):

@@ -983,6 +983,43 @@ def test_stochastic_depth_keeps_a_draw_per_sample(how):
         assert ghostfunc._graddot.MASKS_DIFFER not in out.plan.notes
 
 
+def test_a_module_switched_to_drop_sequence_first_is_compared_again():
+    """A module attribute that moves dropout to a sequence-first tensor after a first batch-first call (same
+    parameters, batches and modes): the first call's verdict (vmap's masks are the plain call's) was kept, 0.27 off
+    the plain step; the verdict is kept under the modules' settings too."""
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1, self.l2, self.seq_first = nn.Linear(4, 8), nn.Linear(8, 3), False
+
+        def forward(self, x):  # [B, T, 4]
+            h = torch.tanh(self.l1(x))
+            if self.seq_first:
+                h = F.dropout(h.transpose(0, 1).contiguous(), 0.5, True).transpose(0, 1)
+            else:
+                h = F.dropout(h, 0.5, True)
+            return self.l2(h.mean(1))
+
+    net = Net().to(F64)
+    p = {k: v.detach() for k, v in net.named_parameters()}
+
+    def model_fn(q, batch):
+        return F.cross_entropy(functional_call(net, q, (batch[0],)), batch[1], reduction="none")
+
+    g = torch.Generator().manual_seed(2)
+    train = (torch.randn(5, 3, 4, generator=g, dtype=F64), torch.randint(0, 3, (5,), generator=g))
+    val = (torch.randn(3, 3, 4, generator=g, dtype=F64), torch.randint(0, 3, (3,), generator=g))
+    for seq_first in (False, True):
+        net.seq_first = seq_first
+        torch.manual_seed(3)
+        out = ghostfunc.graddot(model_fn, p, train, val)
+        torch.manual_seed(3)
+        gt, gv = _plain_step_grads(model_fn, p, train), _plain_step_grads(model_fn, p, val)
+        assert rel(out.scores, sum(gt[k].flatten(1) @ gv[k].flatten(1).mean(0) for k in p)) < 1e-10, seq_first
+
+
 def test_a_transformer_encoder_layer_in_training_mode_is_the_plain_step():
     """nn.TransformerEncoderLayer(batch_first=True) in training mode drops nn.MultiheadAttention's output, a
     batch-first view of sequence-first memory: graddot's scores and losses are the plain call's (ordinary
