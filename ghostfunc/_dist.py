@@ -41,6 +41,9 @@ against every validation row) gathers the validation rows themselves
 from __future__ import annotations
 
 import contextlib
+import itertools
+import numbers as numbers_module
+import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple, TypeVar
 
@@ -228,7 +231,7 @@ def model_state(model_fn: Any, params: Mapping[str, Tensor]) -> dict[str, Any]:
     process) and passed.
     A module tensor named as one of ``params`` (``functional_call`` puts the passed one in its place) is not
     looked at. A tensor's fingerprint is kept while its version counter stands (a frozen base is summed once)."""
-    from ._interact import modules_of, reads
+    from ._interact import modules_of, named_reads
 
     described_modules, frozen = [], {}
     for i, root in enumerate(modules_of(model_fn)):
@@ -247,18 +250,43 @@ def model_state(model_fn: Any, params: Mapping[str, Tensor]) -> dict[str, Any]:
                 if t is not None and not t.requires_grad and t.dtype is not torch.bool and not t.is_complex() and \
                         path not in params:
                     frozen[f"{i}:{path}"] = t
-    data, numbers = {}, []  # what model_fn reads besides modules: a class-weight tensor, a temperature
-    for i, obj in enumerate(reads(model_fn)):
-        for j, v in enumerate(obj.values() if type(obj) is dict else obj if type(obj) in (list, tuple) else (obj,)):
-            if isinstance(v, Tensor) and v.is_floating_point() and v.layout is torch.strided:
-                data[f"{i}.{j}"] = v
-            elif type(v) is float:
-                numbers.append((i, j, float.hex(v)))
-            if j >= 64:
-                break
+    data: dict[str, Tensor] = {}
+    numbers: dict[str, str] = {}  # what model_fn reads besides modules: a class-weight tensor, a temperature
+
+    def see(label: str, v: Any, depth: int) -> None:
+        if isinstance(v, Tensor):
+            if v.is_floating_point() and v.layout is torch.strided and v.numel() <= READ_TENSOR_ELEMENTS:
+                data[label] = v  # (a larger one may be each rank's own table, indexed by its rows' ids)
+        elif type(v) is float or type(v).__module__ == "numpy" and isinstance(v, numbers_module.Real) and \
+                not isinstance(v, numbers_module.Integral):
+            numbers[label] = float.hex(float(v))
+        elif depth and type(v) in (dict, list, tuple):
+            items = v.items() if type(v) is dict else enumerate(v)
+            for k, x in itertools.islice(items, 64):
+                see(f"{label}[{k!r}]", x, depth - 1)
+        elif depth and _plain_object(v):
+            for k, x in itertools.islice(vars(v).items(), 64):
+                if not k.startswith("_"):
+                    see(f"{label}.{k}", x, depth - 1)
+
+    for label, obj in named_reads(model_fn):
+        see(label, obj, 2)
     return {"model (modules, modes and settings)": tuple(described_modules),
             "model's frozen tensors (fingerprints)": _kept_checksums(frozen),
-            "tensors and numbers model_fn reads (fingerprints)": (tuple(numbers), _kept_checksums(data))}
+            READS_KEY: {**numbers, **_kept_checksums(data)}}
+
+
+READS_KEY = "floats and small float tensors model_fn reads (fingerprints)"
+#: Floating tensors ``model_fn`` reads up to this many elements are compared across ranks (class weights, a
+#: temperature); a larger one may be each rank's own table of its rows' features.
+READ_TENSOR_ELEMENTS = 4096
+
+
+def _plain_object(v: Any) -> bool:
+    """An object whose attributes are its settings (a dataclass, a ``SimpleNamespace``, a config object): not a
+    module, a function, a class or a tensor."""
+    return hasattr(v, "__dict__") and not isinstance(v, (torch.nn.Module, type, types.FunctionType, types.MethodType,
+                                                         types.ModuleType, Tensor))
 
 
 _WRAPPERS = frozenset({"DistributedDataParallel", "FullyShardedDataParallel", "DataParallel"})
@@ -473,7 +501,12 @@ def _difference(theirs: Any, ours: Any, r: int) -> str:
 
 
 def _hint(key: str, theirs: dict[str, Any], ours: dict[str, Any]) -> str:
-    """How to mend a batch structure that differs across ranks only in its tensors' shapes (padding)."""
+    """How to mend a batch structure that differs across ranks only in its tensors' shapes (padding), or a value
+    ``model_fn`` reads that differs."""
+    if key == READS_KEY:
+        return (" (each rank's loss must be the same function: a setting or table built from each rank's own "
+                "shard is another model on each; a value that is each rank's own by design, its rows' data, goes "
+                "in the batch)")
     if not key.endswith("batch structure"):
         return ""
     a, b = theirs["signature"][key], ours["signature"][key]

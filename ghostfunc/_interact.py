@@ -476,42 +476,47 @@ def reads(model_fn: Callable) -> list[Any]:
     closures hold the module). Library functions (:data:`LIBRARIES`) are followed into
     their closures and defaults only. Python modules and classes are not walked.
     """
-    found: list[Any] = []
+    return [v for _, v in named_reads(model_fn)]
+
+
+def named_reads(model_fn: Callable) -> list[tuple[str, Any]]:
+    """:func:`reads`, each with where it was read (``"loss_fn: global weights"``, for messages)."""
+    found: list[tuple[str, Any]] = []
     seen: set[int] = set()
 
-    def keep(obj: Any, depth: int) -> None:
+    def keep(obj: Any, depth: int, label: str) -> None:
         if id(obj) in seen:
             return
         seen.add(id(obj))
         if issubclass(type(obj), types.ModuleType):
             if _own_module(obj):  # a module of the user's: its attributes are state (a config module's numbers)
-                found.append(obj)
+                found.append((label, obj))
             return
         if issubclass(type(obj), (type, types.BuiltinFunctionType, types.BuiltinMethodType)):
             return  # a class, a builtin: code, not state
         if issubclass(type(obj), functools.partial):
             for v in (*obj.args, *obj.keywords.values()):
-                keep(v, depth)
-            keep(obj.func, depth)
+                keep(v, depth, f"{label}'s argument")
+            keep(obj.func, depth, label)
         elif issubclass(type(obj), types.MethodType):
-            keep(obj.__self__, depth)
-            keep(obj.__func__, depth)
+            keep(obj.__self__, depth, f"{label}'s object")
+            keep(obj.__func__, depth, label)
         elif issubclass(type(obj), types.FunctionType):
             if depth < 0:
                 return
-            for v in _function_reads(obj):
-                keep(v, depth - 1)
+            for name, v in _function_reads(obj):
+                keep(v, depth - 1, name)
         else:  # data: a tensor, a number, a module, a container, a callable object (its attributes)
-            found.append(obj)
+            found.append((label, obj))
             try:
                 call = getattr(type(obj), "forward" if issubclass(type(obj), torch.nn.Module) else "__call__", None)
             except Exception:  # noqa: BLE001 - an odd metaclass: nothing to follow
                 call = None
             if isinstance(call, types.FunctionType) and depth >= 0:  # a module's forward, an object's __call__
-                for v in _function_reads(call):
-                    keep(v, depth - 1)
+                for name, v in _function_reads(call):
+                    keep(v, depth - 1, name)
 
-    keep(model_fn, READ_DEPTH)
+    keep(model_fn, READ_DEPTH, "model_fn")
     return found
 
 
@@ -524,13 +529,19 @@ def _own_module(module: types.ModuleType) -> bool:
     return "site-packages" not in origin and "dist-packages" not in origin
 
 
-def _function_reads(fn: types.FunctionType) -> list[Any]:
-    """One function's closure contents, default arguments and (outside :data:`LIBRARIES`) named globals."""
-    out = [_contents(c) for c in fn.__closure__ or ()]
-    out += [*(fn.__defaults__ or ()), *(fn.__kwdefaults__ or {}).values()]
+def _function_reads(fn: types.FunctionType) -> list[tuple[str, Any]]:
+    """One function's closure contents, default arguments and (outside :data:`LIBRARIES`) named globals, each with
+    its name (``"f: closure w"``, ``"f: default t"``, ``"f: global CFG"``)."""
+    at, code = getattr(fn, "__qualname__", "?"), fn.__code__
+    out = [(f"{at}: closure {name}", _contents(c)) for name, c in zip(code.co_freevars, fn.__closure__ or (),
+                                                                       strict=False)]
+    defaults = fn.__defaults__ or ()
+    named = code.co_varnames[code.co_argcount - len(defaults):code.co_argcount]
+    out += [(f"{at}: default {name}", v) for name, v in zip(named, defaults, strict=False)]
+    out += [(f"{at}: default {name}", v) for name, v in (fn.__kwdefaults__ or {}).items()]
     if (getattr(fn, "__module__", None) or "").partition(".")[0] not in LIBRARIES:
         scope = fn.__globals__
-        out += [scope[name] for name in _names(fn.__code__) if name in scope]
+        out += [(f"{at}: global {name}", scope[name]) for name in _names(code) if name in scope]
     return out
 
 

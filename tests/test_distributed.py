@@ -270,6 +270,7 @@ def _errors(rank: int, world: int, out: dict[str, Any]) -> None:
         # one's own (a temperature): each rank scored its rows with another loss (0.26-0.90 off one process)
         "closure class weights": lambda: ghostfunc.graddot(weighted, params, train, val, group=group),
         "own module temperature": lambda: ghostfunc.graddot(on_tempered, params, train, val, group=group),
+        "config temperature": lambda: ghostfunc.graddot(configured, params, train, val, group=group),
         "train mode": lambda: ghostfunc.graddot(on_mode, params, train, val, group=group),
         "optimizer state": lambda: adamw_step(adamw_step.init(params)._replace(opt_state=moved), train, val),
         # the state a step returned, continued on rank 1 and copied (or reloaded) on rank 0: compared by value
@@ -359,6 +360,10 @@ def _errors(rank: int, world: int, out: dict[str, Any]) -> None:
         return model_fn(p, (tempered(batch[0]), batch[1]))
 
     class_weights = torch.tensor([1.0, 1.0 + 4 * rank], dtype=torch.float64)
+    cfg = types.SimpleNamespace(loss={"temperature": np.float64(1.0 + rank)})
+
+    def configured(p: dict, batch: tuple) -> torch.Tensor:
+        return model_fn(p, batch) / cfg.loss["temperature"]
 
     def weighted(p: dict, batch: tuple) -> torch.Tensor:
         return model_fn(p, batch) * class_weights[batch[1] % 2]
@@ -814,10 +819,11 @@ def test_bad_input_raises_on_every_rank(world2: list[dict[str, Any]]) -> None:
                 "init against save": "every rank must make the same call at this point",
                 "val on rank 0 only": "pass all of it on every rank with val_reduce='mean'",
                 "frozen base": "model's frozen tensors", "norm eps": "model (modules, modes and settings)",
-                "closure class weights": "tensors and numbers model_fn reads",
+                "closure class weights": "floats and small float tensors model_fn reads",
                 "save to a path per rank": "every rank must pass the same path",
                 "load from a path per rank": "every rank must pass the same path",
                 "own module temperature": "model (modules, modes and settings)",
+                "config temperature": "configured: closure cfg.loss['temperature']",
                 "train mode": "model (modules, modes and settings)",
                 "optimizer state": "optimizer state (step count, fingerprints)",
                 "optimizer state copied and changed on rank 0": "optimizer state (step count, fingerprints)"}
