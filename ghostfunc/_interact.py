@@ -1087,6 +1087,10 @@ def _state_of_values(found: list[Any]) -> tuple:
             return
         if issubclass(type(obj), Tensor):
             out.append((Identity(obj), version(obj)))
+            if (not obj.requires_grad and budget[1] >= obj.numel() and obj.layout is torch.strided
+                    and not obj.is_meta and obj.dtype is not torch.bool and not obj.is_complex()):
+                budget[1] -= obj.numel()  # also by a checksum (an EMA teacher's dict updated through .data, whose
+                frozen[str(len(frozen))] = obj  # writes move no version: the secant kept a stale gradient, 0.16 off)
         elif issubclass(type(obj), _SCALARS):
             out.append(obj)
         elif _is_array(obj):

@@ -685,6 +685,8 @@ READER_CHANGES = {
     "a default argument": ("default", lambda net: DEFAULT_SHIFT.add_(0.5)),
     "a NumPy global": ("numpy", lambda net: NUMPY_SHIFT.__iadd__(0.5)),
     "a class weight in a nested config": ("config", lambda net: CONFIG["loss"]["w"].__setitem__(1, 3.0)),
+    # an EMA teacher's tensors updated through .data (no version moves): by a checksum
+    "a config tensor through .data": ("config", lambda net: CONFIG["loss"]["w"].data.mul_(2.0)),
     "a class attribute": ("config", lambda net: setattr(Weights, "scale", 2.0)),
     "deeper than the fingerprint": ("from_module", lambda net: setattr(net.deep.inner, "scale", 1.5)),
     "nothing": ("from_module", lambda net: None),
