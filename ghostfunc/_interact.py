@@ -1360,6 +1360,63 @@ def check_batch_gradient(model_fn: Callable, params: Mapping[str, Tensor], batch
     )
 
 
+#: As :data:`_GRAD_CHECKED`, for :func:`check_step_gradient`.
+_STEP_CHECKED: weakref.WeakKeyDictionary[Any, dict[tuple, frozenset[str]]] = weakref.WeakKeyDictionary()
+
+
+def check_step_gradient(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, train_grad: Mapping[str, Tensor],
+                        where: str) -> None:
+    """Raise :class:`SamplesInteractError` if ``train_grad`` (the mean of every training row's own gradient, which a
+    step takes) is not the gradient of the whole batch's mean loss (what ``torch.optim`` takes): a coupling that
+    the few rows :func:`check_model` and :func:`check_batch_gradient` compare cannot show (a loss normalised by the
+    whole batch's token count, where those rows hold as many tokens as each other: the step left torch.optim's
+    trajectory by 0.30). One backward of the batch, on the first step of each signature (and again once a
+    parameter that was zero everywhere has moved); a model that draws random numbers is not compared."""
+    key = (param_signature(params), training_flags(model_fn), batch.signature, batch.size)
+    try:
+        seen = _STEP_CHECKED.setdefault(model_fn, {})
+    except TypeError:
+        seen = {}
+    if key in seen and still_zero(params, seen[key]):
+        return
+    remember(seen, key, zero_params(params))
+    if batch.size < 2:
+        return
+    leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+    device = next(iter(params.values())).device
+    devices = [device.index or 0] if device.type == "cuda" else []
+    mode = _UsesAndDtypes(params)
+    with torch.random.fork_rng(devices=devices), torch.enable_grad(), eager_stance(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        before = _rng_states(devices)
+        try:
+            with mode:
+                losses = model_fn(dict(leaves), batch.rebuild(list(batch.tensors)))
+            if mode.random or not all(torch.equal(a, b) for a, b in zip(before, _rng_states(devices), strict=True)):
+                return
+            grads = torch.autograd.grad(losses.mean(), list(leaves.values()), allow_unused=True)
+        except Exception:  # noqa: BLE001 - a model that runs only under vmap: nothing to compare
+            return
+    plain = {k: torch.zeros_like(v) if g is None else g.to_dense() if g.is_sparse else g
+             for (k, v), g in zip(leaves.items(), grads, strict=True)}
+    rounding = max(coarsest([*params.values(), *batch.tensors]), mode.computed, key=lambda d: torch.finfo(d).eps)
+    scale = max([0.0, *(max(g.abs().max().item(), train_grad[k].abs().max().item())
+                        for k, g in plain.items() if g.numel())])
+    tol = torch.finfo(rounding).eps ** 0.5 * scale + torch.finfo(rounding).tiny
+    diffs = {k: (g - train_grad[k].to(g.dtype)).abs().max().item() for k, g in plain.items() if g.numel()}
+    worst = max(diffs, key=lambda k: diffs[k], default=None)
+    if worst is None or not diffs[worst] > tol:
+        return
+    raise SamplesInteractError(
+        f"{where}: samples interact in model_fn: over the whole training batch ({batch.size} samples), the gradient "
+        f"of the mean loss differs from the mean of each sample's own gradient (params[{worst!r}]: largest "
+        f"difference {diffs[worst]:.3g}, rounding allows {tol:.3g}), though the few samples compared one by one "
+        f"agreed. torch.optim would step with the batch's gradient, this step with the mean of the samples' own, so "
+        f"the trajectory would leave torch.optim's. Usual cause: a loss normalised by a count over the whole batch "
+        f"(Hugging Face's num_items_in_batch, the batch's non-ignored tokens): normalise each sample by its own "
+        f"count. graddot and inrun_shapley give the per-sample numbers as they are")
+
+
 class _UsesAndDtypes(_Uses):
     """:class:`_Uses`, also noting the coarsest floating dtype any call computed in (autocast, a cast inside the
     model: the backward rounds in it too)."""

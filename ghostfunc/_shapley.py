@@ -46,7 +46,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import _dist
 from ._capture import Batch, Half, _check_finite, _rephrase, common_weight, per_sample_losses, second_derivative
-from ._checks import check_compile
+from ._checks import check_batch, check_compile
 from ._eager import unbatchable, val_grad_hvp_eager
 from ._graddot import (
     GradDot,
@@ -72,7 +72,7 @@ from ._graddot import (
     val_weights,
 )
 from ._groups import Part, split_sum
-from ._interact import check_batch_gradient, counted_over_batch, in_one_call
+from ._interact import check_batch_gradient, check_step_gradient, counted_over_batch, in_one_call
 from ._ops import SamplesInteractError
 from ._plan import Plan
 from ._secant import (
@@ -205,7 +205,9 @@ def compute_values(where: str, model_fn: Callable[[Params, Any], Tensor], params
     group = options.get("group")
     with _dist.collectively(where, group):  # a rank's values alone may overflow: every rank raises
         refuse_non_finite(where, out.values, None, out.train_grad, group is not None, "values")
-    return out
+    if options.get("optimizer") and group is None and not out.plan.notes:  # (a batch split by branch, run sample
+        check_step_gradient(model_fn, dict(params), check_batch(train, "train", where), out.train_grad, where)
+    return out  # by sample, drawing masks of its own: per-sample by design, not compared)
 
 
 def values_of(

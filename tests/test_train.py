@@ -453,3 +453,39 @@ def test_an_optimizer_state_made_afresh_mid_run_starts_its_schedule_again():
     for _ in range(2):
         state, info = step(state, x, x)
     assert state.step == 5 and state.opt_state.step == 2 and info.lr == 0.1 / 2
+
+
+def test_a_loss_normalised_over_the_whole_batch_is_refused_whatever_rows_come_first():
+    """A loss normalised by the whole batch's token count (Hugging Face's num_items_in_batch) couples the samples;
+    with the first rows holding as many tokens as each other, the few rows the checks compare agreed and the step
+    took the mean of the samples' own gradients, not the batch's (0.30 off torch.optim's step): the first step of
+    a signature also compares the batch's gradient with the mean the step takes."""
+    torch.manual_seed(0)
+    d, v = 8, 11
+    ids, tgt = torch.randint(0, v, (8, 6)), torch.randint(0, v, (8, 6))
+    for i in range(8):
+        tgt[i, : (2 if i < 3 else i % 5)] = -100  # the first three rows: four targets each
+    p = {"emb": torch.randn(v, d, dtype=torch.float64) / 2, "head": torch.randn(v, d, dtype=torch.float64) / 3}
+
+    def model_fn(q, b):
+        h = torch.tanh(F.embedding(b["ids"], q["emb"]))
+        token = F.cross_entropy(F.linear(h, q["head"]).transpose(1, 2), b["tgt"], reduction="none")
+        return token.sum(1) * len(b["tgt"]) / (b["tgt"] != -100).sum()
+
+    train, val = {"ids": ids, "tgt": tgt}, {"ids": ids[:3], "tgt": tgt[:3]}
+    step = ghostfunc.train_step(model_fn, ghostfunc.sgd(1.0))
+    with pytest.raises(ghostfunc.SamplesInteractError, match=r"^train_step: samples interact .*whole training "
+                                                               r"batch \(8 samples\).*num_items_in_batch"):
+        step(step.init(p), train, val)
+
+    def own_count(q, b):  # each sample normalised by its own count: the same numbers as a loop, no refusal
+        h = torch.tanh(F.embedding(b["ids"], q["emb"]))
+        token = F.cross_entropy(F.linear(h, q["head"]).transpose(1, 2), b["tgt"], reduction="none")
+        return token.sum(1) / (b["tgt"] != -100).sum(1)
+
+    step = ghostfunc.train_step(own_count, ghostfunc.sgd(1.0))
+    state, _ = step(step.init(p), train, val)
+    leaves = {k: t.clone().requires_grad_() for k, t in p.items()}
+    grads = torch.autograd.grad(own_count(leaves, train).mean(), list(leaves.values()))
+    for (k, t), g in zip(p.items(), grads):
+        torch.testing.assert_close(state.params[k], t - g, rtol=1e-12, atol=1e-14)
