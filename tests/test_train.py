@@ -487,5 +487,5 @@ def test_a_loss_normalised_over_the_whole_batch_is_refused_whatever_rows_come_fi
     state, _ = step(step.init(p), train, val)
     leaves = {k: t.clone().requires_grad_() for k, t in p.items()}
     grads = torch.autograd.grad(own_count(leaves, train).mean(), list(leaves.values()))
-    for (k, t), g in zip(p.items(), grads):
+    for (k, t), g in zip(p.items(), grads, strict=True):
         torch.testing.assert_close(state.params[k], t - g, rtol=1e-12, atol=1e-14)
