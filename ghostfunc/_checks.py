@@ -22,7 +22,10 @@ _INFERENCE = ("was made under torch.inference_mode(): autograd cannot differenti
 
 
 def check_params(params: Any, where: str) -> dict[str, Tensor]:
-    """A non-empty dict of floating-point tensors, detached (the caller's stay untouched)."""
+    """A non-empty dict of floating-point tensors, detached (the caller's stay untouched); an ``nn.ParameterDict``
+    counts as its dict."""
+    if isinstance(params, torch.nn.ParameterDict):
+        params = dict(params.items())
     if not isinstance(params, Mapping):
         raise TypeError(f"{where}: params must be a dict of tensors (name -> tensor); got {type(params).__name__}")
     if not params:
