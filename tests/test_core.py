@@ -1329,9 +1329,13 @@ def test_small_ergonomics():
     run = subprocess.run([sys.executable, "-m", "ghostfunc", "--version"], capture_output=True, text=True)
     assert run.returncode == 0 and run.stdout.strip() == f"ghostfunc {ghostfunc.__version__}"
     model_fn, params, (x, y) = _mlp()
-    pd = nn.ParameterDict({k: nn.Parameter(v.clone()) for k, v in params.items()})  # (refused: not a dict)
-    assert torch.equal(ghostfunc.graddot(model_fn, pd, (x, y), (x, y)).scores,
-                       ghostfunc.graddot(model_fn, params, (x, y), (x, y)).scores)
+    pd = nn.ParameterDict({"w": nn.Parameter(torch.randn(3, 3, dtype=F64))})  # (refused: not a dict)
+
+    def linear(p, batch):
+        return F.cross_entropy(batch[0] @ p["w"], batch[1], reduction="none")
+
+    assert torch.equal(ghostfunc.graddot(linear, pd, (x, y), (x, y)).scores,
+                       ghostfunc.graddot(linear, dict(pd), (x, y), (x, y)).scores)
     got = ghostfunc.inrun_shapley(model_fn, params, (x, y), (x, y), lr=torch.tensor(0.1, dtype=F64))
     assert torch.equal(got, ghostfunc.inrun_shapley(model_fn, params, (x, y), (x, y), lr=0.1))
     with pytest.raises(TypeError, match="got an empty list"):
