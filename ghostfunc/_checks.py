@@ -216,7 +216,7 @@ def check_model_fn(model_fn: Any, where: str) -> None:
         raise TypeError(f"{where}: model_fn must be callable as model_fn(params, batch) -> losses [B]; "
                         f"got {type(model_fn).__name__}")
     try:
-        signature = inspect.signature(model_fn)
+        signature = inspect.signature(model_fn, follow_wrapped=False)  # (a decorator's wrapper is what is called)
     except (TypeError, ValueError):  # a builtin or an extension type: told by its own call
         return
     try:

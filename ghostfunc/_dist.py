@@ -43,7 +43,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import numbers as numbers_module
-import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple, TypeVar
 
@@ -259,15 +258,11 @@ def model_state(model_fn: Any, params: Mapping[str, Tensor]) -> dict[str, Any]:
                 data[label] = v  # (a larger one may be each rank's own table, indexed by its rows' ids)
         elif type(v) is float or type(v).__module__ == "numpy" and isinstance(v, numbers_module.Real) and \
                 not isinstance(v, numbers_module.Integral):
-            numbers[label] = float.hex(float(v))
-        elif depth and type(v) in (dict, list, tuple):
-            items = v.items() if type(v) is dict else enumerate(v)
-            for k, x in itertools.islice(items, 64):
+            numbers[label] = repr(float(v))  # (exact: the shortest repr reads back as the same float)
+        elif depth and type(v) in (dict, list, tuple):  # (not an object's attributes: a script's args or trainer
+            items = v.items() if type(v) is dict else enumerate(v)  # holds per-rank floats the loss never reads,
+            for k, x in itertools.islice(items, 64):  # a start time, a running loss: refused)
                 see(f"{label}[{k!r}]", x, depth - 1)
-        elif depth and _plain_object(v):
-            for k, x in itertools.islice(vars(v).items(), 64):
-                if not k.startswith("_"):
-                    see(f"{label}.{k}", x, depth - 1)
 
     for label, obj in named_reads(model_fn):
         see(label, obj, 2)
@@ -280,13 +275,6 @@ READS_KEY = "floats and small float tensors model_fn reads (fingerprints)"
 #: Floating tensors ``model_fn`` reads up to this many elements are compared across ranks (class weights, a
 #: temperature); a larger one may be each rank's own table of its rows' features.
 READ_TENSOR_ELEMENTS = 4096
-
-
-def _plain_object(v: Any) -> bool:
-    """An object whose attributes are its settings (a dataclass, a ``SimpleNamespace``, a config object): not a
-    module, a function, a class or a tensor."""
-    return hasattr(v, "__dict__") and not isinstance(v, (torch.nn.Module, type, types.FunctionType, types.MethodType,
-                                                         types.ModuleType, Tensor))
 
 
 _WRAPPERS = frozenset({"DistributedDataParallel", "FullyShardedDataParallel", "DataParallel"})

@@ -1333,8 +1333,9 @@ def check_batch_gradient(model_fn: Callable, params: Mapping[str, Tensor], batch
             raise
         except Exception:  # noqa: BLE001 - a model that runs only under vmap: the capture reports its own errors
             together = None
-    remember(seen, key, zero_params(params))
+    zeros = zero_params(params)  # (the verdict, kept below unless the batch is refused: made again, it ran on)
     if together is None:
+        remember(seen, key, zeros)
         return
     together = {n: g * k for n, g in together.items()}  # the mean's gradient, on the scale of the rows' sum
     rounding = max(coarsest([*params.values(), *batch.tensors]), computed, key=lambda d: torch.finfo(d).eps)
@@ -1344,6 +1345,7 @@ def check_batch_gradient(model_fn: Callable, params: Mapping[str, Tensor], batch
     diffs = {n: (g - summed[n]).abs().max().item() for n, g in together.items() if g.numel()}
     worst = max(diffs, key=lambda n: diffs[n], default=None)
     if worst is None or not diffs[worst] > tol:
+        remember(seen, key, zeros)
         return
     which = (f"the first {k} training samples" if chosen == list(range(k))
              else f"{k} distinct training samples (rows {', '.join(map(str, chosen))})")
@@ -1379,8 +1381,9 @@ def check_step_gradient(model_fn: Callable, params: Mapping[str, Tensor], batch:
         seen = {}
     if key in seen and still_zero(params, seen[key]):
         return
-    remember(seen, key, zero_params(params))
-    if batch.size < 2:
+    zeros = zero_params(params)  # (kept as the verdict only once the batch passed: a refused call, made again,
+    if batch.size < 2:  # ran on)
+        remember(seen, key, zeros)
         return
     leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
     device = next(iter(params.values())).device
@@ -1393,19 +1396,27 @@ def check_step_gradient(model_fn: Callable, params: Mapping[str, Tensor], batch:
             with mode:
                 losses = model_fn(dict(leaves), batch.rebuild(list(batch.tensors)))
             if mode.random or not all(torch.equal(a, b) for a, b in zip(before, _rng_states(devices), strict=True)):
+                remember(seen, key, zeros)
                 return
-            grads = torch.autograd.grad(losses.mean(), list(leaves.values()), allow_unused=True)
+            grads = torch.autograd.grad(losses.mean(), list(leaves.values()), allow_unused=True, retain_graph=True)
+            # the samples' own gradients' size, which the mean's rounding follows (near an optimum they cancel in
+            # the mean): |Σ r_i g_i| / n for random signs r is about their size / sqrt(n)
+            signs = torch.randint(0, 2, (batch.size,), generator=torch.Generator().manual_seed(0)).mul(2).sub(1)
+            spread = torch.autograd.grad((losses * signs.to(losses)).mean(), list(leaves.values()), allow_unused=True)
         except Exception:  # noqa: BLE001 - a model that runs only under vmap: nothing to compare
+            remember(seen, key, zeros)
             return
     plain = {k: torch.zeros_like(v) if g is None else g.to_dense() if g.is_sparse else g
              for (k, v), g in zip(leaves.items(), grads, strict=True)}
     rounding = max(coarsest([*params.values(), *batch.tensors]), mode.computed, key=lambda d: torch.finfo(d).eps)
-    scale = max([0.0, *(max(g.abs().max().item(), train_grad[k].abs().max().item())
+    own = max([0.0, *(g.abs().max().item() for g in spread if g is not None and g.numel())]) * batch.size ** 0.5
+    scale = max([own, *(max(g.abs().max().item(), train_grad[k].abs().max().item())
                         for k, g in plain.items() if g.numel())])
     tol = torch.finfo(rounding).eps ** 0.5 * scale + torch.finfo(rounding).tiny
     diffs = {k: (g - train_grad[k].to(g.dtype)).abs().max().item() for k, g in plain.items() if g.numel()}
     worst = max(diffs, key=lambda k: diffs[k], default=None)
     if worst is None or not diffs[worst] > tol:
+        remember(seen, key, zeros)
         return
     raise SamplesInteractError(
         f"{where}: samples interact in model_fn: over the whole training batch ({batch.size} samples), the gradient "

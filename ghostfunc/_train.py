@@ -131,7 +131,7 @@ class TrainStep:
         With ``group``: a collective; every rank gets rank 0's ``params`` (as DDP does).
         """
         def checked() -> Params:
-            if not isinstance(params, Mapping) or not params:
+            if not isinstance(params, (Mapping, torch.nn.ParameterDict)) or not params:
                 raise TypeError(f"train_step.init: params must be a non-empty dict name -> tensor; "
                                 f"got {type(params).__name__}")
             one_process_only("train_step", self.group, self.curvature, self.compile)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import functools
 import re
 
 import pytest
@@ -1336,6 +1337,20 @@ def test_small_ergonomics():
 
     assert torch.equal(ghostfunc.graddot(linear, pd, (x, y), (x, y)).scores,
                        ghostfunc.graddot(linear, dict(pd), (x, y), (x, y)).scores)
+    assert set(ghostfunc.train_step(linear, ghostfunc.sgd(0.1)).init(pd).params) == {"w"}
+
+    def injecting(fn):  # a decorator whose wrapper takes (params, batch): its signature is the wrapper's
+        @functools.wraps(fn)
+        def wrapper(p, batch):
+            return fn(0.5, p, batch)
+        return wrapper
+
+    @injecting
+    def scaled(scale, p, batch):
+        return linear(p, batch) * scale
+
+    torch.testing.assert_close(ghostfunc.graddot(scaled, pd, (x, y), (x, y)).scores,
+                               0.25 * ghostfunc.graddot(linear, pd, (x, y), (x, y)).scores)
     got = ghostfunc.inrun_shapley(model_fn, params, (x, y), (x, y), lr=torch.tensor(0.1, dtype=F64))
     assert torch.equal(got, ghostfunc.inrun_shapley(model_fn, params, (x, y), (x, y), lr=0.1))
     with pytest.raises(TypeError, match="got an empty list"):

@@ -271,6 +271,7 @@ def _errors(rank: int, world: int, out: dict[str, Any]) -> None:
         "closure class weights": lambda: ghostfunc.graddot(weighted, params, train, val, group=group),
         "own module temperature": lambda: ghostfunc.graddot(on_tempered, params, train, val, group=group),
         "config temperature": lambda: ghostfunc.graddot(configured, params, train, val, group=group),
+        "a script's args with a start time": lambda: ghostfunc.graddot(with_args, params, train, val, group=group),
         "train mode": lambda: ghostfunc.graddot(on_mode, params, train, val, group=group),
         "optimizer state": lambda: adamw_step(adamw_step.init(params)._replace(opt_state=moved), train, val),
         # the state a step returned, continued on rank 1 and copied (or reloaded) on rank 0: compared by value
@@ -360,10 +361,14 @@ def _errors(rank: int, world: int, out: dict[str, Any]) -> None:
         return model_fn(p, (tempered(batch[0]), batch[1]))
 
     class_weights = torch.tensor([1.0, 1.0 + 4 * rank], dtype=torch.float64)
-    cfg = types.SimpleNamespace(loss={"temperature": np.float64(1.0 + rank)})
+    cfg = {"loss": {"temperature": np.float64(1.0 + rank)}}
+    args = types.SimpleNamespace(temperature=2.0, start_time=time.time() + rank, local_rank=rank)
 
     def configured(p: dict, batch: tuple) -> torch.Tensor:
-        return model_fn(p, batch) / cfg.loss["temperature"]
+        return model_fn(p, batch) / cfg["loss"]["temperature"]
+
+    def with_args(p: dict, batch: tuple) -> torch.Tensor:  # a script's args: per-rank floats the loss never reads
+        return model_fn(p, batch) / args.temperature
 
     def weighted(p: dict, batch: tuple) -> torch.Tensor:
         return model_fn(p, batch) * class_weights[batch[1] % 2]
@@ -823,7 +828,7 @@ def test_bad_input_raises_on_every_rank(world2: list[dict[str, Any]]) -> None:
                 "save to a path per rank": "every rank must pass the same path",
                 "load from a path per rank": "every rank must pass the same path",
                 "own module temperature": "model (modules, modes and settings)",
-                "config temperature": "configured: closure cfg.loss['temperature']",
+                "config temperature": "configured: closure cfg['loss']['temperature']",
                 "train mode": "model (modules, modes and settings)",
                 "optimizer state": "optimizer state (step count, fingerprints)",
                 "optimizer state copied and changed on rank 0": "optimizer state (step count, fingerprints)"}
@@ -836,7 +841,7 @@ def test_bad_input_raises_on_every_rank(world2: list[dict[str, Any]]) -> None:
                                          "DataValues.save", "DataValues.load"), msg
         assert "another order" not in res["param values"], res["param values"]  # (the values differ, not the order)
         for case in ("equal config objects", "equal config sets", "equal large sets", "equal config arrays",
-                     "equal batch encodings",
+                     "equal batch encodings", "a script's args with a start time",
                      "own module with rank settings", "optimizer state copied on rank 0", "rank's device in a config",
                      "unreadable tensors in a config"):
             assert res[case] is None, (case, res[case])
