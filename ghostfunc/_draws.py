@@ -101,7 +101,7 @@ def draws_once(func: Any, args: tuple, kwargs: dict[str, Any]) -> bool:
     if func in RANDOM or func in ALL_DROPOUTS:
         if not draws(func, args, kwargs):
             return False  # (eval mode, p = 0: no draw)
-    elif not any(isinstance(a, torch.Generator) for a in (*args, *kwargs.values())):
+    elif kwargs.get("generator") is None:  # (keyword-only in torch's random calls: nothing built per call)
         return False
     ft = torch._C._functorch
     if ft.maybe_current_level() is None:

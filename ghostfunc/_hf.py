@@ -130,7 +130,7 @@ def from_module(
     known = {k for k, _ in (*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False))}
     checked: set[frozenset[str]] = set()  # the key sets seen to name the model's own tensors
 
-    def run(p: dict[str, Tensor], batch: Mapping[str, Any], plain: bool) -> Tensor:
+    def run(p: dict[str, Tensor], batch: Mapping[str, Any], plain: bool, spec: _ModelSpec) -> Tensor:
         if (keys := frozenset(p)) not in checked:
             if unknown := sorted(keys - known):
                 close = {k: difflib.get_close_matches(k, known, 1) for k in unknown}
@@ -138,7 +138,6 @@ def from_module(
                                f"(a misspelt name leaves the real one a constant, scored 0 silently)"
                                + "".join(f"; did you mean {c[0]!r} for {k!r}?" for k, c in close.items() if c))
             checked.add(keys)
-        spec = spec_now()[1]
         inputs = spec.plain(batch, where) if plain else spec.inputs(batch, where)
         ctx = torch.autocast(device_type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
         with ctx:
@@ -149,15 +148,15 @@ def from_module(
         """Per-sample losses ``[B]`` of ``model`` with parameters ``p`` on ``batch`` (a dict)."""
         settings, spec = spec_now()
         if not spec.rewrites(batch):
-            return run(p, batch, plain=True)
+            return run(p, batch, True, spec)
         key = settings, layout(batch)
         if key not in native and _plain_call(batch):
             probe = unpadded(batch)  # padding is where the built inputs differ from the model's on purpose
             if all(v.shape[0] == 1 for v in probe.values() if isinstance(v, Tensor) and v.dim() > 0):
                 probe = {k: torch.cat((v, v)) if isinstance(v, Tensor) and v.dim() > 0 else v  # one row says
                          for k, v in probe.items()}  # little about a layout's batches: judge on two
-            native[key] = not _agrees(lambda plain: run(p, probe, plain), p)
-        return run(p, batch, plain=native.get(key, False))
+            native[key] = not _agrees(lambda plain: run(p, probe, plain, spec), p)
+        return run(p, batch, native.get(key, False), spec)
 
     return model_fn, params
 

@@ -819,15 +819,14 @@ def _enum_methods_read(kind: type) -> tuple | None:
             if c.__module__ == "enum" or c is object or not c.__flags__ & _HEAP_TYPE:
                 continue
             for name, v in vars(c).items():
-                fn = v.__func__ if isinstance(v, (staticmethod, classmethod)) else (
-                    getattr(v, "fget", None) if isinstance(v, (property, types.DynamicClassAttribute)) else v)
-                if isinstance(fn, types.FunctionType) and fn.__module__ != "enum" and not (
+                fn = _method_function(v)
+                if fn is not None and fn.__module__ != "enum" and not (
                         name.startswith("__") and name.endswith("__")):  # (not Enum's own, copied in)
                     if not _reads_data_only(fn):
                         return None
                     methods.append(fn)
         read = _reads_of(tuple(methods))
-        return None if read is None else (tuple(Identity(m) for m in methods), read)
+        return None if read is None else (_stamp(kind), read)
 
     return _scoped("enum methods read", kind, compute)
 
@@ -937,13 +936,12 @@ def _plain_class(kind: type, methods: list[Callable]) -> bool:
                 return False  # attributes computed on access
             if isinstance(v, (types.FunctionType, staticmethod, classmethod)):
                 if name not in _DATA_METHODS:  # what it reads is keyed (_methods_read)
-                    fn = v.__func__ if isinstance(v, (staticmethod, classmethod)) else v
-                    if not isinstance(fn, types.FunctionType) or not _reads_data_only(fn):
+                    fn = _method_function(v)
+                    if fn is None or not _reads_data_only(fn):
                         return False
                     methods.append(fn)
                 continue
-            if type(v) in (property, functools.cached_property) and isinstance(getter := getattr(
-                    v, "fget", getattr(v, "func", None)), types.FunctionType):
+            if type(v) in (property, functools.cached_property) and (getter := _method_function(v)) is not None:
                 if not _reads_data_only(getter):  # a Python getter: a method read as an attribute
                     return False
                 methods.append(getter)
@@ -956,6 +954,16 @@ def _plain_class(kind: type, methods: list[Callable]) -> bool:
             if v is not None and not _class_value(v) and name != "_abc_impl":  # (abc's bookkeeping)
                 return False  # data on the class that may change in place (a dict, a list, a class)
     return True
+
+
+def _method_function(v: Any) -> types.FunctionType | None:
+    """The Python function behind a class attribute: itself, a static or class method's, a property's getter (also
+    ``functools.cached_property``'s and an enum's ``DynamicClassAttribute``'s); ``None`` for anything else."""
+    if isinstance(v, (staticmethod, classmethod)):
+        v = v.__func__
+    elif isinstance(v, (property, functools.cached_property, types.DynamicClassAttribute)):
+        v = getattr(v, "fget", getattr(v, "func", None))
+    return v if isinstance(v, types.FunctionType) else None
 
 
 def _reads_data_only(fn: types.FunctionType) -> bool:
@@ -1341,17 +1349,15 @@ def check_batch_gradient(model_fn: Callable, params: Mapping[str, Tensor], batch
     rounding = max(coarsest([*params.values(), *batch.tensors]), computed, key=lambda d: torch.finfo(d).eps)
     scale = max([scale, *(max(g.abs().max().item(), summed[n].abs().max().item()) for n, g in together.items()
                           if g.numel())])
-    tol = torch.finfo(rounding).eps ** 0.5 * scale + torch.finfo(rounding).tiny
-    diffs = {n: (g - summed[n]).abs().max().item() for n, g in together.items() if g.numel()}
-    worst = max(diffs, key=lambda n: diffs[n], default=None)
-    if worst is None or not diffs[worst] > tol:
+    worst, gap, tol = _largest_gap(together, summed, rounding, scale)
+    if worst is None:
         remember(seen, key, zeros)
         return
     which = (f"the first {k} training samples" if chosen == list(range(k))
              else f"{k} distinct training samples (rows {', '.join(map(str, chosen))})")
     raise SamplesInteractError(
         f"{where}: samples interact in model_fn's backward: on {which}, the gradient of their mean loss differs "
-        f"from the mean of each sample's own gradient (params[{worst!r}]: largest difference {diffs[worst]:.3g} "
+        f"from the mean of each sample's own gradient (params[{worst!r}]: largest difference {gap:.3g} "
         f"on the scale of their sum, "
         f"rounding allows {tol:.3g}; their losses agree together and alone). torch.optim would step with the "
         f"batch's gradient, this step with the mean of the samples' own gradients (the ones the values are of), "
@@ -1360,6 +1366,18 @@ def check_batch_gradient(model_fn: Callable, params: Mapping[str, Tensor], batch
         f"gradient it gets (a clamp: the batch mean's 1/B reaches it, a sample's own gradient does not), an "
         f"embedding with scale_grad_by_freq=True. graddot and inrun_shapley give the per-sample numbers as they are"
     )
+
+
+def _largest_gap(a: Mapping[str, Tensor], b: Mapping[str, Tensor], rounding: torch.dtype,
+                 scale: float) -> tuple[str | None, float, float]:
+    """The parameter where gradients ``a`` and ``b`` differ most beyond ``sqrt(eps)`` of ``rounding`` times ``scale``
+    (``None``: nowhere), that difference, and the allowance."""
+    tol = torch.finfo(rounding).eps ** 0.5 * scale + torch.finfo(rounding).tiny
+    diffs = {k: (g - b[k].to(g.dtype)).abs().max().item() for k, g in a.items() if g.numel()}
+    worst = max(diffs, key=lambda k: diffs[k], default=None)
+    if worst is None or not diffs[worst] > tol:
+        return None, 0.0, tol
+    return worst, diffs[worst], tol
 
 
 #: As :data:`_GRAD_CHECKED`, for :func:`check_step_gradient`.
@@ -1412,16 +1430,14 @@ def check_step_gradient(model_fn: Callable, params: Mapping[str, Tensor], batch:
     own = max([0.0, *(g.abs().max().item() for g in spread if g is not None and g.numel())]) * batch.size ** 0.5
     scale = max([own, *(max(g.abs().max().item(), train_grad[k].abs().max().item())
                         for k, g in plain.items() if g.numel())])
-    tol = torch.finfo(rounding).eps ** 0.5 * scale + torch.finfo(rounding).tiny
-    diffs = {k: (g - train_grad[k].to(g.dtype)).abs().max().item() for k, g in plain.items() if g.numel()}
-    worst = max(diffs, key=lambda k: diffs[k], default=None)
-    if worst is None or not diffs[worst] > tol:
+    worst, gap, tol = _largest_gap(plain, train_grad, rounding, scale)
+    if worst is None:
         remember(seen, key, zeros)
         return
     raise SamplesInteractError(
         f"{where}: samples interact in model_fn: over the whole training batch ({batch.size} samples), the gradient "
         f"of the mean loss differs from the mean of each sample's own gradient (params[{worst!r}]: largest "
-        f"difference {diffs[worst]:.3g}, rounding allows {tol:.3g}), though the few samples compared one by one "
+        f"difference {gap:.3g}, rounding allows {tol:.3g}), though the few samples compared one by one "
         f"agreed. torch.optim would step with the batch's gradient, this step with the mean of the samples' own, so "
         f"the trajectory would leave torch.optim's. Usual cause: a loss normalised by a count over the whole batch "
         f"(Hugging Face's num_items_in_batch, the batch's non-ignored tokens): normalise each sample by its own "

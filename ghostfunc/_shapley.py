@@ -46,7 +46,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import _dist
 from ._capture import Batch, Half, _check_finite, _rephrase, common_weight, per_sample_losses, second_derivative
-from ._checks import check_batch, check_compile
+from ._checks import check_compile
 from ._eager import unbatchable, val_grad_hvp_eager
 from ._graddot import (
     GradDot,
@@ -201,13 +201,14 @@ def compute_values(where: str, model_fn: Callable[[Params, Any], Tensor], params
     """:func:`values_of`, refused (``FloatingPointError``, naming rows and parameters) where the values are not
     finite though the losses are (:func:`ghostfunc._graddot.refuse_non_finite`): a step would write NaN into the
     parameters."""
-    out = values_of(where, model_fn, params, train, val, **options)
+    prepared: list[tuple[Params, Batch]] = []
+    out = values_of(where, model_fn, params, train, val, prepared=prepared, **options)
     group = options.get("group")
     with _dist.collectively(where, group):  # a rank's values alone may overflow: every rank raises
         refuse_non_finite(where, out.values, None, out.train_grad, group is not None, "values")
     if options.get("optimizer") and group is None and not out.plan.notes:  # (a batch split by branch, run sample
-        check_step_gradient(model_fn, dict(params), check_batch(train, "train", where), out.train_grad, where)
-    return out  # by sample, drawing masks of its own: per-sample by design, not compared)
+        check_step_gradient(model_fn, *prepared[0], out.train_grad, where)  # by sample, drawing masks of its own:
+    return out  # per-sample by design, not compared)
 
 
 def values_of(
@@ -228,6 +229,7 @@ def values_of(
     scratch: Scratch | None = None,
     optimizer: tuple = (),
     optimizer_state: Any = (),
+    prepared: list[tuple[Params, Batch]] | None = None,
 ) -> Values:
     """The values against ``u = −a·P(ḡ_val) + (a²/2)·H_val G`` (``a = lr/n``), and the mean train gradient.
 
@@ -252,6 +254,8 @@ def values_of(
     ``compile`` (order 1 without ``precondition``, one process): the values from the compiled
     graph of :mod:`ghostfunc._compiled` where it runs, else as without it. ``scratch``: memory for
     the training rows' materialised gradients, reused from call to call (:data:`ghostfunc._secant.Scratch`).
+    ``prepared``: where given, the checked parameters and training batch are appended to it (for the caller's
+    checks after the values, without splitting the batch again).
     """
     if isinstance(lr, Tensor) and lr.numel() == 1 and not lr.is_complex() and lr.dtype != torch.bool:
         lr = lr.item()  # a one-element tensor, as sgd/adamw (and torch.optim) take it
@@ -274,6 +278,8 @@ def values_of(
                                                       **({"optimizer state (step count, fingerprints)":
                                                           optimizer_state} if optimizer_state else {})})
         n, m = world.n, world.m
+    if prepared is not None:
+        prepared.append((params, tb))
     if optimizer and (by_freq := sorted(counted_over_batch(model_fn))):
         raise SamplesInteractError(
             f"{where}: {', '.join(by_freq)} {'is' if len(by_freq) == 1 else 'are'} looked up with "
