@@ -41,7 +41,9 @@ from ._interact import (
     param_signature,
     remember,
     run_with_grads,
+    still_zero,
     training_flags,
+    zero_params,
 )
 from ._ops import Direct, Factored
 from ._plan import DIRECTION, Plan, Usage, candidate_policies, contenders, make_plan, usages
@@ -368,8 +370,10 @@ def run(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batch, 
 
 
 #: ``model_fn`` -> {signature: (whether the batches take a plain run's dropout masks, whether draws no sample owns
-#: are made once (:func:`ghostfunc._draws.draws_once`), the plan's notes)}.
-_DRAWS: weakref.WeakKeyDictionary[Any, dict[tuple, tuple[bool, bool, list[str]]]] = weakref.WeakKeyDictionary()
+#: are made once (:func:`ghostfunc._draws.draws_once`), the plan's notes, the parameters zero everywhere when it was
+#: decided (:func:`ghostfunc._interact.zero_params`: the verdict holds while they stay zero))}.
+_DRAWS: weakref.WeakKeyDictionary[Any, dict[tuple, tuple[bool, bool, list[str], frozenset[str]]]] = \
+    weakref.WeakKeyDictionary()
 
 MASKS_DIFFER = (
     "random draws: the training rows' dropout masks differ from those model_fn(params, train) draws from the same "
@@ -377,6 +381,14 @@ MASKS_DIFFER = (
     "a dropout call whose samples could not be sliced out of a plain run's mask (the samples flattened into "
     "another axis), a random op other than dropout drawing in another order, or a batch split by a branch or "
     "run sample by sample; model.eval() for deterministic numbers")
+
+
+#: The note of a signature decided while parameters were zero everywhere (:func:`as_plain_draws`), ``{}`` their names.
+DRAWS_UNTOLD = (
+    "random draws: decided while {} were zero everywhere, when every way of drawing gave the plain call's losses, "
+    "so the gradients of such a parameter take vmap's draws, which may not be a plain call's (a "
+    "draw shared by the batch, torch.randn(d, d); dropout of a sequence-first tensor); decided again once they "
+    "move; model.eval() for deterministic numbers")
 
 
 class _Plain(threading.local):
@@ -425,6 +437,8 @@ def as_plain_draws(model_fn: ModelFn, params: dict[str, Tensor], batches: Sequen
         book = {}
     key = _draws_key(model_fn, params, batches) if book else None  # (no verdict yet for this model_fn: none to find)
     known = book.get(key) if key is not None else None
+    if known is not None and not still_zero(params, known[3]):
+        known = None  # decided while a parameter was zero (a LoRA B: every way of drawing gave the same losses)
     start, seen = _rng_state(device), ONCE.seen
     with _plain_draws(known is not None and known[0], known is not None and known[1]):
         out = compute()
@@ -433,11 +447,14 @@ def as_plain_draws(model_fn: ModelFn, params: dict[str, Tensor], batches: Sequen
         return out, []  # no random draw (a model in eval mode)
     if known is not None:
         return out, known[2]
-    key = _draws_key(model_fn, params, batches)
+    key, zeros = _draws_key(model_fn, params, batches), zero_params(params)
     plain = _plain_losses(model_fn, params, batches, start, device)  # (the validation rows' too: one training
     if plain is None or _close_losses(plain, losses(out)):  # row cannot tell a draw shared by the batch from its own)
-        remember(book, key, (False, False, []))  # vmap's draws are the plain call's (or cannot be told apart)
-        return out, []
+        # vmap's draws are the plain call's, or cannot be told apart: behind a parameter zero everywhere (a LoRA B)
+        # no way of drawing changes the losses, and the plan says so until it moves
+        notes = [DRAWS_UNTOLD.format(", ".join(sorted(zeros)))] if zeros and plain is not None else []
+        remember(book, key, (False, False, notes, zeros))
+        return out, notes
     first, after_first = out, _rng_state(device)
     # Another way of drawing may give the plain call's losses: a plain run's dropout masks, and draws no sample
     # owns made once (torch.randn(d, d), a seeded generator's projection) where there were such draws.
@@ -448,13 +465,13 @@ def as_plain_draws(model_fn: ModelFn, params: dict[str, Tensor], batches: Sequen
         with _plain_draws(masks, once):
             out = compute()
         if _close_losses(plain, losses(out)):
-            remember(book, key, (masks, once, []))
+            remember(book, key, (masks, once, [], zeros))
             return out, []
     # No way made the losses agree (another random op): later calls draw as vmap does, without the plain runs,
     # and so does this one (its result and generator state are the first computation's), so that a run resumed
     # in a new process repeats the uninterrupted one.
     _set_rng_state(device, after_first)
-    remember(book, key, (False, False, [MASKS_DIFFER]))
+    remember(book, key, (False, False, [MASKS_DIFFER], zeros))
     return first, book[key][2]
 
 

@@ -953,6 +953,42 @@ def test_a_draw_no_sample_owns_is_made_once_as_in_a_plain_call(draw, rows):
     assert rel(got.scores, sum(gt[k].flatten(1) @ u[k].flatten() for k in p)) < 1e-10
 
 
+@pytest.mark.parametrize("draw", ["shared randn", "sequence-first dropout"])
+def test_draws_decided_behind_a_zero_parameter_are_told_and_decided_again_once_it_moves(draw):
+    """A draw whose only effect is behind a parameter zero everywhere (a LoRA branch, B = 0): every way of drawing
+    gives the plain call's losses, so the first call cannot tell vmap's draws from a plain call's. That call's plan
+    says so (B's gradients take vmap's draws); once B moves, the next call compares again and takes the plain
+    call's draws (the first verdict was kept: 1.07 relative off the plain step, silently)."""
+    torch.manual_seed(0)
+    d, c = 5, 4
+    p = {"w": torch.randn(c, d, dtype=F64) / 2, "A": torch.randn(d, d, dtype=F64), "B": torch.zeros(d, d, dtype=F64)}
+
+    def model_fn(q, batch):
+        x, y = batch  # [n, 3, d]
+        if draw == "shared randn":
+            lora = x @ torch.randn(d, d, dtype=x.dtype) @ q["A"]
+        else:
+            lora = F.dropout(x.transpose(0, 1).contiguous(), 0.5, True).transpose(0, 1) @ q["A"]
+        h = torch.tanh(x + lora @ q["B"]).mean(1)
+        return F.cross_entropy(F.linear(h, q["w"]), y, reduction="none")
+
+    g = torch.Generator().manual_seed(2)
+    train = (torch.randn(4, 3, d, generator=g, dtype=F64), torch.randint(0, c, (4,), generator=g))
+    val = (torch.randn(3, 3, d, generator=g, dtype=F64), torch.randint(0, c, (3,), generator=g))
+    torch.manual_seed(3)
+    first = ghostfunc.graddot(model_fn, p, train, val)
+    assert any("decided while B were zero everywhere" in n for n in first.plan.notes), first.plan.notes
+    p["B"] = torch.randn(d, d, dtype=F64) / 2  # a training step moved it
+    for _ in range(2):
+        torch.manual_seed(3)
+        out = ghostfunc.graddot(model_fn, p, train, val)
+        torch.manual_seed(3)
+        gt, gv = _plain_step_grads(model_fn, p, train), _plain_step_grads(model_fn, p, val)
+        ref = sum(gt[k].flatten(1) @ gv[k].flatten(1).mean(0) for k in p)
+        assert rel(out.scores, ref) < 1e-10, rel(out.scores, ref)
+        assert not out.plan.notes, out.plan.notes
+
+
 @pytest.mark.parametrize("how", ["torch.rand", "new_empty().bernoulli_"])
 def test_stochastic_depth_keeps_a_draw_per_sample(how):
     """Stochastic depth draws one number per sample from a shape that names the batch (torch.rand((x.shape[0], 1))
