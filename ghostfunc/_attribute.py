@@ -92,8 +92,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if Path(args.out).is_dir():
                 raise UsageError(f"--out: expected a file path for the values; {args.out!r} is a folder")
             run_dir = Path(args.run).parent if Path(args.run).name == "trajectory" else Path(args.run)
-            if any(Path(args.out).resolve() == (run_dir / name).resolve() for name in RUN_FILES
-                   if name != "trajectory/unrolled.pt"):
+            read = Path(args.run) if (Path(args.run) / "spec.json").is_file() else Path(args.run) / "trajectory"
+            own = [run_dir / name for name in RUN_FILES if name != "trajectory/unrolled.pt"]
+            own += [read / "trajectory.pt", read / "spec.json"]  # the recording read (Trajectory.save(folder))
+            if any(Path(args.out).resolve() == path.resolve() for path in own):
                 raise UsageError(f"--out: expected a path outside the run's own files; {args.out!r} is one of them "
                                  f"(it would be overwritten: its state, values or recording)")
             check_writable(Path(args.out).parent, "--out")

@@ -76,6 +76,31 @@ def draws(func: Any, args: tuple, kwargs: dict[str, Any]) -> bool:
     return True
 
 
+#: Calls that draw only through a dropout probability argument: (position, keyword) of that argument.
+_DROPOUT_P = {F.scaled_dot_product_attention: (4, "dropout_p"), F.multi_head_attention_forward: (10, "dropout_p")}
+
+
+def undrawn(func: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
+    """The arguments of ``func`` made to run without drawing, as in eval mode: a drawing dropout call (and
+    ``rrelu``) with its training flag off, attention with ``dropout_p = 0``; ``None`` where ``func`` draws nothing
+    that way. What the checks that compare a batch with its samples alone run a model in training mode with:
+    the same deterministic function of each sample, its draws left out (:func:`ghostfunc._interact.check_model`)."""
+    if func in ALL_DROPOUTS or func in (F.rrelu, torch.rrelu):
+        if not draws(func, args, kwargs):
+            return None
+        at, flag = (3, "training") if func in (F.rrelu, torch.rrelu) else (2, _TRAIN_FLAG[func])
+    elif func in _DROPOUT_P:
+        at, flag = _DROPOUT_P[func]
+        if not (args[at] if len(args) > at else kwargs.get(flag, 0.0)):
+            return None
+    else:
+        return None
+    off = False if flag != "dropout_p" else 0.0
+    if len(args) > at:
+        return (*args[:at], off, *args[at + 1:]), kwargs
+    return args, {**kwargs, flag: off}
+
+
 class _Once(threading.local):
     """Whether calls :func:`draws_once` finds draw once (``on``, set by :func:`ghostfunc._graddot.as_plain_draws`
     for a signature where that gives a plain call's losses), and how many such calls the capture met (``seen``)."""

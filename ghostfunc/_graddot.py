@@ -39,6 +39,7 @@ from ._interact import (
     in_one_call,
     module_settings,
     param_signature,
+    refuse_coupled_draws,
     remember,
     run_with_grads,
     still_zero,
@@ -365,7 +366,7 @@ def run(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batch, 
         return Captured(t.loss, v.loss, {k: (t.grads[k], v.grads[k]) for k in params}), r.plan
 
     (cap, the_plan), notes = as_plain_draws(model_fn, params, (train, val), lambda: retry_stale(where, attempt),
-                                            lambda out: (out[0].train_loss, out[0].val_loss))
+                                            lambda out: (out[0].train_loss, out[0].val_loss), where)
     return cap, noted(the_plan, notes)
 
 
@@ -386,9 +387,8 @@ MASKS_DIFFER = (
 #: The note of a signature decided while parameters were zero everywhere (:func:`as_plain_draws`), ``{}`` their names.
 DRAWS_UNTOLD = (
     "random draws: decided while {} were zero everywhere, when every way of drawing gave the plain call's losses, "
-    "so the gradients of such a parameter take vmap's draws, which may not be a plain call's (a "
-    "draw shared by the batch, torch.randn(d, d); dropout of a sequence-first tensor); decided again once they "
-    "move; model.eval() for deterministic numbers")
+    "so the gradients of such a parameter take vmap's draws, one per sample, where a plain call may draw once "
+    "for the batch (torch.randn(d, d)); decided again once they move; model.eval() for deterministic numbers")
 
 
 class _Plain(threading.local):
@@ -417,7 +417,7 @@ def _draws_key(model_fn: ModelFn, params: dict[str, Tensor], batches: Sequence[B
 
 
 def as_plain_draws(model_fn: ModelFn, params: dict[str, Tensor], batches: Sequence[Batch], compute: Callable[[], R],
-                   losses: Callable[[R], Sequence[Tensor]]) -> tuple[R, list[str]]:
+                   losses: Callable[[R], Sequence[Tensor]], where: str) -> tuple[R, list[str]]:
     """``compute()`` with the training rows' random draws those of ``model_fn(params, train)`` from the same
     RNG state, then the validation rows' those of ``model_fn(params, val)`` (``batches``: ``(train, val)`` or
     ``(train,)``; ``losses(result)``: their losses; a model that draws none: ``compute()`` as it is).
@@ -428,7 +428,9 @@ def as_plain_draws(model_fn: ModelFn, params: dict[str, Tensor], batches: Sequen
     (one forward without gradients); when they differ it computes again with the plain run's masks
     (:mod:`ghostfunc._draws`: one more forward without gradients per batch, on this call and later ones of the
     signature), and if the losses still differ the plan says so (:data:`MASKS_DIFFER`; later calls then draw as
-    ``vmap`` does, without the plain runs). Returns the result and the plan's notes on its draws.
+    ``vmap`` does, without the plain runs), unless the batch's samples interact with dropout run without drawing
+    (:func:`ghostfunc._interact.refuse_coupled_draws`: ``SamplesInteractError``, prefixed with ``where``).
+    Returns the result and the plan's notes on its draws.
     """
     device = next(iter(params.values())).device
     try:
@@ -451,8 +453,10 @@ def as_plain_draws(model_fn: ModelFn, params: dict[str, Tensor], batches: Sequen
     plain = _plain_losses(model_fn, params, batches, start, device)  # (the validation rows' too: one training
     if plain is None or _close_losses(plain, losses(out)):  # row cannot tell a draw shared by the batch from its own)
         # vmap's draws are the plain call's, or cannot be told apart: behind a parameter zero everywhere (a LoRA B)
-        # no way of drawing changes the losses, and the plan says so until it moves
-        notes = [DRAWS_UNTOLD.format(", ".join(sorted(zeros)))] if zeros and plain is not None else []
+        # a draw no sample owns gives the same losses drawn per sample or once, and the plan says so until it moves
+        # (dropout's masks too may be vmap's own there, a sequence-first tensor's: not said, most such models'
+        # zero biases would say it on every first step)
+        notes = [DRAWS_UNTOLD.format(", ".join(sorted(zeros)))] if zeros and unowned and plain is not None else []
         remember(book, key, (False, False, notes, zeros))
         return out, notes
     first, after_first = out, _rng_state(device)
@@ -467,6 +471,8 @@ def as_plain_draws(model_fn: ModelFn, params: dict[str, Tensor], batches: Sequen
         if _close_losses(plain, losses(out)):
             remember(book, key, (masks, once, [], zeros))
             return out, []
+    for b, label in zip(batches, ("train", "val"), strict=False):  # not the draws: the samples interact
+        refuse_coupled_draws(model_fn, params, b, label, where)
     # No way made the losses agree (another random op): later calls draw as vmap does, without the plain runs,
     # and so does this one (its result and generator state are the first computation's), so that a run resumed
     # in a new process repeats the uninterrupted one.
@@ -532,7 +538,8 @@ def run_streamed(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val
     if replayed is not None:
         return replayed  # (a whole-batch run: no random draw)
     st, notes = as_plain_draws(model_fn, params, (train, val), lambda: retry_stale(where, lambda fresh: _streamed_once(
-        model_fn, params, train, val, where, policy, val_reduce, fresh)), lambda out: (out.train_loss, out.val_loss))
+        model_fn, params, train, val, where, policy, val_reduce, fresh)), lambda out: (out.train_loss, out.val_loss),
+        where)
     return st._replace(plan=noted(st.plan, notes)) if notes else st
 
 

@@ -71,6 +71,11 @@ def refine(parts: Sequence[Part], err: _Diverged, at: Part) -> tuple[Part, ...]:
     return tuple(out)
 
 
+def split(notes: Sequence[str], label: str) -> bool:
+    """Whether a plan's ``notes`` say the ``label`` batch was split at data-dependent branches (:func:`describe`)."""
+    return any(note.startswith(f"{label} split into ") for note in notes)
+
+
 def describe(parts: Sequence[Part], label: str, passes: str = "one forward per group, one backward") -> str | None:
     """One line for the plan: how a batch was split and what it cost, or ``None`` when it was not split."""
     if len(parts) <= 1:

@@ -47,6 +47,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
+from ._draws import undrawn
 from ._ops import EXACT, SamplesInteractError
 from ._ops.embedding import counted_over_call
 
@@ -218,12 +219,16 @@ class _ParamWrites(TorchFunctionMode):
 
 class _Uses(_ParamWrites):
     """Records whether any torch call receives one of the parameters (by identity), and random draws; refuses
-    a write into a parameter before it happens (:class:`_ParamWrites`)."""
+    a write into a parameter before it happens (:class:`_ParamWrites`). With ``quiet``, dropout (and attention's
+    ``dropout_p``) runs without drawing, as in eval mode (:func:`ghostfunc._draws.undrawn`; ``quieted`` says
+    whether any did): a model in training mode is then the same function of each sample on every run, which the
+    batch-against-alone comparison needs."""
 
-    def __init__(self, params: Mapping[str, Tensor]) -> None:
+    def __init__(self, params: Mapping[str, Tensor], quiet: bool = False) -> None:
         super().__init__(params)
         self.used = False
         self.random = False
+        self.quiet, self.quieted = quiet, False
         self.branches: list[str] = []  # the Python values tensors became (data-dependent control flow), in order
         self.by_freq: set[str] = set()  # parameters looked up with scale_grad_by_freq (counted_over_batch)
 
@@ -236,6 +241,9 @@ class _Uses(_ParamWrites):
             self.used = any(isinstance(t, Tensor) and id(t) in self.ids for t in pytree.tree_leaves((args, kwargs)))
         if kwargs.get("generator") is not None:
             self.random = True  # a draw from the model's own generator (the global one is watched by its state)
+        if self.quiet and (quieted := undrawn(func, args, kwargs)) is not None:
+            args, kwargs = quieted
+            self.quieted = True
         out = self.guarded(func, args, kwargs)
         if func in TO_PYTHON:
             self.branches.append(repr(out))
@@ -1211,7 +1219,8 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
     k = len(chosen)
     device = next(iter(params.values())).device
     devices = [device.index or 0] if device.type == "cuda" else []
-    mode = _UsesAndDtypes(params)  # the coarsest dtype any call computed in bounds the rounding (a float32 layer)
+    # the coarsest dtype any call computed in bounds the rounding (a float32 layer); dropout runs without drawing
+    mode = _UsesAndDtypes(params, quiet=True)  # (one row would draw other masks than k rows: nothing to compare)
 
     rows = _rows_of(batch, chosen)
 
@@ -1255,8 +1264,8 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
             return k > 1  # nothing to compare for this signature: not tried again
     _refuse_param_writes(params, versions)
     watch.refuse_moved()
-    if k > 1 and not random:  # (a model that draws: one row draws other numbers than k rows, whatever it fills)
-        watch.refuse_batch_fill(lambda: model_fn(dict(params), rows(k - 1, k)), label, devices)
+    if k > 1 and not random and not mode.quieted:  # (a model that draws: one row draws other masks than k rows,
+        watch.refuse_batch_fill(lambda: model_fn(dict(params), rows(k - 1, k)), label, devices)  # whatever it fills)
     if not mode.used:
         raise ParamsUnusedError(
             f"no parameter reached the computation: model_fn(params, batch) ran without using any tensor of "
@@ -1270,6 +1279,53 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
         _compare(together.detach(), torch.cat(alone).detach(), label, chosen, rounding)
     _refuse_detached(model_fn, params, lambda: rows(0, k))
     return k > 1
+
+
+#: How many samples :func:`refuse_coupled_draws` runs alone.
+WHOLE_ROWS = 16
+
+
+def refuse_coupled_draws(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, label: str, where: str) -> None:
+    """Raise :class:`SamplesInteractError` if, dropout run without drawing (:class:`_Uses` ``quiet``), the losses of
+    the whole batch differ from those of up to :data:`WHOLE_ROWS` of its samples run alone: for a model whose
+    losses under the capture differ from a plain call's whichever way it draws
+    (:func:`ghostfunc._graddot.as_plain_draws`), this tells a coupling of the batch (a loss normalised by the
+    whole batch's token count, which the few rows :func:`check_model` compares may not show) from masks drawn
+    another way. Nothing is said where the model draws other random numbers, branches on values or cannot run so."""
+    chosen = distinct_rows(batch.tensors, batch.size, WHOLE_ROWS)
+    if batch.size < 2 or len(chosen) < 1:
+        return
+    device = next(iter(params.values())).device
+    devices = [device.index or 0] if device.type == "cuda" else []
+    mode = _UsesAndDtypes(params, quiet=True)
+    rows = _rows_of(batch, chosen)
+    with torch.random.fork_rng(devices=devices), torch.enable_grad(), eager_stance(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        before = _rng_states(devices)
+        try:
+            with mode:
+                together = model_fn(dict(params), batch.rebuild(list(batch.tensors)))
+                branches = mode.branches
+                alone = []
+                for i in range(len(chosen)):
+                    mode.branches = []
+                    alone.append(model_fn(dict(params), rows(i, i + 1)).reshape(-1))
+                    if mode.branches != branches:
+                        return
+        except Exception:  # noqa: BLE001 - a model that runs only under vmap: the capture reports its own errors
+            return
+        if mode.random or not all(torch.equal(a, b) for a, b in zip(before, _rng_states(devices), strict=True)):
+            return
+    if not isinstance(together, Tensor) or together.shape != (batch.size,):
+        return
+    picked = together.detach()[torch.tensor(chosen, device=together.device)]
+    rounding = max(coarsest([*params.values(), *batch.tensors, together]), mode.computed,
+                   key=lambda d: torch.finfo(d).eps)
+    try:
+        _compare(picked, torch.cat(alone).detach(), label, chosen, rounding,
+                 which=f"the whole {label} batch ({batch.size} samples)")
+    except SamplesInteractError as err:
+        raise SamplesInteractError(f"{where}: {err}") from None
 
 
 def _rows_of(batch: Any, chosen: list[int]) -> Callable[[int, int], Any]:
@@ -1448,8 +1504,8 @@ class _UsesAndDtypes(_Uses):
     """:class:`_Uses`, also noting the coarsest floating dtype any call computed in (autocast, a cast inside the
     model: the backward rounds in it too)."""
 
-    def __init__(self, params: Mapping[str, Tensor]) -> None:
-        super().__init__(params)
+    def __init__(self, params: Mapping[str, Tensor], quiet: bool = False) -> None:
+        super().__init__(params, quiet)
         self.computed = torch.float64
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
@@ -1724,7 +1780,8 @@ def beyond_rounding(a: Tensor, b: Tensor, dtype: torch.dtype) -> tuple[Tensor, T
     return differ, diff, tol
 
 
-def _compare(together: Tensor, alone: Tensor, label: str, chosen: list[int], dtype: torch.dtype) -> None:
+def _compare(together: Tensor, alone: Tensor, label: str, chosen: list[int], dtype: torch.dtype,
+             which: str | None = None) -> None:
     """``together[i]`` (sample ``chosen[i]`` run with the others) against ``alone[i]``, up to rounding.
 
     Rounding: ``sqrt(eps)`` of ``dtype`` (the coarsest of the parameters', the inputs' and
@@ -1740,8 +1797,8 @@ def _compare(together: Tensor, alone: Tensor, label: str, chosen: list[int], dty
     rows = differ.nonzero().flatten().tolist()
     seen = ", ".join(f"sample {chosen[i]}: {together[i].item():.6g} with the others, {alone[i].item():.6g} alone"
                      for i in rows)
-    which = (f"the first {len(chosen)} {label} samples" if chosen == list(range(len(chosen)))
-             else f"{len(chosen)} distinct {label} samples (rows {', '.join(map(str, chosen))})")
+    which = which or (f"the first {len(chosen)} {label} samples" if chosen == list(range(len(chosen)))
+                      else f"{len(chosen)} distinct {label} samples (rows {', '.join(map(str, chosen))})")
     raise SamplesInteractError(
         f"samples interact in model_fn: run on {which} together, the losses "
         f"of {len(rows)} of them differ from the same samples run one at a time ({seen}; largest finite "

@@ -71,7 +71,7 @@ from ._graddot import (
     unused,
     val_weights,
 )
-from ._groups import Part, split_sum
+from ._groups import Part, split, split_sum
 from ._interact import check_batch_gradient, check_step_gradient, counted_over_batch, in_one_call
 from ._ops import SamplesInteractError
 from ._plan import Plan
@@ -206,9 +206,9 @@ def compute_values(where: str, model_fn: Callable[[Params, Any], Tensor], params
     group = options.get("group")
     with _dist.collectively(where, group):  # a rank's values alone may overflow: every rank raises
         refuse_non_finite(where, out.values, None, out.train_grad, group is not None, "values")
-    if options.get("optimizer") and group is None and not out.plan.notes:  # (a batch split by branch, run sample
-        check_step_gradient(model_fn, *prepared[0], out.train_grad, where)  # by sample, drawing masks of its own:
-    return out  # per-sample by design, not compared)
+    if options.get("optimizer") and group is None and not split(out.plan.notes, "train"):  # (a batch split by
+        check_step_gradient(model_fn, *prepared[0], out.train_grad, where)  # branch: per-sample by design)
+    return out
 
 
 def values_of(

@@ -312,7 +312,7 @@ def backward(r: Replay, lam: Params, n_data: int, per_step: bool, via: str, batc
             step, pull_grad = segment.pop()
             _, new_state, pullback = update_vjp(r.optimizer, step)
             if lam_state is None:
-                lam_state = [torch.zeros(*extra, *s.shape, dtype=s.dtype, device=s.device) for s in new_state]
+                lam_state = [torch.zeros((*extra, *s.shape), dtype=s.dtype, device=s.device) for s in new_state]
             batch = r.batches[t]
 
             def back(lam_p: Params, lam_s: list[Tensor], step: Step = step, pullback: Callable = pullback,

@@ -195,3 +195,34 @@ def test_attribute_of_a_moved_run_reads_its_own_folder(recorded: Path, tmp_path:
     spec_path.write_text(json.dumps(spec))
     got, _, _ = attribute(moved, out=tmp_path / "got.pt")
     assert torch.equal(got.total, want.total)
+
+
+@pytest.mark.parametrize("name", ["trajectory.pt", "spec.json"])
+def test_attribute_out_never_names_the_recording_it_reads(name: str, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    """A recording saved with Trajectory.save(folder, spec=...) holds trajectory.pt and spec.json in the folder
+    --run names: --out naming either was written over with the values (exit 0, the recording gone); refused in
+    one line, the files as they were."""
+    from ghostfunc import _evaluate as E
+
+    task = E.digits_task(model="logreg", seed=0, n_train=30, n_val=10)
+    step = ghostfunc.train_step(task["model_fn"], ghostfunc.sgd(0.3))
+    state = step.init(E.init_params("logreg", 0))
+    traj = ghostfunc.Trajectory.start(state, every=2)
+    for t in range(3):
+        i = torch.arange(8) + 8 * t
+        state, _ = step(state, {**{k: v[i] for k, v in task["dataset"].items()}, "index": i},
+                        {**task["val"], "index": torch.arange(10)})
+        traj.record(i, state)
+    folder = tmp_path / "rec"
+    traj.save(folder, spec={"factory": "ghostfunc._evaluate:digits_task", "optimizer": {"name": "sgd", "lr": 0.3},
+                            "kwargs": {"model": "logreg", "seed": 0, "n_train": 30, "n_val": 10}})
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with pytest.raises(SystemExit) as info:
+        main(["attribute", "--run", str(folder), "--out", str(folder / name)])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"python -m ghostfunc attribute: error: --out: expected a path outside the run's own files; "
+        f"{str(folder / name)!r} is one of them (it would be overwritten: its state, values or recording)")
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert main(["attribute", "--run", str(folder), "--out", str(folder / "unrolled.pt")]) == 0

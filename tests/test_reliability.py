@@ -579,6 +579,57 @@ def test_a_float32_layer_inside_a_float64_model_is_compared_at_float32_rounding(
     assert rel(out.scores, ref) < 1e-5
 
 
+@pytest.mark.parametrize("name", list(INTERACT))
+@pytest.mark.parametrize("drop", ["F.dropout", "nn.Dropout", "sdpa dropout_p"])
+def test_samples_interact_refused_in_a_model_that_drops_out(name, drop):
+    """A model in training mode draws other dropout masks for three rows than for each alone, so the interaction
+    check compared nothing and a batch mean behind dropout passed with a note blaming the masks (the scores 0.6
+    off the loop, every step). The check runs the model with dropout drawing nothing, as in eval mode."""
+    x, xv = torch.randn(5, 3, generator=_g(1), dtype=F64), torch.randn(4, 3, generator=_g(2), dtype=F64)
+    layer = nn.Dropout(0.3)
+
+    def model_fn(p, x):
+        if drop == "F.dropout":
+            x = F.dropout(x, 0.3, True)
+        elif drop == "nn.Dropout":
+            x = layer(x)
+        else:  # attention over each sample's three features, dropped inside the fused call
+            a = x.unsqueeze(-1)
+            x = x + F.scaled_dot_product_attention(a, a, a, dropout_p=0.3).squeeze(-1)
+        return INTERACT[name](p, x)
+
+    with pytest.raises(SamplesInteractError, match=r"^graddot: samples interact in model_fn: run on the first 3 "
+                                                   r"train samples together"):
+        ghostfunc.graddot(model_fn, _lin(), x, xv)
+
+
+def test_a_loss_normalised_over_the_whole_batch_is_refused_behind_dropout():
+    """The whole-batch count (Hugging Face's num_items_in_batch) with the first rows holding as many tokens as each
+    other, in a model that drops out: the few rows compared agree, the step's gradient check does not compare a
+    model that draws, and the losses' difference from a plain call's was put down to the masks (a note; the step
+    0.02 off torch.optim's). Where no way of drawing gives the plain call's losses, the whole batch is compared
+    with its samples alone, dropout drawing nothing: the samples interact."""
+    torch.manual_seed(0)
+    d, v = 8, 11
+    ids, tgt = torch.randint(0, v, (8, 6)), torch.randint(0, v, (8, 6))
+    for i in range(8):
+        tgt[i, : (2 if i < 3 else i % 5)] = -100  # the first three rows: four targets each
+    p = {"emb": torch.randn(v, d, dtype=F64) / 2, "head": torch.randn(v, d, dtype=F64) / 3}
+
+    def model_fn(q, b):
+        h = F.dropout(torch.tanh(F.embedding(b["ids"], q["emb"])), 0.1, True)
+        token = F.cross_entropy(F.linear(h, q["head"]).transpose(1, 2), b["tgt"], reduction="none")
+        return token.sum(1) * len(b["tgt"]) / (b["tgt"] != -100).sum()
+
+    train, val = {"ids": ids, "tgt": tgt}, {"ids": ids[:3], "tgt": tgt[:3]}
+    with pytest.raises(SamplesInteractError, match=r"^graddot: samples interact in model_fn: run on the whole "
+                                                   r"train batch \(8 samples\) together"):
+        ghostfunc.graddot(model_fn, p, train, val)
+    step = ghostfunc.train_step(model_fn, ghostfunc.sgd(1.0))
+    with pytest.raises(SamplesInteractError, match=r"^train_step: samples interact"):
+        step(step.init(p), train, val)
+
+
 def test_samples_interact_seen_in_val_when_train_has_one_sample():
     x, xv = torch.randn(1, 3, generator=_g(1), dtype=F64), torch.randn(2, 3, generator=_g(2), dtype=F64)
     with pytest.raises(SamplesInteractError, match=r"^plan: samples interact .* first 2 val samples together"):

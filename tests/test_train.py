@@ -492,6 +492,38 @@ def test_a_loss_normalised_over_the_whole_batch_is_refused_whatever_rows_come_fi
         torch.testing.assert_close(state.params[k], t - g, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("how", ["checkpoint", "per-sample capture"])
+def test_a_loss_normalised_over_the_whole_batch_is_refused_whatever_the_plan_notes(how):
+    """The whole-batch gradient check was skipped for any plan with a note: a checkpointed model's note, or the
+    per-sample capture's, let a loss normalised by the batch's token count through (0.07 off torch.optim's
+    step). Only a training batch split at data-dependent branches (per-sample by design) is not compared."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    d, t, b = 6, 5, 8
+    p = {"w": torch.randn(d, d, dtype=torch.float64) / 3, "b": torch.randn(d, dtype=torch.float64) / 5}
+
+    def per_token(q, x):
+        if how == "per-sample capture":
+            x = x.clone().requires_grad_()  # (vmap inside vjp cannot run it: each sample alone)
+        return (F.linear(x, q["w"], q["b"]) ** 2).sum(-1)
+
+    def model_fn(q, batch):
+        tokens = checkpoint(per_token, q, batch["x"], use_reentrant=False) if how == "checkpoint" else \
+            per_token(q, batch["x"])
+        return (tokens * batch["mask"]).sum(-1) * len(batch["mask"]) / batch["mask"].sum()
+
+    mask = torch.ones(b, t, dtype=torch.float64)
+    for i in range(3, b):
+        mask[i, 1 + i % (t - 1):] = 0  # the first three rows unpadded: the few-row checks agree
+    train = {"x": torch.randn(b, t, d, dtype=torch.float64), "mask": mask}
+    val = {"x": torch.randn(4, t, d, dtype=torch.float64), "mask": torch.ones(4, t, dtype=torch.float64)}
+    assert ghostfunc.graddot(model_fn, p, train, val).plan.notes  # the note that turned the check off
+    step = ghostfunc.train_step(model_fn, ghostfunc.sgd(0.1))
+    with pytest.raises(ghostfunc.SamplesInteractError, match=r"^train_step: samples interact .*whole training"):
+        step(step.init(p), train, val)
+
+
 def test_a_float32_model_at_its_optimum_is_not_taken_for_samples_that_interact():
     """Least squares at its solution in float32: the samples' own gradients (up to ~9) cancel in the mean (~1e-8),
     and the batch's gradient and the mean of the samples' agree to float32 rounding of the samples' own; the

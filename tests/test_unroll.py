@@ -79,6 +79,25 @@ def test_unroll_equals_autograd_through_the_loop(name):
     assert torch.equal(out.count, counts)
 
 
+def scaled_fn(p, batch):  # a 0-dim parameter: a learned temperature
+    h = torch.tanh(F.linear(batch["x"], p["w1"], p["b1"]))
+    return F.cross_entropy(F.linear(h, p["w2"], p["b2"]) / p["temp"], batch["y"], reduction="none")
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_unroll_with_a_scalar_parameter(name):
+    """A 0-dim parameter (a temperature) with an optimizer that keeps state for it (momentum, AdamW's moments):
+    unroll raised TypeError inside torch.zeros (its state's adjoint had no shape to be made with)."""
+    params, batches, val = run()
+    params["temp"] = torch.tensor(1.5, dtype=DT)
+    opt = OPTIMIZERS[name]()
+    ref = autograd_unrolled(scaled_fn, opt, params, batches, val, 7)
+    for val_reduce in ("mean", None):
+        out = ghostfunc.unroll(scaled_fn, opt, params, batches, val, checkpoint_every=2, val_reduce=val_reduce)
+        got = out.total if val_reduce else out.total.mean(-1)
+        assert rel(got, ref) < 1e-10, (val_reduce, rel(got, ref))
+
+
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
 def test_unroll_in_an_evaluation_loop(mode):
     """Under torch.inference_mode() unroll raised torch's 'does not require grad'; it runs with gradients on."""
