@@ -1921,6 +1921,17 @@ class _IntMode(enum.IntEnum):  # an IntEnum (an int too) whose property reads a 
         return _STRENGTH["centre"]
 
 
+class _CallMode(enum.Enum):  # a member whose own __call__ reads a module's dict
+    CENTRE = "centre"
+
+    def __call__(self):
+        return _STRENGTH[self.value]
+
+
+def _strength():  # a plain function passed as a leaf, reading a module's dict
+    return _STRENGTH["centre"]
+
+
 class _Holder:
     def __init__(self):
         self.centre = False
@@ -1936,15 +1947,16 @@ def _opts_get(opts):
 _CHANGED_LATER = {"class as the leaf": lambda leaf: leaf.centre, "class in a dict": lambda leaf: leaf["c"].centre,
                   "method patched on the class": lambda leaf: leaf.centre(), "enum property": lambda leaf: leaf.on,
                   "bound method": lambda leaf: leaf(), "partial over a dict": lambda leaf: leaf(),
-                  "IntEnum property": lambda leaf: leaf.on, "partial of a bound method": lambda leaf: leaf()}
+                  "IntEnum property": lambda leaf: leaf.on, "partial of a bound method": lambda leaf: leaf(),
+                  "enum __call__": lambda leaf: leaf(), "function": lambda leaf: leaf()}
 
 
 @pytest.mark.parametrize("case", list(_CHANGED_LATER))
 def test_a_leaf_changed_where_its_key_did_not_look_is_checked_again(case):
     """A class passed as a leaf (its setting changed on the class), a method replaced on a config's class, an enum
-    member whose property reads a module's dict, a bound method whose object changes in place, a partial over a
-    dict changed in place: each kept the first calls' checks when the change turned on a coupling of rows (0.76
-    off). Classes are keyed with their settings and methods, enum members with what their methods read, bound
+    member whose property (or own ``__call__``) reads a module's dict, a bound method whose object changes in place,
+    a partial over a dict changed in place, a function reading a module's dict: each kept the first calls' checks
+    when the change turned on a coupling of rows (0.55-0.76 off). Classes are keyed with their settings and methods, enum members with what their methods read, bound
     methods and partials with what their object and arguments hold."""
     net = _mlp(47)
     p = {k: v.detach() for k, v in net.named_parameters()}
@@ -1953,7 +1965,8 @@ def test_a_leaf_changed_where_its_key_did_not_look_is_checked_again(case):
     leaf = {"class as the leaf": _ClassLeaf, "class in a dict": {"c": _ClassLeaf},
             "method patched on the class": _Patched(), "enum property": _EnumMode.CENTRE,
             "bound method": holder.get, "partial over a dict": functools.partial(_opts_get, opts),
-            "IntEnum property": _IntMode.CENTRE, "partial of a bound method": functools.partial(holder.get)}[case]
+            "IntEnum property": _IntMode.CENTRE, "partial of a bound method": functools.partial(holder.get),
+            "enum __call__": _CallMode.CENTRE, "function": _strength}[case]
     (tx, ty), (vx, vy) = _xy(8, 48), _xy(4, 49)
     train, val = {"x": tx, "y": ty, "leaf": leaf}, {"x": vx, "y": vy, "leaf": leaf}
     try:
