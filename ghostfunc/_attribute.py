@@ -27,18 +27,43 @@ OPTIMIZERS: dict[str, Callable[..., ghostfunc.Optimizer]] = {"sgd": ghostfunc.sg
 CLI_TASK = "ghostfunc._run.attribution:task"
 
 
+class SpecError(ValueError):
+    """A recorded run's ``spec.json`` that cannot rebuild its run (the CLI: one line, exit code 2)."""
+
+
 def load_spec(folder: Path) -> dict[str, Any]:
     """``spec.json`` of a recorded run, checked."""
     path = folder / "spec.json"
     if not path.exists():
         raise FileNotFoundError(f"attribute: {path} is missing; record the run with Trajectory.save(folder, spec=...)")
-    spec = json.loads(path.read_text())
-    if "factory" not in spec:
-        raise ValueError(f"attribute: {path} needs a 'factory' entry (see ghostfunc.Trajectory); got {sorted(spec)}")
-    opt = dict(spec.get("optimizer", {"name": None}))
-    if "optimizer" in spec and opt.get("name") not in OPTIMIZERS:
-        raise ValueError(f"attribute: {path}: optimizer name must be one of {sorted(OPTIMIZERS)}; got {opt.get('name')!r}")
+    try:
+        spec = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise SpecError(f"attribute: {path} must be a JSON object (Trajectory.save(folder, spec=...)); got text that "
+                        f"is not JSON ({err})") from None
+    if not isinstance(spec, dict) or "factory" not in spec:
+        got = sorted(spec) if isinstance(spec, dict) else type(spec).__name__
+        raise SpecError(f"attribute: {path} needs a 'factory' entry (see ghostfunc.Trajectory); got {got}")
+    opt = spec.get("optimizer", {"name": None})
+    if "optimizer" in spec and (not isinstance(opt, dict) or opt.get("name") not in OPTIMIZERS):
+        name = opt.get("name") if isinstance(opt, dict) else opt
+        raise SpecError(f"attribute: {path}: optimizer name must be one of {sorted(OPTIMIZERS)}; got {name!r}")
     return spec
+
+
+def _spec_optimizer(spec: dict[str, Any], path: Path, recorded: tuple | None) -> ghostfunc.Optimizer:
+    """The optimizer ``spec["optimizer"]`` names with its arguments, of the kind the run recorded (its state's)."""
+    opt_args = dict(spec["optimizer"])
+    name = opt_args.pop("name")
+    try:
+        optimizer = OPTIMIZERS[name](**opt_args)
+    except (TypeError, ValueError) as err:
+        raise SpecError(f"attribute: {path}: the 'optimizer' entry {spec['optimizer']!r} does not make a "
+                        f"ghostfunc.{name}: {err}") from None
+    if recorded is not None and (made := type(optimizer.init(recorded[0]))) is not type(recorded[1]):
+        raise SpecError(f"attribute: {path}: the 'optimizer' entry names {name}, whose state is {made.__name__}; "
+                        f"the recorded run's optimizer state is {type(recorded[1]).__name__}")
+    return optimizer
 
 
 def attribute(run: str | Path, *, per_step: bool = False, out: str | Path | None = None) -> tuple[ghostfunc.DataValues, Path, float]:
@@ -56,10 +81,9 @@ def attribute(run: str | Path, *, per_step: bool = False, out: str | Path | None
     optimizer = task.get("optimizer")
     if optimizer is None:  # the spec's arguments
         if "optimizer" not in spec:
-            raise ValueError(f"attribute: {folder / 'spec.json'} needs an 'optimizer' entry, or its factory "
+            raise SpecError(f"attribute: {folder / 'spec.json'} needs an 'optimizer' entry, or its factory "
                              f"{spec['factory']!r} must return one; got neither")
-        opt_args = dict(spec["optimizer"])
-        optimizer = OPTIMIZERS[opt_args.pop("name")](**opt_args)
+        optimizer = _spec_optimizer(spec, folder / "spec.json", traj.checkpoints.get(0))
     index = spec.get("index", "index")
     batches = traj.batches(task["dataset"], index)
     t0 = time.perf_counter()
@@ -102,6 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         values, target, seconds = attribute(args.run, per_step=args.per_step, out=args.out)
     except UsageError as exc:  # the run's factory refused its data or options (one line, exit code 2)
         parser.error(str(exc))
+    except SpecError as exc:  # its spec.json cannot rebuild the run
+        parser.error(str(exc).removeprefix("attribute: "))
     total = values.total.sum(1) if args.per_step else values.total
     seen = values.count.nonzero().flatten()  # samples the run drew (the others have no value, not a value of 0)
     k = min(args.top, len(seen))

@@ -362,6 +362,10 @@ def evaluate(
         raise ValueError(f"{where}: retrains must be >= 3 for a rank correlation; got {retrains}")
     if not 0 < noise < 1 or any(not 0 < k < 1 for k in removal):
         raise ValueError(f"{where}: noise and removal fractions must lie in (0, 1); got {noise}, {list(removal)}")
+    if not 1 <= round(noise * n_train) < n_train:  # (none flipped: no noisy row to find, every AUROC NaN)
+        raise ValueError(f"{where}: noise must flip at least one training label and leave one: round(noise * "
+                         f"n_train) in [1, {n_train - 1}]; got noise={noise} of n_train={n_train}, "
+                         f"{round(noise * n_train)} flipped")
     say = log or (lambda s: None)
     per_val = min(per_val, n_val)  # (every validation row, where there are fewer: --n-val 10 raised a shape error)
     config = {"models": list(models), "seeds": list(seeds), "retrains": retrains, "n_train": n_train, "n_val": n_val,
@@ -538,9 +542,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                           n_train=args.n_train, n_val=args.n_val, steps=args.steps, lr=args.lr, noise=args.noise,
                           per_val=args.per_val, random_draws=args.random_draws, out=args.out)
     except ValueError as err:
-        if not str(err).startswith("evaluate: n_train + n_val"):  # the one check that needs the data set's size
-            raise
-        parser.error(f"--n-train/--n-val: {str(err).removeprefix('evaluate: ')}")
+        for start, option in (("evaluate: n_train + n_val", "--n-train/--n-val"), ("evaluate: noise must flip",
+                                                                                    "--noise/--n-train")):
+            if str(err).startswith(start):  # the checks that need the data set's size, or two options together
+                parser.error(f"{option}: {str(err).removeprefix('evaluate: ')}")
+        raise
     print(result.table())
     print(f"written {args.out}/evaluation.json and {args.out}/evaluation.png ({time.perf_counter() - t0:.0f} s)")
     return 0

@@ -1640,6 +1640,10 @@ def check_state_writes(model_fn: Callable, params: Mapping[str, Tensor], batch: 
         watch.refuse_moved()
     except StateWrittenError as err:
         raise StateWrittenError(f"{where}: {err}") from None
+    except Exception as err:  # the model's own error: which run raised it, as graddot says
+        err.add_note(f"{where}: model_fn raised this on the first {len(at)} rows of the first training batch, "
+                     f"run without gradients (checking that it leaves its buffers and parameters alone)")
+        raise
 
 
 #: :class:`_Writes` keeps copies of buffers up to this many bytes in all (larger: it compares and restores none).

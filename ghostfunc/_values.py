@@ -56,10 +56,12 @@ def is_indices(idx: Any) -> bool:
 
 
 def as_tensor(x: Any) -> Any:
-    """A NumPy array or a list of numbers as a tensor (a batch's NumPy index leaf rides through a training step as
-    it came); anything else as it is."""
+    """A NumPy array or a list or tuple of numbers as a tensor (a batch's NumPy index leaf rides through a training
+    step as it came; an empty list: an empty int64 tensor); anything else as it is."""
     numpy = sys.modules.get("numpy")
-    if isinstance(x, list) and x and all(isinstance(v, numbers.Real) for v in x):  # (NumPy scalars too)
+    if isinstance(x, (list, tuple)) and not x:
+        return torch.zeros(0, dtype=torch.int64)  # (an empty batch's indices)
+    if isinstance(x, (list, tuple)) and all(isinstance(v, numbers.Real) for v in x):  # (NumPy scalars too)
         x = numpy.asarray(x) if numpy is not None else torch.tensor(x)
     if numpy is not None and isinstance(x, numpy.ndarray) and x.dtype.kind in "biuf":
         return torch.from_numpy(numpy.ascontiguousarray(x, dtype=x.dtype.newbyteorder("=")))
@@ -366,7 +368,11 @@ class DataValues:
                 or not isinstance(steps, int) or steps < 0:
             raise ValueError(f"{where}: {name} holds non-finite totals, negative counts or a step count that is "
                              f"not an int >= 0: not what DataValues.save writes")
-        values = cls(total, count, steps, loaded=True)
+        try:
+            values = cls(total, count, steps, loaded=True)
+        except ValueError as err:  # (total and count of other lengths: the file named, not only the class)
+            raise ValueError(f"{where}: {name} is not what DataValues.save writes: "
+                             f"{str(err).removeprefix('DataValues: ')}") from None
         return (values, payload["state"]) if with_state else values
 
 

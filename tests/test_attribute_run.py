@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -90,11 +91,19 @@ def bare_task() -> dict:
             "val": {"x": torch.eye(2, dtype=torch.float64)}}
 
 
-def test_attribute_needs_an_optimizer_from_the_spec_or_the_factory(tmp_path: Path) -> None:
+def test_attribute_needs_an_optimizer_from_the_spec_or_the_factory(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    from ghostfunc._attribute import SpecError, attribute
+
     traj = ghostfunc.Trajectory.start(({"w": torch.zeros(2, dtype=torch.float64)}, None), every=1)
     traj.save(tmp_path, spec={"factory": "tests.test_attribute_run:bare_task"})
-    with pytest.raises(ValueError, match="attribute: .*spec.json needs an 'optimizer' entry, or its factory"):
+    message = f"{tmp_path / 'spec.json'} needs an 'optimizer' entry, or its factory"
+    with pytest.raises(SpecError, match=f"^attribute: {re.escape(message)}"):  # a ValueError, from the API
+        attribute(tmp_path)
+    with pytest.raises(SystemExit) as info:  # one line from the command line
         main(["attribute", "--run", str(tmp_path)])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith(f"python -m ghostfunc attribute: error: {message}")
 
 
 def test_a_folder_without_a_recorded_run_is_a_usage_error(tmp_path, capsys):
@@ -197,12 +206,8 @@ def test_attribute_of_a_moved_run_reads_its_own_folder(recorded: Path, tmp_path:
     assert torch.equal(got.total, want.total)
 
 
-@pytest.mark.parametrize("name", ["trajectory.pt", "spec.json"])
-def test_attribute_out_never_names_the_recording_it_reads(name: str, tmp_path: Path,
-                                                          capsys: pytest.CaptureFixture) -> None:
-    """A recording saved with Trajectory.save(folder, spec=...) holds trajectory.pt and spec.json in the folder
-    --run names: --out naming either was written over with the values (exit 0, the recording gone); refused in
-    one line, the files as they were."""
+def _saved_recording(folder: Path, optimizer: object = None) -> None:
+    """A few SGD steps of logistic regression on the digits, saved with Trajectory.save(folder, spec=...)."""
     from ghostfunc import _evaluate as E
 
     task = E.digits_task(model="logreg", seed=0, n_train=30, n_val=10)
@@ -214,9 +219,19 @@ def test_attribute_out_never_names_the_recording_it_reads(name: str, tmp_path: P
         state, _ = step(state, {**{k: v[i] for k, v in task["dataset"].items()}, "index": i},
                         {**task["val"], "index": torch.arange(10)})
         traj.record(i, state)
-    folder = tmp_path / "rec"
-    traj.save(folder, spec={"factory": "ghostfunc._evaluate:digits_task", "optimizer": {"name": "sgd", "lr": 0.3},
+    traj.save(folder, spec={"factory": "ghostfunc._evaluate:digits_task",
+                            "optimizer": optimizer or {"name": "sgd", "lr": 0.3},
                             "kwargs": {"model": "logreg", "seed": 0, "n_train": 30, "n_val": 10}})
+
+
+@pytest.mark.parametrize("name", ["trajectory.pt", "spec.json"])
+def test_attribute_out_never_names_the_recording_it_reads(name: str, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    """A recording saved with Trajectory.save(folder, spec=...) holds trajectory.pt and spec.json in the folder
+    --run names: --out naming either was written over with the values (exit 0, the recording gone); refused in
+    one line, the files as they were."""
+    folder = tmp_path / "rec"
+    _saved_recording(folder)
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     with pytest.raises(SystemExit) as info:
         main(["attribute", "--run", str(folder), "--out", str(folder / name)])
@@ -226,3 +241,25 @@ def test_attribute_out_never_names_the_recording_it_reads(name: str, tmp_path: P
         f"{str(folder / name)!r} is one of them (it would be overwritten: its state, values or recording)")
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
     assert main(["attribute", "--run", str(folder), "--out", str(folder / "unrolled.pt")]) == 0
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"name": "sgd"}, "the 'optimizer' entry {'name': 'sgd'} does not make a ghostfunc.sgd: sgd() missing 1 "
+                      "required positional argument: 'lr'"),
+    ({"name": "sgd", "lr": 0.3, "mom": 0.9}, "the 'optimizer' entry {'name': 'sgd', 'lr': 0.3, 'mom': 0.9} does not "
+                                             "make a ghostfunc.sgd: sgd() got an unexpected keyword argument 'mom'"),
+    ({"name": "adamw", "lr": 0.3}, "the 'optimizer' entry names adamw, whose state is AdamWState; the recorded run's "
+                                   "optimizer state is SGDState"),
+    ({"name": "adam", "lr": 0.3}, "optimizer name must be one of ['adamw', 'sgd']; got 'adam'"),
+])
+def test_attribute_names_a_spec_that_cannot_rebuild_its_run(entry: dict, message: str, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    """A spec.json whose optimizer entry misses an argument, has an unknown one, or names another optimizer than
+    the run's ended in a traceback (exit 1) that named neither the file nor the entry: one line, exit code 2."""
+    folder = tmp_path / "rec"
+    _saved_recording(folder, entry)
+    with pytest.raises(SystemExit) as info:
+        main(["attribute", "--run", str(folder)])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"python -m ghostfunc attribute: error: {folder / 'spec.json'}: {message}")

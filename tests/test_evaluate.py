@@ -68,6 +68,11 @@ def test_evaluate_bad_input():
         E.evaluate(models=("cnn",), log=None)
     with pytest.raises(ValueError, match="evaluate: retrains must be >= 3"):
         E.evaluate(retrains=2, log=None)
+    # no label flipped (0.01 of 40 rounds to 0): every noisy-label AUROC was NaN, shown as "-" without a word
+    with pytest.raises(ValueError, match=r"^evaluate: noise must flip at least one training label and leave one: "
+                                         r"round\(noise \* n_train\) in \[1, 39\]; got noise=0.01 of n_train=40, "
+                                         r"0 flipped"):
+        E.evaluate(noise=0.01, n_train=40, log=None)
 
 
 def test_attribute_cli_on_a_recorded_run(tmp_path, capsys):

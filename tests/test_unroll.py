@@ -385,6 +385,29 @@ def test_replay_that_does_not_reach_the_recording_is_refused():
         ghostfunc.unroll(model_fn, opt, traj, batches, val)
 
 
+def test_a_replay_lands_within_rounding_of_its_move_or_is_refused():
+    """A float32 AdamW run of the training CLI was refused by attribute: its first steps divide gradients of about
+    AdamW's eps by themselves, and the replay's gradient path rounds such an entry otherwise (1.09e-8 against
+    7.95e-9), one entry of a weight landing 3.9e-4 away (sqrt(eps) allowed 3.5e-4). A parameter may also land
+    within eps^(1/4) of the run's move over the segment, in norm; a move of its own (other data) is refused."""
+    from ghostfunc._unroll import _check_lands
+
+    g = torch.Generator().manual_seed(0)
+    begun = {"w": torch.randn(32, 32, generator=g)}
+    ref = {"w": begun["w"] + 0.01 * 4 * torch.randn(32, 32, generator=g).sign()}  # four AdamW steps of lr 0.01
+    landed = ref["w"].clone()
+    landed[3, 5] += 4e-4  # one entry rounded otherwise
+    _check_lands({"w": landed}, ref, 4, "unroll", begun)
+    other = begun["w"] + 0.01 * 4 * torch.randn(32, 32, generator=g).sign()  # another run's move
+    with pytest.raises(ValueError, match=r"^unroll: replaying the run's steps does not reach the recorded "
+                                         r"parameters of step 4 \('w' differs by"):
+        _check_lands({"w": other}, ref, 4, "unroll", begun)
+    still = begun["w"].clone()
+    still[0, 0] += 1.0  # a parameter the run moved by rounding only: held to sqrt(eps) of its size
+    with pytest.raises(ValueError, match=r"'w' differs by 1"):
+        _check_lands({"w": still}, {"w": begun["w"]}, 4, "unroll", begun)
+
+
 def test_a_model_that_moves_its_buffers_on_every_call_is_refused_by_unroll():
     """The replay runs the model many times: a buffer moved by every call (a counter) would make each run another
     model. Refused before the replay, naming the buffer, which is put back."""
@@ -516,3 +539,42 @@ def test_unroll_names_model_fn_mistakes_as_graddot_does():
     with pytest.raises(ParamsUnusedError, match=r"^unroll: no parameter reached the computation: .*\(names \['w1', "
                                                 r"'b1', 'w2', 'b2'\]\)"):
         ghostfunc.unroll(lambda p, b: mlp_fn(params, b), opt, params, batches, val)
+
+
+def test_attribution_inputs_taken_as_their_neighbours_take_them(tmp_path):
+    """NumPy's ints as unroll's size and a NumPy index array in Trajectory.record (train_step and unroll took them,
+    these refused them); an empty list or a tuple of indices in DataValues.add (an empty batch: refused as "not a
+    tensor"); a DataValues file of inconsistent lengths named with load; a model error in unroll's first check says
+    which run raised it, as graddot's do."""
+    import numpy as np
+
+    def fn(p, b):
+        return F.cross_entropy(F.linear(b["x"], p["w"]), b["y"], reduction="none")
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 4, generator=g, dtype=DT), torch.randint(0, 3, (8,), generator=g)
+    batches = [{"x": x[i], "y": y[i], "index": i} for i in (torch.arange(4), torch.arange(4, 8))]
+    val = {"x": torch.randn(3, 4, generator=g, dtype=DT), "y": torch.randint(0, 3, (3,), generator=g)}
+    p, opt = {"w": torch.zeros(3, 4, dtype=DT)}, ghostfunc.sgd(0.1)
+    want = ghostfunc.unroll(fn, opt, p, batches, val, size=8)
+    assert torch.equal(ghostfunc.unroll(fn, opt, p, batches, val, size=np.int64(8)).total, want.total)
+    step = ghostfunc.train_step(fn, opt)
+    state = step.init(p)
+    traj = ghostfunc.Trajectory.start(state, every=1)
+    for b in batches:
+        state, _ = step(state, b, {**val, "index": torch.arange(3)})
+        traj.record(b["index"].numpy(), state)
+    assert rel(ghostfunc.unroll(fn, opt, traj, batches, val).total, want.total) < 1e-12
+    v = ghostfunc.DataValues.zeros(5)
+    assert torch.equal(v.add([], torch.ones(0)).count, v.count)
+    assert torch.equal(v.add((0, 1), torch.ones(2)).total, v.add(torch.tensor([0, 1]), torch.ones(2)).total)
+    path = tmp_path / "v.pt"
+    torch.save({"format": "ghostfunc.DataValues/1", "total": torch.zeros(3, dtype=DT),
+                "count": torch.zeros(2, dtype=torch.int64), "steps": 0, "state": None}, path)
+    with pytest.raises(ValueError, match=r"^DataValues.load: '.*v.pt' is not what DataValues.save writes: total must "
+                                         r"be \[N, ...\] and count \[N\]; got \(3,\) and \(2,\)"):
+        ghostfunc.DataValues.load(path)
+    with pytest.raises(RuntimeError) as info:  # float32 weights, float64 data: the model's own error
+        ghostfunc.unroll(fn, opt, {"w": torch.zeros(3, 4)}, batches, val)
+    assert info.value.__notes__ == ["unroll: model_fn raised this on the first 3 rows of the first training batch, "
+                                    "run without gradients (checking that it leaves its buffers and parameters alone)"]
