@@ -112,11 +112,35 @@ def check_pair(train: Any, val: Any, where: str) -> tuple[Batch, Batch]:
                 f"text column, say): a list is structure here, not a sample axis, so its length must match too. "
                 f"Leave it out of the batch (model_fn gets only what it computes with), or pass it as a tensor "
                 f"(ids, codes)") if lists else ""
+        at = _first_difference(train, val, "")
         raise ValueError(
             f"{where}: train and val must have the same structure (same container types and keys); "
-            f"train is {describe_batch(train)}, val is {describe_batch(val)}{hint}"
+            f"train is {describe_batch(train)}, val is {describe_batch(val)}{f' ({at})' if at else ''}{hint}"
         )
     return tb, vb
+
+
+def _first_difference(a: Any, b: Any, path: str) -> str | None:
+    """Where containers ``a`` (train's) and ``b`` (val's) first differ in type, keys or length, for a message
+    (``"at ['x']: list in train, tuple in val"``); ``None`` where they do not (or only in leaves)."""
+    here = path or "the top"
+    containers = (Mapping, list, tuple)
+    if not isinstance(a, containers) and not isinstance(b, containers):
+        return None
+    if type(a) is not type(b) and not (isinstance(a, Mapping) and isinstance(b, Mapping)):
+        return f"at {here}: {type(a).__name__} in train, {type(b).__name__} in val"
+    if isinstance(a, Mapping):
+        if set(a) != set(b):
+            return f"at {here}: keys {sorted(map(repr, a))} in train, {sorted(map(repr, b))} in val"
+        pairs = [(f"{path}[{k!r}]", a[k], b[k]) for k in a]
+    else:
+        if len(a) != len(b):
+            return f"at {here}: {len(a)} items in train, {len(b)} in val"
+        pairs = [(f"{path}[{i}]", x, y) for i, (x, y) in enumerate(zip(a, b, strict=True))]
+    for p, x, y in pairs:
+        if (found := _first_difference(x, y, p)) is not None:
+            return found
+    return None
 
 
 def _sample_lists(batch: Any, name: str, size: int) -> list[str]:

@@ -119,7 +119,7 @@ class _Taps(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         if func in _WATCHED:
-            _refuse(func, args, kwargs)
+            _refuse(func, args, kwargs, self.n)
         if kwargs and kwargs.get("generator") is not None:
             raise NotDirect("a random generator")
         func = EXACT.get(func, func)  # BatchNorm in training mode refused as in the capture
@@ -166,12 +166,22 @@ class _Taps(TorchFunctionMode):
         return out
 
 
+#: Calls that reverse or rotate a tensor along axes (``dims``: their second argument or keyword).
+_FLIPS = frozenset({torch.flip, Tensor.flip, torch.roll, Tensor.roll, torch.rot90, Tensor.rot90, torch.fliplr,
+                    Tensor.fliplr, torch.flipud, Tensor.flipud})
+
 #: Calls :func:`_refuse` looks at before they run.
-_WATCHED = frozenset({*TO_PYTHON, *_MOVES, *RECURRENT, *_INDEXING, torch.where, F.embedding})
+_WATCHED = frozenset({*TO_PYTHON, *_MOVES, *RECURRENT, *_INDEXING, *_FLIPS, torch.where, F.embedding})
 
 
-def _refuse(func: Any, args: tuple, kwargs: dict[str, Any]) -> None:
-    """Raise :class:`NotDirect` if the call could move rows by value, or needs a per-sample rule."""
+def _refuse(func: Any, args: tuple, kwargs: dict[str, Any], n: int) -> None:
+    """Raise :class:`NotDirect` if the call could move rows by value, or needs a per-sample rule.
+
+    A reordering across the samples (a flip or roll along the leading axis, or of a tensor whose leading axis
+    no longer holds whole samples: ``t.reshape(n // 2, 2, d).flip(1)`` swaps pairs) or a lookup into a computed
+    table (``F.embedding(ids, h)``: rows gathered by ids) moves rows between samples; what a later value-dependent
+    choice takes from it (``torch.where(swap, moved, t)``) the first call's comparison cannot vouch for on the
+    next batch (0.37-0.69 off where a later batch swapped pairs the first did not)."""
     if func in _INDEXING:
         if holds_tensor(args[1:2]):
             raise NotDirect("indexing with a tensor")
@@ -181,6 +191,23 @@ def _refuse(func: Any, args: tuple, kwargs: dict[str, Any]) -> None:
     elif func is F.embedding:
         if kwargs.get("scale_grad_by_freq") or (len(args) > 5 and args[5]):
             raise NotDirect("scale_grad_by_freq counts ids per sample")
+        table = args[1] if len(args) > 1 else kwargs.get("weight")
+        if isinstance(table, Tensor) and table.grad_fn is not None:
+            raise NotDirect("an embedding lookup into a computed table (rows gathered by ids)")
+    elif func in _FLIPS:
+        x = args[0] if args else kwargs.get("input")
+        if isinstance(x, Tensor) and x.dim():
+            if func in (torch.roll, Tensor.roll):  # roll(x, shifts, dims=None): None rolls the flattened tensor
+                dims = args[2] if len(args) > 2 else kwargs.get("dims")
+            elif func in (torch.rot90, Tensor.rot90):
+                dims = args[2] if len(args) > 2 else kwargs.get("dims", (0, 1))
+            elif func in (torch.fliplr, Tensor.fliplr, torch.flipud, Tensor.flipud):
+                dims = (1,) if func in (torch.fliplr, Tensor.fliplr) else (0,)
+            else:
+                dims = args[1] if len(args) > 1 else kwargs.get("dims")
+            axes = range(x.dim()) if dims is None else [dims] if isinstance(dims, int) else list(dims)
+            if x.shape[0] % n or any(d % x.dim() == 0 for d in axes):
+                raise NotDirect(f"{getattr(func, '__name__', func)} across the samples")
     else:
         raise NotDirect(f"{getattr(func, '__name__', func)} in the model")
 

@@ -372,6 +372,11 @@ def test_error_structure_mismatch():
     model_fn, params, (x, y) = _mlp()
     with pytest.raises(ValueError, match=r"^graddot: train and val must have the same structure.*'label'"):
         ghostfunc.graddot(model_fn, params, {"x": x, "y": y}, {"x": x, "label": y})
+    # a list beside a tuple: both described alike ("dict with leaves [...]"); where they differ is said
+    with pytest.raises(ValueError, match=r"\(at \['x'\]: list in train, tuple in val\)$"):
+        ghostfunc.graddot(model_fn, params, {"x": [x], "y": y}, {"x": (x,), "y": y})
+    with pytest.raises(ValueError, match=r"\(at \['x'\]: 2 items in train, 1 in val\)$"):
+        ghostfunc.graddot(model_fn, params, {"x": [x, x], "y": y}, {"x": [x], "y": y})
 
 
 @pytest.mark.parametrize("which", ["train", "val"])

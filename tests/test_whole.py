@@ -864,3 +864,63 @@ def test_a_match_on_rows_already_in_the_models_order_is_not_taken_for_every_orde
         want = -0.1 / 5 * ghostfunc.reference_graddot(_reorders_by_value, state.params, train, val)[0]
         state, info = step(state, train, val)
         assert rel(info.values, want) < 1e-10
+
+
+@pytest.mark.parametrize("move", ["reshape and flip", "embedding of a computed table", "roll"])
+def test_rows_swapped_between_samples_by_value_never_take_the_whole_batch_run(move):
+    """A per-sample model that swaps pairs of batch rows where the data says so (a static reordering across the
+    samples, then torch.where choosing by value), computes, and swaps them back: the first batch swapped nothing,
+    its whole-batch run matched the per-sample one, and later batches that swapped were attributed row for row
+    to the wrong samples (0.37-0.69 off, every policy, train_step's values too). A reordering across the samples
+    or a lookup into a computed table keeps the per-sample capture; a flip or roll within each sample does not."""
+    torch.manual_seed(0)
+    d = 4
+    p = {"W": torch.randn(d, d, dtype=F64) * .5, "b": torch.randn(d, dtype=F64) * .1, "H": torch.randn(3, d, dtype=F64)}
+
+    def partner(t, s):
+        n = t.shape[0]
+        if move == "reshape and flip":
+            other = t.reshape(n // 2, 2, -1).flip(1).reshape(t.shape)
+        elif move == "roll":  # (every pair's partner: rows rolled one way for the first, the other for the second)
+            up, down = t.roll(-1, 0), t.roll(1, 0)
+            other = torch.where((torch.arange(n) % 2 == 0).unsqueeze(1), up, down)
+        else:
+            other = F.embedding(torch.arange(n) ^ 1, t * 1.0)  # (a computed table, even where t is the input)
+        return torch.where(s, other, t)
+
+    def model_fn(q, batch):
+        x, y = batch
+        n = x.shape[0]
+        if n % 2:  # (a sample alone: nothing to swap)
+            h = torch.tanh(F.linear(x, q["W"], q["b"]))
+        else:
+            s = (x.reshape(n // 2, 2, d)[:, 0, :1] > 1.0).unsqueeze(1).expand(n // 2, 2, d).reshape(n, d)
+            h = partner(torch.tanh(F.linear(partner(x, s), q["W"], q["b"])), s)  # sample j's row again
+        return F.cross_entropy(F.linear(h, q["H"]), y, reduction="none")
+
+    def data(seed, swaps):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(12, d, generator=g, dtype=F64).clamp(-0.9, 0.9)
+        y = torch.randint(0, 3, (12,), generator=g)
+        if swaps:
+            x[0::2, 0] = 2.0  # every pair swaps inside model_fn
+        return (x[:8], y[:8]), (x[8:], y[8:])
+
+    for policy in ("auto", "materialize"):
+        for seed, swaps in enumerate([False, True, True]):
+            train, val = data(seed, swaps)
+            out = ghostfunc.graddot(model_fn, p, train, val, policy=policy)
+            ref = ghostfunc.reference_graddot(model_fn, p, train, val)[0]
+            assert rel(out.scores, ref) < 1e-10, (policy, seed, rel(out.scores, ref))
+    assert verdicts(model_fn) <= {False}
+
+    def within(q, batch):  # a flip and a roll along each sample's own tokens: the whole-batch run holds
+        x, y = batch  # [n, T, d]
+        h = torch.tanh(F.linear(x.flip(1) + x.roll(1, dims=1), q["W"], q["b"])).mean(1)
+        return F.cross_entropy(F.linear(h, q["H"]), y, reduction="none")
+
+    g = torch.Generator().manual_seed(9)
+    train = (torch.randn(6, 5, d, generator=g, dtype=F64), torch.randint(0, 3, (6,), generator=g))
+    val = (torch.randn(4, 5, d, generator=g, dtype=F64), torch.randint(0, 3, (4,), generator=g))
+    exact_every_call(within, p, train, val)
+    assert verdicts(within) == {True}
