@@ -88,6 +88,8 @@ def undrawn(func: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict
     if func in ALL_DROPOUTS or func in (F.rrelu, torch.rrelu):
         if not draws(func, args, kwargs):
             return None
+        if func in ALL_DROPOUTS and (args[1] if len(args) > 1 else kwargs.get("p", 0.5)) >= 1:
+            return None  # (p = 1 zeroes its input without drawing: run as it is, not as the identity)
         at, flag = (3, "training") if func in (F.rrelu, torch.rrelu) else (2, _TRAIN_FLAG[func])
     elif func in _DROPOUT_P:
         at, flag = _DROPOUT_P[func]

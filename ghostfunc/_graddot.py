@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -10,6 +11,7 @@ from typing import Any, NamedTuple, TypeVar
 
 import torch
 from torch import Tensor
+from torch.overrides import TorchFunctionMode
 
 from . import _calibrate, _dist, _whole
 from . import _kernels as K
@@ -138,7 +140,11 @@ def retry_stale(where: str, attempt: Callable[[Any], Any]) -> Any:
             if state.fresh:
                 raise RuntimeError(
                     f"{where}: model_fn made different parametrised calls on two runs with the same input "
-                    f"shapes ({err}); ghostfunc needs the calls to depend on shapes only"
+                    f"shapes; ghostfunc needs the calls to depend on shapes only (or on values each sample holds). "
+                    f"A branch on a random draw does this, LayerDrop's `if torch.rand(()) < p: skip the layer` "
+                    f"(Whisper, BART, wav2vec2 in training mode): set its probability to 0 (e.g. "
+                    f"config.encoder_layerdrop = config.decoder_layerdrop = 0.0) or use model.eval(); so does a "
+                    f"branch on a counter or a clock. Where the calls parted: {err}"
                 ) from None
             state = state.but(fresh=True)
         except _Resplit as split:
@@ -450,8 +456,10 @@ def as_plain_draws(model_fn: ModelFn, params: dict[str, Tensor], batches: Sequen
     if known is not None:
         return out, known[2]
     key, zeros = _draws_key(model_fn, params, batches), zero_params(params)
-    plain = _plain_losses(model_fn, params, batches, start, device)  # (the validation rows' too: one training
-    if plain is None or _close_losses(plain, losses(out)):  # row cannot tell a draw shared by the batch from its own)
+    plain, coarse = _plain_losses(model_fn, params, batches, start, device)  # (the validation rows' too: one
+    # training row cannot tell a draw shared by the batch from its own)
+    fine = torch.finfo(coarse).eps <= torch.finfo(torch.float32).eps
+    if plain is None or (fine and _close_losses(plain, losses(out))):
         # vmap's draws are the plain call's, or cannot be told apart: behind a parameter zero everywhere (a LoRA B)
         # a draw no sample owns gives the same losses drawn per sample or once, and the plan says so until it moves
         # (dropout's masks too may be vmap's own there, a sequence-first tensor's: not said, most such models'
@@ -461,16 +469,30 @@ def as_plain_draws(model_fn: ModelFn, params: dict[str, Tensor], batches: Sequen
         return out, notes
     first, after_first = out, _rng_state(device)
     # Another way of drawing may give the plain call's losses: a plain run's dropout masks, and draws no sample
-    # owns made once (torch.randn(d, d), a seeded generator's projection) where there were such draws.
+    # owns made once (torch.randn(d, d), a seeded generator's projection) where there were such draws. A model
+    # computing in a 16-bit float rounds its losses by more than other masks may move them (bfloat16's sqrt(eps)
+    # is 8.8% of the largest loss: vmap's masks of a sequence-first dropout passed, 0.12 off): there every way
+    # is tried and the one closest to the plain call's losses kept (vmap's own unless another is half as far).
+    tried = [(False, False, first, _loss_gap(plain, losses(first)), after_first)]
     for masks, once in ((False, True), (True, False), (True, True)):
         if once and not unowned:
             continue
         _set_rng_state(device, start)
         with _plain_draws(masks, once):
             out = compute()
-        if _close_losses(plain, losses(out)):
+        if fine and _close_losses(plain, losses(out)):
             remember(book, key, (masks, once, [], zeros))
             return out, []
+        if not fine:
+            tried.append((masks, once, out, _loss_gap(plain, losses(out)), _rng_state(device)))
+    if not fine:
+        best = min(tried, key=lambda t: t[3])
+        if best[3] >= tried[0][3] / 2:
+            best = tried[0]
+        if best[3] <= torch.finfo(coarse).eps ** 0.5:
+            _set_rng_state(device, best[4])
+            remember(book, key, (best[0], best[1], [], zeros))
+            return best[2], []
     for b, label in zip(batches, ("train", "val"), strict=False):  # not the draws: the samples interact
         refuse_coupled_draws(model_fn, params, b, label, where)
     # No way made the losses agree (another random op): later calls draw as vmap does, without the plain runs,
@@ -481,25 +503,58 @@ def as_plain_draws(model_fn: ModelFn, params: dict[str, Tensor], batches: Sequen
     return first, book[key][2]
 
 
+class _Computed(TorchFunctionMode):
+    """Notes the coarsest floating dtype any call's output has (a bfloat16 model's float32 losses: bfloat16)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dtype = torch.float64
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, Tensor) and out.is_floating_point() and \
+                torch.finfo(out.dtype).eps > torch.finfo(self.dtype).eps:
+            self.dtype = out.dtype
+        return out
+
+
 def _plain_losses(model_fn: ModelFn, params: dict[str, Tensor], batches: Sequence[Batch], start: tuple[Tensor, ...],
-                  device: torch.device) -> list[Tensor] | None:
+                  device: torch.device) -> tuple[list[Tensor] | None, torch.dtype]:
     """``model_fn(params, batch)`` for each batch in turn, without gradients, from RNG state ``start`` (the state
-    after is kept as it was); ``None`` for a model that cannot run so (one that needs gradients on, or ``vmap``)."""
+    after is kept as it was), and the coarsest floating dtype it computed in (its losses' too); ``None`` for a
+    model that cannot run so (one that needs gradients on, or ``vmap``)."""
     devices = [device.index or 0] if device.type == "cuda" else []
-    out = []
+    out, mode = [], _Computed()
     try:
         with torch.random.fork_rng(devices=devices), torch.no_grad(), eager_stance():
             _set_rng_state(device, start)
             for b in batches:
-                out.append(model_fn(dict(params), b.rebuild(list(b.tensors))))
+                with mode:
+                    out.append(model_fn(dict(params), b.rebuild(list(b.tensors))))
     except Exception:  # noqa: BLE001 - not told
-        return None
-    return [o.detach() for o in out] if all(isinstance(o, Tensor) for o in out) else None
+        return None, mode.dtype
+    if not all(isinstance(o, Tensor) for o in out):
+        return None, mode.dtype
+    return [o.detach() for o in out], mode.dtype
 
 
 def _close_losses(plain: Sequence[Tensor], captured: Sequence[Tensor]) -> bool:
     return len(plain) == len(captured) and all(
         a.shape == b.shape and _whole.close(a.to(b.dtype), b.detach()) for a, b in zip(plain, captured, strict=True))
+
+
+def _loss_gap(plain: Sequence[Tensor], captured: Sequence[Tensor]) -> float:
+    """The largest difference of ``captured`` from the ``plain`` losses, relative to the largest loss (``inf``
+    where they do not line up or are not finite)."""
+    gaps = [math.inf]
+    if len(plain) == len(captured) and all(a.shape == b.shape for a, b in zip(plain, captured, strict=True)):
+        gaps = []
+        for a, b in zip(plain, captured, strict=True):
+            a, b = a.double(), b.detach().double()
+            scale = max(a.abs().max().item(), b.abs().max().item()) if a.numel() else 0.0
+            gap = (a - b).abs().max().item() / scale if scale else 0.0
+            gaps.append(gap if math.isfinite(gap) else math.inf)
+    return max(gaps, default=0.0)
 
 
 class Streamed(NamedTuple):

@@ -603,6 +603,36 @@ def test_samples_interact_refused_in_a_model_that_drops_out(name, drop):
         ghostfunc.graddot(model_fn, _lin(), x, xv)
 
 
+def test_a_dropout_of_p_one_is_run_as_it_is_by_the_interaction_check():
+    """F.dropout(x, 1.0, True) zeroes x without drawing: a batch-context branch switched off that way joins no
+    sample to another. The check ran it as the identity (as eval mode would) and refused a valid model."""
+    x, xv = torch.randn(5, 3, generator=_g(1), dtype=F64), torch.randn(4, 3, generator=_g(2), dtype=F64)
+
+    def model_fn(p, x):
+        h = x @ p["W"].T
+        return (h + F.dropout(h.mean(0, keepdim=True), 1.0, True)).pow(2).sum(1)
+
+    out = ghostfunc.graddot(model_fn, _lin(), x, xv)
+    assert rel(out.scores, ghostfunc.reference_graddot(model_fn, _lin(), x, xv)[0]) < 1e-10
+
+
+def test_a_branch_on_a_random_draw_names_layerdrop():
+    """LayerDrop (`if torch.rand(()) < p: skip the layer`, Whisper/BART in training mode) makes other calls on
+    each run: the error said only that the calls differed, with an internal dump first."""
+    def model_fn(p, x):
+        h = x @ p["W"].T
+        if torch.rand(()) < 0.5:
+            h = torch.tanh(h) @ p["W"] @ p["W"].T
+        return h.pow(2).sum(1)
+
+    x, xv = torch.randn(5, 3, generator=_g(1), dtype=F64), torch.randn(4, 3, generator=_g(2), dtype=F64)
+    with pytest.raises(RuntimeError, match=r"^graddot: model_fn made different parametrised calls on two runs with "
+                                           r"the same input shapes; .*LayerDrop.*encoder_layerdrop"):
+        for seed in range(8):  # (a seed whose draws agree on every run passes)
+            torch.manual_seed(seed)
+            ghostfunc.graddot(model_fn, _lin(), x, xv)
+
+
 def test_a_loss_normalised_over_the_whole_batch_is_refused_behind_dropout():
     """The whole-batch count (Hugging Face's num_items_in_batch) with the first rows holding as many tokens as each
     other, in a model that drops out: the few rows compared agree, the step's gradient check does not compare a
