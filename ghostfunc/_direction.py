@@ -146,5 +146,5 @@ def graddot_direction(
 
     # a model that draws random numbers: the rows see what model_fn(params, train) draws (as in graddot)
     out, notes = as_plain_draws(model_fn, checked, (tb,), lambda: retry_stale(where, attempt),
-                                lambda o: (o.train_loss,), where)
+                                lambda o: (o.train_loss,), where, lambda o: o.plan.notes)
     return out._replace(plan=noted(out.plan, notes)) if notes else out

@@ -33,7 +33,7 @@ from ._capture import (
 from ._checks import check_compile, check_model_fn, check_options, check_pair, check_params
 from ._draws import ONCE
 from ._eager import capture_eager, summary, trace_eager, unbatchable
-from ._groups import WHOLE, Part, describe, merge_halves, refine, subset
+from ._groups import WHOLE, Part, describe, merge_halves, refine, split, subset
 from ._interact import (
     check_model,
     counted_over_batch,
@@ -41,6 +41,7 @@ from ._interact import (
     in_one_call,
     module_settings,
     param_signature,
+    refuse_batch_losses,
     refuse_coupled_draws,
     remember,
     run_with_grads,
@@ -372,7 +373,8 @@ def run(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batch, 
         return Captured(t.loss, v.loss, {k: (t.grads[k], v.grads[k]) for k in params}), r.plan
 
     (cap, the_plan), notes = as_plain_draws(model_fn, params, (train, val), lambda: retry_stale(where, attempt),
-                                            lambda out: (out[0].train_loss, out[0].val_loss), where)
+                                            lambda out: (out[0].train_loss, out[0].val_loss), where,
+                                            lambda out: out[1].notes)
     return cap, noted(the_plan, notes)
 
 
@@ -423,7 +425,8 @@ def _draws_key(model_fn: ModelFn, params: dict[str, Tensor], batches: Sequence[B
 
 
 def as_plain_draws(model_fn: ModelFn, params: dict[str, Tensor], batches: Sequence[Batch], compute: Callable[[], R],
-                   losses: Callable[[R], Sequence[Tensor]], where: str) -> tuple[R, list[str]]:
+                   losses: Callable[[R], Sequence[Tensor]], where: str,
+                   notes_of: Callable[[R], Sequence[str]]) -> tuple[R, list[str]]:
     """``compute()`` with the training rows' random draws those of ``model_fn(params, train)`` from the same
     RNG state, then the validation rows' those of ``model_fn(params, val)`` (``batches``: ``(train, val)`` or
     ``(train,)``; ``losses(result)``: their losses; a model that draws none: ``compute()`` as it is).
@@ -436,7 +439,8 @@ def as_plain_draws(model_fn: ModelFn, params: dict[str, Tensor], batches: Sequen
     signature), and if the losses still differ the plan says so (:data:`MASKS_DIFFER`; later calls then draw as
     ``vmap`` does, without the plain runs), unless the batch's samples interact with dropout run without drawing
     (:func:`ghostfunc._interact.refuse_coupled_draws`: ``SamplesInteractError``, prefixed with ``where``).
-    Returns the result and the plan's notes on its draws.
+    Returns the result and the plan's notes on its draws. A model that draws nothing is compared with a plain
+    run too, on the first call of each signature (:func:`_refuse_coupled_batch`).
     """
     device = next(iter(params.values())).device
     try:
@@ -451,8 +455,9 @@ def as_plain_draws(model_fn: ModelFn, params: dict[str, Tensor], batches: Sequen
     with _plain_draws(known is not None and known[0], known is not None and known[1]):
         out = compute()
     unowned = ONCE.seen != seen  # a draw no sample owns (a seeded generator's leaves the global state alone)
-    if _same(start, _rng_state(device)) and not unowned:
-        return out, []  # no random draw (a model in eval mode)
+    if _same(start, _rng_state(device)) and not unowned:  # no random draw (a model in eval mode)
+        _refuse_coupled_batch(model_fn, params, batches, losses(out), notes_of(out), where)
+        return out, []
     if known is not None:
         return out, known[2]
     key, zeros = _draws_key(model_fn, params, batches), zero_params(params)
@@ -501,6 +506,34 @@ def as_plain_draws(model_fn: ModelFn, params: dict[str, Tensor], batches: Sequen
     _set_rng_state(device, after_first)
     remember(book, key, (False, False, [MASKS_DIFFER], zeros))
     return first, book[key][2]
+
+
+#: ``model_fn`` -> {signature: the parameters zero everywhere when its whole batches were compared}.
+_COUPLED: weakref.WeakKeyDictionary[Any, dict[tuple, frozenset[str]]] = weakref.WeakKeyDictionary()
+
+
+def _refuse_coupled_batch(model_fn: ModelFn, params: dict[str, Tensor], batches: Sequence[Batch],
+                          captured: Sequence[Tensor], notes: Sequence[str], where: str) -> None:
+    """On the first call of a signature (and once a parameter zero everywhere then has moved), each whole batch's
+    losses from a plain run without gradients against the capture's, each sample's own: where they differ the
+    samples interact (:func:`ghostfunc._interact.refuse_batch_losses`), through more of the batch than the few rows
+    :func:`ghostfunc._interact.check_model` runs (a loss normalised by the whole batch's token count, where those
+    rows held as many tokens as the batch's mean: 0.30-0.33 off the loop, silently). One forward per batch; a
+    batch split at data-dependent branches (each sample's own branch, by design) is not compared."""
+    try:
+        seen = _COUPLED.setdefault(model_fn, {})
+    except TypeError:  # not weak-referenceable: compare every call
+        seen = {}
+    key = (param_signature(params), tuple((b.signature, b.size) for b in batches), training_flags(model_fn))
+    if key in seen and still_zero(params, seen[key]):
+        return
+    zeros = zero_params(params)
+    device = next(iter(params.values())).device
+    plain, coarse = _plain_losses(model_fn, params, batches, _rng_state(device), device)
+    for b, label, together, alone in zip(batches, ("train", "val"), plain or (), captured, strict=False):
+        if b.size > 1 and not split(notes, label):
+            refuse_batch_losses(together, alone, label, coarse, where)
+    remember(seen, key, zeros)
 
 
 class _Computed(TorchFunctionMode):
@@ -594,7 +627,7 @@ def run_streamed(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val
         return replayed  # (a whole-batch run: no random draw)
     st, notes = as_plain_draws(model_fn, params, (train, val), lambda: retry_stale(where, lambda fresh: _streamed_once(
         model_fn, params, train, val, where, policy, val_reduce, fresh)), lambda out: (out.train_loss, out.val_loss),
-        where)
+        where, lambda out: out.plan.notes)
     return st._replace(plan=noted(st.plan, notes)) if notes else st
 
 

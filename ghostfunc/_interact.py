@@ -1337,6 +1337,20 @@ def refuse_coupled_draws(model_fn: Callable, params: Mapping[str, Tensor], batch
         raise SamplesInteractError(f"{where}: {err}") from None
 
 
+def refuse_batch_losses(together: Tensor, alone: Tensor, label: str, computed: torch.dtype, where: str) -> None:
+    """Raise :class:`SamplesInteractError` (prefixed with ``where``) if a whole batch's losses from a plain call
+    (``together``) differ beyond rounding from each sample's own (``alone``, the capture's): the samples interact.
+    ``computed``: the coarsest floating dtype the plain call computed in."""
+    if not isinstance(together, Tensor) or together.shape != alone.shape or together.dim() != 1:
+        return
+    rounding = max(coarsest([together, alone]), computed, key=lambda d: torch.finfo(d).eps)
+    try:
+        _compare(together.detach().to(alone.dtype), alone.detach(), label, list(range(len(alone))), rounding,
+                 which=f"the whole {label} batch ({len(alone)} samples)")
+    except SamplesInteractError as err:
+        raise SamplesInteractError(f"{where}: {err}") from None
+
+
 def _rows_of(batch: Any, chosen: list[int]) -> Callable[[int, int], Any]:
     """``rows(lo, hi)``: the batch of the samples ``chosen[lo:hi]`` (a :class:`ghostfunc._capture.Batch`'s rows)."""
     def rows(lo: int, hi: int) -> Any:
@@ -1492,7 +1506,8 @@ def check_step_gradient(model_fn: Callable, params: Mapping[str, Tensor], batch:
     plain = {k: torch.zeros_like(v) if g is None else g.to_dense() if g.is_sparse else g
              for (k, v), g in zip(leaves.items(), grads, strict=True)}
     rounding = max(coarsest([*params.values(), *batch.tensors]), mode.computed, key=lambda d: torch.finfo(d).eps)
-    own = max([0.0, *(g.abs().max().item() for g in spread if g is not None and g.numel())]) * batch.size ** 0.5
+    own = max([0.0, *((g.to_dense() if g.is_sparse else g).abs().max().item() for g in spread
+                      if g is not None and g.numel())]) * batch.size ** 0.5  # (a sparse embedding's: densified)
     scale = max([own, *(max(g.abs().max().item(), train_grad[k].abs().max().item())
                         for k, g in plain.items() if g.numel())])
     worst, gap, tol = _largest_gap(plain, train_grad, rounding, scale)
@@ -1809,7 +1824,7 @@ def _compare(together: Tensor, alone: Tensor, label: str, chosen: list[int], dty
         return
     rows = differ.nonzero().flatten().tolist()
     seen = ", ".join(f"sample {chosen[i]}: {together[i].item():.6g} with the others, {alone[i].item():.6g} alone"
-                     for i in rows)
+                     for i in rows[:4]) + (f", ... ({len(rows)} in all)" if len(rows) > 4 else "")
     which = which or (f"the first {len(chosen)} {label} samples" if chosen == list(range(len(chosen)))
                       else f"{len(chosen)} distinct {label} samples (rows {', '.join(map(str, chosen))})")
     raise SamplesInteractError(

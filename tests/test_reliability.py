@@ -633,6 +633,48 @@ def test_a_branch_on_a_random_draw_names_layerdrop():
             ghostfunc.graddot(model_fn, _lin(), x, xv)
 
 
+@pytest.mark.parametrize("entry", ["graddot", "inrun_shapley", "graddot_direction", "val"])
+def test_a_loss_normalised_over_the_whole_batch_is_refused_at_every_entry_point(entry):
+    """The whole batch's token count (Hugging Face's num_items_in_batch) with the rows the interaction check
+    compares holding as many tokens as the batch's mean: those rows agree together and alone, and graddot gave
+    the per-sample numbers of another loss (0.33 off a loop over the plain call's rows), silently (only
+    train_step's gradient check refused it). The first call of a signature compares each whole batch's losses
+    from a plain run with the capture's."""
+    torch.manual_seed(0)
+    d, v = 8, 11
+    ids, tgt = torch.randint(0, v, (8, 6)), torch.randint(0, v, (8, 6))
+    for i in range(8):
+        tgt[i, : (2 if i < 3 else i % 5)] = -100  # rows 0-2: four targets each, as the batch's mean
+    p = {"emb": torch.randn(v, d, dtype=F64) / 2, "head": torch.randn(v, d, dtype=F64) / 3}
+
+    def model_fn(q, b):
+        h = torch.tanh(F.embedding(b["ids"], q["emb"]))
+        token = F.cross_entropy(F.linear(h, q["head"]).transpose(1, 2), b["tgt"], reduction="none")
+        return token.sum(1) * len(b["tgt"]) / (b["tgt"] != -100).sum()
+
+    batch, few = {"ids": ids, "tgt": tgt}, {"ids": ids[:3], "tgt": tgt[:3]}
+    train, val = (few, batch) if entry == "val" else (batch, few)
+    label = "val" if entry == "val" else "train"
+    u = {k: torch.ones_like(t) for k, t in p.items()}
+    call = {"graddot": lambda: ghostfunc.graddot(model_fn, p, train, val),
+            "val": lambda: ghostfunc.graddot(model_fn, p, train, val),
+            "inrun_shapley": lambda: ghostfunc.inrun_shapley(model_fn, p, train, val, lr=0.1),
+            "graddot_direction": lambda: ghostfunc.graddot_direction(model_fn, p, train, u)}[entry]
+    with pytest.raises(SamplesInteractError, match=rf"^{entry.replace('val', 'graddot')}: samples interact in "
+                                                   rf"model_fn: run on the whole {label} batch \(8 samples\) "
+                                                   rf"together, the losses of 4 of them differ"):
+        call()
+
+    def own_count(q, b):  # each sample normalised by its own count: the loop's numbers, no refusal
+        h = torch.tanh(F.embedding(b["ids"], q["emb"]))
+        token = F.cross_entropy(F.linear(h, q["head"]).transpose(1, 2), b["tgt"], reduction="none")
+        return token.sum(1) / (b["tgt"] != -100).sum(1)
+
+    if entry == "graddot":
+        assert rel(ghostfunc.graddot(own_count, p, train, val).scores,
+                   ghostfunc.reference_graddot(own_count, p, train, val)[0]) < 1e-10
+
+
 def test_a_loss_normalised_over_the_whole_batch_is_refused_behind_dropout():
     """The whole-batch count (Hugging Face's num_items_in_batch) with the first rows holding as many tokens as each
     other, in a model that drops out: the few rows compared agree, the step's gradient check does not compare a
