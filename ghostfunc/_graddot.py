@@ -11,7 +11,6 @@ from typing import Any, NamedTuple, TypeVar
 
 import torch
 from torch import Tensor
-from torch.overrides import TorchFunctionMode
 
 from . import _calibrate, _dist, _whole
 from . import _kernels as K
@@ -35,6 +34,7 @@ from ._draws import ONCE
 from ._eager import capture_eager, summary, trace_eager, unbatchable
 from ._groups import WHOLE, Part, describe, merge_halves, refine, split, subset
 from ._interact import (
+    _UsesAndDtypes,
     check_model,
     counted_over_batch,
     eager_stance,
@@ -536,39 +536,26 @@ def _refuse_coupled_batch(model_fn: ModelFn, params: dict[str, Tensor], batches:
     remember(seen, key, zeros)
 
 
-class _Computed(TorchFunctionMode):
-    """Notes the coarsest floating dtype any call's output has (a bfloat16 model's float32 losses: bfloat16)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.dtype = torch.float64
-
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
-        out = func(*args, **(kwargs or {}))
-        if isinstance(out, Tensor) and out.is_floating_point() and \
-                torch.finfo(out.dtype).eps > torch.finfo(self.dtype).eps:
-            self.dtype = out.dtype
-        return out
-
-
 def _plain_losses(model_fn: ModelFn, params: dict[str, Tensor], batches: Sequence[Batch], start: tuple[Tensor, ...],
                   device: torch.device) -> tuple[list[Tensor] | None, torch.dtype]:
-    """``model_fn(params, batch)`` for each batch in turn, without gradients, from RNG state ``start`` (the state
-    after is kept as it was), and the coarsest floating dtype it computed in (its losses' too); ``None`` for a
-    model that cannot run so (one that needs gradients on, or ``vmap``)."""
+    """``model_fn(params, batch)`` for each batch in turn, no tensor requiring gradients, from RNG state ``start``
+    (the state after is kept as it was), and the coarsest floating dtype it computed in (its losses' too);
+    ``None`` for a model that cannot run so (one that needs gradients, or ``vmap``)."""
     devices = [device.index or 0] if device.type == "cuda" else []
-    out, mode = [], _Computed()
-    try:
-        with torch.random.fork_rng(devices=devices), torch.no_grad(), eager_stance():
+    # the calls the capture replaces run as it runs them (an embedding's max_norm renormalises a copy, not the
+    # caller's table), a write into a parameter refused before it happens; the coarsest dtype computed noted
+    out, mode = [], _UsesAndDtypes(params)
+    try:  # (gradients on, as the capture runs it, though nothing here requires them: no graph is kept)
+        with torch.random.fork_rng(devices=devices), torch.enable_grad(), eager_stance():
             _set_rng_state(device, start)
             for b in batches:
                 with mode:
                     out.append(model_fn(dict(params), b.rebuild(list(b.tensors))))
     except Exception:  # noqa: BLE001 - not told
-        return None, mode.dtype
+        return None, mode.computed
     if not all(isinstance(o, Tensor) for o in out):
-        return None, mode.dtype
-    return [o.detach() for o in out], mode.dtype
+        return None, mode.computed
+    return [o.detach() for o in out], mode.computed
 
 
 def _close_losses(plain: Sequence[Tensor], captured: Sequence[Tensor]) -> bool:

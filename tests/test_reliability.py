@@ -204,6 +204,20 @@ def test_embedding_by_freq_sparse_max_norm(by_freq, sparse, padding_idx, max_nor
     assert torch.equal(p["E"], before)  # max_norm renormalises the looked-up rows, never the caller's weight
 
 
+def test_a_max_norm_lookup_behind_dropout_leaves_the_callers_table_alone():
+    """A model that draws (dropout) is run plainly on its first call to compare its losses: that run renormalised
+    the caller's table in place where max_norm looked rows up (the capture never does: it renormalises a copy)."""
+    def model_fn(p, ids):
+        h = F.dropout(F.embedding(ids, p["E"], max_norm=0.5), 0.2, True)
+        return torch.tanh(h @ p["w"]).pow(2).sum(1)
+
+    p = _emb_params(5, 0)
+    before = p["E"].clone()
+    assert (before.norm(dim=1) > 0.5).any()
+    ghostfunc.graddot(model_fn, p, _ids(4, 7, 5, 1), _ids(3, 6, 5, 2))
+    assert torch.equal(p["E"], before)
+
+
 @pytest.mark.parametrize("padding_idx", [0, 2, -1])
 @pytest.mark.parametrize("other_use", ["penalty", "sliced tied head"])
 def test_a_padded_lookup_of_a_table_on_the_fallback_is_exact(padding_idx, other_use):
