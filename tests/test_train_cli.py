@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -828,3 +829,67 @@ def test_select_on_a_run_with_the_largest_seed(corpus: dict[str, Path], tmp_path
     out = tmp_path / "run"
     assert main(_args(corpus, out, "--steps", "2", "--seed", str(2**32 - 1))) == 0
     assert main(["select", "--run", str(out), "--seeds", "1", "--steps", "1", "--no-progress", "--threads", "1"]) == 0
+
+
+def test_odd_corpus_files_are_read_or_skipped_and_the_report_written(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A file name that is not UTF-8 (latin-1 ``café.py``, legal on Linux) raised UnicodeEncodeError after training
+    and no report was written; a file that cannot be read (EINVAL from /proc, a chmod 000 file) raised a traceback
+    instead of being skipped with its reason; a glob over a folder holding a link to itself read every file about
+    40 times (the folder form once)."""
+    root = tmp_path / "c"
+    (root / "train").mkdir(parents=True)
+    (root / "val").mkdir()
+    text = "def header(msg):\n    return msg['Subject'].lower()\n" * 12
+    (root / "train" / "mail.py").write_text(text)
+    name = os.fsdecode(b"caf\xe9.py")  # (a surrogate where the byte is not UTF-8)
+    (root / "train" / name).write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    (root / "train" / "unreadable.txt").symlink_to("/proc/self/clear_refs")  # (read fails, even as root)
+    (root / "train" / "loop").symlink_to(".")
+    (root / "val" / "a.py").write_text(text[:200] * 2)
+    out = tmp_path / "run"
+    assert main(["train", "--train", str(root / "train"), "--val", str(root / "val"), "--out", str(out), *SMALL]) == 0
+    err = capsys.readouterr().err
+    assert "1 file skipped: 1 unreadable (" in err, err
+    values = (out / "values.csv").read_text(encoding="utf-8")
+    assert "caf\\udce9.py" in values and (out / "report.md").is_file() and (out / "report.png").is_file()
+    assert not [p for p in out.iterdir() if ".tmp" in p.name]
+    glob_out = tmp_path / "globbed"
+    assert main(["train", "--train", str(root / "train" / "**" / "*"), "--val", str(root / "val"),
+                 "--out", str(glob_out), *SMALL]) == 0
+    folder_line, glob_line = (re.search(r"train (\d+ chunks of \d+ tokens from \d+ sources)", e).group(1)
+                              for e in (err, capsys.readouterr().err))
+    assert glob_line == folder_line
+
+
+def test_a_run_interrupted_in_its_first_save_of_a_recording_starts_again(
+        corpus: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """--record-every saves the recording just before the first values.pt: interrupted between the two, the
+    folder (config, metrics, trajectory/) was taken by neither the same command ("already holds files") nor
+    --resume ("there is none"), though the message said the same command starts afresh."""
+    out = tmp_path / "run"
+    real = ghostfunc.DataValues.save
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ghostfunc.DataValues, "save", interrupted)
+    assert main(_args(corpus, out, "--steps", "2", "--record-every", "1")) == 130
+    assert (out / "trajectory" / "trajectory.pt").is_file() and not (out / "values.pt").exists()
+    monkeypatch.setattr(ghostfunc.DataValues, "save", real)
+    capsys.readouterr()
+    assert main(_args(corpus, out, "--steps", "2", "--record-every", "1")) == 0
+    assert "held a run that stopped before its first save (config.json, metrics.jsonl, trajectory" in \
+        capsys.readouterr().err
+    assert ghostfunc.Trajectory.load(out / "trajectory").steps == 2
+
+
+def test_a_resumed_recording_drops_an_unrolled_pt_of_fewer_steps(corpus: dict[str, Path], tmp_path: Path) -> None:
+    """attribute on a run stopped with --stop-at writes trajectory/unrolled.pt; --resume then grew the recording
+    and left the old values beside it, of fewer steps, without a word."""
+    out = tmp_path / "run"
+    assert main(_args(corpus, out, "--steps", "4", "--stop-at", "2", "--record-every", "1")) == 0
+    assert main(["attribute", "--run", str(out)]) == 0
+    assert (out / "trajectory" / "unrolled.pt").is_file()
+    assert main(_args(corpus, out, "--steps", "4", "--record-every", "1", "--resume")) == 0
+    assert not (out / "trajectory" / "unrolled.pt").exists()
+    assert ghostfunc.Trajectory.load(out / "trajectory").steps == 4

@@ -212,6 +212,18 @@ def options(prog: str, table: dict[str, tuple[Any, str]], doc: str, argv: Sequen
 #: What a run writes before its first ``values.pt``: a folder holding only these is a run that stopped (diverged,
 #: interrupted, killed) before it saved anything, which a new run may start over.
 UNFINISHED = frozenset({"config.json", "metrics.jsonl"})
+#: The folder a ``--record-every`` run saves its recording in just before its first ``values.pt``, and what it holds.
+RECORDING = ("trajectory", frozenset({"trajectory.pt", "spec.json"}))
+
+
+def _unfinished(p: Path) -> bool:
+    """Whether ``p`` is a file of a run that stopped before its first save: its config and metrics, or a recording
+    saved just before it (a Ctrl-C there left a folder neither the same command nor ``--resume`` would take)."""
+    if p.is_file():
+        return p.name in UNFINISHED
+    name, files = RECORDING
+    return p.is_dir() and p.name == name and all(q.is_file() and (q.name in files or q.name.startswith("."))
+                                                 for q in p.iterdir())
 
 
 def check_out(out: Path, resume: bool) -> list[Path]:
@@ -222,7 +234,7 @@ def check_out(out: Path, resume: bool) -> list[Path]:
     """
     has_run = (out / "values.pt").is_file()
     held = sorted(p for p in out.iterdir() if p.name != LOCK) if out.is_dir() else []
-    unfinished = bool(held) and not has_run and all(p.name in UNFINISHED and p.is_file() for p in held)
+    unfinished = bool(held) and not has_run and all(_unfinished(p) for p in held)
     if resume and not has_run:
         raise UsageError(f"--resume: expected a run in --out {str(out)!r} (its values.pt); there is none"
                          + (" (the run there stopped before its first save: start it again without --resume)"

@@ -140,7 +140,11 @@ def text_files(spec: str, option: str) -> tuple[Path, list[Path]]:
     elif path.is_file():
         files, root = [path], path.parent
     else:
-        files = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
+        files, seen = [], set()  # each file once (a link to a folder above it: the glob walks it ~40 deep)
+        for p in sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file()):
+            if (real := os.path.realpath(p)) not in seen:
+                seen.add(real)
+                files.append(p)
         root = Path(os.path.commonpath([str(p.parent) for p in files])) if files else Path(".")
     if not files:
         raise UsageError(f"{option}: expected a token file (*.bin), a folder, a glob or a text file; {spec!r} matches no file")
@@ -148,8 +152,11 @@ def text_files(spec: str, option: str) -> tuple[Path, list[Path]]:
 
 
 def _read_text(path: Path) -> tuple[bytes, str]:
-    """``(bytes, "")`` of a text file, or ``(b"", why it is skipped)``."""
-    data = path.read_bytes()
+    """``(bytes, "")`` of a text file, or ``(b"", why it is skipped)`` (one it cannot read: skipped, not a traceback)."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        return b"", f"unreadable ({err.strerror or type(err).__name__})"
     if not data:
         return b"", "empty"
     if b"\0" in data[:8192]:
@@ -188,6 +195,7 @@ def tokenize(files: list[Path], root: Path, cache: Path, option: str) -> tuple[n
     chunks, index, skipped, offset = [], [], [], 0
     for p in files:
         name = str(p.relative_to(root)) if p.is_relative_to(root) else str(p)
+        name = name.encode("utf-8", "backslashreplace").decode("utf-8")  # (a latin-1 name: café as caf\udce9)
         data, why = _read_text(p)
         if why:
             skipped.append((name, why))

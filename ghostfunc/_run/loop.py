@@ -243,7 +243,7 @@ def prepare(cfg: dict[str, Any]) -> Setup:
         torch.cuda.set_device(device)
     if cfg["token_dtype"] not in data_mod.TOKEN_DTYPES:
         raise UsageError(f"--token-dtype: expected one of {', '.join(data_mod.TOKEN_DTYPES)}; got {cfg['token_dtype']!r}")
-    cache = Path(cfg["out"]).resolve().parent / ".ghostfunc-cache"
+    cache = cache_folder(Path(cfg["out"]))
     seq_len = cfg["seq_len"]
     models.check_seq_len(models.config_of(cfg["model"], cfg["size"]), seq_len)  # before reading any data
     if cfg["train"] == "stdlib":
@@ -343,11 +343,32 @@ def _resolved(cfg: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def cache_folder(out: Path) -> Path:
+    """Where the tokenized corpus is kept: beside ``out`` (``out/../.ghostfunc-cache``), or where that parent
+    cannot be written (a volume mounted as ``--out``, a folder made for you) in the system's temporary folder
+    (a ``PermissionError`` traceback before)."""
+    beside = out.resolve().parent / ".ghostfunc-cache"
+    try:
+        beside.mkdir(parents=True, exist_ok=True)
+        if os.access(beside, os.W_OK | os.X_OK):
+            return beside
+    except OSError:
+        pass
+    import tempfile
+
+    return Path(tempfile.gettempdir()) / f"ghostfunc-cache-{os.getuid() if hasattr(os, 'getuid') else 0}"
+
+
 def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename (never a torn file)."""
+    """Write ``text`` to ``path`` as UTF-8 through a temporary file and a rename (never a torn file). A file name
+    that is not UTF-8 (a latin-1 ``café.py``, legal on Linux: read back as escapes) is written escaped, ``\\udce9``
+    (it raised ``UnicodeEncodeError`` after training, and no report was written)."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8", errors="backslashreplace")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 #: The task factory ``spec.json`` names (``ghostfunc attribute --run`` calls it with the folder ``--run`` names).
@@ -384,10 +405,13 @@ def recording(out: Path, every: int, state: ghostfunc.TrainState) -> ghostfunc.T
 
 
 def save_trajectory(trajectory: ghostfunc.Trajectory | None, out: Path) -> None:
-    """Write the recording and the ``spec.json`` that ``ghostfunc attribute --run out`` reads (atomically)."""
+    """Write the recording and the ``spec.json`` that ``ghostfunc attribute --run out`` reads (atomically). An
+    ``unrolled.pt`` that ``attribute`` made of the recording before it grew (a run stopped with ``--stop-at``,
+    then resumed) goes: its values are of fewer steps than the recording now holds."""
     if trajectory is not None:
         trajectory.save(out / "trajectory", spec={"factory": ATTRIBUTION_TASK, "kwargs": {"run": str(out.resolve())},
                                                   "index": "index"})
+        (out / "trajectory" / "unrolled.pt").unlink(missing_ok=True)  # (made of the recording before it grew)
 
 
 def save(values: ghostfunc.DataValues, path: Path, state: ghostfunc.TrainState, cfg: dict[str, Any],

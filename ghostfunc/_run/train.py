@@ -10,6 +10,7 @@ README "Valuing a training run"; every option below can also come from
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -67,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print(f"{prog}: --out {str(out)!r} held a run that stopped before its first save "
                           f"({', '.join(p.name for p in stale)}, no values.pt): starting it afresh", file=sys.stderr)
                     for p in stale:
-                        p.unlink()
+                        shutil.rmtree(p) if p.is_dir() else p.unlink()
             _told(par, refused)
             if par.rank == 0:
                 print(f"{prog}: train {data.describe(setup.train)}; validation {data.describe(setup.val)}"
