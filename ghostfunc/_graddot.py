@@ -538,19 +538,21 @@ def _refuse_coupled_batch(model_fn: ModelFn, params: dict[str, Tensor], batches:
 
 def _plain_losses(model_fn: ModelFn, params: dict[str, Tensor], batches: Sequence[Batch], start: tuple[Tensor, ...],
                   device: torch.device) -> tuple[list[Tensor] | None, torch.dtype]:
-    """``model_fn(params, batch)`` for each batch in turn, no tensor requiring gradients, from RNG state ``start``
-    (the state after is kept as it was), and the coarsest floating dtype it computed in (its losses' too);
-    ``None`` for a model that cannot run so (one that needs gradients, or ``vmap``)."""
+    """``model_fn(params, batch)`` for each batch in turn, as a plain step runs it (gradients on, the parameters
+    leaves that require them: a model that reads ``grad_fn`` takes the step's branch; the graph is let go), from
+    RNG state ``start`` (the state after is kept as it was), and the coarsest floating dtype it computed in (its
+    losses' too); ``None`` for a model that cannot run so (one that runs only under ``vmap``)."""
     devices = [device.index or 0] if device.type == "cuda" else []
+    leaves = {k: v.detach().requires_grad_(v.is_floating_point() or v.is_complex()) for k, v in params.items()}
     # the calls the capture replaces run as it runs them (an embedding's max_norm renormalises a copy, not the
     # caller's table), a write into a parameter refused before it happens; the coarsest dtype computed noted
-    out, mode = [], _UsesAndDtypes(params)
-    try:  # (gradients on, as the capture runs it, though nothing here requires them: no graph is kept)
+    out, mode = [], _UsesAndDtypes(leaves)
+    try:
         with torch.random.fork_rng(devices=devices), torch.enable_grad(), eager_stance():
             _set_rng_state(device, start)
             for b in batches:
                 with mode:
-                    out.append(model_fn(dict(params), b.rebuild(list(b.tensors))))
+                    out.append(model_fn(dict(leaves), b.rebuild(list(b.tensors))))
     except Exception:  # noqa: BLE001 - not told
         return None, mode.computed
     if not all(isinstance(o, Tensor) for o in out):

@@ -1833,7 +1833,9 @@ def _compare(together: Tensor, alone: Tensor, label: str, chosen: list[int], dty
         f"difference {diff.max().item():.3g}, rounding allows {tol:.3g}). Per-sample gradients (and so "
         f"ghostfunc's scores) are those of each sample alone, which are not the gradients of this batched loss. "
         f"Make each sample's loss depend on that sample only: no in-batch negatives, batch means or batch softmax "
-        f"in the loss; BatchNorm in eval mode (model.eval()) or GroupNorm/LayerNorm instead"
+        f"in the loss, no normaliser counted over the whole batch (Hugging Face's num_items_in_batch, the batch's "
+        f"non-ignored tokens: divide each sample by its own count); BatchNorm in eval mode (model.eval()) or "
+        f"GroupNorm/LayerNorm instead"
     )
 
 

@@ -118,7 +118,10 @@ class TrainStep:
             raise TypeError(f"{where}: precondition must be True or False; got {precondition!r}")
         if precondition and order != 1:
             raise ValueError(f"{where}: precondition=True gives first-order values only; got order={order}")
-        _dist.check_group(self.group, where)
+        group = _dist.resolve(self.group, where)  # (dataclasses.replace passes the held one back in)
+        _dist.check_group(group, where)
+        if group is not None:  # held weakly: a step kept in a script's globals kept the group past its destruction
+            object.__setattr__(self, "group", _dist.WeakGroup(group))
         check_curvature(where, self.curvature, order)
         check_compile(where, compile, "mean", None)  # with a group: refused in init and in every step, on every rank
         if compile and (order != 1 or precondition):
@@ -134,16 +137,17 @@ class TrainStep:
             if not isinstance(params, (Mapping, torch.nn.ParameterDict)) or not params:
                 raise TypeError(f"train_step.init: params must be a non-empty dict name -> tensor; "
                                 f"got {type(params).__name__}")
-            one_process_only("train_step", self.group, self.curvature, self.compile)
+            one_process_only("train_step", group, self.curvature, self.compile)
             return {k: v.clone() for k, v in check_params(params, "train_step.init").items()}
 
-        if self.group is None:
+        group = _dist.resolve(self.group, "train_step.init")
+        if group is None:
             own = checked()
         else:  # every rank starts from rank 0's parameters, as under DDP; a rank's failed check raises on every rank
-            own, _ = _dist.agree("train_step.init", self.group, checked,  # before the broadcast reads them
+            own, _ = _dist.agree("train_step.init", group, checked,  # before the broadcast reads them
                                  lambda p: {"parameter names, shapes and dtypes": _dist.param_signature(p)},
                                  lambda p: (1, 1))
-            own = _dist.broadcast_params(own, self.group)
+            own = _dist.broadcast_params(own, group)
         return TrainState(own, self.optimizer.init(own), 0)
 
     def __call__(self, state: TrainState, train: Any, val: Any) -> tuple[TrainState, StepInfo]:
@@ -160,6 +164,7 @@ class TrainStep:
             ``(new_state, info)``; see :class:`StepInfo`.
         """
         where, opt = "train_step", self.optimizer
+        group = _dist.resolve(self.group, where)
         if not isinstance(state, TrainState):
             raise TypeError(f"{where}: state must be the TrainState from step.init(params); got {type(state).__name__}")
         said = f"{where}: state.step must be an int >= 0 (the updates done); got {state.step!r}"
@@ -169,7 +174,7 @@ class TrainStep:
             raise ValueError(said)
         # a state built by hand may hold tensors that require grad (nn.Parameters): the step reads them detached,
         # else its new state would carry a graph back through every earlier step (memory growing over a run)
-        if self.group is None:
+        if group is None:
             if not isinstance(state.params, Mapping) or not state.params:
                 raise TypeError(f"{where}: state.params must be a non-empty dict name -> tensor (as step.init makes "
                                 f"it); got {type(state.params).__name__}")
@@ -186,10 +191,10 @@ class TrainStep:
                 return opt.precondition(direction, grads, state.opt_state)
         try:
             out = compute_values(where, self.model_fn, own, train, val, lr=lr, order=self.order,
-                                 precondition=pre, group=self.group, curvature=self.curvature,
+                                 precondition=pre, group=group, curvature=self.curvature,
                                  val_grad=state.val_grad, compile=self.compile, scratch=self._scratch,
                                  optimizer=(opt.name, *opt.settings),
-                                 optimizer_state=() if self.group is None else
+                                 optimizer_state=() if group is None else
                                  _optimizer_state_print(state, self._returned.get("state") == _handed_out(state)))
         except KeyError as err:  # nothing else records which parameters the state should hold (a fresh SGD state)
             key = err.args[0] if err.args else None
@@ -197,7 +202,7 @@ class TrainStep:
                 err.add_note(f"{where}: state.params has no {key!r} (it holds {sorted(own)}): if model_fn looked it "
                              f"up there, the state is not one that step.init made for this model's parameters")
             raise
-        if self.group is not None and opt.check_state is not None:  # the params passed the ranks' agreement
+        if group is not None and opt.check_state is not None:  # the params passed the ranks' agreement
             opt.check_state(state.opt_state, own, where)
         # a parameter no training sample reaches is left as torch.optim leaves one whose .grad is None
         grads = {k: None if k in out.unused else g for k, g in out.train_grad.items()}
@@ -208,7 +213,7 @@ class TrainStep:
         assert out.first_order is not None
         info = StepInfo(out.values, out.first_order, out.train_loss, out.val_loss, lr, tuple(out.plan.notes))
         new = TrainState(params, opt_state, state.step + 1, _carried(out.val_grad, params))
-        if self.group is not None:
+        if group is not None:
             self._returned["state"] = _handed_out(new)
         return new, info
 

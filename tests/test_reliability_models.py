@@ -413,7 +413,20 @@ def jvp_penalty(p, x):
 
 
 def maml_inner_step(p, x):
-    """One inner gradient step on the sample's own loss, then the outer loss: second order through the params."""
+    """One inner gradient step on each sample's own context (a row of its own: the batch's summed inner loss
+    gives each row its own gradient), then the outer loss: second order through the params."""
+    context = torch.zeros(len(x), p["W1"].shape[0], dtype=x.dtype, requires_grad=True)
+
+    def inner(c):
+        return F.linear(torch.tanh(F.linear(x, p["W1"], p["b1"]) + c), p["W2"]).pow(2).sum()
+
+    (g,) = torch.autograd.grad(inner(context), [context], create_graph=True)
+    return F.linear(torch.tanh(F.linear(x.flip(1), p["W1"], p["b1"]) - 0.1 * g), p["W2"]).sin().sum(1)
+
+
+def maml_batch_inner_step(p, x):
+    """One inner gradient step on the params from the whole batch's loss: every sample's outer loss moves with
+    every other sample (the interaction check could not run it, and it passed as per-sample)."""
     def inner(q):
         return F.linear(torch.tanh(F.linear(x, q["W1"], q["b1"])), q["W2"]).pow(2).sum()
 
@@ -508,6 +521,16 @@ def test_untransformable_models_run_sample_by_sample(model_fn):
         assert plan.routes["b1"].path == "direct"
     else:
         assert plan.routes["W1"].path in ("ghost", "materialize", "contract")  # taps kept
+
+
+def test_an_inner_step_on_the_whole_batch_is_refused():
+    """A model taking an inner gradient step on the params from the whole batch's loss couples every sample
+    with every other: its batch's losses are not its samples' own (the first call compares them)."""
+    p = _mlp(7)
+    x, xv = _split_data(8, n=5, m=3)
+    with pytest.raises(SamplesInteractError, match=r"^graddot: samples interact in model_fn: run on the whole "
+                                                   r"train batch \(5 samples\) together"):
+        ghostfunc.graddot(maml_batch_inner_step, p, x, xv)
 
 
 class _OwnLinear(torch.autograd.Function):  # old style: a hand-written linear with its own backward
