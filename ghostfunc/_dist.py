@@ -119,6 +119,11 @@ def resolve(group: Any, where: str) -> Any:
     return group.get(where) if isinstance(group, WeakGroup) else group
 
 
+def held_weakly(group: Any) -> Any:
+    """A process group as a :class:`WeakGroup`; anything else (``None``, a mistake the caller's check names) as it is."""
+    return WeakGroup(group) if dist.is_available() and isinstance(group, dist.ProcessGroup) else group
+
+
 def check_group(group: Any, where: str) -> None:
     """``group`` must be ``None`` or a process group of an initialised ``torch.distributed``."""
     if group is None:

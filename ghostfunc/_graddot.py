@@ -529,15 +529,38 @@ def _refuse_coupled_batch(model_fn: ModelFn, params: dict[str, Tensor], batches:
         return
     zeros = zero_params(params)
     device = next(iter(params.values())).device
-    plain, coarse = _plain_losses(model_fn, params, batches, _rng_state(device), device)
-    for b, label, together, alone in zip(batches, ("train", "val"), plain or (), captured, strict=False):
+    start = _rng_state(device)
+    plain, coarse = _plain_losses(model_fn, params, batches, start, device)
+    for b, label, together, own in zip(batches, ("train", "val"), plain or (), captured, strict=False):
         if b.size > 1 and not split(notes, label):
-            refuse_batch_losses(together, alone, label, coarse, where)
+            def alone(rows: list[int], b: Batch = b) -> Tensor | None:  # those samples, each with copies of itself
+                copies = [_RowBatch(b, i) for i in rows]
+                losses, _ = _plain_losses(model_fn, params, copies, start, device)
+                return None if losses is None else torch.stack([x.reshape(-1)[0] for x in losses])
+
+            refuse_batch_losses(together, own, label, coarse, where, alone)
     remember(seen, key, zeros)
 
 
-def _plain_losses(model_fn: ModelFn, params: dict[str, Tensor], batches: Sequence[Batch], start: tuple[Tensor, ...],
-                  device: torch.device) -> tuple[list[Tensor] | None, torch.dtype]:
+class _RowBatch(NamedTuple):
+    """A batch of the batch's shapes holding row ``i`` in every row, as :func:`_plain_losses` runs a batch
+    (``tensors``, ``rebuild``): what the sample's loss is without the others, computed by the same kernels as the
+    whole batch's (a batch of one rounds otherwise: a regression's losses, small differences of outputs near
+    1000, differed by 5x ``sqrt(eps)`` of the loss between a batch of 32 and each row alone)."""
+
+    batch: Batch
+    i: int
+
+    @property
+    def tensors(self) -> list[Tensor]:
+        return [t[self.i:self.i + 1].expand(t.shape).contiguous() for t in self.batch.tensors]
+
+    def rebuild(self, tensors: list[Tensor]) -> Any:
+        return self.batch.rebuild(tensors)
+
+
+def _plain_losses(model_fn: ModelFn, params: dict[str, Tensor], batches: Sequence[Batch | _RowBatch],
+                  start: tuple[Tensor, ...], device: torch.device) -> tuple[list[Tensor] | None, torch.dtype]:
     """``model_fn(params, batch)`` for each batch in turn, as a plain step runs it (gradients on, the parameters
     leaves that require them: a model that reads ``grad_fn`` takes the step's branch; the graph is let go), from
     RNG state ``start`` (the state after is kept as it was), and the coarsest floating dtype it computed in (its

@@ -1337,16 +1337,34 @@ def refuse_coupled_draws(model_fn: Callable, params: Mapping[str, Tensor], batch
         raise SamplesInteractError(f"{where}: {err}") from None
 
 
-def refuse_batch_losses(together: Tensor, alone: Tensor, label: str, computed: torch.dtype, where: str) -> None:
+#: How many rows :func:`refuse_batch_losses` runs alone to confirm a difference.
+CONFIRM_ROWS = 4
+
+
+def refuse_batch_losses(together: Tensor, captured: Tensor, label: str, computed: torch.dtype, where: str,
+                        alone: Callable[[list[int]], Tensor | None]) -> None:
     """Raise :class:`SamplesInteractError` (prefixed with ``where``) if a whole batch's losses from a plain call
-    (``together``) differ beyond rounding from each sample's own (``alone``, the capture's): the samples interact.
-    ``computed``: the coarsest floating dtype the plain call computed in."""
-    if not isinstance(together, Tensor) or together.shape != alone.shape or together.dim() != 1:
+    (``together``) differ beyond rounding from each sample's own: first against the capture's (``captured``),
+    then, where those differ, against up to :data:`CONFIRM_ROWS` of those samples each run plainly in a batch of
+    copies of itself (``alone(rows)``, the same shapes and kernels as the whole batch; ``None``: they cannot run
+    so). The capture rounds otherwise than a plain call: a loss that is a small difference of large outputs (a
+    regression fitted to targets near 1000) differed by 5-7x ``sqrt(eps)`` of the loss. ``computed``: the
+    coarsest floating dtype the plain call computed in."""
+    if not isinstance(together, Tensor) or together.shape != captured.shape or together.dim() != 1:
         return
-    rounding = max(coarsest([together, alone]), computed, key=lambda d: torch.finfo(d).eps)
+    rounding = max(coarsest([together, captured]), computed, key=lambda d: torch.finfo(d).eps)
+    together = together.detach().to(captured.dtype)
+    differ, _, _ = beyond_rounding(together, captured.detach(), rounding)
+    if not bool(differ.any()):
+        return
+    rows = differ.nonzero().flatten().tolist()[:CONFIRM_ROWS]
+    own = alone(rows)
+    if own is None or own.shape != (len(rows),):
+        return
     try:
-        _compare(together.detach().to(alone.dtype), alone.detach(), label, list(range(len(alone))), rounding,
-                 which=f"the whole {label} batch ({len(alone)} samples)")
+        _compare(together[torch.tensor(rows, device=together.device)], own.detach().to(captured.dtype), label,
+                 rows, rounding, which=f"the whole {label} batch ({len(captured)} samples)",
+                 how="each of these samples run in a batch of copies of itself (as if alone)")
     except SamplesInteractError as err:
         raise SamplesInteractError(f"{where}: {err}") from None
 
@@ -1809,7 +1827,7 @@ def beyond_rounding(a: Tensor, b: Tensor, dtype: torch.dtype) -> tuple[Tensor, T
 
 
 def _compare(together: Tensor, alone: Tensor, label: str, chosen: list[int], dtype: torch.dtype,
-             which: str | None = None) -> None:
+             which: str | None = None, how: str = "the same samples run one at a time") -> None:
     """``together[i]`` (sample ``chosen[i]`` run with the others) against ``alone[i]``, up to rounding.
 
     Rounding: ``sqrt(eps)`` of ``dtype`` (the coarsest of the parameters', the inputs' and
@@ -1829,7 +1847,7 @@ def _compare(together: Tensor, alone: Tensor, label: str, chosen: list[int], dty
                       else f"{len(chosen)} distinct {label} samples (rows {', '.join(map(str, chosen))})")
     raise SamplesInteractError(
         f"samples interact in model_fn: run on {which} together, the losses "
-        f"of {len(rows)} of them differ from the same samples run one at a time ({seen}; largest finite "
+        f"of {len(rows)} of them differ from {how} ({seen}; largest finite "
         f"difference {diff.max().item():.3g}, rounding allows {tol:.3g}). Per-sample gradients (and so "
         f"ghostfunc's scores) are those of each sample alone, which are not the gradients of this batched loss. "
         f"Make each sample's loss depend on that sample only: no in-batch negatives, batch means or batch softmax "

@@ -118,10 +118,7 @@ class TrainStep:
             raise TypeError(f"{where}: precondition must be True or False; got {precondition!r}")
         if precondition and order != 1:
             raise ValueError(f"{where}: precondition=True gives first-order values only; got order={order}")
-        group = _dist.resolve(self.group, where)  # (dataclasses.replace passes the held one back in)
-        _dist.check_group(group, where)
-        if group is not None:  # held weakly: a step kept in a script's globals kept the group past its destruction
-            object.__setattr__(self, "group", _dist.WeakGroup(group))
+        _dist.check_group(self.group, where)
         check_curvature(where, self.curvature, order)
         check_compile(where, compile, "mean", None)  # with a group: refused in init and in every step, on every rank
         if compile and (order != 1 or precondition):
@@ -140,7 +137,7 @@ class TrainStep:
             one_process_only("train_step", group, self.curvature, self.compile)
             return {k: v.clone() for k, v in check_params(params, "train_step.init").items()}
 
-        group = _dist.resolve(self.group, "train_step.init")
+        group = self.group
         if group is None:
             own = checked()
         else:  # every rank starts from rank 0's parameters, as under DDP; a rank's failed check raises on every rank
@@ -164,7 +161,7 @@ class TrainStep:
             ``(new_state, info)``; see :class:`StepInfo`.
         """
         where, opt = "train_step", self.optimizer
-        group = _dist.resolve(self.group, where)
+        group = self.group
         if not isinstance(state, TrainState):
             raise TypeError(f"{where}: state must be the TrainState from step.init(params); got {type(state).__name__}")
         said = f"{where}: state.step must be an int >= 0 (the updates done); got {state.step!r}"
@@ -232,6 +229,21 @@ def _optimizer_state_print(state: TrainState, continued: bool) -> Any:
     tensors = {str(i): x for i, x in enumerate(leaves) if isinstance(x, Tensor)}
     return (state.step, str(spec), tuple(x for x in leaves if not isinstance(x, Tensor)),
             tuple(_dist.param_checksum(tensors).items()))
+
+
+def _get_group(step: TrainStep) -> Any:
+    return _dist.resolve(step.__dict__.get("group"), "train_step")
+
+
+def _set_group(step: TrainStep, group: Any) -> None:
+    step.__dict__["group"] = _dist.held_weakly(group)
+
+
+#: ``step.group`` is the process group, held weakly (:class:`ghostfunc._dist.WeakGroup`): a step kept in a script's
+#: globals held it past ``destroy_process_group``, and gloo aborted a rank at exit now and then. (A property on the
+#: class is found before the instance's own entry, which it keeps; the frozen dataclass's ``__init__`` sets it
+#: through the setter, and ``dataclasses.replace``, ``==`` and ``repr`` read the group itself.)
+TrainStep.group = property(_get_group, _set_group)  # type: ignore[assignment,method-assign]
 
 
 def _handed_out(state: TrainState) -> tuple:

@@ -718,6 +718,9 @@ b = (torch.randn(4, 3, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
 ghostfunc.graddot(lambda p, b: (b[0] @ p["w"] - b[1]) ** 2, p, b, b, group=world)
 # a train_step kept for the whole run (a script's global), with the values it saved
 step = ghostfunc.train_step(lambda p, b: (b[0] @ p["w"] - b[1]) ** 2, ghostfunc.sgd(0.1, momentum=0.9), group=world)
+import copy, dataclasses
+assert step.group is world and dist.get_world_size(step.group) == 1  # read as the group itself
+assert dataclasses.replace(step) == step and copy.deepcopy(step).group is world
 state = step.init(p)
 state, info = step(state, b, b)
 ghostfunc.DataValues.zeros(4).add(torch.arange(4), info.values).save(

@@ -689,6 +689,39 @@ def test_a_loss_normalised_over_the_whole_batch_is_refused_at_every_entry_point(
                    ghostfunc.reference_graddot(own_count, p, train, val)[0]) < 1e-10
 
 
+@pytest.mark.parametrize("arch", ["conv", "lstm"])
+def test_small_losses_of_large_outputs_are_not_taken_for_samples_that_interact(arch):
+    """A float32 regressor fitted to targets near 1000 (losses ~1e-4, small differences of large outputs): the
+    capture's losses and a batch of one round otherwise than the whole batch, by 5-7x sqrt(eps) of the largest
+    loss, and the first call's whole-batch comparison refused it. A difference is confirmed on a batch of the
+    same shapes holding copies of the sample (the same kernels: the sample's own loss bit for bit)."""
+    torch.manual_seed(0)
+    n, t, d = 32, 32, 16
+    body = nn.Sequential(nn.Conv1d(t, 32, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(32 * d, 32)) \
+        if arch == "conv" else nn.LSTM(d, 32, batch_first=True)
+    net = nn.ModuleDict({"body": body, "head": nn.Linear(32, 1)}).eval()
+    with torch.no_grad():
+        net["head"].weight.mul_(100.0)
+        net["head"].bias.fill_(1000.0)
+    p = {k: v.detach() for k, v in net.named_parameters()}
+
+    def forward(q, x):
+        h = functional_call(net["body"], {k[5:]: v for k, v in q.items() if k.startswith("body.")}, (x,))
+        h = h[0][:, -1] if arch == "lstm" else h
+        return F.linear(h, q["head.weight"], q["head.bias"]).squeeze(-1)
+
+    def model_fn(q, b):
+        return (forward(q, b[0]) - b[1]) ** 2
+
+    g = torch.Generator().manual_seed(1)
+    x, xv = torch.randn(n, t, d, generator=g), torch.randn(8, t, d, generator=g)
+    with torch.no_grad():
+        y, yv = forward(p, x) + 0.01 * torch.randn(n, generator=g), forward(p, xv) + 0.01 * torch.randn(8, generator=g)
+    out = ghostfunc.graddot(model_fn, p, (x, y), (xv, yv))
+    # (residuals of 0.01 from outputs near 1000 hold float32's eps * 1e5 ~ 1e-2 of relative rounding, in the loop too)
+    assert rel(out.scores, ghostfunc.reference_graddot(model_fn, p, (x, y), (xv, yv))[0]) < 2e-2
+
+
 def test_a_loss_normalised_over_the_whole_batch_is_refused_behind_dropout():
     """The whole-batch count (Hugging Face's num_items_in_batch) with the first rows holding as many tokens as each
     other, in a model that drops out: the few rows compared agree, the step's gradient check does not compare a
