@@ -789,6 +789,16 @@ def _plain_step_grads(model_fn, params, batch):
     return {k: torch.stack([r[j] for r in rows]) for j, k in enumerate(leaves)}
 
 
+def _graddot_and_plain_step(model_fn, params, train, val, seed=3):
+    """``graddot`` from RNG seed ``seed``, and the loop over the rows of the plain calls ``model_fn(params, train)``
+    then ``model_fn(params, val)`` from the same seed (their scores against the mean validation gradient)."""
+    torch.manual_seed(seed)
+    out = ghostfunc.graddot(model_fn, params, train, val)
+    torch.manual_seed(seed)
+    gt, gv = _plain_step_grads(model_fn, params, train), _plain_step_grads(model_fn, params, val)
+    return out, sum(gt[k].flatten(1) @ gv[k].flatten(1).mean(0) for k in params)
+
+
 @pytest.mark.parametrize("layout", ["batch-first", "sequence-first", "transposed view", "tokens flattened"])
 def test_dropout_takes_the_plain_calls_masks_whatever_the_layout(layout):
     """Dropout draws in the dropped tensor's memory order in a plain call, while vmap gives each sample its row
@@ -1019,11 +1029,7 @@ def test_draws_decided_behind_a_zero_parameter_are_told_and_decided_again_once_i
     assert told == (draw == "shared randn"), first.plan.notes  # (dropout: not said, below)
     p["B"] = torch.randn(d, d, dtype=F64) / 2  # a training step moved it
     for _ in range(2):
-        torch.manual_seed(3)
-        out = ghostfunc.graddot(model_fn, p, train, val)
-        torch.manual_seed(3)
-        gt, gv = _plain_step_grads(model_fn, p, train), _plain_step_grads(model_fn, p, val)
-        ref = sum(gt[k].flatten(1) @ gv[k].flatten(1).mean(0) for k in p)
+        out, ref = _graddot_and_plain_step(model_fn, p, train, val)
         assert rel(out.scores, ref) < 1e-10, rel(out.scores, ref)
         assert not out.plan.notes, out.plan.notes
 
@@ -1050,11 +1056,7 @@ def test_stochastic_depth_keeps_a_draw_per_sample(how):
     train = (torch.randn(6, 5, generator=g, dtype=F64), torch.randint(0, 3, (6,), generator=g))
     val = (torch.randn(4, 5, generator=g, dtype=F64), torch.randint(0, 3, (4,), generator=g))
     for _ in range(2):
-        torch.manual_seed(3)
-        out = ghostfunc.graddot(model_fn, p, train, val)
-        torch.manual_seed(3)
-        gt, gv = _plain_step_grads(model_fn, p, train), _plain_step_grads(model_fn, p, val)
-        ref = sum(gt[k].flatten(1) @ gv[k].flatten(1).mean(0) for k in p)
+        out, ref = _graddot_and_plain_step(model_fn, p, train, val)
         assert rel(out.scores, ref) < 1e-10
         assert ghostfunc._graddot.MASKS_DIFFER not in out.plan.notes
 
