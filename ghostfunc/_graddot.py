@@ -515,11 +515,12 @@ _COUPLED: weakref.WeakKeyDictionary[Any, dict[tuple, frozenset[str]]] = weakref.
 def _refuse_coupled_batch(model_fn: ModelFn, params: dict[str, Tensor], batches: Sequence[Batch],
                           captured: Sequence[Tensor], notes: Sequence[str], where: str) -> None:
     """On the first call of a signature (and once a parameter zero everywhere then has moved), each whole batch's
-    losses from a plain run without gradients against the capture's, each sample's own: where they differ the
-    samples interact (:func:`ghostfunc._interact.refuse_batch_losses`), through more of the batch than the few rows
-    :func:`ghostfunc._interact.check_model` runs (a loss normalised by the whole batch's token count, where those
-    rows held as many tokens as the batch's mean: 0.30-0.33 off the loop, silently). One forward per batch; a
-    batch split at data-dependent branches (each sample's own branch, by design) is not compared."""
+    losses from a plain run (:func:`_plain_losses`) against the capture's, each sample's own: where they differ
+    the samples interact (:func:`ghostfunc._interact.refuse_batch_losses`, which confirms a difference on batches
+    of copies of the sample), through more of the batch than the few rows :func:`ghostfunc._interact.check_model`
+    runs (a loss normalised by the whole batch's token count, where those rows held as many tokens as the batch's
+    mean: 0.30-0.33 off the loop, silently). One forward per batch; a batch split at data-dependent branches (each
+    sample's own branch, by design) is not compared."""
     try:
         seen = _COUPLED.setdefault(model_fn, {})
     except TypeError:  # not weak-referenceable: compare every call

@@ -1292,6 +1292,9 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
 
 #: How many samples :func:`refuse_coupled_draws` runs alone.
 WHOLE_ROWS = 16
+#: How many of the samples that differ :func:`refuse_coupled_draws` and :func:`refuse_batch_losses` run again in a
+#: batch of copies of each to confirm the difference.
+CONFIRM_ROWS = 4
 
 
 def refuse_coupled_draws(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, label: str, where: str) -> None:
@@ -1330,15 +1333,31 @@ def refuse_coupled_draws(model_fn: Callable, params: Mapping[str, Tensor], batch
     picked = together.detach()[torch.tensor(chosen, device=together.device)]
     rounding = max(coarsest([*params.values(), *batch.tensors, together]), mode.computed,
                    key=lambda d: torch.finfo(d).eps)
+    differ, _, _ = beyond_rounding(picked, torch.cat(alone).detach(), rounding)
+    if not bool(differ.any()):
+        return
+    # confirmed in batches of copies of the sample (the whole batch's shapes and kernels: a batch of one rounds
+    # otherwise, by more than sqrt(eps) of small losses of large outputs)
+    at = differ.nonzero().flatten().tolist()[:CONFIRM_ROWS]
+    own: list[Tensor] = []
+    with torch.random.fork_rng(devices=devices), torch.enable_grad(), eager_stance(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            with _UsesAndDtypes(params, quiet=True) as again:
+                for j in at:
+                    i = chosen[j]
+                    copies = batch.rebuild([t[i:i + 1].expand(t.shape).contiguous() for t in batch.tensors])
+                    own.append(model_fn(dict(params), copies).reshape(-1)[:1])
+        except Exception:  # noqa: BLE001 - as above
+            return
+        if again.random or not all(torch.equal(a, b) for a, b in zip(before, _rng_states(devices), strict=True)):
+            return
     try:
-        _compare(picked, torch.cat(alone).detach(), label, chosen, rounding,
-                 which=f"the whole {label} batch ({batch.size} samples)")
+        _compare(picked[torch.tensor(at)], torch.cat(own).detach(), label, [chosen[j] for j in at], rounding,
+                 which=f"the whole {label} batch ({batch.size} samples)",
+                 how="each of these samples run in a batch of copies of itself (as if alone)")
     except SamplesInteractError as err:
         raise SamplesInteractError(f"{where}: {err}") from None
-
-
-#: How many rows :func:`refuse_batch_losses` runs alone to confirm a difference.
-CONFIRM_ROWS = 4
 
 
 def refuse_batch_losses(together: Tensor, captured: Tensor, label: str, computed: torch.dtype, where: str,
