@@ -222,8 +222,8 @@ def _unfinished(p: Path) -> bool:
     if p.is_file():
         return p.name in UNFINISHED
     name, files = RECORDING
-    return p.is_dir() and p.name == name and all(q.is_file() and (q.name in files or q.name.startswith("."))
-                                                 for q in p.iterdir())
+    return p.is_dir() and p.name == name and all(  # (and a save cut short: its temporary file)
+        q.is_file() and (q.name in files or q.name.startswith(".") or q.name.endswith(".tmp")) for q in p.iterdir())
 
 
 def check_out(out: Path, resume: bool) -> list[Path]:
