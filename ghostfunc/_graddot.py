@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import threading
 import weakref
@@ -36,6 +37,7 @@ from ._groups import WHOLE, Part, describe, merge_halves, refine, split, subset
 from ._interact import (
     _UsesAndDtypes,
     check_model,
+    copies_losses,
     counted_over_batch,
     eager_stance,
     in_one_call,
@@ -517,7 +519,7 @@ def _refuse_coupled_batch(model_fn: ModelFn, params: dict[str, Tensor], batches:
     """On the first call of a signature (and once a parameter zero everywhere then has moved), each whole batch's
     losses from a plain run (:func:`_plain_losses`) against the capture's, each sample's own: where they differ
     the samples interact (:func:`ghostfunc._interact.refuse_batch_losses`, which confirms a difference on batches
-    of copies of the sample), through more of the batch than the few rows :func:`ghostfunc._interact.check_model`
+    of copies of the sample, :func:`ghostfunc._interact.copies_losses`), through more of the batch than the few rows :func:`ghostfunc._interact.check_model`
     runs (a loss normalised by the whole batch's token count, where those rows held as many tokens as the batch's
     mean: 0.30-0.33 off the loop, silently). One forward per batch; a batch split at data-dependent branches (each
     sample's own branch, by design) is not compared."""
@@ -530,37 +532,15 @@ def _refuse_coupled_batch(model_fn: ModelFn, params: dict[str, Tensor], batches:
         return
     zeros = zero_params(params)
     device = next(iter(params.values())).device
-    start = _rng_state(device)
-    plain, coarse = _plain_losses(model_fn, params, batches, start, device)
+    plain, coarse = _plain_losses(model_fn, params, batches, _rng_state(device), device)
     for b, label, together, own in zip(batches, ("train", "val"), plain or (), captured, strict=False):
         if b.size > 1 and not split(notes, label):
-            def alone(rows: list[int], b: Batch = b) -> Tensor | None:  # those samples, each with copies of itself
-                copies = [_RowBatch(b, i) for i in rows]
-                losses, _ = _plain_losses(model_fn, params, copies, start, device)
-                return None if losses is None else torch.stack([x.reshape(-1)[0] for x in losses])
-
-            refuse_batch_losses(together, own, label, coarse, where, alone)
+            refuse_batch_losses(together, own, label, coarse, where,
+                                functools.partial(copies_losses, model_fn, params, b))
     remember(seen, key, zeros)
 
 
-class _RowBatch(NamedTuple):
-    """A batch of the batch's shapes holding row ``i`` in every row, as :func:`_plain_losses` runs a batch
-    (``tensors``, ``rebuild``): what the sample's loss is without the others, computed by the same kernels as the
-    whole batch's (a batch of one rounds otherwise: a regression's losses, small differences of outputs near
-    1000, differed by 5x ``sqrt(eps)`` of the loss between a batch of 32 and each row alone)."""
-
-    batch: Batch
-    i: int
-
-    @property
-    def tensors(self) -> list[Tensor]:
-        return [t[self.i:self.i + 1].expand(t.shape).contiguous() for t in self.batch.tensors]
-
-    def rebuild(self, tensors: list[Tensor]) -> Any:
-        return self.batch.rebuild(tensors)
-
-
-def _plain_losses(model_fn: ModelFn, params: dict[str, Tensor], batches: Sequence[Batch | _RowBatch],
+def _plain_losses(model_fn: ModelFn, params: dict[str, Tensor], batches: Sequence[Batch],
                   start: tuple[Tensor, ...], device: torch.device) -> tuple[list[Tensor] | None, torch.dtype]:
     """``model_fn(params, batch)`` for each batch in turn, as a plain step runs it (gradients on, the parameters
     leaves that require them: a model that reads ``grad_fn`` takes the step's branch; the graph is let go), from

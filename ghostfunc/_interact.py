@@ -1292,18 +1292,16 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
 
 #: How many samples :func:`refuse_coupled_draws` runs alone.
 WHOLE_ROWS = 16
-#: How many of the samples that differ :func:`refuse_coupled_draws` and :func:`refuse_batch_losses` run again in a
-#: batch of copies of each to confirm the difference.
-CONFIRM_ROWS = 4
 
 
 def refuse_coupled_draws(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, label: str, where: str) -> None:
     """Raise :class:`SamplesInteractError` if, dropout run without drawing (:class:`_Uses` ``quiet``), the losses of
-    the whole batch differ from those of up to :data:`WHOLE_ROWS` of its samples run alone: for a model whose
-    losses under the capture differ from a plain call's whichever way it draws
-    (:func:`ghostfunc._graddot.as_plain_draws`), this tells a coupling of the batch (a loss normalised by the
-    whole batch's token count, which the few rows :func:`check_model` compares may not show) from masks drawn
-    another way. Nothing is said where the model draws other random numbers, branches on values or cannot run so."""
+    the whole batch differ from those of up to :data:`WHOLE_ROWS` of its samples run alone (confirmed as
+    :func:`refuse_batch_losses` does): for a model whose losses under the capture differ from a plain call's
+    whichever way it draws (:func:`ghostfunc._graddot.as_plain_draws`), this tells a coupling of the batch (a loss
+    normalised by the whole batch's token count, which the few rows :func:`check_model` compares may not show)
+    from masks drawn another way. Nothing is said where the model draws other random numbers, branches on values
+    or cannot run so."""
     chosen = distinct_rows(batch.tensors, batch.size, WHOLE_ROWS)
     if batch.size < 2 or len(chosen) < 1:
         return
@@ -1331,58 +1329,64 @@ def refuse_coupled_draws(model_fn: Callable, params: Mapping[str, Tensor], batch
     if not isinstance(together, Tensor) or together.shape != (batch.size,):
         return
     picked = together.detach()[torch.tensor(chosen, device=together.device)]
-    rounding = max(coarsest([*params.values(), *batch.tensors, together]), mode.computed,
-                   key=lambda d: torch.finfo(d).eps)
-    differ, _, _ = beyond_rounding(picked, torch.cat(alone).detach(), rounding)
-    if not bool(differ.any()):
-        return
-    # confirmed in batches of copies of the sample (the whole batch's shapes and kernels: a batch of one rounds
-    # otherwise, by more than sqrt(eps) of small losses of large outputs)
-    at = differ.nonzero().flatten().tolist()[:CONFIRM_ROWS]
+    refuse_batch_losses(picked, torch.cat(alone).detach(), label, mode.computed, where,
+                        lambda at: copies_losses(model_fn, params, batch, at), chosen, batch.size)
+
+
+#: How many of the samples that differ :func:`refuse_batch_losses` runs again, each in a batch of copies of itself.
+CONFIRM_ROWS = 4
+
+
+def copies_losses(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, rows: list[int]) -> Tensor | None:
+    """The loss of each sample ``rows[j]`` run plainly in a batch of the batch's shapes holding copies of it: that
+    sample's loss without the others, by the same kernels as the whole batch's (a batch of one rounds otherwise:
+    a regression's small losses of outputs near 1000 differed by 5-7x ``sqrt(eps)`` between a batch of 32 and each
+    row alone). Run as a plain step runs (gradients on, the parameters leaves that require them), dropout drawing
+    nothing, the random state kept; ``None`` where it draws other random numbers or cannot run so."""
+    device = next(iter(params.values())).device
+    devices = [device.index or 0] if device.type == "cuda" else []
+    leaves = {k: v.detach().requires_grad_(v.is_floating_point() or v.is_complex()) for k, v in params.items()}
+    mode = _UsesAndDtypes(leaves, quiet=True)
     own: list[Tensor] = []
     with torch.random.fork_rng(devices=devices), torch.enable_grad(), eager_stance(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        before = _rng_states(devices)
         try:
-            with _UsesAndDtypes(params, quiet=True) as again:
-                for j in at:
-                    i = chosen[j]
+            with mode:
+                for i in rows:
                     copies = batch.rebuild([t[i:i + 1].expand(t.shape).contiguous() for t in batch.tensors])
-                    own.append(model_fn(dict(params), copies).reshape(-1)[:1])
-        except Exception:  # noqa: BLE001 - as above
-            return
-        if again.random or not all(torch.equal(a, b) for a, b in zip(before, _rng_states(devices), strict=True)):
-            return
-    try:
-        _compare(picked[torch.tensor(at)], torch.cat(own).detach(), label, [chosen[j] for j in at], rounding,
-                 which=f"the whole {label} batch ({batch.size} samples)",
-                 how="each of these samples run in a batch of copies of itself (as if alone)")
-    except SamplesInteractError as err:
-        raise SamplesInteractError(f"{where}: {err}") from None
+                    own.append(model_fn(dict(leaves), copies).reshape(-1)[:1].detach())
+        except Exception:  # noqa: BLE001 - a model that runs only under vmap: nothing to confirm with
+            return None
+        if mode.random or not all(torch.equal(a, b) for a, b in zip(before, _rng_states(devices), strict=True)):
+            return None
+    return torch.cat(own)
 
 
 def refuse_batch_losses(together: Tensor, captured: Tensor, label: str, computed: torch.dtype, where: str,
-                        alone: Callable[[list[int]], Tensor | None]) -> None:
+                        confirm: Callable[[list[int]], Tensor | None], chosen: list[int] | None = None,
+                        size: int | None = None) -> None:
     """Raise :class:`SamplesInteractError` (prefixed with ``where``) if a whole batch's losses from a plain call
-    (``together``) differ beyond rounding from each sample's own: first against the capture's (``captured``),
-    then, where those differ, against up to :data:`CONFIRM_ROWS` of those samples each run plainly in a batch of
-    copies of itself (``alone(rows)``, the same shapes and kernels as the whole batch; ``None``: they cannot run
-    so). The capture rounds otherwise than a plain call: a loss that is a small difference of large outputs (a
-    regression fitted to targets near 1000) differed by 5-7x ``sqrt(eps)`` of the loss. ``computed``: the
-    coarsest floating dtype the plain call computed in."""
+    (``together``, at the batch's rows ``chosen``, all of them by default, of ``size``) differ beyond rounding
+    from each sample's own: first against ``captured`` (the capture's, or each run alone), then, where those
+    differ, against up to :data:`CONFIRM_ROWS` of those samples each in a batch of copies of itself
+    (``confirm(rows)``, :func:`copies_losses`; ``None``: they cannot run so). ``computed``: the coarsest floating
+    dtype the plain call computed in."""
     if not isinstance(together, Tensor) or together.shape != captured.shape or together.dim() != 1:
         return
+    chosen = list(range(len(captured))) if chosen is None else chosen
     rounding = max(coarsest([together, captured]), computed, key=lambda d: torch.finfo(d).eps)
     together = together.detach().to(captured.dtype)
     differ, _, _ = beyond_rounding(together, captured.detach(), rounding)
     if not bool(differ.any()):
         return
-    rows = differ.nonzero().flatten().tolist()[:CONFIRM_ROWS]
-    own = alone(rows)
-    if own is None or own.shape != (len(rows),):
+    at = differ.nonzero().flatten().tolist()[:CONFIRM_ROWS]
+    own = confirm([chosen[j] for j in at])
+    if own is None or own.shape != (len(at),):
         return
     try:
-        _compare(together[torch.tensor(rows, device=together.device)], own.detach().to(captured.dtype), label,
-                 rows, rounding, which=f"the whole {label} batch ({len(captured)} samples)",
+        _compare(together[torch.tensor(at, device=together.device)], own.to(captured.dtype), label,
+                 [chosen[j] for j in at], rounding, which=f"the whole {label} batch ({size or len(captured)} samples)",
                  how="each of these samples run in a batch of copies of itself (as if alone)")
     except SamplesInteractError as err:
         raise SamplesInteractError(f"{where}: {err}") from None
