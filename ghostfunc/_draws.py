@@ -26,6 +26,7 @@ as ``vmap`` draws (the plan then says the masks differ: ``ghostfunc._graddot.MAS
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -101,6 +102,111 @@ def undrawn(func: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict
     if len(args) > at:
         return (*args[:at], off, *args[at + 1:]), kwargs
     return args, {**kwargs, flag: off}
+
+
+def _size(args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    """``(size, the other keywords)`` of a factory call ``torch.rand(2, 3)``, ``torch.rand((2, 3))`` or
+    ``torch.rand(size=(2, 3))``; its generator dropped."""
+    rest = {k: v for k, v in kwargs.items() if k not in ("size", "generator")}
+    if "size" in kwargs:
+        return tuple(kwargs["size"]), rest
+    if len(args) == 1 and isinstance(args[0], (tuple, list, torch.Size)):
+        return tuple(args[0]), rest
+    return tuple(args), rest
+
+
+def _gumbel_mean(logits: Tensor, tau: float = 1.0, hard: bool = False, eps: float = 1e-10,
+                 dim: int = -1) -> Tensor:
+    """``F.gumbel_softmax`` without its noise: the softmax at temperature ``tau`` (``hard``: its argmax one-hot,
+    with the softmax's gradient, as torch's straight-through)."""
+    soft = (logits / tau).softmax(dim)
+    if not hard:
+        return soft
+    at = soft.argmax(dim, keepdim=True)
+    return torch.zeros_like(logits).scatter_(dim, at, 1.0) - soft.detach() + soft
+
+
+def _normal_mean(mean: Any, std: Any = 1.0, size: Any = None, **kwargs: Any) -> Tensor:
+    """``torch.normal`` without its noise: ``mean``, shaped as the draw would be."""
+    kwargs.pop("generator", None)
+    if size is not None:
+        return torch.full(tuple(size), float(mean), **kwargs)
+    like = torch.broadcast_tensors(*(t for t in (mean, std) if isinstance(t, Tensor)))[0]
+    return (torch.zeros_like(like) + mean).to(like.dtype)
+
+
+def _multinomial_top(input: Tensor, num_samples: int, replacement: bool = False, **_: Any) -> Tensor:
+    """``torch.multinomial`` without its noise: the most probable categories (the likeliest, repeated, with
+    ``replacement``)."""
+    if replacement:
+        at = input.argmax(-1, keepdim=True)
+        return at.expand(*at.shape[:-1], num_samples).contiguous()
+    return input.topk(num_samples, -1).indices
+
+
+def expected(func: Any, args: tuple, kwargs: dict[str, Any]) -> Callable[[], Any] | None:
+    """A call of :data:`RANDOM` that draws, made to run without drawing: a thunk giving its draws' mean (or, for
+    a draw of indices, a fixed choice: ``low``, ``arange``, the likeliest categories) in the shape, dtype and
+    device the call would give, in place where the call writes in place; ``None`` for other calls (and
+    ``nn.init``'s, which draw into parameters at construction, not in a forward). With :func:`undrawn`, what
+    the checks comparing a batch with its samples alone run random calls as: every draw then the same
+    function of each sample, whatever the batch (``h + 0.1 * torch.randn_like(h)`` is ``h``)."""
+    kw = {k: v for k, v in kwargs.items() if k != "generator"}
+    if func is torch.randn:
+        size, rest = _size(args, kwargs)
+        return lambda: torch.zeros(size, **rest)
+    if func is torch.rand:
+        size, rest = _size(args, kwargs)
+        return lambda: torch.full(size, 0.5, **rest)
+    if func in (torch.randn_like, torch.rand_like):
+        x = args[0] if args else kw.pop("input")
+        value = 0.0 if func is torch.randn_like else 0.5
+        return lambda: torch.full_like(x, value, **kw)
+    if func is torch.randint:  # randint(high, size) or randint(low, high, size): low
+        ints = [a for a in args if not isinstance(a, (tuple, list, torch.Size))]
+        sizes = [a for a in args if isinstance(a, (tuple, list, torch.Size))]
+        low = kw.pop("low", ints[0] if len(ints) > 1 else 0)
+        kw.pop("high", None)
+        size = tuple(kw.pop("size", sizes[0] if sizes else ()))
+        return lambda: torch.full(size, low, **{"dtype": torch.int64, **kw})
+    if func is torch.randint_like:
+        x, *rest_args = args
+        low = kw.pop("low", rest_args[0] if len(rest_args) > 1 else 0)
+        kw.pop("high", None)
+        return lambda: torch.full_like(x, low, **kw)
+    if func is torch.randperm:
+        n, *_ = args or (kw.pop("n"),)
+        return lambda: torch.arange(n, **{"dtype": torch.int64, **kw})
+    if func is torch.normal:
+        return lambda: _normal_mean(*args, **kw)
+    if func in (torch.bernoulli, Tensor.bernoulli):  # bernoulli(probs) or bernoulli(x, p)
+        x = args[0] if args else kw["input"]
+        p = args[1] if len(args) > 1 else kw.get("p")
+        return (lambda: x.detach().clone()) if p is None else (lambda: torch.full_like(x, float(p)))
+    if func is torch.poisson:
+        return lambda: (args[0] if args else kw["input"]).detach().clone()
+    if func in (torch.multinomial, Tensor.multinomial):
+        return lambda: _multinomial_top(*args, **kw)
+    if func is F.gumbel_softmax:
+        return lambda: _gumbel_mean(*args, **kw)
+    fill = _FILLS.get(func)
+    if fill is None or not args or not isinstance(args[0], Tensor):
+        return None
+    value = fill(*args[1:], **kw)
+    return lambda: args[0].copy_(value) if isinstance(value, Tensor) else args[0].fill_(value)
+
+
+#: The in-place draws' means, from their arguments after the tensor (torch's defaults).
+_FILLS: dict[Any, Callable[..., Any]] = {
+    Tensor.normal_: lambda mean=0.0, std=1.0: mean,
+    Tensor.uniform_: lambda a=0.0, b=1.0, **k: (k.get("from", a) + k.get("to", b)) / 2,
+    Tensor.exponential_: lambda lambd=1.0: 1.0 / lambd,
+    Tensor.geometric_: lambda p: 1.0 / p,
+    Tensor.log_normal_: lambda mean=1.0, std=2.0: math.exp(mean + std * std / 2),
+    Tensor.cauchy_: lambda median=0.0, sigma=1.0: median,
+    Tensor.random_: lambda *a, **k: k.get("from", a[0] if len(a) > 1 else 0),
+    Tensor.bernoulli_: lambda p=0.5: p,
+}
 
 
 class _Once(threading.local):

@@ -47,7 +47,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
-from ._draws import undrawn
+from ._draws import RANDOM, expected, undrawn
 from ._ops import EXACT, SamplesInteractError
 from ._ops.embedding import counted_over_call
 
@@ -205,12 +205,14 @@ class _ParamWrites(TorchFunctionMode):
         """The parameter ``t`` is, or is a view of (``None``: neither)."""
         return self.ids.get(id(t)) or (self.ids.get(id(t._base)) if t._base is not None else None)
 
-    def guarded(self, func: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
+    def guarded(self, func: Any, args: tuple, kwargs: dict[str, Any], instead: Callable[[], Any] | None = None) -> Any:
+        """``func(*args, **kwargs)`` (or ``instead()``, run in its place), refused before it runs if it writes
+        into a parameter."""
         for t in _written(func, args, kwargs):
             name = self.name_of(t)
             if name is not None:
                 raise StateWrittenError(param_written(name, func))
-        out = func(*args, **kwargs)
+        out = func(*args, **kwargs) if instead is None else instead()
         if getattr(func, "__self__", None) is _DATA and args and id(args[0]) in self.ids:
             self.ids[id(out)] = self.ids[id(args[0])]  # p.data: the parameter's values as another object
             self.held.append(out)  # (its id stays its own while the mode runs)
@@ -220,9 +222,10 @@ class _ParamWrites(TorchFunctionMode):
 class _Uses(_ParamWrites):
     """Records whether any torch call receives one of the parameters (by identity), and random draws; refuses
     a write into a parameter before it happens (:class:`_ParamWrites`). With ``quiet``, dropout (and attention's
-    ``dropout_p``) runs without drawing, as in eval mode (:func:`ghostfunc._draws.undrawn`; ``quieted`` says
-    whether any did): a model in training mode is then the same function of each sample on every run, which the
-    batch-against-alone comparison needs."""
+    ``dropout_p``) runs without drawing, as in eval mode (:func:`ghostfunc._draws.undrawn`), and every other random
+    call of :data:`ghostfunc._draws.RANDOM` as its mean (:func:`ghostfunc._draws.expected`; ``quieted`` says
+    whether any did): a model in training mode, or one with noise of its own, is then the same function of each
+    sample on every run, which the batch-against-alone comparison needs."""
 
     def __init__(self, params: Mapping[str, Tensor], quiet: bool = False) -> None:
         super().__init__(params)
@@ -239,6 +242,9 @@ class _Uses(_ParamWrites):
         func = EXACT.get(func, func)  # as in the capture: BatchNorm in training mode refused before it runs
         if not self.used:
             self.used = any(isinstance(t, Tensor) and id(t) in self.ids for t in pytree.tree_leaves((args, kwargs)))
+        if self.quiet and func in RANDOM and (mean := expected(func, args, kwargs)) is not None:
+            self.quieted = True  # (a fill of a parameter is refused as the draw into it would be)
+            return self.guarded(func, args, kwargs, mean)
         if kwargs.get("generator") is not None:
             self.random = True  # a draw from the model's own generator (the global one is watched by its state)
         if self.quiet and (quieted := undrawn(func, args, kwargs)) is not None:
@@ -1300,8 +1306,8 @@ def refuse_coupled_draws(model_fn: Callable, params: Mapping[str, Tensor], batch
     :func:`refuse_batch_losses` does): for a model whose losses under the capture differ from a plain call's
     whichever way it draws (:func:`ghostfunc._graddot.as_plain_draws`), this tells a coupling of the batch (a loss
     normalised by the whole batch's token count, which the few rows :func:`check_model` compares may not show)
-    from masks drawn another way. Nothing is said where the model draws other random numbers, branches on values
-    or cannot run so."""
+    from masks drawn another way (other random calls run as their means). Nothing is said where the model draws
+    from ``nn.init`` or a call given a generator that is not a random op, branches on values or cannot run so."""
     chosen = distinct_rows(batch.tensors, batch.size, WHOLE_ROWS)
     if batch.size < 2 or len(chosen) < 1:
         return

@@ -22,6 +22,7 @@ import datetime
 import decimal
 import enum
 import functools
+import math
 import shutil
 import types
 
@@ -30,12 +31,14 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch import Tensor
 from torch.func import functional_call
 
 import ghostfunc
-from ghostfunc import SamplesInteractError
+from ghostfunc import SamplesInteractError, StateWrittenError
 
 F64 = torch.float64
+F32 = torch.float32
 COMBOS = [(policy, reduce) for reduce in ("mean", "sum", None)
           for policy in ("auto", "2t2", "ghost", "materialize", "contract")
           if not (policy == "contract" and reduce is None)]
@@ -615,6 +618,108 @@ def test_samples_interact_refused_in_a_model_that_drops_out(name, drop):
     with pytest.raises(SamplesInteractError, match=r"^graddot: samples interact in model_fn: run on the first 3 "
                                                    r"train samples together"):
         ghostfunc.graddot(model_fn, _lin(), x, xv)
+
+
+#: Random draws a model makes in its forward, each per-sample and the same per sample batched or alone in
+#: distribution: ``noise(x [B, 3]) -> [B, 3]``.
+NOISE = {
+    "randn_like": lambda x: x + 0.1 * torch.randn_like(x),
+    "randn(B, 3)": lambda x: x + 0.1 * torch.randn(x.shape[0], 3, dtype=x.dtype),
+    "rand with generator": lambda x: x * torch.rand(x.shape, generator=torch.Generator().manual_seed(0),
+                                                    dtype=x.dtype),
+    "normal(mean, std)": lambda x: torch.normal(x, 0.1),
+    "normal_ in place": lambda x: x + torch.empty_like(x).normal_(0.0, 0.1),
+    "uniform_ and exponential_": lambda x: x * torch.empty_like(x).uniform_(0.5, 1.5) * torch.empty_like(
+        x).exponential_(2.0),
+    "bernoulli": lambda x: x * torch.bernoulli(torch.full_like(x, 0.7)),
+    "randint": lambda x: x + torch.randint(0, 3, x.shape).to(x.dtype),
+    "gumbel_softmax": lambda x: x * F.gumbel_softmax(x, tau=0.5, hard=True),
+    "multinomial": lambda x: x.gather(1, torch.multinomial(x.softmax(1), 2)).repeat(1, 2)[:, :3],
+    "randperm of features": lambda x: x[:, torch.randperm(3)],
+    "dropout and randn_like": lambda x: F.dropout(x, 0.3, True) + 0.1 * torch.randn_like(x),
+}
+
+
+@pytest.mark.parametrize("name", ["baseline", "batch_center", "reweight"])
+@pytest.mark.parametrize("noise", list(NOISE))
+def test_samples_interact_refused_in_a_model_that_draws_random_numbers(name, noise):
+    """A model that draws random numbers (noise beside dropout, a random op of its own) draws others for three
+    rows than for each alone, so the interaction check compared nothing and a batch mean behind the draws
+    passed with a note blaming the dropout masks (the scores of another loss, every step). The checks run every
+    draw as its mean (or a fixed choice of indices): each sample is then the same function batched or alone."""
+    x, xv = torch.randn(5, 3, generator=_g(1), dtype=F64), torch.randn(4, 3, generator=_g(2), dtype=F64)
+
+    def model_fn(p, x):
+        return INTERACT[name](p, NOISE[noise](x))
+
+    with pytest.raises(SamplesInteractError, match=r"^graddot: samples interact in model_fn: run on the first 3 "
+                                                   r"train samples together"):
+        ghostfunc.graddot(model_fn, _lin(), x, xv)
+
+
+@pytest.mark.parametrize("noise", list(NOISE))
+def test_a_model_that_draws_random_numbers_per_sample_is_not_refused(noise):
+    """The other side: the same draws in a model whose samples do not interact pass the checks."""
+    x, xv = torch.randn(5, 3, generator=_g(1), dtype=F64), torch.randn(4, 3, generator=_g(2), dtype=F64)
+
+    def model_fn(p, x):
+        return (NOISE[noise](x) @ p["W"].T).tanh().pow(2).sum(1)
+
+    torch.manual_seed(0)
+    out = ghostfunc.graddot(model_fn, _lin(), x, xv)
+    assert out.scores.shape == (5,) and bool(out.scores.isfinite().all())
+
+
+def test_the_checks_run_every_random_call_as_its_mean_in_the_shape_it_draws():
+    """:func:`ghostfunc._draws.expected` against the calls themselves: the shape, dtype and device of each form of
+    each random call, and the mean of many draws where it has one."""
+    from ghostfunc._draws import expected
+
+    x = torch.rand(4, 3, dtype=F64) + 0.5
+    g = torch.Generator().manual_seed(0)
+    calls = [
+        (torch.randn, (2, 3), {}), (torch.randn, ((2, 3),), {"dtype": F64}), (torch.rand, (), {"size": (4,)}),
+        (torch.rand, (3,), {"generator": g}), (torch.randn_like, (x,), {}), (torch.rand_like, (x,), {"dtype": F32}),
+        (torch.randint, (5, (2, 2)), {}), (torch.randint, (2, 5, (3,)), {"dtype": torch.int32}),
+        (torch.randint_like, (x, 4), {}), (torch.randint_like, (x, 1, 4), {}), (torch.randperm, (6,), {}),
+        (torch.normal, (x, 0.5), {}), (torch.normal, (1.5, x), {}), (torch.normal, (x, x), {}),
+        (torch.normal, (2.0, 1.0, (2, 5)), {"dtype": F64}), (torch.bernoulli, (x / 2,), {}),
+        (torch.bernoulli, (x, 0.25), {}), (Tensor.bernoulli, (x / 2,), {}), (torch.poisson, (x,), {}),
+        (torch.multinomial, (x, 2), {}), (torch.multinomial, (x, 5, True), {}), (Tensor.multinomial, (x, 1), {}),
+        (F.gumbel_softmax, (x,), {"tau": 0.5}), (F.gumbel_softmax, (x,), {"hard": True}),
+    ]
+    for func, args, kwargs in calls:
+        real = func(*args, **kwargs)
+        mean = expected(func, args, kwargs)
+        assert mean is not None, func
+        got = mean()
+        assert (got.shape, got.dtype, got.device) == (real.shape, real.dtype, real.device), (func, args, kwargs)
+    fills = [(Tensor.normal_, (1.5, 0.1), 1.5), (Tensor.uniform_, (1.0, 3.0), 2.0), (Tensor.exponential_, (4.0,), .25),
+             (Tensor.geometric_, (0.5,), 2.0), (Tensor.cauchy_, (-1.0,), -1.0), (Tensor.random_, (3, 9), 3.0),
+             (Tensor.bernoulli_, (0.3,), 0.3), (Tensor.log_normal_, (0.0, 0.5), math.exp(0.125))]
+    for func, args, value in fills:
+        t = torch.empty(3, 2, dtype=F64)
+        thunk = expected(func, (t, *args), {})
+        assert thunk is not None and thunk() is t and torch.allclose(t, torch.full_like(t, value)), func
+    many = torch.empty(200000, dtype=F64)
+    for func, args, value in fills[:3]:
+        assert abs(func(many, *args).mean().item() - value) < 0.05 * max(1.0, abs(value)), func
+    assert expected(torch.nn.init.normal_, (torch.empty(2),), {}) is None
+    assert expected(torch.tanh, (x,), {}) is None
+
+
+def test_a_random_fill_of_a_parameter_is_refused_by_the_checks_too():
+    """Run as its mean by the checks, ``p.normal_()`` still writes into a parameter: refused before it runs."""
+    def model_fn(p, x):
+        p["W"].normal_()
+        return (x @ p["W"].T).pow(2).sum(1)
+
+    x, xv = torch.randn(5, 3, generator=_g(1), dtype=F64), torch.randn(4, 3, generator=_g(2), dtype=F64)
+    p = _lin()
+    before = p["W"].clone()
+    with pytest.raises(StateWrittenError, match="W"):
+        ghostfunc.graddot(model_fn, p, x, xv)
+    assert torch.equal(p["W"], before)
 
 
 def test_a_dropout_of_p_one_is_run_as_it_is_by_the_interaction_check():
