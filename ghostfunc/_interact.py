@@ -1425,9 +1425,10 @@ def check_batch_gradient(model_fn: Callable, params: Mapping[str, Tensor], batch
     (times their number) against the sum of each row's own, in a run with gradients on and random draws undone.
     Rounding:
     ``sqrt(eps)`` of the coarsest dtype (of the parameters, the inputs and what any call computed in: autocast)
-    times the largest entry of any gradient compared (a row's own, the batch's, the sum). A model that draws
-    (dropout: other masks together and alone), branches otherwise on one row than on several, or runs only
-    under ``vmap`` is not compared.
+    times the largest entry of any gradient compared (a row's own, the batch's, the sum). Dropout runs without
+    drawing and other random calls as their means (:func:`_mean_grads`); a model that draws otherwise
+    (``nn.init`` in its forward), branches otherwise on one row than on several, or runs only under ``vmap`` is
+    not compared.
     """
     key = (param_signature(params), training_flags(model_fn), batch.signature)
     try:
@@ -1591,9 +1592,10 @@ def _mean_grads(model_fn: Callable, params: Mapping[str, Tensor],
                 batch: Any) -> tuple[dict[str, Tensor] | None, list[str], bool, torch.dtype]:
     """The gradient of the mean of ``model_fn``'s losses on ``batch``, what ``torch.optim`` steps on (``None``: no
     per-sample losses with an autograd path), the values its tensors became (branches), whether it drew random
-    numbers, and the coarsest floating dtype it computed in."""
+    numbers, and the coarsest floating dtype it computed in. Dropout draws nothing and other random calls run as
+    their means (:class:`_Uses` ``quiet``): each sample the same function batched or alone."""
     leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-    mode = _UsesAndDtypes(leaves)
+    mode = _UsesAndDtypes(leaves, quiet=True)
     with mode:
         losses = model_fn(dict(leaves), batch)  # a copy: our leaves stay the ones differentiated
     if not isinstance(losses, Tensor) or not losses.is_floating_point() or not losses.requires_grad:

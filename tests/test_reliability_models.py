@@ -912,6 +912,24 @@ def test_samples_that_interact_in_the_backward_only_are_refused_by_train_step(mo
         step(step.init(p), x, xv)
 
 
+@pytest.mark.parametrize("draw", ["dropout", "noise"])
+@pytest.mark.parametrize("model_fn", [normalising_hook, clamped_gradient_function], ids=lambda f: f.__name__)
+def test_samples_that_interact_in_the_backward_are_refused_behind_random_draws(model_fn, draw):
+    """The same couplings in a model that draws (dropout in training mode, noise of its own): the backward
+    check compared nothing for a model that draws, and train_step stepped with the mean of the samples' own
+    gradients, not torch.optim's. It runs dropout drawing nothing and other draws as their means."""
+    p = _mlp(13)
+    x, xv = _split_data(14, n=4, m=3)
+
+    def drawing(q, x):
+        x = F.dropout(x, 0.2, True) if draw == "dropout" else x + 0.1 * torch.randn_like(x)
+        return model_fn(q, x)
+
+    step = ghostfunc.train_step(drawing, ghostfunc.sgd(0.1))
+    with pytest.raises(SamplesInteractError, match=r"^train_step: samples interact in model_fn's backward"):
+        step(step.init(p), x, xv)
+
+
 def two_row_biases(p, x):
     """Two ``[1, d]`` biases: for one row autograd may hand back one gradient tensor for both."""
     return F.linear(torch.tanh(F.linear(x, p["W1"]) + p["b1"][None] + p["c1"][None]), p["W2"]).pow(2).sum(1)
