@@ -21,6 +21,7 @@ from torch.utils import _pytree as pytree
 
 from . import _dist
 from ._checks import check_compile, check_params
+from ._interact import grads_on
 from ._optim import Optimizer
 from ._secant import Scratch, ValGrad, check_curvature, versions
 from ._shapley import ORDERS, compute_values
@@ -125,6 +126,7 @@ class TrainStep:
             raise ValueError(f"{where}: compile=True computes first-order values without precondition; got "
                              f"order={order}, precondition={precondition}")
 
+    @grads_on  # (under torch.inference_mode() the state's tensors would be inference tensors, refused next step)
     def init(self, params: Mapping[str, Tensor]) -> TrainState:
         """The state before the first step: detached copies of ``params`` and a fresh optimizer state.
 
@@ -147,6 +149,7 @@ class TrainStep:
             own = _dist.broadcast_params(own, group)
         return TrainState(own, self.optimizer.init(own), 0)
 
+    @grads_on
     def __call__(self, state: TrainState, train: Any, val: Any) -> tuple[TrainState, StepInfo]:
         """One update on the training rows, with the values of every training row.
 

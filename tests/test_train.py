@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils import _pytree as pytree
 
 import ghostfunc
 from ghostfunc._reference import per_sample_grads
@@ -104,6 +105,26 @@ def test_trajectory_float32(case):
     params, data, val = problem(dtype=torch.float32)
     got, _, _ = ghost_trajectory(params, data, val, mine(), 50)
     assert max_diff(got, torch_trajectory(params, data, theirs, 50)) < 1e-6
+
+
+@pytest.mark.parametrize("mode", ["inference_mode", "no_grad"])
+@pytest.mark.parametrize("kw", [{}, {"order": 2, "curvature": "secant"}])
+def test_a_run_under_the_callers_inference_mode_continues_as_outside_it(mode, kw):
+    """Steps (and init) called under ``torch.inference_mode()``, as in an evaluation loop: the state a step
+    returned was made of inference tensors, and the next step refused it, blaming the caller."""
+    params, data, val = problem(seed=7)
+    want, infos, _ = ghost_trajectory(params, data, val, ghostfunc.adamw(0.05), 4, **kw)
+    step = ghostfunc.train_step(mlp_fn, ghostfunc.adamw(0.05), **kw)
+    rows = list(batches(data, 4))  # (a batch made under inference_mode is refused by name: README)
+    with getattr(torch, mode)():
+        state = step.init(params)
+        got = []
+        for batch, info in zip(rows, infos, strict=True):
+            state, mine = step(state, batch, val)
+            got.append(state.params)
+            torch.testing.assert_close(mine.values, info.values, rtol=1e-12, atol=1e-15)
+    assert not any(t.is_inference() for t in pytree.tree_leaves(state) if isinstance(t, Tensor))
+    assert max_diff(got, want) == 0.0
 
 
 def test_lr_schedule_matches_lambda_lr():
