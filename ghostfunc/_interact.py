@@ -1291,7 +1291,8 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
     if alone is not None:  # dropout-like draws differ batched and alone; one sample cannot interact
         rounding = max(coarsest([*params.values(), *batch.tensors, together]), mode.computed,
                        key=lambda d: torch.finfo(d).eps)  # float64 losses of a float32 model, a float32 layer
-        _compare(together.detach(), torch.cat(alone).detach(), label, chosen, rounding)
+        _compare_confirmed(together.detach(), torch.cat(alone).detach(), label, chosen, rounding,
+                           lambda at: copies_losses(model_fn, params, _rows_batch(batch, chosen), at))
     _refuse_detached(model_fn, params, lambda: rows(0, k))
     return k > 1
 
@@ -1396,6 +1397,34 @@ def refuse_batch_losses(together: Tensor, captured: Tensor, label: str, computed
                  how="each of these samples run in a batch of copies of itself (as if alone)")
     except SamplesInteractError as err:
         raise SamplesInteractError(f"{where}: {err}") from None
+
+
+def _compare_confirmed(together: Tensor, alone: Tensor, label: str, chosen: list[int], rounding: torch.dtype,
+                       confirm: Callable[[list[int]], Tensor | None]) -> None:
+    """:func:`_compare` of ``k`` samples run together and each alone, where they differ beyond rounding first
+    confirmed on up to :data:`CONFIRM_ROWS` of them each in a batch of ``k`` copies of itself (``confirm(at)``,
+    ``at`` indexing ``together``; :func:`copies_losses`): a batch of three and a batch of one round otherwise (a
+    float32 regressor's losses near 1e-6 of outputs near 1000 differed by 30x ``sqrt(eps)`` of the three rows'
+    largest loss), copies take the same kernels as the batch. Where they cannot run, the difference stands."""
+    differ, _, _ = beyond_rounding(together, alone, rounding)
+    if not bool(differ.any()):
+        return
+    at = differ.nonzero().flatten().tolist()[:CONFIRM_ROWS]
+    own = confirm(at)
+    if own is None or own.shape != (len(at),):
+        _compare(together, alone, label, chosen, rounding)
+        return
+    k = len(chosen)
+    which = (f"the first {k} {label} samples" if chosen == list(range(k))
+             else f"{k} distinct {label} samples (rows {', '.join(map(str, chosen))})")
+    _compare(together[torch.tensor(at, device=together.device)], own.to(alone.dtype), label, [chosen[j] for j in at],
+             rounding, which=which, how="each of these samples run in a batch of copies of itself (as if alone)")
+
+
+def _rows_batch(batch: Any, chosen: list[int]) -> Any:
+    """The :class:`ghostfunc._capture.Batch` of the samples ``chosen``."""
+    at = torch.tensor(chosen)
+    return batch._replace(tensors=[t[at.to(t.device)].contiguous() for t in batch.tensors], size=len(chosen))
 
 
 def _rows_of(batch: Any, chosen: list[int]) -> Callable[[int, int], Any]:

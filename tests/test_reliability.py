@@ -827,6 +827,40 @@ def test_small_losses_of_large_outputs_are_not_taken_for_samples_that_interact(a
     assert rel(out.scores, ghostfunc.reference_graddot(model_fn, p, (x, y), (xv, yv))[0]) < 2e-2
 
 
+@pytest.mark.parametrize("seed", [0, 1, 5])
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_small_losses_of_large_outputs_are_not_taken_for_samples_that_interact_by_the_few_rows(mode, seed):
+    """The same kind of regressor (GELU, LayerNorm and dropout in its body) on the few rows the interaction check
+    runs together and alone: a batch of three and a batch of one round otherwise (30x sqrt(eps) of the three
+    rows' largest loss), and those seeds were refused, in eval mode and (dropout run without drawing) in train
+    mode. A difference there is confirmed on a batch of three copies of the sample."""
+    torch.manual_seed(seed)
+    t, d, n = 32, 16, 32
+    body = nn.Sequential(nn.Flatten(), nn.Linear(t * d, 32), nn.GELU(), nn.LayerNorm(32), nn.Dropout(0.1),
+                         nn.Linear(32, 32))
+    net = nn.ModuleDict({"body": body, "head": nn.Linear(32, 1)}).eval()
+    with torch.no_grad():
+        net["head"].weight.mul_(100.0)
+        net["head"].bias.fill_(1000.0)
+    p = {k: v.detach() for k, v in net.named_parameters()}
+
+    def forward(q, x):
+        h = functional_call(net["body"], {k[5:]: v for k, v in q.items() if k.startswith("body.")}, (x,))
+        return F.linear(h, q["head.weight"], q["head.bias"]).squeeze(-1)
+
+    def model_fn(q, b):
+        return (forward(q, b[0]) - b[1]) ** 2
+
+    g = torch.Generator().manual_seed(seed + 1)
+    x, xv = torch.randn(n, t, d, generator=g), torch.randn(8, t, d, generator=g)
+    with torch.no_grad():
+        y, yv = forward(p, x) + 0.01 * torch.randn(n, generator=g), forward(p, xv) + 0.01 * torch.randn(8, generator=g)
+    net.train(mode == "train")
+    out = ghostfunc.graddot(model_fn, p, (x, y), (xv, yv))
+    if mode == "eval":
+        assert rel(out.scores, ghostfunc.reference_graddot(model_fn, p, (x, y), (xv, yv))[0]) < 2e-2
+
+
 def test_a_loss_normalised_over_the_whole_batch_is_refused_behind_dropout():
     """The whole-batch count (Hugging Face's num_items_in_batch) with the first rows holding as many tokens as each
     other, in a model that drops out: the few rows compared agree, the step's gradient check does not compare a
