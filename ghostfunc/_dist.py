@@ -97,10 +97,20 @@ class WeakGroup:
     gloo aborted a rank now and then (``terminate called without an active exception``: 5 of 16 two-rank jobs
     that kept the group so, 0 of 16 that did not)."""
 
-    __slots__ = ("_ref",)
+    __slots__ = ("_ref", "_id")
 
     def __init__(self, group: Any) -> None:
-        self._ref = weakref.ref(group)
+        self._ref, self._id = weakref.ref(group), id(group)
+
+    def __eq__(self, other: object) -> bool:
+        """The same group (while it lives; a destroyed one equals only the holder of the same reference)."""
+        if not isinstance(other, WeakGroup):
+            return NotImplemented
+        mine = self._ref()
+        return mine is other._ref() if mine is not None else self._ref is other._ref
+
+    def __hash__(self) -> int:
+        return hash(self._id)
 
     def get(self, where: str) -> Any:
         """The group; ``RuntimeError`` once it is gone (destroyed and let go: a step would run as one process)."""
@@ -111,7 +121,8 @@ class WeakGroup:
         return group
 
     def __repr__(self) -> str:
-        return f"WeakGroup({self._ref()!r})"
+        group = self._ref()
+        return repr(group) if group is not None else "<a destroyed process group>"
 
 
 def resolve(group: Any, where: str) -> Any:

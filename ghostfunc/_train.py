@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import numbers
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, NamedTuple
 
 import torch
@@ -103,6 +103,22 @@ class TrainStep:
     _scratch: Scratch = field(default_factory=dict, init=False, repr=False, compare=False)
     #: the optimizer state this step last returned, as :func:`_handed_out` records it (with ``group``)
     _returned: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def _held(self) -> tuple:
+        """The compared fields as the step holds them (its group as a :class:`ghostfunc._dist.WeakGroup`): what
+        ``==``, ``hash`` and ``repr`` read, so that they work on a step whose group was destroyed (logging, a
+        traceback's locals)."""
+        return tuple(self.__dict__[f.name] for f in fields(self) if f.compare)
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and self._held() == other._held()  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash(self._held())
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{f.name}={self.__dict__[f.name]!r}" for f in fields(self) if f.repr)
+        return f"{type(self).__name__}({shown})"
 
     def __post_init__(self) -> None:
         """The checks of :func:`train_step`, here so that a step built as ``TrainStep(...)`` gets them too."""
@@ -245,7 +261,8 @@ def _set_group(step: TrainStep, group: Any) -> None:
 #: ``step.group`` is the process group, held weakly (:class:`ghostfunc._dist.WeakGroup`): a step kept in a script's
 #: globals held it past ``destroy_process_group``, and gloo aborted a rank at exit now and then. (A property on the
 #: class is found before the instance's own entry, which it keeps; the frozen dataclass's ``__init__`` sets it
-#: through the setter, and ``dataclasses.replace``, ``==`` and ``repr`` read the group itself.)
+#: through the setter, and ``dataclasses.replace`` reads the group itself; ``==``, ``hash`` and ``repr`` read what
+#: the step holds: ``TrainStep._held``.)
 TrainStep.group = property(_get_group, _set_group)  # type: ignore[assignment,method-assign]
 
 

@@ -721,6 +721,8 @@ step = ghostfunc.train_step(lambda p, b: (b[0] @ p["w"] - b[1]) ** 2, ghostfunc.
 import copy, dataclasses
 assert step.group is world and dist.get_world_size(step.group) == 1  # read as the group itself
 assert dataclasses.replace(step) == step and copy.deepcopy(step).group is world
+twin = ghostfunc.train_step(step.model_fn, step.optimizer, group=world)
+assert twin == step and hash(twin) == hash(step) and "ProcessGroup" in repr(step)
 state = step.init(p)
 state, info = step(state, b, b)
 ghostfunc.DataValues.zeros(4).add(torch.arange(4), info.values).save(
@@ -730,6 +732,8 @@ print(before, sys.getrefcount(world))
 dist.destroy_process_group()
 del world
 gc.collect()
+shown = (repr(step), str(step), step == twin, hash(step) == hash(twin))  # logging, a traceback's locals
+assert "group=<a destroyed process group>" in shown[0] and shown[2:] == (True, True), shown
 try:
     step(state, b, b)
 except RuntimeError as err:
@@ -744,7 +748,8 @@ def test_nothing_holds_the_default_group_past_its_destruction() -> None:
     now and then (5 of 40 two-rank torchrun jobs; 0 of 40 with the module imported with ghostfunc). A fresh
     interpreter: the group's reference count is the same before and after a ``group=`` call, and a ``train_step``
     kept for the run (a script's global) holds it weakly (it held it: 3 of 16 two-rank jobs aborted so); called
-    after the group is gone, the step says so instead of running as one process."""
+    after the group is gone, the step says so instead of running as one process, and its repr, == and hash
+    still work (they raised)."""
     import subprocess
 
     done = subprocess.run([sys.executable, "-c", _HOLDS_WORLD], capture_output=True, text=True, timeout=300,
