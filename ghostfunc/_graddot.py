@@ -41,6 +41,8 @@ from ._interact import (
     counted_over_batch,
     eager_stance,
     in_one_call,
+    keep_in_call,
+    kept_in_call,
     module_settings,
     param_signature,
     refuse_batch_losses,
@@ -239,6 +241,9 @@ def _route(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batc
         parts = (WHOLE, WHOLE)
         part_traces = tuple((_traced_alone(model_fn, params, b, where, state.fresh, label),)
                             for b, label in zip(batches, ("train", "val"), strict=True))
+    for w, b in enumerate(batches):  # a split batch's groups, for this call's whole-batch comparison
+        if parts[w] != WHOLE:
+            keep_in_call("parts", b, parts[w])
     use = _merged_usages(params, part_traces[0], part_traces[1])
     kernel = {k for k, u in use.items() if u.form is not None}
     notes = [note for w, label in enumerate(("train", "val")) if (note := describe(parts[w], label))]
@@ -521,8 +526,9 @@ def _refuse_coupled_batch(model_fn: ModelFn, params: dict[str, Tensor], batches:
     the samples interact (:func:`ghostfunc._interact.refuse_batch_losses`, which confirms a difference on batches
     of copies of the sample, :func:`ghostfunc._interact.copies_losses`), through more of the batch than the few rows :func:`ghostfunc._interact.check_model`
     runs (a loss normalised by the whole batch's token count, where those rows held as many tokens as the batch's
-    mean: 0.30-0.33 off the loop, silently). One forward per batch; a batch split at data-dependent branches (each
-    sample's own branch, by design) is not compared."""
+    mean: 0.30-0.33 off the loop, silently). One forward per batch. A batch split at data-dependent branches (each
+    sample its own branch, by design: the whole batch may take another) is compared group by group instead
+    (:func:`_refuse_coupled_groups`)."""
     try:
         seen = _COUPLED.setdefault(model_fn, {})
     except TypeError:  # not weak-referenceable: compare every call
@@ -532,20 +538,62 @@ def _refuse_coupled_batch(model_fn: ModelFn, params: dict[str, Tensor], batches:
         return
     zeros = zero_params(params)
     device = next(iter(params.values())).device
-    plain, coarse = _plain_losses(model_fn, params, batches, _rng_state(device), device)
+    start = _rng_state(device)
+    plain, coarse = _plain_losses(model_fn, params, batches, start, device)
     for b, label, together, own in zip(batches, ("train", "val"), plain or (), captured, strict=False):
         if b.size > 1 and not split(notes, label):
             refuse_batch_losses(together, own, label, coarse, where,
                                 functools.partial(copies_losses, model_fn, params, b))
+        elif b.size > 1 and isinstance(own, Tensor) and own.shape == (b.size,):
+            _refuse_coupled_groups(model_fn, params, b, own, label, where, start)
     remember(seen, key, zeros)
 
 
+def refuse_coupled_rows(model_fn: ModelFn, params: dict[str, Tensor], batch: Batch, losses: Tensor,
+                        notes: Sequence[str], where: str, start: tuple[Tensor, ...]) -> None:
+    """:func:`_refuse_coupled_batch` of one batch captured outside :func:`as_plain_draws` (the training rows of
+    the second-order, secant and preconditioned values: a loss normalised by the whole batch's token count passed
+    there), where the capture drew no random number (``start``: the generator state before it)."""
+    if _same(start, _rng_state(next(iter(params.values())).device)):
+        _refuse_coupled_batch(model_fn, params, (batch,), (losses,), notes, where)
+
+
+def _refuse_coupled_groups(model_fn: ModelFn, params: dict[str, Tensor], batch: Batch, captured: Tensor, label: str,
+                           where: str, start: tuple[Tensor, ...]) -> None:
+    """:func:`_refuse_coupled_batch` for a batch split at data-dependent branches: each group of two or more samples
+    that took the same branches alone (the parts this call's capture ran) run together plainly, against the
+    capture's losses of those rows, a difference confirmed on copies of the sample that take the group's branches
+    (a loss normalised by the whole batch's token count in a padded Hugging Face batch, whose unpadded rows take
+    ``mask.all()``'s other branch: 0.19 off torch's batch gradient, silently). Where the group together takes
+    other branches than its copies (a branch on a statistic of the batch), nothing is said: each sample's own
+    branch is the loop's answer. A group of one says nothing (a count taken to Python per sample, ``int(mask.sum())``,
+    puts every sample in its own group)."""
+    parts = kept_in_call("parts", batch)
+    device = next(iter(params.values())).device
+    for part in parts or ():
+        if part.rows is None or len(part.rows) < 2:
+            continue
+        sub, rows = subset(batch, part), part.rows.tolist()
+        branches: list[list[str]] = []
+        plain, coarse = _plain_losses(model_fn, params, [sub], start, device, branches)
+        if plain is None:
+            continue
+        def confirm(at: list[int], sub: Batch = sub, rows: list[int] = rows, seen: list[str] = branches[0]) -> Any:
+            return copies_losses(model_fn, params, sub, [rows.index(i) for i in at], seen)
+
+        refuse_batch_losses(plain[0], captured[part.rows.to(captured.device)], label, coarse, where, confirm,
+                            rows, batch.size, which=f"a group of {len(rows)} {label} samples that take the same "
+                                                    f"data-dependent branches (rows {_listed(rows)})")
+
+
 def _plain_losses(model_fn: ModelFn, params: dict[str, Tensor], batches: Sequence[Batch],
-                  start: tuple[Tensor, ...], device: torch.device) -> tuple[list[Tensor] | None, torch.dtype]:
+                  start: tuple[Tensor, ...], device: torch.device,
+                  branches: list[list[str]] | None = None) -> tuple[list[Tensor] | None, torch.dtype]:
     """``model_fn(params, batch)`` for each batch in turn, as a plain step runs it (gradients on, the parameters
     leaves that require them: a model that reads ``grad_fn`` takes the step's branch; the graph is let go), from
     RNG state ``start`` (the state after is kept as it was), and the coarsest floating dtype it computed in (its
-    losses' too); ``None`` for a model that cannot run so (one that runs only under ``vmap``)."""
+    losses' too); ``None`` for a model that cannot run so (one that runs only under ``vmap``). ``branches``, if
+    given, gets what each batch's tensors became in Python (its data-dependent branches), a list per batch."""
     devices = [device.index or 0] if device.type == "cuda" else []
     leaves = {k: v.detach().requires_grad_(v.is_floating_point() or v.is_complex()) for k, v in params.items()}
     # the calls the capture replaces run as it runs them (an embedding's max_norm renormalises a copy, not the
@@ -555,8 +603,11 @@ def _plain_losses(model_fn: ModelFn, params: dict[str, Tensor], batches: Sequenc
         with torch.random.fork_rng(devices=devices), torch.enable_grad(), eager_stance():
             _set_rng_state(device, start)
             for b in batches:
+                mode.branches = []
                 with mode:
                     out.append(model_fn(dict(leaves), b.rebuild(list(b.tensors))))
+                if branches is not None:
+                    branches.append(mode.branches)
     except Exception:  # noqa: BLE001 - not told
         return None, mode.computed
     if not all(isinstance(o, Tensor) for o in out):

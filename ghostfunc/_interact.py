@@ -374,6 +374,18 @@ def grads_on(fn: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
+def keep_in_call(kind: str, obj: Any, value: Any) -> None:
+    """Keep ``value`` for ``obj`` until the public call ends (:func:`kept_in_call`; nothing outside one)."""
+    if _SCOPE.memo is not None:
+        _SCOPE.memo[(kind, id(obj))] = (obj, value)
+
+
+def kept_in_call(kind: str, obj: Any) -> Any:
+    """What :func:`keep_in_call` kept for ``obj`` in this public call (``None``: nothing)."""
+    hit = _SCOPE.memo.get((kind, id(obj))) if _SCOPE.memo is not None else None
+    return hit[1] if hit is not None and hit[0] is obj else None
+
+
 def _scoped(kind: Any, obj: Any, compute: Callable[[], Any]) -> Any:
     memo = _SCOPE.memo
     if memo is None:
@@ -1344,12 +1356,14 @@ def refuse_coupled_draws(model_fn: Callable, params: Mapping[str, Tensor], batch
 CONFIRM_ROWS = 4
 
 
-def copies_losses(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, rows: list[int]) -> Tensor | None:
+def copies_losses(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, rows: list[int],
+                  branches: list[str] | None = None) -> Tensor | None:
     """The loss of each sample ``rows[j]`` run plainly in a batch of the batch's shapes holding copies of it: that
     sample's loss without the others, by the same kernels as the whole batch's (a batch of one rounds otherwise:
     a regression's small losses of outputs near 1000 differed by 5-7x ``sqrt(eps)`` between a batch of 32 and each
     row alone). Run as a plain step runs (gradients on, the parameters leaves that require them), dropout drawing
-    nothing, the random state kept; ``None`` where it draws other random numbers or cannot run so."""
+    nothing, the random state kept; ``None`` where it draws other random numbers or cannot run so, or, with
+    ``branches`` (what the batch's tensors became in Python in the run compared with), takes other branches."""
     device = next(iter(params.values())).device
     devices = [device.index or 0] if device.type == "cuda" else []
     leaves = {k: v.detach().requires_grad_(v.is_floating_point() or v.is_complex()) for k, v in params.items()}
@@ -1362,7 +1376,10 @@ def copies_losses(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, 
             with mode:
                 for i in rows:
                     copies = batch.rebuild([t[i:i + 1].expand(t.shape).contiguous() for t in batch.tensors])
+                    mode.branches = []
                     own.append(model_fn(dict(leaves), copies).reshape(-1)[:1].detach())
+                    if branches is not None and mode.branches != branches:
+                        return None
         except Exception:  # noqa: BLE001 - a model that runs only under vmap: nothing to confirm with
             return None
         if mode.random or not all(torch.equal(a, b) for a, b in zip(before, _rng_states(devices), strict=True)):
@@ -1372,13 +1389,13 @@ def copies_losses(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, 
 
 def refuse_batch_losses(together: Tensor, captured: Tensor, label: str, computed: torch.dtype, where: str,
                         confirm: Callable[[list[int]], Tensor | None], chosen: list[int] | None = None,
-                        size: int | None = None) -> None:
+                        size: int | None = None, which: str | None = None) -> None:
     """Raise :class:`SamplesInteractError` (prefixed with ``where``) if a whole batch's losses from a plain call
     (``together``, at the batch's rows ``chosen``, all of them by default, of ``size``) differ beyond rounding
     from each sample's own: first against ``captured`` (the capture's, or each run alone), then, where those
     differ, against up to :data:`CONFIRM_ROWS` of those samples each in a batch of copies of itself
     (``confirm(rows)``, :func:`copies_losses`; ``None``: they cannot run so). ``computed``: the coarsest floating
-    dtype the plain call computed in."""
+    dtype the plain call computed in; ``which``: what ran together, for the message (the whole batch)."""
     if not isinstance(together, Tensor) or together.shape != captured.shape or together.dim() != 1:
         return
     chosen = list(range(len(captured))) if chosen is None else chosen
@@ -1393,7 +1410,8 @@ def refuse_batch_losses(together: Tensor, captured: Tensor, label: str, computed
         return
     try:
         _compare(together[torch.tensor(at, device=together.device)], own.to(captured.dtype), label,
-                 [chosen[j] for j in at], rounding, which=f"the whole {label} batch ({size or len(captured)} samples)",
+                 [chosen[j] for j in at], rounding,
+                 which=which or f"the whole {label} batch ({size or len(captured)} samples)",
                  how="each of these samples run in a batch of copies of itself (as if alone)")
     except SamplesInteractError as err:
         raise SamplesInteractError(f"{where}: {err}") from None

@@ -39,6 +39,7 @@ from ._graddot import (
     _same,
     capture_one,
     contract_direction,
+    refuse_coupled_rows,
     refuse_non_finite,
     retry_stale,
     routing,
@@ -203,6 +204,7 @@ def secant_values(where: str, model_fn: Callable[[Params, Any], Tensor], params:
         return r, capture_one(model_fn, params, tb, r, 0, where)
 
     r, t = retry_stale(where, train_first)
+    refuse_coupled_rows(model_fn, params, tb, t.loss, r.plan.notes, where, rng)
     rows, g_train = train_rows(r.plan, t.grads, params, n, 2, scratch)
     refuse_non_finite_rows(where, rows, g_train, params)
     groups = row_groups(vb, r.plan)

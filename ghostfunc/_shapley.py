@@ -60,6 +60,7 @@ from ._graddot import (
     group_policy,
     no_path,
     prepare_group,
+    refuse_coupled_rows,
     refuse_non_finite,
     retry_stale,
     routing,
@@ -340,6 +341,7 @@ def values_of(
         if order == 2 and _draws_random(model_fn):
             raise ValueError(ORDER2_RANDOM.format(where=where))
         r, t = retry_stale(where, train_first)
+        refuse_coupled_rows(model_fn, params, tb, t.loss, r.plan.notes, where, start)
         rows, g_train = train_rows(r.plan, t.grads, params, tb.size, 2 if order == 2 and first_order else 1, scratch)
         refuse_non_finite_rows(where, rows, g_train, params, local=world is not None)  # (this rank's rows)
     train_loss = t.loss

@@ -752,7 +752,8 @@ def test_a_branch_on_a_random_draw_names_layerdrop():
             ghostfunc.graddot(model_fn, _lin(), x, xv)
 
 
-@pytest.mark.parametrize("entry", ["graddot", "inrun_shapley", "graddot_direction", "val"])
+@pytest.mark.parametrize("entry", ["graddot", "inrun_shapley", "graddot_direction", "val", "inrun_shapley order 2",
+                                   "inrun_shapley secant", "train_step precondition"])
 def test_a_loss_normalised_over_the_whole_batch_is_refused_at_every_entry_point(entry):
     """The whole batch's token count (Hugging Face's num_items_in_batch) with the rows the interaction check
     compares holding as many tokens as the batch's mean: those rows agree together and alone, and graddot gave
@@ -775,11 +776,18 @@ def test_a_loss_normalised_over_the_whole_batch_is_refused_at_every_entry_point(
     train, val = (few, batch) if entry == "val" else (batch, few)
     label = "val" if entry == "val" else "train"
     u = {k: torch.ones_like(t) for k, t in p.items()}
+    step = ghostfunc.train_step(model_fn, ghostfunc.adamw(0.1), precondition=True)
     call = {"graddot": lambda: ghostfunc.graddot(model_fn, p, train, val),
             "val": lambda: ghostfunc.graddot(model_fn, p, train, val),
             "inrun_shapley": lambda: ghostfunc.inrun_shapley(model_fn, p, train, val, lr=0.1),
+            # (these captured the training rows outside the comparison: accepted, silently)
+            "inrun_shapley order 2": lambda: ghostfunc.inrun_shapley(model_fn, p, train, val, lr=0.1, order=2),
+            "inrun_shapley secant": lambda: ghostfunc.inrun_shapley(model_fn, p, train, val, lr=0.1, order=2,
+                                                                    curvature="secant"),
+            "train_step precondition": lambda: step(step.init(p), train, val),
             "graddot_direction": lambda: ghostfunc.graddot_direction(model_fn, p, train, u)}[entry]
-    with pytest.raises(SamplesInteractError, match=rf"^{entry.replace('val', 'graddot')}: samples interact in "
+    where = entry.split()[0].replace("val", "graddot")
+    with pytest.raises(SamplesInteractError, match=rf"^{where}: samples interact in "
                                                    rf"model_fn: run on the whole {label} batch \(8 samples\) "
                                                    rf"together, the losses of 4 of them differ"):
         call()

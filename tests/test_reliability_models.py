@@ -14,6 +14,8 @@ for every policy and ``val_reduce`` (scores, ``per_param``, ``train_grad``, loss
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn as nn
@@ -241,7 +243,7 @@ def hf():
     return pytest.importorskip("transformers")
 
 
-def _hf_causal(hf, family):
+def _hf_model(hf, family):
     if family == "gpt2":
         cfg = hf.GPT2Config(vocab_size=32, n_embd=8, n_layer=1, n_head=2, n_positions=16, bos_token_id=1,
                             eos_token_id=2, attn_implementation="sdpa")
@@ -250,7 +252,11 @@ def _hf_causal(hf, family):
                              num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
                              pad_token_id=0, bos_token_id=1, eos_token_id=2, attn_implementation="sdpa")
     torch.manual_seed(0)
-    model = hf.AutoModelForCausalLM.from_config(cfg).to(F64).eval()
+    return hf.AutoModelForCausalLM.from_config(cfg).to(F64).eval()
+
+
+def _hf_causal(hf, family):
+    model = _hf_model(hf, family)
     params = {k: v.detach() for k, v in model.named_parameters()}
 
     def model_fn(p, b):
@@ -274,6 +280,93 @@ def test_hf_causal_lm_with_a_2d_mask_and_mixed_padding(hf, family):
     plan = check_all(f"split hf {family}", model_fn, params, train, val, policies=("auto", "ghost", "contract"),
                      reduces=("mean", None))
     assert "train split into 2 groups" in notes(plan) and "val split into 2 groups" in notes(plan)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("entry", ["graddot", "train_step"])
+def test_hf_num_items_in_batch_over_mixed_padding_is_refused(hf, family, entry):
+    """Hugging Face's num_items_in_batch (the batch's non-ignored tokens) over rows some of which are unpadded: those
+    rows take ``mask.all()``'s other branch alone, the batch is split, and the whole-batch comparison skipped split
+    batches: graddot gave another loss's per-sample numbers and train_step stepped 0.02 off torch.optim, silently.
+    Each group of rows that take the same branches is compared instead. (Each row by its own count: no refusal.)"""
+    model = _hf_model(hf, family)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    val = _hf_causal(hf, family)[3]
+    mask = torch.ones(8, 6, dtype=torch.long)
+    for i, keep in enumerate([6, 3, 6, 4, 5, 6, 2, 6]):
+        mask[i, keep:] = 0
+    g = torch.Generator().manual_seed(3)
+    train = {"input_ids": torch.randint(3, 32, (8, 6), generator=g), "attention_mask": mask}
+
+    def token_losses(p, b):
+        out = functional_call(model, p, (), {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]})
+        logits, labels = out.logits[:, :-1], b["input_ids"][:, 1:].masked_fill(b["attention_mask"][:, 1:] == 0, -100)
+        return F.cross_entropy(logits.transpose(1, 2), labels, reduction="none"), labels
+
+    def num_items(p, b):
+        token, labels = token_losses(p, b)
+        return token.sum(1) * len(labels) / (labels != -100).sum()
+
+    def own_count(p, b):
+        token, labels = token_losses(p, b)
+        return token.sum(1) / (labels != -100).sum(1)
+
+    call = {"graddot": lambda f: ghostfunc.graddot(f, params, train, val),
+            "train_step": lambda f: (lambda s: s(s.init(params), train, val))(ghostfunc.train_step(f, ghostfunc.sgd(
+                0.1)))}[entry]
+    with pytest.raises(SamplesInteractError, match=rf"^{entry}: samples interact in model_fn: run on a group of \d "
+                                                   rf"train samples that take the same data-dependent branches"):
+        call(num_items)
+    out = call(own_count)
+    if entry == "graddot":
+        assert "train split into 2 groups" in notes(out.plan)
+
+
+def mask_all_shortcut(p, b, own=False):
+    """A padding mask applied only when some row is padded (as Hugging Face's ``mask.all()`` drops it), each row's
+    token losses normalised by the whole batch's count (``own``: by its own)."""
+    mask = b["mask"]
+    h = torch.tanh(F.linear(b["x"], p["W1"], p["b1"]))
+    if not bool(mask.all()):
+        h = h * mask[..., None]
+    token = F.linear(h, p["W2"]).pow(2).sum(-1) * mask
+    return token.sum(1) / mask.sum(1) if own else token.sum(1) * len(mask) / mask.sum()
+
+
+def batch_std_branch(p, b):
+    """A branch on a statistic of the batch (its spread): a group of samples together takes another branch than
+    each alone, which is the loop's answer (nothing to refuse: no group takes its samples' own branches)."""
+    h = torch.tanh(F.linear(b["x"], p["W1"], p["b1"])).sum(1)
+    scale = 2.0 if bool(b["x"].std() > 1.0) else 1.0
+    return F.linear(h, p["W2"]).pow(2).sum(-1) * scale
+
+
+@pytest.mark.parametrize("entry", ["graddot", "inrun_shapley order 2", "secant", "train_step"])
+def test_a_coupling_in_a_split_batch_is_refused_group_by_group(entry):
+    p = _mlp(5)
+    g = torch.Generator().manual_seed(6)
+    mask = torch.ones(8, 5, dtype=F64)
+    for i, keep in enumerate([5, 2, 5, 3, 4, 5, 1, 5]):
+        mask[i, keep:] = 0
+    train = {"x": torch.randn(8, 5, 3, generator=g, dtype=F64), "mask": mask}
+    val = {"x": torch.randn(3, 5, 3, generator=g, dtype=F64), "mask": torch.ones(3, 5, dtype=F64)}
+    call = {"graddot": lambda f: ghostfunc.graddot(f, p, train, val),
+            "inrun_shapley order 2": lambda f: ghostfunc.inrun_shapley(f, p, train, val, lr=0.1, order=2),
+            "secant": lambda f: ghostfunc.inrun_shapley(f, p, train, val, lr=0.1, order=2, curvature="secant"),
+            "train_step": lambda f: (lambda s: s(s.init(p), train, val))(ghostfunc.train_step(f, ghostfunc.sgd(0.1)))}
+    where = entry.split()[0].replace("secant", "inrun_shapley")
+    with pytest.raises(SamplesInteractError, match=rf"^{where}: samples interact in model_fn: run on a group of 4 "
+                                                   rf"train samples that take the same data-dependent branches "
+                                                   rf"\(rows \[1, 3, 4, 6\]\)"):
+        call[entry](mask_all_shortcut)
+    call[entry](functools.partial(mask_all_shortcut, own=True))
+    if entry == "graddot":  # its numbers: the loop's
+        own = functools.partial(mask_all_shortcut, own=True)
+        assert "train split into 2 groups" in notes(check_all("mask.all own", own, p, train, val,
+                                                              policies=("auto",), reduces=("mean",)))
+        x = torch.cat([train["x"][:4] * 3, train["x"][4:] / 3])  # samples of both spreads
+        check_all("batch std branch", batch_std_branch, p, {"x": x}, {"x": val["x"]}, policies=("auto",),
+                  reduces=("mean",))
 
 
 # --------------------------------------------------------------------------- per-sample capture
