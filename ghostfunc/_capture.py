@@ -40,7 +40,18 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
-from ._draws import DROPOUTS, ONCE, NoReplay, Recorded, Replay, draw_once, draws_once, record, set_rng_state
+from ._draws import (
+    DROPOUTS,
+    ONCE,
+    NoReplay,
+    Recorded,
+    Replay,
+    draw_once,
+    draws_once,
+    fork_rng,
+    record,
+    set_rng_state,
+)
 from ._interact import (
     EAGER,
     FACTORIES,
@@ -903,7 +914,7 @@ def trace(model_fn: ModelFn, params: Mapping[str, Tensor], batch: Batch, where: 
             return _one_loss(losses, where)
 
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-        with torch.random.fork_rng(devices=devices), torch.no_grad(), _rephrase(where):
+        with fork_rng(devices), torch.no_grad(), _rephrase(where):
             torch.func.vmap(one, randomness="different")([t[:1] for t in batch.tensors])
         return Trace(tuple(mode.sites), mode.other_uses, CHECKPOINT_NOTE if mode.lifted_checkpoint else ())
 

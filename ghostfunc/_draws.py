@@ -26,9 +26,12 @@ as ``vmap`` draws (the plan then says the masks differ: ``ghostfunc._graddot.MAS
 
 from __future__ import annotations
 
+import contextlib
 import math
+import random
+import sys
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
 import torch
@@ -43,7 +46,9 @@ DROPOUTS = frozenset({F.dropout, F.dropout1d, F.dropout2d, F.dropout3d})
 
 #: Calls that draw random numbers besides the dropout family, as functions and as tensor methods.
 RANDOM = frozenset({
-    F.rrelu, torch.rrelu, F.gumbel_softmax, torch.bernoulli, Tensor.bernoulli, Tensor.bernoulli_, torch.rand,
+    F.rrelu, torch.rrelu, F.rrelu_, torch.rrelu_, F.gumbel_softmax, torch._standard_gamma, torch._sample_dirichlet,
+    torch.binomial, F.fractional_max_pool2d, F.fractional_max_pool3d, F.fractional_max_pool2d_with_indices,
+    F.fractional_max_pool3d_with_indices, torch.bernoulli, Tensor.bernoulli, Tensor.bernoulli_, torch.rand,
     torch.rand_like, torch.randn, torch.randn_like, torch.randint, torch.randint_like, torch.randperm, torch.normal,
     Tensor.normal_, Tensor.uniform_, Tensor.exponential_, Tensor.geometric_, Tensor.log_normal_, Tensor.cauchy_,
     Tensor.random_, torch.multinomial, Tensor.multinomial, torch.poisson,
@@ -71,10 +76,16 @@ def draws(func: Any, args: tuple, kwargs: dict[str, Any]) -> bool:
         p = args[1] if len(args) > 1 else kwargs.get("p", 0.5)
         training = args[2] if len(args) > 2 else kwargs.get(flag, True)
         return bool(training) and p > 0
-    if func in (F.rrelu, torch.rrelu):
+    if func in _RRELU:
         training = args[3] if len(args) > 3 else kwargs.get("training", False)
         return bool(training)
+    if func in _FRACTIONAL:  # (regions given: nothing drawn)
+        return kwargs.get("_random_samples") is None
     return True
+
+
+#: ``rrelu``, which draws its slopes only when training, and its in-place forms.
+_RRELU = frozenset({F.rrelu, torch.rrelu, F.rrelu_, torch.rrelu_})
 
 
 #: Calls that draw only through a dropout probability argument: (position, keyword) of that argument.
@@ -86,12 +97,12 @@ def undrawn(func: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict
     ``rrelu``) with its training flag off, attention with ``dropout_p = 0``; ``None`` where ``func`` draws nothing
     that way. What the checks that compare a batch with its samples alone run a model in training mode with:
     the same deterministic function of each sample, its draws left out (:func:`ghostfunc._interact.check_model`)."""
-    if func in ALL_DROPOUTS or func in (F.rrelu, torch.rrelu):
+    if func in ALL_DROPOUTS or func in _RRELU:
         if not draws(func, args, kwargs):
             return None
         if func in ALL_DROPOUTS and (args[1] if len(args) > 1 else kwargs.get("p", 0.5)) >= 1:
             return None  # (p = 1 zeroes its input without drawing: run as it is, not as the identity)
-        at, flag = (3, "training") if func in (F.rrelu, torch.rrelu) else (2, _TRAIN_FLAG[func])
+        at, flag = (3, "training") if func in _RRELU else (2, _TRAIN_FLAG[func])
     elif func in _DROPOUT_P:
         at, flag = _DROPOUT_P[func]
         if not (args[at] if len(args) > at else kwargs.get(flag, 0.0)):
@@ -115,8 +126,14 @@ def _size(args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
     return tuple(args), rest
 
 
-def _gumbel_mean(logits: Tensor, tau: float = 1.0, hard: bool = False, eps: float = 1e-10,
-                 dim: int = -1) -> Tensor:
+#: Where :func:`fixed_draw` puts a continuous draw: this many standard deviations above a normal's mean, this
+#: quantile of a uniform range. Not the mean: a zero stand-in for ``torch.randn`` hid couplings it multiplies
+#: (``h + torch.randn_like(h) * h.mean(0)`` is ``h``) and made unit-norm noise 0/0, NaN batched and alone alike.
+NORMAL_AT, UNIFORM_AT = 0.5, 0.25
+
+
+def _gumbel_fixed(logits: Tensor, tau: float = 1.0, hard: bool = False, eps: float = 1e-10,
+                  dim: int = -1) -> Tensor:
     """``F.gumbel_softmax`` without its noise: the softmax at temperature ``tau`` (``hard``: its argmax one-hot,
     with the softmax's gradient, as torch's straight-through)."""
     soft = (logits / tau).softmax(dim)
@@ -126,16 +143,15 @@ def _gumbel_mean(logits: Tensor, tau: float = 1.0, hard: bool = False, eps: floa
     return torch.zeros_like(logits).scatter_(dim, at, 1.0) - soft.detach() + soft
 
 
-def _normal_mean(mean: Any, std: Any = 1.0, size: Any = None, **kwargs: Any) -> Tensor:
-    """``torch.normal`` without its noise: ``mean``, shaped as the draw would be."""
-    kwargs.pop("generator", None)
+def _normal_fixed(mean: Any, std: Any = 1.0, size: Any = None, **kwargs: Any) -> Tensor:
+    """``torch.normal`` without its noise: ``mean + NORMAL_AT * std``, shaped as the draw would be."""
     if size is not None:
-        return torch.full(tuple(size), float(mean), **kwargs)
+        return torch.full(tuple(size), float(mean) + NORMAL_AT * float(std), **kwargs)
     like = torch.broadcast_tensors(*(t for t in (mean, std) if isinstance(t, Tensor)))[0]
-    return (torch.zeros_like(like) + mean).to(like.dtype)
+    return (torch.zeros_like(like) + mean + NORMAL_AT * std).to(like.dtype)
 
 
-def _multinomial_top(input: Tensor, num_samples: int, replacement: bool = False, **_: Any) -> Tensor:
+def _multinomial_top(input: Tensor, num_samples: int, replacement: bool = False) -> Tensor:
     """``torch.multinomial`` without its noise: the most probable categories (the likeliest, repeated, with
     ``replacement``)."""
     if replacement:
@@ -144,51 +160,59 @@ def _multinomial_top(input: Tensor, num_samples: int, replacement: bool = False,
     return input.topk(num_samples, -1).indices
 
 
-def expected(func: Any, args: tuple, kwargs: dict[str, Any]) -> Callable[[], Any] | None:
-    """A call of :data:`RANDOM` that draws, made to run without drawing: a thunk giving its draws' mean (or, for
-    a draw of indices, a fixed choice: ``low``, ``arange``, the likeliest categories) in the shape, dtype and
-    device the call would give, in place where the call writes in place; ``None`` for other calls (and
-    ``nn.init``'s, which draw into parameters at construction, not in a forward). With :func:`undrawn`, what
-    the checks comparing a batch with its samples alone run random calls as: every draw then the same
-    function of each sample, whatever the batch (``h + 0.1 * torch.randn_like(h)`` is ``h``)."""
-    kw = {k: v for k, v in kwargs.items() if k != "generator"}
-    if func is torch.randn:
-        size, rest = _size(args, kwargs)
-        return lambda: torch.zeros(size, **rest)
-    if func is torch.rand:
-        size, rest = _size(args, kwargs)
-        return lambda: torch.full(size, 0.5, **rest)
+def _randint_low(*args: Any, **kw: Any) -> tuple[Any, tuple, dict[str, Any]]:
+    """``(low, size, other keywords)`` of ``torch.randint(high, size)`` or ``torch.randint(low, high, size)``."""
+    ints = [a for a in args if not isinstance(a, (tuple, list, torch.Size))]
+    sizes = [a for a in args if isinstance(a, (tuple, list, torch.Size))]
+    low = kw.pop("low", ints[0] if len(ints) > 1 else 0)
+    kw.pop("high", None)
+    return low, tuple(kw.pop("size", sizes[0] if sizes else ())), kw
+
+
+def _fixed(func: Any, args: tuple, kw: dict[str, Any]) -> Callable[[], Any] | None:
+    """:func:`fixed_draw` of a call, its ``generator`` and ``out`` taken out of ``kw``."""
+    if func in (torch.randn, torch.rand):
+        size, rest = _size(args, kw)
+        value = NORMAL_AT if func is torch.randn else UNIFORM_AT
+        return lambda: torch.full(size, value, **rest)
     if func in (torch.randn_like, torch.rand_like):
         x = args[0] if args else kw.pop("input")
-        value = 0.0 if func is torch.randn_like else 0.5
+        value = NORMAL_AT if func is torch.randn_like else UNIFORM_AT
         return lambda: torch.full_like(x, value, **kw)
-    if func is torch.randint:  # randint(high, size) or randint(low, high, size): low
-        ints = [a for a in args if not isinstance(a, (tuple, list, torch.Size))]
-        sizes = [a for a in args if isinstance(a, (tuple, list, torch.Size))]
-        low = kw.pop("low", ints[0] if len(ints) > 1 else 0)
-        kw.pop("high", None)
-        size = tuple(kw.pop("size", sizes[0] if sizes else ()))
-        return lambda: torch.full(size, low, **{"dtype": torch.int64, **kw})
-    if func is torch.randint_like:
-        x, *rest_args = args
-        low = kw.pop("low", rest_args[0] if len(rest_args) > 1 else 0)
+    if func is torch.randint:
+        low, size, rest = _randint_low(*args, **kw)
+        return lambda: torch.full(size, low, **{"dtype": torch.int64, **rest})
+    if func is torch.randint_like:  # randint_like(x, high) or randint_like(x, low, high)
+        x, more = (args[0], args[1:]) if args else (kw.pop("input"), ())
+        low = kw.pop("low", more[0] if len(more) > 1 else 0)
         kw.pop("high", None)
         return lambda: torch.full_like(x, low, **kw)
-    if func is torch.randperm:
+    if func is torch.randperm:  # reversed: a permutation of the batch's rows (mixup's partners) still mixes them
         n, *_ = args or (kw.pop("n"),)
-        return lambda: torch.arange(n, **{"dtype": torch.int64, **kw})
+        return lambda: torch.arange(n - 1, -1, -1, **{"dtype": torch.int64, **kw})
     if func is torch.normal:
-        return lambda: _normal_mean(*args, **kw)
-    if func in (torch.bernoulli, Tensor.bernoulli):  # bernoulli(probs) or bernoulli(x, p)
+        return lambda: _normal_fixed(*args, **kw)
+    if func in (torch.bernoulli, Tensor.bernoulli):  # bernoulli(probs) or bernoulli(x, p): the mean
         x = args[0] if args else kw["input"]
         p = args[1] if len(args) > 1 else kw.get("p")
         return (lambda: x.detach().clone()) if p is None else (lambda: torch.full_like(x, float(p)))
-    if func is torch.poisson:
+    if func in (torch.poisson, torch._standard_gamma):  # the mean: the rate, the concentration
         return lambda: (args[0] if args else kw["input"]).detach().clone()
+    if func is torch._sample_dirichlet:  # the mean (Beta's and Dirichlet's sample)
+        return lambda: (lambda c: c / c.sum(-1, keepdim=True))((args[0] if args else kw["input"]).detach())
+    if func is torch.binomial:  # the mean: count * prob
+        count = args[0] if args else kw["count"]
+        prob = args[1] if len(args) > 1 else kw["prob"]
+        return lambda: (count * prob).to(count.dtype)
     if func in (torch.multinomial, Tensor.multinomial):
         return lambda: _multinomial_top(*args, **kw)
     if func is F.gumbel_softmax:
-        return lambda: _gumbel_mean(*args, **kw)
+        return lambda: _gumbel_fixed(*args, **kw)
+    if func in _FRACTIONAL:  # pooling regions at fixed offsets: each sample's from its own row
+        x = args[0] if args else kw["input"]
+        samples = torch.full((x.shape[0] if x.dim() == _FRACTIONAL[func] + 2 else 1, x.shape[-_FRACTIONAL[func] - 1],
+                              _FRACTIONAL[func]), UNIFORM_AT, dtype=x.dtype, device=x.device)
+        return lambda: func(*args, **{**kw, "_random_samples": samples})
     fill = _FILLS.get(func)
     if fill is None or not args or not isinstance(args[0], Tensor):
         return None
@@ -196,14 +220,36 @@ def expected(func: Any, args: tuple, kwargs: dict[str, Any]) -> Callable[[], Any
     return lambda: args[0].copy_(value) if isinstance(value, Tensor) else args[0].fill_(value)
 
 
-#: The in-place draws' means, from their arguments after the tensor (torch's defaults).
+def fixed_draw(func: Any, args: tuple, kwargs: dict[str, Any]) -> Callable[[], Any] | None:
+    """A call of :data:`RANDOM` that draws, made to run without drawing: a thunk giving one fixed draw in the shape,
+    dtype and device the call would give (in place, or into ``out=``, where the call writes so): normal draws
+    :data:`NORMAL_AT` standard deviations above their mean, uniform ones at the :data:`UNIFORM_AT` quantile, the
+    mean of the rest (a Bernoulli's probability, a Poisson's rate, a Gamma's or Dirichlet's), and for draws of
+    indices a fixed choice (``low``, ``randperm`` reversed, the likeliest categories); ``None`` for other calls (and
+    ``nn.init``'s, which draw into parameters at construction, not in a forward). With :func:`undrawn`, what the
+    checks comparing a batch with its samples alone run random calls as: every draw then the same function of
+    each sample, whatever the batch (``h + 0.1 * torch.randn_like(h)`` is ``h + 0.05``)."""
+    kw = {k: v for k, v in kwargs.items() if k not in ("generator", "out")}
+    thunk = _fixed(func, args, kw)
+    out = kwargs.get("out")
+    if thunk is None or not isinstance(out, Tensor):
+        return thunk
+    return lambda: (lambda v: out.resize_(v.shape).copy_(v))(thunk())
+
+
+#: Fractional max pooling, which draws its pooling regions unless given ``_random_samples``: its spatial dims.
+_FRACTIONAL = {F.fractional_max_pool2d: 2, F.fractional_max_pool3d: 3, F.fractional_max_pool2d_with_indices: 2,
+               F.fractional_max_pool3d_with_indices: 3}
+
+#: The in-place draws' fixed values (as :func:`fixed_draw`), from their arguments after the tensor (torch's
+#: defaults).
 _FILLS: dict[Any, Callable[..., Any]] = {
-    Tensor.normal_: lambda mean=0.0, std=1.0: mean,
-    Tensor.uniform_: lambda a=0.0, b=1.0, **k: (k.get("from", a) + k.get("to", b)) / 2,
+    Tensor.normal_: lambda mean=0.0, std=1.0: mean + NORMAL_AT * std,
+    Tensor.uniform_: lambda a=0.0, b=1.0, **k: k.get("from", a) + UNIFORM_AT * (k.get("to", b) - k.get("from", a)),
     Tensor.exponential_: lambda lambd=1.0: 1.0 / lambd,
     Tensor.geometric_: lambda p: 1.0 / p,
-    Tensor.log_normal_: lambda mean=1.0, std=2.0: math.exp(mean + std * std / 2),
-    Tensor.cauchy_: lambda median=0.0, sigma=1.0: median,
+    Tensor.log_normal_: lambda mean=1.0, std=2.0: math.exp(mean + NORMAL_AT * std),
+    Tensor.cauchy_: lambda median=0.0, sigma=1.0: median + NORMAL_AT * sigma,
     Tensor.random_: lambda *a, **k: k.get("from", a[0] if len(a) > 1 else 0),
     Tensor.bernoulli_: lambda p=0.5: p,
 }
@@ -256,6 +302,44 @@ def draw_once(func: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
 
 class NoReplay(Exception):
     """A dropout call of the capture cannot take the plain call's mask: draw as ``vmap`` does instead."""
+
+
+def host_states() -> tuple[Any, ...]:
+    """The states of Python's and (where the program imported it) NumPy's global generators: a model may draw from
+    them in its forward (Hugging Face's SpecAugment masks in Wav2Vec2 and HuBERT draw with ``np.random``)."""
+    np = sys.modules.get("numpy")
+    return (random.getstate(), np.random.get_state() if np is not None else None)
+
+
+def same_host_states(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    """Whether two :func:`host_states` are the same (no draw between them)."""
+    if a[0] != b[0] or (a[1] is None) != (b[1] is None):
+        return False
+    if a[1] is None:
+        return True
+    (kind, key, pos, gauss, cached), (kind2, key2, pos2, gauss2, cached2) = a[1], b[1]
+    return (kind, pos, gauss, cached) == (kind2, pos2, gauss2, cached2) and bool((key == key2).all())
+
+
+@contextlib.contextmanager
+def fork_rng(devices: list[int]) -> Iterator[None]:
+    """``torch.random.fork_rng(devices)``, Python's and NumPy's global generators forked too: what a check runs
+    draws nothing from a run the caller makes (a model drawing from ``np.random`` would otherwise see other
+    numbers in a training loop with the checks than without)."""
+    host = host_states()
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        set_host_states(host)
+
+
+def set_host_states(host: tuple[Any, ...]) -> None:
+    """Put Python's and NumPy's global generators back to :func:`host_states` ``host``."""
+    random.setstate(host[0])
+    np = sys.modules.get("numpy")
+    if np is not None and host[1] is not None:
+        np.random.set_state(host[1])
 
 
 def rng_state(device: torch.device) -> tuple[Tensor, ...]:

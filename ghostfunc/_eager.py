@@ -53,6 +53,7 @@ from ._capture import (
     reads_autograd_state,
     refuse_rewritten,
 )
+from ._draws import fork_rng
 from ._groups import Part, merge_halves
 from ._ops import Direct, Factored, Rule
 
@@ -133,7 +134,7 @@ def trace_eager(model_fn: ModelFn, params: Mapping[str, Tensor], batch: Batch, w
         leaves = {k: v.detach().requires_grad_() for k, v in params.items()}  # a model may differentiate them
         mode = _EagerInterceptor({id(v): k for k, v in leaves.items()}, tracing=True)
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-        with torch.random.fork_rng(devices=devices), torch.enable_grad(), _rephrase(where), mode:
+        with fork_rng(devices), torch.enable_grad(), _rephrase(where), mode:
             _one_loss(model_fn(dict(leaves), batch.rebuild([t[:1] for t in batch.tensors])), where)
         other = dict(mode.other_uses)
         if mode.autograd_calls:

@@ -31,7 +31,7 @@ from ._capture import (
     weighted_grad_split,
 )
 from ._checks import check_compile, check_model_fn, check_options, check_pair, check_params
-from ._draws import ONCE
+from ._draws import ONCE, fork_rng, host_states, same_host_states
 from ._eager import capture_eager, summary, trace_eager, unbatchable
 from ._groups import WHOLE, Part, describe, merge_halves, refine, split, subset
 from ._interact import (
@@ -431,9 +431,27 @@ def _draws_key(model_fn: ModelFn, params: dict[str, Tensor], batches: Sequence[B
             module_settings(model_fn))
 
 
+#: The note of a call whose ``model_fn`` drew from Python's or NumPy's global generator (:func:`as_plain_draws`).
+HOST_DRAWS = (
+    "random draws: model_fn drew from NumPy's or Python's global random generator (np.random, random), which "
+    "ghostfunc cannot hand out per sample as a plain call does (under vmap one draw serves every sample; the "
+    "checks run on copies of the generator's state), so the numbers are exact for the draws made here, not for a "
+    "plain step's; draw with torch (torch.rand, torch.randn) for a plain step's, or model.eval()")
+
+
 def as_plain_draws(model_fn: ModelFn, params: dict[str, Tensor], batches: Sequence[Batch], compute: Callable[[], R],
                    losses: Callable[[R], Sequence[Tensor]], where: str,
                    notes_of: Callable[[R], Sequence[str]]) -> tuple[R, list[str]]:
+    """:func:`_as_plain_draws`, noting a draw from Python's or NumPy's global generator (:data:`HOST_DRAWS`: such a
+    model's SpecAugment masks, Wav2Vec2's in training mode, are other draws than a plain call's)."""
+    host = host_states()
+    out, notes = _as_plain_draws(model_fn, params, batches, compute, losses, where, notes_of)
+    return (out, [*notes, HOST_DRAWS]) if not same_host_states(host, host_states()) else (out, notes)
+
+
+def _as_plain_draws(model_fn: ModelFn, params: dict[str, Tensor], batches: Sequence[Batch], compute: Callable[[], R],
+                    losses: Callable[[R], Sequence[Tensor]], where: str,
+                    notes_of: Callable[[R], Sequence[str]]) -> tuple[R, list[str]]:
     """``compute()`` with the training rows' random draws those of ``model_fn(params, train)`` from the same
     RNG state, then the validation rows' those of ``model_fn(params, val)`` (``batches``: ``(train, val)`` or
     ``(train,)``; ``losses(result)``: their losses; a model that draws none: ``compute()`` as it is).
@@ -600,7 +618,7 @@ def _plain_losses(model_fn: ModelFn, params: dict[str, Tensor], batches: Sequenc
     # caller's table), a write into a parameter refused before it happens; the coarsest dtype computed noted
     out, mode = [], _UsesAndDtypes(leaves)
     try:
-        with torch.random.fork_rng(devices=devices), torch.enable_grad(), eager_stance():
+        with fork_rng(devices), torch.enable_grad(), eager_stance():
             _set_rng_state(device, start)
             for b in batches:
                 mode.branches = []

@@ -60,6 +60,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from . import _dist
+from ._draws import fork_rng
 from ._interact import StateWrittenError, _ParamWrites, beyond_rounding, coarsest
 
 Loss = Callable[[Any, Mapping[str, Any]], Tensor]
@@ -209,7 +210,7 @@ def _agrees(losses: Callable[[bool], Tensor], params: Mapping[str, Tensor]) -> b
     the config does not describe), the batch is passed as it is.
     """
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    with _no_modes(), _ParamWrites(params), torch.no_grad(), torch.random.fork_rng(devices=devices):
+    with _no_modes(), _ParamWrites(params), torch.no_grad(), fork_rng(devices):
         states = [torch.get_rng_state(), *(torch.cuda.get_rng_state(d) for d in devices)]
         try:
             own = losses(True)

@@ -47,7 +47,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
-from ._draws import RANDOM, expected, undrawn
+from ._draws import RANDOM, fixed_draw, fork_rng, host_states, same_host_states, set_host_states, undrawn
 from ._ops import EXACT, SamplesInteractError
 from ._ops.embedding import counted_over_call
 
@@ -223,7 +223,7 @@ class _Uses(_ParamWrites):
     """Records whether any torch call receives one of the parameters (by identity), and random draws; refuses
     a write into a parameter before it happens (:class:`_ParamWrites`). With ``quiet``, dropout (and attention's
     ``dropout_p``) runs without drawing, as in eval mode (:func:`ghostfunc._draws.undrawn`), and every other random
-    call of :data:`ghostfunc._draws.RANDOM` as its mean (:func:`ghostfunc._draws.expected`; ``quieted`` says
+    call of :data:`ghostfunc._draws.RANDOM` as one fixed draw (:func:`ghostfunc._draws.fixed_draw`; ``quieted`` says
     whether any did): a model in training mode, or one with noise of its own, is then the same function of each
     sample on every run, which the batch-against-alone comparison needs."""
 
@@ -242,9 +242,9 @@ class _Uses(_ParamWrites):
         func = EXACT.get(func, func)  # as in the capture: BatchNorm in training mode refused before it runs
         if not self.used:
             self.used = any(isinstance(t, Tensor) and id(t) in self.ids for t in pytree.tree_leaves((args, kwargs)))
-        if self.quiet and func in RANDOM and (mean := expected(func, args, kwargs)) is not None:
+        if self.quiet and func in RANDOM and (fixed := fixed_draw(func, args, kwargs)) is not None:
             self.quieted = True  # (a fill of a parameter is refused as the draw into it would be)
-            return self.guarded(func, args, kwargs, mean)
+            return self.guarded(func, args, kwargs, fixed)
         if kwargs.get("generator") is not None:
             self.random = True  # a draw from the model's own generator (the global one is watched by its state)
         if self.quiet and (quieted := undrawn(func, args, kwargs)) is not None:
@@ -265,7 +265,7 @@ def run_with_grads(model_fn: Callable, params: Mapping[str, Tensor], batch: Any,
     need = set(requires)
     leaves = {k: v.detach().requires_grad_(k in need) for k, v in params.items()}
     device = next(iter(params.values())).device
-    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []), torch.enable_grad(), \
+    with fork_rng([device.index or 0] if device.type == "cuda" else []), torch.enable_grad(), \
             eager_stance(), warnings.catch_warnings(record=True) as caught, _Uses(leaves):
         warnings.simplefilter("always")  # recorded, not shown: ``warned`` gets their messages
         out = leaves, model_fn(dict(leaves), batch)  # a copy: a model_fn that rebinds an entry keeps our leaves
@@ -1253,7 +1253,7 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
 
     watch = _Writes(model_fn)
     versions = {k: v._version for k, v in params.items()}  # shared with the caller's tensors (detach keeps it)
-    with torch.random.fork_rng(devices=devices), torch.enable_grad(), eager_stance(), \
+    with fork_rng(devices), torch.enable_grad(), eager_stance(), \
             warnings.catch_warnings():
         warnings.simplefilter("ignore")  # e.g. a batch statistic of one sample: the capture warns if it must
         before = _rng_states(devices)
@@ -1268,13 +1268,18 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
                         f"model_fn(params, batch) must return one loss per sample, a tensor of shape [B]; for "
                         f"{k} {label} samples it returned shape {tuple(together.shape)}{hint}")
                 watch.after_first()
-                random = mode.random or not all(torch.equal(a, b)
-                                                for a, b in zip(before, _rng_states(devices), strict=True))
+                random = mode.random or _drew(before, devices, host=False)
+                # Python's or NumPy's generator drew (SpecAugment's masks): the first sample alone draws from the
+                # same state as the batch, so it takes the batch's first draws (one row, drawn first), and only it
+                # is compared (a mixup weight drawn so is one number for both; the next rows' draws are others)
+                host = _drew(before, devices, host=True)
                 alone: list[Tensor] | None = None
                 if not random and k > 1 and _per_sample_shape(together, k):
                     alone, branches = [], mode.branches
-                    for i in range(k):
+                    for i in range(1 if host else k):
                         mode.branches = []
+                        if host:
+                            set_host_states(before[1])
                         alone.append(model_fn(dict(params), rows(i, i + 1)).reshape(-1))
                         # A model that branches on tensor values may take another branch for the batch than for
                         # a sample alone; the loop of single samples defines the answer (the capture splits the
@@ -1291,7 +1296,7 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
             return k > 1  # nothing to compare for this signature: not tried again
     _refuse_param_writes(params, versions)
     watch.refuse_moved()
-    if k > 1 and not random and not mode.quieted:  # (a model that draws: one row draws other masks than k rows,
+    if k > 1 and not random and not host and not mode.quieted:  # (a model that draws: one row other masks than k,
         watch.refuse_batch_fill(lambda: model_fn(dict(params), rows(k - 1, k)), label, devices)  # whatever it fills)
     if not mode.used:
         raise ParamsUnusedError(
@@ -1303,8 +1308,11 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
     if alone is not None:  # dropout-like draws differ batched and alone; one sample cannot interact
         rounding = max(coarsest([*params.values(), *batch.tensors, together]), mode.computed,
                        key=lambda d: torch.finfo(d).eps)  # float64 losses of a float32 model, a float32 layer
-        _compare_confirmed(together.detach(), torch.cat(alone).detach(), label, chosen, rounding,
-                           lambda at: copies_losses(model_fn, params, _rows_batch(batch, chosen), at))
+        m = len(alone)
+        which = (f"the first {k} {label} samples" if chosen == list(range(k))
+                 else f"{k} distinct {label} samples (rows {', '.join(map(str, chosen))})")
+        _compare_confirmed(together.detach()[:m], torch.cat(alone).detach(), label, chosen[:m], rounding,
+                           lambda at: copies_losses(model_fn, params, _rows_batch(batch, chosen), at), which)
     _refuse_detached(model_fn, params, lambda: rows(0, k))
     return k > 1
 
@@ -1319,7 +1327,7 @@ def refuse_coupled_draws(model_fn: Callable, params: Mapping[str, Tensor], batch
     :func:`refuse_batch_losses` does): for a model whose losses under the capture differ from a plain call's
     whichever way it draws (:func:`ghostfunc._graddot.as_plain_draws`), this tells a coupling of the batch (a loss
     normalised by the whole batch's token count, which the few rows :func:`check_model` compares may not show)
-    from masks drawn another way (other random calls run as their means). Nothing is said where the model draws
+    from masks drawn another way (other random calls fixed). Nothing is said where the model draws
     from ``nn.init`` or a call given a generator that is not a random op, branches on values or cannot run so."""
     chosen = distinct_rows(batch.tensors, batch.size, WHOLE_ROWS)
     if batch.size < 2 or len(chosen) < 1:
@@ -1328,7 +1336,7 @@ def refuse_coupled_draws(model_fn: Callable, params: Mapping[str, Tensor], batch
     devices = [device.index or 0] if device.type == "cuda" else []
     mode = _UsesAndDtypes(params, quiet=True)
     rows = _rows_of(batch, chosen)
-    with torch.random.fork_rng(devices=devices), torch.enable_grad(), eager_stance(), warnings.catch_warnings():
+    with fork_rng(devices), torch.enable_grad(), eager_stance(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         before = _rng_states(devices)
         try:
@@ -1343,7 +1351,7 @@ def refuse_coupled_draws(model_fn: Callable, params: Mapping[str, Tensor], batch
                         return
         except Exception:  # noqa: BLE001 - a model that runs only under vmap: the capture reports its own errors
             return
-        if mode.random or not all(torch.equal(a, b) for a, b in zip(before, _rng_states(devices), strict=True)):
+        if mode.random or _drew(before, devices):
             return
     if not isinstance(together, Tensor) or together.shape != (batch.size,):
         return
@@ -1369,7 +1377,7 @@ def copies_losses(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, 
     leaves = {k: v.detach().requires_grad_(v.is_floating_point() or v.is_complex()) for k, v in params.items()}
     mode = _UsesAndDtypes(leaves, quiet=True)
     own: list[Tensor] = []
-    with torch.random.fork_rng(devices=devices), torch.enable_grad(), eager_stance(), warnings.catch_warnings():
+    with fork_rng(devices), torch.enable_grad(), eager_stance(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         before = _rng_states(devices)
         try:
@@ -1382,7 +1390,7 @@ def copies_losses(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, 
                         return None
         except Exception:  # noqa: BLE001 - a model that runs only under vmap: nothing to confirm with
             return None
-        if mode.random or not all(torch.equal(a, b) for a, b in zip(before, _rng_states(devices), strict=True)):
+        if mode.random or _drew(before, devices):
             return None
     return torch.cat(own)
 
@@ -1418,23 +1426,21 @@ def refuse_batch_losses(together: Tensor, captured: Tensor, label: str, computed
 
 
 def _compare_confirmed(together: Tensor, alone: Tensor, label: str, chosen: list[int], rounding: torch.dtype,
-                       confirm: Callable[[list[int]], Tensor | None]) -> None:
+                       confirm: Callable[[list[int]], Tensor | None], which: str) -> None:
     """:func:`_compare` of ``k`` samples run together and each alone, where they differ beyond rounding first
     confirmed on up to :data:`CONFIRM_ROWS` of them each in a batch of ``k`` copies of itself (``confirm(at)``,
     ``at`` indexing ``together``; :func:`copies_losses`): a batch of three and a batch of one round otherwise (a
     float32 regressor's losses near 1e-6 of outputs near 1000 differed by 30x ``sqrt(eps)`` of the three rows'
-    largest loss), copies take the same kernels as the batch. Where they cannot run, the difference stands."""
+    largest loss), copies take the same kernels as the batch. Where they cannot run, the difference stands.
+    ``which``: the samples run together, for the message (``chosen``: those of them compared)."""
     differ, _, _ = beyond_rounding(together, alone, rounding)
     if not bool(differ.any()):
         return
     at = differ.nonzero().flatten().tolist()[:CONFIRM_ROWS]
     own = confirm(at)
     if own is None or own.shape != (len(at),):
-        _compare(together, alone, label, chosen, rounding)
+        _compare(together, alone, label, chosen, rounding, which=which)
         return
-    k = len(chosen)
-    which = (f"the first {k} {label} samples" if chosen == list(range(k))
-             else f"{k} distinct {label} samples (rows {', '.join(map(str, chosen))})")
     _compare(together[torch.tensor(at, device=together.device)], own.to(alone.dtype), label, [chosen[j] for j in at],
              rounding, which=which, how="each of these samples run in a batch of copies of itself (as if alone)")
 
@@ -1473,7 +1479,7 @@ def check_batch_gradient(model_fn: Callable, params: Mapping[str, Tensor], batch
     Rounding:
     ``sqrt(eps)`` of the coarsest dtype (of the parameters, the inputs and what any call computed in: autocast)
     times the largest entry of any gradient compared (a row's own, the batch's, the sum). Dropout runs without
-    drawing and other random calls as their means (:func:`_mean_grads`); a model that draws otherwise
+    drawing and other random calls fixed (:func:`_mean_grads`); a model that draws otherwise
     (``nn.init`` in its forward), branches otherwise on one row than on several, or runs only under ``vmap`` is
     not compared.
     """
@@ -1493,13 +1499,13 @@ def check_batch_gradient(model_fn: Callable, params: Mapping[str, Tensor], batch
 
     device = next(iter(params.values())).device
     devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), torch.enable_grad(), eager_stance(), warnings.catch_warnings():
+    with fork_rng(devices), torch.enable_grad(), eager_stance(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             before = _rng_states(devices)
             together, branches, random, computed = _mean_grads(model_fn, params, rows(0, k))
             scale = 0.0  # the largest entry of any gradient compared: a row's own, the batch's or their sum
-            if random or not all(torch.equal(a, b) for a, b in zip(before, _rng_states(devices), strict=True)):
+            if random or _drew(before, devices):
                 together = None
             summed: dict[str, Tensor] = {}  # the samples' own gradients, summed as they come (two copies held)
             for i in range(k if together is not None else 0):
@@ -1581,13 +1587,13 @@ def check_step_gradient(model_fn: Callable, params: Mapping[str, Tensor], batch:
     device = next(iter(params.values())).device
     devices = [device.index or 0] if device.type == "cuda" else []
     mode = _UsesAndDtypes(params)
-    with torch.random.fork_rng(devices=devices), torch.enable_grad(), eager_stance(), warnings.catch_warnings():
+    with fork_rng(devices), torch.enable_grad(), eager_stance(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         before = _rng_states(devices)
         try:
             with mode:
                 losses = model_fn(dict(leaves), batch.rebuild(list(batch.tensors)))
-            if mode.random or not all(torch.equal(a, b) for a, b in zip(before, _rng_states(devices), strict=True)):
+            if mode.random or _drew(before, devices):
                 remember(seen, key, zeros)
                 return
             grads = torch.autograd.grad(losses.mean(), list(leaves.values()), allow_unused=True, retain_graph=True)
@@ -1640,7 +1646,7 @@ def _mean_grads(model_fn: Callable, params: Mapping[str, Tensor],
     """The gradient of the mean of ``model_fn``'s losses on ``batch``, what ``torch.optim`` steps on (``None``: no
     per-sample losses with an autograd path), the values its tensors became (branches), whether it drew random
     numbers, and the coarsest floating dtype it computed in. Dropout draws nothing and other random calls run as
-    their means (:class:`_Uses` ``quiet``): each sample the same function batched or alone."""
+    one fixed draw each (:class:`_Uses` ``quiet``): each sample the same function batched or alone."""
     leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
     mode = _UsesAndDtypes(leaves, quiet=True)
     with mode:
@@ -1740,7 +1746,7 @@ def check_state_writes(model_fn: Callable, params: Mapping[str, Tensor], batch: 
     watch = _Writes(model_fn)
     versions = {k: v._version for k, v in params.items()}
     try:
-        with torch.random.fork_rng(devices=devices), torch.no_grad(), eager_stance(), warnings.catch_warnings():
+        with fork_rng(devices), torch.no_grad(), eager_stance(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with _ParamWrites(params):
                 model_fn(dict(params), rows)
@@ -1828,7 +1834,7 @@ class _Writes:
         refill: list[str] = []
         versions = {k: version(self.buffers[k]) for k in filled}
         try:
-            with torch.random.fork_rng(devices=devices), torch.no_grad(), eager_stance(), warnings.catch_warnings():
+            with fork_rng(devices), torch.no_grad(), eager_stance(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 run()
             refill = [k for k in filled  # written again, with another value
@@ -1874,8 +1880,18 @@ def distinct_rows(tensors: list[Tensor], size: int, k: int) -> list[int]:
     return chosen
 
 
-def _rng_states(devices: list[int]) -> list[Tensor]:
-    return [torch.get_rng_state()] + [torch.cuda.get_rng_state(d) for d in devices]
+def _rng_states(devices: list[int]) -> tuple[list[Tensor], tuple[Any, ...]]:
+    """The generator states a model's draws advance: torch's (CPU and ``devices``), Python's and NumPy's."""
+    return [torch.get_rng_state()] + [torch.cuda.get_rng_state(d) for d in devices], host_states()
+
+
+def _drew(before: tuple[list[Tensor], tuple[Any, ...]], devices: list[int], host: bool | None = None) -> bool:
+    """Whether any generator of :func:`_rng_states` moved since ``before`` (``host``: Python's or NumPy's only;
+    ``False``: torch's only)."""
+    now = _rng_states(devices)
+    torch_moved = not all(torch.equal(a, b) for a, b in zip(before[0], now[0], strict=True))
+    host_moved = not same_host_states(before[1], now[1])
+    return host_moved if host else torch_moved if host is False else torch_moved or host_moved
 
 
 def _per_sample_shape(losses: Any, k: int) -> bool:

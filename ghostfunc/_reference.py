@@ -12,6 +12,7 @@ from torch.overrides import TorchFunctionMode
 
 from ._capture import _ReentrantAsPlain, checkpoint_hooks, lifted, on_batch, split_batch
 from ._checks import check_model_fn, check_options, check_pair, check_params
+from ._draws import fork_rng
 from ._interact import LossShapeError, ParamsUnusedError, eager_stance, in_one_call
 
 
@@ -22,7 +23,7 @@ def _check_losses(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, 
     split = split_batch(batch)
     device = next(iter(params.values())).device
     try:
-        with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):  # draws undone
+        with fork_rng([device.index or 0] if device.type == "cuda" else []):  # draws undone
             losses = model_fn({k: v.detach().clone() for k, v in params.items()}, batch)  # as the loop: copies
     except Exception:  # noqa: BLE001 - a model that runs one sample at a time only: the loop below is the judge
         return

@@ -344,6 +344,26 @@ def test_an_audio_mask_over_raw_samples_is_the_models_own(kind: str, first_rows:
     torch.testing.assert_close(full.train_loss, own, rtol=1e-12, atol=1e-12)
 
 
+def test_spec_augment_in_training_mode_runs_and_says_its_masks_are_numpys() -> None:
+    """Wav2Vec2 in training mode with SpecAugment (its default ``mask_time_prob``): the masks are drawn with NumPy's
+    global generator, which the interaction checks did not see, so a batch and its samples alone drew other
+    masks and the model was refused as samples that interact. The checks see NumPy's generator now (and draw from
+    a fork of it); the plan says the masks are not a plain call's (one NumPy draw serves every sample under vmap)."""
+    torch.manual_seed(0)
+    config = transformers.Wav2Vec2Config(
+        vocab_size=V, hidden_size=D, num_hidden_layers=1, num_attention_heads=2, intermediate_size=HID,
+        conv_dim=(8, 8), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=4,
+        num_conv_pos_embedding_groups=2, num_labels=3, mask_time_prob=0.3, mask_time_length=2, layerdrop=0.0,
+        hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0, final_dropout=0.0)
+    model = transformers.Wav2Vec2ForSequenceClassification(config).train()
+    model_fn, params = ghostfunc.from_module(model, ghostfunc.classification_loss)
+    g = torch.Generator().manual_seed(1)
+    both = {"input_values": torch.randn(N + M, 200, generator=g), "labels": torch.tensor([0, 1, 2, 0, 1])}
+    train, val = ({k: v[a:b] for k, v in both.items()} for a, b in ((0, N), (N, N + M)))
+    out = ghostfunc.graddot(model_fn, params, train, val)
+    assert ghostfunc._graddot.HOST_DRAWS in out.plan.notes and bool(out.scores.isfinite().all())
+
+
 def _unpad(batch: dict[str, Tensor], keys: tuple[str, ...], keep: int) -> dict[str, Tensor]:
     out = dict(batch)
     for k in keys:
