@@ -1939,10 +1939,12 @@ def _compare(together: Tensor, alone: Tensor, label: str, chosen: list[int], dty
                      for i in rows[:4]) + (f", ... ({len(rows)} in all)" if len(rows) > 4 else "")
     which = which or (f"the first {len(chosen)} {label} samples" if chosen == list(range(len(chosen)))
                       else f"{len(chosen)} distinct {label} samples (rows {', '.join(map(str, chosen))})")
+    finite = bool((torch.isfinite(together) & torch.isfinite(alone))[differ].any())
+    gap = (f"largest finite difference {diff.max().item():.3g}, rounding allows {tol:.3g}" if finite else
+           "a loss finite one way and not the other: a statistic over the batch, undefined for one sample")
     raise SamplesInteractError(
         f"samples interact in model_fn: run on {which} together, the losses "
-        f"of {len(rows)} of them differ from {how} ({seen}; largest finite "
-        f"difference {diff.max().item():.3g}, rounding allows {tol:.3g}). Per-sample gradients (and so "
+        f"of {len(rows)} of them differ from {how} ({seen}; {gap}). Per-sample gradients (and so "
         f"ghostfunc's scores) are those of each sample alone, which are not the gradients of this batched loss. "
         f"Make each sample's loss depend on that sample only: no in-batch negatives, batch means or batch softmax "
         f"in the loss, no normaliser counted over the whole batch (Hugging Face's num_items_in_batch, the batch's "

@@ -668,6 +668,19 @@ def test_samples_interact_refused_in_a_model_that_draws_random_numbers(name, noi
         ghostfunc.graddot(model_fn, _lin(), x, xv)
 
 
+def test_a_loss_finite_only_together_is_told_so_not_as_a_zero_difference():
+    """A batch statistic that one sample cannot make (a standard deviation over the batch): the losses are finite
+    together and not alone, and the message said ``largest finite difference 0, rounding allows 2.23e-308``."""
+    def model_fn(p, x):
+        h = x @ p["W"].T
+        return (h - h.mean(0)).pow(2).sum(1) / h.std(0).sum()
+
+    x, xv = torch.randn(5, 3, generator=_g(1), dtype=F64), torch.randn(4, 3, generator=_g(2), dtype=F64)
+    with pytest.raises(SamplesInteractError, match=r"a loss finite one way and not the other") as err:
+        ghostfunc.graddot(model_fn, _lin(), x, xv)
+    assert "largest finite difference" not in str(err.value)
+
+
 @pytest.mark.parametrize("coupling", list(DRAWN_COUPLINGS))
 def test_a_coupling_through_a_random_draw_is_refused(coupling):
     """Couplings made by the draw (mixup partners from ``randperm``, zero-mean noise times a batch statistic, a
