@@ -1435,6 +1435,16 @@ def test_small_ergonomics():
     with pytest.raises(TypeError, match=r"^graddot: model_fn must be callable as model_fn\(params, batch\).*its "
                                         r"signature is three\(p, x, y\)"):  # (a bare "missing 1 required ...")
         ghostfunc.graddot(three, params, (x, y), (x, y))
+    def swapped(p, batch, extra):  # a model_fn whose signature a later cell of a notebook changes
+        return model_fn(p, batch)
+
+    for defaults in ((None,), None, (None,)):  # (its signature's check is kept: 2% of a small model's call)
+        swapped.__defaults__ = defaults
+        if defaults is None:
+            with pytest.raises(TypeError, match=r"its signature is swapped\(p, batch, extra\)"):
+                ghostfunc.graddot(swapped, params, (x, y), (x, y))
+        else:
+            ghostfunc.graddot(swapped, params, (x, y), (x, y))
     with pytest.raises(ValueError, match=r"^graddot: train\[0\] is on the meta device"):  # (not aten::equal's error)
         ghostfunc.graddot(model_fn, params, (x.to("meta"), y), (x, y))
 
