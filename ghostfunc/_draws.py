@@ -192,18 +192,21 @@ def _fixed(func: Any, args: tuple, kw: dict[str, Any]) -> Callable[[], Any] | No
         return lambda: torch.arange(n - 1, -1, -1, **{"dtype": torch.int64, **kw})
     if func is torch.normal:
         return lambda: _normal_fixed(*args, **kw)
-    if func in (torch.bernoulli, Tensor.bernoulli):  # bernoulli(probs) or bernoulli(x, p): the mean
+    if func in (torch.bernoulli, Tensor.bernoulli):  # bernoulli(probs) or bernoulli(x, p): 1 where UNIFORM_AT < p
         x = args[0] if args else kw["input"]
         p = args[1] if len(args) > 1 else kw.get("p")
-        return (lambda: x.detach().clone()) if p is None else (lambda: torch.full_like(x, float(p)))
-    if func in (torch.poisson, torch._standard_gamma):  # the mean: the rate, the concentration
+        return (lambda: (x.detach() > UNIFORM_AT).to(x.dtype)) if p is None else (
+            lambda: torch.full_like(x, float(float(p) > UNIFORM_AT)))
+    if func is torch.poisson:  # the rate, rounded (a count: in the support, where log_prob checks it)
+        return lambda: (args[0] if args else kw["input"]).detach().round()
+    if func is torch._standard_gamma:  # the mean: the concentration
         return lambda: (args[0] if args else kw["input"]).detach().clone()
     if func is torch._sample_dirichlet:  # the mean (Beta's and Dirichlet's sample)
         return lambda: (lambda c: c / c.sum(-1, keepdim=True))((args[0] if args else kw["input"]).detach())
     if func is torch.binomial:  # the mean: count * prob
         count = args[0] if args else kw["count"]
         prob = args[1] if len(args) > 1 else kw["prob"]
-        return lambda: (count * prob).to(count.dtype)
+        return lambda: (count * prob).round().to(count.dtype)
     if func in (torch.multinomial, Tensor.multinomial):
         return lambda: _multinomial_top(*args, **kw)
     if func is F.gumbel_softmax:
@@ -223,9 +226,11 @@ def _fixed(func: Any, args: tuple, kw: dict[str, Any]) -> Callable[[], Any] | No
 def fixed_draw(func: Any, args: tuple, kwargs: dict[str, Any]) -> Callable[[], Any] | None:
     """A call of :data:`RANDOM` that draws, made to run without drawing: a thunk giving one fixed draw in the shape,
     dtype and device the call would give (in place, or into ``out=``, where the call writes so): normal draws
-    :data:`NORMAL_AT` standard deviations above their mean, uniform ones at the :data:`UNIFORM_AT` quantile, the
-    mean of the rest (a Bernoulli's probability, a Poisson's rate, a Gamma's or Dirichlet's), and for draws of
-    indices a fixed choice (``low``, ``randperm`` reversed, the likeliest categories); ``None`` for other calls (and
+    :data:`NORMAL_AT` standard deviations above their mean, uniform ones at the :data:`UNIFORM_AT` quantile,
+    Bernoulli draws 1 where their probability exceeds it (``rand() < p`` as well), counts (Poisson, binomial)
+    their mean rounded (in the support: a ``torch.distributions`` ``log_prob`` validates it), a Gamma's or
+    Dirichlet's mean, and for draws of indices a fixed choice (``low``, ``randperm`` reversed, the likeliest
+    categories); ``None`` for other calls (and
     ``nn.init``'s, which draw into parameters at construction, not in a forward). With :func:`undrawn`, what the
     checks comparing a batch with its samples alone run random calls as: every draw then the same function of
     each sample, whatever the batch (``h + 0.1 * torch.randn_like(h)`` is ``h + 0.05``)."""
@@ -251,7 +256,7 @@ _FILLS: dict[Any, Callable[..., Any]] = {
     Tensor.log_normal_: lambda mean=1.0, std=2.0: math.exp(mean + NORMAL_AT * std),
     Tensor.cauchy_: lambda median=0.0, sigma=1.0: median + NORMAL_AT * sigma,
     Tensor.random_: lambda *a, **k: k.get("from", a[0] if len(a) > 1 else 0),
-    Tensor.bernoulli_: lambda p=0.5: p,
+    Tensor.bernoulli_: lambda p=0.5: (p > UNIFORM_AT).to(p.dtype) if isinstance(p, Tensor) else float(p > UNIFORM_AT),
 }
 
 

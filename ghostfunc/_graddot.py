@@ -524,7 +524,9 @@ def _as_plain_draws(model_fn: ModelFn, params: dict[str, Tensor], batches: Seque
             remember(book, key, (best[0], best[1], [], zeros))
             return best[2], []
     for b, label in zip(batches, ("train", "val"), strict=False):  # not the draws: the samples interact
-        refuse_coupled_draws(model_fn, params, b, label, where)
+        parts = kept_in_call("parts", b)  # (a batch split at branches: group by group)
+        refuse_coupled_draws(model_fn, params, b, label, where,
+                             None if parts is None else [p.rows.tolist() for p in parts if p.rows is not None])
     # No way made the losses agree (another random op): later calls draw as vmap does, without the plain runs,
     # and so does this one (its result and generator state are the first computation's), so that a run resumed
     # in a new process repeats the uninterrupted one.
@@ -557,13 +559,14 @@ def _refuse_coupled_batch(model_fn: ModelFn, params: dict[str, Tensor], batches:
     zeros = zero_params(params)
     device = next(iter(params.values())).device
     start = _rng_state(device)
-    plain, coarse = _plain_losses(model_fn, params, batches, start, device)
-    for b, label, together, own in zip(batches, ("train", "val"), plain or (), captured, strict=False):
+    hosts: list[tuple[Any, ...]] = []  # (each batch's copies start from the host state its plain run started from)
+    plain, coarse = _plain_losses(model_fn, params, batches, start, device, hosts=hosts)
+    for b, label, together, own, host in zip(batches, ("train", "val"), plain or (), captured, hosts, strict=False):
         if b.size > 1 and not split(notes, label):
             refuse_batch_losses(together, own, label, coarse, where,
-                                functools.partial(copies_losses, model_fn, params, b))
+                                functools.partial(copies_losses, model_fn, params, b, host=host))
         elif b.size > 1 and isinstance(own, Tensor) and own.shape == (b.size,):
-            _refuse_coupled_groups(model_fn, params, b, own, label, where, start)
+            _refuse_coupled_groups(model_fn, params, b, own, label, where, start, host)
     remember(seen, key, zeros)
 
 
@@ -577,7 +580,7 @@ def refuse_coupled_rows(model_fn: ModelFn, params: dict[str, Tensor], batch: Bat
 
 
 def _refuse_coupled_groups(model_fn: ModelFn, params: dict[str, Tensor], batch: Batch, captured: Tensor, label: str,
-                           where: str, start: tuple[Tensor, ...]) -> None:
+                           where: str, start: tuple[Tensor, ...], host: tuple[Any, ...]) -> None:
     """:func:`_refuse_coupled_batch` for a batch split at data-dependent branches: each group of two or more samples
     that took the same branches alone (the parts this call's capture ran) run together plainly, against the
     capture's losses of those rows, a difference confirmed on copies of the sample that take the group's branches
@@ -597,7 +600,7 @@ def _refuse_coupled_groups(model_fn: ModelFn, params: dict[str, Tensor], batch: 
         if plain is None:
             continue
         def confirm(at: list[int], sub: Batch = sub, rows: list[int] = rows, seen: list[str] = branches[0]) -> Any:
-            return copies_losses(model_fn, params, sub, [rows.index(i) for i in at], seen)
+            return copies_losses(model_fn, params, sub, [rows.index(i) for i in at], seen, host)
 
         refuse_batch_losses(plain[0], captured[part.rows.to(captured.device)], label, coarse, where, confirm,
                             rows, batch.size, which=f"a group of {len(rows)} {label} samples that take the same "
@@ -605,13 +608,14 @@ def _refuse_coupled_groups(model_fn: ModelFn, params: dict[str, Tensor], batch: 
 
 
 def _plain_losses(model_fn: ModelFn, params: dict[str, Tensor], batches: Sequence[Batch],
-                  start: tuple[Tensor, ...], device: torch.device,
-                  branches: list[list[str]] | None = None) -> tuple[list[Tensor] | None, torch.dtype]:
+                  start: tuple[Tensor, ...], device: torch.device, branches: list[list[str]] | None = None,
+                  hosts: list[tuple[Any, ...]] | None = None) -> tuple[list[Tensor] | None, torch.dtype]:
     """``model_fn(params, batch)`` for each batch in turn, as a plain step runs it (gradients on, the parameters
     leaves that require them: a model that reads ``grad_fn`` takes the step's branch; the graph is let go), from
     RNG state ``start`` (the state after is kept as it was), and the coarsest floating dtype it computed in (its
     losses' too); ``None`` for a model that cannot run so (one that runs only under ``vmap``). ``branches``, if
-    given, gets what each batch's tensors became in Python (its data-dependent branches), a list per batch."""
+    given, gets what each batch's tensors became in Python (its data-dependent branches), a list per batch;
+    ``hosts``, Python's and NumPy's generator states each batch's run started from."""
     devices = [device.index or 0] if device.type == "cuda" else []
     leaves = {k: v.detach().requires_grad_(v.is_floating_point() or v.is_complex()) for k, v in params.items()}
     # the calls the capture replaces run as it runs them (an embedding's max_norm renormalises a copy, not the
@@ -622,6 +626,8 @@ def _plain_losses(model_fn: ModelFn, params: dict[str, Tensor], batches: Sequenc
             _set_rng_state(device, start)
             for b in batches:
                 mode.branches = []
+                if hosts is not None:
+                    hosts.append(host_states())
                 with mode:
                     out.append(model_fn(dict(leaves), b.rebuild(list(b.tensors))))
                 if branches is not None:

@@ -39,7 +39,7 @@ import uuid
 import warnings
 import weakref
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 import torch
@@ -1269,17 +1269,16 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
                         f"{k} {label} samples it returned shape {tuple(together.shape)}{hint}")
                 watch.after_first()
                 random = mode.random or _drew(before, devices, host=False)
-                # Python's or NumPy's generator drew (SpecAugment's masks): the first sample alone draws from the
-                # same state as the batch, so it takes the batch's first draws (one row, drawn first), and only it
-                # is compared (a mixup weight drawn so is one number for both; the next rows' draws are others)
+                # Python's or NumPy's generator drew (SpecAugment's masks, a NumPy augmentation): a sample alone
+                # draws other numbers than in the batch, so each is compared in a batch of copies of itself that
+                # starts from the batch's state (its row takes the same draws; below)
                 host = _drew(before, devices, host=True)
                 alone: list[Tensor] | None = None
-                if not random and k > 1 and _per_sample_shape(together, k):
-                    alone, branches = [], mode.branches
-                    for i in range(1 if host else k):
+                branches = mode.branches
+                if not random and not host and k > 1 and _per_sample_shape(together, k):
+                    alone = []
+                    for i in range(k):
                         mode.branches = []
-                        if host:
-                            set_host_states(before[1])
                         alone.append(model_fn(dict(params), rows(i, i + 1)).reshape(-1))
                         # A model that branches on tensor values may take another branch for the batch than for
                         # a sample alone; the loop of single samples defines the answer (the capture splits the
@@ -1305,14 +1304,17 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
             f"model_fn must compute with the tensors it is given, e.g. torch.func.functional_call(net, params, "
             f"(x,)) instead of net(x), or p['w'] instead of a captured copy of the weight"
         )
+    def copied(at: list[int]) -> Tensor | None:  # (with a host draw, only copies that take the batch's branches)
+        return copies_losses(model_fn, params, _rows_batch(batch, chosen), at, branches if host else None, before[1])
+
+    if host and not random and k > 1 and _per_sample_shape(together, k):
+        alone = None if (own := copied(list(range(k)))) is None else list(own.split(1))
     if alone is not None:  # dropout-like draws differ batched and alone; one sample cannot interact
         rounding = max(coarsest([*params.values(), *batch.tensors, together]), mode.computed,
                        key=lambda d: torch.finfo(d).eps)  # float64 losses of a float32 model, a float32 layer
-        m = len(alone)
         which = (f"the first {k} {label} samples" if chosen == list(range(k))
                  else f"{k} distinct {label} samples (rows {', '.join(map(str, chosen))})")
-        _compare_confirmed(together.detach()[:m], torch.cat(alone).detach(), label, chosen[:m], rounding,
-                           lambda at: copies_losses(model_fn, params, _rows_batch(batch, chosen), at), which)
+        _compare_confirmed(together.detach(), torch.cat(alone).detach(), label, chosen, rounding, copied, which)
     _refuse_detached(model_fn, params, lambda: rows(0, k))
     return k > 1
 
@@ -1321,14 +1323,29 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
 WHOLE_ROWS = 16
 
 
-def refuse_coupled_draws(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, label: str, where: str) -> None:
-    """Raise :class:`SamplesInteractError` if, dropout run without drawing (:class:`_Uses` ``quiet``), the losses of
-    the whole batch differ from those of up to :data:`WHOLE_ROWS` of its samples run alone (confirmed as
-    :func:`refuse_batch_losses` does): for a model whose losses under the capture differ from a plain call's
-    whichever way it draws (:func:`ghostfunc._graddot.as_plain_draws`), this tells a coupling of the batch (a loss
-    normalised by the whole batch's token count, which the few rows :func:`check_model` compares may not show)
-    from masks drawn another way (other random calls fixed). Nothing is said where the model draws
-    from ``nn.init`` or a call given a generator that is not a random op, branches on values or cannot run so."""
+def refuse_coupled_draws(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, label: str, where: str,
+                         groups: Sequence[list[int]] | None = None) -> None:
+    """Raise :class:`SamplesInteractError` if, dropout run without drawing and other torch draws fixed
+    (:class:`_Uses` ``quiet``), the losses of the whole batch differ from those of up to :data:`WHOLE_ROWS` of its
+    samples run alone (confirmed as :func:`refuse_batch_losses` does): for a model whose losses under the capture
+    differ from a plain call's whichever way it draws (:func:`ghostfunc._graddot.as_plain_draws`), this tells a
+    coupling of the batch (a loss normalised by the whole batch's token count, which the few rows
+    :func:`check_model` compares may not show) from masks drawn another way. ``groups``: the rows of each group of a
+    batch split at data-dependent branches (each sample its own branch: the whole batch may take another), compared
+    group by group instead. Where the model draws from NumPy's or Python's generator, each sample's copies start
+    from the batch's state (:func:`copies_losses`). Nothing is said where the model draws from ``nn.init`` or a
+    call given a generator that is not a random op, branches otherwise alone than together, or cannot run so."""
+    if groups is None:
+        _refuse_coupled_rows(model_fn, params, batch, label, where, None)
+        return
+    for rows in groups:
+        if len(rows) > 1:
+            _refuse_coupled_rows(model_fn, params, _rows_batch(batch, rows), label, where, rows)
+
+
+def _refuse_coupled_rows(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, label: str, where: str,
+                         rows_in: list[int] | None) -> None:
+    """:func:`refuse_coupled_draws` of one batch, or of one group of a split batch (``rows_in``: its rows there)."""
     chosen = distinct_rows(batch.tensors, batch.size, WHOLE_ROWS)
     if batch.size < 2 or len(chosen) < 1:
         return
@@ -1339,25 +1356,39 @@ def refuse_coupled_draws(model_fn: Callable, params: Mapping[str, Tensor], batch
     with fork_rng(devices), torch.enable_grad(), eager_stance(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         before = _rng_states(devices)
+        alone: Tensor | None = None
         try:
             with mode:
                 together = model_fn(dict(params), batch.rebuild(list(batch.tensors)))
                 branches = mode.branches
-                alone = []
-                for i in range(len(chosen)):
-                    mode.branches = []
-                    alone.append(model_fn(dict(params), rows(i, i + 1)).reshape(-1))
-                    if mode.branches != branches:
-                        return
+                host = _drew(before, devices, host=True)
+                if not host:
+                    each = []
+                    for i in range(len(chosen)):
+                        mode.branches = []
+                        each.append(model_fn(dict(params), rows(i, i + 1)).reshape(-1))
+                        if mode.branches != branches:
+                            return
+                    alone = torch.cat(each)
         except Exception:  # noqa: BLE001 - a model that runs only under vmap: the capture reports its own errors
             return
-        if mode.random or _drew(before, devices):
+        if mode.random or _drew(before, devices, host=False):
             return
     if not isinstance(together, Tensor) or together.shape != (batch.size,):
         return
+    if alone is None:  # (NumPy's or Python's generator drew: each sample's copies take its row's draws)
+        alone = copies_losses(model_fn, params, batch, chosen, branches, before[1])
+        if alone is None:
+            return
     picked = together.detach()[torch.tensor(chosen, device=together.device)]
-    refuse_batch_losses(picked, torch.cat(alone).detach(), label, mode.computed, where,
-                        lambda at: copies_losses(model_fn, params, batch, at), chosen, batch.size)
+    named = chosen if rows_in is None else [rows_in[i] for i in chosen]
+    which = None if rows_in is None else (f"a group of {len(rows_in)} {label} samples that take the same "
+                                          f"data-dependent branches (rows {rows_in[:6]}{'...' if len(rows_in) > 6 else ''})")
+    refuse_batch_losses(picked, alone.detach(), label, mode.computed, where,
+                        lambda at: copies_losses(model_fn, params, batch,
+                                                 [i if rows_in is None else rows_in.index(i) for i in at], branches,
+                                                 before[1]),
+                        named, batch.size if rows_in is None else None, which)
 
 
 #: How many of the samples that differ :func:`refuse_batch_losses` runs again, each in a batch of copies of itself.
@@ -1365,13 +1396,16 @@ CONFIRM_ROWS = 4
 
 
 def copies_losses(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, rows: list[int],
-                  branches: list[str] | None = None) -> Tensor | None:
-    """The loss of each sample ``rows[j]`` run plainly in a batch of the batch's shapes holding copies of it: that
-    sample's loss without the others, by the same kernels as the whole batch's (a batch of one rounds otherwise:
-    a regression's small losses of outputs near 1000 differed by 5-7x ``sqrt(eps)`` between a batch of 32 and each
-    row alone). Run as a plain step runs (gradients on, the parameters leaves that require them), dropout drawing
-    nothing, the random state kept; ``None`` where it draws other random numbers or cannot run so, or, with
-    ``branches`` (what the batch's tensors became in Python in the run compared with), takes other branches."""
+                  branches: list[str] | None = None, host: tuple[Any, ...] | None = None) -> Tensor | None:
+    """The loss of each sample ``rows[j]`` run plainly in a batch of the batch's shapes holding copies of it, taken
+    at its own row: that sample's loss without the others, by the same kernels as the whole batch's (a batch of
+    one rounds otherwise: a regression's small losses of outputs near 1000 differed by 5-7x ``sqrt(eps)`` between
+    a batch of 32 and each row alone). Run as a plain step runs (gradients on, the parameters leaves that require
+    them), dropout drawing nothing and other torch draws fixed (:class:`_Uses` ``quiet``), the random state kept;
+    ``None`` where it draws other random numbers or cannot run so, or, with ``branches`` (what the batch's tensors
+    became in Python in the run compared with), takes other branches. ``host``: Python's and NumPy's generator
+    states the compared run started from (:func:`ghostfunc._draws.host_states`): each run starts there too, so the
+    row takes the same draws from them as in that run (a NumPy augmentation per row)."""
     device = next(iter(params.values())).device
     devices = [device.index or 0] if device.type == "cuda" else []
     leaves = {k: v.detach().requires_grad_(v.is_floating_point() or v.is_complex()) for k, v in params.items()}
@@ -1385,12 +1419,14 @@ def copies_losses(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, 
                 for i in rows:
                     copies = batch.rebuild([t[i:i + 1].expand(t.shape).contiguous() for t in batch.tensors])
                     mode.branches = []
-                    own.append(model_fn(dict(leaves), copies).reshape(-1)[:1].detach())
+                    if host is not None:
+                        set_host_states(host)
+                    own.append(model_fn(dict(leaves), copies).reshape(-1)[i:i + 1].detach())
                     if branches is not None and mode.branches != branches:
                         return None
         except Exception:  # noqa: BLE001 - a model that runs only under vmap: nothing to confirm with
             return None
-        if mode.random or _drew(before, devices):
+        if mode.random or _drew(before, devices, host=False if host is not None else None):
             return None
     return torch.cat(own)
 

@@ -31,6 +31,7 @@ from . import _kernels as K
 from ._calibrate import Constants, constants
 from ._capture import Batch, Trace, _check_finite, per_sample_losses, weighted_grad
 from ._dist import param_checksum
+from ._draws import host_states, same_host_states
 from ._graddot import (
     Routing,
     _draws_random,
@@ -195,7 +196,7 @@ def secant_values(where: str, model_fn: Callable[[Params, Any], Tensor], params:
     if _draws_random(model_fn):
         raise ValueError(_RANDOM_MESSAGE.format(where=where))
     device = next(iter(params.values())).device
-    rng = _rng_state(device)
+    rng, host = _rng_state(device), host_states()
     n = tb.size
     a = lr / n
 
@@ -223,7 +224,7 @@ def secant_values(where: str, model_fn: Callable[[Params, Any], Tensor], params:
             f"{str(err).split(';')[0]} at θ' = θ - lr·ḡ_train, the end of the plain SGD step the secant "
             f"evaluates the validation gradient at (the losses at params are finite): lr={lr:g} steps too far "
             f"for this model. Use a smaller lr, or curvature='exact' (no evaluation at θ')") from None
-    if not _same(rng, _rng_state(device)):
+    if not _same(rng, _rng_state(device)) or not same_host_states(host, host_states()):  # (NumPy's draws too)
         raise ValueError(_RANDOM_MESSAGE.format(where=where))
 
     both = row_dots(rows, (g_now, g_next), params)  # [n, 2]

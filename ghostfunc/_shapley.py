@@ -47,6 +47,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from . import _dist
 from ._capture import Batch, Half, _check_finite, _rephrase, common_weight, per_sample_losses, second_derivative
 from ._checks import check_compile
+from ._draws import host_states, same_host_states
 from ._eager import unbatchable, val_grad_hvp_eager
 from ._graddot import (
     GradDot,
@@ -336,7 +337,7 @@ def values_of(
         return r, capture_one(model_fn, params, tb, r, 0, where)
 
     device = next(iter(params.values())).device
-    start = _rng_state(device)
+    start, host = _rng_state(device), host_states()
     with _dist.collectively(where, group):  # group=None: nothing; else every rank raises if one fails here
         if order == 2 and _draws_random(model_fn):
             raise ValueError(ORDER2_RANDOM.format(where=where))
@@ -366,7 +367,8 @@ def values_of(
             g_val, hg, val_loss = val_grad_hvp(model_fn, params, vb, weights, {k: g.mul(n) for k, g in g_train.items()},
                                                where, row_groups(vb, r.plan))  # H_val G, G = Σ_j g_j
             g_val, hg = ({k: v.detach() for k, v in d.items()} for d in (g_val, hg))  # (an input leaf's graph)
-        if not _same(start, _rng_state(device)):  # dropout: other masks than a plain step's (and the secant's)
+        if not _same(start, _rng_state(device)) or not same_host_states(host, host_states()):  # dropout, np.random:
+            # other draws than a plain step's (and the secant's)
             _set_rng_state(device, start)
             raise ValueError(ORDER2_RANDOM.format(where=where))
     if world is not None:  # ḡ_val and H_val G: one all-reduce

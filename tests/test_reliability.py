@@ -641,6 +641,10 @@ NOISE = {
     "Beta weights": lambda x: x * torch.distributions.Beta(2.0, 2.0).sample((x.shape[0], 1)).to(x.dtype),
     "binomial": lambda x: x + torch.binomial(torch.full_like(x, 3.0), torch.full_like(x, 0.4)),
     "numpy noise": lambda x: x + 0.1 * torch.from_numpy(np.random.randn(*x.shape)).to(x.dtype),
+    "numpy scale and shift": lambda x: x * torch.from_numpy(np.random.rand(x.shape[0], 1) + 0.5).to(x.dtype)
+    + torch.from_numpy(np.random.randn(x.shape[0], 1)).to(x.dtype),  # (two draws: the second starts elsewhere)
+    "numpy feature-major noise": lambda x: x + torch.from_numpy(np.random.randn(x.shape[1], x.shape[0])).T.to(x.dtype),
+    "Poisson counts": lambda x: x + torch.distributions.Poisson(torch.full_like(x[:, 0], 2.0)).sample().unsqueeze(1),
 }
 
 #: Couplings through a random draw itself: ``x -> [B, 3]``, each sample's row mixed with another's.
@@ -648,6 +652,8 @@ DRAWN_COUPLINGS = {
     "mixup by randperm": lambda x: 0.7 * x + 0.3 * x[torch.randperm(x.shape[0])],
     "noise scaled by the batch mean": lambda x: x + torch.randn_like(x) * x.mean(0),
     "mixup weight from numpy": lambda x: (lambda lam: lam * x + (1 - lam) * x.roll(1, 0))(float(np.random.beta(2, 2))),
+    "REINFORCE over a batch mean": lambda x: (lambda h, d: h + d.log_prob(d.sample()).unsqueeze(1))(
+        x - x.mean(0), torch.distributions.Bernoulli(probs=torch.sigmoid(x[:, 0]))),  # (log_prob validates)
 }
 
 
@@ -770,12 +776,16 @@ def test_the_checks_run_every_random_call_as_a_fixed_draw_in_the_shape_it_draws(
         assert out is buf and not bool((buf == 7).any()), func  # written into out=, as the call writes
     fills = [(Tensor.normal_, (1.5, 0.1), 1.5 + NORMAL_AT * 0.1), (Tensor.uniform_, (1.0, 3.0), 1.0 + 2 * UNIFORM_AT),
              (Tensor.exponential_, (4.0,), .25), (Tensor.geometric_, (0.5,), 2.0), (Tensor.cauchy_, (-1.0,), -0.5),
-             (Tensor.random_, (3, 9), 3.0), (Tensor.bernoulli_, (0.3,), 0.3),
+             (Tensor.random_, (3, 9), 3.0), (Tensor.bernoulli_, (0.3,), 1.0), (Tensor.bernoulli_, (0.2,), 0.0),
              (Tensor.log_normal_, (0.0, 0.5), math.exp(0.25))]
     for func, args, value in fills:
         t = torch.empty(3, 2, dtype=F64)
         thunk = fixed_draw(func, (t, *args), {})
         assert thunk is not None and thunk() is t and torch.allclose(t, torch.full_like(t, value)), func
+    # counts and Bernoulli outcomes stay in their support (a distribution's log_prob validates them)
+    assert torch.equal(fixed_draw(torch.bernoulli, (torch.tensor([0.1, 0.3, 0.9]),), {})(), torch.tensor([0., 1., 1.]))
+    assert torch.equal(fixed_draw(torch.poisson, (torch.tensor([0.4, 2.6]),), {})(), torch.tensor([0., 3.]))
+    assert torch.equal(fixed_draw(torch.binomial, (torch.tensor([5.0]), torch.tensor([0.35])), {})(), torch.tensor([2.]))
     assert fixed_draw(torch.nn.init.normal_, (torch.empty(2),), {}) is None
     assert fixed_draw(torch.tanh, (x,), {}) is None
 
@@ -872,6 +882,44 @@ def test_a_loss_normalised_over_the_whole_batch_is_refused_at_every_entry_point(
     if entry == "graddot":
         assert rel(ghostfunc.graddot(own_count, p, train, val).scores,
                    ghostfunc.reference_graddot(own_count, p, train, val)[0]) < 1e-10
+
+
+@pytest.mark.parametrize("draw", ["numpy", "python"])
+def test_a_loss_normalised_over_the_whole_batch_is_refused_beside_a_numpy_draw(draw):
+    """A draw from NumPy's or Python's generator (even one that changes nothing) turned the few-rows comparison to
+    the first sample and the whole-batch comparison off, and a loss normalised by the whole batch's token count
+    passed (0.12 off torch's batch gradient). Each sample is compared in a batch of copies of itself that starts
+    from the batch's generator state, so its row takes the same draws."""
+    import random
+
+    torch.manual_seed(0)
+    d, v = 8, 11
+    ids, tgt = torch.randint(0, v, (8, 6)), torch.randint(0, v, (8, 6))
+    for i in range(8):
+        tgt[i, : (2 if i < 3 else i % 5)] = -100  # rows 0-2: four targets each, as the batch's mean
+    p = {"emb": torch.randn(v, d, dtype=F64) / 2, "head": torch.randn(v, d, dtype=F64) / 3}
+
+    def model_fn(q, b):
+        jitter = np.random.rand() if draw == "numpy" else random.random()
+        h = torch.tanh(F.embedding(b["ids"], q["emb"])) * (1 + 0.01 * jitter)
+        token = F.cross_entropy(F.linear(h, q["head"]).transpose(1, 2), b["tgt"], reduction="none")
+        return token.sum(1) * len(b["tgt"]) / (b["tgt"] != -100).sum()
+
+    with pytest.raises(SamplesInteractError, match=r"^graddot: samples interact in model_fn: run on the whole train "
+                                                   r"batch \(8 samples\) together"):
+        ghostfunc.graddot(model_fn, p, {"ids": ids, "tgt": tgt}, {"ids": ids[:3], "tgt": tgt[:3]})
+
+
+@pytest.mark.parametrize("curvature", ["exact", "secant"])
+def test_order_2_refuses_a_model_drawing_from_numpy(curvature):
+    """Order 2 needs a deterministic model (two validation passes must see the same function): a torch draw was
+    refused, a NumPy draw was not (two identical calls 5e-3 to 2.3 apart)."""
+    def model_fn(p, x):
+        return ((x + 0.1 * torch.from_numpy(np.random.randn(*x.shape))) @ p["W"].T).tanh().pow(2).sum(1)
+
+    x, xv = torch.randn(5, 3, generator=_g(1), dtype=F64), torch.randn(4, 3, generator=_g(2), dtype=F64)
+    with pytest.raises(ValueError, match=r"needs a deterministic model_fn"):
+        ghostfunc.inrun_shapley(model_fn, _lin(), x, xv, lr=0.1, order=2, curvature=curvature)
 
 
 @pytest.mark.parametrize("arch", ["conv", "lstm"])

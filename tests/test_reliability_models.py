@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -339,6 +340,35 @@ def batch_std_branch(p, b):
     h = torch.tanh(F.linear(b["x"], p["W1"], p["b1"])).sum(1)
     scale = 2.0 if bool(b["x"].std() > 1.0) else 1.0
     return F.linear(h, p["W2"]).pow(2).sum(-1) * scale
+
+
+@pytest.mark.parametrize("draw", ["dropout", "noise", "numpy noise"])
+@pytest.mark.parametrize("entry", ["graddot", "train_step"])
+def test_a_coupling_in_a_split_batch_is_refused_group_by_group_behind_random_draws(entry, draw):
+    """The same, in a model that draws (a fine-tuning run in training mode): such a model's first call compares
+    its losses with a plain call's to choose how to draw, and the whole-batch comparison that follows gave up at
+    the first sample whose branches were not the batch's (graddot 0.2-1.2 off torch's batch gradient, silently).
+    Split batches are compared group by group there too; a NumPy draw's copies start from the batch's state."""
+    p = _mlp(5)
+    g = torch.Generator().manual_seed(6)
+    mask = torch.ones(8, 5, dtype=F64)
+    for i, keep in enumerate([5, 2, 5, 3, 4, 5, 1, 5]):
+        mask[i, keep:] = 0
+    train = {"x": torch.randn(8, 5, 3, generator=g, dtype=F64), "mask": mask}
+    val = {"x": torch.randn(3, 5, 3, generator=g, dtype=F64), "mask": torch.ones(3, 5, dtype=F64)}
+
+    def drawing(q, b, own=False):
+        x = b["x"]
+        x = (F.dropout(x, 0.1, True) if draw == "dropout" else x + 0.01 * torch.randn_like(x) if draw == "noise"
+             else x + 0.01 * torch.from_numpy(np.random.randn(*x.shape)))
+        return mask_all_shortcut(q, {**b, "x": x}, own)
+
+    call = {"graddot": lambda f: ghostfunc.graddot(f, p, train, val),
+            "train_step": lambda f: (lambda s: s(s.init(p), train, val))(ghostfunc.train_step(f, ghostfunc.sgd(0.1)))}
+    with pytest.raises(SamplesInteractError, match=rf"^{entry}: samples interact in model_fn: run on a group of 4 "
+                                                   rf"train samples that take the same data-dependent branches"):
+        call[entry](drawing)
+    call[entry](functools.partial(drawing, own=True))
 
 
 @pytest.mark.parametrize("entry", ["graddot", "inrun_shapley order 2", "secant", "train_step"])
