@@ -41,6 +41,7 @@ against every validation row) gathers the validation rows themselves
 from __future__ import annotations
 
 import contextlib
+import importlib
 import itertools
 import numbers as numbers_module
 import weakref
@@ -385,8 +386,8 @@ def agree(where: str, group: Any, prepare: Callable[[], T], signature: Callable[
     (``{"param names and shapes": ..., "val_reduce": ...}``); ``rows(prepared)``
     this rank's ``(n_train, n_val)``. An error raised by ``prepare`` is not raised
     at once: it is gathered with the others, and then every rank raises
-    ``ValueError`` naming each failed rank and its message, so no rank is left
-    waiting in a later collective. Returns ``prepare()`` and the :class:`World`.
+    ``ValueError`` (of the failed check's type where every failed rank raised one: :func:`_as_kind`) naming each
+    failed rank and its message, so no rank is left waiting in a later collective. Returns ``prepare()`` and the :class:`World`.
     """
     check_group(group, where)
     prepared: T | None = None
@@ -402,7 +403,7 @@ def agree(where: str, group: Any, prepare: Callable[[], T], signature: Callable[
     except Exception as err:  # reported on every rank below
         failure = err
         mine = {"signature": None, "rows": (0, 0), "error": f"{type(err).__name__}: {err}", "where": where,
-                "deferred": []}
+                "deferred": [], "kind": _kind(err)}
     rank, size = rank_and_size(group)
     every: list[Any] = [None] * size
     dist.all_gather_object(every, mine, group=group)
@@ -410,11 +411,11 @@ def agree(where: str, group: Any, prepare: Callable[[], T], signature: Callable[
     errors = [f"rank {r}: {e['error']}" for r, e in enumerate(every) if e["error"] is not None]
     if errors:
         few = any("val is empty" in e for e in errors) and len(errors) < size
+        kind = _as_kind([e["kind"] for e in every if e["error"] is not None], ValueError)
         try:
-            raise ValueError(f"{where}: the arguments failed their checks on {len(errors)} of {size} ranks; "
-                             + "; ".join(errors) + (" (a validation set smaller than the number of processes: pass "
-                                                    "all of it on every rank with val_reduce='mean')" if few else "")
-                             ) from failure
+            _raise_as(kind, ValueError, f"{where}: the arguments failed their checks on {len(errors)} of {size} ranks; "
+                      + "; ".join(errors) + (" (a validation set smaller than the number of processes: pass "
+                                             "all of it on every rank with val_reduce='mean')" if few else ""), failure)
         finally:  # this frame, which its traceback holds, must not hold it: a cycle kept the process group alive
             del failure  # into interpreter teardown, where gloo aborted ("terminate called ...")
     ref = every[0]["signature"]
@@ -452,7 +453,7 @@ def collectively(where: str, group: Any) -> Iterator[None]:
     0.1-0.3 ms on gloo, 2 ranks on a 2-core CPU, ``tests/test_distributed.py`` prints it; on NCCL also one
     device sync for the flag). Only if some rank failed, an ``all_gather_object`` of the messages; then a
     failed rank raises its own error and every other rank a ``RuntimeError`` naming the failed ranks and
-    their messages. Every rank must enter the same blocks in the same order (as it does the collectives
+    their messages, which is also of the failed ranks' error type where they raised one (:func:`_as_kind`). Every rank must enter the same blocks in the same order (as it does the collectives
     between them); the group can be used again after such an error. ``group=None`` (one process): nothing
     is added. Only :class:`Exception` is exchanged (an interrupt leaves at once).
 
@@ -471,6 +472,57 @@ def collectively(where: str, group: Any) -> Iterator[None]:
     _exchange_status(where, group, None)
 
 
+#: Packages whose exception types a rank's failure may be raised as on the other ranks (by name: ranks share code).
+_KINDS = ("builtins", "ghostfunc", "torch")
+
+
+def _kind(err: BaseException) -> tuple[str, str]:
+    """``err``'s type as ``(module, qualified name)``, for the other ranks (:func:`_as_kind`)."""
+    return type(err).__module__, type(err).__qualname__
+
+
+def _as_kind(kinds: Sequence[tuple[str, str]], base: type[Exception]) -> type[Exception]:
+    """The exception type a failure raises on every rank: ``base`` and, where every failed rank raised one type of
+    :data:`_KINDS`, that type too (a subclass of both where it is not already a ``base``), so an ``except``
+    clause for the failing rank's error (``except SamplesInteractError``) catches it on every rank and the
+    ranks stay in step (rank 0 raised ``RuntimeError``, rank 1 ``SamplesInteractError``)."""
+    if len(set(kinds)) != 1 or kinds[0][0].partition(".")[0] not in _KINDS:
+        return base
+    module, name = kinds[0]
+    try:
+        kind: Any = importlib.import_module(module)
+        for part in name.split("."):
+            kind = getattr(kind, part)
+    except (ImportError, AttributeError):
+        return base
+    if not (isinstance(kind, type) and issubclass(kind, Exception)):
+        return base
+    if issubclass(kind, base):
+        return kind
+    key = (kind, base)
+    if key not in _MIXED:
+        try:
+            _MIXED[key] = type(kind.__name__, (kind, base), {"__module__": kind.__module__, "__doc__": (
+                f"{kind.__name__} raised on another rank (also a {base.__name__}: see ghostfunc._dist)")})
+        except TypeError:  # (incompatible layouts: OSError's family)
+            _MIXED[key] = base
+    return _MIXED[key]
+
+
+_MIXED: dict[tuple[type, type], type[Exception]] = {}
+
+
+def _raise_as(kind: type[Exception], base: type[Exception], message: str, cause: BaseException | None) -> None:
+    """Raise ``kind(message)`` (``base(message)`` where ``kind`` cannot be made from a message alone)."""
+    try:
+        err = kind(message)
+        if str(err) != message:
+            raise TypeError
+    except Exception:  # noqa: BLE001 - a type whose constructor takes other arguments
+        err = base(message)
+    raise err from cause
+
+
 def _exchange_status(where: str, group: Any, failure: Exception | None) -> None:
     """See :func:`collectively`: returns when no rank failed, or when this one did (it raises its own error)."""
     flag = torch.tensor([0 if failure is None else 1], dtype=torch.int32, device=_status_device(group))
@@ -479,15 +531,17 @@ def _exchange_status(where: str, group: Any, failure: Exception | None) -> None:
         return
     rank, size = rank_and_size(group)
     every: list[Any] = [None] * size
-    mine = None if failure is None else f"{type(failure).__name__}: {failure}"[:2000]
+    mine = None if failure is None else (f"{type(failure).__name__}: {failure}"[:2000], _kind(failure))
     dist.all_gather_object(every, mine, group=group)
     if failure is not None:
         return
-    failed = {r: msg for r, msg in enumerate(every) if msg is not None}
+    failed = {r: got[0] for r, got in enumerate(every) if got is not None}
     which = f"rank {next(iter(failed))}" if len(failed) == 1 else f"ranks {', '.join(map(str, failed))}"
     what = (next(iter(failed.values())) if len(failed) == 1
             else "; ".join(f"rank {r}: {m}" for r, m in failed.items()))
-    raise RuntimeError(f"{where}: {which} of {size} failed, so every rank raises (this is rank {rank}): {what}")
+    kind = _as_kind([got[1] for got in every if got is not None], RuntimeError)
+    _raise_as(kind, RuntimeError, f"{where}: {which} of {size} failed, so every rank raises (this is rank {rank}): "
+                                  f"{what}", None)
 
 
 def _status_device(group: Any) -> torch.device:
