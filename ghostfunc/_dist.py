@@ -499,14 +499,27 @@ def _as_kind(kinds: Sequence[tuple[str, str]], base: type[Exception]) -> type[Ex
         return base
     if issubclass(kind, base):
         return kind
+    return _mixed(kind, base)
+
+
+def _mixed(kind: type[Exception], base: type[Exception]) -> type[Exception]:
+    """A subclass of ``kind`` and ``base``, named as ``kind`` (made once; ``base`` where they cannot be mixed)."""
     key = (kind, base)
     if key not in _MIXED:
+        def reduce(err: BaseException) -> tuple:  # pickled by its parts: the class is made at run time
+            return _remade, (kind, base, err.args)
+
         try:
-            _MIXED[key] = type(kind.__name__, (kind, base), {"__module__": kind.__module__, "__doc__": (
-                f"{kind.__name__} raised on another rank (also a {base.__name__}: see ghostfunc._dist)")})
-        except TypeError:  # (incompatible layouts: OSError's family)
+            _MIXED[key] = type(kind.__name__, (kind, base), {"__module__": kind.__module__, "__reduce__": reduce,
+                                                             "__doc__": f"{kind.__name__} raised on another rank "
+                                                                        f"(also a {base.__name__}: ghostfunc._dist)"})
+        except TypeError:  # (incompatible layouts)
             _MIXED[key] = base
     return _MIXED[key]
+
+
+def _remade(kind: type[Exception], base: type[Exception], args: tuple) -> BaseException:
+    return _mixed(kind, base)(*args)
 
 
 _MIXED: dict[tuple[type, type], type[Exception]] = {}

@@ -693,6 +693,25 @@ def test_a_refusal_on_one_rank_is_the_same_error_type_on_every_rank(faults: list
         assert seconds < FAULT_TIMEOUT_S / 2, (rank, seconds)
 
 
+def test_the_error_type_another_rank_raises_is_both_and_pickles() -> None:
+    """The type every rank raises for one rank's failure (:func:`ghostfunc._dist._as_kind`): the failed rank's type
+    where all failed ranks raised one (also the exchange's base type), else the base; its errors pickle (a
+    spawned worker's error, a job scheduler's report) as that same type."""
+    import pickle
+
+    from ghostfunc import SamplesInteractError, _dist
+
+    kind = _dist._as_kind([("ghostfunc._ops.norm", "SamplesInteractError")] * 2, RuntimeError)
+    err = pickle.loads(pickle.dumps(kind("graddot: rank 1 of 2 failed")))
+    assert isinstance(err, SamplesInteractError) and isinstance(err, RuntimeError) and str(err).startswith("graddot")
+    assert type(err) is kind and kind.__name__ == "SamplesInteractError"
+    assert _dist._as_kind([("builtins", "FloatingPointError")], ValueError).__mro__[1:3] == (FloatingPointError,
+                                                                                           ArithmeticError)
+    assert _dist._as_kind([("ghostfunc._ops.norm", "SamplesInteractError")], ValueError) is SamplesInteractError
+    assert _dist._as_kind([("builtins", "ValueError"), ("builtins", "TypeError")], ValueError) is ValueError
+    assert _dist._as_kind([("some_package", "Odd")], RuntimeError) is RuntimeError  # (not imported by name)
+
+
 def test_save_rank_0_cannot_write_raises_on_every_rank(faults: list[dict[str, Any]]) -> None:
     own, other = faults[0]["save unwritable"], faults[1]["save unwritable"]
     assert own[0] in ("FileExistsError", "NotADirectoryError"), own
