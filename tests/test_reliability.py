@@ -834,6 +834,17 @@ def test_a_branch_on_a_random_draw_names_layerdrop():
             ghostfunc.graddot(model_fn, _lin(), x, xv)
 
 
+def _token_counts() -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """Eight rows of six token ids and targets, rows 0-2 holding four targets each (the batch's mean count), and an
+    embedding table and head: a batch whose first rows hide a normaliser over the whole batch's count."""
+    torch.manual_seed(0)
+    d, v = 8, 11
+    ids, tgt = torch.randint(0, v, (8, 6)), torch.randint(0, v, (8, 6))
+    for i in range(8):
+        tgt[i, : (2 if i < 3 else i % 5)] = -100  # rows 0-2: four targets each, as the batch's mean
+    return ids, tgt, {"emb": torch.randn(v, d, dtype=F64) / 2, "head": torch.randn(v, d, dtype=F64) / 3}
+
+
 @pytest.mark.parametrize("entry", ["graddot", "inrun_shapley", "graddot_direction", "val", "inrun_shapley order 2",
                                    "inrun_shapley secant", "train_step precondition"])
 def test_a_loss_normalised_over_the_whole_batch_is_refused_at_every_entry_point(entry):
@@ -842,12 +853,7 @@ def test_a_loss_normalised_over_the_whole_batch_is_refused_at_every_entry_point(
     the per-sample numbers of another loss (0.33 off a loop over the plain call's rows), silently (only
     train_step's gradient check refused it). The first call of a signature compares each whole batch's losses
     from a plain run with the capture's."""
-    torch.manual_seed(0)
-    d, v = 8, 11
-    ids, tgt = torch.randint(0, v, (8, 6)), torch.randint(0, v, (8, 6))
-    for i in range(8):
-        tgt[i, : (2 if i < 3 else i % 5)] = -100  # rows 0-2: four targets each, as the batch's mean
-    p = {"emb": torch.randn(v, d, dtype=F64) / 2, "head": torch.randn(v, d, dtype=F64) / 3}
+    ids, tgt, p = _token_counts()
 
     def model_fn(q, b):
         h = torch.tanh(F.embedding(b["ids"], q["emb"]))
@@ -892,12 +898,7 @@ def test_a_loss_normalised_over_the_whole_batch_is_refused_beside_a_numpy_draw(d
     from the batch's generator state, so its row takes the same draws."""
     import random
 
-    torch.manual_seed(0)
-    d, v = 8, 11
-    ids, tgt = torch.randint(0, v, (8, 6)), torch.randint(0, v, (8, 6))
-    for i in range(8):
-        tgt[i, : (2 if i < 3 else i % 5)] = -100  # rows 0-2: four targets each, as the batch's mean
-    p = {"emb": torch.randn(v, d, dtype=F64) / 2, "head": torch.randn(v, d, dtype=F64) / 3}
+    ids, tgt, p = _token_counts()
 
     def model_fn(q, b):
         jitter = np.random.rand() if draw == "numpy" else random.random()
@@ -922,16 +923,10 @@ def test_order_2_refuses_a_model_drawing_from_numpy(curvature):
         ghostfunc.inrun_shapley(model_fn, _lin(), x, xv, lr=0.1, order=2, curvature=curvature)
 
 
-@pytest.mark.parametrize("arch", ["conv", "lstm"])
-def test_small_losses_of_large_outputs_are_not_taken_for_samples_that_interact(arch):
-    """A float32 regressor fitted to targets near 1000 (losses ~1e-4, small differences of large outputs): the
-    capture's losses and a batch of one round otherwise than the whole batch, by 5-7x sqrt(eps) of the largest
-    loss, and the first call's whole-batch comparison refused it. A difference is confirmed on a batch of the
-    same shapes holding copies of the sample (the same kernels: the sample's own loss bit for bit)."""
-    torch.manual_seed(0)
-    n, t, d = 32, 32, 16
-    body = nn.Sequential(nn.Conv1d(t, 32, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(32 * d, 32)) \
-        if arch == "conv" else nn.LSTM(d, 32, batch_first=True)
+def _regressor_near_1000(body: nn.Module, data_seed: int, lstm: bool = False):
+    """A float32 regressor ``body -> Linear(32, 1)`` whose outputs sit near 1000, fitted to targets 0.01 off its own
+    outputs (losses ~1e-4: small differences of large outputs): the module, ``params``, ``model_fn``, 32 training
+    and 8 validation rows of ``[32, 16]``."""
     net = nn.ModuleDict({"body": body, "head": nn.Linear(32, 1)}).eval()
     with torch.no_grad():
         net["head"].weight.mul_(100.0)
@@ -940,19 +935,32 @@ def test_small_losses_of_large_outputs_are_not_taken_for_samples_that_interact(a
 
     def forward(q, x):
         h = functional_call(net["body"], {k[5:]: v for k, v in q.items() if k.startswith("body.")}, (x,))
-        h = h[0][:, -1] if arch == "lstm" else h
+        h = h[0][:, -1] if lstm else h
         return F.linear(h, q["head.weight"], q["head.bias"]).squeeze(-1)
 
     def model_fn(q, b):
         return (forward(q, b[0]) - b[1]) ** 2
 
-    g = torch.Generator().manual_seed(1)
-    x, xv = torch.randn(n, t, d, generator=g), torch.randn(8, t, d, generator=g)
+    g = torch.Generator().manual_seed(data_seed)
+    x, xv = torch.randn(32, 32, 16, generator=g), torch.randn(8, 32, 16, generator=g)
     with torch.no_grad():
-        y, yv = forward(p, x) + 0.01 * torch.randn(n, generator=g), forward(p, xv) + 0.01 * torch.randn(8, generator=g)
-    out = ghostfunc.graddot(model_fn, p, (x, y), (xv, yv))
+        y, yv = forward(p, x) + 0.01 * torch.randn(32, generator=g), forward(p, xv) + 0.01 * torch.randn(8, generator=g)
+    return net, p, model_fn, (x, y), (xv, yv)
+
+
+@pytest.mark.parametrize("arch", ["conv", "lstm"])
+def test_small_losses_of_large_outputs_are_not_taken_for_samples_that_interact(arch):
+    """A float32 regressor fitted to targets near 1000 (losses ~1e-4, small differences of large outputs): the
+    capture's losses and a batch of one round otherwise than the whole batch, by 5-7x sqrt(eps) of the largest
+    loss, and the first call's whole-batch comparison refused it. A difference is confirmed on a batch of the
+    same shapes holding copies of the sample (the same kernels: the sample's own loss bit for bit)."""
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Conv1d(32, 32, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(32 * 16, 32)) \
+        if arch == "conv" else nn.LSTM(16, 32, batch_first=True)
+    _, p, model_fn, train, val = _regressor_near_1000(body, 1, lstm=arch == "lstm")
+    out = ghostfunc.graddot(model_fn, p, train, val)
     # (residuals of 0.01 from outputs near 1000 hold float32's eps * 1e5 ~ 1e-2 of relative rounding, in the loop too)
-    assert rel(out.scores, ghostfunc.reference_graddot(model_fn, p, (x, y), (xv, yv))[0]) < 2e-2
+    assert rel(out.scores, ghostfunc.reference_graddot(model_fn, p, train, val)[0]) < 2e-2
 
 
 @pytest.mark.parametrize("seed", [0, 1, 5])
@@ -963,30 +971,13 @@ def test_small_losses_of_large_outputs_are_not_taken_for_samples_that_interact_b
     rows' largest loss), and those seeds were refused, in eval mode and (dropout run without drawing) in train
     mode. A difference there is confirmed on a batch of three copies of the sample."""
     torch.manual_seed(seed)
-    t, d, n = 32, 16, 32
-    body = nn.Sequential(nn.Flatten(), nn.Linear(t * d, 32), nn.GELU(), nn.LayerNorm(32), nn.Dropout(0.1),
+    body = nn.Sequential(nn.Flatten(), nn.Linear(32 * 16, 32), nn.GELU(), nn.LayerNorm(32), nn.Dropout(0.1),
                          nn.Linear(32, 32))
-    net = nn.ModuleDict({"body": body, "head": nn.Linear(32, 1)}).eval()
-    with torch.no_grad():
-        net["head"].weight.mul_(100.0)
-        net["head"].bias.fill_(1000.0)
-    p = {k: v.detach() for k, v in net.named_parameters()}
-
-    def forward(q, x):
-        h = functional_call(net["body"], {k[5:]: v for k, v in q.items() if k.startswith("body.")}, (x,))
-        return F.linear(h, q["head.weight"], q["head.bias"]).squeeze(-1)
-
-    def model_fn(q, b):
-        return (forward(q, b[0]) - b[1]) ** 2
-
-    g = torch.Generator().manual_seed(seed + 1)
-    x, xv = torch.randn(n, t, d, generator=g), torch.randn(8, t, d, generator=g)
-    with torch.no_grad():
-        y, yv = forward(p, x) + 0.01 * torch.randn(n, generator=g), forward(p, xv) + 0.01 * torch.randn(8, generator=g)
+    net, p, model_fn, train, val = _regressor_near_1000(body, seed + 1)
     net.train(mode == "train")
-    out = ghostfunc.graddot(model_fn, p, (x, y), (xv, yv))
+    out = ghostfunc.graddot(model_fn, p, train, val)
     if mode == "eval":
-        assert rel(out.scores, ghostfunc.reference_graddot(model_fn, p, (x, y), (xv, yv))[0]) < 2e-2
+        assert rel(out.scores, ghostfunc.reference_graddot(model_fn, p, train, val)[0]) < 2e-2
 
 
 def test_a_loss_normalised_over_the_whole_batch_is_refused_behind_dropout():

@@ -334,6 +334,18 @@ def mask_all_shortcut(p, b, own=False):
     return token.sum(1) / mask.sum(1) if own else token.sum(1) * len(mask) / mask.sum()
 
 
+def _mixed_padding():
+    """Parameters, eight training rows of five tokens with mixed padding (rows 0, 2, 5, 7 unpadded: they take
+    ``mask.all()``'s other branch alone) and three unpadded validation rows."""
+    p = _mlp(5)
+    g = torch.Generator().manual_seed(6)
+    mask = torch.ones(8, 5, dtype=F64)
+    for i, keep in enumerate([5, 2, 5, 3, 4, 5, 1, 5]):
+        mask[i, keep:] = 0
+    train = {"x": torch.randn(8, 5, 3, generator=g, dtype=F64), "mask": mask}
+    return p, train, {"x": torch.randn(3, 5, 3, generator=g, dtype=F64), "mask": torch.ones(3, 5, dtype=F64)}
+
+
 def batch_std_branch(p, b):
     """A branch on a statistic of the batch (its spread): a group of samples together takes another branch than
     each alone, which is the loop's answer (nothing to refuse: no group takes its samples' own branches)."""
@@ -349,13 +361,7 @@ def test_a_coupling_in_a_split_batch_is_refused_group_by_group_behind_random_dra
     its losses with a plain call's to choose how to draw, and the whole-batch comparison that follows gave up at
     the first sample whose branches were not the batch's (graddot 0.2-1.2 off torch's batch gradient, silently).
     Split batches are compared group by group there too; a NumPy draw's copies start from the batch's state."""
-    p = _mlp(5)
-    g = torch.Generator().manual_seed(6)
-    mask = torch.ones(8, 5, dtype=F64)
-    for i, keep in enumerate([5, 2, 5, 3, 4, 5, 1, 5]):
-        mask[i, keep:] = 0
-    train = {"x": torch.randn(8, 5, 3, generator=g, dtype=F64), "mask": mask}
-    val = {"x": torch.randn(3, 5, 3, generator=g, dtype=F64), "mask": torch.ones(3, 5, dtype=F64)}
+    p, train, val = _mixed_padding()
 
     def drawing(q, b, own=False):
         x = b["x"]
@@ -373,13 +379,7 @@ def test_a_coupling_in_a_split_batch_is_refused_group_by_group_behind_random_dra
 
 @pytest.mark.parametrize("entry", ["graddot", "inrun_shapley order 2", "secant", "train_step"])
 def test_a_coupling_in_a_split_batch_is_refused_group_by_group(entry):
-    p = _mlp(5)
-    g = torch.Generator().manual_seed(6)
-    mask = torch.ones(8, 5, dtype=F64)
-    for i, keep in enumerate([5, 2, 5, 3, 4, 5, 1, 5]):
-        mask[i, keep:] = 0
-    train = {"x": torch.randn(8, 5, 3, generator=g, dtype=F64), "mask": mask}
-    val = {"x": torch.randn(3, 5, 3, generator=g, dtype=F64), "mask": torch.ones(3, 5, dtype=F64)}
+    p, train, val = _mixed_padding()
     call = {"graddot": lambda f: ghostfunc.graddot(f, p, train, val),
             "inrun_shapley order 2": lambda f: ghostfunc.inrun_shapley(f, p, train, val, lr=0.1, order=2),
             "secant": lambda f: ghostfunc.inrun_shapley(f, p, train, val, lr=0.1, order=2, curvature="secant"),
