@@ -60,6 +60,7 @@ from ._interact import (
     eager_stance,
     fingerprint,
     is_value,
+    keep_in_call,
     param_signature,
     remember,
     retry_writing,
@@ -1237,6 +1238,8 @@ def weighted_grad_split(model_fn: ModelFn, params: Mapping[str, Tensor], batch: 
             model_fn, params, whole_batch.signature(params, (batch,), "weighted"), per_sample, whole,
             lambda a, b: whole_batch.same_run(a[:2], b[:2]) and len(a[2]) == 1, lambda a: [a[1]])
         note = describe(parts, label, "one forward and backward per group")
+        if parts != WHOLE:  # (the call's comparisons of samples that interact go group by group)
+            keep_in_call("parts", batch, parts)
     except RuntimeError as err:
         if not unbatchable(err):
             raise

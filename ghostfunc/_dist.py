@@ -41,9 +41,9 @@ against every validation row) gathers the validation rows themselves
 from __future__ import annotations
 
 import contextlib
-import importlib
 import itertools
 import numbers as numbers_module
+import sys
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple, TypeVar
@@ -472,29 +472,23 @@ def collectively(where: str, group: Any) -> Iterator[None]:
     _exchange_status(where, group, None)
 
 
-#: Packages whose exception types a rank's failure may be raised as on the other ranks (by name: ranks share code).
-_KINDS = ("builtins", "ghostfunc", "torch")
-
-
 def _kind(err: BaseException) -> tuple[str, str]:
     """``err``'s type as ``(module, qualified name)``, for the other ranks (:func:`_as_kind`)."""
     return type(err).__module__, type(err).__qualname__
 
 
 def _as_kind(kinds: Sequence[tuple[str, str]], base: type[Exception]) -> type[Exception]:
-    """The exception type a failure raises on every rank: ``base`` and, where every failed rank raised one type of
-    :data:`_KINDS`, that type too (a subclass of both where it is not already a ``base``), so an ``except``
+    """The exception type a failure raises on every rank: ``base`` and, where every failed rank raised one type (of
+    a module this process imported too: builtins, torch, ghostfunc, the script's own), that type too (a subclass of
+    both where it is not already a ``base``), so an ``except``
     clause for the failing rank's error (``except SamplesInteractError``) catches it on every rank and the
     ranks stay in step (rank 0 raised ``RuntimeError``, rank 1 ``SamplesInteractError``)."""
-    if len(set(kinds)) != 1 or kinds[0][0].partition(".")[0] not in _KINDS:
+    if len(set(kinds)) != 1:
         return base
     module, name = kinds[0]
-    try:
-        kind: Any = importlib.import_module(module)
-        for part in name.split("."):
-            kind = getattr(kind, part)
-    except (ImportError, AttributeError):
-        return base
+    kind: Any = sys.modules.get(module)  # (imported already: ranks run the same program; nothing imported here)
+    for part in name.split("."):
+        kind = getattr(kind, part, None)
     if not (isinstance(kind, type) and issubclass(kind, Exception)):
         return base
     if issubclass(kind, base):
@@ -529,7 +523,7 @@ def _raise_as(kind: type[Exception], base: type[Exception], message: str, cause:
     """Raise ``kind(message)`` (``base(message)`` where ``kind`` cannot be made from a message alone)."""
     try:
         err = kind(message)
-        if str(err) != message:
+        if err.args != (message,):
             raise TypeError
     except Exception:  # noqa: BLE001 - a type whose constructor takes other arguments
         err = base(message)

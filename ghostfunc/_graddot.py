@@ -31,7 +31,7 @@ from ._capture import (
     weighted_grad_split,
 )
 from ._checks import check_compile, check_model_fn, check_options, check_pair, check_params
-from ._draws import ONCE, fork_rng, host_states, same_host_states
+from ._draws import ONCE, fork_rng, host_states, same_host_states, set_host_states
 from ._eager import capture_eager, summary, trace_eager, unbatchable
 from ._groups import WHOLE, Part, describe, merge_halves, refine, split, subset
 from ._interact import (
@@ -596,7 +596,7 @@ def _refuse_coupled_groups(model_fn: ModelFn, params: dict[str, Tensor], batch: 
             continue
         sub, rows = subset(batch, part), part.rows.tolist()
         branches: list[list[str]] = []
-        plain, coarse = _plain_losses(model_fn, params, [sub], start, device, branches)
+        plain, coarse = _plain_losses(model_fn, params, [sub], start, device, branches, host=host)
         if plain is None:
             continue
         def confirm(at: list[int], sub: Batch = sub, rows: list[int] = rows, seen: list[str] = branches[0]) -> Any:
@@ -609,13 +609,15 @@ def _refuse_coupled_groups(model_fn: ModelFn, params: dict[str, Tensor], batch: 
 
 def _plain_losses(model_fn: ModelFn, params: dict[str, Tensor], batches: Sequence[Batch],
                   start: tuple[Tensor, ...], device: torch.device, branches: list[list[str]] | None = None,
-                  hosts: list[tuple[Any, ...]] | None = None) -> tuple[list[Tensor] | None, torch.dtype]:
+                  hosts: list[tuple[Any, ...]] | None = None,
+                  host: tuple[Any, ...] | None = None) -> tuple[list[Tensor] | None, torch.dtype]:
     """``model_fn(params, batch)`` for each batch in turn, as a plain step runs it (gradients on, the parameters
     leaves that require them: a model that reads ``grad_fn`` takes the step's branch; the graph is let go), from
     RNG state ``start`` (the state after is kept as it was), and the coarsest floating dtype it computed in (its
     losses' too); ``None`` for a model that cannot run so (one that runs only under ``vmap``). ``branches``, if
     given, gets what each batch's tensors became in Python (its data-dependent branches), a list per batch;
-    ``hosts``, Python's and NumPy's generator states each batch's run started from."""
+    ``hosts``, Python's and NumPy's generator states each batch's run started from; ``host``, the state each
+    starts from (the one before its batch's copies, :func:`ghostfunc._interact.copies_losses`)."""
     devices = [device.index or 0] if device.type == "cuda" else []
     leaves = {k: v.detach().requires_grad_(v.is_floating_point() or v.is_complex()) for k, v in params.items()}
     # the calls the capture replaces run as it runs them (an embedding's max_norm renormalises a copy, not the
@@ -626,6 +628,8 @@ def _plain_losses(model_fn: ModelFn, params: dict[str, Tensor], batches: Sequenc
             _set_rng_state(device, start)
             for b in batches:
                 mode.branches = []
+                if host is not None:
+                    set_host_states(host)
                 if hosts is not None:
                     hosts.append(host_states())
                 with mode:

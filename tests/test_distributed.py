@@ -709,7 +709,13 @@ def test_the_error_type_another_rank_raises_is_both_and_pickles() -> None:
                                                                                            ArithmeticError)
     assert _dist._as_kind([("ghostfunc._ops.norm", "SamplesInteractError")], ValueError) is SamplesInteractError
     assert _dist._as_kind([("builtins", "ValueError"), ("builtins", "TypeError")], ValueError) is ValueError
-    assert _dist._as_kind([("some_package", "Odd")], RuntimeError) is RuntimeError  # (not imported by name)
+    assert _dist._as_kind([("some_package", "Odd")], RuntimeError) is RuntimeError  # (not imported here: none)
+    with pytest.raises(KeyError) as err:  # (KeyError quotes its message: its args are what is compared)
+        _dist._raise_as(_dist._as_kind([("builtins", "KeyError")], RuntimeError), RuntimeError, "rank 1 failed", None)
+    assert isinstance(err.value, RuntimeError) and err.value.args == ("rank 1 failed",)
+    with pytest.raises(RuntimeError) as err:  # (made from other arguments than a message: the base)
+        _dist._raise_as(_dist._as_kind([("builtins", "UnicodeDecodeError")], RuntimeError), RuntimeError, "m", None)
+    assert type(err.value) is RuntimeError
 
 
 def test_save_rank_0_cannot_write_raises_on_every_rank(faults: list[dict[str, Any]]) -> None:

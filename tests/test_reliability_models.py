@@ -377,6 +377,28 @@ def test_a_coupling_in_a_split_batch_is_refused_group_by_group_behind_random_dra
     call[entry](functools.partial(drawing, own=True))
 
 
+@pytest.mark.parametrize("draw", [None, "dropout", "numpy noise"])
+def test_a_coupling_in_a_split_validation_batch_is_refused_group_by_group(draw):
+    """The same mixed padding in the validation batch, reduced to ``Σ_v w_v g_v`` by one backward per group
+    (``val_reduce='mean'``): its groups were not handed to the comparison, which said nothing (with
+    ``val_reduce=None`` it refused); and a valid model drawing NumPy noise per row was refused there, its group
+    run from another generator state than the group's copies."""
+    p, batch, few = _mixed_padding()
+    train, val = {k: v[:3] for k, v in few.items()}, batch
+
+    def drawing(q, b, own=False):
+        x = b["x"]
+        x = (x if draw is None else F.dropout(x, 0.1, True) if draw == "dropout"
+             else x + 0.01 * torch.from_numpy(np.random.randn(*x.shape)))
+        return mask_all_shortcut(q, {**b, "x": x}, own)
+
+    with pytest.raises(SamplesInteractError, match=r"^graddot: samples interact in model_fn: run on a group of 4 "
+                                                   r"val samples that take the same data-dependent branches"):
+        ghostfunc.graddot(drawing, p, train, val, policy="contract")  # (no validation rows kept: one backward)
+    out = ghostfunc.graddot(functools.partial(drawing, own=True), p, train, val, policy="contract")
+    assert "val split into 2 groups" in notes(out.plan)
+
+
 @pytest.mark.parametrize("entry", ["graddot", "inrun_shapley order 2", "secant", "train_step"])
 def test_a_coupling_in_a_split_batch_is_refused_group_by_group(entry):
     p, train, val = _mixed_padding()
