@@ -387,7 +387,8 @@ def agree(where: str, group: Any, prepare: Callable[[], T], signature: Callable[
     this rank's ``(n_train, n_val)``. An error raised by ``prepare`` is not raised
     at once: it is gathered with the others, and then every rank raises
     ``ValueError`` (of the failed check's type where every failed rank raised one: :func:`_as_kind`) naming each
-    failed rank and its message, so no rank is left waiting in a later collective. Returns ``prepare()`` and the :class:`World`.
+    failed rank and its message, so no rank is left waiting in a later collective. Returns ``prepare()`` and the
+    :class:`World`.
     """
     check_group(group, where)
     prepared: T | None = None
@@ -453,8 +454,8 @@ def collectively(where: str, group: Any) -> Iterator[None]:
     0.1-0.3 ms on gloo, 2 ranks on a 2-core CPU, ``tests/test_distributed.py`` prints it; on NCCL also one
     device sync for the flag). Only if some rank failed, an ``all_gather_object`` of the messages; then a
     failed rank raises its own error and every other rank a ``RuntimeError`` naming the failed ranks and
-    their messages, which is also of the failed ranks' error type where they raised one (:func:`_as_kind`). Every rank must enter the same blocks in the same order (as it does the collectives
-    between them); the group can be used again after such an error. ``group=None`` (one process): nothing
+    their messages, which is also of the failed ranks' error type where they raised one (:func:`_as_kind`).
+    Every rank must enter the same blocks in the same order (as it does the collectives between them); the group can be used again after such an error. ``group=None`` (one process): nothing
     is added. Only :class:`Exception` is exchanged (an interrupt leaves at once).
 
     The blocks hold the work that runs the model or materialises per-row gradients (where errors depend on a
@@ -480,9 +481,9 @@ def _kind(err: BaseException) -> tuple[str, str]:
 def _as_kind(kinds: Sequence[tuple[str, str]], base: type[Exception]) -> type[Exception]:
     """The exception type a failure raises on every rank: ``base`` and, where every failed rank raised one type (of
     a module this process imported too: builtins, torch, ghostfunc, the script's own), that type too (a subclass of
-    both where it is not already a ``base``), so an ``except``
-    clause for the failing rank's error (``except SamplesInteractError``) catches it on every rank and the
-    ranks stay in step (rank 0 raised ``RuntimeError``, rank 1 ``SamplesInteractError``)."""
+    both where it is not already a ``base``), so an ``except`` clause for the failing rank's error (``except
+    SamplesInteractError``) catches it on every rank and the ranks stay in step (rank 0 raised ``RuntimeError``,
+    rank 1 ``SamplesInteractError``)."""
     if len(set(kinds)) != 1:
         return base
     module, name = kinds[0]

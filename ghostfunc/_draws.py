@@ -230,10 +230,10 @@ def fixed_draw(func: Any, args: tuple, kwargs: dict[str, Any]) -> Callable[[], A
     Bernoulli draws 1 where their probability exceeds it (``rand() < p`` as well), counts (Poisson, binomial)
     their mean rounded (in the support: a ``torch.distributions`` ``log_prob`` validates it), a Gamma's or
     Dirichlet's mean, and for draws of indices a fixed choice (``low``, ``randperm`` reversed, the likeliest
-    categories); ``None`` for other calls (and
-    ``nn.init``'s, which draw into parameters at construction, not in a forward). With :func:`undrawn`, what the
-    checks comparing a batch with its samples alone run random calls as: every draw then the same function of
-    each sample, whatever the batch (``h + 0.1 * torch.randn_like(h)`` is ``h + 0.05``)."""
+    categories); ``None`` for other calls (and ``nn.init``'s, which draw into parameters at construction, not in
+    a forward). With :func:`undrawn`, what the checks comparing a batch with its samples alone run random calls
+    as: every draw then the same function of each sample, whatever the batch (``h + 0.1 * torch.randn_like(h)``
+    is ``h + 0.05``)."""
     kw = {k: v for k, v in kwargs.items() if k not in ("generator", "out")}
     thunk = _fixed(func, args, kw)
     out = kwargs.get("out")
