@@ -40,6 +40,7 @@ from ._interact import (
     copies_losses,
     counted_over_batch,
     eager_stance,
+    group_named,
     in_one_call,
     keep_in_call,
     kept_in_call,
@@ -443,10 +444,26 @@ def as_plain_draws(model_fn: ModelFn, params: dict[str, Tensor], batches: Sequen
                    losses: Callable[[R], Sequence[Tensor]], where: str,
                    notes_of: Callable[[R], Sequence[str]]) -> tuple[R, list[str]]:
     """:func:`_as_plain_draws`, noting a draw from Python's or NumPy's global generator (:data:`HOST_DRAWS`: such a
-    model's SpecAugment masks, Wav2Vec2's in training mode, are other draws than a plain call's)."""
-    host = host_states()
-    out, notes = _as_plain_draws(model_fn, params, batches, compute, losses, where, notes_of)
-    return (out, [*notes, HOST_DRAWS]) if not same_host_states(host, host_states()) else (out, notes)
+    model's SpecAugment masks, Wav2Vec2's in training mode, are other draws than a plain call's). Whether the model
+    draws so is seen on the first call of a signature and kept (reading NumPy's state costs 30 µs)."""
+    key = (param_signature(params), tuple((b.signature, b.size) for b in batches), training_flags(model_fn))
+    try:
+        book = _HOST.setdefault(model_fn, {})
+    except TypeError:  # not weak-referenceable: seen on every call
+        book = {}
+    drew = book.get(key)
+    if drew is None:
+        host = host_states()
+        out, notes = _as_plain_draws(model_fn, params, batches, compute, losses, where, notes_of)
+        drew = not same_host_states(host, host_states())
+        remember(book, key, drew)
+    else:
+        out, notes = _as_plain_draws(model_fn, params, batches, compute, losses, where, notes_of)
+    return (out, [*notes, HOST_DRAWS]) if drew else (out, notes)
+
+
+#: ``model_fn`` -> {signature: whether its capture drew from Python's or NumPy's generator} (:func:`as_plain_draws`).
+_HOST: weakref.WeakKeyDictionary[Any, dict[tuple, bool]] = weakref.WeakKeyDictionary()
 
 
 def _as_plain_draws(model_fn: ModelFn, params: dict[str, Tensor], batches: Sequence[Batch], compute: Callable[[], R],
@@ -603,8 +620,7 @@ def _refuse_coupled_groups(model_fn: ModelFn, params: dict[str, Tensor], batch: 
             return copies_losses(model_fn, params, sub, [rows.index(i) for i in at], seen, host)
 
         refuse_batch_losses(plain[0], captured[part.rows.to(captured.device)], label, coarse, where, confirm,
-                            rows, batch.size, which=f"a group of {len(rows)} {label} samples that take the same "
-                                                    f"data-dependent branches (rows {_listed(rows)})")
+                            rows, batch.size, which=group_named(rows, label))
 
 
 def _plain_losses(model_fn: ModelFn, params: dict[str, Tensor], batches: Sequence[Batch],

@@ -1312,9 +1312,8 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
     if alone is not None:  # dropout-like draws differ batched and alone; one sample cannot interact
         rounding = max(coarsest([*params.values(), *batch.tensors, together]), mode.computed,
                        key=lambda d: torch.finfo(d).eps)  # float64 losses of a float32 model, a float32 layer
-        which = (f"the first {k} {label} samples" if chosen == list(range(k))
-                 else f"{k} distinct {label} samples (rows {', '.join(map(str, chosen))})")
-        _compare_confirmed(together.detach(), torch.cat(alone).detach(), label, chosen, rounding, copied, which)
+        _compare_confirmed(together.detach(), torch.cat(alone).detach(), label, chosen, rounding, copied,
+                           samples_named(chosen, label))
     _refuse_detached(model_fn, params, lambda: rows(0, k))
     return k > 1
 
@@ -1382,8 +1381,7 @@ def _refuse_coupled_rows(model_fn: Callable, params: Mapping[str, Tensor], batch
             return
     picked = together.detach()[torch.tensor(chosen, device=together.device)]
     named = chosen if rows_in is None else [rows_in[i] for i in chosen]
-    which = None if rows_in is None else (f"a group of {len(rows_in)} {label} samples that take the same "
-                                          f"data-dependent branches (rows {rows_in[:6]}{'...' if len(rows_in) > 6 else ''})")
+    which = None if rows_in is None else group_named(rows_in, label)
     refuse_batch_losses(picked, alone.detach(), label, mode.computed, where,
                         lambda at: copies_losses(model_fn, params, batch,
                                                  [i if rows_in is None else rows_in.index(i) for i in at], branches,
@@ -1490,10 +1488,24 @@ def _rows_batch(batch: Any, chosen: list[int]) -> Any:
 def _rows_of(batch: Any, chosen: list[int]) -> Callable[[int, int], Any]:
     """``rows(lo, hi)``: the batch of the samples ``chosen[lo:hi]`` (a :class:`ghostfunc._capture.Batch`'s rows)."""
     def rows(lo: int, hi: int) -> Any:
-        at = torch.tensor(chosen[lo:hi])
-        return batch.rebuild([t[at.to(t.device)].contiguous() for t in batch.tensors])
+        part = _rows_batch(batch, chosen[lo:hi])
+        return part.rebuild(part.tensors)
 
     return rows
+
+
+def samples_named(chosen: list[int], label: str) -> str:
+    """The samples ``chosen`` of the ``label`` batch, for a message: "the first 3 train samples", or "3 distinct ..."
+    with their rows."""
+    k = len(chosen)
+    return (f"the first {k} {label} samples" if chosen == list(range(k))
+            else f"{k} distinct {label} samples (rows {', '.join(map(str, chosen))})")
+
+
+def group_named(rows: list[int], label: str) -> str:
+    """A group of a batch split at data-dependent branches, for a message."""
+    return (f"a group of {len(rows)} {label} samples that take the same data-dependent branches "
+            f"(rows {rows[:6]}{'...' if len(rows) > 6 else ''})")
 
 
 #: As :data:`_CHECKED`, for :func:`check_batch_gradient`.
@@ -1569,8 +1581,7 @@ def check_batch_gradient(model_fn: Callable, params: Mapping[str, Tensor], batch
     if worst is None:
         remember(seen, key, zeros)
         return
-    which = (f"the first {k} training samples" if chosen == list(range(k))
-             else f"{k} distinct training samples (rows {', '.join(map(str, chosen))})")
+    which = samples_named(chosen, "training")
     raise SamplesInteractError(
         f"{where}: samples interact in model_fn's backward: on {which}, the gradient of their mean loss differs "
         f"from the mean of each sample's own gradient (params[{worst!r}]: largest difference {gap:.3g} "
@@ -1973,8 +1984,7 @@ def _compare(together: Tensor, alone: Tensor, label: str, chosen: list[int], dty
     rows = differ.nonzero().flatten().tolist()
     seen = ", ".join(f"sample {chosen[i]}: {together[i].item():.6g} with the others, {alone[i].item():.6g} alone"
                      for i in rows[:4]) + (f", ... ({len(rows)} in all)" if len(rows) > 4 else "")
-    which = which or (f"the first {len(chosen)} {label} samples" if chosen == list(range(len(chosen)))
-                      else f"{len(chosen)} distinct {label} samples (rows {', '.join(map(str, chosen))})")
+    which = which or samples_named(chosen, label)
     finite = bool((torch.isfinite(together) & torch.isfinite(alone))[differ].any())
     gap = (f"largest finite difference {diff.max().item():.3g}, rounding allows {tol:.3g}" if finite else
            "a loss finite one way and not the other: a statistic over the batch, undefined for one sample")
