@@ -818,7 +818,7 @@ def reduced(routes: Mapping[str, str], v: Half, params: dict[str, Tensor],
             weights: Tensor) -> tuple[dict[str, Tensor], dict[str, list[Factored | Direct]]]:
     """The validation side of a :class:`Streamed` from the validation rows' capture ``v``: ``Σ_v w_v g_v``
     for every parameter not routed (``routes``: name -> path) to ghost, the rows themselves for the rest."""
-    val_dir = {k: val_grad(path, v.grads[k], weights.to(params[k].dtype), params[k])
+    val_dir = {k: val_grad(path, v.grads[k], _as(weights, params[k].dtype), params[k])
                for k, path in routes.items() if path != "ghost"}
     return val_dir, {k: v.grads[k] for k, path in routes.items() if path == "ghost"}
 
@@ -1152,14 +1152,15 @@ def score_dtype(params: Mapping[str, Tensor]) -> torch.dtype:
     head's ``1/m`` to bfloat16 (its values 2e-3 off) and the output dtype followed the dict's order."""
     acc = torch.float32
     for v in params.values():
-        acc = torch.promote_types(acc, v.dtype)
+        if v.dtype != acc:  # (no dispatch for the common case, every parameter float32)
+            acc = torch.promote_types(acc, v.dtype)
     return acc
 
 
 def sum_scores(per_param: Mapping[str, Tensor], params: Mapping[str, Tensor]) -> Tensor:
     """``Σ_k per_param[k]``, accumulated in :func:`score_dtype`."""
     acc = score_dtype(params)
-    return torch.stack([v.to(acc) for v in per_param.values()]).sum(0)
+    return torch.stack([_as(v, acc) for v in per_param.values()]).sum(0)
 
 
 def refuse_non_finite(where: str, scores: Tensor, per_param: Mapping[str, Tensor] | None,
