@@ -53,6 +53,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ._capture import Batch, split_batch
+from ._interact import stopped
 
 if dist.is_available():
     # Imported now, before the caller's init_process_group: its functions take ``group=group.WORLD`` as a
@@ -402,9 +403,9 @@ def agree(where: str, group: Any, prepare: Callable[[], T], signature: Callable[
                                 "rows": rows(prepared), "error": None, "where": where, "deferred": sorted(
                                     k for k, v in deferred.items() if isinstance(v, Deferred))}
     except Exception as err:  # reported on every rank below
-        failure = err
-        mine = {"signature": None, "rows": (0, 0), "error": f"{type(err).__name__}: {err}", "where": where,
-                "deferred": [], "kind": _kind(err)}
+        failure = stopped(err) or err  # (a StopIteration, not what a generator of ours made of it)
+        mine = {"signature": None, "rows": (0, 0), "error": f"{type(failure).__name__}: {failure}", "where": where,
+                "deferred": [], "kind": _kind(failure)}
     rank, size = rank_and_size(group)
     every: list[Any] = [None] * size
     dist.all_gather_object(every, mine, group=group)
@@ -468,7 +469,7 @@ def collectively(where: str, group: Any) -> Iterator[None]:
     try:
         yield
     except Exception as err:
-        _exchange_status(where, group, err)
+        _exchange_status(where, group, stopped(err) or err)  # (a StopIteration, not what a generator made of it)
         raise
     _exchange_status(where, group, None)
 

@@ -215,17 +215,20 @@ WIDEN_LIMIT = 2 ** 27
 
 
 def _widened(model: nn.Module, params: dict[str, Tensor]) -> dict[str, Tensor]:
-    """``params`` and the model's floating buffers in float32 where they are 16-bit (up to :data:`WIDEN_LIMIT`
-    elements; a larger model as it is): what :func:`_agrees` compares the two ways of building the inputs in. In
-    bfloat16 the two ways differed by 1.5e-3 of DeBERTa-v2's losses, inside the rounding, and the built 4-D mask was
-    kept, which DeBERTa reads as 0/1 (NaN losses on every padded row)."""
+    """``params``, the model's other parameters (frozen ones) and its floating buffers in float32 where they are
+    16-bit (up to :data:`WIDEN_LIMIT` elements; a larger model as it is): what :func:`_agrees` compares the two ways
+    of building the inputs in. In bfloat16 the two ways differed by 1.5e-3 of DeBERTa-v2's losses, inside the
+    rounding, and the built 4-D mask was kept, which DeBERTa reads as 0/1 (NaN losses on every padded row); with
+    its embeddings frozen (left 16-bit) the model's own forward failed on the mixed dtypes, which read as a model
+    that needs the built inputs (the same NaN rows; RoBERTa's positions from 0, 1.3e-3 off)."""
     narrow = (torch.float16, torch.bfloat16)
-    wide = sum(v.numel() for v in (*params.values(), *model.buffers()) if v.dtype in narrow)
+    rest = {k: v for k, v in (*model.named_parameters(), *model.named_buffers())
+            if v.dtype in narrow and k not in params}
+    wide = sum(v.numel() for v in (*params.values(), *rest.values()) if v.dtype in narrow)
     if not wide or wide > WIDEN_LIMIT:  # (a large model is not copied: compared in its own dtype)
         return params
-    buffers = {k: b for k, b in model.named_buffers() if b.dtype in narrow and k not in params}
     return {**{k: v.float() if v.dtype in narrow else v for k, v in params.items()},
-            **{k: b.float() for k, b in buffers.items()}}
+            **{k: v.detach().float() for k, v in rest.items()}}
 
 
 def _agrees(losses: Callable[[bool], Tensor], params: Mapping[str, Tensor]) -> bool:

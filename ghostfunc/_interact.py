@@ -356,8 +356,12 @@ def in_one_call(fn: Callable[P, R]) -> Callable[P, R]:
 
     @functools.wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        with one_call():
-            return fn(*args, **kwargs)
+        try:
+            with one_call():
+                return fn(*args, **kwargs)
+        except RuntimeError as err:
+            raise_stopped(err)
+            raise
 
     return wrapper
 
@@ -368,10 +372,39 @@ def grads_on(fn: Callable[P, R]) -> Callable[P, R]:
 
     @functools.wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        with torch.inference_mode(False), torch.enable_grad():
-            return fn(*args, **kwargs)
+        try:
+            with torch.inference_mode(False), torch.enable_grad():
+                return fn(*args, **kwargs)
+        except RuntimeError as err:
+            raise_stopped(err)
+            raise
 
     return wrapper
+
+
+_HERE = str(pathlib.Path(__file__).resolve().parent)
+
+
+def stopped(err: BaseException) -> StopIteration | None:
+    """The ``StopIteration`` that one of ghostfunc's own generators (a generator expression, a
+    ``contextlib.contextmanager``) turned into ``err`` (PEP 479: ``RuntimeError('generator raised StopIteration')``):
+    what the model raised (``next()`` on an exhausted iterator in ``model_fn``; under ``group=``, another rank's
+    such error). ``None`` where ``err`` is anything else, a RuntimeError the user's own generator made included."""
+    cause = err.__cause__
+    if not isinstance(cause, StopIteration) or type(err) is not RuntimeError or err.args != (
+            "generator raised StopIteration",):
+        return None
+    tb = cause.__traceback__  # its first frame: the generator it left
+    if tb is None or not str(pathlib.Path(tb.tb_frame.f_code.co_filename).resolve()).startswith(_HERE):
+        return None
+    return cause
+
+
+def raise_stopped(err: RuntimeError) -> None:
+    """Raise :func:`stopped` of ``err`` where there is one (its own traceback kept); else return."""
+    cause = stopped(err)
+    if cause is not None:
+        raise cause.with_traceback(cause.__traceback__) from None
 
 
 def keep_in_call(kind: str, obj: Any, value: Any) -> None:

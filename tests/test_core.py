@@ -515,6 +515,49 @@ def test_an_error_of_the_per_sample_path_names_the_row():
 
 
 
+@pytest.mark.parametrize("entry", ["graddot", "graddot/matrix", "reference", "train_step/1", "train_step/2",
+                                   "inrun_shapley/1", "inrun_shapley/2"])
+@pytest.mark.parametrize("when", ["first call", "later call"])
+def test_a_stop_iteration_in_the_model_reaches_the_caller_as_itself(entry, when):
+    """``next()`` on an exhausted iterator inside ``model_fn``: the caller gets that StopIteration, as the model
+    raised it, not the ``RuntimeError('generator raised StopIteration')`` that one of ghostfunc's generators (a
+    generator expression of the routing, a context manager) made of it (PEP 479); a RuntimeError the user's own
+    generator made of one stays theirs."""
+    model_fn, params, batch = _mlp()
+    stop = [when == "first call"]
+
+    def stops(p, b):
+        if stop[0]:
+            next(iter(()))
+        return model_fn(p, b)
+
+    def own_generator(p, b):  # the user's generator turns it into a RuntimeError: theirs, passed on as it is
+        return torch.stack(list(next(iter(())) if stop[0] else x for x in model_fn(p, b)))
+
+    def run(fn):
+        step = ghostfunc.train_step(fn, ghostfunc.sgd(0.1), order=2 if entry == "train_step/2" else 1)
+        return {
+            "graddot": lambda: ghostfunc.graddot(fn, params, batch, batch),
+            "graddot/matrix": lambda: ghostfunc.graddot(fn, params, batch, batch, val_reduce=None),
+            "reference": lambda: ghostfunc.reference_graddot(fn, params, batch, batch),
+            "train_step/1": lambda: step(step.init(params), batch, batch),
+            "train_step/2": lambda: step(step.init(params), batch, batch),
+            "inrun_shapley/1": lambda: ghostfunc.inrun_shapley(fn, params, batch, batch, lr=0.1),
+            "inrun_shapley/2": lambda: ghostfunc.inrun_shapley(fn, params, batch, batch, lr=0.1, order=2),
+        }[entry]()
+
+    for fn, kind in ((stops, StopIteration), (own_generator, RuntimeError)):
+        stop[0] = when == "first call"
+        if not stop[0]:
+            run(fn)
+            stop[0] = True
+        with pytest.raises(kind) as info:
+            run(fn)
+        assert type(info.value) is kind, info.value
+        if kind is RuntimeError:
+            assert str(info.value) == "generator raised StopIteration"
+
+
 @pytest.mark.parametrize("dtype", [torch.int64, torch.complex64])
 def test_error_non_real_params(dtype):
     model_fn, params, batch = _mlp()

@@ -531,6 +531,11 @@ def _faults(rank: int, world: int, out: dict[str, Any], job: str, folder: str) -
         losses = model_fn(p, batch)
         return losses - 0.5 * losses.mean()
 
+    def stops(p: dict, batch: tuple) -> torch.Tensor:  # next() on an exhausted iterator, on rank 1 only
+        if rank == 1:
+            next(iter(()))
+        return model_fn(p, batch)
+
     def copies(batch: tuple) -> tuple:  # rows that are copies of the first (a baseline leaves them alone)
         return tuple(t[:1].expand(len(t), *t.shape[1:]).clone() for t in batch)
 
@@ -579,6 +584,7 @@ def _faults(rank: int, world: int, out: dict[str, Any], job: str, folder: str) -
         "another momentum": lambda: (lambda s: s(s.init(params), train, val))(ghostfunc.train_step(
             model_fn, ghostfunc.sgd(0.1, momentum=0.9 * rank), group=group)),
         "coupled on rank 1": lambda: ghostfunc.graddot(centred, params, same, same_val, group=group),
+        "StopIteration on rank 1": lambda: ghostfunc.graddot(stops, params, train, val, group=group),
     }
     for name, call in cases.items():
         start = time.monotonic()
@@ -691,6 +697,16 @@ def test_a_refusal_on_one_rank_is_the_same_error_type_on_every_rank(faults: list
                                                                                                               message)
         assert "on 1 of 2 ranks; rank 1: SamplesInteractError: graddot: samples interact" in message, message
         assert seconds < FAULT_TIMEOUT_S / 2, (rank, seconds)
+
+
+def test_a_stop_iteration_on_one_rank_is_one_on_every_rank(faults: list[dict[str, Any]]) -> None:
+    """``next()`` on an exhausted iterator in rank 1's ``model_fn``: every rank raises a StopIteration (rank 0's
+    naming rank 1), not the ``RuntimeError('generator raised StopIteration')`` that the exchange's context manager
+    made of it (PEP 479), which named nothing and was not the type rank 1 raised."""
+    own, other = faults[1]["StopIteration on rank 1"], faults[0]["StopIteration on rank 1"]
+    assert own[0] == "StopIteration" and other[0] == "StopIteration", (own, other)
+    assert "rank 1 of 2 failed" in other[1] and "StopIteration" in other[1], other
+    assert max(own[2], other[2]) < FAULT_TIMEOUT_S / 2, (own, other)
 
 
 def test_the_error_type_another_rank_raises_is_both_and_pickles() -> None:
