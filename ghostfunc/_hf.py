@@ -157,8 +157,10 @@ def from_module(
                 probe = {k: torch.cat((v, v)) if isinstance(v, Tensor) and v.dim() > 0 else v  # one row says
                          for k, v in probe.items()}  # little about a layout's batches: judge on two
             shown = _unzeroed(p)  # (a zero head gives every input the same loss: it would prove nothing)
-            shown = _widened(model, shown)  # (and in a 16-bit model the rounding hides what differs)
-            native[key] = not _agrees(lambda plain: run(shown, probe, plain, spec), shown)
+            wide, wide_probe = _widened(model, shown, probe)  # (and the rounding of a narrower dtype hides what
+            native[key] = not _agrees(lambda plain: run(wide, wide_probe, plain, spec), wide,  # differs)
+                                      None if wide is shown else lambda: _agrees(
+                                          lambda plain: run(shown, probe, plain, spec), shown))
         return run(p, batch, native.get(key, False), spec)
 
     return model_fn, params
@@ -210,28 +212,37 @@ def _unzeroed(params: dict[str, Tensor]) -> dict[str, Tensor]:
         return {**params, **{k: (0.02 * torch.randn(params[k].shape, generator=g)).to(params[k]) for k in zero}}
 
 
-#: Up to how many 16-bit parameter and buffer elements :func:`_widened` copies to float32 (512 MiB of copies).
-WIDEN_LIMIT = 2 ** 27
+#: Up to how many bytes of float64 copies :func:`_widened` makes (64 Mi elements); a larger model is compared in
+#: its own dtype.
+WIDEN_BYTES = 2 ** 29
 
 
-def _widened(model: nn.Module, params: dict[str, Tensor]) -> dict[str, Tensor]:
-    """``params``, the model's other parameters (frozen ones) and its floating buffers in float32 where they are
-    16-bit (up to :data:`WIDEN_LIMIT` elements; a larger model as it is): what :func:`_agrees` compares the two ways
-    of building the inputs in. In bfloat16 the two ways differed by 1.5e-3 of DeBERTa-v2's losses, inside the
-    rounding, and the built 4-D mask was kept, which DeBERTa reads as 0/1 (NaN losses on every padded row); with
-    its embeddings frozen (left 16-bit) the model's own forward failed on the mixed dtypes, which read as a model
-    that needs the built inputs (the same NaN rows; RoBERTa's positions from 0, 1.3e-3 off)."""
-    narrow = (torch.float16, torch.bfloat16)
+def _widened(model: nn.Module, params: dict[str, Tensor], probe: dict[str, Any]) -> tuple[dict[str, Tensor],
+                                                                                          dict[str, Any]]:
+    """``params``, the model's other parameters (frozen ones) and its floating buffers, and the floating tensors of
+    ``probe`` (``inputs_embeds``, ``pixel_values``), in float64 (up to :data:`WIDEN_BYTES` of copies; a larger model
+    as it is): what :func:`_agrees` compares the two ways of building the inputs in, so that what differs is not
+    inside the rounding of the model's dtype. In bfloat16 the two ways differed by 1.5e-3 of DeBERTa-v2's losses
+    and the built 4-D mask was kept, which DeBERTa reads as 0/1 (NaN losses on every padded row); in float32,
+    RoBERTa fed ``inputs_embeds`` kept position ids counted from 0 (2e-4 off, under float32's ``sqrt(eps)``).
+    Frozen parameters are widened too: left 16-bit, the model's own forward failed on the mixed dtypes, which read
+    as a model that needs the built inputs (the same NaN rows; RoBERTa's positions, 1.3e-3 off)."""
+    wide = torch.float64
     rest = {k: v for k, v in (*model.named_parameters(), *model.named_buffers())
-            if v.dtype in narrow and k not in params}
-    wide = sum(v.numel() for v in (*params.values(), *rest.values()) if v.dtype in narrow)
-    if not wide or wide > WIDEN_LIMIT:  # (a large model is not copied: compared in its own dtype)
-        return params
-    return {**{k: v.float() if v.dtype in narrow else v for k, v in params.items()},
-            **{k: v.detach().float() for k, v in rest.items()}}
+            if v.is_floating_point() and v.dtype != wide and k not in params}
+    narrow = [v for v in (*params.values(), *rest.values()) if v.is_floating_point() and v.dtype != wide]
+    if not narrow or sum(v.numel() for v in narrow) * wide.itemsize > WIDEN_BYTES:
+        return params, probe
+
+    def widen(v: Any) -> Any:
+        return v.detach().to(wide) if isinstance(v, Tensor) and v.is_floating_point() and v.dtype != wide else v
+
+    return ({**{k: widen(v) for k, v in params.items()}, **{k: widen(v) for k, v in rest.items()}},
+            {k: widen(v) for k, v in probe.items()})
 
 
-def _agrees(losses: Callable[[bool], Tensor], params: Mapping[str, Tensor]) -> bool:
+def _agrees(losses: Callable[[bool], Tensor], params: Mapping[str, Tensor],
+            unwidened: Callable[[], bool] | None = None) -> bool:
     """Whether the inputs :func:`from_module` builds give the losses of the model's own forward on a batch
     without padding (with padding they differ on purpose: see :func:`from_module`).
 
@@ -249,21 +260,33 @@ def _agrees(losses: Callable[[bool], Tensor], params: Mapping[str, Tensor]) -> b
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with _no_modes(), _ParamWrites(params), torch.no_grad(), fork_rng(devices):
         states = [torch.get_rng_state(), *(torch.cuda.get_rng_state(d) for d in devices)]
+        own: Any = _FAILED
         try:
             own = losses(True)
         except StateWrittenError:
             raise
-        except Exception:  # noqa: BLE001 - the model needs the built inputs
-            return True
-        torch.set_rng_state(states[0])
-        for d, state in zip(devices, states[1:], strict=True):
-            torch.cuda.set_rng_state(state, d)
-        try:
-            built = losses(False)
-        except StateWrittenError:
-            raise
-        except Exception:  # noqa: BLE001 - the model takes no such inputs: pass the batch as it is
-            return False
+        except Exception:  # noqa: BLE001 - the model needs the built inputs (or does not run widened: see below)
+            pass
+        if own is not _FAILED:
+            return _built_agrees(losses, params, own, states, devices)
+    return True if unwidened is None else unwidened()  # (in its own dtype, where it failed in float64)
+
+
+_FAILED = object()
+
+
+def _built_agrees(losses: Callable[[bool], Tensor], params: Mapping[str, Tensor], own: Any, states: list[Tensor],
+                  devices: list[int]) -> bool:
+    """:func:`_agrees` once the model's own forward gave ``own``: the built inputs from the same random state."""
+    torch.set_rng_state(states[0])
+    for d, state in zip(devices, states[1:], strict=True):
+        torch.cuda.set_rng_state(state, d)
+    try:
+        built = losses(False)
+    except StateWrittenError:
+        raise
+    except Exception:  # noqa: BLE001 - the model takes no such inputs: pass the batch as it is
+        return False
     if not isinstance(own, Tensor) or not isinstance(built, Tensor) or own.shape != built.shape:
         return own is built
     return not bool(beyond_rounding(own, built, coarsest([*params.values(), own]))[0].any())
