@@ -246,11 +246,11 @@ def check_model_fn(model_fn: Any, where: str) -> None:
     if not callable(model_fn):
         raise TypeError(f"{where}: model_fn must be callable as model_fn(params, batch) -> losses [B]; "
                         f"got {type(model_fn).__name__}")
-    read = ((model_fn.__code__, model_fn.__defaults__, model_fn.__kwdefaults__, model_fn.__dict__.get("__signature__"))
-            if isinstance(model_fn, types.FunctionType) else None)
+    read = ((model_fn.__code__, model_fn.__defaults__, model_fn.__dict__.get("__signature__"),
+             tuple(model_fn.__kwdefaults__ or ())) if isinstance(model_fn, types.FunctionType) else None)
     if read is not None and (seen := _BINDS.get(model_fn)) is not None and all(
-            a is b for a, b in zip(seen, read, strict=True)):  # (by identity: a default may be a tensor)
-        return
+            a is b for a, b in zip(seen[:3], read[:3], strict=True)) and seen[3] == read[3]:
+        return  # (by identity: a default may be a tensor; the keyword-only defaults' names, as the dict holds them now)
     try:
         signature = inspect.signature(model_fn, follow_wrapped=False)  # (a decorator's wrapper is what is called)
     except (TypeError, ValueError):  # a builtin or an extension type: told by its own call

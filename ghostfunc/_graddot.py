@@ -446,7 +446,7 @@ def as_plain_draws(model_fn: ModelFn, params: dict[str, Tensor], batches: Sequen
     """:func:`_as_plain_draws`, noting a draw from Python's or NumPy's global generator (:data:`HOST_DRAWS`: such a
     model's SpecAugment masks, Wav2Vec2's in training mode, are other draws than a plain call's). Whether the model
     draws so is seen on the first call of a signature and kept (reading NumPy's state costs 30 µs)."""
-    key = (param_signature(params), tuple((b.signature, b.size) for b in batches), training_flags(model_fn))
+    key = _draws_key(model_fn, params, batches)  # (a module's setting may switch such draws on: a config's mask_time_prob)
     try:
         book = _HOST.setdefault(model_fn, {})
     except TypeError:  # not weak-referenceable: seen on every call

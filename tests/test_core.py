@@ -1488,6 +1488,14 @@ def test_small_ergonomics():
                 ghostfunc.graddot(swapped, params, (x, y), (x, y))
         else:
             ghostfunc.graddot(swapped, params, (x, y), (x, y))
+
+    def keyword(p, batch, *, scale=1.0):  # its keyword-only default deleted in place (the same dict object)
+        return model_fn(p, batch) * scale
+
+    ghostfunc.graddot(keyword, params, (x, y), (x, y))
+    del keyword.__kwdefaults__["scale"]
+    with pytest.raises(TypeError, match=r"its signature is keyword\(p, batch, \*, scale\)"):
+        ghostfunc.graddot(keyword, params, (x, y), (x, y))
     with pytest.raises(ValueError, match=r"^graddot: train\[0\] is on the meta device"):  # (not aten::equal's error)
         ghostfunc.graddot(model_fn, params, (x.to("meta"), y), (x, y))
 

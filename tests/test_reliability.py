@@ -723,6 +723,24 @@ def test_draws_from_numpy_or_python_generators_are_noted_and_left_alone_by_the_c
     for _ in range(2):
         assert ghostfunc._graddot.HOST_DRAWS in ghostfunc.graddot(model_fn, _lin(), x, xv).plan.notes
 
+    class Noisy(nn.Module):  # such draws switched on by a module's setting after a first call (SpecAugment's prob)
+        def __init__(self):
+            super().__init__()
+            self.noise = 0.0
+
+        def forward(self, x):
+            return x + torch.from_numpy(np.random.randn(*x.shape)).to(x.dtype) * self.noise if self.noise else x
+
+    noisy = Noisy()
+
+    def switched(p, x):
+        return (noisy(x) @ p["W"].T).tanh().pow(2).sum(1)
+
+    for noise in (0.0, 0.1, 0.0):  # (whether the capture draws so is kept per signature and module settings)
+        noisy.noise = noise
+        notes = ghostfunc.graddot(switched, _lin(), x, xv).plan.notes
+        assert (ghostfunc._graddot.HOST_DRAWS in notes) == bool(noise), (noise, notes)
+
 
 @pytest.mark.parametrize("noise", list(NOISE))
 def test_a_model_that_draws_random_numbers_per_sample_is_not_refused(noise):
