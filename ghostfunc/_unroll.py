@@ -390,8 +390,9 @@ def check_batches(batches: Any, index: str, where: str) -> tuple[list[Batch], li
         split = check_batch(b, f"batches[{t}]", where)
         idx = as_tensor(b[index])  # (a NumPy array or a list of ints, as DataValues.add takes them)
         if not is_indices(idx) or idx.shape[0] != split.size:
+            mask = " (a bool mask is not indices)" if idx.dtype == torch.bool else ""
             raise ValueError(f"{where}: batches[{t}][{index!r}] must be a 1-D integer tensor of the {split.size} "
-                             f"rows' dataset indices (a bool mask is not indices); got {tensor_kind(idx)}")
+                             f"rows' dataset indices{mask}; got {tensor_kind(idx)}")
         if int(idx.min()) < 0:
             raise ValueError(f"{where}: batches[{t}][{index!r}] holds a negative dataset index {int(idx.min())}")
         splits.append(split)

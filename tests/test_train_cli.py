@@ -94,6 +94,25 @@ def test_run_writes_values_metrics_and_report(corpus: dict[str, Path], tmp_path:
     assert "| top-valued |" in (sel / "select.md").read_text()
 
 
+
+def test_select_report_says_which_split_and_how_many_seeds() -> None:
+    """``select.md`` of a run without a test split said the test split was never scored against (the losses were on
+    the validation split the values came from), and one seed showed "± 0.0000", a spread it does not have."""
+    from ghostfunc._run import select
+
+    def payload(seeds: int, test: bool) -> dict:
+        keys = ("test_loss", "val_loss") if test else ("val_loss",)
+        results = {arm: [{k: 2.0 + 0.1 * s for k in keys} for s in range(seeds)] for arm in select.ARMS}
+        return {"pool": 8, "steps": 2, "fraction": 0.5, "seeds": seeds, "results": results,
+                "summary": select.summarize(results)}
+
+    cfg = {"train": "corpus", "val": "val/", "target": "x"}
+    both = select.markdown(payload(2, True), cfg)
+    assert "The test split was never scored against" in both and " ± " in both and "2 seeds" in both
+    alone = select.markdown(payload(1, False), cfg)
+    assert "no test split" in alone and "favour the selection" in alone and "never scored" not in alone
+    assert " ± " not in alone and "one seed (no spread)" in alone and "| val loss |" in alone
+
 def test_resume_equals_uninterrupted(corpus: dict[str, Path], tmp_path: Path) -> None:
     """A run stopped after step 8 and resumed to 12 ends with the values and parameters of a 12-step run."""
     common = ("--steps", "12", "--save-every", "5", "--order", "2", "--record-every", "4")

@@ -444,6 +444,10 @@ def test_a_bool_mask_is_not_dataset_indices():
     with pytest.raises(ValueError, match=r"^unroll: batches\[0\]\['index'\] must be a 1-D integer tensor of the 4 "
                                          r"rows' dataset indices \(a bool mask is not indices\); got torch.bool"):
         ghostfunc.unroll(mlp_fn, ghostfunc.sgd(0.1), params, [mask], val)
+    floats = {**batches[0], "index": torch.tensor([0.0, 1.0, 2.0, 3.0])}  # (no word of a mask for what is none)
+    with pytest.raises(ValueError, match=r"^unroll: batches\[0\]\['index'\] must be a 1-D integer tensor of the 4 "
+                                         r"rows' dataset indices; got torch.float32"):
+        ghostfunc.unroll(mlp_fn, ghostfunc.sgd(0.1), params, [floats], val)
     traj = ghostfunc.Trajectory.start((params, None), every=1)
     with pytest.raises(TypeError, match=r"^Trajectory.record: indices must be the batch's 1-D integer tensor of "
                                         r"dataset indices \(a bool mask is not indices\); got torch.bool"):

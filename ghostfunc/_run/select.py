@@ -127,14 +127,19 @@ def markdown(payload: dict[str, Any], cfg: dict[str, Any]) -> str:
     """The table of ``select.md``."""
     target = cfg["target"] if cfg["train"] == "stdlib" else cfg["val"]
     keys = [k for k in ("test_loss", "val_loss") if f"{k}_mean" in payload["summary"]["all seen"]]
+    one = payload["seeds"] == 1
+    spread = "one seed (no spread)" if one else f"{payload['seeds']} seeds (initialisation and batch order), mean ± std"
+    test = (" The test split was never scored against (the run's values came from its validation split)."
+            if "test_loss" in keys else " The run has no test split: the losses are on the validation split the "
+            "values were scored against, so they favour the selection.")
     lines = [f"# ghostfunc select: retraining on halves of {payload['pool']:,} seen chunks ({target})", "",
              f"{payload['steps']} steps from scratch per run, keeping {payload['fraction']:.0%} of the pool; "
-             f"{payload['seeds']} seeds (initialisation and batch order). Loss in nats/token, mean ± std over seeds; "
-             f"lower is better. The test split was never scored against.", "",
+             f"{spread}. Loss in nats/token; lower is better.{test}", "",
              "| kept | " + " | ".join(k.replace("_", " ") for k in keys) + " | per seed (" + keys[0].replace("_", " ") + ") |",
              "|---|" + "---:|" * len(keys) + "---|"]
     for arm in ARMS:
         s = payload["summary"][arm]
         per = ", ".join(f"{r[keys[0]]:.4f}" for r in payload["results"][arm])
-        lines.append(f"| {arm} | " + " | ".join(f"{s[k + '_mean']:.4f} ± {s[k + '_std']:.4f}" for k in keys) + f" | {per} |")
+        lines.append(f"| {arm} | " + " | ".join(f"{s[k + '_mean']:.4f}" + ("" if one else f" ± {s[k + '_std']:.4f}")
+                                                for k in keys) + f" | {per} |")
     return "\n".join(lines) + "\n"
