@@ -36,6 +36,7 @@ from ._eager import capture_eager, summary, trace_eager, unbatchable
 from ._groups import WHOLE, Part, describe, merge_halves, refine, split, subset
 from ._interact import (
     _UsesAndDtypes,
+    behaviour,
     check_model,
     copies_losses,
     counted_over_batch,
@@ -44,14 +45,12 @@ from ._interact import (
     in_one_call,
     keep_in_call,
     kept_in_call,
-    module_settings,
     param_signature,
     refuse_batch_losses,
     refuse_coupled_draws,
     remember,
     run_with_grads,
     still_zero,
-    training_flags,
     zero_params,
 )
 from ._ops import Direct, Factored
@@ -190,7 +189,7 @@ def routing(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Bat
     """
     state = fresh if isinstance(fresh, Attempt) else Attempt(bool(fresh))
     known = (param_signature(params), train.signature, val.signature,
-             training_flags(model_fn))  # e.g. HF checkpointing runs in training mode only
+             behaviour(model_fn))  # e.g. HF checkpointing runs in training mode only
     tuned = (_calibrate.tuned(model_fn, _calibrate.route_key(model_fn, params, train, val, val_reduce))
              if policy == "auto" else None)
     first = next(iter(params.values()))
@@ -428,8 +427,7 @@ def _plain_draws(on: bool, once: bool = False) -> Iterator[None]:
 
 
 def _draws_key(model_fn: ModelFn, params: dict[str, Tensor], batches: Sequence[Batch]) -> tuple:
-    return (param_signature(params), tuple((b.signature, b.size) for b in batches), training_flags(model_fn),
-            module_settings(model_fn))
+    return param_signature(params), tuple((b.signature, b.size) for b in batches), behaviour(model_fn)
 
 
 #: The note of a call whose ``model_fn`` drew from Python's or NumPy's global generator (:func:`as_plain_draws`).
@@ -570,7 +568,7 @@ def _refuse_coupled_batch(model_fn: ModelFn, params: dict[str, Tensor], batches:
         seen = _COUPLED.setdefault(model_fn, {})
     except TypeError:  # not weak-referenceable: compare every call
         seen = {}
-    key = (param_signature(params), tuple((b.signature, b.size) for b in batches), training_flags(model_fn))
+    key = (param_signature(params), tuple((b.signature, b.size) for b in batches), behaviour(model_fn))
     if key in seen and still_zero(params, seen[key]):
         return
     zeros = zero_params(params)
@@ -738,7 +736,7 @@ _REPLAYS: weakref.WeakKeyDictionary[Any, dict[tuple, Replay]] = weakref.WeakKeyD
 def replay_key(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batch, policy: str,
                 val_reduce: str) -> tuple:
     return (param_signature(params), train.signature, val.signature, train.size, val.size,
-            training_flags(model_fn), policy, val_reduce)
+            behaviour(model_fn), policy, val_reduce)
 
 
 def _replay(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batch, where: str, policy: str,

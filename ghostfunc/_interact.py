@@ -31,6 +31,7 @@ import enum
 import fractions
 import functools
 import itertools
+import os
 import pathlib
 import sys
 import threading
@@ -283,7 +284,7 @@ def check_model(model_fn: Callable, params: Mapping[str, Tensor], batches: tuple
     parameter shapes, and again once a parameter that was zero everywhere then has moved (:func:`zero_params`). Cost on a first call: ``model_fn`` on ``min(size, 3)`` samples
     together and on each of them alone, without gradients.
     """
-    shapes = (param_signature(params), training_flags(model_fn))
+    shapes = (param_signature(params), behaviour(model_fn))
     try:
         seen = _CHECKED.setdefault(model_fn, {})
     except TypeError:  # not weak-referenceable: check every call
@@ -382,7 +383,7 @@ def grads_on(fn: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
-_HERE = str(pathlib.Path(__file__).resolve().parent)
+_HERE = str(pathlib.Path(__file__).resolve().parent) + os.sep  # (the package's folder, not a sibling's)
 
 
 def stopped(err: BaseException) -> StopIteration | None:
@@ -624,6 +625,15 @@ def modules_of(model_fn: Callable) -> list[torch.nn.Module]:
     return _scoped("modules", model_fn, lambda: _modules_in(reads(model_fn)))
 
 
+def behaviour(model_fn: Callable) -> tuple[Any, ...]:
+    """What every verdict on how ``model_fn`` runs is kept under (the interaction checks, traces, whole-batch
+    verdicts, replays): :func:`training_flags` and :func:`module_settings`. A module's setting that switches a
+    batch statistic on after a first call (``self.center = True`` for ``h - h.mean(0)``) was not checked again:
+    the replay scored it silently (the loop's gradients were 0). The routing race keeps the flags alone (its
+    timings hold whatever the settings)."""
+    return training_flags(model_fn), module_settings(model_fn)
+
+
 def module_settings(model_fn: Callable) -> tuple[Any, ...]:
     """The plain settings (numbers, strings, ``None``) every submodule of the modules ``model_fn`` reads holds,
     once per public call: what a verdict that depends on how the model runs is kept under besides
@@ -631,16 +641,29 @@ def module_settings(model_fn: Callable) -> tuple[Any, ...]:
     verdict on its random draws: 0.27 off)."""
     def compute() -> tuple[Any, ...]:
         out: list[Any] = []
+        configs: dict[int, Any] = {}
         for root in modules_of(model_fn):
             for m in root.modules():
                 out.append(tuple((k, v) for k, v in vars(m).items()
                                  if not k.startswith("_") and type(v) in _SETTING_TYPES))
+                configs.update((id(v), v) for k, v in vars(m).items() if not k.startswith("_") and _is_config(v))
+        for config in configs.values():  # (shared by many modules: once each)
+            out.append(tuple((k, v) for k, v in vars(config).items() if type(v) in _SETTING_TYPES))
         return tuple(out)
 
     return _scoped("settings", model_fn, compute)
 
 
 _SETTING_TYPES = (bool, int, float, str, type(None))
+
+
+def _is_config(obj: Any) -> bool:
+    """Whether ``obj`` is a configuration object a module holds and its forward reads (a Hugging Face
+    ``PretrainedConfig``'s ``mask_time_prob``, ``layerdrop``; a class of one's own named ``...Config``): its plain
+    settings count with the module's (:func:`module_settings`)."""
+    kind = type(obj)
+    return (not issubclass(kind, (torch.nn.Module, Tensor, type)) and hasattr(obj, "__dict__")
+            and any(c.__name__.endswith("Config") for c in kind.__mro__))
 
 
 def _training_flags(model_fn: Callable) -> tuple[Any, ...]:
@@ -1564,7 +1587,7 @@ def check_batch_gradient(model_fn: Callable, params: Mapping[str, Tensor], batch
     (``nn.init`` in its forward), branches otherwise on one row than on several, or runs only under ``vmap`` is
     not compared.
     """
-    key = (param_signature(params), training_flags(model_fn), batch.signature)
+    key = (param_signature(params), behaviour(model_fn), batch.signature)
     try:
         seen = _GRAD_CHECKED.setdefault(model_fn, {})
     except TypeError:  # not weak-referenceable: check every call
@@ -1652,7 +1675,7 @@ def check_step_gradient(model_fn: Callable, params: Mapping[str, Tensor], batch:
     whole batch's token count, where those rows hold as many tokens as each other: the step left torch.optim's
     trajectory by 0.30). One backward of the batch, on the first step of each signature (and again once a
     parameter that was zero everywhere has moved); a model that draws random numbers is not compared."""
-    key = (param_signature(params), training_flags(model_fn), batch.signature, batch.size)
+    key = (param_signature(params), behaviour(model_fn), batch.signature, batch.size)
     try:
         seen = _STEP_CHECKED.setdefault(model_fn, {})
     except TypeError:

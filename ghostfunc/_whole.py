@@ -62,7 +62,7 @@ from ._capture import (
     unchanged,
 )
 from ._draws import rng_state, set_rng_state
-from ._interact import TO_PYTHON, eager_stance, param_signature, remember, still_zero, training_flags, zero_params
+from ._interact import TO_PYTHON, behaviour, eager_stance, param_signature, remember, still_zero, zero_params
 from ._ops import EXACT, TABLE, Direct, Factored, recognise
 from ._ops.rnn import RECURRENT
 
@@ -344,7 +344,7 @@ def refused(model_fn: ModelFn, key: tuple) -> bool:
 
 def verdict_key(model_fn: ModelFn, params: Mapping[str, Tensor], batches: Sequence[Batch], kernel: set[str]) -> tuple:
     """The key :func:`verified` keeps the verdict of :func:`capture` under (with the training flags)."""
-    return capture_key(params, batches, kernel), training_flags(model_fn)
+    return capture_key(params, batches, kernel), behaviour(model_fn)
 
 
 def _capture(model_fn: ModelFn, params: Mapping[str, Tensor], batches: Sequence[Batch],
@@ -431,7 +431,7 @@ def verified(model_fn: ModelFn, params: Mapping[str, Tensor], key: tuple, exact:
         seen = _VERIFIED.setdefault(model_fn, {})
     except TypeError:  # not weak-referenceable: nowhere to remember a verdict
         return exact()
-    key = (key, training_flags(model_fn))
+    key = (key, behaviour(model_fn))
     verdict = seen.get(key)
     if verdict is False:
         return exact()

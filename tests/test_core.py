@@ -558,6 +558,27 @@ def test_a_stop_iteration_in_the_model_reaches_the_caller_as_itself(entry, when)
             assert str(info.value) == "generator raised StopIteration"
 
 
+def test_only_ghostfunc_s_own_generators_give_back_a_stop_iteration():
+    """:func:`ghostfunc._interact.stopped` takes back a StopIteration from a generator in ghostfunc's own folder, not
+    from one of a sibling folder whose path starts alike (``.../ghostfunc_plugins/model.py``)."""
+    from ghostfunc import _interact
+
+    def made_in(filename):
+        code = compile("def gen():\n    yield next(iter(()))\n", filename, "exec")
+        space = {}
+        exec(code, space)
+        try:
+            list(space["gen"]())
+        except RuntimeError as err:
+            return err
+        raise AssertionError("no RuntimeError")
+
+    here = _interact._HERE.rstrip("/\\")
+    assert isinstance(_interact.stopped(made_in(here + "/_graddot.py")), StopIteration)
+    assert _interact.stopped(made_in(here + "_plugins/model.py")) is None
+    assert _interact.stopped(made_in("/elsewhere/model.py")) is None
+
+
 @pytest.mark.parametrize("dtype", [torch.int64, torch.complex64])
 def test_error_non_real_params(dtype):
     model_fn, params, batch = _mlp()

@@ -731,15 +731,31 @@ def test_draws_from_numpy_or_python_generators_are_noted_and_left_alone_by_the_c
         def forward(self, x):
             return x + torch.from_numpy(np.random.randn(*x.shape)).to(x.dtype) * self.noise if self.noise else x
 
-    noisy = Noisy()
+    class NoiseConfig:  # a config object the module holds and its forward reads (Hugging Face's mask_time_prob)
+        noise = 0.0
+
+    class Configured(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = NoiseConfig()
+
+        def forward(self, x):
+            noise = self.config.noise
+            return x + torch.from_numpy(np.random.randn(*x.shape)).to(x.dtype) * noise if noise else x
+
+    noisy, configured = Noisy(), Configured()
 
     def switched(p, x):
         return (noisy(x) @ p["W"].T).tanh().pow(2).sum(1)
 
-    for noise in (0.0, 0.1, 0.0):  # (whether the capture draws so is kept per signature and module settings)
-        noisy.noise = noise
-        notes = ghostfunc.graddot(switched, _lin(), x, xv).plan.notes
-        assert (ghostfunc._graddot.HOST_DRAWS in notes) == bool(noise), (noise, notes)
+    def by_config(p, x):
+        return (configured(x) @ p["W"].T).tanh().pow(2).sum(1)
+
+    for noise in (0.0, 0.1, 0.0, 0.1):  # (whether the capture draws so is kept per signature and module settings)
+        noisy.noise = configured.config.noise = noise
+        for fn in (switched, by_config):
+            notes = ghostfunc.graddot(fn, _lin(), x, xv).plan.notes
+            assert (ghostfunc._graddot.HOST_DRAWS in notes) == bool(noise), (fn.__name__, noise, notes)
 
 
 @pytest.mark.parametrize("noise", list(NOISE))
@@ -1377,6 +1393,54 @@ def test_a_hook_added_after_the_first_calls_is_seen(where):
             ghostfunc.graddot(model_fn, p, train, val)
     finally:
         handle.remove()
+
+
+class _Centring(nn.Module):
+    """A linear layer whose output is centred over the batch when its setting (an attribute, or one of a config
+    object it holds) says so, and scaled by ``self.scale``."""
+
+    class CentringConfig:
+        centre = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.centre, self.scale, self.config = False, 1.0, self.CentringConfig()
+
+    def forward(self, x):
+        h = self.lin(x) * self.scale
+        return h - h.mean(0) if self.centre or self.config.centre else h
+
+
+@pytest.mark.parametrize("setting", ["attribute", "config"])
+@pytest.mark.parametrize("entry", ["graddot", "train_step"])
+def test_a_modules_setting_changed_after_the_first_calls_is_checked_again(setting, entry):
+    """A module's plain setting (a bool attribute, or one of a config object it holds, as a Hugging Face model
+    reads ``self.config``) that switches a batch mean on after a signature's first calls: the checks, the whole-batch
+    verdict and the replay were kept under the train/eval flags, classes and hooks only, and the replay scored the
+    coupled batch silently (the loop's gradients were 0, ghostfunc's not). A setting changed on every call (a scale
+    annealed per step) is checked again each time and stays exact."""
+    net = nn.Sequential(_Centring(), nn.Tanh(), nn.Linear(4, 3)).to(F64)
+    p = {k: v.detach() for k, v in net.named_parameters()}
+    model_fn = _cross_entropy_of(net)
+    train, val = _xy(7, 4), _xy(3, 5)
+    step = ghostfunc.train_step(model_fn, ghostfunc.sgd(0.1))
+
+    def call():
+        if entry == "graddot":
+            return ghostfunc.graddot(model_fn, p, train, val)
+        return step(step.init(p), train, val)
+
+    for scale in (1.0, 0.9, 0.8):  # checked, verified, replayed; a setting that moves every call
+        net[0].scale = scale
+        call()
+        assert_exact(model_fn, p, train, val, f"scale {scale}", [("auto", "mean")])
+    if setting == "attribute":
+        net[0].centre = True
+    else:
+        net[0].config.centre = True
+    with pytest.raises(SamplesInteractError, match=rf"^{entry}: samples interact"):
+        call()
 
 
 @pytest.mark.parametrize("change", ["swapped submodule", "instance forward", "class forward"])
