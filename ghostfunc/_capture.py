@@ -65,6 +65,7 @@ from ._interact import (
     param_signature,
     remember,
     retry_writing,
+    value_key,
 )
 from ._ops import EXACT, TABLE, Direct, Factored, Match, Rule, SamplesInteractError, recognise
 from ._ops.embedding import renormed_by_call
@@ -196,7 +197,7 @@ def _hashable(x: Any) -> Any:
     used: a frozen dataclass compares a config it holds by identity (one changed in place kept the old checks),
     and an ``__eq__`` that raises, or answers with an array, raised out of the caches' lookups."""
     if is_value(x) and not isinstance(x, (type, enum.Enum)):  # (a class's settings, an enum's methods: walked)
-        return (type(x), x)
+        return (type(x), value_key(x))  # (a float by its bits: -0.0 is not 0.0)
     return (type(x), fingerprint(x))
 
 

@@ -23,6 +23,7 @@ splits such batches). The global RNG state is left as it was.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime
 import decimal
@@ -539,8 +540,10 @@ def reads(model_fn: Callable) -> list[Any]:
     return [v for _, v in named_reads(model_fn)]
 
 
-def named_reads(model_fn: Callable) -> list[tuple[str, Any]]:
-    """:func:`reads`, each with where it was read (``"loss_fn: global weights"``, for messages)."""
+def named_reads(model_fn: Callable, classes: list[type] | None = None) -> list[tuple[str, Any]]:
+    """:func:`reads`, each with where it was read (``"loss_fn: global weights"``, for messages). ``classes``: a list
+    that gets the classes of the user's own it reads (not state here; :func:`modules_of` looks among their
+    attributes for modules)."""
     found: list[tuple[str, Any]] = []
     seen: set[int] = set()
 
@@ -552,8 +555,12 @@ def named_reads(model_fn: Callable) -> list[tuple[str, Any]]:
             if _own_module(obj):  # a module of the user's: its attributes are state (a config module's numbers)
                 found.append((label, obj))
             return
-        if issubclass(type(obj), (type, types.BuiltinFunctionType, types.BuiltinMethodType)):
-            return  # a class, a builtin: code, not state
+        if issubclass(type(obj), type):
+            if classes is not None and _own_class(obj):
+                classes.append(obj)
+            return  # a class: code, not state
+        if issubclass(type(obj), (types.BuiltinFunctionType, types.BuiltinMethodType)):
+            return  # a builtin: code, not state
         if issubclass(type(obj), functools.partial):
             for v in (*obj.args, *obj.keywords.values()):
                 keep(v, depth, f"{label}'s argument")
@@ -621,8 +628,32 @@ _HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backw
 
 
 def modules_of(model_fn: Callable) -> list[torch.nn.Module]:
-    """The modules ``model_fn`` reads (:func:`reads`, then :func:`_modules_in`), walked once per public call."""
-    return _scoped("modules", model_fn, lambda: _modules_in(reads(model_fn)))
+    """The modules ``model_fn`` reads (:func:`reads`, then :func:`_modules_in`), walked once per public call, also
+    among the attributes of the user's classes it reads (``Cfg.model``: a hook put on such a model after a first
+    call was not seen, and the replay scored rows the hook mixed, 2.1 off)."""
+    def compute() -> list[torch.nn.Module]:
+        classes: list[type] = []
+        found = [v for _, v in named_reads(model_fn, classes)]
+        held = [v for c in classes for k in c.__mro__ if _own_class(k) for v in vars(k).values()
+                if not issubclass(type(v), _CODE)]
+        return _modules_in([*found, *held])
+
+    return _scoped("modules", model_fn, compute)
+
+
+#: A class's attributes that are code, not what it holds (:func:`modules_of`).
+_CODE = (types.FunctionType, classmethod, staticmethod, property, type, types.BuiltinFunctionType,
+         types.MemberDescriptorType, types.GetSetDescriptorType, types.WrapperDescriptorType, str)
+
+
+def _own_class(kind: type) -> bool:
+    """Whether ``kind`` is a class of the user's (``__main__``'s, or a module that is no library's nor the
+    standard library's)."""
+    name = getattr(kind, "__module__", None) or ""
+    if name == "__main__":
+        return True
+    module = sys.modules.get(name)
+    return module is not None and _own_module(module)
 
 
 def behaviour(model_fn: Callable) -> tuple[Any, ...]:
@@ -695,19 +726,22 @@ def _modules_in(found: list[Any]) -> list[torch.nn.Module]:
     all. A module is not walked here (its submodules are :func:`_training_flags`' own walk)."""
     out: list[torch.nn.Module] = []
     seen: set[int] = set()
-    budget = [MODULE_BUDGET]
-
-    def look(obj: Any, depth: int) -> None:
+    budget = MODULE_BUDGET
+    # Breadth first: what is held near the top is looked at before the items of a long list beside it (a trainer's
+    # log of 300 dicts spent the budget before the trainer's model was reached, and a hook put on it was not seen).
+    queue: collections.deque[tuple[Any, int]] = collections.deque((obj, WALK_DEPTH) for obj in found)
+    while queue and budget > 0:
+        obj, depth = queue.popleft()
         kind = type(obj)
-        if issubclass(kind, (Tensor, *_SCALARS)) or budget[0] <= 0 or id(obj) in seen:
-            return
-        budget[0] -= 1
+        if issubclass(kind, (Tensor, *_SCALARS)) or id(obj) in seen:
+            continue
+        budget -= 1
         seen.add(id(obj))
         if issubclass(kind, torch.nn.Module):
             out.append(obj)
-            return
+            continue
         if not depth:
-            return
+            continue
         if issubclass(kind, dict):
             items: Iterable[Any] = obj.values()
         elif issubclass(kind, (list, tuple)):
@@ -717,12 +751,8 @@ def _modules_in(found: list[Any]) -> list[torch.nn.Module]:
             if issubclass(kind, types.ModuleType):  # a user's own module (reads): its attributes, no deeper
                 depth = 1
         else:
-            return
-        for v in itertools.islice(items, ITEMS):
-            look(v, depth - 1)
-
-    for obj in found:
-        look(obj, WALK_DEPTH)
+            continue
+        queue.extend((v, depth - 1) for v in itertools.islice(items, ITEMS))
     return out
 
 
@@ -792,6 +822,17 @@ def is_value(x: Any) -> bool:
     return _equals_itself(x)
 
 
+def value_key(x: Any) -> Any:
+    """``x`` as a cache key that tells apart what equality does not: a float by its bits (``-0.0`` from ``0.0``, as
+    ``copysign`` and ``1 / x`` do; a compiled graph built with one was reused for the other, 0.39 off), a complex
+    number by both parts; anything else as it is."""
+    if isinstance(x, float):
+        return ("float", float(x).hex())
+    if isinstance(x, complex):
+        return ("complex", x.real.hex(), x.imag.hex())
+    return x
+
+
 def _equals_itself(x: Any) -> bool:
     try:
         hash(x)
@@ -807,7 +848,7 @@ def _local_atom(x: Any, checksummed: list[int]) -> Any:
     if issubclass(kind, enum.Enum) and is_value(x):  # (an IntEnum, a StrEnum too: a method may read a module's dict)
         return ("value", kind, x, _enum_methods_read(kind))
     if issubclass(kind, _SCALARS):
-        return (x,)
+        return (value_key(x),)
     if issubclass(kind, Tensor):
         size = x.numel() * x.element_size()
         if (kind in (Tensor, torch.nn.Parameter) and x.layout is torch.strided and not x.is_nested
@@ -819,7 +860,7 @@ def _local_atom(x: Any, checksummed: list[int]) -> Any:
     if issubclass(kind, type):  # a class (an activation, a dtype class): with its settings where it is plain
         return _class_key(x)
     if is_value(x):
-        return ("value", kind, x)
+        return ("value", kind, value_key(x))
     if _is_array(x) and not x.dtype.hasobject:  # (an array of objects: walked as a list)
         if x.nbytes <= checksummed[0]:
             checksummed[0] -= x.nbytes

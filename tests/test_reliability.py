@@ -1395,6 +1395,45 @@ def test_a_hook_added_after_the_first_calls_is_seen(where):
         handle.remove()
 
 
+class _Held:  # a class attribute holding the model (``_Held.net``), set by the test
+    net: nn.Module | None = None
+
+
+@pytest.mark.parametrize("reach", ["class attribute", "trainer with a log"])
+def test_a_row_mixing_hook_on_a_model_held_out_of_the_way_is_refused(reach):
+    """The model reached as a class's attribute or behind a trainer's log of 300 small dicts (the walk's budget ran
+    out first): a hook that centres the batch, put on after the first calls, was not seen and the replay scored the
+    mixed rows (2.1 and 1.9 off); the walk now looks at classes' attributes, breadth first."""
+    net = _mlp(4)
+    p = {k: v.detach() for k, v in net.named_parameters()}
+
+    class Trainer:
+        def __init__(self):
+            self.history = [{"loss": [0.1], "acc": [0.2], "lr": [0.3]} for _ in range(300)]
+            self.net = net
+
+        def loss(self, p, batch):
+            return _cross_entropy_of(self.net)(p, batch)
+
+    def held(p, batch):
+        return _cross_entropy_of(_Held.net)(p, batch)
+
+    _Held.net = net
+    model_fn = held if reach == "class attribute" else Trainer().loss
+    train, val = _xy(7, 4), _xy(3, 5)
+    try:
+        for _ in range(3):  # checked, verified, replayed
+            ghostfunc.graddot(model_fn, p, train, val)
+        handle = net[1].register_forward_hook(lambda m, i, o: o - o.mean(0, keepdim=True))
+        try:
+            with pytest.raises(SamplesInteractError, match=r"^graddot: samples interact"):
+                ghostfunc.graddot(model_fn, p, train, val)
+        finally:
+            handle.remove()
+    finally:
+        _Held.net = None
+
+
 class _Centring(nn.Module):
     """A linear layer whose output is centred over the batch when its setting (an attribute, or one of a config
     object it holds) says so, and scaled by ``self.scale``."""
