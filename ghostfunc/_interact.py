@@ -674,27 +674,43 @@ def module_settings(model_fn: Callable) -> tuple[Any, ...]:
         out: list[Any] = []
         configs: dict[int, Any] = {}
         for root in modules_of(model_fn):
-            for m in root.modules():
-                out.append(tuple((k, v) for k, v in vars(m).items()
-                                 if not k.startswith("_") and type(v) in _SETTING_TYPES))
-                configs.update((id(v), v) for k, v in vars(m).items() if not k.startswith("_") and _is_config(v))
+            stack = [root]  # every submodule (as _training_flags walks them)
+            while stack:
+                m = stack.pop()
+                own = []
+                for k, v in m.__dict__.items():
+                    if k[0] == "_":
+                        continue
+                    kind = type(v)
+                    if kind in _SETTING_TYPES:
+                        own.append((k, v))
+                    elif _config_kind(kind):
+                        configs[id(v)] = v
+                out.append(tuple(own))
+                stack.extend(c for c in reversed(m._modules.values()) if c is not None)
         for config in configs.values():  # (shared by many modules: once each)
-            out.append(tuple((k, v) for k, v in vars(config).items() if type(v) in _SETTING_TYPES))
+            held = getattr(config, "__dict__", None) or {}
+            out.append(tuple((k, v) for k, v in held.items() if type(v) in _SETTING_TYPES))
         return tuple(out)
 
     return _scoped("settings", model_fn, compute)
 
 
-_SETTING_TYPES = (bool, int, float, str, type(None))
+_SETTING_TYPES = frozenset({bool, int, float, str, type(None)})
 
 
-def _is_config(obj: Any) -> bool:
-    """Whether ``obj`` is a configuration object a module holds and its forward reads (a Hugging Face
-    ``PretrainedConfig``'s ``mask_time_prob``, ``layerdrop``; a class of one's own named ``...Config``): its plain
-    settings count with the module's (:func:`module_settings`)."""
-    kind = type(obj)
-    return (not issubclass(kind, (torch.nn.Module, Tensor, type)) and hasattr(obj, "__dict__")
-            and any(c.__name__.endswith("Config") for c in kind.__mro__))
+def _config_kind(kind: type) -> bool:
+    """Whether objects of ``kind`` are configuration objects a module holds and its forward reads (a Hugging Face
+    ``PretrainedConfig``'s ``mask_time_prob``, ``layerdrop``; a class of one's own named ``...Config``): their plain
+    settings count with the module's (:func:`module_settings`). Kept per class."""
+    known = _CONFIG_KINDS.get(kind)
+    if known is None:
+        known = _CONFIG_KINDS[kind] = (not issubclass(kind, (torch.nn.Module, Tensor, type))
+                                       and any(c.__name__.endswith("Config") for c in kind.__mro__))
+    return known
+
+
+_CONFIG_KINDS: weakref.WeakKeyDictionary[type, bool] = weakref.WeakKeyDictionary()
 
 
 def _training_flags(model_fn: Callable) -> tuple[Any, ...]:
