@@ -57,7 +57,6 @@ from ._interact import (
     FACTORIES,
     TO_PYTHON,
     InPlaceWriteError,
-    behaviour,
     eager_stance,
     fingerprint,
     is_value,
@@ -65,6 +64,7 @@ from ._interact import (
     param_signature,
     remember,
     retry_writing,
+    training_flags,
     value_key,
 )
 from ._ops import EXACT, TABLE, Direct, Factored, Match, Rule, SamplesInteractError, recognise
@@ -928,7 +928,7 @@ def cached_trace(model_fn: ModelFn, params: Mapping[str, Tensor], batch: Batch, 
     """``compute()``, cached per ``model_fn`` by parameter and batch signature, the modules' flags, classes and
     hooks (:func:`ghostfunc._interact.training_flags`: a hook taken off leaves no stale use behind) and ``how``
     it was traced."""
-    key = (param_signature(params), batch.signature, behaviour(model_fn), how)
+    key = (param_signature(params), batch.signature, training_flags(model_fn), how)
     try:
         cache = _TRACES.setdefault(model_fn, {})
     except TypeError:  # not weak-referenceable: trace every call

@@ -63,7 +63,7 @@ from ._graddot import (
     sum_scores,
     val_weights,
 )
-from ._interact import Identity, _is_array
+from ._interact import Identity, _is_array, steady_settings
 from ._whole import NotDirect, _rows, _Taps, close, per_sample, rng_state, set_rng_state
 
 #: ``model_fn`` -> {(replay key, compute dtype): (the compiled call, the parameter tensors it is called with,
@@ -145,7 +145,9 @@ def scores(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batc
         states = _STATE.setdefault(model_fn, {})
     except TypeError:  # not weak-referenceable: nowhere to keep a compiled call
         return NOT_KEPT
-    key = (replay_key(model_fn, params, train, val, policy, val_reduce), dtype)
+    # (the modules' settings too: dynamo's guards take -0.0 for 0.0, and a setting read through copysign kept
+    # the graph built with the other, 0.92 off; one that changes on every call is left out: steady_settings)
+    key = (replay_key(model_fn, params, train, val, policy, val_reduce), steady_settings(model_fn), dtype)
     known = states.get(key)
     if isinstance(known, str):  # refused before, for this reason
         return known

@@ -280,7 +280,7 @@ def model_state(model_fn: Any, params: Mapping[str, Tensor]) -> dict[str, Any]:
     from ._interact import modules_of, named_reads
 
     described_modules, frozen = [], {}
-    for i, root in enumerate(modules_of(model_fn)):
+    for i, root in enumerate(modules_of(model_fn, wide=False)):  # (as far as the ranks compared before)
         for name, m in root.named_modules():
             if type(m).__name__ in _WRAPPERS:  # (a wrapper's settings are per rank: its device ids)
                 continue

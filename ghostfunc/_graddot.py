@@ -50,7 +50,9 @@ from ._interact import (
     refuse_coupled_draws,
     remember,
     run_with_grads,
+    steady_settings,
     still_zero,
+    training_flags,
     zero_params,
 )
 from ._ops import Direct, Factored
@@ -189,7 +191,7 @@ def routing(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Bat
     """
     state = fresh if isinstance(fresh, Attempt) else Attempt(bool(fresh))
     known = (param_signature(params), train.signature, val.signature,
-             behaviour(model_fn))  # e.g. HF checkpointing runs in training mode only
+             training_flags(model_fn))  # e.g. HF checkpointing runs in training mode only
     tuned = (_calibrate.tuned(model_fn, _calibrate.route_key(model_fn, params, train, val, val_reduce))
              if policy == "auto" else None)
     first = next(iter(params.values()))
@@ -724,6 +726,7 @@ class Replay(NamedTuple):
     routing: Routing
     sites: tuple[Site, ...]
     verdict: tuple
+    settings: tuple = ()  # the modules' settings it ran under (:func:`ghostfunc._interact.steady_settings`)
 
 
 #: ``model_fn`` -> {(:func:`replay_key`, id of the routing): :class:`Replay`}: what a call of a known signature
@@ -736,7 +739,7 @@ _REPLAYS: weakref.WeakKeyDictionary[Any, dict[tuple, Replay]] = weakref.WeakKeyD
 def replay_key(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batch, policy: str,
                 val_reduce: str) -> tuple:
     return (param_signature(params), train.signature, val.signature, train.size, val.size,
-            behaviour(model_fn), policy, val_reduce)
+            training_flags(model_fn), policy, val_reduce)
 
 
 def _replay(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batch, where: str, policy: str,
@@ -747,12 +750,17 @@ def _replay(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Bat
     rep = replay_of(model_fn, params, train, val, where, policy, val_reduce)
     if rep is None:
         return None
-    try:
-        t, v = _whole.rerun(model_fn, params, (train, val), rep.sites)
+    try:  # (settings moved since: a draw from NumPy's or Python's generator is looked for, as the full path notes it)
+        t, v = _whole.rerun(model_fn, params, (train, val), rep.sites, host=steady_settings(model_fn) != rep.settings)
     except Exception:  # noqa: BLE001 - a guard (NotDirect) or the model's own error: the full path runs
         forget(model_fn, params, train, val, policy, val_reduce, rep)
         return None
-    return _streamed_of(rep.routing, t, v, params, val_reduce, val.size)
+    st = _streamed_of(rep.routing, t, v, params, val_reduce, val.size)
+    try:  # (a signature whose capture drew from NumPy's or Python's generator: the note the full path gives)
+        drew = _HOST.get(model_fn, {}).get(_draws_key(model_fn, params, (train, val)))
+    except TypeError:
+        drew = None
+    return st._replace(plan=noted(st.plan, [HOST_DRAWS])) if drew else st
 
 
 def replay_of(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batch, where: str, policy: str,
@@ -796,7 +804,8 @@ def _remember(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: B
         book = _REPLAYS.setdefault(model_fn, {})
     except TypeError:
         return
-    remember(book, (replay_key(model_fn, params, train, val, policy, val_reduce), id(r)), Replay(r, sites, verdict))
+    remember(book, (replay_key(model_fn, params, train, val, policy, val_reduce), id(r)),
+             Replay(r, sites, verdict, steady_settings(model_fn)))
 
 
 def _streamed_of(r: Routing, t: Half, v: Half, params: dict[str, Tensor], val_reduce: str, m: int) -> Streamed:

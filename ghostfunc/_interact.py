@@ -627,18 +627,20 @@ def _names(code: types.CodeType) -> tuple[str, ...]:
 _HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
 
 
-def modules_of(model_fn: Callable) -> list[torch.nn.Module]:
+def modules_of(model_fn: Callable, wide: bool = True) -> list[torch.nn.Module]:
     """The modules ``model_fn`` reads (:func:`reads`, then :func:`_modules_in`), walked once per public call, also
     among the attributes of the user's classes it reads (``Cfg.model``: a hook put on such a model after a first
-    call was not seen, and the replay scored rows the hook mixed, 2.1 off)."""
+    call was not seen, and the replay scored rows the hook mixed, 2.1 off). ``wide=False``: among what it reads
+    and their items and attributes only, as the ranks' comparison of their models looks (``ghostfunc._dist``: a
+    module found only further off, a per-rank meter held on a class, was refused as another model)."""
     def compute() -> list[torch.nn.Module]:
         classes: list[type] = []
-        found = [v for _, v in named_reads(model_fn, classes)]
+        found = [v for _, v in named_reads(model_fn, classes if wide else None)]
         held = [v for c in classes for k in c.__mro__ if _own_class(k) for v in vars(k).values()
                 if not issubclass(type(v), _CODE)]
-        return _modules_in([*found, *held])
+        return _modules_in([*found, *held], wide)
 
-    return _scoped("modules", model_fn, compute)
+    return _scoped(("modules", wide), model_fn, compute)
 
 
 #: A class's attributes that are code, not what it holds (:func:`modules_of`).
@@ -657,56 +659,131 @@ def _own_class(kind: type) -> bool:
 
 
 def behaviour(model_fn: Callable) -> tuple[Any, ...]:
-    """What every verdict on how ``model_fn`` runs is kept under (the interaction checks, traces, whole-batch
-    verdicts, replays): :func:`training_flags` and :func:`module_settings`. A module's setting that switches a
-    batch statistic on after a first call (``self.center = True`` for ``h - h.mean(0)``) was not checked again:
-    the replay scored it silently (the loop's gradients were 0). The routing race keeps the flags alone (its
-    timings hold whatever the settings)."""
-    return training_flags(model_fn), module_settings(model_fn)
+    """What the checks that samples do not interact are kept under (:func:`check_model`, the training step's
+    gradient checks, the group-by-group comparison, the draws' verdicts): :func:`training_flags` and
+    :func:`module_settings`. A module's setting that switches a batch statistic on after a first call
+    (``self.center = True`` for ``h - h.mean(0)``) was not checked again: the replay scored it silently (the
+    loop's gradients were 0). Traces, routings, whole-batch verdicts and replays keep the flags alone: keyed by
+    the settings too, a setting that changes on every call (a counter the forward bumps, a temperature schedule)
+    traced and verified every call (10x a call); and a setting that changed on each of :data:`CHURN` calls in a
+    row (a counter, a schedule) is left out from then on (checked on every call, such a model took 2.7x a call)."""
+    return training_flags(model_fn), steady_settings(model_fn)
+
+
+#: After how many calls in a row that each changed it a setting counts as one that changes every call, and is left
+#: out of :func:`behaviour` (:func:`steady_settings`).
+CHURN = 3
+
+
+def steady_settings(model_fn: Callable) -> tuple[Any, ...]:
+    """:func:`module_settings` without those that changed on each of the last :data:`CHURN` calls of this
+    ``model_fn`` (a step counter its forward bumps, a temperature annealed per step: once left out, for good).
+    A setting switched once (a mode flag) stays in, so the next call checks again."""
+    def compute() -> tuple[Any, ...]:
+        now = module_settings(model_fn)
+        try:
+            last, counts = _CHURNS.get(model_fn, ((), {}))
+        except TypeError:  # not weak-referenceable: nothing to compare with
+            return now
+        before = dict(last)
+        counts = {k: (counts.get(k, 0) + 1 if k in before and before[k] != v else
+                      counts.get(k, 0) if counts.get(k, 0) >= CHURN else 0) for k, v in now}
+        _CHURNS[model_fn] = (now, counts)
+        return tuple((k, v) for k, v in now if counts[k] < CHURN)
+
+    return _scoped("steady", model_fn, compute)
+
+
+_CHURNS: weakref.WeakKeyDictionary[Any, tuple[tuple[Any, ...], dict[Any, int]]] = weakref.WeakKeyDictionary()
 
 
 def module_settings(model_fn: Callable) -> tuple[Any, ...]:
-    """The plain settings (numbers, strings, ``None``) every submodule of the modules ``model_fn`` reads holds,
-    once per public call: what a verdict that depends on how the model runs is kept under besides
-    :func:`training_flags` (a module switched to drop its activations sequence-first kept the first call's
-    verdict on its random draws: 0.27 off)."""
+    """The plain settings every submodule of the modules ``model_fn`` reads holds, once per public call: numbers
+    (floats by their bits), strings, bools, ``None``, enum members, NumPy scalars and short tuples of them, under
+    any name but a dunder's (``self._center`` too), on the instance or on a class of the user's own; and those of
+    the objects a module holds that hold settings (a Hugging Face ``PretrainedConfig``, a dataclass, a
+    ``SimpleNamespace``, a dict of hyperparameters, a class of one's own named ``...Config``; and such objects
+    inside them, one level down). What :func:`behaviour` adds to :func:`training_flags` (a module switched to drop
+    its activations sequence-first kept the first call's verdict on its random draws: 0.27 off; h43: an enum mode,
+    a private bool, an hparams dict switching a batch mean on were not seen)."""
     def compute() -> tuple[Any, ...]:
         out: list[Any] = []
-        configs: dict[int, Any] = {}
+        holders: dict[int, Any] = {}
+        classes: dict[type, None] = {}
+        at = 0
         for root in modules_of(model_fn):
             stack = [root]  # every submodule (as _training_flags walks them)
             while stack:
                 m = stack.pop()
-                own = []
-                for k, v in m.__dict__.items():
-                    if k[0] == "_":
-                        continue
-                    kind = type(v)
-                    if kind in _SETTING_TYPES:
-                        own.append((k, v))
-                    elif _config_kind(kind):
-                        configs[id(v)] = v
-                out.append(tuple(own))
+                out += _settings_of(m.__dict__, holders, ("module", at))
+                at += 1
+                classes[type(m)] = None
                 stack.extend(c for c in reversed(m._modules.values()) if c is not None)
-        for config in configs.values():  # (shared by many modules: once each)
-            held = getattr(config, "__dict__", None) or {}
-            out.append(tuple((k, v) for k, v in held.items() if type(v) in _SETTING_TYPES))
+        for kind in classes:  # (a class attribute the forward reads: self.mode set on the class)
+            if _own_class(kind):
+                out += _settings_of(dict(vars(kind)), None, ("class", kind))
+        for depth in range(2):  # (a config's sub-config: one level down)
+            found, holders = holders, {}
+            for i, holder in enumerate(found.values()):
+                held = dict.items(holder) if isinstance(holder, dict) else (getattr(holder, "__dict__", None) or {}).items()
+                out += _settings_of(dict(itertools.islice(held, ITEMS)), holders if depth == 0 else None,
+                                    ("held", depth, i))
         return tuple(out)
 
     return _scoped("settings", model_fn, compute)
 
 
 _SETTING_TYPES = frozenset({bool, int, float, str, type(None)})
+_NOT_A_SETTING = object()
+
+
+def _settings_of(attrs: dict[str, Any], holders: dict[int, Any] | None, where: Any) -> list[tuple[Any, Any]]:
+    """The plain settings among ``attrs`` (:func:`module_settings`), each as ``((where, name), key)``, and into
+    ``holders`` the objects among them that hold settings."""
+    own = []
+    for k, v in attrs.items():
+        if not isinstance(k, str) or k.startswith("__"):
+            continue
+        key = _setting(v)
+        if key is not _NOT_A_SETTING:
+            own.append(((where, k), key))
+        elif holders is not None and _holds_settings(v):
+            holders[id(v)] = v
+    return own
+
+
+def _setting(v: Any) -> Any:
+    """``v``'s key as a plain setting (:func:`value_key`), or :data:`_NOT_A_SETTING`."""
+    kind = type(v)
+    if kind in _SETTING_TYPES:
+        return value_key(v)
+    if issubclass(kind, enum.Enum):
+        return (kind, v.name)
+    if kind is tuple and len(v) <= 16:
+        items = tuple(_setting(x) for x in v)
+        return _NOT_A_SETTING if any(x is _NOT_A_SETTING for x in items) else items
+    numpy = sys.modules.get("numpy")
+    if numpy is not None and issubclass(kind, numpy.generic) and v.dtype.kind in "biufc":
+        return (kind, value_key(v.item()))
+    return _NOT_A_SETTING
+
+
+def _holds_settings(v: Any) -> bool:
+    """Whether ``v`` is an object a module holds for its settings (a config, a dataclass, a namespace, a dict)."""
+    kind = type(v)
+    if kind is dict or kind is types.SimpleNamespace:
+        return True
+    return _config_kind(kind)
 
 
 def _config_kind(kind: type) -> bool:
-    """Whether objects of ``kind`` are configuration objects a module holds and its forward reads (a Hugging Face
-    ``PretrainedConfig``'s ``mask_time_prob``, ``layerdrop``; a class of one's own named ``...Config``): their plain
-    settings count with the module's (:func:`module_settings`). Kept per class."""
+    """Whether objects of ``kind`` are configuration objects: a Hugging Face ``PretrainedConfig``, a class of one's
+    own named ``...Config`` (or deriving from one), a dataclass, an ``argparse.Namespace``. Kept per class."""
     known = _CONFIG_KINDS.get(kind)
     if known is None:
-        known = _CONFIG_KINDS[kind] = (not issubclass(kind, (torch.nn.Module, Tensor, type))
-                                       and any(c.__name__.endswith("Config") for c in kind.__mro__))
+        known = _CONFIG_KINDS[kind] = (not issubclass(kind, (torch.nn.Module, Tensor, type)) and (
+            any(c.__name__.endswith("Config") for c in kind.__mro__) or hasattr(kind, "__dataclass_fields__")
+            or kind.__name__ == "Namespace"))
     return known
 
 
@@ -735,41 +812,77 @@ def _training_flags(model_fn: Callable) -> tuple[Any, ...]:
     return tuple(flags)
 
 
-def _modules_in(found: list[Any]) -> list[torch.nn.Module]:
+def _modules_in(found: list[Any], wide: bool = True) -> list[torch.nn.Module]:
     """The modules among ``found`` and, down to :data:`WALK_DEPTH` levels (as :func:`state_of` looks), among the
-    items of its dicts, lists and tuples and the attributes of its other objects (a trainer object holding the
-    model in a list, a config dict of dicts): the first :data:`ITEMS` of each, :data:`MODULE_BUDGET` looks in
-    all. A module is not walked here (its submodules are :func:`_training_flags`' own walk)."""
+    items of its dicts, lists and tuples (read as the built-in types read them: a subclass's own ``values()`` is not
+    called), the attributes of its other objects and of their classes of the user's own (``Holder().model`` set
+    on the class), and what the functions, bound methods, ``functools.partial`` objects and weak references among
+    them hold (a lambda kept in a dict, a trainer's bound method): the first :data:`ITEMS` of each,
+    :data:`MODULE_BUDGET` objects looked into (or found to be modules) in all. A module is not walked here (its
+    submodules are :func:`_training_flags`' own walk)."""
     out: list[torch.nn.Module] = []
     seen: set[int] = set()
+    queue: collections.deque[tuple[Any, int]] = collections.deque()
+
+    def meet(objs: Iterable[Any], depth: int) -> None:  # a module is taken as it is met, the rest queued
+        for v in objs:
+            kind = type(v)
+            if issubclass(kind, (Tensor, *_SCALARS)) or id(v) in seen:
+                continue
+            if issubclass(kind, torch.nn.Module):
+                seen.add(id(v))
+                out.append(v)
+            elif depth > 0:
+                queue.append((v, depth))
+
+    # Breadth first, modules taken as they are met: what is held near the top is looked into before the items of a
+    # long list beside it, and only what is looked into costs (a trainer's log of 300 dicts spent the budget before
+    # the trainer's model was reached, and a hook put on it was not seen; h43: one of small lists, too).
+    meet(found, WALK_DEPTH)
     budget = MODULE_BUDGET
-    # Breadth first: what is held near the top is looked at before the items of a long list beside it (a trainer's
-    # log of 300 dicts spent the budget before the trainer's model was reached, and a hook put on it was not seen).
-    queue: collections.deque[tuple[Any, int]] = collections.deque((obj, WALK_DEPTH) for obj in found)
     while queue and budget > 0:
         obj, depth = queue.popleft()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
         kind = type(obj)
-        if issubclass(kind, (Tensor, *_SCALARS)) or id(obj) in seen:
+        items = _held_by(obj, kind, wide)
+        if items is None:
             continue
         budget -= 1
-        seen.add(id(obj))
-        if issubclass(kind, torch.nn.Module):
-            out.append(obj)
-            continue
-        if not depth:
-            continue
-        if issubclass(kind, dict):
-            items: Iterable[Any] = obj.values()
-        elif issubclass(kind, (list, tuple)):
-            items = obj
-        elif (attrs := _attributes(obj)) is not None:
-            items = attrs.values()
-            if issubclass(kind, types.ModuleType):  # a user's own module (reads): its attributes, no deeper
-                depth = 1
-        else:
-            continue
-        queue.extend((v, depth - 1) for v in itertools.islice(items, ITEMS))
+        if issubclass(kind, types.ModuleType):  # a user's own module (reads): its attributes, no deeper
+            depth = 1
+        meet(itertools.islice(items, ITEMS), depth - 1)
     return out
+
+
+def _held_by(obj: Any, kind: type, wide: bool = True) -> Iterable[Any] | None:
+    """What :func:`_modules_in` looks at inside ``obj`` (``None``: nothing); not ``wide``: containers' items and
+    objects' own attributes only."""
+    if issubclass(kind, dict):
+        return dict.values(obj)
+    if issubclass(kind, list):
+        return list.__iter__(obj)
+    if issubclass(kind, tuple):
+        return tuple.__iter__(obj)
+    if not wide:
+        attrs = None if issubclass(kind, (type, types.FunctionType, types.MethodType)) else _attributes(obj)
+        return None if attrs is None else attrs.values()
+    if issubclass(kind, types.FunctionType):  # a lambda or a helper kept in a container or an attribute
+        return (v for _, v in _function_reads(obj))
+    if issubclass(kind, types.MethodType):
+        return iter((obj.__self__, obj.__func__))
+    if issubclass(kind, functools.partial):
+        return iter((obj.func, *obj.args, *obj.keywords.values()))
+    if issubclass(kind, weakref.ref):
+        return iter((obj(),))
+    if issubclass(kind, type):
+        return None
+    attrs = _attributes(obj)
+    if _own_class(kind):  # (what its class holds too: Holder.model read as self.model)
+        held = [v for c in kind.__mro__ if _own_class(c) for v in vars(c).values() if not issubclass(type(v), _CODE)]
+        return itertools.chain(() if attrs is None else attrs.values(), held)
+    return None if attrs is None else attrs.values()
 
 
 #: The most objects :func:`_modules_in` looks at per call (each call of graddot walks them: a trainer object

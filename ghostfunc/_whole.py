@@ -61,8 +61,8 @@ from ._capture import (
     rewritten,
     unchanged,
 )
-from ._draws import rng_state, set_rng_state
-from ._interact import TO_PYTHON, behaviour, eager_stance, param_signature, remember, still_zero, zero_params
+from ._draws import host_states, rng_state, same_host_states, set_host_states, set_rng_state
+from ._interact import TO_PYTHON, eager_stance, param_signature, remember, still_zero, training_flags, zero_params
 from ._ops import EXACT, TABLE, Direct, Factored, recognise
 from ._ops.rnn import RECURRENT
 
@@ -312,13 +312,18 @@ def run_losses(halves: Sequence[Half], batches: Sequence[Batch], traces: Sequenc
 
 
 def rerun(model_fn: ModelFn, params: Mapping[str, Tensor], batches: Sequence[Batch],
-          sites: tuple[Site, ...]) -> list[Half]:
+          sites: tuple[Site, ...], host: bool = False) -> list[Half]:
     """:func:`capture` of ``batches`` run together again, where an earlier call of the same signature ran
     them together under the kept ``sites`` and the per-sample capture agreed: without re-deciding any of
     that. Every run-time guard of the whole-batch run stays; a non-finite loss raises :class:`NotDirect`
-    too (the per-sample path names the rows)."""
+    too (the per-sample path names the rows), and with ``host`` so does a draw from NumPy's or Python's global
+    generator (undone: the full path notes it; 30-75 µs, asked for where the modules' settings moved)."""
     leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+    before = host_states() if host else None
     (half,) = _capture(model_fn, leaves, [_join(batches)], [sites], {id(v): k for k, v in leaves.items()})
+    if before is not None and not same_host_states(before, host_states()):
+        set_host_states(before)
+        raise NotDirect("the model draws from NumPy's or Python's generator")
     if not bool(torch.isfinite(half.loss).all()):
         raise NotDirect("a loss is not finite")
     return _split(half, batches)
@@ -344,7 +349,7 @@ def refused(model_fn: ModelFn, key: tuple) -> bool:
 
 def verdict_key(model_fn: ModelFn, params: Mapping[str, Tensor], batches: Sequence[Batch], kernel: set[str]) -> tuple:
     """The key :func:`verified` keeps the verdict of :func:`capture` under (with the training flags)."""
-    return capture_key(params, batches, kernel), behaviour(model_fn)
+    return capture_key(params, batches, kernel), training_flags(model_fn)
 
 
 def _capture(model_fn: ModelFn, params: Mapping[str, Tensor], batches: Sequence[Batch],
@@ -431,7 +436,7 @@ def verified(model_fn: ModelFn, params: Mapping[str, Tensor], key: tuple, exact:
         seen = _VERIFIED.setdefault(model_fn, {})
     except TypeError:  # not weak-referenceable: nowhere to remember a verdict
         return exact()
-    key = (key, behaviour(model_fn))
+    key = (key, training_flags(model_fn))
     verdict = seen.get(key)
     if verdict is False:
         return exact()

@@ -25,6 +25,7 @@ import functools
 import math
 import shutil
 import types
+import weakref
 
 import numpy as np
 import pytest
@@ -1399,7 +1400,60 @@ class _Held:  # a class attribute holding the model (``_Held.net``), set by the 
     net: nn.Module | None = None
 
 
-@pytest.mark.parametrize("reach", ["class attribute", "trainer with a log"])
+class _LazyDict(dict):
+    """A dict subclass whose own ``values()`` must not run (a lazy loader's)."""
+
+    def values(self):
+        raise AssertionError("the walk called a container's own values()")
+
+
+class _Box:
+    def __init__(self, net):
+        self.net = net
+
+    def get(self):
+        return self.net
+
+
+class _OnClass:  # an instance whose class holds the model (self.net read from the class)
+    net: nn.Module | None = None
+
+
+REACHES = {  # how model_fn reaches the model: (what it reads, given the model) -> the module as it reads it
+    "class attribute": lambda net: _Held,
+    "trainer with a log": None,
+    "instance of a class holding it": lambda net: _OnClass(),
+    "lambda in a dict": lambda net: {"get": lambda: net},
+    "bound method kept": lambda net: types.SimpleNamespace(get=_Box(net).get),
+    "partial in a list": lambda net: [functools.partial(lambda m: m, net)],
+    "weak reference": lambda net: types.SimpleNamespace(ref=weakref.ref(net)),
+    "beside a log of small lists": lambda net: types.SimpleNamespace(state=types.SimpleNamespace(models={"n": net})),
+    "in a lazy dict": lambda net: _LazyDict(n=net),
+}
+
+
+def _unwrap(holder, reach):
+    if reach == "class attribute":
+        return holder.net
+    if reach == "instance of a class holding it":
+        return holder.net
+    if reach == "lambda in a dict":
+        return holder["get"]()
+    if reach == "bound method kept":
+        return holder.get()
+    if reach == "partial in a list":
+        return holder[0]()
+    if reach == "weak reference":
+        return holder.ref()
+    if reach == "beside a log of small lists":
+        return holder.state.models["n"]
+    return dict.__getitem__(holder, "n")
+
+
+_LOG = [{"step": i, "lrs": [0.1], "losses": [0.5], "norms": [1.0], "seen": [i]} for i in range(300)]
+
+
+@pytest.mark.parametrize("reach", list(REACHES))
 def test_a_row_mixing_hook_on_a_model_held_out_of_the_way_is_refused(reach):
     """The model reached as a class's attribute or behind a trainer's log of 300 small dicts (the walk's budget ran
     out first): a hook that centres the batch, put on after the first calls, was not seen and the replay scored the
@@ -1415,11 +1469,17 @@ def test_a_row_mixing_hook_on_a_model_held_out_of_the_way_is_refused(reach):
         def loss(self, p, batch):
             return _cross_entropy_of(self.net)(p, batch)
 
-    def held(p, batch):
-        return _cross_entropy_of(_Held.net)(p, batch)
+    _Held.net = _OnClass.net = net
+    if reach == "trainer with a log":
+        model_fn = Trainer().loss
+    else:
+        holder = REACHES[reach](net)
 
-    _Held.net = net
-    model_fn = held if reach == "class attribute" else Trainer().loss
+        def model_fn(p, batch):
+            if len(_LOG) < 0:  # (reads the log: a list of small dicts of small lists beside the model)
+                print(_LOG)
+            return _cross_entropy_of(_unwrap(holder, reach))(p, batch)
+
     train, val = _xy(7, 4), _xy(3, 5)
     try:
         for _ in range(3):  # checked, verified, replayed
@@ -1431,7 +1491,24 @@ def test_a_row_mixing_hook_on_a_model_held_out_of_the_way_is_refused(reach):
         finally:
             handle.remove()
     finally:
-        _Held.net = None
+        _Held.net = _OnClass.net = None
+
+
+def test_the_ranks_compare_the_modules_they_compared_before():
+    """``modules_of(wide=False)``, what ``ghostfunc._dist`` compares across ranks, looks where it looked before the
+    wider walk (a per-rank meter module held on a class the loss reads was refused as another model)."""
+    from ghostfunc._interact import modules_of, one_call
+
+    net = _mlp(5)
+
+    class Run:
+        model = net
+
+    def model_fn(p, batch):
+        return _cross_entropy_of(Run.model)(p, batch)
+
+    with one_call():
+        assert net in modules_of(model_fn) and net not in modules_of(model_fn, wide=False)
 
 
 class _Centring(nn.Module):
@@ -1441,6 +1518,8 @@ class _Centring(nn.Module):
     class CentringConfig:
         centre = False
 
+    ON = False
+
     def __init__(self) -> None:
         super().__init__()
         self.lin = nn.Linear(4, 4)
@@ -1448,10 +1527,40 @@ class _Centring(nn.Module):
 
     def forward(self, x):
         h = self.lin(x) * self.scale
-        return h - h.mean(0) if self.centre or self.config.centre else h
+        on = (self.centre or self.config.centre or getattr(self, "_on", False) or getattr(self, "mode", None) is
+              _Mode.CENTRE or bool(getattr(self, "flag", False)) or _hp_on(getattr(self, "hp", None)) or
+              getattr(getattr(self.config, "sub", None), "centre", False) or type(self).ON)
+        return h - h.mean(0) if on else h
 
 
-@pytest.mark.parametrize("setting", ["attribute", "config"])
+def _hp_on(hp):
+    return bool(hp["centre"] if isinstance(hp, dict) else getattr(hp, "centre", False))
+
+
+class _Mode(enum.Enum):
+    PLAIN = 0
+    CENTRE = 1
+
+
+@dataclasses.dataclass
+class _Hparams:
+    centre: bool = False
+
+
+SWITCHES = {  # where a module keeps the flag that switches a batch mean on: (set up, switch on)
+    "attribute": (lambda m: None, lambda m: setattr(m, "centre", True)),
+    "config": (lambda m: None, lambda m: setattr(m.config, "centre", True)),
+    "private attribute": (lambda m: setattr(m, "_on", False), lambda m: setattr(m, "_on", True)),
+    "enum": (lambda m: setattr(m, "mode", _Mode.PLAIN), lambda m: setattr(m, "mode", _Mode.CENTRE)),
+    "numpy bool": (lambda m: setattr(m, "flag", np.bool_(False)), lambda m: setattr(m, "flag", np.bool_(True))),
+    "hparams dict": (lambda m: setattr(m, "hp", {"centre": False}), lambda m: m.hp.update(centre=True)),
+    "dataclass": (lambda m: setattr(m, "hp", _Hparams()), lambda m: setattr(m.hp, "centre", True)),
+    "sub-config": (lambda m: setattr(m.config, "sub", type(m.config)()), lambda m: setattr(m.config.sub, "centre", True)),
+    "class attribute": (lambda m: None, lambda m: setattr(type(m), "ON", True)),
+}
+
+
+@pytest.mark.parametrize("setting", list(SWITCHES))
 @pytest.mark.parametrize("entry", ["graddot", "train_step"])
 def test_a_modules_setting_changed_after_the_first_calls_is_checked_again(setting, entry):
     """A module's plain setting (a bool attribute, or one of a config object it holds, as a Hugging Face model
@@ -1459,7 +1568,10 @@ def test_a_modules_setting_changed_after_the_first_calls_is_checked_again(settin
     verdict and the replay were kept under the train/eval flags, classes and hooks only, and the replay scored the
     coupled batch silently (the loop's gradients were 0, ghostfunc's not). A setting changed on every call (a scale
     annealed per step) is checked again each time and stays exact."""
-    net = nn.Sequential(_Centring(), nn.Tanh(), nn.Linear(4, 3)).to(F64)
+    kind = type("Centring", (_Centring,), {})  # (a class of its own: the class attribute set below stays here)
+    net = nn.Sequential(kind(), nn.Tanh(), nn.Linear(4, 3)).to(F64)
+    setup, switch = SWITCHES[setting]
+    setup(net[0])
     p = {k: v.detach() for k, v in net.named_parameters()}
     model_fn = _cross_entropy_of(net)
     train, val = _xy(7, 4), _xy(3, 5)
@@ -1474,12 +1586,32 @@ def test_a_modules_setting_changed_after_the_first_calls_is_checked_again(settin
         net[0].scale = scale
         call()
         assert_exact(model_fn, p, train, val, f"scale {scale}", [("auto", "mean")])
-    if setting == "attribute":
-        net[0].centre = True
-    else:
-        net[0].config.centre = True
+    switch(net[0])
     with pytest.raises(SamplesInteractError, match=rf"^{entry}: samples interact"):
         call()
+
+
+def test_a_setting_that_changes_on_every_call_is_not_checked_on_every_call(monkeypatch):
+    """A counter the forward bumps, a temperature annealed per call: keyed by the settings, every call checked again
+    (2.7x a call; traced and verified again, 10x). After :data:`ghostfunc._interact.CHURN` calls that each changed
+    it, such a setting is left out; a flag switched once later on is still seen."""
+    from ghostfunc import _interact
+
+    checks = []
+    run = _interact._check_batch
+    monkeypatch.setattr(_interact, "_check_batch", lambda *a, **k: checks.append(1) or run(*a, **k))
+    net = nn.Sequential(_Centring(), nn.Tanh(), nn.Linear(4, 3)).to(F64)
+    p = {k: v.detach() for k, v in net.named_parameters()}
+    model_fn = _cross_entropy_of(net)
+    train, val = _xy(7, 4), _xy(3, 5)
+    for call in range(12):
+        net[0].scale = 1.0 - 0.01 * call
+        net[0].calls = call
+        assert_exact(model_fn, p, train, val, f"call {call}", [("auto", "mean")])
+    assert len(checks) <= 2 * (_interact.CHURN + 1), len(checks)  # (train and val batches, until it is left out)
+    net[0].centre = True
+    with pytest.raises(SamplesInteractError, match=r"^graddot: samples interact"):
+        ghostfunc.graddot(model_fn, p, train, val)
 
 
 @pytest.mark.parametrize("change", ["swapped submodule", "instance forward", "class forward"])
