@@ -737,43 +737,70 @@ _SETTING_TYPES = frozenset({bool, int, float, str, type(None)})
 _NOT_A_SETTING = object()
 
 
+#: What every ``nn.Module`` keeps in its ``__dict__`` (parameters, buffers, submodules, hooks, ``training``): not
+#: settings (:func:`training_flags` reads the flag and the hooks).
+_MODULE_OWN = frozenset(vars(torch.nn.Module()))
+
+
 def _settings_of(attrs: dict[str, Any], holders: dict[int, Any] | None, where: Any) -> list[tuple[Any, Any]]:
     """The plain settings among ``attrs`` (:func:`module_settings`), each as ``((where, name), key)``, and into
     ``holders`` the objects among them that hold settings."""
     own = []
     for k, v in attrs.items():
-        if not isinstance(k, str) or k.startswith("__"):
+        if type(k) is not str or k in _MODULE_OWN or k.startswith("__"):
             continue
-        key = _setting(v)
-        if key is not _NOT_A_SETTING:
+        form = _FORMS.get(type(v))
+        if form is None:
+            form = _form(type(v))
+        if form is _F_PLAIN:
+            own.append(((where, k), value_key(v)))
+        elif form is _F_HOLDER:
+            if holders is not None:
+                holders[id(v)] = v
+        elif form is not _F_OTHER and (key := _setting(v)) is not _NOT_A_SETTING:
             own.append(((where, k), key))
-        elif holders is not None and _holds_settings(v):
-            holders[id(v)] = v
     return own
+
+
+_F_PLAIN, _F_ENUM, _F_TUPLE, _F_NUMPY, _F_HOLDER, _F_OTHER = "plain", "enum", "tuple", "numpy", "holder", "other"
+#: Each class's :func:`_form` (kept: the settings' walk reads hundreds of attributes per call).
+_FORMS: dict[type, str] = {}
+
+
+def _form(kind: type) -> str:
+    """What a value of ``kind`` is to :func:`module_settings`: a plain setting, an enum member, a tuple, a NumPy
+    scalar, an object that holds settings (a config, a dataclass, a namespace, a dict), or none of these."""
+    numpy = sys.modules.get("numpy")
+    if kind in _SETTING_TYPES:
+        form = _F_PLAIN
+    elif issubclass(kind, enum.Enum):
+        form = _F_ENUM
+    elif kind is tuple:
+        form = _F_TUPLE
+    elif numpy is not None and issubclass(kind, numpy.generic):
+        form = _F_NUMPY
+    elif kind is dict or kind is types.SimpleNamespace or _config_kind(kind):
+        form = _F_HOLDER
+    else:
+        form = _F_OTHER
+    if len(_FORMS) < 4096:
+        _FORMS[kind] = form
+    return form
 
 
 def _setting(v: Any) -> Any:
     """``v``'s key as a plain setting (:func:`value_key`), or :data:`_NOT_A_SETTING`."""
-    kind = type(v)
-    if kind in _SETTING_TYPES:
+    form = _FORMS.get(type(v)) or _form(type(v))
+    if form is _F_PLAIN:
         return value_key(v)
-    if issubclass(kind, enum.Enum):
-        return (kind, v.name)
-    if kind is tuple and len(v) <= 16:
+    if form is _F_ENUM:
+        return (type(v), v.name)
+    if form is _F_TUPLE and len(v) <= 16:
         items = tuple(_setting(x) for x in v)
         return _NOT_A_SETTING if any(x is _NOT_A_SETTING for x in items) else items
-    numpy = sys.modules.get("numpy")
-    if numpy is not None and issubclass(kind, numpy.generic) and v.dtype.kind in "biufc":
-        return (kind, value_key(v.item()))
+    if form is _F_NUMPY and v.dtype.kind in "biufc":
+        return (type(v), value_key(v.item()))
     return _NOT_A_SETTING
-
-
-def _holds_settings(v: Any) -> bool:
-    """Whether ``v`` is an object a module holds for its settings (a config, a dataclass, a namespace, a dict)."""
-    kind = type(v)
-    if kind is dict or kind is types.SimpleNamespace:
-        return True
-    return _config_kind(kind)
 
 
 def _config_kind(kind: type) -> bool:
