@@ -63,7 +63,7 @@ from ._graddot import (
     sum_scores,
     val_weights,
 )
-from ._interact import Identity, _is_array, steady_settings
+from ._interact import Identity, _is_array, negative_zeros, steady_settings
 from ._whole import NotDirect, _rows, _Taps, close, per_sample, rng_state, set_rng_state
 
 #: ``model_fn`` -> {(replay key, compute dtype): (the compiled call, the parameter tensors it is called with,
@@ -147,7 +147,8 @@ def scores(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batc
         return NOT_KEPT
     # (the modules' settings too: dynamo's guards take -0.0 for 0.0, and a setting read through copysign kept
     # the graph built with the other, 0.92 off; one that changes on every call is left out: steady_settings)
-    key = (replay_key(model_fn, params, train, val, policy, val_reduce), steady_settings(model_fn), dtype)
+    key = (replay_key(model_fn, params, train, val, policy, val_reduce), steady_settings(model_fn),
+           negative_zeros(model_fn), dtype)  # (a churning setting at -0.0: h44, 0.55 off)
     known = states.get(key)
     if isinstance(known, str):  # refused before, for this reason
         return known

@@ -697,6 +697,16 @@ def steady_settings(model_fn: Callable) -> tuple[Any, ...]:
 _CHURNS: weakref.WeakKeyDictionary[Any, tuple[tuple[Any, ...], dict[Any, int]]] = weakref.WeakKeyDictionary()
 
 
+def negative_zeros(model_fn: Callable) -> tuple[Any, ...]:
+    """The settings (:func:`module_settings`, churning ones too) that are ``-0.0`` now: what a compiled graph is kept
+    under besides :func:`steady_settings`, since dynamo's guards take ``-0.0`` for ``0.0`` (a schedule that reached
+    0.0 and then -0.0, read through ``copysign``, kept the graph built at 0.0: 0.55 off)."""
+    return tuple(k for k, v in module_settings(model_fn) if v == _NEGATIVE_ZERO)
+
+
+_NEGATIVE_ZERO = ("float", (-0.0).hex())  # (value_key(-0.0))
+
+
 def module_settings(model_fn: Callable) -> tuple[Any, ...]:
     """The plain settings every submodule of the modules ``model_fn`` reads holds, once per public call: numbers
     (floats by their bits), strings, bools, ``None``, enum members, NumPy scalars and short tuples of them, under
@@ -719,14 +729,14 @@ def module_settings(model_fn: Callable) -> tuple[Any, ...]:
                 at += 1
                 classes[type(m)] = None
                 stack.extend(c for c in reversed(m._modules.values()) if c is not None)
-        for kind in classes:  # (a class attribute the forward reads: self.mode set on the class)
-            if _own_class(kind):
-                out += _settings_of(dict(vars(kind)), None, ("class", kind))
+        bases = dict.fromkeys(c for kind in classes for c in kind.__mro__ if _own_class(c))
+        for kind in bases:  # (a class attribute the forward reads: self.mode set on the class or a base of it)
+            out += _settings_of(dict(vars(kind)), holders, ("class", kind))
         for depth in range(2):  # (a config's sub-config: one level down)
             found, holders = holders, {}
             for i, holder in enumerate(found.values()):
-                held = dict.items(holder) if isinstance(holder, dict) else (getattr(holder, "__dict__", None) or {}).items()
-                out += _settings_of(dict(itertools.islice(held, ITEMS)), holders if depth == 0 else None,
+                held = dict.items(holder) if isinstance(holder, dict) else (_attributes(holder) or {}).items()
+                out += _settings_of(dict(itertools.islice(held, HELD_SETTINGS)), holders if depth == 0 else None,
                                     ("held", depth, i))
         return tuple(out)
 
@@ -735,6 +745,8 @@ def module_settings(model_fn: Callable) -> tuple[Any, ...]:
 
 _SETTING_TYPES = frozenset({bool, int, float, str, type(None)})
 _NOT_A_SETTING = object()
+#: How many entries of an object held for its settings (a config, an hparams dict) :func:`module_settings` reads.
+HELD_SETTINGS = 1024
 
 
 #: What every ``nn.Module`` keeps in its ``__dict__`` (parameters, buffers, submodules, hooks, ``training``): not
@@ -757,9 +769,22 @@ def _settings_of(attrs: dict[str, Any], holders: dict[int, Any] | None, where: A
         elif form is _F_HOLDER:
             if holders is not None:
                 holders[id(v)] = v
+        elif form is _F_TUPLE and len(v) <= 16:  # each item its own setting (a counter beside a flag: h44)
+            own += [((where, k, *at), key) for at, key in _tuple_settings(v, ())]
         elif form is not _F_OTHER and (key := _setting(v)) is not _NOT_A_SETTING:
             own.append(((where, k), key))
     return own
+
+
+def _tuple_settings(v: tuple, at: tuple) -> list[tuple[tuple, Any]]:
+    """The plain settings in a short tuple, each under its position (nested ones within theirs)."""
+    out: list[tuple[tuple, Any]] = []
+    for i, x in enumerate(v):
+        if type(x) is tuple and len(x) <= 16 and len(at) < 3:
+            out += _tuple_settings(x, (*at, i))
+        elif (key := _setting(x)) is not _NOT_A_SETTING:
+            out.append(((*at, i), key))
+    return out
 
 
 _F_PLAIN, _F_ENUM, _F_TUPLE, _F_NUMPY, _F_HOLDER, _F_OTHER = "plain", "enum", "tuple", "numpy", "holder", "other"

@@ -10,6 +10,8 @@ and small.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn as nn
@@ -250,6 +252,32 @@ def test_a_negative_zero_leaf_is_not_the_positive_one() -> None:
     x, y = torch.randn(9, 5, dtype=F64), torch.randn(9, dtype=F64)
     warm(fn, params, (x[:6], y[:6], 0.0), (x[6:], y[6:], 0.0))
     check(fn, params, (x[:6], y[:6], -0.0), (x[6:], y[6:], -0.0))
+
+
+def test_a_churning_setting_that_reaches_negative_zero_is_not_served_by_the_zero_graph() -> None:
+    """A module's float annealed 3.0, 2.0, 1.0, 0.0 (left out of the graphs' key as one that changes every call),
+    then -0.0, read through ``copysign``: dynamo's guard takes -0.0 for 0.0 and the graph built at 0.0 served it
+    (0.55 off). The settings at -0.0 key the graph."""
+    torch.manual_seed(8)
+
+    class Sign(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.s = 3.0
+
+        def forward(self, h):
+            return h * math.copysign(1.0, self.s)
+
+    net = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), Sign(), nn.Linear(8, 1)).to(F64)
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    fn = squared_error(net)
+    x, y = torch.randn(9, 5, dtype=F64), torch.randn(9, dtype=F64)
+    train, val = (x[:6], y[:6]), (x[6:], y[6:])
+    for s in (3.0, 2.0, 1.0, 0.0, 0.0, 0.0):
+        net[2].s = s
+        check(fn, params, train, val)
+    net[2].s = -0.0
+    check(fn, params, train, val)
 
 def test_a_call_under_no_grad_stays_compiled() -> None:
     """One call in an evaluation loop (``torch.no_grad()``) failed the graph's grad-mode guard, which turned

@@ -1529,7 +1529,8 @@ class _Centring(nn.Module):
         h = self.lin(x) * self.scale
         on = (self.centre or self.config.centre or getattr(self, "_on", False) or getattr(self, "mode", None) is
               _Mode.CENTRE or bool(getattr(self, "flag", False)) or _hp_on(getattr(self, "hp", None)) or
-              getattr(getattr(self.config, "sub", None), "centre", False) or type(self).ON)
+              getattr(getattr(self.config, "sub", None), "centre", False) or type(self).ON or
+              getattr(self, "state", (0, False))[1] or getattr(getattr(self, "slotted", None), "on", False))
         return h - h.mean(0) if on else h
 
 
@@ -1557,7 +1558,33 @@ SWITCHES = {  # where a module keeps the flag that switches a batch mean on: (se
     "dataclass": (lambda m: setattr(m, "hp", _Hparams()), lambda m: setattr(m.hp, "centre", True)),
     "sub-config": (lambda m: setattr(m.config, "sub", type(m.config)()), lambda m: setattr(m.config.sub, "centre", True)),
     "class attribute": (lambda m: None, lambda m: setattr(type(m), "ON", True)),
+    "base class attribute": (lambda m: None, lambda m: setattr(type(m).__mro__[1], "ON", True)),
+    "slots dataclass": (lambda m: setattr(m, "hp", _SlotHparams()), lambda m: setattr(m.hp, "centre", True)),
+    "dict on the class": (lambda m: setattr(type(m), "hp", {"centre": False}), lambda m: type(m).hp.update(centre=True)),
+    "tuple beside a counter": (lambda m: setattr(m, "state", (0, False)),
+                               lambda m: setattr(m, "state", (m.state[0], True))),
+    "slots config with __getattr__": (lambda m: setattr(m, "slotted", _SlottedConfig()),
+                                      lambda m: setattr(m.slotted, "on", True)),
 }
+
+
+@dataclasses.dataclass(slots=True)
+class _SlotHparams:
+    centre: bool = False
+
+
+class _SlottedConfig:
+    """A config with ``__slots__`` and a ``__getattr__`` that reads its own dict (``getattr(x, "__dict__")`` raised
+    KeyError out of the settings' walk)."""
+
+    __slots__ = ("on", "extra")
+
+    def __init__(self):
+        self.on = False
+        self.extra = {}
+
+    def __getattr__(self, name):
+        return self.extra[name]
 
 
 @pytest.mark.parametrize("setting", list(SWITCHES))
@@ -1568,7 +1595,8 @@ def test_a_modules_setting_changed_after_the_first_calls_is_checked_again(settin
     verdict and the replay were kept under the train/eval flags, classes and hooks only, and the replay scored the
     coupled batch silently (the loop's gradients were 0, ghostfunc's not). A setting changed on every call (a scale
     annealed per step) is checked again each time and stays exact."""
-    kind = type("Centring", (_Centring,), {})  # (a class of its own: the class attribute set below stays here)
+    base = type("CentringBase", (_Centring,), {})  # (classes of its own: the class attributes set below stay here)
+    kind = type("Centring", (base,), {})
     net = nn.Sequential(kind(), nn.Tanh(), nn.Linear(4, 3)).to(F64)
     setup, switch = SWITCHES[setting]
     setup(net[0])
@@ -1582,13 +1610,39 @@ def test_a_modules_setting_changed_after_the_first_calls_is_checked_again(settin
             return ghostfunc.graddot(model_fn, p, train, val)
         return step(step.init(p), train, val)
 
-    for scale in (1.0, 0.9, 0.8):  # checked, verified, replayed; a setting that moves every call
-        net[0].scale = scale
+    for call_no, scale in enumerate((1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)):  # checked, verified, replayed; settings that move
+        net[0].scale = scale  # every call (left out after 3 such calls; h44: a counter in a tuple beside the flag)
+        if setting == "tuple beside a counter":
+            net[0].state = (call_no, False)
         call()
         assert_exact(model_fn, p, train, val, f"scale {scale}", [("auto", "mean")])
     switch(net[0])
     with pytest.raises(SamplesInteractError, match=rf"^{entry}: samples interact"):
         call()
+
+
+def test_a_flag_in_a_tuple_beside_a_counter_is_seen():
+    """``self.state = (step, centre)``: the step changes on every call, so the tuple as one setting was left out after
+    3 calls, and the flag switched on later was replayed (2.21 off); a tuple's items are settings of their own."""
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.state = (0, False)
+
+        def forward(self, h):
+            return h - h.mean(0, keepdim=True) if self.state[1] else h
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), Block(), nn.Linear(8, 3)).to(F64)
+    p = {k: v.detach() for k, v in net.named_parameters()}
+    model_fn = _cross_entropy_of(net)
+    train, val = _xy(12, 4), _xy(6, 5)
+    for i in range(8):
+        net[2].state = (i, False)
+        ghostfunc.graddot(model_fn, p, train, val)
+    net[2].state = (9, True)
+    with pytest.raises(SamplesInteractError, match=r"^graddot: samples interact"):
+        ghostfunc.graddot(model_fn, p, train, val)
 
 
 def test_a_setting_that_changes_on_every_call_is_not_checked_on_every_call(monkeypatch):
