@@ -833,9 +833,13 @@ def _config_kind(kind: type) -> bool:
     own named ``...Config`` (or deriving from one), a dataclass, an ``argparse.Namespace``. Kept per class."""
     known = _CONFIG_KINDS.get(kind)
     if known is None:
-        known = _CONFIG_KINDS[kind] = (not issubclass(kind, (torch.nn.Module, Tensor, type)) and (
-            any(c.__name__.endswith("Config") for c in kind.__mro__) or hasattr(kind, "__dataclass_fields__")
-            or kind.__name__ == "Namespace"))
+        try:
+            known = (not issubclass(kind, (torch.nn.Module, Tensor, type)) and (
+                any(c.__name__.endswith("Config") for c in kind.__mro__) or "__dataclass_fields__" in dir(kind)
+                or kind.__name__ == "Namespace"))
+        except Exception:  # noqa: BLE001 - a class whose metaclass raises on a look: not one to read settings from
+            known = False
+        _CONFIG_KINDS[kind] = known
     return known
 
 

@@ -1621,6 +1621,25 @@ def test_a_modules_setting_changed_after_the_first_calls_is_checked_again(settin
         call()
 
 
+def test_a_module_holding_an_object_of_an_odd_class_is_scored():
+    """The settings' walk looks at what a module holds: an object whose metaclass raises on every look (its
+    ``__getattr__`` and ``__dir__``) is no config, and the model is scored as before."""
+    class Loud(type):
+        def __getattr__(cls, name):
+            raise RuntimeError("looked at")
+
+        def __dir__(cls):
+            raise RuntimeError("looked at")
+
+    class Odd(metaclass=Loud):
+        pass
+
+    net = _mlp(6)
+    net[0].odd = Odd()
+    p = {k: v.detach() for k, v in net.named_parameters()}
+    assert_exact(_cross_entropy_of(net), p, _xy(7, 4), _xy(3, 5), "odd holder", [("auto", "mean")])
+
+
 def test_a_flag_in_a_tuple_beside_a_counter_is_seen():
     """``self.state = (step, centre)``: the step changes on every call, so the tuple as one setting was left out after
     3 calls, and the flag switched on later was replayed (2.21 off); a tuple's items are settings of their own."""
