@@ -636,11 +636,14 @@ def modules_of(model_fn: Callable, wide: bool = True) -> list[torch.nn.Module]:
     def compute() -> list[torch.nn.Module]:
         classes: list[type] = []
         found = [v for _, v in named_reads(model_fn, classes if wide else None)]
-        held = [v for c in classes for k in c.__mro__ if _own_class(k) for v in vars(k).values()
-                if not issubclass(type(v), _CODE)]
-        return _modules_in([*found, *held], wide)
+        return _modules_in([*found, *(v for c in classes for v in _class_held(c))], wide)
 
     return _scoped(("modules", wide), model_fn, compute)
+
+
+def _class_held(kind: type) -> list[Any]:
+    """What a class of the user's own and its own bases hold as attributes, code left out (:func:`modules_of`)."""
+    return [v for c in kind.__mro__ if _own_class(c) for v in vars(c).values() if not issubclass(type(v), _CODE)]
 
 
 #: A class's attributes that are code, not what it holds (:func:`modules_of`).
@@ -720,15 +723,9 @@ def module_settings(model_fn: Callable) -> tuple[Any, ...]:
         out: list[Any] = []
         holders: dict[int, Any] = {}
         classes: dict[type, None] = {}
-        at = 0
-        for root in modules_of(model_fn):
-            stack = [root]  # every submodule (as _training_flags walks them)
-            while stack:
-                m = stack.pop()
-                out += _settings_of(m.__dict__, holders, ("module", at))
-                at += 1
-                classes[type(m)] = None
-                stack.extend(c for c in reversed(m._modules.values()) if c is not None)
+        for at, m in enumerate(submodules(model_fn)):
+            out += _settings_of(m.__dict__, holders, ("module", at))
+            classes[type(m)] = None
         bases = dict.fromkeys(c for kind in classes for c in kind.__mro__ if _own_class(c))
         for kind in bases:  # (a class attribute the forward reads: self.mode set on the class or a base of it)
             out += _settings_of(dict(vars(kind)), holders, ("class", kind))
@@ -780,7 +777,7 @@ def _tuple_settings(v: tuple, at: tuple) -> list[tuple[tuple, Any]]:
     """The plain settings in a short tuple, each under its position (nested ones within theirs)."""
     out: list[tuple[tuple, Any]] = []
     for i, x in enumerate(v):
-        if type(x) is tuple and len(x) <= 16 and len(at) < 3:
+        if type(x) is tuple and len(x) <= 16:
             out += _tuple_settings(x, (*at, i))
         elif (key := _setting(x)) is not _NOT_A_SETTING:
             out.append(((*at, i), key))
@@ -814,15 +811,13 @@ def _form(kind: type) -> str:
 
 
 def _setting(v: Any) -> Any:
-    """``v``'s key as a plain setting (:func:`value_key`), or :data:`_NOT_A_SETTING`."""
+    """``v``'s key as a plain setting (:func:`value_key`), or :data:`_NOT_A_SETTING` (a tuple's items are settings
+    of their own: :func:`_tuple_settings`)."""
     form = _FORMS.get(type(v)) or _form(type(v))
     if form is _F_PLAIN:
         return value_key(v)
     if form is _F_ENUM:
         return (type(v), v.name)
-    if form is _F_TUPLE and len(v) <= 16:
-        items = tuple(_setting(x) for x in v)
-        return _NOT_A_SETTING if any(x is _NOT_A_SETTING for x in items) else items
     if form is _F_NUMPY and v.dtype.kind in "biufc":
         return (type(v), value_key(v.item()))
     return _NOT_A_SETTING
@@ -846,21 +841,34 @@ def _config_kind(kind: type) -> bool:
 _CONFIG_KINDS: weakref.WeakKeyDictionary[type, bool] = weakref.WeakKeyDictionary()
 
 
+def submodules(model_fn: Callable) -> list[torch.nn.Module]:
+    """Every submodule of the modules ``model_fn`` reads (:func:`modules_of`), as ``Module.modules()`` yields them
+    without its generator's cost (a module shared by two roots once per root), once per public call: what
+    :func:`training_flags` and :func:`module_settings` read."""
+    def compute() -> list[torch.nn.Module]:
+        out: list[torch.nn.Module] = []
+        for obj in modules_of(model_fn):
+            stack = [obj]
+            while stack:
+                m = stack.pop()
+                out.append(m)
+                stack.extend(c for c in reversed(m._modules.values()) if c is not None)
+        return out
+
+    return _scoped("submodules", model_fn, compute)
+
+
 def _training_flags(model_fn: Callable) -> tuple[Any, ...]:
     flags: list[Any] = []
-    for obj in modules_of(model_fn):
-        stack = [obj]  # every submodule, as Module.modules() yields them (without its generator's cost)
-        while stack:
-            m = stack.pop()
-            state = m.__dict__
-            kind = type(m)  # the class and its forward too: a submodule swapped for another, a class patched
-            flags += (m.training, kind, kind.forward)  # (one that mixes rows)
-            if "forward" in state:  # a forward put on the instance
-                flags.append(("forward", Identity(state["forward"])))
-            for name in _HOOKS:
-                if hooks := state.get(name):
-                    flags.append((name, tuple(hooks)))
-            stack.extend(c for c in reversed(m._modules.values()) if c is not None)
+    for m in submodules(model_fn):
+        state = m.__dict__
+        kind = type(m)  # the class and its forward too: a submodule swapped for another, a class patched
+        flags += (m.training, kind, kind.forward)  # (one that mixes rows)
+        if "forward" in state:  # a forward put on the instance
+            flags.append(("forward", Identity(state["forward"])))
+        for name in _HOOKS:
+            if hooks := state.get(name):
+                flags.append((name, tuple(hooks)))
     module = torch.nn.modules.module  # hooks on every module (register_module_forward_hook and the like)
     for name in _HOOKS:
         if hooks := getattr(module, f"_global{name}", None):
@@ -936,8 +944,7 @@ def _held_by(obj: Any, kind: type, wide: bool = True) -> Iterable[Any] | None:
         return None
     attrs = _attributes(obj)
     if _own_class(kind):  # (what its class holds too: Holder.model read as self.model)
-        held = [v for c in kind.__mro__ if _own_class(c) for v in vars(c).values() if not issubclass(type(v), _CODE)]
-        return itertools.chain(() if attrs is None else attrs.values(), held)
+        return itertools.chain(() if attrs is None else attrs.values(), _class_held(kind))
     return None if attrs is None else attrs.values()
 
 
