@@ -46,6 +46,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import torch
 from torch import Tensor
+from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
@@ -343,10 +344,29 @@ def one_call() -> Iterator[None]:
         return
     _SCOPE.memo = {}
     try:
-        with torch.inference_mode(False), torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad(), uncached_parametrizations():
             yield
     finally:
         _SCOPE.memo = None
+
+
+@contextlib.contextmanager
+def uncached_parametrizations() -> Iterator[None]:
+    """A call inside ``torch.nn.utils.parametrize.cached()`` evaluates the parametrized weights afresh on every run of
+    ``model_fn``, as the loop of single-sample passes does: ghostfunc runs ``model_fn`` several times (the trace,
+    the checks, the capture, under other ``torch.func`` transforms), and the cache kept the weight of the first
+    run, not connected to the later runs' parameters (an orthogonal layer's gradient 1.0 off, 0.23 off scores;
+    a training step refused as samples that interact). The caller's cache is back as it was afterwards; a
+    ``cached()`` inside ``model_fn`` works as ever (one run's cache)."""
+    if not parametrize._cache_enabled:
+        yield
+        return
+    kept = parametrize._cache_enabled, parametrize._cache
+    parametrize._cache_enabled, parametrize._cache = 0, {}
+    try:
+        yield
+    finally:
+        parametrize._cache_enabled, parametrize._cache = kept
 
 
 P = ParamSpec("P")
@@ -375,7 +395,7 @@ def grads_on(fn: Callable[P, R]) -> Callable[P, R]:
     @functools.wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
-            with torch.inference_mode(False), torch.enable_grad():
+            with torch.inference_mode(False), torch.enable_grad(), uncached_parametrizations():
                 return fn(*args, **kwargs)
         except RuntimeError as err:
             raise_stopped(err)

@@ -14,6 +14,7 @@ for every policy and ``val_reduce`` (scores, ``per_param``, ``train_grad``, loss
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import numpy as np
@@ -1168,3 +1169,58 @@ def test_a_model_found_unbatchable_goes_straight_to_the_per_sample_path_next_tim
     second = ghostfunc.graddot(model_fn, p, x, xv)
     assert len(calls) < n_first and "per-sample capture" in notes(second.plan)
     torch.testing.assert_close(second.scores, first.scores, rtol=1e-14, atol=0)
+
+
+# ---------------------------------------------------------------- parametrizations' cache
+
+
+def _orthogonal_model(inner_cache: bool):
+    """An orthogonal layer (a parametrization) and its weight used twice; ``inner_cache``: the model computes it once
+    per run under ``parametrize.cached()`` itself, as torch's documentation shows."""
+    import torch.nn.utils.parametrizations as pz
+    import torch.nn.utils.parametrize as pr
+
+    torch.manual_seed(3)
+    net = nn.Sequential(pz.orthogonal(nn.Linear(5, 5)), nn.Tanh(), nn.Linear(5, 3)).to(F64)
+    params = {k: v.detach() for k, v in net.named_parameters()}
+
+    def model_fn(p, batch):
+        x, y = batch
+        with pr.cached() if inner_cache else contextlib.nullcontext():
+            h = functional_call(net, p, (x,))
+            again = functional_call(net[0], {"bias": p["0.bias"], "parametrizations.weight.original":
+                                             p["0.parametrizations.weight.original"]}, (torch.tanh(x),))
+        return F.cross_entropy(h + 0.1 * again[:, :3], y, reduction="none")
+
+    g = torch.Generator().manual_seed(4)
+    train = (torch.randn(6, 5, generator=g, dtype=F64), torch.randint(0, 3, (6,), generator=g))
+    val = (torch.randn(3, 5, generator=g, dtype=F64), torch.randint(0, 3, (3,), generator=g))
+    return model_fn, params, train, val
+
+
+@pytest.mark.parametrize("inner_cache", [False, True])
+def test_a_call_inside_parametrize_cached_evaluates_the_weights_afresh(inner_cache):
+    """Inside ``torch.nn.utils.parametrize.cached()`` the first of ghostfunc's runs of ``model_fn`` cached the
+    orthogonal weight, and the later runs (the capture under other transforms) reused it, unconnected to their
+    parameters: scores 0.23 off, the layer's gradient 1.0 off, a training step refused as samples that interact.
+    The caller's cache comes back as it was."""
+    import torch.nn.utils.parametrize as pr
+
+    model_fn, params, train, val = _orthogonal_model(inner_cache)
+    check_all("parametrize.cached", model_fn, params, train, val, policies=("auto", "ghost"), reduces=("mean",))
+    want = ghostfunc.graddot(model_fn, params, train, val)
+    step = ghostfunc.train_step(model_fn, ghostfunc.sgd(0.1), order=2)
+    want_state, want_info = step(step.init(params), train, val)
+    with pr.cached():
+        kept = pr._cache
+        pr._cache[("the caller's", "entry")] = torch.zeros(1)
+        got = ghostfunc.graddot(model_fn, params, train, val, policy="ghost")
+        ref, _, ref_grad = ghostfunc.reference_graddot(model_fn, params, train, val)
+        state, info = step(step.init(params), train, val)
+        assert pr._cache_enabled == 1 and pr._cache is kept and ("the caller's", "entry") in kept
+    assert pr._cache_enabled == 0
+    assert rel(got.scores, want.scores) < 1e-10 and rel(ref, want.scores) < 1e-10
+    for k in params:
+        assert rel(got.train_grad[k], want.train_grad[k]) < 1e-10 and rel(ref_grad[k], want.train_grad[k]) < 1e-10
+        assert rel(state.params[k], want_state.params[k]) < 1e-12
+    assert rel(info.values, want_info.values) < 1e-10
