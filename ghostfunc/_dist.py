@@ -144,6 +144,10 @@ def check_group(group: Any, where: str) -> None:
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(f"{where}: group= needs torch.distributed initialised "
                            f"(torch.distributed.init_process_group, e.g. under torchrun); it is not")
+    if type(group) is int and group == dist.GroupMember.NON_GROUP_MEMBER:  # (new_group gives it the ranks it leaves out)
+        raise ValueError(f"{where}: this rank ({dist.get_rank()}) is not a member of the process group passed as "
+                         f"group= (torch.distributed.new_group returns GroupMember.NON_GROUP_MEMBER to the ranks it "
+                         f"leaves out): call {where} with that group on its members only")
     if not isinstance(group, dist.ProcessGroup):
         raise TypeError(f"{where}: group must be None (one process) or a torch.distributed ProcessGroup "
                         f"(e.g. torch.distributed.group.WORLD); got {type(group).__name__}")
@@ -328,24 +332,55 @@ _WRAPPERS = frozenset({"DistributedDataParallel", "FullyShardedDataParallel", "D
 _SETTINGS = (bool, int, float)
 #: Modules whose plain settings are compared (their meaning is known: a norm's eps, a head count).
 _KNOWN_MODULES = ("torch.", "transformers.")
-#: a tensor's identity -> (its version counter, its :func:`param_checksum` entry) (:func:`model_state`; emptied
+#: a tensor's identity -> (its version counter, its :func:`param_checksum` entry, its :func:`probes`)
+#: (:func:`model_state`; emptied
 #: past :data:`KEPT_CHECKSUMS` entries).
-_CHECKSUMS: dict[Any, tuple[int | None, tuple[str, str]]] = {}
+_CHECKSUMS: dict[Any, tuple[int | None, tuple[str, str], bytes]] = {}
 KEPT_CHECKSUMS = 1 << 14
 
 
 def _kept_checksums(tensors: Mapping[str, Tensor]) -> dict[str, tuple[str, str]]:
-    """:func:`param_checksum` of ``tensors``, each summed again only when its version counter moved."""
+    """:func:`param_checksum` of ``tensors``, each summed again only when its version counter or its
+    :func:`probes` moved (a write through ``.data`` moves no counter, a tensor made under inference mode keeps none:
+    a frozen weight edited so on one rank was scored with another model than the others', 0.54 off)."""
     from ._interact import Identity, version
 
     keys = {k: Identity(t) for k, t in tensors.items()}
-    fresh = {k: t for k, t in tensors.items() if (kept := _CHECKSUMS.get(keys[k])) is None or kept[0] != version(t)}
+    seen = probes(tensors)
+    fresh = {k: t for k, t in tensors.items()
+             if (kept := _CHECKSUMS.get(keys[k])) is None or kept[0] != version(t) or kept[2] != seen[k]}
     if len(_CHECKSUMS) + len(fresh) > KEPT_CHECKSUMS:
         _CHECKSUMS.clear()
         fresh = dict(tensors)
     for k, value in param_checksum(fresh).items():
-        _CHECKSUMS[keys[k]] = (version(fresh[k]), value)
+        _CHECKSUMS[keys[k]] = (version(fresh[k]), value, seen[k])
     return {k: _CHECKSUMS[keys[k]][1] for k in tensors}
+
+
+#: How many entries of a tensor :func:`probes` reads (evenly spaced over it).
+PROBE = 64
+
+
+def probes(tensors: Mapping[str, Tensor]) -> dict[str, bytes]:
+    """The bits of :data:`PROBE` evenly spaced entries of each tensor (all of a smaller one), in one device sync:
+    what a tensor's identity and version counter do not show, a write through ``.data`` (an update, a fill, a copy
+    of another tensor), shows here without a pass over its memory (a write to entries between them does not)."""
+    parts: dict[torch.device, list[tuple[str, Tensor]]] = {}
+    out = dict.fromkeys(tensors, b"")
+    for k, t in tensors.items():
+        if t.layout is not torch.strided or t.is_meta or not t.numel():
+            continue
+        flat = t.detach().reshape(-1)
+        if flat.numel() > PROBE:
+            flat = flat[:: flat.numel() // PROBE][:PROBE]
+        parts.setdefault(flat.device, []).append((k, flat.contiguous().view(-1).view(torch.uint8)))
+    for found in parts.values():
+        raw = torch.cat([b for _, b in found]).cpu().numpy().tobytes()
+        at = 0
+        for k, b in found:
+            out[k] = raw[at:at + b.numel()]
+            at += b.numel()
+    return out
 
 
 def broadcast_params(params: Mapping[str, Tensor], group: Any) -> dict[str, Tensor]:

@@ -317,7 +317,45 @@ def _errors(rank: int, world: int, out: dict[str, Any]) -> None:
             Path(tempfile.gettempdir(), f"never_written_{rank}.pt"), group=group),
         "load from a path per rank": lambda: ghostfunc.DataValues.load(
             Path(tempfile.gettempdir(), f"never_read_{rank}.pt"), group=group),
+        # written through .data on rank 1 after a first call (no version counter moves; h46: 0.54 off one process),
+        # or under inference mode (a tensor made there keeps no counter)
+        "frozen weight through .data": lambda: edited_after_a_call(
+            lambda: ghostfunc.graddot(on_base, params, train, val, group=group), lambda: base.weight.data.add_(0.1)),
+        "frozen tensor under inference mode": lambda: edited_after_a_call(
+            lambda: ghostfunc.graddot(on_shift, params, train, val, group=group), shift_in_inference_mode),
+        "closure tensor through .data": lambda: edited_after_a_call(
+            lambda: ghostfunc.graddot(weighted_alike, params, train, val, group=group),
+            lambda: same_weights.data.mul_(2.0)),
+        "optimizer state through .data": lambda: continued(
+            lambda s: [v.data.mul_(100.0) for v in s.opt_state.nu.values()] and s, on=1),
+        "not a member of the group": lambda: ghostfunc.graddot(model_fn, params, train, val, group=alone)
+        if rank == 1 else None,
     }
+    alone = dist.new_group([0])  # (a collective: every rank makes it; rank 1 is left out)
+    base = torch.nn.Linear(4, 4, dtype=torch.float64).requires_grad_(False)
+    torch.nn.init.constant_(base.weight, 0.1)
+    same_weights = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    with torch.inference_mode():
+        shift = torch.zeros(4, dtype=torch.float64)
+
+    def edited_after_a_call(call: Callable[[], Any], edit: Callable[[], Any]) -> None:
+        call()
+        if rank == 1:
+            edit()
+        call()
+
+    def shift_in_inference_mode() -> None:
+        with torch.inference_mode():
+            shift.add_(0.5)
+
+    def on_base(p: dict, batch: tuple) -> torch.Tensor:
+        return model_fn(p, (base(batch[0]), batch[1]))
+
+    def on_shift(p: dict, batch: tuple) -> torch.Tensor:
+        return model_fn(p, (batch[0] + shift, batch[1]))
+
+    def weighted_alike(p: dict, batch: tuple) -> torch.Tensor:
+        return model_fn(p, batch) * same_weights[batch[1] % 2]
     long_array = np.arange(5000)
     frozen = torch.nn.Linear(4, 4, dtype=torch.float64).requires_grad_(False)
     torch.nn.init.constant_(frozen.weight, 0.1 * (1 + rank))
@@ -388,9 +426,9 @@ def _errors(rank: int, world: int, out: dict[str, Any]) -> None:
     def by_key(p: dict, batch: Any) -> torch.Tensor:
         return model_fn(p, (batch["x"], batch["y"]))
 
-    def continued(change: Callable[[Any], Any]) -> None:
+    def continued(change: Callable[[Any], Any], on: int = 0) -> None:
         state, _ = adamw_step(adamw_step.init(params), train, val)
-        adamw_step(change(state) if rank == 0 else state, train, val)
+        adamw_step(change(state) if rank == on else state, train, val)
 
     key = next(iter(params))
     other[key] = torch.zeros(params[key].shape[0] + 1, *params[key].shape[1:], dtype=torch.float64)
@@ -922,7 +960,11 @@ def test_bad_input_raises_on_every_rank(world2: list[dict[str, Any]]) -> None:
                 "config temperature": "configured: closure cfg['loss']['temperature']",
                 "train mode": "model (modules, modes and settings)",
                 "optimizer state": "optimizer state (step count, fingerprints)",
-                "optimizer state copied and changed on rank 0": "optimizer state (step count, fingerprints)"}
+                "optimizer state copied and changed on rank 0": "optimizer state (step count, fingerprints)",
+                "frozen weight through .data": "model's frozen tensors",
+                "frozen tensor under inference mode": "floats and small float tensors model_fn reads",
+                "closure tensor through .data": "floats and small float tensors model_fn reads",
+                "optimizer state through .data": "optimizer state (step count, fingerprints)"}
     for r, res in enumerate(results):
         for case, words in expected.items():
             msg = res[case]
@@ -937,6 +979,10 @@ def test_bad_input_raises_on_every_rank(world2: list[dict[str, Any]]) -> None:
                      "unreadable tensors in a config"):
             assert res[case] is None, (case, res[case])
         assert res["frames left for the collector"] == [], res["frames left for the collector"]
+        if r == 1:  # (h46: 'group must be ... a ProcessGroup; got int', which hid the cause)
+            assert "graddot: this rank (1) is not a member of the process group" in res["not a member of the group"]
+        else:
+            assert res["not a member of the group"] is None
         assert res["ddp"] < 1e-12
         assert res["fsdp"] is not None and "from_module: the model is sharded by FSDP" in res["fsdp"]
 
