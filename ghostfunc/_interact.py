@@ -674,7 +674,12 @@ _CODE = (types.FunctionType, classmethod, staticmethod, property, type, types.Bu
 def _own_class(kind: type) -> bool:
     """Whether ``kind`` is a class of the user's (``__main__``'s, or a module that is no library's nor the
     standard library's)."""
-    name = getattr(kind, "__module__", None) or ""
+    try:
+        name = getattr(kind, "__module__", None) or ""
+    except Exception:  # noqa: BLE001 - a class whose metaclass raises on a look (a lazy proxy): not one of the user's
+        return False
+    if type(name) is not str:
+        return False
     if name == "__main__":
         return True
     module = sys.modules.get(name)
@@ -749,20 +754,33 @@ def module_settings(model_fn: Callable) -> tuple[Any, ...]:
         bases = dict.fromkeys(c for kind in classes for c in kind.__mro__ if _own_class(c))
         for kind in bases:  # (a class attribute the forward reads: self.mode set on the class or a base of it)
             out += _settings_of(dict(vars(kind)), holders, ("class", kind))
+        left = HELD_SETTINGS  # (entries of held objects read per call, in all: a dict of dicts read each of them)
         for depth in range(2):  # (a config's sub-config: one level down)
             found, holders = holders, {}
             for i, holder in enumerate(found.values()):
-                held = dict.items(holder) if isinstance(holder, dict) else (_attributes(holder) or {}).items()
-                out += _settings_of(dict(itertools.islice(held, HELD_SETTINGS)), holders if depth == 0 else None,
-                                    ("held", depth, i))
+                if isinstance(holder, dict):
+                    if dict.__len__(holder) > HELD_SETTINGS:  # a table (a vocabulary, a cache), not settings
+                        continue
+                    held: Iterable[tuple[Any, Any]] = dict.items(holder)
+                else:
+                    held = (_attributes(holder) or {}).items()
+                attrs = dict(itertools.islice(held, left))
+                left -= len(attrs)
+                out += _settings_of(attrs, holders if depth == 0 else None, ("held", depth, i))
+                if left <= 0:
+                    return tuple(out)
         return tuple(out)
 
     return _scoped("settings", model_fn, compute)
 
 
 _SETTING_TYPES = frozenset({bool, int, float, str, type(None)})
+_KEY_TYPES = frozenset({bool, int})  # (besides names: a held dict's keys a setting is kept under)
 _NOT_A_SETTING = object()
-#: How many entries of an object held for its settings (a config, an hparams dict) :func:`module_settings` reads.
+#: How many entries of the objects held for their settings (configs, hparams dicts) :func:`module_settings` reads per
+#: call, in all; a dict of more entries than this is a table (a vocabulary, a cache), not settings, and is not read
+#: (a module holding a 50k-word vocabulary read 1024 of its entries on every call: 4x a small model's call; a dict
+#: of 1024 dicts read each of them: 5 s a call).
 HELD_SETTINGS = 1024
 
 
@@ -776,7 +794,10 @@ def _settings_of(attrs: dict[str, Any], holders: dict[int, Any] | None, where: A
     ``holders`` the objects among them that hold settings."""
     own = []
     for k, v in attrs.items():
-        if type(k) is not str or k in _MODULE_OWN or k.startswith("__"):
+        if type(k) is str:
+            if k in _MODULE_OWN or k.startswith("__"):
+                continue
+        elif type(k) not in _KEY_TYPES and not isinstance(k, enum.Enum):  # (a dict's int keys: {0: False})
             continue
         form = _FORMS.get(type(v))
         if form is None:
@@ -786,7 +807,7 @@ def _settings_of(attrs: dict[str, Any], holders: dict[int, Any] | None, where: A
         elif form is _F_HOLDER:
             if holders is not None:
                 holders[id(v)] = v
-        elif form is _F_TUPLE and len(v) <= 16:  # each item its own setting (a counter beside a flag: h44)
+        elif form is _F_TUPLE and tuple.__len__(v) <= 16:  # each item its own setting (a counter beside a flag: h44)
             own += [((where, k, *at), key) for at, key in _tuple_settings(v, ())]
         elif form is not _F_OTHER and (key := _setting(v)) is not _NOT_A_SETTING:
             own.append(((where, k), key))
@@ -796,8 +817,8 @@ def _settings_of(attrs: dict[str, Any], holders: dict[int, Any] | None, where: A
 def _tuple_settings(v: tuple, at: tuple) -> list[tuple[tuple, Any]]:
     """The plain settings in a short tuple, each under its position (nested ones within theirs)."""
     out: list[tuple[tuple, Any]] = []
-    for i, x in enumerate(v):
-        if type(x) is tuple and len(x) <= 16:
+    for i, x in enumerate(tuple.__iter__(v)):
+        if isinstance(x, tuple) and tuple.__len__(x) <= 16:
             out += _tuple_settings(x, (*at, i))
         elif (key := _setting(x)) is not _NOT_A_SETTING:
             out.append(((*at, i), key))
@@ -817,12 +838,12 @@ def _form(kind: type) -> str:
         form = _F_PLAIN
     elif issubclass(kind, enum.Enum):
         form = _F_ENUM
-    elif kind is tuple:
+    elif issubclass(kind, tuple):  # (a NamedTuple of hyperparameters, torch.Size)
         form = _F_TUPLE
     elif numpy is not None and issubclass(kind, numpy.generic):
         form = _F_NUMPY
-    elif kind is dict or kind is types.SimpleNamespace or _config_kind(kind):
-        form = _F_HOLDER
+    elif issubclass(kind, dict) or kind is types.SimpleNamespace or _config_kind(kind):  # (OrderedDict, an
+        form = _F_HOLDER  # attribute dict as EasyDict's; read as the built-in dict reads them)
     else:
         form = _F_OTHER
     if len(_FORMS) < 4096:
@@ -902,30 +923,47 @@ def _modules_in(found: list[Any], wide: bool = True) -> list[torch.nn.Module]:
     called), the attributes of its other objects and of their classes of the user's own (``Holder().model`` set
     on the class), and what the functions, bound methods, ``functools.partial`` objects and weak references among
     them hold (a lambda kept in a dict, a trainer's bound method): the first :data:`ITEMS` of each,
-    :data:`MODULE_BUDGET` objects looked into (or found to be modules) in all. A module is not walked here (its
+    :data:`MODULE_BUDGET` objects looked into and :data:`MODULE_MET` met in all. A module is not walked here (its
     submodules are :func:`_training_flags`' own walk)."""
     out: list[torch.nn.Module] = []
     seen: set[int] = set()
-    queue: collections.deque[tuple[Any, int]] = collections.deque()
+    # what is still to be looked into: (an object, its depth) or (the rest of an object's items, their depth)
+    queue: collections.deque[tuple[Any, int, bool]] = collections.deque()
+    met = [MODULE_MET]
 
-    def meet(objs: Iterable[Any], depth: int) -> None:  # a module is taken as it is met, the rest queued
-        for v in objs:
+    def meet(objs: Iterator[Any], depth: int) -> None:  # a module is taken as it is met, the rest queued
+        met_now = list(itertools.islice(objs, max(min(met[0], MET_AT_ONCE), 0)))
+        met[0] -= len(met_now)
+        if len(met_now) == MET_AT_ONCE:  # (the rest of these items: after what is queued already)
+            queue.append((objs, depth, True))
+        for v in met_now:
             kind = type(v)
-            if issubclass(kind, (Tensor, *_SCALARS)) or id(v) in seen:
+            if kind in _ATOMS:
+                continue
+            if kind in _PLAIN_CONTAINERS:  # (most of what a long walk meets: no module, looked into later)
+                if depth > 0 and id(v) not in seen:
+                    queue.append((v, depth, False))
+                continue
+            if issubclass(kind, _NOT_HOLDING) or id(v) in seen:
                 continue
             if issubclass(kind, torch.nn.Module):
                 seen.add(id(v))
                 out.append(v)
             elif depth > 0:
-                queue.append((v, depth))
+                queue.append((v, depth, False))
 
-    # Breadth first, modules taken as they are met: what is held near the top is looked into before the items of a
-    # long list beside it, and only what is looked into costs (a trainer's log of 300 dicts spent the budget before
-    # the trainer's model was reached, and a hook put on it was not seen; h43: one of small lists, too).
-    meet(found, WALK_DEPTH)
+    # Breadth first, modules taken as they are met, each object's items met a few at a time in turn with its
+    # siblings': what is held near the top is looked into before the items of a long list beside it (a trainer's
+    # log of 300 dicts spent the budget before the trainer's model was reached, and a hook put on it was not seen;
+    # h43: one of small lists, too), and a long walk stops after MODULE_MET objects (h45: a cache of 1000 dicts of
+    # 300 lists met 330k objects per call, 64 ms).
+    meet(iter(found), WALK_DEPTH)
     budget = MODULE_BUDGET
-    while queue and budget > 0:
-        obj, depth = queue.popleft()
+    while queue and budget > 0 and met[0] > 0:
+        obj, depth, rest = queue.popleft()
+        if rest:
+            meet(obj, depth)
+            continue
         if id(obj) in seen:
             continue
         seen.add(id(obj))
@@ -968,9 +1006,15 @@ def _held_by(obj: Any, kind: type, wide: bool = True) -> Iterable[Any] | None:
     return None if attrs is None else attrs.values()
 
 
-#: The most objects :func:`_modules_in` looks at per call (each call of graddot walks them: a trainer object
-#: holding a dataset costs at most this many looks).
+#: The most objects :func:`_modules_in` looks into per call (each call of graddot walks them: a trainer object
+#: holding a dataset costs at most this many looks), and the most it meets (the items and attributes of those: a
+#: cache of 1000 dicts of 300 lists queued 330k objects, 64 ms a call, 9x the walk before it met them breadth first;
+#: now 1-2 ms).
 MODULE_BUDGET = 1024
+MODULE_MET = 4 * MODULE_BUDGET
+MET_AT_ONCE = 16  # (an object's items met in one turn)
+_ATOMS = frozenset({bool, int, float, complex, str, bytes, type(None)})  # (_SCALARS' exact types: a set look)
+_PLAIN_CONTAINERS = frozenset({list, dict, tuple})
 
 
 def state_of(model_fn: Callable) -> tuple:
@@ -1416,6 +1460,7 @@ ITEMS = 256
 #: address and shape only).
 ARRAY_BYTES = 1 << 24
 _SCALARS = (bool, int, float, complex, str, bytes, type(None))
+_NOT_HOLDING = (Tensor, *_SCALARS)  # (what :func:`_modules_in` does not look into)
 
 
 #: How deep :func:`state_of` walks containers and objects' attributes (a class weight in ``cfg["loss"]["w"]``).
@@ -1457,8 +1502,8 @@ def _state_of_values(found: list[Any]) -> tuple:
                     if t is not None and not t.requires_grad and budget[1] >= t.numel():
                         budget[1] -= t.numel()
                         frozen[str(len(frozen))] = t
-                for k, v in vars(m).items():
-                    if not k.startswith("_") and not issubclass(type(v), torch.nn.Module):
+                for k, v in vars(m).items():  # (a private one too: self._class_scale, a dict the loss reads)
+                    if k not in _MODULE_OWN and not k.startswith("__") and not issubclass(type(v), torch.nn.Module):
                         out.append(k)
                         see(v, 1)
         elif depth and issubclass(type(obj), dict):

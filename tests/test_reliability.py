@@ -17,6 +17,7 @@ losses); every refusal is checked by its message.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import datetime
 import decimal
@@ -25,6 +26,7 @@ import functools
 import math
 import shutil
 import types
+import typing
 import weakref
 
 import numpy as np
@@ -1535,7 +1537,19 @@ class _Centring(nn.Module):
 
 
 def _hp_on(hp):
-    return bool(hp["centre"] if isinstance(hp, dict) else getattr(hp, "centre", False))
+    if isinstance(hp, dict):
+        return bool(hp[0] if 0 in hp else hp["centre"])
+    return bool(getattr(hp, "centre", False))
+
+
+class _HparamsTuple(typing.NamedTuple):
+    centre: bool = False
+
+
+class _AttrDict(dict):
+    """An attribute dict (as EasyDict's, Lightning's ``AttributeDict``)."""
+
+    __getattr__ = dict.__getitem__
 
 
 class _Mode(enum.Enum):
@@ -1565,6 +1579,14 @@ SWITCHES = {  # where a module keeps the flag that switches a batch mean on: (se
                                lambda m: setattr(m, "state", (m.state[0], True))),
     "slots config with __getattr__": (lambda m: setattr(m, "slotted", _SlottedConfig()),
                                       lambda m: setattr(m.slotted, "on", True)),
+    # h45: subclasses of tuple and dict were no settings, nor a dict's int keys (1.46 off)
+    "NamedTuple": (lambda m: setattr(m, "hp", _HparamsTuple()), lambda m: setattr(m, "hp", m.hp._replace(centre=True))),
+    "OrderedDict": (lambda m: setattr(m, "hp", collections.OrderedDict(centre=False)), lambda m: m.hp.update(centre=True)),
+    "attribute dict": (lambda m: setattr(m, "hp", _AttrDict(centre=False)), lambda m: m.hp.update(centre=True)),
+    "dict with int keys": (lambda m: setattr(m, "hp", {0: False}), lambda m: m.hp.update({0: True})),
+    "hparams dict beside a vocabulary": (lambda m: setattr(m, "hp", {"vocab": {str(i): i for i in range(5000)},
+                                                                     "centre": False}),
+                                         lambda m: m.hp.update(centre=True)),
 }
 
 
@@ -1638,6 +1660,59 @@ def test_a_module_holding_an_object_of_an_odd_class_is_scored():
     net[0].odd = Odd()
     p = {k: v.detach() for k, v in net.named_parameters()}
     assert_exact(_cross_entropy_of(net), p, _xy(7, 4), _xy(3, 5), "odd holder", [("auto", "mean")])
+
+
+def test_a_model_fn_reading_an_object_whose_class_hides_its_module_is_scored():
+    """A class whose metaclass raises on ``__module__`` (a lazy proxy): the walk asked whether it is one of the user's
+    classes and the RuntimeError reached the caller (h45)."""
+    class Lazy(type):
+        @property
+        def __module__(cls):
+            raise RuntimeError("not loaded")
+
+    plugin = Lazy("Plugin", (), {})()
+    net = _mlp(6)
+    p = {k: v.detach() for k, v in net.named_parameters()}
+    loss = _cross_entropy_of(net)
+
+    def reading(params, batch, held=plugin):  # (the walk looks at what model_fn holds)
+        return loss(params, batch)
+
+    assert_exact(reading, p, _xy(7, 4), _xy(3, 5), "lazy class", [("auto", "mean")])
+
+
+def test_the_settings_read_per_call_are_bounded():
+    """Dicts a module holds are read for settings (an hparams dict), but a table is not (a 50k-word vocabulary: 1024
+    of its entries read per call, 4x a small model's call) and a dict of dicts is read up to
+    :data:`ghostfunc._interact.HELD_SETTINGS` entries in all (1024 x 1024: 5 s a call; h45)."""
+    from ghostfunc import _interact
+
+    net = _mlp(6)
+    model_fn = _cross_entropy_of(net)
+    net[0].vocab = {f"w{i}": i for i in range(_interact.HELD_SETTINGS + 1)}
+    net[0].nested = {i: {j: float(j) for j in range(300)} for i in range(300)}
+    net[0].hp = {"centre": False}
+    with _interact.one_call():
+        settings = _interact.module_settings(model_fn)
+    assert len(settings) <= _interact.HELD_SETTINGS + 64
+    assert not any("w1" in key[0] for key in settings)  # (the vocabulary's words are no settings)
+    assert any(key[0][-1] == "centre" for key in settings)
+
+
+def test_the_module_walk_meets_a_bounded_number_of_objects(monkeypatch):
+    """The walk for modules takes a module as it meets it and stops after :data:`ghostfunc._interact.MODULE_MET`
+    objects met (a cache of 1000 dicts of 300 lists queued 330k objects per call: 64 ms; h45); each object's items
+    are met a few at a time in turn with its siblings', so a model held beside a large cache is met early."""
+    from ghostfunc import _interact
+
+    net = _mlp(6)
+    cache = {i: {j: [j, j + 1] for j in range(300)} for i in range(1000)}
+    holder = types.SimpleNamespace(cache=cache, deep={"a": {"b": net}})
+    assert _interact._modules_in([holder]) == [net]
+    monkeypatch.setattr(_interact, "MODULE_MET", 400)
+    assert _interact._modules_in([holder]) == [net]
+    monkeypatch.setattr(_interact, "MODULE_MET", 2)  # (the holder, then its two attributes: no more)
+    assert _interact._modules_in([holder]) == []
 
 
 def test_a_flag_in_a_tuple_beside_a_counter_is_seen():

@@ -624,9 +624,11 @@ class Reader(nn.Module):
         self.temp = 1.0
         self.extra = {"shift": torch.zeros(3)}
         self.deep = types.SimpleNamespace(inner=types.SimpleNamespace(scale=1.0))
+        self._class_scale = {0: 1.0}  # a private one (h45: not fingerprinted, 0.30 off)
 
     def forward(self, x):
         h = torch.tanh(self.a(x + self.extra["shift"])) * self.frozen * self.temp * self.deep.inner.scale
+        h = h * self._class_scale[0]
         return self.b(h * 2 if self.training else h)
 
 
@@ -679,6 +681,7 @@ READER_CHANGES = {
     "from_module, frozen weight in place": ("from_module", lambda net: _no_grad(net.frozen.mul_, 2.0)),
     "from_module, frozen weight through .data": ("from_module", lambda net: net.frozen.data.mul_(2.0)),
     "from_module, tensor in a dict attribute": ("from_module", lambda net: net.extra["shift"].add_(0.5)),
+    "from_module, a private attribute's dict": ("from_module", lambda net: net._class_scale.update({0: 3.0})),
     "callable object, eval()": ("object", lambda net: net.eval()),
     "callable object, frozen weight in place": ("object", lambda net: _no_grad(net.frozen.mul_, 2.0)),
     "a helper's global": ("helper", lambda net: HELPER_SHIFT.add_(0.5)),
