@@ -370,7 +370,10 @@ def probes(tensors: Mapping[str, Tensor]) -> dict[str, bytes]:
     for k, t in tensors.items():
         if t.layout is not torch.strided or t.is_meta or not t.numel():
             continue
-        flat = t.detach().reshape(-1)
+        flat = t.detach()
+        if flat.is_quantized:  # (viewed as bytes, a quantized tensor crashed the process)
+            flat = flat.int_repr()
+        flat = flat.resolve_conj().resolve_neg().reshape(-1)  # (a conjugate view is no bytes of its own)
         if flat.numel() > PROBE:
             flat = flat[:: flat.numel() // PROBE][:PROBE]
         parts.setdefault(flat.device, []).append((k, flat.contiguous().view(-1).view(torch.uint8)))

@@ -57,8 +57,10 @@ from ._draws import fork_rng
 from ._groups import Part, merge_halves
 from ._ops import Direct, Factored, Rule
 
-#: Calls by which a model runs a backward pass of its own.
-_AUTOGRAD = (torch.autograd.grad, torch.autograd.backward, Tensor.backward)
+#: Calls by which a model runs a backward pass of its own, or differentiates in forward mode (a dual tensor of
+#: ``torch.autograd.forward_ad``: what a tapped call computes on its tangent, which also depends on the parameters,
+#: no tap sees; an input-Jacobian penalty so was 0.78 off the loop).
+_AUTOGRAD = (torch.autograd.grad, torch.autograd.backward, Tensor.backward, torch._make_dual)
 
 
 def unbatchable(err: BaseException) -> bool:
@@ -89,7 +91,7 @@ class _EagerInterceptor(_Interceptor):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         if func in _AUTOGRAD:
-            self.autograd_calls.append(_name(func))
+            self.autograd_calls.append("torch.autograd.forward_ad.make_dual" if func is torch._make_dual else _name(func))
         elif getattr(func, "__self__", None) is GRAD_FN and args and id(args[0]) not in self.names:
             # an activation's autograd node (a hook on it, a branch on its kind): a tapped call's output would
             # show the tap's addition instead, so no call is tapped (every parameter a leaf, as plainly)

@@ -23,7 +23,6 @@ splits such batches). The global RNG state is left as it was.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import datetime
 import decimal
@@ -31,6 +30,7 @@ import dis
 import enum
 import fractions
 import functools
+import heapq
 import itertools
 import os
 import pathlib
@@ -705,8 +705,9 @@ CHURN = 3
 
 def steady_settings(model_fn: Callable) -> tuple[Any, ...]:
     """:func:`module_settings` without those that changed on each of the last :data:`CHURN` calls of this
-    ``model_fn`` (a step counter its forward bumps, a temperature annealed per step: once left out, for good).
-    A setting switched once (a mode flag) stays in, so the next call checks again."""
+    ``model_fn`` (a step counter its forward bumps, a temperature annealed per step: once left out, for good), nor
+    those of a module or held object that gained entries on each of them (a log written per step: every call was
+    checked again, 4x a call). A setting switched once (a mode flag) stays in, so the next call checks again."""
     def compute() -> tuple[Any, ...]:
         now = module_settings(model_fn)
         try:
@@ -714,15 +715,22 @@ def steady_settings(model_fn: Callable) -> tuple[Any, ...]:
         except TypeError:  # not weak-referenceable: nothing to compare with
             return now
         before = dict(last)
-        counts = {k: (counts.get(k, 0) + 1 if k in before and before[k] != v else
-                      counts.get(k, 0) if counts.get(k, 0) >= CHURN else 0) for k, v in now}
+        grew = {k[0] for k, _ in now if k not in before} if before else set()  # (where new entries appeared)
+        counts = {**{k: (counts.get(k, 0) + 1 if k in before and before[k] != v else
+                         counts.get(k, 0) if counts.get(k, 0) >= CHURN else 0) for k, v in now},
+                  **{(_GREW, w): (counts.get((_GREW, w), 0) + 1 if w in grew else
+                                  counts.get((_GREW, w), 0) if counts.get((_GREW, w), 0) >= CHURN else 0)
+                     for w in {k[0] for k, _ in now}}}
         _CHURNS[model_fn] = (now, counts)
-        return tuple((k, v) for k, v in now if counts[k] < CHURN)
+        return tuple((k, v) for k, v in now if counts[k] < CHURN and counts[(_GREW, k[0])] < CHURN)
 
     return _scoped("steady", model_fn, compute)
 
 
 _CHURNS: weakref.WeakKeyDictionary[Any, tuple[tuple[Any, ...], dict[Any, int]]] = weakref.WeakKeyDictionary()
+#: :func:`steady_settings`' count of the calls in a row on which a module or held object gained entries (a log the
+#: training loop writes per step, ``metrics[f"step_{i}"] = loss``: its entries are left out as a churning setting is).
+_GREW = "grew"
 
 
 def negative_zeros(model_fn: Callable) -> tuple[Any, ...]:
@@ -754,34 +762,40 @@ def module_settings(model_fn: Callable) -> tuple[Any, ...]:
         bases = dict.fromkeys(c for kind in classes for c in kind.__mro__ if _own_class(c))
         for kind in bases:  # (a class attribute the forward reads: self.mode set on the class or a base of it)
             out += _settings_of(dict(vars(kind)), holders, ("class", kind))
-        left = HELD_SETTINGS  # (entries of held objects read per call, in all: a dict of dicts read each of them)
         for depth in range(2):  # (a config's sub-config: one level down)
             found, holders = holders, {}
+            items: list[tuple[int, dict[Any, Any]]] = []
             for i, holder in enumerate(found.values()):
                 if isinstance(holder, dict):
                     if dict.__len__(holder) > HELD_SETTINGS:  # a table (a vocabulary, a cache), not settings
                         continue
-                    held: Iterable[tuple[Any, Any]] = dict.items(holder)
+                    items.append((i, dict(dict.items(holder))))
                 else:
-                    held = (_attributes(holder) or {}).items()
-                attrs = dict(itertools.islice(held, left))
+                    attrs = _attributes(holder) or {}
+                    items.append((i, attrs if len(attrs) <= HELD_SETTINGS else
+                                  dict(itertools.islice(attrs.items(), HELD_SETTINGS))))
+            # the smallest first, up to HELD_BUDGET entries per level: settings sit in small objects (an hparams
+            # dict beside two 600-entry label maps was left unread when these took a shared budget first, h48), and
+            # a dict of 1024 dicts is read 4096 entries deep, not a million (5 s a call, h45)
+            left = HELD_BUDGET
+            for i, attrs in sorted(items, key=lambda item: len(item[1])):
+                if len(attrs) > left:
+                    break
                 left -= len(attrs)
                 out += _settings_of(attrs, holders if depth == 0 else None, ("held", depth, i))
-                if left <= 0:
-                    return tuple(out)
         return tuple(out)
 
     return _scoped("settings", model_fn, compute)
 
 
 _SETTING_TYPES = frozenset({bool, int, float, str, type(None)})
-_KEY_TYPES = frozenset({bool, int})  # (besides names: a held dict's keys a setting is kept under)
 _NOT_A_SETTING = object()
-#: How many entries of the objects held for their settings (configs, hparams dicts) :func:`module_settings` reads per
-#: call, in all; a dict of more entries than this is a table (a vocabulary, a cache), not settings, and is not read
-#: (a module holding a 50k-word vocabulary read 1024 of its entries on every call: 4x a small model's call; a dict
-#: of 1024 dicts read each of them: 5 s a call).
+#: The most entries of one object held for its settings (a config, an hparams dict) :func:`module_settings` reads; a
+#: dict of more is a table (a vocabulary, a cache), not settings, and is not read (a module holding a 50k-word
+#: vocabulary read 1024 of its entries on every call: 4x a small model's call). And how many it reads per level in
+#: all, the smallest holders first (a dict of 1024 dicts read each of them: 5 s a call).
 HELD_SETTINGS = 1024
+HELD_BUDGET = 4 * HELD_SETTINGS
 
 
 #: What every ``nn.Module`` keeps in its ``__dict__`` (parameters, buffers, submodules, hooks, ``training``): not
@@ -794,11 +808,8 @@ def _settings_of(attrs: dict[str, Any], holders: dict[int, Any] | None, where: A
     ``holders`` the objects among them that hold settings."""
     own = []
     for k, v in attrs.items():
-        if type(k) is str:
-            if k in _MODULE_OWN or k.startswith("__"):
-                continue
-        elif type(k) not in _KEY_TYPES and not isinstance(k, enum.Enum):  # (a dict's int keys: {0: False})
-            continue
+        if type(k) is not str or k in _MODULE_OWN or k.startswith("__"):  # (a dict under other keys is a table:
+            continue  # id2label, a log by step; read, one grew a setting per call and every call was checked, h48)
         form = _FORMS.get(type(v))
         if form is None:
             form = _form(type(v))
@@ -927,22 +938,22 @@ def _modules_in(found: list[Any], wide: bool = True) -> list[torch.nn.Module]:
     submodules are :func:`_training_flags`' own walk)."""
     out: list[torch.nn.Module] = []
     seen: set[int] = set()
-    # what is still to be looked into: (an object, its depth) or (the rest of an object's items, their depth)
-    queue: collections.deque[tuple[Any, int, bool]] = collections.deque()
+    # what is still to be looked into, the nearest level first and in it the smallest container first (objects
+    # of other kinds before containers): (-depth, size, order, object)
+    queue: list[tuple[int, int, int, Any]] = []
     met = [MODULE_MET]
+    order = itertools.count()
 
-    def meet(objs: Iterator[Any], depth: int) -> None:  # a module is taken as it is met, the rest queued
-        met_now = list(itertools.islice(objs, max(min(met[0], MET_AT_ONCE), 0)))
+    def meet(objs: Iterable[Any], depth: int) -> None:  # a module is taken as it is met, the rest queued
+        met_now = list(itertools.islice(objs, max(met[0], 0)))
         met[0] -= len(met_now)
-        if len(met_now) == MET_AT_ONCE:  # (the rest of these items: after what is queued already)
-            queue.append((objs, depth, True))
         for v in met_now:
             kind = type(v)
             if kind in _ATOMS:
                 continue
             if kind in _PLAIN_CONTAINERS:  # (most of what a long walk meets: no module, looked into later)
                 if depth > 0 and id(v) not in seen:
-                    queue.append((v, depth, False))
+                    heapq.heappush(queue, (-depth, kind.__len__(v), next(order), v))
                 continue
             if issubclass(kind, _NOT_HOLDING) or id(v) in seen:
                 continue
@@ -950,20 +961,18 @@ def _modules_in(found: list[Any], wide: bool = True) -> list[torch.nn.Module]:
                 seen.add(id(v))
                 out.append(v)
             elif depth > 0:
-                queue.append((v, depth, False))
+                heapq.heappush(queue, (-depth, 0, next(order), v))
 
-    # Breadth first, modules taken as they are met, each object's items met a few at a time in turn with its
-    # siblings': what is held near the top is looked into before the items of a long list beside it (a trainer's
-    # log of 300 dicts spent the budget before the trainer's model was reached, and a hook put on it was not seen;
-    # h43: one of small lists, too), and a long walk stops after MODULE_MET objects (h45: a cache of 1000 dicts of
-    # 300 lists met 330k objects per call, 64 ms).
-    meet(iter(found), WALK_DEPTH)
+    # Nearest first, modules taken as they are met: what is held near the top is looked into before the items of a
+    # long list beside it (a trainer's log of 300 dicts spent the budget before the trainer's model was reached, and
+    # a hook put on it was not seen; h43: one of small lists, too), a small dict before a large one beside it (a
+    # cache of 1000 dicts of 300 lists beside {"a": {"b": model}}), and a long walk stops after MODULE_MET objects
+    # met (h45: that cache met 330k objects per call, 64 ms; h48: a dict of 150 metric histories and the model).
+    meet(found, WALK_DEPTH)
     budget = MODULE_BUDGET
     while queue and budget > 0 and met[0] > 0:
-        obj, depth, rest = queue.popleft()
-        if rest:
-            meet(obj, depth)
-            continue
+        depth, _, _, obj = heapq.heappop(queue)
+        depth = -depth
         if id(obj) in seen:
             continue
         seen.add(id(obj))
@@ -1012,7 +1021,6 @@ def _held_by(obj: Any, kind: type, wide: bool = True) -> Iterable[Any] | None:
 #: now 1-2 ms).
 MODULE_BUDGET = 1024
 MODULE_MET = 4 * MODULE_BUDGET
-MET_AT_ONCE = 16  # (an object's items met in one turn)
 _ATOMS = frozenset({bool, int, float, complex, str, bytes, type(None)})  # (_SCALARS' exact types: a set look)
 _PLAIN_CONTAINERS = frozenset({list, dict, tuple})
 

@@ -19,6 +19,7 @@ import tempfile
 import time
 import traceback
 import types
+import warnings
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -864,6 +865,28 @@ def test_nothing_holds_the_default_group_past_its_destruction() -> None:
     before, held = map(int, counts.split())
     assert held == before, (before, held)
     assert after.startswith("after: train_step: the process group this step was made with no longer exists"), after
+
+
+def test_probes_see_writes_through_data_on_every_kind_of_tensor() -> None:
+    """:func:`ghostfunc._dist.probes` reads a sample of each tensor's bits: a write through ``.data`` (which moves no
+    version counter) shows; quantized tensors (viewed as bytes they crashed the process, h48), conjugate and negative
+    views, 16-bit, empty, meta and sparse tensors are read or skipped, not refused."""
+    from ghostfunc._dist import probes
+
+    w = torch.randn(300, dtype=torch.float64)
+    before = probes({"w": w})["w"]
+    w.data.mul_(2.0)
+    assert probes({"w": w})["w"] != before
+    with warnings.catch_warnings():  # (torch deprecates making quantized tensors; a model may still hold one)
+        warnings.simplefilter("ignore", UserWarning)
+        quantized = torch.quantize_per_tensor(torch.randn(8), 0.1, 0, torch.qint8)
+    odd = {"q": quantized, "conj": torch.randn(4, dtype=torch.cfloat).conj(),
+           "neg": torch.randn(4, dtype=torch.cfloat).conj().imag, "bf16": torch.randn(5, dtype=torch.bfloat16),
+           "empty": torch.empty(0), "meta": torch.empty(3, device="meta"), "sparse": torch.eye(3).to_sparse(),
+           "expanded": torch.randn(1, 3).expand(4, 3), "scalar": torch.tensor(1.5)}
+    seen = probes(odd)
+    assert set(seen) == set(odd) and seen["meta"] == seen["sparse"] == seen["empty"] == b""
+    assert all(seen[k] for k in ("q", "conj", "neg", "bf16", "expanded", "scalar"))
 
 
 def test_param_checksum_catches_permutations_not_layouts() -> None:

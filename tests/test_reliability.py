@@ -1537,9 +1537,7 @@ class _Centring(nn.Module):
 
 
 def _hp_on(hp):
-    if isinstance(hp, dict):
-        return bool(hp[0] if 0 in hp else hp["centre"])
-    return bool(getattr(hp, "centre", False))
+    return bool(hp["centre"] if isinstance(hp, dict) else getattr(hp, "centre", False))
 
 
 class _HparamsTuple(typing.NamedTuple):
@@ -1583,10 +1581,14 @@ SWITCHES = {  # where a module keeps the flag that switches a batch mean on: (se
     "NamedTuple": (lambda m: setattr(m, "hp", _HparamsTuple()), lambda m: setattr(m, "hp", m.hp._replace(centre=True))),
     "OrderedDict": (lambda m: setattr(m, "hp", collections.OrderedDict(centre=False)), lambda m: m.hp.update(centre=True)),
     "attribute dict": (lambda m: setattr(m, "hp", _AttrDict(centre=False)), lambda m: m.hp.update(centre=True)),
-    "dict with int keys": (lambda m: setattr(m, "hp", {0: False}), lambda m: m.hp.update({0: True})),
     "hparams dict beside a vocabulary": (lambda m: setattr(m, "hp", {"vocab": {str(i): i for i in range(5000)},
                                                                      "centre": False}),
                                          lambda m: m.hp.update(centre=True)),
+    # h48: two 600-entry label maps held before it took a shared budget first (1.87 off)
+    "hparams dict after label maps": (lambda m: [setattr(m, "id2name", {f"c{i}": str(i) for i in range(600)}),
+                                                 setattr(m, "name2id", {str(i): i for i in range(600)}),
+                                                 setattr(m, "hp", {"centre": False})],
+                                      lambda m: m.hp.update(centre=True)),
 }
 
 
@@ -1684,35 +1686,62 @@ def test_a_model_fn_reading_an_object_whose_class_hides_its_module_is_scored():
 def test_the_settings_read_per_call_are_bounded():
     """Dicts a module holds are read for settings (an hparams dict), but a table is not (a 50k-word vocabulary: 1024
     of its entries read per call, 4x a small model's call) and a dict of dicts is read up to
-    :data:`ghostfunc._interact.HELD_SETTINGS` entries in all (1024 x 1024: 5 s a call; h45)."""
+    :data:`ghostfunc._interact.HELD_BUDGET` entries per level, the smallest first (1024 x 1024: 5 s a call; h45)."""
     from ghostfunc import _interact
 
     net = _mlp(6)
     model_fn = _cross_entropy_of(net)
     net[0].vocab = {f"w{i}": i for i in range(_interact.HELD_SETTINGS + 1)}
-    net[0].nested = {i: {j: float(j) for j in range(300)} for i in range(300)}
+    net[0].nested = {f"k{i}": {f"j{j}": float(j) for j in range(300)} for i in range(300)}
     net[0].hp = {"centre": False}
     with _interact.one_call():
         settings = _interact.module_settings(model_fn)
-    assert len(settings) <= _interact.HELD_SETTINGS + 64
+    assert len(settings) <= 2 * _interact.HELD_BUDGET + 64
     assert not any("w1" in key[0] for key in settings)  # (the vocabulary's words are no settings)
     assert any(key[0][-1] == "centre" for key in settings)
 
 
 def test_the_module_walk_meets_a_bounded_number_of_objects(monkeypatch):
-    """The walk for modules takes a module as it meets it and stops after :data:`ghostfunc._interact.MODULE_MET`
-    objects met (a cache of 1000 dicts of 300 lists queued 330k objects per call: 64 ms; h45); each object's items
-    are met a few at a time in turn with its siblings', so a model held beside a large cache is met early."""
+    """The walk for modules takes a module as it meets it, looks into the nearest level first and in it the smaller
+    containers first, and stops after :data:`ghostfunc._interact.MODULE_MET` objects met (a cache of 1000 dicts of 300
+    lists queued 330k objects per call: 64 ms; h45): a model held beside a large cache, or after 150 metric histories
+    in one dict (h48: not found, and a hook put on it later was not seen, 1.09 off), is met early."""
     from ghostfunc import _interact
 
     net = _mlp(6)
     cache = {i: {j: [j, j + 1] for j in range(300)} for i in range(1000)}
-    holder = types.SimpleNamespace(cache=cache, deep={"a": {"b": net}})
-    assert _interact._modules_in([holder]) == [net]
-    monkeypatch.setattr(_interact, "MODULE_MET", 400)
-    assert _interact._modules_in([holder]) == [net]
+    beside = types.SimpleNamespace(cache=cache, deep={"a": {"b": net}})
+    after = {**{f"metric{i}": [float(j) for j in range(256)] for i in range(150)}, "model": net}
+    for holder in (beside, after):
+        assert _interact._modules_in([holder]) == [net]
+        monkeypatch.setattr(_interact, "MODULE_MET", 400)
+        assert _interact._modules_in([holder]) == [net]
+        monkeypatch.setattr(_interact, "MODULE_MET", 4 * _interact.MODULE_BUDGET)
     monkeypatch.setattr(_interact, "MODULE_MET", 2)  # (the holder, then its two attributes: no more)
-    assert _interact._modules_in([holder]) == []
+    assert _interact._modules_in([beside]) == []
+
+
+def test_a_log_the_loop_writes_per_step_is_not_a_setting_checked_on_every_call(monkeypatch):
+    """A module's dict the training loop adds an entry to per step (``net.log[f"step_{i}"] = loss``) gained a setting
+    per call, and every call was checked again (6-8 runs of model_fn a call, 12x; h48); an int-keyed one is a table.
+    A flag switched later is still seen."""
+    from ghostfunc import _interact
+
+    checks = []
+    run = _interact._check_batch
+    monkeypatch.setattr(_interact, "_check_batch", lambda *a, **k: checks.append(1) or run(*a, **k))
+    net = nn.Sequential(_Centring(), nn.Tanh(), nn.Linear(4, 3)).to(F64)
+    net[0].log, net[0].by_step = {}, {}
+    p = {k: v.detach() for k, v in net.named_parameters()}
+    model_fn = _cross_entropy_of(net)
+    train, val = _xy(7, 4), _xy(3, 5)
+    for step in range(12):
+        out = ghostfunc.graddot(model_fn, p, train, val)
+        net[0].log[f"step_{step}"] = net[0].by_step[step] = float(out.train_loss.mean())
+    assert len(checks) <= 2 * (_interact.CHURN + 1), len(checks)
+    net[0].centre = True
+    with pytest.raises(SamplesInteractError, match=r"^graddot: samples interact"):
+        ghostfunc.graddot(model_fn, p, train, val)
 
 
 def test_a_flag_in_a_tuple_beside_a_counter_is_seen():
