@@ -31,7 +31,8 @@ import threading
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, NamedTuple
+from types import SimpleNamespace
+from typing import Any, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -518,6 +519,30 @@ class _ReentrantAsPlain:
 _PATCH_LOCK = threading.RLock()
 _PATCHED: tuple[Any, int] | None = None
 _CAPTURING = threading.local()
+
+
+class _CheckpointsAsPlain(TorchFunctionMode):
+    """A non-re-entrant ``torch.utils.checkpoint`` region (``use_reentrant=False``, HF's
+    ``gradient_checkpointing_enable``) run as if not checkpointed, as the capture runs it: each call with the
+    region's saved-tensor hooks lifted saves its tensors as usual, so the backward recomputes nothing (a
+    recomputation runs outside ``functional_call``, with the module's own weights instead of ``params``:
+    0.9 off on a Llama whose params had moved from its weights)."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if (hooks := checkpoint_hooks()) is None:
+            return func(*args, **kwargs)
+        return lifted(hooks, lambda: func(*args, **kwargs))
+
+
+@contextlib.contextmanager
+def checkpoints_as_plain() -> Iterator[None]:
+    """Both forms of ``torch.utils.checkpoint`` run as plain calls, for runs of ``model_fn`` that differentiate
+    ``params`` with ordinary autograd (the reference loop, the training step's comparison with the batch's
+    gradient): a segment recomputed in the backward runs outside ``functional_call``, with the module's own weights
+    (a training step whose parameters had moved from them was refused as samples that interact, h49)."""
+    with _CheckpointsAsPlain(), _ReentrantAsPlain(cast(Any, SimpleNamespace(lifted_checkpoint=False))):
+        yield
 
 
 def _without_checkpoint(mode: _Interceptor, hooks: tuple, func: Any, types: Any, args: tuple,

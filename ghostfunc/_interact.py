@@ -1992,6 +1992,8 @@ def check_step_gradient(model_fn: Callable, params: Mapping[str, Tensor], batch:
     if batch.size < 2:  # ran on)
         remember(seen, key, zeros)
         return
+    from ._capture import checkpoints_as_plain  # it builds on this module
+
     leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
     device = next(iter(params.values())).device
     devices = [device.index or 0] if device.type == "cuda" else []
@@ -1999,8 +2001,8 @@ def check_step_gradient(model_fn: Callable, params: Mapping[str, Tensor], batch:
     with fork_rng(devices), torch.enable_grad(), eager_stance(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         before = _rng_states(devices)
-        try:
-            with mode:
+        try:  # (checkpointed segments as plain calls: recomputed in the backward, they ran with the module's own
+            with checkpoints_as_plain(), mode:  # weights, and a step whose parameters had moved was refused, h49)
                 losses = model_fn(dict(leaves), batch.rebuild(list(batch.tensors)))
             if mode.random or _drew(before, devices):
                 remember(seen, key, zeros)
@@ -2056,9 +2058,11 @@ def _mean_grads(model_fn: Callable, params: Mapping[str, Tensor],
     per-sample losses with an autograd path), the values its tensors became (branches), whether it drew random
     numbers, and the coarsest floating dtype it computed in. Dropout draws nothing and other random calls run as
     one fixed draw each (:class:`_Uses` ``quiet``): each sample the same function batched or alone."""
+    from ._capture import checkpoints_as_plain  # it builds on this module
+
     leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
     mode = _UsesAndDtypes(leaves, quiet=True)
-    with mode:
+    with checkpoints_as_plain(), mode:  # (a segment recomputed in the backward would use the module's weights)
         losses = model_fn(dict(leaves), batch)  # a copy: our leaves stay the ones differentiated
     if not isinstance(losses, Tensor) or not losses.is_floating_point() or not losses.requires_grad:
         return None, mode.branches, mode.random, mode.computed

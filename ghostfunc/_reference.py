@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from types import SimpleNamespace
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import Tensor
-from torch.overrides import TorchFunctionMode
 
-from ._capture import _ReentrantAsPlain, checkpoint_hooks, lifted, on_batch, split_batch
+from ._capture import checkpoints_as_plain, on_batch, split_batch
 from ._checks import check_model_fn, check_options, check_pair, check_params
 from ._draws import fork_rng
 from ._interact import LossShapeError, ParamsUnusedError, eager_stance, in_one_call
@@ -36,20 +34,6 @@ def _check_losses(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, 
                              f"tensor of shape [B]; for {split.size} {label} samples it returned {got}{hint}")
 
 
-class _CheckpointsAsPlain(TorchFunctionMode):
-    """A non-re-entrant ``torch.utils.checkpoint`` region (``use_reentrant=False``, HF's
-    ``gradient_checkpointing_enable``) run as if not checkpointed, as the capture runs it: each call with the
-    region's saved-tensor hooks lifted saves its tensors as usual, so the backward recomputes nothing (a
-    recomputation runs outside ``functional_call``, with the module's own weights instead of ``params``:
-    0.9 off on a Llama whose params had moved from its weights)."""
-
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
-        if (hooks := checkpoint_hooks()) is None:
-            return func(*args, **kwargs)
-        return lifted(hooks, lambda: func(*args, **kwargs))
-
-
 def per_sample_grads(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, label: str = "train",
                      where: str = "reference_graddot") -> tuple[dict[str, Tensor], Tensor]:
     """``{name: [B, *shape]}`` and losses ``[B]``, one ordinary backward pass per sample. A non-finite loss, or
@@ -63,8 +47,7 @@ def per_sample_grads(model_fn: Callable, params: Mapping[str, Tensor], batch: An
     for i in range(split.size):
         p = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
         # compiled code runs eagerly here (dynamo cannot trace the mode's look at the saved-tensor hooks)
-        with on_batch(where, f"{label} sample {i} (run alone)"), eager_stance(), _CheckpointsAsPlain(), \
-                _ReentrantAsPlain(cast(Any, SimpleNamespace(lifted_checkpoint=False))):
+        with on_batch(where, f"{label} sample {i} (run alone)"), eager_stance(), checkpoints_as_plain():
             # a copy of the dict: a model_fn that rebinds an entry (functional_call writes back a module tensor
             # its forward reassigned, e.g. a pruning pre-hook's) must not change which leaves are differentiated
             loss = model_fn(dict(p), split.rebuild([t[i:i + 1] for t in split.tensors]))

@@ -917,6 +917,49 @@ def test_checkpointed_module_under_functional_call(reentrant):
     assert all(q.grad is None for q in layer.parameters())
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_a_training_step_of_a_checkpointed_module_whose_params_moved(reentrant):
+    """``train_step`` compares its gradient with the batch's by ordinary autograd on each new signature: there a
+    checkpointed segment was recomputed in the backward with the module's own weights, and once the state's
+    parameters had moved from them a valid step was refused as samples that interact (h49). The trajectory is
+    ``torch.optim``'s on the same model without checkpointing."""
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1, self.l2, self.l3 = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+
+        def block(self, h):
+            return torch.tanh(self.l2(h)) * h
+
+        def forward(self, x, checkpointed=True):
+            h = torch.tanh(self.l1(x))
+            return self.l3(cp.checkpoint(self.block, h, use_reentrant=reentrant) if checkpointed else self.block(h))
+
+    net = Net().double()
+    params = {k: v.detach().clone() for k, v in net.named_parameters()}
+
+    def model_fn(p, batch):
+        return F.cross_entropy(functional_call(net, p, (batch[0],)), batch[1], reduction="none")
+
+    g = torch.Generator().manual_seed(1)
+    val = (torch.randn(4, 4, generator=g, dtype=F64), torch.randint(0, 3, (4,), generator=g))
+    step = ghostfunc.train_step(model_fn, ghostfunc.sgd(0.5))
+    state = step.init(params)
+    plain = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    optim = torch.optim.SGD(list(plain.values()), lr=0.5)
+    for n in (8, 8, 8, 6):  # (the last a new signature, checked at moved parameters)
+        batch = (torch.randn(n, 4, generator=g, dtype=F64), torch.randint(0, 3, (n,), generator=g))
+        state, _ = step(state, batch, val)
+        optim.zero_grad()
+        F.cross_entropy(functional_call(net, plain, (batch[0],), {"checkpointed": False}), batch[1]).backward()
+        optim.step()
+    for k in params:
+        assert rel(state.params[k], plain[k].detach()) < 1e-12
+    assert all(q.grad is None for q in net.parameters())
+
+
 @pytest.mark.parametrize("reentrant", [None, False, True])
 def test_hf_gradient_checkpointing_in_train_mode(hf, reentrant):
     cfg = hf.GPT2Config(vocab_size=32, n_embd=8, n_layer=2, n_head=2, n_positions=16, resid_pdrop=0.0,
