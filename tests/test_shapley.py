@@ -362,6 +362,38 @@ def test_order_2_of_a_parameter_read_with_gradients_off(stop):
     assert rel(info.values, want) < 1e-10
 
 
+_FLOORS = {  # a learnable floor (or ceiling) on features masked to 0, where it starts at 0: ties
+    "clamp min": lambda h, lo: torch.clamp(h, min=lo),
+    "clamp max": lambda h, lo: torch.clamp(h, max=lo),
+    "Tensor.clamp": lambda h, lo: h.clamp(lo),
+    "clip both": lambda h, lo: torch.clip(h, lo, lo + 1.0),
+    "fmax": lambda h, lo: torch.fmax(h, lo),
+}
+
+
+@pytest.mark.parametrize("floor", list(_FLOORS))
+def test_order_2_at_ties_of_clamp_and_fmax(floor):
+    """At a tie, torch's forward-mode rule for ``clamp`` with a tensor bound (and ``fmax``) takes the bound's tangent,
+    where the backward gives the gradient to the input: ``jvp`` of ``grad`` was not the double backward's ``H·v``
+    (h49: 1.8e-2 off, one value 2x the loop's). They run as the ``where`` their gradient routes by."""
+    g = torch.Generator().manual_seed(8)
+    params = {"w1": torch.randn(8, 4, generator=g, dtype=DT), "lo": torch.zeros(8, dtype=DT),
+              "w2": torch.randn(3, 8, generator=g, dtype=DT) / 2}
+
+    def fn(p, batch):
+        h = _FLOORS[floor](F.linear(batch["x"], p["w1"]) * batch["mask"], p["lo"])
+        return F.cross_entropy(F.linear(h, p["w2"]), batch["y"], reduction="none")
+
+    def batch(n):
+        return {"x": torch.randn(n, 4, generator=g, dtype=DT), "y": torch.randint(0, 3, (n,), generator=g),
+                "mask": (torch.rand(n, 8, generator=g) > 0.4).to(DT)}
+
+    train, val = batch(6), batch(5)
+    want = reference_order2(fn, params, train, val, 0.5, double_backward_hvp(fn, params, val))
+    assert (want - reference_order1(fn, params, train, val, 0.5)).abs().max() > 1e-4 * want.abs().max()
+    assert rel(ghostfunc.inrun_shapley(fn, params, train, val, lr=0.5, order=2), want) < 1e-10
+
+
 def test_a_numpy_learning_rate_is_a_number():
     """lr read from a numpy array or config (np.float32, np.float64): what sgd takes, inrun_shapley takes too."""
     import numpy as np
