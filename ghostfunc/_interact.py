@@ -1035,10 +1035,25 @@ def state_of(model_fn: Callable) -> tuple:
     attributes (with the items of containers among them) and ``training`` flags, and, one
     level down, the items of dicts, lists and tuples (the first :data:`ITEMS`) and the
     attributes of other objects among them; and :func:`training_flags` (the modules' classes, forwards
-    and hooks: a backward hook that clips changes no loss). Equal fingerprints do not prove that nothing
-    changed (state behind deeper objects is not walked); a changed one proves that something did.
+    and hooks: a backward hook that clips changes no loss); and the classes of the user's own it names, by their
+    data attributes, their functions (a method patched in) and what those read (an ``autograd.Function`` whose
+    ``backward`` scales the gradient by a class attribute or a global, annealed between steps: the loss does not
+    change, the gradient does; the secant carried a stale one, 3.5e-2 off, h49). Equal fingerprints do not prove that
+    nothing changed (state behind deeper objects is not walked); a changed one proves that something did.
     """
-    return _state_of_values(reads(model_fn)), _training_flags(model_fn)
+    classes: list[type] = []
+    found = [v for _, v in named_reads(model_fn, classes)]
+    return _state_of_values(found), _classes_state(classes), _training_flags(model_fn)
+
+
+def _classes_state(classes: list[type]) -> tuple:
+    """:func:`state_of`'s part for the classes of the user's own ``model_fn`` names (and their own bases)."""
+    out: list[Any] = []
+    for kind in dict.fromkeys(c for k in classes for c in k.__mro__ if _own_class(c)):
+        methods = [fn for v in vars(kind).values() if (fn := _method_function(v)) is not None]
+        out.append((kind, _class_stamp(kind), _state_of_values([_class_data(kind),
+                                                                 *(v for fn in methods for _, v in named_reads(fn))])))
+    return tuple(out)
 
 
 #: Entries a batch leaf's :func:`fingerprint` looks at, and how deep into its attributes and items.

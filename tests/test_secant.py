@@ -661,6 +661,28 @@ def _shift():  # a helper whose global the model reads
     return HELPER_SHIFT
 
 
+REVERSE_SCALE = [1.0]
+
+
+class _Reverse(torch.autograd.Function):
+    """A gradient reversal (DANN): the identity forward, the gradient scaled by ``-alpha`` (and a global) backward."""
+
+    alpha = 1.0
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, g):
+        return -_Reverse.alpha * REVERSE_SCALE[0] * g
+
+
 def _reader_fn(net, shift=lambda: 0.0):
     def fn(p, batch):
         return F.cross_entropy(functional_call(net, p, (batch["x"] + shift(),)), batch["y"], reduction="none")
@@ -691,6 +713,10 @@ READER_CHANGES = {
     # an EMA teacher's tensors updated through .data (no version moves): by a checksum
     "a config tensor through .data": ("config", lambda net: CONFIG["loss"]["w"].data.mul_(2.0)),
     "a class attribute": ("config", lambda net: setattr(Weights, "scale", 2.0)),
+    # what moves the gradient only (the losses as they were): an autograd.Function's class attribute, a global its
+    # backward reads (h49: a DANN reversal annealed between steps, 3.5e-2 off)
+    "an autograd.Function's class attribute": ("reversal", lambda net: setattr(_Reverse, "alpha", 0.1)),
+    "a global an autograd.Function's backward reads": ("reversal", lambda net: REVERSE_SCALE.__setitem__(0, 0.1)),
     "deeper than the fingerprint": ("from_module", lambda net: setattr(net.deep.inner, "scale", 1.5)),
     "nothing": ("from_module", lambda net: None),
 }
@@ -707,6 +733,7 @@ def test_secant_carried_gradient_sees_what_the_model_reads(case, monkeypatch):
     NUMPY_SHIFT[:] = 0
     CONFIG["loss"]["w"].fill_(1.0)
     Weights.scale = 1.0
+    _Reverse.alpha, REVERSE_SCALE[0] = 1.0, 1.0
     torch.manual_seed(0)
     net = Reader().double().train()
     ce = lambda out, batch: F.cross_entropy(out, batch["y"], reduction="none")  # noqa: E731
@@ -718,7 +745,9 @@ def test_secant_carried_gradient_sees_what_the_model_reads(case, monkeypatch):
               "default": lambda p, b, shift=DEFAULT_SHIFT: _reader_fn(net, lambda: shift)(p, b),
               "numpy": _reader_fn(net, lambda: torch.from_numpy(NUMPY_SHIFT)),
               "config": lambda p, b: F.cross_entropy(functional_call(net, p, (b["x"],)), b["y"], reduction="none")
-              * CONFIG["loss"]["w"][b["y"]] * WEIGHTS.scale}[form]
+              * CONFIG["loss"]["w"][b["y"]] * WEIGHTS.scale,
+              "reversal": lambda p, b: F.cross_entropy(functional_call(net, p, (b["x"],)), b["y"], reduction="none")
+              + _Reverse.apply(functional_call(net, p, (b["x"],))).pow(2).mean(1)}[form]
     calls = spy(monkeypatch)
     step = ghostfunc.train_step(fn, ghostfunc.sgd(0.5), order=2, curvature="secant")
     state = step.init(params)
