@@ -31,11 +31,12 @@ from . import _kernels as K
 from ._calibrate import Constants, constants
 from ._capture import Batch, Trace, _check_finite, per_sample_losses, weighted_grad
 from ._dist import param_checksum
-from ._draws import host_states, same_host_states
+from ._draws import ONCE, host_states, same_host_states
 from ._graddot import (
     Routing,
     _draws_random,
     _factored,
+    _mark_random,
     _rng_state,
     _same,
     capture_one,
@@ -204,7 +205,11 @@ def secant_values(where: str, model_fn: Callable[[Params, Any], Tensor], params:
         r = routing(model_fn, params, tb, vb, where, "contract", "mean", fresh)
         return r, capture_one(model_fn, params, tb, r, 0, where)
 
+    seen = ONCE.seen
     r, t = retry_stale(where, train_first)
+    if ONCE.seen != seen:  # a draw no sample owns (a seeded generator's projection): drawn per sample here (a
+        _mark_random(model_fn)  # batch mean's difference was reported as samples that interact, h49)
+        raise ValueError(_RANDOM_MESSAGE.format(where=where))
     refuse_coupled_rows(model_fn, params, tb, t.loss, r.plan.notes, where, rng)
     rows, g_train = train_rows(r.plan, t.grads, params, n, 2, scratch)
     refuse_non_finite_rows(where, rows, g_train, params)
@@ -400,6 +405,7 @@ def _ids(uses: list[Factored | Direct]) -> bool:
 
 _RANDOM_MESSAGE = (
     "{where}: curvature='secant' needs a deterministic model_fn, and this one draws random numbers (dropout in "
-    "training mode?): it compares validation gradients at two parameter values, and different dropout masks "
-    "would make their difference noise, not curvature. Put dropout in eval mode, or use order=1"
+    "training mode, a torch.Generator of its own?): it compares validation gradients at two parameter values, and "
+    "different draws would make their difference noise, not curvature. Put dropout in eval mode, draw what is drawn "
+    "once outside model_fn and pass it in, or use order=1"
 )

@@ -48,12 +48,13 @@ from torch.overrides import TorchFunctionMode
 from . import _dist
 from ._capture import Batch, Half, _check_finite, _rephrase, common_weight, per_sample_losses, second_derivative
 from ._checks import check_compile
-from ._draws import host_states, same_host_states
+from ._draws import ONCE, host_states, same_host_states
 from ._eager import unbatchable, val_grad_hvp_eager
 from ._graddot import (
     GradDot,
     Routing,
     _draws_random,
+    _mark_random,
     _prepare,
     _rng_state,
     _same,
@@ -392,7 +393,11 @@ def values_of(
     with _dist.collectively(where, group):  # group=None: nothing; else every rank raises if one fails here
         if order == 2 and _draws_random(model_fn):
             raise ValueError(ORDER2_RANDOM.format(where=where))
+        seen = ONCE.seen
         r, t = retry_stale(where, train_first)
+        if ONCE.seen != seen:  # a draw no sample owns (a seeded generator's projection): drawn per sample here
+            _mark_random(model_fn)
+            raise ValueError((ORDER2_RANDOM if order == 2 else PRECONDITION_UNOWNED).format(where=where))
         refuse_coupled_rows(model_fn, params, tb, t.loss, r.plan.notes, where, start)
         rows, g_train = train_rows(r.plan, t.grads, params, tb.size, 2 if order == 2 and first_order else 1, scratch)
         refuse_non_finite_rows(where, rows, g_train, params, local=world is not None)  # (this rank's rows)
@@ -435,10 +440,19 @@ def values_of(
 
 
 ORDER2_RANDOM = (
-    "{where}: order=2 needs a deterministic model_fn, and this one draws random numbers (dropout in training "
-    "mode?): the training rows' gradients and the validation rows' Hessian-vector product would each see masks "
-    "of their own, not a plain step's. Put dropout in eval mode, or use order=1 (whose training rows take the "
-    "plain step's masks)"
+    "{where}: order=2 needs a deterministic model_fn, and this one draws random numbers (dropout in training mode, "
+    "a torch.Generator of its own?): the training rows' gradients and the validation rows' Hessian-vector product "
+    "would each see draws of their own, not a plain step's. Put dropout in eval mode, draw what is drawn once outside "
+    "model_fn and pass it in, or use order=1 (whose training rows take the plain step's draws)"
+)
+
+
+PRECONDITION_UNOWNED = (
+    "{where}: precondition=True captures the training rows with a draw per sample, and this model_fn draws random "
+    "numbers no sample owns (a torch.Generator of its own, torch.randn(d, d) in the forward: one draw for the whole "
+    "batch, as a plain step makes it): the values would be of other draws than the step's. Draw it outside model_fn "
+    "and pass it in (a buffer, a closure tensor), or use precondition=False (whose training rows take the plain "
+    "step's draws)"
 )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
@@ -392,6 +393,33 @@ def test_order_2_at_ties_of_clamp_and_fmax(floor):
     want = reference_order2(fn, params, train, val, 0.5, double_backward_hvp(fn, params, val))
     assert (want - reference_order1(fn, params, train, val, 0.5)).abs().max() > 1e-4 * want.abs().max()
     assert rel(ghostfunc.inrun_shapley(fn, params, train, val, lr=0.5, order=2), want) < 1e-10
+
+
+def _seeded_projection_fn(p, batch):
+    """A deterministic model that draws one projection from a generator it seeds in the call (a draw no sample owns)."""
+    proj = torch.randn(5, 5, generator=torch.Generator().manual_seed(11), dtype=DT)
+    h = torch.tanh(F.linear(batch["x"], p["w1"], p["b1"])) @ proj
+    return F.cross_entropy(F.linear(h, p["w2"], p["b2"]), batch["y"], reduction="none")
+
+
+@pytest.mark.parametrize("how", ["order 2", "secant", "precondition"])
+def test_a_draw_no_sample_owns_is_refused_where_rows_are_captured_per_sample(how):
+    """A seeded generator's projection drawn in the forward: graddot and order 1 draw it once for the batch, as the
+    loop does; order 2, the secant and precondition=True capture the training rows with a draw per sample (87% off),
+    and the difference from a plain run was reported as samples that interact (h49). It is refused as a draw."""
+    params, train, val = mlp(9)
+    ref, _, _ = ghostfunc.reference_graddot(_seeded_projection_fn, params, train, val)
+    got = ghostfunc.graddot(_seeded_projection_fn, params, train, val).scores
+    assert rel(got, ref) < 1e-10
+    fn = functools.partial(_seeded_projection_fn)  # (a model_fn of its own: nothing known of it yet)
+    if how == "precondition":
+        step = ghostfunc.train_step(fn, ghostfunc.adamw(0.05), precondition=True)
+        with pytest.raises(ValueError, match=r"^train_step: precondition=True captures the training rows with a draw"):
+            step(step.init(params), train, val)
+    else:
+        with pytest.raises(ValueError, match=r"^inrun_shapley: (order=2|curvature='secant') needs a deterministic"):
+            ghostfunc.inrun_shapley(fn, params, train, val, lr=0.3, order=2,
+                                    curvature="secant" if how == "secant" else "exact")
 
 
 def test_a_numpy_learning_rate_is_a_number():
