@@ -596,6 +596,16 @@ def refuse_coupled_rows(model_fn: ModelFn, params: dict[str, Tensor], batch: Bat
         _refuse_coupled_batch(model_fn, params, (batch,), (losses,), notes, where)
 
 
+def drawn_unlike_a_plain_call(model_fn: ModelFn, params: dict[str, Tensor], batch: Batch, losses: Tensor,
+                              start: tuple[Tensor, ...], host: tuple[Any, ...]) -> bool:
+    """Whether a capture of ``batch`` that met draws no sample owns (:data:`ghostfunc._draws.ONCE`'s count moved) gave
+    other losses than a plain call from the same generator states (``start``, ``host``): ``vmap`` drew per sample
+    what the plain call draws once for the batch (a seeded generator's projection). A draw shaped by the batch
+    (``torch.rand(x.shape[0], 1)``, stochastic depth: each sample its row) gives the plain call's. One forward."""
+    plain, _ = _plain_losses(model_fn, params, (batch,), start, next(iter(params.values())).device, host=host)
+    return plain is None or not _close_losses(plain, [losses])
+
+
 def _refuse_coupled_groups(model_fn: ModelFn, params: dict[str, Tensor], batch: Batch, captured: Tensor, label: str,
                            where: str, start: tuple[Tensor, ...], host: tuple[Any, ...]) -> None:
     """:func:`_refuse_coupled_batch` for a batch split at data-dependent branches: each group of two or more samples

@@ -1018,9 +1018,9 @@ def _held_by(obj: Any, kind: type, wide: bool = True) -> Iterable[Any] | None:
 #: The most objects :func:`_modules_in` looks into per call (each call of graddot walks them: a trainer object
 #: holding a dataset costs at most this many looks), and the most it meets (the items and attributes of those: a
 #: cache of 1000 dicts of 300 lists queued 330k objects, 64 ms a call, 9x the walk before it met them breadth first;
-#: now 1-2 ms).
+#: now about 3 ms at most).
 MODULE_BUDGET = 1024
-MODULE_MET = 4 * MODULE_BUDGET
+MODULE_MET = 8 * MODULE_BUDGET
 _ATOMS = frozenset({bool, int, float, complex, str, bytes, type(None)})  # (_SCALARS' exact types: a set look)
 _PLAIN_CONTAINERS = frozenset({list, dict, tuple})
 
@@ -1049,7 +1049,9 @@ def state_of(model_fn: Callable) -> tuple:
 def _classes_state(classes: list[type]) -> tuple:
     """:func:`state_of`'s part for the classes of the user's own ``model_fn`` names (and their own bases)."""
     out: list[Any] = []
-    for kind in dict.fromkeys(c for k in classes for c in k.__mro__ if _own_class(c)):
+    for kind in dict.fromkeys(c for k in classes for c in k.__mro__ if _own_class(c)
+                              and not issubclass(c, torch.nn.Module)):  # (a module's class: named by its methods'
+        # super() cells; its instances' state is walked, and a counter on it made every step take the gradient again)
         methods = [fn for v in vars(kind).values() if (fn := _method_function(v)) is not None]
         out.append((kind, _class_stamp(kind), _state_of_values([_class_data(kind),
                                                                  *(v for fn in methods for _, v in named_reads(fn))])))

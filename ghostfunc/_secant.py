@@ -41,6 +41,7 @@ from ._graddot import (
     _same,
     capture_one,
     contract_direction,
+    drawn_unlike_a_plain_call,
     refuse_coupled_rows,
     refuse_non_finite,
     retry_stale,
@@ -207,9 +208,9 @@ def secant_values(where: str, model_fn: Callable[[Params, Any], Tensor], params:
 
     seen = ONCE.seen
     r, t = retry_stale(where, train_first)
-    if ONCE.seen != seen:  # a draw no sample owns (a seeded generator's projection): drawn per sample here (a
-        _mark_random(model_fn)  # batch mean's difference was reported as samples that interact, h49)
-        raise ValueError(_RANDOM_MESSAGE.format(where=where))
+    if ONCE.seen != seen and drawn_unlike_a_plain_call(model_fn, params, tb, t.loss, rng, host):
+        _mark_random(model_fn)  # a draw no sample owns (a seeded generator's projection): drawn per sample here (the
+        raise ValueError(_RANDOM_MESSAGE.format(where=where))  # difference was reported as samples that interact)
     refuse_coupled_rows(model_fn, params, tb, t.loss, r.plan.notes, where, rng)
     rows, g_train = train_rows(r.plan, t.grads, params, n, 2, scratch)
     refuse_non_finite_rows(where, rows, g_train, params)

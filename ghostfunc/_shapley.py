@@ -60,6 +60,7 @@ from ._graddot import (
     _same,
     _set_rng_state,
     capture_one,
+    drawn_unlike_a_plain_call,
     group_policy,
     no_path,
     prepare_group,
@@ -153,18 +154,35 @@ class _TangentsAsGradients(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _clamp_routed(x: Any, min: Any = None, max: Any = None, **kwargs: Any) -> Any:  # noqa: A002 - torch's names
-    """``clamp(x, min, max)`` with a tensor bound, as the ``where`` its backward routes by: the input keeps a tie (and
-    a NaN), the bound takes what lies beyond it."""
-    if kwargs or not isinstance(x, Tensor) or not (isinstance(min, Tensor) or isinstance(max, Tensor)):
-        return NotImplemented
-    y = x if min is None else torch.where(x < min, min, x)
-    return y if max is None else torch.where(y > max, max, y)
+def _clamp_routed(*args: Any, **kwargs: Any) -> Any:
+    """``clamp(input, min, max)`` with a tensor bound, as the ``where`` its backward routes by: the input keeps a tie
+    (and a NaN of its own), the bound takes what lies beyond it (and a NaN of its own, as torch's clamp gives)."""
+    names = ("input", "min", "max")
+    given = dict(zip(names, args, strict=False))
+    for k in names[len(args):]:
+        if k in kwargs:
+            given[k] = kwargs.pop(k)
+    x, low, high = given.get("input"), given.get("min"), given.get("max")
+    if kwargs or len(args) > 3 or not isinstance(x, Tensor) or not (isinstance(low, Tensor) or isinstance(high, Tensor)):
+        return NotImplemented  # (out=, or no tensor bound: torch's own)
+    y = x if low is None else torch.where(_beyond(x < low, low), low, x)
+    return y if high is None else torch.where(_beyond(y > high, high), high, y)
 
 
-def _fmax_routed(a: Any, b: Any, **kwargs: Any) -> Any:
-    """``fmax(a, b)`` as the ``where`` its backward routes by (``a`` at a tie and where ``b`` is NaN)."""
-    if kwargs or not isinstance(a, Tensor) or not isinstance(b, Tensor):
+def _beyond(past: Tensor, bound: Any) -> Tensor:
+    """Where ``clamp`` takes its bound: past it, or the bound is NaN."""
+    return past | bound.isnan() if isinstance(bound, Tensor) else past
+
+
+def _fmax_routed(*args: Any, **kwargs: Any) -> Any:
+    """``fmax(input, other)`` as the ``where`` its backward routes by (``input`` at a tie and where ``other`` is NaN)."""
+    names = ("input", "other")
+    given = dict(zip(names, args, strict=False))
+    for k in names[len(args):]:
+        if k in kwargs:
+            given[k] = kwargs.pop(k)
+    a, b = given.get("input"), given.get("other")
+    if kwargs or len(args) > 2 or not isinstance(a, Tensor) or not isinstance(b, Tensor):
         return NotImplemented
     return torch.where((a >= b) | b.isnan(), a, b)
 
@@ -395,8 +413,8 @@ def values_of(
             raise ValueError(ORDER2_RANDOM.format(where=where))
         seen = ONCE.seen
         r, t = retry_stale(where, train_first)
-        if ONCE.seen != seen:  # a draw no sample owns (a seeded generator's projection): drawn per sample here
-            _mark_random(model_fn)
+        if ONCE.seen != seen and drawn_unlike_a_plain_call(model_fn, params, tb, t.loss, start, host):
+            _mark_random(model_fn)  # a draw no sample owns (a seeded generator's projection): drawn per sample here
             raise ValueError((ORDER2_RANDOM if order == 2 else PRECONDITION_UNOWNED).format(where=where))
         refuse_coupled_rows(model_fn, params, tb, t.loss, r.plan.notes, where, start)
         rows, g_train = train_rows(r.plan, t.grads, params, tb.size, 2 if order == 2 and first_order else 1, scratch)

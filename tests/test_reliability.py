@@ -1716,7 +1716,10 @@ def test_the_module_walk_meets_a_bounded_number_of_objects(monkeypatch):
         assert _interact._modules_in([holder]) == [net]
         monkeypatch.setattr(_interact, "MODULE_MET", 400)
         assert _interact._modules_in([holder]) == [net]
-        monkeypatch.setattr(_interact, "MODULE_MET", 4 * _interact.MODULE_BUDGET)
+        monkeypatch.undo()
+    # h50: beside 120 objects of 40 attributes each, opened first as the smaller (a budget of 4096 was spent on them)
+    records = [types.SimpleNamespace(**{f"a{j}": float(j) for j in range(40)}) for _ in range(120)]
+    assert _interact._modules_in([(*range(130), types.SimpleNamespace(model=net)), records]) == [net]
     monkeypatch.setattr(_interact, "MODULE_MET", 2)  # (the holder, then its two attributes: no more)
     assert _interact._modules_in([beside]) == []
 

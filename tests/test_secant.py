@@ -764,6 +764,41 @@ def test_secant_carried_gradient_sees_what_the_model_reads(case, monkeypatch):
     torch.testing.assert_close(info.values, want, rtol=1e-12, atol=1e-15)
 
 
+class _CountedBase(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+class _Counted(_CountedBase):
+    calls = 0  # a counter on the module's class, for logging: no part of the loss
+
+    def forward(self, x):
+        _Counted.calls += 1
+        return super().forward(x)  # (zero-argument super(): the method's __class__ cell names the class)
+
+
+def test_a_counter_on_a_modules_class_does_not_drop_the_carried_gradient(monkeypatch):
+    """The fingerprint reads the classes of the user's own that model_fn names, but not a module's class (named by its
+    methods' super() cells; its instances' state is walked): a counter there made every step take the validation
+    gradient again (h50: 2 backward passes a step instead of 1)."""
+    torch.manual_seed(0)
+    net = _Counted().double()
+    params = {k: v.detach().clone() for k, v in net.named_parameters()}
+    fn = lambda p, b: F.cross_entropy(functional_call(net, p, (b["x"],)), b["y"], reduction="none")  # noqa: E731
+    calls = spy(monkeypatch)
+    step = ghostfunc.train_step(fn, ghostfunc.sgd(0.5), order=2, curvature="secant")
+    state = step.init(params)
+    _, _, val = mlp(seed=5)
+    for batch in batches(9, 4):
+        before = len(calls)
+        state, _ = step(state, batch, val)
+        assert len(calls) - before == (2 if state.step == 1 else 1)
+
+
 def test_a_parameter_written_through_data_after_a_step_is_not_carried():
     """A write through ``.data`` moves no version counter: a renormalised embedding row only the second validation
     row reads (the one-row check looks at the first) kept the carried ``ḡ_val`` (0.40 off a fresh call); the

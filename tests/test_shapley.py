@@ -369,7 +369,28 @@ _FLOORS = {  # a learnable floor (or ceiling) on features masked to 0, where it 
     "Tensor.clamp": lambda h, lo: h.clamp(lo),
     "clip both": lambda h, lo: torch.clip(h, lo, lo + 1.0),
     "fmax": lambda h, lo: torch.fmax(h, lo),
+    "clamp by keywords": lambda h, lo: torch.clamp(input=h, min=lo),  # (h50: a TypeError in the rewrite)
+    "fmax by keywords": lambda h, lo: torch.fmax(input=h, other=lo),
 }
+
+
+def test_clamp_and_fmax_as_where_give_torchs_values():
+    """The rewrites order 2 runs (:func:`ghostfunc._shapley._clamp_routed`) give torch's values: NaN in the input or a
+    bound (h50: a NaN bound was dropped, a NaN loss became finite), infinities, ties, a bound above the other,
+    broadcasting, dtype promotion."""
+    from ghostfunc._shapley import _clamp_routed, _fmax_routed
+
+    nan, inf = float("nan"), float("inf")
+    x = torch.tensor([[nan, 1.0, -inf, 0.0, 2.0, -0.0], [0.5, inf, 3.0, -2.0, nan, 1.0]], dtype=DT)
+    lo = torch.tensor([0.0, nan, 0.0, 0.0, 1.0, 0.0], dtype=torch.float32)
+    hi = torch.tensor([1.0, 2.0, nan, -1.0, 2.0, inf], dtype=DT)
+    for got, want in [(_clamp_routed(x, lo), torch.clamp(x, lo)), (_clamp_routed(x, max=hi), torch.clamp(x, max=hi)),
+                      (_clamp_routed(x, lo, hi), torch.clamp(x, lo, hi)), (_clamp_routed(x, hi, lo), x.clamp(hi, lo)),
+                      (_clamp_routed(input=x, min=lo), torch.clamp(x, min=lo)), (_fmax_routed(x, hi), torch.fmax(x, hi)),
+                      (_fmax_routed(input=hi, other=x), torch.fmax(hi, x))]:
+        assert got.dtype == want.dtype and torch.equal(got.isnan(), want.isnan())
+        assert torch.equal(got.nan_to_num(), want.nan_to_num())
+    assert _clamp_routed(x, lo, out=torch.empty_like(x)) is NotImplemented and _clamp_routed(x, 0.0) is NotImplemented
 
 
 @pytest.mark.parametrize("floor", list(_FLOORS))
@@ -420,6 +441,24 @@ def test_a_draw_no_sample_owns_is_refused_where_rows_are_captured_per_sample(how
         with pytest.raises(ValueError, match=r"^inrun_shapley: (order=2|curvature='secant') needs a deterministic"):
             ghostfunc.inrun_shapley(fn, params, train, val, lr=0.3, order=2,
                                     curvature="secant" if how == "secant" else "exact")
+
+
+def _stochastic_depth_fn(p, batch):
+    """A draw shaped by the batch (each sample its row: stochastic depth), which vmap draws as a plain call does."""
+    h = torch.tanh(F.linear(batch["x"], p["w1"], p["b1"]))
+    keep = (torch.rand(batch["x"].shape[0], 1, dtype=DT) > 0.3).to(h.dtype) / 0.7
+    return F.cross_entropy(F.linear(h * keep, p["w2"], p["b2"]), batch["y"], reduction="none")
+
+
+def test_a_draw_shaped_by_the_batch_is_not_refused_with_precondition():
+    """``torch.rand(x.shape[0], 1)`` draws no sample owns in vmap's eyes, but per sample it is the plain call's draw:
+    refused with precondition=True after the first fix (h50); the step takes the plain call's losses."""
+    params, train, val = mlp(10)
+    step = ghostfunc.train_step(_stochastic_depth_fn, ghostfunc.adamw(0.01), precondition=True)
+    torch.manual_seed(1)
+    _, info = step(step.init(params), train, val)
+    torch.manual_seed(1)
+    assert torch.equal(info.train_loss, _stochastic_depth_fn(params, train).detach())
 
 
 def test_a_numpy_learning_rate_is_a_number():
