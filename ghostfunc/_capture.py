@@ -231,6 +231,7 @@ def reads_autograd_state(func: Any) -> bool:
 
 #: Backward calls (the per-sample path runs the caller's inside the mode): they read no table rows.
 _BACKWARDS = frozenset({torch.autograd.grad, torch.autograd.backward, Tensor.backward})
+_REQUIRES_GRAD_ = torch._C.TensorBase.requires_grad_
 
 
 def _base(t: Tensor) -> Tensor:
@@ -329,6 +330,14 @@ class _Interceptor(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
+        if func is _REQUIRES_GRAD_ and self.batched and args and id(args[0]) not in self.names and \
+                (args[1] if len(args) > 1 else kwargs.get("requires_grad", True)):
+            # an activation made to require grad (Hugging Face's enable_input_require_grads, for re-entrant
+            # checkpoints, which the capture runs as plain calls): no parameter's gradient changes, in a plain run
+            # either; under vmap it raised, and the model ran one sample at a time (with dropout, the per-sample
+            # masks left torch.optim's trajectory: 0.05-0.35 over 5 steps, h51). A read of the flag after it, a
+            # backward taken to it, still take the per-sample capture (they raise here).
+            return args[0]
         if self.batched and reads_autograd_state(func):
             raise AutogradStateRead(f"model_fn reads autograd state or registers a gradient hook ({_name(func)}), "
                                     f"which tensors under vmap do not show as a plain run does")
@@ -941,7 +950,10 @@ def trace(model_fn: ModelFn, params: Mapping[str, Tensor], batch: Batch, where: 
             return _one_loss(losses, where)
 
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-        with fork_rng(devices), torch.no_grad(), _rephrase(where):
+        # gradients on, as in the capture (under vjp) and a plain step: a model that reads the mode takes the same
+        # calls (Hugging Face's checkpointed layers run their segments only with gradients on; no tensor here needs
+        # a gradient, so no graph is built)
+        with fork_rng(devices), torch.enable_grad(), _rephrase(where):
             torch.func.vmap(one, randomness="different")([t[:1] for t in batch.tensors])
         return Trace(tuple(mode.sites), mode.other_uses, CHECKPOINT_NOTE if mode.lifted_checkpoint else ())
 

@@ -26,6 +26,7 @@ from ._capture import (
     _keep,
     _Stale,
     capture_batches,
+    checkpoints_as_plain,
     on_batch,
     trace,
     weighted_grad_split,
@@ -946,7 +947,9 @@ def no_path(model_fn: ModelFn, params: Mapping[str, Tensor], batch: Batch, names
         known = {}
     ask = [k for k in names if (key, k) not in known]
     if ask:
-        leaves, losses = run_with_grads(model_fn, params, batch.rebuild(list(batch.tensors)), ask)
+        with checkpoints_as_plain():  # (the model without checkpointing, as every number here: recomputed in the
+            # backward with the module's own weights, a segment raised or hid a LoRA A's path, h51)
+            leaves, losses = run_with_grads(model_fn, params, batch.rebuild(list(batch.tensors)), ask)
         grads: tuple[Tensor | None, ...] = tuple(None for _ in ask)
         if isinstance(losses, Tensor) and losses.requires_grad:
             grads = torch.autograd.grad(losses.sum(), [leaves[k] for k in ask], allow_unused=True)

@@ -595,7 +595,11 @@ def classification_loss(output: Any, batch: Mapping[str, Any]) -> Tensor:
         if labels.shape != logits.shape[:1]:
             raise ValueError(f"{where}: integer labels must be class ids of shape [B] = {list(logits.shape[:1])}; "
                              f"got shape {tuple(labels.shape)}")
-        return F.cross_entropy(logits, labels, reduction="none")
+        try:
+            return F.cross_entropy(logits, labels, reduction="none")
+        except IndexError as err:  # (torch's "Target 5 is out of bounds." named neither labels nor the range)
+            raise IndexError(f"{where}: labels must be class ids from 0 to {logits.shape[-1] - 1} (the model has "
+                             f"{logits.shape[-1]} outputs; -100 is ignored); got one outside: {err}") from err
     if labels.reshape(labels.shape[0], -1).shape != logits.shape:
         hint = " (class ids in a float tensor? pass labels.long())" if labels.shape == logits.shape[:1] else ""
         raise ValueError(f"{where}: floating labels are regression targets shaped like the logits "

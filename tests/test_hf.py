@@ -713,6 +713,9 @@ def test_loss_helpers_refuse_what_they_cannot_read() -> None:
         ghostfunc.classification_loss(cls_out, {"labels": ids.float()})
     with pytest.raises(ValueError, match=r"^classification_loss: integer labels must be class ids of shape \[B\]"):
         ghostfunc.classification_loss(cls_out, {"labels": ids[:, None]})
+    with pytest.raises(IndexError, match=r"^classification_loss: labels must be class ids from 0 to 2 \(the model "
+                                         r"has 3 outputs; -100 is ignored\); got one outside"):  # (h51: torch's alone)
+        ghostfunc.classification_loss(cls_out, {"labels": torch.tensor([0, 1, 5, 2])})
     with pytest.raises(TypeError, match=r"^classification_loss: expected the model's output to have .logits"):
         ghostfunc.classification_loss(cls_out.logits, {"labels": ids})
     one = SequenceClassifierOutput(logits=torch.randn(4, 1, generator=g))  # regression: [B] or [B, 1] targets

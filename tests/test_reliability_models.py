@@ -1299,9 +1299,6 @@ def test_forward_mode_ad_inside_the_model_makes_every_parameter_a_leaf():
     """A model that differentiates in forward mode (``make_dual``): a tapped call's tangent also depends on the
     parameters, which no tap sees; the per-sample capture kept the taps and was 0.78 off the loop (h49). Every
     parameter now takes the leaf path, as for a backward the model runs itself."""
-    from ghostfunc._shapley import _import_jvp_decompositions
-
-    _import_jvp_decompositions()  # (forward mode's first use warns that torch.jit.script is deprecated: torch's own)
     params, train, val = forward_ad_model()
     plan = check_all("forward-mode AD", forward_ad_penalty_fn, params, train, val, policies=("auto",))
     assert "torch.autograd.forward_ad.make_dual inside model_fn" in str(plan), plan
@@ -1310,3 +1307,82 @@ def test_forward_mode_ad_inside_the_model_makes_every_parameter_a_leaf():
     want = reference_order2(forward_ad_penalty_fn, params, train, val, 0.5,
                             double_backward_hvp(forward_ad_penalty_fn, params, val))
     assert rel(ghostfunc.inrun_shapley(forward_ad_penalty_fn, params, train, val, lr=0.5, order=2), want) < 1e-10
+
+
+def test_an_activation_made_to_require_grad_keeps_the_batched_capture():
+    """Hugging Face's ``enable_input_require_grads`` (with gradient checkpointing) hooks the embeddings to call
+    ``requires_grad_()`` on their output: under ``vmap`` that raised, every sample ran alone, and with dropout the
+    per-sample masks left ``torch.optim``'s trajectory (0.05-0.35 over 5 steps, h51). No parameter's gradient
+    changes with it: the batched capture takes it as the plain run does, and the step is ``torch.optim``'s."""
+    torch.manual_seed(0)
+    emb, drop, head = nn.Embedding(12, 6).double(), nn.Dropout(0.3), nn.Linear(6, 3).double()
+    emb.weight.requires_grad_(False)  # (a frozen base: its output needs requires_grad_ for re-entrant checkpoints)
+    emb.register_forward_hook(lambda module, args, out: out.requires_grad_(True))
+    params = {k: v.detach().clone() for k, v in head.named_parameters()}
+
+    def model_fn(p, batch):
+        h = drop(emb(batch[0])).mean(1)
+        return F.cross_entropy(functional_call(head, p, (h,)), batch[1], reduction="none")
+
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randint(0, 12, (6, 4), generator=g), torch.randint(0, 3, (6,), generator=g)) for _ in range(3)]
+    val = (torch.randint(0, 12, (4, 4), generator=g), torch.randint(0, 3, (4,), generator=g))
+    step = ghostfunc.train_step(model_fn, ghostfunc.sgd(0.5))
+    state = step.init(params)
+    plain = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    optim = torch.optim.SGD(list(plain.values()), lr=0.5)
+    for i, batch in enumerate(batches):
+        torch.manual_seed(10 + i)
+        state, info = step(state, batch, val)
+        assert not any("per-sample capture" in note for note in info.notes), info.notes
+        torch.manual_seed(10 + i)  # (the same dropout masks as the step's training rows)
+        optim.zero_grad()
+        F.cross_entropy(functional_call(head, plain, (drop(emb(batch[0])).mean(1),)), batch[1]).backward()
+        optim.step()
+    for k in params:
+        assert rel(state.params[k], plain[k].detach()) < 1e-12
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_a_lora_step_of_a_checkpointed_model_is_torch_optims(reentrant):
+    """A LoRA ``B`` at zero gives its ``A`` an exactly zero gradient, and a step asks whether the loss has an autograd
+    path to ``A`` (``torch.optim`` leaves a parameter without one alone, and decays one with one): that plain run
+    recomputed the checkpointed segment in the backward and raised (``CheckpointError``, or re-entrant's refusal of
+    ``.grad()``), or hid ``A``'s path, which then went undecayed (9e-3 off AdamW after 3 steps, h51). It runs the
+    segments as plain calls, as the capture does."""
+    torch.manual_seed(0)
+
+    class Lora(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.base, self.out = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+            self.base.requires_grad_(False)
+            self.A, self.B = nn.Parameter(torch.randn(2, 6)), nn.Parameter(torch.zeros(6, 2))
+
+        def block(self, h):
+            return torch.tanh(self.base(h) + h @ self.A.T @ self.B.T)
+
+        def forward(self, x, checkpointed=True):
+            h = torch.tanh(self.inp(x))
+            return self.out(cp.checkpoint(self.block, h, use_reentrant=reentrant) if checkpointed else self.block(h))
+
+    net = Lora().double()
+    params = {k: v.detach().clone() for k, v in net.named_parameters() if v.requires_grad}
+
+    def model_fn(p, batch):
+        return F.cross_entropy(functional_call(net, p, (batch[0],)), batch[1], reduction="none")
+
+    g = torch.Generator().manual_seed(2)
+    val = (torch.randn(4, 4, generator=g, dtype=F64), torch.randint(0, 3, (4,), generator=g))
+    step = ghostfunc.train_step(model_fn, ghostfunc.adamw(0.05, weight_decay=0.1))
+    state = step.init(params)
+    plain = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    optim = torch.optim.AdamW(list(plain.values()), lr=0.05, weight_decay=0.1)
+    for _ in range(3):
+        batch = (torch.randn(6, 4, generator=g, dtype=F64), torch.randint(0, 3, (6,), generator=g))
+        state, _ = step(state, batch, val)
+        optim.zero_grad()
+        F.cross_entropy(functional_call(net, plain, (batch[0],), {"checkpointed": False}), batch[1]).backward()
+        optim.step()
+    for k in params:
+        assert rel(state.params[k], plain[k].detach()) < 1e-10, k

@@ -525,8 +525,8 @@ def test_a_loss_normalised_over_the_whole_batch_is_refused_whatever_the_plan_not
     p = {"w": torch.randn(d, d, dtype=torch.float64) / 3, "b": torch.randn(d, dtype=torch.float64) / 5}
 
     def per_token(q, x):
-        if how == "per-sample capture":
-            x = x.clone().requires_grad_()  # (vmap inside vjp cannot run it: each sample alone)
+        if how == "per-sample capture":  # (a boolean mask's data-dependent shape: vmap inside vjp cannot run it)
+            x = x[torch.ones_like(x, dtype=torch.bool)].view(x.shape)
         return (F.linear(x, q["w"], q["b"]) ** 2).sum(-1)
 
     def model_fn(q, batch, own=False):
