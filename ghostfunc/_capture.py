@@ -487,6 +487,7 @@ class _ReentrantAsPlain:
         self.mode = mode
 
     def __enter__(self) -> None:
+        import torch.utils.checkpoint as checkpointing
         from torch.utils.checkpoint import CheckpointFunction
 
         global _PATCHED
@@ -494,6 +495,7 @@ class _ReentrantAsPlain:
         with _PATCH_LOCK:
             if _PATCHED is None:
                 original = CheckpointFunction.apply  # the inherited autograd.Function.apply, bound
+                generator = checkpointing._checkpoint_without_reentrant_generator
 
                 def apply(function: Callable, preserve_rng_state: bool, *args: Any) -> Any:
                     modes = _CAPTURING.__dict__.get("modes")
@@ -502,31 +504,47 @@ class _ReentrantAsPlain:
                     modes[-1].lifted_checkpoint = True
                     return function(*args)  # the segment runs once, now: the random state is the forward's own
 
-                _PATCHED = (CheckpointFunction.__dict__.get("apply"), 0)  # None: inherited from autograd.Function
+                def plain(function: Callable, *args: Any, **kwargs: Any) -> Iterator[None]:
+                    # the non-re-entrant form's set-up around the segment (checkpoint() runs the segment between
+                    # this generator's two steps): none, so no saved-tensor hooks, which torch.func refuses (the
+                    # model ran one sample at a time: the loop's cost, and with dropout, masks of its own, 0.34-0.38
+                    # off torch.optim over 4 steps of Hugging Face's default checkpointing, h52)
+                    modes = _CAPTURING.__dict__.get("modes")
+                    if not modes:
+                        yield from generator(function, *args, **kwargs)
+                        return
+                    modes[-1].lifted_checkpoint = True
+                    yield
+
+                _PATCHED = (CheckpointFunction.__dict__.get("apply"), generator, 0)  # None: inherited
                 CheckpointFunction.apply = staticmethod(apply)  # type: ignore[method-assign, assignment]
-            _PATCHED = (_PATCHED[0], _PATCHED[1] + 1)
+                checkpointing._checkpoint_without_reentrant_generator = plain  # type: ignore[assignment]
+            _PATCHED = (*_PATCHED[:2], _PATCHED[2] + 1)
 
     def __exit__(self, *exc: Any) -> None:
+        import torch.utils.checkpoint as checkpointing
         from torch.utils.checkpoint import CheckpointFunction
 
         global _PATCHED
         _CAPTURING.modes.pop()
         with _PATCH_LOCK:
             assert _PATCHED is not None
-            before, depth = _PATCHED
-            _PATCHED = (before, depth - 1) if depth > 1 else None
+            before, generator, depth = _PATCHED
+            _PATCHED = (before, generator, depth - 1) if depth > 1 else None
             if depth == 1:
+                checkpointing._checkpoint_without_reentrant_generator = generator
                 if before is None:
                     del CheckpointFunction.apply
                 else:
                     CheckpointFunction.apply = before  # type: ignore[method-assign]
 
 
-#: ``_ReentrantAsPlain``'s shared state: the class's own ``apply`` before the patch (``None``: inherited)
-#: and how many captures hold it (``_PATCHED is None``: not patched); each thread's running captures. The
-#: lock also serialises the captures' math-only attention calls (``sdpa_kernel`` sets process-wide flags).
+#: ``_ReentrantAsPlain``'s shared state: the class's own ``apply`` before the patch (``None``: inherited), the
+#: non-re-entrant form's generator before it, and how many captures hold them (``_PATCHED is None``: not patched);
+#: each thread's running captures. The lock also serialises the captures' math-only attention calls
+#: (``sdpa_kernel`` sets process-wide flags).
 _PATCH_LOCK = threading.RLock()
-_PATCHED: tuple[Any, int] | None = None
+_PATCHED: tuple[Any, Any, int] | None = None
 _CAPTURING = threading.local()
 
 

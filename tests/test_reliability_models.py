@@ -891,6 +891,9 @@ def test_checkpoint(reentrant):
     from torch.utils.checkpoint import CheckpointFunction
 
     assert "apply" not in CheckpointFunction.__dict__  # the capture's plain-call stand-in is gone again
+    import torch.utils.checkpoint as checkpointing  # (and the non-re-entrant form's: torch's own generator again)
+
+    assert checkpointing._checkpoint_without_reentrant_generator.__module__ == "torch.utils.checkpoint"
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
@@ -1386,3 +1389,46 @@ def test_a_lora_step_of_a_checkpointed_model_is_torch_optims(reentrant):
         optim.step()
     for k in params:
         assert rel(state.params[k], plain[k].detach()) < 1e-10, k
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_a_checkpointed_model_with_dropout_keeps_the_batched_capture(reentrant):
+    """A checkpointed segment with dropout in training mode (Hugging Face's default checkpointing is non-re-entrant):
+    the non-re-entrant form set saved-tensor hooks, which torch.func refuses, so every sample ran alone (the loop's
+    cost) with dropout masks of its own, and the step left torch.optim's trajectory (0.34-0.38 over 4 steps, h52).
+    Both forms now run as plain calls in the batched capture: the plain step's masks, torch.optim's trajectory."""
+    torch.manual_seed(0)
+    inp, mid, out, drop = nn.Linear(4, 6).double(), nn.Linear(6, 6).double(), nn.Linear(6, 3).double(), nn.Dropout(0.3)
+    params = {f"{n}.{k}": v.detach().clone() for n, m in (("inp", inp), ("mid", mid), ("out", out))
+              for k, v in m.named_parameters()}
+
+    def forward(p, x, checkpointed):
+        h = torch.tanh(F.linear(x, p["inp.weight"], p["inp.bias"]))
+
+        def block(h):
+            return drop(torch.tanh(F.linear(h, p["mid.weight"], p["mid.bias"])))
+
+        return F.linear(cp.checkpoint(block, h, use_reentrant=reentrant) if checkpointed else block(h),
+                        p["out.weight"], p["out.bias"])
+
+    def model_fn(p, batch):
+        return F.cross_entropy(forward(p, batch[0], True), batch[1], reduction="none")
+
+    g = torch.Generator().manual_seed(3)
+    val = (torch.randn(4, 4, generator=g, dtype=F64), torch.randint(0, 3, (4,), generator=g))
+    step = ghostfunc.train_step(model_fn, ghostfunc.sgd(0.5, momentum=0.9))
+    state = step.init(params)
+    plain = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    optim = torch.optim.SGD(list(plain.values()), lr=0.5, momentum=0.9)
+    for i in range(3):
+        batch = (torch.randn(6, 4, generator=g, dtype=F64), torch.randint(0, 3, (6,), generator=g))
+        torch.manual_seed(20 + i)
+        state, info = step(state, batch, val)
+        assert not any("per-sample capture" in note for note in info.notes), info.notes
+        assert any("runs as if not checkpointed" in note for note in info.notes), info.notes
+        torch.manual_seed(20 + i)
+        optim.zero_grad()
+        F.cross_entropy(forward(plain, batch[0], False), batch[1]).backward()
+        optim.step()
+    for k in params:
+        assert rel(state.params[k], plain[k].detach()) < 1e-12, k

@@ -583,6 +583,9 @@ def test_calls_from_several_threads_stay_exact() -> None:
     from torch.utils.checkpoint import CheckpointFunction
 
     assert "apply" not in CheckpointFunction.__dict__  # the captures' checkpoint stand-in is gone again
+    import torch.utils.checkpoint as checkpointing  # (and the non-re-entrant form's: torch's own generator again)
+
+    assert checkpointing._checkpoint_without_reentrant_generator.__module__ == "torch.utils.checkpoint"
     assert torch._dynamo.eval_frame._stance.stance == "default"  # torch.compile compiles again in the process
 
 
