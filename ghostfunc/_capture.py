@@ -40,6 +40,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ._draws import (
     DROPOUTS,
@@ -506,15 +507,20 @@ class _ReentrantAsPlain:
 
                 def plain(function: Callable, *args: Any, **kwargs: Any) -> Iterator[None]:
                     # the non-re-entrant form's set-up around the segment (checkpoint() runs the segment between
-                    # this generator's two steps): none, so no saved-tensor hooks, which torch.func refuses (the
-                    # model ran one sample at a time: the loop's cost, and with dropout, masks of its own, 0.34-0.38
-                    # off torch.optim over 4 steps of Hugging Face's default checkpointing, h52)
+                    # this generator's two steps): no saved-tensor hooks, which torch.func refuses (the model ran
+                    # one sample at a time: the loop's cost, and with dropout, masks of its own, 0.34-0.38 off
+                    # torch.optim over 4 steps of Hugging Face's default checkpointing, h52); the forward context
+                    # of a context_fn is kept (an autocast: h53), a selective checkpoint's caching mode is not
                     modes = _CAPTURING.__dict__.get("modes")
                     if not modes:
                         yield from generator(function, *args, **kwargs)
                         return
                     modes[-1].lifted_checkpoint = True
-                    yield
+                    make = args[1] if len(args) > 1 else kwargs.get("context_fn")  # (checkpoint() passes it second)
+                    forward = make()[0] if callable(make) and make is not checkpointing.noop_context_fn else None
+                    with contextlib.nullcontext() if forward is None or isinstance(forward, TorchDispatchMode) \
+                            else forward:
+                        yield
 
                 _PATCHED = (CheckpointFunction.__dict__.get("apply"), generator, 0)  # None: inherited
                 CheckpointFunction.apply = staticmethod(apply)  # type: ignore[method-assign, assignment]

@@ -1432,3 +1432,42 @@ def test_a_checkpointed_model_with_dropout_keeps_the_batched_capture(reentrant):
         optim.step()
     for k in params:
         assert rel(state.params[k], plain[k].detach()) < 1e-12, k
+
+
+_SEGMENT_SCALE = [1.0]
+
+
+@contextlib.contextmanager
+def _scaled(by):
+    """A forward context that a checkpointed segment reads (as an autocast would change how it computes)."""
+    before, _SEGMENT_SCALE[0] = _SEGMENT_SCALE[0], by
+    try:
+        yield
+    finally:
+        _SEGMENT_SCALE[0] = before
+
+
+def test_a_non_reentrant_checkpoints_forward_context_is_kept():
+    """``checkpoint(..., use_reentrant=False, context_fn=...)`` runs the segment under the context's forward part;
+    run as a plain call in the capture, the segment ran without it (0.56 off, the reference loop too: h53)."""
+    torch.manual_seed(0)
+    p = {"w1": torch.randn(6, 4, dtype=F64), "w2": torch.randn(3, 6, dtype=F64)}
+
+    def segment(p, x):
+        return torch.tanh(F.linear(x, p["w1"]) * _SEGMENT_SCALE[0])
+
+    def model_fn(p, batch):
+        h = cp.checkpoint(segment, p, batch[0], use_reentrant=False,
+                          context_fn=lambda: (_scaled(3.0), contextlib.nullcontext()))
+        return F.cross_entropy(F.linear(h, p["w2"]), batch[1], reduction="none")
+
+    def plain(p, batch):
+        with _scaled(3.0):
+            h = segment(p, batch[0])
+        return F.cross_entropy(F.linear(h, p["w2"]), batch[1], reduction="none")
+
+    g = torch.Generator().manual_seed(4)
+    train = (torch.randn(6, 4, generator=g, dtype=F64), torch.randint(0, 3, (6,), generator=g))
+    val = (torch.randn(4, 4, generator=g, dtype=F64), torch.randint(0, 3, (4,), generator=g))
+    check_all("checkpoint context_fn", model_fn, p, train, val, reference_fn=plain, policies=("auto",),
+              reduces=("mean",))
