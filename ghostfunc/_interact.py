@@ -1018,7 +1018,7 @@ def _held_by(obj: Any, kind: type, wide: bool = True) -> Iterable[Any] | None:
 #: The most objects :func:`_modules_in` looks into per call (each call of graddot walks them: a trainer object
 #: holding a dataset costs at most this many looks), and the most it meets (the items and attributes of those: a
 #: cache of 1000 dicts of 300 lists queued 330k objects, 64 ms a call, 9x the walk before it met them breadth first;
-#: now about 3 ms at most).
+#: now about 4 ms at most).
 MODULE_BUDGET = 1024
 MODULE_MET = 8 * MODULE_BUDGET
 _ATOMS = frozenset({bool, int, float, complex, str, bytes, type(None)})  # (_SCALARS' exact types: a set look)

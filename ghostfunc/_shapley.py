@@ -154,16 +154,19 @@ class _TangentsAsGradients(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _arguments(names: tuple[str, ...], args: tuple, kwargs: dict[str, Any]) -> dict[str, Any] | None:
+    """A call's arguments by torch's names (positional or keyword); ``None`` where it has others (``out=``)."""
+    if len(args) > len(names) or set(kwargs) - set(names[len(args):]):
+        return None
+    return {**dict(zip(names, args, strict=False)), **kwargs}
+
+
 def _clamp_routed(*args: Any, **kwargs: Any) -> Any:
     """``clamp(input, min, max)`` with a tensor bound, as the ``where`` its backward routes by: the input keeps a tie
     (and a NaN of its own), the bound takes what lies beyond it (and a NaN of its own, as torch's clamp gives)."""
-    names = ("input", "min", "max")
-    given = dict(zip(names, args, strict=False))
-    for k in names[len(args):]:
-        if k in kwargs:
-            given[k] = kwargs.pop(k)
-    x, low, high = given.get("input"), given.get("min"), given.get("max")
-    if kwargs or len(args) > 3 or not isinstance(x, Tensor) or not (isinstance(low, Tensor) or isinstance(high, Tensor)):
+    given = _arguments(("input", "min", "max"), args, kwargs)
+    x, low, high = (None, None, None) if given is None else (given.get("input"), given.get("min"), given.get("max"))
+    if not isinstance(x, Tensor) or not (isinstance(low, Tensor) or isinstance(high, Tensor)):
         return NotImplemented  # (out=, or no tensor bound: torch's own)
     y = x if low is None else torch.where(_beyond(x < low, low), low, x)
     return y if high is None else torch.where(_beyond(y > high, high), high, y)
@@ -176,13 +179,9 @@ def _beyond(past: Tensor, bound: Any) -> Tensor:
 
 def _fmax_routed(*args: Any, **kwargs: Any) -> Any:
     """``fmax(input, other)`` as the ``where`` its backward routes by (``input`` at a tie and where ``other`` is NaN)."""
-    names = ("input", "other")
-    given = dict(zip(names, args, strict=False))
-    for k in names[len(args):]:
-        if k in kwargs:
-            given[k] = kwargs.pop(k)
-    a, b = given.get("input"), given.get("other")
-    if kwargs or len(args) > 2 or not isinstance(a, Tensor) or not isinstance(b, Tensor):
+    given = _arguments(("input", "other"), args, kwargs)
+    a, b = (None, None) if given is None else (given.get("input"), given.get("other"))
+    if not isinstance(a, Tensor) or not isinstance(b, Tensor):
         return NotImplemented
     return torch.where((a >= b) | b.isnan(), a, b)
 
