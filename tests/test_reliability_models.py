@@ -920,6 +920,29 @@ def test_checkpointed_module_under_functional_call(reentrant):
     assert all(q.grad is None for q in layer.parameters())
 
 
+def assert_steps_are_torch_optims(model_fn, plain_loss, params, optimizer, torch_optimizer, batches, val, seed=None,
+                                  notes_ok=lambda notes: True, tol=1e-12):
+    """``train_step(model_fn, optimizer)`` over ``batches`` against ``torch_optimizer`` stepping on the mean of
+    ``plain_loss(params, batch)`` (``[B]``), the RNG seeded alike for both before each step where ``seed`` is given;
+    each step's notes pass ``notes_ok``, and the parameters agree at the end."""
+    step = ghostfunc.train_step(model_fn, optimizer)
+    state = step.init(params)
+    plain = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    optim = torch_optimizer(list(plain.values()))
+    for i, batch in enumerate(batches):
+        if seed is not None:
+            torch.manual_seed(seed + i)
+        state, info = step(state, batch, val)
+        assert notes_ok(info.notes), info.notes
+        if seed is not None:
+            torch.manual_seed(seed + i)  # (the same draws as the step's training rows)
+        optim.zero_grad()
+        plain_loss(plain, batch).mean().backward()
+        optim.step()
+    for k in params:
+        assert rel(state.params[k], plain[k].detach()) < tol, k
+
+
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_a_training_step_of_a_checkpointed_module_whose_params_moved(reentrant):
     """``train_step`` compares its gradient with the batch's by ordinary autograd on each new signature: there a
@@ -948,18 +971,12 @@ def test_a_training_step_of_a_checkpointed_module_whose_params_moved(reentrant):
 
     g = torch.Generator().manual_seed(1)
     val = (torch.randn(4, 4, generator=g, dtype=F64), torch.randint(0, 3, (4,), generator=g))
-    step = ghostfunc.train_step(model_fn, ghostfunc.sgd(0.5))
-    state = step.init(params)
-    plain = {k: v.clone().requires_grad_(True) for k, v in params.items()}
-    optim = torch.optim.SGD(list(plain.values()), lr=0.5)
-    for n in (8, 8, 8, 6):  # (the last a new signature, checked at moved parameters)
-        batch = (torch.randn(n, 4, generator=g, dtype=F64), torch.randint(0, 3, (n,), generator=g))
-        state, _ = step(state, batch, val)
-        optim.zero_grad()
-        F.cross_entropy(functional_call(net, plain, (batch[0],), {"checkpointed": False}), batch[1]).backward()
-        optim.step()
-    for k in params:
-        assert rel(state.params[k], plain[k].detach()) < 1e-12
+    batches = [(torch.randn(n, 4, generator=g, dtype=F64), torch.randint(0, 3, (n,), generator=g))
+               for n in (8, 8, 8, 6)]  # (the last a new signature, checked at moved parameters)
+    assert_steps_are_torch_optims(
+        model_fn, lambda p, b: F.cross_entropy(functional_call(net, p, (b[0],), {"checkpointed": False}), b[1],
+                                               reduction="none"),
+        params, ghostfunc.sgd(0.5), lambda ps: torch.optim.SGD(ps, lr=0.5), batches, val)
     assert all(q.grad is None for q in net.parameters())
 
 
@@ -1330,20 +1347,9 @@ def test_an_activation_made_to_require_grad_keeps_the_batched_capture():
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randint(0, 12, (6, 4), generator=g), torch.randint(0, 3, (6,), generator=g)) for _ in range(3)]
     val = (torch.randint(0, 12, (4, 4), generator=g), torch.randint(0, 3, (4,), generator=g))
-    step = ghostfunc.train_step(model_fn, ghostfunc.sgd(0.5))
-    state = step.init(params)
-    plain = {k: v.clone().requires_grad_(True) for k, v in params.items()}
-    optim = torch.optim.SGD(list(plain.values()), lr=0.5)
-    for i, batch in enumerate(batches):
-        torch.manual_seed(10 + i)
-        state, info = step(state, batch, val)
-        assert not any("per-sample capture" in note for note in info.notes), info.notes
-        torch.manual_seed(10 + i)  # (the same dropout masks as the step's training rows)
-        optim.zero_grad()
-        F.cross_entropy(functional_call(head, plain, (drop(emb(batch[0])).mean(1),)), batch[1]).backward()
-        optim.step()
-    for k in params:
-        assert rel(state.params[k], plain[k].detach()) < 1e-12
+    assert_steps_are_torch_optims(model_fn, model_fn, params, ghostfunc.sgd(0.5), lambda ps: torch.optim.SGD(ps, lr=0.5),
+                                  batches, val, seed=10,
+                                  notes_ok=lambda notes: not any("per-sample capture" in n for n in notes))
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
@@ -1377,18 +1383,12 @@ def test_a_lora_step_of_a_checkpointed_model_is_torch_optims(reentrant):
 
     g = torch.Generator().manual_seed(2)
     val = (torch.randn(4, 4, generator=g, dtype=F64), torch.randint(0, 3, (4,), generator=g))
-    step = ghostfunc.train_step(model_fn, ghostfunc.adamw(0.05, weight_decay=0.1))
-    state = step.init(params)
-    plain = {k: v.clone().requires_grad_(True) for k, v in params.items()}
-    optim = torch.optim.AdamW(list(plain.values()), lr=0.05, weight_decay=0.1)
-    for _ in range(3):
-        batch = (torch.randn(6, 4, generator=g, dtype=F64), torch.randint(0, 3, (6,), generator=g))
-        state, _ = step(state, batch, val)
-        optim.zero_grad()
-        F.cross_entropy(functional_call(net, plain, (batch[0],), {"checkpointed": False}), batch[1]).backward()
-        optim.step()
-    for k in params:
-        assert rel(state.params[k], plain[k].detach()) < 1e-10, k
+    batches = [(torch.randn(6, 4, generator=g, dtype=F64), torch.randint(0, 3, (6,), generator=g)) for _ in range(3)]
+    assert_steps_are_torch_optims(
+        model_fn, lambda p, b: F.cross_entropy(functional_call(net, p, (b[0],), {"checkpointed": False}), b[1],
+                                               reduction="none"),
+        params, ghostfunc.adamw(0.05, weight_decay=0.1),
+        lambda ps: torch.optim.AdamW(ps, lr=0.05, weight_decay=0.1), batches, val, tol=1e-10)
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
@@ -1416,22 +1416,12 @@ def test_a_checkpointed_model_with_dropout_keeps_the_batched_capture(reentrant):
 
     g = torch.Generator().manual_seed(3)
     val = (torch.randn(4, 4, generator=g, dtype=F64), torch.randint(0, 3, (4,), generator=g))
-    step = ghostfunc.train_step(model_fn, ghostfunc.sgd(0.5, momentum=0.9))
-    state = step.init(params)
-    plain = {k: v.clone().requires_grad_(True) for k, v in params.items()}
-    optim = torch.optim.SGD(list(plain.values()), lr=0.5, momentum=0.9)
-    for i in range(3):
-        batch = (torch.randn(6, 4, generator=g, dtype=F64), torch.randint(0, 3, (6,), generator=g))
-        torch.manual_seed(20 + i)
-        state, info = step(state, batch, val)
-        assert not any("per-sample capture" in note for note in info.notes), info.notes
-        assert any("runs as if not checkpointed" in note for note in info.notes), info.notes
-        torch.manual_seed(20 + i)
-        optim.zero_grad()
-        F.cross_entropy(forward(plain, batch[0], False), batch[1]).backward()
-        optim.step()
-    for k in params:
-        assert rel(state.params[k], plain[k].detach()) < 1e-12, k
+    batches = [(torch.randn(6, 4, generator=g, dtype=F64), torch.randint(0, 3, (6,), generator=g)) for _ in range(3)]
+    assert_steps_are_torch_optims(
+        model_fn, lambda p, b: F.cross_entropy(forward(p, b[0], False), b[1], reduction="none"), params,
+        ghostfunc.sgd(0.5, momentum=0.9), lambda ps: torch.optim.SGD(ps, lr=0.5, momentum=0.9), batches, val, seed=20,
+        notes_ok=lambda notes: not any("per-sample capture" in n for n in notes)
+        and any("runs as if not checkpointed" in n for n in notes))
 
 
 _SEGMENT_SCALE = [1.0]
