@@ -478,10 +478,13 @@ class _ReentrantAsPlain:
     has put a module's own weights back): its calls would get no taps. Here
     ``CheckpointFunction.apply(function, preserve_rng_state, *args)`` is ``function(*args)``
     (its forward, which sees the same inputs and the same random state), so every call
-    is intercepted once: exact, without the memory saving; the plan notes it. The patch
-    lives on the class while any capture runs, in any thread (installed by the first, removed by the
-    last, under a lock: captures in several threads at once leave the class as it was); a checkpoint
-    in a thread with no capture running meanwhile takes the original ``apply``.
+    is intercepted once: exact, without the memory saving; the plan notes it. A non-re-entrant
+    segment (``use_reentrant=False``, Hugging Face's default) runs so too: torch's generator that sets
+    its saved-tensor hooks (which ``torch.func`` refuses) is replaced by one that sets none, keeping a
+    ``context_fn``'s forward context. The patches live on the class and module while any capture runs,
+    in any thread (installed by the first, removed by the last, under a lock: captures in several threads
+    at once leave them as they were); a checkpoint in a thread with no capture running meanwhile takes
+    torch's own.
     """
 
     def __init__(self, mode: _Interceptor) -> None:
