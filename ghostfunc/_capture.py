@@ -562,7 +562,9 @@ class _CheckpointsAsPlain(TorchFunctionMode):
     ``gradient_checkpointing_enable``) run as if not checkpointed, as the capture runs it: each call with the
     region's saved-tensor hooks lifted saves its tensors as usual, so the backward recomputes nothing (a
     recomputation runs outside ``functional_call``, with the module's own weights instead of ``params``:
-    0.9 off on a Llama whose params had moved from its weights)."""
+    0.9 off on a Llama whose params had moved from its weights). With :class:`_ReentrantAsPlain`'s stand-in for
+    torch's generator, ``torch.utils.checkpoint`` sets no hooks; this lifts those set otherwise (the composable
+    ``torch.distributed._composable.checkpoint``, which holds torch's generator by name)."""
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}

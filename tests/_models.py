@@ -19,6 +19,21 @@ from torch.func import functional_call
 Built = tuple[Callable, dict[str, torch.Tensor], Callable[[int, int, torch.Generator], Any]]
 
 
+class IdentityForward(torch.autograd.Function):
+    """An ``autograd.Function`` whose forward is the identity (a copy), for subclasses that give it a ``backward`` of
+    their own (a gradient reversal, a gradient clip); ``setup_context`` style, with a generated vmap rule."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+
 def _params(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in module.named_parameters() if v.requires_grad}
 

@@ -29,6 +29,7 @@ from torch.func import functional_call
 import ghostfunc
 from ghostfunc import SamplesInteractError
 from ghostfunc._reference import per_sample_grads
+from tests._models import IdentityForward
 
 F64 = torch.float64
 POLICIES = ("auto", "2t2", "ghost", "materialize", "contract")
@@ -1078,17 +1079,7 @@ def clipping_parameter_hook(p, x):
     return F.linear(torch.tanh(F.linear(x, p["W1"], p["b1"])), p["W2"]).pow(2).sum(1)
 
 
-class _ClampGrad(torch.autograd.Function):  # a gradient-clipping layer: row-wise, but not linear in its gradient
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x):
-        return x.clone()
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
+class _ClampGrad(IdentityForward):  # a gradient-clipping layer: row-wise, but not linear in its gradient
     @staticmethod
     def backward(ctx, g):
         return g.clamp(-0.05, 0.05)

@@ -13,6 +13,7 @@ from torch.func import functional_call
 
 import ghostfunc
 from ghostfunc import _interact, _secant
+from tests._models import IdentityForward
 
 from .test_shapley import (
     attention_fn,
@@ -664,19 +665,10 @@ def _shift():  # a helper whose global the model reads
 REVERSE_SCALE = [1.0]
 
 
-class _Reverse(torch.autograd.Function):
+class _Reverse(IdentityForward):
     """A gradient reversal (DANN): the identity forward, the gradient scaled by ``-alpha`` (and a global) backward."""
 
     alpha = 1.0
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x):
-        return x.clone()
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
 
     @staticmethod
     def backward(ctx, g):
