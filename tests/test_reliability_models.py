@@ -921,6 +921,60 @@ def test_checkpointed_module_under_functional_call(reentrant):
     assert all(q.grad is None for q in layer.parameters())
 
 
+@pytest.mark.parametrize("reentrant", [None, False])
+def test_captures_in_threads_with_a_module_each(reentrant):
+    """Three threads call graddot at once, each on a module of its own (checkpointed or not) while a fourth
+    checkpoints a plain layer: every call is the single-sample loop's (the README's Threads)."""
+    import copy
+    import threading
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+    params = {k: v.detach() for k, v in net.named_parameters()}
+
+    def make():
+        own = copy.deepcopy(net)
+
+        def model_fn(p, b):
+            def run(x):
+                return functional_call(own, p, (x,))
+
+            h = run(b[0]) if reentrant is None else cp.checkpoint(run, b[0], use_reentrant=reentrant)
+            return F.cross_entropy(h, b[1], reduction="none")
+        return model_fn
+
+    data = [((torch.randn(8, 6, dtype=F64), torch.randint(0, 3, (8,))),
+             (torch.randn(3, 6, dtype=F64), torch.randint(0, 3, (3,)))) for _ in range(2)]
+    want = [ghostfunc.reference_graddot(make(), params, *d)[0] for d in data]
+    errors: list[float | str] = []
+    stop = threading.Event()
+
+    def worker(j):
+        fn = make()
+        for _ in range(6):
+            try:
+                errors.append(rel(ghostfunc.graddot(fn, params, *data[j]).scores, want[j]))
+            except Exception as e:  # noqa: BLE001 (reported below, in the main thread)
+                errors.append(repr(e))
+
+    def plain():
+        layer = nn.Linear(4, 4)
+        while not stop.is_set():
+            x = torch.randn(2, 4, requires_grad=True)
+            cp.checkpoint(lambda z: torch.tanh(layer(z)), x, use_reentrant=False).sum().backward()
+
+    threads = [threading.Thread(target=worker, args=(j % 2,)) for j in range(3)]
+    side = threading.Thread(target=plain)
+    side.start()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stop.set()
+    side.join()
+    assert len(errors) == 18 and all(isinstance(e, float) and e < 1e-12 for e in errors), errors
+
+
 def assert_steps_are_torch_optims(model_fn, plain_loss, params, optimizer, torch_optimizer, batches, val, seed=None,
                                   notes_ok=lambda notes: True, tol=1e-12):
     """``train_step(model_fn, optimizer)`` over ``batches`` against ``torch_optimizer`` stepping on the mean of
