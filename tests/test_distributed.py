@@ -887,6 +887,13 @@ def test_probes_see_writes_through_data_on_every_kind_of_tensor() -> None:
     seen = probes(odd)
     assert set(seen) == set(odd) and seen["meta"] == seen["sparse"] == seen["empty"] == b""
     assert all(seen[k] for k in ("q", "conj", "neg", "bf16", "expanded", "scalar"))
+    # the same entries whatever the layout, read where they lie (a transposed view was copied whole, h54)
+    big = torch.randn(400, 300, dtype=torch.float64)
+    views = {"t": big.T, "slice": big[:, ::3], "perm": big.view(20, 20, 300).permute(2, 0, 1),
+             "conj": torch.complex(big, big)[::2].conj().T}
+    seen = probes(views)
+    assert all(seen[k] == probes({k: v.contiguous().resolve_conj()})[k] for k, v in views.items())
+    assert all(len(seen[k]) == 64 * views[k].element_size() for k in views)
 
 
 def test_param_checksum_catches_permutations_not_layouts() -> None:
