@@ -374,10 +374,10 @@ def probes(tensors: Mapping[str, Tensor]) -> dict[str, bytes]:
         if flat.is_quantized:  # (viewed as bytes, a quantized tensor crashed the process)
             flat = flat.int_repr()
         if flat.numel() > PROBE:
-            at = torch.arange(0, flat.numel(), flat.numel() // PROBE, device=flat.device)[:PROBE]
+            picks = torch.arange(0, flat.numel(), flat.numel() // PROBE, device=flat.device)[:PROBE]
             # the same entries of any layout, read where they lie (a transposed 4000x4000 view was copied whole
             # to read them: 50 ms, h54)
-            flat = flat.reshape(-1)[at] if flat.is_contiguous() else flat[torch.unravel_index(at, flat.shape)]
+            flat = flat.reshape(-1)[picks] if flat.is_contiguous() else flat[torch.unravel_index(picks, flat.shape)]
         flat = flat.resolve_conj().resolve_neg().reshape(-1)  # (a conjugate view is no bytes of its own)
         parts.setdefault(flat.device, []).append((k, flat.contiguous().view(-1).view(torch.uint8)))
     for found in parts.values():
