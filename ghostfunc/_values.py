@@ -198,7 +198,9 @@ class DataValues:
             indices, values = indices[keep.to(indices.device)], values[keep.to(values.device)]
         idx = indices.to(device="cpu", dtype=torch.int64)
         if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= len(self)):
-            raise IndexError(f"{where}: indices must lie in [0, {len(self)}); got min {int(idx.min())}, max {int(idx.max())}")
+            given = indices.tolist()  # (as given: a uint64 index past int64's range wraps in idx, and torch has no
+            raise IndexError(f"{where}: indices must lie in [0, {len(self)}); got min {min(given)}, "  # uint64 max)
+                             f"max {max(given)}")
         vals = values.detach().to(device="cpu", dtype=torch.float64)
         if not bool(torch.isfinite(vals).all()):
             raise FloatingPointError(f"{where}: values contain non-finite entries at rows "

@@ -9,6 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -59,6 +60,8 @@ def test_add_errors():
         dv.add(torch.tensor([0, 1]), torch.zeros(3))
     with pytest.raises(IndexError, match=r"^DataValues.add: indices must lie in \[0, 4\); got min 0, max 4"):
         dv.add(torch.tensor([0, 4]), torch.zeros(2))
+    with pytest.raises(IndexError, match=r"got min 1, max 9223372036854775808$"):  # (as given: int64 wraps it, h57)
+        dv.add(np.array([2**63, 1], dtype=np.uint64), torch.zeros(2))
     with pytest.raises(FloatingPointError, match=r"^DataValues.add: values contain non-finite entries at rows \[1\]"):
         dv.add(torch.tensor([0, 1]), torch.tensor([0.0, float("nan")]))
     with pytest.raises(ValueError, match=r"^DataValues.zeros: n must be a positive int"):
