@@ -654,11 +654,21 @@ def modules_of(model_fn: Callable, wide: bool = True) -> list[torch.nn.Module]:
     and their items and attributes only, as the ranks' comparison of their models looks (``ghostfunc._dist``: a
     module found only further off, a per-rank meter held on a class, was refused as another model)."""
     def compute() -> list[torch.nn.Module]:
-        classes: list[type] = []
-        found = [v for _, v in named_reads(model_fn, classes if wide else None)]
-        return _modules_in([*found, *(v for c in classes for v in _class_held(c))], wide)
+        reads, classes = _read_by(model_fn)
+        found = [v for _, v in reads]
+        return _modules_in([*found, *(v for c in (classes if wide else ()) for v in _class_held(c))], wide)
 
     return _scoped(("modules", wide), model_fn, compute)
+
+
+def _read_by(model_fn: Callable) -> tuple[list[tuple[str, Any]], list[type]]:
+    """:func:`named_reads` of ``model_fn`` and the classes of the user's own it reads, once per public call (the
+    module walk and :func:`module_settings` both start there)."""
+    def compute() -> tuple[list[tuple[str, Any]], list[type]]:
+        classes: list[type] = []
+        return named_reads(model_fn, classes), classes
+
+    return _scoped("reads", model_fn, compute)
 
 
 def _class_held(kind: type) -> list[Any]:
@@ -749,13 +759,21 @@ def module_settings(model_fn: Callable) -> tuple[Any, ...]:
     any name but a dunder's (``self._center`` too), on the instance or on a class of the user's own; and those of
     the objects a module holds that hold settings (a Hugging Face ``PretrainedConfig``, a dataclass, a
     ``SimpleNamespace``, a dict of hyperparameters, a class of one's own named ``...Config``; and such objects
-    inside them, one level down). What :func:`behaviour` adds to :func:`training_flags` (a module switched to drop
+    inside them, one level down); and those ``model_fn`` reads itself (:func:`named_reads`: a global flag or
+    hparams dict, a closure's variable, dict or namespace, the classes of the user's own it names: a global dict's
+    flag switching a batch mean on after a first call kept the checks, and ``unroll`` gave each row alone's values,
+    1.0 off the derivative through the loop, h57). What :func:`behaviour` adds to :func:`training_flags` (a module switched to drop
     its activations sequence-first kept the first call's verdict on its random draws: 0.27 off; h43: an enum mode,
     a private bool, an hparams dict switching a batch mean on were not seen)."""
     def compute() -> tuple[Any, ...]:
         out: list[Any] = []
         holders: dict[int, Any] = {}
-        classes: dict[type, None] = {}
+        reads, read_classes = _read_by(model_fn)
+        named: dict[str, Any] = {}  # what model_fn reads itself (a global flag, a closure's hparams dict)
+        for label, v in reads:
+            named[label if label not in named else f"{label} ({len(named)})"] = v
+        out += _settings_of(named, holders, ("read",))
+        classes: dict[type, None] = dict.fromkeys(read_classes)  # (Cfg.center, a class model_fn names)
         for at, m in enumerate(submodules(model_fn)):
             out += _settings_of(m.__dict__, holders, ("module", at))
             classes[type(m)] = None
@@ -1689,10 +1707,12 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
     if host and not random and k > 1 and _per_sample_shape(together, k):
         alone = None if (own := copied(list(range(k)))) is None else list(own.split(1))
     if alone is not None:  # dropout-like draws differ batched and alone; one sample cannot interact
-        rounding = max(coarsest([*params.values(), *batch.tensors, together]), mode.computed,
-                       key=lambda d: torch.finfo(d).eps)  # float64 losses of a float32 model, a float32 layer
-        _compare_confirmed(together.detach(), torch.cat(alone).detach(), label, chosen, rounding, copied,
-                           samples_named(chosen, label))
+        declared = coarsest([*params.values(), *batch.tensors, together])
+        rounding = max(declared, mode.computed, key=lambda d: torch.finfo(d).eps)  # (float64 losses of a float32
+        _compare_confirmed(together.detach(), torch.cat(alone).detach(), label, chosen, rounding, copied,  # model)
+                           samples_named(chosen, label), fine_rounding(declared, rounding),
+                           lambda at: copies_losses(model_fn, params, _rows_batch(batch, chosen), at, branches,
+                                                    before[1]))
     _refuse_detached(model_fn, params, lambda: rows(0, k))
     return k > 1
 
@@ -1810,52 +1830,81 @@ def copies_losses(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, 
 
 def refuse_batch_losses(together: Tensor, captured: Tensor, label: str, computed: torch.dtype, where: str,
                         confirm: Callable[[list[int]], Tensor | None], chosen: list[int] | None = None,
-                        size: int | None = None, which: str | None = None) -> None:
+                        size: int | None = None, which: str | None = None,
+                        declared: torch.dtype | None = None) -> None:
     """Raise :class:`SamplesInteractError` (prefixed with ``where``) if a whole batch's losses from a plain call
     (``together``, at the batch's rows ``chosen``, all of them by default, of ``size``) differ beyond rounding
     from each sample's own: first against ``captured`` (the capture's, or each run alone), then, where those
     differ, against up to :data:`CONFIRM_ROWS` of those samples each in a batch of copies of itself
-    (``confirm(rows)``, :func:`copies_losses`; ``None``: they cannot run so). ``computed``: the coarsest floating
-    dtype the plain call computed in; ``which``: what ran together, for the message (the whole batch)."""
+    (``confirm(rows)``, :func:`copies_losses` taking the batch's data-dependent branches; ``None``: they cannot run
+    so), at ``sqrt(eps)`` and then at :func:`fine_rounding` (:func:`_compare_confirmed`). ``computed``: the
+    coarsest floating dtype the plain call computed in; ``declared``: the parameters', inputs' and losses'
+    (the losses' unless told); ``which``: what ran together, for the message (the whole batch)."""
     if not isinstance(together, Tensor) or together.shape != captured.shape or together.dim() != 1:
         return
     chosen = list(range(len(captured))) if chosen is None else chosen
-    rounding = max(coarsest([together, captured]), computed, key=lambda d: torch.finfo(d).eps)
-    together = together.detach().to(captured.dtype)
-    differ, _, _ = beyond_rounding(together, captured.detach(), rounding)
-    if not bool(differ.any()):
-        return
-    at = differ.nonzero().flatten().tolist()[:CONFIRM_ROWS]
-    own = confirm([chosen[j] for j in at])
-    if own is None or own.shape != (len(at),):
-        return
+    declared = max(coarsest([together, captured]), declared or torch.float64, key=lambda d: torch.finfo(d).eps)
+    rounding = max(declared, computed, key=lambda d: torch.finfo(d).eps)
     try:
-        _compare(together[torch.tensor(at, device=together.device)], own.to(captured.dtype), label,
-                 [chosen[j] for j in at], rounding,
-                 which=which or f"the whole {label} batch ({size or len(captured)} samples)",
-                 how="each of these samples run in a batch of copies of itself (as if alone)")
+        _compare_confirmed(together.detach().to(captured.dtype), captured.detach(), label, chosen, rounding,
+                           lambda at: confirm([chosen[j] for j in at]),
+                           which or f"the whole {label} batch ({size or len(captured)} samples)",
+                           fine_rounding(declared, rounding), each_alone=False)
     except SamplesInteractError as err:
         raise SamplesInteractError(f"{where}: {err}") from None
 
 
 def _compare_confirmed(together: Tensor, alone: Tensor, label: str, chosen: list[int], rounding: torch.dtype,
-                       confirm: Callable[[list[int]], Tensor | None], which: str) -> None:
+                       confirm: Callable[[list[int]], Tensor | None], which: str, fine: float | None = None,
+                       fine_confirm: Callable[[list[int]], Tensor | None] | None = None,
+                       each_alone: bool = True) -> None:
     """:func:`_compare` of ``k`` samples run together and each alone, where they differ beyond rounding first
     confirmed on up to :data:`CONFIRM_ROWS` of them each in a batch of ``k`` copies of itself (``confirm(at)``,
-    ``at`` indexing ``together``; :func:`copies_losses`): a batch of three and a batch of one round otherwise (a
-    float32 regressor's losses near 1e-6 of outputs near 1000 differed by 30x ``sqrt(eps)`` of the three rows'
-    largest loss), copies take the same kernels as the batch. Where they cannot run, the difference stands.
-    ``which``: the samples run together, for the message (``chosen``: those of them compared)."""
+    ``at`` indexing ``together``; :func:`copies_losses`, taking the batch's data-dependent branches): a batch of
+    three and a batch of one round otherwise (a float32 regressor's losses near 1e-6 of outputs near 1000 differed
+    by 30x ``sqrt(eps)`` of the three rows' largest loss), copies take the same kernels as the batch. Where they
+    cannot run, the difference stands where ``alone`` are runs of each sample alone (``each_alone``; not where they
+    are the capture's). ``which``: the samples run together, for the message (``chosen``: those of them compared).
+
+    Then, where no difference passed ``sqrt(eps)``, the same at ``fine`` (:func:`fine_rounding`; ``None``: not),
+    only where copies run taking the batch's branches (``fine_confirm``, ``confirm`` unless told): a row and its copies take the same kernels, so a sample's loss in the batch and in its
+    copies' batch differ by what its neighbours change (a coupling under ``sqrt(eps)`` of a float32 router inside a
+    float64 model: OLMoE's load-balancing loss at its default weight, 5e-5 of the loss, its gradient 3.5e-3 off
+    the batch's, h55), not by a batch of one's rounding."""
     differ, _, _ = beyond_rounding(together, alone, rounding)
+    factor: float | None = None
     if not bool(differ.any()):
-        return
+        if fine is None:
+            return
+        differ, _, _ = beyond_rounding(together, alone, rounding, fine)
+        if not bool(differ.any()):
+            return
+        factor = fine
+        confirm = fine_confirm or confirm
     at = differ.nonzero().flatten().tolist()[:CONFIRM_ROWS]
     own = confirm(at)
     if own is None or own.shape != (len(at),):
-        _compare(together, alone, label, chosen, rounding, which=which)
+        if each_alone and factor is None:
+            _compare(together, alone, label, chosen, rounding, which=which)
         return
     _compare(together[torch.tensor(at, device=together.device)], own.to(alone.dtype), label, [chosen[j] for j in at],
-             rounding, which=which, how="each of these samples run in a batch of copies of itself (as if alone)")
+             rounding, which=which, how="each of these samples run in a batch of copies of itself (as if alone)",
+             factor=factor)
+
+
+#: :func:`fine_rounding`'s allowance for the coarsest dtype computed in, in its ``eps``: a row and its copies run
+#: the same kernels (bitwise the same on a CPU), this leaves room for a device's order of accumulation.
+FINE_ULPS = 16
+
+
+def fine_rounding(declared: torch.dtype, rounding: torch.dtype) -> float | None:
+    """The relative tolerance of a sample's loss in its batch against its copies' batch (:func:`_compare_confirmed`):
+    ``eps ** (2/3)`` of ``declared`` (the parameters', inputs' and losses' coarsest dtype: the accuracy the numbers
+    promise, as the whole-batch verdict allows, :data:`ghostfunc._whole.VERDICT_POWER`) or :data:`FINE_ULPS`
+    ``eps`` of ``rounding`` (the coarsest anything computed in), the larger; ``None`` where that is no finer than
+    ``sqrt(eps)`` of ``rounding`` (16-bit floats)."""
+    fine = max(torch.finfo(declared).eps ** (2 / 3), FINE_ULPS * torch.finfo(rounding).eps)
+    return fine if fine < torch.finfo(rounding).eps ** 0.5 else None
 
 
 def _rows_batch(batch: Any, chosen: list[int]) -> Any:
@@ -2334,34 +2383,37 @@ def coarsest(tensors: Iterable[Tensor]) -> torch.dtype:
                default=torch.float64)
 
 
-def beyond_rounding(a: Tensor, b: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, float]:
+def beyond_rounding(a: Tensor, b: Tensor, dtype: torch.dtype,
+                    factor: float | None = None) -> tuple[Tensor, Tensor, float]:
     """Where two loss vectors differ by more than rounding in ``dtype``: ``(mask, |a - b|, tolerance)``.
 
-    Tolerance: ``sqrt(eps)`` of ``dtype`` times the largest finite entry. An entry finite
+    Tolerance: ``factor`` (``sqrt(eps)`` of ``dtype`` unless told) times the largest finite entry. An entry finite
     one way and not the other differs; the same non-finite value both ways (NaN and
     NaN, inf and inf) does not.
     """
     a, b = a.double(), b.double()
     finite = torch.isfinite(a) & torch.isfinite(b)
     scale = torch.cat([a[finite].abs(), b[finite].abs(), a.new_zeros(1)]).max().item()
-    tol = torch.finfo(dtype).eps ** 0.5 * scale + torch.finfo(dtype).tiny
+    factor = torch.finfo(dtype).eps ** 0.5 if factor is None else factor
+    tol = factor * scale + torch.finfo(dtype).tiny
     diff = torch.where(finite, (a - b).abs(), a.new_zeros(()))
     differ = (finite & (diff > tol)) | (~finite & ~((a == b) | (a.isnan() & b.isnan())))
     return differ, diff, tol
 
 
 def _compare(together: Tensor, alone: Tensor, label: str, chosen: list[int], dtype: torch.dtype,
-             which: str | None = None, how: str = "the same samples run one at a time") -> None:
+             which: str | None = None, how: str = "the same samples run one at a time",
+             factor: float | None = None) -> None:
     """``together[i]`` (sample ``chosen[i]`` run with the others) against ``alone[i]``, up to rounding.
 
-    Rounding: ``sqrt(eps)`` of ``dtype`` (the coarsest of the parameters', the inputs' and
-    the losses' floating dtypes) times the largest finite loss (batched and
+    Rounding: ``factor`` (``sqrt(eps)`` of ``dtype``, the coarsest of the parameters', the inputs' and
+    the losses' floating dtypes, unless told) times the largest finite loss (batched and
     single-sample kernels may sum in different orders). A loss finite one way and not
     the other (a batch statistic of one sample) is a difference; NaN both ways is not.
     """
     if alone.shape != together.shape:
         return  # model_fn's shape errors are reported by the capture, with their own message
-    differ, diff, tol = beyond_rounding(together, alone, dtype)
+    differ, diff, tol = beyond_rounding(together, alone, dtype, factor)
     if not bool(differ.any()):
         return
     rows = differ.nonzero().flatten().tolist()

@@ -1008,3 +1008,31 @@ def test_a_config_with_list_and_dict_values_is_read_every_call() -> None:
         model_fn, params = ghostfunc.from_module(Own(config).to(F64), ghostfunc.causal_lm_loss)
         out = ghostfunc.graddot(model_fn, params, train, val)
         assert rel(out.scores, reference(model_fn, params, train, val)["mean"]) < 1e-10
+
+
+def test_a_mixture_of_experts_load_balancing_loss_is_refused() -> None:
+    """OLMoE's load-balancing loss (a statistic of the whole batch's routing, at its default weight 0.01) added to
+    each row's loss: 5e-5 of the loss, under the float32 router's ``sqrt(eps)``, so graddot and inrun_shapley gave
+    each row alone's numbers (the gradient 3.5e-3 off the batch's) while train_step refused it (h55). Without it,
+    the loop's numbers (the experts on the fallback)."""
+    torch.manual_seed(0)
+    cfg = tf.OlmoeConfig(vocab_size=V, hidden_size=D, intermediate_size=HID, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32, num_experts=4,
+                         num_experts_per_tok=2, output_router_logits=True, experts_implementation="eager", **TOKENS)
+    model = tf.OlmoeForCausalLM(cfg).double().eval()
+
+    def balanced(out, batch):
+        return ghostfunc.causal_lm_loss(out, batch) + cfg.router_aux_loss_coef * out.aux_loss
+
+    g = torch.Generator().manual_seed(1)
+    train, val = {"input_ids": torch.randint(3, V, (4, 8), generator=g)}, {"input_ids": torch.randint(3, V, (2, 6),
+                                                                                                       generator=g)}
+    model_fn, params = ghostfunc.from_module(model, balanced)
+    for call in (lambda: ghostfunc.graddot(model_fn, params, train, val),
+                 lambda: ghostfunc.inrun_shapley(model_fn, params, train, val, lr=0.1)):
+        with pytest.raises(ghostfunc.SamplesInteractError, match=r"in a batch of copies of itself"):
+            call()
+    model_fn, params = ghostfunc.from_module(model, ghostfunc.causal_lm_loss)
+    got, want = ghostfunc.graddot(model_fn, params, train, val), ghostfunc.reference_graddot(model_fn, params, train,
+                                                                                           val)[0]
+    assert (got.scores - want).abs().max() < 1e-8 * want.abs().max()  # (the router's float32 softmax)

@@ -1044,6 +1044,42 @@ def test_a_loss_normalised_over_the_whole_batch_is_refused_behind_dropout():
         step(step.init(p), train, val)
 
 
+def _routed(strength: float, whole_batch_only: bool = False):
+    """A float64 model whose router runs in float32 (a mixture of experts' ``softmax(logits.float())``) and adds
+    ``strength`` times a statistic of the whole batch's routing (a load-balancing loss): a coupling under
+    float32's ``sqrt(eps)`` of the loss. ``whole_batch_only``: added only to batches of more than 3 rows, which the
+    few rows the first check runs together do not show."""
+    def model_fn(p, x):
+        gate = torch.softmax((x @ p["R"].T).float(), -1)  # [B, 2], float32
+        h = torch.tanh(x @ p["W"].T).pow(2).sum(1) * (1 + 0.1 * gate[:, 0].double())  # [B]
+        balance = (gate.mean(0) ** 2).sum().double() if len(x) > 3 or not whole_batch_only else 0.0
+        return h + strength * balance
+    return model_fn
+
+
+@pytest.mark.parametrize("whole_batch_only", [False, True])
+def test_a_weak_coupling_through_a_float32_part_is_refused(whole_batch_only):
+    """A float32 router in a float64 model set the rounding allowance to float32's ``sqrt(eps)`` (3.5e-4 of the
+    loss) and OLMoE's load-balancing loss at its default weight (5e-5 of the loss; the gradient 3.5e-3 off the
+    batch's) passed graddot and inrun_shapley (h55). A sample's loss in the batch is compared with its loss in a
+    batch of copies of itself (the same kernels) at ``eps ** (2/3)`` of float64 or 16 ulps of float32."""
+    x, xv = torch.randn(6, 3, generator=_g(1), dtype=F64), torch.randn(4, 3, generator=_g(2), dtype=F64)
+    p = {**_lin(), "R": torch.randn(2, 3, generator=_g(3), dtype=F64)}
+    which = "the whole train batch \\(6 samples\\)" if whole_batch_only else "the first 3 train samples"
+    for strength in (1e-3, 1e-4):
+        model_fn = _routed(strength, whole_batch_only)
+        together, alone = model_fn(p, x), torch.cat([model_fn(p, x[i:i + 1]) for i in range(6)])
+        assert 1e-6 < (together - alone).abs().max() / together.abs().max() < 3e-4  # under float32's sqrt(eps)
+        for where, call in {"graddot": lambda f: ghostfunc.graddot(f, p, x, xv),
+                            "inrun_shapley": lambda f: ghostfunc.inrun_shapley(f, p, x, xv, lr=0.1, order=2)}.items():
+            with pytest.raises(SamplesInteractError, match=rf"^{where}: samples interact in model_fn: run on {which} "
+                                                           rf"together, .* in a batch of copies of itself"):
+                call(_routed(strength, whole_batch_only))  # (a new function: nothing cached)
+    uncoupled = _routed(0.0)  # the same float32 router without the coupling: the loop's numbers
+    got, want = ghostfunc.graddot(uncoupled, p, x, xv), ghostfunc.reference_graddot(uncoupled, p, x, xv)[0]
+    assert rel(got.scores, want) < 1e-6
+
+
 def test_samples_interact_seen_in_val_when_train_has_one_sample():
     x, xv = torch.randn(1, 3, generator=_g(1), dtype=F64), torch.randn(2, 3, generator=_g(2), dtype=F64)
     with pytest.raises(SamplesInteractError, match=r"^plan: samples interact .* first 2 val samples together"):
@@ -1644,6 +1680,67 @@ def test_a_modules_setting_changed_after_the_first_calls_is_checked_again(settin
     with pytest.raises(SamplesInteractError, match=rf"^{entry}: samples interact"):
         call()
 
+
+
+#: Settings a model_fn reads itself (h57): a global dict, a global flag, a class of one's own.
+_READ_FLAGS = {"centre": False}
+_READ_CENTRE = False
+
+
+class _ReadCfg:
+    centre = False
+
+
+def _reading(where: str):
+    """``(model_fn, switch)``: a model_fn whose batch mean is switched on by a setting it reads ``where``, and what
+    switches it on."""
+    net = _mlp(3)
+    hp, box, cell = {"centre": False}, types.SimpleNamespace(centre=False), [False]
+    on = {"global dict": lambda: _READ_FLAGS["centre"], "global flag": lambda: _READ_CENTRE,
+          "class of one's own": lambda: _ReadCfg.centre, "closure dict": lambda: hp["centre"],
+          "closure namespace": lambda: box.centre}
+    centre = False
+
+    def model_fn(p, batch):
+        h = functional_call(net, p, (batch["x"],))
+        if on[where]() if where in on else centre:  # ("closure cell": the nonlocal below)
+            h = h - h.mean(0)
+        return F.cross_entropy(h, batch["y"], reduction="none")
+
+    def switch():
+        nonlocal centre
+        _READ_FLAGS["centre"] = where == "global dict"
+        globals()["_READ_CENTRE"] = where == "global flag"
+        _ReadCfg.centre = where == "class of one's own"
+        hp["centre"], box.centre, cell[0] = True, True, True
+        centre = True
+
+    return model_fn, switch, {k: v.detach() for k, v in net.named_parameters()}
+
+
+@pytest.mark.parametrize("where", ["global dict", "global flag", "class of one's own", "closure dict",
+                                   "closure namespace", "closure cell"])
+@pytest.mark.parametrize("entry", ["graddot", "train_step", "unroll"])
+def test_a_setting_model_fn_reads_itself_changed_after_the_first_calls_is_checked_again(where, entry):
+    """A flag model_fn reads itself, not through a module (a global or closure dict, a global bool, a class
+    attribute), that switches a batch mean on after the first calls: the checks were kept, and unroll returned the
+    values of each row alone, 1.0 off the derivative through the training loop (h57); now checked again."""
+    model_fn, switch, p = _reading(where)
+    (x, y), (xv, yv) = _xy(7, 4), _xy(3, 5)
+    train, val = {"x": x, "y": y, "index": torch.arange(7)}, {"x": xv, "y": yv, "index": torch.arange(3)}
+    step = ghostfunc.train_step(model_fn, ghostfunc.sgd(0.1))
+    calls = {"graddot": lambda: ghostfunc.graddot(model_fn, p, train, val),
+             "train_step": lambda: step(step.init(p), train, val),
+             "unroll": lambda: ghostfunc.unroll(model_fn, ghostfunc.sgd(0.1), p, [train, train], val)}
+    try:
+        for _ in range(4):  # checked, verified, replayed
+            calls[entry]()
+        switch()
+        with pytest.raises(SamplesInteractError, match=rf"^{entry}: samples interact"):
+            calls[entry]()
+    finally:
+        _READ_FLAGS["centre"], _ReadCfg.centre = False, False
+        globals()["_READ_CENTRE"] = False
 
 def test_a_module_holding_an_object_of_an_odd_class_is_scored():
     """The settings' walk looks at what a module holds: an object whose metaclass raises on every look (its
