@@ -39,6 +39,7 @@ from ._interact import (
     _UsesAndDtypes,
     behaviour,
     check_model,
+    coarsest,
     copies_losses,
     counted_over_batch,
     eager_stance,
@@ -578,11 +579,16 @@ def _refuse_coupled_batch(model_fn: ModelFn, params: dict[str, Tensor], batches:
     device = next(iter(params.values())).device
     start = _rng_state(device)
     hosts: list[tuple[Any, ...]] = []  # (each batch's copies start from the host state its plain run started from)
-    plain, coarse = _plain_losses(model_fn, params, batches, start, device, hosts=hosts)
-    for b, label, together, own, host in zip(batches, ("train", "val"), plain or (), captured, hosts, strict=False):
+    branches: list[list[str]] = []  # (and copies compared at the finer allowance take its branches)
+    plain, coarse = _plain_losses(model_fn, params, batches, start, device, branches, hosts=hosts)
+    for b, label, together, own, host, took in zip(batches, ("train", "val"), plain or (), captured, hosts, branches,
+                                                   strict=False):
         if b.size > 1 and not split(notes, label):
             refuse_batch_losses(together, own, label, coarse, where,
-                                functools.partial(copies_losses, model_fn, params, b, host=host))
+                                functools.partial(copies_losses, model_fn, params, b, host=host),
+                                declared=coarsest([*params.values(), *b.tensors]),
+                                fine_confirm=functools.partial(copies_losses, model_fn, params, b, branches=took,
+                                                               host=host))
         elif b.size > 1 and isinstance(own, Tensor) and own.shape == (b.size,):
             _refuse_coupled_groups(model_fn, params, b, own, label, where, start, host)
     remember(seen, key, zeros)
@@ -631,7 +637,8 @@ def _refuse_coupled_groups(model_fn: ModelFn, params: dict[str, Tensor], batch: 
             return copies_losses(model_fn, params, sub, [rows.index(i) for i in at], seen, host)
 
         refuse_batch_losses(plain[0], captured[part.rows.to(captured.device)], label, coarse, where, confirm,
-                            rows, batch.size, which=group_named(rows, label))
+                            rows, batch.size, which=group_named(rows, label),
+                            declared=coarsest([*params.values(), *sub.tensors]))
 
 
 def _plain_losses(model_fn: ModelFn, params: dict[str, Tensor], batches: Sequence[Batch],

@@ -1785,7 +1785,8 @@ def _refuse_coupled_rows(model_fn: Callable, params: Mapping[str, Tensor], batch
                         lambda at: copies_losses(model_fn, params, batch,
                                                  [i if rows_in is None else rows_in.index(i) for i in at], branches,
                                                  before[1]),
-                        named, batch.size if rows_in is None else None, which)
+                        named, batch.size if rows_in is None else None, which,
+                        declared=coarsest([*params.values(), *batch.tensors]))
 
 
 #: How many of the samples that differ :func:`refuse_batch_losses` runs again, each in a batch of copies of itself.
@@ -1831,13 +1832,15 @@ def copies_losses(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, 
 def refuse_batch_losses(together: Tensor, captured: Tensor, label: str, computed: torch.dtype, where: str,
                         confirm: Callable[[list[int]], Tensor | None], chosen: list[int] | None = None,
                         size: int | None = None, which: str | None = None,
-                        declared: torch.dtype | None = None) -> None:
+                        declared: torch.dtype | None = None,
+                        fine_confirm: Callable[[list[int]], Tensor | None] | None = None) -> None:
     """Raise :class:`SamplesInteractError` (prefixed with ``where``) if a whole batch's losses from a plain call
     (``together``, at the batch's rows ``chosen``, all of them by default, of ``size``) differ beyond rounding
     from each sample's own: first against ``captured`` (the capture's, or each run alone), then, where those
     differ, against up to :data:`CONFIRM_ROWS` of those samples each in a batch of copies of itself
-    (``confirm(rows)``, :func:`copies_losses` taking the batch's data-dependent branches; ``None``: they cannot run
-    so), at ``sqrt(eps)`` and then at :func:`fine_rounding` (:func:`_compare_confirmed`). ``computed``: the
+    (``confirm(rows)``, :func:`copies_losses`; ``None``: they cannot run so), at ``sqrt(eps)``, and then at
+    :func:`fine_rounding` on copies that take the batch's data-dependent branches (``fine_confirm``, ``confirm``
+    unless told; :func:`_compare_confirmed`). ``computed``: the
     coarsest floating dtype the plain call computed in; ``declared``: the parameters', inputs' and losses'
     (the losses' unless told); ``which``: what ran together, for the message (the whole batch)."""
     if not isinstance(together, Tensor) or together.shape != captured.shape or together.dim() != 1:
@@ -1849,7 +1852,9 @@ def refuse_batch_losses(together: Tensor, captured: Tensor, label: str, computed
         _compare_confirmed(together.detach().to(captured.dtype), captured.detach(), label, chosen, rounding,
                            lambda at: confirm([chosen[j] for j in at]),
                            which or f"the whole {label} batch ({size or len(captured)} samples)",
-                           fine_rounding(declared, rounding), each_alone=False)
+                           fine_rounding(declared, rounding),
+                           None if fine_confirm is None else lambda at: fine_confirm([chosen[j] for j in at]),
+                           each_alone=False)
     except SamplesInteractError as err:
         raise SamplesInteractError(f"{where}: {err}") from None
 
