@@ -251,7 +251,7 @@ def _agrees(losses: Callable[[bool], Tensor], params: Mapping[str, Tensor],
     (RWKV rescales its weights in place on its first forward in eval mode: refused, with the parameters
     as they were, as any ``model_fn`` that writes into them); they agree up to rounding in the coarser of the parameters' and the
     losses' dtypes (:func:`ghostfunc._interact.beyond_rounding`). Where the model's own forward fails, the
-    built inputs are kept (they are what the model needs); where only the built inputs
+    built inputs are kept where they run (they are what the model needs); where they fail too, or only the built inputs
     fail, or the two disagree
     (RoBERTa-style position ids that start after the padding id, DeBERTa's 0/1 4-D
     masks, a causal model no attention module marks ``is_causal``, local attention
@@ -269,7 +269,15 @@ def _agrees(losses: Callable[[bool], Tensor], params: Mapping[str, Tensor],
             pass
         if own is not _FAILED:
             return _built_agrees(losses, params, own, states, devices)
-    return True if unwidened is None else unwidened()  # (in its own dtype, where it failed in float64)
+        if unwidened is None:  # the built inputs where they run; where they fail too, the batch as it is, so the
+            try:  # model's own error is the one the caller sees (XGLM in float64 overflows in its own mask: its
+                losses(False)  # built mask, which no module marks causal, gave an error about a mask the caller
+            except StateWrittenError:  # never made, h55)
+                raise
+            except Exception:  # noqa: BLE001
+                return False
+            return True
+    return unwidened()  # (in its own dtype, where it failed in float64)
 
 
 _FAILED = object()

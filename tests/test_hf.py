@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import re
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -1036,3 +1037,23 @@ def test_a_mixture_of_experts_load_balancing_loss_is_refused() -> None:
     got, want = ghostfunc.graddot(model_fn, params, train, val), ghostfunc.reference_graddot(model_fn, params, train,
                                                                                            val)[0]
     assert (got.scores - want).abs().max() < 1e-8 * want.abs().max()  # (the router's float32 softmax)
+
+
+def test_a_model_whose_own_call_fails_shows_its_own_error() -> None:
+    """XGLM in float64 fails in its own forward (a float32 minimum written into a float64 mask); from_module kept its
+    built inputs all the same, whose bidirectional mask (no XGLM module says ``is_causal``) then failed with an error
+    about a mask the caller never made (h55). Where both fail, the batch goes as it is: the model's own error."""
+    model = tf.XGLMForCausalLM(tf.XGLMConfig(vocab_size=V, d_model=D, num_layers=2, attention_heads=2, ffn_dim=HID,
+                                             max_position_embeddings=32, **TOKENS)).to(F64).eval()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, V, (3, 8), generator=g)
+    train, val = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, {"input_ids": ids[:2]}
+    val["attention_mask"] = torch.ones_like(val["input_ids"])
+    model_fn, params = ghostfunc.from_module(model, ghostfunc.causal_lm_loss)
+    try:
+        model(**train)
+    except Exception as own:  # noqa: BLE001 (transformers' float64 failure, as it is)
+        with pytest.raises(type(own), match=re.escape(str(own))):
+            ghostfunc.graddot(model_fn, params, train, val)
+    else:  # (a transformers release that runs it in float64)
+        check_against_loop(model_fn, params, train, val, 1e-10, ("xglm", "float64"))
