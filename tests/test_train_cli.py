@@ -585,20 +585,22 @@ def test_a_run_stopped_before_its_first_save_can_be_started_again(corpus: dict[s
     assert main(_args(corpus, out, "--lr", "1e30", "--warmup", "0", "--optimizer", "sgd", "--steps", "5")) == 2
     assert "(no values.pt saved yet)" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir() if p.name != cli.LOCK) == ["config.json", "metrics.jsonl"]
+    (out / ".values.pt.k1ll3d.tmp").write_bytes(b"cut short")  # (a kill inside the first save leaves it, h56)
     assert main(_args(corpus, out, "--steps", "2", "--resume")) == 2
     assert capsys.readouterr().err.strip().endswith(
         "there is none (the run there stopped before its first save: start it again without --resume)")
     assert main(_args(corpus, out, "--steps", "2")) == 0
     err = capsys.readouterr().err
-    assert f"--out {str(out)!r} held a run that stopped before its first save (config.json, metrics.jsonl, no " \
-           f"values.pt): starting it afresh" in err
+    assert f"--out {str(out)!r} held a run that stopped before its first save (.values.pt.k1ll3d.tmp, config.json, " \
+           f"metrics.jsonl, no values.pt): starting it afresh" in err
+    assert not (out / ".values.pt.k1ll3d.tmp").exists()
     assert json.loads((out / "config.json").read_text())["steps"] == 2
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)) and steps[0] == 0  # the stale records are gone
     (out / "values.pt").unlink()
     (out / "notes.txt").write_text("a file the run did not write")
     assert main(_args(corpus, out, "--steps", "2")) == 2  # anything else in the folder: refused, nothing removed
-    assert "already holds files" in capsys.readouterr().err and (out / "config.json").exists()
+    assert "already holds files ('notes.txt', 'report.md'" in capsys.readouterr().err and (out / "config.json").exists()
 
 
 def test_an_interrupted_run_ends_with_one_line(corpus: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -638,6 +640,12 @@ def test_out_reached_through_a_symbolic_link_into_the_corpus_is_refused(corpus: 
     assert main([*args[:2], str(tmp_path / "train_link"), *args[3:], "--out", str(train / "runs" / "r")]) == 2
     assert "ghostfunc train: error: --out: expected a folder outside --train" in capsys.readouterr().err
     assert not any((train / "runs").iterdir())
+    other = tmp_path / "other"  # a glob that reaches --out through a link inside the corpus (it ran, and its own
+    other.mkdir()  # files were the data of every later --resume, select and attribute, which refused them, h56)
+    (train / "shared").symlink_to(other, target_is_directory=True)
+    assert main([*args[:2], str(train / "**" / "*"), *args[3:], "--out", str(other / "run")]) == 2
+    assert "ghostfunc train: error: --out: expected a folder outside --train" in capsys.readouterr().err
+    assert not (other / "run").exists()
 
 
 def test_a_run_without_values_ranks_nothing(corpus: dict[str, Path], tmp_path: Path,
@@ -854,7 +862,7 @@ def test_odd_corpus_files_are_read_or_skipped_and_the_report_written(tmp_path: P
     """A file name that is not UTF-8 (latin-1 ``café.py``, legal on Linux) raised UnicodeEncodeError after training
     and no report was written; a file that cannot be read (EINVAL from /proc, a chmod 000 file) raised a traceback
     instead of being skipped with its reason; a glob over a folder holding a link to itself read every file about
-    40 times (the folder form once)."""
+    40 times (the folder form once); a link beside its file was read twice by the folder form (once by a glob)."""
     root = tmp_path / "c"
     (root / "train").mkdir(parents=True)
     (root / "val").mkdir()
@@ -864,6 +872,7 @@ def test_odd_corpus_files_are_read_or_skipped_and_the_report_written(tmp_path: P
     (root / "train" / name).write_text("The quick brown fox jumps over the lazy dog. " * 20)
     (root / "train" / "unreadable.txt").symlink_to("/proc/self/clear_refs")  # (read fails, even as root)
     (root / "train" / "loop").symlink_to(".")
+    (root / "train" / "mail_link.py").symlink_to("mail.py")  # (read once, as the glob reads it: h56)
     (root / "val" / "a.py").write_text(text[:200] * 2)
     out = tmp_path / "run"
     assert main(["train", "--train", str(root / "train"), "--val", str(root / "val"), "--out", str(out), *SMALL]) == 0

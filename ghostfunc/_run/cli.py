@@ -219,8 +219,8 @@ RECORDING = ("trajectory", frozenset({"trajectory.pt", "spec.json"}))
 def _unfinished(p: Path) -> bool:
     """Whether ``p`` is a file of a run that stopped before its first save: its config and metrics, or a recording
     saved just before it (a Ctrl-C there left a folder neither the same command nor ``--resume`` would take)."""
-    if p.is_file():
-        return p.name in UNFINISHED
+    if p.is_file():  # (or the first values.pt's save cut short: its temporary file, h56)
+        return p.name in UNFINISHED or (p.name.startswith(".values.pt.") and p.name.endswith(".tmp"))
     name, files = RECORDING
     return p.is_dir() and p.name == name and all(  # (and a save cut short: its temporary file)
         q.is_file() and (q.name in files or q.name.startswith(".") or q.name.endswith(".tmp")) for q in p.iterdir())
@@ -242,7 +242,9 @@ def check_out(out: Path, resume: bool) -> list[Path]:
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out: expected a new or empty folder (or --resume); {str(out)!r} is a file")
     if not resume and out.exists() and held and not unfinished:
-        raise UsageError(f"--out: expected a new or empty folder (or --resume); {str(out)!r} already holds files")
+        names = [p.name for p in held if not _unfinished(p)]
+        raise UsageError(f"--out: expected a new or empty folder (or --resume); {str(out)!r} already holds files "
+                         f"({', '.join(map(repr, names[:3]))}{', ...' if len(names) > 3 else ''})")
     check_writable(out, "--out")
     return held if unfinished and not resume else []
 

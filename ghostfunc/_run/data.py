@@ -135,7 +135,12 @@ def text_files(spec: str, option: str) -> tuple[Path, list[Path]]:
     """The text files a folder, glob or file names, and the root their names are relative to."""
     path = Path(spec)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.relative_to(path).parts))
+        files, seen = [], set()  # each file once, as a glob reads it (a link beside its file was read twice, h56)
+        for p in sorted(p for p in path.rglob("*") if p.is_file() and not any(s.startswith(".") for s in
+                                                                               p.relative_to(path).parts)):
+            if (real := os.path.realpath(p)) not in seen:
+                seen.add(real)
+                files.append(p)
         root = path
     elif path.is_file():
         files, root = [path], path.parent
@@ -345,8 +350,23 @@ def would_read(spec: str, out: Path) -> bool:
                     return True
         return False
     patterns = {Path(os.path.abspath(spec)).parts, Path(spec).resolve().parts}
-    return any(_matches((out_abs / name).parts, pattern) for name in RUN_FILES for out_abs in outs
-               for pattern in patterns)
+    if any(_matches((out_abs / name).parts, pattern) for name in RUN_FILES for out_abs in outs
+           for pattern in patterns):
+        return True
+    # and through a link inside the corpus (corpus/shared -> ../other with --out other/run and corpus/**/*: the run's
+    # own files became training data, and every --resume, select and attribute was refused on the changed corpus,
+    # h56): each folder the pattern's folder part reaches, named as the glob names it, where it leads
+    head = os.path.dirname(spec)
+    if not glob.has_magic(head):
+        return False
+    real_out = Path(out).resolve()
+    for folder in glob.iglob(head, recursive=True):
+        real = Path(folder).resolve()
+        if os.path.isdir(folder) and real_out.is_relative_to(real):
+            written = Path(os.path.abspath(folder)) / real_out.relative_to(real)
+            if any(_matches((written / name).parts, pattern) for name in RUN_FILES for pattern in patterns):
+                return True
+    return False
 
 
 if __name__ == "__main__":  # pragma: no cover - a quick look at the embedded corpus
