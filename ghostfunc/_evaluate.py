@@ -400,9 +400,19 @@ def evaluate(
     if out is not None:
         folder = Path(out)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "evaluation.json").write_text(json.dumps(result.to_json(), indent=1))
+        # strict JSON: an undefined number (one seed's spread) is null, not a bare NaN (h56)
+        (folder / "evaluation.json").write_text(json.dumps(_nulls(result.to_json()), indent=1, allow_nan=False))
         plot(result, folder / "evaluation.png")
     return result
+
+
+def _nulls(tree: Any) -> Any:
+    """``tree`` (dicts, lists, numbers) with every non-finite float as ``None``."""
+    if isinstance(tree, dict):
+        return {k: _nulls(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [_nulls(v) for v in tree]
+    return None if isinstance(tree, float) and not math.isfinite(tree) else tree
 
 
 def _mean_rows(rows: list[dict[str, float]]) -> dict[str, float]:
