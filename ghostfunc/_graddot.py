@@ -579,16 +579,17 @@ def _refuse_coupled_batch(model_fn: ModelFn, params: dict[str, Tensor], batches:
     device = next(iter(params.values())).device
     start = _rng_state(device)
     hosts: list[tuple[Any, ...]] = []  # (each batch's copies start from the host state its plain run started from)
-    branches: list[list[str]] = []  # (and copies compared at the finer allowance take its branches)
-    plain, coarse = _plain_losses(model_fn, params, batches, start, device, branches, hosts=hosts)
-    for b, label, together, own, host, took in zip(batches, ("train", "val"), plain or (), captured, hosts, branches,
-                                                   strict=False):
+    branches: list[list[str]] = []  # (and copies compared at the finer allowance take its branches and shapes)
+    shapes: list[list[Any]] = []
+    plain, coarse = _plain_losses(model_fn, params, batches, start, device, branches, hosts=hosts, shapes=shapes)
+    for b, label, together, own, host, took, shaped in zip(batches, ("train", "val"), plain or (), captured, hosts,
+                                                           branches, shapes, strict=False):
         if b.size > 1 and not split(notes, label):
             refuse_batch_losses(together, own, label, coarse, where,
                                 functools.partial(copies_losses, model_fn, params, b, host=host),
                                 declared=coarsest([*params.values(), *b.tensors]),
                                 fine_confirm=functools.partial(copies_losses, model_fn, params, b, branches=took,
-                                                               host=host))
+                                                               host=host, shapes=shaped))
         elif b.size > 1 and isinstance(own, Tensor) and own.shape == (b.size,):
             _refuse_coupled_groups(model_fn, params, b, own, label, where, start, host)
     remember(seen, key, zeros)
@@ -630,28 +631,32 @@ def _refuse_coupled_groups(model_fn: ModelFn, params: dict[str, Tensor], batch: 
             continue
         sub, rows = subset(batch, part), part.rows.tolist()
         branches: list[list[str]] = []
-        plain, coarse = _plain_losses(model_fn, params, [sub], start, device, branches, host=host)
+        shapes: list[list[Any]] = []
+        plain, coarse = _plain_losses(model_fn, params, [sub], start, device, branches, host=host, shapes=shapes)
         if plain is None:
             continue
-        def confirm(at: list[int], sub: Batch = sub, rows: list[int] = rows, seen: list[str] = branches[0]) -> Any:
-            return copies_losses(model_fn, params, sub, [rows.index(i) for i in at], seen, host)
+        def confirm(at: list[int], sub: Batch = sub, rows: list[int] = rows, seen: list[str] = branches[0],
+                    shaped: list[Any] | None = None) -> Any:
+            return copies_losses(model_fn, params, sub, [rows.index(i) for i in at], seen, host, shaped)
 
         refuse_batch_losses(plain[0], captured[part.rows.to(captured.device)], label, coarse, where, confirm,
                             rows, batch.size, which=group_named(rows, label),
-                            declared=coarsest([*params.values(), *sub.tensors]))
+                            declared=coarsest([*params.values(), *sub.tensors]),
+                            fine_confirm=functools.partial(confirm, shaped=shapes[0]))
 
 
 def _plain_losses(model_fn: ModelFn, params: dict[str, Tensor], batches: Sequence[Batch],
                   start: tuple[Tensor, ...], device: torch.device, branches: list[list[str]] | None = None,
-                  hosts: list[tuple[Any, ...]] | None = None,
-                  host: tuple[Any, ...] | None = None) -> tuple[list[Tensor] | None, torch.dtype]:
+                  hosts: list[tuple[Any, ...]] | None = None, host: tuple[Any, ...] | None = None,
+                  shapes: list[list[Any]] | None = None) -> tuple[list[Tensor] | None, torch.dtype]:
     """``model_fn(params, batch)`` for each batch in turn, as a plain step runs it (gradients on, the parameters
     leaves that require them: a model that reads ``grad_fn`` takes the step's branch; the graph is let go), from
     RNG state ``start`` (the state after is kept as it was), and the coarsest floating dtype it computed in (its
     losses' too); ``None`` for a model that cannot run so (one that runs only under ``vmap``). ``branches``, if
     given, gets what each batch's tensors became in Python (its data-dependent branches), a list per batch;
     ``hosts``, Python's and NumPy's generator states each batch's run started from; ``host``, the state each
-    starts from (the one before its batch's copies, :func:`ghostfunc._interact.copies_losses`)."""
+    starts from (the one before its batch's copies, :func:`ghostfunc._interact.copies_losses`); ``shapes``, if given,
+    gets each batch's calls' output shapes, a list per batch."""
     devices = [device.index or 0] if device.type == "cuda" else []
     leaves = {k: v.detach().requires_grad_(v.is_floating_point() or v.is_complex()) for k, v in params.items()}
     # the calls the capture replaces run as it runs them (an embedding's max_norm renormalises a copy, not the
@@ -661,15 +666,18 @@ def _plain_losses(model_fn: ModelFn, params: dict[str, Tensor], batches: Sequenc
         with fork_rng(devices), torch.enable_grad(), eager_stance():
             _set_rng_state(device, start)
             for b in batches:
-                mode.branches = []
+                mode.branches, mode.shapes = [], []
                 if host is not None:
                     set_host_states(host)
                 if hosts is not None:
                     hosts.append(host_states())
+                whole = b.rebuild(list(b.tensors))
                 with mode:
-                    out.append(model_fn(dict(leaves), b.rebuild(list(b.tensors))))
+                    out.append(model_fn(dict(leaves), whole))
                 if branches is not None:
                     branches.append(mode.branches)
+                if shapes is not None:
+                    shapes.append(mode.shapes)
     except Exception:  # noqa: BLE001 - not told
         return None, mode.computed
     if not all(isinstance(o, Tensor) for o in out):

@@ -1655,8 +1655,10 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
         warnings.simplefilter("ignore")  # e.g. a batch statistic of one sample: the capture warns if it must
         before = _rng_states(devices)
         try:
+            first = rows(0, k)
             with mode:  # the mode also runs the calls the capture replaces (EXACT), as the capture would
-                together = model_fn(dict(params), rows(0, k))
+                together = model_fn(dict(params), first)
+                shapes, mode.shapes = mode.shapes, []
                 _remember_by_freq(model_fn, mode.by_freq)
                 if isinstance(together, Tensor) and together.shape != (k,):  # e.g. a batch mean kept as [1]:
                     reduced = k > 1 and together.dim() <= 1 and together.numel() == 1
@@ -1712,7 +1714,7 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
         _compare_confirmed(together.detach(), torch.cat(alone).detach(), label, chosen, rounding, copied,  # model)
                            samples_named(chosen, label), fine_rounding(declared, rounding),
                            lambda at: copies_losses(model_fn, params, _rows_batch(batch, chosen), at, branches,
-                                                    before[1]))
+                                                    before[1], shapes))
     _refuse_detached(model_fn, params, lambda: rows(0, k))
     return k > 1
 
@@ -1756,9 +1758,10 @@ def _refuse_coupled_rows(model_fn: Callable, params: Mapping[str, Tensor], batch
         before = _rng_states(devices)
         alone: Tensor | None = None
         try:
+            whole = batch.rebuild(list(batch.tensors))
             with mode:
-                together = model_fn(dict(params), batch.rebuild(list(batch.tensors)))
-                branches = mode.branches
+                together = model_fn(dict(params), whole)
+                branches, shapes, mode.shapes = mode.branches, mode.shapes, []
                 host = _drew(before, devices, host=True)
                 if not host:
                     each = []
@@ -1786,7 +1789,10 @@ def _refuse_coupled_rows(model_fn: Callable, params: Mapping[str, Tensor], batch
                                                  [i if rows_in is None else rows_in.index(i) for i in at], branches,
                                                  before[1]),
                         named, batch.size if rows_in is None else None, which,
-                        declared=coarsest([*params.values(), *batch.tensors]))
+                        declared=coarsest([*params.values(), *batch.tensors]),
+                        fine_confirm=lambda at: copies_losses(
+                            model_fn, params, batch, [i if rows_in is None else rows_in.index(i) for i in at],
+                            branches, before[1], shapes))
 
 
 #: How many of the samples that differ :func:`refuse_batch_losses` runs again, each in a batch of copies of itself.
@@ -1794,7 +1800,8 @@ CONFIRM_ROWS = 4
 
 
 def copies_losses(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, rows: list[int],
-                  branches: list[str] | None = None, host: tuple[Any, ...] | None = None) -> Tensor | None:
+                  branches: list[str] | None = None, host: tuple[Any, ...] | None = None,
+                  shapes: list[Any] | None = None) -> Tensor | None:
     """The loss of each sample ``rows[j]`` run plainly in a batch of the batch's shapes holding copies of it, taken
     at its own row: that sample's loss without the others, by the same kernels as the whole batch's (a batch of
     one rounds otherwise: a regression's small losses of outputs near 1000 differed by 5-7x ``sqrt(eps)`` between
@@ -1803,7 +1810,10 @@ def copies_losses(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, 
     ``None`` where it draws other random numbers or cannot run so, or, with ``branches`` (what the batch's tensors
     became in Python in the run compared with), takes other branches. ``host``: Python's and NumPy's generator
     states the compared run started from (:func:`ghostfunc._draws.host_states`): each run starts there too, so the
-    row takes the same draws from them as in that run (a NumPy augmentation per row)."""
+    row takes the same draws from them as in that run (a NumPy augmentation per row). ``shapes``: the output shapes
+    of that run's calls (:class:`_UsesAndDtypes`), which the copies' must match too (``None`` otherwise): where they
+    differ the kernels do (tokens packed with ``x[mask]``, a packed sequence's steps: the rows' lengths set a
+    matmul's row count, and MKL rounds a row otherwise at another count, 1e-4 of a small loss, h58)."""
     device = next(iter(params.values())).device
     devices = [device.index or 0] if device.type == "cuda" else []
     leaves = {k: v.detach().requires_grad_(v.is_floating_point() or v.is_complex()) for k, v in params.items()}
@@ -1819,9 +1829,12 @@ def copies_losses(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, 
                     mode.branches = []
                     if host is not None:
                         set_host_states(host)
-                    own.append(model_fn(dict(leaves), copies).reshape(-1)[i:i + 1].detach())
-                    if branches is not None and mode.branches != branches:
+                    mode.shapes = []
+                    out = model_fn(dict(leaves), copies)
+                    if (branches is not None and mode.branches != branches) or \
+                            (shapes is not None and mode.shapes != shapes):
                         return None
+                    own.append(out.reshape(-1)[i:i + 1].detach())
         except Exception:  # noqa: BLE001 - a model that runs only under vmap: nothing to confirm with
             return None
         if mode.random or _drew(before, devices, host=False if host is not None else None):
@@ -1877,6 +1890,7 @@ def _compare_confirmed(together: Tensor, alone: Tensor, label: str, chosen: list
     float64 model: OLMoE's load-balancing loss at its default weight, 5e-5 of the loss, its gradient 3.5e-3 off
     the batch's, h55), not by a batch of one's rounding."""
     differ, _, _ = beyond_rounding(together, alone, rounding)
+    scale = _largest_finite(together, alone)  # (the confirmation allows what the detection allowed)
     factor: float | None = None
     if not bool(differ.any()):
         if fine is None:
@@ -1894,7 +1908,7 @@ def _compare_confirmed(together: Tensor, alone: Tensor, label: str, chosen: list
         return
     _compare(together[torch.tensor(at, device=together.device)], own.to(alone.dtype), label, [chosen[j] for j in at],
              rounding, which=which, how="each of these samples run in a batch of copies of itself (as if alone)",
-             factor=factor)
+             factor=factor, scale=scale)
 
 
 #: :func:`fine_rounding`'s allowance for the coarsest dtype computed in, in its ``eps``: a row and its copies run
@@ -2114,12 +2128,16 @@ class _UsesAndDtypes(_Uses):
     def __init__(self, params: Mapping[str, Tensor], quiet: bool = False) -> None:
         super().__init__(params, quiet)
         self.computed = torch.float64
+        self.shapes: list[Any] = []  # each call's output shapes, in order (:func:`copies_losses`' ``shapes``)
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         out = super().__torch_function__(func, types, args, kwargs)
-        if isinstance(out, Tensor) and out.is_floating_point() and \
-                torch.finfo(out.dtype).eps > torch.finfo(self.computed).eps:
-            self.computed = out.dtype
+        if isinstance(out, Tensor):
+            self.shapes.append(out.shape)
+            if out.is_floating_point() and torch.finfo(out.dtype).eps > torch.finfo(self.computed).eps:
+                self.computed = out.dtype
+        elif isinstance(out, tuple):
+            self.shapes.append(tuple(o.shape for o in out if isinstance(o, Tensor)))
         return out
 
 
@@ -2388,17 +2406,18 @@ def coarsest(tensors: Iterable[Tensor]) -> torch.dtype:
                default=torch.float64)
 
 
-def beyond_rounding(a: Tensor, b: Tensor, dtype: torch.dtype,
-                    factor: float | None = None) -> tuple[Tensor, Tensor, float]:
+def beyond_rounding(a: Tensor, b: Tensor, dtype: torch.dtype, factor: float | None = None,
+                    scale: float | None = None) -> tuple[Tensor, Tensor, float]:
     """Where two loss vectors differ by more than rounding in ``dtype``: ``(mask, |a - b|, tolerance)``.
 
-    Tolerance: ``factor`` (``sqrt(eps)`` of ``dtype`` unless told) times the largest finite entry. An entry finite
+    Tolerance: ``factor`` (``sqrt(eps)`` of ``dtype`` unless told) times ``scale`` (the largest finite entry unless
+    told: a comparison confirmed on some of its rows keeps the whole one's). An entry finite
     one way and not the other differs; the same non-finite value both ways (NaN and
     NaN, inf and inf) does not.
     """
     a, b = a.double(), b.double()
     finite = torch.isfinite(a) & torch.isfinite(b)
-    scale = torch.cat([a[finite].abs(), b[finite].abs(), a.new_zeros(1)]).max().item()
+    scale = _largest_finite(a, b) if scale is None else scale
     factor = torch.finfo(dtype).eps ** 0.5 if factor is None else factor
     tol = factor * scale + torch.finfo(dtype).tiny
     diff = torch.where(finite, (a - b).abs(), a.new_zeros(()))
@@ -2406,9 +2425,16 @@ def beyond_rounding(a: Tensor, b: Tensor, dtype: torch.dtype,
     return differ, diff, tol
 
 
+def _largest_finite(a: Tensor, b: Tensor) -> float:
+    """The largest magnitude among the entries finite in both ``a`` and ``b`` (0 where none is)."""
+    a, b = a.double(), b.double()
+    finite = torch.isfinite(a) & torch.isfinite(b)
+    return torch.cat([a[finite].abs(), b[finite].abs(), a.new_zeros(1)]).max().item()
+
+
 def _compare(together: Tensor, alone: Tensor, label: str, chosen: list[int], dtype: torch.dtype,
              which: str | None = None, how: str = "the same samples run one at a time",
-             factor: float | None = None) -> None:
+             factor: float | None = None, scale: float | None = None) -> None:
     """``together[i]`` (sample ``chosen[i]`` run with the others) against ``alone[i]``, up to rounding.
 
     Rounding: ``factor`` (``sqrt(eps)`` of ``dtype``, the coarsest of the parameters', the inputs' and
@@ -2418,7 +2444,7 @@ def _compare(together: Tensor, alone: Tensor, label: str, chosen: list[int], dty
     """
     if alone.shape != together.shape:
         return  # model_fn's shape errors are reported by the capture, with their own message
-    differ, diff, tol = beyond_rounding(together, alone, dtype, factor)
+    differ, diff, tol = beyond_rounding(together, alone, dtype, factor, scale)
     if not bool(differ.any()):
         return
     rows = differ.nonzero().flatten().tolist()

@@ -1080,6 +1080,69 @@ def test_a_weak_coupling_through_a_float32_part_is_refused(whole_batch_only):
     assert rel(got.scores, want) < 1e-6
 
 
+
+def _packed_tokens():
+    """A float32 token regressor over the valid tokens packed with ``x[mask]`` (unpadding): one matmul over the
+    tokens of every row, its row count set by the rows' lengths; outputs of tens fitted to 0.3 (small losses)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 1)
+    p = {k: v.detach() for k, v in lin.named_parameters()}
+
+    def model_fn(q, batch):
+        x, mask, y = batch
+        out = torch.zeros(mask.shape).masked_scatter(mask, F.linear(x[mask], q["weight"], q["bias"]).squeeze(-1))
+        return (((out - y) * mask) ** 2).sum(1) / mask.sum(1)
+
+    def make(n, seed):
+        g = _g(seed)
+        x, lens = torch.randn(n, 6, 64, generator=g) * 100, torch.randint(1, 7, (n,), generator=g)
+        lens[0] = 1
+        y = F.linear(x, p["weight"], p["bias"]).squeeze(-1) + 0.3 * torch.randn(n, 6, generator=g)
+        return x, torch.arange(6)[None] < lens[:, None], y
+
+    return model_fn, p, make(3, 0), make(3, 100)
+
+
+def _packed_lstm():
+    """A float32 LSTM regressor over ``pack_padded_sequence``: step t's matmul has as many rows as the batch has
+    sequences longer than t; outputs of tens fitted to 0.1."""
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    torch.manual_seed(0)
+    rnn, head = nn.LSTM(16, 32, batch_first=True), nn.Linear(32, 1)
+    net = nn.ModuleDict({"rnn": rnn, "head": head})
+    p = {k: v.detach() for k, v in net.named_parameters()}
+
+    def forward(q, x, lens):
+        packed = pack_padded_sequence(x, lens, batch_first=True, enforce_sorted=False)
+        out, _ = functional_call(rnn, {k[4:]: v for k, v in q.items() if k.startswith("rnn.")}, (packed,))
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=10)
+        return F.linear(out, q["head.weight"], q["head.bias"]).squeeze(-1) * 100
+
+    def model_fn(q, batch):
+        x, lens, y = batch
+        return (((forward(q, x, lens) - y) * (torch.arange(10)[None] < lens[:, None])) ** 2).sum(1) / lens
+
+    def make(n, seed):
+        g = _g(seed)
+        x, lens = torch.randn(n, 10, 16, generator=g), torch.randint(1, 11, (n,), generator=g)
+        with torch.no_grad():
+            return x, lens, forward(p, x, lens) + 0.1 * torch.randn(n, 10, generator=g)
+
+    return model_fn, p, make(4, 0), make(3, 100)
+
+
+@pytest.mark.parametrize("build", [_packed_tokens, _packed_lstm])
+def test_rows_packed_by_their_lengths_are_not_refused(build):
+    """Where the rows' lengths set a kernel's shape (tokens packed with ``x[mask]``, a packed sequence's steps), a
+    batch of copies of a row runs other shapes than the batch, and MKL rounds a row otherwise at another row count
+    (1e-4 of a small float32 loss): the finer comparison with copies refused these per-sample models (h58). It
+    compares only copies that ran the batch's shapes; the numbers are the float32 loop's."""
+    model_fn, p, train, val = build()
+    want = ghostfunc.reference_graddot(model_fn, p, train, val)[0]
+    assert rel(ghostfunc.graddot(model_fn, p, train, val).scores, want) < 1e-4
+    ghostfunc.inrun_shapley(model_fn, p, train, val, lr=0.1, order=2)
+
 def test_samples_interact_seen_in_val_when_train_has_one_sample():
     x, xv = torch.randn(1, 3, generator=_g(1), dtype=F64), torch.randn(2, 3, generator=_g(2), dtype=F64)
     with pytest.raises(SamplesInteractError, match=r"^plan: samples interact .* first 2 val samples together"):
