@@ -43,6 +43,7 @@ from ._interact import (
     copies_losses,
     counted_over_batch,
     eager_stance,
+    fine_copies,
     group_named,
     in_one_call,
     keep_in_call,
@@ -588,8 +589,7 @@ def _refuse_coupled_batch(model_fn: ModelFn, params: dict[str, Tensor], batches:
             refuse_batch_losses(together, own, label, coarse, where,
                                 functools.partial(copies_losses, model_fn, params, b, host=host),
                                 declared=coarsest([*params.values(), *b.tensors]),
-                                fine_confirm=functools.partial(copies_losses, model_fn, params, b, branches=took,
-                                                               host=host, shapes=shaped))
+                                fine_confirm=fine_copies(model_fn, params, b, took, host, shaped))
         elif b.size > 1 and isinstance(own, Tensor) and own.shape == (b.size,):
             _refuse_coupled_groups(model_fn, params, b, own, label, where, start, host)
     remember(seen, key, zeros)
@@ -637,7 +637,9 @@ def _refuse_coupled_groups(model_fn: ModelFn, params: dict[str, Tensor], batch: 
             continue
         def confirm(at: list[int], sub: Batch = sub, rows: list[int] = rows, seen: list[str] = branches[0],
                     shaped: list[Any] | None = None) -> Any:
-            return copies_losses(model_fn, params, sub, [rows.index(i) for i in at], seen, host, shaped)
+            if shaped is not None:  # (the finer comparison's)
+                return fine_copies(model_fn, params, sub, seen, host, shaped)([rows.index(i) for i in at])
+            return copies_losses(model_fn, params, sub, [rows.index(i) for i in at], seen, host)
 
         refuse_batch_losses(plain[0], captured[part.rows.to(captured.device)], label, coarse, where, confirm,
                             rows, batch.size, which=group_named(rows, label),

@@ -1713,8 +1713,7 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
         rounding = max(declared, mode.computed, key=lambda d: torch.finfo(d).eps)  # (float64 losses of a float32
         _compare_confirmed(together.detach(), torch.cat(alone).detach(), label, chosen, rounding, copied,  # model)
                            samples_named(chosen, label), fine_rounding(declared, rounding),
-                           lambda at: copies_losses(model_fn, params, _rows_batch(batch, chosen), at, branches,
-                                                    before[1], shapes))
+                           fine_copies(model_fn, params, _rows_batch(batch, chosen), branches, before[1], shapes))
     _refuse_detached(model_fn, params, lambda: rows(0, k))
     return k > 1
 
@@ -1790,9 +1789,8 @@ def _refuse_coupled_rows(model_fn: Callable, params: Mapping[str, Tensor], batch
                                                  before[1]),
                         named, batch.size if rows_in is None else None, which,
                         declared=coarsest([*params.values(), *batch.tensors]),
-                        fine_confirm=lambda at: copies_losses(
-                            model_fn, params, batch, [i if rows_in is None else rows_in.index(i) for i in at],
-                            branches, before[1], shapes))
+                        fine_confirm=lambda at: fine_copies(model_fn, params, batch, branches, before[1], shapes)(
+                            [i if rows_in is None else rows_in.index(i) for i in at]))
 
 
 #: How many of the samples that differ :func:`refuse_batch_losses` runs again, each in a batch of copies of itself.
@@ -1801,7 +1799,7 @@ CONFIRM_ROWS = 4
 
 def copies_losses(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, rows: list[int],
                   branches: list[str] | None = None, host: tuple[Any, ...] | None = None,
-                  shapes: list[Any] | None = None) -> Tensor | None:
+                  ran: list[list[Any]] | None = None) -> Tensor | None:
     """The loss of each sample ``rows[j]`` run plainly in a batch of the batch's shapes holding copies of it, taken
     at its own row: that sample's loss without the others, by the same kernels as the whole batch's (a batch of
     one rounds otherwise: a regression's small losses of outputs near 1000 differed by 5-7x ``sqrt(eps)`` between
@@ -1810,10 +1808,8 @@ def copies_losses(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, 
     ``None`` where it draws other random numbers or cannot run so, or, with ``branches`` (what the batch's tensors
     became in Python in the run compared with), takes other branches. ``host``: Python's and NumPy's generator
     states the compared run started from (:func:`ghostfunc._draws.host_states`): each run starts there too, so the
-    row takes the same draws from them as in that run (a NumPy augmentation per row). ``shapes``: the output shapes
-    of that run's calls (:class:`_UsesAndDtypes`), which the copies' must match too (``None`` otherwise): where they
-    differ the kernels do (tokens packed with ``x[mask]``, a packed sequence's steps: the rows' lengths set a
-    matmul's row count, and MKL rounds a row otherwise at another count, 1e-4 of a small loss, h58)."""
+    row takes the same draws from them as in that run (a NumPy augmentation per row). ``ran``, if given, gets each
+    run's calls' output shapes and dtypes (:func:`fine_copies`)."""
     device = next(iter(params.values())).device
     devices = [device.index or 0] if device.type == "cuda" else []
     leaves = {k: v.detach().requires_grad_(v.is_floating_point() or v.is_complex()) for k, v in params.items()}
@@ -1831,9 +1827,10 @@ def copies_losses(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, 
                         set_host_states(host)
                     mode.shapes = []
                     out = model_fn(dict(leaves), copies)
-                    if (branches is not None and mode.branches != branches) or \
-                            (shapes is not None and mode.shapes != shapes):
+                    if branches is not None and mode.branches != branches:
                         return None
+                    if ran is not None:
+                        ran.append(list(mode.shapes))  # (the mode goes on adding to its list)
                     own.append(out.reshape(-1)[i:i + 1].detach())
         except Exception:  # noqa: BLE001 - a model that runs only under vmap: nothing to confirm with
             return None
@@ -1842,18 +1839,51 @@ def copies_losses(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, 
     return torch.cat(own)
 
 
+def fine_copies(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, branches: list[str],
+                host: tuple[Any, ...] | None, shapes: list[Any]) -> Callable[[list[int]], Any]:
+    """The finer comparison's confirmation (:func:`_compare_confirmed`): ``rows -> (losses, dtype) | None``, each of
+    ``rows`` run in a batch of copies of itself that takes the batch's data-dependent ``branches``
+    (:func:`copies_losses`), with the coarsest floating dtype of the calls whose output shapes differ from the
+    batch's run (``shapes``; ``None``: none differs). Where the rows' lengths set a kernel's shape (tokens packed with
+    ``x[mask]``, a packed sequence's steps, a mixture of experts' tokens per expert) copies run other shapes, and
+    MKL rounds a row otherwise at another row count (1e-4 of a small float32 loss: valid regressors were refused,
+    h58): the comparison then allows that dtype's ``sqrt(eps)``."""
+    def confirm(rows: list[int]) -> tuple[Tensor, torch.dtype | None] | None:
+        ran: list[list[Any]] = []
+        own = copies_losses(model_fn, params, batch, rows, branches, host, ran)
+        return None if own is None else (own, _shaped_otherwise(shapes, ran))
+
+    return confirm
+
+
+def _shaped_otherwise(shapes: list[Any], runs: list[list[Any]]) -> torch.dtype | None:
+    """The coarsest floating dtype among the calls whose output shapes in ``runs`` differ from ``shapes`` (each
+    entry a ``(shape, dtype)`` or a tuple of them); where the calls differ in number, among all of them."""
+    def dtypes(entry: Any) -> list[torch.dtype]:
+        pairs = [entry] if len(entry) == 2 and isinstance(entry[1], torch.dtype) else entry  # (a tensor's, or a tuple's)
+        return [d for _, d in pairs if d.is_floating_point]
+
+    found: list[torch.dtype] = []
+    for run in runs:
+        if len(run) != len(shapes):
+            found += [d for entry in (*shapes, *run) for d in dtypes(entry)]
+            continue
+        found += [d for a, b in zip(shapes, run, strict=True) if a != b for d in (*dtypes(a), *dtypes(b))]
+    return max(found, key=lambda d: torch.finfo(d).eps, default=None)
+
+
 def refuse_batch_losses(together: Tensor, captured: Tensor, label: str, computed: torch.dtype, where: str,
                         confirm: Callable[[list[int]], Tensor | None], chosen: list[int] | None = None,
                         size: int | None = None, which: str | None = None,
                         declared: torch.dtype | None = None,
-                        fine_confirm: Callable[[list[int]], Tensor | None] | None = None) -> None:
+                        fine_confirm: Callable[[list[int]], Any] | None = None) -> None:
     """Raise :class:`SamplesInteractError` (prefixed with ``where``) if a whole batch's losses from a plain call
     (``together``, at the batch's rows ``chosen``, all of them by default, of ``size``) differ beyond rounding
     from each sample's own: first against ``captured`` (the capture's, or each run alone), then, where those
     differ, against up to :data:`CONFIRM_ROWS` of those samples each in a batch of copies of itself
     (``confirm(rows)``, :func:`copies_losses`; ``None``: they cannot run so), at ``sqrt(eps)``, and then at
-    :func:`fine_rounding` on copies that take the batch's data-dependent branches (``fine_confirm``, ``confirm``
-    unless told; :func:`_compare_confirmed`). ``computed``: the
+    :func:`fine_rounding` on copies that take the batch's data-dependent branches (``fine_confirm``,
+    :func:`fine_copies`; none: not; :func:`_compare_confirmed`). ``computed``: the
     coarsest floating dtype the plain call computed in; ``declared``: the parameters', inputs' and losses'
     (the losses' unless told); ``which``: what ran together, for the message (the whole batch)."""
     if not isinstance(together, Tensor) or together.shape != captured.shape or together.dim() != 1:
@@ -1874,7 +1904,7 @@ def refuse_batch_losses(together: Tensor, captured: Tensor, label: str, computed
 
 def _compare_confirmed(together: Tensor, alone: Tensor, label: str, chosen: list[int], rounding: torch.dtype,
                        confirm: Callable[[list[int]], Tensor | None], which: str, fine: float | None = None,
-                       fine_confirm: Callable[[list[int]], Tensor | None] | None = None,
+                       fine_confirm: Callable[[list[int]], Any] | None = None,
                        each_alone: bool = True) -> None:
     """:func:`_compare` of ``k`` samples run together and each alone, where they differ beyond rounding first
     confirmed on up to :data:`CONFIRM_ROWS` of them each in a batch of ``k`` copies of itself (``confirm(at)``,
@@ -1885,7 +1915,8 @@ def _compare_confirmed(together: Tensor, alone: Tensor, label: str, chosen: list
     are the capture's). ``which``: the samples run together, for the message (``chosen``: those of them compared).
 
     Then, where no difference passed ``sqrt(eps)``, the same at ``fine`` (:func:`fine_rounding`; ``None``: not),
-    only where copies run taking the batch's branches (``fine_confirm``, ``confirm`` unless told): a row and its copies take the same kernels, so a sample's loss in the batch and in its
+    only where copies run taking the batch's branches (``fine_confirm``, :func:`fine_copies`; raised to ``sqrt(eps)``
+    of the coarsest dtype whose calls ran other shapes there): a row and its copies take the same kernels, so a sample's loss in the batch and in its
     copies' batch differ by what its neighbours change (a coupling under ``sqrt(eps)`` of a float32 router inside a
     float64 model: OLMoE's load-balancing loss at its default weight, 5e-5 of the loss, its gradient 3.5e-3 off
     the batch's, h55), not by a batch of one's rounding."""
@@ -1896,12 +1927,19 @@ def _compare_confirmed(together: Tensor, alone: Tensor, label: str, chosen: list
         if fine is None:
             return
         differ, _, _ = beyond_rounding(together, alone, rounding, fine)
-        if not bool(differ.any()):
+        if not bool(differ.any()) or fine_confirm is None:
             return
-        factor = fine
-        confirm = fine_confirm or confirm
-    at = differ.nonzero().flatten().tolist()[:CONFIRM_ROWS]
-    own = confirm(at)
+        at = differ.nonzero().flatten().tolist()[:CONFIRM_ROWS]
+        got = fine_confirm(at)
+        if got is None:
+            return
+        own, otherwise = got
+        factor = fine if otherwise is None else max(fine, torch.finfo(otherwise).eps ** 0.5)
+        if factor >= torch.finfo(rounding).eps ** 0.5:
+            return
+    else:
+        at = differ.nonzero().flatten().tolist()[:CONFIRM_ROWS]
+        own = confirm(at)
     if own is None or own.shape != (len(at),):
         if each_alone and factor is None:
             _compare(together, alone, label, chosen, rounding, which=which)
@@ -2128,16 +2166,16 @@ class _UsesAndDtypes(_Uses):
     def __init__(self, params: Mapping[str, Tensor], quiet: bool = False) -> None:
         super().__init__(params, quiet)
         self.computed = torch.float64
-        self.shapes: list[Any] = []  # each call's output shapes, in order (:func:`copies_losses`' ``shapes``)
+        self.shapes: list[Any] = []  # each call's output shapes and dtypes, in order (:func:`fine_copies`)
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         out = super().__torch_function__(func, types, args, kwargs)
         if isinstance(out, Tensor):
-            self.shapes.append(out.shape)
+            self.shapes.append((out.shape, out.dtype))
             if out.is_floating_point() and torch.finfo(out.dtype).eps > torch.finfo(self.computed).eps:
                 self.computed = out.dtype
         elif isinstance(out, tuple):
-            self.shapes.append(tuple(o.shape for o in out if isinstance(o, Tensor)))
+            self.shapes.append(tuple((o.shape, o.dtype) for o in out if isinstance(o, Tensor)))
         return out
 
 
