@@ -570,7 +570,11 @@ def _raise_as(kind: type[Exception], base: type[Exception], message: str, cause:
             raise TypeError
     except Exception:  # noqa: BLE001 - a type whose constructor takes other arguments
         err = base(message)
-    raise err from cause
+    try:
+        raise err from cause
+    finally:  # this frame, which the error's traceback holds, must not hold the error: the cycle kept the group alive
+        del err, cause  # until a collection, into the interpreter's teardown, where gloo aborted (3-5 of 8 two-rank
+        # jobs that caught a refusal and destroyed the group, h56)
 
 
 def _exchange_status(where: str, group: Any, failure: Exception | None) -> None:
