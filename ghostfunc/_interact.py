@@ -673,7 +673,10 @@ def _read_by(model_fn: Callable) -> tuple[list[tuple[str, Any]], list[type]]:
 
 def _class_held(kind: type) -> list[Any]:
     """What a class of the user's own and its own bases hold as attributes, code left out (:func:`modules_of`)."""
-    return [v for c in kind.__mro__ if _own_class(c) for v in vars(c).values() if not issubclass(type(v), _CODE)]
+    try:
+        return [v for c in kind.__mro__ if _own_class(c) for v in vars(c).values() if not issubclass(type(v), _CODE)]
+    except Exception:  # noqa: BLE001 - a class whose metaclass raises on a look (a lazy proxy, h59): nothing held
+        return []
 
 
 #: A class's attributes that are code, not what it holds (:func:`modules_of`).
@@ -726,9 +729,11 @@ def steady_settings(model_fn: Callable) -> tuple[Any, ...]:
             return now
         before = dict(last)
         grew = {k[0] for k, _ in now if k not in before} if before else set()  # (where new entries appeared)
+        # (an object model_fn reads whose entries change in turn, one per call: each of them steady, the object not)
+        moved = grew | {k[0] for k, v in now if k[0][0] == _HELD_READ and k in before and before[k] != v}
         counts = {**{k: (counts.get(k, 0) + 1 if k in before and before[k] != v else
                          counts.get(k, 0) if counts.get(k, 0) >= CHURN else 0) for k, v in now},
-                  **{(_GREW, w): (counts.get((_GREW, w), 0) + 1 if w in grew else
+                  **{(_GREW, w): (counts.get((_GREW, w), 0) + 1 if w in moved else
                                   counts.get((_GREW, w), 0) if counts.get((_GREW, w), 0) >= CHURN else 0)
                      for w in {k[0] for k, _ in now}}}
         _CHURNS[model_fn] = (now, counts)
@@ -769,10 +774,7 @@ def module_settings(model_fn: Callable) -> tuple[Any, ...]:
         out: list[Any] = []
         holders: dict[int, Any] = {}
         reads, read_classes = _read_by(model_fn)
-        named: dict[str, Any] = {}  # what model_fn reads itself (a global flag, a closure's hparams dict)
-        for label, v in reads:
-            named[label if label not in named else f"{label} ({len(named)})"] = v
-        out += _settings_of(named, holders, ("read",))
+        out += _read_settings(reads)
         classes: dict[type, None] = dict.fromkeys(read_classes)  # (Cfg.center, a class model_fn names)
         for at, m in enumerate(submodules(model_fn)):
             out += _settings_of(m.__dict__, holders, ("module", at))
@@ -804,6 +806,47 @@ def module_settings(model_fn: Callable) -> tuple[Any, ...]:
         return tuple(out)
 
     return _scoped("settings", model_fn, compute)
+
+
+def _read_settings(reads: list[tuple[str, Any]]) -> list[tuple[Any, Any]]:
+    """The settings among what ``model_fn`` reads itself (:func:`module_settings`): its plain values (a global flag,
+    a closure's variable) and the plain entries of the objects it reads that hold settings (a dict, a namespace, a
+    dataclass or config, an object of a class of one's own, a module of one's own), one level in, each of at most
+    :data:`READ_HELD` entries (a table of a thousand items' metadata read as settings was 15x a call, h59); those
+    of one such object are left out for good once some entry of it changed on each of :data:`CHURN` calls in a row
+    (:func:`steady_settings`: a per-class counter the loop bumps in turn, a metrics dict it overwrites, re-checked
+    on every call, 3-8x a call, h59)."""
+    plain: dict[str, Any] = {}
+    out: list[tuple[Any, Any]] = []
+    for label, v in reads:
+        at = label if label not in plain else f"{label} ({len(plain)})"
+        plain[at] = v
+        attrs = _read_held(v)
+        if attrs is not None and len(attrs) <= READ_HELD:
+            out += _settings_of(attrs, None, (_HELD_READ, at))
+    return _settings_of(plain, None, ("read",)) + out
+
+
+#: The most entries of an object ``model_fn`` reads itself that :func:`_read_settings` reads as settings.
+READ_HELD = 256
+#: :func:`_read_settings`' mark on the settings of an object read by ``model_fn`` (:func:`steady_settings` leaves
+#: one out whole once some entry of it changed on each of :data:`CHURN` calls in a row).
+_HELD_READ = "read held"
+
+
+def _read_held(v: Any) -> dict[str, Any] | None:
+    """The entries of ``v`` as an object holding settings (:func:`_read_settings`), or ``None``."""
+    kind = type(v)
+    if issubclass(kind, types.ModuleType):
+        return dict(vars(v))  # (a module of one's own: named_reads keeps no other)
+    form = _FORMS.get(kind) or _form(kind)
+    if form is _F_HOLDER:
+        if isinstance(v, dict):
+            return dict(dict.items(v)) if dict.__len__(v) <= READ_HELD else None
+        return _attributes(v)
+    if form is _F_OTHER and _own_class(kind) and not issubclass(kind, (torch.nn.Module, Tensor)):
+        return _attributes(v)  # (an options object: args.centre)
+    return None
 
 
 _SETTING_TYPES = frozenset({bool, int, float, str, type(None)})
@@ -1597,7 +1640,10 @@ def _attributes(obj: Any) -> dict[str, Any] | None:
         attrs = object.__getattribute__(obj, "__dict__")
     except Exception:  # noqa: BLE001 - whatever an odd object raises, it has no attributes to walk here
         attrs = None
-    slots = [n for c in type(obj).__mro__ for n in _slot_names(c)]
+    try:
+        slots = [n for c in type(obj).__mro__ for n in _slot_names(c)]
+    except Exception:  # noqa: BLE001 - a class whose metaclass raises on a look (a lazy proxy, h59)
+        slots = []
     if not slots:
         return attrs if type(attrs) is dict else None
     held = dict(attrs) if type(attrs) is dict else {}

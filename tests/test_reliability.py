@@ -1754,6 +1754,16 @@ class _ReadCfg:
     centre = False
 
 
+class _Options:  # (an argparse-like options object of one's own)
+    def __init__(self):
+        self.centre = False
+
+
+_READ_ARGS = _Options()
+_READ_MODULE = types.ModuleType("ghostfunc_test_settings")  # (a config module of one's own)
+_READ_MODULE.CENTRE = False
+
+
 def _reading(where: str):
     """``(model_fn, switch)``: a model_fn whose batch mean is switched on by a setting it reads ``where``, and what
     switches it on."""
@@ -1761,7 +1771,8 @@ def _reading(where: str):
     hp, box, cell = {"centre": False}, types.SimpleNamespace(centre=False), [False]
     on = {"global dict": lambda: _READ_FLAGS["centre"], "global flag": lambda: _READ_CENTRE,
           "class of one's own": lambda: _ReadCfg.centre, "closure dict": lambda: hp["centre"],
-          "closure namespace": lambda: box.centre}
+          "closure namespace": lambda: box.centre, "options object": lambda: _READ_ARGS.centre,
+          "config module": lambda: _READ_MODULE.CENTRE}
     centre = False
 
     def model_fn(p, batch):
@@ -1775,6 +1786,7 @@ def _reading(where: str):
         _READ_FLAGS["centre"] = where == "global dict"
         globals()["_READ_CENTRE"] = where == "global flag"
         _ReadCfg.centre = where == "class of one's own"
+        _READ_ARGS.centre, _READ_MODULE.CENTRE = where == "options object", where == "config module"
         hp["centre"], box.centre, cell[0] = True, True, True
         centre = True
 
@@ -1782,7 +1794,7 @@ def _reading(where: str):
 
 
 @pytest.mark.parametrize("where", ["global dict", "global flag", "class of one's own", "closure dict",
-                                   "closure namespace", "closure cell"])
+                                   "closure namespace", "closure cell", "options object", "config module"])
 @pytest.mark.parametrize("entry", ["graddot", "train_step", "unroll"])
 def test_a_setting_model_fn_reads_itself_changed_after_the_first_calls_is_checked_again(where, entry):
     """A flag model_fn reads itself, not through a module (a global or closure dict, a global bool, a class
@@ -1802,8 +1814,40 @@ def test_a_setting_model_fn_reads_itself_changed_after_the_first_calls_is_checke
         with pytest.raises(SamplesInteractError, match=rf"^{entry}: samples interact"):
             calls[entry]()
     finally:
-        _READ_FLAGS["centre"], _ReadCfg.centre = False, False
+        _READ_FLAGS["centre"], _ReadCfg.centre, _READ_ARGS.centre, _READ_MODULE.CENTRE = False, False, False, False
         globals()["_READ_CENTRE"] = False
+
+
+@pytest.mark.parametrize("table", ["counts bumped in turn", "metrics overwritten", "per-item metadata"])
+def test_what_model_fn_reads_and_a_loop_writes_is_not_checked_on_every_call(table, monkeypatch):
+    """Objects model_fn reads that a training loop writes: a per-class counter bumped one class per step in turn, a
+    metrics dict overwritten each step (no entry changes on 3 calls in a row, so no setting churned: every call was
+    checked again, 3-8x a call), a table of a thousand items' metadata (read as settings: 15x a call; h59). Checked
+    on the first calls only; the numbers stay the loop's."""
+    from ghostfunc import _interact
+
+    net = _mlp(5)
+    p = {k: v.detach() for k, v in net.named_parameters()}
+    held = {"per-item metadata": {f"item_{i}": {"weight": 1.0, "split": "train", "ok": True} for i in range(1000)}
+            }.get(table, {f"class_{c}": 0 for c in range(5)})
+
+    def model_fn(q, batch):
+        x, y = batch
+        scale = 1.0 if held.get("item_0", {"weight": 1.0})["weight"] else 0.0
+        return F.cross_entropy(functional_call(net, q, (x,)), y, reduction="none") * scale
+
+    checks = []
+    real = _interact._check_batch
+    monkeypatch.setattr(_interact, "_check_batch", lambda *a, **k: checks.append(1) or real(*a, **k))
+    train, val = _xy(7, 4), _xy(3, 5)
+    for call in range(12):
+        if table == "counts bumped in turn":
+            held[f"class_{call % 5}"] += 1
+        elif table == "metrics overwritten":
+            held.update({k: float(call) for k in held})
+        ghostfunc.graddot(model_fn, p, train, val)
+    assert len(checks) <= 2 * 5, len(checks)  # (train and val, on at most the first 5 calls)
+    assert_exact(model_fn, p, train, val, table, [("auto", "mean")])
 
 def test_a_module_holding_an_object_of_an_odd_class_is_scored():
     """The settings' walk looks at what a module holds: an object whose metaclass raises on every look (its
@@ -1822,6 +1866,21 @@ def test_a_module_holding_an_object_of_an_odd_class_is_scored():
     net[0].odd = Odd()
     p = {k: v.detach() for k, v in net.named_parameters()}
     assert_exact(_cross_entropy_of(net), p, _xy(7, 4), _xy(3, 5), "odd holder", [("auto", "mean")])
+
+    class Proxy(type):  # and one whose metaclass raises on its __mro__, read by model_fn itself (h59: it crashed)
+        def __getattribute__(cls, name):
+            if name == "__mro__":
+                raise RuntimeError("looked at")
+            return super().__getattribute__(name)
+
+    lazy = Proxy("Lazy", (), {})()
+    inner = _cross_entropy_of(net)
+
+    def model_fn(q, batch):
+        assert lazy is not None
+        return inner(q, batch)
+
+    assert_exact(model_fn, p, _xy(7, 4), _xy(3, 5), "odd read", [("auto", "mean")])
 
 
 def test_a_model_fn_reading_an_object_whose_class_hides_its_module_is_scored():

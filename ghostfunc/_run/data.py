@@ -356,11 +356,10 @@ def would_read(spec: str, out: Path) -> bool:
     # and through a link inside the corpus (corpus/shared -> ../other with --out other/run and corpus/**/*: the run's
     # own files became training data, and every --resume, select and attribute was refused on the changed corpus,
     # h56): each folder the pattern's folder part reaches, named as the glob names it, where it leads
-    head = os.path.dirname(spec)
-    if not glob.has_magic(head):
-        return False
+    heads = [h for h in {os.path.dirname(spec), *([spec] if os.path.basename(spec) == "**" else [])}
+             if glob.has_magic(h)]  # (corpus/** lists the folders it walks too, h59)
     real_out = Path(out).resolve()
-    for folder in glob.iglob(head, recursive=True):
+    for folder in (f for h in heads for f in glob.iglob(h, recursive=True)):
         real = Path(folder).resolve()
         if os.path.isdir(folder) and real_out.is_relative_to(real):
             written = Path(os.path.abspath(folder)) / real_out.relative_to(real)
