@@ -635,16 +635,13 @@ def _refuse_coupled_groups(model_fn: ModelFn, params: dict[str, Tensor], batch: 
         plain, coarse = _plain_losses(model_fn, params, [sub], start, device, branches, host=host, shapes=shapes)
         if plain is None:
             continue
-        def confirm(at: list[int], sub: Batch = sub, rows: list[int] = rows, seen: list[str] = branches[0],
-                    shaped: list[Any] | None = None) -> Any:
-            if shaped is not None:  # (the finer comparison's)
-                return fine_copies(model_fn, params, sub, seen, host, shaped)([rows.index(i) for i in at])
+        def confirm(at: list[int], sub: Batch = sub, rows: list[int] = rows, seen: list[str] = branches[0]) -> Any:
             return copies_losses(model_fn, params, sub, [rows.index(i) for i in at], seen, host)
 
         refuse_batch_losses(plain[0], captured[part.rows.to(captured.device)], label, coarse, where, confirm,
                             rows, batch.size, which=group_named(rows, label),
                             declared=coarsest([*params.values(), *sub.tensors]),
-                            fine_confirm=functools.partial(confirm, shaped=shapes[0]))
+                            fine_confirm=fine_copies(model_fn, params, sub, branches[0], host, shapes[0], rows))
 
 
 def _plain_losses(model_fn: ModelFn, params: dict[str, Tensor], batches: Sequence[Batch],

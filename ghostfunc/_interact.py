@@ -1758,7 +1758,7 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
         declared = coarsest([*params.values(), *batch.tensors, together])
         rounding = max(declared, mode.computed, key=lambda d: torch.finfo(d).eps)  # (float64 losses of a float32
         _compare_confirmed(together.detach(), torch.cat(alone).detach(), label, chosen, rounding, copied,  # model)
-                           samples_named(chosen, label), fine_rounding(declared, rounding),
+                           samples_named(chosen, label), declared,
                            fine_copies(model_fn, params, _rows_batch(batch, chosen), branches, before[1], shapes))
     _refuse_detached(model_fn, params, lambda: rows(0, k))
     return k > 1
@@ -1835,8 +1835,7 @@ def _refuse_coupled_rows(model_fn: Callable, params: Mapping[str, Tensor], batch
                                                  before[1]),
                         named, batch.size if rows_in is None else None, which,
                         declared=coarsest([*params.values(), *batch.tensors]),
-                        fine_confirm=lambda at: fine_copies(model_fn, params, batch, branches, before[1], shapes)(
-                            [i if rows_in is None else rows_in.index(i) for i in at]))
+                        fine_confirm=fine_copies(model_fn, params, batch, branches, before[1], shapes, rows_in))
 
 
 #: How many of the samples that differ :func:`refuse_batch_losses` runs again, each in a batch of copies of itself.
@@ -1886,17 +1885,20 @@ def copies_losses(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, 
 
 
 def fine_copies(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, branches: list[str],
-                host: tuple[Any, ...] | None, shapes: list[Any]) -> Callable[[list[int]], Any]:
+                host: tuple[Any, ...] | None, shapes: list[Any],
+                rows_in: list[int] | None = None) -> Callable[[list[int]], Any]:
     """The finer comparison's confirmation (:func:`_compare_confirmed`): ``rows -> (losses, dtype) | None``, each of
     ``rows`` run in a batch of copies of itself that takes the batch's data-dependent ``branches``
     (:func:`copies_losses`), with the coarsest floating dtype of the calls whose output shapes differ from the
     batch's run (``shapes``; ``None``: none differs). Where the rows' lengths set a kernel's shape (tokens packed with
     ``x[mask]``, a packed sequence's steps, a mixture of experts' tokens per expert) copies run other shapes, and
     MKL rounds a row otherwise at another row count (1e-4 of a small float32 loss: valid regressors were refused,
-    h58): the comparison then allows that dtype's ``sqrt(eps)``."""
+    h58): the comparison then allows that dtype's ``sqrt(eps)``. ``rows_in``: where ``batch`` is some rows of a
+    larger one, those rows (``rows`` are named as there)."""
     def confirm(rows: list[int]) -> tuple[Tensor, torch.dtype | None] | None:
         ran: list[list[Any]] = []
-        own = copies_losses(model_fn, params, batch, rows, branches, host, ran)
+        at = rows if rows_in is None else [rows_in.index(i) for i in rows]
+        own = copies_losses(model_fn, params, batch, at, branches, host, ran)
         return None if own is None else (own, _shaped_otherwise(shapes, ran))
 
     return confirm
@@ -1941,16 +1943,15 @@ def refuse_batch_losses(together: Tensor, captured: Tensor, label: str, computed
         _compare_confirmed(together.detach().to(captured.dtype), captured.detach(), label, chosen, rounding,
                            lambda at: confirm([chosen[j] for j in at]),
                            which or f"the whole {label} batch ({size or len(captured)} samples)",
-                           fine_rounding(declared, rounding),
-                           None if fine_confirm is None else lambda at: fine_confirm([chosen[j] for j in at]),
+                           declared, None if fine_confirm is None else lambda at: fine_confirm([chosen[j] for j in at]),
                            each_alone=False)
     except SamplesInteractError as err:
         raise SamplesInteractError(f"{where}: {err}") from None
 
 
 def _compare_confirmed(together: Tensor, alone: Tensor, label: str, chosen: list[int], rounding: torch.dtype,
-                       confirm: Callable[[list[int]], Tensor | None], which: str, fine: float | None = None,
-                       fine_confirm: Callable[[list[int]], Any] | None = None,
+                       confirm: Callable[[list[int]], Tensor | None], which: str,
+                       declared: torch.dtype | None = None, fine_confirm: Callable[[list[int]], Any] | None = None,
                        each_alone: bool = True) -> None:
     """:func:`_compare` of ``k`` samples run together and each alone, where they differ beyond rounding first
     confirmed on up to :data:`CONFIRM_ROWS` of them each in a batch of ``k`` copies of itself (``confirm(at)``,
@@ -1960,8 +1961,8 @@ def _compare_confirmed(together: Tensor, alone: Tensor, label: str, chosen: list
     cannot run, the difference stands where ``alone`` are runs of each sample alone (``each_alone``; not where they
     are the capture's). ``which``: the samples run together, for the message (``chosen``: those of them compared).
 
-    Then, where no difference passed ``sqrt(eps)``, the same at ``fine`` (:func:`fine_rounding`; ``None``: not),
-    only where copies run taking the batch's branches (``fine_confirm``, :func:`fine_copies`; raised to ``sqrt(eps)``
+    Then, where no difference passed ``sqrt(eps)``, the same at :func:`fine_rounding` of ``declared`` (the
+    parameters', inputs' and losses' coarsest dtype) and ``rounding``, only where copies run taking the batch's branches (``fine_confirm``, :func:`fine_copies`; raised to ``sqrt(eps)``
     of the coarsest dtype whose calls ran other shapes there): a row and its copies take the same kernels, so a sample's loss in the batch and in its
     copies' batch differ by what its neighbours change (a coupling under ``sqrt(eps)`` of a float32 router inside a
     float64 model: OLMoE's load-balancing loss at its default weight, 5e-5 of the loss, its gradient 3.5e-3 off
@@ -1970,10 +1971,11 @@ def _compare_confirmed(together: Tensor, alone: Tensor, label: str, chosen: list
     scale = _largest_finite(together, alone)  # (the confirmation allows what the detection allowed)
     factor: float | None = None
     if not bool(differ.any()):
-        if fine is None:
+        fine = None if declared is None else fine_rounding(declared, rounding)
+        if fine is None or fine_confirm is None:
             return
         differ, _, _ = beyond_rounding(together, alone, rounding, fine)
-        if not bool(differ.any()) or fine_confirm is None:
+        if not bool(differ.any()):
             return
         at = differ.nonzero().flatten().tolist()[:CONFIRM_ROWS]
         got = fine_confirm(at)

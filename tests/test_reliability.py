@@ -1847,6 +1847,7 @@ def test_what_model_fn_reads_and_a_loop_writes_is_not_checked_on_every_call(tabl
             held.update({k: float(call) for k in held})
         ghostfunc.graddot(model_fn, p, train, val)
     assert len(checks) <= 2 * 5, len(checks)  # (train and val, on at most the first 5 calls)
+    assert len(_interact.module_settings(model_fn)) < 100  # (the table is not read as 3000 settings every call)
     assert_exact(model_fn, p, train, val, table, [("auto", "mean")])
 
 def test_a_module_holding_an_object_of_an_odd_class_is_scored():
