@@ -291,13 +291,19 @@ MORE: dict[str, tuple[Callable[[], nn.Module], Callable, Callable, set[str]]] = 
                                                                   depths=[1, 1], num_heads=[2, 2], window_size=4,
                                                                   num_labels=3)),
              ghostfunc.classification_loss, _image_batch_16, {"relative_position_bias_table"}),
+    # BiT standardises its convolutions' weights with batch_norm in training mode over one row (a function of each
+    # weight alone: refused as a BatchNorm in train mode before)
+    "bit (weight-standardised convolutions)": (
+        lambda: tf.BitForImageClassification(tf.BitConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                                                           num_groups=2, num_labels=3, layer_type="preactivation")),
+        ghostfunc.classification_loss, _image_batch_16, {"conv"}),
 }
 
 
 @pytest.mark.parametrize("name", list(MORE))
 def test_more_families_against_the_loop(name: str) -> None:
     """Shared layers (ALBERT), ALiBi (BLOOM), partial rotary (Phi), an encoder-decoder (BART), windowed vision
-    attention (Swin), Gemma's offset norm: float64, full matrix and mean-reduced; the fallback only where named."""
+    attention (Swin), Gemma's offset norm, weight-standardised convolutions (BiT): float64, full matrix and mean-reduced; the fallback only where named."""
     build, loss, batch, fallback = MORE[name]
     torch.manual_seed(0)
     model = build().to(F64).eval()

@@ -2105,6 +2105,85 @@ def test_a_hook_taken_off_leaves_no_stale_trace():
     assert_exact(model_fn, p, train, val, "hook off", [("contract", "mean")])
 
 
+class _StdConv(nn.Conv2d):
+    """A weight-standardised convolution as timm's ``StdConv2d`` and Hugging Face BiT's write it: ``batch_norm`` in
+    training mode over the weight's one row (``aten``: through ``torch.batch_norm``)."""
+
+    def __init__(self, *args, aten: bool = False, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.aten = aten
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight.reshape(1, self.out_channels, -1)
+        w = (torch.batch_norm(w, None, None, None, None, True, 0.0, 1e-6, False) if self.aten
+             else F.batch_norm(w, None, None, training=True, momentum=0.0, eps=1e-6))
+        return F.conv2d(x, w.reshape_as(self.weight), self.bias, self.stride, self.padding)
+
+
+@pytest.mark.parametrize("aten", [False, True])
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_weight_standardised_convolution_is_exact(aten, mode):
+    """batch_norm in training mode over one row that holds no sample (a weight standardised by it, BiT's and
+    timm's convolutions) is each sample's own call: exact in either mode (refused as a BatchNorm in train mode
+    before, so every BiT model was)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(_StdConv(2, 4, 3, padding=1, aten=aten), nn.GroupNorm(2, 4), nn.ReLU(),
+                        _StdConv(4, 3, 3, aten=aten, bias=False), nn.Flatten(), nn.Linear(12, 2)).to(F64)
+    getattr(net, mode)()
+    p = {k: v.detach() for k, v in net.named_parameters()}
+
+    def model_fn(p, x):
+        return functional_call(net, p, (x,)).pow(2).sum(1)
+
+    x = torch.randn(5, 2, 4, 4, generator=_g(1), dtype=F64)
+    assert_exact(model_fn, p, x, x[:3] + 0.5, "weight standardisation")
+    step = ghostfunc.train_step(model_fn, ghostfunc.sgd(0.1))
+    state, out = step(step.init(p), x, x[:3] + 0.5)
+    ref = ghostfunc.reference_graddot(model_fn, p, x, x[:3] + 0.5)
+    assert rel(out.values, -0.1 / 5 * ref[0]) < 1e-10  # order 1: -(lr/n) times the scores
+
+
+@pytest.mark.parametrize("how", ["samples folded into the row", "samples an axis of the row"])
+def test_batch_norm_over_one_row_that_holds_the_samples_is_refused(how):
+    """The one-row batch_norm left to run (above) mixes samples when the model puts them into that row: refused by
+    the comparison of the batch's losses with each sample's alone, at every entry point, never a silent number."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, 2).to(F64)
+    p = {k: v.detach() for k, v in conv.named_parameters()}
+
+    def model_fn(p, x):
+        h = F.conv2d(x, p["weight"], p["bias"])  # [B, 3, 2, 2]
+        if how == "samples folded into the row":
+            row = h.transpose(0, 1).reshape(1, 3, -1)  # [1, C, B*4]: statistics over the batch
+            out = F.batch_norm(row, None, None, training=True).reshape(3, -1, 4).transpose(0, 1)
+        else:  # [1, C, B, 2, 2]: the samples a spatial axis
+            out = F.batch_norm(h.transpose(0, 1).unsqueeze(0), None, None, training=True)[0].transpose(0, 1)
+        return out.pow(3).flatten(1).sum(1)
+
+    x = torch.randn(4, 2, 3, 3, generator=_g(1), dtype=F64)
+    for where, call in {"graddot": ghostfunc.graddot, "inrun_shapley": ghostfunc.inrun_shapley}.items():
+        with pytest.raises(SamplesInteractError, match=rf"^{where}: "):
+            call(model_fn, p, x, x[:2]) if where == "graddot" else call(model_fn, p, x, x[:2], lr=0.1)
+
+
+def test_batch_norm_over_one_row_with_running_statistics_is_refused():
+    """A one-row batch_norm in training mode that updates running statistics writes state every call: refused as a
+    BatchNorm in train mode, and the statistics do not move."""
+    torch.manual_seed(0)
+    lin = nn.Linear(3, 2).to(F64)
+    p = {k: v.detach() for k, v in lin.named_parameters()}
+    mean, var = torch.zeros(2, dtype=F64), torch.ones(2, dtype=F64)
+
+    def model_fn(p, x):
+        w = F.batch_norm(p["weight"].T.unsqueeze(0), mean, var, training=True).squeeze(0).T
+        return F.linear(x, w, p["bias"]).pow(2).sum(1)
+
+    x = torch.randn(4, 3, generator=_g(1), dtype=F64)
+    with pytest.raises(SamplesInteractError, match=r"^graddot: the model calls batch_norm in training mode"):
+        ghostfunc.graddot(model_fn, p, x, x)
+    assert torch.equal(mean, torch.zeros(2, dtype=F64)) and torch.equal(var, torch.ones(2, dtype=F64))
+
+
 def test_batch_norm_held_where_the_check_cannot_see_it():
     # the module lives in an object's attribute: the boundary check's cache cannot see the mode switch,
     # the capture still refuses (the in-place update of num_batches_tracked names the fix)

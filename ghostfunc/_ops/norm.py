@@ -6,7 +6,9 @@
 - ``x * w`` and ``x + w`` with a parameter ``w`` (HF ``LlamaRMSNorm``,
   ``T5LayerNorm``, learnable scales and shifts): ``g_w = sum_to(B ⊙ x)`` and
   ``g_w = sum_to(B)`` under broadcasting.
-- ``F.batch_norm`` in training mode mixes the samples of a batch: refused (see :func:`batch_norm`).
+- ``F.batch_norm`` in training mode mixes the samples of a batch: refused (see :func:`batch_norm`), but for
+  one that normalises a single row no vmap batches, with no running statistics: a weight standardised by it
+  (Hugging Face BiT's ``WeightStandardizedConv2d``, timm's ``StdConv2d``) runs as any other call.
 """
 
 from __future__ import annotations
@@ -87,12 +89,47 @@ _BATCH_STATS = (
 )
 
 
+def _batch_statistics(input: Any, running_mean: Any, running_var: Any, training: Any) -> bool:
+    """Whether a ``batch_norm`` call is refused: in training mode, unless it normalises one row (``input.shape[0] ==
+    1``) that no ``vmap`` batches and keeps no running statistics. That one is a function of its row alone, as
+    Hugging Face BiT's and timm's weight standardisation call it on a convolution's weight (``weight.reshape(1,
+    out_channels, -1)``; refused as a BatchNorm in train mode before). A model that folds its samples into that row
+    (``h.transpose(0, 1).reshape(1, C, -1)``) mixes them as ``h - h.mean(0)`` would, and is refused by the checks
+    that compare the batch's losses with each sample's alone."""
+    if not training:
+        return False
+    if running_mean is not None or running_var is not None or not isinstance(input, Tensor) or input.dim() < 2:
+        return True
+    return input.shape[0] != 1 or _vmapped(input)
+
+
+def _vmapped(t: Tensor) -> bool:
+    """Whether ``t`` differs between the samples a ``vmap`` batches it over, at some level of its functorch wrappers
+    (inside ``vmap(grad(f))`` a sample's activation is a gradient-tracking wrapper around a batched tensor). A
+    parameter's copy per sample (the capture's fused fallback, :mod:`ghostfunc._capture`) and what is made of it
+    alone are batched but the same for every sample: a weight standardised per sample is each sample's own call."""
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(t):
+        if functorch.is_batchedtensor(t):
+            u, axis = functorch.get_unwrapped(t), functorch.maybe_get_bdim(t)
+            if u.shape[axis] > 1 and u.stride(axis) != 0:
+                with torch.no_grad():
+                    if not bool((u == u.narrow(axis, 0, 1)).all()):
+                        return True
+            t = u
+        else:
+            t = functorch.get_unwrapped(t)
+    return False
+
+
 def _match_batch_norm(args: tuple, kwargs: dict[str, Any]) -> Match | None:
     def bind(input: Tensor, running_mean: Any, running_var: Any, weight: Any = None, bias: Any = None,
              training: bool = False, momentum: float = 0.1, eps: float = 1e-5) -> Match | None:
         del momentum
-        if training:
+        if _batch_statistics(input, running_mean, running_var, training):
             raise SamplesInteractError(_BATCH_STATS)
+        if training:  # one row's own statistics (see _batch_statistics): no rule, taken as any unrecognised call
+            return None
         if not (isinstance(running_mean, Tensor) and isinstance(running_var, Tensor)) or input.dim() < 2:
             return None
         # eval mode: a scale and shift per channel (axis 1) of the normalised input
@@ -115,14 +152,15 @@ def _grad_batch_norm(static: Any, saved: tuple[Tensor, ...], grad_out: Tensor, r
 def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None = None,
                bias: Tensor | None = None, training: bool = False, momentum: float = 0.1,
                eps: float = 1e-5) -> Tensor:
-    """``F.batch_norm``, refused in training mode whether or not it touches a trainable parameter.
+    """``F.batch_norm``, refused in training mode whether or not it touches a trainable parameter (but for one
+    row's own statistics, :func:`_batch_statistics`).
 
     Run in its place by the capture and the boundary checks, so frozen or absent
     affine weights, ``track_running_stats=False`` and a trace cached in eval mode
     reused in train mode all raise :class:`SamplesInteractError` before any running
     statistic is updated.
     """
-    if training:
+    if _batch_statistics(input, running_mean, running_var, training):
         raise SamplesInteractError(_BATCH_STATS)
     return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
 
@@ -130,7 +168,7 @@ def batch_norm(input: Tensor, running_mean: Tensor | None, running_var: Tensor |
 def _batch_norm_aten(input: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor | None,
                      running_var: Tensor | None, training: bool, *args: Any, **kwargs: Any) -> Tensor:
     """``torch.batch_norm`` (the ATen signature), refused in training mode like :func:`batch_norm`."""
-    if training:
+    if _batch_statistics(input, running_mean, running_var, training):
         raise SamplesInteractError(_BATCH_STATS)
     return torch.batch_norm(input, weight, bias, running_mean, running_var, training, *args, **kwargs)
 
