@@ -47,6 +47,10 @@ def check_params(params: Any, where: str) -> dict[str, Tensor]:
                              f"materialise the weights first, e.g. model.to_empty(device=...) and then load them)")
         if v.is_inference():
             raise ValueError(f"{where}: params[{k!r}] {_INFERENCE}: pass params[{k!r}].clone(), made outside it")
+        if isinstance(v, torch.nn.Parameter) and not v.requires_grad:
+            raise ValueError(f"{where}: params[{k!r}] is a frozen nn.Parameter (requires_grad=False), which torch.optim "
+                             f"would not train: leave it out of params (ghostfunc.from_module does), or pass "
+                             f"params[{k!r}].detach() to differentiate it anyway")
         out[k] = v.detach()
     devices = {v.device for v in out.values()}
     if len(devices) > 1:

@@ -119,7 +119,12 @@ def _schedule(lr: Schedule, where: str) -> Callable[[int], float]:
                             f"done so far); got {name}{signature}, which cannot be called with one count")
 
         def rate(count: int) -> float:
-            value = lr(count)
+            try:
+                value = lr(count)
+            except TypeError as err:  # (a callable object whose __call__ takes no count is judged here)
+                raise TypeError(f"{where}: the lr schedule {name} raised at count {count} ({type(err).__name__}: "
+                                f"{err}); lr must be a float >= 0 or a callable count -> lr (count: the updates "
+                                f"done so far)") from err
             said = f"{where}: the lr schedule {name} returned {value!r} at count {count}; expected a finite float >= 0"
             try:  # a number, or a one-element tensor / numpy scalar
                 if isinstance(value, (str, bytes, bool)):
@@ -132,15 +137,23 @@ def _schedule(lr: Schedule, where: str) -> Callable[[int], float]:
             return out
 
         return rate
-    given: Any = lr
+    said = f"{where}: lr must be a float >= 0 (finite) or a callable count -> lr"
     if isinstance(lr, Tensor) and lr.numel() == 1 and not lr.is_complex() and lr.dtype != torch.bool:
-        given = lr.item()  # a one-element tensor, as torch.optim takes it (its value now: a number from here on)
-    if isinstance(given, bool) or not isinstance(given, numbers.Real):
-        raise TypeError(f"{where}: lr must be a float >= 0 (finite) or a callable count -> lr; got {given!r} "
-                        f"(a {type(given).__name__})")
-    value = float(given)
+        tensor = lr  # a one-element tensor, as torch.optim takes it: read at every update, as torch.optim reads it
+
+        def read(count: int) -> float:  # (a decay written into it in place, a torch scheduler's fill_)
+            value = tensor.item()
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{said}; the lr tensor holds {value!r} at count {count}")
+            return value
+
+        read(0)
+        return read
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
+        raise TypeError(f"{said}; got {lr!r} (a {type(lr).__name__})")
+    value = float(lr)
     if not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"{where}: lr must be a float >= 0 (finite) or a callable count -> lr; got {lr!r}")
+        raise ValueError(f"{said}; got {lr!r}")
     return lambda count: value
 
 

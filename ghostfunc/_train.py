@@ -135,6 +135,9 @@ class TrainStep:
             raise TypeError(f"{where}: precondition must be True or False; got {precondition!r}")
         if precondition and order != 1:
             raise ValueError(f"{where}: precondition=True gives first-order values only; got order={order}")
+        if precondition and not callable(self.optimizer.precondition):
+            raise TypeError(f"{where}: precondition=True needs the optimizer's precondition(direction, grads, state); "
+                            f"{self.optimizer.name}'s is {self.optimizer.precondition!r}")
         _dist.check_group(self.group, where)
         check_curvature(where, self.curvature, order)
         check_compile(where, compile, "mean", None)  # with a group: refused in init and in every step, on every rank
@@ -201,6 +204,8 @@ class TrainStep:
             own = ({k: v.detach() if isinstance(v, Tensor) else v for k, v in state.params.items()}
                    if isinstance(state.params, Mapping) else state.params)
         lr = opt.lr(state.opt_state)
+        if isinstance(lr, Tensor) and lr.numel() == 1 and not lr.is_complex() and lr.dtype != torch.bool:
+            lr = lr.item()  # (a hand-written optimizer's lr(state) as a tensor: StepInfo.lr is a number)
         pre = None
         if self.precondition:
             def pre(direction: Params, grads: Params) -> Params:

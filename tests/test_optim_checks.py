@@ -302,3 +302,85 @@ def test_a_state_made_for_other_parameters_is_refused_naming_the_keys() -> None:
         adamw.update(grads, adamw.init(w)._replace(counts={"w": 1}), w)
     with pytest.raises(TypeError, match=r"^sgd: the optimizer state must be the SGDState .*; got NoneType"):
         sgd.lr(None)
+
+
+def test_a_tensor_lr_is_read_at_every_update_as_torch_optim_reads_it() -> None:
+    """A decay written into the lr tensor in place moves torch.optim's next update; it was read once (h61: the
+    parameters 0.49 off torch.optim after 3 steps, ``info.lr`` stuck at the first value)."""
+    torch.manual_seed(0)
+    w0 = torch.randn(3, 2, dtype=torch.float64)
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
+
+    def model_fn(p, batch):
+        return (batch[0] @ p["w"] - batch[1]).pow(2).sum(1)
+
+    ours, theirs = torch.tensor(0.5, dtype=torch.float64), torch.tensor(0.5, dtype=torch.float64)
+    step = ghostfunc.train_step(model_fn, ghostfunc.sgd(ours, momentum=0.9))
+    state = step.init({"w": w0})
+    w = w0.clone().requires_grad_(True)
+    opt = torch.optim.SGD([w], lr=theirs, momentum=0.9)
+    for _ in range(3):
+        state, info = step(state, (x, y), (x[:2], y[:2]))
+        assert info.lr == ours.item()
+        opt.zero_grad()
+        model_fn({"w": w}, (x, y)).mean().backward()
+        opt.step()
+        torch.testing.assert_close(state.params["w"], w.detach(), rtol=1e-12, atol=1e-12)
+        ours.mul_(0.5)
+        theirs.mul_(0.5)
+    ours.fill_(NAN)
+    with pytest.raises(ValueError, match=r"^sgd: lr must be a float >= 0 .*the lr tensor holds nan at count 3$"):
+        step(state, (x, y), (x[:2], y[:2]))
+
+
+def test_a_schedule_object_that_takes_no_count_names_the_schedule() -> None:
+    """A callable object whose ``__call__`` takes no count is judged at its first call: the message names the
+    schedule, the count and what lr must be (it was Python's bare 'takes 1 positional argument')."""
+    class Warmup:
+        def __call__(self):
+            return 0.1
+
+    opt = ghostfunc.sgd(Warmup())
+    with pytest.raises(TypeError, match=r"^sgd: the lr schedule .*Warmup.* raised at count 0 \(TypeError: .*\); lr must "
+                                        r"be a float >= 0 or a callable count -> lr"):
+        opt.lr(opt.init({}))
+
+
+def _hand_written(precondition=None, lr=lambda state: 0.1) -> ghostfunc.Optimizer:
+    base = ghostfunc.sgd(0.1)
+    return ghostfunc.Optimizer(base.init, base.update, lr, precondition, "mine")
+
+
+def test_a_hand_written_optimizer_without_precondition_is_refused_for_precondition_true() -> None:
+    def model_fn(p, x):
+        return (x @ p["w"]).pow(2).sum(1)
+
+    with pytest.raises(TypeError, match=r"^train_step: precondition=True needs the optimizer's precondition\(direction, "
+                                        r"grads, state\); mine's is None$"):
+        ghostfunc.train_step(model_fn, _hand_written(), precondition=True)
+    step = ghostfunc.train_step(model_fn, _hand_written(lr=lambda state: torch.tensor(0.25)))  # lr(state) a tensor
+    x = torch.randn(4, 3, dtype=torch.float64)
+    _, info = step(step.init({"w": torch.randn(3, 2, dtype=torch.float64)}), x, x[:2])
+    assert type(info.lr) is float and info.lr == 0.25
+
+
+@pytest.mark.parametrize("entry", ["graddot", "train_step.init", "inrun_shapley"])
+def test_a_frozen_parameter_in_params_is_refused_naming_it(entry) -> None:
+    """``dict(net.named_parameters())`` with a layer frozen: torch.optim does not train the frozen one, train_step
+    did and valued it (h61: 9.3e-2 off torch.optim after a step, values 29% off). Its ``.detach()`` is taken."""
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)).double()
+    net[0].requires_grad_(False)
+    params = dict(net.named_parameters())
+
+    def model_fn(p, x):
+        return torch.func.functional_call(net, p, (x,)).pow(2).sum(1)
+
+    x = torch.randn(5, 3, dtype=torch.float64)
+    call = {"graddot": lambda p: ghostfunc.graddot(model_fn, p, x, x[:2]),
+            "train_step.init": lambda p: ghostfunc.train_step(model_fn, ghostfunc.sgd(0.1)).init(p),
+            "inrun_shapley": lambda p: ghostfunc.inrun_shapley(model_fn, p, x, x[:2], lr=0.1)}[entry]
+    with pytest.raises(ValueError, match=rf"^{entry}: params\['0.weight'\] is a frozen nn.Parameter \(requires_grad="
+                                         r"False\), which torch.optim would not train: leave it out of params"):
+        call(params)
+    call({k: v.detach() for k, v in params.items()})  # differentiated anyway, as asked
+    call({k: v for k, v in params.items() if v.requires_grad})
