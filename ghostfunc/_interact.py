@@ -1712,6 +1712,10 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
                     raise LossShapeError(  # one sample alone cannot show it
                         f"model_fn(params, batch) must return one loss per sample, a tensor of shape [B]; for "
                         f"{k} {label} samples it returned shape {tuple(together.shape)}{hint}")
+                if not isinstance(together, Tensor):  # (None from a forgotten return: named before the unused
+                    raise LossShapeError(  # params it also leaves, h60)
+                        f"model_fn(params, batch) must return one loss per sample, a tensor of shape [B]; for "
+                        f"{k} {label} samples it returned {type(together).__name__}")
                 watch.after_first()
                 random = mode.random or _drew(before, devices, host=False)
                 # Python's or NumPy's generator drew (SpecAugment's masks, a NumPy augmentation): a sample alone

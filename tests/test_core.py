@@ -368,6 +368,19 @@ def test_error_model_fn_returns_losses_not_one_per_sample(entry, losses):
         run()
 
 
+@pytest.mark.parametrize("returned", [None, 0.5])
+def test_error_model_fn_returns_no_tensor_before_params_unused(returned):
+    """A ``model_fn`` that forgot its return (or returns a number) and so also leaves ``params`` unused is told what it
+    returned, not that no parameter reached the computation (h60)."""
+    _, params, batch = _mlp()
+    for entry, run in {"graddot": lambda f: ghostfunc.graddot(f, params, batch, batch),
+                       "inrun_shapley": lambda f: ghostfunc.inrun_shapley(f, params, batch, batch, lr=0.1)}.items():
+        with pytest.raises(ValueError, match=rf"^{entry}: model_fn\(params, batch\) must return one loss per sample, a "
+                                             rf"tensor of shape \[B\]; for 3 train samples it returned "
+                                             rf"{type(returned).__name__}$"):
+            run(lambda p, b: returned)
+
+
 def test_error_structure_mismatch():
     model_fn, params, (x, y) = _mlp()
     with pytest.raises(ValueError, match=r"^graddot: train and val must have the same structure.*'label'"):
