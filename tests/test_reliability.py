@@ -2166,6 +2166,39 @@ def test_batch_norm_over_one_row_that_holds_the_samples_is_refused(how):
             call(model_fn, p, x, x[:2]) if where == "graddot" else call(model_fn, p, x, x[:2], lr=0.1)
 
 
+def test_batch_norm_over_one_row_switched_on_where_the_checks_cannot_see_it_is_refused():
+    """A fold of the samples into one batch_norm row switched on after the checks were cached (a flag five levels
+    into an object): the whole-batch replay ran it, 9.2 off the loop (h63). It runs there only over a parameter's
+    own row; any other goes to the per-sample capture, which refuses a row that differs from sample to sample."""
+    torch.manual_seed(0)
+    p = {"w1": torch.randn(5, 6, dtype=F64), "w2": torch.randn(1, 5, dtype=F64)}
+    cfg = types.SimpleNamespace(a=types.SimpleNamespace(b=types.SimpleNamespace(c=[{"fold": False}])))
+
+    class Holder:  # (out of reach of the settings the checks are kept under)
+        pass
+
+    holder = Holder()
+    holder.deep = cfg
+
+    def model_fn(p, batch):
+        x, y = batch
+        h = F.linear(x, p["w1"])  # [B, T, C]
+        if holder.deep.a.b.c[0]["fold"]:
+            b, t = h.shape[:2]
+            h = F.batch_norm(h.permute(2, 0, 1).reshape(1, 5, -1), None, None, training=True)
+            h = h.reshape(5, b, t).permute(1, 2, 0)
+        return (F.linear(torch.tanh(h), p["w2"]).squeeze(-1).mean(-1) - y) ** 2
+
+    g = _g(1)
+    train = (torch.randn(8, 3, 6, generator=g, dtype=F64), torch.randn(8, generator=g, dtype=F64))
+    val = (torch.randn(4, 3, 6, generator=g, dtype=F64), torch.randn(4, generator=g, dtype=F64))
+    for _ in range(2):
+        ghostfunc.graddot(model_fn, p, train, val)
+    holder.deep.a.b.c[0]["fold"] = True
+    with pytest.raises(SamplesInteractError, match=r"^graddot: the model calls batch_norm in training mode"):
+        ghostfunc.graddot(model_fn, p, train, val)
+
+
 def test_batch_norm_over_one_row_with_running_statistics_is_refused():
     """A one-row batch_norm in training mode that updates running statistics writes state every call: refused as a
     BatchNorm in train mode, and the statistics do not move."""

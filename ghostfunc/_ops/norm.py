@@ -122,6 +122,20 @@ def _vmapped(t: Tensor) -> bool:
     return False
 
 
+def one_row_input(func: Any, args: tuple, kwargs: dict[str, Any]) -> Tensor | None:
+    """The input of a ``batch_norm`` call (:func:`batch_norm`, :func:`_batch_norm_aten`, as the interceptions run
+    them) in training mode, else ``None``. Outside ``vmap`` such a call that was not refused normalises one row
+    (:func:`_batch_statistics`), which may hold a parameter's values (weight standardisation) or the batch's samples
+    folded in: the whole-batch replay (:mod:`ghostfunc._whole`) runs only the first, a view of a parameter, and
+    leaves the rest to the per-sample capture, where :func:`_vmapped` tells them apart by value (a fold switched on
+    after the checks were cached ran there unrefused: 9.2 off the loop, h63)."""
+    if func is not batch_norm and func is not _batch_norm_aten:
+        return None
+    training = args[5] if len(args) > 5 else kwargs.get("training", False)  # (the sixth in both signatures)
+    first = args[0] if args else kwargs.get("input")
+    return first if training and isinstance(first, Tensor) else None
+
+
 def _match_batch_norm(args: tuple, kwargs: dict[str, Any]) -> Match | None:
     def bind(input: Tensor, running_mean: Any, running_var: Any, weight: Any = None, bias: Any = None,
              training: bool = False, momentum: float = 0.1, eps: float = 1e-5) -> Match | None:
