@@ -41,6 +41,7 @@ against every validation row) gathers the validation rows themselves
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import numbers as numbers_module
 import sys
@@ -310,6 +311,8 @@ def model_state(model_fn: Any, params: Mapping[str, Tensor]) -> dict[str, Any]:
         elif type(v) is float or type(v).__module__ == "numpy" and isinstance(v, numbers_module.Real) and \
                 not isinstance(v, numbers_module.Integral):
             numbers[label] = repr(float(v))  # (exact: the shortest repr reads back as the same float)
+        elif _numpy_floats(v):  # (sklearn's class weights of each rank's own shard: 0.25-0.89 off, unrefused, h62)
+            numbers[label] = f"{v.dtype} {v.shape} {hashlib.sha256(v.tobytes()).hexdigest()}"
         elif depth and type(v) in (dict, list, tuple):  # (not an object's attributes: a script's args or trainer
             items = v.items() if type(v) is dict else enumerate(v)  # holds per-rank floats the loss never reads,
             for k, x in itertools.islice(items, 64):  # a start time, a running loss: refused)
@@ -320,6 +323,13 @@ def model_state(model_fn: Any, params: Mapping[str, Tensor]) -> dict[str, Any]:
     return {"model (modules, modes and settings)": tuple(described_modules),
             "model's frozen tensors (fingerprints)": _kept_checksums(frozen),
             READS_KEY: {**numbers, **_kept_checksums(data)}}
+
+
+def _numpy_floats(v: Any) -> bool:
+    """Whether ``v`` is a NumPy array of real floats of at most :data:`READ_TENSOR_ELEMENTS` (compared as a floating
+    tensor is; NumPy is not imported for it)."""
+    numpy = sys.modules.get("numpy")
+    return numpy is not None and type(v) is numpy.ndarray and v.dtype.kind == "f" and v.size <= READ_TENSOR_ELEMENTS
 
 
 READS_KEY = "floats and small float tensors model_fn reads (fingerprints)"
@@ -458,7 +468,10 @@ def agree(where: str, group: Any, prepare: Callable[[], T], signature: Callable[
         try:
             _raise_as(kind, ValueError, f"{where}: the arguments failed their checks on {len(errors)} of {size} ranks; "
                       + "; ".join(errors) + (" (a validation set smaller than the number of processes: pass "
-                                             "all of it on every rank with val_reduce='mean')" if few else ""), failure)
+                                             "all of it on every rank" + (" with val_reduce='mean'" if where ==
+                                                                          "graddot" else "") +
+                                             ", whose mean over the ranks' rows is then the set's own)" if few
+                                             else ""), failure)
         finally:  # this frame, which its traceback holds, must not hold it: a cycle kept the process group alive
             del failure  # into interpreter teardown, where gloo aborted ("terminate called ...")
     ref = every[0]["signature"]

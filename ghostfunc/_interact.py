@@ -634,12 +634,18 @@ def _function_reads(fn: types.FunctionType) -> list[tuple[str, Any]]:
 
 @functools.lru_cache(maxsize=4096)
 def _names(code: types.CodeType) -> tuple[str, ...]:
-    """The global names a code object reads, with those of the functions and comprehensions inside it."""
-    names = list(code.co_names)
+    """The global names a code object reads, with those of the functions and comprehensions inside it: its global
+    loads, not every name of ``co_names``, which holds the attributes and methods it reads too (``self.out`` read as
+    a script's global ``out``: a result that differs by rank refused a model under ``group=``, h62)."""
+    names = [ins.argval for ins in dis.get_instructions(code) if ins.opname in _GLOBAL_LOADS]
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
             names += _names(const)
     return tuple(dict.fromkeys(names))
+
+
+#: The instructions that read a global by name (``LOAD_NAME``: in a class body, a name not assigned there).
+_GLOBAL_LOADS = frozenset({"LOAD_GLOBAL", "LOAD_NAME"})
 
 
 #: A module's hooks that run in its forward or backward (each dict maps a handle's id to the hook; the

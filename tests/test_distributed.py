@@ -270,6 +270,9 @@ def _errors(rank: int, world: int, out: dict[str, Any]) -> None:
         # what model_fn reads besides modules (class weights from each rank's own shard), a float on a module of
         # one's own (a temperature): each rank scored its rows with another loss (0.26-0.90 off one process)
         "closure class weights": lambda: ghostfunc.graddot(weighted, params, train, val, group=group),
+        "closure numpy class weights": lambda: ghostfunc.graddot(weighted_by_numpy, params, train, val, group=group),
+        "a global named as an attribute read": lambda: ghostfunc.graddot(reads_an_attribute, params, train, val,
+                                                                         group=group),
         "own module temperature": lambda: ghostfunc.graddot(on_tempered, params, train, val, group=group),
         "config temperature": lambda: ghostfunc.graddot(configured, params, train, val, group=group),
         "a script's args with a start time": lambda: ghostfunc.graddot(with_args, params, train, val, group=group),
@@ -297,6 +300,9 @@ def _errors(rank: int, world: int, out: dict[str, Any]) -> None:
             group=group),
         "val on rank 0 only": lambda: ghostfunc.graddot(
             model_fn, params, train, tuple(t[:0] for t in val) if rank == 1 else val, group=group),
+        "val on rank 0 only, train_step": lambda: (step := ghostfunc.train_step(
+            model_fn, ghostfunc.sgd(0.1), group=group))(step.init(params), train,
+                                                        tuple(t[:0] for t in val) if rank == 1 else val),
         # a training step built for one process on one rank only: refused where the ranks meet, on every rank
         "train_step compile on one rank": lambda: ghostfunc.train_step(
             model_fn, ghostfunc.sgd(0.1), group=group, compile=rank == 1).init(params),
@@ -411,6 +417,17 @@ def _errors(rank: int, world: int, out: dict[str, Any]) -> None:
 
     def weighted(p: dict, batch: tuple) -> torch.Tensor:
         return model_fn(p, batch) * class_weights[batch[1] % 2]
+
+    numpy_weights = np.array([1.0, 1.0 + 4 * rank])  # (sklearn's compute_class_weight on each rank's shard)
+
+    def weighted_by_numpy(p: dict, batch: tuple) -> torch.Tensor:
+        return model_fn(p, batch) * torch.from_numpy(numpy_weights)[batch[1] % 2]
+
+    globals()["_rank_scale"] = float(rank)  # a script's global, per rank, named as an attribute the model reads
+    holder = types.SimpleNamespace(_rank_scale=2.0)
+
+    def reads_an_attribute(p: dict, batch: tuple) -> torch.Tensor:
+        return model_fn(p, batch) * holder._rank_scale
 
     adamw_step = ghostfunc.train_step(model_fn, ghostfunc.adamw(0.05), precondition=True, group=group)
     start = ghostfunc.adamw(0.05).init(params)
@@ -1034,6 +1051,8 @@ def test_bad_input_raises_on_every_rank(world2: list[dict[str, Any]]) -> None:
                 "val on rank 0 only": "pass all of it on every rank with val_reduce='mean'",
                 "frozen base": "model's frozen tensors", "norm eps": "model (modules, modes and settings)",
                 "closure class weights": "floats and small float tensors model_fn reads",
+                "closure numpy class weights": "closure numpy_weights",
+                "val on rank 0 only, train_step": "pass all of it on every rank, whose mean over the ranks' rows",
                 "save to a path per rank": "every rank must pass the same path",
                 "load from a path per rank": "every rank must pass the same path",
                 "own module temperature": "model (modules, modes and settings)",
@@ -1056,7 +1075,7 @@ def test_bad_input_raises_on_every_rank(world2: list[dict[str, Any]]) -> None:
         for case in ("equal config objects", "equal config sets", "equal large sets", "equal config arrays",
                      "equal batch encodings", "a script's args with a start time",
                      "own module with rank settings", "optimizer state copied on rank 0", "rank's device in a config",
-                     "unreadable tensors in a config"):
+                     "unreadable tensors in a config", "a global named as an attribute read"):
             assert res[case] is None, (case, res[case])
         assert res["frames left for the collector"] == [], res["frames left for the collector"]
         if r == 1:  # (h46: 'group must be ... a ProcessGroup; got int', which hid the cause)
