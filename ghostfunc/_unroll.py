@@ -371,7 +371,9 @@ def _check_lands(params: Params, recorded: Params | None, step: int, where: str,
                 f"({k!r} differs by {gap:.3g}, rounding allows {tol:.3g}): the replay differentiates model_fn "
                 f"on each whole batch, and this run's steps took other numbers (a model_fn whose samples take "
                 f"other branches when run alone, a model that draws random numbers, or other batches or "
-                f"optimizer than the run's; or the recorded tensors were changed in place after recording, as a "
+                f"optimizer than the run's, a learning rate among them: a tensor lr the run decayed in place replays "
+                f"at its value now, so pass an optimizer whose schedule count -> lr gives the run's rates; or the "
+                f"recorded tensors were changed in place after recording, as a "
                 f"loop updating its parameters in place does: record keeps the states it is given, not copies)"
             )
 

@@ -582,3 +582,35 @@ def test_attribution_inputs_taken_as_their_neighbours_take_them(tmp_path):
         ghostfunc.unroll(fn, opt, {"w": torch.zeros(3, 4)}, batches, val)
     assert info.value.__notes__ == ["unroll: model_fn raised this on the first 3 rows of the first training batch, "
                                     "run without gradients (checking that it leaves its buffers and parameters alone)"]
+
+
+def test_a_run_whose_tensor_lr_moved_replays_with_a_schedule_of_its_rates() -> None:
+    """A tensor lr decayed in place moves each update (read at every one, as torch.optim reads it); unroll replays
+    with the optimizer it is given: with the run's rates as a schedule it reaches the recorded parameters, at the
+    tensor's last value it is refused, naming the learning rate (h63: the message named other causes only)."""
+    g = torch.Generator().manual_seed(0)
+    data = {"x": torch.randn(32, 5, generator=g, dtype=torch.float64), "y": torch.randint(0, 3, (32,), generator=g)}
+    val = {"x": torch.randn(8, 5, generator=g, dtype=torch.float64), "y": torch.randint(0, 3, (8,), generator=g),
+           "index": torch.arange(8)}
+    params = {"w": 0.3 * torch.randn(3, 5, generator=g, dtype=torch.float64), "b": torch.zeros(3, dtype=torch.float64)}
+
+    def model_fn(p, b):
+        return F.cross_entropy(F.linear(b["x"], p["w"], p["b"]), b["y"], reduction="none")
+
+    batches = [{**{k: v[i * 8:(i + 1) * 8] for k, v in data.items()}, "index": torch.arange(i * 8, (i + 1) * 8)}
+               for i in range(4)]
+    lr = torch.tensor(0.5)
+    step = ghostfunc.train_step(model_fn, ghostfunc.sgd(lr, momentum=0.9))
+    state = step.init(params)
+    traj, used = ghostfunc.Trajectory.start(state, every=2), []
+    for b in batches:
+        state, info = step(state, b, val)
+        traj.record(b["index"], state)
+        used.append(info.lr)
+        lr.mul_(0.5)
+    assert used == [0.5, 0.25, 0.125, 0.0625]
+    out = ghostfunc.unroll(model_fn, ghostfunc.sgd(lambda c: used[c], momentum=0.9), traj, batches, val)
+    assert torch.isfinite(out.total).all()
+    with pytest.raises(ValueError, match=r"^unroll: replaying the run's steps does not reach the recorded parameters.*"
+                                         r"a tensor lr the run decayed in place replays at its value now"):
+        ghostfunc.unroll(model_fn, step.optimizer, traj, batches, val)
