@@ -1198,11 +1198,13 @@ def sum_scores(per_param: Mapping[str, Tensor], params: Mapping[str, Tensor]) ->
 
 
 def refuse_non_finite(where: str, scores: Tensor, per_param: Mapping[str, Tensor] | None,
-                      train_grad: Mapping[str, Tensor], local: bool = False, what: str = "scores") -> None:
+                      train_grad: Mapping[str, Tensor], local: bool = False, what: str = "scores",
+                      hint: str | None = None) -> None:
     """Raise ``FloatingPointError`` if ``scores`` are not finite: the losses were (they are checked first), so a
     gradient is not (a backward through ``sqrt`` or a norm at 0, ``torch.where`` with a non-finite branch) or a
     product overflowed. Names the training rows (``local``: this rank's, under ``group=``) and the parameters.
-    Under ``group=`` callers run it inside :func:`ghostfunc._dist.collectively`, so every rank raises."""
+    Under ``group=`` callers run it inside :func:`ghostfunc._dist.collectively`, so every rank raises. ``hint``:
+    what the message ends with (order 2's Hessian-vector product, which the secant does without)."""
     if bool(torch.isfinite(scores).all()):
         return
     rows = (~torch.isfinite(scores)).reshape(len(scores), -1).any(1).nonzero().flatten().tolist()
@@ -1213,13 +1215,18 @@ def refuse_non_finite(where: str, scores: Tensor, per_param: Mapping[str, Tensor
     else:
         side = (f"the training gradients are finite, so the validation gradient holds NaN or inf, or the "
                 f"products overflowed{f' (params {_listed(named)})' if named else ''}")
+    half = [k for k in named or train_side if (per_param or {}).get(k, train_grad.get(k)) is not None
+            and (per_param or {}).get(k, train_grad.get(k)).dtype == torch.float16]  # type: ignore[union-attr]
     whose = "this rank's " if local else ""
     raise FloatingPointError(
         f"{where}: the {what} of {whose}train samples "
         f"{rows[:10]}{'...' if len(rows) > 10 else ''} are not finite though the losses are: {side}. A "
         f"backward through sqrt or a norm at 0, a division by 0, or torch.where with a non-finite branch (its "
         f"gradient is NaN even where the branch is not taken) does this; torch.autograd.set_detect_anomaly(True) "
-        f"and a plain backward of model_fn(params, batch).sum() find the call")
+        f"and a plain backward of model_fn(params, batch).sum() find the call"
+        + (f". Params {_listed(half)} are float16, whose range ends at 65504 (their share is given back in "
+           f"float16): a product beyond it is inf; scale the loss down, or use bfloat16" if half else "")
+        + (hint or ""))
 
 
 def _listed(names: list[str]) -> str:

@@ -1541,3 +1541,25 @@ def test_small_ergonomics():
     val = {"x": x, "y": y}
     want = ghostfunc.unroll(fn, ghostfunc.sgd(0.1), params, batches, val).total
     assert torch.equal(ghostfunc.unroll(fn, ghostfunc.sgd(0.1), params, as_numpy, val).total, want)
+
+
+def test_a_float16_share_beyond_its_range_is_named_as_such() -> None:
+    """A float16 regression with outputs near 1000: each per-sample gradient is finite, a parameter's share of a
+    score is beyond float16's 65504 (the float16 loop's scores are inf too). Refused, naming float16's range and
+    what to do (the message blamed a sqrt or a NaN gradient only, h64)."""
+    g = torch.Generator().manual_seed(0)
+    half = torch.float16
+    w1 = (torch.randn(64, 16, generator=g) / 4).to(half)
+    w2 = (torch.randn(4, 64, generator=g) * 1000 / 8).to(half)
+    b2 = torch.full((4,), 1000.0, dtype=half)
+    x = torch.randn(16, 16, generator=g).to(half)
+    y = (torch.tanh(x.float() @ w1.float().T) @ w2.float().T + b2.float()).to(half)
+
+    def model_fn(p, b):
+        return ((F.linear(torch.tanh(F.linear(b["x"], p["w1"])), p["w2"], p["b2"]) - b["y"]) ** 2).mean(-1)
+
+    train, val = {"x": x[:10], "y": y[:10] + 1}, {"x": x[10:], "y": y[10:] + 1}
+    with pytest.raises(FloatingPointError, match=r"^graddot: the scores of train samples .* Params \['w1'\] are "
+                                                 r"float16, whose range ends at 65504 .*scale the loss down, or use "
+                                                 r"bfloat16$"):
+        ghostfunc.graddot(model_fn, {"w1": w1, "w2": w2, "b2": b2}, train, val)

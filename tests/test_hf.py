@@ -515,6 +515,24 @@ def test_low_precision(name: str, dtype: torch.dtype, autocast: torch.dtype | No
     assert rel(out.scores, exact) <= max(2 * rel(ref["full"], exact), LOW_FLOOR[low])
 
 
+def test_order_two_in_float16_where_forward_mode_overflows() -> None:
+    """A float16 ViT's exact order-2 values: the forward-mode Hessian-vector product overflows inside a layer norm
+    where the gradients and a reverse-mode product do not; reverse mode is taken (refused as not finite before, while
+    a float16 double-backward loop was 6.6e-4 off the float64 truth; h64)."""
+    torch.manual_seed(0)
+    config = tf.ViTConfig(image_size=8, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=2,
+                          num_attention_heads=2, intermediate_size=32, num_labels=3, attn_implementation="sdpa")
+    model = tf.ViTForImageClassification(config).half().eval()
+    pixels, labels = torch.randn(10, 3, 8, 8).half(), torch.randint(0, 3, (10,))
+    train = {"pixel_values": pixels[:6], "labels": labels[:6]}
+    val = {"pixel_values": pixels[6:], "labels": labels[6:]}
+    model_fn, params = ghostfunc.from_module(model, ghostfunc.classification_loss)
+    fn64, p64 = ghostfunc.from_module(copy.deepcopy(model).double(), ghostfunc.classification_loss)
+    truth = ghostfunc.inrun_shapley(fn64, p64, _to(train, F64), _to(val, F64), lr=0.1, order=2)
+    got = ghostfunc.inrun_shapley(model_fn, params, train, val, lr=0.1, order=2)
+    assert rel(got, truth) < 5e-3, rel(got, truth)
+
+
 def test_model_built_in_bfloat16_from_its_config() -> None:
     """``dtype=`` (a torch dtype) at construction; from_module and graddot keep it."""
     config = transformers.GPT2Config(vocab_size=V, n_positions=32, n_embd=D, n_layer=2, n_head=2, **TOKENS)

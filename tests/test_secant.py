@@ -563,6 +563,22 @@ def test_a_training_row_with_a_non_finite_gradient_is_named_at_order_2(curvature
             call()
 
 
+def test_non_finite_exact_order_2_values_point_to_the_secant():
+    """Finite gradients, an infinite curvature (``|w|**1.5`` at 0): the exact order-2 values are refused naming the
+    Hessian-vector product and the secant, which takes none (and runs here)."""
+    params = {"w": torch.zeros(3, dtype=torch.float64), "v": torch.ones(3, dtype=torch.float64)}
+
+    def fn(p, x):
+        return (x * p["v"]).sum(1) ** 2 + (p["w"].abs() ** 1.5).sum() + x @ p["w"]
+
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with pytest.raises(FloatingPointError, match=r"^inrun_shapley: the values of train samples .*At order 2 the values "
+                                                 r"also take the validation loss's Hessian .*curvature='secant' takes "
+                                                 r"no Hessian$"):
+        ghostfunc.inrun_shapley(fn, params, x, x[:2], lr=0.1, order=2)
+    assert torch.isfinite(ghostfunc.inrun_shapley(fn, params, x, x[:2], lr=0.1, order=2, curvature="secant")).all()
+
+
 def test_a_step_too_long_for_the_secant_is_named_as_such():
     """Validation losses finite at θ but not at the secant's θ' = θ - lr·ḡ_train: the error says so and what to do,
     instead of sending the user to check model_fn(params, val), which is finite."""
