@@ -107,6 +107,8 @@ def undrawn(func: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict
         at, flag = _DROPOUT_P[func]
         if not (args[at] if len(args) > at else kwargs.get(flag, 0.0)):
             return None
+        if func is F.multi_head_attention_forward and not (args[13] if len(args) > 13 else kwargs.get("training", True)):
+            return None  # (nn.MultiheadAttention in eval mode passes its dropout with training=False: no draw)
     else:
         return None
     off = False if flag != "dropout_p" else 0.0

@@ -52,7 +52,7 @@ from torch.utils import _pytree as pytree
 
 from ._draws import RANDOM, fixed_draw, fork_rng, host_states, same_host_states, set_host_states, undrawn
 from ._ops import EXACT, SamplesInteractError
-from ._ops.embedding import counted_over_call
+from ._ops.embedding import counted_over_call, renormed_by_call
 
 #: How many samples the interaction check runs together (and alone).
 ROWS = 3
@@ -237,11 +237,14 @@ class _Uses(_ParamWrites):
         self.quiet, self.quieted = quiet, False
         self.branches: list[str] = []  # the Python values tensors became (data-dependent control flow), in order
         self.by_freq: set[str] = set()  # parameters looked up with scale_grad_by_freq (counted_over_batch)
+        self.renorms = False  # a lookup with max_norm ran (run as torch runs it, it writes its table in place)
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         if (table := counted_over_call(func, args, kwargs)) is not None and (name := self.name_of(table)):
             self.by_freq.add(name)
+        if not self.renorms and renormed_by_call(func, args, kwargs) is not None:
+            self.renorms = True
         func = EXACT.get(func, func)  # as in the capture: BatchNorm in training mode refused before it runs
         if not self.used:
             self.used = any(isinstance(t, Tensor) and id(t) in self.ids for t in pytree.tree_leaves((args, kwargs)))
@@ -301,7 +304,7 @@ def check_model(model_fn: Callable, params: Mapping[str, Tensor], batches: tuple
         try:
             compared = _check_batch(model_fn, params, batch, label)
         except (SamplesInteractError, ParamsUnusedError, StateWrittenError, LossShapeError,
-                CheckpointWithoutGradError) as err:
+                CheckpointWithoutGradError, OtherPathError) as err:
             if str(err).startswith(where):
                 raise
             raise type(err)(f"{where}: {err}") from None
@@ -1770,8 +1773,53 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
         _compare_confirmed(together.detach(), torch.cat(alone).detach(), label, chosen, rounding, copied,  # model)
                            samples_named(chosen, label), declared,
                            fine_copies(model_fn, params, _rows_batch(batch, chosen), branches, before[1], shapes))
-    _refuse_detached(model_fn, params, lambda: rows(0, k))
+    watched = _refuse_detached(model_fn, params, lambda: rows(0, k))
+    if not random and not host and not mode.quieted and not mode.renorms and isinstance(watched, Tensor) and \
+            watched.is_floating_point() and watched.shape == (k,):
+        coarse = max(coarsest([*params.values(), *batch.tensors, watched]), mode.computed,
+                     key=lambda d: torch.finfo(d).eps)
+        _refuse_other_path(model_fn, params, rows(0, k), watched.detach(), label, chosen, coarse, devices)
     return k > 1
+
+
+class OtherPathError(ValueError):
+    """``model_fn`` computes other losses while ghostfunc intercepts its torch calls than in a plain call: PyTorch's
+    fast paths, taken only where no ``__torch_function__`` mode is active."""
+
+
+def _refuse_other_path(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, together: Tensor, label: str,
+                       chosen: list[int], rounding: torch.dtype, devices: list[int]) -> None:
+    """Raise :class:`OtherPathError` if ``batch``'s losses in a plain call (no mode of ours active, the parameters
+    leaves that require grad, as in a training step) differ beyond rounding from ``together``, those of the same
+    call watched by a mode of ours (:func:`_refuse_detached`'s: a model that branches on its activations' autograd
+    state takes the same branch in both). PyTorch takes some fast paths only where no ``__torch_function__`` mode is active and no
+    gradient is needed: a frozen ``nn.TransformerEncoder`` in eval mode given ``src_key_padding_mask`` runs its
+    nested-tensor path, whose padded positions come out as zeros; under every interception of ours they carried
+    values, and a loss that pools over them was scored 0.65 off the loop, its step 0.16 off torch's (h65). Run
+    where the other checks passed, draws undone, a model that draws skipped (its masks differ by design), as is
+    one whose lookups renormalise their tables (torch writes those in place: the interceptions do not)."""
+    leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+    with fork_rng(devices), torch.enable_grad(), eager_stance(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            plain = model_fn(leaves, batch)
+        except Exception:  # noqa: BLE001 - the capture reports the model's own errors
+            return
+    if not isinstance(plain, Tensor) or plain.shape != together.shape or not plain.is_floating_point():
+        return
+    differ, diff, tol = beyond_rounding(together, plain.detach(), rounding)
+    if not bool(differ.any()):
+        return
+    rows = differ.nonzero().flatten().tolist()
+    seen = ", ".join(f"sample {chosen[i]}: {plain[i].item():.6g} in a plain call, {together[i].item():.6g} "
+                     f"intercepted" for i in rows[:3]) + (f", ... ({len(rows)} in all)" if len(rows) > 3 else "")
+    raise OtherPathError(
+        f"model_fn computes other losses for {samples_named(chosen, label)} in a plain call than while ghostfunc "
+        f"intercepts its torch calls ({seen}; rounding allows {tol:.3g}): PyTorch takes some fast paths only where "
+        f"no __torch_function__ mode is active and no gradient is needed (a frozen nn.TransformerEncoder in eval "
+        f"mode given src_key_padding_mask runs its nested-tensor path, whose padded positions come out as zeros), "
+        f"and ghostfunc, which must see every call, cannot take them. Turn them off for your model too: "
+        f"torch.backends.mha.set_fastpath_enabled(False), or nn.TransformerEncoder(..., enable_nested_tensor=False)")
 
 
 #: How many samples :func:`refuse_coupled_draws` runs alone.
@@ -2256,17 +2304,18 @@ def _mean_grads(model_fn: Callable, params: Mapping[str, Tensor],
     return out, mode.branches, mode.random, mode.computed
 
 
-def _refuse_detached(model_fn: Callable, params: Mapping[str, Tensor], batch: Callable[[], Any]) -> None:
+def _refuse_detached(model_fn: Callable, params: Mapping[str, Tensor], batch: Callable[[], Any]) -> Any:
     """Raise :class:`ParamsUnusedError` if the losses of a run with gradients on have no autograd path to any
     parameter (computed under ``no_grad``, ``.detach()``-ed, taken through ``.item()``): where plain PyTorch's
     ``loss.backward()`` raises, every score would silently be 0. One run of the checked rows, random draws undone;
     a model that cannot run outside ``vmap`` is left to the capture. Raise :class:`CheckpointWithoutGradError` if
-    torch warned in that run that a re-entrant checkpoint's inputs do not require grad."""
+    torch warned in that run that a re-entrant checkpoint's inputs do not require grad. Returns that run's losses
+    (``None`` where it raised): a run watched by a mode of ours, the parameters requiring grad."""
     warned: list[str] = []
     try:
         _, losses = run_with_grads(model_fn, params, batch(), params, warned)
     except Exception:  # noqa: BLE001 - the capture reports the model's own errors
-        return
+        return None
     if any(_CHECKPOINT_NO_GRAD in w for w in warned) and _checkpoint_changes_gradients(model_fn, params, batch()):
         raise CheckpointWithoutGradError(
             "model_fn runs a torch.utils.checkpoint segment with use_reentrant=True (torch's default) whose inputs "
@@ -2282,6 +2331,7 @@ def _refuse_detached(model_fn: Callable, params: Mapping[str, Tensor], batch: Ca
             ".detach()-ed, or rebuilt from .item()), so loss.backward() would fail and every score would be 0. "
             "Return the losses as computed from params"
         )
+    return losses
 
 
 def _checkpoint_changes_gradients(model_fn: Callable, params: Mapping[str, Tensor], batch: Any) -> bool:
