@@ -289,7 +289,8 @@ def check_model(model_fn: Callable, params: Mapping[str, Tensor], batches: tuple
     parameter shapes, and again once a parameter that was zero everywhere then has moved (:func:`zero_params`). Cost on a first call: ``model_fn`` on ``min(size, 3)`` samples
     together and on each of them alone, without gradients.
     """
-    shapes = (param_signature(params), behaviour(model_fn))
+    # (torch's fast-path switch too: turned back on after a checked call, the fast path ran unseen, h66)
+    shapes = (param_signature(params), behaviour(model_fn), torch.backends.mha.get_fastpath_enabled())
     try:
         seen = _CHECKED.setdefault(model_fn, {})
     except TypeError:  # not weak-referenceable: check every call
@@ -1773,53 +1774,93 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
         _compare_confirmed(together.detach(), torch.cat(alone).detach(), label, chosen, rounding, copied,  # model)
                            samples_named(chosen, label), declared,
                            fine_copies(model_fn, params, _rows_batch(batch, chosen), branches, before[1], shapes))
-    watched = _refuse_detached(model_fn, params, lambda: rows(0, k))
-    if not random and not host and not mode.quieted and not mode.renorms and isinstance(watched, Tensor) and \
-            watched.is_floating_point() and watched.shape == (k,):
-        coarse = max(coarsest([*params.values(), *batch.tensors, watched]), mode.computed,
-                     key=lambda d: torch.finfo(d).eps)
-        _refuse_other_path(model_fn, params, rows(0, k), watched.detach(), label, chosen, coarse, devices)
+    _refuse_detached(model_fn, params, lambda: rows(0, k))
+    if not random and not host and not mode.quieted and not mode.renorms:
+        _refuse_other_path(model_fn, params, rows(0, k), label, chosen, devices)
     return k > 1
 
 
 class OtherPathError(ValueError):
-    """``model_fn`` computes other losses while ghostfunc intercepts its torch calls than in a plain call: PyTorch's
+    """``model_fn`` computes otherwise while ghostfunc intercepts its torch calls than in a plain call: PyTorch's
     fast paths, taken only where no ``__torch_function__`` mode is active."""
 
 
-def _refuse_other_path(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, together: Tensor, label: str,
-                       chosen: list[int], rounding: torch.dtype, devices: list[int]) -> None:
-    """Raise :class:`OtherPathError` if ``batch``'s losses in a plain call (no mode of ours active, the parameters
-    leaves that require grad, as in a training step) differ beyond rounding from ``together``, those of the same
-    call watched by a mode of ours (:func:`_refuse_detached`'s: a model that branches on its activations' autograd
-    state takes the same branch in both). PyTorch takes some fast paths only where no ``__torch_function__`` mode is active and no
-    gradient is needed: a frozen ``nn.TransformerEncoder`` in eval mode given ``src_key_padding_mask`` runs its
-    nested-tensor path, whose padded positions come out as zeros; under every interception of ours they carried
-    values, and a loss that pools over them was scored 0.65 off the loop, its step 0.16 off torch's (h65). Run
-    where the other checks passed, draws undone, a model that draws skipped (its masks differ by design), as is
-    one whose lookups renormalise their tables (torch writes those in place: the interceptions do not)."""
-    leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-    with fork_rng(devices), torch.enable_grad(), eager_stance(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            plain = model_fn(leaves, batch)
-        except Exception:  # noqa: BLE001 - the capture reports the model's own errors
-            return
-    if not isinstance(plain, Tensor) or plain.shape != together.shape or not plain.is_floating_point():
+#: torch's modules whose forward takes a fused fast path only where no ``__torch_function__`` mode is active and no
+#: gradient is needed: under every interception of ours they take their plain path. The fused kernels round
+#: otherwise; ``nn.TransformerEncoder``'s nested-tensor path (eval mode, ``src_key_padding_mask``) gives zeros at the
+#: padded positions, which the plain path does not.
+FAST_PATHS = (torch.nn.MultiheadAttention, torch.nn.TransformerEncoderLayer, torch.nn.TransformerEncoder)
+
+
+def _refuse_other_path(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, label: str, chosen: list[int],
+                       devices: list[int]) -> None:
+    """Raise :class:`OtherPathError` if a module of :data:`FAST_PATHS` ``model_fn`` reads (the outermost ones) gives
+    other outputs in a plain call of ``batch`` (no mode of ours active, the parameters leaves that require grad, as
+    in a training step) than in the same call watched by a mode of ours, beyond rounding of those outputs (``sqrt(eps)``
+    of their largest entry). A frozen ``nn.TransformerEncoder`` in eval mode given ``src_key_padding_mask`` zeroes
+    its padded positions in a plain call only: a loss pooling over them was scored 0.65 off the loop, its step 0.16
+    off torch's (h65). Judged on the modules' outputs, not the losses: a loss near 0 (a fitted regression, a
+    distillation at its first step) moved by the fused kernels' rounding beyond the losses' own (h66). A model
+    without such a module runs nothing here; one that draws is not compared (its masks differ by design), nor one
+    whose lookups renormalise their tables (torch writes those in place: the interceptions do not)."""
+    outer = _fast_path_modules(model_fn)
+    if not outer or not torch.backends.mha.get_fastpath_enabled():
         return
-    differ, diff, tol = beyond_rounding(together, plain.detach(), rounding)
-    if not bool(differ.any()):
+    plain: list[tuple[int, Tensor]] = []
+    watched: list[tuple[int, Tensor]] = []
+    sink = plain
+    kept = {i: m.__dict__.get("forward") for i, m in enumerate(outer)}
+
+    def recording(i: int, forward: Callable) -> Callable:
+        def recorded(*args: Any, **kwargs: Any) -> Any:
+            out = forward(*args, **kwargs)
+            first = out[0] if isinstance(out, tuple) and out else out
+            if isinstance(first, Tensor) and first.is_floating_point() and not first.is_nested:
+                sink.append((i, first.detach()))
+            return out
+        return recorded
+
+    for i, m in enumerate(outer):  # (an instance's forward, not a hook: a hook turns an encoder layer's fast path off)
+        m.forward = recording(i, m.forward)  # type: ignore[method-assign]
+    try:
+        leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+        with fork_rng(devices), torch.enable_grad(), eager_stance(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model_fn(leaves, batch)
+        sink = watched
+        run_with_grads(model_fn, params, batch, params)
+    except Exception:  # noqa: BLE001 - the capture reports the model's own errors
         return
-    rows = differ.nonzero().flatten().tolist()
-    seen = ", ".join(f"sample {chosen[i]}: {plain[i].item():.6g} in a plain call, {together[i].item():.6g} "
-                     f"intercepted" for i in rows[:3]) + (f", ... ({len(rows)} in all)" if len(rows) > 3 else "")
-    raise OtherPathError(
-        f"model_fn computes other losses for {samples_named(chosen, label)} in a plain call than while ghostfunc "
-        f"intercepts its torch calls ({seen}; rounding allows {tol:.3g}): PyTorch takes some fast paths only where "
-        f"no __torch_function__ mode is active and no gradient is needed (a frozen nn.TransformerEncoder in eval "
-        f"mode given src_key_padding_mask runs its nested-tensor path, whose padded positions come out as zeros), "
-        f"and ghostfunc, which must see every call, cannot take them. Turn them off for your model too: "
-        f"torch.backends.mha.set_fastpath_enabled(False), or nn.TransformerEncoder(..., enable_nested_tensor=False)")
+    finally:
+        for i, m in enumerate(outer):
+            if kept[i] is None:
+                del m.forward
+            else:
+                m.forward = kept[i]  # type: ignore[method-assign,assignment]
+    for (i, a), (_, b) in zip(plain, watched, strict=False):
+        if a.shape != b.shape:
+            differ = True
+        else:
+            mask, _, _ = beyond_rounding(a.flatten(), b.flatten(), a.dtype)
+            differ = bool(mask.any())
+        if differ:
+            gap = ((a.double() - b.double()).abs().max().item() if a.shape == b.shape else
+                   f"shape {tuple(a.shape)} against {tuple(b.shape)}")
+            raise OtherPathError(
+                f"model_fn's {type(outer[i]).__name__} gives other outputs for {samples_named(chosen, label)} in a "
+                f"plain call than while ghostfunc intercepts its torch calls (largest difference {gap}, beyond "
+                f"rounding): PyTorch takes its fast path there only where no __torch_function__ mode is active and "
+                f"no gradient is needed (a frozen nn.TransformerEncoder in eval mode given src_key_padding_mask runs "
+                f"its nested-tensor path, whose padded positions come out as zeros), and ghostfunc, which must see "
+                f"every call, cannot take it. Turn it off for your model too: torch.backends.mha."
+                f"set_fastpath_enabled(False), or nn.TransformerEncoder(..., enable_nested_tensor=False)")
+
+
+def _fast_path_modules(model_fn: Callable) -> list[torch.nn.Module]:
+    """The modules of :data:`FAST_PATHS` among those ``model_fn`` reads, but for those inside another of them."""
+    found = list({id(m): m for m in submodules(model_fn) if isinstance(m, FAST_PATHS)}.values())
+    inner = {id(c) for m in found for c in m.modules() if c is not m}
+    return [m for m in found if id(m) not in inner]
 
 
 #: How many samples :func:`refuse_coupled_draws` runs alone.
@@ -2304,18 +2345,17 @@ def _mean_grads(model_fn: Callable, params: Mapping[str, Tensor],
     return out, mode.branches, mode.random, mode.computed
 
 
-def _refuse_detached(model_fn: Callable, params: Mapping[str, Tensor], batch: Callable[[], Any]) -> Any:
+def _refuse_detached(model_fn: Callable, params: Mapping[str, Tensor], batch: Callable[[], Any]) -> None:
     """Raise :class:`ParamsUnusedError` if the losses of a run with gradients on have no autograd path to any
     parameter (computed under ``no_grad``, ``.detach()``-ed, taken through ``.item()``): where plain PyTorch's
     ``loss.backward()`` raises, every score would silently be 0. One run of the checked rows, random draws undone;
     a model that cannot run outside ``vmap`` is left to the capture. Raise :class:`CheckpointWithoutGradError` if
-    torch warned in that run that a re-entrant checkpoint's inputs do not require grad. Returns that run's losses
-    (``None`` where it raised): a run watched by a mode of ours, the parameters requiring grad."""
+    torch warned in that run that a re-entrant checkpoint's inputs do not require grad."""
     warned: list[str] = []
     try:
         _, losses = run_with_grads(model_fn, params, batch(), params, warned)
     except Exception:  # noqa: BLE001 - the capture reports the model's own errors
-        return None
+        return
     if any(_CHECKPOINT_NO_GRAD in w for w in warned) and _checkpoint_changes_gradients(model_fn, params, batch()):
         raise CheckpointWithoutGradError(
             "model_fn runs a torch.utils.checkpoint segment with use_reentrant=True (torch's default) whose inputs "
@@ -2331,7 +2371,6 @@ def _refuse_detached(model_fn: Callable, params: Mapping[str, Tensor], batch: Ca
             ".detach()-ed, or rebuilt from .item()), so loss.backward() would fail and every score would be 0. "
             "Return the losses as computed from params"
         )
-    return losses
 
 
 def _checkpoint_changes_gradients(model_fn: Callable, params: Mapping[str, Tensor], batch: Any) -> bool:
