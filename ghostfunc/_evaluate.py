@@ -348,7 +348,8 @@ def evaluate(
         removal: fractions removed for the removal curves.
         random_draws: random removals averaged per fraction.
         per_val: validation rows for the per-validation-point LDS (0: skip it; at most ``n_val``).
-        out: a folder for ``evaluation.json`` and ``evaluation.png``; ``None`` writes nothing.
+        out: a folder for ``evaluation.json``, ``evaluation.md`` (the table) and ``evaluation.png``; ``None``
+            writes nothing.
         log: progress lines go here (``None``: silent).
 
     Returns:
@@ -402,6 +403,7 @@ def evaluate(
         folder.mkdir(parents=True, exist_ok=True)
         # strict JSON: an undefined number (one seed's spread) is null, not a bare NaN (h56)
         (folder / "evaluation.json").write_text(json.dumps(_nulls(result.to_json()), indent=1, allow_nan=False))
+        (folder / "evaluation.md").write_text(result.table() + "\n")
         plot(result, folder / "evaluation.png")
     return result
 
@@ -518,19 +520,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m ghostfunc evaluate``: the table on stdout, JSON and PNG in ``--out``."""
     import argparse
 
+    class Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        """The module's docstring as written, and every option's default (as ``train --help`` shows them)."""
+
     parser = argparse.ArgumentParser(prog="python -m ghostfunc evaluate", description=(__doc__ or "").replace("``", ""),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+                                     formatter_class=Help)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS, help="models to evaluate")
     parser.add_argument("--seeds", type=int, default=3, help="number of seeds (0, 1, ...)")
-    parser.add_argument("--retrains", type=int, default=40)
-    parser.add_argument("--n-train", type=int, default=1000)
-    parser.add_argument("--n-val", type=int, default=300)
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--lr", type=float, default=None)
-    parser.add_argument("--noise", type=float, default=0.1)
-    parser.add_argument("--per-val", type=int, default=50)
-    parser.add_argument("--random-draws", type=int, default=5)
-    parser.add_argument("--out", default="evaluation", help="folder for evaluation.json and evaluation.png")
+    parser.add_argument("--retrains", type=int, default=40, help="random half-subsets retrained for the LDS")
+    parser.add_argument("--n-train", type=int, default=1000, help="training rows of digits")
+    parser.add_argument("--n-val", type=int, default=300, help="validation rows (the attribution target)")
+    parser.add_argument("--steps", type=int, default=150, help="full-batch gradient steps")
+    parser.add_argument("--lr", type=float, default=None, help="learning rate; None: 0.5 for the MLP, 1.0 for logreg")
+    parser.add_argument("--noise", type=float, default=0.1, help="fraction of labels replaced in the noisy run")
+    parser.add_argument("--per-val", type=int, default=50, help="validation rows of the per-val LDS (0: skip)")
+    parser.add_argument("--random-draws", type=int, default=5, help="random removals averaged per fraction")
+    parser.add_argument("--out", default="evaluation", help="folder for evaluation.json, .md and .png")
     args = parser.parse_args(argv)
     from ._run.cli import Range, check_args
 
@@ -558,5 +563,5 @@ def main(argv: Sequence[str] | None = None) -> int:
                 parser.error(f"{option}: {str(err).removeprefix('evaluate: ')}")
         raise
     print(result.table())
-    print(f"written {args.out}/evaluation.json and {args.out}/evaluation.png ({time.perf_counter() - t0:.0f} s)")
+    print(f"written {args.out}/evaluation.json, .md and .png ({time.perf_counter() - t0:.0f} s)")
     return 0

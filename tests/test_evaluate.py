@@ -39,6 +39,7 @@ def test_evaluate_runs_tiny(tmp_path):
     assert saved["rows"]["mlp"]["inrun2"]["lds_per_val"] is None and saved["config"]["retrains"] == 4  # null, h56)
     assert (tmp_path / "evaluation.png").stat().st_size > 0
     assert "group LDS" in result.table() and "replay" in result.table()
+    assert (tmp_path / "evaluation.md").read_text() == result.table() + "\n"  # (the README names it; h67)
 
 
 def test_retrain_with_unit_weights_is_the_training_run():
