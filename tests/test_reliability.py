@@ -3378,15 +3378,20 @@ def test_a_fast_path_a_plain_call_takes_is_refused(frozen):
         torch.backends.mha.set_fastpath_enabled(True)
 
 
-def test_an_encoder_without_its_nested_tensor_path_is_exact():
-    enc = _frozen_encoder(nested=False)
+def _pooled_probe(enc: nn.Module):
+    """``(model_fn, params)``: a linear head, trained, on ``enc``'s outputs pooled over every position, padded ones
+    too (``_padded`` batches)."""
     head = nn.Linear(8, 1).to(F64)
-    p = {k: v.detach() for k, v in head.named_parameters()}
 
     def model_fn(p, batch):
         x, pad, y = batch
         return (functional_call(head, p, (enc(x, src_key_padding_mask=pad).mean(1),))[:, 0] - y) ** 2
 
+    return model_fn, {k: v.detach() for k, v in head.named_parameters()}
+
+
+def test_an_encoder_without_its_nested_tensor_path_is_exact():
+    model_fn, p = _pooled_probe(_frozen_encoder(nested=False))
     g = _g(1)
     assert_exact(model_fn, p, _padded(5, g), _padded(3, g), "no nested tensors", [("auto", "mean"), ("ghost", None)])
 
@@ -3418,14 +3423,7 @@ def test_the_fast_path_switched_back_on_after_a_checked_call_is_refused():
     """The padded encoder checked with torch's fast paths off (the message's fix), then the switch turned back on
     (torch's default): the check is kept under the switch too, so the next call is refused again (it ran unseen,
     0.59 off plain torch, h66)."""
-    enc = _frozen_encoder()
-    head = nn.Linear(8, 1).to(F64)
-    p = {k: v.detach() for k, v in head.named_parameters()}
-
-    def model_fn(p, batch):
-        x, pad, y = batch
-        return (functional_call(head, p, (enc(x, src_key_padding_mask=pad).mean(1),))[:, 0] - y) ** 2
-
+    model_fn, p = _pooled_probe(_frozen_encoder())
     g = _g(1)
     train, val = _padded(5, g), _padded(3, g)
     torch.backends.mha.set_fastpath_enabled(False)
