@@ -572,6 +572,9 @@ def named_reads(model_fn: Callable, classes: list[type] | None = None) -> list[t
     seen: set[int] = set()
 
     def keep(obj: Any, depth: int, label: str) -> None:
+        if type(obj) in _SETTING_TYPES:  # (True, a small int: one object wherever it is read, so read by name each
+            found.append((label, obj))  # time: a global flag read after functional_call's strict=False was seen
+            return  # there first, and its switch to True after a first call was never checked, h68)
         if id(obj) in seen:
             return
         seen.add(id(obj))
@@ -632,20 +635,31 @@ def _function_reads(fn: types.FunctionType) -> list[tuple[str, Any]]:
     out += [(f"{at}: default {name}", v) for name, v in (fn.__kwdefaults__ or {}).items()]
     if (getattr(fn, "__module__", None) or "").partition(".")[0] not in LIBRARIES:
         scope = fn.__globals__
-        out += [(f"{at}: global {name}", scope[name]) for name in _names(code) if name in scope]
+        names, imported = _names(code)
+        out += [(f"{at}: global {name}", scope[name]) for name in names if name in scope]
+        out += [(f"{at}: import {name}", sys.modules[name]) for name in imported if name in sys.modules]
     return out
 
 
 @functools.lru_cache(maxsize=4096)
-def _names(code: types.CodeType) -> tuple[str, ...]:
-    """The global names a code object reads, with those of the functions and comprehensions inside it: its global
-    loads, not every name of ``co_names``, which holds the attributes and methods it reads too (``self.out`` read as
-    a script's global ``out``: a result that differs by rank refused a model under ``group=``, h62)."""
-    names = [ins.argval for ins in dis.get_instructions(code) if ins.opname in _GLOBAL_LOADS]
+def _names(code: types.CodeType) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The global names a code object reads and the modules it imports, with those of the functions and
+    comprehensions inside it: its global loads, not every name of ``co_names``, which holds the attributes and
+    methods it reads too (``self.out`` read as a script's global ``out``: a result that differs by rank refused a
+    model under ``group=``, h62); and its imports (``import cfg`` in the body, then ``cfg.CENTER``: a local name,
+    h68)."""
+    names, imported = [], []
+    for ins in dis.get_instructions(code):
+        if ins.opname in _GLOBAL_LOADS:
+            names.append(ins.argval)
+        elif ins.opname == "IMPORT_NAME":
+            imported.append(ins.argval)
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
-            names += _names(const)
-    return tuple(dict.fromkeys(names))
+            inner, inner_imported = _names(const)
+            names += inner
+            imported += inner_imported
+    return tuple(dict.fromkeys(names)), tuple(dict.fromkeys(imported))
 
 
 #: The instructions that read a global by name (``LOAD_NAME``: in a class body, a name not assigned there).
@@ -1774,9 +1788,10 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
         _compare_confirmed(together.detach(), torch.cat(alone).detach(), label, chosen, rounding, copied,  # model)
                            samples_named(chosen, label), declared,
                            fine_copies(model_fn, params, _rows_batch(batch, chosen), branches, before[1], shapes))
-    _refuse_detached(model_fn, params, lambda: rows(0, k))
-    if not random and not host and not mode.quieted and not mode.renorms:
-        _refuse_other_path(model_fn, params, rows(0, k), label, chosen, devices)
+    with _FastPathOutputs() as watched:  # (its run with gradients is the watched run the plain call is compared with)
+        _refuse_detached(model_fn, params, lambda: rows(0, k))
+    if watched.outputs and not mode.random and not host and not mode.renorms:  # (torch's draws: the same in both)
+        _refuse_other_path(model_fn, params, rows(0, k), label, chosen, devices, watched.outputs)
     return k > 1
 
 
@@ -1792,75 +1807,87 @@ class OtherPathError(ValueError):
 FAST_PATHS = (torch.nn.MultiheadAttention, torch.nn.TransformerEncoderLayer, torch.nn.TransformerEncoder)
 
 
+class _Recording(threading.local):
+    sink: list[tuple[str, Tensor]] | None = None
+    depth: int = 0
+
+
+_RECORDING = _Recording()
+
+
+class _FastPathOutputs:
+    """While entered, the outputs of the outermost :data:`FAST_PATHS` modules this thread runs, in order (their first
+    tensor), in ``outputs``: through torch's global module hooks, which reach every instance however the model holds
+    it (a global, an object four attributes in: the walk of what ``model_fn`` reads missed those, h68) and which,
+    unlike a hook on the module, leave its fast path on. Other threads' calls are not recorded."""
+
+    def __init__(self) -> None:
+        self.outputs: list[tuple[str, Tensor]] = []  # (the module's class name, its output)
+
+    def __enter__(self) -> _FastPathOutputs:
+        def pre(module: torch.nn.Module, args: Any) -> None:
+            if _RECORDING.sink is self.outputs and isinstance(module, FAST_PATHS):
+                _RECORDING.depth += 1
+
+        def post(module: torch.nn.Module, args: Any, out: Any) -> None:
+            if _RECORDING.sink is self.outputs and isinstance(module, FAST_PATHS):
+                _RECORDING.depth -= 1
+                first = out[0] if isinstance(out, tuple) and out else out
+                if _RECORDING.depth == 0 and isinstance(first, Tensor) and first.is_floating_point() and \
+                        not first.is_nested:
+                    self.outputs.append((type(module).__name__, first.detach()))
+
+        self.before = _RECORDING.sink, _RECORDING.depth
+        _RECORDING.sink, _RECORDING.depth = self.outputs, 0
+        self.handles = (torch.nn.modules.module.register_module_forward_pre_hook(pre),
+                        torch.nn.modules.module.register_module_forward_hook(post))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self.handles:
+            handle.remove()
+        _RECORDING.sink, _RECORDING.depth = self.before
+
+
 def _refuse_other_path(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, label: str, chosen: list[int],
-                       devices: list[int]) -> None:
-    """Raise :class:`OtherPathError` if a module of :data:`FAST_PATHS` ``model_fn`` reads (the outermost ones) gives
-    other outputs in a plain call of ``batch`` (no mode of ours active, the parameters leaves that require grad, as
-    in a training step) than in the same call watched by a mode of ours, beyond rounding of those outputs (``sqrt(eps)``
-    of their largest entry). A frozen ``nn.TransformerEncoder`` in eval mode given ``src_key_padding_mask`` zeroes
-    its padded positions in a plain call only: a loss pooling over them was scored 0.65 off the loop, its step 0.16
-    off torch's (h65). Judged on the modules' outputs, not the losses: a loss near 0 (a fitted regression, a
-    distillation at its first step) moved by the fused kernels' rounding beyond the losses' own (h66). A model
-    without such a module runs nothing here; one that draws is not compared (its masks differ by design), nor one
-    whose lookups renormalise their tables (torch writes those in place: the interceptions do not)."""
-    outer = _fast_path_modules(model_fn)
-    if not outer or not torch.backends.mha.get_fastpath_enabled():
+                       devices: list[int], watched: list[tuple[str, Tensor]]) -> None:
+    """Raise :class:`OtherPathError` if the outermost modules of :data:`FAST_PATHS` give other outputs in a plain call
+    of ``batch`` (no mode of ours active, the parameters leaves that require grad, as in a training step; torch's
+    random state as the watched run began) than ``watched``, theirs in the same call watched by a mode of ours
+    (:class:`_FastPathOutputs`), beyond the rounding of those outputs (``sqrt(eps)`` of their largest entry). A frozen
+    ``nn.TransformerEncoder`` in eval mode given ``src_key_padding_mask`` zeroes its padded positions in a plain call
+    only: a loss pooling over them was scored 0.65 off the loop, its step 0.16 off torch's (h65). Judged on the
+    modules' outputs, not the losses: a loss near 0 (a fitted regression, a distillation at its first step) moved by
+    the fused kernels' rounding beyond the losses' own (h66). Not compared where the model draws from its own
+    generator or NumPy's or Python's (the draws would differ), or renormalises its lookups' tables (torch writes those
+    in place: the interceptions do not)."""
+    if not torch.backends.mha.get_fastpath_enabled():
         return
-    plain: list[tuple[int, Tensor]] = []
-    watched: list[tuple[int, Tensor]] = []
-    sink = plain
-    kept = {i: m.__dict__.get("forward") for i, m in enumerate(outer)}
-
-    def recording(i: int, forward: Callable) -> Callable:
-        def recorded(*args: Any, **kwargs: Any) -> Any:
-            out = forward(*args, **kwargs)
-            first = out[0] if isinstance(out, tuple) and out else out
-            if isinstance(first, Tensor) and first.is_floating_point() and not first.is_nested:
-                sink.append((i, first.detach()))
-            return out
-        return recorded
-
-    for i, m in enumerate(outer):  # (an instance's forward, not a hook: a hook turns an encoder layer's fast path off)
-        m.forward = recording(i, m.forward)  # type: ignore[method-assign]
+    leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
     try:
-        leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-        with fork_rng(devices), torch.enable_grad(), eager_stance(), warnings.catch_warnings():
+        with fork_rng(devices), torch.enable_grad(), eager_stance(), warnings.catch_warnings(), \
+                _FastPathOutputs() as plain:
             warnings.simplefilter("ignore")
             model_fn(leaves, batch)
-        sink = watched
-        run_with_grads(model_fn, params, batch, params)
     except Exception:  # noqa: BLE001 - the capture reports the model's own errors
         return
-    finally:
-        for i, m in enumerate(outer):
-            if kept[i] is None:
-                del m.forward
-            else:
-                m.forward = kept[i]  # type: ignore[method-assign,assignment]
-    for (i, a), (_, b) in zip(plain, watched, strict=False):
+    for (kind, a), (_, b) in zip(plain.outputs, watched, strict=False):
         if a.shape != b.shape:
-            differ = True
+            gap: Any = f"shape {tuple(a.shape)} against {tuple(b.shape)}"
         else:
             mask, _, _ = beyond_rounding(a.flatten(), b.flatten(), a.dtype)
-            differ = bool(mask.any())
-        if differ:
-            gap = ((a.double() - b.double()).abs().max().item() if a.shape == b.shape else
-                   f"shape {tuple(a.shape)} against {tuple(b.shape)}")
-            raise OtherPathError(
-                f"model_fn's {type(outer[i]).__name__} gives other outputs for {samples_named(chosen, label)} in a "
-                f"plain call than while ghostfunc intercepts its torch calls (largest difference {gap}, beyond "
-                f"rounding): PyTorch takes its fast path there only where no __torch_function__ mode is active and "
-                f"no gradient is needed (a frozen nn.TransformerEncoder in eval mode given src_key_padding_mask runs "
-                f"its nested-tensor path, whose padded positions come out as zeros), and ghostfunc, which must see "
-                f"every call, cannot take it. Turn it off for your model too: torch.backends.mha."
-                f"set_fastpath_enabled(False), or nn.TransformerEncoder(..., enable_nested_tensor=False)")
-
-
-def _fast_path_modules(model_fn: Callable) -> list[torch.nn.Module]:
-    """The modules of :data:`FAST_PATHS` among those ``model_fn`` reads, but for those inside another of them."""
-    found = list({id(m): m for m in submodules(model_fn) if isinstance(m, FAST_PATHS)}.values())
-    inner = {id(c) for m in found for c in m.modules() if c is not m}
-    return [m for m in found if id(m) not in inner]
+            if not bool(mask.any()):
+                continue
+            gap = f"{(a.double() - b.double()).abs().max().item():.3g}"
+        raise OtherPathError(
+            f"model_fn's {kind} gives other outputs for {samples_named(chosen, label)} in a plain call than while "
+            f"ghostfunc intercepts its torch "
+            f"calls (largest difference {gap}, beyond rounding): PyTorch takes its fast path there only where no "
+            f"__torch_function__ mode is active and no gradient is needed (a frozen nn.TransformerEncoder in eval "
+            f"mode given src_key_padding_mask runs its nested-tensor path, whose padded positions come out as "
+            f"zeros), and ghostfunc, which must see every call, cannot take it. Turn it off for your model too: "
+            f"torch.backends.mha.set_fastpath_enabled(False), or nn.TransformerEncoder(..., "
+            f"enable_nested_tensor=False)")
 
 
 #: How many samples :func:`refuse_coupled_draws` runs alone.

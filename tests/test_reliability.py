@@ -26,6 +26,7 @@ import enum
 import functools
 import math
 import shutil
+import sys
 import types
 import typing
 import weakref
@@ -3433,3 +3434,85 @@ def test_the_fast_path_switched_back_on_after_a_checked_call_is_refused():
         torch.backends.mha.set_fastpath_enabled(True)
     with pytest.raises(ValueError, match=r"^graddot: model_fn's TransformerEncoder gives other outputs"):
         ghostfunc.graddot(model_fn, p, train, val)
+
+
+_CENTER = False  # a script's global flag (test_a_global_bool_flag_switched_after_a_first_call_is_checked_again)
+
+
+def _centred_when(flag: typing.Callable[[], typing.Any]):
+    """``(model_fn, params, train, val)``: cross-entropy of an MLP whose outputs are centred over the batch (its
+    samples interact) while ``flag()`` holds."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).to(F64)
+
+    def model_fn(p, b):
+        h = functional_call(net, p, (b[0],))
+        return F.cross_entropy(h - h.mean(0) if flag() else h, b[1], reduction="none")
+
+    g = _g(1)
+    train = (torch.randn(8, 5, generator=g, dtype=F64), torch.randint(0, 3, (8,), generator=g))
+    val = (torch.randn(4, 5, generator=g, dtype=F64), torch.randint(0, 3, (4,), generator=g))
+    return model_fn, {k: v.detach() for k, v in net.named_parameters()}, train, val
+
+
+def test_a_global_bool_flag_switched_after_a_first_call_is_checked_again(monkeypatch):
+    """``True`` and ``False`` are one object wherever they are read: the reads were kept once per object, so a global
+    flag read after functional_call's own ``strict=False`` was not kept, and switching it on after a first call
+    scored a batch mean silently (1.5 off the loop, whose scores are 0; h68)."""
+    _, params, train, val = _centred_when(lambda: False)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).to(F64)
+
+    def model_fn(p, b):
+        h = functional_call(net, p, (b[0],))  # (functional_call's defaults read first, then the flag)
+        if _CENTER:
+            h = h - h.mean(0)
+        return F.cross_entropy(h, b[1], reduction="none")
+
+    ghostfunc.graddot(model_fn, params, train, val)
+    monkeypatch.setattr(sys.modules[__name__], "_CENTER", True)
+    with pytest.raises(SamplesInteractError, match=r"^graddot: samples interact"):
+        ghostfunc.graddot(model_fn, params, train, val)
+
+
+def test_a_config_module_imported_inside_model_fn_is_read(tmp_path, monkeypatch):
+    """``import cfg`` inside the code ``model_fn`` runs, then ``cfg.CENTER``: a local name, not a global load; the
+    module is read as an imported one (it was missed once only global loads were read, h68)."""
+    (tmp_path / "ghostfunc_test_cfg.py").write_text("CENTER = 0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import ghostfunc_test_cfg as cfg
+
+    def flag():
+        import ghostfunc_test_cfg
+        return ghostfunc_test_cfg.CENTER
+
+    model_fn, params, train, val = _centred_when(flag)
+    ghostfunc.graddot(model_fn, params, train, val)
+    monkeypatch.setattr(cfg, "CENTER", 1)
+    with pytest.raises(SamplesInteractError, match=r"^graddot: samples interact"):
+        ghostfunc.graddot(model_fn, params, train, val)
+
+
+@pytest.mark.parametrize("reached", ["through globals()", "four attributes in", "with a random draw"])
+def test_a_fast_path_module_however_it_is_reached_is_compared(reached):
+    """The fast-path comparison took the modules the walk of what model_fn reads found: an encoder reached through
+    ``globals()[...]`` or an object four attributes in was not compared, nor any model that drew a random number
+    (1.28 off the loop, h68). torch's global module hooks reach every instance; torch's draws start alike in both
+    runs."""
+    holder = types.SimpleNamespace(a=types.SimpleNamespace(b=types.SimpleNamespace(c=types.SimpleNamespace(
+        d=_frozen_encoder()))))
+    globals()["_hidden_encoder"] = holder.a.b.c.d
+    head = nn.Linear(8, 1).to(F64)
+    p = {k: v.detach() for k, v in head.named_parameters()}
+
+    def reaching(p, batch):
+        x, pad, y = batch
+        enc = globals()["_hidden_encoder"] if reached == "through globals()" else holder.a.b.c.d
+        h = enc(x, src_key_padding_mask=pad).mean(1)
+        if reached == "with a random draw":
+            h = h + 0.0 * torch.rand(())
+        return (functional_call(head, p, (h,))[:, 0] - y) ** 2
+
+    g = _g(1)
+    with pytest.raises(ValueError, match=r"^graddot: model_fn's TransformerEncoder gives other outputs"):
+        ghostfunc.graddot(reaching, p, _padded(5, g), _padded(3, g))
