@@ -465,13 +465,12 @@ def agree(where: str, group: Any, prepare: Callable[[], T], signature: Callable[
     if errors:
         few = any("val is empty" in e for e in errors) and len(errors) < size
         kind = _as_kind([e["kind"] for e in every if e["error"] is not None], ValueError)
+        reduce = " with val_reduce='mean'" if where == "graddot" else ""  # (train_step, inrun_shapley: a mean always)
+        hint = (f" (a validation set smaller than the number of processes: pass all of it on every rank{reduce}, "
+                f"whose mean over the ranks' rows is then the set's own)" if few else "")
         try:
             _raise_as(kind, ValueError, f"{where}: the arguments failed their checks on {len(errors)} of {size} ranks; "
-                      + "; ".join(errors) + (" (a validation set smaller than the number of processes: pass "
-                                             "all of it on every rank" + (" with val_reduce='mean'" if where ==
-                                                                          "graddot" else "") +
-                                             ", whose mean over the ranks' rows is then the set's own)" if few
-                                             else ""), failure)
+                      + "; ".join(errors) + hint, failure)
         finally:  # this frame, which its traceback holds, must not hold it: a cycle kept the process group alive
             del failure  # into interpreter teardown, where gloo aborted ("terminate called ...")
     ref = every[0]["signature"]

@@ -90,6 +90,9 @@ _RRELU = frozenset({F.rrelu, torch.rrelu, F.rrelu_, torch.rrelu_})
 
 #: Calls that draw only through a dropout probability argument: (position, keyword) of that argument.
 _DROPOUT_P = {F.scaled_dot_product_attention: (4, "dropout_p"), F.multi_head_attention_forward: (10, "dropout_p")}
+#: Those of them that draw only when training: (position, keyword) of that flag (``nn.MultiheadAttention`` in eval
+#: mode passes its dropout with ``training=False``: no draw).
+_DROPOUT_P_TRAINING = {F.multi_head_attention_forward: (13, "training")}
 
 
 def undrawn(func: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
@@ -107,8 +110,9 @@ def undrawn(func: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict
         at, flag = _DROPOUT_P[func]
         if not (args[at] if len(args) > at else kwargs.get(flag, 0.0)):
             return None
-        if func is F.multi_head_attention_forward and not (args[13] if len(args) > 13 else kwargs.get("training", True)):
-            return None  # (nn.MultiheadAttention in eval mode passes its dropout with training=False: no draw)
+        if (trains := _DROPOUT_P_TRAINING.get(func)) is not None and not (
+                args[trains[0]] if len(args) > trains[0] else kwargs.get(trains[1], True)):
+            return None
     else:
         return None
     off = False if flag != "dropout_p" else 0.0

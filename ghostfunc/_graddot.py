@@ -1215,8 +1215,8 @@ def refuse_non_finite(where: str, scores: Tensor, per_param: Mapping[str, Tensor
     else:
         side = (f"the training gradients are finite, so the validation gradient holds NaN or inf, or the "
                 f"products overflowed{f' (params {_listed(named)})' if named else ''}")
-    half = [k for k in named or train_side if (per_param or {}).get(k, train_grad.get(k)) is not None
-            and (per_param or {}).get(k, train_grad.get(k)).dtype == torch.float16]  # type: ignore[union-attr]
+    looked = {**train_grad, **(per_param or {})}  # (the tensors named and train_side were read from)
+    half = [k for k in named or train_side if looked[k].dtype == torch.float16]
     whose = "this rank's " if local else ""
     raise FloatingPointError(
         f"{where}: the {what} of {whose}train samples "

@@ -24,7 +24,7 @@ import math
 import numbers
 import types
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeGuard
 
 import torch
 from torch import Tensor
@@ -110,6 +110,11 @@ def _real(where: str, name: str, value: Any, low: float = -math.inf, high: float
     return out
 
 
+def one_element(x: Any) -> TypeGuard[Tensor]:
+    """Whether ``x`` is a one-element real tensor, a learning rate as torch.optim takes it (``lr=torch.tensor(0.1)``)."""
+    return isinstance(x, Tensor) and x.numel() == 1 and not x.is_complex() and x.dtype != torch.bool
+
+
 def _schedule(lr: Schedule, where: str) -> Callable[[int], float]:
     """``count -> lr``; a schedule's every value is checked when it is used (a finite float >= 0)."""
     if callable(lr):
@@ -138,7 +143,7 @@ def _schedule(lr: Schedule, where: str) -> Callable[[int], float]:
 
         return rate
     said = f"{where}: lr must be a float >= 0 (finite) or a callable count -> lr"
-    if isinstance(lr, Tensor) and lr.numel() == 1 and not lr.is_complex() and lr.dtype != torch.bool:
+    if one_element(lr):
         tensor = lr  # a one-element tensor, as torch.optim takes it: read at every update, as torch.optim reads it
 
         def read(count: int) -> float:  # (a decay written into it in place, a torch scheduler's fill_)

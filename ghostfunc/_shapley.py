@@ -79,6 +79,7 @@ from ._graddot import (
 from ._groups import Part, split, split_sum
 from ._interact import check_batch_gradient, check_step_gradient, counted_over_batch, in_one_call
 from ._ops import SamplesInteractError
+from ._optim import one_element
 from ._plan import Plan
 from ._secant import (
     Scratch,
@@ -351,7 +352,7 @@ def values_of(
     ``prepared``: where given, the checked parameters and training batch are appended to it (for the caller's
     checks after the values, without splitting the batch again).
     """
-    if isinstance(lr, Tensor) and lr.numel() == 1 and not lr.is_complex() and lr.dtype != torch.bool:
+    if one_element(lr):
         lr = lr.item()  # a one-element tensor, as sgd/adamw (and torch.optim) take it
     check_lr_order(where, lr, order)
     lr = float(lr)

@@ -22,7 +22,7 @@ from torch.utils import _pytree as pytree
 from . import _dist
 from ._checks import check_compile, check_params
 from ._interact import grads_on
-from ._optim import Optimizer
+from ._optim import Optimizer, one_element
 from ._secant import Scratch, ValGrad, check_curvature, versions
 from ._shapley import ORDERS, compute_values
 
@@ -204,7 +204,7 @@ class TrainStep:
             own = ({k: v.detach() if isinstance(v, Tensor) else v for k, v in state.params.items()}
                    if isinstance(state.params, Mapping) else state.params)
         lr = opt.lr(state.opt_state)
-        if isinstance(lr, Tensor) and lr.numel() == 1 and not lr.is_complex() and lr.dtype != torch.bool:
+        if one_element(lr):
             lr = lr.item()  # (a hand-written optimizer's lr(state) as a tensor: StepInfo.lr is a number)
         pre = None
         if self.precondition:

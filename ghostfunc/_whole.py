@@ -64,7 +64,7 @@ from ._capture import (
 from ._draws import host_states, rng_state, same_host_states, set_host_states, set_rng_state
 from ._interact import TO_PYTHON, eager_stance, param_signature, remember, still_zero, training_flags, zero_params
 from ._ops import EXACT, TABLE, Direct, Factored, recognise
-from ._ops.norm import one_row_input
+from ._ops.norm import BATCH_NORMS, one_row_input
 from ._ops.rnn import RECURRENT
 
 #: Off with ``GHOSTFUNC_DIRECT=0`` (every call then takes the per-sample capture).
@@ -124,8 +124,9 @@ class _Taps(TorchFunctionMode):
         if kwargs and kwargs.get("generator") is not None:
             raise NotDirect("a random generator")
         func = EXACT.get(func, func)  # BatchNorm in training mode refused as in the capture
-        if (row := one_row_input(func, args, kwargs)) is not None and id(row if row._base is None else row._base) \
-                not in self.names:  # (one row of a parameter's own values runs here; any other, per sample)
+        if func in BATCH_NORMS and (row := one_row_input(func, args, kwargs)) is not None and \
+                id(row if row._base is None else row._base) not in self.names:  # (one row of a parameter's own
+            # values runs here; any other, per sample; a set's look-up first: this runs on every intercepted call)
             raise NotDirect("batch_norm in training mode over a row that is not a parameter's")
         if func in TRANSPOSES or self.transposed.names:  # x @ w.T as a linear call (most calls skip this)
             view, func, args, kwargs, viewed = self.transposed.see(func, args, kwargs, self.names)

@@ -100,10 +100,10 @@ def _batch_statistics(input: Any, running_mean: Any, running_var: Any, training:
         return False
     if running_mean is not None or running_var is not None or not isinstance(input, Tensor) or input.dim() < 2:
         return True
-    return input.shape[0] != 1 or _vmapped(input)
+    return input.shape[0] != 1 or _varies_by_sample(input)
 
 
-def _vmapped(t: Tensor) -> bool:
+def _varies_by_sample(t: Tensor) -> bool:
     """Whether ``t`` differs between the samples a ``vmap`` batches it over, at some level of its functorch wrappers
     (inside ``vmap(grad(f))`` a sample's activation is a gradient-tracking wrapper around a batched tensor). A
     parameter's copy per sample (the capture's fused fallback, :mod:`ghostfunc._capture`) and what is made of it
@@ -127,9 +127,9 @@ def one_row_input(func: Any, args: tuple, kwargs: dict[str, Any]) -> Tensor | No
     them) in training mode, else ``None``. Outside ``vmap`` such a call that was not refused normalises one row
     (:func:`_batch_statistics`), which may hold a parameter's values (weight standardisation) or the batch's samples
     folded in: the whole-batch replay (:mod:`ghostfunc._whole`) runs only the first, a view of a parameter, and
-    leaves the rest to the per-sample capture, where :func:`_vmapped` tells them apart by value (a fold switched on
-    after the checks were cached ran there unrefused: 9.2 off the loop, h63)."""
-    if func is not batch_norm and func is not _batch_norm_aten:
+    leaves the rest to the per-sample capture, where :func:`_varies_by_sample` tells them apart by value (a fold
+    switched on after the checks were cached ran there unrefused: 9.2 off the loop, h63)."""
+    if func not in BATCH_NORMS:
         return None
     training = args[5] if len(args) > 5 else kwargs.get("training", False)  # (the sixth in both signatures)
     first = args[0] if args else kwargs.get("input")
@@ -245,6 +245,9 @@ TABLE: dict[Callable[..., Any], Rule] = {
 
 batch_norm.__name__ = batch_norm.__qualname__ = "batch_norm"
 _batch_norm_aten.__name__ = _batch_norm_aten.__qualname__ = "batch_norm"
+
+#: The ``batch_norm`` calls the interceptions run (:func:`one_row_input`).
+BATCH_NORMS = frozenset({batch_norm, _batch_norm_aten})
 
 #: Calls the capture runs in place of torch's own (the refusal comes before any running statistic moves).
 EXACT: dict[Callable[..., Any], Callable[..., Any]] = {F.batch_norm: batch_norm, torch.batch_norm: _batch_norm_aten}
