@@ -581,6 +581,12 @@ def named_reads(model_fn: Callable, classes: list[type] | None = None) -> list[t
         if issubclass(type(obj), types.ModuleType):
             if _own_module(obj):  # a module of the user's: its attributes are state (a config module's numbers)
                 found.append((label, obj))
+                if depth >= 0:  # and its own submodules among them (``from pkg import cfg`` or ``pkg.cfg.CENTER``
+                    inside = f"{obj.__name__}."  # read a package's cfg: its switch was not seen, 13.8 off, h73)
+                    for name, v in list(vars(obj).items()):
+                        if issubclass(type(v), types.ModuleType) and (getattr(v, "__name__", "") or "").startswith(
+                                inside):
+                            keep(v, depth - 1, f"{label}.{name}")
             return
         if issubclass(type(obj), type):
             if classes is not None and _own_class(obj):

@@ -3531,6 +3531,32 @@ def test_a_config_module_imported_inside_model_fn_is_read(tmp_path, monkeypatch)
         ghostfunc.graddot(model_fn, params, train, val)
 
 
+@pytest.mark.parametrize("how", ["from pkg import cfg", "pkg.cfg.CENTER"])
+def test_a_config_submodule_of_a_package_is_read(tmp_path, monkeypatch, how):
+    """``from pkg import cfg`` in model_fn's body imports ``pkg`` by name; ``pkg.cfg.CENTER`` reads a global
+    package: either way the switch sits in a submodule the package holds, which was not read (13.8 off the loop,
+    h73). A package's own submodules are read too."""
+    (tmp_path / "ghostfunc_test_pkg").mkdir()
+    (tmp_path / "ghostfunc_test_pkg" / "__init__.py").write_text("")
+    (tmp_path / "ghostfunc_test_pkg" / "cfg.py").write_text("CENTER = 0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import ghostfunc_test_pkg.cfg as cfg
+    monkeypatch.setitem(globals(), "ghostfunc_test_pkg", sys.modules["ghostfunc_test_pkg"])
+
+    def from_import():
+        from ghostfunc_test_pkg import cfg
+        return cfg.CENTER
+
+    def through_package():
+        return ghostfunc_test_pkg.cfg.CENTER  # type: ignore[name-defined]  # noqa: F821
+
+    model_fn, params, train, val = _centred_when(from_import if how.startswith("from") else through_package)
+    ghostfunc.graddot(model_fn, params, train, val)
+    monkeypatch.setattr(cfg, "CENTER", 1)
+    with pytest.raises(SamplesInteractError, match=r"^graddot: samples interact"):
+        ghostfunc.graddot(model_fn, params, train, val)
+
+
 @pytest.mark.parametrize("reached", ["through globals()", "four attributes in", "with a random draw"])
 def test_a_fast_path_module_however_it_is_reached_is_compared(reached):
     """The fast-path comparison took the modules the walk of what model_fn reads found: an encoder reached through
