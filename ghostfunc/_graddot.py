@@ -1013,20 +1013,26 @@ def score_uses(routes: Mapping[str, str], train: Mapping[str, list[Factored | Di
     return per_param, train_grad
 
 
-#: ``model_fn``s seen drawing random numbers (their training batch is captured first).
-_RANDOM: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+#: ``model_fn``s seen drawing random numbers (their training batch is captured first; order 2 refuses them), each
+#: with the :func:`~ghostfunc._interact.behaviour` it drew under: switched to eval mode after a call in train mode, a
+#: model with DropPath draws nothing, and was refused at order 2 for good (h71).
+_RANDOM: weakref.WeakKeyDictionary[Any, dict[Any, bool]] = weakref.WeakKeyDictionary()
 
 
 def _draws_random(model_fn: ModelFn) -> bool:
+    """Whether ``model_fn`` was seen drawing random numbers as it is set now. Not weak-referenceable: nothing is
+    kept, and each call finds out (as the first call of one that is does); it was taken as one that draws, and a
+    deterministic callable object with ``__slots__`` was refused at order 2 (h71)."""
     try:
-        return _RANDOM.get(model_fn, False)
-    except TypeError:  # not weak-referenceable: assume it may
-        return True
+        drew = _RANDOM.get(model_fn)
+    except TypeError:
+        return False
+    return drew is not None and behaviour(model_fn) in drew
 
 
 def _mark_random(model_fn: ModelFn) -> None:
     try:
-        _RANDOM[model_fn] = True
+        remember(_RANDOM.setdefault(model_fn, {}), behaviour(model_fn), True)
     except TypeError:
         pass
 

@@ -475,6 +475,47 @@ def test_a_draw_no_sample_owns_is_refused_where_rows_are_captured_per_sample(how
                                     curvature="secant" if how == "secant" else "exact")
 
 
+class _SlottedLoss:
+    """A loss object with ``__slots__``: not weak-referenceable, so nothing can be kept for it."""
+
+    __slots__ = ("drop",)
+
+    def __init__(self, drop: torch.nn.Module) -> None:
+        self.drop = drop
+
+    def __call__(self, p, batch):
+        h = self.drop(torch.tanh(F.linear(batch["x"], p["w1"], p["b1"])))
+        return F.cross_entropy(F.linear(h, p["w2"], p["b2"]), batch["y"], reduction="none")
+
+
+@pytest.mark.parametrize("how", ["switched to eval mode", "not weak-referenceable"])
+def test_order_2_of_a_model_that_draws_nothing_now(how):
+    """Seen drawing once (dropout in train mode, through graddot), a model_fn was refused at order 2 for good,
+    switched to eval mode too; one that cannot be weak-referenced was taken as one that draws and always refused
+    (h71). The verdict is kept under the modules' flags and settings, and not at all for the second: each call finds
+    out, and one that draws is refused."""
+    params, train, val = mlp(3)
+    drop = torch.nn.Dropout(0.3)
+    fn = _SlottedLoss(drop)
+    model_fn = fn if how == "not weak-referenceable" else functools.partial(fn.__call__)
+    ghostfunc.graddot(model_fn, params, train, val)  # (train mode: draws)
+    with pytest.raises(ValueError, match=r"^inrun_shapley: order=2 needs a deterministic"):
+        ghostfunc.inrun_shapley(model_fn, params, train, val, lr=0.3, order=2)
+    drop.eval()
+    want = reference_order2(model_fn, params, train, val, 0.3, double_backward_hvp(model_fn, params, val))
+    assert rel(ghostfunc.inrun_shapley(model_fn, params, train, val, lr=0.3, order=2), want) < 1e-10
+    for curvature in ("exact", "secant"):
+        step = ghostfunc.train_step(model_fn, ghostfunc.sgd(0.3), order=2, curvature=curvature)
+        _, info = step(step.init(params), train, val)
+        assert torch.isfinite(info.values).all()
+        if curvature == "exact":
+            assert rel(info.values, want) < 1e-10
+    drop.train()
+    with pytest.raises(ValueError, match=r"^train_step: order=2 needs a deterministic"):
+        step = ghostfunc.train_step(model_fn, ghostfunc.sgd(0.3), order=2)
+        step(step.init(params), train, val)
+
+
 def _stochastic_depth_fn(p, batch):
     """A draw shaped by the batch (each sample its row: stochastic depth), which vmap draws as a plain call does."""
     h = torch.tanh(F.linear(batch["x"], p["w1"], p["b1"]))
