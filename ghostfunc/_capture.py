@@ -1204,7 +1204,10 @@ def _capture_batches(model_fn: ModelFn, params: Mapping[str, Tensor], batches: S
         grads: dict[str, list[Factored | Direct]] = {k: [] for k in params}
         at = 0
         for site, (static, count), out in zip(sites, statics[which], outs, strict=True):
-            mine, at = mine_all[at:at + count], at + count
+            # (detached, as the eager and whole-batch captures' are: an input computed from a tensor outside
+            # params that requires grad, a frozen table left requiring it, kept its graph, and the ghost kernel's
+            # in-place centring raised, h69)
+            mine, at = tuple(s.detach() for s in mine_all[at:at + count]), at + count
             for role, name in site.roles:
                 shape = params[name].shape
                 g = site.rule.grad(static, mine, out, role, shape)
