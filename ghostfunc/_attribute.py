@@ -20,6 +20,8 @@ from typing import Any
 
 import ghostfunc
 
+from ._values import RecordingError
+
 OPTIMIZERS: dict[str, Callable[..., ghostfunc.Optimizer]] = {"sgd": ghostfunc.sgd, "adamw": ghostfunc.adamw}
 #: The factory a ``ghostfunc train --record-every`` run names (``ghostfunc._run.loop.ATTRIBUTION_TASK``): its ``run``
 #: argument is the folder ``--run`` names, not the one the spec recorded (a run moved or renamed since read another
@@ -128,6 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(exc))
     except SpecError as exc:  # its spec.json cannot rebuild the run
         parser.error(str(exc).removeprefix("attribute: "))
+    except RecordingError as exc:  # a truncated recording, or one the spec's run does not replay (h74: tracebacks)
+        parser.error(str(exc))
     total = values.total.sum(1) if args.per_step else values.total
     seen = values.count.nonzero().flatten()  # samples the run drew (the others have no value, not a value of 0)
     k = min(args.top, len(seen))

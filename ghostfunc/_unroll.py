@@ -55,7 +55,7 @@ from ._graddot import score_dtype
 from ._interact import check_model, check_state_writes, grads_on
 from ._optim import Grads, Optimizer
 from ._train import TrainState
-from ._values import DataValues, as_tensor, is_indices, read_saved, tensor_kind
+from ._values import DataValues, RecordingError, as_tensor, is_indices, read_saved, tensor_kind
 
 Params = dict[str, Tensor]
 VIAS = ("hvp", "kernels")
@@ -366,7 +366,7 @@ def _check_lands(params: Params, recorded: Params | None, step: int, where: str,
         gap = (v - ref).abs().max().item() if v.numel() else 0.0
         if not gap <= tol and not torch.linalg.vector_norm(v - ref).item() <= eps ** 0.25 * \
                 torch.linalg.vector_norm(ref - begun[k].to(v.dtype)).item():
-            raise ValueError(
+            raise RecordingError(
                 f"{where}: replaying the run's steps does not reach the recorded parameters of step {step} "
                 f"({k!r} differs by {gap:.3g}, rounding allows {tol:.3g}): the replay differentiates model_fn "
                 f"on each whole batch, and this run's steps took other numbers (a model_fn whose samples take "
@@ -688,17 +688,17 @@ class Trajectory:
         name = repr(os.fspath(path))
         payload = read_saved(path, where, "Trajectory.save")
         if not isinstance(payload, dict) or payload.get("format") != TRAJECTORY_FORMAT:
-            raise ValueError(f"{where}: {name} is not a file written by Trajectory.save")
+            raise RecordingError(f"{where}: {name} is not a file written by Trajectory.save")
         missing = [k for k in ("every", "indices", "checkpoints", "final") if k not in payload]
         if missing:
-            raise ValueError(f"{where}: {name} lacks {missing} (expected every, indices, checkpoints and final, "
+            raise RecordingError(f"{where}: {name} lacks {missing} (expected every, indices, checkpoints and final, "
                              f"as Trajectory.save writes)")
         every, indices, checkpoints, final = (payload[k] for k in ("every", "indices", "checkpoints", "final"))
         if (isinstance(every, bool) or not isinstance(every, int) or every < 1 or not isinstance(indices, list)
                 or not all(is_indices(i) for i in indices) or not isinstance(checkpoints, dict)
                 or not all(isinstance(v, tuple) and len(v) == 2 for v in checkpoints.values())
                 or not isinstance(final, dict)):
-            raise ValueError(f"{where}: {name} holds entries of other kinds than Trajectory.save writes (expected "
+            raise RecordingError(f"{where}: {name} holds entries of other kinds than Trajectory.save writes (expected "
                              f"every a positive int, indices a list of 1-D integer tensors, checkpoints a dict of "
                              f"(params, opt_state), final a dict of tensors)")
         return cls(every, {int(t): tuple(v) for t, v in checkpoints.items()}, list(indices), final)  # type: ignore[misc]
@@ -722,14 +722,14 @@ def trajectory_replay(model_fn: Callable, optimizer: Optimizer, traj: Trajectory
                       indices: list[Tensor], where: str) -> Replay:
     """A :class:`Replay` from a recording, after checking that ``batches`` are the recorded ones."""
     if len(splits) != traj.steps:
-        raise ValueError(f"{where}: batches must be the {traj.steps} batches the trajectory recorded; got {len(splits)}")
+        raise RecordingError(f"{where}: batches must be the {traj.steps} batches the trajectory recorded; got {len(splits)}")
     for t, (a, b) in enumerate(zip(indices, traj.indices, strict=True)):
         if not torch.equal(a, b):
-            raise ValueError(f"{where}: batches[{t}] holds other dataset indices than the trajectory recorded "
+            raise RecordingError(f"{where}: batches[{t}] holds other dataset indices than the trajectory recorded "
                              f"for step {t}")
     missing = [t for t in range(0, traj.steps, traj.every) if t not in traj.checkpoints]
     if missing:
-        raise ValueError(f"{where}: the trajectory lacks the checkpoints of steps {missing}")
+        raise RecordingError(f"{where}: the trajectory lacks the checkpoints of steps {missing}")
     for t in sorted(traj.checkpoints)[:2]:  # the initial update (no momentum buffer yet) and a later one
         if t < traj.steps:
             params, state = traj.checkpoints[t]

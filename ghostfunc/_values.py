@@ -73,6 +73,12 @@ def tensor_kind(x: Any) -> str:
     return f"{x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
 
 
+class RecordingError(ValueError):
+    """A saved file or a recorded run that cannot be used as asked: a truncated or foreign file, a recording whose
+    replay does not reach its checkpoints (another optimizer, learning rate or data than the run's). The command
+    line reports it in one line (exit code 2), as it does other bad input."""
+
+
 def read_saved(path: str | os.PathLike, where: str, writer: str) -> Any:
     """``torch.load(path, weights_only=True)`` with ghostfunc's state types allowed; a file that is not there or
     cannot be opened raises as it is, a truncated or foreign one a ``ValueError`` naming it, ``writer`` (what
@@ -84,7 +90,7 @@ def read_saved(path: str | os.PathLike, where: str, writer: str) -> Any:
         raise
     except Exception as err:  # noqa: BLE001 - a truncated or foreign file: say which, and what torch said
         said = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise ValueError(f"{where}: {os.fspath(path)!r} is not a file written by {writer} (torch.load: "
+        raise RecordingError(f"{where}: {os.fspath(path)!r} is not a file written by {writer} (torch.load: "
                          f"{type(err).__name__}: {said})") from err
 
 

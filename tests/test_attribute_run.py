@@ -263,3 +263,25 @@ def test_attribute_names_a_spec_that_cannot_rebuild_its_run(entry: dict, message
     assert info.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"python -m ghostfunc attribute: error: {folder / 'spec.json'}: {message}")
+
+
+@pytest.mark.parametrize("how, said", [
+    ("another learning rate", r"unroll: replaying the run's steps does not reach the recorded parameters of step \d+ "),
+    ("truncated", r"Trajectory.load: '.*trajectory.pt' is not a file written by Trajectory.save \(torch.load: "),
+])
+def test_attribute_refuses_a_recording_it_cannot_replay_in_one_line(how: str, said: str, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    """A spec whose optimizer is not the run's (another learning rate), or a truncated trajectory.pt: the library's
+    message was right, but it came as a traceback (exit code 1) where the command line says other bad input in one
+    line (exit code 2; h74)."""
+    folder = tmp_path / "rec"
+    _saved_recording(folder, {"name": "sgd", "lr": 0.5} if how == "another learning rate" else None)
+    if how == "truncated":
+        data = (folder / "trajectory.pt").read_bytes()
+        (folder / "trajectory.pt").write_bytes(data[:len(data) // 2])
+    with pytest.raises(SystemExit) as info:
+        main(["attribute", "--run", str(folder)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert re.match(rf"python -m ghostfunc attribute: error: {said}", err.splitlines()[-1])
