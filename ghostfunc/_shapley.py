@@ -41,6 +41,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
@@ -201,10 +202,19 @@ def _prod_reduced(args: tuple, kwargs: dict[str, Any]) -> bool:
     return given is None or given.get("reduce") == "prod"
 
 
+def _always(args: tuple, kwargs: dict[str, Any]) -> bool:
+    return True
+
+
 #: torch calls whose backward's forward-mode rule is wrong, with when: ``scatter_reduce(..., "prod")``'s gave H·v
-#: 1.36 off a double backward on four elements, and order-2 values 26% off the loop (h70).
+#: 1.36 off a double backward on four elements, and order-2 values 26% off the loop (h70); ``prelu`` at an input of
+#: exactly 0 (a zero-initialised layer's output) follows the other side of its kink than its backward (order 2 0.32
+#: off; whether an input is 0 cannot be asked under vmap, so every call); ``cholesky_inverse`` (a learned precision:
+#: 4.3e-2 off) and the deprecated ``triangular_solve`` through its matrix (2.4e-3 off; h75).
 _FORWARD_WRONG: dict[Any, Callable[[tuple, dict[str, Any]], bool]] = {
     torch.scatter_reduce: _prod_reduced, Tensor.scatter_reduce: _prod_reduced, Tensor.scatter_reduce_: _prod_reduced,
+    **dict.fromkeys([F.prelu, torch.prelu, Tensor.prelu, torch.cholesky_inverse, Tensor.cholesky_inverse,
+                     torch.triangular_solve, Tensor.triangular_solve], _always),
 }
 
 
