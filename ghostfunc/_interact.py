@@ -2705,6 +2705,10 @@ FACTORIES = frozenset({
     torch.zeros, torch.ones, torch.empty, torch.full, torch.zeros_like, torch.ones_like, torch.empty_like,
     torch.full_like, torch.tensor, torch.arange, torch.eye, torch.linspace,
     Tensor.new_zeros, Tensor.new_ones, Tensor.new_empty, Tensor.new_full, Tensor.new_tensor, Tensor.clone,
+    # (new tensors too, however the model joins them: a path graph's messages written into torch.cat of zeros were
+    # refused as a write into BatchNorm's statistics, h70)
+    torch.cat, torch.concat, torch.concatenate, torch.stack, torch.hstack, torch.vstack, torch.dstack, torch.tile,
+    Tensor.repeat, Tensor.tile,
 })
 
 
@@ -2735,8 +2739,11 @@ def retry_writing(func: Callable, args: tuple, kwargs: dict[str, Any], fresh: se
             f"a new tensor from an input instead of writing into it (x = x - 0.5, not x.sub_(0.5))"
         ) from None
     target = args[0] if args else None
-    # (with one sample under vmap the failure is a plain broadcast error, so the message is not checked)
-    if not (isinstance(target, Tensor) and _writes_batched(target, args[1:], kwargs)):
+    # (with one sample under vmap the failure is a plain broadcast error, so the message is not checked; a call
+    # that writes nothing is not retried: a boolean mask of the batch indexing a tensor the model made, a data-
+    # dependent shape vmap cannot run, was refused as a write into a view, h70)
+    if not (_writes_in_place(func, kwargs) and isinstance(target, Tensor) and _writes_batched(target, args[1:],
+                                                                                             kwargs)):
         raise err
     if id(target) not in fresh:
         base = target._base
@@ -2745,13 +2752,26 @@ def retry_writing(func: Callable, args: tuple, kwargs: dict[str, Any], fresh: se
                 f"model_fn writes per-sample values in place ({_func_name(func)}) into a view of a tensor it "
                 f"created; ghostfunc runs each sample alone under vmap and can give the created tensor one copy "
                 f"per sample, but not a view of it taken before the write. Write through the tensor itself "
-                f"(h[:, :k] = v, h.index_add_(...)) or build it out of place (torch.cat, torch.where, index_add)"
+                f"(h[:, :k] = v, h.index_add_(...)) or build it out of place (torch.cat, torch.where, index_add). "
+                f"For one sample, .contiguous() or .reshape() of an expanded tensor (torch.zeros(N, H).expand(B, N, "
+                f"H)) is that view, not a copy: make it with torch.zeros(B, N, H) or .clone()"
             ) from None
         if (agreed := _agreed_write(func, args, kwargs)) is not None:
             return agreed[0]
         raise err
     _per_sample_in_place(target, args[1:], kwargs)
     return func(*args, **kwargs)
+
+
+def _writes_in_place(func: Callable, kwargs: dict[str, Any]) -> bool:
+    """Whether ``func`` writes into its first argument (``add_``, ``__setitem__``, ``__iadd__``) or an ``out=``."""
+    name = getattr(func, "__name__", "") or ""
+    return "out" in kwargs or name in _IN_PLACE_DUNDERS or (name.endswith("_") and not name.endswith("__"))
+
+
+_IN_PLACE_DUNDERS = frozenset({"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__",
+                               "__imod__", "__ipow__", "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__",
+                               "__imatmul__"})
 
 
 #: In-place writes whose result does not depend on how many times they run with one value: ``buf.copy_(v)``,

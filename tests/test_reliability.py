@@ -1345,7 +1345,24 @@ def fill_scatter(p, x):  # scatter_ and a masked fill into tensors made by torch
     return (h + m).pow(2) @ p["v"][2:6]
 
 
-@pytest.mark.parametrize("model_fn", [fill_slices, fill_index_add, fill_scatter], ids=lambda f: f.__name__)
+def fill_joined(p, x):  # a tensor joined from constants (torch.cat, torch.stack), written through itself (h70)
+    h = torch.cat([torch.zeros(1, 6, dtype=x.dtype)] * x.shape[0])
+    h[:, 1:5] = F.linear(x, p["W"])
+    s = torch.stack([torch.ones(4, dtype=x.dtype) for _ in range(x.shape[0])])
+    s[:, :2] = h[:, 2:4] * p["v"][:2]
+    return torch.tanh(h @ p["v"]) + s.pow(2).sum(1)
+
+
+def masked_positions(p, x):  # a boolean mask of the batch indexing a tensor the model made: read, not written (h70)
+    h = torch.tanh(F.linear(x, p["W"]))  # [B, 4]
+    keep = h > 0
+    positions = torch.arange(4, dtype=x.dtype).expand(x.shape[0], 4)[keep]  # data-dependent shape
+    rows = torch.arange(x.shape[0])[:, None].expand(-1, 4)[keep]
+    return torch.zeros(x.shape[0], dtype=x.dtype).index_add(0, rows, h[keep] * (positions + 1)) + h @ p["v"][:4]
+
+
+@pytest.mark.parametrize("model_fn", [fill_slices, fill_index_add, fill_scatter, fill_joined, masked_positions],
+                         ids=lambda f: f.__name__)
 def test_fresh_tensor_filled_in_place_is_exact(model_fn):
     p = {"W": torch.randn(4, 3, generator=_g(0), dtype=F64), "v": torch.randn(6, generator=_g(1), dtype=F64)}
     assert_exact(model_fn, p, torch.randn(4, 3, generator=_g(2), dtype=F64),
@@ -1399,10 +1416,18 @@ def test_write_into_a_view_of_a_fresh_tensor_is_refused_precisely():
         h[:, :4] = F.linear(x, p["W"])
         return head.pow(2).sum(1)
 
+    def contiguous_expand(p, x):  # for one sample, .contiguous() of an expanded tensor is the view itself (h70)
+        h = torch.zeros(6, dtype=x.dtype).expand(x.shape[0], 6).contiguous()
+        h[:, :4] += F.linear(x, p["W"])
+        return h.pow(2).sum(1)
+
     x = torch.randn(3, 3, dtype=F64)
     with pytest.raises(ValueError, match=r"^graddot: model_fn writes per-sample values in place \(.*copy_\) into a "
                                          r"view of a tensor it created"):
         ghostfunc.graddot(into_view, _lin(), x, x, policy="materialize")
+    with pytest.raises(ValueError, match=r"view of a tensor it created.*\.contiguous\(\) or \.reshape\(\) of an "
+                                         r"expanded tensor .* is that view, not a copy: make it with torch.zeros\(B"):
+        ghostfunc.graddot(contiguous_expand, _lin(), x, x)
     with pytest.raises(ValueError, match=r"^graddot: model_fn writes per-sample values in place into a tensor it "
                                          r"created after taking a view of it"):
         ghostfunc.graddot(view_kept, _lin(), x, x)
