@@ -112,6 +112,18 @@ def test_select_report_says_which_split_and_how_many_seeds() -> None:
     alone = select.markdown(payload(1, False), cfg)
     assert "no test split" in alone and "favour the selection" in alone and "never scored" not in alone
     assert " ± " not in alone and "one seed (no spread)" in alone and "| val loss |" in alone
+    quarter = select.markdown({**payload(1, False), "fraction": 0.25}, cfg)
+    assert quarter.startswith("# ghostfunc select: retraining on 25% of 8 seen chunks")  # ("halves", h72)
+
+def test_a_run_stopped_early_says_so(corpus: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Stopped with --stop-at between evaluations, the summary read as a finished run's, its last validation loss an
+    earlier step's without saying which (h72)."""
+    out = tmp_path / "run"
+    assert main(_args(corpus, out, "--steps", "4", "--stop-at", "3", "--eval-every", "2")) == 0
+    said = capsys.readouterr().out
+    assert "ghostfunc train: 3 of 4 steps (stopped early) in " in said and " (at step 2) on " in said, said
+    assert "3 of 4 steps (stopped early)" in (out / "report.md").read_text()
+
 
 def test_resume_equals_uninterrupted(corpus: dict[str, Path], tmp_path: Path) -> None:
     """A run stopped after step 8 and resumed to 12 ends with the values and parameters of a 12-step run."""
@@ -127,8 +139,11 @@ def test_resume_equals_uninterrupted(corpus: dict[str, Path], tmp_path: Path) ->
     assert sa["train"].step == sb["train"].step == 12
     for k, p in sa["train"].params.items():
         assert torch.equal(p, sb["train"].params[k]), k
-    steps = [json.loads(ln)["step"] for ln in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    logged = [json.loads(ln) for ln in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    steps = [m["step"] for m in logged]
     assert steps == sorted(set(steps)) and steps[-1] == 12  # nothing logged twice
+    seconds = [m["seconds"] for m in logged]
+    assert seconds == sorted(seconds)  # the clock goes on across the resume (h72: it began at 0 again)
     ta, tb = (ghostfunc.Trajectory.load(tmp_path / d / "trajectory") for d in ("whole", "cut"))  # what attribute replays
     assert ta.steps == tb.steps == 12 and ta.every == tb.every == 4
     assert all(torch.equal(x, y) for x, y in zip(ta.indices, tb.indices, strict=True))
@@ -196,6 +211,8 @@ def _bad_inputs(c: dict[str, Path], tmp: Path) -> list[tuple[list[str], str]]:
         (["--train", str(c["train"] / "**" / "*.json"), *v, "--out", str(c["train"] / "sub" / "run")],
          "--out: expected a folder outside --train"),  # a glob that would take config.json
         *([] if torch.cuda.is_available() else [([*t, *v, "--device", "cuda"], "--device: expected a machine with CUDA")]),
+        ([*t, *v, "--val-limit", "1", "--val-batch-size", "2"],  # (the limit that made the chunks few, named: h72)
+         "--val-batch-size: expected at most the validation chunks (1, --val-limit 1 of them); got 2"),
     ]
 
 

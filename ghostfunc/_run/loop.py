@@ -270,7 +270,10 @@ def prepare(cfg: dict[str, Any]) -> Setup:
     if len(train) < cfg["batch_size"]:
         raise UsageError(f"--batch-size: expected at most the training chunks ({len(train)}); got {cfg['batch_size']}")
     if len(val) < cfg["val_batch_size"]:
-        raise UsageError(f"--val-batch-size: expected at most the validation chunks ({len(val)}); got {cfg['val_batch_size']}")
+        limited = (f", --val-limit {cfg['val_limit']} of them" if cfg["val_limit"] and len(val) == cfg["val_limit"]
+                   else "")  # (the limit that made them few, named: h72)
+        raise UsageError(f"--val-batch-size: expected at most the validation chunks ({len(val)}{limited}); got "
+                         f"{cfg['val_batch_size']}")
     needs = {name: c.vocab_needed() for name, c in (("--train", train), ("--val", val), ("--test", test)) if c is not None}
     need = max(needs.values())
     worst = max(needs, key=lambda k: needs[k])
@@ -474,12 +477,14 @@ def run(setup: Setup, par: Dist, *, pool: Tensor | None = None, quiet: bool = Fa
         saved_at = state.step
     keep_trajectory = bool(cfg["record_every"]) and par.rank == 0 and save_values
     trajectory = recording(out, cfg["record_every"], state) if keep_trajectory else None
+    elapsed = 0.0  # the seconds the steps kept took before a resume (h72: a resumed run's clock began at 0)
     if log is None:
         metrics = out / "metrics.jsonl"
         if par.rank == 0:
             kept = [ln for ln in (metrics.read_text().splitlines() if metrics.is_file() else [])
                     if json.loads(ln)["step"] <= state.step]  # drop what was logged after the last save
             write_atomic(metrics, "".join(f"{ln}\n" for ln in kept))
+            elapsed = max((float(json.loads(ln).get("seconds", 0.0)) for ln in kept), default=0.0)
 
         def log(record: dict[str, Any]) -> None:
             with metrics.open("a") as fh:
@@ -510,7 +515,7 @@ def run(setup: Setup, par: Dist, *, pool: Tensor | None = None, quiet: bool = Fa
         first = evals()
         if par.rank == 0:
             log({"step": 0, **first, "seconds": 0.0})
-    t_run, t_win, seen_loss, n_win = time.perf_counter(), time.perf_counter(), 0.0, 0
+    t_run, t_win, seen_loss, n_win = time.perf_counter() - elapsed, time.perf_counter(), 0.0, 0
     try:
         while state.step < stop:
             s = state.step

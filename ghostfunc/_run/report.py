@@ -120,15 +120,19 @@ def write(out: Path, cfg: dict[str, Any], train: Corpus, table: dict[str, np.nda
     first_eval: dict[str, Any] = next((m for m in metrics if "val_loss" in m), {})
     last_eval: dict[str, Any] = next((m for m in reversed(metrics) if "val_loss" in m), {})
     speed = [m["tokens_per_s"] for m in metrics if "tokens_per_s" in m]
+    steps, evaluated = last.get("step", 0), last_eval.get("step", 0)
+    # (a run stopped early, --stop-at, between evaluations: say so, and which step the last loss is from; h72)
+    ran = f"{steps} steps" if steps >= cfg["steps"] else f"{steps} of {cfg['steps']} steps (stopped early)"
+    at = f" (at step {evaluated})" if evaluated != steps else ""
     order = np.argsort(-table["value"])
     seen = order[table["times_seen"][order] > 0]
     lines = [f"# ghostfunc train: what the values found ({target})", "",
-             f"Model `{cfg['model']}` ({cfg['size']}), {last.get('step', 0)} steps of {cfg['batch_size']} chunks of "
+             f"Model `{cfg['model']}` ({cfg['size']}), {ran} of {cfg['batch_size']} chunks of "
              f"{cfg['seq_len']} tokens; values `{cfg['values']}` (order {cfg['order']}"
              f"{', preconditioned' if cfg['precondition'] else ''}) against the validation set `{target}`.",
              f"Training: {describe(train)}; {len(seen):,} seen at least once.",
              "",
-             f"Validation loss {first_eval.get('val_loss', float('nan')):.3f} -> {last_eval.get('val_loss', float('nan')):.3f}"
+             f"Validation loss {first_eval.get('val_loss', float('nan')):.3f} -> {last_eval.get('val_loss', float('nan')):.3f}{at}"
              + (f"; test loss {first_eval['test_loss']:.3f} -> {last_eval['test_loss']:.3f}" if "test_loss" in last_eval else "")
              + (f"; median {np.median(speed):,.0f} training tokens/s; {last.get('seconds', 0):.0f} s." if speed else "."),
              "",
@@ -159,8 +163,9 @@ def write(out: Path, cfg: dict[str, Any], train: Corpus, table: dict[str, np.nda
     if cfg["values"] != "shapley":  # trained without valuing: every value is 0, nothing to rank
         ranked_lines = ["  no values (--values none): the files hold the losses, every value is 0"]
     return "\n".join([
-        f"ghostfunc train: {last.get('step', 0)} steps in {last.get('seconds', 0):.0f} s, "
-        f"validation loss {first_eval.get('val_loss', float('nan')):.3f} -> {last_eval.get('val_loss', float('nan')):.3f} on {target}",
+        f"ghostfunc train: {ran} in {last.get('seconds', 0):.0f} s, "
+        f"validation loss {first_eval.get('val_loss', float('nan')):.3f} -> {last_eval.get('val_loss', float('nan')):.3f}{at} on "
+        f"{target}",
         *ranked_lines,
         f"  wrote {out}/values.pt, metrics.jsonl, values.csv ({len(rows):,} chunks), sources.csv, report.md, report.png",
     ])

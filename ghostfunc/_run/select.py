@@ -132,7 +132,8 @@ def markdown(payload: dict[str, Any], cfg: dict[str, Any]) -> str:
     test = (" The test split was never scored against (the run's values came from its validation split)."
             if "test_loss" in keys else " The run has no test split: the losses are on the validation split the "
             "values were scored against, so they favour the selection.")
-    lines = [f"# ghostfunc select: retraining on halves of {payload['pool']:,} seen chunks ({target})", "",
+    lines = [f"# ghostfunc select: retraining on {payload['fraction']:.0%} of {payload['pool']:,} seen chunks ({target})",
+             "",
              f"{payload['steps']} steps from scratch per run, keeping {payload['fraction']:.0%} of the pool; "
              f"{spread}. Loss in nats/token; lower is better.{test}", "",
              "| kept | " + " | ".join(k.replace("_", " ") for k in keys) + " | per seed (" + keys[0].replace("_", " ") + ") |",
