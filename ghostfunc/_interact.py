@@ -2764,9 +2764,11 @@ def retry_writing(func: Callable, args: tuple, kwargs: dict[str, Any], fresh: se
 
 
 def _writes_in_place(func: Callable, kwargs: dict[str, Any]) -> bool:
-    """Whether ``func`` writes into its first argument (``add_``, ``__setitem__``, ``__iadd__``) or an ``out=``."""
+    """Whether ``func`` writes into its first argument (``add_``, ``__setitem__``, ``__iadd__``, ``inplace=True``) or
+    an ``out=``."""
     name = getattr(func, "__name__", "") or ""
-    return "out" in kwargs or name in _IN_PLACE_DUNDERS or (name.endswith("_") and not name.endswith("__"))
+    return "out" in kwargs or kwargs.get("inplace") is True or name in _IN_PLACE_DUNDERS or (
+        name.endswith("_") and not name.endswith("__"))
 
 
 _IN_PLACE_DUNDERS = frozenset({"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__",
