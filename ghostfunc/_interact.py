@@ -581,12 +581,6 @@ def named_reads(model_fn: Callable, classes: list[type] | None = None) -> list[t
         if issubclass(type(obj), types.ModuleType):
             if _own_module(obj):  # a module of the user's: its attributes are state (a config module's numbers)
                 found.append((label, obj))
-                if depth >= 0:  # and its own submodules among them (``from pkg import cfg`` or ``pkg.cfg.CENTER``
-                    inside = f"{obj.__name__}."  # read a package's cfg: its switch was not seen, 13.8 off, h73)
-                    for name, v in list(vars(obj).items()):
-                        if issubclass(type(v), types.ModuleType) and (getattr(v, "__name__", "") or "").startswith(
-                                inside):
-                            keep(v, depth - 1, f"{label}.{name}")
             return
         if issubclass(type(obj), type):
             if classes is not None and _own_class(obj):
@@ -622,10 +616,15 @@ def named_reads(model_fn: Callable, classes: list[type] | None = None) -> list[t
 
 def _own_module(module: types.ModuleType) -> bool:
     """Whether ``module`` is neither a library's (:data:`LIBRARIES`, installed packages) nor the standard library's."""
-    top = (getattr(module, "__name__", "") or "").partition(".")[0]
+    try:  # (from the module's own dict: a lazy module's __getattr__ may raise anything for what it lacks, h76)
+        name, origin = vars(module).get("__name__") or "", vars(module).get("__file__") or ""
+    except TypeError:  # no __dict__
+        return False
+    if type(name) is not str or type(origin) is not str:
+        return False
+    top = name.partition(".")[0]
     if top in LIBRARIES or top in sys.stdlib_module_names or top == "__main__":
         return False  # __main__'s globals are read by name already
-    origin = getattr(module, "__file__", None) or ""
     return "site-packages" not in origin and "dist-packages" not in origin
 
 
@@ -641,35 +640,86 @@ def _function_reads(fn: types.FunctionType) -> list[tuple[str, Any]]:
     out += [(f"{at}: default {name}", v) for name, v in (fn.__kwdefaults__ or {}).items()]
     if (getattr(fn, "__module__", None) or "").partition(".")[0] not in LIBRARIES:
         scope = fn.__globals__
-        names, imported = _names(code)
+        names, imported, chains = _names(code)
         out += [(f"{at}: global {name}", scope[name]) for name in names if name in scope]
-        out += [(f"{at}: import {name}", sys.modules[name]) for name in imported if name in sys.modules]
+        for level, name, attr in imported:  # (the module an import names, and the submodule a from-import takes)
+            full = _absolute(name, level, scope)
+            for dotted in (full, f"{full}.{attr}" if attr else None):
+                if dotted in sys.modules:
+                    out.append((f"{at}: import {dotted}", sys.modules[dotted]))
+        cells = dict(zip(code.co_freevars, fn.__closure__ or (), strict=False))
+        for chain in chains:  # pkg.sub.cfg.CENTER: the submodules along a global's attributes (h73, h76)
+            obj: Any = _contents(cells[chain[0]]) if chain[0] in cells else scope.get(chain[0])
+            for depth, attr in enumerate(chain[1:], 1):
+                if not issubclass(type(obj), types.ModuleType):
+                    break
+                obj = vars(obj).get(attr)  # (no getattr: a lazy module's __getattr__ would import)
+                if issubclass(type(obj), types.ModuleType):
+                    out.append((f"{at}: global {'.'.join(chain[:depth + 1])}", obj))
     return out
 
 
+def _absolute(name: str, level: int, scope: dict[str, Any]) -> str:
+    """The absolute name of a module an import names (``from .cfg import x`` in a package: level 1)."""
+    if level <= 0:
+        return name
+    package = scope.get("__package__") or ""
+    base = ".".join(package.split(".")[:max(0, len(package.split(".")) - (level - 1))]) if package else ""
+    return f"{base}.{name}" if base and name else base or name
+
+
 @functools.lru_cache(maxsize=4096)
-def _names(code: types.CodeType) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def _names(code: types.CodeType) -> tuple[tuple[str, ...], tuple[tuple[int, str, str | None], ...],
+                                          tuple[tuple[str, ...], ...]]:
     """The global names a code object reads and the modules it imports, with those of the functions and
     comprehensions inside it: its global loads, not every name of ``co_names``, which holds the attributes and
     methods it reads too (``self.out`` read as a script's global ``out``: a result that differs by rank refused a
     model under ``group=``, h62); and its imports (``import cfg`` in the body, then ``cfg.CENTER``: a local name,
-    h68)."""
-    names, imported = [], []
+    h68), each as ``(level, module, name a from-import takes or None)``; and the attribute chains read off a global
+    (``pkg.sub.cfg.CENTER``: the submodules along it are read too; a package's cfg submodule's switch was not seen,
+    13.8 off, h73)."""
+    names: list[str] = []
+    imported: list[tuple[int, str, str | None]] = []
+    chains: list[tuple[str, ...]] = []
+    chain: list[str] = []
+    consts: list[Any] = [None, None]  # the last two constants loaded (an import's level and from-list)
+    module: tuple[int, str] | None = None  # the module the last IMPORT_NAME named
     for ins in dis.get_instructions(code):
-        if ins.opname in _GLOBAL_LOADS:
+        op = ins.opname
+        if op in _ATTRIBUTE_LOADS and chain:
+            chain.append(ins.argval)
+            continue
+        if len(chain) > 1:
+            chains.append(tuple(chain))
+        chain = []
+        if op in _GLOBAL_LOADS:
             names.append(ins.argval)
-        elif ins.opname == "IMPORT_NAME":
-            imported.append(ins.argval)
+            chain = [ins.argval]
+        elif op == "LOAD_DEREF":  # (a closure's variable: a package imported in the enclosing function)
+            chain = [ins.argval]
+        elif op == "LOAD_CONST":
+            consts = [consts[1], ins.argval]
+        elif op == "IMPORT_NAME":
+            level = consts[0] if isinstance(consts[0], int) else 0
+            module = (level, ins.argval)
+            imported.append((level, ins.argval, None))
+        elif op == "IMPORT_FROM" and module is not None:
+            imported.append((*module, ins.argval))
+    if len(chain) > 1:
+        chains.append(tuple(chain))
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
-            inner, inner_imported = _names(const)
+            inner, inner_imported, inner_chains = _names(const)
             names += inner
             imported += inner_imported
-    return tuple(dict.fromkeys(names)), tuple(dict.fromkeys(imported))
+            chains += inner_chains
+    return tuple(dict.fromkeys(names)), tuple(dict.fromkeys(imported)), tuple(dict.fromkeys(chains))
 
 
 #: The instructions that read a global by name (``LOAD_NAME``: in a class body, a name not assigned there).
 _GLOBAL_LOADS = frozenset({"LOAD_GLOBAL", "LOAD_NAME"})
+#: The instructions that read an attribute (a chain off a global: :func:`_names`).
+_ATTRIBUTE_LOADS = frozenset({"LOAD_ATTR", "LOAD_METHOD"})
 
 
 #: A module's hooks that run in its forward or backward (each dict maps a handle's id to the hook; the

@@ -24,6 +24,7 @@ import datetime
 import decimal
 import enum
 import functools
+import importlib
 import math
 import shutil
 import sys
@@ -3556,17 +3557,28 @@ def test_a_config_module_imported_inside_model_fn_is_read(tmp_path, monkeypatch)
         ghostfunc.graddot(model_fn, params, train, val)
 
 
-@pytest.mark.parametrize("how", ["from pkg import cfg", "pkg.cfg.CENTER"])
+@pytest.mark.parametrize("how", ["from pkg import cfg", "pkg.cfg.CENTER", "pkg.sub.cfg.CENTER three calls down",
+                                 "beside a package of many modules", "a closure's pkg.sub.cfg.CENTER"])
 def test_a_config_submodule_of_a_package_is_read(tmp_path, monkeypatch, how):
     """``from pkg import cfg`` in model_fn's body imports ``pkg`` by name; ``pkg.cfg.CENTER`` reads a global
-    package: either way the switch sits in a submodule the package holds, which was not read (13.8 off the loop,
-    h73). A package's own submodules are read too."""
-    (tmp_path / "ghostfunc_test_pkg").mkdir()
-    (tmp_path / "ghostfunc_test_pkg" / "__init__.py").write_text("")
-    (tmp_path / "ghostfunc_test_pkg" / "cfg.py").write_text("CENTER = 0\n")
+    package: either way the switch sits in a submodule, which was not read (13.8 off the loop, h73). Walking every
+    submodule of a read package missed one read three calls down (13.7 off) and cost 90x a call for a package of 300
+    modules (h76): the submodules along the attribute chains the code reads are read, and those only."""
+    root = tmp_path / "ghostfunc_test_pkg"
+    (root / "sub").mkdir(parents=True)
+    (root / "__init__.py").write_text("from . import cfg, sub\n" + "".join(
+        f"from . import m{i}\n" for i in range(300 if how.startswith("beside") else 0)))
+    for i in range(300 if how.startswith("beside") else 0):
+        (root / f"m{i}.py").write_text("".join(f"S{j} = {j}\n" for j in range(100)))
+    (root / "cfg.py").write_text("CENTER = 0\n")
+    (root / "sub" / "__init__.py").write_text("from . import cfg\n")
+    (root / "sub" / "cfg.py").write_text("CENTER = 0\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    import ghostfunc_test_pkg.cfg as cfg
-    monkeypatch.setitem(globals(), "ghostfunc_test_pkg", sys.modules["ghostfunc_test_pkg"])
+    for name in [m for m in sys.modules if m.split(".")[0] == "ghostfunc_test_pkg"]:  # (another case's package)
+        monkeypatch.delitem(sys.modules, name)
+    package = importlib.import_module("ghostfunc_test_pkg")
+    monkeypatch.setitem(globals(), "ghostfunc_test_pkg", package)  # (read as a global below)
+    switched = package.sub.cfg if "sub" in how else package.cfg
 
     def from_import():
         from ghostfunc_test_pkg import cfg
@@ -3575,9 +3587,48 @@ def test_a_config_submodule_of_a_package_is_read(tmp_path, monkeypatch, how):
     def through_package():
         return ghostfunc_test_pkg.cfg.CENTER  # type: ignore[name-defined]  # noqa: F821
 
-    model_fn, params, train, val = _centred_when(from_import if how.startswith("from") else through_package)
+    def deep():
+        return ghostfunc_test_pkg.sub.cfg.CENTER  # type: ignore[name-defined]  # noqa: F821
+
+    def closure():
+        return package.sub.cfg.CENTER
+
+    def one():
+        return deep()
+
+    def two():
+        return one()
+
+    flag = {"from pkg import cfg": from_import, "pkg.cfg.CENTER": through_package,
+            "pkg.sub.cfg.CENTER three calls down": two, "beside a package of many modules": through_package,
+            "a closure's pkg.sub.cfg.CENTER": closure}[how]
+    model_fn, params, train, val = _centred_when(flag)
     ghostfunc.graddot(model_fn, params, train, val)
-    monkeypatch.setattr(cfg, "CENTER", 1)
+    if how.startswith("beside"):  # (not its 300 modules' 30,000 settings read on every call)
+        from ghostfunc._interact import named_reads
+        assert [label.split(".")[-1] for label, v in named_reads(model_fn) if isinstance(v, types.ModuleType)] == [
+            "through_package: global ghostfunc_test_pkg", "cfg"]
+    monkeypatch.setattr(switched, "CENTER", 1)
+    with pytest.raises(SamplesInteractError, match=r"^graddot: samples interact"):
+        ghostfunc.graddot(model_fn, params, train, val)
+
+
+class _LazyModule(types.ModuleType):
+    """A lazily importing module whose optional dependency is missing: any name it lacks raises ImportError."""
+
+    def __getattr__(self, name: str) -> typing.Any:
+        raise ImportError(f"optional dependency for {name} is not installed")
+
+
+def test_a_lazy_module_that_raises_for_what_it_lacks_is_read(monkeypatch):
+    """A module read by model_fn was asked for ``__file__`` through getattr, and a lazy module raised ImportError
+    out of graddot (h76); its own dict is read."""
+    lazy = _LazyModule("ghostfunc_test_lazy")
+    lazy.SCALE = 2.0
+    monkeypatch.setitem(globals(), "ghostfunc_test_lazy", lazy)
+    model_fn, params, train, val = _centred_when(lambda: ghostfunc_test_lazy.SCALE > 3)  # noqa: F821
+    assert_exact(model_fn, params, train, val, "lazy module", [("auto", "mean")])
+    monkeypatch.setattr(lazy, "SCALE", 4.0)  # (its setting switched: read, and checked again)
     with pytest.raises(SamplesInteractError, match=r"^graddot: samples interact"):
         ghostfunc.graddot(model_fn, params, train, val)
 
