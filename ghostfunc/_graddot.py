@@ -635,8 +635,9 @@ def _refuse_coupled_groups(model_fn: ModelFn, params: dict[str, Tensor], batch: 
         plain, coarse = _plain_losses(model_fn, params, [sub], start, device, branches, host=host, shapes=shapes)
         if plain is None:
             continue
-        def confirm(at: list[int], sub: Batch = sub, rows: list[int] = rows, seen: list[str] = branches[0]) -> Any:
-            return copies_losses(model_fn, params, sub, [rows.index(i) for i in at], seen, host)
+        def confirm(at: list[int], sub: Batch = sub, rows: list[int] = rows, seen: list[str] = branches[0],
+                    **how: Any) -> Any:
+            return copies_losses(model_fn, params, sub, [rows.index(i) for i in at], seen, host, **how)
 
         refuse_batch_losses(plain[0], captured[part.rows.to(captured.device)], label, coarse, where, confirm,
                             rows, batch.size, which=group_named(rows, label),

@@ -1833,8 +1833,9 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
             f"model_fn must compute with the tensors it is given, e.g. torch.func.functional_call(net, params, "
             f"(x,)) instead of net(x), or p['w'] instead of a captured copy of the weight"
         )
-    def copied(at: list[int]) -> Tensor | None:  # (with a host draw, only copies that take the batch's branches)
-        return copies_losses(model_fn, params, _rows_batch(batch, chosen), at, branches if host else None, before[1])
+    def copied(at: list[int], **how: Any) -> Tensor | None:  # (with a host draw, only copies that take the batch's
+        return copies_losses(model_fn, params, _rows_batch(batch, chosen), at, branches if host else None,  # branches)
+                             before[1], **how)
 
     if host and not random and k > 1 and _per_sample_shape(together, k):
         alone = None if (own := copied(list(range(k)))) is None else list(own.split(1))
@@ -2028,9 +2029,9 @@ def _refuse_coupled_rows(model_fn: Callable, params: Mapping[str, Tensor], batch
     named = chosen if rows_in is None else [rows_in[i] for i in chosen]
     which = None if rows_in is None else group_named(rows_in, label)
     refuse_batch_losses(picked, alone.detach(), label, mode.computed, where,
-                        lambda at: copies_losses(model_fn, params, batch,
-                                                 [i if rows_in is None else rows_in.index(i) for i in at], branches,
-                                                 before[1]),
+                        lambda at, **how: copies_losses(model_fn, params, batch,
+                                                        [i if rows_in is None else rows_in.index(i) for i in at],
+                                                        branches, before[1], **how),
                         named, batch.size if rows_in is None else None, which,
                         declared=coarsest([*params.values(), *batch.tensors]),
                         fine_confirm=fine_copies(model_fn, params, batch, branches, before[1], shapes, rows_in))
@@ -2042,7 +2043,7 @@ CONFIRM_ROWS = 4
 
 def copies_losses(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, rows: list[int],
                   branches: list[str] | None = None, host: tuple[Any, ...] | None = None,
-                  ran: list[list[Any]] | None = None) -> Tensor | None:
+                  ran: list[list[Any]] | None = None, times: int = 1, wide: bool = False) -> Tensor | None:
     """The loss of each sample ``rows[j]`` run plainly in a batch of the batch's shapes holding copies of it, taken
     at its own row: that sample's loss without the others, by the same kernels as the whole batch's (a batch of
     one rounds otherwise: a regression's small losses of outputs near 1000 differed by 5-7x ``sqrt(eps)`` between
@@ -2052,10 +2053,17 @@ def copies_losses(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, 
     became in Python in the run compared with), takes other branches. ``host``: Python's and NumPy's generator
     states the compared run started from (:func:`ghostfunc._draws.host_states`): each run starts there too, so the
     row takes the same draws from them as in that run (a NumPy augmentation per row). ``ran``, if given, gets each
-    run's calls' output shapes and dtypes (:func:`fine_copies`)."""
+    run's calls' output shapes and dtypes (:func:`fine_copies`). ``times``: a batch that many times the batch's
+    size, ``wide``: the parameters and the batch's floating tensors in float64 (:func:`_compare_confirmed`: a loss
+    that depends on the batch's size); ``None`` then where Python's or NumPy's generator draws (a bigger batch draws
+    other numbers for the row) or the model cannot run in float64."""
     device = next(iter(params.values())).device
     devices = [device.index or 0] if device.type == "cuda" else []
-    leaves = {k: v.detach().requires_grad_(v.is_floating_point() or v.is_complex()) for k, v in params.items()}
+
+    def widened(t: Tensor) -> Tensor:
+        return t.double() if wide and t.is_floating_point() else t
+
+    leaves = {k: widened(v.detach()).requires_grad_(v.is_floating_point() or v.is_complex()) for k, v in params.items()}
     mode = _UsesAndDtypes(leaves, quiet=True)
     own: list[Tensor] = []
     with fork_rng(devices), torch.enable_grad(), eager_stance(), warnings.catch_warnings():
@@ -2064,12 +2072,16 @@ def copies_losses(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, 
         try:
             with mode:
                 for i in rows:
-                    copies = batch.rebuild([t[i:i + 1].expand(t.shape).contiguous() for t in batch.tensors])
+                    copies = batch.rebuild([widened(t[i:i + 1].expand(times * t.shape[0], *t.shape[1:]).contiguous())
+                                            for t in batch.tensors])
                     mode.branches = []
                     if host is not None:
                         set_host_states(host)
+                    start = host_states() if times != 1 or wide else None
                     mode.shapes = []
                     out = model_fn(dict(leaves), copies)
+                    if start is not None and not same_host_states(start, host_states()):
+                        return None  # (a host draw: a bigger batch draws other numbers for the row)
                     if branches is not None and mode.branches != branches:
                         return None
                     if ran is not None:
@@ -2119,7 +2131,7 @@ def _shaped_otherwise(shapes: list[Any], runs: list[list[Any]]) -> torch.dtype |
 
 
 def refuse_batch_losses(together: Tensor, captured: Tensor, label: str, computed: torch.dtype, where: str,
-                        confirm: Callable[[list[int]], Tensor | None], chosen: list[int] | None = None,
+                        confirm: Callable[..., Tensor | None], chosen: list[int] | None = None,
                         size: int | None = None, which: str | None = None,
                         declared: torch.dtype | None = None,
                         fine_confirm: Callable[[list[int]], Any] | None = None) -> None:
@@ -2139,7 +2151,7 @@ def refuse_batch_losses(together: Tensor, captured: Tensor, label: str, computed
     rounding = max(declared, computed, key=lambda d: torch.finfo(d).eps)
     try:
         _compare_confirmed(together.detach().to(captured.dtype), captured.detach(), label, chosen, rounding,
-                           lambda at: confirm([chosen[j] for j in at]),
+                           lambda at, **how: confirm([chosen[j] for j in at], **how),
                            which or f"the whole {label} batch ({size or len(captured)} samples)",
                            declared, None if fine_confirm is None else lambda at: fine_confirm([chosen[j] for j in at]),
                            each_alone=False)
@@ -2148,7 +2160,7 @@ def refuse_batch_losses(together: Tensor, captured: Tensor, label: str, computed
 
 
 def _compare_confirmed(together: Tensor, alone: Tensor, label: str, chosen: list[int], rounding: torch.dtype,
-                       confirm: Callable[[list[int]], Tensor | None], which: str,
+                       confirm: Callable[..., Tensor | None], which: str,
                        declared: torch.dtype | None = None, fine_confirm: Callable[[list[int]], Any] | None = None,
                        each_alone: bool = True) -> None:
     """:func:`_compare` of ``k`` samples run together and each alone, where they differ beyond rounding first
@@ -2190,9 +2202,22 @@ def _compare_confirmed(together: Tensor, alone: Tensor, label: str, chosen: list
         if each_alone and factor is None:
             _compare(together, alone, label, chosen, rounding, which=which)
         return
-    _compare(together[torch.tensor(at, device=together.device)], own.to(alone.dtype), label, [chosen[j] for j in at],
+    named = [chosen[j] for j in at]
+    _compare(together[torch.tensor(at, device=together.device)], own.to(alone.dtype), label, named,
              rounding, which=which, how="each of these samples run in a batch of copies of itself (as if alone)",
              factor=factor, scale=scale)
+    if factor is None:  # copies agree with the batch, each alone does not: the batch's size, or its rounding? A
+        # batch of twice the copies tells, both in float64 (a float32 regressor's small losses of outputs near 1000
+        # rounded otherwise at 3 and 6 rows, beyond sqrt(eps)): a loss divided by the batch's size, or a mixture of
+        # experts' capacity counted over the batch's tokens (its router sending every token to one expert: the
+        # copies drop the batch's tokens), was taken for a batch of one's rounding and scored silently (h77)
+        once, twice = confirm(at, wide=True), confirm(at, times=2, wide=True)
+        if once is not None and twice is not None and once.shape == twice.shape == own.shape:
+            _compare(once, twice, label, named, torch.float64, which=which,
+                     how="each of these samples in a batch of twice as many copies of itself: its loss depends on "
+                         "the batch's size, not on its own rows alone (a loss divided by the batch size, a "
+                         "capacity counted over the batch's tokens)",
+                     kinds=("in a batch of its size", "in twice that size"))
 
 
 #: :func:`fine_rounding`'s allowance for the coarsest dtype computed in, in its ``eps``: a row and its copies run
@@ -2718,7 +2743,8 @@ def _largest_finite(a: Tensor, b: Tensor) -> float:
 
 def _compare(together: Tensor, alone: Tensor, label: str, chosen: list[int], dtype: torch.dtype,
              which: str | None = None, how: str = "the same samples run one at a time",
-             factor: float | None = None, scale: float | None = None) -> None:
+             factor: float | None = None, scale: float | None = None,
+             kinds: tuple[str, str] = ("with the others", "alone")) -> None:
     """``together[i]`` (sample ``chosen[i]`` run with the others) against ``alone[i]``, up to rounding.
 
     Rounding: ``factor`` (``sqrt(eps)`` of ``dtype``, the coarsest of the parameters', the inputs' and
@@ -2732,7 +2758,7 @@ def _compare(together: Tensor, alone: Tensor, label: str, chosen: list[int], dty
     if not bool(differ.any()):
         return
     rows = differ.nonzero().flatten().tolist()
-    seen = ", ".join(f"sample {chosen[i]}: {together[i].item():.6g} with the others, {alone[i].item():.6g} alone"
+    seen = ", ".join(f"sample {chosen[i]}: {together[i].item():.6g} {kinds[0]}, {alone[i].item():.6g} {kinds[1]}"
                      for i in rows[:4]) + (f", ... ({len(rows)} in all)" if len(rows) > 4 else "")
     which = which or samples_named(chosen, label)
     finite = bool((torch.isfinite(together) & torch.isfinite(alone))[differ].any())
