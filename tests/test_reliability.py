@@ -3722,3 +3722,62 @@ def test_a_frozen_parameter_left_requiring_grad_is_a_constant(policy):
     _, info = step(step.init(p), train, val)
     assert torch.isfinite(info.values).all()
     assert table.grad is None
+
+
+def _capacity_moe_fn(experts: list[Tensor], router_bias: Tensor, factor: float = 1.25):
+    """A top-1 mixture of experts whose capacity is counted over the whole batch's tokens (Switch Transformer's
+    ``capacity_factor * tokens / experts``): tokens past an expert's capacity, in the batch's order, are dropped."""
+    def model_fn(p, batch):
+        x, y = batch  # [B, T, d], [B]
+        b, t, d = x.shape
+        tokens = x.reshape(b * t, d)
+        route = (tokens @ p["router"] + router_bias).argmax(-1)  # [B*T]
+        capacity = math.ceil(factor * b * t / len(experts))
+        out = torch.zeros_like(tokens)
+        for e, w in enumerate(experts):
+            picked = (route == e).nonzero().flatten()[:capacity]
+            out = out.index_add(0, picked, torch.tanh(tokens[picked] @ w @ p["w"]))
+        return (out.reshape(b, t, d).mean(1) @ p["head"] - y) ** 2
+
+    return model_fn
+
+
+@pytest.mark.parametrize("how", ["a loss divided by the batch size", "a capacity counted over the batch's tokens"])
+def test_a_loss_that_depends_on_the_batch_size_is_refused(how):
+    """A sample's loss that depends on how many samples its batch holds, not on which: the rows compared together
+    and alone differ, and copies of a sample in a batch of the batch's size agree with it, which was taken for a
+    batch of one's rounding (h77: a capacity-limited mixture of experts whose router sends every token to one
+    expert scored silently, its train_grad 1.22 off the batch's gradient). A batch of twice the copies tells."""
+    g = _g(7)
+    d = 4
+    p = {"router": torch.randn(d, 3, generator=g, dtype=F64), "w": torch.randn(d, d, generator=g, dtype=F64),
+         "head": torch.randn(d, generator=g, dtype=F64)}
+    if how.startswith("a loss divided"):
+        def model_fn(p, batch):
+            x, y = batch
+            return (torch.tanh(x.mean(1) @ p["w"]) @ p["head"] - y) ** 2 / x.shape[0]
+    else:
+        experts = [torch.eye(d, dtype=F64) * (1 + e) for e in range(3)]
+        model_fn = _capacity_moe_fn(experts, torch.tensor([50.0, 0.0, 0.0], dtype=F64))  # every token to expert 0
+    train = (torch.randn(6, 8, d, generator=g, dtype=F64), torch.randn(6, generator=g, dtype=F64))
+    val = (torch.randn(3, 8, d, generator=g, dtype=F64), torch.randn(3, generator=g, dtype=F64))
+    said = r"^graddot: samples interact in model_fn: .* in a batch of twice as many copies of itself: its loss " \
+           r"depends on the batch's size"
+    with pytest.raises(SamplesInteractError, match=said):
+        ghostfunc.graddot(model_fn, p, train, val)
+    with pytest.raises(SamplesInteractError, match=said.replace("graddot", "inrun_shapley")):
+        ghostfunc.inrun_shapley(model_fn, p, train, val, lr=0.1)
+
+
+def test_a_capacity_never_reached_is_exact():
+    """The same mixture of experts with a capacity no batch reaches (one expert may take every token): each sample's
+    loss is its own, and graddot equals the loop (the batch-size check says nothing of it)."""
+    g = _g(8)
+    d = 4
+    p = {"router": torch.randn(d, 3, generator=g, dtype=F64), "w": torch.randn(d, d, generator=g, dtype=F64),
+         "head": torch.randn(d, generator=g, dtype=F64)}
+    experts = [torch.eye(d, dtype=F64) * (1 + e) for e in range(3)]
+    model_fn = _capacity_moe_fn(experts, torch.zeros(3, dtype=F64), factor=3.0)  # room for every token
+    train = (torch.randn(6, 2, d, generator=g, dtype=F64), torch.randn(6, generator=g, dtype=F64))
+    val = (torch.randn(3, 2, d, generator=g, dtype=F64), torch.randn(3, generator=g, dtype=F64))
+    assert_exact(model_fn, p, train, val, "capacity never reached", [("auto", "mean")])
