@@ -23,6 +23,7 @@ splits such batches). The global RNG state is left as it was.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime
 import decimal
@@ -1803,6 +1804,7 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
                 # starts from the batch's state (its row takes the same draws; below)
                 host = _drew(before, devices, host=True)
                 alone: list[Tensor] | None = None
+                groups: list[tuple[list[int], Tensor, Tensor, list[str], list[Any]]] = []  # (_same_branch_groups)
                 branches = mode.branches
                 if not random and not host and k > 1 and _per_sample_shape(together, k):
                     alone = []
@@ -1815,6 +1817,8 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
                         if mode.branches != branches:
                             alone = None
                             break
+                if alone is None and not random and not host and k > 1 and _per_sample_shape(together, k):
+                    groups = _same_branch_groups(model_fn, params, batch, label, mode)
                 if alone is None and watch.first_wrote():  # one run only: a second tells an update from a fill
                     model_fn(dict(params), rows(0, k))
         except (SamplesInteractError, InPlaceWriteError, StateWrittenError, LossShapeError):
@@ -1845,12 +1849,61 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
         _compare_confirmed(together.detach(), torch.cat(alone).detach(), label, chosen, rounding, copied,  # model)
                            samples_named(chosen, label), declared,
                            fine_copies(model_fn, params, _rows_batch(batch, chosen), branches, before[1], shapes))
+    for group, group_together, group_alone, took, ran in groups:
+        declared = coarsest([*params.values(), *batch.tensors, group_together])
+        rounding = max(declared, mode.computed, key=lambda d: torch.finfo(d).eps)
+        part = _rows_batch(batch, group)
+        _compare_confirmed(group_together, group_alone, label, group, rounding,
+                           lambda at, part=part, **how: copies_losses(model_fn, params, part, at, None, before[1],
+                                                                     **how),
+                           samples_named(group, label), declared,
+                           fine_copies(model_fn, params, part, took, before[1], ran))
     with _FastPathOutputs() as watched:  # (its run with gradients is the watched run the plain call is compared with)
         _refuse_detached(model_fn, params, lambda: rows(0, k))
     if watched.outputs and not host and not mode.renorms:  # (torch's draws: the same in both, outputs compared
         _refuse_other_path(model_fn, params, rows(0, k), label, chosen, devices, watched.outputs,  # where it drew
                            compare=not mode.random)  # none)
     return k > 1
+
+
+#: How many distinct samples :func:`_same_branch_groups` runs alone to find those that branch alike.
+BRANCH_ROWS = 8
+
+
+def _same_branch_groups(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, label: str,
+                        mode: _UsesAndDtypes) -> list[tuple[list[int], Tensor, Tensor, list[str], list[Any]]]:
+    """For a model whose batch takes other data-dependent branches than its samples alone (whose runs
+    :func:`_check_batch` does not compare: each sample's own branch is the loop's answer): up to
+    :data:`BRANCH_ROWS` distinct samples run alone, and each set of them that took the same branches alone run
+    together, where it takes those branches too: ``(rows, losses together, losses alone, its branches, its calls'
+    output shapes)`` to compare. A mixture of
+    experts looping over the experts its tokens hit (Hugging Face Mixtral's eager experts) hits others for the batch
+    than for a sample, and its load-balancing loss over the batch was scored silently (h77); rows that hit the same
+    experts show it. Run inside ``mode``; nothing where fewer than two rows branch alike."""
+    chosen = distinct_rows(batch.tensors, batch.size, BRANCH_ROWS)
+    rows = _rows_of(batch, chosen)
+    alone: list[Tensor] = []
+    seen: dict[str, list[int]] = {}
+    for i in range(len(chosen)):
+        mode.branches = []
+        out = model_fn(dict(params), rows(i, i + 1))
+        if not _per_sample_shape(out, 1):
+            return []
+        alone.append(out.detach().reshape(-1))
+        seen.setdefault(repr(mode.branches), []).append(i)
+    out_groups = []
+    for took, at in seen.items():
+        if len(at) < 2:
+            continue
+        mode.branches, mode.shapes = [], []
+        group = [chosen[i] for i in at]
+        part = _rows_batch(batch, group)
+        together = model_fn(dict(params), part.rebuild(part.tensors))
+        if repr(mode.branches) != took or not _per_sample_shape(together, len(at)):
+            continue  # (together, these rows branch otherwise too: nothing to compare)
+        out_groups.append((group, together.detach(), torch.cat([alone[i] for i in at]), list(mode.branches),
+                           list(mode.shapes)))
+    return out_groups
 
 
 class OtherPathError(ValueError):
@@ -2123,8 +2176,13 @@ def _shaped_otherwise(shapes: list[Any], runs: list[list[Any]]) -> torch.dtype |
 
     found: list[torch.dtype] = []
     for run in runs:
-        if len(run) != len(shapes):
-            found += [d for entry in (*shapes, *run) for d in dtypes(entry)]
+        if len(run) != len(shapes):  # (calls in another number: a loop over the experts a batch's tokens hit) the
+            # calls of either run the other lacks, counted as many times as they ran (Qwen2-MoE's float32 router ran
+            # alike, its float64 experts did not; all of them counted, the fine comparison gave up at float32's
+            # sqrt(eps) and its load-balancing loss over the batch went unseen, h77)
+            ours, theirs = collections.Counter(map(repr, shapes)), collections.Counter(map(repr, run))
+            odd = (ours - theirs) + (theirs - ours)
+            found += [d for entry in (*shapes, *run) if odd[repr(entry)] for d in dtypes(entry)]
             continue
         found += [d for a, b in zip(shapes, run, strict=True) if a != b for d in (*dtypes(a), *dtypes(b))]
     return max(found, key=lambda d: torch.finfo(d).eps, default=None)
@@ -2441,13 +2499,29 @@ class _UsesAndDtypes(_Uses):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         out = super().__torch_function__(func, types, args, kwargs)
+        moves = getattr(func, "__name__", None) in _MOVES  # (rounds nothing, whatever its shape: not noted)
         if isinstance(out, Tensor):
-            self.shapes.append((out.shape, out.dtype))
+            if not moves:
+                self.shapes.append((out.shape, out.dtype))
             if out.is_floating_point() and torch.finfo(out.dtype).eps > torch.finfo(self.computed).eps:
                 self.computed = out.dtype
-        elif isinstance(out, tuple):
+        elif isinstance(out, tuple) and not moves:
             self.shapes.append(tuple((o.shape, o.dtype) for o in out if isinstance(o, Tensor)))
         return out
+
+
+#: Calls that move, pick or make values without arithmetic: their outputs' shapes say nothing of rounding
+#: (:func:`_shaped_otherwise`; Mixtral's eager experts pick each expert's float32 routing weights by index, a shape
+#: the tokens set, and the fine comparison gave up at float32's sqrt(eps), leaving its load-balancing loss over the
+#: batch unseen, h77).
+_MOVES = frozenset({
+    "__getitem__", "__setitem__", "index_select", "gather", "take_along_dim", "masked_select", "nonzero", "where",
+    "masked_fill", "cat", "concat", "concatenate", "stack", "reshape", "view", "view_as", "permute", "transpose", "t",
+    "expand", "expand_as", "contiguous", "to", "float", "double", "half", "bfloat16", "type", "clone", "detach",
+    "squeeze", "unsqueeze", "flatten", "unflatten", "split", "chunk", "unbind", "narrow", "select", "topk", "sort",
+    "argsort", "argmax", "argmin", "one_hot", "repeat", "repeat_interleave", "tile", "roll", "flip", "movedim",
+    "swapaxes", "swapdims", "zeros", "ones", "zeros_like", "ones_like", "full", "full_like", "empty", "empty_like",
+    "arange"})
 
 
 def _mean_grads(model_fn: Callable, params: Mapping[str, Tensor],

@@ -1063,6 +1063,45 @@ def test_a_mixture_of_experts_load_balancing_loss_is_refused() -> None:
     assert (got.scores - want).abs().max() < 1e-8 * want.abs().max()  # (the router's float32 softmax)
 
 
+@pytest.mark.parametrize("family", ["mixtral", "qwen2-moe, a padded row"])
+def test_a_load_balancing_loss_behind_the_experts_own_branches_is_refused(family: str) -> None:
+    """Eager experts loop over the experts the tokens hit: the batch hits others than each row alone (and a padded
+    batch takes ``mask.all()``'s other branch), so the rows together and alone were never compared, and the
+    load-balancing loss over the batch was scored silently (h77: train_grad 1.97 and 2.92 off the batch's). Rows
+    that branch alike alone are compared together; the calls that only pick values by index (the float32 routing
+    weights of each expert's tokens) no longer count as rounding otherwise. Without it, the loop's numbers."""
+    torch.manual_seed(0)
+    common = dict(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                  num_experts_per_tok=2, output_router_logits=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if family == "mixtral":
+        cfg = tf.MixtralConfig(intermediate_size=24, num_local_experts=4, router_aux_loss_coef=0.02, **common)
+        build: Any = tf.MixtralForCausalLM
+    else:
+        cfg = tf.Qwen2MoeConfig(intermediate_size=24, moe_intermediate_size=12, shared_expert_intermediate_size=20,
+                                num_experts=4, **common)
+        build = tf.Qwen2MoeForCausalLM
+    cfg._experts_implementation = "eager"
+    model = build(cfg).double().eval()
+    g = torch.Generator().manual_seed(1)
+    train = {"input_ids": torch.randint(3, 40, (5, 8), generator=g), "attention_mask": torch.ones(5, 8, dtype=torch.long)}
+    val = {"input_ids": torch.randint(3, 40, (3, 6), generator=g), "attention_mask": torch.ones(3, 6, dtype=torch.long)}
+    if family != "mixtral":
+        train["attention_mask"][0, 6:] = 0
+
+    def balanced(out: Any, batch: Any) -> Tensor:
+        return ghostfunc.causal_lm_loss(out, batch) + cfg.router_aux_loss_coef * out.aux_loss
+
+    model_fn, params = ghostfunc.from_module(model, balanced)
+    for call in (lambda: ghostfunc.graddot(model_fn, params, train, val),
+                 lambda: ghostfunc.inrun_shapley(model_fn, params, train, val, lr=0.1)):
+        with pytest.raises(ghostfunc.SamplesInteractError, match=r"samples interact in model_fn"):
+            call()
+    model_fn, params = ghostfunc.from_module(model, ghostfunc.causal_lm_loss)
+    got, want = ghostfunc.graddot(model_fn, params, train, val), ghostfunc.reference_graddot(model_fn, params, train,
+                                                                                           val)[0]
+    assert (got.scores - want).abs().max() < 1e-8 * want.abs().max()  # (the router's float32 softmax)
+
+
 def test_a_model_whose_own_call_fails_shows_its_own_error() -> None:
     """XGLM in float64 fails in its own forward (a float32 minimum written into a float64 mask); from_module kept its
     built inputs all the same, whose bidirectional mask (no XGLM module says ``is_causal``) then failed with an error
