@@ -927,3 +927,47 @@ def test_rows_swapped_between_samples_by_value_never_take_the_whole_batch_run(mo
     val = (torch.randn(4, 5, d, generator=g, dtype=F64), torch.randint(0, 3, (4,), generator=g))
     exact_every_call(within, p, train, val)
     assert verdicts(within) == {True}
+
+
+class _KeyBiasAttention(nn.Module):
+    """Causal self-attention whose key projection has a bias: softmax ignores a shift shared by a query's keys, so
+    that bias's gradient is 0, and each run computes it as rounding noise."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(20, 16)
+        self.q, self.k, self.v, self.out = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids)
+        b, t, d = h.shape
+        q, k, v = (f(h).view(b, t, 2, 8).transpose(1, 2) for f in (self.q, self.k, self.v))
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, d)
+        return self.out((h + a).mean(1))
+
+
+def test_a_parameter_whose_gradient_is_rounding_noise_keeps_the_whole_batch_run() -> None:
+    """The key bias's per-sample gradients are 1e-17 of noise that the whole-batch run and the per-sample capture
+    do not repeat: compared against their own scale, every call's verdict failed, and the model never took the
+    whole-batch run nor a compiled graph (5x a call, h78). Judged against the largest value of the tree too."""
+    torch.manual_seed(0)
+    net = _KeyBiasAttention().to(F64)
+    params = params_of(net)
+
+    def fn(p, batch):
+        return F.cross_entropy(functional_call(net, p, (batch[0],)), batch[1], reduction="none")
+
+    g = torch.Generator().manual_seed(1)
+    train = (torch.randint(0, 20, (12, 6), generator=g), torch.randint(0, 3, (12,), generator=g))
+    val = (torch.randint(0, 20, (4, 6), generator=g), torch.randint(0, 3, (4,), generator=g))
+    assert params["k.bias"].abs().max() > 0
+    exact_every_call(fn, params, train, val)
+    assert verdicts(fn) == {True}
+
+
+def test_close_allows_rounding_noise_beside_the_largest_value_and_no_more() -> None:
+    big = torch.tensor([1.0, -2.0], dtype=F64)
+    noise = torch.tensor([1e-17, -3e-17], dtype=F64)
+    assert _whole.close([big, noise], [big, -noise], 2 / 3)  # (a 0 computed twice: noise each time)
+    assert not _whole.close([big, noise * 1e6], [big, -noise * 1e6], 2 / 3)  # (1e-11: a value, and it moved)
+    assert not _whole.close([big, big], [big, big * (1 + 1e-9)], 2 / 3)
