@@ -301,10 +301,6 @@ def _split(half: Half, batches: Sequence[Batch]) -> list[Half]:
 VERDICT_POWER = 2 / 3
 
 
-#: :func:`close`'s floor, in ``eps`` of the largest value of a dtype in the compared tree: rounding noise.
-NOISE_ULPS = 4
-
-
 def same_run(a: Any, b: Any) -> bool:
     """:func:`close` at the verdict's tolerance (:data:`VERDICT_POWER`)."""
     return close(a, b, VERDICT_POWER)
@@ -536,18 +532,11 @@ def signature(params: Mapping[str, Tensor], batches: Sequence[Batch], *rest: Any
 
 def close(a: Any, b: Any, power: float = 0.5) -> bool:
     """The same pytree of tensors up to rounding: ``eps ** power`` of the dtype (``sqrt(eps)`` unless told, and
-    for 16-bit floats) times the largest value, and no less than :data:`NOISE_ULPS` ``eps`` of the largest value of
-    that dtype in the whole tree: a leaf whose true value is 0 holds rounding noise, which two runs do not repeat (a
-    key projection's bias, whose gradient softmax's shift invariance makes 0: its 1e-17 of noise differed by 1e-17,
-    and the whole-batch run and compiled graph were refused on every call, 5x a call, h78)."""
+    for 16-bit floats) times the largest value."""
     la, sa = pytree.tree_flatten(a)
     lb, sb = pytree.tree_flatten(b)
     if sa != sb:
         return False
-    largest: dict[torch.dtype, float] = {}
-    for x in (*la, *lb):
-        if isinstance(x, Tensor) and x.is_floating_point() and x.numel():
-            largest[x.dtype] = max(largest.get(x.dtype, 0.0), x.detach().abs().max().double().item())
     for x, y in zip(la, lb, strict=True):
         if not isinstance(x, Tensor):
             if x != y:
@@ -564,7 +553,7 @@ def close(a: Any, b: Any, power: float = 0.5) -> bool:
         xd, yd = x.double(), y.double()
         scale = torch.maximum(xd.abs().max(), yd.abs().max()).item()
         info = torch.finfo(x.dtype)  # 16-bit floats: sqrt(eps) (a few ulps of summation order is 5% in bfloat16)
-        tol = max(info.eps ** (power if info.bits >= 32 else 0.5) * scale, NOISE_ULPS * info.eps * largest[x.dtype])
+        tol = info.eps ** (power if info.bits >= 32 else 0.5) * scale
         if not bool(((xd - yd).abs() <= tol).all()):
             return False
     return True
