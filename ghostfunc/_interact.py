@@ -2109,7 +2109,7 @@ def copies_losses(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, 
     run's calls' output shapes and dtypes (:func:`fine_copies`). ``times``: a batch that many times the batch's
     size, ``wide``: the parameters and the batch's floating tensors in float64 (:func:`_compare_confirmed`: a loss
     that depends on the batch's size); ``None`` then where Python's or NumPy's generator draws (a bigger batch draws
-    other numbers for the row) or the model cannot run in float64."""
+    other numbers for the row), the model cannot run in float64, or some call still computed narrower."""
     device = next(iter(params.values())).device
     devices = [device.index or 0] if device.type == "cuda" else []
 
@@ -2143,6 +2143,8 @@ def copies_losses(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, 
         except Exception:  # noqa: BLE001 - a model that runs only under vmap: nothing to confirm with
             return None
         if mode.random or _drew(before, devices, host=False if host is not None else None):
+            return None
+        if wide and mode.computed != torch.float64:  # (something the widening does not reach ran narrower)
             return None
     return torch.cat(own)
 
@@ -2264,18 +2266,20 @@ def _compare_confirmed(together: Tensor, alone: Tensor, label: str, chosen: list
     _compare(together[torch.tensor(at, device=together.device)], own.to(alone.dtype), label, named,
              rounding, which=which, how="each of these samples run in a batch of copies of itself (as if alone)",
              factor=factor, scale=scale)
-    if factor is None:  # copies agree with the batch, each alone does not: the batch's size, or its rounding? A
-        # batch of twice the copies tells, both in float64 (a float32 regressor's small losses of outputs near 1000
-        # rounded otherwise at 3 and 6 rows, beyond sqrt(eps)): a loss divided by the batch's size, or a mixture of
-        # experts' capacity counted over the batch's tokens (its router sending every token to one expert: the
-        # copies drop the batch's tokens), was taken for a batch of one's rounding and scored silently (h77)
-        once, twice = confirm(at, wide=True), confirm(at, times=2, wide=True)
+    if factor is None:  # copies agree with the batch, each alone does not: the batch's size, or its rounding? Copies
+        # in batches of twice and four times its size tell, both in float64 and of 4 rows or more, which CPU matrix
+        # products round alike (3 and 6 rows did not: a float64 regressor's small losses of outputs near 1000 were
+        # refused, h81): a loss divided by the batch's size, or a mixture of experts' capacity counted over the
+        # batch's tokens (its router sending every token to one expert: the copies drop the batch's tokens), was
+        # taken for a batch of one's rounding and scored silently (h77). Nothing is said where anything in those runs
+        # computed in a narrower dtype (a frozen float32 base the parameters do not reach: 3.05e-7 of a 1e-4 loss)
+        once, twice = confirm(at, times=2, wide=True), confirm(at, times=4, wide=True)
         if once is not None and twice is not None and once.shape == twice.shape == own.shape:
             _compare(once, twice, label, named, torch.float64, which=which,
-                     how="each of these samples in a batch of twice as many copies of itself: its loss depends on "
+                     how="each of these samples in batches of two and four times as many copies of itself: its loss depends on "
                          "the batch's size, not on its own rows alone (a loss divided by the batch size, a "
                          "capacity counted over the batch's tokens)",
-                     kinds=("in a batch of its size", "in twice that size"))
+                     kinds=("in a batch of twice its size", "in four times its size"))
 
 
 #: :func:`fine_rounding`'s allowance for the coarsest dtype computed in, in its ``eps``: a row and its copies run

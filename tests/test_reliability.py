@@ -3761,8 +3761,8 @@ def test_a_loss_that_depends_on_the_batch_size_is_refused(how):
         model_fn = _capacity_moe_fn(experts, torch.tensor([50.0, 0.0, 0.0], dtype=F64))  # every token to expert 0
     train = (torch.randn(6, 8, d, generator=g, dtype=F64), torch.randn(6, generator=g, dtype=F64))
     val = (torch.randn(3, 8, d, generator=g, dtype=F64), torch.randn(3, generator=g, dtype=F64))
-    said = r"^graddot: samples interact in model_fn: .* in a batch of twice as many copies of itself: its loss " \
-           r"depends on the batch's size"
+    said = r"^graddot: samples interact in model_fn: .* in batches of two and four times as many copies of itself: " \
+           r"its loss depends on the batch's size"
     with pytest.raises(SamplesInteractError, match=said):
         ghostfunc.graddot(model_fn, p, train, val)
     with pytest.raises(SamplesInteractError, match=said.replace("graddot", "inrun_shapley")):
@@ -3781,3 +3781,36 @@ def test_a_capacity_never_reached_is_exact():
     train = (torch.randn(6, 2, d, generator=g, dtype=F64), torch.randn(6, generator=g, dtype=F64))
     val = (torch.randn(3, 2, d, generator=g, dtype=F64), torch.randn(3, generator=g, dtype=F64))
     assert_exact(model_fn, p, train, val, "capacity never reached", [("auto", "mean")])
+
+
+@pytest.mark.parametrize("how", ["float64", "a frozen float32 base"])
+def test_small_losses_of_large_outputs_are_not_taken_for_a_loss_that_depends_on_the_batch_size(how):
+    """A regressor fitted to 1e-6 (float64) or 1e-3 (a frozen float32 base the parameters do not reach, under a
+    trainable head) of outputs near 1000: a batch of one and of three round otherwise, the copies agree with the
+    batch, and the batch-size comparison ran copies of 3 and 6 rows, which CPU matrix products round otherwise too
+    (h81: both refused). It runs batches of 4 rows or more, in float64, and says nothing where a call the widening
+    does not reach computed narrower."""
+    torch.manual_seed(0)
+    dtype = F64 if how == "float64" else torch.float32
+    base = nn.Linear(64, 1).requires_grad_(False)  # (float32 either way: a constant, not in params)
+    head = nn.Linear(64, 1).to(dtype)
+    with torch.no_grad():
+        (head if how == "float64" else base).weight.mul_(10)
+        if how != "float64":
+            head.weight.mul_(1e-3)
+    params = {k: v.detach() for k, v in head.named_parameters()}
+
+    def forward(p, x):
+        out = functional_call(head, p, (x,))
+        return (out if how == "float64" else base(x.float()).to(x.dtype) + out).squeeze(1)
+
+    x = torch.randn(8, 64, generator=_g(4), dtype=dtype) * 30
+    with torch.no_grad():
+        y = torch.cat([forward(params, x[i:i + 1]) for i in range(8)]) + (1e-6 if how == "float64" else 1e-3)
+
+    def model_fn(p, batch):
+        return (forward(p, batch[0]) - batch[1]) ** 2
+
+    out = ghostfunc.graddot(model_fn, params, (x, y), (x[:4].clone(), y[:4].clone()))
+    if how == "float64":
+        assert rel(out.scores, ghostfunc.reference_graddot(model_fn, params, (x, y), (x[:4], y[:4]))[0]) < 1e-6
