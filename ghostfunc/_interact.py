@@ -1818,7 +1818,7 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
                             alone = None
                             break
                 if alone is None and not random and not host and k > 1 and _per_sample_shape(together, k):
-                    groups = _same_branch_groups(model_fn, params, batch, label, mode)
+                    groups = _same_branch_groups(model_fn, params, batch, mode)
                 if alone is None and watch.first_wrote():  # one run only: a second tells an update from a fill
                     model_fn(dict(params), rows(0, k))
         except (SamplesInteractError, InPlaceWriteError, StateWrittenError, LossShapeError):
@@ -1870,16 +1870,16 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
 BRANCH_ROWS = 8
 
 
-def _same_branch_groups(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, label: str,
+def _same_branch_groups(model_fn: Callable, params: Mapping[str, Tensor], batch: Any,
                         mode: _UsesAndDtypes) -> list[tuple[list[int], Tensor, Tensor, list[str], list[Any]]]:
     """For a model whose batch takes other data-dependent branches than its samples alone (whose runs
     :func:`_check_batch` does not compare: each sample's own branch is the loop's answer): up to
     :data:`BRANCH_ROWS` distinct samples run alone, and each set of them that took the same branches alone run
     together, where it takes those branches too: ``(rows, losses together, losses alone, its branches, its calls'
-    output shapes)`` to compare. A mixture of
-    experts looping over the experts its tokens hit (Hugging Face Mixtral's eager experts) hits others for the batch
-    than for a sample, and its load-balancing loss over the batch was scored silently (h77); rows that hit the same
-    experts show it. Run inside ``mode``; nothing where fewer than two rows branch alike."""
+    output shapes)`` to compare. A mixture of experts looping over the experts its tokens hit (Hugging Face
+    Mixtral's eager experts) hits others for the batch than for a sample, and its load-balancing loss over the batch
+    was scored silently (h77); rows that hit the same experts show it. Run inside ``mode``; nothing where fewer than
+    two rows branch alike."""
     chosen = distinct_rows(batch.tensors, batch.size, BRANCH_ROWS)
     rows = _rows_of(batch, chosen)
     alone: list[Tensor] = []
