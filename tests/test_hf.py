@@ -1052,10 +1052,16 @@ def test_a_mixture_of_experts_load_balancing_loss_is_refused() -> None:
     g = torch.Generator().manual_seed(1)
     train, val = {"input_ids": torch.randint(3, V, (4, 8), generator=g)}, {"input_ids": torch.randint(3, V, (2, 6),
                                                                                                        generator=g)}
+    _refused_with_its_balancing_loss(model, balanced, train, val, r"in a batch of copies of itself")
+
+
+def _refused_with_its_balancing_loss(model: nn.Module, balanced: Callable, train: Any, val: Any, said: str) -> None:
+    """graddot and inrun_shapley refuse ``model`` under ``balanced`` (a loss with the batch's load-balancing loss);
+    under the causal-LM loss alone graddot gives the loop's numbers."""
     model_fn, params = ghostfunc.from_module(model, balanced)
     for call in (lambda: ghostfunc.graddot(model_fn, params, train, val),
                  lambda: ghostfunc.inrun_shapley(model_fn, params, train, val, lr=0.1)):
-        with pytest.raises(ghostfunc.SamplesInteractError, match=r"in a batch of copies of itself"):
+        with pytest.raises(ghostfunc.SamplesInteractError, match=said):
             call()
     model_fn, params = ghostfunc.from_module(model, ghostfunc.causal_lm_loss)
     got, want = ghostfunc.graddot(model_fn, params, train, val), ghostfunc.reference_graddot(model_fn, params, train,
@@ -1091,15 +1097,7 @@ def test_a_load_balancing_loss_behind_the_experts_own_branches_is_refused(family
     def balanced(out: Any, batch: Any) -> Tensor:
         return ghostfunc.causal_lm_loss(out, batch) + cfg.router_aux_loss_coef * out.aux_loss
 
-    model_fn, params = ghostfunc.from_module(model, balanced)
-    for call in (lambda: ghostfunc.graddot(model_fn, params, train, val),
-                 lambda: ghostfunc.inrun_shapley(model_fn, params, train, val, lr=0.1)):
-        with pytest.raises(ghostfunc.SamplesInteractError, match=r"samples interact in model_fn"):
-            call()
-    model_fn, params = ghostfunc.from_module(model, ghostfunc.causal_lm_loss)
-    got, want = ghostfunc.graddot(model_fn, params, train, val), ghostfunc.reference_graddot(model_fn, params, train,
-                                                                                           val)[0]
-    assert (got.scores - want).abs().max() < 1e-8 * want.abs().max()  # (the router's float32 softmax)
+    _refused_with_its_balancing_loss(model, balanced, train, val, r"samples interact in model_fn")
 
 
 def test_a_model_whose_own_call_fails_shows_its_own_error() -> None:

@@ -320,10 +320,14 @@ def test_order_2_through_an_autograd_function_without_jvp():
     """functorch's forward mode asserts ('flat_bdims must not be None') on an autograd.Function without jvp; the
     Hessian-vector product falls back to reverse-over-reverse, exact, for inrun_shapley and train_step."""
     params, train, val = mlp(5)
-    lr = 0.3
-    want = reference_order2(_cubed_fn, params, train, val, lr, double_backward_hvp(_cubed_fn, params, val))
-    assert rel(ghostfunc.inrun_shapley(_cubed_fn, params, train, val, lr=lr, order=2), want) < 1e-10
-    step = ghostfunc.train_step(_cubed_fn, ghostfunc.sgd(lr), order=2)
+    assert_order_2_exact(_cubed_fn, params, train, val, 0.3)
+
+
+def assert_order_2_exact(model_fn, params, train, val, lr) -> None:
+    """inrun_shapley and a train_step at order 2 equal the brute force (a double backward's H·v)."""
+    want = reference_order2(model_fn, params, train, val, lr, double_backward_hvp(model_fn, params, val))
+    assert rel(ghostfunc.inrun_shapley(model_fn, params, train, val, lr=lr, order=2), want) < 1e-10
+    step = ghostfunc.train_step(model_fn, ghostfunc.sgd(lr), order=2)
     _, info = step(step.init(params), train, val)
     assert rel(info.values, want) < 1e-10
 
@@ -352,12 +356,7 @@ def test_order_2_through_a_product_scatter(call):
         pooled = pooled + ones.scatter_reduce(1, at, h, "sum")
         return F.cross_entropy(F.linear(pooled, p["w2"], p["b2"]), batch["y"], reduction="none")
 
-    lr = 0.7
-    want = reference_order2(model_fn, params, train, val, lr, double_backward_hvp(model_fn, params, val))
-    assert rel(ghostfunc.inrun_shapley(model_fn, params, train, val, lr=lr, order=2), want) < 1e-10
-    step = ghostfunc.train_step(model_fn, ghostfunc.sgd(lr), order=2)
-    _, info = step(step.init(params), train, val)
-    assert rel(info.values, want) < 1e-10
+    assert_order_2_exact(model_fn, params, train, val, 0.7)
 
 
 def _wrong_forward_fn(kind):
