@@ -2096,7 +2096,8 @@ CONFIRM_ROWS = 4
 
 def copies_losses(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, rows: list[int],
                   branches: list[str] | None = None, host: tuple[Any, ...] | None = None,
-                  ran: list[list[Any]] | None = None, times: int = 1, wide: bool = False) -> Tensor | None:
+                  ran: list[list[Any]] | None = None, times: int = 1, wide: bool = False,
+                  took: list[list[str]] | None = None) -> Tensor | None:
     """The loss of each sample ``rows[j]`` run plainly in a batch of the batch's shapes holding copies of it, taken
     at its own row: that sample's loss without the others, by the same kernels as the whole batch's (a batch of
     one rounds otherwise: a regression's small losses of outputs near 1000 differed by 5-7x ``sqrt(eps)`` between
@@ -2109,7 +2110,8 @@ def copies_losses(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, 
     run's calls' output shapes and dtypes (:func:`fine_copies`). ``times``: a batch that many times the batch's
     size, ``wide``: the parameters and the batch's floating tensors in float64 (:func:`_compare_confirmed`: a loss
     that depends on the batch's size); ``None`` then where Python's or NumPy's generator draws (a bigger batch draws
-    other numbers for the row), the model cannot run in float64, or some call still computed narrower."""
+    other numbers for the row), the model cannot run in float64, or some call still computed narrower. ``took``, if
+    given, gets each run's data-dependent branches."""
     device = next(iter(params.values())).device
     devices = [device.index or 0] if device.type == "cuda" else []
 
@@ -2137,6 +2139,8 @@ def copies_losses(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, 
                         return None  # (a host draw: a bigger batch draws other numbers for the row)
                     if branches is not None and mode.branches != branches:
                         return None
+                    if took is not None:
+                        took.append(list(mode.branches))
                     if ran is not None:
                         ran.append(list(mode.shapes))  # (the mode goes on adding to its list)
                     own.append(out.reshape(-1)[i:i + 1].detach())
@@ -2273,8 +2277,11 @@ def _compare_confirmed(together: Tensor, alone: Tensor, label: str, chosen: list
         # batch's tokens (its router sending every token to one expert: the copies drop the batch's tokens), was
         # taken for a batch of one's rounding and scored silently (h77). Nothing is said where anything in those runs
         # computed in a narrower dtype (a frozen float32 base the parameters do not reach: 3.05e-7 of a 1e-4 loss)
-        once, twice = confirm(at, times=2, wide=True), confirm(at, times=4, wide=True)
-        if once is not None and twice is not None and once.shape == twice.shape == own.shape:
+        took_once: list[list[str]] = []
+        took_twice: list[list[str]] = []
+        once, twice = confirm(at, times=2, wide=True, took=took_once), confirm(at, times=4, wide=True, took=took_twice)
+        if once is not None and twice is not None and once.shape == twice.shape == own.shape and \
+                took_once == took_twice:  # (a branch on a statistic of the batch taken otherwise: nothing to compare)
             _compare(once, twice, label, named, torch.float64, which=which,
                      how="each of these samples in batches of two and four times as many copies of itself: its loss depends on "
                          "the batch's size, not on its own rows alone (a loss divided by the batch size, a "
