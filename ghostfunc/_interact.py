@@ -1804,7 +1804,7 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
                 # starts from the batch's state (its row takes the same draws; below)
                 host = _drew(before, devices, host=True)
                 alone: list[Tensor] | None = None
-                groups: list[tuple[list[int], Tensor, Tensor, list[str], list[Any]]] = []  # (_same_branch_groups)
+                groups: list[tuple[list[int], Any, Tensor, Tensor, list[str], list[Any]]] = []  # _same_branch_groups
                 branches = mode.branches
                 if not random and not host and k > 1 and _per_sample_shape(together, k):
                     alone = []
@@ -1843,21 +1843,19 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
 
     if host and not random and k > 1 and _per_sample_shape(together, k):
         alone = None if (own := copied(list(range(k)))) is None else list(own.split(1))
-    if alone is not None:  # dropout-like draws differ batched and alone; one sample cannot interact
+    def compare(together: Tensor, alone: Tensor, named: list[int], part: Any, took: list[str], ran: list[Any],
+                confirm: Callable[..., Tensor | None]) -> None:  # (rows ``named`` of the batch, ``part`` their batch)
         declared = coarsest([*params.values(), *batch.tensors, together])
         rounding = max(declared, mode.computed, key=lambda d: torch.finfo(d).eps)  # (float64 losses of a float32
-        _compare_confirmed(together.detach(), torch.cat(alone).detach(), label, chosen, rounding, copied,  # model)
-                           samples_named(chosen, label), declared,
-                           fine_copies(model_fn, params, _rows_batch(batch, chosen), branches, before[1], shapes))
-    for group, group_together, group_alone, took, ran in groups:
-        declared = coarsest([*params.values(), *batch.tensors, group_together])
-        rounding = max(declared, mode.computed, key=lambda d: torch.finfo(d).eps)
-        part = _rows_batch(batch, group)
-        _compare_confirmed(group_together, group_alone, label, group, rounding,
-                           lambda at, part=part, **how: copies_losses(model_fn, params, part, at, None, before[1],
-                                                                     **how),
-                           samples_named(group, label), declared,
-                           fine_copies(model_fn, params, part, took, before[1], ran))
+        _compare_confirmed(together, alone, label, named, rounding, confirm, samples_named(named, label),  # model)
+                           declared, fine_copies(model_fn, params, part, took, before[1], ran))
+
+    if alone is not None:  # dropout-like draws differ batched and alone; one sample cannot interact
+        compare(together.detach(), torch.cat(alone).detach(), chosen, _rows_batch(batch, chosen), branches, shapes,
+                copied)
+    for group, part, group_together, group_alone, took, ran in groups:
+        compare(group_together, group_alone, group, part, took, ran,
+                lambda at, part=part, **how: copies_losses(model_fn, params, part, at, None, before[1], **how))
     with _FastPathOutputs() as watched:  # (its run with gradients is the watched run the plain call is compared with)
         _refuse_detached(model_fn, params, lambda: rows(0, k))
     if watched.outputs and not host and not mode.renorms:  # (torch's draws: the same in both, outputs compared
@@ -1871,12 +1869,12 @@ BRANCH_ROWS = 8
 
 
 def _same_branch_groups(model_fn: Callable, params: Mapping[str, Tensor], batch: Any,
-                        mode: _UsesAndDtypes) -> list[tuple[list[int], Tensor, Tensor, list[str], list[Any]]]:
+                        mode: _UsesAndDtypes) -> list[tuple[list[int], Any, Tensor, Tensor, list[str], list[Any]]]:
     """For a model whose batch takes other data-dependent branches than its samples alone (whose runs
     :func:`_check_batch` does not compare: each sample's own branch is the loop's answer): up to
     :data:`BRANCH_ROWS` distinct samples run alone, and each set of them that took the same branches alone run
-    together, where it takes those branches too: ``(rows, losses together, losses alone, its branches, its calls'
-    output shapes)`` to compare. A mixture of experts looping over the experts its tokens hit (Hugging Face
+    together, where it takes those branches too: ``(rows, their batch, losses together, losses alone, its branches,
+    its calls' output shapes)`` to compare. A mixture of experts looping over the experts its tokens hit (Hugging Face
     Mixtral's eager experts) hits others for the batch than for a sample, and its load-balancing loss over the batch
     was scored silently (h77); rows that hit the same experts show it. Run inside ``mode``; nothing where fewer than
     two rows branch alike."""
@@ -1901,7 +1899,7 @@ def _same_branch_groups(model_fn: Callable, params: Mapping[str, Tensor], batch:
         together = model_fn(dict(params), part.rebuild(part.tensors))
         if repr(mode.branches) != took or not _per_sample_shape(together, len(at)):
             continue  # (together, these rows branch otherwise too: nothing to compare)
-        out_groups.append((group, together.detach(), torch.cat([alone[i] for i in at]), list(mode.branches),
+        out_groups.append((group, part, together.detach(), torch.cat([alone[i] for i in at]), list(mode.branches),
                            list(mode.shapes)))
     return out_groups
 

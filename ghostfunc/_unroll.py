@@ -691,16 +691,16 @@ class Trajectory:
             raise RecordingError(f"{where}: {name} is not a file written by Trajectory.save")
         missing = [k for k in ("every", "indices", "checkpoints", "final") if k not in payload]
         if missing:
-            raise RecordingError(f"{where}: {name} lacks {missing} (expected every, indices, checkpoints and final, "
-                             f"as Trajectory.save writes)")
+            raise RecordingError(f"{where}: {name} lacks {missing} (expected every, indices, checkpoints and "
+                                 f"final, as Trajectory.save writes)")
         every, indices, checkpoints, final = (payload[k] for k in ("every", "indices", "checkpoints", "final"))
         if (isinstance(every, bool) or not isinstance(every, int) or every < 1 or not isinstance(indices, list)
                 or not all(is_indices(i) for i in indices) or not isinstance(checkpoints, dict)
                 or not all(isinstance(v, tuple) and len(v) == 2 for v in checkpoints.values())
                 or not isinstance(final, dict)):
-            raise RecordingError(f"{where}: {name} holds entries of other kinds than Trajectory.save writes (expected "
-                             f"every a positive int, indices a list of 1-D integer tensors, checkpoints a dict of "
-                             f"(params, opt_state), final a dict of tensors)")
+            raise RecordingError(f"{where}: {name} holds entries of other kinds than Trajectory.save writes "
+                                 f"(expected every a positive int, indices a list of 1-D integer tensors, checkpoints "
+                                 f"a dict of (params, opt_state), final a dict of tensors)")
         return cls(every, {int(t): tuple(v) for t, v in checkpoints.items()}, list(indices), final)  # type: ignore[misc]
 
 
@@ -722,11 +722,12 @@ def trajectory_replay(model_fn: Callable, optimizer: Optimizer, traj: Trajectory
                       indices: list[Tensor], where: str) -> Replay:
     """A :class:`Replay` from a recording, after checking that ``batches`` are the recorded ones."""
     if len(splits) != traj.steps:
-        raise RecordingError(f"{where}: batches must be the {traj.steps} batches the trajectory recorded; got {len(splits)}")
+        raise RecordingError(f"{where}: batches must be the {traj.steps} batches the trajectory recorded; got "
+                             f"{len(splits)}")
     for t, (a, b) in enumerate(zip(indices, traj.indices, strict=True)):
         if not torch.equal(a, b):
-            raise RecordingError(f"{where}: batches[{t}] holds other dataset indices than the trajectory recorded "
-                             f"for step {t}")
+            raise RecordingError(f"{where}: batches[{t}] holds other dataset indices than the trajectory "
+                                 f"recorded for step {t}")
     missing = [t for t in range(0, traj.steps, traj.every) if t not in traj.checkpoints]
     if missing:
         raise RecordingError(f"{where}: the trajectory lacks the checkpoints of steps {missing}")
