@@ -684,6 +684,9 @@ class Trajectory:
     def load(cls, folder: str | os.PathLike) -> Trajectory:
         """Read ``folder/trajectory.pt`` written by :meth:`save`."""
         where = "Trajectory.load"
+        if Path(folder).is_file():
+            raise NotADirectoryError(f"{where}: {os.fspath(folder)!r} is a file; pass the folder Trajectory.save "
+                                     f"wrote (it holds trajectory.pt)")
         path = Path(folder) / "trajectory.pt"
         name = repr(os.fspath(path))
         payload = read_saved(path, where, "Trajectory.save")

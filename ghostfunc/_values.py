@@ -86,7 +86,7 @@ def read_saved(path: str | os.PathLike, where: str, writer: str) -> Any:
     try:
         torch.serialization.add_safe_globals(SAFE_TYPES)  # (a context manager's exit would remove them: they
         return torch.load(path, weights_only=True)  # stay allowed, as ghostfunc's import allows them)
-    except (FileNotFoundError, IsADirectoryError, PermissionError):
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError):
         raise
     except Exception as err:  # noqa: BLE001 - a truncated or foreign file: say which, and what torch said
         said = str(err).strip().splitlines()[0] if str(err).strip() else ""
@@ -364,22 +364,22 @@ class DataValues:
         where, name = "DataValues.load", repr(os.fspath(path))
         payload = read_saved(path, where, "DataValues.save")
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-            raise ValueError(f"{where}: {name} is not a file written by DataValues.save")
+            raise RecordingError(f"{where}: {name} is not a file written by DataValues.save")
         missing = [k for k in ("total", "count", "steps", "state") if k not in payload]
         if missing:
-            raise ValueError(f"{where}: {name} lacks {missing} (written by another version of DataValues.save?)")
+            raise RecordingError(f"{where}: {name} lacks {missing} (written by another version of DataValues.save?)")
         total, count, steps = payload["total"], payload["count"], payload["steps"]
         if not isinstance(total, Tensor) or not isinstance(count, Tensor) or total.dtype != torch.float64 \
                 or count.dtype != torch.int64:
-            raise ValueError(f"{where}: {name} holds total and count that are not float64 and int64 tensors")
+            raise RecordingError(f"{where}: {name} holds total and count that are not float64 and int64 tensors")
         if not bool(torch.isfinite(total).all()) or bool((count < 0).any()) or isinstance(steps, bool) \
                 or not isinstance(steps, int) or steps < 0:
-            raise ValueError(f"{where}: {name} holds non-finite totals, negative counts or a step count that is "
+            raise RecordingError(f"{where}: {name} holds non-finite totals, negative counts or a step count that is "
                              f"not an int >= 0: not what DataValues.save writes")
         try:
             values = cls(total, count, steps, loaded=True)
         except ValueError as err:  # (total and count of other lengths: the file named, not only the class)
-            raise ValueError(f"{where}: {name} is not what DataValues.save writes: "
+            raise RecordingError(f"{where}: {name} is not what DataValues.save writes: "
                              f"{str(err).removeprefix('DataValues: ')}") from None
         return (values, payload["state"]) if with_state else values
 

@@ -464,6 +464,9 @@ def test_trajectory_load_and_batches_name_what_they_expected(tmp_path):
     with pytest.raises(ValueError, match=r"^Trajectory.load: '.*junk/trajectory.pt' is not a file written by "
                                          r"Trajectory.save \(torch.load: "):
         ghostfunc.Trajectory.load(tmp_path / "junk")
+    with pytest.raises(NotADirectoryError, match=r"^Trajectory.load: '.*junk/trajectory.pt' is a file; pass the "
+                                                 r"folder"):  # (its path was read as a folder's, h83)
+        ghostfunc.Trajectory.load(tmp_path / "junk" / "trajectory.pt")
     (tmp_path / "partial").mkdir()
     torch.save({"format": "ghostfunc.Trajectory/1", "every": 1}, tmp_path / "partial" / "trajectory.pt")
     with pytest.raises(ValueError, match=r"^Trajectory.load: '.*partial/trajectory.pt' lacks \['indices', "

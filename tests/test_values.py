@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import ghostfunc
+from ghostfunc._values import RecordingError
 
 DT = torch.float64
 
@@ -175,7 +176,8 @@ def test_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
 
 def test_load_rejects_other_files(tmp_path):
     torch.save({"total": torch.zeros(2)}, tmp_path / "x.pt")
-    with pytest.raises(ValueError, match=r"^DataValues.load: .* is not a file written by DataValues.save"):
+    with pytest.raises(RecordingError, match=r"^DataValues.load: .* is not a file written by "
+                                                      r"DataValues.save"):  # (as a truncated one: h83)
         ghostfunc.DataValues.load(tmp_path / "x.pt")
 
 
