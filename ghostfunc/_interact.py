@@ -650,13 +650,18 @@ def _function_reads(fn: types.FunctionType) -> list[tuple[str, Any]]:
                     out.append((f"{at}: import {dotted}", sys.modules[dotted]))
         cells = dict(zip(code.co_freevars, fn.__closure__ or (), strict=False))
         for chain in chains:  # pkg.sub.cfg.CENTER: the submodules along a global's attributes (h73, h76)
-            obj: Any = _contents(cells[chain[0]]) if chain[0] in cells else scope.get(chain[0])
+            head = chain[0]
+            if isinstance(head, tuple):  # (a module an import in the body bound to a local name, h83)
+                head = _absolute(head[2], head[1], scope)
+                obj: Any = sys.modules.get(head)
+            else:
+                obj = _contents(cells[head]) if head in cells else scope.get(head)
             for depth, attr in enumerate(chain[1:], 1):
                 if not issubclass(type(obj), types.ModuleType):
                     break
                 obj = vars(obj).get(attr)  # (no getattr: a lazy module's __getattr__ would import)
                 if issubclass(type(obj), types.ModuleType):
-                    out.append((f"{at}: global {'.'.join(chain[:depth + 1])}", obj))
+                    out.append((f"{at}: global {'.'.join([head, *chain[1:depth + 1]])}", obj))
     return out
 
 
@@ -671,7 +676,7 @@ def _absolute(name: str, level: int, scope: dict[str, Any]) -> str:
 
 @functools.lru_cache(maxsize=4096)
 def _names(code: types.CodeType) -> tuple[tuple[str, ...], tuple[tuple[int, str, str | None], ...],
-                                          tuple[tuple[str, ...], ...]]:
+                                          tuple[tuple[Any, ...], ...]]:
     """The global names a code object reads and the modules it imports, with those of the functions and
     comprehensions inside it: its global loads, not every name of ``co_names``, which holds the attributes and
     methods it reads too (``self.out`` read as a script's global ``out``: a result that differs by rank refused a
@@ -681,10 +686,12 @@ def _names(code: types.CodeType) -> tuple[tuple[str, ...], tuple[tuple[int, str,
     13.8 off, h73)."""
     names: list[str] = []
     imported: list[tuple[int, str, str | None]] = []
-    chains: list[tuple[str, ...]] = []
-    chain: list[str] = []
+    chains: list[tuple[Any, ...]] = []
+    chain: list[Any] = []
     consts: list[Any] = [None, None]  # the last two constants loaded (an import's level and from-list)
     module: tuple[int, str] | None = None  # the module the last IMPORT_NAME named
+    pending: str | None = None  # the module an import leaves on the stack (what a STORE_FAST then binds)
+    aliases: dict[str, tuple[str, int, str]] = {}  # a local name an import bound: ("import", level, module)
     for ins in dis.get_instructions(code):
         op = ins.opname
         if op in _ATTRIBUTE_LOADS and chain:
@@ -698,14 +705,24 @@ def _names(code: types.CodeType) -> tuple[tuple[str, ...], tuple[tuple[int, str,
             chain = [ins.argval]
         elif op == "LOAD_DEREF":  # (a closure's variable: a package imported in the enclosing function)
             chain = [ins.argval]
+        elif op in _LOCAL_LOADS and ins.argval in aliases:  # (`import pkg.sub as s` in the body, then s.cfg.FLAG:
+            chain = [aliases[ins.argval]]  # a local name, h83)
         elif op == "LOAD_CONST":
             consts = [consts[1], ins.argval]
         elif op == "IMPORT_NAME":
             level = consts[0] if isinstance(consts[0], int) else 0
             module = (level, ins.argval)
             imported.append((level, ins.argval, None))
+            # without a from-list the import leaves the top package (``import a.b`` binds ``a``; ``as`` walks down)
+            pending = ins.argval if consts[1] is not None else ins.argval.partition(".")[0]
         elif op == "IMPORT_FROM" and module is not None:
             imported.append((*module, ins.argval))
+            base = pending if consts[1] is None and pending is not None else module[1]
+            pending = f"{base}.{ins.argval}" if base else ins.argval
+        elif op == "STORE_FAST" and pending is not None and module is not None:
+            aliases[ins.argval] = ("import", module[0], pending)
+        if op not in _IMPORT_STEPS:
+            pending = None
     if len(chain) > 1:
         chains.append(tuple(chain))
     for const in code.co_consts:
@@ -719,6 +736,11 @@ def _names(code: types.CodeType) -> tuple[tuple[str, ...], tuple[tuple[int, str,
 
 #: The instructions that read a global by name (``LOAD_NAME``: in a class body, a name not assigned there).
 _GLOBAL_LOADS = frozenset({"LOAD_GLOBAL", "LOAD_NAME"})
+#: The instructions between an import and the store that binds its module (``import a.b.c as d`` walks down with
+#: IMPORT_FROM, dropping each parent: :func:`_names`).
+_IMPORT_STEPS = frozenset({"IMPORT_NAME", "IMPORT_FROM", "SWAP", "ROT_TWO", "POP_TOP"})
+#: The instructions that read a local variable (a module an import in the body bound: :func:`_names`).
+_LOCAL_LOADS = frozenset({"LOAD_FAST", "LOAD_FAST_CHECK", "LOAD_FAST_BORROW"})
 #: The instructions that read an attribute (a chain off a global: :func:`_names`).
 _ATTRIBUTE_LOADS = frozenset({"LOAD_ATTR", "LOAD_METHOD"})
 
@@ -945,9 +967,12 @@ HELD_BUDGET = 4 * HELD_SETTINGS
 _MODULE_OWN = frozenset(vars(torch.nn.Module()))
 
 
-def _settings_of(attrs: dict[str, Any], holders: dict[int, Any] | None, where: Any) -> list[tuple[Any, Any]]:
+def _settings_of(attrs: dict[str, Any], holders: dict[int, Any] | None, where: Any,
+                 modules: bool = True) -> list[tuple[Any, Any]]:
     """The plain settings among ``attrs`` (:func:`module_settings`), each as ``((where, name), key)``, and into
-    ``holders`` the objects among them that hold settings."""
+    ``holders`` the objects among them that hold settings; and (``modules``) those of a Python module of the user's
+    own among them, one level in (a config module held in a dict, on a class or as ``self.settings``: its flag
+    switched after a first call was not seen, h83)."""
     own = []
     for k, v in attrs.items():
         if type(k) is not str or k in _MODULE_OWN or k.startswith("__"):  # (a dict under other keys is a table:
@@ -962,6 +987,9 @@ def _settings_of(attrs: dict[str, Any], holders: dict[int, Any] | None, where: A
                 holders[id(v)] = v
         elif form is _F_TUPLE and tuple.__len__(v) <= 16:  # each item its own setting (a counter beside a flag: h44)
             own += [((where, k, *at), key) for at, key in _tuple_settings(v, ())]
+        elif form is _F_MODULE:
+            if modules and _own_module(v) and len(held := dict(vars(v))) <= READ_HELD:
+                own += _settings_of(held, None, (where, k), modules=False)
         elif form is not _F_OTHER and (key := _setting(v)) is not _NOT_A_SETTING:
             own.append(((where, k), key))
     return own
@@ -978,7 +1006,8 @@ def _tuple_settings(v: tuple, at: tuple) -> list[tuple[tuple, Any]]:
     return out
 
 
-_F_PLAIN, _F_ENUM, _F_TUPLE, _F_NUMPY, _F_HOLDER, _F_OTHER = "plain", "enum", "tuple", "numpy", "holder", "other"
+_F_PLAIN, _F_ENUM, _F_TUPLE, _F_NUMPY, _F_HOLDER, _F_MODULE, _F_OTHER = (
+    "plain", "enum", "tuple", "numpy", "holder", "module", "other")
 #: Each class's :func:`_form` (kept: the settings' walk reads hundreds of attributes per call).
 _FORMS: dict[type, str] = {}
 
@@ -997,6 +1026,8 @@ def _form(kind: type) -> str:
         form = _F_NUMPY
     elif issubclass(kind, dict) or kind is types.SimpleNamespace or _config_kind(kind):  # (OrderedDict, an
         form = _F_HOLDER  # attribute dict as EasyDict's; read as the built-in dict reads them)
+    elif issubclass(kind, types.ModuleType):
+        form = _F_MODULE
     else:
         form = _F_OTHER
     if len(_FORMS) < 4096:
@@ -1850,18 +1881,64 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
         _compare_confirmed(together, alone, label, named, rounding, confirm, samples_named(named, label),  # model)
                            declared, fine_copies(model_fn, params, part, took, before[1], ran))
 
-    if alone is not None:  # dropout-like draws differ batched and alone; one sample cannot interact
-        compare(together.detach(), torch.cat(alone).detach(), chosen, _rows_batch(batch, chosen), branches, shapes,
-                copied)
-    for group, part, group_together, group_alone, took, ran in groups:
-        compare(group_together, group_alone, group, part, took, ran,
-                lambda at, part=part, **how: copies_losses(model_fn, params, part, at, None, before[1], **how))
+    try:
+        if alone is not None:  # dropout-like draws differ batched and alone; one sample cannot interact
+            compare(together.detach(), torch.cat(alone).detach(), chosen, _rows_batch(batch, chosen), branches,
+                    shapes, copied)
+        for group, part, group_together, group_alone, took, ran in groups:
+            compare(group_together, group_alone, group, part, took, ran,
+                    lambda at, part=part, **how: copies_losses(model_fn, params, part, at, None, before[1], **how))
+    except SamplesInteractError:  # (or the model changed between the runs compared: said so instead, h85)
+        if not random and not host:
+            _refuse_changed(model_fn, params, lambda: rows(0, k), together.detach(), label, devices, mode)
+        raise
     with _FastPathOutputs() as watched:  # (its run with gradients is the watched run the plain call is compared with)
         _refuse_detached(model_fn, params, lambda: rows(0, k))
     if watched.outputs and not host and not mode.renorms:  # (torch's draws: the same in both, outputs compared
         _refuse_other_path(model_fn, params, rows(0, k), label, chosen, devices, watched.outputs,  # where it drew
                            compare=not mode.random)  # none)
     return k > 1
+
+
+def _refuse_changed(model_fn: Callable, params: Mapping[str, Tensor], rows: Callable[[], Any], first: Tensor,
+                    label: str, devices: list[int], mode: _UsesAndDtypes) -> None:
+    """Raise :class:`StateWrittenError` if ``model_fn`` gives other losses for the checked rows (``rows()``) than
+    its first run did (``first``, run in ``mode``, as this one: dropout without drawing): the model changed between
+    the runs the interaction check compared (a counter its forward advances in a Python attribute that switches its
+    computation after some calls, h85: taken for samples that interact, which names the wrong cause). Naming the
+    settings that moved since the call began."""
+    with fork_rng(devices), torch.enable_grad(), eager_stance(), warnings.catch_warnings(), mode:
+        warnings.simplefilter("ignore")  # (as the first run: with gradients on, h61)
+        again = model_fn(dict(params), rows())
+    if not isinstance(again, Tensor) or again.shape != first.shape:
+        return
+    again = again.detach()
+    scale = float(first.abs().max()) if first.numel() else 0.0
+    eps = torch.finfo(first.dtype).eps if first.is_floating_point() else 0.0
+    if bool(torch.isclose(again.to(first.dtype), first, rtol=1e3 * eps, atol=1e3 * eps * scale).all()):
+        return
+    moved = moved_settings(model_fn)
+    named = f" (it moved {_first_few(moved)} since this call began)" if moved else ""
+    raise StateWrittenError(
+        f"model_fn(params, batch) gave other losses for the same {label} rows on a later run than on its first "
+        f"(largest difference {float((again.to(first.dtype) - first).abs().max()):.3g}), with the same params: the "
+        f"model changes from one run to the next{named}, such as a counter its forward advances (self.calls += 1) "
+        f"that switches its computation, or a schedule it steps. graddot runs model_fn several times per call (a "
+        f"one-sample trace, these checks, the capture), so the runs would see different models. Keep such state "
+        f"outside model_fn and set it between calls (a schedule stepped by the training loop is read on every "
+        f"call)")
+
+
+def moved_settings(model_fn: Callable) -> list[str]:
+    """The names of :func:`module_settings` whose values differ now from those read at the start of this public
+    call (read again here, outside the call's memo)."""
+    start = dict(module_settings(model_fn))
+    memo, _SCOPE.memo = _SCOPE.memo, None
+    try:
+        now = dict(module_settings(model_fn))
+    finally:
+        _SCOPE.memo = memo
+    return list(dict.fromkeys(str(k[-1]) for k, v in now.items() if k in start and start[k] != v))
 
 
 #: How many distinct samples :func:`_same_branch_groups` runs alone to find those that branch alike.
@@ -1994,7 +2071,9 @@ def _refuse_other_path(model_fn: Callable, params: Mapping[str, Tensor], batch: 
             f"model_fn's TransformerEncoder gives other outputs for every sample with padding in a plain call than "
             f"while ghostfunc intercepts its torch calls: there it runs PyTorch's nested-tensor path (its "
             f"{plain.nested} is given a nested tensor: a frozen encoder in eval mode given src_key_padding_mask), "
-            f"whose padded positions come out as zeros. " + _FAST_PATH_FIX)
+            f"whose padded positions come out as zeros (refused whether or not this batch has padding: the path is "
+            f"taken for any src_key_padding_mask, and a later batch's padding would be zeroed unseen). "
+            + _FAST_PATH_FIX)
     for (kind, a), (_, b) in zip(plain.outputs, watched if compare else [], strict=False):
         if a.shape != b.shape:
             gap: Any = f"shape {tuple(a.shape)} against {tuple(b.shape)}"

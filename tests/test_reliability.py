@@ -2338,6 +2338,62 @@ def test_a_model_that_writes_its_own_state_is_refused_and_left_as_it_was(name):
         assert rel(out.scores, ref) < 1e-10
 
 
+class _Switching(nn.Module):
+    """A model that counts its runs in a Python attribute and, from run ``at`` on, doubles its hidden layer; with
+    ``couple``, a batch mean is added too (samples that interact). ``calls`` moves on every run either way."""
+
+    def __init__(self, at: int, couple: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(5, 6), nn.Linear(6, 3)
+        self.calls, self.at, self.couple = 0, at, couple
+
+    def forward(self, x):
+        self.calls += 1
+        h = torch.tanh(self.a(x))
+        if self.calls >= self.at:
+            h = h * 2
+        if self.couple:
+            h = h + h.mean(0)
+        return self.b(h)
+
+
+def _switching_call(net):
+    net = net.double()
+    fn, params = ghostfunc.from_module(net, lambda out, b: F.cross_entropy(out, b["y"], reduction="none"))
+    g = _g(11)
+    batch = lambda n: {"x": torch.randn(n, 5, generator=g, dtype=F64), "y": torch.randint(0, 3, (n,), generator=g)}  # noqa: E731
+    return fn, params, batch(6), batch(4)
+
+
+@pytest.mark.parametrize("at", [2, 3, 4])
+def test_a_python_counter_that_switches_the_model_between_the_checks_runs_is_state_written(at):
+    """A counter in a Python attribute that switches the computation between the checks' runs made the rows alone
+    differ from the batch: taken for samples that interact, which names the wrong cause and fix (h85). The same
+    rows run again give other losses: StateWrittenError, naming the attribute."""
+    fn, params, train, val = _switching_call(_Switching(at))
+    with pytest.raises(ghostfunc.StateWrittenError, match=r"gave other losses for the same train rows on a later "
+                                                          r"run .*it moved calls since"):
+        ghostfunc.graddot(fn, params, train, val)
+
+
+def test_a_logging_counter_beside_samples_that_interact_is_still_samples_interact():
+    """The re-run that tells a changing model apart gives the same losses where only a logging counter moves: a
+    batch mean is still named as samples that interact."""
+    fn, params, train, val = _switching_call(_Switching(10 ** 9, couple=True))
+    with pytest.raises(ghostfunc.SamplesInteractError, match="samples interact"):
+        ghostfunc.graddot(fn, params, train, val)
+
+
+def test_a_logging_counter_in_a_python_attribute_runs_exact():
+    """A counter in a Python attribute its forward advances, no part of the loss: the model's own, exact."""
+    net = _Switching(10 ** 9)
+    fn, params, train, val = _switching_call(net)
+    out = ghostfunc.graddot(fn, params, train, val)
+    ref, _, _ = ghostfunc.reference_graddot(fn, params, train, val)
+    assert rel(out.scores, ref) < 1e-10 and net.calls > 0
+
+
 def test_a_frozen_embedding_with_max_norm_is_not_state_written():
     """torch renormalises a max_norm embedding's weight in place on every call: that is the model's own
     semantics for a (frozen) parameter, not a buffer a layer keeps; graddot runs it and equals the loop."""
@@ -3558,12 +3614,16 @@ def test_a_config_module_imported_inside_model_fn_is_read(tmp_path, monkeypatch)
 
 
 @pytest.mark.parametrize("how", ["from pkg import cfg", "pkg.cfg.CENTER", "pkg.sub.cfg.CENTER three calls down",
-                                 "beside a package of many modules", "a closure's pkg.sub.cfg.CENTER"])
+                                 "beside a package of many modules", "a closure's pkg.sub.cfg.CENTER",
+                                 "import pkg.sub as s in the body", "import pkg in the body, pkg.sub.cfg", "a dict's sub module",
+                                 "a class's sub module", "self.settings, a sub module"])
 def test_a_config_submodule_of_a_package_is_read(tmp_path, monkeypatch, how):
     """``from pkg import cfg`` in model_fn's body imports ``pkg`` by name; ``pkg.cfg.CENTER`` reads a global
     package: either way the switch sits in a submodule, which was not read (13.8 off the loop, h73). Walking every
     submodule of a read package missed one read three calls down (13.7 off) and cost 90x a call for a package of 300
-    modules (h76): the submodules along the attribute chains the code reads are read, and those only."""
+    modules (h76): the submodules along the attribute chains the code reads are read, and those only. A chain off a
+    local name an import in the body bound, and a module held in a dict, on a class or as an object's attribute,
+    were not read (4.9 off, h83)."""
     root = tmp_path / "ghostfunc_test_pkg"
     (root / "sub").mkdir(parents=True)
     (root / "__init__.py").write_text("from . import cfg, sub\n" + "".join(
@@ -3593,6 +3653,25 @@ def test_a_config_submodule_of_a_package_is_read(tmp_path, monkeypatch, how):
     def closure():
         return package.sub.cfg.CENTER
 
+    def local_alias():
+        import ghostfunc_test_pkg.sub as s
+        return s.cfg.CENTER
+
+    def local_package():
+        import ghostfunc_test_pkg
+        return ghostfunc_test_pkg.sub.cfg.CENTER
+
+    held = {"cfg": package.sub.cfg}
+
+    class Holder:
+        cfg = package.sub.cfg
+
+        def __init__(self):
+            self.settings = package.sub.cfg
+
+        def read(self):
+            return self.settings.CENTER
+
     def one():
         return deep()
 
@@ -3601,7 +3680,9 @@ def test_a_config_submodule_of_a_package_is_read(tmp_path, monkeypatch, how):
 
     flag = {"from pkg import cfg": from_import, "pkg.cfg.CENTER": through_package,
             "pkg.sub.cfg.CENTER three calls down": two, "beside a package of many modules": through_package,
-            "a closure's pkg.sub.cfg.CENTER": closure}[how]
+            "a closure's pkg.sub.cfg.CENTER": closure, "import pkg.sub as s in the body": local_alias,
+            "import pkg in the body, pkg.sub.cfg": local_package, "a dict's sub module": lambda: held["cfg"].CENTER,
+            "a class's sub module": lambda: Holder.cfg.CENTER, "self.settings, a sub module": Holder().read}[how]
     model_fn, params, train, val = _centred_when(flag)
     ghostfunc.graddot(model_fn, params, train, val)
     if how.startswith("beside"):  # (not its 300 modules' 30,000 settings read on every call)
