@@ -2202,15 +2202,15 @@ def copies_losses(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, 
         warnings.simplefilter("ignore")
         before = _rng_states(devices)
         try:
-            with mode:
-                for i in rows:
-                    copies = batch.rebuild([widened(t[i:i + 1].expand(times * t.shape[0], *t.shape[1:]).contiguous())
-                                            for t in batch.tensors])
-                    mode.branches = []
-                    if host is not None:
-                        set_host_states(host)
-                    start = host_states() if times != 1 or wide else None
-                    mode.shapes = []
+            for i in rows:  # (the copies built outside the mode: a float32 batch's slice is no float32 computation,
+                copies = batch.rebuild([widened(t[i:i + 1].expand(times * t.shape[0], *t.shape[1:]).contiguous())
+                                        for t in batch.tensors])  # and widened, every float32 model was skipped, h84)
+                mode.branches = []
+                if host is not None:
+                    set_host_states(host)
+                start = host_states() if times != 1 or wide else None
+                mode.shapes = []
+                with mode:
                     out = model_fn(dict(leaves), copies)
                     if start is not None and not same_host_states(start, host_states()):
                         return None  # (a host draw: a bigger batch draws other numbers for the row)
