@@ -242,6 +242,8 @@ class _Uses(_ParamWrites):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
+        if is_collective(func):  # (before it runs: every rank's first run stops at its first collective, h84)
+            raise SamplesInteractError(collective_refused(func))
         if (table := counted_over_call(func, args, kwargs)) is not None and (name := self.name_of(table)):
             self.by_freq.add(name)
         if not self.renorms and renormed_by_call(func, args, kwargs) is not None:
@@ -261,6 +263,30 @@ class _Uses(_ParamWrites):
         if func in TO_PYTHON:
             self.branches.append(repr(out))
         return out
+
+
+def is_collective(func: Any) -> bool:
+    """Whether ``func`` is a ``torch.distributed`` communication (``dist.all_reduce``, ``torch.distributed.nn``'s
+    differentiable collectives, the functional collectives' ops)."""
+    module = getattr(func, "__module__", None)
+    if type(module) is str and module.startswith("torch.distributed"):
+        return True
+    return isinstance(func, torch._ops.OpOverload) and func.namespace in _COLLECTIVE_NAMESPACES
+
+
+_COLLECTIVE_NAMESPACES = frozenset({"c10d", "_c10d_functional", "c10d_functional", "_c10d_functional_autograd"})
+
+
+def collective_refused(func: Any) -> str:
+    """Why a ``model_fn`` that communicates across processes is refused (:func:`is_collective`)."""
+    name = (f"torch.ops.{func}" if isinstance(func, torch._ops.OpOverload) else
+            f"{getattr(func, '__module__', '')}.{getattr(func, '__name__', func)}".lstrip("."))
+    return (f"model_fn calls {name}, a torch.distributed collective: a sample's loss then depends on other "
+            f"processes' rows (a statistic all-reduced over ranks, SyncBatchNorm in training mode: samples that "
+            f"interact across processes), and graddot runs model_fn several times per call, as many times on each "
+            f"rank only where their batches agree, so a collective inside it would wait forever. Keep communication "
+            f"outside model_fn (pass group= to graddot or train_step for data parallelism, and compute batch "
+            f"statistics per sample)")
 
 
 def run_with_grads(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, requires: Iterable[str],

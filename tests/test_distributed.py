@@ -592,6 +592,14 @@ def _faults(rank: int, world: int, out: dict[str, Any], job: str, folder: str) -
             next(iter(()))
         return model_fn(p, batch)
 
+    def communicates(p: dict, batch: tuple) -> torch.Tensor:  # a baseline all-reduced over the ranks' rows
+        losses = model_fn(p, batch)
+        total = losses.detach().sum().clone()
+        dist.all_reduce(total)
+        return losses - 0.1 * total
+
+    uneven, uneven_val = make(1 if rank == 0 else 6, 1, g), make(1 if rank == 0 else 3, 1, g)
+
     def copies(batch: tuple) -> tuple:  # rows that are copies of the first (a baseline leaves them alone)
         return tuple(t[:1].expand(len(t), *t.shape[1:]).clone() for t in batch)
 
@@ -641,6 +649,7 @@ def _faults(rank: int, world: int, out: dict[str, Any], job: str, folder: str) -
             model_fn, ghostfunc.sgd(0.1, momentum=0.9 * rank), group=group)),
         "coupled on rank 1": lambda: ghostfunc.graddot(centred, params, same, same_val, group=group),
         "StopIteration on rank 1": lambda: ghostfunc.graddot(stops, params, train, val, group=group),
+        "a collective in model_fn": lambda: ghostfunc.graddot(communicates, params, uneven, uneven_val, group=group),
     }
     for name, call in cases.items():
         start = time.monotonic()
@@ -752,6 +761,18 @@ def test_a_refusal_on_one_rank_is_the_same_error_type_on_every_rank(faults: list
         assert kind == "SamplesInteractError" and "ValueError" in faults[rank]["mro"]["coupled on rank 1"], (rank, kind,
                                                                                                               message)
         assert "on 1 of 2 ranks; rank 1: SamplesInteractError: graddot: samples interact" in message, message
+        assert seconds < FAULT_TIMEOUT_S / 2, (rank, seconds)
+
+
+def test_a_collective_inside_model_fn_is_refused_on_every_rank(faults: list[dict[str, Any]]) -> None:
+    """A ``model_fn`` that all-reduces over the ranks, on shards of 1 and 6 rows: the first-call checks ran it a
+    different number of times on each rank, and one rank waited in the model's all_reduce, the other in
+    ghostfunc's exchange, forever (h84). Refused at the first collective of every rank's first run."""
+    for rank in range(2):
+        kind, message, seconds = faults[rank]["a collective in model_fn"]
+        assert kind == "SamplesInteractError", (rank, kind, message)
+        assert "model_fn calls torch.distributed.distributed_c10d.all_reduce, a torch.distributed collective" in \
+            message, message
         assert seconds < FAULT_TIMEOUT_S / 2, (rank, seconds)
 
 
