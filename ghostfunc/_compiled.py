@@ -139,8 +139,6 @@ def scores(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batc
     rep = replay_of(model_fn, params, train, val, where, policy, val_reduce)
     if rep is None:
         return NO_REPLAY
-    if _holds_data(train.signature) or _holds_data(val.signature):
-        return HELD_DATA
     try:
         states = _STATE.setdefault(model_fn, {})
     except TypeError:  # not weak-referenceable: nowhere to keep a compiled call
@@ -156,7 +154,9 @@ def scores(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batc
     if stance != "default":  # the caller's (or another thread's eager interception): run eagerly, mark nothing
         return STANCE.format(stance)
     first = known is None
-    if first:
+    if first:  # (the key holds both signatures: one that holds data is never built, so never known)
+        if _holds_data(train.signature) or _holds_data(val.signature):
+            return HELD_DATA
         while len(states) >= COMPILED_SIGNATURES:  # the oldest graph goes (emptied whole, 18 sizes in turn recompiled)
             del states[next(iter(states))]
         known = (_build(model_fn, rep, train, val.size, val_reduce, dtype),
