@@ -107,6 +107,7 @@ DREW = "the model drew random numbers"
 STANCE = "torch.compiler's stance is {!r} (torch.compiler.set_stance): the graph would not run as compiled"
 NOT_KEPT = "model_fn cannot be weakly referenced: nowhere to keep its graph"
 NOT_FINITE = "a loss is not finite (the eager path names the rows)"
+NOT_FINITE_SCORES = "a score is not finite (the eager path names the rows and parameters)"
 #: Compiled graphs kept per ``model_fn`` (one per signature: each batch size is one).
 COMPILED_SIGNATURES = 32
 HELD_DATA = ("a non-tensor batch leaf holds a tensor or an array: the graph would read the one of the call it was "
@@ -185,8 +186,11 @@ def scores(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batc
         set_rng_state(device, before)  # it drew random numbers: the eager path decides
         return _mark(states, key, DREW)
     total, per_param, train_grad, train_loss, val_loss, finite = out
-    if not bool(finite):
+    losses_finite, scores_finite = finite.tolist()  # (one read of the device: both flags)
+    if not losses_finite:
         return NOT_FINITE
+    if not scores_finite:  # finite losses, a non-finite gradient or product: the eager path raises, naming them
+        return NOT_FINITE_SCORES
     plan = rep.routing.plan
     if first:  # the first compiled result must be the eager replay's
         st = _replay(model_fn, params, train, val, where, policy, val_reduce)
@@ -254,8 +258,9 @@ def _build(model_fn: ModelFn, rep: Replay, train: Batch, m: int, val_reduce: str
         assert weights is not None
         val_dir, val_uses = reduced(routes, v, params, weights)
         per_param, train_grad = score_uses(routes, t.grads, val_dir, val_uses, params, weights, n, m, dtype)
-        finite = torch.isfinite(losses).all()
-        return sum_scores(per_param, params), per_param, train_grad, t.loss, v.loss, finite
+        total = sum_scores(per_param, params)
+        finite = torch.stack((torch.isfinite(losses).all(), torch.isfinite(total).all()))
+        return total, per_param, train_grad, t.loss, v.loss, finite
 
     load_inductor()
     # A code object of its own: dynamo keeps compiled code per code object, so signatures do not share

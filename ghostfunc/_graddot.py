@@ -1356,8 +1356,7 @@ def graddot(
     if compile:
         assert val_reduce is not None
         done = _compiled.scores(model_fn, params, tb, vb, where, policy, val_reduce, compute_dtype)
-        if isinstance(done, GradDot):
-            refuse_non_finite(where, done.scores, done.per_param, done.train_grad)
+        if isinstance(done, GradDot):  # (its scores found finite in the graph: else the eager path runs, and raises)
             return done
         eager_why.append(_compiled.ran_eagerly(done))
     weights = val_weights(val_reduce, vb.size, params)

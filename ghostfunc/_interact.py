@@ -815,7 +815,23 @@ _CODE = (types.FunctionType, classmethod, staticmethod, property, type, types.Bu
 
 def _own_class(kind: type) -> bool:
     """Whether ``kind`` is a class of the user's (``__main__``'s, or a module that is no library's nor the
-    standard library's)."""
+    standard library's). Kept per class (the settings' walk asks for each class of every submodule on every call)."""
+    try:
+        return _OWN_CLASSES[kind]
+    except Exception:  # noqa: BLE001 - not seen yet; or a class that cannot be weakly referenced or hashed
+        pass
+    own = _own_class_uncached(kind)
+    try:
+        _OWN_CLASSES[kind] = own
+    except Exception:  # noqa: BLE001 - (as above: asked again next time)
+        pass
+    return own
+
+
+_OWN_CLASSES: weakref.WeakKeyDictionary[type, bool] = weakref.WeakKeyDictionary()
+
+
+def _own_class_uncached(kind: type) -> bool:
     try:
         name = getattr(kind, "__module__", None) or ""
     except Exception:  # noqa: BLE001 - a class whose metaclass raises on a look (a lazy proxy): not one of the user's

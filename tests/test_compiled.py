@@ -444,6 +444,29 @@ def test_a_nan_loss_is_named_and_arguments_are_checked() -> None:
         ghostfunc.graddot(fn, params, (x[:6], y[:6]), (x[6:], y[6:]), compile=True, val_reduce=None)
 
 
+def test_a_non_finite_score_of_finite_losses_is_refused_by_a_compiled_call() -> None:
+    """Finite losses whose gradient is NaN (a square root at 0 in one row) on a call the graph computes: the graph
+    flags its scores, and the eager path raises naming the row, as an eager call does (the check of the scores
+    moved into the graph, read with its losses' flag at once)."""
+    net, params = mlp(5)
+
+    def fn(p, batch):
+        x, y = batch
+        losses = (functional_call(net, p, (x,)).squeeze(-1) - y) ** 2
+        c = (x[:, 0] != 7).to(losses.dtype)  # (0 in a row whose first input is 7: sqrt(0)'s gradient is inf)
+        return losses + torch.sqrt((losses - losses.detach()) ** 2 + c) - c
+
+    x, y = torch.randn(9, 5, dtype=F64), torch.randn(9, dtype=F64)
+    warm(fn, params, (x[:6], y[:6]), (x[6:], y[6:]))
+    bad = x.clone()
+    bad[3, 0] = 7.0
+    with pytest.raises(FloatingPointError, match=r"^graddot: the scores of train samples \[3\] are not finite "
+                                                 r"though the losses are"):
+        ghostfunc.graddot(fn, params, (bad[:6], y[:6]), (x[6:], y[6:]), compile=True)
+    out = ghostfunc.graddot(fn, params, (x[:6], y[:6]), (x[6:], y[6:]), compile=True)
+    assert NOTE in out.plan.notes
+
+
 def test_a_compiled_training_run_follows_the_eager_one() -> None:
     """``train_step(..., compile=True)``: the same values, losses and trajectory as the eager step, with the
     later steps computed by the compiled graph; the options it cannot serve are refused."""
