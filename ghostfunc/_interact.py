@@ -686,8 +686,8 @@ def _function_reads(fn: types.FunctionType) -> list[tuple[str, Any]]:
                 if not issubclass(type(obj), types.ModuleType):
                     break
                 obj = vars(obj).get(attr)  # (no getattr: a lazy module's __getattr__ would import)
-                if issubclass(type(obj), types.ModuleType):
-                    out.append((f"{at}: global {'.'.join([head, *chain[1:depth + 1]])}", obj))
+                if issubclass(type(obj), (types.ModuleType, types.FunctionType)):  # (a helper called as M.center(h):
+                    out.append((f"{at}: global {'.'.join([head, *chain[1:depth + 1]])}", obj))  # its reads too, h86)
     return out
 
 
@@ -991,6 +991,8 @@ def _read_held(v: Any) -> dict[str, Any] | None:
         return _attributes(v)
     if form is _F_OTHER and _own_class(kind) and not issubclass(kind, (torch.nn.Module, Tensor)):
         return _attributes(v)  # (an options object: args.centre)
+    if kind in (list, tuple) and len(v) <= READ_HELD:  # (a config module held in a list or tuple, h86)
+        return {f"[{i}]": x for i, x in enumerate(v) if issubclass(type(x), types.ModuleType)} or None
     return None
 
 
@@ -2238,7 +2240,7 @@ def copies_losses(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, 
         return t.double() if wide and t.is_floating_point() else t
 
     leaves = {k: widened(v.detach()).requires_grad_(v.is_floating_point() or v.is_complex()) for k, v in params.items()}
-    mode = _UsesAndDtypes(leaves, quiet=True)
+    mode = (_Widened if wide else _UsesAndDtypes)(leaves, quiet=True)
     own: list[Tensor] = []
     with fork_rng(devices), torch.enable_grad(), eager_stance(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -2638,6 +2640,44 @@ class _UsesAndDtypes(_Uses):
         elif isinstance(out, tuple) and not moves:
             self.shapes.append(tuple((o.shape, o.dtype) for o in out if isinstance(o, Tensor)))
         return out
+
+
+class _Widened(_UsesAndDtypes):
+    """:class:`_UsesAndDtypes` for the batch-size comparison's float64 runs (:func:`copies_losses` ``wide``): a cast
+    to a narrower floating dtype (``logits.float()``, ``.to(torch.float32)``, as Hugging Face's losses cast; a mask's
+    ``.float()``) makes float64 instead, and a floating tensor a factory makes in the default dtype
+    (``torch.tensor(float(B))``, ``torch.ones(B)``) is made in float64: the model's own arithmetic, every step of it
+    in float64 (either ran float32 and the comparison was skipped: a loss divided by the batch size scored
+    silently, train_grad 15x off, h86). What it cannot widen (autocast, a frozen float32 module's weights) still
+    shows in ``computed``."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", None)
+        if name in _CASTS and args and isinstance(args[0], Tensor) and not args[0].is_complex():
+            if name in ("float", "half", "bfloat16"):
+                func, name = Tensor.double, "double"
+            else:  # to(dtype), to(device, dtype), to(dtype=...), type(dtype)
+                args = (args[0], *(_wide(a) for a in args[1:]))
+                kwargs = {k: _wide(v) if k == "dtype" else v for k, v in kwargs.items()}
+        made = name in _FACTORIES and kwargs.get("dtype") is None and not any(isinstance(a, Tensor) for a in args)
+        computed = self.computed
+        out = super().__torch_function__(func, types, args, kwargs)
+        if made and isinstance(out, Tensor) and out.dtype == torch.get_default_dtype() and out.is_floating_point():
+            self.computed = computed  # (made, not computed: widened as the batch is)
+            return out.to(torch.float64)
+        return out
+
+
+def _wide(v: Any) -> Any:
+    """``v``, or float64 where ``v`` is a narrower floating dtype (:class:`_Widened`)."""
+    return torch.float64 if isinstance(v, torch.dtype) and v.is_floating_point and v != torch.float64 else v
+
+
+#: The casts :class:`_Widened` keeps in float64, and the factories whose default-dtype floating tensors it widens.
+_CASTS = frozenset({"float", "half", "bfloat16", "to", "type"})
+_FACTORIES = frozenset({"tensor", "as_tensor", "scalar_tensor", "ones", "zeros", "full", "empty", "arange", "linspace",
+                        "logspace", "eye"})
 
 
 #: Calls that move, pick or make values without arithmetic: their outputs' shapes say nothing of rounding

@@ -3616,7 +3616,8 @@ def test_a_config_module_imported_inside_model_fn_is_read(tmp_path, monkeypatch)
 @pytest.mark.parametrize("how", ["from pkg import cfg", "pkg.cfg.CENTER", "pkg.sub.cfg.CENTER three calls down",
                                  "beside a package of many modules", "a closure's pkg.sub.cfg.CENTER",
                                  "import pkg.sub as s in the body", "import pkg in the body, pkg.sub.cfg", "a dict's sub module",
-                                 "a class's sub module", "self.settings, a sub module"])
+                                 "a class's sub module", "self.settings, a sub module", "a list's sub module",
+                                 "a tuple's sub module", "a helper called as sub.helper()"])
 def test_a_config_submodule_of_a_package_is_read(tmp_path, monkeypatch, how):
     """``from pkg import cfg`` in model_fn's body imports ``pkg`` by name; ``pkg.cfg.CENTER`` reads a global
     package: either way the switch sits in a submodule, which was not read (13.8 off the loop, h73). Walking every
@@ -3631,7 +3632,7 @@ def test_a_config_submodule_of_a_package_is_read(tmp_path, monkeypatch, how):
     for i in range(300 if how.startswith("beside") else 0):
         (root / f"m{i}.py").write_text("".join(f"S{j} = {j}\n" for j in range(100)))
     (root / "cfg.py").write_text("CENTER = 0\n")
-    (root / "sub" / "__init__.py").write_text("from . import cfg\n")
+    (root / "sub" / "__init__.py").write_text("from . import cfg\n\n\ndef helper():\n    return cfg.CENTER\n")
     (root / "sub" / "cfg.py").write_text("CENTER = 0\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     for name in [m for m in sys.modules if m.split(".")[0] == "ghostfunc_test_pkg"]:  # (another case's package)
@@ -3662,6 +3663,7 @@ def test_a_config_submodule_of_a_package_is_read(tmp_path, monkeypatch, how):
         return ghostfunc_test_pkg.sub.cfg.CENTER
 
     held = {"cfg": package.sub.cfg}
+    listed, tupled = [package.sub.cfg], (package.sub.cfg,)
 
     class Holder:
         cfg = package.sub.cfg
@@ -3682,7 +3684,9 @@ def test_a_config_submodule_of_a_package_is_read(tmp_path, monkeypatch, how):
             "pkg.sub.cfg.CENTER three calls down": two, "beside a package of many modules": through_package,
             "a closure's pkg.sub.cfg.CENTER": closure, "import pkg.sub as s in the body": local_alias,
             "import pkg in the body, pkg.sub.cfg": local_package, "a dict's sub module": lambda: held["cfg"].CENTER,
-            "a class's sub module": lambda: Holder.cfg.CENTER, "self.settings, a sub module": Holder().read}[how]
+            "a class's sub module": lambda: Holder.cfg.CENTER, "self.settings, a sub module": Holder().read,
+            "a list's sub module": lambda: listed[0].CENTER, "a tuple's sub module": lambda: tupled[0].CENTER,
+            "a helper called as sub.helper()": lambda: ghostfunc_test_pkg.sub.helper()}[how]  # noqa: F821
     model_fn, params, train, val = _centred_when(flag)
     ghostfunc.graddot(model_fn, params, train, val)
     if how.startswith("beside"):  # (not its 300 modules' 30,000 settings read on every call)
@@ -3825,6 +3829,10 @@ def _capacity_moe_fn(experts: list[Tensor], router_bias: Tensor, factor: float =
 
 @pytest.mark.parametrize(("how", "dtype"), [("a loss divided by the batch size", F64),
                                             ("a loss divided by the batch size", torch.float32),
+                                            ("a loss cast with .float(), then divided", torch.float32),
+                                            ("a loss cast with .to(bfloat16), then divided", torch.float32),
+                                            ("a loss divided by torch.ones(B).sum()", torch.float32),
+                                            ("a loss divided by torch.tensor(float(B))", torch.float32),
                                             ("a capacity counted over the batch's tokens", F64)])
 def test_a_loss_that_depends_on_the_batch_size_is_refused(how, dtype):
     """A sample's loss that depends on how many samples its batch holds, not on which: the rows compared together
@@ -3832,17 +3840,23 @@ def test_a_loss_that_depends_on_the_batch_size_is_refused(how, dtype):
     batch of one's rounding (h77: a capacity-limited mixture of experts whose router sends every token to one
     expert scored silently, its train_grad 1.22 off the batch's gradient). A batch of twice the copies tells; in
     float32 too, whose copies were sliced inside the check's mode and counted as a float32 computation, which
-    skipped it (h84: train_grad 7.0 off). (Float32 experts held as constants outside params compute narrower than the
+    skipped it (h84: train_grad 7.0 off); a cast to float32 in the loss (as Hugging Face's losses cast), or a
+    divisor a factory made in the default dtype, ran float32 in the widened run and skipped it too (h86: 15x off).
+    (Float32 experts held as constants outside params compute narrower than the
     widened run: the check says nothing then, as the README says.)"""
     g = _g(7)
     d = 4
     p = {"router": torch.randn(d, 3, generator=g, dtype=F64), "w": torch.randn(d, d, generator=g, dtype=F64),
          "head": torch.randn(d, generator=g, dtype=F64)}
     p = {k: v.to(dtype) for k, v in p.items()}
-    if how.startswith("a loss divided"):
+    if how.startswith("a loss"):
         def model_fn(p, batch):
             x, y = batch
-            return (torch.tanh(x.mean(1) @ p["w"]) @ p["head"] - y) ** 2 / x.shape[0]
+            b = x.shape[0]
+            out = torch.tanh(x.mean(1) @ p["w"]) @ p["head"]
+            out = out.float() if ".float()" in how else out.to(torch.bfloat16).to(x.dtype) if "bfloat16" in how else out
+            by = torch.ones(b).sum() if "ones" in how else torch.tensor(float(b)) if "tensor(" in how else b
+            return (out - y) ** 2 / by
     else:
         experts = [torch.eye(d, dtype=F64) * (1 + e) for e in range(3)]
         model_fn = _capacity_moe_fn(experts, torch.tensor([50.0, 0.0, 0.0], dtype=dtype))  # every token to expert 0
