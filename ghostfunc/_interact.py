@@ -869,9 +869,11 @@ def steady_settings(model_fn: Callable) -> tuple[Any, ...]:
     def compute() -> tuple[Any, ...]:
         now = module_settings(model_fn)
         try:
-            last, counts = _CHURNS.get(model_fn, ((), {}))
+            last, counts, kept = _CHURNS.get(model_fn, ((), {}, None))
         except TypeError:  # not weak-referenceable: nothing to compare with
             return now
+        if kept is not None and now == last:  # (the common call: nothing moved, no count running; the same object
+            return kept  # as before, its hash kept: the caches keyed by it look it up by identity)
         before = dict(last)
         grew = {k[0] for k, _ in now if k not in before} if before else set()  # (where new entries appeared)
         # (an object model_fn reads whose entries change in turn, one per call: each of them steady, the object not)
@@ -881,13 +883,27 @@ def steady_settings(model_fn: Callable) -> tuple[Any, ...]:
                   **{(_GREW, w): (counts.get((_GREW, w), 0) + 1 if w in moved else
                                   counts.get((_GREW, w), 0) if counts.get((_GREW, w), 0) >= CHURN else 0)
                      for w in {k[0] for k, _ in now}}}
-        _CHURNS[model_fn] = (now, counts)
-        return tuple((k, v) for k, v in now if counts[k] < CHURN and counts[(_GREW, k[0])] < CHURN)
+        out = _Settings((k, v) for k, v in now if counts[k] < CHURN and counts[(_GREW, k[0])] < CHURN)
+        settled = all(c == 0 or c >= CHURN for c in counts.values())  # (then an unchanged call keeps them all)
+        _CHURNS[model_fn] = (now, counts, out if settled else None)
+        return out
 
     return _scoped("steady", model_fn, compute)
 
 
-_CHURNS: weakref.WeakKeyDictionary[Any, tuple[tuple[Any, ...], dict[Any, int]]] = weakref.WeakKeyDictionary()
+_CHURNS: weakref.WeakKeyDictionary[Any, tuple[tuple[Any, ...], dict[Any, int], tuple[Any, ...] | None]] = \
+    weakref.WeakKeyDictionary()
+
+
+class _Settings(tuple):
+    """:func:`steady_settings`' tuple, its hash computed once (a config module of 200 numbers was hashed several
+    times a call, in every cache key it is part of, h86)."""
+
+    def __hash__(self) -> int:
+        kept = self.__dict__.get("hash")
+        if kept is None:
+            kept = self.__dict__["hash"] = tuple.__hash__(self)
+        return kept
 #: :func:`steady_settings`' count of the calls in a row on which a module or held object gained entries (a log the
 #: training loop writes per step, ``metrics[f"step_{i}"] = loss``: its entries are left out as a churning setting is).
 _GREW = "grew"
