@@ -523,7 +523,21 @@ def training_flags(model_fn: Callable) -> tuple[Any, ...]:
     (their handles' ids): switching one between train and eval mode, swapping a submodule for another,
     patching a forward, or adding or removing a hook (a pruning mask, a steering hook, one that mixes rows)
     makes the next call check and trace again, and a compiled graph traced without that hook is not reused."""
-    return _scoped("flags", model_fn, lambda: _training_flags(model_fn))
+    def compute() -> tuple[Any, ...]:
+        now = _training_flags(model_fn)
+        try:
+            last = _FLAGS.get(model_fn)
+            if last is not None and last == now:
+                return last  # (the same object as the last call's, its hash kept: :class:`_Settings`)
+            _FLAGS[model_fn] = out = _Settings(now)
+        except TypeError:  # not weak-referenceable
+            return now
+        return out
+
+    return _scoped("flags", model_fn, compute)
+
+
+_FLAGS: weakref.WeakKeyDictionary[Any, tuple[Any, ...]] = weakref.WeakKeyDictionary()
 
 
 class _EagerStance:
