@@ -830,19 +830,23 @@ _CODE = (types.FunctionType, classmethod, staticmethod, property, type, types.Bu
 def _own_class(kind: type) -> bool:
     """Whether ``kind`` is a class of the user's (``__main__``'s, or a module that is no library's nor the
     standard library's). Kept per class (the settings' walk asks for each class of every submodule on every call)."""
-    try:
-        return _OWN_CLASSES[kind]
-    except Exception:  # noqa: BLE001 - not seen yet; or a class that cannot be weakly referenced or hashed
-        pass
+    try:  # (kept with the module it names and whether that is imported: a class whose module is imported only
+        name = vars(kind).get("__module__")  # after a first call, or whose __module__ is set later, h90)
+        at = (name, sys.modules.get(name) if type(name) is str else None)
+        kept = _OWN_CLASSES.get(kind)
+        if kept is not None and kept[0] == at[0] and kept[1] is at[1]:
+            return kept[2]
+    except Exception:  # noqa: BLE001 - a class that cannot be weakly referenced, hashed or looked at
+        return _own_class_uncached(kind)
     own = _own_class_uncached(kind)
     try:
-        _OWN_CLASSES[kind] = own
+        _OWN_CLASSES[kind] = (*at, own)
     except Exception:  # noqa: BLE001 - (as above: asked again next time)
         pass
     return own
 
 
-_OWN_CLASSES: weakref.WeakKeyDictionary[type, bool] = weakref.WeakKeyDictionary()
+_OWN_CLASSES: weakref.WeakKeyDictionary[type, tuple[Any, Any, bool]] = weakref.WeakKeyDictionary()
 
 
 def _own_class_uncached(kind: type) -> bool:
@@ -2690,6 +2694,8 @@ class _Widened(_UsesAndDtypes):
             else:  # to(dtype), to(device, dtype), to(dtype=...), type(dtype)
                 args = (args[0], *(_wide(a) for a in args[1:]))
                 kwargs = {k: _wide(v) if k == "dtype" else v for k, v in kwargs.items()}
+        if name in _MAKERS and kwargs.get("dtype") is not None:  # (a constant made float32 on purpose, h90)
+            kwargs = {**kwargs, "dtype": _wide(kwargs["dtype"])}
         made = name in _FACTORIES and kwargs.get("dtype") is None and not any(isinstance(a, Tensor) for a in args)
         computed = self.computed
         out = super().__torch_function__(func, types, args, kwargs)
@@ -2700,14 +2706,27 @@ class _Widened(_UsesAndDtypes):
 
 
 def _wide(v: Any) -> Any:
-    """``v``, or float64 where ``v`` is a narrower floating dtype (:class:`_Widened`)."""
-    return torch.float64 if isinstance(v, torch.dtype) and v.is_floating_point and v != torch.float64 else v
+    """``v``, or float64 where ``v`` names a narrower floating dtype: a dtype, a tensor type (``torch.FloatTensor``)
+    or its name (``"torch.FloatTensor"``) (:class:`_Widened`)."""
+    if isinstance(v, torch.dtype):
+        return torch.float64 if v.is_floating_point and v != torch.float64 else v
+    if isinstance(v, str) or (isinstance(v, type) and hasattr(v, "dtype")):
+        named = v if isinstance(v, str) else f"{v.__module__}.{v.__name__}"
+        return torch.float64 if named.rsplit(".", 1)[-1] in _NARROW_TYPES else v
+    return v
+
+
+#: The legacy tensor types of narrower floats (``x.type(torch.FloatTensor)``; a CUDA one by the same name).
+_NARROW_TYPES = frozenset({"FloatTensor", "HalfTensor", "BFloat16Tensor"})
 
 
 #: The casts :class:`_Widened` keeps in float64, and the factories whose default-dtype floating tensors it widens.
 _CASTS = frozenset({"float", "half", "bfloat16", "to", "type"})
 _FACTORIES = frozenset({"tensor", "as_tensor", "scalar_tensor", "ones", "zeros", "full", "empty", "arange", "linspace",
                         "logspace", "eye"})
+#: The calls that make a tensor of a ``dtype=`` given: a narrower float one widened (:class:`_Widened`).
+_MAKERS = _FACTORIES | {"ones_like", "zeros_like", "full_like", "empty_like", "new_tensor", "new_full", "new_ones",
+                        "new_zeros", "new_empty"}
 
 
 #: Calls that move, pick or make values without arithmetic: their outputs' shapes say nothing of rounding

@@ -3705,6 +3705,29 @@ class _LazyModule(types.ModuleType):
         raise ImportError(f"optional dependency for {name} is not installed")
 
 
+@pytest.mark.parametrize("how", ["its module imported after the first call", "its __module__ set after it"])
+def test_a_settings_class_that_becomes_the_users_after_a_first_call_is_read(tmp_path, monkeypatch, how):
+    """Whether a class is the user's is kept per class, with the module it names and whether that is imported: a
+    config class made by ``type(...)`` naming a module imported only after a first call, or whose ``__module__`` is
+    set later, was kept as a library's and its switch not seen (4.1 off, h90)."""
+    name = "ghostfunc_test_late_cfg"
+    (tmp_path / f"{name}.py").write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    kind = type("LateOptions", (), {"__module__": name if how.startswith("its module") else "torch.nn"})
+    options = kind()
+    options.center = False
+    model_fn, params, train, val = _centred_when(lambda: options.center)
+    ghostfunc.graddot(model_fn, params, train, val)
+    if how.startswith("its module"):
+        importlib.import_module(name)
+    else:
+        kind.__module__ = "__main__"
+    options.center = True
+    with pytest.raises(SamplesInteractError, match=r"^graddot: samples interact"):
+        ghostfunc.graddot(model_fn, params, train, val)
+
+
 def test_a_lazy_module_that_raises_for_what_it_lacks_is_read(monkeypatch):
     """A module read by model_fn was asked for ``__file__`` through getattr, and a lazy module raised ImportError
     out of graddot (h76); its own dict is read."""
@@ -3833,6 +3856,8 @@ def _capacity_moe_fn(experts: list[Tensor], router_bias: Tensor, factor: float =
                                             ("a loss cast with .to(bfloat16), then divided", torch.float32),
                                             ("a loss divided by torch.ones(B).sum()", torch.float32),
                                             ("a loss divided by torch.tensor(float(B))", torch.float32),
+                                            ("a loss divided by torch.full((), B, dtype=float32)", torch.float32),
+                                            ("a loss divided by a .type(torch.FloatTensor) tensor", torch.float32),
                                             ("a capacity counted over the batch's tokens", F64)])
 def test_a_loss_that_depends_on_the_batch_size_is_refused(how, dtype):
     """A sample's loss that depends on how many samples its batch holds, not on which: the rows compared together
@@ -3841,7 +3866,8 @@ def test_a_loss_that_depends_on_the_batch_size_is_refused(how, dtype):
     expert scored silently, its train_grad 1.22 off the batch's gradient). A batch of twice the copies tells; in
     float32 too, whose copies were sliced inside the check's mode and counted as a float32 computation, which
     skipped it (h84: train_grad 7.0 off); a cast to float32 in the loss (as Hugging Face's losses cast), or a
-    divisor a factory made in the default dtype, ran float32 in the widened run and skipped it too (h86: 15x off).
+    divisor a factory made in the default dtype, ran float32 in the widened run and skipped it too (h86: 15x off),
+    as did one made float32 on purpose or by a legacy tensor type (h90).
     (Float32 experts held as constants outside params compute narrower than the
     widened run: the check says nothing then, as the README says.)"""
     g = _g(7)
@@ -3855,7 +3881,9 @@ def test_a_loss_that_depends_on_the_batch_size_is_refused(how, dtype):
             b = x.shape[0]
             out = torch.tanh(x.mean(1) @ p["w"]) @ p["head"]
             out = out.float() if ".float()" in how else out.to(torch.bfloat16).to(x.dtype) if "bfloat16" in how else out
-            by = torch.ones(b).sum() if "ones" in how else torch.tensor(float(b)) if "tensor(" in how else b
+            by = (torch.ones(b).sum() if "ones" in how else torch.tensor(float(b)) if "tensor(" in how else
+                  torch.full((), b, dtype=torch.float32) if "full" in how else
+                  torch.tensor(b).type(torch.FloatTensor) if ".type(" in how else b)
             return (out - y) ** 2 / by
     else:
         experts = [torch.eye(d, dtype=F64) * (1 + e) for e in range(3)]
