@@ -2171,6 +2171,24 @@ def test_weight_standardised_convolution_is_exact(aten, mode):
     assert rel(out.values, -0.1 / 5 * ref[0]) < 1e-10  # order 1: -(lr/n) times the scores
 
 
+def test_sync_batch_norms_batch_statistics_are_refused():
+    """``torch.batch_norm_stats``, the batch's statistics SyncBatchNorm takes in training mode across processes, is
+    refused as BatchNorm in training mode is, before it runs (on a GPU under ``group=``; the op has no CPU kernel,
+    so on this CPU the refusal is all that runs)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 3).to(F64)
+    p = {k: v.detach() for k, v in lin.named_parameters()}
+
+    def model_fn(p, batch):
+        h = functional_call(lin, p, (batch,))
+        mean, invstd = torch.batch_norm_stats(h, 1e-5)
+        return ((h - mean) * invstd).pow(2).sum(-1)
+
+    x = torch.randn(5, 4, dtype=F64)
+    with pytest.raises(SamplesInteractError, match=r"batch_norm in training mode.*SyncBatchNorm in training mode"):
+        ghostfunc.graddot(model_fn, p, x, x)
+
+
 @pytest.mark.parametrize("how", ["samples folded into the row", "samples an axis of the row"])
 def test_batch_norm_over_one_row_that_holds_the_samples_is_refused(how):
     """The one-row batch_norm left to run (above) mixes samples when the model puts them into that row: refused by

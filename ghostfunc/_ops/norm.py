@@ -243,6 +243,14 @@ TABLE: dict[Callable[..., Any], Rule] = {
     torch.Tensor.__radd__: SHIFT,
 }
 
+def _batch_norm_stats(*args: Any, **kwargs: Any) -> Any:
+    """``torch.batch_norm_stats``: the batch's statistics ``SyncBatchNorm`` takes in training mode across processes
+    (before its collectives), refused as :func:`batch_norm` in training mode is (on uneven shards the checks' runs
+    moved its buffers another number of times on each rank, and the ranks' comparison of their models said
+    "frozen tensors differ", h86)."""
+    raise SamplesInteractError(_BATCH_STATS + " (SyncBatchNorm in training mode, synchronised across processes)")
+
+
 batch_norm.__name__ = batch_norm.__qualname__ = "batch_norm"
 _batch_norm_aten.__name__ = _batch_norm_aten.__qualname__ = "batch_norm"
 
@@ -250,4 +258,5 @@ _batch_norm_aten.__name__ = _batch_norm_aten.__qualname__ = "batch_norm"
 BATCH_NORMS = frozenset({batch_norm, _batch_norm_aten})
 
 #: Calls the capture runs in place of torch's own (the refusal comes before any running statistic moves).
-EXACT: dict[Callable[..., Any], Callable[..., Any]] = {F.batch_norm: batch_norm, torch.batch_norm: _batch_norm_aten}
+EXACT: dict[Callable[..., Any], Callable[..., Any]] = {F.batch_norm: batch_norm, torch.batch_norm: _batch_norm_aten,
+                                                       torch.batch_norm_stats: _batch_norm_stats}
