@@ -1978,45 +1978,63 @@ def _check_batch(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, l
     return k > 1
 
 
+#: How many runs of the checked rows in a row :func:`_refuse_changed` compares (a counter toggling the computation
+#: with a period of 2 or 3 shows in 3).
+RERUNS = 3
+
+
 def _refuse_changed(model_fn: Callable, params: Mapping[str, Tensor], rows: Callable[[], Any], first: Tensor,
-                    label: str, devices: list[int], mode: _UsesAndDtypes) -> None:
-    """Raise :class:`StateWrittenError` if ``model_fn`` gives other losses for the checked rows (``rows()``) than
-    its first run did (``first``, run in ``mode``, as this one: dropout without drawing): the model changed between
-    the runs the interaction check compared (a counter its forward advances in a Python attribute that switches its
-    computation after some calls, h85: taken for samples that interact, which names the wrong cause). Naming the
-    settings that moved since the call began."""
-    with fork_rng(devices), torch.enable_grad(), eager_stance(), warnings.catch_warnings(), mode:
-        warnings.simplefilter("ignore")  # (as the first run: with gradients on, h61)
-        again = model_fn(dict(params), rows())
-    if not isinstance(again, Tensor) or again.shape != first.shape:
-        return
-    again = again.detach()
-    scale = float(first.abs().max()) if first.numel() else 0.0
-    eps = torch.finfo(first.dtype).eps if first.is_floating_point() else 0.0
-    if bool(torch.isclose(again.to(first.dtype), first, rtol=1e3 * eps, atol=1e3 * eps * scale).all()):
-        return
-    moved = moved_settings(model_fn)
-    named = f" (it moved {_first_few(moved)} since this call began)" if moved else ""
-    raise StateWrittenError(
-        f"model_fn(params, batch) gave other losses for the same {label} rows on a later run than on its first "
-        f"(largest difference {float((again.to(first.dtype) - first).abs().max()):.3g}), with the same params: the "
-        f"model changes from one run to the next{named}, such as a counter its forward advances (self.calls += 1) "
-        f"that switches its computation, or a schedule it steps. graddot runs model_fn several times per call (a "
-        f"one-sample trace, these checks, the capture), so the runs would see different models. Keep such state "
-        f"outside model_fn and set it between calls (a schedule stepped by the training loop is read on every "
-        f"call)")
+                    label: str, devices: list[int], mode: Any, runs: int = RERUNS, moved: list[str] | None = None,
+                    grads: bool = True) -> None:
+    """Raise :class:`StateWrittenError` if ``model_fn`` gives other losses for the checked rows (``rows()``), on up to
+    ``runs`` runs in a row, than its first run did (``first``, run in ``mode``, as these: dropout without drawing) or
+    than the run before: the model changed between the runs the interaction check compared (a counter its forward
+    advances in a Python attribute that switches its computation after some calls, h85: taken for samples that
+    interact, which names the wrong cause; one that toggles it every other call agreed on a single run again, h91).
+    Naming the settings that moved (``moved``; else those since the call began)."""
+    last = first
+    for _ in range(runs):
+        with fork_rng(devices), torch.set_grad_enabled(grads), eager_stance(), warnings.catch_warnings(), mode:
+            warnings.simplefilter("ignore")  # (as the first run: with gradients on, h61)
+            again = model_fn(dict(params), rows())
+        if not isinstance(again, Tensor) or again.shape != first.shape or not first.is_floating_point():
+            return
+        again = again.detach().to(first.dtype)
+        for seen in (first, last):
+            eps, scale = torch.finfo(first.dtype).eps, float(seen.abs().max()) if seen.numel() else 0.0
+            if not bool(torch.isclose(again, seen, rtol=1e3 * eps, atol=1e3 * eps * scale).all()):
+                break
+        else:
+            last = again
+            continue
+        moved = moved_settings(model_fn) if moved is None else moved
+        named = f" (it moved {_first_few(moved)})" if moved else ""
+        raise StateWrittenError(
+            f"model_fn(params, batch) gave other losses for the same {label} rows on a later run than on an earlier "
+            f"one (largest difference {float((again - seen).abs().max()):.3g}), with the same params: the model "
+            f"changes from one run to the next{named}, such as a counter its forward advances (self.calls += 1) "
+            f"that switches its computation, or a schedule it steps. graddot runs model_fn several times per call (a "
+            f"one-sample trace, these checks, the capture), so the runs would see different models. Keep such state "
+            f"outside model_fn and set it between calls (a schedule stepped by the training loop is read on every "
+            f"call)")
 
 
-def moved_settings(model_fn: Callable) -> list[str]:
-    """The names of :func:`module_settings` whose values differ now from those read at the start of this public
-    call (read again here, outside the call's memo)."""
-    start = dict(module_settings(model_fn))
+def moved_settings(model_fn: Callable, start: dict[Any, Any] | None = None) -> list[str]:
+    """The names of :func:`module_settings` whose values differ now from ``start`` (:func:`settings_now` of an
+    earlier moment), by default those read at the start of this public call (read again here, outside the call's
+    memo)."""
+    start = dict(module_settings(model_fn)) if start is None else start
+    now = settings_now(model_fn)
+    return list(dict.fromkeys(str(k[-1]) for k, v in now.items() if k in start and start[k] != v))
+
+
+def settings_now(model_fn: Callable) -> dict[Any, Any]:
+    """:func:`module_settings` read now, outside the public call's memo."""
     memo, _SCOPE.memo = _SCOPE.memo, None
     try:
-        now = dict(module_settings(model_fn))
+        return dict(module_settings(model_fn))
     finally:
         _SCOPE.memo = memo
-    return list(dict.fromkeys(str(k[-1]) for k, v in now.items() if k in start and start[k] != v))
 
 
 #: How many distinct samples :func:`_same_branch_groups` runs alone to find those that branch alike.
@@ -2849,16 +2867,22 @@ def check_state_writes(model_fn: Callable, params: Mapping[str, Tensor], batch: 
     rows = batch.rebuild([t[at.to(t.device)] for t in batch.tensors])
     watch = _Writes(model_fn)
     versions = {k: v._version for k, v in params.items()}
+    start, host = settings_now(model_fn), host_states()
     try:
         with fork_rng(devices), torch.no_grad(), eager_stance(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with _ParamWrites(params):
-                model_fn(dict(params), rows)
+                first = model_fn(dict(params), rows)
+            drew = not same_host_states(host, host_states())
             watch.after_first()
             if watch.first_wrote():
                 model_fn(dict(params), rows)
         _refuse_param_writes(params, versions)
         watch.refuse_moved()
+        moved = moved_settings(model_fn, start)  # a plain setting the run moved (a counter in a Python attribute):
+        if moved and not drew and isinstance(first, Tensor):  # the same rows again, from the same random state
+            _refuse_changed(model_fn, params, lambda: rows, first.detach(), "training", devices,  # (one that
+                            _ParamWrites(params), moved=moved, grads=False)  # switched at its 2nd call, h91)
     except StateWrittenError as err:
         raise StateWrittenError(f"{where}: {err}") from None
     except Exception as err:  # the model's own error: which run raised it, as graddot says

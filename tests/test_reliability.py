@@ -2360,16 +2360,16 @@ class _Switching(nn.Module):
     """A model that counts its runs in a Python attribute and, from run ``at`` on, doubles its hidden layer; with
     ``couple``, a batch mean is added too (samples that interact). ``calls`` moves on every run either way."""
 
-    def __init__(self, at: int, couple: bool = False) -> None:
+    def __init__(self, at: int, couple: bool = False, period: int = 0) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.a, self.b = nn.Linear(5, 6), nn.Linear(6, 3)
-        self.calls, self.at, self.couple = 0, at, couple
+        self.calls, self.at, self.couple, self.period = 0, at, couple, period
 
     def forward(self, x):
         self.calls += 1
         h = torch.tanh(self.a(x))
-        if self.calls >= self.at:
+        if (self.calls % self.period == 0) if self.period else self.calls >= self.at:
             h = h * 2
         if self.couple:
             h = h + h.mean(0)
@@ -2384,15 +2384,23 @@ def _switching_call(net):
     return fn, params, batch(6), batch(4)
 
 
-@pytest.mark.parametrize("at", [2, 3, 4])
-def test_a_python_counter_that_switches_the_model_between_the_checks_runs_is_state_written(at):
+@pytest.mark.parametrize("how", ["from its 2nd call", "from its 3rd call", "from its 4th call", "every 2nd call",
+                                 "every 3rd call", "unroll, from its 2nd call", "unroll, every 2nd call"])
+def test_a_python_counter_that_switches_the_model_between_the_checks_runs_is_state_written(how):
     """A counter in a Python attribute that switches the computation between the checks' runs made the rows alone
     differ from the batch: taken for samples that interact, which names the wrong cause and fix (h85). The same
-    rows run again give other losses: StateWrittenError, naming the attribute."""
-    fn, params, train, val = _switching_call(_Switching(at))
-    with pytest.raises(ghostfunc.StateWrittenError, match=r"gave other losses for the same train rows on a later "
-                                                          r"run .*it moved calls since"):
-        ghostfunc.graddot(fn, params, train, val)
+    rows run again (three times: a counter toggling it every other call agreed with the first on one run, h91)
+    give other losses: StateWrittenError, naming the attribute. ``unroll``'s check of state writes runs the model
+    first, and one switched at its 2nd call was scored as the switched model (2.25 off, h91): where a run moved a
+    setting, the rows run again there too."""
+    at, period = (int(how.split(" ")[-2][0]), 0) if "from" in how else (0, int(how.split(" ")[-2][0]))
+    fn, params, train, val = _switching_call(_Switching(at, period=period))
+    said = r"gave other losses for the same (train|training) rows on a later run .*it moved calls\)"
+    with pytest.raises(ghostfunc.StateWrittenError, match=said):
+        if how.startswith("unroll"):
+            ghostfunc.unroll(fn, ghostfunc.sgd(0.1), params, [{**train, "index": torch.arange(6)}], val)
+        else:
+            ghostfunc.graddot(fn, params, train, val)
 
 
 def test_a_logging_counter_beside_samples_that_interact_is_still_samples_interact():
