@@ -132,6 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(exc).removeprefix("attribute: "))
     except RecordingError as exc:  # a truncated recording, or one the spec's run does not replay (h74: tracebacks)
         parser.error(str(exc))
+    except IsADirectoryError as exc:  # a folder where the recording's file belongs (a traceback before, h91)
+        parser.error(str(exc))
     total = values.total.sum(1) if args.per_step else values.total
     seen = values.count.nonzero().flatten()  # samples the run drew (the others have no value, not a value of 0)
     k = min(args.top, len(seen))

@@ -668,15 +668,27 @@ class Trajectory:
 
     def save(self, folder: str | os.PathLike, spec: Mapping[str, Any] | None = None) -> Path:
         """Write ``folder/trajectory.pt`` (and ``folder/spec.json`` when ``spec`` is given); returns the ``.pt`` path."""
+        where = "Trajectory.save"
         target = Path(folder) / "trajectory.pt"
+        try:  # (the spec checked before anything is written: a bare TypeError and an empty folder before, h91)
+            text = None if spec is None else json.dumps(dict(spec), indent=1)
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"{where}: spec must be a dict of JSON values (the task factory's name, its kwargs, the "
+                            f"optimizer's options); {err}") from None
         target.parent.mkdir(parents=True, exist_ok=True)
-        if spec is not None:
-            (target.parent / "spec.json").write_text(json.dumps(dict(spec), indent=1))
         payload = {"format": TRAJECTORY_FORMAT, "every": self.every, "indices": self.indices,
                    "checkpoints": {t: tuple(v) for t, v in self.checkpoints.items() if t < self.steps},
                    "final": self.final}
         tmp = target.with_suffix(".pt.tmp")
-        torch.save(payload, tmp)
+        try:
+            torch.save(payload, tmp)
+        except Exception as err:  # (an optimizer state holding a lambda: no half-written file left behind, h91)
+            tmp.unlink(missing_ok=True)
+            err.add_note(f"{where}: could not write {os.fspath(target)!r} (nothing was written; a recording kept "
+                         f"there before is as it was)")
+            raise
+        if text is not None:  # the spec with the recording it describes, once that is written
+            (target.parent / "spec.json").write_text(text)
         os.replace(tmp, target)
         return target
 

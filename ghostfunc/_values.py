@@ -86,7 +86,10 @@ def read_saved(path: str | os.PathLike, where: str, writer: str) -> Any:
     try:
         torch.serialization.add_safe_globals(SAFE_TYPES)  # (a context manager's exit would remove them: they
         return torch.load(path, weights_only=True)  # stay allowed, as ghostfunc's import allows them)
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError):
+    except IsADirectoryError:  # (a bare "[Errno 21] Is a directory" before, h91)
+        raise IsADirectoryError(f"{where}: {os.fspath(path)!r} is a folder; expected a file written by "
+                                f"{writer}") from None
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
         raise
     except Exception as err:  # noqa: BLE001 - a truncated or foreign file: say which, and what torch said
         said = str(err).strip().splitlines()[0] if str(err).strip() else ""

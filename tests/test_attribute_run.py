@@ -285,3 +285,43 @@ def test_attribute_refuses_a_recording_it_cannot_replay_in_one_line(how: str, sa
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert re.match(rf"python -m ghostfunc attribute: error: {said}", err.splitlines()[-1])
+
+
+@pytest.mark.parametrize("how, said", [
+    ("another run's recording", r"--run: the recording in '.*' \(trajectory/\) was made by a run with --seed 1; this "
+                                r"run has 0: it is another run's recording"),
+    ("trajectory.pt a folder", r"Trajectory.load: '.*trajectory.pt' is a folder; expected a file written by "
+                               r"Trajectory.save"),
+    ("config.json missing", r"--run: expected the run's config.json in '.*' \(the training CLI writes it\); there is "
+                            r"none"),
+    ("config.json torn", r"--run: '.*config.json' is not the JSON the training CLI writes"),
+])
+def test_attribute_refuses_what_is_not_the_runs_own_recording_in_one_line(how: str, said: str, recorded: Path,
+                                                                          tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture) -> None:
+    """A recording copied in from another run (another seed) was replayed and its values written as this run's; a
+    folder in place of trajectory.pt, and a missing or torn config.json, were tracebacks (h91). One line each, exit
+    code 2; the spec names the options of the run that recorded it."""
+    run = tmp_path / "run"
+    shutil.copytree(recorded, run)
+    (run / "trajectory" / "unrolled.pt").unlink(missing_ok=True)  # (another test's attribution of the run)
+    spec_path = run / "trajectory" / "spec.json"
+    spec = json.loads(spec_path.read_text())
+    assert spec["kwargs"]["config"]["seed"] == 0  # (the recording names its run's options)
+    if how == "another run's recording":
+        spec["kwargs"]["config"]["seed"] = 1
+        spec_path.write_text(json.dumps(spec))
+    elif how == "trajectory.pt a folder":
+        (run / "trajectory" / "trajectory.pt").unlink()
+        (run / "trajectory" / "trajectory.pt").mkdir()
+    elif how == "config.json missing":
+        (run / "config.json").unlink()
+    else:
+        (run / "config.json").write_text((run / "config.json").read_text()[:20])
+    with pytest.raises(SystemExit) as info:
+        main(["attribute", "--run", str(run)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert re.match(rf"python -m ghostfunc attribute: error: {said}", err.splitlines()[-1]), err.splitlines()[-1]
+    assert not (run / "trajectory" / "unrolled.pt").exists()

@@ -21,7 +21,7 @@ pytest.importorskip("tqdm")
 
 import ghostfunc  # noqa: E402
 from ghostfunc.__main__ import main  # noqa: E402
-from ghostfunc._run import cli, data  # noqa: E402
+from ghostfunc._run import cli, data, loop  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 #: A few steps of the tiny preset on a small corpus (what every test here runs).
@@ -157,7 +157,8 @@ def test_resume_equals_uninterrupted(corpus: dict[str, Path], tmp_path: Path) ->
     assert all(torch.equal(v, mid["train"].params[k]) for k, v in tb.checkpoints[8][0].items())  # the interrupted run's
     assert all(torch.equal(v, sa["train"].params[k]) for k, v in tb.final.items())
     spec = json.loads((tmp_path / "cut" / "trajectory" / "spec.json").read_text())
-    assert spec["factory"] == "ghostfunc._run.attribution:task" and spec["kwargs"] == {"run": str((tmp_path / "cut").resolve())}
+    assert spec["factory"] == "ghostfunc._run.attribution:task" and spec["kwargs"]["run"] == str((tmp_path / "cut").resolve())
+    assert spec["kwargs"]["config"] == loop.fingerprint(json.loads((tmp_path / "cut" / "config.json").read_text()))
 
 
 def _bad_inputs(c: dict[str, Path], tmp: Path) -> list[tuple[list[str], str]]:
@@ -940,3 +941,18 @@ def test_a_resumed_recording_drops_an_unrolled_pt_of_fewer_steps(corpus: dict[st
     assert main(_args(corpus, out, "--steps", "4", "--record-every", "1", "--resume")) == 0
     assert not (out / "trajectory" / "unrolled.pt").exists()
     assert ghostfunc.Trajectory.load(out / "trajectory").steps == 4
+
+
+@pytest.mark.parametrize("how", ["--out a file", "values.pt a folder"])
+def test_resume_says_why_it_finds_no_run(how: str, corpus: dict[str, Path], tmp_path: Path,
+                                         capsys: pytest.CaptureFixture) -> None:
+    """--out naming a file, or a folder in place of values.pt: --resume said "there is none" for both (h91)."""
+    out = tmp_path / "run"
+    if how == "--out a file":
+        out.write_text("a file")
+    else:
+        (out / "values.pt").mkdir(parents=True)
+    assert main(_args(corpus, out, "--steps", "2", "--resume")) == 2
+    said = f"{str(out)!r} is a file" if how == "--out a file" else "its values.pt is a folder"
+    assert capsys.readouterr().err.strip().endswith(f"--resume: expected a run in --out {str(out)!r} (its values.pt); "
+                                                    f"{said}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import doctest
+import json
 
 import pytest
 import torch
@@ -617,3 +618,27 @@ def test_a_run_whose_tensor_lr_moved_replays_with_a_schedule_of_its_rates() -> N
     with pytest.raises(ValueError, match=r"^unroll: replaying the run's steps does not reach the recorded parameters.*"
                                          r"a tensor lr the run decayed in place replays at its value now"):
         ghostfunc.unroll(model_fn, step.optimizer, traj, batches, val)
+
+
+def test_trajectory_save_leaves_nothing_behind_when_it_cannot_write(tmp_path):
+    """A spec that is not JSON, and a payload torch.save cannot pickle (an optimizer state holding a lambda): a bare
+    TypeError and an empty folder, or spec.json and trajectory.pt.tmp left behind (h91). The spec is checked first;
+    a failed write removes its temporary file, says Trajectory.save, and a recording there before stays as it was."""
+    params, batches, val = run(steps=1)
+    traj = ghostfunc.Trajectory.start(ghostfunc.train_step(mlp_fn, ghostfunc.sgd(0.1)).init(params), 1)
+    with pytest.raises(TypeError, match=r"^Trajectory.save: spec must be a dict of JSON values"):
+        traj.save(tmp_path / "a", spec={"factory": "m:f", "kwargs": {"x": object()}})
+    assert not (tmp_path / "a").exists()
+    traj.save(tmp_path / "b", spec={"factory": "m:f"})
+    before = (tmp_path / "b" / "trajectory.pt").read_bytes()
+    bad = ghostfunc.Trajectory(traj.every, {0: (traj.checkpoints[0][0], {"f": lambda: 0})}, [torch.arange(2)],
+                               traj.final)
+    with pytest.raises(Exception) as info:
+        bad.save(tmp_path / "b", spec={"factory": "m:g"})
+    assert any("Trajectory.save: could not write" in note for note in getattr(info.value, "__notes__", []))
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["spec.json", "trajectory.pt"]
+    assert (tmp_path / "b" / "trajectory.pt").read_bytes() == before
+    assert json.loads((tmp_path / "b" / "spec.json").read_text()) == {"factory": "m:f"}
+    with pytest.raises(IsADirectoryError, match=r"^DataValues.load: '.*' is a folder; expected a file written by "
+                                                r"DataValues.save"):
+        ghostfunc.DataValues.load(tmp_path / "b")

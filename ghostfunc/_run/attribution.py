@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from . import loop
-from .data import Corpus
+from .data import Corpus, UsageError
 
 
 class Chunks:
@@ -53,10 +53,25 @@ class Chunks:
         return self.corpus.batch(index.cpu()).to(self.device)
 
 
-def task(run: str) -> dict[str, Any]:
-    """``{"model_fn", "dataset", "val", "optimizer"}`` of the recorded run in ``run`` (see the module docstring)."""
+def task(run: str, config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``{"model_fn", "dataset", "val", "optimizer"}`` of the recorded run in ``run`` (see the module docstring).
+    ``config``: the trajectory-fixing options of the run that made the recording (its ``spec.json``; a recording
+    of another run, copied into this one, is refused: its values were written as this run's, h91)."""
     folder = Path(run)
-    cfg = loop.resolve_run(json.loads((folder / "config.json").read_text()), folder)  # its own data, from any folder
+    path = folder / "config.json"
+    try:  # (a missing or torn config.json was a traceback, h91)
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"--run: expected the run's config.json in {str(folder)!r} (the training CLI writes it); "
+                         f"there is none") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UsageError(f"--run: {str(path)!r} is not the JSON the training CLI writes ({err})") from None
+    if not isinstance(raw, dict):
+        raise UsageError(f"--run: {str(path)!r} must hold the run's options as a JSON object; got "
+                         f"{type(raw).__name__}")
+    cfg = loop.resolve_run(raw, folder)  # its own data, from any folder
+    if config is not None:
+        loop.check_recording(cfg, config, str(folder))
     cfg["out"] = str(folder)  # the token cache lies beside the run, wherever it was started from
     setup = loop.prepare(cfg)
     if (folder / "values.pt").is_file():  # the chunks the run trained on, not whatever the paths hold now

@@ -236,7 +236,9 @@ def check_out(out: Path, resume: bool) -> list[Path]:
     held = sorted(p for p in out.iterdir() if p.name != LOCK) if out.is_dir() else []
     unfinished = bool(held) and not has_run and all(_unfinished(p) for p in held)
     if resume and not has_run:
-        raise UsageError(f"--resume: expected a run in --out {str(out)!r} (its values.pt); there is none"
+        why = (f"{str(out)!r} is a file" if out.is_file() else "its values.pt is a folder" if
+               (out / "values.pt").is_dir() else "there is none")  # (each said "there is none" before, h91)
+        raise UsageError(f"--resume: expected a run in --out {str(out)!r} (its values.pt); {why}"
                          + (" (the run there stopped before its first save: start it again without --resume)"
                             if unfinished else ""))
     if out.exists() and not out.is_dir():

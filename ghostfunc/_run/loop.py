@@ -322,6 +322,17 @@ def fingerprint(cfg: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in sorted(cfg.items()) if k not in FREE_KEYS}
 
 
+def check_recording(cfg: dict[str, Any], recorded: dict[str, Any], run: str) -> None:
+    """Refuse a recording (its ``spec.json``'s options, :func:`fingerprint`) made by a run with other
+    trajectory-fixing options than the run in ``run`` (``cfg``, its ``config.json``)."""
+    mine, theirs = _resolved(fingerprint(cfg)), _resolved(absolute(recorded, Path.cwd()))
+    for k in sorted(set(mine) | set(theirs)):
+        if k != "out" and mine.get(k) != theirs.get(k):
+            raise UsageError(f"--run: the recording in {run!r} (trajectory/) was made by a run with "
+                             f"--{k.replace('_', '-')} {theirs.get(k)!r}; this run has {mine.get(k)!r}: it is another "
+                             f"run's recording")
+
+
 def check_resume(cfg: dict[str, Any], saved: dict[str, Any]) -> None:
     """Refuse to resume a run made with other trajectory-fixing options.
 
@@ -407,13 +418,16 @@ def recording(out: Path, every: int, state: ghostfunc.TrainState) -> ghostfunc.T
     return ghostfunc.Trajectory(every, kept, old.indices[:state.step], params)
 
 
-def save_trajectory(trajectory: ghostfunc.Trajectory | None, out: Path) -> None:
-    """Write the recording and the ``spec.json`` that ``ghostfunc attribute --run out`` reads (atomically). An
+def save_trajectory(trajectory: ghostfunc.Trajectory | None, out: Path, cfg: dict[str, Any] | None = None) -> None:
+    """Write the recording and the ``spec.json`` that ``ghostfunc attribute --run out`` reads (atomically), with the
+    run's trajectory-fixing options (:func:`fingerprint`: a recording copied into another run is refused). An
     ``unrolled.pt`` that ``attribute`` made of the recording before it grew (a run stopped with ``--stop-at``,
     then resumed) goes: its values are of fewer steps than the recording now holds."""
     if trajectory is not None:
-        trajectory.save(out / "trajectory", spec={"factory": ATTRIBUTION_TASK, "kwargs": {"run": str(out.resolve())},
-                                                  "index": "index"})
+        kwargs: dict[str, Any] = {"run": str(out.resolve())}
+        if cfg is not None:
+            kwargs["config"] = fingerprint(cfg)
+        trajectory.save(out / "trajectory", spec={"factory": ATTRIBUTION_TASK, "kwargs": kwargs, "index": "index"})
         (out / "trajectory" / "unrolled.pt").unlink(missing_ok=True)  # (made of the recording before it grew)
 
 
@@ -566,7 +580,7 @@ def run(setup: Setup, par: Dist, *, pool: Tensor | None = None, quiet: bool = Fa
             if trajectory is not None:
                 trajectory.record(every, state)
             if save_values and cfg["save_every"] and done % cfg["save_every"] == 0 and done < stop:
-                save_trajectory(trajectory, out)  # before values.pt: a resume finds at least its steps
+                save_trajectory(trajectory, out, cfg)  # before values.pt: a resume finds at least its steps
                 values = save(values, values_path, state, cfg, par, setup.data)
                 saved_at = done
     finally:
@@ -575,7 +589,7 @@ def run(setup: Setup, par: Dist, *, pool: Tensor | None = None, quiet: bool = Fa
     if not bool(torch.stack([torch.isfinite(p).all() for p in state.params.values()]).all()):
         diverged(state.step, "the last update made the parameters non-finite")  # (no later step's losses show it)
     if save_values:
-        save_trajectory(trajectory, out)
+        save_trajectory(trajectory, out, cfg)
         values = save(values, values_path, state, cfg, par, setup.data)
     return state, values
 
