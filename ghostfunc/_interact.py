@@ -2871,9 +2871,9 @@ def check_state_writes(model_fn: Callable, params: Mapping[str, Tensor], batch: 
     try:
         with fork_rng(devices), torch.no_grad(), eager_stance(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with _ParamWrites(params):
+            with _OwnDraws(params) as own:
                 first = model_fn(dict(params), rows)
-            drew = not same_host_states(host, host_states())
+            drew = own.drew or not same_host_states(host, host_states())
             watch.after_first()
             if watch.first_wrote():
                 model_fn(dict(params), rows)
@@ -2889,6 +2889,19 @@ def check_state_writes(model_fn: Callable, params: Mapping[str, Tensor], batch: 
         err.add_note(f"{where}: model_fn raised this on the first {len(at)} rows of the first training batch, "
                      f"run without gradients (checking that it leaves its buffers and parameters alone)")
         raise
+
+
+class _OwnDraws(_ParamWrites):
+    """:class:`_ParamWrites`, also noting whether a call drew from a generator of the model's own (``generator=``):
+    runs from the same global random state draw alike, not from such a one (a model drawing from its own generator
+    beside a logging counter was refused as one whose counter changed it, h92)."""
+
+    drew = False
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
+        if kwargs and kwargs.get("generator") is not None:
+            self.drew = True
+        return super().__torch_function__(func, types, args, kwargs)
 
 
 #: :class:`_Writes` keeps copies of buffers up to this many bytes in all (larger: it compares and restores none).

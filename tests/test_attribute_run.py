@@ -325,3 +325,17 @@ def test_attribute_refuses_what_is_not_the_runs_own_recording_in_one_line(how: s
     assert "Traceback" not in err
     assert re.match(rf"python -m ghostfunc attribute: error: {said}", err.splitlines()[-1]), err.splitlines()[-1]
     assert not (run / "trajectory" / "unrolled.pt").exists()
+
+
+def test_a_recordings_options_are_not_read_against_the_current_folder(recorded: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The options a recording names are its run's, resolved when it ran: read again against the current folder, a
+    preset's name (``gpt2``) was a path where that folder held a ``gpt2/``, and the run's own recording was refused
+    as another run's (h92)."""
+    cfg = loop.resolve_run(json.loads((recorded / "config.json").read_text()), recorded)
+    spec = json.loads((recorded / "trajectory" / "spec.json").read_text())
+    (tmp_path / cfg["model"]).mkdir()
+    monkeypatch.chdir(tmp_path)
+    loop.check_recording(cfg, spec["kwargs"]["config"], str(recorded))
+    with pytest.raises(ghostfunc._run.data.UsageError, match=r"--run: the recording in .* --seed 1; this run has 0"):
+        loop.check_recording(cfg, {**spec["kwargs"]["config"], "seed": 1}, str(recorded))

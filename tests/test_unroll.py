@@ -642,3 +642,22 @@ def test_trajectory_save_leaves_nothing_behind_when_it_cannot_write(tmp_path):
     with pytest.raises(IsADirectoryError, match=r"^DataValues.load: '.*' is a folder; expected a file written by "
                                                 r"DataValues.save"):
         ghostfunc.DataValues.load(tmp_path / "b")
+
+
+def test_a_model_drawing_from_its_own_generator_beside_a_logging_counter_is_not_state_written():
+    """unroll's check of state writes runs the rows again where a run moved a setting (a counter): runs from the same
+    global random state draw alike, not from a generator of the model's own, whose draws were taken for the counter
+    changing the model (h92). Not compared then (the replay says what it cannot reach)."""
+    from ghostfunc._capture import split_batch
+    from ghostfunc._interact import check_state_writes
+
+    gen = torch.Generator().manual_seed(0)
+    calls = {"n": 0}
+
+    def noisy(p, batch):
+        calls["n"] += 1
+        return mlp_fn(p, batch) + 0.1 * torch.rand(len(batch["y"]), generator=gen, dtype=torch.float64)
+
+    params, batches, val = run(steps=1)
+    check_state_writes(noisy, params, split_batch(batches[0]), "unroll")
+    assert calls["n"] >= 1

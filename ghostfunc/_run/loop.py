@@ -325,7 +325,8 @@ def fingerprint(cfg: dict[str, Any]) -> dict[str, Any]:
 def check_recording(cfg: dict[str, Any], recorded: dict[str, Any], run: str) -> None:
     """Refuse a recording (its ``spec.json``'s options, :func:`fingerprint`) made by a run with other
     trajectory-fixing options than the run in ``run`` (``cfg``, its ``config.json``)."""
-    mine, theirs = _resolved(fingerprint(cfg)), _resolved(absolute(recorded, Path.cwd()))
+    mine, theirs = _resolved(fingerprint(cfg)), _resolved(recorded)  # (recorded resolved: a preset's name, gpt2,
+    # taken against the current folder was a path where that folder held a gpt2/, h92)
     for k in sorted(set(mine) | set(theirs)):
         if k != "out" and mine.get(k) != theirs.get(k):
             raise UsageError(f"--run: the recording in {run!r} (trajectory/) was made by a run with "
