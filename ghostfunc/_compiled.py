@@ -63,7 +63,7 @@ from ._graddot import (
     sum_scores,
     val_weights,
 )
-from ._interact import Identity, _is_array, negative_zeros, steady_settings
+from ._interact import Identity, _is_array, negative_zeros, remember, steady_settings
 from ._whole import NotDirect, _rows, _Taps, close, per_sample, rng_state, set_rng_state
 
 #: ``model_fn`` -> {(replay key, compute dtype): (the compiled call, the parameter tensors it is called with,
@@ -108,8 +108,13 @@ STANCE = "torch.compiler's stance is {!r} (torch.compiler.set_stance): the graph
 NOT_KEPT = "model_fn cannot be weakly referenced: nowhere to keep its graph"
 NOT_FINITE = "a loss is not finite (the eager path names the rows)"
 NOT_FINITE_SCORES = "a score is not finite (the eager path names the rows and parameters)"
-#: Compiled graphs kept per ``model_fn`` (one per signature: each batch size is one).
+#: Compiled graphs kept per ``model_fn`` (one per signature: each batch size is one); past it the least recently used
+#: goes, and its signature runs eagerly from then on (:data:`EVICTED`).
 COMPILED_SIGNATURES = 32
+EVICTED = (f"its graph was dropped to keep {COMPILED_SIGNATURES} per model_fn, and it is not compiled again (more "
+           f"batch sizes in turn than that recompiled for seconds on most calls); pad batches to fewer sizes")
+#: The signatures whose graph went (:data:`EVICTED`), per ``model_fn``.
+_EVICTED: weakref.WeakKeyDictionary[Any, dict[tuple, None]] = weakref.WeakKeyDictionary()
 HELD_DATA = ("a non-tensor batch leaf holds a tensor or an array: the graph would read the one of the call it was "
              "built from (an equal object of a later call is the same signature)")
 MISMATCH = "the first compiled result differed from the eager replay's"
@@ -158,11 +163,22 @@ def scores(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batc
     if first:  # (the key holds both signatures: one that holds data is never built, so never known)
         if _holds_data(train.signature) or _holds_data(val.signature):
             return HELD_DATA
-        while len(states) >= COMPILED_SIGNATURES:  # the oldest graph goes (emptied whole, 18 sizes in turn recompiled)
-            del states[next(iter(states))]
+        gone = _EVICTED.setdefault(model_fn, {})
+        if key in gone:  # (more sizes in turn than graphs kept: compiled again and again, seconds each, h93)
+            return EVICTED
+        built = [k for k, v in states.items() if not isinstance(v, str)]  # (least recently used first)
+        while len(built) >= COMPILED_SIGNATURES:  # the least recently used graph goes (emptied whole, 18 sizes in
+            old = built.pop(0)  # turn recompiled), and its signature runs eagerly from then on
+            del states[old]
+            remember(gone, old, None, 4 * COMPILED_SIGNATURES)
+        marks = [k for k, v in states.items() if isinstance(v, str)]  # (why signatures ran eagerly: the oldest go)
+        for old in marks[:max(0, len(marks) - 4 * COMPILED_SIGNATURES)]:
+            del states[old]
         known = (_build(model_fn, rep, train, val.size, val_reduce, dtype),
                  {k: torch.empty_like(v, requires_grad=False) for k, v in params.items()}, threading.Lock())
     assert known is not None
+    if not first:
+        states[key] = states.pop(key)  # (the most recently used last: the least recently used goes first)
     fn, leaves, lock = known
     device = next(iter(params.values())).device
     # The same tensors every call (the interception knows parameters by identity, and dynamo guards the
@@ -225,12 +241,44 @@ def _graphs() -> int:
     return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
 
 
+def _held_weakly(model_fn: ModelFn) -> ModelFn:
+    """``model_fn`` called through a weak reference (a bound method: its object's, the function held), as dynamo
+    traces it (``weakref.WeakMethod`` it does not); :class:`NotDirect` once it is gone."""
+    if isinstance(model_fn, types.MethodType):
+        func, owner = model_fn.__func__, model_fn.__self__
+        try:
+            held: Callable[[], Any] = weakref.ref(owner)
+        except TypeError:  # (an object that cannot be weakly referenced: held, as the method holds it)
+            def held() -> Any:
+                return owner
+
+        def call(params: dict[str, Tensor], batch: Any) -> Tensor:
+            obj = held()
+            if obj is None:
+                raise NotDirect("model_fn no longer exists")
+            return func(obj, params, batch)
+
+        return call
+    ref = weakref.ref(model_fn)
+
+    def call_fn(params: dict[str, Tensor], batch: Any) -> Tensor:
+        fn = ref()
+        if fn is None:  # (gone: its graph goes with it)
+            raise NotDirect("model_fn no longer exists")
+        return fn(params, batch)
+
+    return call_fn
+
+
 def _build(model_fn: ModelFn, rep: Replay, train: Batch, m: int, val_reduce: str,
            dtype: torch.dtype | None) -> Callable[..., Any]:
     """The replay of ``rep`` as one function of (parameters, train tensors, val tensors), compiled."""
     # plain values only (the paths, not the plan): dynamo guards every field of what the graph reads
     n, sites, rebuild, routes = train.size, rep.sites, train.rebuild, paths(rep.routing.plan)
     big = n + m
+    # model_fn held weakly: the graph is kept in _STATE under model_fn, and a closure holding it strongly kept every
+    # model_fn (and its module's weights) alive for good (h93: 4 of 4 dropped 4 MB models kept)
+    call_model = _held_weakly(model_fn)
 
     def whole(params: dict[str, Tensor], train_tensors: list[Tensor], val_tensors: list[Tensor]) -> Any:
         like = next(iter(params.values()))
@@ -243,7 +291,7 @@ def _build(model_fn: ModelFn, rep: Replay, train: Batch, m: int, val_reduce: str
         def losses_of(taps: list[Tensor]) -> tuple[Tensor, tuple[Tensor, list[tuple[Tensor, ...]]]]:
             mode = _Added(names, sites, big, taps)
             with mode:
-                losses = model_fn(dict(params), rebuild(joined))
+                losses = call_model(dict(params), rebuild(joined))
             if len(mode.saved) != len(sites):
                 raise NotDirect("fewer recognised calls than the trace")
             if not isinstance(losses, Tensor) or losses.shape != (big,):
