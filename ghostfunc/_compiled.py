@@ -36,6 +36,7 @@ first of a signature verifies, races routings and records the replay) is eager.
 
 from __future__ import annotations
 
+import collections
 import threading
 import types
 import warnings
@@ -68,7 +69,7 @@ from ._whole import NotDirect, _rows, _Taps, close, per_sample, rng_state, set_r
 
 #: ``model_fn`` -> {(replay key, compute dtype): (the compiled call, the parameter tensors it is called with,
 #: their lock), verified; or why it was refused (the calls' note)}.
-_STATE: weakref.WeakKeyDictionary[Any, dict[tuple, Any]] = weakref.WeakKeyDictionary()
+_STATE: weakref.WeakKeyDictionary[Any, collections.OrderedDict[tuple, Any]] = weakref.WeakKeyDictionary()
 #: Held while a signature compiles and runs its first call (a first call's parameter tensors are its own).
 _COMPILING = threading.Lock()
 
@@ -146,7 +147,7 @@ def scores(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batc
     if rep is None:
         return NO_REPLAY
     try:
-        states = _STATE.setdefault(model_fn, {})
+        states = _STATE.setdefault(model_fn, collections.OrderedDict())
     except TypeError:  # not weak-referenceable: nowhere to keep a compiled call
         return NOT_KEPT
     # (the modules' settings too: dynamo's guards take -0.0 for 0.0, and a setting read through copysign kept
@@ -178,7 +179,10 @@ def scores(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batc
                  {k: torch.empty_like(v, requires_grad=False) for k, v in params.items()}, threading.Lock())
     assert known is not None
     if not first:
-        states[key] = states.pop(key)  # (the most recently used last: the least recently used goes first)
+        try:  # (the most recently used last: the least recently used goes first; in one step, as another thread
+            states.move_to_end(key)  # may look the key up meanwhile)
+        except KeyError:  # (another thread's new graph pushed this one out meanwhile: this call still has it)
+            pass
     fn, leaves, lock = known
     device = next(iter(params.values())).device
     # The same tensors every call (the interception knows parameters by identity, and dynamo guards the
