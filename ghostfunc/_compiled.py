@@ -64,7 +64,7 @@ from ._graddot import (
     sum_scores,
     val_weights,
 )
-from ._interact import Identity, _is_array, negative_zeros, remember, steady_settings
+from ._interact import EAGER, Identity, _is_array, negative_zeros, remember, steady_settings
 from ._whole import NotDirect, _rows, _Taps, close, per_sample, rng_state, set_rng_state
 
 #: ``model_fn`` -> {(replay key, compute dtype): (the compiled call, the parameter tensors it is called with,
@@ -157,7 +157,8 @@ def scores(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batc
     known = states.get(key)
     if isinstance(known, str):  # refused before, for this reason
         return known
-    stance = getattr(getattr(torch._dynamo.eval_frame, "_stance", None), "stance", "default")
+    entered = EAGER.entries  # (before the stance is read: an eager call another thread starts after it shows)
+    stance = _stance()
     if stance != "default":  # the caller's (or another thread's eager interception): run eagerly, mark nothing
         return STANCE.format(stance)
     first = known is None
@@ -198,6 +199,8 @@ def scores(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batc
             out = fn(leaves, list(train.tensors), list(val.tensors))
         except Exception as err:  # noqa: BLE001 - refused while tracing (NotDirect, a graph break) or failed:
             set_rng_state(device, before)  # eager from now on
+            if EAGER.entries != entered or _stance() != "default":  # (another thread's eager call set the process's
+                return STANCE.format("force_eager")  # stance meanwhile: not this graph's failure, nothing marked, h94)
             return _mark(states, key, f"{REFUSED}: {summary(err)}")
         if not first and _graphs() != graphs:  # a guard failed (a value the trace read changed) and dynamo compiled
             set_rng_state(device, before)  # again: this call and later ones run eagerly (no recompiling mid-run;
@@ -224,6 +227,11 @@ def scores(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batc
         states[key] = known
     return GradDot(total, per_param, train_grad, train_loss, val_loss,
                     plan._replace(notes=(*plan.notes, "compiled: the whole call as one torch.compile graph")))
+
+
+def _stance() -> str:
+    """torch.compiler's stance now (``"default"``, or ``"force_eager"`` while an eager interception runs)."""
+    return str(getattr(getattr(torch._dynamo.eval_frame, "_stance", None), "stance", "default"))
 
 
 def _mark(states: dict[tuple, Any], key: tuple, why: str) -> str:

@@ -554,12 +554,14 @@ class _EagerStance:
         self._lock = threading.Lock()
         self._inside = 0
         self._setting: Any = None  # the set_stance object: its __exit__ restores the stance before the first entry
+        self.entries = 0  # how many times it was entered (a compiled call that overlapped one can tell, h94)
 
     def enter(self) -> None:
         with self._lock:
             if self._inside == 0:
                 self._setting = torch.compiler.set_stance("force_eager")  # sets it now
             self._inside += 1
+            self.entries += 1
 
     def exit(self) -> None:
         with self._lock:

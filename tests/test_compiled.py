@@ -570,3 +570,31 @@ def test_more_sizes_in_turn_than_graphs_kept_are_not_compiled_again(monkeypatch:
             notes.append(check(fn, params, (x[:n], y[:n]), val).plan.notes)
     assert len(builds) == 3  # 3 and 4 built, then 5 (3 goes); 3 again is not built again, nor 4 after it went
     assert any(_compiled.EVICTED in str(note) for note in notes[-4:])
+
+
+def test_a_compiled_call_that_another_threads_eager_call_overlaps_keeps_its_graph() -> None:
+    """Another thread's eager call sets torch.compiler's stance for the whole process; a compiled call it overlapped
+    failed ("found no compiled frames") and its signature was given up for good (h94). Such a call runs eagerly and
+    marks nothing; the next call runs the graph. (The overlap is staged: the graph raises once while an eager call is
+    entered and left.)"""
+    from ghostfunc._interact import EAGER
+
+    net, params = mlp(9)
+    fn = squared_error(net)
+    x, y = torch.randn(9, 5, dtype=F64), torch.randn(9, dtype=F64)
+    train, val = (x[:6], y[:6]), (x[6:], y[6:])
+    warm(fn, params, train, val)
+    states = _compiled._STATE[fn]
+    key = next(k for k, v in states.items() if not isinstance(v, str))
+    graph, leaves, lock = states[key]
+
+    def overlapped(*args):
+        states[key] = (graph, leaves, lock)  # (once)
+        EAGER.enter()
+        EAGER.exit()
+        raise RuntimeError("torch.compile with fullgraph=True found no compiled frames")
+
+    states[key] = (overlapped, leaves, lock)
+    out = check(fn, params, train, val)
+    assert any("stance is 'force_eager'" in note for note in out.plan.notes), out.plan.notes
+    assert NOTE in check(fn, params, train, val).plan.notes
