@@ -254,32 +254,23 @@ def _graphs() -> int:
 
 
 def _held_weakly(model_fn: ModelFn) -> ModelFn:
-    """``model_fn`` called through a weak reference (a bound method: its object's, the function held), as dynamo
+    """``model_fn`` called through a weak reference (a bound method: to its object, the function held), as dynamo
     traces it (``weakref.WeakMethod`` it does not); :class:`NotDirect` once it is gone."""
-    if isinstance(model_fn, types.MethodType):
-        func, owner = model_fn.__func__, model_fn.__self__
-        try:
-            held: Callable[[], Any] = weakref.ref(owner)
-        except TypeError:  # (an object that cannot be weakly referenced: held, as the method holds it)
-            def held() -> Any:
-                return owner
+    target, func = ((model_fn.__self__, model_fn.__func__) if isinstance(model_fn, types.MethodType) else
+                    (model_fn, None))
+    try:
+        held: Callable[[], Any] = weakref.ref(target)
+    except TypeError:  # (a method's object that cannot be weakly referenced: held, as the method holds it)
+        def held() -> Any:
+            return target
 
-        def call(params: dict[str, Tensor], batch: Any) -> Tensor:
-            obj = held()
-            if obj is None:
-                raise NotDirect("model_fn no longer exists")
-            return func(obj, params, batch)
-
-        return call
-    ref = weakref.ref(model_fn)
-
-    def call_fn(params: dict[str, Tensor], batch: Any) -> Tensor:
-        fn = ref()
-        if fn is None:  # (gone: its graph goes with it)
+    def call(params: dict[str, Tensor], batch: Any) -> Tensor:
+        obj = held()
+        if obj is None:  # (gone: its graph goes with it)
             raise NotDirect("model_fn no longer exists")
-        return fn(params, batch)
+        return func(obj, params, batch) if func is not None else obj(params, batch)
 
-    return call_fn
+    return call
 
 
 def _build(model_fn: ModelFn, rep: Replay, train: Batch, m: int, val_reduce: str,

@@ -2002,11 +2002,9 @@ def _refuse_changed(model_fn: Callable, params: Mapping[str, Tensor], rows: Call
         if not isinstance(again, Tensor) or again.shape != first.shape or not first.is_floating_point():
             return
         again = again.detach().to(first.dtype)
-        for seen in (first, last):
-            eps, scale = torch.finfo(first.dtype).eps, float(seen.abs().max()) if seen.numel() else 0.0
-            if not bool(torch.isclose(again, seen, rtol=1e3 * eps, atol=1e3 * eps * scale).all()):
-                break
-        else:
+        factor = 1e3 * torch.finfo(first.dtype).eps  # (the same computation again: a few ulps, not sqrt(eps))
+        seen = next((s for s in (first, last) if bool(beyond_rounding(again, s, first.dtype, factor)[0].any())), None)
+        if seen is None:
             last = again
             continue
         moved = moved_settings(model_fn) if moved is None else moved

@@ -327,11 +327,15 @@ def check_recording(cfg: dict[str, Any], recorded: dict[str, Any], run: str) -> 
     trajectory-fixing options than the run in ``run`` (``cfg``, its ``config.json``)."""
     mine, theirs = _resolved(fingerprint(cfg)), _resolved(recorded)  # (recorded resolved: a preset's name, gpt2,
     # taken against the current folder was a path where that folder held a gpt2/, h92)
-    for k in sorted(set(mine) | set(theirs)):
-        if k != "out" and mine.get(k) != theirs.get(k):
-            raise UsageError(f"--run: the recording in {run!r} (trajectory/) was made by a run with "
-                             f"--{k.replace('_', '-')} {theirs.get(k)!r}; this run has {mine.get(k)!r}: it is another "
-                             f"run's recording")
+    if (k := _differing(mine, theirs)) is not None:
+        raise UsageError(f"--run: the recording in {run!r} (trajectory/) was made by a run with "
+                         f"--{k.replace('_', '-')} {theirs.get(k)!r}; this run has {mine.get(k)!r}: it is another "
+                         f"run's recording")
+
+
+def _differing(mine: dict[str, Any], theirs: dict[str, Any]) -> str | None:
+    """The first option (by name) whose value differs between two runs' options, or ``None``."""
+    return next((k for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)), None)
 
 
 def check_resume(cfg: dict[str, Any], saved: dict[str, Any]) -> None:
@@ -342,10 +346,9 @@ def check_resume(cfg: dict[str, Any], saved: dict[str, Any]) -> None:
     """
     mine = _resolved(fingerprint(cfg))
     saved = _resolved(absolute(saved, Path.cwd()))
-    for k in sorted(set(mine) | set(saved)):
-        if mine.get(k) != saved.get(k):
-            raise UsageError(f"--resume: expected the options of the run in {cfg['out']}; it has --{k.replace('_', '-')} "
-                             f"{saved.get(k)!r}, this run {mine.get(k)!r}")
+    if (k := _differing(mine, saved)) is not None:
+        raise UsageError(f"--resume: expected the options of the run in {cfg['out']}; it has --{k.replace('_', '-')} "
+                         f"{saved.get(k)!r}, this run {mine.get(k)!r}")
 
 
 def _resolved(cfg: dict[str, Any]) -> dict[str, Any]:
