@@ -64,6 +64,7 @@ from typing import Any, NamedTuple, TypeVar
 import torch
 
 from . import _kernels as K
+from ._bymodel import ByModel
 from ._interact import SIGNATURES, param_signature, training_flags
 from ._ops import Factored
 from ._whole import rng_state as _rng_state
@@ -255,9 +256,9 @@ class Candidate(NamedTuple):
 
 
 #: ``model_fn`` -> {call signature: its measured routing}.
-_CHOICES: weakref.WeakKeyDictionary[Any, dict[tuple, Choice]] = weakref.WeakKeyDictionary()
+_CHOICES: ByModel[Any, dict[tuple, Choice]] = ByModel()
 #: ``model_fn`` -> {call signature: the routings still taking turns after its race}.
-_TURNS: weakref.WeakKeyDictionary[Any, dict[tuple, Turns]] = weakref.WeakKeyDictionary()
+_TURNS: ByModel[Any, dict[tuple, Turns]] = ByModel()
 
 
 def route_key(model_fn: Callable, params: Mapping[str, torch.Tensor], train: Any, val: Any,

@@ -29,7 +29,6 @@ import enum
 import inspect
 import threading
 import warnings
-import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import SimpleNamespace
 from typing import Any, NamedTuple, cast
@@ -42,6 +41,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ._bymodel import ByModel
 from ._draws import (
     DROPOUTS,
     ONCE,
@@ -963,7 +963,7 @@ def _unsqueeze_all(tensors: list[Tensor]) -> list[Tensor]:
     return [t.unsqueeze(0) for t in tensors]
 
 
-_TRACES: weakref.WeakKeyDictionary[Any, dict[tuple, Trace]] = weakref.WeakKeyDictionary()
+_TRACES: ByModel[Any, dict[tuple, Trace]] = ByModel()
 
 
 def trace(model_fn: ModelFn, params: Mapping[str, Tensor], batch: Batch, where: str, *, fresh: bool = False) -> Trace:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import collections
 import inspect
 import types
-import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -13,6 +12,7 @@ import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
+from ._bymodel import ByModel
 from ._capture import Batch, is_foreign_mapping, split_batch
 from ._plan import POLICIES
 
@@ -243,7 +243,7 @@ def check_compile(where: str, compile: Any, val_reduce: Any, group: Any) -> None
 
 #: Python functions whose signature took ``(params, batch)``, with the code and defaults it was read from:
 #: ``inspect.signature`` costs 2% of a small model's call (an MLP of width 64).
-_BINDS: weakref.WeakKeyDictionary[Any, tuple] = weakref.WeakKeyDictionary()
+_BINDS: ByModel[Any, tuple] = ByModel()
 
 
 def check_model_fn(model_fn: Any, where: str) -> None:

@@ -47,6 +47,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._bymodel import ByModel
 from ._capture import Batch, Half, ModelFn, Site
 from ._draws import ALL_DROPOUTS, RANDOM
 from ._draws import draws as _draws
@@ -69,7 +70,7 @@ from ._whole import NotDirect, _rows, _Taps, close, per_sample, rng_state, set_r
 
 #: ``model_fn`` -> {(replay key, compute dtype): (the compiled call, the parameter tensors it is called with,
 #: their lock), verified; or why it was refused (the calls' note)}.
-_STATE: weakref.WeakKeyDictionary[Any, collections.OrderedDict[tuple, Any]] = weakref.WeakKeyDictionary()
+_STATE: ByModel[Any, collections.OrderedDict[tuple, Any]] = ByModel()
 #: Held while a signature compiles and runs its first call (a first call's parameter tensors are its own).
 _COMPILING = threading.Lock()
 
@@ -115,7 +116,7 @@ COMPILED_SIGNATURES = 32
 EVICTED = (f"its graph was dropped to keep {COMPILED_SIGNATURES} per model_fn, and it is not compiled again (more "
            f"batch sizes in turn than that recompiled for seconds on most calls); pad batches to fewer sizes")
 #: The signatures whose graph went (:data:`EVICTED`), per ``model_fn``.
-_EVICTED: weakref.WeakKeyDictionary[Any, dict[tuple, None]] = weakref.WeakKeyDictionary()
+_EVICTED: ByModel[Any, dict[tuple, None]] = ByModel()
 HELD_DATA = ("a non-tensor batch leaf holds a tensor or an array: the graph would read the one of the call it was "
              "built from (an equal object of a later call is the same signature)")
 MISMATCH = "the first compiled result differed from the eager replay's"

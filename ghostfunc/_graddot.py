@@ -15,6 +15,7 @@ from torch import Tensor
 
 from . import _calibrate, _dist, _whole
 from . import _kernels as K
+from ._bymodel import ByModel
 from ._capture import (
     Batch,
     Captured,
@@ -215,7 +216,7 @@ def routing(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Bat
 #: ``model_fn`` -> {(signatures, sizes, policy, val_reduce): ((the measured choice and cost constants it used),
 #: :class:`Routing`)}. A later call of the same signature reuses the routing (the traces are the cached ones,
 #: and a stale one is caught by the capture as before, whose retry routes afresh and replaces the entry).
-_ROUTED: weakref.WeakKeyDictionary[Any, dict[tuple, tuple[Any, Routing]]] = weakref.WeakKeyDictionary()
+_ROUTED: ByModel[Any, dict[tuple, tuple[Any, Routing]]] = ByModel()
 
 
 def _routed(model_fn: ModelFn) -> dict[tuple, tuple[Any, Routing]]:
@@ -289,7 +290,7 @@ def _first_sample(label: str) -> str:
 
 
 #: ``model_fn`` -> {(param and batch signatures): why the batched capture could not run it}.
-_UNBATCHABLE_SEEN: weakref.WeakKeyDictionary[Any, dict[tuple, str]] = weakref.WeakKeyDictionary()
+_UNBATCHABLE_SEEN: ByModel[Any, dict[tuple, str]] = ByModel()
 
 
 def _weakrefable(x: Any) -> bool:
@@ -393,8 +394,7 @@ def run(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batch, 
 #: ``model_fn`` -> {signature: (whether the batches take a plain run's dropout masks, whether draws no sample owns
 #: are made once (:func:`ghostfunc._draws.draws_once`), the plan's notes, the parameters zero everywhere when it was
 #: decided (:func:`ghostfunc._interact.zero_params`: the verdict holds while they stay zero))}.
-_DRAWS: weakref.WeakKeyDictionary[Any, dict[tuple, tuple[bool, bool, list[str], frozenset[str]]]] = \
-    weakref.WeakKeyDictionary()
+_DRAWS: ByModel[Any, dict[tuple, tuple[bool, bool, list[str], frozenset[str]]]] = ByModel()
 
 MASKS_DIFFER = (
     "random draws: the training rows' dropout masks differ from those model_fn(params, train) draws from the same "
@@ -466,7 +466,7 @@ def as_plain_draws(model_fn: ModelFn, params: dict[str, Tensor], batches: Sequen
 
 
 #: ``model_fn`` -> {signature: whether its capture drew from Python's or NumPy's generator} (:func:`as_plain_draws`).
-_HOST: weakref.WeakKeyDictionary[Any, dict[tuple, bool]] = weakref.WeakKeyDictionary()
+_HOST: ByModel[Any, dict[tuple, bool]] = ByModel()
 
 
 def _as_plain_draws(model_fn: ModelFn, params: dict[str, Tensor], batches: Sequence[Batch], compute: Callable[[], R],
@@ -556,7 +556,7 @@ def _as_plain_draws(model_fn: ModelFn, params: dict[str, Tensor], batches: Seque
 
 
 #: ``model_fn`` -> {signature: the parameters zero everywhere when its whole batches were compared}.
-_COUPLED: weakref.WeakKeyDictionary[Any, dict[tuple, frozenset[str]]] = weakref.WeakKeyDictionary()
+_COUPLED: ByModel[Any, dict[tuple, frozenset[str]]] = ByModel()
 
 
 def _refuse_coupled_batch(model_fn: ModelFn, params: dict[str, Tensor], batches: Sequence[Batch],
@@ -759,7 +759,7 @@ class Replay(NamedTuple):
 #: does again without re-deciding it (on a small model, the deciding costs about as much as the arithmetic).
 #: Keyed by the routing too, so routings of one signature that alternate (``auto`` and
 #: ``GHOSTFUNC_ROUTING=model`` in one process) keep a replay each; the entry holds the routing object.
-_REPLAYS: weakref.WeakKeyDictionary[Any, dict[tuple, Replay]] = weakref.WeakKeyDictionary()
+_REPLAYS: ByModel[Any, dict[tuple, Replay]] = ByModel()
 
 
 def replay_key(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batch, policy: str,
@@ -946,7 +946,7 @@ def unused(traces: tuple[Trace, ...] | None, train_grad: Mapping[str, Tensor],
 
 
 #: ``model_fn`` -> {(parameter and batch signature, name): whether the losses have an autograd path to it}.
-_PATHS: weakref.WeakKeyDictionary[Any, dict[tuple, bool]] = weakref.WeakKeyDictionary()
+_PATHS: ByModel[Any, dict[tuple, bool]] = ByModel()
 
 
 def no_path(model_fn: ModelFn, params: Mapping[str, Tensor], batch: Batch, names: list[str]) -> frozenset[str]:
@@ -1017,7 +1017,7 @@ def score_uses(routes: Mapping[str, str], train: Mapping[str, list[Factored | Di
 #: ``model_fn``s seen drawing random numbers (their training batch is captured first; order 2 refuses them), each
 #: with the :func:`~ghostfunc._interact.behaviour` it drew under: switched to eval mode after a call in train mode, a
 #: model with DropPath draws nothing, and was refused at order 2 for good (h71).
-_RANDOM: weakref.WeakKeyDictionary[Any, dict[Any, bool]] = weakref.WeakKeyDictionary()
+_RANDOM: ByModel[Any, dict[Any, bool]] = ByModel()
 
 
 def _draws_random(model_fn: ModelFn) -> bool:

@@ -51,6 +51,7 @@ from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
+from ._bymodel import ByModel
 from ._draws import RANDOM, fixed_draw, fork_rng, host_states, same_host_states, set_host_states, undrawn
 from ._ops import EXACT, SamplesInteractError
 from ._ops.embedding import counted_over_call, renormed_by_call
@@ -138,9 +139,9 @@ def param_written(name: str, func: Any) -> str:
 
 #: ``model_fn`` -> {(parameter shapes, training flags, batch signature): the parameters that were zero when it
 #: was checked (:func:`zero_params`)}.
-_CHECKED: weakref.WeakKeyDictionary[Any, dict[tuple, frozenset[str]]] = weakref.WeakKeyDictionary()
+_CHECKED: ByModel[Any, dict[tuple, frozenset[str]]] = ByModel()
 #: ``model_fn`` -> the parameters its first checked calls looked up with ``scale_grad_by_freq``.
-_BY_FREQ: weakref.WeakKeyDictionary[Any, frozenset[str]] = weakref.WeakKeyDictionary()
+_BY_FREQ: ByModel[Any, frozenset[str]] = ByModel()
 
 
 def counted_over_batch(model_fn: Callable) -> frozenset[str]:
@@ -537,7 +538,7 @@ def training_flags(model_fn: Callable) -> tuple[Any, ...]:
     return _scoped("flags", model_fn, compute)
 
 
-_FLAGS: weakref.WeakKeyDictionary[Any, tuple[Any, ...]] = weakref.WeakKeyDictionary()
+_FLAGS: ByModel[Any, tuple[Any, ...]] = ByModel()
 
 
 class _EagerStance:
@@ -911,8 +912,7 @@ def steady_settings(model_fn: Callable) -> tuple[Any, ...]:
     return _scoped("steady", model_fn, compute)
 
 
-_CHURNS: weakref.WeakKeyDictionary[Any, tuple[tuple[Any, ...], dict[Any, int], tuple[Any, ...] | None]] = \
-    weakref.WeakKeyDictionary()
+_CHURNS: ByModel[Any, tuple[tuple[Any, ...], dict[Any, int], tuple[Any, ...] | None]] = ByModel()
 
 
 class _Settings(tuple):
@@ -2507,7 +2507,7 @@ def group_named(rows: list[int], label: str) -> str:
 
 
 #: As :data:`_CHECKED`, for :func:`check_batch_gradient`.
-_GRAD_CHECKED: weakref.WeakKeyDictionary[Any, dict[tuple, frozenset[str]]] = weakref.WeakKeyDictionary()
+_GRAD_CHECKED: ByModel[Any, dict[tuple, frozenset[str]]] = ByModel()
 
 
 def check_batch_gradient(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, where: str) -> None:
@@ -2606,7 +2606,7 @@ def _largest_gap(a: Mapping[str, Tensor], b: Mapping[str, Tensor], rounding: tor
 
 
 #: As :data:`_GRAD_CHECKED`, for :func:`check_step_gradient`.
-_STEP_CHECKED: weakref.WeakKeyDictionary[Any, dict[tuple, frozenset[str]]] = weakref.WeakKeyDictionary()
+_STEP_CHECKED: ByModel[Any, dict[tuple, frozenset[str]]] = ByModel()
 
 
 def check_step_gradient(model_fn: Callable, params: Mapping[str, Tensor], batch: Any, train_grad: Mapping[str, Tensor],

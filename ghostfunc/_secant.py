@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from . import _kernels as K
+from ._bymodel import same_fn
 from ._calibrate import Constants, constants
 from ._capture import Batch, Trace, _check_finite, per_sample_losses, weighted_grad
 from ._dist import param_checksum
@@ -130,7 +131,7 @@ def matches(cached: ValGrad | None, params: Mapping[str, Tensor], val: Batch, mo
     """
     if cached is None or cached.signature != val.signature or len(cached.val) != len(val.tensors):
         return False
-    if cached.model_fn is not model_fn or cached.state != state_of(model_fn):
+    if not same_fn(cached.model_fn, model_fn) or cached.state != state_of(model_fn):
         return False
     if cached.params.keys() != params.keys():
         return False

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import math
 import os
-import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -41,6 +40,7 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
+from ._bymodel import ByModel
 from ._capture import (
     CONVERSIONS,
     TRANSPOSES,
@@ -417,7 +417,7 @@ R = TypeVar("R")
 
 #: ``model_fn`` -> {verdict key: ``False`` (refused) or the parameters that were zero when the whole-batch run
 #: matched (:func:`ghostfunc._interact.zero_params`; it holds while they stay zero)}.
-_VERIFIED: weakref.WeakKeyDictionary[Any, dict[tuple, frozenset[str] | bool]] = weakref.WeakKeyDictionary()
+_VERIFIED: ByModel[Any, dict[tuple, frozenset[str] | bool]] = ByModel()
 
 
 def verified(model_fn: ModelFn, params: Mapping[str, Tensor], key: tuple, exact: Callable[[], R],
