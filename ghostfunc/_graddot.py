@@ -1053,18 +1053,29 @@ def _total(parts: list[Tensor], zeros: Callable[[], Tensor]) -> Tensor:
 
 
 def _direct(uses: list[Factored | Direct], n: int, shape: torch.Size, ref: Tensor) -> Tensor:
-    """Per-sample gradients ``[n, P]`` of a direct or fallback parameter (the plan never mixes forms)."""
+    """Per-sample gradients ``[n, P]`` of a direct or fallback parameter (the plan never mixes forms), at least in its
+    dtype (a float64 weight used in float32, as Switch Transformers' router casts it: its gradient came in float32,
+    and the float64 validation weights met it in a matmul, h97)."""
     if len(uses) == 1 and type(uses[0]) is Direct:  # the common case, without building lists
-        return _flat(uses[0].grad, n)
-    grads = [u.grad for u in uses if isinstance(u, Direct)]
-    if len(grads) != len(uses):
-        raise AssertionError("a direct/fallback parameter has a factored use")
-    return _flat(_total(grads, lambda: ref.new_zeros(n, *shape)), n)  # [n, P]
+        g = uses[0].grad
+    else:
+        grads = [u.grad for u in uses if isinstance(u, Direct)]
+        if len(grads) != len(uses):
+            raise AssertionError("a direct/fallback parameter has a factored use")
+        g = _total(grads, lambda: ref.new_zeros(n, *shape))
+    return _flat(_at_least(g, ref), n)  # [n, P]
+
+
+def _at_least(x: Tensor, param: Tensor) -> Tensor:
+    """``x`` in ``param``'s dtype where that is wider (a float64 weight used in float32: its gradient, like autograd's,
+    in float64), else as it came."""
+    return x if x.dtype == param.dtype else x.to(torch.promote_types(x.dtype, param.dtype))
 
 
 def _like(x: Tensor, param: Tensor) -> Tensor:
-    """``x`` shaped like ``param`` (no reshape call when it is: most are, and each call is a dispatch)."""
-    return x if x.shape == param.shape else x.reshape(param.shape)
+    """``x`` shaped like ``param`` (no reshape call when it is: most are, and each call is a dispatch), at least in its
+    dtype (:func:`_at_least`)."""
+    return _at_least(x if x.shape == param.shape else x.reshape(param.shape), param)
 
 
 def _flat(x: Tensor, n: int) -> Tensor:
@@ -1105,7 +1116,8 @@ def contract_direction(route_path: str, tr: list[Factored | Direct], u: Tensor, 
     direct and fallback ones: a dot product of their per-sample gradients.
     """
     if route_path in ("direct", "fallback"):
-        return _direct(tr, n, param.shape, param) @ _as(u.flatten(), param.dtype)  # [n, P] @ [P]
+        g = _direct(tr, n, param.shape, param)
+        return g @ _as(u.flatten(), g.dtype)  # [n, P] @ [P]
     u2 = u if u.dim() == 2 else u.reshape(param.shape[0], -1)
     return _total([K.contract(f, u2, dtype) for f in _factored(tr)], lambda: param.new_zeros(n))
 
@@ -1118,20 +1130,20 @@ def score_param(route_path: str, tr: list, va: list, weights: Tensor | None, n: 
     shape = param.shape
     if route_path in ("direct", "fallback"):
         gt, gv = _direct(tr, n, shape, param), _direct(va, m, shape, param)  # [n, P], [m, P]
-        mat, train = gt @ gv.T, gt.mean(0).reshape(shape)
+        mat, train = gt @ gv.T, _like(gt.mean(0), param)
     elif route_path == "materialize" and (not tr or not va):  # unused by one batch's rows (a branch): 0
         mat, train = param.new_zeros(n, m), train_mean(route_path, tr, n, param)
     elif route_path == "materialize":  # fused: per-row gradients in cache-sized blocks, dotted and summed
         mat, total = K.materialise_dots(_factored(tr), _factored(va), n, dtype)
-        train = (total / n).reshape(shape)
+        train = _like(total / n, param)
     elif route_path == "ghost":
         mat = _total([K.gram(a, b, dtype) for a in _factored(tr) for b in _factored(va)], lambda: param.new_zeros(n, m))
         train = train_mean(route_path, tr, n, param)
         if weights is not None and va:
-            return _reduced_ghost(mat, weights, tr, va, n, param, dtype), train
+            return _at_least(_reduced_ghost(mat, weights, tr, va, n, param, dtype), param), train
     else:
         raise AssertionError(f"score_param: {route_path!r} contracts against one direction: use score_direction")
-    return (mat if weights is None else mat @ weights), train
+    return _at_least(mat if weights is None else mat @ _as(weights, mat.dtype), param), train
 
 
 #: :func:`_reduced_ghost` recomputes a ghost parameter's reduced scores by contraction where ``eps`` of the
@@ -1172,17 +1184,18 @@ def score_direction(route_path: str, tr: list, u: Tensor, n: int, param: Tensor,
     """
     if route_path == "materialize" and tr:  # (no uses: the parameter is unused by these rows, contracted as 0)
         scores, total = K.materialise_dots(_factored(tr), u.reshape(param.shape[0], -1), n, dtype)
-        return scores, (total / n).reshape(param.shape)
+        return _at_least(scores, param), _like(total / n, param)
     if route_path in ("direct", "fallback"):  # the per-sample gradients gathered once for both
         g = _direct(tr, n, param.shape, param)  # [n, P]
-        return g @ _as(u.flatten(), param.dtype), _like(g.mean(0), param)
-    return contract_direction(route_path, tr, u, n, param, dtype), train_mean(route_path, tr, n, param)
+        return g @ _as(u.flatten(), g.dtype), _like(g.mean(0), param)
+    return _at_least(contract_direction(route_path, tr, u, n, param, dtype), param), train_mean(route_path, tr, n, param)
 
 
 def val_grad(route_path: str, va: list, weights: Tensor, param: Tensor) -> Tensor:
     """``Σ_v w_v g_v`` for one parameter, shaped like it."""
     if route_path in ("direct", "fallback"):
-        return _like(weights @ _direct(va, len(weights), param.shape, param), param)
+        g = _direct(va, len(weights), param.shape, param)
+        return _like(_as(weights, g.dtype) @ g, param)
     p = param.shape[0]
     return _like(_val_direction(va, weights, p, param.numel() // p, param), param)
 

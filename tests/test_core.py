@@ -263,6 +263,51 @@ def test_bf16_compute_dtype_within_documented_tolerance():
         assert rel(out.scores, ref) < 2e-2, policy  # README: bf16 products, about 1e-2 relative
 
 
+class _Float32Router(nn.Module):
+    """A float64 model whose router converts itself to float32 in its forward, as Switch Transformers' router does
+    (``self.classifier = self.classifier.to(torch.float32)``: the parameter's own tensor changes dtype), then picks
+    rows by ``nonzero`` (each sample is captured alone)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(6, 8).double()
+        self.router = nn.Linear(8, 3, bias=False).double()
+        self.head = nn.Linear(8, 3).double()
+
+    def forward(self, x, y=None):
+        h = torch.tanh(self.body(x))
+        self.router = self.router.to(torch.float32)
+        gate = torch.softmax(self.router(h.float()), -1).to(h.dtype)
+        gate = gate[(gate.sum(-1) > 0).nonzero()[:, 0]]  # (every row: a shape the data sets, as routing makes)
+        return self.head(h) * gate
+
+
+@pytest.mark.parametrize("policy", ["auto", "ghost", "materialize", "contract", "2t2"])
+@pytest.mark.parametrize("call", ["graddot", "train_step order 1", "train_step order 2", "inrun_shapley order 1"])
+def test_a_parameter_the_model_converts_to_float32_is_scored_in_its_dtype(call, policy):
+    """The router's per-sample gradients came in float32, and the float64 validation weights met them in a matmul:
+    train_step and inrun_shapley failed with torch's "expected m1 and m2 to have the same dtype" (h97, Switch
+    Transformers in float64). Exact to the float32 router's rounding, against the loop on the same model."""
+    torch.manual_seed(0)
+    model_fn, params = ghostfunc.from_module(_Float32Router(), lambda out, b: F.cross_entropy(out, b["y"],
+                                                                                                reduction="none"))
+    g = torch.Generator().manual_seed(1)
+    train = {"x": torch.randn(7, 6, generator=g, dtype=F64), "y": torch.randint(0, 3, (7,), generator=g)}
+    val = {"x": torch.randn(4, 6, generator=g, dtype=F64), "y": torch.randint(0, 3, (4,), generator=g)}
+    ref = ghostfunc.reference_graddot(model_fn, params, train, val)[0]
+    ghostfunc.graddot(model_fn, params, train, val)  # (a first call: the router is converted from then on)
+    if call == "graddot":
+        got = ghostfunc.graddot(model_fn, params, train, val, policy=policy).scores
+    elif call.startswith("train_step"):
+        step = ghostfunc.train_step(model_fn, ghostfunc.sgd(0.1), order=int(call[-1]))
+        _, info = step(step.init(params), train, val)
+        got = info.first_order if call.endswith("2") else info.values
+        got = got / (-0.1 / 7)
+    else:
+        got = ghostfunc.inrun_shapley(model_fn, params, train, val, lr=0.1, order=1) / (-0.1 / 7)
+    assert rel(got, ref) < 1e-5
+
+
 @pytest.mark.parametrize("call", ["graddot", "inrun_shapley order 1", "inrun_shapley order 2", "unroll"])
 def test_mixed_parameter_dtypes_do_not_depend_on_the_params_order(call):
     """A bfloat16 body listed before a float64 head: the validation weights ``1/m`` were made in the first
