@@ -945,7 +945,7 @@ def unused(traces: tuple[Trace, ...] | None, train_grad: Mapping[str, Tensor],
     return frozenset(k for k in train_grad if k in unreached)
 
 
-#: ``model_fn`` -> {(parameter and batch signature, name): whether the losses have an autograd path to it}.
+#: ``model_fn`` -> {(parameter and batch signature, settings, name): whether the losses have an autograd path to it}.
 _PATHS: ByModel[Any, dict[tuple, bool]] = ByModel()
 
 
@@ -954,8 +954,10 @@ def no_path(model_fn: ModelFn, params: Mapping[str, Tensor], batch: Batch, names
     run on ``batch`` have no autograd path to: what ``torch.autograd.grad(..., allow_unused=True)`` gives ``None``
     for, and ``loss.backward()`` leaves ``.grad`` ``None``. One forward (random draws undone) and a backward to
     those parameters only, once per ``model_fn``, signature and parameter (a zero gradient is rare; a parameter
-    used only through ``.detach()`` stays so)."""
-    key = (param_signature(params), batch.signature)
+    used only through ``.detach()`` stays so). Kept under the model's settings too (:func:`behaviour`): a setting
+    that switched the parameter to ``.detach()`` after a step found it with a path (its gradient 0 there), and
+    ``train_step`` went on moving it by momentum where ``torch.optim`` leaves it (1e-2 off, h98)."""
+    key = (param_signature(params), batch.signature, behaviour(model_fn))
     try:
         known = _PATHS.setdefault(model_fn, {})
     except TypeError:  # not weak-referenceable: nowhere to remember
