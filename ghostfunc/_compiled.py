@@ -291,6 +291,7 @@ def _build(model_fn: ModelFn, rep: Replay, train: Batch, m: int, val_reduce: str
                  for s in sites]
         names = {id(v): k for k, v in params.items()}
         statics: list[Any] = []
+        whole_saved: list[tuple[bool, ...]] = []
 
         def losses_of(taps: list[Tensor]) -> tuple[Tensor, tuple[Tensor, list[tuple[Tensor, ...]]]]:
             mode = _Added(names, sites, big, taps)
@@ -301,10 +302,11 @@ def _build(model_fn: ModelFn, rep: Replay, train: Batch, m: int, val_reduce: str
             if not isinstance(losses, Tensor) or losses.shape != (big,):
                 raise NotDirect("losses not shaped [n]")
             statics.extend(mode.statics)
+            whole_saved.extend(mode.whole)
             return losses.sum(), (losses, mode.saved)
 
         outs, (losses, saved) = torch.func.grad(losses_of, has_aux=True)(zeros)
-        joined_half = Half(losses, per_sample(params, sites, saved, statics, outs, big))
+        joined_half = Half(losses, per_sample(params, sites, saved, whole_saved, statics, outs, big))
         t, v = _rows(joined_half, 0, n), _rows(joined_half, n, big)
         weights = val_weights(val_reduce, m, params)
         assert weights is not None

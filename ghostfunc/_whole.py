@@ -113,6 +113,7 @@ class _Taps(TorchFunctionMode):
                        torch.Size((s.out_shape[0] * n, *s.out_shape[1:])) for s in expect]
         self.taps: list[GradientEdge] = []
         self.saved: list[tuple[Tensor, ...]] = []
+        self.whole: list[tuple[bool, ...]] = []  # per saved tensor: a parameter itself (no rows to split)
         self.statics: list[Any] = []
         self.versions: list[tuple[Tensor, int, str]] = []  # the saved inputs' version counters (note_versions)
         self.transposed = Transposed()
@@ -157,6 +158,7 @@ class _Taps(TorchFunctionMode):
                 raise NotDirect(f"call {k} saves a tensor without the samples' rows first")
         out = self._tap(out, k)
         self.saved.append(match.saved)
+        self.whole.append(tuple(id(s) in self.names for s in match.saved))
         self.statics.append(match.static)
         note_versions(self.versions, match.saved, getattr(func, "__name__", str(func)))
         return out
@@ -373,21 +375,24 @@ def _capture(model_fn: ModelFn, params: Mapping[str, Tensor], batches: Sequence[
     outs = list(torch.autograd.grad(total, taps)) if taps else []
     halves, at = [], 0
     for mode, sites, loss, batch in zip(modes, expect, losses, batches, strict=True):
-        grads = per_sample(params, sites, mode.saved, mode.statics, outs[at:at + len(sites)], batch.size)
+        grads = per_sample(params, sites, mode.saved, mode.whole, mode.statics, outs[at:at + len(sites)], batch.size)
         at += len(sites)
         halves.append(Half(loss.detach(), grads))
     return halves
 
 
 def per_sample(params: Mapping[str, Tensor], sites: Sequence[Site], saved: Sequence[tuple[Tensor, ...]],
-               statics: Sequence[Any], outs: Sequence[Tensor], n: int) -> dict[str, list[Factored | Direct]]:
+               whole: Sequence[tuple[bool, ...]], statics: Sequence[Any], outs: Sequence[Tensor],
+               n: int) -> dict[str, list[Factored | Direct]]:
     """Every parameter's per-sample gradients (one per use) from the whole-batch run of ``n`` samples:
-    each recognised call's saved tensors and output gradient, viewed as ``[n, rows per sample, ...]``."""
+    each recognised call's saved tensors and output gradient, viewed as ``[n, rows per sample, ...]``; a saved
+    tensor that is a parameter itself (``whole``, as :class:`_Taps` saw it: a scale's weight) keeps its shape. Not
+    by the parameters' identities here: a compiled graph's saved tensors come out of ``torch.func.grad`` as other
+    objects, and a scale's weight of 8 was split into 17 samples' rows (h98)."""
     grads: dict[str, list[Factored | Direct]] = {k: [] for k in params}
-    ids = {id(v) for v in params.values()}  # a parameter saved as an operand keeps its shape (no rows to split)
-    for site, kept, static, out in zip(sites, saved, statics, outs, strict=True):
-        mine = tuple(s.detach().unflatten(0, (n, -1)) if s.dim() > 0 and id(s) not in ids else s.detach()
-                     for s in kept)
+    for site, kept, flags, static, out in zip(sites, saved, whole, statics, outs, strict=True):
+        mine = tuple(s.detach().unflatten(0, (n, -1)) if s.dim() > 0 and not param else s.detach()
+                     for s, param in zip(kept, flags, strict=True))
         for role, name in site.roles:
             g = site.rule.grad(static, mine, out.unflatten(0, (n, -1)), role, params[name].shape)
             grads[name].append(_in_dtype(g, params[name].dtype))

@@ -598,3 +598,39 @@ def test_a_compiled_call_that_another_threads_eager_call_overlaps_keeps_its_grap
     out = check(fn, params, train, val)
     assert any("stance is 'force_eager'" in note for note in out.plan.notes), out.plan.notes
     assert NOTE in check(fn, params, train, val).plan.notes
+
+
+SAVED_PARAMETERS = {
+    "h * s": lambda h, p: h * p["s"],
+    "s * h": lambda h, p: p["s"] * h,
+    "torch.mul": lambda h, p: torch.mul(h, p["s"]),
+    "layer_norm": lambda h, p: F.layer_norm(h, (8,), p["s"], p["t"]),
+    "h * s + t": lambda h, p: h * p["s"] + p["t"],
+}
+
+
+@pytest.mark.parametrize("use", list(SAVED_PARAMETERS))
+def test_a_parameter_saved_whole_by_its_call_compiles(use: str) -> None:
+    """A call that saves a parameter itself for its per-sample rule (an elementwise scale's weight): the compiled
+    graph told it from the batch's tensors by identity, which its saved tensors (out of ``torch.func.grad``) do not
+    keep, and split the weight of 8 into the 17 samples' rows: "RuntimeError when making fake tensor call", every
+    call eager (h98)."""
+    torch.manual_seed(11)
+    params = {"w": torch.randn(8, 5, dtype=F64), "s": 1 + torch.randn(8, dtype=F64) / 4, "t": torch.randn(8, dtype=F64),
+              "v": torch.randn(1, 8, dtype=F64)}
+    if use not in ("layer_norm", "h * s + t"):
+        del params["t"]
+
+    def fn(p, batch):
+        x, y = batch
+        h = SAVED_PARAMETERS[use](torch.tanh(F.linear(x, p["w"])), p)
+        return (F.linear(h, p["v"]).squeeze(-1) - y) ** 2
+
+    x, y = torch.randn(17, 5, dtype=F64), torch.randn(17, dtype=F64)
+    notes = [check(fn, params, (x[:12], y[:12]), (x[12:], y[12:])).plan.notes for _ in range(6)]
+    assert NOTE in notes[-1], notes  # (the first calls race the routings and verify; then the graph)
+    step = ghostfunc.train_step(fn, ghostfunc.sgd(0.1), compile=True)
+    state = step.init(params)
+    for _ in range(6):
+        state, info = step(state, (x[:12], y[:12]), (x[12:], y[12:]))
+    assert NOTE in info.notes
