@@ -2706,27 +2706,50 @@ class _Widened(_UsesAndDtypes):
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         name = getattr(func, "__name__", None)
-        if name in _CASTS and args and isinstance(args[0], Tensor) and not args[0].is_complex():
+        if name in _CASTS and args and isinstance(args[0], Tensor):
             if name in ("float", "half", "bfloat16"):
-                func, name = Tensor.double, "double"
+                if not args[0].is_complex():
+                    func, name = Tensor.double, "double"
             else:  # to(dtype), to(device, dtype), to(dtype=...), type(dtype)
                 args = (args[0], *(_wide(a) for a in args[1:]))
                 kwargs = {k: _wide(v) if k == "dtype" else v for k, v in kwargs.items()}
         if name in _MAKERS and kwargs.get("dtype") is not None:  # (a constant made float32 on purpose, h90)
             kwargs = {**kwargs, "dtype": _wide(kwargs["dtype"])}
-        made = name in _FACTORIES and kwargs.get("dtype") is None and not any(isinstance(a, Tensor) for a in args)
+        # a floating result from no floating tensor: made from Python numbers in the default dtype (a factory, a
+        # bool mask times a number, Hugging Face's torch.where(mask, 0.0, finfo.min), h95)
+        made = kwargs.get("dtype") is None and "out" not in kwargs and not _floating_among(args, kwargs)
+        if made and name == "where" and len(args) == 3:  # its numbers as float64 (finfo(float64).min overflows float32)
+            device = args[0].device if isinstance(args[0], Tensor) else None
+            args = (args[0], *(torch.tensor(a, dtype=torch.float64, device=device) if type(a) is float else a
+                               for a in args[1:]))
         computed = self.computed
         out = super().__torch_function__(func, types, args, kwargs)
         if made and isinstance(out, Tensor) and out.dtype == torch.get_default_dtype() and out.is_floating_point():
             self.computed = computed  # (made, not computed: widened as the batch is)
+            if name in _FACTORIES:  # made again in float64 (torch.full(size, finfo(float64).min) stays finite)
+                return func(*args, **{**kwargs, "dtype": torch.float64})
             return out.to(torch.float64)
         return out
+
+
+def _floating_among(args: tuple, kwargs: dict[str, Any]) -> bool:
+    """Whether a call's arguments hold a floating or complex tensor (one level into lists and tuples)."""
+    for x in (*args, *kwargs.values()):
+        if isinstance(x, Tensor):
+            if x.is_floating_point() or x.is_complex():
+                return True
+        elif isinstance(x, (list, tuple)) and any(isinstance(y, Tensor) and (y.is_floating_point() or y.is_complex())
+                                                  for y in x):
+            return True
+    return False
 
 
 def _wide(v: Any) -> Any:
     """``v``, or float64 where ``v`` names a narrower floating dtype: a dtype, a tensor type (``torch.FloatTensor``)
     or its name (``"torch.FloatTensor"``) (:class:`_Widened`)."""
     if isinstance(v, torch.dtype):
+        if v.is_complex:
+            return torch.complex128
         return torch.float64 if v.is_floating_point and v != torch.float64 else v
     if isinstance(v, str) or (isinstance(v, type) and hasattr(v, "dtype")):
         named = v if isinstance(v, str) else f"{v.__module__}.{v.__name__}"

@@ -3884,6 +3884,10 @@ def _capacity_moe_fn(experts: list[Tensor], router_bias: Tensor, factor: float =
                                             ("a loss divided by torch.tensor(float(B))", torch.float32),
                                             ("a loss divided by torch.full((), B, dtype=float32)", torch.float32),
                                             ("a loss divided by a .type(torch.FloatTensor) tensor", torch.float32),
+                                            ("a loss behind a torch.where(mask, 0.0, finfo.min) mask, divided",
+                                             torch.float32),
+                                            ("a loss through a complex64 cast, divided", torch.float32),
+                                            ("a loss divided by a bool mask's count times 1.0", torch.float32),
                                             ("a capacity counted over the batch's tokens", F64)])
 def test_a_loss_that_depends_on_the_batch_size_is_refused(how, dtype):
     """A sample's loss that depends on how many samples its batch holds, not on which: the rows compared together
@@ -3905,11 +3909,19 @@ def test_a_loss_that_depends_on_the_batch_size_is_refused(how, dtype):
         def model_fn(p, batch):
             x, y = batch
             b = x.shape[0]
-            out = torch.tanh(x.mean(1) @ p["w"]) @ p["head"]
+            h = x @ p["w"]
+            if "torch.where" in how:  # Hugging Face's additive mask: Python numbers, the default dtype (h95)
+                keep = x[..., 0] > -3
+                h = h * torch.softmax(h.sum(-1) + torch.where(keep, 0.0, torch.finfo(h.dtype).min), -1)[..., None]
+            out = torch.tanh(h.mean(1)) @ p["head"]
+            if "complex64" in how:
+                z = out.to(torch.complex64)
+                out = (z * z.conj()).real
             out = out.float() if ".float()" in how else out.to(torch.bfloat16).to(x.dtype) if "bfloat16" in how else out
             by = (torch.ones(b).sum() if "ones" in how else torch.tensor(float(b)) if "tensor(" in how else
                   torch.full((), b, dtype=torch.float32) if "full" in how else
-                  torch.tensor(b).type(torch.FloatTensor) if ".type(" in how else b)
+                  torch.tensor(b).type(torch.FloatTensor) if ".type(" in how else
+                  (x[:, 0, 0] == x[:, 0, 0]).sum() * 1.0 if "bool mask" in how else b)
             return (out - y) ** 2 / by
     else:
         experts = [torch.eye(d, dtype=F64) * (1 + e) for e in range(3)]
@@ -3922,6 +3934,44 @@ def test_a_loss_that_depends_on_the_batch_size_is_refused(how, dtype):
         ghostfunc.graddot(model_fn, p, train, val)
     with pytest.raises(SamplesInteractError, match=said.replace("graddot", "inrun_shapley")):
         ghostfunc.inrun_shapley(model_fn, p, train, val, lr=0.1)
+
+
+VALID_WIDENED = {
+    "torch.where mask, a row all masked": lambda h, x: h.sum(-1) + torch.where(
+        (x[..., 0] > -3) & (torch.arange(x.shape[1]) > 0), 0.0, torch.finfo(h.dtype).min),
+    "torch.full of finfo.min": lambda h, x: h.sum(-1) + torch.full(x.shape[:2], torch.finfo(h.dtype).min) * (
+        x[..., 0] < -1),
+    "noise from torch.randn": lambda h, x: h.sum(-1) + 1e-3 * torch.randn(x.shape[:2]),
+    "complex64 round trip": lambda h, x: torch.fft.ifft(torch.fft.fft(h.sum(-1).to(torch.complex64))).real,
+}
+
+
+@pytest.mark.parametrize("how", list(VALID_WIDENED))
+def test_what_the_widened_run_makes_in_float64_keeps_a_valid_model_exact(how):
+    """The batch-size check's widened run makes float64 what Python numbers made in the default dtype (h95):
+    a mask whose row is all ``finfo(float64).min`` (which overflows float32 to -inf) stays finite, and random
+    draws and complex casts run; each valid float32 model is scored, equal to the loop."""
+    g = _g(9)
+    d = 4
+    p = {"w": torch.randn(d, d, generator=g), "head": torch.randn(d, generator=g)}
+
+    def model_fn(p, batch):
+        x, y = batch
+        h = x @ p["w"]
+        logits = VALID_WIDENED[how](h, x)
+        h = h * torch.softmax(logits, -1)[..., None]
+        return (torch.tanh(h.mean(1)) @ p["head"] - y) ** 2
+
+    train = (torch.randn(6, 8, d, generator=g), torch.randn(6, generator=g))
+    val = (torch.randn(3, 8, d, generator=g), torch.randn(3, generator=g))
+    if "randn" in how:
+        torch.manual_seed(0)
+        out = ghostfunc.graddot(model_fn, p, train, val)
+        assert out.scores.isfinite().all()
+        return
+    out = ghostfunc.graddot(model_fn, p, train, val)
+    ref = ghostfunc.reference_graddot(model_fn, p, train, val)[0]
+    assert rel(out.scores, ref) < 1e-5
 
 
 def test_a_capacity_never_reached_is_exact():
