@@ -1242,13 +1242,34 @@ def refuse_non_finite(where: str, scores: Tensor, per_param: Mapping[str, Tensor
     whose = "this rank's " if local else ""
     raise FloatingPointError(
         f"{where}: the {what} of {whose}train samples "
-        f"{rows[:10]}{'...' if len(rows) > 10 else ''} are not finite though the losses are: {side}. A "
-        f"backward through sqrt or a norm at 0, a division by 0, or torch.where with a non-finite branch (its "
-        f"gradient is NaN even where the branch is not taken) does this; torch.autograd.set_detect_anomaly(True) "
-        f"and a plain backward of model_fn(params, batch).sum() find the call"
+        f"{rows[:10]}{'...' if len(rows) > 10 else ''} are not finite though the losses are: {side}. "
+        + _NON_FINITE_CAUSES
         + (f". Params {_listed(half)} are float16, whose range ends at 65504 (their share is given back in "
            f"float16): a product beyond it is inf; scale the loss down, or use bfloat16" if half else "")
         + (hint or ""))
+
+
+#: Where a non-finite gradient of finite losses comes from, and how to find the call.
+_NON_FINITE_CAUSES = ("A backward through sqrt or a norm at 0, a division by 0, or torch.where with a non-finite "
+                      "branch (its gradient is NaN even where the branch is not taken) does this; "
+                      "torch.autograd.set_detect_anomaly(True) and a plain backward of model_fn(params, batch).sum() "
+                      "find the call")
+
+
+def refuse_non_finite_val(where: str, val_dir: Mapping[str, Tensor]) -> None:
+    """Under ``group=``, inside :func:`ghostfunc._dist.collectively` before the all-reduce: raise
+    ``FloatingPointError`` if this rank's own ``Σ_v g_v`` is not finite. After the all-reduce every rank's
+    direction held the NaN, and each rank blamed its own finite rows without naming the rank at fault (h96); now
+    that rank raises this, and the others name it."""
+    if not val_dir:
+        return
+    norms = torch.stack([n.double() for n in torch._foreach_norm(list(val_dir.values()), math.inf)])  # (max |x|)
+    if bool(torch.isfinite(norms).all()):
+        return
+    named = [k for k, n in zip(val_dir, norms.tolist(), strict=True) if not math.isfinite(n)]
+    raise FloatingPointError(
+        f"{where}: the validation gradient of this rank's validation rows is not finite though their losses are: "
+        f"its params {_listed(named)} hold NaN or inf. " + _NON_FINITE_CAUSES)
 
 
 def _listed(names: list[str]) -> str:
@@ -1456,6 +1477,7 @@ def graddot_group(model_fn: ModelFn, params: Mapping[str, Tensor], train: Any, v
     if val_reduce is not None:
         with _dist.collectively(where, group):  # an error on one rank raises on every rank (one tiny all-reduce)
             st = run_streamed(model_fn, checked, tb, vb, where, group_policy(policy), "sum")
+            refuse_non_finite_val(where, st.val_dir)
         per_param, train_grad, the_plan, _ = score_group(st, checked, val_reduce, world, group, compute_dtype)
         scores = sum_scores(per_param, checked)
         with _dist.collectively(where, group):  # a rank's scores alone may overflow: every rank raises

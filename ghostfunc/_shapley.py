@@ -67,6 +67,7 @@ from ._graddot import (
     prepare_group,
     refuse_coupled_rows,
     refuse_non_finite,
+    refuse_non_finite_val,
     retry_stale,
     routing,
     run_streamed,
@@ -430,6 +431,7 @@ def values_of(
     if order == 1 and precondition is None and world is not None:
         with _dist.collectively(where, group):  # an error on one rank raises on every rank (one tiny all-reduce)
             st = run_streamed(model_fn, params, tb, vb, where, group_policy("auto"), "sum")
+            refuse_non_finite_val(where, st.val_dir)
         per_param, g_train, the_plan, nowhere = score_group(st, params, "mean", world, group, None, reach)
         values = sum_scores(per_param, params).mul(-a)
         return Values(values, values, g_train, st.train_loss, st.val_loss, the_plan, None, nowhere)

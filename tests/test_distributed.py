@@ -566,8 +566,10 @@ def _faults(rank: int, world: int, out: dict[str, Any], job: str, folder: str) -
         nan_train[0][-1, 0] = float("nan")
         nan_val[0][-1, 0] = float("nan")
     grad_nan = (train[0].clone(), train[1])
+    grad_nan_val = (val[0].clone(), val[1])
     if rank == 1:  # this rank's first row: a finite loss with a NaN gradient (a square root at 0)
         grad_nan[0][0, 0] = 7.0
+        grad_nan_val[0][0, 0] = 7.0
 
     def sqrt_at_zero(p: dict, batch: tuple) -> torch.Tensor:
         losses = model_fn(p, batch)
@@ -630,6 +632,11 @@ def _faults(rank: int, world: int, out: dict[str, Any], job: str, folder: str) -
         "inrun_shapley order 2 nan gradient": lambda: ghostfunc.inrun_shapley(sqrt_at_zero, params, grad_nan, val,
                                                                               lr=0.1, order=2, group=group),
         "train_step nan gradient": lambda: (lambda s: s(s.init(params), grad_nan, val))(ghostfunc.train_step(
+            sqrt_at_zero, ghostfunc.sgd(0.1), group=group)),
+        "graddot nan val gradient": lambda: ghostfunc.graddot(sqrt_at_zero, params, train, grad_nan_val, group=group),
+        "inrun_shapley nan val gradient": lambda: ghostfunc.inrun_shapley(sqrt_at_zero, params, train, grad_nan_val,
+                                                                          lr=0.1, group=group),
+        "train_step nan val gradient": lambda: (lambda s: s(s.init(params), train, grad_nan_val))(ghostfunc.train_step(
             sqrt_at_zero, ghostfunc.sgd(0.1), group=group)),
         "graddot overflow": lambda: ghostfunc.graddot(linear, lin_params, (huge_train,), (huge_val,), group=group),
         "inrun_shapley overflow": lambda: ghostfunc.inrun_shapley(linear, lin_params, (huge_train,), (huge_val,),
@@ -721,6 +728,19 @@ def test_a_non_finite_gradient_on_one_rank_raises_on_every_rank(faults: list[dic
         assert seconds < FAULT_TIMEOUT_S / 2, (rank, seconds)
     # (order 2: H_val G with G holding rank 1's NaN makes every row's value NaN)
     assert faults[1][case][0] == "FloatingPointError" and "train samples [0" in faults[1][case][1], faults[1][case]
+
+
+@pytest.mark.parametrize("case", ["graddot nan val gradient", "inrun_shapley nan val gradient",
+                                  "train_step nan val gradient"])
+def test_a_non_finite_validation_gradient_on_one_rank_is_that_ranks_error(faults: list[dict[str, Any]],
+                                                                         case: str) -> None:
+    """A finite validation loss with a NaN gradient in rank 1's rows only: the all-reduced direction held the NaN on
+    every rank, and rank 0 blamed its own finite training rows without naming rank 1 (h96). Rank 1's own direction
+    is checked before the all-reduce: rank 1 raises, naming its validation rows, and rank 0 names rank 1."""
+    own, other = faults[1][case], faults[0][case]
+    assert own[0] == "FloatingPointError" and "validation gradient of this rank's validation rows" in own[1], own
+    assert "rank 1 of 2 failed" in other[1] and own[1] in other[1], other
+    assert max(own[2], other[2]) < FAULT_TIMEOUT_S / 2, (own, other)
 
 
 @pytest.mark.parametrize("case", ["graddot overflow", "inrun_shapley overflow"])
