@@ -134,7 +134,9 @@ def param_written(name: str, func: Any) -> str:
             f"model_fn at the params it is given, runs it several times per call and never modifies them, so "
             f"each run would see another parameter. The write was refused before it happened (params are as "
             f"they were). Compute a new tensor instead (w = p[{name!r}] * 0.9, not p[{name!r}].mul_(0.9)), or "
-            f"keep state that changes between calls outside params")
+            f"keep state that changes between calls outside params. A model that rescales its own weights once, at "
+            f"its first forward in eval mode (Hugging Face's RWKV with config.rescale_every > 0), can run one plain "
+            f"forward before its params are taken, or set rescale_every=0")
 
 
 #: ``model_fn`` -> {(parameter shapes, training flags, batch signature): the parameters that were zero when it
