@@ -1261,12 +1261,13 @@ def refuse_non_finite_val(where: str, val_dir: Mapping[str, Tensor]) -> None:
     ``FloatingPointError`` if this rank's own ``Σ_v g_v`` is not finite. After the all-reduce every rank's
     direction held the NaN, and each rank blamed its own finite rows without naming the rank at fault (h96); now
     that rank raises this, and the others name it."""
-    if not val_dir:
+    held = {k: v for k, v in val_dir.items() if v.numel()}  # (an empty parameter's max |x| has no value)
+    if not held:
         return
-    norms = torch.stack([n.double() for n in torch._foreach_norm(list(val_dir.values()), math.inf)])  # (max |x|)
+    norms = torch.stack([n.double() for n in torch._foreach_norm(list(held.values()), math.inf)])  # (max |x|)
     if bool(torch.isfinite(norms).all()):
         return
-    named = [k for k, n in zip(val_dir, norms.tolist(), strict=True) if not math.isfinite(n)]
+    named = [k for k, n in zip(held, norms.tolist(), strict=True) if not math.isfinite(n)]
     raise FloatingPointError(
         f"{where}: the validation gradient of this rank's validation rows is not finite though their losses are: "
         f"its params {_listed(named)} hold NaN or inf. " + _NON_FINITE_CAUSES)

@@ -580,6 +580,12 @@ def _faults(rank: int, world: int, out: dict[str, Any], job: str, folder: str) -
         return batch[0] @ p["w"]
 
     lin_params = {"w": torch.ones(4, dtype=torch.float64)}
+
+    def pruned(p: dict, batch: tuple) -> torch.Tensor:  # a head pruned to no rows: a parameter of shape [0, 4]
+        return model_fn({k: v for k, v in p.items() if k != "pruned"}, batch) + torch.nn.functional.linear(
+            batch[0], p["pruned"]).sum(-1)
+
+    pruned_params = {**params, "pruned": torch.zeros(0, 4, dtype=torch.float64)}
     huge_train, huge_val = torch.ones(3, 4, dtype=torch.float64), torch.ones(2, 4, dtype=torch.float64)
     if rank == 1:
         huge_train[0] = 1e160  # its score, against a validation gradient of about 1e160, is about 1e320: inf
@@ -638,6 +644,8 @@ def _faults(rank: int, world: int, out: dict[str, Any], job: str, folder: str) -
                                                                           lr=0.1, group=group),
         "train_step nan val gradient": lambda: (lambda s: s(s.init(params), train, grad_nan_val))(ghostfunc.train_step(
             sqrt_at_zero, ghostfunc.sgd(0.1), group=group)),
+        "an empty parameter": lambda: [ghostfunc.graddot(pruned, pruned_params, train, val, group=group),
+                                       ghostfunc.inrun_shapley(pruned, pruned_params, train, val, lr=0.1, group=group)],
         "graddot overflow": lambda: ghostfunc.graddot(linear, lin_params, (huge_train,), (huge_val,), group=group),
         "inrun_shapley overflow": lambda: ghostfunc.inrun_shapley(linear, lin_params, (huge_train,), (huge_val,),
                                                                   lr=0.1, group=group),
@@ -741,6 +749,13 @@ def test_a_non_finite_validation_gradient_on_one_rank_is_that_ranks_error(faults
     assert own[0] == "FloatingPointError" and "validation gradient of this rank's validation rows" in own[1], own
     assert "rank 1 of 2 failed" in other[1] and own[1] in other[1], other
     assert max(own[2], other[2]) < FAULT_TIMEOUT_S / 2, (own, other)
+
+
+def test_an_empty_parameter_runs_on_every_rank(faults: list[dict[str, Any]]) -> None:
+    """A parameter with no elements (a pruned head): the check of each rank's validation direction took its largest
+    magnitude, which an empty tensor has none of (torch raised on every rank, h99)."""
+    for rank in range(2):
+        assert faults[rank]["an empty parameter"][:2] == [None, None], (rank, faults[rank]["an empty parameter"])
 
 
 @pytest.mark.parametrize("case", ["graddot overflow", "inrun_shapley overflow"])
