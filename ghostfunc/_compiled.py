@@ -66,6 +66,7 @@ from ._graddot import (
     val_weights,
 )
 from ._interact import EAGER, Identity, _is_array, negative_zeros, remember, steady_settings
+from ._plan import Plan
 from ._whole import NotDirect, _rows, _Taps, close, per_sample, rng_state, set_rng_state
 
 #: ``model_fn`` -> {(replay key, compute dtype): (the compiled call, the parameter tensors it is called with,
@@ -135,8 +136,13 @@ def _holds_data(signature: Any, depth: int = 12) -> bool:
     return any(_holds_data(x, depth - 1) for x in signature)
 
 
-def ran_eagerly(why: str) -> str:
-    """The plan note of a ``compile=True`` call that ran eagerly."""
+def ran_eagerly(why: str, plan: Plan | None = None) -> str:
+    """The plan note of a ``compile=True`` call that ran eagerly; with no replay, where the eager ``plan`` has
+    parameters on the exact fallback, those (the general note said only what might apply, on every call, h100)."""
+    fallback = [f"{k} ({r.reason})" for k, r in plan.routes.items() if r.path == "fallback"] if plan else []
+    if why == NO_REPLAY and fallback:
+        why = (f"parameters on the exact fallback cannot run as one whole batch: {', '.join(fallback[:4])}"
+               f"{', ...' if len(fallback) > 4 else ''}")
     return f"compile=True: this call ran eagerly: {why}"
 
 
@@ -202,7 +208,7 @@ def scores(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batc
             set_rng_state(device, before)  # eager from now on
             if EAGER.entries != entered or _stance() != "default":  # (another thread's eager call set the process's
                 return STANCE.format("force_eager")  # stance meanwhile: not this graph's failure, nothing marked, h94)
-            return _mark(states, key, f"{REFUSED}: {summary(err)}")
+            return _mark(states, key, f"{REFUSED}: {_cause(err)}")
         if not first and _graphs() != graphs:  # a guard failed (a value the trace read changed) and dynamo compiled
             set_rng_state(device, before)  # again: this call and later ones run eagerly (no recompiling mid-run;
             return _mark(states, key, RECOMPILED)  # the new graph was never checked against the eager numbers)
@@ -228,6 +234,19 @@ def scores(model_fn: ModelFn, params: dict[str, Tensor], train: Batch, val: Batc
         states[key] = known
     return GradDot(total, per_param, train_grad, train_loss, val_loss,
                     plan._replace(notes=(*plan.notes, "compiled: the whole call as one torch.compile graph")))
+
+
+def _cause(err: BaseException) -> str:
+    """Why tracing or compiling failed, in a line: the model's or the interception's own error where dynamo wrapped
+    it (its "Observed exception" hid ``NotDirect("call 0 is not the trace's, row for row")``, h100)."""
+    found, seen = err, 0
+    at: BaseException | None = err
+    while at is not None and seen < 8:
+        if isinstance(at, NotDirect) or type(at).__name__.startswith("Observed"):
+            found = at
+        at, seen = at.__cause__ or at.__context__, seen + 1
+    text = summary(found)
+    return text.removeprefix("raised exception ")
 
 
 def _stance() -> str:

@@ -1389,13 +1389,13 @@ def graddot(
                                                           compute_dtype=compute_dtype), next(iter(params.values())).device)
         if taken is not None:
             return taken[0]
-    eager_why: list[str] = []  # compile=True: why this call ran eagerly (a plan note)
+    eager_why: str | None = None  # compile=True: why this call ran eagerly (a plan note)
     if compile:
         assert val_reduce is not None
         done = _compiled.scores(model_fn, params, tb, vb, where, policy, val_reduce, compute_dtype)
         if isinstance(done, GradDot):  # (its scores found finite in the graph: else the eager path runs, and raises)
             return done
-        eager_why.append(_compiled.ran_eagerly(done))
+        eager_why = done
     weights = val_weights(val_reduce, vb.size, params)
     if val_reduce is not None:  # validation first, reduced to ḡ_val: the memory of one batch at a time
         st = run_streamed(model_fn, checked, tb, vb, where, policy, val_reduce)
@@ -1412,8 +1412,9 @@ def graddot(
             per_param[k], train_grad[k] = s, g
     scores = sum_scores(per_param, params)
     refuse_non_finite(where, scores, per_param, train_grad)
+    eager = [] if eager_why is None else [_compiled.ran_eagerly(eager_why, the_plan)]
     return GradDot(scores, per_param, train_grad, train_loss, val_loss,
-                   noted(the_plan, [*eager_why, *by_freq_notes(model_fn)]))
+                   noted(the_plan, [*eager, *by_freq_notes(model_fn)]))
 
 
 def prepare_group(where: str, group: Any, model_fn: Any, params: Any, train: Any, val: Any,

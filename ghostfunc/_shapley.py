@@ -452,8 +452,10 @@ def values_of(
             if isinstance(done, GradDot):
                 values = done.scores.mul(-a)
                 return Values(values, values, done.train_grad, done.train_loss, done.val_loss, done.plan)
-            eager_why.append(_compiled.ran_eagerly(done))
         st = run_streamed(model_fn, params, tb, vb, where, "auto", "mean")
+        if compile:
+            assert isinstance(done, str)
+            eager_why.append(_compiled.ran_eagerly(done, st.plan))
         per_param, g_train = score_streamed(st, params, weights, n, m, None)
         values = sum_scores(per_param, params).mul(-a)
         return Values(values, values, g_train, st.train_loss, st.val_loss,
