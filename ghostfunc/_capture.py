@@ -798,7 +798,7 @@ _ATOM_TYPES = frozenset({*_ATOMS, torch.Size})
 #: A 2-D tensor's transpose: ``w.T``, ``w.mT``, ``w.t()``, ``torch.t(w)``, ``w.transpose(0, 1)``.
 TRANSPOSES = frozenset({inspect.getattr_static(Tensor, "T").__get__, inspect.getattr_static(Tensor, "mT").__get__,
                         Tensor.t, torch.t, Tensor.transpose, torch.transpose})
-_MATMULS = frozenset({torch.matmul, Tensor.matmul, Tensor.__matmul__})
+_MATMULS = frozenset({torch.matmul, Tensor.matmul, Tensor.__matmul__, torch.mm, Tensor.mm})
 
 
 class Transposed:

@@ -387,6 +387,9 @@ TRANSPOSED_HEADS = {  # a tied output layer written by hand: the embedding's tra
     "x.matmul(E.transpose(0, 1))": lambda h, E: h.matmul(E.transpose(0, 1)),
     "x @ torch.transpose(E, -1, -2)": lambda h, E: h @ torch.transpose(E, -1, -2),
     "x @ E.transpose(dim0=1, dim1=0)": lambda h, E: h @ E.transpose(dim0=1, dim1=0),
+    # torch.mm takes 2-D operands: the tokens as rows, then back (not recognised before: the fallback, h100)
+    "torch.mm(x, E.t())": lambda h, E: torch.mm(h.reshape(-1, h.shape[-1]), E.t()).reshape(*h.shape[:-1], -1),
+    "x.mm(E.T)": lambda h, E: h.reshape(-1, h.shape[-1]).mm(E.T).reshape(*h.shape[:-1], -1),
 }
 
 
@@ -407,6 +410,24 @@ def test_a_matmul_by_a_transposed_weight_is_a_linear_call(spelling):
     assert_exact(model_fn, p, train, val, "embedding")
     route = ghostfunc.plan(model_fn, p, train, val).routes["E"]
     assert route.factored and route.uses == ("embedding", "linear"), route
+
+
+@pytest.mark.parametrize("spelling", ["torch.mm(x, W)", "x.mm(W)"])
+def test_a_2d_matmul_by_a_weight_stored_in_by_out_is_recognised(spelling):
+    """``torch.mm(x, W)`` with ``W`` ``[in, out]``: the matmul rule, as ``x @ W`` (it took the fallback, h100)."""
+    g = _g(6)
+    p = {"W": torch.randn(5, 4, generator=g, dtype=F64) / 2, "V": torch.randn(4, 3, generator=g, dtype=F64) / 2}
+
+    def model_fn(p, batch):
+        x, y = batch
+        h = torch.tanh(torch.mm(x, p["W"]) if spelling.startswith("torch") else x.mm(p["W"]))
+        return F.cross_entropy(h.mm(p["V"]), y, reduction="none")
+
+    data = (torch.randn(9, 5, generator=g, dtype=F64), torch.randint(0, 3, (9,), generator=g))
+    train, val = tuple(t[:6] for t in data), tuple(t[6:] for t in data)
+    assert_exact(model_fn, p, train, val, "matmul")
+    routes = ghostfunc.plan(model_fn, p, train, val).routes
+    assert all(r.factored and r.uses == ("matmul",) for r in routes.values()), routes
 
 
 @pytest.mark.parametrize("other", ["penalty", "linear of the transpose", "left operand", "a slice of the view"])

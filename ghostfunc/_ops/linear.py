@@ -80,4 +80,6 @@ TABLE: dict[Callable[..., Any], Rule] = {
     torch.matmul: MATMUL,
     torch.Tensor.matmul: MATMUL,
     torch.Tensor.__matmul__: MATMUL,
+    torch.mm: MATMUL,  # (both operands 2-D: x [n, in] @ W [in, out])
+    torch.Tensor.mm: MATMUL,
 }
