@@ -850,11 +850,76 @@ def test_a_torn_values_file_is_one_line(corpus: dict[str, Path], tmp_path: Path,
     assert main(_args(corpus, out, "--steps", "2")) == 0
     (out / "values.pt").write_bytes((out / "values.pt").read_bytes()[:100])
     capsys.readouterr()
-    for argv in (_args(corpus, out, "--steps", "2", "--resume"), ["select", "--run", str(out), "--seeds", "1"]):
+    for argv, option in ((_args(corpus, out, "--steps", "2", "--resume"), "--resume"),
+                         (["select", "--run", str(out), "--seeds", "1"], "--run")):
         assert main(argv) == 2
         last = capsys.readouterr().err.strip().splitlines()[-1]
-        assert "is not a file written by DataValues.save" in last and "resume, select and attribute need them whole" \
-            in last, last
+        assert f"error: {option}: expected the run's saved values whole" in last, last  # (the option named, h102)
+        assert "is not a file written by DataValues.save" in last, last
+
+
+def test_select_and_attribute_refuse_another_runs_values(corpus: dict[str, Path], tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    """A values.pt copied from a run with another --lr: select ranked chunks by that run's values and retrained with
+    this run's options, exit 0 (h102); refused as --resume refuses it, naming the option."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(_args(corpus, one, "--steps", "2", "--lr", "2e-3")) == 0
+    assert main(_args(corpus, two, "--steps", "2", "--lr", "4e-3", "--record-every", "1")) == 0
+    (two / "values.pt").write_bytes((one / "values.pt").read_bytes())
+    capsys.readouterr()
+    for argv in (["select", "--run", str(two), "--seeds", "1"], ["attribute", "--run", str(two)]):
+        assert _code(argv) == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert "--run: the values in" in last and "--lr 0.002" in last and "another run's values" in last, last
+
+
+def _code(argv: list[str]) -> int:
+    """The exit code of a subcommand, whether it returns it or exits (attribute reports through argparse)."""
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+
+
+def test_a_finished_run_resumed_keeps_what_attribute_made(corpus: dict[str, Path], tmp_path: Path) -> None:
+    """--resume on a finished run trains nothing; it rewrote the recording and deleted trajectory/unrolled.pt,
+    attribute's output (5x the training's time on the default run, h102)."""
+    out = tmp_path / "run"
+    assert main(_args(corpus, out, "--steps", "2", "--record-every", "1")) == 0
+    unrolled = out / "trajectory" / "unrolled.pt"
+    unrolled.write_bytes(b"attribute's output")
+    before = (out / "values.pt").read_bytes()
+    assert main(_args(corpus, out, "--steps", "2", "--record-every", "1", "--resume")) == 0
+    assert unrolled.read_bytes() == b"attribute's output" and (out / "values.pt").read_bytes() == before
+
+
+def test_a_torn_metrics_line_is_dropped_on_resume(corpus: dict[str, Path], tmp_path: Path) -> None:
+    """A kill during a metrics.jsonl append leaves a torn line (and blank ones): --resume raised a JSONDecodeError
+    traceback (h102). The torn line goes; the run resumes, and its metrics are the uninterrupted run's steps."""
+    out, whole = tmp_path / "run", tmp_path / "whole"
+    assert main(_args(corpus, out, "--steps", "4", "--stop-at", "2", "--save-every", "2")) == 0
+    with (out / "metrics.jsonl").open("a") as fh:
+        fh.write('{"step": 3, "train_l\n\n')
+    assert main(_args(corpus, out, "--steps", "4", "--save-every", "2", "--resume")) == 0
+    assert main(_args(corpus, whole, "--steps", "4", "--save-every", "2")) == 0
+    steps = [[json.loads(ln)["step"] for ln in (d / "metrics.jsonl").read_text().splitlines()] for d in (out, whole)]
+    assert steps[0] == steps[1], steps
+
+
+@pytest.mark.parametrize("config", ['{"steps": 2, "val', '[1, 2]', '{"lr": 0.1}'])
+def test_select_with_a_torn_or_foreign_config_is_one_line(corpus: dict[str, Path], tmp_path: Path, config: str,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    """select read config.json without a guard: a torn one was a JSONDecodeError traceback, one without the run's
+    options a KeyError (h102); attribute said one line. Both say one line, naming --run."""
+    out = tmp_path / "run"
+    assert main(_args(corpus, out, "--steps", "2", "--record-every", "1")) == 0
+    (out / "config.json").write_text(config)
+    capsys.readouterr()
+    for argv in (["select", "--run", str(out), "--seeds", "1"], ["attribute", "--run", str(out)]):
+        assert _code(argv) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and "error: --run:" in err.splitlines()[-1], err
+        assert "config.json" in err.splitlines()[-1], err
 
 
 def test_the_token_cache_names_files_from_the_root_given(tmp_path: Path) -> None:
@@ -956,3 +1021,17 @@ def test_resume_says_why_it_finds_no_run(how: str, corpus: dict[str, Path], tmp_
     said = f"{str(out)!r} is a file" if how == "--out a file" else "its values.pt is a folder"
     assert capsys.readouterr().err.strip().endswith(f"--resume: expected a run in --out {str(out)!r} (its values.pt); "
                                                     f"{said}")
+
+
+def test_the_summary_lists_no_source_as_both_most_helpful_and_lowest(corpus: dict[str, Path], tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    """With fewer than 10 sources seen, the five most helpful and the five lowest-valued overlapped: one source was
+    listed both ways (h102). The three sources here: two most helpful, one lowest."""
+    assert main(_args(corpus, tmp_path / "run", "--steps", "3")) == 0
+    lines = capsys.readouterr().out.splitlines()
+    named = [re.findall(r"(\S+) \([+-]", next(ln for ln in lines if ln.strip().startswith(start)))
+             for start in ("most helpful sources", "lowest-valued sources")]
+    assert named[0] and named[1] and not set(named[0]) & set(named[1]), named
+    report = (tmp_path / "run" / "report.md").read_text()
+    helpful, lowest = (re.findall(r"\*\*chunk (\d+)\*\*", part) for part in report.split("## Lowest-valued chunks"))
+    assert not set(helpful) & set(lowest), (helpful, lowest)

@@ -29,7 +29,6 @@ validation loss).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +36,7 @@ import torch
 from torch import Tensor
 
 from . import loop
-from .data import Corpus, UsageError
+from .data import Corpus
 
 
 class Chunks:
@@ -58,24 +57,14 @@ def task(run: str, config: dict[str, Any] | None = None) -> dict[str, Any]:
     ``config``: the trajectory-fixing options of the run that made the recording (its ``spec.json``; a recording
     of another run, copied into this one, is refused: its values were written as this run's, h91)."""
     folder = Path(run)
-    path = folder / "config.json"
-    try:  # (a missing or torn config.json was a traceback, h91)
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UsageError(f"--run: expected the run's config.json in {str(folder)!r} (the training CLI writes it); "
-                         f"there is none") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UsageError(f"--run: {str(path)!r} is not the JSON the training CLI writes ({err})") from None
-    if not isinstance(raw, dict):
-        raise UsageError(f"--run: {str(path)!r} must hold the run's options as a JSON object; got "
-                         f"{type(raw).__name__}")
-    cfg = loop.resolve_run(raw, folder)  # its own data, from any folder
+    cfg = loop.resolve_run(loop.read_config(folder), folder)  # its own data, from any folder
     if config is not None:
         loop.check_recording(cfg, config, str(folder))
     cfg["out"] = str(folder)  # the token cache lies beside the run, wherever it was started from
     setup = loop.prepare(cfg)
     if (folder / "values.pt").is_file():  # the chunks the run trained on, not whatever the paths hold now
         values, saved = loop.saved_run(folder / "values.pt")
+        loop.check_values(cfg, saved, str(folder))
         setup.check_data(saved.get("data"), len(values), str(folder))
     val = {"input_ids": setup.val.batch(torch.arange(len(setup.val))).to(setup.device)}
     return {"model_fn": setup.model_fn, "dataset": {"input_ids": Chunks(setup.train, setup.device)}, "val": val,

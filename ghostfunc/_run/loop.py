@@ -322,15 +322,43 @@ def fingerprint(cfg: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in sorted(cfg.items()) if k not in FREE_KEYS}
 
 
-def check_recording(cfg: dict[str, Any], recorded: dict[str, Any], run: str) -> None:
-    """Refuse a recording (its ``spec.json``'s options, :func:`fingerprint`) made by a run with other
-    trajectory-fixing options than the run in ``run`` (``cfg``, its ``config.json``)."""
+def check_recording(cfg: dict[str, Any], recorded: dict[str, Any], run: str,
+                    what: str = "the recording in {run!r} (trajectory/) was", noun: str = "recording") -> None:
+    """Refuse a recording (its ``spec.json``'s options, :func:`fingerprint`), or saved values (``values.pt``'s), made
+    by a run with other trajectory-fixing options than the run in ``run`` (``cfg``, its ``config.json``)."""
     mine, theirs = _resolved(fingerprint(cfg)), _resolved(recorded)  # (recorded resolved: a preset's name, gpt2,
     # taken against the current folder was a path where that folder held a gpt2/, h92)
     if (k := _differing(mine, theirs)) is not None:
-        raise UsageError(f"--run: the recording in {run!r} (trajectory/) was made by a run with "
-                         f"--{k.replace('_', '-')} {theirs.get(k)!r}; this run has {mine.get(k)!r}: it is another "
-                         f"run's recording")
+        raise UsageError(f"--run: {what.format(run=run)} made by a run with --{k.replace('_', '-')} "
+                         f"{theirs.get(k)!r}; this run has {mine.get(k)!r}: it is another run's {noun}")
+
+
+def check_values(cfg: dict[str, Any], saved: dict[str, Any], run: str) -> None:
+    """Refuse a ``values.pt`` another run saved (copied into this one: ``select`` ranked chunks by that run's values
+    and retrained with this run's options, h102), as :func:`check_recording` refuses a recording."""
+    if isinstance(saved.get("config"), dict):
+        check_recording(cfg, saved["config"], run, "the values in {run!r} (values.pt) were", "values")
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    """A run's ``config.json`` as written by the training CLI; a missing, torn or foreign one is the ``--run``
+    :class:`UsageError` (one line; ``select`` raised a traceback, h102)."""
+    path = folder / "config.json"
+    try:  # (a missing or torn config.json was a traceback, h91)
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"--run: expected the run's config.json in {str(folder)!r} (the training CLI writes it); "
+                         f"there is none") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UsageError(f"--run: {str(path)!r} is not the JSON the training CLI writes ({err})") from None
+    if not isinstance(raw, dict):
+        raise UsageError(f"--run: {str(path)!r} must hold the run's options as a JSON object; got "
+                         f"{type(raw).__name__}")
+    missing = [k for k in ("values", "steps", "seed") if k not in raw]
+    if missing:
+        raise UsageError(f"--run: {str(path)!r} is not the options the training CLI writes: it has no "
+                         f"{', '.join(missing)}")
+    return raw
 
 
 def _differing(mine: dict[str, Any], theirs: dict[str, Any]) -> str | None:
@@ -448,16 +476,17 @@ def save(values: ghostfunc.DataValues, path: Path, state: ghostfunc.TrainState, 
 
 def load(path: Path, par: Dist) -> tuple[ghostfunc.DataValues, dict[str, Any]]:
     """``(values, payload)`` from ``values.pt`` (with many processes a collective: every rank gets the file's values)."""
-    return saved_run(path, par.group)
+    return saved_run(path, par.group, "--resume")
 
 
-def saved_run(path: Path, group: Any = None) -> tuple[ghostfunc.DataValues, dict[str, Any]]:
+def saved_run(path: Path, group: Any = None, option: str = "--run") -> tuple[ghostfunc.DataValues, dict[str, Any]]:
     """A run's ``values.pt`` and its saved state; a file that is not one (truncated, foreign) is the run's
-    :class:`UsageError` (one line, exit code 2), not a traceback."""
+    :class:`UsageError` naming ``option`` (one line, exit code 2), not a traceback."""
     try:
         return ghostfunc.DataValues.load(path, with_state=True, group=group)  # type: ignore[return-value]
     except ValueError as exc:
-        raise UsageError(f"{exc} (the run's saved values: resume, select and attribute need them whole)") from None
+        raise UsageError(f"{option}: expected the run's saved values whole (resume, select and attribute need "
+                         f"them); {exc}") from None
 
 
 def run(setup: Setup, par: Dist, *, pool: Tensor | None = None, quiet: bool = False,
@@ -499,10 +528,11 @@ def run(setup: Setup, par: Dist, *, pool: Tensor | None = None, quiet: bool = Fa
     if log is None:
         metrics = out / "metrics.jsonl"
         if par.rank == 0:
-            kept = [ln for ln in (metrics.read_text().splitlines() if metrics.is_file() else [])
-                    if json.loads(ln)["step"] <= state.step]  # drop what was logged after the last save
-            write_atomic(metrics, "".join(f"{ln}\n" for ln in kept))
-            elapsed = max((float(json.loads(ln).get("seconds", 0.0)) for ln in kept), default=0.0)
+            kept = [(ln, rec) for ln in (metrics.read_text().splitlines() if metrics.is_file() else [])
+                    if (rec := _record(ln)) is not None and rec["step"] <= state.step]  # drop what was logged
+            # after the last save, and a line torn by a kill during its append (a traceback on --resume, h102)
+            write_atomic(metrics, "".join(f"{ln}\n" for ln, _ in kept))
+            elapsed = max((float(rec.get("seconds", 0.0)) for _, rec in kept), default=0.0)
 
         def log(record: dict[str, Any]) -> None:
             with metrics.open("a") as fh:
@@ -592,10 +622,20 @@ def run(setup: Setup, par: Dist, *, pool: Tensor | None = None, quiet: bool = Fa
             bar.close()
     if not bool(torch.stack([torch.isfinite(p).all() for p in state.params.values()]).all()):
         diverged(state.step, "the last update made the parameters non-finite")  # (no later step's losses show it)
-    if save_values:
+    if save_values and state.step != saved_at:  # (a finished run resumed trains nothing, and keeps what attribute
+        # made of its recording: unrolled.pt went, h102)
         save_trajectory(trajectory, out, cfg)
         values = save(values, values_path, state, cfg, par, setup.data)
     return state, values
+
+
+def _record(line: str) -> dict[str, Any] | None:
+    """One ``metrics.jsonl`` record, or ``None`` for a line that is not one (torn, blank)."""
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        return None
+    return rec if isinstance(rec, dict) and isinstance(rec.get("step"), int) else None
 
 
 def chunk_table(setup: Setup, values: ghostfunc.DataValues) -> dict[str, np.ndarray]:

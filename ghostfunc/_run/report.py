@@ -147,7 +147,9 @@ def write(out: Path, cfg: dict[str, Any], train: Corpus, table: dict[str, np.nda
             continue
         lines.append(f"| {k} | `{s['source']}` | {s['chunks_seen']} | {s['value']:.3g} | {s['value_per_chunk']:.3g} | "
                      f"{s['mean_loss']:.3f} |")
-    for title, picks in (("Most helpful chunks", seen[:TOP]), ("Lowest-valued chunks (harmful where negative)", seen[::-1][:TOP])):
+    few = min(TOP, (len(seen) + 1) // 2)  # (none listed both ways)
+    for title, picks in (("Most helpful chunks", seen[:few]),
+                         ("Lowest-valued chunks (harmful where negative)", seen[few:][::-1][:TOP])):
         lines += ["", f"## {title}", ""]
         for i in picks.tolist():
             lines += [f"**chunk {i}** `{train.sources[train.source[i]]}`: value {table['value'][i]:.3g}, "
@@ -156,8 +158,9 @@ def write(out: Path, cfg: dict[str, Any], train: Corpus, table: dict[str, np.nda
     write_atomic(out / "report.md", "\n".join(lines) + "\n")
     if rows:
         figure(out / "report.png", metrics, sources, rows, target)
-    top = ", ".join(f"{s['source']} ({s['value']:+.3g})" for s in sources[:5])
-    bottom = ", ".join(f"{s['source']} ({s['value']:+.3g})" for s in sources[::-1][:5])
+    k = min(5, (len(sources) + 1) // 2)  # (with fewer than 10 sources, none listed both ways, h102)
+    top = ", ".join(f"{s['source']} ({s['value']:+.3g})" for s in sources[:k])
+    bottom = ", ".join(f"{s['source']} ({s['value']:+.3g})" for s in sources[k:][::-1][:5])
     ranked_lines = [f"  most helpful sources for {target}: {top}",
                     f"  lowest-valued sources (harmful where negative): {bottom}"]
     if cfg["values"] != "shapley":  # trained without valuing: every value is 0, nothing to rank

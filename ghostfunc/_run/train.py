@@ -49,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             torch.set_num_threads(cfg["threads"])
         setup = loop.prepare(cfg)
         if cfg["resume"]:  # refuse a different configuration or other data before anything runs
-            values, payload = loop.saved_run(out / "values.pt")
+            values, payload = loop.saved_run(out / "values.pt", option="--resume")
             loop.check_resume(cfg, payload["config"])
             setup.check_data(payload.get("data"), len(values), str(out))
         with loop.distributed(setup.device) as par:
