@@ -1035,3 +1035,67 @@ def test_the_summary_lists_no_source_as_both_most_helpful_and_lowest(corpus: dic
     report = (tmp_path / "run" / "report.md").read_text()
     helpful, lowest = (re.findall(r"\*\*chunk (\d+)\*\*", part) for part in report.split("## Lowest-valued chunks"))
     assert not set(helpful) & set(lowest), (helpful, lowest)
+
+
+@pytest.mark.parametrize("older", ["relative paths", "a then counted option"])
+def test_a_runs_own_values_saved_by_an_older_version_are_its_own(corpus: dict[str, Path], tmp_path: Path,
+                                                                  older: str) -> None:
+    """values.pt's options as an older version saved them: relative paths (read from the folder the run started in,
+    as config.json's are) and --eval-batch-size (trajectory-fixing then, free now). select refused the run's own
+    values as another run's (h103)."""
+    out = tmp_path / "run"
+    assert main(_args(corpus, out, "--steps", "2")) == 0
+    values, payload = ghostfunc.DataValues.load(out / "values.pt", with_state=True)
+    cfg = loop.read_config(out)
+    if older == "relative paths":  # started in tmp_path with --out run and --train/--val/--test relative to it
+        raw = {**cfg, "out": "run", **{k: os.path.relpath(cfg[k], tmp_path) for k in ("train", "val", "test")}}
+        (out / "config.json").write_text(json.dumps(raw))
+        payload["config"] = {**payload["config"], **{k: raw[k] for k in ("train", "val", "test")}}
+    else:
+        payload["config"] = {**payload["config"], "eval_batch_size": 64}
+    loop.check_values(loop.resolve_run(loop.read_config(out), out), payload, str(out))
+    payload["config"]["seed"] = 5  # (another run's still refused)
+    with pytest.raises(data.UsageError, match=r"--run: the values in .* --seed 5; this run has 0"):
+        loop.check_values(loop.resolve_run(loop.read_config(out), out), payload, str(out))
+
+
+def test_a_finished_run_resumed_saves_its_options_as_config_json_spells_them(corpus: dict[str, Path],
+                                                                             tmp_path: Path) -> None:
+    """--device auto, then --resume --device cpu on the finished run: config.json was rewritten and values.pt (not
+    saved again) kept auto, which a machine with a GPU reads as cuda (select then refused the run's own values,
+    h103). Both name cpu; the recording too, and attribute's unrolled.pt stays (the recording did not grow)."""
+    out = tmp_path / "run"
+    assert main(_args(corpus, out, "--steps", "2", "--record-every", "1", "--device", "auto")) == 0
+    (out / "trajectory" / "unrolled.pt").write_bytes(b"attribute's output")
+    assert main(_args(corpus, out, "--steps", "2", "--record-every", "1", "--device", "cpu", "--resume")) == 0
+    _, payload = ghostfunc.DataValues.load(out / "values.pt", with_state=True)
+    spec = json.loads((out / "trajectory" / "spec.json").read_text())
+    assert loop.read_config(out)["device"] == payload["config"]["device"] == spec["kwargs"]["config"]["device"] == "cpu"
+    assert (out / "trajectory" / "unrolled.pt").read_bytes() == b"attribute's output"
+
+
+def test_select_names_another_runs_values_before_asking_to_finish_them(corpus: dict[str, Path], tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture) -> None:
+    """Another run's unfinished values.pt copied in: select said "finish it with --resume", which --resume then
+    refused (h103). It says first that they are another run's."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(_args(corpus, one, "--steps", "4", "--stop-at", "2", "--seed", "5")) == 0
+    assert main(_args(corpus, two, "--steps", "4")) == 0
+    (two / "values.pt").write_bytes((one / "values.pt").read_bytes())
+    capsys.readouterr()
+    assert main(["select", "--run", str(two), "--seeds", "1"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "another run's values" in last and "--seed 5" in last and "finish it" not in last, last
+
+
+def test_a_run_of_one_source_lists_no_empty_lowest_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """One source seen: the summary printed an empty "lowest-valued sources" line (h103)."""
+    (tmp_path / "tr").mkdir()
+    (tmp_path / "tr" / "only.py").write_text("def f(x):\n    return x * 2\n" * 40)
+    (tmp_path / "va").mkdir()
+    (tmp_path / "va" / "v.py").write_text("def g(y):\n    return y + 1\n" * 8)
+    assert main(["train", "--train", str(tmp_path / "tr"), "--val", str(tmp_path / "va"), "--out",
+                 str(tmp_path / "run"), *SMALL, "--steps", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any("most helpful sources" in ln and "only.py" in ln for ln in lines), lines
+    assert not any("lowest-valued sources" in ln for ln in lines), lines

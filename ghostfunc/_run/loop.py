@@ -326,8 +326,11 @@ def check_recording(cfg: dict[str, Any], recorded: dict[str, Any], run: str,
                     what: str = "the recording in {run!r} (trajectory/) was", noun: str = "recording") -> None:
     """Refuse a recording (its ``spec.json``'s options, :func:`fingerprint`), or saved values (``values.pt``'s), made
     by a run with other trajectory-fixing options than the run in ``run`` (``cfg``, its ``config.json``)."""
-    mine, theirs = _resolved(fingerprint(cfg)), _resolved(recorded)  # (recorded resolved: a preset's name, gpt2,
-    # taken against the current folder was a path where that folder held a gpt2/, h92)
+    # (recorded resolved: a preset's name, gpt2, taken against the current folder was a path where that folder held a
+    # gpt2/, h92; its fingerprint: options saved by a version that counted them, --eval-batch-size, are free now;
+    # and an older run's relative paths taken from the folder it started in, as config.json's are, h103)
+    theirs = fingerprint(resolve_run({**recorded, "out": cfg.get("out", "")}, Path(run)))
+    mine, theirs = _resolved(fingerprint(cfg)), _resolved(theirs)
     if (k := _differing(mine, theirs)) is not None:
         raise UsageError(f"--run: {what.format(run=run)} made by a run with --{k.replace('_', '-')} "
                          f"{theirs.get(k)!r}; this run has {mine.get(k)!r}: it is another run's {noun}")
@@ -373,7 +376,7 @@ def check_resume(cfg: dict[str, Any], saved: dict[str, Any]) -> None:
     taken relative to the current folder, as that run took them.
     """
     mine = _resolved(fingerprint(cfg))
-    saved = _resolved(absolute(saved, Path.cwd()))
+    saved = _resolved(fingerprint(absolute(saved, Path.cwd())))  # (an option free now, saved by an older version)
     if (k := _differing(mine, saved)) is not None:
         raise UsageError(f"--resume: expected the options of the run in {cfg['out']}; it has --{k.replace('_', '-')} "
                          f"{saved.get(k)!r}, this run {mine.get(k)!r}")
@@ -450,17 +453,20 @@ def recording(out: Path, every: int, state: ghostfunc.TrainState) -> ghostfunc.T
     return ghostfunc.Trajectory(every, kept, old.indices[:state.step], params)
 
 
-def save_trajectory(trajectory: ghostfunc.Trajectory | None, out: Path, cfg: dict[str, Any] | None = None) -> None:
+def save_trajectory(trajectory: ghostfunc.Trajectory | None, out: Path, cfg: dict[str, Any] | None = None,
+                    grew: bool = True) -> None:
     """Write the recording and the ``spec.json`` that ``ghostfunc attribute --run out`` reads (atomically), with the
     run's trajectory-fixing options (:func:`fingerprint`: a recording copied into another run is refused). An
-    ``unrolled.pt`` that ``attribute`` made of the recording before it grew (a run stopped with ``--stop-at``,
-    then resumed) goes: its values are of fewer steps than the recording now holds."""
+    ``unrolled.pt`` that ``attribute`` made of the recording before it ``grew`` (a run stopped with ``--stop-at``,
+    then resumed) goes: its values are of fewer steps than the recording now holds. A finished run resumed trains
+    nothing, and keeps it (it was deleted, h102)."""
     if trajectory is not None:
         kwargs: dict[str, Any] = {"run": str(out.resolve())}
         if cfg is not None:
             kwargs["config"] = fingerprint(cfg)
         trajectory.save(out / "trajectory", spec={"factory": ATTRIBUTION_TASK, "kwargs": kwargs, "index": "index"})
-        (out / "trajectory" / "unrolled.pt").unlink(missing_ok=True)  # (made of the recording before it grew)
+        if grew:
+            (out / "trajectory" / "unrolled.pt").unlink(missing_ok=True)  # (made of the recording before it grew)
 
 
 def save(values: ghostfunc.DataValues, path: Path, state: ghostfunc.TrainState, cfg: dict[str, Any],
@@ -622,9 +628,8 @@ def run(setup: Setup, par: Dist, *, pool: Tensor | None = None, quiet: bool = Fa
             bar.close()
     if not bool(torch.stack([torch.isfinite(p).all() for p in state.params.values()]).all()):
         diverged(state.step, "the last update made the parameters non-finite")  # (no later step's losses show it)
-    if save_values and state.step != saved_at:  # (a finished run resumed trains nothing, and keeps what attribute
-        # made of its recording: unrolled.pt went, h102)
-        save_trajectory(trajectory, out, cfg)
+    if save_values:  # (both saved again when nothing trained: they name the options as config.json now spells them)
+        save_trajectory(trajectory, out, cfg, grew=state.step != saved_at)
         values = save(values, values_path, state, cfg, par, setup.data)
     return state, values
 

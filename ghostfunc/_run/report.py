@@ -150,6 +150,8 @@ def write(out: Path, cfg: dict[str, Any], train: Corpus, table: dict[str, np.nda
     few = min(TOP, (len(seen) + 1) // 2)  # (none listed both ways)
     for title, picks in (("Most helpful chunks", seen[:few]),
                          ("Lowest-valued chunks (harmful where negative)", seen[few:][::-1][:TOP])):
+        if not len(picks):  # (one chunk seen: it is the most helpful, and there is no lowest apart from it)
+            continue
         lines += ["", f"## {title}", ""]
         for i in picks.tolist():
             lines += [f"**chunk {i}** `{train.sources[train.source[i]]}`: value {table['value'][i]:.3g}, "
@@ -161,8 +163,9 @@ def write(out: Path, cfg: dict[str, Any], train: Corpus, table: dict[str, np.nda
     k = min(5, (len(sources) + 1) // 2)  # (with fewer than 10 sources, none listed both ways, h102)
     top = ", ".join(f"{s['source']} ({s['value']:+.3g})" for s in sources[:k])
     bottom = ", ".join(f"{s['source']} ({s['value']:+.3g})" for s in sources[k:][::-1][:5])
-    ranked_lines = [f"  most helpful sources for {target}: {top}",
-                    f"  lowest-valued sources (harmful where negative): {bottom}"]
+    ranked_lines = [f"  most helpful sources for {target}: {top}"]
+    if bottom:  # (one source: no lowest apart from it)
+        ranked_lines.append(f"  lowest-valued sources (harmful where negative): {bottom}")
     if cfg["values"] != "shapley":  # trained without valuing: every value is 0, nothing to rank
         ranked_lines = ["  no values (--values none): the files hold the losses, every value is 0"]
     return "\n".join([

@@ -67,11 +67,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError(f"--run: expected a run with values (--values shapley); {str(run_dir)!r} ran --values {cfg['values']}")
         values, saved = loop.saved_run(run_dir / "values.pt")
         assert isinstance(values, ghostfunc.DataValues)
+        loop.check_values(loop.resolve_run(cfg, run_dir), saved, str(run_dir))  # (not another run's values.pt copied
+        # in, h102; before the steps: finishing another run's values is no advice, h103)
         if values.steps < cfg["steps"]:  # stopped (--stop-at, interrupted): its values cover part of the run
             raise UsageError(f"--run: expected a finished run; {str(run_dir)!r} saved step {values.steps} of "
                              f"{cfg['steps']} (finish it with 'ghostfunc train --resume --out {run_dir}')")
         cfg = loop.resolve_run(cfg, run_dir)  # the run's own data, whatever the current folder
-        loop.check_values(cfg, saved, str(run_dir))  # (not another run's values.pt copied in, h102)
         for key in ("train", "val", "test"):  # as train refuses it: select.* would become the run's data
             if cfg.get(key) and would_read(cfg[key], out):
                 raise UsageError(f"--out: expected a folder outside the run's --{key} {cfg[key]!r}; select.json and "
