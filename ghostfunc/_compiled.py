@@ -242,7 +242,7 @@ def _cause(err: BaseException) -> str:
     found, seen = err, 0
     at: BaseException | None = err
     while at is not None and seen < 8:
-        if isinstance(at, NotDirect) or type(at).__name__.startswith("Observed"):
+        if isinstance(at, (NotDirect, torch._dynamo.exc.ObservedException)):
             found = at
         at, seen = at.__cause__ or at.__context__, seen + 1
     text = summary(found)

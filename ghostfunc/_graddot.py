@@ -1142,10 +1142,10 @@ def score_param(route_path: str, tr: list, va: list, weights: Tensor | None, n: 
         mat = _total([K.gram(a, b, dtype) for a in _factored(tr) for b in _factored(va)], lambda: param.new_zeros(n, m))
         train = train_mean(route_path, tr, n, param)
         if weights is not None and va:
-            return _at_least(_reduced_ghost(mat, weights, tr, va, n, param, dtype), param), train
+            return _reduced_ghost(mat, weights, tr, va, n, param, dtype), train
     else:
         raise AssertionError(f"score_param: {route_path!r} contracts against one direction: use score_direction")
-    return _at_least(mat if weights is None else mat @ _as(weights, mat.dtype), param), train
+    return (mat if weights is None else mat @ weights), train
 
 
 #: :func:`_reduced_ghost` recomputes a ghost parameter's reduced scores by contraction where ``eps`` of the
@@ -1186,11 +1186,11 @@ def score_direction(route_path: str, tr: list, u: Tensor, n: int, param: Tensor,
     """
     if route_path == "materialize" and tr:  # (no uses: the parameter is unused by these rows, contracted as 0)
         scores, total = K.materialise_dots(_factored(tr), u.reshape(param.shape[0], -1), n, dtype)
-        return _at_least(scores, param), _like(total / n, param)
+        return scores, _like(total / n, param)
     if route_path in ("direct", "fallback"):  # the per-sample gradients gathered once for both
         g = _direct(tr, n, param.shape, param)  # [n, P]
         return g @ _as(u.flatten(), g.dtype), _like(g.mean(0), param)
-    return _at_least(contract_direction(route_path, tr, u, n, param, dtype), param), train_mean(route_path, tr, n, param)
+    return contract_direction(route_path, tr, u, n, param, dtype), train_mean(route_path, tr, n, param)
 
 
 def val_grad(route_path: str, va: list, weights: Tensor, param: Tensor) -> Tensor:

@@ -2736,14 +2736,11 @@ class _Widened(_UsesAndDtypes):
 
 def _floating_among(args: tuple, kwargs: dict[str, Any]) -> bool:
     """Whether a call's arguments hold a floating or complex tensor (one level into lists and tuples)."""
-    for x in (*args, *kwargs.values()):
-        if isinstance(x, Tensor):
-            if x.is_floating_point() or x.is_complex():
-                return True
-        elif isinstance(x, (list, tuple)) and any(isinstance(y, Tensor) and (y.is_floating_point() or y.is_complex())
-                                                  for y in x):
-            return True
-    return False
+    def floating(x: Any) -> bool:
+        return isinstance(x, Tensor) and (x.is_floating_point() or x.is_complex())
+
+    return any(floating(x) or (isinstance(x, (list, tuple)) and any(map(floating, x)))
+               for x in (*args, *kwargs.values()))
 
 
 def _wide(v: Any) -> Any:
